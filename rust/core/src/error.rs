@@ -1,0 +1,62 @@
+//! One error type for the whole core. The Python bindings map each variant family to exactly one
+//! exception class of `vvu.errors` in a single place.
+
+use std::io;
+
+/// Errors from guest-memory mapping, translation and access.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum MemoryError {
+    #[error("address range {addr:#x}+{len:#x} is outside guest memory")]
+    OutOfRange { addr: u64, len: u64 },
+    #[error("address {addr:#x} is not aligned to {align} bytes")]
+    Misaligned { addr: u64, align: u64 },
+    #[error("invalid region: {0}")]
+    InvalidRegion(String),
+    #[error("region {new} overlaps region {existing}")]
+    Overlap { new: String, existing: String },
+    #[error("no region starts at guest address {0:#x}")]
+    NoSuchRegion(u64),
+    #[error("region at guest address {gpa:#x} is still in use ({users} other holders: buffers, queues or workers)")]
+    RegionBusy { gpa: u64, users: usize },
+    #[error("mapping region failed: {0}")]
+    Map(String),
+}
+
+/// Errors from a virtqueue. Errors caused by the peer mark the queue broken.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum QueueError {
+    #[error("invalid queue configuration: {0}")]
+    InvalidConfig(String),
+    #[error("queue is not ready (configure and attach memory first)")]
+    NotReady,
+    #[error("queue is broken: {0}")]
+    Broken(String),
+    #[error("avail index {avail_idx} is {pending} entries ahead of {next_avail}, more than the queue size {size}")]
+    AvailIndexJump {
+        avail_idx: u16,
+        next_avail: u16,
+        pending: u16,
+        size: u16,
+    },
+    #[error("descriptor chain at head {head}: {reason}")]
+    BadChain { head: u16, reason: String },
+    #[error("ring memory: {0}")]
+    Memory(#[from] MemoryError),
+    #[error("the ring is full")]
+    Full,
+    #[error("descriptor {0} was not handed out by this queue")]
+    UnknownHead(u16),
+}
+
+/// Every error the core can report.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

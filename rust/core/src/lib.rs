@@ -1,0 +1,15 @@
+//! vvu-core: the pure-Rust half of vvu.
+//!
+//! Everything here is plain Rust so it can be unit-tested, property-tested and benchmarked without
+//! Python. The PyO3 bindings live in the `vvu-python` crate and only translate types and errors.
+//!
+//! - [`memory`]: guest memory regions mapped from fds, address translation, bounds-checked access.
+//! - [`queue`]: split virtqueues, device side (pop chains, push used) and driver side.
+//! - [`notify`]: eventfds, an epoll poller and busy-polling.
+
+pub mod error;
+pub mod memory;
+pub mod notify;
+pub mod queue;
+
+pub use error::{Error, MemoryError, QueueError, Result};

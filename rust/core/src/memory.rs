@@ -1,0 +1,765 @@
+//! Guest memory: regions mapped `MAP_SHARED` from the front-end's fds, and address translation.
+//!
+//! A [`MemoryRegion`] owns one mapping and its fd; it is unmapped when the last `Arc` to it drops.
+//! A [`GuestMemory`] is an immutable, cheaply cloned snapshot of a set of regions. Queues and
+//! workers keep the snapshot they were attached to, and Python buffers keep their region, so a
+//! mapping can never disappear under a user. Changing the set of regions builds a new snapshot
+//! ([`GuestMemory::with_region`], [`GuestMemory::without_region`]); [`GuestMemoryMap`] is the
+//! mutable holder whose removal waits for, or loudly refuses, a region that is still in use.
+//!
+//! Every address that comes from a peer is checked: a translation never yields a pointer outside a
+//! mapping, and a range that crosses a region end yields only its contiguous part (the caller walks
+//! on, like libvhost-user's `vu_gpa_to_va`).
+
+use std::fmt;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::error::MemoryError;
+
+type Result<T> = std::result::Result<T, MemoryError>;
+
+/// Where a region sits, in the words of vhost-user's memory region descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegionSpec {
+    /// Guest-physical address of the first byte.
+    pub guest_phys_addr: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// The front-end's virtual address of the first byte (what SET_VRING_ADDR uses).
+    pub userspace_addr: u64,
+    /// Offset of the first byte inside the fd.
+    pub mmap_offset: u64,
+}
+
+impl RegionSpec {
+    fn gpa_end(&self) -> u64 {
+        self.guest_phys_addr + self.size
+    }
+    fn uva_end(&self) -> u64 {
+        self.userspace_addr + self.size
+    }
+}
+
+impl fmt::Display for RegionSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "[gpa {:#x}..{:#x}, uva {:#x}, offset {:#x}]",
+            self.guest_phys_addr,
+            self.guest_phys_addr.wrapping_add(self.size),
+            self.userspace_addr,
+            self.mmap_offset
+        )
+    }
+}
+
+/// One `MAP_SHARED` mapping of a front-end fd. Unmapped on drop.
+pub struct MemoryRegion {
+    spec: RegionSpec,
+    /// Start of the whole mapping (page aligned), as returned by mmap.
+    map_base: NonNull<u8>,
+    map_len: usize,
+    /// First byte of the region (`map_base` plus the sub-page part of `mmap_offset`).
+    host_base: NonNull<u8>,
+    fd: OwnedFd,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value; all access goes through raw
+// pointers with explicit volatile/atomic operations, so sharing the handle across threads is sound.
+unsafe impl Send for MemoryRegion {}
+// SAFETY: see `Send`; `&MemoryRegion` only hands out bounds-checked raw access.
+unsafe impl Sync for MemoryRegion {}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if size > 0 {
+        size as u64
+    } else {
+        4096
+    }
+}
+
+impl MemoryRegion {
+    /// Map `size` bytes of `fd` starting at `mmap_offset`, read-write and shared.
+    ///
+    /// The fd must be a regular file (memfd, hugetlbfs or tmpfs/ext4 file) at least
+    /// `mmap_offset + size` bytes long: touching a mapping past the end of its file raises SIGBUS,
+    /// so a front-end that lies about the size is refused here instead of crashing us later.
+    pub fn map(fd: OwnedFd, spec: RegionSpec) -> Result<Self> {
+        if spec.size == 0 {
+            return Err(MemoryError::InvalidRegion(format!("{spec}: size is zero")));
+        }
+        let bad = |what: &str| MemoryError::InvalidRegion(format!("{spec}: {what} overflows"));
+        spec.guest_phys_addr
+            .checked_add(spec.size)
+            .ok_or_else(|| bad("guest address + size"))?;
+        spec.userspace_addr
+            .checked_add(spec.size)
+            .ok_or_else(|| bad("userspace address + size"))?;
+        let file_end = spec
+            .mmap_offset
+            .checked_add(spec.size)
+            .ok_or_else(|| bad("mmap offset + size"))?;
+        if file_end > isize::MAX as u64 {
+            return Err(bad("mapping length"));
+        }
+
+        // SAFETY: `stat` is plain data and fstat only writes into it.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: the fd is owned and open; `st` is a valid out-pointer.
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+            return Err(MemoryError::Map(format!(
+                "fstat: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(MemoryError::InvalidRegion(format!(
+                "{spec}: fd is not a regular file (memfd, hugetlbfs or file expected)"
+            )));
+        }
+        if (st.st_size as u64) < file_end {
+            return Err(MemoryError::InvalidRegion(format!(
+                "{spec}: file is {} bytes, region needs {file_end}",
+                st.st_size
+            )));
+        }
+
+        let aligned_offset = spec.mmap_offset & !(page_size() - 1);
+        let (map_offset, delta) = (aligned_offset, spec.mmap_offset - aligned_offset);
+        let (map_base, map_len, delta) = match Self::mmap(&fd, map_offset, delta + spec.size) {
+            Ok(base) => (base, (delta + spec.size) as usize, delta),
+            // hugetlbfs wants offsets aligned to the huge page: map from the start of the file.
+            Err(err) if err.raw_os_error() == Some(libc::EINVAL) && map_offset != 0 => {
+                let base = Self::mmap(&fd, 0, file_end)
+                    .map_err(|e| MemoryError::Map(format!("{spec}: mmap: {e}")))?;
+                (base, file_end as usize, spec.mmap_offset)
+            }
+            Err(err) => return Err(MemoryError::Map(format!("{spec}: mmap: {err}"))),
+        };
+        // SAFETY: `delta + size == map_len`, so the offset stays inside the mapping.
+        let host_base = unsafe { NonNull::new_unchecked(map_base.as_ptr().add(delta as usize)) };
+        Ok(Self {
+            spec,
+            map_base,
+            map_len,
+            host_base,
+            fd,
+        })
+    }
+
+    fn mmap(fd: &OwnedFd, offset: u64, len: u64) -> std::io::Result<NonNull<u8>> {
+        // SAFETY: a fresh shared mapping chosen by the kernel; no existing memory is affected.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        NonNull::new(ptr.cast()).ok_or_else(|| std::io::Error::other("mmap returned null"))
+    }
+
+    pub fn spec(&self) -> &RegionSpec {
+        &self.spec
+    }
+    pub fn guest_phys_addr(&self) -> u64 {
+        self.spec.guest_phys_addr
+    }
+    pub fn size(&self) -> u64 {
+        self.spec.size
+    }
+    pub fn userspace_addr(&self) -> u64 {
+        self.spec.userspace_addr
+    }
+    /// Host address of the region's first byte in this process.
+    pub fn host_addr(&self) -> *mut u8 {
+        self.host_base.as_ptr()
+    }
+    /// The fd the region was mapped from (for handing it on, e.g. to a VVU device).
+    pub fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
+    fn contains_gpa(&self, gpa: u64) -> bool {
+        gpa >= self.spec.guest_phys_addr && gpa < self.spec.gpa_end()
+    }
+
+    /// Host pointer for `offset` inside the region and how many bytes are contiguous from there
+    /// (at most `len`).
+    fn at(&self, offset: u64, len: u64) -> (NonNull<u8>, u64) {
+        debug_assert!(offset < self.spec.size);
+        let avail = self.spec.size - offset;
+        // SAFETY: offset < size, so the pointer stays inside the mapping.
+        let ptr = unsafe { NonNull::new_unchecked(self.host_base.as_ptr().add(offset as usize)) };
+        (ptr, len.min(avail))
+    }
+}
+
+impl Drop for MemoryRegion {
+    fn drop(&mut self) {
+        // SAFETY: `map_base`/`map_len` are exactly what mmap returned; no reference into the mapping
+        // can outlive `self` because every user holds an `Arc<MemoryRegion>`.
+        unsafe {
+            libc::munmap(self.map_base.as_ptr().cast(), self.map_len);
+        }
+    }
+}
+
+impl fmt::Debug for MemoryRegion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MemoryRegion{} at {:p}", self.spec, self.host_base)
+    }
+}
+
+/// A bounds-checked window of guest memory that is contiguous in this process.
+///
+/// Valid for as long as the [`GuestMemory`] (or region) it came from is borrowed.
+#[derive(Clone, Copy)]
+pub struct GuestSlice<'a> {
+    ptr: NonNull<u8>,
+    len: usize,
+    _memory: std::marker::PhantomData<&'a MemoryRegion>,
+}
+
+impl<'a> GuestSlice<'a> {
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copy `dst.len()` bytes out, starting at `offset`.
+    pub fn read_at(&self, offset: usize, dst: &mut [u8]) -> Result<()> {
+        self.check(offset, dst.len())?;
+        // SAFETY: range checked against the slice; `dst` is our own buffer and cannot overlap
+        // guest memory. Guest memory may change concurrently (shared with another process); the
+        // copy then reads a mixture, which is what any device sees and never unsound for `u8`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.ptr.as_ptr().add(offset),
+                dst.as_mut_ptr(),
+                dst.len(),
+            )
+        };
+        Ok(())
+    }
+
+    /// Copy `src` in, starting at `offset`.
+    pub fn write_at(&self, offset: usize, src: &[u8]) -> Result<()> {
+        self.check(offset, src.len())?;
+        // SAFETY: as in `read_at`; `src` cannot overlap guest memory.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(offset), src.len())
+        };
+        Ok(())
+    }
+
+    fn check(&self, offset: usize, len: usize) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(MemoryError::OutOfRange {
+                addr: offset as u64,
+                len: len as u64,
+            }),
+        }
+    }
+}
+
+/// An immutable snapshot of guest memory: a set of non-overlapping regions.
+///
+/// Cloning is one reference-count increment. Holding a snapshot keeps all of its regions mapped.
+#[derive(Clone, Default)]
+pub struct GuestMemory {
+    /// Sorted by guest-physical address.
+    regions: Arc<[Arc<MemoryRegion>]>,
+}
+
+impl fmt::Debug for GuestMemory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.regions.iter()).finish()
+    }
+}
+
+fn overlaps(a_start: u64, a_end: u64, b_start: u64, b_end: u64) -> bool {
+    a_start < b_end && b_start < a_end
+}
+
+impl GuestMemory {
+    /// A snapshot of `regions`; they must not overlap in guest-physical or userspace addresses.
+    pub fn new(regions: Vec<Arc<MemoryRegion>>) -> Result<Self> {
+        let mut regions = regions;
+        regions.sort_by_key(|r| r.guest_phys_addr());
+        for (i, a) in regions.iter().enumerate() {
+            for b in &regions[i + 1..] {
+                let (sa, sb) = (a.spec(), b.spec());
+                if overlaps(
+                    sa.guest_phys_addr,
+                    sa.gpa_end(),
+                    sb.guest_phys_addr,
+                    sb.gpa_end(),
+                ) || overlaps(
+                    sa.userspace_addr,
+                    sa.uva_end(),
+                    sb.userspace_addr,
+                    sb.uva_end(),
+                ) {
+                    return Err(MemoryError::Overlap {
+                        new: sb.to_string(),
+                        existing: sa.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(Self {
+            regions: regions.into(),
+        })
+    }
+
+    /// A new snapshot with `region` added.
+    pub fn with_region(&self, region: Arc<MemoryRegion>) -> Result<Self> {
+        let mut regions = self.regions.to_vec();
+        regions.push(region);
+        Self::new(regions)
+    }
+
+    /// A new snapshot without the region that starts at `guest_phys_addr`, and that region.
+    pub fn without_region(&self, guest_phys_addr: u64) -> Result<(Self, Arc<MemoryRegion>)> {
+        let index = self
+            .regions
+            .iter()
+            .position(|r| r.guest_phys_addr() == guest_phys_addr)
+            .ok_or(MemoryError::NoSuchRegion(guest_phys_addr))?;
+        let mut regions = self.regions.to_vec();
+        let removed = regions.remove(index);
+        Ok((
+            Self {
+                regions: regions.into(),
+            },
+            removed,
+        ))
+    }
+
+    pub fn regions(&self) -> &[Arc<MemoryRegion>] {
+        &self.regions
+    }
+
+    /// The region containing guest-physical address `gpa`.
+    pub fn find_region(&self, gpa: u64) -> Option<&Arc<MemoryRegion>> {
+        // Regions are few (≤ 8 for SET_MEM_TABLE, a few hundred with memory slots): binary search.
+        let index = self.regions.partition_point(|r| r.guest_phys_addr() <= gpa);
+        let region = self.regions.get(index.checked_sub(1)?)?;
+        region.contains_gpa(gpa).then_some(region)
+    }
+
+    /// Translate a front-end virtual address (as in SET_VRING_ADDR) to a guest-physical one.
+    pub fn uva_to_gpa(&self, uva: u64) -> Result<u64> {
+        self.regions
+            .iter()
+            .find(|r| uva >= r.userspace_addr() && uva < r.spec.uva_end())
+            .map(|r| r.guest_phys_addr() + (uva - r.userspace_addr()))
+            .ok_or(MemoryError::OutOfRange { addr: uva, len: 1 })
+    }
+
+    /// The contiguous host window starting at `gpa`, at most `len` bytes long (shorter where the
+    /// range crosses a region end). `len == 0` yields an empty slice if `gpa` is mapped.
+    pub fn slice(&self, gpa: u64, len: u64) -> Result<GuestSlice<'_>> {
+        let region = self
+            .find_region(gpa)
+            .ok_or(MemoryError::OutOfRange { addr: gpa, len })?;
+        let (ptr, contiguous) = region.at(gpa - region.guest_phys_addr(), len);
+        Ok(GuestSlice {
+            ptr,
+            len: contiguous as usize,
+            _memory: std::marker::PhantomData,
+        })
+    }
+
+    /// The host window for exactly `[gpa, gpa + len)`; an error unless it is all in one region.
+    pub fn slice_exact(&self, gpa: u64, len: u64) -> Result<GuestSlice<'_>> {
+        let slice = self.slice(gpa, len)?;
+        if (slice.len() as u64) < len {
+            return Err(MemoryError::OutOfRange { addr: gpa, len });
+        }
+        Ok(slice)
+    }
+
+    /// Call `f` for each contiguous piece of `[gpa, gpa + len)`, in order, with the piece and its
+    /// offset from `gpa`. Fails without calling `f` at all if any part is unmapped.
+    pub fn for_each_piece<'m>(
+        &'m self,
+        gpa: u64,
+        len: u64,
+        mut f: impl FnMut(usize, GuestSlice<'m>),
+    ) -> Result<()> {
+        gpa.checked_add(len)
+            .ok_or(MemoryError::OutOfRange { addr: gpa, len })?;
+        // Validate first so that a failing copy never leaves a partial write behind.
+        let mut pieces: [Option<GuestSlice<'m>>; 4] = [None; 4];
+        let mut extra: Vec<GuestSlice<'m>> = Vec::new();
+        let (mut done, mut count) = (0u64, 0usize);
+        while done < len {
+            let piece = self.slice(gpa + done, len - done)?;
+            if count < pieces.len() {
+                pieces[count] = Some(piece);
+            } else {
+                extra.push(piece);
+            }
+            count += 1;
+            done += piece.len() as u64;
+        }
+        let mut offset = 0usize;
+        for piece in pieces.iter().flatten().copied().chain(extra) {
+            f(offset, piece);
+            offset += piece.len();
+        }
+        Ok(())
+    }
+
+    /// Copy guest memory at `gpa` into `dst`, across region boundaries.
+    pub fn read(&self, gpa: u64, dst: &mut [u8]) -> Result<()> {
+        let len = dst.len();
+        self.for_each_piece(gpa, len as u64, |offset, piece| {
+            // Cannot fail: the piece was sized from the same range.
+            let _ = piece.read_at(0, &mut dst[offset..offset + piece.len()]);
+        })
+    }
+
+    /// Copy `src` into guest memory at `gpa`, across region boundaries. Nothing is written unless
+    /// the whole range is mapped.
+    pub fn write(&self, gpa: u64, src: &[u8]) -> Result<()> {
+        self.for_each_piece(gpa, src.len() as u64, |offset, piece| {
+            let _ = piece.write_at(0, &src[offset..offset + piece.len()]);
+        })
+    }
+
+    fn atomic_ptr(&self, gpa: u64, size: u64) -> Result<*mut u8> {
+        if gpa % size != 0 {
+            return Err(MemoryError::Misaligned {
+                addr: gpa,
+                align: size,
+            });
+        }
+        Ok(self.slice_exact(gpa, size)?.as_ptr())
+    }
+
+    /// Naturally aligned atomic little-endian load of a u16 (ring indexes and flags).
+    pub fn load_u16(&self, gpa: u64, order: Ordering) -> Result<u16> {
+        let ptr = self.atomic_ptr(gpa, 2)?;
+        // SAFETY: in bounds of a live mapping and 2-byte aligned (checked above).
+        Ok(u16::from_le(
+            unsafe { AtomicU16::from_ptr(ptr.cast()) }.load(order),
+        ))
+    }
+    pub fn load_u32(&self, gpa: u64, order: Ordering) -> Result<u32> {
+        let ptr = self.atomic_ptr(gpa, 4)?;
+        // SAFETY: in bounds and 4-byte aligned.
+        Ok(u32::from_le(
+            unsafe { AtomicU32::from_ptr(ptr.cast()) }.load(order),
+        ))
+    }
+    pub fn load_u64(&self, gpa: u64, order: Ordering) -> Result<u64> {
+        let ptr = self.atomic_ptr(gpa, 8)?;
+        // SAFETY: in bounds and 8-byte aligned.
+        Ok(u64::from_le(
+            unsafe { AtomicU64::from_ptr(ptr.cast()) }.load(order),
+        ))
+    }
+    pub fn store_u16(&self, gpa: u64, value: u16, order: Ordering) -> Result<()> {
+        let ptr = self.atomic_ptr(gpa, 2)?;
+        // SAFETY: in bounds and 2-byte aligned.
+        unsafe { AtomicU16::from_ptr(ptr.cast()) }.store(value.to_le(), order);
+        Ok(())
+    }
+    pub fn store_u32(&self, gpa: u64, value: u32, order: Ordering) -> Result<()> {
+        let ptr = self.atomic_ptr(gpa, 4)?;
+        // SAFETY: in bounds and 4-byte aligned.
+        unsafe { AtomicU32::from_ptr(ptr.cast()) }.store(value.to_le(), order);
+        Ok(())
+    }
+    pub fn store_u64(&self, gpa: u64, value: u64, order: Ordering) -> Result<()> {
+        let ptr = self.atomic_ptr(gpa, 8)?;
+        // SAFETY: in bounds and 8-byte aligned.
+        unsafe { AtomicU64::from_ptr(ptr.cast()) }.store(value.to_le(), order);
+        Ok(())
+    }
+}
+
+/// The mutable set of regions a back-end or front-end works with: hands out snapshots, and adds
+/// and removes regions at run time (memory hotplug).
+#[derive(Default)]
+pub struct GuestMemoryMap {
+    current: Mutex<GuestMemory>,
+}
+
+impl GuestMemoryMap {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> GuestMemory {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GuestMemory> {
+        // A poisoned lock only means another thread panicked while swapping an Arc; the snapshot
+        // itself is always consistent.
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Map `fd` as a new region and add it.
+    pub fn add_region(&self, fd: OwnedFd, spec: RegionSpec) -> Result<Arc<MemoryRegion>> {
+        let region = Arc::new(MemoryRegion::map(fd, spec)?);
+        let mut current = self.lock();
+        *current = current.with_region(region.clone())?;
+        Ok(region)
+    }
+
+    /// Replace every region at once (vhost-user SET_MEM_TABLE). Old regions stay mapped for as long
+    /// as someone still holds the old snapshot.
+    pub fn replace(&self, memory: GuestMemory) -> GuestMemory {
+        std::mem::replace(&mut *self.lock(), memory)
+    }
+
+    /// Remove the region that starts at `guest_phys_addr` and unmap it.
+    ///
+    /// New translations stop seeing the region at once. If something still holds it (a Python
+    /// buffer, a queue or worker attached to an older snapshot), wait up to `timeout` for it to be
+    /// released; if it is still held then, put the region back and fail with `RegionBusy`.
+    pub fn remove_region(&self, guest_phys_addr: u64, timeout: Duration) -> Result<()> {
+        let region = {
+            let mut current = self.lock();
+            let (next, region) = current.without_region(guest_phys_addr)?;
+            *current = next;
+            region
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            // Our own `region` is the last holder: dropping it unmaps.
+            let users = Arc::strong_count(&region) - 1;
+            if users == 0 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let mut current = self.lock();
+                // Cannot overlap: the slot was ours a moment ago and adds are checked.
+                if let Ok(restored) = current.with_region(region) {
+                    *current = restored;
+                }
+                return Err(MemoryError::RegionBusy {
+                    gpa: guest_phys_addr,
+                    users,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// Create an anonymous memfd of `size` bytes (for front-ends and tests that own guest memory).
+pub fn create_memfd(name: &str, size: u64) -> std::io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let cname = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
+    // SAFETY: `cname` is a valid NUL-terminated string.
+    let raw = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: memfd_create returned a fresh fd that nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: plain syscall on the fd we own.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn region(gpa: u64, size: u64, uva: u64) -> Arc<MemoryRegion> {
+        let fd = create_memfd("test", size).unwrap();
+        Arc::new(
+            MemoryRegion::map(
+                fd,
+                RegionSpec {
+                    guest_phys_addr: gpa,
+                    size,
+                    userspace_addr: uva,
+                    mmap_offset: 0,
+                },
+            )
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn translation_stops_at_region_end_and_walks_on() {
+        let mem = GuestMemory::new(vec![
+            region(0, 0x1000, 0x10_0000),
+            region(0x1000, 0x1000, 0x20_0000),
+        ])
+        .unwrap();
+        let slice = mem.slice(0xff0, 0x20).unwrap();
+        assert_eq!(slice.len(), 0x10);
+        let data: Vec<u8> = (0..0x20).collect();
+        mem.write(0xff0, &data).unwrap();
+        let mut back = vec![0; 0x20];
+        mem.read(0xff0, &mut back).unwrap();
+        assert_eq!(back, data);
+        assert!(mem.slice_exact(0xff0, 0x20).is_err());
+    }
+
+    #[test]
+    fn out_of_range_is_an_error_and_writes_nothing() {
+        let mem = GuestMemory::new(vec![region(0, 0x1000, 0)]).unwrap();
+        assert!(matches!(
+            mem.slice(0x1000, 1),
+            Err(MemoryError::OutOfRange { .. })
+        ));
+        assert!(mem.write(0xffe, &[1, 2, 3, 4]).is_err());
+        let mut back = [9u8; 2];
+        mem.read(0xffe, &mut back).unwrap();
+        assert_eq!(
+            back,
+            [0, 0],
+            "a failed write must not leave a partial write"
+        );
+        assert!(mem.read(u64::MAX, &mut [0u8; 2]).is_err());
+        assert!(mem.load_u16(0x1000, Ordering::Acquire).is_err());
+        assert!(matches!(
+            mem.load_u32(2, Ordering::Acquire),
+            Err(MemoryError::Misaligned { .. })
+        ));
+    }
+
+    #[test]
+    fn atomics_are_little_endian() {
+        let mem = GuestMemory::new(vec![region(0x4000, 0x1000, 0)]).unwrap();
+        mem.store_u32(0x4008, 0x1122_3344, Ordering::Release)
+            .unwrap();
+        let mut raw = [0u8; 4];
+        mem.read(0x4008, &mut raw).unwrap();
+        assert_eq!(raw, [0x44, 0x33, 0x22, 0x11]);
+        assert_eq!(mem.load_u16(0x4008, Ordering::Acquire).unwrap(), 0x3344);
+        mem.store_u64(0x4010, u64::MAX - 1, Ordering::Release)
+            .unwrap();
+        assert_eq!(
+            mem.load_u64(0x4010, Ordering::Acquire).unwrap(),
+            u64::MAX - 1
+        );
+    }
+
+    #[test]
+    fn overlapping_regions_are_refused() {
+        let a = region(0, 0x2000, 0x10_0000);
+        assert!(GuestMemory::new(vec![a.clone(), region(0x1000, 0x1000, 0x90_0000)]).is_err());
+        assert!(GuestMemory::new(vec![a, region(0x4000, 0x1000, 0x10_1000)]).is_err());
+    }
+
+    #[test]
+    fn uva_translates_to_gpa() {
+        let mem = GuestMemory::new(vec![region(0x10000, 0x1000, 0x7f00_0000)]).unwrap();
+        assert_eq!(mem.uva_to_gpa(0x7f00_0010).unwrap(), 0x10010);
+        assert!(mem.uva_to_gpa(0x7f00_1000).is_err());
+    }
+
+    #[test]
+    fn file_shorter_than_region_is_refused() {
+        let fd = create_memfd("short", 0x1000).unwrap();
+        let spec = RegionSpec {
+            guest_phys_addr: 0,
+            size: 0x2000,
+            userspace_addr: 0,
+            mmap_offset: 0,
+        };
+        assert!(matches!(
+            MemoryRegion::map(fd, spec),
+            Err(MemoryError::InvalidRegion(_))
+        ));
+    }
+
+    #[test]
+    fn mmap_offset_is_honoured_even_unaligned() {
+        let fd = create_memfd("offset", 0x3000).unwrap();
+        let dup = fd.try_clone().unwrap();
+        let whole = GuestMemory::new(vec![Arc::new(
+            MemoryRegion::map(
+                dup,
+                RegionSpec {
+                    guest_phys_addr: 0,
+                    size: 0x3000,
+                    userspace_addr: 0,
+                    mmap_offset: 0,
+                },
+            )
+            .unwrap(),
+        )])
+        .unwrap();
+        whole.write(0x1010, b"hello").unwrap();
+        let part = GuestMemory::new(vec![Arc::new(
+            MemoryRegion::map(
+                fd,
+                RegionSpec {
+                    guest_phys_addr: 0x8000,
+                    size: 0x100,
+                    userspace_addr: 0,
+                    mmap_offset: 0x1010,
+                },
+            )
+            .unwrap(),
+        )])
+        .unwrap();
+        let mut back = [0u8; 5];
+        part.read(0x8000, &mut back).unwrap();
+        assert_eq!(&back, b"hello");
+    }
+
+    #[test]
+    fn removal_refuses_a_region_in_use_and_succeeds_once_released() {
+        let map = GuestMemoryMap::new();
+        let fd = create_memfd("hotplug", 0x1000).unwrap();
+        map.add_region(
+            fd,
+            RegionSpec {
+                guest_phys_addr: 0,
+                size: 0x1000,
+                userspace_addr: 0,
+                mmap_offset: 0,
+            },
+        )
+        .unwrap();
+        let held = map.snapshot();
+        let err = map.remove_region(0, Duration::from_millis(5)).unwrap_err();
+        assert!(matches!(err, MemoryError::RegionBusy { gpa: 0, users: 1 }));
+        assert_eq!(
+            map.snapshot().regions().len(),
+            1,
+            "a refused removal leaves the region in place"
+        );
+        drop(held);
+        map.remove_region(0, Duration::ZERO).unwrap();
+        assert!(map.snapshot().regions().is_empty());
+        assert!(matches!(
+            map.remove_region(0, Duration::ZERO),
+            Err(MemoryError::NoSuchRegion(0))
+        ));
+    }
+}

@@ -1,0 +1,1 @@
+//! Doorbells: eventfds, an epoll poller, busy-polling.

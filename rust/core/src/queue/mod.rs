@@ -1,0 +1,1 @@
+//! Virtqueues (split ring): device side and driver side.
