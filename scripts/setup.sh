@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Set up everything vvu needs on a fresh Debian 12 machine, idempotently:
+# Debian packages, a virtualenv in .venv with the dev tools, and vvu itself built in release mode.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '==> %s\n' "$*"; }
+
+# Debian packages the test suite uses (real peers come in later issues). Install only what is
+# missing so a second run is fast.
+APT_PACKAGES=(build-essential pkg-config python3-venv)
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    log "installing Debian packages: ${missing[*]}"
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+command -v cargo >/dev/null || { echo "cargo not found: install a Rust toolchain (rustup) first" >&2; exit 1; }
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    log "creating virtualenv .venv"
+    "$PYTHON" -m venv .venv
+fi
+log "installing vvu (release build) and dev tools into .venv"
+.venv/bin/python -m pip install -q --upgrade pip
+# Editable install through the maturin build backend: the same path `pip install .` takes.
+.venv/bin/python -m pip install -q -e '.[dev]'
+log "setup done"

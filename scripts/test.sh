@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Every check the project has: Rust tests, lints and formatting, Python tests, typing and stubs.
+# Assumes scripts/setup.sh has run (`make test` does that).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PWD/.venv/bin:$PATH"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "rustfmt"
+cargo fmt --all -- --check
+step "clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+step "cargo tests (vvu-core: unit, property, differential, hostile)"
+if command -v cargo-nextest >/dev/null; then
+    cargo nextest run -p vvu-core --no-fail-fast
+else
+    cargo test -p vvu-core
+fi
+step "ruff"
+ruff check python tests
+ruff format --check python tests
+step "mypy --strict"
+mypy
+step "stubtest (vvu._core against python/vvu/_core.pyi)"
+python -m mypy.stubtest vvu._core --allowlist .stubtest-allowlist
+step "pytest"
+pytest
