@@ -1,9 +1,14 @@
 """Type stubs for the private native module ``vvu._core`` (checked by mypy.stubtest)."""
 
+from typing import final
+
 from typing_extensions import Buffer
+
+__all__ = ["GuestBuffer", "GuestMemory", "RegionInfo", "memfd"]
 
 def memfd(size: int, name: str = "vvu-guest") -> int: ...
 
+@final
 class RegionInfo:
     @property
     def guest_phys_addr(self) -> int: ...
@@ -14,11 +19,11 @@ class RegionInfo:
     @property
     def mmap_offset(self) -> int: ...
 
+@final
 class GuestBuffer:
-    def __buffer__(self, flags: int, /) -> memoryview: ...
-    def __release_buffer__(self, buffer: memoryview, /) -> None: ...
     def __len__(self) -> int: ...
 
+@final
 class GuestMemory:
     def __init__(self) -> None: ...
     def add_region(
