@@ -1,0 +1,267 @@
+"""vhost-user over AF_UNIX stream sockets, with fds as SCM_RIGHTS, on asyncio.
+
+Nothing here blocks the event loop: sockets are non-blocking and every wait is a loop reader or
+writer. A message is read as a 12-byte header and then exactly `size` payload bytes across short
+reads; fds are collected from every recvmsg of the message (the spec sends them with the first
+byte). The payload cap is checked before a byte of payload is read.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+import time
+from collections.abc import Sequence
+
+from vvu.transport.base import (
+    HEADER_SIZE,
+    MAX_PAYLOAD,
+    Channel,
+    Listener,
+    RawMessage,
+    TransportError,
+    close_fds,
+)
+
+log = logging.getLogger(__name__)
+
+# Room for far more fds than any request may carry, so that a peer sending too many is caught by
+# the fd-count check (and its fds closed) instead of silently losing some to truncation.
+_FD_SPACE = socket.CMSG_SPACE(64 * array.array("i").itemsize)
+
+
+def _take_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            usable = len(data) - len(data) % arr.itemsize
+            arr.frombytes(data[:usable])
+            fds.extend(arr)
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    return fds
+
+
+class UnixChannel(Channel):
+    """One connected AF_UNIX stream socket."""
+
+    def __init__(self, sock: socket.socket, peer: str = "unix") -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._peer = peer
+        self._send_lock = asyncio.Lock()
+        self._closed = False
+
+    @property
+    def peer(self) -> str:
+        return self._peer
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    async def _wait(self, writable: bool) -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        fd = self._sock.fileno()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        if writable:
+            loop.add_writer(fd, ready)
+        else:
+            loop.add_reader(fd, ready)
+        try:
+            await fut
+        finally:
+            if writable:
+                loop.remove_writer(fd)
+            else:
+                loop.remove_reader(fd)
+
+    async def _recv_exact(self, size: int, fds: list[int], *, at_boundary: bool) -> bytes | None:
+        buf = bytearray()
+        while len(buf) < size:
+            if self._closed:
+                raise TransportError(f"{self._peer}: channel closed")
+            try:
+                data, ancdata, msg_flags, _ = self._sock.recvmsg(size - len(buf), _FD_SPACE)
+            except (BlockingIOError, InterruptedError):
+                await self._wait(writable=False)
+                continue
+            except OSError as err:
+                raise TransportError(f"{self._peer}: receive failed: {err}") from err
+            fds.extend(_take_fds(ancdata))
+            if msg_flags & socket.MSG_CTRUNC:
+                raise TransportError(f"{self._peer}: too many fds attached, some were lost")
+            if not data:
+                if at_boundary and not buf:
+                    return None
+                raise TransportError(
+                    f"{self._peer}: peer closed mid-message ({len(buf)} of {size} bytes)"
+                )
+            buf += data
+        return bytes(buf)
+
+    async def recv(self) -> RawMessage | None:
+        fds: list[int] = []
+        try:
+            header = await self._recv_exact(HEADER_SIZE, fds, at_boundary=True)
+            if header is None:
+                return None
+            request, flags, size = RawMessage.parse_header(header)
+            if size > MAX_PAYLOAD:
+                raise TransportError(
+                    f"{self._peer}: request {request} announces {size} payload bytes, "
+                    f"more than the {MAX_PAYLOAD}-byte cap"
+                )
+            payload = await self._recv_exact(size, fds, at_boundary=False) if size else b""
+        except BaseException:
+            close_fds(fds)
+            raise
+        assert payload is not None  # only the header read may report a clean EOF
+        return RawMessage(request, flags, payload, fds)
+
+    async def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        async with self._send_lock:
+            view = memoryview(data)
+            ancillary = (
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+                if fds
+                else []
+            )
+            while view:
+                if self._closed:
+                    raise TransportError(f"{self._peer}: channel closed")
+                try:
+                    sent = self._sock.sendmsg([view], ancillary)
+                except (BlockingIOError, InterruptedError):
+                    await self._wait(writable=True)
+                    continue
+                except OSError as err:
+                    raise TransportError(f"{self._peer}: send failed: {err}") from err
+                ancillary = []  # fds travel once, with the first byte
+                view = view[sent:]
+
+    def open_backend_channel(self, fd: int | None) -> Channel:
+        if fd is None:
+            raise TransportError("SET_BACKEND_REQ_FD over AF_UNIX needs a socket fd")
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as err:
+            os.close(fd)
+            raise TransportError(f"back-end channel fd {fd} is not a socket: {err}") from err
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            sock.close()
+            raise TransportError("back-end channel fd is not an AF_UNIX stream socket")
+        return UnixChannel(sock, peer=f"{self._peer} (back-end channel)")
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._sock.close()
+
+
+class UnixListener(Listener):
+    """A listening AF_UNIX socket: bound to a path (created with `mode`) or inherited as an fd."""
+
+    def __init__(
+        self, path: str | None = None, *, fd: int | None = None, mode: int = 0o600
+    ) -> None:
+        if (path is None) == (fd is None):
+            raise ValueError("give exactly one of path or fd")
+        self._path = path
+        if fd is not None:
+            sock = socket.socket(fileno=fd)
+            if sock.family != socket.AF_UNIX:
+                sock.detach()
+                raise ValueError(f"fd {fd} is not an AF_UNIX socket")
+        else:
+            assert path is not None
+            _remove_stale_socket(path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            # Create the socket file with the requested mode from the start (no window where it
+            # is more open than asked).
+            old_umask = os.umask(0o777 & ~mode)
+            try:
+                sock.bind(path)
+            finally:
+                os.umask(old_umask)
+            os.chmod(path, mode)
+            sock.listen(16)
+        sock.setblocking(False)
+        self._sock = sock
+        self._count = 0
+
+    @property
+    def path(self) -> str | None:
+        return self._path
+
+    async def accept(self) -> UnixChannel:
+        loop = asyncio.get_running_loop()
+        conn, _ = await loop.sock_accept(self._sock)
+        self._count += 1
+        return UnixChannel(conn, peer=f"front-end #{self._count}")
+
+    def close(self) -> None:
+        self._sock.close()
+        if self._path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path)
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket file left behind by a dead server; refuse to clobber anything else."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # nobody listens: stale
+        return
+    finally:
+        probe.close()
+    raise FileExistsError(errno.EADDRINUSE, "another server is listening on", path)
+
+
+async def connect_unix(
+    path: str, *, timeout: float = 0.0, retry_interval: float = 0.1
+) -> UnixChannel:
+    """Connect to a listening back-end (client mode), retrying for up to `timeout` seconds while
+    the socket does not exist yet or refuses connections."""
+    loop = asyncio.get_running_loop()
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, path)
+            return UnixChannel(sock, peer=path)
+        except (FileNotFoundError, ConnectionRefusedError) as err:
+            sock.close()
+            if time.monotonic() >= deadline:
+                raise TransportError(f"cannot connect to {path}: {err.strerror}") from err
+            log.debug("waiting for %s: %s", path, err.strerror)
+            await asyncio.sleep(retry_interval)
+        except BaseException:
+            sock.close()
+            raise
+
+
+def socketpair_channels() -> tuple[UnixChannel, UnixChannel]:
+    """Two connected channels (tests, and in-process front-end ↔ back-end)."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return UnixChannel(a, peer="pair-a"), UnixChannel(b, peer="pair-b")

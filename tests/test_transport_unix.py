@@ -1,0 +1,200 @@
+"""AF_UNIX transport: framing across short reads, fds, caps, EOF, listener and client."""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import os
+import socket
+import stat
+import struct
+from pathlib import Path
+
+import pytest
+
+from vvu.transport.base import RawMessage, TransportError, encode_header
+from vvu.transport.unix import UnixChannel, UnixListener, connect_unix, socketpair_channels
+
+
+def _fd_is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.asyncio
+async def test_message_with_fds_round_trips() -> None:
+    a, b = socketpair_channels()
+    r, w = os.pipe()
+    try:
+        await a.send(encode_header(13, 1, 8) + struct.pack("<Q", 3), [w])
+        msg = await b.recv()
+        assert msg is not None
+        assert (msg.request, msg.flags, msg.payload) == (13, 1, struct.pack("<Q", 3))
+        assert len(msg.fds) == 1
+        os.write(msg.fds[0], b"x")  # the received fd is the same pipe
+        assert os.read(r, 1) == b"x"
+        msg.close_fds()
+    finally:
+        os.close(r)
+        os.close(w)
+        a.close()
+        b.close()
+
+
+@pytest.mark.asyncio
+async def test_short_reads_are_reassembled_and_fds_kept() -> None:
+    raw_a, raw_b = socket.socketpair()
+    chan = UnixChannel(raw_b)
+    r, w = os.pipe()
+    data = encode_header(5, 1, 40) + bytes(range(40))
+    try:
+        raw_a.sendmsg(
+            [data[:1]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [w]).tobytes())]
+        )
+        recv_task = asyncio.ensure_future(chan.recv())
+        for i in range(1, len(data)):
+            await asyncio.sleep(0)
+            raw_a.send(data[i : i + 1])
+        msg = await asyncio.wait_for(recv_task, 5)
+        assert msg is not None and msg.payload == bytes(range(40)) and len(msg.fds) == 1
+        msg.close_fds()
+    finally:
+        os.close(r)
+        os.close(w)
+        raw_a.close()
+        chan.close()
+
+
+@pytest.mark.asyncio
+async def test_clean_eof_between_messages_is_none() -> None:
+    a, b = socketpair_channels()
+    a.close()
+    assert await b.recv() is None
+    b.close()
+
+
+@pytest.mark.asyncio
+async def test_eof_mid_message_is_an_error_and_closes_fds() -> None:
+    raw_a, raw_b = socket.socketpair()
+    chan = UnixChannel(raw_b)
+    r, w = os.pipe()
+    os.close(r)
+    raw_a.sendmsg(
+        [encode_header(5, 1, 40) + b"abc"],
+        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [w]).tobytes())],
+    )
+    os.close(w)
+    raw_a.close()
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(TransportError, match="mid-message"):
+        await chan.recv()
+    after = set(os.listdir("/proc/self/fd"))
+    assert after <= before, "the fds of a broken message must be closed"
+    chan.close()
+
+
+@pytest.mark.asyncio
+async def test_oversized_payload_is_refused_before_reading_it() -> None:
+    a, b = socketpair_channels()
+    await a.send(encode_header(1, 1, 4097))
+    with pytest.raises(TransportError, match="4096-byte cap"):
+        await b.recv()
+    a.close()
+    b.close()
+
+
+@pytest.mark.asyncio
+async def test_large_send_completes_across_partial_writes() -> None:
+    a, b = socketpair_channels()
+    a._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    payload = os.urandom(4096)
+    messages = [encode_header(i, 1, len(payload)) + payload for i in range(50)]
+
+    async def sender() -> None:
+        for m in messages:
+            await a.send(m)
+
+    task = asyncio.ensure_future(sender())
+    for i in range(50):
+        msg = await asyncio.wait_for(b.recv(), 5)
+        assert msg is not None and msg.request == i and msg.payload == payload
+    await task
+    a.close()
+    b.close()
+
+
+@pytest.mark.asyncio
+async def test_listener_creates_private_socket_and_cleans_up(tmp_path: Path) -> None:
+    path = str(tmp_path / "vhost.sock")
+    listener = UnixListener(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    client_task = asyncio.ensure_future(connect_unix(path, timeout=5))
+    server_side = await asyncio.wait_for(listener.accept(), 5)
+    client = await client_task
+    await client.send(encode_header(3, 1, 0))
+    msg = await server_side.recv()
+    assert isinstance(msg, RawMessage) and msg.request == 3
+    client.close()
+    server_side.close()
+    listener.close()
+    assert not os.path.exists(path)
+
+
+@pytest.mark.asyncio
+async def test_client_retries_until_server_appears(tmp_path: Path) -> None:
+    path = str(tmp_path / "late.sock")
+    client_task = asyncio.ensure_future(connect_unix(path, timeout=5, retry_interval=0.02))
+    await asyncio.sleep(0.1)
+    listener = UnixListener(path)
+    server_side = await asyncio.wait_for(listener.accept(), 5)
+    client = await client_task
+    client.close()
+    server_side.close()
+    listener.close()
+
+
+@pytest.mark.asyncio
+async def test_client_gives_up_with_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(TransportError, match="cannot connect"):
+        await connect_unix(str(tmp_path / "nobody.sock"), timeout=0.05, retry_interval=0.01)
+
+
+def test_stale_socket_is_replaced_but_live_one_and_files_are_not(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.sock")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)
+    stale.close()  # file stays, nobody listens
+    listener = UnixListener(path)
+    with pytest.raises(FileExistsError):
+        UnixListener(path)  # a live server owns it
+    listener.close()
+    regular = tmp_path / "file"
+    regular.write_text("data")
+    with pytest.raises(FileExistsError):
+        UnixListener(str(regular))
+    assert regular.read_text() == "data"
+
+
+@pytest.mark.asyncio
+async def test_backend_channel_from_received_socket() -> None:
+    front, back = socketpair_channels()
+    x, y = socket.socketpair()
+    await front.send(encode_header(21, 1 | 8, 0), [y.fileno()])
+    y.close()
+    msg = await back.recv()
+    assert msg is not None and len(msg.fds) == 1
+    backend_channel = back.open_backend_channel(msg.fds[0])
+    await backend_channel.send(encode_header(2, 1, 0))
+    assert x.recv(12) == encode_header(2, 1, 0)
+    backend_channel.close()
+    x.close()
+    front.close()
+    back.close()
+    r, w = os.pipe()
+    os.close(w)
+    with pytest.raises(TransportError, match="not a socket"):
+        back.open_backend_channel(r)
+    assert not _fd_is_open(r)
