@@ -12,8 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from vvu.transport.base import RawMessage, TransportError, encode_header
+from vvu.protocol.codec import Header
+from vvu.transport.base import RawMessage, TransportError
 from vvu.transport.unix import UnixChannel, UnixListener, connect_unix, socketpair_channels
+
+
+def encode_header(request: int, flags: int, size: int) -> bytes:
+    return Header(request, flags, size).pack()
 
 
 def _fd_is_open(fd: int) -> bool:

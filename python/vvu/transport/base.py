@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import struct
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from vvu.errors import VvuError
+from vvu.protocol.constants import HEADER_SIZE, MAX_PAYLOAD
 
-HEADER_SIZE = 12
-MAX_PAYLOAD = 4096
-_HEADER = struct.Struct("<III")
+__all__ = ["HEADER_SIZE", "MAX_PAYLOAD", "Channel", "Listener", "RawMessage", "TransportError"]
 
 
 class TransportError(VvuError):
@@ -39,20 +37,10 @@ class RawMessage:
     payload: bytes
     fds: list[int] = field(default_factory=list)
 
-    @classmethod
-    def parse_header(cls, header: bytes) -> tuple[int, int, int]:
-        """Split a 12-byte header into (request, flags, size)."""
-        request, flags, size = _HEADER.unpack(header)
-        return request, flags, size
-
     def close_fds(self) -> None:
         """Close every fd of this message (for messages that are rejected or need none)."""
         close_fds(self.fds)
         self.fds = []
-
-
-def encode_header(request: int, flags: int, size: int) -> bytes:
-    return _HEADER.pack(request, flags, size)
 
 
 def close_fds(fds: Sequence[int]) -> None:

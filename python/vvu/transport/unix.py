@@ -19,6 +19,7 @@ import stat
 import time
 from collections.abc import Sequence
 
+from vvu.protocol.codec import Header
 from vvu.transport.base import (
     HEADER_SIZE,
     MAX_PAYLOAD,
@@ -117,7 +118,8 @@ class UnixChannel(Channel):
             header = await self._recv_exact(HEADER_SIZE, fds, at_boundary=True)
             if header is None:
                 return None
-            request, flags, size = RawMessage.parse_header(header)
+            hdr = Header.unpack(header)
+            request, flags, size = hdr.request, hdr.flags, hdr.size
             if size > MAX_PAYLOAD:
                 raise TransportError(
                     f"{self._peer}: request {request} announces {size} payload bytes, "
