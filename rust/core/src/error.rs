@@ -39,13 +39,58 @@ pub enum QueueError {
         size: u16,
     },
     #[error("descriptor chain at head {head}: {reason}")]
-    BadChain { head: u16, reason: String },
+    BadChain { head: u16, reason: ChainFault },
     #[error("ring memory: {0}")]
     Memory(#[from] MemoryError),
     #[error("the ring is full")]
     Full,
     #[error("descriptor {0} was not handed out by this queue")]
     UnknownHead(u16),
+    #[error(
+        "used idx {used_idx} is more than the {in_flight} chains in flight ahead of {last_used}"
+    )]
+    UsedIndexJump {
+        used_idx: u16,
+        last_used: u16,
+        in_flight: u16,
+    },
+    #[error("used ring entry (id {id}, len {len}): {reason}")]
+    BadUsedEntry {
+        id: u32,
+        len: u32,
+        reason: &'static str,
+    },
+}
+
+/// Why the device side refused a descriptor chain (the `reason` of [`QueueError::BadChain`]).
+#[derive(Debug, thiserror::Error, Clone, Copy, PartialEq, Eq)]
+pub enum ChainFault {
+    #[error("head index is not below the queue size")]
+    HeadOutOfRange,
+    #[error("descriptor {index} links to {next}, outside its table of {limit} entries")]
+    NextOutOfRange { index: u16, next: u16, limit: u32 },
+    #[error("more than {limit} descriptors in a chain (a loop?)")]
+    TooLong { limit: u32 },
+    #[error(
+        "the chains of one batch use more ring descriptors than the queue has (descriptors reused)"
+    )]
+    DescriptorsReused,
+    #[error("indirect descriptor but VIRTIO_F_INDIRECT_DESC is not negotiated")]
+    IndirectNotNegotiated,
+    #[error("indirect table length {len} is zero, not a multiple of 16 or too large")]
+    IndirectLength { len: u32 },
+    #[error("indirect descriptor inside an indirect table")]
+    NestedIndirect,
+    #[error("descriptor has both INDIRECT and NEXT")]
+    IndirectWithNext,
+    #[error("device-readable descriptor after a device-writable one")]
+    ReadableAfterWritable,
+    #[error("total chain length does not fit in 32 bits")]
+    LengthOverflow,
+    #[error("buffer {addr:#x}+{len:#x} is outside guest memory")]
+    BufferOutOfRange { addr: u64, len: u32 },
+    #[error("indirect table {addr:#x}+{len:#x} is outside guest memory")]
+    IndirectTableOutOfRange { addr: u64, len: u32 },
 }
 
 /// Every error the core can report.

@@ -1,0 +1,1245 @@
+//! Device side of a split virtqueue: pop descriptor chains, push used entries, decide on
+//! notifications.
+//!
+//! The hot path ([`SplitQueue::pop_batch`], [`SplitQueue::push_used`],
+//! [`SplitQueue::publish_used`]) does not allocate once a reused [`ChainBatch`] has grown to its
+//! working size: ring pointers are translated once at [`SplitQueue::attach`], descriptors are
+//! read straight from the cached table pointer, and buffer translation keeps a last-region cache.
+
+use std::ops::Range;
+use std::sync::atomic::{fence, Ordering};
+
+use super::{
+    need_event, Descriptor, QueueConfig, Rings, MAX_INDIRECT_DESCRIPTORS,
+    VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
+    VIRTQ_USED_F_NO_NOTIFY,
+};
+use crate::error::{ChainFault, QueueError};
+use crate::memory::{GuestMemory, MemoryRegion};
+
+/// One contiguous piece of a descriptor's buffer, translated to a host address.
+///
+/// `host` is valid for `len` bytes for as long as the [`GuestMemory`] snapshot the queue was
+/// attached to when it popped the chain is alive: that is, until the queue is re-attached or
+/// detached *and* every other holder of that snapshot has dropped it. Guest memory is shared with
+/// another process, so its contents can change at any time; access it with raw-pointer copies
+/// (or hand it to the kernel as an iovec), never through Rust references held across accesses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// Host address of the first byte.
+    pub host: *mut u8,
+    /// Length in bytes (never 0).
+    pub len: u32,
+    /// Guest-physical address of the first byte.
+    pub gpa: u64,
+}
+
+// SAFETY: a segment is an address and a length; dereferencing it is unsafe anyway and governed by
+// the lifetime rule documented on the type, not by the thread it happens on.
+unsafe impl Send for Segment {}
+// SAFETY: see `Send`.
+unsafe impl Sync for Segment {}
+
+impl Segment {
+    /// The segment as an iovec, for `readv`/`writev`/`sendmsg`.
+    #[inline]
+    pub fn as_iovec(&self) -> libc::iovec {
+        libc::iovec {
+            iov_base: self.host.cast(),
+            iov_len: self.len as usize,
+        }
+    }
+
+    /// Copy bytes out of the segment, starting `offset` bytes in; returns how many were copied
+    /// (`min(dst.len(), len - offset)`).
+    ///
+    /// # Safety
+    /// The snapshot the segment came from must still be alive (see the type docs).
+    pub unsafe fn read_to(&self, offset: usize, dst: &mut [u8]) -> usize {
+        let n = (self.len as usize).saturating_sub(offset).min(dst.len());
+        if n > 0 {
+            // SAFETY: `offset + n <= len`, inside the live mapping per the contract; `dst` is our
+            // own memory and cannot overlap guest memory.
+            unsafe { std::ptr::copy_nonoverlapping(self.host.add(offset), dst.as_mut_ptr(), n) };
+        }
+        n
+    }
+
+    /// Copy bytes into the segment, starting `offset` bytes in; returns how many were copied.
+    ///
+    /// # Safety
+    /// As for [`Segment::read_to`]; the segment should be a device-writable one.
+    pub unsafe fn write_from(&self, offset: usize, src: &[u8]) -> usize {
+        let n = (self.len as usize).saturating_sub(offset).min(src.len());
+        if n > 0 {
+            // SAFETY: as in `read_to`.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.host.add(offset), n) };
+        }
+        n
+    }
+}
+
+/// One popped descriptor chain. Its segments live in the [`ChainBatch`] it was popped into.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chain {
+    head: u16,
+    descriptors: u16,
+    segments: Range<usize>,
+    /// First writable segment (readable ones are `segments.start..mid`).
+    mid: usize,
+    readable_len: u32,
+    writable_len: u32,
+}
+
+impl Chain {
+    /// Head descriptor index: what [`SplitQueue::push_used`] wants back.
+    pub fn head(&self) -> u16 {
+        self.head
+    }
+    /// Number of buffer descriptors (direct ones plus indirect table entries; the descriptor
+    /// pointing at an indirect table is not counted).
+    pub fn descriptors(&self) -> u16 {
+        self.descriptors
+    }
+    /// Total bytes of the device-readable buffers.
+    pub fn readable_len(&self) -> u32 {
+        self.readable_len
+    }
+    /// Total bytes of the device-writable buffers.
+    pub fn writable_len(&self) -> u32 {
+        self.writable_len
+    }
+    /// The device-readable segments, in chain order.
+    pub fn readable<'b>(&self, batch: &'b ChainBatch) -> &'b [Segment] {
+        batch
+            .segments
+            .get(self.segments.start..self.mid)
+            .unwrap_or(&[])
+    }
+    /// The device-writable segments, in chain order.
+    pub fn writable<'b>(&self, batch: &'b ChainBatch) -> &'b [Segment] {
+        batch
+            .segments
+            .get(self.mid..self.segments.end)
+            .unwrap_or(&[])
+    }
+}
+
+/// A chain together with its segments.
+#[derive(Debug, Clone, Copy)]
+pub struct ChainView<'a> {
+    chain: &'a Chain,
+    batch: &'a ChainBatch,
+}
+
+impl<'a> ChainView<'a> {
+    pub fn chain(&self) -> &'a Chain {
+        self.chain
+    }
+    pub fn head(&self) -> u16 {
+        self.chain.head
+    }
+    pub fn descriptors(&self) -> u16 {
+        self.chain.descriptors
+    }
+    pub fn readable_len(&self) -> u32 {
+        self.chain.readable_len
+    }
+    pub fn writable_len(&self) -> u32 {
+        self.chain.writable_len
+    }
+    pub fn readable(&self) -> &'a [Segment] {
+        self.chain.readable(self.batch)
+    }
+    pub fn writable(&self) -> &'a [Segment] {
+        self.chain.writable(self.batch)
+    }
+}
+
+/// A reusable container for popped chains: one `Vec<Chain>` and one flat `Vec<Segment>`.
+/// [`ChainBatch::clear`] keeps both capacities, so a batch reused across pops stops allocating.
+#[derive(Debug, Default)]
+pub struct ChainBatch {
+    chains: Vec<Chain>,
+    segments: Vec<Segment>,
+}
+
+impl ChainBatch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn with_capacity(chains: usize, segments: usize) -> Self {
+        Self {
+            chains: Vec::with_capacity(chains),
+            segments: Vec::with_capacity(segments),
+        }
+    }
+    /// Forget all chains, keeping the allocations.
+    pub fn clear(&mut self) {
+        self.chains.clear();
+        self.segments.clear();
+    }
+    pub fn len(&self) -> usize {
+        self.chains.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.chains.is_empty()
+    }
+    pub fn chains(&self) -> &[Chain] {
+        &self.chains
+    }
+    /// All segments of all chains, in pop order.
+    pub fn segments(&self) -> &[Segment] {
+        &self.segments
+    }
+    pub fn get(&self, index: usize) -> Option<ChainView<'_>> {
+        self.chains
+            .get(index)
+            .map(|chain| ChainView { chain, batch: self })
+    }
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = ChainView<'_>> + '_ {
+        self.chains
+            .iter()
+            .map(|chain| ChainView { chain, batch: self })
+    }
+}
+
+/// Running totals while walking one chain.
+struct Walk {
+    /// First writable segment, once a writable descriptor was seen.
+    mid: Option<usize>,
+    total: u32,
+    readable: u32,
+    writable: u32,
+    descriptors: u16,
+}
+
+/// Buffer translation with a last-region-hit cache.
+struct Translator<'m> {
+    regions: &'m [std::sync::Arc<MemoryRegion>],
+    cache: &'m mut usize,
+}
+
+impl Translator<'_> {
+    /// Append the segments of `[addr, addr + len)`; `len > 0`.
+    #[inline]
+    fn push(&mut self, addr: u64, len: u32, segments: &mut Vec<Segment>) -> Result<(), ChainFault> {
+        let fault = ChainFault::BufferOutOfRange { addr, len };
+        addr.checked_add(u64::from(len)).ok_or(fault)?;
+        let (mut gpa, mut left) = (addr, u64::from(len));
+        while left > 0 {
+            let region = match self.regions.get(*self.cache) {
+                Some(r) if gpa >= r.guest_phys_addr() && gpa - r.guest_phys_addr() < r.size() => r,
+                _ => {
+                    let index = self
+                        .regions
+                        .partition_point(|r| r.guest_phys_addr() <= gpa)
+                        .checked_sub(1)
+                        .ok_or(fault)?;
+                    let r = self.regions.get(index).ok_or(fault)?;
+                    if gpa - r.guest_phys_addr() >= r.size() {
+                        return Err(fault);
+                    }
+                    *self.cache = index;
+                    r
+                }
+            };
+            let offset = gpa - region.guest_phys_addr();
+            let n = left.min(region.size() - offset);
+            // SAFETY: offset < region size, so the pointer stays inside the region's mapping,
+            // and `n` bytes from it are mapped too.
+            let host = unsafe { region.host_addr().add(offset as usize) };
+            // n <= len, which is a u32.
+            segments.push(Segment {
+                host,
+                len: n as u32,
+                gpa,
+            });
+            gpa += n;
+            left -= n;
+        }
+        Ok(())
+    }
+}
+
+/// Where an indirect table can be read.
+enum Table<'m> {
+    /// Contiguous in this process.
+    Host(*const u8),
+    /// Mapped, but crossing a region boundary: read entry by entry through the snapshot.
+    Pieces(&'m GuestMemory, u64),
+}
+
+impl Table<'_> {
+    #[inline]
+    fn read(&self, index: u32) -> Result<Descriptor, ChainFault> {
+        let offset = 16 * index as usize;
+        match *self {
+            // SAFETY: the whole table (len/16 entries, index below that) was translated into one
+            // contiguous host range when the Table was made.
+            Table::Host(ptr) => Ok(unsafe { Descriptor::read_at(ptr.add(offset)) }),
+            Table::Pieces(mem, gpa) => {
+                let mut raw = [0u8; 16];
+                let at = gpa + offset as u64;
+                mem.read(at, &mut raw)
+                    .map_err(|_| ChainFault::IndirectTableOutOfRange { addr: at, len: 16 })?;
+                Ok(Descriptor::from_le_bytes(raw))
+            }
+        }
+    }
+}
+
+/// Device side of a split virtqueue. See the module docs.
+pub struct SplitQueue {
+    config: QueueConfig,
+    rings: Option<Rings>,
+    next_avail: u16,
+    next_used: u16,
+    /// Entries pushed since the last `publish_used`.
+    num_added: u16,
+    /// Used idx at the last notification decision, when `signalled_valid`.
+    signalled_used: u16,
+    signalled_valid: bool,
+    /// Index of the region that translated the last buffer.
+    region_cache: usize,
+    broken: Option<String>,
+}
+
+impl std::fmt::Debug for SplitQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SplitQueue")
+            .field("config", &self.config)
+            .field("attached", &self.rings.is_some())
+            .field("next_avail", &self.next_avail)
+            .field("next_used", &self.next_used)
+            .field("broken", &self.broken)
+            .finish()
+    }
+}
+
+/// The attached rings, or why there are none.
+#[inline]
+fn ready<'a>(broken: &Option<String>, rings: &'a Option<Rings>) -> Result<&'a Rings, QueueError> {
+    if let Some(reason) = broken {
+        return Err(QueueError::Broken(reason.clone()));
+    }
+    rings.as_ref().ok_or(QueueError::NotReady)
+}
+
+impl SplitQueue {
+    /// A detached queue; fails with `InvalidConfig` for a bad size or misaligned ring address.
+    pub fn new(config: QueueConfig) -> Result<Self, QueueError> {
+        config.validate()?;
+        Ok(Self {
+            config,
+            rings: None,
+            next_avail: 0,
+            next_used: 0,
+            num_added: 0,
+            signalled_used: 0,
+            signalled_valid: false,
+            region_cache: 0,
+            broken: None,
+        })
+    }
+
+    pub fn config(&self) -> &QueueConfig {
+        &self.config
+    }
+
+    pub fn size(&self) -> u16 {
+        self.config.size
+    }
+
+    /// Translate the ring areas in `mem` and keep the snapshot (it keeps the mapping alive).
+    ///
+    /// Replaces an earlier attachment (vhost-user SET_MEM_TABLE while running). `next_used` is
+    /// re-read from `used.idx` in guest memory, so entries pushed but not yet published are
+    /// dropped: call [`SplitQueue::publish_used`] first. The notification state is reset so that
+    /// the next completion always notifies. On failure the queue is left detached.
+    pub fn attach(&mut self, mem: GuestMemory) -> Result<(), QueueError> {
+        self.rings = None;
+        let rings = Rings::new(mem, &self.config)?;
+        // §6: after (re)connecting, next_used comes from used.idx in guest memory. We are the only
+        // writer of used.idx, so a relaxed load sees our own last store.
+        self.next_used = rings.used_idx(Ordering::Acquire);
+        self.num_added = 0;
+        self.signalled_valid = false;
+        self.region_cache = 0;
+        self.rings = Some(rings);
+        Ok(())
+    }
+
+    /// Drop the rings and the memory snapshot.
+    pub fn detach(&mut self) {
+        self.rings = None;
+        self.num_added = 0;
+        self.signalled_valid = false;
+    }
+
+    pub fn is_attached(&self) -> bool {
+        self.rings.is_some()
+    }
+
+    /// The snapshot the queue is attached to.
+    pub fn memory(&self) -> Option<&GuestMemory> {
+        self.rings.as_ref().map(Rings::memory)
+    }
+
+    /// Where the next chain will be taken from (vhost-user GET_VRING_BASE).
+    pub fn next_avail(&self) -> u16 {
+        self.next_avail
+    }
+
+    /// Set where the next chain will be taken from (vhost-user SET_VRING_BASE).
+    pub fn set_next_avail(&mut self, next_avail: u16) {
+        self.next_avail = next_avail;
+    }
+
+    /// Where the next used entry will be written.
+    pub fn next_used(&self) -> u16 {
+        self.next_used
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.broken.is_some()
+    }
+
+    pub fn broken_reason(&self) -> Option<&str> {
+        self.broken.as_deref()
+    }
+
+    fn fail(&mut self, err: QueueError) -> QueueError {
+        self.broken = Some(err.to_string());
+        err
+    }
+
+    /// Number of chains the driver has made available and we have not popped yet.
+    /// More than Q means a corrupt ring: the queue breaks with `AvailIndexJump`.
+    pub fn pending(&mut self) -> Result<u16, QueueError> {
+        let rings = ready(&self.broken, &self.rings)?;
+        let avail_idx = rings.avail_idx(Ordering::Acquire);
+        let pending = avail_idx.wrapping_sub(self.next_avail);
+        if pending > self.config.size {
+            let err = self.jump(avail_idx, pending);
+            return Err(self.fail(err));
+        }
+        Ok(pending)
+    }
+
+    fn jump(&self, avail_idx: u16, pending: u16) -> QueueError {
+        QueueError::AvailIndexJump {
+            avail_idx,
+            next_avail: self.next_avail,
+            pending,
+            size: self.config.size,
+        }
+    }
+
+    /// Pop up to `max` available chains into `batch` (appending), returning how many were added.
+    ///
+    /// A malformed chain or ring marks the queue broken and returns the error; chains popped
+    /// earlier in the same call stay in the batch (and were consumed from the ring), the bad one
+    /// is not added.
+    pub fn pop_batch(&mut self, batch: &mut ChainBatch, max: usize) -> Result<usize, QueueError> {
+        let rings = ready(&self.broken, &self.rings)?;
+        if max == 0 {
+            return Ok(0);
+        }
+        let size = self.config.size;
+        // §3 "discover work": Acquire load of avail.idx, so the ring entries, descriptors,
+        // indirect tables and buffer contents the driver wrote before publishing it are visible
+        // to the reads below.
+        let avail_idx = rings.avail_idx(Ordering::Acquire);
+        let pending = avail_idx.wrapping_sub(self.next_avail);
+        if pending > size {
+            let err = self.jump(avail_idx, pending);
+            return Err(self.fail(err));
+        }
+        let count = usize::from(pending).min(max);
+        let regions = rings.memory().regions();
+        let mut translator = Translator {
+            regions,
+            cache: &mut self.region_cache,
+        };
+        // All chains of one batch are available at the same time, so their ring descriptors are
+        // distinct: more than Q in total means the driver reused descriptors (and bounds the work
+        // of one call to Q ring descriptors).
+        let mut budget = u32::from(size);
+        for i in 0..count {
+            // Ordered after the Acquire above; the driver does not change published entries.
+            let head = rings.avail_entry(self.next_avail.wrapping_add(i as u16), Ordering::Relaxed);
+            let mark = batch.segments.len();
+            match pop_chain(
+                rings,
+                &self.config,
+                &mut translator,
+                head,
+                &mut budget,
+                &mut batch.segments,
+            ) {
+                Ok(chain) => batch.chains.push(chain),
+                Err(reason) => {
+                    batch.segments.truncate(mark);
+                    self.next_avail = self.next_avail.wrapping_add(i as u16);
+                    return Err(self.fail(QueueError::BadChain { head, reason }));
+                }
+            }
+        }
+        self.next_avail = self.next_avail.wrapping_add(count as u16);
+        Ok(count)
+    }
+
+    /// Write `used.ring[next_used % Q] = {head, len}` without publishing it; `len` is the number
+    /// of bytes written into the chain's writable buffers. Call [`SplitQueue::publish_used`]
+    /// after one or many pushes.
+    #[inline]
+    pub fn push_used(&mut self, head: u16, len: u32) -> Result<(), QueueError> {
+        let rings = ready(&self.broken, &self.rings)?;
+        if head >= self.config.size {
+            return Err(QueueError::UnknownHead(head));
+        }
+        if self.num_added >= self.config.size {
+            // More unpublished entries than the ring holds would overwrite each other.
+            return Err(QueueError::Full);
+        }
+        // Plain stores: the Release store of used.idx in publish_used orders them (§1.4: len is
+        // set before used.idx).
+        rings.set_used_entry(self.next_used, u32::from(head), len, Ordering::Relaxed);
+        self.next_used = self.next_used.wrapping_add(1);
+        self.num_added += 1;
+        Ok(())
+    }
+
+    /// Publish every entry pushed since the last call and decide whether the driver must be
+    /// notified ("call"). Returns `false` without touching memory if nothing was pushed.
+    pub fn publish_used(&mut self) -> Result<bool, QueueError> {
+        let rings = ready(&self.broken, &self.rings)?;
+        if self.num_added == 0 {
+            return Ok(false);
+        }
+        let new = self.next_used;
+        // §3 "publish result" / §1.4: the buffer data and the used elements written before must
+        // be visible before the new used.idx — Release store (write barrier before the idx store).
+        rings.set_used_idx(new, Ordering::Release);
+        self.num_added = 0;
+        // §3 "decide on call": full fence so the used.idx store above cannot be reordered after
+        // the load of used_event / avail.flags below (otherwise a lost wakeup: the driver re-arms
+        // after our read and before seeing our store, and nobody notifies).
+        fence(Ordering::SeqCst);
+        let notify = if self.config.event_idx {
+            // §1.5 with EVENT_IDX: notify iff used_event lies in [old, new).
+            let event = rings.used_event(Ordering::Relaxed);
+            need_event(event, new, self.signalled_used)
+        } else {
+            // §1.5 without EVENT_IDX: must notify when avail.flags is 0.
+            rings.avail_flags(Ordering::Relaxed) & VIRTQ_AVAIL_F_NO_INTERRUPT == 0
+        };
+        // The first decision after attach always notifies (§1.5: signalled_used_valid).
+        let notify = notify || !self.signalled_valid;
+        self.signalled_used = new;
+        self.signalled_valid = true;
+        Ok(notify)
+    }
+
+    /// Ask the driver for kicks again before going to sleep. Returns `true` if chains became
+    /// available meanwhile: the caller must then process them instead of sleeping.
+    pub fn enable_notifications(&mut self) -> Result<bool, QueueError> {
+        let rings = ready(&self.broken, &self.rings)?;
+        if self.config.event_idx {
+            rings.set_avail_event(self.next_avail, Ordering::Relaxed);
+        } else {
+            rings.set_used_flags(0, Ordering::Relaxed);
+        }
+        // §3 "go to sleep": full fence between the store above and the re-read of avail.idx, so
+        // that either the driver sees our request and kicks, or we see its new avail.idx.
+        fence(Ordering::SeqCst);
+        let avail_idx = rings.avail_idx(Ordering::Acquire);
+        Ok(avail_idx != self.next_avail)
+    }
+
+    /// Ask the driver not to kick while we are busy. A hint only: no fence needed (§3). With
+    /// EVENT_IDX nothing is written: `avail_event` simply stays behind.
+    pub fn disable_notifications(&mut self) -> Result<(), QueueError> {
+        let rings = ready(&self.broken, &self.rings)?;
+        if !self.config.event_idx {
+            rings.set_used_flags(VIRTQ_USED_F_NO_NOTIFY, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+/// Walk the chain at `head`, appending its segments.
+#[inline]
+fn pop_chain(
+    rings: &Rings,
+    config: &QueueConfig,
+    translator: &mut Translator<'_>,
+    head: u16,
+    budget: &mut u32,
+    segments: &mut Vec<Segment>,
+) -> Result<Chain, ChainFault> {
+    let size = config.size;
+    if head >= size {
+        return Err(ChainFault::HeadOutOfRange);
+    }
+    let start = segments.len();
+    let mut walk = Walk {
+        mid: None,
+        total: 0,
+        readable: 0,
+        writable: 0,
+        descriptors: 0,
+    };
+    let mut index = head;
+    let mut seen: u32 = 0;
+    loop {
+        if *budget == 0 {
+            return Err(ChainFault::DescriptorsReused);
+        }
+        *budget -= 1;
+        let desc = rings.descriptor(index);
+        seen += 1;
+        if desc.flags & VIRTQ_DESC_F_INDIRECT != 0 {
+            if !config.indirect {
+                return Err(ChainFault::IndirectNotNegotiated);
+            }
+            if desc.flags & VIRTQ_DESC_F_NEXT != 0 {
+                return Err(ChainFault::IndirectWithNext);
+            }
+            // The WRITE flag of the descriptor pointing at the table is ignored (§1.2).
+            walk_indirect(rings.memory(), translator, &desc, &mut walk, segments)?;
+            break;
+        }
+        add_buffer(translator, &desc, &mut walk, segments)?;
+        if desc.flags & VIRTQ_DESC_F_NEXT == 0 {
+            break;
+        }
+        if desc.next >= size {
+            return Err(ChainFault::NextOutOfRange {
+                index,
+                next: desc.next,
+                limit: u32::from(size),
+            });
+        }
+        if seen >= u32::from(size) {
+            return Err(ChainFault::TooLong {
+                limit: u32::from(size),
+            });
+        }
+        index = desc.next;
+    }
+    let end = segments.len();
+    Ok(Chain {
+        head,
+        descriptors: walk.descriptors,
+        segments: start..end,
+        mid: walk.mid.unwrap_or(end),
+        readable_len: walk.readable,
+        writable_len: walk.writable,
+    })
+}
+
+/// Walk an indirect table (one level) described by `desc`.
+#[inline(never)]
+fn walk_indirect(
+    mem: &GuestMemory,
+    translator: &mut Translator<'_>,
+    desc: &Descriptor,
+    walk: &mut Walk,
+    segments: &mut Vec<Segment>,
+) -> Result<(), ChainFault> {
+    let (addr, len) = (desc.addr, desc.len);
+    let entries = len / 16;
+    if len == 0 || len % 16 != 0 || entries > MAX_INDIRECT_DESCRIPTORS {
+        return Err(ChainFault::IndirectLength { len });
+    }
+    let out_of_range = ChainFault::IndirectTableOutOfRange { addr, len };
+    let table = match mem.slice(addr, u64::from(len)) {
+        Ok(slice) if slice.len() == len as usize => Table::Host(slice.as_ptr()),
+        Ok(_) => {
+            // Crossing a region boundary: make sure all of it is mapped, then read per entry.
+            mem.for_each_piece(addr, u64::from(len), |_, _| {})
+                .map_err(|_| out_of_range)?;
+            Table::Pieces(mem, addr)
+        }
+        Err(_) => return Err(out_of_range),
+    };
+    let mut index: u32 = 0;
+    let mut seen: u32 = 0;
+    loop {
+        let entry = table.read(index)?;
+        seen += 1;
+        if entry.flags & VIRTQ_DESC_F_INDIRECT != 0 {
+            return Err(ChainFault::NestedIndirect);
+        }
+        add_buffer(translator, &entry, walk, segments)?;
+        if entry.flags & VIRTQ_DESC_F_NEXT == 0 {
+            return Ok(());
+        }
+        if u32::from(entry.next) >= entries {
+            return Err(ChainFault::NextOutOfRange {
+                index: index as u16,
+                next: entry.next,
+                limit: entries,
+            });
+        }
+        if seen >= entries {
+            return Err(ChainFault::TooLong { limit: entries });
+        }
+        index = u32::from(entry.next);
+    }
+}
+
+/// Account for one buffer descriptor and translate it.
+#[inline]
+fn add_buffer(
+    translator: &mut Translator<'_>,
+    desc: &Descriptor,
+    walk: &mut Walk,
+    segments: &mut Vec<Segment>,
+) -> Result<(), ChainFault> {
+    let writable = desc.flags & VIRTQ_DESC_F_WRITE != 0;
+    if writable {
+        if walk.mid.is_none() {
+            walk.mid = Some(segments.len());
+        }
+    } else if walk.mid.is_some() {
+        return Err(ChainFault::ReadableAfterWritable);
+    }
+    walk.total = walk
+        .total
+        .checked_add(desc.len)
+        .ok_or(ChainFault::LengthOverflow)?;
+    // Cannot overflow: each part is at most the total.
+    if writable {
+        walk.writable += desc.len;
+    } else {
+        walk.readable += desc.len;
+    }
+    // At most Q - 1 direct descriptors plus MAX_INDIRECT_DESCRIPTORS entries: fits in u16.
+    walk.descriptors = walk.descriptors.wrapping_add(1);
+    if desc.len > 0 {
+        // A zero-length buffer is accepted and yields no segment (and is not translated).
+        translator.push(desc.addr, desc.len, segments)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::test_util::shared_memory;
+    use crate::queue::SplitQueueDriver;
+
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+
+    fn config(size: u16, event_idx: bool) -> QueueConfig {
+        QueueConfig {
+            size,
+            desc_table: DESC,
+            avail_ring: AVAIL,
+            used_ring: USED,
+            event_idx,
+            indirect: true,
+        }
+    }
+
+    /// Driver and device over one memfd: regions [0, 0x10000) and [0x10000, 0x20000).
+    fn pair(size: u16, event_idx: bool) -> (SplitQueueDriver, SplitQueue) {
+        let (drv_mem, dev_mem) = shared_memory(&[(0, 0x10000), (0x10000, 0x10000)]);
+        let driver = SplitQueueDriver::new(drv_mem, config(size, event_idx)).unwrap();
+        let mut device = SplitQueue::new(config(size, event_idx)).unwrap();
+        device.attach(dev_mem).unwrap();
+        (driver, device)
+    }
+
+    fn read_segment(seg: &Segment) -> Vec<u8> {
+        let mut out = vec![0; seg.len as usize];
+        // SAFETY: the queue that produced `seg` is alive in the test.
+        unsafe { seg.read_to(0, &mut out) };
+        out
+    }
+
+    #[test]
+    fn new_validates_config() {
+        assert!(matches!(
+            SplitQueue::new(config(6, false)),
+            Err(QueueError::InvalidConfig(_))
+        ));
+        assert!(matches!(
+            SplitQueue::new(QueueConfig {
+                used_ring: 0x3002,
+                ..config(8, false)
+            }),
+            Err(QueueError::InvalidConfig(_))
+        ));
+    }
+
+    #[test]
+    fn detached_queue_is_not_ready() {
+        let mut q = SplitQueue::new(config(8, false)).unwrap();
+        let mut batch = ChainBatch::new();
+        assert_eq!(q.pop_batch(&mut batch, 4), Err(QueueError::NotReady));
+        assert_eq!(q.push_used(0, 0), Err(QueueError::NotReady));
+        assert_eq!(q.publish_used(), Err(QueueError::NotReady));
+        assert_eq!(q.enable_notifications(), Err(QueueError::NotReady));
+    }
+
+    #[test]
+    fn attach_requires_rings_inside_one_region() {
+        let (_, dev_mem) = shared_memory(&[(0, 0x10000), (0x10000, 0x10000)]);
+        // Used ring of Q = 256 needs 4 + 2048 bytes; starting at 0xfc00 it crosses 0x10000.
+        let mut q = SplitQueue::new(QueueConfig {
+            used_ring: 0xfc00,
+            ..config(256, false)
+        })
+        .unwrap();
+        assert!(matches!(
+            q.attach(dev_mem.clone()),
+            Err(QueueError::Memory(_))
+        ));
+        assert!(!q.is_attached());
+        let mut q = SplitQueue::new(QueueConfig {
+            desc_table: 0x20000,
+            ..config(8, false)
+        })
+        .unwrap();
+        assert!(q.attach(dev_mem).is_err());
+    }
+
+    #[test]
+    fn trailing_event_word_is_only_needed_with_event_idx() {
+        let (_, dev_mem) = shared_memory(&[(0, 0x10000)]);
+        // Used ring of Q = 8 is 4 + 64 = 68 bytes: place it so that it ends at the region end.
+        let cfg = QueueConfig {
+            used_ring: 0x10000 - 68,
+            avail_ring: 0x10000 - 68 - 20,
+            ..config(8, false)
+        };
+        let mut q = SplitQueue::new(cfg).unwrap();
+        q.attach(dev_mem.clone()).unwrap();
+        let mut q = SplitQueue::new(QueueConfig {
+            event_idx: true,
+            ..cfg
+        })
+        .unwrap();
+        assert!(q.attach(dev_mem).is_err());
+    }
+
+    #[test]
+    fn pops_direct_chain_with_readable_and_writable_segments() {
+        let (mut drv, mut dev) = pair(8, false);
+        drv.memory().write(0x8000, b"hello").unwrap();
+        let head = drv
+            .add_chain(&[(0x8000, 5), (0x8100, 3)], &[(0x9000, 64)])
+            .unwrap();
+        assert!(drv.publish().unwrap(), "used.flags is 0: kick");
+        assert_eq!(dev.pending().unwrap(), 1);
+        let mut batch = ChainBatch::new();
+        assert_eq!(dev.pop_batch(&mut batch, 16).unwrap(), 1);
+        assert_eq!(dev.pending().unwrap(), 0);
+        let c = batch.get(0).unwrap();
+        assert_eq!(c.head(), head);
+        assert_eq!(c.descriptors(), 3);
+        assert_eq!((c.readable_len(), c.writable_len()), (8, 64));
+        let r = c.readable();
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].gpa, r[0].len), (0x8000, 5));
+        assert_eq!((r[1].gpa, r[1].len), (0x8100, 3));
+        assert_eq!(read_segment(&r[0]), b"hello");
+        let w = c.writable();
+        assert_eq!((w.len(), w[0].gpa, w[0].len), (1, 0x9000, 64));
+        assert_eq!(w[0].as_iovec().iov_len, 64);
+        // SAFETY: the device queue is alive.
+        unsafe { w[0].write_from(0, b"world") };
+        dev.push_used(c.head(), 5).unwrap();
+        assert!(dev.publish_used().unwrap());
+        assert_eq!(drv.reap_used().unwrap(), Some((head, 5)));
+        let mut back = [0u8; 5];
+        drv.memory().read(0x9000, &mut back).unwrap();
+        assert_eq!(&back, b"world");
+        assert_eq!(drv.reap_used().unwrap(), None);
+        assert_eq!(drv.free_descriptors(), 8);
+    }
+
+    #[test]
+    fn buffer_crossing_a_region_boundary_becomes_two_segments() {
+        let (mut drv, mut dev) = pair(8, false);
+        let data: Vec<u8> = (0..200u8).collect();
+        drv.memory().write(0xff80, &data).unwrap();
+        drv.add_chain(&[(0xff80, 200)], &[]).unwrap();
+        drv.publish().unwrap();
+        let mut batch = ChainBatch::new();
+        dev.pop_batch(&mut batch, 1).unwrap();
+        let c = batch.get(0).unwrap();
+        let r = c.readable();
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].gpa, r[0].len), (0xff80, 0x80));
+        assert_eq!((r[1].gpa, r[1].len), (0x10000, 200 - 0x80));
+        let mut got = read_segment(&r[0]);
+        got.extend(read_segment(&r[1]));
+        assert_eq!(got, data);
+        assert!(c.writable().is_empty());
+    }
+
+    #[test]
+    fn indirect_chain_and_write_flag_on_the_table_descriptor_is_ignored() {
+        let (mut drv, mut dev) = pair(8, false);
+        let head = drv
+            .add_indirect(0x4000, &[(0x8000, 16)], &[(0x9000, 32), (0x9100, 8)])
+            .unwrap();
+        // Set WRITE on the ring descriptor pointing at the table: must be ignored.
+        let d = Descriptor::new(0x4000, 48, VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_WRITE, 0);
+        drv.memory()
+            .write(DESC + 16 * u64::from(head), &d.to_le_bytes())
+            .unwrap();
+        drv.publish().unwrap();
+        let mut batch = ChainBatch::new();
+        dev.pop_batch(&mut batch, 4).unwrap();
+        let c = batch.get(0).unwrap();
+        assert_eq!(c.head(), head);
+        assert_eq!(c.descriptors(), 3);
+        assert_eq!((c.readable().len(), c.writable().len()), (1, 2));
+        assert_eq!((c.readable_len(), c.writable_len()), (16, 40));
+        assert_eq!(drv.free_descriptors(), 7);
+    }
+
+    #[test]
+    fn indirect_needs_the_feature() {
+        let (drv_mem, dev_mem) = shared_memory(&[(0, 0x10000)]);
+        let cfg = QueueConfig {
+            indirect: false,
+            ..config(8, false)
+        };
+        let mut drv = SplitQueueDriver::new(drv_mem.clone(), cfg).unwrap();
+        assert!(drv.add_indirect(0x4000, &[(0x8000, 1)], &[]).is_err());
+        // Write the indirect descriptor by hand.
+        drv_mem
+            .write(
+                DESC,
+                &Descriptor::new(0x4000, 16, VIRTQ_DESC_F_INDIRECT, 0).to_le_bytes(),
+            )
+            .unwrap();
+        drv_mem
+            .write(0x4000, &Descriptor::new(0x8000, 1, 0, 0).to_le_bytes())
+            .unwrap();
+        drv_mem.store_u16(AVAIL + 2, 1, Ordering::Release).unwrap();
+        let mut dev = SplitQueue::new(cfg).unwrap();
+        dev.attach(dev_mem).unwrap();
+        let mut batch = ChainBatch::new();
+        assert_eq!(
+            dev.pop_batch(&mut batch, 4),
+            Err(QueueError::BadChain {
+                head: 0,
+                reason: ChainFault::IndirectNotNegotiated
+            })
+        );
+        assert!(dev.is_broken());
+    }
+
+    #[test]
+    fn batch_respects_max_and_reuse_keeps_capacity() {
+        let (mut drv, mut dev) = pair(16, false);
+        let mut heads = Vec::new();
+        for i in 0..10u64 {
+            heads.push(drv.add_chain(&[(0x8000 + 0x100 * i, 16)], &[]).unwrap());
+        }
+        drv.publish().unwrap();
+        let mut batch = ChainBatch::with_capacity(16, 16);
+        assert_eq!(dev.pop_batch(&mut batch, 4).unwrap(), 4);
+        assert_eq!(dev.pop_batch(&mut batch, 4).unwrap(), 4, "appends");
+        assert_eq!(batch.len(), 8);
+        let got: Vec<u16> = batch.iter().map(|c| c.head()).collect();
+        assert_eq!(got, heads[..8]);
+        let (cc, sc) = (batch.chains.capacity(), batch.segments.capacity());
+        batch.clear();
+        assert!(batch.is_empty());
+        assert_eq!(
+            (batch.chains.capacity(), batch.segments.capacity()),
+            (cc, sc)
+        );
+        assert_eq!(dev.pop_batch(&mut batch, 100).unwrap(), 2);
+        assert_eq!(dev.pop_batch(&mut batch, 100).unwrap(), 0);
+        assert_eq!(dev.pop_batch(&mut batch, 0).unwrap(), 0);
+        assert_eq!(dev.next_avail(), 10);
+    }
+
+    #[test]
+    fn notifications_without_event_idx_follow_avail_flags() {
+        let (mut drv, mut dev) = pair(8, false);
+        let mut batch = ChainBatch::new();
+        let mut round = |drv: &mut SplitQueueDriver, dev: &mut SplitQueue| {
+            batch.clear();
+            drv.add_chain(&[(0x8000, 1)], &[]).unwrap();
+            drv.publish().unwrap();
+            dev.pop_batch(&mut batch, 8).unwrap();
+            dev.push_used(batch.get(0).unwrap().head(), 0).unwrap();
+            let notify = dev.publish_used().unwrap();
+            drv.reap_used().unwrap().unwrap();
+            notify
+        };
+        drv.disable_call_notifications().unwrap();
+        assert!(
+            round(&mut drv, &mut dev),
+            "first completion after attach always notifies"
+        );
+        assert!(!round(&mut drv, &mut dev), "NO_INTERRUPT set");
+        assert!(!drv.enable_call_notifications().unwrap());
+        assert!(round(&mut drv, &mut dev), "flags 0: must notify");
+        assert!(round(&mut drv, &mut dev));
+        assert!(!dev.publish_used().unwrap(), "nothing pushed: no notify");
+    }
+
+    #[test]
+    fn notifications_with_event_idx_follow_used_event() {
+        let (mut drv, mut dev) = pair(8, true);
+        let mut batch = ChainBatch::new();
+        // Three chains completed one publish at a time; used_event says "after 2nd entry".
+        for i in 0..3u64 {
+            drv.add_chain(&[(0x8000 + i * 0x100, 1)], &[]).unwrap();
+        }
+        drv.publish().unwrap();
+        dev.pop_batch(&mut batch, 8).unwrap();
+        // used_event = 1: notify when used idx moves past 1, i.e. reaches 2.
+        drv.memory()
+            .store_u16(AVAIL + 4 + 2 * 8, 1, Ordering::Release)
+            .unwrap();
+        let heads: Vec<u16> = batch.iter().map(|c| c.head()).collect();
+        dev.push_used(heads[0], 0).unwrap();
+        assert!(
+            dev.publish_used().unwrap(),
+            "first decision always notifies"
+        );
+        dev.push_used(heads[1], 0).unwrap();
+        assert!(
+            dev.publish_used().unwrap(),
+            "idx 1 -> 2 crosses used_event 1"
+        );
+        dev.push_used(heads[2], 0).unwrap();
+        assert!(!dev.publish_used().unwrap(), "idx 2 -> 3 does not");
+
+        // Batched: old = 3, push 3 more (new = 6), used_event = 4 lies in [3, 6).
+        for i in 0..3u64 {
+            drv.add_chain(&[(0x8000 + i * 0x100, 1)], &[]).unwrap();
+        }
+        while drv.reap_used().unwrap().is_some() {}
+        drv.publish().unwrap();
+        batch.clear();
+        dev.pop_batch(&mut batch, 8).unwrap();
+        drv.memory()
+            .store_u16(AVAIL + 4 + 2 * 8, 4, Ordering::Release)
+            .unwrap();
+        for c in batch.iter() {
+            dev.push_used(c.head(), 0).unwrap();
+        }
+        assert!(dev.publish_used().unwrap());
+        // used_event = 6 is not in [6, 6+1) until a new entry: push one and it is.
+        drv.memory()
+            .store_u16(AVAIL + 4 + 2 * 8, 7, Ordering::Release)
+            .unwrap();
+        while drv.reap_used().unwrap().is_some() {}
+        drv.add_chain(&[(0x8000, 1)], &[]).unwrap();
+        drv.publish().unwrap();
+        batch.clear();
+        dev.pop_batch(&mut batch, 8).unwrap();
+        dev.push_used(batch.get(0).unwrap().head(), 0).unwrap();
+        assert!(!dev.publish_used().unwrap(), "6 -> 7 does not cross 7");
+    }
+
+    #[test]
+    fn driver_enable_call_sets_used_event_and_device_honours_it() {
+        let (mut drv, mut dev) = pair(8, true);
+        let mut batch = ChainBatch::new();
+        drv.add_chain(&[(0x8000, 1)], &[]).unwrap();
+        drv.add_chain(&[(0x8100, 1)], &[]).unwrap();
+        drv.publish().unwrap();
+        dev.pop_batch(&mut batch, 8).unwrap();
+        dev.push_used(batch.get(0).unwrap().head(), 0).unwrap();
+        assert!(dev.publish_used().unwrap());
+        drv.reap_used().unwrap().unwrap();
+        // The driver re-arms at last_used = 1; nothing new is there yet.
+        assert!(!drv.enable_call_notifications().unwrap());
+        dev.push_used(batch.get(1).unwrap().head(), 0).unwrap();
+        assert!(dev.publish_used().unwrap(), "1 -> 2 crosses used_event 1");
+    }
+
+    #[test]
+    fn kick_suppression_without_event_idx() {
+        let (mut drv, mut dev) = pair(8, false);
+        dev.disable_notifications().unwrap();
+        drv.add_chain(&[(0x8000, 1)], &[]).unwrap();
+        assert!(!drv.publish().unwrap(), "NO_NOTIFY: no kick");
+        assert!(
+            dev.enable_notifications().unwrap(),
+            "work arrived while notifications were off"
+        );
+        let mut batch = ChainBatch::new();
+        dev.pop_batch(&mut batch, 8).unwrap();
+        assert!(!dev.enable_notifications().unwrap());
+        drv.add_chain(&[(0x8000, 1)], &[]).unwrap();
+        assert!(drv.publish().unwrap());
+    }
+
+    #[test]
+    fn kick_suppression_with_event_idx() {
+        let (mut drv, mut dev) = pair(8, true);
+        let mut batch = ChainBatch::new();
+        // avail_event starts at 0: the first chain (idx 0 -> 1) kicks.
+        drv.add_chain(&[(0x8000, 1)], &[]).unwrap();
+        assert!(drv.publish().unwrap());
+        dev.pop_batch(&mut batch, 8).unwrap();
+        dev.disable_notifications().unwrap();
+        // avail_event stays at 0: 1 -> 2 does not cross it.
+        drv.add_chain(&[(0x8000, 1)], &[]).unwrap();
+        assert!(!drv.publish().unwrap());
+        assert!(dev.enable_notifications().unwrap(), "work pending");
+        dev.pop_batch(&mut batch, 8).unwrap();
+        assert!(!dev.enable_notifications().unwrap());
+        // avail_event = 2 now: 2 -> 3 crosses it.
+        drv.add_chain(&[(0x8000, 1)], &[]).unwrap();
+        assert!(drv.publish().unwrap());
+        assert_eq!(
+            drv.memory()
+                .load_u16(USED + 4 + 8 * 8, Ordering::Acquire)
+                .unwrap(),
+            2
+        );
+    }
+
+    #[test]
+    fn avail_index_wraps_at_65535() {
+        let (drv_mem, dev_mem) = shared_memory(&[(0, 0x10000)]);
+        let cfg = config(4, true);
+        let mut drv = SplitQueueDriver::with_start_index(drv_mem, cfg, 65533).unwrap();
+        let mut dev = SplitQueue::new(cfg).unwrap();
+        dev.attach(dev_mem).unwrap();
+        dev.set_next_avail(65533);
+        assert_eq!(dev.next_used(), 65533, "next_used read from used.idx");
+        let mut batch = ChainBatch::new();
+        let mut completed = 0u32;
+        for round in 0..5u64 {
+            batch.clear();
+            let mut heads = Vec::new();
+            for i in 0..3u64 {
+                heads.push(
+                    drv.add_chain(&[(0x8000 + 0x10 * (round * 3 + i), 4)], &[])
+                        .unwrap(),
+                );
+            }
+            drv.publish().unwrap();
+            assert_eq!(dev.pending().unwrap(), 3);
+            assert_eq!(dev.pop_batch(&mut batch, 8).unwrap(), 3);
+            let got: Vec<u16> = batch.iter().map(|c| c.head()).collect();
+            assert_eq!(got, heads);
+            for &h in &heads {
+                dev.push_used(h, 0).unwrap();
+            }
+            dev.publish_used().unwrap();
+            let mut reaped = Vec::new();
+            while let Some((h, _)) = drv.reap_used().unwrap() {
+                reaped.push(h);
+            }
+            assert_eq!(reaped, heads);
+            completed += 3;
+        }
+        assert_eq!(dev.next_avail(), 65533u16.wrapping_add(completed as u16));
+        assert_eq!(dev.next_avail(), 12);
+        assert_eq!(dev.next_used(), 12);
+    }
+
+    #[test]
+    fn reattach_to_a_new_snapshot_reads_used_idx_and_resets_signalling() {
+        let (drv_mem, dev_mem) = shared_memory(&[(0, 0x10000), (0x10000, 0x10000)]);
+        let cfg = config(8, false);
+        let mut drv = SplitQueueDriver::new(drv_mem.clone(), cfg).unwrap();
+        let mut dev = SplitQueue::new(cfg).unwrap();
+        dev.attach(dev_mem).unwrap();
+        let mut batch = ChainBatch::new();
+        drv.add_chain(&[(0x8000, 1)], &[]).unwrap();
+        drv.publish().unwrap();
+        dev.pop_batch(&mut batch, 8).unwrap();
+        dev.push_used(batch.get(0).unwrap().head(), 0).unwrap();
+        assert!(dev.publish_used().unwrap());
+        drv.reap_used().unwrap().unwrap();
+        drv.disable_call_notifications().unwrap();
+
+        // New snapshot (as after SET_MEM_TABLE): the driver's mapping of the same memfd, so the
+        // host addresses differ from the old snapshot's.
+        let new_mem = crate::memory::GuestMemory::new(drv_mem.regions().to_vec()).unwrap();
+        let old = dev.memory().unwrap().clone();
+        dev.attach(new_mem).unwrap();
+        drop(old);
+        assert_eq!(dev.next_used(), 1);
+        assert_eq!(dev.next_avail(), 1, "next_avail is kept");
+        drv.add_chain(&[(0x8000, 1)], &[]).unwrap();
+        drv.publish().unwrap();
+        batch.clear();
+        dev.pop_batch(&mut batch, 8).unwrap();
+        let seg = batch.get(0).unwrap().readable()[0];
+        assert_eq!(
+            seg.host,
+            drv_mem.slice(0x8000, 1).unwrap().as_ptr(),
+            "segments come from the new snapshot"
+        );
+        dev.push_used(batch.get(0).unwrap().head(), 0).unwrap();
+        assert!(
+            dev.publish_used().unwrap(),
+            "first completion after re-attach notifies despite NO_INTERRUPT"
+        );
+        assert_eq!(drv.reap_used().unwrap().map(|(_, l)| l), Some(0));
+
+        dev.detach();
+        assert!(!dev.is_attached());
+        assert_eq!(dev.pending(), Err(QueueError::NotReady));
+    }
+
+    #[test]
+    fn broken_queue_stays_broken() {
+        let (drv, mut dev) = pair(8, false);
+        drv.memory()
+            .store_u16(AVAIL + 2, 9, Ordering::Release)
+            .unwrap();
+        let mut batch = ChainBatch::new();
+        assert!(matches!(
+            dev.pop_batch(&mut batch, 8),
+            Err(QueueError::AvailIndexJump {
+                avail_idx: 9,
+                next_avail: 0,
+                pending: 9,
+                size: 8
+            })
+        ));
+        assert!(dev.is_broken());
+        let reason = dev.broken_reason().unwrap().to_owned();
+        assert_eq!(
+            dev.pop_batch(&mut batch, 8),
+            Err(QueueError::Broken(reason.clone()))
+        );
+        assert_eq!(dev.push_used(0, 0), Err(QueueError::Broken(reason.clone())));
+        assert_eq!(dev.publish_used(), Err(QueueError::Broken(reason.clone())));
+        assert_eq!(dev.enable_notifications(), Err(QueueError::Broken(reason)));
+    }
+
+    #[test]
+    fn push_used_checks_head_and_capacity() {
+        let (_, mut dev) = pair(2, false);
+        assert_eq!(dev.push_used(2, 0), Err(QueueError::UnknownHead(2)));
+        dev.push_used(0, 0).unwrap();
+        dev.push_used(1, 0).unwrap();
+        assert_eq!(dev.push_used(0, 0), Err(QueueError::Full));
+        assert!(!dev.is_broken(), "caller mistakes do not break the queue");
+        dev.publish_used().unwrap();
+        dev.push_used(0, 0).unwrap();
+    }
+
+    #[test]
+    fn queue_and_batch_are_send() {
+        fn is_send<T: Send>() {}
+        is_send::<SplitQueue>();
+        is_send::<ChainBatch>();
+        is_send::<SplitQueueDriver>();
+    }
+}
