@@ -286,9 +286,7 @@ fn run(s: &Scenario) -> Stats {
                 let data = rng.bytes(total_r);
                 let mut off = 0;
                 for &(gpa, len) in &r {
-                    drv_mem
-                        .write(gpa, &data[off..off + len as usize])
-                        .unwrap();
+                    drv_mem.write(gpa, &data[off..off + len as usize]).unwrap();
                     off += len as usize;
                 }
                 let split_table =
@@ -390,7 +388,9 @@ fn run(s: &Scenario) -> Stats {
                     let f = flight
                         .remove(&head)
                         .expect("reaped a head that is not in flight");
-                    let (tag, want) = f.completion.expect("reaped a head the device never completed");
+                    let (tag, want) = f
+                        .completion
+                        .expect("reaped a head the device never completed");
                     assert_eq!(len, want, "used len");
                     let mut written = vec![0u8; len as usize];
                     let mut filled = 0usize;

@@ -463,8 +463,8 @@ impl SplitQueue {
             cache: &mut self.region_cache,
         };
         // All chains of one batch are available at the same time, so their ring descriptors are
-        // distinct: more than Q in total means the driver reused descriptors (and bounds the work
-        // of one call to Q ring descriptors).
+        // distinct: more than Q in total means the driver reused descriptors. This bounds the
+        // work of one call to 2·Q ring descriptors (the last chain may walk Q before failing).
         let mut budget = u32::from(size);
         for i in 0..count {
             // Ordered after the Acquire above; the driver does not change published entries.
@@ -475,9 +475,14 @@ impl SplitQueue {
                 &self.config,
                 &mut translator,
                 head,
-                &mut budget,
                 &mut batch.segments,
-            ) {
+            )
+            .and_then(|(chain, ring_descriptors)| {
+                budget = budget
+                    .checked_sub(ring_descriptors)
+                    .ok_or(ChainFault::DescriptorsReused)?;
+                Ok(chain)
+            }) {
                 Ok(chain) => batch.chains.push(chain),
                 Err(reason) => {
                     batch.segments.truncate(mark);
@@ -569,16 +574,16 @@ impl SplitQueue {
     }
 }
 
-/// Walk the chain at `head`, appending its segments.
+/// Walk the chain at `head`, appending its segments; also returns how many ring descriptors it
+/// occupies.
 #[inline]
 fn pop_chain(
     rings: &Rings,
     config: &QueueConfig,
     translator: &mut Translator<'_>,
     head: u16,
-    budget: &mut u32,
     segments: &mut Vec<Segment>,
-) -> Result<Chain, ChainFault> {
+) -> Result<(Chain, u32), ChainFault> {
     let size = config.size;
     if head >= size {
         return Err(ChainFault::HeadOutOfRange);
@@ -594,10 +599,6 @@ fn pop_chain(
     let mut index = head;
     let mut seen: u32 = 0;
     loop {
-        if *budget == 0 {
-            return Err(ChainFault::DescriptorsReused);
-        }
-        *budget -= 1;
         let desc = rings.descriptor(index);
         seen += 1;
         if desc.flags & VIRTQ_DESC_F_INDIRECT != 0 {
@@ -630,14 +631,15 @@ fn pop_chain(
         index = desc.next;
     }
     let end = segments.len();
-    Ok(Chain {
+    let chain = Chain {
         head,
         descriptors: walk.descriptors,
         segments: start..end,
         mid: walk.mid.unwrap_or(end),
         readable_len: walk.readable,
         writable_len: walk.writable,
-    })
+    };
+    Ok((chain, seen))
 }
 
 /// Walk an indirect table (one level) described by `desc`.
