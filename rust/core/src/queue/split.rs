@@ -360,8 +360,8 @@ impl SplitQueue {
     pub fn attach(&mut self, mem: GuestMemory) -> Result<(), QueueError> {
         self.rings = None;
         let rings = Rings::new(mem, &self.config)?;
-        // §6: after (re)connecting, next_used comes from used.idx in guest memory. We are the only
-        // writer of used.idx, so a relaxed load sees our own last store.
+        // §6: after (re)connecting, next_used comes from used.idx in guest memory (written by
+        // us, or by the back-end that ran the queue before us).
         self.next_used = rings.used_idx(Ordering::Acquire);
         self.num_added = 0;
         self.signalled_valid = false;
