@@ -11,5 +11,6 @@ pub mod error;
 pub mod memory;
 pub mod notify;
 pub mod queue;
+pub mod worker;
 
 pub use error::{Error, MemoryError, QueueError, Result};

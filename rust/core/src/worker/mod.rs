@@ -1,0 +1,560 @@
+//! Datapath workers: run one virtqueue in a native thread.
+//!
+//! A [`QueueWorker`] owns an attached [`SplitQueue`], its kick eventfd and a [`ChainHandler`]
+//! that does the device work for one descriptor chain. The thread loops:
+//!
+//! 1. pop a batch of chains (at most [`WorkerOptions::batch_size`]), hand each to the handler,
+//!    call [`ChainHandler::flush_batch`], push the used entries, publish the batch once and
+//!    signal the call eventfd if the ring's suppression rules ask for it;
+//! 2. when the ring is empty: optionally busy-poll the ring for a budget, then re-enable kicks
+//!    ([`SplitQueue::enable_notifications`]; if work slipped in meanwhile, back to 1) and sleep on
+//!    a [`Poller`] over the kick and stop eventfds. After a kick, kicks are disabled again while
+//!    the ring is being drained (a hint to the driver that saves it the notifications).
+//!
+//! The ring is processed once at start without waiting for a kick: after a reconnect the driver
+//! may already have made buffers available.
+//!
+//! # Stopping
+//!
+//! [`QueueWorker::stop`] only takes effect between batches: every chain the worker popped has been
+//! handled, pushed and published before the thread exits, so [`SplitQueue::next_avail`] of the
+//! returned queue is exactly what vhost-user GET_VRING_BASE must report.
+//!
+//! # Faults
+//!
+//! The peer is untrusted. A ring that breaks the rules ([`QueueError`]) or a handler that panics
+//! turns the worker into a *faulted* worker: it stops processing, records a [`WorkerFault`],
+//! signals the optional error eventfd (vhost-user SET_VRING_ERR) and then only waits for
+//! [`QueueWorker::stop`], which reports the fault. The worker never logs, never panics across
+//! its thread boundary and never aborts the process.
+//!
+//! # Call eventfd changes
+//!
+//! vhost-user SET_VRING_CALL may replace or remove the call eventfd at any time.
+//! [`QueueWorker::set_call`] swaps it under a lock and then signals the new one once, so a
+//! completion that was published around the swap (and signalled to the old fd, or to none) is
+//! never lost; the price is at most one spurious call, which drivers must tolerate.
+
+use std::any::Any;
+use std::io;
+use std::os::fd::AsFd;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::error::QueueError;
+use crate::memory::GuestMemory;
+use crate::notify::{EventFd, Poller};
+use crate::queue::{ChainBatch, ChainView, SplitQueue};
+
+pub mod blk;
+
+#[cfg(test)]
+mod tests;
+
+/// Default number of chains popped, handled and published together.
+pub const DEFAULT_BATCH_SIZE: usize = 64;
+
+/// Does the device work for descriptor chains; runs on the worker thread.
+pub trait ChainHandler: Send + 'static {
+    /// Handle one chain and return the number of bytes written into its device-writable part
+    /// (the used `len`). The worker clamps the value to the chain's writable length, so a handler
+    /// mistake can never overstate it, but the handler should return an exact (or smaller) count.
+    ///
+    /// The chain's segments point into `memory`, which stays mapped for the whole call. Guest
+    /// memory is shared with an untrusted peer: copy values out once before validating them.
+    fn handle(&mut self, memory: &GuestMemory, chain: ChainView<'_>) -> u32;
+
+    /// Called once after every chain of a batch was handled, before the batch is published to
+    /// the driver: the place to finish work that was batched up in [`ChainHandler::handle`].
+    fn flush_batch(&mut self) {}
+}
+
+/// Tuning for [`QueueWorker::spawn`].
+#[derive(Debug)]
+pub struct WorkerOptions {
+    /// Most chains popped and published together (clamped to `1..=queue size`).
+    pub batch_size: usize,
+    /// Keep polling the ring for this long after it ran empty before re-enabling kicks and
+    /// sleeping. Costs a core while spinning; `None` sleeps at once.
+    pub busy_poll: Option<Duration>,
+    /// Signalled once when the worker faults (vhost-user SET_VRING_ERR). Can be replaced later
+    /// with [`QueueWorker::set_err`].
+    pub err: Option<EventFd>,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        Self {
+            batch_size: DEFAULT_BATCH_SIZE,
+            busy_poll: None,
+            err: None,
+        }
+    }
+}
+
+/// Why a worker stopped processing its queue on its own.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WorkerFault {
+    /// The ring broke the virtio rules (or the queue was already broken when the worker started).
+    #[error("virtqueue: {0}")]
+    Queue(#[from] QueueError),
+    /// [`ChainHandler::handle`] or [`ChainHandler::flush_batch`] panicked.
+    #[error("chain handler panicked: {0}")]
+    HandlerPanicked(String),
+    /// The worker itself failed: waiting on its eventfds, or an internal panic.
+    #[error("worker failed: {0}")]
+    Internal(String),
+}
+
+/// Counters of a worker, readable while it runs ([`QueueWorker::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkerStats {
+    /// Chains handled and published.
+    pub chains: u64,
+    /// Non-empty batches published.
+    pub batches: u64,
+    /// Calls signalled on the call eventfd (not counting the ones [`QueueWorker::set_call`]
+    /// sends itself).
+    pub notifications: u64,
+    /// Kicks consumed from the kick eventfd (the eventfd counter, i.e. driver signals).
+    pub kicks: u64,
+    /// Times the worker woke up from sleeping on its eventfds.
+    pub wakeups: u64,
+    /// Times a call was due but signalling the call eventfd failed (a bad fd from the peer).
+    pub call_errors: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    chains: AtomicU64,
+    batches: AtomicU64,
+    notifications: AtomicU64,
+    kicks: AtomicU64,
+    wakeups: AtomicU64,
+    call_errors: AtomicU64,
+}
+
+impl Counters {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> WorkerStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        WorkerStats {
+            chains: get(&self.chains),
+            batches: get(&self.batches),
+            notifications: get(&self.notifications),
+            kicks: get(&self.kicks),
+            wakeups: get(&self.wakeups),
+            call_errors: get(&self.call_errors),
+        }
+    }
+}
+
+/// Lock a mutex, ignoring poisoning: every critical section here is a plain swap or read.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// State shared between the [`QueueWorker`] handle and its thread.
+#[derive(Debug)]
+struct Shared {
+    stop_requested: AtomicBool,
+    stop: EventFd,
+    call: Mutex<Option<EventFd>>,
+    err: Mutex<Option<EventFd>>,
+    fault: Mutex<Option<WorkerFault>>,
+    counters: Counters,
+}
+
+impl Shared {
+    fn stop_requested(&self) -> bool {
+        self.stop_requested.load(Ordering::Acquire)
+    }
+
+    /// Signal the current call eventfd, if any.
+    fn signal_call(&self) {
+        let call = lock(&self.call);
+        if let Some(fd) = call.as_ref() {
+            match fd.signal() {
+                Ok(()) => Counters::add(&self.counters.notifications, 1),
+                Err(_) => Counters::add(&self.counters.call_errors, 1),
+            }
+        }
+    }
+
+    /// Record `fault` (the first one wins) and signal the error eventfd.
+    fn set_fault(&self, fault: WorkerFault) {
+        {
+            let mut slot = lock(&self.fault);
+            if slot.is_none() {
+                *slot = Some(fault);
+            }
+        }
+        // Not nested with the fault lock: `QueueWorker::set_err` takes err, then fault.
+        if let Some(fd) = lock(&self.err).as_ref() {
+            // Nothing more can be done about a bad error fd; the fault is recorded either way.
+            let _ = fd.signal();
+        }
+    }
+}
+
+/// Text of a panic payload.
+fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}
+
+const TOKEN_KICK: u64 = 0;
+const TOKEN_STOP: u64 = 1;
+
+/// Everything the worker thread owns.
+struct Context {
+    queue: SplitQueue,
+    handler: Box<dyn ChainHandler>,
+    memory: GuestMemory,
+    kick: EventFd,
+    poller: Poller,
+    batch: ChainBatch,
+    /// `(head, used len)` of the chains handled in the current batch.
+    completions: Vec<(u16, u32)>,
+    events: Vec<u64>,
+    batch_size: usize,
+    busy_poll: Option<Duration>,
+    shared: Arc<Shared>,
+}
+
+/// What the thread hands back when it ends.
+struct Parts {
+    queue: SplitQueue,
+    handler: Box<dyn ChainHandler>,
+}
+
+impl Context {
+    fn thread_main(mut self) -> Parts {
+        let outcome = catch_unwind(AssertUnwindSafe(|| self.run()));
+        let fault = match outcome {
+            Ok(Ok(())) => None,
+            Ok(Err(fault)) => Some(fault),
+            Err(payload) => Some(WorkerFault::Internal(format!(
+                "panic: {}",
+                panic_message(payload.as_ref())
+            ))),
+        };
+        if let Some(fault) = fault {
+            self.shared.set_fault(fault);
+            self.wait_for_stop();
+        }
+        Parts {
+            queue: self.queue,
+            handler: self.handler,
+        }
+    }
+
+    /// The main loop; returns `Ok` when asked to stop, `Err` on a fault.
+    fn run(&mut self) -> Result<(), WorkerFault> {
+        // Kicks are not needed while the first pass drains whatever is already there.
+        self.queue.disable_notifications()?;
+        loop {
+            // Drain the ring, one batch at a time; stop only between batches.
+            loop {
+                if self.shared.stop_requested() {
+                    return Ok(());
+                }
+                if self.process_batch()? < self.batch_size {
+                    // The ring was empty when popped; the re-check below catches late arrivals.
+                    break;
+                }
+            }
+            if self.busy_poll()? {
+                continue;
+            }
+            // §3 "go to sleep": re-enable kicks, then re-check the ring (the queue places the
+            // full fence in between). New work means the driver may not kick: process it now.
+            if self.queue.enable_notifications()? {
+                self.queue.disable_notifications()?;
+                continue;
+            }
+            if self.shared.stop_requested() {
+                return Ok(());
+            }
+            self.sleep()?;
+            self.queue.disable_notifications()?;
+        }
+    }
+
+    /// Spin on the ring for the busy-poll budget. `true` if work (or a stop request) arrived.
+    fn busy_poll(&mut self) -> Result<bool, WorkerFault> {
+        let Some(budget) = self.busy_poll else {
+            return Ok(false);
+        };
+        let Some(deadline) = Instant::now().checked_add(budget) else {
+            return Ok(false);
+        };
+        loop {
+            if self.shared.stop_requested() || self.queue.pending()? > 0 {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Block until a kick or a stop request; consume the kick.
+    fn sleep(&mut self) -> Result<(), WorkerFault> {
+        let io = |what: &str, e: io::Error| WorkerFault::Internal(format!("{what}: {e}"));
+        let ready = self
+            .poller
+            .wait(None, &mut self.events)
+            .map_err(|e| io("waiting for a kick", e))?;
+        if ready > 0 {
+            Counters::add(&self.shared.counters.wakeups, 1);
+        }
+        if self.events.contains(&TOKEN_KICK) {
+            let kicks = self.kick.consume().map_err(|e| io("reading the kick", e))?;
+            Counters::add(&self.shared.counters.kicks, kicks);
+        }
+        // TOKEN_STOP is not consumed: the stop flag, checked by the caller, is the real signal.
+        Ok(())
+    }
+
+    /// Pop, handle, push and publish one batch. Returns the number of chains popped.
+    ///
+    /// A batch is pushed and published only once every chain of it was handled and
+    /// [`ChainHandler::flush_batch`] returned; after a handler panic none of it is, so the queue
+    /// stays consistent (`next_used` equals the published `used.idx`) for whoever gets it back.
+    fn process_batch(&mut self) -> Result<usize, WorkerFault> {
+        self.batch.clear();
+        self.completions.clear();
+        // A failing pop breaks the queue; chains it popped before the bad one cannot be completed
+        // any more (push_used refuses on a broken queue), so they are abandoned with it.
+        let popped = self.queue.pop_batch(&mut self.batch, self.batch_size)?;
+        if popped == 0 {
+            return Ok(0);
+        }
+        let handler = &mut self.handler;
+        let memory = &self.memory;
+        let batch = &self.batch;
+        let completions = &mut self.completions;
+        let handled = catch_unwind(AssertUnwindSafe(|| {
+            for chain in batch.iter() {
+                let len = handler.handle(memory, chain);
+                // Never claim more than the chain holds (§1.4: len must not overestimate).
+                completions.push((chain.head(), len.min(chain.writable_len())));
+            }
+            handler.flush_batch();
+        }));
+        if let Err(payload) = handled {
+            return Err(WorkerFault::HandlerPanicked(panic_message(
+                payload.as_ref(),
+            )));
+        }
+        for &(head, len) in &self.completions {
+            self.queue.push_used(head, len)?;
+        }
+        let notify = self.queue.publish_used()?;
+        let counters = &self.shared.counters;
+        Counters::add(&counters.chains, popped as u64);
+        Counters::add(&counters.batches, 1);
+        if notify {
+            self.shared.signal_call();
+        }
+        Ok(popped)
+    }
+
+    /// After a fault: do nothing until asked to stop.
+    fn wait_for_stop(&self) {
+        while !self.shared.stop_requested() {
+            if self.shared.stop.wait(Some(Duration::from_secs(1))).is_err() {
+                // The stop eventfd cannot fail in practice; poll the flag if it ever does.
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// A running per-queue worker thread. Dropping it stops and joins the thread (discarding the
+/// queue); call [`QueueWorker::stop`] to get the queue back.
+#[derive(Debug)]
+pub struct QueueWorker {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<Parts>>,
+    name: String,
+}
+
+/// What [`QueueWorker::stop`] hands back.
+pub struct StoppedQueue {
+    /// The queue, attached as it was; `next_avail()` is what GET_VRING_BASE reports.
+    pub queue: SplitQueue,
+    /// The handler (after a [`WorkerFault::HandlerPanicked`] it may be in an inconsistent state).
+    pub handler: Box<dyn ChainHandler>,
+    /// Final counters.
+    pub stats: WorkerStats,
+    /// Why the worker stopped processing on its own, if it did.
+    pub fault: Option<WorkerFault>,
+}
+
+impl std::fmt::Debug for StoppedQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoppedQueue")
+            .field("queue", &self.queue)
+            .field("stats", &self.stats)
+            .field("fault", &self.fault)
+            .finish_non_exhaustive()
+    }
+}
+
+impl QueueWorker {
+    /// Start a thread named `name` that runs `queue` (which must be attached) with `handler`.
+    ///
+    /// `kick` is consumed by the worker; `call` (if any) is signalled when the driver must be
+    /// notified. Fails with `InvalidInput` for a detached queue or a name containing NUL, and with
+    /// the OS error if the eventfds, the poller or the thread cannot be created (the queue and
+    /// handler are dropped then).
+    pub fn spawn(
+        name: &str,
+        queue: SplitQueue,
+        kick: EventFd,
+        call: Option<EventFd>,
+        handler: Box<dyn ChainHandler>,
+        options: WorkerOptions,
+    ) -> io::Result<Self> {
+        let invalid = |msg: &str| io::Error::new(io::ErrorKind::InvalidInput, msg.to_owned());
+        if name.contains('\0') {
+            return Err(invalid("worker thread name contains a NUL byte"));
+        }
+        let memory = queue
+            .memory()
+            .cloned()
+            .ok_or_else(|| invalid("the queue is not attached to guest memory"))?;
+        let shared = Arc::new(Shared {
+            stop_requested: AtomicBool::new(false),
+            stop: EventFd::new()?,
+            call: Mutex::new(call),
+            err: Mutex::new(options.err),
+            fault: Mutex::new(None),
+            counters: Counters::default(),
+        });
+        let poller = Poller::new()?;
+        poller.register(kick.as_fd(), TOKEN_KICK)?;
+        poller.register(shared.stop.as_fd(), TOKEN_STOP)?;
+        // One pop never returns more than Q chains; the clamp also keeps allocations sane.
+        let batch_size = options.batch_size.clamp(1, usize::from(queue.size()));
+        let context = Context {
+            queue,
+            handler,
+            memory,
+            kick,
+            poller,
+            // Segments: a typical request has a few; the vector grows on demand and is reused.
+            batch: ChainBatch::with_capacity(batch_size, batch_size * 4),
+            completions: Vec::with_capacity(batch_size),
+            events: Vec::with_capacity(crate::notify::MAX_EVENTS),
+            batch_size,
+            busy_poll: options.busy_poll.filter(|d| !d.is_zero()),
+            shared: Arc::clone(&shared),
+        };
+        let thread = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || context.thread_main())?;
+        Ok(Self {
+            shared,
+            thread: Some(thread),
+            name: name.to_owned(),
+        })
+    }
+
+    /// The thread name given to [`QueueWorker::spawn`].
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Replace (or remove, with `None`) the call eventfd while running (vhost-user
+    /// SET_VRING_CALL). A new fd is signalled once right after the swap, so a completion that
+    /// raced with the swap is never lost; a spurious call is harmless. Returns the error of that
+    /// signal, if any (the fd is installed regardless).
+    pub fn set_call(&self, call: Option<EventFd>) -> io::Result<()> {
+        let mut slot = lock(&self.shared.call);
+        *slot = call;
+        // Under the lock: the worker signals either the old fd before this point (and this signal
+        // covers the driver listening on the new one) or the new fd after it.
+        match slot.as_ref() {
+            Some(fd) => fd.signal(),
+            None => Ok(()),
+        }
+    }
+
+    /// Replace (or remove) the error eventfd (vhost-user SET_VRING_ERR). If the worker has
+    /// already faulted, the new fd is signalled at once.
+    pub fn set_err(&self, err: Option<EventFd>) -> io::Result<()> {
+        let mut slot = lock(&self.shared.err);
+        *slot = err;
+        // Lock order err → fault; `Shared::set_fault` never holds both.
+        let faulted = lock(&self.shared.fault).is_some();
+        match slot.as_ref() {
+            Some(fd) if faulted => fd.signal(),
+            _ => Ok(()),
+        }
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> WorkerStats {
+        self.shared.counters.snapshot()
+    }
+
+    /// The fault that stopped processing, if any (the worker then waits for [`Self::stop`]).
+    pub fn fault(&self) -> Option<WorkerFault> {
+        lock(&self.shared.fault).clone()
+    }
+
+    /// Stop after the current batch, join the thread and return the queue, the handler, the
+    /// final counters and the fault, if any. Every chain the worker popped has been completed and
+    /// published when this returns.
+    ///
+    /// Fails only if the thread cannot be woken or died outside the fault handling (a bug); the
+    /// queue is lost then.
+    pub fn stop(mut self) -> io::Result<StoppedQueue> {
+        let parts = self.stop_and_join()?;
+        Ok(StoppedQueue {
+            queue: parts.queue,
+            handler: parts.handler,
+            stats: self.shared.counters.snapshot(),
+            fault: lock(&self.shared.fault).clone(),
+        })
+    }
+
+    fn stop_and_join(&mut self) -> io::Result<Parts> {
+        let thread = self
+            .thread
+            .take()
+            .ok_or_else(|| io::Error::other("worker already stopped"))?;
+        self.shared.stop_requested.store(true, Ordering::Release);
+        // If this fails the thread may sleep forever; do not join it then.
+        self.shared.stop.signal()?;
+        thread.join().map_err(|payload| {
+            io::Error::other(format!(
+                "worker thread panicked: {}",
+                panic_message(payload.as_ref())
+            ))
+        })
+    }
+}
+
+impl Drop for QueueWorker {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            let _ = self.stop_and_join();
+        }
+    }
+}

@@ -1,0 +1,784 @@
+//! Worker tests: the driver side runs in the test thread, the worker in its own.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::queue::test_util::shared_memory;
+use crate::queue::{QueueConfig, SplitQueueDriver, VIRTQ_DESC_F_NEXT};
+
+const DESC: u64 = 0x1000;
+const AVAIL: u64 = 0x2000;
+const USED: u64 = 0x3000;
+/// Request buffers: 4 readable bytes at `IN + 8·slot`, 4 writable at `OUT + 8·slot`.
+const IN: u64 = 0x10000;
+const OUT: u64 = 0x18000;
+/// Generous bound for "this should happen": catches a hang, not a slow machine.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+fn config(size: u16, event_idx: bool) -> QueueConfig {
+    QueueConfig {
+        size,
+        desc_table: DESC,
+        avail_ring: AVAIL,
+        used_ring: USED,
+        event_idx,
+        indirect: true,
+    }
+}
+
+fn pair(size: u16, event_idx: bool) -> (SplitQueueDriver, SplitQueue) {
+    pair_at(size, event_idx, 0)
+}
+
+/// Driver and attached device queue with both indexes starting at `start`.
+fn pair_at(size: u16, event_idx: bool, start: u16) -> (SplitQueueDriver, SplitQueue) {
+    let (drv_mem, dev_mem) = shared_memory(&[(0, 0x20000), (0x20000, 0x20000)]);
+    let drv = SplitQueueDriver::with_start_index(drv_mem, config(size, event_idx), start).unwrap();
+    let mut dev = SplitQueue::new(config(size, event_idx)).unwrap();
+    dev.attach(dev_mem).unwrap();
+    dev.set_next_avail(start);
+    (drv, dev)
+}
+
+/// Reads a le32 `x` from the readable part and writes `2·x + 1` to the writable part.
+struct Doubler {
+    delay: Duration,
+}
+
+impl ChainHandler for Doubler {
+    fn handle(&mut self, _memory: &GuestMemory, chain: ChainView<'_>) -> u32 {
+        if !self.delay.is_zero() {
+            std::thread::sleep(self.delay);
+        }
+        let mut raw = [0u8; 4];
+        let (Some(r), Some(w)) = (chain.readable().first(), chain.writable().first()) else {
+            return 0;
+        };
+        // SAFETY: the segments are alive for the call.
+        unsafe { r.read_to(0, &mut raw) };
+        let y = u32::from_le_bytes(raw).wrapping_mul(2).wrapping_add(1);
+        // SAFETY: as above.
+        unsafe { w.write_from(0, &y.to_le_bytes()) as u32 }
+    }
+}
+
+fn doubler() -> Box<dyn ChainHandler> {
+    Box::new(Doubler {
+        delay: Duration::ZERO,
+    })
+}
+
+/// The test-side driver: submits requests and waits for completions through the call eventfd.
+struct Driver {
+    drv: SplitQueueDriver,
+    kick: EventFd,
+    next: u32,
+}
+
+impl Driver {
+    fn new(drv: SplitQueueDriver, kick: EventFd) -> Self {
+        Self { drv, kick, next: 0 }
+    }
+
+    /// Add a request with value `next` (not published). Returns the value.
+    fn add(&mut self) -> u32 {
+        let x = self.next;
+        self.next += 1;
+        let slot = u64::from(x % 1024);
+        self.drv
+            .memory()
+            .store_u32(IN + 8 * slot, x, Ordering::Relaxed)
+            .unwrap();
+        self.drv
+            .memory()
+            .store_u32(OUT + 8 * slot, 0xdead_beef, Ordering::Relaxed)
+            .unwrap();
+        self.drv
+            .add_chain(&[(IN + 8 * slot, 4)], &[(OUT + 8 * slot, 4)])
+            .unwrap();
+        x
+    }
+
+    /// Publish and kick if the device asks for it.
+    fn publish(&mut self) -> bool {
+        let kick = self.drv.publish().unwrap();
+        if kick {
+            self.kick.signal().unwrap();
+        }
+        kick
+    }
+
+    fn submit(&mut self) -> u32 {
+        let x = self.add();
+        self.publish();
+        x
+    }
+
+    /// Reap one completion and check its result.
+    fn reap(&mut self) -> Option<u32> {
+        let (head, len) = self.drv.reap_used().unwrap()?;
+        assert_eq!(len, 4);
+        let _ = head;
+        Some(len)
+    }
+
+    /// Wait for one completion, sleeping on `call` only (the way a real driver does): reap,
+    /// re-enable calls, re-check, then sleep. Panics if the call never comes (a lost wakeup).
+    fn wait_completion(&mut self, call: &EventFd) {
+        loop {
+            if self.reap().is_some() {
+                return;
+            }
+            if self.drv.enable_call_notifications().unwrap() {
+                continue;
+            }
+            assert!(
+                call.wait(Some(PATIENCE)).unwrap(),
+                "no call within {PATIENCE:?}: completion lost (used idx {}, last used {})",
+                self.drv
+                    .memory()
+                    .load_u16(USED + 2, Ordering::Acquire)
+                    .unwrap(),
+                self.drv.last_used()
+            );
+        }
+    }
+
+    fn result(&self, x: u32) -> u32 {
+        self.drv
+            .memory()
+            .load_u32(OUT + 8 * u64::from(x % 1024), Ordering::Acquire)
+            .unwrap()
+    }
+}
+
+/// Poll `cond` until it holds or PATIENCE runs out.
+fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+struct Rig {
+    driver: Driver,
+    worker: QueueWorker,
+    call: EventFd,
+}
+
+fn spawn_rig(
+    size: u16,
+    event_idx: bool,
+    handler: Box<dyn ChainHandler>,
+    options: WorkerOptions,
+) -> Rig {
+    let (drv, dev) = pair(size, event_idx);
+    spawn_with(drv, dev, handler, options)
+}
+
+fn spawn_with(
+    drv: SplitQueueDriver,
+    dev: SplitQueue,
+    handler: Box<dyn ChainHandler>,
+    options: WorkerOptions,
+) -> Rig {
+    let kick = EventFd::new().unwrap();
+    let call = EventFd::new().unwrap();
+    let worker = QueueWorker::spawn(
+        "vvu-test-worker",
+        dev,
+        kick.try_clone().unwrap(),
+        Some(call.try_clone().unwrap()),
+        handler,
+        options,
+    )
+    .unwrap();
+    Rig {
+        driver: Driver::new(drv, kick),
+        worker,
+        call,
+    }
+}
+
+#[test]
+fn processes_what_is_already_available_without_a_kick() {
+    let (drv, dev) = pair(16, false);
+    let mut driver = Driver::new(drv, EventFd::new().unwrap());
+    let values: Vec<u32> = (0..5).map(|_| driver.add()).collect();
+    driver.drv.publish().unwrap(); // no kick on purpose
+    let call = EventFd::new().unwrap();
+    let worker = QueueWorker::spawn(
+        "vvu-start",
+        dev,
+        EventFd::new().unwrap(),
+        Some(call.try_clone().unwrap()),
+        doubler(),
+        WorkerOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(worker.name(), "vvu-start");
+    for _ in 0..5 {
+        driver.wait_completion(&call);
+    }
+    for x in values {
+        assert_eq!(driver.result(x), 2 * x + 1);
+    }
+    let stopped = worker.stop().unwrap();
+    assert_eq!(stopped.fault, None);
+    assert_eq!(stopped.stats.kicks, 0);
+    assert_eq!(stopped.stats.chains, 5);
+    assert_eq!(stopped.queue.next_avail(), 5);
+}
+
+fn round_trips(event_idx: bool) {
+    let mut rig = spawn_rig(128, event_idx, doubler(), WorkerOptions::default());
+    for _ in 0..300 {
+        let x = rig.driver.submit();
+        rig.driver.wait_completion(&rig.call);
+        assert_eq!(rig.driver.result(x), 2 * x + 1);
+    }
+    // Some in bulk too.
+    let xs: Vec<u32> = (0..40).map(|_| rig.driver.add()).collect();
+    rig.driver.publish();
+    for _ in 0..40 {
+        rig.driver.wait_completion(&rig.call);
+    }
+    for x in xs {
+        assert_eq!(rig.driver.result(x), 2 * x + 1);
+    }
+    let running = rig.worker.stats();
+    assert_eq!(running.chains, 340);
+    assert!(running.kicks >= 1 && running.wakeups >= 1, "{running:?}");
+    assert!(running.notifications >= 1, "{running:?}");
+    let stopped = rig.worker.stop().unwrap();
+    assert_eq!(stopped.fault, None);
+    assert_eq!(stopped.queue.next_avail(), 340);
+    assert_eq!(stopped.queue.next_used(), 340);
+    assert_eq!(stopped.stats.chains, 340);
+    assert!(stopped.stats.batches >= 1 && stopped.stats.batches <= 340);
+    assert_eq!(stopped.stats.call_errors, 0);
+}
+
+#[test]
+fn round_trips_with_kicks_and_calls_without_event_idx() {
+    round_trips(false);
+}
+
+#[test]
+fn round_trips_with_kicks_and_calls_with_event_idx() {
+    round_trips(true);
+}
+
+fn calls_follow_driver_suppression(event_idx: bool) {
+    let mut rig = spawn_rig(32, event_idx, doubler(), WorkerOptions::default());
+    rig.driver.submit();
+    rig.driver.wait_completion(&rig.call);
+    // The worker signals right after publishing; the driver may have reaped in between.
+    eventually("the first call", || rig.worker.stats().notifications == 1);
+    rig.call.consume().unwrap();
+    // The driver stops asking for calls (without EVENT_IDX: NO_INTERRUPT; with it, used_event
+    // simply stays behind) and polls the used ring instead.
+    rig.driver.drv.disable_call_notifications().unwrap();
+    let before = rig.worker.stats().notifications;
+    let mut reaped = 0;
+    for _ in 0..10 {
+        rig.driver.submit();
+    }
+    eventually("10 completions", || {
+        while rig.driver.reap().is_some() {
+            reaped += 1;
+        }
+        reaped == 10
+    });
+    assert_eq!(rig.call.consume().unwrap(), 0, "suppressed calls were sent");
+    assert_eq!(rig.worker.stats().notifications, before);
+    // Re-enabled: the next completion calls again.
+    assert!(!rig.driver.drv.enable_call_notifications().unwrap());
+    rig.driver.submit();
+    assert!(rig.call.wait(Some(PATIENCE)).unwrap());
+    rig.driver.wait_completion(&rig.call);
+    rig.worker.stop().unwrap();
+}
+
+#[test]
+fn calls_follow_driver_suppression_without_event_idx() {
+    calls_follow_driver_suppression(false);
+}
+
+#[test]
+fn calls_follow_driver_suppression_with_event_idx() {
+    calls_follow_driver_suppression(true);
+}
+
+#[test]
+fn indexes_wrap_around_65535() {
+    let (drv, dev) = pair_at(8, true, 65530);
+    let mut rig = spawn_with(drv, dev, doubler(), WorkerOptions::default());
+    for _ in 0..20 {
+        let x = rig.driver.submit();
+        rig.driver.wait_completion(&rig.call);
+        assert_eq!(rig.driver.result(x), 2 * x + 1);
+    }
+    let stopped = rig.worker.stop().unwrap();
+    assert_eq!(stopped.queue.next_avail(), 65530u16.wrapping_add(20));
+    assert_eq!(stopped.queue.next_avail(), 14);
+}
+
+#[test]
+fn stop_drains_popped_chains_and_a_new_worker_continues() {
+    // Each request takes two descriptors.
+    let (drv, dev) = pair(128, false);
+    let mut driver = Driver::new(drv, EventFd::new().unwrap());
+    let xs: Vec<u32> = (0..40).map(|_| driver.add()).collect();
+    driver.drv.publish().unwrap();
+    let slow = Box::new(Doubler {
+        delay: Duration::from_millis(2),
+    });
+    let options = WorkerOptions {
+        batch_size: 4,
+        ..WorkerOptions::default()
+    };
+    let worker = QueueWorker::spawn(
+        "vvu-drain",
+        dev,
+        EventFd::new().unwrap(),
+        None,
+        slow,
+        options,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(15));
+    let stopped = worker.stop().unwrap();
+    let q = stopped.queue;
+    let n = q.next_avail();
+    // Stopped between batches: everything popped was completed and published.
+    assert_eq!(n % 4, 0, "stopped inside a batch: next_avail {n}");
+    assert!(n <= 40);
+    assert_eq!(q.next_used(), n);
+    assert_eq!(
+        driver
+            .drv
+            .memory()
+            .load_u16(USED + 2, Ordering::Acquire)
+            .unwrap(),
+        n,
+        "used.idx published"
+    );
+    assert_eq!(stopped.stats.chains, u64::from(n));
+    let mut reaped = 0;
+    while driver.reap().is_some() {
+        reaped += 1;
+    }
+    assert_eq!(reaped, n);
+
+    // A new worker on the returned queue (as after SET_VRING_BASE) picks up the rest on its own.
+    let call = EventFd::new().unwrap();
+    let worker = QueueWorker::spawn(
+        "vvu-drain-2",
+        q,
+        EventFd::new().unwrap(),
+        Some(call.try_clone().unwrap()),
+        stopped.handler,
+        WorkerOptions::default(),
+    )
+    .unwrap();
+    for _ in n..40 {
+        driver.wait_completion(&call);
+    }
+    for x in xs {
+        assert_eq!(driver.result(x), 2 * x + 1);
+    }
+    assert_eq!(worker.stop().unwrap().queue.next_avail(), 40);
+}
+
+/// Tiny deterministic PRNG for the stress loop.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn spin_for(iterations: u64) {
+    for _ in 0..iterations {
+        std::hint::spin_loop();
+    }
+}
+
+/// What the swapper thread does with one new call fd.
+struct Swap {
+    fd: EventFd,
+    /// Spin this long before installing it.
+    delay: u64,
+    /// Remove the call fd for a while first.
+    remove_first: bool,
+}
+
+fn call_swap_stress(event_idx: bool) {
+    let mut rig = spawn_rig(32, event_idx, doubler(), WorkerOptions::default());
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15 ^ u64::from(event_idx));
+    let worker = &rig.worker;
+    let (tx, rx) = std::sync::mpsc::channel::<Swap>();
+    std::thread::scope(|scope| {
+        // SET_VRING_CALL arriving on another thread at any moment.
+        scope.spawn(move || {
+            for swap in rx {
+                spin_for(swap.delay);
+                if swap.remove_first {
+                    worker.set_call(None).unwrap();
+                    spin_for(swap.delay);
+                }
+                worker.set_call(Some(swap.fd)).unwrap();
+            }
+        });
+        for i in 0..2000u32 {
+            // The driver moves to a new fd and sleeps on it at once, while the swap is still in
+            // flight: a completion signalled to the old fd (or to none) must still wake it.
+            let call = EventFd::new().unwrap();
+            tx.send(Swap {
+                fd: call.try_clone().unwrap(),
+                delay: rng.next() % 20_000,
+                remove_first: i % 4 == 3,
+            })
+            .unwrap();
+            let x = rig.driver.submit();
+            rig.driver.wait_completion(&call);
+            assert_eq!(rig.driver.result(x), 2 * x + 1);
+        }
+        drop(tx);
+    });
+    let stopped = rig.worker.stop().unwrap();
+    assert_eq!(stopped.fault, None);
+    assert_eq!(stopped.stats.chains, 2000);
+}
+
+#[test]
+fn call_fd_swapped_while_running_never_loses_a_completion() {
+    call_swap_stress(false);
+}
+
+#[test]
+fn call_fd_swapped_while_running_never_loses_a_completion_event_idx() {
+    call_swap_stress(true);
+}
+
+#[test]
+fn avail_index_jump_faults_the_worker_and_signals_err() {
+    let err = EventFd::new().unwrap();
+    let options = WorkerOptions {
+        err: Some(err.try_clone().unwrap()),
+        ..WorkerOptions::default()
+    };
+    let mut rig = spawn_rig(8, false, doubler(), options);
+    rig.driver.submit();
+    rig.driver.wait_completion(&rig.call);
+    assert_eq!(rig.worker.fault(), None);
+    // A hostile driver claims 100 new chains in a ring of 8.
+    rig.driver
+        .drv
+        .memory()
+        .store_u16(AVAIL + 2, 101, Ordering::Release)
+        .unwrap();
+    rig.driver.kick.signal().unwrap();
+    assert!(
+        err.wait(Some(PATIENCE)).unwrap(),
+        "err eventfd not signalled"
+    );
+    let fault = rig.worker.fault().unwrap();
+    assert!(
+        matches!(
+            fault,
+            WorkerFault::Queue(QueueError::AvailIndexJump {
+                avail_idx: 101,
+                next_avail: 1,
+                ..
+            })
+        ),
+        "{fault:?}"
+    );
+    // More kicks are ignored; a new err fd learns about the fault at once.
+    rig.driver.kick.signal().unwrap();
+    let err2 = EventFd::new().unwrap();
+    rig.worker.set_err(Some(err2.try_clone().unwrap())).unwrap();
+    assert_eq!(err2.consume().unwrap(), 1);
+    let stopped = rig.worker.stop().unwrap();
+    assert_eq!(stopped.fault, Some(fault));
+    assert!(stopped.queue.is_broken());
+    assert_eq!(stopped.stats.chains, 1);
+}
+
+#[test]
+fn descriptor_loop_faults_the_worker() {
+    let err = EventFd::new().unwrap();
+    let (drv, dev) = pair(8, false);
+    let mem = drv.memory().clone();
+    // Descriptor 3 links to itself; make it available by hand.
+    let looped = crate::queue::Descriptor::new(IN, 4, VIRTQ_DESC_F_NEXT, 3);
+    mem.write(DESC + 16 * 3, &looped.to_le_bytes()).unwrap();
+    mem.store_u16(AVAIL + 4, 3, Ordering::Relaxed).unwrap();
+    mem.store_u16(AVAIL + 2, 1, Ordering::Release).unwrap();
+    let worker = QueueWorker::spawn(
+        "vvu-loop",
+        dev,
+        EventFd::new().unwrap(),
+        None,
+        doubler(),
+        WorkerOptions {
+            err: Some(err.try_clone().unwrap()),
+            ..WorkerOptions::default()
+        },
+    )
+    .unwrap();
+    assert!(err.wait(Some(PATIENCE)).unwrap());
+    let stopped = worker.stop().unwrap();
+    assert!(
+        matches!(
+            stopped.fault,
+            Some(WorkerFault::Queue(QueueError::BadChain { head: 3, .. }))
+        ),
+        "{:?}",
+        stopped.fault
+    );
+    assert_eq!(stopped.stats.chains, 0);
+    drop(drv);
+}
+
+#[test]
+fn broken_queue_at_spawn_is_reported_as_a_fault() {
+    let (drv, mut dev) = pair(8, false);
+    drv.memory()
+        .store_u16(AVAIL + 2, 50, Ordering::Release)
+        .unwrap();
+    assert!(dev.pending().is_err());
+    let err = EventFd::new().unwrap();
+    let worker = QueueWorker::spawn(
+        "vvu-broken",
+        dev,
+        EventFd::new().unwrap(),
+        None,
+        doubler(),
+        WorkerOptions {
+            err: Some(err.try_clone().unwrap()),
+            ..WorkerOptions::default()
+        },
+    )
+    .unwrap();
+    assert!(err.wait(Some(PATIENCE)).unwrap());
+    assert!(matches!(
+        worker.stop().unwrap().fault,
+        Some(WorkerFault::Queue(QueueError::Broken(_)))
+    ));
+}
+
+/// Doubles, but panics on the `panic_at`-th chain (counting from 1).
+struct Panicky {
+    seen: u32,
+    panic_at: u32,
+    inner: Doubler,
+}
+
+impl ChainHandler for Panicky {
+    fn handle(&mut self, memory: &GuestMemory, chain: ChainView<'_>) -> u32 {
+        self.seen += 1;
+        if self.seen == self.panic_at {
+            panic!("handler exploded on chain {}", self.seen);
+        }
+        self.inner.handle(memory, chain)
+    }
+}
+
+#[test]
+fn a_panicking_handler_is_reported_not_crashed() {
+    let err = EventFd::new().unwrap();
+    let handler = Box::new(Panicky {
+        seen: 0,
+        panic_at: 3,
+        inner: Doubler {
+            delay: Duration::ZERO,
+        },
+    });
+    let options = WorkerOptions {
+        err: Some(err.try_clone().unwrap()),
+        batch_size: 1,
+        ..WorkerOptions::default()
+    };
+    let mut rig = spawn_rig(8, false, handler, options);
+    for _ in 0..2 {
+        let x = rig.driver.submit();
+        rig.driver.wait_completion(&rig.call);
+        assert_eq!(rig.driver.result(x), 2 * x + 1);
+    }
+    rig.driver.submit();
+    assert!(err.wait(Some(PATIENCE)).unwrap());
+    let fault = rig.worker.fault();
+    assert_eq!(
+        fault,
+        Some(WorkerFault::HandlerPanicked(
+            "handler exploded on chain 3".into()
+        ))
+    );
+    let stopped = rig.worker.stop().unwrap();
+    assert_eq!(stopped.fault, fault);
+    assert_eq!(stopped.stats.chains, 2);
+    // The queue itself is fine and consistent: the panicked chain was popped but not completed.
+    assert!(!stopped.queue.is_broken());
+    assert_eq!(stopped.queue.next_avail(), 3);
+    assert_eq!(stopped.queue.next_used(), 2);
+    assert_eq!(rig.driver.reap(), None);
+}
+
+/// Completes chains with a bogus huge length and panics in `flush_batch` on request.
+struct BadLengths {
+    flush_panics: bool,
+}
+
+impl ChainHandler for BadLengths {
+    fn handle(&mut self, _memory: &GuestMemory, _chain: ChainView<'_>) -> u32 {
+        u32::MAX
+    }
+    fn flush_batch(&mut self) {
+        if self.flush_panics {
+            panic!("flush failed");
+        }
+    }
+}
+
+#[test]
+fn used_len_is_clamped_and_a_panicking_flush_publishes_nothing() {
+    let mut rig = spawn_rig(
+        8,
+        false,
+        Box::new(BadLengths {
+            flush_panics: false,
+        }),
+        WorkerOptions::default(),
+    );
+    rig.driver.submit();
+    loop {
+        if let Some((_, len)) = rig.driver.drv.reap_used().unwrap() {
+            assert_eq!(len, 4, "clamped to the writable length");
+            break;
+        }
+        if !rig.driver.drv.enable_call_notifications().unwrap() {
+            assert!(rig.call.wait(Some(PATIENCE)).unwrap());
+        }
+    }
+    rig.worker.stop().unwrap();
+
+    let mut rig = spawn_rig(
+        8,
+        false,
+        Box::new(BadLengths { flush_panics: true }),
+        WorkerOptions::default(),
+    );
+    rig.driver.submit();
+    eventually("the fault", || rig.worker.fault().is_some());
+    let stopped = rig.worker.stop().unwrap();
+    assert_eq!(
+        stopped.fault,
+        Some(WorkerFault::HandlerPanicked("flush failed".into()))
+    );
+    assert_eq!(stopped.queue.next_used(), 0);
+    assert_eq!(stopped.stats.chains, 0);
+    assert_eq!(rig.driver.drv.reap_used().unwrap(), None);
+}
+
+#[test]
+fn busy_polling_finds_work_without_kicks() {
+    let options = WorkerOptions {
+        busy_poll: Some(Duration::from_millis(300)),
+        ..WorkerOptions::default()
+    };
+    let mut rig = spawn_rig(16, false, doubler(), options);
+    let mut kicked = 0;
+    for _ in 0..200 {
+        let x = rig.driver.add();
+        if rig.driver.publish() {
+            kicked += 1;
+        }
+        rig.driver.wait_completion(&rig.call);
+        assert_eq!(rig.driver.result(x), 2 * x + 1);
+    }
+    // While the worker spins, kicks stay disabled: most requests go without one.
+    assert!(kicked < 100, "{kicked} of 200 requests needed a kick");
+    let stopped = rig.worker.stop().unwrap();
+    assert_eq!(stopped.stats.chains, 200);
+}
+
+#[test]
+fn stop_is_prompt_while_sleeping_and_while_busy_polling() {
+    for busy_poll in [None, Some(Duration::from_secs(3600))] {
+        let options = WorkerOptions {
+            busy_poll,
+            ..WorkerOptions::default()
+        };
+        let rig = spawn_rig(8, false, doubler(), options);
+        std::thread::sleep(Duration::from_millis(20));
+        let start = Instant::now();
+        rig.worker.stop().unwrap();
+        assert!(start.elapsed() < PATIENCE);
+    }
+}
+
+#[test]
+fn spawn_rejects_a_detached_queue_and_a_bad_name() {
+    let detached = SplitQueue::new(config(8, false)).unwrap();
+    let err = QueueWorker::spawn(
+        "vvu",
+        detached,
+        EventFd::new().unwrap(),
+        None,
+        doubler(),
+        WorkerOptions::default(),
+    )
+    .unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    let (_, dev) = pair(8, false);
+    let err = QueueWorker::spawn(
+        "bad\0name",
+        dev,
+        EventFd::new().unwrap(),
+        None,
+        doubler(),
+        WorkerOptions::default(),
+    )
+    .unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+}
+
+#[test]
+fn dropping_a_worker_stops_its_thread() {
+    let rig = spawn_rig(8, false, doubler(), WorkerOptions::default());
+    let start = Instant::now();
+    drop(rig.worker);
+    assert!(start.elapsed() < PATIENCE);
+}
+
+#[test]
+fn a_huge_batch_size_is_clamped_to_the_queue_size() {
+    let options = WorkerOptions {
+        batch_size: usize::MAX,
+        ..WorkerOptions::default()
+    };
+    let mut rig = spawn_rig(8, false, doubler(), options);
+    let x = rig.driver.submit();
+    rig.driver.wait_completion(&rig.call);
+    assert_eq!(rig.driver.result(x), 2 * x + 1);
+    rig.worker.stop().unwrap();
+}
+
+#[test]
+fn worker_and_options_types() {
+    fn is_send<T: Send>() {}
+    is_send::<QueueWorker>();
+    is_send::<StoppedQueue>();
+    let o = WorkerOptions::default();
+    assert_eq!(o.batch_size, DEFAULT_BATCH_SIZE);
+    assert!(o.busy_poll.is_none() && o.err.is_none());
+}
