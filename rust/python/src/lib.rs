@@ -5,12 +5,22 @@ use pyo3::prelude::*;
 
 mod errors;
 mod memory;
+mod notify;
+mod queue;
+mod worker;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<memory::PyGuestMemory>()?;
     m.add_class::<memory::GuestBuffer>()?;
     m.add_class::<memory::RegionInfo>()?;
+    m.add_class::<queue::PySplitQueue>()?;
+    m.add_class::<queue::PySplitQueueDriver>()?;
+    m.add_class::<queue::DescriptorChain>()?;
+    m.add_class::<notify::PyEventFd>()?;
+    m.add_class::<notify::PyPoller>()?;
+    m.add_class::<worker::NativeHandler>()?;
+    m.add_class::<worker::PyQueueWorker>()?;
     m.add_function(wrap_pyfunction!(memory::memfd, m)?)?;
     Ok(())
 }

@@ -21,7 +21,9 @@ pub fn dup_fd(fd: c_int) -> PyResult<OwnedFd> {
     // SAFETY: F_DUPFD_CLOEXEC only reads `fd`; an invalid fd yields -1 and errno.
     let raw = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
     if raw < 0 {
-        return Err(PyOSError::new_err(std::io::Error::last_os_error().to_string()));
+        return Err(PyOSError::new_err(
+            std::io::Error::last_os_error().to_string(),
+        ));
     }
     // SAFETY: `raw` is a fresh descriptor owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
@@ -130,13 +132,16 @@ pub fn guest_view<'py>(
     let slice = memory.slice_exact(gpa, len).map_err(to_pyerr)?;
     let buffer = Bound::new(
         py,
-        GuestBuffer { _region: region, ptr: slice.as_ptr() as usize, len: slice.len(), readonly },
+        GuestBuffer {
+            _region: region,
+            ptr: slice.as_ptr() as usize,
+            len: slice.len(),
+            readonly,
+        },
     )?;
     // SAFETY: `buffer` is a live object implementing the buffer protocol; the call returns a new
     // reference or NULL with an exception set.
-    unsafe {
-        Bound::from_owned_ptr_or_err(py, ffi::PyMemoryView_FromObject(buffer.as_ptr()))
-    }
+    unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyMemoryView_FromObject(buffer.as_ptr())) }
 }
 
 /// Guest memory: a set of regions mapped MAP_SHARED from fds, addressable by guest-physical
@@ -156,7 +161,9 @@ impl PyGuestMemory {
 impl PyGuestMemory {
     #[new]
     fn new() -> Self {
-        Self { map: GuestMemoryMap::new() }
+        Self {
+            map: GuestMemoryMap::new(),
+        }
     }
 
     /// Map `size` bytes of `fd` from `mmap_offset` at guest-physical `guest_phys_addr`. The fd is
@@ -184,16 +191,22 @@ impl PyGuestMemory {
     /// still uses it, wait up to `timeout` seconds, then raise `GuestMemoryError`.
     #[pyo3(signature = (guest_phys_addr, timeout = 0.0))]
     fn remove_region(&self, py: Python<'_>, guest_phys_addr: u64, timeout: f64) -> PyResult<()> {
-        let timeout = Duration::try_from_secs_f64(timeout)
-            .map_err(|_| PyValueError::new_err("timeout must be a non-negative number of seconds"))?;
+        let timeout = Duration::try_from_secs_f64(timeout).map_err(|_| {
+            PyValueError::new_err("timeout must be a non-negative number of seconds")
+        })?;
         // Release the GIL: the holder we wait for may be a Python thread dropping a memoryview.
-        py.detach(|| self.map.remove_region(guest_phys_addr, timeout)).map_err(to_pyerr)
+        py.detach(|| self.map.remove_region(guest_phys_addr, timeout))
+            .map_err(to_pyerr)
     }
 
     /// The regions, sorted by guest-physical address.
     #[getter]
     fn regions(&self) -> Vec<RegionInfo> {
-        self.snapshot().regions().iter().map(|r| r.spec().into()).collect()
+        self.snapshot()
+            .regions()
+            .iter()
+            .map(|r| r.spec().into())
+            .collect()
     }
 
     /// Copy `length` bytes from guest-physical `gpa` (may span regions).
@@ -220,22 +233,34 @@ impl PyGuestMemory {
     }
 
     fn load_u16(&self, gpa: u64) -> PyResult<u16> {
-        self.snapshot().load_u16(gpa, Ordering::Acquire).map_err(to_pyerr)
+        self.snapshot()
+            .load_u16(gpa, Ordering::Acquire)
+            .map_err(to_pyerr)
     }
     fn load_u32(&self, gpa: u64) -> PyResult<u32> {
-        self.snapshot().load_u32(gpa, Ordering::Acquire).map_err(to_pyerr)
+        self.snapshot()
+            .load_u32(gpa, Ordering::Acquire)
+            .map_err(to_pyerr)
     }
     fn load_u64(&self, gpa: u64) -> PyResult<u64> {
-        self.snapshot().load_u64(gpa, Ordering::Acquire).map_err(to_pyerr)
+        self.snapshot()
+            .load_u64(gpa, Ordering::Acquire)
+            .map_err(to_pyerr)
     }
     fn store_u16(&self, gpa: u64, value: u16) -> PyResult<()> {
-        self.snapshot().store_u16(gpa, value, Ordering::Release).map_err(to_pyerr)
+        self.snapshot()
+            .store_u16(gpa, value, Ordering::Release)
+            .map_err(to_pyerr)
     }
     fn store_u32(&self, gpa: u64, value: u32) -> PyResult<()> {
-        self.snapshot().store_u32(gpa, value, Ordering::Release).map_err(to_pyerr)
+        self.snapshot()
+            .store_u32(gpa, value, Ordering::Release)
+            .map_err(to_pyerr)
     }
     fn store_u64(&self, gpa: u64, value: u64) -> PyResult<()> {
-        self.snapshot().store_u64(gpa, value, Ordering::Release).map_err(to_pyerr)
+        self.snapshot()
+            .store_u64(gpa, value, Ordering::Release)
+            .map_err(to_pyerr)
     }
 
     fn __repr__(&self) -> String {

@@ -1,0 +1,363 @@
+//! Split virtqueues for Python: the device side (`SplitQueue`, `DescriptorChain`) and the driver
+//! side (`SplitQueueDriver`).
+
+use pyo3::buffer::PyBuffer;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList};
+use vvu_core::memory::GuestMemory;
+use vvu_core::queue::{ChainBatch, QueueConfig, SplitQueue, SplitQueueDriver};
+use vvu_core::QueueError;
+
+use crate::errors::to_pyerr;
+use crate::memory::{guest_view, PyGuestMemory};
+
+fn config(
+    size: u32,
+    desc_table: u64,
+    avail_ring: u64,
+    used_ring: u64,
+    event_idx: bool,
+    indirect: bool,
+) -> PyResult<QueueConfig> {
+    let size = u16::try_from(size)
+        .map_err(|_| PyValueError::new_err(format!("queue size {size} is larger than 32768")))?;
+    Ok(QueueConfig {
+        size,
+        desc_table,
+        avail_ring,
+        used_ring,
+        event_idx,
+        indirect,
+    })
+}
+
+/// One descriptor chain popped from a device-side queue. Its buffers are zero-copy memoryviews
+/// into guest memory: `readable` ones are read-only, `writable` ones writable.
+#[pyclass(module = "vvu._core", frozen)]
+pub struct DescriptorChain {
+    #[pyo3(get)]
+    head: u16,
+    #[pyo3(get)]
+    readable_len: u32,
+    #[pyo3(get)]
+    writable_len: u32,
+    readable: Vec<(u64, u32)>,
+    writable: Vec<(u64, u32)>,
+    memory: GuestMemory,
+}
+
+impl DescriptorChain {
+    fn views<'py>(
+        &self,
+        py: Python<'py>,
+        segments: &[(u64, u32)],
+        readonly: bool,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let views = segments
+            .iter()
+            .map(|&(gpa, len)| guest_view(py, &self.memory, gpa, u64::from(len), readonly))
+            .collect::<PyResult<Vec<_>>>()?;
+        PyList::new(py, views)
+    }
+}
+
+#[pymethods]
+impl DescriptorChain {
+    /// The device-readable buffers (read-only memoryviews), in chain order.
+    #[getter]
+    fn readable<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        self.views(py, &self.readable, true)
+    }
+
+    /// The device-writable buffers (writable memoryviews), in chain order.
+    #[getter]
+    fn writable<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        self.views(py, &self.writable, false)
+    }
+
+    /// All device-readable bytes, concatenated (a copy).
+    fn read<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        PyBytes::new_with(py, self.readable_len as usize, |buf| {
+            let mut offset = 0usize;
+            for &(gpa, len) in &self.readable {
+                let end = offset + len as usize;
+                self.memory
+                    .read(gpa, &mut buf[offset..end])
+                    .map_err(to_pyerr)?;
+                offset = end;
+            }
+            Ok(())
+        })
+    }
+
+    /// Copy `data` into the device-writable buffers from byte `offset` on; returns how many
+    /// bytes fitted.
+    #[pyo3(signature = (data, offset = 0))]
+    fn write(&self, py: Python<'_>, data: PyBuffer<u8>, offset: usize) -> PyResult<usize> {
+        let data = data.to_vec(py)?;
+        let (mut skip, mut done) = (offset, 0usize);
+        for &(gpa, len) in &self.writable {
+            let len = len as usize;
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            let n = (len - skip).min(data.len() - done);
+            self.memory
+                .write(gpa + skip as u64, &data[done..done + n])
+                .map_err(to_pyerr)?;
+            done += n;
+            skip = 0;
+            if done == data.len() {
+                break;
+            }
+        }
+        Ok(done)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "DescriptorChain(head={}, readable={} bytes in {}, writable={} bytes in {})",
+            self.head,
+            self.readable_len,
+            self.readable.len(),
+            self.writable_len,
+            self.writable.len()
+        )
+    }
+}
+
+/// The device side of a split virtqueue: pop chains the driver made available, return them used.
+#[pyclass(name = "SplitQueue", module = "vvu._core")]
+pub struct PySplitQueue {
+    queue: Option<SplitQueue>,
+    batch: ChainBatch,
+}
+
+impl PySplitQueue {
+    pub fn wrap(queue: SplitQueue) -> Self {
+        Self {
+            queue: Some(queue),
+            batch: ChainBatch::new(),
+        }
+    }
+
+    fn handed_over() -> PyErr {
+        to_pyerr(QueueError::InvalidConfig(
+            "the queue was handed to a worker".into(),
+        ))
+    }
+
+    fn queue(&mut self) -> PyResult<&mut SplitQueue> {
+        self.queue.as_mut().ok_or_else(Self::handed_over)
+    }
+
+    /// Hand the queue to a native worker; this object is unusable until it is given back.
+    pub fn take(&mut self) -> PyResult<SplitQueue> {
+        self.queue.take().ok_or_else(Self::handed_over)
+    }
+}
+
+#[pymethods]
+impl PySplitQueue {
+    /// A queue of `size` descriptors whose three parts are at the given guest-physical addresses.
+    #[new]
+    #[pyo3(signature = (size, desc_table, avail_ring, used_ring, *, event_idx = false, indirect = true))]
+    fn new(
+        size: u32,
+        desc_table: u64,
+        avail_ring: u64,
+        used_ring: u64,
+        event_idx: bool,
+        indirect: bool,
+    ) -> PyResult<Self> {
+        let config = config(size, desc_table, avail_ring, used_ring, event_idx, indirect)?;
+        Ok(Self::wrap(SplitQueue::new(config).map_err(to_pyerr)?))
+    }
+
+    /// Translate the rings in the current snapshot of `memory` and start using it (again). The
+    /// queue keeps that snapshot mapped until it is re-attached or detached.
+    fn attach(&mut self, memory: &PyGuestMemory) -> PyResult<()> {
+        let snapshot = memory.snapshot();
+        self.queue()?.attach(snapshot).map_err(to_pyerr)
+    }
+
+    fn detach(&mut self) -> PyResult<()> {
+        self.queue()?.detach();
+        Ok(())
+    }
+
+    /// Pop up to `max_chains` available chains.
+    #[pyo3(signature = (max_chains = 64))]
+    fn pop(&mut self, max_chains: usize) -> PyResult<Vec<DescriptorChain>> {
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.clear();
+        let queue = self.queue()?;
+        let result = queue.pop_batch(&mut batch, max_chains);
+        let memory = queue.memory().cloned().unwrap_or_default();
+        let chains = batch
+            .iter()
+            .map(|chain| DescriptorChain {
+                head: chain.head(),
+                readable_len: chain.readable_len(),
+                writable_len: chain.writable_len(),
+                readable: chain.readable().iter().map(|s| (s.gpa, s.len)).collect(),
+                writable: chain.writable().iter().map(|s| (s.gpa, s.len)).collect(),
+                memory: memory.clone(),
+            })
+            .collect();
+        self.batch = batch;
+        result.map_err(to_pyerr)?;
+        Ok(chains)
+    }
+
+    /// Return chain `head` with `length` bytes written into its writable part (not yet visible).
+    fn push_used(&mut self, head: u16, length: u32) -> PyResult<()> {
+        self.queue()?.push_used(head, length).map_err(to_pyerr)
+    }
+
+    /// Publish the used entries pushed so far; True when the driver wants a notification.
+    fn publish_used(&mut self) -> PyResult<bool> {
+        self.queue()?.publish_used().map_err(to_pyerr)
+    }
+
+    /// Ask the driver for kicks again; True if work arrived meanwhile (process it, don't sleep).
+    fn enable_notifications(&mut self) -> PyResult<bool> {
+        self.queue()?.enable_notifications().map_err(to_pyerr)
+    }
+
+    fn disable_notifications(&mut self) -> PyResult<()> {
+        self.queue()?.disable_notifications().map_err(to_pyerr)
+    }
+
+    /// Chains available and not yet popped.
+    fn pending(&mut self) -> PyResult<u16> {
+        self.queue()?.pending().map_err(to_pyerr)
+    }
+
+    /// The next avail index the device will process (vhost-user GET/SET_VRING_BASE).
+    #[getter]
+    fn get_next_avail(&mut self) -> PyResult<u16> {
+        Ok(self.queue()?.next_avail())
+    }
+
+    #[setter]
+    fn set_next_avail(&mut self, value: u16) -> PyResult<()> {
+        self.queue()?.set_next_avail(value);
+        Ok(())
+    }
+
+    #[getter]
+    fn next_used(&mut self) -> PyResult<u16> {
+        Ok(self.queue()?.next_used())
+    }
+
+    #[getter]
+    fn size(&mut self) -> PyResult<u16> {
+        Ok(self.queue()?.size())
+    }
+
+    /// Why the queue is broken, or None.
+    #[getter]
+    fn broken_reason(&mut self) -> PyResult<Option<String>> {
+        Ok(self.queue()?.broken_reason().map(str::to_owned))
+    }
+}
+
+/// The driver side of a split virtqueue, laid out in guest memory this side owns.
+#[pyclass(name = "SplitQueueDriver", module = "vvu._core")]
+pub struct PySplitQueueDriver {
+    driver: SplitQueueDriver,
+}
+
+#[pymethods]
+impl PySplitQueueDriver {
+    /// Zero the ring areas in `memory` and start with avail/used index `start_index`.
+    #[new]
+    #[pyo3(signature = (memory, size, desc_table, avail_ring, used_ring, *, event_idx = false, start_index = 0))]
+    fn new(
+        memory: &PyGuestMemory,
+        size: u32,
+        desc_table: u64,
+        avail_ring: u64,
+        used_ring: u64,
+        event_idx: bool,
+        start_index: u16,
+    ) -> PyResult<Self> {
+        let config = config(size, desc_table, avail_ring, used_ring, event_idx, true)?;
+        let driver = SplitQueueDriver::with_start_index(memory.snapshot(), config, start_index)
+            .map_err(to_pyerr)?;
+        Ok(Self { driver })
+    }
+
+    /// Make a chain of `readable` then `writable` (gpa, length) buffers available (unpublished);
+    /// returns its head. Raises QueueError when out of descriptors.
+    #[pyo3(signature = (readable, writable = Vec::new()))]
+    fn add_chain(&mut self, readable: Vec<(u64, u32)>, writable: Vec<(u64, u32)>) -> PyResult<u16> {
+        self.driver
+            .add_chain(&readable, &writable)
+            .map_err(to_pyerr)
+    }
+
+    /// Like add_chain, through an indirect table of 16·n bytes at `table` (one ring descriptor).
+    #[pyo3(signature = (table, readable, writable = Vec::new()))]
+    fn add_indirect(
+        &mut self,
+        table: u64,
+        readable: Vec<(u64, u32)>,
+        writable: Vec<(u64, u32)>,
+    ) -> PyResult<u16> {
+        self.driver
+            .add_indirect(table, &readable, &writable)
+            .map_err(to_pyerr)
+    }
+
+    /// Publish the chains added so far; True when the device wants a kick.
+    fn publish(&mut self) -> PyResult<bool> {
+        self.driver.publish().map_err(to_pyerr)
+    }
+
+    /// The next used (head, length), or None.
+    fn reap_used(&mut self) -> PyResult<Option<(u16, u32)>> {
+        self.driver.reap_used().map_err(to_pyerr)
+    }
+
+    /// Every used (head, length) available now.
+    fn reap_all(&mut self) -> PyResult<Vec<(u16, u32)>> {
+        let mut used = Vec::new();
+        while let Some(entry) = self.driver.reap_used().map_err(to_pyerr)? {
+            used.push(entry);
+        }
+        Ok(used)
+    }
+
+    /// Ask the device for used-buffer notifications; True if entries arrived meanwhile.
+    fn enable_call_notifications(&mut self) -> PyResult<bool> {
+        self.driver.enable_call_notifications().map_err(to_pyerr)
+    }
+
+    fn disable_call_notifications(&mut self) -> PyResult<()> {
+        self.driver.disable_call_notifications().map_err(to_pyerr)
+    }
+
+    #[getter]
+    fn free_descriptors(&self) -> usize {
+        self.driver.free_descriptors()
+    }
+
+    #[getter]
+    fn in_flight(&self) -> usize {
+        self.driver.in_flight()
+    }
+
+    #[getter]
+    fn avail_idx(&self) -> u16 {
+        self.driver.avail_idx()
+    }
+
+    #[getter]
+    fn broken_reason(&self) -> Option<String> {
+        self.driver.broken_reason().map(str::to_owned)
+    }
+}

@@ -1,0 +1,203 @@
+//! Native datapath workers for Python: `NativeHandler` (what a worker does with each chain) and
+//! `QueueWorker` (a Rust thread running one queue without the GIL).
+
+use std::fs::File;
+use std::os::raw::c_int;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use vvu_core::worker::blk::{BlkHandler, BlkOptions, VIRTIO_BLK_ID_BYTES};
+use vvu_core::worker::{ChainHandler, QueueWorker, WorkerOptions};
+use vvu_core::QueueError;
+
+use crate::errors::to_pyerr;
+use crate::memory::dup_fd;
+use crate::notify::PyEventFd;
+use crate::queue::PySplitQueue;
+
+fn used_up() -> PyErr {
+    to_pyerr(QueueError::InvalidConfig(
+        "this native handler already runs in a worker".into(),
+    ))
+}
+
+/// What a native worker does with each descriptor chain; built by a back-end, used once.
+#[pyclass(module = "vvu._core", frozen)]
+pub struct NativeHandler {
+    handler: Mutex<Option<Box<dyn ChainHandler>>>,
+    kind: &'static str,
+}
+
+impl NativeHandler {
+    fn take(&self) -> PyResult<Box<dyn ChainHandler>> {
+        self.handler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(used_up)
+    }
+}
+
+#[pymethods]
+impl NativeHandler {
+    /// virtio-blk over `capacity` 512-byte sectors of the file `fd` (duplicated; the caller
+    /// keeps its own). Reads and writes go straight between the file and guest memory.
+    #[staticmethod]
+    #[pyo3(signature = (fd, capacity, *, read_only = false, serial = None, writethrough = false, discard = true, write_zeroes = true))]
+    fn blk(
+        fd: c_int,
+        capacity: u64,
+        read_only: bool,
+        serial: Option<Vec<u8>>,
+        writethrough: bool,
+        discard: bool,
+        write_zeroes: bool,
+    ) -> PyResult<Self> {
+        let serial = serial.unwrap_or_default();
+        if serial.len() > VIRTIO_BLK_ID_BYTES {
+            return Err(PyValueError::new_err(format!(
+                "serial is {} bytes; virtio-blk ids hold at most {VIRTIO_BLK_ID_BYTES}",
+                serial.len()
+            )));
+        }
+        let mut id = [0u8; VIRTIO_BLK_ID_BYTES];
+        id[..serial.len()].copy_from_slice(&serial);
+        let options = BlkOptions {
+            read_only,
+            serial: id,
+            writethrough,
+            discard,
+            write_zeroes,
+            ..BlkOptions::default()
+        };
+        let file = File::from(dup_fd(fd)?);
+        let handler = BlkHandler::new(file, capacity, options).map_err(to_pyerr)?;
+        Ok(Self {
+            handler: Mutex::new(Some(Box::new(handler))),
+            kind: "blk",
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        let state = if self
+            .handler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+        {
+            "ready"
+        } else {
+            "in use"
+        };
+        format!("NativeHandler({}, {state})", self.kind)
+    }
+}
+
+/// One queue processed by a native thread. `stop()` drains in-flight requests and gives the
+/// queue back (its `next_avail` is what GET_VRING_BASE reports).
+#[pyclass(name = "QueueWorker", module = "vvu._core", frozen)]
+pub struct PyQueueWorker {
+    worker: Mutex<Option<QueueWorker>>,
+}
+
+impl PyQueueWorker {
+    fn with<T>(&self, f: impl FnOnce(&QueueWorker) -> PyResult<T>) -> PyResult<T> {
+        let guard = self.worker.lock().unwrap_or_else(|e| e.into_inner());
+        let worker = guard
+            .as_ref()
+            .ok_or_else(|| to_pyerr(QueueError::InvalidConfig("the worker was stopped".into())))?;
+        f(worker)
+    }
+}
+
+#[pymethods]
+impl PyQueueWorker {
+    /// Start a thread named `name` running `queue` (attached, handed over) with `handler`.
+    #[new]
+    #[pyo3(signature = (name, queue, handler, *, kick, call = None, err = None, batch_size = 64, busy_poll = 0.0))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        name: &str,
+        queue: &Bound<'_, PySplitQueue>,
+        handler: &NativeHandler,
+        kick: &PyEventFd,
+        call: Option<&PyEventFd>,
+        err: Option<&PyEventFd>,
+        batch_size: usize,
+        busy_poll: f64,
+    ) -> PyResult<Self> {
+        let busy_poll = Duration::try_from_secs_f64(busy_poll)
+            .map_err(|_| PyValueError::new_err("busy_poll must be a non-negative number"))?;
+        let kick = kick.clone_inner()?;
+        let call = call.map(PyEventFd::clone_inner).transpose()?;
+        let err = err.map(PyEventFd::clone_inner).transpose()?;
+        let handler = handler.take()?;
+        let queue = queue.borrow_mut().take()?;
+        let options = WorkerOptions {
+            batch_size,
+            busy_poll: (!busy_poll.is_zero()).then_some(busy_poll),
+            err,
+        };
+        let worker =
+            QueueWorker::spawn(name, queue, kick, call, handler, options).map_err(to_pyerr)?;
+        Ok(Self {
+            worker: Mutex::new(Some(worker)),
+        })
+    }
+
+    /// Replace (None: remove) the call eventfd while running; the new one is signalled once.
+    fn set_call(&self, call: Option<&PyEventFd>) -> PyResult<()> {
+        let call = call.map(PyEventFd::clone_inner).transpose()?;
+        self.with(|worker| worker.set_call(call).map_err(to_pyerr))
+    }
+
+    /// Replace (None: remove) the err eventfd.
+    fn set_err(&self, err: Option<&PyEventFd>) -> PyResult<()> {
+        let err = err.map(PyEventFd::clone_inner).transpose()?;
+        self.with(|worker| worker.set_err(err).map_err(to_pyerr))
+    }
+
+    /// Counters: chains, batches, notifications, kicks, wakeups, call_errors.
+    #[getter]
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let stats = self.with(|worker| Ok(worker.stats()))?;
+        let dict = PyDict::new(py);
+        dict.set_item("chains", stats.chains)?;
+        dict.set_item("batches", stats.batches)?;
+        dict.set_item("notifications", stats.notifications)?;
+        dict.set_item("kicks", stats.kicks)?;
+        dict.set_item("wakeups", stats.wakeups)?;
+        dict.set_item("call_errors", stats.call_errors)?;
+        Ok(dict)
+    }
+
+    /// Why the worker stopped processing on its own (a broken ring, a failed handler), or None.
+    #[getter]
+    fn fault(&self) -> PyResult<Option<String>> {
+        self.with(|worker| Ok(worker.fault().map(|f| f.to_string())))
+    }
+
+    /// Stop after the current batch (every popped chain is completed and published), join the
+    /// thread and return the queue. Releases the GIL while waiting.
+    fn stop(&self, py: Python<'_>) -> PyResult<PySplitQueue> {
+        let worker = self
+            .worker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| to_pyerr(QueueError::InvalidConfig("the worker was stopped".into())))?;
+        let stopped = py.detach(|| worker.stop()).map_err(to_pyerr)?;
+        Ok(PySplitQueue::wrap(stopped.queue))
+    }
+
+    #[getter]
+    fn running(&self) -> bool {
+        self.worker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+}

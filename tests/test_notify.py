@@ -1,0 +1,115 @@
+"""Doorbells from Python: eventfds, the poller, asyncio, and Ctrl-C during a native wait."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from vvu._core import EventFd, Poller
+from vvu.aio import wait_eventfd
+
+
+def test_signal_consume_counts() -> None:
+    efd = EventFd()
+    assert efd.consume() == 0
+    efd.signal()
+    efd.signal()
+    assert efd.consume() == 2
+    assert efd.wait(0.01) is False
+
+
+def test_wait_wakes_when_another_thread_signals() -> None:
+    efd = EventFd()
+    threading.Timer(0.05, efd.signal).start()
+    assert efd.wait(5.0) is True
+
+
+def test_from_fd_shares_the_counter_and_owns_a_duplicate() -> None:
+    efd = EventFd()
+    copy = EventFd.from_fd(efd.fileno())
+    assert copy.fileno() != efd.fileno()
+    copy.signal()
+    assert efd.consume() == 1
+    copy.close()
+    assert copy.closed
+    efd.signal()  # the original is unaffected by closing the copy
+    with pytest.raises(OSError, match="closed"):
+        copy.signal()
+
+
+def test_poller_reports_ready_tokens_without_consuming() -> None:
+    fds = [EventFd() for _ in range(4)]
+    poller = Poller()
+    for token, efd in enumerate(fds):
+        poller.register(efd.fileno(), 100 + token)
+    assert poller.wait(0.01) == []
+    fds[1].signal()
+    fds[3].signal()
+    assert sorted(poller.wait(1.0)) == [101, 103]
+    assert sorted(poller.wait(1.0)) == [101, 103]  # level-triggered until consumed
+    fds[1].consume()
+    poller.unregister(fds[3].fileno())
+    assert poller.wait(0.01) == []
+    with pytest.raises(OSError):
+        poller.register(fds[0].fileno(), 1)  # already registered
+
+
+def test_busy_poll_mode_still_wakes() -> None:
+    efd = EventFd()
+    poller = Poller(busy_poll=0.001)
+    assert poller.busy_poll == pytest.approx(0.001)
+    poller.register(efd.fileno(), 7)
+    threading.Timer(0.02, efd.signal).start()
+    assert poller.wait(5.0) == [7]
+
+
+def test_ctrl_c_interrupts_a_native_wait() -> None:
+    efd = EventFd()
+    threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT)).start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        efd.wait(30.0)
+    assert time.monotonic() - started < 10, "the wait must end on Ctrl-C, not at its timeout"
+
+
+def test_wait_releases_the_gil() -> None:
+    efd = EventFd()
+    ticks = 0
+
+    def spin() -> None:
+        nonlocal ticks
+        deadline = time.monotonic() + 0.2
+        while time.monotonic() < deadline:
+            ticks += 1
+
+    thread = threading.Thread(target=spin)
+    thread.start()
+    efd.wait(0.3)
+    thread.join()
+    assert ticks > 1000, "a Python thread must run while the native wait blocks"
+
+
+@pytest.mark.asyncio
+async def test_eventfd_awaited_from_asyncio() -> None:
+    efd = EventFd()
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.02, efd.signal)
+    assert await wait_eventfd(efd, timeout=5) == 1
+    with pytest.raises(TimeoutError):
+        await wait_eventfd(efd, timeout=0.02)
+    efd.signal()
+    assert await wait_eventfd(efd) == 1  # already signalled: returns at once
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="timeout"):
+        EventFd().wait(-1.0)
+    with pytest.raises(ValueError):
+        Poller().register(-1, 0)
+    with pytest.raises(OSError):
+        EventFd.from_fd(-1)
