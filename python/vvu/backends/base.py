@@ -1,0 +1,120 @@
+"""The back-end plugin API: one class with sensible defaults.
+
+A minimal device overrides `device_id`, `num_queues` and `handle` (the Python request path, fed
+batches of descriptor chains with zero-copy buffers). Hot devices override `native_worker`
+instead, and their queues then run entirely in Rust threads without the GIL. Everything the
+vhost-user protocol needs beyond that (features, memory, rings, replies) is the engine's job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from typing import ClassVar
+
+from vvu._core import DescriptorChain, NativeHandler
+from vvu.protocol import ProtocolFeature, VirtioFeature
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Backend", "ConfigError"]
+
+
+class ConfigError(ValueError):
+    """A config-space write the device refuses (read-only field, out of range)."""
+
+
+class Backend:
+    """Base class of every device back-end.
+
+    Subclasses set the class attributes and override what they need. An instance serves one
+    front-end at a time; `reset` brings it back to its initial state between sessions.
+    """
+
+    #: Short name used by the CLI (`vvu serve NAME`) and in logs.
+    name: ClassVar[str] = "backend"
+    #: The virtio device id (1 net, 2 blk, 4 rng, ...).
+    device_id: ClassVar[int] = 0
+    #: Largest ring size the device accepts.
+    max_queue_size: ClassVar[int] = 1024
+
+    def __init__(self, *, num_queues: int = 1) -> None:
+        if num_queues < 1:
+            raise ValueError("a device needs at least one queue")
+        self.num_queues = num_queues
+        self.acked_features = 0
+
+    # --- command line ------------------------------------------------------------------------
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add this back-end's options to `vvu serve NAME`."""
+
+    @classmethod
+    def from_arguments(cls, args: argparse.Namespace) -> Backend:
+        """Build the back-end from parsed `vvu serve` options."""
+        return cls()
+
+    # --- features and config space -----------------------------------------------------------
+
+    def device_features(self) -> int:
+        """Device-specific virtio feature bits (0-23 and 41+)."""
+        return 0
+
+    def features(self) -> int:
+        """Every virtio feature bit offered; the engine adds VHOST_USER_F_PROTOCOL_FEATURES."""
+        return (
+            self.device_features()
+            | VirtioFeature.VERSION_1.mask
+            | VirtioFeature.INDIRECT_DESC.mask
+            | VirtioFeature.EVENT_IDX.mask
+        )
+
+    def protocol_features(self) -> int:
+        """Protocol features this device adds to the engine's own (e.g. CONFIG)."""
+        return ProtocolFeature.CONFIG.mask if self.config_space() else 0
+
+    def set_features(self, features: int) -> None:
+        """The front-end acked `features` (device bits already checked against `features()`)."""
+        self.acked_features = features
+
+    def config_space(self) -> bytes:
+        """The whole device config space as the driver sees it (empty: no config space)."""
+        return b""
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        """A driver write to the config space; raise ConfigError to refuse it."""
+        raise ConfigError(f"config space is read-only (write of {len(data)} bytes at {offset})")
+
+    # --- request paths -----------------------------------------------------------------------
+
+    def native_worker(self, queue_index: int) -> NativeHandler | None:
+        """A native handler that processes queue `queue_index` in a Rust thread, or None to use
+        the Python path (`handle`)."""
+        return None
+
+    def handle(self, queue_index: int, chains: Sequence[DescriptorChain]) -> Sequence[int]:
+        """Process a batch of chains from queue `queue_index` (Python path).
+
+        Read request data from `chain.readable` and write results into `chain.writable`
+        (memoryviews straight into guest memory); return, per chain, the number of bytes
+        written into its writable part. Raising marks the queue broken.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no Python request handler")
+
+    # --- life cycle --------------------------------------------------------------------------
+
+    def queue_started(self, queue_index: int) -> None:
+        """Queue `queue_index` starts processing."""
+
+    def queue_stopped(self, queue_index: int) -> None:
+        """Queue `queue_index` stopped (GET_VRING_BASE, disable, or disconnect)."""
+
+    def reset(self) -> None:
+        """Forget the session: the front-end went away or sent RESET_DEVICE."""
+        self.acked_features = 0
+
+    def describe(self) -> str:
+        """One line for logs and `vvu serve` start-up."""
+        return f"{self.name} (device id {self.device_id}, {self.num_queues} queue(s))"

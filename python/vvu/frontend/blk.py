@@ -1,0 +1,144 @@
+"""A virtio-blk driver on top of the scriptable front-end: read, write, flush, discard, ..."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from typing import Final
+
+from vvu.errors import VvuError
+from vvu.frontend.core import Frontend, FrontendQueue
+from vvu.protocol import ProtocolFeature
+
+__all__ = ["BlkDriver", "BlkIOError"]
+
+SECTOR: Final = 512
+T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
+S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
+_STATUS_NAMES = {S_IOERR: "IOERR", S_UNSUPP: "UNSUPP"}
+MiB = 1 << 20
+
+
+class BlkIOError(VvuError):
+    """The device completed a request with a non-OK status."""
+
+    def __init__(self, what: str, status: int) -> None:
+        super().__init__(f"{what}: device status {_STATUS_NAMES.get(status, status)}")
+        self.status = status
+
+
+class _Slot:
+    """Guest memory for one request in flight: header, data buffer, status byte."""
+
+    def __init__(self, frontend: Frontend, max_data: int) -> None:
+        self.header = frontend.allocator.alloc(16, 16)
+        self.status = frontend.allocator.alloc(1, 1)
+        self.data = frontend.allocator.alloc(max_data, 4096)
+
+
+class BlkDriver:
+    """Block I/O through one virtqueue with up to `depth` requests in flight."""
+
+    def __init__(
+        self,
+        frontend: Frontend,
+        queue: FrontendQueue,
+        capacity: int,
+        *,
+        depth: int = 32,
+        max_request: int = MiB,
+    ) -> None:
+        if depth > queue.size // 3:
+            raise ValueError(
+                f"depth {depth} needs {3 * depth} descriptors; the ring has {queue.size}"
+            )
+        self.frontend = frontend
+        self.queue = queue
+        self.capacity = capacity  # in 512-byte sectors
+        self.max_request = max_request
+        self._free: asyncio.Queue[_Slot] = asyncio.Queue()
+        for _ in range(depth):
+            self._free.put_nowait(_Slot(frontend, max_request))
+
+    @classmethod
+    async def open(
+        cls,
+        path: str,
+        *,
+        depth: int = 32,
+        max_request: int = MiB,
+        queue_size: int = 256,
+        timeout: float = 5.0,
+    ) -> BlkDriver:
+        """Connect to a vhost-user-blk back-end and set up queue 0."""
+        memory = 2 * MiB + depth * (max_request + 8192)
+        frontend = await Frontend.connect(path, memory_size=memory, timeout=timeout)
+        try:
+            await frontend.negotiate()
+            await frontend.set_mem_table()
+            capacity = 0
+            if frontend.protocol_features & ProtocolFeature.CONFIG.mask:
+                (capacity,) = struct.unpack("<Q", await frontend.get_config(0, 8))
+            queue = await frontend.start_queue(0, queue_size)
+            return cls(frontend, queue, capacity, depth=depth, max_request=max_request)
+        except BaseException:
+            await frontend.close()
+            raise
+
+    async def close(self) -> None:
+        await self.frontend.close()
+
+    async def __aenter__(self) -> BlkDriver:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _submit(
+        self, kind: int, sector: int, out: bytes = b"", in_len: int = 0, what: str = ""
+    ) -> bytes:
+        if max(len(out), in_len) > self.max_request:
+            raise ValueError(f"request of {max(len(out), in_len)} bytes > {self.max_request}")
+        slot = await self._free.get()
+        memory = self.frontend.memory
+        try:
+            memory.write(slot.header, struct.pack("<IIQ", kind, 0, sector))
+            memory.write(slot.status, b"\xff")
+            readable = [(slot.header, 16)]
+            writable = []
+            if out:
+                memory.write(slot.data, out)
+                readable.append((slot.data, len(out)))
+            if in_len:
+                writable.append((slot.data, in_len))
+            writable.append((slot.status, 1))
+            await self.queue.request(readable, writable)
+            status = memory.read(slot.status, 1)[0]
+            if status != S_OK:
+                raise BlkIOError(what or f"request type {kind} at sector {sector}", status)
+            return memory.read(slot.data, in_len) if in_len else b""
+        finally:
+            self._free.put_nowait(slot)
+
+    async def read(self, sector: int, length: int) -> bytes:
+        """Read `length` bytes (a multiple of 512) starting at `sector`."""
+        return await self._submit(T_IN, sector, in_len=length, what=f"read at sector {sector}")
+
+    async def write(self, sector: int, data: bytes) -> None:
+        """Write `data` (a multiple of 512 bytes) starting at `sector`."""
+        await self._submit(T_OUT, sector, out=data, what=f"write at sector {sector}")
+
+    async def flush(self) -> None:
+        await self._submit(T_FLUSH, 0, what="flush")
+
+    async def get_id(self) -> bytes:
+        """The device's serial number (up to 20 bytes, NUL padding removed)."""
+        return (await self._submit(T_GET_ID, 0, in_len=20, what="get-id")).rstrip(b"\0")
+
+    async def discard(self, sector: int, sectors: int) -> None:
+        segment = struct.pack("<QII", sector, sectors, 0)
+        await self._submit(T_DISCARD, 0, out=segment, what=f"discard at sector {sector}")
+
+    async def write_zeroes(self, sector: int, sectors: int, *, unmap: bool = False) -> None:
+        segment = struct.pack("<QII", sector, sectors, int(unmap))
+        await self._submit(T_WRITE_ZEROES, 0, out=segment, what=f"write-zeroes at {sector}")
