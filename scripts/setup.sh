@@ -6,9 +6,11 @@ cd "$(dirname "$0")/.."
 
 log() { printf '==> %s\n' "$*"; }
 
-# Debian packages the test suite uses (real peers come in later issues). Install only what is
-# missing so a second run is fast.
-APT_PACKAGES=(build-essential pkg-config python3-venv)
+# Debian packages the test suite uses. Install only what is missing so a second run is fast.
+# qemu-system-x86 and the rest run the integration tests' Linux guest (scripts/guest-image.sh):
+# busybox-static for its userland, cpio/xz-utils/zstd to build the initramfs and unpack modules.
+APT_PACKAGES=(build-essential pkg-config python3-venv
+    qemu-system-x86 busybox-static cpio xz-utils zstd)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -31,4 +33,6 @@ log "installing vvu (release build) and dev tools into .venv"
 .venv/bin/python -m pip install -q --upgrade pip
 # Editable install through the maturin build backend: the same path `pip install .` takes.
 .venv/bin/python -m pip install -q -e '.[dev]'
+# The QEMU guest for the integration tests (cached in .cache/guest: instant when already built).
+./scripts/guest-image.sh
 log "setup done"

@@ -1,0 +1,544 @@
+"""Boot a tiny Linux guest under QEMU (TCG) and run a shell script in it, for integration tests.
+
+The image (Debian's cloud kernel, static busybox, the virtio modules and an /init) is built by
+``scripts/guest-image.sh`` into ``.cache/guest/``. The test's script reaches the guest as a QEMU
+fw_cfg file (``opt/vvu/script``); /init runs it with ``sh``, prints its stdout and stderr on the
+serial console between ``VVU-RESULT-BEGIN`` and ``VVU-RESULT-END``, then ``VVU-EXIT <status>``,
+and powers off. Guest RAM is a shared memfd (``share=on``), as vhost-user back-ends need.
+
+Typical use::
+
+    result = run_guest("md5sum /dev/vda", qemu_args=["-device", "virtio-blk-pci,drive=d0", ...])
+    assert result.exit_status == 0, result.serial
+
+To run a back-end and one or more guests concurrently, use :func:`start_guest` (returns a running
+:class:`Guest`; ``wait()``/``await wait_async()`` collect the result; ``stop()`` or the context
+manager always ends QEMU) or :func:`run_guest_async`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import functools
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Self
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGE_SCRIPT = REPO / "scripts" / "guest-image.sh"
+QEMU = "qemu-system-x86_64"
+FW_CFG_NAME = "opt/vvu/script"
+BEGIN = "VVU-RESULT-BEGIN"
+END = "VVU-RESULT-END"
+EXIT = "VVU-EXIT"
+DEFAULT_MEMORY = "512M"
+STOP_GRACE = 5.0
+# Lines of serial log quoted in error messages (the full log is on the exception).
+LOG_TAIL_LINES = 60
+
+_EXIT_RE = re.compile(rf"^{EXIT} (\d+)$", re.MULTILINE)
+_BEGIN_RE = re.compile(rf"^{BEGIN}\n", re.MULTILINE)
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("VVU_GUEST_CACHE", REPO / ".cache" / "guest"))
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """What ``scripts/guest-image.sh`` built."""
+
+    kernel: Path
+    initrd: Path
+    kernel_version: str
+    modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class GuestResult:
+    """One finished guest run."""
+
+    output: str
+    """Everything the script wrote (stdout and stderr), exactly, with ``\\n`` line ends."""
+    exit_status: int
+    """The script's exit status as the guest reported it."""
+    serial: str
+    """The whole serial console log (kernel boot messages included)."""
+    stderr: str
+    """QEMU's own stderr."""
+    duration: float
+    """Seconds from starting QEMU until it exited."""
+    boot_seconds: float | None
+    """Seconds from starting QEMU until the script started."""
+
+    def check(self) -> Self:
+        """Return self if the script succeeded, else raise :class:`GuestError`."""
+        if self.exit_status != 0:
+            raise GuestError(
+                f"guest script exited with status {self.exit_status}",
+                serial=self.serial,
+                stderr=self.stderr,
+            )
+        return self
+
+
+class GuestError(Exception):
+    """The guest did not report a result (or ``check()`` found a failure)."""
+
+    def __init__(self, message: str, *, serial: str, stderr: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.serial = serial
+        self.stderr = stderr
+
+    def __str__(self) -> str:
+        lines = self.serial.splitlines()
+        tail = "\n".join(lines[-LOG_TAIL_LINES:])
+        cut = ""
+        if len(lines) > LOG_TAIL_LINES:
+            cut = f" (last {LOG_TAIL_LINES} of {len(lines)} lines)"
+        text = f"{self.message}\n--- serial console{cut} ---\n{tail}\n--- end of serial console ---"
+        if self.stderr.strip():
+            text += f"\n--- qemu stderr ---\n{self.stderr.rstrip()}"
+        return text
+
+
+class GuestTimeout(GuestError):
+    """The guest ran past its timeout; QEMU was stopped."""
+
+
+class GuestUnavailable(Exception):
+    """QEMU or the guest image cannot be had on this machine."""
+
+
+# --- the image ------------------------------------------------------------------------------
+
+
+def build_image() -> GuestImage:
+    """Run ``scripts/guest-image.sh`` (instant when cached) and describe its outputs."""
+    if shutil.which(QEMU) is None:
+        raise GuestUnavailable(f"{QEMU} not found (scripts/setup.sh installs qemu-system-x86)")
+    proc = subprocess.run(
+        ["bash", str(IMAGE_SCRIPT)],
+        capture_output=True,
+        text=True,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    if proc.returncode != 0:
+        raise GuestUnavailable(
+            f"scripts/guest-image.sh failed with status {proc.returncode}: "
+            f"{proc.stderr.strip()[-2000:]}"
+        )
+    cache = _cache_dir()
+    env: dict[str, str] = {}
+    for line in (cache / "image.env").read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            env[key] = value.strip('"')
+    return GuestImage(
+        kernel=cache / "vmlinuz",
+        initrd=cache / "initramfs.cpio.gz",
+        kernel_version=env.get("KERNEL_VERSION", ""),
+        modules=tuple(env.get("MODULES", "").split()),
+    )
+
+
+@functools.cache
+def _image_once() -> GuestImage | GuestUnavailable:
+    try:
+        return build_image()
+    except GuestUnavailable as exc:
+        return exc
+
+
+def _must_have_guest() -> bool:
+    """In CI (``CI`` set) or with ``VVU_GUEST_REQUIRED=1`` a missing guest fails, not skips."""
+    return bool(os.environ.get("CI")) or os.environ.get("VVU_GUEST_REQUIRED") == "1"
+
+
+def guest_image() -> GuestImage:
+    """The guest image, built once per session; skips the calling test if it cannot be had.
+
+    Where the guest is required (CI), the test fails instead, so a broken set-up is not hidden.
+    """
+    image = _image_once()
+    if isinstance(image, GuestUnavailable):
+        if _must_have_guest():
+            pytest.fail(f"guest image required but unavailable: {image}", pytrace=False)
+        pytest.skip(f"no QEMU guest: {image}")
+    return image
+
+
+# --- running QEMU ---------------------------------------------------------------------------
+
+
+def qemu_escape(value: str) -> str:
+    """Escape a value for a QEMU ``key=value,...`` option (commas are doubled)."""
+    return value.replace(",", ",,")
+
+
+def qemu_command(
+    image: GuestImage,
+    script_file: Path,
+    qemu_args: Sequence[str],
+    *,
+    memory: str = DEFAULT_MEMORY,
+    append: str = "",
+) -> list[str]:
+    """The full QEMU command line for one guest run (without the pdeathsig wrapper)."""
+    cmdline = f"console=ttyS0 panic=-1 {append}".strip()
+    return [
+        QEMU,
+        "-accel", "tcg",
+        "-nodefaults", "-no-user-config",
+        "-nographic", "-serial", "stdio",
+        "-no-reboot",
+        "-kernel", str(image.kernel),
+        "-initrd", str(image.initrd),
+        "-append", cmdline,
+        "-object", f"memory-backend-memfd,id=mem,size={memory},share=on",
+        "-numa", "node,memdev=mem",
+        "-m", memory,
+        "-fw_cfg", f"name={FW_CFG_NAME},file={qemu_escape(str(script_file))}",
+        *qemu_args,
+    ]  # fmt: skip
+
+
+_LIVE: set[Guest] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for guest in live_guests():
+        guest.stop()
+
+
+def live_guests() -> list[Guest]:
+    """Guests started and not yet stopped (for leak checks in tests)."""
+    with _LIVE_LOCK:
+        return list(_LIVE)
+
+
+class _Reader(threading.Thread):
+    """Drains one of QEMU's pipes so QEMU never blocks on it; notifies waiters.
+
+    Notes the time ``watch`` first went by (for :attr:`GuestResult.boot_seconds`).
+    """
+
+    def __init__(
+        self, pipe: IO[bytes], cond: threading.Condition, name: str, watch: bytes = b""
+    ) -> None:
+        super().__init__(name=name, daemon=True)
+        self._pipe = pipe
+        self._cond = cond
+        self._chunks: list[bytes] = []
+        self._watch = watch
+        self._tail = b""
+        self.watch_seen_at: float | None = None
+
+    def run(self) -> None:
+        fd = self._pipe.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                chunk = b""
+            if chunk and self._watch and self.watch_seen_at is None:
+                window = self._tail + chunk
+                if self._watch in window:
+                    self.watch_seen_at = time.monotonic()
+                self._tail = window[-len(self._watch) :]
+            with self._cond:
+                if chunk:
+                    self._chunks.append(chunk)
+                self._cond.notify_all()
+            if not chunk:
+                return
+
+    def text(self) -> str:
+        with self._cond:
+            data = b"".join(self._chunks)
+        return data.decode("utf-8", errors="replace").replace("\r\n", "\n")
+
+
+class Guest:
+    """One running QEMU guest. Made by :func:`start_guest`; always ends in :meth:`stop`."""
+
+    def __init__(
+        self,
+        script: str,
+        *,
+        qemu_args: Sequence[str] = (),
+        timeout: float = 120.0,
+        memory: str = DEFAULT_MEMORY,
+        append: str = "",
+        image: GuestImage | None = None,
+    ) -> None:
+        self.image = image if image is not None else guest_image()
+        self.timeout = timeout
+        self.workdir = Path(tempfile.mkdtemp(prefix="vvu-guest-"))
+        self._lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._finished: float | None = None
+        try:
+            script_file = self.workdir / "script.sh"
+            script_file.write_text(script)
+            self.command = qemu_command(
+                self.image, script_file, qemu_args, memory=memory, append=append
+            )
+            argv = list(self.command)
+            setpriv = shutil.which("setpriv")
+            if setpriv is not None:
+                # QEMU gets SIGKILL if this (thread of the) test process dies without cleaning up.
+                # setpriv execs QEMU, so the PID below is QEMU's.
+                argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
+            self.started = time.monotonic()
+            self.deadline = self.started + timeout
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+        except BaseException:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            raise
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        with _LIVE_LOCK:
+            _LIVE.add(self)
+        self._out = _Reader(self.proc.stdout, self._cond, f"qemu-{self.pid}-serial", BEGIN.encode())
+        self._err = _Reader(self.proc.stderr, self._cond, f"qemu-{self.pid}-stderr")
+        self._out.start()
+        self._err.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def serial(self) -> str:
+        """The serial console so far."""
+        return self._out.text()
+
+    @property
+    def stderr(self) -> str:
+        """QEMU's stderr so far."""
+        return self._err.text()
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _remaining(self, timeout: float | None) -> float:
+        if timeout is None:
+            return self.deadline - time.monotonic()
+        return min(timeout, self.deadline - time.monotonic())
+
+    def _seen(self, text: str) -> bool:
+        return text in self._out.text()
+
+    def wait_for(self, text: str, timeout: float | None = None) -> None:
+        """Block until ``text`` appears on the serial console.
+
+        Raises :class:`GuestTimeout` (after stopping QEMU) when the timeout (default: what is left
+        of the guest's own) runs out, and :class:`GuestError` if QEMU exits first.
+        """
+        end = time.monotonic() + self._remaining(timeout)
+        with self._cond:
+            while not self._seen(text):
+                if not self._out.is_alive():
+                    break
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, 0.5))
+        if self._seen(text):
+            return
+        if self.running():
+            self._fail_timeout(f"{text!r} did not appear on the serial console in time")
+        self.stop()  # QEMU has exited: this also drains the last of its output
+        if self._seen(text):
+            return
+        raise GuestError(
+            f"QEMU exited (status {self.proc.returncode}) before {text!r} appeared",
+            serial=self.serial,
+            stderr=self.stderr,
+        )
+
+    async def wait_for_async(self, text: str, timeout: float | None = None) -> None:
+        """:meth:`wait_for` without blocking the event loop."""
+        end = time.monotonic() + self._remaining(timeout)
+        while not self._seen(text) and self.running() and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        self.wait_for(text, timeout=0)
+
+    def wait(self, timeout: float | None = None) -> GuestResult:
+        """Wait for QEMU to exit and parse the result; QEMU is stopped whatever happens.
+
+        ``timeout`` defaults to what is left of the guest's own timeout.
+        """
+        try:
+            self.proc.wait(timeout=max(self._remaining(timeout), 0))
+        except subprocess.TimeoutExpired:
+            self._fail_timeout(self._still_running())
+        finally:
+            self.stop()
+        return self._result()
+
+    async def wait_async(self, timeout: float | None = None) -> GuestResult:
+        """:meth:`wait` without blocking the event loop (QEMU is stopped on cancellation too)."""
+        end = time.monotonic() + self._remaining(timeout)
+        try:
+            while self.running() and time.monotonic() < end:
+                await asyncio.sleep(0.05)
+            if self.running():
+                self._fail_timeout(self._still_running())
+        finally:
+            self.stop()
+        return self._result()
+
+    def _still_running(self) -> str:
+        return f"guest still running after {time.monotonic() - self.started:.1f}s"
+
+    def _fail_timeout(self, message: str) -> None:
+        self.stop()
+        raise GuestTimeout(
+            f"{message}; QEMU (pid {self.pid}) was stopped",
+            serial=self.serial,
+            stderr=self.stderr,
+        )
+
+    def stop(self, grace: float = STOP_GRACE) -> None:
+        """End QEMU by its PID (SIGTERM, then SIGKILL after ``grace`` s) and remove temp files.
+
+        Idempotent; safe from any thread.
+        """
+        with self._lock:
+            if self._stopped:
+                return
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout=grace)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            self._out.join(timeout=grace)
+            self._err.join(timeout=grace)
+            for pipe in (self.proc.stdout, self.proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+            self._finished = time.monotonic()
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self._stopped = True
+            with _LIVE_LOCK:
+                _LIVE.discard(self)
+
+    def _result(self) -> GuestResult:
+        serial, stderr = self.serial, self.stderr
+        output, status = parse_serial(serial)
+        boot_at = self._out.watch_seen_at
+        if status is None:
+            raise GuestError(
+                f"guest reported no result (QEMU exit status {self.proc.returncode})",
+                serial=serial,
+                stderr=stderr,
+            )
+        return GuestResult(
+            output=output,
+            exit_status=status,
+            serial=serial,
+            stderr=stderr,
+            duration=(self._finished or time.monotonic()) - self.started,
+            boot_seconds=None if boot_at is None else boot_at - self.started,
+        )
+
+
+def parse_serial(serial: str) -> tuple[str, int | None]:
+    """Extract (script output, exit status) from a serial log; status is None if not reported."""
+    begin = _BEGIN_RE.search(serial)
+    if begin is None:
+        return "", None
+    rest = serial[begin.end() :]
+    end = rest.rfind(f"\n{END}\n")
+    if end < 0:
+        return rest, None
+    match = _EXIT_RE.search(rest, end)
+    return rest[:end], None if match is None else int(match.group(1))
+
+
+def start_guest(
+    script: str,
+    *,
+    qemu_args: Sequence[str] = (),
+    timeout: float = 120.0,
+    memory: str = DEFAULT_MEMORY,
+    append: str = "",
+    image: GuestImage | None = None,
+) -> Guest:
+    """Start QEMU running ``script`` in the guest and return at once (see :class:`Guest`)."""
+    return Guest(
+        script, qemu_args=qemu_args, timeout=timeout, memory=memory, append=append, image=image
+    )
+
+
+def run_guest(
+    script: str,
+    *,
+    qemu_args: Sequence[str] = (),
+    timeout: float = 120.0,
+    memory: str = DEFAULT_MEMORY,
+    append: str = "",
+    image: GuestImage | None = None,
+) -> GuestResult:
+    """Boot a guest, run ``script`` (a ``sh`` script) in it, return its output and status.
+
+    ``qemu_args`` are the test's devices etc. Raises :class:`GuestTimeout` after ``timeout`` s
+    and :class:`GuestError` if the guest reports no result; QEMU is stopped in every case.
+    """
+    with start_guest(
+        script, qemu_args=qemu_args, timeout=timeout, memory=memory, append=append, image=image
+    ) as guest:
+        return guest.wait()
+
+
+async def run_guest_async(
+    script: str,
+    *,
+    qemu_args: Sequence[str] = (),
+    timeout: float = 120.0,
+    memory: str = DEFAULT_MEMORY,
+    append: str = "",
+    image: GuestImage | None = None,
+) -> GuestResult:
+    """:func:`run_guest` for asyncio tests: the event loop (e.g. a back-end) keeps running."""
+    with start_guest(
+        script, qemu_args=qemu_args, timeout=timeout, memory=memory, append=append, image=image
+    ) as guest:
+        return await guest.wait_async()
