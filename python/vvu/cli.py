@@ -17,6 +17,7 @@ from vvu.engine import BackendEngine
 from vvu.errors import VvuError
 from vvu.frontend import Frontend
 from vvu.protocol import U64, FrontendRequest, ProtocolFeature, VhostFeature, feature_names
+from vvu.trace import run_trace
 from vvu.transport.unix import UnixListener
 
 log = logging.getLogger("vvu")
@@ -101,7 +102,11 @@ async def _probe(path: str, config_size: int, timeout: float) -> dict[str, objec
             protocol = await frontend.request_u64(FrontendRequest.GET_PROTOCOL_FEATURES)
             report["protocol_features"] = f"{protocol:#x}"
             report["protocol_feature_names"] = ProtocolFeature.names(protocol)
-            wanted = protocol & (ProtocolFeature.MQ.mask | ProtocolFeature.CONFIG.mask)
+            wanted = protocol & (
+                ProtocolFeature.MQ.mask
+                | ProtocolFeature.CONFIG.mask
+                | ProtocolFeature.CONFIGURE_MEM_SLOTS.mask
+            )
             await frontend.request(FrontendRequest.SET_PROTOCOL_FEATURES, U64(wanted))
             frontend.protocol_features = wanted
             if protocol & ProtocolFeature.MQ.mask:
@@ -129,6 +134,27 @@ def cmd_probe(args: argparse.Namespace) -> int:
     for key, value in report.items():
         text = (" ".join(str(v) for v in value) or "-") if isinstance(value, list) else value
         print(f"{key:24} {text}")
+    return 0
+
+
+# --- trace ---------------------------------------------------------------------------------
+
+
+async def _trace(frontend_socket: str, backend_socket: str) -> None:
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(run_trace(frontend_socket, backend_socket, out=sys.stdout))
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    try:
+        asyncio.run(_trace(args.socket_path, args.backend_socket))
+    except OSError as err:
+        print(f"vvu trace: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -194,6 +220,20 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for it")
     probe.add_argument("--json", action="store_true", help="print JSON")
     probe.set_defaults(func=cmd_probe)
+
+    trace = commands.add_parser(
+        "trace",
+        help="transparent proxy printing every vhost-user message between two peers",
+        description=(
+            "Listen on --socket-path for a front-end (point QEMU, DPDK or `vvu probe` at it), "
+            "connect to the back-end on --backend-socket, and pass every message and fd through "
+            "unchanged, both channels, printing one decoded line per message: direction, "
+            "request name, payload, fds, and the reply latency."
+        ),
+    )
+    trace.add_argument("--socket-path", required=True, help="where front-ends connect")
+    trace.add_argument("--backend-socket", required=True, help="the real back-end's socket")
+    trace.set_defaults(func=cmd_trace)
 
     demo = commands.add_parser(
         "demo",

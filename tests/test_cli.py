@@ -1,0 +1,214 @@
+"""The `vvu` command as a user runs it: serve, probe, trace, demo."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vvu.frontend import BlkDriver, RngDriver
+
+VVU = [sys.executable, "-m", "vvu"]
+
+
+def _wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"server exited early: {proc.stderr.read() if proc.stderr else ''!r}"
+            )
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not appear")
+        time.sleep(0.02)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+    return proc.returncode
+
+
+@pytest.fixture
+def blk_server(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "blk.sock"
+    proc = subprocess.Popen(
+        [*VVU, "-q", "serve", "blk", "--socket-path", str(path), "--size", "8"],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_for_socket(path, proc)
+        yield path
+    finally:
+        assert _stop(proc) == 0
+    assert not path.exists(), "the socket file must be removed on SIGTERM"
+
+
+def test_help_explains_every_command() -> None:
+    out = subprocess.run([*VVU, "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("serve", "probe", "trace", "demo"):
+        assert command in out
+    serve = subprocess.run(
+        [*VVU, "serve", "blk", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for option in ("--socket-path", "--fd", "--print-capabilities", "--image", "--read-only"):
+        assert option in serve
+
+
+def test_print_capabilities_is_json() -> None:
+    out = subprocess.run(
+        [*VVU, "serve", "blk", "--print-capabilities"], capture_output=True, text=True, check=True
+    ).stdout
+    assert json.loads(out) == {"type": "block", "features": ["read-only", "blk-file"]}
+    rng = subprocess.run(
+        [*VVU, "serve", "rng", "--print-capabilities"], capture_output=True, text=True, check=True
+    ).stdout
+    assert json.loads(rng)["type"] == "rng"
+
+
+def test_bad_arguments_fail_clearly(tmp_path: Path) -> None:
+    both = subprocess.run([*VVU, "serve", "blk"], capture_output=True, text=True, check=False)
+    assert both.returncode == 2 and "exactly one of --socket-path and --fd" in both.stderr
+    missing = subprocess.run(
+        [*VVU, "serve", "blk", "--socket-path", str(tmp_path / "s"), "--image", "/nonexistent"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert missing.returncode == 1 and "No such file" in missing.stderr
+    probe = subprocess.run(
+        [*VVU, "probe", "--socket-path", str(tmp_path / "nobody"), "--timeout", "0.1"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert probe.returncode == 1 and "cannot connect" in probe.stderr
+
+
+def test_socket_is_private(blk_server: Path) -> None:
+    assert oct(blk_server.stat().st_mode & 0o777) == "0o600"
+
+
+def test_probe_decodes_a_blk_backend(blk_server: Path) -> None:
+    out = subprocess.run(
+        [*VVU, "probe", "--socket-path", str(blk_server), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    report = json.loads(out)
+    assert "VERSION_1" in report["feature_names"]
+    assert "REPLY_ACK" in report["protocol_feature_names"]
+    assert report["queues"] == 1
+    capacity = int.from_bytes(bytes.fromhex(report["config"])[:8], "little")
+    assert capacity == 8 * 2048  # 8 MiB in sectors
+
+
+def test_serve_blk_on_an_image_file_and_read_only(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"\xab" * 4096 + bytes(1 << 20))
+    path = tmp_path / "ro.sock"
+    proc = subprocess.Popen(
+        [
+            *VVU,
+            "-q",
+            "serve",
+            "blk",
+            "--socket-path",
+            str(path),
+            "--image",
+            str(image),
+            "--read-only",
+        ],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_for_socket(path, proc)
+
+        async def use() -> None:
+            async with await BlkDriver.open(str(path)) as blk:
+                assert await blk.read(0, 4096) == b"\xab" * 4096
+                with pytest.raises(Exception, match="IOERR"):
+                    await blk.write(0, bytes(512))
+
+        asyncio.run(use())
+    finally:
+        assert _stop(proc) == 0
+    assert image.read_bytes()[:4096] == b"\xab" * 4096
+
+
+def test_serve_on_an_inherited_fd(tmp_path: Path) -> None:
+    path = tmp_path / "inherited.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
+    fd = listener.fileno()
+    proc = subprocess.Popen(
+        [*VVU, "-q", "serve", "rng", "--fd", str(fd)], pass_fds=[fd], stderr=subprocess.PIPE
+    )
+    listener.close()
+    try:
+
+        async def use() -> None:
+            rng = await RngDriver.open(str(path))
+            try:
+                data = await rng.read(64)
+                assert len(data) == 64 and data != bytes(64)
+            finally:
+                await rng.close()
+
+        asyncio.run(use())
+    finally:
+        assert _stop(proc) == 0
+
+
+def test_trace_relays_and_decodes_everything(blk_server: Path, tmp_path: Path) -> None:
+    trace_path = tmp_path / "trace.sock"
+    tracer = subprocess.Popen(
+        [*VVU, "trace", "--socket-path", str(trace_path), "--backend-socket", str(blk_server)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_for_socket(trace_path, tracer)
+
+        async def use() -> None:
+            async with await BlkDriver.open(str(trace_path)) as blk:
+                await blk.write(1, b"traced!!" * 64)
+                assert await blk.read(1, 512) == b"traced!!" * 64
+
+        asyncio.run(use())
+    finally:
+        _stop(tracer)
+    out = tracer.stdout.read().decode() if tracer.stdout else ""
+    for expected in ("GET_FEATURES reply", "SET_MEM_TABLE", "SET_VRING_KICK", "GET_CONFIG reply"):
+        assert expected in out, out
+    assert " us)" in out  # reply latencies are shown
+    assert not trace_path.exists()
+
+
+def test_demo_runs_end_to_end() -> None:
+    result = subprocess.run(
+        [*VVU, "demo", "--size", "8", "--request-size", "256"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "verified every byte of 32 requests" in result.stdout
+    assert "all good" in result.stdout
