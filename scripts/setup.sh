@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Set up everything vvu needs on a fresh Debian 12 machine, idempotently:
 # Debian packages, a virtualenv in .venv with the dev tools, and vvu itself built in release mode.
+# With --tests, also the real peers the test suite runs against (QEMU and its Linux guest, ...).
 set -euo pipefail
+FOR_TESTS=0
+if [ "${1:-}" = "--tests" ]; then FOR_TESTS=1; fi
 cd "$(dirname "$0")/.."
 
 log() { printf '==> %s\n' "$*"; }
@@ -9,8 +12,9 @@ log() { printf '==> %s\n' "$*"; }
 # Debian packages the test suite uses. Install only what is missing so a second run is fast.
 # qemu-system-x86 and the rest run the integration tests' Linux guest (scripts/guest-image.sh):
 # busybox-static for its userland, cpio/xz-utils/zstd to build the initramfs and unpack modules.
-APT_PACKAGES=(build-essential pkg-config python3-venv
-    qemu-system-x86 busybox-static cpio xz-utils zstd)
+APT_PACKAGES=(build-essential pkg-config python3-venv)
+TEST_PACKAGES=(qemu-system-x86 busybox-static cpio xz-utils zstd)
+if ((FOR_TESTS)); then APT_PACKAGES+=("${TEST_PACKAGES[@]}"); fi
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -19,7 +23,7 @@ if ((${#missing[@]})); then
     log "installing Debian packages: ${missing[*]}"
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 command -v cargo >/dev/null || { echo "cargo not found: install a Rust toolchain (rustup) first" >&2; exit 1; }
@@ -34,5 +38,5 @@ log "installing vvu (release build) and dev tools into .venv"
 # Editable install through the maturin build backend: the same path `pip install .` takes.
 .venv/bin/python -m pip install -q -e '.[dev]'
 # The QEMU guest for the integration tests (cached in .cache/guest: instant when already built).
-./scripts/guest-image.sh
+if ((FOR_TESTS)); then ./scripts/guest-image.sh; fi
 log "setup done"
