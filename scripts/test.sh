@@ -18,11 +18,13 @@ else
     cargo test -p vvu-core
 fi
 step "ruff"
-ruff check python tests
-ruff format --check python tests
+ruff check python tests benches
+ruff format --check python tests benches
 step "mypy --strict"
 mypy
 step "stubtest (vvu._core against python/vvu/_core.pyi)"
 python -m mypy.stubtest vvu._core --allowlist .stubtest-allowlist
 step "pytest"
 pytest
+step "end-to-end benchmarks, run once each as smoke tests (timings: make bench)"
+pytest benches/e2e -q -p no:cacheprovider
