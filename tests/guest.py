@@ -290,7 +290,7 @@ class Guest:
     ) -> None:
         self.image = image if image is not None else guest_image()
         self.timeout = timeout
-        self.workdir = Path(tempfile.mkdtemp(prefix="vvu-guest-"))
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"vvu-guest-{os.getpid()}-"))
         self._lock = threading.Lock()
         self._cond = threading.Condition()
         self._stopped = False

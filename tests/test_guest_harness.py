@@ -55,11 +55,11 @@ def _child_pids() -> set[int]:
 def no_leftovers() -> Iterator[None]:
     """Every test must leave no QEMU running and no guest temp directory behind."""
     tmp = Path(tempfile.gettempdir())
-    before, dirs_before = _child_pids(), set(tmp.glob("vvu-guest-*"))
+    before, dirs_before = _child_pids(), set(tmp.glob(f"vvu-guest-{os.getpid()}-*"))
     yield
     assert live_guests() == []
     assert _child_pids() - before == set()
-    assert set(tmp.glob("vvu-guest-*")) - dirs_before == set()
+    assert set(tmp.glob(f"vvu-guest-{os.getpid()}-*")) - dirs_before == set()
 
 
 def _ok(result: GuestResult) -> GuestResult:
