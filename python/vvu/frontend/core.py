@@ -206,7 +206,10 @@ class Frontend:
         """
         spec = spec_for(request, "frontend")
         always = spec is not None and spec.replies is ReplyKind.ALWAYS
-        want_ack = self.reply_ack if need_reply is None else need_reply and self.reply_ack
+        # Never NEED_REPLY on a request that replies anyway (GET_*): it changes nothing by the
+        # spec, QEMU never sends it, and libvhost-user (qemu-storage-daemon) then echoes the bit
+        # in its reply (flags 0xd), which strict front-ends (QEMU's, ours) refuse.
+        want_ack = not always and self.reply_ack and need_reply is not False
         async with self._lock:
             data = encode_message(request, payload, need_reply=want_ack, nfds=len(fds))
             await self.channel.send(data, fds)
