@@ -12,8 +12,9 @@ log() { printf '==> %s\n' "$*"; }
 # Debian packages the test suite uses. Install only what is missing so a second run is fast.
 # qemu-system-x86 and the rest run the integration tests' Linux guest (scripts/guest-image.sh):
 # busybox-static for its userland, cpio/xz-utils/zstd to build the initramfs and unpack modules.
+# qemu-system-common has qemu-storage-daemon, the vhost-user-blk peer of tests/test_qsd.py.
 APT_PACKAGES=(build-essential pkg-config python3-venv)
-TEST_PACKAGES=(qemu-system-x86 busybox-static cpio xz-utils zstd)
+TEST_PACKAGES=(qemu-system-x86 qemu-system-common busybox-static cpio xz-utils zstd)
 if ((FOR_TESTS)); then APT_PACKAGES+=("${TEST_PACKAGES[@]}"); fi
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -1,0 +1,267 @@
+"""Our back-ends against a real front-end: QEMU's vhost-user devices and a Linux guest's drivers.
+
+`vvu serve blk` and `vvu serve rng` run as they would in production (a child process on a
+socket); QEMU (tests/guest.py, TCG) plugs ``vhost-user-blk-pci`` / ``vhost-user-rng-pci`` into
+them and the guest's virtio drivers do real I/O. The host checks what the guest reports against
+the image file itself. Select or skip them with ``-m guest`` / ``-m 'not guest'``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from guest import GuestError, guest_image, live_guests, qemu_escape, start_guest
+
+pytestmark = pytest.mark.guest
+
+# A guest boots in ~3 s under TCG; this bounds a hung run well below pytest's own timeout.
+TIMEOUT = 60.0
+MiB = 1 << 20
+DISK_SIZE = 16 * MiB
+STOP_GRACE = 10.0
+
+
+# --- leak checks ---------------------------------------------------------------------------
+
+
+def _child_pids() -> set[int]:
+    me = str(os.getpid())
+    children: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
+        if stat.rsplit(")", 1)[1].split()[1] == me:
+            children.add(int(entry.name))
+    return children
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers() -> Iterator[None]:
+    """No daemon or QEMU may outlive its test, nor any guest temp directory of this process."""
+    guest_image()  # skip (or fail, in CI) before starting a daemon when there is no guest
+    mine = f"vvu-guest-{os.getpid()}-*"  # other processes' guests are theirs to clean up
+    tmp = Path(tempfile.gettempdir())
+    before, dirs_before = _child_pids(), set(tmp.glob(mine))
+    yield
+    assert live_guests() == []
+    assert _child_pids() - before == set()
+    assert set(tmp.glob(mine)) - dirs_before == set()
+
+
+# --- the back-end daemon -------------------------------------------------------------------
+
+
+class Daemon:
+    """`vvu -v serve ...` in a child process, logging to a file; stopped by PID."""
+
+    def __init__(self, args: Sequence[str], socket_path: Path, log_path: Path) -> None:
+        self.socket_path = socket_path
+        self.log_path = log_path
+        argv = [sys.executable, "-m", "vvu", "-v", "serve", *args]
+        setpriv = shutil.which("setpriv")
+        if setpriv is not None:  # killed if the test process dies without cleaning up
+            argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
+        with log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+            )
+        try:
+            deadline = time.monotonic() + 10
+            while not socket_path.exists():
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"vvu serve exited early:\n{self.log()}")
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{socket_path} did not appear:\n{self.log()}")
+                time.sleep(0.02)
+        except BaseException:
+            self.stop()
+            raise
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> int:
+        """SIGTERM, then SIGKILL after a grace period; returns the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def serve() -> Iterator[list[Daemon]]:
+    """Daemons a test started (append); all are stopped and must remove their sockets."""
+    daemons: list[Daemon] = []
+    yield daemons
+    for daemon in daemons:
+        daemon.stop()
+    for daemon in daemons:
+        assert not daemon.socket_path.exists(), "the daemon must remove its socket on SIGTERM"
+
+
+def _serve(daemons: list[Daemon], tmp_path: Path, name: str, *args: str) -> Daemon:
+    socket_path = tmp_path / f"{name}.sock"
+    daemon = Daemon(
+        [name, "--socket-path", str(socket_path), *args], socket_path, tmp_path / f"{name}.log"
+    )
+    daemons.append(daemon)
+    return daemon
+
+
+def _vhost_user(device: str, socket_path: Path, *props: str) -> list[str]:
+    chardev = f"socket,id=vu0,path={qemu_escape(str(socket_path))}"
+    return ["-chardev", chardev, "-device", ",".join([device, "chardev=vu0", *props])]
+
+
+def _run_guest(script: str, qemu_args: Sequence[str], daemon: Daemon) -> list[str]:
+    """Boot a guest running `script`; its output lines. Its QEMU and temp directory are gone
+    on return."""
+    with start_guest(script, qemu_args=qemu_args, timeout=TIMEOUT) as guest:
+        try:
+            result = guest.wait()
+        except GuestError as err:
+            raise AssertionError(f"{err}\n--- daemon log ---\n{daemon.log()}") from err
+    assert not guest.workdir.exists()
+    assert result.exit_status == 0, f"{result.serial}\n--- daemon log ---\n{daemon.log()}"
+    return result.output.split("\n")
+
+
+def _md5(line: str) -> str:
+    """The hash from a `md5sum` output line."""
+    digest = line.split(maxsplit=1)[0]
+    assert len(digest) == 32, line
+    return digest
+
+
+# --- vhost-user-blk ------------------------------------------------------------------------
+
+
+def test_blk_guest_writes_and_a_second_guest_on_the_same_daemon_reads_back(
+    tmp_path: Path, serve: list[Daemon]
+) -> None:
+    image = tmp_path / "disk.img"
+    header = b"vvu-host-wrote-this\n"
+    with image.open("wb") as f:
+        f.write(header)
+        f.truncate(DISK_SIZE)
+    offset, length = 2 * MiB, 4 * MiB
+    daemon = _serve(serve, tmp_path, "blk", "--image", str(image), "--num-queues", "1")
+    devices = _vhost_user("vhost-user-blk-pci", daemon.socket_path, "num-queues=1")
+
+    # Guest 1: random data (md5 printed) to the disk with O_DIRECT and an fsync (FLUSH), then
+    # read back with O_DIRECT and once more through the page cache after dropping it.
+    first = f"""
+set -e
+cat /sys/block/vda/size /sys/block/vda/ro
+head -c {len(header)} /dev/vda
+head -c {length} /dev/urandom > /tmp/pattern
+md5sum /tmp/pattern
+dd if=/tmp/pattern of=/dev/vda bs=1M seek={offset // MiB} oflag=direct conv=fsync 2>/dev/null
+dd if=/dev/vda bs=1M skip={offset // MiB} count={length // MiB} iflag=direct 2>/dev/null | md5sum
+echo 3 > /proc/sys/vm/drop_caches
+dd if=/dev/vda bs=1M skip={offset // MiB} count={length // MiB} 2>/dev/null | md5sum
+"""
+    lines = _run_guest(first, devices, daemon)
+    assert lines[0] == str(DISK_SIZE // 512)
+    assert lines[1] == "0"
+    assert lines[2] == header.decode().strip()
+    written = _md5(lines[3])
+    assert _md5(lines[4]) == written  # O_DIRECT read-back
+    assert _md5(lines[5]) == written  # after drop_caches
+    data = image.read_bytes()
+    assert hashlib.md5(data[offset : offset + length]).hexdigest() == written
+    assert data[: len(header)] == header
+    assert data[len(header) : offset].count(0) == offset - len(header)
+    assert data[offset + length :].count(0) == DISK_SIZE - offset - length
+
+    # That QEMU is gone; the same daemon (still running) serves a second one.
+    assert daemon.running(), daemon.log()
+    second = f"""
+set -e
+cat /sys/block/vda/size
+dd if=/dev/vda bs=1M skip={offset // MiB} count={length // MiB} iflag=direct 2>/dev/null | md5sum
+"""
+    lines = _run_guest(second, devices, daemon)
+    assert lines[0] == str(DISK_SIZE // 512)
+    assert _md5(lines[1]) == written
+
+    assert daemon.stop() == 0
+    log = daemon.log()
+    assert log.count("session released") == 2, log
+    assert "stopped after 2 front-end session(s)" in log
+
+
+def test_blk_read_only_daemon_gives_the_guest_a_read_only_disk(
+    tmp_path: Path, serve: list[Daemon]
+) -> None:
+    image = tmp_path / "ro.img"
+    content = random.Random(42).randbytes(MiB)
+    with image.open("wb") as f:
+        f.write(content)
+        f.truncate(DISK_SIZE)
+    daemon = _serve(serve, tmp_path, "blk", "--image", str(image), "--read-only")
+
+    script = """
+cat /sys/block/vda/ro
+dd if=/dev/vda bs=1M count=1 iflag=direct 2>/dev/null | md5sum
+if dd if=/dev/zero of=/dev/vda bs=4096 count=1 oflag=direct 2>/dev/null; then
+    echo write-succeeded
+else
+    echo write-failed
+fi
+"""
+    devices = _vhost_user("vhost-user-blk-pci", daemon.socket_path, "num-queues=1")
+    lines = _run_guest(script, devices, daemon)
+    assert lines[0] == "1"
+    assert _md5(lines[1]) == hashlib.md5(content).hexdigest()
+    assert lines[2] == "write-failed"
+    assert image.read_bytes()[:MiB] == content
+    assert daemon.stop() == 0
+
+
+# --- vhost-user-rng ------------------------------------------------------------------------
+
+
+def test_rng_guest_reads_hwrng_from_the_daemon(tmp_path: Path, serve: list[Daemon]) -> None:
+    daemon = _serve(serve, tmp_path, "rng")
+    script = """
+set -e
+cat /sys/class/misc/hw_random/rng_current
+head -c 128 /dev/hwrng > /tmp/r
+wc -c < /tmp/r
+od -An -v -tx1 /tmp/r | tr -d ' \\n'; echo
+"""
+    # vhost-user-rng-pci is QEMU's name for it (`qemu-system-x86_64 -device help`).
+    devices = _vhost_user("vhost-user-rng-pci", daemon.socket_path)
+    lines = _run_guest(script, devices, daemon)
+    assert lines[0].startswith("virtio_rng")  # the guest has no other hardware RNG
+    assert int(lines[1]) == 128
+    data = bytes.fromhex(lines[2])
+    assert len(data) == 128
+    assert len(set(data)) > 16  # neither zeros nor a constant fill
+    assert daemon.stop() == 0
+    assert "session released" in daemon.log()
