@@ -57,6 +57,19 @@ WANTED_PROTOCOL_FEATURES = (
 )
 
 
+#: Offered bits this front-end must not ack: it drives split rings with plain guest-physical
+#: addresses, polls nothing, and keeps no dirty log (LOG_ALL only means something with a log).
+UNSUPPORTED_FEATURES = (
+    VhostFeature.LOG_ALL.mask
+    | VirtioFeature.ACCESS_PLATFORM.mask
+    | VirtioFeature.RING_PACKED.mask
+    | VirtioFeature.IN_ORDER.mask
+    | VirtioFeature.NOTIFICATION_DATA.mask
+    | VirtioFeature.NOTIF_CONFIG_DATA.mask
+    | VirtioFeature.RING_RESET.mask
+)
+
+
 class FrontendError(VvuError):
     """The back-end refused a request or answered something the front-end cannot use."""
 
@@ -262,7 +275,7 @@ class Frontend:
                 self.num_queues = await self.request_u64(_F.GET_QUEUE_NUM)
         await self.request(_F.SET_OWNER)
         wanted = offered if features is None else features & offered
-        wanted &= ~VirtioFeature.RING_PACKED.mask  # this front-end drives split rings
+        wanted &= ~UNSUPPORTED_FEATURES
         self.features = wanted
         await self.request(_F.SET_FEATURES, U64(wanted))
         return wanted
