@@ -102,6 +102,7 @@ class PythonQueueRunner:
         self._index = index
         self._batch = batch
         self._broken: str | None = None
+        self._stopped = False
         self._poll_handle: asyncio.TimerHandle | None = None
         loop = asyncio.get_running_loop()
         if kick is not None:
@@ -114,7 +115,7 @@ class PythonQueueRunner:
         self._process()
 
     def _process(self) -> None:
-        if self._broken is not None:
+        if self._broken is not None or self._stopped:  # stop() may beat the first call_soon
             return
         queue = self.queue
         try:
@@ -135,7 +136,7 @@ class PythonQueueRunner:
                     self.call.signal()
         except Exception as err:  # a broken ring or handler: stop this queue, keep the session
             self._broken = str(err)
-            log.error("queue %d broken: %s", self._index, err)
+            log.error("queue %d broken: %s", self._index, self._broken)
             if self.err is not None:
                 self.err.signal()
             return
@@ -147,7 +148,13 @@ class PythonQueueRunner:
         if call is not None:
             call.signal()  # a completion may have raced with the swap; a spurious call is harmless
 
+    def set_err(self, err: EventFd | None) -> None:
+        self.err = err
+        if err is not None and self._broken is not None:
+            err.signal()  # broken before the swap: tell the new listener too
+
     async def stop(self) -> SplitQueue:
+        self._stopped = True
         if self._kick is not None:
             asyncio.get_running_loop().remove_reader(self._kick.fileno())
         if self._poll_handle is not None:
@@ -163,6 +170,14 @@ class NativeQueueRunner:
 
     def set_call(self, call: EventFd | None) -> None:
         self._worker.set_call(call)
+
+    def set_err(self, err: EventFd | None) -> None:
+        self._worker.set_err(err)
+
+    @property
+    def fault(self) -> str | None:
+        """Why the worker stopped processing on its own (it cannot log it itself)."""
+        return self._worker.fault
 
     async def stop(self) -> SplitQueue:
         # Joining waits for in-flight requests to complete: off the event loop.
@@ -292,7 +307,9 @@ class BackendEngine:
             await self._teardown(session)
             self.session = None
             self.sessions_served += 1
-            log.info("%s %s; session released", channel.peer, reason)
+            # A front-end that broke the protocol or the channel is worth a warning.
+            level = logging.INFO if reason == "disconnected" else logging.WARNING
+            log.log(level, "%s %s; session released", channel.peer, reason)
 
     async def _teardown(self, session: Session) -> None:
         for vring in session.vrings:
@@ -333,7 +350,8 @@ class BackendEngine:
             reply = await handler(msg)
         except (RequestFailed, GuestMemoryError, QueueError, ConfigError, ValueError) as err:
             if answer is Answer.ACK:
-                log.warning("%s failed: %s", msg.name, err)
+                # The text only: a log record kept with the error would pin its frames (memory).
+                log.warning("%s failed: %s", msg.name, str(err))
                 await session.channel.send(encode_ack(msg.request, ok=False))
                 return
             raise _Disconnect(f"{msg.name} failed: {err}") from err
@@ -366,8 +384,13 @@ class BackendEngine:
         runner, vring.runner = vring.runner, None
         if runner is None:
             return
+        if isinstance(runner, NativeQueueRunner) and runner.fault is not None:
+            log.error("queue %d broken: %s", vring.index, runner.fault)
         queue = await runner.stop()
         vring.base = queue.next_avail
+        # Let go of the guest memory now: the thread pool may keep the queue object alive in a
+        # reference cycle until the next garbage collection.
+        queue.detach()
         self.backend.queue_stopped(vring.index)
 
     async def _update_ring(self, vring: Vring) -> None:
@@ -384,9 +407,11 @@ class BackendEngine:
         running = [v for v in self._session().vrings if v.runner is not None]
         for vring in running:
             await self._stop_runner(vring)
-        change()
-        for vring in running:
-            await self._update_ring(vring)
+        try:
+            change()
+        finally:  # refused (overlap, region in use): the rings go on with the memory they had
+            for vring in running:
+                await self._update_ring(vring)
 
     def _start_runner(self, vring: Vring) -> None:
         session = self._session()
@@ -606,6 +631,8 @@ class BackendEngine:
         assert isinstance(msg.payload, U64)
         vring = self._vring(msg.payload.vring_index)
         old, vring.err = vring.err, self._adopt_eventfd(msg)
+        if vring.runner is not None:
+            vring.runner.set_err(vring.err)
         if old is not None:
             old.close()
 
@@ -635,10 +662,14 @@ class BackendEngine:
         session = self._session()
         if session.backend_channel is not None:
             session.backend_channel.close()
+            session.backend_channel = None
         fd = self._one_fd(msg)
-        session.backend_channel = session.channel.open_backend_channel(
-            None if fd is None else os.dup(fd)
-        )
+        try:
+            session.backend_channel = session.channel.open_backend_channel(
+                None if fd is None else os.dup(fd)
+            )
+        except TransportError as err:  # not a socket: refuse the request, keep the session
+            raise RequestFailed(str(err)) from err
 
     async def _get_config(self, msg: Message) -> Payload:
         assert isinstance(msg.payload, Config)

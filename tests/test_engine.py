@@ -1,0 +1,1467 @@
+"""The back-end engine driven the way real front-ends drive it.
+
+A raw scripted front-end (`Peer`) sends exact messages with exact flags and fds over a socketpair
+and reads exact replies; data goes through split rings laid out in a memfd that is shared with
+SET_MEM_TABLE (`Guest`, `Ring`), or through our own `Frontend` with `BlkDriver`/`RngDriver`.
+
+Synchronisation is always an awaited event: a reply, a call eventfd, a completion future, the end
+of the serving task. `TIMEOUT` only guards against hangs. "No reply was sent" is proved with a
+GET_FEATURES barrier: the engine answers in order, so the next message must be that reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from vvu._core import EventFd, GuestMemory, SplitQueueDriver, memfd
+from vvu.aio import wait_eventfd
+from vvu.backends import BlkBackend, RngBackend
+from vvu.engine import MAX_MEM_SLOTS, BackendEngine
+from vvu.frontend import BlkDriver, Frontend, FrontendQueue, RngDriver
+from vvu.frontend.blk import T_IN, T_OUT
+from vvu.protocol import (
+    EMPTY,
+    NEED_REPLY,
+    REPLY_FLAGS,
+    U64,
+    VERSION,
+    Config,
+    DeviceStatus,
+    FrontendRequest,
+    Header,
+    MemoryRegion,
+    MemoryTable,
+    Payload,
+    ProtocolFeature,
+    SingleRegion,
+    VhostFeature,
+    VirtioFeature,
+    VringAddr,
+    VringState,
+    decode_message,
+)
+from vvu.transport.base import RawMessage, TransportError
+from vvu.transport.unix import UnixListener, connect_unix, socketpair_channels
+
+pytestmark = pytest.mark.timeout(30)
+
+F = FrontendRequest
+PF = ProtocolFeature
+MiB = 1 << 20
+TIMEOUT = 5.0  # hang guard only
+#: Guest physical and front-end virtual addresses differ, so a GPA/UVA mix-up fails loudly.
+GPA = 0x1_0000_0000
+UVA = 0x7F00_0000_0000
+DISK = 4 * MiB
+PROTOCOL_FEATURES = VhostFeature.PROTOCOL_FEATURES.mask
+#: What QEMU asks of a blk back-end (it also asks for bits we do not offer; they are masked).
+QEMU_PROTOCOL = (
+    PF.MQ.mask
+    | PF.REPLY_ACK.mask
+    | PF.BACKEND_REQ.mask
+    | PF.CONFIG.mask
+    | PF.RESET_DEVICE.mask
+    | PF.CONFIGURE_MEM_SLOTS.mask
+    | PF.STATUS.mask
+)
+RUNNING = DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK
+
+
+# --- the scripted front-end's pieces ------------------------------------------------------------
+
+
+def open_fds() -> dict[int, str]:
+    """Every open fd of this process and what it refers to."""
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the directory's own fd is gone already
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+    return fds
+
+
+def assert_no_fd_leak(before: dict[int, str]) -> None:
+    after = open_fds()
+    assert len(after) == len(before), {fd: t for fd, t in after.items() if before.get(fd) != t}
+
+
+def mappings(name: str) -> int:
+    """How many mappings of the memfd called `name` this process has (ours and the engine's)."""
+    with open("/proc/self/maps") as maps:
+        return sum(1 for line in maps if line.rstrip().endswith(f"/memfd:{name} (deleted)"))
+
+
+class Guest:
+    """Front-end guest memory: memfd regions, mapped here at UVA + gpa, handed out bump-style."""
+
+    _serial = 0
+
+    def __init__(self, size: int = 2 * MiB) -> None:
+        Guest._serial += 1
+        self.name = f"vvu-test-{os.getpid()}-{Guest._serial}"
+        self.memory = GuestMemory()
+        self.regions: list[tuple[MemoryRegion, int, str]] = []
+        self.add(GPA, size)
+        self._next = GPA + 0x1000
+        self._end = GPA + size
+
+    def add(self, gpa: int, size: int) -> tuple[MemoryRegion, int]:
+        """Another region (memfd) at `gpa`; the caller tells the back-end about it."""
+        name = f"{self.name}-{len(self.regions)}"
+        fd = memfd(size, name)
+        self.memory.add_region(fd, gpa, size, userspace_addr=UVA + gpa)
+        region = MemoryRegion(gpa, size, UVA + gpa, 0)
+        self.regions.append((region, fd, name))
+        return region, fd
+
+    @property
+    def table(self) -> MemoryTable:
+        return MemoryTable(tuple(r for r, _, _ in self.regions))
+
+    @property
+    def fds(self) -> list[int]:
+        return [fd for _, fd, _ in self.regions]
+
+    def alloc(self, size: int, align: int = 64) -> int:
+        gpa = (self._next + align - 1) & ~(align - 1)
+        assert gpa + size <= self._end, "test guest memory exhausted"
+        self._next = gpa + size
+        return gpa
+
+    def engine_mappings(self) -> int:
+        """Mappings of our regions that are not our own: the engine's."""
+        return sum(mappings(name) - 1 for _, _, name in self.regions)
+
+    def close(self) -> None:
+        for _, fd, _ in self.regions:
+            os.close(fd)
+        self.regions.clear()
+        self.memory = GuestMemory()  # unmaps ours once the rings' drivers are gone too
+
+
+class Ring:
+    """One split ring in guest memory, with its kick, call and err eventfds."""
+
+    def __init__(
+        self,
+        guest: Guest,
+        index: int = 0,
+        size: int = 64,
+        *,
+        event_idx: bool = False,
+        start: int = 0,
+    ) -> None:
+        self.guest = guest
+        self.index = index
+        self.size = size
+        self.desc = guest.alloc(16 * size, 4096)
+        self.avail = guest.alloc(6 + 2 * size, 64)
+        self.used = guest.alloc(6 + 8 * size, 64)
+        self.driver = SplitQueueDriver(
+            guest.memory,
+            size,
+            self.desc,
+            self.avail,
+            self.used,
+            event_idx=event_idx,
+            start_index=start,
+        )
+        self.kick, self.call, self.err = EventFd(), EventFd(), EventFd()
+        self.queue = FrontendQueue(index, size, self.driver, self.kick, self.call)
+
+    @property
+    def addr(self) -> VringAddr:
+        return VringAddr(self.index, 0, UVA + self.desc, UVA + self.used, UVA + self.avail, 0)
+
+    @property
+    def used_idx(self) -> int:
+        return self.guest.memory.load_u16(self.used + 2)
+
+    def close(self) -> None:
+        self.queue.close()  # kick and call
+        self.err.close()
+        del self.queue, self.driver  # they hold the guest memory
+
+
+@dataclass
+class BlkRequest:
+    head: int
+    status: int
+    data: int
+
+
+def blk_submit(
+    ring: Ring,
+    kind: int,
+    sector: int,
+    *,
+    out: bytes = b"",
+    in_len: int = 0,
+    data: int | None = None,
+) -> BlkRequest:
+    """Add one virtio-blk request to the ring (not published)."""
+    memory = ring.guest.memory
+    header, status = ring.guest.alloc(16, 16), ring.guest.alloc(1, 1)
+    memory.write(header, struct.pack("<IIQ", kind, 0, sector))
+    memory.write(status, b"\xff")
+    length = len(out) or in_len
+    if data is None:
+        data = ring.guest.alloc(length, 512) if length else 0
+    readable, writable = [(header, 16)], []
+    if out:
+        memory.write(data, out)
+        readable.append((data, len(out)))
+    if in_len:
+        writable.append((data, in_len))
+    writable.append((status, 1))
+    return BlkRequest(ring.queue.submit(readable, writable), status, data)
+
+
+def blk_status(ring: Ring, request: BlkRequest) -> int:
+    return ring.guest.memory.read(request.status, 1)[0]
+
+
+async def blk_io(
+    ring: Ring,
+    kind: int,
+    sector: int,
+    *,
+    out: bytes = b"",
+    in_len: int = 0,
+    data: int | None = None,
+) -> bytes:
+    request = blk_submit(ring, kind, sector, out=out, in_len=in_len, data=data)
+    done = ring.queue.completion(request.head)
+    ring.queue.notify()
+    await asyncio.wait_for(done, TIMEOUT)
+    assert blk_status(ring, request) == 0
+    return ring.guest.memory.read(request.data, in_len) if in_len else b""
+
+
+async def check_io(ring: Ring, sector: int = 8, *, data: int | None = None) -> None:
+    """A written block reads back (through buffers at `data`, if given)."""
+    block = os.urandom(4096)
+    await blk_io(ring, T_OUT, sector, out=block, data=data)
+    assert await blk_io(ring, T_IN, sector, in_len=4096, data=data) == block
+
+
+class Peer:
+    """A raw front-end on one engine session: exact bytes out, exact replies in."""
+
+    def __init__(self, engine: BackendEngine) -> None:
+        self.engine = engine
+        self.channel, server = socketpair_channels()
+        self.task = asyncio.ensure_future(engine.serve(server))
+
+    async def send(
+        self,
+        request: int,
+        payload: Payload | bytes = EMPTY,
+        fds: Sequence[int] = (),
+        *,
+        need_reply: bool = False,
+        flags: int | None = None,
+    ) -> None:
+        body = payload if isinstance(payload, bytes) else payload.pack()
+        if flags is None:
+            flags = VERSION | (NEED_REPLY if need_reply else 0)
+        await self.channel.send(Header(request, flags, len(body)).pack() + body, fds)
+
+    async def recv(self) -> RawMessage | None:
+        return await asyncio.wait_for(self.channel.recv(), TIMEOUT)
+
+    async def raw_reply(self, request: int) -> RawMessage:
+        raw = await self.recv()
+        assert raw is not None, f"the engine hung up instead of answering request {request}"
+        raw.close_fds()
+        assert raw.request == request, f"reply to {raw.request}, expected one to {request}"
+        assert raw.flags == REPLY_FLAGS, f"reply flags {raw.flags:#x}, must be exactly 0x5"
+        return raw
+
+    async def reply(self, request: FrontendRequest) -> Payload:
+        raw = await self.raw_reply(request)
+        header = Header(raw.request, raw.flags, len(raw.payload))
+        return decode_message(header, raw.payload, is_reply=True).payload
+
+    async def ack(self, request: int) -> int:
+        """The u64 of a REPLY_ACK reply (0 ok)."""
+        raw = await self.raw_reply(request)
+        assert len(raw.payload) == 8, f"an ack is a u64, got {len(raw.payload)} bytes"
+        return int.from_bytes(raw.payload, "little")
+
+    async def get(
+        self, request: FrontendRequest, payload: Payload = EMPTY, *, need_reply: bool = False
+    ) -> Payload:
+        await self.send(request, payload, need_reply=need_reply)
+        return await self.reply(request)
+
+    async def get_u64(self, request: FrontendRequest, *, need_reply: bool = False) -> int:
+        reply = await self.get(request, need_reply=need_reply)
+        assert isinstance(reply, U64)
+        return reply.value
+
+    async def do(
+        self,
+        request: FrontendRequest,
+        payload: Payload = EMPTY,
+        fds: Sequence[int] = (),
+        *,
+        need_reply: bool = False,
+    ) -> None:
+        """Send a request that has no reply of its own; with NEED_REPLY, expect a success ack."""
+        await self.send(request, payload, fds, need_reply=need_reply)
+        if need_reply:
+            assert await self.ack(request) == 0, f"{request.name} was refused"
+
+    async def barrier(self) -> None:
+        """GET_FEATURES round trip (QEMU's sync without REPLY_ACK): also proves that nothing was
+        sent since the last expected reply."""
+        assert await self.get_u64(F.GET_FEATURES) == self.engine.offered_features()
+
+    async def close(self) -> None:
+        """Hang up and wait until the engine released the session."""
+        self.channel.close()
+        await asyncio.wait_for(self.task, TIMEOUT)
+
+    async def expect_dropped(self) -> None:
+        """The engine hangs up on us (EOF, or a reset if it left our bytes unread)."""
+        try:
+            raw = await self.recv()
+        except TransportError:
+            raw = None
+        assert raw is None, f"expected the engine to hang up, got {raw}"
+        await self.close()
+
+
+async def negotiate(
+    peer: Peer,
+    *,
+    protocol: int = QEMU_PROTOCOL,
+    features: int | None = None,
+    need_reply: bool = False,
+) -> int:
+    """Features and protocol features, QEMU-style; returns the acked features."""
+    offered = await peer.get_u64(F.GET_FEATURES)
+    if offered & PROTOCOL_FEATURES:
+        offered_protocol = await peer.get_u64(F.GET_PROTOCOL_FEATURES)
+        await peer.do(F.SET_PROTOCOL_FEATURES, U64(offered_protocol & protocol))
+    await peer.do(F.SET_OWNER, need_reply=need_reply)
+    acked = offered if features is None else features
+    await peer.do(F.SET_FEATURES, U64(acked), need_reply=need_reply)
+    return acked
+
+
+async def start_ring(peer: Peer, ring: Ring, *, need_reply: bool = False, base: int = 0) -> None:
+    """NUM, BASE, ADDR, CALL, ERR, KICK, ENABLE: the ring runs when this returns (with
+    need_reply; otherwise once a later reply proves the engine got this far)."""
+    i = ring.index
+    await peer.do(F.SET_VRING_NUM, VringState(i, ring.size), need_reply=need_reply)
+    await peer.do(F.SET_VRING_BASE, VringState(i, base), need_reply=need_reply)
+    await peer.do(F.SET_VRING_ADDR, ring.addr, need_reply=need_reply)
+    await peer.do(F.SET_VRING_CALL, U64.vring(i), [ring.call.fileno()], need_reply=need_reply)
+    await peer.do(F.SET_VRING_ERR, U64.vring(i), [ring.err.fileno()], need_reply=need_reply)
+    await peer.do(F.SET_VRING_KICK, U64.vring(i), [ring.kick.fileno()], need_reply=need_reply)
+    await peer.do(F.SET_VRING_ENABLE, VringState(i, 1), need_reply=need_reply)
+
+
+async def blk_session(peer: Peer, guest: Guest, ring: Ring, *, io: bool = True) -> None:
+    """The whole QEMU handshake with REPLY_ACK, one running ring, and a checked write/read."""
+    await negotiate(peer, features=peer.engine.offered_features() & ~VirtioFeature.EVENT_IDX.mask)
+    await peer.do(F.SET_MEM_TABLE, guest.table, guest.fds, need_reply=True)
+    await start_ring(peer, ring, need_reply=True)
+    if io:
+        await check_io(ring)
+
+
+async def fresh_blk_frontend(engine: BackendEngine) -> None:
+    """Our own Frontend and BlkDriver on a new connection to `engine`: data round-trips."""
+    client, server = socketpair_channels()
+    task = asyncio.ensure_future(engine.serve(server))
+    frontend = Frontend(client, memory_size=2 * MiB)
+    try:
+        await frontend.negotiate()
+        await frontend.set_mem_table()
+        (capacity,) = struct.unpack("<Q", await frontend.get_config(0, 8))
+        assert capacity == DISK // 512
+        queue = await frontend.start_queue(0, 64)
+        blk = BlkDriver(frontend, queue, capacity, depth=4, max_request=64 * 1024)
+        data = os.urandom(3 * 4096)
+        await asyncio.wait_for(blk.write(100, data), TIMEOUT)
+        assert await asyncio.wait_for(blk.read(100, len(data)), TIMEOUT) == data
+    finally:
+        await frontend.close()
+    await asyncio.wait_for(task, TIMEOUT)
+
+
+def warning_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+# --- fixtures -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def blk() -> Iterator[BlkBackend]:
+    backend = BlkBackend(size=DISK)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture
+def engine(blk: BlkBackend) -> BackendEngine:
+    return BackendEngine(blk)
+
+
+@pytest.fixture
+def engine2() -> Iterator[BackendEngine]:
+    """A two-queue blk device."""
+    backend = BlkBackend(size=DISK, num_queues=2)
+    yield BackendEngine(backend)
+    backend.close()
+
+
+# --- handshake orders of real front-ends (§15) --------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("reply_ack", [True, False], ids=["reply-ack", "no-reply-ack"])
+async def test_qemu_order(engine: BackendEngine, reply_ack: bool) -> None:
+    """CALL and ERR before SET_FEATURES, GET_FEATURES barriers anywhere, MEM_TABLE, NUM BASE ADDR
+    KICK, the real CALL, ENABLE (acked, or synced with GET_FEATURES), STATUS, stop."""
+    before = open_fds()
+    guest = Guest()
+    ring = Ring(guest, event_idx=True)
+    masked = EventFd()
+    ours, theirs = socket.socketpair()
+    peer = Peer(engine)
+
+    offered = await peer.get_u64(F.GET_FEATURES)
+    assert offered & PROTOCOL_FEATURES and offered & VirtioFeature.VERSION_1.mask
+    offered_protocol = await peer.get_u64(F.GET_PROTOCOL_FEATURES)
+    wanted = QEMU_PROTOCOL if reply_ack else QEMU_PROTOCOL & ~PF.REPLY_ACK.mask
+    assert offered_protocol & wanted == wanted
+    await peer.send(F.SET_PROTOCOL_FEATURES, U64(wanted))
+    assert await peer.get_u64(F.GET_QUEUE_NUM) == 1
+    assert 8 <= await peer.get_u64(F.GET_MAX_MEM_SLOTS) <= 512
+    await peer.do(F.SET_BACKEND_REQ_FD, fds=[theirs.fileno()], need_reply=reply_ack)
+    theirs.close()
+    await peer.do(F.SET_OWNER)
+    assert await peer.get_u64(F.GET_FEATURES) == offered
+    await peer.send(F.SET_VRING_CALL, U64.vring(0), [masked.fileno()])  # the masked notifier
+    await peer.send(F.SET_VRING_ERR, U64.vring(0), [ring.err.fileno()])
+    await peer.barrier()
+    await peer.do(F.SET_FEATURES, U64(offered))
+    await peer.do(F.SET_STATUS, U64(RUNNING))
+    await peer.do(F.SET_MEM_TABLE, guest.table, guest.fds, need_reply=reply_ack)
+    await peer.send(F.SET_VRING_NUM, VringState(0, ring.size))
+    await peer.send(F.SET_VRING_BASE, VringState(0, 0))
+    await peer.send(F.SET_VRING_ADDR, ring.addr)
+    await peer.send(F.SET_VRING_KICK, U64.vring(0), [ring.kick.fileno()])
+    await peer.barrier()
+    await peer.send(F.SET_VRING_CALL, U64.vring(0), [ring.call.fileno()])  # the guest notifier
+    await peer.send(F.SET_VRING_ENABLE, VringState(0, 1), need_reply=reply_ack)
+    if reply_ack:
+        assert await peer.ack(F.SET_VRING_ENABLE) == 0
+    else:
+        await peer.barrier()
+    await peer.do(F.SET_STATUS, U64(RUNNING | DeviceStatus.DRIVER_OK))
+    assert await peer.get_u64(F.GET_STATUS) == RUNNING | DeviceStatus.DRIVER_OK
+
+    await check_io(ring)
+    await check_io(ring, sector=DISK // 512 - 8)  # the last block
+    stopped = await peer.get(F.GET_VRING_BASE, VringState(0, 0))
+    assert stopped == VringState(0, 4)
+    await peer.close()
+    ring.close()
+    masked.close()
+    ours.close()
+    guest.close()
+    assert_no_fd_leak(before)
+
+
+@pytest.mark.asyncio
+async def test_cloud_hypervisor_order(engine2: BackendEngine) -> None:
+    """NEED_REPLY on every message once REPLY_ACK is negotiated; NUM for all rings first;
+    SET_BACKEND_REQ_FD last, after the rings are enabled."""
+    before = open_fds()
+    guest = Guest()
+    rings = [Ring(guest, 0), Ring(guest, 1)]
+    ours, theirs = socket.socketpair()
+    peer = Peer(engine2)
+
+    await peer.do(F.SET_OWNER)
+    offered = await peer.get_u64(F.GET_FEATURES)
+    offered_protocol = await peer.get_u64(F.GET_PROTOCOL_FEATURES)
+    wanted = PF.MQ.mask | PF.REPLY_ACK.mask | PF.BACKEND_REQ.mask | PF.CONFIG.mask
+    wanted |= PF.CONFIGURE_MEM_SLOTS.mask
+    assert offered_protocol & wanted == wanted
+    await peer.send(F.SET_PROTOCOL_FEATURES, U64(wanted))  # not yet acked: REPLY_ACK starts now
+    await peer.do(F.SET_FEATURES, U64(offered & ~VirtioFeature.EVENT_IDX.mask), need_reply=True)
+    await peer.do(F.SET_MEM_TABLE, guest.table, guest.fds, need_reply=True)
+    for ring in rings:
+        await peer.do(F.SET_VRING_NUM, VringState(ring.index, ring.size), need_reply=True)
+    for ring in rings:
+        i = ring.index
+        await peer.do(F.SET_VRING_ADDR, ring.addr, need_reply=True)
+        await peer.do(F.SET_VRING_BASE, VringState(i, 0), need_reply=True)
+        await peer.do(F.SET_VRING_CALL, U64.vring(i), [ring.call.fileno()], need_reply=True)
+        await peer.do(F.SET_VRING_KICK, U64.vring(i), [ring.kick.fileno()], need_reply=True)
+    for ring in rings:
+        await peer.do(F.SET_VRING_ENABLE, VringState(ring.index, 1), need_reply=True)
+    await peer.do(F.SET_BACKEND_REQ_FD, fds=[theirs.fileno()], need_reply=True)
+    theirs.close()
+
+    await check_io(rings[0], 8)
+    await check_io(rings[1], 16)
+    # Requests with a reply of their own get that one reply, NEED_REPLY or not.
+    assert await peer.get_u64(F.GET_FEATURES, need_reply=True) == offered
+    for ring in rings:
+        stopped = await peer.get(F.GET_VRING_BASE, VringState(ring.index, 0), need_reply=True)
+        assert stopped == VringState(ring.index, 2)
+    await peer.barrier()
+    await peer.close()
+    for ring in rings:
+        ring.close()
+    ours.close()
+    guest.close()
+    assert_no_fd_leak(before)
+
+
+@pytest.mark.asyncio
+async def test_crosvm_order(engine: BackendEngine) -> None:
+    """REPLY_ACK negotiated but NEED_REPLY never set (so no ack ever comes); stop with
+    ENABLE(0), then GET_VRING_BASE."""
+    before = open_fds()
+    guest = Guest()
+    ring = Ring(guest)
+    ours, theirs = socket.socketpair()
+    peer = Peer(engine)
+
+    await peer.send(F.SET_OWNER)
+    offered = await peer.get_u64(F.GET_FEATURES)
+    offered_protocol = await peer.get_u64(F.GET_PROTOCOL_FEATURES)
+    wanted = PF.MQ.mask | PF.REPLY_ACK.mask | PF.BACKEND_REQ.mask | PF.CONFIG.mask
+    await peer.send(F.SET_PROTOCOL_FEATURES, U64(offered_protocol & wanted))
+    await peer.send(F.SET_BACKEND_REQ_FD, fds=[theirs.fileno()])
+    theirs.close()
+    assert await peer.get_u64(F.GET_QUEUE_NUM) == 1
+    acked = offered & ~VirtioFeature.EVENT_IDX.mask & ~VirtioFeature.RING_PACKED.mask
+    await peer.send(F.SET_FEATURES, U64(acked))
+    await peer.send(F.SET_MEM_TABLE, guest.table, guest.fds)
+    await peer.send(F.SET_VRING_NUM, VringState(0, ring.size))
+    await peer.send(F.SET_VRING_ADDR, ring.addr)
+    await peer.send(F.SET_VRING_BASE, VringState(0, 0))
+    await peer.send(F.SET_VRING_CALL, U64.vring(0), [ring.call.fileno()])
+    await peer.send(F.SET_VRING_KICK, U64.vring(0), [ring.kick.fileno()])
+    await peer.send(F.SET_VRING_ENABLE, VringState(0, 1))
+    await peer.barrier()  # no ack came for any of the above
+
+    await check_io(ring)
+    await peer.send(F.SET_VRING_ENABLE, VringState(0, 0))
+    assert await peer.get(F.GET_VRING_BASE, VringState(0, 0)) == VringState(0, 2)
+    await peer.barrier()
+    await peer.close()
+    ring.close()
+    ours.close()
+    guest.close()
+    assert_no_fd_leak(before)
+
+
+@pytest.mark.asyncio
+async def test_dpdk_order(engine: BackendEngine) -> None:
+    """Only MQ, REPLY_ACK and STATUS; every CALL before SET_FEATURES; SET_MEM_TABLE with
+    NEED_REPLY; NUM BASE ADDR KICK; ENABLE; status through SET/GET_STATUS; stop ENABLE(0),
+    GET_VRING_BASE."""
+    before = open_fds()
+    guest = Guest()
+    ring = Ring(guest, event_idx=True)
+    peer = Peer(engine)
+
+    offered = await peer.get_u64(F.GET_FEATURES)
+    await peer.send(F.SET_OWNER)
+    offered_protocol = await peer.get_u64(F.GET_PROTOCOL_FEATURES)
+    wanted = PF.MQ.mask | PF.REPLY_ACK.mask | PF.STATUS.mask
+    assert offered_protocol & wanted == wanted
+    await peer.send(F.SET_PROTOCOL_FEATURES, U64(wanted))
+    await peer.send(F.SET_VRING_CALL, U64.vring(0), [ring.call.fileno()])
+    await peer.send(F.SET_FEATURES, U64(offered))
+    await peer.do(F.SET_MEM_TABLE, guest.table, guest.fds, need_reply=True)
+    await peer.send(F.SET_VRING_NUM, VringState(0, ring.size))
+    await peer.send(F.SET_VRING_BASE, VringState(0, 0))
+    await peer.send(F.SET_VRING_ADDR, ring.addr)
+    await peer.send(F.SET_VRING_KICK, U64.vring(0), [ring.kick.fileno()])
+    await peer.send(F.SET_VRING_ENABLE, VringState(0, 1))
+    await peer.do(F.SET_STATUS, U64(RUNNING | DeviceStatus.DRIVER_OK), need_reply=True)
+    assert await peer.get_u64(F.GET_STATUS) == RUNNING | DeviceStatus.DRIVER_OK
+
+    await check_io(ring)
+    await peer.send(F.SET_VRING_ENABLE, VringState(0, 0))
+    assert await peer.get(F.GET_VRING_BASE, VringState(0, 0)) == VringState(0, 2)
+    await peer.close()
+    ring.close()
+    guest.close()
+    assert_no_fd_leak(before)
+
+
+# --- REPLY_ACK (§10) ----------------------------------------------------------------------------
+
+
+async def _acked_requests(
+    peer: Peer, guest: Guest, ring: Ring, *, need_reply: bool, acked: bool
+) -> None:
+    """Every kind of request without a reply of its own, each sent with `need_reply`; `acked`:
+    each must get its ack (and only one), otherwise none may come."""
+    features = peer.engine.offered_features() & ~VirtioFeature.EVENT_IDX.mask
+    requests: list[tuple[FrontendRequest, Payload, list[int]]] = [
+        (F.SET_OWNER, EMPTY, []),
+        (F.SET_FEATURES, U64(features), []),
+        (F.SET_MEM_TABLE, guest.table, guest.fds),
+        (F.SET_VRING_NUM, VringState(0, ring.size), []),
+        (F.SET_VRING_BASE, VringState(0, 0), []),
+        (F.SET_VRING_ADDR, ring.addr, []),
+        (F.SET_VRING_CALL, U64.vring(0), [ring.call.fileno()]),
+        (F.SET_VRING_ERR, U64.vring(0), [ring.err.fileno()]),
+        (F.SET_VRING_KICK, U64.vring(0), [ring.kick.fileno()]),
+        (F.SET_VRING_ENABLE, VringState(0, 1), []),
+        (F.SET_STATUS, U64(RUNNING), []),
+        (F.RESET_OWNER, EMPTY, []),  # deprecated: stops the ring, keeps everything else
+        (F.SET_VRING_KICK, U64.vring(0), [ring.kick.fileno()]),  # running again
+    ]
+    for request, payload, fds in requests:
+        await peer.send(request, payload, fds, need_reply=need_reply)
+        if acked:
+            raw = await peer.raw_reply(request)  # flags exactly 0x5 and the request id
+            assert raw.payload == bytes(8), f"{request.name}: {raw.payload.hex()}"
+            await peer.barrier()  # exactly one reply
+
+
+@pytest.mark.asyncio
+async def test_reply_ack_is_one_u64_with_flags_0x5_and_the_request_id(
+    engine: BackendEngine,
+) -> None:
+    guest, peer = Guest(), Peer(engine)
+    ring = Ring(guest)
+    await peer.get_u64(F.GET_FEATURES)
+    await peer.send(F.SET_PROTOCOL_FEATURES, U64(PF.REPLY_ACK.mask | PF.STATUS.mask))
+    await _acked_requests(peer, guest, ring, need_reply=True, acked=True)
+    await check_io(ring)
+    await peer.close()
+    ring.close()
+    guest.close()
+
+
+@pytest.mark.asyncio
+async def test_no_ack_without_need_reply(engine: BackendEngine) -> None:
+    guest, peer = Guest(), Peer(engine)
+    ring = Ring(guest)
+    await peer.get_u64(F.GET_FEATURES)
+    await peer.send(F.SET_PROTOCOL_FEATURES, U64(PF.REPLY_ACK.mask | PF.STATUS.mask))
+    await _acked_requests(peer, guest, ring, need_reply=False, acked=False)
+    await peer.barrier()  # the first message to come back is this reply
+    await check_io(ring)
+    await peer.close()
+    ring.close()
+    guest.close()
+
+
+@pytest.mark.asyncio
+async def test_no_ack_when_reply_ack_is_not_negotiated(engine: BackendEngine) -> None:
+    """NEED_REPLY without REPLY_ACK (never offered to this peer, or not acked) is ignored."""
+    guest, peer = Guest(), Peer(engine)
+    ring = Ring(guest)
+    await peer.send(F.SET_OWNER, need_reply=True)  # before any negotiation
+    await peer.barrier()
+    await peer.get_u64(F.GET_PROTOCOL_FEATURES)
+    await peer.send(F.SET_PROTOCOL_FEATURES, U64(PF.MQ.mask | PF.STATUS.mask), need_reply=True)
+    await _acked_requests(peer, guest, ring, need_reply=True, acked=False)
+    await peer.barrier()
+    await check_io(ring)
+    await peer.close()
+    ring.close()
+    guest.close()
+
+
+@pytest.mark.asyncio
+async def test_requests_with_a_reply_get_exactly_one_with_need_reply(
+    engine: BackendEngine,
+) -> None:
+    guest, peer = Guest(), Peer(engine)
+    ring = Ring(guest)
+    await blk_session(peer, guest, ring)
+    offered = engine.offered_features()
+    assert await peer.get_u64(F.GET_FEATURES, need_reply=True) == offered
+    offered_protocol = await peer.get_u64(F.GET_PROTOCOL_FEATURES, need_reply=True)
+    assert offered_protocol == engine.offered_protocol_features()
+    assert await peer.get_u64(F.GET_QUEUE_NUM, need_reply=True) == 1
+    assert await peer.get_u64(F.GET_MAX_MEM_SLOTS, need_reply=True) == MAX_MEM_SLOTS
+    assert await peer.get_u64(F.GET_STATUS, need_reply=True) == 0
+    config = await peer.get(F.GET_CONFIG, Config(0, 0, bytes(8)), need_reply=True)
+    assert config == Config(0, 0, struct.pack("<Q", DISK // 512))
+    assert await peer.get(F.GET_VRING_BASE, VringState(0, 0), need_reply=True) == VringState(0, 2)
+    await peer.barrier()
+    await peer.close()
+    ring.close()
+    guest.close()
+
+
+@pytest.mark.asyncio
+async def test_failing_request_with_need_reply_gets_a_failure_ack_and_the_session_goes_on(
+    engine: BackendEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    guest, peer = Guest(), Peer(engine)
+    ring = Ring(guest)
+    await blk_session(peer, guest, ring)
+    caplog.set_level(logging.INFO, logger="vvu")
+    await peer.send(F.SET_VRING_NUM, VringState(0, 32), need_reply=True)  # resize while running
+    assert await peer.ack(F.SET_VRING_NUM) == 1
+    assert warning_lines(caplog) == [
+        "SET_VRING_NUM failed: vring 0 is running; stop it before resizing"
+    ]
+    await peer.barrier()
+    await check_io(ring)
+    await peer.close()
+    ring.close()
+    guest.close()
+
+
+# --- features -----------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_protocol_features_apply_before_set_features(engine: BackendEngine) -> None:
+    peer = Peer(engine)
+    offered_protocol = await peer.get_u64(F.GET_PROTOCOL_FEATURES)  # before even GET_FEATURES
+    assert offered_protocol == engine.offered_protocol_features()
+    assert offered_protocol & (PF.MQ.mask | PF.REPLY_ACK.mask | PF.CONFIG.mask)
+    await peer.send(F.SET_PROTOCOL_FEATURES, U64(PF.REPLY_ACK.mask | PF.STATUS.mask))
+    # Both are in force at once, with no SET_FEATURES yet.
+    await peer.do(F.SET_STATUS, U64(DeviceStatus.ACKNOWLEDGE), need_reply=True)
+    assert await peer.get_u64(F.GET_STATUS) == DeviceStatus.ACKNOWLEDGE
+    await peer.close()
+
+
+@pytest.mark.asyncio
+async def test_unoffered_feature_bits_are_refused(
+    engine: BackendEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    peer = Peer(engine)
+    offered = await peer.get_u64(F.GET_FEATURES)
+    await peer.send(F.SET_PROTOCOL_FEATURES, U64(PF.REPLY_ACK.mask | PF.STATUS.mask))
+    caplog.set_level(logging.INFO, logger="vvu")
+    packed = VirtioFeature.RING_PACKED.mask
+    assert not offered & packed
+    await peer.send(F.SET_FEATURES, U64(offered | packed), need_reply=True)
+    assert await peer.ack(F.SET_FEATURES) == 1
+    inband = PF.INBAND_NOTIFICATIONS.mask
+    assert not engine.offered_protocol_features() & inband
+    await peer.send(F.SET_PROTOCOL_FEATURES, U64(PF.REPLY_ACK.mask | inband), need_reply=True)
+    assert await peer.ack(F.SET_PROTOCOL_FEATURES) == 1
+    assert len(warning_lines(caplog)) == 2
+    assert "were never offered" in warning_lines(caplog)[0]
+    # Nothing of the refused masks was taken: STATUS is still negotiated, features are not set.
+    assert await peer.get_u64(F.GET_STATUS) == 0
+    assert engine.session is not None and not engine.session.features_set
+    await peer.do(F.SET_FEATURES, U64(offered), need_reply=True)
+    # Without NEED_REPLY, a refusal can only be a hang-up.
+    await peer.send(F.SET_FEATURES, U64(offered | packed))
+    await peer.expect_dropped()
+
+
+@pytest.mark.asyncio
+async def test_without_protocol_features_rings_are_enabled_at_set_features(
+    engine: BackendEngine,
+) -> None:
+    guest, peer = Guest(), Peer(engine)
+    ring = Ring(guest)
+    offered = await peer.get_u64(F.GET_FEATURES)
+    await peer.send(F.SET_OWNER)
+    acked = offered & ~PROTOCOL_FEATURES & ~VirtioFeature.EVENT_IDX.mask
+    await peer.send(F.SET_FEATURES, U64(acked))
+    await peer.send(F.SET_MEM_TABLE, guest.table, guest.fds)
+    await peer.send(F.SET_VRING_NUM, VringState(0, ring.size))
+    await peer.send(F.SET_VRING_BASE, VringState(0, 0))
+    await peer.send(F.SET_VRING_ADDR, ring.addr)
+    await peer.send(F.SET_VRING_CALL, U64.vring(0), [ring.call.fileno()])
+    await peer.send(F.SET_VRING_KICK, U64.vring(0), [ring.kick.fileno()])  # no ENABLE at all
+    await check_io(ring)
+    await peer.close()
+    ring.close()
+    guest.close()
+
+
+@pytest.mark.asyncio
+async def test_with_protocol_features_rings_wait_for_enable(engine: BackendEngine) -> None:
+    guest, peer = Guest(), Peer(engine)
+    ring = Ring(guest)
+    await negotiate(peer, features=engine.offered_features() & ~VirtioFeature.EVENT_IDX.mask)
+    await peer.do(F.SET_MEM_TABLE, guest.table, guest.fds, need_reply=True)
+    await peer.do(F.SET_VRING_NUM, VringState(0, ring.size), need_reply=True)
+    await peer.do(F.SET_VRING_BASE, VringState(0, 0), need_reply=True)
+    await peer.do(F.SET_VRING_ADDR, ring.addr, need_reply=True)
+    await peer.do(F.SET_VRING_CALL, U64.vring(0), [ring.call.fileno()], need_reply=True)
+    await peer.do(F.SET_VRING_KICK, U64.vring(0), [ring.kick.fileno()], need_reply=True)
+
+    # Started but disabled: a kicked request stays in the ring.
+    request = blk_submit(ring, T_OUT, 8, out=os.urandom(512))
+    done = ring.queue.completion(request.head)
+    ring.queue.notify()
+    await peer.barrier()
+    assert engine.session is not None and engine.session.vrings[0].runner is None
+    assert ring.used_idx == 0 and not done.done()
+    await peer.do(F.SET_VRING_ENABLE, VringState(0, 1), need_reply=True)
+    await asyncio.wait_for(done, TIMEOUT)
+    assert blk_status(ring, request) == 0
+    # Disabled again and re-enabled: processing resumes where it stopped.
+    await peer.do(F.SET_VRING_ENABLE, VringState(0, 0), need_reply=True)
+    assert engine.session.vrings[0].runner is None
+    await peer.do(F.SET_VRING_ENABLE, VringState(0, 1), need_reply=True)
+    await check_io(ring)
+    assert await peer.get(F.GET_VRING_BASE, VringState(0, 0)) == VringState(0, 3)
+    await peer.close()
+    ring.close()
+    guest.close()
+
+
+# --- vring life cycle (§6) ----------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("device", ["blk", "rng"])
+async def test_requests_already_in_the_ring_run_at_set_vring_kick_without_a_kick(
+    device: str,
+) -> None:
+    backend = BlkBackend(size=DISK) if device == "blk" else RngBackend()
+    engine = BackendEngine(backend)
+    guest, peer = Guest(), Peer(engine)
+    ring = Ring(guest)
+    await negotiate(peer, features=engine.offered_features() & ~VirtioFeature.EVENT_IDX.mask)
+    await peer.do(F.SET_MEM_TABLE, guest.table, guest.fds, need_reply=True)
+    await peer.do(F.SET_VRING_NUM, VringState(0, ring.size), need_reply=True)
+    await peer.do(F.SET_VRING_ADDR, ring.addr, need_reply=True)
+    await peer.do(F.SET_VRING_CALL, U64.vring(0), [ring.call.fileno()], need_reply=True)
+    await peer.do(F.SET_VRING_ENABLE, VringState(0, 1), need_reply=True)
+    done = []
+    for i in range(3):
+        if device == "blk":
+            head = blk_submit(ring, T_OUT, 8 * i, out=bytes([i]) * 512).head
+        else:
+            head = ring.queue.submit([], [(ring.guest.alloc(32), 32)])
+        done.append(ring.queue.completion(head))
+    ring.driver.publish()  # and never kick
+    await peer.do(F.SET_VRING_KICK, U64.vring(0), [ring.kick.fileno()], need_reply=True)
+    used = await asyncio.wait_for(asyncio.gather(*done), TIMEOUT)
+    assert used == ([1, 1, 1] if device == "blk" else [32, 32, 32])
+    assert ring.kick.consume() == 0  # nobody kicked
+    await peer.close()
+    ring.close()
+    guest.close()
+    if isinstance(backend, BlkBackend):
+        backend.close()
+
+
+@pytest.mark.asyncio
+async def test_get_vring_base_stops_after_in_flight_requests_and_the_ring_resumes(
+    engine: BackendEngine,
+) -> None:
+    """GET_VRING_BASE answers once every request the ring took is completed, with the next avail
+    index (free-running, here across the 16-bit wrap); SET_VRING_BASE + KICK resume from it."""
+    start = 0xFFF0
+    guest, peer = Guest(4 * MiB), Peer(engine)
+    ring = Ring(guest, size=256, start=start)
+    await negotiate(peer, features=engine.offered_features() & ~VirtioFeature.EVENT_IDX.mask)
+    await peer.do(F.SET_MEM_TABLE, guest.table, guest.fds, need_reply=True)
+    await start_ring(peer, ring, need_reply=True, base=start)
+
+    blocks = [os.urandom(4096) for _ in range(64)]
+    requests = [blk_submit(ring, T_OUT, 8 * i, out=block) for i, block in enumerate(blocks)]
+    ring.queue.notify()  # kick, and stop at once
+    stopped = await peer.get(F.GET_VRING_BASE, VringState(0, 0))
+    assert isinstance(stopped, VringState) and stopped.index == 0
+    taken = (stopped.num - start) & 0xFFFF
+    assert 0 <= taken <= len(requests)
+    assert stopped.num == ring.used_idx  # everything taken is completed and published
+    assert all(blk_status(ring, r) == 0 for r in requests[:taken])
+    assert all(blk_status(ring, r) == 0xFF for r in requests[taken:])
+    await peer.barrier()
+    assert ring.used_idx == stopped.num  # and nothing moved after the answer
+
+    done = [ring.queue.completion(r.head) for r in requests]
+    await peer.do(F.SET_VRING_BASE, VringState(0, stopped.num), need_reply=True)
+    await peer.do(F.SET_VRING_KICK, U64.vring(0), [ring.kick.fileno()], need_reply=True)
+    await asyncio.wait_for(asyncio.gather(*done), TIMEOUT)  # the rest, without another kick
+    for i, block in enumerate(blocks):
+        assert await blk_io(ring, T_IN, 8 * i, in_len=4096) == block
+    final = await peer.get(F.GET_VRING_BASE, VringState(0, 0))
+    assert final == VringState(0, (start + 2 * len(blocks)) & 0xFFFF)
+    await peer.close()
+    ring.close()
+    guest.close()
+
+
+@pytest.mark.asyncio
+async def test_python_ring_stopped_right_after_it_started_stays_stopped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SET_VRING_KICK and GET_VRING_BASE back to back, handled without the loop running in
+    between: the Python path must not touch the ring after it reported the base."""
+    engine = BackendEngine(RngBackend())
+    guest, peer = Guest(), Peer(engine)
+    ring = Ring(guest)
+    await negotiate(peer, features=engine.offered_features() & ~VirtioFeature.EVENT_IDX.mask)
+    await peer.do(F.SET_MEM_TABLE, guest.table, guest.fds, need_reply=True)
+    await peer.do(F.SET_VRING_NUM, VringState(0, ring.size), need_reply=True)
+    await peer.do(F.SET_VRING_ADDR, ring.addr, need_reply=True)
+    await peer.do(F.SET_VRING_ERR, U64.vring(0), [ring.err.fileno()], need_reply=True)
+    await peer.do(F.SET_VRING_ENABLE, VringState(0, 1), need_reply=True)
+    caplog.set_level(logging.INFO, logger="vvu")
+    for _ in range(4):
+        ring.queue.submit([], [(guest.alloc(16), 16)])
+    ring.driver.publish()
+    kick = Header(F.SET_VRING_KICK, VERSION, 8).pack() + U64.vring(0).pack()
+    stop = Header(F.GET_VRING_BASE, VERSION, 8).pack() + VringState(0, 0).pack()
+    await peer.channel.send(kick + stop, [ring.kick.fileno()])
+    stopped = await peer.reply(F.GET_VRING_BASE)
+    assert isinstance(stopped, VringState)
+    await peer.barrier()  # the loop has run since
+    assert ring.used_idx == stopped.num
+    assert ring.err.consume() == 0 and warning_lines(caplog) == []
+    await peer.close()
+    ring.close()
+    guest.close()
+
+
+@pytest.mark.asyncio
+async def test_call_fd_replaced_while_running_loses_no_completion(engine: BackendEngine) -> None:
+    guest, peer = Guest(4 * MiB), Peer(engine)
+    ring = Ring(guest, size=256)
+    await blk_session(peer, guest, ring, io=False)  # the front-end reaps by hand here
+    call = ring.call  # from now on the front-end listens on the newest call fd only
+    completed = 0
+    for i in range(100):
+        request = blk_submit(ring, T_OUT, i % 64, out=bytes([i]) * 512)
+        ring.queue.notify()
+        new = EventFd()
+        await peer.send(F.SET_VRING_CALL, U64.vring(0), [new.fileno()])  # racing the completion
+        if call is not ring.call:
+            call.close()
+        call = new
+        while True:
+            await wait_eventfd(call, TIMEOUT)
+            reaped = ring.driver.reap_all()
+            completed += len(reaped)
+            if any(head == request.head for head, _ in reaped):
+                break
+    assert completed == 100
+    await peer.barrier()
+    call.close()
+    await peer.close()
+    ring.close()
+    guest.close()
+
+
+@pytest.mark.asyncio
+async def test_set_mem_table_while_running_reattaches_the_rings(engine: BackendEngine) -> None:
+    guest, peer = Guest(), Peer(engine)
+    ring = Ring(guest)
+    await blk_session(peer, guest, ring)
+    assert guest.engine_mappings() == 1
+    hotplugged = GPA + 256 * MiB
+    guest.add(hotplugged, MiB)
+    await peer.do(F.SET_MEM_TABLE, guest.table, guest.fds, need_reply=True)
+    await check_io(ring, 24, data=hotplugged + 0x1000)  # a buffer in the new region
+    await check_io(ring, 32)
+    assert guest.engine_mappings() == 2  # the old table is unmapped, the new one mapped
+    await peer.close()
+    assert guest.engine_mappings() == 0
+    ring.close()
+    guest.close()
+
+
+@pytest.mark.asyncio
+async def test_add_and_remove_memory_regions(
+    engine: BackendEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = open_fds()
+    guest, peer = Guest(), Peer(engine)
+    ring = Ring(guest)
+    await negotiate(peer, features=engine.offered_features() & ~VirtioFeature.EVENT_IDX.mask)
+    assert await peer.get_u64(F.GET_MAX_MEM_SLOTS) == MAX_MEM_SLOTS
+    [(region, fd, _)] = guest.regions
+    await peer.do(F.ADD_MEM_REG, SingleRegion(region), [fd], need_reply=True)
+    await start_ring(peer, ring, need_reply=True)
+    await check_io(ring)
+
+    extra_gpa = GPA + 256 * MiB
+    extra, extra_fd = guest.add(extra_gpa, MiB)
+    await peer.do(F.ADD_MEM_REG, SingleRegion(extra), [extra_fd], need_reply=True)
+    await check_io(ring, 16, data=extra_gpa)
+    assert guest.engine_mappings() == 2
+    await peer.do(F.REM_MEM_REG, SingleRegion(extra), [extra_fd], need_reply=True)  # fd tolerated
+    assert guest.engine_mappings() == 1
+    await check_io(ring, 24)
+
+    caplog.set_level(logging.INFO, logger="vvu")
+    await peer.send(F.REM_MEM_REG, SingleRegion(extra), need_reply=True)  # gone already
+    assert await peer.ack(F.REM_MEM_REG) == 1
+    overlapping = MemoryRegion(GPA + MiB, MiB, UVA + extra_gpa, 0)
+    await peer.send(F.ADD_MEM_REG, SingleRegion(overlapping), [extra_fd], need_reply=True)
+    assert await peer.ack(F.ADD_MEM_REG) == 1
+    assert len(warning_lines(caplog)) == 2
+    await check_io(ring, 32)  # the refused changes left the ring running
+    await peer.close()
+    ring.close()
+    guest.close()
+    assert_no_fd_leak(before)
+
+
+@pytest.mark.asyncio
+async def test_reset_device_stops_everything_and_a_new_handshake_works(
+    engine: BackendEngine,
+) -> None:
+    guest, peer = Guest(), Peer(engine)
+    ring = Ring(guest)
+    await blk_session(peer, guest, ring)
+    await peer.do(F.SET_STATUS, U64(RUNNING | DeviceStatus.DRIVER_OK), need_reply=True)
+    await peer.do(F.RESET_DEVICE, need_reply=True)
+    session = engine.session
+    assert session is not None and session.owner
+    assert all(v.runner is None and not v.enabled for v in session.vrings)
+    assert not session.features_set
+    assert await peer.get_u64(F.GET_STATUS) == 0
+    # Protocol features survive (REPLY_ACK still works); the driver sets the device up again.
+    ring.close()
+    ring = Ring(guest)
+    await peer.do(
+        F.SET_FEATURES,
+        U64(engine.offered_features() & ~VirtioFeature.EVENT_IDX.mask),
+        need_reply=True,
+    )
+    await peer.do(F.SET_MEM_TABLE, guest.table, guest.fds, need_reply=True)
+    await start_ring(peer, ring, need_reply=True)
+    await check_io(ring)
+    await peer.close()
+    ring.close()
+    guest.close()
+
+
+@pytest.mark.asyncio
+async def test_status_config_and_queue_num(
+    engine2: BackendEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    peer = Peer(engine2)
+    await negotiate(peer)
+    assert await peer.get_u64(F.GET_QUEUE_NUM) == 2
+    assert await peer.get_u64(F.GET_STATUS) == 0
+    for status in (DeviceStatus.ACKNOWLEDGE, RUNNING, RUNNING | DeviceStatus.DRIVER_OK, 0):
+        await peer.do(F.SET_STATUS, U64(status), need_reply=True)
+        assert await peer.get_u64(F.GET_STATUS) == status
+    config = await peer.get(F.GET_CONFIG, Config(0, 0, bytes(60)))
+    assert isinstance(config, Config) and config.size == 60
+    capacity, _size_max, seg_max = struct.unpack_from("<QII", config.data)
+    assert (capacity, seg_max) == (DISK // 512, 126)
+    assert struct.unpack_from("<I", config.data, 20) == (512,)  # blk_size
+    assert struct.unpack_from("<H", config.data, 34) == (2,)  # num_queues
+    part = await peer.get(F.GET_CONFIG, Config(20, 0, bytes(4)))
+    assert part == Config(20, 0, struct.pack("<I", 512))
+    caplog.set_level(logging.INFO, logger="vvu")
+    await peer.send(F.SET_CONFIG, Config(0, 0, bytes(8)), need_reply=True)  # capacity: read-only
+    assert await peer.ack(F.SET_CONFIG) == 1
+    await peer.send(F.SET_STATUS, U64(0x100), need_reply=True)  # not a status byte
+    assert await peer.ack(F.SET_STATUS) == 1
+    assert len(warning_lines(caplog)) == 2
+    await peer.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("device", ["blk", "rng"])
+async def test_broken_ring_signals_the_current_err_fd_and_the_session_goes_on(
+    device: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ring whose driver hands out a buffer outside guest memory stops; the err fd that was
+    set while it ran is signalled, one line is logged, and the other ring keeps working."""
+    backend = BlkBackend(size=DISK, num_queues=2) if device == "blk" else RngBackend(num_queues=2)
+    engine = BackendEngine(backend)
+    before = open_fds()
+    guest, peer = Guest(), Peer(engine)
+    good, bad = Ring(guest, 0), Ring(guest, 1)
+    await negotiate(peer, features=engine.offered_features() & ~VirtioFeature.EVENT_IDX.mask)
+    await peer.do(F.SET_MEM_TABLE, guest.table, guest.fds, need_reply=True)
+    await start_ring(peer, good, need_reply=True)
+    await start_ring(peer, bad, need_reply=True)
+    err = EventFd()
+    await peer.do(F.SET_VRING_ERR, U64.vring(1), [err.fileno()], need_reply=True)
+    caplog.set_level(logging.INFO, logger="vvu")
+
+    bad.queue.submit([], [(GPA + 64 * MiB, 16)])
+    bad.queue.notify()
+    await wait_eventfd(err, TIMEOUT)
+    assert bad.err.consume() == 0  # replaced: no longer signalled
+    if device == "blk":
+        await check_io(good)
+    else:
+        done = good.queue.completion(good.queue.submit([], [(guest.alloc(16), 16)]))
+        good.queue.notify()
+        assert await asyncio.wait_for(done, TIMEOUT) == 16
+    stopped = await peer.get(F.GET_VRING_BASE, VringState(1, 0))
+    assert isinstance(stopped, VringState) and stopped.index == 1
+    await peer.barrier()
+    lines = warning_lines(caplog)
+    assert len(lines) == 1 and lines[0].startswith("queue 1 broken: "), lines
+    assert "outside guest memory" in lines[0]
+    await peer.close()
+    err.close()
+    good.close()
+    bad.close()
+    guest.close()
+    assert_no_fd_leak(before)
+    if isinstance(backend, BlkBackend):
+        backend.close()
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BadInput:
+    name: str
+    send: Callable[[Peer, Guest], Awaitable[None]]
+    #: "drop": the engine hangs up; "nack": a failure ack to `request` and the session goes on;
+    #: "eof": we hang up ourselves.
+    outcome: Literal["drop", "nack", "eof"]
+    log: str  # in the one warning line; "" for none
+    request: int = 0
+
+
+async def _send_bytes(peer: Peer, data: bytes, fds: Sequence[int] = ()) -> None:
+    await peer.channel.send(data, fds)
+
+
+async def _with_eventfd(peer: Peer, request: int, payload: Payload, need_reply: bool) -> None:
+    efd = EventFd()
+    try:
+        await peer.send(request, payload, [efd.fileno()], need_reply=need_reply)
+    finally:
+        efd.close()
+
+
+def _region(gpa: int, size: int) -> MemoryRegion:
+    return MemoryRegion(gpa, size, UVA + gpa, 0)
+
+
+async def _two_regions_one_fd(peer: Peer, guest: Guest) -> None:
+    table = MemoryTable((*guest.table.regions, _region(GPA + 256 * MiB, MiB)))
+    await peer.send(F.SET_MEM_TABLE, table, guest.fds, need_reply=True)
+
+
+async def _overlapping_regions(peer: Peer, guest: Guest) -> None:
+    table = MemoryTable((*guest.table.regions, _region(GPA + MiB, MiB)))
+    await peer.send(F.SET_MEM_TABLE, table, guest.fds * 2, need_reply=True)
+
+
+async def _nine_regions(peer: Peer, guest: Guest) -> None:
+    regions = b"".join(_region(GPA + i * MiB, MiB).pack() for i in range(9))
+    fds = guest.fds * 9
+    await peer.send(F.SET_MEM_TABLE, struct.pack("<II", 9, 0) + regions, fds, need_reply=True)
+
+
+async def _region_beyond_its_fd(peer: Peer, guest: Guest) -> None:
+    small = memfd(4096, "vvu-test-small")
+    try:
+        table = MemoryTable((_region(GPA, MiB),))
+        await peer.send(F.SET_MEM_TABLE, table, [small], need_reply=True)
+    finally:
+        os.close(small)
+
+
+async def _ring_outside_memory(peer: Peer, guest: Guest) -> None:
+    far = UVA + GPA + 512 * MiB
+    await peer.do(F.SET_VRING_NUM, VringState(1, 64), need_reply=True)
+    await peer.do(
+        F.SET_VRING_ADDR, VringAddr(1, 0, far, far + 0x1000, far + 0x2000, 0), need_reply=True
+    )
+    await peer.do(F.SET_VRING_ENABLE, VringState(1, 1), need_reply=True)
+    await _with_eventfd(peer, F.SET_VRING_KICK, U64.vring(1), need_reply=True)
+
+
+async def _backend_channel_not_a_socket(peer: Peer, guest: Guest) -> None:
+    await _with_eventfd(peer, F.SET_BACKEND_REQ_FD, EMPTY, need_reply=True)
+
+
+async def _hang_up_mid_message(peer: Peer, guest: Guest) -> None:
+    data = Header(F.SET_MEM_TABLE, VERSION, 40).pack() + guest.table.pack()[:10]
+    await peer.channel.send(data, guest.fds)
+
+
+async def _hang_up_mid_handshake(peer: Peer, guest: Guest) -> None:
+    await peer.send(F.SET_VRING_NUM, VringState(1, 64))
+    await peer.send(F.SET_VRING_BASE, VringState(1, 0))
+
+
+BAD_INPUT = [
+    BadInput(
+        "bad-version",
+        lambda p, g: p.send(F.GET_FEATURES, flags=0x2),
+        "drop",
+        "unsupported version 2",
+    ),
+    BadInput(
+        "unknown-flag-bits",
+        lambda p, g: p.send(F.SET_OWNER, flags=VERSION | 0x10),
+        "drop",
+        "unknown flag bits 0x10",
+    ),
+    BadInput(
+        "reply-flag-on-a-request",
+        lambda p, g: p.send(F.SET_OWNER, flags=REPLY_FLAGS),
+        "drop",
+        "REPLY flag set on a request",
+    ),
+    BadInput(
+        "payload-size-wrong",
+        lambda p, g: p.send(F.SET_FEATURES, bytes(4), need_reply=True),
+        "drop",
+        "SET_FEATURES",
+    ),
+    BadInput(
+        "payload-too-large",
+        lambda p, g: _send_bytes(p, Header(F.SET_MEM_TABLE, VERSION, 4097).pack() + bytes(4097)),
+        "drop",
+        "4096-byte cap",
+    ),
+    BadInput(
+        "call-without-nofd-and-without-fd",
+        lambda p, g: p.send(F.SET_VRING_CALL, U64.vring(0), need_reply=True),
+        "drop",
+        "0 fds attached",
+    ),
+    BadInput(
+        "call-with-nofd-and-an-fd",
+        lambda p, g: _with_eventfd(p, F.SET_VRING_CALL, U64.vring(0, nofd=True), True),
+        "drop",
+        "1 fds attached",
+    ),
+    BadInput("mem-table-fewer-fds", _two_regions_one_fd, "drop", "1 fds attached, expected 2"),
+    BadInput(
+        "vring-index-out-of-range-acked",
+        lambda p, g: _with_eventfd(p, F.SET_VRING_CALL, U64.vring(7), True),
+        "nack",
+        "vring index 7 out of range",
+        F.SET_VRING_CALL,
+    ),
+    BadInput(
+        "vring-index-out-of-range",
+        lambda p, g: p.send(F.SET_VRING_NUM, VringState(2, 64)),
+        "drop",
+        "vring index 2 out of range",
+    ),
+    BadInput("overlapping-regions", _overlapping_regions, "nack", "overlaps", F.SET_MEM_TABLE),
+    BadInput("nine-regions", _nine_regions, "drop", "at most 8"),
+    BadInput("region-beyond-its-fd", _region_beyond_its_fd, "nack", "file is", F.SET_MEM_TABLE),
+    BadInput(
+        "ring-outside-guest-memory",
+        _ring_outside_memory,
+        "nack",
+        "outside guest memory",
+        F.SET_VRING_KICK,
+    ),
+    BadInput(
+        "ring-size-not-a-power-of-two",
+        lambda p, g: p.send(F.SET_VRING_NUM, VringState(1, 100), need_reply=True),
+        "nack",
+        "size 100 is not a power of two",
+        F.SET_VRING_NUM,
+    ),
+    BadInput(
+        "unknown-request-acked",
+        lambda p, g: p.send(99, b"abc", need_reply=True),
+        "nack",
+        "unknown frontend request 99",
+        99,
+    ),
+    BadInput(
+        "unknown-request", lambda p, g: p.send(99, b"abc"), "drop", "unknown frontend request 99"
+    ),
+    BadInput(
+        "backend-channel-not-a-socket",
+        _backend_channel_not_a_socket,
+        "nack",
+        "not a socket",
+        F.SET_BACKEND_REQ_FD,
+    ),
+    BadInput("hang-up-mid-message", _hang_up_mid_message, "eof", "peer closed mid-message"),
+    BadInput("hang-up-mid-handshake", _hang_up_mid_handshake, "eof", ""),
+]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("case", BAD_INPUT, ids=[c.name for c in BAD_INPUT])
+async def test_bad_input(
+    engine2: BackendEngine, caplog: pytest.LogCaptureFixture, case: BadInput
+) -> None:
+    """One clear warning; a failure ack (and the session goes on) or a hang-up; every fd and
+    mapping released; and the same engine then serves a fresh front-end."""
+    before = open_fds()
+    guest, peer = Guest(), Peer(engine2)
+    ring = Ring(guest)
+    await blk_session(peer, guest, ring)
+    caplog.set_level(logging.INFO, logger="vvu")
+    caplog.clear()
+
+    await case.send(peer, guest)
+    if case.outcome == "nack":
+        assert await peer.ack(case.request) == 1
+        await peer.barrier()
+        await check_io(ring)
+        await peer.close()
+    elif case.outcome == "drop":
+        await peer.expect_dropped()
+    else:
+        await peer.close()
+
+    lines = warning_lines(caplog)
+    if case.log:
+        assert len(lines) == 1, lines
+        assert case.log in lines[0]
+    else:
+        assert lines == []
+        assert any("disconnected; session released" in r.getMessage() for r in caplog.records)
+    assert engine2.session is None
+    assert guest.engine_mappings() == 0
+    ring.close()
+    guest.close()
+    assert_no_fd_leak(before)
+
+    await fresh_blk_frontend(engine2)
+    assert engine2.sessions_served == 2
+    assert_no_fd_leak(before)
+
+
+# --- serving front-ends one after another -------------------------------------------------------
+
+
+class _Released(logging.Handler):
+    """Sets an event whenever the engine logs that a session was released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.event = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "session released" in record.getMessage():
+            self.event.set()
+
+    async def wait(self) -> None:
+        await asyncio.wait_for(self.event.wait(), TIMEOUT)
+        self.event.clear()
+
+
+@pytest.mark.asyncio
+async def test_serve_forever_on_a_unix_listener(
+    engine: BackendEngine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A front-end that hangs up mid-handshake, then one that does I/O with BlkDriver, then one
+    still connected when the server is cancelled (SIGTERM): each session is released whole."""
+    before = open_fds()
+    path = str(tmp_path / "blk.sock")
+    released = _Released()
+    caplog.set_level(logging.INFO, logger="vvu")
+    logging.getLogger("vvu.engine").addHandler(released)
+    listener = UnixListener(path)
+    server = asyncio.ensure_future(engine.serve_forever(listener))
+    try:
+        guest = Guest()
+        channel = await connect_unix(path, timeout=TIMEOUT)
+        await channel.send(Header(F.SET_OWNER, VERSION, 0).pack())
+        await channel.send(
+            Header(F.SET_MEM_TABLE, VERSION, 40).pack() + guest.table.pack(), guest.fds
+        )
+        channel.close()
+        await released.wait()
+        assert guest.engine_mappings() == 0
+        guest.close()
+
+        blk = await BlkDriver.open(path, depth=4, max_request=64 * 1024, queue_size=64)
+        async with blk:
+            data = os.urandom(8192)
+            await asyncio.wait_for(blk.write(0, data), TIMEOUT)
+            assert await asyncio.wait_for(blk.read(0, 8192), TIMEOUT) == data
+            assert await asyncio.wait_for(blk.get_id(), TIMEOUT) == b"vvu"
+        await released.wait()
+
+        blk = await BlkDriver.open(path, depth=4, max_request=64 * 1024, queue_size=64)
+        await asyncio.wait_for(blk.write(0, data), TIMEOUT)
+        server.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await server
+        assert engine.session is None and engine.sessions_served == 3
+        await blk.close()
+        del blk  # our guest memory
+    finally:
+        server.cancel()
+        listener.close()
+        logging.getLogger("vvu.engine").removeHandler(released)
+    assert_no_fd_leak(before)
+
+
+# --- the Python handler path --------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_rng_returns_random_bytes_of_the_requested_size() -> None:
+    backend = RngBackend()
+    engine = BackendEngine(backend)
+    before = open_fds()
+    client, server = socketpair_channels()
+    task = asyncio.ensure_future(engine.serve(server))
+    frontend = Frontend(client, memory_size=MiB)
+    try:
+        await frontend.negotiate()
+        await frontend.set_mem_table()
+        rng = RngDriver(frontend, await frontend.start_queue(0, 64))
+        seen = set()
+        for size in (1, 16, 64, 1000, 4096):
+            data = await asyncio.wait_for(rng.read(size), TIMEOUT)
+            assert len(data) == size
+            seen.add(data)
+        assert len(seen) == 5
+        big = await asyncio.wait_for(rng.read(4096), TIMEOUT)
+        assert len(set(big)) > 200  # 4096 random bytes hit nearly every byte value
+    finally:
+        await frontend.close()
+    await asyncio.wait_for(task, TIMEOUT)
+    del rng, frontend  # our guest memory
+    assert_no_fd_leak(before)
+
+
+@pytest.mark.asyncio
+async def test_rng_polls_a_ring_without_kick_fd() -> None:
+    """NOFD kick: nobody kicks, the Python path polls."""
+    engine = BackendEngine(RngBackend())
+    guest, peer = Guest(), Peer(engine)
+    ring = Ring(guest)
+    await negotiate(peer, features=engine.offered_features() & ~VirtioFeature.EVENT_IDX.mask)
+    await peer.do(F.SET_MEM_TABLE, guest.table, guest.fds, need_reply=True)
+    await peer.do(F.SET_VRING_NUM, VringState(0, ring.size), need_reply=True)
+    await peer.do(F.SET_VRING_ADDR, ring.addr, need_reply=True)
+    await peer.do(F.SET_VRING_CALL, U64.vring(0), [ring.call.fileno()], need_reply=True)
+    await peer.do(F.SET_VRING_KICK, U64.vring(0, nofd=True), need_reply=True)
+    await peer.do(F.SET_VRING_ENABLE, VringState(0, 1), need_reply=True)
+    for _ in range(3):
+        buffer = guest.alloc(128)
+        done = ring.queue.completion(ring.queue.submit([], [(buffer, 128)]))
+        ring.driver.publish()
+        assert await asyncio.wait_for(done, TIMEOUT) == 128
+    assert await peer.get(F.GET_VRING_BASE, VringState(0, 0)) == VringState(0, 3)
+    await peer.close()
+    ring.close()
+    guest.close()
