@@ -13,8 +13,9 @@ log() { printf '==> %s\n' "$*"; }
 # qemu-system-x86 and the rest run the integration tests' Linux guest (scripts/guest-image.sh):
 # busybox-static for its userland, cpio/xz-utils/zstd to build the initramfs and unpack modules.
 # qemu-system-common has qemu-storage-daemon, the vhost-user-blk peer of tests/test_qsd.py.
+# dpdk-dev has dpdk-testpmd and the virtio-user PMD, the vhost-user-net peer of tests/test_net.py.
 APT_PACKAGES=(build-essential pkg-config python3-venv)
-TEST_PACKAGES=(qemu-system-x86 qemu-system-common busybox-static cpio xz-utils zstd)
+TEST_PACKAGES=(qemu-system-x86 qemu-system-common busybox-static cpio xz-utils zstd dpdk-dev)
 if ((FOR_TESTS)); then APT_PACKAGES+=("${TEST_PACKAGES[@]}"); fi
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

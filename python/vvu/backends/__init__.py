@@ -12,17 +12,25 @@ from importlib.metadata import entry_points
 
 from vvu.backends.base import Backend, ConfigError
 from vvu.backends.blk import BlkBackend
+from vvu.backends.net import NetBackend
 from vvu.backends.rng import RngBackend
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Backend", "BlkBackend", "ConfigError", "RngBackend", "available_backends"]
+__all__ = [
+    "Backend",
+    "BlkBackend",
+    "ConfigError",
+    "NetBackend",
+    "RngBackend",
+    "available_backends",
+]
 
 ENTRY_POINT_GROUP = "vvu.backends"
 
 
 def _builtin() -> dict[str, type[Backend]]:
-    return {cls.name: cls for cls in (BlkBackend, RngBackend)}
+    return {cls.name: cls for cls in (BlkBackend, NetBackend, RngBackend)}
 
 
 def available_backends() -> dict[str, type[Backend]]:

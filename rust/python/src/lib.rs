@@ -5,6 +5,7 @@ use pyo3::prelude::*;
 
 mod errors;
 mod memory;
+mod net;
 mod notify;
 mod queue;
 mod worker;
@@ -21,6 +22,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<notify::PyPoller>()?;
     m.add_class::<worker::NativeHandler>()?;
     m.add_class::<worker::PyQueueWorker>()?;
+    m.add_class::<net::PyNetPort>()?;
     m.add_function(wrap_pyfunction!(memory::memfd, m)?)?;
     Ok(())
 }

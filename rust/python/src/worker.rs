@@ -32,6 +32,14 @@ pub struct NativeHandler {
 }
 
 impl NativeHandler {
+    /// Wrap a handler built by another binding module (`kind` names it in `repr`).
+    pub(crate) fn from_handler(handler: Box<dyn ChainHandler>, kind: &'static str) -> Self {
+        Self {
+            handler: Mutex::new(Some(handler)),
+            kind,
+        }
+    }
+
     fn take(&self) -> PyResult<Box<dyn ChainHandler>> {
         self.handler
             .lock()

@@ -50,6 +50,7 @@ use crate::notify::{EventFd, Poller};
 use crate::queue::{ChainBatch, ChainView, SplitQueue};
 
 pub mod blk;
+pub mod net;
 
 #[cfg(test)]
 mod tests;
@@ -70,6 +71,72 @@ pub trait ChainHandler: Send + 'static {
     /// Called once after every chain of a batch was handled, before the batch is published to
     /// the driver: the place to finish work that was batched up in [`ChainHandler::handle`].
     fn flush_batch(&mut self) {}
+
+    /// A handler whose device decides when chains are taken (virtio-net RX fills buffers when a
+    /// frame arrives, not when the driver adds them) returns its own loop here; the worker then
+    /// runs that loop instead of its batch loop, and [`ChainHandler::handle`] is never called.
+    fn device_loop(&mut self) -> Option<&mut dyn DeviceLoop> {
+        None
+    }
+}
+
+/// The main loop of a device-driven queue, run on the worker thread in place of the batch loop
+/// (see [`ChainHandler::device_loop`]).
+pub trait DeviceLoop {
+    /// Process the queue until [`LoopContext::stop_requested`]; then return `Ok(())` with every
+    /// chain the loop popped either pushed and published, or given back to the ring by rewinding
+    /// [`SplitQueue::set_next_avail`] (so `next_avail` is what GET_VRING_BASE must report).
+    /// Sleep on [`LoopContext::stop_fd`] together with the kick and the device's own fds; the
+    /// stop fd stays readable once a stop was requested. An `Err` faults the worker.
+    fn run(&mut self, ctx: &mut LoopContext<'_>) -> Result<(), WorkerFault>;
+}
+
+/// What a [`DeviceLoop`] gets from its worker: the queue, its memory and doorbells, the counters.
+pub struct LoopContext<'a> {
+    /// The attached queue (notifications as the loop leaves them).
+    pub queue: &'a mut SplitQueue,
+    /// The snapshot the queue is attached to.
+    pub memory: &'a GuestMemory,
+    /// The kick eventfd: the loop consumes it (and reports what it read with
+    /// [`LoopContext::count_kicks`]).
+    pub kick: &'a EventFd,
+    shared: &'a Shared,
+}
+
+impl LoopContext<'_> {
+    /// The worker was asked to stop: return from [`DeviceLoop::run`].
+    pub fn stop_requested(&self) -> bool {
+        self.shared.stop_requested()
+    }
+
+    /// Readable once a stop was requested (never consumed): register it with the loop's poller.
+    pub fn stop_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.shared.stop.as_fd()
+    }
+
+    /// Publish the used entries pushed since the last call, signal the call eventfd if the
+    /// ring asks for it, and count `chains` completed chains as one batch.
+    pub fn publish(&mut self, chains: u64) -> Result<(), QueueError> {
+        let notify = self.queue.publish_used()?;
+        if chains > 0 {
+            Counters::add(&self.shared.counters.chains, chains);
+            Counters::add(&self.shared.counters.batches, 1);
+        }
+        if notify {
+            self.shared.signal_call();
+        }
+        Ok(())
+    }
+
+    /// Count kicks read from the kick eventfd.
+    pub fn count_kicks(&self, kicks: u64) {
+        Counters::add(&self.shared.counters.kicks, kicks);
+    }
+
+    /// Count one wake-up from sleeping.
+    pub fn count_wakeup(&self) {
+        Counters::add(&self.shared.counters.wakeups, 1);
+    }
 }
 
 /// Tuning for [`QueueWorker::spawn`].
@@ -262,6 +329,15 @@ impl Context {
 
     /// The main loop; returns `Ok` when asked to stop, `Err` on a fault.
     fn run(&mut self) -> Result<(), WorkerFault> {
+        if let Some(device_loop) = self.handler.device_loop() {
+            let mut ctx = LoopContext {
+                queue: &mut self.queue,
+                memory: &self.memory,
+                kick: &self.kick,
+                shared: &self.shared,
+            };
+            return device_loop.run(&mut ctx);
+        }
         // Kicks are not needed while the first pass drains whatever is already there.
         self.queue.disable_notifications()?;
         loop {

@@ -1,0 +1,392 @@
+"""virtio-net over a TAP device, a peer link between two front-ends, or a loopback.
+
+Every queue runs in a native Rust worker; frames never touch Python. Queue `2k` is receiveq k+1
+(device → driver) and `2k + 1` is transmitq k+1; each queue pair has its own `NetPort`:
+
+- **peer** (the default of `vvu serve net`): two front-ends exchange frames through one process,
+  a two-port switch. The main socket (`--socket-path`) serves one of them, `--peer-socket-path`
+  (default: the main path plus `.peer`) the other, from a helper thread with its own event loop,
+  so each socket serves one front-end at a time as usual. Queue pair k of one side is linked to
+  queue pair k of the other by a `SOCK_SEQPACKET` socketpair, so the data path needs no GIL.
+- **tap** (`--tap NAME`): a TAP interface with virtio-net headers (IFF_VNET_HDR, 12 bytes); with
+  several queue pairs a multi-queue TAP.
+- **loopback** (`--loopback`): every transmitted frame comes back on the receive queue.
+
+The two queues of a pair are independent workers that share the port, so the engine's per-queue
+`native_worker(index)` life cycle applies as it is: a ring runs while it is started and enabled.
+No checksum or segmentation offload is offered; the control queue is not implemented (a front-end
+that uses more than one queue pair must steer them itself, as QEMU and DPDK do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import contextlib
+import logging
+import struct
+import threading
+from collections.abc import Sequence
+from typing import ClassVar
+
+from vvu._core import NativeHandler, NetPort
+from vvu.backends.base import Backend, ConfigError
+from vvu.protocol import ProtocolFeature, VirtioFeature
+from vvu.transport.unix import UnixListener
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CompanionServer", "NetBackend", "NetFeature", "parse_mac", "rarp_frame"]
+
+
+class NetFeature:
+    """virtio-net feature bits (virtio 1.2, 5.1.3)."""
+
+    CSUM = 0
+    GUEST_CSUM = 1
+    MTU = 3
+    MAC = 5
+    GUEST_TSO4 = 7
+    HOST_TSO4 = 11
+    MRG_RXBUF = 15
+    STATUS = 16
+    CTRL_VQ = 17
+    GUEST_ANNOUNCE = 21
+    MQ = 22
+
+
+#: Config space `status`: the link is up.
+LINK_UP = 1
+#: Largest frame the data path carries, without the virtio-net header.
+MAX_FRAME_LEN = 65535
+#: MTU bounds: the IPv4 minimum; the largest that leaves room for an Ethernet and a VLAN header.
+MIN_MTU = 68
+MAX_MTU = MAX_FRAME_LEN - 14 - 4
+DEFAULT_MAC = "02:76:76:75:00:01"
+DEFAULT_PEER_MAC = "02:76:76:75:00:02"
+#: Bytes each direction of a peer or loopback link queues before the sender drops.
+DEFAULT_PORT_BUFFER = 1 << 20
+ETH_P_RARP = 0x8035
+
+
+def parse_mac(text: str | bytes) -> bytes:
+    """`aa:bb:cc:dd:ee:ff` (or 6 raw bytes) as 6 bytes; ValueError otherwise."""
+    if isinstance(text, bytes):
+        if len(text) != 6:
+            raise ValueError(f"a MAC address is 6 bytes, not {len(text)}")
+        return text
+    parts = text.replace("-", ":").split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise ValueError(f"{text!r} is not a MAC address like 02:00:00:00:00:01")
+    try:
+        return bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a MAC address like 02:00:00:00:00:01") from None
+
+
+def format_mac(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+def rarp_frame(mac: bytes) -> bytes:
+    """The RARP "reverse request" a switch learns `mac` from (what QEMU announces after a
+    migration), padded to the 60-byte Ethernet minimum."""
+    header = b"\xff" * 6 + mac + struct.pack("!H", ETH_P_RARP)
+    # htype Ethernet, ptype IPv4, hlen 6, plen 4, op 3 (reverse request), sha, spa, tha, tpa.
+    body = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 3, mac, b"\0" * 4, mac, b"\0" * 4)
+    return (header + body).ljust(60, b"\0")
+
+
+class NetBackend(Backend):
+    """The network device (virtio id 1): TAP, peer link or loopback."""
+
+    name: ClassVar[str] = "net"
+    device_id: ClassVar[int] = 1
+    #: Offer VHOST_USER_PROTOCOL_F_MTU and _RARP. Only an engine that routes NET_SET_MTU to
+    #: `net_set_mtu` and SEND_RARP to `send_rarp` may set this; today's engine refuses both
+    #: requests, so offering them would make QEMU fail the device.
+    offer_net_requests: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        ports: Sequence[NetPort],
+        *,
+        mac: str | bytes = DEFAULT_MAC,
+        mtu: int | None = None,
+        description: str | None = None,
+    ) -> None:
+        if not ports:
+            raise ValueError("a network device needs at least one queue pair")
+        super().__init__(num_queues=2 * len(ports))
+        self.ports = list(ports)
+        self.mac = parse_mac(mac)
+        if mtu is not None and not MIN_MTU <= mtu <= MAX_MTU:
+            raise ValueError(f"MTU {mtu} is outside {MIN_MTU}..{MAX_MTU}")
+        self.mtu = mtu
+        self.description = description or f"{ports[0].kind} port"
+        #: The second front-end's server in peer mode (`vvu serve net`), if this side runs it.
+        self.companion: CompanionServer | None = None
+
+    # --- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def peers(
+        cls,
+        *,
+        queue_pairs: int = 1,
+        mac: str | bytes = DEFAULT_MAC,
+        peer_mac: str | bytes = DEFAULT_PEER_MAC,
+        mtu: int | None = None,
+        buffer_size: int = DEFAULT_PORT_BUFFER,
+    ) -> tuple[NetBackend, NetBackend]:
+        """Two devices whose queue pair k are linked: what one front-end transmits, the other
+        receives. Serve each on its own socket (each serves one front-end at a time)."""
+        links = [NetPort.pair(buffer_size=buffer_size) for _ in range(queue_pairs)]
+        a = cls([p[0] for p in links], mac=mac, mtu=mtu, description="peer link, side A")
+        b = cls([p[1] for p in links], mac=peer_mac, mtu=mtu, description="peer link, side B")
+        return a, b
+
+    @classmethod
+    def tap(
+        cls,
+        name: str,
+        *,
+        queue_pairs: int = 1,
+        mac: str | bytes = DEFAULT_MAC,
+        mtu: int | None = None,
+    ) -> NetBackend:
+        """A device on TAP interface `name` (created if missing; `%d` numbers it)."""
+        multi = queue_pairs > 1
+        first = NetPort.tap(name, multi_queue=multi)
+        actual = first.name or name
+        ports = [first] + [NetPort.tap(actual, multi_queue=True) for _ in range(queue_pairs - 1)]
+        return cls(ports, mac=mac, mtu=mtu, description=f"TAP {actual}")
+
+    @classmethod
+    def loopback(
+        cls,
+        *,
+        queue_pairs: int = 1,
+        mac: str | bytes = DEFAULT_MAC,
+        mtu: int | None = None,
+        buffer_size: int = DEFAULT_PORT_BUFFER,
+    ) -> NetBackend:
+        """A device that receives every frame it transmits."""
+        ports = [NetPort.loopback(buffer_size=buffer_size) for _ in range(queue_pairs)]
+        return cls(ports, mac=mac, mtu=mtu, description="loopback")
+
+    # --- command line ------------------------------------------------------------------------
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        mode = parser.add_mutually_exclusive_group()
+        mode.add_argument("--tap", metavar="NAME", help="use TAP interface NAME (%%d: numbered)")
+        mode.add_argument(
+            "--loopback", action="store_true", help="hand every transmitted frame back"
+        )
+        mode.add_argument(
+            "--peer-socket-path",
+            metavar="PATH",
+            help=(
+                "peer mode (the default): a second front-end connects here and exchanges frames "
+                "with the one on --socket-path (default: SOCKET_PATH.peer)"
+            ),
+        )
+        parser.add_argument("--mac", default=DEFAULT_MAC, help=f"MAC address ({DEFAULT_MAC})")
+        parser.add_argument(
+            "--peer-mac", default=DEFAULT_PEER_MAC, help=f"the peer's MAC ({DEFAULT_PEER_MAC})"
+        )
+        parser.add_argument("--mtu", type=int, help="advertise this MTU (VIRTIO_NET_F_MTU)")
+        parser.add_argument(
+            "--num-queue-pairs", type=int, default=1, metavar="N", help="queue pairs (1)"
+        )
+        parser.add_argument(
+            "--port-buffer",
+            type=int,
+            default=DEFAULT_PORT_BUFFER // 1024,
+            metavar="KiB",
+            help="peer/loopback: bytes queued per direction before frames drop (1024)",
+        )
+
+    @classmethod
+    def from_arguments(cls, args: argparse.Namespace) -> NetBackend:
+        pairs: int = args.num_queue_pairs
+        if pairs < 1:
+            raise ValueError("--num-queue-pairs must be at least 1")
+        buffer_size = args.port_buffer * 1024
+        if args.tap:
+            return cls.tap(args.tap, queue_pairs=pairs, mac=args.mac, mtu=args.mtu)
+        if args.loopback:
+            return cls.loopback(
+                queue_pairs=pairs, mac=args.mac, mtu=args.mtu, buffer_size=buffer_size
+            )
+        peer_path: str | None = args.peer_socket_path
+        if peer_path is None:
+            if getattr(args, "socket_path", None) is None:
+                raise ValueError("peer mode with --fd needs --peer-socket-path")
+            peer_path = f"{args.socket_path}.peer"
+        a, b = cls.peers(
+            queue_pairs=pairs,
+            mac=args.mac,
+            peer_mac=args.peer_mac,
+            mtu=args.mtu,
+            buffer_size=buffer_size,
+        )
+        mode = int(getattr(args, "socket_mode", "600"), 8)
+        a.companion = CompanionServer(b, peer_path, mode=mode)
+        a.description = f"peer link (peer front-end on {peer_path})"
+        return a
+
+    # --- features and config space -----------------------------------------------------------
+
+    @property
+    def queue_pairs(self) -> int:
+        return len(self.ports)
+
+    def device_features(self) -> int:
+        bits = [NetFeature.MAC, NetFeature.STATUS, NetFeature.MRG_RXBUF]
+        if self.mtu is not None:
+            bits.append(NetFeature.MTU)
+        if self.queue_pairs > 1:
+            bits.append(NetFeature.MQ)
+        return sum(1 << b for b in bits)
+
+    def protocol_features(self) -> int:
+        extra = 0
+        if self.offer_net_requests:
+            extra = ProtocolFeature.RARP.mask | ProtocolFeature.MTU.mask
+        return super().protocol_features() | extra
+
+    def config_space(self) -> bytes:
+        # struct virtio_net_config up to mtu: mac[6], status, max_virtqueue_pairs, mtu (le16).
+        return struct.pack("<6sHHH", self.mac, LINK_UP, self.queue_pairs, self.mtu or 0)
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        # Legacy drivers may write the MAC (without VIRTIO_NET_F_CTRL_MAC_ADDR); nothing else.
+        if offset + len(data) <= 6:
+            mac = bytearray(self.mac)
+            mac[offset : offset + len(data)] = data
+            self.mac = bytes(mac)
+            return
+        raise ConfigError(f"only the MAC is writable (write of {len(data)} bytes at {offset})")
+
+    # --- data path ---------------------------------------------------------------------------
+
+    def _header_features(self) -> tuple[bool, bool]:
+        acked = self.acked_features
+        return bool(acked & (1 << NetFeature.MRG_RXBUF)), bool(acked & VirtioFeature.VERSION_1.mask)
+
+    def native_worker(self, queue_index: int) -> NativeHandler:
+        pair, is_tx = divmod(queue_index, 2)
+        port = self.ports[pair]
+        mrg_rxbuf, version_1 = self._header_features()
+        if is_tx:
+            return port.tx_handler(mrg_rxbuf=mrg_rxbuf, version_1=version_1)
+        return port.rx_handler(mrg_rxbuf=mrg_rxbuf, version_1=version_1)
+
+    def stats(self) -> dict[str, int]:
+        """Counters summed over the queue pairs."""
+        total: dict[str, int] = {}
+        for port in self.ports:
+            for key, value in port.stats.items():
+                total[key] = total.get(key, 0) + value
+        return total
+
+    # --- device requests (need engine support, see `offer_net_requests`) ---------------------
+
+    def net_set_mtu(self, mtu: int) -> None:
+        """VHOST_USER_NET_SET_MTU: the front-end's MTU; ValueError if out of range."""
+        if not MIN_MTU <= mtu <= MAX_MTU:
+            raise ValueError(f"MTU {mtu} is outside {MIN_MTU}..{MAX_MTU}")
+        self.mtu = mtu
+
+    def send_rarp(self, mac: bytes) -> None:
+        """VHOST_USER_SEND_RARP: announce `mac` (the first 6 bytes of the payload) on the port,
+        as if the guest had, so that switches learn where it moved."""
+        if not self.ports[0].send(rarp_frame(parse_mac(mac[:6]))):
+            log.warning("RARP for %s dropped: the port is full", format_mac(mac[:6]))
+
+    # --- life cycle --------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        super().reset()
+        # Frames that were waiting for the guest that went away are not for the next one.
+        for port in self.ports:
+            with contextlib.suppress(OSError):
+                port.drain()
+
+    def describe(self) -> str:
+        mtu = f", MTU {self.mtu}" if self.mtu is not None else ""
+        return (
+            f"net: {self.description}, MAC {format_mac(self.mac)}{mtu}, "
+            f"{self.queue_pairs} queue pair(s)"
+        )
+
+    def close(self) -> None:
+        if self.companion is not None:
+            self.companion.close()
+            self.companion = None
+
+
+class CompanionServer:
+    """Serves a second back-end on its own socket, from a helper thread with its own event loop.
+
+    `vvu serve` runs one engine on one socket; peer mode needs a second socket in the same
+    process. The two engines share nothing but their ports (kernel sockets), so each can keep
+    its own loop. Stopped by `close()`, which also runs at interpreter exit.
+    """
+
+    def __init__(self, backend: Backend, path: str, *, mode: int = 0o600) -> None:
+        self.backend = backend
+        self.path = path
+        self._mode = mode
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="vvu-peer-serve", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        atexit.register(self.close)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as err:  # reported to the constructor if it is still waiting
+            if not self._ready.is_set():
+                self._error = err
+                self._ready.set()
+            else:
+                log.error("peer server on %s failed: %s", self.path, err)
+
+    async def _serve(self) -> None:
+        # Late import: the engine imports the back-end API, whose package imports this module.
+        from vvu.engine import BackendEngine  # noqa: PLC0415
+
+        listener = UnixListener(self.path, mode=self._mode)
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        engine = BackendEngine(self.backend)
+        server = asyncio.ensure_future(engine.serve_forever(listener))
+        stopper = asyncio.ensure_future(self._stop.wait())
+        self._ready.set()
+        try:
+            await asyncio.wait({server, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            server.cancel()
+            stopper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await server
+            listener.close()
+
+    def close(self) -> None:
+        """Stop serving (the session in progress is torn down) and remove the socket."""
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None and self._thread.is_alive():
+            with contextlib.suppress(RuntimeError):  # the loop already closed
+                loop.call_soon_threadsafe(stop.set)
+            self._thread.join(timeout=10)
+        atexit.unregister(self.close)

@@ -1,0 +1,1079 @@
+//! The virtio-net data path (virtio 1.2 §5.1.6): one queue pair and a *port*.
+//!
+//! A [`NetPort`] is where frames leave and enter the device: a pair of fds on which one read or
+//! write carries exactly one packet, a 12-byte `virtio_net_hdr_mrg_rxbuf` followed by the
+//! Ethernet frame. Three kinds share that one code path (`readv`/`writev` of whole packets):
+//!
+//! - **TAP**: `/dev/net/tun` with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` and `TUNSETVNETHDRSZ` 12
+//!   ([`NetPort::tap`]); read and write go to the same fd.
+//! - **peer link**: one end of a `socketpair(AF_UNIX, SOCK_SEQPACKET)` each
+//!   ([`NetPort::pair`]): what one port transmits, the other receives. This is a two-port switch
+//!   between two front-ends served by one process, and it needs no lock and no GIL: the kernel
+//!   socket is the frame queue.
+//! - **loopback**: both ends of one socketpair ([`NetPort::loopback`]): frames come back.
+//!
+//! Per queue pair, two handlers run in ordinary [`super::QueueWorker`]s:
+//!
+//! - [`NetTxHandler`] (transmitq, driver → device) is a plain [`ChainHandler`]: each chain is one
+//!   packet, validated and written to the port with one non-blocking `writev`/`sendmsg`.
+//! - [`NetRxHandler`] (receiveq, device → driver) runs its own [`DeviceLoop`], because its work
+//!   arrives from the port, not from the ring: it sleeps on the port fd, the kick and the stop
+//!   eventfd, stages one packet at a time, and pops exactly as many chains as the packet needs.
+//!
+//! # Buffering and drops
+//!
+//! A packet that arrives while the receive ring has no (or too few) buffers stays staged, and the
+//! ones behind it stay queued in the port (the socket buffer or the TAP queue): the RX worker
+//! stops reading the port until the driver adds buffers and kicks. The queue is bounded by the
+//! kernel (the socket send buffer, [`DEFAULT_PORT_BUFFER`]; the TAP `txqueuelen`): once it is
+//! full, the transmitting side drops and counts (`tx_dropped` of the sending port; the TAP
+//! interface's own drop counter). A staged packet survives a worker restart (it is parked in the
+//! port), so stopping and starting a ring never loses one.
+//!
+//! # Validation
+//!
+//! The guest is untrusted. TX: the chain must be device-readable only, hold the whole header
+//! (10 bytes, 12 with VIRTIO_NET_F_MRG_RXBUF or VIRTIO_F_VERSION_1) and a frame of
+//! [`ETH_HLEN`]..=[`MAX_FRAME_LEN`] bytes; the header is copied out once and must ask for no
+//! offload (no checksum or GSO feature is offered); a violating chain is completed unsent and
+//! counted in `tx_errors`. RX: a chain with a device-readable part or too short for the header is
+//! completed with length 0 (`rx_bad_chains`); without MRG_RXBUF a packet larger than the one
+//! chain is dropped (`rx_dropped`) and the chain kept for the next one. The header written to the
+//! guest is built from scratch (flags 0, GSO none, `num_buffers`), never copied from the port.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::raw::c_int;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::{ChainHandler, DeviceLoop, LoopContext, WorkerFault};
+use crate::memory::GuestMemory;
+use crate::notify::Poller;
+use crate::queue::{ChainBatch, ChainView, Segment};
+
+/// Bytes of the header on the port: `virtio_net_hdr_mrg_rxbuf`.
+pub const PORT_HDR_LEN: usize = 12;
+/// Bytes of the legacy `virtio_net_hdr` (neither MRG_RXBUF nor VERSION_1).
+pub const HDR_LEN_LEGACY: usize = 10;
+/// Bytes of `virtio_net_hdr_mrg_rxbuf` (MRG_RXBUF or VERSION_1).
+pub const HDR_LEN: usize = 12;
+/// Bytes of an Ethernet header: the shortest frame accepted.
+pub const ETH_HLEN: usize = 14;
+/// Longest frame (without the virtio-net header) accepted from the guest or a port.
+pub const MAX_FRAME_LEN: usize = 65535;
+/// Longest packet on a port: header and frame.
+pub const MAX_PACKET_LEN: usize = PORT_HDR_LEN + MAX_FRAME_LEN;
+/// `gso_type` of a packet without segmentation offload.
+pub const VIRTIO_NET_HDR_GSO_NONE: u8 = 0;
+/// Socket send buffer asked for on peer and loopback links (the kernel caps it at
+/// `net.core.wmem_max` and doubles it).
+pub const DEFAULT_PORT_BUFFER: usize = 1 << 20;
+/// Most iovecs one `writev`/`sendmsg` takes on Linux (`UIO_MAXIOV`).
+const IOV_MAX: usize = 1024;
+/// Most packets the RX loop delivers before it publishes and checks for a stop request.
+const RX_BATCH: usize = 64;
+
+const TOKEN_KICK: u64 = 0;
+const TOKEN_STOP: u64 = 1;
+const TOKEN_PORT: u64 = 2;
+
+/// The negotiated features that shape the data path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetFeatures {
+    /// VIRTIO_NET_F_MRG_RXBUF: a received packet may span several chains.
+    pub mrg_rxbuf: bool,
+    /// VIRTIO_F_VERSION_1: the header always has `num_buffers`.
+    pub version_1: bool,
+}
+
+impl NetFeatures {
+    /// Bytes of the virtio-net header the guest uses on both queues.
+    pub fn header_len(&self) -> usize {
+        if self.mrg_rxbuf || self.version_1 {
+            HDR_LEN
+        } else {
+            HDR_LEN_LEGACY
+        }
+    }
+}
+
+/// Counters of one port (both of its handlers), see [`NetPort::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetStats {
+    /// Frames the guest transmitted that were handed to the port.
+    pub tx_packets: u64,
+    /// Bytes of those frames (without the virtio-net header).
+    pub tx_bytes: u64,
+    /// Frames the port could not take (its queue was full): the receiver is not draining it.
+    pub tx_dropped: u64,
+    /// TX chains refused (shape, length or header) or failed writes.
+    pub tx_errors: u64,
+    /// Frames delivered to the guest.
+    pub rx_packets: u64,
+    /// Bytes of those frames (without the virtio-net header).
+    pub rx_bytes: u64,
+    /// Frames the guest's buffers could not hold, and frames discarded by [`NetPort::drain`].
+    pub rx_dropped: u64,
+    /// Packets from the port that were too short, too long or unreadable.
+    pub rx_errors: u64,
+    /// RX chains unusable for a packet (device-readable part, or shorter than the header),
+    /// completed with length 0.
+    pub rx_bad_chains: u64,
+    /// Times the RX worker had a packet and had to wait for the driver to add buffers.
+    pub rx_starved: u64,
+}
+
+#[derive(Debug, Default)]
+struct NetCounters {
+    tx_packets: AtomicU64,
+    tx_bytes: AtomicU64,
+    tx_dropped: AtomicU64,
+    tx_errors: AtomicU64,
+    rx_packets: AtomicU64,
+    rx_bytes: AtomicU64,
+    rx_dropped: AtomicU64,
+    rx_errors: AtomicU64,
+    rx_bad_chains: AtomicU64,
+    rx_starved: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+impl NetCounters {
+    fn snapshot(&self) -> NetStats {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        NetStats {
+            tx_packets: get(&self.tx_packets),
+            tx_bytes: get(&self.tx_bytes),
+            tx_dropped: get(&self.tx_dropped),
+            tx_errors: get(&self.tx_errors),
+            rx_packets: get(&self.rx_packets),
+            rx_bytes: get(&self.rx_bytes),
+            rx_dropped: get(&self.rx_dropped),
+            rx_errors: get(&self.rx_errors),
+            rx_bad_chains: get(&self.rx_bad_chains),
+            rx_starved: get(&self.rx_starved),
+        }
+    }
+}
+
+/// Which kind of fd a port has (how packets are read and written).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortKind {
+    /// A TAP device.
+    Tap,
+    /// One end of a peer link.
+    Peer,
+    /// Both ends of a loopback link.
+    Loopback,
+}
+
+impl PortKind {
+    fn is_socket(self) -> bool {
+        !matches!(self, PortKind::Tap)
+    }
+
+    /// Lower-case name: "tap", "peer", "loopback".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PortKind::Tap => "tap",
+            PortKind::Peer => "peer",
+            PortKind::Loopback => "loopback",
+        }
+    }
+}
+
+/// One received packet waiting for guest buffers; parked in the port between workers.
+struct Stage {
+    /// `MAX_PACKET_LEN + 1` bytes: a read that fills it completely was too long.
+    buf: Vec<u8>,
+    /// Bytes of the staged packet (header included); 0 when nothing is staged.
+    len: usize,
+}
+
+impl Stage {
+    fn new() -> Box<Self> {
+        Box::new(Self {
+            buf: vec![0; MAX_PACKET_LEN + 1],
+            len: 0,
+        })
+    }
+}
+
+struct PortInner {
+    /// Where packets for the guest are read.
+    rx: OwnedFd,
+    /// Where the guest's packets are written; `None`: `rx` (TAP, peer).
+    tx: Option<OwnedFd>,
+    kind: PortKind,
+    name: Option<String>,
+    counters: NetCounters,
+    /// The packet the last RX worker staged but could not deliver.
+    parked: Mutex<Option<Box<Stage>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn is_full(err: &io::Error) -> bool {
+    err.kind() == io::ErrorKind::WouldBlock || err.raw_os_error() == Some(libc::ENOBUFS)
+}
+
+impl PortInner {
+    fn tx_fd(&self) -> RawFd {
+        self.tx.as_ref().unwrap_or(&self.rx).as_raw_fd()
+    }
+
+    /// Read one packet into `buf`. `Ok(None)`: nothing queued; `Ok(Some(0))`: the link is
+    /// closed. For sockets the length is the real one even if `buf` was too short (MSG_TRUNC).
+    fn read_packet(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        let fd = self.rx.as_raw_fd();
+        loop {
+            let n = if self.kind.is_socket() {
+                // SAFETY: `buf` is valid for writes of its length for the whole call.
+                unsafe {
+                    libc::recv(
+                        fd,
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+                    )
+                }
+            } else {
+                // SAFETY: as above.
+                unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) }
+            };
+            if n >= 0 {
+                return Ok(Some(n as usize));
+            }
+            let err = io::Error::last_os_error();
+            match err.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return Ok(None),
+                _ => return Err(err),
+            }
+        }
+    }
+
+    /// Write one packet gathered from `iov`; returns the bytes written.
+    ///
+    /// # Safety
+    /// Every iovec must describe memory readable for its length for the whole call.
+    unsafe fn write_packet(&self, iov: &[libc::iovec]) -> io::Result<usize> {
+        let fd = self.tx_fd();
+        loop {
+            let n = if self.kind.is_socket() {
+                // SAFETY: zeroed msghdr is valid; it points at `iov`, which outlives the call.
+                let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+                msg.msg_iov = iov.as_ptr().cast_mut();
+                msg.msg_iovlen = iov.len() as _;
+                // SAFETY: the iovecs are readable per the contract; sendmsg only reads them.
+                unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) }
+            } else {
+                // SAFETY: as above; at most IOV_MAX iovecs (callers ensure it).
+                unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as c_int) }
+            };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
+    }
+}
+
+/// A packet sink and source for one queue pair; cheap to clone (clones share the fds, the
+/// counters and the parked packet). See the module docs.
+#[derive(Clone)]
+pub struct NetPort {
+    inner: Arc<PortInner>,
+}
+
+impl std::fmt::Debug for NetPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetPort")
+            .field("kind", &self.inner.kind)
+            .field("name", &self.inner.name)
+            .field("rx", &self.inner.rx.as_raw_fd())
+            .field("tx", &self.inner.tx_fd())
+            .finish()
+    }
+}
+
+fn cvt(r: c_int) -> io::Result<c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// A non-blocking, close-on-exec `SOCK_SEQPACKET` socketpair with `buffer` bytes of send buffer
+/// asked for on both ends.
+fn seqpacket_pair(buffer: usize) -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as c_int; 2];
+    // SAFETY: `fds` is valid for writes of two ints.
+    cvt(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    })?;
+    // SAFETY: socketpair just created both fds; nobody else owns them.
+    let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let size = c_int::try_from(buffer).unwrap_or(c_int::MAX);
+    for fd in [&a, &b] {
+        // SAFETY: `size` is a valid c_int for the duration of the call.
+        cvt(unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&size as *const c_int).cast(),
+                std::mem::size_of::<c_int>() as libc::socklen_t,
+            )
+        })?;
+    }
+    Ok((a, b))
+}
+
+impl NetPort {
+    fn new(rx: OwnedFd, tx: Option<OwnedFd>, kind: PortKind, name: Option<String>) -> Self {
+        Self {
+            inner: Arc::new(PortInner {
+                rx,
+                tx,
+                kind,
+                name,
+                counters: NetCounters::default(),
+                parked: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// Two linked ports: what one transmits, the other receives. Each direction queues up to
+    /// about `buffer` bytes (see [`DEFAULT_PORT_BUFFER`]).
+    pub fn pair(buffer: usize) -> io::Result<(Self, Self)> {
+        let (a, b) = seqpacket_pair(buffer)?;
+        Ok((
+            Self::new(a, None, PortKind::Peer, None),
+            Self::new(b, None, PortKind::Peer, None),
+        ))
+    }
+
+    /// A port that hands every transmitted frame back to its own receive side.
+    pub fn loopback(buffer: usize) -> io::Result<Self> {
+        let (a, b) = seqpacket_pair(buffer)?;
+        Ok(Self::new(b, Some(a), PortKind::Loopback, None))
+    }
+
+    /// Create (or attach to) the TAP interface `name` (at most 15 bytes; `%d` lets the kernel
+    /// pick a number). With `multi_queue`, the interface is opened with IFF_MULTI_QUEUE and every
+    /// call adds one queue (one per queue pair). Needs CAP_NET_ADMIN unless the interface was
+    /// made persistent for this user. The interface is left down; bring it up to pass traffic.
+    pub fn tap(name: &str, multi_queue: bool) -> io::Result<Self> {
+        let invalid = |msg: String| io::Error::new(io::ErrorKind::InvalidInput, msg);
+        if name.len() >= libc::IFNAMSIZ || name.contains('\0') || name.is_empty() {
+            return Err(invalid(format!(
+                "TAP name {name:?} must be 1..{} bytes without NUL",
+                libc::IFNAMSIZ
+            )));
+        }
+        // SAFETY: the path is a NUL-terminated literal.
+        let raw = cvt(unsafe {
+            libc::open(
+                c"/dev/net/tun".as_ptr(),
+                libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+            )
+        })?;
+        // SAFETY: open just returned this fd; nobody else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: ifreq is plain old data; all-zero is a valid value.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, &src) in ifr.ifr_name.iter_mut().zip(name.as_bytes()) {
+            *dst = src as libc::c_char;
+        }
+        let mut flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+        if multi_queue {
+            flags |= libc::IFF_MULTI_QUEUE;
+        }
+        ifr.ifr_ifru.ifru_flags = flags as libc::c_short;
+        // SAFETY: TUNSETIFF reads and writes one ifreq, which `ifr` is.
+        cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut ifr) })?;
+        let hdr_len = PORT_HDR_LEN as c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one int.
+        cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) })?;
+        let actual: Vec<u8> = ifr
+            .ifr_name
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c as u8)
+            .collect();
+        let actual = String::from_utf8_lossy(&actual).into_owned();
+        Ok(Self::new(fd, None, PortKind::Tap, Some(actual)))
+    }
+
+    pub fn kind(&self) -> PortKind {
+        self.inner.kind
+    }
+
+    /// The TAP interface name (as the kernel chose it); `None` for links.
+    pub fn name(&self) -> Option<&str> {
+        self.inner.name.as_deref()
+    }
+
+    /// The fd packets for the guest are read from (to register elsewhere; never read it while a
+    /// worker runs).
+    pub fn rx_fd(&self) -> BorrowedFd<'_> {
+        self.inner.rx.as_fd()
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> NetStats {
+        self.inner.counters.snapshot()
+    }
+
+    /// The handler for this port's transmit queue.
+    pub fn tx_handler(&self, features: NetFeatures) -> NetTxHandler {
+        NetTxHandler {
+            port: Arc::clone(&self.inner),
+            features,
+            iovecs: Iovecs(Vec::new()),
+            bounce: Vec::new(),
+        }
+    }
+
+    /// The handler for this port's receive queue.
+    pub fn rx_handler(&self, features: NetFeatures) -> NetRxHandler {
+        NetRxHandler {
+            port: Arc::clone(&self.inner),
+            features,
+            stage: None,
+            held: ChainBatch::new(),
+            held_start: 0,
+            usable: Vec::new(),
+            unpublished: 0,
+            port_open: true,
+            lens: Vec::new(),
+            events: Vec::with_capacity(crate::notify::MAX_EVENTS),
+        }
+    }
+
+    /// Transmit `frame` as if the guest had (a zeroed header is added): e.g. a RARP
+    /// announcement. `Ok(false)` if the port's queue is full (counted as `tx_dropped`).
+    pub fn send_frame(&self, frame: &[u8]) -> io::Result<bool> {
+        if !(ETH_HLEN..=MAX_FRAME_LEN).contains(&frame.len()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a frame is {ETH_HLEN}..={MAX_FRAME_LEN} bytes, not {}",
+                    frame.len()
+                ),
+            ));
+        }
+        let header = [0u8; PORT_HDR_LEN];
+        let iov = [
+            libc::iovec {
+                iov_base: header.as_ptr().cast_mut().cast(),
+                iov_len: header.len(),
+            },
+            libc::iovec {
+                iov_base: frame.as_ptr().cast_mut().cast(),
+                iov_len: frame.len(),
+            },
+        ];
+        let counters = &self.inner.counters;
+        // SAFETY: both iovecs point at live local memory.
+        match unsafe { self.inner.write_packet(&iov) } {
+            Ok(_) => {
+                bump(&counters.tx_packets, 1);
+                bump(&counters.tx_bytes, frame.len() as u64);
+                Ok(true)
+            }
+            Err(e) if is_full(&e) => {
+                bump(&counters.tx_dropped, 1);
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Take the next frame waiting for this port's guest (without its header), as the RX worker
+    /// would deliver it; `None` if nothing is waiting. Only while no RX worker runs.
+    pub fn recv_frame(&self) -> io::Result<Option<Vec<u8>>> {
+        let mut parked = lock(&self.inner.parked);
+        if let Some(stage) = parked.as_mut() {
+            if stage.len > 0 {
+                let frame = stage.buf[PORT_HDR_LEN..stage.len].to_vec();
+                stage.len = 0;
+                return Ok(Some(frame));
+            }
+        }
+        let mut buf = vec![0u8; MAX_PACKET_LEN + 1];
+        loop {
+            match self.inner.read_packet(&mut buf)? {
+                None | Some(0) => return Ok(None),
+                Some(n) if (PORT_HDR_LEN + ETH_HLEN..=MAX_PACKET_LEN).contains(&n) => {
+                    buf.truncate(n);
+                    return Ok(Some(buf.split_off(PORT_HDR_LEN)));
+                }
+                Some(_) => bump(&self.inner.counters.rx_errors, 1),
+            }
+        }
+    }
+
+    /// Discard every frame waiting for this port's guest (counted as `rx_dropped`); returns how
+    /// many. For a session end: frames for a guest that went away. Only while no RX worker runs.
+    pub fn drain(&self) -> io::Result<u64> {
+        let mut dropped = 0;
+        if let Some(stage) = lock(&self.inner.parked).as_mut() {
+            if stage.len > 0 {
+                stage.len = 0;
+                dropped += 1;
+            }
+        }
+        let mut buf = [0u8; 1];
+        while let Some(n) = self.inner.read_packet(&mut buf)? {
+            if n == 0 {
+                break;
+            }
+            dropped += 1;
+        }
+        bump(&self.inner.counters.rx_dropped, dropped);
+        Ok(dropped)
+    }
+}
+
+/// Copy bytes out of `segments`, starting `skip` bytes in, into `dst`; returns how many.
+///
+/// # Safety
+/// The memory snapshot the segments came from must be alive.
+unsafe fn gather(segments: &[Segment], mut skip: usize, dst: &mut [u8]) -> usize {
+    let mut done = 0;
+    for seg in segments {
+        if done == dst.len() {
+            break;
+        }
+        let len = seg.len as usize;
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        // SAFETY: alive per the contract; read_to bounds the copy by the segment and `dst`.
+        done += unsafe { seg.read_to(skip, &mut dst[done..]) };
+        skip = 0;
+    }
+    done
+}
+
+/// Copy `src` into `segments` from their start; returns how many bytes fitted.
+///
+/// # Safety
+/// As for [`gather`]; the segments must be device-writable ones.
+unsafe fn scatter(segments: &[Segment], src: &[u8]) -> usize {
+    let mut done = 0;
+    for seg in segments {
+        if done == src.len() {
+            break;
+        }
+        // SAFETY: alive per the contract; write_from bounds the copy by the segment.
+        done += unsafe { seg.write_from(0, &src[done..]) };
+    }
+    done
+}
+
+/// Reusable iovec storage for [`NetTxHandler`].
+///
+/// Holds host pointers into guest memory only during one [`NetTxHandler::handle`] call (it is
+/// cleared before the call returns), so moving it between threads is harmless.
+struct Iovecs(Vec<libc::iovec>);
+
+// SAFETY: see the type docs; the pointers are never dereferenced outside the call that set them.
+unsafe impl Send for Iovecs {}
+
+/// The transmitq handler: one chain, one packet to the port. See the module docs.
+pub struct NetTxHandler {
+    port: Arc<PortInner>,
+    features: NetFeatures,
+    iovecs: Iovecs,
+    /// Linearised packet for chains with more segments than one `writev` takes.
+    bounce: Vec<u8>,
+}
+
+impl std::fmt::Debug for NetTxHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetTxHandler")
+            .field("kind", &self.port.kind)
+            .field("features", &self.features)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The header every packet leaves with: no offload asked for, `num_buffers` 0.
+static ZERO_HEADER: [u8; PORT_HDR_LEN] = [0; PORT_HDR_LEN];
+
+impl NetTxHandler {
+    fn transmit(&mut self, chain: &ChainView<'_>) {
+        let counters = &self.port.counters;
+        let hdr_len = self.features.header_len();
+        let total = chain.readable_len() as usize;
+        // §5.1.6.2: transmit buffers are device-readable only and start with the header.
+        if chain.writable_len() != 0
+            || total < hdr_len + ETH_HLEN
+            || total - hdr_len > MAX_FRAME_LEN
+        {
+            bump(&counters.tx_errors, 1);
+            return;
+        }
+        let mut header = [0u8; HDR_LEN];
+        // SAFETY: the chain's segments are alive for the whole `handle` call.
+        let copied = unsafe { gather(chain.readable(), 0, &mut header[..hdr_len]) };
+        // No CSUM or GSO feature is offered: flags must be 0 and gso_type NONE (§5.1.6.2.1).
+        if copied != hdr_len || header[0] != 0 || header[1] != VIRTIO_NET_HDR_GSO_NONE {
+            bump(&counters.tx_errors, 1);
+            return;
+        }
+        let frame_len = total - hdr_len;
+        let iov = &mut self.iovecs.0;
+        iov.clear();
+        iov.push(libc::iovec {
+            iov_base: ZERO_HEADER.as_ptr().cast_mut().cast(),
+            iov_len: PORT_HDR_LEN,
+        });
+        let mut skip = hdr_len;
+        for seg in chain.readable() {
+            let len = seg.len as usize;
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            iov.push(libc::iovec {
+                // SAFETY: skip < len, so the pointer stays inside the segment.
+                iov_base: unsafe { seg.host.add(skip) }.cast(),
+                iov_len: len - skip,
+            });
+            skip = 0;
+        }
+        if iov.len() > IOV_MAX {
+            // More pieces than one call takes, and a packet cannot be split: linearise it.
+            self.bounce.clear();
+            self.bounce.resize(PORT_HDR_LEN + frame_len, 0);
+            // SAFETY: as above.
+            unsafe { gather(chain.readable(), hdr_len, &mut self.bounce[PORT_HDR_LEN..]) };
+            iov.clear();
+            iov.push(libc::iovec {
+                iov_base: self.bounce.as_mut_ptr().cast(),
+                iov_len: self.bounce.len(),
+            });
+        }
+        // SAFETY: the iovecs point into the live chain, the static header or `bounce`; the
+        // guest may change the frame bytes meanwhile, which only changes what is sent.
+        let result = unsafe { self.port.write_packet(iov) };
+        iov.clear();
+        match result {
+            Ok(n) if n == PORT_HDR_LEN + frame_len => {
+                bump(&counters.tx_packets, 1);
+                bump(&counters.tx_bytes, frame_len as u64);
+            }
+            Ok(_) => bump(&counters.tx_errors, 1),
+            Err(e) if is_full(&e) => bump(&counters.tx_dropped, 1),
+            Err(_) => bump(&counters.tx_errors, 1),
+        }
+    }
+}
+
+impl ChainHandler for NetTxHandler {
+    fn handle(&mut self, _memory: &GuestMemory, chain: ChainView<'_>) -> u32 {
+        self.transmit(&chain);
+        0 // nothing is written into a transmit buffer
+    }
+}
+
+/// What one pass of the RX loop ended with.
+enum Outcome {
+    /// The batch budget ran out; more may be waiting.
+    More,
+    /// The port has nothing queued.
+    PortEmpty,
+    /// The port was closed (the other end of a link went away, or reading it failed).
+    PortClosed,
+    /// A packet is staged and the ring has too few buffers for it.
+    NeedBuffers,
+}
+
+/// What became of the staged packet.
+enum Placed {
+    Delivered,
+    Dropped,
+    NeedBuffers,
+}
+
+/// The receiveq handler: runs its own [`DeviceLoop`]. See the module docs.
+///
+/// Chains popped for the staged packet are *held*: `held.chains()[held_start..]` is always
+/// exactly the most recently popped chains that were not pushed yet, in ring order, so a stop
+/// can hand them back by rewinding `next_avail`. A completed packet pushes a prefix of them.
+pub struct NetRxHandler {
+    port: Arc<PortInner>,
+    features: NetFeatures,
+    stage: Option<Box<Stage>>,
+    held: ChainBatch,
+    held_start: usize,
+    /// Per chain of `held`: usable for a packet (writable only, holds the header).
+    usable: Vec<bool>,
+    /// Used entries pushed and not yet published.
+    unpublished: usize,
+    port_open: bool,
+    /// Scratch: bytes per chain of the packet being delivered.
+    lens: Vec<u32>,
+    events: Vec<u64>,
+}
+
+impl std::fmt::Debug for NetRxHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetRxHandler")
+            .field("kind", &self.port.kind)
+            .field("features", &self.features)
+            .field("held", &(self.held.len() - self.held_start))
+            .finish_non_exhaustive()
+    }
+}
+
+fn internal(what: &str, err: io::Error) -> WorkerFault {
+    WorkerFault::Internal(format!("{what}: {err}"))
+}
+
+impl NetRxHandler {
+    fn held_count(&self) -> usize {
+        self.held.len() - self.held_start
+    }
+
+    /// Usable held chains and their writable bytes.
+    fn usable_room(&self) -> (usize, u64) {
+        let mut count = 0;
+        let mut bytes = 0u64;
+        for (i, chain) in self.held.chains().iter().enumerate().skip(self.held_start) {
+            if self.usable[i] {
+                count += 1;
+                bytes += u64::from(chain.writable_len());
+            }
+        }
+        (count, bytes)
+    }
+
+    /// Push the first `n` held chains: unusable ones (length 0) first, then the usable ones with
+    /// `lens` in order, so that the buffers of one packet are consecutive in the used ring.
+    fn push_held(
+        &mut self,
+        ctx: &mut LoopContext<'_>,
+        n: usize,
+        lens: &[u32],
+    ) -> Result<(), WorkerFault> {
+        if self.unpublished + n > usize::from(ctx.queue.size()) {
+            // More unpublished entries than the ring holds would overwrite each other.
+            ctx.publish(self.unpublished as u64)?;
+            self.unpublished = 0;
+        }
+        let range = self.held_start..self.held_start + n;
+        let chains = &self.held.chains()[range.clone()];
+        let usable = &self.usable[range];
+        let mut bad = 0;
+        for (chain, _) in chains.iter().zip(usable).filter(|(_, &ok)| !ok) {
+            ctx.queue.push_used(chain.head(), 0)?;
+            bad += 1;
+        }
+        let good = chains.iter().zip(usable).filter(|(_, &ok)| ok);
+        for ((chain, _), &len) in good.zip(lens) {
+            ctx.queue.push_used(chain.head(), len)?;
+        }
+        bump(&self.port.counters.rx_bad_chains, bad);
+        self.unpublished += n;
+        self.held_start += n;
+        if self.held_start == self.held.len() {
+            self.held.clear();
+            self.usable.clear();
+            self.held_start = 0;
+        }
+        Ok(())
+    }
+
+    /// Pop one more chain for the staged packet. `false` if the ring had none.
+    fn pop_one(&mut self, ctx: &mut LoopContext<'_>) -> Result<bool, WorkerFault> {
+        if ctx.queue.pop_batch(&mut self.held, 1)? == 0 {
+            return Ok(false);
+        }
+        let hdr_len = self.features.header_len() as u32;
+        let chain = &self.held.chains()[self.held.len() - 1];
+        // §5.1.6.3: receive buffers are device-writable and hold at least the header.
+        let ok = chain.readable_len() == 0 && chain.writable_len() >= hdr_len;
+        self.usable.push(ok);
+        if !ok && self.held_count() == 1 {
+            // Nothing held before it: complete it at once (a rewind never needs it back).
+            self.push_held(ctx, 1, &[])?;
+        }
+        Ok(true)
+    }
+
+    /// Put the staged packet into held chains, popping more as needed.
+    fn place(&mut self, ctx: &mut LoopContext<'_>) -> Result<Placed, WorkerFault> {
+        let hdr_len = self.features.header_len();
+        let stage_len = self.stage.as_ref().map_or(0, |s| s.len);
+        let frame_len = stage_len - PORT_HDR_LEN;
+        let need = (hdr_len + frame_len) as u64;
+        let ring = usize::from(ctx.queue.size());
+        loop {
+            let (count, room) = self.usable_room();
+            if count > 0 && room >= need {
+                self.deliver_staged(ctx, need)?;
+                return Ok(Placed::Delivered);
+            }
+            // Without MRG_RXBUF a packet takes exactly one chain; with it, never more chains
+            // than the ring holds (all of them held and still too small: it can never fit).
+            if (count > 0 && !self.features.mrg_rxbuf) || self.held_count() >= ring {
+                return Ok(Placed::Dropped);
+            }
+            if !self.pop_one(ctx)? {
+                return Ok(Placed::NeedBuffers);
+            }
+        }
+    }
+
+    /// Write header and frame into the first usable held chains (room is known to suffice) and
+    /// push them.
+    fn deliver_staged(&mut self, ctx: &mut LoopContext<'_>, need: u64) -> Result<(), WorkerFault> {
+        let hdr_len = self.features.header_len();
+        let Some(stage) = self.stage.as_mut() else {
+            return Ok(());
+        };
+        // Which chains take how much, in order, and how many held chains that spans.
+        let mut lens = std::mem::take(&mut self.lens);
+        lens.clear();
+        let mut remaining = need;
+        let mut span = 0;
+        for (i, chain) in self.held.chains().iter().enumerate().skip(self.held_start) {
+            span += 1;
+            if !self.usable[i] {
+                continue;
+            }
+            let take = remaining.min(u64::from(chain.writable_len()));
+            lens.push(take as u32);
+            remaining -= take;
+            if remaining == 0 {
+                break;
+            }
+        }
+        // The guest header, built from scratch in front of the frame: flags 0, GSO none, and
+        // num_buffers (§5.1.6.4: the number of chains, 1 without MRG_RXBUF).
+        let start = PORT_HDR_LEN - hdr_len;
+        stage.buf[start..PORT_HDR_LEN].fill(0);
+        if hdr_len == HDR_LEN {
+            let num_buffers = if self.features.mrg_rxbuf {
+                lens.len() as u16
+            } else {
+                1
+            };
+            stage.buf[start + 10..start + 12].copy_from_slice(&num_buffers.to_le_bytes());
+        }
+        let mut data = &stage.buf[start..stage.len];
+        let usable = self
+            .held
+            .chains()
+            .iter()
+            .enumerate()
+            .skip(self.held_start)
+            .filter(|(i, _)| self.usable[*i]);
+        for ((_, chain), &len) in usable.zip(&lens) {
+            let (head, rest) = data.split_at(len as usize);
+            // SAFETY: the chain was popped from the attached queue, whose snapshot is alive.
+            unsafe { scatter(chain.writable(&self.held), head) };
+            data = rest;
+        }
+        let frame_len = stage.len - PORT_HDR_LEN;
+        stage.len = 0;
+        let pushed = self.push_held(ctx, span, &lens);
+        self.lens = lens;
+        pushed?;
+        let counters = &self.port.counters;
+        bump(&counters.rx_packets, 1);
+        bump(&counters.rx_bytes, frame_len as u64);
+        Ok(())
+    }
+
+    /// Stage the next packet from the port, if any.
+    fn read_stage(&mut self) -> Option<Outcome> {
+        let counters = &self.port.counters;
+        let stage = self.stage.get_or_insert_with(Stage::new);
+        loop {
+            match self.port.read_packet(&mut stage.buf) {
+                Ok(None) => return Some(Outcome::PortEmpty),
+                Ok(Some(0)) | Err(_) => {
+                    // 0: the other end is gone (only our own code writes to links, never an
+                    // empty packet). An error: nothing more will come from this fd.
+                    self.port_open = false;
+                    return Some(Outcome::PortClosed);
+                }
+                Ok(Some(n)) if (PORT_HDR_LEN + ETH_HLEN..=MAX_PACKET_LEN).contains(&n) => {
+                    stage.len = n;
+                    return None;
+                }
+                Ok(Some(_)) => bump(&counters.rx_errors, 1),
+            }
+        }
+    }
+
+    /// Deliver up to [`RX_BATCH`] packets, then publish.
+    fn deliver(&mut self, ctx: &mut LoopContext<'_>) -> Result<Outcome, WorkerFault> {
+        let mut packets = 0;
+        let outcome = loop {
+            if packets == RX_BATCH {
+                break Outcome::More;
+            }
+            if self.stage.as_ref().is_none_or(|s| s.len == 0) {
+                if !self.port_open {
+                    break Outcome::PortClosed;
+                }
+                if let Some(outcome) = self.read_stage() {
+                    break outcome;
+                }
+            }
+            match self.place(ctx)? {
+                Placed::Delivered => packets += 1,
+                Placed::Dropped => {
+                    if let Some(stage) = self.stage.as_mut() {
+                        stage.len = 0;
+                    }
+                    bump(&self.port.counters.rx_dropped, 1);
+                    packets += 1;
+                }
+                Placed::NeedBuffers => break Outcome::NeedBuffers,
+            }
+        };
+        if self.unpublished > 0 {
+            ctx.publish(self.unpublished as u64)?;
+            self.unpublished = 0;
+        }
+        Ok(outcome)
+    }
+
+    fn sleep(&mut self, ctx: &mut LoopContext<'_>, poller: &Poller) -> Result<(), WorkerFault> {
+        let ready = poller
+            .wait(None, &mut self.events)
+            .map_err(|e| internal("waiting for the port or a kick", e))?;
+        if ready > 0 {
+            ctx.count_wakeup();
+        }
+        if self.events.contains(&TOKEN_KICK) {
+            let kicks = ctx
+                .kick
+                .consume()
+                .map_err(|e| internal("reading the kick", e))?;
+            ctx.count_kicks(kicks);
+        }
+        Ok(())
+    }
+
+    fn serve(&mut self, ctx: &mut LoopContext<'_>, poller: &Poller) -> Result<(), WorkerFault> {
+        let port = Arc::clone(&self.port);
+        let port_fd = port.rx.as_fd();
+        let mut registered = false;
+        // Kicks are only wanted while a packet waits for buffers.
+        ctx.queue.disable_notifications()?;
+        loop {
+            if ctx.stop_requested() {
+                return Ok(());
+            }
+            match self.deliver(ctx)? {
+                Outcome::More => continue,
+                Outcome::PortEmpty => {
+                    if !registered {
+                        poller
+                            .register(port_fd, TOKEN_PORT)
+                            .map_err(|e| internal("watching the port", e))?;
+                        registered = true;
+                    }
+                    self.sleep(ctx, poller)?;
+                }
+                Outcome::PortClosed => {
+                    if registered {
+                        poller
+                            .unregister(port_fd)
+                            .map_err(|e| internal("unwatching the port", e))?;
+                        registered = false;
+                    }
+                    self.sleep(ctx, poller)?;
+                }
+                Outcome::NeedBuffers => {
+                    // §3 "go to sleep": ask for kicks, then look once more.
+                    if ctx.queue.enable_notifications()? {
+                        ctx.queue.disable_notifications()?;
+                        continue;
+                    }
+                    if registered {
+                        // The port stays readable while the packet waits: stop watching it.
+                        poller
+                            .unregister(port_fd)
+                            .map_err(|e| internal("unwatching the port", e))?;
+                        registered = false;
+                    }
+                    bump(&port.counters.rx_starved, 1);
+                    self.sleep(ctx, poller)?;
+                    ctx.queue.disable_notifications()?;
+                }
+            }
+        }
+    }
+}
+
+impl DeviceLoop for NetRxHandler {
+    fn run(&mut self, ctx: &mut LoopContext<'_>) -> Result<(), WorkerFault> {
+        let poller = Poller::new().map_err(|e| internal("creating the poller", e))?;
+        poller
+            .register(ctx.kick.as_fd(), TOKEN_KICK)
+            .map_err(|e| internal("watching the kick", e))?;
+        poller
+            .register(ctx.stop_fd(), TOKEN_STOP)
+            .map_err(|e| internal("watching the stop fd", e))?;
+        self.stage = lock(&self.port.parked).take();
+        self.held.clear();
+        self.usable.clear();
+        self.held_start = 0;
+        self.unpublished = 0;
+        self.port_open = true;
+        let result = self.serve(ctx, &poller);
+        if result.is_ok() {
+            // Publish what was pushed, hand back what was popped and not pushed: the driver
+            // still owns those buffers and GET_VRING_BASE must not count them.
+            if self.unpublished > 0 {
+                ctx.publish(self.unpublished as u64)?;
+                self.unpublished = 0;
+            }
+            let held = self.held_count() as u16;
+            let next = ctx.queue.next_avail().wrapping_sub(held);
+            ctx.queue.set_next_avail(next);
+            self.held.clear();
+            self.usable.clear();
+            self.held_start = 0;
+        }
+        // The staged packet waits in the port for the next worker.
+        *lock(&self.port.parked) = self.stage.take();
+        result
+    }
+}
+
+impl ChainHandler for NetRxHandler {
+    fn handle(&mut self, _memory: &GuestMemory, _chain: ChainView<'_>) -> u32 {
+        0 // never called: the device loop takes the chains itself
+    }
+
+    fn device_loop(&mut self) -> Option<&mut dyn DeviceLoop> {
+        Some(self)
+    }
+}

@@ -1,0 +1,791 @@
+//! virtio-net through real worker threads, using only the public API: two "front-ends" (a
+//! driver-side RX and TX queue each, over their own memfd guest memory) joined by a peer link,
+//! a loopback port and a TAP device. Frames sent by one side must arrive byte-exact on the other,
+//! with and without MRG_RXBUF, through RX starvation, worker restarts and hostile chains.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vvu_core::memory::{create_memfd, GuestMemory, MemoryRegion, RegionSpec};
+use vvu_core::notify::EventFd;
+use vvu_core::queue::{QueueConfig, SplitQueue, SplitQueueDriver};
+use vvu_core::worker::net::{NetFeatures, NetPort, NetStats, DEFAULT_PORT_BUFFER};
+use vvu_core::worker::{QueueWorker, WorkerOptions};
+
+const MEMORY: u64 = 16 << 20;
+const QUEUE_SIZE: u16 = 256;
+const RX_RINGS: (u64, u64, u64) = (0x1000, 0x3000, 0x4000);
+const TX_RINGS: (u64, u64, u64) = (0x6000, 0x8000, 0x9000);
+/// Indirect descriptor tables.
+const TABLES: u64 = 0x10000;
+const TX_AREA: u64 = 0x10_0000;
+const RX_AREA: u64 = 0x40_0000;
+/// Bytes per buffer slot: the largest packet (12 + 65535) fits.
+const SLOT: u64 = 0x1_1000;
+const TX_SLOTS: usize = 32;
+const RX_SLOTS: usize = 160;
+const PATIENCE: Duration = Duration::from_secs(20);
+/// How long "nothing arrives" is watched for.
+const QUIET: Duration = Duration::from_millis(150);
+
+const MRG: NetFeatures = NetFeatures {
+    mrg_rxbuf: true,
+    version_1: true,
+};
+const V1: NetFeatures = NetFeatures {
+    mrg_rxbuf: false,
+    version_1: true,
+};
+const LEGACY: NetFeatures = NetFeatures {
+    mrg_rxbuf: false,
+    version_1: false,
+};
+
+fn memory() -> (GuestMemory, GuestMemory) {
+    let fd = create_memfd("worker-net-guest", MEMORY).unwrap();
+    let map = || {
+        let spec = RegionSpec {
+            guest_phys_addr: 0,
+            size: MEMORY,
+            userspace_addr: 0x7f00_0000_0000,
+            mmap_offset: 0,
+        };
+        let region = Arc::new(MemoryRegion::map(fd.try_clone().unwrap(), spec).unwrap());
+        GuestMemory::new(vec![region]).unwrap()
+    };
+    (map(), map())
+}
+
+fn config((desc, avail, used): (u64, u64, u64), event_idx: bool) -> QueueConfig {
+    QueueConfig {
+        size: QUEUE_SIZE,
+        desc_table: desc,
+        avail_ring: avail,
+        used_ring: used,
+        event_idx,
+        indirect: true,
+    }
+}
+
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// A frame of `len` bytes: broadcast destination, a source derived from `seq`, the local
+/// experimental ethertype 0x88B5, then a pattern that depends on `seq`.
+fn frame(seq: u32, len: usize) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0]);
+    f[8..12].copy_from_slice(&seq.to_be_bytes());
+    f.extend_from_slice(&[0x88, 0xb5]);
+    let mut x = seq.wrapping_mul(2_654_435_761).wrapping_add(1);
+    while f.len() < len {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        f.push(x as u8);
+    }
+    f.truncate(len);
+    f
+}
+
+/// One front-end: a receive and a transmit queue over its own memory, served by two workers.
+struct Side {
+    mem: GuestMemory,
+    dev_mem: GuestMemory,
+    event_idx: bool,
+    features: NetFeatures,
+    port: NetPort,
+    rx: SplitQueueDriver,
+    tx: SplitQueueDriver,
+    rx_kick: EventFd,
+    rx_call: EventFd,
+    tx_kick: EventFd,
+    tx_call: EventFd,
+    rx_worker: Option<QueueWorker>,
+    tx_worker: Option<QueueWorker>,
+    rx_free: Vec<usize>,
+    /// head → (slot, buffer length)
+    rx_posted: HashMap<u16, (usize, u32)>,
+    tx_free: Vec<usize>,
+    tx_in_flight: HashMap<u16, usize>,
+    /// Used RX entries reaped but not consumed yet.
+    rx_used: VecDeque<(u16, u32)>,
+}
+
+impl Side {
+    fn new(port: NetPort, features: NetFeatures, event_idx: bool) -> Self {
+        let (mem, dev_mem) = memory();
+        let rx = SplitQueueDriver::new(mem.clone(), config(RX_RINGS, event_idx)).unwrap();
+        let tx = SplitQueueDriver::new(mem.clone(), config(TX_RINGS, event_idx)).unwrap();
+        let mut side = Side {
+            mem,
+            dev_mem,
+            event_idx,
+            features,
+            port,
+            rx,
+            tx,
+            rx_kick: EventFd::new().unwrap(),
+            rx_call: EventFd::new().unwrap(),
+            tx_kick: EventFd::new().unwrap(),
+            tx_call: EventFd::new().unwrap(),
+            rx_worker: None,
+            tx_worker: None,
+            rx_free: (0..RX_SLOTS).rev().collect(),
+            rx_posted: HashMap::new(),
+            tx_free: (0..TX_SLOTS).rev().collect(),
+            tx_in_flight: HashMap::new(),
+            rx_used: VecDeque::new(),
+        };
+        side.start_rx(0);
+        side.start_tx(0);
+        side
+    }
+
+    fn device_queue(&self, rings: (u64, u64, u64), next_avail: u16) -> SplitQueue {
+        let mut queue = SplitQueue::new(config(rings, self.event_idx)).unwrap();
+        queue.attach(self.dev_mem.clone()).unwrap();
+        queue.set_next_avail(next_avail);
+        queue
+    }
+
+    fn start_rx(&mut self, next_avail: u16) {
+        let queue = self.device_queue(RX_RINGS, next_avail);
+        let handler = Box::new(self.port.rx_handler(self.features));
+        self.rx_worker = Some(
+            QueueWorker::spawn(
+                "net-rx",
+                queue,
+                self.rx_kick.try_clone().unwrap(),
+                Some(self.rx_call.try_clone().unwrap()),
+                handler,
+                WorkerOptions::default(),
+            )
+            .unwrap(),
+        );
+    }
+
+    fn start_tx(&mut self, next_avail: u16) {
+        let queue = self.device_queue(TX_RINGS, next_avail);
+        let handler = Box::new(self.port.tx_handler(self.features));
+        self.tx_worker = Some(
+            QueueWorker::spawn(
+                "net-tx",
+                queue,
+                self.tx_kick.try_clone().unwrap(),
+                Some(self.tx_call.try_clone().unwrap()),
+                handler,
+                WorkerOptions::default(),
+            )
+            .unwrap(),
+        );
+    }
+
+    /// Stop the RX worker; returns its next_avail (what GET_VRING_BASE reports).
+    fn stop_rx(&mut self) -> u16 {
+        let stopped = self.rx_worker.take().unwrap().stop().unwrap();
+        assert_eq!(stopped.fault, None);
+        stopped.queue.next_avail()
+    }
+
+    fn hdr_len(&self) -> usize {
+        self.features.header_len()
+    }
+
+    fn stats(&self) -> NetStats {
+        self.port.stats()
+    }
+
+    fn kick_rx(&mut self) {
+        if self.rx.publish().unwrap() {
+            self.rx_kick.signal().unwrap();
+        }
+    }
+
+    /// Make `count` receive buffers of `len` bytes available.
+    fn post_rx(&mut self, len: u32, count: usize) {
+        for _ in 0..count {
+            let slot = self.rx_free.pop().expect("out of RX slots");
+            let gpa = RX_AREA + slot as u64 * SLOT;
+            let head = self.rx.add_chain(&[], &[(gpa, len)]).unwrap();
+            self.rx_posted.insert(head, (slot, len));
+        }
+        self.kick_rx();
+    }
+
+    /// Free completed transmit slots.
+    fn reap_tx(&mut self) {
+        while let Some((head, len)) = self.tx.reap_used().unwrap() {
+            assert_eq!(len, 0, "a transmit buffer is never written");
+            let slot = self.tx_in_flight.remove(&head).expect("unknown TX head");
+            self.tx_free.push(slot);
+        }
+    }
+
+    fn tx_slot(&mut self) -> usize {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            self.reap_tx();
+            if let Some(slot) = self.tx_free.pop() {
+                return slot;
+            }
+            assert!(Instant::now() < deadline, "transmit queue stuck");
+            self.tx_call.wait(Some(Duration::from_millis(10))).unwrap();
+            self.tx_call.consume().unwrap();
+        }
+    }
+
+    /// Transmit a chain made of `readable` and `writable` (slot-relative) pieces.
+    fn send_chain(&mut self, header: &[u8], frame: &[u8]) {
+        let slot = self.tx_slot();
+        let gpa = TX_AREA + slot as u64 * SLOT;
+        self.mem.write(gpa, header).unwrap();
+        self.mem.write(gpa + header.len() as u64, frame).unwrap();
+        let len = (header.len() + frame.len()) as u32;
+        let head = self.tx.add_chain(&[(gpa, len)], &[]).unwrap();
+        self.tx_in_flight.insert(head, slot);
+        if self.tx.publish().unwrap() {
+            self.tx_kick.signal().unwrap();
+        }
+    }
+
+    /// Transmit `frame` with a zeroed header.
+    fn send(&mut self, frame: &[u8]) {
+        let header = vec![0u8; self.hdr_len()];
+        self.send_chain(&header, frame);
+    }
+
+    /// Transmit a chain of arbitrary shape; its buffers live in one TX slot.
+    fn send_raw(&mut self, data: &[u8], readable: &[u32], writable: &[u32]) {
+        let slot = self.tx_slot();
+        let base = TX_AREA + slot as u64 * SLOT;
+        self.mem.write(base, data).unwrap();
+        let mut at = base;
+        let mut piece = |len: &u32| {
+            let p = (at, *len);
+            at += u64::from(*len);
+            p
+        };
+        let r: Vec<_> = readable.iter().map(&mut piece).collect();
+        let w: Vec<_> = writable.iter().map(&mut piece).collect();
+        let head = self.tx.add_chain(&r, &w).unwrap();
+        self.tx_in_flight.insert(head, slot);
+        if self.tx.publish().unwrap() {
+            self.tx_kick.signal().unwrap();
+        }
+    }
+
+    /// Wait until every transmitted chain came back.
+    fn flush_tx(&mut self) {
+        let deadline = Instant::now() + PATIENCE;
+        while !self.tx_in_flight.is_empty() {
+            self.reap_tx();
+            assert!(Instant::now() < deadline, "transmit completions missing");
+            self.tx_call.wait(Some(Duration::from_millis(10))).unwrap();
+            self.tx_call.consume().unwrap();
+        }
+    }
+
+    /// The next used RX entry within `timeout`.
+    fn next_used(&mut self, timeout: Duration) -> Option<(u16, u32)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(entry) = self.rx_used.pop_front() {
+                return Some(entry);
+            }
+            if let Some(entry) = self.rx.reap_used().unwrap() {
+                return Some(entry);
+            }
+            if self.rx.enable_call_notifications().unwrap() {
+                continue;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            self.rx_call
+                .wait(Some((deadline - now).min(Duration::from_millis(20))))
+                .unwrap();
+            self.rx_call.consume().unwrap();
+        }
+    }
+
+    /// The bytes of a used RX buffer; the slot is freed (not re-posted).
+    fn take_buffer(&mut self, head: u16, len: u32) -> Vec<u8> {
+        let (slot, cap) = self.rx_posted.remove(&head).expect("unknown RX head");
+        assert!(len <= cap);
+        self.rx_free.push(slot);
+        let mut buf = vec![0u8; len as usize];
+        self.mem
+            .read(RX_AREA + slot as u64 * SLOT, &mut buf)
+            .unwrap();
+        buf
+    }
+
+    /// Receive one frame: its bytes and the number of buffers it spanned.
+    fn recv(&mut self, timeout: Duration) -> Option<(Vec<u8>, u16)> {
+        let (head, len) = self.next_used(timeout)?;
+        let hdr_len = self.hdr_len();
+        let mut data = self.take_buffer(head, len);
+        assert!(
+            data.len() >= hdr_len,
+            "used len {len} shorter than the header"
+        );
+        assert!(data[..10].iter().all(|&b| b == 0), "flags/gso must be 0");
+        let num_buffers = if hdr_len == 12 {
+            u16::from_le_bytes([data[10], data[11]])
+        } else {
+            1
+        };
+        if !self.features.mrg_rxbuf {
+            assert_eq!(num_buffers, 1, "num_buffers must be 1 without MRG_RXBUF");
+        }
+        assert!(num_buffers >= 1);
+        for _ in 1..num_buffers {
+            let (head, len) = self.next_used(PATIENCE).expect("missing merged buffer");
+            data.extend(self.take_buffer(head, len));
+        }
+        Some((data.split_off(hdr_len), num_buffers))
+    }
+
+    fn expect(&mut self, expected: &[u8]) -> u16 {
+        let (got, n) = self.recv(PATIENCE).expect("frame did not arrive");
+        assert_eq!(got.len(), expected.len(), "frame length");
+        assert!(got == expected, "frame bytes differ");
+        n
+    }
+
+    fn expect_nothing(&mut self) {
+        if let Some((frame, _)) = self.recv(QUIET) {
+            panic!("unexpected frame of {} bytes", frame.len());
+        }
+    }
+}
+
+impl Drop for Side {
+    fn drop(&mut self) {
+        // Stop the workers before the memory goes (they hold their own snapshot anyway).
+        if let Some(w) = self.rx_worker.take() {
+            let _ = w.stop();
+        }
+        if let Some(w) = self.tx_worker.take() {
+            let _ = w.stop();
+        }
+    }
+}
+
+fn linked(features: NetFeatures, event_idx: bool) -> (Side, Side) {
+    let (a, b) = NetPort::pair(DEFAULT_PORT_BUFFER).unwrap();
+    (
+        Side::new(a, features, event_idx),
+        Side::new(b, features, event_idx),
+    )
+}
+
+fn exchange(features: NetFeatures, event_idx: bool) {
+    let (mut a, mut b) = linked(features, event_idx);
+    a.post_rx(2048, 64);
+    b.post_rx(2048, 64);
+    let mut rng = XorShift(0x9e37_79b9 ^ u64::from(event_idx));
+    let sizes: Vec<usize> = (0..40)
+        .map(|i| match i {
+            0 => 14,
+            1 => 2048 - features.header_len(),
+            _ => 14 + rng.below(1500) as usize,
+        })
+        .collect();
+    // Both directions at once, in bursts, checking order and bytes.
+    for burst in sizes.chunks(8) {
+        for (k, &len) in burst.iter().enumerate() {
+            a.send(&frame(k as u32, len));
+            b.send(&frame(1000 + k as u32, len));
+        }
+        for (k, &len) in burst.iter().enumerate() {
+            assert_eq!(b.expect(&frame(k as u32, len)), 1);
+            assert_eq!(a.expect(&frame(1000 + k as u32, len)), 1);
+        }
+        a.post_rx(2048, burst.len());
+        b.post_rx(2048, burst.len());
+    }
+    a.flush_tx();
+    b.flush_tx();
+    for side in [&a, &b] {
+        let s = side.stats();
+        assert_eq!((s.tx_packets, s.rx_packets), (40, 40), "{s:?}");
+        assert_eq!(s.tx_bytes, sizes.iter().sum::<usize>() as u64);
+        assert_eq!(s.rx_bytes, s.tx_bytes);
+        assert_eq!(
+            (s.tx_dropped, s.tx_errors, s.rx_dropped, s.rx_errors),
+            (0, 0, 0, 0)
+        );
+    }
+}
+
+#[test]
+fn peers_exchange_frames_byte_exact_with_mrg_rxbuf() {
+    exchange(MRG, false);
+    exchange(MRG, true);
+}
+
+#[test]
+fn peers_exchange_frames_byte_exact_without_mrg_rxbuf() {
+    exchange(V1, true);
+    exchange(LEGACY, false);
+}
+
+#[test]
+fn large_frames_span_many_receive_buffers() {
+    let (mut a, mut b) = linked(MRG, true);
+    b.post_rx(1024, 100);
+    for (seq, len) in [(1u32, 65535usize), (2, 1012), (3, 1013), (4, 9000), (5, 14)] {
+        a.send(&frame(seq, len));
+        let n = b.expect(&frame(seq, len));
+        assert_eq!(usize::from(n), (12 + len).div_ceil(1024), "len {len}");
+        b.post_rx(1024, usize::from(n));
+    }
+    // Buffers of mixed sizes, consumed in ring order.
+    let (mut a, mut b) = linked(MRG, false);
+    for len in [64u32, 4096, 100, 30000, 12, 50000] {
+        b.post_rx(len, 1);
+    }
+    a.send(&frame(7, 65535));
+    assert_eq!(b.expect(&frame(7, 65535)), 6);
+}
+
+#[test]
+fn without_mrg_rxbuf_a_frame_larger_than_the_buffer_is_dropped_and_the_buffer_kept() {
+    let (mut a, mut b) = linked(V1, false);
+    b.post_rx(1526, 1);
+    a.send(&frame(1, 1515)); // 12 + 1515 > 1526
+    a.send(&frame(2, 1514));
+    assert_eq!(b.expect(&frame(2, 1514)), 1);
+    assert_eq!(b.stats().rx_dropped, 1);
+    // Full-size frames need a 65547-byte buffer without MRG_RXBUF.
+    b.post_rx(12 + 65535, 1);
+    a.send(&frame(3, 65535));
+    b.expect(&frame(3, 65535));
+}
+
+#[test]
+fn rx_starvation_then_recovery_loses_nothing() {
+    let (mut a, mut b) = linked(MRG, true);
+    for seq in 0..30 {
+        a.send(&frame(seq, 200 + seq as usize));
+    }
+    a.flush_tx();
+    b.expect_nothing();
+    let deadline = Instant::now() + PATIENCE;
+    while b.stats().rx_starved == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the receiver never waited for buffers"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(a.stats().tx_dropped, 0);
+    // Buffers trickle in: one frame needs three of them.
+    b.post_rx(100, 2);
+    b.expect_nothing();
+    b.post_rx(100, 1);
+    assert_eq!(b.expect(&frame(0, 200)), 3);
+    b.post_rx(4096, 29);
+    for seq in 1..30 {
+        b.expect(&frame(seq, 200 + seq as usize));
+    }
+    assert_eq!(b.stats().rx_packets, 30);
+}
+
+#[test]
+fn restarting_rx_gives_held_buffers_back_and_keeps_the_staged_frame() {
+    let (mut a, mut b) = linked(MRG, false);
+    b.post_rx(1000, 2);
+    a.send(&frame(9, 2500)); // needs three 1000-byte buffers
+    a.flush_tx();
+    b.expect_nothing();
+    // GET_VRING_BASE: the two held buffers are not consumed.
+    assert_eq!(b.stop_rx(), 0);
+    b.start_rx(0);
+    b.expect_nothing();
+    b.post_rx(1000, 1);
+    assert_eq!(b.expect(&frame(9, 2500)), 3);
+    assert_eq!(b.stop_rx(), 3);
+    b.start_rx(3);
+    b.post_rx(1000, 1);
+    a.send(&frame(10, 500));
+    b.expect(&frame(10, 500));
+}
+
+#[test]
+fn hostile_transmit_chains_are_refused_and_counted() {
+    let (mut a, mut b) = linked(MRG, false);
+    b.post_rx(4096, 8);
+    let good = frame(1, 100);
+    let mut data = vec![0u8; 12];
+    data.extend_from_slice(&good);
+    let total = data.len() as u32;
+    // A writable part.
+    a.send_raw(&data, &[total], &[16]);
+    // Too short: the header and 13 bytes.
+    a.send_raw(&data[..12 + 13], &[12 + 13], &[]);
+    // Shorter than the header.
+    a.send_raw(&data[..8], &[8], &[]);
+    // Too long: 65536 bytes of frame.
+    let mut long = vec![0u8; 12];
+    long.extend(frame(2, 65536));
+    a.send_raw(&long, &[long.len() as u32], &[]);
+    // Offload asked for without the feature: NEEDS_CSUM, and GSO TCPv4.
+    let mut csum = data.clone();
+    csum[0] = 1;
+    a.send_raw(&csum, &[total], &[]);
+    let mut gso = data.clone();
+    gso[1] = 1;
+    a.send_raw(&gso, &[total], &[]);
+    a.flush_tx();
+    b.expect_nothing();
+    assert_eq!(a.stats().tx_errors, 6);
+    // The queue still works, and a header split over pieces is fine.
+    a.send_raw(&data, &[5, 5, 2, 50, total - 62], &[]);
+    b.expect(&good);
+    a.flush_tx(); // the counter is bumped before the chain is completed
+    assert_eq!(a.stats().tx_packets, 1);
+}
+
+#[test]
+fn transmit_chains_with_more_pieces_than_one_writev_takes() {
+    let (mut a, mut b) = linked(V1, true);
+    b.post_rx(4096, 2);
+    let f = frame(3, 1500);
+    let slot = a.tx_slot();
+    let base = TX_AREA + slot as u64 * SLOT;
+    a.mem.write(base, &[0u8; 12]).unwrap();
+    a.mem.write(base + 12, &f).unwrap();
+    // Header in one piece, then 1500 one-byte pieces in an indirect table.
+    let mut pieces = vec![(base, 12u32)];
+    pieces.extend((0..1500u64).map(|i| (base + 12 + i, 1)));
+    let head = a.tx.add_indirect(TABLES, &pieces, &[]).unwrap();
+    a.tx_in_flight.insert(head, slot);
+    if a.tx.publish().unwrap() {
+        a.tx_kick.signal().unwrap();
+    }
+    b.expect(&f);
+}
+
+#[test]
+fn hostile_receive_chains_complete_empty_and_frames_use_the_good_ones() {
+    let (mut a, mut b) = linked(MRG, false);
+    // A chain with a readable part, one too short for the header, then a good one.
+    let slot = b.rx_free.pop().unwrap();
+    let gpa = RX_AREA + slot as u64 * SLOT;
+    let bad1 = b.rx.add_chain(&[(gpa, 16)], &[(gpa + 16, 2000)]).unwrap();
+    let bad2 = b.rx.add_chain(&[], &[(gpa + 4096, 11)]).unwrap();
+    b.kick_rx();
+    b.post_rx(600, 1);
+    a.send(&frame(5, 100));
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let (head, len) = b.next_used(PATIENCE).unwrap();
+        assert_eq!(len, 0);
+        seen.push(head);
+    }
+    seen.sort_unstable();
+    let mut want = vec![bad1, bad2];
+    want.sort_unstable();
+    assert_eq!(seen, want);
+    b.expect(&frame(5, 100));
+    // Mixed while a frame is being assembled: good (small), bad, good. The bad one completes
+    // before the frame's buffers, which stay consecutive.
+    b.post_rx(500, 1);
+    let bad3 = b.rx.add_chain(&[], &[(gpa + 8192, 4)]).unwrap();
+    b.kick_rx();
+    b.post_rx(500, 1);
+    a.send(&frame(6, 900));
+    assert_eq!(b.next_used(PATIENCE), Some((bad3, 0)));
+    assert_eq!(b.expect(&frame(6, 900)), 2);
+    assert_eq!(b.stats().rx_bad_chains, 3);
+}
+
+#[test]
+fn a_full_link_drops_on_the_sending_side_and_counts() {
+    let (mut a, b) = linked(MRG, true);
+    // The receiver never posts buffers: one frame stays staged, the rest fill the socket.
+    let sent = 400u64;
+    for seq in 0..sent {
+        a.send(&frame(seq as u32, 8000));
+    }
+    a.flush_tx();
+    let s = a.stats();
+    assert!(s.tx_dropped > 0, "{s:?}");
+    assert_eq!(s.tx_packets + s.tx_dropped, sent);
+    // Stop the receiver: its staged frame is parked in the port, and drain discards all.
+    let mut b = b;
+    b.stop_rx();
+    assert_eq!(b.port.drain().unwrap(), s.tx_packets);
+    assert_eq!(b.stats().rx_dropped, s.tx_packets);
+}
+
+#[test]
+fn loopback_returns_what_was_sent() {
+    let port = NetPort::loopback(DEFAULT_PORT_BUFFER).unwrap();
+    let mut side = Side::new(port, MRG, true);
+    side.post_rx(2048, 4);
+    for seq in 0..4 {
+        side.send(&frame(seq, 60 + seq as usize));
+        side.expect(&frame(seq, 60 + seq as usize));
+    }
+}
+
+#[test]
+fn ports_inject_and_take_frames() {
+    let (a, b) = NetPort::pair(DEFAULT_PORT_BUFFER).unwrap();
+    assert!(a.send_frame(&frame(1, 64)).unwrap());
+    assert_eq!(b.recv_frame().unwrap(), Some(frame(1, 64)));
+    assert_eq!(b.recv_frame().unwrap(), None);
+    assert!(a.send_frame(&[0u8; 13]).is_err());
+    // Injected frames reach a running guest.
+    let mut side = Side::new(b, MRG, false);
+    side.post_rx(2048, 1);
+    assert!(a.send_frame(&frame(2, 100)).unwrap());
+    side.expect(&frame(2, 100));
+    // And what the guest sends can be taken at the other port.
+    side.send(&frame(3, 99));
+    side.flush_tx();
+    assert_eq!(a.recv_frame().unwrap(), Some(frame(3, 99)));
+}
+
+// --- TAP ---------------------------------------------------------------------------------------
+
+/// Bring `name` up in the calling thread's network namespace.
+fn set_up(name: &str) -> std::io::Result<()> {
+    // SAFETY: plain socket creation.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: ifreq is plain data; all-zero is valid.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in ifr.ifr_name.iter_mut().zip(name.as_bytes()) {
+        *d = *s as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_NOARP) as libc::c_short;
+    // SAFETY: SIOCSIFFLAGS reads one ifreq.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A raw packet socket bound to `name`.
+fn packet_socket(name: &str) -> OwnedFd {
+    let proto = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: plain socket creation.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            i32::from(proto),
+        )
+    };
+    assert!(raw >= 0, "{}", std::io::Error::last_os_error());
+    // SAFETY: a fresh fd.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    let cname = std::ffi::CString::new(name).unwrap();
+    // SAFETY: a NUL-terminated name.
+    let index = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+    assert!(index > 0);
+    // SAFETY: sockaddr_ll is plain data.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = proto;
+    addr.sll_ifindex = index as i32;
+    // SAFETY: `addr` is a valid sockaddr_ll of the given size.
+    let r = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            (&addr as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    sock
+}
+
+/// The next frame with our ethertype the packet socket sees (the kernel also emits its own).
+fn capture(sock: &OwnedFd) -> Vec<u8> {
+    let deadline = Instant::now() + PATIENCE;
+    let mut buf = vec![0u8; 70000];
+    loop {
+        // SAFETY: `buf` is writable for its length.
+        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n > 14 && buf[12..14] == [0x88, 0xb5] {
+            return buf[..n as usize].to_vec();
+        }
+        assert!(Instant::now() < deadline, "no frame on the TAP interface");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn tap_device_passes_frames_both_ways() {
+    // A private network namespace for this test thread: nothing touches the host's interfaces.
+    // SAFETY: unshare affects only the calling thread's namespaces.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        eprintln!(
+            "skipped: no network namespace ({})",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    let port = match NetPort::tap("vvutap%d", false) {
+        Ok(port) => port,
+        Err(e) => {
+            eprintln!("skipped: cannot create a TAP device ({e})");
+            return;
+        }
+    };
+    let name = port.name().unwrap().to_owned();
+    assert!(name.starts_with("vvutap"), "{name}");
+    set_up(&name).unwrap();
+    let sock = packet_socket(&name);
+    let mut side = Side::new(port, MRG, true);
+    side.post_rx(2048, 16);
+    // Guest → TAP: the kernel receives the frame on the interface.
+    let out = frame(1, 300);
+    side.send(&out);
+    assert_eq!(capture(&sock), out);
+    // Kernel → guest: a frame transmitted on the interface arrives on RX.
+    let back = frame(2, 200);
+    // SAFETY: `back` is readable for its length.
+    let n = unsafe { libc::send(sock.as_raw_fd(), back.as_ptr().cast(), back.len(), 0) };
+    assert_eq!(
+        n,
+        back.len() as isize,
+        "{}",
+        std::io::Error::last_os_error()
+    );
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (got, _) = side.recv(PATIENCE).expect("nothing from the TAP device");
+        if got.len() > 14 && got[12..14] == [0x88, 0xb5] {
+            assert_eq!(got, back);
+            break;
+        }
+        side.post_rx(2048, 1); // IPv6 chatter from the kernel: skip it
+        assert!(Instant::now() < deadline);
+    }
+}

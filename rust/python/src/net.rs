@@ -1,0 +1,131 @@
+//! virtio-net ports for Python: `NetPort` (a TAP device, one end of a peer link, or a loopback)
+//! and the native handlers that run a queue pair against it.
+
+use pyo3::buffer::PyBuffer;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+use vvu_core::worker::net::{NetFeatures, NetPort, DEFAULT_PORT_BUFFER};
+
+use crate::errors::to_pyerr;
+use crate::worker::NativeHandler;
+
+/// Where a virtio-net queue pair's frames go and come from. Clones share everything.
+#[pyclass(name = "NetPort", module = "vvu._core", frozen)]
+pub struct PyNetPort {
+    port: NetPort,
+}
+
+fn features(mrg_rxbuf: bool, version_1: bool) -> NetFeatures {
+    NetFeatures {
+        mrg_rxbuf,
+        version_1,
+    }
+}
+
+#[pymethods]
+impl PyNetPort {
+    /// Create (or attach to) the TAP interface `name` (`%d` lets the kernel number it) with
+    /// virtio-net headers; with `multi_queue`, each call adds one queue of a multi-queue TAP.
+    /// The interface is left down.
+    #[staticmethod]
+    #[pyo3(signature = (name, *, multi_queue = false))]
+    fn tap(py: Python<'_>, name: &str, multi_queue: bool) -> PyResult<Self> {
+        let port = py
+            .detach(|| NetPort::tap(name, multi_queue))
+            .map_err(to_pyerr)?;
+        Ok(Self { port })
+    }
+
+    /// Two linked ports: what one transmits, the other receives. Each direction queues about
+    /// `buffer_size` bytes (the kernel caps it at net.core.wmem_max) before it drops.
+    #[staticmethod]
+    #[pyo3(signature = (*, buffer_size = DEFAULT_PORT_BUFFER))]
+    fn pair(buffer_size: usize) -> PyResult<(Self, Self)> {
+        let (a, b) = NetPort::pair(buffer_size).map_err(to_pyerr)?;
+        Ok((Self { port: a }, Self { port: b }))
+    }
+
+    /// A port that hands every transmitted frame back to its own receive side.
+    #[staticmethod]
+    #[pyo3(signature = (*, buffer_size = DEFAULT_PORT_BUFFER))]
+    fn loopback(buffer_size: usize) -> PyResult<Self> {
+        let port = NetPort::loopback(buffer_size).map_err(to_pyerr)?;
+        Ok(Self { port })
+    }
+
+    /// "tap", "peer" or "loopback".
+    #[getter]
+    fn kind(&self) -> &'static str {
+        self.port.kind().as_str()
+    }
+
+    /// The TAP interface name as the kernel chose it; None for links.
+    #[getter]
+    fn name(&self) -> Option<String> {
+        self.port.name().map(str::to_owned)
+    }
+
+    /// The handler for the receive queue of the pair (device → driver), for a QueueWorker.
+    #[pyo3(signature = (*, mrg_rxbuf, version_1))]
+    fn rx_handler(&self, mrg_rxbuf: bool, version_1: bool) -> NativeHandler {
+        let handler = self.port.rx_handler(features(mrg_rxbuf, version_1));
+        NativeHandler::from_handler(Box::new(handler), "net-rx")
+    }
+
+    /// The handler for the transmit queue of the pair (driver → device), for a QueueWorker.
+    #[pyo3(signature = (*, mrg_rxbuf, version_1))]
+    fn tx_handler(&self, mrg_rxbuf: bool, version_1: bool) -> NativeHandler {
+        let handler = self.port.tx_handler(features(mrg_rxbuf, version_1));
+        NativeHandler::from_handler(Box::new(handler), "net-tx")
+    }
+
+    /// Transmit an Ethernet frame (14..=65535 bytes) as if this port's guest had; False if the
+    /// port's queue is full (the frame is dropped and counted).
+    fn send(&self, py: Python<'_>, frame: PyBuffer<u8>) -> PyResult<bool> {
+        let frame = frame.to_vec(py)?;
+        self.port.send_frame(&frame).map_err(to_pyerr)
+    }
+
+    /// Take the next frame waiting for this port's guest, or None. Only while its receive queue
+    /// is not running.
+    fn recv<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let frame = self.port.recv_frame().map_err(to_pyerr)?;
+        Ok(frame.map(|f| PyBytes::new(py, &f)))
+    }
+
+    /// Discard every frame waiting for this port's guest; returns how many. Only while its
+    /// receive queue is not running.
+    fn drain(&self) -> PyResult<u64> {
+        self.port.drain().map_err(to_pyerr)
+    }
+
+    /// Counters: tx_packets, tx_bytes, tx_dropped, tx_errors, rx_packets, rx_bytes, rx_dropped,
+    /// rx_errors, rx_bad_chains, rx_starved.
+    #[getter]
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.port.stats();
+        let dict = PyDict::new(py);
+        for (key, value) in [
+            ("tx_packets", s.tx_packets),
+            ("tx_bytes", s.tx_bytes),
+            ("tx_dropped", s.tx_dropped),
+            ("tx_errors", s.tx_errors),
+            ("rx_packets", s.rx_packets),
+            ("rx_bytes", s.rx_bytes),
+            ("rx_dropped", s.rx_dropped),
+            ("rx_errors", s.rx_errors),
+            ("rx_bad_chains", s.rx_bad_chains),
+            ("rx_starved", s.rx_starved),
+        ] {
+            dict.set_item(key, value)?;
+        }
+        Ok(dict)
+    }
+
+    fn __repr__(&self) -> String {
+        match self.port.name() {
+            Some(name) => format!("NetPort({}, {name})", self.kind()),
+            None => format!("NetPort({})", self.kind()),
+        }
+    }
+}

@@ -1,0 +1,408 @@
+"""virtio-net: the back-end, its ports, our NetDriver front-end, `vvu serve net`, and DPDK
+testpmd as a real peer.
+
+Two of our front-ends exchange frames through one back-end process (peer mode); testpmd's
+virtio-user PMD talks to `vvu serve net` while our NetDriver sits on the other end of the link.
+Synchronisation is awaited frames; timeouts only guard against hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from vvu._core import NetPort
+from vvu.backends import NetBackend, available_backends
+from vvu.backends.net import NetFeature, parse_mac, rarp_frame
+from vvu.engine import BackendEngine
+from vvu.frontend.net import NetDriver
+from vvu.protocol import ProtocolFeature, VirtioFeature
+from vvu.transport.unix import UnixListener
+
+pytestmark = pytest.mark.timeout(60)
+
+TIMEOUT = 5.0  # hang guard only
+VVU = [sys.executable, "-m", "vvu"]
+ETHERTYPE = b"\x88\xb5"  # local experimental
+
+
+def frame(seq: int, length: int, dst: bytes = b"\xff" * 6, src: bytes | None = None) -> bytes:
+    src = src or b"\x02" + seq.to_bytes(5, "big")
+    body = os.urandom(length - 14)
+    return dst + src + ETHERTYPE + body
+
+
+# --- the back-end on its own ------------------------------------------------------------------
+
+
+def test_features_config_space_and_registration() -> None:
+    a, b = NetBackend.peers(queue_pairs=2, mtu=9000)
+    assert available_backends()["net"] is NetBackend
+    assert (a.device_id, a.num_queues, a.queue_pairs) == (1, 4, 2)
+    features = a.features()
+    for bit in (NetFeature.MAC, NetFeature.STATUS, NetFeature.MRG_RXBUF, NetFeature.MTU):
+        assert features & (1 << bit)
+    assert features & (1 << NetFeature.MQ)
+    assert features & VirtioFeature.VERSION_1.mask and features & VirtioFeature.EVENT_IDX.mask
+    # No offload, no control queue.
+    for bit in (NetFeature.CSUM, NetFeature.GUEST_CSUM, NetFeature.CTRL_VQ):
+        assert not features & (1 << bit)
+    assert a.protocol_features() & ProtocolFeature.CONFIG.mask
+    assert not a.protocol_features() & (ProtocolFeature.RARP.mask | ProtocolFeature.MTU.mask)
+    mac, status, pairs, mtu = struct.unpack("<6sHHH", a.config_space())
+    assert (mac, status, pairs, mtu) == (parse_mac("02:76:76:75:00:01"), 1, 2, 9000)
+    assert b.config_space()[:6] == parse_mac("02:76:76:75:00:02")
+    one = NetBackend.loopback()
+    assert not one.features() & (1 << NetFeature.MQ | 1 << NetFeature.MTU)
+    # Queue 2k is receiveq k+1, 2k+1 transmitq k+1.
+    assert "net-rx" in repr(a.native_worker(2)) and "net-tx" in repr(a.native_worker(3))
+    with pytest.raises(ValueError):
+        parse_mac("02:00:00:00:00")
+    with pytest.raises(ValueError):
+        NetBackend.loopback(mtu=10)
+    with pytest.raises(ValueError):
+        a.net_set_mtu(70000)
+    a.net_set_mtu(1500)
+    assert a.config_space()[10:12] == struct.pack("<H", 1500)
+
+
+def test_ports_link_and_count() -> None:
+    a, b = NetPort.pair()
+    assert (a.kind, a.name) == ("peer", None)
+    f = frame(1, 60)
+    assert a.send(f)
+    assert b.recv() == f
+    assert b.recv() is None
+    with pytest.raises(OSError):
+        a.send(b"short")
+    assert a.stats["tx_packets"] == 1
+    loop = NetPort.loopback()
+    assert loop.send(f) and loop.recv() == f
+    for _ in range(3):
+        b.send(f)
+    assert a.drain() == 3 and a.stats["rx_dropped"] == 3
+
+
+def test_send_rarp_announces_the_mac_on_the_link() -> None:
+    a, b = NetBackend.peers()
+    mac = parse_mac("52:54:00:12:34:56")
+    a.send_rarp(mac + b"\0\0")
+    got = b.ports[0].recv()
+    assert got == rarp_frame(mac)
+    assert got is not None and got[:6] == b"\xff" * 6 and got[6:12] == mac
+    assert got[12:14] == b"\x80\x35" and len(got) == 60
+
+
+# --- two of our front-ends through one back-end -------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def serving(backends: tuple[NetBackend, ...], tmp_path: Path) -> AsyncIterator[list[str]]:
+    """Serve each back-end on its own socket in this event loop."""
+    paths = [str(tmp_path / f"net{i}.sock") for i in range(len(backends))]
+    listeners = [UnixListener(p) for p in paths]
+    tasks = [
+        asyncio.ensure_future(BackendEngine(b).serve_forever(lis))
+        for b, lis in zip(backends, listeners, strict=True)
+    ]
+    try:
+        yield paths
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for lis in listeners:
+            lis.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("mrg_rxbuf", "version_1"),
+    [(True, True), (False, True), (False, False)],
+    ids=["mrg-rxbuf", "version-1", "legacy-header"],
+)
+async def test_two_front_ends_exchange_frames(
+    tmp_path: Path, mrg_rxbuf: bool, version_1: bool
+) -> None:
+    a, b = NetBackend.peers()
+    async with serving((a, b), tmp_path) as (path_a, path_b):
+        da = await NetDriver.open(path_a, mrg_rxbuf=mrg_rxbuf, version_1=version_1)
+        db = await NetDriver.open(path_b, mrg_rxbuf=mrg_rxbuf, version_1=version_1)
+        try:
+            assert da.header_len == (12 if mrg_rxbuf or version_1 else 10)
+            assert (da.mac, db.mac) == (a.mac, b.mac)
+            sizes = [14, 60, 1514, 2036, 2037, 9000, 65535]
+            out_a = [frame(i, n) for i, n in enumerate(sizes)]
+            out_b = [frame(100 + i, n) for i, n in enumerate(reversed(sizes))]
+            await asyncio.gather(da.send_all(out_a), db.send_all(out_b))
+            got_b = [await db.recv(TIMEOUT) for _ in out_a]
+            got_a = [await da.recv(TIMEOUT) for _ in out_b]
+            assert got_b == out_a
+            assert got_a == out_b
+        finally:
+            await da.close()
+            await db.close()
+    for side in (a.stats(), b.stats()):
+        assert side["tx_packets"] == side["rx_packets"] == len(sizes)
+        assert side["tx_dropped"] == side["tx_errors"] == side["rx_dropped"] == 0
+
+
+@pytest.mark.asyncio
+async def test_a_reconnected_front_end_gets_only_new_frames(tmp_path: Path) -> None:
+    a, b = NetBackend.peers()
+    async with serving((a, b), tmp_path) as (path_a, path_b):
+        da = await NetDriver.open(path_a)
+        db = await NetDriver.open(path_b, rx_buffers=4)
+        try:
+            # B's four buffers fill up, six frames wait (one staged, five in the link); then B
+            # goes away without taking any, and its session end drains the six.
+            await da.send_all([frame(i, 1000) for i in range(10)])
+            await db.close()
+            deadline = time.monotonic() + TIMEOUT
+            while b.stats()["rx_dropped"] < 6:
+                assert time.monotonic() < deadline, b.stats()
+                await asyncio.sleep(0.01)
+            db = await NetDriver.open(path_b)
+            fresh = frame(42, 500)
+            await da.send(fresh)
+            assert await db.recv(TIMEOUT) == fresh
+            back = frame(43, 70)
+            await db.send(back)
+            assert await da.recv(TIMEOUT) == back
+        finally:
+            await da.close()
+            await db.close()
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            err = proc.stderr.read() if proc.stderr else b""
+            raise AssertionError(f"server exited early: {err!r}")
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+    return proc.returncode
+
+
+@contextlib.contextmanager
+def vvu_serve_net(sock: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(
+        [*VVU, "-q", "serve", "net", "--socket-path", str(sock), *args], stderr=subprocess.PIPE
+    )
+    try:
+        _wait_for(sock, proc)
+        yield proc
+    finally:
+        assert _stop(proc) == 0
+
+
+def test_serve_net_peer_mode_links_two_sockets(tmp_path: Path) -> None:
+    sock = tmp_path / "net.sock"
+    peer = Path(f"{sock}.peer")
+
+    async def exchange() -> None:
+        da = await NetDriver.open(str(sock))
+        db = await NetDriver.open(str(peer))
+        try:
+            f, g = frame(1, 1514), frame(2, 64)
+            await da.send(f)
+            await db.send(g)
+            assert await db.recv(TIMEOUT) == f
+            assert await da.recv(TIMEOUT) == g
+        finally:
+            await da.close()
+            await db.close()
+
+    with vvu_serve_net(sock, "--mac", "52:54:00:00:00:0a"):
+        assert peer.exists()
+        asyncio.run(exchange())
+        asyncio.run(exchange())  # both sockets serve the next front-ends too
+    assert not sock.exists() and not peer.exists(), "both sockets are removed on SIGTERM"
+
+
+def test_serve_net_loopback(tmp_path: Path) -> None:
+    sock = tmp_path / "lo.sock"
+
+    async def echo() -> None:
+        d = await NetDriver.open(str(sock), mrg_rxbuf=False)
+        try:
+            f = frame(7, 300)
+            await d.send(f)
+            assert await d.recv(TIMEOUT) == f
+        finally:
+            await d.close()
+
+    with vvu_serve_net(sock, "--loopback"):
+        asyncio.run(echo())
+
+
+# --- DPDK testpmd as a real peer ----------------------------------------------------------------
+
+TESTPMD = shutil.which("dpdk-testpmd")
+STDBUF = shutil.which("stdbuf")
+needs_testpmd = pytest.mark.skipif(TESTPMD is None, reason="dpdk-testpmd is not installed")
+
+
+class PmdProcess:
+    """dpdk-testpmd with a virtio-user port on a vhost-user socket, without hugepages.
+
+    `--no-huge` memory is one memfd with `--single-file-segments` (shareable with the back-end);
+    `--in-memory` cannot be combined with `--no-huge` in DPDK 22.11. `--no-shconf` and a private
+    `--file-prefix` keep parallel runs apart. Always stopped by PID.
+    """
+
+    def __init__(self, socket_path: Path, mode: str, log: Path) -> None:
+        assert TESTPMD is not None
+        self.prefix = f"vvu-test-{os.getpid()}-{mode}"
+        self.log = log
+        self._out = open(log, "wb")  # noqa: SIM115 (closed in stop)
+        # Line-buffered output (stdbuf execs testpmd: same PID), so the log can be watched.
+        stdbuf = [STDBUF, "-oL"] if STDBUF else []
+        self.proc = subprocess.Popen(
+            [
+                *stdbuf,
+                TESTPMD,
+                "-l",
+                "0-1",
+                "--no-huge",
+                "-m",
+                "256",
+                "--no-pci",
+                "--single-file-segments",
+                "--no-shconf",
+                "--file-prefix",
+                self.prefix,
+                "--log-level",
+                "lib.eal:warning",
+                "--vdev",
+                f"net_virtio_user0,path={socket_path},queues=1",
+                "--",
+                "--stats-period",
+                "1",
+                f"--forward-mode={mode}",
+                "--total-num-mbufs=2048",
+                # Frames that arrive while forwarding starts stay in the ring (by default
+                # testpmd drops them, after it printed its forwarding config).
+                "--no-flush-rx",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+        )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_forwarding(self, timeout: float = 30) -> str:
+        """Wait until forwarding started; returns the port's MAC address."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.output()
+            if "forwards packets on" in text:
+                match = re.search(r"Port 0: ([0-9A-Fa-f:]{17})", text)
+                assert match, text
+                return match.group(1)
+            if self.proc.poll() is not None:
+                raise AssertionError(f"testpmd exited with {self.proc.returncode}:\n{text}")
+            assert time.monotonic() < deadline, f"testpmd did not start:\n{text}"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._out.close()
+        runtime = os.environ.get("XDG_RUNTIME_DIR", "/tmp")
+        for base in ("/var/run/dpdk", os.path.join(runtime, "dpdk")):
+            shutil.rmtree(os.path.join(base, self.prefix), ignore_errors=True)
+
+
+@contextlib.contextmanager
+def run_testpmd(socket_path: Path, mode: str, tmp_path: Path) -> Iterator[PmdProcess]:
+    pmd = PmdProcess(socket_path, mode, tmp_path / f"testpmd-{mode}.log")
+    try:
+        yield pmd
+    finally:
+        pmd.stop()
+
+
+@needs_testpmd
+def test_dpdk_testpmd_macswaps_our_frames_back(tmp_path: Path) -> None:
+    """Our frames reach testpmd (its RX), come back with the MACs swapped (its TX)."""
+    sock = tmp_path / "net.sock"
+    peer = Path(f"{sock}.peer")
+
+    async def round_trip(pmd: PmdProcess) -> None:
+        driver = await NetDriver.open(str(peer))
+        try:
+            await asyncio.to_thread(pmd.wait_forwarding)
+            src, dst = parse_mac("02:00:00:00:00:02"), parse_mac("02:00:00:00:00:01")
+            frames = [frame(i, 60 + 29 * i, dst=dst, src=src) for i in range(50)]
+            await driver.send_all(frames)
+            for f in frames:
+                got = await driver.recv(TIMEOUT)
+                assert got[:6] == f[6:12] and got[6:12] == f[:6], "MACs swapped"
+                assert got[12:] == f[12:], "payload intact"
+        finally:
+            await driver.close()
+
+    with vvu_serve_net(sock), run_testpmd(sock, "macswap", tmp_path) as pmd:
+        asyncio.run(round_trip(pmd))
+    # The totals testpmd prints when it stops.
+    text = pmd.output()
+    totals = re.findall(r"RX-packets: (\d+) +RX-dropped: (\d+).*?TX-packets: (\d+)", text, re.S)
+    assert totals and totals[-1] == ("50", "0", "50"), text[-3000:]
+
+
+@needs_testpmd
+def test_dpdk_testpmd_txonly_frames_reach_our_driver(tmp_path: Path) -> None:
+    """testpmd generates frames (txonly); our driver on the peer socket receives them."""
+    sock = tmp_path / "net.sock"
+    peer = Path(f"{sock}.peer")
+
+    async def receive(pmd: PmdProcess) -> None:
+        driver = await NetDriver.open(str(peer))
+        try:
+            mac = parse_mac(await asyncio.to_thread(pmd.wait_forwarding))
+            for _ in range(200):
+                got = await driver.recv(TIMEOUT)
+                assert got[6:12] == mac, "sent by testpmd's port"
+                assert got[12:14] == b"\x08\x00" and len(got) == 64, "txonly's UDP/IPv4 frame"
+        finally:
+            await driver.close()
+
+    with vvu_serve_net(sock), run_testpmd(sock, "txonly", tmp_path) as pmd:
+        asyncio.run(receive(pmd))
