@@ -189,6 +189,36 @@ async def test_a_reconnected_front_end_gets_only_new_frames(tmp_path: Path) -> N
             await db.close()
 
 
+@pytest.mark.asyncio
+async def test_each_queue_pair_has_its_own_link(tmp_path: Path) -> None:
+    a, b = NetBackend.peers(queue_pairs=2)
+    async with serving((a, b), tmp_path) as (path_a, path_b):
+        da = await NetDriver.open(path_a, pair=1)
+        db = await NetDriver.open(path_b, pair=1)
+        try:
+            f, g = frame(1, 800), frame(2, 3000)
+            await da.send(f)
+            await db.send(g)
+            assert await db.recv(TIMEOUT) == f
+            assert await da.recv(TIMEOUT) == g
+        finally:
+            await da.close()
+            await db.close()
+        # Pair 0 of A feeds pair 0 of B only: B's driver on pair 1 sees nothing of it.
+        da = await NetDriver.open(path_a, pair=0)
+        db = await NetDriver.open(path_b, pair=1)
+        try:
+            h = frame(3, 100)
+            await da.send(h)
+            with pytest.raises(TimeoutError):
+                await db.recv(0.2)
+        finally:
+            await da.close()
+            await db.close()
+    assert a.ports[1].stats["tx_packets"] == 1 and a.ports[0].stats["tx_packets"] == 1
+    assert b.ports[1].stats["rx_packets"] == 1 and b.ports[0].stats["rx_packets"] == 0
+
+
 # --- the command line ---------------------------------------------------------------------------
 
 
@@ -281,7 +311,7 @@ class PmdProcess:
     `--file-prefix` keep parallel runs apart. Always stopped by PID.
     """
 
-    def __init__(self, socket_path: Path, mode: str, log: Path) -> None:
+    def __init__(self, socket_path: Path, mode: str, log: Path, *, queues: int = 1) -> None:
         assert TESTPMD is not None
         self.prefix = f"vvu-test-{os.getpid()}-{mode}"
         self.log = log
@@ -305,8 +335,10 @@ class PmdProcess:
                 "--log-level",
                 "lib.eal:warning",
                 "--vdev",
-                f"net_virtio_user0,path={socket_path},queues=1",
+                f"net_virtio_user0,path={socket_path},queues={queues}",
                 "--",
+                f"--rxq={queues}",
+                f"--txq={queues}",
                 "--stats-period",
                 "1",
                 f"--forward-mode={mode}",
@@ -352,8 +384,10 @@ class PmdProcess:
 
 
 @contextlib.contextmanager
-def run_testpmd(socket_path: Path, mode: str, tmp_path: Path) -> Iterator[PmdProcess]:
-    pmd = PmdProcess(socket_path, mode, tmp_path / f"testpmd-{mode}.log")
+def run_testpmd(
+    socket_path: Path, mode: str, tmp_path: Path, *, queues: int = 1
+) -> Iterator[PmdProcess]:
+    pmd = PmdProcess(socket_path, mode, tmp_path / f"testpmd-{mode}.log", queues=queues)
     try:
         yield pmd
     finally:
@@ -506,3 +540,30 @@ ping -c 2 -W 5 -s 8000 10.0.0.1 | tail -2
     assert "3 packets transmitted, 3 packets received" in lines[1]
     assert "2 packets transmitted, 2 packets received" in lines[3]
     assert max(sizes) == 14 + 20 + 8 + 8000
+
+
+@needs_testpmd
+def test_dpdk_testpmd_multi_queue_pair_two(tmp_path: Path) -> None:
+    """testpmd with two queue pairs (MQ; it emulates the control queue itself): our driver on
+    pair 2 of the peer socket gets its frames back from testpmd's second RX/TX queue."""
+    sock = tmp_path / "net.sock"
+    peer = Path(f"{sock}.peer")
+
+    async def round_trip(pmd: PmdProcess) -> None:
+        driver = await NetDriver.open(str(peer), pair=1)
+        try:
+            await asyncio.to_thread(pmd.wait_forwarding)
+            frames = [frame(i, 100 + i) for i in range(20)]
+            await driver.send_all(frames)
+            for f in frames:
+                got = await driver.recv(TIMEOUT)
+                assert got[:6] == f[6:12] and got[12:] == f[12:]
+        finally:
+            await driver.close()
+
+    with (
+        vvu_serve_net(sock, "--num-queue-pairs", "2"),
+        run_testpmd(sock, "macswap", tmp_path, queues=2) as pmd,
+    ):
+        asyncio.run(round_trip(pmd))
+    assert re.search(r"RX P=0/Q=1 \(socket 0\) -> TX P=0/Q=1", pmd.output())

@@ -1,6 +1,7 @@
 """A virtio-net driver on top of the scriptable front-end: send and receive Ethernet frames.
 
-One queue pair (receiveq1 = queue 0, transmitq1 = queue 1), no offloads. Receive buffers are
+One queue pair (receiveq1 = queue 0 and transmitq1 = queue 1, or pair k: queues 2k, 2k + 1),
+no offloads. Receive buffers are
 posted up front and re-posted as frames are taken; with VIRTIO_NET_F_MRG_RXBUF a frame may span
 several of them (`num_buffers` in the first header says how many used entries belong to it).
 """
@@ -19,6 +20,7 @@ from vvu.protocol import ProtocolFeature, VirtioFeature
 __all__ = ["NetDriver", "NetDriverError"]
 
 MRG_RXBUF = 1 << 15
+MQ = 1 << 22
 FEATURE_MAC = 1 << 5
 MAX_FRAME = 65535
 ETH_HLEN = 14
@@ -79,9 +81,11 @@ class NetDriver:
         buffer_size: int | None = None,
         tx_slots: int = 8,
         queue_size: int = 256,
+        pair: int = 0,
         timeout: float = 5.0,
     ) -> NetDriver:
-        """Connect to a vhost-user-net back-end, negotiate and start queue pair 1.
+        """Connect to a vhost-user-net back-end, negotiate and start queue pair `pair` (0:
+        receiveq1 and transmitq1; others need VIRTIO_NET_F_MQ). Only that pair runs.
 
         `buffer_size` defaults to 2048 with MRG_RXBUF and to a whole maximum frame without it.
         """
@@ -98,9 +102,15 @@ class NetDriver:
             await frontend.negotiate(features=~features_off & ((1 << 64) - 1))
             if version_1 and not frontend.features & VirtioFeature.VERSION_1.mask:
                 raise NetDriverError("the back-end does not offer VIRTIO_F_VERSION_1")
+            if pair and not frontend.features & MQ:
+                raise NetDriverError(f"queue pair {pair} needs VIRTIO_NET_F_MQ")
+            if pair and 2 * pair + 1 >= frontend.num_queues:
+                raise NetDriverError(
+                    f"the back-end has {frontend.num_queues} queues, no pair {pair}"
+                )
             await frontend.set_mem_table()
-            rx = await frontend.start_queue(0, queue_size)
-            tx = await frontend.start_queue(1, queue_size)
+            rx = await frontend.start_queue(2 * pair, queue_size)
+            tx = await frontend.start_queue(2 * pair + 1, queue_size)
             driver = cls(
                 frontend, rx, tx, rx_buffers=rx_buffers, buffer_size=size, tx_slots=tx_slots
             )
