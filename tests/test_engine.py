@@ -1465,3 +1465,23 @@ async def test_rng_polls_a_ring_without_kick_fd() -> None:
     await peer.close()
     ring.close()
     guest.close()
+
+
+@pytest.mark.asyncio
+async def test_blk_native_worker_polls_a_ring_without_kick_fd() -> None:
+    """NOFD kick on a native worker: the Rust thread polls the ring; nothing is ever kicked."""
+    engine = BackendEngine(BlkBackend(size=8 << 20))
+    guest, peer = Guest(), Peer(engine)
+    ring = Ring(guest, event_idx=True)  # EVENT_IDX is negotiated below
+    await negotiate(peer)
+    await peer.do(F.SET_MEM_TABLE, guest.table, guest.fds, need_reply=True)
+    await peer.do(F.SET_VRING_NUM, VringState(0, ring.size), need_reply=True)
+    await peer.do(F.SET_VRING_ADDR, ring.addr, need_reply=True)
+    await peer.do(F.SET_VRING_CALL, U64.vring(0), [ring.call.fileno()], need_reply=True)
+    await peer.do(F.SET_VRING_KICK, U64.vring(0, nofd=True), need_reply=True)
+    await peer.do(F.SET_VRING_ENABLE, VringState(0, 1), need_reply=True)
+    await check_io(ring)
+    assert await peer.get(F.GET_VRING_BASE, VringState(0, 0)) == VringState(0, 2)
+    await peer.close()
+    ring.close()
+    guest.close()

@@ -67,6 +67,8 @@ ENGINE_PROTOCOL_FEATURES = (
 MAX_MEM_SLOTS = 256
 # QEMU asks for the size of its own config struct, which may exceed what a device defines.
 MAX_CONFIG_SPACE = 256
+# How often a ring whose front-end sends no kicks (SET_VRING_KICK with NOFD) is looked at.
+POLL_INTERVAL = 0.001
 # How long REM_MEM_REG waits for buffers still held by Python code before failing.
 REGION_RELEASE_TIMEOUT = 1.0
 
@@ -141,7 +143,7 @@ class PythonQueueRunner:
                 self.err.signal()
             return
         if self._kick is None:  # NOFD: nobody kicks, so poll
-            self._poll_handle = asyncio.get_running_loop().call_later(0.001, self._process)
+            self._poll_handle = asyncio.get_running_loop().call_later(POLL_INTERVAL, self._process)
 
     def set_call(self, call: EventFd | None) -> None:
         self.call = call
@@ -434,19 +436,16 @@ class BackendEngine:
         queue.next_avail = vring.base
         native = self.backend.native_worker(vring.index)
         if native is not None:
-            if vring.kick is None:
-                raise RequestFailed(
-                    f"vring {vring.index}: polling mode (NOFD kick) is not supported by "
-                    f"the {self.backend.name} back-end's native worker"
-                )
             vring.runner = NativeQueueRunner(
                 QueueWorker(
                     f"vq{vring.index}",
                     queue,
                     native,
-                    kick=vring.kick,
+                    # NOFD kick: nobody will signal this private eventfd; the worker polls.
+                    kick=vring.kick if vring.kick is not None else EventFd(),
                     call=vring.call,
                     err=vring.err,
+                    poll_interval=None if vring.kick is not None else POLL_INTERVAL,
                 )
             )
         else:

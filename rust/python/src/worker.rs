@@ -125,7 +125,7 @@ impl PyQueueWorker {
 impl PyQueueWorker {
     /// Start a thread named `name` running `queue` (attached, handed over) with `handler`.
     #[new]
-    #[pyo3(signature = (name, queue, handler, *, kick, call = None, err = None, batch_size = 64, busy_poll = 0.0))]
+    #[pyo3(signature = (name, queue, handler, *, kick, call = None, err = None, batch_size = 64, busy_poll = 0.0, poll_interval = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         name: &str,
@@ -136,9 +136,16 @@ impl PyQueueWorker {
         err: Option<&PyEventFd>,
         batch_size: usize,
         busy_poll: f64,
+        poll_interval: Option<f64>,
     ) -> PyResult<Self> {
-        let busy_poll = Duration::try_from_secs_f64(busy_poll)
-            .map_err(|_| PyValueError::new_err("busy_poll must be a non-negative number"))?;
+        let seconds = |value: f64, name: &str| {
+            Duration::try_from_secs_f64(value)
+                .map_err(|_| PyValueError::new_err(format!("{name} must be a non-negative number")))
+        };
+        let busy_poll = seconds(busy_poll, "busy_poll")?;
+        let poll_interval = poll_interval
+            .map(|v| seconds(v, "poll_interval"))
+            .transpose()?;
         let kick = kick.clone_inner()?;
         let call = call.map(PyEventFd::clone_inner).transpose()?;
         let err = err.map(PyEventFd::clone_inner).transpose()?;
@@ -148,6 +155,7 @@ impl PyQueueWorker {
             batch_size,
             busy_poll: (!busy_poll.is_zero()).then_some(busy_poll),
             err,
+            poll_interval,
         };
         let worker =
             QueueWorker::spawn(name, queue, kick, call, handler, options).map_err(to_pyerr)?;

@@ -150,6 +150,9 @@ pub struct WorkerOptions {
     /// Signalled once when the worker faults (vhost-user SET_VRING_ERR). Can be replaced later
     /// with [`QueueWorker::set_err`].
     pub err: Option<EventFd>,
+    /// Look at the ring at least this often even without kicks: polling mode, for a front-end
+    /// that sends no kick fd (vhost-user SET_VRING_KICK with NOFD). `None` sleeps until a kick.
+    pub poll_interval: Option<Duration>,
 }
 
 impl Default for WorkerOptions {
@@ -158,6 +161,7 @@ impl Default for WorkerOptions {
             batch_size: DEFAULT_BATCH_SIZE,
             busy_poll: None,
             err: None,
+            poll_interval: None,
         }
     }
 }
@@ -297,6 +301,7 @@ struct Context {
     events: Vec<u64>,
     batch_size: usize,
     busy_poll: Option<Duration>,
+    poll_interval: Option<Duration>,
     shared: Arc<Shared>,
 }
 
@@ -392,7 +397,7 @@ impl Context {
         let io = |what: &str, e: io::Error| WorkerFault::Internal(format!("{what}: {e}"));
         let ready = self
             .poller
-            .wait(None, &mut self.events)
+            .wait(self.poll_interval, &mut self.events)
             .map_err(|e| io("waiting for a kick", e))?;
         if ready > 0 {
             Counters::add(&self.shared.counters.wakeups, 1);
@@ -539,6 +544,7 @@ impl QueueWorker {
             events: Vec::with_capacity(crate::notify::MAX_EVENTS),
             batch_size,
             busy_poll: options.busy_poll.filter(|d| !d.is_zero()),
+            poll_interval: options.poll_interval,
             shared: Arc::clone(&shared),
         };
         let thread = std::thread::Builder::new()

@@ -712,6 +712,24 @@ fn busy_polling_finds_work_without_kicks() {
 }
 
 #[test]
+fn polling_mode_finds_work_that_is_never_kicked() {
+    let options = WorkerOptions {
+        poll_interval: Some(Duration::from_millis(1)),
+        ..WorkerOptions::default()
+    };
+    let mut rig = spawn_rig(16, false, doubler(), options);
+    for _ in 0..20 {
+        let x = rig.driver.add();
+        rig.driver.drv.publish().unwrap(); // published, never kicked (vhost-user NOFD kick)
+        rig.driver.wait_completion(&rig.call);
+        assert_eq!(rig.driver.result(x), 2 * x + 1);
+    }
+    let stopped = rig.worker.stop().unwrap();
+    assert_eq!(stopped.stats.chains, 20);
+    assert_eq!(stopped.stats.kicks, 0);
+}
+
+#[test]
 fn stop_is_prompt_while_sleeping_and_while_busy_polling() {
     for busy_poll in [None, Some(Duration::from_secs(3600))] {
         let options = WorkerOptions {
