@@ -82,6 +82,7 @@ class BackgroundServer:
             self._listener.close()
 
         run(stop())
+        self.backend.close()
 
 
 def serve(backend: Backend, socket_path: str) -> BackgroundServer:

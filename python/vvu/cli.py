@@ -84,7 +84,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:
         print(f"vvu serve: cannot listen: {err}", file=sys.stderr)
         return 1
-    asyncio.run(_serve(backend, listener))
+    try:
+        asyncio.run(_serve(backend, listener))
+    finally:
+        backend.close()
     return 0
 
 

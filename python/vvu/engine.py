@@ -305,8 +305,12 @@ class BackendEngine:
             reason = f"dropped: {err}"
         except TransportError as err:
             reason = f"transport error: {err}"
+        except Exception as err:  # a bug or resource exhaustion: drop this session, keep serving
+            log.exception("%s: unexpected error", channel.peer)
+            reason = f"dropped after an unexpected error: {err}"
         finally:
-            await self._teardown(session)
+            # Shielded: a cancellation (SIGTERM) arriving mid-teardown must not leak the session.
+            await asyncio.shield(self._teardown(session))
             self.session = None
             self.sessions_served += 1
             # A front-end that broke the protocol or the channel is worth a warning.
@@ -314,16 +318,20 @@ class BackendEngine:
             log.log(level, "%s %s; session released", channel.peer, reason)
 
     async def _teardown(self, session: Session) -> None:
-        for vring in session.vrings:
-            if vring.runner is not None:
-                with contextlib.suppress(Exception):
-                    await self._stop_runner(vring)
-            vring.release()
-        if session.backend_channel is not None:
-            session.backend_channel.close()
-        session.memory = None
-        session.channel.close()
-        self.backend.reset()
+        try:
+            for vring in session.vrings:
+                try:
+                    if vring.runner is not None:
+                        with contextlib.suppress(Exception):
+                            await self._stop_runner(vring)
+                finally:
+                    vring.release()
+        finally:
+            if session.backend_channel is not None:
+                session.backend_channel.close()
+            session.memory = None
+            session.channel.close()
+            self.backend.reset()
 
     async def _dispatch(self, session: Session, raw: RawMessage) -> None:
         header = Header(raw.request, raw.flags, len(raw.payload))
@@ -412,8 +420,14 @@ class BackendEngine:
         try:
             change()
         finally:  # refused (overlap, region in use): the rings go on with the memory they had
-            for vring in running:
-                await self._update_ring(vring)
+            failures = []
+            for vring in running:  # every ring gets its chance, even after one failed
+                try:
+                    await self._update_ring(vring)
+                except RequestFailed as err:
+                    failures.append(str(err))
+            if failures:
+                raise RequestFailed("; ".join(failures))
 
     def _start_runner(self, vring: Vring) -> None:
         session = self._session()
@@ -578,7 +592,7 @@ class BackendEngine:
         vring.addr = msg.payload
         if vring.runner is not None:  # e.g. the log flag toggled: re-translate
             await self._stop_runner(vring)
-            await self._update_ring(vring)
+        await self._update_ring(vring)  # also starts a ring whose earlier start failed
 
     async def _set_vring_base(self, msg: Message) -> None:
         assert isinstance(msg.payload, VringState)

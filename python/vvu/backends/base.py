@@ -115,6 +115,9 @@ class Backend:
         """Forget the session: the front-end went away or sent RESET_DEVICE."""
         self.acked_features = 0
 
+    def close(self) -> None:
+        """Release what the back-end holds (files, fds) when it will serve no more."""
+
     def describe(self) -> str:
         """One line for logs and `vvu serve` start-up."""
         return f"{self.name} (device id {self.device_id}, {self.num_queues} queue(s))"

@@ -147,4 +147,6 @@ class BlkBackend(Backend):
         )
 
     def close(self) -> None:
-        os.close(self._fd)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

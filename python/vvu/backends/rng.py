@@ -31,3 +31,8 @@ class RngBackend(Backend):
                 total += os.readv(self._urandom, [view])
             used.append(total)
         return used
+
+    def close(self) -> None:
+        if self._urandom >= 0:
+            os.close(self._urandom)
+            self._urandom = -1
