@@ -28,8 +28,10 @@ from vvu._core import NetPort
 from vvu.backends import NetBackend, available_backends
 from vvu.backends.net import NetFeature, parse_mac, rarp_frame
 from vvu.engine import BackendEngine
+from vvu.frontend import Frontend, FrontendError
+from vvu.frontend.core import WANTED_PROTOCOL_FEATURES
 from vvu.frontend.net import NetDriver
-from vvu.protocol import ProtocolFeature, VirtioFeature
+from vvu.protocol import U64, FrontendRequest, ProtocolFeature, VirtioFeature
 from vvu.transport.unix import UnixListener
 
 pytestmark = pytest.mark.timeout(60)
@@ -61,7 +63,9 @@ def test_features_config_space_and_registration() -> None:
     for bit in (NetFeature.CSUM, NetFeature.GUEST_CSUM, NetFeature.CTRL_VQ):
         assert not features & (1 << bit)
     assert a.protocol_features() & ProtocolFeature.CONFIG.mask
-    assert not a.protocol_features() & (ProtocolFeature.RARP.mask | ProtocolFeature.MTU.mask)
+    rarp_mtu = ProtocolFeature.RARP.mask | ProtocolFeature.MTU.mask
+    assert a.protocol_features() & rarp_mtu == rarp_mtu  # routed by the engine
+    assert a.queue_num() == 2  # GET_QUEUE_NUM counts queue pairs for net, as QEMU expects
     mac, status, pairs, mtu = struct.unpack("<6sHHH", a.config_space())
     assert (mac, status, pairs, mtu) == (parse_mac("02:76:76:75:00:01"), 1, 2, 9000)
     assert b.config_space()[:6] == parse_mac("02:76:76:75:00:02")
@@ -128,6 +132,28 @@ async def serving(backends: tuple[NetBackend, ...], tmp_path: Path) -> AsyncIter
                 await task
         for lis in listeners:
             lis.close()
+
+
+@pytest.mark.asyncio
+async def test_engine_routes_net_set_mtu_and_send_rarp(tmp_path: Path) -> None:
+    a, b = NetBackend.peers()
+    async with serving((a,), tmp_path) as (path,):
+        frontend = await Frontend.connect(path)
+        try:
+            wanted = WANTED_PROTOCOL_FEATURES | ProtocolFeature.MTU.mask | ProtocolFeature.RARP.mask
+            await frontend.negotiate(protocol_features=wanted)
+            assert frontend.reply_ack
+            await frontend.request(FrontendRequest.NET_SET_MTU, U64(1500))
+            assert a.mtu == 1500
+            with pytest.raises(FrontendError, match="refused NET_SET_MTU"):
+                await frontend.request(FrontendRequest.NET_SET_MTU, U64(10))
+            mac = parse_mac("52:54:00:12:34:56")
+            await frontend.request(
+                FrontendRequest.SEND_RARP, U64(int.from_bytes(mac + b"\0\0", "little"))
+            )
+            assert b.ports[0].recv() == rarp_frame(mac)
+        finally:
+            await frontend.close()
 
 
 @pytest.mark.asyncio

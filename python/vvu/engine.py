@@ -270,6 +270,8 @@ class BackendEngine:
             _F.ADD_MEM_REG: self._add_mem_reg,
             _F.REM_MEM_REG: self._rem_mem_reg,
             _F.SET_STATUS: self._set_status,
+            _F.NET_SET_MTU: self._net_set_mtu,
+            _F.SEND_RARP: self._send_rarp,
             _F.GET_STATUS: self._get_status,
         }
 
@@ -661,7 +663,15 @@ class BackendEngine:
         self._session().protocol_features = requested
 
     async def _get_queue_num(self, msg: Message) -> Payload:
-        return U64(self.backend.num_queues)
+        return U64(self.backend.queue_num())
+
+    async def _net_set_mtu(self, msg: Message) -> None:
+        assert isinstance(msg.payload, U64)
+        self.backend.net_set_mtu(msg.payload.value)
+
+    async def _send_rarp(self, msg: Message) -> None:
+        assert isinstance(msg.payload, U64)
+        self.backend.send_rarp(msg.payload.value.to_bytes(8, "little")[:6])
 
     async def _set_vring_enable(self, msg: Message) -> None:
         assert isinstance(msg.payload, VringState)

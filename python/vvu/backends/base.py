@@ -87,6 +87,20 @@ class Backend:
         """A driver write to the config space; raise ConfigError to refuse it."""
         raise ConfigError(f"config space is read-only (write of {len(data)} bytes at {offset})")
 
+    def queue_num(self) -> int:
+        """The GET_QUEUE_NUM answer: queues (net devices answer queue pairs, as QEMU expects)."""
+        return self.num_queues
+
+    # --- device-specific requests (offer the protocol feature only where implemented) ---------
+
+    def net_set_mtu(self, mtu: int) -> None:
+        """VHOST_USER_NET_SET_MTU (protocol feature MTU); ValueError refuses it."""
+        raise ValueError(f"{self.name} is not a network device: NET_SET_MTU does not apply")
+
+    def send_rarp(self, mac: bytes) -> None:
+        """VHOST_USER_SEND_RARP (protocol feature RARP): announce `mac` after a migration."""
+        raise ValueError(f"{self.name} is not a network device: SEND_RARP does not apply")
+
     # --- request paths -----------------------------------------------------------------------
 
     def native_worker(self, queue_index: int) -> NativeHandler | None:

@@ -103,10 +103,6 @@ class NetBackend(Backend):
 
     name: ClassVar[str] = "net"
     device_id: ClassVar[int] = 1
-    #: Offer VHOST_USER_PROTOCOL_F_MTU and _RARP. Only an engine that routes NET_SET_MTU to
-    #: `net_set_mtu` and SEND_RARP to `send_rarp` may set this; today's engine refuses both
-    #: requests, so offering them would make QEMU fail the device.
-    offer_net_requests: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -253,10 +249,10 @@ class NetBackend(Backend):
         return sum(1 << b for b in bits)
 
     def protocol_features(self) -> int:
-        extra = 0
-        if self.offer_net_requests:
-            extra = ProtocolFeature.RARP.mask | ProtocolFeature.MTU.mask
-        return super().protocol_features() | extra
+        return super().protocol_features() | ProtocolFeature.RARP.mask | ProtocolFeature.MTU.mask
+
+    def queue_num(self) -> int:
+        return self.queue_pairs
 
     def config_space(self) -> bytes:
         # struct virtio_net_config up to mtu: mac[6], status, max_virtqueue_pairs, mtu (le16).
@@ -293,7 +289,7 @@ class NetBackend(Backend):
                 total[key] = total.get(key, 0) + value
         return total
 
-    # --- device requests (need engine support, see `offer_net_requests`) ---------------------
+    # --- device requests ---------------------------------------------------------------------
 
     def net_set_mtu(self, mtu: int) -> None:
         """VHOST_USER_NET_SET_MTU: the front-end's MTU; ValueError if out of range."""

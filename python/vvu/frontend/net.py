@@ -104,9 +104,10 @@ class NetDriver:
                 raise NetDriverError("the back-end does not offer VIRTIO_F_VERSION_1")
             if pair and not frontend.features & MQ:
                 raise NetDriverError(f"queue pair {pair} needs VIRTIO_NET_F_MQ")
-            if pair and 2 * pair + 1 >= frontend.num_queues:
+            # For net, GET_QUEUE_NUM counts queue pairs (QEMU's and DPDK's reading).
+            if pair and pair >= frontend.num_queues:
                 raise NetDriverError(
-                    f"the back-end has {frontend.num_queues} queues, no pair {pair}"
+                    f"the back-end has {frontend.num_queues} queue pair(s), no pair {pair}"
                 )
             await frontend.set_mem_table()
             rx = await frontend.start_queue(2 * pair, queue_size)
