@@ -789,3 +789,49 @@ fn tap_device_passes_frames_both_ways() {
         assert!(Instant::now() < deadline);
     }
 }
+
+#[test]
+fn rx_in_polling_mode_finds_buffers_that_are_never_kicked() {
+    let (mut a, mut b) = linked(MRG, true);
+    // Restart b's receive queue the way the engine does for SET_VRING_KICK with NOFD: a private
+    // kick nobody signals, and a poll interval.
+    let next_avail = b.stop_rx();
+    let queue = b.device_queue(RX_RINGS, next_avail);
+    let handler = Box::new(b.port.rx_handler(b.features));
+    b.rx_worker = Some(
+        QueueWorker::spawn(
+            "net-rx-poll",
+            queue,
+            EventFd::new().unwrap(),
+            Some(b.rx_call.try_clone().unwrap()),
+            handler,
+            WorkerOptions {
+                poll_interval: Some(Duration::from_millis(1)),
+                ..WorkerOptions::default()
+            },
+        )
+        .unwrap(),
+    );
+    let starved = b.stats().rx_starved;
+    a.send(&frame(7, 300));
+    a.flush_tx();
+    // Wait until the receiver holds the frame and sleeps for want of buffers.
+    let deadline = Instant::now() + PATIENCE;
+    while b.stats().rx_starved == starved {
+        assert!(
+            Instant::now() < deadline,
+            "the receiver never waited for buffers"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Post buffers without kicking: only polling can find them.
+    for _ in 0..4 {
+        let slot = b.rx_free.pop().unwrap();
+        let head =
+            b.rx.add_chain(&[], &[(RX_AREA + slot as u64 * SLOT, 4096)])
+                .unwrap();
+        b.rx_posted.insert(head, (slot, 4096));
+    }
+    b.rx.publish().unwrap();
+    assert_eq!(b.expect(&frame(7, 300)), 1);
+}

@@ -100,6 +100,9 @@ pub struct LoopContext<'a> {
     /// The kick eventfd: the loop consumes it (and reports what it read with
     /// [`LoopContext::count_kicks`]).
     pub kick: &'a EventFd,
+    /// Polling mode (a front-end that sends no kicks): wake at least this often to look at the
+    /// ring. `None`: kicks arrive, sleep until one does.
+    pub poll_interval: Option<Duration>,
     shared: &'a Shared,
 }
 
@@ -339,6 +342,7 @@ impl Context {
                 queue: &mut self.queue,
                 memory: &self.memory,
                 kick: &self.kick,
+                poll_interval: self.poll_interval,
                 shared: &self.shared,
             };
             return device_loop.run(&mut ctx);

@@ -965,7 +965,7 @@ impl NetRxHandler {
 
     fn sleep(&mut self, ctx: &mut LoopContext<'_>, poller: &Poller) -> Result<(), WorkerFault> {
         let ready = poller
-            .wait(None, &mut self.events)
+            .wait(ctx.poll_interval, &mut self.events)
             .map_err(|e| internal("waiting for the port or a kick", e))?;
         if ready > 0 {
             ctx.count_wakeup();
