@@ -4,6 +4,16 @@ from __future__ import annotations
 
 from vvu.frontend.blk import BlkDriver, BlkIOError
 from vvu.frontend.core import Frontend, FrontendError, FrontendQueue
+from vvu.frontend.net import NetDriver, NetDriverError
 from vvu.frontend.rng import RngDriver
 
-__all__ = ["BlkDriver", "BlkIOError", "Frontend", "FrontendError", "FrontendQueue", "RngDriver"]
+__all__ = [
+    "BlkDriver",
+    "BlkIOError",
+    "Frontend",
+    "FrontendError",
+    "FrontendQueue",
+    "NetDriver",
+    "NetDriverError",
+    "RngDriver",
+]
