@@ -30,6 +30,7 @@ from vvu.backends import BlkBackend, RngBackend
 from vvu.engine import MAX_MEM_SLOTS, BackendEngine
 from vvu.frontend import BlkDriver, Frontend, FrontendQueue, RngDriver
 from vvu.frontend.blk import T_IN, T_OUT
+from vvu.frontend.core import WANTED_PROTOCOL_FEATURES
 from vvu.protocol import (
     EMPTY,
     NEED_REPLY,
@@ -1485,3 +1486,30 @@ async def test_blk_native_worker_polls_a_ring_without_kick_fd() -> None:
     await peer.close()
     ring.close()
     guest.close()
+
+
+@pytest.mark.asyncio
+async def test_config_change_is_announced_on_the_backend_channel(tmp_path: Path) -> None:
+    backend = BlkBackend(size=8 << 20)
+    engine = BackendEngine(backend)
+    listener = UnixListener(str(tmp_path / "blk.sock"))
+    server = asyncio.ensure_future(engine.serve_forever(listener))
+    ours, theirs = socket.socketpair()
+    try:
+        frontend = await Frontend.connect(str(tmp_path / "blk.sock"))
+        assert await engine.notify_config_change() is False  # no back-end channel yet
+        await frontend.negotiate(
+            protocol_features=WANTED_PROTOCOL_FEATURES | ProtocolFeature.BACKEND_REQ.mask
+        )
+        await frontend.request(F.SET_BACKEND_REQ_FD, EMPTY, [theirs.fileno()])
+        theirs.close()
+        assert await engine.notify_config_change() is True
+        header = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(ours, 12), TIMEOUT)
+        assert struct.unpack("<III", header) == (2, 1, 0)  # CONFIG_CHANGE_MSG, version 1, no ack
+        await frontend.close()
+    finally:
+        ours.close()
+        server.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await server
+        listener.close()

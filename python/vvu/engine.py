@@ -27,6 +27,7 @@ from vvu.errors import GuestMemoryError, ProtocolError, QueueError, VvuError
 from vvu.protocol import (
     EMPTY,
     U64,
+    BackendRequest,
     Config,
     FrontendRequest,
     MemoryRegion,
@@ -42,6 +43,7 @@ from vvu.protocol import (
     decode_message,
     describe,
     encode_ack,
+    encode_message,
     encode_reply,
 )
 from vvu.protocol.codec import Header
@@ -282,6 +284,21 @@ class BackendEngine:
 
     def offered_protocol_features(self) -> int:
         return ENGINE_PROTOCOL_FEATURES | self.backend.protocol_features()
+
+    # --- back-end initiated ----------------------------------------------------------------
+
+    async def notify_config_change(self) -> bool:
+        """Tell the front-end the config space changed (BACKEND_CONFIG_CHANGE_MSG), so it
+        re-reads it with GET_CONFIG (e.g. a resized disk). Sent without NEED_REPLY: waiting for
+        an ack here could deadlock a front-end that is itself waiting for one of our replies.
+        Returns False when the session has no back-end channel or did not negotiate CONFIG."""
+        session = self.session
+        if session is None or session.backend_channel is None:
+            return False
+        if not session.protocol_features & _PF.CONFIG.mask:
+            return False
+        await session.backend_channel.send(encode_message(BackendRequest.BACKEND_CONFIG_CHANGE_MSG))
+        return True
 
     # --- session loop ------------------------------------------------------------------------
 
