@@ -113,8 +113,9 @@ async def test_oversized_payload_is_refused_before_reading_it() -> None:
 
 @pytest.mark.asyncio
 async def test_large_send_completes_across_partial_writes() -> None:
-    a, b = socketpair_channels()
-    a._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    raw_a, raw_b = socket.socketpair()
+    raw_a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # forces partial writes
+    a, b = UnixChannel(raw_a), UnixChannel(raw_b)
     payload = os.urandom(4096)
     messages = [encode_header(i, 1, len(payload)) + payload for i in range(50)]
 

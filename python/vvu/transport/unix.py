@@ -8,7 +8,6 @@ byte). The payload cap is checked before a byte of payload is read.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import errno
@@ -16,7 +15,6 @@ import logging
 import os
 import socket
 import stat
-import time
 from collections.abc import Sequence
 
 from vvu.protocol.codec import Header
@@ -29,103 +27,38 @@ from vvu.transport.base import (
     TransportError,
     close_fds,
 )
+from vvu.transport.stream import FdStream, connect_socket
 
 log = logging.getLogger(__name__)
-
-# Room for far more fds than any request may carry, so that a peer sending too many is caught by
-# the fd-count check (and its fds closed) instead of silently losing some to truncation.
-_FD_SPACE = socket.CMSG_SPACE(64 * array.array("i").itemsize)
-
-
-def _take_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            usable = len(data) - len(data) % arr.itemsize
-            arr.frombytes(data[:usable])
-            fds.extend(arr)
-    for fd in fds:
-        os.set_inheritable(fd, False)
-    return fds
 
 
 class UnixChannel(Channel):
     """One connected AF_UNIX stream socket."""
 
     def __init__(self, sock: socket.socket, peer: str = "unix") -> None:
-        sock.setblocking(False)
-        self._sock = sock
-        self._peer = peer
-        self._send_lock = asyncio.Lock()
-        self._closed = False
+        self._stream = FdStream(sock, peer)
 
     @property
     def peer(self) -> str:
-        return self._peer
+        return self._stream.peer
 
     def fileno(self) -> int:
-        return self._sock.fileno()
-
-    async def _wait(self, writable: bool) -> None:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        fd = self._sock.fileno()
-
-        def ready() -> None:
-            if not fut.done():
-                fut.set_result(None)
-
-        if writable:
-            loop.add_writer(fd, ready)
-        else:
-            loop.add_reader(fd, ready)
-        try:
-            await fut
-        finally:
-            if writable:
-                loop.remove_writer(fd)
-            else:
-                loop.remove_reader(fd)
-
-    async def _recv_exact(self, size: int, fds: list[int], *, at_boundary: bool) -> bytes | None:
-        buf = bytearray()
-        while len(buf) < size:
-            if self._closed:
-                raise TransportError(f"{self._peer}: channel closed")
-            try:
-                data, ancdata, msg_flags, _ = self._sock.recvmsg(size - len(buf), _FD_SPACE)
-            except (BlockingIOError, InterruptedError):
-                await self._wait(writable=False)
-                continue
-            except OSError as err:
-                raise TransportError(f"{self._peer}: receive failed: {err}") from err
-            fds.extend(_take_fds(ancdata))
-            if msg_flags & socket.MSG_CTRUNC:
-                raise TransportError(f"{self._peer}: too many fds attached, some were lost")
-            if not data:
-                if at_boundary and not buf:
-                    return None
-                raise TransportError(
-                    f"{self._peer}: peer closed mid-message ({len(buf)} of {size} bytes)"
-                )
-            buf += data
-        return bytes(buf)
+        return self._stream.fileno()
 
     async def recv(self) -> RawMessage | None:
         fds: list[int] = []
         try:
-            header = await self._recv_exact(HEADER_SIZE, fds, at_boundary=True)
+            header = await self._stream.recv_exact(HEADER_SIZE, fds, at_boundary=True)
             if header is None:
                 return None
             hdr = Header.unpack(header)
             request, flags, size = hdr.request, hdr.flags, hdr.size
             if size > MAX_PAYLOAD:
                 raise TransportError(
-                    f"{self._peer}: request {request} announces {size} payload bytes, "
+                    f"{self.peer}: request {request} announces {size} payload bytes, "
                     f"more than the {MAX_PAYLOAD}-byte cap"
                 )
-            payload = await self._recv_exact(size, fds, at_boundary=False) if size else b""
+            payload = await self._stream.recv_exact(size, fds, at_boundary=False) if size else b""
         except BaseException:
             close_fds(fds)
             raise
@@ -133,25 +66,7 @@ class UnixChannel(Channel):
         return RawMessage(request, flags, payload, fds)
 
     async def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
-        async with self._send_lock:
-            view = memoryview(data)
-            ancillary = (
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-                if fds
-                else []
-            )
-            while view:
-                if self._closed:
-                    raise TransportError(f"{self._peer}: channel closed")
-                try:
-                    sent = self._sock.sendmsg([view], ancillary)
-                except (BlockingIOError, InterruptedError):
-                    await self._wait(writable=True)
-                    continue
-                except OSError as err:
-                    raise TransportError(f"{self._peer}: send failed: {err}") from err
-                ancillary = []  # fds travel once, with the first byte
-                view = view[sent:]
+        await self._stream.send(data, fds)
 
     def open_backend_channel(self, fd: int | None) -> Channel:
         if fd is None:
@@ -164,12 +79,10 @@ class UnixChannel(Channel):
         if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
             sock.close()
             raise TransportError("back-end channel fd is not an AF_UNIX stream socket")
-        return UnixChannel(sock, peer=f"{self._peer} (back-end channel)")
+        return UnixChannel(sock, peer=f"{self.peer} (back-end channel)")
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._sock.close()
+        self._stream.close()
 
 
 class UnixListener(Listener):
@@ -244,23 +157,8 @@ async def connect_unix(
 ) -> UnixChannel:
     """Connect to a listening back-end (client mode), retrying for up to `timeout` seconds while
     the socket does not exist yet or refuses connections."""
-    loop = asyncio.get_running_loop()
-    deadline = time.monotonic() + timeout
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.setblocking(False)
-        try:
-            await loop.sock_connect(sock, path)
-            return UnixChannel(sock, peer=path)
-        except (FileNotFoundError, ConnectionRefusedError) as err:
-            sock.close()
-            if time.monotonic() >= deadline:
-                raise TransportError(f"cannot connect to {path}: {err.strerror}") from err
-            log.debug("waiting for %s: %s", path, err.strerror)
-            await asyncio.sleep(retry_interval)
-        except BaseException:
-            sock.close()
-            raise
+    sock = await connect_socket(path, timeout=timeout, retry_interval=retry_interval)
+    return UnixChannel(sock, peer=path)
 
 
 def socketpair_channels() -> tuple[UnixChannel, UnixChannel]:
