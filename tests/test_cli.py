@@ -4,43 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from daemons import stop_process, wait_for_socket
 from vvu.frontend import BlkDriver, RngDriver
 
 VVU = [sys.executable, "-m", "vvu"]
-
-
-def _wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            raise AssertionError(
-                f"server exited early: {proc.stderr.read() if proc.stderr else ''!r}"
-            )
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{path} did not appear")
-        time.sleep(0.02)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise
-    return proc.returncode
 
 
 @pytest.fixture
@@ -51,10 +26,10 @@ def blk_server(tmp_path: Path) -> Iterator[Path]:
         stderr=subprocess.PIPE,
     )
     try:
-        _wait_for_socket(path, proc)
+        wait_for_socket(path, proc)
         yield path
     finally:
-        assert _stop(proc) == 0
+        assert stop_process(proc) == 0
     assert not path.exists(), "the socket file must be removed on SIGTERM"
 
 
@@ -137,7 +112,7 @@ def test_serve_blk_on_an_image_file_and_read_only(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
     )
     try:
-        _wait_for_socket(path, proc)
+        wait_for_socket(path, proc)
 
         async def use() -> None:
             async with await BlkDriver.open(str(path)) as blk:
@@ -147,7 +122,7 @@ def test_serve_blk_on_an_image_file_and_read_only(tmp_path: Path) -> None:
 
         asyncio.run(use())
     finally:
-        assert _stop(proc) == 0
+        assert stop_process(proc) == 0
     assert image.read_bytes()[:4096] == b"\xab" * 4096
 
 
@@ -173,7 +148,7 @@ def test_serve_on_an_inherited_fd(tmp_path: Path) -> None:
 
         asyncio.run(use())
     finally:
-        assert _stop(proc) == 0
+        assert stop_process(proc) == 0
 
 
 def test_trace_relays_and_decodes_everything(blk_server: Path, tmp_path: Path) -> None:
@@ -184,7 +159,7 @@ def test_trace_relays_and_decodes_everything(blk_server: Path, tmp_path: Path) -
         stderr=subprocess.PIPE,
     )
     try:
-        _wait_for_socket(trace_path, tracer)
+        wait_for_socket(trace_path, tracer)
 
         async def use() -> None:
             async with await BlkDriver.open(str(trace_path)) as blk:
@@ -193,7 +168,7 @@ def test_trace_relays_and_decodes_everything(blk_server: Path, tmp_path: Path) -
 
         asyncio.run(use())
     finally:
-        _stop(tracer)
+        stop_process(tracer)
     out = tracer.stdout.read().decode() if tracer.stdout else ""
     for expected in ("GET_FEATURES reply", "SET_MEM_TABLE", "SET_VRING_KICK", "GET_CONFIG reply"):
         assert expected in out, out

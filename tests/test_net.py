@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from daemons import stop_process, wait_for_socket
 from guest import guest_image, qemu_escape, run_guest_async
 from vvu._core import NetPort
 from vvu.backends import NetBackend, available_backends
@@ -248,38 +249,16 @@ async def test_each_queue_pair_has_its_own_link(tmp_path: Path) -> None:
 # --- the command line ---------------------------------------------------------------------------
 
 
-def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            err = proc.stderr.read() if proc.stderr else b""
-            raise AssertionError(f"server exited early: {err!r}")
-        assert time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.02)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise
-    return proc.returncode
-
-
 @contextlib.contextmanager
 def vvu_serve_net(sock: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(
         [*VVU, "-q", "serve", "net", "--socket-path", str(sock), *args], stderr=subprocess.PIPE
     )
     try:
-        _wait_for(sock, proc)
+        wait_for_socket(sock, proc)
         yield proc
     finally:
-        assert _stop(proc) == 0
+        assert stop_process(proc) == 0
 
 
 def test_serve_net_peer_mode_links_two_sockets(tmp_path: Path) -> None:
