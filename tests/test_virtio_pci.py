@@ -38,7 +38,7 @@ class ReverseDevice(VirtioPciDevice):
     Config: u32 counter (RO, bumped by `bump()`), u32 scratch (RW), 8-byte name.
     Queue 0 has an ioeventfd, queue 1 does not (its kicks come as region writes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, msix_vectors: int | None = None) -> None:
         self.counter = 0
         self.scratch = 0
         self.bump_on_read = False
@@ -48,6 +48,7 @@ class ReverseDevice(VirtioPciDevice):
             features=F_EVENT_IDX | F_INDIRECT_DESC,
             queue_max_sizes=[256, 64],
             ioeventfds=[0],
+            msix_vectors=msix_vectors,
         )
 
     def device_config(self) -> bytes:
@@ -100,9 +101,8 @@ class Served:
         raise AssertionError("the server still serves a client")
 
 
-@pytest_asyncio.fixture
-async def served(tmp_path: Path) -> AsyncIterator[Served]:
-    device = ReverseDevice()
+@contextlib.asynccontextmanager
+async def serve(tmp_path: Path, device: ReverseDevice) -> AsyncIterator[Served]:
     path = str(tmp_path / "virtio.sock")
     server = VfioUserServer(device, VfioUserListener(path))
     task = asyncio.ensure_future(server.serve_forever())
@@ -114,6 +114,12 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
             await task
         server.close()
         device.close()
+
+
+@pytest_asyncio.fixture
+async def served(tmp_path: Path) -> AsyncIterator[Served]:
+    async with serve(tmp_path, ReverseDevice()) as s:
+        yield s
 
 
 @contextlib.asynccontextmanager
@@ -259,6 +265,19 @@ async def test_ioeventfd_and_region_write_reach_the_same_handler(served: Served)
         await pci.close()
 
 
+@pytest.mark.asyncio
+async def test_queues_and_config_sharing_one_vector(tmp_path: Path) -> None:
+    async with serve(tmp_path, ReverseDevice(msix_vectors=1)) as served, driven(served) as drv:
+        await drv.init(queues=2)
+        assert [q.vector for q in drv.queues] == [0, 0] and drv.config_vector == 0
+        for i in range(40):
+            payload = bytes(range(i % 200 + 1))
+            assert await round_trip(drv, i % 2, payload) == payload[::-1]
+        assert served.device.bump()
+        await drv.wait_config_change()
+        assert await drv.read_config(0, 4) == struct.pack("<I", 1)
+
+
 # --- config -------------------------------------------------------------------------------------
 
 
@@ -315,11 +334,11 @@ async def test_reset_by_status_zero_and_reinit(served: Served) -> None:
             payload = bytes([i]) * (i + 1) + b"x"
             assert await round_trip(drv, 0, payload) == payload[::-1]
         # A vfio-user DEVICE_RESET (FLR) does the same.
-        await drv.pci.reset()
+        await drv.function_reset()
         assert dev.status == 0 and not dev.queues[0].enabled
         assert not dev.config.msix_enabled
-        drv.vectors = []  # FLR disabled MSI-X in config space; take vectors again
         await drv.init(queues=1)
+        assert dev.config.msix_enabled
         assert await round_trip(drv, 0, b"after flr") == b"rlf retfa"
 
 

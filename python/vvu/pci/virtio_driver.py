@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from vvu._core import EventFd, GuestMemory, SplitQueueDriver, memfd
-from vvu.aio import wait_eventfd
 from vvu.pci.virtio_device import (
     F_EVENT_IDX,
     F_VERSION_1,
@@ -136,7 +135,9 @@ class VirtioPciDriver:
         self.on_config_change: Callable[[], None] | None = None
         self._dma_fd: int | None = None
         self._arena: _Arena | None = None
-        self._watching_config: int | None = None
+        self.interrupts: list[int] = []  # per vector, as they arrived
+        self._vector_events: list[asyncio.Event] = []
+        self._watched: list[int] = []
 
     # -- discovery -----------------------------------------------------------------------------
 
@@ -238,6 +239,7 @@ class VirtioPciDriver:
             await asyncio.sleep(RESET_POLL)
         self.queues = []
         self.features = 0
+        self.config_vector = NO_VECTOR
         if self._arena is not None:
             self._arena.next = 0
 
@@ -296,29 +298,35 @@ class VirtioPciDriver:
         available = await self.pci.msix_vectors()
         if available < 1:
             raise VirtioPciError("the device has no MSI-X vectors")
-        self._unwatch_config()
+        self._unwatch()
         self.vectors = await self.pci.enable_msix(min(count, available))
-        self._watch_config(self.vectors[0])
+        loop = asyncio.get_running_loop()
+        self.interrupts = [0] * len(self.vectors)
+        self._vector_events = [asyncio.Event() for _ in self.vectors]
+        for vector, efd in enumerate(self.vectors):
+            loop.add_reader(efd.fileno(), self._on_vector, vector)
+            self._watched.append(efd.fileno())
         return self.vectors
 
-    def _watch_config(self, efd: EventFd) -> None:
-        loop = asyncio.get_running_loop()
-        loop.add_reader(efd.fileno(), self._on_config_irq, efd)
-        self._watching_config = efd.fileno()
+    def _unwatch(self) -> None:
+        with contextlib.suppress(RuntimeError):
+            loop = asyncio.get_running_loop()
+            for fd in self._watched:
+                loop.remove_reader(fd)
+        self._watched = []
 
-    def _unwatch_config(self) -> None:
-        if self._watching_config is not None:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(self._watching_config)
-            self._watching_config = None
-
-    def _on_config_irq(self, efd: EventFd) -> None:
-        if not efd.consume():
+    def _on_vector(self, vector: int) -> None:
+        """One reader per vector: wake the queues on it; on the config vector, report a
+        config change (when queues share it, every interrupt there counts as one)."""
+        if not self.vectors[vector].consume():
             return
-        self.config_interrupts += 1
-        self.config_event.set()
-        if self.on_config_change is not None:
-            self.on_config_change()
+        self.interrupts[vector] += 1
+        self._vector_events[vector].set()
+        if vector == self.config_vector:
+            self.config_interrupts += 1
+            self.config_event.set()
+            if self.on_config_change is not None:
+                self.on_config_change()
 
     async def setup_queue(self, index: int, size: int | None = None) -> DriverQueue:
         """Configure queue `index` (rings in the driver's DMA memory) and enable it."""
@@ -365,6 +373,19 @@ class VirtioPciDriver:
         )
         self.queues.append(queue)
         return queue
+
+    async def function_reset(self) -> None:
+        """A PCI function-level reset (vfio-user DEVICE_RESET): the device resets and MSI-X is
+        disabled in its config space, so the next init() takes vectors again."""
+        self._unwatch()
+        await self.pci.reset()
+        await self.pci.disable_msix()
+        self.vectors = []
+        self.queues = []
+        self.features = 0
+        self.config_vector = NO_VECTOR
+        if self._arena is not None:
+            self._arena.next = 0
 
     async def set_config_vector(self, vector: int = 0) -> None:
         await self._write(Common.MSIX_CONFIG, 2, vector)
@@ -426,16 +447,19 @@ class VirtioPciDriver:
     async def wait_used(self, index: int, timeout: float | None = 5.0) -> list[tuple[int, int]]:
         """Used (head, length) entries of queue `index`, waiting for its interrupt if none."""
         queue = self.queues[index]
+        event = self._vector_events[queue.vector] if queue.interrupt is not None else None
         while True:
+            if event is not None:
+                event.clear()  # no await until the wait: a later interrupt sets it again
             used = queue.ring.reap_all()
             if used:
                 return used
             if queue.ring.enable_call_notifications():  # re-armed; entries came meanwhile
                 continue
-            if queue.interrupt is None:
+            if event is None:
                 await asyncio.sleep(0.001)
                 continue
-            await wait_eventfd(queue.interrupt, timeout)
+            await asyncio.wait_for(event.wait(), timeout)
 
     # -- device config -------------------------------------------------------------------------
 
@@ -479,7 +503,7 @@ class VirtioPciDriver:
     async def close(self) -> None:
         """Reset the device, disable MSI-X, unmap and free the DMA window. The `PciAccess`
         stays open (its owner closes it)."""
-        self._unwatch_config()
+        self._unwatch()
         with contextlib.suppress(Exception):
             await self.reset()
         with contextlib.suppress(Exception):
