@@ -278,6 +278,28 @@ async def test_queues_and_config_sharing_one_vector(tmp_path: Path) -> None:
         assert await drv.read_config(0, 4) == struct.pack("<I", 1)
 
 
+@pytest.mark.asyncio
+async def test_a_kick_before_driver_ok_runs_at_driver_ok(served: Served) -> None:
+    dev = served.device
+    async with driven(served) as drv:
+        await drv.negotiate(0)
+        await drv.setup_dma()
+        await drv.setup_interrupts(3)
+        await drv.set_config_vector(0)
+        q = await drv.setup_queue(0)
+        src, dst = drv.alloc(3), drv.alloc(3)
+        drv.memory.write(src, b"ear")
+        head = q.add([(src, 3)], [(dst, 3)])
+        await drv.kick(0, force=True)
+        await until(lambda: dev.queues[0].kicks == 1, "the kick did not arrive")
+        assert dev.handled == [0, 0]  # no buffers are used before DRIVER_OK
+        await drv.driver_ok()
+        assert await drv.wait_used(0) == [(head, 3)]
+        assert drv.memory.read(dst, 3) == b"rae" and drv.interrupts[1] == 1
+        assert await drv.read_isr() == 0x1  # the queue bit, cleared by the read
+        assert await drv.read_isr() == 0
+
+
 # --- config -------------------------------------------------------------------------------------
 
 
