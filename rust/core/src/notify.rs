@@ -490,6 +490,188 @@ impl AsRawFd for Poller {
     }
 }
 
+/// Token the [`EventForwarder`] reserves for its own stop eventfd.
+const FORWARDER_STOP: u64 = u64::MAX;
+
+/// One route of an [`EventForwarder`]: signals on `src` become one signal on `dst`.
+#[derive(Debug)]
+struct Route {
+    src: EventFd,
+    dst: Option<EventFd>,
+    forwarded: u64,
+}
+
+#[derive(Debug)]
+struct ForwarderShared {
+    poller: Poller,
+    stop: EventFd,
+    routes: std::sync::Mutex<std::collections::HashMap<u64, Route>>,
+}
+
+impl ForwarderShared {
+    fn routes(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, Route>> {
+        // A poisoned lock only means a thread panicked while holding it; the map stays usable.
+        self.routes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The forwarding thread: wait, consume each ready source, signal its destination.
+    fn run(&self) {
+        let mut events = Vec::new();
+        loop {
+            if let Err(err) = self.poller.wait(None, &mut events) {
+                eprintln!("vvu EventForwarder: wait failed, stopping: {err}");
+                return;
+            }
+            for &token in &events {
+                if token == FORWARDER_STOP {
+                    return;
+                }
+                let mut routes = self.routes();
+                // A route removed after epoll reported it is simply gone.
+                if let Some(route) = routes.get_mut(&token) {
+                    match route.src.consume() {
+                        Ok(0) => {}
+                        Ok(_) => {
+                            if let Some(dst) = &route.dst {
+                                if dst.signal().is_ok() {
+                                    route.forwarded += 1;
+                                }
+                            }
+                        }
+                        Err(_) => {
+                            // Not readable as an eventfd: stop watching it rather than spin.
+                            let _ = self.poller.unregister(route.src.as_fd());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Forwards eventfd signals natively: one thread with an epoll [`Poller`] watches every source
+/// eventfd, consumes it and signals its destination (or drops the signal when the route has no
+/// destination). One hop, no interpreter on the path: the VVU device uses it to turn a
+/// front-end's kick eventfds into MSI-X interrupt eventfds.
+///
+/// Routes are keyed by a caller-chosen `u64` token (`u64::MAX` is reserved). The forwarder owns
+/// its handles (pass clones); dropping it stops and joins the thread.
+#[derive(Debug)]
+pub struct EventForwarder {
+    shared: std::sync::Arc<ForwarderShared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EventForwarder {
+    /// Starts the forwarding thread with no routes.
+    pub fn new() -> io::Result<Self> {
+        let shared = std::sync::Arc::new(ForwarderShared {
+            poller: Poller::new()?,
+            stop: EventFd::new()?,
+            routes: std::sync::Mutex::new(std::collections::HashMap::new()),
+        });
+        shared
+            .poller
+            .register(shared.stop.as_fd(), FORWARDER_STOP)?;
+        let worker = std::sync::Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("vvu-forwarder".into())
+            .spawn(move || worker.run())?;
+        Ok(Self {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Forwards `src` to `dst` (`None`: consume and drop) as route `token`. Fails with
+    /// [`io::ErrorKind::AlreadyExists`] if the token is taken, [`io::ErrorKind::InvalidInput`]
+    /// for the reserved token.
+    pub fn add(&self, src: EventFd, dst: Option<EventFd>, token: u64) -> io::Result<()> {
+        if token == FORWARDER_STOP {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "token u64::MAX is reserved",
+            ));
+        }
+        let mut routes = self.shared.routes();
+        if routes.contains_key(&token) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("route {token} exists"),
+            ));
+        }
+        self.shared.poller.register(src.as_fd(), token)?;
+        routes.insert(
+            token,
+            Route {
+                src,
+                dst,
+                forwarded: 0,
+            },
+        );
+        Ok(())
+    }
+
+    /// Stops route `token` and closes its handles; `false` if there was no such route.
+    pub fn remove(&self, token: u64) -> bool {
+        let mut routes = self.shared.routes();
+        match routes.remove(&token) {
+            Some(route) => {
+                let _ = self.shared.poller.unregister(route.src.as_fd());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Changes route `token`'s destination (`None`: drop signals); `false` if no such route.
+    pub fn set_dst(&self, token: u64, dst: Option<EventFd>) -> bool {
+        match self.shared.routes().get_mut(&token) {
+            Some(route) => {
+                route.dst = dst;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// How many times route `token` signalled its destination (`None`: no such route).
+    pub fn forwarded(&self, token: u64) -> Option<u64> {
+        self.shared.routes().get(&token).map(|r| r.forwarded)
+    }
+
+    /// The tokens of the current routes, sorted.
+    pub fn tokens(&self) -> Vec<u64> {
+        let mut tokens: Vec<u64> = self.shared.routes().keys().copied().collect();
+        tokens.sort_unstable();
+        tokens
+    }
+
+    /// Stops and joins the thread and drops every route (idempotent; also done on drop).
+    pub fn stop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = self.shared.stop.signal();
+            let _ = thread.join();
+        }
+        let mut routes = self.shared.routes();
+        for route in routes.values() {
+            let _ = self.shared.poller.unregister(route.src.as_fd());
+        }
+        routes.clear();
+    }
+
+    /// Whether the thread runs.
+    pub fn running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+}
+
+impl Drop for EventForwarder {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1037,5 +1219,82 @@ mod tests {
         assert_eq!(timeout_ms(Some(Duration::from_micros(1))), 1);
         assert_eq!(timeout_ms(Some(Duration::from_millis(50))), 50);
         assert_eq!(timeout_ms(Some(Duration::from_secs(u64::MAX))), c_int::MAX);
+    }
+
+    #[test]
+    fn forwarder_forwards_removes_and_redirects() {
+        let mut fwd = EventForwarder::new().unwrap();
+        let src = EventFd::new().unwrap();
+        let dst = EventFd::new().unwrap();
+        let dst2 = EventFd::new().unwrap();
+        fwd.add(src.try_clone().unwrap(), Some(dst.try_clone().unwrap()), 7)
+            .unwrap();
+        assert_eq!(
+            fwd.add(src.try_clone().unwrap(), None, 7)
+                .unwrap_err()
+                .kind(),
+            io::ErrorKind::AlreadyExists
+        );
+        assert_eq!(
+            fwd.add(src.try_clone().unwrap(), None, u64::MAX)
+                .unwrap_err()
+                .kind(),
+            io::ErrorKind::InvalidInput
+        );
+        src.signal().unwrap();
+        assert!(dst.wait(Some(Duration::from_secs(5))).unwrap());
+        // The source was consumed by the forwarder.
+        assert_eq!(src.consume().unwrap(), 0);
+        assert_eq!(fwd.forwarded(7), Some(1));
+        // Redirect, then drop.
+        assert!(fwd.set_dst(7, Some(dst2.try_clone().unwrap())));
+        src.signal().unwrap();
+        assert!(dst2.wait(Some(Duration::from_secs(5))).unwrap());
+        assert!(fwd.set_dst(7, None));
+        src.signal().unwrap();
+        for _ in 0..500 {
+            if src.consume().unwrap() == 0 && fwd.forwarded(7) == Some(2) {
+                break;
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+        assert!(!dst.wait(Some(Duration::from_millis(50))).unwrap());
+        assert!(!dst2.wait(Some(Duration::from_millis(50))).unwrap());
+        assert_eq!(fwd.tokens(), vec![7]);
+        assert!(fwd.remove(7));
+        assert!(!fwd.remove(7));
+        assert!(!fwd.set_dst(7, None));
+        src.signal().unwrap();
+        thread::sleep(Duration::from_millis(20));
+        assert_eq!(src.consume().unwrap(), 1); // nobody consumes a removed route
+        assert!(fwd.running());
+        fwd.stop();
+        assert!(!fwd.running());
+        fwd.stop();
+    }
+
+    #[test]
+    fn forwarder_many_routes_and_drop_joins() {
+        let fwd = EventForwarder::new().unwrap();
+        let pairs: Vec<(EventFd, EventFd)> = (0..20)
+            .map(|_| (EventFd::new().unwrap(), EventFd::new().unwrap()))
+            .collect();
+        for (i, (s, d)) in pairs.iter().enumerate() {
+            fwd.add(
+                s.try_clone().unwrap(),
+                Some(d.try_clone().unwrap()),
+                i as u64,
+            )
+            .unwrap();
+        }
+        for (s, _) in &pairs {
+            s.signal().unwrap();
+        }
+        for (_, d) in &pairs {
+            assert!(d.wait(Some(Duration::from_secs(5))).unwrap());
+        }
+        drop(fwd);
+        pairs[0].0.signal().unwrap();
+        assert!(!pairs[0].1.wait(Some(Duration::from_millis(50))).unwrap());
     }
 }

@@ -20,6 +20,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<queue::DescriptorChain>()?;
     m.add_class::<notify::PyEventFd>()?;
     m.add_class::<notify::PyPoller>()?;
+    m.add_class::<notify::PyEventForwarder>()?;
     m.add_class::<worker::NativeHandler>()?;
     m.add_class::<worker::PyQueueWorker>()?;
     m.add_class::<net::PyNetPort>()?;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
-use vvu_core::notify::{EventFd, Poller};
+use vvu_core::notify::{EventFd, EventForwarder, Poller};
 
 use crate::errors::to_pyerr;
 use crate::memory::dup_fd;
@@ -167,5 +167,69 @@ impl PyPoller {
     #[getter]
     fn busy_poll(&self) -> f64 {
         self.poller.busy_poll().map_or(0.0, |d| d.as_secs_f64())
+    }
+}
+
+/// Forwards eventfd signals on a native thread: each route's source is consumed and its
+/// destination signalled (or the signal dropped when the route has none). No Python per signal.
+#[pyclass(name = "EventForwarder", module = "vvu._core", frozen)]
+pub struct PyEventForwarder {
+    inner: std::sync::Mutex<EventForwarder>,
+}
+
+impl PyEventForwarder {
+    fn lock(&self) -> std::sync::MutexGuard<'_, EventForwarder> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[pymethods]
+impl PyEventForwarder {
+    #[new]
+    fn new() -> PyResult<Self> {
+        Ok(Self {
+            inner: std::sync::Mutex::new(EventForwarder::new().map_err(to_pyerr)?),
+        })
+    }
+
+    /// Forward `src` to `dst` (None: consume and drop) as route `token` (< 2**64 - 1). The
+    /// forwarder keeps its own duplicates of both eventfds.
+    #[pyo3(signature = (src, dst, token))]
+    fn add(&self, src: &PyEventFd, dst: Option<&PyEventFd>, token: u64) -> PyResult<()> {
+        let src = src.clone_inner()?;
+        let dst = dst.map(PyEventFd::clone_inner).transpose()?;
+        self.lock().add(src, dst, token).map_err(to_pyerr)
+    }
+
+    /// Stop route `token` and close its duplicates; False if there was none.
+    fn remove(&self, token: u64) -> bool {
+        self.lock().remove(token)
+    }
+
+    /// Change route `token`'s destination (None: drop signals); False if there is no such route.
+    fn set_dst(&self, token: u64, dst: Option<&PyEventFd>) -> PyResult<bool> {
+        let dst = dst.map(PyEventFd::clone_inner).transpose()?;
+        Ok(self.lock().set_dst(token, dst))
+    }
+
+    /// How many signals route `token` delivered (None: no such route).
+    fn forwarded(&self, token: u64) -> Option<u64> {
+        self.lock().forwarded(token)
+    }
+
+    /// The tokens of the current routes, sorted.
+    fn tokens(&self) -> Vec<u64> {
+        self.lock().tokens()
+    }
+
+    /// Stop the thread and drop every route (idempotent).
+    fn close(&self) {
+        // The thread never takes the GIL, so joining it while holding the GIL is safe.
+        self.lock().stop();
+    }
+
+    #[getter]
+    fn running(&self) -> bool {
+        self.lock().running()
     }
 }
