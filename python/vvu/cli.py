@@ -18,7 +18,10 @@ from vvu.errors import VvuError
 from vvu.frontend import Frontend
 from vvu.protocol import U64, FrontendRequest, ProtocolFeature, VhostFeature, feature_names
 from vvu.trace import run_trace
+from vvu.transport.base import Listener
 from vvu.transport.unix import UnixListener
+from vvu.transport.vvu import VvuListener
+from vvu.vfio_user import VfioUserPciAccess
 
 log = logging.getLogger("vvu")
 
@@ -44,14 +47,20 @@ def capabilities(backend_cls: type[Backend]) -> dict[str, object]:
     return caps
 
 
-async def _serve(backend: Backend, listener: UnixListener) -> None:
+async def _serve(backend: Backend, listener: UnixListener | None, vvu: str | None = None) -> None:
+    if listener is None:  # --vvu: the VVU device's vfio-user socket
+        assert vvu is not None
+        vvu_listener = VvuListener(await VfioUserPciAccess.open(vvu, timeout=5.0))
+        served: Listener = vvu_listener
+        where = f"VVU device {vvu}"
+    else:
+        served, where = listener, listener.path or "inherited fd"
     engine = BackendEngine(backend)
     loop = asyncio.get_running_loop()
-    server = asyncio.ensure_future(engine.serve_forever(listener))
+    server = asyncio.ensure_future(engine.serve_forever(served))
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    where = listener.path or "inherited fd"
     log.info("serving %s on %s", backend.describe(), where)
     print(f"vvu: serving {backend.describe()} on {where}", file=sys.stderr, flush=True)
     stopper = asyncio.ensure_future(stop.wait())
@@ -60,7 +69,10 @@ async def _serve(backend: Backend, listener: UnixListener) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await server
     stopper.cancel()
-    listener.close()
+    if listener is None:
+        await vvu_listener.aclose()  # clears BACKEND_UP, closes the vfio-user connection
+    else:
+        listener.close()
     if server in done and server.exception() is not None:
         raise server.exception()  # type: ignore[misc]
     print(f"vvu: stopped after {engine.sessions_served} front-end session(s)", file=sys.stderr)
@@ -71,21 +83,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.print_capabilities:
         print(json.dumps(capabilities(backend_cls)))
         return 0
-    if (args.socket_path is None) == (args.fd is None):
-        print("vvu serve: give exactly one of --socket-path and --fd", file=sys.stderr)
+    if [args.socket_path, args.fd, args.vvu].count(None) != 2:
+        print("vvu serve: give exactly one of --socket-path and --fd (or --vvu)", file=sys.stderr)
         return 2
     try:
         backend = backend_cls.from_arguments(args)
     except (OSError, ValueError) as err:
         print(f"vvu serve {backend_cls.name}: {err}", file=sys.stderr)
         return 1
+    listener = None
     try:
-        listener = UnixListener(args.socket_path, fd=args.fd, mode=int(args.socket_mode, 8))
+        if args.vvu is None:
+            listener = UnixListener(args.socket_path, fd=args.fd, mode=int(args.socket_mode, 8))
     except (OSError, ValueError) as err:
         print(f"vvu serve: cannot listen: {err}", file=sys.stderr)
         return 1
     try:
-        asyncio.run(_serve(backend, listener))
+        asyncio.run(_serve(backend, listener, args.vvu))
     finally:
         backend.close()
     return 0
@@ -198,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub = kinds.add_parser(name, help=(cls.__doc__ or name).strip().splitlines()[0])
         sub.add_argument("--socket-path", help="listen on this AF_UNIX socket path")
         sub.add_argument("--fd", type=int, help="listen on this inherited listening socket fd")
+        sub.add_argument(
+            "--vvu",
+            metavar="DEVICE_SOCK",
+            help="serve through a virtio-vhost-user device (its vfio-user socket)",
+        )
         sub.add_argument(
             "--socket-mode", default="600", help="permissions of the socket file (octal, 600)"
         )
