@@ -1,0 +1,769 @@
+"""`VvuDevice`: the virtio-vhost-user device, a `VirtioPciDevice` served over vfio-user.
+
+The contract is docs/vvu-device.md. In short: a vhost-user front-end connects to a unix socket
+the device listens on; every message it sends becomes one rxq buffer for the driver (header +
+payload, no fds), after the device has bound the message's resources (memory regions become
+BAR4 areas whose fds are the front-end's, call/err/log eventfds become BAR2 ioeventfds, kick
+eventfds are forwarded natively to MSI-X eventfds). The driver answers through txq.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import struct
+from collections import deque
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from vvu._core import EventFd, EventForwarder, GuestMemory, SplitQueue
+from vvu.pci.virtio_device import NO_VECTOR, CfgType, Status, VirtioPciDevice
+from vvu.protocol.constants import (
+    HEADER_SIZE,
+    KNOWN_FLAGS,
+    REPLY,
+    VERSION,
+    VERSION_MASK,
+    VRING_IDX_MASK,
+    FrontendRequest,
+    ProtocolFeature,
+)
+from vvu.protocol.payloads import MemoryRegion, MemoryTable, SingleRegion
+from vvu.transport.base import Channel, RawMessage, TransportError, close_fds
+from vvu.transport.unix import UnixListener
+from vvu.vfio_user.device import IoEventFd, IrqRequest, MmapArea, RegionSpec
+from vvu.vfio_user.protocol import IrqIndex
+
+__all__ = [
+    "BACKEND_UP",
+    "FRONTEND_UP",
+    "PROTOCOL_FEATURES_ALLOWED",
+    "VVU_VIRTIO_ID",
+    "VvuDevice",
+]
+
+log = logging.getLogger(__name__)
+
+VVU_VIRTIO_ID: Final = 63
+BACKEND_UP: Final = 1 << 0
+FRONTEND_UP: Final = 1 << 1
+RXQ: Final = 0
+TXQ: Final = 1
+QUEUE_SIZE: Final = 256
+
+DEVICE_AUX_NOTIFY: Final = 6
+DRIVER_AUX_NOTIFY: Final = 7
+AUX_MULTIPLIER: Final = 4
+BAR2_SIZE: Final = 0x8000
+DRIVER_AUX_OFFSET: Final = 0x4000
+BAR4_SIZE: Final = 32 << 30
+SHM_FRONTEND: Final = 1
+SHM_LOG: Final = 2
+SHM_INFLIGHT: Final = 3
+#: (shmid, offset in BAR4, length)
+SHM_LAYOUT: Final = (
+    (SHM_FRONTEND, 0, 16 << 30),
+    (SHM_LOG, 16 << 30, 1 << 30),
+    (SHM_INFLIGHT, 17 << 30, 1 << 30),
+)
+REGION_ALIGN: Final = 2 << 20
+PAGE: Final = 4096
+#: Messages waiting for rxq buffers before the device stops reading the front-end.
+RX_BACKLOG: Final = 16
+
+_P = ProtocolFeature
+PROTOCOL_FEATURES_ALLOWED: Final = (
+    (1 << _P.MQ)
+    | (1 << _P.REPLY_ACK)
+    | (1 << _P.RARP)
+    | (1 << _P.MTU)
+    | (1 << _P.BACKEND_REQ)
+    | (1 << _P.CONFIG)
+    | (1 << _P.RESET_DEVICE)
+    | (1 << _P.CONFIGURE_MEM_SLOTS)
+    | (1 << _P.STATUS)
+)
+_F = FrontendRequest
+_HDR = struct.Struct("<III")
+_U64 = struct.Struct("<Q")
+
+
+@dataclass
+class ShmArea:
+    """One front-end region published as a BAR4 (shmid 1) area."""
+
+    offset: int  # in BAR4 (= in shmid 1)
+    size: int  # page multiple
+    fd: int  # owned
+    fd_offset: int  # page-aligned
+    region: MemoryRegion  # as the front-end sent it
+
+    @property
+    def region_offset(self) -> int:
+        """Where the region's first byte lies in shmid 1 (the rewritten `mmap_offset`)."""
+        return self.offset + (self.region.mmap_offset - self.fd_offset)
+
+
+class VvuDevice(VirtioPciDevice):
+    """The VVU device. `listener` is where front-ends connect (FRONTEND_SOCK)."""
+
+    def __init__(
+        self,
+        listener: UnixListener,
+        *,
+        uuid: bytes | None = None,
+        max_queues: int = 64,
+        device_id: int = VVU_VIRTIO_ID,
+    ) -> None:
+        if not 1 <= max_queues <= 125:  # 3 + N MSI-X vectors fit BAR1's 2 KiB table
+            raise ValueError("max_queues is 1 to 125")
+        if uuid is not None and len(uuid) != 16:
+            raise ValueError("uuid is 16 bytes")
+        self.listener = listener
+        self.max_queues = max_queues
+        self.uuid = uuid if uuid is not None else os.urandom(16)
+        self._vvu_status = 0
+        self._aux_select = 0
+        self._aux_vectors = [NO_VECTOR] * max_queues
+        self._doorbells: dict[int, EventFd] = {}
+        self._kicks: dict[int, EventFd] = {}
+        self._areas: list[ShmArea] = []
+        self._shm = GuestMemory()  # the areas, for message (REGION_READ/WRITE) access
+        self._forwarder: EventForwarder | None = None
+        self._unmapped_kick = EventFd()  # kicks without a vector land here: ISR bit 2
+        self._frontend: Channel | None = None
+        self._backend_channel: Channel | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._accept_task: asyncio.Task[None] | None = None
+        self._can_accept: asyncio.Event | None = None
+        self._rx_pending: deque[bytes] = deque()
+        self._rx_space: asyncio.Event | None = None
+        self._out: asyncio.Queue[tuple[Channel, bytes]] | None = None
+        self._release_after_reply: set[int] = set()
+        self.sessions = 0
+        self.dropped_tx = 0
+        super().__init__(
+            virtio_id=device_id,
+            features=0,
+            queue_max_sizes=[QUEUE_SIZE, QUEUE_SIZE],
+            msix_vectors=3 + max_queues,
+            ioeventfds=True,
+        )
+
+    # -- state ---------------------------------------------------------------------------------
+
+    @property
+    def vvu_status(self) -> int:
+        return self._vvu_status
+
+    @property
+    def frontend_connected(self) -> bool:
+        return self._frontend is not None
+
+    @property
+    def areas(self) -> list[ShmArea]:
+        return list(self._areas)
+
+    @property
+    def doorbells(self) -> dict[int, EventFd]:
+        return dict(self._doorbells)
+
+    @property
+    def forwarder(self) -> EventForwarder | None:
+        return self._forwarder
+
+    def aux_vector(self, index: int) -> int:
+        return self._aux_vectors[index]
+
+    # -- layout --------------------------------------------------------------------------------
+
+    def add_extra_capabilities(self) -> None:
+        n = self.max_queues
+        self.config.add_bar(2, BAR2_SIZE)
+        self.config.add_bar(4, BAR4_SIZE, is_64bit=True, prefetchable=True)
+        self.add_virtio_cap(
+            DEVICE_AUX_NOTIFY,
+            2,
+            0,
+            AUX_MULTIPLIER * (2 * n + 1),
+            extra=struct.pack("<I", AUX_MULTIPLIER),
+        )
+        self.add_virtio_cap(DRIVER_AUX_NOTIFY, 2, DRIVER_AUX_OFFSET, 4)
+        # The standard space has room for two 24-byte cap64s after the standard caps (0xA4) and
+        # the aux caps: shmid 3 (inflight, not supported yet) gets its capability once
+        # something else makes room. Its BAR4 range stays reserved.
+        for shmid, offset, length in SHM_LAYOUT[:2]:
+            self.add_virtio_cap(
+                CfgType.SHARED_MEMORY,
+                4,
+                offset & 0xFFFFFFFF,
+                length & 0xFFFFFFFF,
+                cap_id=shmid,
+                extra=struct.pack("<II", offset >> 32, length >> 32),
+            )
+
+    def extra_regions(self) -> dict[int, RegionSpec]:
+        areas = tuple(MmapArea(a.offset, a.size, a.fd, a.fd_offset) for a in self._areas)
+        return {2: RegionSpec(BAR2_SIZE), 4: RegionSpec(BAR4_SIZE, areas=areas)}
+
+    def extra_ioeventfds(self, index: int) -> Sequence[IoEventFd]:
+        if index != 2:
+            return ()
+        return tuple(
+            IoEventFd(AUX_MULTIPLIER * i, 0, efd) for i, efd in sorted(self._doorbells.items())
+        )
+
+    # -- config space --------------------------------------------------------------------------
+
+    def device_config(self) -> bytes:
+        return struct.pack("<II", self._vvu_status, self.max_queues) + self.uuid
+
+    def device_config_write(self, offset: int, data: bytes) -> None:
+        if offset >= 4:
+            self._refuse(f"VVU config write at {offset:#x} ignored (only status is writable)")
+            return
+        old = self._vvu_status
+        cur = old.to_bytes(4, "little")
+        new = int.from_bytes(cur[:offset] + data + cur[offset + len(data) :], "little")
+        if (new ^ old) & ~BACKEND_UP:
+            self._refuse(f"VVU status write {new:#x}: only BACKEND_UP is the driver's")
+        backend_up = new & BACKEND_UP
+        if backend_up and not old & BACKEND_UP:
+            self._vvu_status |= BACKEND_UP
+            log.info("vvu: driver set BACKEND_UP")
+            self._update_accepting()
+        elif not backend_up and old & BACKEND_UP:
+            log.info("vvu: driver cleared BACKEND_UP")
+            self._disconnect_frontend("the driver cleared BACKEND_UP", notify=False)
+            self._vvu_status = 0
+            self._update_accepting()
+
+    # -- BAR2 and BAR4 -------------------------------------------------------------------------
+
+    def extra_region_read(self, index: int, offset: int, size: int) -> bytes:
+        if index == 2:
+            regs = struct.pack("<HH", self._aux_select, self._selected_vector())
+            if DRIVER_AUX_OFFSET <= offset < DRIVER_AUX_OFFSET + 4:
+                rel = offset - DRIVER_AUX_OFFSET
+                return regs[rel : rel + size].ljust(size, b"\0")
+            return bytes(size)
+        if index == 4:
+            for area in self._areas:
+                if area.offset <= offset and offset + size <= area.offset + area.size:
+                    return self._shm.read(offset, size)
+            return bytes(size)
+        return super().extra_region_read(index, offset, size)
+
+    def extra_region_write(self, index: int, offset: int, data: bytes) -> None:
+        if index == 2:
+            self._bar2_write(offset, data)
+        elif index == 4:
+            for area in self._areas:
+                if area.offset <= offset and offset + len(data) <= area.offset + area.size:
+                    self._shm.write(offset, data)
+                    return
+            self._refuse(f"BAR4 write {offset:#x}+{len(data)} outside the areas dropped")
+        else:
+            super().extra_region_write(index, offset, data)
+
+    def _selected_vector(self) -> int:
+        if self._aux_select < self.max_queues:
+            return self._aux_vectors[self._aux_select]
+        return NO_VECTOR
+
+    def _bar2_write(self, offset: int, data: bytes) -> None:
+        if offset < DRIVER_AUX_OFFSET:
+            index, rest = divmod(offset, AUX_MULTIPLIER)
+            if rest or len(data) not in (2, 4):
+                self._refuse(f"doorbell write {offset:#x}+{len(data)} is not a 16/32-bit slot")
+                return
+            self.ring_doorbell(index)
+            return
+        rel = offset - DRIVER_AUX_OFFSET
+        if rel == 0 and len(data) == 4:  # select and vector at once
+            self._bar2_write(offset, data[:2])
+            self._bar2_write(offset + 2, data[2:])
+        elif rel == 0 and len(data) == 2:
+            self._aux_select = int.from_bytes(data, "little")
+            if self._aux_select >= self.max_queues:
+                log.info("vvu: driver aux select %d is out of range", self._aux_select)
+        elif rel == 2 and len(data) == 2:
+            if self._aux_select >= self.max_queues:
+                self._refuse(f"msix_vector of notification {self._aux_select} (out of range)")
+                return
+            vector = int.from_bytes(data, "little")
+            if vector != NO_VECTOR and vector >= self.msix_vector_count:
+                self._refuse(f"notification vector {vector} does not exist (NO_VECTOR)")
+                vector = NO_VECTOR
+            self._aux_vectors[self._aux_select] = vector
+            self._route_kick(self._aux_select)
+        else:
+            self._refuse(f"BAR2 write {offset:#x}+{len(data)} ignored")
+
+    def ring_doorbell(self, index: int) -> None:
+        """Device aux notification `index` (a REGION_WRITE; the ioeventfd does this itself)."""
+        if not 0 <= index <= 2 * self.max_queues:
+            self._refuse(f"doorbell {index} is out of range")
+            return
+        efd = self._doorbells.get(index)
+        if efd is None:
+            log.info("vvu: doorbell %d has no front-end eventfd; ignored", index)
+            return
+        efd.signal()
+
+    # -- kicks ---------------------------------------------------------------------------------
+
+    def _kick_dst(self, index: int) -> EventFd:
+        vector = self._aux_vectors[index]
+        if vector != NO_VECTOR:
+            efd = self.irq.bound(IrqIndex.MSIX, vector)
+            if efd is not None:
+                return efd
+        return self._unmapped_kick
+
+    def _route_kick(self, index: int) -> None:
+        if self._forwarder is not None and index in self._kicks:
+            self._forwarder.set_dst(index, self._kick_dst(index))
+
+    def set_irqs(self, request: IrqRequest) -> None:
+        super().set_irqs(request)
+        for index in self._kicks:  # the MSI-X eventfds may have changed
+            self._route_kick(index)
+
+    def _on_unmapped_kick(self) -> None:
+        if self._unmapped_kick.consume() and self.status & Status.DRIVER_OK:
+            self._isr |= 0x4
+
+    def _bind_kick(self, index: int, fd: int | None) -> None:
+        self._release_kick(index)
+        if fd is None:
+            return
+        efd = EventFd.from_fd(fd)
+        self._kicks[index] = efd
+        if self._forwarder is not None:
+            self._forwarder.add(efd, self._kick_dst(index), index)
+
+    def _release_kick(self, index: int) -> None:
+        efd = self._kicks.pop(index, None)
+        if efd is not None:
+            if self._forwarder is not None:
+                self._forwarder.remove(index)
+            efd.close()
+
+    def _bind_doorbell(self, index: int, fd: int | None) -> None:
+        old = self._doorbells.pop(index, None)
+        if old is not None:
+            old.close()
+        if fd is not None:
+            self._doorbells[index] = EventFd.from_fd(fd)
+
+    # -- shared memory -------------------------------------------------------------------------
+
+    def _place(self, size: int) -> int | None:
+        _, base, length = SHM_LAYOUT[0]
+        candidate = base
+        for area in sorted(self._areas, key=lambda a: a.offset):
+            if candidate + size <= area.offset:
+                break
+            candidate = max(candidate, -(-(area.offset + area.size) // REGION_ALIGN) * REGION_ALIGN)
+        if candidate + size > base + length:
+            return None
+        return candidate
+
+    def _add_area(self, region: MemoryRegion, fd: int) -> ShmArea | None:
+        """Publish one region; takes `fd`. None (fd closed) when it does not fit."""
+        fd_offset = region.mmap_offset & ~(PAGE - 1)
+        delta = region.mmap_offset - fd_offset
+        size = -(-(delta + region.memory_size) // PAGE) * PAGE
+        offset = self._place(size) if region.memory_size else None
+        if offset is None:
+            log.warning("vvu: region %s does not fit in shmid 1; not published", region)
+            os.close(fd)
+            return None
+        area = ShmArea(offset, size, fd, fd_offset, region)
+        try:
+            self._shm.add_region(fd, offset, size, mmap_offset=fd_offset)
+        except Exception as err:  # the fd cannot be mapped (too short, not a memfd, ...)
+            log.warning("vvu: region %s cannot be mapped: %s; not published", region, err)
+            os.close(fd)
+            return None
+        self._areas.append(area)
+        return area
+
+    def _remove_area(self, area: ShmArea) -> None:
+        self._areas.remove(area)
+        with contextlib.suppress(Exception):
+            self._shm.remove_region(area.offset)
+        os.close(area.fd)
+
+    def _drop_areas(self) -> None:
+        for area in list(self._areas):
+            self._remove_area(area)
+
+    def _rewritten(self, region: MemoryRegion, area: ShmArea | None) -> MemoryRegion:
+        offset = area.region_offset if area is not None else region.mmap_offset
+        return MemoryRegion(
+            region.guest_phys_addr, region.memory_size, region.userspace_addr, offset
+        )
+
+    # -- front-end messages: bind, then forward ------------------------------------------------
+
+    def _bind(self, raw: RawMessage) -> bytes:
+        """Bind the message's resources (taking its fds); return the payload to forward."""
+        fds, raw.fds = raw.fds, []
+        binders: dict[int, Callable[[int, bytes, list[int]], bytes]] = {
+            _F.SET_MEM_TABLE: self._bind_mem_table,
+            _F.ADD_MEM_REG: self._bind_add_mem_reg,
+            _F.REM_MEM_REG: self._bind_rem_mem_reg,
+            _F.SET_VRING_KICK: self._bind_vring_fd,
+            _F.SET_VRING_CALL: self._bind_vring_fd,
+            _F.SET_VRING_ERR: self._bind_vring_fd,
+            _F.SET_LOG_FD: self._bind_log_fd,
+            _F.SET_BACKEND_REQ_FD: self._bind_backend_req,
+        }
+        try:
+            if raw.request == _F.GET_VRING_BASE and len(raw.payload) >= 4:
+                self._release_after_reply.add(int.from_bytes(raw.payload[:4], "little"))
+            binder = binders.get(raw.request)
+            return raw.payload if binder is None else binder(raw.request, raw.payload, fds)
+        except Exception as err:  # malformed payload: forward as is, the back-end refuses it
+            log.warning("vvu: front-end message %d not bound: %s", raw.request, err)
+            return raw.payload
+        finally:
+            close_fds(fds)  # binders take (pop) the fds they keep
+
+    def _bind_mem_table(self, req: int, payload: bytes, fds: list[int]) -> bytes:
+        table = MemoryTable.unpack(payload)
+        self._drop_areas()
+        if len(fds) != table.nregions:
+            log.warning("vvu: SET_MEM_TABLE: %d fds for %d regions", len(fds), table.nregions)
+            return payload
+        regions = [
+            self._rewritten(region, self._add_area(region, fd))
+            for region, fd in zip(table.regions, fds, strict=True)
+        ]
+        fds.clear()
+        return MemoryTable(tuple(regions)).pack()
+
+    def _bind_add_mem_reg(self, req: int, payload: bytes, fds: list[int]) -> bytes:
+        region = SingleRegion.unpack(payload).region
+        if len(fds) != 1:
+            log.warning("vvu: ADD_MEM_REG with %d fds", len(fds))
+            return payload
+        area = self._add_area(region, fds.pop())
+        return SingleRegion(self._rewritten(region, area)).pack()
+
+    def _bind_rem_mem_reg(self, req: int, payload: bytes, fds: list[int]) -> bytes:
+        region = SingleRegion.unpack(payload).region
+        for area in self._areas:
+            key = (area.region.guest_phys_addr, area.region.memory_size)
+            if key == (region.guest_phys_addr, region.memory_size):
+                rewritten = self._rewritten(region, area)
+                self._remove_area(area)
+                return SingleRegion(rewritten).pack()
+        return payload
+
+    def _bind_vring_fd(self, req: int, payload: bytes, fds: list[int]) -> bytes:
+        (value,) = _U64.unpack(payload)
+        index = value & VRING_IDX_MASK
+        n = self.max_queues
+        fd = fds[-1] if fds else None  # closed by _bind: the bindings keep duplicates
+        if index >= n:
+            log.warning("vvu: request %d for ring %d (max %d) not bound", req, index, n)
+        elif req == _F.SET_VRING_KICK:
+            self._bind_kick(index, fd)
+        else:
+            self._bind_doorbell(index if req == _F.SET_VRING_CALL else n + index, fd)
+        return payload
+
+    def _bind_log_fd(self, req: int, payload: bytes, fds: list[int]) -> bytes:
+        self._bind_doorbell(2 * self.max_queues, fds[-1] if fds else None)
+        return payload
+
+    def _bind_backend_req(self, req: int, payload: bytes, fds: list[int]) -> bytes:
+        if fds and self._frontend is not None:
+            self._set_backend_channel(self._frontend.open_backend_channel(fds.pop()))
+        return payload
+
+    def _release_ring(self, index: int) -> None:
+        n = self.max_queues
+        if 0 <= index < n:
+            self._release_kick(index)
+            self._bind_doorbell(index, None)
+            self._bind_doorbell(n + index, None)
+
+    # -- rxq -----------------------------------------------------------------------------------
+
+    def _enqueue_rx(self, message: bytes) -> None:
+        self._rx_pending.append(message)
+        self._pump_rx()
+
+    def _pump_rx(self) -> None:
+        q = self.queues[RXQ]
+        while self._rx_pending:
+            if (
+                q.queue is None
+                or not self.status & Status.DRIVER_OK
+                or self.status & Status.DEVICE_NEEDS_RESET
+            ):
+                break
+            queue = q.queue
+            chains = queue.pop(1)
+            if not chains:
+                if queue.enable_notifications():
+                    continue
+                break
+            chain = chains[0]
+            message = self._rx_pending[0]
+            if chain.writable_len < len(message):
+                queue.push_used(chain.head, 0)
+                self.signal_used(RXQ)
+                self._refuse(
+                    f"rxq buffer of {chain.writable_len} bytes is too small for a "
+                    f"{len(message)}-byte message; device needs reset"
+                )
+                self._needs_reset()
+                break
+            self._rx_pending.popleft()
+            written = chain.write(message)
+            queue.push_used(chain.head, written)
+            self.signal_used(RXQ)
+        if self._rx_space is not None and len(self._rx_pending) < RX_BACKLOG:
+            self._rx_space.set()
+
+    # -- txq -----------------------------------------------------------------------------------
+
+    def queue_notify(self, index: int, queue: SplitQueue) -> None:
+        if index == RXQ:
+            self._pump_rx()
+            return
+        while True:
+            queue.disable_notifications()
+            chains = queue.pop()
+            for chain in chains:
+                data = chain.read()
+                queue.push_used(chain.head, 0)
+                self._handle_tx(data)
+            if chains:
+                self.signal_used(TXQ)
+            if not queue.enable_notifications():
+                return
+
+    @staticmethod
+    def _tx_problem(data: bytes) -> str | None:
+        if len(data) < HEADER_SIZE:
+            return f"{len(data)} bytes is shorter than a header"
+        _request, flags, size = _HDR.unpack_from(data)
+        if len(data) != HEADER_SIZE + size:
+            return f"{len(data)} bytes for a header announcing {size}"
+        if flags & VERSION_MASK != VERSION:
+            return f"version {flags & VERSION_MASK}"
+        if flags & ~KNOWN_FLAGS:
+            return f"unknown flags {flags & ~KNOWN_FLAGS:#x}"
+        return None
+
+    def _handle_tx(self, data: bytes) -> None:
+        problem = self._tx_problem(data)
+        if problem is not None:
+            self.dropped_tx += 1
+            log.warning("vvu: txq buffer dropped: %s", problem)
+            return
+        request, flags, size = _HDR.unpack_from(data)
+        if self._frontend is None or self._out is None:
+            self.dropped_tx += 1
+            log.info("vvu: txq message %d dropped: no front-end", request)
+            return
+        if flags & REPLY:
+            if request == _F.GET_PROTOCOL_FEATURES and size == 8:
+                (value,) = _U64.unpack_from(data, HEADER_SIZE)
+                if value & ~PROTOCOL_FEATURES_ALLOWED:
+                    log.info(
+                        "vvu: protocol features %#x filtered out",
+                        value & ~PROTOCOL_FEATURES_ALLOWED,
+                    )
+                data = data[:HEADER_SIZE] + _U64.pack(value & PROTOCOL_FEATURES_ALLOWED)
+            self._out.put_nowait((self._frontend, data))
+            if request == _F.GET_VRING_BASE and size >= 4:
+                index = int.from_bytes(data[HEADER_SIZE : HEADER_SIZE + 4], "little")
+                if index in self._release_after_reply:
+                    self._release_after_reply.discard(index)
+                    self._release_ring(index)
+        elif self._backend_channel is None:
+            self.dropped_tx += 1
+            log.warning("vvu: back-end request %d before SET_BACKEND_REQ_FD dropped", request)
+        else:
+            self._out.put_nowait((self._backend_channel, data))
+
+    # -- sessions ------------------------------------------------------------------------------
+
+    def _update_accepting(self) -> None:
+        if self._can_accept is None:
+            return
+        if self._vvu_status & BACKEND_UP and self._frontend is None:
+            self._can_accept.set()
+        else:
+            self._can_accept.clear()
+
+    def _spawn(self, coro: Coroutine[object, object, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.append(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._tasks.remove(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("vvu: session task failed", exc_info=task.exception())
+
+    async def _accept_loop(self) -> None:
+        assert self._can_accept is not None
+        while True:
+            await self._can_accept.wait()
+            channel = await self.listener.accept()
+            if not self._vvu_status & BACKEND_UP or self._frontend is not None:
+                log.warning("vvu: front-end %s refused (no back-end)", channel.peer)
+                channel.close()
+                continue
+            self._start_session(channel)
+
+    def _start_session(self, channel: Channel) -> None:
+        self.sessions += 1
+        self._frontend = channel
+        self._out = asyncio.Queue()
+        self._rx_space = asyncio.Event()
+        self._rx_space.set()
+        self._vvu_status |= FRONTEND_UP
+        self._update_accepting()
+        log.info("vvu: front-end %s connected (session %d)", channel.peer, self.sessions)
+        self.config_changed()
+        self._spawn(self._read_frontend(channel))
+        self._spawn(self._send_loop(self._out))
+
+    async def _read_frontend(self, channel: Channel) -> None:
+        try:
+            while True:
+                assert self._rx_space is not None
+                await self._rx_space.wait()
+                raw = await channel.recv()
+                if raw is None:
+                    break
+                payload = self._bind(raw)
+                header = _HDR.pack(raw.request, raw.flags, len(payload))
+                self._enqueue_rx(header + payload)
+                if len(self._rx_pending) >= RX_BACKLOG:
+                    self._rx_space.clear()
+        except TransportError as err:
+            log.warning("vvu: front-end connection broke: %s", err)
+        if self._frontend is channel:
+            self._disconnect_frontend("the front-end disconnected", notify=True)
+
+    async def _read_backend(self, channel: Channel) -> None:
+        try:
+            while True:
+                raw = await channel.recv()
+                if raw is None:
+                    break
+                raw.close_fds()
+                self._enqueue_rx(_HDR.pack(raw.request, raw.flags, len(raw.payload)) + raw.payload)
+        except TransportError as err:
+            log.warning("vvu: back-end channel broke: %s", err)
+        if self._backend_channel is channel:
+            self._backend_channel = None
+            channel.close()
+
+    async def _send_loop(self, out: asyncio.Queue[tuple[Channel, bytes]]) -> None:
+        while True:
+            channel, data = await out.get()
+            try:
+                await channel.send(data)
+            except (TransportError, OSError) as err:
+                log.warning("vvu: send to %s failed: %s", channel.peer, err)
+
+    def _set_backend_channel(self, channel: Channel) -> None:
+        if self._backend_channel is not None:
+            self._backend_channel.close()
+        self._backend_channel = channel
+        self._spawn(self._read_backend(channel))
+
+    def _disconnect_frontend(self, why: str, *, notify: bool) -> None:
+        """Tear a session down (sync): channels, tasks, bindings, pending messages, txq."""
+        had = self._frontend is not None
+        for task in list(self._tasks):
+            task.cancel()
+        self._tasks.clear()
+        if self._frontend is not None:
+            self._frontend.close()
+            self._frontend = None
+        if self._backend_channel is not None:
+            self._backend_channel.close()
+            self._backend_channel = None
+        self._out = None
+        self._rx_space = None
+        self._rx_pending.clear()
+        self._release_after_reply.clear()
+        for index in list(self._kicks):
+            self._release_kick(index)
+        for index in list(self._doorbells):
+            self._bind_doorbell(index, None)
+        self._drop_areas()
+        # Complete and discard what the driver queued on txq.
+        q = self.queues[TXQ]
+        if q.queue is not None and not self.status & Status.DEVICE_NEEDS_RESET:
+            chains = q.queue.pop(QUEUE_SIZE)
+            for chain in chains:
+                q.queue.push_used(chain.head, 0)
+            if chains:
+                self.signal_used(TXQ)
+        if had:
+            log.info("vvu: session ended: %s", why)
+        if notify and had:
+            self._vvu_status = 0
+            self.config_changed()
+        else:
+            self._vvu_status &= ~FRONTEND_UP
+        self._update_accepting()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def on_reset(self) -> None:
+        self._disconnect_frontend("device reset", notify=False)
+        self._vvu_status = 0
+        self._aux_select = 0
+        self._aux_vectors = [NO_VECTOR] * self.max_queues
+        self._update_accepting()
+
+    def start(self) -> None:
+        super().start()
+        loop = asyncio.get_running_loop()
+        if self._forwarder is None:
+            self._forwarder = EventForwarder()
+            loop.add_reader(self._unmapped_kick.fileno(), self._on_unmapped_kick)
+        if self._accept_task is None:
+            self._can_accept = asyncio.Event()
+            self._update_accepting()
+            self._accept_task = asyncio.ensure_future(self._accept_loop())
+
+    def stop(self) -> None:
+        self._disconnect_frontend("the device stops", notify=False)
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            self._accept_task = None
+        if self._forwarder is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._unmapped_kick.fileno())
+            self._forwarder.close()
+            self._forwarder = None
+        super().stop()
+
+    def close(self) -> None:
+        """Release everything (after the server stopped)."""
+        self._disconnect_frontend("the device closes", notify=False)
+        if self._forwarder is not None:
+            self._forwarder.close()
+            self._forwarder = None
+        self._unmapped_kick.close()
+        self.listener.close()
+        super().close()

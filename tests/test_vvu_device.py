@@ -1,0 +1,416 @@
+"""The VVU device (docs/vvu-device.md) served over vfio-user, driven by a minimal test driver
+(`VirtioPciDriver` over `VfioUserPciAccess`) and a vhost-user front-end (`vvu.frontend`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from vvu._core import EventFd, EventForwarder, GuestMemory
+from vvu.device import BACKEND_UP, FRONTEND_UP, PROTOCOL_FEATURES_ALLOWED, VvuDevice
+from vvu.device.vvu import BAR4_SIZE, DRIVER_AUX_OFFSET
+from vvu.frontend.core import UVA_BASE, Frontend
+from vvu.pci import NO_VECTOR, CfgType, Status, VirtioPciDriver
+from vvu.protocol import U64, FrontendRequest, MemoryTable, ProtocolFeature, VringState
+from vvu.protocol.constants import NEED_REPLY, REPLY, VERSION
+from vvu.transport.unix import UnixListener
+from vvu.vfio_user import VfioUserListener, VfioUserPciAccess, VfioUserServer
+
+N = 4
+TIMEOUT = 10.0
+_F = FrontendRequest
+HDR = struct.Struct("<III")
+BUF = 12 + 4096
+
+
+def fd_count() -> int:
+    return len(fd_set())
+
+
+def fd_set() -> dict[str, str]:
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            out[name] = os.readlink(f"/proc/self/fd/{name}")
+    return out
+
+
+@dataclass
+class Rig:
+    tmp: Path
+    device: VvuDevice
+    server: VfioUserServer
+    vfio_path: str
+    frontend_path: str
+
+
+@dataclass
+class VvuTestDriver:
+    """A minimal VVU driver: rxq buffers, status, txq messages."""
+
+    pci: VfioUserPciAccess
+    drv: VirtioPciDriver
+    rx_bufs: dict[int, int] = field(default_factory=dict)
+    rx_seen: list[bytes] = field(default_factory=list)
+
+    async def post_rx(self, count: int, size: int = BUF) -> None:
+        q = self.drv.queues[0]
+        for _ in range(count):
+            addr = self.drv.alloc(size)
+            self.rx_bufs[q.add([], [(addr, size)])] = addr
+        await self.drv.kick(0, force=True)
+
+    async def recv(self, timeout: float = 5.0) -> bytes:
+        while not self.rx_seen:
+            for head, length in await self.drv.wait_used(0, timeout):
+                addr = self.rx_bufs.pop(head)
+                self.rx_seen.append(self.drv.memory.read(addr, length))
+        return self.rx_seen.pop(0)
+
+    async def send(self, data: bytes) -> None:
+        addr = self.drv.alloc(max(len(data), 1))
+        self.drv.memory.write(addr, data)
+        self.drv.queues[1].add([(addr, len(data))])
+        await self.drv.kick(1, force=True)
+        await self.drv.wait_used(1)
+
+    async def reply(self, request: int, payload: bytes) -> None:
+        await self.send(HDR.pack(request, VERSION | REPLY, len(payload)) + payload)
+
+    async def status(self) -> int:
+        return int(struct.unpack("<I", await self.drv.read_config(0, 4))[0])
+
+    async def set_status(self, value: int) -> None:
+        await self.drv.write_config(0, struct.pack("<I", value))
+
+    async def close(self) -> None:
+        await self.drv.close()
+        await self.pci.close()
+
+
+@contextlib.asynccontextmanager
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    vfio_path = str(tmp_path / "vvu.sock")
+    fe_path = str(tmp_path / "fe.sock")
+    device = VvuDevice(UnixListener(fe_path), max_queues=N, uuid=bytes(range(16)))
+    server = VfioUserServer(device, VfioUserListener(vfio_path))
+    task = asyncio.ensure_future(server.serve_forever())
+    try:
+        yield Rig(tmp_path, device, server, vfio_path, fe_path)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        server.close()
+        device.close()
+
+
+@contextlib.asynccontextmanager
+async def driver(r: Rig, *, rx: int = 8) -> AsyncIterator[VvuTestDriver]:
+    pci = await asyncio.wait_for(VfioUserPciAccess.open(r.vfio_path, timeout=2), TIMEOUT)
+    drv = await VirtioPciDriver.open(pci)
+    await drv.setup_interrupts(3 + N)
+    await drv.init(queues=2)
+    td = VvuTestDriver(pci, drv)
+    try:
+        if rx:
+            await td.post_rx(rx)
+        yield td
+    finally:
+        await td.close()
+
+
+async def until(cond: object, what: str) -> None:
+    for _ in range(500):
+        if callable(cond) and cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(what)
+
+
+async def connect(td: VvuTestDriver, r: Rig) -> Frontend:
+    fe = await Frontend.connect(r.frontend_path, memory_size=4 << 20)
+    await until(lambda: r.device.frontend_connected, "front-end accepted")
+    await td.drv.wait_config_change()
+    assert await td.status() == BACKEND_UP | FRONTEND_UP
+    return fe
+
+
+@pytest_asyncio.fixture
+async def rigged(tmp_path: Path) -> AsyncIterator[Rig]:
+    async with rig(tmp_path) as r:
+        yield r
+
+
+def test_event_forwarder_from_python() -> None:
+    fwd = EventForwarder()
+    src, dst = EventFd(), EventFd()
+    fwd.add(src, dst, 3)
+    src.signal()
+    assert dst.wait(5.0)
+    assert fwd.forwarded(3) == 1 and fwd.tokens() == [3]
+    assert fwd.set_dst(3, None) and fwd.remove(3) and not fwd.remove(3)
+    fwd.close()
+    assert not fwd.running
+
+
+@pytest.mark.asyncio
+async def test_layout_config_and_capabilities(rigged: Rig) -> None:
+    pci = await VfioUserPciAccess.open(rigged.vfio_path, timeout=2)
+    try:
+        assert await pci.config_read_u16(2) == 0x107F
+        assert pci.bar_info(2).size == 0x8000
+        assert pci.bar_info(4).size == BAR4_SIZE
+        assert await pci.config_read_u32(0x20) & 0xF == 0xC  # 64-bit prefetchable
+        assert await pci.msix_vectors() == 3 + N
+        caps = await VirtioPciDriver.find_caps(pci)
+        extra = [(c.cfg_type, c.bar, c.offset, c.length) for c in caps[5:]]
+        assert extra[:2] == [(6, 2, 0, 4 * (2 * N + 1)), (7, 2, DRIVER_AUX_OFFSET, 4)]
+        shm = [c for c in caps if c.cfg_type == CfgType.SHARED_MEMORY]
+        assert [await pci.config_read_u8(c.at + 5) for c in shm] == [
+            1,
+            2,
+        ]  # shmid 3: no room in the 256-byte space
+        assert [struct.unpack("<II", c.extra) for c in shm] == [(0, 4), (4, 0)]
+        drv = await VirtioPciDriver.open(pci)
+        cfg = await drv.read_config(0, 24)
+        assert cfg == struct.pack("<II", 0, N) + bytes(range(16))
+        # Only BACKEND_UP is the driver's; max_queues and uuid are read-only.
+        await drv.write_config(0, struct.pack("<I", 0xFE))
+        await drv.write_config(4, struct.pack("<I", 9))
+        assert await drv.read_config(0, 8) == struct.pack("<II", 0, N)
+    finally:
+        await pci.close()
+
+
+@pytest.mark.asyncio
+async def test_handshake_and_get_features_round_trip(rigged: Rig) -> None:
+    async with driver(rigged) as td:
+        # No BACKEND_UP: the front-end waits in the backlog.
+        fe = await Frontend.connect(rigged.frontend_path, memory_size=4 << 20)
+        await asyncio.sleep(0.1)
+        assert not rigged.device.frontend_connected
+        await td.set_status(BACKEND_UP)
+        await until(lambda: rigged.device.frontend_connected, "front-end accepted")
+        await td.drv.wait_config_change()
+        assert await td.status() == BACKEND_UP | FRONTEND_UP
+        task = asyncio.ensure_future(fe.request_u64(_F.GET_FEATURES))
+        msg = await td.recv()
+        assert HDR.unpack_from(msg) == (_F.GET_FEATURES, VERSION, 0)
+        await td.reply(_F.GET_FEATURES, U64(0x1234).pack())
+        assert await asyncio.wait_for(task, TIMEOUT) == 0x1234
+        await fe.close()
+        await until(lambda: not rigged.device.frontend_connected, "disconnect seen")
+
+
+@pytest.mark.asyncio
+async def test_protocol_features_are_filtered(rigged: Rig) -> None:
+    async with driver(rigged) as td:
+        await td.set_status(BACKEND_UP)
+        fe = await connect(td, rigged)
+        task = asyncio.ensure_future(fe.request_u64(_F.GET_PROTOCOL_FEATURES))
+        await td.recv()
+        offered = (1 << 64) - 1
+        await td.reply(_F.GET_PROTOCOL_FEATURES, U64(offered).pack())
+        got = await asyncio.wait_for(task, TIMEOUT)
+        assert got == PROTOCOL_FEATURES_ALLOWED
+        for unsafe in (
+            ProtocolFeature.BACKEND_SEND_FD,
+            ProtocolFeature.HOST_NOTIFIER,
+            ProtocolFeature.INFLIGHT_SHMFD,
+            ProtocolFeature.SHARED_OBJECT,
+            ProtocolFeature.DEVICE_STATE,
+        ):
+            assert not got & (1 << unsafe)
+        await fe.close()
+
+
+@pytest.mark.asyncio
+async def test_mem_table_call_kick_and_release(rigged: Rig) -> None:  # noqa: PLR0915
+    dev = rigged.device
+    async with driver(rigged) as td:
+        await td.set_status(BACKEND_UP)
+        fe = await connect(td, rigged)
+        # SET_MEM_TABLE: BAR4 area is the front-end's memfd; mmap_offset rewritten.
+        await fe.set_mem_table()
+        msg = await td.recv()
+        request, _flags, size = HDR.unpack_from(msg)
+        assert request == _F.SET_MEM_TABLE
+        table = MemoryTable.unpack(msg[12 : 12 + size])
+        (region,) = table.regions
+        assert (region.guest_phys_addr, region.memory_size, region.userspace_addr) == (
+            0,
+            4 << 20,
+            UVA_BASE,
+        )
+        areas = await td.pci.client.mmap_region(4)
+        assert len(areas) == 1 and areas[0].offset == region.mmap_offset == 0
+        mem = GuestMemory()
+        mem.add_region(areas[0].fd, areas[0].offset, areas[0].size, mmap_offset=areas[0].fd_offset)
+        areas[0].close()
+        fe.memory.write(0x2000, b"shared through BAR4")
+        assert mem.read(region.mmap_offset + 0x2000, 19) == b"shared through BAR4"
+        assert await td.pci.bar_read(4, 0x2000, 6) == b"shared"  # message access too
+        del mem
+        # SET_VRING_CALL 1: the BAR2 ioeventfd at 4 is the front-end's call fd.
+        call, kick = EventFd(), EventFd()
+        await fe.request(_F.SET_VRING_CALL, U64.vring(1), [call.fileno()])
+        assert HDR.unpack_from(await td.recv())[0] == _F.SET_VRING_CALL
+        iofds = await td.pci.client.region_io_fds(2)
+        assert [f.offset for f in iofds] == [4]
+        iofds[0].eventfd.signal()
+        assert call.wait(5.0)
+        await td.pci.client.region_write(2, 4, struct.pack("<I", 1))
+        assert call.wait(5.0)
+        for f in iofds:
+            f.eventfd.close()
+        # Out-of-range doorbell, select and vector: ignored.
+        await td.pci.client.region_write(2, 4 * (2 * N + 5), struct.pack("<I", 1))
+        await td.pci.client.region_write(2, DRIVER_AUX_OFFSET, struct.pack("<H", N + 3))
+        assert await td.pci.bar_read(2, DRIVER_AUX_OFFSET + 2, 2) == struct.pack("<H", NO_VECTOR)
+        await td.pci.client.region_write(2, DRIVER_AUX_OFFSET + 2, struct.pack("<H", 1))
+        # SET_VRING_KICK 1 → MSI-X vector 3 + 1 once the driver maps notification 1.
+        await fe.request(_F.SET_VRING_KICK, U64.vring(1), [kick.fileno()])
+        assert HDR.unpack_from(await td.recv())[0] == _F.SET_VRING_KICK
+        kick.signal()  # unmapped: only ISR bit 2
+        await until(lambda: dev._isr & 0x4, "ISR bit 2")
+        await td.pci.client.region_write(2, DRIVER_AUX_OFFSET, struct.pack("<HH", 1, 4))
+        assert await td.pci.bar_read(2, DRIVER_AUX_OFFSET, 4) == struct.pack("<HH", 1, 4)
+        await td.pci.client.region_write(2, DRIVER_AUX_OFFSET + 2, struct.pack("<H", 999))
+        assert await td.pci.bar_read(2, DRIVER_AUX_OFFSET + 2, 2) == struct.pack("<H", NO_VECTOR)
+        await td.pci.client.region_write(2, DRIVER_AUX_OFFSET + 2, struct.pack("<H", 4))
+        before = td.drv.interrupts[4]
+        kick.signal()
+        await until(lambda: td.drv.interrupts[4] > before, "kick forwarded to MSI-X vector 4")
+        assert (
+            dev.forwarder is not None and dev.forwarder.forwarded(1) == 2
+        )  # ISR fallback + vector
+        # GET_VRING_BASE 1: released after the reply.
+        task = asyncio.ensure_future(fe.request(_F.GET_VRING_BASE, VringState(1, 0)))
+        assert HDR.unpack_from(await td.recv())[0] == _F.GET_VRING_BASE
+        assert dev.doorbells
+        await td.reply(_F.GET_VRING_BASE, VringState(1, 7).pack())
+        assert await asyncio.wait_for(task, TIMEOUT) == VringState(1, 7)
+        assert not dev.doorbells and dev.forwarder.tokens() == []
+        call.close()
+        kick.close()
+        await fe.close()
+        await until(lambda: not dev.areas, "areas dropped")
+
+
+@pytest.mark.asyncio
+async def test_backend_requests_need_the_backend_channel(rigged: Rig) -> None:
+    dev = rigged.device
+    async with driver(rigged) as td:
+        await td.set_status(BACKEND_UP)
+        fe = await connect(td, rigged)
+        request = HDR.pack(2, VERSION | NEED_REPLY, 0)  # BACKEND_CONFIG_CHANGE_MSG
+        dropped = dev.dropped_tx
+        await td.send(request)
+        assert dev.dropped_tx == dropped + 1
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        await fe.request(_F.SET_BACKEND_REQ_FD, fds=[theirs.fileno()])
+        theirs.close()
+        assert HDR.unpack_from(await td.recv())[0] == _F.SET_BACKEND_REQ_FD
+        await td.send(request)
+        ours.settimeout(5)
+        got = await asyncio.get_running_loop().run_in_executor(None, ours.recv, 100)
+        assert got == request
+        # The front-end's reply comes back on rxq.
+        ours.sendall(HDR.pack(2, VERSION | REPLY, 8) + U64(0).pack())
+        msg = await td.recv()
+        assert HDR.unpack_from(msg) == (2, VERSION | REPLY, 8)
+        ours.close()
+        await fe.close()
+
+
+@pytest.mark.asyncio
+async def test_hostile_txq_buffers_are_dropped(rigged: Rig) -> None:
+    dev = rigged.device
+    async with driver(rigged) as td:
+        await td.set_status(BACKEND_UP)
+        fe = await connect(td, rigged)
+        bad = [
+            b"short",
+            HDR.pack(1, VERSION | REPLY, 8) + b"\0" * 4,  # size mismatch
+            HDR.pack(1, 2 | REPLY, 0),  # version 2
+            HDR.pack(1, VERSION | REPLY | 0x100, 0),  # unknown flag
+        ]
+        for data in bad:
+            await td.send(data)
+        assert dev.dropped_tx == len(bad)
+        # Still serving.
+        task = asyncio.ensure_future(fe.request_u64(_F.GET_FEATURES))
+        await td.recv()
+        await td.reply(_F.GET_FEATURES, U64(5).pack())
+        assert await asyncio.wait_for(task, TIMEOUT) == 5
+        await fe.close()
+
+
+@pytest.mark.asyncio
+async def test_small_rx_buffer_sets_needs_reset(rigged: Rig) -> None:
+    async with driver(rigged, rx=0) as td:
+        await td.post_rx(1, size=16)
+        await td.set_status(BACKEND_UP)
+        fe = await connect(td, rigged)
+        await fe.set_mem_table()  # 12 + 40 bytes > 16
+        await until(lambda: rigged.device.status & Status.DEVICE_NEEDS_RESET, "needs reset")
+        await fe.close()
+
+
+@pytest.mark.asyncio
+async def test_no_rx_buffers_front_end_waits_and_disconnect_is_clean(rigged: Rig) -> None:
+    dev = rigged.device
+    before_set = fd_set()
+    before = len(before_set)
+    async with driver(rigged, rx=0) as td:
+        await td.set_status(BACKEND_UP)
+        fe = await connect(td, rigged)
+        task = asyncio.ensure_future(fe.request_u64(_F.GET_FEATURES))
+        await asyncio.sleep(0.2)
+        assert not task.done() and len(dev._rx_pending) == 1
+        # Posting a buffer later delivers it; nothing was dropped.
+        await td.post_rx(1)
+        assert HDR.unpack_from(await td.recv())[0] == _F.GET_FEATURES
+        task.cancel()
+        # Pending txq buffers are completed on disconnect.
+        addr = td.drv.alloc(64)
+        td.drv.queues[1].add([(addr, 12)])
+        td.drv.queues[1].ring.publish()  # published, not kicked
+        await fe.close()
+        await until(lambda: not dev.frontend_connected, "disconnect")
+        await td.drv.wait_config_change()
+        assert await td.status() == 0
+        assert await td.drv.wait_used(1) == [(0, 0)]  # completed, discarded
+        # A second session is clean.
+        await td.post_rx(2)
+        await td.set_status(BACKEND_UP)
+        fe2 = await connect(td, rigged)
+        t2 = asyncio.ensure_future(fe2.request_u64(_F.GET_FEATURES))
+        assert HDR.unpack_from(await td.recv())[0] == _F.GET_FEATURES
+        await td.reply(_F.GET_FEATURES, U64(9).pack())
+        assert await asyncio.wait_for(t2, TIMEOUT) == 9
+        assert dev.sessions == 2
+        # The driver clears BACKEND_UP: the front-end is disconnected.
+        await td.set_status(0)
+        await until(lambda: not dev.frontend_connected, "driver-side disconnect")
+        assert await fe2.channel.recv() is None
+        await fe2.close()
+        del fe, fe2  # their GuestMemory keeps a mapping (and an fd) until collected
+    for _ in range(100):
+        if not rigged.server.connected:
+            break
+        await asyncio.sleep(0.01)
+    gc.collect()
+    after = fd_set()
+    assert fd_count() <= before + 1, {k: v for k, v in after.items() if k not in before_set}
