@@ -7,12 +7,15 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
+import uuid
 from collections.abc import Sequence
 
 from vvu.backends import Backend, available_backends
 from vvu.demo import run_demo
+from vvu.device.vvu import VVU_VIRTIO_ID, VvuDevice
 from vvu.engine import BackendEngine
 from vvu.errors import VvuError
 from vvu.frontend import Frontend
@@ -22,6 +25,7 @@ from vvu.transport.base import Listener
 from vvu.transport.unix import UnixListener
 from vvu.transport.vvu import VvuListener
 from vvu.vfio_user import VfioUserPciAccess
+from vvu.vfio_user.server import VfioUserServer
 
 log = logging.getLogger("vvu")
 
@@ -100,8 +104,58 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     try:
         asyncio.run(_serve(backend, listener, args.vvu))
+    except VvuError as err:  # e.g. the VVU device's socket cannot be reached
+        print(f"vvu serve: {err}", file=sys.stderr)
+        return 1
     finally:
         backend.close()
+    return 0
+
+
+# --- device ----------------------------------------------------------------------------------
+
+
+async def _device(args: argparse.Namespace) -> None:
+    device = VvuDevice(
+        UnixListener(args.socket_path, mode=int(args.socket_mode, 8)),
+        uuid=args.uuid.bytes if args.uuid is not None else None,
+        max_queues=args.max_queues,
+        device_id=args.device_id,
+    )
+    server = VfioUserServer(device, args.vfio_user)
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(server.serve_forever())
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, task.cancel)
+    print(
+        f"vvu: virtio-vhost-user device {device.uuid.hex()} (virtio id {args.device_id}, "
+        f"{args.max_queues} vhost queues): front-ends connect to {args.socket_path}, "
+        f"the driver to {args.vfio_user}",
+        file=sys.stderr,
+        flush=True,
+    )
+    cpu0 = os.times()
+    try:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    finally:
+        server.close()
+        device.close()
+        cpu = os.times()
+        used = cpu.user - cpu0.user + cpu.system - cpu0.system
+        print(
+            f"vvu: device stopped after {device.sessions} front-end session(s); "
+            f"device process CPU time {used:.3f} s",
+            file=sys.stderr,
+        )
+
+
+def cmd_device(args: argparse.Namespace) -> int:
+    try:
+        asyncio.run(_device(args))
+    except (OSError, ValueError) as err:
+        print(f"vvu device: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -225,6 +279,36 @@ def build_parser() -> argparse.ArgumentParser:
         )
         cls.add_arguments(sub)
         sub.set_defaults(func=cmd_serve, backend_cls=cls)
+
+    device = commands.add_parser(
+        "device",
+        help="run a virtio-vhost-user device: front-ends on one socket, its driver over vfio-user",
+        description=(
+            "Run the virtio-vhost-user (VVU) device, the part a VMM hosts: vhost-user "
+            "front-ends (QEMU, DPDK, vvu's own) connect to --socket-path; the device is a "
+            "virtio-pci device served over vfio-user on --vfio-user, where a VVU driver "
+            "(`vvu serve BACKEND --vvu SOCK`, or a VMM with vfio-user-pci) runs the back-end. "
+            "Memory, kicks and calls are passed as fds, so the device is off the data path. "
+            "Layout: docs/vvu-device.md."
+        ),
+    )
+    device.add_argument("--socket-path", required=True, help="where front-ends connect")
+    device.add_argument("--vfio-user", required=True, help="the vfio-user socket for the driver")
+    device.add_argument("--uuid", type=uuid.UUID, help="device uuid (default: random)")
+    device.add_argument("--max-queues", type=int, default=64, help="max vhost queues, 1..125 (64)")
+    device.add_argument(
+        "--device-id",
+        type=int,
+        default=VVU_VIRTIO_ID,
+        help=(
+            f"virtio device id (private; default {VVU_VIRTIO_ID}, "
+            f"PCI 0x{0x1040 + VVU_VIRTIO_ID:04x})"
+        ),
+    )
+    device.add_argument(
+        "--socket-mode", default="600", help="permissions of the front-end socket (octal, 600)"
+    )
+    device.set_defaults(func=cmd_device)
 
     probe = commands.add_parser(
         "probe",
