@@ -1,0 +1,153 @@
+"""The same back-ends over AF_UNIX and over virtio-vhost-user, end to end.
+
+front-end (vvu.frontend) → AF_UNIX → [VvuDevice → vfio-user → VvuDriver] → engine → back-end.
+Every test here runs over both transports: the back-ends and the engine do not change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from daemons import stop_process, wait_for_socket
+from vvu.backends import Backend, BlkBackend, RngBackend
+from vvu.device.vvu import VvuDevice
+from vvu.engine import BackendEngine
+from vvu.frontend import BlkDriver, BlkIOError, RngDriver
+from vvu.transport.base import Listener
+from vvu.transport.unix import UnixListener
+from vvu.transport.vvu import VvuListener
+from vvu.vfio_user import VfioUserPciAccess
+from vvu.vfio_user.server import VfioUserServer
+
+TIMEOUT = 20.0
+VVU = [sys.executable, "-m", "vvu"]
+
+
+@contextlib.asynccontextmanager
+async def served(backend: Backend, transport: str, tmp_path: Path) -> AsyncIterator[str]:
+    """Serve `backend` in this event loop; yields the socket front-ends connect to."""
+    frontend_socket = str(tmp_path / "frontend.sock")
+    tasks: list[asyncio.Task[None]] = []
+    listener: Listener
+    device: VvuDevice | None = None
+    server: VfioUserServer | None = None
+    if transport == "unix":
+        listener = UnixListener(frontend_socket)
+    else:
+        device = VvuDevice(UnixListener(frontend_socket), max_queues=8)
+        server = VfioUserServer(device, str(tmp_path / "vvu.sock"))
+        tasks.append(asyncio.ensure_future(server.serve_forever()))
+        listener = VvuListener(await VfioUserPciAccess.open(str(tmp_path / "vvu.sock"), timeout=5))
+    tasks.append(asyncio.ensure_future(BackendEngine(backend).serve_forever(listener)))
+    try:
+        yield frontend_socket
+    finally:
+        for task in reversed(tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if isinstance(listener, VvuListener):
+            await listener.aclose()
+        else:
+            listener.close()
+        if server is not None and device is not None:
+            server.close()
+            device.close()
+        backend.close()
+
+
+TRANSPORTS = pytest.mark.parametrize("transport", ["unix", "vvu"])
+
+
+@TRANSPORTS
+@pytest.mark.asyncio
+async def test_blk_io_and_a_second_session(transport: str, tmp_path: Path) -> None:
+    async with served(BlkBackend(size=16 << 20, serial="both"), transport, tmp_path) as path:
+        data = os.urandom(1 << 20)
+        blk = await asyncio.wait_for(BlkDriver.open(path, timeout=5), TIMEOUT)
+        try:
+            assert blk.capacity == 16 << 11
+            assert await blk.get_id() == b"both"
+            await blk.write(64, data)
+            await blk.flush()
+            assert await blk.read(64, 1 << 20) == data
+            await blk.discard(64, 8)
+            assert await blk.read(64, 4096) == bytes(4096)
+            with pytest.raises(BlkIOError):
+                await blk.read(blk.capacity, 512)  # past the end
+        finally:
+            await blk.close()
+        # The next front-end gets a clean session and the data the first one left.
+        again = await asyncio.wait_for(BlkDriver.open(path, timeout=5), TIMEOUT)
+        try:
+            assert await again.read(72, 4096) == data[4096:8192]
+        finally:
+            await again.close()
+
+
+@TRANSPORTS
+@pytest.mark.asyncio
+async def test_many_requests_in_flight(transport: str, tmp_path: Path) -> None:
+    async with served(BlkBackend(size=16 << 20), transport, tmp_path) as path:
+        blk = await asyncio.wait_for(BlkDriver.open(path, depth=32, timeout=5), TIMEOUT)
+        try:
+            blocks = {i: os.urandom(4096) for i in range(256)}
+            await asyncio.gather(*(blk.write(i * 8, b) for i, b in blocks.items()))
+            got = await asyncio.gather(*(blk.read(i * 8, 4096) for i in blocks))
+            assert got == list(blocks.values())
+        finally:
+            await blk.close()
+
+
+@TRANSPORTS
+@pytest.mark.asyncio
+async def test_rng_python_handler(transport: str, tmp_path: Path) -> None:
+    async with served(RngBackend(), transport, tmp_path) as path:
+        rng = await asyncio.wait_for(RngDriver.open(path, timeout=5), TIMEOUT)
+        try:
+            samples = {await rng.read(32) for _ in range(4)}
+            assert len(samples) == 4 and all(len(s) == 32 for s in samples)
+        finally:
+            await rng.close()
+
+
+def test_cli_device_and_serve_vvu(tmp_path: Path) -> None:
+    """`vvu device` + `vvu serve blk --vvu` as separate processes, stopped by PID."""
+    frontend_socket, device_socket = tmp_path / "fe.sock", tmp_path / "dev.sock"
+    device = subprocess.Popen(
+        [*VVU, "-q", "device", "--socket-path", str(frontend_socket),
+         "--vfio-user", str(device_socket), "--max-queues", "4"],
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    serve = None
+    try:
+        wait_for_socket(device_socket, device)
+        serve = subprocess.Popen(
+            [*VVU, "-q", "serve", "blk", "--vvu", str(device_socket), "--size", "8"],
+            stderr=subprocess.PIPE,
+        )
+
+        async def use() -> None:
+            blk = await asyncio.wait_for(BlkDriver.open(str(frontend_socket), timeout=10), 30)
+            try:
+                await blk.write(0, b"over vvu".ljust(512, b"."))
+                assert (await blk.read(0, 512))[:8] == b"over vvu"
+            finally:
+                await blk.close()
+
+        asyncio.run(use())
+    finally:
+        if serve is not None:
+            assert stop_process(serve) == 0
+        assert stop_process(device) == 0
+    err = device.stderr.read().decode() if device.stderr else ""
+    assert "device process CPU time" in err, err
+    assert not frontend_socket.exists() and not device_socket.exists()
