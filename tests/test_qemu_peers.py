@@ -71,10 +71,12 @@ def no_leftovers() -> Iterator[None]:
 class Daemon:
     """`vvu -v serve ...` in a child process, logging to a file; stopped by PID."""
 
-    def __init__(self, args: Sequence[str], socket_path: Path, log_path: Path) -> None:
+    def __init__(
+        self, args: Sequence[str], socket_path: Path, log_path: Path, *, command: str = "serve"
+    ) -> None:
         self.socket_path = socket_path
         self.log_path = log_path
-        argv = [sys.executable, "-m", "vvu", "-v", "serve", *args]
+        argv = [sys.executable, "-m", "vvu", "-v", command, *args]
         setpriv = shutil.which("setpriv")
         if setpriv is not None:  # killed if the test process dies without cleaning up
             argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
@@ -241,6 +243,57 @@ fi
     assert lines[2] == "write-failed"
     assert image.read_bytes()[:MiB] == content
     assert daemon.stop() == 0
+
+
+# --- vhost-user-blk through the virtio-vhost-user device ------------------------------------
+
+
+def test_blk_guest_through_the_vvu_device(tmp_path: Path, serve: list[Daemon]) -> None:
+    """QEMU's vhost-user-blk-pci connects to `vvu device`; `vvu serve blk --vvu` behind it
+    serves the disk through vfio-user. Then a second QEMU on the same device reads it back."""
+    image = tmp_path / "vvu.img"
+    with image.open("wb") as f:
+        f.truncate(DISK_SIZE)
+    frontend_socket, device_socket = tmp_path / "fe.sock", tmp_path / "dev.sock"
+    device = Daemon(
+        ["--socket-path", str(frontend_socket), "--vfio-user", str(device_socket),
+         "--max-queues", "4"],
+        device_socket, tmp_path / "device.log", command="device",
+    )  # fmt: skip
+    serve.append(device)
+    backend = Daemon(
+        ["blk", "--vvu", str(device_socket), "--image", str(image)],
+        device_socket, tmp_path / "backend.log",
+    )  # fmt: skip
+    serve.append(backend)
+    deadline = time.monotonic() + 10
+    while not frontend_socket.exists():  # the device listens for front-ends from the start
+        assert time.monotonic() < deadline, device.log()
+        time.sleep(0.02)
+    offset, length = MiB, 2 * MiB
+    devices = _vhost_user("vhost-user-blk-pci", frontend_socket, "num-queues=1")
+    first = f"""
+set -e
+cat /sys/block/vda/size
+head -c {length} /dev/urandom > /tmp/pattern
+md5sum /tmp/pattern
+dd if=/tmp/pattern of=/dev/vda bs=1M seek={offset // MiB} oflag=direct conv=fsync 2>/dev/null
+dd if=/dev/vda bs=1M skip={offset // MiB} count={length // MiB} iflag=direct 2>/dev/null | md5sum
+"""
+    lines = _run_guest(first, devices, backend)
+    assert lines[0] == str(DISK_SIZE // 512)
+    written = _md5(lines[1])
+    assert _md5(lines[2]) == written
+    assert hashlib.md5(image.read_bytes()[offset : offset + length]).hexdigest() == written
+    second = f"""
+set -e
+dd if=/dev/vda bs=1M skip={offset // MiB} count={length // MiB} iflag=direct 2>/dev/null | md5sum
+"""
+    lines = _run_guest(second, devices, backend)
+    assert _md5(lines[0]) == written
+    assert backend.stop() == 0, backend.log()
+    assert device.stop() == 0, device.log()
+    assert "device stopped after 2 front-end session(s)" in device.log(), device.log()
 
 
 # --- vhost-user-rng ------------------------------------------------------------------------
