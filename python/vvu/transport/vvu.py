@@ -44,7 +44,7 @@ from vvu.transport.base import (
     close_fds,
 )
 from vvu.transport.unix import UnixChannel
-from vvu.vfio_user.access import PciAccess, VfioUserPciAccess
+from vvu.vfio_user.access import PciAccess
 
 __all__ = [
     "BACKEND_UP",
@@ -291,9 +291,7 @@ class VvuDriver:
         shm = self.shm.get(SHMID_MEMORY)
         if shm is None:
             raise TransportError("the VVU device has no front-end memory (shmid 1)")
-        if not isinstance(self.pci, VfioUserPciAccess):
-            raise TransportError("BAR area fds need vfio-user (per-area fds)")
-        areas = await self.pci.client.mmap_region(shm.bar)
+        areas = await self.pci.bar_areas(shm.bar)
         out = []
         for a in areas:
             if shm.offset <= a.offset and a.offset + a.size <= shm.offset + shm.length:
@@ -304,10 +302,8 @@ class VvuDriver:
 
     async def doorbell_fd(self, index: int) -> int | None:
         """A fresh duplicate of doorbell `index`'s ioeventfd, or None when there is none."""
-        if not isinstance(self.pci, VfioUserPciAccess):
-            return None
         offset = self.doorbell_cap.offset + self.doorbell_multiplier * index
-        ioes = await self.pci.client.region_io_fds(self.doorbell_cap.bar)
+        ioes = await self.pci.bar_ioeventfds(self.doorbell_cap.bar)
         found: int | None = None
         for ioe in ioes:
             if found is None and ioe.offset == offset and ioe.datamatch is None:

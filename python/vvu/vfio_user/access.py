@@ -102,6 +102,16 @@ class PciAccess(ABC):
         nothing is mappable). Later bar_read/bar_write inside those parts go through it."""
 
     @abstractmethod
+    async def bar_areas(self, bar: int) -> list[MappableArea]:
+        """The BAR's mmap-able areas as they are now, each with its own fd (the caller closes
+        them): for BARs whose backing changes at run time, like a VVU device's shared memory."""
+
+    @abstractmethod
+    async def bar_ioeventfds(self, bar: int) -> list[IoRegionFd]:
+        """The BAR's ioeventfds as they are now (the caller owns their eventfds): for doorbells
+        that are rebound at run time, like a VVU device's call doorbells."""
+
+    @abstractmethod
     def doorbell(self, bar: int, offset: int, size: int, value: int) -> EventFd | None:
         """An eventfd whose signal equals writing `value` (`size` bytes) at BAR `offset`, when
         the device offers one (ioeventfd). Hand it to a native worker to notify without Python.
@@ -252,6 +262,14 @@ class VfioUserPciAccess(PciAccess):
             return None
         self._maps[bar] = (memory, [(a.offset, a.offset + a.size) for a in areas])
         return memory
+
+    async def bar_areas(self, bar: int) -> list[MappableArea]:
+        self.bar_info(bar)  # validates the index
+        return await self.client.mmap_region(bar)
+
+    async def bar_ioeventfds(self, bar: int) -> list[IoRegionFd]:
+        self.bar_info(bar)
+        return await self.client.region_io_fds(bar)
 
     def doorbell(self, bar: int, offset: int, size: int, value: int) -> EventFd | None:
         data = value.to_bytes(size, "little")
