@@ -228,7 +228,10 @@ class VvuDevice(VirtioPciDevice):
         old = self._vvu_status
         cur = old.to_bytes(4, "little")
         new = int.from_bytes(cur[:offset] + data + cur[offset + len(data) :], "little")
-        if (new ^ old) & ~BACKEND_UP:
+        # FRONTEND_UP is the device's: a driver writing it back as it reads it, or as 0 (a plain
+        # `status = BACKEND_UP`), changes nothing and is fine; setting it, or any other bit, is not.
+        forged = new & FRONTEND_UP and not old & FRONTEND_UP
+        if new & ~(BACKEND_UP | FRONTEND_UP) or forged:
             self._refuse(f"VVU status write {new:#x}: only BACKEND_UP is the driver's")
         backend_up = new & BACKEND_UP
         if backend_up and not old & BACKEND_UP:
