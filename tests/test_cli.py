@@ -93,6 +93,56 @@ def test_probe_decodes_a_blk_backend(blk_server: Path) -> None:
     assert capacity == 8 * 2048  # 8 MiB in sectors
 
 
+def test_probe_a_vvu_device(tmp_path: Path) -> None:
+    device_socket = tmp_path / "dev.sock"
+    device = subprocess.Popen(
+        [*VVU, "-q", "device", "--socket-path", str(tmp_path / "fe.sock"),
+         "--vfio-user", str(device_socket), "--max-queues", "4",
+         "--uuid", "12345678-9abc-def0-1234-56789abcdef0"],
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        wait_for_socket(device_socket, device)
+        out = subprocess.run(
+            [*VVU, "probe", "--vvu", str(device_socket), "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout
+        report = json.loads(out)
+        assert report["pci_id"] == "1af4:107f"
+        assert report["virtio_device_id"] == 63
+        assert report["device_feature_names"] == ["VERSION_1"]
+        assert report["status_names"] == [] and report["max_vhost_queues"] == 4
+        assert report["uuid"] == "12345678-9abc-def0-1234-56789abcdef0"
+        caps = {(c["type"], c.get("shmid")): c for c in report["capabilities"]}
+        assert caps[("DEVICE_AUX_NOTIFY", None)]["multiplier"] == 4
+        assert caps[("DEVICE_AUX_NOTIFY", None)]["length"] == 4 * (2 * 4 + 1)
+        assert caps[("DRIVER_AUX_NOTIFY", None)]["offset"] == 0x4000
+        assert caps[("SHARED_MEMORY", 1)]["length"] == 16 << 30
+        assert caps[("SHARED_MEMORY", 2)]["offset"] == 16 << 30
+        assert report["bar_sizes"]["2"] == 32 << 10 and report["bar_sizes"]["4"] == 32 << 30
+        assert report["msix_vectors"] == 3 + 4
+        text = subprocess.run(
+            [*VVU, "probe", "--vvu", str(device_socket)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout
+        assert "SHARED_MEMORY" in text and "shmid 2" in text and "BAR4 32 GiB" in text
+    finally:
+        assert stop_process(device) == 0
+    both = subprocess.run(
+        [*VVU, "probe", "--vvu", "a", "--socket-path", "b"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+
+
 def test_serve_blk_on_an_image_file_and_read_only(tmp_path: Path) -> None:
     image = tmp_path / "disk.img"
     image.write_bytes(b"\xab" * 4096 + bytes(1 << 20))

@@ -9,16 +9,18 @@ import json
 import logging
 import os
 import signal
+import struct
 import sys
 import uuid
 from collections.abc import Sequence
 
 from vvu.backends import Backend, available_backends
 from vvu.demo import run_demo
-from vvu.device.vvu import VVU_VIRTIO_ID, VvuDevice
+from vvu.device.vvu import BACKEND_UP, FRONTEND_UP, VVU_VIRTIO_ID, VvuDevice
 from vvu.engine import BackendEngine
 from vvu.errors import VvuError
 from vvu.frontend import Frontend
+from vvu.pci.virtio_driver import VirtioPciDriver, VirtioPciError
 from vvu.protocol import U64, FrontendRequest, ProtocolFeature, VhostFeature, feature_names
 from vvu.trace import run_trace
 from vvu.transport.base import Listener
@@ -193,7 +195,118 @@ async def _probe(path: str, config_size: int, timeout: float) -> dict[str, objec
     return report
 
 
+#: virtio_pci_cap cfg_type names (virtio 1.2 §4.1.4; 6 and 7 are virtio-vhost-user's).
+_CFG_TYPE_NAMES = {
+    1: "COMMON",
+    2: "NOTIFY",
+    3: "ISR",
+    4: "DEVICE",
+    5: "PCI_CFG",
+    6: "DEVICE_AUX_NOTIFY",
+    7: "DRIVER_AUX_NOTIFY",
+    8: "SHARED_MEMORY",
+    9: "VENDOR",
+}
+_VVU_STATUS_BITS = ((BACKEND_UP, "BACKEND_UP"), (FRONTEND_UP, "FRONTEND_UP"))
+
+
+async def _probe_vvu(path: str) -> dict[str, object]:
+    """Discover a VVU device over vfio-user without resetting or initialising it: config
+    space reads, BAR0 common/device config reads, and device_feature_select writes only."""
+    report: dict[str, object] = {"vvu_socket": path}
+    pci = await VfioUserPciAccess.open(path)
+    try:
+        drv = await VirtioPciDriver.open(pci)
+        vendor, device = await pci.config_read_u16(0), await pci.config_read_u16(2)
+        sub_vendor, sub_device = await pci.config_read_u16(0x2C), await pci.config_read_u16(0x2E)
+        report["pci_id"] = f"{vendor:04x}:{device:04x}"
+        report["pci_subsystem"] = f"{sub_vendor:04x}:{sub_device:04x}"
+        report["revision"] = await pci.config_read_u8(8)
+        report["virtio_device_id"] = drv.virtio_id
+        features = await drv.device_features()
+        report["device_features"] = f"{features:#x}"
+        report["device_feature_names"] = [
+            "VERSION_1" if bit == 32 else f"bit{bit}" for bit in range(64) if features >> bit & 1
+        ]
+        report["virtio_status"] = f"{await drv.status():#x}"
+        config = await drv.read_config(0, 24)
+        status, max_queues = struct.unpack_from("<II", config)
+        report["status"] = f"{status:#x}"
+        report["status_names"] = [name for bit, name in _VVU_STATUS_BITS if status & bit]
+        report["max_vhost_queues"] = max_queues
+        report["uuid"] = str(uuid.UUID(bytes=config[8:24]))
+        caps: list[dict[str, object]] = []
+        for cap in drv.caps:
+            entry: dict[str, object] = {
+                "at": f"{cap.at:#x}",
+                "type": _CFG_TYPE_NAMES.get(cap.cfg_type, str(cap.cfg_type)),
+                "bar": cap.bar,
+                "offset": cap.offset,
+                "length": cap.length,
+            }
+            if cap.cfg_type == 8 and len(cap.extra) >= 8:  # virtio_pci_cap64
+                high_offset, high_length = struct.unpack_from("<II", cap.extra)
+                entry["offset"] = cap.offset | high_offset << 32
+                entry["length"] = cap.length | high_length << 32
+                entry["shmid"] = cap.cap_id
+            if cap.cfg_type in (2, 6) and len(cap.extra) >= 4:  # notify multiplier
+                entry["multiplier"] = struct.unpack_from("<I", cap.extra)[0]
+            caps.append(entry)
+        report["capabilities"] = caps
+        report["bar_sizes"] = {str(bar): pci.bar_info(bar).size for bar in range(6)}
+        report["msix_vectors"] = await pci.msix_vectors()
+    finally:
+        await pci.close()  # not drv.close(): that would reset the device
+    return report
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n:#x}"
+
+
+def _print_vvu_report(report: dict[str, object]) -> None:
+    for key, value in report.items():
+        if key == "capabilities":
+            assert isinstance(value, list)
+            print("capabilities")
+            for cap in value:
+                extra = "".join(f" {k} {cap[k]}" for k in ("shmid", "multiplier") if k in cap)
+                print(
+                    f"  {cap['at']:>5} {cap['type']:18} bar {cap['bar']} "
+                    f"offset {cap['offset']:#x} length {cap['length']:#x}{extra}"
+                )
+        elif key == "bar_sizes":
+            assert isinstance(value, dict)
+            sizes = ", ".join(f"BAR{b} {_size(s)}" for b, s in value.items() if s)
+            print(f"{'bar_sizes':24} {sizes}")
+        elif isinstance(value, list):
+            print(f"{key:24} {' '.join(str(v) for v in value) or '-'}")
+        else:
+            print(f"{key:24} {value}")
+
+
 def cmd_probe(args: argparse.Namespace) -> int:
+    if args.vvu is not None:
+        try:
+            report = asyncio.run(asyncio.wait_for(_probe_vvu(args.vvu), args.timeout))
+        except TimeoutError:
+            print(
+                f"vvu probe: no answer from {args.vvu} within {args.timeout} s "
+                "(is a driver attached? the device serves one vfio-user client at a time)",
+                file=sys.stderr,
+            )
+            return 1
+        except (VvuError, OSError, VirtioPciError) as err:
+            print(f"vvu probe: {err}", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            _print_vvu_report(report)
+        return 0
     try:
         report = asyncio.run(_probe(args.socket_path, args.config_size, args.timeout))
     except (VvuError, OSError) as err:
@@ -312,14 +425,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     probe = commands.add_parser(
         "probe",
-        help="connect to a back-end and print what it offers",
+        help="connect to a back-end (or a VVU device) and print what it offers",
         description=(
-            "Connect as a vhost-user front-end and print the back-end's features and "
-            "protocol features by name, its queue count, memory slots and config space. "
-            "Does not set up memory or rings."
+            "With --socket-path: connect as a vhost-user front-end and print the back-end's "
+            "features and protocol features by name, its queue count, memory slots and config "
+            "space. Does not set up memory or rings. "
+            "With --vvu: connect to a virtio-vhost-user device's vfio-user socket and print its "
+            "PCI ids, virtio device id, device features, config (status by name, "
+            "max_vhost_queues, uuid), virtio capabilities, BAR sizes and MSI-X vector count. "
+            "The device is not reset or initialised (config and BAR0 reads; only "
+            "device_feature_select is written), but the device serves one vfio-user client at "
+            "a time, so the device must be idle: while a driver (`vvu serve --vvu`, a VMM) is "
+            "attached, the probe waits for --timeout and fails."
         ),
     )
-    probe.add_argument("--socket-path", required=True, help="the back-end's socket")
+    target = probe.add_mutually_exclusive_group(required=True)
+    target.add_argument("--socket-path", help="the back-end's socket")
+    target.add_argument("--vvu", metavar="DEVICE_SOCK", help="a VVU device's vfio-user socket")
     probe.add_argument(
         "--config-size", type=int, default=60, help="config bytes to read (60: virtio-blk)"
     )
