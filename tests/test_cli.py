@@ -235,5 +235,7 @@ def test_demo_runs_end_to_end() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "verified every byte of 32 requests" in result.stdout
-    assert "all good" in result.stdout
+    assert result.stdout.count("verified every byte of 32 requests") == 2  # AF_UNIX, then VVU
+    assert "device process CPU time" in result.stdout
+    assert "VVU / AF_UNIX: write" in result.stdout
+    assert "both paths verified; all good" in result.stdout
