@@ -240,9 +240,12 @@ class VvuDevice(VirtioPciDevice):
             self._update_accepting()
         elif not backend_up and old & BACKEND_UP:
             log.info("vvu: driver cleared BACKEND_UP")
+            had = self._frontend is not None
             self._disconnect_frontend("the driver cleared BACKEND_UP", notify=False)
             self._vvu_status = 0
             self._update_accepting()
+            if had:  # FRONTEND_UP changed: the driver's session must end, not see the next one
+                self.config_changed()
 
     # -- BAR2 and BAR4 -------------------------------------------------------------------------
 
@@ -626,10 +629,14 @@ class VvuDevice(VirtioPciDevice):
         while True:
             await self._can_accept.wait()
             channel = await self.listener.accept()
-            if not self._vvu_status & BACKEND_UP or self._frontend is not None:
-                log.warning("vvu: front-end %s refused (no back-end)", channel.peer)
+            # Accepting may have been allowed when accept() began and not any more (the driver
+            # went away meanwhile): hold the front-end, as the listen backlog would, until a
+            # driver is up again, instead of refusing it.
+            try:
+                await self._can_accept.wait()
+            except BaseException:
                 channel.close()
-                continue
+                raise
             self._start_session(channel)
 
     def _start_session(self, channel: Channel) -> None:

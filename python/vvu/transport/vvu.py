@@ -130,6 +130,8 @@ class VvuDriver:
         self._tx_busy: dict[int, int] = {}  # head -> iova
         self._tx_lock = asyncio.Lock()
         self._watched: list[int] = []
+        #: How often the driver cleared BACKEND_UP: a session opened before that is over.
+        self.backend_downs = 0
 
     def _cap(self, cfg_type: int) -> VirtioCap:
         for cap in self.virtio.caps:
@@ -228,6 +230,10 @@ class VvuDriver:
         return int(struct.unpack("<I", await self.virtio.read_config(0, 4))[0])
 
     async def set_backend_up(self, up: bool) -> None:
+        if not up:
+            self.backend_downs += 1
+            self.config_event.set()
+            self.rx_event.set()  # a waiting recv() ends its session
         await self.virtio.write_config(0, struct.pack("<I", BACKEND_UP if up else 0))
 
     # -- rxq -----------------------------------------------------------------------------------
@@ -350,6 +356,7 @@ class VvuChannel(Channel):
         self._fallback: dict[int, EventFd] = {}  # doorbell index -> our eventfd
         self._relay: UnixChannel | None = None
         self._relay_task: asyncio.Task[None] | None = None
+        self._backend_downs = driver.backend_downs
 
     @property
     def peer(self) -> str:
@@ -364,7 +371,9 @@ class VvuChannel(Channel):
         while True:
             if self._closed:
                 raise TransportError(f"{self.peer}: channel closed")
-            if drv.config_event.is_set():
+            if drv.backend_downs != self._backend_downs:
+                self.disconnected = True  # the driver let this session's front-end go
+            elif drv.config_event.is_set():
                 drv.config_event.clear()
                 if not await drv.status() & FRONTEND_UP:
                     self.disconnected = True

@@ -1,0 +1,258 @@
+"""Reconnection through the virtio-vhost-user device (docs/vvu-device.md, "State machine and
+reconnection"): front-ends and drivers that go away at the worst moment, and come back.
+
+In-process (the driver clears BACKEND_UP), as processes (`vvu device` + `vvu serve blk --vvu`:
+the driver SIGKILLed, a front-end leaving mid-handshake, fd counts), and with QEMU guests
+(marked `guest`: QEMU SIGKILLed mid-I/O, QEMU's `reconnect=1` after the driver is SIGKILLed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from daemons import stop_process, wait_for_socket
+from vvu.backends import BlkBackend
+from vvu.device.vvu import BACKEND_UP, FRONTEND_UP, VvuDevice
+from vvu.engine import BackendEngine
+from vvu.frontend import BlkDriver
+from vvu.frontend.core import Frontend
+from vvu.protocol.constants import FrontendRequest
+from vvu.transport.base import TransportError
+from vvu.transport.unix import UnixListener
+from vvu.transport.vvu import VvuListener
+from vvu.vfio_user import VfioUserPciAccess
+from vvu.vfio_user.server import VfioUserServer
+
+TIMEOUT = 20.0
+VVU = [sys.executable, "-m", "vvu"]
+MiB = 1 << 20
+
+
+async def _until(predicate: object, timeout: float = 10.0) -> None:
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def _dropped(blk: BlkDriver) -> None:
+    """The device closed `blk`'s connection (EOF, or a reset when data was left unread)."""
+    with contextlib.suppress(TransportError):
+        assert await asyncio.wait_for(blk.frontend.channel.recv(), TIMEOUT) is None
+
+
+# --- in process: the driver clears BACKEND_UP ----------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def vvu_served(
+    backend: BlkBackend, tmp_path: Path
+) -> AsyncIterator[tuple[str, VvuDevice, VvuListener]]:
+    frontend_socket = str(tmp_path / "frontend.sock")
+    device = VvuDevice(UnixListener(frontend_socket), max_queues=8)
+    server = VfioUserServer(device, str(tmp_path / "vvu.sock"))
+    tasks = [asyncio.ensure_future(server.serve_forever())]
+    listener = VvuListener(await VfioUserPciAccess.open(str(tmp_path / "vvu.sock"), timeout=5))
+    tasks.append(asyncio.ensure_future(BackendEngine(backend).serve_forever(listener)))
+    try:
+        yield frontend_socket, device, listener
+    finally:
+        for task in reversed(tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await listener.aclose()
+        server.close()
+        device.close()
+        backend.close()
+
+
+@pytest.mark.asyncio
+async def test_driver_clearing_backend_up_disconnects_the_front_end(tmp_path: Path) -> None:
+    async with vvu_served(BlkBackend(size=8 * MiB), tmp_path) as (path, device, listener):
+        data = os.urandom(64 * 1024)
+        blk = await asyncio.wait_for(BlkDriver.open(path, timeout=5), TIMEOUT)
+        try:
+            await blk.write(8, data)
+            assert device.frontend_connected
+            driver = listener.driver
+            assert driver is not None
+            await driver.set_backend_up(False)
+            # The device lets the front-end go: its socket reaches EOF.
+            await _dropped(blk)
+            assert not device.frontend_connected
+        finally:
+            await blk.close()
+        # The engine ends that session; the listener resynchronises (rxq discarded, txq
+        # reclaimed) and sets BACKEND_UP again. Only then may a front-end come back: one
+        # accepted earlier would lose its first messages to that discard.
+        await _until(lambda: device.vvu_status & BACKEND_UP)
+        again = await asyncio.wait_for(BlkDriver.open(path, timeout=5), TIMEOUT)
+        try:
+            assert await asyncio.wait_for(again.read(8, len(data)), TIMEOUT) == data
+            assert device.vvu_status & FRONTEND_UP
+        finally:
+            await again.close()
+        assert device.sessions == 2
+
+
+# --- processes: `vvu device` + `vvu serve blk --vvu` ---------------------------------------------
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class Rig:
+    """`vvu device` and `vvu serve blk --vvu` (restartable) as child processes."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.frontend_socket = tmp_path / "fe.sock"
+        self.device_socket = tmp_path / "dev.sock"
+        self.image = tmp_path / "disk.img"
+        with self.image.open("wb") as f:
+            f.truncate(16 * MiB)
+        self.device = subprocess.Popen(
+            [*VVU, "-v", "device", "--socket-path", str(self.frontend_socket),
+             "--vfio-user", str(self.device_socket), "--max-queues", "4"],
+            stdout=subprocess.DEVNULL, stderr=(tmp_path / "device.log").open("wb"),
+        )  # fmt: skip
+        self.driver: subprocess.Popen[bytes] | None = None
+        self.drivers = 0
+        wait_for_socket(self.device_socket, self.device)
+
+    def start_driver(self) -> subprocess.Popen[bytes]:
+        self.drivers += 1
+        log = (self.tmp_path / f"driver{self.drivers}.log").open("wb")
+        self.driver = subprocess.Popen(
+            [*VVU, "-v", "serve", "blk", "--vvu", str(self.device_socket),
+             "--image", str(self.image)],
+            stdout=subprocess.DEVNULL, stderr=log,
+        )  # fmt: skip
+        return self.driver
+
+    def kill_driver(self) -> None:
+        assert self.driver is not None
+        self.driver.send_signal(signal.SIGKILL)
+        self.driver.wait(10)
+
+    def log(self, name: str) -> str:
+        return (self.tmp_path / f"{name}.log").read_text(errors="replace")
+
+    def close(self) -> None:
+        if self.driver is not None:
+            stop_process(self.driver)
+        stop_process(self.device)
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    r = Rig(tmp_path)
+    try:
+        yield r
+    finally:
+        r.close()
+    assert not r.frontend_socket.exists() and not r.device_socket.exists()
+
+
+def test_driver_sigkilled_then_restarted_front_end_reconnects(rig: Rig) -> None:
+    rig.start_driver()
+    data = os.urandom(256 * 1024)
+
+    async def scenario() -> None:
+        path = str(rig.frontend_socket)
+        blk = await asyncio.wait_for(BlkDriver.open(path, timeout=10), TIMEOUT)
+        try:
+            await blk.write(0, data)
+            await blk.flush()
+            rig.kill_driver()  # its vfio-user client is gone: the device drops the front-end
+            await _dropped(blk)
+        finally:
+            await blk.close()
+        rig.start_driver()
+        again = await asyncio.wait_for(BlkDriver.open(path, timeout=10), TIMEOUT)
+        try:
+            assert await asyncio.wait_for(again.read(0, len(data)), TIMEOUT) == data
+            more = os.urandom(4096)
+            await again.write(1024, more)
+            assert await again.read(1024, 4096) == more
+        finally:
+            await again.close()
+
+    asyncio.run(scenario())
+    assert rig.driver is not None and stop_process(rig.driver) == 0, rig.log("driver2")
+    assert stop_process(rig.device) == 0
+    assert "device stopped after 2 front-end session(s)" in rig.log("device"), rig.log("device")
+
+
+async def _abandoned_handshake(path: str, stage: int) -> None:
+    """A front-end that leaves after GET_FEATURES (0), SET_MEM_TABLE (1) or one ring (2)."""
+    fe = await Frontend.connect(path, timeout=10)
+    try:
+        await asyncio.wait_for(fe.request_u64(FrontendRequest.GET_FEATURES), TIMEOUT)
+        if stage >= 1:
+            await asyncio.wait_for(fe.negotiate(), TIMEOUT)
+            await asyncio.wait_for(fe.set_mem_table(), TIMEOUT)
+        if stage >= 2:
+            await asyncio.wait_for(fe.start_queue(0), TIMEOUT)
+    finally:
+        await fe.close()
+
+
+def test_front_end_leaving_mid_handshake_leaves_nothing_stale(rig: Rig) -> None:
+    driver = rig.start_driver()
+    path = str(rig.frontend_socket)
+
+    async def session(n: int) -> None:
+        blk = await asyncio.wait_for(BlkDriver.open(path, timeout=10), TIMEOUT)
+        try:
+            block = bytes([n]) * 4096
+            await blk.write(n * 8, block)
+            assert await blk.read(n * 8, 4096) == block
+        finally:
+            await blk.close()
+
+    async def settle() -> tuple[int, int]:
+        # The device and the driver notice the disconnect asynchronously.
+        await asyncio.sleep(0.5)
+        return _fds(rig.device.pid), _fds(driver.pid)
+
+    async def scenario() -> tuple[tuple[int, int], tuple[int, int]]:
+        await session(1)  # warm up: lazily made fds (vfio-user, MSI-X, DMA) exist from here on
+        before = await settle()
+        for round_ in range(2):
+            for stage in (0, 1, 2):
+                await _abandoned_handshake(path, stage)
+            await session(2 + round_)
+        return before, await settle()
+
+    before, after = asyncio.run(scenario())
+    assert after == before, (before, after, rig.log("device"), rig.log("driver1"))
+    assert stop_process(driver) == 0, rig.log("driver1")
+    assert stop_process(rig.device) == 0
+    assert "device stopped after 9 front-end session(s)" in rig.log("device"), rig.log("device")
+
+
+def _md5(line: str) -> str:
+    digest = line.split(maxsplit=1)[0]
+    assert len(digest) == 32, line
+    return digest
+
+
+def _image_md5(image: Path, offset: int, length: int) -> str:
+    with image.open("rb") as f:
+        f.seek(offset)
+        return hashlib.md5(f.read(length)).hexdigest()
