@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from daemons import stop_process, wait_for_socket
+from guest import guest_image, live_guests, qemu_escape, start_guest
 from vvu.backends import BlkBackend
 from vvu.device.vvu import BACKEND_UP, FRONTEND_UP, VvuDevice
 from vvu.engine import BackendEngine
@@ -256,3 +257,94 @@ def _image_md5(image: Path, offset: int, length: int) -> str:
     with image.open("rb") as f:
         f.seek(offset)
         return hashlib.md5(f.read(length)).hexdigest()
+
+
+# --- QEMU guests ---------------------------------------------------------------------------------
+
+
+def _qemu_blk(socket_path: Path, *, reconnect: bool = False) -> list[str]:
+    chardev = f"socket,id=vu0,path={qemu_escape(str(socket_path))}"
+    if reconnect:  # QEMU 7.2 spells it reconnect=SECONDS (9.2 added reconnect-ms=)
+        chardev += ",reconnect=1"
+    return ["-chardev", chardev, "-device", "vhost-user-blk-pci,chardev=vu0,num-queues=1"]
+
+
+GUEST_TIMEOUT = 90.0
+OFFSET, LENGTH = MiB, 2 * MiB
+WRITE_AND_CHECK = f"""
+set -e
+head -c {LENGTH} /dev/urandom > /tmp/pattern
+md5sum /tmp/pattern
+dd if=/tmp/pattern of=/dev/vda bs=1M seek={OFFSET // MiB} oflag=direct conv=fsync 2>/dev/null
+dd if=/dev/vda bs=1M skip={OFFSET // MiB} count={LENGTH // MiB} iflag=direct 2>/dev/null | md5sum
+"""
+
+
+@pytest.mark.guest
+def test_qemu_sigkilled_mid_io_then_a_new_qemu_on_the_same_device(rig: Rig) -> None:
+    guest_image()  # skip before booting when there is no guest
+    rig.start_driver()
+    devices = _qemu_blk(rig.frontend_socket)
+    busy = """
+echo io-running
+while true; do
+    dd if=/dev/urandom of=/dev/vda bs=64k count=64 oflag=direct 2>/dev/null
+    dd if=/dev/vda of=/dev/null bs=64k count=64 iflag=direct 2>/dev/null
+done
+"""
+    with start_guest(busy, qemu_args=devices, timeout=GUEST_TIMEOUT) as guest:
+        guest.wait_for("io-running")
+        time.sleep(1.0)  # in the middle of the loop's I/O
+        guest.proc.send_signal(signal.SIGKILL)
+        guest.proc.wait(10)
+    with start_guest(WRITE_AND_CHECK, qemu_args=devices, timeout=GUEST_TIMEOUT) as guest:
+        result = guest.wait()
+    log = rig.log("device") + rig.log("driver1")
+    assert result.exit_status == 0, f"{result.serial}\n{log}"
+    lines = result.output.split("\n")
+    written = _md5(lines[0])
+    assert _md5(lines[1]) == written, log
+    assert _image_md5(rig.image, OFFSET, LENGTH) == written
+    assert live_guests() == []
+    assert rig.driver is not None and stop_process(rig.driver) == 0, rig.log("driver1")
+    assert stop_process(rig.device) == 0
+    assert "device stopped after 2 front-end session(s)" in rig.log("device"), rig.log("device")
+
+
+@pytest.mark.guest
+def test_driver_sigkilled_qemu_reconnects_and_io_resumes(rig: Rig) -> None:
+    guest_image()
+    rig.start_driver()
+    script = (
+        WRITE_AND_CHECK
+        + """
+echo phase1-done
+sleep 12
+echo 3 > /proc/sys/vm/drop_caches
+"""
+        + f"dd if=/dev/vda bs=1M skip={OFFSET // MiB} count={LENGTH // MiB} iflag=direct "
+        "2>/dev/null | md5sum\n"
+        + f"dd if=/tmp/pattern of=/dev/vda bs=1M seek={(OFFSET + LENGTH) // MiB} oflag=direct "
+        "conv=fsync 2>/dev/null\n"
+        + f"dd if=/dev/vda bs=1M skip={(OFFSET + LENGTH) // MiB} count={LENGTH // MiB} "
+        "iflag=direct 2>/dev/null | md5sum\n"
+    )
+    devices = _qemu_blk(rig.frontend_socket, reconnect=True)
+    with start_guest(script, qemu_args=devices, timeout=GUEST_TIMEOUT) as guest:
+        guest.wait_for("phase1-done")
+        rig.kill_driver()  # the device drops QEMU, which reconnects every second
+        rig.start_driver()
+        result = guest.wait()
+    log = rig.log("device") + rig.log("driver2")
+    assert result.exit_status == 0, f"{result.serial}\n{guest.stderr}\n{log}"
+    lines = result.output.split("\n")
+    written = _md5(lines[0])
+    assert _md5(lines[1]) == written
+    assert lines[2] == "phase1-done"
+    assert _md5(lines[3]) == written, "read after the reconnection"
+    assert _md5(lines[4]) == written, "written after the reconnection"
+    assert _image_md5(rig.image, OFFSET, LENGTH) == written
+    assert _image_md5(rig.image, OFFSET + LENGTH, LENGTH) == written
+    assert rig.driver is not None and stop_process(rig.driver) == 0, rig.log("driver2")
+    assert stop_process(rig.device) == 0
+    assert "device stopped after 2 front-end session(s)" in rig.log("device"), rig.log("device")
