@@ -391,7 +391,10 @@ class VvuDevice(VirtioPciDevice):
             return None
         area = ShmArea(offset, size, fd, fd_offset, region)
         try:
-            self._shm.add_region(fd, offset, size, mmap_offset=fd_offset)
+            # The area is whole pages (vfio-user mmaps pages), but the file may end inside the
+            # last one (a memfd sized to the region): map for ourselves only what it has.
+            mapped = min(size, max(os.fstat(fd).st_size - fd_offset, delta + region.memory_size))
+            self._shm.add_region(fd, offset, mapped, mmap_offset=fd_offset)
         except Exception as err:  # the fd cannot be mapped (too short, not a memfd, ...)
             log.warning("vvu: region %s cannot be mapped: %s; not published", region, err)
             os.close(fd)
