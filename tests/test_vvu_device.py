@@ -18,7 +18,7 @@ import pytest_asyncio
 
 from vvu._core import EventFd, EventForwarder, GuestMemory
 from vvu.device import BACKEND_UP, FRONTEND_UP, PROTOCOL_FEATURES_ALLOWED, VvuDevice
-from vvu.device.vvu import BAR4_SIZE, DRIVER_AUX_OFFSET
+from vvu.device.vvu import BAR4_SIZE, DIRECT_KICK, DRIVER_AUX_OFFSET, KICK_FDS_OFFSET
 from vvu.frontend.core import UVA_BASE, Frontend
 from vvu.pci import NO_VECTOR, CfgType, Status, VirtioPciDriver
 from vvu.protocol import U64, FrontendRequest, MemoryTable, ProtocolFeature, VringState
@@ -306,6 +306,59 @@ async def test_mem_table_call_kick_and_release(rigged: Rig) -> None:  # noqa: PL
         kick.close()
         await fe.close()
         await until(lambda: not dev.areas, "areas dropped")
+
+
+@pytest.mark.asyncio
+async def test_direct_kick_is_the_front_ends_eventfd_and_never_relayed(rigged: Rig) -> None:
+    """vvu extension: msix_vector DIRECT (0xFFFE) for notification 2 makes BAR2's ioeventfd at
+    KICK_FDS_OFFSET + 4·2 the front-end's kick eventfd, from SET_VRING_KICK (bound before the
+    message is forwarded) to GET_VRING_BASE; the device neither forwards it nor sets ISR bit 2."""
+    dev = rigged.device
+    async with driver(rigged) as td:
+        await td.set_status(BACKEND_UP)
+        await td.pci.client.region_write(2, DRIVER_AUX_OFFSET, struct.pack("<HH", 2, DIRECT_KICK))
+        assert await td.pci.bar_read(2, DRIVER_AUX_OFFSET, 4) == struct.pack("<HH", 2, DIRECT_KICK)
+        assert dev.aux_vector(2) == DIRECT_KICK
+        fe = await connect(td, rigged)
+        assert await td.pci.client.region_io_fds(2) == []
+        kick = EventFd()
+        await fe.request(_F.SET_VRING_KICK, U64.vring(2), [kick.fileno()])
+        assert HDR.unpack_from(await td.recv())[0] == _F.SET_VRING_KICK
+        iofds = await td.pci.client.region_io_fds(2)
+        assert [f.offset for f in iofds] == [KICK_FDS_OFFSET + 4 * 2]
+        iofds[0].eventfd.signal()  # the same eventfd (anon inodes all share one st_ino)
+        assert kick.consume()
+        assert dev.forwarder is not None and dev.forwarder.tokens() == []
+        dev._isr = 0
+        kick.signal()
+        assert iofds[0].eventfd.wait(5.0)  # the driver reads the front-end's kick itself
+        kick.signal()
+        await asyncio.sleep(0.1)
+        assert iofds[0].eventfd.consume()  # nobody else consumed it
+        assert not dev._isr & 0x4 and dev.forwarder.tokens() == []
+        # A REGION_WRITE there does what the ioeventfd does.
+        await td.pci.client.region_write(2, KICK_FDS_OFFSET + 4 * 2, struct.pack("<I", 1))
+        assert kick.wait(5.0)
+        # Back to a vector: forwarded again; back to DIRECT: not any more.
+        await td.pci.client.region_write(2, DRIVER_AUX_OFFSET, struct.pack("<HH", 2, 5))
+        assert dev.forwarder.tokens() == [2]
+        before = td.drv.interrupts[5]
+        kick.signal()
+        await until(lambda: td.drv.interrupts[5] > before, "kick forwarded to MSI-X vector 5")
+        await td.pci.client.region_write(2, DRIVER_AUX_OFFSET, struct.pack("<HH", 2, DIRECT_KICK))
+        assert dev.forwarder.tokens() == []
+        for f in iofds:
+            f.eventfd.close()
+        # GET_VRING_BASE 2: the entry goes away after the reply.
+        task = asyncio.ensure_future(fe.request(_F.GET_VRING_BASE, VringState(2, 0)))
+        assert HDR.unpack_from(await td.recv())[0] == _F.GET_VRING_BASE
+        assert len(await td.pci.client.region_io_fds(2)) == 1
+        await td.reply(_F.GET_VRING_BASE, VringState(2, 3).pack())
+        assert await asyncio.wait_for(task, TIMEOUT) == VringState(2, 3)
+        leftover = await td.pci.client.region_io_fds(2)
+        assert leftover == []
+        kick.close()
+        await fe.close()
 
 
 @pytest.mark.asyncio

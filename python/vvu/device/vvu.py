@@ -39,7 +39,9 @@ from vvu.vfio_user.protocol import IrqIndex
 
 __all__ = [
     "BACKEND_UP",
+    "DIRECT_KICK",
     "FRONTEND_UP",
+    "KICK_FDS_OFFSET",
     "PROTOCOL_FEATURES_ALLOWED",
     "VVU_VIRTIO_ID",
     "VvuDevice",
@@ -59,6 +61,11 @@ DRIVER_AUX_NOTIFY: Final = 7
 AUX_MULTIPLIER: Final = 4
 BAR2_SIZE: Final = 0x8000
 DRIVER_AUX_OFFSET: Final = 0x4000
+#: vvu extension: BAR2 range whose ioeventfd i is the front-end's kick eventfd i.
+KICK_FDS_OFFSET: Final = 0x6000
+#: vvu extension: the msix_vector value that makes a kick "direct" (the driver reads the kick
+#: eventfd itself, from the KICK_FDS_OFFSET ioeventfds; the device does not touch it).
+DIRECT_KICK: Final = 0xFFFE
 BAR4_SIZE: Final = 32 << 30
 SHM_FRONTEND: Final = 1
 SHM_LOG: Final = 2
@@ -212,9 +219,14 @@ class VvuDevice(VirtioPciDevice):
     def extra_ioeventfds(self, index: int) -> Sequence[IoEventFd]:
         if index != 2:
             return ()
-        return tuple(
+        doorbells = tuple(
             IoEventFd(AUX_MULTIPLIER * i, 0, efd) for i, efd in sorted(self._doorbells.items())
         )
+        kicks = tuple(
+            IoEventFd(KICK_FDS_OFFSET + AUX_MULTIPLIER * i, 0, efd)
+            for i, efd in sorted(self._kicks.items())
+        )
+        return doorbells + kicks
 
     # -- config space --------------------------------------------------------------------------
 
@@ -288,6 +300,14 @@ class VvuDevice(VirtioPciDevice):
                 return
             self.ring_doorbell(index)
             return
+        if KICK_FDS_OFFSET <= offset < KICK_FDS_OFFSET + AUX_MULTIPLIER * self.max_queues:
+            # What the ioeventfd there would do: signal the front-end's kick eventfd.
+            index, rest = divmod(offset - KICK_FDS_OFFSET, AUX_MULTIPLIER)
+            if rest or len(data) not in (2, 4):
+                self._refuse(f"kick fd write {offset:#x}+{len(data)} is not a 16/32-bit slot")
+            elif index in self._kicks:
+                self._kicks[index].signal()
+            return
         rel = offset - DRIVER_AUX_OFFSET
         if rel == 0 and len(data) == 4:  # select and vector at once
             self._bar2_write(offset, data[:2])
@@ -301,7 +321,7 @@ class VvuDevice(VirtioPciDevice):
                 self._refuse(f"msix_vector of notification {self._aux_select} (out of range)")
                 return
             vector = int.from_bytes(data, "little")
-            if vector != NO_VECTOR and vector >= self.msix_vector_count:
+            if vector not in (NO_VECTOR, DIRECT_KICK) and vector >= self.msix_vector_count:
                 self._refuse(f"notification vector {vector} does not exist (NO_VECTOR)")
                 vector = NO_VECTOR
             self._aux_vectors[self._aux_select] = vector
@@ -331,8 +351,12 @@ class VvuDevice(VirtioPciDevice):
         return self._unmapped_kick
 
     def _route_kick(self, index: int) -> None:
-        if self._forwarder is not None and index in self._kicks:
-            self._forwarder.set_dst(index, self._kick_dst(index))
+        if self._forwarder is None or index not in self._kicks:
+            return
+        if self._aux_vectors[index] == DIRECT_KICK:  # the driver reads the eventfd itself
+            self._forwarder.remove(index)
+        elif not self._forwarder.set_dst(index, self._kick_dst(index)):
+            self._forwarder.add(self._kicks[index], self._kick_dst(index), index)
 
     def set_irqs(self, request: IrqRequest) -> None:
         super().set_irqs(request)
@@ -348,9 +372,8 @@ class VvuDevice(VirtioPciDevice):
         if fd is None:
             return
         efd = EventFd.from_fd(fd)
-        self._kicks[index] = efd
-        if self._forwarder is not None:
-            self._forwarder.add(efd, self._kick_dst(index), index)
+        self._kicks[index] = efd  # also BAR2's ioeventfd at KICK_FDS_OFFSET + 4·index
+        self._route_kick(index)
 
     def _release_kick(self, index: int) -> None:
         efd = self._kicks.pop(index, None)
