@@ -52,7 +52,15 @@ from vvu.protocol import (
     VringState,
 )
 from vvu.protocol.constants import VRING_NOFD
-from vvu.transport.vvu import BACKEND_UP, FRONTEND_UP, VvuChannel, VvuListener
+from vvu.transport.vvu import (
+    BACKEND_UP,
+    DIRECT_KICK,
+    FRONTEND_UP,
+    KICK_FDS_OFFSET,
+    KickMode,
+    VvuChannel,
+    VvuListener,
+)
 from vvu.vfio_user import VfioUserListener, VfioUserPciAccess, VfioUserServer
 from vvu.vfio_user.device import IoEventFd, MmapArea, RegionSpec
 
@@ -66,7 +74,11 @@ SHM_AREA = 2 * MiB  # where the fake device "places" the guest's region in shmid
 
 
 class FakeVvu(VirtioPciDevice):
-    def __init__(self, txq_size: int = 16, refuse_kicks: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self, txq_size: int = 16, refuse_kicks: tuple[int, ...] = (), *, direct: bool = False
+    ) -> None:
+        self.direct = direct  # accepts DIRECT kicks (the vvu extension)
+        self.direct_kick_fds: dict[int, EventFd] = {}  # BAR2 0x6000 + 4·i, after SET_VRING_KICK i
         self.vvu_status = 0
         self.select = 0
         self.kick_vector = [NO_VECTOR] * N
@@ -97,7 +109,11 @@ class FakeVvu(VirtioPciDevice):
     def extra_ioeventfds(self, index: int) -> tuple[IoEventFd, ...]:
         if index != 2:
             return ()
-        return tuple(IoEventFd(4 * i, 0, efd) for i, efd in self.doorbells.items())
+        doorbells = tuple(IoEventFd(4 * i, 0, efd) for i, efd in self.doorbells.items())
+        kicks = tuple(
+            IoEventFd(KICK_FDS_OFFSET + 4 * i, 0, e) for i, e in self.direct_kick_fds.items()
+        )
+        return doorbells + kicks
 
     def extra_region_read(self, index: int, offset: int, size: int) -> bytes:
         value = 0
@@ -113,7 +129,8 @@ class FakeVvu(VirtioPciDevice):
             self.select = value
         elif index == 2 and offset == 0x4002:
             if self.select < N:
-                ok = value < self.msix_vector_count and self.select not in self.refuse_kicks
+                ok = value < self.msix_vector_count or (self.direct and value == DIRECT_KICK)
+                ok = ok and self.select not in self.refuse_kicks
                 self.kick_vector[self.select] = value if ok else NO_VECTOR
         elif index == 2 and offset < 0x4000:
             self.doorbell_writes.append(offset // 4)
@@ -181,6 +198,7 @@ class FakeVvu(VirtioPciDevice):
     def disconnect(self) -> None:
         self.vvu_status = 0
         self.doorbells.clear()
+        self.direct_kick_fds.clear()
         self.areas = []
         loop = asyncio.get_running_loop()
         for efd in self._forwarded:
@@ -248,12 +266,14 @@ async def until(cond: object, what: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def rig(tmp_path: Path, device: FakeVvu) -> AsyncIterator[Rig]:
+async def rig(
+    tmp_path: Path, device: FakeVvu, kick_mode: KickMode = "direct"
+) -> AsyncIterator[Rig]:
     path = str(tmp_path / "vvu.sock")
     server = VfioUserServer(device, VfioUserListener(path))
     task = asyncio.ensure_future(server.serve_forever())
     pci = await VfioUserPciAccess.open(path, timeout=2)
-    listener = VvuListener(pci)
+    listener = VvuListener(pci, kick_mode=kick_mode)
     try:
         yield Rig(device, listener)
     finally:
@@ -356,6 +376,62 @@ async def test_kick_without_vector_is_nofd(tmp_path: Path) -> None:
         assert efd.wait(TIMEOUT)
         efd.close()
         channel.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kick_mode", ["direct", "msix"])
+async def test_direct_kick_fd_is_the_front_ends_eventfd(
+    tmp_path: Path, kick_mode: KickMode
+) -> None:
+    """A device with direct kicks: the driver asks for DIRECT (unless kick_mode is msix), and
+    SET_VRING_KICK's fd is BAR2's kick-eventfd ioeventfd, the front-end's own eventfd: a signal
+    on it runs the engine's ring with no relay (the fake forwards nothing)."""
+    dev = FakeVvu(refuse_kicks=(3,), direct=True)
+    async with rig(tmp_path, dev, kick_mode) as vvu:
+        channel = await vvu.accept()
+        drv = vvu.listener.driver
+        assert drv is not None
+        if kick_mode == "msix":
+            assert drv.kick_vectors == dev.kick_vector == [3, 4, 5, NO_VECTOR]
+            channel.close()
+            return
+        assert drv.kick_vectors == dev.kick_vector == [DIRECT_KICK] * 3 + [NO_VECTOR]
+        engine = BackendEngine(BlkBackend(size=DISK))
+        serving = asyncio.ensure_future(engine.serve(channel))
+        guest = Guest()
+        ring = Ring(guest, 0, 64)
+        try:
+            offered = await vvu.u64(F.GET_FEATURES)
+            protocol = await vvu.u64(F.GET_PROTOCOL_FEATURES) & QEMU_PROTOCOL
+            vvu.send(F.SET_PROTOCOL_FEATURES, U64(protocol))
+            await vvu.do(F.SET_OWNER)
+            await vvu.do(F.SET_FEATURES, U64(offered & ~VirtioFeature.EVENT_IDX.mask))
+            ((region, fd, _),) = guest.regions
+            dev.areas = [MmapArea(SHM_AREA, region.memory_size, fd, 0)]
+            rewritten = MemoryRegion(
+                region.guest_phys_addr, region.memory_size, region.userspace_addr, SHM_AREA
+            )
+            await vvu.do(F.SET_MEM_TABLE, MemoryTable((rewritten,)))
+            await vvu.do(F.SET_VRING_NUM, VringState(0, ring.size))
+            await vvu.do(F.SET_VRING_BASE, VringState(0, 0))
+            await vvu.do(F.SET_VRING_ADDR, ring.addr)
+            dev.doorbells[0] = ring.call
+            await vvu.do(F.SET_VRING_CALL, U64.vring(0))
+            dev.direct_kick_fds[0] = ring.kick  # bound before the message, as the device does
+            await vvu.do(F.SET_VRING_KICK, U64.vring(0))
+            await vvu.do(F.SET_VRING_ENABLE, VringState(0, 1))
+            assert engine.session is not None
+            kick = engine.session.vrings[0].kick
+            assert kick is not None  # not NOFD (polling): the engine waits on that eventfd...
+            for sector in (8, 100, 2000):
+                await check_io(ring, sector)  # ...and ring.kick (the front-end's) wakes it
+            assert dev._forwarded == []  # nothing relayed the kicks
+            dev.disconnect()
+            await asyncio.wait_for(serving, TIMEOUT)
+        finally:
+            serving.cancel()
+            ring.close()
+            guest.close()
 
 
 @pytest.mark.asyncio

@@ -25,7 +25,7 @@ from vvu.protocol import U64, FrontendRequest, ProtocolFeature, VhostFeature, fe
 from vvu.trace import run_trace
 from vvu.transport.base import Listener
 from vvu.transport.unix import UnixListener
-from vvu.transport.vvu import VvuListener
+from vvu.transport.vvu import KICK_MODES, KickMode, VvuListener
 from vvu.vfio_user import VfioUserPciAccess
 from vvu.vfio_user.server import VfioUserServer
 
@@ -53,10 +53,16 @@ def capabilities(backend_cls: type[Backend]) -> dict[str, object]:
     return caps
 
 
-async def _serve(backend: Backend, listener: UnixListener | None, vvu: str | None = None) -> None:
+async def _serve(
+    backend: Backend,
+    listener: UnixListener | None,
+    vvu: str | None = None,
+    kick_mode: KickMode = "direct",
+) -> None:
     if listener is None:  # --vvu: the VVU device's vfio-user socket
         assert vvu is not None
-        vvu_listener = VvuListener(await VfioUserPciAccess.open(vvu, timeout=5.0))
+        pci = await VfioUserPciAccess.open(vvu, timeout=5.0)
+        vvu_listener = VvuListener(pci, kick_mode=kick_mode)
         served: Listener = vvu_listener
         where = f"VVU device {vvu}"
     else:
@@ -105,7 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"vvu serve: cannot listen: {err}", file=sys.stderr)
         return 1
     try:
-        asyncio.run(_serve(backend, listener, args.vvu))
+        asyncio.run(_serve(backend, listener, args.vvu, args.vvu_kick_mode))
     except VvuError as err:  # e.g. the VVU device's socket cannot be reached
         print(f"vvu serve: {err}", file=sys.stderr)
         return 1
@@ -383,6 +389,16 @@ def build_parser() -> argparse.ArgumentParser:
             "--vvu",
             metavar="DEVICE_SOCK",
             help="serve through a virtio-vhost-user device (its vfio-user socket)",
+        )
+        sub.add_argument(
+            "--vvu-kick-mode",
+            choices=KICK_MODES,
+            default="direct",
+            help=(
+                "with --vvu: how kicks reach the back-end: 'direct' (default) reads the "
+                "front-end's kick eventfds (a vvu extension; rings whose direct kick the device "
+                "refuses fall back to MSI-X), 'msix' has the device relay them to MSI-X vectors"
+            ),
         )
         sub.add_argument(
             "--socket-mode", default="600", help="permissions of the socket file (octal, 600)"

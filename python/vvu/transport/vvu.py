@@ -7,8 +7,10 @@ device's config space carries BACKEND_UP / FRONTEND_UP. `VvuChannel` turns rxq m
 
 - SET_MEM_TABLE / ADD_MEM_REG: each region's fd is a duplicate of the BAR4 area fd that covers
   the (device-rewritten) `mmap_offset`, and `mmap_offset` becomes an offset in that fd;
-- SET_VRING_KICK i: a duplicate of the MSI-X eventfd of kick i's vector (NOFD when the device
-  refused the vector, so the engine polls);
+- SET_VRING_KICK i: with a DIRECT kick (the vvu extension, the default: `kick_mode="direct"`),
+  a duplicate of BAR2's kick-eventfd ioeventfd i, which is the front-end's own kick eventfd, so
+  the device process relays nothing; otherwise a duplicate of the MSI-X eventfd of kick i's
+  vector (NOFD when the device refused both, so the engine polls);
 - SET_VRING_CALL / ERR i, SET_LOG_FD: a duplicate of the BAR2 doorbell's ioeventfd, or an
   eventfd the transport turns into BAR2 writes;
 - SET_BACKEND_REQ_FD: one end of a socketpair; the transport relays requests read from the other
@@ -27,7 +29,7 @@ import socket
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal
 
 from vvu._core import EventFd
 from vvu.pci.virtio_device import NO_VECTOR
@@ -48,7 +50,9 @@ from vvu.vfio_user.access import PciAccess
 
 __all__ = [
     "BACKEND_UP",
+    "DIRECT_KICK",
     "FRONTEND_UP",
+    "KICK_FDS_OFFSET",
     "RXQ",
     "TXQ",
     "VvuChannel",
@@ -74,6 +78,14 @@ CONFIG_VECTOR: Final = 0
 RXQ_VECTOR: Final = 1
 TXQ_VECTOR: Final = 2
 FIRST_KICK_VECTOR: Final = 3
+#: vvu extension (docs/vvu-device.md, "Direct kicks"): the msix_vector value asking for direct
+#: kicks, and the BAR2 (driver aux notification BAR) range whose ioeventfd i is kick eventfd i.
+DIRECT_KICK: Final = 0xFFFE
+KICK_FDS_OFFSET: Final = 0x6000
+KICK_FDS_STRIDE: Final = 4
+
+KickMode = Literal["direct", "msix"]
+KICK_MODES: Final = ("direct", "msix")
 
 BUFFER_SIZE: Final = HEADER_SIZE + MAX_PAYLOAD  # one whole message per buffer
 BUFFER_STRIDE: Final = (BUFFER_SIZE + 63) & ~63
@@ -102,7 +114,11 @@ class _Area:
 class VvuDriver:
     """The VVU device's driver: init, rx/tx buffers, status bits, kicks and doorbells."""
 
-    def __init__(self, virtio: VirtioPciDriver) -> None:
+    def __init__(self, virtio: VirtioPciDriver, *, kick_mode: KickMode = "direct") -> None:
+        if kick_mode not in KICK_MODES:
+            raise ValueError(f"kick_mode is one of {KICK_MODES}, not {kick_mode!r}")
+        #: "direct": ask for DIRECT kicks first (MSI-X vector when refused); "msix": vectors only.
+        self.kick_mode: KickMode = kick_mode
         self.virtio = virtio
         self.pci: PciAccess = virtio.pci
         dev_aux = self._cap(CFG_DEVICE_AUX_NOTIFY)
@@ -121,7 +137,8 @@ class VvuDriver:
                 )
         self.max_queues = 0
         self.uuid = b""
-        self.kick_vectors: list[int] = []  # per kick i: its MSI-X vector, NO_VECTOR = polling
+        #: per kick i: its MSI-X vector, DIRECT_KICK, or NO_VECTOR (polling)
+        self.kick_vectors: list[int] = []
         self.rx_event = asyncio.Event()
         self.tx_event = asyncio.Event()
         self.config_event = asyncio.Event()
@@ -140,8 +157,8 @@ class VvuDriver:
         raise VirtioPciError(f"not a VVU device: no virtio capability of type {cfg_type}")
 
     @classmethod
-    async def open(cls, pci: PciAccess) -> VvuDriver:
-        return cls(await VirtioPciDriver.open(pci))
+    async def open(cls, pci: PciAccess, *, kick_mode: KickMode = "direct") -> VvuDriver:
+        return cls(await VirtioPciDriver.open(pci), kick_mode=kick_mode)
 
     # -- init ----------------------------------------------------------------------------------
 
@@ -205,24 +222,36 @@ class VvuDriver:
         else:
             self.tx_event.set()
 
+    async def _set_kick_vector(self, index: int, vector: int) -> int:
+        """Write notification `index`'s msix_vector; what the device kept (read back)."""
+        bar, base = self.kick_cfg.bar, self.kick_cfg.offset
+        await self.pci.bar_write(bar, base, struct.pack("<H", index))
+        await self.pci.bar_write(bar, base + 2, struct.pack("<H", vector))
+        await self.pci.bar_write(bar, base, struct.pack("<H", index))
+        return int.from_bytes(await self.pci.bar_read(bar, base + 2, 2), "little")
+
     async def _map_kicks(self) -> None:
         vectors = self.virtio.vectors
-        base = self.kick_cfg.offset
         self.kick_vectors = []
+        refused = 0
         for i in range(self.max_queues):
+            if self.kick_mode == "direct":
+                if await self._set_kick_vector(i, DIRECT_KICK) == DIRECT_KICK:
+                    self.kick_vectors.append(DIRECT_KICK)
+                    continue
+                refused += 1
             wanted = FIRST_KICK_VECTOR + i
             got = NO_VECTOR
             if wanted < len(vectors):
-                await self.pci.bar_write(self.kick_cfg.bar, base, struct.pack("<H", i))
-                await self.pci.bar_write(self.kick_cfg.bar, base + 2, struct.pack("<H", wanted))
-                await self.pci.bar_write(self.kick_cfg.bar, base, struct.pack("<H", i))
-                got = int.from_bytes(
-                    await self.pci.bar_read(self.kick_cfg.bar, base + 2, 2), "little"
-                )
+                got = await self._set_kick_vector(i, wanted)
                 if got != wanted:
                     log.warning("vvu: kick %d has no MSI-X vector; that ring is polled", i)
                     got = NO_VECTOR
             self.kick_vectors.append(got)
+        if refused:
+            log.info(
+                "vvu: the device refused direct kicks for %d of %d rings", refused, self.max_queues
+            )
 
     # -- status --------------------------------------------------------------------------------
 
@@ -321,11 +350,25 @@ class VvuDriver:
         offset = self.doorbell_cap.offset + self.doorbell_multiplier * index
         await self.pci.bar_write(self.doorbell_cap.bar, offset, struct.pack("<I", 1), posted=True)
 
-    def kick_fd(self, index: int) -> int | None:
-        """A duplicate of kick `index`'s MSI-X eventfd (None: no vector, poll)."""
+    async def kick_fd(self, index: int) -> int | None:
+        """For SET_VRING_KICK `index` (just received): a duplicate of the front-end's kick
+        eventfd (BAR2's kick-eventfd ioeventfd) when the kick is DIRECT, else of its MSI-X
+        eventfd; None: no vector (or no ioeventfd), poll."""
         if not 0 <= index < len(self.kick_vectors) or self.kick_vectors[index] == NO_VECTOR:
             return None
-        return os.dup(self.virtio.vectors[self.kick_vectors[index]].fileno())
+        if self.kick_vectors[index] != DIRECT_KICK:
+            return os.dup(self.virtio.vectors[self.kick_vectors[index]].fileno())
+        offset = KICK_FDS_OFFSET + KICK_FDS_STRIDE * index
+        found: int | None = None
+        for ioe in await self.pci.bar_ioeventfds(self.kick_cfg.bar):
+            if found is None and ioe.offset == offset:
+                found = os.dup(ioe.eventfd.fileno())
+            ioe.eventfd.close()
+        if found is None:
+            log.warning(
+                "vvu: direct kick %d has no kick eventfd in BAR2; that ring is polled", index
+            )
+        return found
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -443,7 +486,7 @@ class VvuChannel(Channel):
         index = value & VRING_IDX_MASK
         fd: int | None = None
         if request == _F.SET_VRING_KICK:
-            fd = drv.kick_fd(index)
+            fd = await drv.kick_fd(index)
         elif index < drv.max_queues:
             base = 0 if request == _F.SET_VRING_CALL else drv.max_queues
             fd = await self._doorbell(base + index)
@@ -568,8 +611,11 @@ def _log_failure(task: asyncio.Future[None]) -> None:
 class VvuListener(Listener):
     """One VVU device; accept() returns a channel per front-end session."""
 
-    def __init__(self, pci: PciAccess) -> None:
+    def __init__(self, pci: PciAccess, *, kick_mode: KickMode = "direct") -> None:
+        if kick_mode not in KICK_MODES:
+            raise ValueError(f"kick_mode is one of {KICK_MODES}, not {kick_mode!r}")
         self.pci = pci
+        self.kick_mode: KickMode = kick_mode
         self.driver: VvuDriver | None = None
         self._channel: VvuChannel | None = None
         self._count = 0
@@ -577,7 +623,7 @@ class VvuListener(Listener):
 
     async def _ensure_driver(self) -> VvuDriver:
         if self.driver is None:
-            driver = await VvuDriver.open(self.pci)
+            driver = await VvuDriver.open(self.pci, kick_mode=self.kick_mode)
             await driver.init()
             self.driver = driver
         return self.driver
