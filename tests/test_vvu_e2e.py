@@ -18,7 +18,7 @@ import pytest
 
 from daemons import stop_process, wait_for_socket
 from vvu.backends import Backend, BlkBackend, NetBackend, RngBackend
-from vvu.device.vvu import VvuDevice
+from vvu.device.vvu import DIRECT_KICK, VvuDevice
 from vvu.engine import BackendEngine
 from vvu.frontend import BlkDriver, BlkIOError, RngDriver
 from vvu.frontend.net import NetDriver
@@ -33,8 +33,12 @@ VVU = [sys.executable, "-m", "vvu"]
 
 
 @contextlib.asynccontextmanager
-async def served(backend: Backend, transport: str, tmp_path: Path) -> AsyncIterator[str]:
-    """Serve `backend` in this event loop; yields the socket front-ends connect to."""
+async def served(
+    backend: Backend, transport: str, tmp_path: Path, devices: list[VvuDevice] | None = None
+) -> AsyncIterator[str]:
+    """Serve `backend` in this event loop; yields the socket front-ends connect to. Transport
+    "vvu" uses direct kicks (the default), "vvu-msix" has the device relay them to MSI-X; the
+    device goes into `devices` when given."""
     frontend_socket = str(tmp_path / "frontend.sock")
     tasks: list[asyncio.Task[None]] = []
     listener: Listener
@@ -44,9 +48,12 @@ async def served(backend: Backend, transport: str, tmp_path: Path) -> AsyncItera
         listener = UnixListener(frontend_socket)
     else:
         device = VvuDevice(UnixListener(frontend_socket), max_queues=8)
+        if devices is not None:
+            devices.append(device)
         server = VfioUserServer(device, str(tmp_path / "vvu.sock"))
         tasks.append(asyncio.ensure_future(server.serve_forever()))
-        listener = VvuListener(await VfioUserPciAccess.open(str(tmp_path / "vvu.sock"), timeout=5))
+        pci = await VfioUserPciAccess.open(str(tmp_path / "vvu.sock"), timeout=5)
+        listener = VvuListener(pci, kick_mode="msix" if transport == "vvu-msix" else "direct")
     tasks.append(asyncio.ensure_future(BackendEngine(backend).serve_forever(listener)))
     try:
         yield frontend_socket
@@ -65,7 +72,34 @@ async def served(backend: Backend, transport: str, tmp_path: Path) -> AsyncItera
         backend.close()
 
 
-TRANSPORTS = pytest.mark.parametrize("transport", ["unix", "vvu"])
+TRANSPORTS = pytest.mark.parametrize("transport", ["unix", "vvu", "vvu-msix"])
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("transport", ["vvu", "vvu-msix"])
+async def test_kicks_bypass_the_device_in_direct_mode(transport: str, tmp_path: Path) -> None:
+    """Direct kicks: the back-end waits on the front-end's kick eventfd, the device's forwarder
+    watches nothing and relays nothing. MSI-X kicks: the forwarder relays every ring's kicks."""
+    devices: list[VvuDevice] = []
+    async with served(BlkBackend(size=16 << 20), transport, tmp_path, devices) as path:
+        (device,) = devices
+        blk = await asyncio.wait_for(BlkDriver.open(path, depth=32, timeout=5), TIMEOUT)
+        try:
+            blocks = {i: os.urandom(4096) for i in range(64)}
+            await asyncio.gather(*(blk.write(i * 8, b) for i, b in blocks.items()))
+            assert await asyncio.gather(*(blk.read(i * 8, 4096) for i in blocks)) == list(
+                blocks.values()
+            )
+            fwd = device.forwarder
+            assert fwd is not None
+            if transport == "vvu":
+                assert fwd.tokens() == []
+                assert all(device.aux_vector(i) == DIRECT_KICK for i in range(8))
+            else:
+                assert fwd.tokens() == [0]
+                assert (fwd.forwarded(0) or 0) > 0
+        finally:
+            await blk.close()
 
 
 @TRANSPORTS
