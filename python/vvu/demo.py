@@ -78,8 +78,8 @@ async def run_demo(*, total_mib: int = 256, request_kib: int = 1024, depth: int 
     _say(
         f"  VVU / AF_UNIX: write {vvu.write_mib_s / unix.write_mib_s:.2f}, "
         f"read {vvu.read_mib_s / unix.read_mib_s:.2f}; the device process used "
-        f"{device_cpu} of CPU for {2 * total_mib} MiB (memory and calls bypass it; it relays "
-        "kicks)"
+        f"{device_cpu} of CPU for {2 * total_mib} MiB (memory, calls and kicks are the "
+        "front-end's own fds, so the data path bypasses it)"
     )
     _say(
         "  (both are bound by this front-end generating and checking the data; "
