@@ -542,3 +542,20 @@ async def run_guest_async(
         script, qemu_args=qemu_args, timeout=timeout, memory=memory, append=append, image=image
     ) as guest:
         return await guest.wait_async()
+
+
+def child_pids() -> set[int]:
+    """PIDs of this process's live children (for tests that must leave none behind)."""
+    me = str(os.getpid())
+    children: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
+        if stat.rsplit(")", 1)[1].split()[1] == me:
+            children.add(int(entry.name))
+    return children

@@ -23,6 +23,7 @@ from guest import (
     GuestError,
     GuestResult,
     GuestTimeout,
+    child_pids,
     live_guests,
     parse_serial,
     qemu_escape,
@@ -35,30 +36,14 @@ from guest import (
 TIMEOUT = 90.0
 
 
-def _child_pids() -> set[int]:
-    me = str(os.getpid())
-    children: set[int] = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
-        if stat.rsplit(")", 1)[1].split()[1] == me:
-            children.add(int(entry.name))
-    return children
-
-
 @pytest.fixture(autouse=True)
 def no_leftovers() -> Iterator[None]:
     """Every test must leave no QEMU running and no guest temp directory behind."""
     tmp = Path(tempfile.gettempdir())
-    before, dirs_before = _child_pids(), set(tmp.glob(f"vvu-guest-{os.getpid()}-*"))
+    before, dirs_before = child_pids(), set(tmp.glob(f"vvu-guest-{os.getpid()}-*"))
     yield
     assert live_guests() == []
-    assert _child_pids() - before == set()
+    assert child_pids() - before == set()
     assert set(tmp.glob(f"vvu-guest-{os.getpid()}-*")) - dirs_before == set()
 
 

@@ -22,7 +22,14 @@ from pathlib import Path
 
 import pytest
 
-from guest import GuestError, guest_image, live_guests, qemu_escape, start_guest
+from guest import (
+    GuestError,
+    child_pids,
+    guest_image,
+    live_guests,
+    qemu_escape,
+    start_guest,
+)
 
 pytestmark = pytest.mark.guest
 
@@ -36,32 +43,16 @@ STOP_GRACE = 10.0
 # --- leak checks ---------------------------------------------------------------------------
 
 
-def _child_pids() -> set[int]:
-    me = str(os.getpid())
-    children: set[int] = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
-        if stat.rsplit(")", 1)[1].split()[1] == me:
-            children.add(int(entry.name))
-    return children
-
-
 @pytest.fixture(autouse=True)
 def no_leftovers() -> Iterator[None]:
     """No daemon or QEMU may outlive its test, nor any guest temp directory of this process."""
     guest_image()  # skip (or fail, in CI) before starting a daemon when there is no guest
     mine = f"vvu-guest-{os.getpid()}-*"  # other processes' guests are theirs to clean up
     tmp = Path(tempfile.gettempdir())
-    before, dirs_before = _child_pids(), set(tmp.glob(mine))
+    before, dirs_before = child_pids(), set(tmp.glob(mine))
     yield
     assert live_guests() == []
-    assert _child_pids() - before == set()
+    assert child_pids() - before == set()
     assert set(tmp.glob(mine)) - dirs_before == set()
 
 
