@@ -7,69 +7,22 @@ Every test here runs over both transports: the back-ends and the engine do not c
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from daemons import stop_process, wait_for_socket
-from vvu.backends import Backend, BlkBackend, NetBackend, RngBackend
+from vvu.backends import BlkBackend, NetBackend, RngBackend
 from vvu.device.vvu import DIRECT_KICK, VvuDevice
-from vvu.engine import BackendEngine
 from vvu.frontend import BlkDriver, BlkIOError, RngDriver
 from vvu.frontend.net import NetDriver
-from vvu.transport.base import Listener
-from vvu.transport.unix import UnixListener
-from vvu.transport.vvu import VvuListener
-from vvu.vfio_user import VfioUserPciAccess
-from vvu.vfio_user.server import VfioUserServer
+from vvu_harness import served
 
 TIMEOUT = 20.0
 VVU = [sys.executable, "-m", "vvu"]
-
-
-@contextlib.asynccontextmanager
-async def served(
-    backend: Backend, transport: str, tmp_path: Path, devices: list[VvuDevice] | None = None
-) -> AsyncIterator[str]:
-    """Serve `backend` in this event loop; yields the socket front-ends connect to. Transport
-    "vvu" uses direct kicks (the default), "vvu-msix" has the device relay them to MSI-X; the
-    device goes into `devices` when given."""
-    frontend_socket = str(tmp_path / "frontend.sock")
-    tasks: list[asyncio.Task[None]] = []
-    listener: Listener
-    device: VvuDevice | None = None
-    server: VfioUserServer | None = None
-    if transport == "unix":
-        listener = UnixListener(frontend_socket)
-    else:
-        device = VvuDevice(UnixListener(frontend_socket), max_queues=8)
-        if devices is not None:
-            devices.append(device)
-        server = VfioUserServer(device, str(tmp_path / "vvu.sock"))
-        tasks.append(asyncio.ensure_future(server.serve_forever()))
-        pci = await VfioUserPciAccess.open(str(tmp_path / "vvu.sock"), timeout=5)
-        listener = VvuListener(pci, kick_mode="msix" if transport == "vvu-msix" else "direct")
-    tasks.append(asyncio.ensure_future(BackendEngine(backend).serve_forever(listener)))
-    try:
-        yield frontend_socket
-    finally:
-        for task in reversed(tasks):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if isinstance(listener, VvuListener):
-            await listener.aclose()
-        else:
-            listener.close()
-        if server is not None and device is not None:
-            server.close()
-            device.close()
-        backend.close()
 
 
 TRANSPORTS = pytest.mark.parametrize("transport", ["unix", "vvu", "vvu-msix"])
