@@ -459,6 +459,20 @@ async def test_config_space_round_trip(client: VfioUserClient) -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_cancelled_request_does_not_break_the_connection(client: VfioUserClient) -> None:
+    """The reply to a request whose caller was cancelled arrives later and is dropped quietly;
+    it must not be taken for a stray reply that ends the connection."""
+    for _ in range(20):
+        task = asyncio.ensure_future(client.config_read(0, 4))
+        await asyncio.sleep(0)  # sent, reply not read yet
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    head = await client.config_read(0, 4)
+    assert struct.unpack_from("<HH", head) == (echo.VENDOR_ID, echo.DEVICE_ID)
+
+
+@pytest.mark.asyncio
 async def test_bar0_registers_and_posted_writes(served: Served, client: VfioUserClient) -> None:
     assert await client.region_read(0, 0, 4) == b"ECHO"
     await client.region_write(0, 4, u32(0xDEADBEEF))

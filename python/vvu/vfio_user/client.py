@@ -153,6 +153,8 @@ class _Window:
 class _Pending:
     command: int
     future: asyncio.Future[Frame] = field(repr=False)
+    #: The caller stopped waiting (cancelled): its reply is still due and is discarded.
+    abandoned: bool = False
 
 
 class VfioUserClient:
@@ -278,6 +280,9 @@ class VfioUserClient:
 
     def _route(self, frame: Frame) -> None:
         pending = self._pending.pop(frame.header.id, None)
+        if pending is not None and pending.abandoned:
+            frame.close_fds()  # the reply to a request whose caller was cancelled
+            return
         if pending is None or pending.future.done():
             frame.close_fds()
             raise FramingError(f"reply id {frame.header.id} answers nothing we sent")
@@ -357,7 +362,17 @@ class VfioUserClient:
         try:
             await self._conn.send(data, fds)
             frame = await fut
-        finally:
+        except asyncio.CancelledError:
+            # The request may be on the wire already: keep its id, so that its reply is
+            # recognised and dropped instead of breaking the connection as a stray.
+            pending = self._pending.get(msg_id)
+            if pending is not None:
+                pending.abandoned = True
+            raise
+        except BaseException:
+            self._pending.pop(msg_id, None)
+            raise
+        else:
             self._pending.pop(msg_id, None)
         if frame.header.is_error:
             frame.close_fds()
