@@ -1374,8 +1374,18 @@ BAD_INPUT = [
         _two_regions_one_fd,
         "drop",
         "1 fds attached, expected 2",
-        # The device publishes no region and forwards the table; the driver finds no BAR area.
-        vvu=("drop", ("SET_MEM_TABLE: 1 fds for 2 regions", "has no BAR area")),
+        F.SET_MEM_TABLE,
+        # The device publishes no region and forwards the table; the transport finds no BAR
+        # area and hands the engine empty files, which it refuses with a failure ack.
+        vvu=(
+            "nack",
+            (
+                "SET_MEM_TABLE: 1 fds for 2 regions",
+                "has no BAR area",
+                "has no BAR area",
+                "file is 0 bytes",
+            ),
+        ),
     ),
     BadInput(
         "vring-index-out-of-range-acked",
@@ -1405,11 +1415,9 @@ BAD_INPUT = [
         "nack",
         "file is",
         F.SET_MEM_TABLE,
-        vvu_bug="the device cannot map the region and forwards SET_MEM_TABLE anyway; the VVU "
-        "transport then fails the whole session ('region at shm offset 0x0+0x100000 has no BAR "
-        "area', a TransportError) instead of letting the engine refuse the table with a failure "
-        "ack, and the in-process vfio-user client loses its connection ('reply id N answers "
-        "nothing we sent')",
+        # The device cannot map it and says so; the transport hands the engine an empty file
+        # for it, which the engine refuses like any unmappable region.
+        vvu=("nack", ("not published", "has no BAR area", "file is 0 bytes")),
     ),
     BadInput(
         "ring-outside-guest-memory",

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from vvu._core import EventFd
+from vvu._core import EventFd, memfd
 from vvu.pci.virtio_device import NO_VECTOR
 from vvu.pci.virtio_driver import VirtioCap, VirtioPciDriver, VirtioPciError
 from vvu.protocol.codec import Header
@@ -509,9 +509,14 @@ class VvuChannel(Channel):
                     None,
                 )
                 if area is None:
-                    raise TransportError(
-                        f"{self.peer}: region at shm offset {offset:#x}+{size:#x} has no BAR area"
+                    # The device could not publish it (it says why in its log). Hand the engine
+                    # an empty file for it, so the engine refuses the table the way it refuses
+                    # any unmappable region: a failure ack, or a drop without NEED_REPLY.
+                    log.warning(
+                        "%s: region at shm offset %#x+%#x has no BAR area", self.peer, offset, size
                     )
+                    fds.append(memfd(0, "vvu-unpublished-region"))
+                    continue
                 fds.append(os.dup(area.fd))
                 REGION.pack_into(out, at, gpa, size, uva, area.fd_offset + (offset - area.offset))
         except BaseException:
