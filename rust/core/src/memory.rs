@@ -561,7 +561,8 @@ impl GuestMemoryMap {
             }
             if Instant::now() >= deadline {
                 let mut current = self.lock();
-                // Cannot overlap: the slot was ours a moment ago and adds are checked.
+                // Put it back unless another thread added an overlapping region meanwhile; it
+                // stays mapped either way until its last holder lets go.
                 if let Ok(restored) = current.with_region(region) {
                     *current = restored;
                 }
