@@ -32,7 +32,6 @@ from vvu.vfio_user import (
     ServerLimits,
     VfioUserClient,
     VfioUserError,
-    VfioUserListener,
     VfioUserPciAccess,
     VfioUserServer,
     echo,
@@ -70,6 +69,7 @@ from vvu.vfio_user.protocol import (
     WriteMulti,
     encode,
 )
+from vvu_harness import running_server
 
 TIMEOUT = 10.0
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,16 +132,8 @@ class Served:
 async def serve(tmp_path: Path, device: EchoDevice | None = None) -> AsyncIterator[Served]:
     dev = device or EchoDevice()
     path = str(tmp_path / "vfio-user.sock")
-    server = VfioUserServer(dev, VfioUserListener(path))
-    task = asyncio.ensure_future(server.serve_forever())
-    try:
+    async with running_server(dev, path) as server:
         yield Served(path, dev, server)
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        server.close()
-        dev.close()
 
 
 @pytest_asyncio.fixture

@@ -27,6 +27,7 @@ from vvu.pci.virtio_device import (
     NOTIFY_OFFSET,
 )
 from vvu.vfio_user import EchoDevice, VfioUserListener, VfioUserPciAccess, VfioUserServer
+from vvu_harness import running_server
 
 TIMEOUT = 10.0
 VIRTIO_ID = 0x3F  # private: device id 0x107F
@@ -104,16 +105,8 @@ class Served:
 @contextlib.asynccontextmanager
 async def serve(tmp_path: Path, device: ReverseDevice) -> AsyncIterator[Served]:
     path = str(tmp_path / "virtio.sock")
-    server = VfioUserServer(device, VfioUserListener(path))
-    task = asyncio.ensure_future(server.serve_forever())
-    try:
+    async with running_server(device, path) as server:
         yield Served(path, device, server)
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        server.close()
-        device.close()
 
 
 @pytest_asyncio.fixture

@@ -14,10 +14,12 @@ from pathlib import Path
 from vvu.backends import Backend
 from vvu.device.vvu import VvuDevice
 from vvu.engine import BackendEngine
+from vvu.pci.virtio_device import VirtioPciDevice
 from vvu.transport.base import Listener
 from vvu.transport.unix import UnixListener
 from vvu.transport.vvu import VvuListener
 from vvu.vfio_user import VfioUserPciAccess
+from vvu.vfio_user.echo import EchoDevice
 from vvu.vfio_user.server import VfioUserServer
 
 
@@ -30,6 +32,23 @@ async def _serve_sessions(
         task = asyncio.ensure_future(engine.serve(channel))
         sessions.put_nowait(task)
         await task
+
+
+@contextlib.asynccontextmanager
+async def running_server(
+    device: EchoDevice | VirtioPciDevice, path: str
+) -> AsyncIterator[VfioUserServer]:
+    """Serve `device` over vfio-user on `path` in this event loop; stop and close both after."""
+    server = VfioUserServer(device, path)
+    task = asyncio.ensure_future(server.serve_forever())
+    try:
+        yield server
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        server.close()
+        device.close()
 
 
 @contextlib.asynccontextmanager
