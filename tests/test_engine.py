@@ -32,9 +32,9 @@ from vvu._core import EventFd, GuestMemory, SplitQueueDriver, memfd
 from vvu.aio import wait_eventfd
 from vvu.backends import BlkBackend, RngBackend
 from vvu.device.vvu import PROTOCOL_FEATURES_ALLOWED
-from vvu.engine import MAX_MEM_SLOTS, BackendEngine
+from vvu.engine import MAX_MEM_SLOTS, BackendEngine, RequestFailed
 from vvu.frontend import BlkDriver, Frontend, FrontendQueue, RngDriver
-from vvu.frontend.blk import T_IN, T_OUT
+from vvu.frontend.blk import T_IN, T_OUT, BlkIOError
 from vvu.frontend.core import WANTED_PROTOCOL_FEATURES
 from vvu.protocol import (
     EMPTY,
@@ -42,6 +42,7 @@ from vvu.protocol import (
     REPLY_FLAGS,
     U64,
     VERSION,
+    BackendRequest,
     Config,
     DeviceStatus,
     FrontendRequest,
@@ -1666,27 +1667,117 @@ async def test_blk_native_worker_polls_a_ring_without_kick_fd(connect: Connector
 
 
 @pytest.mark.asyncio
-async def test_config_change_is_announced_on_the_backend_channel(connect: Connector) -> None:
+@pytest.mark.parametrize("reply_ack", [False, True], ids=["no-reply-ack", "reply-ack"])
+async def test_config_change_is_announced_on_the_backend_channel(
+    connect: Connector, reply_ack: bool
+) -> None:
     """Over VVU the message goes back-end → relay → txq → device → the socket the front-end
-    gave with SET_BACKEND_REQ_FD."""
+    gave with SET_BACKEND_REQ_FD, and its ack comes back device → rxq → relay → engine."""
     backend = BlkBackend(size=8 << 20)
     engine = BackendEngine(backend)
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
+    loop = asyncio.get_running_loop()
     try:
         client, task = await connect.channel(engine)
         frontend = Frontend(client, memory_size=MiB)
         assert await engine.notify_config_change() is False  # no back-end channel yet
-        await frontend.negotiate(
-            protocol_features=WANTED_PROTOCOL_FEATURES | ProtocolFeature.BACKEND_REQ.mask
-        )
+        wanted = WANTED_PROTOCOL_FEATURES | ProtocolFeature.BACKEND_REQ.mask
+        if not reply_ack:
+            wanted &= ~ProtocolFeature.REPLY_ACK.mask
+        await frontend.negotiate(protocol_features=wanted)
         await frontend.request(F.SET_BACKEND_REQ_FD, EMPTY, [theirs.fileno()])
         theirs.close()
-        assert await engine.notify_config_change() is True
-        header = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(ours, 12), TIMEOUT)
-        assert struct.unpack("<III", header) == (2, 1, 0)  # CONFIG_CHANGE_MSG, version 1, no ack
+        await frontend.request_u64(F.GET_FEATURES)  # a barrier: SET_BACKEND_REQ_FD was handled
+        if not reply_ack:
+            assert await engine.notify_config_change() is True
+            header = await asyncio.wait_for(loop.sock_recv(ours, 12), TIMEOUT)
+            assert struct.unpack("<III", header) == (2, 1, 0)  # CONFIG_CHANGE_MSG, no NEED_REPLY
+        else:
+            # NEED_REPLY is set and the engine waits for the ack: a success ack...
+            notified = asyncio.ensure_future(engine.notify_config_change())
+            header = await asyncio.wait_for(loop.sock_recv(ours, 12), TIMEOUT)
+            assert struct.unpack("<III", header) == (2, 1 | NEED_REPLY, 0)
+            await loop.sock_sendall(ours, struct.pack("<IIIQ", 2, REPLY_FLAGS, 8, 0))
+            assert await asyncio.wait_for(notified, TIMEOUT) is True
+            # ... a failure ack is an error for the caller, and the channel stays usable ...
+            notified = asyncio.ensure_future(engine.notify_config_change())
+            await asyncio.wait_for(loop.sock_recv(ours, 12), TIMEOUT)
+            await loop.sock_sendall(ours, struct.pack("<IIIQ", 2, REPLY_FLAGS, 8, 1))
+            with pytest.raises(RequestFailed, match="refused BACKEND_CONFIG_CHANGE_MSG"):
+                await asyncio.wait_for(notified, TIMEOUT)
+            # ... and silence drops the back-end channel (a late ack would confuse the next one).
+            with pytest.raises(RequestFailed, match="no answer"):
+                await engine.backend_request(BackendRequest.BACKEND_CONFIG_CHANGE_MSG, timeout=0.2)
+            assert await engine.notify_config_change() is False
         await frontend.close()
         await asyncio.wait_for(task, TIMEOUT)
     finally:
         ours.close()
+        backend.close()
+
+
+@pytest.mark.asyncio
+async def test_blk_resize_while_running_reaches_our_frontend(connect: Connector) -> None:
+    """BlkBackend.resize + BackendEngine.config_changed: our front-end gets CONFIG_CHANGE_MSG on
+    its back-end channel (acked), re-reads the capacity, and I/O beyond the old end works (the
+    running native worker was restarted with the new capacity)."""
+    backend = BlkBackend(size=DISK)
+    engine = BackendEngine(backend)
+    try:
+        client, task = await connect.channel(engine)
+        blk = await BlkDriver.start(
+            Frontend(client, memory_size=2 * MiB),
+            depth=4,
+            max_request=64 * 1024,
+            queue_size=64,
+            backend_channel=True,
+        )
+        assert blk.capacity == DISK // 512
+        beyond = DISK // 512 + 8
+        with pytest.raises(BlkIOError):
+            await asyncio.wait_for(blk.read(beyond, 4096), TIMEOUT)
+        data = os.urandom(4096)
+        await asyncio.wait_for(blk.write(8, data), TIMEOUT)
+
+        assert backend.resize(2 * DISK) is True
+        assert backend.resize(2 * DISK) is False  # nothing changed: nothing to announce
+        assert await asyncio.wait_for(engine.config_changed(), TIMEOUT) is True
+        await asyncio.wait_for(blk.resized.wait(), TIMEOUT)
+        assert blk.capacity == 2 * DISK // 512
+        assert blk.frontend.backend_requests == {BackendRequest.BACKEND_CONFIG_CHANGE_MSG: 1}
+        await asyncio.wait_for(blk.write(beyond, data), TIMEOUT)
+        assert await asyncio.wait_for(blk.read(beyond, 4096), TIMEOUT) == data
+        assert await asyncio.wait_for(blk.read(8, 4096), TIMEOUT) == data  # kept across it
+        await blk.close()
+        await asyncio.wait_for(task, TIMEOUT)
+        assert await engine.config_changed() is False  # no session
+    finally:
+        backend.close()
+
+
+def test_blk_resize_refuses_what_it_cannot_do(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(DISK))
+    read_only = BlkBackend(str(image), read_only=True)
+    try:
+        with pytest.raises(ValueError, match="read-only"):
+            read_only.resize(2 * DISK)
+        with open(image, "r+b") as f:
+            f.truncate(3 * DISK)
+        assert read_only.reload() is True  # re-reading the image is fine when read-only
+        assert read_only.capacity == 3 * DISK // 512
+        with open(image, "r+b") as f:
+            f.truncate(100)
+        with pytest.raises(ValueError, match="less than one sector"):
+            read_only.reload()
+        assert read_only.capacity == 3 * DISK // 512
+    finally:
+        read_only.close()
+    backend = BlkBackend(size=DISK)
+    try:
+        with pytest.raises(ValueError, match="one 512-byte sector"):
+            backend.resize(511)
+        assert backend.capacity == DISK // 512
+    finally:
         backend.close()

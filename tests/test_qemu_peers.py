@@ -287,6 +287,70 @@ dd if=/dev/vda bs=1M skip={offset // MiB} count={length // MiB} iflag=direct 2>/
     assert "device stopped after 2 front-end session(s)" in device.log(), device.log()
 
 
+@pytest.mark.parametrize("path", ["unix", "vvu"])
+def test_blk_guest_sees_the_disk_grow_when_the_daemon_gets_sighup(
+    tmp_path: Path, serve: list[Daemon], path: str
+) -> None:
+    """The image grows under a running guest; SIGHUP makes `vvu serve blk` re-read its size and
+    send BACKEND_CONFIG_CHANGE_MSG (directly, or through the VVU device's txq); QEMU re-reads
+    the config space and the guest's driver sees the new capacity, and reads the new end."""
+    image = tmp_path / "grow.img"
+    with image.open("wb") as f:
+        f.truncate(DISK_SIZE)
+    grown = 2 * DISK_SIZE
+    marker = b"vvu-beyond-the-old-end"
+    if path == "unix":
+        daemon = _serve(serve, tmp_path, "blk", "--image", str(image))
+        frontend_socket = daemon.socket_path
+    else:
+        frontend_socket, device_socket = tmp_path / "fe.sock", tmp_path / "dev.sock"
+        device = Daemon(
+            ["--socket-path", str(frontend_socket), "--vfio-user", str(device_socket)],
+            device_socket, tmp_path / "device.log", command="device",
+        )  # fmt: skip
+        serve.append(device)
+        daemon = Daemon(
+            ["blk", "--vvu", str(device_socket), "--image", str(image)],
+            device_socket, tmp_path / "backend.log",
+        )  # fmt: skip
+        serve.append(daemon)
+        deadline = time.monotonic() + 10
+        while not frontend_socket.exists():
+            assert time.monotonic() < deadline, device.log()
+            time.sleep(0.02)
+    last = grown // 512 - 1
+    script = f"""
+cat /sys/block/vda/size
+echo vvu-waiting-for-resize
+i=0
+while [ "$(cat /sys/block/vda/size)" = "{DISK_SIZE // 512}" ] && [ $i -lt 40 ]; do
+    sleep 1; i=$((i + 1))
+done
+cat /sys/block/vda/size
+dd if=/dev/vda bs=512 skip={last} count=1 iflag=direct 2>/dev/null | head -c {len(marker)}
+echo
+"""
+    devices = _vhost_user("vhost-user-blk-pci", frontend_socket, "num-queues=1")
+    with start_guest(script, qemu_args=devices, timeout=TIMEOUT) as guest:
+        try:
+            guest.wait_for("vvu-waiting-for-resize")
+            with image.open("r+b") as f:
+                f.truncate(grown)
+                f.seek(grown - 512)
+                f.write(marker)
+            daemon.proc.send_signal(signal.SIGHUP)
+            result = guest.wait()
+        except GuestError as err:
+            raise AssertionError(f"{err}\n--- daemon log ---\n{daemon.log()}") from err
+    assert result.exit_status == 0, f"{result.serial}\n--- daemon log ---\n{daemon.log()}"
+    lines = result.output.split("\n")
+    assert lines[0] == str(DISK_SIZE // 512)
+    assert lines[2] == str(grown // 512), daemon.log()
+    assert lines[3] == marker.decode()
+    assert "front-end told" in daemon.log()
+    assert daemon.stop() == 0, daemon.log()
+
+
 # --- vhost-user-rng ------------------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from vvu._core import EventFd, GuestMemory, QueueWorker, SplitQueue
@@ -47,7 +47,7 @@ from vvu.protocol import (
     encode_reply,
 )
 from vvu.protocol.codec import Header
-from vvu.protocol.table import Answer
+from vvu.protocol.table import BACKEND_REQUESTS, Answer
 from vvu.transport.base import Channel, Listener, RawMessage, TransportError, close_fds
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,8 @@ MAX_MEM_SLOTS = 256
 MAX_CONFIG_SPACE = 256
 # How often a ring whose front-end sends no kicks (SET_VRING_KICK with NOFD) is looked at.
 POLL_INTERVAL = 0.001
+# How long a back-end request waits for the front-end's answer.
+BACKEND_REPLY_TIMEOUT = 5.0
 # How long REM_MEM_REG waits for buffers still held by Python code before failing.
 REGION_RELEASE_TIMEOUT = 1.0
 
@@ -228,6 +230,10 @@ class Session:
     memory: GuestMemory | None = None
     regions: list[MemoryRegion] = field(default_factory=list)
     backend_channel: Channel | None = None
+    # Serialises front-end requests with back-end initiated changes of the session.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # One back-end request (and its answer) at a time on the back-end channel.
+    backend_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def reply_ack(self) -> bool:
@@ -285,20 +291,111 @@ class BackendEngine:
     def offered_protocol_features(self) -> int:
         return ENGINE_PROTOCOL_FEATURES | self.backend.protocol_features()
 
-    # --- back-end initiated ----------------------------------------------------------------
+    # --- back-end channel --------------------------------------------------------------------
+    # Back-end requests are sent from outside the handling of a front-end request: QEMU does not
+    # read the back-end channel while it waits for one of our replies, so waiting for its ack
+    # from inside a handler could deadlock.
+
+    async def backend_request(
+        self,
+        request: BackendRequest,
+        payload: Payload = EMPTY,
+        fds: Sequence[int] = (),
+        *,
+        need_reply: bool = True,
+        timeout: float = BACKEND_REPLY_TIMEOUT,
+    ) -> Payload | None:
+        """Send one back-end request to the current front-end and wait for its answer when
+        one is due: its typed reply for requests that always reply, a REPLY_ACK ack when
+        `need_reply` and REPLY_ACK is negotiated. Returns the reply (the ack's U64 on success),
+        or None when nothing was waited for. `fds` are sent along, not closed.
+
+        Raises RequestFailed when there is no back-end channel, the request's protocol feature
+        was not negotiated, the front-end refused it (failure ack), or no answer came within
+        `timeout` seconds (the channel is then dropped: a late answer could be taken for the
+        answer to a later request).
+        """
+        session = self.session
+        if session is None or session.backend_channel is None:
+            raise RequestFailed(f"{request.name}: the front-end gave no back-end channel")
+        spec = BACKEND_REQUESTS[request]
+        if spec.feature is not None and not session.protocol_features & spec.feature.mask:
+            raise RequestFailed(f"{request.name} needs protocol feature {spec.feature.name}")
+        answer = spec.answer(need_reply=need_reply, protocol_features=session.protocol_features)
+        channel = session.backend_channel
+        async with session.backend_lock:
+            data = encode_message(request, payload, need_reply=answer is Answer.ACK, nfds=len(fds))
+            log.debug("=> %s", request.name)
+            try:
+                await channel.send(data, fds)
+                if answer is Answer.NOTHING:
+                    return None
+                raw = await asyncio.wait_for(channel.recv(), timeout)
+            except TimeoutError:
+                self._drop_backend_channel(session, channel, f"no answer to {request.name}")
+                raise RequestFailed(f"{request.name}: no answer within {timeout} s") from None
+            except TransportError as err:
+                self._drop_backend_channel(session, channel, str(err))
+                raise RequestFailed(f"{request.name}: {err}") from err
+            if raw is None:
+                self._drop_backend_channel(session, channel, "closed by the front-end")
+                raise RequestFailed(f"{request.name}: the front-end closed the back-end channel")
+            try:
+                reply = decode_message(
+                    Header(raw.request, raw.flags, len(raw.payload)),
+                    raw.payload,
+                    raw.fds,
+                    channel="backend",
+                    is_reply=True,
+                )
+            except ProtocolError as err:
+                self._drop_backend_channel(session, channel, f"bad answer: {err}")
+                raise RequestFailed(f"{request.name}: bad answer: {err}") from err
+            finally:
+                raw.close_fds()
+        if reply.request != request:
+            why = f"answer to {reply.name} for {request.name}"
+            self._drop_backend_channel(session, channel, why)
+            raise RequestFailed(f"{request.name}: answered as {reply.name}")
+        if answer is Answer.ACK:
+            assert isinstance(reply.payload, U64)
+            if reply.payload.value != 0:
+                raise RequestFailed(f"the front-end refused {request.name}")
+        return reply.payload
+
+    @staticmethod
+    def _drop_backend_channel(session: Session, channel: Channel, why: str) -> None:
+        log.warning("back-end channel dropped: %s", why)
+        channel.close()
+        if session.backend_channel is channel:  # unless SET_BACKEND_REQ_FD replaced it already
+            session.backend_channel = None
 
     async def notify_config_change(self) -> bool:
         """Tell the front-end the config space changed (BACKEND_CONFIG_CHANGE_MSG), so it
-        re-reads it with GET_CONFIG (e.g. a resized disk). Sent without NEED_REPLY: waiting for
-        an ack here could deadlock a front-end that is itself waiting for one of our replies.
-        Returns False when the session has no back-end channel or did not negotiate CONFIG."""
+        re-reads it with GET_CONFIG (e.g. a resized disk); with REPLY_ACK, wait for its ack.
+        Returns False when the session has no back-end channel or did not negotiate CONFIG;
+        raises RequestFailed when the front-end refused it or did not answer."""
         session = self.session
         if session is None or session.backend_channel is None:
             return False
         if not session.protocol_features & _PF.CONFIG.mask:
             return False
-        await session.backend_channel.send(encode_message(BackendRequest.BACKEND_CONFIG_CHANGE_MSG))
+        await self.backend_request(BackendRequest.BACKEND_CONFIG_CHANGE_MSG)
         return True
+
+    async def config_changed(self) -> bool:
+        """The back-end's config space changed on its own (a resized disk): restart the running
+        rings, so that native workers start over with the new configuration, then tell the
+        front-end (`notify_config_change`). Call it from outside request handling (a signal
+        handler, a task); returns whether the front-end was told."""
+        session = self.session
+        if session is None:
+            return False
+        async with session.lock:  # not in the middle of a front-end request
+            if self.session is not session:
+                return False
+            await self._restart_rings(lambda: None)
+        return await self.notify_config_change()
 
     # --- session loop ------------------------------------------------------------------------
 
@@ -376,7 +473,8 @@ class BackendEngine:
                 and not (session.protocol_features & spec.feature.mask)
             ):
                 raise RequestFailed(f"{msg.name} needs protocol feature {spec.feature.name}")
-            reply = await handler(msg)
+            async with session.lock:  # against back-end initiated changes (config_changed)
+                reply = await handler(msg)
         except (RequestFailed, GuestMemoryError, QueueError, ConfigError, ValueError) as err:
             if answer is Answer.ACK:
                 # The text only: a log record kept with the error would pin its frames (memory).

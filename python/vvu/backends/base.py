@@ -129,6 +129,11 @@ class Backend:
         """Forget the session: the front-end went away or sent RESET_DEVICE."""
         self.acked_features = 0
 
+    def reload(self) -> bool:
+        """Re-read outside state (`vvu serve` calls it on SIGHUP, e.g. blk re-reads its image
+        size). Returns whether the config space changed, so the front-end must be told."""
+        return False
+
     def close(self) -> None:
         """Release what the back-end holds (files, fds) when it will serve no more."""
 

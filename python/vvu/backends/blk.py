@@ -76,9 +76,41 @@ class BlkBackend(Backend):
             raise ValueError(f"the disk must hold at least one {SECTOR_SIZE}-byte sector")
         self.capacity = size // SECTOR_SIZE
 
+    def resize(self, size: int | None = None) -> bool:
+        """Resize the disk while it is served: to `size` bytes (the image file or in-memory
+        disk is truncated or extended), or, without `size`, to what the image file holds now
+        (it was grown or shrunk by someone else). Returns whether the capacity changed; the
+        front-end learns of it through `BackendEngine.config_changed()` (`vvu serve` does both
+        on SIGHUP). Sectors beyond a shrunk end are gone."""
+        if size is not None:
+            if self.read_only:
+                raise ValueError("a read-only disk cannot be resized by the back-end")
+            if size < SECTOR_SIZE:
+                raise ValueError(f"the disk must hold at least one {SECTOR_SIZE}-byte sector")
+            os.ftruncate(self._fd, size)
+        else:
+            size = os.fstat(self._fd).st_size
+            if size < SECTOR_SIZE:
+                raise ValueError(f"the image holds {size} bytes, less than one sector")
+        capacity = size // SECTOR_SIZE
+        if capacity == self.capacity:
+            return False
+        log.info("blk: capacity %d -> %d sectors", self.capacity, capacity)
+        self.capacity = capacity
+        return True
+
+    def reload(self) -> bool:
+        return self.resize()
+
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--image", help="raw disk image (default: an in-memory disk)")
+        parser.add_argument(
+            "--image",
+            help=(
+                "raw disk image (default: an in-memory disk). Resize while serving: grow the "
+                "file, then send SIGHUP; the new size reaches the front-end (and the guest)"
+            ),
+        )
         parser.add_argument(
             "--size", type=int, default=64, metavar="MiB", help="in-memory disk size (default 64)"
         )

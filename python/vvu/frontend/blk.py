@@ -7,7 +7,7 @@ import struct
 from typing import Final
 
 from vvu.errors import VvuError
-from vvu.frontend.core import Frontend, FrontendQueue
+from vvu.frontend.core import WANTED_PROTOCOL_FEATURES, Frontend, FrontendQueue
 from vvu.protocol import ProtocolFeature
 
 __all__ = ["BlkDriver", "BlkIOError"]
@@ -57,6 +57,9 @@ class BlkDriver:
         self.capacity = capacity  # in 512-byte sectors
         self.max_request = max_request
         self._free: asyncio.Queue[_Slot] = asyncio.Queue()
+        #: Set each time a resize announced by the back-end has been read into `capacity`.
+        self.resized = asyncio.Event()
+        self._config_tasks: set[asyncio.Task[None]] = set()
         for _ in range(depth):
             self._free.put_nowait(_Slot(frontend, max_request))
 
@@ -69,23 +72,69 @@ class BlkDriver:
         max_request: int = MiB,
         queue_size: int = 256,
         timeout: float = 5.0,
+        backend_channel: bool = False,
     ) -> BlkDriver:
-        """Connect to a vhost-user-blk back-end and set up queue 0."""
+        """Connect to a vhost-user-blk back-end listening on `path`; see `start`."""
         memory = 2 * MiB + depth * (max_request + 8192)
         frontend = await Frontend.connect(path, memory_size=memory, timeout=timeout)
+        return await cls.start(
+            frontend,
+            depth=depth,
+            max_request=max_request,
+            queue_size=queue_size,
+            backend_channel=backend_channel,
+        )
+
+    @classmethod
+    async def start(
+        cls,
+        frontend: Frontend,
+        *,
+        depth: int = 32,
+        max_request: int = MiB,
+        queue_size: int = 256,
+        backend_channel: bool = False,
+    ) -> BlkDriver:
+        """Set up a connected front-end (closed on failure): handshake, memory, queue 0. With
+        `backend_channel`, the back-end gets a channel (BACKEND_REQ) and a resize it announces
+        there updates `capacity` (and sets `resized`)."""
+        wanted = WANTED_PROTOCOL_FEATURES
+        if backend_channel:
+            wanted |= ProtocolFeature.BACKEND_REQ.mask
         try:
-            await frontend.negotiate()
+            await frontend.negotiate(protocol_features=wanted)
             await frontend.set_mem_table()
+            if backend_channel:
+                await frontend.open_backend_channel()
             capacity = 0
             if frontend.protocol_features & ProtocolFeature.CONFIG.mask:
-                (capacity,) = struct.unpack("<Q", await frontend.get_config(0, 8))
+                capacity = await cls._read_capacity(frontend)
             queue = await frontend.start_queue(0, queue_size)
-            return cls(frontend, queue, capacity, depth=depth, max_request=max_request)
+            driver = cls(frontend, queue, capacity, depth=depth, max_request=max_request)
         except BaseException:
             await frontend.close()
             raise
+        frontend.config_listeners.append(driver._on_config_change)
+        return driver
+
+    @staticmethod
+    async def _read_capacity(frontend: Frontend) -> int:
+        (capacity,) = struct.unpack("<Q", await frontend.get_config(0, 8))
+        return int(capacity)
+
+    def _on_config_change(self) -> None:
+        # Re-read from a task: the back-end-channel reader must not wait on the main socket.
+        task = asyncio.ensure_future(self._reread_capacity())
+        self._config_tasks.add(task)
+        task.add_done_callback(self._config_tasks.discard)
+
+    async def _reread_capacity(self) -> None:
+        self.capacity = await self._read_capacity(self.frontend)
+        self.resized.set()
 
     async def close(self) -> None:
+        for task in list(self._config_tasks):
+            task.cancel()
         await self.frontend.close()
 
     async def __aenter__(self) -> BlkDriver:

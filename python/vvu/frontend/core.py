@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Sequence
+import socket
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from vvu._core import EventFd, GuestMemory, SplitQueueDriver, memfd
@@ -19,6 +20,7 @@ from vvu.errors import ProtocolError, VvuError
 from vvu.protocol import (
     EMPTY,
     U64,
+    BackendRequest,
     Config,
     FrontendRequest,
     MemoryRegion,
@@ -31,12 +33,13 @@ from vvu.protocol import (
     VringState,
     decode_message,
     describe,
+    encode_ack,
     encode_message,
 )
-from vvu.protocol.codec import Header
-from vvu.protocol.table import ReplyKind, spec_for
-from vvu.transport.base import Channel, close_fds
-from vvu.transport.unix import connect_unix
+from vvu.protocol.codec import Header, Message
+from vvu.protocol.table import Answer, ReplyKind, spec_for
+from vvu.transport.base import Channel, TransportError, close_fds
+from vvu.transport.unix import UnixChannel, connect_unix
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +184,12 @@ class Frontend:
         self.num_queues = 1
         self.queues: dict[int, FrontendQueue] = {}
         self._lock = asyncio.Lock()
+        #: Called (on the event loop) for each BACKEND_CONFIG_CHANGE_MSG, after it was acked.
+        self.config_listeners: list[Callable[[], None]] = []
+        #: How many back-end requests of each kind arrived on the back-end channel.
+        self.backend_requests: dict[BackendRequest, int] = {}
+        self._backend_channel: UnixChannel | None = None
+        self._backend_task: asyncio.Task[None] | None = None
 
     @classmethod
     async def connect(
@@ -324,7 +333,87 @@ class Frontend:
             raise FrontendError(f"GET_CONFIG answered {reply!r}")
         return reply.data
 
+    # --- back-end channel --------------------------------------------------------------------
+
+    async def open_backend_channel(self) -> None:
+        """SET_BACKEND_REQ_FD (needs BACKEND_REQ negotiated): a socket on which the back-end
+        sends its requests; a task answers them until `close`."""
+        if not self.protocol_features & ProtocolFeature.BACKEND_REQ.mask:
+            raise FrontendError("BACKEND_REQ was not negotiated: no back-end channel")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await self.request(_F.SET_BACKEND_REQ_FD, EMPTY, [theirs.fileno()])
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()  # the back-end has its own duplicate
+        channel = UnixChannel(ours, peer="back-end channel")
+        self._backend_channel = channel
+        self._backend_task = asyncio.ensure_future(self._serve_backend_channel(channel))
+
+    async def _serve_backend_channel(self, channel: UnixChannel) -> None:
+        try:
+            while True:
+                raw = await channel.recv()
+                if raw is None:
+                    return
+                try:
+                    msg = decode_message(
+                        Header(raw.request, raw.flags, len(raw.payload)),
+                        raw.payload,
+                        raw.fds,
+                        channel="backend",
+                    )
+                except ProtocolError as err:  # the spec's answer to garbage: close the channel
+                    log.warning("back-end channel: %s; closing it", err)
+                    return
+                finally:
+                    raw.close_fds()  # no back-end request we handle keeps an fd
+                log.debug("<= %s", describe(msg))
+                ok = self._on_backend_request(msg)
+                spec = msg.spec
+                answer = (
+                    spec.answer(need_reply=msg.need_reply, protocol_features=self.protocol_features)
+                    if spec is not None
+                    else (Answer.ACK if msg.need_reply and self.reply_ack else Answer.NOTHING)
+                )
+                if answer is not Answer.NOTHING:  # every request we handle is answered by an ack
+                    await channel.send(encode_ack(msg.request, ok, channel="backend"))
+                if ok and msg.request == BackendRequest.BACKEND_CONFIG_CHANGE_MSG:
+                    for listener in list(self.config_listeners):
+                        listener()
+        except (TransportError, OSError) as err:
+            log.info("back-end channel ended: %s", err)
+        finally:
+            channel.close()
+
+    def _on_backend_request(self, msg: Message) -> bool:
+        """Carry out one back-end request; False refuses it (a failure ack when asked)."""
+        if not isinstance(msg.request, BackendRequest):
+            log.warning("back-end channel: unknown request %d refused", msg.request)
+            return False
+        spec = msg.spec
+        feature = spec.feature if spec is not None else None
+        if feature is not None and not self.protocol_features & feature.mask:
+            log.warning("back-end channel: %s without %s refused", msg.name, feature.name)
+            return False
+        self.backend_requests[msg.request] = self.backend_requests.get(msg.request, 0) + 1
+        if msg.request == BackendRequest.BACKEND_CONFIG_CHANGE_MSG:
+            return True
+        log.warning("back-end channel: %s is not supported by this front-end", msg.name)
+        return False
+
     async def close(self) -> None:
+        self.config_listeners.clear()  # they usually point back at a driver holding us
+        if self._backend_task is not None:
+            self._backend_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._backend_task
+            self._backend_task = None
+        if self._backend_channel is not None:
+            self._backend_channel.close()
+            self._backend_channel = None
         for queue in self.queues.values():
             queue.close()
         self.queues.clear()
