@@ -851,9 +851,9 @@ async def test_unoffered_feature_bits_are_refused(
     assert not offered & packed
     await peer.send(F.SET_FEATURES, U64(offered | packed), need_reply=True)
     assert await peer.ack(F.SET_FEATURES) == 1
-    inband = PF.INBAND_NOTIFICATIONS.mask
-    assert not engine.offered_protocol_features() & inband
-    await peer.send(F.SET_PROTOCOL_FEATURES, U64(PF.REPLY_ACK.mask | inband), need_reply=True)
+    crypto = PF.CRYPTO_SESSION.mask
+    assert not engine.offered_protocol_features() & crypto
+    await peer.send(F.SET_PROTOCOL_FEATURES, U64(PF.REPLY_ACK.mask | crypto), need_reply=True)
     assert await peer.ack(F.SET_PROTOCOL_FEATURES) == 1
     assert len(warning_lines(caplog)) == 2
     assert "were never offered" in warning_lines(caplog)[0]
@@ -1781,3 +1781,111 @@ def test_blk_resize_refuses_what_it_cannot_do(tmp_path: Path) -> None:
         assert backend.capacity == DISK // 512
     finally:
         backend.close()
+
+
+# --- in-band notifications (INBAND_NOTIFICATIONS) -----------------------------------------------
+
+INBAND = PF.INBAND_NOTIFICATIONS.mask | PF.BACKEND_REQ.mask | PF.REPLY_ACK.mask
+
+
+@pytest.mark.asyncio
+async def test_blk_and_rng_data_with_inband_notifications(connect: Connector) -> None:
+    """Our front-end with `inband`: no kick or call fd crosses; every kick is a VRING_KICK
+    message and every call a BACKEND_VRING_CALL on the back-end channel, for the native blk
+    worker and the Python rng path alike. Over VVU they travel through rxq and txq."""
+    blk_backend = BlkBackend(size=DISK)
+    engine = BackendEngine(blk_backend)
+    try:
+        client, task = await connect.channel(engine)
+        blk = await BlkDriver.start(
+            Frontend(client, memory_size=2 * MiB),
+            depth=4,
+            max_request=64 * 1024,
+            queue_size=64,
+            inband=True,
+        )
+        assert blk.frontend.inband
+        session = engine.session
+        assert session is not None and session.vrings[0].inband_call is not None
+        blocks = [os.urandom(8192) for _ in range(8)]
+        writes = [blk.write(16 * i, block) for i, block in enumerate(blocks)]
+        await asyncio.wait_for(asyncio.gather(*writes), TIMEOUT)
+        reads = [blk.read(16 * i, 8192) for i in range(len(blocks))]
+        assert await asyncio.wait_for(asyncio.gather(*reads), TIMEOUT) == blocks
+        assert blk.frontend.backend_requests[BackendRequest.BACKEND_VRING_CALL] >= 1
+        await blk.close()
+        await asyncio.wait_for(task, TIMEOUT)
+    finally:
+        blk_backend.close()
+
+    engine = BackendEngine(RngBackend())
+    client, task = await connect.channel(engine)
+    frontend = Frontend(client, memory_size=MiB)
+    try:
+        await frontend.negotiate(protocol_features=WANTED_PROTOCOL_FEATURES | INBAND)
+        assert frontend.inband
+        await frontend.set_mem_table()
+        await frontend.open_backend_channel()
+        rng = RngDriver(frontend, await frontend.start_queue(0, 64))
+        sizes = [1, 64, 4096, 100]
+        got = [len(await asyncio.wait_for(rng.read(size), TIMEOUT)) for size in sizes]
+        assert got == sizes
+        assert frontend.backend_requests[BackendRequest.BACKEND_VRING_CALL] >= len(sizes)
+    finally:
+        await frontend.close()
+    await asyncio.wait_for(task, TIMEOUT)
+
+
+@pytest.mark.asyncio
+async def test_inband_vring_kick_starts_a_ring_and_calls_arrive_as_messages(
+    engine: BackendEngine, connect: Connector
+) -> None:
+    """Raw: no SET_VRING_KICK at all; VRING_KICK starts the ring and processes what is in it;
+    the completion is announced by BACKEND_VRING_CALL (index 0) on the back-end socket."""
+    guest, peer = Guest(), await connect.peer(engine)
+    ring = Ring(guest)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await negotiate(peer, protocol=QEMU_PROTOCOL | INBAND, features=ring_features(engine))
+        await peer.do(F.SET_BACKEND_REQ_FD, EMPTY, [theirs.fileno()], need_reply=True)
+        await peer.do(F.SET_MEM_TABLE, guest.table, guest.fds, need_reply=True)
+        await peer.do(F.SET_VRING_NUM, VringState(0, ring.size), need_reply=True)
+        await peer.do(F.SET_VRING_ADDR, ring.addr, need_reply=True)
+        await peer.do(F.SET_VRING_CALL, U64.vring(0, nofd=True), need_reply=True)
+        await peer.do(F.SET_VRING_ENABLE, VringState(0, 1), need_reply=True)
+        request = blk_submit(ring, T_OUT, 8, out=os.urandom(512))
+        ring.driver.publish()
+        await peer.do(F.VRING_KICK, VringState(0, 0), need_reply=True)
+        message = await asyncio.wait_for(loop.sock_recv(ours, 20), TIMEOUT)
+        assert struct.unpack("<IIIII", message) == (4, 1, 8, 0, 0)  # VRING_CALL, vring 0
+        assert ring.used_idx == 1 and blk_status(ring, request) == 0
+        assert await peer.get(F.GET_VRING_BASE, VringState(0, 0)) == VringState(0, 1)
+    finally:
+        await peer.close()
+        ours.close()
+        theirs.close()
+        ring.close()
+        guest.close()
+
+
+def ring_features(engine: BackendEngine) -> int:
+    return engine.offered_features() & ~VirtioFeature.EVENT_IDX.mask
+
+
+@pytest.mark.asyncio
+async def test_inband_needs_reply_ack_and_backend_req_and_vring_kick_needs_inband(
+    engine: BackendEngine, connect: Connector
+) -> None:
+    peer = await connect.peer(engine)
+    await peer.get_u64(F.GET_PROTOCOL_FEATURES)
+    # Without INBAND negotiated, VRING_KICK is refused (failure ack) and the session goes on.
+    await peer.do(F.SET_PROTOCOL_FEATURES, U64(PF.REPLY_ACK.mask))
+    await peer.send(F.VRING_KICK, VringState(0, 0), need_reply=True)
+    assert await peer.ack(F.VRING_KICK) != 0
+    # INBAND without BACKEND_REQ: refused with an ack (REPLY_ACK was negotiated before).
+    await peer.send(F.SET_PROTOCOL_FEATURES, U64(INBAND & ~PF.BACKEND_REQ.mask), need_reply=True)
+    assert await peer.ack(F.SET_PROTOCOL_FEATURES) != 0
+    await peer.barrier()
+    await peer.close()

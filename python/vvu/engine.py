@@ -65,6 +65,7 @@ ENGINE_PROTOCOL_FEATURES = (
     | _PF.RESET_DEVICE.mask
     | _PF.CONFIGURE_MEM_SLOTS.mask
     | _PF.STATUS.mask
+    | _PF.INBAND_NOTIFICATIONS.mask
 )
 MAX_MEM_SLOTS = 256
 # QEMU asks for the size of its own config struct, which may exceed what a device defines.
@@ -193,6 +194,46 @@ class NativeQueueRunner:
 QueueRunner = PythonQueueRunner | NativeQueueRunner
 
 
+class InbandSignal:
+    """An eventfd a queue runner signals as it would a front-end's call or err eventfd; each
+    signal becomes one back-end request (BACKEND_VRING_CALL/ERR) on the back-end channel
+    (INBAND_NOTIFICATIONS, for a ring whose front-end gave no fd). Signals that arrive while one
+    is being sent coalesce, as they do on an eventfd."""
+
+    def __init__(
+        self, engine: BackendEngine, request: BackendRequest, index: int, efd: EventFd
+    ) -> None:
+        self.efd = efd
+        self._engine = engine
+        self._request = request
+        self._index = index
+        self._sending: asyncio.Task[None] | None = None
+        asyncio.get_running_loop().add_reader(efd.fileno(), self._on_signal)
+
+    def _on_signal(self) -> None:
+        if self.efd.closed or self._sending is not None or not self.efd.consume():
+            return
+        self._sending = asyncio.ensure_future(self._send())
+
+    async def _send(self) -> None:
+        try:
+            # No ack asked: a round trip per interrupt would halve the queue's throughput.
+            await self._engine.backend_request(
+                self._request, VringState(self._index, 0), need_reply=False
+            )
+        except RequestFailed as err:
+            log.warning("vring %d: in-band %s lost: %s", self._index, self._request.name, err)
+        finally:
+            self._sending = None
+            self._on_signal()  # signalled again while sending: send once more
+
+    def close(self) -> None:
+        """Stop watching and close the eventfd (a send in progress still completes)."""
+        if not self.efd.closed:
+            asyncio.get_running_loop().remove_reader(self.efd.fileno())
+            self.efd.close()
+
+
 @dataclass
 class Vring:
     """What the front-end told us about one ring, and its runner while it runs."""
@@ -208,8 +249,15 @@ class Vring:
     started: bool = False
     enabled: bool = False
     runner: QueueRunner | None = None
+    # INBAND_NOTIFICATIONS: `call`/`err` are then these signals' eventfds.
+    inband_call: InbandSignal | None = None
+    inband_err: InbandSignal | None = None
 
     def release(self) -> None:
+        for signal in (self.inband_call, self.inband_err):
+            if signal is not None:
+                signal.close()
+        self.inband_call = self.inband_err = None
         for efd in (self.kick, self.call, self.err):
             if efd is not None:
                 efd.close()
@@ -281,6 +329,7 @@ class BackendEngine:
             _F.NET_SET_MTU: self._net_set_mtu,
             _F.SEND_RARP: self._send_rarp,
             _F.GET_STATUS: self._get_status,
+            _F.VRING_KICK: self._vring_kick,
         }
 
     # --- offered features --------------------------------------------------------------------
@@ -744,6 +793,8 @@ class BackendEngine:
         if vring.kick is not None:
             vring.kick.close()
         vring.kick = self._adopt_eventfd(msg)
+        if vring.kick is None and self._inband():
+            vring.kick = EventFd()  # signalled by VRING_KICK messages, so nothing polls
         vring.kick_set = True
         vring.started = True  # rings start at SET_VRING_KICK
         await self._update_ring(vring)
@@ -751,20 +802,58 @@ class BackendEngine:
     async def _set_vring_call(self, msg: Message) -> None:
         assert isinstance(msg.payload, U64)
         vring = self._vring(msg.payload.vring_index)
-        old, vring.call = vring.call, self._adopt_eventfd(msg)
+        old, old_signal = vring.call, vring.inband_call
+        vring.call, vring.inband_call = self._call_or_inband(
+            msg, BackendRequest.BACKEND_VRING_CALL, vring.index
+        )
         if vring.runner is not None:
             vring.runner.set_call(vring.call)
-        if old is not None:
+        if old_signal is not None:
+            old_signal.close()
+        elif old is not None:
             old.close()
 
     async def _set_vring_err(self, msg: Message) -> None:
         assert isinstance(msg.payload, U64)
         vring = self._vring(msg.payload.vring_index)
-        old, vring.err = vring.err, self._adopt_eventfd(msg)
+        old, old_signal = vring.err, vring.inband_err
+        vring.err, vring.inband_err = self._call_or_inband(
+            msg, BackendRequest.BACKEND_VRING_ERR, vring.index
+        )
         if vring.runner is not None:
             vring.runner.set_err(vring.err)
-        if old is not None:
+        if old_signal is not None:
+            old_signal.close()
+        elif old is not None:
             old.close()
+
+    # --- in-band notifications (INBAND_NOTIFICATIONS) -----------------------------------------
+    # A front-end that negotiated it and gives no kick/call/err fd (NOFD) kicks with VRING_KICK
+    # messages and gets BACKEND_VRING_CALL/ERR messages. The runners do not know: they get
+    # engine-owned eventfds, which VRING_KICK signals and InbandSignal turns into messages.
+
+    def _inband(self) -> bool:
+        return bool(self._session().protocol_features & _PF.INBAND_NOTIFICATIONS.mask)
+
+    def _call_or_inband(
+        self, msg: Message, request: BackendRequest, index: int
+    ) -> tuple[EventFd | None, InbandSignal | None]:
+        """The eventfd a SET_VRING_CALL/ERR gives, or for NOFD with in-band notifications one
+        whose signals become `request` messages."""
+        efd = self._adopt_eventfd(msg)
+        if efd is not None or not self._inband():
+            return efd, None
+        signal = InbandSignal(self, request, index, EventFd())
+        return signal.efd, signal
+
+    async def _vring_kick(self, msg: Message) -> None:
+        assert isinstance(msg.payload, VringState)
+        vring = self._vring(msg.payload.index)
+        if vring.kick is None:  # no SET_VRING_KICK yet: the in-band kick starts the ring
+            vring.kick = EventFd()
+            vring.kick_set = vring.started = True
+            await self._update_ring(vring)
+        vring.kick.signal()
 
     async def _get_protocol_features(self, msg: Message) -> Payload:
         return U64(self.offered_protocol_features())
@@ -775,6 +864,9 @@ class BackendEngine:
         unknown = requested & ~self.offered_protocol_features()
         if unknown:
             raise RequestFailed(f"protocol features {unknown:#x} were never offered")
+        inband_needs = _PF.REPLY_ACK.mask | _PF.BACKEND_REQ.mask
+        if requested & _PF.INBAND_NOTIFICATIONS.mask and requested & inband_needs != inband_needs:
+            raise RequestFailed("INBAND_NOTIFICATIONS needs REPLY_ACK and BACKEND_REQ too")
         self._session().protocol_features = requested
 
     async def _get_queue_num(self, msg: Message) -> Payload:

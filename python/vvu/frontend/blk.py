@@ -73,6 +73,7 @@ class BlkDriver:
         queue_size: int = 256,
         timeout: float = 5.0,
         backend_channel: bool = False,
+        inband: bool = False,
     ) -> BlkDriver:
         """Connect to a vhost-user-blk back-end listening on `path`; see `start`."""
         memory = 2 * MiB + depth * (max_request + 8192)
@@ -83,6 +84,7 @@ class BlkDriver:
             max_request=max_request,
             queue_size=queue_size,
             backend_channel=backend_channel,
+            inband=inband,
         )
 
     @classmethod
@@ -94,17 +96,21 @@ class BlkDriver:
         max_request: int = MiB,
         queue_size: int = 256,
         backend_channel: bool = False,
+        inband: bool = False,
     ) -> BlkDriver:
         """Set up a connected front-end (closed on failure): handshake, memory, queue 0. With
         `backend_channel`, the back-end gets a channel (BACKEND_REQ) and a resize it announces
-        there updates `capacity` (and sets `resized`)."""
+        there updates `capacity` (and sets `resized`). With `inband`, kicks and calls are
+        messages (INBAND_NOTIFICATIONS, when the back-end offers it; implies the channel)."""
         wanted = WANTED_PROTOCOL_FEATURES
-        if backend_channel:
+        if backend_channel or inband:
             wanted |= ProtocolFeature.BACKEND_REQ.mask
+        if inband:
+            wanted |= ProtocolFeature.INBAND_NOTIFICATIONS.mask
         try:
             await frontend.negotiate(protocol_features=wanted)
             await frontend.set_mem_table()
-            if backend_channel:
+            if frontend.protocol_features & ProtocolFeature.BACKEND_REQ.mask:
                 await frontend.open_backend_channel()
             capacity = 0
             if frontend.protocol_features & ProtocolFeature.CONFIG.mask:

@@ -190,6 +190,8 @@ class Frontend:
         self.backend_requests: dict[BackendRequest, int] = {}
         self._backend_channel: UnixChannel | None = None
         self._backend_task: asyncio.Task[None] | None = None
+        # INBAND_NOTIFICATIONS: queue index -> the VRING_KICK being sent (None: idle).
+        self._inband_kicks: dict[int, asyncio.Task[None] | None] = {}
 
     @classmethod
     async def connect(
@@ -310,8 +312,14 @@ class Frontend:
             _F.SET_VRING_ADDR,
             VringAddr(index, 0, UVA_BASE + desc, UVA_BASE + used, UVA_BASE + avail, 0),
         )
-        await self.request(_F.SET_VRING_KICK, U64.vring(index), [kick.fileno()])
-        await self.request(_F.SET_VRING_CALL, U64.vring(index), [call.fileno()])
+        if self.inband:  # the back-end gets no fds; our own kick/call become messages
+            await self.request(_F.SET_VRING_KICK, U64.vring(index, nofd=True))
+            await self.request(_F.SET_VRING_CALL, U64.vring(index, nofd=True))
+            self._inband_kicks[index] = None
+            asyncio.get_running_loop().add_reader(kick.fileno(), self._on_inband_kick, queue)
+        else:
+            await self.request(_F.SET_VRING_KICK, U64.vring(index), [kick.fileno()])
+            await self.request(_F.SET_VRING_CALL, U64.vring(index), [call.fileno()])
         if self.features & VhostFeature.PROTOCOL_FEATURES.mask:
             await self.request(_F.SET_VRING_ENABLE, VringState(index, 1))
         self.queues[index] = queue
@@ -324,6 +332,7 @@ class Frontend:
             raise FrontendError(f"GET_VRING_BASE answered {reply!r}")
         queue = self.queues.pop(index, None)
         if queue is not None:
+            self._stop_inband_kicks(queue)
             queue.close()
         return reply.num
 
@@ -332,6 +341,40 @@ class Frontend:
         if not isinstance(reply, Config) or reply.size != size:
             raise FrontendError(f"GET_CONFIG answered {reply!r}")
         return reply.data
+
+    # --- in-band notifications (INBAND_NOTIFICATIONS) -----------------------------------------
+
+    @property
+    def inband(self) -> bool:
+        """Kicks and calls travel as VRING_KICK / BACKEND_VRING_CALL messages (negotiate
+        INBAND_NOTIFICATIONS with REPLY_ACK and BACKEND_REQ, and open the back-end channel before
+        starting queues)."""
+        return bool(self.protocol_features & ProtocolFeature.INBAND_NOTIFICATIONS.mask)
+
+    def _on_inband_kick(self, queue: FrontendQueue) -> None:
+        if self._inband_kicks.get(queue.index, 0) is not None or not queue.kick.consume():
+            return  # being sent (coalesced, as on an eventfd), or stopped, or spurious
+        task = asyncio.ensure_future(self._send_inband_kick(queue))
+        self._inband_kicks[queue.index] = task
+
+    async def _send_inband_kick(self, queue: FrontendQueue) -> None:
+        try:
+            await self.request(_F.VRING_KICK, VringState(queue.index, 0), need_reply=False)
+        except (FrontendError, TransportError, OSError) as err:
+            log.warning("in-band kick of queue %d lost: %s", queue.index, err)
+        finally:
+            if queue.index in self._inband_kicks:
+                self._inband_kicks[queue.index] = None
+                if not queue.kick.closed:
+                    self._on_inband_kick(queue)  # kicked again while sending
+
+    def _stop_inband_kicks(self, queue: FrontendQueue) -> None:
+        if queue.index not in self._inband_kicks:
+            return
+        task = self._inband_kicks.pop(queue.index)
+        if task is not None:
+            task.cancel()
+        asyncio.get_running_loop().remove_reader(queue.kick.fileno())
 
     # --- back-end channel --------------------------------------------------------------------
 
@@ -401,6 +444,19 @@ class Frontend:
         self.backend_requests[msg.request] = self.backend_requests.get(msg.request, 0) + 1
         if msg.request == BackendRequest.BACKEND_CONFIG_CHANGE_MSG:
             return True
+        if msg.request in (BackendRequest.BACKEND_VRING_CALL, BackendRequest.BACKEND_VRING_ERR):
+            assert isinstance(msg.payload, VringState)
+            queue = self.queues.get(msg.payload.index)
+            if queue is None:
+                log.warning(
+                    "back-end channel: %s for unknown queue %d", msg.name, msg.payload.index
+                )
+                return False
+            if msg.request == BackendRequest.BACKEND_VRING_CALL:
+                queue.call.signal()  # the queue reaps as on a call eventfd
+            else:
+                log.error("back-end reports queue %d broken (in-band VRING_ERR)", queue.index)
+            return True
         log.warning("back-end channel: %s is not supported by this front-end", msg.name)
         return False
 
@@ -415,6 +471,7 @@ class Frontend:
             self._backend_channel.close()
             self._backend_channel = None
         for queue in self.queues.values():
+            self._stop_inband_kicks(queue)
             queue.close()
         self.queues.clear()
         self.channel.close()
