@@ -31,9 +31,11 @@ from _pytest.mark import ParameterSet
 from vvu._core import EventFd, GuestMemory, SplitQueueDriver, memfd
 from vvu.aio import wait_eventfd
 from vvu.backends import BlkBackend, RngBackend
+from vvu.backends.base import ConfigError
+from vvu.backends.blk import BlkFeature
 from vvu.device.vvu import PROTOCOL_FEATURES_ALLOWED
 from vvu.engine import MAX_MEM_SLOTS, BackendEngine, RequestFailed
-from vvu.frontend import BlkDriver, Frontend, FrontendQueue, RngDriver
+from vvu.frontend import BlkDriver, Frontend, FrontendError, FrontendQueue, RngDriver
 from vvu.frontend.blk import T_IN, T_OUT, BlkIOError
 from vvu.frontend.core import WANTED_PROTOCOL_FEATURES
 from vvu.protocol import (
@@ -44,6 +46,7 @@ from vvu.protocol import (
     VERSION,
     BackendRequest,
     Config,
+    DeviceStateTransfer,
     DeviceStatus,
     FrontendRequest,
     Header,
@@ -314,6 +317,12 @@ class Peer:
     ) -> Payload:
         await self.send(request, payload, need_reply=need_reply)
         return await self.reply(request)
+
+    async def get_reply_u64(self, request: FrontendRequest) -> int:
+        """The u64 of a typed reply to a request already sent."""
+        reply = await self.reply(request)
+        assert isinstance(reply, U64)
+        return reply.value
 
     async def get_u64(self, request: FrontendRequest, *, need_reply: bool = False) -> int:
         reply = await self.get(request, need_reply=need_reply)
@@ -1889,3 +1898,146 @@ async def test_inband_needs_reply_ack_and_backend_req_and_vring_kick_needs_inban
     assert await peer.ack(F.SET_PROTOCOL_FEATURES) != 0
     await peer.barrier()
     await peer.close()
+
+
+# --- device state (DEVICE_STATE) ------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_device_state_is_not_offered_through_the_vvu_device(
+    engine: BackendEngine, connect: Connector
+) -> None:
+    """The engine offers it for blk; the VVU device filters it (the state fd cannot cross)."""
+    assert engine.offered_protocol_features() & PF.DEVICE_STATE.mask
+    peer = await connect.peer(engine)
+    offered = await peer.get_u64(F.GET_PROTOCOL_FEATURES)
+    assert bool(offered & PF.DEVICE_STATE.mask) is not connect.vvu
+    await peer.close()
+
+
+async def _state_session(engine: BackendEngine) -> tuple[Frontend, asyncio.Future[None]]:
+    client, server = socketpair_channels()
+    task = asyncio.ensure_future(engine.serve(server))
+    frontend = Frontend(client, memory_size=MiB)
+    await frontend.negotiate()
+    await frontend.set_mem_table()
+    return frontend, task
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "state",
+    [b"", b"garbage", bytes(44), b"x" * 5000],
+    ids=["empty", "short", "zeros", "long"],
+)
+async def test_malformed_device_state_is_refused_and_changes_nothing(
+    engine: BackendEngine, blk: BlkBackend, state: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    frontend, task = await _state_session(engine)
+    try:
+        with pytest.raises(FrontendError, match="CHECK_DEVICE_STATE"):
+            await asyncio.wait_for(frontend.load_device_state(state), TIMEOUT)
+        assert "the state transfer failed" in " ".join(warning_lines(caplog))
+        assert blk.writeback and blk.serial == b"vvu"
+        # The session goes on, and a good state loads afterwards.
+        good = BlkBackend(size=DISK, serial="other")
+        good.writeback = False
+        await asyncio.wait_for(frontend.load_device_state(good.save_state()), TIMEOUT)
+        good.close()
+        assert not blk.writeback and blk.serial == b"other"
+    finally:
+        await frontend.close()
+    await asyncio.wait_for(task, TIMEOUT)
+    assert blk.writeback and blk.serial == b"vvu"  # the next front-end starts from defaults
+
+
+@pytest.mark.asyncio
+async def test_device_state_of_another_disk_or_version_is_refused(
+    engine: BackendEngine, blk: BlkBackend
+) -> None:
+    bigger = BlkBackend(size=2 * DISK)
+    state = bigger.save_state()
+    bigger.close()
+    read_only_state = bytearray(blk.save_state())
+    read_only_state[20] = 1
+    future_version = bytearray(blk.save_state())
+    future_version[8] = 2
+    frontend, task = await _state_session(engine)
+    try:
+        for bad in (state, bytes(read_only_state), bytes(future_version)):
+            with pytest.raises(FrontendError, match="CHECK_DEVICE_STATE"):
+                await asyncio.wait_for(frontend.load_device_state(bad), TIMEOUT)
+        # The same state loads on the device it came from.
+        await asyncio.wait_for(frontend.load_device_state(blk.save_state()), TIMEOUT)
+    finally:
+        await frontend.close()
+    await asyncio.wait_for(task, TIMEOUT)
+
+
+@pytest.mark.asyncio
+async def test_set_device_state_fd_refuses_bad_transfers_with_an_error_code(
+    engine: BackendEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unknown direction or phase, a running ring, CHECK without a transfer, a pipe that never
+    ends, a state over the size cap: error codes (bit 8, no fd), never a crash or a hang."""
+    peer = Peer(engine, *await _peer_pair(engine))
+    guest, ring = Guest(), None
+    read_end, write_end = os.pipe()
+    try:
+        await negotiate(peer, protocol=QEMU_PROTOCOL | PF.DEVICE_STATE.mask)
+        for transfer in (DeviceStateTransfer(2, 0), DeviceStateTransfer(0, 1)):
+            await peer.send(F.SET_DEVICE_STATE_FD, transfer, [read_end])
+            assert await peer.get_reply_u64(F.SET_DEVICE_STATE_FD) == 0x101  # error, no fd
+        assert await peer.get_u64(F.CHECK_DEVICE_STATE) != 0  # no transfer started
+
+        await peer.do(F.SET_MEM_TABLE, guest.table, guest.fds, need_reply=True)
+        ring = Ring(guest)
+        await start_ring(peer, ring, need_reply=True)
+        await peer.send(F.SET_DEVICE_STATE_FD, DeviceStateTransfer(0, 0), [write_end])
+        assert await peer.get_reply_u64(F.SET_DEVICE_STATE_FD) == 0x101  # rings are running
+        assert await peer.get(F.GET_VRING_BASE, VringState(0, 0)) == VringState(0, 0)
+
+        # A load whose pipe the front-end keeps open: CHECK gives up after its timeout.
+        monkeypatch.setattr("vvu.engine.STATE_TRANSFER_TIMEOUT", 0.2)
+        await peer.send(F.SET_DEVICE_STATE_FD, DeviceStateTransfer(1, 0), [read_end])
+        assert await peer.get_reply_u64(F.SET_DEVICE_STATE_FD) == 0x100  # accepted, no fd
+        await peer.send(F.SET_DEVICE_STATE_FD, DeviceStateTransfer(1, 0), [read_end])
+        assert await peer.get_reply_u64(F.SET_DEVICE_STATE_FD) == 0x101  # one at a time
+        assert await peer.get_u64(F.CHECK_DEVICE_STATE) != 0
+
+        # More than the cap: refused at CHECK.
+        monkeypatch.setattr("vvu.engine.MAX_DEVICE_STATE", 16)
+        await peer.send(F.SET_DEVICE_STATE_FD, DeviceStateTransfer(1, 0), [read_end])
+        assert await peer.get_reply_u64(F.SET_DEVICE_STATE_FD) == 0x100
+        os.write(write_end, b"y" * 100)
+        os.close(write_end)
+        write_end = -1
+        assert await peer.get_u64(F.CHECK_DEVICE_STATE) != 0
+        await peer.barrier()
+    finally:
+        await peer.close()
+        for fd in (read_end, write_end):
+            if fd >= 0:
+                os.close(fd)
+        if ring is not None:
+            ring.close()
+        guest.close()
+
+
+async def _peer_pair(engine: BackendEngine) -> tuple[Channel, asyncio.Future[None]]:
+    client, server = socketpair_channels()
+    return client, asyncio.ensure_future(engine.serve(server))
+
+
+def test_blk_cache_mode_is_writable_only_with_config_wce(blk: BlkBackend) -> None:
+    with pytest.raises(ConfigError, match="read-only"):
+        blk.write_config(32, b"\0")  # CONFIG_WCE not acked
+    blk.set_features(1 << BlkFeature.CONFIG_WCE)
+    for offset, data in ((32, b"\2"), (32, b"\0\0"), (0, b"\0"), (33, b"\0")):
+        with pytest.raises(ConfigError, match="only writeback"):
+            blk.write_config(offset, data)
+    assert blk.writeback and blk.config_space()[32] == 1
+    blk.write_config(32, b"\0")
+    assert not blk.writeback and blk.config_space()[32] == 0
+    blk.reset()
+    assert blk.writeback

@@ -293,7 +293,8 @@ def test_blk_guest_sees_the_disk_grow_when_the_daemon_gets_sighup(
 ) -> None:
     """The image grows under a running guest; SIGHUP makes `vvu serve blk` re-read its size and
     send BACKEND_CONFIG_CHANGE_MSG (directly, or through the VVU device's txq); QEMU re-reads
-    the config space and the guest's driver sees the new capacity, and reads the new end."""
+    the config space and the guest's driver sees the new capacity, and reads the new end. Then
+    the guest switches the write cache off (CONFIG_WCE: SET_CONFIG of `writeback`)."""
     image = tmp_path / "grow.img"
     with image.open("wb") as f:
         f.truncate(DISK_SIZE)
@@ -329,6 +330,9 @@ done
 cat /sys/block/vda/size
 dd if=/dev/vda bs=512 skip={last} count=1 iflag=direct 2>/dev/null | head -c {len(marker)}
 echo
+cat /sys/block/vda/cache_type
+echo "write through" > /sys/block/vda/cache_type
+cat /sys/block/vda/cache_type
 """
     devices = _vhost_user("vhost-user-blk-pci", frontend_socket, "num-queues=1")
     with start_guest(script, qemu_args=devices, timeout=TIMEOUT) as guest:
@@ -347,6 +351,9 @@ echo
     assert lines[0] == str(DISK_SIZE // 512)
     assert lines[2] == str(grown // 512), daemon.log()
     assert lines[3] == marker.decode()
+    # CONFIG_WCE: the guest's cache mode change reaches the daemon as SET_CONFIG (blk state).
+    assert lines[4:6] == ["write back", "write through"]
+    assert "set the write cache to write through" in daemon.log()
     assert "front-end told" in daemon.log()
     assert daemon.stop() == 0, daemon.log()
 

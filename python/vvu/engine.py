@@ -22,13 +22,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from vvu._core import EventFd, GuestMemory, QueueWorker, SplitQueue
+from vvu.aio import read_to_eof, write_all
 from vvu.backends.base import Backend, ConfigError
 from vvu.errors import GuestMemoryError, ProtocolError, QueueError, VvuError
 from vvu.protocol import (
+    DEVICE_STATE_NOFD,
     EMPTY,
     U64,
     BackendRequest,
     Config,
+    DeviceStateTransfer,
     FrontendRequest,
     MemoryRegion,
     MemoryTable,
@@ -36,6 +39,8 @@ from vvu.protocol import (
     Payload,
     ProtocolFeature,
     SingleRegion,
+    TransferDirection,
+    TransferPhase,
     VhostFeature,
     VirtioFeature,
     VringAddr,
@@ -72,6 +77,12 @@ MAX_MEM_SLOTS = 256
 MAX_CONFIG_SPACE = 256
 # How often a ring whose front-end sends no kicks (SET_VRING_KICK with NOFD) is looked at.
 POLL_INTERVAL = 0.001
+# Largest device state accepted from a front-end, and how long CHECK_DEVICE_STATE waits for
+# the end of a transfer (the front-end closes its end of the pipe before it asks).
+MAX_DEVICE_STATE = 1 << 20
+STATE_TRANSFER_TIMEOUT = 5.0
+# The error code of a failed state transfer (bits 0-7 of the reply: any non-zero value).
+DEVICE_STATE_FAILED = 1
 # How long a back-end request waits for the front-end's answer.
 BACKEND_REPLY_TIMEOUT = 5.0
 # How long REM_MEM_REG waits for buffers still held by Python code before failing.
@@ -282,6 +293,9 @@ class Session:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # One back-end request (and its answer) at a time on the back-end channel.
     backend_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # DEVICE_STATE: the transfer SET_DEVICE_STATE_FD started (its result: the loaded bytes, or
+    # None for a save), until CHECK_DEVICE_STATE collects it.
+    state_transfer: asyncio.Task[bytes | None] | None = None
 
     @property
     def reply_ack(self) -> bool:
@@ -330,6 +344,8 @@ class BackendEngine:
             _F.SEND_RARP: self._send_rarp,
             _F.GET_STATUS: self._get_status,
             _F.VRING_KICK: self._vring_kick,
+            _F.SET_DEVICE_STATE_FD: self._set_device_state_fd,
+            _F.CHECK_DEVICE_STATE: self._check_device_state,
         }
 
     # --- offered features --------------------------------------------------------------------
@@ -492,6 +508,8 @@ class BackendEngine:
                 finally:
                     vring.release()
         finally:
+            if session.state_transfer is not None:
+                session.state_transfer.cancel()  # closes its fd
             if session.backend_channel is not None:
                 session.backend_channel.close()
             session.memory = None
@@ -912,6 +930,9 @@ class BackendEngine:
     async def _set_config(self, msg: Message) -> None:
         assert isinstance(msg.payload, Config)
         self.backend.write_config(msg.payload.offset, msg.payload.data)
+        # A written field may change how the queues run (blk's cache mode): native workers
+        # take their configuration when they start.
+        await self._restart_rings(lambda: None)
 
     async def _reset_device(self, msg: Message) -> None:
         session = self._session()
@@ -932,3 +953,69 @@ class BackendEngine:
 
     async def _get_status(self, msg: Message) -> Payload:
         return U64(self._session().status)
+
+    # --- device state transfer (DEVICE_STATE) --------------------------------------------------
+    # SET_DEVICE_STATE_FD starts moving Backend.save_state()'s bytes out through the front-end's
+    # pipe, or reading a state in; CHECK_DEVICE_STATE waits for the end of it and, for a load,
+    # hands the bytes to Backend.load_state(). Both always reply, so failures are error codes.
+
+    async def _set_device_state_fd(self, msg: Message) -> Payload:
+        assert isinstance(msg.payload, DeviceStateTransfer)
+        session = self._session()
+        direction, phase = msg.payload.direction, msg.payload.phase
+        problem = None
+        if direction not in (TransferDirection.SAVE, TransferDirection.LOAD):
+            problem = f"unknown transfer direction {direction}"
+        elif phase != TransferPhase.STOPPED:
+            problem = f"unknown transfer phase {phase} (only 0, stopped, exists)"
+        elif any(vring.runner is not None for vring in session.vrings):
+            problem = "rings are still running (stop them with GET_VRING_BASE first)"
+        elif session.state_transfer is not None:
+            problem = "a transfer is already in progress"
+        if problem is None and direction == TransferDirection.SAVE:
+            try:
+                state = self.backend.save_state()
+            except (ValueError, NotImplementedError) as err:
+                problem = f"saving the state failed: {err}"
+        if problem is not None:
+            log.warning("SET_DEVICE_STATE_FD refused: %s", problem)
+            return U64(DEVICE_STATE_NOFD | DEVICE_STATE_FAILED)
+        fd = os.dup(msg.fds[0])
+        if direction == TransferDirection.SAVE:
+            session.state_transfer = asyncio.ensure_future(self._send_state(fd, state))
+        else:
+            session.state_transfer = asyncio.ensure_future(self._receive_state(fd))
+        return U64(DEVICE_STATE_NOFD)  # we use the front-end's fd and return none
+
+    @staticmethod
+    async def _send_state(fd: int, state: bytes) -> None:
+        try:
+            await write_all(fd, state)
+        finally:
+            os.close(fd)  # EOF tells the reader that this was all
+
+    @staticmethod
+    async def _receive_state(fd: int) -> bytes:
+        try:
+            return await read_to_eof(fd, MAX_DEVICE_STATE)
+        finally:
+            os.close(fd)
+
+    async def _check_device_state(self, msg: Message) -> Payload:
+        session = self._session()
+        transfer, session.state_transfer = session.state_transfer, None
+        if transfer is None:
+            log.warning("CHECK_DEVICE_STATE: no state transfer was started")
+            return U64(DEVICE_STATE_FAILED)
+        try:
+            state = await asyncio.wait_for(transfer, STATE_TRANSFER_TIMEOUT)
+            if state is not None:
+                self.backend.load_state(state)
+        except TimeoutError:
+            log.warning("CHECK_DEVICE_STATE: the transfer did not end (the pipe is still open)")
+            return U64(DEVICE_STATE_FAILED)
+        except (OSError, ValueError, NotImplementedError) as err:
+            log.warning("CHECK_DEVICE_STATE: the state transfer failed: %s", err)
+            return U64(DEVICE_STATE_FAILED)
+        log.info("device state %s", "loaded" if state is not None else "saved")
+        return U64(0)

@@ -16,17 +16,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from vvu._core import EventFd, GuestMemory, SplitQueueDriver, memfd
+from vvu.aio import read_to_eof, write_all
 from vvu.errors import ProtocolError, VvuError
 from vvu.protocol import (
+    DEVICE_STATE_ERROR_MASK,
+    DEVICE_STATE_NOFD,
     EMPTY,
     U64,
     BackendRequest,
     Config,
+    DeviceStateTransfer,
     FrontendRequest,
     MemoryRegion,
     MemoryTable,
     Payload,
     ProtocolFeature,
+    TransferDirection,
+    TransferPhase,
     VhostFeature,
     VirtioFeature,
     VringAddr,
@@ -57,6 +63,7 @@ WANTED_PROTOCOL_FEATURES = (
     | ProtocolFeature.CONFIG.mask
     | ProtocolFeature.CONFIGURE_MEM_SLOTS.mask
     | ProtocolFeature.STATUS.mask
+    | ProtocolFeature.DEVICE_STATE.mask
 )
 
 
@@ -222,11 +229,13 @@ class Frontend:
         fds: Sequence[int] = (),
         *,
         need_reply: bool | None = None,
+        reply_fds: list[int] | None = None,
     ) -> Payload | None:
         """Send one request and wait for its answer when one is due.
 
         Requests that always reply return their payload. Others ask for an ack when REPLY_ACK
         is negotiated (unless `need_reply` is False) and raise FrontendError on a failure ack.
+        Fds that come with the reply are closed, or handed to the caller in `reply_fds`.
         """
         spec = spec_for(request, "frontend")
         always = spec is not None and spec.replies is ReplyKind.ALWAYS
@@ -250,9 +259,12 @@ class Frontend:
                     is_reply=True,
                 )
             except ProtocolError as err:
-                raise FrontendError(f"bad reply to {request.name}: {err}") from err
-            finally:
                 close_fds(raw.fds)
+                raise FrontendError(f"bad reply to {request.name}: {err}") from err
+            if reply_fds is None:
+                close_fds(raw.fds)
+            else:
+                reply_fds.extend(raw.fds)
         log.debug("-> %s", describe(reply))
         if reply.request != request:
             raise FrontendError(f"reply to {reply.name} while waiting for {request.name}")
@@ -341,6 +353,69 @@ class Frontend:
         if not isinstance(reply, Config) or reply.size != size:
             raise FrontendError(f"GET_CONFIG answered {reply!r}")
         return reply.data
+
+    # --- device state transfer (DEVICE_STATE) -------------------------------------------------
+    # The rings must be stopped first (stop_queue); on the destination, start them again with
+    # the source's bases after the load.
+
+    async def save_device_state(self, *, limit: int = 1 << 20) -> bytes:
+        """SET_DEVICE_STATE_FD (save) through a pipe, read it to EOF, CHECK_DEVICE_STATE: the
+        back-end's internal state. Raises FrontendError when the back-end refuses or fails."""
+        read_end, write_end = os.pipe()
+        try:
+            fd = await self._start_state_transfer(TransferDirection.SAVE, write_end)
+            if fd is not None:  # the back-end's own fd replaces our pipe
+                os.close(read_end)
+                read_end = fd
+            os.close(write_end)  # the back-end's EOF must not wait for our copy
+            write_end = -1
+            state = await read_to_eof(read_end, limit)
+        except ValueError as err:
+            raise FrontendError(f"device state: {err}") from err
+        finally:
+            close_fds([fd for fd in (read_end, write_end) if fd >= 0])
+        await self._check_device_state()
+        return state
+
+    async def load_device_state(self, state: bytes) -> None:
+        """SET_DEVICE_STATE_FD (load) through a pipe, write `state` and close it,
+        CHECK_DEVICE_STATE. Raises FrontendError when the back-end refuses or fails."""
+        read_end, write_end = os.pipe()
+        try:
+            fd = await self._start_state_transfer(TransferDirection.LOAD, read_end)
+            if fd is not None:
+                os.close(write_end)
+                write_end = fd
+            os.close(read_end)
+            read_end = -1
+            await write_all(write_end, state)
+        finally:
+            close_fds([fd for fd in (read_end, write_end) if fd >= 0])
+        await self._check_device_state()
+
+    async def _start_state_transfer(self, direction: TransferDirection, fd: int) -> int | None:
+        """SET_DEVICE_STATE_FD with our end of the pipe; the back-end's own fd, if it sent one."""
+        returned: list[int] = []
+        reply = await self.request(
+            _F.SET_DEVICE_STATE_FD,
+            DeviceStateTransfer(direction, TransferPhase.STOPPED),
+            [fd],
+            reply_fds=returned,
+        )
+        if not isinstance(reply, U64) or reply.value & DEVICE_STATE_ERROR_MASK:
+            close_fds(returned)
+            raise FrontendError(f"back-end refused to {direction.name.lower()} its state")
+        if reply.value & DEVICE_STATE_NOFD:
+            close_fds(returned)
+            return None
+        if len(returned) != 1:
+            close_fds(returned)
+            raise FrontendError("SET_DEVICE_STATE_FD reply promised an fd and carried none")
+        return returned[0]
+
+    async def _check_device_state(self) -> None:
+        if await self.request_u64(_F.CHECK_DEVICE_STATE) != 0:
+            raise FrontendError("CHECK_DEVICE_STATE: the back-end reports the transfer failed")
 
     # --- in-band notifications (INBAND_NOTIFICATIONS) -----------------------------------------
 
