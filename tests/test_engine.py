@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from uuid import UUID
 
 import pytest
 import pytest_asyncio
@@ -34,7 +35,7 @@ from vvu.backends import BlkBackend, RngBackend
 from vvu.backends.base import ConfigError
 from vvu.backends.blk import BlkFeature
 from vvu.device.vvu import PROTOCOL_FEATURES_ALLOWED
-from vvu.engine import MAX_MEM_SLOTS, BackendEngine, RequestFailed
+from vvu.engine import MAX_MEM_SLOTS, REFUSED, BackendEngine, RequestFailed
 from vvu.frontend import BlkDriver, Frontend, FrontendError, FrontendQueue, RngDriver
 from vvu.frontend.blk import T_IN, T_OUT, BlkIOError
 from vvu.frontend.core import WANTED_PROTOCOL_FEATURES
@@ -54,6 +55,9 @@ from vvu.protocol import (
     MemoryTable,
     Payload,
     ProtocolFeature,
+    RawPayload,
+    SharedObject,
+    ShmemConfig,
     SingleRegion,
     VhostFeature,
     VirtioFeature,
@@ -61,6 +65,7 @@ from vvu.protocol import (
     VringState,
     decode_message,
 )
+from vvu.protocol.table import spec_for
 from vvu.transport.base import Channel, RawMessage, TransportError
 from vvu.transport.unix import UnixListener, connect_unix, socketpair_channels
 from vvu_harness import served
@@ -2041,3 +2046,102 @@ def test_blk_cache_mode_is_writable_only_with_config_wce(blk: BlkBackend) -> Non
     assert not blk.writeback and blk.config_space()[32] == 0
     blk.reset()
     assert blk.writeback
+
+
+# --- requests the engine refuses ------------------------------------------------------------------
+
+
+@dataclass
+class Refused:
+    """A request the engine refuses, and the answer it gets with NEED_REPLY: "ack" (a failure
+    ack), a typed failure reply (no fd attached), or None (no failure form: dropped)."""
+
+    request: FrontendRequest
+    payload: Payload
+    expected: Payload | str | None
+    with_fd: bool = False
+
+
+def _refused_cases() -> list[ParameterSet]:
+    uuid = SharedObject(UUID("12345678-9abc-def0-1234-56789abcdef0"))
+    session = RawPayload(struct.pack("<q", 7) + bytes(56))
+    cases = [
+        Refused(F.SET_VRING_ENDIAN, VringState(0, 1), "ack"),
+        Refused(F.CREATE_CRYPTO_SESSION, session, RawPayload(struct.pack("<q", -1) + bytes(56))),
+        Refused(F.CLOSE_CRYPTO_SESSION, U64(7), "ack"),
+        Refused(F.POSTCOPY_ADVISE, EMPTY, EMPTY),
+        Refused(F.POSTCOPY_LISTEN, EMPTY, "ack"),
+        Refused(F.POSTCOPY_END, EMPTY, U64(1)),
+        Refused(F.GPU_SET_SOCKET, EMPTY, "ack", with_fd=True),
+        Refused(F.GET_SHARED_OBJECT, uuid, EMPTY),
+        Refused(F.GET_SHMEM_CONFIG, EMPTY, ShmemConfig(0)),
+        Refused(F.GET_VRING_BASE_SKIP_DRAIN, VringState(0, 0), None),
+    ]
+    return [pytest.param(case, id=case.request.name) for case in cases]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("case", _refused_cases())
+async def test_refused_requests_get_their_failure_answer_and_a_reason(
+    engine: BackendEngine, caplog: pytest.LogCaptureFixture, case: Refused
+) -> None:
+    """Requests whose feature is never offered (docs/protocol-support.md): with NEED_REPLY they
+    get the failure form of their answer and a log line with the reason; the session goes on."""
+    spec = spec_for(case.request)
+    assert spec is not None and case.request in REFUSED
+    assert spec.feature is None or not engine.offered_protocol_features() & spec.feature.mask
+    peer = Peer(engine, *await _peer_pair(engine))
+    ours, theirs = socket.socketpair()
+    try:
+        await negotiate(peer)
+        fds = [theirs.fileno()] if case.with_fd else []
+        await peer.send(case.request, case.payload, fds, need_reply=True)
+        if case.expected is None:
+            await peer.expect_dropped()
+            return
+        raw = await peer.recv()
+        assert raw is not None and raw.fds == []
+        assert raw.request == case.request and raw.flags == REPLY_FLAGS
+        header = Header(raw.request, raw.flags, len(raw.payload))
+        reply = decode_message(header, raw.payload, is_reply=True).payload
+        assert reply == (U64(1) if case.expected == "ack" else case.expected)
+        assert REFUSED[case.request] in " ".join(warning_lines(caplog))
+        await peer.barrier()
+        await peer.close()
+    finally:
+        ours.close()
+        theirs.close()
+
+
+@pytest.mark.asyncio
+async def test_our_frontend_answers_back_end_requests_it_does_not_support_with_a_failure_ack(
+    engine: BackendEngine,
+) -> None:
+    """Shared objects, shared memory maps, host notifiers, unknown ids, in-band calls that were
+    not negotiated: refused with a failure ack (NEED_REPLY), and the channel goes on."""
+    client, server = socketpair_channels()
+    task = asyncio.ensure_future(engine.serve(server))
+    frontend = Frontend(client, memory_size=MiB)
+    try:
+        await frontend.negotiate(protocol_features=WANTED_PROTOCOL_FEATURES | PF.BACKEND_REQ.mask)
+        await frontend.open_backend_channel()
+        await frontend.request_u64(F.GET_FEATURES)  # SET_BACKEND_REQ_FD was handled
+        assert engine.session is not None and engine.session.backend_channel is not None
+        channel = engine.session.backend_channel
+        uuid = SharedObject(UUID(int=1)).pack()
+        refused = [
+            (BackendRequest.BACKEND_SHARED_OBJECT_ADD, uuid),
+            (BackendRequest.BACKEND_SHMEM_UNMAP, bytes(40)),
+            (BackendRequest.BACKEND_VRING_CALL, VringState(0, 0).pack()),
+            (99, b""),
+        ]
+        for request, body in refused:
+            await channel.send(Header(request, VERSION | NEED_REPLY, len(body)).pack() + body)
+            raw = await asyncio.wait_for(channel.recv(), TIMEOUT)
+            assert raw is not None and (raw.request, raw.flags) == (request, REPLY_FLAGS)
+            assert int.from_bytes(raw.payload, "little") != 0, request
+        assert frontend.backend_requests == {}  # nothing was carried out
+        assert await engine.notify_config_change() is True  # and the channel still works
+    finally:
+        await frontend.close()
+    await asyncio.wait_for(task, TIMEOUT)

@@ -18,8 +18,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 from vvu._core import EventFd, GuestMemory, QueueWorker, SplitQueue
 from vvu.aio import read_to_eof, write_all
@@ -38,6 +40,8 @@ from vvu.protocol import (
     Message,
     Payload,
     ProtocolFeature,
+    RawPayload,
+    ShmemConfig,
     SingleRegion,
     TransferDirection,
     TransferPhase,
@@ -57,7 +61,7 @@ from vvu.transport.base import Channel, Listener, RawMessage, TransportError, cl
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENGINE_PROTOCOL_FEATURES", "BackendEngine", "RequestFailed"]
+__all__ = ["ENGINE_PROTOCOL_FEATURES", "REFUSED", "BackendEngine", "RequestFailed"]
 
 _F = FrontendRequest
 _PF = ProtocolFeature
@@ -87,6 +91,46 @@ DEVICE_STATE_FAILED = 1
 BACKEND_REPLY_TIMEOUT = 5.0
 # How long REM_MEM_REG waits for buffers still held by Python code before failing.
 REGION_RELEASE_TIMEOUT = 1.0
+
+
+#: Why the engine refuses the requests it has no handler for (docs/protocol-support.md). Each
+#: needs a protocol feature the engine never offers, so a front-end that follows the spec never
+#: sends them; one that does gets a failure ack, or the failure form of the typed reply
+#: (`_failure_reply`), or, where neither exists, is dropped.
+REFUSED: Final[dict[FrontendRequest, str]] = {
+    _F.SET_VRING_ENDIAN: (
+        "rings are little-endian (VERSION_1); legacy cross-endian rings are not supported "
+        "(CROSS_ENDIAN is not offered)"
+    ),
+    _F.CREATE_CRYPTO_SESSION: "no crypto device here (CRYPTO_SESSION is not offered)",
+    _F.CLOSE_CRYPTO_SESSION: "no crypto device here (CRYPTO_SESSION is not offered)",
+    _F.POSTCOPY_ADVISE: "postcopy migration is not implemented (PAGEFAULT is not offered)",
+    _F.POSTCOPY_LISTEN: "postcopy migration is not implemented (PAGEFAULT is not offered)",
+    _F.POSTCOPY_END: "postcopy migration is not implemented (PAGEFAULT is not offered)",
+    _F.GPU_SET_SOCKET: "not a GPU device",
+    _F.GET_SHARED_OBJECT: "no shared objects are exported (SHARED_OBJECT is not offered)",
+    _F.GET_SHMEM_CONFIG: "no shared memory regions (SHMEM is not offered)",
+    _F.GET_VRING_BASE_SKIP_DRAIN: (
+        "rings always drain on GET_VRING_BASE (GET_VRING_BASE_SKIP_DRAIN is not offered)"
+    ),
+}
+
+
+def _failure_reply(msg: Message) -> Payload | None:
+    """The spec's failure form of a request's typed reply, or None when it has none."""
+    if msg.request in (_F.POSTCOPY_ADVISE, _F.GET_SHARED_OBJECT):
+        return EMPTY  # without the userfaultfd / dma-buf fd: failed, not found
+    if msg.request == _F.POSTCOPY_END:
+        return U64(1)
+    if msg.request == _F.GET_SHMEM_CONFIG:
+        return ShmemConfig(0)
+    payload = msg.payload
+    if msg.request == _F.CREATE_CRYPTO_SESSION and isinstance(payload, RawPayload):
+        # QEMU's reply is the session struct with a negative session id for a failure.
+        return (
+            RawPayload(struct.pack("<q", -1) + payload.data[8:]) if len(payload.data) >= 8 else None
+        )
+    return None
 
 
 class RequestFailed(VvuError):
@@ -533,7 +577,10 @@ class BackendEngine:
         handler = self._handlers.get(msg.request) if isinstance(msg.request, _F) else None
         try:
             if handler is None:
-                raise RequestFailed(f"{msg.name} is not supported by this back-end")
+                why = REFUSED.get(msg.request, "") if isinstance(msg.request, _F) else ""
+                raise RequestFailed(
+                    f"{msg.name} is not supported by this back-end" + (f": {why}" if why else "")
+                )
             if (
                 spec is not None
                 and spec.feature is not None
@@ -547,6 +594,11 @@ class BackendEngine:
                 # The text only: a log record kept with the error would pin its frames (memory).
                 log.warning("%s failed: %s", msg.name, str(err))
                 await session.channel.send(encode_ack(msg.request, ok=False))
+                return
+            failure = _failure_reply(msg) if answer is Answer.REPLY else None
+            if failure is not None:
+                log.warning("%s failed: %s", msg.name, str(err))
+                await session.channel.send(encode_reply(msg.request, failure))
                 return
             raise _Disconnect(f"{msg.name} failed: {err}") from err
         finally:
