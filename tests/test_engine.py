@@ -1855,7 +1855,8 @@ async def test_inband_vring_kick_starts_a_ring_and_calls_arrive_as_messages(
     engine: BackendEngine, connect: Connector
 ) -> None:
     """Raw: no SET_VRING_KICK at all; VRING_KICK starts the ring and processes what is in it;
-    the completion is announced by BACKEND_VRING_CALL (index 0) on the back-end socket."""
+    the completion is announced by BACKEND_VRING_CALL (index 0) on the back-end socket, and a
+    broken ring by BACKEND_VRING_ERR."""
     guest, peer = Guest(), await connect.peer(engine)
     ring = Ring(guest)
     ours, theirs = socket.socketpair()
@@ -1868,6 +1869,7 @@ async def test_inband_vring_kick_starts_a_ring_and_calls_arrive_as_messages(
         await peer.do(F.SET_VRING_NUM, VringState(0, ring.size), need_reply=True)
         await peer.do(F.SET_VRING_ADDR, ring.addr, need_reply=True)
         await peer.do(F.SET_VRING_CALL, U64.vring(0, nofd=True), need_reply=True)
+        await peer.do(F.SET_VRING_ERR, U64.vring(0, nofd=True), need_reply=True)
         await peer.do(F.SET_VRING_ENABLE, VringState(0, 1), need_reply=True)
         request = blk_submit(ring, T_OUT, 8, out=os.urandom(512))
         ring.driver.publish()
@@ -1875,7 +1877,14 @@ async def test_inband_vring_kick_starts_a_ring_and_calls_arrive_as_messages(
         message = await asyncio.wait_for(loop.sock_recv(ours, 20), TIMEOUT)
         assert struct.unpack("<IIIII", message) == (4, 1, 8, 0, 0)  # VRING_CALL, vring 0
         assert ring.used_idx == 1 and blk_status(ring, request) == 0
-        assert await peer.get(F.GET_VRING_BASE, VringState(0, 0)) == VringState(0, 1)
+        # A buffer outside guest memory breaks the ring: BACKEND_VRING_ERR instead of the err fd.
+        ring.queue.submit([], [(GPA + 64 * MiB, 16)])
+        ring.driver.publish()
+        await peer.do(F.VRING_KICK, VringState(0, 0), need_reply=True)
+        message = await asyncio.wait_for(loop.sock_recv(ours, 20), TIMEOUT)
+        assert struct.unpack("<IIIII", message) == (5, 1, 8, 0, 0)  # VRING_ERR, vring 0
+        stopped = await peer.get(F.GET_VRING_BASE, VringState(0, 0))
+        assert isinstance(stopped, VringState) and stopped.index == 0
     finally:
         await peer.close()
         ours.close()
@@ -2060,6 +2069,8 @@ class Refused:
     payload: Payload
     expected: Payload | str | None
     with_fd: bool = False
+    # Over VVU, if different: the device passes no fd, so a request that needs one is malformed.
+    over_vvu: Payload | str | None = "same"
 
 
 def _refused_cases() -> list[ParameterSet]:
@@ -2072,7 +2083,7 @@ def _refused_cases() -> list[ParameterSet]:
         Refused(F.POSTCOPY_ADVISE, EMPTY, EMPTY),
         Refused(F.POSTCOPY_LISTEN, EMPTY, "ack"),
         Refused(F.POSTCOPY_END, EMPTY, U64(1)),
-        Refused(F.GPU_SET_SOCKET, EMPTY, "ack", with_fd=True),
+        Refused(F.GPU_SET_SOCKET, EMPTY, "ack", with_fd=True, over_vvu=None),
         Refused(F.GET_SHARED_OBJECT, uuid, EMPTY),
         Refused(F.GET_SHMEM_CONFIG, EMPTY, ShmemConfig(0)),
         Refused(F.GET_VRING_BASE_SKIP_DRAIN, VringState(0, 0), None),
@@ -2083,20 +2094,21 @@ def _refused_cases() -> list[ParameterSet]:
 @pytest.mark.asyncio
 @pytest.mark.parametrize("case", _refused_cases())
 async def test_refused_requests_get_their_failure_answer_and_a_reason(
-    engine: BackendEngine, caplog: pytest.LogCaptureFixture, case: Refused
+    engine: BackendEngine, caplog: pytest.LogCaptureFixture, case: Refused, connect: Connector
 ) -> None:
     """Requests whose feature is never offered (docs/protocol-support.md): with NEED_REPLY they
     get the failure form of their answer and a log line with the reason; the session goes on."""
     spec = spec_for(case.request)
     assert spec is not None and case.request in REFUSED
     assert spec.feature is None or not engine.offered_protocol_features() & spec.feature.mask
-    peer = Peer(engine, *await _peer_pair(engine))
+    peer = await connect.peer(engine)
     ours, theirs = socket.socketpair()
     try:
         await negotiate(peer)
         fds = [theirs.fileno()] if case.with_fd else []
         await peer.send(case.request, case.payload, fds, need_reply=True)
-        if case.expected is None:
+        expected = case.expected if case.over_vvu == "same" or not connect.vvu else case.over_vvu
+        if expected is None:
             await peer.expect_dropped()
             return
         raw = await peer.recv()
@@ -2104,7 +2116,7 @@ async def test_refused_requests_get_their_failure_answer_and_a_reason(
         assert raw.request == case.request and raw.flags == REPLY_FLAGS
         header = Header(raw.request, raw.flags, len(raw.payload))
         reply = decode_message(header, raw.payload, is_reply=True).payload
-        assert reply == (U64(1) if case.expected == "ack" else case.expected)
+        assert reply == (U64(1) if expected == "ack" else expected)
         assert REFUSED[case.request] in " ".join(warning_lines(caplog))
         await peer.barrier()
         await peer.close()
