@@ -1714,21 +1714,54 @@ async def test_config_change_is_announced_on_the_backend_channel(
             assert struct.unpack("<III", header) == (2, 1 | NEED_REPLY, 0)
             await loop.sock_sendall(ours, struct.pack("<IIIQ", 2, REPLY_FLAGS, 8, 0))
             assert await asyncio.wait_for(notified, TIMEOUT) is True
-            # ... a failure ack is an error for the caller, and the channel stays usable ...
+            # ... and a failure ack is an error for the caller; the channel stays usable.
             notified = asyncio.ensure_future(engine.notify_config_change())
             await asyncio.wait_for(loop.sock_recv(ours, 12), TIMEOUT)
             await loop.sock_sendall(ours, struct.pack("<IIIQ", 2, REPLY_FLAGS, 8, 1))
             with pytest.raises(RequestFailed, match="refused BACKEND_CONFIG_CHANGE_MSG"):
                 await asyncio.wait_for(notified, TIMEOUT)
-            # ... and silence drops the back-end channel (a late ack would confuse the next one).
-            with pytest.raises(RequestFailed, match="no answer"):
-                await engine.backend_request(BackendRequest.BACKEND_CONFIG_CHANGE_MSG, timeout=0.2)
-            assert await engine.notify_config_change() is False
         await frontend.close()
         await asyncio.wait_for(task, TIMEOUT)
     finally:
         ours.close()
         backend.close()
+
+
+@pytest.mark.asyncio
+async def test_backend_request_without_an_answer_drops_the_backend_channel(
+    engine: BackendEngine,
+) -> None:
+    """Silence (timeout) or giving up (cancellation) leaves the channel out of step, as a late
+    ack would be taken for the next request's: it is dropped; a new one works again."""
+    client, server = socketpair_channels()
+    task = asyncio.ensure_future(engine.serve(server))
+    frontend = Frontend(client, memory_size=MiB)
+    loop = asyncio.get_running_loop()
+    await frontend.negotiate(
+        protocol_features=WANTED_PROTOCOL_FEATURES | ProtocolFeature.BACKEND_REQ.mask
+    )
+    for give_up in ("timeout", "cancel"):
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        try:
+            await frontend.request(F.SET_BACKEND_REQ_FD, EMPTY, [theirs.fileno()])
+            theirs.close()
+            if give_up == "timeout":
+                with pytest.raises(RequestFailed, match="no answer"):
+                    await engine.backend_request(
+                        BackendRequest.BACKEND_CONFIG_CHANGE_MSG, timeout=0.2
+                    )
+            else:
+                notified = asyncio.ensure_future(engine.notify_config_change())
+                await asyncio.wait_for(loop.sock_recv(ours, 12), TIMEOUT)
+                notified.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await notified
+            assert await engine.notify_config_change() is False  # no channel any more
+        finally:
+            ours.close()
+    await frontend.close()
+    await asyncio.wait_for(task, TIMEOUT)
 
 
 @pytest.mark.asyncio

@@ -431,45 +431,68 @@ class BackendEngine:
         if spec.feature is not None and not session.protocol_features & spec.feature.mask:
             raise RequestFailed(f"{request.name} needs protocol feature {spec.feature.name}")
         answer = spec.answer(need_reply=need_reply, protocol_features=session.protocol_features)
-        channel = session.backend_channel
         async with session.backend_lock:
+            channel = session.backend_channel  # (dropped or replaced while we waited?)
+            if channel is None:
+                raise RequestFailed(f"{request.name}: the back-end channel is gone")
             data = encode_message(request, payload, need_reply=answer is Answer.ACK, nfds=len(fds))
             log.debug("=> %s", request.name)
             try:
-                await channel.send(data, fds)
-                if answer is Answer.NOTHING:
-                    return None
-                raw = await asyncio.wait_for(channel.recv(), timeout)
-            except TimeoutError:
-                self._drop_backend_channel(session, channel, f"no answer to {request.name}")
-                raise RequestFailed(f"{request.name}: no answer within {timeout} s") from None
-            except TransportError as err:
-                self._drop_backend_channel(session, channel, str(err))
-                raise RequestFailed(f"{request.name}: {err}") from err
-            if raw is None:
-                self._drop_backend_channel(session, channel, "closed by the front-end")
-                raise RequestFailed(f"{request.name}: the front-end closed the back-end channel")
-            try:
-                reply = decode_message(
-                    Header(raw.request, raw.flags, len(raw.payload)),
-                    raw.payload,
-                    raw.fds,
-                    channel="backend",
-                    is_reply=True,
+                reply = await self._exchange(
+                    channel, request, data, fds, answer=answer, timeout=timeout
                 )
-            except ProtocolError as err:
-                self._drop_backend_channel(session, channel, f"bad answer: {err}")
-                raise RequestFailed(f"{request.name}: bad answer: {err}") from err
-            finally:
-                raw.close_fds()
-        if reply.request != request:
-            why = f"answer to {reply.name} for {request.name}"
-            self._drop_backend_channel(session, channel, why)
-            raise RequestFailed(f"{request.name}: answered as {reply.name}")
+            except RequestFailed as err:
+                self._drop_backend_channel(session, channel, str(err))
+                raise
+            except asyncio.CancelledError:
+                # Half a message sent, or an answer still to come: the channel is out of step.
+                self._drop_backend_channel(session, channel, f"{request.name} cancelled")
+                raise
+        if reply is None:
+            return None
         if answer is Answer.ACK:
-            assert isinstance(reply.payload, U64)
-            if reply.payload.value != 0:
+            assert isinstance(reply, U64)
+            if reply.value != 0:
                 raise RequestFailed(f"the front-end refused {request.name}")
+        return reply
+
+    @staticmethod
+    async def _exchange(
+        channel: Channel,
+        request: BackendRequest,
+        data: bytes,
+        fds: Sequence[int],
+        *,
+        answer: Answer,
+        timeout: float,
+    ) -> Payload | None:
+        """Send one back-end request and read its answer when one is due. RequestFailed means
+        the channel is out of step (no answer, a broken one, or the channel failed)."""
+        try:
+            await channel.send(data, fds)
+            if answer is Answer.NOTHING:
+                return None
+            raw = await asyncio.wait_for(channel.recv(), timeout)
+        except TimeoutError:
+            raise RequestFailed(f"{request.name}: no answer within {timeout} s") from None
+        except TransportError as err:
+            raise RequestFailed(f"{request.name}: {err}") from err
+        if raw is None:
+            raise RequestFailed(f"{request.name}: the front-end closed the back-end channel")
+        try:
+            reply = decode_message(
+                Header(raw.request, raw.flags, len(raw.payload)),
+                raw.payload,
+                raw.fds,
+                channel="backend",
+                is_reply=True,
+            )
+        except ProtocolError as err:
+            raise RequestFailed(f"{request.name}: bad answer: {err}") from err
+        finally:
+            raw.close_fds()
+        if reply.request != request:
+            raise RequestFailed(f"{request.name}: answered as {reply.name}")
         return reply.payload
 
     @staticmethod
