@@ -69,7 +69,7 @@ def test_every_named_test_exists() -> None:
     assert missing == []
 
 
-def test_supported_rows_name_a_test_and_not_yet_rows_none() -> None:
+def test_supported_and_refused_rows_name_a_test() -> None:
     for name, row in _all_rows():
         if Status.YES in (row.unix, row.vvu) or Status.REFUSED in (row.unix, row.vvu):
             assert row.tests, f"{name} is claimed without a test"

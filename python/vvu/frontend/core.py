@@ -427,8 +427,12 @@ class Frontend:
         return bool(self.protocol_features & ProtocolFeature.INBAND_NOTIFICATIONS.mask)
 
     def _on_inband_kick(self, queue: FrontendQueue) -> None:
-        if self._inband_kicks.get(queue.index, 0) is not None or not queue.kick.consume():
-            return  # being sent (coalesced, as on an eventfd), or stopped, or spurious
+        if queue.index not in self._inband_kicks:  # stopped
+            return
+        if self._inband_kicks[queue.index] is not None:  # being sent: coalesce, as an eventfd
+            return
+        if not queue.kick.consume():  # spurious
+            return
         task = asyncio.ensure_future(self._send_inband_kick(queue))
         self._inband_kicks[queue.index] = task
 
