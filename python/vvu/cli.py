@@ -105,17 +105,14 @@ async def _reload(backend: Backend, engine: BackendEngine) -> None:
     """SIGHUP: the back-end re-reads its outside state (blk: the image size); a changed config
     space is announced to the front-end (BACKEND_CONFIG_CHANGE_MSG)."""
     try:
-        if not backend.reload():
-            log.info("SIGHUP: nothing changed")
-            return
-        told = await engine.config_changed()
+        told = await engine.reload()
     except (OSError, ValueError, VvuError) as err:
         log.error("SIGHUP: reload failed: %s", err)
         return
     log.info(
-        "SIGHUP: now %s; front-end %s",
+        "SIGHUP: %s; front-end %s",
         backend.describe(),
-        "told" if told else "not told (no session, back-end channel or CONFIG)",
+        "told" if told else "not told (nothing changed, or no session, back-end channel or CONFIG)",
     )
 
 

@@ -529,6 +529,14 @@ class BackendEngine:
             await self._restart_rings(lambda: None)
         return await self.notify_config_change()
 
+    async def reload(self) -> bool:
+        """`Backend.reload()` (re-read outside state: blk takes its image's size) and, if the
+        config space changed, `config_changed()`. What `vvu serve` does on SIGHUP; returns
+        whether the front-end was told."""
+        if not self.backend.reload():
+            return False
+        return await self.config_changed()
+
     # --- session loop ------------------------------------------------------------------------
 
     async def serve_forever(self, listener: Listener) -> None:
