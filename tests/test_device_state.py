@@ -19,7 +19,8 @@ import pytest
 
 from daemons import stop_process, wait_for_socket
 from vvu.frontend import BlkDriver, Frontend, FrontendError
-from vvu.protocol import Config, FrontendRequest, ProtocolFeature
+from vvu.protocol import U64, Config, FrontendRequest, ProtocolFeature, encode_reply
+from vvu.transport.unix import socketpair_channels
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -103,3 +104,45 @@ async def test_blk_state_moves_between_two_backend_processes(
         await target.close()
     assert "device state saved" in servers.log("source")
     assert "device state loaded" in servers.log("destination")
+
+
+@pytest.mark.asyncio
+async def test_our_frontend_uses_the_fd_a_backend_returns() -> None:
+    """A back-end may answer SET_DEVICE_STATE_FD with its own fd (bit 8 clear): the front-end
+    must then read (save) or write (load) that one instead of its pipe. Scripted back-end."""
+    client, backend = socketpair_channels()
+    frontend = Frontend(client, memory_size=MiB)
+
+    async def answer(transfer_data: bytes | None) -> bytes:
+        """Serve one SET_DEVICE_STATE_FD + CHECK_DEVICE_STATE; return what was loaded."""
+        raw = await asyncio.wait_for(backend.recv(), TIMEOUT)
+        assert raw is not None and raw.request == FrontendRequest.SET_DEVICE_STATE_FD
+        raw.close_fds()  # the front-end's pipe end: not used
+        read_end, write_end = os.pipe()
+        ours, theirs = (write_end, read_end) if transfer_data is not None else (read_end, write_end)
+        reply = encode_reply(FrontendRequest.SET_DEVICE_STATE_FD, U64(0), nfds=1)
+        await backend.send(reply, [theirs])
+        os.close(theirs)
+        loaded = b""
+        if transfer_data is not None:
+            os.write(ours, transfer_data)
+        else:
+            while chunk := await asyncio.to_thread(os.read, ours, 4096):
+                loaded += chunk
+        os.close(ours)
+        raw = await asyncio.wait_for(backend.recv(), TIMEOUT)
+        assert raw is not None and raw.request == FrontendRequest.CHECK_DEVICE_STATE
+        await backend.send(encode_reply(FrontendRequest.CHECK_DEVICE_STATE, U64(0)))
+        return loaded
+
+    try:
+        served = asyncio.ensure_future(answer(b"state from the back-end's own pipe"))
+        state = await asyncio.wait_for(frontend.save_device_state(), TIMEOUT)
+        assert state == b"state from the back-end's own pipe"
+        await served
+        served = asyncio.ensure_future(answer(None))
+        await asyncio.wait_for(frontend.load_device_state(b"state for the back-end"), TIMEOUT)
+        assert await served == b"state for the back-end"
+    finally:
+        await frontend.close()
+        backend.close()

@@ -77,6 +77,7 @@ _REPLY_ACK = _E + "test_reply_ack_is_one_u64_with_flags_0x5_and_the_request_id"
 _INBAND_NEEDS = _E + "test_inband_needs_reply_ack_and_backend_req_and_vring_kick_needs_inband"
 _REFUSED = _E + "test_refused_requests_get_their_failure_answer_and_a_reason"
 _STATE = "tests/test_device_state.py::test_blk_state_moves_between_two_backend_processes"
+_STATE_RETURNED_FD = "tests/test_device_state.py::test_our_frontend_uses_the_fd_a_backend_returns"
 _STATE_BAD = _E + "test_set_device_state_fd_refuses_bad_transfers_with_an_error_code"
 _STATE_VVU = _E + "test_device_state_is_not_offered_through_the_vvu_device"
 _MEM_SLOTS = _E + "test_add_and_remove_memory_regions"
@@ -160,7 +161,12 @@ FRONTEND_ROWS: Final[dict[FrontendRequest, Row]] = {
     _F.SET_STATUS: Row(_Y, _Y, (_STATUS,)),
     _F.GET_STATUS: Row(_Y, _Y, (_STATUS,)),
     _F.GET_SHARED_OBJECT: Row(_R, _R, (_REFUSED,), "empty reply without fd: not found"),
-    _F.SET_DEVICE_STATE_FD: Row(_Y, _X, (_STATE, _STATE_BAD, _STATE_VVU), "blk"),
+    _F.SET_DEVICE_STATE_FD: Row(
+        _Y,
+        _X,
+        (_STATE, _STATE_BAD, _STATE_VVU, _STATE_RETURNED_FD),
+        "blk; the engine uses the front-end's fd, our front-end also a returned one",
+    ),
     _F.CHECK_DEVICE_STATE: Row(_Y, _X, (_STATE, _STATE_BAD), "blk"),
     _F.GET_SHMEM_CONFIG: Row(_R, _R, (_REFUSED,), "no regions"),
     _F.GET_VRING_BASE_SKIP_DRAIN: Row(
