@@ -1869,10 +1869,9 @@ async def test_blk_and_rng_data_with_inband_notifications(connect: Connector) ->
     client, task = await connect.channel(engine)
     frontend = Frontend(client, memory_size=MiB)
     try:
-        await frontend.negotiate(protocol_features=WANTED_PROTOCOL_FEATURES | INBAND)
+        await frontend.negotiate(inband=True)
         assert frontend.inband
         await frontend.set_mem_table()
-        await frontend.open_backend_channel()
         rng = RngDriver(frontend, await frontend.start_queue(0, 64))
         sizes = [1, 64, 4096, 100]
         got = [len(await asyncio.wait_for(rng.read(size), TIMEOUT)) for size in sizes]

@@ -32,7 +32,7 @@ from vvu.engine import BackendEngine
 from vvu.frontend import Frontend, FrontendError
 from vvu.frontend.core import WANTED_PROTOCOL_FEATURES
 from vvu.frontend.net import NetDriver
-from vvu.protocol import U64, FrontendRequest, ProtocolFeature, VirtioFeature
+from vvu.protocol import U64, BackendRequest, FrontendRequest, ProtocolFeature, VirtioFeature
 from vvu.transport.unix import UnixListener
 
 pytestmark = pytest.mark.timeout(60)
@@ -187,6 +187,28 @@ async def test_two_front_ends_exchange_frames(
     for side in (a.stats(), b.stats()):
         assert side["tx_packets"] == side["rx_packets"] == len(sizes)
         assert side["tx_dropped"] == side["tx_errors"] == side["rx_dropped"] == 0
+
+
+@pytest.mark.asyncio
+async def test_two_front_ends_exchange_frames_with_inband_notifications(tmp_path: Path) -> None:
+    """One side's kicks and calls are messages (INBAND_NOTIFICATIONS), the other's eventfds:
+    the native rx/tx workers serve both alike."""
+    a, b = NetBackend.peers()
+    async with serving((a, b), tmp_path) as (path_a, path_b):
+        da = await NetDriver.open(path_a, inband=True)
+        db = await NetDriver.open(path_b)
+        try:
+            assert da.frontend.inband and not db.frontend.inband
+            sizes = [60, 1514, 9000]
+            out_a = [frame(i, n) for i, n in enumerate(sizes)]
+            out_b = [frame(100 + i, n) for i, n in enumerate(sizes)]
+            await asyncio.gather(da.send_all(out_a), db.send_all(out_b))
+            assert [await db.recv(TIMEOUT) for _ in out_a] == out_a
+            assert [await da.recv(TIMEOUT) for _ in out_b] == out_b
+            assert da.frontend.backend_requests[BackendRequest.BACKEND_VRING_CALL] >= 1
+        finally:
+            await da.close()
+            await db.close()
 
 
 @pytest.mark.asyncio

@@ -7,7 +7,7 @@ import struct
 from typing import Final
 
 from vvu.errors import VvuError
-from vvu.frontend.core import WANTED_PROTOCOL_FEATURES, Frontend, FrontendQueue
+from vvu.frontend.core import Frontend, FrontendQueue
 from vvu.protocol import ProtocolFeature
 
 __all__ = ["BlkDriver", "BlkIOError"]
@@ -102,16 +102,9 @@ class BlkDriver:
         `backend_channel`, the back-end gets a channel (BACKEND_REQ) and a resize it announces
         there updates `capacity` (and sets `resized`). With `inband`, kicks and calls are
         messages (INBAND_NOTIFICATIONS, when the back-end offers it; implies the channel)."""
-        wanted = WANTED_PROTOCOL_FEATURES
-        if backend_channel or inband:
-            wanted |= ProtocolFeature.BACKEND_REQ.mask
-        if inband:
-            wanted |= ProtocolFeature.INBAND_NOTIFICATIONS.mask
         try:
-            await frontend.negotiate(protocol_features=wanted)
+            await frontend.negotiate(backend_channel=backend_channel, inband=inband)
             await frontend.set_mem_table()
-            if frontend.protocol_features & ProtocolFeature.BACKEND_REQ.mask:
-                await frontend.open_backend_channel()
             capacity = 0
             if frontend.protocol_features & ProtocolFeature.CONFIG.mask:
                 capacity = await cls._read_capacity(frontend)

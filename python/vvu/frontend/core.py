@@ -284,10 +284,21 @@ class Frontend:
     # --- set-up ------------------------------------------------------------------------------
 
     async def negotiate(
-        self, features: int | None = None, protocol_features: int = WANTED_PROTOCOL_FEATURES
+        self,
+        features: int | None = None,
+        protocol_features: int = WANTED_PROTOCOL_FEATURES,
+        *,
+        backend_channel: bool = False,
+        inband: bool = False,
     ) -> int:
         """The handshake QEMU does: features, protocol features, owner, queue count. Acks the
-        offered features (or `features` of them); returns the acked mask."""
+        offered features (or `features` of them); returns the acked mask. `backend_channel`
+        also asks for BACKEND_REQ and opens the channel when the back-end offers it; `inband`
+        (implies it) asks for INBAND_NOTIFICATIONS too (see `inband`)."""
+        if backend_channel or inband:
+            protocol_features |= ProtocolFeature.BACKEND_REQ.mask
+        if inband:
+            protocol_features |= ProtocolFeature.INBAND_NOTIFICATIONS.mask
         offered = await self.request_u64(_F.GET_FEATURES)
         if offered & VhostFeature.PROTOCOL_FEATURES.mask:
             offered_protocol = await self.request_u64(_F.GET_PROTOCOL_FEATURES)
@@ -301,6 +312,10 @@ class Frontend:
         wanted &= ~UNSUPPORTED_FEATURES
         self.features = wanted
         await self.request(_F.SET_FEATURES, U64(wanted))
+        if (
+            backend_channel or inband
+        ) and self.protocol_features & ProtocolFeature.BACKEND_REQ.mask:
+            await self.open_backend_channel()
         return wanted
 
     async def set_mem_table(self) -> None:

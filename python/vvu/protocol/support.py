@@ -72,6 +72,7 @@ _QEMU_ORDER = _E + "test_qemu_order"  # QEMU's handshake, both transports
 _GUEST_VVU = "tests/test_qemu_peers.py::test_blk_guest_through_the_vvu_device"
 _GROW = "tests/test_qemu_peers.py::test_blk_guest_sees_the_disk_grow_when_the_daemon_gets_sighup"
 _INBAND = _E + "test_blk_and_rng_data_with_inband_notifications"
+_INBAND_NET = "tests/test_net.py::test_two_front_ends_exchange_frames_with_inband_notifications"
 _INBAND_RAW = _E + "test_inband_vring_kick_starts_a_ring_and_calls_arrive_as_messages"
 _REPLY_ACK = _E + "test_reply_ack_is_one_u64_with_flags_0x5_and_the_request_id"
 _INBAND_NEEDS = _E + "test_inband_needs_reply_ack_and_backend_req_and_vring_kick_needs_inband"
@@ -154,7 +155,7 @@ FRONTEND_ROWS: Final[dict[FrontendRequest, Row]] = {
     _F.RESET_DEVICE: Row(
         _Y, _Y, (_E + "test_reset_device_stops_everything_and_a_new_handshake_works",)
     ),
-    _F.VRING_KICK: Row(_Y, _Y, (_INBAND, _INBAND_RAW), "INBAND_NOTIFICATIONS"),
+    _F.VRING_KICK: Row(_Y, _Y, (_INBAND, _INBAND_NET, _INBAND_RAW), "INBAND_NOTIFICATIONS"),
     _F.GET_MAX_MEM_SLOTS: Row(_Y, _Y, (_MEM_SLOTS,)),
     _F.ADD_MEM_REG: Row(_Y, _Y, (_MEM_SLOTS,)),
     _F.REM_MEM_REG: Row(_Y, _Y, (_MEM_SLOTS,)),
@@ -184,7 +185,7 @@ BACKEND_ROWS: Final[dict[BackendRequest, Row]] = {
         "blk resize: SIGHUP or `BlkBackend.resize`; acked with REPLY_ACK",
     ),
     _B.BACKEND_VRING_HOST_NOTIFIER_MSG: Row(_N, _X, (_FRONTEND_REFUSES,)),
-    _B.BACKEND_VRING_CALL: Row(_Y, _Y, (_INBAND, _INBAND_RAW), "INBAND_NOTIFICATIONS"),
+    _B.BACKEND_VRING_CALL: Row(_Y, _Y, (_INBAND, _INBAND_NET, _INBAND_RAW), "INBAND_NOTIFICATIONS"),
     _B.BACKEND_VRING_ERR: Row(_Y, _Y, (_INBAND_RAW,), "INBAND_NOTIFICATIONS"),
     _B.BACKEND_SHARED_OBJECT_ADD: Row(_N, _X, (_FRONTEND_REFUSES,)),
     _B.BACKEND_SHARED_OBJECT_REMOVE: Row(_N, _X, (_FRONTEND_REFUSES,)),
@@ -216,7 +217,7 @@ FEATURE_ROWS: Final[dict[ProtocolFeature, Row]] = {
     _P.INBAND_NOTIFICATIONS: Row(
         _Y,
         _Y,
-        (_INBAND, _INBAND_RAW, _INBAND_NEEDS),
+        (_INBAND, _INBAND_NET, _INBAND_RAW, _INBAND_NEEDS),
         "needs REPLY_ACK and BACKEND_REQ; only for rings given no fd (NOFD)",
     ),
     _P.CONFIGURE_MEM_SLOTS: Row(_Y, _Y, (_MEM_SLOTS,)),
