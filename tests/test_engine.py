@@ -2051,6 +2051,11 @@ async def test_set_device_state_fd_refuses_bad_transfers_with_an_error_code(
         assert await peer.get_reply_u64(F.SET_DEVICE_STATE_FD) == 0x101  # one at a time
         assert await peer.get_u64(F.CHECK_DEVICE_STATE) != 0
 
+        # A save into an fd that cannot be written (the read end of a pipe): failed at CHECK.
+        await peer.send(F.SET_DEVICE_STATE_FD, DeviceStateTransfer(0, 0), [read_end])
+        assert await peer.get_reply_u64(F.SET_DEVICE_STATE_FD) == 0x100
+        assert await peer.get_u64(F.CHECK_DEVICE_STATE) != 0
+
         # More than the cap: refused at CHECK.
         monkeypatch.setattr("vvu.engine.MAX_DEVICE_STATE", 16)
         await peer.send(F.SET_DEVICE_STATE_FD, DeviceStateTransfer(1, 0), [read_end])

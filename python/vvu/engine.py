@@ -133,6 +133,13 @@ def _failure_reply(msg: Message) -> Payload | None:
     return None
 
 
+def _note_transfer_failure(transfer: asyncio.Task[bytes | None]) -> None:
+    # Retrieved here so that a transfer nobody CHECKs (the front-end left) is not reported
+    # as an unhandled task error; CHECK_DEVICE_STATE reports it to the front-end.
+    if not transfer.cancelled() and transfer.exception() is not None:
+        log.info("device state transfer failed: %s", transfer.exception())
+
+
 class RequestFailed(VvuError):
     """A request could not be carried out; answered with a failure ack or a disconnect."""
 
@@ -1064,10 +1071,13 @@ class BackendEngine:
             log.warning("SET_DEVICE_STATE_FD refused: %s", problem)
             return U64(DEVICE_STATE_NOFD | DEVICE_STATE_FAILED)
         fd = os.dup(msg.fds[0])
+        transfer: asyncio.Task[bytes | None]
         if direction == TransferDirection.SAVE:
-            session.state_transfer = asyncio.ensure_future(self._send_state(fd, state))
+            transfer = asyncio.ensure_future(self._send_state(fd, state))
         else:
-            session.state_transfer = asyncio.ensure_future(self._receive_state(fd))
+            transfer = asyncio.ensure_future(self._receive_state(fd))
+        transfer.add_done_callback(_note_transfer_failure)
+        session.state_transfer = transfer
         return U64(DEVICE_STATE_NOFD)  # we use the front-end's fd and return none
 
     @staticmethod
