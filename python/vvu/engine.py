@@ -21,7 +21,7 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from vvu._core import EventFd, GuestMemory, QueueWorker, SplitQueue
+from vvu._core import EventFd, GuestMemory, InflightRegion, QueueWorker, SplitQueue
 from vvu.backends.base import Backend, ConfigError
 from vvu.errors import GuestMemoryError, ProtocolError, QueueError, VvuError
 from vvu.protocol import (
@@ -30,6 +30,7 @@ from vvu.protocol import (
     BackendRequest,
     Config,
     FrontendRequest,
+    Inflight,
     MemoryRegion,
     MemoryTable,
     Message,
@@ -52,7 +53,7 @@ from vvu.transport.base import Channel, Listener, RawMessage, TransportError, cl
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENGINE_PROTOCOL_FEATURES", "BackendEngine", "RequestFailed"]
+__all__ = ["ENGINE_PROTOCOL_FEATURES", "BackendEngine", "ReplyWithFd", "RequestFailed"]
 
 _F = FrontendRequest
 _PF = ProtocolFeature
@@ -77,6 +78,14 @@ REGION_RELEASE_TIMEOUT = 1.0
 
 class RequestFailed(VvuError):
     """A request could not be carried out; answered with a failure ack or a disconnect."""
+
+
+@dataclass(frozen=True)
+class ReplyWithFd:
+    """A handler's reply that carries one fd (still owned by whoever keeps it)."""
+
+    payload: Payload
+    fd: int
 
 
 class _Disconnect(Exception):
@@ -228,6 +237,8 @@ class Session:
     memory: GuestMemory | None = None
     regions: list[MemoryRegion] = field(default_factory=list)
     backend_channel: Channel | None = None
+    # INFLIGHT_SHMFD: the region the rings track their requests in (GET or SET_INFLIGHT_FD).
+    inflight: InflightRegion | None = None
 
     @property
     def reply_ack(self) -> bool:
@@ -237,7 +248,7 @@ class Session:
         return bool(self.protocol_features & _PF.REPLY_ACK.mask)
 
 
-Handler = Callable[[Message], Awaitable[Payload | None]]
+Handler = Callable[[Message], Awaitable[Payload | ReplyWithFd | None]]
 
 
 class BackendEngine:
@@ -275,6 +286,8 @@ class BackendEngine:
             _F.NET_SET_MTU: self._net_set_mtu,
             _F.SEND_RARP: self._send_rarp,
             _F.GET_STATUS: self._get_status,
+            _F.GET_INFLIGHT_FD: self._get_inflight_fd,
+            _F.SET_INFLIGHT_FD: self._set_inflight_fd,
         }
 
     # --- offered features --------------------------------------------------------------------
@@ -349,6 +362,8 @@ class BackendEngine:
             if session.backend_channel is not None:
                 session.backend_channel.close()
             session.memory = None
+            # The region belongs to the front-end, which hands it back after a reconnect.
+            session.inflight = None
             session.channel.close()
             self.backend.reset()
 
@@ -388,7 +403,9 @@ class BackendEngine:
             # Whatever keeps an fd (a region, an eventfd, a channel) keeps its own duplicate, so
             # every received fd is closed here, once, success or not.
             close_fds(msg.fds)
-        if answer is Answer.REPLY:
+        if isinstance(reply, ReplyWithFd):
+            await session.channel.send(encode_reply(msg.request, reply.payload, nfds=1), [reply.fd])
+        elif answer is Answer.REPLY:
             await session.channel.send(encode_reply(msg.request, reply if reply else EMPTY))
         elif answer is Answer.ACK:
             await session.channel.send(encode_ack(msg.request, ok=True))
@@ -467,6 +484,8 @@ class BackendEngine:
         except (GuestMemoryError, QueueError) as err:
             raise RequestFailed(f"vring {vring.index}: {err}") from err
         queue.next_avail = vring.base
+        if session.inflight is not None:
+            self._track_inflight(queue, vring, session.inflight)
         native = self.backend.native_worker(vring.index)
         if native is not None:
             vring.runner = NativeQueueRunner(
@@ -493,6 +512,24 @@ class BackendEngine:
             )
         self.backend.queue_started(vring.index)
         log.debug("vring %d running (size %d, base %d)", vring.index, vring.size, vring.base)
+
+    @staticmethod
+    def _track_inflight(queue: SplitQueue, vring: Vring, region: InflightRegion) -> None:
+        """Hook the ring to its part of the inflight region; chains a previous back-end left in
+        flight are handed out first (next_avail is recomputed from the region)."""
+        try:
+            resubmit, discarded = queue.set_inflight(region, vring.index)
+        except (GuestMemoryError, QueueError) as err:
+            raise RequestFailed(f"vring {vring.index} inflight tracking: {err}") from err
+        if discarded is not None:
+            log.warning("vring %d: inflight region discarded: %s", vring.index, discarded)
+        if resubmit:
+            log.info(
+                "vring %d: resubmitting %d request(s) left in flight, next avail %d",
+                vring.index,
+                resubmit,
+                queue.next_avail,
+            )
 
     # --- request handlers --------------------------------------------------------------------
     # Each returns the reply payload for requests that always reply, None otherwise, and raises
@@ -742,3 +779,38 @@ class BackendEngine:
 
     async def _get_status(self, msg: Message) -> Payload:
         return U64(self._session().status)
+
+    def _inflight_geometry(self, payload: Inflight) -> None:
+        if not 0 < payload.num_queues <= self.backend.num_queues:
+            raise RequestFailed(
+                f"inflight region for {payload.num_queues} queues; "
+                f"the device has {self.backend.num_queues}"
+            )
+        if not 0 < payload.queue_size <= self.backend.max_queue_size:
+            raise RequestFailed(
+                f"inflight queue size {payload.queue_size} is not in "
+                f"1..{self.backend.max_queue_size}"
+            )
+
+    async def _get_inflight_fd(self, msg: Message) -> ReplyWithFd:
+        assert isinstance(msg.payload, Inflight)
+        self._inflight_geometry(msg.payload)
+        num_queues, queue_size = msg.payload.num_queues, msg.payload.queue_size
+        try:
+            region = InflightRegion.allocate(num_queues, queue_size)
+        except GuestMemoryError as err:
+            raise RequestFailed(str(err)) from err
+        # Used from now on, as after SET_INFLIGHT_FD (QEMU sends that next anyway).
+        self._session().inflight = region
+        reply = Inflight(region.mmap_size, 0, num_queues, queue_size)
+        return ReplyWithFd(reply, region.fileno())
+
+    async def _set_inflight_fd(self, msg: Message) -> None:
+        assert isinstance(msg.payload, Inflight)
+        payload = msg.payload
+        self._inflight_geometry(payload)
+        fd = self._one_fd(msg)
+        assert fd is not None  # the table demands one fd
+        self._session().inflight = InflightRegion.map(
+            fd, payload.mmap_size, payload.mmap_offset, payload.num_queues, payload.queue_size
+        )

@@ -14,6 +14,7 @@ from typing import ClassVar
 
 from vvu._core import NativeHandler, memfd
 from vvu.backends.base import Backend
+from vvu.protocol import ProtocolFeature
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,11 @@ class BlkBackend(Backend):
             MAX_WRITE_ZEROES_SEG,
             1,  # write_zeroes_may_unmap
         )
+
+    def protocol_features(self) -> int:
+        # The native worker's queue tracks requests in the inflight region, so a restarted
+        # back-end finishes what a killed one had in flight.
+        return super().protocol_features() | ProtocolFeature.INFLIGHT_SHMFD.mask
 
     def native_worker(self, queue_index: int) -> NativeHandler:
         return NativeHandler.blk(
