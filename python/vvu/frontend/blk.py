@@ -79,6 +79,7 @@ class BlkDriver:
             capacity = 0
             if frontend.protocol_features & ProtocolFeature.CONFIG.mask:
                 (capacity,) = struct.unpack("<Q", await frontend.get_config(0, 8))
+            await frontend.setup_inflight(1, queue_size)
             queue = await frontend.start_queue(0, queue_size)
             return cls(frontend, queue, capacity, depth=depth, max_request=max_request)
         except BaseException:
@@ -87,6 +88,11 @@ class BlkDriver:
 
     async def close(self) -> None:
         await self.frontend.close()
+
+    async def reconnect(self, *, timeout: float = 5.0) -> None:
+        """Reattach to a restarted back-end; requests in flight complete (see
+        `Frontend.reconnect`)."""
+        await self.frontend.reconnect(timeout=timeout)
 
     async def __aenter__(self) -> BlkDriver:
         return self
