@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import random
 import re
@@ -18,12 +19,14 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from daemons import stop_process, wait_for_socket
+from guest import guest_image, live_guests, qemu_escape, start_guest
 from vvu._core import InflightRegion
 from vvu.backends import BlkBackend, RngBackend
 from vvu.engine import BackendEngine
@@ -125,10 +128,13 @@ REQUEST_TIMEOUT = 60.0
 QUEUE_SIZE = 128
 
 
-def _serve(socket_path: Path, image: Path, log: Path) -> subprocess.Popen[bytes]:
+def _serve(
+    socket_path: Path, image: Path, log: Path, *, verbose: bool = False
+) -> subprocess.Popen[bytes]:
+    args = ["serve", "blk", "--socket-path", str(socket_path), "--image", str(image)]
     with log.open("ab") as err:
         return subprocess.Popen(
-            [*VVU, "serve", "blk", "--socket-path", str(socket_path), "--image", str(image)],
+            [*VVU, *(["-v"] if verbose else []), *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=err,
@@ -268,3 +274,114 @@ async def test_serve_blk_killed_20_times_loses_and_repeats_nothing(tmp_path: Pat
     # The proof needs kills that caught requests in flight, not only idle moments.
     assert len(resubmitted) >= 2, "too few kills caught requests in flight"
     assert stream.writes > KILLS * WRITERS
+
+
+# --- QEMU with a Linux guest, reconnect=1 ----------------------------------------------------
+
+GUEST_KILLS = 20
+GUEST_QUEUE_SIZE = 128
+GUEST_SLOTS = 8
+GUEST_SLOT_KIB = 256
+GUEST_ROUNDS = 4 * GUEST_KILLS + GUEST_SLOTS
+GUEST_TIMEOUT = 240.0
+# Rewrite slot r % SLOTS each round (direct I/O: acked means written), read it back at once;
+# at the end report what every slot must hold.
+GUEST_STREAM = f"""
+set -e
+r=1
+while [ $r -le {GUEST_ROUNDS} ]; do
+    s=$((r % {GUEST_SLOTS}))
+    head -c {GUEST_SLOT_KIB * KiB} /dev/urandom > /tmp/p$s
+    dd if=/tmp/p$s of=/dev/vda bs={GUEST_SLOT_KIB}k seek=$s oflag=direct conv=fsync 2>/dev/null
+    set -- $(md5sum < /tmp/p$s)
+    want=$1
+    set -- $(dd if=/dev/vda bs={GUEST_SLOT_KIB}k skip=$s count=1 iflag=direct 2>/dev/null | md5sum)
+    if [ "$1" != "$want" ]; then echo "round $r slot $s BAD"; exit 1; fi
+    echo "round $r ok"
+    r=$((r + 1))
+done
+s=0
+while [ $s -lt {GUEST_SLOTS} ]; do
+    set -- $(md5sum < /tmp/p$s)
+    echo "slot $s $1"
+    s=$((s + 1))
+done
+"""
+
+
+def _aim_at_requests_in_flight(pid: int, timeout: float) -> None:
+    """Return once the back-end's inflight region (found among its fds) marks a request in
+    flight, or after `timeout`: QEMU's copy of the region is not ours to read, the back-end's
+    mapping of the same memfd is."""
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for entry in fd_dir.iterdir():
+        with contextlib.suppress(OSError):
+            if os.readlink(entry).startswith("/memfd:vvu-inflight"):
+                region = os.open(entry, os.O_RDONLY | os.O_CLOEXEC)
+                break
+    else:
+        return
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not _marked_in_flight(region, GUEST_QUEUE_SIZE):
+            pass
+    finally:
+        os.close(region)
+
+
+RING_RUNNING = "vring 0 running"  # the engine's debug line when QEMU (re)started the ring
+
+
+def _wait_for_count(log: Path, line: str, count: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while log.read_text().count(line) < count:
+        assert time.monotonic() < deadline, f"{line!r} not {count} times in the log in time"
+        time.sleep(0.05)
+
+
+@pytest.mark.guest
+@pytest.mark.timeout(int(GUEST_TIMEOUT) + 60)
+def test_qemu_guest_write_stream_survives_serve_blk_sigkilled(tmp_path: Path) -> None:
+    guest_image()  # skip before booting when there is no guest
+    rng = random.Random()
+    image, sock, log = tmp_path / "disk.img", tmp_path / "blk.sock", tmp_path / "serve.log"
+    with image.open("wb") as f:
+        f.truncate(GUEST_SLOTS * GUEST_SLOT_KIB * KiB)
+    procs = [_serve(sock, image, log, verbose=True)]
+    chardev = f"socket,id=vu0,path={qemu_escape(str(sock))},reconnect=1"  # QEMU 7.2 spelling
+    device = f"vhost-user-blk-pci,chardev=vu0,num-queues=1,queue-size={GUEST_QUEUE_SIZE}"
+    devices = ["-chardev", chardev, "-device", device]
+    with _reaped(procs):
+        wait_for_socket(sock, procs[0])
+        with start_guest(GUEST_STREAM, qemu_args=devices, timeout=GUEST_TIMEOUT) as guest:
+            for kill in range(GUEST_KILLS):
+                # Each incarnation serves QEMU for two more rounds, then dies at a random moment.
+                rounds = re.findall(r"round (\d+) ok", guest.serial)
+                guest.wait_for(f"round {max(map(int, rounds), default=0) + 2} ok")
+                time.sleep(rng.uniform(0.0, 0.3))
+                if kill % 2 == 1:  # every other kill waits for requests in flight
+                    _aim_at_requests_in_flight(procs[-1].pid, 1.0)
+                procs[-1].send_signal(signal.SIGKILL)
+                procs[-1].wait()
+                started = log.read_text().count(RING_RUNNING)
+                procs.append(_serve(sock, image, log, verbose=True))
+                _wait_for_count(log, RING_RUNNING, started + 1, 30)
+            result = guest.wait()
+        text = log.read_text()
+        assert result.exit_status == 0, f"{result.serial}\n{guest.stderr}\n{text[-4000:]}"
+        assert stop_process(procs[-1]) == 0
+    sums = re.findall(r"^slot (\d+) ([0-9a-f]{32})$", result.output, re.MULTILINE)
+    assert len(sums) == GUEST_SLOTS, result.output
+    with image.open("rb") as f:
+        for slot, md5 in sums:
+            f.seek(int(slot) * GUEST_SLOT_KIB * KiB)
+            assert hashlib.md5(f.read(GUEST_SLOT_KIB * KiB)).hexdigest() == md5, f"slot {slot}"
+    # QEMU fetched the region once and handed it back to every restarted back-end.
+    # QEMU fetched a region (again after a guest reset) and handed it to every incarnation.
+    assert "<- GET_INFLIGHT_FD" in text
+    assert text.count("<- SET_INFLIGHT_FD") >= GUEST_KILLS + 1
+    resubmitted = re.findall(r"resubmitting (\d+) request", text)
+    print(f"{GUEST_KILLS} kills; resubmissions after kills: {resubmitted}")
+    assert "inflight region discarded" not in text
+    assert resubmitted, "no kill caught a request in flight"
+    assert live_guests() == []
