@@ -382,11 +382,14 @@ impl SplitQueue {
         Ok(())
     }
 
-    /// Drop the rings and the memory snapshot.
+    /// Drop the rings, the memory snapshot and the inflight view (set it again after the next
+    /// attach: it recovers from the region then).
     pub fn detach(&mut self) {
         self.rings = None;
         self.num_added = 0;
+        self.inflight = None;
         self.inflight_batch.clear();
+        self.resubmit.clear();
         self.signalled_valid = false;
     }
 
