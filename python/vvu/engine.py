@@ -766,6 +766,7 @@ class BackendEngine:
             await self._stop_runner(vring)
             vring.release()
         session.vrings = [Vring(i) for i in range(self.backend.num_queues)]
+        session.inflight = None  # the rings start over; the front-end fetches a new region
         session.features = 0
         session.features_set = False
         session.status = 0
