@@ -117,6 +117,34 @@ async def test_set_inflight_fd_refuses_a_region_too_small_or_misplaced() -> None
         await task
 
 
+@pytest.mark.asyncio
+async def test_a_garbage_region_means_nothing_in_flight_and_the_ring_works(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A region full of random bytes handed back by SET_INFLIGHT_FD: refused as "nothing in
+    flight" with the reason logged, then reset and used; I/O works and is tracked."""
+    frontend, _engine, task = await _session()
+    region = InflightRegion.allocate(1, 64)
+    try:
+        os.pwrite(region.fileno(), random.Random(7).randbytes(region.mmap_size), 0)
+        payload = Inflight(region.mmap_size, 0, 1, 64)
+        await frontend.request(_F.SET_INFLIGHT_FD, payload, [region.fileno()])
+        await frontend.set_mem_table()
+        queue = await frontend.start_queue(0, 64)
+        blk = BlkDriver(frontend, queue, MiB // 512, depth=4, max_request=64 * KiB)
+        data = random.Random(8).randbytes(8192)
+        await asyncio.wait_for(blk.write(8, data), 10)
+        assert await asyncio.wait_for(blk.read(8, 8192), 10) == data
+        assert "inflight region discarded: version" in caplog.text
+        header = os.pread(region.fileno(), 16, 0)
+        # Reset by the back-end (version 1, desc_num 64) and tracking: used_idx == 2 completions.
+        assert struct.unpack_from("<HHHH", header, 8)[::3] == (1, 2)
+        assert struct.unpack_from("<H", header, 10) == (64,)
+    finally:
+        await frontend.close()
+        await task
+
+
 # --- vvu serve blk, SIGKILLed under a verified write stream ----------------------------------
 
 KILLS = 20
