@@ -310,14 +310,19 @@ GUEST_KILLS = 20
 GUEST_QUEUE_SIZE = 128
 GUEST_SLOTS = 8
 GUEST_SLOT_KIB = 256
-GUEST_ROUNDS = 4 * GUEST_KILLS + GUEST_SLOTS
+# The host stops the stream by writing "stop" into the block after the slots (through the image
+# file: the guest reads it back with direct I/O every round).
+GUEST_STOP_BLOCK = GUEST_SLOTS * GUEST_SLOT_KIB // 4
 GUEST_TIMEOUT = 240.0
 # Rewrite slot r % SLOTS each round (direct I/O: acked means written), read it back at once;
 # at the end report what every slot must hold.
 GUEST_STREAM = f"""
 set -e
 r=1
-while [ $r -le {GUEST_ROUNDS} ]; do
+while true; do
+    stop=$(dd if=/dev/vda bs=4k skip={GUEST_STOP_BLOCK} count=1 iflag=direct 2>/dev/null \\
+        | head -c 4)
+    if [ "$stop" = "stop" ]; then break; fi
     s=$((r % {GUEST_SLOTS}))
     head -c {GUEST_SLOT_KIB * KiB} /dev/urandom > /tmp/p$s
     dd if=/tmp/p$s of=/dev/vda bs={GUEST_SLOT_KIB}k seek=$s oflag=direct conv=fsync 2>/dev/null
@@ -363,7 +368,9 @@ RING_RUNNING = "vring 0 running"  # the engine's debug line when QEMU (re)starte
 def _wait_for_count(log: Path, line: str, count: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while log.read_text().count(line) < count:
-        assert time.monotonic() < deadline, f"{line!r} not {count} times in the log in time"
+        if time.monotonic() > deadline:
+            tail = "\n".join(log.read_text().splitlines()[-60:])
+            raise AssertionError(f"{line!r} not {count} times in the log in time:\n{tail}")
         time.sleep(0.05)
 
 
@@ -374,7 +381,7 @@ def test_qemu_guest_write_stream_survives_serve_blk_sigkilled(tmp_path: Path) ->
     rng = random.Random()
     image, sock, log = tmp_path / "disk.img", tmp_path / "blk.sock", tmp_path / "serve.log"
     with image.open("wb") as f:
-        f.truncate(GUEST_SLOTS * GUEST_SLOT_KIB * KiB)
+        f.truncate((GUEST_STOP_BLOCK + 1) * 4 * KiB)
     procs = [_serve(sock, image, log, verbose=True)]
     chardev = f"socket,id=vu0,path={qemu_escape(str(sock))},reconnect=1"  # QEMU 7.2 spelling
     device = f"vhost-user-blk-pci,chardev=vu0,num-queues=1,queue-size={GUEST_QUEUE_SIZE}"
@@ -394,6 +401,9 @@ def test_qemu_guest_write_stream_survives_serve_blk_sigkilled(tmp_path: Path) ->
                 started = log.read_text().count(RING_RUNNING)
                 procs.append(_serve(sock, image, log, verbose=True))
                 _wait_for_count(log, RING_RUNNING, started + 1, 30)
+            with image.open("r+b") as f:
+                f.seek(GUEST_STOP_BLOCK * 4 * KiB)
+                f.write(b"stop")
             result = guest.wait()
         text = log.read_text()
         assert result.exit_status == 0, f"{result.serial}\n{guest.stderr}\n{text[-4000:]}"
