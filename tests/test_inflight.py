@@ -27,9 +27,10 @@ import pytest
 
 from daemons import stop_process, wait_for_socket
 from guest import guest_image, live_guests, qemu_escape, start_guest
-from vvu._core import InflightRegion
+from vvu._core import GuestMemory, InflightRegion, SplitQueue, memfd
 from vvu.backends import BlkBackend, RngBackend
 from vvu.engine import BackendEngine
+from vvu.errors import GuestMemoryError
 from vvu.frontend import BlkDriver
 from vvu.frontend.core import Frontend, FrontendError
 from vvu.protocol import FrontendRequest, Inflight, ProtocolFeature
@@ -39,6 +40,27 @@ VVU = [sys.executable, "-m", "vvu"]
 KiB, MiB = 1 << 10, 1 << 20
 _F = FrontendRequest
 pytestmark = pytest.mark.timeout(30)
+
+
+def test_region_layouts_and_a_split_queue_refuses_a_packed_region() -> None:
+    split = InflightRegion.allocate(2, 128)
+    packed = InflightRegion.allocate(2, 128, packed=True)
+    assert (split.mmap_size, split.packed) == (2 * (16 + 16 * 128 + 48), False)
+    assert (packed.mmap_size, packed.packed) == (2 * (32 + 32 * 128 + 32), True)
+    assert os.fstat(packed.fileno()).st_size == packed.mmap_size
+    memory = GuestMemory()
+    fd = memfd(MiB)
+    try:
+        memory.add_region(fd, 0, MiB)
+        queue = SplitQueue(128, 0x1000, 0x2000, 0x3000)
+        queue.attach(memory)
+        with pytest.raises(GuestMemoryError, match="laid out for packed rings"):
+            queue.set_inflight(packed, 0)
+        with pytest.raises(GuestMemoryError, match="queue 2 beyond"):
+            queue.set_inflight(split, 2)
+        assert queue.set_inflight(split, 1) == (0, None)
+    finally:
+        os.close(fd)
 
 
 # --- the engine ------------------------------------------------------------------------------

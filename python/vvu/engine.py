@@ -781,6 +781,10 @@ class BackendEngine:
     async def _get_status(self, msg: Message) -> Payload:
         return U64(self._session().status)
 
+    def _packed_rings(self) -> bool:
+        """The region's layout follows the ring layout negotiated (SET_FEATURES comes first)."""
+        return bool(self._session().features & VirtioFeature.RING_PACKED.mask)
+
     def _inflight_geometry(self, payload: Inflight) -> None:
         if not 0 < payload.num_queues <= self.backend.num_queues:
             raise RequestFailed(
@@ -798,7 +802,7 @@ class BackendEngine:
         self._inflight_geometry(msg.payload)
         num_queues, queue_size = msg.payload.num_queues, msg.payload.queue_size
         try:
-            region = InflightRegion.allocate(num_queues, queue_size)
+            region = InflightRegion.allocate(num_queues, queue_size, packed=self._packed_rings())
         except GuestMemoryError as err:
             raise RequestFailed(str(err)) from err
         # Used from now on, as after SET_INFLIGHT_FD (QEMU sends that next anyway).
@@ -813,5 +817,10 @@ class BackendEngine:
         fd = self._one_fd(msg)
         assert fd is not None  # the table demands one fd
         self._session().inflight = InflightRegion.map(
-            fd, payload.mmap_size, payload.mmap_offset, payload.num_queues, payload.queue_size
+            fd,
+            payload.mmap_size,
+            payload.mmap_offset,
+            payload.num_queues,
+            payload.queue_size,
+            packed=self._packed_rings(),
         )
