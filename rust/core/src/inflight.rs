@@ -505,16 +505,26 @@ pub struct PackedResubmit {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PackedRecovery {
     pub resubmit: Vec<PackedResubmit>,
-    /// Used index and wrap counter the ring resumes from (after any roll-back).
+    /// Used index and wrap counter the ring resumes from (after any roll-back); meaningful
+    /// only when `restored`.
     pub used_idx: u16,
     pub used_wrap_counter: bool,
+    /// The region held state that was used (false for a fresh or discarded region: then the
+    /// ring keeps the position SET_VRING_BASE gave it).
+    pub restored: bool,
     pub discarded: Option<String>,
 }
 
-/// One packed queue's inflight region. Not hooked into a queue yet: the packed ring calls
-/// [`PackedInflight::fetch`] per descriptor it takes, [`PackedInflight::complete`] per used
-/// chain, [`PackedInflight::commit`] after writing the used flags, and
-/// [`PackedInflight::recover`] on reconnect.
+/// One packed queue's inflight region. Not hooked into a queue yet; a packed ring uses it so:
+/// - at ring start (after attach and SET_VRING_BASE): [`PackedInflight::recover`] with a reader
+///   of the ring descriptors' flags; when `restored`, resume the used position from it and hand
+///   out `resubmit` (built from the stored descriptors) before anything new;
+/// - per descriptor taken from the ring, in ring order: [`PackedInflight::fetch`]; keep the slot
+///   it returns with the last descriptor of each chain;
+/// - per completed chain: [`PackedInflight::complete`] (slot, ring descriptors it occupied),
+///   then write the used descriptors; once their flags are visible,
+///   [`PackedInflight::commit`] with the batch's slots. No `fetch` between `complete` and
+///   `commit`.
 #[derive(Debug, Clone)]
 pub struct PackedInflight {
     fields: Fields,
@@ -754,6 +764,7 @@ impl PackedInflight {
             resubmit,
             used_idx,
             used_wrap_counter: wrap != 0,
+            restored: true,
             discarded: None,
         })
     }

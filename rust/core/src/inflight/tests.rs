@@ -257,6 +257,7 @@ fn packed_completed_chains_are_not_resubmitted() {
     let mut again = remap(&region).packed_queue(0, 8).unwrap();
     let rec = again.recover(|_| 0);
     assert_eq!(rec.discarded, None);
+    assert!(rec.restored);
     assert_eq!((rec.used_idx, rec.used_wrap_counter), (2, true));
     assert_eq!(
         rec.resubmit,
@@ -304,6 +305,7 @@ fn packed_hostile_free_list_and_chain_lengths_are_discarded() {
     f.u16(PACKED_HEADER + PACKED_DESC * 2 + PD_NEXT)
         .store(1, Ordering::Relaxed);
     let rec = remap(&region).packed_queue(0, 4).unwrap().recover(|_| 0);
+    assert!(!rec.restored);
     assert!(rec.discarded.unwrap().contains("loops"));
     assert!(rec.resubmit.is_empty());
 
