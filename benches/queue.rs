@@ -3,7 +3,9 @@
 //!
 //! Run: `cargo bench -p vvu-core --bench queue`. Criterion reports `thrpt` in chains/s
 //! (`Throughput::Elements`); the group name is the workload, the function name the
-//! implementation, e.g. `split_1desc_batch32/vvu` and `split_1desc_batch32/virtio-queue`.
+//! implementation, e.g. `split_1desc_batch32/vvu` and `split_1desc_batch32/virtio-queue`;
+//! `vvu-inflight` is vvu's queue also keeping an INFLIGHT_SHMFD region current (per chain: a
+//! counter and a flag at pop, a link at push, a flag cleared after publish).
 //!
 //! # Setup (identical for both implementations)
 //!
@@ -65,6 +67,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
 };
+use vvu_core::inflight::{InflightRegion, RingLayout};
 use vvu_core::memory::{create_memfd, GuestMemory, MemoryRegion, RegionSpec};
 use vvu_core::queue::{
     ChainBatch, Descriptor, QueueConfig, SplitQueue, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
@@ -253,6 +256,15 @@ impl Vvu {
             batch: ChainBatch::with_capacity(64, 64 * 16),
         }
     }
+
+    /// The same device keeping an INFLIGHT_SHMFD region current (one memfd, this queue only).
+    fn with_inflight(mem: GuestMemory) -> Self {
+        let mut vvu = Self::new(mem);
+        let region = Arc::new(InflightRegion::allocate(RingLayout::Split, 1, Q).unwrap());
+        let view = region.split_queue(0, Q).unwrap();
+        vvu.queue.set_inflight(view).unwrap();
+        vvu
+    }
 }
 
 impl Device for Vvu {
@@ -420,6 +432,13 @@ fn bench_split(c: &mut Criterion) {
                 drv.reset();
                 let mut dev = Vvu::new(mems.device.clone());
                 group.bench_function(BenchmarkId::from_parameter("vvu"), |b| {
+                    b.iter_custom(|iters| run_rounds(&mut dev, &mut drv, batch, iters))
+                });
+            }
+            {
+                drv.reset();
+                let mut dev = Vvu::with_inflight(mems.device.clone());
+                group.bench_function(BenchmarkId::from_parameter("vvu-inflight"), |b| {
                     b.iter_custom(|iters| run_rounds(&mut dev, &mut drv, batch, iters))
                 });
             }

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from vvu._core import EventFd, GuestMemory, QueueWorker, SplitQueue
+from vvu._core import EventFd, GuestMemory, InflightRegion, QueueWorker, SplitQueue
 from vvu.aio import read_to_eof, write_all
 from vvu.backends.base import Backend, ConfigError
 from vvu.errors import GuestMemoryError, ProtocolError, QueueError, VvuError
@@ -35,6 +35,7 @@ from vvu.protocol import (
     Config,
     DeviceStateTransfer,
     FrontendRequest,
+    Inflight,
     MemoryRegion,
     MemoryTable,
     Message,
@@ -61,7 +62,7 @@ from vvu.transport.base import Channel, Listener, RawMessage, TransportError, cl
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENGINE_PROTOCOL_FEATURES", "REFUSED", "BackendEngine", "RequestFailed"]
+__all__ = ["ENGINE_PROTOCOL_FEATURES", "REFUSED", "BackendEngine", "ReplyWithFd", "RequestFailed"]
 
 _F = FrontendRequest
 _PF = ProtocolFeature
@@ -142,6 +143,14 @@ def _note_transfer_failure(transfer: asyncio.Task[bytes | None]) -> None:
 
 class RequestFailed(VvuError):
     """A request could not be carried out; answered with a failure ack or a disconnect."""
+
+
+@dataclass(frozen=True)
+class ReplyWithFd:
+    """A handler's reply that carries one fd (still owned by whoever keeps it)."""
+
+    payload: Payload
+    fd: int
 
 
 class _Disconnect(Exception):
@@ -347,6 +356,8 @@ class Session:
     # DEVICE_STATE: the transfer SET_DEVICE_STATE_FD started (its result: the loaded bytes, or
     # None for a save), until CHECK_DEVICE_STATE collects it.
     state_transfer: asyncio.Task[bytes | None] | None = None
+    # INFLIGHT_SHMFD: the region the rings track their requests in (GET or SET_INFLIGHT_FD).
+    inflight: InflightRegion | None = None
 
     @property
     def reply_ack(self) -> bool:
@@ -356,7 +367,7 @@ class Session:
         return bool(self.protocol_features & _PF.REPLY_ACK.mask)
 
 
-Handler = Callable[[Message], Awaitable[Payload | None]]
+Handler = Callable[[Message], Awaitable[Payload | ReplyWithFd | None]]
 
 
 class BackendEngine:
@@ -397,6 +408,8 @@ class BackendEngine:
             _F.VRING_KICK: self._vring_kick,
             _F.SET_DEVICE_STATE_FD: self._set_device_state_fd,
             _F.CHECK_DEVICE_STATE: self._check_device_state,
+            _F.GET_INFLIGHT_FD: self._get_inflight_fd,
+            _F.SET_INFLIGHT_FD: self._set_inflight_fd,
         }
 
     # --- offered features --------------------------------------------------------------------
@@ -595,6 +608,8 @@ class BackendEngine:
             if session.backend_channel is not None:
                 session.backend_channel.close()
             session.memory = None
+            # The region belongs to the front-end, which hands it back after a reconnect.
+            session.inflight = None
             session.channel.close()
             self.backend.reset()
 
@@ -643,7 +658,9 @@ class BackendEngine:
             # Whatever keeps an fd (a region, an eventfd, a channel) keeps its own duplicate, so
             # every received fd is closed here, once, success or not.
             close_fds(msg.fds)
-        if answer is Answer.REPLY:
+        if isinstance(reply, ReplyWithFd):
+            await session.channel.send(encode_reply(msg.request, reply.payload, nfds=1), [reply.fd])
+        elif answer is Answer.REPLY:
             await session.channel.send(encode_reply(msg.request, reply if reply else EMPTY))
         elif answer is Answer.ACK:
             await session.channel.send(encode_ack(msg.request, ok=True))
@@ -722,6 +739,8 @@ class BackendEngine:
         except (GuestMemoryError, QueueError) as err:
             raise RequestFailed(f"vring {vring.index}: {err}") from err
         queue.next_avail = vring.base
+        if session.inflight is not None:
+            self._track_inflight(queue, vring, session.inflight)
         native = self.backend.native_worker(vring.index)
         if native is not None:
             vring.runner = NativeQueueRunner(
@@ -748,6 +767,24 @@ class BackendEngine:
             )
         self.backend.queue_started(vring.index)
         log.debug("vring %d running (size %d, base %d)", vring.index, vring.size, vring.base)
+
+    @staticmethod
+    def _track_inflight(queue: SplitQueue, vring: Vring, region: InflightRegion) -> None:
+        """Hook the ring to its part of the inflight region; chains a previous back-end left in
+        flight are handed out first (next_avail is recomputed from the region)."""
+        try:
+            resubmit, discarded = queue.set_inflight(region, vring.index)
+        except (GuestMemoryError, QueueError) as err:
+            raise RequestFailed(f"vring {vring.index} inflight tracking: {err}") from err
+        if discarded is not None:
+            log.warning("vring %d: inflight region discarded: %s", vring.index, discarded)
+        if resubmit:
+            log.info(
+                "vring %d: resubmitting %d request(s) left in flight, next avail %d",
+                vring.index,
+                resubmit,
+                queue.next_avail,
+            )
 
     # --- request handlers --------------------------------------------------------------------
     # Each returns the reply payload for requests that always reply, None otherwise, and raises
@@ -1030,6 +1067,7 @@ class BackendEngine:
             await self._stop_runner(vring)
             vring.release()
         session.vrings = [Vring(i) for i in range(self.backend.num_queues)]
+        session.inflight = None  # the rings start over; the front-end fetches a new region
         session.features = 0
         session.features_set = False
         session.status = 0
@@ -1112,3 +1150,47 @@ class BackendEngine:
             return U64(DEVICE_STATE_FAILED)
         log.info("device state %s", "loaded" if state is not None else "saved")
         return U64(0)
+
+    def _packed_rings(self) -> bool:
+        """The region's layout follows the ring layout negotiated (SET_FEATURES comes first)."""
+        return bool(self._session().features & VirtioFeature.RING_PACKED.mask)
+
+    def _inflight_geometry(self, payload: Inflight) -> None:
+        if not 0 < payload.num_queues <= self.backend.num_queues:
+            raise RequestFailed(
+                f"inflight region for {payload.num_queues} queues; "
+                f"the device has {self.backend.num_queues}"
+            )
+        if not 0 < payload.queue_size <= self.backend.max_queue_size:
+            raise RequestFailed(
+                f"inflight queue size {payload.queue_size} is not in "
+                f"1..{self.backend.max_queue_size}"
+            )
+
+    async def _get_inflight_fd(self, msg: Message) -> ReplyWithFd:
+        assert isinstance(msg.payload, Inflight)
+        self._inflight_geometry(msg.payload)
+        num_queues, queue_size = msg.payload.num_queues, msg.payload.queue_size
+        try:
+            region = InflightRegion.allocate(num_queues, queue_size, packed=self._packed_rings())
+        except GuestMemoryError as err:
+            raise RequestFailed(str(err)) from err
+        # Used from now on, as after SET_INFLIGHT_FD (QEMU sends that next anyway).
+        self._session().inflight = region
+        reply = Inflight(region.mmap_size, 0, num_queues, queue_size)
+        return ReplyWithFd(reply, region.fileno())
+
+    async def _set_inflight_fd(self, msg: Message) -> None:
+        assert isinstance(msg.payload, Inflight)
+        payload = msg.payload
+        self._inflight_geometry(payload)
+        fd = self._one_fd(msg)
+        assert fd is not None  # the table demands one fd
+        self._session().inflight = InflightRegion.map(
+            fd,
+            payload.mmap_size,
+            payload.mmap_offset,
+            payload.num_queues,
+            payload.queue_size,
+            packed=self._packed_rings(),
+        )

@@ -14,6 +14,7 @@ from typing import ClassVar
 
 from vvu._core import NativeHandler, memfd
 from vvu.backends.base import Backend, ConfigError
+from vvu.protocol import ProtocolFeature
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,11 @@ class BlkBackend(Backend):
     @property
     def cache_mode(self) -> str:
         return "write back" if self.writeback else "write through"
+
+    def protocol_features(self) -> int:
+        # The native worker's queue tracks requests in the inflight region, so a restarted
+        # back-end finishes what a killed one had in flight.
+        return super().protocol_features() | ProtocolFeature.INFLIGHT_SHMFD.mask
 
     def native_worker(self, queue_index: int) -> NativeHandler:
         return NativeHandler.blk(

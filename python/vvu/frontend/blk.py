@@ -108,6 +108,7 @@ class BlkDriver:
             capacity = 0
             if frontend.protocol_features & ProtocolFeature.CONFIG.mask:
                 capacity = await cls._read_capacity(frontend)
+            await frontend.setup_inflight(1, queue_size)
             queue = await frontend.start_queue(0, queue_size)
             driver = cls(frontend, queue, capacity, depth=depth, max_request=max_request)
         except BaseException:
@@ -135,6 +136,11 @@ class BlkDriver:
         for task in list(self._config_tasks):
             task.cancel()
         await self.frontend.close()
+
+    async def reconnect(self, *, timeout: float = 5.0) -> None:
+        """Reattach to a restarted back-end; requests in flight complete (see
+        `Frontend.reconnect`)."""
+        await self.frontend.reconnect(timeout=timeout)
 
     async def __aenter__(self) -> BlkDriver:
         return self

@@ -27,6 +27,7 @@ from vvu.protocol import (
     Config,
     DeviceStateTransfer,
     FrontendRequest,
+    Inflight,
     MemoryRegion,
     MemoryTable,
     Payload,
@@ -64,6 +65,7 @@ WANTED_PROTOCOL_FEATURES = (
     | ProtocolFeature.CONFIGURE_MEM_SLOTS.mask
     | ProtocolFeature.STATUS.mask
     | ProtocolFeature.DEVICE_STATE.mask
+    | ProtocolFeature.INFLIGHT_SHMFD.mask
 )
 
 
@@ -110,6 +112,10 @@ class FrontendQueue:
     driver: SplitQueueDriver
     kick: EventFd
     call: EventFd
+    # Guest-physical addresses of the ring parts (handed over again after a reconnect).
+    desc: int = 0
+    avail: int = 0
+    used: int = 0
     _waiters: dict[int, asyncio.Future[int]] = field(default_factory=dict)
     _reaper_registered: bool = False
 
@@ -136,6 +142,11 @@ class FrontendQueue:
 
     def _reap(self) -> None:
         self.call.consume()
+        self.reap()
+
+    def reap(self) -> None:
+        """Resolve the waiters of every used entry there is now (also without a call: a
+        back-end killed between publishing and signalling never sends it)."""
         while True:
             try:
                 used = self.driver.reap_all()
@@ -199,13 +210,19 @@ class Frontend:
         self._backend_task: asyncio.Task[None] | None = None
         # INBAND_NOTIFICATIONS: queue index -> the VRING_KICK being sent (None: idle).
         self._inband_kicks: dict[int, asyncio.Task[None] | None] = {}
+        self.path: str | None = None
+        # INFLIGHT_SHMFD: the back-end's inflight region, kept across back-end restarts.
+        self.inflight: Inflight | None = None
+        self._inflight_fd = -1
 
     @classmethod
     async def connect(
         cls, path: str, *, memory_size: int = 64 * MiB, timeout: float = 5.0
     ) -> Frontend:
         """Connect to a back-end listening on `path` (retrying up to `timeout` seconds)."""
-        return cls(await connect_unix(path, timeout=timeout), memory_size=memory_size)
+        frontend = cls(await connect_unix(path, timeout=timeout), memory_size=memory_size)
+        frontend.path = path
+        return frontend
 
     async def __aenter__(self) -> Frontend:
         return self
@@ -323,34 +340,99 @@ class Frontend:
         region = MemoryRegion(0, self.memory_size, UVA_BASE, 0)
         await self.request(_F.SET_MEM_TABLE, MemoryTable((region,)), [self._memfd])
 
+    async def setup_inflight(self, num_queues: int, queue_size: int) -> bool:
+        """QEMU's vhost-user-blk start: GET_INFLIGHT_FD, keep the region, SET_INFLIGHT_FD.
+        False when INFLIGHT_SHMFD was not negotiated."""
+        if not self.protocol_features & ProtocolFeature.INFLIGHT_SHMFD.mask:
+            return False
+        fds: list[int] = []
+        reply = await self.request(
+            _F.GET_INFLIGHT_FD, Inflight(0, 0, num_queues, queue_size), reply_fds=fds
+        )
+        if not isinstance(reply, Inflight) or len(fds) != 1 or reply.mmap_size == 0:
+            close_fds(fds)
+            raise FrontendError(f"GET_INFLIGHT_FD answered {reply!r} with {len(fds)} fd(s)")
+        self._close_inflight()
+        self.inflight, self._inflight_fd = reply, fds[0]
+        await self._send_inflight()
+        return True
+
+    async def _send_inflight(self) -> None:
+        if self.inflight is not None:
+            await self.request(_F.SET_INFLIGHT_FD, self.inflight, [self._inflight_fd])
+
+    def _close_inflight(self) -> None:
+        if self._inflight_fd >= 0:
+            os.close(self._inflight_fd)
+        self._inflight_fd = -1
+        self.inflight = None
+
     async def start_queue(self, index: int, size: int = 256) -> FrontendQueue:
-        """Lay out ring `index` in guest memory and hand it to the back-end, QEMU's order:
-        NUM, BASE, ADDR, KICK, CALL, ENABLE."""
+        """Lay out ring `index` in guest memory and hand it to the back-end."""
         event_idx = bool(self.features & VirtioFeature.EVENT_IDX.mask)
         desc = self.allocator.alloc(16 * size, 4096)
         avail = self.allocator.alloc(6 + 2 * size, 64)
         used = self.allocator.alloc(6 + 8 * size, 64)
         driver = SplitQueueDriver(self.memory, size, desc, avail, used, event_idx=event_idx)
         kick, call = EventFd(), EventFd()
-        queue = FrontendQueue(index, size, driver, kick, call)
-        await self.request(_F.SET_VRING_NUM, VringState(index, size))
-        await self.request(_F.SET_VRING_BASE, VringState(index, 0))
+        queue = FrontendQueue(index, size, driver, kick, call, desc, avail, used)
+        await self._hand_over(queue, base=0)
+        self.queues[index] = queue
+        return queue
+
+    async def _hand_over(self, queue: FrontendQueue, base: int) -> None:
+        """Give the back-end a ring in QEMU's order: NUM, BASE, ADDR, KICK, CALL, ENABLE."""
+        index = queue.index
+        await self.request(_F.SET_VRING_NUM, VringState(index, queue.size))
+        await self.request(_F.SET_VRING_BASE, VringState(index, base))
         await self.request(
             _F.SET_VRING_ADDR,
-            VringAddr(index, 0, UVA_BASE + desc, UVA_BASE + used, UVA_BASE + avail, 0),
+            VringAddr(
+                index, 0, UVA_BASE + queue.desc, UVA_BASE + queue.used, UVA_BASE + queue.avail, 0
+            ),
         )
         if self.inband:  # the back-end gets no fds; our own kick/call become messages
             await self.request(_F.SET_VRING_KICK, U64.vring(index, nofd=True))
             await self.request(_F.SET_VRING_CALL, U64.vring(index, nofd=True))
             self._inband_kicks[index] = None
-            asyncio.get_running_loop().add_reader(kick.fileno(), self._on_inband_kick, queue)
+            asyncio.get_running_loop().add_reader(queue.kick.fileno(), self._on_inband_kick, queue)
         else:
-            await self.request(_F.SET_VRING_KICK, U64.vring(index), [kick.fileno()])
-            await self.request(_F.SET_VRING_CALL, U64.vring(index), [call.fileno()])
+            await self.request(_F.SET_VRING_KICK, U64.vring(index), [queue.kick.fileno()])
+            await self.request(_F.SET_VRING_CALL, U64.vring(index), [queue.call.fileno()])
         if self.features & VhostFeature.PROTOCOL_FEATURES.mask:
             await self.request(_F.SET_VRING_ENABLE, VringState(index, 1))
-        self.queues[index] = queue
-        return queue
+
+    async def reconnect(self, *, timeout: float = 5.0) -> None:
+        """The back-end went away (killed, restarted): connect to its socket again and restore
+        the session as QEMU does with `reconnect=`: the whole handshake with the features acked
+        before, the memory table, the inflight region it allocated (SET_INFLIGHT_FD), and every
+        running ring. The ring's base is its avail index when the back-end keeps an inflight
+        region (cloud-hypervisor's choice: the region says what to resubmit), its used index
+        otherwise (QEMU's fallback, right only for a back-end that completes in order).
+
+        The rings, their buffers and the waiters of requests in flight live in this front-end's
+        memory and survive: requests the old back-end took but did not finish complete when the
+        new one resubmits them, requests queued meanwhile when it starts."""
+        if self.path is None:
+            raise FrontendError("reconnect needs a front-end made by Frontend.connect")
+        self.channel.close()
+        self.channel = await connect_unix(self.path, timeout=timeout)
+        features, protocol_features = self.features, self.protocol_features
+        self.protocol_features = 0
+        acked = await self.negotiate(features, protocol_features)
+        if acked != features or self.protocol_features != protocol_features:
+            raise FrontendError(
+                f"the restarted back-end offers less: features {acked:#x} "
+                f"(had {features:#x}), protocol features {self.protocol_features:#x} "
+                f"(had {protocol_features:#x})"
+            )
+        await self.set_mem_table()
+        await self._send_inflight()
+        for queue in self.queues.values():
+            # avail->idx or used->idx as published in the ring (both at offset 2).
+            base = self.memory.load_u16((queue.avail if self.inflight else queue.used) + 2)
+            await self._hand_over(queue, base=base)
+            queue.reap()
 
     async def stop_queue(self, index: int) -> int:
         """GET_VRING_BASE: the back-end stops the ring and reports its next avail index."""
@@ -569,6 +651,7 @@ class Frontend:
             queue.close()
         self.queues.clear()
         self.channel.close()
+        self._close_inflight()
         if self._memfd >= 0:
             os.close(self._memfd)
             self._memfd = -1

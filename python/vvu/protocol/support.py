@@ -85,6 +85,9 @@ _MEM_SLOTS = _E + "test_add_and_remove_memory_regions"
 _STATUS = _E + "test_status_config_and_queue_num"
 _NET = "tests/test_net.py::test_engine_routes_net_set_mtu_and_send_rarp"
 _CONFIG_CHANGE = _E + "test_config_change_is_announced_on_the_backend_channel"
+_INFLIGHT = "tests/test_inflight.py::"
+_INFLIGHT_KILLS = _INFLIGHT + "test_serve_blk_killed_20_times_loses_and_repeats_nothing"
+_INFLIGHT_QEMU = _INFLIGHT + "test_qemu_guest_write_stream_survives_serve_blk_sigkilled"
 _FRONTEND_REFUSES = (
     _E + "test_our_frontend_answers_back_end_requests_it_does_not_support_with_a_failure_ack"
 )
@@ -147,8 +150,24 @@ FRONTEND_ROWS: Final[dict[FrontendRequest, Row]] = {
     _F.POSTCOPY_ADVISE: Row(_R, _R, (_REFUSED,), "postcopy: see below"),
     _F.POSTCOPY_LISTEN: Row(_R, _R, (_REFUSED,), "postcopy: see below"),
     _F.POSTCOPY_END: Row(_R, _R, (_REFUSED,), "postcopy: see below"),
-    _F.GET_INFLIGHT_FD: Row(_L, _L, note="inflight: feat/inflight"),
-    _F.SET_INFLIGHT_FD: Row(_L, _L, note="inflight: feat/inflight"),
+    _F.GET_INFLIGHT_FD: Row(
+        _Y,
+        _X,
+        (
+            _INFLIGHT + "test_get_inflight_fd_returns_a_zeroed_region_of_the_spec_size",
+            _INFLIGHT_QEMU,
+        ),
+        "blk; VVU: the device has no shmid 3 capability yet",
+    ),
+    _F.SET_INFLIGHT_FD: Row(
+        _Y,
+        _X,
+        (
+            _INFLIGHT + "test_set_inflight_fd_refuses_a_region_too_small_or_misplaced",
+            _INFLIGHT_KILLS,
+        ),
+        "blk; VVU: the device has no shmid 3 capability yet",
+    ),
     _F.GPU_SET_SOCKET: Row(
         _R, _R, (_REFUSED,), "no GPU device; over VVU the device passes no fd: dropped"
     ),
@@ -210,7 +229,16 @@ FEATURE_ROWS: Final[dict[ProtocolFeature, Row]] = {
     _P.CONFIG: Row(_Y, _Y, (_STATUS, _GROW)),
     _P.BACKEND_SEND_FD: Row(_N, _X, note="no back-end request of ours carries an fd"),
     _P.HOST_NOTIFIER: Row(_N, _X),
-    _P.INFLIGHT_SHMFD: Row(_L, _X, note="inflight: feat/inflight; the device has no shmid 3 cap"),
+    _P.INFLIGHT_SHMFD: Row(
+        _Y,
+        _X,
+        (
+            _INFLIGHT_KILLS,
+            _INFLIGHT_QEMU,
+            _INFLIGHT + "test_only_devices_whose_queues_track_inflight_offer_it",
+        ),
+        "blk (split rings); the VVU device has no shmid 3 capability yet",
+    ),
     _P.RESET_DEVICE: Row(
         _Y, _Y, (_E + "test_reset_device_stops_everything_and_a_new_handshake_works",)
     ),

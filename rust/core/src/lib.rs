@@ -5,9 +5,11 @@
 //!
 //! - [`memory`]: guest memory regions mapped from fds, address translation, bounds-checked access.
 //! - [`queue`]: split virtqueues, device side (pop chains, push used) and driver side.
+//! - [`inflight`]: the INFLIGHT_SHMFD region (crash-safe restart).
 //! - [`notify`]: eventfds, an epoll poller and busy-polling.
 
 pub mod error;
+pub mod inflight;
 pub mod memory;
 pub mod notify;
 pub mod queue;

@@ -4,6 +4,7 @@
 use pyo3::prelude::*;
 
 mod errors;
+mod inflight;
 mod memory;
 mod net;
 mod notify;
@@ -13,6 +14,7 @@ mod worker;
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<memory::PyGuestMemory>()?;
+    m.add_class::<inflight::PyInflightRegion>()?;
     m.add_class::<memory::GuestBuffer>()?;
     m.add_class::<memory::RegionInfo>()?;
     m.add_class::<queue::PySplitQueue>()?;

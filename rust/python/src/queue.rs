@@ -10,6 +10,7 @@ use vvu_core::queue::{ChainBatch, QueueConfig, SplitQueue, SplitQueueDriver};
 use vvu_core::QueueError;
 
 use crate::errors::to_pyerr;
+use crate::inflight::PyInflightRegion;
 use crate::memory::{guest_view, PyGuestMemory};
 
 fn config(
@@ -231,7 +232,25 @@ impl PySplitQueue {
         self.queue()?.disable_notifications().map_err(to_pyerr)
     }
 
-    /// Chains available and not yet popped.
+    /// Track the queue in queue `index` of an inflight region (INFLIGHT_SHMFD), after attach
+    /// and setting next_avail. Returns how many chains left in flight by a previous back-end
+    /// will be handed out first, and why the region's content was discarded (None if it was
+    /// fresh or sound). next_avail is recomputed from the region when it held state.
+    fn set_inflight(
+        &mut self,
+        region: &PyInflightRegion,
+        index: u16,
+    ) -> PyResult<(usize, Option<String>)> {
+        let queue = self.queue()?;
+        let view = region
+            .region()
+            .split_queue(index, queue.size())
+            .map_err(to_pyerr)?;
+        let recovery = queue.set_inflight(view).map_err(to_pyerr)?;
+        Ok((recovery.resubmit.len(), recovery.discarded))
+    }
+
+    /// Chains available and not yet popped (including chains to resubmit).
     fn pending(&mut self) -> PyResult<u16> {
         self.queue()?.pending().map_err(to_pyerr)
     }
