@@ -8,9 +8,9 @@
 use std::sync::atomic::{fence, Ordering};
 
 use super::packed::{
-    event_says_notify, is_used, PackedConfig, PackedDescriptor, PackedRings, RingPosition,
-    RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE, VIRTQ_DESC_F_AVAIL,
-    VIRTQ_DESC_F_USED,
+    event_says_notify, is_used, used_bits, PackedConfig, PackedDescriptor, PackedRings,
+    RingPosition, RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE,
+    VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED,
 };
 use super::{VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 use crate::error::QueueError;
@@ -82,6 +82,18 @@ impl PackedQueueDriver {
         zero(config.desc_ring, config.desc_ring_len())?;
         zero(config.driver_event, 4)?;
         zero(config.device_event, 4)?;
+        // Make every slot look used in the lap it was last used in (the state the ring is in
+        // when a driver reaches `start`): slots before `start` in this lap, the others in the
+        // previous one. For the usual start (slot 0, wrap 1) that is all zeroes; for wrap 0 it
+        // keeps zeroed slots from passing the driver's "used" test before the device wrote them.
+        for index in 0..config.size {
+            let lap = if index < start.index {
+                start.wrap
+            } else {
+                !start.wrap
+            };
+            rings.set_desc_flags(index, used_bits(lap), Ordering::Relaxed);
+        }
         // Publish the initialised rings before anything that hands them to a device.
         fence(Ordering::SeqCst);
         Ok(Self {
