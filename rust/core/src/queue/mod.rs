@@ -21,6 +21,7 @@ mod driver;
 mod packed;
 mod packed_driver;
 mod split;
+mod virtqueue;
 
 pub use driver::SplitQueueDriver;
 pub use packed::{
@@ -29,6 +30,7 @@ pub use packed::{
 };
 pub use packed_driver::PackedQueueDriver;
 pub use split::{Chain, ChainBatch, ChainView, Segment, SplitQueue};
+pub use virtqueue::Virtqueue;
 
 /// Descriptor flag: the chain continues at `next`.
 pub const VIRTQ_DESC_F_NEXT: u16 = 1;

@@ -172,6 +172,23 @@ impl RingPosition {
         }
     }
 
+    /// `n` slots back (`index < size`, `n <= size`).
+    #[inline]
+    pub fn retreat(self, n: u16, size: u16) -> Self {
+        if self.index >= n {
+            Self {
+                index: self.index - n,
+                wrap: self.wrap,
+            }
+        } else {
+            Self {
+                // index < n <= size: the sum is below size.
+                index: self.index + (size - n),
+                wrap: !self.wrap,
+            }
+        }
+    }
+
     /// The 16-bit form used by event suppression and vhost-user: offset in bits 0–14, wrap
     /// counter in bit 15.
     #[inline]
@@ -529,10 +546,7 @@ impl PackedQueue {
     /// written again by the next pushes.
     fn drop_unpublished(&mut self) {
         if self.batch_head.is_some() {
-            let back = self.config.size - self.added;
-            self.next_used = self.next_used.advance(back, self.config.size);
-            // advance() by Q - added is moving back by `added` with the wrap flipped once more.
-            self.next_used.wrap = !self.next_used.wrap;
+            self.next_used = self.next_used.retreat(self.added, self.config.size);
         }
         self.batch_head = None;
         self.added = 0;
@@ -583,6 +597,30 @@ impl PackedQueue {
         self.batch_head = None;
         self.added = 0;
         self.signalled_valid = false;
+        Ok(())
+    }
+
+    /// Hand back `chains`, the most recently popped chains (in pop order) that were not
+    /// pushed: `next_avail` moves back over their slots and they will be popped again.
+    /// `UnknownHead` if one of them is not in flight (nothing is changed then).
+    pub fn give_back(&mut self, chains: &[Chain]) -> Result<(), QueueError> {
+        let mut seen = Vec::with_capacity(chains.len());
+        for chain in chains {
+            let id = chain.head;
+            let in_flight = self
+                .id_descriptors
+                .get(usize::from(id))
+                .is_some_and(|&n| n != 0);
+            if !in_flight || seen.contains(&id) {
+                return Err(QueueError::UnknownHead(id));
+            }
+            seen.push(id);
+        }
+        for chain in chains.iter().rev() {
+            let slots = std::mem::take(&mut self.id_descriptors[usize::from(chain.head)]);
+            self.outstanding -= u32::from(slots);
+            self.next_avail = self.next_avail.retreat(slots, self.config.size);
+        }
         Ok(())
     }
 
@@ -1034,6 +1072,61 @@ mod tests {
             }
         );
         assert_eq!(RingPosition::decode(p.encode()), p);
+    }
+
+    #[test]
+    fn give_back_rewinds_over_the_chains_slots() {
+        let (mut drv, mut dev) = pair(4, false);
+        let a = drv.add_chain(&[(0x8000, 1)], &[]).unwrap();
+        let b = drv.add_chain(&[(0x8000, 1), (0x8100, 1)], &[]).unwrap();
+        drv.publish().unwrap();
+        let mut batch = ChainBatch::new();
+        assert_eq!(dev.pop_batch(&mut batch, 8).unwrap(), 2);
+        assert_eq!(
+            dev.next_avail(),
+            RingPosition {
+                index: 3,
+                wrap: true
+            }
+        );
+        let chains = batch.chains().to_vec();
+        assert_eq!(
+            dev.give_back(&[chains[1].clone(), chains[1].clone()]),
+            Err(QueueError::UnknownHead(b))
+        );
+        dev.give_back(&chains[1..]).unwrap();
+        assert_eq!(
+            dev.next_avail(),
+            RingPosition {
+                index: 1,
+                wrap: true
+            }
+        );
+        assert_eq!(dev.give_back(&chains[1..]), Err(QueueError::UnknownHead(b)));
+        dev.give_back(&chains[..1]).unwrap();
+        assert_eq!(dev.next_avail(), RingPosition::START);
+        batch.clear();
+        assert_eq!(dev.pop_batch(&mut batch, 8).unwrap(), 2, "popped again");
+        assert_eq!(batch.iter().map(|c| c.head()).collect::<Vec<_>>(), [a, b]);
+        let p = RingPosition {
+            index: 1,
+            wrap: true,
+        };
+        assert_eq!(
+            p.retreat(2, 5),
+            RingPosition {
+                index: 4,
+                wrap: false
+            }
+        );
+        assert_eq!(p.retreat(2, 5).advance(2, 5), p);
+        assert_eq!(
+            p.retreat(5, 5),
+            RingPosition {
+                index: 1,
+                wrap: false
+            }
+        );
     }
 
     #[test]
