@@ -163,14 +163,17 @@ async def test_engine_routes_net_set_mtu_and_send_rarp(tmp_path: Path) -> None:
     [(True, True), (False, True), (False, False)],
     ids=["mrg-rxbuf", "version-1", "legacy-header"],
 )
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 async def test_two_front_ends_exchange_frames(
-    tmp_path: Path, mrg_rxbuf: bool, version_1: bool
+    tmp_path: Path, mrg_rxbuf: bool, version_1: bool, packed: bool
 ) -> None:
     a, b = NetBackend.peers()
     async with serving((a, b), tmp_path) as (path_a, path_b):
-        da = await NetDriver.open(path_a, mrg_rxbuf=mrg_rxbuf, version_1=version_1)
-        db = await NetDriver.open(path_b, mrg_rxbuf=mrg_rxbuf, version_1=version_1)
+        da = await NetDriver.open(path_a, mrg_rxbuf=mrg_rxbuf, version_1=version_1, packed=packed)
+        db = await NetDriver.open(path_b, mrg_rxbuf=mrg_rxbuf, version_1=version_1, packed=packed)
         try:
+            for driver in (da, db):
+                assert bool(driver.frontend.features & VirtioFeature.RING_PACKED.mask) == packed
             assert da.header_len == (12 if mrg_rxbuf or version_1 else 10)
             assert (da.mac, db.mac) == (a.mac, b.mac)
             sizes = [14, 60, 1514, 2036, 2037, 9000, 65535]

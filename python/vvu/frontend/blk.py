@@ -69,10 +69,12 @@ class BlkDriver:
         max_request: int = MiB,
         queue_size: int = 256,
         timeout: float = 5.0,
+        packed: bool = False,
     ) -> BlkDriver:
-        """Connect to a vhost-user-blk back-end and set up queue 0."""
+        """Connect to a vhost-user-blk back-end and set up queue 0 (a packed ring with
+        `packed`)."""
         memory = 2 * MiB + depth * (max_request + 8192)
-        frontend = await Frontend.connect(path, memory_size=memory, timeout=timeout)
+        frontend = await Frontend.connect(path, memory_size=memory, timeout=timeout, packed=packed)
         try:
             await frontend.negotiate()
             await frontend.set_mem_table()

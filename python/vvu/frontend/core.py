@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from vvu._core import EventFd, GuestMemory, SplitQueueDriver, memfd
+from vvu._core import EventFd, GuestMemory, PackedQueueDriver, SplitQueueDriver, memfd
 from vvu.errors import ProtocolError, VvuError
 from vvu.protocol import (
     EMPTY,
@@ -57,12 +57,12 @@ WANTED_PROTOCOL_FEATURES = (
 )
 
 
-#: Offered bits this front-end must not ack: it drives split rings with plain guest-physical
-#: addresses, polls nothing, and keeps no dirty log (LOG_ALL only means something with a log).
+#: Offered bits this front-end must not ack: it uses plain guest-physical addresses, polls
+#: nothing, and keeps no dirty log (LOG_ALL only means something with a log). RING_PACKED is
+#: acked only when the front-end was opened with `packed=True`.
 UNSUPPORTED_FEATURES = (
     VhostFeature.LOG_ALL.mask
     | VirtioFeature.ACCESS_PLATFORM.mask
-    | VirtioFeature.RING_PACKED.mask
     | VirtioFeature.IN_ORDER.mask
     | VirtioFeature.NOTIFICATION_DATA.mask
     | VirtioFeature.NOTIF_CONFIG_DATA.mask
@@ -97,7 +97,7 @@ class FrontendQueue:
 
     index: int
     size: int
-    driver: SplitQueueDriver
+    driver: SplitQueueDriver | PackedQueueDriver
     kick: EventFd
     call: EventFd
     _waiters: dict[int, asyncio.Future[int]] = field(default_factory=dict)
@@ -169,8 +169,11 @@ class FrontendQueue:
 class Frontend:
     """One session with a vhost-user back-end."""
 
-    def __init__(self, channel: Channel, *, memory_size: int = 64 * MiB) -> None:
+    def __init__(
+        self, channel: Channel, *, memory_size: int = 64 * MiB, packed: bool = False
+    ) -> None:
         self.channel = channel
+        self.packed = packed  # ack VIRTIO_F_RING_PACKED and drive packed rings
         self.memory_size = memory_size
         self._memfd = memfd(memory_size, "vvu-frontend")
         self.memory = GuestMemory()
@@ -184,10 +187,13 @@ class Frontend:
 
     @classmethod
     async def connect(
-        cls, path: str, *, memory_size: int = 64 * MiB, timeout: float = 5.0
+        cls, path: str, *, memory_size: int = 64 * MiB, timeout: float = 5.0, packed: bool = False
     ) -> Frontend:
-        """Connect to a back-end listening on `path` (retrying up to `timeout` seconds)."""
-        return cls(await connect_unix(path, timeout=timeout), memory_size=memory_size)
+        """Connect to a back-end listening on `path` (retrying up to `timeout` seconds).
+        `packed`: use packed rings (the back-end must offer VIRTIO_F_RING_PACKED)."""
+        return cls(
+            await connect_unix(path, timeout=timeout), memory_size=memory_size, packed=packed
+        )
 
     async def __aenter__(self) -> Frontend:
         return self
@@ -276,6 +282,10 @@ class Frontend:
         await self.request(_F.SET_OWNER)
         wanted = offered if features is None else features & offered
         wanted &= ~UNSUPPORTED_FEATURES
+        if not self.packed:
+            wanted &= ~VirtioFeature.RING_PACKED.mask
+        elif not wanted & VirtioFeature.RING_PACKED.mask:
+            raise FrontendError("packed rings wanted, but the back-end does not offer them")
         self.features = wanted
         await self.request(_F.SET_FEATURES, U64(wanted))
         return wanted
@@ -287,16 +297,26 @@ class Frontend:
 
     async def start_queue(self, index: int, size: int = 256) -> FrontendQueue:
         """Lay out ring `index` in guest memory and hand it to the back-end, QEMU's order:
-        NUM, BASE, ADDR, KICK, CALL, ENABLE."""
+        NUM, BASE, ADDR, KICK, CALL, ENABLE. With RING_PACKED acked the ring is packed: avail
+        and used below are the driver and device event suppression areas."""
         event_idx = bool(self.features & VirtioFeature.EVENT_IDX.mask)
-        desc = self.allocator.alloc(16 * size, 4096)
-        avail = self.allocator.alloc(6 + 2 * size, 64)
-        used = self.allocator.alloc(6 + 8 * size, 64)
-        driver = SplitQueueDriver(self.memory, size, desc, avail, used, event_idx=event_idx)
+        driver: SplitQueueDriver | PackedQueueDriver
+        if self.features & VirtioFeature.RING_PACKED.mask:
+            desc = self.allocator.alloc(16 * size, 4096)
+            avail = self.allocator.alloc(4, 64)
+            used = self.allocator.alloc(4, 64)
+            driver = PackedQueueDriver(self.memory, size, desc, avail, used, event_idx=event_idx)
+            base = driver.vring_base
+        else:
+            desc = self.allocator.alloc(16 * size, 4096)
+            avail = self.allocator.alloc(6 + 2 * size, 64)
+            used = self.allocator.alloc(6 + 8 * size, 64)
+            driver = SplitQueueDriver(self.memory, size, desc, avail, used, event_idx=event_idx)
+            base = 0
         kick, call = EventFd(), EventFd()
         queue = FrontendQueue(index, size, driver, kick, call)
         await self.request(_F.SET_VRING_NUM, VringState(index, size))
-        await self.request(_F.SET_VRING_BASE, VringState(index, 0))
+        await self.request(_F.SET_VRING_BASE, VringState(index, base))
         await self.request(
             _F.SET_VRING_ADDR,
             VringAddr(index, 0, UVA_BASE + desc, UVA_BASE + used, UVA_BASE + avail, 0),
@@ -309,7 +329,8 @@ class Frontend:
         return queue
 
     async def stop_queue(self, index: int) -> int:
-        """GET_VRING_BASE: the back-end stops the ring and reports its next avail index."""
+        """GET_VRING_BASE: the back-end stops the ring and reports its next avail index (for a
+        packed ring: next avail and next used position, 16 bits each)."""
         reply = await self.request(_F.GET_VRING_BASE, VringState(index, 0))
         if not isinstance(reply, VringState):
             raise FrontendError(f"GET_VRING_BASE answered {reply!r}")
