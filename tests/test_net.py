@@ -319,7 +319,9 @@ class PmdProcess:
     `--file-prefix` keep parallel runs apart. Always stopped by PID.
     """
 
-    def __init__(self, socket_path: Path, mode: str, log: Path, *, queues: int = 1) -> None:
+    def __init__(
+        self, socket_path: Path, mode: str, log: Path, *, queues: int = 1, packed: bool = False
+    ) -> None:
         assert TESTPMD is not None
         self.prefix = f"vvu-test-{os.getpid()}-{mode}"
         self.log = log
@@ -343,7 +345,7 @@ class PmdProcess:
                 "--log-level",
                 "lib.eal:warning",
                 "--vdev",
-                f"net_virtio_user0,path={socket_path},queues={queues}",
+                f"net_virtio_user0,path={socket_path},queues={queues},packed_vq={int(packed)}",
                 "--",
                 f"--rxq={queues}",
                 f"--txq={queues}",
@@ -393,9 +395,10 @@ class PmdProcess:
 
 @contextlib.contextmanager
 def run_testpmd(
-    socket_path: Path, mode: str, tmp_path: Path, *, queues: int = 1
+    socket_path: Path, mode: str, tmp_path: Path, *, queues: int = 1, packed: bool = False
 ) -> Iterator[PmdProcess]:
-    pmd = PmdProcess(socket_path, mode, tmp_path / f"testpmd-{mode}.log", queues=queues)
+    log = tmp_path / f"testpmd-{mode}.log"
+    pmd = PmdProcess(socket_path, mode, log, queues=queues, packed=packed)
     try:
         yield pmd
     finally:
@@ -403,13 +406,15 @@ def run_testpmd(
 
 
 @needs_testpmd
-def test_dpdk_testpmd_macswaps_our_frames_back(tmp_path: Path) -> None:
-    """Our frames reach testpmd (its RX), come back with the MACs swapped (its TX)."""
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_dpdk_testpmd_macswaps_our_frames_back(tmp_path: Path, packed: bool) -> None:
+    """Our frames reach testpmd (its RX), come back with the MACs swapped (its TX). `packed`:
+    testpmd's virtio-user port (`packed_vq=1`) and our driver both run packed rings."""
     sock = tmp_path / "net.sock"
     peer = Path(f"{sock}.peer")
 
     async def round_trip(pmd: PmdProcess) -> None:
-        driver = await NetDriver.open(str(peer))
+        driver = await NetDriver.open(str(peer), packed=packed)
         try:
             await asyncio.to_thread(pmd.wait_forwarding)
             src, dst = parse_mac("02:00:00:00:00:02"), parse_mac("02:00:00:00:00:01")
@@ -422,7 +427,7 @@ def test_dpdk_testpmd_macswaps_our_frames_back(tmp_path: Path) -> None:
         finally:
             await driver.close()
 
-    with vvu_serve_net(sock), run_testpmd(sock, "macswap", tmp_path) as pmd:
+    with vvu_serve_net(sock), run_testpmd(sock, "macswap", tmp_path, packed=packed) as pmd:
         asyncio.run(round_trip(pmd))
     # The totals testpmd prints when it stops.
     text = pmd.output()
