@@ -499,10 +499,12 @@ def answer(frame: bytes) -> bytes | None:
 
 @pytest.mark.guest
 @pytest.mark.timeout(120)
-def test_linux_guest_pings_our_driver_through_vvu_serve_net(tmp_path: Path) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_linux_guest_pings_our_driver_through_vvu_serve_net(tmp_path: Path, packed: bool) -> None:
     """QEMU's vhost-user netdev on `vvu serve net`, the guest's virtio_net driver (MRG_RXBUF,
     EVENT_IDX, MTU 9000) pinging a host that our NetDriver plays on the peer socket: small
-    echoes, and 8000-byte ones that span several of the guest's receive buffers."""
+    echoes, and 8000-byte ones that span several of the guest's receive buffers. `packed`: the
+    guest's rings (`packed=on`) and our driver's are packed."""
     guest_image()
     sock = tmp_path / "net.sock"
     peer = Path(f"{sock}.peer")
@@ -513,12 +515,15 @@ ip addr add 10.0.0.2/24 dev eth0
 cat /sys/class/net/eth0/mtu
 ping -c 3 -W 5 10.0.0.1 | tail -2
 ping -c 2 -W 5 -s 8000 10.0.0.1 | tail -2
+cut -c 35 /sys/class/net/eth0/device/features
 """
     chardev = f"socket,id=vu0,path={qemu_escape(str(sock))}"
     # vectors=0 (INTx, no MSI-X): Debian 12's QEMU 7.2 segfaults in vhost_net_start ->
     # msix_set_vector_notifiers when the guest driver starts a vhost-user netdev with MSI-X,
     # whatever the back-end (DPDK's vhost PMD as the back-end crashes it the same way).
     device = "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,host_mtu=9000,vectors=0"
+    if packed:
+        device += ",packed=on"
     qemu_args = [
         "-chardev", chardev,
         "-netdev", "vhost-user,id=net0,chardev=vu0",
@@ -535,7 +540,7 @@ ping -c 2 -W 5 -s 8000 10.0.0.1 | tail -2
                 await driver.send(reply)
 
     async def main() -> str:
-        driver = await NetDriver.open(str(peer), buffer_size=2048)
+        driver = await NetDriver.open(str(peer), buffer_size=2048, packed=packed)
         responder = asyncio.ensure_future(host(driver))
         try:
             result = await run_guest_async(script, qemu_args=qemu_args, timeout=90)
@@ -553,6 +558,7 @@ ping -c 2 -W 5 -s 8000 10.0.0.1 | tail -2
     assert "3 packets transmitted, 3 packets received" in lines[1]
     assert "2 packets transmitted, 2 packets received" in lines[3]
     assert max(sizes) == 14 + 20 + 8 + 8000
+    assert lines[5] == ("1" if packed else "0"), "VIRTIO_F_RING_PACKED (bit 34) in the guest"
 
 
 @needs_testpmd
