@@ -33,9 +33,9 @@ from vvu.aio import wait_eventfd
 from vvu.backends import BlkBackend, RngBackend
 from vvu.device.vvu import PROTOCOL_FEATURES_ALLOWED
 from vvu.engine import MAX_MEM_SLOTS, BackendEngine
-from vvu.frontend import BlkDriver, Frontend, FrontendQueue, RngDriver
+from vvu.frontend import BlkDriver, Frontend, FrontendError, FrontendQueue, RngDriver
 from vvu.frontend.blk import T_IN, T_OUT
-from vvu.frontend.core import WANTED_PROTOCOL_FEATURES
+from vvu.frontend.core import UVA_BASE, WANTED_PROTOCOL_FEATURES
 from vvu.protocol import (
     EMPTY,
     NEED_REPLY,
@@ -1661,6 +1661,53 @@ async def test_blk_driver_round_trips_and_get_vring_base_reports_the_position(
             assert base == pos | pos << 16
         else:
             assert base == requests
+    finally:
+        await frontend.close()
+    await asyncio.wait_for(task, TIMEOUT)
+
+
+@pytest.mark.asyncio
+async def test_packed_vring_base_forms_and_a_base_beyond_the_ring(
+    engine: BackendEngine, connect: Connector
+) -> None:
+    """Packed SET_VRING_BASE: the full 32-bit form is applied as is, a value with only the low
+    half (DPDK virtio-user) means used = avail, and an offset beyond the ring refuses the start
+    (a failure ack for the request that would start it) without ending the session."""
+    client, task = await connect.channel(engine)
+    frontend = Frontend(client, memory_size=2 * MiB, packed=True)
+    try:
+        await frontend.negotiate()
+        await frontend.set_mem_table()
+        size = 24
+        desc = frontend.allocator.alloc(16 * size, 4096)
+        events = frontend.allocator.alloc(8, 64)
+        addr = VringAddr(0, 0, UVA_BASE + desc, UVA_BASE + events + 4, UVA_BASE + events, 0)
+        kick, call = EventFd(), EventFd()
+
+        async def start(base: int) -> None:
+            await frontend.request(F.SET_VRING_NUM, VringState(0, size))
+            await frontend.request(F.SET_VRING_BASE, VringState(0, base))
+            await frontend.request(F.SET_VRING_ADDR, addr)
+            await frontend.request(F.SET_VRING_KICK, U64.vring(0), [kick.fileno()])
+            await frontend.request(F.SET_VRING_CALL, U64.vring(0), [call.fileno()])
+            await frontend.request(F.SET_VRING_ENABLE, VringState(0, 1))
+
+        async def stop() -> int:
+            reply = await frontend.request(F.GET_VRING_BASE, VringState(0, 0))
+            assert isinstance(reply, VringState)
+            return reply.num
+
+        await start(0x0005_8003)  # avail (3, wrap 1), used (5, wrap 0)
+        assert await stop() == 0x0005_8003
+        await start(0x0007)  # only the low half: avail = used = (7, wrap 0)
+        assert await stop() == 0x0007_0007
+        # Avail offset 24 on a 24-entry ring. The ring stayed enabled, so the kick starts it.
+        with pytest.raises(FrontendError, match="refused SET_VRING_KICK"):
+            await start(0x8000_8000 | size)
+        await start(0x8000_8000)  # the session goes on
+        assert await stop() == 0x8000_8000
+        kick.close()
+        call.close()
     finally:
         await frontend.close()
     await asyncio.wait_for(task, TIMEOUT)
