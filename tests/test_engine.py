@@ -38,7 +38,7 @@ from vvu.device.vvu import PROTOCOL_FEATURES_ALLOWED
 from vvu.engine import MAX_MEM_SLOTS, REFUSED, BackendEngine, RequestFailed
 from vvu.frontend import BlkDriver, Frontend, FrontendError, FrontendQueue, RngDriver
 from vvu.frontend.blk import T_IN, T_OUT, BlkIOError
-from vvu.frontend.core import WANTED_PROTOCOL_FEATURES
+from vvu.frontend.core import UVA_BASE, WANTED_PROTOCOL_FEATURES
 from vvu.protocol import (
     EMPTY,
     NEED_REPLY,
@@ -80,6 +80,9 @@ TIMEOUT = 5.0  # hang guard only
 GPA = 0x1_0000_0000
 UVA = 0x7F00_0000_0000
 DISK = 4 * MiB
+#: The raw peers here lay out split rings (`Ring`): they never ack VIRTIO_F_RING_PACKED. Packed
+#: rings are driven by our Frontend (`packed=True`) in the tests parametrized over the format.
+SPLIT_RINGS = ~VirtioFeature.RING_PACKED.mask
 PROTOCOL_FEATURES = VhostFeature.PROTOCOL_FEATURES.mask
 #: What QEMU asks of a blk back-end (it also asks for bits we do not offer; they are masked).
 QEMU_PROTOCOL = (
@@ -380,7 +383,7 @@ async def negotiate(
         offered_protocol = await peer.get_u64(F.GET_PROTOCOL_FEATURES)
         await peer.do(F.SET_PROTOCOL_FEATURES, U64(offered_protocol & protocol))
     await peer.do(F.SET_OWNER, need_reply=need_reply)
-    acked = offered if features is None else features
+    acked = (offered if features is None else features) & SPLIT_RINGS
     await peer.do(F.SET_FEATURES, U64(acked), need_reply=need_reply)
     return acked
 
@@ -559,7 +562,7 @@ async def test_qemu_order(engine: BackendEngine, reply_ack: bool, connect: Conne
     await peer.send(F.SET_VRING_CALL, U64.vring(0), [masked.fileno()])  # the masked notifier
     await peer.send(F.SET_VRING_ERR, U64.vring(0), [ring.err.fileno()])
     await peer.barrier()
-    await peer.do(F.SET_FEATURES, U64(offered))
+    await peer.do(F.SET_FEATURES, U64(offered & SPLIT_RINGS))
     await peer.do(F.SET_STATUS, U64(RUNNING))
     await peer.do(F.SET_MEM_TABLE, guest.table, guest.fds, need_reply=reply_ack)
     await peer.send(F.SET_VRING_NUM, VringState(0, ring.size))
@@ -605,7 +608,9 @@ async def test_cloud_hypervisor_order(engine2: BackendEngine, connect: Connector
     wanted |= PF.CONFIGURE_MEM_SLOTS.mask
     assert offered_protocol & wanted == wanted
     await peer.send(F.SET_PROTOCOL_FEATURES, U64(wanted))  # not yet acked: REPLY_ACK starts now
-    await peer.do(F.SET_FEATURES, U64(offered & ~VirtioFeature.EVENT_IDX.mask), need_reply=True)
+    await peer.do(
+        F.SET_FEATURES, U64(offered & ~VirtioFeature.EVENT_IDX.mask & SPLIT_RINGS), need_reply=True
+    )
     await peer.do(F.SET_MEM_TABLE, guest.table, guest.fds, need_reply=True)
     for ring in rings:
         await peer.do(F.SET_VRING_NUM, VringState(ring.index, ring.size), need_reply=True)
@@ -654,7 +659,7 @@ async def test_crosvm_order(engine: BackendEngine, connect: Connector) -> None:
     await peer.send(F.SET_BACKEND_REQ_FD, fds=[theirs.fileno()])
     theirs.close()
     assert await peer.get_u64(F.GET_QUEUE_NUM) == 1
-    acked = offered & ~VirtioFeature.EVENT_IDX.mask & ~VirtioFeature.RING_PACKED.mask
+    acked = offered & ~VirtioFeature.EVENT_IDX.mask & SPLIT_RINGS
     await peer.send(F.SET_FEATURES, U64(acked))
     await peer.send(F.SET_MEM_TABLE, guest.table, guest.fds)
     await peer.send(F.SET_VRING_NUM, VringState(0, ring.size))
@@ -693,7 +698,7 @@ async def test_dpdk_order(engine: BackendEngine, connect: Connector) -> None:
     assert offered_protocol & wanted == wanted
     await peer.send(F.SET_PROTOCOL_FEATURES, U64(wanted))
     await peer.send(F.SET_VRING_CALL, U64.vring(0), [ring.call.fileno()])
-    await peer.send(F.SET_FEATURES, U64(offered))
+    await peer.send(F.SET_FEATURES, U64(offered & SPLIT_RINGS))
     await peer.do(F.SET_MEM_TABLE, guest.table, guest.fds, need_reply=True)
     await peer.send(F.SET_VRING_NUM, VringState(0, ring.size))
     await peer.send(F.SET_VRING_BASE, VringState(0, 0))
@@ -720,7 +725,7 @@ async def _acked_requests(
 ) -> None:
     """Every kind of request without a reply of its own, each sent with `need_reply`; `acked`:
     each must get its ack (and only one), otherwise none may come."""
-    features = peer.engine.offered_features() & ~VirtioFeature.EVENT_IDX.mask
+    features = peer.engine.offered_features() & ~VirtioFeature.EVENT_IDX.mask & SPLIT_RINGS
     requests: list[tuple[FrontendRequest, Payload, list[int]]] = [
         (F.SET_OWNER, EMPTY, []),
         (F.SET_FEATURES, U64(features), []),
@@ -861,9 +866,9 @@ async def test_unoffered_feature_bits_are_refused(
     offered = await peer.get_u64(F.GET_FEATURES)
     await peer.send(F.SET_PROTOCOL_FEATURES, U64(PF.REPLY_ACK.mask | PF.STATUS.mask))
     caplog.set_level(logging.INFO, logger="vvu")
-    packed = VirtioFeature.RING_PACKED.mask
-    assert not offered & packed
-    await peer.send(F.SET_FEATURES, U64(offered | packed), need_reply=True)
+    in_order = VirtioFeature.IN_ORDER.mask
+    assert not offered & in_order
+    await peer.send(F.SET_FEATURES, U64(offered | in_order), need_reply=True)
     assert await peer.ack(F.SET_FEATURES) == 1
     crypto = PF.CRYPTO_SESSION.mask
     assert not engine.offered_protocol_features() & crypto
@@ -876,7 +881,7 @@ async def test_unoffered_feature_bits_are_refused(
     assert engine.session is not None and not engine.session.features_set
     await peer.do(F.SET_FEATURES, U64(offered), need_reply=True)
     # Without NEED_REPLY, a refusal can only be a hang-up.
-    await peer.send(F.SET_FEATURES, U64(offered | packed))
+    await peer.send(F.SET_FEATURES, U64(offered | in_order))
     await peer.expect_dropped()
 
 
@@ -888,7 +893,7 @@ async def test_without_protocol_features_rings_are_enabled_at_set_features(
     ring = Ring(guest)
     offered = await peer.get_u64(F.GET_FEATURES)
     await peer.send(F.SET_OWNER)
-    acked = offered & ~PROTOCOL_FEATURES & ~VirtioFeature.EVENT_IDX.mask
+    acked = offered & ~PROTOCOL_FEATURES & ~VirtioFeature.EVENT_IDX.mask & SPLIT_RINGS
     await peer.send(F.SET_FEATURES, U64(acked))
     await peer.send(F.SET_MEM_TABLE, guest.table, guest.fds)
     await peer.send(F.SET_VRING_NUM, VringState(0, ring.size))
@@ -1153,7 +1158,7 @@ async def test_reset_device_stops_everything_and_a_new_handshake_works(
     ring = Ring(guest)
     await peer.do(
         F.SET_FEATURES,
-        U64(engine.offered_features() & ~VirtioFeature.EVENT_IDX.mask),
+        U64(engine.offered_features() & ~VirtioFeature.EVENT_IDX.mask & SPLIT_RINGS),
         need_reply=True,
     )
     await peer.do(F.SET_MEM_TABLE, guest.table, guest.fds, need_reply=True)
@@ -1611,16 +1616,21 @@ async def test_serve_forever_on_a_unix_listener(
 
 
 @pytest.mark.asyncio
-async def test_rng_returns_random_bytes_of_the_requested_size(connect: Connector) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+async def test_rng_returns_random_bytes_of_the_requested_size(
+    connect: Connector, packed: bool
+) -> None:
     backend = RngBackend()
     engine = BackendEngine(backend)
     before = connect.open_fds()
     client, task = await connect.channel(engine)
-    frontend = Frontend(client, memory_size=MiB)
+    frontend = Frontend(client, memory_size=MiB, packed=packed)
     try:
         await frontend.negotiate()
+        assert bool(backend.acked_features & VirtioFeature.RING_PACKED.mask) == packed
         await frontend.set_mem_table()
-        rng = RngDriver(frontend, await frontend.start_queue(0, 64))
+        # A packed ring of a size that is not a power of two.
+        rng = RngDriver(frontend, await frontend.start_queue(0, 50 if packed else 64))
         seen = set()
         for size in (1, 16, 64, 1000, 4096):
             data = await asyncio.wait_for(rng.read(size), TIMEOUT)
@@ -1634,6 +1644,88 @@ async def test_rng_returns_random_bytes_of_the_requested_size(connect: Connector
     await asyncio.wait_for(task, TIMEOUT)
     del rng, frontend  # our guest memory
     assert_no_fd_leak(before)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+async def test_blk_driver_round_trips_and_get_vring_base_reports_the_position(
+    engine: BackendEngine, connect: Connector, packed: bool
+) -> None:
+    """Our BlkDriver against the native blk worker, on either ring format: data round-trips,
+    and GET_VRING_BASE reports where the ring stands (packed: both positions and wraps)."""
+    client, task = await connect.channel(engine)
+    frontend = Frontend(client, memory_size=4 * MiB, packed=packed)
+    try:
+        await frontend.negotiate()
+        await frontend.set_mem_table()
+        (capacity,) = struct.unpack("<Q", await frontend.get_config(0, 8))
+        size = 24 if packed else 32  # requests take 3 slots: the packed ring wraps unevenly
+        queue = await frontend.start_queue(0, size)
+        blk = BlkDriver(frontend, queue, capacity, depth=4, max_request=64 * 1024)
+        requests = 0
+        for i in range(40):  # 40 writes and 40 reads: 240 slots, 10 laps of 24
+            data = os.urandom(4096 + 512 * (i % 3))
+            await asyncio.wait_for(blk.write(8 * i, data), TIMEOUT)
+            assert await asyncio.wait_for(blk.read(8 * i, len(data)), TIMEOUT) == data
+            requests += 2
+        base = await frontend.stop_queue(0)
+        if packed:
+            # 3 slots per request: 240 slots on a ring of 24 = exactly 10 laps, wrap back to 1.
+            slots = 3 * requests
+            pos = (slots % size) | (0x8000 if (slots // size) % 2 == 0 else 0)
+            assert base == pos | pos << 16
+        else:
+            assert base == requests
+    finally:
+        await frontend.close()
+    await asyncio.wait_for(task, TIMEOUT)
+
+
+@pytest.mark.asyncio
+async def test_packed_vring_base_forms_and_a_base_beyond_the_ring(
+    engine: BackendEngine, connect: Connector
+) -> None:
+    """Packed SET_VRING_BASE: the full 32-bit form is applied as is, a value with only the low
+    half (DPDK virtio-user) means used = avail, and an offset beyond the ring refuses the start
+    (a failure ack for the request that would start it) without ending the session."""
+    client, task = await connect.channel(engine)
+    frontend = Frontend(client, memory_size=2 * MiB, packed=True)
+    try:
+        await frontend.negotiate()
+        await frontend.set_mem_table()
+        size = 24
+        desc = frontend.allocator.alloc(16 * size, 4096)
+        events = frontend.allocator.alloc(8, 64)
+        addr = VringAddr(0, 0, UVA_BASE + desc, UVA_BASE + events + 4, UVA_BASE + events, 0)
+        kick, call = EventFd(), EventFd()
+
+        async def start(base: int) -> None:
+            await frontend.request(F.SET_VRING_NUM, VringState(0, size))
+            await frontend.request(F.SET_VRING_BASE, VringState(0, base))
+            await frontend.request(F.SET_VRING_ADDR, addr)
+            await frontend.request(F.SET_VRING_KICK, U64.vring(0), [kick.fileno()])
+            await frontend.request(F.SET_VRING_CALL, U64.vring(0), [call.fileno()])
+            await frontend.request(F.SET_VRING_ENABLE, VringState(0, 1))
+
+        async def stop() -> int:
+            reply = await frontend.request(F.GET_VRING_BASE, VringState(0, 0))
+            assert isinstance(reply, VringState)
+            return reply.num
+
+        await start(0x0005_8003)  # avail (3, wrap 1), used (5, wrap 0)
+        assert await stop() == 0x0005_8003
+        await start(0x0007)  # only the low half: avail = used = (7, wrap 0)
+        assert await stop() == 0x0007_0007
+        # Avail offset 24 on a 24-entry ring. The ring stayed enabled, so the kick starts it.
+        with pytest.raises(FrontendError, match="refused SET_VRING_KICK"):
+            await start(0x8000_8000 | size)
+        await start(0x8000_8000)  # the session goes on
+        assert await stop() == 0x8000_8000
+        kick.close()
+        call.close()
+    finally:
+        await frontend.close()
+    await asyncio.wait_for(task, TIMEOUT)
 
 
 @pytest.mark.asyncio

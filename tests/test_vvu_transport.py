@@ -23,6 +23,7 @@ from test_engine import (
     DISK,
     GPA,
     QEMU_PROTOCOL,
+    SPLIT_RINGS,
     Guest,
     MiB,
     Ring,
@@ -321,7 +322,7 @@ async def test_blk_over_vvu_with_synthesised_fds(vvu: Rig) -> None:
         protocol = await vvu.u64(F.GET_PROTOCOL_FEATURES) & QEMU_PROTOCOL
         vvu.send(F.SET_PROTOCOL_FEATURES, U64(protocol))
         await vvu.do(F.SET_OWNER)
-        await vvu.do(F.SET_FEATURES, U64(offered & ~VirtioFeature.EVENT_IDX.mask))
+        await vvu.do(F.SET_FEATURES, U64(offered & ~VirtioFeature.EVENT_IDX.mask & SPLIT_RINGS))
         # The region lives at shmid-1 offset SHM_AREA: a BAR4 area from the guest's memfd.
         ((region, fd, _),) = guest.regions
         dev.areas = [MmapArea(SHM_AREA, region.memory_size, fd, 0)]
@@ -405,7 +406,7 @@ async def test_direct_kick_fd_is_the_front_ends_eventfd(
             protocol = await vvu.u64(F.GET_PROTOCOL_FEATURES) & QEMU_PROTOCOL
             vvu.send(F.SET_PROTOCOL_FEATURES, U64(protocol))
             await vvu.do(F.SET_OWNER)
-            await vvu.do(F.SET_FEATURES, U64(offered & ~VirtioFeature.EVENT_IDX.mask))
+            await vvu.do(F.SET_FEATURES, U64(offered & ~VirtioFeature.EVENT_IDX.mask & SPLIT_RINGS))
             ((region, fd, _),) = guest.regions
             dev.areas = [MmapArea(SHM_AREA, region.memory_size, fd, 0)]
             rewritten = MemoryRegion(

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from vvu._core import EventFd, GuestMemory, InflightRegion, QueueWorker, SplitQueue
+from vvu._core import EventFd, GuestMemory, InflightRegion, PackedQueue, QueueWorker, SplitQueue
 from vvu.aio import read_to_eof, write_all
 from vvu.backends.base import Backend, ConfigError
 from vvu.errors import GuestMemoryError, ProtocolError, QueueError, VvuError
@@ -141,6 +141,22 @@ def _note_transfer_failure(transfer: asyncio.Task[bytes | None]) -> None:
         log.info("device state transfer failed: %s", transfer.exception())
 
 
+#: The device side of either ring format; which one a vring gets follows VIRTIO_F_RING_PACKED.
+DeviceQueue = SplitQueue | PackedQueue
+
+#: A fresh packed ring (SET_VRING_BASE never sent): both positions at slot 0, wrap counter 1.
+PACKED_START_BASE = 0x8000_8000
+
+
+def packed_vring_base(num: int) -> int:
+    """The packed-ring SET_VRING_BASE value to apply: bits 0-15 the next available position,
+    bits 16-31 the next used one (QEMU). Front-ends that send only the low half (DPDK
+    virtio-user, whose own vhost library reads it as both) mean used = avail."""
+    if num >> 16 == 0:
+        return num | num << 16
+    return num
+
+
 class RequestFailed(VvuError):
     """A request could not be carried out; answered with a failure ack or a disconnect."""
 
@@ -162,7 +178,7 @@ class PythonQueueRunner:
 
     def __init__(
         self,
-        queue: SplitQueue,
+        queue: DeviceQueue,
         kick: EventFd | None,
         call: EventFd | None,
         err: EventFd | None,
@@ -231,7 +247,7 @@ class PythonQueueRunner:
         if err is not None and self._broken is not None:
             err.signal()  # broken before the swap: tell the new listener too
 
-    async def stop(self) -> SplitQueue:
+    async def stop(self) -> DeviceQueue:
         self._stopped = True
         if self._kick is not None:
             asyncio.get_running_loop().remove_reader(self._kick.fileno())
@@ -257,7 +273,7 @@ class NativeQueueRunner:
         """Why the worker stopped processing on its own (it cannot log it itself)."""
         return self._worker.fault
 
-    async def stop(self) -> SplitQueue:
+    async def stop(self) -> DeviceQueue:
         # Joining waits for in-flight requests to complete: off the event loop.
         return await asyncio.to_thread(self._worker.stop)
 
@@ -312,7 +328,7 @@ class Vring:
     index: int
     size: int = 0
     addr: VringAddr | None = None
-    base: int = 0
+    base: int | None = None  # SET_VRING_BASE's num, or where the ring stopped; None: fresh
     kick: EventFd | None = None
     kick_set: bool = False  # SET_VRING_KICK seen (possibly NOFD)
     call: EventFd | None = None
@@ -688,7 +704,7 @@ class BackendEngine:
         if isinstance(runner, NativeQueueRunner) and runner.fault is not None:
             log.error("queue %d broken: %s", vring.index, runner.fault)
         queue = await runner.stop()
-        vring.base = queue.next_avail
+        vring.base = queue.vring_base
         # Let go of the guest memory now: the thread pool may keep the queue object alive in a
         # reference cycle until the next garbage collection.
         queue.detach()
@@ -726,8 +742,11 @@ class BackendEngine:
         if vring.size == 0 or vring.addr is None or memory is None:
             raise RequestFailed(f"vring {vring.index} started before its size/addresses/memory")
         addr = vring.addr
+        packed = bool(session.features & VirtioFeature.RING_PACKED.mask)
         try:
-            queue = SplitQueue(
+            # For a packed ring, SET_VRING_ADDR's desc/avail/used are the descriptor ring and
+            # the driver and device event suppression areas.
+            queue: DeviceQueue = (PackedQueue if packed else SplitQueue)(
                 vring.size,
                 memory.uva_to_gpa(addr.desc),
                 memory.uva_to_gpa(addr.avail),
@@ -736,11 +755,20 @@ class BackendEngine:
                 indirect=bool(session.features & VirtioFeature.INDIRECT_DESC.mask),
             )
             queue.attach(memory)
+            if packed:
+                base = PACKED_START_BASE if vring.base is None else packed_vring_base(vring.base)
+            else:
+                base = vring.base or 0
+            queue.vring_base = base
         except (GuestMemoryError, QueueError) as err:
             raise RequestFailed(f"vring {vring.index}: {err}") from err
-        queue.next_avail = vring.base
         if session.inflight is not None:
-            self._track_inflight(queue, vring, session.inflight)
+            if isinstance(queue, SplitQueue):
+                self._track_inflight(queue, vring, session.inflight)
+            else:
+                log.warning(
+                    "vring %d: packed rings are not tracked in the inflight region yet", vring.index
+                )
         native = self.backend.native_worker(vring.index)
         if native is not None:
             vring.runner = NativeQueueRunner(
@@ -766,7 +794,13 @@ class BackendEngine:
                 backend=self.backend,
             )
         self.backend.queue_started(vring.index)
-        log.debug("vring %d running (size %d, base %d)", vring.index, vring.size, vring.base)
+        log.debug(
+            "vring %d running (%s, size %d, base %#x)",
+            vring.index,
+            "packed" if packed else "split",
+            vring.size,
+            base,
+        )
 
     @staticmethod
     def _track_inflight(queue: SplitQueue, vring: Vring, region: InflightRegion) -> None:
@@ -890,11 +924,13 @@ class BackendEngine:
         num = msg.payload.num
         if vring.runner is not None:
             raise RequestFailed(f"vring {vring.index} is running; stop it before resizing")
-        if not (0 < num <= self.backend.max_queue_size and num & (num - 1) == 0):
+        packed = bool(self._session().features & VirtioFeature.RING_PACKED.mask)
+        if not 0 < num <= self.backend.max_queue_size:
             raise RequestFailed(
-                f"vring {vring.index} size {num} is not a power of two "
-                f"up to {self.backend.max_queue_size}"
+                f"vring {vring.index} size {num} is not in 1..{self.backend.max_queue_size}"
             )
+        if not packed and num & (num - 1):  # a packed ring may have any size
+            raise RequestFailed(f"vring {vring.index} size {num} is not a power of two")
         vring.size = num
 
     async def _set_vring_addr(self, msg: Message) -> None:
@@ -910,7 +946,8 @@ class BackendEngine:
         vring = self._vring(msg.payload.index)
         if vring.runner is not None:
             raise RequestFailed(f"vring {vring.index} is running; SET_VRING_BASE needs it stopped")
-        if msg.payload.num > 0xFFFF:
+        packed = bool(self._session().features & VirtioFeature.RING_PACKED.mask)
+        if not packed and msg.payload.num > 0xFFFF:
             raise RequestFailed(f"split-ring base {msg.payload.num:#x} does not fit 16 bits")
         vring.base = msg.payload.num
 
@@ -923,6 +960,9 @@ class BackendEngine:
             vring.kick.close()
             vring.kick = None
         vring.kick_set = False
+        if vring.base is None:  # never ran and never set: report the fresh position
+            packed = bool(self._session().features & VirtioFeature.RING_PACKED.mask)
+            return VringState(vring.index, PACKED_START_BASE if packed else 0)
         return VringState(vring.index, vring.base)
 
     def _adopt_eventfd(self, msg: Message) -> EventFd | None:

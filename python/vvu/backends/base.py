@@ -72,6 +72,7 @@ class Backend:
             | VirtioFeature.VERSION_1.mask
             | VirtioFeature.INDIRECT_DESC.mask
             | VirtioFeature.EVENT_IDX.mask
+            | VirtioFeature.RING_PACKED.mask
         )
 
     def protocol_features(self) -> int:

@@ -74,10 +74,12 @@ class BlkDriver:
         timeout: float = 5.0,
         backend_channel: bool = False,
         inband: bool = False,
+        packed: bool = False,
     ) -> BlkDriver:
-        """Connect to a vhost-user-blk back-end listening on `path`; see `start`."""
+        """Connect to a vhost-user-blk back-end listening on `path`; see `start`. `packed`:
+        use a packed ring (the back-end must offer VIRTIO_F_RING_PACKED)."""
         memory = 2 * MiB + depth * (max_request + 8192)
-        frontend = await Frontend.connect(path, memory_size=memory, timeout=timeout)
+        frontend = await Frontend.connect(path, memory_size=memory, timeout=timeout, packed=packed)
         return await cls.start(
             frontend,
             depth=depth,

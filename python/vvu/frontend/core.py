@@ -15,7 +15,7 @@ import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from vvu._core import EventFd, GuestMemory, SplitQueueDriver, memfd
+from vvu._core import EventFd, GuestMemory, PackedQueueDriver, SplitQueueDriver, memfd
 from vvu.aio import read_to_eof, write_all
 from vvu.errors import ProtocolError, VvuError
 from vvu.protocol import (
@@ -69,12 +69,12 @@ WANTED_PROTOCOL_FEATURES = (
 )
 
 
-#: Offered bits this front-end must not ack: it drives split rings with plain guest-physical
-#: addresses, polls nothing, and keeps no dirty log (LOG_ALL only means something with a log).
+#: Offered bits this front-end must not ack: it uses plain guest-physical addresses, polls
+#: nothing, and keeps no dirty log (LOG_ALL only means something with a log). RING_PACKED is
+#: acked only when the front-end was opened with `packed=True`.
 UNSUPPORTED_FEATURES = (
     VhostFeature.LOG_ALL.mask
     | VirtioFeature.ACCESS_PLATFORM.mask
-    | VirtioFeature.RING_PACKED.mask
     | VirtioFeature.IN_ORDER.mask
     | VirtioFeature.NOTIFICATION_DATA.mask
     | VirtioFeature.NOTIF_CONFIG_DATA.mask
@@ -109,7 +109,7 @@ class FrontendQueue:
 
     index: int
     size: int
-    driver: SplitQueueDriver
+    driver: SplitQueueDriver | PackedQueueDriver
     kick: EventFd
     call: EventFd
     # Guest-physical addresses of the ring parts (handed over again after a reconnect).
@@ -190,8 +190,11 @@ class FrontendQueue:
 class Frontend:
     """One session with a vhost-user back-end."""
 
-    def __init__(self, channel: Channel, *, memory_size: int = 64 * MiB) -> None:
+    def __init__(
+        self, channel: Channel, *, memory_size: int = 64 * MiB, packed: bool = False
+    ) -> None:
         self.channel = channel
+        self.packed = packed  # ack VIRTIO_F_RING_PACKED and drive packed rings
         self.memory_size = memory_size
         self._memfd = memfd(memory_size, "vvu-frontend")
         self.memory = GuestMemory()
@@ -217,10 +220,13 @@ class Frontend:
 
     @classmethod
     async def connect(
-        cls, path: str, *, memory_size: int = 64 * MiB, timeout: float = 5.0
+        cls, path: str, *, memory_size: int = 64 * MiB, timeout: float = 5.0, packed: bool = False
     ) -> Frontend:
-        """Connect to a back-end listening on `path` (retrying up to `timeout` seconds)."""
-        frontend = cls(await connect_unix(path, timeout=timeout), memory_size=memory_size)
+        """Connect to a back-end listening on `path` (retrying up to `timeout` seconds).
+        `packed`: use packed rings (the back-end must offer VIRTIO_F_RING_PACKED)."""
+        frontend = cls(
+            await connect_unix(path, timeout=timeout), memory_size=memory_size, packed=packed
+        )
         frontend.path = path
         return frontend
 
@@ -327,6 +333,10 @@ class Frontend:
         await self.request(_F.SET_OWNER)
         wanted = offered if features is None else features & offered
         wanted &= ~UNSUPPORTED_FEATURES
+        if not self.packed:
+            wanted &= ~VirtioFeature.RING_PACKED.mask
+        elif not wanted & VirtioFeature.RING_PACKED.mask:
+            raise FrontendError("packed rings wanted, but the back-end does not offer them")
         self.features = wanted
         await self.request(_F.SET_FEATURES, U64(wanted))
         if (
@@ -368,15 +378,26 @@ class Frontend:
         self.inflight = None
 
     async def start_queue(self, index: int, size: int = 256) -> FrontendQueue:
-        """Lay out ring `index` in guest memory and hand it to the back-end."""
+        """Lay out ring `index` in guest memory and hand it to the back-end, QEMU's order:
+        NUM, BASE, ADDR, KICK, CALL, ENABLE. With RING_PACKED acked the ring is packed: avail
+        and used below are the driver and device event suppression areas."""
         event_idx = bool(self.features & VirtioFeature.EVENT_IDX.mask)
-        desc = self.allocator.alloc(16 * size, 4096)
-        avail = self.allocator.alloc(6 + 2 * size, 64)
-        used = self.allocator.alloc(6 + 8 * size, 64)
-        driver = SplitQueueDriver(self.memory, size, desc, avail, used, event_idx=event_idx)
+        driver: SplitQueueDriver | PackedQueueDriver
+        if self.features & VirtioFeature.RING_PACKED.mask:
+            desc = self.allocator.alloc(16 * size, 4096)
+            avail = self.allocator.alloc(4, 64)
+            used = self.allocator.alloc(4, 64)
+            driver = PackedQueueDriver(self.memory, size, desc, avail, used, event_idx=event_idx)
+            base = driver.vring_base
+        else:
+            desc = self.allocator.alloc(16 * size, 4096)
+            avail = self.allocator.alloc(6 + 2 * size, 64)
+            used = self.allocator.alloc(6 + 8 * size, 64)
+            driver = SplitQueueDriver(self.memory, size, desc, avail, used, event_idx=event_idx)
+            base = 0
         kick, call = EventFd(), EventFd()
         queue = FrontendQueue(index, size, driver, kick, call, desc, avail, used)
-        await self._hand_over(queue, base=0)
+        await self._hand_over(queue, base=base)
         self.queues[index] = queue
         return queue
 
@@ -415,6 +436,8 @@ class Frontend:
         new one resubmits them, requests queued meanwhile when it starts."""
         if self.path is None:
             raise FrontendError("reconnect needs a front-end made by Frontend.connect")
+        if self.features & VirtioFeature.RING_PACKED.mask:
+            raise FrontendError("reconnecting packed rings is not supported yet")
         self.channel.close()
         self.channel = await connect_unix(self.path, timeout=timeout)
         features, protocol_features = self.features, self.protocol_features
@@ -435,7 +458,8 @@ class Frontend:
             queue.reap()
 
     async def stop_queue(self, index: int) -> int:
-        """GET_VRING_BASE: the back-end stops the ring and reports its next avail index."""
+        """GET_VRING_BASE: the back-end stops the ring and reports its next avail index (for a
+        packed ring: next avail and next used position, 16 bits each)."""
         reply = await self.request(_F.GET_VRING_BASE, VringState(index, 0))
         if not isinstance(reply, VringState):
             raise FrontendError(f"GET_VRING_BASE answered {reply!r}")

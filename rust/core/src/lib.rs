@@ -4,7 +4,7 @@
 //! Python. The PyO3 bindings live in the `vvu-python` crate and only translate types and errors.
 //!
 //! - [`memory`]: guest memory regions mapped from fds, address translation, bounds-checked access.
-//! - [`queue`]: split virtqueues, device side (pop chains, push used) and driver side.
+//! - [`queue`]: split and packed virtqueues, device side (pop chains, push used) and driver side.
 //! - [`inflight`]: the INFLIGHT_SHMFD region (crash-safe restart).
 //! - [`notify`]: eventfds, an epoll poller and busy-polling.
 

@@ -19,6 +19,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<memory::RegionInfo>()?;
     m.add_class::<queue::PySplitQueue>()?;
     m.add_class::<queue::PySplitQueueDriver>()?;
+    m.add_class::<queue::PyPackedQueue>()?;
+    m.add_class::<queue::PyPackedQueueDriver>()?;
     m.add_class::<queue::DescriptorChain>()?;
     m.add_class::<notify::PyEventFd>()?;
     m.add_class::<notify::PyPoller>()?;

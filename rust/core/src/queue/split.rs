@@ -84,13 +84,13 @@ impl Segment {
 /// One popped descriptor chain. Its segments live in the [`ChainBatch`] it was popped into.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chain {
-    head: u16,
-    descriptors: u16,
-    segments: Range<usize>,
+    pub(super) head: u16,
+    pub(super) descriptors: u16,
+    pub(super) segments: Range<usize>,
     /// First writable segment (readable ones are `segments.start..mid`).
-    mid: usize,
-    readable_len: u32,
-    writable_len: u32,
+    pub(super) mid: usize,
+    pub(super) readable_len: u32,
+    pub(super) writable_len: u32,
 }
 
 impl Chain {
@@ -162,8 +162,8 @@ impl<'a> ChainView<'a> {
 /// [`ChainBatch::clear`] keeps both capacities, so a batch reused across pops stops allocating.
 #[derive(Debug, Default)]
 pub struct ChainBatch {
-    chains: Vec<Chain>,
-    segments: Vec<Segment>,
+    pub(super) chains: Vec<Chain>,
+    pub(super) segments: Vec<Segment>,
 }
 
 impl ChainBatch {
@@ -207,19 +207,19 @@ impl ChainBatch {
 }
 
 /// Running totals while walking one chain.
-struct Walk {
+pub(super) struct Walk {
     /// First writable segment, once a writable descriptor was seen.
-    mid: Option<usize>,
-    total: u32,
-    readable: u32,
-    writable: u32,
-    descriptors: u16,
+    pub(super) mid: Option<usize>,
+    pub(super) total: u32,
+    pub(super) readable: u32,
+    pub(super) writable: u32,
+    pub(super) descriptors: u16,
 }
 
 /// Buffer translation with a last-region-hit cache.
-struct Translator<'m> {
-    regions: &'m [std::sync::Arc<MemoryRegion>],
-    cache: &'m mut usize,
+pub(super) struct Translator<'m> {
+    pub(super) regions: &'m [std::sync::Arc<MemoryRegion>],
+    pub(super) cache: &'m mut usize,
 }
 
 impl Translator<'_> {
@@ -265,16 +265,31 @@ impl Translator<'_> {
 }
 
 /// Where an indirect table can be read.
-enum Table<'m> {
+pub(super) enum Table<'m> {
     /// Contiguous in this process.
     Host(*const u8),
     /// Mapped, but crossing a region boundary: read entry by entry through the snapshot.
     Pieces(&'m GuestMemory, u64),
 }
 
-impl Table<'_> {
+impl<'m> Table<'m> {
+    /// Locate the table `[addr, addr + len)`, which must be entirely mapped.
+    pub(super) fn map(mem: &'m GuestMemory, addr: u64, len: u32) -> Result<Self, ChainFault> {
+        let out_of_range = ChainFault::IndirectTableOutOfRange { addr, len };
+        match mem.slice(addr, u64::from(len)) {
+            Ok(slice) if slice.len() == len as usize => Ok(Table::Host(slice.as_ptr())),
+            Ok(_) => {
+                // Crossing a region boundary: make sure all of it is mapped, then read per entry.
+                mem.for_each_piece(addr, u64::from(len), |_, _| {})
+                    .map_err(|_| out_of_range)?;
+                Ok(Table::Pieces(mem, addr))
+            }
+            Err(_) => Err(out_of_range),
+        }
+    }
+
     #[inline]
-    fn read(&self, index: u32) -> Result<Descriptor, ChainFault> {
+    pub(super) fn read(&self, index: u32) -> Result<Descriptor, ChainFault> {
         let offset = 16 * index as usize;
         match *self {
             // SAFETY: the whole table (len/16 entries, index below that) was translated into one
@@ -758,17 +773,7 @@ fn walk_indirect(
     if len == 0 || len % 16 != 0 || entries > MAX_INDIRECT_DESCRIPTORS {
         return Err(ChainFault::IndirectLength { len });
     }
-    let out_of_range = ChainFault::IndirectTableOutOfRange { addr, len };
-    let table = match mem.slice(addr, u64::from(len)) {
-        Ok(slice) if slice.len() == len as usize => Table::Host(slice.as_ptr()),
-        Ok(_) => {
-            // Crossing a region boundary: make sure all of it is mapped, then read per entry.
-            mem.for_each_piece(addr, u64::from(len), |_, _| {})
-                .map_err(|_| out_of_range)?;
-            Table::Pieces(mem, addr)
-        }
-        Err(_) => return Err(out_of_range),
-    };
+    let table = Table::map(mem, addr, len)?;
     let mut index: u32 = 0;
     let mut seen: u32 = 0;
     loop {
@@ -801,7 +806,7 @@ fn walk_indirect(
 /// fields are written with 4-byte stores and read back by the caller with wider loads, which
 /// defeats store-to-load forwarding (the profile showed half of `pop_batch` stalled there).
 #[inline(always)]
-fn add_buffer(
+pub(super) fn add_buffer(
     translator: &mut Translator<'_>,
     desc: &Descriptor,
     walk: &mut Walk,
