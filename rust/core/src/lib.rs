@@ -6,8 +6,10 @@
 //! - [`memory`]: guest memory regions mapped from fds, address translation, bounds-checked access.
 //! - [`queue`]: split virtqueues, device side (pop chains, push used) and driver side.
 //! - [`notify`]: eventfds, an epoll poller and busy-polling.
+//! - [`iotlb`]: the device IOTLB (VIRTIO_F_ACCESS_PLATFORM) and its IOVA-keyed memory view.
 
 pub mod error;
+pub mod iotlb;
 pub mod memory;
 pub mod notify;
 pub mod queue;
