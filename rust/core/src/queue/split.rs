@@ -15,7 +15,7 @@ use super::{
     VIRTQ_USED_F_NO_NOTIFY,
 };
 use crate::error::{ChainFault, QueueError};
-use crate::memory::{GuestMemory, MemoryRegion};
+use crate::memory::{Access, GuestMemory, MemoryRegion};
 
 /// One contiguous piece of a descriptor's buffer, translated to a host address.
 ///
@@ -218,15 +218,39 @@ struct Walk {
 struct Translator<'m> {
     regions: &'m [std::sync::Arc<MemoryRegion>],
     cache: &'m mut usize,
+    /// The addresses are IOVAs (an IOTLB view): an unmapped one is a miss, not a bad chain.
+    iova: bool,
 }
 
 impl Translator<'_> {
-    /// Append the segments of `[addr, addr + len)`; `len > 0`.
+    /// Append the segments of `[addr, addr + len)`; `len > 0`. Each piece's region must allow
+    /// the device's access (`writable`: the device writes).
     #[inline]
-    fn push(&mut self, addr: u64, len: u32, segments: &mut Vec<Segment>) -> Result<(), ChainFault> {
+    fn push(
+        &mut self,
+        addr: u64,
+        len: u32,
+        writable: bool,
+        segments: &mut Vec<Segment>,
+    ) -> Result<(), ChainFault> {
         let fault = ChainFault::BufferOutOfRange { addr, len };
         addr.checked_add(u64::from(len)).ok_or(fault)?;
+        let need = if writable {
+            Access::WRITE
+        } else {
+            Access::READ
+        };
         let (mut gpa, mut left) = (addr, u64::from(len));
+        let unmapped = |gpa: u64| {
+            if self.iova {
+                ChainFault::IotlbMiss {
+                    iova: gpa,
+                    access: need,
+                }
+            } else {
+                fault
+            }
+        };
         while left > 0 {
             let region = match self.regions.get(*self.cache) {
                 Some(r) if gpa >= r.guest_phys_addr() && gpa - r.guest_phys_addr() < r.size() => r,
@@ -235,15 +259,18 @@ impl Translator<'_> {
                         .regions
                         .partition_point(|r| r.guest_phys_addr() <= gpa)
                         .checked_sub(1)
-                        .ok_or(fault)?;
-                    let r = self.regions.get(index).ok_or(fault)?;
+                        .ok_or_else(|| unmapped(gpa))?;
+                    let r = self.regions.get(index).ok_or_else(|| unmapped(gpa))?;
                     if gpa - r.guest_phys_addr() >= r.size() {
-                        return Err(fault);
+                        return Err(unmapped(gpa));
                     }
                     *self.cache = index;
                     r
                 }
             };
+            if !region.access().allows(need) {
+                return Err(ChainFault::AccessDenied { addr, len, need });
+            }
             let offset = gpa - region.guest_phys_addr();
             let n = left.min(region.size() - offset);
             // SAFETY: offset < region size, so the pointer stays inside the region's mapping,
@@ -303,6 +330,8 @@ pub struct SplitQueue {
     /// Index of the region that translated the last buffer.
     region_cache: usize,
     broken: Option<String>,
+    /// The IOTLB miss that ended the last `pop_batch` early, until taken.
+    miss: Option<(u64, Access)>,
 }
 
 impl std::fmt::Debug for SplitQueue {
@@ -340,6 +369,7 @@ impl SplitQueue {
             signalled_valid: false,
             region_cache: 0,
             broken: None,
+            miss: None,
         })
     }
 
@@ -436,12 +466,21 @@ impl SplitQueue {
         }
     }
 
+    /// The IOTLB miss (iova, access) that ended the last [`SplitQueue::pop_batch`] early, if
+    /// any. The chain that missed was left in the ring (`next_avail` points at it); pop again
+    /// once the front-end has sent the translation.
+    pub fn take_miss(&mut self) -> Option<(u64, Access)> {
+        self.miss.take()
+    }
+
     /// Pop up to `max` available chains into `batch` (appending), returning how many were added.
     ///
     /// A malformed chain or ring marks the queue broken and returns the error; chains popped
     /// earlier in the same call stay in the batch (and were consumed from the ring), the bad one
-    /// is not added.
+    /// is not added. Under an IOTLB, a chain with an untranslated address ends the batch without
+    /// being consumed and without breaking the queue; [`SplitQueue::take_miss`] reports it.
     pub fn pop_batch(&mut self, batch: &mut ChainBatch, max: usize) -> Result<usize, QueueError> {
+        self.miss = None;
         let rings = ready(&self.broken, &self.rings)?;
         if max == 0 {
             return Ok(0);
@@ -461,6 +500,7 @@ impl SplitQueue {
         let mut translator = Translator {
             regions,
             cache: &mut self.region_cache,
+            iova: rings.memory().is_iova(),
         };
         // All chains of one batch are available at the same time, so their ring descriptors are
         // distinct: more than Q in total means the driver reused descriptors. This bounds the
@@ -484,6 +524,12 @@ impl SplitQueue {
                 Ok(chain)
             }) {
                 Ok(chain) => batch.chains.push(chain),
+                Err(ChainFault::IotlbMiss { iova, access }) => {
+                    batch.segments.truncate(mark);
+                    self.next_avail = self.next_avail.wrapping_add(i as u16);
+                    self.miss = Some((iova, access));
+                    return Ok(i);
+                }
                 Err(reason) => {
                     batch.segments.truncate(mark);
                     self.next_avail = self.next_avail.wrapping_add(i as u16);
@@ -659,17 +705,39 @@ fn walk_indirect(
     if len == 0 || len % 16 != 0 || entries > MAX_INDIRECT_DESCRIPTORS {
         return Err(ChainFault::IndirectLength { len });
     }
-    let out_of_range = ChainFault::IndirectTableOutOfRange { addr, len };
+    let out_of_range = match mem.first_unmapped(addr, u64::from(len)) {
+        Some(iova) if mem.is_iova() => ChainFault::IotlbMiss {
+            iova,
+            access: Access::READ,
+        },
+        _ => ChainFault::IndirectTableOutOfRange { addr, len },
+    };
+    let mut readable = true;
     let table = match mem.slice(addr, u64::from(len)) {
-        Ok(slice) if slice.len() == len as usize => Table::Host(slice.as_ptr()),
+        Ok(slice) if slice.len() == len as usize => {
+            readable = mem.find_region(addr).is_some_and(|r| r.access().read);
+            Table::Host(slice.as_ptr())
+        }
         Ok(_) => {
             // Crossing a region boundary: make sure all of it is mapped, then read per entry.
             mem.for_each_piece(addr, u64::from(len), |_, _| {})
                 .map_err(|_| out_of_range)?;
+            let mut at = addr;
+            while let Some(region) = mem.find_region(at).filter(|_| at < addr + u64::from(len)) {
+                readable &= region.access().read;
+                at = region.guest_phys_addr() + region.size();
+            }
             Table::Pieces(mem, addr)
         }
         Err(_) => return Err(out_of_range),
     };
+    if !readable {
+        return Err(ChainFault::AccessDenied {
+            addr,
+            len,
+            need: Access::READ,
+        });
+    }
     let mut index: u32 = 0;
     let mut seen: u32 = 0;
     loop {
@@ -730,7 +798,7 @@ fn add_buffer(
     walk.descriptors = walk.descriptors.wrapping_add(1);
     if desc.len > 0 {
         // A zero-length buffer is accepted and yields no segment (and is not translated).
-        translator.push(desc.addr, desc.len, segments)?;
+        translator.push(desc.addr, desc.len, writable, segments)?;
     }
     Ok(())
 }
