@@ -21,15 +21,16 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from vvu._core import EventFd, GuestMemory, QueueWorker, SplitQueue
+from vvu._core import EventFd, GuestMemory, Iotlb, QueueWorker, SplitQueue
 from vvu.backends.base import Backend, ConfigError
-from vvu.errors import GuestMemoryError, ProtocolError, QueueError, VvuError
+from vvu.errors import GuestMemoryError, IotlbMiss, ProtocolError, QueueError, VvuError
 from vvu.protocol import (
     EMPTY,
     U64,
     BackendRequest,
     Config,
     FrontendRequest,
+    IotlbType,
     MemoryRegion,
     MemoryTable,
     Message,
@@ -45,6 +46,9 @@ from vvu.protocol import (
     encode_ack,
     encode_message,
     encode_reply,
+)
+from vvu.protocol import (
+    Iotlb as IotlbMessage,
 )
 from vvu.protocol.codec import Header
 from vvu.protocol.table import Answer
@@ -73,6 +77,9 @@ MAX_CONFIG_SPACE = 256
 POLL_INTERVAL = 0.001
 # How long REM_MEM_REG waits for buffers still held by Python code before failing.
 REGION_RELEASE_TIMEOUT = 1.0
+# How long an IOTLB invalidation waits for a worker to finish its batch and switch to the new
+# translations before the ring is stopped and restarted instead.
+IOTLB_SWITCH_TIMEOUT = 5.0
 
 
 class RequestFailed(VvuError):
@@ -167,10 +174,33 @@ class PythonQueueRunner:
 
 
 class NativeQueueRunner:
-    """Runs one queue in a Rust worker thread (no GIL)."""
+    """Runs one queue in a Rust worker thread (no GIL).
 
-    def __init__(self, worker: QueueWorker) -> None:
+    Under an IOTLB, `on_miss(iova, perm)` is called on the event loop for each translation the
+    worker waits for, and `set_memory` hands it the updated translations without a restart.
+    """
+
+    def __init__(
+        self, worker: QueueWorker, on_miss: Callable[[int, int], None] | None = None
+    ) -> None:
         self._worker = worker
+        self._miss_fd: int | None = None
+        if on_miss is not None:
+            self._miss_fd = worker.miss_fd
+            asyncio.get_running_loop().add_reader(self._miss_fd, self._on_miss_fd, on_miss)
+
+    def _on_miss_fd(self, on_miss: Callable[[int, int], None]) -> None:
+        miss = self._worker.take_miss()
+        if miss is not None:
+            on_miss(*miss)
+
+    def set_memory(self, memory: GuestMemory) -> int:
+        """Switch the worker to `memory` between batches; returns the generation to wait for."""
+        return self._worker.set_memory(memory)
+
+    async def wait_memory(self, generation: int, timeout: float) -> bool:
+        """Whether the worker stopped using older memory within `timeout` seconds."""
+        return await asyncio.to_thread(self._worker.wait_memory, generation, timeout)
 
     def set_call(self, call: EventFd | None) -> None:
         self._worker.set_call(call)
@@ -184,6 +214,9 @@ class NativeQueueRunner:
         return self._worker.fault
 
     async def stop(self) -> SplitQueue:
+        if self._miss_fd is not None:
+            asyncio.get_running_loop().remove_reader(self._miss_fd)
+            self._miss_fd = None
         # Joining waits for in-flight requests to complete: off the event loop.
         return await asyncio.to_thread(self._worker.stop)
 
@@ -228,6 +261,10 @@ class Session:
     memory: GuestMemory | None = None
     regions: list[MemoryRegion] = field(default_factory=list)
     backend_channel: Channel | None = None
+    # VIRTIO_F_ACCESS_PLATFORM negotiated: ring and buffer addresses are IOVAs translated here.
+    iotlb: Iotlb | None = None
+    # Back-end channel sends in flight (kept referenced until done).
+    backend_sends: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def reply_ack(self) -> bool:
@@ -275,12 +312,14 @@ class BackendEngine:
             _F.NET_SET_MTU: self._net_set_mtu,
             _F.SEND_RARP: self._send_rarp,
             _F.GET_STATUS: self._get_status,
+            _F.IOTLB_MSG: self._iotlb_msg,
         }
 
     # --- offered features --------------------------------------------------------------------
 
     def offered_features(self) -> int:
-        return self.backend.features() | VhostFeature.PROTOCOL_FEATURES.mask
+        iommu = VirtioFeature.ACCESS_PLATFORM.mask if self.backend.supports_iommu else 0
+        return self.backend.features() | iommu | VhostFeature.PROTOCOL_FEATURES.mask
 
     def offered_protocol_features(self) -> int:
         return ENGINE_PROTOCOL_FEATURES | self.backend.protocol_features()
@@ -299,6 +338,28 @@ class BackendEngine:
             return False
         await session.backend_channel.send(encode_message(BackendRequest.BACKEND_CONFIG_CHANGE_MSG))
         return True
+
+    def _request_translation(self, iova: int, perm: int) -> None:
+        """Ask the front-end for the translation of `iova` (BACKEND_IOTLB_MSG MISS); it answers
+        with IOTLB_MSG UPDATE on the front-end channel. Sent without NEED_REPLY, like
+        notify_config_change: the front-end may be waiting for one of our replies meanwhile."""
+        session = self.session
+        if session is None or session.backend_channel is None:
+            log.warning("IOTLB miss at iova %#x but no back-end channel to ask for it", iova)
+            return
+        log.debug("IOTLB miss at iova %#x (perm %d)", iova, perm)
+        data = encode_message(
+            BackendRequest.BACKEND_IOTLB_MSG, IotlbMessage(iova, 0, 0, perm, IotlbType.MISS)
+        )
+        task = asyncio.get_running_loop().create_task(session.backend_channel.send(data))
+        session.backend_sends.add(task)
+        task.add_done_callback(self._backend_send_done)
+
+    def _backend_send_done(self, task: asyncio.Task[None]) -> None:
+        if self.session is not None:
+            self.session.backend_sends.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("back-end channel send failed: %s", task.exception())
 
     # --- session loop ------------------------------------------------------------------------
 
@@ -346,9 +407,12 @@ class BackendEngine:
                 finally:
                     vring.release()
         finally:
+            for task in list(session.backend_sends):
+                task.cancel()
             if session.backend_channel is not None:
                 session.backend_channel.close()
             session.memory = None
+            session.iotlb = None
             session.channel.close()
             self.backend.reset()
 
@@ -454,20 +518,32 @@ class BackendEngine:
         if vring.size == 0 or vring.addr is None or memory is None:
             raise RequestFailed(f"vring {vring.index} started before its size/addresses/memory")
         addr = vring.addr
+        iotlb = session.iotlb
         try:
+            if iotlb is not None:
+                # Ring addresses are IOVAs, translated like every buffer address.
+                memory = iotlb.view(memory)
+                rings = (addr.desc, addr.avail, addr.used)
+            else:
+                to_gpa = memory.uva_to_gpa
+                rings = (to_gpa(addr.desc), to_gpa(addr.avail), to_gpa(addr.used))
             queue = SplitQueue(
                 vring.size,
-                memory.uva_to_gpa(addr.desc),
-                memory.uva_to_gpa(addr.avail),
-                memory.uva_to_gpa(addr.used),
+                *rings,
                 event_idx=bool(session.features & VirtioFeature.EVENT_IDX.mask),
                 indirect=bool(session.features & VirtioFeature.INDIRECT_DESC.mask),
             )
             queue.attach(memory)
+        except IotlbMiss as miss:
+            # Started again by the IOTLB update that answers this.
+            self._request_translation(miss.iova, miss.perm)
+            return
         except (GuestMemoryError, QueueError) as err:
             raise RequestFailed(f"vring {vring.index}: {err}") from err
         queue.next_avail = vring.base
         native = self.backend.native_worker(vring.index)
+        if iotlb is not None and native is None:
+            raise RequestFailed(f"vring {vring.index}: IOTLB translation needs a native worker")
         if native is not None:
             vring.runner = NativeQueueRunner(
                 QueueWorker(
@@ -479,7 +555,8 @@ class BackendEngine:
                     call=vring.call,
                     err=vring.err,
                     poll_interval=None if vring.kick is not None else POLL_INTERVAL,
-                )
+                ),
+                on_miss=self._request_translation if iotlb is not None else None,
             )
         else:
             vring.runner = PythonQueueRunner(
@@ -508,8 +585,16 @@ class BackendEngine:
         unknown = features & ~self.offered_features()
         if unknown:
             raise RequestFailed(f"features {unknown:#x} were never offered")
+        iommu = bool(features & VirtioFeature.ACCESS_PLATFORM.mask)
+        if iommu and features & VhostFeature.LOG_ALL.mask:
+            # Dirty logging is by guest address; under an IOMMU the writes are by IOVA.
+            raise RequestFailed("dirty logging (LOG_ALL) together with an IOMMU is not supported")
         session.features = features
         session.features_set = True
+        if not iommu:
+            session.iotlb = None
+        elif session.iotlb is None:
+            session.iotlb = Iotlb()
         self.backend.set_features(features & ~VhostFeature.PROTOCOL_FEATURES.mask)
         if not features & VhostFeature.PROTOCOL_FEATURES.mask:
             # Without VHOST_USER_F_PROTOCOL_FEATURES rings are enabled from the start.
@@ -742,3 +827,57 @@ class BackendEngine:
 
     async def _get_status(self, msg: Message) -> Payload:
         return U64(self._session().status)
+
+    async def _iotlb_msg(self, msg: Message) -> Payload:
+        """IOTLB_MSG: the front-end's IOMMU adds (UPDATE) or removes (INVALIDATE) translations.
+        Always answered with a u64 (QEMU waits for it): 0 once done, 1 on failure. An
+        invalidation is done when no worker uses the range any more."""
+        assert isinstance(msg.payload, IotlbMessage)
+        entry = msg.payload
+        session = self._session()
+        try:
+            if session.iotlb is None:
+                raise RequestFailed("IOTLB_MSG without VIRTIO_F_ACCESS_PLATFORM")
+            if entry.type == IotlbType.UPDATE:
+                if session.memory is None:
+                    raise RequestFailed("IOTLB update before any memory table")
+                session.iotlb.update(
+                    entry.iova, entry.size, entry.uaddr, entry.perm, session.memory
+                )
+                await self._iotlb_changed(invalidated=False)
+            elif entry.type == IotlbType.INVALIDATE:
+                if session.iotlb.invalidate(entry.iova, entry.size):
+                    await self._iotlb_changed(invalidated=True)
+            else:
+                raise RequestFailed(f"IOTLB_MSG type {entry.type} is not one a back-end handles")
+        except (RequestFailed, GuestMemoryError) as err:
+            log.warning("IOTLB_MSG %s failed: %s", entry.describe(), str(err))
+            return U64(1)
+        return U64(0)
+
+    async def _iotlb_changed(self, *, invalidated: bool) -> None:
+        """Hand the running workers the new translations; after an invalidation, wait until
+        each stopped using the old ones (or restart its ring). Then start rings that were
+        waiting for a translation."""
+        session = self._session()
+        assert session.iotlb is not None
+        memory = session.memory
+        if memory is None:
+            return
+        view = session.iotlb.view(memory)
+        switched: list[tuple[Vring, NativeQueueRunner, int]] = []
+        for vring in session.vrings:
+            if isinstance(vring.runner, NativeQueueRunner):
+                switched.append((vring, vring.runner, vring.runner.set_memory(view)))
+        del view  # the workers hold what they use; REM_MEM_REG must not wait for us
+        if invalidated:
+            for vring, runner, generation in switched:
+                if not await runner.wait_memory(generation, IOTLB_SWITCH_TIMEOUT):
+                    log.warning("vring %d is slow to drop invalidated IOTLB entries", vring.index)
+                    await self._stop_runner(vring)  # waits for its batch; restarted below
+        for vring in session.vrings:
+            if vring.runner is None:
+                try:
+                    await self._update_ring(vring)
+                except RequestFailed as err:
+                    log.warning("%s", err)

@@ -50,6 +50,7 @@ class BlkBackend(Backend):
 
     name: ClassVar[str] = "blk"
     device_id: ClassVar[int] = 2
+    supports_iommu: ClassVar[bool] = True  # native workers only
 
     def __init__(
         self,
