@@ -11,16 +11,22 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from vvu._core import EventFd, GuestMemory, SplitQueueDriver, memfd
 from vvu.errors import ProtocolError, VvuError
 from vvu.protocol import (
     EMPTY,
     U64,
+    BackendRequest,
     Config,
     FrontendRequest,
+    Iotlb,
+    IotlbPerm,
+    IotlbType,
     MemoryRegion,
     MemoryTable,
     Payload,
@@ -31,16 +37,17 @@ from vvu.protocol import (
     VringState,
     decode_message,
     describe,
+    encode_ack,
     encode_message,
 )
 from vvu.protocol.codec import Header
 from vvu.protocol.table import ReplyKind, spec_for
 from vvu.transport.base import Channel, close_fds
-from vvu.transport.unix import connect_unix
+from vvu.transport.unix import UnixChannel, connect_unix
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Frontend", "FrontendError", "FrontendQueue"]
+__all__ = ["Frontend", "FrontendError", "FrontendQueue", "Iommu"]
 
 _F = FrontendRequest
 MiB = 1 << 20
@@ -57,6 +64,9 @@ WANTED_PROTOCOL_FEATURES = (
 )
 
 
+#: The protocol features an IOMMU needs (QEMU refuses ACCESS_PLATFORM without them).
+IOMMU_PROTOCOL_FEATURES = ProtocolFeature.BACKEND_REQ.mask | ProtocolFeature.REPLY_ACK.mask
+
 #: Offered bits this front-end must not ack: it drives split rings with plain guest-physical
 #: addresses, polls nothing, and keeps no dirty log (LOG_ALL only means something with a log).
 UNSUPPORTED_FEATURES = (
@@ -72,6 +82,55 @@ UNSUPPORTED_FEATURES = (
 
 class FrontendError(VvuError):
     """The back-end refused a request or answered something the front-end cannot use."""
+
+
+PAGE = 4096
+#: Where the shuffled IOMMU hands out IOVAs (downwards): far from every guest-physical address.
+IOVA_TOP = 0x4000_0000_0000
+
+
+@dataclass(frozen=True)
+class DmaMapping:
+    """One buffer the IOMMU maps: `size` bytes at `iova` are guest memory at `gpa`."""
+
+    iova: int
+    size: int
+    gpa: int
+    perm: IotlbPerm
+
+    def __contains__(self, iova: int) -> bool:
+        return self.iova <= iova < self.iova + self.size
+
+
+class Iommu:
+    """The front-end playing the IOMMU of a back-end with VIRTIO_F_ACCESS_PLATFORM.
+
+    Each DMA buffer gets an IOVA and a permission: "identity" uses its guest-physical address,
+    "shuffled" hands out IOVAs from the top down, so that a back-end using guest addresses (or
+    one buffer's translation for its neighbour) fails. The back-end learns translations only by
+    asking (BACKEND_IOTLB_MSG MISS); `misses` records what it asked for.
+    """
+
+    def __init__(self, mode: Literal["identity", "shuffled"] = "shuffled") -> None:
+        self.mode = mode
+        self.mappings: list[DmaMapping] = []
+        self.misses: list[tuple[int, int]] = []  # (iova, perm) as asked
+        self._next_iova = IOVA_TOP
+
+    def map(self, gpa: int, size: int, perm: IotlbPerm) -> int:
+        """Map `size` bytes at `gpa`; returns the IOVA the device must use."""
+        if self.mode == "identity":
+            iova = gpa
+        else:
+            # Same offset within a page as the buffer: alignment the driver asked for is kept.
+            span = (gpa % PAGE + size + PAGE - 1) // PAGE * PAGE
+            self._next_iova -= span + PAGE  # and a hole between buffers
+            iova = self._next_iova + gpa % PAGE
+        self.mappings.append(DmaMapping(iova, size, gpa, perm))
+        return iova
+
+    def lookup(self, iova: int) -> DmaMapping | None:
+        return next((m for m in self.mappings if iova in m), None)
 
 
 class Allocator:
@@ -169,8 +228,13 @@ class FrontendQueue:
 class Frontend:
     """One session with a vhost-user back-end."""
 
-    def __init__(self, channel: Channel, *, memory_size: int = 64 * MiB) -> None:
+    def __init__(
+        self, channel: Channel, *, memory_size: int = 64 * MiB, iommu: Iommu | None = None
+    ) -> None:
         self.channel = channel
+        self.iommu = iommu
+        self._backend_channel: Channel | None = None
+        self._backend_task: asyncio.Task[None] | None = None
         self.memory_size = memory_size
         self._memfd = memfd(memory_size, "vvu-frontend")
         self.memory = GuestMemory()
@@ -184,10 +248,16 @@ class Frontend:
 
     @classmethod
     async def connect(
-        cls, path: str, *, memory_size: int = 64 * MiB, timeout: float = 5.0
+        cls,
+        path: str,
+        *,
+        memory_size: int = 64 * MiB,
+        timeout: float = 5.0,
+        iommu: Iommu | None = None,
     ) -> Frontend:
         """Connect to a back-end listening on `path` (retrying up to `timeout` seconds)."""
-        return cls(await connect_unix(path, timeout=timeout), memory_size=memory_size)
+        channel = await connect_unix(path, timeout=timeout)
+        return cls(channel, memory_size=memory_size, iommu=iommu)
 
     async def __aenter__(self) -> Frontend:
         return self
@@ -266,6 +336,11 @@ class Frontend:
         """The handshake QEMU does: features, protocol features, owner, queue count. Acks the
         offered features (or `features` of them); returns the acked mask."""
         offered = await self.request_u64(_F.GET_FEATURES)
+        if self.iommu is not None:
+            # QEMU's rule: an IOMMU needs the back-end channel for misses and REPLY_ACK.
+            protocol_features |= IOMMU_PROTOCOL_FEATURES
+            if not offered & VirtioFeature.ACCESS_PLATFORM.mask:
+                raise FrontendError("the back-end does not offer VIRTIO_F_ACCESS_PLATFORM")
         if offered & VhostFeature.PROTOCOL_FEATURES.mask:
             offered_protocol = await self.request_u64(_F.GET_PROTOCOL_FEATURES)
             acked = offered_protocol & protocol_features
@@ -273,12 +348,91 @@ class Frontend:
             self.protocol_features = acked  # REPLY_ACK applies from the next request on
             if self.protocol_features & ProtocolFeature.MQ.mask:
                 self.num_queues = await self.request_u64(_F.GET_QUEUE_NUM)
+        if self.iommu is not None:
+            if self.protocol_features & IOMMU_PROTOCOL_FEATURES != IOMMU_PROTOCOL_FEATURES:
+                raise FrontendError("an IOMMU needs the BACKEND_REQ and REPLY_ACK features")
+            await self._open_backend_channel()
         await self.request(_F.SET_OWNER)
         wanted = offered if features is None else features & offered
-        wanted &= ~UNSUPPORTED_FEATURES
+        unsupported = UNSUPPORTED_FEATURES
+        if self.iommu is not None:
+            unsupported &= ~VirtioFeature.ACCESS_PLATFORM.mask
+        wanted &= ~unsupported
         self.features = wanted
         await self.request(_F.SET_FEATURES, U64(wanted))
         return wanted
+
+    # --- the IOMMU -----------------------------------------------------------------------------
+
+    def dma(self, gpa: int, size: int, perm: IotlbPerm = IotlbPerm.RW) -> int:
+        """The address the device uses for `size` bytes at `gpa`: the guest-physical address,
+        or with an IOMMU a new mapping's IOVA (device access limited to `perm`)."""
+        return gpa if self.iommu is None else self.iommu.map(gpa, size, perm)
+
+    async def _open_backend_channel(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await self.request(_F.SET_BACKEND_REQ_FD, EMPTY, [theirs.fileno()])
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._backend_channel = UnixChannel(ours, peer="backend-channel")
+        self._backend_task = asyncio.ensure_future(self._serve_backend_channel())
+
+    async def _serve_backend_channel(self) -> None:
+        """Answer the back-end's IOTLB misses with updates, as QEMU does."""
+        channel = self._backend_channel
+        assert channel is not None
+        while (raw := await channel.recv()) is not None:
+            try:
+                msg = decode_message(
+                    Header(raw.request, raw.flags, len(raw.payload)),
+                    raw.payload,
+                    raw.fds,
+                    channel="backend",
+                )
+            finally:
+                close_fds(raw.fds)
+            log.debug("<- backend %s", describe(msg))
+            ok = False
+            if (
+                msg.request == BackendRequest.BACKEND_IOTLB_MSG
+                and isinstance(msg.payload, Iotlb)
+                and msg.payload.type == IotlbType.MISS
+            ):
+                ok = await self._answer_miss(msg.payload.iova, msg.payload.perm)
+            if msg.need_reply and self.reply_ack:
+                await channel.send(encode_ack(msg.request, ok=ok))
+
+    async def _answer_miss(self, iova: int, perm: int) -> bool:
+        assert self.iommu is not None
+        self.iommu.misses.append((iova, perm))
+        mapping = self.iommu.lookup(iova)
+        if mapping is None:
+            log.warning("IOTLB miss at unmapped iova %#x", iova)
+            return False
+        await self.iotlb_update(mapping)
+        return True
+
+    async def iotlb_update(self, mapping: DmaMapping) -> None:
+        """Send the back-end the translation of `mapping` (IOTLB_MSG UPDATE)."""
+        uaddr = UVA_BASE + mapping.gpa
+        entry = Iotlb(mapping.iova, mapping.size, uaddr, mapping.perm, IotlbType.UPDATE)
+        await self._iotlb_msg(entry)
+
+    async def iotlb_invalidate(self, iova: int, size: int) -> None:
+        """Withdraw the translations of `[iova, iova + size)` (IOTLB_MSG INVALIDATE); returns
+        once the back-end no longer uses them."""
+        await self._iotlb_msg(Iotlb(iova, size, 0, IotlbPerm.NONE, IotlbType.INVALIDATE))
+
+    async def _iotlb_msg(self, entry: Iotlb) -> None:
+        reply = await self.request(_F.IOTLB_MSG, entry)
+        if not isinstance(reply, U64) or reply.value != 0:
+            raise FrontendError(f"back-end refused IOTLB_MSG {entry.describe()}: {reply!r}")
+
+    # --- memory and rings --------------------------------------------------------------------
 
     async def set_mem_table(self) -> None:
         """Share all of this front-end's guest memory with the back-end (one region)."""
@@ -297,10 +451,15 @@ class Frontend:
         queue = FrontendQueue(index, size, driver, kick, call)
         await self.request(_F.SET_VRING_NUM, VringState(index, size))
         await self.request(_F.SET_VRING_BASE, VringState(index, 0))
-        await self.request(
-            _F.SET_VRING_ADDR,
-            VringAddr(index, 0, UVA_BASE + desc, UVA_BASE + used, UVA_BASE + avail, 0),
-        )
+        if self.iommu is None:
+            rings = (UVA_BASE + desc, UVA_BASE + used, UVA_BASE + avail)
+        else:  # the device only reads the descriptors and the available ring
+            rings = (
+                self.dma(desc, 16 * size, IotlbPerm.RO),
+                self.dma(used, 6 + 8 * size, IotlbPerm.RW),
+                self.dma(avail, 6 + 2 * size, IotlbPerm.RO),
+            )
+        await self.request(_F.SET_VRING_ADDR, VringAddr(index, 0, *rings, 0))
         await self.request(_F.SET_VRING_KICK, U64.vring(index), [kick.fileno()])
         await self.request(_F.SET_VRING_CALL, U64.vring(index), [call.fileno()])
         if self.features & VhostFeature.PROTOCOL_FEATURES.mask:
@@ -328,6 +487,14 @@ class Frontend:
         for queue in self.queues.values():
             queue.close()
         self.queues.clear()
+        if self._backend_task is not None:
+            self._backend_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, VvuError, OSError):
+                await self._backend_task
+            self._backend_task = None
+        if self._backend_channel is not None:
+            self._backend_channel.close()
+            self._backend_channel = None
         self.channel.close()
         if self._memfd >= 0:
             os.close(self._memfd)
