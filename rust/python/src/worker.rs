@@ -205,11 +205,10 @@ impl PyQueueWorker {
     fn wait_memory(&self, py: Python<'_>, generation: u64, timeout: f64) -> PyResult<bool> {
         let timeout = Duration::try_from_secs_f64(timeout)
             .map_err(|_| PyValueError::new_err("timeout must be a non-negative number"))?;
-        let guard = self.worker.lock().unwrap_or_else(|e| e.into_inner());
-        let worker = guard
-            .as_ref()
-            .ok_or_else(|| to_pyerr(QueueError::InvalidConfig("the worker was stopped".into())))?;
-        Ok(py.detach(|| worker.wait_memory(generation, timeout)))
+        // Not under the handle's lock: the thread that re-takes the GIL after the wait must
+        // not hold a lock the event loop may block on with the GIL held (take_miss).
+        let waiter = self.with(|worker| Ok(worker.memory_waiter()))?;
+        Ok(py.detach(|| waiter.wait(generation, timeout)))
     }
 
     /// The IOTLB miss `(iova, perm)` the worker waits on, or None; consumes `miss_fd`.

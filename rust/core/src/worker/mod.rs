@@ -573,6 +573,25 @@ pub struct QueueWorker {
     last_generation: AtomicU64,
 }
 
+/// Waits for a worker's memory switch; see [`QueueWorker::memory_waiter`].
+#[derive(Debug, Clone)]
+pub struct MemoryWaiter {
+    shared: Arc<Shared>,
+}
+
+impl MemoryWaiter {
+    /// See [`QueueWorker::wait_memory`].
+    pub fn wait(&self, generation: u64, timeout: Duration) -> bool {
+        let applied = lock(&self.shared.applied);
+        let (applied, _) = self
+            .shared
+            .applied_changed
+            .wait_timeout_while(applied, timeout, |applied| *applied < generation)
+            .unwrap_or_else(|e| e.into_inner());
+        *applied >= generation
+    }
+}
+
 /// What [`QueueWorker::stop`] hands back.
 pub struct StoppedQueue {
     /// The queue, attached as it was; `next_avail()` is what GET_VRING_BASE reports.
@@ -692,13 +711,15 @@ impl QueueWorker {
     /// [`QueueWorker::set_memory`], or faulted: from then on it does not touch memory through
     /// older snapshots. `false` on timeout.
     pub fn wait_memory(&self, generation: u64, timeout: Duration) -> bool {
-        let applied = lock(&self.shared.applied);
-        let (applied, _) = self
-            .shared
-            .applied_changed
-            .wait_timeout_while(applied, timeout, |applied| *applied < generation)
-            .unwrap_or_else(|e| e.into_inner());
-        *applied >= generation
+        self.memory_waiter().wait(generation, timeout)
+    }
+
+    /// [`QueueWorker::wait_memory`] detached from the handle, for waiting without holding it
+    /// (e.g. without a lock the handle sits behind).
+    pub fn memory_waiter(&self) -> MemoryWaiter {
+        MemoryWaiter {
+            shared: Arc::clone(&self.shared),
+        }
     }
 
     /// The IOTLB miss (iova, access) the worker waits on, if any; taking it also consumes the
