@@ -705,38 +705,37 @@ fn walk_indirect(
     if len == 0 || len % 16 != 0 || entries > MAX_INDIRECT_DESCRIPTORS {
         return Err(ChainFault::IndirectLength { len });
     }
-    let out_of_range = match mem.first_unmapped(addr, u64::from(len)) {
+    let out_of_range = || match mem.first_unmapped(addr, u64::from(len)) {
         Some(iova) if mem.is_iova() => ChainFault::IotlbMiss {
             iova,
             access: Access::READ,
         },
         _ => ChainFault::IndirectTableOutOfRange { addr, len },
     };
-    let mut readable = true;
     let table = match mem.slice(addr, u64::from(len)) {
-        Ok(slice) if slice.len() == len as usize => {
-            readable = mem.find_region(addr).is_some_and(|r| r.access().read);
-            Table::Host(slice.as_ptr())
-        }
+        Ok(slice) if slice.len() == len as usize => Table::Host(slice.as_ptr()),
         Ok(_) => {
             // Crossing a region boundary: make sure all of it is mapped, then read per entry.
             mem.for_each_piece(addr, u64::from(len), |_, _| {})
-                .map_err(|_| out_of_range)?;
-            let mut at = addr;
-            while let Some(region) = mem.find_region(at).filter(|_| at < addr + u64::from(len)) {
-                readable &= region.access().read;
-                at = region.guest_phys_addr() + region.size();
-            }
+                .map_err(|_| out_of_range())?;
             Table::Pieces(mem, addr)
         }
-        Err(_) => return Err(out_of_range),
+        Err(_) => return Err(out_of_range()),
     };
-    if !readable {
-        return Err(ChainFault::AccessDenied {
-            addr,
-            len,
-            need: Access::READ,
-        });
+    // Only IOTLB windows can refuse reading; the whole table is mapped (checked above).
+    if mem.is_iova() {
+        let end = addr + u64::from(len);
+        let mut at = addr;
+        while let Some(region) = mem.find_region(at).filter(|_| at < end) {
+            if !region.access().read {
+                return Err(ChainFault::AccessDenied {
+                    addr,
+                    len,
+                    need: Access::READ,
+                });
+            }
+            at = region.guest_phys_addr() + region.size();
+        }
     }
     let mut index: u32 = 0;
     let mut seen: u32 = 0;

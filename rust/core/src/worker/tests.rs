@@ -936,3 +936,33 @@ fn iotlb_ring_attach_checks_permission_and_reports_misses() {
     let view = iotlb_view(&mut iotlb, &dev_mem, &[(USED, 0x1000, 2)]);
     dev.attach(view).unwrap();
 }
+
+/// An indirect table is read through the IOTLB too: a miss leaves the chain in the ring, a
+/// write-only window is refused; chains popped before the miss in the same batch are kept.
+#[test]
+fn iotlb_indirect_tables_miss_and_need_read_access() {
+    const TABLE: u64 = 0x6000;
+    let (drv_mem, dev_mem) = shared_memory(&[(0, 0x20000), (0x20000, 0x20000)]);
+    let mut drv = SplitQueueDriver::new(drv_mem, config(8, false)).unwrap();
+    let mut iotlb = crate::iotlb::Iotlb::new();
+    let ranges = [(0x1000, 0x3000, 3), (IN, 0x1000, 1), (OUT, 0x1000, 3)];
+    let mut dev = SplitQueue::new(config(8, false)).unwrap();
+    dev.attach(iotlb_view(&mut iotlb, &dev_mem, &ranges))
+        .unwrap();
+    drv.add_chain(&[(IN, 4)], &[(OUT, 4)]).unwrap();
+    drv.add_indirect(TABLE, &[(IN, 4)], &[(OUT + 8, 4)])
+        .unwrap();
+    drv.publish().unwrap();
+    let mut batch = ChainBatch::new();
+    assert_eq!(dev.pop_batch(&mut batch, 8).unwrap(), 1);
+    assert_eq!(dev.take_miss(), Some((TABLE, Access::READ)));
+    assert_eq!(dev.next_avail(), 1);
+    assert!(!dev.is_broken());
+
+    dev.attach(iotlb_view(&mut iotlb, &dev_mem, &[(TABLE, 0x1000, 2)]))
+        .unwrap();
+    batch.clear();
+    let err = dev.pop_batch(&mut batch, 8).unwrap_err();
+    assert!(err.to_string().contains("needs read access"), "{err}");
+    assert!(dev.is_broken());
+}
