@@ -25,6 +25,7 @@ from vvu.protocol import (
     FrontendRequest,
     Iotlb,
     IotlbPerm,
+    ProtocolFeature,
     VhostFeature,
     VirtioFeature,
 )
@@ -166,9 +167,9 @@ async def test_dirty_logging_with_an_iommu_is_refused(tmp_path: Path) -> None:
     engine = BackendEngine(backend)
     assert engine.offered_features() & VirtioFeature.ACCESS_PLATFORM.mask
     async with served(engine, "unix", tmp_path) as path:
-        frontend = await Frontend.connect(path, memory_size=MiB)
+        frontend = await Frontend.connect(path, memory_size=MiB, iommu=Iommu())
         try:
-            await frontend.negotiate(features=0)  # REPLY_ACK, nothing else yet
+            await frontend.negotiate(features=0)  # REPLY_ACK and BACKEND_REQ, no features yet
             both = VirtioFeature.ACCESS_PLATFORM.mask | VhostFeature.LOG_ALL.mask
             with pytest.raises(FrontendError, match="refused SET_FEATURES"):
                 await frontend.request(
@@ -192,3 +193,19 @@ def test_only_backends_with_native_workers_offer_an_iommu() -> None:
     finally:
         blk.close()
         rng.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(TIMEOUT)
+async def test_an_iommu_without_the_backend_channel_is_refused(tmp_path: Path) -> None:
+    """Without BACKEND_REQ the back-end could never ask for a translation."""
+    async with served(BlkBackend(size=MiB), "unix", tmp_path) as path:
+        frontend = await Frontend.connect(path, memory_size=MiB)
+        try:
+            await frontend.negotiate(features=0)  # REPLY_ACK, no BACKEND_REQ
+            assert not frontend.protocol_features & ProtocolFeature.BACKEND_REQ.mask
+            iommu = VirtioFeature.ACCESS_PLATFORM.mask | VhostFeature.PROTOCOL_FEATURES.mask
+            with pytest.raises(FrontendError, match="refused SET_FEATURES"):
+                await frontend.request(FrontendRequest.SET_FEATURES, U64(iommu))
+        finally:
+            await frontend.close()

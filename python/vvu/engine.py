@@ -589,6 +589,9 @@ class BackendEngine:
         if iommu and features & VhostFeature.LOG_ALL.mask:
             # Dirty logging is by guest address; under an IOMMU the writes are by IOVA.
             raise RequestFailed("dirty logging (LOG_ALL) together with an IOMMU is not supported")
+        if iommu and not session.protocol_features & _PF.BACKEND_REQ.mask:
+            # Translations arrive only as answers to misses sent on the back-end channel.
+            raise RequestFailed("VIRTIO_F_ACCESS_PLATFORM needs protocol feature BACKEND_REQ")
         session.features = features
         session.features_set = True
         if not iommu:
