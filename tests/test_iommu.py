@@ -8,9 +8,13 @@ is checked in the disk image itself, and read back. `TIMEOUT` only guards agains
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 import struct
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -32,6 +36,7 @@ from vvu.protocol import (
 from vvu_harness import served
 
 TIMEOUT = 60.0
+T = TypeVar("T")
 MiB = 1 << 20
 TRANSPORTS = ["unix", "vvu"]
 
@@ -209,3 +214,61 @@ async def test_an_iommu_without_the_backend_channel_is_refused(tmp_path: Path) -
                 await frontend.request(FrontendRequest.SET_FEATURES, U64(iommu))
         finally:
             await frontend.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(TIMEOUT)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_invalidations_racing_with_io_lose_nothing(tmp_path: Path, transport: str) -> None:
+    """Requests in flight on every slot while the IOMMU withdraws every buffer's translation
+    after each completion: each invalidation waits for the worker to let go, the misses that
+    follow are answered, and every block reads back what was written."""
+    image = disk_image(tmp_path)
+    iommu = Iommu("shuffled")
+    blocks = [random.Random(i).randbytes(4096) for i in range(16)]
+    async with served(BlkBackend(str(image)), transport, tmp_path) as path:
+        blk = await BlkDriver.open(path, iommu=iommu, depth=4, max_request=4096)
+        try:
+            buffers = [m for m in iommu.mappings if m.size == 4096 and m.perm == IotlbPerm.RW]
+            assert len(buffers) == 4
+            completed = asyncio.Condition()
+            count = 0
+            rounds = 0
+
+            async def counted(io: Awaitable[T]) -> T:
+                nonlocal count
+                result = await io
+                async with completed:
+                    count += 1
+                    completed.notify_all()
+                return result
+
+            async def invalidate_after_each_completion() -> None:
+                # Withdrawing faster than the device can use a translation would only livelock.
+                nonlocal rounds
+                seen = 0
+                while True:
+                    async with completed:
+                        while count == seen:
+                            await completed.wait()
+                        seen = count
+                    for mapping in buffers:
+                        await blk.frontend.iotlb_invalidate(mapping.iova, mapping.size)
+                    rounds += 1
+
+            invalidator = asyncio.ensure_future(invalidate_after_each_completion())
+            try:
+                for _ in range(3):
+                    writes = (blk.write(8 * i, block) for i, block in enumerate(blocks))
+                    await asyncio.gather(*(counted(w) for w in writes))
+                    reads = (blk.read(8 * i, 4096) for i in range(16))
+                    assert await asyncio.gather(*(counted(r) for r in reads)) == blocks
+            finally:
+                invalidator.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await invalidator
+            assert rounds > 0
+            data = image.read_bytes()
+            assert [data[8 * 512 * i : 8 * 512 * i + 4096] for i in range(16)] == blocks
+        finally:
+            await blk.close()
