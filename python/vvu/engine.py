@@ -819,6 +819,7 @@ class BackendEngine:
         session.vrings = [Vring(i) for i in range(self.backend.num_queues)]
         session.features = 0
         session.features_set = False
+        session.iotlb = None  # the IOMMU is re-negotiated with the features
         session.status = 0
         self.backend.reset()
 
