@@ -24,6 +24,7 @@ from vvu.backends import BlkBackend, RngBackend
 from vvu.engine import BackendEngine
 from vvu.frontend import BlkDriver, Frontend, FrontendError, Iommu
 from vvu.frontend.blk import T_IN
+from vvu.frontend.core import WANTED_PROTOCOL_FEATURES
 from vvu.protocol import (
     U64,
     FrontendRequest,
@@ -272,3 +273,24 @@ async def test_invalidations_racing_with_io_lose_nothing(tmp_path: Path, transpo
             assert [data[8 * 512 * i : 8 * 512 * i + 4096] for i in range(16)] == blocks
         finally:
             await blk.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(TIMEOUT)
+async def test_reset_device_forgets_the_iotlb(tmp_path: Path) -> None:
+    """After RESET_DEVICE the IOMMU is negotiated again: until then IOTLB_MSG is refused."""
+    iommu = Iommu("shuffled")
+    async with served(BlkBackend(size=MiB), "unix", tmp_path) as path:
+        frontend = await Frontend.connect(path, memory_size=MiB, iommu=iommu)
+        try:
+            protocol = WANTED_PROTOCOL_FEATURES | ProtocolFeature.RESET_DEVICE.mask
+            await frontend.negotiate(protocol_features=protocol)
+            await frontend.set_mem_table()
+            frontend.dma(0x1000, 0x1000)
+            mapping = iommu.mappings[-1]
+            await frontend.iotlb_update(mapping)  # accepted
+            await frontend.request(FrontendRequest.RESET_DEVICE)
+            with pytest.raises(FrontendError, match="refused IOTLB_MSG"):
+                await frontend.iotlb_update(mapping)
+        finally:
+            await frontend.close()
