@@ -97,6 +97,13 @@ QEMU_PROTOCOL = (
 RUNNING = DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK
 
 
+def without_viommu(features: int) -> int:
+    """What a front-end with no vIOMMU in front of the device acks (QEMU without
+    iommu_platform=on): never VIRTIO_F_ACCESS_PLATFORM, which would make every ring and buffer
+    address an IOVA (tests/test_iommu.py covers that)."""
+    return features & ~VirtioFeature.ACCESS_PLATFORM.mask
+
+
 # --- the scripted front-end's pieces ------------------------------------------------------------
 
 
@@ -377,13 +384,13 @@ async def negotiate(
     features: int | None = None,
     need_reply: bool = False,
 ) -> int:
-    """Features and protocol features, QEMU-style; returns the acked features."""
+    """Features and protocol features, QEMU-style (no vIOMMU); returns the acked features."""
     offered = await peer.get_u64(F.GET_FEATURES)
     if offered & PROTOCOL_FEATURES:
         offered_protocol = await peer.get_u64(F.GET_PROTOCOL_FEATURES)
         await peer.do(F.SET_PROTOCOL_FEATURES, U64(offered_protocol & protocol))
     await peer.do(F.SET_OWNER, need_reply=need_reply)
-    acked = (offered if features is None else features) & SPLIT_RINGS
+    acked = without_viommu(offered if features is None else features) & SPLIT_RINGS
     await peer.do(F.SET_FEATURES, U64(acked), need_reply=need_reply)
     return acked
 
@@ -562,7 +569,7 @@ async def test_qemu_order(engine: BackendEngine, reply_ack: bool, connect: Conne
     await peer.send(F.SET_VRING_CALL, U64.vring(0), [masked.fileno()])  # the masked notifier
     await peer.send(F.SET_VRING_ERR, U64.vring(0), [ring.err.fileno()])
     await peer.barrier()
-    await peer.do(F.SET_FEATURES, U64(offered & SPLIT_RINGS))
+    await peer.do(F.SET_FEATURES, U64(without_viommu(offered) & SPLIT_RINGS))
     await peer.do(F.SET_STATUS, U64(RUNNING))
     await peer.do(F.SET_MEM_TABLE, guest.table, guest.fds, need_reply=reply_ack)
     await peer.send(F.SET_VRING_NUM, VringState(0, ring.size))
@@ -608,9 +615,8 @@ async def test_cloud_hypervisor_order(engine2: BackendEngine, connect: Connector
     wanted |= PF.CONFIGURE_MEM_SLOTS.mask
     assert offered_protocol & wanted == wanted
     await peer.send(F.SET_PROTOCOL_FEATURES, U64(wanted))  # not yet acked: REPLY_ACK starts now
-    await peer.do(
-        F.SET_FEATURES, U64(offered & ~VirtioFeature.EVENT_IDX.mask & SPLIT_RINGS), need_reply=True
-    )
+    acked = without_viommu(offered) & ~VirtioFeature.EVENT_IDX.mask & SPLIT_RINGS
+    await peer.do(F.SET_FEATURES, U64(acked), need_reply=True)
     await peer.do(F.SET_MEM_TABLE, guest.table, guest.fds, need_reply=True)
     for ring in rings:
         await peer.do(F.SET_VRING_NUM, VringState(ring.index, ring.size), need_reply=True)
@@ -659,7 +665,7 @@ async def test_crosvm_order(engine: BackendEngine, connect: Connector) -> None:
     await peer.send(F.SET_BACKEND_REQ_FD, fds=[theirs.fileno()])
     theirs.close()
     assert await peer.get_u64(F.GET_QUEUE_NUM) == 1
-    acked = offered & ~VirtioFeature.EVENT_IDX.mask & SPLIT_RINGS
+    acked = without_viommu(offered) & ~VirtioFeature.EVENT_IDX.mask & SPLIT_RINGS
     await peer.send(F.SET_FEATURES, U64(acked))
     await peer.send(F.SET_MEM_TABLE, guest.table, guest.fds)
     await peer.send(F.SET_VRING_NUM, VringState(0, ring.size))
@@ -698,7 +704,7 @@ async def test_dpdk_order(engine: BackendEngine, connect: Connector) -> None:
     assert offered_protocol & wanted == wanted
     await peer.send(F.SET_PROTOCOL_FEATURES, U64(wanted))
     await peer.send(F.SET_VRING_CALL, U64.vring(0), [ring.call.fileno()])
-    await peer.send(F.SET_FEATURES, U64(offered & SPLIT_RINGS))
+    await peer.send(F.SET_FEATURES, U64(without_viommu(offered) & SPLIT_RINGS))
     await peer.do(F.SET_MEM_TABLE, guest.table, guest.fds, need_reply=True)
     await peer.send(F.SET_VRING_NUM, VringState(0, ring.size))
     await peer.send(F.SET_VRING_BASE, VringState(0, 0))
@@ -725,7 +731,9 @@ async def _acked_requests(
 ) -> None:
     """Every kind of request without a reply of its own, each sent with `need_reply`; `acked`:
     each must get its ack (and only one), otherwise none may come."""
-    features = peer.engine.offered_features() & ~VirtioFeature.EVENT_IDX.mask & SPLIT_RINGS
+    features = (
+        without_viommu(peer.engine.offered_features()) & ~VirtioFeature.EVENT_IDX.mask & SPLIT_RINGS
+    )
     requests: list[tuple[FrontendRequest, Payload, list[int]]] = [
         (F.SET_OWNER, EMPTY, []),
         (F.SET_FEATURES, U64(features), []),
@@ -879,9 +887,9 @@ async def test_unoffered_feature_bits_are_refused(
     # Nothing of the refused masks was taken: STATUS is still negotiated, features are not set.
     assert await peer.get_u64(F.GET_STATUS) == 0
     assert engine.session is not None and not engine.session.features_set
-    await peer.do(F.SET_FEATURES, U64(offered), need_reply=True)
+    await peer.do(F.SET_FEATURES, U64(without_viommu(offered)), need_reply=True)
     # Without NEED_REPLY, a refusal can only be a hang-up.
-    await peer.send(F.SET_FEATURES, U64(offered | in_order))
+    await peer.send(F.SET_FEATURES, U64(without_viommu(offered) | in_order))
     await peer.expect_dropped()
 
 
@@ -893,7 +901,9 @@ async def test_without_protocol_features_rings_are_enabled_at_set_features(
     ring = Ring(guest)
     offered = await peer.get_u64(F.GET_FEATURES)
     await peer.send(F.SET_OWNER)
-    acked = offered & ~PROTOCOL_FEATURES & ~VirtioFeature.EVENT_IDX.mask & SPLIT_RINGS
+    acked = (
+        without_viommu(offered) & ~PROTOCOL_FEATURES & ~VirtioFeature.EVENT_IDX.mask & SPLIT_RINGS
+    )
     await peer.send(F.SET_FEATURES, U64(acked))
     await peer.send(F.SET_MEM_TABLE, guest.table, guest.fds)
     await peer.send(F.SET_VRING_NUM, VringState(0, ring.size))
@@ -1158,7 +1168,9 @@ async def test_reset_device_stops_everything_and_a_new_handshake_works(
     ring = Ring(guest)
     await peer.do(
         F.SET_FEATURES,
-        U64(engine.offered_features() & ~VirtioFeature.EVENT_IDX.mask & SPLIT_RINGS),
+        U64(
+            without_viommu(engine.offered_features()) & ~VirtioFeature.EVENT_IDX.mask & SPLIT_RINGS
+        ),
         need_reply=True,
     )
     await peer.do(F.SET_MEM_TABLE, guest.table, guest.fds, need_reply=True)

@@ -30,6 +30,7 @@ from test_engine import (
     assert_no_fd_leak,
     check_io,
     open_fds,
+    without_viommu,
 )
 from vvu._core import DescriptorChain, EventFd, SplitQueue
 from vvu.backends import BlkBackend
@@ -322,7 +323,8 @@ async def test_blk_over_vvu_with_synthesised_fds(vvu: Rig) -> None:
         protocol = await vvu.u64(F.GET_PROTOCOL_FEATURES) & QEMU_PROTOCOL
         vvu.send(F.SET_PROTOCOL_FEATURES, U64(protocol))
         await vvu.do(F.SET_OWNER)
-        await vvu.do(F.SET_FEATURES, U64(offered & ~VirtioFeature.EVENT_IDX.mask & SPLIT_RINGS))
+        acked = without_viommu(offered) & ~VirtioFeature.EVENT_IDX.mask & SPLIT_RINGS
+        await vvu.do(F.SET_FEATURES, U64(acked))
         # The region lives at shmid-1 offset SHM_AREA: a BAR4 area from the guest's memfd.
         ((region, fd, _),) = guest.regions
         dev.areas = [MmapArea(SHM_AREA, region.memory_size, fd, 0)]
@@ -406,7 +408,8 @@ async def test_direct_kick_fd_is_the_front_ends_eventfd(
             protocol = await vvu.u64(F.GET_PROTOCOL_FEATURES) & QEMU_PROTOCOL
             vvu.send(F.SET_PROTOCOL_FEATURES, U64(protocol))
             await vvu.do(F.SET_OWNER)
-            await vvu.do(F.SET_FEATURES, U64(offered & ~VirtioFeature.EVENT_IDX.mask & SPLIT_RINGS))
+            acked = without_viommu(offered) & ~VirtioFeature.EVENT_IDX.mask & SPLIT_RINGS
+            await vvu.do(F.SET_FEATURES, U64(acked))
             ((region, fd, _),) = guest.regions
             dev.areas = [MmapArea(SHM_AREA, region.memory_size, fd, 0)]
             rewritten = MemoryRegion(

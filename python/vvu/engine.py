@@ -23,10 +23,18 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from vvu._core import EventFd, GuestMemory, InflightRegion, PackedQueue, QueueWorker, SplitQueue
+from vvu._core import (
+    EventFd,
+    GuestMemory,
+    InflightRegion,
+    Iotlb,
+    PackedQueue,
+    QueueWorker,
+    SplitQueue,
+)
 from vvu.aio import read_to_eof, write_all
 from vvu.backends.base import Backend, ConfigError
-from vvu.errors import GuestMemoryError, ProtocolError, QueueError, VvuError
+from vvu.errors import GuestMemoryError, IotlbMiss, ProtocolError, QueueError, VvuError
 from vvu.protocol import (
     DEVICE_STATE_NOFD,
     EMPTY,
@@ -36,6 +44,7 @@ from vvu.protocol import (
     DeviceStateTransfer,
     FrontendRequest,
     Inflight,
+    IotlbType,
     MemoryRegion,
     MemoryTable,
     Message,
@@ -55,6 +64,9 @@ from vvu.protocol import (
     encode_ack,
     encode_message,
     encode_reply,
+)
+from vvu.protocol import (
+    Iotlb as IotlbMessage,
 )
 from vvu.protocol.codec import Header
 from vvu.protocol.table import BACKEND_REQUESTS, Answer
@@ -92,6 +104,9 @@ DEVICE_STATE_FAILED = 1
 BACKEND_REPLY_TIMEOUT = 5.0
 # How long REM_MEM_REG waits for buffers still held by Python code before failing.
 REGION_RELEASE_TIMEOUT = 1.0
+# How long an IOTLB invalidation waits for a worker to finish its batch and switch to the new
+# translations before the ring is stopped and restarted instead.
+IOTLB_SWITCH_TIMEOUT = 5.0
 
 
 #: Why the engine refuses the requests it has no handler for (docs/protocol-support.md). Each
@@ -257,10 +272,33 @@ class PythonQueueRunner:
 
 
 class NativeQueueRunner:
-    """Runs one queue in a Rust worker thread (no GIL)."""
+    """Runs one queue in a Rust worker thread (no GIL).
 
-    def __init__(self, worker: QueueWorker) -> None:
+    Under an IOTLB, `on_miss(iova, perm)` is called on the event loop for each translation the
+    worker waits for, and `set_memory` hands it the updated translations without a restart.
+    """
+
+    def __init__(
+        self, worker: QueueWorker, on_miss: Callable[[int, int], None] | None = None
+    ) -> None:
         self._worker = worker
+        self._miss_fd: int | None = None
+        if on_miss is not None:
+            self._miss_fd = worker.miss_fd
+            asyncio.get_running_loop().add_reader(self._miss_fd, self._on_miss_fd, on_miss)
+
+    def _on_miss_fd(self, on_miss: Callable[[int, int], None]) -> None:
+        miss = self._worker.take_miss()
+        if miss is not None:
+            on_miss(*miss)
+
+    def set_memory(self, memory: GuestMemory) -> int:
+        """Switch the worker to `memory` between batches; returns the generation to wait for."""
+        return self._worker.set_memory(memory)
+
+    async def wait_memory(self, generation: int, timeout: float) -> bool:
+        """Whether the worker stopped using older memory within `timeout` seconds."""
+        return await asyncio.to_thread(self._worker.wait_memory, generation, timeout)
 
     def set_call(self, call: EventFd | None) -> None:
         self._worker.set_call(call)
@@ -274,6 +312,9 @@ class NativeQueueRunner:
         return self._worker.fault
 
     async def stop(self) -> DeviceQueue:
+        if self._miss_fd is not None:
+            asyncio.get_running_loop().remove_reader(self._miss_fd)
+            self._miss_fd = None
         # Joining waits for in-flight requests to complete: off the event loop.
         return await asyncio.to_thread(self._worker.stop)
 
@@ -374,6 +415,10 @@ class Session:
     state_transfer: asyncio.Task[bytes | None] | None = None
     # INFLIGHT_SHMFD: the region the rings track their requests in (GET or SET_INFLIGHT_FD).
     inflight: InflightRegion | None = None
+    # VIRTIO_F_ACCESS_PLATFORM negotiated: ring and buffer addresses are IOVAs translated here.
+    iotlb: Iotlb | None = None
+    # Back-end channel sends in flight (kept referenced until done).
+    backend_sends: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def reply_ack(self) -> bool:
@@ -426,12 +471,14 @@ class BackendEngine:
             _F.CHECK_DEVICE_STATE: self._check_device_state,
             _F.GET_INFLIGHT_FD: self._get_inflight_fd,
             _F.SET_INFLIGHT_FD: self._set_inflight_fd,
+            _F.IOTLB_MSG: self._iotlb_msg,
         }
 
     # --- offered features --------------------------------------------------------------------
 
     def offered_features(self) -> int:
-        return self.backend.features() | VhostFeature.PROTOCOL_FEATURES.mask
+        iommu = VirtioFeature.ACCESS_PLATFORM.mask if self.backend.supports_iommu else 0
+        return self.backend.features() | iommu | VhostFeature.PROTOCOL_FEATURES.mask
 
     def offered_protocol_features(self) -> int:
         return ENGINE_PROTOCOL_FEATURES | self.backend.protocol_features()
@@ -573,6 +620,29 @@ class BackendEngine:
             return False
         return await self.config_changed()
 
+    def _request_translation(self, iova: int, perm: int) -> None:
+        """Ask the front-end for the translation of `iova` (BACKEND_IOTLB_MSG MISS); it answers
+        with IOTLB_MSG UPDATE on the front-end channel. Sent without NEED_REPLY and from a
+        task: the front-end may be waiting for one of our replies meanwhile."""
+        session = self.session
+        if session is None or session.backend_channel is None:
+            log.warning("IOTLB miss at iova %#x but no back-end channel to ask for it", iova)
+            return
+        log.debug("IOTLB miss at iova %#x (perm %d)", iova, perm)
+        miss = IotlbMessage(iova, 0, 0, perm, IotlbType.MISS)
+        task = asyncio.get_running_loop().create_task(
+            self._send_quietly(BackendRequest.BACKEND_IOTLB_MSG, miss)
+        )
+        session.backend_sends.add(task)
+        task.add_done_callback(session.backend_sends.discard)
+
+    async def _send_quietly(self, request: BackendRequest, payload: Payload) -> None:
+        """`backend_request` without waiting for an ack, failures logged (for tasks)."""
+        try:
+            await self.backend_request(request, payload, need_reply=False)
+        except RequestFailed as err:
+            log.warning("%s not sent: %s", request.name, err)
+
     # --- session loop ------------------------------------------------------------------------
 
     async def serve_forever(self, listener: Listener) -> None:
@@ -621,11 +691,14 @@ class BackendEngine:
         finally:
             if session.state_transfer is not None:
                 session.state_transfer.cancel()  # closes its fd
+            for task in list(session.backend_sends):
+                task.cancel()
             if session.backend_channel is not None:
                 session.backend_channel.close()
             session.memory = None
             # The region belongs to the front-end, which hands it back after a reconnect.
             session.inflight = None
+            session.iotlb = None
             session.channel.close()
             self.backend.reset()
 
@@ -736,7 +809,10 @@ class BackendEngine:
             if failures:
                 raise RequestFailed("; ".join(failures))
 
-    def _start_runner(self, vring: Vring) -> None:
+    def _attached_queue(self, vring: Vring) -> DeviceQueue | None:
+        """The device side of `vring` in the negotiated format, attached at its base; None when
+        an IOTLB translation of a ring is missing (it was asked for, and the UPDATE that answers
+        starts the ring)."""
         session = self._session()
         memory = session.memory
         if vring.size == 0 or vring.addr is None or memory is None:
@@ -744,13 +820,18 @@ class BackendEngine:
         addr = vring.addr
         packed = bool(session.features & VirtioFeature.RING_PACKED.mask)
         try:
+            if session.iotlb is not None:
+                # Ring addresses are IOVAs, translated like every buffer address.
+                memory = session.iotlb.view(memory)
+                rings = (addr.desc, addr.avail, addr.used)
+            else:
+                to_gpa = memory.uva_to_gpa
+                rings = (to_gpa(addr.desc), to_gpa(addr.avail), to_gpa(addr.used))
             # For a packed ring, SET_VRING_ADDR's desc/avail/used are the descriptor ring and
             # the driver and device event suppression areas.
             queue: DeviceQueue = (PackedQueue if packed else SplitQueue)(
                 vring.size,
-                memory.uva_to_gpa(addr.desc),
-                memory.uva_to_gpa(addr.avail),
-                memory.uva_to_gpa(addr.used),
+                *rings,
                 event_idx=bool(session.features & VirtioFeature.EVENT_IDX.mask),
                 indirect=bool(session.features & VirtioFeature.INDIRECT_DESC.mask),
             )
@@ -760,6 +841,9 @@ class BackendEngine:
             else:
                 base = vring.base or 0
             queue.vring_base = base
+        except IotlbMiss as miss:
+            self._request_translation(miss.iova, miss.perm)
+            return None
         except (GuestMemoryError, QueueError) as err:
             raise RequestFailed(f"vring {vring.index}: {err}") from err
         if session.inflight is not None:
@@ -769,7 +853,18 @@ class BackendEngine:
                 log.warning(
                     "vring %d: packed rings are not tracked in the inflight region yet", vring.index
                 )
+        return queue
+
+    def _start_runner(self, vring: Vring) -> None:
+        queue = self._attached_queue(vring)
+        if queue is None:
+            return
+        iotlb = self._session().iotlb
+        # Read before a worker takes the queue over.
+        packed, base = isinstance(queue, PackedQueue), queue.vring_base
         native = self.backend.native_worker(vring.index)
+        if iotlb is not None and native is None:
+            raise RequestFailed(f"vring {vring.index}: IOTLB translation needs a native worker")
         if native is not None:
             vring.runner = NativeQueueRunner(
                 QueueWorker(
@@ -781,7 +876,8 @@ class BackendEngine:
                     call=vring.call,
                     err=vring.err,
                     poll_interval=None if vring.kick is not None else POLL_INTERVAL,
-                )
+                ),
+                on_miss=self._request_translation if iotlb is not None else None,
             )
         else:
             vring.runner = PythonQueueRunner(
@@ -834,8 +930,19 @@ class BackendEngine:
         unknown = features & ~self.offered_features()
         if unknown:
             raise RequestFailed(f"features {unknown:#x} were never offered")
+        iommu = bool(features & VirtioFeature.ACCESS_PLATFORM.mask)
+        if iommu and features & VhostFeature.LOG_ALL.mask:
+            # Dirty logging is by guest address; under an IOMMU the writes are by IOVA.
+            raise RequestFailed("dirty logging (LOG_ALL) together with an IOMMU is not supported")
+        if iommu and not session.protocol_features & _PF.BACKEND_REQ.mask:
+            # Translations arrive only as answers to misses sent on the back-end channel.
+            raise RequestFailed("VIRTIO_F_ACCESS_PLATFORM needs protocol feature BACKEND_REQ")
         session.features = features
         session.features_set = True
+        if not iommu:
+            session.iotlb = None
+        elif session.iotlb is None:
+            session.iotlb = Iotlb()
         self.backend.set_features(features & ~VhostFeature.PROTOCOL_FEATURES.mask)
         if not features & VhostFeature.PROTOCOL_FEATURES.mask:
             # Without VHOST_USER_F_PROTOCOL_FEATURES rings are enabled from the start.
@@ -1110,6 +1217,7 @@ class BackendEngine:
         session.inflight = None  # the rings start over; the front-end fetches a new region
         session.features = 0
         session.features_set = False
+        session.iotlb = None  # the IOMMU is re-negotiated with the features
         session.status = 0
         self.backend.reset()
 
@@ -1234,3 +1342,57 @@ class BackendEngine:
             payload.queue_size,
             packed=self._packed_rings(),
         )
+
+    async def _iotlb_msg(self, msg: Message) -> Payload:
+        """IOTLB_MSG: the front-end's IOMMU adds (UPDATE) or removes (INVALIDATE) translations.
+        Always answered with a u64 (QEMU waits for it): 0 once done, 1 on failure. An
+        invalidation is done when no worker uses the range any more."""
+        assert isinstance(msg.payload, IotlbMessage)
+        entry = msg.payload
+        session = self._session()
+        try:
+            if session.iotlb is None:
+                raise RequestFailed("IOTLB_MSG without VIRTIO_F_ACCESS_PLATFORM")
+            if entry.type == IotlbType.UPDATE:
+                if session.memory is None:
+                    raise RequestFailed("IOTLB update before any memory table")
+                session.iotlb.update(
+                    entry.iova, entry.size, entry.uaddr, entry.perm, session.memory
+                )
+                await self._iotlb_changed(invalidated=False)
+            elif entry.type == IotlbType.INVALIDATE:
+                if session.iotlb.invalidate(entry.iova, entry.size):
+                    await self._iotlb_changed(invalidated=True)
+            else:
+                raise RequestFailed(f"IOTLB_MSG type {entry.type} is not one a back-end handles")
+        except (RequestFailed, GuestMemoryError) as err:
+            log.warning("IOTLB_MSG %s failed: %s", entry.describe(), str(err))
+            return U64(1)
+        return U64(0)
+
+    async def _iotlb_changed(self, *, invalidated: bool) -> None:
+        """Hand the running workers the new translations; after an invalidation, wait until
+        each stopped using the old ones (or restart its ring). Then start rings that were
+        waiting for a translation."""
+        session = self._session()
+        assert session.iotlb is not None
+        memory = session.memory
+        if memory is None:
+            return
+        view = session.iotlb.view(memory)
+        switched: list[tuple[Vring, NativeQueueRunner, int]] = []
+        for vring in session.vrings:
+            if isinstance(vring.runner, NativeQueueRunner):
+                switched.append((vring, vring.runner, vring.runner.set_memory(view)))
+        del view  # the workers hold what they use; REM_MEM_REG must not wait for us
+        if invalidated:
+            for vring, runner, generation in switched:
+                if not await runner.wait_memory(generation, IOTLB_SWITCH_TIMEOUT):
+                    log.warning("vring %d is slow to drop invalidated IOTLB entries", vring.index)
+                    await self._stop_runner(vring)  # waits for its batch; restarted below
+        for vring in session.vrings:
+            if vring.runner is None:
+                try:
+                    await self._update_ring(vring)
+                except RequestFailed as err:
+                    log.warning("%s", err)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["GuestMemoryError", "ProtocolError", "QueueError", "VvuError"]
+__all__ = ["GuestMemoryError", "IotlbMiss", "ProtocolError", "QueueError", "VvuError"]
 
 
 class VvuError(Exception):
@@ -15,6 +15,16 @@ class GuestMemoryError(VvuError):
 
 class QueueError(VvuError):
     """A virtqueue is misconfigured, full, or broken by a malformed ring."""
+
+
+class IotlbMiss(QueueError):
+    """Under VIRTIO_F_ACCESS_PLATFORM, a ring has no IOTLB translation yet: ask the front-end
+    (BACKEND_IOTLB_MSG MISS for `iova` with IOTLB permission `perm`) and retry."""
+
+    def __init__(self, message: str, iova: int, perm: int) -> None:
+        super().__init__(message)
+        self.iova = iova
+        self.perm = perm
 
 
 class ProtocolError(VvuError):

@@ -41,6 +41,9 @@ class Backend:
     #: The device keeps internal state beyond its rings (`save_state`/`load_state`), so the
     #: engine offers DEVICE_STATE for migrating it.
     has_state: ClassVar[bool] = False
+    #: Every queue runs in a native worker that can translate through an IOTLB, so the engine
+    #: offers VIRTIO_F_ACCESS_PLATFORM (a vIOMMU in front of the device).
+    supports_iommu: ClassVar[bool] = False
 
     def __init__(self, *, num_queues: int = 1) -> None:
         if num_queues < 1:

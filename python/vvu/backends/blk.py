@@ -61,6 +61,7 @@ class BlkBackend(Backend):
     name: ClassVar[str] = "blk"
     device_id: ClassVar[int] = 2
     has_state: ClassVar[bool] = True
+    supports_iommu: ClassVar[bool] = True  # native workers only
 
     def __init__(
         self,

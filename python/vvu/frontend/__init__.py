@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from vvu.frontend.blk import BlkDriver, BlkIOError
-from vvu.frontend.core import Frontend, FrontendError, FrontendQueue
+from vvu.frontend.core import Frontend, FrontendError, FrontendQueue, Iommu
 from vvu.frontend.net import NetDriver, NetDriverError
 from vvu.frontend.rng import RngDriver
 
@@ -13,6 +13,7 @@ __all__ = [
     "Frontend",
     "FrontendError",
     "FrontendQueue",
+    "Iommu",
     "NetDriver",
     "NetDriverError",
     "RngDriver",

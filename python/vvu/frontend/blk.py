@@ -7,8 +7,8 @@ import struct
 from typing import Final
 
 from vvu.errors import VvuError
-from vvu.frontend.core import Frontend, FrontendQueue
-from vvu.protocol import ProtocolFeature
+from vvu.frontend.core import Frontend, FrontendQueue, Iommu
+from vvu.protocol import IotlbPerm, ProtocolFeature
 
 __all__ = ["BlkDriver", "BlkIOError"]
 
@@ -28,12 +28,16 @@ class BlkIOError(VvuError):
 
 
 class _Slot:
-    """Guest memory for one request in flight: header, data buffer, status byte."""
+    """Guest memory for one request in flight: header, data buffer, status byte; and the
+    addresses the device uses for them (IOVAs under an IOMMU, with the device's access)."""
 
     def __init__(self, frontend: Frontend, max_data: int) -> None:
         self.header = frontend.allocator.alloc(16, 16)
         self.status = frontend.allocator.alloc(1, 1)
         self.data = frontend.allocator.alloc(max_data, 4096)
+        self.header_dma = frontend.dma(self.header, 16, IotlbPerm.RO)
+        self.status_dma = frontend.dma(self.status, 1, IotlbPerm.WO)
+        self.data_dma = frontend.dma(self.data, max_data, IotlbPerm.RW)
 
 
 class BlkDriver:
@@ -75,11 +79,15 @@ class BlkDriver:
         backend_channel: bool = False,
         inband: bool = False,
         packed: bool = False,
+        iommu: Iommu | None = None,
     ) -> BlkDriver:
         """Connect to a vhost-user-blk back-end listening on `path`; see `start`. `packed`:
-        use a packed ring (the back-end must offer VIRTIO_F_RING_PACKED)."""
+        use a packed ring (the back-end must offer VIRTIO_F_RING_PACKED); `iommu`: the device
+        reaches every buffer through IOTLB translations."""
         memory = 2 * MiB + depth * (max_request + 8192)
-        frontend = await Frontend.connect(path, memory_size=memory, timeout=timeout, packed=packed)
+        frontend = await Frontend.connect(
+            path, memory_size=memory, timeout=timeout, packed=packed, iommu=iommu
+        )
         return await cls.start(
             frontend,
             depth=depth,
@@ -160,14 +168,14 @@ class BlkDriver:
         try:
             memory.write(slot.header, struct.pack("<IIQ", kind, 0, sector))
             memory.write(slot.status, b"\xff")
-            readable = [(slot.header, 16)]
+            readable = [(slot.header_dma, 16)]
             writable = []
             if out:
                 memory.write(slot.data, out)
-                readable.append((slot.data, len(out)))
+                readable.append((slot.data_dma, len(out)))
             if in_len:
-                writable.append((slot.data, in_len))
-            writable.append((slot.status, 1))
+                writable.append((slot.data_dma, in_len))
+            writable.append((slot.status_dma, 1))
             await self.queue.request(readable, writable)
             status = memory.read(slot.status, 1)[0]
             if status != S_OK:

@@ -14,6 +14,7 @@ import os
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from vvu._core import EventFd, GuestMemory, PackedQueueDriver, SplitQueueDriver, memfd
 from vvu.aio import read_to_eof, write_all
@@ -28,6 +29,9 @@ from vvu.protocol import (
     DeviceStateTransfer,
     FrontendRequest,
     Inflight,
+    Iotlb,
+    IotlbPerm,
+    IotlbType,
     MemoryRegion,
     MemoryTable,
     Payload,
@@ -50,7 +54,7 @@ from vvu.transport.unix import UnixChannel, connect_unix
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Frontend", "FrontendError", "FrontendQueue"]
+__all__ = ["Frontend", "FrontendError", "FrontendQueue", "Iommu"]
 
 _F = FrontendRequest
 MiB = 1 << 20
@@ -69,9 +73,13 @@ WANTED_PROTOCOL_FEATURES = (
 )
 
 
+#: The protocol features an IOMMU needs (QEMU refuses ACCESS_PLATFORM without them).
+IOMMU_PROTOCOL_FEATURES = ProtocolFeature.BACKEND_REQ.mask | ProtocolFeature.REPLY_ACK.mask
+
 #: Offered bits this front-end must not ack: it uses plain guest-physical addresses, polls
 #: nothing, and keeps no dirty log (LOG_ALL only means something with a log). RING_PACKED is
-#: acked only when the front-end was opened with `packed=True`.
+#: acked only when the front-end was opened with `packed=True`, ACCESS_PLATFORM only with an
+#: `iommu`.
 UNSUPPORTED_FEATURES = (
     VhostFeature.LOG_ALL.mask
     | VirtioFeature.ACCESS_PLATFORM.mask
@@ -84,6 +92,55 @@ UNSUPPORTED_FEATURES = (
 
 class FrontendError(VvuError):
     """The back-end refused a request or answered something the front-end cannot use."""
+
+
+PAGE = 4096
+#: Where the shuffled IOMMU hands out IOVAs (downwards): far from every guest-physical address.
+IOVA_TOP = 0x4000_0000_0000
+
+
+@dataclass(frozen=True)
+class DmaMapping:
+    """One buffer the IOMMU maps: `size` bytes at `iova` are guest memory at `gpa`."""
+
+    iova: int
+    size: int
+    gpa: int
+    perm: IotlbPerm
+
+    def __contains__(self, iova: int) -> bool:
+        return self.iova <= iova < self.iova + self.size
+
+
+class Iommu:
+    """The front-end playing the IOMMU of a back-end with VIRTIO_F_ACCESS_PLATFORM.
+
+    Each DMA buffer gets an IOVA and a permission: "identity" uses its guest-physical address,
+    "shuffled" hands out IOVAs from the top down, so that a back-end using guest addresses (or
+    one buffer's translation for its neighbour) fails. The back-end learns translations only by
+    asking (BACKEND_IOTLB_MSG MISS); `misses` records what it asked for.
+    """
+
+    def __init__(self, mode: Literal["identity", "shuffled"] = "shuffled") -> None:
+        self.mode = mode
+        self.mappings: list[DmaMapping] = []
+        self.misses: list[tuple[int, int]] = []  # (iova, perm) as asked
+        self._next_iova = IOVA_TOP
+
+    def map(self, gpa: int, size: int, perm: IotlbPerm) -> int:
+        """Map `size` bytes at `gpa`; returns the IOVA the device must use."""
+        if self.mode == "identity":
+            iova = gpa
+        else:
+            # Same offset within a page as the buffer: alignment the driver asked for is kept.
+            span = (gpa % PAGE + size + PAGE - 1) // PAGE * PAGE
+            self._next_iova -= span + PAGE  # and a hole between buffers
+            iova = self._next_iova + gpa % PAGE
+        self.mappings.append(DmaMapping(iova, size, gpa, perm))
+        return iova
+
+    def lookup(self, iova: int) -> DmaMapping | None:
+        return next((m for m in self.mappings if iova in m), None)
 
 
 class Allocator:
@@ -191,10 +248,16 @@ class Frontend:
     """One session with a vhost-user back-end."""
 
     def __init__(
-        self, channel: Channel, *, memory_size: int = 64 * MiB, packed: bool = False
+        self,
+        channel: Channel,
+        *,
+        memory_size: int = 64 * MiB,
+        packed: bool = False,
+        iommu: Iommu | None = None,
     ) -> None:
         self.channel = channel
         self.packed = packed  # ack VIRTIO_F_RING_PACKED and drive packed rings
+        self.iommu = iommu
         self.memory_size = memory_size
         self._memfd = memfd(memory_size, "vvu-frontend")
         self.memory = GuestMemory()
@@ -220,13 +283,19 @@ class Frontend:
 
     @classmethod
     async def connect(
-        cls, path: str, *, memory_size: int = 64 * MiB, timeout: float = 5.0, packed: bool = False
+        cls,
+        path: str,
+        *,
+        memory_size: int = 64 * MiB,
+        timeout: float = 5.0,
+        packed: bool = False,
+        iommu: Iommu | None = None,
     ) -> Frontend:
         """Connect to a back-end listening on `path` (retrying up to `timeout` seconds).
-        `packed`: use packed rings (the back-end must offer VIRTIO_F_RING_PACKED)."""
-        frontend = cls(
-            await connect_unix(path, timeout=timeout), memory_size=memory_size, packed=packed
-        )
+        `packed`: use packed rings (the back-end must offer VIRTIO_F_RING_PACKED); `iommu`:
+        play the IOMMU of a back-end with VIRTIO_F_ACCESS_PLATFORM."""
+        channel = await connect_unix(path, timeout=timeout)
+        frontend = cls(channel, memory_size=memory_size, packed=packed, iommu=iommu)
         frontend.path = path
         return frontend
 
@@ -323,6 +392,11 @@ class Frontend:
         if inband:
             protocol_features |= ProtocolFeature.INBAND_NOTIFICATIONS.mask
         offered = await self.request_u64(_F.GET_FEATURES)
+        if self.iommu is not None:
+            # QEMU's rule: an IOMMU needs the back-end channel for misses and REPLY_ACK.
+            protocol_features |= IOMMU_PROTOCOL_FEATURES
+            if not offered & VirtioFeature.ACCESS_PLATFORM.mask:
+                raise FrontendError("the back-end does not offer VIRTIO_F_ACCESS_PLATFORM")
         if offered & VhostFeature.PROTOCOL_FEATURES.mask:
             offered_protocol = await self.request_u64(_F.GET_PROTOCOL_FEATURES)
             acked = offered_protocol & protocol_features
@@ -330,9 +404,15 @@ class Frontend:
             self.protocol_features = acked  # REPLY_ACK applies from the next request on
             if self.protocol_features & ProtocolFeature.MQ.mask:
                 self.num_queues = await self.request_u64(_F.GET_QUEUE_NUM)
+        needs = IOMMU_PROTOCOL_FEATURES
+        if self.iommu is not None and self.protocol_features & needs != needs:
+            raise FrontendError("an IOMMU needs the BACKEND_REQ and REPLY_ACK features")
         await self.request(_F.SET_OWNER)
         wanted = offered if features is None else features & offered
-        wanted &= ~UNSUPPORTED_FEATURES
+        unsupported = UNSUPPORTED_FEATURES
+        if self.iommu is not None:
+            unsupported &= ~VirtioFeature.ACCESS_PLATFORM.mask
+        wanted &= ~unsupported
         if not self.packed:
             wanted &= ~VirtioFeature.RING_PACKED.mask
         elif not wanted & VirtioFeature.RING_PACKED.mask:
@@ -340,10 +420,53 @@ class Frontend:
         self.features = wanted
         await self.request(_F.SET_FEATURES, U64(wanted))
         if (
-            backend_channel or inband
+            backend_channel or inband or self.iommu is not None
         ) and self.protocol_features & ProtocolFeature.BACKEND_REQ.mask:
             await self.open_backend_channel()
         return wanted
+
+    # --- the IOMMU -----------------------------------------------------------------------------
+
+    def dma(self, gpa: int, size: int, perm: IotlbPerm = IotlbPerm.RW) -> int:
+        """The address the device uses for `size` bytes at `gpa`: the guest-physical address,
+        or with an IOMMU a new mapping's IOVA (device access limited to `perm`)."""
+        return gpa if self.iommu is None else self.iommu.map(gpa, size, perm)
+
+    async def _answer_miss(self, msg: Message) -> bool:
+        """BACKEND_IOTLB_MSG: answer a MISS with an UPDATE on the front-end channel, as QEMU
+        does; anything else (or no IOMMU here) is refused."""
+        payload = msg.payload
+        if self.iommu is None or not isinstance(payload, Iotlb) or payload.type != IotlbType.MISS:
+            log.warning("back-end channel: %s refused (no IOMMU here, or not a miss)", msg.name)
+            return False
+        miss = BackendRequest.BACKEND_IOTLB_MSG
+        self.backend_requests[miss] = self.backend_requests.get(miss, 0) + 1
+        iova, perm = payload.iova, payload.perm
+        self.iommu.misses.append((iova, perm))
+        mapping = self.iommu.lookup(iova)
+        if mapping is None:
+            log.warning("IOTLB miss at unmapped iova %#x", iova)
+            return False
+        await self.iotlb_update(mapping)
+        return True
+
+    async def iotlb_update(self, mapping: DmaMapping) -> None:
+        """Send the back-end the translation of `mapping` (IOTLB_MSG UPDATE)."""
+        uaddr = UVA_BASE + mapping.gpa
+        entry = Iotlb(mapping.iova, mapping.size, uaddr, mapping.perm, IotlbType.UPDATE)
+        await self._iotlb_msg(entry)
+
+    async def iotlb_invalidate(self, iova: int, size: int) -> None:
+        """Withdraw the translations of `[iova, iova + size)` (IOTLB_MSG INVALIDATE); returns
+        once the back-end no longer uses them."""
+        await self._iotlb_msg(Iotlb(iova, size, 0, IotlbPerm.NONE, IotlbType.INVALIDATE))
+
+    async def _iotlb_msg(self, entry: Iotlb) -> None:
+        reply = await self.request(_F.IOTLB_MSG, entry)
+        if not isinstance(reply, U64) or reply.value != 0:
+            raise FrontendError(f"back-end refused IOTLB_MSG {entry.describe()}: {reply!r}")
+
+    # --- memory and rings --------------------------------------------------------------------
 
     async def set_mem_table(self) -> None:
         """Share all of this front-end's guest memory with the back-end (one region)."""
@@ -401,17 +524,31 @@ class Frontend:
         self.queues[index] = queue
         return queue
 
+    def _ring_addresses(self, queue: FrontendQueue) -> tuple[int, int, int]:
+        """SET_VRING_ADDR's desc, used and avail: user addresses, or IOVAs behind an IOMMU (the
+        device only reads the split ring's descriptors and available ring, and the driver's
+        event area of a packed ring; it writes used descriptors into the packed ring)."""
+        if self.iommu is None:
+            return (UVA_BASE + queue.desc, UVA_BASE + queue.used, UVA_BASE + queue.avail)
+        size = queue.size
+        if self.features & VirtioFeature.RING_PACKED.mask:
+            return (
+                self.dma(queue.desc, 16 * size, IotlbPerm.RW),
+                self.dma(queue.used, 4, IotlbPerm.RW),
+                self.dma(queue.avail, 4, IotlbPerm.RO),
+            )
+        return (
+            self.dma(queue.desc, 16 * size, IotlbPerm.RO),
+            self.dma(queue.used, 6 + 8 * size, IotlbPerm.RW),
+            self.dma(queue.avail, 6 + 2 * size, IotlbPerm.RO),
+        )
+
     async def _hand_over(self, queue: FrontendQueue, base: int) -> None:
         """Give the back-end a ring in QEMU's order: NUM, BASE, ADDR, KICK, CALL, ENABLE."""
         index = queue.index
         await self.request(_F.SET_VRING_NUM, VringState(index, queue.size))
         await self.request(_F.SET_VRING_BASE, VringState(index, base))
-        await self.request(
-            _F.SET_VRING_ADDR,
-            VringAddr(
-                index, 0, UVA_BASE + queue.desc, UVA_BASE + queue.used, UVA_BASE + queue.avail, 0
-            ),
-        )
+        await self.request(_F.SET_VRING_ADDR, VringAddr(index, 0, *self._ring_addresses(queue), 0))
         if self.inband:  # the back-end gets no fds; our own kick/call become messages
             await self.request(_F.SET_VRING_KICK, U64.vring(index, nofd=True))
             await self.request(_F.SET_VRING_CALL, U64.vring(index, nofd=True))
@@ -614,7 +751,10 @@ class Frontend:
                 finally:
                     raw.close_fds()  # no back-end request we handle keeps an fd
                 log.debug("<= %s", describe(msg))
-                ok = self._on_backend_request(msg)
+                if msg.request == BackendRequest.BACKEND_IOTLB_MSG:
+                    ok = await self._answer_miss(msg)
+                else:
+                    ok = self._on_backend_request(msg)
                 spec = msg.spec
                 answer = (
                     spec.answer(need_reply=msg.need_reply, protocol_features=self.protocol_features)

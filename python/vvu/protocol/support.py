@@ -88,6 +88,12 @@ _CONFIG_CHANGE = _E + "test_config_change_is_announced_on_the_backend_channel"
 _INFLIGHT = "tests/test_inflight.py::"
 _INFLIGHT_KILLS = _INFLIGHT + "test_serve_blk_killed_20_times_loses_and_repeats_nothing"
 _INFLIGHT_QEMU = _INFLIGHT + "test_qemu_guest_write_stream_survives_serve_blk_sigkilled"
+_IOMMU = "tests/test_iommu.py::"
+_IOMMU_IO = _IOMMU + "test_blk_io_goes_through_translations_the_backend_asks_for"
+_IOMMU_QEMU = (
+    "tests/test_qemu_peers.py::test_blk_guest_behind_a_viommu_does_checksummed_io_through_the_iotlb"
+)
+_IOMMU_QEMU_VVU = "tests/test_qemu_peers.py::test_blk_guest_behind_a_viommu_through_the_vvu_device"
 _FRONTEND_REFUSES = (
     _E + "test_our_frontend_answers_back_end_requests_it_does_not_support_with_a_failure_ack"
 )
@@ -136,7 +142,18 @@ FRONTEND_ROWS: Final[dict[FrontendRequest, Row]] = {
     _F.SET_BACKEND_REQ_FD: Row(
         _Y, _Y, (_CONFIG_CHANGE, "tests/test_vvu_transport.py::test_backend_channel_relay")
     ),
-    _F.IOTLB_MSG: Row(_L, _L, note="IOMMU: feat/iommu"),
+    _F.IOTLB_MSG: Row(
+        _Y,
+        _Y,
+        (
+            _IOMMU_IO,
+            _IOMMU + "test_bad_iotlb_messages_are_refused_and_the_session_goes_on",
+            _IOMMU + "test_invalidations_racing_with_io_lose_nothing",
+            _IOMMU_QEMU,
+            _IOMMU_QEMU_VVU,
+        ),
+        "blk (native workers); update and invalidate",
+    ),
     _F.SET_VRING_ENDIAN: Row(_R, _R, (_REFUSED,), "rings are little-endian (VERSION_1)"),
     _F.GET_CONFIG: Row(_Y, _Y, (_STATUS, _GROW)),
     _F.SET_CONFIG: Row(
@@ -196,7 +213,9 @@ FRONTEND_ROWS: Final[dict[FrontendRequest, Row]] = {
 
 _B = BackendRequest
 BACKEND_ROWS: Final[dict[BackendRequest, Row]] = {
-    _B.BACKEND_IOTLB_MSG: Row(_L, _L, note="IOMMU: feat/iommu (uses `backend_request`)"),
+    _B.BACKEND_IOTLB_MSG: Row(
+        _Y, _Y, (_IOMMU_IO, _IOMMU_QEMU, _IOMMU_QEMU_VVU), "misses, sent without NEED_REPLY"
+    ),
     _B.BACKEND_CONFIG_CHANGE_MSG: Row(
         _Y,
         _Y,

@@ -20,6 +20,15 @@ pub enum MemoryError {
     RegionBusy { gpa: u64, users: usize },
     #[error("mapping region failed: {0}")]
     Map(String),
+    #[error("address range {addr:#x}+{len:#x} needs {need} access but allows only {allowed}")]
+    AccessDenied {
+        addr: u64,
+        len: u64,
+        need: crate::memory::Access,
+        allowed: crate::memory::Access,
+    },
+    #[error("IOTLB: {0}")]
+    Iotlb(String),
 }
 
 /// Errors from a virtqueue. Errors caused by the peer mark the queue broken.
@@ -53,6 +62,12 @@ pub enum QueueError {
         used_idx: u16,
         last_used: u16,
         in_flight: u16,
+    },
+    /// Under an IOTLB, a ring area has no translation yet: ask the front-end (a MISS) and retry.
+    #[error("IOTLB miss at iova {iova:#x} ({access} access)")]
+    IotlbMiss {
+        iova: u64,
+        access: crate::memory::Access,
     },
     #[error("used ring entry (id {id}, len {len}): {reason}")]
     BadUsedEntry {
@@ -99,6 +114,19 @@ pub enum ChainFault {
     BufferIdOutOfRange { id: u16, size: u16 },
     #[error("packed ring: buffer id {id} is already in flight")]
     BufferIdInFlight { id: u16 },
+    #[error("buffer {addr:#x}+{len:#x} needs {need} access, which its IOTLB entry does not allow")]
+    AccessDenied {
+        addr: u64,
+        len: u32,
+        need: crate::memory::Access,
+    },
+    /// Not a fault of the chain: the IOTLB has no translation for `iova` yet. The queue does not
+    /// break; the chain stays in the ring until the translation arrives.
+    #[error("IOTLB miss at iova {iova:#x} ({access} access)")]
+    IotlbMiss {
+        iova: u64,
+        access: crate::memory::Access,
+    },
 }
 
 /// Every error the core can report.

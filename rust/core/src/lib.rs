@@ -7,9 +7,11 @@
 //! - [`queue`]: split and packed virtqueues, device side (pop chains, push used) and driver side.
 //! - [`inflight`]: the INFLIGHT_SHMFD region (crash-safe restart).
 //! - [`notify`]: eventfds, an epoll poller and busy-polling.
+//! - [`iotlb`]: the device IOTLB (VIRTIO_F_ACCESS_PLATFORM) and its IOVA-keyed memory view.
 
 pub mod error;
 pub mod inflight;
+pub mod iotlb;
 pub mod memory;
 pub mod notify;
 pub mod queue;

@@ -57,15 +57,67 @@ impl fmt::Display for RegionSpec {
     }
 }
 
-/// One `MAP_SHARED` mapping of a front-end fd. Unmapped on drop.
+/// What a device may do with a range of memory (an IOTLB permission; plain regions allow both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Access {
+    pub read: bool,
+    pub write: bool,
+}
+
+impl Access {
+    pub const READ: Self = Self {
+        read: true,
+        write: false,
+    };
+    pub const WRITE: Self = Self {
+        read: false,
+        write: true,
+    };
+    pub const READ_WRITE: Self = Self {
+        read: true,
+        write: true,
+    };
+
+    /// Whether every access in `need` is allowed.
+    #[inline]
+    pub fn allows(self, need: Access) -> bool {
+        (self.read || !need.read) && (self.write || !need.write)
+    }
+}
+
+impl fmt::Display for Access {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = match (self.read, self.write) {
+            (true, true) => "read-write",
+            (true, false) => "read",
+            (false, true) => "write",
+            (false, false) => "no access",
+        };
+        f.write_str(text)
+    }
+}
+
+/// Who owns the mapping behind a region.
+enum Backing {
+    /// This region's own mmap; unmapped on drop.
+    Mapped {
+        /// Start of the whole mapping (page aligned), as returned by mmap.
+        map_base: NonNull<u8>,
+        map_len: usize,
+        fd: OwnedFd,
+    },
+    /// A window into another region's mapping (an IOTLB entry), which it keeps alive.
+    View(Arc<MemoryRegion>),
+}
+
+/// One `MAP_SHARED` mapping of a front-end fd, unmapped on drop; or a window into one with its
+/// own address and permission ([`MemoryRegion::view`], used for IOTLB entries).
 pub struct MemoryRegion {
     spec: RegionSpec,
-    /// Start of the whole mapping (page aligned), as returned by mmap.
-    map_base: NonNull<u8>,
-    map_len: usize,
-    /// First byte of the region (`map_base` plus the sub-page part of `mmap_offset`).
+    /// First byte of the region (the mapping's base plus the sub-page part of `mmap_offset`).
     host_base: NonNull<u8>,
-    fd: OwnedFd,
+    access: Access,
+    backing: Backing,
 }
 
 // SAFETY: the mapping is plain shared memory owned by this value; all access goes through raw
@@ -146,10 +198,48 @@ impl MemoryRegion {
         let host_base = unsafe { NonNull::new_unchecked(map_base.as_ptr().add(delta as usize)) };
         Ok(Self {
             spec,
-            map_base,
-            map_len,
             host_base,
-            fd,
+            access: Access::READ_WRITE,
+            backing: Backing::Mapped {
+                map_base,
+                map_len,
+                fd,
+            },
+        })
+    }
+
+    /// A window of `size` bytes of `parent` starting `offset` bytes in, addressed at `addr`
+    /// (an IOVA) and limited to `access`. Shares the parent's mapping and keeps it alive.
+    pub fn view(
+        parent: &Arc<MemoryRegion>,
+        offset: u64,
+        size: u64,
+        addr: u64,
+        access: Access,
+    ) -> Result<Self> {
+        let fits = offset
+            .checked_add(size)
+            .is_some_and(|end| end <= parent.size());
+        if size == 0 || !fits || addr.checked_add(size).is_none() {
+            return Err(MemoryError::InvalidRegion(format!(
+                "window {offset:#x}+{size:#x} at {addr:#x} does not fit in {}",
+                parent.spec
+            )));
+        }
+        let spec = RegionSpec {
+            guest_phys_addr: addr,
+            size,
+            userspace_addr: parent.spec.userspace_addr + offset,
+            mmap_offset: parent.spec.mmap_offset + offset,
+        };
+        // SAFETY: offset + size <= parent size, so the pointer stays inside the parent's mapping.
+        let host_base =
+            unsafe { NonNull::new_unchecked(parent.host_base.as_ptr().add(offset as usize)) };
+        Ok(Self {
+            spec,
+            host_base,
+            access,
+            backing: Backing::View(Arc::clone(parent)),
         })
     }
 
@@ -189,7 +279,22 @@ impl MemoryRegion {
     }
     /// The fd the region was mapped from (for handing it on, e.g. to a VVU device).
     pub fn fd(&self) -> &OwnedFd {
-        &self.fd
+        match &self.backing {
+            Backing::Mapped { fd, .. } => fd,
+            Backing::View(parent) => parent.fd(),
+        }
+    }
+    /// What a device may do here (read-write except for IOTLB windows).
+    #[inline]
+    pub fn access(&self) -> Access {
+        self.access
+    }
+    /// The mapped region a window belongs to (itself for a mapped region).
+    pub fn backing_region(self: &Arc<Self>) -> Arc<MemoryRegion> {
+        match &self.backing {
+            Backing::Mapped { .. } => Arc::clone(self),
+            Backing::View(parent) => parent.backing_region(),
+        }
     }
 
     fn contains_gpa(&self, gpa: u64) -> bool {
@@ -209,10 +314,16 @@ impl MemoryRegion {
 
 impl Drop for MemoryRegion {
     fn drop(&mut self) {
-        // SAFETY: `map_base`/`map_len` are exactly what mmap returned; no reference into the mapping
-        // can outlive `self` because every user holds an `Arc<MemoryRegion>`.
-        unsafe {
-            libc::munmap(self.map_base.as_ptr().cast(), self.map_len);
+        if let Backing::Mapped {
+            map_base, map_len, ..
+        } = self.backing
+        {
+            // SAFETY: `map_base`/`map_len` are exactly what mmap returned; no reference into the
+            // mapping can outlive `self` because every user (windows included) holds an
+            // `Arc<MemoryRegion>`.
+            unsafe {
+                libc::munmap(map_base.as_ptr().cast(), map_len);
+            }
         }
     }
 }
@@ -288,6 +399,9 @@ impl<'a> GuestSlice<'a> {
 pub struct GuestMemory {
     /// Sorted by guest-physical address.
     regions: Arc<[Arc<MemoryRegion>]>,
+    /// Addresses are IOVAs translated by an IOTLB ([`GuestMemory::new_iova`]): an unmapped
+    /// address is a miss to be resolved by the front-end, not necessarily a bad one.
+    iova: bool,
 }
 
 impl fmt::Debug for GuestMemory {
@@ -328,14 +442,45 @@ impl GuestMemory {
         }
         Ok(Self {
             regions: regions.into(),
+            iova: false,
         })
+    }
+
+    /// A snapshot keyed by IOVA (IOTLB windows): the regions must not overlap in IOVA, but may
+    /// alias the same memory (an IOMMU can map one page at several IOVAs).
+    pub fn new_iova(regions: Vec<Arc<MemoryRegion>>) -> Result<Self> {
+        let mut regions = regions;
+        regions.sort_by_key(|r| r.guest_phys_addr());
+        for pair in regions.windows(2) {
+            let (a, b) = (pair[0].spec(), pair[1].spec());
+            if a.gpa_end() > b.guest_phys_addr {
+                return Err(MemoryError::Overlap {
+                    new: b.to_string(),
+                    existing: a.to_string(),
+                });
+            }
+        }
+        Ok(Self {
+            regions: regions.into(),
+            iova: true,
+        })
+    }
+
+    /// Whether addresses are IOVAs (see [`GuestMemory::new_iova`]).
+    #[inline]
+    pub fn is_iova(&self) -> bool {
+        self.iova
     }
 
     /// A new snapshot with `region` added.
     pub fn with_region(&self, region: Arc<MemoryRegion>) -> Result<Self> {
         let mut regions = self.regions.to_vec();
         regions.push(region);
-        Self::new(regions)
+        if self.iova {
+            Self::new_iova(regions)
+        } else {
+            Self::new(regions)
+        }
     }
 
     /// A new snapshot without the region that starts at `guest_phys_addr`, and that region.
@@ -350,6 +495,7 @@ impl GuestMemory {
         Ok((
             Self {
                 regions: regions.into(),
+                iova: self.iova,
             },
             removed,
         ))
@@ -365,6 +511,13 @@ impl GuestMemory {
         let index = self.regions.partition_point(|r| r.guest_phys_addr() <= gpa);
         let region = self.regions.get(index.checked_sub(1)?)?;
         region.contains_gpa(gpa).then_some(region)
+    }
+
+    /// The region containing front-end virtual address `uva`.
+    pub fn find_region_by_uva(&self, uva: u64) -> Option<&Arc<MemoryRegion>> {
+        self.regions
+            .iter()
+            .find(|r| uva >= r.userspace_addr() && uva < r.spec.uva_end())
     }
 
     /// Translate a front-end virtual address (as in SET_VRING_ADDR) to a guest-physical one.
@@ -388,6 +541,36 @@ impl GuestMemory {
             len: contiguous as usize,
             _memory: std::marker::PhantomData,
         })
+    }
+
+    /// The first address of `[gpa, gpa + len)` that no region maps, if any (an IOTLB miss).
+    pub fn first_unmapped(&self, gpa: u64, len: u64) -> Option<u64> {
+        let end = gpa.saturating_add(len);
+        let mut at = gpa;
+        while at < end {
+            match self.find_region(at) {
+                Some(region) => at = region.spec.gpa_end(),
+                None => return Some(at),
+            }
+        }
+        None
+    }
+
+    /// Like [`GuestMemory::slice_exact`], and the region must allow `need`.
+    pub fn slice_exact_for(&self, gpa: u64, len: u64, need: Access) -> Result<GuestSlice<'_>> {
+        let slice = self.slice_exact(gpa, len)?;
+        // slice_exact succeeded, so the region exists.
+        if let Some(region) = self.find_region(gpa) {
+            if !region.access.allows(need) {
+                return Err(MemoryError::AccessDenied {
+                    addr: gpa,
+                    len,
+                    need,
+                    allowed: region.access,
+                });
+            }
+        }
+        Ok(slice)
     }
 
     /// The host window for exactly `[gpa, gpa + len)`; an error unless it is all in one region.

@@ -17,6 +17,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<inflight::PyInflightRegion>()?;
     m.add_class::<memory::GuestBuffer>()?;
     m.add_class::<memory::RegionInfo>()?;
+    m.add_class::<memory::PyIotlb>()?;
     m.add_class::<queue::PySplitQueue>()?;
     m.add_class::<queue::PySplitQueueDriver>()?;
     m.add_class::<queue::PyPackedQueue>()?;

@@ -2,6 +2,7 @@
 //! `QueueWorker` (a Rust thread running one queue without the GIL).
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::raw::c_int;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -9,12 +10,13 @@ use std::time::Duration;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+use vvu_core::iotlb::perm_from_access;
 use vvu_core::worker::blk::{BlkHandler, BlkOptions, VIRTIO_BLK_ID_BYTES};
 use vvu_core::worker::{ChainHandler, QueueWorker, WorkerOptions};
 use vvu_core::QueueError;
 
 use crate::errors::to_pyerr;
-use crate::memory::dup_fd;
+use crate::memory::{dup_fd, PyGuestMemory};
 use crate::notify::PyEventFd;
 use crate::queue::{take_queue, wrap_queue};
 
@@ -188,7 +190,41 @@ impl PyQueueWorker {
         dict.set_item("kicks", stats.kicks)?;
         dict.set_item("wakeups", stats.wakeups)?;
         dict.set_item("call_errors", stats.call_errors)?;
+        dict.set_item("iotlb_misses", stats.iotlb_misses)?;
         Ok(dict)
+    }
+
+    /// Switch the running worker to `memory` (an `Iotlb.view`) between batches; a chain waiting
+    /// for a translation is retried. Returns the generation for `wait_memory`.
+    fn set_memory(&self, memory: &PyGuestMemory) -> PyResult<u64> {
+        let snapshot = memory.snapshot();
+        self.with(|worker| worker.set_memory(snapshot).map_err(to_pyerr))
+    }
+
+    /// Wait (without the GIL) until the worker no longer uses memory older than `generation`;
+    /// False on timeout.
+    fn wait_memory(&self, py: Python<'_>, generation: u64, timeout: f64) -> PyResult<bool> {
+        let timeout = Duration::try_from_secs_f64(timeout)
+            .map_err(|_| PyValueError::new_err("timeout must be a non-negative number"))?;
+        // Not under the handle's lock: the thread that re-takes the GIL after the wait must
+        // not hold a lock the event loop may block on with the GIL held (take_miss).
+        let waiter = self.with(|worker| Ok(worker.memory_waiter()))?;
+        Ok(py.detach(|| waiter.wait(generation, timeout)))
+    }
+
+    /// The IOTLB miss `(iova, perm)` the worker waits on, or None; consumes `miss_fd`.
+    fn take_miss(&self) -> PyResult<Option<(u64, u8)>> {
+        self.with(|worker| {
+            Ok(worker
+                .take_miss()
+                .map(|(iova, access)| (iova, perm_from_access(access))))
+        })
+    }
+
+    /// An fd that becomes readable when the worker reports an IOTLB miss (valid while running).
+    #[getter]
+    fn miss_fd(&self) -> PyResult<c_int> {
+        self.with(|worker| Ok(worker.miss_fd().as_raw_fd()))
     }
 
     /// Why the worker stopped processing on its own (a broken ring, a failed handler), or None.

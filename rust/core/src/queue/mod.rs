@@ -15,7 +15,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
 
 use crate::error::QueueError;
-use crate::memory::GuestMemory;
+use crate::memory::{Access, GuestMemory};
 
 mod driver;
 mod packed;
@@ -216,8 +216,18 @@ impl Rings {
     /// Translate the ring areas of `config` in `mem`; each must lie within one region.
     pub(crate) fn new(mem: GuestMemory, config: &QueueConfig) -> Result<Self, QueueError> {
         config.validate()?;
-        let area = |gpa: u64, len: u64, align: usize, name: &str| {
-            let ptr = mem.slice_exact(gpa, len)?.as_ptr();
+        // The device reads the descriptor table and the available ring and writes the used ring
+        // (only IOTLB windows can refuse an access).
+        let area = |gpa: u64, len: u64, align: usize, name: &str, need: Access| {
+            let ptr = match mem.slice_exact_for(gpa, len, need) {
+                Ok(slice) => slice.as_ptr(),
+                Err(err) => {
+                    return Err(match mem.first_unmapped(gpa, len) {
+                        Some(iova) if mem.is_iova() => QueueError::IotlbMiss { iova, access: need },
+                        _ => err.into(),
+                    })
+                }
+            };
             if (ptr as usize) % align != 0 {
                 return Err(QueueError::InvalidConfig(format!(
                     "{name} at {gpa:#x} maps to a host address that is not {align}-byte aligned"
@@ -231,14 +241,22 @@ impl Rings {
             config.desc_table_len(),
             8,
             "descriptor table",
+            Access::READ,
         )?;
         let avail = area(
             config.avail_ring,
             config.avail_ring_len(),
             2,
             "available ring",
+            Access::READ,
         )?;
-        let used = area(config.used_ring, config.used_ring_len(), 4, "used ring")?;
+        let used = area(
+            config.used_ring,
+            config.used_ring_len(),
+            4,
+            "used ring",
+            Access::WRITE,
+        )?;
         let q = usize::from(config.size);
         let (used_event, avail_event) = if config.event_idx {
             // SAFETY: with EVENT_IDX the areas were translated including the trailing word, so

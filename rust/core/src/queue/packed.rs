@@ -18,7 +18,7 @@ use super::{
     MAX_QUEUE_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
 };
 use crate::error::{ChainFault, QueueError};
-use crate::memory::GuestMemory;
+use crate::memory::{Access, GuestMemory};
 
 /// Packed descriptor flag: the driver's wrap counter when it made the descriptor available.
 pub const VIRTQ_DESC_F_AVAIL: u16 = 1 << 7;
@@ -318,8 +318,18 @@ impl PackedRings {
     /// Translate the areas of `config` in `mem`; each must lie within one region.
     pub(crate) fn new(mem: GuestMemory, config: &PackedConfig) -> Result<Self, QueueError> {
         config.validate()?;
-        let area = |gpa: u64, len: u64, align: usize, name: &str| {
-            let ptr = mem.slice_exact(gpa, len)?.as_ptr();
+        // The device reads and writes the descriptor ring (used descriptors go there), reads the
+        // driver's event area and writes its own (only IOTLB windows can refuse an access).
+        let area = |gpa: u64, len: u64, align: usize, name: &str, need: Access| {
+            let ptr = match mem.slice_exact_for(gpa, len, need) {
+                Ok(slice) => slice.as_ptr(),
+                Err(err) => {
+                    return Err(match mem.first_unmapped(gpa, len) {
+                        Some(iova) if mem.is_iova() => QueueError::IotlbMiss { iova, access: need },
+                        _ => err.into(),
+                    })
+                }
+            };
             if (ptr as usize) % align != 0 {
                 return Err(QueueError::InvalidConfig(format!(
                     "{name} at {gpa:#x} maps to a host address that is not {align}-byte aligned"
@@ -332,9 +342,22 @@ impl PackedRings {
             config.desc_ring_len(),
             8,
             "descriptor ring",
+            Access::READ_WRITE,
         )?;
-        let driver_event = area(config.driver_event, 4, 2, "driver event suppression area")?;
-        let device_event = area(config.device_event, 4, 2, "device event suppression area")?;
+        let driver_event = area(
+            config.driver_event,
+            4,
+            2,
+            "driver event suppression area",
+            Access::READ,
+        )?;
+        let device_event = area(
+            config.device_event,
+            4,
+            2,
+            "device event suppression area",
+            Access::WRITE,
+        )?;
         Ok(Self {
             mem,
             size: config.size,
@@ -466,6 +489,8 @@ pub struct PackedQueue {
     signalled_valid: bool,
     region_cache: usize,
     broken: Option<String>,
+    /// The IOTLB miss that ended the last `pop_batch` early, until taken.
+    miss: Option<(u64, Access)>,
 }
 
 impl std::fmt::Debug for PackedQueue {
@@ -507,6 +532,7 @@ impl PackedQueue {
             added: 0,
             signalled_valid: false,
             region_cache: 0,
+            miss: None,
             broken: None,
         })
     }
@@ -658,17 +684,25 @@ impl PackedQueue {
         Ok(chains)
     }
 
+    /// The IOTLB miss (iova, access) that ended the last [`PackedQueue::pop_batch`] early, if
+    /// any. The chain that missed was left in the ring; pop again once translated.
+    pub fn take_miss(&mut self) -> Option<(u64, Access)> {
+        self.miss.take()
+    }
+
     /// Pop up to `max` available chains into `batch` (appending), returning how many were added.
     /// Each chain's `head()` is its buffer id.
     ///
     /// A malformed chain marks the queue broken and returns the error; chains popped earlier in
     /// the same call stay in the batch (and are in flight), the bad one is not added.
     pub fn pop_batch(&mut self, batch: &mut ChainBatch, max: usize) -> Result<usize, QueueError> {
+        self.miss = None;
         let rings = ready(&self.broken, &self.rings)?;
         let size = self.config.size;
         let mut translator = Translator {
             regions: rings.memory().regions(),
             cache: &mut self.region_cache,
+            iova: rings.memory().is_iova(),
         };
         let mut count = 0;
         while count < max {
@@ -710,6 +744,12 @@ impl PackedQueue {
                     self.next_avail = head.advance(slots, size);
                     batch.chains.push(chain);
                     count += 1;
+                }
+                Err(ChainFault::IotlbMiss { iova, access }) => {
+                    // Not consumed: the chain stays in the ring until the translation arrives.
+                    batch.segments.truncate(mark);
+                    self.miss = Some((iova, access));
+                    return Ok(count);
                 }
                 Err(reason) => {
                     batch.segments.truncate(mark);

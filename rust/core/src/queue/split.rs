@@ -17,7 +17,7 @@ use super::{
 };
 use crate::error::{ChainFault, QueueError};
 use crate::inflight::{Recovery, SplitInflight};
-use crate::memory::{GuestMemory, MemoryRegion};
+use crate::memory::{Access, GuestMemory, MemoryRegion};
 
 /// One contiguous piece of a descriptor's buffer, translated to a host address.
 ///
@@ -220,15 +220,39 @@ pub(super) struct Walk {
 pub(super) struct Translator<'m> {
     pub(super) regions: &'m [std::sync::Arc<MemoryRegion>],
     pub(super) cache: &'m mut usize,
+    /// The addresses are IOVAs (an IOTLB view): an unmapped one is a miss, not a bad chain.
+    pub(super) iova: bool,
 }
 
 impl Translator<'_> {
-    /// Append the segments of `[addr, addr + len)`; `len > 0`.
+    /// Append the segments of `[addr, addr + len)`; `len > 0`. Each piece's region must allow
+    /// the device's access (`writable`: the device writes).
     #[inline]
-    fn push(&mut self, addr: u64, len: u32, segments: &mut Vec<Segment>) -> Result<(), ChainFault> {
+    fn push(
+        &mut self,
+        addr: u64,
+        len: u32,
+        writable: bool,
+        segments: &mut Vec<Segment>,
+    ) -> Result<(), ChainFault> {
         let fault = ChainFault::BufferOutOfRange { addr, len };
         addr.checked_add(u64::from(len)).ok_or(fault)?;
+        let need = if writable {
+            Access::WRITE
+        } else {
+            Access::READ
+        };
         let (mut gpa, mut left) = (addr, u64::from(len));
+        let unmapped = |gpa: u64| {
+            if self.iova {
+                ChainFault::IotlbMiss {
+                    iova: gpa,
+                    access: need,
+                }
+            } else {
+                fault
+            }
+        };
         while left > 0 {
             let region = match self.regions.get(*self.cache) {
                 Some(r) if gpa >= r.guest_phys_addr() && gpa - r.guest_phys_addr() < r.size() => r,
@@ -237,15 +261,19 @@ impl Translator<'_> {
                         .regions
                         .partition_point(|r| r.guest_phys_addr() <= gpa)
                         .checked_sub(1)
-                        .ok_or(fault)?;
-                    let r = self.regions.get(index).ok_or(fault)?;
+                        .ok_or_else(|| unmapped(gpa))?;
+                    let r = self.regions.get(index).ok_or_else(|| unmapped(gpa))?;
                     if gpa - r.guest_phys_addr() >= r.size() {
-                        return Err(fault);
+                        return Err(unmapped(gpa));
                     }
                     *self.cache = index;
                     r
                 }
             };
+            // Only IOTLB windows restrict access; plain regions skip the load.
+            if self.iova && !region.access().allows(need) {
+                return Err(ChainFault::AccessDenied { addr, len, need });
+            }
             let offset = gpa - region.guest_phys_addr();
             let n = left.min(region.size() - offset);
             // SAFETY: offset < region size, so the pointer stays inside the region's mapping,
@@ -275,17 +303,40 @@ pub(super) enum Table<'m> {
 impl<'m> Table<'m> {
     /// Locate the table `[addr, addr + len)`, which must be entirely mapped.
     pub(super) fn map(mem: &'m GuestMemory, addr: u64, len: u32) -> Result<Self, ChainFault> {
-        let out_of_range = ChainFault::IndirectTableOutOfRange { addr, len };
-        match mem.slice(addr, u64::from(len)) {
-            Ok(slice) if slice.len() == len as usize => Ok(Table::Host(slice.as_ptr())),
+        // Under an IOTLB an unmapped table is a miss (the chain waits for the translation).
+        let out_of_range = || match mem.first_unmapped(addr, u64::from(len)) {
+            Some(iova) if mem.is_iova() => ChainFault::IotlbMiss {
+                iova,
+                access: Access::READ,
+            },
+            _ => ChainFault::IndirectTableOutOfRange { addr, len },
+        };
+        let table = match mem.slice(addr, u64::from(len)) {
+            Ok(slice) if slice.len() == len as usize => Table::Host(slice.as_ptr()),
             Ok(_) => {
                 // Crossing a region boundary: make sure all of it is mapped, then read per entry.
                 mem.for_each_piece(addr, u64::from(len), |_, _| {})
-                    .map_err(|_| out_of_range)?;
-                Ok(Table::Pieces(mem, addr))
+                    .map_err(|_| out_of_range())?;
+                Table::Pieces(mem, addr)
             }
-            Err(_) => Err(out_of_range),
+            Err(_) => return Err(out_of_range()),
+        };
+        // Only IOTLB windows can refuse reading; the whole table is mapped (checked above).
+        if mem.is_iova() {
+            let end = addr + u64::from(len);
+            let mut at = addr;
+            while let Some(region) = mem.find_region(at).filter(|_| at < end) {
+                if !region.access().read {
+                    return Err(ChainFault::AccessDenied {
+                        addr,
+                        len,
+                        need: Access::READ,
+                    });
+                }
+                at = region.guest_phys_addr() + region.size();
+            }
         }
+        Ok(table)
     }
 
     #[inline]
@@ -326,6 +377,8 @@ pub struct SplitQueue {
     inflight_batch: Vec<u16>,
     /// Heads in flight when the previous back-end died: handed out before new avail entries.
     resubmit: VecDeque<u16>,
+    /// The IOTLB miss that ended the last `pop_batch` early, until taken.
+    miss: Option<(u64, Access)>,
 }
 
 impl std::fmt::Debug for SplitQueue {
@@ -366,6 +419,7 @@ impl SplitQueue {
             inflight: None,
             inflight_batch: Vec::new(),
             resubmit: VecDeque::new(),
+            miss: None,
         })
     }
 
@@ -503,12 +557,21 @@ impl SplitQueue {
         }
     }
 
+    /// The IOTLB miss (iova, access) that ended the last [`SplitQueue::pop_batch`] early, if
+    /// any. The chain that missed was left in the ring (`next_avail` points at it); pop again
+    /// once the front-end has sent the translation.
+    pub fn take_miss(&mut self) -> Option<(u64, Access)> {
+        self.miss.take()
+    }
+
     /// Pop up to `max` available chains into `batch` (appending), returning how many were added.
     ///
     /// A malformed chain or ring marks the queue broken and returns the error; chains popped
     /// earlier in the same call stay in the batch (and were consumed from the ring), the bad one
-    /// is not added.
+    /// is not added. Under an IOTLB, a chain with an untranslated address ends the batch without
+    /// being consumed and without breaking the queue; [`SplitQueue::take_miss`] reports it.
     pub fn pop_batch(&mut self, batch: &mut ChainBatch, max: usize) -> Result<usize, QueueError> {
+        self.miss = None;
         let rings = ready(&self.broken, &self.rings)?;
         if max == 0 {
             return Ok(0);
@@ -527,6 +590,7 @@ impl SplitQueue {
         let mut translator = Translator {
             regions,
             cache: &mut self.region_cache,
+            iova: rings.memory().is_iova(),
         };
         // All chains of one batch are available at the same time, so their ring descriptors are
         // distinct: more than Q in total means the driver reused descriptors. This bounds the
@@ -554,6 +618,12 @@ impl SplitQueue {
                 Ok(chain)
             }) {
                 Ok(chain) => batch.chains.push(chain),
+                Err(ChainFault::IotlbMiss { iova, access }) => {
+                    // The head stays first in line; it is retried once translated.
+                    batch.segments.truncate(mark);
+                    self.miss = Some((iova, access));
+                    return Ok(resubmitted);
+                }
                 Err(reason) => {
                     batch.segments.truncate(mark);
                     self.resubmit.clear();
@@ -587,6 +657,13 @@ impl SplitQueue {
                         inflight.mark_fetched(head);
                     }
                     batch.chains.push(chain);
+                }
+                Err(ChainFault::IotlbMiss { iova, access }) => {
+                    // Not consumed: the chain stays in the ring until the translation arrives.
+                    batch.segments.truncate(mark);
+                    self.next_avail = self.next_avail.wrapping_add(i as u16);
+                    self.miss = Some((iova, access));
+                    return Ok(resubmitted + i);
                 }
                 Err(reason) => {
                     batch.segments.truncate(mark);
@@ -834,7 +911,7 @@ pub(super) fn add_buffer(
     walk.descriptors = walk.descriptors.wrapping_add(1);
     if desc.len > 0 {
         // A zero-length buffer is accepted and yields no segment (and is not translated).
-        translator.push(desc.addr, desc.len, segments)?;
+        translator.push(desc.addr, desc.len, writable, segments)?;
     }
     Ok(())
 }

@@ -58,6 +58,11 @@ impl Virtqueue {
         forward!(self, q => q.memory())
     }
 
+    /// The IOTLB miss that ended the last `pop_batch` early (see [`SplitQueue::take_miss`]).
+    pub fn take_miss(&mut self) -> Option<(u64, crate::memory::Access)> {
+        forward!(self, q => q.take_miss())
+    }
+
     #[inline]
     pub fn pop_batch(&mut self, batch: &mut ChainBatch, max: usize) -> Result<usize, QueueError> {
         forward!(self, q => q.pop_batch(batch, max))

@@ -28,6 +28,16 @@
 //! [`QueueWorker::stop`], which reports the fault. The worker never logs, never panics across
 //! its thread boundary and never aborts the process.
 //!
+//! # Memory changes and IOTLB misses
+//!
+//! [`QueueWorker::set_memory`] hands the worker a new snapshot (an IOTLB view after an IOTLB
+//! update or invalidation) without restarting it: the worker re-attaches its queue between
+//! batches and acknowledges the generation ([`QueueWorker::wait_memory`]), after which it no
+//! longer touches memory through the old snapshot. Under an IOTLB a chain (or, at re-attach, a
+//! ring) can hit an address without a translation: the worker then leaves that chain in the ring,
+//! records the miss for [`QueueWorker::take_miss`], signals [`QueueWorker::miss_fd`] and waits for
+//! the next snapshot (or a stop) before it retries.
+//!
 //! # Call eventfd changes
 //!
 //! vhost-user SET_VRING_CALL may replace or remove the call eventfd at any time.
@@ -38,14 +48,15 @@
 use std::any::Any;
 use std::io;
 use std::os::fd::AsFd;
+use std::os::fd::BorrowedFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::error::QueueError;
-use crate::memory::GuestMemory;
+use crate::memory::{Access, GuestMemory};
 use crate::notify::{EventFd, Poller};
 use crate::queue::{ChainBatch, ChainView, Virtqueue};
 
@@ -199,6 +210,8 @@ pub struct WorkerStats {
     pub wakeups: u64,
     /// Times a call was due but signalling the call eventfd failed (a bad fd from the peer).
     pub call_errors: u64,
+    /// IOTLB misses reported (a chain or ring without a translation).
+    pub iotlb_misses: u64,
 }
 
 #[derive(Debug, Default)]
@@ -209,6 +222,7 @@ struct Counters {
     kicks: AtomicU64,
     wakeups: AtomicU64,
     call_errors: AtomicU64,
+    iotlb_misses: AtomicU64,
 }
 
 impl Counters {
@@ -225,6 +239,7 @@ impl Counters {
             kicks: get(&self.kicks),
             wakeups: get(&self.wakeups),
             call_errors: get(&self.call_errors),
+            iotlb_misses: get(&self.iotlb_misses),
         }
     }
 }
@@ -243,6 +258,18 @@ struct Shared {
     err: Mutex<Option<EventFd>>,
     fault: Mutex<Option<WorkerFault>>,
     counters: Counters,
+    /// A snapshot for the worker to switch to between batches, with its generation.
+    memory_update: Mutex<Option<(u64, GuestMemory)>>,
+    update_pending: AtomicBool,
+    /// Wakes a sleeping worker for a memory update (consumed by the worker).
+    update: EventFd,
+    /// The last generation the worker switched to (`u64::MAX` once it faulted: it no longer
+    /// touches memory).
+    applied: Mutex<u64>,
+    applied_changed: Condvar,
+    /// The IOTLB miss waiting for a translation, and its doorbell for the owner.
+    miss: Mutex<Option<(u64, Access)>>,
+    miss_fd: EventFd,
 }
 
 impl Shared {
@@ -259,6 +286,11 @@ impl Shared {
                 Err(_) => Counters::add(&self.counters.call_errors, 1),
             }
         }
+    }
+
+    fn set_applied(&self, generation: u64) {
+        *lock(&self.applied) = generation;
+        self.applied_changed.notify_all();
     }
 
     /// Record `fault` (the first one wins) and signal the error eventfd.
@@ -290,6 +322,7 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
 
 const TOKEN_KICK: u64 = 0;
 const TOKEN_STOP: u64 = 1;
+const TOKEN_UPDATE: u64 = 2;
 
 /// Everything the worker thread owns.
 struct Context {
@@ -306,6 +339,8 @@ struct Context {
     busy_poll: Option<Duration>,
     poll_interval: Option<Duration>,
     shared: Arc<Shared>,
+    /// An IOTLB miss was reported: nothing to do until the next snapshot.
+    awaiting_translation: bool,
 }
 
 /// What the thread hands back when it ends.
@@ -327,6 +362,8 @@ impl Context {
         };
         if let Some(fault) = fault {
             self.shared.set_fault(fault);
+            // Nobody waits for a memory switch of a worker that no longer touches memory.
+            self.shared.set_applied(u64::MAX);
             self.wait_for_stop();
         }
         Parts {
@@ -350,15 +387,29 @@ impl Context {
         // Kicks are not needed while the first pass drains whatever is already there.
         self.queue.disable_notifications()?;
         loop {
-            // Drain the ring, one batch at a time; stop only between batches.
+            // Drain the ring, one batch at a time; stop and switch memory only between batches.
             loop {
                 if self.shared.stop_requested() {
                     return Ok(());
                 }
-                if self.process_batch()? < self.batch_size {
+                self.apply_memory_update()?;
+                if self.awaiting_translation {
+                    break;
+                }
+                let popped = self.process_batch()?;
+                if let Some((iova, access)) = self.queue.take_miss() {
+                    self.report_miss(iova, access);
+                    break;
+                }
+                if popped < self.batch_size {
                     // The ring was empty when popped; the re-check below catches late arrivals.
                     break;
                 }
+            }
+            if self.awaiting_translation {
+                // The queue may be detached (a ring missed): only a new snapshot or a stop helps.
+                self.sleep()?;
+                continue;
             }
             if self.busy_poll()? {
                 continue;
@@ -369,12 +420,46 @@ impl Context {
                 self.queue.disable_notifications()?;
                 continue;
             }
-            if self.shared.stop_requested() {
-                return Ok(());
+            if self.shared.stop_requested() || self.shared.update_pending.load(Ordering::Acquire) {
+                continue;
             }
             self.sleep()?;
             self.queue.disable_notifications()?;
         }
+    }
+
+    /// Switch to the snapshot from [`QueueWorker::set_memory`], if one is pending. Called between
+    /// batches, when every popped chain has been published, so re-attaching loses nothing.
+    fn apply_memory_update(&mut self) -> Result<(), WorkerFault> {
+        if !self.shared.update_pending.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let Some((generation, memory)) = lock(&self.shared.memory_update).take() else {
+            return Ok(());
+        };
+        let attached = self.queue.attach(memory.clone());
+        self.memory = memory;
+        self.awaiting_translation = false;
+        let result = match attached {
+            Ok(()) => Ok(()),
+            Err(QueueError::IotlbMiss { iova, access }) => {
+                self.report_miss(iova, access);
+                Ok(())
+            }
+            Err(err) => Err(err.into()),
+        };
+        // Either way the old snapshot is no longer used.
+        self.shared.set_applied(generation);
+        result
+    }
+
+    /// Hand an IOTLB miss to the owner and wait for a new snapshot.
+    fn report_miss(&mut self, iova: u64, access: Access) {
+        *lock(&self.shared.miss) = Some((iova, access));
+        Counters::add(&self.shared.counters.iotlb_misses, 1);
+        // A failing doorbell cannot be helped here; the miss stays readable with take_miss.
+        let _ = self.shared.miss_fd.signal();
+        self.awaiting_translation = true;
     }
 
     /// Spin on the ring for the busy-poll budget. `true` if work (or a stop request) arrived.
@@ -409,6 +494,13 @@ impl Context {
         if self.events.contains(&TOKEN_KICK) {
             let kicks = self.kick.consume().map_err(|e| io("reading the kick", e))?;
             Counters::add(&self.shared.counters.kicks, kicks);
+        }
+        if self.events.contains(&TOKEN_UPDATE) {
+            // The pending flag, checked by the caller, is the real signal.
+            self.shared
+                .update
+                .consume()
+                .map_err(|e| io("reading the update doorbell", e))?;
         }
         // TOKEN_STOP is not consumed: the stop flag, checked by the caller, is the real signal.
         Ok(())
@@ -476,6 +568,28 @@ pub struct QueueWorker {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<Parts>>,
     name: String,
+    /// The handler runs its own loop, which does not take memory updates.
+    device_loop: bool,
+    last_generation: AtomicU64,
+}
+
+/// Waits for a worker's memory switch; see [`QueueWorker::memory_waiter`].
+#[derive(Debug, Clone)]
+pub struct MemoryWaiter {
+    shared: Arc<Shared>,
+}
+
+impl MemoryWaiter {
+    /// See [`QueueWorker::wait_memory`].
+    pub fn wait(&self, generation: u64, timeout: Duration) -> bool {
+        let applied = lock(&self.shared.applied);
+        let (applied, _) = self
+            .shared
+            .applied_changed
+            .wait_timeout_while(applied, timeout, |applied| *applied < generation)
+            .unwrap_or_else(|e| e.into_inner());
+        *applied >= generation
+    }
 }
 
 /// What [`QueueWorker::stop`] hands back.
@@ -513,7 +627,7 @@ impl QueueWorker {
         queue: impl Into<Virtqueue>,
         kick: EventFd,
         call: Option<EventFd>,
-        handler: Box<dyn ChainHandler>,
+        mut handler: Box<dyn ChainHandler>,
         options: WorkerOptions,
     ) -> io::Result<Self> {
         let queue = queue.into();
@@ -532,10 +646,19 @@ impl QueueWorker {
             err: Mutex::new(options.err),
             fault: Mutex::new(None),
             counters: Counters::default(),
+            memory_update: Mutex::new(None),
+            update_pending: AtomicBool::new(false),
+            update: EventFd::new()?,
+            applied: Mutex::new(0),
+            applied_changed: Condvar::new(),
+            miss: Mutex::new(None),
+            miss_fd: EventFd::new()?,
         });
+        let device_loop = handler.device_loop().is_some();
         let poller = Poller::new()?;
         poller.register(kick.as_fd(), TOKEN_KICK)?;
         poller.register(shared.stop.as_fd(), TOKEN_STOP)?;
+        poller.register(shared.update.as_fd(), TOKEN_UPDATE)?;
         // One pop never returns more than Q chains; the clamp also keeps allocations sane.
         let batch_size = options.batch_size.clamp(1, usize::from(queue.size()));
         let context = Context {
@@ -552,6 +675,7 @@ impl QueueWorker {
             busy_poll: options.busy_poll.filter(|d| !d.is_zero()),
             poll_interval: options.poll_interval,
             shared: Arc::clone(&shared),
+            awaiting_translation: false,
         };
         let thread = std::thread::Builder::new()
             .name(name.to_owned())
@@ -560,7 +684,59 @@ impl QueueWorker {
             shared,
             thread: Some(thread),
             name: name.to_owned(),
+            device_loop,
+            last_generation: AtomicU64::new(0),
         })
+    }
+
+    /// Hand the worker a new snapshot (an IOTLB view after an update or invalidation); it
+    /// re-attaches its queue to it between batches, and retries a chain that missed. Returns the
+    /// generation to pass to [`QueueWorker::wait_memory`]. Fails with `Unsupported` for a
+    /// handler with its own device loop.
+    pub fn set_memory(&self, memory: GuestMemory) -> io::Result<u64> {
+        if self.device_loop {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "this worker runs a device loop, which cannot switch memory while running",
+            ));
+        }
+        let mut slot = lock(&self.shared.memory_update);
+        let generation = self.last_generation.fetch_add(1, Ordering::Relaxed) + 1;
+        *slot = Some((generation, memory));
+        self.shared.update_pending.store(true, Ordering::Release);
+        drop(slot);
+        self.shared.update.signal()?;
+        Ok(generation)
+    }
+
+    /// Wait until the worker switched to generation `generation` (or a later one) of
+    /// [`QueueWorker::set_memory`], or faulted: from then on it does not touch memory through
+    /// older snapshots. `false` on timeout.
+    pub fn wait_memory(&self, generation: u64, timeout: Duration) -> bool {
+        self.memory_waiter().wait(generation, timeout)
+    }
+
+    /// [`QueueWorker::wait_memory`] detached from the handle, for waiting without holding it
+    /// (e.g. without a lock the handle sits behind).
+    pub fn memory_waiter(&self) -> MemoryWaiter {
+        MemoryWaiter {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// The IOTLB miss (iova, access) the worker waits on, if any; taking it also consumes the
+    /// [`QueueWorker::miss_fd`] doorbell.
+    pub fn take_miss(&self) -> Option<(u64, Access)> {
+        // Doorbell first: a miss reported in between is then taken now and leaves a doorbell
+        // that finds nothing, instead of being taken later without one. Non-blocking eventfd;
+        // nothing to consume is fine.
+        let _ = self.shared.miss_fd.consume();
+        lock(&self.shared.miss).take()
+    }
+
+    /// Readable when the worker reported an IOTLB miss (see [`QueueWorker::take_miss`]).
+    pub fn miss_fd(&self) -> BorrowedFd<'_> {
+        self.shared.miss_fd.as_fd()
     }
 
     /// The thread name given to [`QueueWorker::spawn`].

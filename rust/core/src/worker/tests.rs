@@ -876,3 +876,169 @@ fn packed_ring_round_trips_with_kicks_and_calls() {
         assert!(completed * 2 > 37 * 10);
     }
 }
+
+/// An IOTLB over the device view of `pair`, identity-mapped (iova == gpa) for `ranges`.
+fn iotlb_view(
+    iotlb: &mut crate::iotlb::Iotlb,
+    dev_mem: &GuestMemory,
+    ranges: &[(u64, u64, u8)],
+) -> GuestMemory {
+    for &(iova, size, perm) in ranges {
+        let region = dev_mem.find_region(iova).unwrap();
+        let uaddr = region.userspace_addr() + (iova - region.guest_phys_addr());
+        iotlb.update(iova, size, uaddr, perm, dev_mem).unwrap();
+    }
+    iotlb.snapshot(dev_mem).unwrap()
+}
+
+fn wait_miss(worker: &QueueWorker) -> (u64, Access) {
+    let fd = EventFd::from_fd(worker.miss_fd().try_clone_to_owned().unwrap()).unwrap();
+    assert!(fd.wait(Some(PATIENCE)).unwrap(), "no IOTLB miss reported");
+    worker.take_miss().expect("doorbell without a miss")
+}
+
+/// Rings translated, buffers not: the chain waits in the ring through misses for its readable
+/// and then its writable buffer, completes once both are translated, and an invalidation that
+/// the worker acknowledged makes the next chain miss again.
+#[test]
+fn iotlb_misses_pause_the_chain_until_the_translation_arrives() {
+    let (drv_mem, dev_mem) = shared_memory(&[(0, 0x20000), (0x20000, 0x20000)]);
+    let drv = SplitQueueDriver::new(drv_mem, config(8, true)).unwrap();
+    let mut iotlb = crate::iotlb::Iotlb::new();
+    let rings = iotlb_view(&mut iotlb, &dev_mem, &[(0x1000, 0x3000, 3)]);
+    let mut dev = SplitQueue::new(config(8, true)).unwrap();
+    dev.attach(rings).unwrap();
+    let mut rig = spawn_with(drv, dev, doubler(), WorkerOptions::default());
+
+    let x = rig.driver.submit();
+    assert_eq!(wait_miss(&rig.worker), (IN, Access::READ));
+    assert!(rig.driver.reap().is_none());
+    let view = iotlb_view(&mut iotlb, &dev_mem, &[(IN, 0x1000, 1)]);
+    rig.worker.set_memory(view).unwrap();
+    assert_eq!(wait_miss(&rig.worker), (OUT, Access::WRITE));
+    let view = iotlb_view(&mut iotlb, &dev_mem, &[(OUT, 0x1000, 3)]);
+    let generation = rig.worker.set_memory(view).unwrap();
+    assert!(rig.worker.wait_memory(generation, PATIENCE));
+    rig.driver.wait_completion(&rig.call);
+    assert_eq!(rig.driver.result(x), 2 * x + 1);
+
+    iotlb.invalidate(IN, 0x1000).unwrap();
+    let generation = rig
+        .worker
+        .set_memory(iotlb.snapshot(&dev_mem).unwrap())
+        .unwrap();
+    assert!(rig.worker.wait_memory(generation, PATIENCE));
+    rig.driver.submit();
+    // The second request reads from the second slot.
+    assert_eq!(wait_miss(&rig.worker), (IN + 8, Access::READ));
+    let stopped = rig.worker.stop().unwrap();
+    assert!(stopped.fault.is_none(), "{:?}", stopped.fault);
+    // The chain that missed was not consumed: GET_VRING_BASE hands it to whoever comes next.
+    assert_eq!(stopped.queue.next_avail(), 1);
+    assert_eq!(stopped.stats.chains, 1);
+    assert_eq!(stopped.stats.iotlb_misses, 3);
+}
+
+/// A ring whose translation is invalidated is re-translated after the miss is answered.
+#[test]
+fn iotlb_ring_invalidation_detaches_until_the_ring_is_translated_again() {
+    let (drv_mem, dev_mem) = shared_memory(&[(0, 0x20000), (0x20000, 0x20000)]);
+    let drv = SplitQueueDriver::new(drv_mem, config(8, false)).unwrap();
+    let mut iotlb = crate::iotlb::Iotlb::new();
+    let all = [(0x1000, 0x3000, 3), (IN, 0x1000, 1), (OUT, 0x1000, 3)];
+    let mut dev = SplitQueue::new(config(8, false)).unwrap();
+    dev.attach(iotlb_view(&mut iotlb, &dev_mem, &all)).unwrap();
+    let mut rig = spawn_with(drv, dev, doubler(), WorkerOptions::default());
+    let x = rig.driver.submit();
+    rig.driver.wait_completion(&rig.call);
+    assert_eq!(rig.driver.result(x), 2 * x + 1);
+
+    iotlb.invalidate(USED, 0x1000).unwrap();
+    let generation = rig
+        .worker
+        .set_memory(iotlb.snapshot(&dev_mem).unwrap())
+        .unwrap();
+    assert!(rig.worker.wait_memory(generation, PATIENCE));
+    assert_eq!(wait_miss(&rig.worker), (USED, Access::WRITE));
+    let x = rig.driver.submit();
+    rig.worker
+        .set_memory(iotlb_view(&mut iotlb, &dev_mem, &[(USED, 0x1000, 3)]))
+        .unwrap();
+    rig.driver.wait_completion(&rig.call);
+    assert_eq!(rig.driver.result(x), 2 * x + 1);
+    let stopped = rig.worker.stop().unwrap();
+    assert!(stopped.fault.is_none(), "{:?}", stopped.fault);
+    assert_eq!(stopped.queue.next_avail(), 2);
+}
+
+/// A device-writable buffer in a read-only IOTLB range is refused: the queue breaks, nothing is
+/// written through the read-only mapping.
+#[test]
+fn iotlb_write_into_a_read_only_range_faults_the_worker() {
+    let (drv_mem, dev_mem) = shared_memory(&[(0, 0x20000), (0x20000, 0x20000)]);
+    let drv = SplitQueueDriver::new(drv_mem, config(8, false)).unwrap();
+    let mut iotlb = crate::iotlb::Iotlb::new();
+    let ranges = [(0x1000, 0x3000, 3), (IN, 0x1000, 1), (OUT, 0x1000, 1)];
+    let mut dev = SplitQueue::new(config(8, false)).unwrap();
+    dev.attach(iotlb_view(&mut iotlb, &dev_mem, &ranges))
+        .unwrap();
+    let mut rig = spawn_with(drv, dev, doubler(), WorkerOptions::default());
+    let x = rig.driver.submit();
+    eventually("the fault", || rig.worker.fault().is_some());
+    let fault = rig.worker.fault().unwrap().to_string();
+    assert!(fault.contains("needs write access"), "{fault}");
+    assert_eq!(rig.driver.result(x), 0xdead_beef);
+    let stopped = rig.worker.stop().unwrap();
+    assert_eq!(stopped.stats.chains, 0);
+}
+
+/// A read-only ring cannot be the used ring; an unmapped one is a miss at attach.
+#[test]
+fn iotlb_ring_attach_checks_permission_and_reports_misses() {
+    let (_, dev_mem) = shared_memory(&[(0, 0x20000)]);
+    let mut iotlb = crate::iotlb::Iotlb::new();
+    let mut dev = SplitQueue::new(config(8, false)).unwrap();
+    let view = iotlb_view(&mut iotlb, &dev_mem, &[(0x1000, 0x2000, 3)]);
+    assert_eq!(
+        dev.attach(view),
+        Err(QueueError::IotlbMiss {
+            iova: USED,
+            access: Access::WRITE
+        })
+    );
+    let view = iotlb_view(&mut iotlb, &dev_mem, &[(USED, 0x1000, 1)]);
+    let err = dev.attach(view).unwrap_err();
+    assert!(err.to_string().contains("needs write access"), "{err}");
+    let view = iotlb_view(&mut iotlb, &dev_mem, &[(USED, 0x1000, 2)]);
+    dev.attach(view).unwrap();
+}
+
+/// An indirect table is read through the IOTLB too: a miss leaves the chain in the ring, a
+/// write-only window is refused; chains popped before the miss in the same batch are kept.
+#[test]
+fn iotlb_indirect_tables_miss_and_need_read_access() {
+    const TABLE: u64 = 0x6000;
+    let (drv_mem, dev_mem) = shared_memory(&[(0, 0x20000), (0x20000, 0x20000)]);
+    let mut drv = SplitQueueDriver::new(drv_mem, config(8, false)).unwrap();
+    let mut iotlb = crate::iotlb::Iotlb::new();
+    let ranges = [(0x1000, 0x3000, 3), (IN, 0x1000, 1), (OUT, 0x1000, 3)];
+    let mut dev = SplitQueue::new(config(8, false)).unwrap();
+    dev.attach(iotlb_view(&mut iotlb, &dev_mem, &ranges))
+        .unwrap();
+    drv.add_chain(&[(IN, 4)], &[(OUT, 4)]).unwrap();
+    drv.add_indirect(TABLE, &[(IN, 4)], &[(OUT + 8, 4)])
+        .unwrap();
+    drv.publish().unwrap();
+    let mut batch = ChainBatch::new();
+    assert_eq!(dev.pop_batch(&mut batch, 8).unwrap(), 1);
+    assert_eq!(dev.take_miss(), Some((TABLE, Access::READ)));
+    assert_eq!(dev.next_avail(), 1);
+    assert!(!dev.is_broken());
+
+    dev.attach(iotlb_view(&mut iotlb, &dev_mem, &[(TABLE, 0x1000, 2)]))
+        .unwrap();
+    batch.clear();
+    let err = dev.pop_batch(&mut batch, 8).unwrap_err();
+    assert!(err.to_string().contains("needs read access"), "{err}");
+    assert!(dev.is_broken());
+}
