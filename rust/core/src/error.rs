@@ -20,6 +20,8 @@ pub enum MemoryError {
     RegionBusy { gpa: u64, users: usize },
     #[error("mapping region failed: {0}")]
     Map(String),
+    #[error("write {addr:#x}+{len:#x} is not fully covered by the dirty log (it covers guest addresses below {covers:#x})")]
+    LogOutOfRange { addr: u64, len: u64, covers: u64 },
 }
 
 /// Errors from a virtqueue. Errors caused by the peer mark the queue broken.

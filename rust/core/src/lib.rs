@@ -5,8 +5,10 @@
 //!
 //! - [`memory`]: guest memory regions mapped from fds, address translation, bounds-checked access.
 //! - [`queue`]: split virtqueues, device side (pop chains, push used) and driver side.
+//! - [`dirty_log`]: the dirty-page bitmap of live migration (SET_LOG_BASE).
 //! - [`notify`]: eventfds, an epoll poller and busy-polling.
 
+pub mod dirty_log;
 pub mod error;
 pub mod memory;
 pub mod notify;
