@@ -118,9 +118,19 @@ impl DirtyLog {
 
     /// The guest addresses of all dirty pages, in order (for tests and diagnostics).
     pub fn dirty_pages(&self) -> Vec<u64> {
+        self.collect(|byte| byte.load(Ordering::Acquire))
+    }
+
+    /// The front-end's side of a log sync: clear the bitmap and return the pages that were dirty,
+    /// each byte atomically (a bit set meanwhile is either returned now or left for next time).
+    pub fn take_dirty_pages(&self) -> Vec<u64> {
+        self.collect(|byte| byte.swap(0, Ordering::AcqRel))
+    }
+
+    fn collect(&self, mut read: impl FnMut(&AtomicU8) -> u8) -> Vec<u64> {
         let mut pages = Vec::new();
         for index in 0..self.size() {
-            let bits = self.byte(index).load(Ordering::Acquire);
+            let bits = read(self.byte(index));
             for bit in 0..8 {
                 if bits & (1 << bit) != 0 {
                     pages.push((index * 8 + bit) * LOG_PAGE_SIZE);
@@ -211,6 +221,12 @@ mod tests {
         unsafe { *view.host_addr() = 0b1000_0001 };
         log.mark(LOG_PAGE_SIZE, 1).unwrap();
         assert_eq!(bytes(&view), vec![0b1000_0011]);
+        assert_eq!(
+            log.take_dirty_pages(),
+            vec![0, LOG_PAGE_SIZE, 7 * LOG_PAGE_SIZE]
+        );
+        assert_eq!(bytes(&view), vec![0]);
+        assert!(log.take_dirty_pages().is_empty());
     }
 
     #[test]

@@ -1365,7 +1365,11 @@ mod tests {
         drv.add_chain(&[], &[(0x1_4000, 64)]).unwrap();
         drv.publish().unwrap();
         complete_one(&mut dev, b"after", 5);
-        assert_eq!(log.dirty_pages().len(), 5, "nothing logged after set_log(None)");
+        assert_eq!(
+            log.dirty_pages().len(),
+            5,
+            "nothing logged after set_log(None)"
+        );
     }
 
     #[test]
