@@ -5,10 +5,12 @@ use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
+use vvu_core::dirty_log::QueueLog;
 use vvu_core::memory::GuestMemory;
 use vvu_core::queue::{ChainBatch, QueueConfig, SplitQueue, SplitQueueDriver};
 use vvu_core::QueueError;
 
+use crate::dirty_log::PyDirtyLog;
 use crate::errors::to_pyerr;
 use crate::memory::{guest_view, PyGuestMemory};
 
@@ -185,6 +187,18 @@ impl PySplitQueue {
 
     fn detach(&mut self) -> PyResult<()> {
         self.queue()?.detach();
+        Ok(())
+    }
+
+    /// Log this queue's writes to guest memory into `log` (None: stop logging); the used ring's
+    /// writes are logged at `used_ring_log` (SET_VRING_ADDR's log address) when it is given.
+    #[pyo3(signature = (log, used_ring_log = None))]
+    fn set_log(&mut self, log: Option<&PyDirtyLog>, used_ring_log: Option<u64>) -> PyResult<()> {
+        let log = log.map(|log| QueueLog {
+            log: log.log.clone(),
+            used_ring: used_ring_log,
+        });
+        self.queue()?.set_log(log);
         Ok(())
     }
 
