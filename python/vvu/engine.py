@@ -21,15 +21,17 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from vvu._core import EventFd, GuestMemory, QueueWorker, SplitQueue
+from vvu._core import DirtyLog, EventFd, GuestMemory, QueueWorker, SplitQueue
 from vvu.backends.base import Backend, ConfigError
 from vvu.errors import GuestMemoryError, ProtocolError, QueueError, VvuError
 from vvu.protocol import (
     EMPTY,
     U64,
+    VRING_F_LOG,
     BackendRequest,
     Config,
     FrontendRequest,
+    Log,
     MemoryRegion,
     MemoryTable,
     Message,
@@ -65,6 +67,7 @@ ENGINE_PROTOCOL_FEATURES = (
     | _PF.RESET_DEVICE.mask
     | _PF.CONFIGURE_MEM_SLOTS.mask
     | _PF.STATUS.mask
+    | _PF.LOG_SHMFD.mask
 )
 MAX_MEM_SLOTS = 256
 # QEMU asks for the size of its own config struct, which may exceed what a device defines.
@@ -228,6 +231,21 @@ class Session:
     memory: GuestMemory | None = None
     regions: list[MemoryRegion] = field(default_factory=list)
     backend_channel: Channel | None = None
+    dirty_log: DirtyLog | None = None  # SET_LOG_BASE
+    log_fd: EventFd | None = None  # SET_LOG_FD: kept, never signalled (QEMU does not use it)
+
+    @property
+    def logging(self) -> bool:
+        """Dirty logging is on: VHOST_F_LOG_ALL acked and a log mapped."""
+        return bool(self.features & VhostFeature.LOG_ALL.mask) and self.dirty_log is not None
+
+    def release_log(self) -> None:
+        if self.dirty_log is not None and self.dirty_log.faults:
+            log.warning("%d writes could not be logged: %r", self.dirty_log.faults, self.dirty_log)
+        self.dirty_log = None
+        if self.log_fd is not None:
+            self.log_fd.close()
+            self.log_fd = None
 
     @property
     def reply_ack(self) -> bool:
@@ -253,6 +271,8 @@ class BackendEngine:
             _F.SET_OWNER: self._set_owner,
             _F.RESET_OWNER: self._reset_owner,
             _F.SET_MEM_TABLE: self._set_mem_table,
+            _F.SET_LOG_BASE: self._set_log_base,
+            _F.SET_LOG_FD: self._set_log_fd,
             _F.SET_VRING_NUM: self._set_vring_num,
             _F.SET_VRING_ADDR: self._set_vring_addr,
             _F.SET_VRING_BASE: self._set_vring_base,
@@ -280,7 +300,13 @@ class BackendEngine:
     # --- offered features --------------------------------------------------------------------
 
     def offered_features(self) -> int:
-        return self.backend.features() | VhostFeature.PROTOCOL_FEATURES.mask
+        # Every back-end writes guest memory only through its queues' pushed chains, which the
+        # queues log themselves: dirty logging works for all of them.
+        return (
+            self.backend.features()
+            | VhostFeature.PROTOCOL_FEATURES.mask
+            | VhostFeature.LOG_ALL.mask
+        )
 
     def offered_protocol_features(self) -> int:
         return ENGINE_PROTOCOL_FEATURES | self.backend.protocol_features()
@@ -348,6 +374,7 @@ class BackendEngine:
         finally:
             if session.backend_channel is not None:
                 session.backend_channel.close()
+            session.release_log()
             session.memory = None
             session.channel.close()
             self.backend.reset()
@@ -467,6 +494,10 @@ class BackendEngine:
         except (GuestMemoryError, QueueError) as err:
             raise RequestFailed(f"vring {vring.index}: {err}") from err
         queue.next_avail = vring.base
+        if session.logging:
+            # The used ring is logged at the address the front-end gave, only with the flag.
+            used_log = addr.log if addr.flags & VRING_F_LOG else None
+            queue.set_log(session.dirty_log, used_log)
         native = self.backend.native_worker(vring.index)
         if native is not None:
             vring.runner = NativeQueueRunner(
@@ -508,9 +539,15 @@ class BackendEngine:
         unknown = features & ~self.offered_features()
         if unknown:
             raise RequestFailed(f"features {unknown:#x} were never offered")
+        was_logging = session.logging
         session.features = features
         session.features_set = True
-        self.backend.set_features(features & ~VhostFeature.PROTOCOL_FEATURES.mask)
+        engine_bits = VhostFeature.PROTOCOL_FEATURES.mask | VhostFeature.LOG_ALL.mask
+        self.backend.set_features(features & ~engine_bits)
+        if session.logging != was_logging:
+            # Migration starts or ends: the running rings pick the log up (or drop it) at a
+            # restart, which finishes in-flight requests first and resumes at the same index.
+            await self._restart_rings(lambda: None)
         if not features & VhostFeature.PROTOCOL_FEATURES.mask:
             # Without VHOST_USER_F_PROTOCOL_FEATURES rings are enabled from the start.
             for vring in session.vrings:
@@ -550,6 +587,33 @@ class BackendEngine:
             session.regions = regions
 
         await self._restart_rings(swap)
+
+    async def _set_log_base(self, msg: Message) -> Payload:
+        assert isinstance(msg.payload, Log)
+        session = self._session()
+        fd = self._one_fd(msg)
+        if fd is None:
+            raise RequestFailed("SET_LOG_BASE without a log fd (only LOG_SHMFD is supported)")
+        dirty_log = DirtyLog(fd, msg.payload.mmap_size, msg.payload.mmap_offset)
+        log.info("dirty log mapped: %r", dirty_log)
+
+        def swap() -> None:
+            old, session.dirty_log = session.dirty_log, dirty_log
+            if old is not None and old.faults:
+                log.warning("%d writes could not be logged: %r", old.faults, old)
+
+        if session.logging:  # a resize while migrating: the rings move to the new log
+            await self._restart_rings(swap)
+        else:
+            swap()
+        return msg.payload  # the reply LOG_SHMFD requires (rust-vmm's form: the log echoed)
+
+    async def _set_log_fd(self, msg: Message) -> None:
+        session = self._session()
+        fd = self._one_fd(msg)
+        old, session.log_fd = session.log_fd, None if fd is None else EventFd.from_fd(fd)
+        if old is not None:
+            old.close()
 
     async def _get_max_mem_slots(self, msg: Message) -> Payload:
         return U64(MAX_MEM_SLOTS)
@@ -732,6 +796,7 @@ class BackendEngine:
         session.features = 0
         session.features_set = False
         session.status = 0
+        session.release_log()
         self.backend.reset()
 
     async def _set_status(self, msg: Message) -> None:
