@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from vvu._core import EventFd, GuestMemory, SplitQueueDriver, memfd
+from vvu._core import DirtyLog, EventFd, GuestMemory, SplitQueueDriver, memfd
 from vvu.errors import ProtocolError, VvuError
 from vvu.protocol import (
     EMPTY,
     U64,
+    VRING_F_LOG,
     Config,
     FrontendRequest,
+    Log,
     MemoryRegion,
     MemoryTable,
     Payload,
@@ -34,7 +37,7 @@ from vvu.protocol import (
     encode_message,
 )
 from vvu.protocol.codec import Header
-from vvu.protocol.table import ReplyKind, spec_for
+from vvu.protocol.table import Answer, spec_for
 from vvu.transport.base import Channel, close_fds
 from vvu.transport.unix import connect_unix
 
@@ -54,11 +57,15 @@ WANTED_PROTOCOL_FEATURES = (
     | ProtocolFeature.CONFIG.mask
     | ProtocolFeature.CONFIGURE_MEM_SLOTS.mask
     | ProtocolFeature.STATUS.mask
+    | ProtocolFeature.LOG_SHMFD.mask
 )
+#: Bytes of guest memory per dirty-log bit.
+LOG_PAGE = 4096
 
 
-#: Offered bits this front-end must not ack: it drives split rings with plain guest-physical
-#: addresses, polls nothing, and keeps no dirty log (LOG_ALL only means something with a log).
+#: Offered bits this front-end must not ack at negotiation: it drives split rings with plain
+#: guest-physical addresses and polls nothing; LOG_ALL is acked only while a dirty log is on
+#: (`start_dirty_log`), as QEMU does during a migration.
 UNSUPPORTED_FEATURES = (
     VhostFeature.LOG_ALL.mask
     | VirtioFeature.ACCESS_PLATFORM.mask
@@ -180,6 +187,9 @@ class Frontend:
         self.protocol_features = 0
         self.num_queues = 1
         self.queues: dict[int, FrontendQueue] = {}
+        self.dirty_log: DirtyLog | None = None  # our view of the log while it is on
+        self._log_fd = -1
+        self._ring_addrs: dict[int, VringAddr] = {}  # as last set without the log flag
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -218,7 +228,12 @@ class Frontend:
         is negotiated (unless `need_reply` is False) and raise FrontendError on a failure ack.
         """
         spec = spec_for(request, "frontend")
-        always = spec is not None and spec.replies is ReplyKind.ALWAYS
+        # Typed replies: GET_*, and SET_LOG_BASE with LOG_SHMFD.
+        always = (
+            spec is not None
+            and spec.answer(need_reply=False, protocol_features=self.protocol_features)
+            is Answer.REPLY
+        )
         # Never NEED_REPLY on a request that replies anyway (GET_*): it changes nothing by the
         # spec, QEMU never sends it, and libvhost-user (qemu-storage-daemon) then echoes the bit
         # in its reply (flags 0xd), which strict front-ends (QEMU's, ours) refuse.
@@ -294,13 +309,12 @@ class Frontend:
         used = self.allocator.alloc(6 + 8 * size, 64)
         driver = SplitQueueDriver(self.memory, size, desc, avail, used, event_idx=event_idx)
         kick, call = EventFd(), EventFd()
+        addr = VringAddr(index, 0, UVA_BASE + desc, UVA_BASE + used, UVA_BASE + avail, 0)
         queue = FrontendQueue(index, size, driver, kick, call)
         await self.request(_F.SET_VRING_NUM, VringState(index, size))
         await self.request(_F.SET_VRING_BASE, VringState(index, 0))
-        await self.request(
-            _F.SET_VRING_ADDR,
-            VringAddr(index, 0, UVA_BASE + desc, UVA_BASE + used, UVA_BASE + avail, 0),
-        )
+        await self.request(_F.SET_VRING_ADDR, addr)
+        self._ring_addrs[index] = addr
         await self.request(_F.SET_VRING_KICK, U64.vring(index), [kick.fileno()])
         await self.request(_F.SET_VRING_CALL, U64.vring(index), [call.fileno()])
         if self.features & VhostFeature.PROTOCOL_FEATURES.mask:
@@ -318,6 +332,44 @@ class Frontend:
             queue.close()
         return reply.num
 
+    async def start_dirty_log(self, *, used_ring_log: dict[int, int] | None = None) -> DirtyLog:
+        """Turn dirty logging on, QEMU's migration order: SET_LOG_BASE with a fresh memfd log
+        covering all guest memory, SET_FEATURES with LOG_ALL, then SET_VRING_ADDR with
+        VHOST_VRING_F_LOG for every running ring. The used ring is logged at its own guest
+        address unless `used_ring_log` maps the ring's index to another log address.
+        Returns our own view of the bitmap."""
+        if not self.protocol_features & ProtocolFeature.LOG_SHMFD.mask:
+            raise FrontendError("the back-end does not offer LOG_SHMFD")
+        if self.dirty_log is not None:
+            raise FrontendError("dirty logging is already on")
+        size = -(-self.memory_size // (8 * LOG_PAGE))
+        self._log_fd = memfd(size, "vvu-frontend-log")
+        self.dirty_log = DirtyLog(self._log_fd, size)
+        await self.request(_F.SET_LOG_BASE, Log(size, 0), [self._log_fd])
+        self.features |= VhostFeature.LOG_ALL.mask
+        await self.request(_F.SET_FEATURES, U64(self.features))
+        for index in self.queues:
+            addr = self._ring_addrs[index]
+            log_addr = (used_ring_log or {}).get(index, addr.used - UVA_BASE)
+            await self.request(
+                _F.SET_VRING_ADDR, dataclasses.replace(addr, flags=VRING_F_LOG, log=log_addr)
+            )
+        return self.dirty_log
+
+    async def stop_dirty_log(self) -> None:
+        """Turn dirty logging off again (LOG_ALL cleared, rings without the log flag)."""
+        self.features &= ~VhostFeature.LOG_ALL.mask
+        await self.request(_F.SET_FEATURES, U64(self.features))
+        for index in self.queues:
+            await self.request(_F.SET_VRING_ADDR, self._ring_addrs[index])
+        self._release_log()
+
+    def _release_log(self) -> None:
+        self.dirty_log = None
+        if self._log_fd >= 0:
+            os.close(self._log_fd)
+            self._log_fd = -1
+
     async def get_config(self, offset: int, size: int) -> bytes:
         reply = await self.request(_F.GET_CONFIG, Config(offset, 0, bytes(size)))
         if not isinstance(reply, Config) or reply.size != size:
@@ -329,6 +381,7 @@ class Frontend:
             queue.close()
         self.queues.clear()
         self.channel.close()
+        self._release_log()
         if self._memfd >= 0:
             os.close(self._memfd)
             self._memfd = -1
