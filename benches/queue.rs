@@ -4,6 +4,8 @@
 //! Run: `cargo bench -p vvu-core --bench queue`. Criterion reports `thrpt` in chains/s
 //! (`Throughput::Elements`); the group name is the workload, the function name the
 //! implementation, e.g. `split_1desc_batch32/vvu` and `split_1desc_batch32/virtio-queue`.
+//! `vvu-dirty-log` is vvu with a dirty log attached (live migration): every pushed chain's
+//! writable buffers and every used-ring write are logged, the chain walked again to find them.
 //!
 //! # Setup (identical for both implementations)
 //!
@@ -65,6 +67,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
 };
+use vvu_core::dirty_log::{DirtyLog, QueueLog};
 use vvu_core::memory::{create_memfd, GuestMemory, MemoryRegion, RegionSpec};
 use vvu_core::queue::{
     ChainBatch, Descriptor, QueueConfig, SplitQueue, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
@@ -237,7 +240,8 @@ struct Vvu {
 }
 
 impl Vvu {
-    fn new(mem: GuestMemory) -> Self {
+    /// With `log`, every write is logged as during a live migration (used ring included).
+    fn new(mem: GuestMemory, log: Option<Arc<DirtyLog>>) -> Self {
         let mut queue = SplitQueue::new(QueueConfig {
             size: Q,
             desc_table: DESC,
@@ -248,6 +252,10 @@ impl Vvu {
         })
         .unwrap();
         queue.attach(mem).unwrap();
+        queue.set_log(log.map(|log| QueueLog {
+            log,
+            used_ring: Some(USED),
+        }));
         Self {
             queue,
             batch: ChainBatch::with_capacity(64, 64 * 16),
@@ -385,7 +393,7 @@ fn run_rounds(dev: &mut dyn Device, drv: &mut Driver, batch: usize, iters: u64) 
 fn check_same_work(mems: &Memories, drv: &mut Driver) {
     let n = drv.heads.len().min(32);
     drv.reset();
-    let mut vvu = Vvu::new(mems.device.clone());
+    let mut vvu = Vvu::new(mems.device.clone(), None);
     drv.publish(n);
     assert_eq!(vvu.process(n), n);
     let ours: Vec<(u64, u32, bool)> = vvu
@@ -418,8 +426,18 @@ fn bench_split(c: &mut Criterion) {
             group.throughput(Throughput::Elements(batch as u64));
             {
                 drv.reset();
-                let mut dev = Vvu::new(mems.device.clone());
+                let mut dev = Vvu::new(mems.device.clone(), None);
                 group.bench_function(BenchmarkId::from_parameter("vvu"), |b| {
+                    b.iter_custom(|iters| run_rounds(&mut dev, &mut drv, batch, iters))
+                });
+            }
+            {
+                drv.reset();
+                let log_size = MEM_SIZE / (8 * 4096);
+                let fd = create_memfd("queue-bench-log", log_size).unwrap();
+                let log = Arc::new(DirtyLog::map(fd, log_size, 0).unwrap());
+                let mut dev = Vvu::new(mems.device.clone(), Some(log));
+                group.bench_function(BenchmarkId::from_parameter("vvu-dirty-log"), |b| {
                     b.iter_custom(|iters| run_rounds(&mut dev, &mut drv, batch, iters))
                 });
             }
