@@ -153,7 +153,9 @@ pub struct QueueLog {
 
 impl QueueLog {
     /// Log a write of `len` bytes at `offset` into the used ring (if the ring is logged).
-    #[inline]
+    /// Cold and out of line: the queues' hot paths only test whether a log is attached.
+    #[cold]
+    #[inline(never)]
     pub fn used_ring_write(&self, offset: u64, len: u64) {
         if let Some(base) = self.used_ring {
             // A fault is counted by the log and reported by its owner; the ring carries on.

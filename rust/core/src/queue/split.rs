@@ -409,7 +409,7 @@ impl SplitQueue {
     }
 
     /// Start (`Some`) or stop (`None`) logging this queue's writes to guest memory: the
-    /// device-writable buffers of every pushed chain (all of them: see `log_chain_writes`),
+    /// device-writable buffers of every published chain (all of them: see `log_chain_writes`),
     /// and, when the log
     /// has a used-ring address, every write to the used ring. Survives (re-)attach.
     pub fn set_log(&mut self, log: Option<QueueLog>) {
@@ -530,13 +530,6 @@ impl SplitQueue {
         // Plain stores: the Release store of used.idx in publish_used orders them (§1.4: len is
         // set before used.idx).
         rings.set_used_entry(self.next_used, u32::from(head), len, Ordering::Relaxed);
-        if let Some(log) = &self.log {
-            let slot = u64::from(self.next_used & (self.config.size - 1));
-            log.used_ring_write(4 + 8 * slot, 8);
-            let (config, cache, scratch) =
-                (&self.config, &mut self.region_cache, &mut self.log_scratch);
-            log_chain_writes(rings, config, log, cache, scratch, head);
-        }
         self.next_used = self.next_used.wrapping_add(1);
         self.num_added += 1;
         Ok(())
@@ -552,11 +545,16 @@ impl SplitQueue {
         let new = self.next_used;
         // §3 "publish result" / §1.4: the buffer data and the used elements written before must
         // be visible before the new used.idx — Release store (write barrier before the idx store).
+        if let Some(log) = &self.log {
+            // While the chains are still ours: once used.idx moves, the driver may reuse them.
+            let (config, cache, scratch) =
+                (&self.config, &mut self.region_cache, &mut self.log_scratch);
+            log_pushed(rings, config, log, cache, scratch, new, self.num_added);
+        }
         rings.set_used_idx(new, Ordering::Release);
         if let Some(log) = &self.log {
             log.used_ring_write(2, 2);
         }
-        self.num_added = 0;
         // §3 "decide on call": full fence so the used.idx store above cannot be reordered after
         // the load of used_event / avail.flags below (otherwise a lost wakeup: the driver re-arms
         // after our read and before seeing our store, and nobody notifies).
@@ -573,6 +571,7 @@ impl SplitQueue {
         let notify = notify || !self.signalled_valid;
         self.signalled_used = new;
         self.signalled_valid = true;
+        self.num_added = 0;
         Ok(notify)
     }
 
@@ -612,6 +611,31 @@ impl SplitQueue {
     }
 }
 
+/// Log the `added` entries pushed before `next_used`: each chain's writable buffers and its used
+/// element. Out of line: the log-less hot path only tests whether a log is attached.
+#[cold]
+#[inline(never)]
+fn log_pushed(
+    rings: &Rings,
+    config: &QueueConfig,
+    log: &QueueLog,
+    cache: &mut usize,
+    scratch: &mut Vec<Segment>,
+    next_used: u16,
+    added: u16,
+) {
+    for idx in (0..added).map(|i| next_used.wrapping_sub(added).wrapping_add(i)) {
+        // The id push_used wrote (a driver has no business writing the used ring; if it does,
+        // it only spoils its own migration: the walk is bounded like a pop).
+        let (id, _) = rings.used_entry(idx, Ordering::Relaxed);
+        match u16::try_from(id) {
+            Ok(head) => log_chain_writes(rings, config, log, cache, scratch, head),
+            Err(_) => log.log.record_fault(),
+        }
+        log.used_ring_write(4 + 8 * u64::from(idx & (config.size - 1)), 8);
+    }
+}
+
 /// Log what may have been written into the chain at `head`: all of its device-writable buffers.
 ///
 /// Not just the first used-length bytes: the used length may underestimate what was written
@@ -620,7 +644,7 @@ impl SplitQueue {
 /// a page copy. The chain is walked again (the device owns it until its used entry is
 /// published, so it is what was popped), with the same bounds as the pop; a chain that no longer
 /// walks is counted as a log fault.
-#[inline(never)]
+#[inline]
 fn log_chain_writes(
     rings: &Rings,
     config: &QueueConfig,
