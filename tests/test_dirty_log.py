@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from vvu._core import DirtyLog
 from vvu.backends import BlkBackend, RngBackend
 from vvu.backends.base import Backend
 from vvu.device.vvu import FEATURES_FILTERED, PROTOCOL_FEATURES_ALLOWED
@@ -27,7 +28,7 @@ from vvu.engine import BackendEngine
 from vvu.frontend import BlkDriver, Frontend, FrontendQueue
 from vvu.frontend.blk import T_IN, T_OUT
 from vvu.frontend.core import FrontendError
-from vvu.protocol import FrontendRequest, Log, ProtocolFeature, VhostFeature
+from vvu.protocol import U64, FrontendRequest, Log, ProtocolFeature, VhostFeature
 from vvu.transport.unix import socketpair_channels
 from vvu_harness import served
 
@@ -146,6 +147,26 @@ async def test_the_used_ring_is_logged_at_its_own_address_by_default(blk: BlkBac
         assert dirty.take_dirty_pages() == sorted(
             {*pages(DATA, DATA_LEN), *pages(STATUS, 1), used_gpa // PAGE * PAGE}
         )
+
+
+@pytest.mark.asyncio
+async def test_log_all_acked_before_the_log_is_set_logs_from_set_log_base(blk: BlkBackend) -> None:
+    async with session(blk) as (frontend, queue, _):
+        frontend.features |= VhostFeature.LOG_ALL.mask
+        await frontend.request(FrontendRequest.SET_FEATURES, U64(frontend.features))
+        await blk_request(frontend, queue, T_IN, 0)  # no log yet: nothing to log into
+        fd = os.memfd_create("log")
+        try:
+            size = MEMORY // (8 * PAGE)
+            os.ftruncate(fd, size)
+            dirty = DirtyLog(fd, size)
+            await frontend.request(FrontendRequest.SET_LOG_BASE, Log(size, 0), [fd])
+            dirty.take_dirty_pages()
+            await blk_request(frontend, queue, T_IN, 0)
+            # No VHOST_VRING_F_LOG on the ring: its buffers are logged, its used ring is not.
+            assert dirty.take_dirty_pages() == sorted({*pages(DATA, DATA_LEN), *pages(STATUS, 1)})
+        finally:
+            os.close(fd)
 
 
 @pytest.mark.asyncio

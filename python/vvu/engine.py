@@ -602,7 +602,9 @@ class BackendEngine:
             if old is not None and old.faults:
                 log.warning("%d writes could not be logged: %r", old.faults, old)
 
-        if session.logging:  # a resize while migrating: the rings move to the new log
+        if session.features & VhostFeature.LOG_ALL.mask:
+            # Logging on (a resize while migrating, or LOG_ALL acked before the first log):
+            # the running rings move to the new log.
             await self._restart_rings(swap)
         else:
             swap()
