@@ -3,9 +3,11 @@
 //!
 //! Run: `cargo bench -p vvu-core --bench queue`. Criterion reports `thrpt` in chains/s
 //! (`Throughput::Elements`); the group name is the workload, the function name the
-//! implementation, e.g. `split_1desc_batch32/vvu` and `split_1desc_batch32/virtio-queue`.
-//! `vvu-dirty-log` is vvu with a dirty log attached (live migration): every pushed chain's
-//! writable buffers and every used-ring write are logged, the chain walked again to find them.
+//! implementation, e.g. `split_1desc_batch32/vvu` and `split_1desc_batch32/virtio-queue`;
+//! `vvu-inflight` is vvu's queue also keeping an INFLIGHT_SHMFD region current (per chain: a
+//! counter and a flag at pop, a link at push, a flag cleared after publish); `vvu-dirty-log` is
+//! vvu with a dirty log attached (live migration): every published chain's writable buffers and
+//! every used-ring write are logged, the chain walked again to find them.
 //!
 //! # Setup (identical for both implementations)
 //!
@@ -55,6 +57,18 @@
 //! function with the same round lengths, so the refill cost and the timer reads (two per round,
 //! one round per 64 or 256 chains) are identical; the refill leaves the avail ring hot in cache
 //! for both alike. Nobody reaps the used ring: the device does not read it.
+//!
+//! # Packed ring (`packed_*` groups, vvu only)
+//!
+//! The same workloads and batches on a 256-entry packed ring ([`PackedQueue`], EVENT_IDX and
+//! INDIRECT_DESC on), in the same run as the split groups so the two can be compared. rust-vmm
+//! virtio-queue 0.18 has no packed queue, so there is no oracle row. The chains are laid out in
+//! ring order (the 4desc chains take four consecutive slots); the untimed refill rewrites each
+//! chain's descriptors (the device overwrote them with used descriptors) with the current wrap
+//! counter, the first descriptor's flags last with Release, as a driver publishes. The timed part
+//! is the same `pop_batch` / `push_used` per chain / one `publish_used` as for the split ring
+//! (here: flags Acquire load per chain, used descriptors written in place, the batch's first
+//! flags stored last with Release, SeqCst fence, driver event suppression read).
 
 use std::fs::File;
 use std::hint::black_box;
@@ -68,9 +82,11 @@ use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
 };
 use vvu_core::dirty_log::{DirtyLog, QueueLog};
+use vvu_core::inflight::{InflightRegion, RingLayout};
 use vvu_core::memory::{create_memfd, GuestMemory, MemoryRegion, RegionSpec};
 use vvu_core::queue::{
-    ChainBatch, Descriptor, QueueConfig, SplitQueue, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
+    ChainBatch, Descriptor, PackedConfig, PackedDescriptor, PackedQueue, QueueConfig, RingPosition,
+    SplitQueue, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_USED,
     VIRTQ_DESC_F_WRITE,
 };
 
@@ -100,6 +116,23 @@ impl Workload {
             Workload::Indirect16 => "indirect16",
         }
     }
+}
+
+/// Readable 16-byte header, `n - 2` writable 256-byte buffers, writable 1-byte status, as
+/// `(len, flags)`.
+fn blk_shape(n: usize) -> Vec<(u32, u16)> {
+    let mut v = vec![(16, 0)];
+    v.extend(std::iter::repeat_n((256, VIRTQ_DESC_F_WRITE), n - 2));
+    v.push((1, VIRTQ_DESC_F_WRITE));
+    v
+}
+
+/// The untimed driver side of a benchmark: makes pre-built chains available again.
+trait Refill {
+    /// Number of distinct pre-built chains.
+    fn chains(&self) -> usize;
+    /// Make the first `n` of them available (the device consumed everything before).
+    fn publish(&mut self, n: usize);
 }
 
 /// The three views of the one memfd.
@@ -157,15 +190,8 @@ impl Driver {
                 buffer += BUF_STRIDE;
             }
         };
-        const R: u16 = 0;
         const W: u16 = VIRTQ_DESC_F_WRITE;
-        // Readable 16-byte header, `n - 2` writable 256-byte buffers, writable 1-byte status.
-        let blk = |n: usize| -> Vec<(u32, u16)> {
-            let mut v = vec![(16, R)];
-            v.extend(std::iter::repeat_n((256, W), n - 2));
-            v.push((1, W));
-            v
-        };
+        let blk = blk_shape;
         let mut heads = Vec::new();
         match workload {
             Workload::OneDesc => {
@@ -208,6 +234,12 @@ impl Driver {
         for gpa in [AVAIL, AVAIL + 2, USED, USED + 2, USED_EVENT] {
             self.mem.store_u16(gpa, 0, Ordering::Release).unwrap();
         }
+    }
+}
+
+impl Refill for Driver {
+    fn chains(&self) -> usize {
+        self.heads.len()
     }
 
     /// Make the first `n` pre-built chains available again: `n` ring entries, one avail.idx
@@ -260,6 +292,15 @@ impl Vvu {
             queue,
             batch: ChainBatch::with_capacity(64, 64 * 16),
         }
+    }
+
+    /// The same device keeping an INFLIGHT_SHMFD region current (one memfd, this queue only).
+    fn with_inflight(mem: GuestMemory) -> Self {
+        let mut vvu = Self::new(mem, None);
+        let region = Arc::new(InflightRegion::allocate(RingLayout::Split, 1, Q).unwrap());
+        let view = region.split_queue(0, Q).unwrap();
+        vvu.queue.set_inflight(view).unwrap();
+        vvu
     }
 }
 
@@ -367,9 +408,9 @@ impl Device for VirtioQueue {
 }
 
 /// Process `iters` batches of `batch` chains; only the device's work is timed (see module docs).
-fn run_rounds(dev: &mut dyn Device, drv: &mut Driver, batch: usize, iters: u64) -> Duration {
+fn run_rounds(dev: &mut dyn Device, drv: &mut dyn Refill, batch: usize, iters: u64) -> Duration {
     // A round is as many whole batches as there are distinct chains.
-    let per_round = (drv.heads.len() / batch) as u64;
+    let per_round = (drv.chains() / batch) as u64;
     let mut elapsed = Duration::ZERO;
     let mut left = iters;
     while left > 0 {
@@ -443,6 +484,13 @@ fn bench_split(c: &mut Criterion) {
             }
             {
                 drv.reset();
+                let mut dev = Vvu::with_inflight(mems.device.clone());
+                group.bench_function(BenchmarkId::from_parameter("vvu-inflight"), |b| {
+                    b.iter_custom(|iters| run_rounds(&mut dev, &mut drv, batch, iters))
+                });
+            }
+            {
+                drv.reset();
                 let mut dev = VirtioQueue::new(mems.oracle.clone());
                 group.bench_function(BenchmarkId::from_parameter("virtio-queue"), |b| {
                     b.iter_custom(|iters| run_rounds(&mut dev, &mut drv, batch, iters))
@@ -453,11 +501,199 @@ fn bench_split(c: &mut Criterion) {
     }
 }
 
+/// The driver of the packed benchmarks: one lap of pre-built chains in ring order.
+struct PackedDriver {
+    mem: GuestMemory,
+    /// Each chain's descriptors (flags without AVAIL/USED), in ring order; one lap in all.
+    chains: Vec<Vec<PackedDescriptor>>,
+    next: RingPosition,
+}
+
+impl PackedDriver {
+    fn new(mem: GuestMemory, workload: Workload) -> Self {
+        let mut buffer = BUFFERS;
+        let mut list = |shape: &[(u32, u16)], id: u16| -> Vec<PackedDescriptor> {
+            shape
+                .iter()
+                .enumerate()
+                .map(|(k, &(len, flags))| {
+                    let next = if k + 1 < shape.len() {
+                        VIRTQ_DESC_F_NEXT
+                    } else {
+                        0
+                    };
+                    let d = PackedDescriptor::new(buffer, len, id, flags | next);
+                    buffer += BUF_STRIDE;
+                    d
+                })
+                .collect()
+        };
+        let chains: Vec<Vec<PackedDescriptor>> = match workload {
+            Workload::OneDesc => (0..Q)
+                .map(|id| list(&[(256, VIRTQ_DESC_F_WRITE)], id))
+                .collect(),
+            Workload::FourDesc => (0..Q / 4).map(|id| list(&blk_shape(4), id)).collect(),
+            Workload::Indirect16 => (0..Q)
+                .map(|id| {
+                    let table = TABLES + u64::from(id) * 256;
+                    for (k, entry) in list(&blk_shape(16), 0).iter().enumerate() {
+                        // Only WRITE is valid inside a packed table.
+                        let entry = PackedDescriptor {
+                            flags: entry.flags & VIRTQ_DESC_F_WRITE,
+                            ..*entry
+                        };
+                        mem.write(table + 16 * k as u64, &entry.to_le_bytes())
+                            .unwrap();
+                    }
+                    vec![PackedDescriptor::new(table, 256, id, VIRTQ_DESC_F_INDIRECT)]
+                })
+                .collect(),
+        };
+        assert!(buffer <= MEM_SIZE);
+        assert_eq!(chains.iter().map(Vec::len).sum::<usize>(), usize::from(Q));
+        let mut driver = Self {
+            mem,
+            chains,
+            next: RingPosition::START,
+        };
+        driver.reset();
+        driver
+    }
+
+    /// Zero the ring and the event areas (before a fresh device starts on the ring).
+    fn reset(&mut self) {
+        self.next = RingPosition::START;
+        self.mem.write(DESC, &[0; 16 * Q as usize]).unwrap();
+        for gpa in [AVAIL, AVAIL + 2, USED, USED + 2] {
+            self.mem.store_u16(gpa, 0, Ordering::Release).unwrap();
+        }
+    }
+}
+
+impl Refill for PackedDriver {
+    fn chains(&self) -> usize {
+        self.chains.len()
+    }
+
+    /// Write the first `n` chains at the next ring positions (wherever the last round stopped),
+    /// each made available by storing its first descriptor's flags last (Release). The device
+    /// completed every earlier chain, so the buffer ids are free.
+    fn publish(&mut self, n: usize) {
+        for chain in &self.chains[..n] {
+            let avail = if self.next.wrap {
+                VIRTQ_DESC_F_AVAIL
+            } else {
+                VIRTQ_DESC_F_USED
+            };
+            let first = self.next;
+            for (k, d) in chain.iter().enumerate() {
+                let at = DESC + 16 * u64::from(self.next.index);
+                self.mem.write(at, &d.to_le_bytes()[..14]).unwrap();
+                if k > 0 {
+                    self.mem
+                        .store_u16(at + 14, d.flags | avail, Ordering::Relaxed)
+                        .unwrap();
+                }
+                self.next = self.next.advance(1, Q);
+            }
+            self.mem
+                .store_u16(
+                    DESC + 16 * u64::from(first.index) + 14,
+                    chain[0].flags | avail,
+                    Ordering::Release,
+                )
+                .unwrap();
+        }
+    }
+}
+
+struct VvuPacked {
+    queue: PackedQueue,
+    batch: ChainBatch,
+}
+
+impl VvuPacked {
+    fn new(mem: GuestMemory) -> Self {
+        let mut queue = PackedQueue::new(PackedConfig {
+            size: Q,
+            desc_ring: DESC,
+            driver_event: AVAIL,
+            device_event: USED,
+            event_idx: true,
+            indirect: true,
+        })
+        .unwrap();
+        queue.attach(mem).unwrap();
+        Self {
+            queue,
+            batch: ChainBatch::with_capacity(64, 64 * 16),
+        }
+    }
+}
+
+impl Device for VvuPacked {
+    #[inline(never)]
+    fn process(&mut self, max: usize) -> usize {
+        self.batch.clear();
+        let n = self.queue.pop_batch(&mut self.batch, max).unwrap();
+        for chain in self.batch.chains() {
+            self.queue
+                .push_used(chain.head(), chain.writable_len())
+                .unwrap();
+        }
+        black_box(self.queue.publish_used().unwrap());
+        black_box(&self.batch);
+        n
+    }
+}
+
+fn bench_packed(c: &mut Criterion) {
+    for workload in [Workload::OneDesc, Workload::FourDesc, Workload::Indirect16] {
+        let mems = memories();
+        // The packed device must see the same buffers as the split one. The split image goes
+        // first: the packed driver then rewrites the ring and the indirect tables its own way.
+        let mut split_drv = Driver::new(mems.driver.clone(), workload);
+        let n = split_drv.chains().min(32);
+        let mut split = Vvu::new(mems.device.clone(), None);
+        split_drv.publish(n);
+        assert_eq!(split.process(n), n);
+        let mut drv = PackedDriver::new(mems.driver.clone(), workload);
+        let mut packed = VvuPacked::new(mems.device.clone());
+        drv.publish(n);
+        assert_eq!(packed.process(n), n);
+        let pieces = |batch: &ChainBatch| -> Vec<(u64, u32, u32, u32)> {
+            batch
+                .iter()
+                .map(|c| {
+                    let first = c.readable().first().or(c.writable().first());
+                    (
+                        first.map_or(0, |s| s.gpa),
+                        c.readable_len(),
+                        c.writable_len(),
+                        u32::from(c.descriptors()),
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(pieces(&split.batch), pieces(&packed.batch));
+        for batch in [1usize, 32] {
+            let mut group = c.benchmark_group(format!("packed_{}_batch{batch}", workload.name()));
+            group.throughput(Throughput::Elements(batch as u64));
+            drv.reset();
+            let mut dev = VvuPacked::new(mems.device.clone());
+            group.bench_function(BenchmarkId::from_parameter("vvu"), |b| {
+                b.iter_custom(|iters| run_rounds(&mut dev, &mut drv, batch, iters))
+            });
+            group.finish();
+        }
+    }
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(4));
-    targets = bench_split
+    targets = bench_split, bench_packed
 }
 criterion_main!(benches);

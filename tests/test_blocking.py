@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
 from vvu.backends import BlkBackend, RngBackend
-from vvu.blocking import BlockingBlk, BlockingRng, serve
+from vvu.blocking import BlockingBlk, BlockingRng, run, serve
 
 
 def test_repl_style_blk_session(tmp_path: Path) -> None:
@@ -27,6 +28,23 @@ def test_repl_style_blk_session(tmp_path: Path) -> None:
     finally:
         server.stop()
     assert not Path(path).exists()
+
+
+def test_repl_style_resize(tmp_path: Path) -> None:
+    path = str(tmp_path / "blk.sock")
+    backend = BlkBackend(size=8 << 20)
+    server = serve(backend, path)
+    try:
+        blk = BlockingBlk.open(path)
+        backend.resize(16 << 20)
+        assert server.config_changed() is True
+        run(asyncio.wait_for(blk.driver.resized.wait(), 5.0))
+        assert blk.capacity == 16 * 2048
+        blk.write(16 * 2048 - 1, b"z" * 512)  # the last sector of the grown disk
+        assert blk.read(16 * 2048 - 1, 512) == b"z" * 512
+        blk.close()
+    finally:
+        server.stop()
 
 
 def test_repl_style_rng(tmp_path: Path) -> None:

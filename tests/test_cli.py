@@ -42,6 +42,7 @@ def test_help_explains_every_command() -> None:
     ).stdout
     for option in ("--socket-path", "--fd", "--print-capabilities", "--image", "--read-only"):
         assert option in serve
+    assert "SIGHUP" in " ".join(serve.split())  # how to resize a served disk
 
 
 def test_print_capabilities_is_json() -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from vvu._core import DirtyLog
+from vvu._core import DirtyLog, EventFd
 from vvu.backends import BlkBackend, RngBackend
 from vvu.backends.base import Backend
 from vvu.device.vvu import FEATURES_FILTERED, PROTOCOL_FEATURES_ALLOWED
@@ -221,6 +221,9 @@ async def test_set_log_base_replies_with_the_log_and_refuses_a_log_beyond_its_fd
         fd = os.memfd_create("log")
         try:
             os.ftruncate(fd, PAGE)
+            log_fd = EventFd()
+            await frontend.request(FrontendRequest.SET_LOG_FD, fds=[log_fd.fileno()])  # kept
+            log_fd.close()
             reply = await frontend.request(FrontendRequest.SET_LOG_BASE, Log(64, 0), [fd])
             assert reply == Log(64, 0)
             assert engine.session is not None and engine.session.dirty_log is not None
@@ -229,6 +232,28 @@ async def test_set_log_base_replies_with_the_log_and_refuses_a_log_beyond_its_fd
                 await frontend.request(FrontendRequest.SET_LOG_BASE, Log(2 * PAGE, 0), [fd])
         finally:
             os.close(fd)
+
+
+@pytest.mark.asyncio
+async def test_packed_rings_refuse_to_log_rather_than_lose_writes(blk: BlkBackend) -> None:
+    engine = BackendEngine(blk)
+    client, server = socketpair_channels()
+    task = asyncio.ensure_future(engine.serve(server))
+    frontend = Frontend(client, memory_size=MEMORY, packed=True)
+    try:
+        await frontend.negotiate()
+        await frontend.set_mem_table()
+        queue = await frontend.start_queue(0, 64)
+        with pytest.raises(FrontendError, match="refused SET_FEATURES"):
+            await frontend.start_dirty_log()
+        # The ring goes on, without LOG_ALL.
+        assert engine.session is not None
+        assert not engine.session.features & VhostFeature.LOG_ALL.mask
+        used = await asyncio.wait_for(queue.request([(HEADER, 16)], [(STATUS, 1)]), TIMEOUT)
+        assert used == 1
+    finally:
+        await frontend.close()
+        await asyncio.wait_for(task, TIMEOUT)
 
 
 @pytest_asyncio.fixture

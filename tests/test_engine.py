@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from uuid import UUID
 
 import pytest
 import pytest_asyncio
@@ -31,18 +32,22 @@ from _pytest.mark import ParameterSet
 from vvu._core import EventFd, GuestMemory, SplitQueueDriver, memfd
 from vvu.aio import wait_eventfd
 from vvu.backends import BlkBackend, RngBackend
+from vvu.backends.base import ConfigError
+from vvu.backends.blk import BlkFeature
 from vvu.device.vvu import FEATURES_FILTERED, PROTOCOL_FEATURES_ALLOWED
-from vvu.engine import MAX_MEM_SLOTS, BackendEngine
-from vvu.frontend import BlkDriver, Frontend, FrontendQueue, RngDriver
-from vvu.frontend.blk import T_IN, T_OUT
-from vvu.frontend.core import WANTED_PROTOCOL_FEATURES
+from vvu.engine import MAX_MEM_SLOTS, REFUSED, BackendEngine, RequestFailed
+from vvu.frontend import BlkDriver, Frontend, FrontendError, FrontendQueue, RngDriver
+from vvu.frontend.blk import T_IN, T_OUT, BlkIOError
+from vvu.frontend.core import UVA_BASE, WANTED_PROTOCOL_FEATURES
 from vvu.protocol import (
     EMPTY,
     NEED_REPLY,
     REPLY_FLAGS,
     U64,
     VERSION,
+    BackendRequest,
     Config,
+    DeviceStateTransfer,
     DeviceStatus,
     FrontendRequest,
     Header,
@@ -50,6 +55,9 @@ from vvu.protocol import (
     MemoryTable,
     Payload,
     ProtocolFeature,
+    RawPayload,
+    SharedObject,
+    ShmemConfig,
     SingleRegion,
     VhostFeature,
     VirtioFeature,
@@ -57,6 +65,7 @@ from vvu.protocol import (
     VringState,
     decode_message,
 )
+from vvu.protocol.table import spec_for
 from vvu.transport.base import Channel, RawMessage, TransportError
 from vvu.transport.unix import UnixListener, connect_unix, socketpair_channels
 from vvu_harness import served
@@ -71,6 +80,9 @@ TIMEOUT = 5.0  # hang guard only
 GPA = 0x1_0000_0000
 UVA = 0x7F00_0000_0000
 DISK = 4 * MiB
+#: The raw peers here lay out split rings (`Ring`): they never ack VIRTIO_F_RING_PACKED. Packed
+#: rings are driven by our Frontend (`packed=True`) in the tests parametrized over the format.
+SPLIT_RINGS = ~VirtioFeature.RING_PACKED.mask
 PROTOCOL_FEATURES = VhostFeature.PROTOCOL_FEATURES.mask
 #: What QEMU asks of a blk back-end (it also asks for bits we do not offer; they are masked).
 QEMU_PROTOCOL = (
@@ -323,6 +335,12 @@ class Peer:
         await self.send(request, payload, need_reply=need_reply)
         return await self.reply(request)
 
+    async def get_reply_u64(self, request: FrontendRequest) -> int:
+        """The u64 of a typed reply to a request already sent."""
+        reply = await self.reply(request)
+        assert isinstance(reply, U64)
+        return reply.value
+
     async def get_u64(self, request: FrontendRequest, *, need_reply: bool = False) -> int:
         reply = await self.get(request, need_reply=need_reply)
         assert isinstance(reply, U64)
@@ -374,7 +392,7 @@ async def negotiate(
         offered_protocol = await peer.get_u64(F.GET_PROTOCOL_FEATURES)
         await peer.do(F.SET_PROTOCOL_FEATURES, U64(offered_protocol & protocol))
     await peer.do(F.SET_OWNER, need_reply=need_reply)
-    acked = offered if features is None else features
+    acked = (offered if features is None else features) & SPLIT_RINGS
     await peer.do(F.SET_FEATURES, U64(acked), need_reply=need_reply)
     return acked
 
@@ -558,7 +576,7 @@ async def test_qemu_order(engine: BackendEngine, reply_ack: bool, connect: Conne
     await peer.send(F.SET_VRING_CALL, U64.vring(0), [masked.fileno()])  # the masked notifier
     await peer.send(F.SET_VRING_ERR, U64.vring(0), [ring.err.fileno()])
     await peer.barrier()
-    await peer.do(F.SET_FEATURES, U64(offered))
+    await peer.do(F.SET_FEATURES, U64(offered & SPLIT_RINGS))
     await peer.do(F.SET_STATUS, U64(RUNNING))
     await peer.do(F.SET_MEM_TABLE, guest.table, guest.fds, need_reply=reply_ack)
     await peer.send(F.SET_VRING_NUM, VringState(0, ring.size))
@@ -604,7 +622,9 @@ async def test_cloud_hypervisor_order(engine2: BackendEngine, connect: Connector
     wanted |= PF.CONFIGURE_MEM_SLOTS.mask
     assert offered_protocol & wanted == wanted
     await peer.send(F.SET_PROTOCOL_FEATURES, U64(wanted))  # not yet acked: REPLY_ACK starts now
-    await peer.do(F.SET_FEATURES, U64(offered & ~VirtioFeature.EVENT_IDX.mask), need_reply=True)
+    await peer.do(
+        F.SET_FEATURES, U64(offered & ~VirtioFeature.EVENT_IDX.mask & SPLIT_RINGS), need_reply=True
+    )
     await peer.do(F.SET_MEM_TABLE, guest.table, guest.fds, need_reply=True)
     for ring in rings:
         await peer.do(F.SET_VRING_NUM, VringState(ring.index, ring.size), need_reply=True)
@@ -653,7 +673,7 @@ async def test_crosvm_order(engine: BackendEngine, connect: Connector) -> None:
     await peer.send(F.SET_BACKEND_REQ_FD, fds=[theirs.fileno()])
     theirs.close()
     assert await peer.get_u64(F.GET_QUEUE_NUM) == 1
-    acked = offered & ~VirtioFeature.EVENT_IDX.mask & ~VirtioFeature.RING_PACKED.mask
+    acked = offered & ~VirtioFeature.EVENT_IDX.mask & SPLIT_RINGS
     await peer.send(F.SET_FEATURES, U64(acked))
     await peer.send(F.SET_MEM_TABLE, guest.table, guest.fds)
     await peer.send(F.SET_VRING_NUM, VringState(0, ring.size))
@@ -692,7 +712,7 @@ async def test_dpdk_order(engine: BackendEngine, connect: Connector) -> None:
     assert offered_protocol & wanted == wanted
     await peer.send(F.SET_PROTOCOL_FEATURES, U64(wanted))
     await peer.send(F.SET_VRING_CALL, U64.vring(0), [ring.call.fileno()])
-    await peer.send(F.SET_FEATURES, U64(offered))
+    await peer.send(F.SET_FEATURES, U64(offered & SPLIT_RINGS))
     await peer.do(F.SET_MEM_TABLE, guest.table, guest.fds, need_reply=True)
     await peer.send(F.SET_VRING_NUM, VringState(0, ring.size))
     await peer.send(F.SET_VRING_BASE, VringState(0, 0))
@@ -719,7 +739,7 @@ async def _acked_requests(
 ) -> None:
     """Every kind of request without a reply of its own, each sent with `need_reply`; `acked`:
     each must get its ack (and only one), otherwise none may come."""
-    features = peer.engine.offered_features() & ~VirtioFeature.EVENT_IDX.mask
+    features = peer.engine.offered_features() & ~VirtioFeature.EVENT_IDX.mask & SPLIT_RINGS
     requests: list[tuple[FrontendRequest, Payload, list[int]]] = [
         (F.SET_OWNER, EMPTY, []),
         (F.SET_FEATURES, U64(features), []),
@@ -860,13 +880,13 @@ async def test_unoffered_feature_bits_are_refused(
     offered = await peer.get_u64(F.GET_FEATURES)
     await peer.send(F.SET_PROTOCOL_FEATURES, U64(PF.REPLY_ACK.mask | PF.STATUS.mask))
     caplog.set_level(logging.INFO, logger="vvu")
-    packed = VirtioFeature.RING_PACKED.mask
-    assert not offered & packed
-    await peer.send(F.SET_FEATURES, U64(offered | packed), need_reply=True)
+    in_order = VirtioFeature.IN_ORDER.mask
+    assert not offered & in_order
+    await peer.send(F.SET_FEATURES, U64(offered | in_order), need_reply=True)
     assert await peer.ack(F.SET_FEATURES) == 1
-    inband = PF.INBAND_NOTIFICATIONS.mask
-    assert not engine.offered_protocol_features() & inband
-    await peer.send(F.SET_PROTOCOL_FEATURES, U64(PF.REPLY_ACK.mask | inband), need_reply=True)
+    crypto = PF.CRYPTO_SESSION.mask
+    assert not engine.offered_protocol_features() & crypto
+    await peer.send(F.SET_PROTOCOL_FEATURES, U64(PF.REPLY_ACK.mask | crypto), need_reply=True)
     assert await peer.ack(F.SET_PROTOCOL_FEATURES) == 1
     assert len(warning_lines(caplog)) == 2
     assert "were never offered" in warning_lines(caplog)[0]
@@ -875,7 +895,7 @@ async def test_unoffered_feature_bits_are_refused(
     assert engine.session is not None and not engine.session.features_set
     await peer.do(F.SET_FEATURES, U64(offered), need_reply=True)
     # Without NEED_REPLY, a refusal can only be a hang-up.
-    await peer.send(F.SET_FEATURES, U64(offered | packed))
+    await peer.send(F.SET_FEATURES, U64(offered | in_order))
     await peer.expect_dropped()
 
 
@@ -887,7 +907,7 @@ async def test_without_protocol_features_rings_are_enabled_at_set_features(
     ring = Ring(guest)
     offered = await peer.get_u64(F.GET_FEATURES)
     await peer.send(F.SET_OWNER)
-    acked = offered & ~PROTOCOL_FEATURES & ~VirtioFeature.EVENT_IDX.mask
+    acked = offered & ~PROTOCOL_FEATURES & ~VirtioFeature.EVENT_IDX.mask & SPLIT_RINGS
     await peer.send(F.SET_FEATURES, U64(acked))
     await peer.send(F.SET_MEM_TABLE, guest.table, guest.fds)
     await peer.send(F.SET_VRING_NUM, VringState(0, ring.size))
@@ -1152,7 +1172,7 @@ async def test_reset_device_stops_everything_and_a_new_handshake_works(
     ring = Ring(guest)
     await peer.do(
         F.SET_FEATURES,
-        U64(engine.offered_features() & ~VirtioFeature.EVENT_IDX.mask),
+        U64(engine.offered_features() & ~VirtioFeature.EVENT_IDX.mask & SPLIT_RINGS),
         need_reply=True,
     )
     await peer.do(F.SET_MEM_TABLE, guest.table, guest.fds, need_reply=True)
@@ -1610,16 +1630,21 @@ async def test_serve_forever_on_a_unix_listener(
 
 
 @pytest.mark.asyncio
-async def test_rng_returns_random_bytes_of_the_requested_size(connect: Connector) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+async def test_rng_returns_random_bytes_of_the_requested_size(
+    connect: Connector, packed: bool
+) -> None:
     backend = RngBackend()
     engine = BackendEngine(backend)
     before = connect.open_fds()
     client, task = await connect.channel(engine)
-    frontend = Frontend(client, memory_size=MiB)
+    frontend = Frontend(client, memory_size=MiB, packed=packed)
     try:
         await frontend.negotiate()
+        assert bool(backend.acked_features & VirtioFeature.RING_PACKED.mask) == packed
         await frontend.set_mem_table()
-        rng = RngDriver(frontend, await frontend.start_queue(0, 64))
+        # A packed ring of a size that is not a power of two.
+        rng = RngDriver(frontend, await frontend.start_queue(0, 50 if packed else 64))
         seen = set()
         for size in (1, 16, 64, 1000, 4096):
             data = await asyncio.wait_for(rng.read(size), TIMEOUT)
@@ -1633,6 +1658,88 @@ async def test_rng_returns_random_bytes_of_the_requested_size(connect: Connector
     await asyncio.wait_for(task, TIMEOUT)
     del rng, frontend  # our guest memory
     assert_no_fd_leak(before)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+async def test_blk_driver_round_trips_and_get_vring_base_reports_the_position(
+    engine: BackendEngine, connect: Connector, packed: bool
+) -> None:
+    """Our BlkDriver against the native blk worker, on either ring format: data round-trips,
+    and GET_VRING_BASE reports where the ring stands (packed: both positions and wraps)."""
+    client, task = await connect.channel(engine)
+    frontend = Frontend(client, memory_size=4 * MiB, packed=packed)
+    try:
+        await frontend.negotiate()
+        await frontend.set_mem_table()
+        (capacity,) = struct.unpack("<Q", await frontend.get_config(0, 8))
+        size = 24 if packed else 32  # requests take 3 slots: the packed ring wraps unevenly
+        queue = await frontend.start_queue(0, size)
+        blk = BlkDriver(frontend, queue, capacity, depth=4, max_request=64 * 1024)
+        requests = 0
+        for i in range(40):  # 40 writes and 40 reads: 240 slots, 10 laps of 24
+            data = os.urandom(4096 + 512 * (i % 3))
+            await asyncio.wait_for(blk.write(8 * i, data), TIMEOUT)
+            assert await asyncio.wait_for(blk.read(8 * i, len(data)), TIMEOUT) == data
+            requests += 2
+        base = await frontend.stop_queue(0)
+        if packed:
+            # 3 slots per request: 240 slots on a ring of 24 = exactly 10 laps, wrap back to 1.
+            slots = 3 * requests
+            pos = (slots % size) | (0x8000 if (slots // size) % 2 == 0 else 0)
+            assert base == pos | pos << 16
+        else:
+            assert base == requests
+    finally:
+        await frontend.close()
+    await asyncio.wait_for(task, TIMEOUT)
+
+
+@pytest.mark.asyncio
+async def test_packed_vring_base_forms_and_a_base_beyond_the_ring(
+    engine: BackendEngine, connect: Connector
+) -> None:
+    """Packed SET_VRING_BASE: the full 32-bit form is applied as is, a value with only the low
+    half (DPDK virtio-user) means used = avail, and an offset beyond the ring refuses the start
+    (a failure ack for the request that would start it) without ending the session."""
+    client, task = await connect.channel(engine)
+    frontend = Frontend(client, memory_size=2 * MiB, packed=True)
+    try:
+        await frontend.negotiate()
+        await frontend.set_mem_table()
+        size = 24
+        desc = frontend.allocator.alloc(16 * size, 4096)
+        events = frontend.allocator.alloc(8, 64)
+        addr = VringAddr(0, 0, UVA_BASE + desc, UVA_BASE + events + 4, UVA_BASE + events, 0)
+        kick, call = EventFd(), EventFd()
+
+        async def start(base: int) -> None:
+            await frontend.request(F.SET_VRING_NUM, VringState(0, size))
+            await frontend.request(F.SET_VRING_BASE, VringState(0, base))
+            await frontend.request(F.SET_VRING_ADDR, addr)
+            await frontend.request(F.SET_VRING_KICK, U64.vring(0), [kick.fileno()])
+            await frontend.request(F.SET_VRING_CALL, U64.vring(0), [call.fileno()])
+            await frontend.request(F.SET_VRING_ENABLE, VringState(0, 1))
+
+        async def stop() -> int:
+            reply = await frontend.request(F.GET_VRING_BASE, VringState(0, 0))
+            assert isinstance(reply, VringState)
+            return reply.num
+
+        await start(0x0005_8003)  # avail (3, wrap 1), used (5, wrap 0)
+        assert await stop() == 0x0005_8003
+        await start(0x0007)  # only the low half: avail = used = (7, wrap 0)
+        assert await stop() == 0x0007_0007
+        # Avail offset 24 on a 24-entry ring. The ring stayed enabled, so the kick starts it.
+        with pytest.raises(FrontendError, match="refused SET_VRING_KICK"):
+            await start(0x8000_8000 | size)
+        await start(0x8000_8000)  # the session goes on
+        assert await stop() == 0x8000_8000
+        kick.close()
+        call.close()
+    finally:
+        await frontend.close()
+    await asyncio.wait_for(task, TIMEOUT)
 
 
 @pytest.mark.asyncio
@@ -1680,27 +1787,516 @@ async def test_blk_native_worker_polls_a_ring_without_kick_fd(connect: Connector
 
 
 @pytest.mark.asyncio
-async def test_config_change_is_announced_on_the_backend_channel(connect: Connector) -> None:
+@pytest.mark.parametrize("reply_ack", [False, True], ids=["no-reply-ack", "reply-ack"])
+async def test_config_change_is_announced_on_the_backend_channel(
+    connect: Connector, reply_ack: bool
+) -> None:
     """Over VVU the message goes back-end → relay → txq → device → the socket the front-end
-    gave with SET_BACKEND_REQ_FD."""
+    gave with SET_BACKEND_REQ_FD, and its ack comes back device → rxq → relay → engine."""
     backend = BlkBackend(size=8 << 20)
     engine = BackendEngine(backend)
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
+    loop = asyncio.get_running_loop()
     try:
         client, task = await connect.channel(engine)
         frontend = Frontend(client, memory_size=MiB)
         assert await engine.notify_config_change() is False  # no back-end channel yet
-        await frontend.negotiate(
-            protocol_features=WANTED_PROTOCOL_FEATURES | ProtocolFeature.BACKEND_REQ.mask
-        )
+        wanted = WANTED_PROTOCOL_FEATURES | ProtocolFeature.BACKEND_REQ.mask
+        if not reply_ack:
+            wanted &= ~ProtocolFeature.REPLY_ACK.mask
+        await frontend.negotiate(protocol_features=wanted)
         await frontend.request(F.SET_BACKEND_REQ_FD, EMPTY, [theirs.fileno()])
         theirs.close()
-        assert await engine.notify_config_change() is True
-        header = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(ours, 12), TIMEOUT)
-        assert struct.unpack("<III", header) == (2, 1, 0)  # CONFIG_CHANGE_MSG, version 1, no ack
+        await frontend.request_u64(F.GET_FEATURES)  # a barrier: SET_BACKEND_REQ_FD was handled
+        if not reply_ack:
+            assert await engine.notify_config_change() is True
+            header = await asyncio.wait_for(loop.sock_recv(ours, 12), TIMEOUT)
+            assert struct.unpack("<III", header) == (2, 1, 0)  # CONFIG_CHANGE_MSG, no NEED_REPLY
+        else:
+            # NEED_REPLY is set and the engine waits for the ack: a success ack...
+            notified = asyncio.ensure_future(engine.notify_config_change())
+            header = await asyncio.wait_for(loop.sock_recv(ours, 12), TIMEOUT)
+            assert struct.unpack("<III", header) == (2, 1 | NEED_REPLY, 0)
+            await loop.sock_sendall(ours, struct.pack("<IIIQ", 2, REPLY_FLAGS, 8, 0))
+            assert await asyncio.wait_for(notified, TIMEOUT) is True
+            # ... and a failure ack is an error for the caller; the channel stays usable.
+            notified = asyncio.ensure_future(engine.notify_config_change())
+            await asyncio.wait_for(loop.sock_recv(ours, 12), TIMEOUT)
+            await loop.sock_sendall(ours, struct.pack("<IIIQ", 2, REPLY_FLAGS, 8, 1))
+            with pytest.raises(RequestFailed, match="refused BACKEND_CONFIG_CHANGE_MSG"):
+                await asyncio.wait_for(notified, TIMEOUT)
         await frontend.close()
         await asyncio.wait_for(task, TIMEOUT)
     finally:
         ours.close()
         backend.close()
+
+
+@pytest.mark.asyncio
+async def test_backend_request_without_an_answer_drops_the_backend_channel(
+    engine: BackendEngine,
+) -> None:
+    """Silence (timeout) or giving up (cancellation) leaves the channel out of step, as a late
+    ack would be taken for the next request's: it is dropped; a new one works again."""
+    client, server = socketpair_channels()
+    task = asyncio.ensure_future(engine.serve(server))
+    frontend = Frontend(client, memory_size=MiB)
+    loop = asyncio.get_running_loop()
+    await frontend.negotiate(
+        protocol_features=WANTED_PROTOCOL_FEATURES | ProtocolFeature.BACKEND_REQ.mask
+    )
+    for give_up in ("timeout", "cancel"):
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        try:
+            await frontend.request(F.SET_BACKEND_REQ_FD, EMPTY, [theirs.fileno()])
+            theirs.close()
+            if give_up == "timeout":
+                with pytest.raises(RequestFailed, match="no answer"):
+                    await engine.backend_request(
+                        BackendRequest.BACKEND_CONFIG_CHANGE_MSG, timeout=0.2
+                    )
+            else:
+                notified = asyncio.ensure_future(engine.notify_config_change())
+                await asyncio.wait_for(loop.sock_recv(ours, 12), TIMEOUT)
+                notified.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await notified
+            assert await engine.notify_config_change() is False  # no channel any more
+        finally:
+            ours.close()
+    await frontend.close()
+    await asyncio.wait_for(task, TIMEOUT)
+
+
+@pytest.mark.asyncio
+async def test_blk_resize_while_running_reaches_our_frontend(connect: Connector) -> None:
+    """BlkBackend.resize + BackendEngine.config_changed: our front-end gets CONFIG_CHANGE_MSG on
+    its back-end channel (acked), re-reads the capacity, and I/O beyond the old end works (the
+    running native worker was restarted with the new capacity)."""
+    backend = BlkBackend(size=DISK)
+    engine = BackendEngine(backend)
+    try:
+        client, task = await connect.channel(engine)
+        blk = await BlkDriver.start(
+            Frontend(client, memory_size=2 * MiB),
+            depth=4,
+            max_request=64 * 1024,
+            queue_size=64,
+            backend_channel=True,
+        )
+        assert blk.capacity == DISK // 512
+        beyond = DISK // 512 + 8
+        with pytest.raises(BlkIOError):
+            await asyncio.wait_for(blk.read(beyond, 4096), TIMEOUT)
+        data = os.urandom(4096)
+        await asyncio.wait_for(blk.write(8, data), TIMEOUT)
+
+        assert backend.resize(2 * DISK) is True
+        assert backend.resize(2 * DISK) is False  # nothing changed: nothing to announce
+        assert await asyncio.wait_for(engine.config_changed(), TIMEOUT) is True
+        await asyncio.wait_for(blk.resized.wait(), TIMEOUT)
+        assert blk.capacity == 2 * DISK // 512
+        assert blk.frontend.backend_requests == {BackendRequest.BACKEND_CONFIG_CHANGE_MSG: 1}
+        await asyncio.wait_for(blk.write(beyond, data), TIMEOUT)
+        assert await asyncio.wait_for(blk.read(beyond, 4096), TIMEOUT) == data
+        assert await asyncio.wait_for(blk.read(8, 4096), TIMEOUT) == data  # kept across it
+        await blk.close()
+        await asyncio.wait_for(task, TIMEOUT)
+        assert await engine.config_changed() is False  # no session
+    finally:
+        backend.close()
+
+
+def test_blk_resize_refuses_what_it_cannot_do(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(DISK))
+    read_only = BlkBackend(str(image), read_only=True)
+    try:
+        with pytest.raises(ValueError, match="read-only"):
+            read_only.resize(2 * DISK)
+        with open(image, "r+b") as f:
+            f.truncate(3 * DISK)
+        assert read_only.reload() is True  # re-reading the image is fine when read-only
+        assert read_only.capacity == 3 * DISK // 512
+        with open(image, "r+b") as f:
+            f.truncate(100)
+        with pytest.raises(ValueError, match="less than one sector"):
+            read_only.reload()
+        assert read_only.capacity == 3 * DISK // 512
+    finally:
+        read_only.close()
+    backend = BlkBackend(size=DISK)
+    try:
+        with pytest.raises(ValueError, match="one 512-byte sector"):
+            backend.resize(511)
+        assert backend.capacity == DISK // 512
+    finally:
+        backend.close()
+
+
+# --- in-band notifications (INBAND_NOTIFICATIONS) -----------------------------------------------
+
+INBAND = PF.INBAND_NOTIFICATIONS.mask | PF.BACKEND_REQ.mask | PF.REPLY_ACK.mask
+
+
+@pytest.mark.asyncio
+async def test_blk_and_rng_data_with_inband_notifications(connect: Connector) -> None:
+    """Our front-end with `inband`: no kick or call fd crosses; every kick is a VRING_KICK
+    message and every call a BACKEND_VRING_CALL on the back-end channel, for the native blk
+    worker and the Python rng path alike. Over VVU they travel through rxq and txq."""
+    blk_backend = BlkBackend(size=DISK)
+    engine = BackendEngine(blk_backend)
+    try:
+        client, task = await connect.channel(engine)
+        blk = await BlkDriver.start(
+            Frontend(client, memory_size=2 * MiB),
+            depth=4,
+            max_request=64 * 1024,
+            queue_size=64,
+            inband=True,
+        )
+        assert blk.frontend.inband
+        session = engine.session
+        assert session is not None and session.vrings[0].inband_call is not None
+        blocks = [os.urandom(8192) for _ in range(8)]
+        writes = [blk.write(16 * i, block) for i, block in enumerate(blocks)]
+        await asyncio.wait_for(asyncio.gather(*writes), TIMEOUT)
+        reads = [blk.read(16 * i, 8192) for i in range(len(blocks))]
+        assert await asyncio.wait_for(asyncio.gather(*reads), TIMEOUT) == blocks
+        assert blk.frontend.backend_requests[BackendRequest.BACKEND_VRING_CALL] >= 1
+        await blk.close()
+        await asyncio.wait_for(task, TIMEOUT)
+    finally:
+        blk_backend.close()
+
+    engine = BackendEngine(RngBackend())
+    client, task = await connect.channel(engine)
+    frontend = Frontend(client, memory_size=MiB)
+    try:
+        await frontend.negotiate(inband=True)
+        assert frontend.inband
+        await frontend.set_mem_table()
+        rng = RngDriver(frontend, await frontend.start_queue(0, 64))
+        sizes = [1, 64, 4096, 100]
+        got = [len(await asyncio.wait_for(rng.read(size), TIMEOUT)) for size in sizes]
+        assert got == sizes
+        assert frontend.backend_requests[BackendRequest.BACKEND_VRING_CALL] >= len(sizes)
+    finally:
+        await frontend.close()
+    await asyncio.wait_for(task, TIMEOUT)
+
+
+@pytest.mark.asyncio
+async def test_inband_vring_kick_starts_a_ring_and_calls_arrive_as_messages(
+    engine: BackendEngine, connect: Connector
+) -> None:
+    """Raw: no SET_VRING_KICK at all; VRING_KICK starts the ring and processes what is in it;
+    the completion is announced by BACKEND_VRING_CALL (index 0) on the back-end socket, and a
+    broken ring by BACKEND_VRING_ERR."""
+    guest, peer = Guest(), await connect.peer(engine)
+    ring = Ring(guest)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await negotiate(peer, protocol=QEMU_PROTOCOL | INBAND, features=ring_features(engine))
+        await peer.do(F.SET_BACKEND_REQ_FD, EMPTY, [theirs.fileno()], need_reply=True)
+        await peer.do(F.SET_MEM_TABLE, guest.table, guest.fds, need_reply=True)
+        await peer.do(F.SET_VRING_NUM, VringState(0, ring.size), need_reply=True)
+        await peer.do(F.SET_VRING_ADDR, ring.addr, need_reply=True)
+        await peer.do(F.SET_VRING_CALL, U64.vring(0, nofd=True), need_reply=True)
+        await peer.do(F.SET_VRING_ERR, U64.vring(0, nofd=True), need_reply=True)
+        await peer.do(F.SET_VRING_ENABLE, VringState(0, 1), need_reply=True)
+        request = blk_submit(ring, T_OUT, 8, out=os.urandom(512))
+        ring.driver.publish()
+        await peer.do(F.VRING_KICK, VringState(0, 0), need_reply=True)
+        message = await asyncio.wait_for(loop.sock_recv(ours, 20), TIMEOUT)
+        assert struct.unpack("<IIIII", message) == (4, 1, 8, 0, 0)  # VRING_CALL, vring 0
+        assert ring.used_idx == 1 and blk_status(ring, request) == 0
+        # A buffer outside guest memory breaks the ring: BACKEND_VRING_ERR instead of the err fd.
+        ring.queue.submit([], [(GPA + 64 * MiB, 16)])
+        ring.driver.publish()
+        await peer.do(F.VRING_KICK, VringState(0, 0), need_reply=True)
+        message = await asyncio.wait_for(loop.sock_recv(ours, 20), TIMEOUT)
+        assert struct.unpack("<IIIII", message) == (5, 1, 8, 0, 0)  # VRING_ERR, vring 0
+        stopped = await peer.get(F.GET_VRING_BASE, VringState(0, 0))
+        assert isinstance(stopped, VringState) and stopped.index == 0
+    finally:
+        await peer.close()
+        ours.close()
+        theirs.close()
+        ring.close()
+        guest.close()
+
+
+def ring_features(engine: BackendEngine) -> int:
+    return engine.offered_features() & ~VirtioFeature.EVENT_IDX.mask
+
+
+@pytest.mark.asyncio
+async def test_inband_needs_reply_ack_and_backend_req_and_vring_kick_needs_inband(
+    engine: BackendEngine, connect: Connector
+) -> None:
+    peer = await connect.peer(engine)
+    await peer.get_u64(F.GET_PROTOCOL_FEATURES)
+    # Without INBAND negotiated, VRING_KICK is refused (failure ack) and the session goes on.
+    await peer.do(F.SET_PROTOCOL_FEATURES, U64(PF.REPLY_ACK.mask))
+    await peer.send(F.VRING_KICK, VringState(0, 0), need_reply=True)
+    assert await peer.ack(F.VRING_KICK) != 0
+    # INBAND without BACKEND_REQ: refused with an ack (REPLY_ACK was negotiated before).
+    await peer.send(F.SET_PROTOCOL_FEATURES, U64(INBAND & ~PF.BACKEND_REQ.mask), need_reply=True)
+    assert await peer.ack(F.SET_PROTOCOL_FEATURES) != 0
+    await peer.barrier()
+    await peer.close()
+
+
+# --- device state (DEVICE_STATE) ------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_device_state_is_not_offered_through_the_vvu_device(
+    engine: BackendEngine, connect: Connector
+) -> None:
+    """The engine offers it for blk; the VVU device filters it (the state fd cannot cross)."""
+    assert engine.offered_protocol_features() & PF.DEVICE_STATE.mask
+    peer = await connect.peer(engine)
+    offered = await peer.get_u64(F.GET_PROTOCOL_FEATURES)
+    assert bool(offered & PF.DEVICE_STATE.mask) is not connect.vvu
+    await peer.close()
+
+
+async def _state_session(engine: BackendEngine) -> tuple[Frontend, asyncio.Future[None]]:
+    client, server = socketpair_channels()
+    task = asyncio.ensure_future(engine.serve(server))
+    frontend = Frontend(client, memory_size=MiB)
+    await frontend.negotiate()
+    await frontend.set_mem_table()
+    return frontend, task
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "state",
+    [b"", b"garbage", bytes(44), b"x" * 5000],
+    ids=["empty", "short", "zeros", "long"],
+)
+async def test_malformed_device_state_is_refused_and_changes_nothing(
+    engine: BackendEngine, blk: BlkBackend, state: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    frontend, task = await _state_session(engine)
+    try:
+        with pytest.raises(FrontendError, match="CHECK_DEVICE_STATE"):
+            await asyncio.wait_for(frontend.load_device_state(state), TIMEOUT)
+        assert "the state transfer failed" in " ".join(warning_lines(caplog))
+        assert blk.writeback and blk.serial == b"vvu"
+        # The session goes on, and a good state loads afterwards.
+        good = BlkBackend(size=DISK, serial="other")
+        good.writeback = False
+        await asyncio.wait_for(frontend.load_device_state(good.save_state()), TIMEOUT)
+        good.close()
+        assert not blk.writeback and blk.serial == b"other"
+    finally:
+        await frontend.close()
+    await asyncio.wait_for(task, TIMEOUT)
+    assert blk.writeback and blk.serial == b"vvu"  # the next front-end starts from defaults
+
+
+@pytest.mark.asyncio
+async def test_device_state_of_another_disk_or_version_is_refused(
+    engine: BackendEngine, blk: BlkBackend
+) -> None:
+    bigger = BlkBackend(size=2 * DISK)
+    state = bigger.save_state()
+    bigger.close()
+    read_only_state = bytearray(blk.save_state())
+    read_only_state[20] = 1
+    future_version = bytearray(blk.save_state())
+    future_version[8] = 2
+    frontend, task = await _state_session(engine)
+    try:
+        for bad in (state, bytes(read_only_state), bytes(future_version)):
+            with pytest.raises(FrontendError, match="CHECK_DEVICE_STATE"):
+                await asyncio.wait_for(frontend.load_device_state(bad), TIMEOUT)
+        # The same state loads on the device it came from.
+        await asyncio.wait_for(frontend.load_device_state(blk.save_state()), TIMEOUT)
+    finally:
+        await frontend.close()
+    await asyncio.wait_for(task, TIMEOUT)
+
+
+@pytest.mark.asyncio
+async def test_set_device_state_fd_refuses_bad_transfers_with_an_error_code(
+    engine: BackendEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unknown direction or phase, a running ring, CHECK without a transfer, a pipe that never
+    ends, a state over the size cap: error codes (bit 8, no fd), never a crash or a hang."""
+    peer = Peer(engine, *await _peer_pair(engine))
+    guest, ring = Guest(), None
+    read_end, write_end = os.pipe()
+    try:
+        await negotiate(peer, protocol=QEMU_PROTOCOL | PF.DEVICE_STATE.mask)
+        for transfer in (DeviceStateTransfer(2, 0), DeviceStateTransfer(0, 1)):
+            await peer.send(F.SET_DEVICE_STATE_FD, transfer, [read_end])
+            assert await peer.get_reply_u64(F.SET_DEVICE_STATE_FD) == 0x101  # error, no fd
+        assert await peer.get_u64(F.CHECK_DEVICE_STATE) != 0  # no transfer started
+
+        await peer.do(F.SET_MEM_TABLE, guest.table, guest.fds, need_reply=True)
+        ring = Ring(guest)
+        await start_ring(peer, ring, need_reply=True)
+        await peer.send(F.SET_DEVICE_STATE_FD, DeviceStateTransfer(0, 0), [write_end])
+        assert await peer.get_reply_u64(F.SET_DEVICE_STATE_FD) == 0x101  # rings are running
+        assert await peer.get(F.GET_VRING_BASE, VringState(0, 0)) == VringState(0, 0)
+
+        # A load whose pipe the front-end keeps open: CHECK gives up after its timeout.
+        monkeypatch.setattr("vvu.engine.STATE_TRANSFER_TIMEOUT", 0.2)
+        await peer.send(F.SET_DEVICE_STATE_FD, DeviceStateTransfer(1, 0), [read_end])
+        assert await peer.get_reply_u64(F.SET_DEVICE_STATE_FD) == 0x100  # accepted, no fd
+        await peer.send(F.SET_DEVICE_STATE_FD, DeviceStateTransfer(1, 0), [read_end])
+        assert await peer.get_reply_u64(F.SET_DEVICE_STATE_FD) == 0x101  # one at a time
+        assert await peer.get_u64(F.CHECK_DEVICE_STATE) != 0
+
+        # A save into an fd that cannot be written (the read end of a pipe): failed at CHECK.
+        await peer.send(F.SET_DEVICE_STATE_FD, DeviceStateTransfer(0, 0), [read_end])
+        assert await peer.get_reply_u64(F.SET_DEVICE_STATE_FD) == 0x100
+        assert await peer.get_u64(F.CHECK_DEVICE_STATE) != 0
+
+        # More than the cap: refused at CHECK.
+        monkeypatch.setattr("vvu.engine.MAX_DEVICE_STATE", 16)
+        await peer.send(F.SET_DEVICE_STATE_FD, DeviceStateTransfer(1, 0), [read_end])
+        assert await peer.get_reply_u64(F.SET_DEVICE_STATE_FD) == 0x100
+        os.write(write_end, b"y" * 100)
+        os.close(write_end)
+        write_end = -1
+        assert await peer.get_u64(F.CHECK_DEVICE_STATE) != 0
+        await peer.barrier()
+    finally:
+        await peer.close()
+        for fd in (read_end, write_end):
+            if fd >= 0:
+                os.close(fd)
+        if ring is not None:
+            ring.close()
+        guest.close()
+
+
+async def _peer_pair(engine: BackendEngine) -> tuple[Channel, asyncio.Future[None]]:
+    client, server = socketpair_channels()
+    return client, asyncio.ensure_future(engine.serve(server))
+
+
+def test_blk_cache_mode_is_writable_only_with_config_wce(blk: BlkBackend) -> None:
+    with pytest.raises(ConfigError, match="read-only"):
+        blk.write_config(32, b"\0")  # CONFIG_WCE not acked
+    blk.set_features(1 << BlkFeature.CONFIG_WCE)
+    for offset, data in ((32, b"\2"), (32, b"\0\0"), (0, b"\0"), (33, b"\0")):
+        with pytest.raises(ConfigError, match="only writeback"):
+            blk.write_config(offset, data)
+    assert blk.writeback and blk.config_space()[32] == 1
+    blk.write_config(32, b"\0")
+    assert not blk.writeback and blk.config_space()[32] == 0
+    blk.reset()
+    assert blk.writeback
+
+
+# --- requests the engine refuses ------------------------------------------------------------------
+
+
+@dataclass
+class Refused:
+    """A request the engine refuses, and the answer it gets with NEED_REPLY: "ack" (a failure
+    ack), a typed failure reply (no fd attached), or None (no failure form: dropped)."""
+
+    request: FrontendRequest
+    payload: Payload
+    expected: Payload | str | None
+    with_fd: bool = False
+    # Over VVU, if different: the device passes no fd, so a request that needs one is malformed.
+    over_vvu: Payload | str | None = "same"
+
+
+def _refused_cases() -> list[ParameterSet]:
+    uuid = SharedObject(UUID("12345678-9abc-def0-1234-56789abcdef0"))
+    session = RawPayload(struct.pack("<q", 7) + bytes(56))
+    cases = [
+        Refused(F.SET_VRING_ENDIAN, VringState(0, 1), "ack"),
+        Refused(F.CREATE_CRYPTO_SESSION, session, RawPayload(struct.pack("<q", -1) + bytes(56))),
+        Refused(F.CLOSE_CRYPTO_SESSION, U64(7), "ack"),
+        Refused(F.POSTCOPY_ADVISE, EMPTY, EMPTY),
+        Refused(F.POSTCOPY_LISTEN, EMPTY, "ack"),
+        Refused(F.POSTCOPY_END, EMPTY, U64(1)),
+        Refused(F.GPU_SET_SOCKET, EMPTY, "ack", with_fd=True, over_vvu=None),
+        Refused(F.GET_SHARED_OBJECT, uuid, EMPTY),
+        Refused(F.GET_SHMEM_CONFIG, EMPTY, ShmemConfig(0)),
+        Refused(F.GET_VRING_BASE_SKIP_DRAIN, VringState(0, 0), None),
+    ]
+    return [pytest.param(case, id=case.request.name) for case in cases]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("case", _refused_cases())
+async def test_refused_requests_get_their_failure_answer_and_a_reason(
+    engine: BackendEngine, caplog: pytest.LogCaptureFixture, case: Refused, connect: Connector
+) -> None:
+    """Requests whose feature is never offered (docs/protocol-support.md): with NEED_REPLY they
+    get the failure form of their answer and a log line with the reason; the session goes on."""
+    spec = spec_for(case.request)
+    assert spec is not None and case.request in REFUSED
+    assert spec.feature is None or not engine.offered_protocol_features() & spec.feature.mask
+    peer = await connect.peer(engine)
+    ours, theirs = socket.socketpair()
+    try:
+        await negotiate(peer)
+        fds = [theirs.fileno()] if case.with_fd else []
+        await peer.send(case.request, case.payload, fds, need_reply=True)
+        expected = case.expected if case.over_vvu == "same" or not connect.vvu else case.over_vvu
+        if expected is None:
+            await peer.expect_dropped()
+            return
+        raw = await peer.recv()
+        assert raw is not None and raw.fds == []
+        assert raw.request == case.request and raw.flags == REPLY_FLAGS
+        header = Header(raw.request, raw.flags, len(raw.payload))
+        reply = decode_message(header, raw.payload, is_reply=True).payload
+        assert reply == (U64(1) if expected == "ack" else expected)
+        assert REFUSED[case.request] in " ".join(warning_lines(caplog))
+        await peer.barrier()
+        await peer.close()
+    finally:
+        ours.close()
+        theirs.close()
+
+
+@pytest.mark.asyncio
+async def test_our_frontend_answers_back_end_requests_it_does_not_support_with_a_failure_ack(
+    engine: BackendEngine,
+) -> None:
+    """Shared objects, shared memory maps, host notifiers, unknown ids, in-band calls that were
+    not negotiated: refused with a failure ack (NEED_REPLY), and the channel goes on."""
+    client, server = socketpair_channels()
+    task = asyncio.ensure_future(engine.serve(server))
+    frontend = Frontend(client, memory_size=MiB)
+    try:
+        await frontend.negotiate(protocol_features=WANTED_PROTOCOL_FEATURES | PF.BACKEND_REQ.mask)
+        await frontend.open_backend_channel()
+        await frontend.request_u64(F.GET_FEATURES)  # SET_BACKEND_REQ_FD was handled
+        assert engine.session is not None and engine.session.backend_channel is not None
+        channel = engine.session.backend_channel
+        uuid = SharedObject(UUID(int=1)).pack()
+        refused = [
+            (BackendRequest.BACKEND_SHARED_OBJECT_ADD, uuid),
+            (BackendRequest.BACKEND_SHMEM_UNMAP, bytes(40)),
+            (BackendRequest.BACKEND_VRING_CALL, VringState(0, 0).pack()),
+            (99, b""),
+        ]
+        for request, body in refused:
+            await channel.send(Header(request, VERSION | NEED_REPLY, len(body)).pack() + body)
+            raw = await asyncio.wait_for(channel.recv(), TIMEOUT)
+            assert raw is not None and (raw.request, raw.flags) == (request, REPLY_FLAGS)
+            assert int.from_bytes(raw.payload, "little") != 0, request
+        assert frontend.backend_requests == {}  # nothing was carried out
+        assert await engine.notify_config_change() is True  # and the channel still works
+    finally:
+        await frontend.close()
+    await asyncio.wait_for(task, TIMEOUT)

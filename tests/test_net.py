@@ -32,7 +32,7 @@ from vvu.engine import BackendEngine
 from vvu.frontend import Frontend, FrontendError
 from vvu.frontend.core import WANTED_PROTOCOL_FEATURES
 from vvu.frontend.net import NetDriver
-from vvu.protocol import U64, FrontendRequest, ProtocolFeature, VirtioFeature
+from vvu.protocol import U64, BackendRequest, FrontendRequest, ProtocolFeature, VirtioFeature
 from vvu.transport.unix import UnixListener
 
 pytestmark = pytest.mark.timeout(60)
@@ -163,14 +163,17 @@ async def test_engine_routes_net_set_mtu_and_send_rarp(tmp_path: Path) -> None:
     [(True, True), (False, True), (False, False)],
     ids=["mrg-rxbuf", "version-1", "legacy-header"],
 )
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 async def test_two_front_ends_exchange_frames(
-    tmp_path: Path, mrg_rxbuf: bool, version_1: bool
+    tmp_path: Path, mrg_rxbuf: bool, version_1: bool, packed: bool
 ) -> None:
     a, b = NetBackend.peers()
     async with serving((a, b), tmp_path) as (path_a, path_b):
-        da = await NetDriver.open(path_a, mrg_rxbuf=mrg_rxbuf, version_1=version_1)
-        db = await NetDriver.open(path_b, mrg_rxbuf=mrg_rxbuf, version_1=version_1)
+        da = await NetDriver.open(path_a, mrg_rxbuf=mrg_rxbuf, version_1=version_1, packed=packed)
+        db = await NetDriver.open(path_b, mrg_rxbuf=mrg_rxbuf, version_1=version_1, packed=packed)
         try:
+            for driver in (da, db):
+                assert bool(driver.frontend.features & VirtioFeature.RING_PACKED.mask) == packed
             assert da.header_len == (12 if mrg_rxbuf or version_1 else 10)
             assert (da.mac, db.mac) == (a.mac, b.mac)
             sizes = [14, 60, 1514, 2036, 2037, 9000, 65535]
@@ -187,6 +190,28 @@ async def test_two_front_ends_exchange_frames(
     for side in (a.stats(), b.stats()):
         assert side["tx_packets"] == side["rx_packets"] == len(sizes)
         assert side["tx_dropped"] == side["tx_errors"] == side["rx_dropped"] == 0
+
+
+@pytest.mark.asyncio
+async def test_two_front_ends_exchange_frames_with_inband_notifications(tmp_path: Path) -> None:
+    """One side's kicks and calls are messages (INBAND_NOTIFICATIONS), the other's eventfds:
+    the native rx/tx workers serve both alike."""
+    a, b = NetBackend.peers()
+    async with serving((a, b), tmp_path) as (path_a, path_b):
+        da = await NetDriver.open(path_a, inband=True)
+        db = await NetDriver.open(path_b)
+        try:
+            assert da.frontend.inband and not db.frontend.inband
+            sizes = [60, 1514, 9000]
+            out_a = [frame(i, n) for i, n in enumerate(sizes)]
+            out_b = [frame(100 + i, n) for i, n in enumerate(sizes)]
+            await asyncio.gather(da.send_all(out_a), db.send_all(out_b))
+            assert [await db.recv(TIMEOUT) for _ in out_a] == out_a
+            assert [await da.recv(TIMEOUT) for _ in out_b] == out_b
+            assert da.frontend.backend_requests[BackendRequest.BACKEND_VRING_CALL] >= 1
+        finally:
+            await da.close()
+            await db.close()
 
 
 @pytest.mark.asyncio
@@ -316,7 +341,9 @@ class PmdProcess:
     `--file-prefix` keep parallel runs apart. Always stopped by PID.
     """
 
-    def __init__(self, socket_path: Path, mode: str, log: Path, *, queues: int = 1) -> None:
+    def __init__(
+        self, socket_path: Path, mode: str, log: Path, *, queues: int = 1, packed: bool = False
+    ) -> None:
         assert TESTPMD is not None
         self.prefix = f"vvu-test-{os.getpid()}-{mode}"
         self.log = log
@@ -340,7 +367,7 @@ class PmdProcess:
                 "--log-level",
                 "lib.eal:warning",
                 "--vdev",
-                f"net_virtio_user0,path={socket_path},queues={queues}",
+                f"net_virtio_user0,path={socket_path},queues={queues},packed_vq={int(packed)}",
                 "--",
                 f"--rxq={queues}",
                 f"--txq={queues}",
@@ -390,9 +417,10 @@ class PmdProcess:
 
 @contextlib.contextmanager
 def run_testpmd(
-    socket_path: Path, mode: str, tmp_path: Path, *, queues: int = 1
+    socket_path: Path, mode: str, tmp_path: Path, *, queues: int = 1, packed: bool = False
 ) -> Iterator[PmdProcess]:
-    pmd = PmdProcess(socket_path, mode, tmp_path / f"testpmd-{mode}.log", queues=queues)
+    log = tmp_path / f"testpmd-{mode}.log"
+    pmd = PmdProcess(socket_path, mode, log, queues=queues, packed=packed)
     try:
         yield pmd
     finally:
@@ -400,13 +428,15 @@ def run_testpmd(
 
 
 @needs_testpmd
-def test_dpdk_testpmd_macswaps_our_frames_back(tmp_path: Path) -> None:
-    """Our frames reach testpmd (its RX), come back with the MACs swapped (its TX)."""
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_dpdk_testpmd_macswaps_our_frames_back(tmp_path: Path, packed: bool) -> None:
+    """Our frames reach testpmd (its RX), come back with the MACs swapped (its TX). `packed`:
+    testpmd's virtio-user port (`packed_vq=1`) and our driver both run packed rings."""
     sock = tmp_path / "net.sock"
     peer = Path(f"{sock}.peer")
 
     async def round_trip(pmd: PmdProcess) -> None:
-        driver = await NetDriver.open(str(peer))
+        driver = await NetDriver.open(str(peer), packed=packed)
         try:
             await asyncio.to_thread(pmd.wait_forwarding)
             src, dst = parse_mac("02:00:00:00:00:02"), parse_mac("02:00:00:00:00:01")
@@ -419,7 +449,7 @@ def test_dpdk_testpmd_macswaps_our_frames_back(tmp_path: Path) -> None:
         finally:
             await driver.close()
 
-    with vvu_serve_net(sock), run_testpmd(sock, "macswap", tmp_path) as pmd:
+    with vvu_serve_net(sock), run_testpmd(sock, "macswap", tmp_path, packed=packed) as pmd:
         asyncio.run(round_trip(pmd))
     # The totals testpmd prints when it stops.
     text = pmd.output()
@@ -491,10 +521,12 @@ def answer(frame: bytes) -> bytes | None:
 
 @pytest.mark.guest
 @pytest.mark.timeout(120)
-def test_linux_guest_pings_our_driver_through_vvu_serve_net(tmp_path: Path) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_linux_guest_pings_our_driver_through_vvu_serve_net(tmp_path: Path, packed: bool) -> None:
     """QEMU's vhost-user netdev on `vvu serve net`, the guest's virtio_net driver (MRG_RXBUF,
     EVENT_IDX, MTU 9000) pinging a host that our NetDriver plays on the peer socket: small
-    echoes, and 8000-byte ones that span several of the guest's receive buffers."""
+    echoes, and 8000-byte ones that span several of the guest's receive buffers. `packed`: the
+    guest's rings (`packed=on`) and our driver's are packed."""
     guest_image()
     sock = tmp_path / "net.sock"
     peer = Path(f"{sock}.peer")
@@ -505,12 +537,15 @@ ip addr add 10.0.0.2/24 dev eth0
 cat /sys/class/net/eth0/mtu
 ping -c 3 -W 5 10.0.0.1 | tail -2
 ping -c 2 -W 5 -s 8000 10.0.0.1 | tail -2
+cut -c 35 /sys/class/net/eth0/device/features
 """
     chardev = f"socket,id=vu0,path={qemu_escape(str(sock))}"
     # vectors=0 (INTx, no MSI-X): Debian 12's QEMU 7.2 segfaults in vhost_net_start ->
     # msix_set_vector_notifiers when the guest driver starts a vhost-user netdev with MSI-X,
     # whatever the back-end (DPDK's vhost PMD as the back-end crashes it the same way).
     device = "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,host_mtu=9000,vectors=0"
+    if packed:
+        device += ",packed=on"
     qemu_args = [
         "-chardev", chardev,
         "-netdev", "vhost-user,id=net0,chardev=vu0",
@@ -527,7 +562,7 @@ ping -c 2 -W 5 -s 8000 10.0.0.1 | tail -2
                 await driver.send(reply)
 
     async def main() -> str:
-        driver = await NetDriver.open(str(peer), buffer_size=2048)
+        driver = await NetDriver.open(str(peer), buffer_size=2048, packed=packed)
         responder = asyncio.ensure_future(host(driver))
         try:
             result = await run_guest_async(script, qemu_args=qemu_args, timeout=90)
@@ -545,6 +580,7 @@ ping -c 2 -W 5 -s 8000 10.0.0.1 | tail -2
     assert "3 packets transmitted, 3 packets received" in lines[1]
     assert "2 packets transmitted, 2 packets received" in lines[3]
     assert max(sizes) == 14 + 20 + 8 + 8000
+    assert lines[5] == ("1" if packed else "0"), "VIRTIO_F_RING_PACKED (bit 34) in the guest"
 
 
 @needs_testpmd

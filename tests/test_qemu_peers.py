@@ -214,6 +214,39 @@ dd if=/dev/vda bs=1M skip={offset // MiB} count={length // MiB} iflag=direct 2>/
     assert "stopped after 2 front-end session(s)" in log
 
 
+def test_blk_guest_on_a_packed_ring_does_checksummed_io(
+    tmp_path: Path, serve: list[Daemon]
+) -> None:
+    """`packed=on`: QEMU and the guest driver negotiate VIRTIO_F_RING_PACKED and the native blk
+    worker runs a packed ring; the guest's data reaches the image and reads back intact."""
+    image = tmp_path / "disk.img"
+    with image.open("wb") as f:
+        f.truncate(DISK_SIZE)
+    offset, length = 1 * MiB, 6 * MiB
+    daemon = _serve(serve, tmp_path, "blk", "--image", str(image), "--num-queues", "1")
+    devices = _vhost_user("vhost-user-blk-pci", daemon.socket_path, "num-queues=1", "packed=on")
+    script = f"""
+set -e
+cut -c 35 /sys/block/vda/device/features
+head -c {length} /dev/urandom > /tmp/pattern
+md5sum /tmp/pattern
+dd if=/tmp/pattern of=/dev/vda bs=64k seek={offset // 65536} oflag=direct conv=fsync 2>/dev/null
+dd if=/dev/vda bs=1M skip={offset // MiB} count={length // MiB} iflag=direct 2>/dev/null | md5sum
+echo 3 > /proc/sys/vm/drop_caches
+dd if=/dev/vda bs=4k skip={offset // 4096} count={length // 4096} 2>/dev/null | md5sum
+"""
+    lines = _run_guest(script, devices, daemon)
+    assert lines[0] == "1", "the guest driver did not negotiate VIRTIO_F_RING_PACKED (bit 34)"
+    written = _md5(lines[1])
+    assert _md5(lines[2]) == written  # O_DIRECT read-back
+    assert _md5(lines[3]) == written  # through the page cache
+    data = image.read_bytes()
+    assert hashlib.md5(data[offset : offset + length]).hexdigest() == written
+    assert data[:offset].count(0) == offset
+    assert "running (packed," in daemon.log(), daemon.log()  # `vvu -v` logs each ring's format
+    assert daemon.stop() == 0
+
+
 def test_blk_read_only_daemon_gives_the_guest_a_read_only_disk(
     tmp_path: Path, serve: list[Daemon]
 ) -> None:
@@ -245,9 +278,13 @@ fi
 # --- vhost-user-blk through the virtio-vhost-user device ------------------------------------
 
 
-def test_blk_guest_through_the_vvu_device(tmp_path: Path, serve: list[Daemon]) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_blk_guest_through_the_vvu_device(
+    tmp_path: Path, serve: list[Daemon], packed: bool
+) -> None:
     """QEMU's vhost-user-blk-pci connects to `vvu device`; `vvu serve blk --vvu` behind it
-    serves the disk through vfio-user. Then a second QEMU on the same device reads it back."""
+    serves the disk through vfio-user. Then a second QEMU on the same device reads it back.
+    `packed`: the guest's ring is packed (the device passes VIRTIO_F_RING_PACKED through)."""
     image = tmp_path / "vvu.img"
     with image.open("wb") as f:
         f.truncate(DISK_SIZE)
@@ -268,10 +305,12 @@ def test_blk_guest_through_the_vvu_device(tmp_path: Path, serve: list[Daemon]) -
         assert time.monotonic() < deadline, device.log()
         time.sleep(0.02)
     offset, length = MiB, 2 * MiB
-    devices = _vhost_user("vhost-user-blk-pci", frontend_socket, "num-queues=1")
+    props = ["num-queues=1", *(["packed=on"] if packed else [])]
+    devices = _vhost_user("vhost-user-blk-pci", frontend_socket, *props)
     first = f"""
 set -e
 cat /sys/block/vda/size
+cut -c 35 /sys/block/vda/device/features
 head -c {length} /dev/urandom > /tmp/pattern
 md5sum /tmp/pattern
 dd if=/tmp/pattern of=/dev/vda bs=1M seek={offset // MiB} oflag=direct conv=fsync 2>/dev/null
@@ -279,8 +318,9 @@ dd if=/dev/vda bs=1M skip={offset // MiB} count={length // MiB} iflag=direct 2>/
 """
     lines = _run_guest(first, devices, backend)
     assert lines[0] == str(DISK_SIZE // 512)
-    written = _md5(lines[1])
-    assert _md5(lines[2]) == written
+    assert lines[1] == ("1" if packed else "0"), "VIRTIO_F_RING_PACKED (bit 34) in the guest"
+    written = _md5(lines[2])
+    assert _md5(lines[3]) == written
     assert hashlib.md5(image.read_bytes()[offset : offset + length]).hexdigest() == written
     second = f"""
 set -e
@@ -528,6 +568,77 @@ def test_blk_guest_live_migrates_while_writing_and_its_data_verifies_on_the_dest
     # The source really logged into QEMU's dirty log, and lost nothing doing it.
     assert "dirty log mapped" in source.log(), source.log()
     assert "could not be logged" not in source.log() + dest.log()
+
+
+@pytest.mark.parametrize("path", ["unix", "vvu"])
+def test_blk_guest_sees_the_disk_grow_when_the_daemon_gets_sighup(
+    tmp_path: Path, serve: list[Daemon], path: str
+) -> None:
+    """The image grows under a running guest; SIGHUP makes `vvu serve blk` re-read its size and
+    send BACKEND_CONFIG_CHANGE_MSG (directly, or through the VVU device's txq); QEMU re-reads
+    the config space and the guest's driver sees the new capacity, and reads the new end. Then
+    the guest switches the write cache off (CONFIG_WCE: SET_CONFIG of `writeback`)."""
+    image = tmp_path / "grow.img"
+    with image.open("wb") as f:
+        f.truncate(DISK_SIZE)
+    grown = 2 * DISK_SIZE
+    marker = b"vvu-beyond-the-old-end"
+    if path == "unix":
+        daemon = _serve(serve, tmp_path, "blk", "--image", str(image))
+        frontend_socket = daemon.socket_path
+    else:
+        frontend_socket, device_socket = tmp_path / "fe.sock", tmp_path / "dev.sock"
+        device = Daemon(
+            ["--socket-path", str(frontend_socket), "--vfio-user", str(device_socket)],
+            device_socket, tmp_path / "device.log", command="device",
+        )  # fmt: skip
+        serve.append(device)
+        daemon = Daemon(
+            ["blk", "--vvu", str(device_socket), "--image", str(image)],
+            device_socket, tmp_path / "backend.log",
+        )  # fmt: skip
+        serve.append(daemon)
+        deadline = time.monotonic() + 10
+        while not frontend_socket.exists():
+            assert time.monotonic() < deadline, device.log()
+            time.sleep(0.02)
+    last = grown // 512 - 1
+    script = f"""
+cat /sys/block/vda/size
+echo vvu-waiting-for-resize
+i=0
+while [ "$(cat /sys/block/vda/size)" = "{DISK_SIZE // 512}" ] && [ $i -lt 40 ]; do
+    sleep 1; i=$((i + 1))
+done
+cat /sys/block/vda/size
+dd if=/dev/vda bs=512 skip={last} count=1 iflag=direct 2>/dev/null | head -c {len(marker)}
+echo
+cat /sys/block/vda/cache_type
+echo "write through" > /sys/block/vda/cache_type
+cat /sys/block/vda/cache_type
+"""
+    devices = _vhost_user("vhost-user-blk-pci", frontend_socket, "num-queues=1")
+    with start_guest(script, qemu_args=devices, timeout=TIMEOUT) as guest:
+        try:
+            guest.wait_for("vvu-waiting-for-resize")
+            with image.open("r+b") as f:
+                f.truncate(grown)
+                f.seek(grown - 512)
+                f.write(marker)
+            daemon.proc.send_signal(signal.SIGHUP)
+            result = guest.wait()
+        except GuestError as err:
+            raise AssertionError(f"{err}\n--- daemon log ---\n{daemon.log()}") from err
+    assert result.exit_status == 0, f"{result.serial}\n--- daemon log ---\n{daemon.log()}"
+    lines = result.output.split("\n")
+    assert lines[0] == str(DISK_SIZE // 512)
+    assert lines[2] == str(grown // 512), daemon.log()
+    assert lines[3] == marker.decode()
+    # CONFIG_WCE: the guest's cache mode change reaches the daemon as SET_CONFIG (blk state).
+    assert lines[4:6] == ["write back", "write through"]
+    assert "set the write cache to write through" in daemon.log()
+    assert "front-end told" in daemon.log()
+    assert daemon.stop() == 0, daemon.log()
 
 
 # --- vhost-user-rng ------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Split virtqueues from Python: driver and device over one memfd mapped twice."""
+"""Virtqueues from Python: driver and device over one memfd mapped twice. The shared tests run
+on split and packed rings alike."""
 
 from __future__ import annotations
 
@@ -7,11 +8,22 @@ import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from vvu import QueueError
-from vvu._core import GuestMemory, SplitQueue, SplitQueueDriver, memfd
+from vvu._core import (
+    EventFd,
+    GuestMemory,
+    NativeHandler,
+    PackedQueue,
+    PackedQueueDriver,
+    QueueWorker,
+    SplitQueue,
+    SplitQueueDriver,
+    memfd,
+)
 
 MiB = 1 << 20
 DESC, AVAIL, USED = 0x0, 0x4000, 0x8000
@@ -22,31 +34,47 @@ DATA = 0x10_0000
 class Pair:
     driver_memory: GuestMemory
     device_memory: GuestMemory
-    driver: SplitQueueDriver
-    device: SplitQueue
+    driver: SplitQueueDriver | PackedQueueDriver
+    device: SplitQueue | PackedQueue
 
 
 @contextlib.contextmanager
-def make_pair(size: int = 256, *, event_idx: bool = False, start: int = 0) -> Iterator[Pair]:
+def make_pair(
+    size: int = 256, *, event_idx: bool = False, start: int = 0, packed: bool = False
+) -> Iterator[Pair]:
     fd = memfd(4 * MiB)
     try:
         driver_memory, device_memory = GuestMemory(), GuestMemory()
         driver_memory.add_region(fd, 0, 4 * MiB)
         device_memory.add_region(fd, 0, 4 * MiB)
-        driver = SplitQueueDriver(
-            driver_memory, size, DESC, AVAIL, USED, event_idx=event_idx, start_index=start
-        )
-        device = SplitQueue(size, DESC, AVAIL, USED, event_idx=event_idx)
-        device.attach(device_memory)
-        device.next_avail = start
+        driver: SplitQueueDriver | PackedQueueDriver
+        device: SplitQueue | PackedQueue
+        if packed:  # the packed areas at the split rings' places; a fresh ring
+            driver = PackedQueueDriver(driver_memory, size, DESC, AVAIL, USED, event_idx=event_idx)
+            device = PackedQueue(size, DESC, AVAIL, USED, event_idx=event_idx)
+            device.attach(device_memory)
+            device.vring_base = driver.vring_base
+        else:
+            driver = SplitQueueDriver(
+                driver_memory, size, DESC, AVAIL, USED, event_idx=event_idx, start_index=start
+            )
+            device = SplitQueue(size, DESC, AVAIL, USED, event_idx=event_idx)
+            device.attach(device_memory)
+            device.next_avail = start
         yield Pair(driver_memory, device_memory, driver, device)
     finally:
         os.close(fd)
 
 
-@pytest.fixture(params=[False, True], ids=["no-event-idx", "event-idx"])
+@pytest.fixture(
+    params=[(False, False), (True, False), (False, True), (True, True)],
+    ids=["split", "split-event-idx", "packed", "packed-event-idx"],
+)
 def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
-    with make_pair(event_idx=request.param, start=65530) as p:
+    event_idx, packed = request.param
+    # Packed: an odd size, so that 40 rounds of 8 two-slot chains wrap the ring several times.
+    size = 100 if packed else 256
+    with make_pair(size, event_idx=event_idx, start=65530, packed=packed) as p:
         yield p
 
 
@@ -193,3 +221,44 @@ def test_queue_keeps_its_memory_snapshot_mapped() -> None:
             p.device_memory.remove_region(0)
         p.device.detach()
         p.device_memory.remove_region(0)
+
+
+def test_packed_queue_runs_in_a_native_worker_and_comes_back_packed(tmp_path: Path) -> None:
+    """A PackedQueue handed to a QueueWorker (native blk handler) completes a write and a read,
+    and stop() gives back a PackedQueue whose vring_base is where the driver stands."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    fd = os.open(disk, os.O_RDWR)
+    kick, call = EventFd(), EventFd()
+    try:
+        with make_pair(10, packed=True) as pair:
+            assert isinstance(pair.driver, PackedQueueDriver)
+            worker = QueueWorker(
+                "vq-packed", pair.device, NativeHandler.blk(fd, 2048), kick=kick, call=call
+            )
+            data = os.urandom(4096)
+            pair.driver_memory.write(DATA + 0x1000, data)
+            for request_type, data_gpa in ((1, DATA + 0x1000), (0, DATA + 0x3000)):
+                header = struct.pack("<IIQ", request_type, 0, 8)  # OUT / IN at sector 8
+                pair.driver_memory.write(DATA, header)
+                data_buf = [(data_gpa, len(data))]
+                readable = [(DATA, 16)] + (data_buf if request_type == 1 else [])
+                writable = ([] if request_type == 1 else data_buf) + [(DATA + 0x100, 1)]
+                head = pair.driver.add_chain(readable, writable)
+                if pair.driver.publish():
+                    kick.signal()
+                assert call.wait(10.0)  # consumes the call
+                used = pair.driver.reap_all()
+                assert [h for h, _ in used] == [head]
+                assert pair.driver_memory.read(DATA + 0x100, 1) == b"\0"  # VIRTIO_BLK_S_OK
+            assert pair.driver_memory.read(DATA + 0x3000, len(data)) == data
+            assert disk.read_bytes()[8 * 512 : 8 * 512 + len(data)] == data
+            stopped = worker.stop()
+            assert isinstance(stopped, PackedQueue)
+            # Two 3-slot requests on a ring of 10: both positions at slot 6, wrap counter 1.
+            assert stopped.vring_base == pair.driver.vring_base == 0x8006_8006
+            stopped.detach()
+    finally:
+        os.close(fd)
+        kick.close()
+        call.close()

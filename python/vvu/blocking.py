@@ -72,6 +72,11 @@ class BackgroundServer:
     def path(self) -> str | None:
         return self._listener.path
 
+    def config_changed(self) -> bool:
+        """Tell the front-end that the back-end's config space changed (e.g. after
+        `BlkBackend.resize`); returns whether there was one to tell."""
+        return run(self.engine.config_changed())
+
     def stop(self) -> None:
         """Stop serving (the current session is torn down) and remove the socket."""
 
@@ -98,7 +103,8 @@ class BlockingBlk:
 
     @classmethod
     def open(cls, path: str, *, timeout: float = 5.0) -> BlockingBlk:
-        return cls(run(BlkDriver.open(path, timeout=timeout)))
+        """Connect; `capacity` follows resizes the back-end announces."""
+        return cls(run(BlkDriver.open(path, timeout=timeout, backend_channel=True)))
 
     @property
     def capacity(self) -> int:

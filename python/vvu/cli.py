@@ -73,6 +73,14 @@ async def _serve(
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_sighup() -> None:
+        task = asyncio.ensure_future(_reload(backend, engine))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     log.info("serving %s on %s", backend.describe(), where)
     print(f"vvu: serving {backend.describe()} on {where}", file=sys.stderr, flush=True)
     stopper = asyncio.ensure_future(stop.wait())
@@ -81,6 +89,9 @@ async def _serve(
     with contextlib.suppress(asyncio.CancelledError):
         await server
     stopper.cancel()
+    loop.remove_signal_handler(signal.SIGHUP)
+    for task in list(reloads):
+        task.cancel()
     if listener is None:
         await vvu_listener.aclose()  # clears BACKEND_UP, closes the vfio-user connection
     else:
@@ -88,6 +99,21 @@ async def _serve(
     if server in done and server.exception() is not None:
         raise server.exception()  # type: ignore[misc]
     print(f"vvu: stopped after {engine.sessions_served} front-end session(s)", file=sys.stderr)
+
+
+async def _reload(backend: Backend, engine: BackendEngine) -> None:
+    """SIGHUP: the back-end re-reads its outside state (blk: the image size); a changed config
+    space is announced to the front-end (BACKEND_CONFIG_CHANGE_MSG)."""
+    try:
+        told = await engine.reload()
+    except (OSError, ValueError, VvuError) as err:
+        log.error("SIGHUP: reload failed: %s", err)
+        return
+    log.info(
+        "SIGHUP: %s; front-end %s",
+        backend.describe(),
+        "told" if told else "not told (nothing changed, or no session, back-end channel or CONFIG)",
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -375,7 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve a device back-end to vhost-user front-ends (QEMU, DPDK, vvu's own)",
         description=(
             "Serve one device back-end on a vhost-user socket, to front-ends one after another, "
-            "until SIGINT or SIGTERM (the socket file is removed on exit). Follows QEMU's "
+            "until SIGINT or SIGTERM (the socket file is removed on exit). SIGHUP makes the "
+            "back-end re-read its outside state and tell the front-end when its config space "
+            "changed: `vvu serve blk --image` then takes the image file's current size (grow "
+            "the file, then `kill -HUP`; the guest sees the new capacity). Follows QEMU's "
             "vhost-user back-end program conventions (--socket-path, --fd, "
             "--print-capabilities)."
         ),

@@ -18,26 +18,44 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable
+import struct
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
-from vvu._core import DirtyLog, EventFd, GuestMemory, QueueWorker, SplitQueue
+from vvu._core import (
+    DirtyLog,
+    EventFd,
+    GuestMemory,
+    InflightRegion,
+    PackedQueue,
+    QueueWorker,
+    SplitQueue,
+)
+from vvu.aio import read_to_eof, write_all
 from vvu.backends.base import Backend, ConfigError
 from vvu.errors import GuestMemoryError, ProtocolError, QueueError, VvuError
 from vvu.protocol import (
+    DEVICE_STATE_NOFD,
     EMPTY,
     U64,
     VRING_F_LOG,
     BackendRequest,
     Config,
+    DeviceStateTransfer,
     FrontendRequest,
+    Inflight,
     Log,
     MemoryRegion,
     MemoryTable,
     Message,
     Payload,
     ProtocolFeature,
+    RawPayload,
+    ShmemConfig,
     SingleRegion,
+    TransferDirection,
+    TransferPhase,
     VhostFeature,
     VirtioFeature,
     VringAddr,
@@ -49,12 +67,12 @@ from vvu.protocol import (
     encode_reply,
 )
 from vvu.protocol.codec import Header
-from vvu.protocol.table import Answer
+from vvu.protocol.table import BACKEND_REQUESTS, Answer
 from vvu.transport.base import Channel, Listener, RawMessage, TransportError, close_fds
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENGINE_PROTOCOL_FEATURES", "BackendEngine", "RequestFailed"]
+__all__ = ["ENGINE_PROTOCOL_FEATURES", "REFUSED", "BackendEngine", "ReplyWithFd", "RequestFailed"]
 
 _F = FrontendRequest
 _PF = ProtocolFeature
@@ -68,18 +86,104 @@ ENGINE_PROTOCOL_FEATURES = (
     | _PF.CONFIGURE_MEM_SLOTS.mask
     | _PF.STATUS.mask
     | _PF.LOG_SHMFD.mask
+    | _PF.INBAND_NOTIFICATIONS.mask
 )
 MAX_MEM_SLOTS = 256
 # QEMU asks for the size of its own config struct, which may exceed what a device defines.
 MAX_CONFIG_SPACE = 256
 # How often a ring whose front-end sends no kicks (SET_VRING_KICK with NOFD) is looked at.
 POLL_INTERVAL = 0.001
+# Largest device state accepted from a front-end, and how long CHECK_DEVICE_STATE waits for
+# the end of a transfer (the front-end closes its end of the pipe before it asks).
+MAX_DEVICE_STATE = 1 << 20
+STATE_TRANSFER_TIMEOUT = 5.0
+# The error code of a failed state transfer (bits 0-7 of the reply: any non-zero value).
+DEVICE_STATE_FAILED = 1
+# How long a back-end request waits for the front-end's answer.
+BACKEND_REPLY_TIMEOUT = 5.0
 # How long REM_MEM_REG waits for buffers still held by Python code before failing.
 REGION_RELEASE_TIMEOUT = 1.0
 
 
+#: Why the engine refuses the requests it has no handler for (docs/protocol-support.md). Each
+#: needs a protocol feature the engine never offers, so a front-end that follows the spec never
+#: sends them; one that does gets a failure ack, or the failure form of the typed reply
+#: (`_failure_reply`), or, where neither exists, is dropped.
+REFUSED: Final[dict[FrontendRequest, str]] = {
+    _F.SET_VRING_ENDIAN: (
+        "rings are little-endian (VERSION_1); legacy cross-endian rings are not supported "
+        "(CROSS_ENDIAN is not offered)"
+    ),
+    _F.CREATE_CRYPTO_SESSION: "no crypto device here (CRYPTO_SESSION is not offered)",
+    _F.CLOSE_CRYPTO_SESSION: "no crypto device here (CRYPTO_SESSION is not offered)",
+    _F.POSTCOPY_ADVISE: "postcopy migration is not implemented (PAGEFAULT is not offered)",
+    _F.POSTCOPY_LISTEN: "postcopy migration is not implemented (PAGEFAULT is not offered)",
+    _F.POSTCOPY_END: "postcopy migration is not implemented (PAGEFAULT is not offered)",
+    _F.GPU_SET_SOCKET: "not a GPU device",
+    _F.GET_SHARED_OBJECT: "no shared objects are exported (SHARED_OBJECT is not offered)",
+    _F.GET_SHMEM_CONFIG: "no shared memory regions (SHMEM is not offered)",
+    _F.GET_VRING_BASE_SKIP_DRAIN: (
+        "rings always drain on GET_VRING_BASE (GET_VRING_BASE_SKIP_DRAIN is not offered)"
+    ),
+}
+
+
+def _failure_reply(msg: Message) -> Payload | None:
+    """The spec's failure form of a request's typed reply, or None when it has none."""
+    if msg.request in (_F.POSTCOPY_ADVISE, _F.GET_SHARED_OBJECT):
+        return EMPTY  # without the userfaultfd / dma-buf fd: failed, not found
+    if msg.request == _F.POSTCOPY_END:
+        return U64(1)
+    if msg.request == _F.GET_SHMEM_CONFIG:
+        return ShmemConfig(0)
+    payload = msg.payload
+    if msg.request == _F.CREATE_CRYPTO_SESSION and isinstance(payload, RawPayload):
+        # QEMU's reply is the session struct with a negative session id for a failure.
+        return (
+            RawPayload(struct.pack("<q", -1) + payload.data[8:]) if len(payload.data) >= 8 else None
+        )
+    return None
+
+
+def _note_transfer_failure(transfer: asyncio.Task[bytes | None]) -> None:
+    # Retrieved here so that a transfer nobody CHECKs (the front-end left) is not reported
+    # as an unhandled task error; CHECK_DEVICE_STATE reports it to the front-end.
+    if not transfer.cancelled() and transfer.exception() is not None:
+        log.info("device state transfer failed: %s", transfer.exception())
+
+
+#: The device side of either ring format; which one a vring gets follows VIRTIO_F_RING_PACKED.
+DeviceQueue = SplitQueue | PackedQueue
+
+#: A fresh packed ring (SET_VRING_BASE never sent): both positions at slot 0, wrap counter 1.
+PACKED_START_BASE = 0x8000_8000
+
+
+def packed_vring_base(num: int) -> int:
+    """The packed-ring SET_VRING_BASE value to apply: bits 0-15 the next available position,
+    bits 16-31 the next used one (QEMU). Front-ends that send only the low half (DPDK
+    virtio-user, whose own vhost library reads it as both) mean used = avail."""
+    if num >> 16 == 0:
+        return num | num << 16
+    return num
+
+
+def _packed_logging(features: int) -> bool:
+    """LOG_ALL with packed rings, which have no dirty-log hooks yet."""
+    both = VhostFeature.LOG_ALL.mask | VirtioFeature.RING_PACKED.mask
+    return features & both == both
+
+
 class RequestFailed(VvuError):
     """A request could not be carried out; answered with a failure ack or a disconnect."""
+
+
+@dataclass(frozen=True)
+class ReplyWithFd:
+    """A handler's reply that carries one fd (still owned by whoever keeps it)."""
+
+    payload: Payload
+    fd: int
 
 
 class _Disconnect(Exception):
@@ -91,7 +195,7 @@ class PythonQueueRunner:
 
     def __init__(
         self,
-        queue: SplitQueue,
+        queue: DeviceQueue,
         kick: EventFd | None,
         call: EventFd | None,
         err: EventFd | None,
@@ -160,7 +264,7 @@ class PythonQueueRunner:
         if err is not None and self._broken is not None:
             err.signal()  # broken before the swap: tell the new listener too
 
-    async def stop(self) -> SplitQueue:
+    async def stop(self) -> DeviceQueue:
         self._stopped = True
         if self._kick is not None:
             asyncio.get_running_loop().remove_reader(self._kick.fileno())
@@ -186,12 +290,52 @@ class NativeQueueRunner:
         """Why the worker stopped processing on its own (it cannot log it itself)."""
         return self._worker.fault
 
-    async def stop(self) -> SplitQueue:
+    async def stop(self) -> DeviceQueue:
         # Joining waits for in-flight requests to complete: off the event loop.
         return await asyncio.to_thread(self._worker.stop)
 
 
 QueueRunner = PythonQueueRunner | NativeQueueRunner
+
+
+class InbandSignal:
+    """An eventfd a queue runner signals as it would a front-end's call or err eventfd; each
+    signal becomes one back-end request (BACKEND_VRING_CALL/ERR) on the back-end channel
+    (INBAND_NOTIFICATIONS, for a ring whose front-end gave no fd). Signals that arrive while one
+    is being sent coalesce, as they do on an eventfd."""
+
+    def __init__(
+        self, engine: BackendEngine, request: BackendRequest, index: int, efd: EventFd
+    ) -> None:
+        self.efd = efd
+        self._engine = engine
+        self._request = request
+        self._index = index
+        self._sending: asyncio.Task[None] | None = None
+        asyncio.get_running_loop().add_reader(efd.fileno(), self._on_signal)
+
+    def _on_signal(self) -> None:
+        if self.efd.closed or self._sending is not None or not self.efd.consume():
+            return
+        self._sending = asyncio.ensure_future(self._send())
+
+    async def _send(self) -> None:
+        try:
+            # No ack asked: a round trip per interrupt would halve the queue's throughput.
+            await self._engine.backend_request(
+                self._request, VringState(self._index, 0), need_reply=False
+            )
+        except RequestFailed as err:
+            log.warning("vring %d: in-band %s lost: %s", self._index, self._request.name, err)
+        finally:
+            self._sending = None
+            self._on_signal()  # signalled again while sending: send once more
+
+    def close(self) -> None:
+        """Stop watching and close the eventfd (a send in progress still completes)."""
+        if not self.efd.closed:
+            asyncio.get_running_loop().remove_reader(self.efd.fileno())
+            self.efd.close()
 
 
 @dataclass
@@ -201,7 +345,7 @@ class Vring:
     index: int
     size: int = 0
     addr: VringAddr | None = None
-    base: int = 0
+    base: int | None = None  # SET_VRING_BASE's num, or where the ring stopped; None: fresh
     kick: EventFd | None = None
     kick_set: bool = False  # SET_VRING_KICK seen (possibly NOFD)
     call: EventFd | None = None
@@ -209,8 +353,15 @@ class Vring:
     started: bool = False
     enabled: bool = False
     runner: QueueRunner | None = None
+    # INBAND_NOTIFICATIONS: `call`/`err` are then these signals' eventfds.
+    inband_call: InbandSignal | None = None
+    inband_err: InbandSignal | None = None
 
     def release(self) -> None:
+        for signal in (self.inband_call, self.inband_err):
+            if signal is not None:
+                signal.close()
+        self.inband_call = self.inband_err = None
         for efd in (self.kick, self.call, self.err):
             if efd is not None:
                 efd.close()
@@ -247,6 +398,16 @@ class Session:
             self.log_fd.close()
             self.log_fd = None
 
+    # Serialises front-end requests with back-end initiated changes of the session.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # One back-end request (and its answer) at a time on the back-end channel.
+    backend_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # DEVICE_STATE: the transfer SET_DEVICE_STATE_FD started (its result: the loaded bytes, or
+    # None for a save), until CHECK_DEVICE_STATE collects it.
+    state_transfer: asyncio.Task[bytes | None] | None = None
+    # INFLIGHT_SHMFD: the region the rings track their requests in (GET or SET_INFLIGHT_FD).
+    inflight: InflightRegion | None = None
+
     @property
     def reply_ack(self) -> bool:
         # Protocol features exist only because VHOST_USER_F_PROTOCOL_FEATURES was offered, so the
@@ -255,7 +416,7 @@ class Session:
         return bool(self.protocol_features & _PF.REPLY_ACK.mask)
 
 
-Handler = Callable[[Message], Awaitable[Payload | None]]
+Handler = Callable[[Message], Awaitable[Payload | ReplyWithFd | None]]
 
 
 class BackendEngine:
@@ -295,6 +456,11 @@ class BackendEngine:
             _F.NET_SET_MTU: self._net_set_mtu,
             _F.SEND_RARP: self._send_rarp,
             _F.GET_STATUS: self._get_status,
+            _F.VRING_KICK: self._vring_kick,
+            _F.SET_DEVICE_STATE_FD: self._set_device_state_fd,
+            _F.CHECK_DEVICE_STATE: self._check_device_state,
+            _F.GET_INFLIGHT_FD: self._get_inflight_fd,
+            _F.SET_INFLIGHT_FD: self._set_inflight_fd,
         }
 
     # --- offered features --------------------------------------------------------------------
@@ -311,20 +477,142 @@ class BackendEngine:
     def offered_protocol_features(self) -> int:
         return ENGINE_PROTOCOL_FEATURES | self.backend.protocol_features()
 
-    # --- back-end initiated ----------------------------------------------------------------
+    # --- back-end channel --------------------------------------------------------------------
+    # Back-end requests are sent from outside the handling of a front-end request: QEMU does not
+    # read the back-end channel while it waits for one of our replies, so waiting for its ack
+    # from inside a handler could deadlock.
+
+    async def backend_request(
+        self,
+        request: BackendRequest,
+        payload: Payload = EMPTY,
+        fds: Sequence[int] = (),
+        *,
+        need_reply: bool = True,
+        timeout: float = BACKEND_REPLY_TIMEOUT,
+    ) -> Payload | None:
+        """Send one back-end request to the current front-end and wait for its answer when
+        one is due: its typed reply for requests that always reply, a REPLY_ACK ack when
+        `need_reply` and REPLY_ACK is negotiated. Returns the reply (the ack's U64 on success),
+        or None when nothing was waited for. `fds` are sent along, not closed.
+
+        Raises RequestFailed when there is no back-end channel, the request's protocol feature
+        was not negotiated, the front-end refused it (failure ack), or no answer came within
+        `timeout` seconds (the channel is then dropped: a late answer could be taken for the
+        answer to a later request).
+        """
+        session = self.session
+        if session is None or session.backend_channel is None:
+            raise RequestFailed(f"{request.name}: the front-end gave no back-end channel")
+        spec = BACKEND_REQUESTS[request]
+        if spec.feature is not None and not session.protocol_features & spec.feature.mask:
+            raise RequestFailed(f"{request.name} needs protocol feature {spec.feature.name}")
+        answer = spec.answer(need_reply=need_reply, protocol_features=session.protocol_features)
+        async with session.backend_lock:
+            channel = session.backend_channel  # (dropped or replaced while we waited?)
+            if channel is None:
+                raise RequestFailed(f"{request.name}: the back-end channel is gone")
+            data = encode_message(request, payload, need_reply=answer is Answer.ACK, nfds=len(fds))
+            log.debug("=> %s", request.name)
+            try:
+                reply = await self._exchange(
+                    channel, request, data, fds, answer=answer, timeout=timeout
+                )
+            except RequestFailed as err:
+                self._drop_backend_channel(session, channel, str(err))
+                raise
+            except asyncio.CancelledError:
+                # Half a message sent, or an answer still to come: the channel is out of step.
+                self._drop_backend_channel(session, channel, f"{request.name} cancelled")
+                raise
+        if reply is None:
+            return None
+        if answer is Answer.ACK:
+            assert isinstance(reply, U64)
+            if reply.value != 0:
+                raise RequestFailed(f"the front-end refused {request.name}")
+        return reply
+
+    @staticmethod
+    async def _exchange(
+        channel: Channel,
+        request: BackendRequest,
+        data: bytes,
+        fds: Sequence[int],
+        *,
+        answer: Answer,
+        timeout: float,
+    ) -> Payload | None:
+        """Send one back-end request and read its answer when one is due. RequestFailed means
+        the channel is out of step (no answer, a broken one, or the channel failed)."""
+        try:
+            await channel.send(data, fds)
+            if answer is Answer.NOTHING:
+                return None
+            raw = await asyncio.wait_for(channel.recv(), timeout)
+        except TimeoutError:
+            raise RequestFailed(f"{request.name}: no answer within {timeout} s") from None
+        except TransportError as err:
+            raise RequestFailed(f"{request.name}: {err}") from err
+        if raw is None:
+            raise RequestFailed(f"{request.name}: the front-end closed the back-end channel")
+        try:
+            reply = decode_message(
+                Header(raw.request, raw.flags, len(raw.payload)),
+                raw.payload,
+                raw.fds,
+                channel="backend",
+                is_reply=True,
+            )
+        except ProtocolError as err:
+            raise RequestFailed(f"{request.name}: bad answer: {err}") from err
+        finally:
+            raw.close_fds()
+        if reply.request != request:
+            raise RequestFailed(f"{request.name}: answered as {reply.name}")
+        return reply.payload
+
+    @staticmethod
+    def _drop_backend_channel(session: Session, channel: Channel, why: str) -> None:
+        log.warning("back-end channel dropped: %s", why)
+        channel.close()
+        if session.backend_channel is channel:  # unless SET_BACKEND_REQ_FD replaced it already
+            session.backend_channel = None
 
     async def notify_config_change(self) -> bool:
         """Tell the front-end the config space changed (BACKEND_CONFIG_CHANGE_MSG), so it
-        re-reads it with GET_CONFIG (e.g. a resized disk). Sent without NEED_REPLY: waiting for
-        an ack here could deadlock a front-end that is itself waiting for one of our replies.
-        Returns False when the session has no back-end channel or did not negotiate CONFIG."""
+        re-reads it with GET_CONFIG (e.g. a resized disk); with REPLY_ACK, wait for its ack.
+        Returns False when the session has no back-end channel or did not negotiate CONFIG;
+        raises RequestFailed when the front-end refused it or did not answer."""
         session = self.session
         if session is None or session.backend_channel is None:
             return False
         if not session.protocol_features & _PF.CONFIG.mask:
             return False
-        await session.backend_channel.send(encode_message(BackendRequest.BACKEND_CONFIG_CHANGE_MSG))
+        await self.backend_request(BackendRequest.BACKEND_CONFIG_CHANGE_MSG)
         return True
+
+    async def config_changed(self) -> bool:
+        """The back-end's config space changed on its own (a resized disk): restart the running
+        rings, so that native workers start over with the new configuration, then tell the
+        front-end (`notify_config_change`). Call it from outside request handling (a signal
+        handler, a task); returns whether the front-end was told."""
+        session = self.session
+        if session is None:
+            return False
+        async with session.lock:  # not in the middle of a front-end request
+            if self.session is not session:
+                return False
+            await self._restart_rings(lambda: None)
+        return await self.notify_config_change()
+
+    async def reload(self) -> bool:
+        """`Backend.reload()` (re-read outside state: blk takes its image's size) and, if the
+        config space changed, `config_changed()`. What `vvu serve` does on SIGHUP; returns
+        whether the front-end was told."""
+        if not self.backend.reload():
+            return False
+        return await self.config_changed()
 
     # --- session loop ------------------------------------------------------------------------
 
@@ -372,10 +660,14 @@ class BackendEngine:
                 finally:
                     vring.release()
         finally:
+            if session.state_transfer is not None:
+                session.state_transfer.cancel()  # closes its fd
             if session.backend_channel is not None:
                 session.backend_channel.close()
             session.release_log()
             session.memory = None
+            # The region belongs to the front-end, which hands it back after a reconnect.
+            session.inflight = None
             session.channel.close()
             self.backend.reset()
 
@@ -396,26 +688,37 @@ class BackendEngine:
         handler = self._handlers.get(msg.request) if isinstance(msg.request, _F) else None
         try:
             if handler is None:
-                raise RequestFailed(f"{msg.name} is not supported by this back-end")
+                why = REFUSED.get(msg.request, "") if isinstance(msg.request, _F) else ""
+                raise RequestFailed(
+                    f"{msg.name} is not supported by this back-end" + (f": {why}" if why else "")
+                )
             if (
                 spec is not None
                 and spec.feature is not None
                 and not (session.protocol_features & spec.feature.mask)
             ):
                 raise RequestFailed(f"{msg.name} needs protocol feature {spec.feature.name}")
-            reply = await handler(msg)
+            async with session.lock:  # against back-end initiated changes (config_changed)
+                reply = await handler(msg)
         except (RequestFailed, GuestMemoryError, QueueError, ConfigError, ValueError) as err:
             if answer is Answer.ACK:
                 # The text only: a log record kept with the error would pin its frames (memory).
                 log.warning("%s failed: %s", msg.name, str(err))
                 await session.channel.send(encode_ack(msg.request, ok=False))
                 return
+            failure = _failure_reply(msg) if answer is Answer.REPLY else None
+            if failure is not None:
+                log.warning("%s failed: %s", msg.name, str(err))
+                await session.channel.send(encode_reply(msg.request, failure))
+                return
             raise _Disconnect(f"{msg.name} failed: {err}") from err
         finally:
             # Whatever keeps an fd (a region, an eventfd, a channel) keeps its own duplicate, so
             # every received fd is closed here, once, success or not.
             close_fds(msg.fds)
-        if answer is Answer.REPLY:
+        if isinstance(reply, ReplyWithFd):
+            await session.channel.send(encode_reply(msg.request, reply.payload, nfds=1), [reply.fd])
+        elif answer is Answer.REPLY:
             await session.channel.send(encode_reply(msg.request, reply if reply else EMPTY))
         elif answer is Answer.ACK:
             await session.channel.send(encode_ack(msg.request, ok=True))
@@ -443,7 +746,7 @@ class BackendEngine:
         if isinstance(runner, NativeQueueRunner) and runner.fault is not None:
             log.error("queue %d broken: %s", vring.index, runner.fault)
         queue = await runner.stop()
-        vring.base = queue.next_avail
+        vring.base = queue.vring_base
         # Let go of the guest memory now: the thread pool may keep the queue object alive in a
         # reference cycle until the next garbage collection.
         queue.detach()
@@ -481,8 +784,11 @@ class BackendEngine:
         if vring.size == 0 or vring.addr is None or memory is None:
             raise RequestFailed(f"vring {vring.index} started before its size/addresses/memory")
         addr = vring.addr
+        packed = bool(session.features & VirtioFeature.RING_PACKED.mask)
         try:
-            queue = SplitQueue(
+            # For a packed ring, SET_VRING_ADDR's desc/avail/used are the descriptor ring and
+            # the driver and device event suppression areas.
+            queue: DeviceQueue = (PackedQueue if packed else SplitQueue)(
                 vring.size,
                 memory.uva_to_gpa(addr.desc),
                 memory.uva_to_gpa(addr.avail),
@@ -491,13 +797,26 @@ class BackendEngine:
                 indirect=bool(session.features & VirtioFeature.INDIRECT_DESC.mask),
             )
             queue.attach(memory)
+            if packed:
+                base = PACKED_START_BASE if vring.base is None else packed_vring_base(vring.base)
+            else:
+                base = vring.base or 0
+            queue.vring_base = base
         except (GuestMemoryError, QueueError) as err:
             raise RequestFailed(f"vring {vring.index}: {err}") from err
-        queue.next_avail = vring.base
         if session.logging:
+            if not isinstance(queue, SplitQueue):
+                raise RequestFailed(f"vring {vring.index}: packed rings cannot log dirty pages")
             # The used ring is logged at the address the front-end gave, only with the flag.
             used_log = addr.log if addr.flags & VRING_F_LOG else None
             queue.set_log(session.dirty_log, used_log)
+        if session.inflight is not None:
+            if isinstance(queue, SplitQueue):
+                self._track_inflight(queue, vring, session.inflight)
+            else:
+                log.warning(
+                    "vring %d: packed rings are not tracked in the inflight region yet", vring.index
+                )
         native = self.backend.native_worker(vring.index)
         if native is not None:
             vring.runner = NativeQueueRunner(
@@ -523,7 +842,31 @@ class BackendEngine:
                 backend=self.backend,
             )
         self.backend.queue_started(vring.index)
-        log.debug("vring %d running (size %d, base %d)", vring.index, vring.size, vring.base)
+        log.debug(
+            "vring %d running (%s, size %d, base %#x)",
+            vring.index,
+            "packed" if packed else "split",
+            vring.size,
+            base,
+        )
+
+    @staticmethod
+    def _track_inflight(queue: SplitQueue, vring: Vring, region: InflightRegion) -> None:
+        """Hook the ring to its part of the inflight region; chains a previous back-end left in
+        flight are handed out first (next_avail is recomputed from the region)."""
+        try:
+            resubmit, discarded = queue.set_inflight(region, vring.index)
+        except (GuestMemoryError, QueueError) as err:
+            raise RequestFailed(f"vring {vring.index} inflight tracking: {err}") from err
+        if discarded is not None:
+            log.warning("vring %d: inflight region discarded: %s", vring.index, discarded)
+        if resubmit:
+            log.info(
+                "vring %d: resubmitting %d request(s) left in flight, next avail %d",
+                vring.index,
+                resubmit,
+                queue.next_avail,
+            )
 
     # --- request handlers --------------------------------------------------------------------
     # Each returns the reply payload for requests that always reply, None otherwise, and raises
@@ -539,6 +882,9 @@ class BackendEngine:
         unknown = features & ~self.offered_features()
         if unknown:
             raise RequestFailed(f"features {unknown:#x} were never offered")
+        if _packed_logging(features) and session.dirty_log is not None:
+            # The packed queue has no dirty-log hooks: refuse to log rather than lose writes.
+            raise RequestFailed("dirty logging (LOG_ALL) is not implemented for packed rings")
         was_logging = session.logging
         session.features = features
         session.features_set = True
@@ -594,6 +940,8 @@ class BackendEngine:
         fd = self._one_fd(msg)
         if fd is None:
             raise RequestFailed("SET_LOG_BASE without a log fd (only LOG_SHMFD is supported)")
+        if _packed_logging(session.features):
+            raise RequestFailed("dirty logging (LOG_ALL) is not implemented for packed rings")
         dirty_log = DirtyLog(fd, msg.payload.mmap_size, msg.payload.mmap_offset)
         log.info("dirty log mapped: %r", dirty_log)
 
@@ -664,11 +1012,13 @@ class BackendEngine:
         num = msg.payload.num
         if vring.runner is not None:
             raise RequestFailed(f"vring {vring.index} is running; stop it before resizing")
-        if not (0 < num <= self.backend.max_queue_size and num & (num - 1) == 0):
+        packed = bool(self._session().features & VirtioFeature.RING_PACKED.mask)
+        if not 0 < num <= self.backend.max_queue_size:
             raise RequestFailed(
-                f"vring {vring.index} size {num} is not a power of two "
-                f"up to {self.backend.max_queue_size}"
+                f"vring {vring.index} size {num} is not in 1..{self.backend.max_queue_size}"
             )
+        if not packed and num & (num - 1):  # a packed ring may have any size
+            raise RequestFailed(f"vring {vring.index} size {num} is not a power of two")
         vring.size = num
 
     async def _set_vring_addr(self, msg: Message) -> None:
@@ -684,7 +1034,8 @@ class BackendEngine:
         vring = self._vring(msg.payload.index)
         if vring.runner is not None:
             raise RequestFailed(f"vring {vring.index} is running; SET_VRING_BASE needs it stopped")
-        if msg.payload.num > 0xFFFF:
+        packed = bool(self._session().features & VirtioFeature.RING_PACKED.mask)
+        if not packed and msg.payload.num > 0xFFFF:
             raise RequestFailed(f"split-ring base {msg.payload.num:#x} does not fit 16 bits")
         vring.base = msg.payload.num
 
@@ -697,6 +1048,9 @@ class BackendEngine:
             vring.kick.close()
             vring.kick = None
         vring.kick_set = False
+        if vring.base is None:  # never ran and never set: report the fresh position
+            packed = bool(self._session().features & VirtioFeature.RING_PACKED.mask)
+            return VringState(vring.index, PACKED_START_BASE if packed else 0)
         return VringState(vring.index, vring.base)
 
     def _adopt_eventfd(self, msg: Message) -> EventFd | None:
@@ -712,6 +1066,8 @@ class BackendEngine:
         if vring.kick is not None:
             vring.kick.close()
         vring.kick = self._adopt_eventfd(msg)
+        if vring.kick is None and self._inband():
+            vring.kick = EventFd()  # signalled by VRING_KICK messages, so nothing polls
         vring.kick_set = True
         vring.started = True  # rings start at SET_VRING_KICK
         await self._update_ring(vring)
@@ -719,20 +1075,58 @@ class BackendEngine:
     async def _set_vring_call(self, msg: Message) -> None:
         assert isinstance(msg.payload, U64)
         vring = self._vring(msg.payload.vring_index)
-        old, vring.call = vring.call, self._adopt_eventfd(msg)
+        old, old_signal = vring.call, vring.inband_call
+        vring.call, vring.inband_call = self._call_or_inband(
+            msg, BackendRequest.BACKEND_VRING_CALL, vring.index
+        )
         if vring.runner is not None:
             vring.runner.set_call(vring.call)
-        if old is not None:
+        if old_signal is not None:
+            old_signal.close()
+        elif old is not None:
             old.close()
 
     async def _set_vring_err(self, msg: Message) -> None:
         assert isinstance(msg.payload, U64)
         vring = self._vring(msg.payload.vring_index)
-        old, vring.err = vring.err, self._adopt_eventfd(msg)
+        old, old_signal = vring.err, vring.inband_err
+        vring.err, vring.inband_err = self._call_or_inband(
+            msg, BackendRequest.BACKEND_VRING_ERR, vring.index
+        )
         if vring.runner is not None:
             vring.runner.set_err(vring.err)
-        if old is not None:
+        if old_signal is not None:
+            old_signal.close()
+        elif old is not None:
             old.close()
+
+    # --- in-band notifications (INBAND_NOTIFICATIONS) -----------------------------------------
+    # A front-end that negotiated it and gives no kick/call/err fd (NOFD) kicks with VRING_KICK
+    # messages and gets BACKEND_VRING_CALL/ERR messages. The runners do not know: they get
+    # engine-owned eventfds, which VRING_KICK signals and InbandSignal turns into messages.
+
+    def _inband(self) -> bool:
+        return bool(self._session().protocol_features & _PF.INBAND_NOTIFICATIONS.mask)
+
+    def _call_or_inband(
+        self, msg: Message, request: BackendRequest, index: int
+    ) -> tuple[EventFd | None, InbandSignal | None]:
+        """The eventfd a SET_VRING_CALL/ERR gives, or for NOFD with in-band notifications one
+        whose signals become `request` messages."""
+        efd = self._adopt_eventfd(msg)
+        if efd is not None or not self._inband():
+            return efd, None
+        signal = InbandSignal(self, request, index, EventFd())
+        return signal.efd, signal
+
+    async def _vring_kick(self, msg: Message) -> None:
+        assert isinstance(msg.payload, VringState)
+        vring = self._vring(msg.payload.index)
+        if vring.kick is None:  # no SET_VRING_KICK yet: the in-band kick starts the ring
+            vring.kick = EventFd()
+            vring.kick_set = vring.started = True
+            await self._update_ring(vring)
+        vring.kick.signal()
 
     async def _get_protocol_features(self, msg: Message) -> Payload:
         return U64(self.offered_protocol_features())
@@ -743,6 +1137,9 @@ class BackendEngine:
         unknown = requested & ~self.offered_protocol_features()
         if unknown:
             raise RequestFailed(f"protocol features {unknown:#x} were never offered")
+        inband_needs = _PF.REPLY_ACK.mask | _PF.BACKEND_REQ.mask
+        if requested & _PF.INBAND_NOTIFICATIONS.mask and requested & inband_needs != inband_needs:
+            raise RequestFailed("INBAND_NOTIFICATIONS needs REPLY_ACK and BACKEND_REQ too")
         self._session().protocol_features = requested
 
     async def _get_queue_num(self, msg: Message) -> Payload:
@@ -788,6 +1185,9 @@ class BackendEngine:
     async def _set_config(self, msg: Message) -> None:
         assert isinstance(msg.payload, Config)
         self.backend.write_config(msg.payload.offset, msg.payload.data)
+        # A written field may change how the queues run (blk's cache mode): native workers
+        # take their configuration when they start.
+        await self._restart_rings(lambda: None)
 
     async def _reset_device(self, msg: Message) -> None:
         session = self._session()
@@ -795,6 +1195,7 @@ class BackendEngine:
             await self._stop_runner(vring)
             vring.release()
         session.vrings = [Vring(i) for i in range(self.backend.num_queues)]
+        session.inflight = None  # the rings start over; the front-end fetches a new region
         session.features = 0
         session.features_set = False
         session.status = 0
@@ -809,3 +1210,116 @@ class BackendEngine:
 
     async def _get_status(self, msg: Message) -> Payload:
         return U64(self._session().status)
+
+    # --- device state transfer (DEVICE_STATE) --------------------------------------------------
+    # SET_DEVICE_STATE_FD starts moving Backend.save_state()'s bytes out through the front-end's
+    # pipe, or reading a state in; CHECK_DEVICE_STATE waits for the end of it and, for a load,
+    # hands the bytes to Backend.load_state(). Both always reply, so failures are error codes.
+
+    async def _set_device_state_fd(self, msg: Message) -> Payload:
+        assert isinstance(msg.payload, DeviceStateTransfer)
+        session = self._session()
+        direction, phase = msg.payload.direction, msg.payload.phase
+        problem = None
+        if direction not in (TransferDirection.SAVE, TransferDirection.LOAD):
+            problem = f"unknown transfer direction {direction}"
+        elif phase != TransferPhase.STOPPED:
+            problem = f"unknown transfer phase {phase} (only 0, stopped, exists)"
+        elif any(vring.runner is not None for vring in session.vrings):
+            problem = "rings are still running (stop them with GET_VRING_BASE first)"
+        elif session.state_transfer is not None:
+            problem = "a transfer is already in progress"
+        if problem is None and direction == TransferDirection.SAVE:
+            try:
+                state = self.backend.save_state()
+            except (ValueError, NotImplementedError) as err:
+                problem = f"saving the state failed: {err}"
+        if problem is not None:
+            log.warning("SET_DEVICE_STATE_FD refused: %s", problem)
+            return U64(DEVICE_STATE_NOFD | DEVICE_STATE_FAILED)
+        fd = os.dup(msg.fds[0])
+        transfer: asyncio.Task[bytes | None]
+        if direction == TransferDirection.SAVE:
+            transfer = asyncio.ensure_future(self._send_state(fd, state))
+        else:
+            transfer = asyncio.ensure_future(self._receive_state(fd))
+        transfer.add_done_callback(_note_transfer_failure)
+        session.state_transfer = transfer
+        return U64(DEVICE_STATE_NOFD)  # we use the front-end's fd and return none
+
+    @staticmethod
+    async def _send_state(fd: int, state: bytes) -> None:
+        try:
+            await write_all(fd, state)
+        finally:
+            os.close(fd)  # EOF tells the reader that this was all
+
+    @staticmethod
+    async def _receive_state(fd: int) -> bytes:
+        try:
+            return await read_to_eof(fd, MAX_DEVICE_STATE)
+        finally:
+            os.close(fd)
+
+    async def _check_device_state(self, msg: Message) -> Payload:
+        session = self._session()
+        transfer, session.state_transfer = session.state_transfer, None
+        if transfer is None:
+            log.warning("CHECK_DEVICE_STATE: no state transfer was started")
+            return U64(DEVICE_STATE_FAILED)
+        try:
+            state = await asyncio.wait_for(transfer, STATE_TRANSFER_TIMEOUT)
+            if state is not None:
+                self.backend.load_state(state)
+        except TimeoutError:
+            log.warning("CHECK_DEVICE_STATE: the transfer did not end (the pipe is still open)")
+            return U64(DEVICE_STATE_FAILED)
+        except (OSError, ValueError, NotImplementedError) as err:
+            log.warning("CHECK_DEVICE_STATE: the state transfer failed: %s", err)
+            return U64(DEVICE_STATE_FAILED)
+        log.info("device state %s", "loaded" if state is not None else "saved")
+        return U64(0)
+
+    def _packed_rings(self) -> bool:
+        """The region's layout follows the ring layout negotiated (SET_FEATURES comes first)."""
+        return bool(self._session().features & VirtioFeature.RING_PACKED.mask)
+
+    def _inflight_geometry(self, payload: Inflight) -> None:
+        if not 0 < payload.num_queues <= self.backend.num_queues:
+            raise RequestFailed(
+                f"inflight region for {payload.num_queues} queues; "
+                f"the device has {self.backend.num_queues}"
+            )
+        if not 0 < payload.queue_size <= self.backend.max_queue_size:
+            raise RequestFailed(
+                f"inflight queue size {payload.queue_size} is not in "
+                f"1..{self.backend.max_queue_size}"
+            )
+
+    async def _get_inflight_fd(self, msg: Message) -> ReplyWithFd:
+        assert isinstance(msg.payload, Inflight)
+        self._inflight_geometry(msg.payload)
+        num_queues, queue_size = msg.payload.num_queues, msg.payload.queue_size
+        try:
+            region = InflightRegion.allocate(num_queues, queue_size, packed=self._packed_rings())
+        except GuestMemoryError as err:
+            raise RequestFailed(str(err)) from err
+        # Used from now on, as after SET_INFLIGHT_FD (QEMU sends that next anyway).
+        self._session().inflight = region
+        reply = Inflight(region.mmap_size, 0, num_queues, queue_size)
+        return ReplyWithFd(reply, region.fileno())
+
+    async def _set_inflight_fd(self, msg: Message) -> None:
+        assert isinstance(msg.payload, Inflight)
+        payload = msg.payload
+        self._inflight_geometry(payload)
+        fd = self._one_fd(msg)
+        assert fd is not None  # the table demands one fd
+        self._session().inflight = InflightRegion.map(
+            fd,
+            payload.mmap_size,
+            payload.mmap_offset,
+            payload.num_queues,
+            payload.queue_size,
+            packed=self._packed_rings(),
+        )

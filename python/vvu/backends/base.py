@@ -38,6 +38,9 @@ class Backend:
     device_id: ClassVar[int] = 0
     #: Largest ring size the device accepts.
     max_queue_size: ClassVar[int] = 1024
+    #: The device keeps internal state beyond its rings (`save_state`/`load_state`), so the
+    #: engine offers DEVICE_STATE for migrating it.
+    has_state: ClassVar[bool] = False
 
     def __init__(self, *, num_queues: int = 1) -> None:
         if num_queues < 1:
@@ -69,11 +72,15 @@ class Backend:
             | VirtioFeature.VERSION_1.mask
             | VirtioFeature.INDIRECT_DESC.mask
             | VirtioFeature.EVENT_IDX.mask
+            | VirtioFeature.RING_PACKED.mask
         )
 
     def protocol_features(self) -> int:
-        """Protocol features this device adds to the engine's own (e.g. CONFIG)."""
-        return ProtocolFeature.CONFIG.mask if self.config_space() else 0
+        """Protocol features this device adds to the engine's own (CONFIG, DEVICE_STATE)."""
+        features = ProtocolFeature.CONFIG.mask if self.config_space() else 0
+        if self.has_state:
+            features |= ProtocolFeature.DEVICE_STATE.mask
+        return features
 
     def set_features(self, features: int) -> None:
         """The front-end acked `features` (device bits already checked against `features()`)."""
@@ -100,6 +107,19 @@ class Backend:
     def send_rarp(self, mac: bytes) -> None:
         """VHOST_USER_SEND_RARP (protocol feature RARP): announce `mac` after a migration."""
         raise ValueError(f"{self.name} is not a network device: SEND_RARP does not apply")
+
+    # --- internal state (DEVICE_STATE, set `has_state`) --------------------------------------
+
+    def save_state(self) -> bytes:
+        """The device's internal state beyond the rings, for a migration's destination; called
+        with every ring stopped."""
+        raise NotImplementedError(f"{self.name} keeps no internal state")
+
+    def load_state(self, state: bytes) -> None:
+        """Take over what `save_state` of the migration's source returned; called with every
+        ring stopped. Raise ValueError (changing nothing) for state that is malformed or does
+        not fit this device."""
+        raise NotImplementedError(f"{self.name} keeps no internal state")
 
     # --- request paths -----------------------------------------------------------------------
 
@@ -128,6 +148,11 @@ class Backend:
     def reset(self) -> None:
         """Forget the session: the front-end went away or sent RESET_DEVICE."""
         self.acked_features = 0
+
+    def reload(self) -> bool:
+        """Re-read outside state (`vvu serve` calls it on SIGHUP, e.g. blk re-reads its image
+        size). Returns whether the config space changed, so the front-end must be told."""
+        return False
 
     def close(self) -> None:
         """Release what the back-end holds (files, fds) when it will serve no more."""

@@ -13,7 +13,8 @@ import struct
 from typing import ClassVar
 
 from vvu._core import NativeHandler, memfd
-from vvu.backends.base import Backend
+from vvu.backends.base import Backend, ConfigError
+from vvu.protocol import ProtocolFeature
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class BlkFeature:
     BLK_SIZE = 6
     FLUSH = 9
     TOPOLOGY = 10
+    CONFIG_WCE = 11
     MQ = 12
     DISCARD = 13
     WRITE_ZEROES = 14
@@ -43,6 +45,14 @@ MAX_DISCARD_SECTORS = 1 << 22
 MAX_DISCARD_SEG = 1
 MAX_WRITE_ZEROES_SECTORS = 1 << 22
 MAX_WRITE_ZEROES_SEG = 1
+# Config-space offset of `u8 writeback` (CONFIG_WCE: the driver sets the cache mode there).
+WRITEBACK_OFFSET = 32
+# DEVICE_STATE: what a blk back-end hands to the migration's destination. Version 1: magic,
+# version, capacity (sectors), read-only, writeback, serial. Everything else (the image, the
+# queue count) is the destination's own configuration and must match.
+_STATE = struct.Struct("<8sIQBB2x20s")
+_STATE_MAGIC = b"vvu-blk\0"
+_STATE_VERSION = 1
 
 
 class BlkBackend(Backend):
@@ -50,6 +60,7 @@ class BlkBackend(Backend):
 
     name: ClassVar[str] = "blk"
     device_id: ClassVar[int] = 2
+    has_state: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -62,7 +73,7 @@ class BlkBackend(Backend):
     ) -> None:
         super().__init__(num_queues=num_queues)
         self.read_only = read_only
-        self.serial = serial.encode()[:20]
+        self.serial = self._serial = serial.encode()[:20]
         if image is not None:
             flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
             self._fd = os.open(image, flags)
@@ -75,10 +86,45 @@ class BlkBackend(Backend):
             os.close(self._fd)
             raise ValueError(f"the disk must hold at least one {SECTOR_SIZE}-byte sector")
         self.capacity = size // SECTOR_SIZE
+        # The volatile write cache mode the driver chose (CONFIG_WCE); off means every write
+        # is synced before it completes.
+        self.writeback = True
+
+    def resize(self, size: int | None = None) -> bool:
+        """Resize the disk while it is served: to `size` bytes (the image file or in-memory
+        disk is truncated or extended), or, without `size`, to what the image file holds now
+        (it was grown or shrunk by someone else). Returns whether the capacity changed; the
+        front-end learns of it through `BackendEngine.config_changed()` (`vvu serve` does both
+        on SIGHUP). Sectors beyond a shrunk end are gone."""
+        if size is not None:
+            if self.read_only:
+                raise ValueError("a read-only disk cannot be resized by the back-end")
+            if size < SECTOR_SIZE:
+                raise ValueError(f"the disk must hold at least one {SECTOR_SIZE}-byte sector")
+            os.ftruncate(self._fd, size)
+        else:
+            size = os.fstat(self._fd).st_size
+            if size < SECTOR_SIZE:
+                raise ValueError(f"the image holds {size} bytes, less than one sector")
+        capacity = size // SECTOR_SIZE
+        if capacity == self.capacity:
+            return False
+        log.info("blk: capacity %d -> %d sectors", self.capacity, capacity)
+        self.capacity = capacity
+        return True
+
+    def reload(self) -> bool:
+        return self.resize()
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--image", help="raw disk image (default: an in-memory disk)")
+        parser.add_argument(
+            "--image",
+            help=(
+                "raw disk image (default: an in-memory disk). Resize while serving: grow the "
+                "file, then send SIGHUP; the new size reaches the front-end (and the guest)"
+            ),
+        )
         parser.add_argument(
             "--size", type=int, default=64, metavar="MiB", help="in-memory disk size (default 64)"
         )
@@ -101,6 +147,7 @@ class BlkBackend(Backend):
             BlkFeature.SEG_MAX,
             BlkFeature.BLK_SIZE,
             BlkFeature.FLUSH,
+            BlkFeature.CONFIG_WCE,
             BlkFeature.MQ,
             BlkFeature.DISCARD,
             BlkFeature.WRITE_ZEROES,
@@ -124,7 +171,7 @@ class BlkBackend(Backend):
             0,
             0,
             0,  # topology
-            1,  # writeback: a flush is needed for durability
+            int(self.writeback),  # writeback: a flush is needed for durability
             0,
             self.num_queues,
             MAX_DISCARD_SECTORS,
@@ -135,10 +182,68 @@ class BlkBackend(Backend):
             1,  # write_zeroes_may_unmap
         )
 
+    def write_config(self, offset: int, data: bytes) -> None:
+        # Only the cache mode is writable, and only with CONFIG_WCE (virtio 1.2, 5.2.5). The
+        # engine restarts running rings after a config write, so workers pick the mode up.
+        if not self.acked_features & (1 << BlkFeature.CONFIG_WCE):
+            super().write_config(offset, data)
+        if offset != WRITEBACK_OFFSET or len(data) != 1 or data[0] > 1:
+            raise ConfigError(
+                f"only writeback (1 byte at {WRITEBACK_OFFSET}, 0 or 1) is writable, "
+                f"not {len(data)} bytes at {offset}"
+            )
+        self.writeback = data[0] == 1
+        log.info("blk: the driver set the write cache to %s", self.cache_mode)
+
+    @property
+    def cache_mode(self) -> str:
+        return "write back" if self.writeback else "write through"
+
+    def protocol_features(self) -> int:
+        # The native worker's queue tracks requests in the inflight region, so a restarted
+        # back-end finishes what a killed one had in flight.
+        return super().protocol_features() | ProtocolFeature.INFLIGHT_SHMFD.mask
+
     def native_worker(self, queue_index: int) -> NativeHandler:
         return NativeHandler.blk(
-            self._fd, self.capacity, read_only=self.read_only, serial=self.serial
+            self._fd,
+            self.capacity,
+            read_only=self.read_only,
+            serial=self.serial,
+            writethrough=not self.writeback,
         )
+
+    def save_state(self) -> bytes:
+        return _STATE.pack(
+            _STATE_MAGIC,
+            _STATE_VERSION,
+            self.capacity,
+            int(self.read_only),
+            int(self.writeback),
+            self.serial,
+        )
+
+    def load_state(self, state: bytes) -> None:
+        if len(state) != _STATE.size:
+            raise ValueError(f"blk state is {_STATE.size} bytes, got {len(state)}")
+        magic, version, capacity, read_only, writeback, serial = _STATE.unpack(state)
+        if magic != _STATE_MAGIC or version != _STATE_VERSION:
+            raise ValueError(f"not a version {_STATE_VERSION} blk state (magic {magic!r})")
+        if capacity != self.capacity or read_only != int(self.read_only):
+            raise ValueError(
+                f"the source disk had {capacity} sectors, read-only={bool(read_only)}; this one "
+                f"has {self.capacity}, read-only={self.read_only}"
+            )
+        if writeback > 1:
+            raise ValueError(f"writeback must be 0 or 1, got {writeback}")
+        self.writeback = writeback == 1
+        self.serial = serial.rstrip(b"\0")
+
+    def reset(self) -> None:
+        super().reset()
+        # A new driver starts from the configured device, whatever a migration brought in.
+        self.writeback = True
+        self.serial = self._serial
 
     def describe(self) -> str:
         mode = "read-only" if self.read_only else "read-write"

@@ -94,6 +94,9 @@ PROTOCOL_FEATURES_ALLOWED: Final = (
     | (1 << _P.RESET_DEVICE)
     | (1 << _P.CONFIGURE_MEM_SLOTS)
     | (1 << _P.STATUS)
+    # Kicks and calls as messages: VRING_KICK passes through rxq, BACKEND_VRING_CALL/ERR come
+    # back through txq like any back-end request; no fd is involved.
+    | (1 << _P.INBAND_NOTIFICATIONS)
 )
 #: Virtio feature bits the device never lets through: dirty logging needs the log as shmid 2
 #: and its doorbell, which the device does not implement yet (docs/vvu-device.md).

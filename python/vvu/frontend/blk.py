@@ -57,6 +57,9 @@ class BlkDriver:
         self.capacity = capacity  # in 512-byte sectors
         self.max_request = max_request
         self._free: asyncio.Queue[_Slot] = asyncio.Queue()
+        #: Set each time a resize announced by the back-end has been read into `capacity`.
+        self.resized = asyncio.Event()
+        self._config_tasks: set[asyncio.Task[None]] = set()
         for _ in range(depth):
             self._free.put_nowait(_Slot(frontend, max_request))
 
@@ -69,24 +72,77 @@ class BlkDriver:
         max_request: int = MiB,
         queue_size: int = 256,
         timeout: float = 5.0,
+        backend_channel: bool = False,
+        inband: bool = False,
+        packed: bool = False,
     ) -> BlkDriver:
-        """Connect to a vhost-user-blk back-end and set up queue 0."""
+        """Connect to a vhost-user-blk back-end listening on `path`; see `start`. `packed`:
+        use a packed ring (the back-end must offer VIRTIO_F_RING_PACKED)."""
         memory = 2 * MiB + depth * (max_request + 8192)
-        frontend = await Frontend.connect(path, memory_size=memory, timeout=timeout)
+        frontend = await Frontend.connect(path, memory_size=memory, timeout=timeout, packed=packed)
+        return await cls.start(
+            frontend,
+            depth=depth,
+            max_request=max_request,
+            queue_size=queue_size,
+            backend_channel=backend_channel,
+            inband=inband,
+        )
+
+    @classmethod
+    async def start(
+        cls,
+        frontend: Frontend,
+        *,
+        depth: int = 32,
+        max_request: int = MiB,
+        queue_size: int = 256,
+        backend_channel: bool = False,
+        inband: bool = False,
+    ) -> BlkDriver:
+        """Set up a connected front-end (closed on failure): handshake, memory, queue 0. With
+        `backend_channel`, the back-end gets a channel (BACKEND_REQ) and a resize it announces
+        there updates `capacity` (and sets `resized`). With `inband`, kicks and calls are
+        messages (INBAND_NOTIFICATIONS, when the back-end offers it; implies the channel)."""
         try:
-            await frontend.negotiate()
+            await frontend.negotiate(backend_channel=backend_channel, inband=inband)
             await frontend.set_mem_table()
             capacity = 0
             if frontend.protocol_features & ProtocolFeature.CONFIG.mask:
-                (capacity,) = struct.unpack("<Q", await frontend.get_config(0, 8))
+                capacity = await cls._read_capacity(frontend)
+            await frontend.setup_inflight(1, queue_size)
             queue = await frontend.start_queue(0, queue_size)
-            return cls(frontend, queue, capacity, depth=depth, max_request=max_request)
+            driver = cls(frontend, queue, capacity, depth=depth, max_request=max_request)
         except BaseException:
             await frontend.close()
             raise
+        frontend.config_listeners.append(driver._on_config_change)
+        return driver
+
+    @staticmethod
+    async def _read_capacity(frontend: Frontend) -> int:
+        (capacity,) = struct.unpack("<Q", await frontend.get_config(0, 8))
+        return int(capacity)
+
+    def _on_config_change(self) -> None:
+        # Re-read from a task: the back-end-channel reader must not wait on the main socket.
+        task = asyncio.ensure_future(self._reread_capacity())
+        self._config_tasks.add(task)
+        task.add_done_callback(self._config_tasks.discard)
+
+    async def _reread_capacity(self) -> None:
+        self.capacity = await self._read_capacity(self.frontend)
+        self.resized.set()
 
     async def close(self) -> None:
+        for task in list(self._config_tasks):
+            task.cancel()
         await self.frontend.close()
+
+    async def reconnect(self, *, timeout: float = 5.0) -> None:
+        """Reattach to a restarted back-end; requests in flight complete (see
+        `Frontend.reconnect`)."""
+        await self.frontend.reconnect(timeout=timeout)
 
     async def __aenter__(self) -> BlkDriver:
         return self

@@ -9,37 +9,46 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+import socket
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from vvu._core import DirtyLog, EventFd, GuestMemory, SplitQueueDriver, memfd
+from vvu._core import DirtyLog, EventFd, GuestMemory, PackedQueueDriver, SplitQueueDriver, memfd
+from vvu.aio import read_to_eof, write_all
 from vvu.errors import ProtocolError, VvuError
 from vvu.protocol import (
+    DEVICE_STATE_ERROR_MASK,
+    DEVICE_STATE_NOFD,
     EMPTY,
     U64,
     VRING_F_LOG,
+    BackendRequest,
     Config,
+    DeviceStateTransfer,
     FrontendRequest,
+    Inflight,
     Log,
     MemoryRegion,
     MemoryTable,
     Payload,
     ProtocolFeature,
+    TransferDirection,
+    TransferPhase,
     VhostFeature,
     VirtioFeature,
     VringAddr,
     VringState,
     decode_message,
     describe,
+    encode_ack,
     encode_message,
 )
-from vvu.protocol.codec import Header
+from vvu.protocol.codec import Header, Message
 from vvu.protocol.table import Answer, spec_for
-from vvu.transport.base import Channel, close_fds
-from vvu.transport.unix import connect_unix
+from vvu.transport.base import Channel, TransportError, close_fds
+from vvu.transport.unix import UnixChannel, connect_unix
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +67,20 @@ WANTED_PROTOCOL_FEATURES = (
     | ProtocolFeature.CONFIGURE_MEM_SLOTS.mask
     | ProtocolFeature.STATUS.mask
     | ProtocolFeature.LOG_SHMFD.mask
+    | ProtocolFeature.DEVICE_STATE.mask
+    | ProtocolFeature.INFLIGHT_SHMFD.mask
 )
 #: Bytes of guest memory per dirty-log bit.
 LOG_PAGE = 4096
 
 
-#: Offered bits this front-end must not ack at negotiation: it drives split rings with plain
-#: guest-physical addresses and polls nothing; LOG_ALL is acked only while a dirty log is on
-#: (`start_dirty_log`), as QEMU does during a migration.
+#: Offered bits this front-end must not ack at negotiation: it uses plain guest-physical
+#: addresses and polls nothing. LOG_ALL is acked only while a dirty log is on
+#: (`start_dirty_log`), as QEMU does during a migration; RING_PACKED only when the front-end was
+#: opened with `packed=True`.
 UNSUPPORTED_FEATURES = (
     VhostFeature.LOG_ALL.mask
     | VirtioFeature.ACCESS_PLATFORM.mask
-    | VirtioFeature.RING_PACKED.mask
     | VirtioFeature.IN_ORDER.mask
     | VirtioFeature.NOTIFICATION_DATA.mask
     | VirtioFeature.NOTIF_CONFIG_DATA.mask
@@ -104,9 +115,13 @@ class FrontendQueue:
 
     index: int
     size: int
-    driver: SplitQueueDriver
+    driver: SplitQueueDriver | PackedQueueDriver
     kick: EventFd
     call: EventFd
+    # Guest-physical addresses of the ring parts (handed over again after a reconnect).
+    desc: int = 0
+    avail: int = 0
+    used: int = 0
     _waiters: dict[int, asyncio.Future[int]] = field(default_factory=dict)
     _reaper_registered: bool = False
 
@@ -133,6 +148,11 @@ class FrontendQueue:
 
     def _reap(self) -> None:
         self.call.consume()
+        self.reap()
+
+    def reap(self) -> None:
+        """Resolve the waiters of every used entry there is now (also without a call: a
+        back-end killed between publishing and signalling never sends it)."""
         while True:
             try:
                 used = self.driver.reap_all()
@@ -176,8 +196,11 @@ class FrontendQueue:
 class Frontend:
     """One session with a vhost-user back-end."""
 
-    def __init__(self, channel: Channel, *, memory_size: int = 64 * MiB) -> None:
+    def __init__(
+        self, channel: Channel, *, memory_size: int = 64 * MiB, packed: bool = False
+    ) -> None:
         self.channel = channel
+        self.packed = packed  # ack VIRTIO_F_RING_PACKED and drive packed rings
         self.memory_size = memory_size
         self._memfd = memfd(memory_size, "vvu-frontend")
         self.memory = GuestMemory()
@@ -189,15 +212,31 @@ class Frontend:
         self.queues: dict[int, FrontendQueue] = {}
         self.dirty_log: DirtyLog | None = None  # our view of the log while it is on
         self._log_fd = -1
-        self._ring_addrs: dict[int, VringAddr] = {}  # as last set without the log flag
         self._lock = asyncio.Lock()
+        #: Called (on the event loop) for each BACKEND_CONFIG_CHANGE_MSG, after it was acked.
+        self.config_listeners: list[Callable[[], None]] = []
+        #: How many back-end requests of each kind arrived on the back-end channel.
+        self.backend_requests: dict[BackendRequest, int] = {}
+        self._backend_channel: UnixChannel | None = None
+        self._backend_task: asyncio.Task[None] | None = None
+        # INBAND_NOTIFICATIONS: queue index -> the VRING_KICK being sent (None: idle).
+        self._inband_kicks: dict[int, asyncio.Task[None] | None] = {}
+        self.path: str | None = None
+        # INFLIGHT_SHMFD: the back-end's inflight region, kept across back-end restarts.
+        self.inflight: Inflight | None = None
+        self._inflight_fd = -1
 
     @classmethod
     async def connect(
-        cls, path: str, *, memory_size: int = 64 * MiB, timeout: float = 5.0
+        cls, path: str, *, memory_size: int = 64 * MiB, timeout: float = 5.0, packed: bool = False
     ) -> Frontend:
-        """Connect to a back-end listening on `path` (retrying up to `timeout` seconds)."""
-        return cls(await connect_unix(path, timeout=timeout), memory_size=memory_size)
+        """Connect to a back-end listening on `path` (retrying up to `timeout` seconds).
+        `packed`: use packed rings (the back-end must offer VIRTIO_F_RING_PACKED)."""
+        frontend = cls(
+            await connect_unix(path, timeout=timeout), memory_size=memory_size, packed=packed
+        )
+        frontend.path = path
+        return frontend
 
     async def __aenter__(self) -> Frontend:
         return self
@@ -221,11 +260,13 @@ class Frontend:
         fds: Sequence[int] = (),
         *,
         need_reply: bool | None = None,
+        reply_fds: list[int] | None = None,
     ) -> Payload | None:
         """Send one request and wait for its answer when one is due.
 
         Requests that always reply return their payload. Others ask for an ack when REPLY_ACK
         is negotiated (unless `need_reply` is False) and raise FrontendError on a failure ack.
+        Fds that come with the reply are closed, or handed to the caller in `reply_fds`.
         """
         spec = spec_for(request, "frontend")
         # Typed replies: GET_*, and SET_LOG_BASE with LOG_SHMFD.
@@ -254,9 +295,12 @@ class Frontend:
                     is_reply=True,
                 )
             except ProtocolError as err:
-                raise FrontendError(f"bad reply to {request.name}: {err}") from err
-            finally:
                 close_fds(raw.fds)
+                raise FrontendError(f"bad reply to {request.name}: {err}") from err
+            if reply_fds is None:
+                close_fds(raw.fds)
+            else:
+                reply_fds.extend(raw.fds)
         log.debug("-> %s", describe(reply))
         if reply.request != request:
             raise FrontendError(f"reply to {reply.name} while waiting for {request.name}")
@@ -276,10 +320,21 @@ class Frontend:
     # --- set-up ------------------------------------------------------------------------------
 
     async def negotiate(
-        self, features: int | None = None, protocol_features: int = WANTED_PROTOCOL_FEATURES
+        self,
+        features: int | None = None,
+        protocol_features: int = WANTED_PROTOCOL_FEATURES,
+        *,
+        backend_channel: bool = False,
+        inband: bool = False,
     ) -> int:
         """The handshake QEMU does: features, protocol features, owner, queue count. Acks the
-        offered features (or `features` of them); returns the acked mask."""
+        offered features (or `features` of them); returns the acked mask. `backend_channel`
+        also asks for BACKEND_REQ and opens the channel when the back-end offers it; `inband`
+        (implies it) asks for INBAND_NOTIFICATIONS too (see `inband`)."""
+        if backend_channel or inband:
+            protocol_features |= ProtocolFeature.BACKEND_REQ.mask
+        if inband:
+            protocol_features |= ProtocolFeature.INBAND_NOTIFICATIONS.mask
         offered = await self.request_u64(_F.GET_FEATURES)
         if offered & VhostFeature.PROTOCOL_FEATURES.mask:
             offered_protocol = await self.request_u64(_F.GET_PROTOCOL_FEATURES)
@@ -291,8 +346,16 @@ class Frontend:
         await self.request(_F.SET_OWNER)
         wanted = offered if features is None else features & offered
         wanted &= ~UNSUPPORTED_FEATURES
+        if not self.packed:
+            wanted &= ~VirtioFeature.RING_PACKED.mask
+        elif not wanted & VirtioFeature.RING_PACKED.mask:
+            raise FrontendError("packed rings wanted, but the back-end does not offer them")
         self.features = wanted
         await self.request(_F.SET_FEATURES, U64(wanted))
+        if (
+            backend_channel or inband
+        ) and self.protocol_features & ProtocolFeature.BACKEND_REQ.mask:
+            await self.open_backend_channel()
         return wanted
 
     async def set_mem_table(self) -> None:
@@ -300,35 +363,130 @@ class Frontend:
         region = MemoryRegion(0, self.memory_size, UVA_BASE, 0)
         await self.request(_F.SET_MEM_TABLE, MemoryTable((region,)), [self._memfd])
 
+    async def setup_inflight(self, num_queues: int, queue_size: int) -> bool:
+        """QEMU's vhost-user-blk start: GET_INFLIGHT_FD, keep the region, SET_INFLIGHT_FD.
+        False when INFLIGHT_SHMFD was not negotiated."""
+        if not self.protocol_features & ProtocolFeature.INFLIGHT_SHMFD.mask:
+            return False
+        fds: list[int] = []
+        reply = await self.request(
+            _F.GET_INFLIGHT_FD, Inflight(0, 0, num_queues, queue_size), reply_fds=fds
+        )
+        if not isinstance(reply, Inflight) or len(fds) != 1 or reply.mmap_size == 0:
+            close_fds(fds)
+            raise FrontendError(f"GET_INFLIGHT_FD answered {reply!r} with {len(fds)} fd(s)")
+        self._close_inflight()
+        self.inflight, self._inflight_fd = reply, fds[0]
+        await self._send_inflight()
+        return True
+
+    async def _send_inflight(self) -> None:
+        if self.inflight is not None:
+            await self.request(_F.SET_INFLIGHT_FD, self.inflight, [self._inflight_fd])
+
+    def _close_inflight(self) -> None:
+        if self._inflight_fd >= 0:
+            os.close(self._inflight_fd)
+        self._inflight_fd = -1
+        self.inflight = None
+
     async def start_queue(self, index: int, size: int = 256) -> FrontendQueue:
         """Lay out ring `index` in guest memory and hand it to the back-end, QEMU's order:
-        NUM, BASE, ADDR, KICK, CALL, ENABLE."""
+        NUM, BASE, ADDR, KICK, CALL, ENABLE. With RING_PACKED acked the ring is packed: avail
+        and used below are the driver and device event suppression areas."""
         event_idx = bool(self.features & VirtioFeature.EVENT_IDX.mask)
-        desc = self.allocator.alloc(16 * size, 4096)
-        avail = self.allocator.alloc(6 + 2 * size, 64)
-        used = self.allocator.alloc(6 + 8 * size, 64)
-        driver = SplitQueueDriver(self.memory, size, desc, avail, used, event_idx=event_idx)
+        driver: SplitQueueDriver | PackedQueueDriver
+        if self.features & VirtioFeature.RING_PACKED.mask:
+            desc = self.allocator.alloc(16 * size, 4096)
+            avail = self.allocator.alloc(4, 64)
+            used = self.allocator.alloc(4, 64)
+            driver = PackedQueueDriver(self.memory, size, desc, avail, used, event_idx=event_idx)
+            base = driver.vring_base
+        else:
+            desc = self.allocator.alloc(16 * size, 4096)
+            avail = self.allocator.alloc(6 + 2 * size, 64)
+            used = self.allocator.alloc(6 + 8 * size, 64)
+            driver = SplitQueueDriver(self.memory, size, desc, avail, used, event_idx=event_idx)
+            base = 0
         kick, call = EventFd(), EventFd()
-        addr = VringAddr(index, 0, UVA_BASE + desc, UVA_BASE + used, UVA_BASE + avail, 0)
-        queue = FrontendQueue(index, size, driver, kick, call)
-        await self.request(_F.SET_VRING_NUM, VringState(index, size))
-        await self.request(_F.SET_VRING_BASE, VringState(index, 0))
-        await self.request(_F.SET_VRING_ADDR, addr)
-        self._ring_addrs[index] = addr
-        await self.request(_F.SET_VRING_KICK, U64.vring(index), [kick.fileno()])
-        await self.request(_F.SET_VRING_CALL, U64.vring(index), [call.fileno()])
-        if self.features & VhostFeature.PROTOCOL_FEATURES.mask:
-            await self.request(_F.SET_VRING_ENABLE, VringState(index, 1))
+        queue = FrontendQueue(index, size, driver, kick, call, desc, avail, used)
+        await self._hand_over(queue, base=base)
         self.queues[index] = queue
         return queue
 
+    async def _hand_over(self, queue: FrontendQueue, base: int) -> None:
+        """Give the back-end a ring in QEMU's order: NUM, BASE, ADDR, KICK, CALL, ENABLE."""
+        index = queue.index
+        await self.request(_F.SET_VRING_NUM, VringState(index, queue.size))
+        await self.request(_F.SET_VRING_BASE, VringState(index, base))
+        await self.request(_F.SET_VRING_ADDR, self._vring_addr(queue))
+        if self.inband:  # the back-end gets no fds; our own kick/call become messages
+            await self.request(_F.SET_VRING_KICK, U64.vring(index, nofd=True))
+            await self.request(_F.SET_VRING_CALL, U64.vring(index, nofd=True))
+            self._inband_kicks[index] = None
+            asyncio.get_running_loop().add_reader(queue.kick.fileno(), self._on_inband_kick, queue)
+        else:
+            await self.request(_F.SET_VRING_KICK, U64.vring(index), [queue.kick.fileno()])
+            await self.request(_F.SET_VRING_CALL, U64.vring(index), [queue.call.fileno()])
+        if self.features & VhostFeature.PROTOCOL_FEATURES.mask:
+            await self.request(_F.SET_VRING_ENABLE, VringState(index, 1))
+
+    @staticmethod
+    def _vring_addr(queue: FrontendQueue, *, log: int | None = None) -> VringAddr:
+        """SET_VRING_ADDR for `queue`; with `log`, the used ring is logged there."""
+        flags, log_addr = (0, 0) if log is None else (VRING_F_LOG, log)
+        return VringAddr(
+            queue.index,
+            flags,
+            UVA_BASE + queue.desc,
+            UVA_BASE + queue.used,
+            UVA_BASE + queue.avail,
+            log_addr,
+        )
+
+    async def reconnect(self, *, timeout: float = 5.0) -> None:
+        """The back-end went away (killed, restarted): connect to its socket again and restore
+        the session as QEMU does with `reconnect=`: the whole handshake with the features acked
+        before, the memory table, the inflight region it allocated (SET_INFLIGHT_FD), and every
+        running ring. The ring's base is its avail index when the back-end keeps an inflight
+        region (cloud-hypervisor's choice: the region says what to resubmit), its used index
+        otherwise (QEMU's fallback, right only for a back-end that completes in order).
+
+        The rings, their buffers and the waiters of requests in flight live in this front-end's
+        memory and survive: requests the old back-end took but did not finish complete when the
+        new one resubmits them, requests queued meanwhile when it starts."""
+        if self.path is None:
+            raise FrontendError("reconnect needs a front-end made by Frontend.connect")
+        if self.features & VirtioFeature.RING_PACKED.mask:
+            raise FrontendError("reconnecting packed rings is not supported yet")
+        self.channel.close()
+        self.channel = await connect_unix(self.path, timeout=timeout)
+        features, protocol_features = self.features, self.protocol_features
+        self.protocol_features = 0
+        acked = await self.negotiate(features, protocol_features)
+        if acked != features or self.protocol_features != protocol_features:
+            raise FrontendError(
+                f"the restarted back-end offers less: features {acked:#x} "
+                f"(had {features:#x}), protocol features {self.protocol_features:#x} "
+                f"(had {protocol_features:#x})"
+            )
+        await self.set_mem_table()
+        await self._send_inflight()
+        for queue in self.queues.values():
+            # avail->idx or used->idx as published in the ring (both at offset 2).
+            base = self.memory.load_u16((queue.avail if self.inflight else queue.used) + 2)
+            await self._hand_over(queue, base=base)
+            queue.reap()
+
     async def stop_queue(self, index: int) -> int:
-        """GET_VRING_BASE: the back-end stops the ring and reports its next avail index."""
+        """GET_VRING_BASE: the back-end stops the ring and reports its next avail index (for a
+        packed ring: next avail and next used position, 16 bits each)."""
         reply = await self.request(_F.GET_VRING_BASE, VringState(index, 0))
         if not isinstance(reply, VringState):
             raise FrontendError(f"GET_VRING_BASE answered {reply!r}")
         queue = self.queues.pop(index, None)
         if queue is not None:
+            self._stop_inband_kicks(queue)
             queue.close()
         return reply.num
 
@@ -348,20 +506,17 @@ class Frontend:
         await self.request(_F.SET_LOG_BASE, Log(size, 0), [self._log_fd])
         self.features |= VhostFeature.LOG_ALL.mask
         await self.request(_F.SET_FEATURES, U64(self.features))
-        for index in self.queues:
-            addr = self._ring_addrs[index]
-            log_addr = (used_ring_log or {}).get(index, addr.used - UVA_BASE)
-            await self.request(
-                _F.SET_VRING_ADDR, dataclasses.replace(addr, flags=VRING_F_LOG, log=log_addr)
-            )
+        for index, queue in self.queues.items():
+            log_addr = (used_ring_log or {}).get(index, queue.used)
+            await self.request(_F.SET_VRING_ADDR, self._vring_addr(queue, log=log_addr))
         return self.dirty_log
 
     async def stop_dirty_log(self) -> None:
         """Turn dirty logging off again (LOG_ALL cleared, rings without the log flag)."""
         self.features &= ~VhostFeature.LOG_ALL.mask
         await self.request(_F.SET_FEATURES, U64(self.features))
-        for index in self.queues:
-            await self.request(_F.SET_VRING_ADDR, self._ring_addrs[index])
+        for queue in self.queues.values():
+            await self.request(_F.SET_VRING_ADDR, self._vring_addr(queue))
         self._release_log()
 
     def _release_log(self) -> None:
@@ -376,12 +531,208 @@ class Frontend:
             raise FrontendError(f"GET_CONFIG answered {reply!r}")
         return reply.data
 
+    # --- device state transfer (DEVICE_STATE) -------------------------------------------------
+    # The rings must be stopped first (stop_queue); on the destination, start them again with
+    # the source's bases after the load.
+
+    async def save_device_state(self, *, limit: int = 1 << 20) -> bytes:
+        """SET_DEVICE_STATE_FD (save) through a pipe, read it to EOF, CHECK_DEVICE_STATE: the
+        back-end's internal state. Raises FrontendError when the back-end refuses or fails."""
+        read_end, write_end = os.pipe()
+        try:
+            fd = await self._start_state_transfer(TransferDirection.SAVE, write_end)
+            if fd is not None:  # the back-end's own fd replaces our pipe
+                os.close(read_end)
+                read_end = fd
+            os.close(write_end)  # the back-end's EOF must not wait for our copy
+            write_end = -1
+            state = await read_to_eof(read_end, limit)
+        except ValueError as err:
+            raise FrontendError(f"device state: {err}") from err
+        finally:
+            close_fds([fd for fd in (read_end, write_end) if fd >= 0])
+        await self._check_device_state()
+        return state
+
+    async def load_device_state(self, state: bytes) -> None:
+        """SET_DEVICE_STATE_FD (load) through a pipe, write `state` and close it,
+        CHECK_DEVICE_STATE. Raises FrontendError when the back-end refuses or fails."""
+        read_end, write_end = os.pipe()
+        try:
+            fd = await self._start_state_transfer(TransferDirection.LOAD, read_end)
+            if fd is not None:
+                os.close(write_end)
+                write_end = fd
+            os.close(read_end)
+            read_end = -1
+            await write_all(write_end, state)
+        finally:
+            close_fds([fd for fd in (read_end, write_end) if fd >= 0])
+        await self._check_device_state()
+
+    async def _start_state_transfer(self, direction: TransferDirection, fd: int) -> int | None:
+        """SET_DEVICE_STATE_FD with our end of the pipe; the back-end's own fd, if it sent one."""
+        returned: list[int] = []
+        reply = await self.request(
+            _F.SET_DEVICE_STATE_FD,
+            DeviceStateTransfer(direction, TransferPhase.STOPPED),
+            [fd],
+            reply_fds=returned,
+        )
+        if not isinstance(reply, U64) or reply.value & DEVICE_STATE_ERROR_MASK:
+            close_fds(returned)
+            raise FrontendError(f"back-end refused to {direction.name.lower()} its state")
+        if reply.value & DEVICE_STATE_NOFD:
+            close_fds(returned)
+            return None
+        if len(returned) != 1:
+            close_fds(returned)
+            raise FrontendError("SET_DEVICE_STATE_FD reply promised an fd and carried none")
+        return returned[0]
+
+    async def _check_device_state(self) -> None:
+        if await self.request_u64(_F.CHECK_DEVICE_STATE) != 0:
+            raise FrontendError("CHECK_DEVICE_STATE: the back-end reports the transfer failed")
+
+    # --- in-band notifications (INBAND_NOTIFICATIONS) -----------------------------------------
+
+    @property
+    def inband(self) -> bool:
+        """Kicks and calls travel as VRING_KICK / BACKEND_VRING_CALL messages (negotiate
+        INBAND_NOTIFICATIONS with REPLY_ACK and BACKEND_REQ, and open the back-end channel before
+        starting queues)."""
+        return bool(self.protocol_features & ProtocolFeature.INBAND_NOTIFICATIONS.mask)
+
+    def _on_inband_kick(self, queue: FrontendQueue) -> None:
+        if queue.index not in self._inband_kicks:  # stopped
+            return
+        if self._inband_kicks[queue.index] is not None:  # being sent: coalesce, as an eventfd
+            return
+        if not queue.kick.consume():  # spurious
+            return
+        task = asyncio.ensure_future(self._send_inband_kick(queue))
+        self._inband_kicks[queue.index] = task
+
+    async def _send_inband_kick(self, queue: FrontendQueue) -> None:
+        try:
+            await self.request(_F.VRING_KICK, VringState(queue.index, 0), need_reply=False)
+        except (FrontendError, TransportError, OSError) as err:
+            log.warning("in-band kick of queue %d lost: %s", queue.index, err)
+        finally:
+            if queue.index in self._inband_kicks:
+                self._inband_kicks[queue.index] = None
+                if not queue.kick.closed:
+                    self._on_inband_kick(queue)  # kicked again while sending
+
+    def _stop_inband_kicks(self, queue: FrontendQueue) -> None:
+        if queue.index not in self._inband_kicks:
+            return
+        task = self._inband_kicks.pop(queue.index)
+        if task is not None:
+            task.cancel()
+        asyncio.get_running_loop().remove_reader(queue.kick.fileno())
+
+    # --- back-end channel --------------------------------------------------------------------
+
+    async def open_backend_channel(self) -> None:
+        """SET_BACKEND_REQ_FD (needs BACKEND_REQ negotiated): a socket on which the back-end
+        sends its requests; a task answers them until `close`."""
+        if not self.protocol_features & ProtocolFeature.BACKEND_REQ.mask:
+            raise FrontendError("BACKEND_REQ was not negotiated: no back-end channel")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await self.request(_F.SET_BACKEND_REQ_FD, EMPTY, [theirs.fileno()])
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()  # the back-end has its own duplicate
+        channel = UnixChannel(ours, peer="back-end channel")
+        self._backend_channel = channel
+        self._backend_task = asyncio.ensure_future(self._serve_backend_channel(channel))
+
+    async def _serve_backend_channel(self, channel: UnixChannel) -> None:
+        try:
+            while True:
+                raw = await channel.recv()
+                if raw is None:
+                    return
+                try:
+                    msg = decode_message(
+                        Header(raw.request, raw.flags, len(raw.payload)),
+                        raw.payload,
+                        raw.fds,
+                        channel="backend",
+                    )
+                except ProtocolError as err:  # the spec's answer to garbage: close the channel
+                    log.warning("back-end channel: %s; closing it", err)
+                    return
+                finally:
+                    raw.close_fds()  # no back-end request we handle keeps an fd
+                log.debug("<= %s", describe(msg))
+                ok = self._on_backend_request(msg)
+                spec = msg.spec
+                answer = (
+                    spec.answer(need_reply=msg.need_reply, protocol_features=self.protocol_features)
+                    if spec is not None
+                    else (Answer.ACK if msg.need_reply and self.reply_ack else Answer.NOTHING)
+                )
+                if answer is not Answer.NOTHING:  # every request we handle is answered by an ack
+                    await channel.send(encode_ack(msg.request, ok, channel="backend"))
+                if ok and msg.request == BackendRequest.BACKEND_CONFIG_CHANGE_MSG:
+                    for listener in list(self.config_listeners):
+                        listener()
+        except (TransportError, OSError) as err:
+            log.info("back-end channel ended: %s", err)
+        finally:
+            channel.close()
+
+    def _on_backend_request(self, msg: Message) -> bool:
+        """Carry out one back-end request; False refuses it (a failure ack when asked)."""
+        if not isinstance(msg.request, BackendRequest):
+            log.warning("back-end channel: unknown request %d refused", msg.request)
+            return False
+        spec = msg.spec
+        feature = spec.feature if spec is not None else None
+        if feature is not None and not self.protocol_features & feature.mask:
+            log.warning("back-end channel: %s without %s refused", msg.name, feature.name)
+            return False
+        self.backend_requests[msg.request] = self.backend_requests.get(msg.request, 0) + 1
+        if msg.request == BackendRequest.BACKEND_CONFIG_CHANGE_MSG:
+            return True
+        if msg.request in (BackendRequest.BACKEND_VRING_CALL, BackendRequest.BACKEND_VRING_ERR):
+            assert isinstance(msg.payload, VringState)
+            queue = self.queues.get(msg.payload.index)
+            if queue is None:
+                log.warning(
+                    "back-end channel: %s for unknown queue %d", msg.name, msg.payload.index
+                )
+                return False
+            if msg.request == BackendRequest.BACKEND_VRING_CALL:
+                queue.call.signal()  # the queue reaps as on a call eventfd
+            else:
+                log.error("back-end reports queue %d broken (in-band VRING_ERR)", queue.index)
+            return True
+        log.warning("back-end channel: %s is not supported by this front-end", msg.name)
+        return False
+
     async def close(self) -> None:
+        self.config_listeners.clear()  # they usually point back at a driver holding us
+        if self._backend_task is not None:
+            self._backend_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._backend_task
+            self._backend_task = None
+        if self._backend_channel is not None:
+            self._backend_channel.close()
+            self._backend_channel = None
         for queue in self.queues.values():
+            self._stop_inband_kicks(queue)
             queue.close()
         self.queues.clear()
         self.channel.close()
         self._release_log()
+        self._close_inflight()
         if self._memfd >= 0:
             os.close(self._memfd)
             self._memfd = -1

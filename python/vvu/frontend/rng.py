@@ -19,8 +19,8 @@ class RngDriver:
         self._buffer = frontend.allocator.alloc(buffer_size, 64)
 
     @classmethod
-    async def open(cls, path: str, *, timeout: float = 5.0) -> RngDriver:
-        frontend = await Frontend.connect(path, memory_size=1 << 20, timeout=timeout)
+    async def open(cls, path: str, *, timeout: float = 5.0, packed: bool = False) -> RngDriver:
+        frontend = await Frontend.connect(path, memory_size=1 << 20, timeout=timeout, packed=packed)
         try:
             await frontend.negotiate()
             await frontend.set_mem_table()

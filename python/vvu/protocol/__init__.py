@@ -18,6 +18,8 @@ from vvu.protocol.codec import (
     encode_reply,
 )
 from vvu.protocol.constants import (
+    DEVICE_STATE_ERROR_MASK,
+    DEVICE_STATE_NOFD,
     HEADER_SIZE,
     KNOWN_FLAGS,
     MAX_BACKEND_FDS,
@@ -87,6 +89,8 @@ from vvu.protocol.table import (
 
 __all__ = [
     "BACKEND_REQUESTS",
+    "DEVICE_STATE_ERROR_MASK",
+    "DEVICE_STATE_NOFD",
     "EMPTY",
     "HEADER_SIZE",
     "KNOWN_FLAGS",

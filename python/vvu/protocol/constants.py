@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from typing import Final, Literal, Self, TypeAlias
 
 __all__ = [
+    "DEVICE_STATE_ERROR_MASK",
+    "DEVICE_STATE_NOFD",
     "HEADER_SIZE",
     "KNOWN_FLAGS",
     "MAX_BACKEND_FDS",
@@ -60,6 +62,8 @@ VRING_NOFD: Final = 0x100  # same u64: no fd attached, poll instead
 VRING_F_LOG: Final = 0x1  # SET_VRING_ADDR flags: log used-ring writes at `log`
 MAX_REGIONS: Final = 8  # VHOST_MEMORY_BASELINE_NREGIONS: the SET_MEM_TABLE array size
 MAX_BACKEND_FDS: Final = 8  # fds per backend-channel message with BACKEND_SEND_FD
+DEVICE_STATE_ERROR_MASK: Final = 0xFF  # SET_DEVICE_STATE_FD reply: bits 0-7 error code
+DEVICE_STATE_NOFD: Final = 0x100  # same reply: bit 8, no fd returned (use the front-end's)
 
 ChannelName: TypeAlias = Literal["frontend", "backend"]
 """Which socket a message travels on: the main one, or the one from SET_BACKEND_REQ_FD."""

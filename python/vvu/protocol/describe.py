@@ -6,6 +6,8 @@ from typing import Final
 
 from vvu.protocol.codec import Message
 from vvu.protocol.constants import (
+    DEVICE_STATE_ERROR_MASK,
+    DEVICE_STATE_NOFD,
     VRING_IDX_MASK,
     VRING_NOFD,
     DeviceStatus,
@@ -18,8 +20,6 @@ from vvu.protocol.table import ReplyKind, U64Meaning
 __all__ = ["describe"]
 
 _MAC_BYTES: Final = 6
-_STATE_ERROR_MASK: Final = 0xFF
-_STATE_NOFD: Final = 0x100
 
 
 def _names(names: list[str]) -> str:
@@ -57,8 +57,8 @@ def _u64_text(value: int, meaning: U64Meaning) -> str:
         case U64Meaning.RESULT:
             text = _result(value)
         case U64Meaning.DEVICE_STATE_RESULT:
-            text = _result(value & _STATE_ERROR_MASK)
-            text += " nofd" if value & _STATE_NOFD else " fd"
+            text = _result(value & DEVICE_STATE_ERROR_MASK)
+            text += " nofd" if value & DEVICE_STATE_NOFD else " fd"
         case U64Meaning.NUMBER:
             text = f"u64={value}"
     return text

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Generic, Protocol, TypeVar
 
 from vvu.protocol.constants import (
+    DEVICE_STATE_ERROR_MASK,
+    DEVICE_STATE_NOFD,
     BackendRequest,
     ChannelName,
     FrontendRequest,
@@ -192,15 +194,11 @@ def _inflight_reply_fds(reply: Payload) -> FdRange:
     return FdRange(1, 1, "the inflight buffer")
 
 
-_STATE_ERROR_MASK: Final = 0xFF
-_STATE_NOFD: Final = 0x100
-
-
 def _device_state_reply_fds(reply: Payload) -> FdRange:
     value = reply.value if isinstance(reply, U64) else 0
-    if value & _STATE_NOFD:
+    if value & DEVICE_STATE_NOFD:
         return FdRange(0, 0, "bit 8 (no fd) is set")
-    if value & _STATE_ERROR_MASK:
+    if value & DEVICE_STATE_ERROR_MASK:
         return FdRange(0, 1, "the transfer failed")  # QEMU ignores fds after an error
     return FdRange(1, 1, "bit 8 (no fd) is clear")
 

@@ -93,6 +93,14 @@ pub enum ChainFault {
     BufferOutOfRange { addr: u64, len: u32 },
     #[error("indirect table {addr:#x}+{len:#x} is outside guest memory")]
     IndirectTableOutOfRange { addr: u64, len: u32 },
+    #[error("packed ring: descriptor {index} continues the chain but is not available in the expected wrap")]
+    NotAvailable { index: u16 },
+    #[error("packed ring: indirect descriptor inside a NEXT-linked list")]
+    IndirectInList,
+    #[error("packed ring: buffer id {id} is not below the queue size {size}")]
+    BufferIdOutOfRange { id: u16, size: u16 },
+    #[error("packed ring: buffer id {id} is already in flight")]
+    BufferIdInFlight { id: u16 },
 }
 
 /// Every error the core can report.

@@ -695,3 +695,30 @@ fn hostile_images_are_rejected_by_both() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Packed ring. virtio-queue 0.18 has no packed queue (device or driver) to pop against, only
+// the packed descriptor structure (its event structure has no public constructor): the oracle
+// checks our descriptor byte layout. The packed ring's behaviour needs a real peer instead.
+
+proptest! {
+    #[test]
+    fn packed_descriptor_layout_matches_virtio_queue(
+        addr in any::<u64>(),
+        len in any::<u32>(),
+        id in any::<u16>(),
+        flags in any::<u16>(),
+    ) {
+        use vm_memory::ByteValued;
+        use vvu_core::queue::PackedDescriptor;
+        let theirs = virtio_queue::desc::packed::Descriptor::new(addr, len, id, flags);
+        let ours = PackedDescriptor::new(addr, len, id, flags);
+        prop_assert_eq!(&ours.to_le_bytes()[..], theirs.as_slice());
+        let raw: [u8; 16] = theirs.as_slice().try_into().unwrap();
+        prop_assert_eq!(PackedDescriptor::from_le_bytes(raw), ours);
+        prop_assert_eq!(
+            (theirs.addr().0, theirs.len(), theirs.id(), theirs.flags()),
+            (addr, len, id, flags)
+        );
+    }
+}

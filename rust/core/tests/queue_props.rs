@@ -7,13 +7,21 @@
 //! byte it reads, writes a pattern into the writable segments and reports a random used length,
 //! and the driver checks every used length, every written byte, and that each head comes back
 //! exactly once. Indexes start at random points, often just below 65535, to wrap the u16 indexes.
+//!
+//! Every scenario runs on a split or a packed ring (any size for packed, random start position
+//! and wrap counter), and both sides randomly toggle notifications: whenever one side re-armed
+//! them and found nothing pending, the other side's next publish must notify (no lost wakeup).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use proptest::prelude::*;
 use vvu_core::memory::{create_memfd, GuestMemory, MemoryRegion, RegionSpec};
-use vvu_core::queue::{ChainBatch, QueueConfig, Segment, SplitQueue, SplitQueueDriver};
+use vvu_core::queue::{
+    ChainBatch, PackedConfig, PackedQueue, PackedQueueDriver, PackedState, QueueConfig,
+    RingPosition, Segment, SplitQueue, SplitQueueDriver,
+};
+use vvu_core::QueueError;
 
 /// `(gpa, size)` of the regions, laid out back to back in the memfd; adjacent in guest-physical
 /// space so that ranges can cross from one to the next.
@@ -167,8 +175,98 @@ fn check_segments(mem: &GuestMemory, segments: &[Segment], buffers: &[(u64, u32)
     assert!(segs.next().is_none(), "more segments than buffers");
 }
 
+/// The driver side of either ring format.
+enum Driver {
+    Split(SplitQueueDriver),
+    Packed(PackedQueueDriver),
+}
+
+/// The device side of either ring format.
+enum Device {
+    Split(SplitQueue),
+    Packed(PackedQueue),
+}
+
+macro_rules! both {
+    ($value:expr, $q:ident => $body:expr) => {
+        match $value {
+            Driver::Split($q) => $body,
+            Driver::Packed($q) => $body,
+        }
+    };
+}
+
+macro_rules! both_dev {
+    ($value:expr, $q:ident => $body:expr) => {
+        match $value {
+            Device::Split($q) => $body,
+            Device::Packed($q) => $body,
+        }
+    };
+}
+
+impl Driver {
+    fn add(
+        &mut self,
+        table: Option<u64>,
+        r: &[(u64, u32)],
+        w: &[(u64, u32)],
+    ) -> Result<u16, QueueError> {
+        match table {
+            Some(t) => both!(self, q => q.add_indirect(t, r, w)),
+            None => both!(self, q => q.add_chain(r, w)),
+        }
+    }
+    fn publish(&mut self) -> Result<bool, QueueError> {
+        both!(self, q => q.publish())
+    }
+    fn reap_used(&mut self) -> Result<Option<(u16, u32)>, QueueError> {
+        both!(self, q => q.reap_used())
+    }
+    fn enable_call_notifications(&mut self) -> Result<bool, QueueError> {
+        both!(self, q => q.enable_call_notifications())
+    }
+    fn disable_call_notifications(&mut self) -> Result<(), QueueError> {
+        both!(self, q => q.disable_call_notifications())
+    }
+    fn in_flight(&self) -> usize {
+        both!(self, q => q.in_flight())
+    }
+    fn free_descriptors(&self) -> usize {
+        both!(self, q => q.free_descriptors())
+    }
+    fn is_broken(&self) -> bool {
+        both!(self, q => q.is_broken())
+    }
+}
+
+impl Device {
+    fn pop_batch(&mut self, batch: &mut ChainBatch, max: usize) -> Result<usize, QueueError> {
+        both_dev!(self, q => q.pop_batch(batch, max))
+    }
+    fn push_used(&mut self, head: u16, len: u32) -> Result<(), QueueError> {
+        both_dev!(self, q => q.push_used(head, len))
+    }
+    fn publish_used(&mut self) -> Result<bool, QueueError> {
+        both_dev!(self, q => q.publish_used())
+    }
+    fn enable_notifications(&mut self) -> Result<bool, QueueError> {
+        both_dev!(self, q => q.enable_notifications())
+    }
+    fn disable_notifications(&mut self) -> Result<(), QueueError> {
+        both_dev!(self, q => q.disable_notifications())
+    }
+    fn is_broken(&self) -> bool {
+        both_dev!(self, q => q.is_broken())
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Scenario {
+    /// Packed ring instead of split.
+    packed: bool,
+    /// Split: Q = 2^size_log2; packed: Q = size_log2 * 37 % 256 + 1 (sizes that are not powers
+    /// of two; at most 256 so that the ring ends where the split layout's avail ring starts).
     size_log2: u32,
     event_idx: bool,
     indirect: bool,
@@ -179,6 +277,7 @@ struct Scenario {
 
 fn scenario() -> impl Strategy<Value = Scenario> {
     (
+        any::<bool>(),
         0u32..=8,
         any::<bool>(),
         any::<bool>(),
@@ -187,7 +286,8 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         any::<u64>(),
     )
         .prop_map(
-            |(size_log2, event_idx, indirect, start, chains, seed)| Scenario {
+            |(packed, size_log2, event_idx, indirect, start, chains, seed)| Scenario {
+                packed,
                 size_log2,
                 event_idx,
                 indirect,
@@ -206,6 +306,8 @@ struct Stats {
     indirect: usize,
     split_tables: usize,
     batches_over_one: usize,
+    /// Publishes that had to notify because the other side had re-armed.
+    armed_notifications: usize,
 }
 
 fn crosses(gpa: u64, len: u64) -> bool {
@@ -214,7 +316,11 @@ fn crosses(gpa: u64, len: u64) -> bool {
 
 fn run(s: &Scenario) -> Stats {
     let mut stats = Stats::default();
-    let size = 1u16 << s.size_log2;
+    let size = if s.packed {
+        (s.size_log2 * 37 % 256 + 1) as u16
+    } else {
+        1u16 << s.size_log2
+    };
     let config = QueueConfig {
         size,
         desc_table: DESC,
@@ -224,11 +330,36 @@ fn run(s: &Scenario) -> Stats {
         indirect: s.indirect,
     };
     let (drv_mem, dev_mem) = map_twice();
-    let mut drv = SplitQueueDriver::with_start_index(drv_mem.clone(), config, s.start).unwrap();
-    let mut dev = SplitQueue::new(config).unwrap();
-    dev.attach(dev_mem.clone()).unwrap();
-    dev.set_next_avail(s.start);
-    assert_eq!(dev.next_used(), s.start);
+    // Packed: the start becomes a slot and a wrap counter.
+    let packed_start = RingPosition {
+        index: s.start % size,
+        wrap: s.start & 0x8000 == 0,
+    };
+    let (mut drv, mut dev) = if s.packed {
+        let config = PackedConfig::from_split_names(&config);
+        let drv = PackedQueueDriver::with_start(drv_mem.clone(), config, packed_start).unwrap();
+        let mut dev = PackedQueue::new(config).unwrap();
+        dev.set_state(PackedState {
+            next_avail: packed_start,
+            next_used: packed_start,
+        })
+        .unwrap();
+        dev.attach(dev_mem.clone()).unwrap();
+        (Driver::Packed(drv), Device::Packed(dev))
+    } else {
+        let drv = SplitQueueDriver::with_start_index(drv_mem.clone(), config, s.start).unwrap();
+        let mut dev = SplitQueue::new(config).unwrap();
+        dev.attach(dev_mem.clone()).unwrap();
+        dev.set_next_avail(s.start);
+        assert_eq!(dev.next_used(), s.start);
+        (Driver::Split(drv), Device::Split(dev))
+    };
+    // Ring slots the chains took, to check where the packed positions end up.
+    let mut slots_added: u64 = 0;
+    // A side that re-armed notifications and found nothing pending: the other side's next
+    // publish must notify.
+    let (mut driver_armed, mut device_armed) = (false, false);
+    let mut unpublished_chains = 0usize;
 
     let mut rng = Rng(s.seed);
     let mut bump = Bump { pos: DATA_START };
@@ -244,7 +375,7 @@ fn run(s: &Scenario) -> Stats {
         if all_added && flight.is_empty() {
             break;
         }
-        match rng.below(5) {
+        match rng.below(6) {
             // Driver: add a chain.
             0 | 1 => {
                 let Some(spec) = pending_spec else { continue };
@@ -296,12 +427,15 @@ fn run(s: &Scenario) -> Stats {
                     .chain(&w)
                     .filter(|b| crosses(b.0, u64::from(b.1)))
                     .count();
-                let result = match table {
-                    Some(t) => drv.add_indirect(t, &r, &w),
-                    None => drv.add_chain(&r, &w),
+                let chain_slots = if table.is_some() {
+                    1
+                } else {
+                    (r.len() + w.len()) as u64
                 };
-                match result {
+                match drv.add(table, &r, &w) {
                     Ok(head) => {
+                        slots_added += chain_slots;
+                        unpublished_chains += 1;
                         stats.indirect += usize::from(table.is_some());
                         stats.split_tables += usize::from(split_table);
                         stats.split_buffers += split_buffers;
@@ -318,14 +452,41 @@ fn run(s: &Scenario) -> Stats {
                         added += 1;
                         pending_spec = specs.next();
                     }
-                    Err(vvu_core::QueueError::Full) => {}
+                    Err(QueueError::Full) => {}
                     Err(e) => panic!("add failed: {e}"),
                 }
             }
             // Driver: publish.
             2 => {
-                drv.publish().unwrap();
+                let kick = drv.publish().unwrap();
+                // Only a publish that made something available has to kick.
+                if device_armed && unpublished_chains > 0 {
+                    assert!(
+                        kick,
+                        "lost kick: the device re-armed and the driver did not kick"
+                    );
+                    stats.armed_notifications += 1;
+                    device_armed = false;
+                }
+                unpublished_chains = 0;
             }
+            // Either side toggles its notification requests.
+            5 => match rng.below(4) {
+                0 => {
+                    driver_armed = !drv.enable_call_notifications().unwrap();
+                }
+                1 => {
+                    drv.disable_call_notifications().unwrap();
+                    driver_armed = false;
+                }
+                2 => {
+                    device_armed = !dev.enable_notifications().unwrap();
+                }
+                _ => {
+                    dev.disable_notifications().unwrap();
+                    device_armed = false;
+                }
+            },
             // Device: pop a batch, check it, complete it.
             3 => {
                 batch.clear();
@@ -374,14 +535,16 @@ fn run(s: &Scenario) -> Stats {
                     unpublished_used += 1;
                 }
                 if rng.below(3) != 0 {
-                    dev.publish_used().unwrap();
+                    let call = dev.publish_used().unwrap();
+                    check_call(&mut driver_armed, unpublished_used, call, &mut stats);
                     unpublished_used = 0;
                 }
             }
             // Device publishes late; driver reaps everything visible.
             _ => {
                 if unpublished_used > 0 && rng.below(2) == 0 {
-                    dev.publish_used().unwrap();
+                    let call = dev.publish_used().unwrap();
+                    check_call(&mut driver_armed, unpublished_used, call, &mut stats);
                     unpublished_used = 0;
                 }
                 while let Some((head, len)) = drv.reap_used().unwrap() {
@@ -413,15 +576,48 @@ fn run(s: &Scenario) -> Stats {
     assert_eq!(added, reaped);
     assert_eq!(drv.in_flight(), 0);
     assert_eq!(drv.free_descriptors(), usize::from(size));
-    assert_eq!(dev.next_avail(), drv.avail_idx());
-    assert_eq!(dev.next_used(), drv.last_used());
-    assert_eq!(
-        drv.avail_idx(),
-        s.start.wrapping_add(added as u16),
-        "indexes advanced by the number of chains"
-    );
+    match (&drv, &dev) {
+        (Driver::Split(drv), Device::Split(dev)) => {
+            assert_eq!(dev.next_avail(), drv.avail_idx());
+            assert_eq!(dev.next_used(), drv.last_used());
+            assert_eq!(
+                drv.avail_idx(),
+                s.start.wrapping_add(added as u16),
+                "indexes advanced by the number of chains"
+            );
+        }
+        (Driver::Packed(drv), Device::Packed(dev)) => {
+            assert_eq!(dev.next_avail(), drv.next_avail());
+            assert_eq!(dev.next_used(), drv.next_used());
+            // Positions advanced by the slots taken, wrapping (and flipping) every Q.
+            let laps = (u64::from(packed_start.index) + slots_added) / u64::from(size);
+            let want = RingPosition {
+                index: ((u64::from(packed_start.index) + slots_added) % u64::from(size)) as u16,
+                wrap: packed_start.wrap ^ (laps % 2 == 1),
+            };
+            assert_eq!(
+                drv.next_avail(),
+                want,
+                "positions advanced by the slots taken"
+            );
+        }
+        _ => unreachable!("driver and device use the same format"),
+    }
     assert!(!dev.is_broken() && !drv.is_broken());
     stats
+}
+
+/// After the driver re-armed call notifications and found nothing, a publish that adds used
+/// entries must notify.
+fn check_call(driver_armed: &mut bool, published: usize, call: bool, stats: &mut Stats) {
+    if *driver_armed && published > 0 {
+        assert!(
+            call,
+            "lost call: the driver re-armed and the device did not notify"
+        );
+        stats.armed_notifications += 1;
+        *driver_armed = false;
+    }
 }
 
 proptest! {
@@ -436,6 +632,12 @@ proptest! {
 /// The same run with a fixed, demanding shape, so that a failure is easy to reproduce.
 #[test]
 fn wraps_indexes_with_indirect_and_event_idx() {
+    for packed in [false, true] {
+        wraps_with(packed);
+    }
+}
+
+fn wraps_with(packed: bool) {
     let spec = ChainSpec {
         readable: vec![(100, true), (7, false)],
         writable: vec![(3000, true), (1, false)],
@@ -445,6 +647,7 @@ fn wraps_indexes_with_indirect_and_event_idx() {
     for (size_log2, indirect) in [(0, true), (2, false), (4, true), (8, true)] {
         for event_idx in [false, true] {
             let stats = run(&Scenario {
+                packed,
                 size_log2,
                 event_idx,
                 indirect,
@@ -461,6 +664,7 @@ fn wraps_indexes_with_indirect_and_event_idx() {
             if size_log2 >= 4 {
                 assert!(stats.batches_over_one > 0, "{stats:?}");
             }
+            assert!(stats.armed_notifications > 0, "{stats:?}");
         }
     }
 }

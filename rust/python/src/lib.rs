@@ -5,6 +5,7 @@ use pyo3::prelude::*;
 
 mod dirty_log;
 mod errors;
+mod inflight;
 mod memory;
 mod net;
 mod notify;
@@ -15,10 +16,13 @@ mod worker;
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<dirty_log::PyDirtyLog>()?;
     m.add_class::<memory::PyGuestMemory>()?;
+    m.add_class::<inflight::PyInflightRegion>()?;
     m.add_class::<memory::GuestBuffer>()?;
     m.add_class::<memory::RegionInfo>()?;
     m.add_class::<queue::PySplitQueue>()?;
     m.add_class::<queue::PySplitQueueDriver>()?;
+    m.add_class::<queue::PyPackedQueue>()?;
+    m.add_class::<queue::PyPackedQueueDriver>()?;
     m.add_class::<queue::DescriptorChain>()?;
     m.add_class::<notify::PyEventFd>()?;
     m.add_class::<notify::PyPoller>()?;

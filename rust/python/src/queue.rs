@@ -1,5 +1,5 @@
-//! Split virtqueues for Python: the device side (`SplitQueue`, `DescriptorChain`) and the driver
-//! side (`SplitQueueDriver`).
+//! Virtqueues for Python: the device side (`SplitQueue`, `PackedQueue`, `DescriptorChain`) and
+//! the driver side (`SplitQueueDriver`, `PackedQueueDriver`).
 
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyValueError;
@@ -7,11 +7,15 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 use vvu_core::dirty_log::QueueLog;
 use vvu_core::memory::GuestMemory;
-use vvu_core::queue::{ChainBatch, QueueConfig, SplitQueue, SplitQueueDriver};
+use vvu_core::queue::{
+    ChainBatch, PackedConfig, PackedQueue, PackedQueueDriver, QueueConfig, RingPosition,
+    SplitQueue, SplitQueueDriver, Virtqueue,
+};
 use vvu_core::QueueError;
 
 use crate::dirty_log::PyDirtyLog;
 use crate::errors::to_pyerr;
+use crate::inflight::PyInflightRegion;
 use crate::memory::{guest_view, PyGuestMemory};
 
 fn config(
@@ -130,15 +134,15 @@ impl DescriptorChain {
     }
 }
 
-/// The device side of a split virtqueue: pop chains the driver made available, return them used.
-#[pyclass(name = "SplitQueue", module = "vvu._core")]
-pub struct PySplitQueue {
-    queue: Option<SplitQueue>,
+/// What both device-side queue classes hold: the queue (absent while a worker runs it) and a
+/// reused batch.
+struct QueueCore {
+    queue: Option<Virtqueue>,
     batch: ChainBatch,
 }
 
-impl PySplitQueue {
-    pub fn wrap(queue: SplitQueue) -> Self {
+impl QueueCore {
+    fn new(queue: Virtqueue) -> Self {
         Self {
             queue: Some(queue),
             batch: ChainBatch::new(),
@@ -151,59 +155,19 @@ impl PySplitQueue {
         ))
     }
 
-    fn queue(&mut self) -> PyResult<&mut SplitQueue> {
+    fn queue(&mut self) -> PyResult<&mut Virtqueue> {
         self.queue.as_mut().ok_or_else(Self::handed_over)
     }
 
-    /// Hand the queue to a native worker; this object is unusable until it is given back.
-    pub fn take(&mut self) -> PyResult<SplitQueue> {
+    fn take(&mut self) -> PyResult<Virtqueue> {
         self.queue.take().ok_or_else(Self::handed_over)
     }
-}
 
-#[pymethods]
-impl PySplitQueue {
-    /// A queue of `size` descriptors whose three parts are at the given guest-physical addresses.
-    #[new]
-    #[pyo3(signature = (size, desc_table, avail_ring, used_ring, *, event_idx = false, indirect = true))]
-    fn new(
-        size: u32,
-        desc_table: u64,
-        avail_ring: u64,
-        used_ring: u64,
-        event_idx: bool,
-        indirect: bool,
-    ) -> PyResult<Self> {
-        let config = config(size, desc_table, avail_ring, used_ring, event_idx, indirect)?;
-        Ok(Self::wrap(SplitQueue::new(config).map_err(to_pyerr)?))
-    }
-
-    /// Translate the rings in the current snapshot of `memory` and start using it (again). The
-    /// queue keeps that snapshot mapped until it is re-attached or detached.
     fn attach(&mut self, memory: &PyGuestMemory) -> PyResult<()> {
         let snapshot = memory.snapshot();
         self.queue()?.attach(snapshot).map_err(to_pyerr)
     }
 
-    fn detach(&mut self) -> PyResult<()> {
-        self.queue()?.detach();
-        Ok(())
-    }
-
-    /// Log this queue's writes to guest memory into `log` (None: stop logging); the used ring's
-    /// writes are logged at `used_ring_log` (SET_VRING_ADDR's log address) when it is given.
-    #[pyo3(signature = (log, used_ring_log = None))]
-    fn set_log(&mut self, log: Option<&PyDirtyLog>, used_ring_log: Option<u64>) -> PyResult<()> {
-        let log = log.map(|log| QueueLog {
-            log: log.log.clone(),
-            used_ring: used_ring_log,
-        });
-        self.queue()?.set_log(log);
-        Ok(())
-    }
-
-    /// Pop up to `max_chains` available chains.
-    #[pyo3(signature = (max_chains = 64))]
     fn pop(&mut self, max_chains: usize) -> PyResult<Vec<DescriptorChain>> {
         let mut batch = std::mem::take(&mut self.batch);
         batch.clear();
@@ -225,59 +189,233 @@ impl PySplitQueue {
         result.map_err(to_pyerr)?;
         Ok(chains)
     }
+}
 
-    /// Return chain `head` with `length` bytes written into its writable part (not yet visible).
-    fn push_used(&mut self, head: u16, length: u32) -> PyResult<()> {
-        self.queue()?.push_used(head, length).map_err(to_pyerr)
+/// The Python class of a queue a worker hands back.
+pub fn wrap_queue(py: Python<'_>, queue: Virtqueue) -> PyResult<Py<PyAny>> {
+    Ok(if queue.is_packed() {
+        Py::new(py, PyPackedQueue::wrap(queue))?.into_any()
+    } else {
+        Py::new(py, PySplitQueue::wrap(queue))?.into_any()
+    })
+}
+
+/// The queue inside a `SplitQueue` or `PackedQueue` object, handed over to a worker.
+pub fn take_queue(queue: &Bound<'_, PyAny>) -> PyResult<Virtqueue> {
+    if let Ok(split) = queue.cast::<PySplitQueue>() {
+        return split.borrow_mut().core.take();
     }
-
-    /// Publish the used entries pushed so far; True when the driver wants a notification.
-    fn publish_used(&mut self) -> PyResult<bool> {
-        self.queue()?.publish_used().map_err(to_pyerr)
+    if let Ok(packed) = queue.cast::<PyPackedQueue>() {
+        return packed.borrow_mut().core.take();
     }
+    Err(pyo3::exceptions::PyTypeError::new_err(
+        "expected a SplitQueue or a PackedQueue",
+    ))
+}
 
-    /// Ask the driver for kicks again; True if work arrived meanwhile (process it, don't sleep).
-    fn enable_notifications(&mut self) -> PyResult<bool> {
-        self.queue()?.enable_notifications().map_err(to_pyerr)
-    }
+/// The methods both device-side queue classes share, forwarded to `QueueCore`.
+macro_rules! device_queue_methods {
+    ($class:ident, { $($extra:tt)* }) => {
+        impl $class {
+            pub fn wrap(queue: Virtqueue) -> Self {
+                Self {
+                    core: QueueCore::new(queue),
+                }
+            }
+        }
 
-    fn disable_notifications(&mut self) -> PyResult<()> {
-        self.queue()?.disable_notifications().map_err(to_pyerr)
-    }
+        #[pymethods]
+        impl $class {
+            /// Translate the rings in the current snapshot of `memory` and start using it
+            /// (again). The queue keeps that snapshot mapped until it is re-attached or detached.
+            fn attach(&mut self, memory: &PyGuestMemory) -> PyResult<()> {
+                self.core.attach(memory)
+            }
 
-    /// Chains available and not yet popped.
-    fn pending(&mut self) -> PyResult<u16> {
-        self.queue()?.pending().map_err(to_pyerr)
+            fn detach(&mut self) -> PyResult<()> {
+                self.core.queue()?.detach();
+                Ok(())
+            }
+
+            /// Pop up to `max_chains` available chains.
+            #[pyo3(signature = (max_chains = 64))]
+            fn pop(&mut self, max_chains: usize) -> PyResult<Vec<DescriptorChain>> {
+                self.core.pop(max_chains)
+            }
+
+            /// Return chain `head` with `length` bytes written into its writable part (not yet
+            /// visible).
+            fn push_used(&mut self, head: u16, length: u32) -> PyResult<()> {
+                self.core.queue()?.push_used(head, length).map_err(to_pyerr)
+            }
+
+            /// Publish the used entries pushed so far; True when the driver wants a
+            /// notification.
+            fn publish_used(&mut self) -> PyResult<bool> {
+                self.core.queue()?.publish_used().map_err(to_pyerr)
+            }
+
+            /// Ask the driver for kicks again; True if work arrived meanwhile (process it, don't
+            /// sleep).
+            fn enable_notifications(&mut self) -> PyResult<bool> {
+                self.core.queue()?.enable_notifications().map_err(to_pyerr)
+            }
+
+            fn disable_notifications(&mut self) -> PyResult<()> {
+                self.core.queue()?.disable_notifications().map_err(to_pyerr)
+            }
+
+            /// Chains available and not yet popped.
+            fn pending(&mut self) -> PyResult<u16> {
+                self.core.queue()?.pending().map_err(to_pyerr)
+            }
+
+            /// What vhost-user GET_VRING_BASE reports and SET_VRING_BASE sets.
+            #[getter]
+            fn get_vring_base(&mut self) -> PyResult<u32> {
+                Ok(self.core.queue()?.vring_base())
+            }
+
+            #[setter]
+            fn set_vring_base(&mut self, value: u32) -> PyResult<()> {
+                self.core.queue()?.set_vring_base(value).map_err(to_pyerr)
+            }
+
+            #[getter]
+            fn next_used(&mut self) -> PyResult<u16> {
+                Ok(self.core.queue()?.next_used())
+            }
+
+            #[getter]
+            fn size(&mut self) -> PyResult<u16> {
+                Ok(self.core.queue()?.size())
+            }
+
+            /// Why the queue is broken, or None.
+            #[getter]
+            fn broken_reason(&mut self) -> PyResult<Option<String>> {
+                Ok(self.core.queue()?.broken_reason().map(str::to_owned))
+            }
+
+            $($extra)*
+        }
+    };
+}
+
+/// The device side of a split virtqueue: pop chains the driver made available, return them used.
+#[pyclass(name = "SplitQueue", module = "vvu._core")]
+pub struct PySplitQueue {
+    core: QueueCore,
+}
+
+device_queue_methods!(PySplitQueue, {
+    /// A queue of `size` descriptors whose three parts are at the given guest-physical addresses.
+    #[new]
+    #[pyo3(signature = (size, desc_table, avail_ring, used_ring, *, event_idx = false, indirect = true))]
+    fn new(
+        size: u32,
+        desc_table: u64,
+        avail_ring: u64,
+        used_ring: u64,
+        event_idx: bool,
+        indirect: bool,
+    ) -> PyResult<Self> {
+        let config = config(size, desc_table, avail_ring, used_ring, event_idx, indirect)?;
+        let queue = SplitQueue::new(config).map_err(to_pyerr)?;
+        Ok(Self::wrap(queue.into()))
     }
 
     /// The next avail index the device will process (vhost-user GET/SET_VRING_BASE).
     #[getter]
     fn get_next_avail(&mut self) -> PyResult<u16> {
-        Ok(self.queue()?.next_avail())
+        Ok(self.core.queue()?.next_avail())
     }
 
     #[setter]
     fn set_next_avail(&mut self, value: u16) -> PyResult<()> {
-        self.queue()?.set_next_avail(value);
+        self.core
+            .queue()?
+            .set_vring_base(u32::from(value))
+            .map_err(to_pyerr)
+    }
+
+    /// Log this queue's writes to guest memory into `log` (None: stop logging); the used ring's
+    /// writes are logged at `used_ring_log` (SET_VRING_ADDR's log address) when it is given.
+    #[pyo3(signature = (log, used_ring_log = None))]
+    fn set_log(&mut self, log: Option<&PyDirtyLog>, used_ring_log: Option<u64>) -> PyResult<()> {
+        let Virtqueue::Split(queue) = self.core.queue()? else {
+            return Err(PyValueError::new_err(
+                "dirty logging needs a split ring here",
+            ));
+        };
+        queue.set_log(log.map(|log| QueueLog {
+            log: log.log.clone(),
+            used_ring: used_ring_log,
+        }));
         Ok(())
     }
 
-    #[getter]
-    fn next_used(&mut self) -> PyResult<u16> {
-        Ok(self.queue()?.next_used())
+    /// Track the queue in queue `index` of an inflight region (INFLIGHT_SHMFD), after attach
+    /// and setting next_avail. Returns how many chains left in flight by a previous back-end
+    /// will be handed out first, and why the region's content was discarded (None if it was
+    /// fresh or sound). next_avail is recomputed from the region when it held state.
+    fn set_inflight(
+        &mut self,
+        region: &PyInflightRegion,
+        index: u16,
+    ) -> PyResult<(usize, Option<String>)> {
+        let Virtqueue::Split(queue) = self.core.queue()? else {
+            return Err(PyValueError::new_err(
+                "inflight tracking needs a split ring here",
+            ));
+        };
+        let view = region
+            .region()
+            .split_queue(index, queue.size())
+            .map_err(to_pyerr)?;
+        let recovery = queue.set_inflight(view).map_err(to_pyerr)?;
+        Ok((recovery.resubmit.len(), recovery.discarded))
     }
+});
 
-    #[getter]
-    fn size(&mut self) -> PyResult<u16> {
-        Ok(self.queue()?.size())
-    }
-
-    /// Why the queue is broken, or None.
-    #[getter]
-    fn broken_reason(&mut self) -> PyResult<Option<String>> {
-        Ok(self.queue()?.broken_reason().map(str::to_owned))
-    }
+/// The device side of a packed virtqueue (VIRTIO_F_RING_PACKED): the same methods as
+/// `SplitQueue`; a chain's `head` is its buffer id.
+#[pyclass(name = "PackedQueue", module = "vvu._core")]
+pub struct PyPackedQueue {
+    core: QueueCore,
 }
+
+device_queue_methods!(PyPackedQueue, {
+    /// A queue of `size` descriptors (any size up to 32768) whose descriptor ring and event
+    /// suppression areas are at the given guest-physical addresses.
+    #[new]
+    #[pyo3(signature = (size, desc_ring, driver_event, device_event, *, event_idx = false, indirect = true))]
+    fn new(
+        size: u32,
+        desc_ring: u64,
+        driver_event: u64,
+        device_event: u64,
+        event_idx: bool,
+        indirect: bool,
+    ) -> PyResult<Self> {
+        let config = config(
+            size,
+            desc_ring,
+            driver_event,
+            device_event,
+            event_idx,
+            indirect,
+        )?;
+        let queue = PackedQueue::new(PackedConfig::from_split_names(&config)).map_err(to_pyerr)?;
+        Ok(Self::wrap(queue.into()))
+    }
+
+    /// The next available position: offset in bits 0-14, wrap counter in bit 15.
+    #[getter]
+    fn next_avail(&mut self) -> PyResult<u16> {
+        Ok(self.core.queue()?.next_avail())
+    }
+});
 
 /// The driver side of a split virtqueue, laid out in guest memory this side owns.
 #[pyclass(name = "SplitQueueDriver", module = "vvu._core")]
@@ -368,6 +506,112 @@ impl PySplitQueueDriver {
     #[getter]
     fn avail_idx(&self) -> u16 {
         self.driver.avail_idx()
+    }
+
+    #[getter]
+    fn broken_reason(&self) -> Option<String> {
+        self.driver.broken_reason().map(str::to_owned)
+    }
+}
+
+/// The driver side of a packed virtqueue, laid out in guest memory this side owns. Same methods
+/// as `SplitQueueDriver`; heads are buffer ids.
+#[pyclass(name = "PackedQueueDriver", module = "vvu._core")]
+pub struct PyPackedQueueDriver {
+    driver: PackedQueueDriver,
+}
+
+#[pymethods]
+impl PyPackedQueueDriver {
+    /// Zero the ring areas in `memory` and start at slot 0 with wrap counter 1.
+    #[new]
+    #[pyo3(signature = (memory, size, desc_ring, driver_event, device_event, *, event_idx = false))]
+    fn new(
+        memory: &PyGuestMemory,
+        size: u32,
+        desc_ring: u64,
+        driver_event: u64,
+        device_event: u64,
+        event_idx: bool,
+    ) -> PyResult<Self> {
+        let config = config(size, desc_ring, driver_event, device_event, event_idx, true)?;
+        let driver = PackedQueueDriver::with_start(
+            memory.snapshot(),
+            PackedConfig::from_split_names(&config),
+            RingPosition::START,
+        )
+        .map_err(to_pyerr)?;
+        Ok(Self { driver })
+    }
+
+    /// Make a buffer of `readable` then `writable` (gpa, length) pieces available (unpublished);
+    /// returns its id. Raises QueueError when out of descriptors.
+    #[pyo3(signature = (readable, writable = Vec::new()))]
+    fn add_chain(&mut self, readable: Vec<(u64, u32)>, writable: Vec<(u64, u32)>) -> PyResult<u16> {
+        self.driver
+            .add_chain(&readable, &writable)
+            .map_err(to_pyerr)
+    }
+
+    /// Like add_chain, through an indirect table of 16·n bytes at `table` (one ring slot).
+    #[pyo3(signature = (table, readable, writable = Vec::new()))]
+    fn add_indirect(
+        &mut self,
+        table: u64,
+        readable: Vec<(u64, u32)>,
+        writable: Vec<(u64, u32)>,
+    ) -> PyResult<u16> {
+        self.driver
+            .add_indirect(table, &readable, &writable)
+            .map_err(to_pyerr)
+    }
+
+    /// Publish the buffers added so far; True when the device wants a kick.
+    fn publish(&mut self) -> PyResult<bool> {
+        self.driver.publish().map_err(to_pyerr)
+    }
+
+    /// The next used (id, length), or None.
+    fn reap_used(&mut self) -> PyResult<Option<(u16, u32)>> {
+        self.driver.reap_used().map_err(to_pyerr)
+    }
+
+    /// Every used (id, length) available now.
+    fn reap_all(&mut self) -> PyResult<Vec<(u16, u32)>> {
+        let mut used = Vec::new();
+        while let Some(entry) = self.driver.reap_used().map_err(to_pyerr)? {
+            used.push(entry);
+        }
+        Ok(used)
+    }
+
+    /// Ask the device for used-buffer notifications; True if buffers arrived meanwhile.
+    fn enable_call_notifications(&mut self) -> PyResult<bool> {
+        self.driver.enable_call_notifications().map_err(to_pyerr)
+    }
+
+    fn disable_call_notifications(&mut self) -> PyResult<()> {
+        self.driver.disable_call_notifications().map_err(to_pyerr)
+    }
+
+    #[getter]
+    fn free_descriptors(&self) -> usize {
+        self.driver.free_descriptors()
+    }
+
+    #[getter]
+    fn in_flight(&self) -> usize {
+        self.driver.in_flight()
+    }
+
+    /// The vhost-user SET_VRING_BASE value for a device taking over the ring now.
+    #[getter]
+    fn vring_base(&self) -> u32 {
+        vvu_core::queue::PackedState {
+            next_avail: self.driver.next_avail(),
+            next_used: self.driver.next_used(),
+        }
+        .to_vring_base()
     }
 
     #[getter]

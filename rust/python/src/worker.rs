@@ -16,7 +16,7 @@ use vvu_core::QueueError;
 use crate::errors::to_pyerr;
 use crate::memory::dup_fd;
 use crate::notify::PyEventFd;
-use crate::queue::PySplitQueue;
+use crate::queue::{take_queue, wrap_queue};
 
 fn used_up() -> PyErr {
     to_pyerr(QueueError::InvalidConfig(
@@ -105,7 +105,7 @@ impl NativeHandler {
 }
 
 /// One queue processed by a native thread. `stop()` drains in-flight requests and gives the
-/// queue back (its `next_avail` is what GET_VRING_BASE reports).
+/// queue back (its `vring_base` is what GET_VRING_BASE reports).
 #[pyclass(name = "QueueWorker", module = "vvu._core", frozen)]
 pub struct PyQueueWorker {
     worker: Mutex<Option<QueueWorker>>,
@@ -123,13 +123,14 @@ impl PyQueueWorker {
 
 #[pymethods]
 impl PyQueueWorker {
-    /// Start a thread named `name` running `queue` (attached, handed over) with `handler`.
+    /// Start a thread named `name` running `queue` (a SplitQueue or PackedQueue, attached, handed
+    /// over) with `handler`.
     #[new]
     #[pyo3(signature = (name, queue, handler, *, kick, call = None, err = None, batch_size = 64, busy_poll = 0.0, poll_interval = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         name: &str,
-        queue: &Bound<'_, PySplitQueue>,
+        queue: &Bound<'_, PyAny>,
         handler: &NativeHandler,
         kick: &PyEventFd,
         call: Option<&PyEventFd>,
@@ -150,7 +151,7 @@ impl PyQueueWorker {
         let call = call.map(PyEventFd::clone_inner).transpose()?;
         let err = err.map(PyEventFd::clone_inner).transpose()?;
         let handler = handler.take()?;
-        let queue = queue.borrow_mut().take()?;
+        let queue = take_queue(queue)?;
         let options = WorkerOptions {
             batch_size,
             busy_poll: (!busy_poll.is_zero()).then_some(busy_poll),
@@ -198,7 +199,7 @@ impl PyQueueWorker {
 
     /// Stop after the current batch (every popped chain is completed and published), join the
     /// thread and return the queue. Releases the GIL while waiting.
-    fn stop(&self, py: Python<'_>) -> PyResult<PySplitQueue> {
+    fn stop(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         let worker = self
             .worker
             .lock()
@@ -206,7 +207,7 @@ impl PyQueueWorker {
             .take()
             .ok_or_else(|| to_pyerr(QueueError::InvalidConfig("the worker was stopped".into())))?;
         let stopped = py.detach(|| worker.stop()).map_err(to_pyerr)?;
-        Ok(PySplitQueue::wrap(stopped.queue))
+        wrap_queue(py, stopped.queue)
     }
 
     #[getter]

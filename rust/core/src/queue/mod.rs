@@ -1,4 +1,5 @@
-//! Virtqueues (split ring): device side ([`SplitQueue`]) and driver side ([`SplitQueueDriver`]).
+//! Virtqueues. Split ring: device side ([`SplitQueue`]) and driver side ([`SplitQueueDriver`]);
+//! packed ring: [`PackedQueue`] and [`PackedQueueDriver`].
 //!
 //! Both sides work on ring areas in guest memory that they translate once, when they are given a
 //! [`GuestMemory`] snapshot, and keep the snapshot so that the mapping outlives every pointer they
@@ -17,10 +18,19 @@ use crate::error::QueueError;
 use crate::memory::GuestMemory;
 
 mod driver;
+mod packed;
+mod packed_driver;
 mod split;
+mod virtqueue;
 
 pub use driver::SplitQueueDriver;
+pub use packed::{
+    PackedConfig, PackedDescriptor, PackedQueue, PackedState, RingPosition, RING_EVENT_FLAGS_DESC,
+    RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED,
+};
+pub use packed_driver::PackedQueueDriver;
 pub use split::{Chain, ChainBatch, ChainView, Segment, SplitQueue};
+pub use virtqueue::Virtqueue;
 
 /// Descriptor flag: the chain continues at `next`.
 pub const VIRTQ_DESC_F_NEXT: u16 = 1;

@@ -6,6 +6,7 @@
 //! working size: ring pointers are translated once at [`SplitQueue::attach`], descriptors are
 //! read straight from the cached table pointer, and buffer translation keeps a last-region cache.
 
+use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::atomic::{fence, Ordering};
 
@@ -16,6 +17,7 @@ use super::{
 };
 use crate::dirty_log::QueueLog;
 use crate::error::{ChainFault, QueueError};
+use crate::inflight::{Recovery, SplitInflight};
 use crate::memory::{GuestMemory, MemoryRegion};
 
 /// One contiguous piece of a descriptor's buffer, translated to a host address.
@@ -83,13 +85,13 @@ impl Segment {
 /// One popped descriptor chain. Its segments live in the [`ChainBatch`] it was popped into.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chain {
-    head: u16,
-    descriptors: u16,
-    segments: Range<usize>,
+    pub(super) head: u16,
+    pub(super) descriptors: u16,
+    pub(super) segments: Range<usize>,
     /// First writable segment (readable ones are `segments.start..mid`).
-    mid: usize,
-    readable_len: u32,
-    writable_len: u32,
+    pub(super) mid: usize,
+    pub(super) readable_len: u32,
+    pub(super) writable_len: u32,
 }
 
 impl Chain {
@@ -161,8 +163,8 @@ impl<'a> ChainView<'a> {
 /// [`ChainBatch::clear`] keeps both capacities, so a batch reused across pops stops allocating.
 #[derive(Debug, Default)]
 pub struct ChainBatch {
-    chains: Vec<Chain>,
-    segments: Vec<Segment>,
+    pub(super) chains: Vec<Chain>,
+    pub(super) segments: Vec<Segment>,
 }
 
 impl ChainBatch {
@@ -206,19 +208,19 @@ impl ChainBatch {
 }
 
 /// Running totals while walking one chain.
-struct Walk {
+pub(super) struct Walk {
     /// First writable segment, once a writable descriptor was seen.
-    mid: Option<usize>,
-    total: u32,
-    readable: u32,
-    writable: u32,
-    descriptors: u16,
+    pub(super) mid: Option<usize>,
+    pub(super) total: u32,
+    pub(super) readable: u32,
+    pub(super) writable: u32,
+    pub(super) descriptors: u16,
 }
 
 /// Buffer translation with a last-region-hit cache.
-struct Translator<'m> {
-    regions: &'m [std::sync::Arc<MemoryRegion>],
-    cache: &'m mut usize,
+pub(super) struct Translator<'m> {
+    pub(super) regions: &'m [std::sync::Arc<MemoryRegion>],
+    pub(super) cache: &'m mut usize,
 }
 
 impl Translator<'_> {
@@ -264,16 +266,31 @@ impl Translator<'_> {
 }
 
 /// Where an indirect table can be read.
-enum Table<'m> {
+pub(super) enum Table<'m> {
     /// Contiguous in this process.
     Host(*const u8),
     /// Mapped, but crossing a region boundary: read entry by entry through the snapshot.
     Pieces(&'m GuestMemory, u64),
 }
 
-impl Table<'_> {
+impl<'m> Table<'m> {
+    /// Locate the table `[addr, addr + len)`, which must be entirely mapped.
+    pub(super) fn map(mem: &'m GuestMemory, addr: u64, len: u32) -> Result<Self, ChainFault> {
+        let out_of_range = ChainFault::IndirectTableOutOfRange { addr, len };
+        match mem.slice(addr, u64::from(len)) {
+            Ok(slice) if slice.len() == len as usize => Ok(Table::Host(slice.as_ptr())),
+            Ok(_) => {
+                // Crossing a region boundary: make sure all of it is mapped, then read per entry.
+                mem.for_each_piece(addr, u64::from(len), |_, _| {})
+                    .map_err(|_| out_of_range)?;
+                Ok(Table::Pieces(mem, addr))
+            }
+            Err(_) => Err(out_of_range),
+        }
+    }
+
     #[inline]
-    fn read(&self, index: u32) -> Result<Descriptor, ChainFault> {
+    pub(super) fn read(&self, index: u32) -> Result<Descriptor, ChainFault> {
         let offset = 16 * index as usize;
         match *self {
             // SAFETY: the whole table (len/16 entries, index below that) was translated into one
@@ -308,6 +325,12 @@ pub struct SplitQueue {
     log: Option<QueueLog>,
     /// Reused to find a chain's buffers again when logging its writes.
     log_scratch: Vec<Segment>,
+    /// INFLIGHT_SHMFD tracking: the queue's part of the shared inflight region.
+    inflight: Option<SplitInflight>,
+    /// Heads pushed since the last `publish_used`, cleared in the region once published.
+    inflight_batch: Vec<u16>,
+    /// Heads in flight when the previous back-end died: handed out before new avail entries.
+    resubmit: VecDeque<u16>,
 }
 
 impl std::fmt::Debug for SplitQueue {
@@ -347,6 +370,9 @@ impl SplitQueue {
             broken: None,
             log: None,
             log_scratch: Vec::new(),
+            inflight: None,
+            inflight_batch: Vec::new(),
+            resubmit: VecDeque::new(),
         })
     }
 
@@ -371,17 +397,57 @@ impl SplitQueue {
         // us, or by the back-end that ran the queue before us).
         self.next_used = rings.used_idx(Ordering::Acquire);
         self.num_added = 0;
+        self.inflight_batch.clear();
         self.signalled_valid = false;
         self.region_cache = 0;
         self.rings = Some(rings);
         Ok(())
     }
 
-    /// Drop the rings and the memory snapshot.
+    /// Drop the rings, the memory snapshot and the inflight view (set it again after the next
+    /// attach: it recovers from the region then).
     pub fn detach(&mut self) {
         self.rings = None;
         self.num_added = 0;
+        self.inflight = None;
+        self.inflight_batch.clear();
+        self.resubmit.clear();
         self.signalled_valid = false;
+    }
+
+    /// Track this queue in an inflight region (INFLIGHT_SHMFD) from now on, after recovering
+    /// what the region says: call after `attach` and after setting the next avail index
+    /// (SET_VRING_BASE), before the first pop.
+    ///
+    /// With a region that held state, the chains still in flight are handed out again first, in
+    /// the order they were fetched, and the next avail index becomes `used.idx` plus their number
+    /// (each avail entry taken is either in the used ring or still in flight). A fresh region, or
+    /// one whose content made no sense (reported in [`Recovery::discarded`]), starts empty and
+    /// leaves the next avail index alone.
+    pub fn set_inflight(&mut self, mut inflight: SplitInflight) -> Result<Recovery, QueueError> {
+        let rings = ready(&self.broken, &self.rings)?;
+        if inflight.size() != self.config.size {
+            return Err(QueueError::InvalidConfig(format!(
+                "inflight view tracks {} descriptors, the ring has {}",
+                inflight.size(),
+                self.config.size
+            )));
+        }
+        let used_idx = rings.used_idx(Ordering::Acquire);
+        let recovery = inflight.recover(used_idx);
+        if recovery.restored {
+            // At most Q heads are in flight, so the count fits the 16-bit index arithmetic.
+            self.next_avail = used_idx.wrapping_add(recovery.resubmit.len() as u16);
+        }
+        self.resubmit = recovery.resubmit.iter().copied().collect();
+        self.inflight_batch = Vec::with_capacity(usize::from(self.config.size));
+        self.inflight = Some(inflight);
+        Ok(recovery)
+    }
+
+    /// Chains waiting to be handed out again after a reconnect.
+    pub fn resubmit_pending(&self) -> usize {
+        self.resubmit.len()
     }
 
     pub fn is_attached(&self) -> bool {
@@ -443,7 +509,8 @@ impl SplitQueue {
             let err = self.jump(avail_idx, pending);
             return Err(self.fail(err));
         }
-        Ok(pending)
+        // Resubmissions are at most Q, the ring's other entries at most Q - resubmissions.
+        Ok(pending.saturating_add(self.resubmit.len() as u16))
     }
 
     fn jump(&self, avail_idx: u16, pending: u16) -> QueueError {
@@ -475,7 +542,6 @@ impl SplitQueue {
             let err = self.jump(avail_idx, pending);
             return Err(self.fail(err));
         }
-        let count = usize::from(pending).min(max);
         let regions = rings.memory().regions();
         let mut translator = Translator {
             regions,
@@ -485,9 +551,13 @@ impl SplitQueue {
         // distinct: more than Q in total means the driver reused descriptors. This bounds the
         // work of one call to 2·Q ring descriptors (the last chain may walk Q before failing).
         let mut budget = u32::from(size);
-        for i in 0..count {
-            // Ordered after the Acquire above; the driver does not change published entries.
-            let head = rings.avail_entry(self.next_avail.wrapping_add(i as u16), Ordering::Relaxed);
+        // Chains the previous back-end left in flight come first; they are in flight already
+        // (marked in the region), and their avail entries were consumed back then.
+        let mut resubmitted = 0;
+        while resubmitted < max {
+            let Some(&head) = self.resubmit.front() else {
+                break;
+            };
             let mark = batch.segments.len();
             match pop_chain(
                 rings,
@@ -505,13 +575,47 @@ impl SplitQueue {
                 Ok(chain) => batch.chains.push(chain),
                 Err(reason) => {
                     batch.segments.truncate(mark);
+                    self.resubmit.clear();
+                    return Err(self.fail(QueueError::BadChain { head, reason }));
+                }
+            }
+            self.resubmit.pop_front();
+            resubmitted += 1;
+        }
+        let count = usize::from(pending).min(max - resubmitted);
+        for i in 0..count {
+            // Ordered after the Acquire above; the driver does not change published entries.
+            let head = rings.avail_entry(self.next_avail.wrapping_add(i as u16), Ordering::Relaxed);
+            let mark = batch.segments.len();
+            match pop_chain(
+                rings,
+                &self.config,
+                &mut translator,
+                head,
+                &mut batch.segments,
+            )
+            .and_then(|(chain, ring_descriptors)| {
+                budget = budget
+                    .checked_sub(ring_descriptors)
+                    .ok_or(ChainFault::DescriptorsReused)?;
+                Ok(chain)
+            }) {
+                Ok(chain) => {
+                    // Spec order: the head is in flight before anything is done with it.
+                    if let Some(inflight) = self.inflight.as_mut() {
+                        inflight.mark_fetched(head);
+                    }
+                    batch.chains.push(chain);
+                }
+                Err(reason) => {
+                    batch.segments.truncate(mark);
                     self.next_avail = self.next_avail.wrapping_add(i as u16);
                     return Err(self.fail(QueueError::BadChain { head, reason }));
                 }
             }
         }
         self.next_avail = self.next_avail.wrapping_add(count as u16);
-        Ok(count)
+        Ok(resubmitted + count)
     }
 
     /// Write `used.ring[next_used % Q] = {head, len}` without publishing it; `len` is the number
@@ -530,6 +634,11 @@ impl SplitQueue {
         // Plain stores: the Release store of used.idx in publish_used orders them (§1.4: len is
         // set before used.idx).
         rings.set_used_entry(self.next_used, u32::from(head), len, Ordering::Relaxed);
+        if let Some(inflight) = self.inflight.as_ref() {
+            // Linked into the batch list before used.idx moves (ordered by its Release store).
+            inflight.record_used(head);
+            self.inflight_batch.push(head);
+        }
         self.next_used = self.next_used.wrapping_add(1);
         self.num_added += 1;
         Ok(())
@@ -559,6 +668,11 @@ impl SplitQueue {
         // the load of used_event / avail.flags below (otherwise a lost wakeup: the driver re-arms
         // after our read and before seeing our store, and nobody notifies).
         fence(Ordering::SeqCst);
+        if let Some(inflight) = self.inflight.as_ref() {
+            // Spec order: only once used.idx is out, the batch stops being in flight.
+            inflight.complete_batch(&self.inflight_batch, new);
+            self.inflight_batch.clear();
+        }
         let notify = if self.config.event_idx {
             // §1.5 with EVENT_IDX: notify iff used_event lies in [old, new).
             let event = rings.used_event(Ordering::Relaxed);
@@ -594,7 +708,7 @@ impl SplitQueue {
         // that either the driver sees our request and kicks, or we see its new avail.idx.
         fence(Ordering::SeqCst);
         let avail_idx = rings.avail_idx(Ordering::Acquire);
-        Ok(avail_idx != self.next_avail)
+        Ok(avail_idx != self.next_avail || !self.resubmit.is_empty())
     }
 
     /// Ask the driver not to kick while we are busy. A hint only: no fence needed (§3). With
@@ -753,17 +867,7 @@ fn walk_indirect(
     if len == 0 || len % 16 != 0 || entries > MAX_INDIRECT_DESCRIPTORS {
         return Err(ChainFault::IndirectLength { len });
     }
-    let out_of_range = ChainFault::IndirectTableOutOfRange { addr, len };
-    let table = match mem.slice(addr, u64::from(len)) {
-        Ok(slice) if slice.len() == len as usize => Table::Host(slice.as_ptr()),
-        Ok(_) => {
-            // Crossing a region boundary: make sure all of it is mapped, then read per entry.
-            mem.for_each_piece(addr, u64::from(len), |_, _| {})
-                .map_err(|_| out_of_range)?;
-            Table::Pieces(mem, addr)
-        }
-        Err(_) => return Err(out_of_range),
-    };
+    let table = Table::map(mem, addr, len)?;
     let mut index: u32 = 0;
     let mut seen: u32 = 0;
     loop {
@@ -796,7 +900,7 @@ fn walk_indirect(
 /// fields are written with 4-byte stores and read back by the caller with wider loads, which
 /// defeats store-to-load forwarding (the profile showed half of `pop_batch` stalled there).
 #[inline(always)]
-fn add_buffer(
+pub(super) fn add_buffer(
     translator: &mut Translator<'_>,
     desc: &Descriptor,
     walk: &mut Walk,
@@ -1434,6 +1538,122 @@ mod tests {
         assert!(!log.is_dirty(0x9000));
         assert!(log.is_dirty(USED), "the used ring is still logged");
         assert!(!dev.is_broken());
+    }
+
+    fn inflight_view(region: &std::sync::Arc<crate::inflight::InflightRegion>) -> SplitInflight {
+        region.split_queue(0, 8).unwrap()
+    }
+
+    #[test]
+    fn restarted_queue_resubmits_exactly_what_was_in_flight_then_new_entries() {
+        use crate::inflight::{InflightRegion, RingLayout};
+        let region =
+            std::sync::Arc::new(InflightRegion::allocate(RingLayout::Split, 1, 8).unwrap());
+        let (mut drv, mut dev) = pair(8, false);
+        let memory = dev.memory().unwrap().clone();
+        assert_eq!(
+            dev.set_inflight(inflight_view(&region)).unwrap().resubmit,
+            vec![]
+        );
+        let heads: Vec<u16> = (0..4u64)
+            .map(|i| drv.add_chain(&[(0x8000 + 0x100 * i, 16)], &[]).unwrap())
+            .collect();
+        drv.publish().unwrap();
+        let mut batch = ChainBatch::new();
+        assert_eq!(dev.pop_batch(&mut batch, 8).unwrap(), 4);
+        // Out of order: the third completes, then the back-end dies with three in flight.
+        dev.push_used(heads[2], 0).unwrap();
+        dev.publish_used().unwrap();
+        drop(dev);
+        assert_eq!(drv.reap_used().unwrap(), Some((heads[2], 0)));
+        let late = drv.add_chain(&[(0x9000, 16)], &[]).unwrap();
+        drv.publish().unwrap();
+
+        // The front-end says base 1 (its used idx, QEMU's fallback); the region knows better.
+        let mut dev = SplitQueue::new(config(8, false)).unwrap();
+        dev.attach(memory).unwrap();
+        dev.set_next_avail(1);
+        let recovery = dev.set_inflight(inflight_view(&region)).unwrap();
+        assert_eq!(recovery.resubmit, vec![heads[0], heads[1], heads[3]]);
+        assert_eq!(dev.next_avail(), 4, "used.idx 1 + 3 in flight");
+        assert_eq!(dev.pending().unwrap(), 4);
+        batch.clear();
+        assert_eq!(dev.pop_batch(&mut batch, 2).unwrap(), 2);
+        let got: Vec<u16> = batch.iter().map(|c| c.head()).collect();
+        assert_eq!(got, vec![heads[0], heads[1]]);
+        batch.clear();
+        assert_eq!(dev.pop_batch(&mut batch, 8).unwrap(), 2);
+        let got: Vec<u16> = batch.iter().map(|c| c.head()).collect();
+        assert_eq!(
+            got,
+            vec![heads[3], late],
+            "resubmissions first, then the new entry"
+        );
+        assert_eq!(batch.get(0).unwrap().readable()[0].gpa, 0x8300);
+        assert_eq!(dev.pop_batch(&mut batch, 8).unwrap(), 0, "nothing twice");
+        for head in [heads[0], heads[1], heads[3], late] {
+            dev.push_used(head, 0).unwrap();
+        }
+        dev.publish_used().unwrap();
+        let mut reaped: Vec<u16> = std::iter::from_fn(|| drv.reap_used().unwrap())
+            .map(|(h, _)| h)
+            .collect();
+        reaped.sort_unstable();
+        let mut want = vec![heads[0], heads[1], heads[3], late];
+        want.sort_unstable();
+        assert_eq!(reaped, want);
+        // Everything completed: a further restart resubmits nothing.
+        let mut dev = SplitQueue::new(config(8, false)).unwrap();
+        dev.attach(drv.memory().clone()).unwrap();
+        let recovery = dev.set_inflight(inflight_view(&region)).unwrap();
+        assert_eq!((recovery.resubmit, dev.next_avail()), (vec![], 5));
+    }
+
+    #[test]
+    fn crash_between_used_idx_and_clearing_does_not_resubmit_the_batch() {
+        use crate::inflight::{InflightRegion, RingLayout};
+        let region =
+            std::sync::Arc::new(InflightRegion::allocate(RingLayout::Split, 1, 8).unwrap());
+        let (mut drv, mut dev) = pair(8, false);
+        let memory = dev.memory().unwrap().clone();
+        let mut view = inflight_view(&region);
+        view.recover(0);
+        let a = drv.add_chain(&[(0x8000, 16)], &[]).unwrap();
+        let b = drv.add_chain(&[(0x8100, 16)], &[]).unwrap();
+        drv.publish().unwrap();
+        let mut batch = ChainBatch::new();
+        dev.set_inflight(view.clone()).unwrap();
+        dev.pop_batch(&mut batch, 8).unwrap();
+        // What publish_used does up to the crash: entry and link written, used.idx bumped, flags
+        // not cleared yet.
+        view.record_used(a);
+        memory.store_u16(USED + 4, a, Ordering::Relaxed).unwrap();
+        memory.store_u16(USED + 2, 1, Ordering::Release).unwrap();
+        drop(dev);
+        let mut dev = SplitQueue::new(config(8, false)).unwrap();
+        dev.attach(memory).unwrap();
+        let recovery = dev.set_inflight(inflight_view(&region)).unwrap();
+        assert_eq!(recovery.resubmit, vec![b]);
+        assert_eq!(dev.next_avail(), 2);
+        assert_eq!(drv.reap_used().unwrap(), Some((a, 0)));
+    }
+
+    #[test]
+    fn inflight_view_must_match_the_ring_size() {
+        use crate::inflight::{InflightRegion, RingLayout};
+        let region =
+            std::sync::Arc::new(InflightRegion::allocate(RingLayout::Split, 1, 16).unwrap());
+        let (_, mut dev) = pair(8, false);
+        let view = region.split_queue(0, 4).unwrap();
+        assert!(matches!(
+            dev.set_inflight(view),
+            Err(QueueError::InvalidConfig(_))
+        ));
+        let mut detached = SplitQueue::new(config(8, false)).unwrap();
+        assert_eq!(
+            detached.set_inflight(region.split_queue(0, 8).unwrap()),
+            Err(QueueError::NotReady)
+        );
     }
 
     #[test]

@@ -1,13 +1,13 @@
 //! Datapath workers: run one virtqueue in a native thread.
 //!
-//! A [`QueueWorker`] owns an attached [`SplitQueue`], its kick eventfd and a [`ChainHandler`]
+//! A [`QueueWorker`] owns an attached [`Virtqueue`] (split or packed ring), its kick eventfd and a [`ChainHandler`]
 //! that does the device work for one descriptor chain. The thread loops:
 //!
 //! 1. pop a batch of chains (at most [`WorkerOptions::batch_size`]), hand each to the handler,
 //!    call [`ChainHandler::flush_batch`], push the used entries, publish the batch once and
 //!    signal the call eventfd if the ring's suppression rules ask for it;
 //! 2. when the ring is empty: optionally busy-poll the ring for a budget, then re-enable kicks
-//!    ([`SplitQueue::enable_notifications`]; if work slipped in meanwhile, back to 1) and sleep on
+//!    ([`Virtqueue::enable_notifications`]; if work slipped in meanwhile, back to 1) and sleep on
 //!    a [`Poller`] over the kick and stop eventfds. After a kick, kicks are disabled again while
 //!    the ring is being drained (a hint to the driver that saves it the notifications).
 //!
@@ -17,7 +17,7 @@
 //! # Stopping
 //!
 //! [`QueueWorker::stop`] only takes effect between batches: every chain the worker popped has been
-//! handled, pushed and published before the thread exits, so [`SplitQueue::next_avail`] of the
+//! handled, pushed and published before the thread exits, so [`Virtqueue::vring_base`] of the
 //! returned queue is exactly what vhost-user GET_VRING_BASE must report.
 //!
 //! # Faults
@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 use crate::error::QueueError;
 use crate::memory::GuestMemory;
 use crate::notify::{EventFd, Poller};
-use crate::queue::{ChainBatch, ChainView, SplitQueue};
+use crate::queue::{ChainBatch, ChainView, Virtqueue};
 
 pub mod blk;
 pub mod net;
@@ -84,8 +84,8 @@ pub trait ChainHandler: Send + 'static {
 /// (see [`ChainHandler::device_loop`]).
 pub trait DeviceLoop {
     /// Process the queue until [`LoopContext::stop_requested`]; then return `Ok(())` with every
-    /// chain the loop popped either pushed and published, or given back to the ring by rewinding
-    /// [`SplitQueue::set_next_avail`] (so `next_avail` is what GET_VRING_BASE must report).
+    /// chain the loop popped either pushed and published, or given back to the ring with
+    /// [`Virtqueue::give_back`] (so `vring_base` is what GET_VRING_BASE must report).
     /// Sleep on [`LoopContext::stop_fd`] together with the kick and the device's own fds; the
     /// stop fd stays readable once a stop was requested. An `Err` faults the worker.
     fn run(&mut self, ctx: &mut LoopContext<'_>) -> Result<(), WorkerFault>;
@@ -94,7 +94,7 @@ pub trait DeviceLoop {
 /// What a [`DeviceLoop`] gets from its worker: the queue, its memory and doorbells, the counters.
 pub struct LoopContext<'a> {
     /// The attached queue (notifications as the loop leaves them).
-    pub queue: &'a mut SplitQueue,
+    pub queue: &'a mut Virtqueue,
     /// The snapshot the queue is attached to.
     pub memory: &'a GuestMemory,
     /// The kick eventfd: the loop consumes it (and reports what it read with
@@ -293,7 +293,7 @@ const TOKEN_STOP: u64 = 1;
 
 /// Everything the worker thread owns.
 struct Context {
-    queue: SplitQueue,
+    queue: Virtqueue,
     handler: Box<dyn ChainHandler>,
     memory: GuestMemory,
     kick: EventFd,
@@ -310,7 +310,7 @@ struct Context {
 
 /// What the thread hands back when it ends.
 struct Parts {
-    queue: SplitQueue,
+    queue: Virtqueue,
     handler: Box<dyn ChainHandler>,
 }
 
@@ -480,8 +480,8 @@ pub struct QueueWorker {
 
 /// What [`QueueWorker::stop`] hands back.
 pub struct StoppedQueue {
-    /// The queue, attached as it was; `next_avail()` is what GET_VRING_BASE reports.
-    pub queue: SplitQueue,
+    /// The queue, attached as it was; `vring_base()` is what GET_VRING_BASE reports.
+    pub queue: Virtqueue,
     /// The handler (after a [`WorkerFault::HandlerPanicked`] it may be in an inconsistent state).
     pub handler: Box<dyn ChainHandler>,
     /// Final counters.
@@ -501,7 +501,8 @@ impl std::fmt::Debug for StoppedQueue {
 }
 
 impl QueueWorker {
-    /// Start a thread named `name` that runs `queue` (which must be attached) with `handler`.
+    /// Start a thread named `name` that runs `queue` (a split or packed queue, which must be
+    /// attached) with `handler`.
     ///
     /// `kick` is consumed by the worker; `call` (if any) is signalled when the driver must be
     /// notified. Fails with `InvalidInput` for a detached queue or a name containing NUL, and with
@@ -509,12 +510,13 @@ impl QueueWorker {
     /// handler are dropped then).
     pub fn spawn(
         name: &str,
-        queue: SplitQueue,
+        queue: impl Into<Virtqueue>,
         kick: EventFd,
         call: Option<EventFd>,
         handler: Box<dyn ChainHandler>,
         options: WorkerOptions,
     ) -> io::Result<Self> {
+        let queue = queue.into();
         let invalid = |msg: &str| io::Error::new(io::ErrorKind::InvalidInput, msg.to_owned());
         if name.contains('\0') {
             return Err(invalid("worker thread name contains a NUL byte"));

@@ -720,7 +720,7 @@ enum Placed {
 ///
 /// Chains popped for the staged packet are *held*: `held.chains()[held_start..]` is always
 /// exactly the most recently popped chains that were not pushed yet, in ring order, so a stop
-/// can hand them back by rewinding `next_avail`. A completed packet pushes a prefix of them.
+/// can hand them back with [`Virtqueue::give_back`](crate::queue::Virtqueue::give_back). A completed packet pushes a prefix of them.
 pub struct NetRxHandler {
     port: Arc<PortInner>,
     features: NetFeatures,
@@ -1055,9 +1055,8 @@ impl DeviceLoop for NetRxHandler {
                 ctx.publish(self.unpublished as u64)?;
                 self.unpublished = 0;
             }
-            let held = self.held_count() as u16;
-            let next = ctx.queue.next_avail().wrapping_sub(held);
-            ctx.queue.set_next_avail(next);
+            ctx.queue
+                .give_back(&self.held.chains()[self.held_start..])?;
             self.held.clear();
             self.usable.clear();
             self.held_start = 0;

@@ -1,0 +1,1522 @@
+//! Packed virtqueue (VIRTIO_F_RING_PACKED): configuration, ring areas, and the device side
+//! ([`PackedQueue`]). The driver side is [`super::PackedQueueDriver`].
+//!
+//! [`PackedQueue`] has the shape of [`super::SplitQueue`]: chains are popped into the same
+//! [`ChainBatch`] (a chain's `head()` is its *buffer id*), completed with `push_used(id, len)`
+//! and published with `publish_used()`, which decides on the call. Only `pop_batch`,
+//! `push_used` and `publish_used` touch the ring, so per-chain hooks (in-flight tracking, dirty
+//! logging) have the same three places to go as in the split ring.
+//!
+//! Orderings follow `virtqueue-layouts.md` §2 and §3 (packed column); each is commented.
+
+use std::ptr::NonNull;
+use std::sync::atomic::{fence, AtomicU16, AtomicU32, AtomicU64, Ordering};
+
+use super::split::{add_buffer, Table, Translator, Walk};
+use super::{
+    need_event, Chain, ChainBatch, Descriptor, QueueConfig, Segment, MAX_INDIRECT_DESCRIPTORS,
+    MAX_QUEUE_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
+};
+use crate::error::{ChainFault, QueueError};
+use crate::memory::GuestMemory;
+
+/// Packed descriptor flag: the driver's wrap counter when it made the descriptor available.
+pub const VIRTQ_DESC_F_AVAIL: u16 = 1 << 7;
+/// Packed descriptor flag: the device's wrap counter when it marked the descriptor used.
+pub const VIRTQ_DESC_F_USED: u16 = 1 << 15;
+/// Event suppression `flags`: notify on every event.
+pub const RING_EVENT_FLAGS_ENABLE: u16 = 0;
+/// Event suppression `flags`: do not notify.
+pub const RING_EVENT_FLAGS_DISABLE: u16 = 1;
+/// Event suppression `flags`: notify when the descriptor at `off_wrap` is reached (EVENT_IDX).
+pub const RING_EVENT_FLAGS_DESC: u16 = 2;
+
+/// Where a packed virtqueue lives and which ring features apply. vhost-user's SET_VRING_ADDR
+/// carries the three areas under the split names: desc → descriptor ring, avail → driver event
+/// suppression, used → device event suppression (§2.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackedConfig {
+    /// Number of descriptors Q: 1..=32768, not necessarily a power of two.
+    pub size: u16,
+    /// Guest-physical address of the descriptor ring (16-byte aligned, 16·Q bytes).
+    pub desc_ring: u64,
+    /// Guest-physical address of the driver event suppression structure (4-byte aligned).
+    pub driver_event: u64,
+    /// Guest-physical address of the device event suppression structure (4-byte aligned).
+    pub device_event: u64,
+    /// VIRTIO_F_EVENT_IDX negotiated (enables the DESC event mode).
+    pub event_idx: bool,
+    /// VIRTIO_F_INDIRECT_DESC negotiated.
+    pub indirect: bool,
+}
+
+impl PackedConfig {
+    /// The packed areas of a vring configured with the split ring's field names (as vhost-user
+    /// and the engine's `Vring` carry them).
+    pub fn from_split_names(config: &QueueConfig) -> Self {
+        Self {
+            size: config.size,
+            desc_ring: config.desc_table,
+            driver_event: config.avail_ring,
+            device_event: config.used_ring,
+            event_idx: config.event_idx,
+            indirect: config.indirect,
+        }
+    }
+
+    /// Check size and alignment.
+    pub fn validate(&self) -> Result<(), QueueError> {
+        let bad = |what: String| Err(QueueError::InvalidConfig(what));
+        if self.size == 0 || self.size > MAX_QUEUE_SIZE {
+            return bad(format!("queue size {} is not in 1..=32768", self.size));
+        }
+        for (name, addr, align) in [
+            ("descriptor ring", self.desc_ring, 16),
+            ("driver event suppression area", self.driver_event, 4),
+            ("device event suppression area", self.device_event, 4),
+        ] {
+            if addr % align != 0 {
+                return bad(format!(
+                    "{name} address {addr:#x} is not {align}-byte aligned"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of the descriptor ring.
+    pub fn desc_ring_len(&self) -> u64 {
+        16 * u64::from(self.size)
+    }
+}
+
+/// One packed-ring descriptor (`struct pvirtq_desc`), in host byte order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PackedDescriptor {
+    pub addr: u64,
+    pub len: u32,
+    pub id: u16,
+    pub flags: u16,
+}
+
+impl PackedDescriptor {
+    pub fn new(addr: u64, len: u32, id: u16, flags: u16) -> Self {
+        Self {
+            addr,
+            len,
+            id,
+            flags,
+        }
+    }
+
+    /// The 16 little-endian bytes of the descriptor as it sits in guest memory.
+    pub fn to_le_bytes(&self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        out[..8].copy_from_slice(&self.addr.to_le_bytes());
+        out[8..12].copy_from_slice(&self.len.to_le_bytes());
+        out[12..14].copy_from_slice(&self.id.to_le_bytes());
+        out[14..].copy_from_slice(&self.flags.to_le_bytes());
+        out
+    }
+
+    /// Decode 16 little-endian bytes.
+    pub fn from_le_bytes(raw: [u8; 16]) -> Self {
+        Self::from_split_layout(Descriptor::from_le_bytes(raw))
+    }
+
+    /// The packed descriptor whose bytes were decoded with the split layout: both share addr
+    /// and len; the split `flags`/`next` words sit where the packed `id`/`flags` are. This lets
+    /// both rings use one (atomic, alignment-aware) descriptor reader.
+    #[inline]
+    fn from_split_layout(raw: Descriptor) -> Self {
+        Self {
+            addr: raw.addr,
+            len: raw.len,
+            id: raw.flags,
+            flags: raw.next,
+        }
+    }
+}
+
+/// A slot of the descriptor ring together with the wrap counter that goes with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingPosition {
+    /// Slot, below the queue size.
+    pub index: u16,
+    /// Wrap counter (starts at `true`).
+    pub wrap: bool,
+}
+
+impl RingPosition {
+    /// Where both sides start: slot 0, wrap counter 1.
+    pub const START: Self = Self {
+        index: 0,
+        wrap: true,
+    };
+
+    /// `n` slots further on in a ring of `size` (`index < size`, `n <= size`).
+    #[inline]
+    pub fn advance(self, n: u16, size: u16) -> Self {
+        let next = u32::from(self.index) + u32::from(n);
+        if next >= u32::from(size) {
+            Self {
+                // Below size: index < size and n <= size.
+                index: (next - u32::from(size)) as u16,
+                wrap: !self.wrap,
+            }
+        } else {
+            Self {
+                index: next as u16,
+                wrap: self.wrap,
+            }
+        }
+    }
+
+    /// `n` slots back (`index < size`, `n <= size`).
+    #[inline]
+    pub fn retreat(self, n: u16, size: u16) -> Self {
+        if self.index >= n {
+            Self {
+                index: self.index - n,
+                wrap: self.wrap,
+            }
+        } else {
+            Self {
+                // index < n <= size: the sum is below size.
+                index: self.index + (size - n),
+                wrap: !self.wrap,
+            }
+        }
+    }
+
+    /// The 16-bit form used by event suppression and vhost-user: offset in bits 0–14, wrap
+    /// counter in bit 15.
+    #[inline]
+    pub fn encode(self) -> u16 {
+        (self.index & 0x7fff) | (u16::from(self.wrap) << 15)
+    }
+
+    #[inline]
+    pub fn decode(value: u16) -> Self {
+        Self {
+            index: value & 0x7fff,
+            wrap: value & 0x8000 != 0,
+        }
+    }
+}
+
+/// What vhost-user GET/SET_VRING_BASE carries for a packed ring (§2.3): the next available
+/// position in bits 0–15 and the next used position in bits 16–31, each as
+/// [`RingPosition::encode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackedState {
+    pub next_avail: RingPosition,
+    pub next_used: RingPosition,
+}
+
+impl PackedState {
+    /// A fresh ring: both sides at slot 0 with wrap counter 1.
+    pub const START: Self = Self {
+        next_avail: RingPosition::START,
+        next_used: RingPosition::START,
+    };
+
+    pub fn to_vring_base(self) -> u32 {
+        u32::from(self.next_avail.encode()) | (u32::from(self.next_used.encode()) << 16)
+    }
+
+    pub fn from_vring_base(base: u32) -> Self {
+        Self {
+            next_avail: RingPosition::decode(base as u16),
+            next_used: RingPosition::decode((base >> 16) as u16),
+        }
+    }
+}
+
+/// Does `flags` mark a descriptor available in wrap `wrap`? (§2.3: AVAIL = wrap, USED ≠ wrap.)
+#[inline]
+pub(crate) fn is_available(flags: u16, wrap: bool) -> bool {
+    (flags & VIRTQ_DESC_F_AVAIL != 0) == wrap && (flags & VIRTQ_DESC_F_USED != 0) != wrap
+}
+
+/// Does `flags` mark a descriptor used in wrap `wrap`? (§2.3: AVAIL = USED = wrap.)
+#[inline]
+pub(crate) fn is_used(flags: u16, wrap: bool) -> bool {
+    (flags & VIRTQ_DESC_F_AVAIL != 0) == wrap && (flags & VIRTQ_DESC_F_USED != 0) == wrap
+}
+
+/// AVAIL and USED both set to `wrap`.
+#[inline]
+pub(crate) fn used_bits(wrap: bool) -> u16 {
+    if wrap {
+        VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED
+    } else {
+        0
+    }
+}
+
+/// The §2.5 decision for an event suppression structure `(off_wrap, flags)` after moving a
+/// position from `old` to `new` (ring offsets, `old` possibly "negative" in u16 arithmetic when
+/// the move wrapped) where `wrap` is the wrap counter that belongs to `new`.
+#[inline]
+pub(crate) fn event_says_notify(
+    off_wrap: u16,
+    flags: u16,
+    event_idx: bool,
+    new: u16,
+    old: u16,
+    wrap: bool,
+    size: u16,
+) -> bool {
+    match flags & 0x3 {
+        RING_EVENT_FLAGS_DISABLE => false,
+        RING_EVENT_FLAGS_DESC if event_idx => {
+            let event = RingPosition::decode(off_wrap);
+            let off = if event.wrap == wrap {
+                event.index
+            } else {
+                event.index.wrapping_sub(size)
+            };
+            need_event(off, new, old)
+        }
+        // ENABLE, DESC without EVENT_IDX and the reserved value: notify (spurious notifications
+        // are always tolerated, lost ones are not).
+        _ => true,
+    }
+}
+
+/// Host pointers to the three areas of one packed queue, valid while `mem` (kept here) lives.
+///
+/// Invariant: `desc` covers `16·Q` bytes and is 8-byte aligned; `driver_event` and
+/// `device_event` cover 4 bytes each and are 2-byte aligned.
+pub(crate) struct PackedRings {
+    mem: GuestMemory,
+    size: u16,
+    desc: NonNull<u8>,
+    driver_event: NonNull<u8>,
+    device_event: NonNull<u8>,
+}
+
+// SAFETY: the pointers point into mappings kept alive by `mem` (whose regions are Send + Sync),
+// and every access through them is atomic.
+unsafe impl Send for PackedRings {}
+// SAFETY: see `Send`; shared access only performs atomic loads and stores.
+unsafe impl Sync for PackedRings {}
+
+impl std::fmt::Debug for PackedRings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedRings")
+            .field("size", &self.size)
+            .field("desc", &self.desc)
+            .field("driver_event", &self.driver_event)
+            .field("device_event", &self.device_event)
+            .finish()
+    }
+}
+
+impl PackedRings {
+    /// Translate the areas of `config` in `mem`; each must lie within one region.
+    pub(crate) fn new(mem: GuestMemory, config: &PackedConfig) -> Result<Self, QueueError> {
+        config.validate()?;
+        let area = |gpa: u64, len: u64, align: usize, name: &str| {
+            let ptr = mem.slice_exact(gpa, len)?.as_ptr();
+            if (ptr as usize) % align != 0 {
+                return Err(QueueError::InvalidConfig(format!(
+                    "{name} at {gpa:#x} maps to a host address that is not {align}-byte aligned"
+                )));
+            }
+            NonNull::new(ptr).ok_or_else(|| QueueError::InvalidConfig(format!("{name}: null")))
+        };
+        let desc = area(
+            config.desc_ring,
+            config.desc_ring_len(),
+            8,
+            "descriptor ring",
+        )?;
+        let driver_event = area(config.driver_event, 4, 2, "driver event suppression area")?;
+        let device_event = area(config.device_event, 4, 2, "device event suppression area")?;
+        Ok(Self {
+            mem,
+            size: config.size,
+            desc,
+            driver_event,
+            device_event,
+        })
+    }
+
+    pub(crate) fn memory(&self) -> &GuestMemory {
+        &self.mem
+    }
+
+    /// Byte offset of slot `index` (kept inside the ring even for a bad index).
+    #[inline]
+    fn slot(&self, index: u16) -> usize {
+        let index = if index < self.size {
+            index
+        } else {
+            index % self.size
+        };
+        16 * usize::from(index)
+    }
+
+    #[inline]
+    fn u16_at(&self, base: NonNull<u8>, offset: usize) -> &AtomicU16 {
+        // SAFETY: callers pass offsets inside the area per the struct invariant, with 2-byte
+        // alignment; the mapping lives as long as `self.mem`, which outlives the borrow of self.
+        unsafe { AtomicU16::from_ptr(base.as_ptr().add(offset).cast()) }
+    }
+
+    /// `flags` of slot `index`.
+    #[inline]
+    pub(crate) fn desc_flags(&self, index: u16, order: Ordering) -> u16 {
+        u16::from_le(self.u16_at(self.desc, self.slot(index) + 14).load(order))
+    }
+
+    #[inline]
+    pub(crate) fn set_desc_flags(&self, index: u16, flags: u16, order: Ordering) {
+        self.u16_at(self.desc, self.slot(index) + 14)
+            .store(flags.to_le(), order)
+    }
+
+    /// The whole descriptor at slot `index`, with relaxed loads.
+    #[inline]
+    pub(crate) fn descriptor(&self, index: u16) -> PackedDescriptor {
+        // SAFETY: slot + 16 <= 16·Q, inside the ring, which is 8-byte aligned.
+        let raw = unsafe { Descriptor::read_at(self.desc.as_ptr().add(self.slot(index))) };
+        PackedDescriptor::from_split_layout(raw)
+    }
+
+    /// Write addr, len and id of slot `index` (not its flags), with relaxed stores.
+    #[inline]
+    pub(crate) fn set_descriptor_body(&self, index: u16, addr: u64, len: u32, id: u16) {
+        let offset = self.slot(index);
+        // SAFETY: offset + 16 <= 16·Q inside the 8-byte aligned ring: the u64 at +0, the u32 at
+        // +8 and the u16 at +12 are inside and naturally aligned.
+        unsafe {
+            let ptr = self.desc.as_ptr().add(offset);
+            AtomicU64::from_ptr(ptr.cast()).store(addr.to_le(), Ordering::Relaxed);
+            AtomicU32::from_ptr(ptr.add(8).cast()).store(len.to_le(), Ordering::Relaxed);
+        }
+        self.u16_at(self.desc, offset + 12)
+            .store(id.to_le(), Ordering::Relaxed);
+    }
+
+    /// Write id and len of a used descriptor at slot `index` (not its flags), relaxed.
+    #[inline]
+    pub(crate) fn set_used_body(&self, index: u16, id: u16, len: u32) {
+        let offset = self.slot(index);
+        // SAFETY: the u32 at +8 is inside the 8-byte aligned ring and 4-byte aligned.
+        unsafe {
+            AtomicU32::from_ptr(self.desc.as_ptr().add(offset + 8).cast())
+                .store(len.to_le(), Ordering::Relaxed);
+        }
+        self.u16_at(self.desc, offset + 12)
+            .store(id.to_le(), Ordering::Relaxed);
+    }
+
+    fn event(&self, base: NonNull<u8>, order: Ordering) -> (u16, u16) {
+        (
+            u16::from_le(self.u16_at(base, 0).load(order)),
+            u16::from_le(self.u16_at(base, 2).load(order)),
+        )
+    }
+
+    fn set_event(&self, base: NonNull<u8>, off_wrap: u16, flags: u16, order: Ordering) {
+        self.u16_at(base, 0).store(off_wrap.to_le(), order);
+        self.u16_at(base, 2).store(flags.to_le(), order);
+    }
+
+    /// Driver event suppression `(off_wrap, flags)`: read by the device.
+    #[inline]
+    pub(crate) fn driver_event(&self, order: Ordering) -> (u16, u16) {
+        self.event(self.driver_event, order)
+    }
+    #[inline]
+    pub(crate) fn set_driver_event(&self, off_wrap: u16, flags: u16, order: Ordering) {
+        self.set_event(self.driver_event, off_wrap, flags, order)
+    }
+    /// Device event suppression `(off_wrap, flags)`: read by the driver.
+    #[inline]
+    pub(crate) fn device_event(&self, order: Ordering) -> (u16, u16) {
+        self.event(self.device_event, order)
+    }
+    #[inline]
+    pub(crate) fn set_device_event(&self, off_wrap: u16, flags: u16, order: Ordering) {
+        self.set_event(self.device_event, off_wrap, flags, order)
+    }
+}
+
+/// Device side of a packed virtqueue. See the module docs.
+pub struct PackedQueue {
+    config: PackedConfig,
+    rings: Option<PackedRings>,
+    next_avail: RingPosition,
+    next_used: RingPosition,
+    /// Ring descriptors taken by each buffer id in flight (0: the id is not in flight), so that
+    /// used descriptors can be written in any order and skip the right number of slots.
+    id_descriptors: Vec<u16>,
+    /// Ring descriptors popped and not yet pushed used.
+    outstanding: u32,
+    /// The first used descriptor pushed since the last publish: its slot and the flags held back
+    /// until `publish_used` so the driver sees the whole batch at once.
+    batch_head: Option<(u16, u16)>,
+    /// Ring slots covered by the used descriptors pushed since the last publish.
+    added: u16,
+    /// Whether a notification decision was made since attach (the first one always notifies).
+    signalled_valid: bool,
+    region_cache: usize,
+    broken: Option<String>,
+}
+
+impl std::fmt::Debug for PackedQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedQueue")
+            .field("config", &self.config)
+            .field("attached", &self.rings.is_some())
+            .field("next_avail", &self.next_avail)
+            .field("next_used", &self.next_used)
+            .field("broken", &self.broken)
+            .finish()
+    }
+}
+
+#[inline]
+fn ready<'a>(
+    broken: &Option<String>,
+    rings: &'a Option<PackedRings>,
+) -> Result<&'a PackedRings, QueueError> {
+    if let Some(reason) = broken {
+        return Err(QueueError::Broken(reason.clone()));
+    }
+    rings.as_ref().ok_or(QueueError::NotReady)
+}
+
+impl PackedQueue {
+    /// A detached queue at [`PackedState::START`]; fails with `InvalidConfig` for a bad size or
+    /// misaligned area.
+    pub fn new(config: PackedConfig) -> Result<Self, QueueError> {
+        config.validate()?;
+        Ok(Self {
+            config,
+            rings: None,
+            next_avail: RingPosition::START,
+            next_used: RingPosition::START,
+            id_descriptors: vec![0; usize::from(config.size)],
+            outstanding: 0,
+            batch_head: None,
+            added: 0,
+            signalled_valid: false,
+            region_cache: 0,
+            broken: None,
+        })
+    }
+
+    pub fn config(&self) -> &PackedConfig {
+        &self.config
+    }
+
+    pub fn size(&self) -> u16 {
+        self.config.size
+    }
+
+    /// Translate the ring areas in `mem` and keep the snapshot (it keeps the mapping alive).
+    ///
+    /// Replaces an earlier attachment (SET_MEM_TABLE while running). The positions and the
+    /// chains in flight are kept; used descriptors pushed but not yet published are dropped (as
+    /// in [`super::SplitQueue::attach`]), so call [`PackedQueue::publish_used`] first. The next
+    /// completion always notifies. On failure the queue is left detached.
+    pub fn attach(&mut self, mem: GuestMemory) -> Result<(), QueueError> {
+        self.rings = None;
+        let rings = PackedRings::new(mem, &self.config)?;
+        self.drop_unpublished();
+        self.signalled_valid = false;
+        self.region_cache = 0;
+        self.rings = Some(rings);
+        Ok(())
+    }
+
+    /// Drop the rings and the memory snapshot.
+    pub fn detach(&mut self) {
+        self.rings = None;
+        self.drop_unpublished();
+        self.signalled_valid = false;
+    }
+
+    /// Forget a batch pushed but not published: the driver never saw it, so its slots are
+    /// written again by the next pushes.
+    fn drop_unpublished(&mut self) {
+        if self.batch_head.is_some() {
+            self.next_used = self.next_used.retreat(self.added, self.config.size);
+        }
+        self.batch_head = None;
+        self.added = 0;
+    }
+
+    pub fn is_attached(&self) -> bool {
+        self.rings.is_some()
+    }
+
+    /// The snapshot the queue is attached to.
+    pub fn memory(&self) -> Option<&GuestMemory> {
+        self.rings.as_ref().map(PackedRings::memory)
+    }
+
+    /// Where the next chain will be taken from.
+    pub fn next_avail(&self) -> RingPosition {
+        self.next_avail
+    }
+
+    /// Where the next used descriptor will be written.
+    pub fn next_used(&self) -> RingPosition {
+        self.next_used
+    }
+
+    /// Both positions (vhost-user GET_VRING_BASE, see [`PackedState::to_vring_base`]).
+    pub fn state(&self) -> PackedState {
+        PackedState {
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+        }
+    }
+
+    /// Set both positions (vhost-user SET_VRING_BASE). Forgets the chains in flight: the
+    /// driver's ring is the truth after a reconnect. Offsets must be below the queue size.
+    pub fn set_state(&mut self, state: PackedState) -> Result<(), QueueError> {
+        for (name, pos) in [("avail", state.next_avail), ("used", state.next_used)] {
+            if pos.index >= self.config.size {
+                return Err(QueueError::InvalidConfig(format!(
+                    "packed ring {name} offset {} is not below the queue size {}",
+                    pos.index, self.config.size
+                )));
+            }
+        }
+        self.next_avail = state.next_avail;
+        self.next_used = state.next_used;
+        self.id_descriptors.fill(0);
+        self.outstanding = 0;
+        self.batch_head = None;
+        self.added = 0;
+        self.signalled_valid = false;
+        Ok(())
+    }
+
+    /// Hand back `chains`, the most recently popped chains (in pop order) that were not
+    /// pushed: `next_avail` moves back over their slots and they will be popped again.
+    /// `UnknownHead` if one of them is not in flight (nothing is changed then).
+    pub fn give_back(&mut self, chains: &[Chain]) -> Result<(), QueueError> {
+        let mut seen = Vec::with_capacity(chains.len());
+        for chain in chains {
+            let id = chain.head;
+            let in_flight = self
+                .id_descriptors
+                .get(usize::from(id))
+                .is_some_and(|&n| n != 0);
+            if !in_flight || seen.contains(&id) {
+                return Err(QueueError::UnknownHead(id));
+            }
+            seen.push(id);
+        }
+        for chain in chains.iter().rev() {
+            let slots = std::mem::take(&mut self.id_descriptors[usize::from(chain.head)]);
+            self.outstanding -= u32::from(slots);
+            self.next_avail = self.next_avail.retreat(slots, self.config.size);
+        }
+        Ok(())
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.broken.is_some()
+    }
+
+    pub fn broken_reason(&self) -> Option<&str> {
+        self.broken.as_deref()
+    }
+
+    fn fail(&mut self, err: QueueError) -> QueueError {
+        self.broken = Some(err.to_string());
+        err
+    }
+
+    /// Number of complete chains the driver has made available that we have not popped yet
+    /// (walks at most Q descriptor flags; chains are validated only when popped).
+    pub fn pending(&mut self) -> Result<u16, QueueError> {
+        let rings = ready(&self.broken, &self.rings)?;
+        let size = self.config.size;
+        let mut pos = self.next_avail;
+        let mut chains = 0u16;
+        for _ in 0..size {
+            // Acquire: as in pop_batch, for whoever acts on the answer.
+            let flags = rings.desc_flags(pos.index, Ordering::Acquire);
+            if !is_available(flags, pos.wrap) {
+                break;
+            }
+            if flags & VIRTQ_DESC_F_NEXT == 0 || flags & VIRTQ_DESC_F_INDIRECT != 0 {
+                chains += 1;
+            }
+            pos = pos.advance(1, size);
+        }
+        Ok(chains)
+    }
+
+    /// Pop up to `max` available chains into `batch` (appending), returning how many were added.
+    /// Each chain's `head()` is its buffer id.
+    ///
+    /// A malformed chain marks the queue broken and returns the error; chains popped earlier in
+    /// the same call stay in the batch (and are in flight), the bad one is not added.
+    pub fn pop_batch(&mut self, batch: &mut ChainBatch, max: usize) -> Result<usize, QueueError> {
+        let rings = ready(&self.broken, &self.rings)?;
+        let size = self.config.size;
+        let mut translator = Translator {
+            regions: rings.memory().regions(),
+            cache: &mut self.region_cache,
+        };
+        let mut count = 0;
+        while count < max {
+            let head = self.next_avail;
+            // §3 "discover work": Acquire load of the first descriptor's flags; the driver wrote
+            // the rest of the chain (and the buffers, and indirect tables) before it.
+            let flags = rings.desc_flags(head.index, Ordering::Acquire);
+            if !is_available(flags, head.wrap) {
+                break;
+            }
+            let mark = batch.segments.len();
+            let popped = pop_chain(
+                rings,
+                &self.config,
+                &mut translator,
+                head,
+                flags,
+                &mut batch.segments,
+            )
+            .and_then(|(chain, slots)| {
+                let id = chain.head;
+                if id >= size {
+                    return Err(ChainFault::BufferIdOutOfRange { id, size });
+                }
+                if self.id_descriptors[usize::from(id)] != 0 {
+                    return Err(ChainFault::BufferIdInFlight { id });
+                }
+                // A driver only reuses slots it has seen used: more slots in flight than the
+                // ring has means it made in-flight descriptors available again.
+                if self.outstanding + u32::from(slots) > u32::from(size) {
+                    return Err(ChainFault::DescriptorsReused);
+                }
+                Ok((chain, slots))
+            });
+            match popped {
+                Ok((chain, slots)) => {
+                    self.id_descriptors[usize::from(chain.head)] = slots;
+                    self.outstanding += u32::from(slots);
+                    self.next_avail = head.advance(slots, size);
+                    batch.chains.push(chain);
+                    count += 1;
+                }
+                Err(reason) => {
+                    batch.segments.truncate(mark);
+                    return Err(self.fail(QueueError::BadChain {
+                        head: head.index,
+                        reason,
+                    }));
+                }
+            }
+        }
+        Ok(count)
+    }
+
+    /// Write the used descriptor of buffer `id` at the next used slot without publishing it;
+    /// `len` is the number of bytes written into its writable buffers. Buffers may complete in
+    /// any order. Call [`PackedQueue::publish_used`] after one or many pushes.
+    #[inline]
+    pub fn push_used(&mut self, id: u16, len: u32) -> Result<(), QueueError> {
+        let rings = ready(&self.broken, &self.rings)?;
+        let slots = self
+            .id_descriptors
+            .get(usize::from(id))
+            .copied()
+            .filter(|&n| n != 0)
+            .ok_or(QueueError::UnknownHead(id))?;
+        let at = self.next_used;
+        // §2.4: id and len, then flags with AVAIL = USED = the used wrap counter; WRITE says
+        // that len counts written bytes.
+        let flags = used_bits(at.wrap) | if len > 0 { VIRTQ_DESC_F_WRITE } else { 0 };
+        rings.set_used_body(at.index, id, len);
+        if self.batch_head.is_none() {
+            // Held back: publish_used stores it last, so the driver sees the batch at once.
+            self.batch_head = Some((at.index, flags));
+        } else {
+            // §3 "publish result": Release, so id/len (and the data) are visible before flags.
+            // The driver cannot look at this slot before the held-back first one anyway.
+            rings.set_desc_flags(at.index, flags, Ordering::Release);
+        }
+        self.id_descriptors[usize::from(id)] = 0;
+        self.outstanding -= u32::from(slots);
+        self.added += slots;
+        self.next_used = at.advance(slots, self.config.size);
+        Ok(())
+    }
+
+    /// Publish every used descriptor pushed since the last call and decide whether the driver
+    /// must be notified ("call"). Returns `false` without touching memory if nothing was pushed.
+    pub fn publish_used(&mut self) -> Result<bool, QueueError> {
+        let rings = ready(&self.broken, &self.rings)?;
+        let Some((index, flags)) = self.batch_head.take() else {
+            return Ok(false);
+        };
+        // §2.4 / §3 "publish result": the first used descriptor of the batch last, with Release,
+        // so everything written before (data, the other used descriptors) is visible with it.
+        rings.set_desc_flags(index, flags, Ordering::Release);
+        // §3 "decide on call": full fence so the flags store cannot pass the load of the driver
+        // event suppression structure (lost wakeup otherwise).
+        fence(Ordering::SeqCst);
+        let (off_wrap, event_flags) = rings.driver_event(Ordering::Relaxed);
+        let new = self.next_used.index;
+        let old = new.wrapping_sub(self.added);
+        self.added = 0;
+        let notify = event_says_notify(
+            off_wrap,
+            event_flags,
+            self.config.event_idx,
+            new,
+            old,
+            self.next_used.wrap,
+            self.config.size,
+        );
+        let notify = notify || !self.signalled_valid;
+        self.signalled_valid = true;
+        Ok(notify)
+    }
+
+    /// Ask the driver for kicks again before going to sleep. Returns `true` if a chain became
+    /// available meanwhile: the caller must then process it instead of sleeping.
+    pub fn enable_notifications(&mut self) -> Result<bool, QueueError> {
+        let rings = ready(&self.broken, &self.rings)?;
+        if self.config.event_idx {
+            // Kick when the next descriptor is made available.
+            rings.set_device_event(
+                self.next_avail.encode(),
+                RING_EVENT_FLAGS_DESC,
+                Ordering::Relaxed,
+            );
+        } else {
+            rings.set_device_event(0, RING_EVENT_FLAGS_ENABLE, Ordering::Relaxed);
+        }
+        // §3 "go to sleep": full fence between the store above and the re-check, so that either
+        // the driver sees our request and kicks, or we see its new descriptor.
+        fence(Ordering::SeqCst);
+        let flags = rings.desc_flags(self.next_avail.index, Ordering::Acquire);
+        Ok(is_available(flags, self.next_avail.wrap))
+    }
+
+    /// Ask the driver not to kick while we are busy. A hint only: no fence needed (§3).
+    pub fn disable_notifications(&mut self) -> Result<(), QueueError> {
+        let rings = ready(&self.broken, &self.rings)?;
+        rings.set_device_event(0, RING_EVENT_FLAGS_DISABLE, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Walk the chain starting at `head` (whose flags, already loaded with Acquire, are
+/// `first_flags`), appending its segments; returns the chain (its `head` is the buffer id) and
+/// the number of ring slots it occupies.
+#[inline]
+fn pop_chain(
+    rings: &PackedRings,
+    config: &PackedConfig,
+    translator: &mut Translator<'_>,
+    head: RingPosition,
+    first_flags: u16,
+    segments: &mut Vec<Segment>,
+) -> Result<(Chain, u16), ChainFault> {
+    let size = config.size;
+    let start = segments.len();
+    let mut walk = Walk {
+        mid: None,
+        total: 0,
+        readable: 0,
+        writable: 0,
+        descriptors: 0,
+    };
+    let mut pos = head;
+    let mut slots: u16 = 0;
+    let id = loop {
+        let desc = rings.descriptor(pos.index);
+        slots += 1;
+        let flags = if slots == 1 {
+            first_flags
+        } else {
+            // §2.4: AVAIL/USED must be right in every descriptor of the list; its flags were
+            // stored before the first's, so the Acquire on the first covers them.
+            if !is_available(desc.flags, pos.wrap) {
+                return Err(ChainFault::NotAvailable { index: pos.index });
+            }
+            desc.flags
+        };
+        if flags & VIRTQ_DESC_F_INDIRECT != 0 {
+            if !config.indirect {
+                return Err(ChainFault::IndirectNotNegotiated);
+            }
+            if flags & VIRTQ_DESC_F_NEXT != 0 {
+                return Err(ChainFault::IndirectWithNext);
+            }
+            if slots > 1 {
+                return Err(ChainFault::IndirectInList);
+            }
+            // WRITE on the descriptor pointing at the table is reserved and ignored (§2.4).
+            walk = walk_indirect(
+                rings.memory(),
+                translator,
+                desc.addr,
+                desc.len,
+                walk,
+                segments,
+            )?;
+            break desc.id;
+        }
+        let buffer = Descriptor::new(desc.addr, desc.len, flags & VIRTQ_DESC_F_WRITE, 0);
+        add_buffer(translator, &buffer, &mut walk, segments)?;
+        if flags & VIRTQ_DESC_F_NEXT == 0 {
+            // §2.4: the buffer id is in the last descriptor of the list.
+            break desc.id;
+        }
+        if slots >= size {
+            return Err(ChainFault::TooLong {
+                limit: u32::from(size),
+            });
+        }
+        pos = pos.advance(1, size);
+    };
+    let end = segments.len();
+    let chain = Chain {
+        head: id,
+        descriptors: walk.descriptors,
+        segments: start..end,
+        mid: walk.mid.unwrap_or(end),
+        readable_len: walk.readable,
+        writable_len: walk.writable,
+    };
+    Ok((chain, slots))
+}
+
+/// Walk a packed indirect table: `len / 16` entries read in order. Only WRITE is valid in an
+/// entry; the other flags (NEXT, INDIRECT) and the id are reserved and ignored (§2.4), so a
+/// table never leads to another table.
+#[inline(never)]
+fn walk_indirect(
+    mem: &GuestMemory,
+    translator: &mut Translator<'_>,
+    addr: u64,
+    len: u32,
+    mut walk: Walk,
+    segments: &mut Vec<Segment>,
+) -> Result<Walk, ChainFault> {
+    let entries = len / 16;
+    if len == 0 || len % 16 != 0 || entries > MAX_INDIRECT_DESCRIPTORS {
+        return Err(ChainFault::IndirectLength { len });
+    }
+    let table = Table::map(mem, addr, len)?;
+    for index in 0..entries {
+        let entry = PackedDescriptor::from_split_layout(table.read(index)?);
+        let buffer = Descriptor::new(entry.addr, entry.len, entry.flags & VIRTQ_DESC_F_WRITE, 0);
+        add_buffer(translator, &buffer, &mut walk, segments)?;
+    }
+    Ok(walk)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::test_util::shared_memory;
+    use crate::queue::PackedQueueDriver;
+
+    const DESC: u64 = 0x1000;
+    const DRIVER_EVENT: u64 = 0x2000;
+    const DEVICE_EVENT: u64 = 0x3000;
+
+    fn config(size: u16, event_idx: bool) -> PackedConfig {
+        PackedConfig {
+            size,
+            desc_ring: DESC,
+            driver_event: DRIVER_EVENT,
+            device_event: DEVICE_EVENT,
+            event_idx,
+            indirect: true,
+        }
+    }
+
+    fn pair_at(
+        size: u16,
+        event_idx: bool,
+        start: RingPosition,
+    ) -> (PackedQueueDriver, PackedQueue) {
+        let (drv_mem, dev_mem) = shared_memory(&[(0, 0x10000), (0x10000, 0x10000)]);
+        let driver =
+            PackedQueueDriver::with_start(drv_mem, config(size, event_idx), start).unwrap();
+        let mut device = PackedQueue::new(config(size, event_idx)).unwrap();
+        device
+            .set_state(PackedState {
+                next_avail: start,
+                next_used: start,
+            })
+            .unwrap();
+        device.attach(dev_mem).unwrap();
+        (driver, device)
+    }
+
+    fn pair(size: u16, event_idx: bool) -> (PackedQueueDriver, PackedQueue) {
+        pair_at(size, event_idx, RingPosition::START)
+    }
+
+    fn read_segment(seg: &Segment) -> Vec<u8> {
+        let mut out = vec![0; seg.len as usize];
+        // SAFETY: the queue that produced `seg` is alive in the test.
+        unsafe { seg.read_to(0, &mut out) };
+        out
+    }
+
+    #[test]
+    fn config_validation_allows_any_size_up_to_32768() {
+        for size in [1u16, 3, 100, 255, 32768] {
+            assert!(config(size, false).validate().is_ok(), "size {size}");
+        }
+        for size in [0u16, 32769, 65535] {
+            assert!(config(size, false).validate().is_err(), "size {size}");
+        }
+        for bad in [
+            PackedConfig {
+                desc_ring: 0x1008,
+                ..config(8, false)
+            },
+            PackedConfig {
+                driver_event: 0x2002,
+                ..config(8, false)
+            },
+            PackedConfig {
+                device_event: 0x3002,
+                ..config(8, false)
+            },
+        ] {
+            assert!(matches!(bad.validate(), Err(QueueError::InvalidConfig(_))));
+        }
+        let split = QueueConfig {
+            size: 8,
+            desc_table: 0x1000,
+            avail_ring: 0x2000,
+            used_ring: 0x3000,
+            event_idx: true,
+            indirect: false,
+        };
+        assert_eq!(
+            PackedConfig::from_split_names(&split),
+            PackedConfig {
+                size: 8,
+                desc_ring: 0x1000,
+                driver_event: 0x2000,
+                device_event: 0x3000,
+                event_idx: true,
+                indirect: false,
+            }
+        );
+    }
+
+    #[test]
+    fn vring_base_encoding_matches_the_vhost_user_layout() {
+        assert_eq!(PackedState::START.to_vring_base(), 0x8000_8000);
+        let state = PackedState {
+            next_avail: RingPosition {
+                index: 5,
+                wrap: false,
+            },
+            next_used: RingPosition {
+                index: 0x7ffe,
+                wrap: true,
+            },
+        };
+        assert_eq!(state.to_vring_base(), 0xfffe_0005);
+        assert_eq!(PackedState::from_vring_base(0xfffe_0005), state);
+        let mut q = PackedQueue::new(config(8, false)).unwrap();
+        assert_eq!(q.state(), PackedState::START);
+        assert!(matches!(
+            q.set_state(PackedState::from_vring_base(0x8000_8008)),
+            Err(QueueError::InvalidConfig(_))
+        ));
+        q.set_state(PackedState::from_vring_base(0x0003_8007))
+            .unwrap();
+        assert_eq!(q.state().to_vring_base(), 0x0003_8007);
+    }
+
+    #[test]
+    fn ring_position_advances_and_wraps_for_any_size() {
+        let p = RingPosition {
+            index: 3,
+            wrap: true,
+        };
+        assert_eq!(
+            p.advance(1, 5),
+            RingPosition {
+                index: 4,
+                wrap: true
+            }
+        );
+        assert_eq!(
+            p.advance(2, 5),
+            RingPosition {
+                index: 0,
+                wrap: false
+            }
+        );
+        assert_eq!(
+            p.advance(5, 5),
+            RingPosition {
+                index: 3,
+                wrap: false
+            }
+        );
+        assert_eq!(RingPosition::decode(p.encode()), p);
+    }
+
+    #[test]
+    fn give_back_rewinds_over_the_chains_slots() {
+        let (mut drv, mut dev) = pair(4, false);
+        let a = drv.add_chain(&[(0x8000, 1)], &[]).unwrap();
+        let b = drv.add_chain(&[(0x8000, 1), (0x8100, 1)], &[]).unwrap();
+        drv.publish().unwrap();
+        let mut batch = ChainBatch::new();
+        assert_eq!(dev.pop_batch(&mut batch, 8).unwrap(), 2);
+        assert_eq!(
+            dev.next_avail(),
+            RingPosition {
+                index: 3,
+                wrap: true
+            }
+        );
+        let chains = batch.chains().to_vec();
+        assert_eq!(
+            dev.give_back(&[chains[1].clone(), chains[1].clone()]),
+            Err(QueueError::UnknownHead(b))
+        );
+        dev.give_back(&chains[1..]).unwrap();
+        assert_eq!(
+            dev.next_avail(),
+            RingPosition {
+                index: 1,
+                wrap: true
+            }
+        );
+        assert_eq!(dev.give_back(&chains[1..]), Err(QueueError::UnknownHead(b)));
+        dev.give_back(&chains[..1]).unwrap();
+        assert_eq!(dev.next_avail(), RingPosition::START);
+        batch.clear();
+        assert_eq!(dev.pop_batch(&mut batch, 8).unwrap(), 2, "popped again");
+        assert_eq!(batch.iter().map(|c| c.head()).collect::<Vec<_>>(), [a, b]);
+        let p = RingPosition {
+            index: 1,
+            wrap: true,
+        };
+        assert_eq!(
+            p.retreat(2, 5),
+            RingPosition {
+                index: 4,
+                wrap: false
+            }
+        );
+        assert_eq!(p.retreat(2, 5).advance(2, 5), p);
+        assert_eq!(
+            p.retreat(5, 5),
+            RingPosition {
+                index: 1,
+                wrap: false
+            }
+        );
+    }
+
+    #[test]
+    fn detached_queue_is_not_ready() {
+        let mut q = PackedQueue::new(config(8, false)).unwrap();
+        let mut batch = ChainBatch::new();
+        assert_eq!(q.pop_batch(&mut batch, 4), Err(QueueError::NotReady));
+        assert_eq!(q.push_used(0, 0), Err(QueueError::NotReady));
+        assert_eq!(q.publish_used(), Err(QueueError::NotReady));
+        assert_eq!(q.enable_notifications(), Err(QueueError::NotReady));
+        assert_eq!(q.pending(), Err(QueueError::NotReady));
+    }
+
+    #[test]
+    fn chain_round_trip_with_data_and_used_len() {
+        let (mut drv, mut dev) = pair(8, false);
+        drv.memory().write(0x8000, b"hello").unwrap();
+        let id = drv
+            .add_chain(&[(0x8000, 5)], &[(0x9000, 16), (0x9100, 16)])
+            .unwrap();
+        let mut batch = ChainBatch::new();
+        assert_eq!(dev.pending().unwrap(), 0, "not published yet");
+        assert_eq!(dev.pop_batch(&mut batch, 4).unwrap(), 0);
+        drv.publish().unwrap();
+        assert_eq!(dev.pending().unwrap(), 1);
+        assert_eq!(dev.pop_batch(&mut batch, 4).unwrap(), 1);
+        let c = batch.get(0).unwrap();
+        assert_eq!(c.head(), id);
+        assert_eq!(c.descriptors(), 3);
+        assert_eq!((c.readable_len(), c.writable_len()), (5, 32));
+        assert_eq!(read_segment(&c.readable()[0]), b"hello");
+        // SAFETY: the device's snapshot is alive.
+        unsafe { c.writable()[1].write_from(0, b"world") };
+        assert_eq!(
+            dev.next_avail(),
+            RingPosition {
+                index: 3,
+                wrap: true
+            }
+        );
+        dev.push_used(id, 21).unwrap();
+        assert_eq!(drv.reap_used().unwrap(), None, "held back until publish");
+        assert!(dev.publish_used().unwrap());
+        assert_eq!(drv.reap_used().unwrap(), Some((id, 21)));
+        let mut got = [0u8; 5];
+        drv.memory().read(0x9100, &mut got).unwrap();
+        assert_eq!(&got, b"world");
+        assert_eq!(drv.free_descriptors(), 8);
+        assert_eq!(
+            dev.next_used(),
+            RingPosition {
+                index: 3,
+                wrap: true
+            }
+        );
+    }
+
+    #[test]
+    fn out_of_order_completion_of_multi_slot_chains() {
+        let (mut drv, mut dev) = pair(7, false);
+        let a = drv.add_chain(&[(0x8000, 1), (0x8100, 1)], &[]).unwrap();
+        let b = drv.add_chain(&[(0x8200, 1)], &[(0x8300, 4)]).unwrap();
+        let c = drv
+            .add_indirect(0x4000, &[(0x8400, 1)], &[(0x8500, 8)])
+            .unwrap();
+        drv.publish().unwrap();
+        let mut batch = ChainBatch::new();
+        assert_eq!(dev.pop_batch(&mut batch, 8).unwrap(), 3);
+        assert_eq!(
+            batch.iter().map(|c| c.head()).collect::<Vec<_>>(),
+            [a, b, c]
+        );
+        // Complete c, a, b: slots are taken in completion order, each skipping its own count.
+        dev.push_used(c, 8).unwrap();
+        dev.push_used(a, 0).unwrap();
+        assert_eq!(dev.push_used(a, 0), Err(QueueError::UnknownHead(a)));
+        dev.push_used(b, 4).unwrap();
+        dev.publish_used().unwrap();
+        assert_eq!(drv.reap_used().unwrap(), Some((c, 8)));
+        assert_eq!(drv.reap_used().unwrap(), Some((a, 0)));
+        assert_eq!(drv.reap_used().unwrap(), Some((b, 4)));
+        assert_eq!(drv.reap_used().unwrap(), None);
+        assert_eq!(
+            dev.next_used(),
+            RingPosition {
+                index: 5,
+                wrap: true
+            }
+        );
+        assert_eq!(drv.next_used(), dev.next_used());
+    }
+
+    #[test]
+    fn wraps_many_times_with_a_size_that_is_not_a_power_of_two() {
+        for start in [
+            RingPosition::START,
+            RingPosition {
+                index: 3,
+                wrap: false,
+            },
+        ] {
+            let (mut drv, mut dev) = pair_at(5, true, start);
+            let mut batch = ChainBatch::new();
+            for round in 0..40u64 {
+                let shape = (round % 3) as usize + 1;
+                let readable: Vec<(u64, u32)> =
+                    (0..shape).map(|i| (0x8000 + 0x100 * i as u64, 4)).collect();
+                let id = drv.add_chain(&readable, &[(0x9000, 2)]).unwrap();
+                drv.publish().unwrap();
+                batch.clear();
+                assert_eq!(dev.pop_batch(&mut batch, 4).unwrap(), 1, "round {round}");
+                assert_eq!(batch.get(0).unwrap().head(), id);
+                assert_eq!(batch.get(0).unwrap().descriptors() as usize, shape + 1);
+                dev.push_used(id, 2).unwrap();
+                dev.publish_used().unwrap();
+                assert_eq!(drv.reap_used().unwrap(), Some((id, 2)));
+                assert_eq!(drv.next_avail(), dev.next_avail());
+                assert_eq!(drv.next_used(), dev.next_used());
+            }
+        }
+    }
+
+    #[test]
+    fn indirect_table_entries_only_honour_write() {
+        let (mut drv, mut dev) = pair(8, false);
+        let id = drv
+            .add_indirect(0x4000, &[(0x8000, 16)], &[(0x9000, 32)])
+            .unwrap();
+        // Set NEXT and INDIRECT (reserved in a table entry) and a junk id on the entries, and
+        // WRITE (reserved) on the ring descriptor: all must be ignored.
+        for (k, (addr, len, write)) in [(0x8000u64, 16u32, 0u16), (0x9000, 32, VIRTQ_DESC_F_WRITE)]
+            .into_iter()
+            .enumerate()
+        {
+            let entry = PackedDescriptor::new(
+                addr,
+                len,
+                0xdead,
+                write | VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT,
+            );
+            drv.memory()
+                .write(0x4000 + 16 * k as u64, &entry.to_le_bytes())
+                .unwrap();
+        }
+        let ring = drv.memory().load_u16(DESC + 14, Ordering::Relaxed).unwrap();
+        assert_eq!(ring, 0, "first flags held back until publish");
+        drv.publish().unwrap();
+        let ring = drv.memory().load_u16(DESC + 14, Ordering::Relaxed).unwrap();
+        drv.memory()
+            .store_u16(DESC + 14, ring | VIRTQ_DESC_F_WRITE, Ordering::Release)
+            .unwrap();
+        let mut batch = ChainBatch::new();
+        dev.pop_batch(&mut batch, 4).unwrap();
+        let c = batch.get(0).unwrap();
+        assert_eq!(c.head(), id);
+        assert_eq!(c.descriptors(), 2);
+        assert_eq!((c.readable_len(), c.writable_len()), (16, 32));
+        assert_eq!(c.writable()[0].gpa, 0x9000);
+        assert_eq!(dev.next_avail().index, 1, "one ring slot");
+    }
+
+    #[test]
+    fn indirect_needs_the_feature() {
+        let (drv_mem, dev_mem) = shared_memory(&[(0, 0x10000)]);
+        let cfg = PackedConfig {
+            indirect: false,
+            ..config(8, false)
+        };
+        let mut drv = PackedQueueDriver::new(drv_mem.clone(), cfg).unwrap();
+        assert!(drv.add_indirect(0x4000, &[(0x8000, 1)], &[]).is_err());
+        drv_mem
+            .write(
+                0x4000,
+                &PackedDescriptor::new(0x8000, 1, 0, 0).to_le_bytes(),
+            )
+            .unwrap();
+        let ring = PackedDescriptor::new(0x4000, 16, 0, VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_AVAIL);
+        drv_mem.write(DESC, &ring.to_le_bytes()).unwrap();
+        let mut dev = PackedQueue::new(cfg).unwrap();
+        dev.attach(dev_mem).unwrap();
+        let mut batch = ChainBatch::new();
+        assert_eq!(
+            dev.pop_batch(&mut batch, 4),
+            Err(QueueError::BadChain {
+                head: 0,
+                reason: ChainFault::IndirectNotNegotiated
+            })
+        );
+        assert!(dev.is_broken());
+    }
+
+    #[test]
+    fn batch_is_published_at_once_and_respects_max() {
+        let (mut drv, mut dev) = pair(16, false);
+        let ids: Vec<u16> = (0..10u64)
+            .map(|i| drv.add_chain(&[(0x8000 + 0x100 * i, 16)], &[]).unwrap())
+            .collect();
+        drv.publish().unwrap();
+        let mut batch = ChainBatch::new();
+        assert_eq!(dev.pop_batch(&mut batch, 4).unwrap(), 4);
+        assert_eq!(dev.pop_batch(&mut batch, 100).unwrap(), 6);
+        assert_eq!(dev.pop_batch(&mut batch, 0).unwrap(), 0);
+        assert_eq!(batch.iter().map(|c| c.head()).collect::<Vec<_>>(), ids);
+        for c in batch.iter() {
+            dev.push_used(c.head(), 0).unwrap();
+        }
+        // Every used descriptor but the first is already marked; the driver polls the first.
+        assert_eq!(drv.reap_used().unwrap(), None);
+        let second = drv
+            .memory()
+            .load_u16(DESC + 16 + 14, Ordering::Acquire)
+            .unwrap();
+        assert_eq!(second, VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED);
+        dev.publish_used().unwrap();
+        let mut reaped = Vec::new();
+        while let Some((id, _)) = drv.reap_used().unwrap() {
+            reaped.push(id);
+        }
+        assert_eq!(reaped, ids);
+    }
+
+    #[test]
+    fn call_suppression_without_event_idx() {
+        let (mut drv, mut dev) = pair(4, false);
+        let mut batch = ChainBatch::new();
+        let mut round = |drv: &mut PackedQueueDriver, dev: &mut PackedQueue| {
+            batch.clear();
+            drv.add_chain(&[(0x8000, 1)], &[]).unwrap();
+            drv.publish().unwrap();
+            dev.pop_batch(&mut batch, 8).unwrap();
+            dev.push_used(batch.get(0).unwrap().head(), 0).unwrap();
+            let notify = dev.publish_used().unwrap();
+            drv.reap_used().unwrap().unwrap();
+            notify
+        };
+        drv.disable_call_notifications().unwrap();
+        assert!(round(&mut drv, &mut dev), "first completion after attach");
+        assert!(!round(&mut drv, &mut dev), "DISABLE");
+        assert!(!drv.enable_call_notifications().unwrap());
+        assert!(round(&mut drv, &mut dev), "ENABLE");
+        assert!(!dev.publish_used().unwrap(), "nothing pushed: no notify");
+        // DESC without EVENT_IDX is not valid: treated as ENABLE.
+        drv.memory()
+            .store_u16(DRIVER_EVENT + 2, RING_EVENT_FLAGS_DESC, Ordering::Release)
+            .unwrap();
+        drv.memory()
+            .store_u16(DRIVER_EVENT, 0x7fff, Ordering::Release)
+            .unwrap();
+        assert!(round(&mut drv, &mut dev));
+    }
+
+    #[test]
+    fn call_suppression_with_event_idx_uses_offset_and_wrap() {
+        let (mut drv, mut dev) = pair(4, true);
+        let mut batch = ChainBatch::new();
+        let mut complete = |drv: &mut PackedQueueDriver, dev: &mut PackedQueue, n: usize| {
+            batch.clear();
+            for i in 0..n {
+                drv.add_chain(&[(0x8000 + 0x100 * i as u64, 1)], &[])
+                    .unwrap();
+            }
+            drv.publish().unwrap();
+            dev.pop_batch(&mut batch, 8).unwrap();
+            for c in batch.iter() {
+                dev.push_used(c.head(), 0).unwrap();
+            }
+            let notify = dev.publish_used().unwrap();
+            while drv.reap_used().unwrap().is_some() {}
+            notify
+        };
+        let set_event = |drv: &PackedQueueDriver, pos: RingPosition| {
+            drv.memory()
+                .store_u16(DRIVER_EVENT, pos.encode(), Ordering::Relaxed)
+                .unwrap();
+            drv.memory()
+                .store_u16(DRIVER_EVENT + 2, RING_EVENT_FLAGS_DESC, Ordering::Release)
+                .unwrap();
+        };
+        let at = |index, wrap| RingPosition { index, wrap };
+        set_event(&drv, at(3, true));
+        assert!(
+            complete(&mut drv, &mut dev, 1),
+            "first decision always notifies"
+        );
+        // used 1 -> 3 (slots 1, 2): event at 3 is not in [1, 3).
+        assert!(!complete(&mut drv, &mut dev, 2));
+        // used 3 -> 1 of the next lap (slots 3, 0): event (3, wrap 1) is.
+        assert!(complete(&mut drv, &mut dev, 2));
+        assert_eq!(dev.next_used(), at(1, false));
+        // Event (0, wrap 0) was passed in the last batch; 1 -> 2 does not reach it again.
+        set_event(&drv, at(0, false));
+        assert!(!complete(&mut drv, &mut dev, 1));
+        // Event (2, wrap 0) lies in [2, 3).
+        set_event(&drv, at(2, false));
+        assert!(complete(&mut drv, &mut dev, 1));
+        // Event in the previous lap's wrap (3, wrap 1) is behind: no notify for 3 -> 0.
+        set_event(&drv, at(3, true));
+        assert!(!complete(&mut drv, &mut dev, 1));
+        // The driver's own re-arm: DESC at its next_used.
+        assert!(!drv.enable_call_notifications().unwrap());
+        assert!(complete(&mut drv, &mut dev, 1));
+    }
+
+    #[test]
+    fn kick_suppression_both_modes() {
+        for event_idx in [false, true] {
+            let (mut drv, mut dev) = pair(4, event_idx);
+            let mut batch = ChainBatch::new();
+            drv.add_chain(&[(0x8000, 1)], &[]).unwrap();
+            assert!(drv.publish().unwrap(), "device event starts as ENABLE");
+            dev.disable_notifications().unwrap();
+            drv.add_chain(&[(0x8000, 1)], &[]).unwrap();
+            assert!(!drv.publish().unwrap(), "DISABLE: no kick");
+            assert!(dev.enable_notifications().unwrap(), "work pending");
+            assert_eq!(dev.pop_batch(&mut batch, 8).unwrap(), 2);
+            assert!(!dev.enable_notifications().unwrap());
+            drv.add_chain(&[(0x8000, 1)], &[]).unwrap();
+            assert!(drv.publish().unwrap(), "re-enabled: kick");
+            if event_idx {
+                let (off_wrap, flags) = dev.rings.as_ref().unwrap().device_event(Ordering::Relaxed);
+                assert_eq!((off_wrap, flags), (0x8002, RING_EVENT_FLAGS_DESC));
+                // DESC at slot 2 was just made available; slot 3 does not reach it again.
+                drv.add_chain(&[(0x8000, 1)], &[]).unwrap();
+                assert!(!drv.publish().unwrap(), "past the event");
+            }
+        }
+    }
+
+    #[test]
+    fn reattach_drops_the_unpublished_batch_and_keeps_in_flight_chains() {
+        let (mut drv, mut dev) = pair(4, false);
+        let a = drv.add_chain(&[(0x8000, 1)], &[]).unwrap();
+        let b = drv.add_chain(&[(0x8100, 1)], &[]).unwrap();
+        drv.publish().unwrap();
+        let mut batch = ChainBatch::new();
+        dev.pop_batch(&mut batch, 8).unwrap();
+        dev.push_used(a, 0).unwrap();
+        dev.publish_used().unwrap();
+        assert_eq!(drv.reap_used().unwrap(), Some((a, 0)));
+        dev.push_used(b, 0).unwrap();
+        let mem = dev.memory().unwrap().clone();
+        dev.attach(mem).unwrap();
+        assert_eq!(
+            dev.next_used(),
+            RingPosition {
+                index: 1,
+                wrap: true
+            }
+        );
+        assert_eq!(
+            dev.push_used(b, 0),
+            Err(QueueError::UnknownHead(b)),
+            "dropped"
+        );
+        assert!(!dev.publish_used().unwrap());
+        dev.detach();
+        assert_eq!(dev.pending(), Err(QueueError::NotReady));
+    }
+
+    #[test]
+    fn broken_queue_stays_broken() {
+        let (mut drv, mut dev) = pair(4, false);
+        drv.add_chain(&[(0x8000, 1)], &[]).unwrap();
+        drv.publish().unwrap();
+        // Point the buffer outside guest memory.
+        drv.memory()
+            .store_u64(DESC, 0x10_0000_0000, Ordering::Relaxed)
+            .unwrap();
+        let mut batch = ChainBatch::new();
+        assert!(matches!(
+            dev.pop_batch(&mut batch, 8),
+            Err(QueueError::BadChain {
+                head: 0,
+                reason: ChainFault::BufferOutOfRange { .. }
+            })
+        ));
+        let reason = dev.broken_reason().unwrap().to_owned();
+        assert_eq!(
+            dev.pop_batch(&mut batch, 8),
+            Err(QueueError::Broken(reason.clone()))
+        );
+        assert_eq!(dev.push_used(0, 0), Err(QueueError::Broken(reason.clone())));
+        assert_eq!(dev.publish_used(), Err(QueueError::Broken(reason.clone())));
+        assert_eq!(dev.enable_notifications(), Err(QueueError::Broken(reason)));
+    }
+
+    #[test]
+    fn queue_and_driver_are_send() {
+        fn is_send<T: Send>() {}
+        is_send::<PackedQueue>();
+        is_send::<PackedQueueDriver>();
+    }
+}
