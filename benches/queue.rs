@@ -5,7 +5,9 @@
 //! (`Throughput::Elements`); the group name is the workload, the function name the
 //! implementation, e.g. `split_1desc_batch32/vvu` and `split_1desc_batch32/virtio-queue`;
 //! `vvu-inflight` is vvu's queue also keeping an INFLIGHT_SHMFD region current (per chain: a
-//! counter and a flag at pop, a link at push, a flag cleared after publish).
+//! counter and a flag at pop, a link at push, a flag cleared after publish); `vvu-dirty-log` is
+//! vvu with a dirty log attached (live migration): every published chain's writable buffers and
+//! every used-ring write are logged, the chain walked again to find them.
 //!
 //! # Setup (identical for both implementations)
 //!
@@ -79,6 +81,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
 };
+use vvu_core::dirty_log::{DirtyLog, QueueLog};
 use vvu_core::inflight::{InflightRegion, RingLayout};
 use vvu_core::memory::{create_memfd, GuestMemory, MemoryRegion, RegionSpec};
 use vvu_core::queue::{
@@ -269,7 +272,8 @@ struct Vvu {
 }
 
 impl Vvu {
-    fn new(mem: GuestMemory) -> Self {
+    /// With `log`, every write is logged as during a live migration (used ring included).
+    fn new(mem: GuestMemory, log: Option<Arc<DirtyLog>>) -> Self {
         let mut queue = SplitQueue::new(QueueConfig {
             size: Q,
             desc_table: DESC,
@@ -280,6 +284,10 @@ impl Vvu {
         })
         .unwrap();
         queue.attach(mem).unwrap();
+        queue.set_log(log.map(|log| QueueLog {
+            log,
+            used_ring: Some(USED),
+        }));
         Self {
             queue,
             batch: ChainBatch::with_capacity(64, 64 * 16),
@@ -288,7 +296,7 @@ impl Vvu {
 
     /// The same device keeping an INFLIGHT_SHMFD region current (one memfd, this queue only).
     fn with_inflight(mem: GuestMemory) -> Self {
-        let mut vvu = Self::new(mem);
+        let mut vvu = Self::new(mem, None);
         let region = Arc::new(InflightRegion::allocate(RingLayout::Split, 1, Q).unwrap());
         let view = region.split_queue(0, Q).unwrap();
         vvu.queue.set_inflight(view).unwrap();
@@ -426,7 +434,7 @@ fn run_rounds(dev: &mut dyn Device, drv: &mut dyn Refill, batch: usize, iters: u
 fn check_same_work(mems: &Memories, drv: &mut Driver) {
     let n = drv.heads.len().min(32);
     drv.reset();
-    let mut vvu = Vvu::new(mems.device.clone());
+    let mut vvu = Vvu::new(mems.device.clone(), None);
     drv.publish(n);
     assert_eq!(vvu.process(n), n);
     let ours: Vec<(u64, u32, bool)> = vvu
@@ -459,8 +467,18 @@ fn bench_split(c: &mut Criterion) {
             group.throughput(Throughput::Elements(batch as u64));
             {
                 drv.reset();
-                let mut dev = Vvu::new(mems.device.clone());
+                let mut dev = Vvu::new(mems.device.clone(), None);
                 group.bench_function(BenchmarkId::from_parameter("vvu"), |b| {
+                    b.iter_custom(|iters| run_rounds(&mut dev, &mut drv, batch, iters))
+                });
+            }
+            {
+                drv.reset();
+                let log_size = MEM_SIZE / (8 * 4096);
+                let fd = create_memfd("queue-bench-log", log_size).unwrap();
+                let log = Arc::new(DirtyLog::map(fd, log_size, 0).unwrap());
+                let mut dev = Vvu::new(mems.device.clone(), Some(log));
+                group.bench_function(BenchmarkId::from_parameter("vvu-dirty-log"), |b| {
                     b.iter_custom(|iters| run_rounds(&mut dev, &mut drv, batch, iters))
                 });
             }
@@ -636,7 +654,7 @@ fn bench_packed(c: &mut Criterion) {
         // first: the packed driver then rewrites the ring and the indirect tables its own way.
         let mut split_drv = Driver::new(mems.driver.clone(), workload);
         let n = split_drv.chains().min(32);
-        let mut split = Vvu::new(mems.device.clone());
+        let mut split = Vvu::new(mems.device.clone(), None);
         split_drv.publish(n);
         assert_eq!(split.process(n), n);
         let mut drv = PackedDriver::new(mems.driver.clone(), workload);

@@ -21,9 +21,11 @@ from __future__ import annotations
 import asyncio
 import atexit
 import functools
+import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
@@ -32,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, Any, Self
 
 import pytest
 
@@ -542,6 +544,72 @@ async def run_guest_async(
         script, qemu_args=qemu_args, timeout=timeout, memory=memory, append=append, image=image
     ) as guest:
         return await guest.wait_async()
+
+
+class QmpError(Exception):
+    """QEMU answered a QMP command with an error (or the monitor went away)."""
+
+
+class Qmp:
+    """A minimal client for QEMU's QMP monitor on a unix socket (``-qmp unix:PATH,server=on,
+    wait=off``): one command at a time, answers returned, asynchronous events kept in
+    :attr:`events`. Every read is bounded by ``timeout``."""
+
+    def __init__(self, path: Path, *, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        self.events: list[dict[str, Any]] = []
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            while True:  # QEMU creates the socket shortly after it starts
+                try:
+                    self._sock.connect(str(path))
+                    break
+                except (FileNotFoundError, ConnectionRefusedError):
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            self._file = self._sock.makefile("rwb")
+            greeting = self._read()
+            if "QMP" not in greeting:
+                raise QmpError(f"not a QMP greeting: {greeting}")
+            self.execute("qmp_capabilities")
+        except BaseException:
+            self._sock.close()
+            raise
+
+    def _read(self) -> dict[str, Any]:
+        line = self._file.readline()
+        if not line:
+            raise QmpError("QEMU closed the QMP connection")
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+    def execute(self, command: str, **arguments: Any) -> Any:
+        """Run one command; returns its ``return`` value or raises :class:`QmpError`."""
+        request: dict[str, Any] = {"execute": command}
+        if arguments:
+            request["arguments"] = arguments
+        self._file.write(json.dumps(request).encode() + b"\n")
+        self._file.flush()
+        while True:
+            message = self._read()
+            if "event" in message:
+                self.events.append(message)
+            elif "error" in message:
+                raise QmpError(f"{command}: {message['error'].get('desc', message['error'])}")
+            elif "return" in message:
+                return message["return"]
+
+    def close(self) -> None:
+        self._file.close()
+        self._sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def child_pids() -> set[int]:

@@ -34,7 +34,7 @@ from vvu.aio import wait_eventfd
 from vvu.backends import BlkBackend, RngBackend
 from vvu.backends.base import ConfigError
 from vvu.backends.blk import BlkFeature
-from vvu.device.vvu import PROTOCOL_FEATURES_ALLOWED
+from vvu.device.vvu import FEATURES_FILTERED, PROTOCOL_FEATURES_ALLOWED
 from vvu.engine import MAX_MEM_SLOTS, REFUSED, BackendEngine, RequestFailed
 from vvu.frontend import BlkDriver, Frontend, FrontendError, FrontendQueue, RngDriver
 from vvu.frontend.blk import T_IN, T_OUT, BlkIOError
@@ -286,10 +286,19 @@ async def check_io(ring: Ring, sector: int = 8, *, data: int | None = None) -> N
 class Peer:
     """A raw front-end on one engine session: exact bytes out, exact replies in."""
 
-    def __init__(self, engine: BackendEngine, channel: Channel, task: asyncio.Future[None]) -> None:
+    def __init__(
+        self,
+        engine: BackendEngine,
+        channel: Channel,
+        task: asyncio.Future[None],
+        *,
+        offered: int | None = None,
+    ) -> None:
         self.engine = engine
         self.channel = channel
         self.task = task  # the engine serving this session
+        # What GET_FEATURES answers on this transport.
+        self.offered = engine.offered_features() if offered is None else offered
 
     async def send(
         self,
@@ -360,7 +369,7 @@ class Peer:
     async def barrier(self) -> None:
         """GET_FEATURES round trip (QEMU's sync without REPLY_ACK): also proves that nothing was
         sent since the last expected reply."""
-        assert await self.get_u64(F.GET_FEATURES) == self.engine.offered_features()
+        assert await self.get_u64(F.GET_FEATURES) == self.offered
 
     async def close(self) -> None:
         """Hang up and wait until the engine released the session."""
@@ -507,7 +516,7 @@ class Connector:
 
     async def peer(self, engine: BackendEngine) -> Peer:
         channel, task = await self.channel(engine)
-        return Peer(engine, channel, task)
+        return Peer(engine, channel, task, offered=self.offered(engine))
 
     def open_fds(self) -> dict[int, str] | None:
         """An fd snapshot to compare with after the session, or None (no check) over VVU: there
@@ -520,6 +529,11 @@ class Connector:
         """Mappings of each front-end region besides ours while a session has it: the engine's,
         and over VVU the in-process device's too (its BAR4 backing, docs/vvu-device.md)."""
         return 2 if self.vvu else 1
+
+    def offered(self, engine: BackendEngine) -> int:
+        """What GET_FEATURES answers: over VVU the device filters out dirty logging."""
+        offered = engine.offered_features()
+        return offered & ~FEATURES_FILTERED if self.vvu else offered
 
     def offered_protocol(self, engine: BackendEngine) -> int:
         """What GET_PROTOCOL_FEATURES answers: over VVU the device filters the engine's offer
@@ -812,7 +826,7 @@ async def test_requests_with_a_reply_get_exactly_one_with_need_reply(
     guest, peer = Guest(), await connect.peer(engine)
     ring = Ring(guest)
     await blk_session(peer, guest, ring)
-    offered = engine.offered_features()
+    offered = connect.offered(engine)
     assert await peer.get_u64(F.GET_FEATURES, need_reply=True) == offered
     offered_protocol = await peer.get_u64(F.GET_PROTOCOL_FEATURES, need_reply=True)
     assert offered_protocol == connect.offered_protocol(engine)

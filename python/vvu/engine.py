@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from vvu._core import (
+    DirtyLog,
     EventFd,
     GuestMemory,
     InflightRegion,
@@ -39,12 +40,14 @@ from vvu.protocol import (
     DEVICE_STATE_NOFD,
     EMPTY,
     U64,
+    VRING_F_LOG,
     BackendRequest,
     Config,
     DeviceStateTransfer,
     FrontendRequest,
     Inflight,
     IotlbType,
+    Log,
     MemoryRegion,
     MemoryTable,
     Message,
@@ -87,6 +90,7 @@ ENGINE_PROTOCOL_FEATURES = (
     | _PF.RESET_DEVICE.mask
     | _PF.CONFIGURE_MEM_SLOTS.mask
     | _PF.STATUS.mask
+    | _PF.LOG_SHMFD.mask
     | _PF.INBAND_NOTIFICATIONS.mask
 )
 MAX_MEM_SLOTS = 256
@@ -170,6 +174,12 @@ def packed_vring_base(num: int) -> int:
     if num >> 16 == 0:
         return num | num << 16
     return num
+
+
+def _packed_logging(features: int) -> bool:
+    """LOG_ALL with packed rings, which have no dirty-log hooks yet."""
+    both = VhostFeature.LOG_ALL.mask | VirtioFeature.RING_PACKED.mask
+    return features & both == both
 
 
 class RequestFailed(VvuError):
@@ -406,6 +416,22 @@ class Session:
     memory: GuestMemory | None = None
     regions: list[MemoryRegion] = field(default_factory=list)
     backend_channel: Channel | None = None
+    dirty_log: DirtyLog | None = None  # SET_LOG_BASE
+    log_fd: EventFd | None = None  # SET_LOG_FD: kept, never signalled (QEMU does not use it)
+
+    @property
+    def logging(self) -> bool:
+        """Dirty logging is on: VHOST_F_LOG_ALL acked and a log mapped."""
+        return bool(self.features & VhostFeature.LOG_ALL.mask) and self.dirty_log is not None
+
+    def release_log(self) -> None:
+        if self.dirty_log is not None and self.dirty_log.faults:
+            log.warning("%d writes could not be logged: %r", self.dirty_log.faults, self.dirty_log)
+        self.dirty_log = None
+        if self.log_fd is not None:
+            self.log_fd.close()
+            self.log_fd = None
+
     # Serialises front-end requests with back-end initiated changes of the session.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # One back-end request (and its answer) at a time on the back-end channel.
@@ -444,6 +470,8 @@ class BackendEngine:
             _F.SET_OWNER: self._set_owner,
             _F.RESET_OWNER: self._reset_owner,
             _F.SET_MEM_TABLE: self._set_mem_table,
+            _F.SET_LOG_BASE: self._set_log_base,
+            _F.SET_LOG_FD: self._set_log_fd,
             _F.SET_VRING_NUM: self._set_vring_num,
             _F.SET_VRING_ADDR: self._set_vring_addr,
             _F.SET_VRING_BASE: self._set_vring_base,
@@ -478,7 +506,14 @@ class BackendEngine:
 
     def offered_features(self) -> int:
         iommu = VirtioFeature.ACCESS_PLATFORM.mask if self.backend.supports_iommu else 0
-        return self.backend.features() | iommu | VhostFeature.PROTOCOL_FEATURES.mask
+        # Every back-end writes guest memory only through its queues' pushed chains, which the
+        # queues log themselves: dirty logging works for all of them.
+        return (
+            self.backend.features()
+            | iommu
+            | VhostFeature.PROTOCOL_FEATURES.mask
+            | VhostFeature.LOG_ALL.mask
+        )
 
     def offered_protocol_features(self) -> int:
         return ENGINE_PROTOCOL_FEATURES | self.backend.protocol_features()
@@ -695,6 +730,7 @@ class BackendEngine:
                 task.cancel()
             if session.backend_channel is not None:
                 session.backend_channel.close()
+            session.release_log()
             session.memory = None
             # The region belongs to the front-end, which hands it back after a reconnect.
             session.inflight = None
@@ -846,6 +882,12 @@ class BackendEngine:
             return None
         except (GuestMemoryError, QueueError) as err:
             raise RequestFailed(f"vring {vring.index}: {err}") from err
+        if session.logging:
+            if not isinstance(queue, SplitQueue):
+                raise RequestFailed(f"vring {vring.index}: packed rings cannot log dirty pages")
+            # The used ring is logged at the address the front-end gave, only with the flag.
+            used_log = addr.log if addr.flags & VRING_F_LOG else None
+            queue.set_log(session.dirty_log, used_log)
         if session.inflight is not None:
             if isinstance(queue, SplitQueue):
                 self._track_inflight(queue, vring, session.inflight)
@@ -937,13 +979,22 @@ class BackendEngine:
         if iommu and not session.protocol_features & _PF.BACKEND_REQ.mask:
             # Translations arrive only as answers to misses sent on the back-end channel.
             raise RequestFailed("VIRTIO_F_ACCESS_PLATFORM needs protocol feature BACKEND_REQ")
+        if _packed_logging(features) and session.dirty_log is not None:
+            # The packed queue has no dirty-log hooks: refuse to log rather than lose writes.
+            raise RequestFailed("dirty logging (LOG_ALL) is not implemented for packed rings")
+        was_logging = session.logging
         session.features = features
         session.features_set = True
         if not iommu:
             session.iotlb = None
         elif session.iotlb is None:
             session.iotlb = Iotlb()
-        self.backend.set_features(features & ~VhostFeature.PROTOCOL_FEATURES.mask)
+        engine_bits = VhostFeature.PROTOCOL_FEATURES.mask | VhostFeature.LOG_ALL.mask
+        self.backend.set_features(features & ~engine_bits)
+        if session.logging != was_logging:
+            # Migration starts or ends: the running rings pick the log up (or drop it) at a
+            # restart, which finishes in-flight requests first and resumes at the same index.
+            await self._restart_rings(lambda: None)
         if not features & VhostFeature.PROTOCOL_FEATURES.mask:
             # Without VHOST_USER_F_PROTOCOL_FEATURES rings are enabled from the start.
             for vring in session.vrings:
@@ -983,6 +1034,37 @@ class BackendEngine:
             session.regions = regions
 
         await self._restart_rings(swap)
+
+    async def _set_log_base(self, msg: Message) -> Payload:
+        assert isinstance(msg.payload, Log)
+        session = self._session()
+        fd = self._one_fd(msg)
+        if fd is None:
+            raise RequestFailed("SET_LOG_BASE without a log fd (only LOG_SHMFD is supported)")
+        if _packed_logging(session.features):
+            raise RequestFailed("dirty logging (LOG_ALL) is not implemented for packed rings")
+        dirty_log = DirtyLog(fd, msg.payload.mmap_size, msg.payload.mmap_offset)
+        log.info("dirty log mapped: %r", dirty_log)
+
+        def swap() -> None:
+            old, session.dirty_log = session.dirty_log, dirty_log
+            if old is not None and old.faults:
+                log.warning("%d writes could not be logged: %r", old.faults, old)
+
+        if session.features & VhostFeature.LOG_ALL.mask:
+            # Logging on (a resize while migrating, or LOG_ALL acked before the first log):
+            # the running rings move to the new log.
+            await self._restart_rings(swap)
+        else:
+            swap()
+        return msg.payload  # the reply LOG_SHMFD requires (rust-vmm's form: the log echoed)
+
+    async def _set_log_fd(self, msg: Message) -> None:
+        session = self._session()
+        fd = self._one_fd(msg)
+        old, session.log_fd = session.log_fd, None if fd is None else EventFd.from_fd(fd)
+        if old is not None:
+            old.close()
 
     async def _get_max_mem_slots(self, msg: Message) -> Payload:
         return U64(MAX_MEM_SLOTS)
@@ -1219,6 +1301,7 @@ class BackendEngine:
         session.features_set = False
         session.iotlb = None  # the IOMMU is re-negotiated with the features
         session.status = 0
+        session.release_log()
         self.backend.reset()
 
     async def _set_status(self, msg: Message) -> None:

@@ -30,6 +30,7 @@ from vvu.protocol.constants import (
     VRING_IDX_MASK,
     FrontendRequest,
     ProtocolFeature,
+    VhostFeature,
 )
 from vvu.protocol.payloads import MemoryRegion, MemoryTable, SingleRegion
 from vvu.transport.base import Channel, RawMessage, TransportError, close_fds
@@ -40,6 +41,7 @@ from vvu.vfio_user.protocol import IrqIndex
 __all__ = [
     "BACKEND_UP",
     "DIRECT_KICK",
+    "FEATURES_FILTERED",
     "FRONTEND_UP",
     "KICK_FDS_OFFSET",
     "PROTOCOL_FEATURES_ALLOWED",
@@ -96,6 +98,9 @@ PROTOCOL_FEATURES_ALLOWED: Final = (
     # back through txq like any back-end request; no fd is involved.
     | (1 << _P.INBAND_NOTIFICATIONS)
 )
+#: Virtio feature bits the device never lets through: dirty logging needs the log as shmid 2
+#: and its doorbell, which the device does not implement yet (docs/vvu-device.md).
+FEATURES_FILTERED: Final = VhostFeature.LOG_ALL.mask
 _F = FrontendRequest
 _HDR = struct.Struct("<III")
 _U64 = struct.Struct("<Q")
@@ -620,6 +625,9 @@ class VvuDevice(VirtioPciDevice):
                         value & ~PROTOCOL_FEATURES_ALLOWED,
                     )
                 data = data[:HEADER_SIZE] + _U64.pack(value & PROTOCOL_FEATURES_ALLOWED)
+            elif request == _F.GET_FEATURES and size == 8:
+                (value,) = _U64.unpack_from(data, HEADER_SIZE)
+                data = data[:HEADER_SIZE] + _U64.pack(value & ~FEATURES_FILTERED)
             self._out.put_nowait((self._frontend, data))
             if request == _F.GET_VRING_BASE and size >= 4:
                 index = int.from_bytes(data[HEADER_SIZE : HEADER_SIZE + 4], "little")

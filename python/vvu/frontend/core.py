@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from vvu._core import EventFd, GuestMemory, PackedQueueDriver, SplitQueueDriver, memfd
+from vvu._core import DirtyLog, EventFd, GuestMemory, PackedQueueDriver, SplitQueueDriver, memfd
 from vvu.aio import read_to_eof, write_all
 from vvu.errors import ProtocolError, VvuError
 from vvu.protocol import (
@@ -24,6 +24,7 @@ from vvu.protocol import (
     DEVICE_STATE_NOFD,
     EMPTY,
     U64,
+    VRING_F_LOG,
     BackendRequest,
     Config,
     DeviceStateTransfer,
@@ -32,6 +33,7 @@ from vvu.protocol import (
     Iotlb,
     IotlbPerm,
     IotlbType,
+    Log,
     MemoryRegion,
     MemoryTable,
     Payload,
@@ -48,7 +50,7 @@ from vvu.protocol import (
     encode_message,
 )
 from vvu.protocol.codec import Header, Message
-from vvu.protocol.table import Answer, ReplyKind, spec_for
+from vvu.protocol.table import Answer, spec_for
 from vvu.transport.base import Channel, TransportError, close_fds
 from vvu.transport.unix import UnixChannel, connect_unix
 
@@ -68,18 +70,21 @@ WANTED_PROTOCOL_FEATURES = (
     | ProtocolFeature.CONFIG.mask
     | ProtocolFeature.CONFIGURE_MEM_SLOTS.mask
     | ProtocolFeature.STATUS.mask
+    | ProtocolFeature.LOG_SHMFD.mask
     | ProtocolFeature.DEVICE_STATE.mask
     | ProtocolFeature.INFLIGHT_SHMFD.mask
 )
+#: Bytes of guest memory per dirty-log bit.
+LOG_PAGE = 4096
 
 
 #: The protocol features an IOMMU needs (QEMU refuses ACCESS_PLATFORM without them).
 IOMMU_PROTOCOL_FEATURES = ProtocolFeature.BACKEND_REQ.mask | ProtocolFeature.REPLY_ACK.mask
 
-#: Offered bits this front-end must not ack: it uses plain guest-physical addresses, polls
-#: nothing, and keeps no dirty log (LOG_ALL only means something with a log). RING_PACKED is
-#: acked only when the front-end was opened with `packed=True`, ACCESS_PLATFORM only with an
-#: `iommu`.
+#: Offered bits this front-end must not ack at negotiation: it uses plain guest-physical
+#: addresses and polls nothing. LOG_ALL is acked only while a dirty log is on
+#: (`start_dirty_log`), as QEMU does during a migration; RING_PACKED only when the front-end was
+#: opened with `packed=True`; ACCESS_PLATFORM only with an `iommu`.
 UNSUPPORTED_FEATURES = (
     VhostFeature.LOG_ALL.mask
     | VirtioFeature.ACCESS_PLATFORM.mask
@@ -267,6 +272,8 @@ class Frontend:
         self.protocol_features = 0
         self.num_queues = 1
         self.queues: dict[int, FrontendQueue] = {}
+        self.dirty_log: DirtyLog | None = None  # our view of the log while it is on
+        self._log_fd = -1
         self._lock = asyncio.Lock()
         #: Called (on the event loop) for each BACKEND_CONFIG_CHANGE_MSG, after it was acked.
         self.config_listeners: list[Callable[[], None]] = []
@@ -330,7 +337,12 @@ class Frontend:
         Fds that come with the reply are closed, or handed to the caller in `reply_fds`.
         """
         spec = spec_for(request, "frontend")
-        always = spec is not None and spec.replies is ReplyKind.ALWAYS
+        # Typed replies: GET_*, and SET_LOG_BASE with LOG_SHMFD.
+        always = (
+            spec is not None
+            and spec.answer(need_reply=False, protocol_features=self.protocol_features)
+            is Answer.REPLY
+        )
         # Never NEED_REPLY on a request that replies anyway (GET_*): it changes nothing by the
         # spec, QEMU never sends it, and libvhost-user (qemu-storage-daemon) then echoes the bit
         # in its reply (flags 0xd), which strict front-ends (QEMU's, ours) refuse.
@@ -548,7 +560,7 @@ class Frontend:
         index = queue.index
         await self.request(_F.SET_VRING_NUM, VringState(index, queue.size))
         await self.request(_F.SET_VRING_BASE, VringState(index, base))
-        await self.request(_F.SET_VRING_ADDR, VringAddr(index, 0, *self._ring_addresses(queue), 0))
+        await self.request(_F.SET_VRING_ADDR, self._vring_addr(queue))
         if self.inband:  # the back-end gets no fds; our own kick/call become messages
             await self.request(_F.SET_VRING_KICK, U64.vring(index, nofd=True))
             await self.request(_F.SET_VRING_CALL, U64.vring(index, nofd=True))
@@ -559,6 +571,12 @@ class Frontend:
             await self.request(_F.SET_VRING_CALL, U64.vring(index), [queue.call.fileno()])
         if self.features & VhostFeature.PROTOCOL_FEATURES.mask:
             await self.request(_F.SET_VRING_ENABLE, VringState(index, 1))
+
+    def _vring_addr(self, queue: FrontendQueue, *, log: int | None = None) -> VringAddr:
+        """SET_VRING_ADDR for `queue`; with `log`, the used ring is logged there."""
+        flags, log_addr = (0, 0) if log is None else (VRING_F_LOG, log)
+        desc, used, avail = self._ring_addresses(queue)
+        return VringAddr(queue.index, flags, desc, used, avail, log_addr)
 
     async def reconnect(self, *, timeout: float = 5.0) -> None:
         """The back-end went away (killed, restarted): connect to its socket again and restore
@@ -605,6 +623,41 @@ class Frontend:
             self._stop_inband_kicks(queue)
             queue.close()
         return reply.num
+
+    async def start_dirty_log(self, *, used_ring_log: dict[int, int] | None = None) -> DirtyLog:
+        """Turn dirty logging on, QEMU's migration order: SET_LOG_BASE with a fresh memfd log
+        covering all guest memory, SET_FEATURES with LOG_ALL, then SET_VRING_ADDR with
+        VHOST_VRING_F_LOG for every running ring. The used ring is logged at its own guest
+        address unless `used_ring_log` maps the ring's index to another log address.
+        Returns our own view of the bitmap."""
+        if not self.protocol_features & ProtocolFeature.LOG_SHMFD.mask:
+            raise FrontendError("the back-end does not offer LOG_SHMFD")
+        if self.dirty_log is not None:
+            raise FrontendError("dirty logging is already on")
+        size = -(-self.memory_size // (8 * LOG_PAGE))
+        self._log_fd = memfd(size, "vvu-frontend-log")
+        self.dirty_log = DirtyLog(self._log_fd, size)
+        await self.request(_F.SET_LOG_BASE, Log(size, 0), [self._log_fd])
+        self.features |= VhostFeature.LOG_ALL.mask
+        await self.request(_F.SET_FEATURES, U64(self.features))
+        for index, queue in self.queues.items():
+            log_addr = (used_ring_log or {}).get(index, queue.used)
+            await self.request(_F.SET_VRING_ADDR, self._vring_addr(queue, log=log_addr))
+        return self.dirty_log
+
+    async def stop_dirty_log(self) -> None:
+        """Turn dirty logging off again (LOG_ALL cleared, rings without the log flag)."""
+        self.features &= ~VhostFeature.LOG_ALL.mask
+        await self.request(_F.SET_FEATURES, U64(self.features))
+        for queue in self.queues.values():
+            await self.request(_F.SET_VRING_ADDR, self._vring_addr(queue))
+        self._release_log()
+
+    def _release_log(self) -> None:
+        self.dirty_log = None
+        if self._log_fd >= 0:
+            os.close(self._log_fd)
+            self._log_fd = -1
 
     async def get_config(self, offset: int, size: int) -> bytes:
         reply = await self.request(_F.GET_CONFIG, Config(offset, 0, bytes(size)))
@@ -815,6 +868,7 @@ class Frontend:
             queue.close()
         self.queues.clear()
         self.channel.close()
+        self._release_log()
         self._close_inflight()
         if self._memfd >= 0:
             os.close(self._memfd)

@@ -94,6 +94,15 @@ _IOMMU_QEMU = (
     "tests/test_qemu_peers.py::test_blk_guest_behind_a_viommu_does_checksummed_io_through_the_iotlb"
 )
 _IOMMU_QEMU_VVU = "tests/test_qemu_peers.py::test_blk_guest_behind_a_viommu_through_the_vvu_device"
+_LOG = "tests/test_dirty_log.py::"
+_LOG_FRONTEND = _LOG + "test_blk_worker_logs_exactly_the_pages_it_writes"
+_LOG_BASE = _LOG + "test_set_log_base_replies_with_the_log_and_refuses_a_log_beyond_its_fd"
+_LOG_VVU = _LOG + "test_vvu_device_offers_no_dirty_logging_yet"
+_MIGRATION = (
+    "tests/test_qemu_peers.py::"
+    "test_blk_guest_live_migrates_while_writing_and_its_data_verifies_on_the_destination"
+)
+_LOG_NOTE = "split rings (packed + LOG_ALL refused); the VVU device has no shmid 2 log yet"
 _FRONTEND_REFUSES = (
     _E + "test_our_frontend_answers_back_end_requests_it_does_not_support_with_a_failure_ack"
 )
@@ -112,8 +121,10 @@ FRONTEND_ROWS: Final[dict[FrontendRequest, Row]] = {
     _F.SET_MEM_TABLE: Row(
         _Y, _Y, (_QEMU_ORDER, _E + "test_set_mem_table_while_running_reattaches_the_rings")
     ),
-    _F.SET_LOG_BASE: Row(_L, _L, note="dirty log: feat/log"),
-    _F.SET_LOG_FD: Row(_L, _L, note="dirty log: feat/log"),
+    _F.SET_LOG_BASE: Row(_Y, _X, (_LOG_BASE, _LOG_FRONTEND, _MIGRATION, _LOG_VVU), _LOG_NOTE),
+    _F.SET_LOG_FD: Row(
+        _Y, _X, (_LOG_VVU,), "the eventfd is kept, never signalled (QEMU does not use it)"
+    ),
     _F.SET_VRING_NUM: Row(_Y, _Y, (_QEMU_ORDER,)),
     _F.SET_VRING_ADDR: Row(_Y, _Y, (_QEMU_ORDER,)),
     _F.SET_VRING_BASE: Row(
@@ -235,7 +246,7 @@ BACKEND_ROWS: Final[dict[BackendRequest, Row]] = {
 _P = ProtocolFeature
 FEATURE_ROWS: Final[dict[ProtocolFeature, Row]] = {
     _P.MQ: Row(_Y, _Y, (_STATUS, _E + "test_cloud_hypervisor_order")),
-    _P.LOG_SHMFD: Row(_L, _L, note="dirty log: feat/log"),
+    _P.LOG_SHMFD: Row(_Y, _X, (_LOG_BASE, _MIGRATION, _LOG_VVU), _LOG_NOTE),
     _P.RARP: Row(_Y, _Y, (_NET,), "net only"),
     _P.REPLY_ACK: Row(
         _Y, _Y, (_E + "test_reply_ack_is_one_u64_with_flags_0x5_and_the_request_id",)

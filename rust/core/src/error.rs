@@ -29,6 +29,8 @@ pub enum MemoryError {
     },
     #[error("IOTLB: {0}")]
     Iotlb(String),
+    #[error("write {addr:#x}+{len:#x} is not fully covered by the dirty log (it covers guest addresses below {covers:#x})")]
+    LogOutOfRange { addr: u64, len: u64, covers: u64 },
 }
 
 /// Errors from a virtqueue. Errors caused by the peer mark the queue broken.

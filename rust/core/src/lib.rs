@@ -4,11 +4,13 @@
 //! Python. The PyO3 bindings live in the `vvu-python` crate and only translate types and errors.
 //!
 //! - [`memory`]: guest memory regions mapped from fds, address translation, bounds-checked access.
+//! - [`dirty_log`]: the dirty-page bitmap of live migration (SET_LOG_BASE).
 //! - [`queue`]: split and packed virtqueues, device side (pop chains, push used) and driver side.
 //! - [`inflight`]: the INFLIGHT_SHMFD region (crash-safe restart).
 //! - [`notify`]: eventfds, an epoll poller and busy-polling.
 //! - [`iotlb`]: the device IOTLB (VIRTIO_F_ACCESS_PLATFORM) and its IOVA-keyed memory view.
 
+pub mod dirty_log;
 pub mod error;
 pub mod inflight;
 pub mod iotlb;

@@ -3,6 +3,7 @@
 
 use pyo3::prelude::*;
 
+mod dirty_log;
 mod errors;
 mod inflight;
 mod memory;
@@ -13,6 +14,7 @@ mod worker;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<dirty_log::PyDirtyLog>()?;
     m.add_class::<memory::PyGuestMemory>()?;
     m.add_class::<inflight::PyInflightRegion>()?;
     m.add_class::<memory::GuestBuffer>()?;

@@ -5,6 +5,7 @@ use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
+use vvu_core::dirty_log::QueueLog;
 use vvu_core::memory::GuestMemory;
 use vvu_core::queue::{
     ChainBatch, PackedConfig, PackedQueue, PackedQueueDriver, QueueConfig, RingPosition,
@@ -12,6 +13,7 @@ use vvu_core::queue::{
 };
 use vvu_core::QueueError;
 
+use crate::dirty_log::PyDirtyLog;
 use crate::errors::to_pyerr;
 use crate::inflight::PyInflightRegion;
 use crate::memory::{guest_view, PyGuestMemory};
@@ -335,6 +337,22 @@ device_queue_methods!(PySplitQueue, {
             .queue()?
             .set_vring_base(u32::from(value))
             .map_err(to_pyerr)
+    }
+
+    /// Log this queue's writes to guest memory into `log` (None: stop logging); the used ring's
+    /// writes are logged at `used_ring_log` (SET_VRING_ADDR's log address) when it is given.
+    #[pyo3(signature = (log, used_ring_log = None))]
+    fn set_log(&mut self, log: Option<&PyDirtyLog>, used_ring_log: Option<u64>) -> PyResult<()> {
+        let Virtqueue::Split(queue) = self.core.queue()? else {
+            return Err(PyValueError::new_err(
+                "dirty logging needs a split ring here",
+            ));
+        };
+        queue.set_log(log.map(|log| QueueLog {
+            log: log.log.clone(),
+            used_ring: used_ring_log,
+        }));
+        Ok(())
     }
 
     /// Track the queue in queue `index` of an inflight region (INFLIGHT_SHMFD), after attach

@@ -15,6 +15,7 @@ use super::{
     VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_F_NO_NOTIFY,
 };
+use crate::dirty_log::QueueLog;
 use crate::error::{ChainFault, QueueError};
 use crate::inflight::{Recovery, SplitInflight};
 use crate::memory::{Access, GuestMemory, MemoryRegion};
@@ -371,6 +372,10 @@ pub struct SplitQueue {
     /// Index of the region that translated the last buffer.
     region_cache: usize,
     broken: Option<String>,
+    /// Dirty logging (live migration): `None` costs one branch per push/publish.
+    log: Option<QueueLog>,
+    /// Reused to find a chain's buffers again when logging its writes.
+    log_scratch: Vec<Segment>,
     /// INFLIGHT_SHMFD tracking: the queue's part of the shared inflight region.
     inflight: Option<SplitInflight>,
     /// Heads pushed since the last `publish_used`, cleared in the region once published.
@@ -416,6 +421,8 @@ impl SplitQueue {
             signalled_valid: false,
             region_cache: 0,
             broken: None,
+            log: None,
+            log_scratch: Vec::new(),
             inflight: None,
             inflight_batch: Vec::new(),
             resubmit: VecDeque::new(),
@@ -519,6 +526,18 @@ impl SplitQueue {
     /// Where the next used entry will be written.
     pub fn next_used(&self) -> u16 {
         self.next_used
+    }
+
+    /// Start (`Some`) or stop (`None`) logging this queue's writes to guest memory: the
+    /// device-writable buffers of every published chain (all of them: see `log_chain_writes`),
+    /// and, when the log
+    /// has a used-ring address, every write to the used ring. Survives (re-)attach.
+    pub fn set_log(&mut self, log: Option<QueueLog>) {
+        self.log = log;
+    }
+
+    pub fn log(&self) -> Option<&QueueLog> {
+        self.log.as_ref()
     }
 
     pub fn is_broken(&self) -> bool {
@@ -712,8 +731,16 @@ impl SplitQueue {
         let new = self.next_used;
         // §3 "publish result" / §1.4: the buffer data and the used elements written before must
         // be visible before the new used.idx — Release store (write barrier before the idx store).
+        if let Some(log) = &self.log {
+            // While the chains are still ours: once used.idx moves, the driver may reuse them.
+            let (config, cache, scratch) =
+                (&self.config, &mut self.region_cache, &mut self.log_scratch);
+            log_pushed(rings, config, log, cache, scratch, new, self.num_added);
+        }
         rings.set_used_idx(new, Ordering::Release);
-        self.num_added = 0;
+        if let Some(log) = &self.log {
+            log.used_ring_write(2, 2);
+        }
         // §3 "decide on call": full fence so the used.idx store above cannot be reordered after
         // the load of used_event / avail.flags below (otherwise a lost wakeup: the driver re-arms
         // after our read and before seeing our store, and nobody notifies).
@@ -735,6 +762,7 @@ impl SplitQueue {
         let notify = notify || !self.signalled_valid;
         self.signalled_used = new;
         self.signalled_valid = true;
+        self.num_added = 0;
         Ok(notify)
     }
 
@@ -744,8 +772,14 @@ impl SplitQueue {
         let rings = ready(&self.broken, &self.rings)?;
         if self.config.event_idx {
             rings.set_avail_event(self.next_avail, Ordering::Relaxed);
+            if let Some(log) = &self.log {
+                log.used_ring_write(4 + 8 * u64::from(self.config.size), 2);
+            }
         } else {
             rings.set_used_flags(0, Ordering::Relaxed);
+            if let Some(log) = &self.log {
+                log.used_ring_write(0, 2);
+            }
         }
         // §3 "go to sleep": full fence between the store above and the re-read of avail.idx, so
         // that either the driver sees our request and kicks, or we see its new avail.idx.
@@ -760,8 +794,70 @@ impl SplitQueue {
         let rings = ready(&self.broken, &self.rings)?;
         if !self.config.event_idx {
             rings.set_used_flags(VIRTQ_USED_F_NO_NOTIFY, Ordering::Relaxed);
+            if let Some(log) = &self.log {
+                log.used_ring_write(0, 2);
+            }
         }
         Ok(())
+    }
+}
+
+/// Log the `added` entries pushed before `next_used`: each chain's writable buffers and its used
+/// element. Out of line: the log-less hot path only tests whether a log is attached.
+#[cold]
+#[inline(never)]
+fn log_pushed(
+    rings: &Rings,
+    config: &QueueConfig,
+    log: &QueueLog,
+    cache: &mut usize,
+    scratch: &mut Vec<Segment>,
+    next_used: u16,
+    added: u16,
+) {
+    for idx in (0..added).map(|i| next_used.wrapping_sub(added).wrapping_add(i)) {
+        // The id push_used wrote (a driver has no business writing the used ring; if it does,
+        // it only spoils its own migration: the walk is bounded like a pop).
+        let (id, _) = rings.used_entry(idx, Ordering::Relaxed);
+        match u16::try_from(id) {
+            Ok(head) => log_chain_writes(rings, config, log, cache, scratch, head),
+            Err(_) => log.log.record_fault(),
+        }
+        log.used_ring_write(4 + 8 * u64::from(idx & (config.size - 1)), 8);
+    }
+}
+
+/// Log what may have been written into the chain at `head`: all of its device-writable buffers.
+///
+/// Not just the first used-length bytes: the used length may underestimate what was written
+/// (virtio allows it, and the blk handler leaves out the status byte after a short or failed
+/// read), and an unlogged write is lost data on the destination while a spurious bit only costs
+/// a page copy. The chain is walked again (the device owns it until its used entry is
+/// published, so it is what was popped), with the same bounds as the pop; a chain that no longer
+/// walks is counted as a log fault.
+#[inline]
+fn log_chain_writes(
+    rings: &Rings,
+    config: &QueueConfig,
+    log: &QueueLog,
+    cache: &mut usize,
+    scratch: &mut Vec<Segment>,
+    head: u16,
+) {
+    scratch.clear();
+    // (The engine never logs under an IOMMU: segment addresses would be IOVAs, not GPAs.)
+    let mut translator = Translator {
+        regions: rings.memory().regions(),
+        cache,
+        iova: rings.memory().is_iova(),
+    };
+    let Ok((chain, _)) = pop_chain(rings, config, &mut translator, head, scratch) else {
+        log.log.record_fault();
+        return;
+    };
+    for segment in scratch.get(chain.mid..chain.segments.end).unwrap_or(&[]) {
+        // A fault is counted by the log and reported by its owner.
+        let _ = log.log.mark(segment.gpa, u64::from(segment.len));
     }
 }
 
@@ -1423,6 +1519,104 @@ mod tests {
         assert!(!dev.is_broken(), "caller mistakes do not break the queue");
         dev.publish_used().unwrap();
         dev.push_used(0, 0).unwrap();
+    }
+
+    fn memfd_log(size: u64) -> std::sync::Arc<crate::dirty_log::DirtyLog> {
+        let fd = crate::memory::create_memfd("log", size).unwrap();
+        std::sync::Arc::new(crate::dirty_log::DirtyLog::map(fd, size, 0).unwrap())
+    }
+
+    /// Pop the one published chain, write `data` at the start of its writable part, push it
+    /// with `used_len` and publish.
+    fn complete_one(dev: &mut SplitQueue, data: &[u8], used_len: u32) {
+        let mut batch = ChainBatch::new();
+        assert_eq!(dev.pop_batch(&mut batch, 4).unwrap(), 1);
+        let c = batch.get(0).unwrap();
+        // SAFETY: the device queue is alive.
+        unsafe { c.writable()[0].write_from(0, data) };
+        dev.push_used(c.head(), used_len).unwrap();
+        dev.publish_used().unwrap();
+    }
+
+    #[test]
+    fn logging_marks_writable_buffers_and_used_ring_writes_at_the_log_address() {
+        let (mut drv, mut dev) = pair(8, true);
+        let log = memfd_log(16); // 128 pages: guest addresses below 0x80000
+        drv.add_chain(&[(0x8000, 16)], &[(0x9000, 64)]).unwrap();
+        drv.publish().unwrap();
+        complete_one(&mut dev, b"before", 6);
+        assert!(log.dirty_pages().is_empty(), "no log set yet");
+
+        // The used ring is logged 8 bytes below a page boundary: used.idx (offset 2) falls on
+        // the page before it, the element of slot 1 (offset 12) and avail_event (offset 68) on it.
+        dev.set_log(Some(QueueLog {
+            log: log.clone(),
+            used_ring: Some(0x7_0000 - 8),
+        }));
+        // Writable: one buffer across the region boundary at 0x10000, one byte on page 0x12000.
+        drv.add_chain(&[(0xA000, 16)], &[(0xF800, 0x1000), (0x12000, 1)])
+            .unwrap();
+        drv.publish().unwrap();
+        // A used length that leaves the last byte out (as blk does after a failed read): the
+        // whole writable part is still logged.
+        complete_one(&mut dev, b"data", 4);
+        assert!(!dev.enable_notifications().unwrap());
+        assert_eq!(
+            log.dirty_pages(),
+            vec![0xF000, 0x1_0000, 0x1_2000, 0x6_F000, 0x7_0000],
+            "readable page 0xA000 and the real used ring at {USED:#x} stay clean"
+        );
+        assert_eq!(log.faults(), 0);
+
+        dev.set_log(None);
+        drv.add_chain(&[], &[(0x1_4000, 64)]).unwrap();
+        drv.publish().unwrap();
+        complete_one(&mut dev, b"after", 5);
+        assert_eq!(
+            log.dirty_pages().len(),
+            5,
+            "nothing logged after set_log(None)"
+        );
+    }
+
+    #[test]
+    fn buffers_only_without_a_used_ring_log_address() {
+        let (mut drv, mut dev) = pair(8, false);
+        let log = memfd_log(16);
+        dev.set_log(Some(QueueLog {
+            log: log.clone(),
+            used_ring: None,
+        }));
+        drv.add_chain(&[], &[(0x2_0000 - 1, 1)]).unwrap();
+        drv.publish().unwrap();
+        complete_one(&mut dev, b"x", 1);
+        dev.disable_notifications().unwrap();
+        assert_eq!(log.dirty_pages(), vec![0x1_F000]);
+    }
+
+    #[test]
+    fn a_chain_changed_under_the_device_is_a_log_fault_not_a_broken_queue() {
+        let (mut drv, mut dev) = pair(8, false);
+        let log = memfd_log(16);
+        dev.set_log(Some(QueueLog {
+            log: log.clone(),
+            used_ring: Some(USED),
+        }));
+        let head = drv.add_chain(&[], &[(0x9000, 64)]).unwrap();
+        drv.publish().unwrap();
+        let mut batch = ChainBatch::new();
+        assert_eq!(dev.pop_batch(&mut batch, 4).unwrap(), 1);
+        // The driver rewrites the popped head: it now links outside the table.
+        let bad = Descriptor::new(0x9000, 64, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 100);
+        drv.memory()
+            .write(DESC + 16 * u64::from(head), &bad.to_le_bytes())
+            .unwrap();
+        dev.push_used(head, 64).unwrap();
+        assert!(dev.publish_used().unwrap());
+        assert_eq!(log.faults(), 1);
+        assert!(!log.is_dirty(0x9000));
+        assert!(log.is_dirty(USED), "the used ring is still logged");
+        assert!(!dev.is_broken());
     }
 
     fn inflight_view(region: &std::sync::Arc<crate::inflight::InflightRegion>) -> SplitInflight {
