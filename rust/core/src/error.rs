@@ -99,6 +99,8 @@ pub enum ChainFault {
     BufferIdOutOfRange { id: u16, size: u16 },
     #[error("packed ring: buffer id {id} is already in flight")]
     BufferIdInFlight { id: u16 },
+    #[error("packed ring: the chain kept in the inflight region does not end where it should")]
+    ResubmitMismatch,
 }
 
 /// Every error the core can report.
