@@ -722,12 +722,14 @@ impl PackedInflight {
         }
         let old_wrap = f.u8(P_OLD_USED_WRAP).load(Ordering::Relaxed) != 0;
         if used_idx != old_used_idx {
-            // The descriptor at old_used_idx was written used iff its AVAIL and USED bits both
-            // equal the wrap counter it was written under.
+            // Until the update reached the ring, the descriptor at old_used_idx is the one the
+            // driver made available under old_wrap (AVAIL = wrap, USED != wrap). Anything else
+            // means it was written used, and perhaps already reaped and made available again
+            // in the next lap (AVAIL flipped): the spec's "no longer looks available".
             let flags = ring_flags(old_used_idx);
             let avail = flags & VIRTQ_DESC_F_AVAIL != 0;
             let used = flags & VIRTQ_DESC_F_USED != 0;
-            if avail == old_wrap && used == old_wrap {
+            if !(avail == old_wrap && used != old_wrap) {
                 // The ring got the update: commit it.
                 self.commit(&[]);
             }

@@ -1835,11 +1835,12 @@ mod tests {
 
     #[test]
     fn completion_not_yet_committed_is_judged_by_the_ring() {
-        for flags_written in [true, false] {
-            let region = packed_region(8);
-            let (mut drv, mut dev) = pair(8, false);
+        // (used flags written, driver reaped `a` and reused its slot in the next lap)
+        for (flags_written, reused) in [(false, false), (true, false), (true, true)] {
+            let region = packed_region(4);
+            let (mut drv, mut dev) = pair(4, false);
             let memory = dev.memory().unwrap().clone();
-            dev.set_inflight(region.packed_queue(0, 8).unwrap())
+            dev.set_inflight(region.packed_queue(0, 4).unwrap())
                 .unwrap();
             let a = drv.add_chain(&[(0x8000, 1), (0x8100, 1)], &[]).unwrap();
             let b = drv.add_chain(&[(0x8200, 1)], &[]).unwrap();
@@ -1847,21 +1848,27 @@ mod tests {
             let mut batch = ChainBatch::new();
             assert_eq!(pop_ids(&mut dev, &mut batch, 8), [a, b]);
             die_while_publishing(dev, a, flags_written);
+            let mut expected = if flags_written { vec![b] } else { vec![a, b] };
+            if reused {
+                // While no back-end runs: slots 3 and 0, slot 0 available in wrap 0.
+                assert_eq!(drv.reap_used().unwrap(), Some((a, 0)));
+                let c = drv.add_chain(&[(0x8300, 1), (0x8400, 1)], &[]).unwrap();
+                drv.publish().unwrap();
+                expected.push(c);
+            }
 
-            let (mut dev, recovery) = restart(&memory, &region, 8, PackedState::START);
+            let (mut dev, recovery) = restart(&memory, &region, 4, PackedState::START);
+            let after_a = RingPosition::START.advance(2, 4);
             if flags_written {
                 // The driver saw a completed: only b comes back.
                 assert_eq!(ids(&recovery), [b]);
-                assert_eq!(drv.reap_used().unwrap(), Some((a, 0)));
-                assert_eq!(dev.next_used(), RingPosition::START.advance(2, 8));
+                assert_eq!(dev.next_used(), after_a);
             } else {
                 // Rolled back: the driver never saw a, so both are handed out again.
                 assert_eq!(ids(&recovery), [a, b]);
-                assert_eq!(drv.reap_used().unwrap(), None);
                 assert_eq!(dev.next_used(), RingPosition::START);
             }
-            assert_eq!(dev.next_avail(), RingPosition::START.advance(3, 8));
-            let expected = if flags_written { vec![b] } else { vec![a, b] };
+            assert_eq!(dev.next_avail(), RingPosition::START.advance(3, 4));
             assert_eq!(pop_ids(&mut dev, &mut batch, 8), expected);
             for &id in &expected {
                 dev.push_used(id, 0).unwrap();
@@ -1870,7 +1877,12 @@ mod tests {
             let reaped: Vec<u16> = std::iter::from_fn(|| drv.reap_used().unwrap())
                 .map(|(id, _)| id)
                 .collect();
-            assert_eq!(reaped, expected);
+            if flags_written && !reused {
+                assert_eq!(reaped[0], a);
+                assert_eq!(reaped[1..], expected);
+            } else {
+                assert_eq!(reaped, expected);
+            }
             assert_eq!(drv.in_flight(), 0);
         }
     }
@@ -1949,7 +1961,10 @@ mod tests {
         file.write_at(&0xfff0u16.to_le_bytes(), 14).unwrap();
         let (dev, recovery) = restart(&memory, &region, 8, PackedState::START);
         assert!(!recovery.restored && recovery.resubmit.is_empty());
-        assert!(recovery.discarded.unwrap().contains("free-list index 65520"));
+        assert!(recovery
+            .discarded
+            .unwrap()
+            .contains("free-list index 65520"));
         assert_eq!(dev.next_used(), RingPosition::START);
     }
 
