@@ -763,12 +763,7 @@ class BackendEngine:
         except (GuestMemoryError, QueueError) as err:
             raise RequestFailed(f"vring {vring.index}: {err}") from err
         if session.inflight is not None:
-            if isinstance(queue, SplitQueue):
-                self._track_inflight(queue, vring, session.inflight)
-            else:
-                log.warning(
-                    "vring %d: packed rings are not tracked in the inflight region yet", vring.index
-                )
+            self._track_inflight(queue, vring, session.inflight)
         native = self.backend.native_worker(vring.index)
         if native is not None:
             vring.runner = NativeQueueRunner(
@@ -803,9 +798,9 @@ class BackendEngine:
         )
 
     @staticmethod
-    def _track_inflight(queue: SplitQueue, vring: Vring, region: InflightRegion) -> None:
+    def _track_inflight(queue: DeviceQueue, vring: Vring, region: InflightRegion) -> None:
         """Hook the ring to its part of the inflight region; chains a previous back-end left in
-        flight are handed out first (next_avail is recomputed from the region)."""
+        flight are handed out first (the ring positions are recomputed from the region)."""
         try:
             resubmit, discarded = queue.set_inflight(region, vring.index)
         except (GuestMemoryError, QueueError) as err:
@@ -814,10 +809,10 @@ class BackendEngine:
             log.warning("vring %d: inflight region discarded: %s", vring.index, discarded)
         if resubmit:
             log.info(
-                "vring %d: resubmitting %d request(s) left in flight, next avail %d",
+                "vring %d: resubmitting %d request(s) left in flight, vring base %#x",
                 vring.index,
                 resubmit,
-                queue.next_avail,
+                queue.vring_base,
             )
 
     # --- request handlers --------------------------------------------------------------------
