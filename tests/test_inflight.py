@@ -202,22 +202,26 @@ def _reaped(procs: list[subprocess.Popen[bytes]]) -> Iterator[None]:
                 proc.wait()
 
 
-def _marked_in_flight(region_fd: int, queue_size: int) -> int:
-    """How many heads queue 0 of the inflight region marks in flight (the spec's split layout:
-    version at 8, DescStateSplit[i].inflight at 16 + 16 i)."""
-    data = os.pread(region_fd, 16 + 16 * queue_size, 0)
+def _marked_in_flight(region_fd: int, queue_size: int, packed: bool) -> int:
+    """How many chains queue 0 of the inflight region marks in flight (the spec's layouts:
+    version at 8, desc_num at 10, then DescStateSplit[i].inflight at 16 + 16 i, or
+    DescStatePacked[i].inflight at 32 + 32 i)."""
+    start, entry = (32, 32) if packed else (16, 16)
+    data = os.pread(region_fd, start + entry * queue_size, 0)
     assert struct.unpack_from("<HH", data, 8) == (1, queue_size), "version 1, desc_num"
-    return sum(data[16 + 16 * i] for i in range(queue_size))
+    return sum(data[start + entry * i] for i in range(queue_size))
 
 
-async def _kill_point(rng: random.Random, aim: bool, region_fd: int, queue_size: int) -> None:
+async def _kill_point(
+    rng: random.Random, aim: bool, region_fd: int, queue_size: int, packed: bool
+) -> None:
     """A random moment; when aiming, the first moment after it (up to 0.5 s) at which the
     region shows requests in flight, so that some kills certainly catch the back-end mid-work."""
     await asyncio.sleep(rng.uniform(0.02, 0.3))
     if aim:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 0.5
-        while loop.time() < deadline and not _marked_in_flight(region_fd, queue_size):
+        while loop.time() < deadline and not _marked_in_flight(region_fd, queue_size, packed):
             await asyncio.sleep(0)
 
 
@@ -279,7 +283,10 @@ class WriteStream:
 
 @pytest.mark.timeout(300)
 @pytest.mark.asyncio
-async def test_serve_blk_killed_20_times_loses_and_repeats_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+async def test_serve_blk_killed_20_times_loses_and_repeats_nothing(
+    tmp_path: Path, packed: bool
+) -> None:
     seed = random.randrange(1 << 32)
     print(f"seed {seed}")
     rng = random.Random(seed)
@@ -290,15 +297,24 @@ async def test_serve_blk_killed_20_times_loses_and_repeats_nothing(tmp_path: Pat
     with _reaped(procs):
         wait_for_socket(sock, procs[0])
         blk = await BlkDriver.open(
-            str(sock), depth=WRITERS, max_request=CHUNK, queue_size=QUEUE_SIZE, timeout=10
+            str(sock),
+            depth=WRITERS,
+            max_request=CHUNK,
+            queue_size=QUEUE_SIZE,
+            timeout=10,
+            packed=packed,
         )
         assert blk.frontend.inflight is not None, "blk must offer INFLIGHT_SHMFD"
+        layout = InflightRegion.allocate(
+            blk.frontend.inflight.num_queues, QUEUE_SIZE, packed=packed
+        )
+        assert blk.frontend.inflight.mmap_size == layout.mmap_size, "laid out for the ring format"
         stream = WriteStream(blk, rng)
         tasks = [asyncio.ensure_future(stream.writer(w)) for w in range(WRITERS)]
         try:
             await asyncio.wait_for(stream.progress(WRITERS), REQUEST_TIMEOUT)
             for kill in range(KILLS):
-                await _kill_point(rng, kill % 2 == 1, blk.frontend._inflight_fd, QUEUE_SIZE)
+                await _kill_point(rng, kill % 2 == 1, blk.frontend._inflight_fd, QUEUE_SIZE, packed)
                 procs[-1].send_signal(signal.SIGKILL)
                 procs[-1].wait()
                 procs.append(_serve(sock, image, log))
