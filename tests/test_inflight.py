@@ -2,9 +2,10 @@
 restarted on the same socket finishes what was in flight, exactly once where it shows.
 
 The region's layout and recovery logic (incl. hostile regions) are unit-tested in Rust
-(`rust/core/src/inflight/tests.rs`, `queue::split::tests`); here the engine's GET/SET_INFLIGHT_FD,
-then `vvu serve blk` as a real process under a verified write stream from vvu's front-end, and
-from a Linux guest in QEMU (`reconnect=1`).
+(`rust/core/src/inflight/tests.rs`, `queue::split::tests`, `queue::packed::tests`); here the
+engine's GET/SET_INFLIGHT_FD, then `vvu serve blk` as a real process under a verified write
+stream from vvu's front-end, and from a Linux guest in QEMU (`reconnect=1`), over split and
+packed rings.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import pytest
 
 from daemons import stop_process, wait_for_socket
 from guest import guest_image, live_guests, qemu_escape, start_guest
-from vvu._core import GuestMemory, InflightRegion, SplitQueue, memfd
+from vvu._core import GuestMemory, InflightRegion, PackedQueue, SplitQueue, memfd
 from vvu.backends import BlkBackend, RngBackend
 from vvu.engine import BackendEngine
 from vvu.errors import GuestMemoryError
@@ -42,7 +43,7 @@ _F = FrontendRequest
 pytestmark = pytest.mark.timeout(30)
 
 
-def test_region_layouts_and_a_split_queue_refuses_a_packed_region() -> None:
+def test_region_layouts_and_each_ring_format_takes_only_its_own_layout() -> None:
     split = InflightRegion.allocate(2, 128)
     packed = InflightRegion.allocate(2, 128, packed=True)
     assert (split.mmap_size, split.packed) == (2 * (16 + 16 * 128 + 48), False)
@@ -59,6 +60,11 @@ def test_region_layouts_and_a_split_queue_refuses_a_packed_region() -> None:
         with pytest.raises(GuestMemoryError, match="queue 2 beyond"):
             queue.set_inflight(split, 2)
         assert queue.set_inflight(split, 1) == (0, None)
+        packed_queue = PackedQueue(128, 0x1000, 0x2000, 0x3000)
+        packed_queue.attach(memory)
+        with pytest.raises(GuestMemoryError, match="laid out for split rings"):
+            packed_queue.set_inflight(split, 0)
+        assert packed_queue.set_inflight(packed, 1) == (0, None)
     finally:
         os.close(fd)
 
@@ -380,7 +386,7 @@ done
 """
 
 
-def _aim_at_requests_in_flight(pid: int, timeout: float) -> None:
+def _aim_at_requests_in_flight(pid: int, timeout: float, packed: bool) -> None:
     """Return once the back-end's inflight region (found among its fds) marks a request in
     flight, or after `timeout`: QEMU's copy of the region is not ours to read, the back-end's
     mapping of the same memfd is."""
@@ -394,7 +400,9 @@ def _aim_at_requests_in_flight(pid: int, timeout: float) -> None:
         return
     try:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not _marked_in_flight(region, GUEST_QUEUE_SIZE):
+        while time.monotonic() < deadline and not _marked_in_flight(
+            region, GUEST_QUEUE_SIZE, packed
+        ):
             pass
     finally:
         os.close(region)
@@ -414,7 +422,8 @@ def _wait_for_count(log: Path, line: str, count: int, timeout: float) -> None:
 
 @pytest.mark.guest
 @pytest.mark.timeout(int(GUEST_TIMEOUT) + 60)
-def test_qemu_guest_write_stream_survives_serve_blk_sigkilled(tmp_path: Path) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_qemu_guest_write_stream_survives_serve_blk_sigkilled(tmp_path: Path, packed: bool) -> None:
     guest_image()  # skip before booting when there is no guest
     rng = random.Random()
     image, sock, log = tmp_path / "disk.img", tmp_path / "blk.sock", tmp_path / "serve.log"
@@ -423,6 +432,8 @@ def test_qemu_guest_write_stream_survives_serve_blk_sigkilled(tmp_path: Path) ->
     procs = [_serve(sock, image, log, verbose=True)]
     chardev = f"socket,id=vu0,path={qemu_escape(str(sock))},reconnect=1"  # QEMU 7.2 spelling
     device = f"vhost-user-blk-pci,chardev=vu0,num-queues=1,queue-size={GUEST_QUEUE_SIZE}"
+    if packed:
+        device += ",packed=on"
     devices = ["-chardev", chardev, "-device", device]
     with _reaped(procs):
         wait_for_socket(sock, procs[0])
@@ -433,7 +444,7 @@ def test_qemu_guest_write_stream_survives_serve_blk_sigkilled(tmp_path: Path) ->
                 guest.wait_for(f"round {max(map(int, rounds), default=0) + 2} ok")
                 time.sleep(rng.uniform(0.0, 0.3))
                 if kill % 2 == 1:  # every other kill waits for requests in flight
-                    _aim_at_requests_in_flight(procs[-1].pid, 1.0)
+                    _aim_at_requests_in_flight(procs[-1].pid, 1.0, packed)
                 procs[-1].send_signal(signal.SIGKILL)
                 procs[-1].wait()
                 started = log.read_text().count(RING_RUNNING)
@@ -455,6 +466,7 @@ def test_qemu_guest_write_stream_survives_serve_blk_sigkilled(tmp_path: Path) ->
     # QEMU fetched the region once and handed it back to every restarted back-end.
     # QEMU fetched a region (again after a guest reset) and handed it to every incarnation.
     assert "<- GET_INFLIGHT_FD" in text
+    assert f"{RING_RUNNING} ({'packed' if packed else 'split'}," in text, "QEMU's ring format"
     assert text.count("<- SET_INFLIGHT_FD") >= GUEST_KILLS + 1
     resubmitted = re.findall(r"resubmitting (\d+) request", text)
     print(f"{GUEST_KILLS} kills; resubmissions after kills: {resubmitted}")
