@@ -729,8 +729,9 @@ impl PackedQueue {
         err
     }
 
-    /// Number of complete chains the driver has made available that we have not popped yet
-    /// (walks at most Q descriptor flags; chains are validated only when popped).
+    /// Number of complete chains the driver has made available that we have not popped yet,
+    /// chains waiting to be resubmitted included (walks at most Q descriptor flags; chains are
+    /// validated only when popped).
     pub fn pending(&mut self) -> Result<u16, QueueError> {
         let rings = ready(&self.broken, &self.rings)?;
         let size = self.config.size;
@@ -747,7 +748,8 @@ impl PackedQueue {
             }
             pos = pos.advance(1, size);
         }
-        Ok(chains)
+        // At most Q chains are in flight.
+        Ok(chains.saturating_add(self.resubmit.len() as u16))
     }
 
     /// Pop up to `max` available chains into `batch` (appending), returning how many were added.
@@ -810,6 +812,7 @@ impl PackedQueue {
                 Err(reason) => {
                     batch.segments.truncate(mark);
                     let head = stored.slot;
+                    self.resubmit.clear();
                     return Err(self.fail(QueueError::BadChain { head, reason }));
                 }
             }
@@ -996,7 +999,7 @@ impl PackedQueue {
         // the driver sees our request and kicks, or we see its new descriptor.
         fence(Ordering::SeqCst);
         let flags = rings.desc_flags(self.next_avail.index, Ordering::Acquire);
-        Ok(is_available(flags, self.next_avail.wrap))
+        Ok(is_available(flags, self.next_avail.wrap) || !self.resubmit.is_empty())
     }
 
     /// Ask the driver not to kick while we are busy. A hint only: no fence needed (§3).
@@ -1781,6 +1784,7 @@ mod tests {
         assert_eq!(recovery.discarded, None);
         assert_eq!(ids(&recovery), [a, b, d]);
         assert_eq!(dev.resubmit_pending(), 3);
+        assert_eq!(dev.pending().unwrap(), 4, "3 to resubmit and the late one");
         let after_c = RingPosition::START.advance(1, 7);
         assert_eq!(dev.next_used(), after_c);
         assert_eq!(
@@ -1913,6 +1917,9 @@ mod tests {
         drop(dev);
         let (mut dev, recovery) = restart(&memory, &region, 5, PackedState::START);
         assert_eq!(ids(&recovery), [b]);
+        // Nothing new in the ring, but a resubmission is work: a worker must not sleep on it.
+        assert_eq!(dev.pending().unwrap(), 1);
+        assert!(dev.enable_notifications().unwrap());
         assert_eq!(dev.next_used(), start.advance(1, 5));
         assert_eq!(dev.next_avail(), start.advance(4, 5), "across the wrap");
         assert_eq!(pop_ids(&mut dev, &mut batch, 8), [b]);
