@@ -720,8 +720,10 @@ impl PackedInflight {
                 "used index {used_idx}/{old_used_idx} beyond the ring"
             ));
         }
+        let wrap = f.u8(P_USED_WRAP).load(Ordering::Relaxed) != 0;
         let old_wrap = f.u8(P_OLD_USED_WRAP).load(Ordering::Relaxed) != 0;
-        if used_idx != old_used_idx {
+        // A batch of exactly a ring's worth of slots moves only the wrap counter.
+        if used_idx != old_used_idx || wrap != old_wrap {
             // Until the update reached the ring, the descriptor at old_used_idx is the one the
             // driver made available under old_wrap (AVAIL = wrap, USED != wrap). Anything else
             // means it was written used, and perhaps already reaped and made available again

@@ -1822,10 +1822,12 @@ mod tests {
         assert_eq!(dev.next_avail(), drv.next_avail());
     }
 
-    /// Push `id`, then do what `publish_used` does up to the first used descriptor's flags
+    /// Push `ids`, then do what `publish_used` does up to the first used descriptor's flags
     /// (`flags_written`), and die before the commit.
-    fn die_while_publishing(mut dev: PackedQueue, id: u16, flags_written: bool) {
-        dev.push_used(id, 0).unwrap();
+    fn die_while_publishing(mut dev: PackedQueue, ids: &[u16], flags_written: bool) {
+        for &id in ids {
+            dev.push_used(id, 0).unwrap();
+        }
         let (index, flags) = dev.batch_head.unwrap();
         let inflight = dev.inflight.as_ref().unwrap();
         for &(slot, slots) in &dev.inflight_pushed {
@@ -1851,7 +1853,7 @@ mod tests {
             drv.publish().unwrap();
             let mut batch = ChainBatch::new();
             assert_eq!(pop_ids(&mut dev, &mut batch, 8), [a, b]);
-            die_while_publishing(dev, a, flags_written);
+            die_while_publishing(dev, &[a], flags_written);
             let mut expected = if flags_written { vec![b] } else { vec![a, b] };
             if reused {
                 // While no back-end runs: slots 3 and 0, slot 0 available in wrap 0.
@@ -1889,6 +1891,31 @@ mod tests {
             }
             assert_eq!(drv.in_flight(), 0);
         }
+    }
+
+    #[test]
+    fn a_batch_of_a_whole_ring_is_committed_by_its_wrap_counter() {
+        let region = packed_region(3);
+        let (mut drv, mut dev) = pair(3, false);
+        let memory = dev.memory().unwrap().clone();
+        dev.set_inflight(region.packed_queue(0, 3).unwrap())
+            .unwrap();
+        let a = drv.add_chain(&[(0x8000, 1), (0x8100, 1)], &[]).unwrap();
+        let b = drv.add_chain(&[(0x8200, 1)], &[]).unwrap();
+        drv.publish().unwrap();
+        let mut batch = ChainBatch::new();
+        assert_eq!(pop_ids(&mut dev, &mut batch, 8), [a, b]);
+        // Used index back at 0, only the wrap counter differs from the committed state.
+        die_while_publishing(dev, &[a, b], true);
+        let (dev, recovery) = restart(&memory, &region, 3, PackedState::START);
+        assert_eq!(ids(&recovery), [], "the driver sees both completed");
+        let lap = RingPosition {
+            index: 0,
+            wrap: false,
+        };
+        assert_eq!((dev.next_used(), dev.next_avail()), (lap, lap));
+        assert_eq!(drv.reap_used().unwrap(), Some((a, 0)));
+        assert_eq!(drv.reap_used().unwrap(), Some((b, 0)));
     }
 
     #[test]
