@@ -32,7 +32,7 @@ from vvu._core import GuestMemory, InflightRegion, PackedQueue, SplitQueue, memf
 from vvu.backends import BlkBackend, RngBackend
 from vvu.engine import BackendEngine
 from vvu.errors import GuestMemoryError
-from vvu.frontend import BlkDriver
+from vvu.frontend import BlkDriver, RngDriver
 from vvu.frontend.core import Frontend, FrontendError
 from vvu.protocol import FrontendRequest, Inflight, ProtocolFeature
 from vvu.transport.unix import socketpair_channels
@@ -185,9 +185,12 @@ QUEUE_SIZE = 128
 
 
 def _serve(
-    socket_path: Path, image: Path, log: Path, *, verbose: bool = False
+    socket_path: Path, image: Path | None, log: Path, *, verbose: bool = False
 ) -> subprocess.Popen[bytes]:
-    args = ["serve", "blk", "--socket-path", str(socket_path), "--image", str(image)]
+    """`vvu serve blk` on `image`, or `vvu serve rng` without one."""
+    args = ["serve", "rng", "--socket-path", str(socket_path)]
+    if image is not None:
+        args = ["serve", "blk", "--socket-path", str(socket_path), "--image", str(image)]
     with log.open("ab") as err:
         return subprocess.Popen(
             [*VVU, *(["-v"] if verbose else []), *args],
@@ -346,6 +349,38 @@ async def test_serve_blk_killed_20_times_loses_and_repeats_nothing(
     # The proof needs kills that caught requests in flight, not only idle moments.
     assert len(resubmitted) >= 2, "too few kills caught requests in flight"
     assert stream.writes > KILLS * WRITERS
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+async def test_reconnect_without_a_region_resumes_at_the_used_position(
+    tmp_path: Path, packed: bool
+) -> None:
+    """rng offers no INFLIGHT_SHMFD: the restarted back-end starts where the driver saw the
+    last completion (for a packed ring both positions, past a wrap of the 64-slot ring) and
+    takes the request queued while no back-end ran."""
+    sock, log = tmp_path / "rng.sock", tmp_path / "serve.log"
+    procs = [_serve(sock, None, log)]
+    with _reaped(procs):
+        wait_for_socket(sock, procs[0])
+        rng = await RngDriver.open(str(sock), packed=packed)
+        try:
+            assert rng.frontend.inflight is None
+            for _ in range(70):  # past the end of the ring: a packed ring's wrap counter flips
+                assert len(await asyncio.wait_for(rng.read(16), 10)) == 16
+            procs[-1].send_signal(signal.SIGKILL)
+            procs[-1].wait()
+            queued = asyncio.ensure_future(rng.read(32))
+            await asyncio.sleep(0.05)
+            assert not queued.done()
+            procs.append(_serve(sock, None, log))
+            await rng.frontend.reconnect(timeout=10)
+            assert len(await asyncio.wait_for(queued, 10)) == 32
+            assert len(await asyncio.wait_for(rng.read(8), 10)) == 8
+        finally:
+            await rng.close()
+        assert stop_process(procs[-1]) == 0
+    assert "broken" not in log.read_text()
 
 
 # --- QEMU with a Linux guest, reconnect=1 ----------------------------------------------------
