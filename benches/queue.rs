@@ -68,7 +68,9 @@
 //! counter, the first descriptor's flags last with Release, as a driver publishes. The timed part
 //! is the same `pop_batch` / `push_used` per chain / one `publish_used` as for the split ring
 //! (here: flags Acquire load per chain, used descriptors written in place, the batch's first
-//! flags stored last with Release, SeqCst fence, driver event suppression read).
+//! flags stored last with Release, SeqCst fence, driver event suppression read). `vvu-inflight`
+//! keeps a packed INFLIGHT_SHMFD region current (per ring descriptor: a copy at pop; per chain: a
+//! free-list link and the used position before the publish, the flag cleared after it).
 
 use std::fs::File;
 use std::hint::black_box;
@@ -629,6 +631,15 @@ impl VvuPacked {
             batch: ChainBatch::with_capacity(64, 64 * 16),
         }
     }
+
+    /// The same device keeping a packed INFLIGHT_SHMFD region current.
+    fn with_inflight(mem: GuestMemory) -> Self {
+        let mut vvu = Self::new(mem);
+        let region = Arc::new(InflightRegion::allocate(RingLayout::Packed, 1, Q).unwrap());
+        let view = region.packed_queue(0, Q).unwrap();
+        vvu.queue.set_inflight(view).unwrap();
+        vvu
+    }
 }
 
 impl Device for VvuPacked {
@@ -682,6 +693,11 @@ fn bench_packed(c: &mut Criterion) {
             drv.reset();
             let mut dev = VvuPacked::new(mems.device.clone());
             group.bench_function(BenchmarkId::from_parameter("vvu"), |b| {
+                b.iter_custom(|iters| run_rounds(&mut dev, &mut drv, batch, iters))
+            });
+            drv.reset();
+            let mut dev = VvuPacked::with_inflight(mems.device.clone());
+            group.bench_function(BenchmarkId::from_parameter("vvu-inflight"), |b| {
                 b.iter_custom(|iters| run_rounds(&mut dev, &mut drv, batch, iters))
             });
             group.finish();

@@ -2,9 +2,10 @@
 restarted on the same socket finishes what was in flight, exactly once where it shows.
 
 The region's layout and recovery logic (incl. hostile regions) are unit-tested in Rust
-(`rust/core/src/inflight/tests.rs`, `queue::split::tests`); here the engine's GET/SET_INFLIGHT_FD,
-then `vvu serve blk` as a real process under a verified write stream from vvu's front-end, and
-from a Linux guest in QEMU (`reconnect=1`).
+(`rust/core/src/inflight/tests.rs`, `queue::split::tests`, `queue::packed::tests`); here the
+engine's GET/SET_INFLIGHT_FD, then `vvu serve blk` as a real process under a verified write
+stream from vvu's front-end, and from a Linux guest in QEMU (`reconnect=1`), over split and
+packed rings.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ import pytest
 
 from daemons import stop_process, wait_for_socket
 from guest import guest_image, live_guests, qemu_escape, start_guest
-from vvu._core import GuestMemory, InflightRegion, SplitQueue, memfd
+from vvu._core import GuestMemory, InflightRegion, PackedQueue, SplitQueue, memfd
 from vvu.backends import BlkBackend, RngBackend
 from vvu.engine import BackendEngine
 from vvu.errors import GuestMemoryError
-from vvu.frontend import BlkDriver
+from vvu.frontend import BlkDriver, RngDriver
 from vvu.frontend.core import Frontend, FrontendError
 from vvu.protocol import FrontendRequest, Inflight, ProtocolFeature
 from vvu.transport.unix import socketpair_channels
@@ -42,7 +43,7 @@ _F = FrontendRequest
 pytestmark = pytest.mark.timeout(30)
 
 
-def test_region_layouts_and_a_split_queue_refuses_a_packed_region() -> None:
+def test_region_layouts_and_each_ring_format_takes_only_its_own_layout() -> None:
     split = InflightRegion.allocate(2, 128)
     packed = InflightRegion.allocate(2, 128, packed=True)
     assert (split.mmap_size, split.packed) == (2 * (16 + 16 * 128 + 48), False)
@@ -59,6 +60,11 @@ def test_region_layouts_and_a_split_queue_refuses_a_packed_region() -> None:
         with pytest.raises(GuestMemoryError, match="queue 2 beyond"):
             queue.set_inflight(split, 2)
         assert queue.set_inflight(split, 1) == (0, None)
+        packed_queue = PackedQueue(128, 0x1000, 0x2000, 0x3000)
+        packed_queue.attach(memory)
+        with pytest.raises(GuestMemoryError, match="laid out for split rings"):
+            packed_queue.set_inflight(split, 0)
+        assert packed_queue.set_inflight(packed, 1) == (0, None)
     finally:
         os.close(fd)
 
@@ -179,9 +185,12 @@ QUEUE_SIZE = 128
 
 
 def _serve(
-    socket_path: Path, image: Path, log: Path, *, verbose: bool = False
+    socket_path: Path, image: Path | None, log: Path, *, verbose: bool = False
 ) -> subprocess.Popen[bytes]:
-    args = ["serve", "blk", "--socket-path", str(socket_path), "--image", str(image)]
+    """`vvu serve blk` on `image`, or `vvu serve rng` without one."""
+    args = ["serve", "rng", "--socket-path", str(socket_path)]
+    if image is not None:
+        args = ["serve", "blk", "--socket-path", str(socket_path), "--image", str(image)]
     with log.open("ab") as err:
         return subprocess.Popen(
             [*VVU, *(["-v"] if verbose else []), *args],
@@ -202,22 +211,26 @@ def _reaped(procs: list[subprocess.Popen[bytes]]) -> Iterator[None]:
                 proc.wait()
 
 
-def _marked_in_flight(region_fd: int, queue_size: int) -> int:
-    """How many heads queue 0 of the inflight region marks in flight (the spec's split layout:
-    version at 8, DescStateSplit[i].inflight at 16 + 16 i)."""
-    data = os.pread(region_fd, 16 + 16 * queue_size, 0)
+def _marked_in_flight(region_fd: int, queue_size: int, packed: bool) -> int:
+    """How many chains queue 0 of the inflight region marks in flight (the spec's layouts:
+    version at 8, desc_num at 10, then DescStateSplit[i].inflight at 16 + 16 i, or
+    DescStatePacked[i].inflight at 32 + 32 i)."""
+    start, entry = (32, 32) if packed else (16, 16)
+    data = os.pread(region_fd, start + entry * queue_size, 0)
     assert struct.unpack_from("<HH", data, 8) == (1, queue_size), "version 1, desc_num"
-    return sum(data[16 + 16 * i] for i in range(queue_size))
+    return sum(data[start + entry * i] for i in range(queue_size))
 
 
-async def _kill_point(rng: random.Random, aim: bool, region_fd: int, queue_size: int) -> None:
+async def _kill_point(
+    rng: random.Random, aim: bool, region_fd: int, queue_size: int, packed: bool
+) -> None:
     """A random moment; when aiming, the first moment after it (up to 0.5 s) at which the
     region shows requests in flight, so that some kills certainly catch the back-end mid-work."""
     await asyncio.sleep(rng.uniform(0.02, 0.3))
     if aim:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 0.5
-        while loop.time() < deadline and not _marked_in_flight(region_fd, queue_size):
+        while loop.time() < deadline and not _marked_in_flight(region_fd, queue_size, packed):
             await asyncio.sleep(0)
 
 
@@ -279,7 +292,10 @@ class WriteStream:
 
 @pytest.mark.timeout(300)
 @pytest.mark.asyncio
-async def test_serve_blk_killed_20_times_loses_and_repeats_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+async def test_serve_blk_killed_20_times_loses_and_repeats_nothing(
+    tmp_path: Path, packed: bool
+) -> None:
     seed = random.randrange(1 << 32)
     print(f"seed {seed}")
     rng = random.Random(seed)
@@ -290,15 +306,24 @@ async def test_serve_blk_killed_20_times_loses_and_repeats_nothing(tmp_path: Pat
     with _reaped(procs):
         wait_for_socket(sock, procs[0])
         blk = await BlkDriver.open(
-            str(sock), depth=WRITERS, max_request=CHUNK, queue_size=QUEUE_SIZE, timeout=10
+            str(sock),
+            depth=WRITERS,
+            max_request=CHUNK,
+            queue_size=QUEUE_SIZE,
+            timeout=10,
+            packed=packed,
         )
         assert blk.frontend.inflight is not None, "blk must offer INFLIGHT_SHMFD"
+        layout = InflightRegion.allocate(
+            blk.frontend.inflight.num_queues, QUEUE_SIZE, packed=packed
+        )
+        assert blk.frontend.inflight.mmap_size == layout.mmap_size, "laid out for the ring format"
         stream = WriteStream(blk, rng)
         tasks = [asyncio.ensure_future(stream.writer(w)) for w in range(WRITERS)]
         try:
             await asyncio.wait_for(stream.progress(WRITERS), REQUEST_TIMEOUT)
             for kill in range(KILLS):
-                await _kill_point(rng, kill % 2 == 1, blk.frontend._inflight_fd, QUEUE_SIZE)
+                await _kill_point(rng, kill % 2 == 1, blk.frontend._inflight_fd, QUEUE_SIZE, packed)
                 procs[-1].send_signal(signal.SIGKILL)
                 procs[-1].wait()
                 procs.append(_serve(sock, image, log))
@@ -324,6 +349,38 @@ async def test_serve_blk_killed_20_times_loses_and_repeats_nothing(tmp_path: Pat
     # The proof needs kills that caught requests in flight, not only idle moments.
     assert len(resubmitted) >= 2, "too few kills caught requests in flight"
     assert stream.writes > KILLS * WRITERS
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+async def test_reconnect_without_a_region_resumes_at_the_used_position(
+    tmp_path: Path, packed: bool
+) -> None:
+    """rng offers no INFLIGHT_SHMFD: the restarted back-end starts where the driver saw the
+    last completion (for a packed ring both positions, past a wrap of the 64-slot ring) and
+    takes the request queued while no back-end ran."""
+    sock, log = tmp_path / "rng.sock", tmp_path / "serve.log"
+    procs = [_serve(sock, None, log)]
+    with _reaped(procs):
+        wait_for_socket(sock, procs[0])
+        rng = await RngDriver.open(str(sock), packed=packed)
+        try:
+            assert rng.frontend.inflight is None
+            for _ in range(70):  # past the end of the ring: a packed ring's wrap counter flips
+                assert len(await asyncio.wait_for(rng.read(16), 10)) == 16
+            procs[-1].send_signal(signal.SIGKILL)
+            procs[-1].wait()
+            queued = asyncio.ensure_future(rng.read(32))
+            await asyncio.sleep(0.05)
+            assert not queued.done()
+            procs.append(_serve(sock, None, log))
+            await rng.frontend.reconnect(timeout=10)
+            assert len(await asyncio.wait_for(queued, 10)) == 32
+            assert len(await asyncio.wait_for(rng.read(8), 10)) == 8
+        finally:
+            await rng.close()
+        assert stop_process(procs[-1]) == 0
+    assert "broken" not in log.read_text()
 
 
 # --- QEMU with a Linux guest, reconnect=1 ----------------------------------------------------
@@ -364,7 +421,7 @@ done
 """
 
 
-def _aim_at_requests_in_flight(pid: int, timeout: float) -> None:
+def _aim_at_requests_in_flight(pid: int, timeout: float, packed: bool) -> None:
     """Return once the back-end's inflight region (found among its fds) marks a request in
     flight, or after `timeout`: QEMU's copy of the region is not ours to read, the back-end's
     mapping of the same memfd is."""
@@ -378,7 +435,9 @@ def _aim_at_requests_in_flight(pid: int, timeout: float) -> None:
         return
     try:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not _marked_in_flight(region, GUEST_QUEUE_SIZE):
+        while time.monotonic() < deadline and not _marked_in_flight(
+            region, GUEST_QUEUE_SIZE, packed
+        ):
             pass
     finally:
         os.close(region)
@@ -398,7 +457,8 @@ def _wait_for_count(log: Path, line: str, count: int, timeout: float) -> None:
 
 @pytest.mark.guest
 @pytest.mark.timeout(int(GUEST_TIMEOUT) + 60)
-def test_qemu_guest_write_stream_survives_serve_blk_sigkilled(tmp_path: Path) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_qemu_guest_write_stream_survives_serve_blk_sigkilled(tmp_path: Path, packed: bool) -> None:
     guest_image()  # skip before booting when there is no guest
     rng = random.Random()
     image, sock, log = tmp_path / "disk.img", tmp_path / "blk.sock", tmp_path / "serve.log"
@@ -407,6 +467,8 @@ def test_qemu_guest_write_stream_survives_serve_blk_sigkilled(tmp_path: Path) ->
     procs = [_serve(sock, image, log, verbose=True)]
     chardev = f"socket,id=vu0,path={qemu_escape(str(sock))},reconnect=1"  # QEMU 7.2 spelling
     device = f"vhost-user-blk-pci,chardev=vu0,num-queues=1,queue-size={GUEST_QUEUE_SIZE}"
+    if packed:
+        device += ",packed=on"
     devices = ["-chardev", chardev, "-device", device]
     with _reaped(procs):
         wait_for_socket(sock, procs[0])
@@ -417,7 +479,7 @@ def test_qemu_guest_write_stream_survives_serve_blk_sigkilled(tmp_path: Path) ->
                 guest.wait_for(f"round {max(map(int, rounds), default=0) + 2} ok")
                 time.sleep(rng.uniform(0.0, 0.3))
                 if kill % 2 == 1:  # every other kill waits for requests in flight
-                    _aim_at_requests_in_flight(procs[-1].pid, 1.0)
+                    _aim_at_requests_in_flight(procs[-1].pid, 1.0, packed)
                 procs[-1].send_signal(signal.SIGKILL)
                 procs[-1].wait()
                 started = log.read_text().count(RING_RUNNING)
@@ -439,6 +501,7 @@ def test_qemu_guest_write_stream_survives_serve_blk_sigkilled(tmp_path: Path) ->
     # QEMU fetched the region once and handed it back to every restarted back-end.
     # QEMU fetched a region (again after a guest reset) and handed it to every incarnation.
     assert "<- GET_INFLIGHT_FD" in text
+    assert f"{RING_RUNNING} ({'packed' if packed else 'split'}," in text, "QEMU's ring format"
     assert text.count("<- SET_INFLIGHT_FD") >= GUEST_KILLS + 1
     resubmitted = re.findall(r"resubmitting (\d+) request", text)
     print(f"{GUEST_KILLS} kills; resubmissions after kills: {resubmitted}")

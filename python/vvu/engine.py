@@ -889,12 +889,7 @@ class BackendEngine:
             used_log = addr.log if addr.flags & VRING_F_LOG else None
             queue.set_log(session.dirty_log, used_log)
         if session.inflight is not None:
-            if isinstance(queue, SplitQueue):
-                self._track_inflight(queue, vring, session.inflight)
-            else:
-                log.warning(
-                    "vring %d: packed rings are not tracked in the inflight region yet", vring.index
-                )
+            self._track_inflight(queue, vring, session.inflight)
         return queue
 
     def _start_runner(self, vring: Vring) -> None:
@@ -941,9 +936,9 @@ class BackendEngine:
         )
 
     @staticmethod
-    def _track_inflight(queue: SplitQueue, vring: Vring, region: InflightRegion) -> None:
+    def _track_inflight(queue: DeviceQueue, vring: Vring, region: InflightRegion) -> None:
         """Hook the ring to its part of the inflight region; chains a previous back-end left in
-        flight are handed out first (next_avail is recomputed from the region)."""
+        flight are handed out first (the ring positions are recomputed from the region)."""
         try:
             resubmit, discarded = queue.set_inflight(region, vring.index)
         except (GuestMemoryError, QueueError) as err:
@@ -952,10 +947,10 @@ class BackendEngine:
             log.warning("vring %d: inflight region discarded: %s", vring.index, discarded)
         if resubmit:
             log.info(
-                "vring %d: resubmitting %d request(s) left in flight, next avail %d",
+                "vring %d: resubmitting %d request(s) left in flight, vring base %#x",
                 vring.index,
                 resubmit,
-                queue.next_avail,
+                queue.vring_base,
             )
 
     # --- request handlers --------------------------------------------------------------------

@@ -586,13 +586,17 @@ class Frontend:
         region (cloud-hypervisor's choice: the region says what to resubmit), its used index
         otherwise (QEMU's fallback, right only for a back-end that completes in order).
 
+        A packed ring has no used index in memory: its used position is where this driver
+        expects the next used descriptor, once it reaped everything the old back-end wrote.
+        The base carries both positions (QEMU's form): next avail (or, without a region, the
+        used position again) and next used. A back-end whose region held state takes both
+        from the region instead, as it does for a split ring.
+
         The rings, their buffers and the waiters of requests in flight live in this front-end's
         memory and survive: requests the old back-end took but did not finish complete when the
         new one resubmits them, requests queued meanwhile when it starts."""
         if self.path is None:
             raise FrontendError("reconnect needs a front-end made by Frontend.connect")
-        if self.features & VirtioFeature.RING_PACKED.mask:
-            raise FrontendError("reconnecting packed rings is not supported yet")
         self.channel.close()
         self.channel = await connect_unix(self.path, timeout=timeout)
         features, protocol_features = self.features, self.protocol_features
@@ -607,8 +611,14 @@ class Frontend:
         await self.set_mem_table()
         await self._send_inflight()
         for queue in self.queues.values():
-            # avail->idx or used->idx as published in the ring (both at offset 2).
-            base = self.memory.load_u16((queue.avail if self.inflight else queue.used) + 2)
+            if isinstance(queue.driver, PackedQueueDriver):
+                queue.reap()
+                base = queue.driver.vring_base  # next avail | next used << 16
+                if not self.inflight:
+                    base = (base >> 16) | (base & 0xFFFF0000)
+            else:
+                # avail->idx or used->idx as published in the ring (both at offset 2).
+                base = self.memory.load_u16((queue.avail if self.inflight else queue.used) + 2)
             await self._hand_over(queue, base=base)
             queue.reap()
 

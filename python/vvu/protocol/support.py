@@ -267,7 +267,7 @@ FEATURE_ROWS: Final[dict[ProtocolFeature, Row]] = {
             _INFLIGHT_QEMU,
             _INFLIGHT + "test_only_devices_whose_queues_track_inflight_offer_it",
         ),
-        "blk (split rings); the VVU device has no shmid 3 capability yet",
+        "blk (split and packed rings); the VVU device has no shmid 3 capability yet",
     ),
     _P.RESET_DEVICE: Row(
         _Y, _Y, (_E + "test_reset_device_stops_everything_and_a_new_handshake_works",)

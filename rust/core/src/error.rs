@@ -129,6 +129,8 @@ pub enum ChainFault {
         iova: u64,
         access: crate::memory::Access,
     },
+    #[error("packed ring: the chain kept in the inflight region does not end where it should")]
+    ResubmitMismatch,
 }
 
 /// Every error the core can report.

@@ -515,14 +515,15 @@ pub struct PackedRecovery {
     pub discarded: Option<String>,
 }
 
-/// One packed queue's inflight region. Not hooked into a queue yet; a packed ring uses it so:
+/// One packed queue's inflight region. [`crate::queue::PackedQueue::set_inflight`] uses it so:
 /// - at ring start (after attach and SET_VRING_BASE): [`PackedInflight::recover`] with a reader
 ///   of the ring descriptors' flags; when `restored`, resume the used position from it and hand
 ///   out `resubmit` (built from the stored descriptors) before anything new;
 /// - per descriptor taken from the ring, in ring order: [`PackedInflight::fetch`]; keep the slot
 ///   it returns with the last descriptor of each chain;
-/// - per completed chain: [`PackedInflight::complete`] (slot, ring descriptors it occupied),
-///   then write the used descriptors; once their flags are visible,
+/// - per completed chain: [`PackedInflight::complete`] (slot, ring descriptors it occupied)
+///   before the batch's used descriptors are published (the store of the first one's flags,
+///   the one recovery looks at); once their flags are visible,
 ///   [`PackedInflight::commit`] with the batch's slots. No `fetch` between `complete` and
 ///   `commit`.
 #[derive(Debug, Clone)]
@@ -660,6 +661,20 @@ impl PackedInflight {
             .store(f.u8(P_USED_WRAP).load(Ordering::Relaxed), Ordering::Release);
     }
 
+    /// Make a region that [`PackedInflight::recover`] did not restore start at the ring's
+    /// used position (a ring started from a SET_VRING_BASE other than the start).
+    pub fn start_at(&self, used_idx: u16, used_wrap_counter: bool) {
+        if used_idx >= self.size {
+            return;
+        }
+        let f = &self.fields;
+        let wrap = u8::from(used_wrap_counter);
+        f.u16(P_USED_IDX).store(used_idx, Ordering::Relaxed);
+        f.u16(P_OLD_USED_IDX).store(used_idx, Ordering::Relaxed);
+        f.u8(P_USED_WRAP).store(wrap, Ordering::Relaxed);
+        f.u8(P_OLD_USED_WRAP).store(wrap, Ordering::Release);
+    }
+
     /// Reconnect. `ring_flags(i)` reads the flags of ring descriptor `i` (guest memory). An
     /// in-progress completion is committed if the ring shows it happened, rolled back otherwise;
     /// then every entry on the free list is not in flight and the rest is resubmitted in counter
@@ -705,14 +720,18 @@ impl PackedInflight {
                 "used index {used_idx}/{old_used_idx} beyond the ring"
             ));
         }
+        let wrap = f.u8(P_USED_WRAP).load(Ordering::Relaxed) != 0;
         let old_wrap = f.u8(P_OLD_USED_WRAP).load(Ordering::Relaxed) != 0;
-        if used_idx != old_used_idx {
-            // The descriptor at old_used_idx was written used iff its AVAIL and USED bits both
-            // equal the wrap counter it was written under.
+        // A batch of exactly a ring's worth of slots moves only the wrap counter.
+        if used_idx != old_used_idx || wrap != old_wrap {
+            // Until the update reached the ring, the descriptor at old_used_idx is the one the
+            // driver made available under old_wrap (AVAIL = wrap, USED != wrap). Anything else
+            // means it was written used, and perhaps already reaped and made available again
+            // in the next lap (AVAIL flipped): the spec's "no longer looks available".
             let flags = ring_flags(old_used_idx);
             let avail = flags & VIRTQ_DESC_F_AVAIL != 0;
             let used = flags & VIRTQ_DESC_F_USED != 0;
-            if avail == old_wrap && used == old_wrap {
+            if !(avail == old_wrap && used != old_wrap) {
                 // The ring got the update: commit it.
                 self.commit(&[]);
             }
@@ -751,11 +770,29 @@ impl PackedInflight {
         }
         pending.sort_unstable();
         let mut resubmit = Vec::with_capacity(pending.len());
+        // The chains in flight occupy distinct buffer ids and at most the whole ring.
+        let mut id_seen = vec![false; usize::from(self.size)];
+        let mut ring_descriptors = 0u32;
         for &(_, slot) in &pending {
-            resubmit.push(PackedResubmit {
-                slot,
-                descriptors: self.chain(slot)?,
-            });
+            let descriptors = self.chain(slot)?;
+            // `chain` returns at least one descriptor; the buffer id is in the last one.
+            let id = descriptors.last().map_or(u16::MAX, |d| d.id);
+            match id_seen.get_mut(usize::from(id)) {
+                Some(seen) if !*seen => *seen = true,
+                _ => {
+                    return Err(format!(
+                        "entry {slot}: buffer id {id} out of range or twice"
+                    ))
+                }
+            }
+            ring_descriptors += descriptors.len() as u32;
+            if ring_descriptors > u32::from(self.size) {
+                return Err(format!(
+                    "more descriptors in flight than the {} of the ring",
+                    self.size
+                ));
+            }
+            resubmit.push(PackedResubmit { slot, descriptors });
         }
         self.counter = pending
             .last()

@@ -1,5 +1,5 @@
 //! The INFLIGHT_SHMFD region for Python: allocated for GET_INFLIGHT_FD, mapped for
-//! SET_INFLIGHT_FD, handed to `SplitQueue.set_inflight`.
+//! SET_INFLIGHT_FD, handed to `SplitQueue.set_inflight` or `PackedQueue.set_inflight`.
 
 use std::os::fd::AsRawFd;
 use std::os::raw::c_int;

@@ -297,6 +297,32 @@ macro_rules! device_queue_methods {
                 Ok(self.core.queue()?.broken_reason().map(str::to_owned))
             }
 
+            /// Track the queue in queue `index` of an inflight region (INFLIGHT_SHMFD), after
+            /// attach and setting vring_base. Returns how many chains left in flight by a
+            /// previous back-end will be handed out first, and why the region's content was
+            /// discarded (None if it was fresh or sound). The positions are recomputed from the
+            /// region when it held state.
+            fn set_inflight(
+                &mut self,
+                region: &PyInflightRegion,
+                index: u16,
+            ) -> PyResult<(usize, Option<String>)> {
+                let region = region.region();
+                let (resubmit, discarded) = match self.core.queue()? {
+                    Virtqueue::Split(queue) => {
+                        let view = region.split_queue(index, queue.size()).map_err(to_pyerr)?;
+                        let recovery = queue.set_inflight(view).map_err(to_pyerr)?;
+                        (recovery.resubmit.len(), recovery.discarded)
+                    }
+                    Virtqueue::Packed(queue) => {
+                        let view = region.packed_queue(index, queue.size()).map_err(to_pyerr)?;
+                        let recovery = queue.set_inflight(view).map_err(to_pyerr)?;
+                        (recovery.resubmit.len(), recovery.discarded)
+                    }
+                };
+                Ok((resubmit, discarded))
+            }
+
             $($extra)*
         }
     };
@@ -353,28 +379,6 @@ device_queue_methods!(PySplitQueue, {
             used_ring: used_ring_log,
         }));
         Ok(())
-    }
-
-    /// Track the queue in queue `index` of an inflight region (INFLIGHT_SHMFD), after attach
-    /// and setting next_avail. Returns how many chains left in flight by a previous back-end
-    /// will be handed out first, and why the region's content was discarded (None if it was
-    /// fresh or sound). next_avail is recomputed from the region when it held state.
-    fn set_inflight(
-        &mut self,
-        region: &PyInflightRegion,
-        index: u16,
-    ) -> PyResult<(usize, Option<String>)> {
-        let Virtqueue::Split(queue) = self.core.queue()? else {
-            return Err(PyValueError::new_err(
-                "inflight tracking needs a split ring here",
-            ));
-        };
-        let view = region
-            .region()
-            .split_queue(index, queue.size())
-            .map_err(to_pyerr)?;
-        let recovery = queue.set_inflight(view).map_err(to_pyerr)?;
-        Ok((recovery.resubmit.len(), recovery.discarded))
     }
 });
 

@@ -278,11 +278,12 @@ fn packed_half_done_completion_commits_or_rolls_back_by_the_ring() {
         let b = q.fetch(d(2, 0x20), true, true).unwrap().unwrap();
         q.complete(a, 1); // crash before commit
         let used_flags = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED; // wrap counter 1
+                                                                 // Not written yet: still the driver's descriptor, available in wrap 1.
         let rec = remap(&region).packed_queue(0, 8).unwrap().recover(|i| {
             if ring_saw_it && i == 0 {
                 used_flags
             } else {
-                0
+                VIRTQ_DESC_F_AVAIL
             }
         });
         let slots: Vec<u16> = rec.resubmit.iter().map(|r| r.slot).collect();

@@ -9,6 +9,7 @@
 //!
 //! Orderings follow `virtqueue-layouts.md` §2 and §3 (packed column); each is commented.
 
+use std::collections::VecDeque;
 use std::ptr::NonNull;
 use std::sync::atomic::{fence, AtomicU16, AtomicU32, AtomicU64, Ordering};
 
@@ -18,6 +19,7 @@ use super::{
     MAX_QUEUE_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
 };
 use crate::error::{ChainFault, QueueError};
+use crate::inflight::{PackedDesc, PackedInflight, PackedRecovery, PackedResubmit};
 use crate::memory::{Access, GuestMemory};
 
 /// Packed descriptor flag: the driver's wrap counter when it made the descriptor available.
@@ -491,6 +493,17 @@ pub struct PackedQueue {
     broken: Option<String>,
     /// The IOTLB miss that ended the last `pop_batch` early, until taken.
     miss: Option<(u64, Access)>,
+    /// INFLIGHT_SHMFD tracking: the queue's part of the shared inflight region.
+    inflight: Option<PackedInflight>,
+    /// Region entry of each buffer id in flight (meaningful while `inflight` is set).
+    inflight_slot: Vec<u16>,
+    /// (region entry, ring descriptors) of the chains pushed since the last publish: completed
+    /// in the region right before the batch is published.
+    inflight_pushed: Vec<(u16, u16)>,
+    /// Region entries of the batch being published (scratch for the commit).
+    inflight_commit: Vec<u16>,
+    /// Chains in flight when the previous back-end died: handed out before the ring's.
+    resubmit: VecDeque<PackedResubmit>,
 }
 
 impl std::fmt::Debug for PackedQueue {
@@ -534,6 +547,11 @@ impl PackedQueue {
             region_cache: 0,
             miss: None,
             broken: None,
+            inflight: None,
+            inflight_slot: Vec::new(),
+            inflight_pushed: Vec::new(),
+            inflight_commit: Vec::new(),
+            resubmit: VecDeque::new(),
         })
     }
 
@@ -561,11 +579,72 @@ impl PackedQueue {
         Ok(())
     }
 
-    /// Drop the rings and the memory snapshot.
+    /// Drop the rings, the memory snapshot and the inflight view (set it again after the next
+    /// attach: it recovers from the region then).
     pub fn detach(&mut self) {
         self.rings = None;
         self.drop_unpublished();
+        self.inflight = None;
+        self.resubmit.clear();
         self.signalled_valid = false;
+    }
+
+    /// Track this queue in an inflight region (INFLIGHT_SHMFD) from now on, after recovering
+    /// what the region says: call after `attach` and `set_state` (SET_VRING_BASE), before the
+    /// first pop.
+    ///
+    /// With a region that held state, both positions come from it: the used position is the
+    /// region's (after committing or rolling back a half-done completion, judged by the ring's
+    /// flags), the chains still in flight are handed out again first, in fetch order, from the
+    /// descriptors stored in the region (their ring slots may hold used descriptors by now),
+    /// and the next available position is the used one plus the ring slots they occupy. A
+    /// fresh region, or one whose content made no sense (reported in
+    /// [`PackedRecovery::discarded`]), starts empty at the queue's current positions.
+    pub fn set_inflight(
+        &mut self,
+        mut inflight: PackedInflight,
+    ) -> Result<PackedRecovery, QueueError> {
+        let rings = ready(&self.broken, &self.rings)?;
+        let size = self.config.size;
+        if inflight.size() != size {
+            return Err(QueueError::InvalidConfig(format!(
+                "inflight view tracks {} descriptors, the ring has {size}",
+                inflight.size()
+            )));
+        }
+        let recovery = inflight.recover(|index| {
+            if index < size {
+                rings.desc_flags(index, Ordering::Acquire)
+            } else {
+                0
+            }
+        });
+        self.drop_unpublished();
+        self.id_descriptors.fill(0);
+        self.outstanding = 0;
+        if recovery.restored {
+            // The region checked that the chains in flight span at most `size` slots.
+            let in_flight: usize = recovery.resubmit.iter().map(|c| c.descriptors.len()).sum();
+            self.next_used = RingPosition {
+                index: recovery.used_idx,
+                wrap: recovery.used_wrap_counter,
+            };
+            self.next_avail = self.next_used.advance(in_flight as u16, size);
+        } else {
+            inflight.start_at(self.next_used.index, self.next_used.wrap);
+        }
+        self.resubmit = recovery.resubmit.iter().cloned().collect();
+        self.inflight_slot = vec![0; usize::from(size)];
+        self.inflight_pushed = Vec::with_capacity(usize::from(size));
+        self.inflight_commit = Vec::with_capacity(usize::from(size));
+        self.signalled_valid = false;
+        self.inflight = Some(inflight);
+        Ok(recovery)
+    }
+
+    /// Chains waiting to be handed out again after a reconnect.
+    pub fn resubmit_pending(&self) -> usize {
+        self.resubmit.len()
     }
 
     /// Forget a batch pushed but not published: the driver never saw it, so its slots are
@@ -576,6 +655,8 @@ impl PackedQueue {
         }
         self.batch_head = None;
         self.added = 0;
+        // Never completed in the region either: those chains stay in flight there.
+        self.inflight_pushed.clear();
     }
 
     pub fn is_attached(&self) -> bool {
@@ -605,8 +686,9 @@ impl PackedQueue {
         }
     }
 
-    /// Set both positions (vhost-user SET_VRING_BASE). Forgets the chains in flight: the
-    /// driver's ring is the truth after a reconnect. Offsets must be below the queue size.
+    /// Set both positions (vhost-user SET_VRING_BASE). Forgets the chains in flight and the
+    /// inflight view (set it again afterwards): the driver's ring is the truth after a
+    /// reconnect. Offsets must be below the queue size.
     pub fn set_state(&mut self, state: PackedState) -> Result<(), QueueError> {
         for (name, pos) in [("avail", state.next_avail), ("used", state.next_used)] {
             if pos.index >= self.config.size {
@@ -623,6 +705,9 @@ impl PackedQueue {
         self.batch_head = None;
         self.added = 0;
         self.signalled_valid = false;
+        self.inflight = None;
+        self.inflight_pushed.clear();
+        self.resubmit.clear();
         Ok(())
     }
 
@@ -630,6 +715,13 @@ impl PackedQueue {
     /// pushed: `next_avail` moves back over their slots and they will be popped again.
     /// `UnknownHead` if one of them is not in flight (nothing is changed then).
     pub fn give_back(&mut self, chains: &[Chain]) -> Result<(), QueueError> {
+        if self.inflight.is_some() {
+            // The region recorded them as fetched; popping them again would record them twice.
+            return Err(QueueError::InvalidConfig(
+                "chains cannot be given back while the queue is tracked in an inflight region"
+                    .into(),
+            ));
+        }
         let mut seen = Vec::with_capacity(chains.len());
         for chain in chains {
             let id = chain.head;
@@ -663,8 +755,9 @@ impl PackedQueue {
         err
     }
 
-    /// Number of complete chains the driver has made available that we have not popped yet
-    /// (walks at most Q descriptor flags; chains are validated only when popped).
+    /// Number of complete chains the driver has made available that we have not popped yet,
+    /// chains waiting to be resubmitted included (walks at most Q descriptor flags; chains are
+    /// validated only when popped).
     pub fn pending(&mut self) -> Result<u16, QueueError> {
         let rings = ready(&self.broken, &self.rings)?;
         let size = self.config.size;
@@ -681,7 +774,8 @@ impl PackedQueue {
             }
             pos = pos.advance(1, size);
         }
-        Ok(chains)
+        // At most Q chains are in flight.
+        Ok(chains.saturating_add(self.resubmit.len() as u16))
     }
 
     /// The IOTLB miss (iova, access) that ended the last [`PackedQueue::pop_batch`] early, if
@@ -705,6 +799,64 @@ impl PackedQueue {
             iova: rings.memory().is_iova(),
         };
         let mut count = 0;
+        // Chains a previous back-end left in flight first, rebuilt from the region's copies of
+        // their descriptors; they already occupy their slots between next_used and next_avail.
+        while count < max {
+            let Some(stored) = self.resubmit.front() else {
+                break;
+            };
+            let mark = batch.segments.len();
+            let read = |n: u16, _: RingPosition| {
+                stored
+                    .descriptors
+                    .get(usize::from(n))
+                    .map(|d| PackedDescriptor::new(d.addr, d.len, d.id, d.flags))
+                    .ok_or(ChainFault::ResubmitMismatch)
+            };
+            let popped = pop_chain(
+                rings.memory(),
+                &self.config,
+                &mut translator,
+                self.next_used,
+                read,
+                &mut batch.segments,
+            )
+            .and_then(|(chain, slots)| {
+                if usize::from(slots) != stored.descriptors.len() {
+                    return Err(ChainFault::ResubmitMismatch);
+                }
+                check_in_flight(
+                    &self.id_descriptors,
+                    self.outstanding,
+                    size,
+                    chain.head,
+                    slots,
+                )?;
+                Ok((chain, slots))
+            });
+            match popped {
+                Ok((chain, slots)) => {
+                    self.id_descriptors[usize::from(chain.head)] = slots;
+                    self.outstanding += u32::from(slots);
+                    self.inflight_slot[usize::from(chain.head)] = stored.slot;
+                    batch.chains.push(chain);
+                    self.resubmit.pop_front();
+                    count += 1;
+                }
+                Err(ChainFault::IotlbMiss { iova, access }) => {
+                    // The chain stays first in line; it is retried once translated.
+                    batch.segments.truncate(mark);
+                    self.miss = Some((iova, access));
+                    return Ok(count);
+                }
+                Err(reason) => {
+                    batch.segments.truncate(mark);
+                    let head = stored.slot;
+                    self.resubmit.clear();
+                    return Err(self.fail(QueueError::BadChain { head, reason }));
+                }
+            }
+        }
         while count < max {
             let head = self.next_avail;
             // §3 "discover work": Acquire load of the first descriptor's flags; the driver wrote
@@ -714,37 +866,37 @@ impl PackedQueue {
                 break;
             }
             let mark = batch.segments.len();
+            let read = |n: u16, pos: RingPosition| {
+                let mut desc = rings.descriptor(pos.index);
+                if n == 0 {
+                    desc.flags = flags;
+                } else if !is_available(desc.flags, pos.wrap) {
+                    // §2.4: AVAIL/USED must be right in every descriptor of the list; its flags
+                    // were stored before the first's, so the Acquire on the first covers them.
+                    return Err(ChainFault::NotAvailable { index: pos.index });
+                }
+                Ok(desc)
+            };
             let popped = pop_chain(
-                rings,
+                rings.memory(),
                 &self.config,
                 &mut translator,
                 head,
-                flags,
+                read,
                 &mut batch.segments,
             )
             .and_then(|(chain, slots)| {
-                let id = chain.head;
-                if id >= size {
-                    return Err(ChainFault::BufferIdOutOfRange { id, size });
-                }
-                if self.id_descriptors[usize::from(id)] != 0 {
-                    return Err(ChainFault::BufferIdInFlight { id });
-                }
-                // A driver only reuses slots it has seen used: more slots in flight than the
-                // ring has means it made in-flight descriptors available again.
-                if self.outstanding + u32::from(slots) > u32::from(size) {
-                    return Err(ChainFault::DescriptorsReused);
-                }
+                check_in_flight(
+                    &self.id_descriptors,
+                    self.outstanding,
+                    size,
+                    chain.head,
+                    slots,
+                )?;
                 Ok((chain, slots))
             });
-            match popped {
-                Ok((chain, slots)) => {
-                    self.id_descriptors[usize::from(chain.head)] = slots;
-                    self.outstanding += u32::from(slots);
-                    self.next_avail = head.advance(slots, size);
-                    batch.chains.push(chain);
-                    count += 1;
-                }
+            let (chain, slots) = match popped {
+                Ok(popped) => popped,
                 Err(ChainFault::IotlbMiss { iova, access }) => {
                     // Not consumed: the chain stays in the ring until the translation arrives.
                     batch.segments.truncate(mark);
@@ -758,7 +910,37 @@ impl PackedQueue {
                         reason,
                     }));
                 }
+            };
+            if let Some(inflight) = self.inflight.as_mut() {
+                // Spec order: the chain is in flight in the region before anything is done with
+                // it. The driver does not touch available descriptors, so reading them again
+                // gives what was just walked.
+                let mut slot = None;
+                for n in 0..slots {
+                    let desc = rings.descriptor(head.advance(n, size).index);
+                    let stored = PackedDesc {
+                        addr: desc.addr,
+                        len: desc.len,
+                        id: desc.id,
+                        flags: if n == 0 { flags } else { desc.flags },
+                    };
+                    match inflight.fetch(stored, n == 0, n + 1 == slots) {
+                        Ok(last) => slot = last.or(slot),
+                        Err(reason) => {
+                            batch.segments.truncate(mark);
+                            let err = QueueError::Broken(format!("inflight region: {reason}"));
+                            return Err(self.fail(err));
+                        }
+                    }
+                }
+                // `fetch` returns the entry with the chain's last descriptor.
+                self.inflight_slot[usize::from(chain.head)] = slot.unwrap_or(u16::MAX);
             }
+            self.id_descriptors[usize::from(chain.head)] = slots;
+            self.outstanding += u32::from(slots);
+            self.next_avail = head.advance(slots, size);
+            batch.chains.push(chain);
+            count += 1;
         }
         Ok(count)
     }
@@ -788,6 +970,11 @@ impl PackedQueue {
             // The driver cannot look at this slot before the held-back first one anyway.
             rings.set_desc_flags(at.index, flags, Ordering::Release);
         }
+        if self.inflight.is_some() {
+            // Completed in the region by publish_used, right before the batch becomes visible.
+            self.inflight_pushed
+                .push((self.inflight_slot[usize::from(id)], slots));
+        }
         self.id_descriptors[usize::from(id)] = 0;
         self.outstanding -= u32::from(slots);
         self.added += slots;
@@ -802,12 +989,26 @@ impl PackedQueue {
         let Some((index, flags)) = self.batch_head.take() else {
             return Ok(false);
         };
+        if let Some(inflight) = self.inflight.as_ref() {
+            // Spec order: the region's used position moves before the ring's; a crash in
+            // between is rolled back or committed by looking at this batch's first flags.
+            self.inflight_commit.clear();
+            for &(slot, slots) in &self.inflight_pushed {
+                inflight.complete(slot, slots);
+                self.inflight_commit.push(slot);
+            }
+            self.inflight_pushed.clear();
+        }
         // §2.4 / §3 "publish result": the first used descriptor of the batch last, with Release,
         // so everything written before (data, the other used descriptors) is visible with it.
         rings.set_desc_flags(index, flags, Ordering::Release);
         // §3 "decide on call": full fence so the flags store cannot pass the load of the driver
         // event suppression structure (lost wakeup otherwise).
         fence(Ordering::SeqCst);
+        if let Some(inflight) = self.inflight.as_ref() {
+            // The batch is out: its chains stop being in flight.
+            inflight.commit(&self.inflight_commit);
+        }
         let (off_wrap, event_flags) = rings.driver_event(Ordering::Relaxed);
         let new = self.next_used.index;
         let old = new.wrapping_sub(self.added);
@@ -844,7 +1045,7 @@ impl PackedQueue {
         // the driver sees our request and kicks, or we see its new descriptor.
         fence(Ordering::SeqCst);
         let flags = rings.desc_flags(self.next_avail.index, Ordering::Acquire);
-        Ok(is_available(flags, self.next_avail.wrap))
+        Ok(is_available(flags, self.next_avail.wrap) || !self.resubmit.is_empty())
     }
 
     /// Ask the driver not to kick while we are busy. A hint only: no fence needed (§3).
@@ -855,16 +1056,39 @@ impl PackedQueue {
     }
 }
 
-/// Walk the chain starting at `head` (whose flags, already loaded with Acquire, are
-/// `first_flags`), appending its segments; returns the chain (its `head` is the buffer id) and
-/// the number of ring slots it occupies.
+/// Can a chain with buffer id `id` taking `slots` ring slots go in flight?
+#[inline]
+fn check_in_flight(
+    id_descriptors: &[u16],
+    outstanding: u32,
+    size: u16,
+    id: u16,
+    slots: u16,
+) -> Result<(), ChainFault> {
+    if id >= size {
+        return Err(ChainFault::BufferIdOutOfRange { id, size });
+    }
+    if id_descriptors[usize::from(id)] != 0 {
+        return Err(ChainFault::BufferIdInFlight { id });
+    }
+    // A driver only reuses slots it has seen used: more slots in flight than the ring has
+    // means it made in-flight descriptors available again.
+    if outstanding + u32::from(slots) > u32::from(size) {
+        return Err(ChainFault::DescriptorsReused);
+    }
+    Ok(())
+}
+
+/// Walk the chain starting at `head`, appending its segments; `read(n, position)` gives its
+/// `n`-th descriptor (the ring's, checked available, or a copy kept in the inflight region).
+/// Returns the chain (its `head` is the buffer id) and the number of ring slots it occupies.
 #[inline]
 fn pop_chain(
-    rings: &PackedRings,
+    mem: &GuestMemory,
     config: &PackedConfig,
     translator: &mut Translator<'_>,
     head: RingPosition,
-    first_flags: u16,
+    mut read: impl FnMut(u16, RingPosition) -> Result<PackedDescriptor, ChainFault>,
     segments: &mut Vec<Segment>,
 ) -> Result<(Chain, u16), ChainFault> {
     let size = config.size;
@@ -879,18 +1103,9 @@ fn pop_chain(
     let mut pos = head;
     let mut slots: u16 = 0;
     let id = loop {
-        let desc = rings.descriptor(pos.index);
+        let desc = read(slots, pos)?;
         slots += 1;
-        let flags = if slots == 1 {
-            first_flags
-        } else {
-            // §2.4: AVAIL/USED must be right in every descriptor of the list; its flags were
-            // stored before the first's, so the Acquire on the first covers them.
-            if !is_available(desc.flags, pos.wrap) {
-                return Err(ChainFault::NotAvailable { index: pos.index });
-            }
-            desc.flags
-        };
+        let flags = desc.flags;
         if flags & VIRTQ_DESC_F_INDIRECT != 0 {
             if !config.indirect {
                 return Err(ChainFault::IndirectNotNegotiated);
@@ -902,14 +1117,7 @@ fn pop_chain(
                 return Err(ChainFault::IndirectInList);
             }
             // WRITE on the descriptor pointing at the table is reserved and ignored (§2.4).
-            walk = walk_indirect(
-                rings.memory(),
-                translator,
-                desc.addr,
-                desc.len,
-                walk,
-                segments,
-            )?;
+            walk = walk_indirect(mem, translator, desc.addr, desc.len, walk, segments)?;
             break desc.id;
         }
         let buffer = Descriptor::new(desc.addr, desc.len, flags & VIRTQ_DESC_F_WRITE, 0);
@@ -1551,6 +1759,321 @@ mod tests {
         assert_eq!(dev.push_used(0, 0), Err(QueueError::Broken(reason.clone())));
         assert_eq!(dev.publish_used(), Err(QueueError::Broken(reason.clone())));
         assert_eq!(dev.enable_notifications(), Err(QueueError::Broken(reason)));
+    }
+
+    fn packed_region(size: u16) -> std::sync::Arc<crate::inflight::InflightRegion> {
+        use crate::inflight::{InflightRegion, RingLayout};
+        std::sync::Arc::new(InflightRegion::allocate(RingLayout::Packed, 1, size).unwrap())
+    }
+
+    /// A back-end started over the same guest memory and region, given `base` by the front-end.
+    fn restart(
+        memory: &GuestMemory,
+        region: &std::sync::Arc<crate::inflight::InflightRegion>,
+        size: u16,
+        base: PackedState,
+    ) -> (PackedQueue, PackedRecovery) {
+        let mut dev = PackedQueue::new(config(size, false)).unwrap();
+        dev.attach(memory.clone()).unwrap();
+        dev.set_state(base).unwrap();
+        let recovery = dev
+            .set_inflight(region.packed_queue(0, size).unwrap())
+            .unwrap();
+        (dev, recovery)
+    }
+
+    fn ids(recovery: &PackedRecovery) -> Vec<u16> {
+        recovery
+            .resubmit
+            .iter()
+            .map(|c| c.descriptors.last().unwrap().id)
+            .collect()
+    }
+
+    fn pop_ids(dev: &mut PackedQueue, batch: &mut ChainBatch, max: usize) -> Vec<u16> {
+        batch.clear();
+        dev.pop_batch(batch, max).unwrap();
+        batch.iter().map(|c| c.head()).collect()
+    }
+
+    #[test]
+    fn restarted_queue_resubmits_exactly_what_was_in_flight_then_new_chains() {
+        let region = packed_region(7);
+        let (mut drv, mut dev) = pair(7, false);
+        let memory = dev.memory().unwrap().clone();
+        let fresh = dev
+            .set_inflight(region.packed_queue(0, 7).unwrap())
+            .unwrap();
+        assert!(!fresh.restored && fresh.resubmit.is_empty());
+        let a = drv.add_chain(&[(0x8000, 1), (0x8100, 1)], &[]).unwrap();
+        let b = drv.add_chain(&[(0x8200, 1)], &[(0x8300, 4)]).unwrap();
+        let c = drv
+            .add_indirect(0x4000, &[(0x8400, 1)], &[(0x8500, 8)])
+            .unwrap();
+        let d = drv.add_chain(&[(0x8600, 2)], &[]).unwrap();
+        drv.publish().unwrap();
+        let mut batch = ChainBatch::new();
+        assert_eq!(pop_ids(&mut dev, &mut batch, 8), [a, b, c, d]);
+        // c completes first: its used descriptor overwrites a's first ring slot. Then the
+        // back-end dies with a, b and d in flight.
+        dev.push_used(c, 8).unwrap();
+        dev.publish_used().unwrap();
+        drop(dev);
+        assert_eq!(drv.reap_used().unwrap(), Some((c, 8)));
+        let late = drv.add_chain(&[(0x8700, 3)], &[]).unwrap();
+        drv.publish().unwrap();
+
+        // The front-end's base is stale (QEMU falls back to its own idea of the used
+        // position); the region knows better.
+        let (mut dev, recovery) = restart(&memory, &region, 7, PackedState::START);
+        assert!(recovery.restored);
+        assert_eq!(recovery.discarded, None);
+        assert_eq!(ids(&recovery), [a, b, d]);
+        assert_eq!(dev.resubmit_pending(), 3);
+        assert_eq!(dev.pending().unwrap(), 4, "3 to resubmit and the late one");
+        let after_c = RingPosition::START.advance(1, 7);
+        assert_eq!(dev.next_used(), after_c);
+        assert_eq!(
+            dev.next_avail(),
+            after_c.advance(5, 7),
+            "a, b, d occupy 5 slots"
+        );
+        assert_eq!(pop_ids(&mut dev, &mut batch, 2), [a, b]);
+        let first = batch.get(0).unwrap();
+        let gpas: Vec<u64> = first.readable().iter().map(|s| s.gpa).collect();
+        assert_eq!(
+            gpas,
+            [0x8000, 0x8100],
+            "rebuilt from the region, not the ring"
+        );
+        assert_eq!(batch.get(1).unwrap().writable()[0].gpa, 0x8300);
+        assert_eq!(
+            pop_ids(&mut dev, &mut batch, 8),
+            [d, late],
+            "then the new chain"
+        );
+        assert_eq!(pop_ids(&mut dev, &mut batch, 8), [], "nothing twice");
+        for (id, len) in [(b, 4), (late, 0), (a, 0), (d, 0)] {
+            dev.push_used(id, len).unwrap();
+        }
+        dev.publish_used().unwrap();
+        let reaped: Vec<(u16, u32)> = std::iter::from_fn(|| drv.reap_used().unwrap()).collect();
+        assert_eq!(reaped, [(b, 4), (late, 0), (a, 0), (d, 0)]);
+        assert_eq!(dev.next_used(), drv.next_used());
+
+        // Everything completed: a further restart resubmits nothing and resumes where the ring is.
+        let (dev, recovery) = restart(&memory, &region, 7, PackedState::START);
+        assert!(recovery.restored && recovery.resubmit.is_empty());
+        assert_eq!(dev.next_used(), drv.next_used());
+        assert_eq!(dev.next_avail(), drv.next_avail());
+    }
+
+    /// Push `ids`, then do what `publish_used` does up to the first used descriptor's flags
+    /// (`flags_written`), and die before the commit.
+    fn die_while_publishing(mut dev: PackedQueue, ids: &[u16], flags_written: bool) {
+        for &id in ids {
+            dev.push_used(id, 0).unwrap();
+        }
+        let (index, flags) = dev.batch_head.unwrap();
+        let inflight = dev.inflight.as_ref().unwrap();
+        for &(slot, slots) in &dev.inflight_pushed {
+            inflight.complete(slot, slots);
+        }
+        if flags_written {
+            let rings = dev.rings.as_ref().unwrap();
+            rings.set_desc_flags(index, flags, Ordering::Release);
+        }
+    }
+
+    #[test]
+    fn completion_not_yet_committed_is_judged_by_the_ring() {
+        // (used flags written, driver reaped `a` and reused its slot in the next lap)
+        for (flags_written, reused) in [(false, false), (true, false), (true, true)] {
+            let region = packed_region(4);
+            let (mut drv, mut dev) = pair(4, false);
+            let memory = dev.memory().unwrap().clone();
+            dev.set_inflight(region.packed_queue(0, 4).unwrap())
+                .unwrap();
+            let a = drv.add_chain(&[(0x8000, 1), (0x8100, 1)], &[]).unwrap();
+            let b = drv.add_chain(&[(0x8200, 1)], &[]).unwrap();
+            drv.publish().unwrap();
+            let mut batch = ChainBatch::new();
+            assert_eq!(pop_ids(&mut dev, &mut batch, 8), [a, b]);
+            die_while_publishing(dev, &[a], flags_written);
+            let mut expected = if flags_written { vec![b] } else { vec![a, b] };
+            if reused {
+                // While no back-end runs: slots 3 and 0, slot 0 available in wrap 0.
+                assert_eq!(drv.reap_used().unwrap(), Some((a, 0)));
+                let c = drv.add_chain(&[(0x8300, 1), (0x8400, 1)], &[]).unwrap();
+                drv.publish().unwrap();
+                expected.push(c);
+            }
+
+            let (mut dev, recovery) = restart(&memory, &region, 4, PackedState::START);
+            let after_a = RingPosition::START.advance(2, 4);
+            if flags_written {
+                // The driver saw a completed: only b comes back.
+                assert_eq!(ids(&recovery), [b]);
+                assert_eq!(dev.next_used(), after_a);
+            } else {
+                // Rolled back: the driver never saw a, so both are handed out again.
+                assert_eq!(ids(&recovery), [a, b]);
+                assert_eq!(dev.next_used(), RingPosition::START);
+            }
+            assert_eq!(dev.next_avail(), RingPosition::START.advance(3, 4));
+            assert_eq!(pop_ids(&mut dev, &mut batch, 8), expected);
+            for &id in &expected {
+                dev.push_used(id, 0).unwrap();
+            }
+            dev.publish_used().unwrap();
+            let reaped: Vec<u16> = std::iter::from_fn(|| drv.reap_used().unwrap())
+                .map(|(id, _)| id)
+                .collect();
+            if flags_written && !reused {
+                assert_eq!(reaped[0], a);
+                assert_eq!(reaped[1..], expected);
+            } else {
+                assert_eq!(reaped, expected);
+            }
+            assert_eq!(drv.in_flight(), 0);
+        }
+    }
+
+    #[test]
+    fn a_batch_of_a_whole_ring_is_committed_by_its_wrap_counter() {
+        let region = packed_region(3);
+        let (mut drv, mut dev) = pair(3, false);
+        let memory = dev.memory().unwrap().clone();
+        dev.set_inflight(region.packed_queue(0, 3).unwrap())
+            .unwrap();
+        let a = drv.add_chain(&[(0x8000, 1), (0x8100, 1)], &[]).unwrap();
+        let b = drv.add_chain(&[(0x8200, 1)], &[]).unwrap();
+        drv.publish().unwrap();
+        let mut batch = ChainBatch::new();
+        assert_eq!(pop_ids(&mut dev, &mut batch, 8), [a, b]);
+        // Used index back at 0, only the wrap counter differs from the committed state.
+        die_while_publishing(dev, &[a, b], true);
+        let (dev, recovery) = restart(&memory, &region, 3, PackedState::START);
+        assert_eq!(ids(&recovery), [], "the driver sees both completed");
+        let lap = RingPosition {
+            index: 0,
+            wrap: false,
+        };
+        assert_eq!((dev.next_used(), dev.next_avail()), (lap, lap));
+        assert_eq!(drv.reap_used().unwrap(), Some((a, 0)));
+        assert_eq!(drv.reap_used().unwrap(), Some((b, 0)));
+    }
+
+    #[test]
+    fn fresh_region_starts_at_the_rings_position_and_tracks_from_there() {
+        let start = RingPosition {
+            index: 3,
+            wrap: false,
+        };
+        let region = packed_region(5);
+        let (mut drv, mut dev) = pair_at(5, false, start);
+        let memory = dev.memory().unwrap().clone();
+        let recovery = dev
+            .set_inflight(region.packed_queue(0, 5).unwrap())
+            .unwrap();
+        assert!(!recovery.restored);
+        assert_eq!((dev.next_avail(), dev.next_used()), (start, start));
+        let a = drv.add_chain(&[(0x8000, 1)], &[]).unwrap();
+        let b = drv
+            .add_chain(&[(0x8100, 1), (0x8200, 1), (0x8300, 1)], &[])
+            .unwrap();
+        drv.publish().unwrap();
+        let mut batch = ChainBatch::new();
+        assert_eq!(pop_ids(&mut dev, &mut batch, 8), [a, b]);
+        dev.push_used(a, 0).unwrap();
+        dev.publish_used().unwrap();
+        drop(dev);
+        let (mut dev, recovery) = restart(&memory, &region, 5, PackedState::START);
+        assert_eq!(ids(&recovery), [b]);
+        // Nothing new in the ring, but a resubmission is work: a worker must not sleep on it.
+        assert_eq!(dev.pending().unwrap(), 1);
+        assert!(dev.enable_notifications().unwrap());
+        assert_eq!(dev.next_used(), start.advance(1, 5));
+        assert_eq!(dev.next_avail(), start.advance(4, 5), "across the wrap");
+        assert_eq!(pop_ids(&mut dev, &mut batch, 8), [b]);
+        dev.push_used(b, 0).unwrap();
+        dev.publish_used().unwrap();
+        assert_eq!(drv.reap_used().unwrap(), Some((a, 0)));
+        assert_eq!(drv.reap_used().unwrap(), Some((b, 0)));
+    }
+
+    #[test]
+    fn hostile_region_leaves_nothing_in_flight_and_says_why() {
+        use std::os::unix::fs::FileExt;
+        let (mut drv, dev) = pair(8, false);
+        let memory = dev.memory().unwrap().clone();
+        drop(dev);
+        let a = drv.add_chain(&[(0x8000, 1)], &[]).unwrap();
+        drv.publish().unwrap();
+
+        // Two chains in flight with the same buffer id.
+        let region = packed_region(8);
+        let mut view = region.packed_queue(0, 8).unwrap();
+        view.recover(|_| 0);
+        let desc = PackedDesc {
+            addr: 0x8000,
+            len: 1,
+            id: a,
+            flags: VIRTQ_DESC_F_AVAIL,
+        };
+        view.fetch(desc, true, true).unwrap();
+        view.fetch(desc, true, true).unwrap();
+        let (mut dev, recovery) = restart(&memory, &region, 8, PackedState::START);
+        assert!(!recovery.restored);
+        assert!(recovery.discarded.unwrap().contains("buffer id"));
+        assert_eq!(dev.resubmit_pending(), 0);
+        let mut batch = ChainBatch::new();
+        assert_eq!(
+            pop_ids(&mut dev, &mut batch, 8),
+            [a],
+            "the ring as the base says"
+        );
+
+        // A committed free-list head far outside the ring (old_free_head sits at offset 14).
+        let region = packed_region(8);
+        drop(restart(&memory, &region, 8, PackedState::START));
+        let file = std::fs::File::from(region.fd().try_clone().unwrap());
+        file.write_at(&0xfff0u16.to_le_bytes(), 14).unwrap();
+        let (dev, recovery) = restart(&memory, &region, 8, PackedState::START);
+        assert!(!recovery.restored && recovery.resubmit.is_empty());
+        assert!(recovery
+            .discarded
+            .unwrap()
+            .contains("free-list index 65520"));
+        assert_eq!(dev.next_used(), RingPosition::START);
+    }
+
+    #[test]
+    fn inflight_view_must_match_and_chains_are_not_given_back_under_tracking() {
+        let region = packed_region(16);
+        let (mut drv, mut dev) = pair(8, false);
+        assert!(matches!(
+            dev.set_inflight(region.packed_queue(0, 16).unwrap()),
+            Err(QueueError::InvalidConfig(_))
+        ));
+        let mut detached = PackedQueue::new(config(16, false)).unwrap();
+        assert_eq!(
+            detached
+                .set_inflight(region.packed_queue(0, 16).unwrap())
+                .map(|_| ()),
+            Err(QueueError::NotReady)
+        );
+        let region = packed_region(8);
+        dev.set_inflight(region.packed_queue(0, 8).unwrap())
+            .unwrap();
+        drv.add_chain(&[(0x8000, 1)], &[]).unwrap();
+        drv.publish().unwrap();
+        let mut batch = ChainBatch::new();
+        dev.pop_batch(&mut batch, 8).unwrap();
+        assert!(matches!(
+            dev.give_back(batch.chains()),
+            Err(QueueError::InvalidConfig(_))
+        ));
     }
 
     #[test]
