@@ -190,6 +190,35 @@ impl Descriptor {
     }
 }
 
+/// Translate one ring area (`len` bytes at `gpa`, needing `need` access, which only IOTLB windows
+/// can refuse) to a host pointer aligned to `align`. Under an IOTLB an untranslated area is a miss
+/// (the ring waits for the translation), otherwise a bad address.
+pub(crate) fn ring_area(
+    mem: &GuestMemory,
+    gpa: u64,
+    len: u64,
+    align: usize,
+    name: &str,
+    need: Access,
+) -> Result<NonNull<u8>, QueueError> {
+    let ptr = match mem.slice_exact_for(gpa, len, need) {
+        Ok(slice) => slice.as_ptr(),
+        Err(err) => {
+            return Err(match mem.first_unmapped(gpa, len) {
+                Some(iova) if mem.is_iova() => QueueError::IotlbMiss { iova, access: need },
+                _ => err.into(),
+            })
+        }
+    };
+    if (ptr as usize) % align != 0 {
+        return Err(QueueError::InvalidConfig(format!(
+            "{name} at {gpa:#x} maps to a host address that is not {align}-byte aligned"
+        )));
+    }
+    // A successful translation never yields null.
+    NonNull::new(ptr).ok_or_else(|| QueueError::InvalidConfig(format!("{name}: null")))
+}
+
 /// Host pointers to the three ring areas of one queue, valid while `mem` (kept here) lives.
 ///
 /// Invariant: `desc` covers `16·Q` bytes and is 8-byte aligned; `avail` covers `4 + 2·Q` bytes
@@ -218,24 +247,7 @@ impl Rings {
         config.validate()?;
         // The device reads the descriptor table and the available ring and writes the used ring
         // (only IOTLB windows can refuse an access).
-        let area = |gpa: u64, len: u64, align: usize, name: &str, need: Access| {
-            let ptr = match mem.slice_exact_for(gpa, len, need) {
-                Ok(slice) => slice.as_ptr(),
-                Err(err) => {
-                    return Err(match mem.first_unmapped(gpa, len) {
-                        Some(iova) if mem.is_iova() => QueueError::IotlbMiss { iova, access: need },
-                        _ => err.into(),
-                    })
-                }
-            };
-            if (ptr as usize) % align != 0 {
-                return Err(QueueError::InvalidConfig(format!(
-                    "{name} at {gpa:#x} maps to a host address that is not {align}-byte aligned"
-                )));
-            }
-            // A successful translation never yields null.
-            NonNull::new(ptr).ok_or_else(|| QueueError::InvalidConfig(format!("{name}: null")))
-        };
+        let area = |gpa, len, align, name, need| ring_area(&mem, gpa, len, align, name, need);
         let desc = area(
             config.desc_table,
             config.desc_table_len(),

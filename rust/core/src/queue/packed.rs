@@ -15,8 +15,9 @@ use std::sync::atomic::{fence, AtomicU16, AtomicU32, AtomicU64, Ordering};
 
 use super::split::{add_buffer, Table, Translator, Walk};
 use super::{
-    need_event, Chain, ChainBatch, Descriptor, QueueConfig, Segment, MAX_INDIRECT_DESCRIPTORS,
-    MAX_QUEUE_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
+    need_event, ring_area, Chain, ChainBatch, Descriptor, QueueConfig, Segment,
+    MAX_INDIRECT_DESCRIPTORS, MAX_QUEUE_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
 };
 use crate::error::{ChainFault, QueueError};
 use crate::inflight::{PackedDesc, PackedInflight, PackedRecovery, PackedResubmit};
@@ -322,23 +323,7 @@ impl PackedRings {
         config.validate()?;
         // The device reads and writes the descriptor ring (used descriptors go there), reads the
         // driver's event area and writes its own (only IOTLB windows can refuse an access).
-        let area = |gpa: u64, len: u64, align: usize, name: &str, need: Access| {
-            let ptr = match mem.slice_exact_for(gpa, len, need) {
-                Ok(slice) => slice.as_ptr(),
-                Err(err) => {
-                    return Err(match mem.first_unmapped(gpa, len) {
-                        Some(iova) if mem.is_iova() => QueueError::IotlbMiss { iova, access: need },
-                        _ => err.into(),
-                    })
-                }
-            };
-            if (ptr as usize) % align != 0 {
-                return Err(QueueError::InvalidConfig(format!(
-                    "{name} at {gpa:#x} maps to a host address that is not {align}-byte aligned"
-                )));
-            }
-            NonNull::new(ptr).ok_or_else(|| QueueError::InvalidConfig(format!("{name}: null")))
-        };
+        let area = |gpa, len, align, name, need| ring_area(&mem, gpa, len, align, name, need);
         let desc = area(
             config.desc_ring,
             config.desc_ring_len(),
