@@ -122,6 +122,47 @@ def serve() -> Iterator[list[Daemon]]:
         assert not daemon.socket_path.exists(), "the daemon must remove its socket on SIGTERM"
 
 
+class VvuRig:
+    """`vvu device` plus one `vvu serve BACKEND --vvu` (both `Daemon`s, stopped by PID)."""
+
+    def __init__(self, tmp_path: Path, backend: str, *args: str) -> None:
+        self.frontend_socket = tmp_path / "fe.sock"
+        self.device_socket = tmp_path / "dev.sock"
+        self.daemons: list[Daemon] = []
+        self.device = Daemon(
+            ["--socket-path", str(self.frontend_socket), "--vfio-user", str(self.device_socket),
+             "--max-queues", "4"],
+            self.device_socket, tmp_path / "device.log", command="device",
+        )  # fmt: skip
+        self.daemons.append(self.device)
+        self.backend = Daemon(
+            [backend, "--vvu", str(self.device_socket), *args],
+            self.device_socket, tmp_path / f"{backend}.log",
+        )  # fmt: skip
+        self.daemons.append(self.backend)
+        deadline = time.monotonic() + 10
+        while not self.frontend_socket.exists():
+            assert time.monotonic() < deadline, self.device.log()
+            time.sleep(0.02)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {d.log_path.name} ---\n{d.log()}" for d in self.daemons)
+
+    def stop(self) -> None:
+        for daemon in reversed(self.daemons):
+            daemon.stop()
+
+
+@contextlib.contextmanager
+def vvu_rig(tmp_path: Path, backend: str, *args: str) -> Iterator[VvuRig]:
+    rig = VvuRig(tmp_path, backend, *args)
+    try:
+        yield rig
+    finally:
+        rig.stop()
+    assert not rig.frontend_socket.exists() and not rig.device_socket.exists()
+
+
 def _serve(daemons: list[Daemon], tmp_path: Path, name: str, *args: str) -> Daemon:
     socket_path = tmp_path / f"{name}.sock"
     daemon = Daemon(
@@ -290,22 +331,9 @@ def test_blk_guest_through_the_vvu_device(
     image = tmp_path / "vvu.img"
     with image.open("wb") as f:
         f.truncate(DISK_SIZE)
-    frontend_socket, device_socket = tmp_path / "fe.sock", tmp_path / "dev.sock"
-    device = Daemon(
-        ["--socket-path", str(frontend_socket), "--vfio-user", str(device_socket),
-         "--max-queues", "4"],
-        device_socket, tmp_path / "device.log", command="device",
-    )  # fmt: skip
-    serve.append(device)
-    backend = Daemon(
-        ["blk", "--vvu", str(device_socket), "--image", str(image)],
-        device_socket, tmp_path / "backend.log",
-    )  # fmt: skip
-    serve.append(backend)
-    deadline = time.monotonic() + 10
-    while not frontend_socket.exists():  # the device listens for front-ends from the start
-        assert time.monotonic() < deadline, device.log()
-        time.sleep(0.02)
+    rig = VvuRig(tmp_path, "blk", "--image", str(image))
+    serve.extend(rig.daemons)
+    frontend_socket, device, backend = rig.frontend_socket, rig.device, rig.backend
     offset, length = MiB, 2 * MiB
     props = ["num-queues=1", *(["packed=on"] if packed else [])]
     devices = _vhost_user("vhost-user-blk-pci", frontend_socket, *props)
@@ -589,21 +617,9 @@ def test_blk_guest_sees_the_disk_grow_when_the_daemon_gets_sighup(
         daemon = _serve(serve, tmp_path, "blk", "--image", str(image))
         frontend_socket = daemon.socket_path
     else:
-        frontend_socket, device_socket = tmp_path / "fe.sock", tmp_path / "dev.sock"
-        device = Daemon(
-            ["--socket-path", str(frontend_socket), "--vfio-user", str(device_socket)],
-            device_socket, tmp_path / "device.log", command="device",
-        )  # fmt: skip
-        serve.append(device)
-        daemon = Daemon(
-            ["blk", "--vvu", str(device_socket), "--image", str(image)],
-            device_socket, tmp_path / "backend.log",
-        )  # fmt: skip
-        serve.append(daemon)
-        deadline = time.monotonic() + 10
-        while not frontend_socket.exists():
-            assert time.monotonic() < deadline, device.log()
-            time.sleep(0.02)
+        rig = VvuRig(tmp_path, "blk", "--image", str(image))
+        serve.extend(rig.daemons)
+        frontend_socket, daemon = rig.frontend_socket, rig.backend
     last = grown // 512 - 1
     script = f"""
 cat /sys/block/vda/size
@@ -718,22 +734,9 @@ def test_blk_guest_behind_a_viommu_through_the_vvu_device(
     image = tmp_path / "vvu-iommu.img"
     with image.open("wb") as f:
         f.truncate(DISK_SIZE)
-    frontend_socket, device_socket = tmp_path / "fe.sock", tmp_path / "dev.sock"
-    device = Daemon(
-        ["--socket-path", str(frontend_socket), "--vfio-user", str(device_socket),
-         "--max-queues", "4"],
-        device_socket, tmp_path / "device.log", command="device",
-    )  # fmt: skip
-    serve.append(device)
-    backend = Daemon(
-        ["blk", "--vvu", str(device_socket), "--image", str(image)],
-        device_socket, tmp_path / "backend.log",
-    )  # fmt: skip
-    serve.append(backend)
-    deadline = time.monotonic() + 10
-    while not frontend_socket.exists():
-        assert time.monotonic() < deadline, device.log()
-        time.sleep(0.02)
+    rig = VvuRig(tmp_path, "blk", "--image", str(image))
+    serve.extend(rig.daemons)
+    frontend_socket, device, backend = rig.frontend_socket, rig.device, rig.backend
     offset, length = MiB, MiB
     lines = _run_guest(
         _viommu_script(offset, length),

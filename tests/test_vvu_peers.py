@@ -8,10 +8,8 @@ All processes are stopped by PID; no socket is left behind.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,50 +17,9 @@ import pytest
 from guest import guest_image, qemu_escape, start_guest
 from test_net import TIMEOUT as NET_TIMEOUT
 from test_net import PmdProcess, frame, needs_testpmd, run_testpmd
-from test_qemu_peers import Daemon
+from test_qemu_peers import vvu_rig
 from vvu.backends.net import parse_mac
 from vvu.frontend.net import NetDriver
-
-
-class VvuRig:
-    """`vvu device` plus one `vvu serve BACKEND --vvu` (both `Daemon`s, stopped by PID)."""
-
-    def __init__(self, tmp_path: Path, backend: str, *args: str) -> None:
-        self.frontend_socket = tmp_path / "fe.sock"
-        self.device_socket = tmp_path / "dev.sock"
-        self.daemons: list[Daemon] = []
-        self.device = Daemon(
-            ["--socket-path", str(self.frontend_socket), "--vfio-user", str(self.device_socket),
-             "--max-queues", "4"],
-            self.device_socket, tmp_path / "device.log", command="device",
-        )  # fmt: skip
-        self.daemons.append(self.device)
-        self.backend = Daemon(
-            [backend, "--vvu", str(self.device_socket), *args],
-            self.device_socket, tmp_path / f"{backend}.log",
-        )  # fmt: skip
-        self.daemons.append(self.backend)
-        deadline = time.monotonic() + 10
-        while not self.frontend_socket.exists():
-            assert time.monotonic() < deadline, self.device.log()
-            time.sleep(0.02)
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {d.log_path.name} ---\n{d.log()}" for d in self.daemons)
-
-    def stop(self) -> None:
-        for daemon in reversed(self.daemons):
-            daemon.stop()
-
-
-@contextlib.contextmanager
-def vvu_rig(tmp_path: Path, backend: str, *args: str) -> Iterator[VvuRig]:
-    rig = VvuRig(tmp_path, backend, *args)
-    try:
-        yield rig
-    finally:
-        rig.stop()
-    assert not rig.frontend_socket.exists() and not rig.device_socket.exists()
 
 
 @pytest.mark.guest
