@@ -421,14 +421,94 @@ device_queue_methods!(PyPackedQueue, {
     }
 });
 
+/// The methods both driver-side queue classes share. A chain's head is its head descriptor
+/// (split) or its buffer id (packed).
+macro_rules! driver_queue_methods {
+    ($class:ident, { $($extra:tt)* }) => {
+        #[pymethods]
+        impl $class {
+            /// Make a chain of `readable` then `writable` (gpa, length) buffers available
+            /// (unpublished); returns its head. Raises QueueError when out of descriptors.
+            #[pyo3(signature = (readable, writable = Vec::new()))]
+            fn add_chain(
+                &mut self,
+                readable: Vec<(u64, u32)>,
+                writable: Vec<(u64, u32)>,
+            ) -> PyResult<u16> {
+                self.driver
+                    .add_chain(&readable, &writable)
+                    .map_err(to_pyerr)
+            }
+
+            /// Like add_chain, through an indirect table of 16·n bytes at `table` (one ring
+            /// descriptor).
+            #[pyo3(signature = (table, readable, writable = Vec::new()))]
+            fn add_indirect(
+                &mut self,
+                table: u64,
+                readable: Vec<(u64, u32)>,
+                writable: Vec<(u64, u32)>,
+            ) -> PyResult<u16> {
+                self.driver
+                    .add_indirect(table, &readable, &writable)
+                    .map_err(to_pyerr)
+            }
+
+            /// Publish the chains added so far; True when the device wants a kick.
+            fn publish(&mut self) -> PyResult<bool> {
+                self.driver.publish().map_err(to_pyerr)
+            }
+
+            /// The next used (head, length), or None.
+            fn reap_used(&mut self) -> PyResult<Option<(u16, u32)>> {
+                self.driver.reap_used().map_err(to_pyerr)
+            }
+
+            /// Every used (head, length) available now.
+            fn reap_all(&mut self) -> PyResult<Vec<(u16, u32)>> {
+                let mut used = Vec::new();
+                while let Some(entry) = self.driver.reap_used().map_err(to_pyerr)? {
+                    used.push(entry);
+                }
+                Ok(used)
+            }
+
+            /// Ask the device for used-buffer notifications; True if entries arrived meanwhile.
+            fn enable_call_notifications(&mut self) -> PyResult<bool> {
+                self.driver.enable_call_notifications().map_err(to_pyerr)
+            }
+
+            fn disable_call_notifications(&mut self) -> PyResult<()> {
+                self.driver.disable_call_notifications().map_err(to_pyerr)
+            }
+
+            #[getter]
+            fn free_descriptors(&self) -> usize {
+                self.driver.free_descriptors()
+            }
+
+            #[getter]
+            fn in_flight(&self) -> usize {
+                self.driver.in_flight()
+            }
+
+            #[getter]
+            fn broken_reason(&self) -> Option<String> {
+                self.driver.broken_reason().map(str::to_owned)
+            }
+
+            $($extra)*
+        }
+    };
+}
+
 /// The driver side of a split virtqueue, laid out in guest memory this side owns.
 #[pyclass(name = "SplitQueueDriver", module = "vvu._core")]
 pub struct PySplitQueueDriver {
     driver: SplitQueueDriver,
 }
 
-#[pymethods]
-impl PySplitQueueDriver {
+driver_queue_methods!(PySplitQueueDriver, {
     /// Zero the ring areas in `memory` and start with avail/used index `start_index`.
     #[new]
     #[pyo3(signature = (memory, size, desc_table, avail_ring, used_ring, *, event_idx = false, start_index = 0))]
@@ -447,76 +527,11 @@ impl PySplitQueueDriver {
         Ok(Self { driver })
     }
 
-    /// Make a chain of `readable` then `writable` (gpa, length) buffers available (unpublished);
-    /// returns its head. Raises QueueError when out of descriptors.
-    #[pyo3(signature = (readable, writable = Vec::new()))]
-    fn add_chain(&mut self, readable: Vec<(u64, u32)>, writable: Vec<(u64, u32)>) -> PyResult<u16> {
-        self.driver
-            .add_chain(&readable, &writable)
-            .map_err(to_pyerr)
-    }
-
-    /// Like add_chain, through an indirect table of 16·n bytes at `table` (one ring descriptor).
-    #[pyo3(signature = (table, readable, writable = Vec::new()))]
-    fn add_indirect(
-        &mut self,
-        table: u64,
-        readable: Vec<(u64, u32)>,
-        writable: Vec<(u64, u32)>,
-    ) -> PyResult<u16> {
-        self.driver
-            .add_indirect(table, &readable, &writable)
-            .map_err(to_pyerr)
-    }
-
-    /// Publish the chains added so far; True when the device wants a kick.
-    fn publish(&mut self) -> PyResult<bool> {
-        self.driver.publish().map_err(to_pyerr)
-    }
-
-    /// The next used (head, length), or None.
-    fn reap_used(&mut self) -> PyResult<Option<(u16, u32)>> {
-        self.driver.reap_used().map_err(to_pyerr)
-    }
-
-    /// Every used (head, length) available now.
-    fn reap_all(&mut self) -> PyResult<Vec<(u16, u32)>> {
-        let mut used = Vec::new();
-        while let Some(entry) = self.driver.reap_used().map_err(to_pyerr)? {
-            used.push(entry);
-        }
-        Ok(used)
-    }
-
-    /// Ask the device for used-buffer notifications; True if entries arrived meanwhile.
-    fn enable_call_notifications(&mut self) -> PyResult<bool> {
-        self.driver.enable_call_notifications().map_err(to_pyerr)
-    }
-
-    fn disable_call_notifications(&mut self) -> PyResult<()> {
-        self.driver.disable_call_notifications().map_err(to_pyerr)
-    }
-
-    #[getter]
-    fn free_descriptors(&self) -> usize {
-        self.driver.free_descriptors()
-    }
-
-    #[getter]
-    fn in_flight(&self) -> usize {
-        self.driver.in_flight()
-    }
-
     #[getter]
     fn avail_idx(&self) -> u16 {
         self.driver.avail_idx()
     }
-
-    #[getter]
-    fn broken_reason(&self) -> Option<String> {
-        self.driver.broken_reason().map(str::to_owned)
-    }
-}
+});
 
 /// The driver side of a packed virtqueue, laid out in guest memory this side owns. Same methods
 /// as `SplitQueueDriver`; heads are buffer ids.
@@ -525,8 +540,7 @@ pub struct PyPackedQueueDriver {
     driver: PackedQueueDriver,
 }
 
-#[pymethods]
-impl PyPackedQueueDriver {
+driver_queue_methods!(PyPackedQueueDriver, {
     /// Zero the ring areas in `memory` and start at slot 0 with wrap counter 1.
     #[new]
     #[pyo3(signature = (memory, size, desc_ring, driver_event, device_event, *, event_idx = false))]
@@ -548,66 +562,6 @@ impl PyPackedQueueDriver {
         Ok(Self { driver })
     }
 
-    /// Make a buffer of `readable` then `writable` (gpa, length) pieces available (unpublished);
-    /// returns its id. Raises QueueError when out of descriptors.
-    #[pyo3(signature = (readable, writable = Vec::new()))]
-    fn add_chain(&mut self, readable: Vec<(u64, u32)>, writable: Vec<(u64, u32)>) -> PyResult<u16> {
-        self.driver
-            .add_chain(&readable, &writable)
-            .map_err(to_pyerr)
-    }
-
-    /// Like add_chain, through an indirect table of 16·n bytes at `table` (one ring slot).
-    #[pyo3(signature = (table, readable, writable = Vec::new()))]
-    fn add_indirect(
-        &mut self,
-        table: u64,
-        readable: Vec<(u64, u32)>,
-        writable: Vec<(u64, u32)>,
-    ) -> PyResult<u16> {
-        self.driver
-            .add_indirect(table, &readable, &writable)
-            .map_err(to_pyerr)
-    }
-
-    /// Publish the buffers added so far; True when the device wants a kick.
-    fn publish(&mut self) -> PyResult<bool> {
-        self.driver.publish().map_err(to_pyerr)
-    }
-
-    /// The next used (id, length), or None.
-    fn reap_used(&mut self) -> PyResult<Option<(u16, u32)>> {
-        self.driver.reap_used().map_err(to_pyerr)
-    }
-
-    /// Every used (id, length) available now.
-    fn reap_all(&mut self) -> PyResult<Vec<(u16, u32)>> {
-        let mut used = Vec::new();
-        while let Some(entry) = self.driver.reap_used().map_err(to_pyerr)? {
-            used.push(entry);
-        }
-        Ok(used)
-    }
-
-    /// Ask the device for used-buffer notifications; True if buffers arrived meanwhile.
-    fn enable_call_notifications(&mut self) -> PyResult<bool> {
-        self.driver.enable_call_notifications().map_err(to_pyerr)
-    }
-
-    fn disable_call_notifications(&mut self) -> PyResult<()> {
-        self.driver.disable_call_notifications().map_err(to_pyerr)
-    }
-
-    #[getter]
-    fn free_descriptors(&self) -> usize {
-        self.driver.free_descriptors()
-    }
-
-    #[getter]
-    fn in_flight(&self) -> usize {
-        self.driver.in_flight()
-    }
-
     /// The vhost-user SET_VRING_BASE value for a device taking over the ring now.
     #[getter]
     fn vring_base(&self) -> u32 {
@@ -617,9 +571,4 @@ impl PyPackedQueueDriver {
         }
         .to_vring_base()
     }
-
-    #[getter]
-    fn broken_reason(&self) -> Option<String> {
-        self.driver.broken_reason().map(str::to_owned)
-    }
-}
+});
