@@ -26,7 +26,6 @@ class Status(enum.Enum):
     YES = "yes"
     REFUSED = "refused"
     NOT_OFFERED = "not offered"
-    NOT_YET = "not yet"
     FILTERED = "filtered"
 
 
@@ -40,7 +39,6 @@ _MEANINGS: Final = {
         "the engine does not offer the feature / never sends the request; our front-end "
         "refuses such back-end requests with a failure ack"
     ),
-    Status.NOT_YET: "being built on a parallel branch (packed rings, inflight, dirty log, IOMMU)",
     Status.FILTERED: (
         "the VVU device clears the feature from GET_PROTOCOL_FEATURES: its fds cannot cross "
         "the device yet"
@@ -58,11 +56,10 @@ class Row:
 
 _Member = TypeVar("_Member", bound=enum.IntEnum)
 
-_Y, _R, _N, _L, _X = (
+_Y, _R, _N, _X = (
     Status.YES,
     Status.REFUSED,
     Status.NOT_OFFERED,
-    Status.NOT_YET,
     Status.FILTERED,
 )
 
