@@ -30,9 +30,8 @@ from vvu.protocol.constants import (
     VRING_IDX_MASK,
     FrontendRequest,
     ProtocolFeature,
-    VhostFeature,
 )
-from vvu.protocol.payloads import MemoryRegion, MemoryTable, SingleRegion
+from vvu.protocol.payloads import Log, MemoryRegion, MemoryTable, SingleRegion
 from vvu.transport.base import Channel, RawMessage, TransportError, close_fds
 from vvu.transport.unix import UnixListener
 from vvu.vfio_user.device import IoEventFd, IrqRequest, MmapArea, RegionSpec
@@ -97,10 +96,11 @@ PROTOCOL_FEATURES_ALLOWED: Final = (
     # Kicks and calls as messages: VRING_KICK passes through rxq, BACKEND_VRING_CALL/ERR come
     # back through txq like any back-end request; no fd is involved.
     | (1 << _P.INBAND_NOTIFICATIONS)
+    # The dirty log is shmid 2 (SET_LOG_BASE's fd), its doorbell device aux notification 2N.
+    | (1 << _P.LOG_SHMFD)
 )
-#: Virtio feature bits the device never lets through: dirty logging needs the log as shmid 2
-#: and its doorbell, which the device does not implement yet (docs/vvu-device.md).
-FEATURES_FILTERED: Final = VhostFeature.LOG_ALL.mask
+#: Virtio feature bits the device never lets through (none: LOG_ALL works through shmid 2).
+FEATURES_FILTERED: Final = 0
 _F = FrontendRequest
 _HDR = struct.Struct("<III")
 _U64 = struct.Struct("<Q")
@@ -108,18 +108,26 @@ _U64 = struct.Struct("<Q")
 
 @dataclass
 class ShmArea:
-    """One front-end region published as a BAR4 (shmid 1) area."""
+    """One front-end fd range published as a BAR4 area: a memory region (shmid 1) or the dirty
+    log (shmid 2)."""
 
-    offset: int  # in BAR4 (= in shmid 1)
+    offset: int  # in BAR4 (= in shmid 1, which starts at 0)
     size: int  # page multiple
     fd: int  # owned
     fd_offset: int  # page-aligned
-    region: MemoryRegion  # as the front-end sent it
+    start: int  # the front-end's `mmap_offset`: where the first byte lies in the fd
+    region: MemoryRegion | None = None  # as the front-end sent it (shmid 1 only)
 
     @property
     def region_offset(self) -> int:
-        """Where the region's first byte lies in shmid 1 (the rewritten `mmap_offset`)."""
-        return self.offset + (self.region.mmap_offset - self.fd_offset)
+        """Where the first byte lies in BAR4 (in shmid 1: the rewritten `mmap_offset`)."""
+        return self.offset + (self.start - self.fd_offset)
+
+
+def _page_span(start: int, length: int) -> tuple[int, int]:
+    """The page-aligned fd offset and the page-multiple size covering `start`+`length`."""
+    fd_offset = start & ~(PAGE - 1)
+    return fd_offset, -(-(start - fd_offset + length) // PAGE) * PAGE
 
 
 class VvuDevice(VirtioPciDevice):
@@ -146,6 +154,8 @@ class VvuDevice(VirtioPciDevice):
         self._doorbells: dict[int, EventFd] = {}
         self._kicks: dict[int, EventFd] = {}
         self._areas: list[ShmArea] = []
+        self._log_area: ShmArea | None = None  # shmid 2
+        self._log_request = b""  # SET_LOG_BASE's payload as the front-end sent it (its reply)
         self._shm = GuestMemory()  # the areas, for message (REGION_READ/WRITE) access
         self._forwarder: EventForwarder | None = None
         self._unmapped_kick = EventFd()  # kicks without a vector land here: ISR bit 2
@@ -181,6 +191,13 @@ class VvuDevice(VirtioPciDevice):
     @property
     def areas(self) -> list[ShmArea]:
         return list(self._areas)
+
+    @property
+    def log_area(self) -> ShmArea | None:
+        return self._log_area
+
+    def _all_areas(self) -> list[ShmArea]:
+        return self._areas + ([self._log_area] if self._log_area is not None else [])
 
     @property
     def doorbells(self) -> dict[int, EventFd]:
@@ -221,7 +238,7 @@ class VvuDevice(VirtioPciDevice):
             )
 
     def extra_regions(self) -> dict[int, RegionSpec]:
-        areas = tuple(MmapArea(a.offset, a.size, a.fd, a.fd_offset) for a in self._areas)
+        areas = tuple(MmapArea(a.offset, a.size, a.fd, a.fd_offset) for a in self._all_areas())
         return {2: RegionSpec(BAR2_SIZE), 4: RegionSpec(BAR4_SIZE, areas=areas)}
 
     def extra_ioeventfds(self, index: int) -> Sequence[IoEventFd]:
@@ -277,7 +294,7 @@ class VvuDevice(VirtioPciDevice):
                 return regs[rel : rel + size].ljust(size, b"\0")
             return bytes(size)
         if index == 4:
-            for area in self._areas:
+            for area in self._all_areas():
                 if area.offset <= offset and offset + size <= area.offset + area.size:
                     return self._shm.read(offset, size)
             return bytes(size)
@@ -287,7 +304,7 @@ class VvuDevice(VirtioPciDevice):
         if index == 2:
             self._bar2_write(offset, data)
         elif index == 4:
-            for area in self._areas:
+            for area in self._all_areas():
                 if area.offset <= offset and offset + len(data) <= area.offset + area.size:
                     self._shm.write(offset, data)
                     return
@@ -412,26 +429,43 @@ class VvuDevice(VirtioPciDevice):
 
     def _add_area(self, region: MemoryRegion, fd: int) -> ShmArea | None:
         """Publish one region; takes `fd`. None (fd closed) when it does not fit."""
-        fd_offset = region.mmap_offset & ~(PAGE - 1)
-        delta = region.mmap_offset - fd_offset
-        size = -(-(delta + region.memory_size) // PAGE) * PAGE
+        _, size = _page_span(region.mmap_offset, region.memory_size)
         offset = self._place(size) if region.memory_size else None
         if offset is None:
             log.warning("vvu: region %s does not fit in shmid 1; not published", region)
             os.close(fd)
             return None
-        area = ShmArea(offset, size, fd, fd_offset, region)
+        area = self._map_area(offset, fd, region.mmap_offset, region.memory_size, region)
+        if area is not None:
+            self._areas.append(area)
+        return area
+
+    def _map_area(
+        self, offset: int, fd: int, start: int, length: int, region: MemoryRegion | None = None
+    ) -> ShmArea | None:
+        """`fd`'s `start`+`length` as the BAR4 area at `offset`; takes `fd`. None (fd closed)
+        when it cannot be mapped."""
+        fd_offset, size = _page_span(start, length)
         try:
             # The area is whole pages (vfio-user mmaps pages), but the file may end inside the
             # last one (a memfd sized to the region): map for ourselves only what it has.
-            mapped = min(size, max(os.fstat(fd).st_size - fd_offset, delta + region.memory_size))
+            wanted = start - fd_offset + length
+            mapped = min(size, max(os.fstat(fd).st_size - fd_offset, wanted))
             self._shm.add_region(fd, offset, mapped, mmap_offset=fd_offset)
         except Exception as err:  # the fd cannot be mapped (too short, not a memfd, ...)
-            log.warning("vvu: region %s cannot be mapped: %s; not published", region, err)
+            log.warning(
+                "vvu: %#x bytes at %#x cannot be mapped: %s; not published", length, start, err
+            )
             os.close(fd)
             return None
-        self._areas.append(area)
-        return area
+        return ShmArea(offset, size, fd, fd_offset, start, region)
+
+    def _drop_log(self) -> None:
+        area, self._log_area = self._log_area, None
+        if area is not None:
+            with contextlib.suppress(Exception):
+                self._shm.remove_region(area.offset)
+            os.close(area.fd)
 
     def _remove_area(self, area: ShmArea) -> None:
         self._areas.remove(area)
@@ -442,6 +476,25 @@ class VvuDevice(VirtioPciDevice):
     def _drop_areas(self) -> None:
         for area in list(self._areas):
             self._remove_area(area)
+
+    def _bind_log_base(self, req: int, payload: bytes, fds: list[int]) -> bytes:
+        """The log becomes shmid 2 (replacing the previous one), `mmap_offset` its offset there.
+        Unpublished (no fd, too big, unmappable): forwarded as is, so the driver finds no area
+        and the back-end refuses the log."""
+        request = Log.unpack(payload)
+        self._drop_log()
+        self._log_request = payload
+        _, base, length = SHM_LAYOUT[SHM_LOG - 1]
+        if len(fds) != 1:
+            log.warning("vvu: SET_LOG_BASE with %d fds", len(fds))
+            return payload
+        if not 0 < request.mmap_size <= length - PAGE:
+            log.warning("vvu: a %#x-byte dirty log does not fit in shmid 2", request.mmap_size)
+            return payload
+        self._log_area = self._map_area(base, fds.pop(), request.mmap_offset, request.mmap_size)
+        if self._log_area is None:
+            return payload
+        return Log(request.mmap_size, self._log_area.region_offset - base).pack()
 
     def _rewritten(self, region: MemoryRegion, area: ShmArea | None) -> MemoryRegion:
         offset = area.region_offset if area is not None else region.mmap_offset
@@ -462,6 +515,7 @@ class VvuDevice(VirtioPciDevice):
             _F.SET_VRING_CALL: self._bind_vring_fd,
             _F.SET_VRING_ERR: self._bind_vring_fd,
             _F.SET_LOG_FD: self._bind_log_fd,
+            _F.SET_LOG_BASE: self._bind_log_base,
             _F.SET_BACKEND_REQ_FD: self._bind_backend_req,
         }
         try:
@@ -499,8 +553,10 @@ class VvuDevice(VirtioPciDevice):
     def _bind_rem_mem_reg(self, req: int, payload: bytes, fds: list[int]) -> bytes:
         region = SingleRegion.unpack(payload).region
         for area in self._areas:
-            key = (area.region.guest_phys_addr, area.region.memory_size)
-            if key == (region.guest_phys_addr, region.memory_size):
+            if area.region is not None and (
+                (area.region.guest_phys_addr, area.region.memory_size)
+                == (region.guest_phys_addr, region.memory_size)
+            ):
                 rewritten = self._rewritten(region, area)
                 self._remove_area(area)
                 return SingleRegion(rewritten).pack()
@@ -628,6 +684,10 @@ class VvuDevice(VirtioPciDevice):
             elif request == _F.GET_FEATURES and size == 8:
                 (value,) = _U64.unpack_from(data, HEADER_SIZE)
                 data = data[:HEADER_SIZE] + _U64.pack(value & ~FEATURES_FILTERED)
+            elif request == _F.SET_LOG_BASE and Log.fits(size) and self._log_request:
+                # The back-end echoes the log it got: the front-end gets back what it sent, not
+                # the shmid 2 offset.
+                data = _HDR.pack(request, flags, len(self._log_request)) + self._log_request
             self._out.put_nowait((self._frontend, data))
             if request == _F.GET_VRING_BASE and size >= 4:
                 index = int.from_bytes(data[HEADER_SIZE : HEADER_SIZE + 4], "little")
@@ -756,6 +816,8 @@ class VvuDevice(VirtioPciDevice):
         for index in list(self._doorbells):
             self._bind_doorbell(index, None)
         self._drop_areas()
+        self._drop_log()
+        self._log_request = b""
         # Complete and discard what the driver queued on txq.
         q = self.queues[TXQ]
         if q.queue is not None and not self.status & Status.DEVICE_NEEDS_RESET:

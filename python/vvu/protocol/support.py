@@ -97,12 +97,13 @@ _IOMMU_QEMU_VVU = "tests/test_qemu_peers.py::test_blk_guest_behind_a_viommu_thro
 _LOG = "tests/test_dirty_log.py::"
 _LOG_FRONTEND = _LOG + "test_blk_worker_logs_exactly_the_pages_it_writes"
 _LOG_BASE = _LOG + "test_set_log_base_replies_with_the_log_and_refuses_a_log_beyond_its_fd"
-_LOG_VVU = _LOG + "test_vvu_device_offers_no_dirty_logging_yet"
+_LOG_VVU = _LOG + "test_vvu_device_offers_dirty_logging"
+_LOG_DOORBELL = _LOG + "test_vvu_log_doorbell_signals_the_frontends_log_eventfd"
 _MIGRATION = (
     "tests/test_qemu_peers.py::"
     "test_blk_guest_live_migrates_while_writing_and_its_data_verifies_on_the_destination"
 )
-_LOG_NOTE = "split rings (packed + LOG_ALL refused); the VVU device has no shmid 2 log yet"
+_LOG_NOTE = "split rings (packed + LOG_ALL refused); over VVU the log is the device's shmid 2"
 _FRONTEND_REFUSES = (
     _E + "test_our_frontend_answers_back_end_requests_it_does_not_support_with_a_failure_ack"
 )
@@ -121,9 +122,13 @@ FRONTEND_ROWS: Final[dict[FrontendRequest, Row]] = {
     _F.SET_MEM_TABLE: Row(
         _Y, _Y, (_QEMU_ORDER, _E + "test_set_mem_table_while_running_reattaches_the_rings")
     ),
-    _F.SET_LOG_BASE: Row(_Y, _X, (_LOG_BASE, _LOG_FRONTEND, _MIGRATION, _LOG_VVU), _LOG_NOTE),
+    _F.SET_LOG_BASE: Row(_Y, _Y, (_LOG_BASE, _LOG_FRONTEND, _MIGRATION, _LOG_VVU), _LOG_NOTE),
     _F.SET_LOG_FD: Row(
-        _Y, _X, (_LOG_VVU,), "the eventfd is kept, never signalled (QEMU does not use it)"
+        _Y,
+        _Y,
+        (_LOG_DOORBELL,),
+        "the eventfd is kept, never signalled (QEMU does not use it); over VVU the device's "
+        "log doorbell (aux notification 2N)",
     ),
     _F.SET_VRING_NUM: Row(_Y, _Y, (_QEMU_ORDER,)),
     _F.SET_VRING_ADDR: Row(_Y, _Y, (_QEMU_ORDER,)),
@@ -246,7 +251,7 @@ BACKEND_ROWS: Final[dict[BackendRequest, Row]] = {
 _P = ProtocolFeature
 FEATURE_ROWS: Final[dict[ProtocolFeature, Row]] = {
     _P.MQ: Row(_Y, _Y, (_STATUS, _E + "test_cloud_hypervisor_order")),
-    _P.LOG_SHMFD: Row(_Y, _X, (_LOG_BASE, _MIGRATION, _LOG_VVU), _LOG_NOTE),
+    _P.LOG_SHMFD: Row(_Y, _Y, (_LOG_BASE, _MIGRATION, _LOG_VVU), _LOG_NOTE),
     _P.RARP: Row(_Y, _Y, (_NET,), "net only"),
     _P.REPLY_ACK: Row(
         _Y, _Y, (_E + "test_reply_ack_is_one_u64_with_flags_0x5_and_the_request_id",)

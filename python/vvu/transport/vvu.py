@@ -11,6 +11,8 @@ device's config space carries BACKEND_UP / FRONTEND_UP. `VvuChannel` turns rxq m
   a duplicate of BAR2's kick-eventfd ioeventfd i, which is the front-end's own kick eventfd, so
   the device process relays nothing; otherwise a duplicate of the MSI-X eventfd of kick i's
   vector (NOFD when the device refused both, so the engine polls);
+- SET_LOG_BASE: a duplicate of the shmid 2 area's fd (the front-end's log), `mmap_offset` an
+  offset in it;
 - SET_VRING_CALL / ERR i, SET_LOG_FD: a duplicate of the BAR2 doorbell's ioeventfd, or an
   eventfd the transport turns into BAR2 writes;
 - SET_BACKEND_REQ_FD: one end of a socketpair; the transport relays requests read from the other
@@ -36,6 +38,7 @@ from vvu.pci.virtio_device import NO_VECTOR
 from vvu.pci.virtio_driver import VirtioCap, VirtioPciDriver, VirtioPciError
 from vvu.protocol.codec import Header
 from vvu.protocol.constants import REPLY, VRING_IDX_MASK, VRING_NOFD, FrontendRequest
+from vvu.protocol.payloads import Log
 from vvu.transport.base import (
     HEADER_SIZE,
     MAX_PAYLOAD,
@@ -73,6 +76,7 @@ CFG_DEVICE_AUX_NOTIFY: Final = 6
 CFG_DRIVER_AUX_NOTIFY: Final = 7
 CFG_SHARED_MEMORY: Final = 8
 SHMID_MEMORY: Final = 1
+SHMID_LOG: Final = 2
 
 CONFIG_VECTOR: Final = 0
 RXQ_VECTOR: Final = 1
@@ -321,11 +325,12 @@ class VvuDriver:
 
     # -- resources -----------------------------------------------------------------------------
 
-    async def memory_areas(self) -> list[_Area]:
-        """BAR4's shmid-1 areas with their fds (the caller closes them), offsets in shmid 1."""
-        shm = self.shm.get(SHMID_MEMORY)
+    async def memory_areas(self, shmid: int = SHMID_MEMORY) -> list[_Area]:
+        """BAR4's areas in shmid `shmid` (1: front-end memory, 2: dirty log) with their fds (the
+        caller closes them), offsets in the shmid."""
+        shm = self.shm.get(shmid)
         if shm is None:
-            raise TransportError("the VVU device has no front-end memory (shmid 1)")
+            raise TransportError(f"the VVU device has no shared memory {shmid}")
         areas = await self.pci.bar_areas(shm.bar)
         out = []
         for a in areas:
@@ -466,6 +471,8 @@ class VvuChannel(Channel):
             return await self._regions(payload, 8, n)
         if request == _F.ADD_MEM_REG and len(payload) >= 8:
             return await self._regions(payload, 8, 1)
+        if request == _F.SET_LOG_BASE and Log.fits(len(payload)):
+            return await self._log_base(Log.unpack(payload))
         if request in (_F.SET_VRING_KICK, _F.SET_VRING_CALL, _F.SET_VRING_ERR):
             return await self._vring_fd(request, payload)
         fds: list[int] = []
@@ -525,6 +532,22 @@ class VvuChannel(Channel):
         finally:
             close_fds([a.fd for a in areas])
         return bytes(out), fds
+
+    async def _log_base(self, request: Log) -> tuple[bytes, list[int]]:
+        areas = await self.driver.memory_areas(SHMID_LOG)
+        try:
+            offset, size = request.mmap_offset, request.mmap_size
+            area = next(
+                (a for a in areas if a.offset <= offset and offset + size <= a.offset + a.size),
+                None,
+            )
+            if area is None:  # not published (the device says why): the engine refuses it
+                log.warning("%s: the dirty log %#x+%#x has no BAR area", self.peer, offset, size)
+                return request.pack(), [memfd(0, "vvu-unpublished-log")]
+            rewritten = Log(size, area.fd_offset + (offset - area.offset))
+            return rewritten.pack(), [os.dup(area.fd)]
+        finally:
+            close_fds([a.fd for a in areas])
 
     async def _doorbell(self, index: int) -> int:
         fd = await self.driver.doorbell_fd(index)
