@@ -185,12 +185,19 @@ QUEUE_SIZE = 128
 
 
 def _serve(
-    socket_path: Path, image: Path | None, log: Path, *, verbose: bool = False
+    socket_path: Path,
+    image: Path | None,
+    log: Path,
+    *,
+    verbose: bool = False,
+    vvu: Path | None = None,
 ) -> subprocess.Popen[bytes]:
-    """`vvu serve blk` on `image`, or `vvu serve rng` without one."""
-    args = ["serve", "rng", "--socket-path", str(socket_path)]
+    """`vvu serve blk` on `image`, or `vvu serve rng` without one; with `vvu`, behind the VVU
+    device whose vfio-user socket that is (`_vvu_device`) instead of on `socket_path`."""
+    where = ["--socket-path", str(socket_path)] if vvu is None else ["--vvu", str(vvu)]
+    args = ["serve", "rng", *where]
     if image is not None:
-        args = ["serve", "blk", "--socket-path", str(socket_path), "--image", str(image)]
+        args = ["serve", "blk", *where, "--image", str(image)]
     with log.open("ab") as err:
         return subprocess.Popen(
             [*VVU, *(["-v"] if verbose else []), *args],
@@ -198,6 +205,17 @@ def _serve(
             stdout=subprocess.DEVNULL,
             stderr=err,
         )
+
+
+def _vvu_device(frontend_socket: Path, device_socket: Path, log: Path) -> subprocess.Popen[bytes]:
+    """`vvu device`: front-ends connect to `frontend_socket`, the back-end to `device_socket`."""
+    with log.open("ab") as err:
+        proc = subprocess.Popen(
+            [*VVU, "-v", "device", "--socket-path", str(frontend_socket),
+             "--vfio-user", str(device_socket), "--max-queues", "4"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
+    return proc
 
 
 @contextlib.contextmanager
@@ -293,18 +311,26 @@ class WriteStream:
 @pytest.mark.timeout(300)
 @pytest.mark.asyncio
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+@pytest.mark.parametrize("transport", ["unix", "vvu"])
 async def test_serve_blk_killed_20_times_loses_and_repeats_nothing(
-    tmp_path: Path, packed: bool
+    tmp_path: Path, packed: bool, transport: str
 ) -> None:
+    """Over "vvu" the device and the front-end stay; `vvu serve blk --vvu` is killed and
+    restarted behind the device, and the region is the device's shmid 3."""
     seed = random.randrange(1 << 32)
     print(f"seed {seed}")
     rng = random.Random(seed)
     image, sock, log = tmp_path / "disk.img", tmp_path / "blk.sock", tmp_path / "serve.log"
     with image.open("wb") as f:
         f.truncate(WRITERS * SLOTS_PER_WRITER * CHUNK)
-    procs = [_serve(sock, image, log)]
-    with _reaped(procs):
-        wait_for_socket(sock, procs[0])
+    device_socket = tmp_path / "device.sock" if transport == "vvu" else None
+    daemons = []
+    if device_socket is not None:
+        daemons.append(_vvu_device(sock, device_socket, tmp_path / "device.log"))
+        wait_for_socket(device_socket, daemons[0])
+    procs = [_serve(sock, image, log, vvu=device_socket)]
+    with _reaped(daemons), _reaped(procs):
+        wait_for_socket(sock, procs[0] if device_socket is None else daemons[0])
         blk = await BlkDriver.open(
             str(sock),
             depth=WRITERS,
@@ -326,7 +352,7 @@ async def test_serve_blk_killed_20_times_loses_and_repeats_nothing(
                 await _kill_point(rng, kill % 2 == 1, blk.frontend._inflight_fd, QUEUE_SIZE, packed)
                 procs[-1].send_signal(signal.SIGKILL)
                 procs[-1].wait()
-                procs.append(_serve(sock, image, log))
+                procs.append(_serve(sock, image, log, vvu=device_socket))
                 await blk.reconnect(timeout=30)
                 # Every incarnation serves some writes before it dies.
                 await asyncio.wait_for(stream.progress(WRITERS), REQUEST_TIMEOUT)
@@ -337,6 +363,8 @@ async def test_serve_blk_killed_20_times_loses_and_repeats_nothing(
         await stream.verify()
         await blk.close()
         assert stop_process(procs[-1]) == 0
+        for daemon in daemons:
+            assert stop_process(daemon) == 0
     # The image itself, read without any back-end: every acknowledged block is there.
     stream.verify_image(image)
     text = log.read_text()

@@ -19,7 +19,8 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from vvu._core import EventFd, EventForwarder, GuestMemory, SplitQueue
+from vvu._core import EventFd, EventForwarder, GuestMemory, SplitQueue, memfd
+from vvu.errors import GuestMemoryError
 from vvu.pci.virtio_device import NO_VECTOR, CfgType, Status, VirtioPciDevice
 from vvu.protocol.constants import (
     HEADER_SIZE,
@@ -31,7 +32,7 @@ from vvu.protocol.constants import (
     FrontendRequest,
     ProtocolFeature,
 )
-from vvu.protocol.payloads import Log, MemoryRegion, MemoryTable, SingleRegion
+from vvu.protocol.payloads import Inflight, Log, MemoryRegion, MemoryTable, SingleRegion
 from vvu.transport.base import Channel, RawMessage, TransportError, close_fds
 from vvu.transport.unix import UnixListener
 from vvu.vfio_user.device import IoEventFd, IrqRequest, MmapArea, RegionSpec
@@ -98,6 +99,8 @@ PROTOCOL_FEATURES_ALLOWED: Final = (
     | (1 << _P.INBAND_NOTIFICATIONS)
     # The dirty log is shmid 2 (SET_LOG_BASE's fd), its doorbell device aux notification 2N.
     | (1 << _P.LOG_SHMFD)
+    # The inflight region is shmid 3: the device allocates it on GET_INFLIGHT_FD's reply.
+    | (1 << _P.INFLIGHT_SHMFD)
 )
 #: Virtio feature bits the device never lets through (none: LOG_ALL works through shmid 2).
 FEATURES_FILTERED: Final = 0
@@ -108,8 +111,8 @@ _U64 = struct.Struct("<Q")
 
 @dataclass
 class ShmArea:
-    """One front-end fd range published as a BAR4 area: a memory region (shmid 1) or the dirty
-    log (shmid 2)."""
+    """One fd range published as a BAR4 area: a front-end memory region (shmid 1), the dirty
+    log (shmid 2) or the inflight region (shmid 3)."""
 
     offset: int  # in BAR4 (= in shmid 1, which starts at 0)
     size: int  # page multiple
@@ -133,6 +136,10 @@ def _page_span(start: int, length: int) -> tuple[int, int]:
 class VvuDevice(VirtioPciDevice):
     """The VVU device. `listener` is where front-ends connect (FRONTEND_SOCK)."""
 
+    # Its 20 bytes make room for shmid 3's capability (docs/vvu-device.md): a VVU driver maps
+    # BAR4 anyway, so it never needs the config-space access window.
+    PCI_CFG_CAP = False
+
     def __init__(
         self,
         listener: UnixListener,
@@ -154,7 +161,7 @@ class VvuDevice(VirtioPciDevice):
         self._doorbells: dict[int, EventFd] = {}
         self._kicks: dict[int, EventFd] = {}
         self._areas: list[ShmArea] = []
-        self._log_area: ShmArea | None = None  # shmid 2
+        self._fixed: dict[int, ShmArea] = {}  # shmid 2 (log), 3 (inflight): one area each
         self._log_request = b""  # SET_LOG_BASE's payload as the front-end sent it (its reply)
         self._shm = GuestMemory()  # the areas, for message (REGION_READ/WRITE) access
         self._forwarder: EventForwarder | None = None
@@ -166,7 +173,7 @@ class VvuDevice(VirtioPciDevice):
         self._can_accept: asyncio.Event | None = None
         self._rx_pending: deque[bytes] = deque()
         self._rx_space: asyncio.Event | None = None
-        self._out: asyncio.Queue[tuple[Channel, bytes]] | None = None
+        self._out: asyncio.Queue[tuple[Channel, bytes, list[int]]] | None = None
         self._release_after_reply: set[int] = set()
         self.sessions = 0
         self.dropped_tx = 0
@@ -192,12 +199,12 @@ class VvuDevice(VirtioPciDevice):
     def areas(self) -> list[ShmArea]:
         return list(self._areas)
 
-    @property
-    def log_area(self) -> ShmArea | None:
-        return self._log_area
+    def shm_area(self, shmid: int) -> ShmArea | None:
+        """The area of shmid 2 (dirty log) or 3 (inflight region), if published."""
+        return self._fixed.get(shmid)
 
     def _all_areas(self) -> list[ShmArea]:
-        return self._areas + ([self._log_area] if self._log_area is not None else [])
+        return self._areas + list(self._fixed.values())
 
     @property
     def doorbells(self) -> dict[int, EventFd]:
@@ -224,10 +231,8 @@ class VvuDevice(VirtioPciDevice):
             extra=struct.pack("<I", AUX_MULTIPLIER),
         )
         self.add_virtio_cap(DRIVER_AUX_NOTIFY, 2, DRIVER_AUX_OFFSET, 4)
-        # The standard space has room for two 24-byte cap64s after the standard caps (0xA4) and
-        # the aux caps: shmid 3 (inflight, not supported yet) gets its capability once
-        # something else makes room. Its BAR4 range stays reserved.
-        for shmid, offset, length in SHM_LAYOUT[:2]:
+        # Three 24-byte cap64s fit the 256-byte space only without PCI_CFG (PCI_CFG_CAP below).
+        for shmid, offset, length in SHM_LAYOUT:
             self.add_virtio_cap(
                 CfgType.SHARED_MEMORY,
                 4,
@@ -460,12 +465,28 @@ class VvuDevice(VirtioPciDevice):
             return None
         return ShmArea(offset, size, fd, fd_offset, start, region)
 
-    def _drop_log(self) -> None:
-        area, self._log_area = self._log_area, None
+    def _drop_fixed(self, shmid: int) -> None:
+        area = self._fixed.pop(shmid, None)
         if area is not None:
             with contextlib.suppress(Exception):
                 self._shm.remove_region(area.offset)
             os.close(area.fd)
+
+    def _publish_fixed(self, shmid: int, fd: int, start: int, length: int) -> int | None:
+        """`fd`'s `start`+`length` as shmid `shmid`'s one area (replacing the previous one);
+        takes `fd`. Returns the first byte's offset in the shmid (the rewritten `mmap_offset`),
+        None (fd closed) when it is empty, too big or cannot be mapped."""
+        self._drop_fixed(shmid)
+        _, base, limit = SHM_LAYOUT[shmid - 1]
+        if not 0 < length <= limit - PAGE:
+            log.warning("vvu: %#x bytes do not fit in shmid %d; not published", length, shmid)
+            os.close(fd)
+            return None
+        area = self._map_area(base, fd, start, length)
+        if area is None:
+            return None
+        self._fixed[shmid] = area
+        return area.region_offset - base
 
     def _remove_area(self, area: ShmArea) -> None:
         self._areas.remove(area)
@@ -482,19 +503,53 @@ class VvuDevice(VirtioPciDevice):
         Unpublished (no fd, too big, unmappable): forwarded as is, so the driver finds no area
         and the back-end refuses the log."""
         request = Log.unpack(payload)
-        self._drop_log()
+        self._drop_fixed(SHM_LOG)
         self._log_request = payload
-        _, base, length = SHM_LAYOUT[SHM_LOG - 1]
         if len(fds) != 1:
             log.warning("vvu: SET_LOG_BASE with %d fds", len(fds))
             return payload
-        if not 0 < request.mmap_size <= length - PAGE:
-            log.warning("vvu: a %#x-byte dirty log does not fit in shmid 2", request.mmap_size)
+        offset = self._publish_fixed(SHM_LOG, fds.pop(), request.mmap_offset, request.mmap_size)
+        return payload if offset is None else Log(request.mmap_size, offset).pack()
+
+    def _bind_inflight(self, req: int, payload: bytes, fds: list[int]) -> bytes:
+        """SET_INFLIGHT_FD: the front-end's region becomes shmid 3, as the log becomes shmid 2."""
+        request = Inflight.unpack(payload)
+        self._drop_fixed(SHM_INFLIGHT)
+        if len(fds) != 1:
+            log.warning("vvu: SET_INFLIGHT_FD with %d fds", len(fds))
             return payload
-        self._log_area = self._map_area(base, fds.pop(), request.mmap_offset, request.mmap_size)
-        if self._log_area is None:
+        start, size = request.mmap_offset, request.mmap_size
+        offset = self._publish_fixed(SHM_INFLIGHT, fds.pop(), start, size)
+        if offset is None:
             return payload
-        return Log(request.mmap_size, self._log_area.region_offset - base).pack()
+        return Inflight(size, offset, request.num_queues, request.queue_size).pack()
+
+    def _allocate_inflight(self, reply: Inflight) -> tuple[bytes, list[int]]:
+        """GET_INFLIGHT_FD's reply: the back-end cannot pass its region, so the device allocates
+        a zeroed one of the size the back-end asks (as fresh as the back-end's), publishes it
+        as shmid 3 and gives the front-end the fd; the back-end is told with a SET_INFLIGHT_FD
+        of its own on rxq. Returns the reply payload and fds for the front-end."""
+        _, _, limit = SHM_LAYOUT[SHM_INFLIGHT - 1]
+        if not 0 < reply.mmap_size <= limit - PAGE:
+            if reply.mmap_size:
+                log.warning("vvu: a %#x-byte inflight region does not fit", reply.mmap_size)
+            self._drop_fixed(SHM_INFLIGHT)
+            return Inflight(0, 0, reply.num_queues, reply.queue_size).pack(), []
+        try:
+            fd = memfd(reply.mmap_size, "vvu-inflight")
+            frontend_fd = os.dup(fd)
+        except (OSError, GuestMemoryError) as err:
+            log.warning("vvu: inflight region of %#x bytes: %s", reply.mmap_size, err)
+            return Inflight(0, 0, reply.num_queues, reply.queue_size).pack(), []
+        offset = self._publish_fixed(SHM_INFLIGHT, fd, 0, reply.mmap_size)
+        if offset is None:
+            os.close(frontend_fd)
+            return Inflight(0, 0, reply.num_queues, reply.queue_size).pack(), []
+        told = Inflight(reply.mmap_size, offset, reply.num_queues, reply.queue_size).pack()
+        self._enqueue_rx(_HDR.pack(_F.SET_INFLIGHT_FD, VERSION, len(told)) + told)
+        return Inflight(reply.mmap_size, 0, reply.num_queues, reply.queue_size).pack(), [
+            frontend_fd
+        ]
 
     def _rewritten(self, region: MemoryRegion, area: ShmArea | None) -> MemoryRegion:
         offset = area.region_offset if area is not None else region.mmap_offset
@@ -516,6 +571,7 @@ class VvuDevice(VirtioPciDevice):
             _F.SET_VRING_ERR: self._bind_vring_fd,
             _F.SET_LOG_FD: self._bind_log_fd,
             _F.SET_LOG_BASE: self._bind_log_base,
+            _F.SET_INFLIGHT_FD: self._bind_inflight,
             _F.SET_BACKEND_REQ_FD: self._bind_backend_req,
         }
         try:
@@ -673,6 +729,7 @@ class VvuDevice(VirtioPciDevice):
             log.info("vvu: txq message %d dropped: no front-end", request)
             return
         if flags & REPLY:
+            fds: list[int] = []
             if request == _F.GET_PROTOCOL_FEATURES and size == 8:
                 (value,) = _U64.unpack_from(data, HEADER_SIZE)
                 if value & ~PROTOCOL_FEATURES_ALLOWED:
@@ -688,7 +745,10 @@ class VvuDevice(VirtioPciDevice):
                 # The back-end echoes the log it got: the front-end gets back what it sent, not
                 # the shmid 2 offset.
                 data = _HDR.pack(request, flags, len(self._log_request)) + self._log_request
-            self._out.put_nowait((self._frontend, data))
+            elif request == _F.GET_INFLIGHT_FD and Inflight.fits(size):
+                payload, fds = self._allocate_inflight(Inflight.unpack(data[HEADER_SIZE:]))
+                data = _HDR.pack(request, flags, len(payload)) + payload
+            self._out.put_nowait((self._frontend, data, fds))
             if request == _F.GET_VRING_BASE and size >= 4:
                 index = int.from_bytes(data[HEADER_SIZE : HEADER_SIZE + 4], "little")
                 if index in self._release_after_reply:
@@ -698,7 +758,7 @@ class VvuDevice(VirtioPciDevice):
             self.dropped_tx += 1
             log.warning("vvu: back-end request %d before SET_BACKEND_REQ_FD dropped", request)
         else:
-            self._out.put_nowait((self._backend_channel, data))
+            self._out.put_nowait((self._backend_channel, data, []))
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -781,13 +841,15 @@ class VvuDevice(VirtioPciDevice):
             self._backend_channel = None
             channel.close()
 
-    async def _send_loop(self, out: asyncio.Queue[tuple[Channel, bytes]]) -> None:
+    async def _send_loop(self, out: asyncio.Queue[tuple[Channel, bytes, list[int]]]) -> None:
         while True:
-            channel, data = await out.get()
+            channel, data, fds = await out.get()
             try:
-                await channel.send(data)
+                await channel.send(data, fds)
             except (TransportError, OSError) as err:
                 log.warning("vvu: send to %s failed: %s", channel.peer, err)
+            finally:
+                close_fds(fds)
 
     def _set_backend_channel(self, channel: Channel) -> None:
         if self._backend_channel is not None:
@@ -816,7 +878,8 @@ class VvuDevice(VirtioPciDevice):
         for index in list(self._doorbells):
             self._bind_doorbell(index, None)
         self._drop_areas()
-        self._drop_log()
+        for shmid in list(self._fixed):
+            self._drop_fixed(shmid)
         self._log_request = b""
         # Complete and discard what the driver queued on txq.
         q = self.queues[TXQ]

@@ -88,6 +88,9 @@ _CONFIG_CHANGE = _E + "test_config_change_is_announced_on_the_backend_channel"
 _INFLIGHT = "tests/test_inflight.py::"
 _INFLIGHT_KILLS = _INFLIGHT + "test_serve_blk_killed_20_times_loses_and_repeats_nothing"
 _INFLIGHT_QEMU = _INFLIGHT + "test_qemu_guest_write_stream_survives_serve_blk_sigkilled"
+_INFLIGHT_VVU = (
+    "tests/test_vvu_device.py::test_get_inflight_fd_reply_carries_a_device_region_that_is_shmid_3"
+)
 _IOMMU = "tests/test_iommu.py::"
 _IOMMU_IO = _IOMMU + "test_blk_io_goes_through_translations_the_backend_asks_for"
 _IOMMU_QEMU = (
@@ -185,21 +188,22 @@ FRONTEND_ROWS: Final[dict[FrontendRequest, Row]] = {
     _F.POSTCOPY_END: Row(_R, _R, (_REFUSED,), "postcopy: see below"),
     _F.GET_INFLIGHT_FD: Row(
         _Y,
-        _X,
+        _Y,
         (
             _INFLIGHT + "test_get_inflight_fd_returns_a_zeroed_region_of_the_spec_size",
             _INFLIGHT_QEMU,
+            _INFLIGHT_VVU,
         ),
-        "blk; VVU: the device has no shmid 3 capability yet",
+        "blk; over VVU the device allocates the region (shmid 3) and passes its fd",
     ),
     _F.SET_INFLIGHT_FD: Row(
         _Y,
-        _X,
+        _Y,
         (
             _INFLIGHT + "test_set_inflight_fd_refuses_a_region_too_small_or_misplaced",
             _INFLIGHT_KILLS,
         ),
-        "blk; VVU: the device has no shmid 3 capability yet",
+        "blk; over VVU the front-end's region becomes shmid 3",
     ),
     _F.GPU_SET_SOCKET: Row(
         _R, _R, (_REFUSED,), "no GPU device; over VVU the device passes no fd: dropped"
@@ -266,13 +270,14 @@ FEATURE_ROWS: Final[dict[ProtocolFeature, Row]] = {
     _P.HOST_NOTIFIER: Row(_N, _X),
     _P.INFLIGHT_SHMFD: Row(
         _Y,
-        _X,
+        _Y,
         (
             _INFLIGHT_KILLS,
             _INFLIGHT_QEMU,
             _INFLIGHT + "test_only_devices_whose_queues_track_inflight_offer_it",
+            _INFLIGHT_VVU,
         ),
-        "blk (split and packed rings); the VVU device has no shmid 3 capability yet",
+        "blk (split and packed rings); over VVU the region is the device's shmid 3",
     ),
     _P.RESET_DEVICE: Row(
         _Y, _Y, (_E + "test_reset_device_stops_everything_and_a_new_handshake_works",)
