@@ -857,6 +857,17 @@ class VvuDevice(VirtioPciDevice):
         self._backend_channel = channel
         self._spawn(self._read_backend(channel))
 
+    def _drop_bindings(self) -> None:
+        """Release what the session's messages bound: kicks, doorbells, BAR4 areas."""
+        for index in list(self._kicks):
+            self._release_kick(index)
+        for index in list(self._doorbells):
+            self._bind_doorbell(index, None)
+        self._drop_areas()
+        for shmid in list(self._fixed):
+            self._drop_fixed(shmid)
+        self._log_request = b""
+
     def _disconnect_frontend(self, why: str, *, notify: bool) -> None:
         """Tear a session down (sync): channels, tasks, bindings, pending messages, txq."""
         had = self._frontend is not None
@@ -869,18 +880,13 @@ class VvuDevice(VirtioPciDevice):
         if self._backend_channel is not None:
             self._backend_channel.close()
             self._backend_channel = None
+        while self._out is not None and not self._out.empty():  # unsent: close their fds
+            close_fds(self._out.get_nowait()[2])
         self._out = None
         self._rx_space = None
         self._rx_pending.clear()
         self._release_after_reply.clear()
-        for index in list(self._kicks):
-            self._release_kick(index)
-        for index in list(self._doorbells):
-            self._bind_doorbell(index, None)
-        self._drop_areas()
-        for shmid in list(self._fixed):
-            self._drop_fixed(shmid)
-        self._log_request = b""
+        self._drop_bindings()
         # Complete and discard what the driver queued on txq.
         q = self.queues[TXQ]
         if q.queue is not None and not self.status & Status.DEVICE_NEEDS_RESET:
