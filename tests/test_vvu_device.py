@@ -505,3 +505,32 @@ async def test_get_inflight_fd_reply_carries_a_device_region_that_is_shmid_3(rig
             for fd in fds:
                 os.close(fd)
             await fe.close()
+
+
+@pytest.mark.asyncio
+async def test_set_inflight_fd_region_becomes_shmid_3_with_its_offset_rewritten(
+    rigged: Rig,
+) -> None:
+    async with driver(rigged) as td:
+        await td.set_status(BACKEND_UP)
+        fe = await connect(td, rigged)
+        region = os.memfd_create("inflight")
+        try:
+            os.ftruncate(region, 0x3000)
+            os.pwrite(region, b"kept", 0x1040)
+            await fe.request(_F.SET_INFLIGHT_FD, Inflight(0x1000, 0x1040, 1, 64), [region])
+            got = await td.recv()
+            assert HDR.unpack_from(got)[0] == _F.SET_INFLIGHT_FD
+            # The page holding the region's start is shmid 3's first page.
+            assert Inflight.unpack(got[12:]) == Inflight(0x1000, 0x40, 1, 64)
+            area = rigged.device.shm_area(3)
+            assert area is not None and (area.offset, area.fd_offset) == (17 << 30, 0x1000)
+            assert await td.pci.bar_read(4, (17 << 30) + 0x40, 4) == b"kept"
+            # A region that does not fit shmid 3 is not published; the back-end refuses it.
+            await fe.request(_F.SET_INFLIGHT_FD, Inflight(1 << 30, 0, 1, 64), [region])
+            got = await td.recv()
+            assert Inflight.unpack(got[12:]) == Inflight(1 << 30, 0, 1, 64)
+            assert rigged.device.shm_area(3) is None
+        finally:
+            os.close(region)
+            await fe.close()
