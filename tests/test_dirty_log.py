@@ -53,20 +53,27 @@ def pages(gpa: int, length: int) -> list[int]:
 
 
 @contextlib.asynccontextmanager
-async def session(backend: Backend) -> AsyncIterator[tuple[Frontend, FrontendQueue, BackendEngine]]:
-    """Our front-end on a socketpair to an in-process engine; queue 0 running."""
+async def session(
+    backend: Backend, transport: str = "socketpair", tmp_path: Path | None = None
+) -> AsyncIterator[tuple[Frontend, FrontendQueue, BackendEngine]]:
+    """Our front-end and an in-process engine, queue 0 running: on a socketpair, or served by
+    vvu_harness over `transport` ("unix", "vvu": the log is the VVU device's shmid 2)."""
     engine = BackendEngine(backend)
-    client, server = socketpair_channels()
-    task = asyncio.ensure_future(engine.serve(server))
-    frontend = Frontend(client, memory_size=MEMORY)
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        if transport == "socketpair":
+            client, server = socketpair_channels()
+            task = asyncio.ensure_future(engine.serve(server))
+            stack.push_async_callback(asyncio.wait_for, task, TIMEOUT)
+            frontend = Frontend(client, memory_size=MEMORY)
+        else:
+            assert tmp_path is not None
+            path = await stack.enter_async_context(served(engine, transport, tmp_path))
+            frontend = await Frontend.connect(path, memory_size=MEMORY, timeout=TIMEOUT)
+        stack.push_async_callback(frontend.close)
         await frontend.negotiate()
         await frontend.set_mem_table()
         queue = await frontend.start_queue(0, 64)
         yield frontend, queue, engine
-    finally:
-        await frontend.close()
-        await asyncio.wait_for(task, TIMEOUT)
 
 
 async def blk_request(
@@ -97,8 +104,11 @@ def blk() -> Iterator[BlkBackend]:
 
 
 @pytest.mark.asyncio
-async def test_blk_worker_logs_exactly_the_pages_it_writes(blk: BlkBackend) -> None:
-    async with session(blk) as (frontend, queue, _):
+@pytest.mark.parametrize("transport", ["socketpair", "vvu"])
+async def test_blk_worker_logs_exactly_the_pages_it_writes(
+    blk: BlkBackend, transport: str, tmp_path: Path
+) -> None:
+    async with session(blk, transport, tmp_path) as (frontend, queue, _):
         before = os.urandom(DATA_LEN)
         await blk_request(frontend, queue, T_OUT, 8, before)
         dirty = await frontend.start_dirty_log(used_ring_log={0: USED_LOG})
@@ -214,10 +224,11 @@ async def test_writes_outside_the_log_are_counted_and_reported_not_done(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("transport", ["socketpair", "vvu"])
 async def test_set_log_base_replies_with_the_log_and_refuses_a_log_beyond_its_fd(
-    blk: BlkBackend,
+    blk: BlkBackend, transport: str, tmp_path: Path
 ) -> None:
-    async with session(blk) as (frontend, _, engine):
+    async with session(blk, transport, tmp_path) as (frontend, _, engine):
         fd = os.memfd_create("log")
         try:
             os.ftruncate(fd, PAGE)
@@ -263,19 +274,57 @@ async def vvu_path(blk: BlkBackend, tmp_path: Path) -> AsyncIterator[str]:
 
 
 @pytest.mark.asyncio
-async def test_vvu_device_offers_no_dirty_logging_yet(vvu_path: str) -> None:
-    # The log as shmid 2 and its doorbell are not implemented: neither bit may reach QEMU.
-    assert FEATURES_FILTERED & VhostFeature.LOG_ALL.mask
-    assert not PROTOCOL_FEATURES_ALLOWED & ProtocolFeature.LOG_SHMFD.mask
+async def test_vvu_device_offers_dirty_logging(vvu_path: str) -> None:
+    assert not FEATURES_FILTERED & VhostFeature.LOG_ALL.mask
+    assert PROTOCOL_FEATURES_ALLOWED & ProtocolFeature.LOG_SHMFD.mask
     frontend = await Frontend.connect(vvu_path, timeout=TIMEOUT)
     try:
         offered = await frontend.request_u64(FrontendRequest.GET_FEATURES)
-        assert offered & VhostFeature.PROTOCOL_FEATURES.mask
-        assert not offered & VhostFeature.LOG_ALL.mask
+        assert offered & VhostFeature.LOG_ALL.mask
         offered_protocol = await frontend.request_u64(FrontendRequest.GET_PROTOCOL_FEATURES)
-        assert not offered_protocol & ProtocolFeature.LOG_SHMFD.mask
+        assert offered_protocol & ProtocolFeature.LOG_SHMFD.mask
     finally:
         await frontend.close()
+
+
+@pytest.mark.asyncio
+async def test_vvu_log_doorbell_signals_the_frontends_log_eventfd(
+    blk: BlkBackend, tmp_path: Path
+) -> None:
+    # The back-end's SET_LOG_FD fd is device aux notification 2N: signalling it reaches the
+    # front-end's own eventfd through the device.
+    async with session(blk, "vvu", tmp_path) as (frontend, _, engine):
+        log_fd = EventFd()
+        try:
+            await frontend.request(FrontendRequest.SET_LOG_FD, fds=[log_fd.fileno()])
+            await frontend.request_u64(FrontendRequest.GET_FEATURES)  # SET_LOG_FD is handled
+            assert engine.session is not None and engine.session.log_fd is not None
+            assert not log_fd.consume()
+            engine.session.log_fd.signal()
+            assert await asyncio.wait_for(_readable(log_fd), TIMEOUT)
+        finally:
+            log_fd.close()
+
+
+@pytest.mark.asyncio
+async def test_vvu_log_larger_than_shmid_2_is_refused_not_mapped(
+    blk: BlkBackend, tmp_path: Path
+) -> None:
+    async with session(blk, "vvu", tmp_path) as (frontend, _, engine):
+        fd = os.memfd_create("log")
+        try:
+            os.ftruncate(fd, PAGE)
+            with pytest.raises(FrontendError, match="closed the connection"):
+                await frontend.request(FrontendRequest.SET_LOG_BASE, Log(2 << 30, 0), [fd])
+            assert engine.session is None or engine.session.dirty_log is None
+        finally:
+            os.close(fd)
+
+
+async def _readable(efd: EventFd) -> bool:
+    while not efd.consume():
+        await asyncio.sleep(0.01)
+    return True
 
 
 @pytest.mark.asyncio

@@ -185,12 +185,19 @@ QUEUE_SIZE = 128
 
 
 def _serve(
-    socket_path: Path, image: Path | None, log: Path, *, verbose: bool = False
+    socket_path: Path,
+    image: Path | None,
+    log: Path,
+    *,
+    verbose: bool = False,
+    vvu: Path | None = None,
 ) -> subprocess.Popen[bytes]:
-    """`vvu serve blk` on `image`, or `vvu serve rng` without one."""
-    args = ["serve", "rng", "--socket-path", str(socket_path)]
+    """`vvu serve blk` on `image`, or `vvu serve rng` without one; with `vvu`, behind the VVU
+    device whose vfio-user socket that is (`_device_for`) instead of on `socket_path`."""
+    where = ["--socket-path", str(socket_path)] if vvu is None else ["--vvu", str(vvu)]
+    args = ["serve", "rng", *where]
     if image is not None:
-        args = ["serve", "blk", "--socket-path", str(socket_path), "--image", str(image)]
+        args = ["serve", "blk", *where, "--image", str(image)]
     with log.open("ab") as err:
         return subprocess.Popen(
             [*VVU, *(["-v"] if verbose else []), *args],
@@ -198,6 +205,29 @@ def _serve(
             stdout=subprocess.DEVNULL,
             stderr=err,
         )
+
+
+def _device_for(
+    transport: str, frontend_socket: Path, tmp_path: Path
+) -> tuple[Path | None, list[subprocess.Popen[bytes]]]:
+    """For "vvu", a running `vvu device` whose front-ends connect to `frontend_socket`: its
+    vfio-user socket (the back-end's `--vvu`) and [its process]; for "unix", (None, [])."""
+    if transport != "vvu":
+        return None, []
+    device_socket = tmp_path / "device.sock"
+    with (tmp_path / "device.log").open("ab") as err:
+        proc = subprocess.Popen(
+            [*VVU, "-v", "device", "--socket-path", str(frontend_socket),
+             "--vfio-user", str(device_socket), "--max-queues", "4"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
+    try:
+        wait_for_socket(device_socket, proc)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return device_socket, [proc]
 
 
 @contextlib.contextmanager
@@ -293,18 +323,22 @@ class WriteStream:
 @pytest.mark.timeout(300)
 @pytest.mark.asyncio
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+@pytest.mark.parametrize("transport", ["unix", "vvu"])
 async def test_serve_blk_killed_20_times_loses_and_repeats_nothing(
-    tmp_path: Path, packed: bool
+    tmp_path: Path, packed: bool, transport: str
 ) -> None:
+    """Over "vvu" the device and the front-end stay; `vvu serve blk --vvu` is killed and
+    restarted behind the device, and the region is the device's shmid 3."""
     seed = random.randrange(1 << 32)
     print(f"seed {seed}")
     rng = random.Random(seed)
     image, sock, log = tmp_path / "disk.img", tmp_path / "blk.sock", tmp_path / "serve.log"
     with image.open("wb") as f:
         f.truncate(WRITERS * SLOTS_PER_WRITER * CHUNK)
-    procs = [_serve(sock, image, log)]
-    with _reaped(procs):
-        wait_for_socket(sock, procs[0])
+    device_socket, daemons = _device_for(transport, sock, tmp_path)
+    procs = [_serve(sock, image, log, vvu=device_socket)]
+    with _reaped(daemons), _reaped(procs):
+        wait_for_socket(sock, procs[0] if device_socket is None else daemons[0])
         blk = await BlkDriver.open(
             str(sock),
             depth=WRITERS,
@@ -326,7 +360,7 @@ async def test_serve_blk_killed_20_times_loses_and_repeats_nothing(
                 await _kill_point(rng, kill % 2 == 1, blk.frontend._inflight_fd, QUEUE_SIZE, packed)
                 procs[-1].send_signal(signal.SIGKILL)
                 procs[-1].wait()
-                procs.append(_serve(sock, image, log))
+                procs.append(_serve(sock, image, log, vvu=device_socket))
                 await blk.reconnect(timeout=30)
                 # Every incarnation serves some writes before it dies.
                 await asyncio.wait_for(stream.progress(WRITERS), REQUEST_TIMEOUT)
@@ -337,6 +371,8 @@ async def test_serve_blk_killed_20_times_loses_and_repeats_nothing(
         await stream.verify()
         await blk.close()
         assert stop_process(procs[-1]) == 0
+        for daemon in daemons:
+            assert stop_process(daemon) == 0
     # The image itself, read without any back-end: every acknowledged block is there.
     stream.verify_image(image)
     text = log.read_text()
@@ -458,20 +494,26 @@ def _wait_for_count(log: Path, line: str, count: int, timeout: float) -> None:
 @pytest.mark.guest
 @pytest.mark.timeout(int(GUEST_TIMEOUT) + 60)
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
-def test_qemu_guest_write_stream_survives_serve_blk_sigkilled(tmp_path: Path, packed: bool) -> None:
+@pytest.mark.parametrize("transport", ["unix", "vvu"])
+def test_qemu_guest_write_stream_survives_serve_blk_sigkilled(
+    tmp_path: Path, packed: bool, transport: str
+) -> None:
+    """Over "vvu" QEMU is connected to a `vvu device` that stays; the back-end behind it is
+    killed and restarted, and the region is the device's shmid 3."""
     guest_image()  # skip before booting when there is no guest
     rng = random.Random()
     image, sock, log = tmp_path / "disk.img", tmp_path / "blk.sock", tmp_path / "serve.log"
     with image.open("wb") as f:
         f.truncate((GUEST_STOP_BLOCK + 1) * 4 * KiB)
-    procs = [_serve(sock, image, log, verbose=True)]
+    device_socket, daemons = _device_for(transport, sock, tmp_path)
+    procs = [_serve(sock, image, log, verbose=True, vvu=device_socket)]
     chardev = f"socket,id=vu0,path={qemu_escape(str(sock))},reconnect=1"  # QEMU 7.2 spelling
     device = f"vhost-user-blk-pci,chardev=vu0,num-queues=1,queue-size={GUEST_QUEUE_SIZE}"
     if packed:
         device += ",packed=on"
     devices = ["-chardev", chardev, "-device", device]
-    with _reaped(procs):
-        wait_for_socket(sock, procs[0])
+    with _reaped(daemons), _reaped(procs):
+        wait_for_socket(sock, procs[0] if device_socket is None else daemons[0])
         with start_guest(GUEST_STREAM, qemu_args=devices, timeout=GUEST_TIMEOUT) as guest:
             for kill in range(GUEST_KILLS):
                 # Each incarnation serves QEMU for two more rounds, then dies at a random moment.
@@ -483,7 +525,7 @@ def test_qemu_guest_write_stream_survives_serve_blk_sigkilled(tmp_path: Path, pa
                 procs[-1].send_signal(signal.SIGKILL)
                 procs[-1].wait()
                 started = log.read_text().count(RING_RUNNING)
-                procs.append(_serve(sock, image, log, verbose=True))
+                procs.append(_serve(sock, image, log, verbose=True, vvu=device_socket))
                 _wait_for_count(log, RING_RUNNING, started + 1, 30)
             with image.open("r+b") as f:
                 f.seek(GUEST_STOP_BLOCK * 4 * KiB)
@@ -492,6 +534,8 @@ def test_qemu_guest_write_stream_survives_serve_blk_sigkilled(tmp_path: Path, pa
         text = log.read_text()
         assert result.exit_status == 0, f"{result.serial}\n{guest.stderr}\n{text[-4000:]}"
         assert stop_process(procs[-1]) == 0
+        for daemon in daemons:
+            assert stop_process(daemon) == 0
     sums = re.findall(r"^slot (\d+) ([0-9a-f]{32})$", result.output, re.MULTILINE)
     assert len(sums) == GUEST_SLOTS, result.output
     with image.open("rb") as f:

@@ -172,6 +172,42 @@ def _serve(daemons: list[Daemon], tmp_path: Path, name: str, *args: str) -> Daem
     return daemon
 
 
+def _blk_behind_a_device(
+    daemons: list[Daemon], tmp_path: Path, name: str, *args: str
+) -> tuple[Path, Daemon]:
+    """`vvu device` and `vvu serve blk --vvu` behind it: the front-end socket and the back-end."""
+    frontend_socket, device_socket = tmp_path / f"{name}-fe.sock", tmp_path / f"{name}-dev.sock"
+    device = Daemon(
+        ["--socket-path", str(frontend_socket), "--vfio-user", str(device_socket)],
+        device_socket, tmp_path / f"{name}-device.log", command="device",
+    )  # fmt: skip
+    daemons.append(device)
+    backend = Daemon(
+        ["blk", "--vvu", str(device_socket), *args], device_socket, tmp_path / f"{name}.log"
+    )
+    daemons.append(backend)
+    deadline = time.monotonic() + 10
+    while not frontend_socket.exists():
+        assert time.monotonic() < deadline, device.log()
+        time.sleep(0.02)
+    return frontend_socket, backend
+
+
+def _blk_daemon(
+    daemons: list[Daemon], tmp_path: Path, name: str, path: str, *args: str
+) -> tuple[Path, Daemon]:
+    """`vvu serve blk` on AF_UNIX ("unix") or behind a VVU device of its own ("vvu"): the
+    socket front-ends connect to, and the daemon."""
+    if path == "vvu":
+        return _blk_behind_a_device(daemons, tmp_path, name, *args)
+    socket_path = tmp_path / f"{name}.sock"
+    daemon = Daemon(
+        ["blk", "--socket-path", str(socket_path), *args], socket_path, tmp_path / f"{name}.log"
+    )
+    daemons.append(daemon)
+    return socket_path, daemon
+
+
 def _vhost_user(device: str, socket_path: Path, *props: str) -> list[str]:
     chardev = f"socket,id=vu0,path={qemu_escape(str(socket_path))}"
     return ["-chardev", chardev, "-device", ",".join([device, "chardev=vu0", *props])]
@@ -513,30 +549,28 @@ def _migration_qemu_args(daemon_socket: Path, qmp: Path, *extra: str) -> list[st
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize("path", ["unix", "vvu"])
 def test_blk_guest_live_migrates_while_writing_and_its_data_verifies_on_the_destination(
-    tmp_path: Path, serve: list[Daemon]
+    tmp_path: Path, serve: list[Daemon], path: str
 ) -> None:
     """A guest writes and reads back through `vvu serve blk` while QEMU live-migrates it to a
     second QEMU (`-incoming unix:`) on a second daemon over the same image. The source daemon
     logs every guest-memory write (read data, status bytes, used ring) in QEMU's dirty log, so
     the destination guest sees them: data read into its page cache during the migration is
     intact, its ring goes on, and every slot it wrote verifies against its RAM copy and the
-    image file."""
+    image file. "vvu": each daemon is behind a VVU device of its own (the log is the source
+    device's shmid 2)."""
     image = tmp_path / "disk.img"
     with image.open("wb") as f:
         f.truncate(DISK_SIZE)
-    source = _serve(serve, tmp_path, "blk", "--image", str(image), "--num-queues", "1")
-    dest_socket = tmp_path / "blk-dest.sock"
-    dest = Daemon(
-        ["blk", "--socket-path", str(dest_socket), "--image", str(image), "--num-queues", "1"],
-        dest_socket, tmp_path / "blk-dest.log",
-    )  # fmt: skip
-    serve.append(dest)
+    blk_args = ("--image", str(image), "--num-queues", "1")
+    source_socket, source = _blk_daemon(serve, tmp_path, "blk", path, *blk_args)
+    dest_socket, dest = _blk_daemon(serve, tmp_path, "blk-dest", path, *blk_args)
     script = _migrating_writer()
     with tempfile.TemporaryDirectory(prefix="vvu-mig-") as sockets:  # short unix socket paths
         src_qmp_path, dst_qmp_path = Path(sockets, "src.qmp"), Path(sockets, "dst.qmp")
         incoming = f"unix:{Path(sockets, 'migrate.sock')}"
-        src_args = _migration_qemu_args(source.socket_path, src_qmp_path)
+        src_args = _migration_qemu_args(source_socket, src_qmp_path)
         # -S: the destination stays paused after the migration, so its RAM can be compared.
         dst_args = _migration_qemu_args(dest_socket, dst_qmp_path, "-incoming", incoming, "-S")
 

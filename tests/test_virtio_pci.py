@@ -242,6 +242,7 @@ async def test_ioeventfd_and_region_write_reach_the_same_handler(served: Served)
         assert dev.queues[1].kicks >= 1
         # A notify through the PCI_CFG access window works too.
         cap = dev.pci_cfg_offset
+        assert cap is not None
         drv.memory.write(src, b"pcic")
         head = drv.queues[1].add([(src, 4)], [(dst, 4)])
         drv.queues[1].ring.publish()

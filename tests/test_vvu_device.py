@@ -21,7 +21,7 @@ from vvu.device import BACKEND_UP, FRONTEND_UP, PROTOCOL_FEATURES_ALLOWED, VvuDe
 from vvu.device.vvu import BAR4_SIZE, DIRECT_KICK, DRIVER_AUX_OFFSET, KICK_FDS_OFFSET
 from vvu.frontend.core import UVA_BASE, Frontend
 from vvu.pci import NO_VECTOR, CfgType, Status, VirtioPciDriver
-from vvu.protocol import U64, FrontendRequest, MemoryTable, ProtocolFeature, VringState
+from vvu.protocol import U64, FrontendRequest, Inflight, MemoryTable, ProtocolFeature, VringState
 from vvu.protocol.constants import NEED_REPLY, REPLY, VERSION
 from vvu.transport.unix import UnixListener
 from vvu.vfio_user import VfioUserListener, VfioUserPciAccess, VfioUserServer
@@ -174,14 +174,16 @@ async def test_layout_config_and_capabilities(rigged: Rig) -> None:
         assert await pci.config_read_u32(0x20) & 0xF == 0xC  # 64-bit prefetchable
         assert await pci.msix_vectors() == 3 + N
         caps = await VirtioPciDriver.find_caps(pci)
-        extra = [(c.cfg_type, c.bar, c.offset, c.length) for c in caps[5:]]
+        # No PCI_CFG: its 20 bytes make room for the third shared-memory cap64.
+        assert CfgType.PCI_CFG not in [c.cfg_type for c in caps]
+        extra = [(c.cfg_type, c.bar, c.offset, c.length) for c in caps[4:]]
         assert extra[:2] == [(6, 2, 0, 4 * (2 * N + 1)), (7, 2, DRIVER_AUX_OFFSET, 4)]
         shm = [c for c in caps if c.cfg_type == CfgType.SHARED_MEMORY]
-        assert [await pci.config_read_u8(c.at + 5) for c in shm] == [
-            1,
-            2,
-        ]  # shmid 3: no room in the 256-byte space
-        assert [struct.unpack("<II", c.extra) for c in shm] == [(0, 4), (4, 0)]
+        assert [await pci.config_read_u8(c.at + 5) for c in shm] == [1, 2, 3]
+        # (offset, length) = (0, 16 GiB), (16 GiB, 1 GiB), (17 GiB, 1 GiB): low and high halves.
+        assert [(c.offset, c.length) for c in shm] == [(0, 0), (0, 1 << 30), (1 << 30, 1 << 30)]
+        assert [struct.unpack("<II", c.extra) for c in shm] == [(0, 4), (4, 0), (4, 0)]
+        assert max(c.at for c in shm) + 24 <= 0x100
         drv = await VirtioPciDriver.open(pci)
         cfg = await drv.read_config(0, 24)
         assert cfg == struct.pack("<II", 0, N) + bytes(range(16))
@@ -227,7 +229,6 @@ async def test_protocol_features_are_filtered(rigged: Rig) -> None:
         for unsafe in (
             ProtocolFeature.BACKEND_SEND_FD,
             ProtocolFeature.HOST_NOTIFIER,
-            ProtocolFeature.INFLIGHT_SHMFD,
             ProtocolFeature.SHARED_OBJECT,
             ProtocolFeature.DEVICE_STATE,
         ):
@@ -467,3 +468,69 @@ async def test_no_rx_buffers_front_end_waits_and_disconnect_is_clean(rigged: Rig
     gc.collect()
     after = fd_set()
     assert fd_count() <= before + 1, {k: v for k, v in after.items() if k not in before_set}
+
+
+@pytest.mark.asyncio
+async def test_get_inflight_fd_reply_carries_a_device_region_that_is_shmid_3(rigged: Rig) -> None:
+    async with driver(rigged) as td:
+        await td.set_status(BACKEND_UP)
+        fe = await connect(td, rigged)
+        fds: list[int] = []
+        try:
+            asked = Inflight(0, 0, 1, 64)
+            task = asyncio.ensure_future(fe.request(_F.GET_INFLIGHT_FD, asked, reply_fds=fds))
+            assert HDR.unpack_from(await td.recv())[0] == _F.GET_INFLIGHT_FD
+            # The back-end answers with the size it needs (its own fd cannot cross the device).
+            await td.reply(_F.GET_INFLIGHT_FD, Inflight(0x2100, 0, 1, 64).pack())
+            assert await asyncio.wait_for(task, TIMEOUT) == Inflight(0x2100, 0, 1, 64)
+            assert len(fds) == 1 and os.fstat(fds[0]).st_size == 0x2100
+            area = rigged.device.shm_area(3)
+            assert area is not None and area.offset == 17 << 30 and area.size == 0x3000
+            # The back-end is told where the region is, in a SET_INFLIGHT_FD of the device's.
+            told = await td.recv()
+            assert HDR.unpack_from(told) == (_F.SET_INFLIGHT_FD, VERSION, 24)
+            assert Inflight.unpack(told[12:]) == Inflight(0x2100, 0, 1, 64)
+            # One region: what the front-end writes, the back-end reads in BAR4 at 17 GiB.
+            os.pwrite(fds[0], b"inflight", 0x2000)
+            assert await td.pci.bar_read(4, (17 << 30) + 0x2000, 8) == b"inflight"
+
+            # A size that does not fit shmid 3 (1 GiB): the failure form, no fd, no region.
+            os.close(fds.pop())
+            task = asyncio.ensure_future(fe.request(_F.GET_INFLIGHT_FD, asked, reply_fds=fds))
+            await td.recv()
+            await td.reply(_F.GET_INFLIGHT_FD, Inflight(2 << 30, 0, 1, 64).pack())
+            assert await asyncio.wait_for(task, TIMEOUT) == Inflight(0, 0, 1, 64)
+            assert fds == [] and rigged.device.shm_area(3) is None
+        finally:
+            for fd in fds:
+                os.close(fd)
+            await fe.close()
+
+
+@pytest.mark.asyncio
+async def test_set_inflight_fd_region_becomes_shmid_3_with_its_offset_rewritten(
+    rigged: Rig,
+) -> None:
+    async with driver(rigged) as td:
+        await td.set_status(BACKEND_UP)
+        fe = await connect(td, rigged)
+        region = os.memfd_create("inflight")
+        try:
+            os.ftruncate(region, 0x3000)
+            os.pwrite(region, b"kept", 0x1040)
+            await fe.request(_F.SET_INFLIGHT_FD, Inflight(0x1000, 0x1040, 1, 64), [region])
+            got = await td.recv()
+            assert HDR.unpack_from(got)[0] == _F.SET_INFLIGHT_FD
+            # The page holding the region's start is shmid 3's first page.
+            assert Inflight.unpack(got[12:]) == Inflight(0x1000, 0x40, 1, 64)
+            area = rigged.device.shm_area(3)
+            assert area is not None and (area.offset, area.fd_offset) == (17 << 30, 0x1000)
+            assert await td.pci.bar_read(4, (17 << 30) + 0x40, 4) == b"kept"
+            # A region that does not fit shmid 3 is not published; the back-end refuses it.
+            await fe.request(_F.SET_INFLIGHT_FD, Inflight(1 << 30, 0, 1, 64), [region])
+            got = await td.recv()
+            assert Inflight.unpack(got[12:]) == Inflight(1 << 30, 0, 1, 64)
+            assert rigged.device.shm_area(3) is None
+        finally:
+            os.close(region)
+            await fe.close()

@@ -19,7 +19,8 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from vvu._core import EventFd, EventForwarder, GuestMemory, SplitQueue
+from vvu._core import EventFd, EventForwarder, GuestMemory, SplitQueue, memfd
+from vvu.errors import GuestMemoryError
 from vvu.pci.virtio_device import NO_VECTOR, CfgType, Status, VirtioPciDevice
 from vvu.protocol.constants import (
     HEADER_SIZE,
@@ -30,9 +31,8 @@ from vvu.protocol.constants import (
     VRING_IDX_MASK,
     FrontendRequest,
     ProtocolFeature,
-    VhostFeature,
 )
-from vvu.protocol.payloads import MemoryRegion, MemoryTable, SingleRegion
+from vvu.protocol.payloads import Inflight, Log, MemoryRegion, MemoryTable, SingleRegion
 from vvu.transport.base import Channel, RawMessage, TransportError, close_fds
 from vvu.transport.unix import UnixListener
 from vvu.vfio_user.device import IoEventFd, IrqRequest, MmapArea, RegionSpec
@@ -97,10 +97,13 @@ PROTOCOL_FEATURES_ALLOWED: Final = (
     # Kicks and calls as messages: VRING_KICK passes through rxq, BACKEND_VRING_CALL/ERR come
     # back through txq like any back-end request; no fd is involved.
     | (1 << _P.INBAND_NOTIFICATIONS)
+    # The dirty log is shmid 2 (SET_LOG_BASE's fd), its doorbell device aux notification 2N.
+    | (1 << _P.LOG_SHMFD)
+    # The inflight region is shmid 3: the device allocates it on GET_INFLIGHT_FD's reply.
+    | (1 << _P.INFLIGHT_SHMFD)
 )
-#: Virtio feature bits the device never lets through: dirty logging needs the log as shmid 2
-#: and its doorbell, which the device does not implement yet (docs/vvu-device.md).
-FEATURES_FILTERED: Final = VhostFeature.LOG_ALL.mask
+#: Virtio feature bits the device never lets through (none: LOG_ALL works through shmid 2).
+FEATURES_FILTERED: Final = 0
 _F = FrontendRequest
 _HDR = struct.Struct("<III")
 _U64 = struct.Struct("<Q")
@@ -108,22 +111,34 @@ _U64 = struct.Struct("<Q")
 
 @dataclass
 class ShmArea:
-    """One front-end region published as a BAR4 (shmid 1) area."""
+    """One fd range published as a BAR4 area: a front-end memory region (shmid 1), the dirty
+    log (shmid 2) or the inflight region (shmid 3)."""
 
-    offset: int  # in BAR4 (= in shmid 1)
+    offset: int  # in BAR4 (= in shmid 1, which starts at 0)
     size: int  # page multiple
     fd: int  # owned
     fd_offset: int  # page-aligned
-    region: MemoryRegion  # as the front-end sent it
+    start: int  # the front-end's `mmap_offset`: where the first byte lies in the fd
+    region: MemoryRegion | None = None  # as the front-end sent it (shmid 1 only)
 
     @property
     def region_offset(self) -> int:
-        """Where the region's first byte lies in shmid 1 (the rewritten `mmap_offset`)."""
-        return self.offset + (self.region.mmap_offset - self.fd_offset)
+        """Where the first byte lies in BAR4 (in shmid 1: the rewritten `mmap_offset`)."""
+        return self.offset + (self.start - self.fd_offset)
+
+
+def _page_span(start: int, length: int) -> tuple[int, int]:
+    """The page-aligned fd offset and the page-multiple size covering `start`+`length`."""
+    fd_offset = start & ~(PAGE - 1)
+    return fd_offset, -(-(start - fd_offset + length) // PAGE) * PAGE
 
 
 class VvuDevice(VirtioPciDevice):
     """The VVU device. `listener` is where front-ends connect (FRONTEND_SOCK)."""
+
+    # Its 20 bytes make room for shmid 3's capability (docs/vvu-device.md): a VVU driver maps
+    # BAR4 anyway, so it never needs the config-space access window.
+    PCI_CFG_CAP = False
 
     def __init__(
         self,
@@ -146,6 +161,8 @@ class VvuDevice(VirtioPciDevice):
         self._doorbells: dict[int, EventFd] = {}
         self._kicks: dict[int, EventFd] = {}
         self._areas: list[ShmArea] = []
+        self._fixed: dict[int, ShmArea] = {}  # shmid 2 (log), 3 (inflight): one area each
+        self._log_request = b""  # SET_LOG_BASE's payload as the front-end sent it (its reply)
         self._shm = GuestMemory()  # the areas, for message (REGION_READ/WRITE) access
         self._forwarder: EventForwarder | None = None
         self._unmapped_kick = EventFd()  # kicks without a vector land here: ISR bit 2
@@ -156,7 +173,7 @@ class VvuDevice(VirtioPciDevice):
         self._can_accept: asyncio.Event | None = None
         self._rx_pending: deque[bytes] = deque()
         self._rx_space: asyncio.Event | None = None
-        self._out: asyncio.Queue[tuple[Channel, bytes]] | None = None
+        self._out: asyncio.Queue[tuple[Channel, bytes, list[int]]] | None = None
         self._release_after_reply: set[int] = set()
         self.sessions = 0
         self.dropped_tx = 0
@@ -181,6 +198,13 @@ class VvuDevice(VirtioPciDevice):
     @property
     def areas(self) -> list[ShmArea]:
         return list(self._areas)
+
+    def shm_area(self, shmid: int) -> ShmArea | None:
+        """The area of shmid 2 (dirty log) or 3 (inflight region), if published."""
+        return self._fixed.get(shmid)
+
+    def _all_areas(self) -> list[ShmArea]:
+        return self._areas + list(self._fixed.values())
 
     @property
     def doorbells(self) -> dict[int, EventFd]:
@@ -207,10 +231,8 @@ class VvuDevice(VirtioPciDevice):
             extra=struct.pack("<I", AUX_MULTIPLIER),
         )
         self.add_virtio_cap(DRIVER_AUX_NOTIFY, 2, DRIVER_AUX_OFFSET, 4)
-        # The standard space has room for two 24-byte cap64s after the standard caps (0xA4) and
-        # the aux caps: shmid 3 (inflight, not supported yet) gets its capability once
-        # something else makes room. Its BAR4 range stays reserved.
-        for shmid, offset, length in SHM_LAYOUT[:2]:
+        # Three 24-byte cap64s fit the 256-byte space only without PCI_CFG (PCI_CFG_CAP below).
+        for shmid, offset, length in SHM_LAYOUT:
             self.add_virtio_cap(
                 CfgType.SHARED_MEMORY,
                 4,
@@ -221,7 +243,7 @@ class VvuDevice(VirtioPciDevice):
             )
 
     def extra_regions(self) -> dict[int, RegionSpec]:
-        areas = tuple(MmapArea(a.offset, a.size, a.fd, a.fd_offset) for a in self._areas)
+        areas = tuple(MmapArea(a.offset, a.size, a.fd, a.fd_offset) for a in self._all_areas())
         return {2: RegionSpec(BAR2_SIZE), 4: RegionSpec(BAR4_SIZE, areas=areas)}
 
     def extra_ioeventfds(self, index: int) -> Sequence[IoEventFd]:
@@ -277,7 +299,7 @@ class VvuDevice(VirtioPciDevice):
                 return regs[rel : rel + size].ljust(size, b"\0")
             return bytes(size)
         if index == 4:
-            for area in self._areas:
+            for area in self._all_areas():
                 if area.offset <= offset and offset + size <= area.offset + area.size:
                     return self._shm.read(offset, size)
             return bytes(size)
@@ -287,7 +309,7 @@ class VvuDevice(VirtioPciDevice):
         if index == 2:
             self._bar2_write(offset, data)
         elif index == 4:
-            for area in self._areas:
+            for area in self._all_areas():
                 if area.offset <= offset and offset + len(data) <= area.offset + area.size:
                     self._shm.write(offset, data)
                     return
@@ -412,26 +434,59 @@ class VvuDevice(VirtioPciDevice):
 
     def _add_area(self, region: MemoryRegion, fd: int) -> ShmArea | None:
         """Publish one region; takes `fd`. None (fd closed) when it does not fit."""
-        fd_offset = region.mmap_offset & ~(PAGE - 1)
-        delta = region.mmap_offset - fd_offset
-        size = -(-(delta + region.memory_size) // PAGE) * PAGE
+        _, size = _page_span(region.mmap_offset, region.memory_size)
         offset = self._place(size) if region.memory_size else None
         if offset is None:
             log.warning("vvu: region %s does not fit in shmid 1; not published", region)
             os.close(fd)
             return None
-        area = ShmArea(offset, size, fd, fd_offset, region)
+        area = self._map_area(offset, fd, region.mmap_offset, region.memory_size, region)
+        if area is not None:
+            self._areas.append(area)
+        return area
+
+    def _map_area(
+        self, offset: int, fd: int, start: int, length: int, region: MemoryRegion | None = None
+    ) -> ShmArea | None:
+        """`fd`'s `start`+`length` as the BAR4 area at `offset`; takes `fd`. None (fd closed)
+        when it cannot be mapped."""
+        fd_offset, size = _page_span(start, length)
         try:
             # The area is whole pages (vfio-user mmaps pages), but the file may end inside the
             # last one (a memfd sized to the region): map for ourselves only what it has.
-            mapped = min(size, max(os.fstat(fd).st_size - fd_offset, delta + region.memory_size))
+            wanted = start - fd_offset + length
+            mapped = min(size, max(os.fstat(fd).st_size - fd_offset, wanted))
             self._shm.add_region(fd, offset, mapped, mmap_offset=fd_offset)
         except Exception as err:  # the fd cannot be mapped (too short, not a memfd, ...)
-            log.warning("vvu: region %s cannot be mapped: %s; not published", region, err)
+            log.warning(
+                "vvu: %#x bytes at %#x cannot be mapped: %s; not published", length, start, err
+            )
             os.close(fd)
             return None
-        self._areas.append(area)
-        return area
+        return ShmArea(offset, size, fd, fd_offset, start, region)
+
+    def _drop_fixed(self, shmid: int) -> None:
+        area = self._fixed.pop(shmid, None)
+        if area is not None:
+            with contextlib.suppress(Exception):
+                self._shm.remove_region(area.offset)
+            os.close(area.fd)
+
+    def _publish_fixed(self, shmid: int, fd: int, start: int, length: int) -> int | None:
+        """`fd`'s `start`+`length` as shmid `shmid`'s one area (replacing the previous one);
+        takes `fd`. Returns the first byte's offset in the shmid (the rewritten `mmap_offset`),
+        None (fd closed) when it is empty, too big or cannot be mapped."""
+        self._drop_fixed(shmid)
+        _, base, limit = SHM_LAYOUT[shmid - 1]
+        if not 0 < length <= limit - PAGE:
+            log.warning("vvu: %#x bytes do not fit in shmid %d; not published", length, shmid)
+            os.close(fd)
+            return None
+        area = self._map_area(base, fd, start, length)
+        if area is None:
+            return None
+        self._fixed[shmid] = area
+        return area.region_offset - base
 
     def _remove_area(self, area: ShmArea) -> None:
         self._areas.remove(area)
@@ -442,6 +497,59 @@ class VvuDevice(VirtioPciDevice):
     def _drop_areas(self) -> None:
         for area in list(self._areas):
             self._remove_area(area)
+
+    def _bind_log_base(self, req: int, payload: bytes, fds: list[int]) -> bytes:
+        """The log becomes shmid 2 (replacing the previous one), `mmap_offset` its offset there.
+        Unpublished (no fd, too big, unmappable): forwarded as is, so the driver finds no area
+        and the back-end refuses the log."""
+        request = Log.unpack(payload)
+        self._drop_fixed(SHM_LOG)
+        self._log_request = payload
+        if len(fds) != 1:
+            log.warning("vvu: SET_LOG_BASE with %d fds", len(fds))
+            return payload
+        offset = self._publish_fixed(SHM_LOG, fds.pop(), request.mmap_offset, request.mmap_size)
+        return payload if offset is None else Log(request.mmap_size, offset).pack()
+
+    def _bind_inflight(self, req: int, payload: bytes, fds: list[int]) -> bytes:
+        """SET_INFLIGHT_FD: the front-end's region becomes shmid 3, as the log becomes shmid 2."""
+        request = Inflight.unpack(payload)
+        self._drop_fixed(SHM_INFLIGHT)
+        if len(fds) != 1:
+            log.warning("vvu: SET_INFLIGHT_FD with %d fds", len(fds))
+            return payload
+        start, size = request.mmap_offset, request.mmap_size
+        offset = self._publish_fixed(SHM_INFLIGHT, fds.pop(), start, size)
+        if offset is None:
+            return payload
+        return Inflight(size, offset, request.num_queues, request.queue_size).pack()
+
+    def _allocate_inflight(self, reply: Inflight) -> tuple[bytes, list[int]]:
+        """GET_INFLIGHT_FD's reply: the back-end cannot pass its region, so the device allocates
+        a zeroed one of the size the back-end asks (as fresh as the back-end's), publishes it
+        as shmid 3 and gives the front-end the fd; the back-end is told with a SET_INFLIGHT_FD
+        of its own on rxq. Returns the reply payload and fds for the front-end."""
+        _, _, limit = SHM_LAYOUT[SHM_INFLIGHT - 1]
+        if not 0 < reply.mmap_size <= limit - PAGE:
+            if reply.mmap_size:
+                log.warning("vvu: a %#x-byte inflight region does not fit", reply.mmap_size)
+            self._drop_fixed(SHM_INFLIGHT)
+            return Inflight(0, 0, reply.num_queues, reply.queue_size).pack(), []
+        try:
+            fd = memfd(reply.mmap_size, "vvu-inflight")
+            frontend_fd = os.dup(fd)
+        except (OSError, GuestMemoryError) as err:
+            log.warning("vvu: inflight region of %#x bytes: %s", reply.mmap_size, err)
+            return Inflight(0, 0, reply.num_queues, reply.queue_size).pack(), []
+        offset = self._publish_fixed(SHM_INFLIGHT, fd, 0, reply.mmap_size)
+        if offset is None:
+            os.close(frontend_fd)
+            return Inflight(0, 0, reply.num_queues, reply.queue_size).pack(), []
+        told = Inflight(reply.mmap_size, offset, reply.num_queues, reply.queue_size).pack()
+        self._enqueue_rx(_HDR.pack(_F.SET_INFLIGHT_FD, VERSION, len(told)) + told)
+        return Inflight(reply.mmap_size, 0, reply.num_queues, reply.queue_size).pack(), [
+            frontend_fd
+        ]
 
     def _rewritten(self, region: MemoryRegion, area: ShmArea | None) -> MemoryRegion:
         offset = area.region_offset if area is not None else region.mmap_offset
@@ -462,6 +570,8 @@ class VvuDevice(VirtioPciDevice):
             _F.SET_VRING_CALL: self._bind_vring_fd,
             _F.SET_VRING_ERR: self._bind_vring_fd,
             _F.SET_LOG_FD: self._bind_log_fd,
+            _F.SET_LOG_BASE: self._bind_log_base,
+            _F.SET_INFLIGHT_FD: self._bind_inflight,
             _F.SET_BACKEND_REQ_FD: self._bind_backend_req,
         }
         try:
@@ -499,8 +609,10 @@ class VvuDevice(VirtioPciDevice):
     def _bind_rem_mem_reg(self, req: int, payload: bytes, fds: list[int]) -> bytes:
         region = SingleRegion.unpack(payload).region
         for area in self._areas:
-            key = (area.region.guest_phys_addr, area.region.memory_size)
-            if key == (region.guest_phys_addr, region.memory_size):
+            if area.region is not None and (
+                (area.region.guest_phys_addr, area.region.memory_size)
+                == (region.guest_phys_addr, region.memory_size)
+            ):
                 rewritten = self._rewritten(region, area)
                 self._remove_area(area)
                 return SingleRegion(rewritten).pack()
@@ -617,6 +729,7 @@ class VvuDevice(VirtioPciDevice):
             log.info("vvu: txq message %d dropped: no front-end", request)
             return
         if flags & REPLY:
+            fds: list[int] = []
             if request == _F.GET_PROTOCOL_FEATURES and size == 8:
                 (value,) = _U64.unpack_from(data, HEADER_SIZE)
                 if value & ~PROTOCOL_FEATURES_ALLOWED:
@@ -628,7 +741,14 @@ class VvuDevice(VirtioPciDevice):
             elif request == _F.GET_FEATURES and size == 8:
                 (value,) = _U64.unpack_from(data, HEADER_SIZE)
                 data = data[:HEADER_SIZE] + _U64.pack(value & ~FEATURES_FILTERED)
-            self._out.put_nowait((self._frontend, data))
+            elif request == _F.SET_LOG_BASE and Log.fits(size) and self._log_request:
+                # The back-end echoes the log it got: the front-end gets back what it sent, not
+                # the shmid 2 offset.
+                data = _HDR.pack(request, flags, len(self._log_request)) + self._log_request
+            elif request == _F.GET_INFLIGHT_FD and Inflight.fits(size):
+                payload, fds = self._allocate_inflight(Inflight.unpack(data[HEADER_SIZE:]))
+                data = _HDR.pack(request, flags, len(payload)) + payload
+            self._out.put_nowait((self._frontend, data, fds))
             if request == _F.GET_VRING_BASE and size >= 4:
                 index = int.from_bytes(data[HEADER_SIZE : HEADER_SIZE + 4], "little")
                 if index in self._release_after_reply:
@@ -638,7 +758,7 @@ class VvuDevice(VirtioPciDevice):
             self.dropped_tx += 1
             log.warning("vvu: back-end request %d before SET_BACKEND_REQ_FD dropped", request)
         else:
-            self._out.put_nowait((self._backend_channel, data))
+            self._out.put_nowait((self._backend_channel, data, []))
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -721,19 +841,32 @@ class VvuDevice(VirtioPciDevice):
             self._backend_channel = None
             channel.close()
 
-    async def _send_loop(self, out: asyncio.Queue[tuple[Channel, bytes]]) -> None:
+    async def _send_loop(self, out: asyncio.Queue[tuple[Channel, bytes, list[int]]]) -> None:
         while True:
-            channel, data = await out.get()
+            channel, data, fds = await out.get()
             try:
-                await channel.send(data)
+                await channel.send(data, fds)
             except (TransportError, OSError) as err:
                 log.warning("vvu: send to %s failed: %s", channel.peer, err)
+            finally:
+                close_fds(fds)
 
     def _set_backend_channel(self, channel: Channel) -> None:
         if self._backend_channel is not None:
             self._backend_channel.close()
         self._backend_channel = channel
         self._spawn(self._read_backend(channel))
+
+    def _drop_bindings(self) -> None:
+        """Release what the session's messages bound: kicks, doorbells, BAR4 areas."""
+        for index in list(self._kicks):
+            self._release_kick(index)
+        for index in list(self._doorbells):
+            self._bind_doorbell(index, None)
+        self._drop_areas()
+        for shmid in list(self._fixed):
+            self._drop_fixed(shmid)
+        self._log_request = b""
 
     def _disconnect_frontend(self, why: str, *, notify: bool) -> None:
         """Tear a session down (sync): channels, tasks, bindings, pending messages, txq."""
@@ -747,15 +880,13 @@ class VvuDevice(VirtioPciDevice):
         if self._backend_channel is not None:
             self._backend_channel.close()
             self._backend_channel = None
+        while self._out is not None and not self._out.empty():  # unsent: close their fds
+            close_fds(self._out.get_nowait()[2])
         self._out = None
         self._rx_space = None
         self._rx_pending.clear()
         self._release_after_reply.clear()
-        for index in list(self._kicks):
-            self._release_kick(index)
-        for index in list(self._doorbells):
-            self._bind_doorbell(index, None)
-        self._drop_areas()
+        self._drop_bindings()
         # Complete and discard what the driver queued on txq.
         q = self.queues[TXQ]
         if q.queue is not None and not self.status & Status.DEVICE_NEEDS_RESET:

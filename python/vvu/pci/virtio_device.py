@@ -9,7 +9,8 @@ Layout (reference §3.7, QEMU-like, nothing mmapped; see docs/virtio-pci.md):
 | BAR2-5 | subclass | `extra_regions()` (e.g. VVU shared memory, aux notifications) |
 
 Capability chain from 0x40: MSI-X, COMMON, ISR, DEVICE, NOTIFY (multiplier 4, queue i at
-0x3000 + 4·i), PCI_CFG, then whatever `add_extra_capabilities()` adds.
+0x3000 + 4·i), PCI_CFG (unless the subclass sets `PCI_CFG_CAP = False`), then whatever
+`add_extra_capabilities()` adds.
 
 Subclasses give the virtio id, features, queue maximum sizes and device config, and implement
 `queue_notify()` (the driver kicked a queue). They complete buffers with `queue.push_used()`
@@ -26,7 +27,7 @@ import struct
 from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import ClassVar, Final
 
 from vvu._core import EventFd, SplitQueue
 from vvu.vfio_user.device import (
@@ -200,6 +201,10 @@ class VirtioPciDevice(PciDeviceBase):
     before calling `super().__init__()`.
     """
 
+    #: Whether config space has the PCI_CFG access window. A subclass may drop it (against the
+    #: virtio spec's MUST) when it needs those 20 bytes of the 256 for its own capabilities.
+    PCI_CFG_CAP: ClassVar[bool] = True
+
     def __init__(
         self,
         *,
@@ -252,9 +257,11 @@ class VirtioPciDevice(PciDeviceBase):
             extra=struct.pack("<I", NOTIFY_MULTIPLIER),
         )
         # PCI_CFG: bar (+4), offset (+8), length (+12) and data (+16) are writable.
-        self.pci_cfg_offset = self.add_virtio_cap(
-            CfgType.PCI_CFG, 0, 0, 0, extra=bytes(4), wmask=b"\0\0\xff\0\0\0" + b"\xff" * 12
-        )
+        self.pci_cfg_offset: int | None = None
+        if self.PCI_CFG_CAP:
+            self.pci_cfg_offset = self.add_virtio_cap(
+                CfgType.PCI_CFG, 0, 0, 0, extra=bytes(4), wmask=b"\0\0\xff\0\0\0" + b"\xff" * 12
+            )
         self.add_extra_capabilities()
         cfg.freeze()
 
@@ -456,17 +463,19 @@ class VirtioPciDevice(PciDeviceBase):
     def config_read(self, offset: int, size: int) -> bytes:
         # Only a targeted access of pci_cfg_data performs the BAR access (a bulk read of the
         # whole config space must not, e.g., clear the ISR).
-        if offset == self.pci_cfg_offset + 16 and size <= 4:
+        if self.pci_cfg_offset is not None and offset == self.pci_cfg_offset + 16 and size <= 4:
             return self._pci_cfg_access(None)[:size]
         return self.config.read(offset, size)
 
     def config_write(self, offset: int, data: bytes) -> None:
         self.config.write(offset, data)
-        if offset == self.pci_cfg_offset + 16 and len(data) <= 4:
+        cap = self.pci_cfg_offset
+        if cap is not None and offset == cap + 16 and len(data) <= 4:
             self._pci_cfg_access(data.ljust(4, b"\0"))
 
     def _pci_cfg_access(self, data: bytes | None) -> bytes:
         cap = self.pci_cfg_offset
+        assert cap is not None  # only called for an access of the window
         bar = self.config.u8(cap + 4)
         offset = self.config.u32(cap + 8)
         length = self.config.u32(cap + 12)

@@ -85,6 +85,9 @@ _CONFIG_CHANGE = _E + "test_config_change_is_announced_on_the_backend_channel"
 _INFLIGHT = "tests/test_inflight.py::"
 _INFLIGHT_KILLS = _INFLIGHT + "test_serve_blk_killed_20_times_loses_and_repeats_nothing"
 _INFLIGHT_QEMU = _INFLIGHT + "test_qemu_guest_write_stream_survives_serve_blk_sigkilled"
+_INFLIGHT_VVU = (
+    "tests/test_vvu_device.py::test_get_inflight_fd_reply_carries_a_device_region_that_is_shmid_3"
+)
 _IOMMU = "tests/test_iommu.py::"
 _IOMMU_IO = _IOMMU + "test_blk_io_goes_through_translations_the_backend_asks_for"
 _IOMMU_QEMU = (
@@ -94,12 +97,13 @@ _IOMMU_QEMU_VVU = "tests/test_qemu_peers.py::test_blk_guest_behind_a_viommu_thro
 _LOG = "tests/test_dirty_log.py::"
 _LOG_FRONTEND = _LOG + "test_blk_worker_logs_exactly_the_pages_it_writes"
 _LOG_BASE = _LOG + "test_set_log_base_replies_with_the_log_and_refuses_a_log_beyond_its_fd"
-_LOG_VVU = _LOG + "test_vvu_device_offers_no_dirty_logging_yet"
+_LOG_VVU = _LOG + "test_vvu_device_offers_dirty_logging"
+_LOG_DOORBELL = _LOG + "test_vvu_log_doorbell_signals_the_frontends_log_eventfd"
 _MIGRATION = (
     "tests/test_qemu_peers.py::"
     "test_blk_guest_live_migrates_while_writing_and_its_data_verifies_on_the_destination"
 )
-_LOG_NOTE = "split rings (packed + LOG_ALL refused); the VVU device has no shmid 2 log yet"
+_LOG_NOTE = "split rings (packed + LOG_ALL refused); over VVU the log is the device's shmid 2"
 _FRONTEND_REFUSES = (
     _E + "test_our_frontend_answers_back_end_requests_it_does_not_support_with_a_failure_ack"
 )
@@ -118,9 +122,13 @@ FRONTEND_ROWS: Final[dict[FrontendRequest, Row]] = {
     _F.SET_MEM_TABLE: Row(
         _Y, _Y, (_QEMU_ORDER, _E + "test_set_mem_table_while_running_reattaches_the_rings")
     ),
-    _F.SET_LOG_BASE: Row(_Y, _X, (_LOG_BASE, _LOG_FRONTEND, _MIGRATION, _LOG_VVU), _LOG_NOTE),
+    _F.SET_LOG_BASE: Row(_Y, _Y, (_LOG_BASE, _LOG_FRONTEND, _MIGRATION, _LOG_VVU), _LOG_NOTE),
     _F.SET_LOG_FD: Row(
-        _Y, _X, (_LOG_VVU,), "the eventfd is kept, never signalled (QEMU does not use it)"
+        _Y,
+        _Y,
+        (_LOG_DOORBELL,),
+        "the eventfd is kept, never signalled (QEMU does not use it); over VVU the device's "
+        "log doorbell (aux notification 2N)",
     ),
     _F.SET_VRING_NUM: Row(_Y, _Y, (_QEMU_ORDER,)),
     _F.SET_VRING_ADDR: Row(_Y, _Y, (_QEMU_ORDER,)),
@@ -177,21 +185,22 @@ FRONTEND_ROWS: Final[dict[FrontendRequest, Row]] = {
     _F.POSTCOPY_END: Row(_R, _R, (_REFUSED,), "postcopy: see below"),
     _F.GET_INFLIGHT_FD: Row(
         _Y,
-        _X,
+        _Y,
         (
             _INFLIGHT + "test_get_inflight_fd_returns_a_zeroed_region_of_the_spec_size",
             _INFLIGHT_QEMU,
+            _INFLIGHT_VVU,
         ),
-        "blk; VVU: the device has no shmid 3 capability yet",
+        "blk; over VVU the device allocates the region (shmid 3) and passes its fd",
     ),
     _F.SET_INFLIGHT_FD: Row(
         _Y,
-        _X,
+        _Y,
         (
             _INFLIGHT + "test_set_inflight_fd_refuses_a_region_too_small_or_misplaced",
             _INFLIGHT_KILLS,
         ),
-        "blk; VVU: the device has no shmid 3 capability yet",
+        "blk; over VVU the front-end's region becomes shmid 3",
     ),
     _F.GPU_SET_SOCKET: Row(
         _R, _R, (_REFUSED,), "no GPU device; over VVU the device passes no fd: dropped"
@@ -243,7 +252,7 @@ BACKEND_ROWS: Final[dict[BackendRequest, Row]] = {
 _P = ProtocolFeature
 FEATURE_ROWS: Final[dict[ProtocolFeature, Row]] = {
     _P.MQ: Row(_Y, _Y, (_STATUS, _E + "test_cloud_hypervisor_order")),
-    _P.LOG_SHMFD: Row(_Y, _X, (_LOG_BASE, _MIGRATION, _LOG_VVU), _LOG_NOTE),
+    _P.LOG_SHMFD: Row(_Y, _Y, (_LOG_BASE, _MIGRATION, _LOG_VVU), _LOG_NOTE),
     _P.RARP: Row(_Y, _Y, (_NET,), "net only"),
     _P.REPLY_ACK: Row(
         _Y, _Y, (_E + "test_reply_ack_is_one_u64_with_flags_0x5_and_the_request_id",)
@@ -258,13 +267,14 @@ FEATURE_ROWS: Final[dict[ProtocolFeature, Row]] = {
     _P.HOST_NOTIFIER: Row(_N, _X),
     _P.INFLIGHT_SHMFD: Row(
         _Y,
-        _X,
+        _Y,
         (
             _INFLIGHT_KILLS,
             _INFLIGHT_QEMU,
             _INFLIGHT + "test_only_devices_whose_queues_track_inflight_offer_it",
+            _INFLIGHT_VVU,
         ),
-        "blk (split and packed rings); the VVU device has no shmid 3 capability yet",
+        "blk (split and packed rings); over VVU the region is the device's shmid 3",
     ),
     _P.RESET_DEVICE: Row(
         _Y, _Y, (_E + "test_reset_device_stops_everything_and_a_new_handshake_works",)

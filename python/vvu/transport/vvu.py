@@ -11,6 +11,10 @@ device's config space carries BACKEND_UP / FRONTEND_UP. `VvuChannel` turns rxq m
   a duplicate of BAR2's kick-eventfd ioeventfd i, which is the front-end's own kick eventfd, so
   the device process relays nothing; otherwise a duplicate of the MSI-X eventfd of kick i's
   vector (NOFD when the device refused both, so the engine polls);
+- SET_LOG_BASE / SET_INFLIGHT_FD: a duplicate of the shmid 2 / 3 area's fd (the front-end's
+  log / inflight region), `mmap_offset` an offset in it; the GET_INFLIGHT_FD reply leaves
+  without the engine's fd (the device allocates the region the front-end keeps, and sends a
+  SET_INFLIGHT_FD for it next);
 - SET_VRING_CALL / ERR i, SET_LOG_FD: a duplicate of the BAR2 doorbell's ioeventfd, or an
   eventfd the transport turns into BAR2 writes;
 - SET_BACKEND_REQ_FD: one end of a socketpair; the transport relays requests read from the other
@@ -36,6 +40,7 @@ from vvu.pci.virtio_device import NO_VECTOR
 from vvu.pci.virtio_driver import VirtioCap, VirtioPciDriver, VirtioPciError
 from vvu.protocol.codec import Header
 from vvu.protocol.constants import REPLY, VRING_IDX_MASK, VRING_NOFD, FrontendRequest
+from vvu.protocol.payloads import Inflight, Log
 from vvu.transport.base import (
     HEADER_SIZE,
     MAX_PAYLOAD,
@@ -73,6 +78,8 @@ CFG_DEVICE_AUX_NOTIFY: Final = 6
 CFG_DRIVER_AUX_NOTIFY: Final = 7
 CFG_SHARED_MEMORY: Final = 8
 SHMID_MEMORY: Final = 1
+SHMID_LOG: Final = 2
+SHMID_INFLIGHT: Final = 3
 
 CONFIG_VECTOR: Final = 0
 RXQ_VECTOR: Final = 1
@@ -321,11 +328,12 @@ class VvuDriver:
 
     # -- resources -----------------------------------------------------------------------------
 
-    async def memory_areas(self) -> list[_Area]:
-        """BAR4's shmid-1 areas with their fds (the caller closes them), offsets in shmid 1."""
-        shm = self.shm.get(SHMID_MEMORY)
+    async def memory_areas(self, shmid: int = SHMID_MEMORY) -> list[_Area]:
+        """BAR4's areas in shmid `shmid` (1: front-end memory, 2: dirty log) with their fds (the
+        caller closes them), offsets in the shmid."""
+        shm = self.shm.get(shmid)
         if shm is None:
-            raise TransportError("the VVU device has no front-end memory (shmid 1)")
+            raise TransportError(f"the VVU device has no shared memory {shmid}")
         areas = await self.pci.bar_areas(shm.bar)
         out = []
         for a in areas:
@@ -466,6 +474,19 @@ class VvuChannel(Channel):
             return await self._regions(payload, 8, n)
         if request == _F.ADD_MEM_REG and len(payload) >= 8:
             return await self._regions(payload, 8, 1)
+        if request == _F.SET_LOG_BASE and Log.fits(len(payload)):
+            log_base = Log.unpack(payload)
+            offset, fd = await self._shm_fd(SHMID_LOG, log_base.mmap_offset, log_base.mmap_size)
+            return Log(log_base.mmap_size, offset).pack(), [fd]
+        if request == _F.SET_INFLIGHT_FD and Inflight.fits(len(payload)):
+            inflight = Inflight.unpack(payload)
+            offset, fd = await self._shm_fd(
+                SHMID_INFLIGHT, inflight.mmap_offset, inflight.mmap_size
+            )
+            rewritten = Inflight(
+                inflight.mmap_size, offset, inflight.num_queues, inflight.queue_size
+            )
+            return rewritten.pack(), [fd]
         if request in (_F.SET_VRING_KICK, _F.SET_VRING_CALL, _F.SET_VRING_ERR):
             return await self._vring_fd(request, payload)
         fds: list[int] = []
@@ -526,6 +547,22 @@ class VvuChannel(Channel):
             close_fds([a.fd for a in areas])
         return bytes(out), fds
 
+    async def _shm_fd(self, shmid: int, offset: int, size: int) -> tuple[int, int]:
+        """For shmid `shmid`'s `offset`+`size`: the offset in the fd, and a duplicate of the fd
+        (an empty memfd when the device published no such area, so the engine refuses it)."""
+        areas = await self.driver.memory_areas(shmid)
+        try:
+            area = next(
+                (a for a in areas if a.offset <= offset and offset + size <= a.offset + a.size),
+                None,
+            )
+            if area is None:  # not published (the device says why)
+                log.warning("%s: shmid %d %#x+%#x has no BAR area", self.peer, shmid, offset, size)
+                return offset, memfd(0, "vvu-unpublished")
+            return area.fd_offset + (offset - area.offset), os.dup(area.fd)
+        finally:
+            close_fds([a.fd for a in areas])
+
     async def _doorbell(self, index: int) -> int:
         fd = await self.driver.doorbell_fd(index)
         old = self._fallback.pop(index, None)
@@ -576,7 +613,7 @@ class VvuChannel(Channel):
             self._relay = None
 
     async def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
-        if fds:
+        if fds and not _is_inflight_reply(data):  # that one the device allocates itself
             raise TransportError("a VVU back-end cannot send fds")
         if self._closed or self.disconnected:
             raise TransportError(f"{self.peer}: channel closed")
@@ -606,6 +643,13 @@ class VvuChannel(Channel):
     def close(self) -> None:
         self._closed = True
         self._end_session()
+
+
+def _is_inflight_reply(data: bytes) -> bool:
+    if len(data) < HEADER_SIZE:
+        return False
+    header = Header.unpack(data[:HEADER_SIZE])
+    return header.request == _F.GET_INFLIGHT_FD and bool(header.flags & REPLY)
 
 
 def _log_failure(task: asyncio.Future[None]) -> None:
