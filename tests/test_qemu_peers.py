@@ -123,21 +123,23 @@ def serve() -> Iterator[list[Daemon]]:
 
 
 class VvuRig:
-    """`vvu device` plus one `vvu serve BACKEND --vvu` (both `Daemon`s, stopped by PID)."""
+    """`vvu device` plus one `vvu serve BACKEND --vvu` (both `Daemon`s, stopped by PID). `name`
+    prefixes the rig's sockets and logs, for several rigs in one directory."""
 
-    def __init__(self, tmp_path: Path, backend: str, *args: str) -> None:
-        self.frontend_socket = tmp_path / "fe.sock"
-        self.device_socket = tmp_path / "dev.sock"
+    def __init__(self, tmp_path: Path, backend: str, *args: str, name: str = "") -> None:
+        prefix = f"{name}-" if name else ""
+        self.frontend_socket = tmp_path / f"{prefix}fe.sock"
+        self.device_socket = tmp_path / f"{prefix}dev.sock"
         self.daemons: list[Daemon] = []
         self.device = Daemon(
             ["--socket-path", str(self.frontend_socket), "--vfio-user", str(self.device_socket),
              "--max-queues", "4"],
-            self.device_socket, tmp_path / "device.log", command="device",
+            self.device_socket, tmp_path / f"{prefix}device.log", command="device",
         )  # fmt: skip
         self.daemons.append(self.device)
         self.backend = Daemon(
             [backend, "--vvu", str(self.device_socket), *args],
-            self.device_socket, tmp_path / f"{backend}.log",
+            self.device_socket, tmp_path / f"{prefix}{backend}.log",
         )  # fmt: skip
         self.daemons.append(self.backend)
         deadline = time.monotonic() + 10
@@ -176,21 +178,9 @@ def _blk_behind_a_device(
     daemons: list[Daemon], tmp_path: Path, name: str, *args: str
 ) -> tuple[Path, Daemon]:
     """`vvu device` and `vvu serve blk --vvu` behind it: the front-end socket and the back-end."""
-    frontend_socket, device_socket = tmp_path / f"{name}-fe.sock", tmp_path / f"{name}-dev.sock"
-    device = Daemon(
-        ["--socket-path", str(frontend_socket), "--vfio-user", str(device_socket)],
-        device_socket, tmp_path / f"{name}-device.log", command="device",
-    )  # fmt: skip
-    daemons.append(device)
-    backend = Daemon(
-        ["blk", "--vvu", str(device_socket), *args], device_socket, tmp_path / f"{name}.log"
-    )
-    daemons.append(backend)
-    deadline = time.monotonic() + 10
-    while not frontend_socket.exists():
-        assert time.monotonic() < deadline, device.log()
-        time.sleep(0.02)
-    return frontend_socket, backend
+    rig = VvuRig(tmp_path, "blk", *args, name=name)
+    daemons.extend(rig.daemons)
+    return rig.frontend_socket, rig.backend
 
 
 def _blk_daemon(
