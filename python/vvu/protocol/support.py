@@ -102,7 +102,7 @@ _MIGRATION = (
     "tests/test_qemu_peers.py::"
     "test_blk_guest_live_migrates_while_writing_and_its_data_verifies_on_the_destination"
 )
-_LOG_NOTE = "split rings (packed + LOG_ALL refused); the VVU device has no shmid 2 log yet"
+_LOG_NOTE = "split and packed rings; the VVU device has no shmid 2 log yet"
 _FRONTEND_REFUSES = (
     _E + "test_our_frontend_answers_back_end_requests_it_does_not_support_with_a_failure_ack"
 )
