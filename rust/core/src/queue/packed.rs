@@ -547,10 +547,11 @@ impl PackedLog {
     #[inline(never)]
     fn log_completion(&mut self, id: u16) {
         let log = &self.queue_log.log;
-        match self.recorded.get_mut(usize::from(id)) {
-            Some(recorded) if *recorded => {
+        let id = usize::from(id);
+        match (self.recorded.get_mut(id), self.writable.get(id)) {
+            (Some(recorded), Some(pieces)) if *recorded => {
                 *recorded = false;
-                for &(gpa, len) in &self.writable[usize::from(id)] {
+                for &(gpa, len) in pieces {
                     // A fault is counted by the log and reported by its owner.
                     let _ = log.mark(gpa, u64::from(len));
                 }
