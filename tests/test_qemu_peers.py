@@ -413,6 +413,7 @@ def _migrating_writer() -> str:
     cached = f"dd if=/dev/vda bs=1M skip={offset} count={length} 2>/dev/null"
     return f"""
 set -e
+echo "ring packed=$(cut -c 35 /sys/block/vda/device/features)"
 head -c {length << 20} /dev/urandom > /tmp/cached
 dd if=/tmp/cached of=/dev/vda bs=1M seek={offset} oflag=direct 2>/dev/null
 want=$(md5sum < /tmp/cached)
@@ -531,25 +532,32 @@ def _assert_same_ram(src: Guest, dst: Guest, dst_qmp: Qmp) -> None:
     assert stale == [], f"{len(stale)} stale pages: {[hex(p) for p in stale[:16]]}"
 
 
-def _migration_qemu_args(daemon_socket: Path, qmp: Path, *extra: str) -> list[str]:
+def _migration_qemu_args(daemon_socket: Path, qmp: Path, ring: str, *extra: str) -> list[str]:
     return [
-        *_vhost_user("vhost-user-blk-pci", daemon_socket, "num-queues=1"),
+        *_vhost_user(
+            "vhost-user-blk-pci",
+            daemon_socket,
+            "num-queues=1",
+            "packed=on" if ring == "packed" else "packed=off",
+        ),
         "-qmp", f"unix:{qemu_escape(str(qmp))},server=on,wait=off",
         *extra,
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize("ring", ["split", "packed"])
 @pytest.mark.parametrize("path", ["unix", "vvu"])
 def test_blk_guest_live_migrates_while_writing_and_its_data_verifies_on_the_destination(
-    tmp_path: Path, serve: list[Daemon], path: str
+    tmp_path: Path, serve: list[Daemon], path: str, ring: str
 ) -> None:
     """A guest writes and reads back through `vvu serve blk` while QEMU live-migrates it to a
     second QEMU (`-incoming unix:`) on a second daemon over the same image. The source daemon
-    logs every guest-memory write (read data, status bytes, used ring) in QEMU's dirty log, so
-    the destination guest sees them: data read into its page cache during the migration is
-    intact, its ring goes on, and every slot it wrote verifies against its RAM copy and the
-    image file. "vvu": each daemon is behind a VVU device of its own (the log is the source
-    device's shmid 2)."""
+    logs every guest-memory write (read data, status bytes, used ring; with `packed=on` the
+    used descriptors in the descriptor ring and the device event area) in QEMU's dirty log, so
+    the destination guest sees them: the two RAM images are identical page for page, data read
+    into its page cache during the migration is intact, its ring goes on, and every slot it
+    wrote verifies against its RAM copy and the image file. "vvu": each daemon is behind a VVU
+    device of its own (the log is the source device's shmid 2)."""
     image = tmp_path / "disk.img"
     with image.open("wb") as f:
         f.truncate(DISK_SIZE)
@@ -560,9 +568,11 @@ def test_blk_guest_live_migrates_while_writing_and_its_data_verifies_on_the_dest
     with tempfile.TemporaryDirectory(prefix="vvu-mig-") as sockets:  # short unix socket paths
         src_qmp_path, dst_qmp_path = Path(sockets, "src.qmp"), Path(sockets, "dst.qmp")
         incoming = f"unix:{Path(sockets, 'migrate.sock')}"
-        src_args = _migration_qemu_args(source_socket, src_qmp_path)
+        src_args = _migration_qemu_args(source_socket, src_qmp_path, ring)
         # -S: the destination stays paused after the migration, so its RAM can be compared.
-        dst_args = _migration_qemu_args(dest_socket, dst_qmp_path, "-incoming", incoming, "-S")
+        dst_args = _migration_qemu_args(
+            dest_socket, dst_qmp_path, ring, "-incoming", incoming, "-S"
+        )
 
         def guest(args: list[str]) -> Guest:
             return start_guest(
@@ -610,6 +620,7 @@ def test_blk_guest_live_migrates_while_writing_and_its_data_verifies_on_the_dest
             # One console stream: a line may be cut by the switch-over, never duplicated.
             console, dst_console = src.serial + dst.serial, dst.serial
     assert "VVU-EXIT 0" in dst_console, dst_console
+    assert f"ring packed={int(ring == 'packed')}" in console, "VIRTIO_F_RING_PACKED (bit 34)"
     assert "page cache intact" in dst_console, dst_console
     passes = _passes(console)
     assert passes == list(range(1, len(passes) + 1)), "every pass once, none failed or repeated"

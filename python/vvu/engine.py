@@ -176,12 +176,6 @@ def packed_vring_base(num: int) -> int:
     return num
 
 
-def _packed_logging(features: int) -> bool:
-    """LOG_ALL with packed rings, which have no dirty-log hooks yet."""
-    both = VhostFeature.LOG_ALL.mask | VirtioFeature.RING_PACKED.mask
-    return features & both == both
-
-
 class RequestFailed(VvuError):
     """A request could not be carried out; answered with a failure ack or a disconnect."""
 
@@ -883,9 +877,9 @@ class BackendEngine:
         except (GuestMemoryError, QueueError) as err:
             raise RequestFailed(f"vring {vring.index}: {err}") from err
         if session.logging:
-            if not isinstance(queue, SplitQueue):
-                raise RequestFailed(f"vring {vring.index}: packed rings cannot log dirty pages")
-            # The used ring is logged at the address the front-end gave, only with the flag.
+            # Before any pop (a packed queue records each chain's buffers when it pops it).
+            # The used ring (split) or device event area (packed: QEMU gives its address) is
+            # logged at the address the front-end gave, only with the flag.
             used_log = addr.log if addr.flags & VRING_F_LOG else None
             queue.set_log(session.dirty_log, used_log)
         if session.inflight is not None:
@@ -974,9 +968,6 @@ class BackendEngine:
         if iommu and not session.protocol_features & _PF.BACKEND_REQ.mask:
             # Translations arrive only as answers to misses sent on the back-end channel.
             raise RequestFailed("VIRTIO_F_ACCESS_PLATFORM needs protocol feature BACKEND_REQ")
-        if _packed_logging(features) and session.dirty_log is not None:
-            # The packed queue has no dirty-log hooks: refuse to log rather than lose writes.
-            raise RequestFailed("dirty logging (LOG_ALL) is not implemented for packed rings")
         was_logging = session.logging
         session.features = features
         session.features_set = True
@@ -1036,8 +1027,6 @@ class BackendEngine:
         fd = self._one_fd(msg)
         if fd is None:
             raise RequestFailed("SET_LOG_BASE without a log fd (only LOG_SHMFD is supported)")
-        if _packed_logging(session.features):
-            raise RequestFailed("dirty logging (LOG_ALL) is not implemented for packed rings")
         dirty_log = DirtyLog(fd, msg.payload.mmap_size, msg.payload.mmap_offset)
         log.info("dirty log mapped: %r", dirty_log)
 

@@ -99,11 +99,12 @@ _LOG_FRONTEND = _LOG + "test_blk_worker_logs_exactly_the_pages_it_writes"
 _LOG_BASE = _LOG + "test_set_log_base_replies_with_the_log_and_refuses_a_log_beyond_its_fd"
 _LOG_VVU = _LOG + "test_vvu_device_offers_dirty_logging"
 _LOG_DOORBELL = _LOG + "test_vvu_log_doorbell_signals_the_frontends_log_eventfd"
+_LOG_PACKED = _LOG + "test_packed_ring_logs_each_used_descriptor_in_its_own_slots_page"
 _MIGRATION = (
     "tests/test_qemu_peers.py::"
     "test_blk_guest_live_migrates_while_writing_and_its_data_verifies_on_the_destination"
 )
-_LOG_NOTE = "split rings (packed + LOG_ALL refused); over VVU the log is the device's shmid 2"
+_LOG_NOTE = "split and packed rings; over VVU the log is the device's shmid 2"
 _FRONTEND_REFUSES = (
     _E + "test_our_frontend_answers_back_end_requests_it_does_not_support_with_a_failure_ack"
 )
@@ -122,7 +123,9 @@ FRONTEND_ROWS: Final[dict[FrontendRequest, Row]] = {
     _F.SET_MEM_TABLE: Row(
         _Y, _Y, (_QEMU_ORDER, _E + "test_set_mem_table_while_running_reattaches_the_rings")
     ),
-    _F.SET_LOG_BASE: Row(_Y, _Y, (_LOG_BASE, _LOG_FRONTEND, _MIGRATION, _LOG_VVU), _LOG_NOTE),
+    _F.SET_LOG_BASE: Row(
+        _Y, _Y, (_LOG_BASE, _LOG_FRONTEND, _LOG_PACKED, _MIGRATION, _LOG_VVU), _LOG_NOTE
+    ),
     _F.SET_LOG_FD: Row(
         _Y,
         _Y,

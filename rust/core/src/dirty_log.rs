@@ -147,7 +147,9 @@ pub struct QueueLog {
     pub log: std::sync::Arc<DirtyLog>,
     /// Where writes to the used ring are logged: SET_VRING_ADDR's `log_guest_addr` when the ring
     /// has VHOST_VRING_F_LOG, else `None` (used-ring writes are not logged). It may lie outside
-    /// guest memory; only its bits must be inside the log.
+    /// guest memory; only its bits must be inside the log. For a packed ring it stands for the
+    /// device event suppression area (QEMU's `used_phys`); its used descriptors are logged by
+    /// guest address in the descriptor ring instead.
     pub used_ring: Option<u64>,
 }
 

@@ -323,6 +323,24 @@ macro_rules! device_queue_methods {
                 Ok((resubmit, discarded))
             }
 
+            /// Log this queue's writes to guest memory into `log` (None: stop logging). Writes to
+            /// the used ring (split) or the device event suppression area (packed) are logged
+            /// at `used_ring_log` (SET_VRING_ADDR's log address) when it is given; the packed
+            /// ring's used descriptors by their guest address in the descriptor ring. Set it
+            /// before popping: a packed chain popped before cannot be logged when it completes.
+            #[pyo3(signature = (log, used_ring_log = None))]
+            fn set_log(
+                &mut self,
+                log: Option<&PyDirtyLog>,
+                used_ring_log: Option<u64>,
+            ) -> PyResult<()> {
+                self.core.queue()?.set_log(log.map(|log| QueueLog {
+                    log: log.log.clone(),
+                    used_ring: used_ring_log,
+                }));
+                Ok(())
+            }
+
             $($extra)*
         }
     };
@@ -363,22 +381,6 @@ device_queue_methods!(PySplitQueue, {
             .queue()?
             .set_vring_base(u32::from(value))
             .map_err(to_pyerr)
-    }
-
-    /// Log this queue's writes to guest memory into `log` (None: stop logging); the used ring's
-    /// writes are logged at `used_ring_log` (SET_VRING_ADDR's log address) when it is given.
-    #[pyo3(signature = (log, used_ring_log = None))]
-    fn set_log(&mut self, log: Option<&PyDirtyLog>, used_ring_log: Option<u64>) -> PyResult<()> {
-        let Virtqueue::Split(queue) = self.core.queue()? else {
-            return Err(PyValueError::new_err(
-                "dirty logging needs a split ring here",
-            ));
-        };
-        queue.set_log(log.map(|log| QueueLog {
-            log: log.log.clone(),
-            used_ring: used_ring_log,
-        }));
-        Ok(())
     }
 });
 

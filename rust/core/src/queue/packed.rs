@@ -7,6 +7,11 @@
 //! `push_used` and `publish_used` touch the ring, so per-chain hooks (in-flight tracking, dirty
 //! logging) have the same three places to go as in the split ring.
 //!
+//! Dirty logging differs from the split ring in one way: a chain's writable buffers are
+//! recorded when it is popped, not found again by a re-walk when it completes, because its ring
+//! slots may hold used descriptors by then (every used descriptor goes to the next used slot,
+//! which may be a slot of any chain still in flight).
+//!
 //! Orderings follow `virtqueue-layouts.md` §2 and §3 (packed column); each is commented.
 
 use std::collections::VecDeque;
@@ -19,6 +24,7 @@ use super::{
     MAX_INDIRECT_DESCRIPTORS, MAX_QUEUE_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
 };
+use crate::dirty_log::QueueLog;
 use crate::error::{ChainFault, QueueError};
 use crate::inflight::{PackedDesc, PackedInflight, PackedRecovery, PackedResubmit};
 use crate::memory::{Access, GuestMemory};
@@ -489,6 +495,67 @@ pub struct PackedQueue {
     inflight_commit: Vec<u16>,
     /// Chains in flight when the previous back-end died: handed out before the ring's.
     resubmit: VecDeque<PackedResubmit>,
+    /// Dirty logging (live migration): `None` costs one branch per pop/push/publish.
+    log: Option<PackedLog>,
+}
+
+/// What a logging packed queue keeps: the log, and the writable buffers of each chain in flight.
+#[derive(Debug)]
+struct PackedLog {
+    queue_log: QueueLog,
+    /// Writable `(gpa, len)` pieces of each buffer id in flight, recorded at pop.
+    writable: Vec<Vec<(u64, u32)>>,
+    /// Whether `writable[id]` holds the chain in flight under `id` (not for chains popped
+    /// before the log was set: their completions are log faults).
+    recorded: Vec<bool>,
+}
+
+impl PackedLog {
+    /// Remember the writable part of the chain just popped under `id` (< the queue size).
+    #[cold]
+    #[inline(never)]
+    fn record(&mut self, id: u16, writable: &[Segment]) {
+        let (Some(pieces), Some(recorded)) = (
+            self.writable.get_mut(usize::from(id)),
+            self.recorded.get_mut(usize::from(id)),
+        ) else {
+            return;
+        };
+        pieces.clear();
+        pieces.extend(writable.iter().map(|segment| (segment.gpa, segment.len)));
+        *recorded = true;
+    }
+
+    /// Log every writable buffer of the chain completing under `id`: all of it, not just the
+    /// used length (which may underestimate what was written: see split's `log_chain_writes`).
+    #[cold]
+    #[inline(never)]
+    fn log_completion(&mut self, id: u16) {
+        let log = &self.queue_log.log;
+        let id = usize::from(id);
+        match (self.recorded.get_mut(id), self.writable.get(id)) {
+            (Some(recorded), Some(pieces)) if *recorded => {
+                *recorded = false;
+                for &(gpa, len) in pieces {
+                    // A fault is counted by the log and reported by its owner.
+                    let _ = log.mark(gpa, u64::from(len));
+                }
+            }
+            _ => log.record_fault(),
+        }
+    }
+
+    /// Log a used descriptor written at `slot` (< the queue size) of the descriptor ring at
+    /// guest address `desc_ring`: its 16 bytes, by guest address. Call it after its flags.
+    #[cold]
+    #[inline(never)]
+    fn log_used_slot(&self, desc_ring: u64, slot: u16) {
+        // The ring was mapped whole, so the address does not overflow; a fault is counted.
+        let _ = self
+            .queue_log
+            .log
+            .mark(desc_ring.wrapping_add(16 * u64::from(slot)), 16);
+    }
 }
 
 impl std::fmt::Debug for PackedQueue {
@@ -537,6 +604,7 @@ impl PackedQueue {
             inflight_pushed: Vec::new(),
             inflight_commit: Vec::new(),
             resubmit: VecDeque::new(),
+            log: None,
         })
     }
 
@@ -625,6 +693,34 @@ impl PackedQueue {
         self.signalled_valid = false;
         self.inflight = Some(inflight);
         Ok(recovery)
+    }
+
+    /// Start (`Some`) or stop (`None`) logging this queue's writes to guest memory: the
+    /// device-writable buffers of every completed chain (recorded when popped), the used
+    /// descriptors in the descriptor ring (by guest address: they are guest memory like the
+    /// buffers), and, when the log has a used-ring address (VHOST_VRING_F_LOG; QEMU gives the
+    /// device event suppression area's address for a packed ring), the device event
+    /// suppression area. Survives (re-)attach; a new log keeps what was recorded.
+    ///
+    /// Set it before popping (the engine does it on a fresh queue): a chain popped before has
+    /// no record, and its completion is counted as a log fault.
+    pub fn set_log(&mut self, log: Option<QueueLog>) {
+        match (log, self.log.as_mut()) {
+            (None, _) => self.log = None,
+            (Some(queue_log), Some(current)) => current.queue_log = queue_log,
+            (Some(queue_log), None) => {
+                let size = usize::from(self.config.size);
+                self.log = Some(PackedLog {
+                    queue_log,
+                    writable: vec![Vec::new(); size],
+                    recorded: vec![false; size],
+                });
+            }
+        }
+    }
+
+    pub fn log(&self) -> Option<&QueueLog> {
+        self.log.as_ref().map(|log| &log.queue_log)
     }
 
     /// Chains waiting to be handed out again after a reconnect.
@@ -821,6 +917,9 @@ impl PackedQueue {
             });
             match popped {
                 Ok((chain, slots)) => {
+                    if let Some(log) = self.log.as_mut() {
+                        log.record(chain.head, &batch.segments[chain.mid..chain.segments.end]);
+                    }
                     self.id_descriptors[usize::from(chain.head)] = slots;
                     self.outstanding += u32::from(slots);
                     self.inflight_slot[usize::from(chain.head)] = stored.slot;
@@ -921,6 +1020,9 @@ impl PackedQueue {
                 // `fetch` returns the entry with the chain's last descriptor.
                 self.inflight_slot[usize::from(chain.head)] = slot.unwrap_or(u16::MAX);
             }
+            if let Some(log) = self.log.as_mut() {
+                log.record(chain.head, &batch.segments[chain.mid..chain.segments.end]);
+            }
             self.id_descriptors[usize::from(chain.head)] = slots;
             self.outstanding += u32::from(slots);
             self.next_avail = head.advance(slots, size);
@@ -946,6 +1048,11 @@ impl PackedQueue {
         // §2.4: id and len, then flags with AVAIL = USED = the used wrap counter; WRITE says
         // that len counts written bytes.
         let flags = used_bits(at.wrap) | if len > 0 { VIRTQ_DESC_F_WRITE } else { 0 };
+        if let Some(log) = self.log.as_mut() {
+            // The handler wrote the data before pushing, and the driver cannot see the buffer
+            // back before this batch's first flags flip in publish_used.
+            log.log_completion(id);
+        }
         rings.set_used_body(at.index, id, len);
         if self.batch_head.is_none() {
             // Held back: publish_used stores it last, so the driver sees the batch at once.
@@ -954,6 +1061,9 @@ impl PackedQueue {
             // §3 "publish result": Release, so id/len (and the data) are visible before flags.
             // The driver cannot look at this slot before the held-back first one anyway.
             rings.set_desc_flags(at.index, flags, Ordering::Release);
+            if let Some(log) = self.log.as_ref() {
+                log.log_used_slot(self.config.desc_ring, at.index);
+            }
         }
         if self.inflight.is_some() {
             // Completed in the region by publish_used, right before the batch becomes visible.
@@ -994,6 +1104,11 @@ impl PackedQueue {
             // The batch is out: its chains stop being in flight.
             inflight.commit(&self.inflight_commit);
         }
+        if let Some(log) = self.log.as_ref() {
+            // The batch's first used descriptor is complete with its flags (the others were
+            // logged as they were pushed).
+            log.log_used_slot(self.config.desc_ring, index);
+        }
         let (off_wrap, event_flags) = rings.driver_event(Ordering::Relaxed);
         let new = self.next_used.index;
         let old = new.wrapping_sub(self.added);
@@ -1026,6 +1141,9 @@ impl PackedQueue {
         } else {
             rings.set_device_event(0, RING_EVENT_FLAGS_ENABLE, Ordering::Relaxed);
         }
+        if let Some(log) = self.log.as_ref() {
+            log.queue_log.used_ring_write(0, 4);
+        }
         // §3 "go to sleep": full fence between the store above and the re-check, so that either
         // the driver sees our request and kicks, or we see its new descriptor.
         fence(Ordering::SeqCst);
@@ -1037,6 +1155,9 @@ impl PackedQueue {
     pub fn disable_notifications(&mut self) -> Result<(), QueueError> {
         let rings = ready(&self.broken, &self.rings)?;
         rings.set_device_event(0, RING_EVENT_FLAGS_DISABLE, Ordering::Relaxed);
+        if let Some(log) = self.log.as_ref() {
+            log.queue_log.used_ring_write(0, 4);
+        }
         Ok(())
     }
 }
@@ -1181,10 +1302,13 @@ mod tests {
         event_idx: bool,
         start: RingPosition,
     ) -> (PackedQueueDriver, PackedQueue) {
+        pair_with(config(size, event_idx), start)
+    }
+
+    fn pair_with(config: PackedConfig, start: RingPosition) -> (PackedQueueDriver, PackedQueue) {
         let (drv_mem, dev_mem) = shared_memory(&[(0, 0x10000), (0x10000, 0x10000)]);
-        let driver =
-            PackedQueueDriver::with_start(drv_mem, config(size, event_idx), start).unwrap();
-        let mut device = PackedQueue::new(config(size, event_idx)).unwrap();
+        let driver = PackedQueueDriver::with_start(drv_mem, config, start).unwrap();
+        let mut device = PackedQueue::new(config).unwrap();
         device
             .set_state(PackedState {
                 next_avail: start,
@@ -1744,6 +1868,210 @@ mod tests {
         assert_eq!(dev.push_used(0, 0), Err(QueueError::Broken(reason.clone())));
         assert_eq!(dev.publish_used(), Err(QueueError::Broken(reason.clone())));
         assert_eq!(dev.enable_notifications(), Err(QueueError::Broken(reason)));
+    }
+
+    fn memfd_log(size: u64) -> std::sync::Arc<crate::dirty_log::DirtyLog> {
+        let fd = crate::memory::create_memfd("log", size).unwrap();
+        std::sync::Arc::new(crate::dirty_log::DirtyLog::map(fd, size, 0).unwrap())
+    }
+
+    fn log_at(log: &std::sync::Arc<crate::dirty_log::DirtyLog>, used: Option<u64>) -> QueueLog {
+        QueueLog {
+            log: log.clone(),
+            used_ring: used,
+        }
+    }
+
+    /// Pop `count` published chains, write `data` at the start of each one's writable part
+    /// and return their ids (pushed and published by the caller).
+    fn pop_and_write(dev: &mut PackedQueue, count: usize, data: &[u8]) -> Vec<u16> {
+        let mut batch = ChainBatch::new();
+        assert_eq!(dev.pop_batch(&mut batch, count).unwrap(), count);
+        (0..count)
+            .map(|i| {
+                let c = batch.get(i).unwrap();
+                // SAFETY: the device queue is alive.
+                unsafe { c.writable()[0].write_from(0, data) };
+                c.head()
+            })
+            .collect()
+    }
+
+    fn complete_one(dev: &mut PackedQueue, data: &[u8], used_len: u32) {
+        let id = pop_and_write(dev, 1, data)[0];
+        dev.push_used(id, used_len).unwrap();
+        dev.publish_used().unwrap();
+    }
+
+    #[test]
+    fn logging_marks_writable_buffers_used_descriptors_and_the_device_event_area() {
+        let (mut drv, mut dev) = pair(8, false);
+        let log = memfd_log(16); // 128 pages: guest addresses below 0x80000
+        drv.add_chain(&[(0x8000, 16)], &[(0x9000, 64)]).unwrap();
+        drv.publish().unwrap();
+        complete_one(&mut dev, b"before", 6);
+        dev.disable_notifications().unwrap();
+        assert!(log.dirty_pages().is_empty(), "no log set yet");
+
+        // The device event area is logged 2 bytes below a page boundary: its 4 bytes straddle it.
+        dev.set_log(Some(log_at(&log, Some(0x7_0000 - 2))));
+        // Writable: one buffer across the region boundary at 0x10000, one byte on page 0x12000.
+        drv.add_chain(&[(0xA000, 16)], &[(0xF800, 0x1000), (0x12000, 1)])
+            .unwrap();
+        drv.publish().unwrap();
+        // A used length that leaves the last byte out (as blk does after a failed read): the
+        // whole writable part is still logged.
+        complete_one(&mut dev, b"data", 4);
+        assert_eq!(
+            log.dirty_pages(),
+            vec![DESC, 0xF000, 0x1_0000, 0x1_2000],
+            "the used descriptor by its guest address, not the readable page 0xA000"
+        );
+        assert!(!dev.enable_notifications().unwrap());
+        assert_eq!(
+            log.dirty_pages(),
+            vec![DESC, 0xF000, 0x1_0000, 0x1_2000, 0x6_F000, 0x7_0000],
+            "the event area at the log address, not at its real address {DEVICE_EVENT:#x}"
+        );
+        assert_eq!(log.faults(), 0);
+
+        dev.set_log(None);
+        assert!(dev.log().is_none());
+        drv.add_chain(&[], &[(0x1_4000, 64)]).unwrap();
+        drv.publish().unwrap();
+        complete_one(&mut dev, b"after", 5);
+        dev.disable_notifications().unwrap();
+        assert_eq!(
+            log.dirty_pages().len(),
+            6,
+            "nothing logged after set_log(None)"
+        );
+    }
+
+    #[test]
+    fn event_area_unlogged_without_a_used_ring_log_address_and_indirect_buffers_logged() {
+        let (mut drv, mut dev) = pair(8, false);
+        let log = memfd_log(16);
+        dev.set_log(Some(log_at(&log, None)));
+        // The table's readable entry and the table itself (0x5000) are only read.
+        drv.add_indirect(0x5000, &[(0x6000, 8)], &[(0x2_0000 - 1, 1)])
+            .unwrap();
+        drv.publish().unwrap();
+        complete_one(&mut dev, b"x", 1);
+        dev.disable_notifications().unwrap();
+        assert!(!dev.enable_notifications().unwrap());
+        assert_eq!(log.dirty_pages(), vec![DESC, 0x1_F000]);
+        assert_eq!(log.faults(), 0);
+    }
+
+    #[test]
+    fn each_used_descriptor_marks_the_page_of_its_own_slot() {
+        // 512 descriptors at 0x4000: slots 0..=255 on page 0x4000, 256..=511 on page 0x5000.
+        let ring = PackedConfig {
+            desc_ring: 0x4000,
+            ..config(512, false)
+        };
+        let start = RingPosition {
+            index: 510,
+            wrap: true,
+        };
+        let (mut drv, mut dev) = pair_with(ring, start);
+        let log = memfd_log(16);
+        dev.set_log(Some(log_at(&log, None)));
+        // Three descriptors in slots 510, 511 and 0: one used descriptor, in slot 510.
+        let a = drv
+            .add_chain(&[(0x8000, 1), (0x8100, 1)], &[(0x9000, 1)])
+            .unwrap();
+        drv.publish().unwrap();
+        let ids = pop_and_write(&mut dev, 1, b"a");
+        assert_eq!(ids, vec![a]);
+        dev.push_used(a, 1).unwrap();
+        dev.publish_used().unwrap();
+        assert_eq!(log.dirty_pages(), vec![0x5000, 0x9000]);
+        // The next chain is in slot 1 (page 0x4000), its used descriptor too.
+        drv.add_chain(&[], &[(0xB000, 1)]).unwrap();
+        drv.publish().unwrap();
+        complete_one(&mut dev, b"b", 1);
+        assert_eq!(log.dirty_pages(), vec![0x4000, 0x5000, 0x9000, 0xB000]);
+        assert_eq!(log.faults(), 0);
+    }
+
+    #[test]
+    fn buffers_are_those_popped_even_when_used_descriptors_overwrote_the_chain() {
+        let (mut drv, mut dev) = pair(8, false);
+        let log = memfd_log(16);
+        dev.set_log(Some(log_at(&log, None)));
+        // a: slots 0 and 1, its first buffer spans pages 0x9000 and 0xA000; b: slot 2.
+        let a = drv
+            .add_chain(&[], &[(0x9000, 0x2000), (0xC000, 1)])
+            .unwrap();
+        let b = drv.add_chain(&[], &[(0xE000, 1)]).unwrap();
+        drv.publish().unwrap();
+        assert_eq!(pop_and_write(&mut dev, 2, b"z"), vec![a, b]);
+        // b completes first: its used descriptor goes to slot 0, over a's first descriptor.
+        dev.push_used(b, 1).unwrap();
+        dev.publish_used().unwrap();
+        let overwritten = dev.rings.as_ref().unwrap().descriptor(0);
+        assert_eq!((overwritten.id, overwritten.len), (b, 1));
+        dev.push_used(a, 1).unwrap();
+        dev.publish_used().unwrap();
+        assert_eq!(
+            log.dirty_pages(),
+            vec![DESC, 0x9000, 0xA000, 0xC000, 0xE000],
+            "all of a's buffers, as popped"
+        );
+        assert_eq!(log.faults(), 0);
+        assert_eq!(drv.reap_used().unwrap(), Some((b, 1)));
+        assert_eq!(drv.reap_used().unwrap(), Some((a, 1)));
+    }
+
+    #[test]
+    fn unloggable_writes_are_log_faults_not_a_broken_queue() {
+        let (mut drv, mut dev) = pair(8, false);
+        let log = memfd_log(2); // 16 pages: guest addresses below 0x10000
+                                // Popped before the log was set: its buffers are unknown when it completes.
+        let early = drv.add_chain(&[], &[(0x9000, 8)]).unwrap();
+        drv.publish().unwrap();
+        assert_eq!(pop_and_write(&mut dev, 1, b"e"), vec![early]);
+        dev.set_log(Some(log_at(&log, Some(0x1_0000))));
+        dev.push_used(early, 8).unwrap();
+        assert!(dev.publish_used().unwrap());
+        assert_eq!(log.faults(), 1);
+        assert_eq!(
+            log.dirty_pages(),
+            vec![DESC],
+            "its used descriptor is still logged"
+        );
+        // A buffer with pages beyond the log: the pages inside are marked, the rest counted.
+        drv.add_chain(&[], &[(0xF000, 0x2000)]).unwrap();
+        drv.publish().unwrap();
+        complete_one(&mut dev, b"f", 1);
+        // The event area's log address has no bit either.
+        dev.disable_notifications().unwrap();
+        assert_eq!(log.faults(), 3);
+        assert_eq!(log.dirty_pages(), vec![DESC, 0xF000]);
+        assert!(!dev.is_broken());
+        assert_eq!(drv.reap_used().unwrap(), Some((early, 8)));
+    }
+
+    #[test]
+    fn resubmitted_chains_are_logged_too() {
+        let region = packed_region(4);
+        let (mut drv, mut dev) = pair(4, false);
+        dev.set_inflight(region.packed_queue(0, 4).unwrap())
+            .unwrap();
+        let id = drv.add_chain(&[], &[(0x9000, 8)]).unwrap();
+        drv.publish().unwrap();
+        assert_eq!(pop_and_write(&mut dev, 1, b"r"), vec![id]);
+        // The back-end dies with the chain in flight; the next one logs from the start.
+        let memory = dev.memory().unwrap().clone();
+        let (mut dev, recovery) = restart(&memory, &region, 4, PackedState::START);
+        assert_eq!(ids(&recovery), vec![id]);
+        let log = memfd_log(16);
+        dev.set_log(Some(log_at(&log, None)));
+        complete_one(&mut dev, b"R", 8);
+        assert_eq!(log.dirty_pages(), vec![DESC, 0x9000]);
+        assert_eq!(log.faults(), 0);
     }
 
     fn packed_region(size: u16) -> std::sync::Arc<crate::inflight::InflightRegion> {

@@ -91,6 +91,11 @@ impl Virtqueue {
         forward!(self, q => q.pending())
     }
 
+    /// Start or stop dirty logging (see [`SplitQueue::set_log`], [`PackedQueue::set_log`]).
+    pub fn set_log(&mut self, log: Option<crate::dirty_log::QueueLog>) {
+        forward!(self, q => q.set_log(log))
+    }
+
     pub fn is_broken(&self) -> bool {
         forward!(self, q => q.is_broken())
     }
