@@ -190,6 +190,18 @@ impl Descriptor {
     }
 }
 
+/// The attached rings of a queue (either format), or why there are none.
+#[inline]
+pub(crate) fn ready<'a, R>(
+    broken: &Option<String>,
+    rings: &'a Option<R>,
+) -> Result<&'a R, QueueError> {
+    if let Some(reason) = broken {
+        return Err(QueueError::Broken(reason.clone()));
+    }
+    rings.as_ref().ok_or(QueueError::NotReady)
+}
+
 /// Translate one ring area (`len` bytes at `gpa`, needing `need` access, which only IOTLB windows
 /// can refuse) to a host pointer aligned to `align`. Under an IOTLB an untranslated area is a miss
 /// (the ring waits for the translation), otherwise a bad address.

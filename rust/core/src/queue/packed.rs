@@ -20,7 +20,7 @@ use std::sync::atomic::{fence, AtomicU16, AtomicU32, AtomicU64, Ordering};
 
 use super::split::{add_buffer, Table, Translator, Walk};
 use super::{
-    need_event, ring_area, Chain, ChainBatch, Descriptor, QueueConfig, Segment,
+    need_event, ready, ring_area, Chain, ChainBatch, Descriptor, QueueConfig, Segment,
     MAX_INDIRECT_DESCRIPTORS, MAX_QUEUE_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
 };
@@ -568,17 +568,6 @@ impl std::fmt::Debug for PackedQueue {
             .field("broken", &self.broken)
             .finish()
     }
-}
-
-#[inline]
-fn ready<'a>(
-    broken: &Option<String>,
-    rings: &'a Option<PackedRings>,
-) -> Result<&'a PackedRings, QueueError> {
-    if let Some(reason) = broken {
-        return Err(QueueError::Broken(reason.clone()));
-    }
-    rings.as_ref().ok_or(QueueError::NotReady)
 }
 
 impl PackedQueue {

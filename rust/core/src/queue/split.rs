@@ -11,7 +11,7 @@ use std::ops::Range;
 use std::sync::atomic::{fence, Ordering};
 
 use super::{
-    need_event, Descriptor, QueueConfig, Rings, MAX_INDIRECT_DESCRIPTORS,
+    need_event, ready, Descriptor, QueueConfig, Rings, MAX_INDIRECT_DESCRIPTORS,
     VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_F_NO_NOTIFY,
 };
@@ -396,15 +396,6 @@ impl std::fmt::Debug for SplitQueue {
             .field("broken", &self.broken)
             .finish()
     }
-}
-
-/// The attached rings, or why there are none.
-#[inline]
-fn ready<'a>(broken: &Option<String>, rings: &'a Option<Rings>) -> Result<&'a Rings, QueueError> {
-    if let Some(reason) = broken {
-        return Err(QueueError::Broken(reason.clone()));
-    }
-    rings.as_ref().ok_or(QueueError::NotReady)
 }
 
 impl SplitQueue {
