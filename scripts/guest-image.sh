@@ -20,20 +20,49 @@
 #     VVU-EXIT <status>
 # and powers off (`poweroff -f`; run QEMU with -no-reboot, and panic=-1 turns a panic into an exit).
 #
-# Environment: VVU_GUEST_CACHE (output directory, default .cache/guest in the repository),
-# VVU_GUEST_KERNEL (a linux-image-* package name, default: what linux-image-cloud-amd64 depends on).
+# Two flavours (--flavour NAME):
+#   small (default)  Debian's cloud kernel; the front-end guests of the peer tests.
+#   vm               Debian's generic kernel plus virtio-9p and VFIO, for guests that run vvu
+#                    itself: the back-end VM (tests/test_backend_vm.py) mounts the host's file
+#                    system read-only over virtio-9p, chroots into it and runs the host's vvu
+#                    with its VFIO driver (the cloud kernel has no 9p). Output: .cache/guest-vm.
+#
+# Environment: VVU_GUEST_CACHE (output directory, default .cache/guest or .cache/guest-vm),
+# VVU_GUEST_KERNEL (a linux-image-* package name, default: what the flavour's meta package
+# (linux-image-cloud-amd64, linux-image-amd64) depends on).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-CACHE=${VVU_GUEST_CACHE:-$PWD/.cache/guest}
-SELF_HASH=$(sha256sum "$0" | cut -d' ' -f1)
 FORCE=0
-[ "${1:-}" = "--force" ] && FORCE=1
+FLAVOUR=small
+while (($#)); do
+    case "$1" in
+        --force) FORCE=1 ;;
+        --flavour) FLAVOUR=${2:?--flavour needs a name}; shift ;;
+        *) echo "usage: $0 [--force] [--flavour small|vm]" >&2; exit 2 ;;
+    esac
+    shift
+done
 
 # Modules the guest needs, by module name; their dependencies are added from modules.dep.
 # virtio_pci: the transport; virtio_blk, virtio_net, virtio_rng: the devices under test;
 # qemu_fw_cfg: how the script reaches the guest. rng_core (HW_RANDOM) is built into this kernel.
 WANTED_MODULES=(virtio_pci virtio_blk virtio_net virtio_rng qemu_fw_cfg)
+case "$FLAVOUR" in
+    small)
+        KERNEL_META=linux-image-cloud-amd64
+        CACHE=${VVU_GUEST_CACHE:-$PWD/.cache/guest}
+        ;;
+    vm)
+        # 9p over virtio: the host's file system; vfio_pci and vfio_iommu_type1: the VVU driver's
+        # way to the device (intel_iommu is built into this kernel).
+        KERNEL_META=linux-image-amd64
+        CACHE=${VVU_GUEST_CACHE:-$PWD/.cache/guest-vm}
+        WANTED_MODULES+=(9p 9pnet_virtio vfio_pci vfio_iommu_type1)
+        ;;
+    *) echo "guest-image: unknown flavour $FLAVOUR (small, vm)" >&2; exit 2 ;;
+esac
+SELF_HASH=$( (sha256sum "$0" | cut -d' ' -f1; echo "$FLAVOUR") | sha256sum | cut -d' ' -f1)
 
 log() { printf '==> guest-image: %s\n' "$*" >&2; }
 die() { printf 'guest-image: %s\n' "$*" >&2; exit 1; }
@@ -86,14 +115,14 @@ kernel_package() {
         return
     fi
     local pkg
-    pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+    pkg=$(apt-cache depends "$KERNEL_META" 2>/dev/null |
         awk '$1 == "Depends:" && $2 ~ /^linux-image-/ { print $2; exit }')
     if [ -z "$pkg" ]; then
         apt_update_once
-        pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+        pkg=$(apt-cache depends "$KERNEL_META" 2>/dev/null |
             awk '$1 == "Depends:" && $2 ~ /^linux-image-/ { print $2; exit }')
     fi
-    [ -n "$pkg" ] || die "cannot resolve linux-image-cloud-amd64 to a kernel package"
+    [ -n "$pkg" ] || die "cannot resolve $KERNEL_META to a kernel package"
     echo "$pkg"
 }
 

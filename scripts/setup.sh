@@ -15,7 +15,10 @@ log() { printf '==> %s\n' "$*"; }
 # qemu-system-common has qemu-storage-daemon, the vhost-user-blk peer of tests/test_qsd.py.
 # dpdk-dev has dpdk-testpmd and the virtio-user PMD, the vhost-user-net peer of tests/test_net.py.
 APT_PACKAGES=(build-essential pkg-config python3-venv)
-TEST_PACKAGES=(qemu-system-x86 qemu-system-common busybox-static cpio xz-utils zstd dpdk-dev)
+# debootstrap builds the Debian trixie root that QEMU 11 (vfio-user-pci, the back-end VM's VMM)
+# comes from (scripts/qemu11.sh); fio runs in the front-end VM, from the host over virtio-9p.
+TEST_PACKAGES=(qemu-system-x86 qemu-system-common busybox-static cpio xz-utils zstd dpdk-dev
+    debootstrap fio)
 if ((FOR_TESTS)); then APT_PACKAGES+=("${TEST_PACKAGES[@]}"); fi
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -40,5 +43,10 @@ log "installing vvu (release build) and dev tools into .venv"
 # Editable install through the maturin build backend: the same path `pip install .` takes.
 .venv/bin/python -m pip install -q -e '.[dev]'
 # The QEMU guest for the integration tests (cached in .cache/guest: instant when already built).
-if ((FOR_TESTS)); then ./scripts/guest-image.sh; fi
+# The "vm" flavour (generic kernel, 9p, VFIO) and QEMU 11 are for the back-end VM tests.
+if ((FOR_TESTS)); then
+    ./scripts/guest-image.sh
+    ./scripts/guest-image.sh --flavour vm
+    ./scripts/qemu11.sh
+fi
 log "setup done"

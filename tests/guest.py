@@ -40,6 +40,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_SCRIPT = REPO / "scripts" / "guest-image.sh"
+QEMU11_SCRIPT = REPO / "scripts" / "qemu11.sh"
 QEMU = "qemu-system-x86_64"
 FW_CFG_NAME = "opt/vvu/script"
 BEGIN = "VVU-RESULT-BEGIN"
@@ -54,8 +55,15 @@ _EXIT_RE = re.compile(rf"^{EXIT} (\d+)$", re.MULTILINE)
 _BEGIN_RE = re.compile(rf"^{BEGIN}\n", re.MULTILINE)
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("VVU_GUEST_CACHE", REPO / ".cache" / "guest"))
+#: Image flavours of scripts/guest-image.sh: "small" (cloud kernel) for front-end guests, "vm"
+#: (generic kernel with virtio-9p and VFIO) for guests that run the host's vvu (host_root_args).
+FLAVOUR_CACHE = {"small": "guest", "vm": "guest-vm"}
+
+
+def _cache_dir(flavour: str) -> Path:
+    if flavour == "small" and "VVU_GUEST_CACHE" in os.environ:
+        return Path(os.environ["VVU_GUEST_CACHE"])
+    return REPO / ".cache" / FLAVOUR_CACHE[flavour]
 
 
 @dataclass(frozen=True)
@@ -128,12 +136,16 @@ class GuestUnavailable(Exception):
 # --- the image ------------------------------------------------------------------------------
 
 
-def build_image() -> GuestImage:
+def build_image(flavour: str = "small") -> GuestImage:
     """Run ``scripts/guest-image.sh`` (instant when cached) and describe its outputs."""
     if shutil.which(QEMU) is None:
         raise GuestUnavailable(f"{QEMU} not found (scripts/setup.sh installs qemu-system-x86)")
+    env = dict(os.environ)
+    if flavour != "small":
+        env.pop("VVU_GUEST_CACHE", None)
     proc = subprocess.run(
-        ["bash", str(IMAGE_SCRIPT)],
+        ["bash", str(IMAGE_SCRIPT), "--flavour", flavour],
+        env=env,
         capture_output=True,
         text=True,
         check=False,
@@ -144,26 +156,67 @@ def build_image() -> GuestImage:
             f"scripts/guest-image.sh failed with status {proc.returncode}: "
             f"{proc.stderr.strip()[-2000:]}"
         )
-    cache = _cache_dir()
-    env: dict[str, str] = {}
-    for line in (cache / "image.env").read_text().splitlines():
-        key, sep, value = line.partition("=")
-        if sep:
-            env[key] = value.strip('"')
+    cache = _cache_dir(flavour)
+    built = _read_env(cache / "image.env")
     return GuestImage(
         kernel=cache / "vmlinuz",
         initrd=cache / "initramfs.cpio.gz",
-        kernel_version=env.get("KERNEL_VERSION", ""),
-        modules=tuple(env.get("MODULES", "").split()),
+        kernel_version=built.get("KERNEL_VERSION", ""),
+        modules=tuple(built.get("MODULES", "").split()),
     )
 
 
+def _read_env(path: Path) -> dict[str, str]:
+    """KEY=value lines (values optionally double-quoted), as the set-up scripts write them."""
+    values: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            values[key] = value.strip('"')
+    return values
+
+
 @functools.cache
-def _image_once() -> GuestImage | GuestUnavailable:
+def _image_once(flavour: str) -> GuestImage | GuestUnavailable:
     try:
-        return build_image()
+        return build_image(flavour)
     except GuestUnavailable as exc:
         return exc
+
+
+def build_qemu11() -> str:
+    """Run ``scripts/qemu11.sh`` (instant when cached): the QEMU 11 launcher's path."""
+    proc = subprocess.run(
+        ["bash", str(QEMU11_SCRIPT)],
+        capture_output=True,
+        text=True,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    if proc.returncode != 0:
+        raise GuestUnavailable(
+            f"scripts/qemu11.sh failed with status {proc.returncode}: {proc.stderr.strip()[-2000:]}"
+        )
+    return str(REPO / ".cache" / "qemu11" / "qemu-system-x86_64")
+
+
+@functools.cache
+def _qemu11_once() -> str | GuestUnavailable:
+    try:
+        return build_qemu11()
+    except GuestUnavailable as exc:
+        return exc
+
+
+def qemu11() -> str:
+    """QEMU 11 (the first line with a ``vfio-user-pci`` client), from the trixie root that
+    ``scripts/qemu11.sh`` builds; skips (fails in CI) like :func:`guest_image`."""
+    found = _qemu11_once()
+    if isinstance(found, GuestUnavailable):
+        if _must_have_guest():
+            pytest.fail(f"QEMU 11 required but unavailable: {found}", pytrace=False)
+        pytest.skip(f"no QEMU 11: {found}")
+    return found
 
 
 def _must_have_guest() -> bool:
@@ -171,12 +224,12 @@ def _must_have_guest() -> bool:
     return bool(os.environ.get("CI")) or os.environ.get("VVU_GUEST_REQUIRED") == "1"
 
 
-def guest_image() -> GuestImage:
+def guest_image(flavour: str = "small") -> GuestImage:
     """The guest image, built once per session; skips the calling test if it cannot be had.
 
     Where the guest is required (CI), the test fails instead, so a broken set-up is not hidden.
     """
-    image = _image_once()
+    image = _image_once(flavour)
     if isinstance(image, GuestUnavailable):
         if _must_have_guest():
             pytest.fail(f"guest image required but unavailable: {image}", pytrace=False)
@@ -199,11 +252,22 @@ def qemu_command(
     *,
     memory: str = DEFAULT_MEMORY,
     append: str = "",
+    qemu: str = QEMU,
+    memory_file: Path | None = None,
 ) -> list[str]:
-    """The full QEMU command line for one guest run (without the pdeathsig wrapper)."""
+    """The full QEMU command line for one guest run (without the pdeathsig wrapper).
+
+    Guest RAM is a shared memfd, or the file `memory_file` (shared) when given.
+    """
     cmdline = f"console=ttyS0 panic=-1 {append}".strip()
+    backend = f"memory-backend-memfd,id=mem,size={memory},share=on"
+    if memory_file is not None:
+        backend = (
+            f"memory-backend-file,id=mem,size={memory},share=on,"
+            f"mem-path={qemu_escape(str(memory_file))}"
+        )
     return [
-        QEMU,
+        qemu,
         "-accel", "tcg",
         "-nodefaults", "-no-user-config",
         "-nographic", "-serial", "stdio",
@@ -211,12 +275,47 @@ def qemu_command(
         "-kernel", str(image.kernel),
         "-initrd", str(image.initrd),
         "-append", cmdline,
-        "-object", f"memory-backend-memfd,id=mem,size={memory},share=on",
+        "-object", backend,
         "-numa", "node,memdev=mem",
         "-m", memory,
         "-fw_cfg", f"name={FW_CFG_NAME},file={qemu_escape(str(script_file))}",
         *qemu_args,
     ]  # fmt: skip
+
+
+#: A "vm" flavour guest that runs the host's own programs (vvu's venv, fio): QEMU shares the
+#: host's whole file system read-only over virtio-9p, and the script starts with HOST_ROOT_SETUP,
+#: which mounts it at /host with the guest's own /proc, /sys, /dev and /tmp on top and defines
+#: `host CMD...` (run CMD there, chrooted). Nothing is written to the host through it.
+HOST_ROOT_ARGS = (
+    "-virtfs",
+    "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+)
+HOST_ROOT_SETUP = """\
+mkdir -p /host
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 hostroot /host || exit 90
+mount -t proc proc /host/proc && mount -t sysfs sysfs /host/sys &&
+    mount -t devtmpfs devtmpfs /host/dev && mount -t tmpfs tmpfs /host/tmp || exit 91
+host() {
+    chroot /host env PYTHONDONTWRITEBYTECODE=1 HOME=/tmp PATH=/usr/sbin:/usr/bin:/sbin:/bin "$@"
+}
+"""
+#: A q35 machine with a vIOMMU, so the guest can give a PCI function to a userspace driver
+#: through VFIO type1 (Debian's kernels have no VFIO no-IOMMU mode); pass VIOMMU_APPEND too.
+VIOMMU_ARGS = ("-machine", "q35", "-device", "intel-iommu,intremap=on,caching-mode=on")
+VIOMMU_APPEND = "intel_iommu=on"
+
+
+def vfio_user_pci_args(socket_path: Path, *, addr: str | None = None) -> list[str]:
+    """QEMU ≥ 10.1's vfio-user client for the vfio-user server on `socket_path` (its `socket`
+    property is a SocketAddress, hence the JSON form), at PCI slot `addr` when given."""
+    device: dict[str, Any] = {
+        "driver": "vfio-user-pci",
+        "socket": {"path": str(socket_path), "type": "unix"},
+    }
+    if addr is not None:
+        device["addr"] = addr
+    return ["-device", json.dumps(device)]
 
 
 _LIVE: set[Guest] = set()
@@ -289,6 +388,8 @@ class Guest:
         memory: str = DEFAULT_MEMORY,
         append: str = "",
         image: GuestImage | None = None,
+        qemu: str = QEMU,
+        memory_file: Path | None = None,
     ) -> None:
         self.image = image if image is not None else guest_image()
         self.timeout = timeout
@@ -301,7 +402,13 @@ class Guest:
             script_file = self.workdir / "script.sh"
             script_file.write_text(script)
             self.command = qemu_command(
-                self.image, script_file, qemu_args, memory=memory, append=append
+                self.image,
+                script_file,
+                qemu_args,
+                memory=memory,
+                append=append,
+                qemu=qemu,
+                memory_file=memory_file,
             )
             argv = list(self.command)
             setpriv = shutil.which("setpriv")
@@ -503,10 +610,23 @@ def start_guest(
     memory: str = DEFAULT_MEMORY,
     append: str = "",
     image: GuestImage | None = None,
+    qemu: str = QEMU,
+    memory_file: Path | None = None,
 ) -> Guest:
-    """Start QEMU running ``script`` in the guest and return at once (see :class:`Guest`)."""
+    """Start QEMU running ``script`` in the guest and return at once (see :class:`Guest`).
+
+    `qemu`: the QEMU binary (e.g. :func:`qemu11`); `memory_file`: back guest RAM with this
+    file (shared) instead of a memfd, for a device that must be told the file up front.
+    """
     return Guest(
-        script, qemu_args=qemu_args, timeout=timeout, memory=memory, append=append, image=image
+        script,
+        qemu_args=qemu_args,
+        timeout=timeout,
+        memory=memory,
+        append=append,
+        image=image,
+        qemu=qemu,
+        memory_file=memory_file,
     )
 
 
