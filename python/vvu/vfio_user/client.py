@@ -607,9 +607,11 @@ class VfioUserClient:
     async def dma_unmap(self, iova: int, size: int) -> None:
         frame = await self.request(Command.DMA_UNMAP, DmaUnmap(0, iova, size).pack())
         DmaUnmap.unpack(frame.payload)
-        for window in [w for w in self._windows if (w.iova, w.size) == (iova, size)]:
+        # The server removed every window inside the range (none is fine too).
+        end = iova + size
+        for window in [w for w in self._windows if iova <= w.iova and w.iova + w.size <= end]:
             self._windows.remove(window)
-            self.memory.remove_region(iova)
+            self.memory.remove_region(window.iova)
 
     async def dma_unmap_all(self) -> None:
         await self.request(Command.DMA_UNMAP, DmaUnmap(int(DmaUnmapFlag.ALL), 0, 0).pack())

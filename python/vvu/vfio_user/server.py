@@ -372,6 +372,28 @@ class _Session(DmaSpace):
                 raise VfioUserError(errno.EBUSY, f"window still in use: {err}") from err
         self._windows.remove(window)
 
+    def _windows_to_unmap(self, address: int, size: int) -> list[_Window]:
+        """The windows DMA_UNMAP `address`+`size` removes: every window inside the range (Linux
+        VFIO type1, which QEMU's vfio-user container follows: an IOMMU unmaps whole power-of-two
+        ranges that may hold no mapping at all, and that is a success). A window the range
+        would cut in two is refused (EINVAL) and nothing is removed."""
+        end = address + size
+        if size == 0 or address % PAGE_SIZE or size % PAGE_SIZE or end > 1 << 64:
+            raise PayloadError(f"DMA_UNMAP {address:#x}+{size:#x} is empty, unaligned or overflows")
+        inside = []
+        for w in self._windows:
+            if address <= w.mapping.iova and w.end <= end:
+                inside.append(w)
+            elif w.mapping.iova < end and address < w.end:
+                raise VfioUserError(
+                    errno.EINVAL,
+                    f"DMA_UNMAP {address:#x}+{size:#x} would split the window at "
+                    f"{w.mapping.iova:#x}+{w.mapping.size:#x}",
+                )
+        if not inside:
+            log.debug("%s: DMA_UNMAP %#x+%#x: no window there", self.peer, address, size)
+        return inside[::-1]
+
     def _dma_unmap(self, frame: Frame) -> _Reply:
         req = DmaUnmap.unpack(frame.payload)
         if req.flags & DmaUnmapFlag.GET_DIRTY_BITMAP:
@@ -388,19 +410,8 @@ class _Session(DmaSpace):
             for window in list(reversed(self._windows)):
                 self._drop_window(window)
         else:
-            match = next(
-                (
-                    w
-                    for w in self._windows
-                    if (w.mapping.iova, w.mapping.size) == (req.address, req.size)
-                ),
-                None,
-            )
-            if match is None:
-                raise VfioUserError(
-                    errno.ENOENT, f"no DMA window is exactly {req.address:#x}+{req.size:#x}"
-                )
-            self._drop_window(match)
+            for window in self._windows_to_unmap(req.address, req.size):
+                self._drop_window(window)
         return _Reply(DmaUnmap(req.flags, req.address, req.size, argsz=24).pack())
 
     def _get_info(self, frame: Frame) -> _Reply:
