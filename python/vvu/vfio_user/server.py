@@ -20,9 +20,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
 import socket
 import struct
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -30,7 +30,7 @@ from typing import Final
 
 from vvu._core import EventFd, GuestMemory
 from vvu.errors import GuestMemoryError
-from vvu.transport.base import TransportError
+from vvu.transport.base import TransportError, is_eventfd
 from vvu.vfio_user.connection import Frame, FramingError, VfioUserConnection, VfioUserListener
 from vvu.vfio_user.device import (
     DmaMapping,
@@ -114,13 +114,6 @@ class ServerLimits:
         )
 
 
-def _is_eventfd(fd: int) -> bool:
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
-    except OSError:
-        return False
-
-
 @dataclass(slots=True)
 class _Reply:
     payload: bytes = b""
@@ -160,6 +153,10 @@ class _Session(DmaSpace):
     @property
     def mappings(self) -> Sequence[DmaMapping]:
         return [w.mapping for w in self._windows]
+
+    @property
+    def client_capabilities(self) -> Capabilities:
+        return self.client_caps
 
     def _window_for(self, iova: int, size: int, need: DmaMapFlag) -> DmaMapping:
         for w in self._windows:
@@ -551,7 +548,7 @@ class _Session(DmaSpace):
             return
         if len(fds) not in (0, req.count):
             raise PayloadError(f"SET_IRQS has {len(fds)} fds for {req.count} vectors")
-        bad = [fd for fd in fds if not _is_eventfd(fd)]
+        bad = [fd for fd in fds if not is_eventfd(fd)]
         if bad:
             raise PayloadError(f"SET_IRQS: {len(bad)} of the fds are not eventfds")
 
@@ -593,6 +590,7 @@ class _Session(DmaSpace):
                 f"region {access.region} access {access.offset:#x}+{access.count} leaves its "
                 f"{spec.size:#x} bytes"
             )
+        self.server.region_accesses[access.region] += 1
 
     def _do_write(self, access: RegionAccess) -> None:
         self._check_access(access, write=True)
@@ -682,6 +680,10 @@ class VfioUserServer:
         self.listener = VfioUserListener(listener) if isinstance(listener, str) else listener
         self.limits = limits or ServerLimits()
         self.clients_served = 0
+        #: Commands handled, by command; region accesses (REGION_READ/WRITE and each write of
+        #: a WRITE_MULTI), by region index: what a client reached by message, not by mmap.
+        self.commands: Counter[int] = Counter()
+        self.region_accesses: Counter[int] = Counter()
         self._session: _Session | None = None
         self._started = False
         check_regions(device.regions())
@@ -773,6 +775,7 @@ class VfioUserServer:
     def _dispatch(self, session: _Session, frame: Frame) -> tuple[bytes, Sequence[int]] | None:
         hdr = frame.header
         name = command_name(hdr.command)
+        self.commands[hdr.command] += 1
         try:
             reply = session.handle(frame)
         except (VfioUserError, PayloadError) as err:
