@@ -240,3 +240,40 @@ def test_demo_runs_end_to_end() -> None:
     assert "device process CPU time" in result.stdout
     assert "VVU / AF_UNIX: write" in result.stdout
     assert "both paths verified; all good" in result.stdout
+
+
+def test_device_with_frontend_memory(tmp_path: Path) -> None:
+    """`vvu device --frontend-memory PATH`: BAR4 and shmid 1 are the file's size; a file that
+    cannot back BAR4 is a clear error at start."""
+    mem = tmp_path / "guest-ram"
+    with open(mem, "wb") as f:
+        f.truncate(3 << 20)
+    device_socket = tmp_path / "dev.sock"
+    device = subprocess.Popen(
+        [*VVU, "-q", "device", "--socket-path", str(tmp_path / "fe.sock"),
+         "--vfio-user", str(device_socket), "--frontend-memory", str(mem)],
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        wait_for_socket(device_socket, device)
+        out = subprocess.run(
+            [*VVU, "probe", "--vvu", str(device_socket), "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout
+        report = json.loads(out)
+        shm = [c for c in report["capabilities"] if c["type"] == "SHARED_MEMORY"]
+        assert [(c["shmid"], c["offset"], c["length"]) for c in shm] == [(1, 0, 3 << 20)]
+        assert report["bar_sizes"]["4"] == 4 << 20
+    finally:
+        assert stop_process(device) == 0
+    (tmp_path / "odd").write_bytes(b"x" * 100)
+    for bad, why in ((tmp_path / "missing", "No such file"), (tmp_path / "odd", "its size")):
+        run = subprocess.run(
+            [*VVU, "device", "--socket-path", str(tmp_path / "fe2.sock"),
+             "--vfio-user", str(tmp_path / "dev2.sock"), "--frontend-memory", str(bad)],
+            check=False, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert run.returncode == 1 and f"--frontend-memory {bad}: {why}" in run.stderr

@@ -669,7 +669,7 @@ async def test_dma_map_makes_client_memory_readable_by_the_device(
         await client.region_write(0, echo.REG_DMA_CMD, u32(echo.DMA_FROM_BUFFER))
         assert os.pread(fd, 15, 0x2000) == b"from the device"
         assert client.memory.read(0x12000, 15) == b"from the device"
-        # Overlaps are refused; unmap must match a window exactly.
+        # Overlaps are refused; an unmap may not cut a window in two.
         with pytest.raises(GuestMemoryError):  # the client refuses it itself
             await client.dma_map(fd, 0x13000, 0x2000)
         with pytest.raises(VfioUserError) as err:  # and so does the server
@@ -677,12 +677,43 @@ async def test_dma_map_makes_client_memory_readable_by_the_device(
         assert err.value.errno == errno.EEXIST
         with pytest.raises(VfioUserError) as err:
             await client.dma_unmap(0x10000, 0x1000)
-        assert err.value.errno == errno.ENOENT
+        assert err.value.errno == errno.EINVAL
         # A reset keeps the windows.
         await client.reset()
         assert memory.read(0x11000, 15) == b"from the client"
         await client.dma_unmap(0x10000, 0x4000)
         assert memory.regions == [] and memfd_mappings("vvu-test-dma") == 0
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.asyncio
+async def test_dma_unmap_of_a_range_removes_the_windows_inside_it(
+    served: Served, client: VfioUserClient
+) -> None:
+    """Linux VFIO type1 semantics (what QEMU behind a vIOMMU expects): an unmap range removes
+    every window inside it, a range holding none succeeds, a range cutting a window fails."""
+    fd = memfd(0x10000, "vvu-test-unmap")
+    try:
+        for i in range(3):
+            await client.dma_map(fd, 0x100000 + 0x10000 * i, 0x4000, offset=0x4000 * i)
+        assert served.server.dma is not None
+        memory = served.server.dma.memory
+        # QEMU's vIOMMU unmaps big power-of-two ranges that match nothing: success.
+        await client.dma_unmap(1 << 40, 1 << 39)
+        await client.dma_unmap(0, 0x100000)
+        assert len(served.server.dma.mappings) == 3
+        # A range that would split a window: refused, nothing removed.
+        with pytest.raises(VfioUserError) as err:
+            await client.dma_unmap(0x100000, 0x12000)
+        assert err.value.errno == errno.EINVAL and len(served.server.dma.mappings) == 3
+        # A range holding the first two windows and the hole after them removes both.
+        await client.dma_unmap(0x100000, 0x20000)
+        assert [m.iova for m in served.server.dma.mappings] == [0x120000]
+        assert len(memory.regions) == 1 and len(client.memory.regions) == 1
+        # An exact match still works.
+        await client.dma_unmap(0x120000, 0x4000)
+        assert served.server.dma.mappings == [] and memfd_mappings("vvu-test-unmap") == 0
     finally:
         os.close(fd)
 
@@ -893,7 +924,8 @@ async def test_bad_dma_maps_get_error_replies(raw: Raw) -> None:
         await e(Command.DMA_UNMAP, DmaUnmap(1, 0x1000, 0x1000).pack(), code=errno.ENOTSUP)
         await e(Command.DMA_UNMAP, DmaUnmap(2, 0x1000, 0x1000).pack())
         await e(Command.DMA_UNMAP, DmaUnmap(0x10, 0, 0).pack())
-        await e(Command.DMA_UNMAP, DmaUnmap(0, 0x1000, 0x1000).pack(), code=errno.ENOENT)
+        await e(Command.DMA_UNMAP, DmaUnmap(0, 0x1000, 0).pack())  # empty
+        await e(Command.DMA_UNMAP, DmaUnmap(0, 0x1800, 0x1000).pack())  # unaligned
     finally:
         for fd in (mem, r, w):
             os.close(fd)

@@ -12,19 +12,30 @@ import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
 
 from vvu._core import EventFd, EventForwarder, GuestMemory
 from vvu.device import BACKEND_UP, FRONTEND_UP, PROTOCOL_FEATURES_ALLOWED, VvuDevice
-from vvu.device.vvu import BAR4_SIZE, DIRECT_KICK, DRIVER_AUX_OFFSET, KICK_FDS_OFFSET
-from vvu.frontend.core import UVA_BASE, Frontend
+from vvu.device.vvu import BAR4_SIZE, DIRECT_KICK, DRIVER_AUX_OFFSET, KICK_FDS_OFFSET, MAX_AREAS
+from vvu.frontend.core import UVA_BASE, Frontend, FrontendError
 from vvu.pci import NO_VECTOR, CfgType, Status, VirtioPciDriver
-from vvu.protocol import U64, FrontendRequest, Inflight, MemoryTable, ProtocolFeature, VringState
+from vvu.protocol import (
+    U64,
+    FrontendRequest,
+    Inflight,
+    MemoryRegion,
+    MemoryTable,
+    ProtocolFeature,
+    SingleRegion,
+    VringState,
+)
 from vvu.protocol.constants import NEED_REPLY, REPLY, VERSION
 from vvu.transport.unix import UnixListener
-from vvu.vfio_user import VfioUserListener, VfioUserPciAccess, VfioUserServer
+from vvu.vfio_user import ClientOptions, VfioUserListener, VfioUserPciAccess, VfioUserServer
+from vvu.vfio_user.protocol import RegionFlag, SparseMmapCap
 
 N = 4
 TIMEOUT = 10.0
@@ -99,10 +110,15 @@ class VvuTestDriver:
 
 
 @contextlib.asynccontextmanager
-async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+async def rig(tmp_path: Path, frontend_memory: str | None = None) -> AsyncIterator[Rig]:
     vfio_path = str(tmp_path / "vvu.sock")
     fe_path = str(tmp_path / "fe.sock")
-    device = VvuDevice(UnixListener(fe_path), max_queues=N, uuid=bytes(range(16)))
+    device = VvuDevice(
+        UnixListener(fe_path),
+        max_queues=N,
+        uuid=bytes(range(16)),
+        frontend_memory=frontend_memory,
+    )
     server = VfioUserServer(device, VfioUserListener(vfio_path))
     task = asyncio.ensure_future(server.serve_forever())
     try:
@@ -116,8 +132,12 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
 
 
 @contextlib.asynccontextmanager
-async def driver(r: Rig, *, rx: int = 8) -> AsyncIterator[VvuTestDriver]:
-    pci = await asyncio.wait_for(VfioUserPciAccess.open(r.vfio_path, timeout=2), TIMEOUT)
+async def driver(
+    r: Rig, *, rx: int = 8, options: ClientOptions | None = None
+) -> AsyncIterator[VvuTestDriver]:
+    pci = await asyncio.wait_for(
+        VfioUserPciAccess.open(r.vfio_path, timeout=2, options=options), TIMEOUT
+    )
     drv = await VirtioPciDriver.open(pci)
     await drv.setup_interrupts(3 + N)
     await drv.init(queues=2)
@@ -138,8 +158,8 @@ async def until(cond: object, what: str) -> None:
     raise AssertionError(what)
 
 
-async def connect(td: VvuTestDriver, r: Rig) -> Frontend:
-    fe = await Frontend.connect(r.frontend_path, memory_size=4 << 20)
+async def connect(td: VvuTestDriver, r: Rig, **kwargs: Any) -> Frontend:
+    fe = await Frontend.connect(r.frontend_path, **({"memory_size": 4 << 20} | kwargs))
     await until(lambda: r.device.frontend_connected, "front-end accepted")
     await td.drv.wait_config_change()
     assert await td.status() == BACKEND_UP | FRONTEND_UP
@@ -533,4 +553,167 @@ async def test_set_inflight_fd_region_becomes_shmid_3_with_its_offset_rewritten(
             assert rigged.device.shm_area(3) is None
         finally:
             os.close(region)
+            await fe.close()
+
+
+def _memfd(size: int, name: str = "vvu-test-region") -> int:
+    fd = os.memfd_create(name)
+    os.ftruncate(fd, size)
+    return fd
+
+
+async def _acked(fe: Frontend, td: VvuTestDriver, request: int, *args: Any) -> bytes:
+    """Send a request with NEED_REPLY; the test driver receives it and acks success."""
+    task = asyncio.ensure_future(fe.request(request, *args))  # type: ignore[arg-type]
+    msg = await td.recv()
+    assert HDR.unpack_from(msg)[0] == request
+    await td.reply(request, U64(0).pack())
+    await asyncio.wait_for(task, TIMEOUT)
+    return msg
+
+
+async def _still_serving(fe: Frontend, td: VvuTestDriver) -> None:
+    """The next message the driver gets is the front-end's next request (nothing refused got
+    through), and the session works."""
+    task = asyncio.ensure_future(fe.request_u64(_F.GET_FEATURES))
+    assert HDR.unpack_from(await td.recv())[0] == _F.GET_FEATURES
+    await td.reply(_F.GET_FEATURES, U64(7).pack())
+    assert await asyncio.wait_for(task, TIMEOUT) == 7
+
+
+@pytest.mark.asyncio
+async def test_an_unpublished_region_never_reaches_the_driver(rigged: Rig) -> None:
+    """A region the device cannot publish (here: its fd cannot be mapped) is refused: a
+    failure ack, and the table never reaches the driver. Forwarded as it was before, its
+    `mmap_offset` (0) was found by the driver in the first region's BAR4 area: aliasing."""
+    dev = rigged.device
+    good, bad = _memfd(2 << 20), _memfd(0)
+    async with driver(rigged) as td:
+        await td.set_status(BACKEND_UP)
+        fe = await connect(td, rigged)
+        fe.protocol_features = ProtocolFeature.REPLY_ACK.mask
+        try:
+            table = MemoryTable(
+                (MemoryRegion(0, 2 << 20, UVA_BASE, 0), MemoryRegion(4 << 20, 2 << 20, 1 << 40, 0))
+            )
+            with pytest.raises(FrontendError):
+                await fe.request(_F.SET_MEM_TABLE, table, [good, bad])
+            assert dev.areas == []
+            await _still_serving(fe, td)
+            # Without NEED_REPLY: the front-end is disconnected; the device takes the next one.
+            await fe.request(
+                _F.ADD_MEM_REG, SingleRegion(table.regions[1]), [bad], need_reply=False
+            )
+            await until(lambda: not dev.frontend_connected, "refused front-end disconnected")
+            await td.drv.wait_config_change()
+            assert await td.status() == 0
+        finally:
+            os.close(good)
+            os.close(bad)
+            await fe.close()
+        await td.set_status(BACKEND_UP)
+        fe2 = await connect(td, rigged)
+        await _still_serving(fe2, td)
+        await fe2.close()
+
+
+@pytest.mark.asyncio
+async def test_regions_beyond_the_fds_a_region_info_reply_carries_are_refused(
+    rigged: Rig,
+) -> None:
+    """Each region is one BAR4 area with its own fd, and a region-info reply carries at most
+    16 fds (max_msg_fds): the 17th region is refused, BAR4's info stays a reply the client
+    takes, and GET_MAX_MEM_SLOTS is clamped to leave room for the log and inflight areas."""
+    fds = [_memfd(0x10000) for _ in range(MAX_AREAS + 1)]
+    async with driver(rigged, rx=32) as td:
+        await td.set_status(BACKEND_UP)
+        fe = await connect(td, rigged)
+        fe.protocol_features = ProtocolFeature.REPLY_ACK.mask
+        try:
+            task = asyncio.ensure_future(fe.request_u64(_F.GET_MAX_MEM_SLOTS))
+            await td.recv()
+            await td.reply(_F.GET_MAX_MEM_SLOTS, U64(509).pack())
+            assert await asyncio.wait_for(task, TIMEOUT) == MAX_AREAS - 2
+            for i, fd in enumerate(fds[:MAX_AREAS]):
+                region = MemoryRegion(i << 21, 0x10000, (1 << 40) + (i << 21), 0)
+                await _acked(fe, td, _F.ADD_MEM_REG, SingleRegion(region), [fd])
+            region = MemoryRegion(MAX_AREAS << 21, 0x10000, 1 << 41, 0)
+            with pytest.raises(FrontendError):
+                await fe.request(_F.ADD_MEM_REG, SingleRegion(region), [fds[-1]])
+            areas = await td.pci.client.mmap_region(4)
+            assert len(areas) == MAX_AREAS
+            for area in areas:
+                area.close()
+            await _still_serving(fe, td)
+        finally:
+            for fd in fds:
+                os.close(fd)
+            await fe.close()
+
+
+@pytest.mark.asyncio
+async def test_frontend_memory_is_bar4_for_a_standard_client(tmp_path: Path) -> None:
+    """--frontend-memory: BAR4 is the file (one standard sparse-mmap area, fd offset = BAR4
+    offset), sized to it; shmid 1 is the file's size; no shmid 2/3, and the features that
+    would need them are filtered. Regions inside the file pass with their file offset;
+    another file's region, or one leaving the file, is refused."""
+    size = 6 << 20
+    mem = tmp_path / "guest-ram"
+    with open(mem, "wb") as f:
+        f.truncate(size)
+    async with (
+        rig(tmp_path, frontend_memory=str(mem)) as r,
+        driver(r, options=ClientOptions(sparse_mmap_fds=False, io_fds=False)) as td,
+    ):
+        assert td.pci.bar_info(4).size == 8 << 20 and td.pci.bar_info(4).mappable
+        shm = [c for c in td.drv.caps if c.cfg_type == CfgType.SHARED_MEMORY]
+        assert [(c.cap_id, c.offset, c.length, c.extra) for c in shm] == [(1, 0, size, bytes(8))]
+        info = await td.pci.client.region_info(4)
+        assert info.flags & RegionFlag.MMAP and info.offset == 0
+        assert info.info.caps == (SparseMmapCap(((0, size),)),)
+        (area,) = await td.pci.bar_areas(4)
+        assert (area.offset, area.size, area.fd_offset) == (0, size, 0)
+        assert os.fstat(area.fd).st_ino == os.stat(mem).st_ino
+        area.close()
+        await td.set_status(BACKEND_UP)
+        fe = await connect(td, r, memory_path=str(mem), memory_offset=1 << 20)
+        fe.protocol_features = ProtocolFeature.REPLY_ACK.mask
+        other = _memfd(4 << 20)
+        try:
+            task = asyncio.ensure_future(fe.request_u64(_F.GET_PROTOCOL_FEATURES))
+            await td.recv()
+            await td.reply(_F.GET_PROTOCOL_FEATURES, U64((1 << 64) - 1).pack())
+            got = await asyncio.wait_for(task, TIMEOUT)
+            assert got == PROTOCOL_FEATURES_ALLOWED & ~(
+                ProtocolFeature.LOG_SHMFD.mask | ProtocolFeature.INFLIGHT_SHMFD.mask
+            )
+            task = asyncio.ensure_future(fe.request_u64(_F.GET_FEATURES))
+            await td.recv()
+            await td.reply(_F.GET_FEATURES, U64(1 << 26 | 1 << 32).pack())
+            assert await asyncio.wait_for(task, TIMEOUT) == 1 << 32  # no LOG_ALL
+            # The table passes unchanged: mmap_offset is the file offset = the BAR4 offset.
+            msg = await _acked(
+                fe,
+                td,
+                _F.SET_MEM_TABLE,
+                MemoryTable((MemoryRegion(0, 4 << 20, UVA_BASE, 1 << 20),)),
+                [fe._memfd],
+            )
+            (region,) = MemoryTable.unpack(msg[12:]).regions
+            assert region.mmap_offset == 1 << 20
+            bar4 = await td.pci.map_bar(4)
+            assert bar4 is not None
+            fe.memory.write(0x3000, b"in the file")
+            assert bar4.read((1 << 20) + 0x3000, 11) == b"in the file"
+            # Another file, or past the file's end: refused, not forwarded.
+            outside = MemoryRegion(8 << 20, 4 << 20, 1 << 40, 3 << 20)
+            for fd, bad in (
+                (other, MemoryRegion(8 << 20, 4 << 20, 1 << 40, 0)),
+                (fe._memfd, outside),
+            ):
+                with pytest.raises(FrontendError):
+                    await fe.request(_F.ADD_MEM_REG, SingleRegion(bad), [fd])
+            await _still_serving(fe, td)
+        finally:
+            os.close(other)
             await fe.close()

@@ -7,9 +7,13 @@ Every test here runs over both transports: the back-ends and the engine do not c
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import os
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +23,8 @@ from vvu.backends import BlkBackend, NetBackend, RngBackend
 from vvu.device.vvu import DIRECT_KICK, VvuDevice
 from vvu.frontend import BlkDriver, BlkIOError, RngDriver
 from vvu.frontend.net import NetDriver
+from vvu.vfio_user import ClientOptions, VfioUserServer
+from vvu.vfio_user.protocol import Command
 from vvu_harness import served
 
 TIMEOUT = 20.0
@@ -26,6 +32,72 @@ VVU = [sys.executable, "-m", "vvu"]
 
 
 TRANSPORTS = pytest.mark.parametrize("transport", ["unix", "vvu", "vvu-msix"])
+#: A vfio-user client that knows no vvu extension and never asks for ioeventfds: what QEMU 11's
+#: vfio-user-pci is.
+STANDARD_CLIENT = ClientOptions(sparse_mmap_fds=False, io_fds=False)
+
+
+@contextlib.contextmanager
+def memory_file(tmp_path: Path, size: int) -> Iterator[Path]:
+    """A `size`-byte file on tmpfs (as a VM's memory-backend-file would use), removed after."""
+    shm = Path("/dev/shm")
+    path = (shm if shm.is_dir() else tmp_path) / f"vvu-test-{uuid.uuid4().hex}"
+    with open(path, "wb") as f:
+        f.truncate(size)
+    try:
+        yield path
+    finally:
+        path.unlink()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("client", ["standard", "vvu"])
+async def test_blk_with_frontend_memory_from_a_file(client: str, tmp_path: Path) -> None:
+    """`--frontend-memory`: the front-end's RAM is a tmpfs file, BAR4 is that file behind one
+    standard sparse-mmap area, and the front-end's regions are matched to it. A client without
+    vvu's extensions (QEMU 11's kind) serves blk over it: BAR4 reached by mmap only (no
+    REGION_READ/WRITE on it), doorbells as REGION_WRITEs, kicks as MSI-X (the device refuses
+    DIRECT). Our own client still gets its fast paths."""
+    devices: list[VvuDevice] = []
+    servers: list[VfioUserServer] = []
+    options = STANDARD_CLIENT if client == "standard" else None
+    with memory_file(tmp_path, 48 << 20) as mem:
+        async with served(
+            BlkBackend(size=16 << 20),
+            "vvu",
+            tmp_path,
+            devices,
+            servers=servers,
+            frontend_memory=str(mem),
+            client_options=options,
+        ) as path:
+            (device,), (server,) = devices, servers
+            blk = await asyncio.wait_for(
+                BlkDriver.open(path, depth=8, timeout=5, memory_path=str(mem)), TIMEOUT
+            )
+            try:
+                data = os.urandom(1 << 20)
+                await blk.write(128, data)
+                await blk.flush()
+                back = await blk.read(128, 1 << 20)
+                assert hashlib.sha256(back).digest() == hashlib.sha256(data).digest()
+                blocks = {i: os.urandom(4096) for i in range(16)}
+                await asyncio.gather(*(blk.write(4096 + i * 8, b) for i, b in blocks.items()))
+                got = await asyncio.gather(*(blk.read(4096 + i * 8, 4096) for i in blocks))
+                assert got == list(blocks.values())
+            finally:
+                await blk.close()
+            assert server.region_accesses[4] == 0  # front-end memory: mapped, never trapped
+            fwd = device.forwarder
+            assert fwd is not None
+            if client == "standard":
+                assert server.commands[Command.DEVICE_GET_REGION_IO_FDS] == 0
+                assert device.doorbell_writes > 0  # calls: REGION_WRITEs the device relays
+                assert all(device.aux_vector(i) != DIRECT_KICK for i in range(8))
+                assert (fwd.forwarded(0) or 0) > 0  # kicks relayed to MSI-X
+            else:
+                assert device.aux_vector(0) == DIRECT_KICK and fwd.tokens() == []
+                assert device.doorbell_writes == 0  # calls: the ioeventfds, zero hops
 
 
 @pytest.mark.asyncio

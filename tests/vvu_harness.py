@@ -18,7 +18,7 @@ from vvu.pci.virtio_device import VirtioPciDevice
 from vvu.transport.base import Listener
 from vvu.transport.unix import UnixListener
 from vvu.transport.vvu import VvuListener
-from vvu.vfio_user import VfioUserPciAccess
+from vvu.vfio_user import ClientOptions, VfioUserPciAccess
 from vvu.vfio_user.echo import EchoDevice
 from vvu.vfio_user.server import VfioUserServer
 
@@ -59,12 +59,17 @@ async def served(
     devices: list[VvuDevice] | None = None,
     *,
     sessions: asyncio.Queue[asyncio.Task[None]] | None = None,
+    servers: list[VfioUserServer] | None = None,
+    frontend_memory: str | None = None,
+    client_options: ClientOptions | None = None,
 ) -> AsyncIterator[str]:
     """Serve `backend` in this event loop; yields the socket front-ends connect to. Transport
     "vvu" uses direct kicks (the default), "vvu-msix" has the device relay them to MSI-X; the
     device goes into `devices` when given. Given an engine, serves that engine and leaves its
     back-end open (its owner closes it); given a back-end, closes it at the end. With
-    `sessions`, each session's serving task is put there when the session starts."""
+    `sessions`, each session's serving task is put there when the session starts. Over VVU:
+    the vfio-user server goes into `servers` when given, `frontend_memory` is the device's
+    `--frontend-memory` file, `client_options` the driver's vfio-user client options."""
     if isinstance(backend, BackendEngine):
         engine, owned = backend, None
     else:
@@ -77,12 +82,18 @@ async def served(
     if transport == "unix":
         listener = UnixListener(frontend_socket)
     else:
-        device = VvuDevice(UnixListener(frontend_socket), max_queues=8)
+        device = VvuDevice(
+            UnixListener(frontend_socket), max_queues=8, frontend_memory=frontend_memory
+        )
         if devices is not None:
             devices.append(device)
         server = VfioUserServer(device, str(tmp_path / "vvu.sock"))
+        if servers is not None:
+            servers.append(server)
         tasks.append(asyncio.ensure_future(server.serve_forever()))
-        pci = await VfioUserPciAccess.open(str(tmp_path / "vvu.sock"), timeout=5)
+        pci = await VfioUserPciAccess.open(
+            str(tmp_path / "vvu.sock"), timeout=5, options=client_options
+        )
         listener = VvuListener(pci, kick_mode="msix" if transport == "vvu-msix" else "direct")
     serving = (
         engine.serve_forever(listener)

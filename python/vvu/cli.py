@@ -155,6 +155,7 @@ async def _device(args: argparse.Namespace) -> None:
         uuid=args.uuid.bytes if args.uuid is not None else None,
         max_queues=args.max_queues,
         device_id=args.device_id,
+        frontend_memory=args.frontend_memory,
     )
     server = VfioUserServer(device, args.vfio_user)
     loop = asyncio.get_running_loop()
@@ -164,7 +165,12 @@ async def _device(args: argparse.Namespace) -> None:
     print(
         f"vvu: virtio-vhost-user device {device.uuid.hex()} (virtio id {args.device_id}, "
         f"{args.max_queues} vhost queues): front-ends connect to {args.socket_path}, "
-        f"the driver to {args.vfio_user}",
+        f"the driver to {args.vfio_user}"
+        + (
+            f"; BAR4 is {args.frontend_memory} ({device.shm_layout[1][1]:#x} bytes)"
+            if args.frontend_memory
+            else ""
+        ),
         file=sys.stderr,
         flush=True,
     )
@@ -465,6 +471,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     device.add_argument(
         "--socket-mode", default="600", help="permissions of the front-end socket (octal, 600)"
+    )
+    device.add_argument(
+        "--frontend-memory",
+        metavar="PATH",
+        help=(
+            "the file backing the front-end's RAM (a front-end VM's memory-backend-file "
+            "mem-path with share=on, a /dev/shm or hugetlbfs file): BAR4 becomes that file, "
+            "mappable by any vfio-user client (QEMU's vfio-user-pci); regions outside it are "
+            "refused; no dirty log or inflight region (LOG_SHMFD, INFLIGHT_SHMFD filtered). "
+            "Default: each region its own fd (vvu's per-area-fds extension)"
+        ),
     )
     device.set_defaults(func=cmd_device)
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import stat
 import struct
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
@@ -25,25 +26,30 @@ from vvu.pci.virtio_device import NO_VECTOR, CfgType, Status, VirtioPciDevice
 from vvu.protocol.constants import (
     HEADER_SIZE,
     KNOWN_FLAGS,
+    NEED_REPLY,
     REPLY,
     VERSION,
     VERSION_MASK,
     VRING_IDX_MASK,
     FrontendRequest,
     ProtocolFeature,
+    VhostFeature,
 )
 from vvu.protocol.payloads import Inflight, Log, MemoryRegion, MemoryTable, SingleRegion
-from vvu.transport.base import Channel, RawMessage, TransportError, close_fds
+from vvu.transport.base import Channel, RawMessage, TransportError, close_fds, is_eventfd
 from vvu.transport.unix import UnixListener
-from vvu.vfio_user.device import IoEventFd, IrqRequest, MmapArea, RegionSpec
+from vvu.vfio_user.device import DmaSpace, IoEventFd, IrqRequest, MmapArea, RegionSpec
 from vvu.vfio_user.protocol import IrqIndex
 
 __all__ = [
     "BACKEND_UP",
     "DIRECT_KICK",
     "FEATURES_FILTERED",
+    "FILE_MODE_FEATURES_FILTERED",
+    "FILE_MODE_PROTOCOL_FEATURES_FILTERED",
     "FRONTEND_UP",
     "KICK_FDS_OFFSET",
+    "MAX_AREAS",
     "PROTOCOL_FEATURES_ALLOWED",
     "VVU_VIRTIO_ID",
     "VvuDevice",
@@ -82,6 +88,12 @@ REGION_ALIGN: Final = 2 << 20
 PAGE: Final = 4096
 #: Messages waiting for rxq buffers before the device stops reading the front-end.
 RX_BACKLOG: Final = 16
+#: BAR4 areas at most (shmid 1 regions + the log + the inflight region). In the per-area-fds
+#: mode each area is one fd of BAR4's region-info reply, and a reply carries at most
+#: `max_msg_fds` fds (16: what our server advertises and our client proposes). A region that
+#: would exceed it is refused; GET_MAX_MEM_SLOTS is clamped to leave room for the log and the
+#: inflight region.
+MAX_AREAS: Final = 16
 
 _P = ProtocolFeature
 PROTOCOL_FEATURES_ALLOWED: Final = (
@@ -104,6 +116,10 @@ PROTOCOL_FEATURES_ALLOWED: Final = (
 )
 #: Virtio feature bits the device never lets through (none: LOG_ALL works through shmid 2).
 FEATURES_FILTERED: Final = 0
+#: With --frontend-memory BAR4 is the front-end's file alone: no shmid 2 (log) or 3 (inflight)
+#: a standard vfio-user client could map, so neither feature (nor LOG_ALL) is let through.
+FILE_MODE_PROTOCOL_FEATURES_FILTERED: Final = (1 << _P.LOG_SHMFD) | (1 << _P.INFLIGHT_SHMFD)
+FILE_MODE_FEATURES_FILTERED: Final = VhostFeature.LOG_ALL.mask
 _F = FrontendRequest
 _HDR = struct.Struct("<III")
 _U64 = struct.Struct("<Q")
@@ -127,10 +143,47 @@ class ShmArea:
         return self.offset + (self.start - self.fd_offset)
 
 
+class _Refused(Exception):
+    """A front-end message the device cannot bind (its memory cannot be published, an fd that
+    should be an eventfd is not): the front-end gets a failure ack (NEED_REPLY) or is
+    disconnected; the message never reaches the driver."""
+
+
+def _fd_kind(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as err:
+        return err.strerror or "unknown"
+
+
 def _page_span(start: int, length: int) -> tuple[int, int]:
     """The page-aligned fd offset and the page-multiple size covering `start`+`length`."""
     fd_offset = start & ~(PAGE - 1)
     return fd_offset, -(-(start - fd_offset + length) // PAGE) * PAGE
+
+
+def _bar_size(length: int) -> int:
+    """The smallest power-of-two BAR (at least a page) holding `length` bytes."""
+    return max(PAGE, 1 << (length - 1).bit_length())
+
+
+def _open_frontend_memory(path: str) -> tuple[int, os.stat_result]:
+    """Open the file backing the front-end's RAM (read-write); ValueError when it cannot be
+    shared memory for BAR4 (not a regular file, empty, not whole pages)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as err:
+        raise ValueError(f"--frontend-memory {path}: {err.strerror}") from err
+    st = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(st.st_mode):
+        problem = "not a regular file"
+    elif st.st_size <= 0 or st.st_size % PAGE:
+        problem = f"its size {st.st_size:#x} is not a positive multiple of {PAGE}"
+    if problem is not None:
+        os.close(fd)
+        raise ValueError(f"--frontend-memory {path}: {problem}")
+    return fd, st
 
 
 class VvuDevice(VirtioPciDevice):
@@ -147,7 +200,11 @@ class VvuDevice(VirtioPciDevice):
         uuid: bytes | None = None,
         max_queues: int = 64,
         device_id: int = VVU_VIRTIO_ID,
+        frontend_memory: str | None = None,
     ) -> None:
+        """`frontend_memory`: the file backing the front-end's RAM (docs/vvu-device.md,
+        "Front-end memory from a file"): BAR4 is then that file, mappable with standard
+        vfio-user, and only regions inside it are accepted."""
         if not 1 <= max_queues <= 125:  # 3 + N MSI-X vectors fit BAR1's 2 KiB table
             raise ValueError("max_queues is 1 to 125")
         if uuid is not None and len(uuid) != 16:
@@ -164,6 +221,18 @@ class VvuDevice(VirtioPciDevice):
         self._fixed: dict[int, ShmArea] = {}  # shmid 2 (log), 3 (inflight): one area each
         self._log_request = b""  # SET_LOG_BASE's payload as the front-end sent it (its reply)
         self._shm = GuestMemory()  # the areas, for message (REGION_READ/WRITE) access
+        self._extensions = False  # the vfio-user client asked for vvu's extensions
+        #: shmid -> (offset in BAR4, length)
+        self.shm_layout: dict[int, tuple[int, int]] = {s: (o, n) for s, o, n in SHM_LAYOUT}
+        self.bar4_size = BAR4_SIZE
+        self.protocol_features_allowed = PROTOCOL_FEATURES_ALLOWED
+        self.features_filtered = FEATURES_FILTERED
+        #: --frontend-memory: the file (one fixed BAR4 area at 0) and its (st_dev, st_ino)
+        self.frontend_memory = frontend_memory
+        self._file: ShmArea | None = None
+        self._file_id: tuple[int, int] | None = None
+        if frontend_memory is not None:
+            self._use_frontend_memory(frontend_memory)
         self._forwarder: EventForwarder | None = None
         self._unmapped_kick = EventFd()  # kicks without a vector land here: ISR bit 2
         self._frontend: Channel | None = None
@@ -177,6 +246,9 @@ class VvuDevice(VirtioPciDevice):
         self._release_after_reply: set[int] = set()
         self.sessions = 0
         self.dropped_tx = 0
+        #: Doorbells rung by REGION_WRITE (the device signalled the front-end itself): a client
+        #: that uses the ioeventfds rings them without the device.
+        self.doorbell_writes = 0
         super().__init__(
             virtio_id=device_id,
             features=0,
@@ -184,6 +256,21 @@ class VvuDevice(VirtioPciDevice):
             msix_vectors=3 + max_queues,
             ioeventfds=True,
         )
+
+    def _use_frontend_memory(self, path: str) -> None:
+        """BAR4 = shmid 1 = the file, one fixed area at offset 0 = file offset 0."""
+        fd, st = _open_frontend_memory(path)
+        try:
+            self._shm.add_region(fd, 0, st.st_size)
+        except Exception:
+            os.close(fd)
+            raise
+        self._file = ShmArea(0, st.st_size, fd, 0, 0)
+        self._file_id = (st.st_dev, st.st_ino)
+        self.shm_layout = {SHM_FRONTEND: (0, st.st_size)}
+        self.bar4_size = _bar_size(st.st_size)
+        self.protocol_features_allowed &= ~FILE_MODE_PROTOCOL_FEATURES_FILTERED
+        self.features_filtered |= FILE_MODE_FEATURES_FILTERED
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -204,7 +291,8 @@ class VvuDevice(VirtioPciDevice):
         return self._fixed.get(shmid)
 
     def _all_areas(self) -> list[ShmArea]:
-        return self._areas + list(self._fixed.values())
+        fixed = [self._file] if self._file is not None else []
+        return fixed + self._areas + list(self._fixed.values())
 
     @property
     def doorbells(self) -> dict[int, EventFd]:
@@ -222,7 +310,7 @@ class VvuDevice(VirtioPciDevice):
     def add_extra_capabilities(self) -> None:
         n = self.max_queues
         self.config.add_bar(2, BAR2_SIZE)
-        self.config.add_bar(4, BAR4_SIZE, is_64bit=True, prefetchable=True)
+        self.config.add_bar(4, self.bar4_size, is_64bit=True, prefetchable=True)
         self.add_virtio_cap(
             DEVICE_AUX_NOTIFY,
             2,
@@ -232,7 +320,7 @@ class VvuDevice(VirtioPciDevice):
         )
         self.add_virtio_cap(DRIVER_AUX_NOTIFY, 2, DRIVER_AUX_OFFSET, 4)
         # Three 24-byte cap64s fit the 256-byte space only without PCI_CFG (PCI_CFG_CAP below).
-        for shmid, offset, length in SHM_LAYOUT:
+        for shmid, (offset, length) in sorted(self.shm_layout.items()):
             self.add_virtio_cap(
                 CfgType.SHARED_MEMORY,
                 4,
@@ -244,7 +332,7 @@ class VvuDevice(VirtioPciDevice):
 
     def extra_regions(self) -> dict[int, RegionSpec]:
         areas = tuple(MmapArea(a.offset, a.size, a.fd, a.fd_offset) for a in self._all_areas())
-        return {2: RegionSpec(BAR2_SIZE), 4: RegionSpec(BAR4_SIZE, areas=areas)}
+        return {2: RegionSpec(BAR2_SIZE), 4: RegionSpec(self.bar4_size, areas=areas)}
 
     def extra_ioeventfds(self, index: int) -> Sequence[IoEventFd]:
         if index != 2:
@@ -252,6 +340,8 @@ class VvuDevice(VirtioPciDevice):
         doorbells = tuple(
             IoEventFd(AUX_MULTIPLIER * i, 0, efd) for i, efd in sorted(self._doorbells.items())
         )
+        if not self._extensions:  # direct kicks are vvu's extension
+            return doorbells
         kicks = tuple(
             IoEventFd(KICK_FDS_OFFSET + AUX_MULTIPLIER * i, 0, efd)
             for i, efd in sorted(self._kicks.items())
@@ -347,17 +437,24 @@ class VvuDevice(VirtioPciDevice):
             if self._aux_select >= self.max_queues:
                 log.info("vvu: driver aux select %d is out of range", self._aux_select)
         elif rel == 2 and len(data) == 2:
-            if self._aux_select >= self.max_queues:
-                self._refuse(f"msix_vector of notification {self._aux_select} (out of range)")
-                return
-            vector = int.from_bytes(data, "little")
-            if vector not in (NO_VECTOR, DIRECT_KICK) and vector >= self.msix_vector_count:
-                self._refuse(f"notification vector {vector} does not exist (NO_VECTOR)")
-                vector = NO_VECTOR
-            self._aux_vectors[self._aux_select] = vector
-            self._route_kick(self._aux_select)
+            self._set_aux_vector(int.from_bytes(data, "little"))
         else:
             self._refuse(f"BAR2 write {offset:#x}+{len(data)} ignored")
+
+    def _set_aux_vector(self, vector: int) -> None:
+        """The driver writes the selected notification's msix_vector."""
+        if self._aux_select >= self.max_queues:
+            self._refuse(f"msix_vector of notification {self._aux_select} (out of range)")
+            return
+        if vector not in (NO_VECTOR, DIRECT_KICK) and vector >= self.msix_vector_count:
+            self._refuse(f"notification vector {vector} does not exist (NO_VECTOR)")
+            vector = NO_VECTOR
+        elif vector == DIRECT_KICK and not self._extensions:
+            # The driver could never read the kick eventfd (no GET_REGION_IO_FDS entry).
+            self._refuse("DIRECT kicks need a client with vvu's extensions (NO_VECTOR)")
+            vector = NO_VECTOR
+        self._aux_vectors[self._aux_select] = vector
+        self._route_kick(self._aux_select)
 
     def ring_doorbell(self, index: int) -> None:
         """Device aux notification `index` (a REGION_WRITE; the ioeventfd does this itself)."""
@@ -368,6 +465,7 @@ class VvuDevice(VirtioPciDevice):
         if efd is None:
             log.info("vvu: doorbell %d has no front-end eventfd; ignored", index)
             return
+        self.doorbell_writes += 1
         efd.signal()
 
     # -- kicks ---------------------------------------------------------------------------------
@@ -422,7 +520,7 @@ class VvuDevice(VirtioPciDevice):
     # -- shared memory -------------------------------------------------------------------------
 
     def _place(self, size: int) -> int | None:
-        _, base, length = SHM_LAYOUT[0]
+        base, length = self.shm_layout[SHM_FRONTEND]
         candidate = base
         for area in sorted(self._areas, key=lambda a: a.offset):
             if candidate + size <= area.offset:
@@ -432,24 +530,48 @@ class VvuDevice(VirtioPciDevice):
             return None
         return candidate
 
-    def _add_area(self, region: MemoryRegion, fd: int) -> ShmArea | None:
-        """Publish one region; takes `fd`. None (fd closed) when it does not fit."""
+    def _accept_region(self, region: MemoryRegion, fd: int) -> MemoryRegion:
+        """Publish one region (takes `fd`); the region as forwarded (`mmap_offset` = its offset
+        in shmid 1). Raises _Refused (fd closed) when it cannot be published: then it must
+        not reach the driver, whose lookup by offset would find another region's memory."""
+        where = f"region {region.guest_phys_addr:#x}+{region.memory_size:#x}"
+        if self._file is not None:
+            return self._match_file(region, fd, where)
+        if len(self._all_areas()) >= MAX_AREAS:
+            os.close(fd)
+            raise _Refused(f"{where}: BAR4 has {MAX_AREAS} areas already (max_msg_fds)")
         _, size = _page_span(region.mmap_offset, region.memory_size)
         offset = self._place(size) if region.memory_size else None
         if offset is None:
-            log.warning("vvu: region %s does not fit in shmid 1; not published", region)
             os.close(fd)
-            return None
+            raise _Refused(f"{where} does not fit in shmid 1")
         area = self._map_area(offset, fd, region.mmap_offset, region.memory_size, region)
-        if area is not None:
-            self._areas.append(area)
-        return area
+        self._areas.append(area)
+        return self._rewritten(region, area)
+
+    def _match_file(self, region: MemoryRegion, fd: int, where: str) -> MemoryRegion:
+        """--frontend-memory: the region must lie inside the file (same st_dev and st_ino);
+        its `mmap_offset` is then its offset in the file, which is its offset in shmid 1."""
+        assert self._file is not None
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if (st.st_dev, st.st_ino) != self._file_id:
+            raise _Refused(f"{where}: its fd is not the --frontend-memory file")
+        end = region.mmap_offset + region.memory_size
+        if not region.memory_size or end > self._file.size:
+            raise _Refused(
+                f"{where} at file offset {region.mmap_offset:#x} leaves the "
+                f"{self._file.size:#x}-byte --frontend-memory file"
+            )
+        return region
 
     def _map_area(
         self, offset: int, fd: int, start: int, length: int, region: MemoryRegion | None = None
-    ) -> ShmArea | None:
-        """`fd`'s `start`+`length` as the BAR4 area at `offset`; takes `fd`. None (fd closed)
-        when it cannot be mapped."""
+    ) -> ShmArea:
+        """`fd`'s `start`+`length` as the BAR4 area at `offset`; takes `fd`. Raises _Refused
+        (fd closed) when it cannot be mapped."""
         fd_offset, size = _page_span(start, length)
         try:
             # The area is whole pages (vfio-user mmaps pages), but the file may end inside the
@@ -458,11 +580,8 @@ class VvuDevice(VirtioPciDevice):
             mapped = min(size, max(os.fstat(fd).st_size - fd_offset, wanted))
             self._shm.add_region(fd, offset, mapped, mmap_offset=fd_offset)
         except Exception as err:  # the fd cannot be mapped (too short, not a memfd, ...)
-            log.warning(
-                "vvu: %#x bytes at %#x cannot be mapped: %s; not published", length, start, err
-            )
             os.close(fd)
-            return None
+            raise _Refused(f"{length:#x} bytes at {start:#x} cannot be mapped: {err}") from err
         return ShmArea(offset, size, fd, fd_offset, start, region)
 
     def _drop_fixed(self, shmid: int) -> None:
@@ -477,13 +596,23 @@ class VvuDevice(VirtioPciDevice):
         takes `fd`. Returns the first byte's offset in the shmid (the rewritten `mmap_offset`),
         None (fd closed) when it is empty, too big or cannot be mapped."""
         self._drop_fixed(shmid)
-        _, base, limit = SHM_LAYOUT[shmid - 1]
+        if shmid not in self.shm_layout:
+            log.warning("vvu: shmid %d does not exist here; not published", shmid)
+            os.close(fd)
+            return None
+        if len(self._all_areas()) >= MAX_AREAS:
+            log.warning("vvu: BAR4 has %d areas already; shmid %d not published", MAX_AREAS, shmid)
+            os.close(fd)
+            return None
+        base, limit = self.shm_layout[shmid]
         if not 0 < length <= limit - PAGE:
             log.warning("vvu: %#x bytes do not fit in shmid %d; not published", length, shmid)
             os.close(fd)
             return None
-        area = self._map_area(base, fd, start, length)
-        if area is None:
+        try:
+            area = self._map_area(base, fd, start, length)
+        except _Refused as err:
+            log.warning("vvu: shmid %d not published: %s", shmid, err)
             return None
         self._fixed[shmid] = area
         return area.region_offset - base
@@ -501,7 +630,9 @@ class VvuDevice(VirtioPciDevice):
     def _bind_log_base(self, req: int, payload: bytes, fds: list[int]) -> bytes:
         """The log becomes shmid 2 (replacing the previous one), `mmap_offset` its offset there.
         Unpublished (no fd, too big, unmappable): forwarded as is, so the driver finds no area
-        and the back-end refuses the log."""
+        and the back-end refuses the log. With --frontend-memory there is no shmid 2."""
+        if SHM_LOG not in self.shm_layout:
+            raise _Refused("SET_LOG_BASE: no shmid 2 with --frontend-memory (LOG_SHMFD is off)")
         request = Log.unpack(payload)
         self._drop_fixed(SHM_LOG)
         self._log_request = payload
@@ -513,6 +644,8 @@ class VvuDevice(VirtioPciDevice):
 
     def _bind_inflight(self, req: int, payload: bytes, fds: list[int]) -> bytes:
         """SET_INFLIGHT_FD: the front-end's region becomes shmid 3, as the log becomes shmid 2."""
+        if SHM_INFLIGHT not in self.shm_layout:
+            raise _Refused("SET_INFLIGHT_FD: no shmid 3 with --frontend-memory")
         request = Inflight.unpack(payload)
         self._drop_fixed(SHM_INFLIGHT)
         if len(fds) != 1:
@@ -529,7 +662,7 @@ class VvuDevice(VirtioPciDevice):
         a zeroed one of the size the back-end asks (as fresh as the back-end's), publishes it
         as shmid 3 and gives the front-end the fd; the back-end is told with a SET_INFLIGHT_FD
         of its own on rxq. Returns the reply payload and fds for the front-end."""
-        _, _, limit = SHM_LAYOUT[SHM_INFLIGHT - 1]
+        _, limit = self.shm_layout.get(SHM_INFLIGHT, (0, 0))
         if not 0 < reply.mmap_size <= limit - PAGE:
             if reply.mmap_size:
                 log.warning("vvu: a %#x-byte inflight region does not fit", reply.mmap_size)
@@ -551,10 +684,9 @@ class VvuDevice(VirtioPciDevice):
             frontend_fd
         ]
 
-    def _rewritten(self, region: MemoryRegion, area: ShmArea | None) -> MemoryRegion:
-        offset = area.region_offset if area is not None else region.mmap_offset
+    def _rewritten(self, region: MemoryRegion, area: ShmArea) -> MemoryRegion:
         return MemoryRegion(
-            region.guest_phys_addr, region.memory_size, region.userspace_addr, offset
+            region.guest_phys_addr, region.memory_size, region.userspace_addr, area.region_offset
         )
 
     # -- front-end messages: bind, then forward ------------------------------------------------
@@ -579,6 +711,8 @@ class VvuDevice(VirtioPciDevice):
                 self._release_after_reply.add(int.from_bytes(raw.payload[:4], "little"))
             binder = binders.get(raw.request)
             return raw.payload if binder is None else binder(raw.request, raw.payload, fds)
+        except _Refused:
+            raise
         except Exception as err:  # malformed payload: forward as is, the back-end refuses it
             log.warning("vvu: front-end message %d not bound: %s", raw.request, err)
             return raw.payload
@@ -589,22 +723,21 @@ class VvuDevice(VirtioPciDevice):
         table = MemoryTable.unpack(payload)
         self._drop_areas()
         if len(fds) != table.nregions:
-            log.warning("vvu: SET_MEM_TABLE: %d fds for %d regions", len(fds), table.nregions)
-            return payload
-        regions = [
-            self._rewritten(region, self._add_area(region, fd))
-            for region, fd in zip(table.regions, fds, strict=True)
-        ]
-        fds.clear()
+            raise _Refused(f"SET_MEM_TABLE: {len(fds)} fds for {table.nregions} regions")
+        regions: list[MemoryRegion] = []
+        try:
+            while fds:
+                regions.append(self._accept_region(table.regions[len(regions)], fds.pop(0)))
+        except _Refused:
+            self._drop_areas()  # all or nothing
+            raise
         return MemoryTable(tuple(regions)).pack()
 
     def _bind_add_mem_reg(self, req: int, payload: bytes, fds: list[int]) -> bytes:
         region = SingleRegion.unpack(payload).region
         if len(fds) != 1:
-            log.warning("vvu: ADD_MEM_REG with %d fds", len(fds))
-            return payload
-        area = self._add_area(region, fds.pop())
-        return SingleRegion(self._rewritten(region, area)).pack()
+            raise _Refused(f"ADD_MEM_REG with {len(fds)} fds")
+        return SingleRegion(self._accept_region(region, fds.pop())).pack()
 
     def _bind_rem_mem_reg(self, req: int, payload: bytes, fds: list[int]) -> bytes:
         region = SingleRegion.unpack(payload).region
@@ -623,6 +756,7 @@ class VvuDevice(VirtioPciDevice):
         index = value & VRING_IDX_MASK
         n = self.max_queues
         fd = fds[-1] if fds else None  # closed by _bind: the bindings keep duplicates
+        self._check_eventfd(req, fd)
         if index >= n:
             log.warning("vvu: request %d for ring %d (max %d) not bound", req, index, n)
         elif req == _F.SET_VRING_KICK:
@@ -632,8 +766,17 @@ class VvuDevice(VirtioPciDevice):
         return payload
 
     def _bind_log_fd(self, req: int, payload: bytes, fds: list[int]) -> bytes:
-        self._bind_doorbell(2 * self.max_queues, fds[-1] if fds else None)
+        fd = fds[-1] if fds else None
+        self._check_eventfd(req, fd)
+        self._bind_doorbell(2 * self.max_queues, fd)
         return payload
+
+    @staticmethod
+    def _check_eventfd(req: int, fd: int | None) -> None:
+        """Kick, call, err and log fds become doorbells, forwarder sources and ioeventfds a
+        client may hand to KVM: anything but an eventfd (a pipe, a socket, a file) is refused."""
+        if fd is not None and not is_eventfd(fd):
+            raise _Refused(f"request {req}: its fd is not an eventfd ({_fd_kind(fd)})")
 
     def _bind_backend_req(self, req: int, payload: bytes, fds: list[int]) -> bytes:
         if fds and self._frontend is not None:
@@ -729,36 +872,49 @@ class VvuDevice(VirtioPciDevice):
             log.info("vvu: txq message %d dropped: no front-end", request)
             return
         if flags & REPLY:
-            fds: list[int] = []
-            if request == _F.GET_PROTOCOL_FEATURES and size == 8:
-                (value,) = _U64.unpack_from(data, HEADER_SIZE)
-                if value & ~PROTOCOL_FEATURES_ALLOWED:
-                    log.info(
-                        "vvu: protocol features %#x filtered out",
-                        value & ~PROTOCOL_FEATURES_ALLOWED,
-                    )
-                data = data[:HEADER_SIZE] + _U64.pack(value & PROTOCOL_FEATURES_ALLOWED)
-            elif request == _F.GET_FEATURES and size == 8:
-                (value,) = _U64.unpack_from(data, HEADER_SIZE)
-                data = data[:HEADER_SIZE] + _U64.pack(value & ~FEATURES_FILTERED)
-            elif request == _F.SET_LOG_BASE and Log.fits(size) and self._log_request:
-                # The back-end echoes the log it got: the front-end gets back what it sent, not
-                # the shmid 2 offset.
-                data = _HDR.pack(request, flags, len(self._log_request)) + self._log_request
-            elif request == _F.GET_INFLIGHT_FD and Inflight.fits(size):
-                payload, fds = self._allocate_inflight(Inflight.unpack(data[HEADER_SIZE:]))
-                data = _HDR.pack(request, flags, len(payload)) + payload
-            self._out.put_nowait((self._frontend, data, fds))
-            if request == _F.GET_VRING_BASE and size >= 4:
-                index = int.from_bytes(data[HEADER_SIZE : HEADER_SIZE + 4], "little")
-                if index in self._release_after_reply:
-                    self._release_after_reply.discard(index)
-                    self._release_ring(index)
+            self._handle_reply(request, flags, size, data)
         elif self._backend_channel is None:
             self.dropped_tx += 1
             log.warning("vvu: back-end request %d before SET_BACKEND_REQ_FD dropped", request)
         else:
             self._out.put_nowait((self._backend_channel, data, []))
+
+    def _handle_reply(self, request: int, flags: int, size: int, data: bytes) -> None:
+        """A reply from the driver to a front-end request: filtered, then to the front-end."""
+        fds: list[int] = []
+        if request == _F.GET_PROTOCOL_FEATURES and size == 8:
+            (value,) = _U64.unpack_from(data, HEADER_SIZE)
+            allowed = self.protocol_features_allowed
+            if value & ~allowed:
+                log.info("vvu: protocol features %#x filtered out", value & ~allowed)
+            data = data[:HEADER_SIZE] + _U64.pack(value & allowed)
+        elif request == _F.GET_FEATURES and size == 8:
+            (value,) = _U64.unpack_from(data, HEADER_SIZE)
+            data = data[:HEADER_SIZE] + _U64.pack(value & ~self.features_filtered)
+        elif request == _F.GET_MAX_MEM_SLOTS and size == 8 and self._file is None:
+            # Each region is a BAR4 area (one fd each); leave room for the log and inflight.
+            (value,) = _U64.unpack_from(data, HEADER_SIZE)
+            data = data[:HEADER_SIZE] + _U64.pack(min(value, MAX_AREAS - 2))
+        elif request == _F.SET_LOG_BASE and Log.fits(size) and self._log_request:
+            # The back-end echoes the log it got: the front-end gets back what it sent, not
+            # the shmid 2 offset.
+            data = _HDR.pack(request, flags, len(self._log_request)) + self._log_request
+        elif request == _F.GET_INFLIGHT_FD and Inflight.fits(size):
+            payload, fds = self._allocate_inflight(Inflight.unpack(data[HEADER_SIZE:]))
+            data = _HDR.pack(request, flags, len(payload)) + payload
+        self._send_frontend(data, fds)
+        if request == _F.GET_VRING_BASE and size >= 4:
+            index = int.from_bytes(data[HEADER_SIZE : HEADER_SIZE + 4], "little")
+            if index in self._release_after_reply:
+                self._release_after_reply.discard(index)
+                self._release_ring(index)
+
+    def _send_frontend(self, data: bytes, fds: list[int] | None = None) -> None:
+        """Queue `data` (and `fds`, which the send loop closes) for the front-end."""
+        if self._frontend is None or self._out is None:
+            close_fds(fds or [])
+            return
+        self._out.put_nowait((self._frontend, data, fds or []))
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -817,7 +973,15 @@ class VvuDevice(VirtioPciDevice):
                 raw = await channel.recv()
                 if raw is None:
                     break
-                payload = self._bind(raw)
+                try:
+                    payload = self._bind(raw)
+                except _Refused as err:
+                    log.warning("vvu: front-end message %d refused: %s", raw.request, err)
+                    if not raw.flags & NEED_REPLY:
+                        self._disconnect_frontend(f"refused message: {err}", notify=True)
+                        return
+                    self._send_frontend(_HDR.pack(raw.request, VERSION | REPLY, 8) + _U64.pack(1))
+                    continue
                 header = _HDR.pack(raw.request, raw.flags, len(payload))
                 self._enqueue_rx(header + payload)
                 if len(self._rx_pending) >= RX_BACKLOG:
@@ -906,6 +1070,15 @@ class VvuDevice(VirtioPciDevice):
 
     # -- lifecycle -----------------------------------------------------------------------------
 
+    def client_connected(self, dma: DmaSpace) -> None:
+        super().client_connected(dma)
+        # vvu's extensions (per-area fds, DIRECT kicks) for a client that asked for them.
+        self._extensions = bool(dma.client_capabilities.sparse_mmap_fds)
+
+    def client_disconnected(self) -> None:
+        super().client_disconnected()
+        self._extensions = False
+
     def on_reset(self) -> None:
         self._disconnect_frontend("device reset", notify=False)
         self._vvu_status = 0
@@ -944,4 +1117,9 @@ class VvuDevice(VirtioPciDevice):
             self._forwarder = None
         self._unmapped_kick.close()
         self.listener.close()
+        if self._file is not None:
+            with contextlib.suppress(Exception):
+                self._shm.remove_region(0)
+            os.close(self._file.fd)
+            self._file = None
         super().close()

@@ -80,13 +80,20 @@ class BlkDriver:
         inband: bool = False,
         packed: bool = False,
         iommu: Iommu | None = None,
+        memory_path: str | None = None,
     ) -> BlkDriver:
         """Connect to a vhost-user-blk back-end listening on `path`; see `start`. `packed`:
         use a packed ring (the back-end must offer VIRTIO_F_RING_PACKED); `iommu`: the device
-        reaches every buffer through IOTLB translations."""
+        reaches every buffer through IOTLB translations; `memory_path`: guest memory in that
+        file (see `Frontend`)."""
         memory = 2 * MiB + depth * (max_request + 8192)
         frontend = await Frontend.connect(
-            path, memory_size=memory, timeout=timeout, packed=packed, iommu=iommu
+            path,
+            memory_size=memory,
+            timeout=timeout,
+            packed=packed,
+            iommu=iommu,
+            memory_path=memory_path,
         )
         return await cls.start(
             frontend,

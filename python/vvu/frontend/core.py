@@ -99,6 +99,21 @@ class FrontendError(VvuError):
     """The back-end refused a request or answered something the front-end cannot use."""
 
 
+def _open_memory_file(path: str, size: int) -> int:
+    """Open (or create) `path` read-write, grown to at least `size` bytes; the fd."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as err:
+        raise FrontendError(f"guest memory file {path}: {err.strerror}") from err
+    try:
+        if os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)
+    except OSError as err:
+        os.close(fd)
+        raise FrontendError(f"guest memory file {path}: {err.strerror}") from err
+    return fd
+
+
 PAGE = 4096
 #: Where the shuffled IOMMU hands out IOVAs (downwards): far from every guest-physical address.
 IOVA_TOP = 0x4000_0000_0000
@@ -259,14 +274,34 @@ class Frontend:
         memory_size: int = 64 * MiB,
         packed: bool = False,
         iommu: Iommu | None = None,
+        memory_path: str | None = None,
+        memory_offset: int = 0,
     ) -> None:
+        """Guest memory is a fresh memfd of `memory_size` bytes, or with `memory_path` the
+        `memory_size` bytes at `memory_offset` of that file (mapped shared; the file is created
+        or grown to hold them), as a VM's `memory-backend-file,mem-path=PATH,share=on`
+        would give it: e.g. the file a VVU device serves with `--frontend-memory`."""
         self.channel = channel
         self.packed = packed  # ack VIRTIO_F_RING_PACKED and drive packed rings
         self.iommu = iommu
         self.memory_size = memory_size
-        self._memfd = memfd(memory_size, "vvu-frontend")
+        self.memory_offset = memory_offset if memory_path is not None else 0
+        if memory_path is None:
+            self._memfd = memfd(memory_size, "vvu-frontend")
+        else:
+            self._memfd = _open_memory_file(memory_path, memory_offset + memory_size)
         self.memory = GuestMemory()
-        self.memory.add_region(self._memfd, 0, memory_size, userspace_addr=UVA_BASE)
+        try:
+            self.memory.add_region(
+                self._memfd,
+                0,
+                memory_size,
+                userspace_addr=UVA_BASE,
+                mmap_offset=self.memory_offset,
+            )
+        except BaseException:
+            os.close(self._memfd)
+            raise
         self.allocator = Allocator(0x1000, memory_size)
         self.features = 0
         self.protocol_features = 0
@@ -297,12 +332,26 @@ class Frontend:
         timeout: float = 5.0,
         packed: bool = False,
         iommu: Iommu | None = None,
+        memory_path: str | None = None,
+        memory_offset: int = 0,
     ) -> Frontend:
         """Connect to a back-end listening on `path` (retrying up to `timeout` seconds).
         `packed`: use packed rings (the back-end must offer VIRTIO_F_RING_PACKED); `iommu`:
-        play the IOMMU of a back-end with VIRTIO_F_ACCESS_PLATFORM."""
+        play the IOMMU of a back-end with VIRTIO_F_ACCESS_PLATFORM; `memory_path` and
+        `memory_offset`: guest memory in that file (see `Frontend`)."""
         channel = await connect_unix(path, timeout=timeout)
-        frontend = cls(channel, memory_size=memory_size, packed=packed, iommu=iommu)
+        try:
+            frontend = cls(
+                channel,
+                memory_size=memory_size,
+                packed=packed,
+                iommu=iommu,
+                memory_path=memory_path,
+                memory_offset=memory_offset,
+            )
+        except BaseException:
+            channel.close()
+            raise
         frontend.path = path
         return frontend
 
@@ -482,7 +531,7 @@ class Frontend:
 
     async def set_mem_table(self) -> None:
         """Share all of this front-end's guest memory with the back-end (one region)."""
-        region = MemoryRegion(0, self.memory_size, UVA_BASE, 0)
+        region = MemoryRegion(0, self.memory_size, UVA_BASE, self.memory_offset)
         await self.request(_F.SET_MEM_TABLE, MemoryTable((region,)), [self._memfd])
 
     async def setup_inflight(self, num_queues: int, queue_size: int) -> bool:

@@ -85,10 +85,12 @@ class NetDriver:
         timeout: float = 5.0,
         inband: bool = False,
         packed: bool = False,
+        memory_path: str | None = None,
     ) -> NetDriver:
         """Connect to a vhost-user-net back-end, negotiate and start queue pair `pair` (0:
         receiveq1 and transmitq1; others need VIRTIO_NET_F_MQ). Only that pair runs. `inband`:
         kicks and calls as messages (INBAND_NOTIFICATIONS, when the back-end offers it).
+        `memory_path`: guest memory in that file (see `Frontend`).
 
         `buffer_size` defaults to 2048 with MRG_RXBUF and to a whole maximum frame without it.
         """
@@ -100,7 +102,9 @@ class NetDriver:
         header = 12 if mrg_rxbuf or version_1 else 10
         size = buffer_size or (2048 if mrg_rxbuf else header + MAX_FRAME)
         memory = 2 * MiB + rx_buffers * (size + 64) + tx_slots * (header + MAX_FRAME + 64)
-        frontend = await Frontend.connect(path, memory_size=memory, timeout=timeout, packed=packed)
+        frontend = await Frontend.connect(
+            path, memory_size=memory, timeout=timeout, packed=packed, memory_path=memory_path
+        )
         try:
             await frontend.negotiate(features=~features_off & ((1 << 64) - 1), inband=inband)
             if version_1 and not frontend.features & VirtioFeature.VERSION_1.mask:

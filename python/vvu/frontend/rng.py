@@ -19,8 +19,18 @@ class RngDriver:
         self._buffer = frontend.allocator.alloc(buffer_size, 64)
 
     @classmethod
-    async def open(cls, path: str, *, timeout: float = 5.0, packed: bool = False) -> RngDriver:
-        frontend = await Frontend.connect(path, memory_size=1 << 20, timeout=timeout, packed=packed)
+    async def open(
+        cls,
+        path: str,
+        *,
+        timeout: float = 5.0,
+        packed: bool = False,
+        memory_path: str | None = None,
+    ) -> RngDriver:
+        """`memory_path`: guest memory in that file (see `Frontend`)."""
+        frontend = await Frontend.connect(
+            path, memory_size=1 << 20, timeout=timeout, packed=packed, memory_path=memory_path
+        )
         try:
             await frontend.negotiate()
             await frontend.set_mem_table()

@@ -49,6 +49,14 @@ def close_fds(fds: Sequence[int]) -> None:
             os.close(fd)
 
 
+def is_eventfd(fd: int) -> bool:
+    """Whether `fd` is an eventfd (a peer's "eventfd" may be any fd: a pipe, a socket, a file)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return False
+
+
 class Channel(ABC):
     """One session with one peer: an ordered, reliable stream of messages with fds."""
 

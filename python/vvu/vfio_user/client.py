@@ -80,6 +80,9 @@ class ClientOptions:
     sparse_mmap_fds: bool = True  # unmerged per-area-fds extension, see docs/vfio-user.md
     write_multiple: bool = False
     minor: int = 1
+    #: Ask for GET_REGION_IO_FDS (ioeventfds). False: a client that never does, like QEMU 11's
+    #: vfio-user-pci, so every doorbell is a REGION_WRITE.
+    io_fds: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,7 +439,10 @@ class VfioUserClient:
             close_fds(fds)
 
     async def region_io_fds(self, index: int) -> list[IoRegionFd]:
-        """The region's ioeventfds; [] when the server has none or does not implement it."""
+        """The region's ioeventfds; [] when the server has none or does not implement it (or
+        the client was told not to ask: `ClientOptions.io_fds`)."""
+        if not self.options.io_fds:
+            return []
         offer = 16 + 40 * 16
         while True:
             try:
@@ -607,9 +613,11 @@ class VfioUserClient:
     async def dma_unmap(self, iova: int, size: int) -> None:
         frame = await self.request(Command.DMA_UNMAP, DmaUnmap(0, iova, size).pack())
         DmaUnmap.unpack(frame.payload)
-        for window in [w for w in self._windows if (w.iova, w.size) == (iova, size)]:
+        # The server removed every window inside the range (none is fine too).
+        end = iova + size
+        for window in [w for w in self._windows if iova <= w.iova and w.iova + w.size <= end]:
             self._windows.remove(window)
-            self.memory.remove_region(iova)
+            self.memory.remove_region(window.iova)
 
     async def dma_unmap_all(self) -> None:
         await self.request(Command.DMA_UNMAP, DmaUnmap(int(DmaUnmapFlag.ALL), 0, 0).pack())

@@ -27,6 +27,7 @@ from vvu._core import EventFd, GuestMemory
 from vvu.vfio_user.protocol import (
     NUM_IRQS,
     NUM_REGIONS,
+    Capabilities,
     DmaMapFlag,
     IrqIndex,
     IrqInfoFlag,
@@ -183,6 +184,12 @@ class DmaSpace(ABC):
     @property
     @abstractmethod
     def mappings(self) -> Sequence[DmaMapping]: ...
+
+    @property
+    def client_capabilities(self) -> Capabilities:
+        """What the client proposed in VERSION (absent members None): a device may offer its
+        extensions only to a client that asked for them (e.g. `sparse_mmap_fds`)."""
+        return Capabilities()
 
     @abstractmethod
     async def read(self, iova: int, size: int) -> bytes:

@@ -20,9 +20,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
 import socket
 import struct
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -30,7 +30,7 @@ from typing import Final
 
 from vvu._core import EventFd, GuestMemory
 from vvu.errors import GuestMemoryError
-from vvu.transport.base import TransportError
+from vvu.transport.base import TransportError, is_eventfd
 from vvu.vfio_user.connection import Frame, FramingError, VfioUserConnection, VfioUserListener
 from vvu.vfio_user.device import (
     DmaMapping,
@@ -114,13 +114,6 @@ class ServerLimits:
         )
 
 
-def _is_eventfd(fd: int) -> bool:
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
-    except OSError:
-        return False
-
-
 @dataclass(slots=True)
 class _Reply:
     payload: bytes = b""
@@ -160,6 +153,10 @@ class _Session(DmaSpace):
     @property
     def mappings(self) -> Sequence[DmaMapping]:
         return [w.mapping for w in self._windows]
+
+    @property
+    def client_capabilities(self) -> Capabilities:
+        return self.client_caps
 
     def _window_for(self, iova: int, size: int, need: DmaMapFlag) -> DmaMapping:
         for w in self._windows:
@@ -372,6 +369,28 @@ class _Session(DmaSpace):
                 raise VfioUserError(errno.EBUSY, f"window still in use: {err}") from err
         self._windows.remove(window)
 
+    def _windows_to_unmap(self, address: int, size: int) -> list[_Window]:
+        """The windows DMA_UNMAP `address`+`size` removes: every window inside the range (Linux
+        VFIO type1, which QEMU's vfio-user container follows: an IOMMU unmaps whole power-of-two
+        ranges that may hold no mapping at all, and that is a success). A window the range
+        would cut in two is refused (EINVAL) and nothing is removed."""
+        end = address + size
+        if size == 0 or address % PAGE_SIZE or size % PAGE_SIZE or end > 1 << 64:
+            raise PayloadError(f"DMA_UNMAP {address:#x}+{size:#x} is empty, unaligned or overflows")
+        inside = []
+        for w in self._windows:
+            if address <= w.mapping.iova and w.end <= end:
+                inside.append(w)
+            elif w.mapping.iova < end and address < w.end:
+                raise VfioUserError(
+                    errno.EINVAL,
+                    f"DMA_UNMAP {address:#x}+{size:#x} would split the window at "
+                    f"{w.mapping.iova:#x}+{w.mapping.size:#x}",
+                )
+        if not inside:
+            log.debug("%s: DMA_UNMAP %#x+%#x: no window there", self.peer, address, size)
+        return inside[::-1]
+
     def _dma_unmap(self, frame: Frame) -> _Reply:
         req = DmaUnmap.unpack(frame.payload)
         if req.flags & DmaUnmapFlag.GET_DIRTY_BITMAP:
@@ -388,19 +407,8 @@ class _Session(DmaSpace):
             for window in list(reversed(self._windows)):
                 self._drop_window(window)
         else:
-            match = next(
-                (
-                    w
-                    for w in self._windows
-                    if (w.mapping.iova, w.mapping.size) == (req.address, req.size)
-                ),
-                None,
-            )
-            if match is None:
-                raise VfioUserError(
-                    errno.ENOENT, f"no DMA window is exactly {req.address:#x}+{req.size:#x}"
-                )
-            self._drop_window(match)
+            for window in self._windows_to_unmap(req.address, req.size):
+                self._drop_window(window)
         return _Reply(DmaUnmap(req.flags, req.address, req.size, argsz=24).pack())
 
     def _get_info(self, frame: Frame) -> _Reply:
@@ -540,7 +548,7 @@ class _Session(DmaSpace):
             return
         if len(fds) not in (0, req.count):
             raise PayloadError(f"SET_IRQS has {len(fds)} fds for {req.count} vectors")
-        bad = [fd for fd in fds if not _is_eventfd(fd)]
+        bad = [fd for fd in fds if not is_eventfd(fd)]
         if bad:
             raise PayloadError(f"SET_IRQS: {len(bad)} of the fds are not eventfds")
 
@@ -582,6 +590,7 @@ class _Session(DmaSpace):
                 f"region {access.region} access {access.offset:#x}+{access.count} leaves its "
                 f"{spec.size:#x} bytes"
             )
+        self.server.region_accesses[access.region] += 1
 
     def _do_write(self, access: RegionAccess) -> None:
         self._check_access(access, write=True)
@@ -671,6 +680,10 @@ class VfioUserServer:
         self.listener = VfioUserListener(listener) if isinstance(listener, str) else listener
         self.limits = limits or ServerLimits()
         self.clients_served = 0
+        #: Commands handled, by command; region accesses (REGION_READ/WRITE and each write of
+        #: a WRITE_MULTI), by region index: what a client reached by message, not by mmap.
+        self.commands: Counter[int] = Counter()
+        self.region_accesses: Counter[int] = Counter()
         self._session: _Session | None = None
         self._started = False
         check_regions(device.regions())
@@ -762,6 +775,7 @@ class VfioUserServer:
     def _dispatch(self, session: _Session, frame: Frame) -> tuple[bytes, Sequence[int]] | None:
         hdr = frame.header
         name = command_name(hdr.command)
+        self.commands[hdr.command] += 1
         try:
             reply = session.handle(frame)
         except (VfioUserError, PayloadError) as err:
