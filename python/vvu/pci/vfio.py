@@ -438,13 +438,31 @@ class VfioPciAccess(PciAccess):
     def _enable_command_bits(self) -> None:
         """Memory decoding and bus mastering on: the device cannot DMA without the latter."""
         config = self._regions[PCI_CONFIG_REGION_INDEX]
-        command = int.from_bytes(os.pread(self.device, 2, config.offset + PCI_COMMAND), "little")
+        at = config.offset + PCI_COMMAND
+        command = int.from_bytes(self._pread("PCI command", at, 2), "little")
         wanted = command | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER
         if wanted != command:
-            os.pwrite(self.device, wanted.to_bytes(2, "little"), config.offset + PCI_COMMAND)
+            self._pwrite("PCI command", at, wanted.to_bytes(2, "little"))
             log.info("%s: PCI command %#06x -> %#06x (bus master)", self.fn.bdf, command, wanted)
 
     # -- config space --------------------------------------------------------------------------
+
+    def _pread(self, what: str, at: int, size: int) -> bytes:
+        try:
+            data = os.pread(self.device, size, at)
+        except OSError as err:
+            raise VfioError(f"{what}+{size}: {err.strerror}") from err
+        if len(data) != size:
+            raise VfioError(f"{what}+{size}: short read ({len(data)})")
+        return data
+
+    def _pwrite(self, what: str, at: int, data: bytes) -> None:
+        try:
+            done = os.pwrite(self.device, data, at)
+        except OSError as err:
+            raise VfioError(f"{what}+{len(data)}: {err.strerror}") from err
+        if done != len(data):
+            raise VfioError(f"{what}+{len(data)}: short write ({done})")
 
     def _rw(self, what: str, region: _Region, offset: int, size: int) -> int:
         if offset < 0 or size <= 0 or offset + size > region.size:
@@ -454,16 +472,12 @@ class VfioPciAccess(PciAccess):
     async def config_read(self, offset: int, size: int) -> bytes:
         config = self._regions[PCI_CONFIG_REGION_INDEX]
         at = self._rw("config", config, offset, size)
-        data = os.pread(self.device, size, at)
-        if len(data) != size:
-            raise VfioError(f"config read {offset:#x}+{size}: short read ({len(data)})")
-        return data
+        return self._pread(f"config read {offset:#x}", at, size)
 
     async def config_write(self, offset: int, data: bytes) -> None:
         config = self._regions[PCI_CONFIG_REGION_INDEX]
         at = self._rw("config", config, offset, len(data))
-        if os.pwrite(self.device, data, at) != len(data):
-            raise VfioError(f"config write {offset:#x}+{len(data)}: short write")
+        self._pwrite(f"config write {offset:#x}", at, data)
 
     # -- BARs ----------------------------------------------------------------------------------
 
@@ -495,10 +509,7 @@ class VfioPciAccess(PciAccess):
         regs = self._register_map(bar, offset, size)
         if regs is not None:
             return regs.read(offset, size)
-        data = os.pread(self.device, size, at)
-        if len(data) != size:
-            raise VfioError(f"BAR{bar} read {offset:#x}+{size}: short read ({len(data)})")
-        return data
+        return self._pread(f"BAR{bar} read {offset:#x}", at, size)
 
     async def bar_write(self, bar: int, offset: int, data: bytes, *, posted: bool = False) -> None:
         self.bar_info(bar)
@@ -510,8 +521,7 @@ class VfioPciAccess(PciAccess):
         if regs is not None:
             regs.write(offset, data)  # MMIO stores are posted anyway
             return
-        if os.pwrite(self.device, data, at) != len(data):
-            raise VfioError(f"BAR{bar} write {offset:#x}+{len(data)}: short write")
+        self._pwrite(f"BAR{bar} write {offset:#x}", at, data)
 
     def _memory_read(self, bar: int, offset: int, size: int) -> bytes:
         memory = self._bar_memory(bar)
@@ -745,7 +755,10 @@ class VfioPciAccess(PciAccess):
             raise ValueError(f"DMA window {iova:#x}+{size:#x} (fd offset {offset:#x}) unaligned")
         self._check_iova(iova, size)
         prot = mmap.PROT_READ | mmap.PROT_WRITE
-        mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, prot, offset=offset)
+        try:
+            mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, prot, offset=offset)
+        except (OSError, ValueError) as err:
+            raise VfioError(f"DMA window {iova:#x}+{size:#x}: cannot map the fd: {err}") from err
         try:
             arg = bytearray(
                 DMA_MAP.pack(
