@@ -20,13 +20,15 @@ from vvu.device.vvu import BACKEND_UP, FRONTEND_UP, VVU_VIRTIO_ID, VvuDevice
 from vvu.engine import BackendEngine
 from vvu.errors import VvuError
 from vvu.frontend import Frontend
+from vvu.pci.sysfs import bind_vfio
+from vvu.pci.vfio import VfioPciAccess
 from vvu.pci.virtio_driver import VirtioPciDriver, VirtioPciError
 from vvu.protocol import U64, FrontendRequest, ProtocolFeature, VhostFeature, feature_names
 from vvu.trace import run_trace
 from vvu.transport.base import Listener
 from vvu.transport.unix import UnixListener
 from vvu.transport.vvu import KICK_MODES, KickMode, VvuListener
-from vvu.vfio_user import VfioUserPciAccess
+from vvu.vfio_user import PciAccess, VfioUserPciAccess
 from vvu.vfio_user.server import VfioUserServer
 
 log = logging.getLogger("vvu")
@@ -53,18 +55,30 @@ def capabilities(backend_cls: type[Backend]) -> dict[str, object]:
     return caps
 
 
+async def _open_vvu(
+    vvu: str | None, vvu_pci: str | None, bind: bool, timeout: float = 5.0
+) -> PciAccess:
+    """The VVU device: over vfio-user (--vvu SOCK) or through Linux VFIO (--vvu-pci BDF)."""
+    if vvu_pci is not None:
+        return await VfioPciAccess.open(vvu_pci, bind=bind)
+    assert vvu is not None
+    return await VfioUserPciAccess.open(vvu, timeout=timeout)
+
+
 async def _serve(
     backend: Backend,
     listener: UnixListener | None,
     vvu: str | None = None,
     kick_mode: KickMode = "direct",
+    *,
+    vvu_pci: str | None = None,
+    bind: bool = False,
 ) -> None:
-    if listener is None:  # --vvu: the VVU device's vfio-user socket
-        assert vvu is not None
-        pci = await VfioUserPciAccess.open(vvu, timeout=5.0)
+    if listener is None:  # --vvu / --vvu-pci: a VVU device
+        pci = await _open_vvu(vvu, vvu_pci, bind)
         vvu_listener = VvuListener(pci, kick_mode=kick_mode)
         served: Listener = vvu_listener
-        where = f"VVU device {vvu}"
+        where = f"VVU device {vvu}" if vvu_pci is None else f"VVU device {vvu_pci} (VFIO)"
     else:
         served, where = listener, listener.path or "inherited fd"
     engine = BackendEngine(backend)
@@ -121,8 +135,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.print_capabilities:
         print(json.dumps(capabilities(backend_cls)))
         return 0
-    if [args.socket_path, args.fd, args.vvu].count(None) != 2:
-        print("vvu serve: give exactly one of --socket-path and --fd (or --vvu)", file=sys.stderr)
+    kick_mode: KickMode = args.vvu_kick_mode or ("direct" if args.vvu_pci is None else "msix")
+    usage = None
+    if [args.socket_path, args.fd, args.vvu, args.vvu_pci].count(None) != 3:
+        usage = "give exactly one of --socket-path and --fd (or --vvu, --vvu-pci)"
+    elif args.vvu_pci is not None and kick_mode == "direct":
+        usage = (
+            "--vvu-pci needs --vvu-kick-mode msix: direct kicks hand the driver the front-end's "
+            "eventfds over vfio-user, which a VMM does not pass into its guest"
+        )
+    elif args.vvu_pci_bind and args.vvu_pci is None:
+        usage = "--vvu-pci-bind goes with --vvu-pci"
+    if usage is not None:
+        print(f"vvu serve: {usage}", file=sys.stderr)
         return 2
     try:
         backend = backend_cls.from_arguments(args)
@@ -131,13 +156,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     listener = None
     try:
-        if args.vvu is None:
+        if args.vvu is None and args.vvu_pci is None:
             listener = UnixListener(args.socket_path, fd=args.fd, mode=int(args.socket_mode, 8))
     except (OSError, ValueError) as err:
         print(f"vvu serve: cannot listen: {err}", file=sys.stderr)
         return 1
     try:
-        asyncio.run(_serve(backend, listener, args.vvu, args.vvu_kick_mode))
+        asyncio.run(
+            _serve(
+                backend,
+                listener,
+                args.vvu,
+                kick_mode,
+                vvu_pci=args.vvu_pci,
+                bind=args.vvu_pci_bind,
+            )
+        )
     except VvuError as err:  # e.g. the VVU device's socket cannot be reached
         print(f"vvu serve: {err}", file=sys.stderr)
         return 1
@@ -248,11 +282,14 @@ _CFG_TYPE_NAMES = {
 _VVU_STATUS_BITS = ((BACKEND_UP, "BACKEND_UP"), (FRONTEND_UP, "FRONTEND_UP"))
 
 
-async def _probe_vvu(path: str) -> dict[str, object]:
-    """Discover a VVU device over vfio-user without resetting or initialising it: config
-    space reads, BAR0 common/device config reads, and device_feature_select writes only."""
-    report: dict[str, object] = {"vvu_socket": path}
-    pci = await VfioUserPciAccess.open(path)
+async def _probe_vvu(
+    path: str | None, bdf: str | None = None, bind: bool = False
+) -> dict[str, object]:
+    """Discover a VVU device (over vfio-user, or through Linux VFIO) without resetting or
+    initialising it: config space reads, BAR0 common/device config reads, and
+    device_feature_select writes only."""
+    report: dict[str, object] = {"vvu_socket": path} if bdf is None else {"vvu_pci": bdf}
+    pci = await _open_vvu(path, bdf, bind, timeout=0.0)
     try:
         drv = await VirtioPciDriver.open(pci)
         vendor, device = await pci.config_read_u16(0), await pci.config_read_u16(2)
@@ -327,12 +364,16 @@ def _print_vvu_report(report: dict[str, object]) -> None:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    if args.vvu is not None:
+    if args.vvu is not None or args.vvu_pci is not None:
         try:
-            report = asyncio.run(asyncio.wait_for(_probe_vvu(args.vvu), args.timeout))
+            report = asyncio.run(
+                asyncio.wait_for(
+                    _probe_vvu(args.vvu, args.vvu_pci, args.vvu_pci_bind), args.timeout
+                )
+            )
         except TimeoutError:
             print(
-                f"vvu probe: no answer from {args.vvu} within {args.timeout} s "
+                f"vvu probe: no answer from {args.vvu or args.vvu_pci} within {args.timeout} s "
                 "(is a driver attached? the device serves one vfio-user client at a time)",
                 file=sys.stderr,
             )
@@ -356,6 +397,19 @@ def cmd_probe(args: argparse.Namespace) -> int:
     for key, value in report.items():
         text = (" ".join(str(v) for v in value) or "-") if isinstance(value, list) else value
         print(f"{key:24} {text}")
+    return 0
+
+
+# --- bind ----------------------------------------------------------------------------------
+
+
+def cmd_bind(args: argparse.Namespace) -> int:
+    try:
+        fn = bind_vfio(args.bdf)
+    except VvuError as err:
+        print(f"vvu bind: {err}", file=sys.stderr)
+        return 1
+    print(f"vvu: {fn.bdf} ({fn.pci_id}) is bound to vfio-pci, IOMMU group {fn.iommu_group}")
     return 0
 
 
@@ -426,13 +480,31 @@ def build_parser() -> argparse.ArgumentParser:
             help="serve through a virtio-vhost-user device (its vfio-user socket)",
         )
         sub.add_argument(
+            "--vvu-pci",
+            metavar="BDF",
+            help=(
+                "serve through a virtio-vhost-user device that is PCI function BDF of this "
+                "machine (e.g. 0000:00:04.0 inside the back-end VM), driven through Linux VFIO: "
+                "needs an IOMMU (in a VM: a vIOMMU and intel_iommu=on), the vfio-pci module and "
+                "the function bound to vfio-pci (--vvu-pci-bind or `vvu bind BDF`)"
+            ),
+        )
+        sub.add_argument(
+            "--vvu-pci-bind",
+            action="store_true",
+            help="with --vvu-pci: first unbind its driver (virtio-pci) and bind vfio-pci",
+        )
+        sub.add_argument(
             "--vvu-kick-mode",
             choices=KICK_MODES,
-            default="direct",
+            default=None,
             help=(
-                "with --vvu: how kicks reach the back-end: 'direct' (default) reads the "
-                "front-end's kick eventfds (a vvu extension; rings whose direct kick the device "
-                "refuses fall back to MSI-X), 'msix' has the device relay them to MSI-X vectors"
+                "how kicks reach the back-end: 'direct' (default with --vvu) reads the "
+                "front-end's kick eventfds (a vvu extension over vfio-user; rings whose direct "
+                "kick the device refuses fall back to MSI-X), 'msix' (the only mode with "
+                "--vvu-pci: a VMM's vfio-user client has no GET_REGION_IO_FDS, so the guest "
+                "cannot get those eventfds) has the device relay each kick to an MSI-X vector, "
+                "which VFIO delivers as an eventfd"
             ),
         )
         sub.add_argument(
@@ -504,12 +576,35 @@ def build_parser() -> argparse.ArgumentParser:
     target = probe.add_mutually_exclusive_group(required=True)
     target.add_argument("--socket-path", help="the back-end's socket")
     target.add_argument("--vvu", metavar="DEVICE_SOCK", help="a VVU device's vfio-user socket")
+    target.add_argument(
+        "--vvu-pci", metavar="BDF", help="a VVU device that is a PCI function here (Linux VFIO)"
+    )
+    probe.add_argument(
+        "--vvu-pci-bind",
+        action="store_true",
+        help="with --vvu-pci: bind it to vfio-pci first (ignored otherwise)",
+    )
     probe.add_argument(
         "--config-size", type=int, default=60, help="config bytes to read (60: virtio-blk)"
     )
     probe.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for it")
     probe.add_argument("--json", action="store_true", help="print JSON")
     probe.set_defaults(func=cmd_probe)
+
+    bind = commands.add_parser(
+        "bind",
+        help="hand a virtio-vhost-user PCI function to vfio-pci (inside the back-end VM)",
+        description=(
+            "Unbind PCI function BDF from its driver (Linux's virtio_pci claims the VVU "
+            "device, 1af4:107f by default, at boot) and bind it to vfio-pci through "
+            "driver_override, as dpdk-devbind.py or driverctl do, so that `vvu serve BACKEND "
+            "--vvu-pci BDF` can drive it. Refuses anything but a modern virtio function that no "
+            "virtio driver uses, and says what is missing: an IOMMU group (boot the VM with a "
+            "vIOMMU and intel_iommu=on), the vfio-pci module (modprobe vfio-pci), root."
+        ),
+    )
+    bind.add_argument("bdf", metavar="BDF", help="PCI address, e.g. 0000:00:04.0")
+    bind.set_defaults(func=cmd_bind)
 
     trace = commands.add_parser(
         "trace",

@@ -1,9 +1,10 @@
 """`VirtioPciDriver`: a userspace modern virtio-pci driver on top of `PciAccess` only.
 
 It walks the capability list for the virtio structures, resets the device, negotiates
-features (VERSION_1 is required), sets up split queues in DMA memory it allocates itself (a
-memfd mapped at `dma_iova` through `PciAccess.map_dma`), binds one MSI-X vector to the config
-interrupt (vector 0) and one per queue (vector i+1, shared vector 0 when the device has too few),
+features (VERSION_1 is required), sets up split queues in DMA memory it allocates itself (an
+fd from `PciAccess.dma_fd`, a memfd unless the access knows better, mapped at `dma_iova` through
+`PciAccess.map_dma`), binds one MSI-X vector to the config interrupt (vector 0) and one per
+queue (vector i+1, shared vector 0 when the device has too few),
 notifies through the device's ioeventfd when it offers one (else a BAR write), and reads the
 device config with the config_generation retry loop.
 
@@ -28,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from vvu._core import EventFd, GuestMemory, SplitQueueDriver, memfd
+from vvu._core import EventFd, GuestMemory, SplitQueueDriver
 from vvu.pci.virtio_device import (
     F_EVENT_IDX,
     F_VERSION_1,
@@ -272,7 +273,7 @@ class VirtioPciDriver:
     ) -> GuestMemory:
         """Allocate and map the driver's DMA window (once); returns the driver's view."""
         if self._arena is None:
-            fd = memfd(size, "vvu-virtio-dma")
+            fd = self.pci.dma_fd(size, "vvu-virtio-dma")
             try:
                 await self.pci.map_dma(fd, iova, size)
             except BaseException:

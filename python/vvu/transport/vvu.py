@@ -91,6 +91,10 @@ DIRECT_KICK: Final = 0xFFFE
 KICK_FDS_OFFSET: Final = 0x6000
 KICK_FDS_STRIDE: Final = 4
 
+#: What the driver writes to ring a doorbell (the device takes any 16/32-bit write).
+DOORBELL_SIZE: Final = 4
+DOORBELL_VALUE: Final = 1
+
 KickMode = Literal["direct", "msix"]
 KICK_MODES: Final = ("direct", "msix")
 
@@ -337,26 +341,39 @@ class VvuDriver:
         areas = await self.pci.bar_areas(shm.bar)
         out = []
         for a in areas:
-            if shm.offset <= a.offset and a.offset + a.size <= shm.offset + shm.length:
-                out.append(_Area(a.offset - shm.offset, a.size, a.fd, a.fd_offset))
+            # An area may cover more than the shmid (Linux VFIO offers a whole BAR as one area):
+            # keep the part inside it.
+            start = max(a.offset, shm.offset)
+            end = min(a.offset + a.size, shm.offset + shm.length)
+            if start < end:
+                fd_offset = a.fd_offset + (start - a.offset)
+                out.append(_Area(start - shm.offset, end - start, a.fd, fd_offset))
             else:
                 a.close()
         return out
 
     async def doorbell_fd(self, index: int) -> int | None:
-        """A fresh duplicate of doorbell `index`'s ioeventfd, or None when there is none."""
+        """A fresh duplicate of doorbell `index`'s eventfd: the device's ioeventfd there (over
+        vfio-user, the front-end's own call eventfd), else one the access makes that writes the
+        doorbell when signalled (a Linux VFIO ioeventfd); None when there is neither."""
+        bar = self.doorbell_cap.bar
         offset = self.doorbell_cap.offset + self.doorbell_multiplier * index
-        ioes = await self.pci.bar_ioeventfds(self.doorbell_cap.bar)
+        ioes = await self.pci.bar_ioeventfds(bar)
         found: int | None = None
         for ioe in ioes:
             if found is None and ioe.offset == offset and ioe.datamatch is None:
                 found = os.dup(ioe.eventfd.fileno())
             ioe.eventfd.close()
+        if found is None:
+            writer = self.pci.doorbell(bar, offset, DOORBELL_SIZE, DOORBELL_VALUE)
+            if writer is not None:
+                found = os.dup(writer.fileno())
         return found
 
     async def ring_doorbell(self, index: int) -> None:
         offset = self.doorbell_cap.offset + self.doorbell_multiplier * index
-        await self.pci.bar_write(self.doorbell_cap.bar, offset, struct.pack("<I", 1), posted=True)
+        data = DOORBELL_VALUE.to_bytes(DOORBELL_SIZE, "little")
+        await self.pci.bar_write(self.doorbell_cap.bar, offset, data, posted=True)
 
     async def kick_fd(self, index: int) -> int | None:
         """For SET_VRING_KICK `index` (just received): a duplicate of the front-end's kick

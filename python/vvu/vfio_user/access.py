@@ -22,7 +22,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Final
 
-from vvu._core import EventFd, GuestMemory
+from vvu._core import EventFd, GuestMemory, memfd
 from vvu.errors import GuestMemoryError
 from vvu.vfio_user.client import ClientOptions, IoRegionFd, MappableArea, VfioUserClient
 from vvu.vfio_user.device import CAP_ID_MSIX, CFG_CAP_PTR, CFG_STATUS, MSIX_CTRL_ENABLE
@@ -137,6 +137,11 @@ class PciAccess(ABC):
     @abstractmethod
     def dma_memory(self) -> GuestMemory:
         """The driver's own view of its DMA windows, addressed by IOVA."""
+
+    def dma_fd(self, size: int, name: str) -> int:
+        """A new fd of `size` bytes for DMA memory (the caller owns it, then map_dma()s it): a
+        memfd here; an implementation may pick memory its IOMMU maps more cheaply."""
+        return memfd(size, name)
 
     @abstractmethod
     async def map_dma(self, fd: int, iova: int, size: int, *, offset: int = 0) -> None:
