@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from daemons import Daemon
 from guest import (
     HOST_ROOT_ARGS,
     HOST_ROOT_SETUP,
@@ -44,7 +45,7 @@ from guest import (
     start_guest,
     vfio_user_pci_args,
 )
-from test_qemu_peers import Daemon, _md5
+from test_qemu_peers import _md5
 from vvu.frontend import BlkDriver
 from vvu.frontend.core import FrontendError
 

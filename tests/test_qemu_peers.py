@@ -13,10 +13,7 @@ import hashlib
 import os
 import random
 import re
-import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -25,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from daemons import Daemon
 from guest import (
     QEMU,
     Guest,
@@ -45,7 +43,6 @@ pytestmark = pytest.mark.guest
 TIMEOUT = 60.0
 MiB = 1 << 20
 DISK_SIZE = 16 * MiB
-STOP_GRACE = 10.0
 
 
 # --- leak checks ---------------------------------------------------------------------------
@@ -65,52 +62,6 @@ def no_leftovers() -> Iterator[None]:
 
 
 # --- the back-end daemon -------------------------------------------------------------------
-
-
-class Daemon:
-    """`vvu -v serve ...` in a child process, logging to a file; stopped by PID."""
-
-    def __init__(
-        self, args: Sequence[str], socket_path: Path, log_path: Path, *, command: str = "serve"
-    ) -> None:
-        self.socket_path = socket_path
-        self.log_path = log_path
-        argv = [sys.executable, "-m", "vvu", "-v", command, *args]
-        setpriv = shutil.which("setpriv")
-        if setpriv is not None:  # killed if the test process dies without cleaning up
-            argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
-        with log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
-            )
-        try:
-            deadline = time.monotonic() + 10
-            while not socket_path.exists():
-                if self.proc.poll() is not None:
-                    raise AssertionError(f"vvu serve exited early:\n{self.log()}")
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"{socket_path} did not appear:\n{self.log()}")
-                time.sleep(0.02)
-        except BaseException:
-            self.stop()
-            raise
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def running(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> int:
-        """SIGTERM, then SIGKILL after a grace period; returns the exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
 
 @pytest.fixture
