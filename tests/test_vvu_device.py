@@ -717,3 +717,111 @@ async def test_frontend_memory_is_bar4_for_a_standard_client(tmp_path: Path) -> 
         finally:
             os.close(other)
             await fe.close()
+
+
+@pytest.mark.asyncio
+async def test_no_config_interrupt_for_the_drivers_own_change(rigged: Rig) -> None:
+    """The driver clearing BACKEND_UP ends the session and clears FRONTEND_UP at once (the
+    status it reads back says so), without a config interrupt: the driver caused it. The
+    front-end leaving on its own does raise one."""
+    dev = rigged.device
+    async with driver(rigged) as td:
+        await td.set_status(BACKEND_UP)
+        fe = await connect(td, rigged)
+        generation, interrupts = dev.config_generation, td.drv.config_interrupts
+        await td.set_status(0)
+        assert await td.status() == 0 and not dev.frontend_connected
+        await asyncio.sleep(0.1)
+        assert td.drv.config_interrupts == interrupts  # (a new generation, no interrupt)
+        assert dev.config_generation == (generation + 1) & 0xFF
+        assert await fe.channel.recv() is None
+        await fe.close()
+        await td.set_status(BACKEND_UP)
+        fe = await connect(td, rigged)
+        generation = dev.config_generation
+        await fe.close()
+        await td.drv.wait_config_change()
+        assert dev.config_generation == generation + 1 and await td.status() == 0
+
+
+@pytest.mark.asyncio
+async def test_non_eventfds_are_refused_as_kick_call_err_and_log_fds(rigged: Rig) -> None:
+    dev = rigged.device
+    async with driver(rigged) as td:
+        await td.set_status(BACKEND_UP)
+        fe = await connect(td, rigged)
+        fe.protocol_features = ProtocolFeature.REPLY_ACK.mask
+        r, w = os.pipe()
+        try:
+            for request in (_F.SET_VRING_KICK, _F.SET_VRING_CALL, _F.SET_VRING_ERR):
+                with pytest.raises(FrontendError):
+                    await fe.request(request, U64.vring(0), [r])
+            with pytest.raises(FrontendError):
+                await fe.request(_F.SET_LOG_FD, fds=[w])
+            assert dev.doorbells == {} and await td.pci.client.region_io_fds(2) == []
+            await _still_serving(fe, td)
+        finally:
+            os.close(r)
+            os.close(w)
+            await fe.close()
+
+
+@pytest.mark.asyncio
+async def test_txq_replies_nobody_asked_for_are_dropped(rigged: Rig) -> None:
+    """A reply is forwarded only to a request the front-end sent and that replies: a stale or
+    forged one is dropped (it would answer the front-end's next request); a forged
+    GET_INFLIGHT_FD reply allocates nothing."""
+    dev = rigged.device
+    async with driver(rigged) as td:
+        await td.set_status(BACKEND_UP)
+        fe = await connect(td, rigged)
+        try:
+            dropped = dev.dropped_tx
+            await td.reply(_F.GET_FEATURES, U64(0xBAD).pack())
+            await td.reply(_F.GET_INFLIGHT_FD, Inflight(0x2000, 0, 1, 64).pack())
+            assert dev.dropped_tx == dropped + 2 and dev.shm_area(3) is None
+            await _still_serving(fe, td)  # answered 7, not 0xBAD
+            # Two replies to one request: the second is dropped.
+            task = asyncio.ensure_future(fe.request_u64(_F.GET_QUEUE_NUM))
+            await td.recv()
+            await td.reply(_F.GET_QUEUE_NUM, U64(1).pack())
+            await td.reply(_F.GET_QUEUE_NUM, U64(2).pack())
+            assert await asyncio.wait_for(task, TIMEOUT) == 1
+            assert dev.dropped_tx == dropped + 3
+            await _still_serving(fe, td)
+        finally:
+            await fe.close()
+
+
+@pytest.mark.asyncio
+async def test_txq_messages_are_capped_and_the_outbound_queue_is_bounded(rigged: Rig) -> None:
+    """A txq buffer longer than a vhost-user message is dropped unread; a front-end that does
+    not read its back-end channel while the driver keeps writing is disconnected once the
+    device's outbound queue is full, instead of the device buffering without end."""
+    dev = rigged.device
+    async with driver(rigged) as td:
+        await td.set_status(BACKEND_UP)
+        fe = await connect(td, rigged)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await fe.request(_F.SET_BACKEND_REQ_FD, fds=[theirs.fileno()])
+            theirs.close()
+            assert HDR.unpack_from(await td.recv())[0] == _F.SET_BACKEND_REQ_FD
+            dropped = dev.dropped_tx
+            huge = 4097 + 4096
+            await td.send(HDR.pack(2, VERSION, huge) + bytes(huge))
+            assert dev.dropped_tx == dropped + 1
+            small = HDR.pack(2, VERSION, 8) + U64(1).pack()
+            await td.send(small)
+            ours.settimeout(5)
+            assert ours.recv(100) == small
+            # Nobody reads `ours` any more: the socket fills, then the device's queue.
+            request = HDR.pack(2, VERSION, 4096) + bytes(4096)
+            for _ in range(2000):
+                if not dev.frontend_connected:
+                    break
+                await td.send(request)
+            assert not dev.frontend_connected
+        finally:
+            ours.close()
+            await fe.close()

@@ -15,7 +15,7 @@ import logging
 import os
 import stat
 import struct
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -26,6 +26,7 @@ from vvu.pci.virtio_device import NO_VECTOR, CfgType, Status, VirtioPciDevice
 from vvu.protocol.constants import (
     HEADER_SIZE,
     KNOWN_FLAGS,
+    MAX_PAYLOAD,
     NEED_REPLY,
     REPLY,
     VERSION,
@@ -36,6 +37,7 @@ from vvu.protocol.constants import (
     VhostFeature,
 )
 from vvu.protocol.payloads import Inflight, Log, MemoryRegion, MemoryTable, SingleRegion
+from vvu.protocol.table import Answer, spec_for
 from vvu.transport.base import Channel, RawMessage, TransportError, close_fds, is_eventfd
 from vvu.transport.unix import UnixListener
 from vvu.vfio_user.device import DmaSpace, IoEventFd, IrqRequest, MmapArea, RegionSpec
@@ -88,6 +90,9 @@ REGION_ALIGN: Final = 2 << 20
 PAGE: Final = 4096
 #: Messages waiting for rxq buffers before the device stops reading the front-end.
 RX_BACKLOG: Final = 16
+#: Messages waiting to be sent to the front-end (socket and back-end channel) before the
+#: device gives up on a front-end that does not read them.
+OUT_BACKLOG: Final = 64
 #: BAR4 areas at most (shmid 1 regions + the log + the inflight region). In the per-area-fds
 #: mode each area is one fd of BAR4's region-info reply, and a reply carries at most
 #: `max_msg_fds` fds (16: what our server advertises and our client proposes). A region that
@@ -244,6 +249,8 @@ class VvuDevice(VirtioPciDevice):
         self._rx_space: asyncio.Event | None = None
         self._out: asyncio.Queue[tuple[Channel, bytes, list[int]]] | None = None
         self._release_after_reply: set[int] = set()
+        self._awaiting: Counter[int] = Counter()  # front-end requests the driver is to answer
+        self._protocol_features = 0  # as the front-end set them (which replies are due)
         self.sessions = 0
         self.dropped_tx = 0
         #: Doorbells rung by REGION_WRITE (the device signalled the front-end itself): a client
@@ -376,8 +383,8 @@ class VvuDevice(VirtioPciDevice):
             self._disconnect_frontend("the driver cleared BACKEND_UP", notify=False)
             self._vvu_status = 0
             self._update_accepting()
-            if had:  # FRONTEND_UP changed: the driver's session must end, not see the next one
-                self.config_changed()
+            if had:  # FRONTEND_UP changed, but the driver did it: no config interrupt
+                self.config_changed(interrupt=False)
 
     # -- BAR2 and BAR4 -------------------------------------------------------------------------
 
@@ -839,6 +846,11 @@ class VvuDevice(VirtioPciDevice):
             queue.disable_notifications()
             chains = queue.pop()
             for chain in chains:
+                if chain.readable_len > HEADER_SIZE + MAX_PAYLOAD:  # not read at all
+                    queue.push_used(chain.head, 0)
+                    self.dropped_tx += 1
+                    log.warning("vvu: txq buffer of %d bytes dropped: too long", chain.readable_len)
+                    continue
                 data = chain.read()
                 queue.push_used(chain.head, 0)
                 self._handle_tx(data)
@@ -877,10 +889,16 @@ class VvuDevice(VirtioPciDevice):
             self.dropped_tx += 1
             log.warning("vvu: back-end request %d before SET_BACKEND_REQ_FD dropped", request)
         else:
-            self._out.put_nowait((self._backend_channel, data, []))
+            self._queue_out(self._backend_channel, data, [])
 
     def _handle_reply(self, request: int, flags: int, size: int, data: bytes) -> None:
-        """A reply from the driver to a front-end request: filtered, then to the front-end."""
+        """A reply from the driver to a front-end request: filtered, then to the front-end.
+        A reply to no outstanding request is dropped (it would answer the next one)."""
+        if self._awaiting[request] <= 0:
+            self.dropped_tx += 1
+            log.warning("vvu: txq reply %d dropped: the front-end asked for none", request)
+            return
+        self._awaiting[request] -= 1
         fds: list[int] = []
         if request == _F.GET_PROTOCOL_FEATURES and size == 8:
             (value,) = _U64.unpack_from(data, HEADER_SIZE)
@@ -914,7 +932,38 @@ class VvuDevice(VirtioPciDevice):
         if self._frontend is None or self._out is None:
             close_fds(fds or [])
             return
-        self._out.put_nowait((self._frontend, data, fds or []))
+        self._queue_out(self._frontend, data, fds or [])
+
+    def _queue_out(self, channel: Channel, data: bytes, fds: list[int]) -> None:
+        """Queue a message for the front-end's socket or its back-end channel. A front-end that
+        stops reading fills the socket and then this queue: its session ends."""
+        assert self._out is not None
+        try:
+            self._out.put_nowait((channel, data, fds))
+        except asyncio.QueueFull:
+            close_fds(fds)
+            self._disconnect_frontend(
+                f"{OUT_BACKLOG} messages wait for the front-end, which reads none", notify=True
+            )
+
+    def _expect_reply(self, raw: RawMessage) -> None:
+        """Note a front-end request the driver is to answer (its reply is let through once)."""
+        if raw.request == _F.SET_PROTOCOL_FEATURES and len(raw.payload) == 8:
+            (self._protocol_features,) = _U64.unpack(raw.payload)
+        # Any NEED_REPLY may be acked (the front-end asked), whatever was negotiated; an
+        # unknown request too (the back-end refuses it with a failure ack).
+        need_reply = bool(raw.flags & NEED_REPLY)
+        spec = spec_for(raw.request, "frontend")
+        if spec is None:
+            due = need_reply
+        else:
+            answer = spec.answer(
+                need_reply=need_reply,
+                protocol_features=self._protocol_features | (1 << _P.REPLY_ACK),
+            )
+            due = answer is not Answer.NOTHING
+        if due:
+            self._awaiting[raw.request] += 1
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -955,7 +1004,9 @@ class VvuDevice(VirtioPciDevice):
     def _start_session(self, channel: Channel) -> None:
         self.sessions += 1
         self._frontend = channel
-        self._out = asyncio.Queue()
+        self._out = asyncio.Queue(maxsize=OUT_BACKLOG)
+        self._awaiting.clear()
+        self._protocol_features = 0
         self._rx_space = asyncio.Event()
         self._rx_space.set()
         self._vvu_status |= FRONTEND_UP
@@ -981,7 +1032,10 @@ class VvuDevice(VirtioPciDevice):
                         self._disconnect_frontend(f"refused message: {err}", notify=True)
                         return
                     self._send_frontend(_HDR.pack(raw.request, VERSION | REPLY, 8) + _U64.pack(1))
+                    if self._frontend is not channel:  # its queue was full: the session ended
+                        return
                     continue
+                self._expect_reply(raw)
                 header = _HDR.pack(raw.request, raw.flags, len(payload))
                 self._enqueue_rx(header + payload)
                 if len(self._rx_pending) >= RX_BACKLOG:

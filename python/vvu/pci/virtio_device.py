@@ -810,7 +810,8 @@ class VirtioPciDevice(PciDeviceBase):
     def _raise_config_irq(self) -> bool:
         return self._raise(self._msix_config, 0x2)
 
-    def config_changed(self) -> bool:
-        """The device config changed: new generation, config interrupt (after DRIVER_OK)."""
+    def config_changed(self, *, interrupt: bool = True) -> bool:
+        """The device config changed: new generation, and a config interrupt (after DRIVER_OK)
+        unless the driver caused the change itself (`interrupt=False`)."""
         self._generation = (self._generation + 1) & 0xFF
-        return self._raise_config_irq()
+        return self._raise_config_irq() if interrupt else False
