@@ -651,13 +651,10 @@ async def test_regions_beyond_the_fds_a_region_info_reply_carries_are_refused(
             await fe.close()
 
 
-@pytest.mark.asyncio
-async def test_frontend_memory_is_bar4_for_a_standard_client(tmp_path: Path) -> None:
-    """--frontend-memory: BAR4 is the file (one standard sparse-mmap area, fd offset = BAR4
-    offset), sized to it; shmid 1 is the file's size; no shmid 2/3, and the features that
-    would need them are filtered. Regions inside the file pass with their file offset;
-    another file's region, or one leaving the file, is refused."""
-    size = 6 << 20
+@contextlib.asynccontextmanager
+async def file_rig(tmp_path: Path, size: int) -> AsyncIterator[tuple[Path, Rig, VvuTestDriver]]:
+    """A device with `--frontend-memory` (a `size`-byte file) and a driver whose client knows
+    no vvu extension."""
     mem = tmp_path / "guest-ram"
     with open(mem, "wb") as f:
         f.truncate(size)
@@ -665,9 +662,27 @@ async def test_frontend_memory_is_bar4_for_a_standard_client(tmp_path: Path) -> 
         rig(tmp_path, frontend_memory=str(mem)) as r,
         driver(r, options=ClientOptions(sparse_mmap_fds=False, io_fds=False)) as td,
     ):
+        yield mem, r, td
+
+
+@pytest.mark.asyncio
+async def test_frontend_memory_is_bar4_for_a_standard_client(tmp_path: Path) -> None:
+    """--frontend-memory: BAR4 is the file (one standard sparse-mmap area, fd offset = BAR4
+    offset), sized to it (a power of two); shmid 1 is the file's size; no shmid 2/3."""
+    size = 6 << 20
+    async with file_rig(tmp_path, size) as (mem, _r, td):
         assert td.pci.bar_info(4).size == 8 << 20 and td.pci.bar_info(4).mappable
         shm = [c for c in td.drv.caps if c.cfg_type == CfgType.SHARED_MEMORY]
         assert [(c.cap_id, c.offset, c.length, c.extra) for c in shm] == [(1, 0, size, bytes(8))]
+        # One cap64 instead of three: the PCI_CFG window fits again, and reaches the file.
+        (window,) = [c for c in td.drv.caps if c.cfg_type == CfgType.PCI_CFG]
+        with open(mem, "r+b") as f:
+            f.seek(0x5000)
+            f.write(b"cfgw")
+        await td.pci.config_write(window.at + 4, b"\x04")  # bar
+        await td.pci.config_write(window.at + 8, struct.pack("<II", 0x5000, 4))  # offset, length
+        assert await td.pci.config_read(window.at + 16, 4) == b"cfgw"
+
         info = await td.pci.client.region_info(4)
         assert info.flags & RegionFlag.MMAP and info.offset == 0
         assert info.info.caps == (SparseMmapCap(((0, size),)),)
@@ -675,6 +690,14 @@ async def test_frontend_memory_is_bar4_for_a_standard_client(tmp_path: Path) -> 
         assert (area.offset, area.size, area.fd_offset) == (0, size, 0)
         assert os.fstat(area.fd).st_ino == os.stat(mem).st_ino
         area.close()
+
+
+@pytest.mark.asyncio
+async def test_frontend_memory_regions_are_matched_to_the_file(tmp_path: Path) -> None:
+    """--frontend-memory: the features that would need shmid 2/3 (and LOG_ALL) are filtered;
+    a region inside the file passes with its file offset (= its BAR4 offset); another file's
+    region, or one leaving the file, is refused and never reaches the driver."""
+    async with file_rig(tmp_path, 6 << 20) as (mem, r, td):
         await td.set_status(BACKEND_UP)
         fe = await connect(td, r, memory_path=str(mem), memory_offset=1 << 20)
         fe.protocol_features = ProtocolFeature.REPLY_ACK.mask

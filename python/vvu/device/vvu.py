@@ -195,7 +195,8 @@ class VvuDevice(VirtioPciDevice):
     """The VVU device. `listener` is where front-ends connect (FRONTEND_SOCK)."""
 
     # Its 20 bytes make room for shmid 3's capability (docs/vvu-device.md): a VVU driver maps
-    # BAR4 anyway, so it never needs the config-space access window.
+    # BAR4 anyway, so it never needs the config-space access window. With --frontend-memory
+    # there is one shared-memory capability only, and the window is back.
     PCI_CFG_CAP = False
 
     def __init__(
@@ -238,6 +239,7 @@ class VvuDevice(VirtioPciDevice):
         self._file_id: tuple[int, int] | None = None
         if frontend_memory is not None:
             self._use_frontend_memory(frontend_memory)
+            self.PCI_CFG_CAP = True
         self._forwarder: EventForwarder | None = None
         self._unmapped_kick = EventFd()  # kicks without a vector land here: ISR bit 2
         self._frontend: Channel | None = None
