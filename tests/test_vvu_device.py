@@ -597,7 +597,7 @@ async def test_an_unpublished_region_never_reaches_the_driver(rigged: Rig) -> No
                 (MemoryRegion(0, 2 << 20, UVA_BASE, 0), MemoryRegion(4 << 20, 2 << 20, 1 << 40, 0))
             )
             with pytest.raises(FrontendError):
-                await fe.request(_F.SET_MEM_TABLE, table, [good, bad])
+                await asyncio.wait_for(fe.request(_F.SET_MEM_TABLE, table, [good, bad]), TIMEOUT)
             assert dev.areas == []
             await _still_serving(fe, td)
             # Without NEED_REPLY: the front-end is disconnected; the device takes the next one.
@@ -639,7 +639,9 @@ async def test_regions_beyond_the_fds_a_region_info_reply_carries_are_refused(
                 await _acked(fe, td, _F.ADD_MEM_REG, SingleRegion(region), [fd])
             region = MemoryRegion(MAX_AREAS << 21, 0x10000, 1 << 41, 0)
             with pytest.raises(FrontendError):
-                await fe.request(_F.ADD_MEM_REG, SingleRegion(region), [fds[-1]])
+                await asyncio.wait_for(
+                    fe.request(_F.ADD_MEM_REG, SingleRegion(region), [fds[-1]]), TIMEOUT
+                )
             areas = await td.pci.client.mmap_region(4)
             assert len(areas) == MAX_AREAS
             for area in areas:
@@ -735,7 +737,9 @@ async def test_frontend_memory_regions_are_matched_to_the_file(tmp_path: Path) -
                 (fe._memfd, outside),
             ):
                 with pytest.raises(FrontendError):
-                    await fe.request(_F.ADD_MEM_REG, SingleRegion(bad), [fd])
+                    await asyncio.wait_for(
+                        fe.request(_F.ADD_MEM_REG, SingleRegion(bad), [fd]), TIMEOUT
+                    )
             await _still_serving(fe, td)
         finally:
             os.close(other)
@@ -778,9 +782,9 @@ async def test_non_eventfds_are_refused_as_kick_call_err_and_log_fds(rigged: Rig
         try:
             for request in (_F.SET_VRING_KICK, _F.SET_VRING_CALL, _F.SET_VRING_ERR):
                 with pytest.raises(FrontendError):
-                    await fe.request(request, U64.vring(0), [r])
+                    await asyncio.wait_for(fe.request(request, U64.vring(0), [r]), TIMEOUT)
             with pytest.raises(FrontendError):
-                await fe.request(_F.SET_LOG_FD, fds=[w])
+                await asyncio.wait_for(fe.request(_F.SET_LOG_FD, fds=[w]), TIMEOUT)
             assert dev.doorbells == {} and await td.pci.client.region_io_fds(2) == []
             await _still_serving(fe, td)
         finally:
