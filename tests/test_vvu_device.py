@@ -166,6 +166,23 @@ async def connect(td: VvuTestDriver, r: Rig, **kwargs: Any) -> Frontend:
     return fe
 
 
+@contextlib.asynccontextmanager
+async def session(
+    r: Rig, *, rx: int = 8, reply_ack: bool = False
+) -> AsyncIterator[tuple[VvuTestDriver, Frontend]]:
+    """A driver with BACKEND_UP and a connected front-end (closed after); `reply_ack`: the
+    front-end asks for acks (NEED_REPLY) as if REPLY_ACK had been negotiated."""
+    async with driver(r, rx=rx) as td:
+        await td.set_status(BACKEND_UP)
+        fe = await connect(td, r)
+        if reply_ack:
+            fe.protocol_features = ProtocolFeature.REPLY_ACK.mask
+        try:
+            yield td, fe
+        finally:
+            await fe.close()
+
+
 @pytest_asyncio.fixture
 async def rigged(tmp_path: Path) -> AsyncIterator[Rig]:
     async with rig(tmp_path) as r:
@@ -625,10 +642,7 @@ async def test_regions_beyond_the_fds_a_region_info_reply_carries_are_refused(
     16 fds (max_msg_fds): the 17th region is refused, BAR4's info stays a reply the client
     takes, and GET_MAX_MEM_SLOTS is clamped to leave room for the log and inflight areas."""
     fds = [_memfd(0x10000) for _ in range(MAX_AREAS + 1)]
-    async with driver(rigged, rx=32) as td:
-        await td.set_status(BACKEND_UP)
-        fe = await connect(td, rigged)
-        fe.protocol_features = ProtocolFeature.REPLY_ACK.mask
+    async with session(rigged, rx=32, reply_ack=True) as (td, fe):
         try:
             task = asyncio.ensure_future(fe.request_u64(_F.GET_MAX_MEM_SLOTS))
             await td.recv()
@@ -774,10 +788,7 @@ async def test_no_config_interrupt_for_the_drivers_own_change(rigged: Rig) -> No
 @pytest.mark.asyncio
 async def test_non_eventfds_are_refused_as_kick_call_err_and_log_fds(rigged: Rig) -> None:
     dev = rigged.device
-    async with driver(rigged) as td:
-        await td.set_status(BACKEND_UP)
-        fe = await connect(td, rigged)
-        fe.protocol_features = ProtocolFeature.REPLY_ACK.mask
+    async with session(rigged, reply_ack=True) as (td, fe):
         r, w = os.pipe()
         try:
             for request in (_F.SET_VRING_KICK, _F.SET_VRING_CALL, _F.SET_VRING_ERR):
@@ -799,9 +810,7 @@ async def test_txq_replies_nobody_asked_for_are_dropped(rigged: Rig) -> None:
     forged one is dropped (it would answer the front-end's next request); a forged
     GET_INFLIGHT_FD reply allocates nothing."""
     dev = rigged.device
-    async with driver(rigged) as td:
-        await td.set_status(BACKEND_UP)
-        fe = await connect(td, rigged)
+    async with session(rigged) as (td, fe):
         try:
             dropped = dev.dropped_tx
             await td.reply(_F.GET_FEATURES, U64(0xBAD).pack())
@@ -826,9 +835,7 @@ async def test_txq_messages_are_capped_and_the_outbound_queue_is_bounded(rigged:
     not read its back-end channel while the driver keeps writing is disconnected once the
     device's outbound queue is full, instead of the device buffering without end."""
     dev = rigged.device
-    async with driver(rigged) as td:
-        await td.set_status(BACKEND_UP)
-        fe = await connect(td, rigged)
+    async with session(rigged) as (td, fe):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             await fe.request(_F.SET_BACKEND_REQ_FD, fds=[theirs.fileno()])
