@@ -168,11 +168,11 @@ async def connect(td: VvuTestDriver, r: Rig, **kwargs: Any) -> Frontend:
 
 @contextlib.asynccontextmanager
 async def session(
-    r: Rig, *, rx: int = 8, reply_ack: bool = False
+    r: Rig, *, rx: int = 8, reply_ack: bool = False, options: ClientOptions | None = None
 ) -> AsyncIterator[tuple[VvuTestDriver, Frontend]]:
     """A driver with BACKEND_UP and a connected front-end (closed after); `reply_ack`: the
     front-end asks for acks (NEED_REPLY) as if REPLY_ACK had been negotiated."""
-    async with driver(r, rx=rx) as td:
+    async with driver(r, rx=rx, options=options) as td:
         await td.set_status(BACKEND_UP)
         fe = await connect(td, r)
         if reply_ack:
@@ -635,29 +635,33 @@ async def test_an_unpublished_region_never_reaches_the_driver(rigged: Rig) -> No
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("max_msg_fds", [16, 4])
 async def test_regions_beyond_the_fds_a_region_info_reply_carries_are_refused(
-    rigged: Rig,
+    rigged: Rig, max_msg_fds: int
 ) -> None:
     """Each region is one BAR4 area with its own fd, and a region-info reply carries at most
-    16 fds (max_msg_fds): the 17th region is refused, BAR4's info stays a reply the client
-    takes, and GET_MAX_MEM_SLOTS is clamped to leave room for the log and inflight areas."""
-    fds = [_memfd(0x10000) for _ in range(MAX_AREAS + 1)]
-    async with session(rigged, rx=32, reply_ack=True) as (td, fe):
+    the client's max_msg_fds (16 at most): the next region is refused, BAR4's info stays a
+    reply the client takes, and GET_MAX_MEM_SLOTS is clamped to leave room for the log and
+    inflight areas."""
+    limit = min(MAX_AREAS, max_msg_fds)
+    fds = [_memfd(0x10000) for _ in range(limit + 1)]
+    options = ClientOptions(max_msg_fds=max_msg_fds)
+    async with session(rigged, rx=32, reply_ack=True, options=options) as (td, fe):
         try:
             task = asyncio.ensure_future(fe.request_u64(_F.GET_MAX_MEM_SLOTS))
             await td.recv()
             await td.reply(_F.GET_MAX_MEM_SLOTS, U64(509).pack())
-            assert await asyncio.wait_for(task, TIMEOUT) == MAX_AREAS - 2
-            for i, fd in enumerate(fds[:MAX_AREAS]):
+            assert await asyncio.wait_for(task, TIMEOUT) == limit - 2
+            for i, fd in enumerate(fds[:limit]):
                 region = MemoryRegion(i << 21, 0x10000, (1 << 40) + (i << 21), 0)
                 await _acked(fe, td, _F.ADD_MEM_REG, SingleRegion(region), [fd])
-            region = MemoryRegion(MAX_AREAS << 21, 0x10000, 1 << 41, 0)
+            region = MemoryRegion(limit << 21, 0x10000, 1 << 41, 0)
             with pytest.raises(FrontendError):
                 await asyncio.wait_for(
                     fe.request(_F.ADD_MEM_REG, SingleRegion(region), [fds[-1]]), TIMEOUT
                 )
             areas = await td.pci.client.mmap_region(4)
-            assert len(areas) == MAX_AREAS
+            assert len(areas) == limit
             for area in areas:
                 area.close()
             await _still_serving(fe, td)

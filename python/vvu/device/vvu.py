@@ -95,9 +95,9 @@ RX_BACKLOG: Final = 16
 OUT_BACKLOG: Final = 64
 #: BAR4 areas at most (shmid 1 regions + the log + the inflight region). In the per-area-fds
 #: mode each area is one fd of BAR4's region-info reply, and a reply carries at most
-#: `max_msg_fds` fds (16: what our server advertises and our client proposes). A region that
-#: would exceed it is refused; GET_MAX_MEM_SLOTS is clamped to leave room for the log and the
-#: inflight region.
+#: `max_msg_fds` fds (16: what our server advertises and our client proposes; fewer when the
+#: client proposed fewer). A region that would exceed it is refused; GET_MAX_MEM_SLOTS is
+#: clamped to leave room for the log and the inflight region.
 MAX_AREAS: Final = 16
 
 _P = ProtocolFeature
@@ -228,6 +228,7 @@ class VvuDevice(VirtioPciDevice):
         self._log_request = b""  # SET_LOG_BASE's payload as the front-end sent it (its reply)
         self._shm = GuestMemory()  # the areas, for message (REGION_READ/WRITE) access
         self._extensions = False  # the vfio-user client asked for vvu's extensions
+        self.max_areas = MAX_AREAS  # BAR4 areas the client takes in one region-info reply
         #: shmid -> (offset in BAR4, length)
         self.shm_layout: dict[int, tuple[int, int]] = {s: (o, n) for s, o, n in SHM_LAYOUT}
         self.bar4_size = BAR4_SIZE
@@ -546,9 +547,9 @@ class VvuDevice(VirtioPciDevice):
         where = f"region {region.guest_phys_addr:#x}+{region.memory_size:#x}"
         if self._file is not None:
             return self._match_file(region, fd, where)
-        if len(self._all_areas()) >= MAX_AREAS:
+        if len(self._all_areas()) >= self.max_areas:
             os.close(fd)
-            raise _Refused(f"{where}: BAR4 has {MAX_AREAS} areas already (max_msg_fds)")
+            raise _Refused(f"{where}: BAR4 has {self.max_areas} areas already (max_msg_fds)")
         _, size = _page_span(region.mmap_offset, region.memory_size)
         offset = self._place(size) if region.memory_size else None
         if offset is None:
@@ -609,8 +610,10 @@ class VvuDevice(VirtioPciDevice):
             log.warning("vvu: shmid %d does not exist here; not published", shmid)
             os.close(fd)
             return None
-        if len(self._all_areas()) >= MAX_AREAS:
-            log.warning("vvu: BAR4 has %d areas already; shmid %d not published", MAX_AREAS, shmid)
+        if len(self._all_areas()) >= self.max_areas:
+            log.warning(
+                "vvu: BAR4 has %d areas already; shmid %d not published", self.max_areas, shmid
+            )
             os.close(fd)
             return None
         base, limit = self.shm_layout[shmid]
@@ -914,7 +917,7 @@ class VvuDevice(VirtioPciDevice):
         elif request == _F.GET_MAX_MEM_SLOTS and size == 8 and self._file is None:
             # Each region is a BAR4 area (one fd each); leave room for the log and inflight.
             (value,) = _U64.unpack_from(data, HEADER_SIZE)
-            data = data[:HEADER_SIZE] + _U64.pack(min(value, MAX_AREAS - 2))
+            data = data[:HEADER_SIZE] + _U64.pack(min(value, max(self.max_areas - 2, 1)))
         elif request == _F.SET_LOG_BASE and Log.fits(size) and self._log_request:
             # The back-end echoes the log it got: the front-end gets back what it sent, not
             # the shmid 2 offset.
@@ -1129,11 +1132,14 @@ class VvuDevice(VirtioPciDevice):
     def client_connected(self, dma: DmaSpace) -> None:
         super().client_connected(dma)
         # vvu's extensions (per-area fds, DIRECT kicks) for a client that asked for them.
-        self._extensions = bool(dma.client_capabilities.sparse_mmap_fds)
+        caps = dma.client_capabilities
+        self._extensions = bool(caps.sparse_mmap_fds)
+        self.max_areas = min(MAX_AREAS, caps.msg_fds) if self._extensions else MAX_AREAS
 
     def client_disconnected(self) -> None:
         super().client_disconnected()
         self._extensions = False
+        self.max_areas = MAX_AREAS
 
     def on_reset(self) -> None:
         self._disconnect_frontend("device reset", notify=False)
