@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -94,24 +96,38 @@ def test_probe_decodes_a_blk_backend(blk_server: Path) -> None:
     assert capacity == 8 * 2048  # 8 MiB in sectors
 
 
-def test_probe_a_vvu_device(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def vvu_device(tmp_path: Path, *args: str) -> Iterator[Path]:
+    """`vvu device` with `args` as a process; yields its vfio-user socket, stopped after."""
     device_socket = tmp_path / "dev.sock"
     device = subprocess.Popen(
         [*VVU, "-q", "device", "--socket-path", str(tmp_path / "fe.sock"),
-         "--vfio-user", str(device_socket), "--max-queues", "4",
-         "--uuid", "12345678-9abc-def0-1234-56789abcdef0"],
+         "--vfio-user", str(device_socket), *args],
         stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
         wait_for_socket(device_socket, device)
-        out = subprocess.run(
-            [*VVU, "probe", "--vvu", str(device_socket), "--json"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=30,
-        ).stdout
-        report = json.loads(out)
+        yield device_socket
+    finally:
+        assert stop_process(device) == 0
+
+
+def probe_json(device_socket: Path) -> dict[str, Any]:
+    out = subprocess.run(
+        [*VVU, "probe", "--vvu", str(device_socket), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    report: dict[str, Any] = json.loads(out)
+    return report
+
+
+def test_probe_a_vvu_device(tmp_path: Path) -> None:
+    uuid = "12345678-9abc-def0-1234-56789abcdef0"
+    with vvu_device(tmp_path, "--max-queues", "4", "--uuid", uuid) as device_socket:
+        report = probe_json(device_socket)
         assert report["pci_id"] == "1af4:107f"
         assert report["virtio_device_id"] == 63
         assert report["device_feature_names"] == ["VERSION_1"]
@@ -133,8 +149,6 @@ def test_probe_a_vvu_device(tmp_path: Path) -> None:
             timeout=30,
         ).stdout
         assert "SHARED_MEMORY" in text and "shmid 2" in text and "BAR4 32 GiB" in text
-    finally:
-        assert stop_process(device) == 0
     both = subprocess.run(
         [*VVU, "probe", "--vvu", "a", "--socket-path", "b"],
         capture_output=True,
@@ -248,27 +262,11 @@ def test_device_with_frontend_memory(tmp_path: Path) -> None:
     mem = tmp_path / "guest-ram"
     with open(mem, "wb") as f:
         f.truncate(3 << 20)
-    device_socket = tmp_path / "dev.sock"
-    device = subprocess.Popen(
-        [*VVU, "-q", "device", "--socket-path", str(tmp_path / "fe.sock"),
-         "--vfio-user", str(device_socket), "--frontend-memory", str(mem)],
-        stderr=subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        wait_for_socket(device_socket, device)
-        out = subprocess.run(
-            [*VVU, "probe", "--vvu", str(device_socket), "--json"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=30,
-        ).stdout
-        report = json.loads(out)
-        shm = [c for c in report["capabilities"] if c["type"] == "SHARED_MEMORY"]
-        assert [(c["shmid"], c["offset"], c["length"]) for c in shm] == [(1, 0, 3 << 20)]
-        assert report["bar_sizes"]["4"] == 4 << 20
-    finally:
-        assert stop_process(device) == 0
+    with vvu_device(tmp_path, "--frontend-memory", str(mem)) as device_socket:
+        report = probe_json(device_socket)
+    shm = [c for c in report["capabilities"] if c["type"] == "SHARED_MEMORY"]
+    assert [(c["shmid"], c["offset"], c["length"]) for c in shm] == [(1, 0, 3 << 20)]
+    assert report["bar_sizes"]["4"] == 4 << 20
     (tmp_path / "odd").write_bytes(b"x" * 100)
     for bad, why in ((tmp_path / "missing", "No such file"), (tmp_path / "odd", "its size")):
         run = subprocess.run(

@@ -166,6 +166,23 @@ async def connect(td: VvuTestDriver, r: Rig, **kwargs: Any) -> Frontend:
     return fe
 
 
+@contextlib.asynccontextmanager
+async def session(
+    r: Rig, *, rx: int = 8, reply_ack: bool = False, options: ClientOptions | None = None
+) -> AsyncIterator[tuple[VvuTestDriver, Frontend]]:
+    """A driver with BACKEND_UP and a connected front-end (closed after); `reply_ack`: the
+    front-end asks for acks (NEED_REPLY) as if REPLY_ACK had been negotiated."""
+    async with driver(r, rx=rx, options=options) as td:
+        await td.set_status(BACKEND_UP)
+        fe = await connect(td, r)
+        if reply_ack:
+            fe.protocol_features = ProtocolFeature.REPLY_ACK.mask
+        try:
+            yield td, fe
+        finally:
+            await fe.close()
+
+
 @pytest_asyncio.fixture
 async def rigged(tmp_path: Path) -> AsyncIterator[Rig]:
     async with rig(tmp_path) as r:
@@ -597,7 +614,7 @@ async def test_an_unpublished_region_never_reaches_the_driver(rigged: Rig) -> No
                 (MemoryRegion(0, 2 << 20, UVA_BASE, 0), MemoryRegion(4 << 20, 2 << 20, 1 << 40, 0))
             )
             with pytest.raises(FrontendError):
-                await fe.request(_F.SET_MEM_TABLE, table, [good, bad])
+                await asyncio.wait_for(fe.request(_F.SET_MEM_TABLE, table, [good, bad]), TIMEOUT)
             assert dev.areas == []
             await _still_serving(fe, td)
             # Without NEED_REPLY: the front-end is disconnected; the device takes the next one.
@@ -618,30 +635,33 @@ async def test_an_unpublished_region_never_reaches_the_driver(rigged: Rig) -> No
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("max_msg_fds", [16, 4])
 async def test_regions_beyond_the_fds_a_region_info_reply_carries_are_refused(
-    rigged: Rig,
+    rigged: Rig, max_msg_fds: int
 ) -> None:
     """Each region is one BAR4 area with its own fd, and a region-info reply carries at most
-    16 fds (max_msg_fds): the 17th region is refused, BAR4's info stays a reply the client
-    takes, and GET_MAX_MEM_SLOTS is clamped to leave room for the log and inflight areas."""
-    fds = [_memfd(0x10000) for _ in range(MAX_AREAS + 1)]
-    async with driver(rigged, rx=32) as td:
-        await td.set_status(BACKEND_UP)
-        fe = await connect(td, rigged)
-        fe.protocol_features = ProtocolFeature.REPLY_ACK.mask
+    the client's max_msg_fds (16 at most): the next region is refused, BAR4's info stays a
+    reply the client takes, and GET_MAX_MEM_SLOTS is clamped to leave room for the log and
+    inflight areas."""
+    limit = min(MAX_AREAS, max_msg_fds)
+    fds = [_memfd(0x10000) for _ in range(limit + 1)]
+    options = ClientOptions(max_msg_fds=max_msg_fds)
+    async with session(rigged, rx=32, reply_ack=True, options=options) as (td, fe):
         try:
             task = asyncio.ensure_future(fe.request_u64(_F.GET_MAX_MEM_SLOTS))
             await td.recv()
             await td.reply(_F.GET_MAX_MEM_SLOTS, U64(509).pack())
-            assert await asyncio.wait_for(task, TIMEOUT) == MAX_AREAS - 2
-            for i, fd in enumerate(fds[:MAX_AREAS]):
+            assert await asyncio.wait_for(task, TIMEOUT) == limit - 2
+            for i, fd in enumerate(fds[:limit]):
                 region = MemoryRegion(i << 21, 0x10000, (1 << 40) + (i << 21), 0)
                 await _acked(fe, td, _F.ADD_MEM_REG, SingleRegion(region), [fd])
-            region = MemoryRegion(MAX_AREAS << 21, 0x10000, 1 << 41, 0)
+            region = MemoryRegion(limit << 21, 0x10000, 1 << 41, 0)
             with pytest.raises(FrontendError):
-                await fe.request(_F.ADD_MEM_REG, SingleRegion(region), [fds[-1]])
+                await asyncio.wait_for(
+                    fe.request(_F.ADD_MEM_REG, SingleRegion(region), [fds[-1]]), TIMEOUT
+                )
             areas = await td.pci.client.mmap_region(4)
-            assert len(areas) == MAX_AREAS
+            assert len(areas) == limit
             for area in areas:
                 area.close()
             await _still_serving(fe, td)
@@ -651,13 +671,10 @@ async def test_regions_beyond_the_fds_a_region_info_reply_carries_are_refused(
             await fe.close()
 
 
-@pytest.mark.asyncio
-async def test_frontend_memory_is_bar4_for_a_standard_client(tmp_path: Path) -> None:
-    """--frontend-memory: BAR4 is the file (one standard sparse-mmap area, fd offset = BAR4
-    offset), sized to it; shmid 1 is the file's size; no shmid 2/3, and the features that
-    would need them are filtered. Regions inside the file pass with their file offset;
-    another file's region, or one leaving the file, is refused."""
-    size = 6 << 20
+@contextlib.asynccontextmanager
+async def file_rig(tmp_path: Path, size: int) -> AsyncIterator[tuple[Path, Rig, VvuTestDriver]]:
+    """A device with `--frontend-memory` (a `size`-byte file) and a driver whose client knows
+    no vvu extension."""
     mem = tmp_path / "guest-ram"
     with open(mem, "wb") as f:
         f.truncate(size)
@@ -665,9 +682,27 @@ async def test_frontend_memory_is_bar4_for_a_standard_client(tmp_path: Path) -> 
         rig(tmp_path, frontend_memory=str(mem)) as r,
         driver(r, options=ClientOptions(sparse_mmap_fds=False, io_fds=False)) as td,
     ):
+        yield mem, r, td
+
+
+@pytest.mark.asyncio
+async def test_frontend_memory_is_bar4_for_a_standard_client(tmp_path: Path) -> None:
+    """--frontend-memory: BAR4 is the file (one standard sparse-mmap area, fd offset = BAR4
+    offset), sized to it (a power of two); shmid 1 is the file's size; no shmid 2/3."""
+    size = 6 << 20
+    async with file_rig(tmp_path, size) as (mem, _r, td):
         assert td.pci.bar_info(4).size == 8 << 20 and td.pci.bar_info(4).mappable
         shm = [c for c in td.drv.caps if c.cfg_type == CfgType.SHARED_MEMORY]
         assert [(c.cap_id, c.offset, c.length, c.extra) for c in shm] == [(1, 0, size, bytes(8))]
+        # One cap64 instead of three: the PCI_CFG window fits again, and reaches the file.
+        (window,) = [c for c in td.drv.caps if c.cfg_type == CfgType.PCI_CFG]
+        with open(mem, "r+b") as f:
+            f.seek(0x5000)
+            f.write(b"cfgw")
+        await td.pci.config_write(window.at + 4, b"\x04")  # bar
+        await td.pci.config_write(window.at + 8, struct.pack("<II", 0x5000, 4))  # offset, length
+        assert await td.pci.config_read(window.at + 16, 4) == b"cfgw"
+
         info = await td.pci.client.region_info(4)
         assert info.flags & RegionFlag.MMAP and info.offset == 0
         assert info.info.caps == (SparseMmapCap(((0, size),)),)
@@ -675,6 +710,14 @@ async def test_frontend_memory_is_bar4_for_a_standard_client(tmp_path: Path) -> 
         assert (area.offset, area.size, area.fd_offset) == (0, size, 0)
         assert os.fstat(area.fd).st_ino == os.stat(mem).st_ino
         area.close()
+
+
+@pytest.mark.asyncio
+async def test_frontend_memory_regions_are_matched_to_the_file(tmp_path: Path) -> None:
+    """--frontend-memory: the features that would need shmid 2/3 (and LOG_ALL) are filtered;
+    a region inside the file passes with its file offset (= its BAR4 offset); another file's
+    region, or one leaving the file, is refused and never reaches the driver."""
+    async with file_rig(tmp_path, 6 << 20) as (mem, r, td):
         await td.set_status(BACKEND_UP)
         fe = await connect(td, r, memory_path=str(mem), memory_offset=1 << 20)
         fe.protocol_features = ProtocolFeature.REPLY_ACK.mask
@@ -712,8 +755,111 @@ async def test_frontend_memory_is_bar4_for_a_standard_client(tmp_path: Path) -> 
                 (fe._memfd, outside),
             ):
                 with pytest.raises(FrontendError):
-                    await fe.request(_F.ADD_MEM_REG, SingleRegion(bad), [fd])
+                    await asyncio.wait_for(
+                        fe.request(_F.ADD_MEM_REG, SingleRegion(bad), [fd]), TIMEOUT
+                    )
             await _still_serving(fe, td)
         finally:
             os.close(other)
+            await fe.close()
+
+
+@pytest.mark.asyncio
+async def test_no_config_interrupt_for_the_drivers_own_change(rigged: Rig) -> None:
+    """The driver clearing BACKEND_UP ends the session and clears FRONTEND_UP at once (the
+    status it reads back says so), without a config interrupt: the driver caused it. The
+    front-end leaving on its own does raise one."""
+    dev = rigged.device
+    async with driver(rigged) as td:
+        await td.set_status(BACKEND_UP)
+        fe = await connect(td, rigged)
+        generation, interrupts = dev.config_generation, td.drv.config_interrupts
+        await td.set_status(0)
+        assert await td.status() == 0 and not dev.frontend_connected
+        await asyncio.sleep(0.1)
+        assert td.drv.config_interrupts == interrupts  # (a new generation, no interrupt)
+        assert dev.config_generation == (generation + 1) & 0xFF
+        assert await fe.channel.recv() is None
+        await fe.close()
+        await td.set_status(BACKEND_UP)
+        fe = await connect(td, rigged)
+        generation = dev.config_generation
+        await fe.close()
+        await td.drv.wait_config_change()
+        assert dev.config_generation == generation + 1 and await td.status() == 0
+
+
+@pytest.mark.asyncio
+async def test_non_eventfds_are_refused_as_kick_call_err_and_log_fds(rigged: Rig) -> None:
+    dev = rigged.device
+    async with session(rigged, reply_ack=True) as (td, fe):
+        r, w = os.pipe()
+        try:
+            for request in (_F.SET_VRING_KICK, _F.SET_VRING_CALL, _F.SET_VRING_ERR):
+                with pytest.raises(FrontendError):
+                    await asyncio.wait_for(fe.request(request, U64.vring(0), [r]), TIMEOUT)
+            with pytest.raises(FrontendError):
+                await asyncio.wait_for(fe.request(_F.SET_LOG_FD, fds=[w]), TIMEOUT)
+            assert dev.doorbells == {} and await td.pci.client.region_io_fds(2) == []
+            await _still_serving(fe, td)
+        finally:
+            os.close(r)
+            os.close(w)
+            await fe.close()
+
+
+@pytest.mark.asyncio
+async def test_txq_replies_nobody_asked_for_are_dropped(rigged: Rig) -> None:
+    """A reply is forwarded only to a request the front-end sent and that replies: a stale or
+    forged one is dropped (it would answer the front-end's next request); a forged
+    GET_INFLIGHT_FD reply allocates nothing."""
+    dev = rigged.device
+    async with session(rigged) as (td, fe):
+        try:
+            dropped = dev.dropped_tx
+            await td.reply(_F.GET_FEATURES, U64(0xBAD).pack())
+            await td.reply(_F.GET_INFLIGHT_FD, Inflight(0x2000, 0, 1, 64).pack())
+            assert dev.dropped_tx == dropped + 2 and dev.shm_area(3) is None
+            await _still_serving(fe, td)  # answered 7, not 0xBAD
+            # Two replies to one request: the second is dropped.
+            task = asyncio.ensure_future(fe.request_u64(_F.GET_QUEUE_NUM))
+            await td.recv()
+            await td.reply(_F.GET_QUEUE_NUM, U64(1).pack())
+            await td.reply(_F.GET_QUEUE_NUM, U64(2).pack())
+            assert await asyncio.wait_for(task, TIMEOUT) == 1
+            assert dev.dropped_tx == dropped + 3
+            await _still_serving(fe, td)
+        finally:
+            await fe.close()
+
+
+@pytest.mark.asyncio
+async def test_txq_messages_are_capped_and_the_outbound_queue_is_bounded(rigged: Rig) -> None:
+    """A txq buffer longer than a vhost-user message is dropped unread; a front-end that does
+    not read its back-end channel while the driver keeps writing is disconnected once the
+    device's outbound queue is full, instead of the device buffering without end."""
+    dev = rigged.device
+    async with session(rigged) as (td, fe):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await fe.request(_F.SET_BACKEND_REQ_FD, fds=[theirs.fileno()])
+            theirs.close()
+            assert HDR.unpack_from(await td.recv())[0] == _F.SET_BACKEND_REQ_FD
+            dropped = dev.dropped_tx
+            huge = 4097 + 4096
+            await td.send(HDR.pack(2, VERSION, huge) + bytes(huge))
+            assert dev.dropped_tx == dropped + 1
+            small = HDR.pack(2, VERSION, 8) + U64(1).pack()
+            await td.send(small)
+            ours.settimeout(5)
+            assert ours.recv(100) == small
+            # Nobody reads `ours` any more: the socket fills, then the device's queue.
+            request = HDR.pack(2, VERSION, 4096) + bytes(4096)
+            for _ in range(2000):
+                if not dev.frontend_connected:
+                    break
+                await td.send(request)
+            assert not dev.frontend_connected
+        finally:
+            ours.close()
             await fe.close()

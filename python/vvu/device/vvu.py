@@ -15,7 +15,7 @@ import logging
 import os
 import stat
 import struct
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -26,6 +26,7 @@ from vvu.pci.virtio_device import NO_VECTOR, CfgType, Status, VirtioPciDevice
 from vvu.protocol.constants import (
     HEADER_SIZE,
     KNOWN_FLAGS,
+    MAX_PAYLOAD,
     NEED_REPLY,
     REPLY,
     VERSION,
@@ -36,6 +37,7 @@ from vvu.protocol.constants import (
     VhostFeature,
 )
 from vvu.protocol.payloads import Inflight, Log, MemoryRegion, MemoryTable, SingleRegion
+from vvu.protocol.table import Answer, spec_for
 from vvu.transport.base import Channel, RawMessage, TransportError, close_fds, is_eventfd
 from vvu.transport.unix import UnixListener
 from vvu.vfio_user.device import DmaSpace, IoEventFd, IrqRequest, MmapArea, RegionSpec
@@ -88,11 +90,14 @@ REGION_ALIGN: Final = 2 << 20
 PAGE: Final = 4096
 #: Messages waiting for rxq buffers before the device stops reading the front-end.
 RX_BACKLOG: Final = 16
+#: Messages waiting to be sent to the front-end (socket and back-end channel) before the
+#: device gives up on a front-end that does not read them.
+OUT_BACKLOG: Final = 64
 #: BAR4 areas at most (shmid 1 regions + the log + the inflight region). In the per-area-fds
 #: mode each area is one fd of BAR4's region-info reply, and a reply carries at most
-#: `max_msg_fds` fds (16: what our server advertises and our client proposes). A region that
-#: would exceed it is refused; GET_MAX_MEM_SLOTS is clamped to leave room for the log and the
-#: inflight region.
+#: `max_msg_fds` fds (16: what our server advertises and our client proposes; fewer when the
+#: client proposed fewer). A region that would exceed it is refused; GET_MAX_MEM_SLOTS is
+#: clamped to leave room for the log and the inflight region.
 MAX_AREAS: Final = 16
 
 _P = ProtocolFeature
@@ -190,7 +195,8 @@ class VvuDevice(VirtioPciDevice):
     """The VVU device. `listener` is where front-ends connect (FRONTEND_SOCK)."""
 
     # Its 20 bytes make room for shmid 3's capability (docs/vvu-device.md): a VVU driver maps
-    # BAR4 anyway, so it never needs the config-space access window.
+    # BAR4 anyway, so it never needs the config-space access window. With --frontend-memory
+    # there is one shared-memory capability only, and the window is back.
     PCI_CFG_CAP = False
 
     def __init__(
@@ -222,6 +228,7 @@ class VvuDevice(VirtioPciDevice):
         self._log_request = b""  # SET_LOG_BASE's payload as the front-end sent it (its reply)
         self._shm = GuestMemory()  # the areas, for message (REGION_READ/WRITE) access
         self._extensions = False  # the vfio-user client asked for vvu's extensions
+        self.max_areas = MAX_AREAS  # BAR4 areas the client takes in one region-info reply
         #: shmid -> (offset in BAR4, length)
         self.shm_layout: dict[int, tuple[int, int]] = {s: (o, n) for s, o, n in SHM_LAYOUT}
         self.bar4_size = BAR4_SIZE
@@ -233,6 +240,7 @@ class VvuDevice(VirtioPciDevice):
         self._file_id: tuple[int, int] | None = None
         if frontend_memory is not None:
             self._use_frontend_memory(frontend_memory)
+            self.PCI_CFG_CAP = True
         self._forwarder: EventForwarder | None = None
         self._unmapped_kick = EventFd()  # kicks without a vector land here: ISR bit 2
         self._frontend: Channel | None = None
@@ -244,6 +252,8 @@ class VvuDevice(VirtioPciDevice):
         self._rx_space: asyncio.Event | None = None
         self._out: asyncio.Queue[tuple[Channel, bytes, list[int]]] | None = None
         self._release_after_reply: set[int] = set()
+        self._awaiting: Counter[int] = Counter()  # front-end requests the driver is to answer
+        self._protocol_features = 0  # as the front-end set them (which replies are due)
         self.sessions = 0
         self.dropped_tx = 0
         #: Doorbells rung by REGION_WRITE (the device signalled the front-end itself): a client
@@ -376,8 +386,8 @@ class VvuDevice(VirtioPciDevice):
             self._disconnect_frontend("the driver cleared BACKEND_UP", notify=False)
             self._vvu_status = 0
             self._update_accepting()
-            if had:  # FRONTEND_UP changed: the driver's session must end, not see the next one
-                self.config_changed()
+            if had:  # FRONTEND_UP changed, but the driver did it: no config interrupt
+                self.config_changed(interrupt=False)
 
     # -- BAR2 and BAR4 -------------------------------------------------------------------------
 
@@ -537,9 +547,9 @@ class VvuDevice(VirtioPciDevice):
         where = f"region {region.guest_phys_addr:#x}+{region.memory_size:#x}"
         if self._file is not None:
             return self._match_file(region, fd, where)
-        if len(self._all_areas()) >= MAX_AREAS:
+        if len(self._all_areas()) >= self.max_areas:
             os.close(fd)
-            raise _Refused(f"{where}: BAR4 has {MAX_AREAS} areas already (max_msg_fds)")
+            raise _Refused(f"{where}: BAR4 has {self.max_areas} areas already (max_msg_fds)")
         _, size = _page_span(region.mmap_offset, region.memory_size)
         offset = self._place(size) if region.memory_size else None
         if offset is None:
@@ -600,8 +610,10 @@ class VvuDevice(VirtioPciDevice):
             log.warning("vvu: shmid %d does not exist here; not published", shmid)
             os.close(fd)
             return None
-        if len(self._all_areas()) >= MAX_AREAS:
-            log.warning("vvu: BAR4 has %d areas already; shmid %d not published", MAX_AREAS, shmid)
+        if len(self._all_areas()) >= self.max_areas:
+            log.warning(
+                "vvu: BAR4 has %d areas already; shmid %d not published", self.max_areas, shmid
+            )
             os.close(fd)
             return None
         base, limit = self.shm_layout[shmid]
@@ -839,6 +851,11 @@ class VvuDevice(VirtioPciDevice):
             queue.disable_notifications()
             chains = queue.pop()
             for chain in chains:
+                if chain.readable_len > HEADER_SIZE + MAX_PAYLOAD:  # not read at all
+                    queue.push_used(chain.head, 0)
+                    self.dropped_tx += 1
+                    log.warning("vvu: txq buffer of %d bytes dropped: too long", chain.readable_len)
+                    continue
                 data = chain.read()
                 queue.push_used(chain.head, 0)
                 self._handle_tx(data)
@@ -877,10 +894,16 @@ class VvuDevice(VirtioPciDevice):
             self.dropped_tx += 1
             log.warning("vvu: back-end request %d before SET_BACKEND_REQ_FD dropped", request)
         else:
-            self._out.put_nowait((self._backend_channel, data, []))
+            self._queue_out(self._backend_channel, data, [])
 
     def _handle_reply(self, request: int, flags: int, size: int, data: bytes) -> None:
-        """A reply from the driver to a front-end request: filtered, then to the front-end."""
+        """A reply from the driver to a front-end request: filtered, then to the front-end.
+        A reply to no outstanding request is dropped (it would answer the next one)."""
+        if self._awaiting[request] <= 0:
+            self.dropped_tx += 1
+            log.warning("vvu: txq reply %d dropped: the front-end asked for none", request)
+            return
+        self._awaiting[request] -= 1
         fds: list[int] = []
         if request == _F.GET_PROTOCOL_FEATURES and size == 8:
             (value,) = _U64.unpack_from(data, HEADER_SIZE)
@@ -894,7 +917,7 @@ class VvuDevice(VirtioPciDevice):
         elif request == _F.GET_MAX_MEM_SLOTS and size == 8 and self._file is None:
             # Each region is a BAR4 area (one fd each); leave room for the log and inflight.
             (value,) = _U64.unpack_from(data, HEADER_SIZE)
-            data = data[:HEADER_SIZE] + _U64.pack(min(value, MAX_AREAS - 2))
+            data = data[:HEADER_SIZE] + _U64.pack(min(value, max(self.max_areas - 2, 1)))
         elif request == _F.SET_LOG_BASE and Log.fits(size) and self._log_request:
             # The back-end echoes the log it got: the front-end gets back what it sent, not
             # the shmid 2 offset.
@@ -914,7 +937,38 @@ class VvuDevice(VirtioPciDevice):
         if self._frontend is None or self._out is None:
             close_fds(fds or [])
             return
-        self._out.put_nowait((self._frontend, data, fds or []))
+        self._queue_out(self._frontend, data, fds or [])
+
+    def _queue_out(self, channel: Channel, data: bytes, fds: list[int]) -> None:
+        """Queue a message for the front-end's socket or its back-end channel. A front-end that
+        stops reading fills the socket and then this queue: its session ends."""
+        assert self._out is not None
+        try:
+            self._out.put_nowait((channel, data, fds))
+        except asyncio.QueueFull:
+            close_fds(fds)
+            self._disconnect_frontend(
+                f"{OUT_BACKLOG} messages wait for the front-end, which reads none", notify=True
+            )
+
+    def _expect_reply(self, raw: RawMessage) -> None:
+        """Note a front-end request the driver is to answer (its reply is let through once)."""
+        if raw.request == _F.SET_PROTOCOL_FEATURES and len(raw.payload) == 8:
+            (self._protocol_features,) = _U64.unpack(raw.payload)
+        # Any NEED_REPLY may be acked (the front-end asked), whatever was negotiated; an
+        # unknown request too (the back-end refuses it with a failure ack).
+        need_reply = bool(raw.flags & NEED_REPLY)
+        spec = spec_for(raw.request, "frontend")
+        if spec is None:
+            due = need_reply
+        else:
+            answer = spec.answer(
+                need_reply=need_reply,
+                protocol_features=self._protocol_features | (1 << _P.REPLY_ACK),
+            )
+            due = answer is not Answer.NOTHING
+        if due:
+            self._awaiting[raw.request] += 1
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -955,7 +1009,9 @@ class VvuDevice(VirtioPciDevice):
     def _start_session(self, channel: Channel) -> None:
         self.sessions += 1
         self._frontend = channel
-        self._out = asyncio.Queue()
+        self._out = asyncio.Queue(maxsize=OUT_BACKLOG)
+        self._awaiting.clear()
+        self._protocol_features = 0
         self._rx_space = asyncio.Event()
         self._rx_space.set()
         self._vvu_status |= FRONTEND_UP
@@ -981,7 +1037,10 @@ class VvuDevice(VirtioPciDevice):
                         self._disconnect_frontend(f"refused message: {err}", notify=True)
                         return
                     self._send_frontend(_HDR.pack(raw.request, VERSION | REPLY, 8) + _U64.pack(1))
+                    if self._frontend is not channel:  # its queue was full: the session ended
+                        return
                     continue
+                self._expect_reply(raw)
                 header = _HDR.pack(raw.request, raw.flags, len(payload))
                 self._enqueue_rx(header + payload)
                 if len(self._rx_pending) >= RX_BACKLOG:
@@ -1073,11 +1132,14 @@ class VvuDevice(VirtioPciDevice):
     def client_connected(self, dma: DmaSpace) -> None:
         super().client_connected(dma)
         # vvu's extensions (per-area fds, DIRECT kicks) for a client that asked for them.
-        self._extensions = bool(dma.client_capabilities.sparse_mmap_fds)
+        caps = dma.client_capabilities
+        self._extensions = bool(caps.sparse_mmap_fds)
+        self.max_areas = min(MAX_AREAS, caps.msg_fds) if self._extensions else MAX_AREAS
 
     def client_disconnected(self) -> None:
         super().client_disconnected()
         self._extensions = False
+        self.max_areas = MAX_AREAS
 
     def on_reset(self) -> None:
         self._disconnect_frontend("device reset", notify=False)

@@ -27,7 +27,7 @@ import struct
 from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Final
+from typing import Final
 
 from vvu._core import EventFd, SplitQueue
 from vvu.vfio_user.device import (
@@ -202,8 +202,9 @@ class VirtioPciDevice(PciDeviceBase):
     """
 
     #: Whether config space has the PCI_CFG access window. A subclass may drop it (against the
-    #: virtio spec's MUST) when it needs those 20 bytes of the 256 for its own capabilities.
-    PCI_CFG_CAP: ClassVar[bool] = True
+    #: virtio spec's MUST) when it needs those 20 bytes of the 256 for its own capabilities;
+    #: an instance may decide before `__init__` runs (it is read there).
+    PCI_CFG_CAP: bool = True
 
     def __init__(
         self,
@@ -810,7 +811,8 @@ class VirtioPciDevice(PciDeviceBase):
     def _raise_config_irq(self) -> bool:
         return self._raise(self._msix_config, 0x2)
 
-    def config_changed(self) -> bool:
-        """The device config changed: new generation, config interrupt (after DRIVER_OK)."""
+    def config_changed(self, *, interrupt: bool = True) -> bool:
+        """The device config changed: new generation, and a config interrupt (after DRIVER_OK)
+        unless the driver caused the change itself (`interrupt=False`)."""
         self._generation = (self._generation + 1) & 0xFF
-        return self._raise_config_irq()
+        return self._raise_config_irq() if interrupt else False
