@@ -20,13 +20,17 @@ test's front-end needs.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,6 +65,7 @@ VVU_BDF = f"0000:00:{VVU_SLOT}"
 #: The back-end VM boots, mounts the host over 9p and starts Python under TCG: generous.
 BOOT_TIMEOUT = 240.0
 SERVING = "vvu: serving blk"
+STATS = "vvu: device stats "
 
 
 #: Run in the back-end VM before the back-end starts: a hostile guest driver writes garbage all
@@ -179,6 +184,18 @@ wait
         self.guest.proc.kill()
         self.guest.stop()
 
+    def device_stats(self) -> dict[str, Any]:
+        """The device's statistics now (`vvu device` prints them as JSON on SIGUSR1)."""
+        before = self.device.log().count(STATS)
+        self.device.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while (log := self.device.log()).count(STATS) == before:
+            assert time.monotonic() < deadline, log
+            time.sleep(0.02)
+        line = log[log.rindex(STATS) :].split("\n", 1)[0]
+        stats: dict[str, Any] = json.loads(line[len(STATS) :])
+        return stats
+
     def logs(self) -> str:
         serial = self.guest.serial if self.guest is not None else ""
         return f"--- back-end VM console ---\n{serial}\n--- device log ---\n{self.device.log()}"
@@ -242,6 +259,7 @@ async def test_host_frontend_writes_and_reads_back_through_the_backend_vm(
     """vvu's own front-end on the host, its RAM in the device's --frontend-memory file: the
     back-end VM serves checksummed writes and read-backs at several offsets."""
     rnd = random.Random(9)
+    before = backend_vm.device_stats()
     blk = await BlkDriver.open(
         str(backend_vm.frontend_socket), timeout=30, memory_path=str(backend_vm.frontend_memory)
     )
@@ -261,6 +279,13 @@ async def test_host_frontend_writes_and_reads_back_through_the_backend_vm(
         for sector, data in written.items():
             image.seek(sector * 512)
             assert image.read(len(data)) == data
+    # QEMU mapped BAR4 (the front-end's RAM) into the back-end VM: not one access to it became a
+    # vfio-user message. Each request's completion rang a doorbell by REGION_WRITE (QEMU has no
+    # ioeventfds for a vfio-user device) and each kick was relayed to an MSI-X eventfd.
+    after = backend_vm.device_stats()
+    assert after["region_accesses"].get("BAR4", 0) == 0, after
+    assert after["doorbell_writes"] - before["doorbell_writes"] >= len(written), (before, after)
+    assert after["kicks_forwarded"] - before["kicks_forwarded"] >= 1, (before, after)
 
 
 def test_two_vms_one_serves_the_others_disk(backend_vm: BackendVm) -> None:

@@ -196,6 +196,7 @@ async def _device(args: argparse.Namespace) -> None:
     task = asyncio.ensure_future(server.serve_forever())
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, task.cancel)
+    loop.add_signal_handler(signal.SIGUSR1, lambda: _print_device_stats(server, device))
     print(
         f"vvu: virtio-vhost-user device {device.uuid.hex()} (virtio id {args.device_id}, "
         f"{args.max_queues} vhost queues): front-ends connect to {args.socket_path}, "
@@ -213,6 +214,7 @@ async def _device(args: argparse.Namespace) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     finally:
+        _print_device_stats(server, device)
         server.close()
         device.close()
         cpu = os.times()
@@ -222,6 +224,18 @@ async def _device(args: argparse.Namespace) -> None:
             f"device process CPU time {used:.3f} s",
             file=sys.stderr,
         )
+
+
+def _print_device_stats(server: VfioUserServer, device: VvuDevice) -> None:
+    """One line of JSON on stderr (SIGUSR1, and at exit): what reached the device by vfio-user
+    message (commands, region accesses by region), doorbells rung by message, kicks relayed."""
+    stats = {
+        **server.stats(),
+        "doorbell_writes": device.doorbell_writes,
+        "kicks_forwarded": device.kicks_forwarded,
+        "sessions": device.sessions,
+    }
+    print(f"vvu: device stats {json.dumps(stats, sort_keys=True)}", file=sys.stderr, flush=True)
 
 
 def cmd_device(args: argparse.Namespace) -> int:
@@ -525,6 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
             "virtio-pci device served over vfio-user on --vfio-user, where a VVU driver "
             "(`vvu serve BACKEND --vvu SOCK`, or a VMM with vfio-user-pci) runs the back-end. "
             "Memory, kicks and calls are passed as fds, so the device is off the data path. "
+            "SIGUSR1 (and exit) prints one line of JSON statistics: vfio-user messages by "
+            "command and by region, doorbells rung by message, kicks relayed. "
             "Layout: docs/vvu-device.md."
         ),
     )

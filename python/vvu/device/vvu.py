@@ -259,6 +259,7 @@ class VvuDevice(VirtioPciDevice):
         #: Doorbells rung by REGION_WRITE (the device signalled the front-end itself): a client
         #: that uses the ioeventfds rings them without the device.
         self.doorbell_writes = 0
+        self._kicks_forwarded_before = 0
         super().__init__(
             virtio_id=device_id,
             features=0,
@@ -492,7 +493,7 @@ class VvuDevice(VirtioPciDevice):
         if self._forwarder is None or index not in self._kicks:
             return
         if self._aux_vectors[index] == DIRECT_KICK:  # the driver reads the eventfd itself
-            self._forwarder.remove(index)
+            self._unroute_kick(index)
         elif not self._forwarder.set_dst(index, self._kick_dst(index)):
             self._forwarder.add(self._kicks[index], self._kick_dst(index), index)
 
@@ -516,9 +517,23 @@ class VvuDevice(VirtioPciDevice):
     def _release_kick(self, index: int) -> None:
         efd = self._kicks.pop(index, None)
         if efd is not None:
-            if self._forwarder is not None:
-                self._forwarder.remove(index)
+            self._unroute_kick(index)
             efd.close()
+
+    def _unroute_kick(self, index: int) -> None:
+        """Stop forwarding kick `index`, keeping its count in `kicks_forwarded`."""
+        if self._forwarder is None:
+            return
+        self._kicks_forwarded_before += self._forwarder.forwarded(index) or 0
+        self._forwarder.remove(index)
+
+    @property
+    def kicks_forwarded(self) -> int:
+        """Front-end kicks relayed to MSI-X eventfds so far (every ring, every session)."""
+        live = 0
+        if self._forwarder is not None:
+            live = sum(self._forwarder.forwarded(t) or 0 for t in self._forwarder.tokens())
+        return self._kicks_forwarded_before + live
 
     def _bind_doorbell(self, index: int, fd: int | None) -> None:
         old = self._doorbells.pop(index, None)
