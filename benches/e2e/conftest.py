@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
+# The test rigs the benchmarks share with the test suite (tests/backend_vm.py, tests/guest.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+
 DISK_MIB = 256
 
 
