@@ -721,20 +721,14 @@ class VfioPciAccess(PciAccess):
             try:
                 fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_HUGETLB)
             except OSError as err:
-                log.info("%s: no hugetlb memfd (%s): DMA memory in 4 KiB pages", name, err)
+                _warn_small_pages(name, size, f"no hugetlb memfd: {err.strerror}")
                 return memfd(size, name)
             try:
                 os.ftruncate(fd, size)
                 mmap.mmap(fd, size).close()  # reserves the pages now, or fails without them
             except OSError as err:
                 os.close(fd)
-                log.info(
-                    "%s: %d MiB of hugepages not available (%s; see /proc/sys/vm/nr_hugepages): "
-                    "DMA memory in 4 KiB pages",
-                    name,
-                    size >> 20,
-                    err.strerror,
-                )
+                _warn_small_pages(name, size, f"{size >> 20} MiB of hugepages: {err.strerror}")
                 return memfd(size, name)
             log.info("%s: %d MiB of DMA memory in 2 MiB hugepages", name, size >> 20)
             return fd
@@ -858,6 +852,18 @@ class VfioPciAccess(PciAccess):
         if self.container >= 0:
             os.close(self.container)
             self.container = -1
+
+
+def _warn_small_pages(name: str, size: int, why: str) -> None:
+    log.warning(
+        "%s: DMA memory in 4 KiB pages (%s): the vIOMMU maps it page by page, %d vfio-user "
+        "DMA_MAPs the device may refuse (`vvu device` takes 1024); reserve 2 MiB hugepages "
+        "(echo %d > /proc/sys/vm/nr_hugepages)",
+        name,
+        why,
+        size // mmap.PAGESIZE,
+        2 * size // HUGE_PAGE,
+    )
 
 
 def _open_dev(path: Path) -> int:
