@@ -47,7 +47,7 @@ from typing import Final, Literal
 from vvu._core import EventFd, GuestMemory, memfd
 from vvu.errors import GuestMemoryError, VvuError
 from vvu.pci.sysfs import PciFunction, PciSetupError, bind_vfio, check_vfio, pci_function
-from vvu.vfio_user.access import NUM_BARS, BarInfo, PciAccess
+from vvu.vfio_user.access import NUM_BARS, BarInfo, BarMaps, PciAccess, release_bar_maps
 from vvu.vfio_user.client import IoRegionFd, MappableArea
 
 __all__ = ["LAYOUTS", "BarFds", "Ioctl", "VfioError", "VfioPciAccess"]
@@ -272,7 +272,7 @@ class VfioPciAccess(PciAccess):
         self._iova_ranges: list[tuple[int, int]] | None = None  # None: unknown, anything goes
         self._registers: dict[int, list[_Registers]] = {}  # BAR -> its register mappings
         self._memory_bars: set[int] = set()  # handed out as memory: never through VFIO
-        self._maps: dict[int, tuple[GuestMemory, list[tuple[int, int]]]] = {}
+        self._maps: BarMaps = {}
         self._ioeventfds: dict[tuple[int, int, int, int], EventFd] = {}
         self._no_ioeventfd: set[tuple[int, int, int, int]] = set()
         self._msix: list[EventFd] = []
@@ -832,11 +832,7 @@ class VfioPciAccess(PciAccess):
                 self._dma.remove_region(window.iova)
             window.mapping.close()
         self._windows.clear()
-        for memory, spans in self._maps.values():
-            for start, _end in spans:
-                with contextlib.suppress(GuestMemoryError):
-                    memory.remove_region(start)
-        self._maps.clear()
+        release_bar_maps(self._maps)
         for maps in self._registers.values():
             for regs in maps:
                 regs.map.close()
