@@ -586,7 +586,11 @@ def build_parser() -> argparse.ArgumentParser:
             "The device is not reset or initialised (config and BAR0 reads; only "
             "device_feature_select is written), but the device serves one vfio-user client at "
             "a time, so the device must be idle: while a driver (`vvu serve --vvu`, a VMM) is "
-            "attached, the probe waits for --timeout and fails."
+            "attached, the probe waits for --timeout and fails. "
+            "With --vvu-pci BDF (inside the back-end VM): the same report for a VVU device that "
+            "is a PCI function here, read through Linux VFIO (bound to vfio-pci: "
+            "--vvu-pci-bind or `vvu bind BDF`); it fails with what is missing (IOMMU, module, "
+            "bind step) when VFIO cannot reach it."
         ),
     )
     target = probe.add_mutually_exclusive_group(required=True)

@@ -47,7 +47,7 @@ from typing import Final, Literal
 from vvu._core import EventFd, GuestMemory, memfd
 from vvu.errors import GuestMemoryError, VvuError
 from vvu.pci.sysfs import PciFunction, PciSetupError, bind_vfio, check_vfio, pci_function
-from vvu.vfio_user.access import NUM_BARS, BarInfo, PciAccess
+from vvu.vfio_user.access import NUM_BARS, BarInfo, BarMaps, PciAccess, release_bar_maps
 from vvu.vfio_user.client import IoRegionFd, MappableArea
 
 __all__ = ["LAYOUTS", "BarFds", "Ioctl", "VfioError", "VfioPciAccess"]
@@ -272,7 +272,7 @@ class VfioPciAccess(PciAccess):
         self._iova_ranges: list[tuple[int, int]] | None = None  # None: unknown, anything goes
         self._registers: dict[int, list[_Registers]] = {}  # BAR -> its register mappings
         self._memory_bars: set[int] = set()  # handed out as memory: never through VFIO
-        self._maps: dict[int, tuple[GuestMemory, list[tuple[int, int]]]] = {}
+        self._maps: BarMaps = {}
         self._ioeventfds: dict[tuple[int, int, int, int], EventFd] = {}
         self._no_ioeventfd: set[tuple[int, int, int, int]] = set()
         self._msix: list[EventFd] = []
@@ -721,20 +721,14 @@ class VfioPciAccess(PciAccess):
             try:
                 fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_HUGETLB)
             except OSError as err:
-                log.info("%s: no hugetlb memfd (%s): DMA memory in 4 KiB pages", name, err)
+                _warn_small_pages(name, size, f"no hugetlb memfd: {err.strerror}")
                 return memfd(size, name)
             try:
                 os.ftruncate(fd, size)
                 mmap.mmap(fd, size).close()  # reserves the pages now, or fails without them
             except OSError as err:
                 os.close(fd)
-                log.info(
-                    "%s: %d MiB of hugepages not available (%s; see /proc/sys/vm/nr_hugepages): "
-                    "DMA memory in 4 KiB pages",
-                    name,
-                    size >> 20,
-                    err.strerror,
-                )
+                _warn_small_pages(name, size, f"{size >> 20} MiB of hugepages: {err.strerror}")
                 return memfd(size, name)
             log.info("%s: %d MiB of DMA memory in 2 MiB hugepages", name, size >> 20)
             return fd
@@ -838,11 +832,7 @@ class VfioPciAccess(PciAccess):
                 self._dma.remove_region(window.iova)
             window.mapping.close()
         self._windows.clear()
-        for memory, spans in self._maps.values():
-            for start, _end in spans:
-                with contextlib.suppress(GuestMemoryError):
-                    memory.remove_region(start)
-        self._maps.clear()
+        release_bar_maps(self._maps)
         for maps in self._registers.values():
             for regs in maps:
                 regs.map.close()
@@ -858,6 +848,18 @@ class VfioPciAccess(PciAccess):
         if self.container >= 0:
             os.close(self.container)
             self.container = -1
+
+
+def _warn_small_pages(name: str, size: int, why: str) -> None:
+    log.warning(
+        "%s: DMA memory in 4 KiB pages (%s): the vIOMMU maps it page by page, %d vfio-user "
+        "DMA_MAPs the device may refuse (`vvu device` takes 1024); reserve 2 MiB hugepages "
+        "(echo %d > /proc/sys/vm/nr_hugepages)",
+        name,
+        why,
+        size // mmap.PAGESIZE,
+        2 * size // HUGE_PAGE,
+    )
 
 
 def _open_dev(path: Path) -> int:

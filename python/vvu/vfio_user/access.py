@@ -160,13 +160,26 @@ class PciAccess(ABC):
     async def close(self) -> None: ...
 
 
+#: BAR -> (its mapping, the (start, end) spans mapped in it), as `map_bar()` implementations keep.
+BarMaps = dict[int, tuple[GuestMemory, list[tuple[int, int]]]]
+
+
+def release_bar_maps(maps: BarMaps) -> None:
+    """Unmap every span of every BAR mapping and forget them (at close)."""
+    for memory, spans in maps.values():
+        for start, _end in spans:
+            with contextlib.suppress(GuestMemoryError):
+                memory.remove_region(start)
+    maps.clear()
+
+
 class VfioUserPciAccess(PciAccess):
     """`PciAccess` over a vfio-user connection. Build it with `open()`."""
 
     def __init__(self, client: VfioUserClient) -> None:
         self.client = client
         self._bars: list[BarInfo] = []
-        self._maps: dict[int, tuple[GuestMemory, list[tuple[int, int]]]] = {}
+        self._maps: BarMaps = {}
         self._doorbells: dict[int, list[IoRegionFd]] = {}
         self._msix: list[EventFd] = []
 
@@ -335,8 +348,4 @@ class VfioUserPciAccess(PciAccess):
             for ioe in doorbells:
                 ioe.eventfd.close()
         self._doorbells.clear()
-        for memory, spans in self._maps.values():
-            for start, _end in spans:
-                with contextlib.suppress(GuestMemoryError):
-                    memory.remove_region(start)
-        self._maps.clear()
+        release_bar_maps(self._maps)
