@@ -18,6 +18,9 @@ from vvu import cli
 from vvu.pci import sysfs
 from vvu.pci.sysfs import PciSetupError, bind_vfio, normalize_bdf
 from vvu.pci.vfio import IOEVENTFD_SIZE_FLAGS, LAYOUTS, Ioctl, VfioError, VfioPciAccess
+from vvu.pci.virtio_device import queue_ring_sizes
+from vvu.pci.virtio_driver import _Arena
+from vvu.transport.vvu import BUFFER_STRIDE, dma_area_size
 
 HEADER = Path("/usr/include/linux/vfio.h")
 BDF = "0000:00:04.0"
@@ -284,3 +287,16 @@ def test_open_errors_are_vvu_errors(tmp_path: Path) -> None:
     sys_root, dev_root = _fake_tree(tmp_path, driver="vfio-pci")
     with pytest.raises(VfioError, match="GET_API_VERSION"):
         asyncio.run(VfioPciAccess.open(BDF, sysfs=str(sys_root), devfs=str(dev_root)))
+
+
+@pytest.mark.parametrize("sizes", [(256, 256), (128, 128), (1024, 64), (2, 2)])
+def test_the_vvu_dma_area_holds_the_worst_case(sizes: tuple[int, int]) -> None:
+    """Everything VvuDriver.init and a full txq allocate, in its order and alignments, fits the
+    area it asks for (the area is kept tight: each page may be a vIOMMU DMA mapping)."""
+    arena = _Arena(0x1000_0000, dma_area_size(*sizes))
+    for qsize in sizes:
+        for part in queue_ring_sizes(qsize, event_idx=True):
+            arena.alloc(part, 4096)
+    for _ in range(sum(sizes)):
+        arena.alloc(BUFFER_STRIDE)
+    assert arena.size - arena.next < 4096 + 3 * 4096 * 2  # no more than alignment slack

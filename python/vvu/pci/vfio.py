@@ -714,25 +714,25 @@ class VfioPciAccess(PciAccess):
     def dma_memory(self) -> GuestMemory:
         return self._dma
 
-    def dma_fd(self, size: int, name: str) -> int:
-        """A hugetlb memfd when the guest has free 2 MiB pages (one vIOMMU mapping, hence one
-        vfio-user DMA_MAP, per 2 MiB instead of per 4 KiB), else a normal memfd."""
-        if size > 0 and size % HUGE_PAGE == 0:
-            try:
-                fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_HUGETLB)
-            except OSError as err:
-                _warn_small_pages(name, size, f"no hugetlb memfd: {err.strerror}")
-                return memfd(size, name)
-            try:
-                os.ftruncate(fd, size)
-                mmap.mmap(fd, size).close()  # reserves the pages now, or fails without them
-            except OSError as err:
-                os.close(fd)
-                _warn_small_pages(name, size, f"{size >> 20} MiB of hugepages: {err.strerror}")
-                return memfd(size, name)
-            log.info("%s: %d MiB of DMA memory in 2 MiB hugepages", name, size >> 20)
-            return fd
-        return memfd(size, name)
+    def dma_fd(self, size: int, name: str) -> tuple[int, int]:
+        """A hugetlb memfd (`size` rounded up to 2 MiB) when the guest has free 2 MiB pages: one
+        vIOMMU mapping, hence one vfio-user DMA_MAP, per 2 MiB instead of per 4 KiB. Else a
+        normal memfd, with a warning."""
+        huge = -(-size // HUGE_PAGE) * HUGE_PAGE
+        try:
+            fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_HUGETLB)
+        except OSError as err:
+            _warn_small_pages(name, size, f"hugetlb memfd: {err.strerror}")
+            return memfd(size, name), size
+        try:
+            os.ftruncate(fd, huge)
+            mmap.mmap(fd, huge).close()  # reserves the pages now, or fails without them
+        except OSError as err:
+            os.close(fd)
+            _warn_small_pages(name, size, f"{huge >> 21} free 2 MiB hugepages: {err.strerror}")
+            return memfd(size, name), size
+        log.info("%s: %d KiB of DMA memory in 2 MiB hugepages", name, huge >> 10)
+        return fd, huge
 
     def _check_iova(self, iova: int, size: int) -> None:
         end = iova + size - 1
@@ -852,13 +852,14 @@ class VfioPciAccess(PciAccess):
 
 def _warn_small_pages(name: str, size: int, why: str) -> None:
     log.warning(
-        "%s: DMA memory in 4 KiB pages (%s): the vIOMMU maps it page by page, %d vfio-user "
-        "DMA_MAPs the device may refuse (`vvu device` takes 1024); reserve 2 MiB hugepages "
-        "(echo %d > /proc/sys/vm/nr_hugepages)",
+        "%s: DMA memory in 4 KiB pages (no %s): the vIOMMU maps it page by page, %d vfio-user "
+        "DMA_MAPs instead of %d; reserve 2 MiB hugepages (e.g. echo %d > "
+        "/proc/sys/vm/nr_hugepages)",
         name,
         why,
-        size // mmap.PAGESIZE,
-        2 * size // HUGE_PAGE,
+        -(-size // mmap.PAGESIZE),
+        -(-size // HUGE_PAGE),
+        2 * -(-size // HUGE_PAGE) + 2,
     )
 
 

@@ -271,9 +271,10 @@ class VirtioPciDriver:
     async def setup_dma(
         self, *, iova: int = DEFAULT_DMA_IOVA, size: int = DEFAULT_DMA_SIZE
     ) -> GuestMemory:
-        """Allocate and map the driver's DMA window (once); returns the driver's view."""
+        """Allocate and map the driver's DMA window of at least `size` bytes (once); returns the
+        driver's view."""
         if self._arena is None:
-            fd = self.pci.dma_fd(size, "vvu-virtio-dma")
+            fd, size = self.pci.dma_fd(size, "vvu-virtio-dma")
             try:
                 await self.pci.map_dma(fd, iova, size)
             except BaseException:
@@ -282,6 +283,16 @@ class VirtioPciDriver:
             self._dma_fd = fd
             self._arena = _Arena(iova, size)
         return self.pci.dma_memory
+
+    @property
+    def dma_size(self) -> int:
+        """Bytes in the DMA window (0 before setup_dma())."""
+        return 0 if self._arena is None else self._arena.size
+
+    async def queue_max_size(self, index: int) -> int:
+        """The largest size queue `index` takes (0: no such queue)."""
+        await self._write(Common.QUEUE_SELECT, 2, index)
+        return await self._read(Common.QUEUE_SIZE, 2)
 
     def alloc(self, size: int, align: int = 64) -> int:
         """DMA memory for buffers (freed all at once by reset())."""
@@ -333,8 +344,7 @@ class VirtioPciDriver:
         """Configure queue `index` (rings in the driver's DMA memory) and enable it."""
         if self._arena is None:
             raise VirtioPciError("setup_dma() first")
-        await self._write(Common.QUEUE_SELECT, 2, index)
-        max_size = await self._read(Common.QUEUE_SIZE, 2)
+        max_size = await self.queue_max_size(index)
         if not max_size:
             raise VirtioPciError(f"queue {index} does not exist")
         qsize = min(size or max_size, max_size)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from vvu._core import EventFd, memfd
-from vvu.pci.virtio_device import NO_VECTOR
+from vvu.pci.virtio_device import NO_VECTOR, queue_ring_sizes
 from vvu.pci.virtio_driver import VirtioCap, VirtioPciDriver, VirtioPciError
 from vvu.protocol.codec import Header
 from vvu.protocol.constants import REPLY, VRING_IDX_MASK, VRING_NOFD, FrontendRequest
@@ -100,8 +100,20 @@ KICK_MODES: Final = ("direct", "msix")
 
 BUFFER_SIZE: Final = HEADER_SIZE + MAX_PAYLOAD  # one whole message per buffer
 BUFFER_STRIDE: Final = (BUFFER_SIZE + 63) & ~63
-DMA_SIZE: Final = 8 << 20
 REGION: Final = struct.Struct("<QQQQ")  # guest_phys_addr, memory_size, userspace_addr, mmap_off
+
+
+def dma_area_size(rxq_size: int, txq_size: int) -> int:
+    """DMA bytes the driver uses at most: both rings (each part page aligned) and one buffer
+    per descriptor (rxq: all posted; txq: allocated on demand, reused once completed). Kept
+    tight: behind a vIOMMU each page of it may be one DMA mapping the VMM sends the device."""
+    page = 4096
+    rings = sum(
+        -(-part // page) * page
+        for qsize in (rxq_size, txq_size)
+        for part in queue_ring_sizes(qsize, event_idx=True)
+    )
+    return -(-(rings + (rxq_size + txq_size) * BUFFER_STRIDE) // page) * page
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,10 +191,11 @@ class VvuDriver:
         v = self.virtio
         self._unwatch()
         await v.negotiate(0)
-        await v.setup_dma(size=DMA_SIZE)
         if await v.num_queues() < 2:
             await v.set_status(0x80)
             raise VirtioPciError("the VVU device has fewer than 2 queues")
+        sizes = [await v.queue_max_size(q) for q in (RXQ, TXQ)]
+        await v.setup_dma(size=dma_area_size(*sizes))
         cfg = await v.read_config(0, 24)
         self.max_queues = int(struct.unpack_from("<I", cfg, 4)[0])
         self.uuid = bytes(cfg[8:24])

@@ -138,10 +138,11 @@ class PciAccess(ABC):
     def dma_memory(self) -> GuestMemory:
         """The driver's own view of its DMA windows, addressed by IOVA."""
 
-    def dma_fd(self, size: int, name: str) -> int:
-        """A new fd of `size` bytes for DMA memory (the caller owns it, then map_dma()s it): a
-        memfd here; an implementation may pick memory its IOMMU maps more cheaply."""
-        return memfd(size, name)
+    def dma_fd(self, size: int, name: str) -> tuple[int, int]:
+        """A new fd for at least `size` bytes of DMA memory, and its size (the caller owns the
+        fd, then map_dma()s it): a memfd here; an implementation may pick memory its IOMMU maps
+        more cheaply, rounded up to its page size."""
+        return memfd(size, name), size
 
     @abstractmethod
     async def map_dma(self, fd: int, iova: int, size: int, *, offset: int = 0) -> None:
