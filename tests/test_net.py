@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import mmap
 import os
 import re
 import shutil
@@ -359,8 +360,8 @@ needs_testpmd = pytest.mark.skipif(TESTPMD is None, reason="dpdk-testpmd is not 
 #
 # The hugetlbfs mount lives in a private mount namespace held by one process of the test's own
 # (killed with the test: pdeathsig), so no mount survives a crashed test; DPDK runs in it through
-# nsenter, the device opens the file through /proc/PID/root. The pages are reserved through
-# nr_hugepages for the test's lifetime and handed back.
+# nsenter, the device opens the file through /proc/PID/root. The pages are surplus hugepages,
+# which the kernel takes back when their last user is gone.
 
 HUGEPAGE_SIZE = 2 << 20
 _HUGEPAGES_SYSFS = Path("/sys/kernel/mm/hugepages/hugepages-2048kB")
@@ -419,21 +420,20 @@ class HugepageFileError(Exception):
 def dpdk_hugepage_file(workdir: Path, size: int, prefix: str) -> Iterator[tuple[Path, PmdMemory]]:
     """A `size`-byte hugetlbfs file that testpmd run with the PmdMemory will use as all of its
     memory; yields (the file's path for this process, e.g. `vvu device --frontend-memory`, the
-    PmdMemory). Reserves the pages, mounts hugetlbfs in a private mount namespace; on exit the
-    file, the namespace (with its mount) and the reservation are gone."""
+    PmdMemory). On exit the file, the namespace (with its mount) and the pages are gone.
+
+    The pages are surplus hugepages: `nr_overcommit_hugepages` is raised by the file's pages
+    (and lowered again on exit), and this process maps the file, which reserves them for every
+    mapping of the file (the device's, the VMM's, DPDK's) until the end. Surplus pages go back
+    to the kernel when their last user does, so even a killed test leaves no memory behind;
+    `nr_hugepages`, the persistent pool, is never touched."""
     if size % HUGEPAGE_SIZE:
         raise ValueError(f"{size:#x} is not a multiple of 2 MiB")
     pages = size // HUGEPAGE_SIZE
-    nr_hugepages = _HUGEPAGES_SYSFS / "nr_hugepages"
-    before = int(nr_hugepages.read_text())
-    nr_hugepages.write_text(f"{before + pages}\n")
-    added = int(nr_hugepages.read_text()) - before
+    overcommit = _HUGEPAGES_SYSFS / "nr_overcommit_hugepages"
+    overcommit.write_text(f"{int(overcommit.read_text()) + pages}\n")
     holder: subprocess.Popen[bytes] | None = None
     try:
-        free = int((_HUGEPAGES_SYSFS / "free_hugepages").read_text())
-        reserved = int((_HUGEPAGES_SYSFS / "resv_hugepages").read_text())
-        if free - reserved < pages:
-            raise HugepageFileError(f"{pages} free 2 MiB hugepages wanted, {free - reserved} got")
         mount_point = workdir / "hugetlbfs"
         mount_point.mkdir()
         assert SETPRIV is not None
@@ -454,21 +454,25 @@ def dpdk_hugepage_file(workdir: Path, size: int, prefix: str) -> Iterator[tuple[
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, size)
+            try:
+                reservation = mmap.mmap(fd, size)
+            except OSError as err:
+                raise HugepageFileError(f"{pages} 2 MiB hugepages: {err.strerror}") from err
         finally:
             os.close(fd)
         enter = ("nsenter", "--target", str(holder.pid), "--mount", "--")
         try:
             yield path, PmdMemory(mount_point, prefix, size, enter)
         finally:
+            reservation.close()
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
     finally:
         if holder is not None:
             holder.kill()
             holder.wait()
-        # Pages still mapped somewhere become surplus pages and go when they are unmapped.
-        now = int(nr_hugepages.read_text())
-        nr_hugepages.write_text(f"{max(now - added, 0)}\n")
+        now = int(overcommit.read_text())
+        overcommit.write_text(f"{max(now - pages, 0)}\n")
 
 
 class PmdProcess:
