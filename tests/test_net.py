@@ -499,6 +499,9 @@ class PmdProcess:
         assert TESTPMD is not None
         self.prefix = f"vvu-test-{os.getpid()}-{mode}" if memory is None else memory.prefix
         self.log = log
+        # EAL's runtime directory is RUNTIME_DIRECTORY/dpdk/PREFIX (lib/eal/unix/eal_filesystem.c;
+        # root's default is /var/run): beside the log, so not even a killed test leaves it behind.
+        self.runtime_dir = log.parent / "dpdk" / self.prefix
         self._out = open(log, "wb")  # noqa: SIM115 (closed in stop)
         if memory is None:
             eal_memory = ["--no-huge", "-m", "256", "--single-file-segments"]
@@ -542,6 +545,7 @@ class PmdProcess:
             stdin=subprocess.DEVNULL,
             stdout=self._out,
             stderr=subprocess.STDOUT,
+            env={**os.environ, "RUNTIME_DIRECTORY": str(log.parent)},
         )
 
     def output(self) -> str:
@@ -595,9 +599,7 @@ class PmdProcess:
                 os.kill(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self._out.close()
-        runtime = os.environ.get("XDG_RUNTIME_DIR", "/tmp")
-        for base in ("/var/run/dpdk", os.path.join(runtime, "dpdk")):
-            shutil.rmtree(os.path.join(base, self.prefix), ignore_errors=True)
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager
