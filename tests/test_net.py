@@ -347,7 +347,7 @@ needs_testpmd = pytest.mark.skipif(TESTPMD is None, reason="dpdk-testpmd is not 
 # - `--single-file-segments`: one file per memseg list, DIR/{file-prefix}map_{list}
 #   (eal_memalloc.c get_seg_fd, HUGEFILE_FMT), page k of the list at file offset k * 2 MiB;
 #   without it every page is a file of its own, hence a vhost-user region of its own, and the
-#   device refuses all but the one it knows ("its fd is not the --frontend-memory file");
+#   device refuses the memory table ("its fd is not the --frontend-memory file");
 # - `--huge-unlink=never`: by default EAL init unlinks every unlocked `*map_*` file in DIR
 #   (eal_hugepage_info.c hugepage_info_init -> clear_hugedir), so DPDK would make a new inode;
 #   with `never` it opens the existing file (O_CREAT, no unlink), counts it as reusable pages and
@@ -425,8 +425,8 @@ def dpdk_hugepage_file(workdir: Path, size: int, prefix: str) -> Iterator[tuple[
     The pages are surplus hugepages: `nr_overcommit_hugepages` is raised by the file's pages
     (and lowered again on exit), and this process maps the file, which reserves them for every
     mapping of the file (the device's, the VMM's, DPDK's) until the end. Surplus pages go back
-    to the kernel when their last user does, so even a killed test leaves no memory behind;
-    `nr_hugepages`, the persistent pool, is never touched."""
+    to the kernel when their last user does, so even a killed test leaves no memory behind
+    (only the raised overcommit limit); `nr_hugepages`, the persistent pool, is never touched."""
     if size % HUGEPAGE_SIZE:
         raise ValueError(f"{size:#x} is not a multiple of 2 MiB")
     pages = size // HUGEPAGE_SIZE
