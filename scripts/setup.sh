@@ -13,7 +13,9 @@ log() { printf '==> %s\n' "$*"; }
 # qemu-system-x86 and the rest run the integration tests' Linux guest (scripts/guest-image.sh):
 # busybox-static for its userland, cpio/xz-utils/zstd to build the initramfs and unpack modules.
 # qemu-system-common has qemu-storage-daemon, the vhost-user-blk peer of tests/test_qsd.py.
-# dpdk-dev has dpdk-testpmd and the virtio-user PMD, the vhost-user-net peer of tests/test_net.py.
+# dpdk-dev has dpdk-testpmd and the virtio-user PMD, the vhost-user-net peer of tests/test_net.py;
+# for the back-end VM test its memory is a hugetlbfs file the test makes itself (surplus 2 MiB
+# hugepages, a mount in a private namespace: util-linux's unshare/nsenter, root), nothing to set up.
 APT_PACKAGES=(build-essential pkg-config python3-venv)
 # debootstrap builds the Debian trixie root that QEMU 11 (vfio-user-pci, the back-end VM's VMM)
 # comes from (scripts/qemu11.sh); fio runs in the front-end VM, from the host over virtio-9p.

@@ -1,6 +1,8 @@
 """The back-end VM rig, shared by tests/test_backend_vm.py and benches/e2e/test_backend_vm.py:
 `vvu device --frontend-memory FILE` on the host and a QEMU 11 guest serving blk through it with
-vvu's VFIO driver (`vvu serve blk --vvu-pci`). See tests/test_backend_vm.py for the picture.
+vvu's VFIO driver (`vvu serve blk --vvu-pci`); optionally a second device for DPDK testpmd
+(`NetLeg`), served by `vvu serve net --vvu-pci --loopback` in the same guest. See
+tests/test_backend_vm.py for the picture.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from guest import (
     start_guest,
     vfio_user_pci_args,
 )
+from test_net import HugepageFileError, PmdMemory, dpdk_hugepage_file, hugepages_unavailable
 
 MiB = 1 << 20
 #: The front-end's RAM: the file `vvu device --frontend-memory` serves as BAR4.
@@ -42,6 +45,12 @@ VVU_BDF = f"0000:00:{VVU_SLOT}"
 #: The back-end VM boots, mounts the host over 9p and starts Python under TCG: generous.
 BOOT_TIMEOUT = 240.0
 SERVING = "vvu: serving blk"
+SERVING_NET = "vvu: serving net"
+#: The net device (testpmd's front-end) at q35 slot 5.
+NET_SLOT = "05.0"
+NET_BDF = f"0000:00:{NET_SLOT}"
+#: testpmd's memory, all of it preallocated in the net device's --frontend-memory file.
+NET_MEMORY = 64 * MiB
 STATS = "vvu: device stats "
 
 
@@ -79,15 +88,36 @@ print(f"garbage: {writes} writes to BAR0 and BAR2 of {bdf}")
 GARBAGE_WRITES = 400
 
 
+class NetLeg:
+    """The back-end VM's second VVU device: `vvu device --frontend-memory` on testpmd's hugepage
+    file (tests/test_net.py, dpdk_hugepage_file), at slot NET_SLOT, driven in the guest by
+    `vvu serve net --vvu-pci --loopback`."""
+
+    def __init__(self, workdir: Path, memory_file: Path, memory: PmdMemory) -> None:
+        self.memory = memory
+        self.frontend_socket = workdir / "net-fe.sock"
+        self.device_socket = workdir / "net-vvu.sock"
+        self.device = Daemon(
+            [
+                "--socket-path", str(self.frontend_socket),
+                "--vfio-user", str(self.device_socket),
+                "--frontend-memory", str(memory_file),
+            ],
+            self.device_socket,
+            workdir / "net-device.log",
+            command="device",
+        )  # fmt: skip
+
+
 class BackendVm:
     """`vvu device --frontend-memory` on the host, and a QEMU 11 guest serving blk through it.
 
     The disk is an image file on the host, in a directory the back-end VM mounts read-write
     over virtio-9p at the same path: it outlives a back-end VM restart, and the host can check
-    what the front-end wrote in it.
+    what the front-end wrote in it. `net`: testpmd's hugepage file and memory, for a NetLeg.
     """
 
-    def __init__(self, workdir: Path, shm: Path) -> None:
+    def __init__(self, workdir: Path, shm: Path, net: tuple[Path, PmdMemory] | None = None) -> None:
         self.workdir = workdir
         self.frontend_memory = shm / "frontend-ram"
         with self.frontend_memory.open("wb") as f:
@@ -109,6 +139,15 @@ class BackendVm:
             workdir / "device.log",
             command="device",
         )  # fmt: skip
+        self.net: NetLeg | None = None
+        if net is not None:
+            try:
+                self.net = NetLeg(workdir, *net)
+            except BaseException:
+                self.device.stop()
+                raise
+        #: Why there is no NetLeg, when one was asked for and there is none.
+        self.no_net = ""
         self.guest: Guest | None = None
         self.boots = 0
 
@@ -127,12 +166,18 @@ class BackendVm:
         # cache=loose: the back-end's buffers are BAR4, memory the guest kernel cannot pin, and
         # 9p's uncached I/O pins the caller's pages (EFAULT); the page cache copies instead.
         mount_data = "mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=loose data"
+        serve_net, net_args = "", []
+        if self.net is not None:
+            serve_net = f"host {vvu} -v serve net --vvu-pci {NET_BDF} --vvu-pci-bind --loopback"
+            serve_net += " 2>&1 &"
+            net_args = vfio_user_pci_args(self.net.device_socket, addr=NET_SLOT)
         script = f"""{HOST_ROOT_SETUP}
 mkdir -p /host{self.data}
 {mount_data} /host{self.data} || exit 93
 echo 16 > /proc/sys/vm/nr_hugepages
 {garbage_step}
 host {vvu} -v serve blk --vvu-pci {VVU_BDF} --vvu-pci-bind --image {self.image} 2>&1 &
+{serve_net}
 wait
 """
         data_share = f"local,path={qemu_escape(str(self.data))},mount_tag=data,security_model=none"
@@ -148,12 +193,15 @@ wait
                 *HOST_ROOT_ARGS,
                 "-virtfs", data_share,
                 *vfio_user_pci_args(self.device_socket, addr=VVU_SLOT),
+                *net_args,
             ],
         )  # fmt: skip
         try:
             self.guest.wait_for(SERVING, timeout=BOOT_TIMEOUT)
+            if self.net is not None:
+                self.guest.wait_for(SERVING_NET, timeout=BOOT_TIMEOUT)
         except BaseException as err:
-            raise AssertionError(f"{err}\n--- device log ---\n{self.device.log()}") from err
+            raise AssertionError(f"{err}\n{self.logs()}") from err
 
     def kill(self) -> None:
         """SIGKILL the back-end VM's QEMU (the VMM dies mid-whatever), by its PID."""
@@ -175,27 +223,53 @@ wait
 
     def logs(self) -> str:
         serial = self.guest.serial if self.guest is not None else ""
-        return f"--- back-end VM console ---\n{serial}\n--- device log ---\n{self.device.log()}"
+        text = f"--- back-end VM console ---\n{serial}\n--- device log ---\n{self.device.log()}"
+        if self.net is not None:
+            text += f"\n--- net device log ---\n{self.net.device.log()}"
+        return text
 
     def stop(self) -> None:
         if self.guest is not None:
             self.guest.stop()
         self.device.stop()
+        if self.net is not None:
+            self.net.device.stop()
 
 
 @contextlib.contextmanager
-def backend_vm_rig(workdir: Path, *, garbage: bool = False) -> Iterator[BackendVm]:
-    """A booted back-end VM (see `BackendVm.boot`); everything stopped and removed after."""
+def backend_vm_rig(
+    workdir: Path, *, garbage: bool = False, net: bool = False
+) -> Iterator[BackendVm]:
+    """A booted back-end VM (see `BackendVm.boot`); everything stopped and removed after.
+    `net`: with a NetLeg when testpmd can have its hugepage file here (else `vm.no_net` says
+    why not, and the VM serves blk alone)."""
     guest_image("vm")
     qemu11()
     shm = Path(tempfile.mkdtemp(prefix=f"vvu-test-{os.getpid()}-", dir="/dev/shm"))
     vm: BackendVm | None = None
-    try:
-        vm = BackendVm(workdir, shm)
-        vm.boot(garbage=garbage)
-        yield vm
-    finally:
-        if vm is not None:
-            vm.stop()
-        shutil.rmtree(shm, ignore_errors=True)
-    assert not vm.frontend_socket.exists() and not vm.device_socket.exists(), vm.logs()
+    # The hugepage file outlives the VM and its devices (stopped first) as the stack unwinds.
+    with contextlib.ExitStack() as stack:
+        try:
+            no_net = ""
+            net_memory: tuple[Path, PmdMemory] | None = None
+            if net:
+                no_net = hugepages_unavailable() or ""
+                if not no_net:
+                    prefix = f"vvu-test-{os.getpid()}-vm-net"
+                    try:
+                        file = dpdk_hugepage_file(workdir, NET_MEMORY, prefix)
+                        net_memory = stack.enter_context(file)
+                    except HugepageFileError as err:
+                        no_net = str(err)
+            vm = BackendVm(workdir, shm, net_memory)
+            vm.no_net = no_net
+            vm.boot(garbage=garbage)
+            yield vm
+        finally:
+            if vm is not None:
+                vm.stop()
+            shutil.rmtree(shm, ignore_errors=True)
+    sockets = [vm.frontend_socket, vm.device_socket]
+    if vm.net is not None:
+        sockets += [vm.net.frontend_socket, vm.net.device_socket]
+    assert not any(s.exists() for s in sockets), vm.logs()

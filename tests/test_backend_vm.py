@@ -5,6 +5,10 @@ back-end — the scenario virtio-vhost-user exists for.
         │ AF_UNIX: vhost-user + fds                      ┌──── back-end VM (QEMU 11, TCG) ───┐
         ▼                                                │ vfio-user-pci ── guest: vfio-pci, │
     `vvu device --frontend-memory FILE` ── vfio-user ────┤ vIOMMU; `vvu serve blk --vvu-pci` │
+                                                         │                                   │
+    DPDK testpmd (net_virtio_user, memory: HUGEFILE)     │ vfio-user-pci (slot 5):           │
+        ▼                                                │ `vvu serve net --vvu-pci          │
+    `vvu device --frontend-memory HUGEFILE` ─ vfio-user ─┤      --loopback`                  │
                                                          └───────────────────────────────────┘
 
 QEMU 11 (scripts/qemu11.sh) is the back-end VM's VMM: its `vfio-user-pci` client knows no vvu
@@ -15,13 +19,19 @@ read-only over virtio-9p and runs the host's own vvu in a chroot, with vvu's Lin
 behind an Intel vIOMMU. One back-end VM boot serves every test of this module (sessions follow
 one another as they do for any back-end), so the whole module costs one boot plus what each
 test's front-end needs.
+
+The net device's front-end is DPDK testpmd, whose memory is one hugetlbfs file made before the
+device starts (tests/test_net.py, dpdk_hugepage_file: why each EAL option); without hugepages
+(not root, no testpmd) the back-end VM serves blk alone and the net test is skipped.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +40,7 @@ from backend_vm import (
     DISK_MIB,
     FRONTEND_MEMORY,
     GARBAGE_WRITES,
+    NET_MEMORY,
     SERVING,
     VVU_BDF,
     BackendVm,
@@ -37,16 +48,20 @@ from backend_vm import (
     backend_vm_rig,
 )
 from guest import HOST_ROOT_ARGS, HOST_ROOT_SETUP, QEMU, guest_image, qemu_escape, start_guest
+from test_net import BURST, run_testpmd
 from test_qemu_peers import _md5
 from vvu.frontend import BlkDriver
 from vvu.frontend.core import FrontendError
 
 pytestmark = pytest.mark.guest
 
+#: Frames testpmd receives back from the back-end VM before it stops (TCG: keep it small).
+NET_FRAMES = 500
+
 
 @pytest.fixture(scope="module")
 def backend_vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackendVm]:
-    with backend_vm_rig(tmp_path_factory.mktemp("backend-vm"), garbage=True) as vm:
+    with backend_vm_rig(tmp_path_factory.mktemp("backend-vm"), garbage=True, net=True) as vm:
         yield vm
 
 
@@ -167,6 +182,33 @@ dd if=/dev/vda bs=1M skip=16 count=8 iflag=direct 2>/dev/null | md5sum
     with backend_vm.image.open("rb") as image:
         image.seek(16 * MiB)
         assert hashlib.md5(image.read(8 * MiB)).hexdigest() == _md5(outputs[0][1])
+
+
+def test_dpdk_testpmd_through_the_backend_vm(backend_vm: BackendVm, tmp_path: Path) -> None:
+    """DPDK testpmd's net_virtio_user on the net device's socket, its memory the device's
+    --frontend-memory hugepage file; the back-end VM's `vvu serve net --loopback` returns every
+    frame. testpmd forwards (io) what it receives, seeded by one --tx-first burst: at the end
+    TX = RX + BURST with nothing dropped, after at least NET_FRAMES round trips."""
+    net = backend_vm.net
+    if net is None:
+        pytest.skip(f"no hugepages for testpmd: {backend_vm.no_net}")
+    with run_testpmd(net.frontend_socket, "io", tmp_path, memory=net.memory, tx_first=True) as pmd:
+        try:
+            pmd.wait_forwarding(timeout=60)
+            pmd.wait_rx_packets(NET_FRAMES, timeout=120)
+        except AssertionError as err:
+            raise AssertionError(f"{err}\n{backend_vm.logs()}") from err
+    rx, rx_dropped, tx, tx_dropped = pmd.totals()
+    assert rx >= NET_FRAMES and (rx_dropped, tx_dropped) == (0, 0), pmd.output()[-3000:]
+    assert tx == rx + BURST, pmd.output()[-3000:]
+    # The guest's back-end got one region: the whole file, at its offset 0.
+    assert backend_vm.guest is not None
+    region = (
+        rf"\[guest_phys_addr=\S+ memory_size={NET_MEMORY:#x} userspace_addr=\S+ mmap_offset=0x0\]"
+    )
+    assert re.search(rf"SET_MEM_TABLE need_reply nregions=1 {region}", backend_vm.guest.serial), (
+        backend_vm.logs()
+    )
 
 
 def test_backend_vm_killed_and_restarted_while_the_frontend_vm_keeps_its_session(

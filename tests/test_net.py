@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import mmap
 import os
 import re
 import shutil
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,8 @@ from vvu.transport.unix import UnixListener
 pytestmark = pytest.mark.timeout(60)
 
 TIMEOUT = 5.0  # hang guard only
+#: testpmd's frames per burst (`--burst`; also what `--tx-first` sends).
+BURST = 32
 VVU = [sys.executable, "-m", "vvu"]
 ETHERTYPE = b"\x88\xb5"  # local experimental
 
@@ -330,37 +334,194 @@ def test_serve_net_loopback(tmp_path: Path) -> None:
 
 TESTPMD = shutil.which("dpdk-testpmd")
 STDBUF = shutil.which("stdbuf")
+SETPRIV = shutil.which("setpriv")
 needs_testpmd = pytest.mark.skipif(TESTPMD is None, reason="dpdk-testpmd is not installed")
+
+# --- DPDK's memory in a file chosen in advance ---------------------------------------------------
+#
+# A VMM's vfio-user client (QEMU's vfio-user-pci) reads the VVU device's region info once, at
+# realize, so the front-end's memory must be a file `vvu device --frontend-memory` is told before
+# the back-end VM starts. testpmd's `--no-huge` memory is a memfd it makes itself; its hugepage
+# memory can be a file of our choosing (DPDK 22.11, lib/eal/linux):
+# - `--huge-dir DIR`: a hugetlbfs mount (get_hugepage_dir matches it in /proc/mounts);
+# - `--single-file-segments`: one file per memseg list, DIR/{file-prefix}map_{list}
+#   (eal_memalloc.c get_seg_fd, HUGEFILE_FMT), page k of the list at file offset k * 2 MiB;
+#   without it every page is a file of its own, hence a vhost-user region of its own, and the
+#   device refuses the memory table ("its fd is not the --frontend-memory file");
+# - `--huge-unlink=never`: by default EAL init unlinks every unlocked `*map_*` file in DIR
+#   (eal_hugepage_info.c hugepage_info_init -> clear_hugedir), so DPDK would make a new inode;
+#   with `never` it opens the existing file (O_CREAT, no unlink), counts it as reusable pages and
+#   keeps it (single-file segments never unlink on open);
+# - `--socket-mem N --socket-limit N`: all N MiB are allocated at init, first fit in the first
+#   memseg list, i.e. file offsets 0..N (eal_common_dynmem.c eal_dynmem_hugepage_init; those
+#   pages are never freed), and the heap cannot grow past the file (the socket-limit validator).
+# virtio-user sends one region per fd (vhost_user.c update_memory_region merges the segments of
+# one fd), so SET_MEM_TABLE carries exactly one region: the file, offset 0, N MiB.
+#
+# The hugetlbfs mount lives in a private mount namespace held by one process of the test's own
+# (killed with the test: pdeathsig), so no mount survives a crashed test; DPDK runs in it through
+# nsenter, the device opens the file through /proc/PID/root. The pages are surplus hugepages,
+# which the kernel takes back when their last user is gone.
+
+HUGEPAGE_SIZE = 2 << 20
+_HUGEPAGES_SYSFS = Path("/sys/kernel/mm/hugepages/hugepages-2048kB")
+#: Mounts hugetlbfs at its argument in a mount namespace of its own, says so, and holds it.
+_HOLD_HUGETLBFS = (
+    "unshare", "--mount", "--propagation", "private", "--",
+    "sh", "-c",
+    'mount -t hugetlbfs -o pagesize=2M nodev "$1" && echo mounted && exec sleep infinity',
+    "vvu-hugetlbfs",
+)  # fmt: skip
+
+
+def hugepages_unavailable() -> str | None:
+    """Why testpmd cannot run on a hugepage file here, or None."""
+    if TESTPMD is None:
+        return "dpdk-testpmd is not installed"
+    if os.geteuid() != 0:
+        return "reserving hugepages and mounting hugetlbfs need root"
+    for tool in ("unshare", "nsenter", "setpriv"):
+        if shutil.which(tool) is None:
+            return f"{tool} (util-linux) is not installed"
+    if not _HUGEPAGES_SYSFS.is_dir():
+        return "this kernel has no 2 MiB hugepages"
+    return None
+
+
+@dataclass(frozen=True)
+class PmdMemory:
+    """testpmd's memory as one hugetlbfs file made in advance (see above)."""
+
+    huge_dir: Path
+    """The hugetlbfs mount, as DPDK sees it."""
+    prefix: str
+    """`--file-prefix`: the file is `huge_dir/{prefix}map_0`."""
+    size: int
+    """Bytes: `--socket-mem` and `--socket-limit`, the whole file."""
+    enter: tuple[str, ...]
+    """Runs a command where `huge_dir` is mounted (nsenter into the mount namespace)."""
+
+    def eal_args(self) -> list[str]:
+        mib = str(self.size >> 20)
+        return [
+            "--huge-dir", str(self.huge_dir),
+            "--single-file-segments",
+            "--huge-unlink=never",
+            "--socket-mem", mib,
+            "--socket-limit", mib,
+        ]  # fmt: skip
+
+
+class HugepageFileError(Exception):
+    """The hugepages or the hugetlbfs mount could not be had."""
+
+
+@contextlib.contextmanager
+def dpdk_hugepage_file(workdir: Path, size: int, prefix: str) -> Iterator[tuple[Path, PmdMemory]]:
+    """A `size`-byte hugetlbfs file that testpmd run with the PmdMemory will use as all of its
+    memory; yields (the file's path for this process, e.g. `vvu device --frontend-memory`, the
+    PmdMemory). On exit the file, the namespace (with its mount) and the pages are gone.
+
+    The pages are surplus hugepages: `nr_overcommit_hugepages` is raised by the file's pages
+    (and lowered again on exit), and this process maps the file, which reserves them for every
+    mapping of the file (the device's, the VMM's, DPDK's) until the end. Surplus pages go back
+    to the kernel when their last user does, so even a killed test leaves no memory behind
+    (only the raised overcommit limit); `nr_hugepages`, the persistent pool, is never touched."""
+    if size % HUGEPAGE_SIZE:
+        raise ValueError(f"{size:#x} is not a multiple of 2 MiB")
+    pages = size // HUGEPAGE_SIZE
+    overcommit = _HUGEPAGES_SYSFS / "nr_overcommit_hugepages"
+    overcommit.write_text(f"{int(overcommit.read_text()) + pages}\n")
+    holder: subprocess.Popen[bytes] | None = None
+    try:
+        mount_point = workdir / "hugetlbfs"
+        mount_point.mkdir()
+        assert SETPRIV is not None
+        holder = subprocess.Popen(
+            [SETPRIV, "--pdeathsig", "KILL", "--", *_HOLD_HUGETLBFS, str(mount_point)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        assert holder.stdout is not None and holder.stderr is not None
+        if holder.stdout.readline() != b"mounted\n":  # or EOF: the mount failed
+            holder.wait()
+            raise HugepageFileError(f"mounting hugetlbfs failed: {holder.stderr.read()!r}")
+        # setpriv, unshare and sh exec: the holder's PID is the namespace's.
+        inside = Path(f"/proc/{holder.pid}/root") / mount_point.relative_to("/")
+        path = inside / f"{prefix}map_0"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            try:
+                reservation = mmap.mmap(fd, size)
+            except OSError as err:
+                raise HugepageFileError(f"{pages} 2 MiB hugepages: {err.strerror}") from err
+        finally:
+            os.close(fd)
+        enter = ("nsenter", "--target", str(holder.pid), "--mount", "--")
+        try:
+            yield path, PmdMemory(mount_point, prefix, size, enter)
+        finally:
+            reservation.close()
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+        now = int(overcommit.read_text())
+        overcommit.write_text(f"{max(now - pages, 0)}\n")
 
 
 class PmdProcess:
-    """dpdk-testpmd with a virtio-user port on a vhost-user socket, without hugepages.
+    """dpdk-testpmd with a virtio-user port on a vhost-user socket.
 
-    `--no-huge` memory is one memfd with `--single-file-segments` (shareable with the back-end);
-    `--in-memory` cannot be combined with `--no-huge` in DPDK 22.11. `--no-shconf` and a private
-    `--file-prefix` keep parallel runs apart. Always stopped by PID.
+    Memory: without `memory`, `--no-huge`: one memfd with `--single-file-segments` (shareable
+    with the back-end; `--in-memory` cannot be combined with `--no-huge` in DPDK 22.11); with
+    `memory`, the hugetlbfs file of `dpdk_hugepage_file`. `--no-shconf` and a private
+    `--file-prefix` keep parallel runs apart. `tx_first`: send one burst (BURST frames) before
+    forwarding starts. Killed if the test process dies (pdeathsig), else always stopped by PID.
     """
 
     def __init__(
-        self, socket_path: Path, mode: str, log: Path, *, queues: int = 1, packed: bool = False
+        self,
+        socket_path: Path,
+        mode: str,
+        log: Path,
+        *,
+        queues: int = 1,
+        packed: bool = False,
+        memory: PmdMemory | None = None,
+        tx_first: bool = False,
     ) -> None:
         assert TESTPMD is not None
-        self.prefix = f"vvu-test-{os.getpid()}-{mode}"
+        self.prefix = f"vvu-test-{os.getpid()}-{mode}" if memory is None else memory.prefix
         self.log = log
+        # EAL's runtime directory is RUNTIME_DIRECTORY/dpdk/PREFIX (lib/eal/unix/eal_filesystem.c;
+        # root's default is /var/run): beside the log, so not even a killed test leaves it behind.
+        self.runtime_dir = log.parent / "dpdk" / self.prefix
         self._out = open(log, "wb")  # noqa: SIM115 (closed in stop)
-        # Line-buffered output (stdbuf execs testpmd: same PID), so the log can be watched.
-        stdbuf = [STDBUF, "-oL"] if STDBUF else []
+        if memory is None:
+            eal_memory = ["--no-huge", "-m", "256", "--single-file-segments"]
+        else:
+            eal_memory = memory.eal_args()
+        # setpriv, nsenter and stdbuf exec: the PID is testpmd's. Line-buffered output, so the
+        # log can be watched.
+        wrappers = [SETPRIV, "--pdeathsig", "KILL", "--"] if SETPRIV else []
+        if memory is not None:
+            wrappers += memory.enter
+        if STDBUF:
+            wrappers += [STDBUF, "-oL"]
         self.proc = subprocess.Popen(
             [
-                *stdbuf,
+                *wrappers,
                 TESTPMD,
                 "-l",
                 "0-1",
-                "--no-huge",
-                "-m",
-                "256",
+                *eal_memory,
                 "--no-pci",
-                "--single-file-segments",
                 "--no-shconf",
                 "--file-prefix",
                 self.prefix,
@@ -374,6 +535,8 @@ class PmdProcess:
                 "--stats-period",
                 "1",
                 f"--forward-mode={mode}",
+                f"--burst={BURST}",
+                *(["--tx-first"] if tx_first else []),
                 "--total-num-mbufs=2048",
                 # Frames that arrive while forwarding starts stay in the ring (by default
                 # testpmd drops them, after it printed its forwarding config).
@@ -382,6 +545,7 @@ class PmdProcess:
             stdin=subprocess.DEVNULL,
             stdout=self._out,
             stderr=subprocess.STDOUT,
+            env={**os.environ, "RUNTIME_DIRECTORY": str(log.parent)},
         )
 
     def output(self) -> str:
@@ -401,6 +565,31 @@ class PmdProcess:
             assert time.monotonic() < deadline, f"testpmd did not start:\n{text}"
             time.sleep(0.05)
 
+    def wait_rx_packets(self, count: int, timeout: float = 60) -> None:
+        """Wait until the periodic port statistics show at least `count` received frames."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.output()
+            seen = re.findall(r"RX-packets: +(\d+)", text)
+            if seen and int(seen[-1]) >= count:
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"testpmd exited with {self.proc.returncode}:\n{text}")
+            assert time.monotonic() < deadline, f"testpmd received {seen[-1:]} frames:\n{text}"
+            time.sleep(0.1)
+
+    def totals(self) -> tuple[int, int, int, int]:
+        """The forward statistics testpmd prints when it stops: RX, RX-dropped, TX, TX-dropped."""
+        text = self.output()
+        found = re.findall(
+            r"RX-packets: (\d+) +RX-dropped: (\d+).*?TX-packets: (\d+) +TX-dropped: (\d+)",
+            text,
+            re.S,
+        )
+        assert found, text[-3000:]
+        rx, rx_dropped, tx, tx_dropped = (int(n) for n in found[-1])
+        return rx, rx_dropped, tx, tx_dropped
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGINT)
@@ -410,17 +599,24 @@ class PmdProcess:
                 os.kill(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self._out.close()
-        runtime = os.environ.get("XDG_RUNTIME_DIR", "/tmp")
-        for base in ("/var/run/dpdk", os.path.join(runtime, "dpdk")):
-            shutil.rmtree(os.path.join(base, self.prefix), ignore_errors=True)
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def run_testpmd(
-    socket_path: Path, mode: str, tmp_path: Path, *, queues: int = 1, packed: bool = False
+    socket_path: Path,
+    mode: str,
+    tmp_path: Path,
+    *,
+    queues: int = 1,
+    packed: bool = False,
+    memory: PmdMemory | None = None,
+    tx_first: bool = False,
 ) -> Iterator[PmdProcess]:
     log = tmp_path / f"testpmd-{mode}.log"
-    pmd = PmdProcess(socket_path, mode, log, queues=queues, packed=packed)
+    pmd = PmdProcess(
+        socket_path, mode, log, queues=queues, packed=packed, memory=memory, tx_first=tx_first
+    )
     try:
         yield pmd
     finally:

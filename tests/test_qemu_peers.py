@@ -77,16 +77,24 @@ def serve() -> Iterator[list[Daemon]]:
 
 class VvuRig:
     """`vvu device` plus one `vvu serve BACKEND --vvu` (both `Daemon`s, stopped by PID). `name`
-    prefixes the rig's sockets and logs, for several rigs in one directory."""
+    prefixes the rig's sockets and logs, for several rigs in one directory; `device_args` go to
+    `vvu device`."""
 
-    def __init__(self, tmp_path: Path, backend: str, *args: str, name: str = "") -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        backend: str,
+        *args: str,
+        name: str = "",
+        device_args: Sequence[str] = (),
+    ) -> None:
         prefix = f"{name}-" if name else ""
         self.frontend_socket = tmp_path / f"{prefix}fe.sock"
         self.device_socket = tmp_path / f"{prefix}dev.sock"
         self.daemons: list[Daemon] = []
         self.device = Daemon(
             ["--socket-path", str(self.frontend_socket), "--vfio-user", str(self.device_socket),
-             "--max-queues", "4"],
+             "--max-queues", "4", *device_args],
             self.device_socket, tmp_path / f"{prefix}device.log", command="device",
         )  # fmt: skip
         self.daemons.append(self.device)
@@ -109,8 +117,10 @@ class VvuRig:
 
 
 @contextlib.contextmanager
-def vvu_rig(tmp_path: Path, backend: str, *args: str) -> Iterator[VvuRig]:
-    rig = VvuRig(tmp_path, backend, *args)
+def vvu_rig(
+    tmp_path: Path, backend: str, *args: str, device_args: Sequence[str] = ()
+) -> Iterator[VvuRig]:
+    rig = VvuRig(tmp_path, backend, *args, device_args=device_args)
     try:
         yield rig
     finally:

@@ -8,6 +8,7 @@ All processes are stopped by PID; no socket is left behind.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 from pathlib import Path
@@ -15,8 +16,16 @@ from pathlib import Path
 import pytest
 
 from guest import guest_image, qemu_escape, start_guest
+from test_net import (
+    BURST,
+    PmdProcess,
+    dpdk_hugepage_file,
+    frame,
+    hugepages_unavailable,
+    needs_testpmd,
+    run_testpmd,
+)
 from test_net import TIMEOUT as NET_TIMEOUT
-from test_net import PmdProcess, frame, needs_testpmd, run_testpmd
 from test_qemu_peers import vvu_rig
 from vvu.backends.net import parse_mac
 from vvu.frontend.net import NetDriver
@@ -83,3 +92,27 @@ def test_dpdk_testpmd_through_the_vvu_device_macswaps_our_frames(tmp_path: Path)
         assert rig.device.stop() == 0, rig.logs()
         assert "device stopped after 1 front-end session(s)" in rig.device.log()
     assert not peer.exists()
+
+
+@pytest.mark.skipif(hugepages_unavailable() is not None, reason=str(hugepages_unavailable()))
+def test_dpdk_testpmd_memory_is_the_file_the_device_was_told(tmp_path: Path) -> None:
+    """testpmd's memory is one hugetlbfs file made before `vvu device --frontend-memory FILE`
+    starts, as a back-end VM's VMM needs (it maps BAR4 at realize): SET_MEM_TABLE carries one
+    region, all of that file, and `vvu serve net --vvu --loopback` behind the device returns
+    every frame testpmd sends (io forwarding of one --tx-first burst: TX = RX + BURST)."""
+    size = 64 << 20
+    prefix = f"vvu-test-{os.getpid()}-net"
+    with (
+        dpdk_hugepage_file(tmp_path, size, prefix) as (path, memory),
+        vvu_rig(tmp_path, "net", "--loopback", device_args=["--frontend-memory", str(path)]) as rig,
+    ):
+        with run_testpmd(rig.frontend_socket, "io", tmp_path, memory=memory, tx_first=True) as pmd:
+            pmd.wait_forwarding()
+            pmd.wait_rx_packets(1000)
+        rx, rx_dropped, tx, tx_dropped = pmd.totals()
+        assert rx >= 1000 and (rx_dropped, tx_dropped) == (0, 0), pmd.output()[-3000:]
+        assert tx == rx + BURST, pmd.output()[-3000:]
+        tables = re.findall(r"SET_MEM_TABLE need_reply nregions=(\d+) \[(.*?)\]", rig.backend.log())
+        assert tables, rig.logs()
+        assert tables[0][0] == "1" and f"memory_size={size:#x}" in tables[0][1], tables
+        assert "mmap_offset=0x0" in tables[0][1], tables
