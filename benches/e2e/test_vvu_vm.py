@@ -11,7 +11,8 @@ workload in the same run against:
 TCG makes the back-end VM's absolute speed meaningless (every guest instruction is emulated),
 so the figures that matter are per request and independent of it: vfio-user messages by command
 and region, doorbells rung by REGION_WRITE, kicks relayed to MSI-X, and the device process's
-CPU time (from `vvu device`'s SIGUSR1 statistics and /proc/PID/stat) — all in extra_info.
+CPU time (from `vvu device`'s SIGUSR1 statistics, /proc/PID/stat in 10 ms ticks and schedstat
+run time in ns) — all in extra_info.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import pytest
 from conftest import _stop, _wait_for_socket, measure
 from pytest_benchmark.fixture import BenchmarkFixture
-from test_vvu import cpu_seconds
+from test_vvu import cpu_seconds, run_seconds
 
 from backend_vm import DISK_MIB, FRONTEND_MEMORY, BackendVm, backend_vm_rig
 from vvu.frontend import BlkDriver
@@ -34,8 +35,8 @@ from vvu.frontend import BlkDriver
 VVU = [sys.executable, "-m", "vvu", "-q"]
 DEPTH = 8
 #: Requests per round: the back-end VM does a few thousand per second under TCG.
-REQUESTS = 256
-ROUNDS = 3
+REQUESTS = 512
+ROUNDS = 5
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +98,7 @@ def test_backend_vm_randread_4k(
     try:
         before = vm.device_stats() if vm is not None else None
         cpu0 = cpu_seconds(vm.device.proc.pid) if vm is not None else 0.0
+        run0 = run_seconds(vm.device.proc.pid) if vm is not None else 0.0
         measure(benchmark, lambda: loop.run_until_complete(_run(blk, _offsets())), rounds=ROUNDS)
         info = benchmark.extra_info
         info["requests_per_round"] = REQUESTS
@@ -104,8 +106,10 @@ def test_backend_vm_randread_4k(
         if vm is not None and before is not None:
             requests = REQUESTS * ROUNDS
             after = vm.device_stats()
-            device_cpu = cpu_seconds(vm.device.proc.pid) - cpu0
+            device_cpu = cpu_seconds(vm.device.proc.pid) - cpu0  # 10 ms ticks
+            device_run = run_seconds(vm.device.proc.pid) - run0  # ns resolution
             info["device_cpu_us_per_request"] = round(1e6 * device_cpu / requests, 1)
+            info["device_run_us_per_request"] = round(1e6 * device_run / requests, 1)
             for group in ("commands", "region_accesses"):
                 for name, count in after[group].items():
                     delta = count - before[group].get(name, 0)
