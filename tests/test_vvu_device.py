@@ -895,3 +895,33 @@ async def test_a_driver_gone_with_dma_windows_still_held_is_torn_down_at_once(
     assert caplog.text.count("still in use") <= 1, caplog.text  # one line, not one per window
     for view in held:
         view.release()
+
+
+@pytest.mark.asyncio
+async def test_a_vmm_gone_mid_message_ends_the_session_and_the_next_driver_is_served(
+    rigged: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The driver's VMM dies in the middle of a vfio-user message (half a REGION_WRITE on the
+    wire, then the socket closes) while a front-end session runs: the device ends that session
+    (the front-end sees its socket close), and a new driver and front-end are served."""
+    pci = await VfioUserPciAccess.open(rigged.vfio_path, timeout=2)
+    drv = await VirtioPciDriver.open(pci)
+    await drv.setup_interrupts(3 + N)
+    await drv.init(queues=2)
+    td = VvuTestDriver(pci, drv)
+    await td.post_rx(8)
+    await td.set_status(BACKEND_UP)
+    fe = await connect(td, rigged)
+    half = struct.pack("<HHIII", 0x7777, 9, 16 + 16 + 4, 0, 0)[:11]  # REGION_WRITE's header
+    os.write(pci.client._conn.fileno(), half)
+    drv._unwatch()  # this process's event loop forgets the dead driver's interrupt eventfds
+    await pci.close()
+    assert await asyncio.wait_for(fe.channel.recv(), TIMEOUT) is None
+    assert "closed mid-message" in caplog.text
+    await fe.close()
+    async with session(rigged) as (td2, fe2):
+        task = asyncio.ensure_future(fe2.request_u64(_F.GET_FEATURES))
+        assert HDR.unpack_from(await td2.recv())[0] == _F.GET_FEATURES
+        await td2.reply(_F.GET_FEATURES, U64(5).pack())
+        assert await asyncio.wait_for(task, TIMEOUT) == 5
+    assert rigged.device.sessions == 2
