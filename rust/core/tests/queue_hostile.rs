@@ -5,6 +5,8 @@
 //! property tests fill the rings with random bytes (and structured random descriptors) and check
 //! that popping returns `Ok` or `Err` and that every returned segment lies inside the mapping.
 
+mod common;
+
 use std::sync::atomic::Ordering::{Acquire, Release};
 use std::sync::Arc;
 
@@ -31,6 +33,7 @@ const WRITE: u16 = VIRTQ_DESC_F_WRITE;
 const INDIRECT: u16 = VIRTQ_DESC_F_INDIRECT;
 
 fn memory() -> GuestMemory {
+    common::bound_resources();
     let total = REGIONS.iter().map(|r| r.1).sum();
     let fd = create_memfd("queue-hostile", total).unwrap();
     let mut offset = 0;

@@ -6,6 +6,8 @@
 //! in the expected wrap) and check that popping returns `Ok` or `Err` and that every returned
 //! segment lies inside the mapping; and they hand the driver side random used descriptors.
 
+mod common;
+
 use std::sync::atomic::Ordering::Release;
 use std::sync::Arc;
 
@@ -37,6 +39,7 @@ const AVAIL: u16 = VIRTQ_DESC_F_AVAIL;
 const AVAIL0: u16 = VIRTQ_DESC_F_USED;
 
 fn memory() -> GuestMemory {
+    common::bound_resources();
     let total = REGIONS.iter().map(|r| r.1).sum();
     let fd = create_memfd("queue-packed-hostile", total).unwrap();
     let mut offset = 0;
