@@ -460,6 +460,75 @@ fn good_chains_before_a_bad_one_stay_valid() {
     assert!(img.dev.is_broken());
 }
 
+#[test]
+fn overlapping_ring_areas_are_refused() {
+    // Q = 256 with EVENT_IDX: descriptor table 4096 bytes, available ring 518, used ring 2054.
+    let ok = QueueConfig {
+        desc_table: 0x1000,
+        avail_ring: 0x2000,
+        used_ring: 0x2208,
+        ..config(256)
+    };
+    assert!(SplitQueue::new(ok).is_ok(), "adjacent areas are fine");
+    let no_event_idx = QueueConfig {
+        used_ring: 0x2204,
+        event_idx: false,
+        ..ok
+    };
+    assert!(SplitQueue::new(no_event_idx).is_ok(), "no used_event word");
+    for (what, bad) in [
+        (
+            "avail inside desc",
+            QueueConfig {
+                avail_ring: 0x1ffe,
+                ..ok
+            },
+        ),
+        (
+            "used inside desc",
+            QueueConfig {
+                used_ring: 0x1800,
+                ..ok
+            },
+        ),
+        (
+            "desc inside used",
+            QueueConfig {
+                desc_table: 0x2400,
+                ..ok
+            },
+        ),
+        (
+            "used ring over used_event",
+            QueueConfig {
+                used_ring: 0x2204,
+                ..ok
+            },
+        ),
+        (
+            "all at one address",
+            QueueConfig {
+                desc_table: 0x4000,
+                avail_ring: 0x4000,
+                used_ring: 0x4000,
+                ..ok
+            },
+        ),
+        (
+            "wrapping past 2^64",
+            QueueConfig {
+                used_ring: u64::MAX - 3,
+                ..ok
+            },
+        ),
+    ] {
+        assert!(
+            matches!(SplitQueue::new(bad), Err(QueueError::InvalidConfig(_))),
+            "{what}: {bad:?}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Random rings.
 

@@ -272,6 +272,67 @@ fn slots_made_available_again_while_in_flight() {
 }
 
 #[test]
+fn overlapping_ring_areas_are_refused() {
+    // Q = 256: descriptor ring 4096 bytes, each event suppression area 4.
+    let ok = PackedConfig {
+        desc_ring: 0x1000,
+        driver_event: 0x2000,
+        device_event: 0x2004,
+        ..config(256)
+    };
+    assert!(PackedQueue::new(ok).is_ok(), "adjacent areas are fine");
+    for (what, bad) in [
+        (
+            "driver event in the ring",
+            PackedConfig {
+                driver_event: 0x1ffc,
+                ..ok
+            },
+        ),
+        (
+            "device event in the ring",
+            PackedConfig {
+                device_event: 0x1000,
+                ..ok
+            },
+        ),
+        (
+            "both events at one address",
+            PackedConfig {
+                device_event: 0x2000,
+                ..ok
+            },
+        ),
+        (
+            "ring over the events",
+            PackedConfig {
+                desc_ring: 0x1010,
+                ..ok
+            },
+        ),
+        (
+            "wrapping past 2^64",
+            PackedConfig {
+                device_event: u64::MAX - 3,
+                ..ok
+            },
+        ),
+        (
+            "ring wrapping past 2^64",
+            PackedConfig {
+                desc_ring: u64::MAX - 0xf,
+                ..ok
+            },
+        ),
+    ] {
+        assert!(
+            matches!(PackedQueue::new(bad), Err(QueueError::InvalidConfig(_))),
+            "{what}: {bad:?}"
+        );
+    }
+}
+
+#[test]
 fn indirect_rules() {
     // The table is walked in order, len/16 entries.
     let mut img = Image::new(4);

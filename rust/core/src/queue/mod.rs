@@ -49,6 +49,30 @@ pub const MAX_QUEUE_SIZE: u16 = 32768;
 /// drivers stay far below it, and a bound keeps one chain's work finite.
 pub const MAX_INDIRECT_DESCRIPTORS: u32 = MAX_QUEUE_SIZE as u32;
 
+/// Refuse ring areas that wrap past the end of the address space or overlap: the device writes
+/// the used areas, and a write landing in what it reads (or vice versa) is not a ring.
+fn check_disjoint(areas: &[(&str, u64, u64)]) -> Result<(), QueueError> {
+    let end = |name: &str, addr: u64, len: u64| {
+        addr.checked_add(len).ok_or_else(|| {
+            QueueError::InvalidConfig(format!(
+                "{name} {addr:#x}+{len:#x} wraps past the end of the address space"
+            ))
+        })
+    };
+    for (i, &(name, addr, len)) in areas.iter().enumerate() {
+        let this_end = end(name, addr, len)?;
+        for &(other, other_addr, other_len) in &areas[..i] {
+            let other_end = end(other, other_addr, other_len)?;
+            if addr < other_end && other_addr < this_end {
+                return Err(QueueError::InvalidConfig(format!(
+                    "{name} {addr:#x}+{len:#x} overlaps {other} {other_addr:#x}+{other_len:#x}"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The spec's `virtq_need_event` (Linux `vring_need_event`): after moving an index from `old` to
 /// `new`, notify iff `event` lies in `[old, new)`, all modulo 2^16.
 #[inline]
@@ -94,7 +118,11 @@ impl QueueConfig {
                 ));
             }
         }
-        Ok(())
+        check_disjoint(&[
+            ("descriptor table", self.desc_table, self.desc_table_len()),
+            ("available ring", self.avail_ring, self.avail_ring_len()),
+            ("used ring", self.used_ring, self.used_ring_len()),
+        ])
     }
 
     /// Bytes of the descriptor table.
@@ -507,7 +535,20 @@ mod tests {
                 Err(QueueError::InvalidConfig(_))
             ));
         }
-        assert!(QueueConfig { size: 32768, ..ok }.validate().is_ok());
+        let big = QueueConfig {
+            size: 32768,
+            avail_ring: 0x8_1000,
+            used_ring: 0xA_0000,
+            ..ok
+        };
+        assert!(big.validate().is_ok());
+        assert!(
+            matches!(
+                QueueConfig { size: 32768, ..ok }.validate(),
+                Err(QueueError::InvalidConfig(_))
+            ),
+            "a 512 KiB table at 0x1000 runs over the available ring"
+        );
         assert!(QueueConfig { size: 1, ..ok }.validate().is_ok());
         for bad in [
             QueueConfig {

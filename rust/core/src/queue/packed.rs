@@ -20,8 +20,8 @@ use std::sync::atomic::{fence, AtomicU16, AtomicU32, AtomicU64, Ordering};
 
 use super::split::{add_buffer, Table, Translator, Walk};
 use super::{
-    need_event, ready, ring_area, Chain, ChainBatch, Descriptor, QueueConfig, Segment,
-    MAX_INDIRECT_DESCRIPTORS, MAX_QUEUE_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
+    check_disjoint, need_event, ready, ring_area, Chain, ChainBatch, Descriptor, QueueConfig,
+    Segment, MAX_INDIRECT_DESCRIPTORS, MAX_QUEUE_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
 };
 use crate::dirty_log::QueueLog;
@@ -90,7 +90,11 @@ impl PackedConfig {
                 ));
             }
         }
-        Ok(())
+        check_disjoint(&[
+            ("descriptor ring", self.desc_ring, self.desc_ring_len()),
+            ("driver event suppression area", self.driver_event, 4),
+            ("device event suppression area", self.device_event, 4),
+        ])
     }
 
     /// Bytes of the descriptor ring.
@@ -1322,7 +1326,14 @@ mod tests {
     #[test]
     fn config_validation_allows_any_size_up_to_32768() {
         for size in [1u16, 3, 100, 255, 32768] {
-            assert!(config(size, false).validate().is_ok(), "size {size}");
+            // The event areas right after the ring (they must not overlap it).
+            let end = DESC + 16 * u64::from(size);
+            let cfg = PackedConfig {
+                driver_event: end,
+                device_event: end + 4,
+                ..config(size, false)
+            };
+            assert!(cfg.validate().is_ok(), "size {size}");
         }
         for size in [0u16, 32769, 65535] {
             assert!(config(size, false).validate().is_err(), "size {size}");

@@ -1090,10 +1090,11 @@ mod tests {
     #[test]
     fn trailing_event_word_is_only_needed_with_event_idx() {
         let (_, dev_mem) = shared_memory(&[(0, 0x10000)]);
-        // Used ring of Q = 8 is 4 + 64 = 68 bytes: place it so that it ends at the region end.
+        // Used ring of Q = 8 is 4 + 64 = 68 bytes: place it so that it ends at the region end,
+        // after the available ring (4 + 16 bytes, + 2 with EVENT_IDX).
         let cfg = QueueConfig {
             used_ring: 0x10000 - 68,
-            avail_ring: 0x10000 - 68 - 20,
+            avail_ring: 0x10000 - 68 - 24,
             ..config(8, false)
         };
         let mut q = SplitQueue::new(cfg).unwrap();
