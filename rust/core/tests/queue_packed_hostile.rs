@@ -272,6 +272,30 @@ fn slots_made_available_again_while_in_flight() {
 }
 
 #[test]
+fn slots_of_an_unpublished_used_batch_made_available_again() {
+    // The device pushed the chain used but has not published it: to the driver those slots are
+    // still in flight. Offering them again (next lap) is a reuse, not a second batch past the
+    // ring size (`added` beyond Q, after which moving back over the batch underflowed).
+    let mut img = Image::new(4);
+    img.desc(0, BUF, 1, 0, AVAIL | NEXT)
+        .desc(1, BUF, 1, 0, AVAIL | NEXT)
+        .desc(2, BUF, 1, 0, AVAIL | NEXT)
+        .desc(3, BUF, 1, 3, AVAIL);
+    assert_eq!(img.pop(8).1, Ok(1));
+    img.dev.push_used(3, 0).unwrap();
+    img.desc(0, BUF, 1, 0, AVAIL0 | NEXT)
+        .desc(1, BUF, 1, 0, AVAIL0 | NEXT)
+        .desc(2, BUF, 1, 0, AVAIL0 | NEXT)
+        .desc(3, BUF, 1, 2, AVAIL0);
+    img.expect_broken(bad(0, ChainFault::DescriptorsReused));
+    let state = img.dev.state();
+    assert!(
+        state.next_avail.index < 4 && state.next_used.index < 4,
+        "{state:?}"
+    );
+}
+
+#[test]
 fn overlapping_ring_areas_are_refused() {
     // Q = 256: descriptor ring 4096 bytes, each event suppression area 4.
     let ok = PackedConfig {

@@ -862,7 +862,9 @@ impl PackedQueue {
     /// Each chain's `head()` is its buffer id.
     ///
     /// A malformed chain marks the queue broken and returns the error; chains popped earlier in
-    /// the same call stay in the batch (and are in flight), the bad one is not added.
+    /// the same call stay in the batch (and are in flight), the bad one is not added. Slots
+    /// made available again while popped or pushed but not yet published are such a fault
+    /// (`DescriptorsReused`).
     pub fn pop_batch(&mut self, batch: &mut ChainBatch, max: usize) -> Result<usize, QueueError> {
         self.miss = None;
         let rings = ready(&self.broken, &self.rings)?;
@@ -901,7 +903,7 @@ impl PackedQueue {
                 }
                 check_in_flight(
                     &self.id_descriptors,
-                    self.outstanding,
+                    self.outstanding + u32::from(self.added),
                     size,
                     chain.head,
                     slots,
@@ -965,7 +967,7 @@ impl PackedQueue {
             .and_then(|(chain, slots)| {
                 check_in_flight(
                     &self.id_descriptors,
-                    self.outstanding,
+                    self.outstanding + u32::from(self.added),
                     size,
                     chain.head,
                     slots,
@@ -1037,6 +1039,11 @@ impl PackedQueue {
             .copied()
             .filter(|&n| n != 0)
             .ok_or(QueueError::UnknownHead(id))?;
+        if u32::from(self.added) + u32::from(slots) > u32::from(self.config.size) {
+            // The unpublished batch would cover more than the ring (pop keeps the pushed and the
+            // popped slots within it, so only a caller's mix-up gets here): publish first.
+            return Err(QueueError::Full);
+        }
         let at = self.next_used;
         // §2.4: id and len, then flags with AVAIL = USED = the used wrap counter; WRITE says
         // that len counts written bytes.
@@ -1155,7 +1162,8 @@ impl PackedQueue {
     }
 }
 
-/// Can a chain with buffer id `id` taking `slots` ring slots go in flight?
+/// Can a chain with buffer id `id` taking `slots` ring slots go in flight, with `outstanding`
+/// slots not yet seen used by the driver (popped, or pushed but not published)?
 #[inline]
 fn check_in_flight(
     id_descriptors: &[u16],
@@ -1171,7 +1179,9 @@ fn check_in_flight(
         return Err(ChainFault::BufferIdInFlight { id });
     }
     // A driver only reuses slots it has seen used: more slots in flight than the ring has
-    // means it made in-flight descriptors available again.
+    // means it made in-flight descriptors available again. Pushed but unpublished ones count:
+    // the driver has not seen them used, and with them the unpublished batch (`added`) stays
+    // within the ring.
     if outstanding + u32::from(slots) > u32::from(size) {
         return Err(ChainFault::DescriptorsReused);
     }
