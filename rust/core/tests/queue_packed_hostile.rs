@@ -296,6 +296,47 @@ fn slots_of_an_unpublished_used_batch_made_available_again() {
 }
 
 #[test]
+fn indirect_entries_are_charged_to_the_pop_budget() {
+    // Eight one-slot chains, each pointing at the same largest table (32768 entries): a pop
+    // stops taking chains once it walked 65536 descriptors (docs/architecture.md, "Limits").
+    common::bound_resources();
+    let fd = create_memfd("queue-packed-hostile-big", 0x10_0000).unwrap();
+    let spec = RegionSpec {
+        guest_phys_addr: 0,
+        size: 0x10_0000,
+        userspace_addr: 0x7e00_0000_0000,
+        mmap_offset: 0,
+    };
+    let mem = GuestMemory::new(vec![Arc::new(MemoryRegion::map(fd, spec).unwrap())]).unwrap();
+    let mut img = Image {
+        mem: mem.clone(),
+        dev: PackedQueue::new(config(8)).unwrap(),
+    };
+    img.dev.attach(mem).unwrap();
+    let (table, entries) = (0x8_0000u64, 32768u32);
+    let raw: Vec<u8> = (0..entries)
+        .flat_map(|_| PackedDescriptor::new(BUF, 1, 0, 0).to_le_bytes())
+        .collect();
+    img.mem.write(table, &raw).unwrap();
+    for slot in 0..8 {
+        img.desc(slot, table, 16 * entries, slot, AVAIL | INDIRECT);
+    }
+    let mut takes = Vec::new();
+    while takes.iter().sum::<usize>() < 8 {
+        let (batch, result) = img.pop(64);
+        let n = result.unwrap();
+        assert!(n >= 1, "a pop always makes progress");
+        assert!(
+            batch.segments().len() <= 2 * 32768,
+            "{}",
+            batch.segments().len()
+        );
+        takes.push(n);
+    }
+    assert_eq!(takes, vec![2, 2, 2, 2]);
+}
+
+#[test]
 fn overlapping_ring_areas_are_refused() {
     // Q = 256: descriptor ring 4096 bytes, each event suppression area 4.
     let ok = PackedConfig {
