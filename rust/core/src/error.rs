@@ -104,6 +104,10 @@ pub enum ChainFault {
     ReadableAfterWritable,
     #[error("total chain length does not fit in 32 bits")]
     LengthOverflow,
+    #[error("the chain translates to more than {limit} segments")]
+    TooManySegments { limit: u32 },
+    #[error("no memory for the chain's segments")]
+    OutOfMemory,
     #[error("buffer {addr:#x}+{len:#x} is outside guest memory")]
     BufferOutOfRange { addr: u64, len: u32 },
     #[error("indirect table {addr:#x}+{len:#x} is outside guest memory")]

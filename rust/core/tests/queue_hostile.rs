@@ -5,6 +5,8 @@
 //! property tests fill the rings with random bytes (and structured random descriptors) and check
 //! that popping returns `Ok` or `Err` and that every returned segment lies inside the mapping.
 
+mod common;
+
 use std::sync::atomic::Ordering::{Acquire, Release};
 use std::sync::Arc;
 
@@ -31,6 +33,7 @@ const WRITE: u16 = VIRTQ_DESC_F_WRITE;
 const INDIRECT: u16 = VIRTQ_DESC_F_INDIRECT;
 
 fn memory() -> GuestMemory {
+    common::bound_resources();
     let total = REGIONS.iter().map(|r| r.1).sum();
     let fd = create_memfd("queue-hostile", total).unwrap();
     let mut offset = 0;
@@ -455,6 +458,225 @@ fn good_chains_before_a_bad_one_stay_valid() {
     assert_eq!((c.writable()[1].gpa, c.writable()[1].len), (0x10000, 8));
     assert_eq!(img.dev.next_avail(), 0, "consumed the two good chains only");
     assert!(img.dev.is_broken());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bounded work per pop (docs/architecture.md, "Limits"): one pop walks at most 65536 descriptors
+// (ring and indirect) and collects at most 65536 segments before it stops taking chains, so it
+// ends at most one chain past either; a chain has at most 65536 segments.
+
+/// Descriptors (ring and indirect) one pop walks before it stops taking chains.
+const POP_DESCRIPTORS: usize = 65536;
+/// Segments one pop collects before it stops taking chains; also the most one chain may have.
+const POP_SEGMENTS: usize = 65536;
+/// The largest indirect table, in entries.
+const TABLE_ENTRIES: u32 = 32768;
+
+/// Rings and tables in one 1 MiB region at 0, then `pieces` adjacent 4 KiB regions from
+/// `PIECES` on (a buffer across all of them translates to `pieces` segments).
+const PIECES: u64 = 0x10_0000;
+
+fn big_memory(pieces: u64) -> GuestMemory {
+    common::bound_resources();
+    let layout: Vec<(u64, u64)> = std::iter::once((0, 0x10_0000))
+        .chain((0..pieces).map(|i| (PIECES + 0x1000 * i, 0x1000)))
+        .collect();
+    let total = layout.iter().map(|r| r.1).sum();
+    let fd = create_memfd("queue-hostile-big", total).unwrap();
+    let mut offset = 0;
+    let regions = layout
+        .iter()
+        .map(|&(gpa, size)| {
+            let spec = RegionSpec {
+                guest_phys_addr: gpa,
+                size,
+                userspace_addr: 0x7e00_0000_0000 + gpa,
+                mmap_offset: offset,
+            };
+            offset += size;
+            Arc::new(MemoryRegion::map(fd.try_clone().unwrap(), spec).unwrap())
+        })
+        .collect();
+    GuestMemory::new(regions).unwrap()
+}
+
+impl Image {
+    fn with_memory(config: QueueConfig, mem: GuestMemory) -> Self {
+        let mut dev = SplitQueue::new(config).unwrap();
+        dev.attach(mem.clone()).unwrap();
+        Self {
+            mem,
+            dev,
+            size: config.size,
+            avail_idx: 0,
+        }
+    }
+
+    /// An indirect table at `table` of `entries` linked entries, each `(addr, len)` readable.
+    fn linked_table(&self, table: u64, entries: u32, addr: u64, len: u32) -> &Self {
+        let mut raw = Vec::with_capacity(16 * entries as usize);
+        for i in 0..entries {
+            let last = i + 1 == entries;
+            let d = Descriptor::new(addr, len, if last { 0 } else { NEXT }, (i + 1) as u16);
+            raw.extend_from_slice(&d.to_le_bytes());
+        }
+        self.mem.write(table, &raw).unwrap();
+        self
+    }
+
+    /// Pop until the ring is empty; every pop must take at least one chain and stay within the
+    /// per-pop bounds. Returns the number of chains each pop took.
+    fn drain_bounded(&mut self, chains: usize) -> Vec<usize> {
+        let mut takes = Vec::new();
+        let mut total = 0;
+        while total < chains {
+            let (batch, result) = self.pop(64);
+            let n = result.unwrap();
+            assert!(n >= 1, "a pop always makes progress");
+            let descriptors: usize = batch.iter().map(|c| usize::from(c.descriptors())).sum();
+            let last = batch.get(n - 1).unwrap();
+            let before_last =
+                batch.segments().len() - last.readable().len() - last.writable().len();
+            assert!(
+                descriptors - usize::from(last.descriptors()) < POP_DESCRIPTORS,
+                "the pop took a chain after its descriptor budget was spent"
+            );
+            assert!(
+                before_last < POP_SEGMENTS,
+                "the pop took a chain after its segment budget was spent"
+            );
+            total += n;
+            takes.push(n);
+        }
+        assert_eq!(total, chains);
+        assert!(!self.dev.is_broken());
+        takes
+    }
+}
+
+#[test]
+fn indirect_entries_are_charged_to_the_pop_budget() {
+    // Every head points at the same largest table: before the budget counted indirect entries,
+    // one pop took all of them (on a 32768-entry ring that was a 6 GiB allocation).
+    let mut img = Image::with_memory(config(8), big_memory(0));
+    let table = 0x8_0000;
+    img.linked_table(table, TABLE_ENTRIES, BUF, 1);
+    for head in 0..8 {
+        img.desc(head, table, 16 * TABLE_ENTRIES, INDIRECT, 0);
+    }
+    img.avail(&[0, 1, 2, 3, 4, 5, 6, 7]);
+    // 32769 descriptors per chain: the second chain spends the budget.
+    assert_eq!(img.drain_bounded(8), vec![2, 2, 2, 2]);
+}
+
+#[test]
+fn segments_are_charged_to_the_pop_budget() {
+    // Few descriptors, many segments: each of the 1024 table entries spans 64 regions, so every
+    // chain has exactly the per-chain maximum of 65536 segments and one pop takes one chain.
+    let mut img = Image::with_memory(config(8), big_memory(64));
+    let table = 0x8_0000;
+    img.linked_table(table, 1024, PIECES, 64 * 0x1000);
+    for head in 0..4 {
+        img.desc(head, table, 16 * 1024, INDIRECT, 0);
+    }
+    img.avail(&[0, 1, 2, 3]);
+    assert_eq!(img.drain_bounded(4), vec![1, 1, 1, 1]);
+}
+
+#[test]
+fn a_chain_with_too_many_segments_is_refused() {
+    // 1025 entries of 64 segments each: one past the per-chain maximum.
+    let mut img = Image::with_memory(config(8), big_memory(64));
+    let table = 0x8_0000;
+    img.linked_table(table, 1025, PIECES, 64 * 0x1000);
+    img.desc(0, table, 16 * 1025, INDIRECT, 0);
+    img.avail(&[0]);
+    img.expect_broken(bad(
+        0,
+        ChainFault::TooManySegments {
+            limit: POP_SEGMENTS as u32,
+        },
+    ));
+}
+
+#[test]
+fn the_limits_are_the_documented_ones() {
+    use vvu_core::queue::{
+        MAX_CHAIN_SEGMENTS, MAX_INDIRECT_DESCRIPTORS, MAX_POP_DESCRIPTORS, MAX_POP_SEGMENTS,
+    };
+    assert_eq!(MAX_POP_DESCRIPTORS as usize, POP_DESCRIPTORS);
+    assert_eq!(MAX_POP_SEGMENTS, POP_SEGMENTS);
+    assert_eq!(MAX_CHAIN_SEGMENTS, POP_SEGMENTS);
+    assert_eq!(MAX_INDIRECT_DESCRIPTORS, TABLE_ENTRIES);
+}
+
+#[test]
+fn overlapping_ring_areas_are_refused() {
+    // Q = 256 with EVENT_IDX: descriptor table 4096 bytes, available ring 518, used ring 2054.
+    let ok = QueueConfig {
+        desc_table: 0x1000,
+        avail_ring: 0x2000,
+        used_ring: 0x2208,
+        ..config(256)
+    };
+    assert!(SplitQueue::new(ok).is_ok(), "adjacent areas are fine");
+    let no_event_idx = QueueConfig {
+        used_ring: 0x2204,
+        event_idx: false,
+        ..ok
+    };
+    assert!(SplitQueue::new(no_event_idx).is_ok(), "no used_event word");
+    for (what, bad) in [
+        (
+            "avail inside desc",
+            QueueConfig {
+                avail_ring: 0x1ffe,
+                ..ok
+            },
+        ),
+        (
+            "used inside desc",
+            QueueConfig {
+                used_ring: 0x1800,
+                ..ok
+            },
+        ),
+        (
+            "desc inside used",
+            QueueConfig {
+                desc_table: 0x2400,
+                ..ok
+            },
+        ),
+        (
+            "used ring over used_event",
+            QueueConfig {
+                used_ring: 0x2204,
+                ..ok
+            },
+        ),
+        (
+            "all at one address",
+            QueueConfig {
+                desc_table: 0x4000,
+                avail_ring: 0x4000,
+                used_ring: 0x4000,
+                ..ok
+            },
+        ),
+        (
+            "wrapping past 2^64",
+            QueueConfig {
+                used_ring: u64::MAX - 3,
+                ..ok
+            },
+        ),
+    ] {
+        assert!(
+            matches!(SplitQueue::new(bad), Err(QueueError::InvalidConfig(_))),
+            "{what}: {bad:?}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@
 //! failing to translate a buffer. Where the oracle is more lenient and we deliberately reject,
 //! the case says so and asserts exactly that.
 
+mod common;
+
 use std::fs::File;
 use std::sync::Arc;
 
@@ -54,6 +56,7 @@ struct Memories {
 }
 
 fn memories() -> Memories {
+    common::bound_resources();
     let total = REGIONS.iter().map(|r| r.1).sum();
     let fd = create_memfd("queue-oracle", total).unwrap();
     let ours = || {

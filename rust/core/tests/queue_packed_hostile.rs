@@ -6,6 +6,8 @@
 //! in the expected wrap) and check that popping returns `Ok` or `Err` and that every returned
 //! segment lies inside the mapping; and they hand the driver side random used descriptors.
 
+mod common;
+
 use std::sync::atomic::Ordering::Release;
 use std::sync::Arc;
 
@@ -37,6 +39,7 @@ const AVAIL: u16 = VIRTQ_DESC_F_AVAIL;
 const AVAIL0: u16 = VIRTQ_DESC_F_USED;
 
 fn memory() -> GuestMemory {
+    common::bound_resources();
     let total = REGIONS.iter().map(|r| r.1).sum();
     let fd = create_memfd("queue-packed-hostile", total).unwrap();
     let mut offset = 0;
@@ -266,6 +269,132 @@ fn slots_made_available_again_while_in_flight() {
     img.desc(3, BUF, 1, 1, AVAIL | NEXT)
         .desc(0, BUF, 1, 1, AVAIL0);
     img.expect_broken(bad(3, ChainFault::DescriptorsReused));
+}
+
+#[test]
+fn slots_of_an_unpublished_used_batch_made_available_again() {
+    // The device pushed the chain used but has not published it: to the driver those slots are
+    // still in flight. Offering them again (next lap) is a reuse, not a second batch past the
+    // ring size (`added` beyond Q, after which moving back over the batch underflowed).
+    let mut img = Image::new(4);
+    img.desc(0, BUF, 1, 0, AVAIL | NEXT)
+        .desc(1, BUF, 1, 0, AVAIL | NEXT)
+        .desc(2, BUF, 1, 0, AVAIL | NEXT)
+        .desc(3, BUF, 1, 3, AVAIL);
+    assert_eq!(img.pop(8).1, Ok(1));
+    img.dev.push_used(3, 0).unwrap();
+    img.desc(0, BUF, 1, 0, AVAIL0 | NEXT)
+        .desc(1, BUF, 1, 0, AVAIL0 | NEXT)
+        .desc(2, BUF, 1, 0, AVAIL0 | NEXT)
+        .desc(3, BUF, 1, 2, AVAIL0);
+    img.expect_broken(bad(0, ChainFault::DescriptorsReused));
+    let state = img.dev.state();
+    assert!(
+        state.next_avail.index < 4 && state.next_used.index < 4,
+        "{state:?}"
+    );
+}
+
+#[test]
+fn indirect_entries_are_charged_to_the_pop_budget() {
+    // Eight one-slot chains, each pointing at the same largest table (32768 entries): a pop
+    // stops taking chains once it walked 65536 descriptors (docs/architecture.md, "Limits").
+    common::bound_resources();
+    let fd = create_memfd("queue-packed-hostile-big", 0x10_0000).unwrap();
+    let spec = RegionSpec {
+        guest_phys_addr: 0,
+        size: 0x10_0000,
+        userspace_addr: 0x7e00_0000_0000,
+        mmap_offset: 0,
+    };
+    let mem = GuestMemory::new(vec![Arc::new(MemoryRegion::map(fd, spec).unwrap())]).unwrap();
+    let mut img = Image {
+        mem: mem.clone(),
+        dev: PackedQueue::new(config(8)).unwrap(),
+    };
+    img.dev.attach(mem).unwrap();
+    let (table, entries) = (0x8_0000u64, 32768u32);
+    let raw: Vec<u8> = (0..entries)
+        .flat_map(|_| PackedDescriptor::new(BUF, 1, 0, 0).to_le_bytes())
+        .collect();
+    img.mem.write(table, &raw).unwrap();
+    for slot in 0..8 {
+        img.desc(slot, table, 16 * entries, slot, AVAIL | INDIRECT);
+    }
+    let mut takes = Vec::new();
+    while takes.iter().sum::<usize>() < 8 {
+        let (batch, result) = img.pop(64);
+        let n = result.unwrap();
+        assert!(n >= 1, "a pop always makes progress");
+        assert!(
+            batch.segments().len() <= 2 * 32768,
+            "{}",
+            batch.segments().len()
+        );
+        takes.push(n);
+    }
+    assert_eq!(takes, vec![2, 2, 2, 2]);
+}
+
+#[test]
+fn overlapping_ring_areas_are_refused() {
+    // Q = 256: descriptor ring 4096 bytes, each event suppression area 4.
+    let ok = PackedConfig {
+        desc_ring: 0x1000,
+        driver_event: 0x2000,
+        device_event: 0x2004,
+        ..config(256)
+    };
+    assert!(PackedQueue::new(ok).is_ok(), "adjacent areas are fine");
+    for (what, bad) in [
+        (
+            "driver event in the ring",
+            PackedConfig {
+                driver_event: 0x1ffc,
+                ..ok
+            },
+        ),
+        (
+            "device event in the ring",
+            PackedConfig {
+                device_event: 0x1000,
+                ..ok
+            },
+        ),
+        (
+            "both events at one address",
+            PackedConfig {
+                device_event: 0x2000,
+                ..ok
+            },
+        ),
+        (
+            "ring over the events",
+            PackedConfig {
+                desc_ring: 0x1010,
+                ..ok
+            },
+        ),
+        (
+            "wrapping past 2^64",
+            PackedConfig {
+                device_event: u64::MAX - 3,
+                ..ok
+            },
+        ),
+        (
+            "ring wrapping past 2^64",
+            PackedConfig {
+                desc_ring: u64::MAX - 0xf,
+                ..ok
+            },
+        ),
+    ] {
+        assert!(
+            matches!(PackedQueue::new(bad), Err(QueueError::InvalidConfig(_))),
+            "{what}: {bad:?}"
+        );
+    }
 }
 
 #[test]

@@ -237,7 +237,9 @@ macro_rules! device_queue_methods {
                 Ok(())
             }
 
-            /// Pop up to `max_chains` available chains.
+            /// Pop up to `max_chains` available chains. Fewer may come back while more are
+            /// available: a pop stops once it walked 65536 descriptors or collected 65536
+            /// segments (docs/architecture.md, "Limits"); pop again for the rest.
             #[pyo3(signature = (max_chains = 64))]
             fn pop(&mut self, max_chains: usize) -> PyResult<Vec<DescriptorChain>> {
                 self.core.pop(max_chains)

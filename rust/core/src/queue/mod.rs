@@ -10,6 +10,16 @@
 //! Both sides treat the other as untrusted: anything read from the rings is validated, and a
 //! violation marks the queue broken instead of panicking, hanging or touching memory outside a
 //! mapping.
+//!
+//! # Limits
+//!
+//! The work and memory of one device-side pop are bounded whatever the driver writes: a chain
+//! holds at most Q ring descriptors and at most one indirect table of at most
+//! [`MAX_INDIRECT_DESCRIPTORS`] entries, and translates to at most [`MAX_CHAIN_SEGMENTS`]
+//! segments; a pop stops taking chains once it walked [`MAX_POP_DESCRIPTORS`] descriptors (ring
+//! and indirect) or collected [`MAX_POP_SEGMENTS`] segments, leaving the rest in the ring; the
+//! segment list grows with `try_reserve`, so a failed allocation breaks the queue instead of
+//! aborting the process. Ring areas must not overlap.
 
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
@@ -48,6 +58,42 @@ pub const MAX_QUEUE_SIZE: u16 = 32768;
 /// Largest indirect table the device accepts, in descriptors. The spec sets no number; real
 /// drivers stay far below it, and a bound keeps one chain's work finite.
 pub const MAX_INDIRECT_DESCRIPTORS: u32 = MAX_QUEUE_SIZE as u32;
+/// Most segments one chain may translate to (more breaks the queue): one per descriptor of the
+/// longest chain (Q − 1 ring descriptors and a full indirect table, below 65536), plus pieces at
+/// region boundaries. QEMU stops at 1024 per chain; we accept every chain QEMU's drivers build.
+pub const MAX_CHAIN_SEGMENTS: usize = 65536;
+/// A pop stops taking chains once it has walked this many descriptors (ring descriptors and
+/// indirect table entries): it ends at most one chain past it, and the chains left stay in the
+/// ring for the next call. Never reached by chains without indirect tables (those use at most
+/// Q ≤ 32768 ring descriptors per pop); two full indirect tables reach it.
+pub const MAX_POP_DESCRIPTORS: u32 = 2 * MAX_QUEUE_SIZE as u32;
+/// A pop stops taking chains once it has collected this many segments (at most one chain, that
+/// is [`MAX_CHAIN_SEGMENTS`], past it): with 24-byte segments, below 3 MiB per pop.
+pub const MAX_POP_SEGMENTS: usize = 65536;
+
+/// Refuse ring areas that wrap past the end of the address space or overlap: the device writes
+/// the used areas, and a write landing in what it reads (or vice versa) is not a ring.
+fn check_disjoint(areas: &[(&str, u64, u64)]) -> Result<(), QueueError> {
+    let end = |name: &str, addr: u64, len: u64| {
+        addr.checked_add(len).ok_or_else(|| {
+            QueueError::InvalidConfig(format!(
+                "{name} {addr:#x}+{len:#x} wraps past the end of the address space"
+            ))
+        })
+    };
+    for (i, &(name, addr, len)) in areas.iter().enumerate() {
+        let this_end = end(name, addr, len)?;
+        for &(other, other_addr, other_len) in &areas[..i] {
+            let other_end = end(other, other_addr, other_len)?;
+            if addr < other_end && other_addr < this_end {
+                return Err(QueueError::InvalidConfig(format!(
+                    "{name} {addr:#x}+{len:#x} overlaps {other} {other_addr:#x}+{other_len:#x}"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
 
 /// The spec's `virtq_need_event` (Linux `vring_need_event`): after moving an index from `old` to
 /// `new`, notify iff `event` lies in `[old, new)`, all modulo 2^16.
@@ -94,7 +140,11 @@ impl QueueConfig {
                 ));
             }
         }
-        Ok(())
+        check_disjoint(&[
+            ("descriptor table", self.desc_table, self.desc_table_len()),
+            ("available ring", self.avail_ring, self.avail_ring_len()),
+            ("used ring", self.used_ring, self.used_ring_len()),
+        ])
     }
 
     /// Bytes of the descriptor table.
@@ -507,7 +557,20 @@ mod tests {
                 Err(QueueError::InvalidConfig(_))
             ));
         }
-        assert!(QueueConfig { size: 32768, ..ok }.validate().is_ok());
+        let big = QueueConfig {
+            size: 32768,
+            avail_ring: 0x8_1000,
+            used_ring: 0xA_0000,
+            ..ok
+        };
+        assert!(big.validate().is_ok());
+        assert!(
+            matches!(
+                QueueConfig { size: 32768, ..ok }.validate(),
+                Err(QueueError::InvalidConfig(_))
+            ),
+            "a 512 KiB table at 0x1000 runs over the available ring"
+        );
         assert!(QueueConfig { size: 1, ..ok }.validate().is_ok());
         for bad in [
             QueueConfig {

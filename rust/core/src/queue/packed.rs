@@ -18,10 +18,10 @@ use std::collections::VecDeque;
 use std::ptr::NonNull;
 use std::sync::atomic::{fence, AtomicU16, AtomicU32, AtomicU64, Ordering};
 
-use super::split::{add_buffer, Table, Translator, Walk};
+use super::split::{add_buffer, Spent, Table, Translator, Walk};
 use super::{
-    need_event, ready, ring_area, Chain, ChainBatch, Descriptor, QueueConfig, Segment,
-    MAX_INDIRECT_DESCRIPTORS, MAX_QUEUE_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
+    check_disjoint, need_event, ready, ring_area, Chain, ChainBatch, Descriptor, QueueConfig,
+    Segment, MAX_INDIRECT_DESCRIPTORS, MAX_QUEUE_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
 };
 use crate::dirty_log::QueueLog;
@@ -90,7 +90,11 @@ impl PackedConfig {
                 ));
             }
         }
-        Ok(())
+        check_disjoint(&[
+            ("descriptor ring", self.desc_ring, self.desc_ring_len()),
+            ("driver event suppression area", self.driver_event, 4),
+            ("device event suppression area", self.device_event, 4),
+        ])
     }
 
     /// Bytes of the descriptor ring.
@@ -522,6 +526,12 @@ impl PackedLog {
             return;
         };
         pieces.clear();
+        // Up to MAX_CHAIN_SEGMENTS pieces: no abort when there is no memory for them; the
+        // chain's completion is then a log fault (its record stays unset).
+        if pieces.try_reserve(writable.len()).is_err() {
+            *recorded = false;
+            return;
+        }
         pieces.extend(writable.iter().map(|segment| (segment.gpa, segment.len)));
         *recorded = true;
     }
@@ -855,10 +865,14 @@ impl PackedQueue {
     }
 
     /// Pop up to `max` available chains into `batch` (appending), returning how many were added.
-    /// Each chain's `head()` is its buffer id.
+    /// Each chain's `head()` is its buffer id. As in the split ring, a call stops taking chains
+    /// once it walked [`super::MAX_POP_DESCRIPTORS`] descriptors or collected
+    /// [`super::MAX_POP_SEGMENTS`] segments; the rest stays in the ring for the next call.
     ///
     /// A malformed chain marks the queue broken and returns the error; chains popped earlier in
-    /// the same call stay in the batch (and are in flight), the bad one is not added.
+    /// the same call stay in the batch (and are in flight), the bad one is not added. Slots
+    /// made available again while popped or pushed but not yet published are such a fault
+    /// (`DescriptorsReused`).
     pub fn pop_batch(&mut self, batch: &mut ChainBatch, max: usize) -> Result<usize, QueueError> {
         self.miss = None;
         let rings = ready(&self.broken, &self.rings)?;
@@ -868,6 +882,9 @@ impl PackedQueue {
             cache: &mut self.region_cache,
             iova: rings.memory().is_iova(),
         };
+        // The work of one call, as in the split ring: chains are taken until
+        // MAX_POP_DESCRIPTORS descriptors were walked or MAX_POP_SEGMENTS segments collected.
+        let mut spent = Spent::new(batch.segments.len());
         let mut count = 0;
         // Chains a previous back-end left in flight first, rebuilt from the region's copies of
         // their descriptors; they already occupy their slots between next_used and next_avail.
@@ -891,21 +908,21 @@ impl PackedQueue {
                 read,
                 &mut batch.segments,
             )
-            .and_then(|(chain, slots)| {
+            .and_then(|(chain, slots, walked)| {
                 if usize::from(slots) != stored.descriptors.len() {
                     return Err(ChainFault::ResubmitMismatch);
                 }
                 check_in_flight(
                     &self.id_descriptors,
-                    self.outstanding,
+                    self.outstanding + u32::from(self.added),
                     size,
                     chain.head,
                     slots,
                 )?;
-                Ok((chain, slots))
+                Ok((chain, slots, walked))
             });
             match popped {
-                Ok((chain, slots)) => {
+                Ok((chain, slots, walked)) => {
                     if let Some(log) = self.log.as_mut() {
                         log.record(chain.head, &batch.segments[chain.mid..chain.segments.end]);
                     }
@@ -915,6 +932,10 @@ impl PackedQueue {
                     batch.chains.push(chain);
                     self.resubmit.pop_front();
                     count += 1;
+                    spent.walked += walked;
+                    if spent.exhausted(&batch.segments) {
+                        return Ok(count);
+                    }
                 }
                 Err(ChainFault::IotlbMiss { iova, access }) => {
                     // The chain stays first in line; it is retried once translated.
@@ -958,17 +979,17 @@ impl PackedQueue {
                 read,
                 &mut batch.segments,
             )
-            .and_then(|(chain, slots)| {
+            .and_then(|(chain, slots, walked)| {
                 check_in_flight(
                     &self.id_descriptors,
-                    self.outstanding,
+                    self.outstanding + u32::from(self.added),
                     size,
                     chain.head,
                     slots,
                 )?;
-                Ok((chain, slots))
+                Ok((chain, slots, walked))
             });
-            let (chain, slots) = match popped {
+            let (chain, slots, walked) = match popped {
                 Ok(popped) => popped,
                 Err(ChainFault::IotlbMiss { iova, access }) => {
                     // Not consumed: the chain stays in the ring until the translation arrives.
@@ -1017,6 +1038,11 @@ impl PackedQueue {
             self.next_avail = head.advance(slots, size);
             batch.chains.push(chain);
             count += 1;
+            spent.walked += walked;
+            if spent.exhausted(&batch.segments) {
+                // The rest stays in the ring for the next call.
+                break;
+            }
         }
         Ok(count)
     }
@@ -1033,6 +1059,11 @@ impl PackedQueue {
             .copied()
             .filter(|&n| n != 0)
             .ok_or(QueueError::UnknownHead(id))?;
+        if u32::from(self.added) + u32::from(slots) > u32::from(self.config.size) {
+            // The unpublished batch would cover more than the ring (pop keeps the pushed and the
+            // popped slots within it, so only a caller's mix-up gets here): publish first.
+            return Err(QueueError::Full);
+        }
         let at = self.next_used;
         // §2.4: id and len, then flags with AVAIL = USED = the used wrap counter; WRITE says
         // that len counts written bytes.
@@ -1151,7 +1182,8 @@ impl PackedQueue {
     }
 }
 
-/// Can a chain with buffer id `id` taking `slots` ring slots go in flight?
+/// Can a chain with buffer id `id` taking `slots` ring slots go in flight, with `outstanding`
+/// slots not yet seen used by the driver (popped, or pushed but not published)?
 #[inline]
 fn check_in_flight(
     id_descriptors: &[u16],
@@ -1167,7 +1199,9 @@ fn check_in_flight(
         return Err(ChainFault::BufferIdInFlight { id });
     }
     // A driver only reuses slots it has seen used: more slots in flight than the ring has
-    // means it made in-flight descriptors available again.
+    // means it made in-flight descriptors available again. Pushed but unpublished ones count:
+    // the driver has not seen them used, and with them the unpublished batch (`added`) stays
+    // within the ring.
     if outstanding + u32::from(slots) > u32::from(size) {
         return Err(ChainFault::DescriptorsReused);
     }
@@ -1176,7 +1210,8 @@ fn check_in_flight(
 
 /// Walk the chain starting at `head`, appending its segments; `read(n, position)` gives its
 /// `n`-th descriptor (the ring's, checked available, or a copy kept in the inflight region).
-/// Returns the chain (its `head` is the buffer id) and the number of ring slots it occupies.
+/// Returns the chain (its `head` is the buffer id), the number of ring slots it occupies and
+/// the number of descriptors it walked (ring slots and indirect table entries).
 #[inline]
 fn pop_chain(
     mem: &GuestMemory,
@@ -1185,18 +1220,13 @@ fn pop_chain(
     head: RingPosition,
     mut read: impl FnMut(u16, RingPosition) -> Result<PackedDescriptor, ChainFault>,
     segments: &mut Vec<Segment>,
-) -> Result<(Chain, u16), ChainFault> {
+) -> Result<(Chain, u16, u32), ChainFault> {
     let size = config.size;
     let start = segments.len();
-    let mut walk = Walk {
-        mid: None,
-        total: 0,
-        readable: 0,
-        writable: 0,
-        descriptors: 0,
-    };
+    let mut walk = Walk::new(start);
     let mut pos = head;
     let mut slots: u16 = 0;
+    let mut table_pointer = 0;
     let id = loop {
         let desc = read(slots, pos)?;
         slots += 1;
@@ -1213,6 +1243,8 @@ fn pop_chain(
             }
             // WRITE on the descriptor pointing at the table is reserved and ignored (§2.4).
             walk = walk_indirect(mem, translator, desc.addr, desc.len, walk, segments)?;
+            // The slot pointing at the table is read but is no buffer.
+            table_pointer = 1;
             break desc.id;
         }
         let buffer = Descriptor::new(desc.addr, desc.len, flags & VIRTQ_DESC_F_WRITE, 0);
@@ -1237,7 +1269,7 @@ fn pop_chain(
         readable_len: walk.readable,
         writable_len: walk.writable,
     };
-    Ok((chain, slots))
+    Ok((chain, slots, u32::from(walk.descriptors) + table_pointer))
 }
 
 /// Walk a packed indirect table: `len / 16` entries read in order. Only WRITE is valid in an
@@ -1322,7 +1354,14 @@ mod tests {
     #[test]
     fn config_validation_allows_any_size_up_to_32768() {
         for size in [1u16, 3, 100, 255, 32768] {
-            assert!(config(size, false).validate().is_ok(), "size {size}");
+            // The event areas right after the ring (they must not overlap it).
+            let end = DESC + 16 * u64::from(size);
+            let cfg = PackedConfig {
+                driver_event: end,
+                device_event: end + 4,
+                ..config(size, false)
+            };
+            assert!(cfg.validate().is_ok(), "size {size}");
         }
         for size in [0u16, 32769, 65535] {
             assert!(config(size, false).validate().is_err(), "size {size}");

@@ -11,9 +11,9 @@ use std::ops::Range;
 use std::sync::atomic::{fence, Ordering};
 
 use super::{
-    need_event, ready, Descriptor, QueueConfig, Rings, MAX_INDIRECT_DESCRIPTORS,
-    VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
-    VIRTQ_USED_F_NO_NOTIFY,
+    need_event, ready, Descriptor, QueueConfig, Rings, MAX_CHAIN_SEGMENTS,
+    MAX_INDIRECT_DESCRIPTORS, MAX_POP_DESCRIPTORS, MAX_POP_SEGMENTS, VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_USED_F_NO_NOTIFY,
 };
 use crate::dirty_log::QueueLog;
 use crate::error::{ChainFault, QueueError};
@@ -215,6 +215,76 @@ pub(super) struct Walk {
     pub(super) readable: u32,
     pub(super) writable: u32,
     pub(super) descriptors: u16,
+    /// Segment count at which the chain has too many ([`MAX_CHAIN_SEGMENTS`] past its first).
+    pub(super) segment_limit: usize,
+}
+
+impl Walk {
+    /// A walk whose first segment will go to index `start` of the segment list.
+    #[inline(always)]
+    pub(super) fn new(start: usize) -> Self {
+        Self {
+            mid: None,
+            total: 0,
+            readable: 0,
+            writable: 0,
+            descriptors: 0,
+            segment_limit: start.saturating_add(MAX_CHAIN_SEGMENTS),
+        }
+    }
+}
+
+/// Append `segment`, unless the chain already has `limit` segments or no memory is left for it.
+#[inline(always)]
+fn push_segment(
+    segments: &mut Vec<Segment>,
+    limit: usize,
+    segment: Segment,
+) -> Result<(), ChainFault> {
+    if segments.len() >= limit {
+        return Err(ChainFault::TooManySegments {
+            limit: MAX_CHAIN_SEGMENTS as u32,
+        });
+    }
+    if segments.len() == segments.capacity() {
+        grow(segments)?;
+    }
+    segments.push(segment);
+    Ok(())
+}
+
+/// Make room for one more segment (amortised doubling, as `push` would), failing instead of
+/// aborting the process when the allocator says no.
+#[cold]
+#[inline(never)]
+fn grow(segments: &mut Vec<Segment>) -> Result<(), ChainFault> {
+    segments.try_reserve(1).map_err(|_| ChainFault::OutOfMemory)
+}
+
+/// The work one pop has done so far, against [`MAX_POP_DESCRIPTORS`] and [`MAX_POP_SEGMENTS`].
+pub(super) struct Spent {
+    /// Descriptors walked (ring descriptors and indirect table entries).
+    pub(super) walked: u32,
+    /// Length of the segment list when the pop started.
+    segments_at_start: usize,
+}
+
+impl Spent {
+    #[inline(always)]
+    pub(super) fn new(segments_at_start: usize) -> Self {
+        Self {
+            walked: 0,
+            segments_at_start,
+        }
+    }
+
+    /// Whether the pop must stop taking chains. Checked after each chain, so a pop ends at most
+    /// one chain (below 65536 descriptors) past either budget: `walked` stays below 2^17.
+    #[inline(always)]
+    pub(super) fn exhausted(&self, segments: &[Segment]) -> bool {
+        self.walked >= MAX_POP_DESCRIPTORS
+            || segments.len() - self.segments_at_start >= MAX_POP_SEGMENTS
+    }
 }
 
 /// Buffer translation with a last-region-hit cache.
@@ -227,7 +297,8 @@ pub(super) struct Translator<'m> {
 
 impl Translator<'_> {
     /// Append the segments of `[addr, addr + len)`; `len > 0`. Each piece's region must allow
-    /// the device's access (`writable`: the device writes).
+    /// the device's access (`writable`: the device writes). Fails once `segments` would grow
+    /// past `limit`.
     #[inline]
     fn push(
         &mut self,
@@ -235,6 +306,7 @@ impl Translator<'_> {
         len: u32,
         writable: bool,
         segments: &mut Vec<Segment>,
+        limit: usize,
     ) -> Result<(), ChainFault> {
         let fault = ChainFault::BufferOutOfRange { addr, len };
         addr.checked_add(u64::from(len)).ok_or(fault)?;
@@ -281,11 +353,15 @@ impl Translator<'_> {
             // and `n` bytes from it are mapped too.
             let host = unsafe { region.host_addr().add(offset as usize) };
             // n <= len, which is a u32.
-            segments.push(Segment {
-                host,
-                len: n as u32,
-                gpa,
-            });
+            push_segment(
+                segments,
+                limit,
+                Segment {
+                    host,
+                    len: n as u32,
+                    gpa,
+                },
+            )?;
             gpa += n;
             left -= n;
         }
@@ -575,11 +651,16 @@ impl SplitQueue {
     }
 
     /// Pop up to `max` available chains into `batch` (appending), returning how many were added.
+    /// Fewer than `max` may come back while more are available: a call stops taking chains once
+    /// it walked [`MAX_POP_DESCRIPTORS`] descriptors or collected [`MAX_POP_SEGMENTS`] segments
+    /// (module `queue` docs: "Limits"); the rest stays in the ring for the next call.
     ///
     /// A malformed chain or ring marks the queue broken and returns the error; chains popped
     /// earlier in the same call stay in the batch (and were consumed from the ring), the bad one
-    /// is not added. Under an IOTLB, a chain with an untranslated address ends the batch without
-    /// being consumed and without breaking the queue; [`SplitQueue::take_miss`] reports it.
+    /// is not added. So does a chain of more than [`MAX_CHAIN_SEGMENTS`] segments, or one whose
+    /// segments find no memory (`ChainFault::OutOfMemory`: the process does not abort). Under
+    /// an IOTLB, a chain with an untranslated address ends the batch without being consumed and
+    /// without breaking the queue; [`SplitQueue::take_miss`] reports it.
     pub fn pop_batch(&mut self, batch: &mut ChainBatch, max: usize) -> Result<usize, QueueError> {
         self.miss = None;
         let rings = ready(&self.broken, &self.rings)?;
@@ -603,9 +684,11 @@ impl SplitQueue {
             iova: rings.memory().is_iova(),
         };
         // All chains of one batch are available at the same time, so their ring descriptors are
-        // distinct: more than Q in total means the driver reused descriptors. This bounds the
-        // work of one call to 2·Q ring descriptors (the last chain may walk Q before failing).
-        let mut budget = u32::from(size);
+        // distinct: more than Q in total means the driver reused descriptors.
+        let mut ring_budget = u32::from(size);
+        // The work of one call: chains are taken until MAX_POP_DESCRIPTORS descriptors were
+        // walked or MAX_POP_SEGMENTS segments collected (see `Spent`).
+        let mut spent = Spent::new(batch.segments.len());
         // Chains the previous back-end left in flight come first; they are in flight already
         // (marked in the region), and their avail entries were consumed back then.
         let mut resubmitted = 0;
@@ -621,13 +704,16 @@ impl SplitQueue {
                 head,
                 &mut batch.segments,
             )
-            .and_then(|(chain, ring_descriptors)| {
-                budget = budget
-                    .checked_sub(ring_descriptors)
+            .and_then(|(chain, cost)| {
+                ring_budget = ring_budget
+                    .checked_sub(cost.ring)
                     .ok_or(ChainFault::DescriptorsReused)?;
-                Ok(chain)
+                Ok((chain, cost))
             }) {
-                Ok(chain) => batch.chains.push(chain),
+                Ok((chain, cost)) => {
+                    batch.chains.push(chain);
+                    spent.walked += cost.walked;
+                }
                 Err(ChainFault::IotlbMiss { iova, access }) => {
                     // The head stays first in line; it is retried once translated.
                     batch.segments.truncate(mark);
@@ -642,8 +728,11 @@ impl SplitQueue {
             }
             self.resubmit.pop_front();
             resubmitted += 1;
+            if spent.exhausted(&batch.segments) {
+                return Ok(resubmitted);
+            }
         }
-        let count = usize::from(pending).min(max - resubmitted);
+        let mut count = usize::from(pending).min(max - resubmitted);
         for i in 0..count {
             // Ordered after the Acquire above; the driver does not change published entries.
             let head = rings.avail_entry(self.next_avail.wrapping_add(i as u16), Ordering::Relaxed);
@@ -655,18 +744,24 @@ impl SplitQueue {
                 head,
                 &mut batch.segments,
             )
-            .and_then(|(chain, ring_descriptors)| {
-                budget = budget
-                    .checked_sub(ring_descriptors)
+            .and_then(|(chain, cost)| {
+                ring_budget = ring_budget
+                    .checked_sub(cost.ring)
                     .ok_or(ChainFault::DescriptorsReused)?;
-                Ok(chain)
+                Ok((chain, cost))
             }) {
-                Ok(chain) => {
+                Ok((chain, cost)) => {
                     // Spec order: the head is in flight before anything is done with it.
                     if let Some(inflight) = self.inflight.as_mut() {
                         inflight.mark_fetched(head);
                     }
                     batch.chains.push(chain);
+                    spent.walked += cost.walked;
+                    if spent.exhausted(&batch.segments) {
+                        // The rest stays in the ring for the next call.
+                        count = i + 1;
+                        break;
+                    }
                 }
                 Err(ChainFault::IotlbMiss { iova, access }) => {
                     // Not consumed: the chain stays in the ring until the translation arrives.
@@ -852,8 +947,16 @@ fn log_chain_writes(
     }
 }
 
-/// Walk the chain at `head`, appending its segments; also returns how many ring descriptors it
-/// occupies.
+/// What walking one chain cost.
+#[derive(Clone, Copy)]
+struct Cost {
+    /// Ring descriptors the chain occupies.
+    ring: u32,
+    /// Descriptors read: the ring's and the indirect table's entries.
+    walked: u32,
+}
+
+/// Walk the chain at `head`, appending its segments; also returns what it cost.
 #[inline]
 fn pop_chain(
     rings: &Rings,
@@ -861,21 +964,17 @@ fn pop_chain(
     translator: &mut Translator<'_>,
     head: u16,
     segments: &mut Vec<Segment>,
-) -> Result<(Chain, u32), ChainFault> {
+) -> Result<(Chain, Cost), ChainFault> {
     let size = config.size;
     if head >= size {
         return Err(ChainFault::HeadOutOfRange);
     }
     let start = segments.len();
-    let mut walk = Walk {
-        mid: None,
-        total: 0,
-        readable: 0,
-        writable: 0,
-        descriptors: 0,
-    };
+    let mut walk = Walk::new(start);
     let mut index = head;
     let mut seen: u32 = 0;
+    // The descriptor pointing at an indirect table is read but is no buffer.
+    let mut table_pointer = 0;
     loop {
         let desc = rings.descriptor(index);
         seen += 1;
@@ -888,6 +987,7 @@ fn pop_chain(
             }
             // The WRITE flag of the descriptor pointing at the table is ignored (§1.2).
             walk = walk_indirect(rings.memory(), translator, &desc, walk, segments)?;
+            table_pointer = 1;
             break;
         }
         add_buffer(translator, &desc, &mut walk, segments)?;
@@ -917,7 +1017,11 @@ fn pop_chain(
         readable_len: walk.readable,
         writable_len: walk.writable,
     };
-    Ok((chain, seen))
+    let cost = Cost {
+        ring: seen,
+        walked: u32::from(walk.descriptors) + table_pointer,
+    };
+    Ok((chain, cost))
 }
 
 /// Walk an indirect table (one level) described by `desc`, continuing `walk`.
@@ -998,7 +1102,7 @@ pub(super) fn add_buffer(
     walk.descriptors = walk.descriptors.wrapping_add(1);
     if desc.len > 0 {
         // A zero-length buffer is accepted and yields no segment (and is not translated).
-        translator.push(desc.addr, desc.len, writable, segments)?;
+        translator.push(desc.addr, desc.len, writable, segments, walk.segment_limit)?;
     }
     Ok(())
 }
@@ -1090,10 +1194,11 @@ mod tests {
     #[test]
     fn trailing_event_word_is_only_needed_with_event_idx() {
         let (_, dev_mem) = shared_memory(&[(0, 0x10000)]);
-        // Used ring of Q = 8 is 4 + 64 = 68 bytes: place it so that it ends at the region end.
+        // Used ring of Q = 8 is 4 + 64 = 68 bytes: place it so that it ends at the region end,
+        // after the available ring (4 + 16 bytes, + 2 with EVENT_IDX).
         let cfg = QueueConfig {
             used_ring: 0x10000 - 68,
-            avail_ring: 0x10000 - 68 - 20,
+            avail_ring: 0x10000 - 68 - 24,
             ..config(8, false)
         };
         let mut q = SplitQueue::new(cfg).unwrap();

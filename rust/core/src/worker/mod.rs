@@ -402,7 +402,8 @@ impl Context {
                     break;
                 }
                 if popped < self.batch_size {
-                    // The ring was empty when popped; the re-check below catches late arrivals.
+                    // The ring was empty when popped, or the pop spent its budget (queue docs,
+                    // "Limits"); the re-check below catches what is left and late arrivals.
                     break;
                 }
             }
