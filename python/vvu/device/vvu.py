@@ -230,7 +230,7 @@ class VvuDevice(VirtioPciDevice):
 
     # Its 20 bytes make room for shmid 3's capability (docs/vvu-device.md): a VVU driver maps
     # BAR4 anyway, so it never needs the config-space access window. With --frontend-memory
-    # there is one shared-memory capability only, and the window is back.
+    # there are two shared-memory capabilities (shmid 1, shmid 3 in BAR3), and the window is back.
     PCI_CFG_CAP = False
 
     def __init__(
