@@ -257,16 +257,20 @@ def test_demo_runs_end_to_end() -> None:
 
 
 def test_device_with_frontend_memory(tmp_path: Path) -> None:
-    """`vvu device --frontend-memory PATH`: BAR4 and shmid 1 are the file's size; a file that
-    cannot back BAR4 is a clear error at start."""
+    """`vvu device --frontend-memory PATH`: BAR4 and shmid 1 are the file's size, shmid 3 (the
+    device's inflight memfd) is BAR3 (4 MiB for 64 queues); a file that cannot back BAR4 is a
+    clear error at start."""
     mem = tmp_path / "guest-ram"
     with open(mem, "wb") as f:
         f.truncate(3 << 20)
     with vvu_device(tmp_path, "--frontend-memory", str(mem)) as device_socket:
         report = probe_json(device_socket)
     shm = [c for c in report["capabilities"] if c["type"] == "SHARED_MEMORY"]
-    assert [(c["shmid"], c["offset"], c["length"]) for c in shm] == [(1, 0, 3 << 20)]
-    assert report["bar_sizes"]["4"] == 4 << 20
+    assert [(c["shmid"], c["offset"], c["length"]) for c in shm] == [
+        (1, 0, 3 << 20),
+        (3, 0, 4 << 20),
+    ]
+    assert report["bar_sizes"]["4"] == 4 << 20 and report["bar_sizes"]["3"] == 4 << 20
     (tmp_path / "odd").write_bytes(b"x" * 100)
     for bad, why in ((tmp_path / "missing", "No such file"), (tmp_path / "odd", "its size")):
         run = subprocess.run(

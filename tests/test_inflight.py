@@ -20,6 +20,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,7 @@ from daemons import stop_process, wait_for_socket
 from guest import guest_image, live_guests, qemu_escape, start_guest
 from vvu._core import GuestMemory, InflightRegion, PackedQueue, SplitQueue, memfd
 from vvu.backends import BlkBackend, RngBackend
+from vvu.device.vvu import inflight_memory_size
 from vvu.engine import BackendEngine
 from vvu.errors import GuestMemoryError
 from vvu.frontend import BlkDriver, RngDriver
@@ -208,17 +210,19 @@ def _serve(
 
 
 def _device_for(
-    transport: str, frontend_socket: Path, tmp_path: Path
+    transport: str, frontend_socket: Path, tmp_path: Path, frontend_memory: Path | None = None
 ) -> tuple[Path | None, list[subprocess.Popen[bytes]]]:
-    """For "vvu", a running `vvu device` whose front-ends connect to `frontend_socket`: its
-    vfio-user socket (the back-end's `--vvu`) and [its process]; for "unix", (None, [])."""
-    if transport != "vvu":
+    """For "vvu" (and "vvu-file"), a running `vvu device` whose front-ends connect to
+    `frontend_socket`: its vfio-user socket (the back-end's `--vvu`) and [its process]; for
+    "unix", (None, []). `frontend_memory`: the device's `--frontend-memory` file."""
+    if not transport.startswith("vvu"):
         return None, []
     device_socket = tmp_path / "device.sock"
+    memory = [] if frontend_memory is None else ["--frontend-memory", str(frontend_memory)]
     with (tmp_path / "device.log").open("ab") as err:
         proc = subprocess.Popen(
             [*VVU, "-v", "device", "--socket-path", str(frontend_socket),
-             "--vfio-user", str(device_socket), "--max-queues", "4"],
+             "--vfio-user", str(device_socket), "--max-queues", "4", *memory],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
         )  # fmt: skip
     try:
@@ -228,6 +232,20 @@ def _device_for(
         proc.wait()
         raise
     return device_socket, [proc]
+
+
+@pytest.fixture
+def memory_file(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB file on tmpfs (removed after), for a front-end's RAM that is the device's
+    `--frontend-memory` (transport "vvu-file")."""
+    shm = Path("/dev/shm")
+    fd, name = tempfile.mkstemp(prefix="vvu-test-inflight-", dir=shm if shm.is_dir() else tmp_path)
+    try:
+        os.ftruncate(fd, 16 * MiB)
+        os.close(fd)
+        yield Path(name)
+    finally:
+        os.unlink(name)
 
 
 @contextlib.contextmanager
@@ -323,19 +341,23 @@ class WriteStream:
 @pytest.mark.timeout(300)
 @pytest.mark.asyncio
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
-@pytest.mark.parametrize("transport", ["unix", "vvu"])
+@pytest.mark.parametrize("transport", ["unix", "vvu", "vvu-file"])
 async def test_serve_blk_killed_20_times_loses_and_repeats_nothing(
-    tmp_path: Path, packed: bool, transport: str
+    tmp_path: Path, packed: bool, transport: str, memory_file: Path
 ) -> None:
     """Over "vvu" the device and the front-end stay; `vvu serve blk --vvu` is killed and
-    restarted behind the device, and the region is the device's shmid 3."""
+    restarted behind the device, and the region is the device's shmid 3. "vvu-file": the
+    device runs with `--frontend-memory` (the front-end's RAM is that file), and shmid 3 is
+    the device's own inflight memfd (BAR3), which the front-end hands back on every
+    reconnect."""
     seed = random.randrange(1 << 32)
     print(f"seed {seed}")
     rng = random.Random(seed)
     image, sock, log = tmp_path / "disk.img", tmp_path / "blk.sock", tmp_path / "serve.log"
     with image.open("wb") as f:
         f.truncate(WRITERS * SLOTS_PER_WRITER * CHUNK)
-    device_socket, daemons = _device_for(transport, sock, tmp_path)
+    memory = memory_file if transport == "vvu-file" else None
+    device_socket, daemons = _device_for(transport, sock, tmp_path, memory)
     procs = [_serve(sock, image, log, vvu=device_socket)]
     with _reaped(daemons), _reaped(procs):
         wait_for_socket(sock, procs[0] if device_socket is None else daemons[0])
@@ -346,8 +368,11 @@ async def test_serve_blk_killed_20_times_loses_and_repeats_nothing(
             queue_size=QUEUE_SIZE,
             timeout=10,
             packed=packed,
+            memory_path=None if memory is None else str(memory),
         )
         assert blk.frontend.inflight is not None, "blk must offer INFLIGHT_SHMFD"
+        if memory is not None:  # the device's own inflight memfd (BAR3), sized for 4 queues
+            assert os.fstat(blk.frontend._inflight_fd).st_size == inflight_memory_size(4)
         layout = InflightRegion.allocate(
             blk.frontend.inflight.num_queues, QUEUE_SIZE, packed=packed
         )

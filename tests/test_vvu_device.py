@@ -19,7 +19,15 @@ import pytest_asyncio
 
 from vvu._core import EventFd, EventForwarder, GuestMemory
 from vvu.device import BACKEND_UP, FRONTEND_UP, PROTOCOL_FEATURES_ALLOWED, VvuDevice
-from vvu.device.vvu import BAR4_SIZE, DIRECT_KICK, DRIVER_AUX_OFFSET, KICK_FDS_OFFSET, MAX_AREAS
+from vvu.device.vvu import (
+    BAR4_SIZE,
+    DIRECT_KICK,
+    DRIVER_AUX_OFFSET,
+    INFLIGHT_BAR,
+    KICK_FDS_OFFSET,
+    MAX_AREAS,
+    inflight_memory_size,
+)
 from vvu.frontend.core import UVA_BASE, Frontend, FrontendError
 from vvu.pci import NO_VECTOR, CfgType, Status, VirtioPciDriver
 from vvu.protocol import (
@@ -688,14 +696,30 @@ async def file_rig(tmp_path: Path, size: int) -> AsyncIterator[tuple[Path, Rig, 
 @pytest.mark.asyncio
 async def test_frontend_memory_is_bar4_for_a_standard_client(tmp_path: Path) -> None:
     """--frontend-memory: BAR4 is the file (one standard sparse-mmap area, fd offset = BAR4
-    offset), sized to it (a power of two); shmid 1 is the file's size; no shmid 2/3."""
+    offset), sized to it (a power of two); shmid 1 is the file's size; shmid 3 is BAR3, the
+    device's inflight memfd (one standard area too); no shmid 2."""
     size = 6 << 20
-    async with file_rig(tmp_path, size) as (mem, _r, td):
+    async with file_rig(tmp_path, size) as (mem, r, td):
         assert td.pci.bar_info(4).size == 8 << 20 and td.pci.bar_info(4).mappable
+        inflight = inflight_memory_size(N)
+        assert td.pci.bar_info(INFLIGHT_BAR).size == inflight
+        assert td.pci.bar_info(INFLIGHT_BAR).mappable
         shm = [c for c in td.drv.caps if c.cfg_type == CfgType.SHARED_MEMORY]
-        assert [(c.cap_id, c.offset, c.length, c.extra) for c in shm] == [(1, 0, size, bytes(8))]
-        # One cap64 instead of three: the PCI_CFG window fits again, and reaches the file.
+        assert [(c.cap_id, c.bar, c.offset, c.length, c.extra) for c in shm] == [
+            (1, 4, 0, size, bytes(8)),
+            (3, INFLIGHT_BAR, 0, inflight, bytes(8)),
+        ]
+        info = await td.pci.client.region_info(INFLIGHT_BAR)
+        assert info.flags & RegionFlag.MMAP and info.offset == 0
+        assert info.info.caps == (SparseMmapCap(((0, inflight),)),)
+        (area,) = await td.pci.bar_areas(INFLIGHT_BAR)
+        dev_area = r.device.shm_area(3)
+        assert dev_area is not None
+        assert os.fstat(area.fd).st_ino == os.fstat(dev_area.fd).st_ino
+        area.close()
+        # Two cap64s instead of three: the PCI_CFG window fits again, and reaches the file.
         (window,) = [c for c in td.drv.caps if c.cfg_type == CfgType.PCI_CFG]
+        assert window.at == 0x90 and shm[-1].at + 24 <= 0x100
         with open(mem, "r+b") as f:
             f.seek(0x5000)
             f.write(b"cfgw")
@@ -714,7 +738,7 @@ async def test_frontend_memory_is_bar4_for_a_standard_client(tmp_path: Path) -> 
 
 @pytest.mark.asyncio
 async def test_frontend_memory_regions_are_matched_to_the_file(tmp_path: Path) -> None:
-    """--frontend-memory: the features that would need shmid 2/3 (and LOG_ALL) are filtered;
+    """--frontend-memory: the features that would need shmid 2 (and LOG_ALL) are filtered;
     a region inside the file passes with its file offset (= its BAR4 offset); another file's
     region, or one leaving the file, is refused and never reaches the driver."""
     async with file_rig(tmp_path, 6 << 20) as (mem, r, td):
@@ -727,9 +751,7 @@ async def test_frontend_memory_regions_are_matched_to_the_file(tmp_path: Path) -
             await td.recv()
             await td.reply(_F.GET_PROTOCOL_FEATURES, U64((1 << 64) - 1).pack())
             got = await asyncio.wait_for(task, TIMEOUT)
-            assert got == PROTOCOL_FEATURES_ALLOWED & ~(
-                ProtocolFeature.LOG_SHMFD.mask | ProtocolFeature.INFLIGHT_SHMFD.mask
-            )
+            assert got == PROTOCOL_FEATURES_ALLOWED & ~ProtocolFeature.LOG_SHMFD.mask
             task = asyncio.ensure_future(fe.request_u64(_F.GET_FEATURES))
             await td.recv()
             await td.reply(_F.GET_FEATURES, U64(1 << 26 | 1 << 32).pack())
@@ -761,6 +783,70 @@ async def test_frontend_memory_regions_are_matched_to_the_file(tmp_path: Path) -
             await _still_serving(fe, td)
         finally:
             os.close(other)
+            await fe.close()
+
+
+@pytest.mark.asyncio
+async def test_frontend_memory_inflight_regions_are_the_devices_memfd_in_bar3(
+    tmp_path: Path,
+) -> None:
+    """--frontend-memory: GET_INFLIGHT_FD's reply gives the front-end the device's inflight
+    memfd (the region zeroed, its size sealed) and the back-end a SET_INFLIGHT_FD naming shmid 3
+    offset 0; what one side writes, the other reads in BAR3. SET_INFLIGHT_FD with that memfd
+    (what QEMU sends on every reconnect) passes unchanged; another fd, or a region leaving the
+    memfd, is refused and never reaches the driver."""
+    async with file_rig(tmp_path, 4 << 20) as (mem, r, td):
+        await td.set_status(BACKEND_UP)
+        fe = await connect(td, r, memory_path=str(mem))
+        fe.protocol_features = ProtocolFeature.REPLY_ACK.mask
+        other = _memfd(0x10000)
+        fds: list[int] = []
+        try:
+            bar3 = await td.pci.map_bar(INFLIGHT_BAR)
+            assert bar3 is not None
+            bar3.write(0x40, b"stale")  # a previous session's leftovers
+            asked = Inflight(0, 0, 1, 64)
+            task = asyncio.ensure_future(fe.request(_F.GET_INFLIGHT_FD, asked, reply_fds=fds))
+            assert HDR.unpack_from(await td.recv())[0] == _F.GET_INFLIGHT_FD
+            await td.reply(_F.GET_INFLIGHT_FD, Inflight(0x2100, 0, 1, 64).pack())
+            assert await asyncio.wait_for(task, TIMEOUT) == Inflight(0x2100, 0, 1, 64)
+            (fd,) = fds
+            area = r.device.shm_area(3)
+            assert area is not None and os.fstat(fd).st_ino == os.fstat(area.fd).st_ino
+            with pytest.raises(PermissionError):  # sealed: nobody shrinks the mappings' file
+                os.ftruncate(fd, 0x1000)
+            told = await td.recv()
+            assert HDR.unpack_from(told) == (_F.SET_INFLIGHT_FD, VERSION, 24)
+            assert Inflight.unpack(told[12:]) == Inflight(0x2100, 0, 1, 64)
+            assert bar3.read(0x40, 5) == bytes(5)  # a fresh region
+            os.pwrite(fd, b"inflight", 0x2000)
+            assert bar3.read(0x2000, 8) == b"inflight"
+
+            # QEMU's reconnect: the same fd comes back, forwarded as it is.
+            region = Inflight(0x2100, 0, 1, 64)
+            msg = await _acked(fe, td, _F.SET_INFLIGHT_FD, region, [fd])
+            assert Inflight.unpack(msg[12:]) == region
+            assert bar3.read(0x2000, 8) == b"inflight"  # not zeroed: the same region
+            # Another memfd, or the device's beyond its end: refused, never forwarded.
+            beyond = Inflight(0x2000, inflight_memory_size(N) - 0x1000, 1, 64)
+            for bad_fd, bad in ((other, region), (fd, beyond)):
+                with pytest.raises(FrontendError):
+                    await asyncio.wait_for(fe.request(_F.SET_INFLIGHT_FD, bad, [bad_fd]), TIMEOUT)
+            await _still_serving(fe, td)
+            # A region bigger than the inflight memory: the "no region" form, no fd.
+            os.close(fds.pop())
+            task = asyncio.ensure_future(fe.request(_F.GET_INFLIGHT_FD, asked, reply_fds=fds))
+            await td.recv()
+            big = inflight_memory_size(N) + 0x1000
+            await td.reply(_F.GET_INFLIGHT_FD, Inflight(big, 0, 1, 64).pack())
+            assert await asyncio.wait_for(task, TIMEOUT) == Inflight(0, 0, 1, 64)
+            assert fds == []
+            await _still_serving(fe, td)
+            assert r.server.region_accesses[INFLIGHT_BAR] == 0  # mapped, never trapped
+        finally:
+            close = [other, *fds]
+            for each in close:
+                os.close(each)
             await fe.close()
 
 

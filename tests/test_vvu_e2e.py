@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import struct
 import subprocess
 import sys
 import uuid
@@ -20,7 +21,7 @@ import pytest
 
 from daemons import stop_process, wait_for_socket
 from vvu.backends import BlkBackend, NetBackend, RngBackend
-from vvu.device.vvu import DIRECT_KICK, VvuDevice
+from vvu.device.vvu import DIRECT_KICK, INFLIGHT_BAR, VvuDevice
 from vvu.frontend import BlkDriver, BlkIOError, RngDriver
 from vvu.frontend.net import NetDriver
 from vvu.vfio_user import ClientOptions, VfioUserServer
@@ -57,7 +58,8 @@ async def test_blk_with_frontend_memory_from_a_file(client: str, tmp_path: Path)
     standard sparse-mmap area, and the front-end's regions are matched to it. A client without
     vvu's extensions (QEMU 11's kind) serves blk over it: BAR4 reached by mmap only (no
     REGION_READ/WRITE on it), doorbells as REGION_WRITEs, kicks as MSI-X (the device refuses
-    DIRECT). Our own client still gets its fast paths."""
+    DIRECT). The inflight region is the device's memfd (BAR3, mapped too), and the engine
+    tracks the ring in it. Our own client still gets its fast paths."""
     devices: list[VvuDevice] = []
     servers: list[VfioUserServer] = []
     options = STANDARD_CLIENT if client == "standard" else None
@@ -85,9 +87,17 @@ async def test_blk_with_frontend_memory_from_a_file(client: str, tmp_path: Path)
                 await asyncio.gather(*(blk.write(4096 + i * 8, b) for i, b in blocks.items()))
                 got = await asyncio.gather(*(blk.read(4096 + i * 8, 4096) for i in blocks))
                 assert got == list(blocks.values())
+                # INFLIGHT_SHMFD negotiated: the front-end holds the device's inflight memfd,
+                # and the engine initialised queue 0's part of it (version 1, desc_num).
+                inflight, area = blk.frontend.inflight, device.shm_area(3)
+                assert inflight is not None and area is not None
+                fd = blk.frontend._inflight_fd
+                assert os.fstat(fd).st_ino == os.fstat(area.fd).st_ino
+                assert struct.unpack("<HH", os.pread(fd, 4, 8)) == (1, inflight.queue_size)
             finally:
                 await blk.close()
             assert server.region_accesses[4] == 0  # front-end memory: mapped, never trapped
+            assert server.region_accesses[INFLIGHT_BAR] == 0  # the inflight memory too
             fwd = device.forwarder
             assert fwd is not None
             if client == "standard":

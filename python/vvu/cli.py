@@ -567,7 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
             "the file backing the front-end's RAM (a front-end VM's memory-backend-file "
             "mem-path with share=on, a /dev/shm or hugetlbfs file): BAR4 becomes that file, "
             "mappable by any vfio-user client (QEMU's vfio-user-pci); regions outside it are "
-            "refused; no dirty log or inflight region (LOG_SHMFD, INFLIGHT_SHMFD filtered). "
+            "refused; inflight regions live in the device's own memfd (BAR3); no dirty log "
+            "(LOG_SHMFD filtered). "
             "Default: each region its own fd (vvu's per-area-fds extension)"
         ),
     )

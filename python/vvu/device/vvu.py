@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import stat
@@ -50,6 +51,7 @@ __all__ = [
     "FILE_MODE_FEATURES_FILTERED",
     "FILE_MODE_PROTOCOL_FEATURES_FILTERED",
     "FRONTEND_UP",
+    "INFLIGHT_BAR",
     "KICK_FDS_OFFSET",
     "MAX_AREAS",
     "PROTOCOL_FEATURES_ALLOWED",
@@ -88,6 +90,16 @@ SHM_LAYOUT: Final = (
 )
 REGION_ALIGN: Final = 2 << 20
 PAGE: Final = 4096
+#: --frontend-memory: the BAR holding the device's inflight memory (shmid 3), a 32-bit memory
+#: BAR of its own (one region, one fd: a standard client maps one fd per region).
+INFLIGHT_BAR: Final = 3
+#: The largest queue an inflight region is sized for: QEMU's VIRTQUEUE_MAX_SIZE (1024), also
+#: `Backend.max_queue_size`'s default.
+INFLIGHT_MAX_QUEUE_SIZE: Final = 1024
+#: One queue's part of an inflight region, the larger (packed) layout of the vhost-user spec:
+#: a 32-byte header and a 32-byte DescStatePacked per descriptor, 64-byte aligned
+#: (rust/core/src/inflight.rs, `RingLayout::queue_region_size`).
+INFLIGHT_QUEUE_REGION: Final = -(-(32 + 32 * INFLIGHT_MAX_QUEUE_SIZE) // 64) * 64
 #: Messages waiting for rxq buffers before the device stops reading the front-end.
 RX_BACKLOG: Final = 16
 #: Messages waiting to be sent to the front-end (socket and back-end channel) before the
@@ -121,9 +133,10 @@ PROTOCOL_FEATURES_ALLOWED: Final = (
 )
 #: Virtio feature bits the device never lets through (none: LOG_ALL works through shmid 2).
 FEATURES_FILTERED: Final = 0
-#: With --frontend-memory BAR4 is the front-end's file alone: no shmid 2 (log) or 3 (inflight)
-#: a standard vfio-user client could map, so neither feature (nor LOG_ALL) is let through.
-FILE_MODE_PROTOCOL_FEATURES_FILTERED: Final = (1 << _P.LOG_SHMFD) | (1 << _P.INFLIGHT_SHMFD)
+#: With --frontend-memory BAR4 is the front-end's file alone: no shmid 2 (log) a standard
+#: vfio-user client could map, so neither LOG_SHMFD nor LOG_ALL is let through. Inflight
+#: tracking stays: shmid 3 is the device's own memfd in BAR3, there from the start.
+FILE_MODE_PROTOCOL_FEATURES_FILTERED: Final = 1 << _P.LOG_SHMFD
 FILE_MODE_FEATURES_FILTERED: Final = VhostFeature.LOG_ALL.mask
 _F = FrontendRequest
 _HDR = struct.Struct("<III")
@@ -172,6 +185,27 @@ def _bar_size(length: int) -> int:
     return max(PAGE, 1 << (length - 1).bit_length())
 
 
+def inflight_memory_size(max_queues: int) -> int:
+    """--frontend-memory: the size of the device's inflight memfd (= BAR3): room for a region
+    of `max_queues` queues of INFLIGHT_MAX_QUEUE_SIZE descriptors in either ring layout,
+    rounded up to a power of two (a BAR's size)."""
+    return _bar_size(max_queues * INFLIGHT_QUEUE_REGION)
+
+
+def _sealed_memfd(size: int, name: str) -> int:
+    """A zeroed memfd of `size` bytes whose size nobody (the front-end holds a duplicate) can
+    change: a shrunk file would make every mapping of it fault."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _open_frontend_memory(path: str) -> tuple[int, os.stat_result]:
     """Open the file backing the front-end's RAM (read-write); ValueError when it cannot be
     shared memory for BAR4 (not a regular file, empty, not whole pages)."""
@@ -196,7 +230,7 @@ class VvuDevice(VirtioPciDevice):
 
     # Its 20 bytes make room for shmid 3's capability (docs/vvu-device.md): a VVU driver maps
     # BAR4 anyway, so it never needs the config-space access window. With --frontend-memory
-    # there is one shared-memory capability only, and the window is back.
+    # there are two shared-memory capabilities (shmid 1, shmid 3 in BAR3), and the window is back.
     PCI_CFG_CAP = False
 
     def __init__(
@@ -238,6 +272,9 @@ class VvuDevice(VirtioPciDevice):
         self.frontend_memory = frontend_memory
         self._file: ShmArea | None = None
         self._file_id: tuple[int, int] | None = None
+        #: --frontend-memory: the device's inflight memfd (BAR3 = shmid 3) and its identity
+        self._inflight: ShmArea | None = None
+        self._inflight_id: tuple[int, int] | None = None
         if frontend_memory is not None:
             self._use_frontend_memory(frontend_memory)
             self.PCI_CFG_CAP = True
@@ -279,6 +316,13 @@ class VvuDevice(VirtioPciDevice):
         self._file = ShmArea(0, st.st_size, fd, 0, 0)
         self._file_id = (st.st_dev, st.st_ino)
         self.shm_layout = {SHM_FRONTEND: (0, st.st_size)}
+        # Inflight regions: the device's own memfd, BAR3 offset X = memfd offset X = shmid 3
+        # offset X, there from realize on (a standard client maps it then).
+        size = inflight_memory_size(self.max_queues)
+        ifd = _sealed_memfd(size, "vvu-inflight")
+        ist = os.fstat(ifd)
+        self._inflight = ShmArea(0, size, ifd, 0, 0)
+        self._inflight_id = (ist.st_dev, ist.st_ino)
         self.bar4_size = _bar_size(st.st_size)
         self.protocol_features_allowed &= ~FILE_MODE_PROTOCOL_FEATURES_FILTERED
         self.features_filtered |= FILE_MODE_FEATURES_FILTERED
@@ -298,7 +342,10 @@ class VvuDevice(VirtioPciDevice):
         return list(self._areas)
 
     def shm_area(self, shmid: int) -> ShmArea | None:
-        """The area of shmid 2 (dirty log) or 3 (inflight region), if published."""
+        """The area of shmid 2 (dirty log) or 3 (inflight region), if published (with
+        --frontend-memory, shmid 3 is the device's inflight memfd: always there, in BAR3)."""
+        if shmid == SHM_INFLIGHT and self._inflight is not None:
+            return self._inflight
         return self._fixed.get(shmid)
 
     def _all_areas(self) -> list[ShmArea]:
@@ -340,10 +387,25 @@ class VvuDevice(VirtioPciDevice):
                 cap_id=shmid,
                 extra=struct.pack("<II", offset >> 32, length >> 32),
             )
+        if self._inflight is not None:  # --frontend-memory: shmid 3 is BAR3, all of it
+            size = self._inflight.size
+            self.config.add_bar(INFLIGHT_BAR, size, prefetchable=True)
+            self.add_virtio_cap(
+                CfgType.SHARED_MEMORY,
+                INFLIGHT_BAR,
+                0,
+                size,
+                cap_id=SHM_INFLIGHT,
+                extra=struct.pack("<II", 0, 0),
+            )
 
     def extra_regions(self) -> dict[int, RegionSpec]:
         areas = tuple(MmapArea(a.offset, a.size, a.fd, a.fd_offset) for a in self._all_areas())
-        return {2: RegionSpec(BAR2_SIZE), 4: RegionSpec(self.bar4_size, areas=areas)}
+        regions = {2: RegionSpec(BAR2_SIZE), 4: RegionSpec(self.bar4_size, areas=areas)}
+        if self._inflight is not None:
+            fd, size = self._inflight.fd, self._inflight.size
+            regions[INFLIGHT_BAR] = RegionSpec(size, areas=(MmapArea(0, size, fd, 0),))
+        return regions
 
     def extra_ioeventfds(self, index: int) -> Sequence[IoEventFd]:
         if index != 2:
@@ -404,6 +466,8 @@ class VvuDevice(VirtioPciDevice):
                 if area.offset <= offset and offset + size <= area.offset + area.size:
                     return self._shm.read(offset, size)
             return bytes(size)
+        if index == INFLIGHT_BAR and self._inflight is not None:  # the server checked bounds
+            return os.pread(self._inflight.fd, size, offset).ljust(size, b"\0")
         return super().extra_region_read(index, offset, size)
 
     def extra_region_write(self, index: int, offset: int, data: bytes) -> None:
@@ -415,6 +479,8 @@ class VvuDevice(VirtioPciDevice):
                     self._shm.write(offset, data)
                     return
             self._refuse(f"BAR4 write {offset:#x}+{len(data)} outside the areas dropped")
+        elif index == INFLIGHT_BAR and self._inflight is not None:
+            os.pwrite(self._inflight.fd, data, offset)
         else:
             super().extra_region_write(index, offset, data)
 
@@ -670,10 +736,11 @@ class VvuDevice(VirtioPciDevice):
         return payload if offset is None else Log(request.mmap_size, offset).pack()
 
     def _bind_inflight(self, req: int, payload: bytes, fds: list[int]) -> bytes:
-        """SET_INFLIGHT_FD: the front-end's region becomes shmid 3, as the log becomes shmid 2."""
-        if SHM_INFLIGHT not in self.shm_layout:
-            raise _Refused("SET_INFLIGHT_FD: no shmid 3 with --frontend-memory")
+        """SET_INFLIGHT_FD: the front-end's region becomes shmid 3, as the log becomes shmid 2.
+        With --frontend-memory shmid 3 is the device's memfd: the region must be in it."""
         request = Inflight.unpack(payload)
+        if self._inflight is not None:
+            return self._match_inflight(request, payload, fds)
         self._drop_fixed(SHM_INFLIGHT)
         if len(fds) != 1:
             log.warning("vvu: SET_INFLIGHT_FD with %d fds", len(fds))
@@ -684,11 +751,65 @@ class VvuDevice(VirtioPciDevice):
             return payload
         return Inflight(size, offset, request.num_queues, request.queue_size).pack()
 
+    def _match_inflight(self, request: Inflight, payload: bytes, fds: list[int]) -> bytes:
+        """--frontend-memory: the front-end hands back the device's inflight memfd (what its
+        GET_INFLIGHT_FD gave it, on every reconnect): forwarded unchanged, its `mmap_offset`
+        being the memfd offset = the shmid 3 offset. Any other fd, or a region leaving the
+        memfd, is refused like a region outside the --frontend-memory file."""
+        assert self._inflight is not None
+        if len(fds) != 1:
+            raise _Refused(f"SET_INFLIGHT_FD with {len(fds)} fds")
+        st = os.fstat(fds[0])  # _bind closes it: the memfd is the device's own
+        if (st.st_dev, st.st_ino) != self._inflight_id:
+            raise _Refused(
+                "SET_INFLIGHT_FD: its fd is not the device's inflight memory "
+                f"({_fd_kind(fds[0])}; with --frontend-memory it is the fd GET_INFLIGHT_FD gave)"
+            )
+        end = request.mmap_offset + request.mmap_size
+        if not request.mmap_size or end > self._inflight.size:
+            raise _Refused(
+                f"SET_INFLIGHT_FD: {request.mmap_size:#x} bytes at {request.mmap_offset:#x} "
+                f"leave the {self._inflight.size:#x}-byte inflight memory"
+            )
+        return payload
+
+    def _reuse_inflight(self, reply: Inflight) -> tuple[bytes, list[int]]:
+        """--frontend-memory: GET_INFLIGHT_FD's reply names the device's own inflight memfd
+        (shmid 3, mapped by the VMM at realize): its first `mmap_size` bytes are zeroed (a
+        fresh region), the front-end gets a duplicate, the back-end a SET_INFLIGHT_FD of the
+        device's naming shmid 3 offset 0. A size beyond the memfd: the "no region" form."""
+        assert self._inflight is not None
+        failed: tuple[bytes, list[int]] = (
+            Inflight(0, 0, reply.num_queues, reply.queue_size).pack(),
+            [],
+        )
+        if not 0 < reply.mmap_size <= self._inflight.size:
+            if reply.mmap_size:
+                log.warning(
+                    "vvu: a %#x-byte inflight region does not fit the %#x-byte inflight memory",
+                    reply.mmap_size,
+                    self._inflight.size,
+                )
+            return failed
+        try:
+            zeros = bytes(min(reply.mmap_size, 1 << 20))
+            for at in range(0, reply.mmap_size, len(zeros)):
+                os.pwrite(self._inflight.fd, zeros[: reply.mmap_size - at], at)
+            frontend_fd = os.dup(self._inflight.fd)
+        except OSError as err:
+            log.warning("vvu: inflight region of %#x bytes: %s", reply.mmap_size, err)
+            return failed
+        region = Inflight(reply.mmap_size, 0, reply.num_queues, reply.queue_size).pack()
+        self._enqueue_rx(_HDR.pack(_F.SET_INFLIGHT_FD, VERSION, len(region)) + region)
+        return region, [frontend_fd]
+
     def _allocate_inflight(self, reply: Inflight) -> tuple[bytes, list[int]]:
         """GET_INFLIGHT_FD's reply: the back-end cannot pass its region, so the device allocates
         a zeroed one of the size the back-end asks (as fresh as the back-end's), publishes it
         as shmid 3 and gives the front-end the fd; the back-end is told with a SET_INFLIGHT_FD
         of its own on rxq. Returns the reply payload and fds for the front-end."""
+        if self._inflight is not None:
+            return self._reuse_inflight(reply)
         _, limit = self.shm_layout.get(SHM_INFLIGHT, (0, 0))
         if not 0 < reply.mmap_size <= limit - PAGE:
             if reply.mmap_size:
@@ -1199,4 +1320,7 @@ class VvuDevice(VirtioPciDevice):
                 self._shm.remove_region(0)
             os.close(self._file.fd)
             self._file = None
+        if self._inflight is not None:
+            os.close(self._inflight.fd)
+            self._inflight = None
         super().close()

@@ -9,7 +9,8 @@ docs/vvu-device.md "Run a back-end in a VM" for why — and maps the seam one to
 - BAR registers: an mmap of the device fd where the region is mmap-able, with exact 1/2/4/8-byte
   accesses (one load or store of that width each); elsewhere pread/pwrite, which vfio-pci turns
   into aligned accesses of at most 4 bytes;
-- BAR memory (the VVU device's BAR4, the front-end's RAM that the VMM maps): `bar_areas()` and
+- BAR memory (the VVU device's BAR4, the front-end's RAM that the VMM maps, and with
+  `--frontend-memory` its BAR3, the inflight memory): `bar_areas()` and
   `map_bar()` hand out the sysfs `resourceN` file, a regular file the native core can map (it
   refuses the VFIO device fd, an anonymous inode without a size), offset = offset in the BAR.
   Such a BAR is never touched through VFIO: a vfio-pci access claims it, and with

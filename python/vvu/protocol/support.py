@@ -88,6 +88,9 @@ _INFLIGHT_QEMU = _INFLIGHT + "test_qemu_guest_write_stream_survives_serve_blk_si
 _INFLIGHT_VVU = (
     "tests/test_vvu_device.py::test_get_inflight_fd_reply_carries_a_device_region_that_is_shmid_3"
 )
+_INFLIGHT_FILE = (
+    "tests/test_vvu_device.py::test_frontend_memory_inflight_regions_are_the_devices_memfd_in_bar3"
+)
 _IOMMU = "tests/test_iommu.py::"
 _IOMMU_IO = _IOMMU + "test_blk_io_goes_through_translations_the_backend_asks_for"
 _IOMMU_QEMU = (
@@ -193,8 +196,10 @@ FRONTEND_ROWS: Final[dict[FrontendRequest, Row]] = {
             _INFLIGHT + "test_get_inflight_fd_returns_a_zeroed_region_of_the_spec_size",
             _INFLIGHT_QEMU,
             _INFLIGHT_VVU,
+            _INFLIGHT_FILE,
         ),
-        "blk; over VVU the device allocates the region (shmid 3) and passes its fd",
+        "blk; over VVU the device allocates the region (shmid 3) and passes its fd; with "
+        "--frontend-memory the region is the device's own memfd (BAR3)",
     ),
     _F.SET_INFLIGHT_FD: Row(
         _Y,
@@ -202,8 +207,10 @@ FRONTEND_ROWS: Final[dict[FrontendRequest, Row]] = {
         (
             _INFLIGHT + "test_set_inflight_fd_refuses_a_region_too_small_or_misplaced",
             _INFLIGHT_KILLS,
+            _INFLIGHT_FILE,
         ),
-        "blk; over VVU the front-end's region becomes shmid 3",
+        "blk; over VVU the front-end's region becomes shmid 3; with --frontend-memory it must "
+        "be the device's memfd",
     ),
     _F.GPU_SET_SOCKET: Row(
         _R, _R, (_REFUSED,), "no GPU device; over VVU the device passes no fd: dropped"
