@@ -18,6 +18,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -500,8 +501,11 @@ class PmdProcess:
         self.prefix = f"vvu-test-{os.getpid()}-{mode}" if memory is None else memory.prefix
         self.log = log
         # EAL's runtime directory is RUNTIME_DIRECTORY/dpdk/PREFIX (lib/eal/unix/eal_filesystem.c;
-        # root's default is /var/run): beside the log, so not even a killed test leaves it behind.
-        self.runtime_dir = log.parent / "dpdk" / self.prefix
+        # root's default is /var/run): a fresh short directory of ours, removed in stop(). Short,
+        # because EAL binds its mp_socket there and a unix socket path has at most 107 bytes (a
+        # pytest tmp_path is too long for that on some runs).
+        self.runtime_root = Path(tempfile.mkdtemp(prefix="vvu-dpdk-"))
+        self.runtime_dir = self.runtime_root / "dpdk" / self.prefix
         self._out = open(log, "wb")  # noqa: SIM115 (closed in stop)
         if memory is None:
             eal_memory = ["--no-huge", "-m", "256", "--single-file-segments"]
@@ -545,7 +549,7 @@ class PmdProcess:
             stdin=subprocess.DEVNULL,
             stdout=self._out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "RUNTIME_DIRECTORY": str(log.parent)},
+            env={**os.environ, "RUNTIME_DIRECTORY": str(self.runtime_root)},
         )
 
     def output(self) -> str:
@@ -599,7 +603,7 @@ class PmdProcess:
                 os.kill(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self._out.close()
-        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        shutil.rmtree(self.runtime_root, ignore_errors=True)
 
 
 @contextlib.contextmanager
