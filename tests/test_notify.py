@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import threading
 import time
@@ -69,11 +68,33 @@ def test_busy_poll_mode_still_wakes() -> None:
 
 
 def test_ctrl_c_interrupts_a_native_wait() -> None:
+    """Ctrl-C while the main thread blocks in a native wait raises KeyboardInterrupt there.
+
+    Deterministic on a loaded machine: SIGINT goes to the main thread itself (a process-directed
+    signal may land on any thread), with Python's own handler installed for the test (whatever
+    an earlier test left), and is repeated until the wait has ended, so a main thread that
+    reached the wait late still gets one while it waits."""
     efd = EventFd()
-    threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT)).start()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    main = threading.main_thread().ident
+    assert main is not None and threading.get_ident() == main
+    done = threading.Event()
+
+    def interrupt() -> None:
+        while not done.wait(0.2):
+            signal.pthread_kill(main, signal.SIGINT)
+
+    sender = threading.Thread(target=interrupt)
     started = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        efd.wait(30.0)
+    try:
+        sender.start()
+        with pytest.raises(KeyboardInterrupt):
+            efd.wait(30.0)
+    finally:
+        signal.signal(signal.SIGINT, lambda signum, frame: None)  # a last one may be in flight
+        done.set()
+        sender.join()
+        signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - started < 10, "the wait must end on Ctrl-C, not at its timeout"
 
 
