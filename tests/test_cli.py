@@ -42,7 +42,14 @@ def test_help_explains_every_command() -> None:
     serve = subprocess.run(
         [*VVU, "serve", "blk", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    for option in ("--socket-path", "--fd", "--print-capabilities", "--image", "--read-only"):
+    for option in (
+        "--socket-path",
+        "--fd",
+        "--print-capabilities",
+        "--blk-file",
+        "--image",
+        "--read-only",
+    ):
         assert option in serve
     assert "SIGHUP" in " ".join(serve.split())  # how to resize a served disk
 
@@ -56,6 +63,52 @@ def test_print_capabilities_is_json() -> None:
         [*VVU, "serve", "rng", "--print-capabilities"], capture_output=True, text=True, check=True
     ).stdout
     assert json.loads(rng)["type"] == "rng"
+
+
+@pytest.mark.parametrize(
+    ("backend", "expected"),
+    [
+        ("blk", {"type": "block", "features": ["read-only", "blk-file"]}),
+        ("net", {"type": "net"}),
+        ("rng", {"type": "rng"}),
+    ],
+)
+def test_print_capabilities_ignores_every_other_option(
+    backend: str, expected: dict[str, object], tmp_path: Path
+) -> None:
+    """vhost-user.rst, back-end program conventions: with --print-capabilities the program
+    prints its capabilities and exits, whatever else is on the command line (libvirt passes
+    its usual options, and unknown ones must not make it fail)."""
+    out = subprocess.run(
+        [*VVU, "serve", backend, "--socket-path", str(tmp_path / "s"), "--fd", "3",
+         "--print-capabilities", "--no-such-option", "--blk-file=/nonexistent"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == expected
+    assert not (tmp_path / "s").exists()
+
+
+def test_blk_file_is_the_conventional_name_of_image(tmp_path: Path) -> None:
+    """Every feature --print-capabilities advertises is an option that works: `blk-file`."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"\xcd" * 4096)
+    path = tmp_path / "blk.sock"
+    proc = subprocess.Popen(
+        [*VVU, "-q", "serve", "blk", "--socket-path", str(path), f"--blk-file={image}",
+         "--read-only"],
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        wait_for_socket(path, proc)
+
+        async def use() -> None:
+            async with await BlkDriver.open(str(path)) as blk:
+                assert await blk.read(0, 4096) == b"\xcd" * 4096
+
+        asyncio.run(use())
+    finally:
+        assert stop_process(proc) == 0
 
 
 def test_bad_arguments_fail_clearly(tmp_path: Path) -> None:

@@ -130,9 +130,21 @@ async def _reload(backend: Backend, engine: BackendEngine) -> None:
     )
 
 
+def _capabilities_asked(argv: Sequence[str]) -> type[Backend] | None:
+    """The back-end of `vvu [-v|-q] serve NAME ... --print-capabilities ...`, if that is the
+    command line: the conventions say the option prints the capabilities and exits whatever else
+    is given, so it is answered before argparse can refuse the rest."""
+    if "--print-capabilities" not in argv or "serve" not in argv:
+        return None
+    at = list(argv).index("serve")
+    if at + 1 >= len(argv) or not all(a.startswith("-") for a in argv[:at]):
+        return None
+    return available_backends().get(argv[at + 1])
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     backend_cls: type[Backend] = args.backend_cls
-    if args.print_capabilities:
+    if args.print_capabilities:  # only reached through a caller of build_parser() itself
         print(json.dumps(capabilities(backend_cls)))
         return 0
     kick_mode: KickMode = args.vvu_kick_mode or ("direct" if args.vvu_pci is None else "msix")
@@ -525,7 +537,12 @@ def build_parser() -> argparse.ArgumentParser:
             "--socket-mode", default="600", help="permissions of the socket file (octal, 600)"
         )
         sub.add_argument(
-            "--print-capabilities", action="store_true", help="print the JSON capabilities"
+            "--print-capabilities",
+            action="store_true",
+            help=(
+                "print the capabilities as JSON (QEMU docs/interop/vhost-user.json) and exit; "
+                "every other option is ignored"
+            ),
         )
         cls.add_arguments(sub)
         sub.set_defaults(func=cmd_serve, backend_cls=cls)
@@ -660,6 +677,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    asked = _capabilities_asked(argv)
+    if asked is not None:
+        print(json.dumps(capabilities(asked)))
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(-1 if args.quiet else args.verbose)
