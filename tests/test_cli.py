@@ -328,3 +328,27 @@ def test_device_with_frontend_memory(tmp_path: Path) -> None:
             check=False, capture_output=True, text=True, timeout=30,
         )  # fmt: skip
         assert run.returncode == 1 and f"--frontend-memory {bad}: {why}" in run.stderr
+
+
+def test_each_event_is_logged_once(tmp_path: Path) -> None:
+    """One line per event on stderr: the summary lines scripts read ("vvu: serving", "vvu:
+    stopped after") are not repeated through logging."""
+    path = tmp_path / "rng.sock"
+    proc = subprocess.Popen(
+        [*VVU, "serve", "rng", "--socket-path", str(path)], stderr=subprocess.PIPE
+    )
+    try:
+        wait_for_socket(path, proc)
+
+        async def use() -> None:
+            rng = await RngDriver.open(str(path))
+            await rng.close()
+
+        asyncio.run(use())
+    finally:
+        assert stop_process(proc) == 0
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    assert err.count("serving rng") == 1, err
+    assert err.count("vvu: serving rng") == 1, err
+    assert err.count("stopped after 1 front-end session(s)") == 1, err
+    assert err.count("session released") == 1, err

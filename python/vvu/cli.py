@@ -95,7 +95,8 @@ async def _serve(
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
-    log.info("serving %s on %s", backend.describe(), where)
+    # The summary lines ("vvu: serving", "vvu: stopped after") are printed, not logged: scripts
+    # read them at every verbosity, and logging them too would say each event twice.
     print(f"vvu: serving {backend.describe()} on {where}", file=sys.stderr, flush=True)
     stopper = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait({server, stopper}, return_when=asyncio.FIRST_COMPLETED)
