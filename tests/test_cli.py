@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 
 from daemons import stop_process, wait_for_socket
-from vvu.frontend import BlkDriver, RngDriver
+from vvu.frontend import BlkDriver, Frontend, RngDriver
+from vvu.protocol import FrontendRequest
+from vvu.transport.unix import UnixChannel
 
 VVU = [sys.executable, "-m", "vvu"]
 
@@ -267,6 +269,39 @@ def test_serve_on_an_inherited_fd(tmp_path: Path) -> None:
         asyncio.run(use())
     finally:
         assert stop_process(proc) == 0
+
+
+def _features_over(sock: socket.socket) -> int:
+    """GET_FEATURES as a front-end on an already connected socket (closed after)."""
+
+    async def ask() -> int:
+        sock.setblocking(False)
+        frontend = Frontend(UnixChannel(sock), memory_size=1 << 20)
+        try:
+            return await frontend.request_u64(FrontendRequest.GET_FEATURES)
+        finally:
+            await frontend.close()
+
+    return asyncio.run(ask())
+
+
+def test_serve_on_an_inherited_connected_socket(tmp_path: Path) -> None:
+    """--fd N may be a connected socket (what libvirt passes for some device types): that is
+    one front-end session, served, after which the back-end exits 0."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    fd = theirs.fileno()
+    proc = subprocess.Popen(
+        [*VVU, "serve", "rng", "--fd", str(fd)], pass_fds=[fd], stderr=subprocess.PIPE
+    )
+    theirs.close()
+    try:
+        assert _features_over(ours) & 1 << 32  # VIRTIO_F_VERSION_1
+        assert proc.wait(10) == 0
+    finally:
+        stop_process(proc)
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    assert "Traceback" not in err, err
+    assert "vvu: stopped after 1 front-end session(s)" in err, err
 
 
 def test_trace_relays_and_decodes_everything(blk_server: Path, tmp_path: Path) -> None:

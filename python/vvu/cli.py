@@ -25,8 +25,8 @@ from vvu.pci.vfio import VfioPciAccess
 from vvu.pci.virtio_driver import VirtioPciDriver, VirtioPciError
 from vvu.protocol import U64, FrontendRequest, ProtocolFeature, VhostFeature, feature_names
 from vvu.trace import run_trace
-from vvu.transport.base import Listener
-from vvu.transport.unix import UnixListener
+from vvu.transport.base import Channel, Listener
+from vvu.transport.unix import UnixListener, inherited_socket
 from vvu.transport.vvu import KICK_MODES, KickMode, VvuListener
 from vvu.vfio_user import PciAccess, VfioUserPciAccess
 from vvu.vfio_user.server import VfioUserServer
@@ -67,23 +67,29 @@ async def _open_vvu(
 
 async def _serve(
     backend: Backend,
-    listener: UnixListener | None,
+    endpoint: Listener | Channel | None,
     vvu: str | None = None,
     kick_mode: KickMode = "direct",
     *,
     vvu_pci: str | None = None,
     bind: bool = False,
 ) -> None:
-    if listener is None:  # --vvu / --vvu-pci: a VVU device
-        pci = await _open_vvu(vvu, vvu_pci, bind)
-        vvu_listener = VvuListener(pci, kick_mode=kick_mode)
-        served: Listener = vvu_listener
-        where = f"VVU device {vvu}" if vvu_pci is None else f"VVU device {vvu_pci} (VFIO)"
-    else:
-        served, where = listener, listener.path or "inherited fd"
+    """Serve `endpoint` until SIGINT or SIGTERM: a listener's front-ends one after another, or
+    the one session of a connected channel (then return); None: the VVU device."""
     engine = BackendEngine(backend)
+    if endpoint is None:  # --vvu / --vvu-pci: a VVU device
+        pci = await _open_vvu(vvu, vvu_pci, bind)
+        endpoint = VvuListener(pci, kick_mode=kick_mode)
+        where = f"VVU device {vvu}" if vvu_pci is None else f"VVU device {vvu_pci} (VFIO)"
+    elif isinstance(endpoint, Channel):
+        where = f"{endpoint.peer} (a connected socket: one session)"
+    else:
+        where = getattr(endpoint, "path", None) or "inherited fd"
     loop = asyncio.get_running_loop()
-    server = asyncio.ensure_future(engine.serve_forever(served))
+    session = (
+        engine.serve(endpoint) if isinstance(endpoint, Channel) else engine.serve_forever(endpoint)
+    )
+    server = asyncio.ensure_future(session)
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
@@ -107,10 +113,10 @@ async def _serve(
     loop.remove_signal_handler(signal.SIGHUP)
     for task in list(reloads):
         task.cancel()
-    if listener is None:
-        await vvu_listener.aclose()  # clears BACKEND_UP, closes the vfio-user connection
+    if isinstance(endpoint, VvuListener):
+        await endpoint.aclose()  # clears BACKEND_UP, closes the vfio-user connection
     else:
-        listener.close()
+        endpoint.close()
     if server in done and server.exception() is not None:
         raise server.exception()  # type: ignore[misc]
     print(f"vvu: stopped after {engine.sessions_served} front-end session(s)", file=sys.stderr)
@@ -167,10 +173,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:
         print(f"vvu serve {backend_cls.name}: {err}", file=sys.stderr)
         return 1
-    listener = None
+    endpoint: Listener | Channel | None = None
     try:
-        if args.vvu is None and args.vvu_pci is None:
-            listener = UnixListener(args.socket_path, fd=args.fd, mode=int(args.socket_mode, 8))
+        if args.fd is not None:
+            endpoint = inherited_socket(args.fd)
+        elif args.socket_path is not None:
+            endpoint = UnixListener(args.socket_path, mode=int(args.socket_mode, 8))
     except (OSError, ValueError) as err:
         print(f"vvu serve: cannot listen: {err}", file=sys.stderr)
         return 1
@@ -178,7 +186,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         asyncio.run(
             _serve(
                 backend,
-                listener,
+                endpoint,
                 args.vvu,
                 kick_mode,
                 vvu_pci=args.vvu_pci,
@@ -500,7 +508,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name, cls in sorted(available_backends().items()):
         sub = kinds.add_parser(name, help=(cls.__doc__ or name).strip().splitlines()[0])
         sub.add_argument("--socket-path", help="listen on this AF_UNIX socket path")
-        sub.add_argument("--fd", type=int, help="listen on this inherited listening socket fd")
+        sub.add_argument(
+            "--fd",
+            type=int,
+            help=(
+                "serve on this inherited AF_UNIX socket: a listening one serves front-ends one "
+                "after another, a connected one is a single front-end session, after which "
+                "vvu exits"
+            ),
+        )
         sub.add_argument(
             "--vvu",
             metavar="DEVICE_SOCK",

@@ -133,6 +133,22 @@ class UnixListener(Listener):
                 os.unlink(self._path)
 
 
+def inherited_socket(fd: int) -> UnixListener | UnixChannel:
+    """The AF_UNIX stream socket a parent passed as `fd` (`--fd N`, systemd socket activation):
+    a listening socket becomes a listener (front-ends one after another), a connected one the
+    channel of its single session. SO_ACCEPTCONN tells them apart, as the back-end program
+    conventions ask (libvirt passes either, depending on the device type)."""
+    sock = socket.socket(fileno=fd)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise ValueError(f"fd {fd} is not an AF_UNIX stream socket")
+    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.detach()
+        return UnixListener(fd=fd)
+    sock.setblocking(False)
+    return UnixChannel(sock, peer=f"front-end on fd {fd}")
+
+
 def _remove_stale_socket(path: str) -> None:
     """Remove a socket file left behind by a dead server; refuse to clobber anything else."""
     try:
