@@ -8,6 +8,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -302,6 +303,34 @@ def test_serve_on_an_inherited_connected_socket(tmp_path: Path) -> None:
     err = proc.stderr.read().decode() if proc.stderr else ""
     assert "Traceback" not in err, err
     assert "vvu: stopped after 1 front-end session(s)" in err, err
+
+
+def test_client_mode_connects_and_reconnects(tmp_path: Path) -> None:
+    """--connect: the back-end is the socket client of a listening front-end (QEMU
+    `server=on`, DPDK client mode). It keeps trying while nobody listens yet, and connects
+    again after each session, until SIGTERM."""
+    path = tmp_path / "frontend.sock"
+    proc = subprocess.Popen(
+        [*VVU, "serve", "rng", "--socket-path", str(path), "--connect"], stderr=subprocess.PIPE
+    )
+    try:
+        time.sleep(0.5)  # a few refused attempts: nobody listens yet
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        listener.listen()
+        listener.settimeout(10)
+        for _ in range(2):  # the first session, and the one after the reconnection
+            conn, _ = listener.accept()
+            assert _features_over(conn) & 1 << 32
+        listener.close()
+    finally:
+        assert stop_process(proc) == 0
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    assert "Traceback" not in err, err
+    assert f"vvu: serving rng (device id 4, 1 queue(s)) on {path} (client)" in err, err
+    assert "vvu: stopped after 2 front-end session(s)" in err, err
+    assert path.exists(), "the front-end's socket file is not the back-end's to remove"
 
 
 def test_trace_relays_and_decodes_everything(blk_server: Path, tmp_path: Path) -> None:

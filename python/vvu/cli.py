@@ -26,7 +26,7 @@ from vvu.pci.virtio_driver import VirtioPciDriver, VirtioPciError
 from vvu.protocol import U64, FrontendRequest, ProtocolFeature, VhostFeature, feature_names
 from vvu.trace import run_trace
 from vvu.transport.base import Channel, Listener
-from vvu.transport.unix import UnixListener, inherited_socket
+from vvu.transport.unix import UnixConnector, UnixListener, inherited_socket
 from vvu.transport.vvu import KICK_MODES, KickMode, VvuListener
 from vvu.vfio_user import PciAccess, VfioUserPciAccess
 from vvu.vfio_user.server import VfioUserServer
@@ -81,6 +81,8 @@ async def _serve(
         pci = await _open_vvu(vvu, vvu_pci, bind)
         endpoint = VvuListener(pci, kick_mode=kick_mode)
         where = f"VVU device {vvu}" if vvu_pci is None else f"VVU device {vvu_pci} (VFIO)"
+    elif isinstance(endpoint, UnixConnector):
+        where = f"{endpoint.path} (client)"
     elif isinstance(endpoint, Channel):
         where = f"{endpoint.peer} (a connected socket: one session)"
     else:
@@ -149,22 +151,29 @@ def _capabilities_asked(argv: Sequence[str]) -> type[Backend] | None:
     return available_backends().get(argv[at + 1])
 
 
+def _serve_usage(args: argparse.Namespace, kick_mode: KickMode) -> str | None:
+    """What is wrong with a `vvu serve` command line, or None."""
+    if [args.socket_path, args.fd, args.vvu, args.vvu_pci].count(None) != 3:
+        return "give exactly one of --socket-path and --fd (or --vvu, --vvu-pci)"
+    if args.vvu_pci is not None and kick_mode == "direct":
+        return (
+            "--vvu-pci needs --vvu-kick-mode msix: direct kicks hand the driver the front-end's "
+            "eventfds over vfio-user, which a VMM does not pass into its guest"
+        )
+    if args.connect and args.socket_path is None:
+        return "--connect goes with --socket-path (the front-end's listening socket)"
+    if args.vvu_pci_bind and args.vvu_pci is None:
+        return "--vvu-pci-bind goes with --vvu-pci"
+    return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     backend_cls: type[Backend] = args.backend_cls
     if args.print_capabilities:  # only reached through a caller of build_parser() itself
         print(json.dumps(capabilities(backend_cls)))
         return 0
     kick_mode: KickMode = args.vvu_kick_mode or ("direct" if args.vvu_pci is None else "msix")
-    usage = None
-    if [args.socket_path, args.fd, args.vvu, args.vvu_pci].count(None) != 3:
-        usage = "give exactly one of --socket-path and --fd (or --vvu, --vvu-pci)"
-    elif args.vvu_pci is not None and kick_mode == "direct":
-        usage = (
-            "--vvu-pci needs --vvu-kick-mode msix: direct kicks hand the driver the front-end's "
-            "eventfds over vfio-user, which a VMM does not pass into its guest"
-        )
-    elif args.vvu_pci_bind and args.vvu_pci is None:
-        usage = "--vvu-pci-bind goes with --vvu-pci"
+    usage = _serve_usage(args, kick_mode)
     if usage is not None:
         print(f"vvu serve: {usage}", file=sys.stderr)
         return 2
@@ -177,6 +186,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         if args.fd is not None:
             endpoint = inherited_socket(args.fd)
+        elif args.connect:
+            endpoint = UnixConnector(args.socket_path)
         elif args.socket_path is not None:
             endpoint = UnixListener(args.socket_path, mode=int(args.socket_mode, 8))
     except (OSError, ValueError) as err:
@@ -507,7 +518,20 @@ def build_parser() -> argparse.ArgumentParser:
     kinds = serve.add_subparsers(dest="backend", required=True, metavar="BACKEND")
     for name, cls in sorted(available_backends().items()):
         sub = kinds.add_parser(name, help=(cls.__doc__ or name).strip().splitlines()[0])
-        sub.add_argument("--socket-path", help="listen on this AF_UNIX socket path")
+        sub.add_argument(
+            "--socket-path",
+            help="listen on this AF_UNIX socket path (with --connect: connect to it)",
+        )
+        sub.add_argument(
+            "--connect",
+            action="store_true",
+            help=(
+                "client mode: connect to a front-end listening on --socket-path (QEMU "
+                "-chardev socket,server=on,wait=off; DPDK's vhost client mode) instead of "
+                "listening; retries with backoff (50 ms doubling to 2 s) while nobody listens, "
+                "and connects again after each session, until SIGINT or SIGTERM"
+            ),
+        )
         sub.add_argument(
             "--fd",
             type=int,
