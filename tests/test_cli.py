@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -331,6 +332,65 @@ def test_client_mode_connects_and_reconnects(tmp_path: Path) -> None:
     assert f"vvu: serving rng (device id 4, 1 queue(s)) on {path} (client)" in err, err
     assert "vvu: stopped after 2 front-end session(s)" in err, err
     assert path.exists(), "the front-end's socket file is not the back-end's to remove"
+
+
+def _listening(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen()
+    return sock
+
+
+@pytest.mark.parametrize("named", [False, True], ids=["one-fd", "named-among-two"])
+def test_socket_activation_and_readiness(tmp_path: Path, named: bool) -> None:
+    """As systemd starts a Type=notify service from a .socket unit: the listening sockets are
+    fds 3, 4, ... with LISTEN_FDS, LISTEN_PID (this very process) and LISTEN_FDNAMES; the
+    service says READY=1 once it serves and STOPPING=1 on SIGTERM to NOTIFY_SOCKET."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(10)
+    served = _listening(tmp_path / "vhost.sock")
+    sockets = [_listening(tmp_path / "other.sock"), served] if named else [served]
+    fds = [s.fileno() for s in sockets]
+    # As systemd does after fork(): the sockets moved to fds 3, 4, ..., LISTEN_PID set to the
+    # PID that then execs the service.
+    launcher = (
+        "import fcntl, os, sys\n"
+        f"moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in {fds}]\n"
+        "for i, fd in enumerate(moved): os.dup2(fd, 3 + i)\n"
+        "os.environ['LISTEN_PID'] = str(os.getpid())\n"
+        "os.execv(sys.executable, sys.argv[1:])\n"
+    )
+    env = {
+        **os.environ,
+        "LISTEN_FDS": str(len(fds)),
+        "NOTIFY_SOCKET": str(tmp_path / "notify"),
+        **({"LISTEN_FDNAMES": "other:vhost"} if named else {}),
+    }
+    extra = ["--fd-name", "vhost"] if named else []
+    proc = subprocess.Popen(
+        [sys.executable, "-c", launcher, *VVU, "serve", "rng", *extra],
+        pass_fds=fds, env=env, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    for sock in sockets:
+        sock.close()
+    try:
+        assert notify.recv(4096).decode().split("\n")[0] == "READY=1"
+
+        async def use() -> None:
+            rng = await RngDriver.open(str(tmp_path / "vhost.sock"))
+            try:
+                assert len(await rng.read(16)) == 16
+            finally:
+                await rng.close()
+
+        asyncio.run(use())
+    finally:
+        assert stop_process(proc) == 0
+    assert notify.recv(4096).decode().split("\n")[0] == "STOPPING=1"
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    assert "vvu: serving rng (device id 4, 1 queue(s)) on socket-activated fd" in err, err
+    assert "vvu: stopped after 1 front-end session(s)" in err, err
 
 
 def test_trace_relays_and_decodes_everything(blk_server: Path, tmp_path: Path) -> None:

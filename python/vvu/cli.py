@@ -14,6 +14,7 @@ import sys
 import uuid
 from collections.abc import Sequence
 
+from vvu import systemd
 from vvu.backends import Backend, available_backends
 from vvu.demo import run_demo
 from vvu.device.vvu import BACKEND_UP, FRONTEND_UP, VVU_VIRTIO_ID, VvuDevice
@@ -73,9 +74,12 @@ async def _serve(
     *,
     vvu_pci: str | None = None,
     bind: bool = False,
+    where: str | None = None,
 ) -> None:
     """Serve `endpoint` until SIGINT or SIGTERM: a listener's front-ends one after another, or
-    the one session of a connected channel (then return); None: the VVU device."""
+    the one session of a connected channel (then return); None: the VVU device. `where` names
+    a listener in the "serving" line. A service manager (systemd's NOTIFY_SOCKET) is told
+    READY=1 once it serves and STOPPING=1 when it stops."""
     engine = BackendEngine(backend)
     if endpoint is None:  # --vvu / --vvu-pci: a VVU device
         pci = await _open_vvu(vvu, vvu_pci, bind)
@@ -85,7 +89,7 @@ async def _serve(
         where = f"{endpoint.path} (client)"
     elif isinstance(endpoint, Channel):
         where = f"{endpoint.peer} (a connected socket: one session)"
-    else:
+    elif where is None:
         where = getattr(endpoint, "path", None) or "inherited fd"
     loop = asyncio.get_running_loop()
     session = (
@@ -106,8 +110,10 @@ async def _serve(
     # The summary lines ("vvu: serving", "vvu: stopped after") are printed, not logged: scripts
     # read them at every verbosity, and logging them too would say each event twice.
     print(f"vvu: serving {backend.describe()} on {where}", file=sys.stderr, flush=True)
+    systemd.notify(f"READY=1\nSTATUS=serving {backend.describe()} on {where}")
     stopper = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait({server, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    systemd.notify("STOPPING=1")
     server.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await server
@@ -151,10 +157,19 @@ def _capabilities_asked(argv: Sequence[str]) -> type[Backend] | None:
     return available_backends().get(argv[at + 1])
 
 
-def _serve_usage(args: argparse.Namespace, kick_mode: KickMode) -> str | None:
-    """What is wrong with a `vvu serve` command line, or None."""
-    if [args.socket_path, args.fd, args.vvu, args.vvu_pci].count(None) != 3:
-        return "give exactly one of --socket-path and --fd (or --vvu, --vvu-pci)"
+def _serve_usage(
+    args: argparse.Namespace, kick_mode: KickMode, activated: list[tuple[str, int]]
+) -> str | None:
+    """What is wrong with a `vvu serve` command line, or None. `activated`: the sockets systemd
+    passed, used when no other endpoint is given."""
+    given = 4 - [args.socket_path, args.fd, args.vvu, args.vvu_pci].count(None)
+    if given > 1 or (given == 0 and not activated):
+        return (
+            "give exactly one of --socket-path and --fd (or --vvu, --vvu-pci), or start vvu "
+            "through systemd socket activation (LISTEN_FDS)"
+        )
+    if args.fd_name is not None and (given or not activated):
+        return "--fd-name picks one of the sockets systemd passed (LISTEN_FDS, LISTEN_FDNAMES)"
     if args.vvu_pci is not None and kick_mode == "direct":
         return (
             "--vvu-pci needs --vvu-kick-mode msix: direct kicks hand the driver the front-end's "
@@ -167,13 +182,27 @@ def _serve_usage(args: argparse.Namespace, kick_mode: KickMode) -> str | None:
     return None
 
 
+def _activated_socket(activated: list[tuple[str, int]], name: str | None) -> tuple[str, int]:
+    """The one socket systemd passed, or the one called `name` (FileDescriptorName=)."""
+    names = ", ".join(f"fd {fd} {n!r}" for n, fd in activated)
+    if name is None:
+        if len(activated) > 1:
+            raise ValueError(f"systemd passed {len(activated)} sockets ({names}): --fd-name NAME")
+        return activated[0]
+    for passed in activated:
+        if passed[0] == name:
+            return passed
+    raise ValueError(f"systemd passed no socket named {name!r} ({names})")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     backend_cls: type[Backend] = args.backend_cls
     if args.print_capabilities:  # only reached through a caller of build_parser() itself
         print(json.dumps(capabilities(backend_cls)))
         return 0
     kick_mode: KickMode = args.vvu_kick_mode or ("direct" if args.vvu_pci is None else "msix")
-    usage = _serve_usage(args, kick_mode)
+    activated = systemd.listen_fds()
+    usage = _serve_usage(args, kick_mode, activated)
     if usage is not None:
         print(f"vvu serve: {usage}", file=sys.stderr)
         return 2
@@ -183,8 +212,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"vvu serve {backend_cls.name}: {err}", file=sys.stderr)
         return 1
     endpoint: Listener | Channel | None = None
+    where = None
     try:
-        if args.fd is not None:
+        if args.socket_path is None and args.fd is None and args.vvu is None and activated:
+            name, fd = _activated_socket(activated, args.fd_name)
+            endpoint, where = inherited_socket(fd), f"socket-activated fd {fd} ({name})"
+        elif args.fd is not None:
             endpoint = inherited_socket(args.fd)
         elif args.connect:
             endpoint = UnixConnector(args.socket_path)
@@ -202,6 +235,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 kick_mode,
                 vvu_pci=args.vvu_pci,
                 bind=args.vvu_pci_bind,
+                where=where,
             )
         )
     except VvuError as err:  # e.g. the VVU device's socket cannot be reached
@@ -539,6 +573,16 @@ def build_parser() -> argparse.ArgumentParser:
                 "serve on this inherited AF_UNIX socket: a listening one serves front-ends one "
                 "after another, a connected one is a single front-end session, after which "
                 "vvu exits"
+            ),
+        )
+        sub.add_argument(
+            "--fd-name",
+            metavar="NAME",
+            help=(
+                "under systemd socket activation, serve the passed socket with this name "
+                "(FileDescriptorName= in the .socket unit; LISTEN_FDNAMES); needed only when "
+                "more than one is passed. Without --socket-path, --fd, --vvu or --vvu-pci, vvu "
+                "serves the socket systemd passed (LISTEN_FDS, LISTEN_PID)"
             ),
         )
         sub.add_argument(
