@@ -778,5 +778,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+def _serve_main(backend: str, argv: Sequence[str] | None) -> int:
+    """`vvu-BACKEND ARGS` is `vvu serve BACKEND ARGS`; leading -v/-q are `vvu`'s own."""
+    args = list(sys.argv[1:] if argv is None else argv)
+
+    def global_option(arg: str) -> bool:
+        return arg in ("-q", "--quiet", "--verbose") or (arg[:1] == "-" and set(arg[1:]) == {"v"})
+
+    lead = 0
+    while lead < len(args) and global_option(args[lead]):
+        lead += 1
+    return main([*args[:lead], "serve", backend, *args[lead:]])
+
+
+def main_blk(argv: Sequence[str] | None = None) -> int:
+    """The `vvu-blk` program (what vhost-user.json descriptors name): `vvu serve blk`."""
+    return _serve_main("blk", argv)
+
+
+def main_net(argv: Sequence[str] | None = None) -> int:
+    """The `vvu-net` program: `vvu serve net`."""
+    return _serve_main("net", argv)
+
+
+def main_rng(argv: Sequence[str] | None = None) -> int:
+    """The `vvu-rng` program: `vvu serve rng`."""
+    return _serve_main("rng", argv)
+
+
 if __name__ == "__main__":
     sys.exit(main())
