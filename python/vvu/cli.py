@@ -541,12 +541,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve a device back-end to vhost-user front-ends (QEMU, DPDK, vvu's own)",
         description=(
             "Serve one device back-end on a vhost-user socket, to front-ends one after another, "
-            "until SIGINT or SIGTERM (the socket file is removed on exit). SIGHUP makes the "
+            "until SIGINT or SIGTERM (a socket file vvu created is removed on exit). SIGHUP "
+            "makes the "
             "back-end re-read its outside state and tell the front-end when its config space "
-            "changed: `vvu serve blk --image` then takes the image file's current size (grow "
+            "changed: `vvu serve blk --blk-file` then takes the image file's current size (grow "
             "the file, then `kill -HUP`; the guest sees the new capacity). Follows QEMU's "
             "vhost-user back-end program conventions (--socket-path, --fd, "
-            "--print-capabilities)."
+            "--print-capabilities; `vvu-blk`, `vvu-net`, `vvu-rng` are the same as "
+            "`vvu serve TYPE`, for vhost-user.json descriptors). Client mode: --connect. "
+            "Under systemd: with none of --socket-path, --fd, --vvu, --vvu-pci it serves the "
+            "socket systemd passed (LISTEN_FDS), and tells NOTIFY_SOCKET READY=1 and STOPPING=1."
         ),
     )
     kinds = serve.add_subparsers(dest="backend", required=True, metavar="BACKEND")
