@@ -1,8 +1,9 @@
 """The vhost-user.json descriptors (QEMU docs/interop/vhost-user.json) and the per-type programs
 they name: what libvirt finds in PREFIX/share/qemu/vhost-user/ must start a conforming back-end.
 
-The wheel check runs on a built wheel: `VVU_WHEEL=/tmp/wheels/vvu-*.whl pytest
-tests/test_descriptors.py` (building one takes minutes, so it is not done here).
+The wheel and sdist checks run on built ones: `VVU_WHEEL=/tmp/wheels/vvu-*.whl
+VVU_SDIST=/tmp/wheels/vvu-*.tar.gz pytest tests/test_descriptors.py` (a build takes minutes, so
+it is not done here).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import tarfile
 import tomllib
 import zipfile
 from collections.abc import Callable
@@ -79,3 +81,11 @@ def test_the_wheel_installs_descriptors_and_programs() -> None:
         text = wheel.read(entry_points).decode()
     for program, target in _scripts().items():
         assert f"{program} = {target}".replace(" ", "") in text.replace(" ", ""), text
+
+
+@pytest.mark.skipif("VVU_SDIST" not in os.environ, reason="VVU_SDIST names no built sdist")
+def test_the_sdist_carries_descriptors_and_units() -> None:
+    with tarfile.open(os.environ["VVU_SDIST"]) as sdist:
+        names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
+    for path in [*DESCRIPTORS.glob("*.json"), *(ROOT / "contrib" / "systemd").iterdir()]:
+        assert str(path.relative_to(ROOT)) in names, path
