@@ -39,10 +39,18 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10) -> int:
 
 
 class Daemon:
-    """`vvu -v serve ...` in a child process, logging to a file; stopped by PID."""
+    """`vvu -v serve ...` in a child process, logging to a file; stopped by PID. Construction
+    waits until the daemon has created `socket_path`, unless `wait` is false (a client-mode
+    back-end creates no socket)."""
 
     def __init__(
-        self, args: Sequence[str], socket_path: Path, log_path: Path, *, command: str = "serve"
+        self,
+        args: Sequence[str],
+        socket_path: Path,
+        log_path: Path,
+        *,
+        command: str = "serve",
+        wait: bool = True,
     ) -> None:
         self.socket_path = socket_path
         self.log_path = log_path
@@ -56,7 +64,7 @@ class Daemon:
             )
         try:
             deadline = time.monotonic() + 10
-            while not socket_path.exists():
+            while wait and not socket_path.exists():
                 if self.proc.poll() is not None:
                     raise AssertionError(f"vvu serve exited early:\n{self.log()}")
                 if time.monotonic() > deadline:

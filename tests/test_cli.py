@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,9 @@ from typing import Any
 import pytest
 
 from daemons import stop_process, wait_for_socket
-from vvu.frontend import BlkDriver, RngDriver
+from vvu.frontend import BlkDriver, Frontend, RngDriver
+from vvu.protocol import FrontendRequest
+from vvu.transport.unix import UnixChannel
 
 VVU = [sys.executable, "-m", "vvu"]
 
@@ -42,7 +46,14 @@ def test_help_explains_every_command() -> None:
     serve = subprocess.run(
         [*VVU, "serve", "blk", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    for option in ("--socket-path", "--fd", "--print-capabilities", "--image", "--read-only"):
+    for option in (
+        "--socket-path",
+        "--fd",
+        "--print-capabilities",
+        "--blk-file",
+        "--image",
+        "--read-only",
+    ):
         assert option in serve
     assert "SIGHUP" in " ".join(serve.split())  # how to resize a served disk
 
@@ -56,6 +67,52 @@ def test_print_capabilities_is_json() -> None:
         [*VVU, "serve", "rng", "--print-capabilities"], capture_output=True, text=True, check=True
     ).stdout
     assert json.loads(rng)["type"] == "rng"
+
+
+@pytest.mark.parametrize(
+    ("backend", "expected"),
+    [
+        ("blk", {"type": "block", "features": ["read-only", "blk-file"]}),
+        ("net", {"type": "net"}),
+        ("rng", {"type": "rng"}),
+    ],
+)
+def test_print_capabilities_ignores_every_other_option(
+    backend: str, expected: dict[str, object], tmp_path: Path
+) -> None:
+    """vhost-user.rst, back-end program conventions: with --print-capabilities the program
+    prints its capabilities and exits, whatever else is on the command line (libvirt passes
+    its usual options, and unknown ones must not make it fail)."""
+    out = subprocess.run(
+        [*VVU, "serve", backend, "--socket-path", str(tmp_path / "s"), "--fd", "3",
+         "--print-capabilities", "--no-such-option", "--blk-file=/nonexistent"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == expected
+    assert not (tmp_path / "s").exists()
+
+
+def test_blk_file_is_the_conventional_name_of_image(tmp_path: Path) -> None:
+    """Every feature --print-capabilities advertises is an option that works: `blk-file`."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"\xcd" * 4096)
+    path = tmp_path / "blk.sock"
+    proc = subprocess.Popen(
+        [*VVU, "-q", "serve", "blk", "--socket-path", str(path), f"--blk-file={image}",
+         "--read-only"],
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        wait_for_socket(path, proc)
+
+        async def use() -> None:
+            async with await BlkDriver.open(str(path)) as blk:
+                assert await blk.read(0, 4096) == b"\xcd" * 4096
+
+        asyncio.run(use())
+    finally:
+        assert stop_process(proc) == 0
 
 
 def test_bad_arguments_fail_clearly(tmp_path: Path) -> None:
@@ -216,6 +273,126 @@ def test_serve_on_an_inherited_fd(tmp_path: Path) -> None:
         assert stop_process(proc) == 0
 
 
+def _features_over(sock: socket.socket) -> int:
+    """GET_FEATURES as a front-end on an already connected socket (closed after)."""
+
+    async def ask() -> int:
+        sock.setblocking(False)
+        frontend = Frontend(UnixChannel(sock), memory_size=1 << 20)
+        try:
+            return await frontend.request_u64(FrontendRequest.GET_FEATURES)
+        finally:
+            await frontend.close()
+
+    return asyncio.run(ask())
+
+
+def test_serve_on_an_inherited_connected_socket(tmp_path: Path) -> None:
+    """--fd N may be a connected socket (what libvirt passes for some device types): that is
+    one front-end session, served, after which the back-end exits 0."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    fd = theirs.fileno()
+    proc = subprocess.Popen(
+        [*VVU, "serve", "rng", "--fd", str(fd)], pass_fds=[fd], stderr=subprocess.PIPE
+    )
+    theirs.close()
+    try:
+        assert _features_over(ours) & 1 << 32  # VIRTIO_F_VERSION_1
+        assert proc.wait(10) == 0
+    finally:
+        stop_process(proc)
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    assert "Traceback" not in err, err
+    assert "vvu: stopped after 1 front-end session(s)" in err, err
+
+
+def test_client_mode_connects_and_reconnects(tmp_path: Path) -> None:
+    """--connect: the back-end is the socket client of a listening front-end (QEMU
+    `server=on`, DPDK client mode). It keeps trying while nobody listens yet, and connects
+    again after each session, until SIGTERM."""
+    path = tmp_path / "frontend.sock"
+    proc = subprocess.Popen(
+        [*VVU, "serve", "rng", "--socket-path", str(path), "--connect"], stderr=subprocess.PIPE
+    )
+    try:
+        time.sleep(0.5)  # a few refused attempts: nobody listens yet
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        listener.listen()
+        listener.settimeout(10)
+        for _ in range(2):  # the first session, and the one after the reconnection
+            conn, _ = listener.accept()
+            assert _features_over(conn) & 1 << 32
+        listener.close()
+    finally:
+        assert stop_process(proc) == 0
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    assert "Traceback" not in err, err
+    assert f"vvu: serving rng (device id 4, 1 queue(s)) on {path} (client)" in err, err
+    assert "vvu: stopped after 2 front-end session(s)" in err, err
+    assert path.exists(), "the front-end's socket file is not the back-end's to remove"
+
+
+def _listening(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen()
+    return sock
+
+
+@pytest.mark.parametrize("named", [False, True], ids=["one-fd", "named-among-two"])
+def test_socket_activation_and_readiness(tmp_path: Path, named: bool) -> None:
+    """As systemd starts a Type=notify service from a .socket unit: the listening sockets are
+    fds 3, 4, ... with LISTEN_FDS, LISTEN_PID (this very process) and LISTEN_FDNAMES; the
+    service says READY=1 once it serves and STOPPING=1 on SIGTERM to NOTIFY_SOCKET."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(10)
+    served = _listening(tmp_path / "vhost.sock")
+    sockets = [_listening(tmp_path / "other.sock"), served] if named else [served]
+    fds = [s.fileno() for s in sockets]
+    # As systemd does after fork(): the sockets moved to fds 3, 4, ..., LISTEN_PID set to the
+    # PID that then execs the service.
+    launcher = (
+        "import fcntl, os, sys\n"
+        f"moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in {fds}]\n"
+        "for i, fd in enumerate(moved): os.dup2(fd, 3 + i)\n"
+        "os.environ['LISTEN_PID'] = str(os.getpid())\n"
+        "os.execv(sys.executable, sys.argv[1:])\n"
+    )
+    env = {
+        **os.environ,
+        "LISTEN_FDS": str(len(fds)),
+        "NOTIFY_SOCKET": str(tmp_path / "notify"),
+        **({"LISTEN_FDNAMES": "other:vhost"} if named else {}),
+    }
+    extra = ["--fd-name", "vhost"] if named else []
+    proc = subprocess.Popen(
+        [sys.executable, "-c", launcher, *VVU, "serve", "rng", *extra],
+        pass_fds=fds, env=env, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    for sock in sockets:
+        sock.close()
+    try:
+        assert notify.recv(4096).decode().split("\n")[0] == "READY=1"
+
+        async def use() -> None:
+            rng = await RngDriver.open(str(tmp_path / "vhost.sock"))
+            try:
+                assert len(await rng.read(16)) == 16
+            finally:
+                await rng.close()
+
+        asyncio.run(use())
+    finally:
+        assert stop_process(proc) == 0
+    assert notify.recv(4096).decode().split("\n")[0] == "STOPPING=1"
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    assert "vvu: serving rng (device id 4, 1 queue(s)) on socket-activated fd" in err, err
+    assert "vvu: stopped after 1 front-end session(s)" in err, err
+
+
 def test_trace_relays_and_decodes_everything(blk_server: Path, tmp_path: Path) -> None:
     trace_path = tmp_path / "trace.sock"
     tracer = subprocess.Popen(
@@ -279,3 +456,27 @@ def test_device_with_frontend_memory(tmp_path: Path) -> None:
             check=False, capture_output=True, text=True, timeout=30,
         )  # fmt: skip
         assert run.returncode == 1 and f"--frontend-memory {bad}: {why}" in run.stderr
+
+
+def test_each_event_is_logged_once(tmp_path: Path) -> None:
+    """One line per event on stderr: the summary lines scripts read ("vvu: serving", "vvu:
+    stopped after") are not repeated through logging."""
+    path = tmp_path / "rng.sock"
+    proc = subprocess.Popen(
+        [*VVU, "serve", "rng", "--socket-path", str(path)], stderr=subprocess.PIPE
+    )
+    try:
+        wait_for_socket(path, proc)
+
+        async def use() -> None:
+            rng = await RngDriver.open(str(path))
+            await rng.close()
+
+        asyncio.run(use())
+    finally:
+        assert stop_process(proc) == 0
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    assert err.count("serving rng") == 1, err
+    assert err.count("vvu: serving rng") == 1, err
+    assert err.count("stopped after 1 front-end session(s)") == 1, err
+    assert err.count("session released") == 1, err

@@ -313,6 +313,45 @@ fi
     assert daemon.stop() == 0
 
 
+def test_blk_client_mode_finds_qemu_and_reconnects_to_the_next_one(tmp_path: Path) -> None:
+    """`vvu serve blk --connect`: QEMU listens (`-chardev socket,server=on,wait=off`) and the
+    back-end connects, started before any QEMU so that it first retries; after the first
+    guest's QEMU is gone it connects to the next QEMU on the same path by itself."""
+    image = tmp_path / "disk.img"
+    with image.open("wb") as f:
+        f.truncate(DISK_SIZE)
+    path = tmp_path / "qemu-vhost.sock"
+    daemon = Daemon(
+        ["blk", "--socket-path", str(path), "--connect", "--blk-file", str(image)],
+        path, tmp_path / "blk.log", wait=False,
+    )  # fmt: skip
+    try:
+        time.sleep(0.3)
+        assert daemon.running(), daemon.log()
+        chardev = f"socket,id=vu0,path={qemu_escape(str(path))},server=on,wait=off"
+        devices = ["-chardev", chardev, "-device", "vhost-user-blk-pci,chardev=vu0,num-queues=1"]
+        write = f"""
+set -e
+head -c {MiB} /dev/urandom > /tmp/pattern
+md5sum /tmp/pattern
+dd if=/tmp/pattern of=/dev/vda bs=1M seek=1 oflag=direct conv=fsync 2>/dev/null
+dd if=/dev/vda bs=1M skip=1 count=1 iflag=direct 2>/dev/null | md5sum
+"""
+        lines = _run_guest(write, devices, daemon)
+        written = _md5(lines[0])
+        assert _md5(lines[1]) == written
+        assert hashlib.md5(image.read_bytes()[MiB : 2 * MiB]).hexdigest() == written
+        read = "dd if=/dev/vda bs=1M skip=1 count=1 iflag=direct 2>/dev/null | md5sum\n"
+        assert _md5(_run_guest(read, devices, daemon)[0]) == written
+        assert daemon.running(), daemon.log()
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+    log = daemon.log()
+    assert "cannot connect" in log, log  # it was started before any QEMU listened
+    assert log.count("session released") == 2, log
+    assert "stopped after 2 front-end session(s)" in log, log
+
+
 # --- vhost-user-blk through the virtio-vhost-user device ------------------------------------
 
 

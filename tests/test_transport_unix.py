@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import array
 import asyncio
+import itertools
 import os
 import socket
 import stat
 import struct
+import time
 from pathlib import Path
 
 import pytest
 
 from vvu.protocol.codec import Header
 from vvu.transport.base import RawMessage, TransportError
-from vvu.transport.unix import UnixChannel, UnixListener, connect_unix, socketpair_channels
+from vvu.transport.unix import (
+    UnixChannel,
+    UnixConnector,
+    UnixListener,
+    connect_unix,
+    socketpair_channels,
+)
 
 
 def encode_header(request: int, flags: int, size: int) -> bytes:
@@ -204,3 +212,30 @@ async def test_backend_channel_from_received_socket() -> None:
     with pytest.raises(TransportError, match="not a socket"):
         back.open_backend_channel(r)
     assert not _fd_is_open(r)
+
+
+@pytest.mark.asyncio
+async def test_connector_backs_off_from_a_front_end_that_drops_at_once(tmp_path: Path) -> None:
+    """Client mode does not hammer a front-end that accepts and closes at once: the waits
+    between connections double up to `retry_max`; a session that lasted long starts them
+    short again."""
+    path = tmp_path / "fe.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(16)
+    connector = UnixConnector(str(path), retry_first=0.02, retry_max=0.16)
+    times = []
+    for _ in range(6):
+        channel = await connector.accept()
+        times.append(time.monotonic())
+        channel.close()
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert gaps[0] >= 0.02 and gaps[-1] >= 0.16, gaps
+    assert gaps[-1] < 0.5, gaps  # capped
+    channel = await connector.accept()
+    await asyncio.sleep(0.2)  # a session longer than retry_max
+    channel.close()
+    started = time.monotonic()
+    (await connector.accept()).close()
+    assert time.monotonic() - started < 0.1
+    server.close()

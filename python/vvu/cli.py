@@ -14,6 +14,7 @@ import sys
 import uuid
 from collections.abc import Sequence
 
+from vvu import systemd
 from vvu.backends import Backend, available_backends
 from vvu.demo import run_demo
 from vvu.device.vvu import BACKEND_UP, FRONTEND_UP, VVU_VIRTIO_ID, VvuDevice
@@ -25,8 +26,8 @@ from vvu.pci.vfio import VfioPciAccess
 from vvu.pci.virtio_driver import VirtioPciDriver, VirtioPciError
 from vvu.protocol import U64, FrontendRequest, ProtocolFeature, VhostFeature, feature_names
 from vvu.trace import run_trace
-from vvu.transport.base import Listener
-from vvu.transport.unix import UnixListener
+from vvu.transport.base import Channel, Listener
+from vvu.transport.unix import UnixConnector, UnixListener, inherited_socket
 from vvu.transport.vvu import KICK_MODES, KickMode, VvuListener
 from vvu.vfio_user import PciAccess, VfioUserPciAccess
 from vvu.vfio_user.server import VfioUserServer
@@ -67,23 +68,34 @@ async def _open_vvu(
 
 async def _serve(
     backend: Backend,
-    listener: UnixListener | None,
+    endpoint: Listener | Channel | None,
     vvu: str | None = None,
     kick_mode: KickMode = "direct",
     *,
     vvu_pci: str | None = None,
     bind: bool = False,
+    where: str | None = None,
 ) -> None:
-    if listener is None:  # --vvu / --vvu-pci: a VVU device
-        pci = await _open_vvu(vvu, vvu_pci, bind)
-        vvu_listener = VvuListener(pci, kick_mode=kick_mode)
-        served: Listener = vvu_listener
-        where = f"VVU device {vvu}" if vvu_pci is None else f"VVU device {vvu_pci} (VFIO)"
-    else:
-        served, where = listener, listener.path or "inherited fd"
+    """Serve `endpoint` until SIGINT or SIGTERM: a listener's front-ends one after another, or
+    the one session of a connected channel (then return); None: the VVU device. `where` names
+    a listener in the "serving" line. A service manager (systemd's NOTIFY_SOCKET) is told
+    READY=1 once it serves and STOPPING=1 when it stops."""
     engine = BackendEngine(backend)
+    if endpoint is None:  # --vvu / --vvu-pci: a VVU device
+        pci = await _open_vvu(vvu, vvu_pci, bind)
+        endpoint = VvuListener(pci, kick_mode=kick_mode)
+        where = f"VVU device {vvu}" if vvu_pci is None else f"VVU device {vvu_pci} (VFIO)"
+    elif isinstance(endpoint, UnixConnector):
+        where = f"{endpoint.path} (client)"
+    elif isinstance(endpoint, Channel):
+        where = f"{endpoint.peer} (a connected socket: one session)"
+    elif where is None:
+        where = getattr(endpoint, "path", None) or "inherited fd"
     loop = asyncio.get_running_loop()
-    server = asyncio.ensure_future(engine.serve_forever(served))
+    session = (
+        engine.serve(endpoint) if isinstance(endpoint, Channel) else engine.serve_forever(endpoint)
+    )
+    server = asyncio.ensure_future(session)
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
@@ -95,10 +107,13 @@ async def _serve(
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
-    log.info("serving %s on %s", backend.describe(), where)
+    # The summary lines ("vvu: serving", "vvu: stopped after") are printed, not logged: scripts
+    # read them at every verbosity, and logging them too would say each event twice.
     print(f"vvu: serving {backend.describe()} on {where}", file=sys.stderr, flush=True)
+    systemd.notify(f"READY=1\nSTATUS=serving {backend.describe()} on {where}")
     stopper = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait({server, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    systemd.notify("STOPPING=1")
     server.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await server
@@ -106,10 +121,10 @@ async def _serve(
     loop.remove_signal_handler(signal.SIGHUP)
     for task in list(reloads):
         task.cancel()
-    if listener is None:
-        await vvu_listener.aclose()  # clears BACKEND_UP, closes the vfio-user connection
+    if isinstance(endpoint, VvuListener):
+        await endpoint.aclose()  # clears BACKEND_UP, closes the vfio-user connection
     else:
-        listener.close()
+        endpoint.close()
     if server in done and server.exception() is not None:
         raise server.exception()  # type: ignore[misc]
     print(f"vvu: stopped after {engine.sessions_served} front-end session(s)", file=sys.stderr)
@@ -130,22 +145,64 @@ async def _reload(backend: Backend, engine: BackendEngine) -> None:
     )
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    backend_cls: type[Backend] = args.backend_cls
-    if args.print_capabilities:
-        print(json.dumps(capabilities(backend_cls)))
-        return 0
-    kick_mode: KickMode = args.vvu_kick_mode or ("direct" if args.vvu_pci is None else "msix")
-    usage = None
-    if [args.socket_path, args.fd, args.vvu, args.vvu_pci].count(None) != 3:
-        usage = "give exactly one of --socket-path and --fd (or --vvu, --vvu-pci)"
-    elif args.vvu_pci is not None and kick_mode == "direct":
-        usage = (
+def _capabilities_asked(argv: Sequence[str]) -> type[Backend] | None:
+    """The back-end of `vvu [-v|-q] serve NAME ... --print-capabilities ...`, if that is the
+    command line: the conventions say the option prints the capabilities and exits whatever else
+    is given, so it is answered before argparse can refuse the rest."""
+    if "--print-capabilities" not in argv or "serve" not in argv:
+        return None
+    at = list(argv).index("serve")
+    if at + 1 >= len(argv) or not all(a.startswith("-") for a in argv[:at]):
+        return None
+    return available_backends().get(argv[at + 1])
+
+
+def _serve_usage(
+    args: argparse.Namespace, kick_mode: KickMode, activated: list[tuple[str, int]]
+) -> str | None:
+    """What is wrong with a `vvu serve` command line, or None. `activated`: the sockets systemd
+    passed, used when no other endpoint is given."""
+    given = 4 - [args.socket_path, args.fd, args.vvu, args.vvu_pci].count(None)
+    if given > 1 or (given == 0 and not activated):
+        return (
+            "give exactly one of --socket-path and --fd (or --vvu, --vvu-pci), or start vvu "
+            "through systemd socket activation (LISTEN_FDS)"
+        )
+    if args.fd_name is not None and (given or not activated):
+        return "--fd-name picks one of the sockets systemd passed (LISTEN_FDS, LISTEN_FDNAMES)"
+    if args.vvu_pci is not None and kick_mode == "direct":
+        return (
             "--vvu-pci needs --vvu-kick-mode msix: direct kicks hand the driver the front-end's "
             "eventfds over vfio-user, which a VMM does not pass into its guest"
         )
-    elif args.vvu_pci_bind and args.vvu_pci is None:
-        usage = "--vvu-pci-bind goes with --vvu-pci"
+    if args.connect and args.socket_path is None:
+        return "--connect goes with --socket-path (the front-end's listening socket)"
+    if args.vvu_pci_bind and args.vvu_pci is None:
+        return "--vvu-pci-bind goes with --vvu-pci"
+    return None
+
+
+def _activated_socket(activated: list[tuple[str, int]], name: str | None) -> tuple[str, int]:
+    """The one socket systemd passed, or the one called `name` (FileDescriptorName=)."""
+    names = ", ".join(f"fd {fd} {n!r}" for n, fd in activated)
+    if name is None:
+        if len(activated) > 1:
+            raise ValueError(f"systemd passed {len(activated)} sockets ({names}): --fd-name NAME")
+        return activated[0]
+    for passed in activated:
+        if passed[0] == name:
+            return passed
+    raise ValueError(f"systemd passed no socket named {name!r} ({names})")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    backend_cls: type[Backend] = args.backend_cls
+    if args.print_capabilities:  # only reached through a caller of build_parser() itself
+        print(json.dumps(capabilities(backend_cls)))
+        return 0
+    kick_mode: KickMode = args.vvu_kick_mode or ("direct" if args.vvu_pci is None else "msix")
+    activated = systemd.listen_fds()
+    usage = _serve_usage(args, kick_mode, activated)
     if usage is not None:
         print(f"vvu serve: {usage}", file=sys.stderr)
         return 2
@@ -154,10 +211,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:
         print(f"vvu serve {backend_cls.name}: {err}", file=sys.stderr)
         return 1
-    listener = None
+    endpoint: Listener | Channel | None = None
+    where = None
     try:
-        if args.vvu is None and args.vvu_pci is None:
-            listener = UnixListener(args.socket_path, fd=args.fd, mode=int(args.socket_mode, 8))
+        if args.socket_path is None and args.fd is None and args.vvu is None and activated:
+            name, fd = _activated_socket(activated, args.fd_name)
+            endpoint, where = inherited_socket(fd), f"socket-activated fd {fd} ({name})"
+        elif args.fd is not None:
+            endpoint = inherited_socket(args.fd)
+        elif args.connect:
+            endpoint = UnixConnector(args.socket_path)
+        elif args.socket_path is not None:
+            endpoint = UnixListener(args.socket_path, mode=int(args.socket_mode, 8))
     except (OSError, ValueError) as err:
         print(f"vvu serve: cannot listen: {err}", file=sys.stderr)
         return 1
@@ -165,11 +230,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         asyncio.run(
             _serve(
                 backend,
-                listener,
+                endpoint,
                 args.vvu,
                 kick_mode,
                 vvu_pci=args.vvu_pci,
                 bind=args.vvu_pci_bind,
+                where=where,
             )
         )
     except VvuError as err:  # e.g. the VVU device's socket cannot be reached
@@ -475,19 +541,54 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve a device back-end to vhost-user front-ends (QEMU, DPDK, vvu's own)",
         description=(
             "Serve one device back-end on a vhost-user socket, to front-ends one after another, "
-            "until SIGINT or SIGTERM (the socket file is removed on exit). SIGHUP makes the "
+            "until SIGINT or SIGTERM (a socket file vvu created is removed on exit). SIGHUP "
+            "makes the "
             "back-end re-read its outside state and tell the front-end when its config space "
-            "changed: `vvu serve blk --image` then takes the image file's current size (grow "
+            "changed: `vvu serve blk --blk-file` then takes the image file's current size (grow "
             "the file, then `kill -HUP`; the guest sees the new capacity). Follows QEMU's "
             "vhost-user back-end program conventions (--socket-path, --fd, "
-            "--print-capabilities)."
+            "--print-capabilities; `vvu-blk`, `vvu-net`, `vvu-rng` are the same as "
+            "`vvu serve TYPE`, for vhost-user.json descriptors). Client mode: --connect. "
+            "Under systemd: with none of --socket-path, --fd, --vvu, --vvu-pci it serves the "
+            "socket systemd passed (LISTEN_FDS), and tells NOTIFY_SOCKET READY=1 and STOPPING=1."
         ),
     )
     kinds = serve.add_subparsers(dest="backend", required=True, metavar="BACKEND")
     for name, cls in sorted(available_backends().items()):
         sub = kinds.add_parser(name, help=(cls.__doc__ or name).strip().splitlines()[0])
-        sub.add_argument("--socket-path", help="listen on this AF_UNIX socket path")
-        sub.add_argument("--fd", type=int, help="listen on this inherited listening socket fd")
+        sub.add_argument(
+            "--socket-path",
+            help="listen on this AF_UNIX socket path (with --connect: connect to it)",
+        )
+        sub.add_argument(
+            "--connect",
+            action="store_true",
+            help=(
+                "client mode: connect to a front-end listening on --socket-path (QEMU "
+                "-chardev socket,server=on,wait=off; DPDK's vhost client mode) instead of "
+                "listening; retries with backoff (50 ms doubling to 2 s) while nobody listens, "
+                "and connects again after each session, until SIGINT or SIGTERM"
+            ),
+        )
+        sub.add_argument(
+            "--fd",
+            type=int,
+            help=(
+                "serve on this inherited AF_UNIX socket: a listening one serves front-ends one "
+                "after another, a connected one is a single front-end session, after which "
+                "vvu exits"
+            ),
+        )
+        sub.add_argument(
+            "--fd-name",
+            metavar="NAME",
+            help=(
+                "under systemd socket activation, serve the passed socket with this name "
+                "(FileDescriptorName= in the .socket unit; LISTEN_FDNAMES); needed only when "
+                "more than one is passed. Without --socket-path, --fd, --vvu or --vvu-pci, vvu "
+                "serves the socket systemd passed (LISTEN_FDS, LISTEN_PID)"
+            ),
+        )
         sub.add_argument(
             "--vvu",
             metavar="DEVICE_SOCK",
@@ -525,7 +626,12 @@ def build_parser() -> argparse.ArgumentParser:
             "--socket-mode", default="600", help="permissions of the socket file (octal, 600)"
         )
         sub.add_argument(
-            "--print-capabilities", action="store_true", help="print the JSON capabilities"
+            "--print-capabilities",
+            action="store_true",
+            help=(
+                "print the capabilities as JSON (QEMU docs/interop/vhost-user.json) and exit; "
+                "every other option is ignored"
+            ),
         )
         cls.add_arguments(sub)
         sub.set_defaults(func=cmd_serve, backend_cls=cls)
@@ -661,6 +767,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    asked = _capabilities_asked(argv)
+    if asked is not None:
+        print(json.dumps(capabilities(asked)))
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(-1 if args.quiet else args.verbose)
@@ -669,6 +781,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return code
+
+
+def _serve_main(backend: str, argv: Sequence[str] | None) -> int:
+    """`vvu-BACKEND ARGS` is `vvu serve BACKEND ARGS`; leading -v/-q are `vvu`'s own."""
+    args = list(sys.argv[1:] if argv is None else argv)
+
+    def global_option(arg: str) -> bool:
+        return arg in ("-q", "--quiet", "--verbose") or (arg[:1] == "-" and set(arg[1:]) == {"v"})
+
+    lead = 0
+    while lead < len(args) and global_option(args[lead]):
+        lead += 1
+    return main([*args[:lead], "serve", backend, *args[lead:]])
+
+
+def main_blk(argv: Sequence[str] | None = None) -> int:
+    """The `vvu-blk` program (what vhost-user.json descriptors name): `vvu serve blk`."""
+    return _serve_main("blk", argv)
+
+
+def main_net(argv: Sequence[str] | None = None) -> int:
+    """The `vvu-net` program: `vvu serve net`."""
+    return _serve_main("net", argv)
+
+
+def main_rng(argv: Sequence[str] | None = None) -> int:
+    """The `vvu-rng` program: `vvu serve rng`."""
+    return _serve_main("rng", argv)
 
 
 if __name__ == "__main__":

@@ -120,16 +120,25 @@ class BlkBackend(Backend):
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
+            "--blk-file",
             "--image",
+            dest="image",
+            metavar="FILE",
             help=(
-                "raw disk image (default: an in-memory disk). Resize while serving: grow the "
+                "raw disk image or block device (default: an in-memory disk; --blk-file is "
+                "the name QEMU's back-end conventions give it, --image an alias). "
+                "Resize while serving: grow the "
                 "file, then send SIGHUP; the new size reaches the front-end (and the guest)"
             ),
         )
         parser.add_argument(
             "--size", type=int, default=64, metavar="MiB", help="in-memory disk size (default 64)"
         )
-        parser.add_argument("--read-only", action="store_true", help="refuse writes")
+        parser.add_argument(
+            "--read-only",
+            action="store_true",
+            help="offer a read-only disk (VIRTIO_BLK_F_RO) and refuse writes",
+        )
         parser.add_argument("--num-queues", type=int, default=1, metavar="N", help="default 1")
         parser.add_argument("--serial", default="vvu", help="the id GET_ID returns (20 bytes)")
 

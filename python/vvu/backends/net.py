@@ -220,7 +220,10 @@ class NetBackend(Backend):
         peer_path: str | None = args.peer_socket_path
         if peer_path is None:
             if getattr(args, "socket_path", None) is None:
-                raise ValueError("peer mode with --fd needs --peer-socket-path")
+                raise ValueError(
+                    "peer mode without --socket-path (--fd, socket activation) needs "
+                    "--peer-socket-path"
+                )
             peer_path = f"{args.socket_path}.peer"
         a, b = cls.peers(
             queue_pairs=pairs,

@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import stat
+import time
 from collections.abc import Sequence
 
 from vvu.protocol.codec import Header
@@ -131,6 +132,83 @@ class UnixListener(Listener):
         if self._path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path)
+
+
+class UnixConnector(Listener):
+    """Client mode: the back-end connects to a front-end that listens on `path` (QEMU's
+    `-chardev socket,server=on`, DPDK's vhost client mode). Each `accept()` is a new connection,
+    so a back-end serving "forever" finds its front-end again after a session ends or after
+    either side restarts. Between attempts it waits `retry_first` seconds, doubling up to
+    `retry_max`: while nobody listens (no socket file, refused), and after a session that lasted
+    less than `retry_max` (a front-end that accepts and drops at once is not hammered). The wait
+    starts short again after a session that lasted longer."""
+
+    def __init__(self, path: str, *, retry_first: float = 0.05, retry_max: float = 2.0) -> None:
+        self._path = path
+        self.retry_first = retry_first
+        self.retry_max = retry_max
+        self._delay = retry_first
+        self._connected_at: float | None = None
+        self._count = 0
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    async def _back_off(self) -> None:
+        await asyncio.sleep(self._delay)
+        self._delay = min(self._delay * 2, self.retry_max)
+
+    async def accept(self) -> UnixChannel:
+        loop = asyncio.get_running_loop()
+        if self._connected_at is not None:  # the previous session ended
+            if time.monotonic() - self._connected_at < self.retry_max:
+                await self._back_off()
+            else:
+                self._delay = self.retry_first
+        failing = False
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, self._path)
+            except OSError as err:
+                sock.close()
+                # One line for a run of failures, not one per attempt.
+                log.log(
+                    logging.DEBUG if failing else logging.INFO,
+                    "%s: cannot connect (%s); retrying until a front-end listens",
+                    self._path,
+                    err.strerror or err,
+                )
+                failing = True
+                await self._back_off()
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            self._connected_at = time.monotonic()
+            self._count += 1
+            return UnixChannel(sock, peer=f"front-end #{self._count}")
+
+    def close(self) -> None:
+        """Nothing to release: the socket file is the front-end's."""
+
+
+def inherited_socket(fd: int) -> UnixListener | UnixChannel:
+    """The AF_UNIX stream socket a parent passed as `fd` (`--fd N`, systemd socket activation):
+    a listening socket becomes a listener (front-ends one after another), a connected one the
+    channel of its single session. SO_ACCEPTCONN tells them apart, as the back-end program
+    conventions ask (libvirt passes either, depending on the device type)."""
+    sock = socket.socket(fileno=fd)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise ValueError(f"fd {fd} is not an AF_UNIX stream socket")
+    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.detach()
+        return UnixListener(fd=fd)
+    sock.setblocking(False)
+    return UnixChannel(sock, peer=f"front-end on fd {fd}")
 
 
 def _remove_stale_socket(path: str) -> None:
