@@ -1230,6 +1230,24 @@ async def test_status_config_and_queue_num(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("need_reply", [False, True], ids=["plain", "need-reply"])
+async def test_failed_get_config_replies_with_size_0_and_the_session_goes_on(
+    engine: BackendEngine, need_reply: bool, connect: Connector
+) -> None:
+    """vhost-user.rst, GET_CONFIG: "the back-end uses zero length of payload to indicate an
+    error" -- a Config header with size 0 (as rust-vmm answers), never a dropped session."""
+    peer = await connect.peer(engine)
+    await negotiate(peer)
+    beyond = Config(250, 0, bytes(8))  # 250 + 8 > the 256 bytes of a config space
+    assert await peer.get(F.GET_CONFIG, beyond, need_reply=need_reply) == Config(250, 0, b"")
+    await peer.barrier()
+    assert await peer.get(F.GET_CONFIG, Config(0, 0, bytes(8))) == Config(
+        0, 0, struct.pack("<Q", DISK // 512)
+    )
+    await peer.close()
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize("device", ["blk", "rng"])
 async def test_broken_ring_signals_the_current_err_fd_and_the_session_goes_on(
     device: str, caplog: pytest.LogCaptureFixture, connect: Connector

@@ -145,6 +145,9 @@ def _failure_reply(msg: Message) -> Payload | None:
     if msg.request == _F.GET_SHMEM_CONFIG:
         return ShmemConfig(0)
     payload = msg.payload
+    if msg.request == _F.GET_CONFIG and isinstance(payload, Config):
+        # "zero length of payload to indicate an error": the header with size 0 (rust-vmm).
+        return Config(payload.offset, payload.flags, b"")
     if msg.request == _F.CREATE_CRYPTO_SESSION and isinstance(payload, RawPayload):
         # QEMU's reply is the session struct with a negative session id for a failure.
         return (

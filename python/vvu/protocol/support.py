@@ -177,7 +177,12 @@ FRONTEND_ROWS: Final[dict[FrontendRequest, Row]] = {
         "blk (native workers); update and invalidate",
     ),
     _F.SET_VRING_ENDIAN: Row(_R, _R, (_REFUSED,), "rings are little-endian (VERSION_1)"),
-    _F.GET_CONFIG: Row(_Y, _Y, (_STATUS, _GROW)),
+    _F.GET_CONFIG: Row(
+        _Y,
+        _Y,
+        (_STATUS, _E + "test_failed_get_config_replies_with_size_0_and_the_session_goes_on", _GROW),
+        "a read it cannot give: the Config header with size 0",
+    ),
     _F.SET_CONFIG: Row(
         _Y,
         _Y,
