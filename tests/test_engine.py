@@ -51,6 +51,7 @@ from vvu.protocol import (
     DeviceStatus,
     FrontendRequest,
     Header,
+    Inflight,
     MemoryRegion,
     MemoryTable,
     Payload,
@@ -1244,6 +1245,29 @@ async def test_failed_get_config_replies_with_size_0_and_the_session_goes_on(
     assert await peer.get(F.GET_CONFIG, Config(0, 0, bytes(8))) == Config(
         0, 0, struct.pack("<Q", DISK // 512)
     )
+    await peer.close()
+
+
+@pytest.mark.asyncio
+async def test_failed_get_inflight_fd_replies_with_mmap_size_0_and_no_fd(
+    engine: BackendEngine, connect: Connector
+) -> None:
+    """QEMU's vhost_user_get_inflight_fd takes mmap_size 0 for "no buffer" (and looks for no
+    fd): a region the back-end cannot give is answered that way, the session goes on."""
+    peer = await connect.peer(engine)
+    await negotiate(peer, protocol=QEMU_PROTOCOL | PF.INFLIGHT_SHMFD.mask)
+    await peer.barrier()
+    assert engine.session is not None
+    assert engine.session.protocol_features & PF.INFLIGHT_SHMFD.mask
+    too_many = engine.backend.num_queues + 1
+    await peer.send(F.GET_INFLIGHT_FD, Inflight(0, 0, too_many, 128))
+    raw = await peer.recv()
+    assert raw is not None, "the engine hung up instead of answering GET_INFLIGHT_FD"
+    assert raw.fds == [] and raw.request == F.GET_INFLIGHT_FD and raw.flags == REPLY_FLAGS
+    header = Header(raw.request, raw.flags, len(raw.payload))
+    reply = decode_message(header, raw.payload, is_reply=True).payload
+    assert isinstance(reply, Inflight) and reply.mmap_size == 0
+    await peer.barrier()
     await peer.close()
 
 

@@ -138,22 +138,28 @@ REFUSED: Final[dict[FrontendRequest, str]] = {
 
 def _failure_reply(msg: Message) -> Payload | None:
     """The spec's failure form of a request's typed reply, or None when it has none."""
-    if msg.request in (_F.POSTCOPY_ADVISE, _F.GET_SHARED_OBJECT):
-        return EMPTY  # without the userfaultfd / dma-buf fd: failed, not found
-    if msg.request == _F.POSTCOPY_END:
-        return U64(1)
-    if msg.request == _F.GET_SHMEM_CONFIG:
-        return ShmemConfig(0)
+    fixed: dict[int, Payload] = {
+        _F.POSTCOPY_ADVISE: EMPTY,  # without the userfaultfd: failed
+        _F.GET_SHARED_OBJECT: EMPTY,  # without the dma-buf fd: not found
+        _F.POSTCOPY_END: U64(1),
+        _F.GET_SHMEM_CONFIG: ShmemConfig(0),
+    }
     payload = msg.payload
+    failure = fixed.get(msg.request)
     if msg.request == _F.GET_CONFIG and isinstance(payload, Config):
         # "zero length of payload to indicate an error": the header with size 0 (rust-vmm).
-        return Config(payload.offset, payload.flags, b"")
-    if msg.request == _F.CREATE_CRYPTO_SESSION and isinstance(payload, RawPayload):
+        failure = Config(payload.offset, payload.flags, b"")
+    elif msg.request == _F.GET_INFLIGHT_FD and isinstance(payload, Inflight):
+        # No buffer to give: QEMU takes mmap_size 0 for that and looks for no fd.
+        failure = Inflight(0, 0, payload.num_queues, payload.queue_size)
+    elif (
+        msg.request == _F.CREATE_CRYPTO_SESSION
+        and isinstance(payload, RawPayload)
+        and len(payload.data) >= 8
+    ):
         # QEMU's reply is the session struct with a negative session id for a failure.
-        return (
-            RawPayload(struct.pack("<q", -1) + payload.data[8:]) if len(payload.data) >= 8 else None
-        )
-    return None
+        failure = RawPayload(struct.pack("<q", -1) + payload.data[8:])
+    return failure
 
 
 def _note_transfer_failure(transfer: asyncio.Task[bytes | None]) -> None:

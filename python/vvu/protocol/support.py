@@ -202,9 +202,11 @@ FRONTEND_ROWS: Final[dict[FrontendRequest, Row]] = {
             _INFLIGHT_QEMU,
             _INFLIGHT_VVU,
             _INFLIGHT_FILE,
+            _E + "test_failed_get_inflight_fd_replies_with_mmap_size_0_and_no_fd",
         ),
         "blk; over VVU the device allocates the region (shmid 3) and passes its fd; with "
-        "--frontend-memory the region is the device's own memfd (BAR3)",
+        "--frontend-memory the region is the device's own memfd (BAR3); a region it cannot "
+        "give: mmap_size 0, no fd",
     ),
     _F.SET_INFLIGHT_FD: Row(
         _Y,
