@@ -1272,6 +1272,35 @@ async def test_failed_get_inflight_fd_replies_with_mmap_size_0_and_no_fd(
 
 
 @pytest.mark.asyncio
+async def test_set_config_honours_its_flags(engine: BackendEngine, connect: Connector) -> None:
+    """vhost-user.rst, the config space payload's flags: 0 (VHOST_SET_CONFIG_TYPE_FRONTEND) for
+    a driver's write of writable fields, 1 (..._MIGRATION) for live migration. A migration write
+    carries the source's config space: bytes equal to ours are taken as they are, a differing
+    one must be writable; any other flags value is refused and changes nothing."""
+    peer = await connect.peer(engine)
+    await negotiate(peer)  # with CONFIG_WCE: the cache mode (byte 32) is writable
+    config = await peer.get(F.GET_CONFIG, Config(0, 0, bytes(60)))
+    assert isinstance(config, Config) and config.data[32] == 1  # write back
+    through = config.data[:32] + b"\0" + config.data[33:]
+    await peer.send(F.SET_CONFIG, Config(0, 0, through), need_reply=True)
+    assert await peer.ack(F.SET_CONFIG) == 1, "a driver write of read-only fields"
+    await peer.send(F.SET_CONFIG, Config(32, 2, b"\0"), need_reply=True)
+    assert await peer.ack(F.SET_CONFIG) == 1, "flags 2 mean nothing"
+    assert (await peer.get(F.GET_CONFIG, Config(32, 0, b"\0"))) == Config(32, 0, b"\1")
+    await peer.send(F.SET_CONFIG, Config(0, 1, through), need_reply=True)
+    assert await peer.ack(F.SET_CONFIG) == 0, "the source's config space, cache mode changed"
+    assert (await peer.get(F.GET_CONFIG, Config(32, 0, b"\0"))) == Config(32, 0, b"\0")
+    # Write back again, but the source had another number of queues (u16 at 34): refused,
+    # and the cache mode written before the refusal is undone.
+    other = bytearray(config.data)
+    struct.pack_into("<H", other, 34, 4)
+    await peer.send(F.SET_CONFIG, Config(0, 1, bytes(other)), need_reply=True)
+    assert await peer.ack(F.SET_CONFIG) == 1, "the source had another number of queues"
+    assert (await peer.get(F.GET_CONFIG, Config(32, 0, b"\0"))) == Config(32, 0, b"\0")
+    await peer.close()
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize("device", ["blk", "rng"])
 async def test_broken_ring_signals_the_current_err_fd_and_the_session_goes_on(
     device: str, caplog: pytest.LogCaptureFixture, connect: Connector

@@ -185,6 +185,12 @@ def packed_vring_base(num: int) -> int:
     return num
 
 
+#: SET_CONFIG's flags (vhost-user.rst, "Virtio device config space"): a driver's write of
+#: writable fields, or the source's config space restored on a migration's destination.
+SET_CONFIG_TYPE_FRONTEND = 0
+SET_CONFIG_TYPE_MIGRATION = 1
+
+
 class RequestFailed(VvuError):
     """A request could not be carried out; answered with a failure ack or a disconnect."""
 
@@ -1278,10 +1284,44 @@ class BackendEngine:
 
     async def _set_config(self, msg: Message) -> None:
         assert isinstance(msg.payload, Config)
-        self.backend.write_config(msg.payload.offset, msg.payload.data)
+        offset, data, flags = msg.payload.offset, msg.payload.data, msg.payload.flags
+        if flags == SET_CONFIG_TYPE_FRONTEND:
+            self.backend.write_config(offset, data)
+        elif flags == SET_CONFIG_TYPE_MIGRATION:
+            self._restore_config(offset, data)
+        else:
+            raise RequestFailed(f"SET_CONFIG flags {flags:#x} are neither front-end nor migration")
         # A written field may change how the queues run (blk's cache mode): native workers
         # take their configuration when they start.
         await self._restart_rings(lambda: None)
+
+    def _restore_config(self, offset: int, data: bytes) -> None:
+        """A migration's SET_CONFIG: the source's config space. Bytes equal to ours are taken
+        as they are (read-only fields of the same device); each run of differing bytes is a
+        driver write, refused where the field is not writable; a refusal undoes the runs
+        written before it (they were writable, so writing back our bytes succeeds)."""
+        if offset + len(data) > MAX_CONFIG_SPACE:
+            raise RequestFailed(
+                f"config write {offset}+{len(data)} beyond {MAX_CONFIG_SPACE} bytes"
+            )
+        ours = self.backend.config_space().ljust(MAX_CONFIG_SPACE, b"\0")[offset:]
+        runs: list[tuple[int, int]] = []
+        for i, byte in enumerate(data):
+            if byte == ours[i]:
+                continue
+            if runs and runs[-1][1] == i:
+                runs[-1] = (runs[-1][0], i + 1)
+            else:
+                runs.append((i, i + 1))
+        done: list[tuple[int, int]] = []
+        try:
+            for start, end in runs:
+                self.backend.write_config(offset + start, data[start:end])
+                done.append((start, end))
+        except ConfigError:
+            for start, end in reversed(done):
+                self.backend.write_config(offset + start, ours[start:end])
+            raise
 
     async def _reset_device(self, msg: Message) -> None:
         session = self._session()

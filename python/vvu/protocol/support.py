@@ -186,8 +186,10 @@ FRONTEND_ROWS: Final[dict[FrontendRequest, Row]] = {
     _F.SET_CONFIG: Row(
         _Y,
         _Y,
-        (_E + "test_blk_cache_mode_is_writable_only_with_config_wce", _GROW),
-        "blk: the CONFIG_WCE cache mode; anything else is refused",
+        (_STATUS, _E + "test_set_config_honours_its_flags"),
+        "blk: the CONFIG_WCE cache mode; anything else is refused. Flags 1 (migration): the "
+        "source's config space, whose bytes must equal ours where not writable; other flags "
+        "are refused",
     ),
     _F.CREATE_CRYPTO_SESSION: Row(_R, _R, (_REFUSED,), "session id -1"),
     _F.CLOSE_CRYPTO_SESSION: Row(_R, _R, (_REFUSED,)),
