@@ -1352,7 +1352,8 @@ async def test_broken_ring_signals_the_current_err_fd_and_the_session_goes_on(
 #: "drop": the engine hangs up; "nack": a failure ack to `request` and the session goes on;
 #: "eof": we hang up ourselves; over VVU only: "accepted": a success ack to `request` and the
 #: session goes on; "ignored": nothing reaches the engine and the session goes on.
-Outcome = Literal["drop", "nack", "eof", "accepted", "ignored"]
+#: "nack-drop": a failure ack, then a hang-up (a malformed request that asked for an ack).
+Outcome = Literal["drop", "nack", "nack-drop", "eof", "accepted", "ignored"]
 
 
 @dataclass(frozen=True)
@@ -1461,8 +1462,9 @@ BAD_INPUT = [
     BadInput(
         "payload-size-wrong",
         lambda p, g: p.send(F.SET_FEATURES, bytes(4), need_reply=True),
-        "drop",
+        "nack-drop",
         "SET_FEATURES",
+        F.SET_FEATURES,
     ),
     BadInput(
         "payload-too-large",
@@ -1473,7 +1475,7 @@ BAD_INPUT = [
     BadInput(
         "call-without-nofd-and-without-fd",
         lambda p, g: p.send(F.SET_VRING_CALL, U64.vring(0), need_reply=True),
-        "drop",
+        "nack-drop",
         "0 fds attached",
         F.SET_VRING_CALL,
         # The device forwards every CALL without fds and the driver synthesises one (doorbell
@@ -1484,7 +1486,7 @@ BAD_INPUT = [
     BadInput(
         "call-with-nofd-and-an-fd",
         lambda p, g: _with_eventfd(p, F.SET_VRING_CALL, U64.vring(0, nofd=True), True),
-        "drop",
+        "nack-drop",
         "1 fds attached",
         F.SET_VRING_CALL,
         # The device takes the fd (as doorbell 0, NOFD notwithstanding) and forwards the message
@@ -1495,7 +1497,7 @@ BAD_INPUT = [
     BadInput(
         "mem-table-fewer-fds",
         _two_regions_one_fd,
-        "drop",
+        "nack-drop",
         "1 fds attached, expected 2",
         F.SET_MEM_TABLE,
         # The device publishes no region and refuses the table itself (failure ack): the
@@ -1519,10 +1521,11 @@ BAD_INPUT = [
     BadInput(
         "nine-regions",
         _nine_regions,
-        "drop",
+        "nack-drop",
         "at most 8",
+        F.SET_MEM_TABLE,
         # The device cannot bind the table, says so, and forwards it as is: the engine refuses.
-        vvu=("drop", ("not bound: MemoryTable has 9 regions, at most 8", "at most 8")),
+        vvu=("nack-drop", ("not bound: MemoryTable has 9 regions, at most 8", "at most 8")),
     ),
     BadInput(
         "region-beyond-its-fd",
@@ -1594,7 +1597,8 @@ async def test_bad_input(
     connect: Connector,
 ) -> None:
     """One clear warning (over VVU: the device's or transport's line, if any, then the
-    engine's); a failure ack (and the session goes on) or a hang-up; every fd and mapping
+    engine's); a failure ack (and the session goes on), a hang-up, or both (a malformed request
+    that asked for an ack: REPLY_ACK's back-end "MUST respond"); every fd and mapping
     released; and the same engine then serves a fresh front-end."""
     outcome: Outcome = case.outcome
     logs: tuple[str, ...] = (case.log,) if case.log else ()
@@ -1608,15 +1612,15 @@ async def test_bad_input(
     caplog.clear()
 
     await case.send(peer, guest)
-    if outcome in ("nack", "accepted"):
-        assert await peer.ack(case.request) == (1 if outcome == "nack" else 0)
+    if outcome in ("nack", "nack-drop", "accepted"):
+        assert await peer.ack(case.request) == (0 if outcome == "accepted" else 1)
     if outcome == "accepted":  # it replaced ring 0's call fd (all such cases): ours back
         await peer.do(F.SET_VRING_CALL, U64.vring(0), [ring.call.fileno()], need_reply=True)
     if outcome in ("nack", "accepted", "ignored"):
         await peer.barrier()
         await check_io(ring)
         await peer.close()
-    elif outcome == "drop":
+    elif outcome in ("drop", "nack-drop"):
         await peer.expect_dropped()
     else:
         await peer.close()
@@ -2287,13 +2291,15 @@ def test_blk_cache_mode_is_writable_only_with_config_wce(blk: BlkBackend) -> Non
 @dataclass
 class Refused:
     """A request the engine refuses, and the answer it gets with NEED_REPLY: "ack" (a failure
-    ack), a typed failure reply (no fd attached), or None (no failure form: dropped)."""
+    ack), a typed failure reply (no fd attached), None (no failure form: dropped), or
+    "ack-drop" (malformed: a failure ack, then dropped)."""
 
     request: FrontendRequest
     payload: Payload
     expected: Payload | str | None
     with_fd: bool = False
-    # Over VVU, if different: the device passes no fd, so a request that needs one is malformed.
+    # Over VVU, if different: the device passes no fd, so a request that needs one is malformed
+    # (and asked for an ack: it gets a failure ack before the drop).
     over_vvu: Payload | str | None = "same"
 
 
@@ -2307,7 +2313,7 @@ def _refused_cases() -> list[ParameterSet]:
         Refused(F.POSTCOPY_ADVISE, EMPTY, EMPTY),
         Refused(F.POSTCOPY_LISTEN, EMPTY, "ack"),
         Refused(F.POSTCOPY_END, EMPTY, U64(1)),
-        Refused(F.GPU_SET_SOCKET, EMPTY, "ack", with_fd=True, over_vvu=None),
+        Refused(F.GPU_SET_SOCKET, EMPTY, "ack", with_fd=True, over_vvu="ack-drop"),
         Refused(F.GET_SHARED_OBJECT, uuid, EMPTY),
         Refused(F.GET_SHMEM_CONFIG, EMPTY, ShmemConfig(0)),
         Refused(F.GET_VRING_BASE_SKIP_DRAIN, VringState(0, 0), None),
@@ -2340,7 +2346,10 @@ async def test_refused_requests_get_their_failure_answer_and_a_reason(
         assert raw.request == case.request and raw.flags == REPLY_FLAGS
         header = Header(raw.request, raw.flags, len(raw.payload))
         reply = decode_message(header, raw.payload, is_reply=True).payload
-        assert reply == (U64(1) if expected == "ack" else expected)
+        assert reply == (U64(1) if expected in ("ack", "ack-drop") else expected)
+        if expected == "ack-drop":
+            await peer.expect_dropped()
+            return
         assert REFUSED[case.request] in " ".join(warning_lines(caplog))
         await peer.barrier()
         await peer.close()

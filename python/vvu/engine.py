@@ -39,7 +39,9 @@ from vvu.errors import GuestMemoryError, IotlbMiss, ProtocolError, QueueError, V
 from vvu.protocol import (
     DEVICE_STATE_NOFD,
     EMPTY,
+    NEED_REPLY,
     U64,
+    VERSION,
     VRING_F_LOG,
     BackendRequest,
     Config,
@@ -72,7 +74,7 @@ from vvu.protocol import (
     Iotlb as IotlbMessage,
 )
 from vvu.protocol.codec import Header
-from vvu.protocol.table import BACKEND_REQUESTS, Answer
+from vvu.protocol.table import BACKEND_REQUESTS, Answer, spec_for
 from vvu.transport.base import Channel, Listener, RawMessage, TransportError, close_fds
 
 log = logging.getLogger(__name__)
@@ -753,6 +755,9 @@ class BackendEngine:
             msg = decode_message(header, raw.payload, raw.fds, channel="frontend")
         except ProtocolError as err:
             raw.close_fds()
+            if self._acks_requested(session, header):
+                # REPLY_ACK: "the back-end MUST respond with ... non-zero otherwise".
+                await session.channel.send(encode_ack(header.request, ok=False))
             raise _Disconnect(f"malformed message: {err}") from err
         log.debug("<- %s", describe(msg))
         spec = msg.spec
@@ -800,6 +805,16 @@ class BackendEngine:
             await session.channel.send(encode_ack(msg.request, ok=True))
 
     # --- helpers -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _acks_requested(session: Session, header: Header) -> bool:
+        """Whether a request the engine could not decode still asked, in a well-formed header,
+        for a REPLY_ACK ack (not for a typed reply, whose failure form needs the payload)."""
+        spec = spec_for(header.request, "frontend")
+        if header.flags != VERSION | NEED_REPLY or spec is None:
+            return False
+        answer = spec.answer(need_reply=True, protocol_features=session.protocol_features)
+        return answer is Answer.ACK
 
     def _session(self) -> Session:
         assert self.session is not None

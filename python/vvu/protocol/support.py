@@ -274,7 +274,10 @@ FEATURE_ROWS: Final[dict[ProtocolFeature, Row]] = {
     _P.LOG_SHMFD: Row(_Y, _Y, (_LOG_BASE, _MIGRATION, _LOG_VVU), _LOG_NOTE),
     _P.RARP: Row(_Y, _Y, (_NET,), "net only"),
     _P.REPLY_ACK: Row(
-        _Y, _Y, (_E + "test_reply_ack_is_one_u64_with_flags_0x5_and_the_request_id",)
+        _Y,
+        _Y,
+        (_E + "test_reply_ack_is_one_u64_with_flags_0x5_and_the_request_id", _E + "test_bad_input"),
+        "a malformed request that asked for an ack gets a failure ack, then the hang-up",
     ),
     _P.MTU: Row(_Y, _Y, (_NET,), "net only"),
     _P.BACKEND_REQ: Row(_Y, _Y, (_CONFIG_CHANGE, _GROW)),
