@@ -65,6 +65,7 @@ from vvu.protocol import (
     VringAddr,
     VringState,
     decode_message,
+    encode_ack,
 )
 from vvu.protocol.table import spec_for
 from vvu.transport.base import Channel, RawMessage, TransportError
@@ -2097,15 +2098,19 @@ async def test_inband_vring_kick_starts_a_ring_and_calls_arrive_as_messages(
         request = blk_submit(ring, T_OUT, 8, out=os.urandom(512))
         ring.driver.publish()
         await peer.do(F.VRING_KICK, VringState(0, 0), need_reply=True)
+        # With NEED_REPLY (0x8): INBAND implies REPLY_ACK, which "needs to be used with the
+        # in-band notification messages to block until they are processed" (vhost-user.rst).
         message = await asyncio.wait_for(loop.sock_recv(ours, 20), TIMEOUT)
-        assert struct.unpack("<IIIII", message) == (4, 1, 8, 0, 0)  # VRING_CALL, vring 0
+        assert struct.unpack("<IIIII", message) == (4, 1 | 8, 8, 0, 0)  # VRING_CALL, vring 0
+        await loop.sock_sendall(ours, encode_ack(4, ok=True, channel="backend"))
         assert ring.used_idx == 1 and blk_status(ring, request) == 0
         # A buffer outside guest memory breaks the ring: BACKEND_VRING_ERR instead of the err fd.
         ring.queue.submit([], [(GPA + 64 * MiB, 16)])
         ring.driver.publish()
         await peer.do(F.VRING_KICK, VringState(0, 0), need_reply=True)
         message = await asyncio.wait_for(loop.sock_recv(ours, 20), TIMEOUT)
-        assert struct.unpack("<IIIII", message) == (5, 1, 8, 0, 0)  # VRING_ERR, vring 0
+        assert struct.unpack("<IIIII", message) == (5, 1 | 8, 8, 0, 0)  # VRING_ERR, vring 0
+        await loop.sock_sendall(ours, encode_ack(5, ok=True, channel="backend"))
         stopped = await peer.get(F.GET_VRING_BASE, VringState(0, 0))
         assert isinstance(stopped, VringState) and stopped.index == 0
     finally:
@@ -2121,7 +2126,7 @@ def ring_features(engine: BackendEngine) -> int:
 
 
 @pytest.mark.asyncio
-async def test_inband_needs_reply_ack_and_backend_req_and_vring_kick_needs_inband(
+async def test_inband_without_reply_ack_and_backend_req_closes_and_vring_kick_needs_inband(
     engine: BackendEngine, connect: Connector
 ) -> None:
     peer = await connect.peer(engine)
@@ -2130,11 +2135,16 @@ async def test_inband_needs_reply_ack_and_backend_req_and_vring_kick_needs_inban
     await peer.do(F.SET_PROTOCOL_FEATURES, U64(PF.REPLY_ACK.mask))
     await peer.send(F.VRING_KICK, VringState(0, 0), need_reply=True)
     assert await peer.ack(F.VRING_KICK) != 0
-    # INBAND without BACKEND_REQ: refused with an ack (REPLY_ACK was negotiated before).
+    # INBAND without BACKEND_REQ: "the back-end should close the connection" (vhost-user.rst,
+    # INBAND_NOTIFICATIONS); asked for an ack (REPLY_ACK negotiated before), a failure ack first.
     await peer.send(F.SET_PROTOCOL_FEATURES, U64(INBAND & ~PF.BACKEND_REQ.mask), need_reply=True)
     assert await peer.ack(F.SET_PROTOCOL_FEATURES) != 0
-    await peer.barrier()
-    await peer.close()
+    await peer.expect_dropped()
+    # INBAND without REPLY_ACK, as the first protocol features: closed, nothing answered.
+    peer = await connect.peer(engine)
+    await peer.get_u64(F.GET_PROTOCOL_FEATURES)
+    await peer.send(F.SET_PROTOCOL_FEATURES, U64(INBAND & ~PF.REPLY_ACK.mask))
+    await peer.expect_dropped()
 
 
 # --- device state (DEVICE_STATE) ------------------------------------------------------------------

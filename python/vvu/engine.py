@@ -366,9 +366,11 @@ class InbandSignal:
 
     async def _send(self) -> None:
         try:
-            # No ack asked: a round trip per interrupt would halve the queue's throughput.
+            # With NEED_REPLY: INBAND comes with REPLY_ACK, which "needs to be used with the
+            # in-band notification messages to block until they are processed" (vhost-user.rst).
+            # The runner does not wait: signals during the round trip coalesce into one more.
             await self._engine.backend_request(
-                self._request, VringState(self._index, 0), need_reply=False
+                self._request, VringState(self._index, 0), need_reply=True
             )
         except RequestFailed as err:
             log.warning("vring %d: in-band %s lost: %s", self._index, self._request.name, err)
@@ -773,14 +775,13 @@ class BackendEngine:
                 raise RequestFailed(
                     f"{msg.name} is not supported by this back-end" + (f": {why}" if why else "")
                 )
-            if (
-                spec is not None
-                and spec.feature is not None
-                and not (session.protocol_features & spec.feature.mask)
-            ):
-                raise RequestFailed(f"{msg.name} needs protocol feature {spec.feature.name}")
+            self._check_feature(session, msg)
             async with session.lock:  # against back-end initiated changes (config_changed)
                 reply = await handler(msg)
+        except _Disconnect:
+            if answer is Answer.ACK:  # asked for an ack: it MUST get one, even before a drop
+                await session.channel.send(encode_ack(msg.request, ok=False))
+            raise
         except (RequestFailed, GuestMemoryError, QueueError, ConfigError, ValueError) as err:
             if answer is Answer.ACK:
                 # The text only: a log record kept with the error would pin its frames (memory).
@@ -805,6 +806,17 @@ class BackendEngine:
             await session.channel.send(encode_ack(msg.request, ok=True))
 
     # --- helpers -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_feature(session: Session, msg: Message) -> None:
+        """RequestFailed for a request whose protocol feature was not negotiated."""
+        spec = msg.spec
+        if (
+            spec is not None
+            and spec.feature is not None
+            and not (session.protocol_features & spec.feature.mask)
+        ):
+            raise RequestFailed(f"{msg.name} needs protocol feature {spec.feature.name}")
 
     @staticmethod
     def _acks_requested(session: Session, header: Header) -> bool:
@@ -1254,7 +1266,8 @@ class BackendEngine:
             raise RequestFailed(f"protocol features {unknown:#x} were never offered")
         inband_needs = _PF.REPLY_ACK.mask | _PF.BACKEND_REQ.mask
         if requested & _PF.INBAND_NOTIFICATIONS.mask and requested & inband_needs != inband_needs:
-            raise RequestFailed("INBAND_NOTIFICATIONS needs REPLY_ACK and BACKEND_REQ too")
+            # vhost-user.rst: "the back-end should close the connection as a response".
+            raise _Disconnect("INBAND_NOTIFICATIONS needs REPLY_ACK and BACKEND_REQ too")
         self._session().protocol_features = requested
 
     async def _get_queue_num(self, msg: Message) -> Payload:

@@ -72,7 +72,9 @@ _INBAND = _E + "test_blk_and_rng_data_with_inband_notifications"
 _INBAND_NET = "tests/test_net.py::test_two_front_ends_exchange_frames_with_inband_notifications"
 _INBAND_RAW = _E + "test_inband_vring_kick_starts_a_ring_and_calls_arrive_as_messages"
 _REPLY_ACK = _E + "test_reply_ack_is_one_u64_with_flags_0x5_and_the_request_id"
-_INBAND_NEEDS = _E + "test_inband_needs_reply_ack_and_backend_req_and_vring_kick_needs_inband"
+_INBAND_NEEDS = (
+    _E + "test_inband_without_reply_ack_and_backend_req_closes_and_vring_kick_needs_inband"
+)
 _REFUSED = _E + "test_refused_requests_get_their_failure_answer_and_a_reason"
 _STATE = "tests/test_device_state.py::test_blk_state_moves_between_two_backend_processes"
 _STATE_RETURNED_FD = "tests/test_device_state.py::test_our_frontend_uses_the_fd_a_backend_returns"
@@ -259,8 +261,10 @@ BACKEND_ROWS: Final[dict[BackendRequest, Row]] = {
         "blk resize: SIGHUP or `BlkBackend.resize`; acked with REPLY_ACK",
     ),
     _B.BACKEND_VRING_HOST_NOTIFIER_MSG: Row(_N, _X, (_FRONTEND_REFUSES,)),
-    _B.BACKEND_VRING_CALL: Row(_Y, _Y, (_INBAND, _INBAND_NET, _INBAND_RAW), "INBAND_NOTIFICATIONS"),
-    _B.BACKEND_VRING_ERR: Row(_Y, _Y, (_INBAND_RAW,), "INBAND_NOTIFICATIONS"),
+    _B.BACKEND_VRING_CALL: Row(
+        _Y, _Y, (_INBAND, _INBAND_NET, _INBAND_RAW), "INBAND_NOTIFICATIONS; with NEED_REPLY"
+    ),
+    _B.BACKEND_VRING_ERR: Row(_Y, _Y, (_INBAND_RAW,), "INBAND_NOTIFICATIONS; with NEED_REPLY"),
     _B.BACKEND_SHARED_OBJECT_ADD: Row(_N, _X, (_FRONTEND_REFUSES,)),
     _B.BACKEND_SHARED_OBJECT_REMOVE: Row(_N, _X, (_FRONTEND_REFUSES,)),
     _B.BACKEND_SHARED_OBJECT_LOOKUP: Row(_N, _X, (_FRONTEND_REFUSES,)),
@@ -305,7 +309,8 @@ FEATURE_ROWS: Final[dict[ProtocolFeature, Row]] = {
         _Y,
         _Y,
         (_INBAND, _INBAND_NET, _INBAND_RAW, _INBAND_NEEDS),
-        "needs REPLY_ACK and BACKEND_REQ; only for rings given no fd (NOFD)",
+        "needs REPLY_ACK and BACKEND_REQ (without them the connection is closed); only for "
+        "rings given no fd (NOFD)",
     ),
     _P.CONFIGURE_MEM_SLOTS: Row(_Y, _Y, (_MEM_SLOTS,)),
     _P.STATUS: Row(_Y, _Y, (_STATUS,)),
