@@ -51,6 +51,7 @@ from vvu.protocol import (
     DeviceStatus,
     FrontendRequest,
     Header,
+    Inflight,
     MemoryRegion,
     MemoryTable,
     Payload,
@@ -64,6 +65,7 @@ from vvu.protocol import (
     VringAddr,
     VringState,
     decode_message,
+    encode_ack,
 )
 from vvu.protocol.table import spec_for
 from vvu.transport.base import Channel, RawMessage, TransportError
@@ -1230,6 +1232,76 @@ async def test_status_config_and_queue_num(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("need_reply", [False, True], ids=["plain", "need-reply"])
+async def test_failed_get_config_replies_with_size_0_and_the_session_goes_on(
+    engine: BackendEngine, need_reply: bool, connect: Connector
+) -> None:
+    """vhost-user.rst, GET_CONFIG: "the back-end uses zero length of payload to indicate an
+    error" -- a Config header with size 0 (as rust-vmm answers), never a dropped session."""
+    peer = await connect.peer(engine)
+    await negotiate(peer)
+    beyond = Config(250, 0, bytes(8))  # 250 + 8 > the 256 bytes of a config space
+    assert await peer.get(F.GET_CONFIG, beyond, need_reply=need_reply) == Config(250, 0, b"")
+    await peer.barrier()
+    assert await peer.get(F.GET_CONFIG, Config(0, 0, bytes(8))) == Config(
+        0, 0, struct.pack("<Q", DISK // 512)
+    )
+    await peer.close()
+
+
+@pytest.mark.asyncio
+async def test_failed_get_inflight_fd_replies_with_mmap_size_0_and_no_fd(
+    engine: BackendEngine, connect: Connector
+) -> None:
+    """QEMU's vhost_user_get_inflight_fd takes mmap_size 0 for "no buffer" (and looks for no
+    fd): a region the back-end cannot give is answered that way, the session goes on."""
+    peer = await connect.peer(engine)
+    await negotiate(peer, protocol=QEMU_PROTOCOL | PF.INFLIGHT_SHMFD.mask)
+    await peer.barrier()
+    assert engine.session is not None
+    assert engine.session.protocol_features & PF.INFLIGHT_SHMFD.mask
+    too_many = engine.backend.num_queues + 1
+    await peer.send(F.GET_INFLIGHT_FD, Inflight(0, 0, too_many, 128))
+    raw = await peer.recv()
+    assert raw is not None, "the engine hung up instead of answering GET_INFLIGHT_FD"
+    assert raw.fds == [] and raw.request == F.GET_INFLIGHT_FD and raw.flags == REPLY_FLAGS
+    header = Header(raw.request, raw.flags, len(raw.payload))
+    reply = decode_message(header, raw.payload, is_reply=True).payload
+    assert isinstance(reply, Inflight) and reply.mmap_size == 0
+    await peer.barrier()
+    await peer.close()
+
+
+@pytest.mark.asyncio
+async def test_set_config_honours_its_flags(engine: BackendEngine, connect: Connector) -> None:
+    """vhost-user.rst, the config space payload's flags: 0 (VHOST_SET_CONFIG_TYPE_FRONTEND) for
+    a driver's write of writable fields, 1 (..._MIGRATION) for live migration. A migration write
+    carries the source's config space: bytes equal to ours are taken as they are, a differing
+    one must be writable; any other flags value is refused and changes nothing."""
+    peer = await connect.peer(engine)
+    await negotiate(peer)  # with CONFIG_WCE: the cache mode (byte 32) is writable
+    config = await peer.get(F.GET_CONFIG, Config(0, 0, bytes(60)))
+    assert isinstance(config, Config) and config.data[32] == 1  # write back
+    through = config.data[:32] + b"\0" + config.data[33:]
+    await peer.send(F.SET_CONFIG, Config(0, 0, through), need_reply=True)
+    assert await peer.ack(F.SET_CONFIG) == 1, "a driver write of read-only fields"
+    await peer.send(F.SET_CONFIG, Config(32, 2, b"\0"), need_reply=True)
+    assert await peer.ack(F.SET_CONFIG) == 1, "flags 2 mean nothing"
+    assert (await peer.get(F.GET_CONFIG, Config(32, 0, b"\0"))) == Config(32, 0, b"\1")
+    await peer.send(F.SET_CONFIG, Config(0, 1, through), need_reply=True)
+    assert await peer.ack(F.SET_CONFIG) == 0, "the source's config space, cache mode changed"
+    assert (await peer.get(F.GET_CONFIG, Config(32, 0, b"\0"))) == Config(32, 0, b"\0")
+    # Write back again, but the source had another number of queues (u16 at 34): refused,
+    # and the cache mode written before the refusal is undone.
+    other = bytearray(config.data)
+    struct.pack_into("<H", other, 34, 4)
+    await peer.send(F.SET_CONFIG, Config(0, 1, bytes(other)), need_reply=True)
+    assert await peer.ack(F.SET_CONFIG) == 1, "the source had another number of queues"
+    assert (await peer.get(F.GET_CONFIG, Config(32, 0, b"\0"))) == Config(32, 0, b"\0")
+    await peer.close()
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize("device", ["blk", "rng"])
 async def test_broken_ring_signals_the_current_err_fd_and_the_session_goes_on(
     device: str, caplog: pytest.LogCaptureFixture, connect: Connector
@@ -1281,7 +1353,8 @@ async def test_broken_ring_signals_the_current_err_fd_and_the_session_goes_on(
 #: "drop": the engine hangs up; "nack": a failure ack to `request` and the session goes on;
 #: "eof": we hang up ourselves; over VVU only: "accepted": a success ack to `request` and the
 #: session goes on; "ignored": nothing reaches the engine and the session goes on.
-Outcome = Literal["drop", "nack", "eof", "accepted", "ignored"]
+#: "nack-drop": a failure ack, then a hang-up (a malformed request that asked for an ack).
+Outcome = Literal["drop", "nack", "nack-drop", "eof", "accepted", "ignored"]
 
 
 @dataclass(frozen=True)
@@ -1390,8 +1463,9 @@ BAD_INPUT = [
     BadInput(
         "payload-size-wrong",
         lambda p, g: p.send(F.SET_FEATURES, bytes(4), need_reply=True),
-        "drop",
+        "nack-drop",
         "SET_FEATURES",
+        F.SET_FEATURES,
     ),
     BadInput(
         "payload-too-large",
@@ -1402,7 +1476,7 @@ BAD_INPUT = [
     BadInput(
         "call-without-nofd-and-without-fd",
         lambda p, g: p.send(F.SET_VRING_CALL, U64.vring(0), need_reply=True),
-        "drop",
+        "nack-drop",
         "0 fds attached",
         F.SET_VRING_CALL,
         # The device forwards every CALL without fds and the driver synthesises one (doorbell
@@ -1413,7 +1487,7 @@ BAD_INPUT = [
     BadInput(
         "call-with-nofd-and-an-fd",
         lambda p, g: _with_eventfd(p, F.SET_VRING_CALL, U64.vring(0, nofd=True), True),
-        "drop",
+        "nack-drop",
         "1 fds attached",
         F.SET_VRING_CALL,
         # The device takes the fd (as doorbell 0, NOFD notwithstanding) and forwards the message
@@ -1424,7 +1498,7 @@ BAD_INPUT = [
     BadInput(
         "mem-table-fewer-fds",
         _two_regions_one_fd,
-        "drop",
+        "nack-drop",
         "1 fds attached, expected 2",
         F.SET_MEM_TABLE,
         # The device publishes no region and refuses the table itself (failure ack): the
@@ -1448,10 +1522,11 @@ BAD_INPUT = [
     BadInput(
         "nine-regions",
         _nine_regions,
-        "drop",
+        "nack-drop",
         "at most 8",
+        F.SET_MEM_TABLE,
         # The device cannot bind the table, says so, and forwards it as is: the engine refuses.
-        vvu=("drop", ("not bound: MemoryTable has 9 regions, at most 8", "at most 8")),
+        vvu=("nack-drop", ("not bound: MemoryTable has 9 regions, at most 8", "at most 8")),
     ),
     BadInput(
         "region-beyond-its-fd",
@@ -1523,7 +1598,8 @@ async def test_bad_input(
     connect: Connector,
 ) -> None:
     """One clear warning (over VVU: the device's or transport's line, if any, then the
-    engine's); a failure ack (and the session goes on) or a hang-up; every fd and mapping
+    engine's); a failure ack (and the session goes on), a hang-up, or both (a malformed request
+    that asked for an ack: REPLY_ACK's back-end "MUST respond"); every fd and mapping
     released; and the same engine then serves a fresh front-end."""
     outcome: Outcome = case.outcome
     logs: tuple[str, ...] = (case.log,) if case.log else ()
@@ -1537,15 +1613,15 @@ async def test_bad_input(
     caplog.clear()
 
     await case.send(peer, guest)
-    if outcome in ("nack", "accepted"):
-        assert await peer.ack(case.request) == (1 if outcome == "nack" else 0)
+    if outcome in ("nack", "nack-drop", "accepted"):
+        assert await peer.ack(case.request) == (0 if outcome == "accepted" else 1)
     if outcome == "accepted":  # it replaced ring 0's call fd (all such cases): ours back
         await peer.do(F.SET_VRING_CALL, U64.vring(0), [ring.call.fileno()], need_reply=True)
     if outcome in ("nack", "accepted", "ignored"):
         await peer.barrier()
         await check_io(ring)
         await peer.close()
-    elif outcome == "drop":
+    elif outcome in ("drop", "nack-drop"):
         await peer.expect_dropped()
     else:
         await peer.close()
@@ -2022,15 +2098,19 @@ async def test_inband_vring_kick_starts_a_ring_and_calls_arrive_as_messages(
         request = blk_submit(ring, T_OUT, 8, out=os.urandom(512))
         ring.driver.publish()
         await peer.do(F.VRING_KICK, VringState(0, 0), need_reply=True)
+        # With NEED_REPLY (0x8): INBAND implies REPLY_ACK, which "needs to be used with the
+        # in-band notification messages to block until they are processed" (vhost-user.rst).
         message = await asyncio.wait_for(loop.sock_recv(ours, 20), TIMEOUT)
-        assert struct.unpack("<IIIII", message) == (4, 1, 8, 0, 0)  # VRING_CALL, vring 0
+        assert struct.unpack("<IIIII", message) == (4, 1 | 8, 8, 0, 0)  # VRING_CALL, vring 0
+        await loop.sock_sendall(ours, encode_ack(4, ok=True, channel="backend"))
         assert ring.used_idx == 1 and blk_status(ring, request) == 0
         # A buffer outside guest memory breaks the ring: BACKEND_VRING_ERR instead of the err fd.
         ring.queue.submit([], [(GPA + 64 * MiB, 16)])
         ring.driver.publish()
         await peer.do(F.VRING_KICK, VringState(0, 0), need_reply=True)
         message = await asyncio.wait_for(loop.sock_recv(ours, 20), TIMEOUT)
-        assert struct.unpack("<IIIII", message) == (5, 1, 8, 0, 0)  # VRING_ERR, vring 0
+        assert struct.unpack("<IIIII", message) == (5, 1 | 8, 8, 0, 0)  # VRING_ERR, vring 0
+        await loop.sock_sendall(ours, encode_ack(5, ok=True, channel="backend"))
         stopped = await peer.get(F.GET_VRING_BASE, VringState(0, 0))
         assert isinstance(stopped, VringState) and stopped.index == 0
     finally:
@@ -2046,7 +2126,7 @@ def ring_features(engine: BackendEngine) -> int:
 
 
 @pytest.mark.asyncio
-async def test_inband_needs_reply_ack_and_backend_req_and_vring_kick_needs_inband(
+async def test_inband_without_reply_ack_and_backend_req_closes_and_vring_kick_needs_inband(
     engine: BackendEngine, connect: Connector
 ) -> None:
     peer = await connect.peer(engine)
@@ -2055,11 +2135,16 @@ async def test_inband_needs_reply_ack_and_backend_req_and_vring_kick_needs_inban
     await peer.do(F.SET_PROTOCOL_FEATURES, U64(PF.REPLY_ACK.mask))
     await peer.send(F.VRING_KICK, VringState(0, 0), need_reply=True)
     assert await peer.ack(F.VRING_KICK) != 0
-    # INBAND without BACKEND_REQ: refused with an ack (REPLY_ACK was negotiated before).
+    # INBAND without BACKEND_REQ: "the back-end should close the connection" (vhost-user.rst,
+    # INBAND_NOTIFICATIONS); asked for an ack (REPLY_ACK negotiated before), a failure ack first.
     await peer.send(F.SET_PROTOCOL_FEATURES, U64(INBAND & ~PF.BACKEND_REQ.mask), need_reply=True)
     assert await peer.ack(F.SET_PROTOCOL_FEATURES) != 0
-    await peer.barrier()
-    await peer.close()
+    await peer.expect_dropped()
+    # INBAND without REPLY_ACK, as the first protocol features: closed, nothing answered.
+    peer = await connect.peer(engine)
+    await peer.get_u64(F.GET_PROTOCOL_FEATURES)
+    await peer.send(F.SET_PROTOCOL_FEATURES, U64(INBAND & ~PF.REPLY_ACK.mask))
+    await peer.expect_dropped()
 
 
 # --- device state (DEVICE_STATE) ------------------------------------------------------------------
@@ -2216,13 +2301,15 @@ def test_blk_cache_mode_is_writable_only_with_config_wce(blk: BlkBackend) -> Non
 @dataclass
 class Refused:
     """A request the engine refuses, and the answer it gets with NEED_REPLY: "ack" (a failure
-    ack), a typed failure reply (no fd attached), or None (no failure form: dropped)."""
+    ack), a typed failure reply (no fd attached), None (no failure form: dropped), or
+    "ack-drop" (malformed: a failure ack, then dropped)."""
 
     request: FrontendRequest
     payload: Payload
     expected: Payload | str | None
     with_fd: bool = False
-    # Over VVU, if different: the device passes no fd, so a request that needs one is malformed.
+    # Over VVU, if different: the device passes no fd, so a request that needs one is malformed
+    # (and asked for an ack: it gets a failure ack before the drop).
     over_vvu: Payload | str | None = "same"
 
 
@@ -2236,7 +2323,7 @@ def _refused_cases() -> list[ParameterSet]:
         Refused(F.POSTCOPY_ADVISE, EMPTY, EMPTY),
         Refused(F.POSTCOPY_LISTEN, EMPTY, "ack"),
         Refused(F.POSTCOPY_END, EMPTY, U64(1)),
-        Refused(F.GPU_SET_SOCKET, EMPTY, "ack", with_fd=True, over_vvu=None),
+        Refused(F.GPU_SET_SOCKET, EMPTY, "ack", with_fd=True, over_vvu="ack-drop"),
         Refused(F.GET_SHARED_OBJECT, uuid, EMPTY),
         Refused(F.GET_SHMEM_CONFIG, EMPTY, ShmemConfig(0)),
         Refused(F.GET_VRING_BASE_SKIP_DRAIN, VringState(0, 0), None),
@@ -2269,7 +2356,10 @@ async def test_refused_requests_get_their_failure_answer_and_a_reason(
         assert raw.request == case.request and raw.flags == REPLY_FLAGS
         header = Header(raw.request, raw.flags, len(raw.payload))
         reply = decode_message(header, raw.payload, is_reply=True).payload
-        assert reply == (U64(1) if expected == "ack" else expected)
+        assert reply == (U64(1) if expected in ("ack", "ack-drop") else expected)
+        if expected == "ack-drop":
+            await peer.expect_dropped()
+            return
         assert REFUSED[case.request] in " ".join(warning_lines(caplog))
         await peer.barrier()
         await peer.close()

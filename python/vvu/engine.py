@@ -39,7 +39,9 @@ from vvu.errors import GuestMemoryError, IotlbMiss, ProtocolError, QueueError, V
 from vvu.protocol import (
     DEVICE_STATE_NOFD,
     EMPTY,
+    NEED_REPLY,
     U64,
+    VERSION,
     VRING_F_LOG,
     BackendRequest,
     Config,
@@ -72,7 +74,7 @@ from vvu.protocol import (
     Iotlb as IotlbMessage,
 )
 from vvu.protocol.codec import Header
-from vvu.protocol.table import BACKEND_REQUESTS, Answer
+from vvu.protocol.table import BACKEND_REQUESTS, Answer, spec_for
 from vvu.transport.base import Channel, Listener, RawMessage, TransportError, close_fds
 
 log = logging.getLogger(__name__)
@@ -138,19 +140,28 @@ REFUSED: Final[dict[FrontendRequest, str]] = {
 
 def _failure_reply(msg: Message) -> Payload | None:
     """The spec's failure form of a request's typed reply, or None when it has none."""
-    if msg.request in (_F.POSTCOPY_ADVISE, _F.GET_SHARED_OBJECT):
-        return EMPTY  # without the userfaultfd / dma-buf fd: failed, not found
-    if msg.request == _F.POSTCOPY_END:
-        return U64(1)
-    if msg.request == _F.GET_SHMEM_CONFIG:
-        return ShmemConfig(0)
+    fixed: dict[int, Payload] = {
+        _F.POSTCOPY_ADVISE: EMPTY,  # without the userfaultfd: failed
+        _F.GET_SHARED_OBJECT: EMPTY,  # without the dma-buf fd: not found
+        _F.POSTCOPY_END: U64(1),
+        _F.GET_SHMEM_CONFIG: ShmemConfig(0),
+    }
     payload = msg.payload
-    if msg.request == _F.CREATE_CRYPTO_SESSION and isinstance(payload, RawPayload):
+    failure = fixed.get(msg.request)
+    if msg.request == _F.GET_CONFIG and isinstance(payload, Config):
+        # "zero length of payload to indicate an error": the header with size 0 (rust-vmm).
+        failure = Config(payload.offset, payload.flags, b"")
+    elif msg.request == _F.GET_INFLIGHT_FD and isinstance(payload, Inflight):
+        # No buffer to give: QEMU takes mmap_size 0 for that and looks for no fd.
+        failure = Inflight(0, 0, payload.num_queues, payload.queue_size)
+    elif (
+        msg.request == _F.CREATE_CRYPTO_SESSION
+        and isinstance(payload, RawPayload)
+        and len(payload.data) >= 8
+    ):
         # QEMU's reply is the session struct with a negative session id for a failure.
-        return (
-            RawPayload(struct.pack("<q", -1) + payload.data[8:]) if len(payload.data) >= 8 else None
-        )
-    return None
+        failure = RawPayload(struct.pack("<q", -1) + payload.data[8:])
+    return failure
 
 
 def _note_transfer_failure(transfer: asyncio.Task[bytes | None]) -> None:
@@ -174,6 +185,12 @@ def packed_vring_base(num: int) -> int:
     if num >> 16 == 0:
         return num | num << 16
     return num
+
+
+#: SET_CONFIG's flags (vhost-user.rst, "Virtio device config space"): a driver's write of
+#: writable fields, or the source's config space restored on a migration's destination.
+SET_CONFIG_TYPE_FRONTEND = 0
+SET_CONFIG_TYPE_MIGRATION = 1
 
 
 class RequestFailed(VvuError):
@@ -349,9 +366,11 @@ class InbandSignal:
 
     async def _send(self) -> None:
         try:
-            # No ack asked: a round trip per interrupt would halve the queue's throughput.
+            # With NEED_REPLY: INBAND comes with REPLY_ACK, which "needs to be used with the
+            # in-band notification messages to block until they are processed" (vhost-user.rst).
+            # The runner does not wait: signals during the round trip coalesce into one more.
             await self._engine.backend_request(
-                self._request, VringState(self._index, 0), need_reply=False
+                self._request, VringState(self._index, 0), need_reply=True
             )
         except RequestFailed as err:
             log.warning("vring %d: in-band %s lost: %s", self._index, self._request.name, err)
@@ -738,6 +757,9 @@ class BackendEngine:
             msg = decode_message(header, raw.payload, raw.fds, channel="frontend")
         except ProtocolError as err:
             raw.close_fds()
+            if self._acks_requested(session, header):
+                # REPLY_ACK: "the back-end MUST respond with ... non-zero otherwise".
+                await session.channel.send(encode_ack(header.request, ok=False))
             raise _Disconnect(f"malformed message: {err}") from err
         log.debug("<- %s", describe(msg))
         spec = msg.spec
@@ -753,14 +775,13 @@ class BackendEngine:
                 raise RequestFailed(
                     f"{msg.name} is not supported by this back-end" + (f": {why}" if why else "")
                 )
-            if (
-                spec is not None
-                and spec.feature is not None
-                and not (session.protocol_features & spec.feature.mask)
-            ):
-                raise RequestFailed(f"{msg.name} needs protocol feature {spec.feature.name}")
+            self._check_feature(session, msg)
             async with session.lock:  # against back-end initiated changes (config_changed)
                 reply = await handler(msg)
+        except _Disconnect:
+            if answer is Answer.ACK:  # asked for an ack: it MUST get one, even before a drop
+                await session.channel.send(encode_ack(msg.request, ok=False))
+            raise
         except (RequestFailed, GuestMemoryError, QueueError, ConfigError, ValueError) as err:
             if answer is Answer.ACK:
                 # The text only: a log record kept with the error would pin its frames (memory).
@@ -785,6 +806,27 @@ class BackendEngine:
             await session.channel.send(encode_ack(msg.request, ok=True))
 
     # --- helpers -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_feature(session: Session, msg: Message) -> None:
+        """RequestFailed for a request whose protocol feature was not negotiated."""
+        spec = msg.spec
+        if (
+            spec is not None
+            and spec.feature is not None
+            and not (session.protocol_features & spec.feature.mask)
+        ):
+            raise RequestFailed(f"{msg.name} needs protocol feature {spec.feature.name}")
+
+    @staticmethod
+    def _acks_requested(session: Session, header: Header) -> bool:
+        """Whether a request the engine could not decode still asked, in a well-formed header,
+        for a REPLY_ACK ack (not for a typed reply, whose failure form needs the payload)."""
+        spec = spec_for(header.request, "frontend")
+        if header.flags != VERSION | NEED_REPLY or spec is None:
+            return False
+        answer = spec.answer(need_reply=True, protocol_features=session.protocol_features)
+        return answer is Answer.ACK
 
     def _session(self) -> Session:
         assert self.session is not None
@@ -1224,7 +1266,8 @@ class BackendEngine:
             raise RequestFailed(f"protocol features {unknown:#x} were never offered")
         inband_needs = _PF.REPLY_ACK.mask | _PF.BACKEND_REQ.mask
         if requested & _PF.INBAND_NOTIFICATIONS.mask and requested & inband_needs != inband_needs:
-            raise RequestFailed("INBAND_NOTIFICATIONS needs REPLY_ACK and BACKEND_REQ too")
+            # vhost-user.rst: "the back-end should close the connection as a response".
+            raise _Disconnect("INBAND_NOTIFICATIONS needs REPLY_ACK and BACKEND_REQ too")
         self._session().protocol_features = requested
 
     async def _get_queue_num(self, msg: Message) -> Payload:
@@ -1269,10 +1312,44 @@ class BackendEngine:
 
     async def _set_config(self, msg: Message) -> None:
         assert isinstance(msg.payload, Config)
-        self.backend.write_config(msg.payload.offset, msg.payload.data)
+        offset, data, flags = msg.payload.offset, msg.payload.data, msg.payload.flags
+        if flags == SET_CONFIG_TYPE_FRONTEND:
+            self.backend.write_config(offset, data)
+        elif flags == SET_CONFIG_TYPE_MIGRATION:
+            self._restore_config(offset, data)
+        else:
+            raise RequestFailed(f"SET_CONFIG flags {flags:#x} are neither front-end nor migration")
         # A written field may change how the queues run (blk's cache mode): native workers
         # take their configuration when they start.
         await self._restart_rings(lambda: None)
+
+    def _restore_config(self, offset: int, data: bytes) -> None:
+        """A migration's SET_CONFIG: the source's config space. Bytes equal to ours are taken
+        as they are (read-only fields of the same device); each run of differing bytes is a
+        driver write, refused where the field is not writable; a refusal undoes the runs
+        written before it (they were writable, so writing back our bytes succeeds)."""
+        if offset + len(data) > MAX_CONFIG_SPACE:
+            raise RequestFailed(
+                f"config write {offset}+{len(data)} beyond {MAX_CONFIG_SPACE} bytes"
+            )
+        ours = self.backend.config_space().ljust(MAX_CONFIG_SPACE, b"\0")[offset:]
+        runs: list[tuple[int, int]] = []
+        for i, byte in enumerate(data):
+            if byte == ours[i]:
+                continue
+            if runs and runs[-1][1] == i:
+                runs[-1] = (runs[-1][0], i + 1)
+            else:
+                runs.append((i, i + 1))
+        done: list[tuple[int, int]] = []
+        try:
+            for start, end in runs:
+                self.backend.write_config(offset + start, data[start:end])
+                done.append((start, end))
+        except ConfigError:
+            for start, end in reversed(done):
+                self.backend.write_config(offset + start, ours[start:end])
+            raise
 
     async def _reset_device(self, msg: Message) -> None:
         session = self._session()

@@ -72,7 +72,9 @@ _INBAND = _E + "test_blk_and_rng_data_with_inband_notifications"
 _INBAND_NET = "tests/test_net.py::test_two_front_ends_exchange_frames_with_inband_notifications"
 _INBAND_RAW = _E + "test_inband_vring_kick_starts_a_ring_and_calls_arrive_as_messages"
 _REPLY_ACK = _E + "test_reply_ack_is_one_u64_with_flags_0x5_and_the_request_id"
-_INBAND_NEEDS = _E + "test_inband_needs_reply_ack_and_backend_req_and_vring_kick_needs_inband"
+_INBAND_NEEDS = (
+    _E + "test_inband_without_reply_ack_and_backend_req_closes_and_vring_kick_needs_inband"
+)
 _REFUSED = _E + "test_refused_requests_get_their_failure_answer_and_a_reason"
 _STATE = "tests/test_device_state.py::test_blk_state_moves_between_two_backend_processes"
 _STATE_RETURNED_FD = "tests/test_device_state.py::test_our_frontend_uses_the_fd_a_backend_returns"
@@ -177,12 +179,19 @@ FRONTEND_ROWS: Final[dict[FrontendRequest, Row]] = {
         "blk (native workers); update and invalidate",
     ),
     _F.SET_VRING_ENDIAN: Row(_R, _R, (_REFUSED,), "rings are little-endian (VERSION_1)"),
-    _F.GET_CONFIG: Row(_Y, _Y, (_STATUS, _GROW)),
+    _F.GET_CONFIG: Row(
+        _Y,
+        _Y,
+        (_STATUS, _E + "test_failed_get_config_replies_with_size_0_and_the_session_goes_on", _GROW),
+        "a read it cannot give: the Config header with size 0",
+    ),
     _F.SET_CONFIG: Row(
         _Y,
         _Y,
-        (_E + "test_blk_cache_mode_is_writable_only_with_config_wce", _GROW),
-        "blk: the CONFIG_WCE cache mode; anything else is refused",
+        (_STATUS, _E + "test_set_config_honours_its_flags"),
+        "blk: the CONFIG_WCE cache mode; anything else is refused. Flags 1 (migration): the "
+        "source's config space, whose bytes must equal ours where not writable; other flags "
+        "are refused",
     ),
     _F.CREATE_CRYPTO_SESSION: Row(_R, _R, (_REFUSED,), "session id -1"),
     _F.CLOSE_CRYPTO_SESSION: Row(_R, _R, (_REFUSED,)),
@@ -197,9 +206,11 @@ FRONTEND_ROWS: Final[dict[FrontendRequest, Row]] = {
             _INFLIGHT_QEMU,
             _INFLIGHT_VVU,
             _INFLIGHT_FILE,
+            _E + "test_failed_get_inflight_fd_replies_with_mmap_size_0_and_no_fd",
         ),
         "blk; over VVU the device allocates the region (shmid 3) and passes its fd; with "
-        "--frontend-memory the region is the device's own memfd (BAR3)",
+        "--frontend-memory the region is the device's own memfd (BAR3); a region it cannot "
+        "give: mmap_size 0, no fd",
     ),
     _F.SET_INFLIGHT_FD: Row(
         _Y,
@@ -250,8 +261,10 @@ BACKEND_ROWS: Final[dict[BackendRequest, Row]] = {
         "blk resize: SIGHUP or `BlkBackend.resize`; acked with REPLY_ACK",
     ),
     _B.BACKEND_VRING_HOST_NOTIFIER_MSG: Row(_N, _X, (_FRONTEND_REFUSES,)),
-    _B.BACKEND_VRING_CALL: Row(_Y, _Y, (_INBAND, _INBAND_NET, _INBAND_RAW), "INBAND_NOTIFICATIONS"),
-    _B.BACKEND_VRING_ERR: Row(_Y, _Y, (_INBAND_RAW,), "INBAND_NOTIFICATIONS"),
+    _B.BACKEND_VRING_CALL: Row(
+        _Y, _Y, (_INBAND, _INBAND_NET, _INBAND_RAW), "INBAND_NOTIFICATIONS; with NEED_REPLY"
+    ),
+    _B.BACKEND_VRING_ERR: Row(_Y, _Y, (_INBAND_RAW,), "INBAND_NOTIFICATIONS; with NEED_REPLY"),
     _B.BACKEND_SHARED_OBJECT_ADD: Row(_N, _X, (_FRONTEND_REFUSES,)),
     _B.BACKEND_SHARED_OBJECT_REMOVE: Row(_N, _X, (_FRONTEND_REFUSES,)),
     _B.BACKEND_SHARED_OBJECT_LOOKUP: Row(_N, _X, (_FRONTEND_REFUSES,)),
@@ -265,7 +278,10 @@ FEATURE_ROWS: Final[dict[ProtocolFeature, Row]] = {
     _P.LOG_SHMFD: Row(_Y, _Y, (_LOG_BASE, _MIGRATION, _LOG_VVU), _LOG_NOTE),
     _P.RARP: Row(_Y, _Y, (_NET,), "net only"),
     _P.REPLY_ACK: Row(
-        _Y, _Y, (_E + "test_reply_ack_is_one_u64_with_flags_0x5_and_the_request_id",)
+        _Y,
+        _Y,
+        (_E + "test_reply_ack_is_one_u64_with_flags_0x5_and_the_request_id", _E + "test_bad_input"),
+        "a malformed request that asked for an ack gets a failure ack, then the hang-up",
     ),
     _P.MTU: Row(_Y, _Y, (_NET,), "net only"),
     _P.BACKEND_REQ: Row(_Y, _Y, (_CONFIG_CHANGE, _GROW)),
@@ -293,7 +309,8 @@ FEATURE_ROWS: Final[dict[ProtocolFeature, Row]] = {
         _Y,
         _Y,
         (_INBAND, _INBAND_NET, _INBAND_RAW, _INBAND_NEEDS),
-        "needs REPLY_ACK and BACKEND_REQ; only for rings given no fd (NOFD)",
+        "needs REPLY_ACK and BACKEND_REQ (without them the connection is closed); only for "
+        "rings given no fd (NOFD)",
     ),
     _P.CONFIGURE_MEM_SLOTS: Row(_Y, _Y, (_MEM_SLOTS,)),
     _P.STATUS: Row(_Y, _Y, (_STATUS,)),
