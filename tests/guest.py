@@ -143,19 +143,7 @@ def build_image(flavour: str = "small") -> GuestImage:
     env = dict(os.environ)
     if flavour != "small":
         env.pop("VVU_GUEST_CACHE", None)
-    proc = subprocess.run(
-        ["bash", str(IMAGE_SCRIPT), "--flavour", flavour],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        stdin=subprocess.DEVNULL,
-    )
-    if proc.returncode != 0:
-        raise GuestUnavailable(
-            f"scripts/guest-image.sh failed with status {proc.returncode}: "
-            f"{proc.stderr.strip()[-2000:]}"
-        )
+    _run_setup_script(IMAGE_SCRIPT, "--flavour", flavour, env=env)
     cache = _cache_dir(flavour)
     built = _read_env(cache / "image.env")
     return GuestImage(
@@ -184,10 +172,11 @@ def _image_once(flavour: str) -> GuestImage | GuestUnavailable:
         return exc
 
 
-def build_qemu11() -> str:
-    """Run ``scripts/qemu11.sh`` (instant when cached): the QEMU 11 launcher's path."""
+def _run_setup_script(script: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    """Run one of the cached set-up scripts; GuestUnavailable with its stderr if it fails."""
     proc = subprocess.run(
-        ["bash", str(QEMU11_SCRIPT)],
+        ["bash", str(script), *args],
+        env=env,
         capture_output=True,
         text=True,
         check=False,
@@ -195,8 +184,14 @@ def build_qemu11() -> str:
     )
     if proc.returncode != 0:
         raise GuestUnavailable(
-            f"scripts/qemu11.sh failed with status {proc.returncode}: {proc.stderr.strip()[-2000:]}"
+            f"scripts/{script.name} failed with status {proc.returncode}: "
+            f"{proc.stderr.strip()[-2000:]}"
         )
+
+
+def build_qemu11() -> str:
+    """Run ``scripts/qemu11.sh`` (instant when cached): the QEMU 11 launcher's path."""
+    _run_setup_script(QEMU11_SCRIPT)
     return str(REPO / ".cache" / "qemu11" / "qemu-system-x86_64")
 
 

@@ -25,14 +25,15 @@ def _driver(loop: asyncio.AbstractEventLoop, path: str, max_request: int) -> Blk
     return loop.run_until_complete(BlkDriver.open(path, depth=DEPTH, max_request=max_request))
 
 
-async def _run(blk: BlkDriver, offsets: list[int], length: int) -> None:
+async def _run(blk: BlkDriver, offsets: list[int], length: int, depth: int = DEPTH) -> None:
+    """Read `length` bytes at each sector of `offsets`, `depth` requests in flight."""
     queue = list(offsets)
 
     async def lane() -> None:
         while queue:
             await blk.read(queue.pop(), length)
 
-    await asyncio.gather(*(lane() for _ in range(DEPTH)))
+    await asyncio.gather(*(lane() for _ in range(depth)))
 
 
 def _bench(

@@ -13,21 +13,12 @@ import random
 import pytest
 from conftest import DISK_MIB, measure
 from pytest_benchmark.fixture import BenchmarkFixture
+from test_blk import _run
 
 from vvu.frontend import BlkDriver
 
 DEPTH = 32
 RANDOM_READS = 4096
-
-
-async def _run(blk: BlkDriver, offsets: list[int]) -> None:
-    queue = list(offsets)
-
-    async def lane() -> None:
-        while queue:
-            await blk.read(queue.pop(), 4096)
-
-    await asyncio.gather(*(lane() for _ in range(DEPTH)))
 
 
 @pytest.mark.parametrize("notifications", ["eventfd", "inband"])
@@ -46,7 +37,7 @@ def test_randread_4k_qd32_notifications(
     )
     try:
         assert blk.frontend.inband == (notifications == "inband")
-        measure(benchmark, lambda: loop.run_until_complete(_run(blk, offsets)), rounds=5)
+        measure(benchmark, lambda: loop.run_until_complete(_run(blk, offsets, 4096)), rounds=5)
     finally:
         loop.run_until_complete(blk.close())
         loop.close()

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 from conftest import _stop, _wait_for_socket, measure
 from pytest_benchmark.fixture import BenchmarkFixture
+from test_blk import _run
 from test_vvu import cpu_seconds, run_seconds
 
 from backend_vm import DISK_MIB, FRONTEND_MEMORY, BackendVm, backend_vm_rig
@@ -71,16 +72,6 @@ def _offsets() -> list[int]:
     return [rng.randrange(0, sectors - 8) & ~7 for _ in range(REQUESTS)]
 
 
-async def _run(blk: BlkDriver, offsets: list[int]) -> None:
-    queue = list(offsets)
-
-    async def lane() -> None:
-        while queue:
-            await blk.read(queue.pop(), 4096)
-
-    await asyncio.gather(*(lane() for _ in range(DEPTH)))
-
-
 @pytest.mark.parametrize("path", ["af_unix", "backend_vm"])
 def test_backend_vm_randread_4k(
     benchmark: BenchmarkFixture, path: str, request: pytest.FixtureRequest
@@ -99,7 +90,11 @@ def test_backend_vm_randread_4k(
         before = vm.device_stats() if vm is not None else None
         cpu0 = cpu_seconds(vm.device.proc.pid) if vm is not None else 0.0
         run0 = run_seconds(vm.device.proc.pid) if vm is not None else 0.0
-        measure(benchmark, lambda: loop.run_until_complete(_run(blk, _offsets())), rounds=ROUNDS)
+        measure(
+            benchmark,
+            lambda: loop.run_until_complete(_run(blk, _offsets(), 4096, DEPTH)),
+            rounds=ROUNDS,
+        )
         info = benchmark.extra_info
         info["requests_per_round"] = REQUESTS
         info["depth"] = DEPTH
