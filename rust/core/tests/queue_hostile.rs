@@ -33,17 +33,22 @@ const WRITE: u16 = VIRTQ_DESC_F_WRITE;
 const INDIRECT: u16 = VIRTQ_DESC_F_INDIRECT;
 
 fn memory() -> GuestMemory {
+    layout_memory("queue-hostile", 0x7f00_0000_0000, &REGIONS)
+}
+
+/// Guest memory with one region per `(gpa, size)` of `layout`, all in one memfd back to back.
+fn layout_memory(name: &str, uva_base: u64, layout: &[(u64, u64)]) -> GuestMemory {
     common::bound_resources();
-    let total = REGIONS.iter().map(|r| r.1).sum();
-    let fd = create_memfd("queue-hostile", total).unwrap();
+    let total = layout.iter().map(|r| r.1).sum();
+    let fd = create_memfd(name, total).unwrap();
     let mut offset = 0;
-    let regions = REGIONS
+    let regions = layout
         .iter()
         .map(|&(gpa, size)| {
             let spec = RegionSpec {
                 guest_phys_addr: gpa,
                 size,
-                userspace_addr: 0x7f00_0000_0000 + gpa,
+                userspace_addr: uva_base + gpa,
                 mmap_offset: offset,
             };
             offset += size;
@@ -477,27 +482,10 @@ const TABLE_ENTRIES: u32 = 32768;
 const PIECES: u64 = 0x10_0000;
 
 fn big_memory(pieces: u64) -> GuestMemory {
-    common::bound_resources();
     let layout: Vec<(u64, u64)> = std::iter::once((0, 0x10_0000))
         .chain((0..pieces).map(|i| (PIECES + 0x1000 * i, 0x1000)))
         .collect();
-    let total = layout.iter().map(|r| r.1).sum();
-    let fd = create_memfd("queue-hostile-big", total).unwrap();
-    let mut offset = 0;
-    let regions = layout
-        .iter()
-        .map(|&(gpa, size)| {
-            let spec = RegionSpec {
-                guest_phys_addr: gpa,
-                size,
-                userspace_addr: 0x7e00_0000_0000 + gpa,
-                mmap_offset: offset,
-            };
-            offset += size;
-            Arc::new(MemoryRegion::map(fd.try_clone().unwrap(), spec).unwrap())
-        })
-        .collect();
-    GuestMemory::new(regions).unwrap()
+    layout_memory("queue-hostile-big", 0x7e00_0000_0000, &layout)
 }
 
 impl Image {
