@@ -22,10 +22,26 @@ __all__ = [
     "RegionInfo",
     "SplitQueue",
     "SplitQueueDriver",
+    "blk_bench",
     "memfd",
 ]
 
 def memfd(size: int, name: str = "vvu-guest") -> int: ...
+def blk_bench(
+    queues: list[
+        tuple[SplitQueueDriver | PackedQueueDriver, EventFd, EventFd, int, int, int, int, int]
+    ],
+    *,
+    rw: str,
+    block_size: int,
+    iodepth: int,
+    runtime: float,
+    backend_fd: int | None = None,
+    rwmix_read: int = 50,
+    verify: bool = False,
+    seed: int = 0,
+    timeout: float = 10.0,
+) -> dict[str, object]: ...
 
 @final
 class RegionInfo:

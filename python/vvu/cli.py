@@ -14,7 +14,7 @@ import sys
 import uuid
 from collections.abc import Sequence
 
-from vvu import systemd
+from vvu import bench, systemd
 from vvu.backends import Backend, available_backends
 from vvu.demo import run_demo
 from vvu.device.vvu import BACKEND_UP, FRONTEND_UP, VVU_VIRTIO_ID, VvuDevice
@@ -763,6 +763,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=int, default=256, help="MiB to write and verify (256)")
     demo.add_argument("--request-size", type=int, default=1024, help="KiB per request (1024)")
     demo.set_defaults(func=cmd_demo)
+
+    bench.add_parser(commands)
     return parser
 
 

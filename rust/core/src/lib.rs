@@ -9,7 +9,9 @@
 //! - [`inflight`]: the INFLIGHT_SHMFD region (crash-safe restart).
 //! - [`notify`]: eventfds, an epoll poller and busy-polling.
 //! - [`iotlb`]: the device IOTLB (VIRTIO_F_ACCESS_PLATFORM) and its IOVA-keyed memory view.
+//! - [`bench`]: the driver-side load generator of `vvu bench blk`.
 
+pub mod bench;
 pub mod dirty_log;
 pub mod error;
 pub mod inflight;

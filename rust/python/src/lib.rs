@@ -3,6 +3,7 @@
 
 use pyo3::prelude::*;
 
+mod bench;
 mod dirty_log;
 mod errors;
 mod inflight;
@@ -32,5 +33,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<worker::PyQueueWorker>()?;
     m.add_class::<net::PyNetPort>()?;
     m.add_function(wrap_pyfunction!(memory::memfd, m)?)?;
+    m.add_function(wrap_pyfunction!(bench::blk_bench, m)?)?;
     Ok(())
 }

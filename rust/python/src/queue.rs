@@ -5,6 +5,7 @@ use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
+use vvu_core::bench::DriverRing;
 use vvu_core::dirty_log::QueueLog;
 use vvu_core::memory::GuestMemory;
 use vvu_core::queue::{
@@ -425,10 +426,42 @@ device_queue_methods!(PyPackedQueue, {
     }
 });
 
+fn driver_handed_over() -> PyErr {
+    to_pyerr(QueueError::InvalidConfig(
+        "the driver was handed to a native loop".into(),
+    ))
+}
+
+/// The driver inside a `SplitQueueDriver` or `PackedQueueDriver` object, handed over to a native
+/// loop (`vvu bench`); the Python object refuses every use afterwards.
+pub fn take_driver(driver: &Bound<'_, PyAny>) -> PyResult<Box<dyn DriverRing>> {
+    if let Ok(split) = driver.cast::<PySplitQueueDriver>() {
+        let taken = split.borrow_mut().driver.take();
+        return Ok(Box::new(taken.ok_or_else(driver_handed_over)?));
+    }
+    if let Ok(packed) = driver.cast::<PyPackedQueueDriver>() {
+        let taken = packed.borrow_mut().driver.take();
+        return Ok(Box::new(taken.ok_or_else(driver_handed_over)?));
+    }
+    Err(pyo3::exceptions::PyTypeError::new_err(
+        "expected a SplitQueueDriver or a PackedQueueDriver",
+    ))
+}
+
 /// The methods both driver-side queue classes share. A chain's head is its head descriptor
 /// (split) or its buffer id (packed).
 macro_rules! driver_queue_methods {
-    ($class:ident, { $($extra:tt)* }) => {
+    ($class:ident, $driver:ty, { $($extra:tt)* }) => {
+        impl $class {
+            fn driver(&mut self) -> PyResult<&mut $driver> {
+                self.driver.as_mut().ok_or_else(driver_handed_over)
+            }
+
+            fn driver_ref(&self) -> PyResult<&$driver> {
+                self.driver.as_ref().ok_or_else(driver_handed_over)
+            }
+        }
+
         #[pymethods]
         impl $class {
             /// Make a chain of `readable` then `writable` (gpa, length) buffers available
@@ -439,7 +472,7 @@ macro_rules! driver_queue_methods {
                 readable: Vec<(u64, u32)>,
                 writable: Vec<(u64, u32)>,
             ) -> PyResult<u16> {
-                self.driver
+                self.driver()?
                     .add_chain(&readable, &writable)
                     .map_err(to_pyerr)
             }
@@ -453,25 +486,25 @@ macro_rules! driver_queue_methods {
                 readable: Vec<(u64, u32)>,
                 writable: Vec<(u64, u32)>,
             ) -> PyResult<u16> {
-                self.driver
+                self.driver()?
                     .add_indirect(table, &readable, &writable)
                     .map_err(to_pyerr)
             }
 
             /// Publish the chains added so far; True when the device wants a kick.
             fn publish(&mut self) -> PyResult<bool> {
-                self.driver.publish().map_err(to_pyerr)
+                self.driver()?.publish().map_err(to_pyerr)
             }
 
             /// The next used (head, length), or None.
             fn reap_used(&mut self) -> PyResult<Option<(u16, u32)>> {
-                self.driver.reap_used().map_err(to_pyerr)
+                self.driver()?.reap_used().map_err(to_pyerr)
             }
 
             /// Every used (head, length) available now.
             fn reap_all(&mut self) -> PyResult<Vec<(u16, u32)>> {
                 let mut used = Vec::new();
-                while let Some(entry) = self.driver.reap_used().map_err(to_pyerr)? {
+                while let Some(entry) = self.driver()?.reap_used().map_err(to_pyerr)? {
                     used.push(entry);
                 }
                 Ok(used)
@@ -479,26 +512,26 @@ macro_rules! driver_queue_methods {
 
             /// Ask the device for used-buffer notifications; True if entries arrived meanwhile.
             fn enable_call_notifications(&mut self) -> PyResult<bool> {
-                self.driver.enable_call_notifications().map_err(to_pyerr)
+                self.driver()?.enable_call_notifications().map_err(to_pyerr)
             }
 
             fn disable_call_notifications(&mut self) -> PyResult<()> {
-                self.driver.disable_call_notifications().map_err(to_pyerr)
+                self.driver()?.disable_call_notifications().map_err(to_pyerr)
             }
 
             #[getter]
-            fn free_descriptors(&self) -> usize {
-                self.driver.free_descriptors()
+            fn free_descriptors(&self) -> PyResult<usize> {
+                Ok(self.driver_ref()?.free_descriptors())
             }
 
             #[getter]
-            fn in_flight(&self) -> usize {
-                self.driver.in_flight()
+            fn in_flight(&self) -> PyResult<usize> {
+                Ok(self.driver_ref()?.in_flight())
             }
 
             #[getter]
-            fn broken_reason(&self) -> Option<String> {
-                self.driver.broken_reason().map(str::to_owned)
+            fn broken_reason(&self) -> PyResult<Option<String>> {
+                Ok(self.driver_ref()?.broken_reason().map(str::to_owned))
             }
 
             $($extra)*
@@ -509,10 +542,11 @@ macro_rules! driver_queue_methods {
 /// The driver side of a split virtqueue, laid out in guest memory this side owns.
 #[pyclass(name = "SplitQueueDriver", module = "vvu._core")]
 pub struct PySplitQueueDriver {
-    driver: SplitQueueDriver,
+    /// None once handed to a native loop (`take_driver`).
+    driver: Option<SplitQueueDriver>,
 }
 
-driver_queue_methods!(PySplitQueueDriver, {
+driver_queue_methods!(PySplitQueueDriver, SplitQueueDriver, {
     /// Zero the ring areas in `memory` and start with avail/used index `start_index`.
     #[new]
     #[pyo3(signature = (memory, size, desc_table, avail_ring, used_ring, *, event_idx = false, start_index = 0))]
@@ -528,12 +562,14 @@ driver_queue_methods!(PySplitQueueDriver, {
         let config = config(size, desc_table, avail_ring, used_ring, event_idx, true)?;
         let driver = SplitQueueDriver::with_start_index(memory.snapshot(), config, start_index)
             .map_err(to_pyerr)?;
-        Ok(Self { driver })
+        Ok(Self {
+            driver: Some(driver),
+        })
     }
 
     #[getter]
-    fn avail_idx(&self) -> u16 {
-        self.driver.avail_idx()
+    fn avail_idx(&self) -> PyResult<u16> {
+        Ok(self.driver_ref()?.avail_idx())
     }
 });
 
@@ -541,10 +577,11 @@ driver_queue_methods!(PySplitQueueDriver, {
 /// as `SplitQueueDriver`; heads are buffer ids.
 #[pyclass(name = "PackedQueueDriver", module = "vvu._core")]
 pub struct PyPackedQueueDriver {
-    driver: PackedQueueDriver,
+    /// None once handed to a native loop (`take_driver`).
+    driver: Option<PackedQueueDriver>,
 }
 
-driver_queue_methods!(PyPackedQueueDriver, {
+driver_queue_methods!(PyPackedQueueDriver, PackedQueueDriver, {
     /// Zero the ring areas in `memory` and start at slot 0 with wrap counter 1.
     #[new]
     #[pyo3(signature = (memory, size, desc_ring, driver_event, device_event, *, event_idx = false))]
@@ -563,16 +600,19 @@ driver_queue_methods!(PyPackedQueueDriver, {
             RingPosition::START,
         )
         .map_err(to_pyerr)?;
-        Ok(Self { driver })
+        Ok(Self {
+            driver: Some(driver),
+        })
     }
 
     /// The vhost-user SET_VRING_BASE value for a device taking over the ring now.
     #[getter]
-    fn vring_base(&self) -> u32 {
-        vvu_core::queue::PackedState {
-            next_avail: self.driver.next_avail(),
-            next_used: self.driver.next_used(),
+    fn vring_base(&self) -> PyResult<u32> {
+        let driver = self.driver_ref()?;
+        Ok(vvu_core::queue::PackedState {
+            next_avail: driver.next_avail(),
+            next_used: driver.next_used(),
         }
-        .to_vring_base()
+        .to_vring_base())
     }
 });
