@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import resource
@@ -28,6 +29,8 @@ from vvu.errors import VvuError
 from vvu.frontend import BlkDriver, Frontend
 from vvu.frontend.core import FrontendQueue
 from vvu.protocol import ProtocolFeature
+
+log = logging.getLogger(__name__)
 
 __all__ = ["BenchError", "BlkJob", "handshake_latency", "parse_size", "run_blk"]
 
@@ -254,6 +257,10 @@ def run_blk(job: BlkJob) -> dict[str, Any]:
             channel_fd = getattr(setup.frontend.channel, "fileno", None)
             cpu0 = backend_cpu(job.backend_pid) if job.backend_pid is not None else 0.0
             own0 = _own_cpu()
+            log.info(
+                "running %s bs=%d iodepth=%d on %d queue(s) of %s for %.1f s",
+                job.rw, job.bs, job.iodepth, job.queues, job.socket_path, job.runtime,
+            )  # fmt: skip
             raw = blk_bench(
                 args,
                 rw=job.rw,
