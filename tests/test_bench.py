@@ -11,14 +11,14 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
 from daemons import Daemon, stop_process
 from test_qsd import qsd_export
-from vvu._core import DescriptorChain, NativeHandler
-from vvu.backends import BlkBackend
+from vvu._core import DescriptorChain
+from vvu.backends import Backend
 from vvu.blocking import serve
 from vvu.cli import main
 
@@ -114,16 +114,19 @@ def test_qemu_storage_daemon_verified(tmp_path: Path) -> None:
     assert head[:8] == b"vvubench" and struct.unpack_from("<Q", head, 8)[0] == 0
 
 
-class LossyBlk(BlkBackend):
-    """A virtio-blk disk in a bytearray that acknowledges every write and drops those to odd
-    4 KiB blocks (Python path, so the test controls every byte)."""
+class LossyBlk(Backend):
+    """A 1 MiB virtio-blk disk in a bytearray that acknowledges every write and drops those to
+    odd 4 KiB blocks (Python path, so the test controls every byte)."""
+
+    name: ClassVar[str] = "lossy-blk"
+    device_id: ClassVar[int] = 2
 
     def __init__(self) -> None:
-        super().__init__(size=1 << 20)
+        super().__init__()
         self.disk = bytearray(1 << 20)
 
-    def native_worker(self, queue_index: int) -> NativeHandler | None:
-        return None
+    def config_space(self) -> bytes:
+        return struct.pack("<Q", len(self.disk) // 512)  # capacity, in sectors
 
     def handle(self, queue_index: int, chains: Sequence[DescriptorChain]) -> Sequence[int]:
         for chain in chains:
