@@ -32,7 +32,17 @@ from vvu.protocol import ProtocolFeature
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BenchError", "BlkJob", "handshake_latency", "parse_size", "run_blk"]
+__all__ = [
+    "BenchError",
+    "BlkJob",
+    "handshake_latency",
+    "handshake_report",
+    "handshake_samples",
+    "latency_stats",
+    "parse_size",
+    "run_blk",
+    "summary",
+]
 
 SECTOR = 512
 MiB = 1 << 20
@@ -381,35 +391,42 @@ async def _one_handshake(path: str, timeout: float) -> dict[str, float]:
     return times
 
 
-def handshake_latency(path: str, runs: int, *, timeout: float = 5.0) -> dict[str, Any]:
+def handshake_samples(path: str, runs: int, *, timeout: float = 5.0) -> list[dict[str, float]]:
     """Connect → handshake → first 512-byte read served, `runs` times (each a new session,
-    closed before the next): the median and p90 in milliseconds, in all and per step."""
+    closed before the next): seconds per run, in all ("total") and per step."""
     if runs < 1:
         raise BenchError(f"--handshake-runs {runs}: must be at least 1")
-    samples: list[dict[str, float]] = []
 
-    async def all_runs() -> None:
-        for _ in range(runs):
-            samples.append(await _one_handshake(path, timeout))
+    async def all_runs() -> list[dict[str, float]]:
+        return [await _one_handshake(path, timeout) for _ in range(runs)]
 
-    asyncio.run(all_runs())
+    return asyncio.run(all_runs())
 
-    def stats(values: list[float]) -> dict[str, float]:
-        ordered = sorted(values)
-        p90 = ordered[min(len(ordered) - 1, max(0, -(-9 * len(ordered) // 10) - 1))]
-        return {
-            "median_ms": round(statistics.median(ordered) * 1e3, 3),
-            "p90_ms": round(p90 * 1e3, 3),
-            "min_ms": round(ordered[0] * 1e3, 3),
-            "max_ms": round(ordered[-1] * 1e3, 3),
-        }
 
+def latency_stats(seconds: list[float]) -> dict[str, float]:
+    """Median, p90 (nearest rank), min and max of `seconds`, in milliseconds."""
+    ordered = sorted(seconds)
+    p90 = ordered[max(0, -(-9 * len(ordered) // 10) - 1)]
+    return {
+        "median_ms": round(statistics.median(ordered) * 1e3, 3),
+        "p90_ms": round(p90 * 1e3, 3),
+        "min_ms": round(ordered[0] * 1e3, 3),
+        "max_ms": round(ordered[-1] * 1e3, 3),
+    }
+
+
+def handshake_report(path: str, samples: list[dict[str, float]]) -> dict[str, Any]:
     return {
         "socket": path,
-        "runs": runs,
-        "total": stats([s["total"] for s in samples]),
-        "steps": {name: stats([s[name] for s in samples]) for name in HANDSHAKE_STEPS},
+        "runs": len(samples),
+        "total": latency_stats([s["total"] for s in samples]),
+        "steps": {name: latency_stats([s[name] for s in samples]) for name in HANDSHAKE_STEPS},
     }
+
+
+def handshake_latency(path: str, runs: int, *, timeout: float = 5.0) -> dict[str, Any]:
+    """`handshake_samples`, summed up: median and p90 in milliseconds, in all and per step."""
+    return handshake_report(path, handshake_samples(path, runs, timeout=timeout))
 
 
 def handshake_summary(result: dict[str, Any]) -> str:

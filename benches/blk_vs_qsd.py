@@ -1,0 +1,264 @@
+#!/usr/bin/env python3
+"""`vvu serve blk` beside qemu-storage-daemon (`aio=io_uring`), measured by `vvu bench blk`.
+
+Both back-ends serve their own copy-free view of the same image file and are measured
+alternately in the same run (A B, then B A for the next workload, ...), so the ratios hold on a
+busy machine even where the absolute figures drift. Workloads: 4 KiB random read and write at QD
+1/32/128 on 1 and 2 queues, on tmpfs and on a file on the machine's disk with the page cache
+dropped before every measurement (`sync; echo 3 > /proc/sys/vm/drop_caches`, needs root; qsd
+with `cache.direct=on` there, `cache.direct=off` on tmpfs which has no O_DIRECT). Prints a
+Markdown table of IOPS, p99 latency and back-end CPU per I/O with the ratios vvu / qsd, and
+writes every raw result as JSON (--json).
+
+    python benches/blk_vs_qsd.py                        # the whole matrix, 5 s per measurement
+    python benches/blk_vs_qsd.py --vvu-args "--aio io_uring --cache none"   # after issue 10
+    python benches/blk_vs_qsd.py --handshake 30         # connect → first 512-byte read, 30 runs
+
+`--vvu-args` is appended to `vvu serve blk` as given, so the same script measures the engine's
+options once they exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from daemons import stop_process, wait_for_socket
+from vvu.bench import handshake_samples, latency_stats
+
+MiB = 1 << 20
+VVU = [sys.executable, "-m", "vvu"]
+
+
+@dataclass
+class Backend:
+    name: str
+    proc: subprocess.Popen[bytes]
+    socket: Path
+
+
+def fill_image(path: Path, size: int) -> None:
+    """A fully written image (no holes or unwritten extents: reads must reach the medium)."""
+    if path.exists() and path.stat().st_size == size:
+        return
+    chunk = os.urandom(16 * MiB)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for offset in range(0, size, len(chunk)):
+            os.pwrite(fd, chunk[: size - offset], offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+@contextmanager
+def running(name: str, argv: list[str], socket: Path, log: Path) -> Iterator[Backend]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    try:
+        wait_for_socket(socket, proc, timeout=30)
+        yield Backend(name, proc, socket)
+    finally:
+        stop_process(proc)
+
+
+def vvu_argv(image: Path, socket: Path, queues: int, extra: str) -> list[str]:
+    return [*VVU, "-q", "serve", "blk", "--socket-path", str(socket), "--blk-file", str(image),
+            "--num-queues", str(queues), *shlex.split(extra)]  # fmt: skip
+
+
+def qsd_argv(image: Path, socket: Path, queues: int, direct: bool, aio: str) -> list[str]:
+    qsd = shutil.which("qemu-storage-daemon")
+    if qsd is None:
+        sys.exit("qemu-storage-daemon is not installed (scripts/setup.sh: qemu-system-common)")
+    cache = "on" if direct else "off"
+    return [qsd,
+            "--blockdev", f"driver=file,node-name=file0,filename={image},cache.direct={cache},"
+            f"aio={aio}",
+            "--blockdev", "driver=raw,node-name=disk0,file=file0",
+            "--export", f"type=vhost-user-blk,id=exp0,addr.type=unix,addr.path={socket},"
+            f"node-name=disk0,writable=on,num-queues={queues}"]  # fmt: skip
+
+
+def bench(backend: Backend, rw: str, qd: int, queues: int, runtime: float) -> dict[str, Any]:
+    argv = [*VVU, "-q", "bench", "blk", "--socket-path", str(backend.socket), "--json",
+            "--rw", rw, "--bs", "4k", "--iodepth", str(qd), "--queues", str(queues),
+            "--runtime", str(runtime), "--backend-pid", str(backend.proc.pid)]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=runtime + 120, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"{backend.name}: {' '.join(argv)} failed:\n{out.stderr}{out.stdout}")
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+def figures(result: dict[str, Any], rw: str) -> dict[str, float]:
+    d = result["read" if rw.endswith("read") else "write"]
+    return {
+        "iops": d["iops"],
+        "p99_us": d["lat_us"]["p99"],
+        "p50_us": d["lat_us"]["p50"],
+        "cpu_us_per_io": result["cpu"].get("backend_us_per_io", float("nan")),
+    }
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b else "-"
+
+
+def load_matrix(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    flip = False
+    for storage in args.storage:
+        on_disk = storage == "disk"
+        directory = Path(args.disk_dir if on_disk else args.tmpfs_dir)
+        size = args.disk_size if on_disk else args.tmpfs_size
+        image = directory / f"vvu-bench-{storage}.img"
+        print(f"# {storage}: {image} ({size // MiB} MiB)", file=sys.stderr, flush=True)
+        fill_image(image, size)
+        try:
+            vvu = running("vvu", vvu_argv(image, work / "vvu.sock", 2, args.vvu_args),
+                          work / "vvu.sock", work / f"vvu-{storage}.log")  # fmt: skip
+            qsd = running("qsd", qsd_argv(image, work / "qsd.sock", 2, on_disk, args.qsd_aio),
+                          work / "qsd.sock", work / f"qsd-{storage}.log")  # fmt: skip
+            with vvu as a, qsd as b:
+                for rw in args.rw:
+                    for queues in args.queues:
+                        for qd in args.qd:
+                            measured: dict[str, dict[str, float]] = {}
+                            order = [b, a] if flip else [a, b]
+                            flip = not flip
+                            for backend in order:
+                                if on_disk:
+                                    drop_caches()
+                                result = bench(backend, rw, qd, queues, args.runtime)
+                                measured[backend.name] = figures(result, rw)
+                            row = {"storage": storage, "rw": rw, "qd": qd, "queues": queues,
+                                   "order": [x.name for x in order], **measured}  # fmt: skip
+                            rows.append(row)
+                            v, q = measured["vvu"], measured["qsd"]
+                            print(f"{storage} {rw} qd={qd} queues={queues}: vvu "
+                                  f"{v['iops']:.0f} IOPS, qsd {q['iops']:.0f} IOPS, ratio "
+                                  f"{ratio(v['iops'], q['iops'])}",
+                                  file=sys.stderr, flush=True)  # fmt: skip
+        finally:
+            if not args.keep_images:
+                image.unlink(missing_ok=True)
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print("| storage | rw | QD | queues | vvu IOPS | qsd IOPS | **IOPS vvu/qsd** "
+          "| vvu p99 µs | qsd p99 µs | p99 vvu/qsd | vvu CPU µs/IO | qsd CPU µs/IO "
+          "| CPU/IO vvu/qsd |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        v, q = r["vvu"], r["qsd"]
+        print(f"| {r['storage']} | {r['rw']} | {r['qd']} | {r['queues']} "
+              f"| {v['iops'] / 1000:.1f} k | {q['iops'] / 1000:.1f} k "
+              f"| **{ratio(v['iops'], q['iops'])}** "
+              f"| {v['p99_us']:.0f} | {q['p99_us']:.0f} | {ratio(v['p99_us'], q['p99_us'])} "
+              f"| {v['cpu_us_per_io']:.2f} | {q['cpu_us_per_io']:.2f} "
+              f"| {ratio(v['cpu_us_per_io'], q['cpu_us_per_io'])} |")  # fmt: skip
+
+
+def handshake(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Connect → first 512-byte read served, one run per back-end alternately, args.handshake
+    runs each, on a small image in tmpfs."""
+    image = Path(args.tmpfs_dir) / "vvu-bench-handshake.img"
+    fill_image(image, 64 * MiB)
+    samples: dict[str, list[dict[str, float]]] = {"vvu": [], "qsd": []}
+    try:
+        vvu = running("vvu", vvu_argv(image, work / "vvu.sock", 1, args.vvu_args),
+                      work / "vvu.sock", work / "vvu-hs.log")  # fmt: skip
+        qsd = running("qsd", qsd_argv(image, work / "qsd.sock", 1, False, args.qsd_aio),
+                      work / "qsd.sock", work / "qsd-hs.log")  # fmt: skip
+        with vvu as a, qsd as b:
+            for _ in range(args.handshake):
+                for backend in (a, b):
+                    samples[backend.name] += handshake_samples(str(backend.socket), 1)
+    finally:
+        image.unlink(missing_ok=True)
+    report: dict[str, dict[str, Any]] = {
+        name: {
+            "total": latency_stats([s["total"] for s in runs]),
+            "steps": {k: latency_stats([s[k] for s in runs]) for k in runs[0] if k != "total"},
+        }
+        for name, runs in samples.items()
+    }
+    steps = list(report["vvu"]["steps"])
+    print("| step | vvu median ms | vvu p90 ms | qsd median ms | qsd p90 ms |")
+    print("|---|---:|---:|---:|---:|")
+    for step in [*steps, "total"]:
+        v = report["vvu"]["steps"].get(step) or report["vvu"]["total"]
+        q = report["qsd"]["steps"].get(step) or report["qsd"]["total"]
+        print(f"| {step} | {v['median_ms']:.2f} | {v['p90_ms']:.2f} "
+              f"| {q['median_ms']:.2f} | {q['p90_ms']:.2f} |")  # fmt: skip
+    v, q = report["vvu"]["total"], report["qsd"]["total"]
+    print(f"\nmedian vvu/qsd: {ratio(v['median_ms'], q['median_ms'])}, "
+          f"p90 vvu/qsd: {ratio(v['p90_ms'], q['p90_ms'])}")  # fmt: skip
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    words = lambda s: s.split(",")  # noqa: E731
+    parser.add_argument("--runtime", type=float, default=5.0, help="seconds per measurement")
+    parser.add_argument("--rw", type=words, default=["randread", "randwrite"])
+    parser.add_argument("--qd", type=ints, default=[1, 32, 128])
+    parser.add_argument("--queues", type=ints, default=[1, 2])
+    parser.add_argument("--storage", type=words, default=["tmpfs", "disk"])
+    parser.add_argument("--tmpfs-dir", default="/dev/shm")
+    parser.add_argument("--disk-dir", default="/var/tmp", help="a directory on a real disk")
+    parser.add_argument("--tmpfs-size", type=lambda s: int(s) * MiB, default=1024 * MiB,
+                        help="MiB (1024)")  # fmt: skip
+    parser.add_argument("--disk-size", type=lambda s: int(s) * MiB, default=4096 * MiB,
+                        help="MiB (4096)")  # fmt: skip
+    parser.add_argument("--keep-images", action="store_true", help="reuse them next time")
+    parser.add_argument("--vvu-args", default="", help="extra `vvu serve blk` options, quoted")
+    parser.add_argument("--qsd-aio", default="io_uring", help="qsd's aio= (io_uring)")
+    parser.add_argument("--handshake", type=int, metavar="RUNS",
+                        help="measure connect → first read instead, RUNS per back-end")  # fmt: skip
+    parser.add_argument("--json", type=Path, help="write the raw figures here")
+    args = parser.parse_args()
+    if "disk" in args.storage and args.handshake is None and os.geteuid() != 0:
+        sys.exit("dropping the page cache needs root (or --storage tmpfs)")
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    with tempfile.TemporaryDirectory(prefix="vvu-bench-") as tmp:
+        work = Path(tmp)
+        data: Any
+        if args.handshake is not None:
+            data = handshake(args, work)
+        else:
+            rows = load_matrix(args, work)
+            print(f"\n{started}, {os.getloadavg()[0]:.1f} load average at the end, "
+                  f"vvu-args {args.vvu_args!r}\n")  # fmt: skip
+            print_table(rows)
+            data = rows
+    if args.json is not None:
+        args.json.write_text(json.dumps({"started": started, "argv": sys.argv, "data": data},
+                                        indent=2))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
