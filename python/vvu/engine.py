@@ -761,7 +761,8 @@ class BackendEngine:
                 # REPLY_ACK: "the back-end MUST respond with ... non-zero otherwise".
                 await session.channel.send(encode_ack(header.request, ok=False))
             raise _Disconnect(f"malformed message: {err}") from err
-        log.debug("<- %s", describe(msg))
+        if log.isEnabledFor(logging.DEBUG):  # describe() costs more than the request
+            log.debug("<- %s", describe(msg))
         spec = msg.spec
         answer = (
             spec.answer(need_reply=msg.need_reply, protocol_features=session.protocol_features)
