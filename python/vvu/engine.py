@@ -138,6 +138,11 @@ REFUSED: Final[dict[FrontendRequest, str]] = {
 }
 
 
+def _log_received(msg: Message) -> None:
+    if log.isEnabledFor(logging.DEBUG):  # describe() costs more than most requests
+        log.debug("<- %s", describe(msg))
+
+
 def _failure_reply(msg: Message) -> Payload | None:
     """The spec's failure form of a request's typed reply, or None when it has none."""
     fixed: dict[int, Payload] = {
@@ -761,8 +766,7 @@ class BackendEngine:
                 # REPLY_ACK: "the back-end MUST respond with ... non-zero otherwise".
                 await session.channel.send(encode_ack(header.request, ok=False))
             raise _Disconnect(f"malformed message: {err}") from err
-        if log.isEnabledFor(logging.DEBUG):  # describe() costs more than the request
-            log.debug("<- %s", describe(msg))
+        _log_received(msg)
         spec = msg.spec
         answer = (
             spec.answer(need_reply=msg.need_reply, protocol_features=session.protocol_features)
