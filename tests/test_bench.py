@@ -267,3 +267,14 @@ def test_no_backend(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     socket = str(tmp_path / "none.sock")
     assert main(["bench", "blk", "--socket-path", socket, "--connect-timeout", "0.1"]) == 1
     assert socket in capsys.readouterr().err
+
+
+def test_help() -> None:
+    top = subprocess.run([*BENCH[:3], "--help"], capture_output=True, text=True, check=True)
+    assert "bench" in top.stdout
+    out = subprocess.run([*BENCH, "--help"], capture_output=True, text=True, check=True).stdout
+    for option in ("--socket-path", "--rw", "--bs", "--iodepth", "--queues", "--runtime",
+                   "--size", "--verify", "--backend-pid", "--json", "--handshake-runs"):  # fmt: skip
+        assert option in out
+    text = " ".join(out.split())
+    assert "p99.9" in text and "utime+stime" in text and "exits 130" in text
