@@ -877,3 +877,196 @@ fn wait(call: &EventFd, backend: i32, timeout: Duration) -> io::Result<Woken> {
     }
     Ok(Woken::Timeout)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+    use crate::queue::test_util::shared_memory;
+    use crate::queue::{ChainBatch, QueueConfig, SplitQueue};
+
+    const RING: QueueConfig = QueueConfig {
+        size: 64,
+        desc_table: 0x1000,
+        avail_ring: 0x2000,
+        used_ring: 0x3000,
+        event_idx: false,
+        indirect: false,
+    };
+    const DEPTH: u16 = 8;
+    const BS: u32 = 4096;
+    const DISK: usize = 256 << 10;
+
+    /// How the fake device behaves.
+    #[derive(Clone, Copy)]
+    enum Device {
+        /// Completes each batch in reverse order.
+        Reversed,
+        /// Pops requests and never completes them.
+        Stuck,
+    }
+
+    /// A virtio-blk device over a 256 KiB disk in a thread; runs until `stop`.
+    fn device(
+        mem: GuestMemory,
+        kick: EventFd,
+        call: EventFd,
+        stop: Arc<AtomicBool>,
+        kind: Device,
+    ) -> JoinHandle<()> {
+        thread::spawn(move || {
+            let mut queue = SplitQueue::new(RING).unwrap();
+            queue.attach(mem.clone()).unwrap();
+            let mut disk = vec![0u8; DISK];
+            let mut batch = ChainBatch::new();
+            while !stop.load(Ordering::SeqCst) {
+                batch.clear();
+                queue.pop_batch(&mut batch, 64).unwrap();
+                if matches!(kind, Device::Stuck) || batch.iter().len() == 0 {
+                    kick.wait(Some(Duration::from_millis(5))).unwrap();
+                    continue;
+                }
+                let chains: Vec<_> = batch.iter().collect();
+                for chain in chains.iter().rev() {
+                    let (readable, writable) = (chain.readable(), chain.writable());
+                    let mut header = [0u8; 16];
+                    mem.read(readable[0].gpa, &mut header).unwrap();
+                    let kind = u32::from_le_bytes(header[..4].try_into().unwrap());
+                    let at = u64::from_le_bytes(header[8..].try_into().unwrap()) as usize * 512;
+                    let status = writable[writable.len() - 1].gpa;
+                    let written = if kind == T_OUT {
+                        let data = &readable[1];
+                        mem.read(data.gpa, &mut disk[at..at + data.len as usize])
+                            .unwrap();
+                        0
+                    } else {
+                        let data = &writable[0];
+                        mem.write(data.gpa, &disk[at..at + data.len as usize])
+                            .unwrap();
+                        data.len
+                    };
+                    mem.write(status, &[S_OK]).unwrap();
+                    queue.push_used(chain.head(), written + 1).unwrap();
+                }
+                if queue.publish_used().unwrap() {
+                    call.signal().unwrap();
+                }
+            }
+        })
+    }
+
+    fn load(pattern: Pattern, verify: bool, timeout: Duration) -> Load {
+        Load {
+            pattern,
+            block_size: BS,
+            iodepth: DEPTH,
+            runtime: Duration::from_millis(300),
+            rwmix_read: 50,
+            verify,
+            seed: 7,
+            timeout,
+        }
+    }
+
+    /// Run `load` against a fake device of `kind`; `hang_up` closes the back-end's end of the
+    /// socket 100 ms in.
+    fn run(load: Load, kind: Device, hang_up: bool) -> Report {
+        let (driver_mem, device_mem) = shared_memory(&[(0, 0x20000)]);
+        let ring = SplitQueueDriver::new(driver_mem, RING).unwrap();
+        let (kick, call) = (EventFd::new().unwrap(), EventFd::new().unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        let dev = device(
+            device_mem,
+            kick.try_clone().unwrap(),
+            call.try_clone().unwrap(),
+            stop.clone(),
+            kind,
+        );
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let setup = QueueSetup {
+            ring: Box::new(ring),
+            kick,
+            call,
+            headers: 0x4000,
+            statuses: 0x5000,
+            data: 0x8000,
+            first_sector: 0,
+            sectors: (DISK / 512) as u64,
+        };
+        let mut bench = Bench::start(vec![setup], load, Some(OwnedFd::from(ours))).unwrap();
+        if hang_up {
+            assert!(!bench.wait_timeout(Duration::from_millis(100)));
+            drop(theirs);
+            assert!(
+                bench.wait_timeout(Duration::from_secs(2)),
+                "hang-up not seen"
+            );
+        } else {
+            assert!(bench.wait_timeout(Duration::from_secs(10)));
+            drop(theirs);
+        }
+        let report = bench.finish();
+        stop.store(true, Ordering::SeqCst);
+        dev.join().unwrap();
+        report
+    }
+
+    #[test]
+    fn out_of_order_completions_verified() {
+        let report = run(
+            load(Pattern::RandRw, true, Duration::from_secs(5)),
+            Device::Reversed,
+            false,
+        );
+        assert!(report.faults.is_empty(), "{:?}", report.faults);
+        assert!(report.read.ios > 0 && report.write.ios > 0);
+        assert_eq!(report.read.errors + report.write.errors, 0);
+        assert_eq!(report.read.latency.count(), report.read.ios);
+        assert_eq!(report.verify_errors, 0, "{:?}", report.mismatches);
+        assert!(report.verified > 0);
+        // A read-only pattern writes its range first, then checks every read.
+        let report = run(
+            load(Pattern::RandRead, true, Duration::from_secs(5)),
+            Device::Reversed,
+            false,
+        );
+        assert_eq!(report.prefill_ios, (DISK / BS as usize) as u64);
+        assert_eq!(report.verified, report.read.ios + report.prefill_ios);
+        assert_eq!(report.verify_errors, 0);
+    }
+
+    #[test]
+    fn a_stuck_device_fails_the_run() {
+        let start = Instant::now();
+        let report = run(
+            load(Pattern::RandRead, false, Duration::from_millis(200)),
+            Device::Stuck,
+            false,
+        );
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert_eq!(report.faults.len(), 1);
+        assert!(
+            report.faults[0].contains("no completion"),
+            "{:?}",
+            report.faults
+        );
+        assert_eq!(report.read.errors, u64::from(DEPTH));
+        assert_eq!(report.read.ios, 0);
+    }
+
+    #[test]
+    fn a_hang_up_fails_the_run_at_once() {
+        let report = run(
+            load(Pattern::RandRead, false, Duration::from_secs(60)),
+            Device::Stuck,
+            true,
+        );
+        assert!(
+            report.faults[0].contains("closed the connection"),
+            "{:?}",
+            report.faults
+        );
+        assert_eq!(report.read.errors, u64::from(DEPTH));
+    }
+}
