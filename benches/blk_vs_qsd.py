@@ -37,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from daemons import stop_process, wait_for_socket
+from daemons import wait_for_socket
 from vvu.bench import handshake_samples, latency_stats
 
 MiB = 1 << 20
@@ -79,7 +79,13 @@ def running(name: str, argv: list[str], socket: Path, log: Path) -> Iterator[Bac
         wait_for_socket(socket, proc, timeout=30)
         yield Backend(name, proc, socket)
     finally:
-        stop_process(proc)
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:  # a loaded machine: the figures are in, go on
+            print(f"{name} did not stop within 30 s of SIGTERM; killed", file=sys.stderr)
+            proc.kill()
+            proc.wait()
 
 
 def vvu_argv(image: Path, socket: Path, queues: int, extra: str) -> list[str]:
