@@ -21,6 +21,7 @@ options once they exist.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -72,9 +73,11 @@ def drop_caches() -> None:
 
 
 @contextmanager
-def running(name: str, argv: list[str], socket: Path, log: Path) -> Iterator[Backend]:
+def running(
+    name: str, argv: list[str], socket: Path, log: Path, env: dict[str, str] | None = None
+) -> Iterator[Backend]:
     with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env)
     try:
         wait_for_socket(socket, proc, timeout=30)
         yield Backend(name, proc, socket)
@@ -188,22 +191,28 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def handshake(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Connect → first 512-byte read served, one run per back-end alternately, args.handshake
-    runs each, on a small image in tmpfs."""
+    """Connect → first 512-byte read served, one run per back-end in turn, args.handshake runs
+    each, on a small image in tmpfs. With --baseline-tree, a second `vvu serve blk` runs from
+    that tree's python/ directory (e.g. main's, to see what a change to the engine did)."""
     image = Path(args.tmpfs_dir) / "vvu-bench-handshake.img"
     fill_image(image, 64 * MiB)
-    samples: dict[str, list[dict[str, float]]] = {"vvu": [], "qsd": []}
-    try:
-        vvu = running("vvu", vvu_argv(image, work / "vvu.sock", 1, args.vvu_args),
-                      work / "vvu.sock", work / "vvu-hs.log")  # fmt: skip
-        qsd = running("qsd", qsd_argv(image, work / "qsd.sock", 1, False, args.qsd_aio),
-                      work / "qsd.sock", work / "qsd-hs.log")  # fmt: skip
-        with vvu as a, qsd as b:
-            for _ in range(args.handshake):
-                for backend in (a, b):
-                    samples[backend.name] += handshake_samples(str(backend.socket), 1)
-    finally:
-        image.unlink(missing_ok=True)
+    with contextlib.ExitStack() as stack:
+        stack.callback(image.unlink, missing_ok=True)
+        backends = [
+            stack.enter_context(running("vvu", vvu_argv(image, work / "vvu.sock", 1,
+                                args.vvu_args), work / "vvu.sock", work / "vvu-hs.log")),
+            stack.enter_context(running("qsd", qsd_argv(image, work / "qsd.sock", 1, False,
+                                args.qsd_aio), work / "qsd.sock", work / "qsd-hs.log")),
+        ]  # fmt: skip
+        if args.baseline_tree is not None:
+            env = {**os.environ, "PYTHONPATH": str(args.baseline_tree)}
+            argv = vvu_argv(image, work / "base.sock", 1, args.vvu_args)
+            base = running("vvu-baseline", argv, work / "base.sock", work / "base-hs.log", env)
+            backends.append(stack.enter_context(base))
+        samples: dict[str, list[dict[str, float]]] = {b.name: [] for b in backends}
+        for _ in range(args.handshake):
+            for backend in backends:
+                samples[backend.name] += handshake_samples(str(backend.socket), 1)
     report: dict[str, dict[str, Any]] = {
         name: {
             "total": latency_stats([s["total"] for s in runs]),
@@ -211,17 +220,21 @@ def handshake(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         }
         for name, runs in samples.items()
     }
-    steps = list(report["vvu"]["steps"])
-    print("| step | vvu median ms | vvu p90 ms | qsd median ms | qsd p90 ms |")
-    print("|---|---:|---:|---:|---:|")
-    for step in [*steps, "total"]:
-        v = report["vvu"]["steps"].get(step) or report["vvu"]["total"]
-        q = report["qsd"]["steps"].get(step) or report["qsd"]["total"]
-        print(f"| {step} | {v['median_ms']:.2f} | {v['p90_ms']:.2f} "
-              f"| {q['median_ms']:.2f} | {q['p90_ms']:.2f} |")  # fmt: skip
+    names = list(report)
+    print("| step | " + " | ".join(f"{n} median ms | {n} p90 ms" for n in names) + " |")
+    print("|---|" + "---:|---:|" * len(names))
+    for step in [*report["vvu"]["steps"], "total"]:
+        cells = []
+        for name in names:
+            s = report[name]["steps"].get(step) or report[name]["total"]
+            cells.append(f"{s['median_ms']:.2f} | {s['p90_ms']:.2f}")
+        print(f"| {step} | " + " | ".join(cells) + " |")
     v, q = report["vvu"]["total"], report["qsd"]["total"]
     print(f"\nmedian vvu/qsd: {ratio(v['median_ms'], q['median_ms'])}, "
           f"p90 vvu/qsd: {ratio(v['p90_ms'], q['p90_ms'])}")  # fmt: skip
+    if "vvu-baseline" in report:
+        b = report["vvu-baseline"]["total"]
+        print(f"median vvu/vvu-baseline: {ratio(v['median_ms'], b['median_ms'])}")
     return report
 
 
@@ -245,6 +258,8 @@ def main() -> None:
     parser.add_argument("--qsd-aio", default="io_uring", help="qsd's aio= (io_uring)")
     parser.add_argument("--handshake", type=int, metavar="RUNS",
                         help="measure connect → first read instead, RUNS per back-end")  # fmt: skip
+    parser.add_argument("--baseline-tree", type=Path, metavar="PYTHON_DIR",
+                        help="with --handshake: also a vvu from this python/ dir")  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the raw figures here")
     args = parser.parse_args()
     if "disk" in args.storage and args.handshake is None and os.geteuid() != 0:
