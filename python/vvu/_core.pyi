@@ -1,5 +1,6 @@
 """Type stubs for the private native module ``vvu._core`` (checked by mypy.stubtest)."""
 
+from collections.abc import Callable
 from typing import final
 
 from typing_extensions import Buffer
@@ -41,6 +42,7 @@ def blk_bench(
     verify: bool = False,
     seed: int = 0,
     timeout: float = 10.0,
+    on_start: Callable[[], object] | None = None,
 ) -> dict[str, object]: ...
 
 @final

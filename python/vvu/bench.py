@@ -267,10 +267,13 @@ def run_blk(job: BlkJob) -> dict[str, Any]:
             channel_fd = getattr(setup.frontend.channel, "fileno", None)
             cpu0 = backend_cpu(job.backend_pid) if job.backend_pid is not None else 0.0
             own0 = _own_cpu()
-            log.info(
-                "running %s bs=%d iodepth=%d on %d queue(s) of %s for %.1f s",
-                job.rw, job.bs, job.iodepth, job.queues, job.socket_path, job.runtime,
-            )  # fmt: skip
+
+            def started() -> None:
+                log.info(
+                    "running %s bs=%d iodepth=%d on %d queue(s) of %s for %.1f s",
+                    job.rw, job.bs, job.iodepth, job.queues, job.socket_path, job.runtime,
+                )  # fmt: skip
+
             raw = blk_bench(
                 args,
                 rw=job.rw,
@@ -282,6 +285,7 @@ def run_blk(job: BlkJob) -> dict[str, Any]:
                 verify=job.verify,
                 seed=job.seed,
                 timeout=job.timeout,
+                on_start=started,
             )
             cpu = {"bench": _own_cpu() - own0}
             if job.backend_pid is not None:

@@ -61,10 +61,11 @@ fn dir_dict<'py>(py: Python<'py>, stats: &DirStats) -> PyResult<Bound<'py, PyDic
 /// Run a virtio-blk load on `queues` (each: driver, kick, call, then the guest addresses of the
 /// request headers, status bytes and data buffers, then the queue's first sector and sector
 /// count) and return the results. The drivers are handed over: their Python objects are unusable
-/// afterwards. `backend_fd` is the vhost-user socket, watched for a hang-up. Releases the GIL;
-/// Ctrl-C stops the run (requests in flight complete) and the results say `interrupted`.
+/// afterwards. `backend_fd` is the vhost-user socket, watched for a hang-up. `on_start` is
+/// called once every queue's thread runs. Releases the GIL; Ctrl-C stops the run (requests in
+/// flight complete) and the results say `interrupted`.
 #[pyfunction]
-#[pyo3(signature = (queues, *, rw, block_size, iodepth, runtime, backend_fd = None, rwmix_read = 50, verify = false, seed = 0, timeout = 10.0))]
+#[pyo3(signature = (queues, *, rw, block_size, iodepth, runtime, backend_fd = None, rwmix_read = 50, verify = false, seed = 0, timeout = 10.0, on_start = None))]
 #[allow(clippy::too_many_arguments)]
 pub fn blk_bench<'py>(
     py: Python<'py>,
@@ -78,6 +79,7 @@ pub fn blk_bench<'py>(
     verify: bool,
     seed: u64,
     timeout: f64,
+    on_start: Option<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let pattern = Pattern::parse(rw).ok_or_else(|| {
         PyValueError::new_err(format!(
@@ -111,6 +113,13 @@ pub fn blk_bench<'py>(
     }
     let mut bench = Bench::start(setups, load, backend).map_err(to_pyerr)?;
     let mut raised = None;
+    if let Some(callback) = on_start {
+        // The threads run: from here on Ctrl-C stops them and the results still come back.
+        if let Err(err) = callback.call0() {
+            bench.stop();
+            raised = Some(err);
+        }
+    }
     while !py.detach(|| bench.wait_timeout(Duration::from_millis(100))) {
         if let Err(err) = py.check_signals() {
             bench.stop();
