@@ -80,6 +80,16 @@ def test_vvu_serve_blk_two_queues_verified(vvu_blk: Daemon) -> None:
     assert result["cpu"]["backend_s"] >= 0 and "backend_us_per_io" in result["cpu"]
 
 
+def test_packed_rings_verified(vvu_blk: Daemon) -> None:
+    code, result, err = _bench(
+        vvu_blk.socket_path, "--packed", "--rw", "randrw", "--runtime", "0.3", "--verify"
+    )
+    assert code == 0, err
+    _assert_clean(result, "read", "write")
+    assert result["verify"]["verified"] > 0 and result["verify"]["errors"] == 0
+    assert int(result["backend"]["features"], 16) & 1 << 34  # VIRTIO_F_RING_PACKED acked
+
+
 def test_verified_sequential_read_fills_first(vvu_blk: Daemon) -> None:
     code, result, err = _bench(
         vvu_blk.socket_path, "--rw", "read", "--size", "1m", "--runtime", "0.3", "--verify"
