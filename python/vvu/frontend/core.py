@@ -418,7 +418,8 @@ class Frontend:
                 close_fds(raw.fds)
             else:
                 reply_fds.extend(raw.fds)
-        log.debug("-> %s", describe(reply))
+        if log.isEnabledFor(logging.DEBUG):  # describe() costs more than most requests
+            log.debug("-> %s", describe(reply))
         if reply.request != request:
             raise FrontendError(f"reply to {reply.name} while waiting for {request.name}")
         if not always:
