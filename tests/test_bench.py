@@ -17,6 +17,7 @@ import pytest
 
 from daemons import Daemon, stop_process
 from test_qsd import qsd_export
+from vvu import bench
 from vvu._core import DescriptorChain
 from vvu.backends import Backend
 from vvu.blocking import serve
@@ -265,12 +266,17 @@ def test_bad_options(
     assert message in capsys.readouterr().err
 
 
-def test_bad_options_for_this_backend(vvu_blk: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_options_for_this_backend(
+    vvu_blk: Daemon, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     socket = str(vvu_blk.socket_path)
     assert main(["bench", "blk", "--socket-path", socket, "--queues", "3"]) == 2
     assert "--queues 3: the back-end offers 2 queue(s)" in capsys.readouterr().err
     assert main(["bench", "blk", "--socket-path", socket, "--size", "1g"]) == 2
     assert f"--size {1 << 30}: the disk has {16 << 20} bytes" in capsys.readouterr().err
+    monkeypatch.setattr(bench, "MAX_VERIFY_BLOCKS", 100)
+    assert main(["bench", "blk", "--socket-path", socket, "--size", "1m", "--verify"]) == 2
+    assert "--verify keeps 9 bytes per block: 256 blocks" in capsys.readouterr().err
 
 
 def test_no_backend(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -50,6 +50,8 @@ PATTERNS = ("read", "write", "randread", "randwrite", "randrw")
 #: The most requests in flight per queue: each takes 3 descriptors and qemu-storage-daemon
 #: (libvhost-user) takes rings of at most 1024.
 MAX_IODEPTH = 1024
+#: --verify remembers each block's last write (8 bytes) and whether it is in flight (1 byte).
+MAX_VERIFY_BLOCKS = 1 << 26
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 _SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
 
@@ -177,6 +179,11 @@ async def _setup(job: BlkJob) -> _Setup:
             raise BenchError(f"--size {size}: the disk has {capacity} bytes")
         if size < job.bs * job.queues:
             raise BenchError(f"the disk ({capacity} bytes) is smaller than --bs times --queues")
+        if job.verify and size // job.bs > MAX_VERIFY_BLOCKS:
+            raise BenchError(
+                f"--verify keeps 9 bytes per block: {size // job.bs} blocks of --bs is more than "
+                f"{MAX_VERIFY_BLOCKS}; give a smaller --size"
+            )
         await frontend.setup_inflight(job.queues, ring)
         queues = [await frontend.start_queue(i, ring) for i in range(job.queues)]
     except BaseException:
