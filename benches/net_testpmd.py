@@ -176,7 +176,13 @@ def vvu_backend(
 
 
 def run_case(
-    case: str, backend: str, frame_len: int, seconds: float, workdir: Path, vvu: dict[str, tuple[str | None, list[str]]]
+    case: str,
+    backend: str,
+    *,
+    frame_len: int,
+    seconds: float,
+    workdir: Path,
+    vvu: dict[str, tuple[str | None, list[str]]],
 ) -> Result:
     sock = workdir / "net.sock"
     peer = Path(f"{sock}.peer")
@@ -238,10 +244,19 @@ def main() -> None:
                 for _ in range(args.rounds):
                     for backend in backends:
                         try:
-                            result = run_case(case, backend, size, args.seconds, Path(tmp), vvu)
+                            result = run_case(
+                                case,
+                                backend,
+                                frame_len=size,
+                                seconds=args.seconds,
+                                workdir=Path(tmp),
+                                vvu=vvu,
+                            )
                             print(result.row(), flush=True)
                         except (RuntimeError, TimeoutError) as err:
-                            print(f"| {case} {size} B | {backend} | failed: {err} | | |", flush=True)
+                            print(
+                                f"| {case} {size} B | {backend} | failed: {err} | | |", flush=True
+                            )
 
 
 if __name__ == "__main__":

@@ -903,7 +903,10 @@ fn switch_floods_unknown_and_broadcast_learns_and_forwards_unicast_to_one_port()
         vec![(mac(0), 0), (mac(1), 1), (mac(2), 2)]
     );
     // A MAC that moves is re-learnt where it was last seen (as after a migration's RARP).
-    assert!(s[2].port.send_frame(&addressed(BROADCAST, mac(0), 6, 60)).unwrap());
+    assert!(s[2]
+        .port
+        .send_frame(&addressed(BROADCAST, mac(0), 6, 60))
+        .unwrap());
     assert_eq!(switch.lookup(&mac(0)), Some(2));
     s[0].expect(&addressed(BROADCAST, mac(0), 6, 60));
     s[1].expect(&addressed(BROADCAST, mac(0), 6, 60));
@@ -930,9 +933,29 @@ fn a_port_whose_guest_never_refills_rx_does_not_stall_the_others() {
     // Port 2's guest posts no receive buffer at all; its queue (64 KiB) fills and overflows
     // while ports 0 and 1 go on exchanging floods and unicasts at full speed.
     let switch = Switch::new("stall", SwitchMode::Learning);
-    let mut a = Side::new(switch.attach(1, DEFAULT_PORT_BUFFER).unwrap().pop().unwrap(), MRG, true);
-    let mut b = Side::new(switch.attach(1, DEFAULT_PORT_BUFFER).unwrap().pop().unwrap(), MRG, true);
-    let stuck = Side::new(switch.attach(1, 64 * 1024).unwrap().pop().unwrap(), MRG, true);
+    let mut a = Side::new(
+        switch
+            .attach(1, DEFAULT_PORT_BUFFER)
+            .unwrap()
+            .pop()
+            .unwrap(),
+        MRG,
+        true,
+    );
+    let mut b = Side::new(
+        switch
+            .attach(1, DEFAULT_PORT_BUFFER)
+            .unwrap()
+            .pop()
+            .unwrap(),
+        MRG,
+        true,
+    );
+    let stuck = Side::new(
+        switch.attach(1, 64 * 1024).unwrap().pop().unwrap(),
+        MRG,
+        true,
+    );
     let rounds = 50;
     let per_round = 16;
     let len = 1000;
@@ -958,7 +981,10 @@ fn a_port_whose_guest_never_refills_rx_does_not_stall_the_others() {
     // out; the rest was dropped and counted against it, not against the sender.
     assert!(sc.rx_overflow > 0, "{sc:?}");
     let held = total - sc.rx_overflow;
-    assert!(held <= (64 * 1024 / (len as u64 + 12)) + 256 + 1, "{held} held");
+    assert!(
+        held <= (64 * 1024 / (len as u64 + 12)) + 256 + 1,
+        "{held} held"
+    );
     drop(stuck);
     // Unicast to b still flows after the stuck port is gone.
     let last = addressed(mac(1), mac(0), 9999, 60);

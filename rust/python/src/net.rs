@@ -86,7 +86,8 @@ impl PyNetPort {
             )));
         }
         let budget = Duration::from_secs_f64(seconds);
-        self.port.set_busy_poll((!budget.is_zero()).then_some(budget));
+        self.port
+            .set_busy_poll((!budget.is_zero()).then_some(budget));
         Ok(())
     }
 
@@ -217,6 +218,10 @@ impl PySwitch {
     }
 
     fn __repr__(&self) -> String {
-        format!("Switch({:?}, ports={:?})", self.switch.name(), self.switch.port_ids())
+        format!(
+            "Switch({:?}, ports={:?})",
+            self.switch.name(),
+            self.switch.port_ids()
+        )
     }
 }

@@ -51,7 +51,7 @@ use std::time::{Duration, Instant};
 
 pub mod switch;
 
-use switch::{Attachment, FrameQueue, Forwarder, Switch};
+use switch::{Attachment, Forwarder, FrameQueue, Switch};
 
 use super::{ChainHandler, DeviceLoop, LoopContext, WorkerFault};
 use crate::memory::GuestMemory;
@@ -368,7 +368,8 @@ pub struct NetPort {
 impl std::fmt::Debug for NetPort {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut d = f.debug_struct("NetPort");
-        d.field("kind", &self.inner.kind).field("name", &self.inner.name);
+        d.field("kind", &self.inner.kind)
+            .field("name", &self.inner.name);
         match &self.inner.link {
             Link::Fd { .. } => d.field("fds", &self.inner.fds().ok()),
             Link::Switch(link) => d

@@ -197,7 +197,8 @@ impl FrameQueue {
             inbox.push_back(buf);
         }
         st.bytes -= moved;
-        self.nonempty.store(!st.frames.is_empty(), Ordering::Release);
+        self.nonempty
+            .store(!st.frames.is_empty(), Ordering::Release);
         st.sleeping = n == 0;
         for buf in spent.drain(..) {
             recycle(&mut st.free, buf);
@@ -223,7 +224,8 @@ impl FrameQueue {
         let mut st = lock(&self.state);
         let buf = st.frames.pop_front()?;
         st.bytes -= buf.len();
-        self.nonempty.store(!st.frames.is_empty(), Ordering::Release);
+        self.nonempty
+            .store(!st.frames.is_empty(), Ordering::Release);
         Some(buf)
     }
 
@@ -419,7 +421,9 @@ impl Switch {
         Ok(inboxes
             .into_iter()
             .enumerate()
-            .map(|(pair, inbox)| NetPort::switched(self.clone(), Arc::clone(&attachment), pair, inbox))
+            .map(|(pair, inbox)| {
+                NetPort::switched(self.clone(), Arc::clone(&attachment), pair, inbox)
+            })
             .collect())
     }
 
@@ -439,7 +443,10 @@ impl Switch {
 
     /// The learning table: (MAC, port id), sorted by MAC.
     pub fn mac_table(&self) -> Vec<([u8; 6], usize)> {
-        let mut table: Vec<_> = read(&self.core.macs).iter().map(|(m, p)| (*m, *p)).collect();
+        let mut table: Vec<_> = read(&self.core.macs)
+            .iter()
+            .map(|(m, p)| (*m, *p))
+            .collect();
         table.sort_unstable();
         table
     }
