@@ -184,6 +184,23 @@ async def test_engine_routes_net_set_mtu_and_send_rarp(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
+async def test_frames_longer_than_the_advertised_mtu_are_refused(tmp_path: Path) -> None:
+    a, b = NetBackend.peers(mtu=1500)
+    async with serving((a, b), tmp_path) as (path_a, path_b):
+        da = await NetDriver.open(path_a)
+        db = await NetDriver.open(path_b)
+        try:
+            too_long, longest = frame(1, 1500 + 18 + 1), frame(2, 1500 + 18)
+            await da.send(too_long)
+            await da.send(longest)
+            assert await db.recv(TIMEOUT) == longest
+        finally:
+            await da.close()
+            await db.close()
+    assert (a.stats()["tx_errors"], a.stats()["tx_packets"]) == (1, 1)
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize(
     ("mrg_rxbuf", "version_1"),
     [(True, True), (False, True), (False, False)],

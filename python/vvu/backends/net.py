@@ -72,9 +72,11 @@ class NetFeature:
 LINK_UP = 1
 #: Largest frame the data path carries, without the virtio-net header.
 MAX_FRAME_LEN = 65535
+#: Ethernet header with one VLAN tag: what a frame has beyond its MTU.
+ETH_VLAN_HLEN = 14 + 4
 #: MTU bounds: the IPv4 minimum; the largest that leaves room for an Ethernet and a VLAN header.
 MIN_MTU = 68
-MAX_MTU = MAX_FRAME_LEN - 14 - 4
+MAX_MTU = MAX_FRAME_LEN - ETH_VLAN_HLEN
 DEFAULT_MAC = "02:76:76:75:00:01"
 DEFAULT_PEER_MAC = "02:76:76:75:00:02"
 #: Bytes each receive queue of a peer, switch or loopback port holds before frames for it drop.
@@ -368,6 +370,8 @@ class NetBackend(Backend):
     def native_worker(self, queue_index: int) -> NativeHandler:
         pair, is_tx = divmod(queue_index, 2)
         port = self.ports[pair]
+        # The guest must not send more than the MTU it was told (plus Ethernet and VLAN header).
+        port.max_frame = MAX_FRAME_LEN if self.mtu is None else self.mtu + ETH_VLAN_HLEN
         mrg_rxbuf, version_1 = self._header_features()
         if is_tx:
             return port.tx_handler(mrg_rxbuf=mrg_rxbuf, version_1=version_1)

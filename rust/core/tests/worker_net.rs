@@ -563,6 +563,15 @@ fn hostile_transmit_chains_are_refused_and_counted() {
     b.expect(&good);
     a.flush_tx(); // the counter is bumped before the chain is completed
     assert_eq!(a.stats().tx_packets, 1);
+    // Longer than the MTU the device advertised (1500 + Ethernet + VLAN header): refused.
+    a.port.set_max_frame(1518);
+    let mut over = vec![0u8; 12];
+    over.extend(frame(3, 1519));
+    a.send_raw(&over, &[over.len() as u32], &[]);
+    a.send(&frame(4, 1518));
+    b.expect(&frame(4, 1518));
+    a.flush_tx();
+    assert_eq!((a.stats().tx_errors, a.stats().tx_packets), (7, 2));
 }
 
 #[test]

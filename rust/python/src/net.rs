@@ -91,6 +91,18 @@ impl PyNetPort {
         Ok(())
     }
 
+    /// Longest frame the guest may transmit (longer ones are refused and counted in
+    /// tx_errors): the advertised MTU plus 18 (Ethernet and VLAN header). Default 65535.
+    #[getter]
+    fn get_max_frame(&self) -> usize {
+        self.port.max_frame()
+    }
+
+    #[setter]
+    fn set_max_frame(&self, len: usize) {
+        self.port.set_max_frame(len);
+    }
+
     /// "tap", "peer", "loopback" or "switch".
     #[getter]
     fn kind(&self) -> &'static str {

@@ -1,42 +1,56 @@
 //! The virtio-net data path (virtio 1.2 §5.1.6): one queue pair and a *port*.
 //!
-//! A [`NetPort`] is where frames leave and enter the device: a pair of fds on which one read or
-//! write carries exactly one packet, a 12-byte `virtio_net_hdr_mrg_rxbuf` followed by the
-//! Ethernet frame. Three kinds share that one code path (`readv`/`writev` of whole packets):
+//! A [`NetPort`] is where frames leave and enter the device. Two families:
 //!
-//! - **TAP**: `/dev/net/tun` with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` and `TUNSETVNETHDRSZ` 12
-//!   ([`NetPort::tap`]); read and write go to the same fd.
-//! - **peer link**: one end of a `socketpair(AF_UNIX, SOCK_SEQPACKET)` each
-//!   ([`NetPort::pair`]): what one port transmits, the other receives. This is a two-port switch
-//!   between two front-ends served by one process, and it needs no lock and no GIL: the kernel
-//!   socket is the frame queue.
-//! - **loopback**: both ends of one socketpair ([`NetPort::loopback`]): frames come back.
+//! - **switch ports**, frames moved ring to ring inside the process ([`switch`]): a port of a
+//!   learning [`switch::Switch`] ([`switch::Switch::attach`]), a **peer link** (a two-port hub,
+//!   [`NetPort::pair`]: what one port transmits, the other receives) and a **loopback**
+//!   ([`NetPort::loopback`]: frames come back). No socket, no syscall per frame, no GIL: the TX
+//!   worker copies a burst of frames out of its chains into the destination's bounded frame
+//!   queue, the destination's RX worker copies them into its receive buffers.
+//! - **fd ports**, on which one read or write carries exactly one packet, a 12-byte
+//!   `virtio_net_hdr_mrg_rxbuf` followed by the Ethernet frame: **TAP** (`/dev/net/tun` with
+//!   `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` and `TUNSETVNETHDRSZ` 12, [`NetPort::tap`]) and a kernel
+//!   `SOCK_SEQPACKET` socketpair ([`NetPort::socket_pair`], the former peer link, kept as a
+//!   baseline).
 //!
 //! Per queue pair, two handlers run in ordinary [`super::QueueWorker`]s:
 //!
 //! - [`NetTxHandler`] (transmitq, driver → device) is a plain [`ChainHandler`]: each chain is one
-//!   packet, validated and written to the port with one non-blocking `writev`/`sendmsg`.
+//!   packet, validated, then written to an fd port with one non-blocking `writev`/`sendmsg`, or
+//!   copied into a frame buffer that the whole burst is forwarded with
+//!   ([`ChainHandler::flush_batch`]) on a switch port. The batch is published once, with one call
+//!   signal at most (EVENT_IDX decides).
 //! - [`NetRxHandler`] (receiveq, device → driver) runs its own [`DeviceLoop`], because its work
-//!   arrives from the port, not from the ring: it sleeps on the port fd, the kick and the stop
-//!   eventfd, stages one packet at a time, and pops exactly as many chains as the packet needs.
+//!   arrives from the port, not from the ring: it sleeps on the port fd (a switch port's queue
+//!   eventfd), the kick and the stop eventfd, stages one packet at a time, pops exactly as many
+//!   chains as the packet needs, and publishes once per burst of up to 64 packets.
+//!
+//! With [`NetPort::set_busy_poll`], both workers spin for that long after running out of work
+//! (the TX worker on its ring, the RX worker on its switch queue, or on its ring while a packet
+//! waits for buffers) before they sleep on eventfds.
 //!
 //! # Buffering and drops
 //!
 //! A packet that arrives while the receive ring has no (or too few) buffers stays staged, and the
-//! ones behind it stay queued in the port (the socket buffer or the TAP queue): the RX worker
-//! stops reading the port until the driver adds buffers and kicks. The queue is bounded by the
-//! kernel (the socket send buffer, [`DEFAULT_PORT_BUFFER`]; the TAP `txqueuelen`): once it is
-//! full, the transmitting side drops and counts (`tx_dropped` of the sending port; the TAP
-//! interface's own drop counter). A staged packet survives a worker restart (it is parked in the
-//! port), so stopping and starting a ring never loses one.
+//! ones behind it stay queued in the port (the switch queue, the socket buffer or the TAP queue):
+//! the RX worker stops taking from the port until the driver adds buffers and kicks. A switch
+//! queue holds at most `buffer` bytes (plus one burst its worker took out), after which frames
+//! for it are dropped and counted in its `rx_overflow` (see [`switch`]); a socketpair is bounded by
+//! the kernel (the socket send buffer, [`DEFAULT_PORT_BUFFER`]) and a TAP by its `txqueuelen`,
+//! and once full the transmitting side drops and counts (`tx_dropped` of the sending port; the
+//! TAP interface's own drop counter). A staged packet survives a worker restart (it is parked in
+//! the port, and a switch port's taken burst goes back to the front of its queue), so stopping
+//! and starting a ring never loses one.
 //!
 //! # Validation
 //!
 //! The guest is untrusted. TX: the chain must be device-readable only, hold the whole header
 //! (10 bytes, 12 with VIRTIO_NET_F_MRG_RXBUF or VIRTIO_F_VERSION_1) and a frame of
-//! [`ETH_HLEN`]..=[`MAX_FRAME_LEN`] bytes; the header is copied out once and must ask for no
-//! offload (no checksum or GSO feature is offered); a violating chain is completed unsent and
-//! counted in `tx_errors`. RX: a chain with a device-readable part or too short for the header is
+//! [`ETH_HLEN`]..=[`NetPort::max_frame`] bytes (the advertised MTU plus 18, else
+//! [`MAX_FRAME_LEN`]); the header is copied out once and must ask for no offload (no checksum
+//! or GSO feature is offered); a violating chain is completed unsent and counted in
+//! `tx_errors`. RX: a chain with a device-readable part or too short for the header is
 //! completed with length 0 (`rx_bad_chains`); without MRG_RXBUF a packet larger than the one
 //! chain is dropped (`rx_dropped`) and the chain kept for the next one. The header written to the
 //! guest is built from scratch (flags 0, GSO none, `num_buffers`), never copied from the port.
@@ -45,7 +59,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::raw::c_int;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -254,6 +268,8 @@ struct PortInner {
     parked: Mutex<Option<Box<Stage>>>,
     /// Busy-poll budget of the port's workers, in nanoseconds (0: off).
     busy_poll_ns: AtomicU64,
+    /// Longest frame the guest may transmit (see [`NetPort::set_max_frame`]).
+    max_frame: AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -436,6 +452,7 @@ impl NetPort {
                 counters: NetCounters::default(),
                 parked: Mutex::new(None),
                 busy_poll_ns: AtomicU64::new(0),
+                max_frame: AtomicUsize::new(MAX_FRAME_LEN),
             }),
         }
     }
@@ -515,6 +532,19 @@ impl NetPort {
     /// See [`NetPort::set_busy_poll`].
     pub fn busy_poll(&self) -> Option<Duration> {
         self.inner.busy_poll()
+    }
+
+    /// Refuse (and count in `tx_errors`) transmitted frames longer than `len` bytes (clamped to
+    /// [`ETH_HLEN`]..=[`MAX_FRAME_LEN`]): the MTU the device advertised plus the Ethernet and a
+    /// VLAN header, which the guest must not exceed (§5.1.6.2). Default: [`MAX_FRAME_LEN`].
+    pub fn set_max_frame(&self, len: usize) {
+        let len = len.clamp(ETH_HLEN, MAX_FRAME_LEN);
+        self.inner.max_frame.store(len, Ordering::Relaxed);
+    }
+
+    /// See [`NetPort::set_max_frame`].
+    pub fn max_frame(&self) -> usize {
+        self.inner.max_frame.load(Ordering::Relaxed)
     }
 
     /// Create (or attach to) the TAP interface `name` (at most 15 bytes; `%d` lets the kernel
@@ -808,7 +838,7 @@ impl NetTxHandler {
         // §5.1.6.2: transmit buffers are device-readable only and start with the header.
         if chain.writable_len() != 0
             || total < hdr_len + ETH_HLEN
-            || total - hdr_len > MAX_FRAME_LEN
+            || total - hdr_len > self.port.max_frame.load(Ordering::Relaxed)
         {
             bump(&counters.tx_errors, 1);
             return;
