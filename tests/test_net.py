@@ -127,6 +127,15 @@ def test_switch_ports_learn_flood_and_forget() -> None:
     assert small.drain() == 1
 
 
+def test_busy_poll_is_set_per_port() -> None:
+    b = NetBackend.loopback(queue_pairs=2)
+    assert b.ports[0].busy_poll == 0
+    b.set_busy_poll(50)
+    assert [p.busy_poll for p in b.ports] == [pytest.approx(50e-6)] * 2
+    with pytest.raises(ValueError):
+        b.ports[0].busy_poll = 2.0
+
+
 def test_send_rarp_announces_the_mac_on_the_link() -> None:
     a, b = NetBackend.peers()
     mac = parse_mac("52:54:00:12:34:56")
@@ -353,7 +362,8 @@ def test_serve_net_peer_mode_links_two_sockets(tmp_path: Path) -> None:
     assert not sock.exists() and not peer.exists(), "both sockets are removed on SIGTERM"
 
 
-def test_serve_net_loopback(tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [[], ["--poll-us", "50"]], ids=["sleeping", "busy-poll"])
+def test_serve_net_loopback(tmp_path: Path, extra: list[str]) -> None:
     sock = tmp_path / "lo.sock"
 
     async def echo() -> None:
@@ -365,7 +375,7 @@ def test_serve_net_loopback(tmp_path: Path) -> None:
         finally:
             await d.close()
 
-    with vvu_serve_net(sock, "--loopback"):
+    with vvu_serve_net(sock, "--loopback", *extra):
         asyncio.run(echo())
 
 

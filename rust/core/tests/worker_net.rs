@@ -1030,3 +1030,35 @@ fn switch_ports_spread_queue_pairs_and_survive_rx_restarts() {
     assert_eq!(b[1].stats().rx_packets, 5);
     assert_eq!(b[0].stats().rx_packets, 0);
 }
+
+#[test]
+fn busy_polling_workers_move_frames_without_sleeping_and_stop_promptly() {
+    // Both ports busy-poll far longer than the test runs: once started, no worker ever sleeps on
+    // an eventfd, yet every frame (and every receive buffer posted without a kick) is found.
+    let (a, b) = NetPort::pair(DEFAULT_PORT_BUFFER).unwrap();
+    for port in [&a, &b] {
+        port.set_busy_poll(Some(Duration::from_secs(3600)));
+    }
+    assert_eq!(a.busy_poll(), Some(Duration::from_secs(3600)));
+    let mut a = Side::new(a, MRG, true);
+    let mut b = Side::new(b, MRG, true);
+    b.post_rx(2048, 8);
+    for seq in 0..32 {
+        a.send(&frame(seq, 60 + seq as usize));
+        b.expect(&frame(seq, 60 + seq as usize));
+        b.post_rx(2048, 1);
+    }
+    let wakeups = |side: &Side| {
+        let rx = side.rx_worker.as_ref().unwrap().stats().wakeups;
+        let tx = side.tx_worker.as_ref().unwrap().stats().wakeups;
+        rx + tx
+    };
+    assert_eq!((wakeups(&a), wakeups(&b)), (0, 0));
+    let started = Instant::now();
+    drop(a);
+    drop(b);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "stop while spinning"
+    );
+}
