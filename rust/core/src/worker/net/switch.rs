@@ -526,6 +526,14 @@ impl Switch {
             .extend(frames.iter().map(|p| p.len().saturating_sub(PORT_HDR_LEN)));
         {
             let ports = read(&self.core.ports);
+            // The last port a flood reaches gets the frame itself, the others a copy (a peer
+            // link, a two-port hub, then never copies).
+            let last_flood = ports
+                .iter()
+                .enumerate()
+                .rev()
+                .find(|(id, entry)| entry.is_some() && *id != from)
+                .map(|(id, _)| id);
             for (id, entry) in ports.iter().enumerate() {
                 let Some(entry) = entry else { continue };
                 fwd.out.clear();
@@ -539,7 +547,7 @@ impl Switch {
                     if !to_this {
                         continue;
                     }
-                    let buf = if matches!(fwd.dests[i], Dest::Port(_)) {
+                    let buf = if matches!(fwd.dests[i], Dest::Port(_)) || last_flood == Some(id) {
                         std::mem::take(packet)
                     } else {
                         let mut copy = fwd.buffer(0);
