@@ -124,7 +124,7 @@ def rarp_frame(mac: bytes) -> bytes:
 
 
 class NetBackend(Backend):
-    """The network device (virtio id 1): TAP, peer link or loopback."""
+    """The network device (virtio id 1): TAP, switch port, peer link or loopback."""
 
     name: ClassVar[str] = "net"
     device_id: ClassVar[int] = 1
