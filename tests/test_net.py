@@ -28,7 +28,7 @@ import pytest
 
 from daemons import stop_process, wait_for_socket
 from guest import guest_image, qemu_escape, run_guest_async
-from vvu._core import NetPort
+from vvu._core import NetPort, Switch
 from vvu.backends import NetBackend, available_backends
 from vvu.backends.net import NetFeature, parse_mac, rarp_frame
 from vvu.engine import BackendEngine
@@ -106,6 +106,36 @@ def test_ports_link_and_count() -> None:
     assert a.drain() == 3 and a.stats["rx_dropped"] == 3
 
 
+def test_switch_ports_learn_flood_and_forget() -> None:
+    sw = Switch("t")
+    p0, p1, p2 = (sw.attach()[0] for _ in range(3))
+    assert (p0.kind, p1.switch_port, sw.ports) == ("switch", 1, [0, 1, 2])
+    m0, m1 = parse_mac("02:00:00:00:00:10"), parse_mac("02:00:00:00:00:11")
+    hello = frame(1, 60, src=m0)
+    assert p0.send(hello)
+    assert (p1.recv(), p2.recv(), p0.recv()) == (hello, hello, None)
+    assert sw.mac_table() == {m0: 0}
+    reply = frame(2, 60, dst=m0, src=m1)
+    assert p1.send(reply)
+    assert (p0.recv(), p2.recv()) == (reply, None)
+    del p2
+    assert sw.ports == [0, 1]
+    # A full queue drops (counted against the receiver), the sender's frame is still taken.
+    (small,) = sw.attach(buffer_size=100)
+    assert p0.send(frame(3, 60, src=m0)) and p0.send(frame(4, 60, src=m0))
+    assert small.stats["rx_overflow"] == 1 and p0.stats["tx_dropped"] == 0
+    assert small.drain() == 1
+
+
+def test_busy_poll_is_set_per_port() -> None:
+    b = NetBackend.loopback(queue_pairs=2)
+    assert b.ports[0].busy_poll == 0
+    b.set_busy_poll(50)
+    assert [p.busy_poll for p in b.ports] == [pytest.approx(50e-6)] * 2
+    with pytest.raises(ValueError):
+        b.ports[0].busy_poll = 2.0
+
+
 def test_send_rarp_announces_the_mac_on_the_link() -> None:
     a, b = NetBackend.peers()
     mac = parse_mac("52:54:00:12:34:56")
@@ -160,6 +190,23 @@ async def test_engine_routes_net_set_mtu_and_send_rarp(tmp_path: Path) -> None:
             assert b.ports[0].recv() == rarp_frame(mac)
         finally:
             await frontend.close()
+
+
+@pytest.mark.asyncio
+async def test_frames_longer_than_the_advertised_mtu_are_refused(tmp_path: Path) -> None:
+    a, b = NetBackend.peers(mtu=1500)
+    async with serving((a, b), tmp_path) as (path_a, path_b):
+        da = await NetDriver.open(path_a)
+        db = await NetDriver.open(path_b)
+        try:
+            too_long, longest = frame(1, 1500 + 18 + 1), frame(2, 1500 + 18)
+            await da.send(too_long)
+            await da.send(longest)
+            assert await db.recv(TIMEOUT) == longest
+        finally:
+            await da.close()
+            await db.close()
+    assert (a.stats()["tx_errors"], a.stats()["tx_packets"]) == (1, 1)
 
 
 @pytest.mark.asyncio
@@ -315,7 +362,8 @@ def test_serve_net_peer_mode_links_two_sockets(tmp_path: Path) -> None:
     assert not sock.exists() and not peer.exists(), "both sockets are removed on SIGTERM"
 
 
-def test_serve_net_loopback(tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [[], ["--poll-us", "50"]], ids=["sleeping", "busy-poll"])
+def test_serve_net_loopback(tmp_path: Path, extra: list[str]) -> None:
     sock = tmp_path / "lo.sock"
 
     async def echo() -> None:
@@ -327,7 +375,7 @@ def test_serve_net_loopback(tmp_path: Path) -> None:
         finally:
             await d.close()
 
-    with vvu_serve_net(sock, "--loopback"):
+    with vvu_serve_net(sock, "--loopback", *extra):
         asyncio.run(echo())
 
 
@@ -655,6 +703,45 @@ def test_dpdk_testpmd_macswaps_our_frames_back(tmp_path: Path, packed: bool) -> 
     text = pmd.output()
     totals = re.findall(r"RX-packets: (\d+) +RX-dropped: (\d+).*?TX-packets: (\d+)", text, re.S)
     assert totals and totals[-1] == ("50", "0", "50"), text[-3000:]
+
+
+@needs_testpmd
+def test_dpdk_testpmd_through_the_switch_learns_and_floods(tmp_path: Path) -> None:
+    """`vvu serve net --switch`: testpmd (macswap) on port 0, our drivers on ports 1 and 2. The
+    first frame to testpmd's MAC is flooded (port 2 sees it too); testpmd's reply teaches the
+    switch its MAC, so the next 49 frames and all 50 replies are unicast: port 2 sees nothing
+    more, and testpmd counts exactly 50 frames each way."""
+    sock = tmp_path / "sw0.sock"
+    ports = [tmp_path / "sw1.sock", tmp_path / "sw2.sock"]
+    me = parse_mac("02:00:00:00:00:02")
+
+    async def through_switch(pmd: PmdProcess) -> None:
+        d1 = await NetDriver.open(str(ports[0]))
+        d2 = await NetDriver.open(str(ports[1]))
+        try:
+            pmd_mac = parse_mac(await asyncio.to_thread(pmd.wait_forwarding))
+            frames = [frame(i, 60 + 29 * i, dst=pmd_mac, src=me) for i in range(50)]
+            await d1.send(frames[0])
+            assert await d2.recv(TIMEOUT) == frames[0], "unknown destination: flooded"
+            got = await d1.recv(TIMEOUT)
+            assert got[:6] == me and got[6:12] == pmd_mac and got[12:] == frames[0][12:]
+            await d1.send_all(frames[1:])
+            for f in frames[1:]:
+                got = await d1.recv(TIMEOUT)
+                assert got[:6] == me and got[12:] == f[12:], "macswapped, in order"
+            with pytest.raises(TimeoutError):
+                await d2.recv(0.3)  # learnt: nothing more is flooded
+        finally:
+            await d1.close()
+            await d2.close()
+
+    args = ["--switch", "sw", *(a for p in ports for a in ("--switch-port", str(p)))]
+    with vvu_serve_net(sock, *args) as proc, run_testpmd(sock, "macswap", tmp_path) as pmd:
+        for p in ports:
+            wait_for_socket(p, proc)
+        asyncio.run(through_switch(pmd))
+    rx, rx_dropped, tx, tx_dropped = pmd.totals()
+    assert (rx, rx_dropped, tx, tx_dropped) == (50, 0, 50, 0), pmd.output()[-3000:]
 
 
 @needs_testpmd

@@ -1,4 +1,4 @@
-"""virtio-net over a TAP device, a peer link between two front-ends, or a loopback.
+"""virtio-net over a TAP device, an in-process switch between front-ends, or a loopback.
 
 Every queue runs in a native Rust worker; frames never touch Python. Queue `2k` is receiveq k+1
 (device → driver) and `2k + 1` is transmitq k+1; each queue pair has its own `NetPort`:
@@ -6,11 +6,23 @@ Every queue runs in a native Rust worker; frames never touch Python. Queue `2k` 
 - **peer** (the default of `vvu serve net`): two front-ends exchange frames through one process,
   a two-port switch. The main socket (`--socket-path`) serves one of them, `--peer-socket-path`
   (default: the main path plus `.peer`) the other, from a helper thread with its own event loop,
-  so each socket serves one front-end at a time as usual. Queue pair k of one side is linked to
-  queue pair k of the other by a `SOCK_SEQPACKET` socketpair, so the data path needs no GIL.
+  so each socket serves one front-end at a time as usual. Frames move ring to ring in native
+  code (vvu_core `worker::net::switch`): queue pair k of one side delivers to queue pair k of
+  the other, with no socket and no GIL in between.
+- **switch** (`--switch NAME`): an N-port learning L2 switch. The main socket and every
+  `--switch-port PATH` are ports of switch NAME (one per front-end); broadcast, multicast and
+  unknown destinations are flooded. Switches are looked up by name in the process
+  (`NetBackend.switch`), so every device of one process that names the same switch is a port of
+  it. A frame from queue pair k goes to queue pair k mod N of the destination (no RSS).
 - **tap** (`--tap NAME`): a TAP interface with virtio-net headers (IFF_VNET_HDR, 12 bytes); with
   several queue pairs a multi-queue TAP.
-- **loopback** (`--loopback`): every transmitted frame comes back on the receive queue.
+- **loopback** (`--loopback`): every transmitted frame comes back on the receive queue, ring to
+  ring in native code.
+
+Each receive queue of a switch port holds a bounded number of bytes (`--port-buffer`); frames for
+a full one are dropped and counted (`rx_overflow` of that port), so a guest that never refills
+its receive ring only loses its own frames. `--poll-us N` makes the workers busy-poll for N µs
+after running out of work before they sleep on eventfds (one core each while traffic flows).
 
 The two queues of a pair are independent workers that share the port, so the engine's per-queue
 `native_worker(index)` life cycle applies as it is: a ring runs while it is started and enabled.
@@ -30,7 +42,7 @@ import threading
 from collections.abc import Sequence
 from typing import ClassVar
 
-from vvu._core import NativeHandler, NetPort
+from vvu._core import NativeHandler, NetPort, Switch
 from vvu.backends.base import Backend, ConfigError
 from vvu.protocol import ProtocolFeature, VirtioFeature
 from vvu.transport.unix import UnixListener
@@ -60,14 +72,27 @@ class NetFeature:
 LINK_UP = 1
 #: Largest frame the data path carries, without the virtio-net header.
 MAX_FRAME_LEN = 65535
+#: Ethernet header with one VLAN tag: what a frame has beyond its MTU.
+ETH_VLAN_HLEN = 14 + 4
 #: MTU bounds: the IPv4 minimum; the largest that leaves room for an Ethernet and a VLAN header.
 MIN_MTU = 68
-MAX_MTU = MAX_FRAME_LEN - 14 - 4
+MAX_MTU = MAX_FRAME_LEN - ETH_VLAN_HLEN
 DEFAULT_MAC = "02:76:76:75:00:01"
 DEFAULT_PEER_MAC = "02:76:76:75:00:02"
-#: Bytes each direction of a peer or loopback link queues before the sender drops.
+#: Bytes each receive queue of a peer, switch or loopback port holds before frames for it drop.
 DEFAULT_PORT_BUFFER = 1 << 20
 ETH_P_RARP = 0x8035
+
+#: The switches of this process, by name (see `NetBackend.switch`).
+_switches: dict[str, Switch] = {}
+
+
+def named_switch(name: str) -> Switch:
+    """The process's switch called `name`, created on first use."""
+    switch = _switches.get(name)
+    if switch is None:
+        switch = _switches[name] = Switch(name)
+    return switch
 
 
 def parse_mac(text: str | bytes) -> bytes:
@@ -99,7 +124,7 @@ def rarp_frame(mac: bytes) -> bytes:
 
 
 class NetBackend(Backend):
-    """The network device (virtio id 1): TAP, peer link or loopback."""
+    """The network device (virtio id 1): TAP, switch port, peer link or loopback."""
 
     name: ClassVar[str] = "net"
     device_id: ClassVar[int] = 1
@@ -123,6 +148,8 @@ class NetBackend(Backend):
         self.description = description or f"{ports[0].kind} port"
         #: The second front-end's server in peer mode (`vvu serve net`), if this side runs it.
         self.companion: CompanionServer | None = None
+        #: Servers of further switch ports (`vvu serve net --switch-port`).
+        self.extra_servers: list[CompanionServer] = []
 
     # --- construction ------------------------------------------------------------------------
 
@@ -142,6 +169,21 @@ class NetBackend(Backend):
         a = cls([p[0] for p in links], mac=mac, mtu=mtu, description="peer link, side A")
         b = cls([p[1] for p in links], mac=peer_mac, mtu=mtu, description="peer link, side B")
         return a, b
+
+    @classmethod
+    def switch(
+        cls,
+        name: str,
+        *,
+        queue_pairs: int = 1,
+        mac: str | bytes = DEFAULT_MAC,
+        mtu: int | None = None,
+        buffer_size: int = DEFAULT_PORT_BUFFER,
+    ) -> NetBackend:
+        """A device that is a new port of this process's learning switch `name`."""
+        ports = named_switch(name).attach(queue_pairs=queue_pairs, buffer_size=buffer_size)
+        port_id = ports[0].switch_port
+        return cls(ports, mac=mac, mtu=mtu, description=f"switch {name} port {port_id}")
 
     @classmethod
     def tap(
@@ -182,12 +224,33 @@ class NetBackend(Backend):
             "--loopback", action="store_true", help="hand every transmitted frame back"
         )
         mode.add_argument(
+            "--switch",
+            metavar="NAME",
+            help="a port of learning switch NAME; --switch-port adds more (front-ends) to it",
+        )
+        mode.add_argument(
             "--peer-socket-path",
             metavar="PATH",
             help=(
                 "peer mode (the default): a second front-end connects here and exchanges frames "
                 "with the one on --socket-path (default: SOCKET_PATH.peer)"
             ),
+        )
+        parser.add_argument(
+            "--switch-port",
+            action="append",
+            default=[],
+            metavar="PATH",
+            help="with --switch: serve one more port of the switch on PATH (repeatable); "
+            "port i gets --mac with i added to its last byte",
+        )
+        parser.add_argument(
+            "--poll-us",
+            type=int,
+            default=0,
+            metavar="N",
+            help="busy-poll N microseconds before sleeping on eventfds (0: never; costs a core "
+            "per busy queue while traffic flows)",
         )
         parser.add_argument("--mac", default=DEFAULT_MAC, help=f"MAC address ({DEFAULT_MAC})")
         parser.add_argument(
@@ -211,11 +274,39 @@ class NetBackend(Backend):
         if pairs < 1:
             raise ValueError("--num-queue-pairs must be at least 1")
         buffer_size = args.port_buffer * 1024
+        poll_us: int = args.poll_us
+        if not 0 <= poll_us <= 1_000_000:
+            raise ValueError("--poll-us must be 0..1000000")
+        extra: list[str] = args.switch_port
+        if extra and not args.switch:
+            raise ValueError("--switch-port needs --switch")
+        backend = cls._from_mode(args, pairs, buffer_size)
+        backend.set_busy_poll(poll_us)
+        if backend.companion is not None and isinstance(backend.companion.backend, NetBackend):
+            # Before a front-end connects: workers start with the budget.
+            backend.companion.backend.set_busy_poll(poll_us)
+        mode = int(getattr(args, "socket_mode", "600"), 8)
+        mac = parse_mac(args.mac)
+        for i, path in enumerate(extra, start=1):
+            port_mac = mac[:5] + bytes([(mac[5] + i) & 0xFF])
+            other = cls.switch(
+                args.switch, queue_pairs=pairs, mac=port_mac, mtu=args.mtu, buffer_size=buffer_size
+            )
+            other.set_busy_poll(poll_us)
+            backend.extra_servers.append(CompanionServer(other, path, mode=mode))
+        return backend
+
+    @classmethod
+    def _from_mode(cls, args: argparse.Namespace, pairs: int, buffer_size: int) -> NetBackend:
         if args.tap:
             return cls.tap(args.tap, queue_pairs=pairs, mac=args.mac, mtu=args.mtu)
         if args.loopback:
             return cls.loopback(
                 queue_pairs=pairs, mac=args.mac, mtu=args.mtu, buffer_size=buffer_size
+            )
+        if args.switch:
+            return cls.switch(
+                args.switch, queue_pairs=pairs, mac=args.mac, mtu=args.mtu, buffer_size=buffer_size
             )
         peer_path: str | None = args.peer_socket_path
         if peer_path is None:
@@ -279,10 +370,17 @@ class NetBackend(Backend):
     def native_worker(self, queue_index: int) -> NativeHandler:
         pair, is_tx = divmod(queue_index, 2)
         port = self.ports[pair]
+        # The guest must not send more than the MTU it was told (plus Ethernet and VLAN header).
+        port.max_frame = MAX_FRAME_LEN if self.mtu is None else self.mtu + ETH_VLAN_HLEN
         mrg_rxbuf, version_1 = self._header_features()
         if is_tx:
             return port.tx_handler(mrg_rxbuf=mrg_rxbuf, version_1=version_1)
         return port.rx_handler(mrg_rxbuf=mrg_rxbuf, version_1=version_1)
+
+    def set_busy_poll(self, microseconds: int) -> None:
+        """Busy-poll this long on the queue workers started from now on (0: never)."""
+        for port in self.ports:
+            port.busy_poll = microseconds / 1e6
 
     def stats(self) -> dict[str, int]:
         """Counters summed over the queue pairs."""
@@ -326,6 +424,9 @@ class NetBackend(Backend):
         if self.companion is not None:
             self.companion.close()
             self.companion = None
+        for server in self.extra_servers:
+            server.close()
+        self.extra_servers.clear()
 
 
 class CompanionServer:
@@ -337,7 +438,7 @@ class CompanionServer:
     """
 
     def __init__(self, backend: Backend, path: str, *, mode: int = 0o600) -> None:
-        self.backend = backend
+        self.backend: Backend = backend
         self.path = path
         self._mode = mode
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use vvu_core::memory::{create_memfd, GuestMemory, MemoryRegion, RegionSpec};
 use vvu_core::notify::EventFd;
 use vvu_core::queue::{QueueConfig, SplitQueue, SplitQueueDriver};
+use vvu_core::worker::net::switch::{Switch, SwitchMode};
 use vvu_core::worker::net::{NetFeatures, NetPort, NetStats, DEFAULT_PORT_BUFFER};
 use vvu_core::worker::{QueueWorker, WorkerOptions};
 
@@ -562,6 +563,15 @@ fn hostile_transmit_chains_are_refused_and_counted() {
     b.expect(&good);
     a.flush_tx(); // the counter is bumped before the chain is completed
     assert_eq!(a.stats().tx_packets, 1);
+    // Longer than the MTU the device advertised (1500 + Ethernet + VLAN header): refused.
+    a.port.set_max_frame(1518);
+    let mut over = vec![0u8; 12];
+    over.extend(frame(3, 1519));
+    a.send_raw(&over, &[over.len() as u32], &[]);
+    a.send(&frame(4, 1518));
+    b.expect(&frame(4, 1518));
+    a.flush_tx();
+    assert_eq!((a.stats().tx_errors, a.stats().tx_packets), (7, 2));
 }
 
 #[test]
@@ -834,4 +844,221 @@ fn rx_in_polling_mode_finds_buffers_that_are_never_kicked() {
     }
     b.rx.publish().unwrap();
     assert_eq!(b.expect(&frame(7, 300)), 1);
+}
+
+// --- the learning switch ---------------------------------------------------------------------
+
+/// A frame from `src` to `dst` (both 6 bytes), `len` bytes, with a payload that depends on `seq`.
+fn addressed(dst: [u8; 6], src: [u8; 6], seq: u32, len: usize) -> Vec<u8> {
+    let mut f = frame(seq, len);
+    f[..6].copy_from_slice(&dst);
+    f[6..12].copy_from_slice(&src);
+    f
+}
+
+const BROADCAST: [u8; 6] = [0xff; 6];
+
+fn mac(n: u8) -> [u8; 6] {
+    [0x02, 0x76, 0, 0, 0, n]
+}
+
+/// `n` single-queue-pair ports of a new learning switch, each with a running front-end.
+fn switched(n: usize, buffer: usize) -> (Switch, Vec<Side>) {
+    let switch = Switch::new("test", SwitchMode::Learning);
+    let sides = (0..n)
+        .map(|_| {
+            let port = switch.attach(1, buffer).unwrap().pop().unwrap();
+            Side::new(port, MRG, true)
+        })
+        .collect();
+    (switch, sides)
+}
+
+#[test]
+fn switch_floods_unknown_and_broadcast_learns_and_forwards_unicast_to_one_port() {
+    let (switch, mut s) = switched(3, DEFAULT_PORT_BUFFER);
+    assert_eq!(switch.port_ids(), vec![0, 1, 2]);
+    assert_eq!(s[1].port.switch().map(|(_, id)| id), Some(1));
+    for side in &mut s {
+        side.post_rx(2048, 16);
+    }
+    // A broadcast from port 0 reaches 1 and 2, not 0; the switch learns mac(0) on port 0.
+    let hello = addressed(BROADCAST, mac(0), 1, 60);
+    s[0].send(&hello);
+    s[1].expect(&hello);
+    s[2].expect(&hello);
+    s[0].expect_nothing();
+    assert_eq!(switch.lookup(&mac(0)), Some(0));
+    // Unicast to a learnt MAC: that port only.
+    let reply = addressed(mac(0), mac(1), 2, 1514);
+    s[1].send(&reply);
+    s[0].expect(&reply);
+    s[2].expect_nothing();
+    // Unicast to a MAC nobody announced: flooded.
+    let unknown = addressed(mac(9), mac(2), 3, 100);
+    s[2].send(&unknown);
+    s[0].expect(&unknown);
+    s[1].expect(&unknown);
+    // Now every MAC is known: 0 → 2 goes to 2 only; a frame to the sender's own port is filtered.
+    let direct = addressed(mac(2), mac(0), 4, 64);
+    s[0].send(&direct);
+    s[2].expect(&direct);
+    s[1].expect_nothing();
+    let hairpin = addressed(mac(0), mac(0), 5, 64);
+    s[0].send(&hairpin);
+    s[0].expect_nothing();
+    assert_eq!(
+        switch.mac_table(),
+        vec![(mac(0), 0), (mac(1), 1), (mac(2), 2)]
+    );
+    // A MAC that moves is re-learnt where it was last seen (as after a migration's RARP).
+    assert!(s[2]
+        .port
+        .send_frame(&addressed(BROADCAST, mac(0), 6, 60))
+        .unwrap());
+    assert_eq!(switch.lookup(&mac(0)), Some(2));
+    s[0].expect(&addressed(BROADCAST, mac(0), 6, 60));
+    s[1].expect(&addressed(BROADCAST, mac(0), 6, 60));
+    for side in &mut s {
+        side.flush_tx();
+        let st = side.stats();
+        assert_eq!((st.tx_dropped, st.tx_errors, st.rx_overflow), (0, 0, 0));
+    }
+    assert_eq!(s[0].stats().tx_packets, 3);
+    assert_eq!(s[0].stats().rx_packets, 3);
+    // A port that goes away is forgotten, with its MACs; its id is reused.
+    let gone = s.pop().unwrap();
+    drop(gone);
+    assert_eq!(switch.port_ids(), vec![0, 1]);
+    assert_eq!(switch.lookup(&mac(0)), None);
+    assert_eq!(switch.lookup(&mac(1)), Some(1));
+    let again = switch.attach(2, DEFAULT_PORT_BUFFER).unwrap();
+    assert_eq!(again.len(), 2);
+    assert_eq!(again[1].switch().map(|(_, id)| id), Some(2));
+}
+
+#[test]
+fn a_port_whose_guest_never_refills_rx_does_not_stall_the_others() {
+    // Port 2's guest posts no receive buffer at all; its queue (64 KiB) fills and overflows
+    // while ports 0 and 1 go on exchanging floods and unicasts at full speed.
+    let switch = Switch::new("stall", SwitchMode::Learning);
+    let mut a = Side::new(
+        switch
+            .attach(1, DEFAULT_PORT_BUFFER)
+            .unwrap()
+            .pop()
+            .unwrap(),
+        MRG,
+        true,
+    );
+    let mut b = Side::new(
+        switch
+            .attach(1, DEFAULT_PORT_BUFFER)
+            .unwrap()
+            .pop()
+            .unwrap(),
+        MRG,
+        true,
+    );
+    let stuck = Side::new(
+        switch.attach(1, 64 * 1024).unwrap().pop().unwrap(),
+        MRG,
+        true,
+    );
+    let rounds = 50;
+    let per_round = 16;
+    let len = 1000;
+    b.post_rx(2048, per_round);
+    for round in 0..rounds {
+        for k in 0..per_round {
+            let seq = (round * per_round + k) as u32;
+            a.send(&addressed(BROADCAST, mac(0), seq, len));
+        }
+        for k in 0..per_round {
+            let seq = (round * per_round + k) as u32;
+            b.expect(&addressed(BROADCAST, mac(0), seq, len));
+        }
+        b.post_rx(2048, per_round);
+    }
+    a.flush_tx();
+    let total = (rounds * per_round) as u64;
+    let (sa, sb, sc) = (a.stats(), b.stats(), stuck.stats());
+    assert_eq!((sa.tx_packets, sa.tx_dropped), (total, 0), "{sa:?}");
+    assert_eq!(sb.rx_packets, total, "{sb:?}");
+    assert_eq!(sc.rx_packets, 0, "{sc:?}");
+    // What the stuck port holds is bounded: its queue (64 KiB), plus one burst its worker took
+    // out; the rest was dropped and counted against it, not against the sender.
+    assert!(sc.rx_overflow > 0, "{sc:?}");
+    let held = total - sc.rx_overflow;
+    assert!(
+        held <= (64 * 1024 / (len as u64 + 12)) + 256 + 1,
+        "{held} held"
+    );
+    drop(stuck);
+    // Unicast to b still flows after the stuck port is gone.
+    let last = addressed(mac(1), mac(0), 9999, 60);
+    b.send(&addressed(BROADCAST, mac(1), 10_000, 60));
+    a.post_rx(2048, 1);
+    a.expect(&addressed(BROADCAST, mac(1), 10_000, 60));
+    a.send(&last);
+    b.expect(&last);
+}
+
+#[test]
+fn switch_ports_spread_queue_pairs_and_survive_rx_restarts() {
+    // Two ports with two queue pairs each: pair k of one delivers to pair k of the other. An
+    // RX worker restart keeps the staged frame and the frames queued behind it.
+    let switch = Switch::new("mq", SwitchMode::Learning);
+    let a = switch.attach(2, DEFAULT_PORT_BUFFER).unwrap();
+    let b = switch.attach(2, DEFAULT_PORT_BUFFER).unwrap();
+    let mut a1 = Side::new(a[1].clone(), MRG, true);
+    let mut b0 = Side::new(b[0].clone(), MRG, true);
+    let mut b1 = Side::new(b[1].clone(), MRG, true);
+    b0.post_rx(2048, 4);
+    for seq in 0..5 {
+        a1.send(&frame(seq, 300));
+    }
+    a1.flush_tx();
+    b0.expect_nothing();
+    // b1 has no buffers: the frames wait; restart its RX worker, then give buffers.
+    let base = b1.stop_rx();
+    b1.start_rx(base);
+    b1.post_rx(2048, 8);
+    for seq in 0..5 {
+        b1.expect(&frame(seq, 300));
+    }
+    assert_eq!(b[1].stats().rx_packets, 5);
+    assert_eq!(b[0].stats().rx_packets, 0);
+}
+
+#[test]
+fn busy_polling_workers_move_frames_without_sleeping_and_stop_promptly() {
+    // Both ports busy-poll far longer than the test runs: once started, no worker ever sleeps on
+    // an eventfd, yet every frame (and every receive buffer posted without a kick) is found.
+    let (a, b) = NetPort::pair(DEFAULT_PORT_BUFFER).unwrap();
+    for port in [&a, &b] {
+        port.set_busy_poll(Some(Duration::from_secs(3600)));
+    }
+    assert_eq!(a.busy_poll(), Some(Duration::from_secs(3600)));
+    let mut a = Side::new(a, MRG, true);
+    let mut b = Side::new(b, MRG, true);
+    b.post_rx(2048, 8);
+    for seq in 0..32 {
+        a.send(&frame(seq, 60 + seq as usize));
+        b.expect(&frame(seq, 60 + seq as usize));
+        b.post_rx(2048, 1);
+    }
+    let wakeups = |side: &Side| {
+        let rx = side.rx_worker.as_ref().unwrap().stats().wakeups;
+        let tx = side.tx_worker.as_ref().unwrap().stats().wakeups;
+        rx + tx
+    };
+    assert_eq!((wakeups(&a), wakeups(&b)), (0, 0));
+    let started = Instant::now();
+    drop(a);
+    drop(b);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "stop while spinning"
+    );
 }

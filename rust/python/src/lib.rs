@@ -32,6 +32,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<worker::NativeHandler>()?;
     m.add_class::<worker::PyQueueWorker>()?;
     m.add_class::<net::PyNetPort>()?;
+    m.add_class::<net::PySwitch>()?;
     m.add_function(wrap_pyfunction!(memory::memfd, m)?)?;
     m.add_function(wrap_pyfunction!(bench::blk_bench, m)?)?;
     Ok(())

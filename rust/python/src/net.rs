@@ -4,6 +4,9 @@
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
+use std::time::Duration;
+
+use vvu_core::worker::net::switch::{Switch, SwitchMode};
 use vvu_core::worker::net::{NetFeatures, NetPort, DEFAULT_PORT_BUFFER};
 
 use crate::errors::to_pyerr;
@@ -45,6 +48,15 @@ impl PyNetPort {
         Ok((Self { port: a }, Self { port: b }))
     }
 
+    /// Two ports linked through a kernel SOCK_SEQPACKET socketpair, one syscall per frame (the
+    /// path peer links took before the in-process switch; a benchmark baseline).
+    #[staticmethod]
+    #[pyo3(signature = (*, buffer_size = DEFAULT_PORT_BUFFER))]
+    fn socket_pair(buffer_size: usize) -> PyResult<(Self, Self)> {
+        let (a, b) = NetPort::socket_pair(buffer_size).map_err(to_pyerr)?;
+        Ok((Self { port: a }, Self { port: b }))
+    }
+
     /// A port that hands every transmitted frame back to its own receive side.
     #[staticmethod]
     #[pyo3(signature = (*, buffer_size = DEFAULT_PORT_BUFFER))]
@@ -53,7 +65,45 @@ impl PyNetPort {
         Ok(Self { port })
     }
 
-    /// "tap", "peer" or "loopback".
+    /// The switch port id, for a port attached to a learning switch (None otherwise).
+    #[getter]
+    fn switch_port(&self) -> Option<usize> {
+        self.port.switch().map(|(_, id)| id)
+    }
+
+    /// Seconds the port's queue workers busy-poll before sleeping (0: never). Applies to
+    /// workers started afterwards.
+    #[getter]
+    fn get_busy_poll(&self) -> f64 {
+        self.port.busy_poll().map_or(0.0, |d| d.as_secs_f64())
+    }
+
+    #[setter]
+    fn set_busy_poll(&self, seconds: f64) -> PyResult<()> {
+        if !(0.0..=1.0).contains(&seconds) {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "busy_poll is 0..=1 second, not {seconds}"
+            )));
+        }
+        let budget = Duration::from_secs_f64(seconds);
+        self.port
+            .set_busy_poll((!budget.is_zero()).then_some(budget));
+        Ok(())
+    }
+
+    /// Longest frame the guest may transmit (longer ones are refused and counted in
+    /// tx_errors): the advertised MTU plus 18 (Ethernet and VLAN header). Default 65535.
+    #[getter]
+    fn get_max_frame(&self) -> usize {
+        self.port.max_frame()
+    }
+
+    #[setter]
+    fn set_max_frame(&self, len: usize) {
+        self.port.set_max_frame(len);
+    }
+
+    /// "tap", "peer", "loopback" or "switch".
     #[getter]
     fn kind(&self) -> &'static str {
         self.port.kind().as_str()
@@ -100,7 +150,7 @@ impl PyNetPort {
     }
 
     /// Counters: tx_packets, tx_bytes, tx_dropped, tx_errors, rx_packets, rx_bytes, rx_dropped,
-    /// rx_errors, rx_bad_chains, rx_starved.
+    /// rx_errors, rx_bad_chains, rx_starved, rx_overflow.
     #[getter]
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.port.stats();
@@ -116,6 +166,7 @@ impl PyNetPort {
             ("rx_errors", s.rx_errors),
             ("rx_bad_chains", s.rx_bad_chains),
             ("rx_starved", s.rx_starved),
+            ("rx_overflow", s.rx_overflow),
         ] {
             dict.set_item(key, value)?;
         }
@@ -127,5 +178,62 @@ impl PyNetPort {
             Some(name) => format!("NetPort({}, {name})", self.kind()),
             None => format!("NetPort({})", self.kind()),
         }
+    }
+}
+
+/// An in-process learning L2 switch that virtio-net ports attach to: frames move from one
+/// front-end's transmit ring to another's receive ring in native code.
+#[pyclass(name = "Switch", module = "vvu._core", frozen)]
+pub struct PySwitch {
+    switch: Switch,
+}
+
+#[pymethods]
+impl PySwitch {
+    #[new]
+    fn new(name: &str) -> Self {
+        Self {
+            switch: Switch::new(name, SwitchMode::Learning),
+        }
+    }
+
+    #[getter]
+    fn name(&self) -> String {
+        self.switch.name().to_owned()
+    }
+
+    /// Attach a port with `queue_pairs` queue pairs; returns one NetPort per queue pair (one
+    /// switch port). Each receive queue holds up to `buffer_size` bytes of frames before frames
+    /// for it are dropped (counted in its `rx_overflow`). Detached when all are gone.
+    #[pyo3(signature = (*, queue_pairs = 1, buffer_size = DEFAULT_PORT_BUFFER))]
+    fn attach(&self, queue_pairs: usize, buffer_size: usize) -> PyResult<Vec<PyNetPort>> {
+        let ports = self
+            .switch
+            .attach(queue_pairs, buffer_size)
+            .map_err(to_pyerr)?;
+        Ok(ports.into_iter().map(|port| PyNetPort { port }).collect())
+    }
+
+    /// Ids of the attached ports.
+    #[getter]
+    fn ports(&self) -> Vec<usize> {
+        self.switch.port_ids()
+    }
+
+    /// The learning table: MAC (6 bytes) to port id.
+    fn mac_table<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let dict = PyDict::new(py);
+        for (mac, port) in self.switch.mac_table() {
+            dict.set_item(PyBytes::new(py, &mac), port)?;
+        }
+        Ok(dict)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Switch({:?}, ports={:?})",
+            self.switch.name(),
+            self.switch.port_ids()
+        )
     }
 }

@@ -89,6 +89,11 @@ pub trait ChainHandler: Send + 'static {
     fn device_loop(&mut self) -> Option<&mut dyn DeviceLoop> {
         None
     }
+
+    /// A busy-poll budget the handler asks for when [`WorkerOptions::busy_poll`] sets none.
+    fn busy_poll(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// The main loop of a device-driven queue, run on the worker thread in place of the batch loop
@@ -656,6 +661,7 @@ impl QueueWorker {
             miss_fd: EventFd::new()?,
         });
         let device_loop = handler.device_loop().is_some();
+        let busy_poll = options.busy_poll.or_else(|| handler.busy_poll());
         let poller = Poller::new()?;
         poller.register(kick.as_fd(), TOKEN_KICK)?;
         poller.register(shared.stop.as_fd(), TOKEN_STOP)?;
@@ -673,7 +679,7 @@ impl QueueWorker {
             completions: Vec::with_capacity(batch_size),
             events: Vec::with_capacity(crate::notify::MAX_EVENTS),
             batch_size,
-            busy_poll: options.busy_poll.filter(|d| !d.is_zero()),
+            busy_poll: busy_poll.filter(|d| !d.is_zero()),
             poll_interval: options.poll_interval,
             shared: Arc::clone(&shared),
             awaiting_translation: false,

@@ -1,51 +1,71 @@
 //! The virtio-net data path (virtio 1.2 §5.1.6): one queue pair and a *port*.
 //!
-//! A [`NetPort`] is where frames leave and enter the device: a pair of fds on which one read or
-//! write carries exactly one packet, a 12-byte `virtio_net_hdr_mrg_rxbuf` followed by the
-//! Ethernet frame. Three kinds share that one code path (`readv`/`writev` of whole packets):
+//! A [`NetPort`] is where frames leave and enter the device. Two families:
 //!
-//! - **TAP**: `/dev/net/tun` with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` and `TUNSETVNETHDRSZ` 12
-//!   ([`NetPort::tap`]); read and write go to the same fd.
-//! - **peer link**: one end of a `socketpair(AF_UNIX, SOCK_SEQPACKET)` each
-//!   ([`NetPort::pair`]): what one port transmits, the other receives. This is a two-port switch
-//!   between two front-ends served by one process, and it needs no lock and no GIL: the kernel
-//!   socket is the frame queue.
-//! - **loopback**: both ends of one socketpair ([`NetPort::loopback`]): frames come back.
+//! - **switch ports**, frames moved ring to ring inside the process ([`switch`]): a port of a
+//!   learning [`switch::Switch`] ([`switch::Switch::attach`]), a **peer link** (a two-port hub,
+//!   [`NetPort::pair`]: what one port transmits, the other receives) and a **loopback**
+//!   ([`NetPort::loopback`]: frames come back). No socket, no syscall per frame, no GIL: the TX
+//!   worker copies a burst of frames out of its chains into the destination's bounded frame
+//!   queue, the destination's RX worker copies them into its receive buffers.
+//! - **fd ports**, on which one read or write carries exactly one packet, a 12-byte
+//!   `virtio_net_hdr_mrg_rxbuf` followed by the Ethernet frame: **TAP** (`/dev/net/tun` with
+//!   `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` and `TUNSETVNETHDRSZ` 12, [`NetPort::tap`]) and a kernel
+//!   `SOCK_SEQPACKET` socketpair ([`NetPort::socket_pair`], the former peer link, kept as a
+//!   baseline).
 //!
 //! Per queue pair, two handlers run in ordinary [`super::QueueWorker`]s:
 //!
 //! - [`NetTxHandler`] (transmitq, driver → device) is a plain [`ChainHandler`]: each chain is one
-//!   packet, validated and written to the port with one non-blocking `writev`/`sendmsg`.
+//!   packet, validated, then written to an fd port with one non-blocking `writev`/`sendmsg`, or
+//!   copied into a frame buffer that the whole burst is forwarded with
+//!   ([`ChainHandler::flush_batch`]) on a switch port. The batch is published once, with one call
+//!   signal at most (EVENT_IDX decides).
 //! - [`NetRxHandler`] (receiveq, device → driver) runs its own [`DeviceLoop`], because its work
-//!   arrives from the port, not from the ring: it sleeps on the port fd, the kick and the stop
-//!   eventfd, stages one packet at a time, and pops exactly as many chains as the packet needs.
+//!   arrives from the port, not from the ring: it sleeps on the port fd (a switch port's queue
+//!   eventfd), the kick and the stop eventfd, stages one packet at a time, pops exactly as many
+//!   chains as the packet needs, and publishes once per burst of up to 64 packets.
+//!
+//! With [`NetPort::set_busy_poll`], both workers spin for that long after running out of work
+//! (the TX worker on its ring, the RX worker on its switch queue, or on its ring while a packet
+//! waits for buffers) before they sleep on eventfds.
 //!
 //! # Buffering and drops
 //!
 //! A packet that arrives while the receive ring has no (or too few) buffers stays staged, and the
-//! ones behind it stay queued in the port (the socket buffer or the TAP queue): the RX worker
-//! stops reading the port until the driver adds buffers and kicks. The queue is bounded by the
-//! kernel (the socket send buffer, [`DEFAULT_PORT_BUFFER`]; the TAP `txqueuelen`): once it is
-//! full, the transmitting side drops and counts (`tx_dropped` of the sending port; the TAP
-//! interface's own drop counter). A staged packet survives a worker restart (it is parked in the
-//! port), so stopping and starting a ring never loses one.
+//! ones behind it stay queued in the port (the switch queue, the socket buffer or the TAP queue):
+//! the RX worker stops taking from the port until the driver adds buffers and kicks. A switch
+//! queue holds at most `buffer` bytes (plus one burst its worker took out), after which frames
+//! for it are dropped and counted in its `rx_overflow` (see [`switch`]); a socketpair is bounded by
+//! the kernel (the socket send buffer, [`DEFAULT_PORT_BUFFER`]) and a TAP by its `txqueuelen`,
+//! and once full the transmitting side drops and counts (`tx_dropped` of the sending port; the
+//! TAP interface's own drop counter). A staged packet survives a worker restart (it is parked in
+//! the port, and a switch port's taken burst goes back to the front of its queue), so stopping
+//! and starting a ring never loses one.
 //!
 //! # Validation
 //!
 //! The guest is untrusted. TX: the chain must be device-readable only, hold the whole header
 //! (10 bytes, 12 with VIRTIO_NET_F_MRG_RXBUF or VIRTIO_F_VERSION_1) and a frame of
-//! [`ETH_HLEN`]..=[`MAX_FRAME_LEN`] bytes; the header is copied out once and must ask for no
-//! offload (no checksum or GSO feature is offered); a violating chain is completed unsent and
-//! counted in `tx_errors`. RX: a chain with a device-readable part or too short for the header is
+//! [`ETH_HLEN`]..=[`NetPort::max_frame`] bytes (the advertised MTU plus 18, else
+//! [`MAX_FRAME_LEN`]); the header is copied out once and must ask for no offload (no checksum
+//! or GSO feature is offered); a violating chain is completed unsent and counted in
+//! `tx_errors`. RX: a chain with a device-readable part or too short for the header is
 //! completed with length 0 (`rx_bad_chains`); without MRG_RXBUF a packet larger than the one
 //! chain is dropped (`rx_dropped`) and the chain kept for the next one. The header written to the
 //! guest is built from scratch (flags 0, GSO none, `num_buffers`), never copied from the port.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::raw::c_int;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+pub mod switch;
+
+use switch::{Attachment, Forwarder, FrameQueue, Switch};
 
 use super::{ChainHandler, DeviceLoop, LoopContext, WorkerFault};
 use crate::memory::GuestMemory;
@@ -73,6 +93,8 @@ pub const DEFAULT_PORT_BUFFER: usize = 1 << 20;
 const IOV_MAX: usize = 1024;
 /// Most packets the RX loop delivers before it publishes and checks for a stop request.
 const RX_BATCH: usize = 64;
+/// Most frames an RX worker takes out of its switch queue at once.
+const RX_TAKE: usize = 256;
 
 const TOKEN_KICK: u64 = 0;
 const TOKEN_STOP: u64 = 1;
@@ -122,6 +144,9 @@ pub struct NetStats {
     pub rx_bad_chains: u64,
     /// Times the RX worker had a packet and had to wait for the driver to add buffers.
     pub rx_starved: u64,
+    /// Switch ports: frames for this port dropped because its queue was full (its guest does
+    /// not take them fast enough).
+    pub rx_overflow: u64,
 }
 
 #[derive(Debug, Default)]
@@ -156,6 +181,7 @@ impl NetCounters {
             rx_errors: get(&self.rx_errors),
             rx_bad_chains: get(&self.rx_bad_chains),
             rx_starved: get(&self.rx_starved),
+            rx_overflow: 0,
         }
     }
 }
@@ -169,6 +195,8 @@ pub enum PortKind {
     Peer,
     /// Both ends of a loopback link.
     Loopback,
+    /// A port of a learning [`Switch`].
+    Switch,
 }
 
 impl PortKind {
@@ -182,6 +210,7 @@ impl PortKind {
             PortKind::Tap => "tap",
             PortKind::Peer => "peer",
             PortKind::Loopback => "loopback",
+            PortKind::Switch => "switch",
         }
     }
 }
@@ -201,18 +230,46 @@ impl Stage {
             len: 0,
         })
     }
+
+    /// For switch ports, whose packets arrive as buffers swapped in.
+    fn empty() -> Box<Self> {
+        Box::new(Self {
+            buf: Vec::new(),
+            len: 0,
+        })
+    }
+}
+
+/// A port's attachment to a [`Switch`]: its queue pair's frame queue.
+struct SwitchLink {
+    switch: Switch,
+    attachment: Arc<Attachment>,
+    pair: usize,
+    inbox: Arc<FrameQueue>,
+}
+
+enum Link {
+    /// A TAP fd (`tx` is `None`) or a socket.
+    Fd {
+        /// Where packets for the guest are read.
+        rx: OwnedFd,
+        /// Where the guest's packets are written; `None`: `rx`.
+        tx: Option<OwnedFd>,
+    },
+    Switch(SwitchLink),
 }
 
 struct PortInner {
-    /// Where packets for the guest are read.
-    rx: OwnedFd,
-    /// Where the guest's packets are written; `None`: `rx` (TAP, peer).
-    tx: Option<OwnedFd>,
+    link: Link,
     kind: PortKind,
     name: Option<String>,
     counters: NetCounters,
     /// The packet the last RX worker staged but could not deliver.
     parked: Mutex<Option<Box<Stage>>>,
+    /// Busy-poll budget of the port's workers, in nanoseconds (0: off).
+    busy_poll_ns: AtomicU64,
+    /// Longest frame the guest may transmit (see [`NetPort::set_max_frame`]).
+    max_frame: AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -223,15 +280,44 @@ fn is_full(err: &io::Error) -> bool {
     err.kind() == io::ErrorKind::WouldBlock || err.raw_os_error() == Some(libc::ENOBUFS)
 }
 
+fn not_fd() -> io::Error {
+    io::Error::new(io::ErrorKind::Unsupported, "a switch port has no fd")
+}
+
 impl PortInner {
-    fn tx_fd(&self) -> RawFd {
-        self.tx.as_ref().unwrap_or(&self.rx).as_raw_fd()
+    fn fds(&self) -> io::Result<(RawFd, RawFd)> {
+        match &self.link {
+            Link::Fd { rx, tx } => Ok((rx.as_raw_fd(), tx.as_ref().unwrap_or(rx).as_raw_fd())),
+            Link::Switch(_) => Err(not_fd()),
+        }
+    }
+
+    fn switch(&self) -> Option<&SwitchLink> {
+        match &self.link {
+            Link::Switch(link) => Some(link),
+            Link::Fd { .. } => None,
+        }
+    }
+
+    /// What the RX worker sleeps on for packets: the fd, or the switch queue's eventfd.
+    fn rx_wait_fd(&self) -> BorrowedFd<'_> {
+        match &self.link {
+            Link::Fd { rx, .. } => rx.as_fd(),
+            Link::Switch(link) => link.inbox.wake().as_fd(),
+        }
+    }
+
+    fn busy_poll(&self) -> Option<Duration> {
+        match self.busy_poll_ns.load(Ordering::Relaxed) {
+            0 => None,
+            ns => Some(Duration::from_nanos(ns)),
+        }
     }
 
     /// Read one packet into `buf`. `Ok(None)`: nothing queued; `Ok(Some(0))`: the link is
     /// closed. For sockets the length is the real one even if `buf` was too short (MSG_TRUNC).
     fn read_packet(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        let fd = self.rx.as_raw_fd();
+        let (fd, _) = self.fds()?;
         loop {
             let n = if self.kind.is_socket() {
                 // SAFETY: `buf` is valid for writes of its length for the whole call.
@@ -264,7 +350,7 @@ impl PortInner {
     /// # Safety
     /// Every iovec must describe memory readable for its length for the whole call.
     unsafe fn write_packet(&self, iov: &[libc::iovec]) -> io::Result<usize> {
-        let fd = self.tx_fd();
+        let (_, fd) = self.fds()?;
         loop {
             let n = if self.kind.is_socket() {
                 // SAFETY: zeroed msghdr is valid; it points at `iov`, which outlives the call.
@@ -297,12 +383,17 @@ pub struct NetPort {
 
 impl std::fmt::Debug for NetPort {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NetPort")
-            .field("kind", &self.inner.kind)
-            .field("name", &self.inner.name)
-            .field("rx", &self.inner.rx.as_raw_fd())
-            .field("tx", &self.inner.tx_fd())
-            .finish()
+        let mut d = f.debug_struct("NetPort");
+        d.field("kind", &self.inner.kind)
+            .field("name", &self.inner.name);
+        match &self.inner.link {
+            Link::Fd { .. } => d.field("fds", &self.inner.fds().ok()),
+            Link::Switch(link) => d
+                .field("switch", &link.switch.name())
+                .field("port", &link.attachment_id())
+                .field("pair", &link.pair),
+        };
+        d.finish()
     }
 }
 
@@ -345,23 +436,77 @@ fn seqpacket_pair(buffer: usize) -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((a, b))
 }
 
+impl SwitchLink {
+    fn attachment_id(&self) -> usize {
+        self.attachment.id()
+    }
+}
+
 impl NetPort {
-    fn new(rx: OwnedFd, tx: Option<OwnedFd>, kind: PortKind, name: Option<String>) -> Self {
+    fn with_link(link: Link, kind: PortKind, name: Option<String>) -> Self {
         Self {
             inner: Arc::new(PortInner {
-                rx,
-                tx,
+                link,
                 kind,
                 name,
                 counters: NetCounters::default(),
                 parked: Mutex::new(None),
+                busy_poll_ns: AtomicU64::new(0),
+                max_frame: AtomicUsize::new(MAX_FRAME_LEN),
             }),
         }
     }
 
-    /// Two linked ports: what one transmits, the other receives. Each direction queues up to
-    /// about `buffer` bytes (see [`DEFAULT_PORT_BUFFER`]).
+    fn new(rx: OwnedFd, tx: Option<OwnedFd>, kind: PortKind, name: Option<String>) -> Self {
+        Self::with_link(Link::Fd { rx, tx }, kind, name)
+    }
+
+    /// Queue pair `pair` of a switch port (see [`Switch::attach`]).
+    fn switched(
+        switch: Switch,
+        attachment: Arc<Attachment>,
+        pair: usize,
+        inbox: Arc<FrameQueue>,
+    ) -> Self {
+        let kind = match switch.mode() {
+            switch::SwitchMode::Learning => PortKind::Switch,
+            switch::SwitchMode::Hub => PortKind::Peer,
+            switch::SwitchMode::Loopback => PortKind::Loopback,
+        };
+        let link = SwitchLink {
+            switch,
+            attachment,
+            pair,
+            inbox,
+        };
+        Self::with_link(Link::Switch(link), kind, None)
+    }
+
+    /// Two linked ports: what one transmits, the other receives, in process (a two-port
+    /// [`switch::SwitchMode::Hub`]). Each receive side queues up to `buffer` bytes of frames
+    /// (see [`DEFAULT_PORT_BUFFER`]) before frames for it are dropped.
     pub fn pair(buffer: usize) -> io::Result<(Self, Self)> {
+        let hub = Switch::new("peer link", switch::SwitchMode::Hub);
+        let mut a = hub.attach(1, buffer)?;
+        let mut b = hub.attach(1, buffer)?;
+        match (a.pop(), b.pop()) {
+            (Some(a), Some(b)) => Ok((a, b)),
+            _ => Err(io::Error::other("attach returned no port")),
+        }
+    }
+
+    /// A port that hands every transmitted frame back to its own receive side, in process.
+    pub fn loopback(buffer: usize) -> io::Result<Self> {
+        let lo = Switch::new("loopback", switch::SwitchMode::Loopback);
+        lo.attach(1, buffer)?
+            .pop()
+            .ok_or_else(|| io::Error::other("attach returned no port"))
+    }
+
+    /// Two ports linked through a `SOCK_SEQPACKET` socketpair (one `writev`/`recv` per frame):
+    /// the kernel-socket path that peer links took before the in-process switch, kept as a
+    /// baseline for benchmarks and for sharing a link across processes.
+    pub fn socket_pair(buffer: usize) -> io::Result<(Self, Self)> {
         let (a, b) = seqpacket_pair(buffer)?;
         Ok((
             Self::new(a, None, PortKind::Peer, None),
@@ -369,10 +514,37 @@ impl NetPort {
         ))
     }
 
-    /// A port that hands every transmitted frame back to its own receive side.
-    pub fn loopback(buffer: usize) -> io::Result<Self> {
-        let (a, b) = seqpacket_pair(buffer)?;
-        Ok(Self::new(b, Some(a), PortKind::Loopback, None))
+    /// The switch this port is attached to, and its port id there.
+    pub fn switch(&self) -> Option<(&Switch, usize)> {
+        self.inner
+            .switch()
+            .map(|link| (&link.switch, link.attachment_id()))
+    }
+
+    /// Busy-poll for this long (on both workers of the queue pair) after running out of work,
+    /// before sleeping on eventfds: lower latency and fewer wake-ups for one core per busy
+    /// worker while traffic flows. Takes effect for workers started afterwards.
+    pub fn set_busy_poll(&self, budget: Option<Duration>) {
+        let ns = budget.map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        self.inner.busy_poll_ns.store(ns, Ordering::Relaxed);
+    }
+
+    /// See [`NetPort::set_busy_poll`].
+    pub fn busy_poll(&self) -> Option<Duration> {
+        self.inner.busy_poll()
+    }
+
+    /// Refuse (and count in `tx_errors`) transmitted frames longer than `len` bytes (clamped to
+    /// [`ETH_HLEN`]..=[`MAX_FRAME_LEN`]): the MTU the device advertised plus the Ethernet and a
+    /// VLAN header, which the guest must not exceed (§5.1.6.2). Default: [`MAX_FRAME_LEN`].
+    pub fn set_max_frame(&self, len: usize) {
+        let len = len.clamp(ETH_HLEN, MAX_FRAME_LEN);
+        self.inner.max_frame.store(len, Ordering::Relaxed);
+    }
+
+    /// See [`NetPort::set_max_frame`].
+    pub fn max_frame(&self) -> usize {
+        self.inner.max_frame.load(Ordering::Relaxed)
     }
 
     /// Create (or attach to) the TAP interface `name` (at most 15 bytes; `%d` lets the kernel
@@ -430,15 +602,19 @@ impl NetPort {
         self.inner.name.as_deref()
     }
 
-    /// The fd packets for the guest are read from (to register elsewhere; never read it while a
-    /// worker runs).
+    /// The fd that becomes readable when packets for the guest arrive (to register elsewhere;
+    /// never read it while a worker runs): the TAP or socket fd, or a switch port's eventfd.
     pub fn rx_fd(&self) -> BorrowedFd<'_> {
-        self.inner.rx.as_fd()
+        self.inner.rx_wait_fd()
     }
 
     /// Current counters.
     pub fn stats(&self) -> NetStats {
-        self.inner.counters.snapshot()
+        let mut stats = self.inner.counters.snapshot();
+        if let Some(link) = self.inner.switch() {
+            stats.rx_overflow = link.inbox.overflow();
+        }
+        stats
     }
 
     /// The handler for this port's transmit queue.
@@ -448,6 +624,8 @@ impl NetPort {
             features,
             iovecs: Iovecs(Vec::new()),
             bounce: Vec::new(),
+            forwarder: Forwarder::default(),
+            burst: Vec::new(),
         }
     }
 
@@ -464,6 +642,8 @@ impl NetPort {
             port_open: true,
             lens: Vec::new(),
             events: Vec::with_capacity(crate::notify::MAX_EVENTS),
+            inbox: VecDeque::new(),
+            spent: Vec::new(),
         }
     }
 
@@ -478,6 +658,23 @@ impl NetPort {
                     frame.len()
                 ),
             ));
+        }
+        if let Some(link) = self.inner.switch() {
+            let mut fwd = Forwarder::default();
+            let mut packet = fwd.buffer(PORT_HDR_LEN + frame.len());
+            packet[..PORT_HDR_LEN].fill(0);
+            packet[PORT_HDR_LEN..].copy_from_slice(frame);
+            let mut burst = vec![packet];
+            let counters = &self.inner.counters;
+            let dropped = counters.tx_dropped.load(Ordering::Relaxed);
+            link.switch.forward(
+                link.attachment_id(),
+                link.pair,
+                &mut burst,
+                &mut fwd,
+                counters,
+            );
+            return Ok(counters.tx_dropped.load(Ordering::Relaxed) == dropped);
         }
         let header = [0u8; PORT_HDR_LEN];
         let iov = [
@@ -517,6 +714,12 @@ impl NetPort {
                 return Ok(Some(frame));
             }
         }
+        if let Some(link) = self.inner.switch() {
+            return Ok(link
+                .inbox
+                .pop()
+                .map(|packet| packet[PORT_HDR_LEN..].to_vec()));
+        }
         let mut buf = vec![0u8; MAX_PACKET_LEN + 1];
         loop {
             match self.inner.read_packet(&mut buf)? {
@@ -540,12 +743,16 @@ impl NetPort {
                 dropped += 1;
             }
         }
-        let mut buf = [0u8; 1];
-        while let Some(n) = self.inner.read_packet(&mut buf)? {
-            if n == 0 {
-                break;
+        if let Some(link) = self.inner.switch() {
+            dropped += link.inbox.clear();
+        } else {
+            let mut buf = [0u8; 1];
+            while let Some(n) = self.inner.read_packet(&mut buf)? {
+                if n == 0 {
+                    break;
+                }
+                dropped += 1;
             }
-            dropped += 1;
         }
         bump(&self.inner.counters.rx_dropped, dropped);
         Ok(dropped)
@@ -606,6 +813,9 @@ pub struct NetTxHandler {
     iovecs: Iovecs,
     /// Linearised packet for chains with more segments than one `writev` takes.
     bounce: Vec<u8>,
+    /// Switch ports: scratch for forwarding, and the packets of the current burst.
+    forwarder: Forwarder,
+    burst: Vec<Vec<u8>>,
 }
 
 impl std::fmt::Debug for NetTxHandler {
@@ -628,7 +838,7 @@ impl NetTxHandler {
         // §5.1.6.2: transmit buffers are device-readable only and start with the header.
         if chain.writable_len() != 0
             || total < hdr_len + ETH_HLEN
-            || total - hdr_len > MAX_FRAME_LEN
+            || total - hdr_len > self.port.max_frame.load(Ordering::Relaxed)
         {
             bump(&counters.tx_errors, 1);
             return;
@@ -642,6 +852,20 @@ impl NetTxHandler {
             return;
         }
         let frame_len = total - hdr_len;
+        if self.port.switch().is_some() {
+            // Copied out now (the chain is completed with the batch), forwarded in flush_batch.
+            let mut packet = self.forwarder.buffer(PORT_HDR_LEN + frame_len);
+            packet[..PORT_HDR_LEN].fill(0);
+            // SAFETY: as above.
+            let got = unsafe { gather(chain.readable(), hdr_len, &mut packet[PORT_HDR_LEN..]) };
+            if got == frame_len {
+                self.burst.push(packet);
+            } else {
+                bump(&counters.tx_errors, 1);
+                self.forwarder.recycle(packet);
+            }
+            return;
+        }
         let iov = &mut self.iovecs.0;
         iov.clear();
         iov.push(libc::iovec {
@@ -695,6 +919,22 @@ impl ChainHandler for NetTxHandler {
         self.transmit(&chain);
         0 // nothing is written into a transmit buffer
     }
+
+    fn flush_batch(&mut self) {
+        if let Some(link) = self.port.switch() {
+            link.switch.forward(
+                link.attachment_id(),
+                link.pair,
+                &mut self.burst,
+                &mut self.forwarder,
+                &self.port.counters,
+            );
+        }
+    }
+
+    fn busy_poll(&self) -> Option<Duration> {
+        self.port.busy_poll()
+    }
 }
 
 /// What one pass of the RX loop ended with.
@@ -735,6 +975,10 @@ pub struct NetRxHandler {
     /// Scratch: bytes per chain of the packet being delivered.
     lens: Vec<u32>,
     events: Vec<u64>,
+    /// Switch ports: frames taken out of the port's queue, not staged yet.
+    inbox: VecDeque<Vec<u8>>,
+    /// Switch ports: buffers of delivered frames, to go back to the queue's free list.
+    spent: Vec<Vec<u8>>,
 }
 
 impl std::fmt::Debug for NetRxHandler {
@@ -909,6 +1153,21 @@ impl NetRxHandler {
 
     /// Stage the next packet from the port, if any.
     fn read_stage(&mut self) -> Option<Outcome> {
+        if let Some(link) = self.port.switch() {
+            if self.inbox.is_empty() {
+                link.inbox.take(&mut self.inbox, RX_TAKE, &mut self.spent);
+            }
+            let Some(packet) = self.inbox.pop_front() else {
+                return Some(Outcome::PortEmpty);
+            };
+            let stage = self.stage.get_or_insert_with(Stage::empty);
+            stage.len = packet.len();
+            let old = std::mem::replace(&mut stage.buf, packet);
+            if old.capacity() > 0 {
+                self.spent.push(old);
+            }
+            return None;
+        }
         let counters = &self.port.counters;
         let stage = self.stage.get_or_insert_with(Stage::new);
         loop {
@@ -977,12 +1236,47 @@ impl NetRxHandler {
                 .map_err(|e| internal("reading the kick", e))?;
             ctx.count_kicks(kicks);
         }
+        if let Some(link) = self.port.switch() {
+            if self.events.contains(&TOKEN_PORT) {
+                // The queue's doorbell; the queue itself is the real signal.
+                link.inbox
+                    .wake()
+                    .consume()
+                    .map_err(|e| internal("reading the switch doorbell", e))?;
+            }
+        }
         Ok(())
+    }
+
+    /// Spin for the busy-poll budget until `ready` says there is work (or a stop request).
+    /// `true`: there is; `false`: the budget ran out (sleep now).
+    fn busy_poll(
+        &self,
+        ctx: &mut LoopContext<'_>,
+        mut ready: impl FnMut(&mut LoopContext<'_>) -> Result<bool, WorkerFault>,
+    ) -> Result<bool, WorkerFault> {
+        let Some(deadline) = self
+            .port
+            .busy_poll()
+            .and_then(|budget| Instant::now().checked_add(budget))
+        else {
+            return Ok(false);
+        };
+        loop {
+            if ctx.stop_requested() || ready(ctx)? {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::hint::spin_loop();
+        }
     }
 
     fn serve(&mut self, ctx: &mut LoopContext<'_>, poller: &Poller) -> Result<(), WorkerFault> {
         let port = Arc::clone(&self.port);
-        let port_fd = port.rx.as_fd();
+        let port_fd = port.rx_wait_fd();
+        let inbox = port.switch().map(|link| Arc::clone(&link.inbox));
         let mut registered = false;
         // Kicks are only wanted while a packet waits for buffers.
         ctx.queue.disable_notifications()?;
@@ -993,6 +1287,11 @@ impl NetRxHandler {
             match self.deliver(ctx)? {
                 Outcome::More => continue,
                 Outcome::PortEmpty => {
+                    if let Some(inbox) = &inbox {
+                        if self.busy_poll(ctx, |_| Ok(inbox.has_frames()))? {
+                            continue;
+                        }
+                    }
                     if !registered {
                         poller
                             .register(port_fd, TOKEN_PORT)
@@ -1011,6 +1310,9 @@ impl NetRxHandler {
                     self.sleep(ctx, poller)?;
                 }
                 Outcome::NeedBuffers => {
+                    if self.busy_poll(ctx, |ctx| Ok(ctx.queue.pending()? > 0))? {
+                        continue;
+                    }
                     // §3 "go to sleep": ask for kicks, then look once more.
                     if ctx.queue.enable_notifications()? {
                         ctx.queue.disable_notifications()?;
@@ -1061,8 +1363,12 @@ impl DeviceLoop for NetRxHandler {
             self.usable.clear();
             self.held_start = 0;
         }
-        // The staged packet waits in the port for the next worker.
+        // The staged packet waits in the port for the next worker, the frames behind it in the
+        // switch queue.
         *lock(&self.port.parked) = self.stage.take();
+        if let Some(link) = self.port.switch() {
+            link.inbox.put_back(&mut self.inbox);
+        }
         result
     }
 }
