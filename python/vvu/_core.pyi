@@ -23,8 +23,8 @@ __all__ = [
     "RegionInfo",
     "SplitQueue",
     "SplitQueueDriver",
-    "blk_bench",
     "Switch",
+    "blk_bench",
     "memfd",
 ]
 
