@@ -316,6 +316,10 @@ class NativeHandler:
         discard: bool = True,
         write_zeroes: bool = True,
     ) -> NativeHandler: ...
+    @property
+    def stats(self) -> dict[str, int] | None: ...
+    @property
+    def latency_histogram(self) -> list[int] | None: ...
 
 @final
 class QueueWorker:

@@ -23,6 +23,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::raw::c_int;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::ChainHandler;
 use crate::memory::GuestMemory;
@@ -129,7 +130,17 @@ pub struct BlkStats {
     pub unsupported: u64,
     /// Requests that could not be answered (no status byte or a short header): used len 0.
     pub malformed: u64,
+    /// Requests being handled right now (0 or 1 per handler: a handler serves one at a time).
+    pub in_flight: u64,
+    /// Service time of completed requests: bucket `i` counts those that took less than
+    /// `2^i` microseconds (the last one: everything slower), see [`LATENCY_BUCKETS`].
+    pub latency_us: [u64; LATENCY_BUCKETS],
+    /// Sum of the service times counted in `latency_us`, in nanoseconds.
+    pub latency_ns_sum: u64,
 }
+
+/// Buckets of [`BlkStats::latency_us`]: below 1 µs, 2 µs, 4 µs, ... 2^22 µs (4.2 s), and above.
+pub const LATENCY_BUCKETS: usize = 24;
 
 #[derive(Debug, Default)]
 struct BlkCounters {
@@ -145,6 +156,15 @@ struct BlkCounters {
     io_errors: AtomicU64,
     unsupported: AtomicU64,
     malformed: AtomicU64,
+    in_flight: AtomicU64,
+    latency_us: [AtomicU64; LATENCY_BUCKETS],
+    latency_ns_sum: AtomicU64,
+}
+
+/// The latency bucket of a request that took `nanos`: the bit length of its microseconds.
+fn latency_bucket(nanos: u64) -> usize {
+    let micros = nanos / 1000;
+    ((u64::BITS - micros.leading_zeros()) as usize).min(LATENCY_BUCKETS - 1)
 }
 
 fn bump(counter: &AtomicU64, n: u64) {
@@ -173,6 +193,9 @@ impl BlkStatsHandle {
             io_errors: get(&c.io_errors),
             unsupported: get(&c.unsupported),
             malformed: get(&c.malformed),
+            in_flight: get(&c.in_flight),
+            latency_us: std::array::from_fn(|i| get(&c.latency_us[i])),
+            latency_ns_sum: get(&c.latency_ns_sum),
         }
     }
 }
@@ -573,6 +596,10 @@ impl ChainHandler for BlkHandler {
             bump(&self.counters.malformed, 1);
             return 0;
         };
+        // Two clock reads (vDSO) and three relaxed atomics per request: the cost of the
+        // in-flight gauge and the latency histogram (benches/RESULTS.md, "Daemon").
+        let started = Instant::now();
+        bump(&self.counters.in_flight, 1);
         let mut header = [0u8; HEADER_SIZE as usize];
         gather(chain.readable(), 0, &mut header);
         let [t0, t1, t2, t3, _, _, _, _, s0, s1, s2, s3, s4, s5, s6, s7] = header;
@@ -592,6 +619,10 @@ impl ChainHandler for BlkHandler {
         // mapped for the whole call (see `read`). A raw write: guest memory is shared.
         unsafe { status_seg.host.add(status_at).write_volatile(done.status) };
         let c = &self.counters;
+        let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        bump(&c.latency_us[latency_bucket(nanos)], 1);
+        bump(&c.latency_ns_sum, nanos);
+        c.in_flight.fetch_sub(1, Ordering::Relaxed);
         bump(&c.requests, 1);
         match done.status {
             VIRTIO_BLK_S_IOERR => bump(&c.io_errors, 1),
@@ -761,6 +792,16 @@ fn fallocate_unsupported(e: &io::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn latency_buckets_are_bit_lengths_of_microseconds() {
+        use super::{latency_bucket, LATENCY_BUCKETS};
+        assert_eq!(latency_bucket(999), 0); // below 1 us
+        assert_eq!(latency_bucket(1_000), 1); // [1, 2) us
+        assert_eq!(latency_bucket(3_999), 2); // [2, 4) us
+        assert_eq!(latency_bucket(4_000), 3);
+        assert_eq!(latency_bucket(u64::MAX), LATENCY_BUCKETS - 1);
+    }
+
     use std::os::unix::fs::FileExt;
 
     use super::*;
@@ -996,6 +1037,10 @@ mod tests {
         let stats = rig.stats.snapshot();
         assert_eq!((stats.reads, stats.writes, stats.requests), (1, 1, 2));
         assert_eq!((stats.bytes_read, stats.bytes_written), (1536, 1536));
+        // Every completed request is in exactly one latency bucket; none is left in flight.
+        assert_eq!(stats.latency_us.iter().sum::<u64>(), stats.requests);
+        assert_eq!(stats.in_flight, 0);
+        assert!(stats.latency_ns_sum > 0);
     }
 
     #[test]
