@@ -55,6 +55,25 @@ _STATE_MAGIC = b"vvu-blk\0"
 _STATE_VERSION = 1
 
 
+#: The counters of a blk queue (`NativeHandler.stats`), zero before its first worker.
+_STAT_NAMES = (
+    "requests",
+    "reads",
+    "writes",
+    "flushes",
+    "get_ids",
+    "discards",
+    "write_zeroes",
+    "bytes_read",
+    "bytes_written",
+    "io_errors",
+    "unsupported",
+    "malformed",
+    "in_flight",
+    "latency_ns_sum",
+)
+
+
 def _add_counts(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
     out = dict(a)
     for name, value in b.items():
@@ -250,7 +269,7 @@ class BlkBackend(Backend):
         return handler
 
     def queue_stats(self, queue_index: int) -> dict[str, int]:
-        counts, _ = self._retired.get(queue_index, ({}, []))
+        counts, _ = self._retired.get(queue_index, (dict.fromkeys(_STAT_NAMES, 0), []))
         live = self._handlers.get(queue_index)
         return _add_counts(counts, live.stats or {} if live is not None else {})
 
