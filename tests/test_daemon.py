@@ -27,6 +27,7 @@ import pytest
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
+from daemons import Daemon as DaemonProcess
 from vvu.daemon import DaemonClient, DeviceSpec, RpcError, SpecError
 from vvu.daemon.api import ManagementApi
 from vvu.daemon.core import Daemon
@@ -36,8 +37,6 @@ from vvu.daemon.spec import load_config
 from vvu.frontend import BlkDriver
 from vvu.frontend.blk import BlkIOError
 from vvu.transport.unix import bind_unix_socket
-
-from daemons import Daemon as DaemonProcess
 
 TIMEOUT = 20.0
 MiB = 1 << 20
@@ -151,7 +150,7 @@ async def test_rng_and_blk_in_one_daemon(running: Running, client: DaemonClient)
     finally:
         await rng.close()
     stats = {s["id"]: s for s in await client.stats()}
-    assert stats["rng"]["queues"][0]["chains"] == 1  # type: ignore[typeddict-item]
+    assert stats["rng"]["queues"][0]["chains"] == 1
     assert "requests" not in stats["rng"]["queues"][0]  # blk's counters only on blk
 
 
@@ -337,7 +336,9 @@ BAD_FRAMES = [
 
 
 def add_frame(**params: object) -> bytes:
-    return json.dumps({"jsonrpc": "2.0", "id": 1, "method": "device-add", "params": params}).encode()
+    return json.dumps(
+        {"jsonrpc": "2.0", "id": 1, "method": "device-add", "params": params}
+    ).encode()
 
 
 @pytest.mark.asyncio
@@ -354,7 +355,10 @@ async def test_bad_requests_change_nothing(running: Running, client: DaemonClien
         (add_frame(id="-bad", type="blk", socket=running.sock("x")), -32602),  # bad id
         (add_frame(id="d1", type="blk", socket=running.sock("x"), options={"nope": 1}), -32602),
         (add_frame(id="d1", type="blk", socket=running.sock("x"), options={"size": True}), -32602),
-        (add_frame(id="d1", type="blk", socket=running.sock("x"), options={"read-only": 1}), -32602),
+        (
+            add_frame(id="d1", type="blk", socket=running.sock("x"), options={"read-only": 1}),
+            -32602,
+        ),
         (add_frame(id="d1", type="blk", socket=running.sock("x"), options={"size": [1]}), -32602),
         (add_frame(id="d1", type="blk", socket=running.sock("x"), **{"socket-mode": "rw"}), -32602),
         (add_frame(id="d1", type="blk", socket="x" * 200), -32602),
@@ -455,8 +459,11 @@ def test_config_file(tmp_path: Path) -> None:
     [
         ("[[device]]\nid = 'a'\ntype = 'blk'\n", "needs 'socket'"),
         ("[[device]]\nid='a'\ntype='blk'\nsocket='/s'\nsize='x'\n", "invalid int value"),
-        ("[[device]]\nid='a'\ntype='blk'\nsocket='/s'\n[[device]]\nid='a'\ntype='rng'\n"
-         "socket='/t'\n", "id used twice"),
+        (
+            "[[device]]\nid='a'\ntype='blk'\nsocket='/s'\n[[device]]\nid='a'\ntype='rng'\n"
+            "socket='/t'\n",
+            "id used twice",
+        ),
         ("[apis]\n", "unknown section"),
         ("[api]\nport = 1\n", "[api] takes"),
         ("not toml", "device"),
