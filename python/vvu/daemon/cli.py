@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any
 
-from vvu.daemon.client import DaemonClient, DeviceStats, RpcError
+from vvu.daemon.client import DaemonClient, DeviceInfo, DeviceStats, RpcError
 from vvu.daemon.spec import ConfigFile, SpecError, load_config
 
 __all__ = ["add_parsers"]
@@ -75,6 +75,12 @@ def _option(text: str) -> tuple[str, str | int | bool]:
     return key, value
 
 
+def _device_line(device: DeviceInfo) -> str:
+    where = device.get("socket") or f"VVU device {device.get('vvu')}"
+    state = f"connected ({device['peer']})" if device["connected"] else "idle"
+    return f"{device['id']:<16} {device['type']:<5} {where}  {state}  {device['description']}"
+
+
 def _human_stats(stats: list[DeviceStats]) -> str:
     lines = []
     for device in stats:
@@ -100,24 +106,23 @@ async def _ctl(args: argparse.Namespace) -> int:
         if action == "device-add":
             options = dict(_option(o) for o in args.option)
             result = await api.device_add(
-                args.id, args.type, args.socket_path, options, socket_mode=args.socket_mode
+                args.id,
+                args.type,
+                args.socket_path,
+                options,
+                socket_mode=args.socket_mode,
+                vvu=args.vvu,
+                vvu_kick_mode=args.vvu_kick_mode,
             )
-            human = f"{result['id']}: {result['description']} on {result['socket']}"
+            where = result.get("socket") or f"VVU device {args.vvu}"
+            human = f"{result['id']}: {result['description']} on {where}"
         elif action == "device-remove":
             await api.device_remove(args.id)
             result = None
             human = f"{args.id} removed"
         elif action == "device-list":
             result = await api.device_list()
-            human = (
-                "\n".join(
-                    f"{d['id']:<16} {d['type']:<5} {d['socket']}  "
-                    + (f"connected ({d['peer']})" if d["connected"] else "idle")
-                    + f"  {d['description']}"
-                    for d in result
-                )
-                or "no devices"
-            )
+            human = "\n".join(_device_line(d) for d in result) or "no devices"
         elif action == "resize":
             told = await api.resize(args.id, args.size)
             result = {"told": told}
@@ -211,7 +216,14 @@ def add_parsers(commands: Any) -> None:
     add = actions.add_parser("device-add", help="add a device")
     add.add_argument("id")
     add.add_argument("type", help="back-end type (blk, net, rng, or a plugin's)")
-    add.add_argument("--socket-path", required=True, help="the device's vhost-user socket")
+    where = add.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket-path", help="the device's vhost-user socket")
+    where.add_argument(
+        "--vvu",
+        metavar="DEVICE_SOCK",
+        help="serve through a virtio-vhost-user device (its vfio-user socket): `serve --vvu`",
+    )
+    add.add_argument("--vvu-kick-mode", choices=("direct", "msix"), help="with --vvu (direct)")
     add.add_argument("--socket-mode", help="octal (600)")
     add.add_argument(
         "-o",

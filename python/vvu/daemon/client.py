@@ -42,7 +42,7 @@ class RpcError(VvuError):
 class DeviceInfo(TypedDict):
     id: str
     type: str
-    socket: str
+    socket: NotRequired[str]  # or "vvu" (and "vvu-kick-mode") for a device behind a VVU device
     # "socket-mode" (octal string) and "options" are there too, under their dashed names.
     description: str
     connected: bool
@@ -167,12 +167,22 @@ class DaemonClient:
         self,
         id: str,
         type: str,
-        socket: str,
+        socket: str | None,
         options: Mapping[str, str | int | bool] | None = None,
         *,
         socket_mode: str | None = None,
+        vvu: str | None = None,
+        vvu_kick_mode: Literal["direct", "msix"] | None = None,
     ) -> DeviceInfo:
-        params: dict[str, object] = {"id": id, "type": type, "socket": socket}
+        """Add a device served on `socket`, or (socket None) through the virtio-vhost-user
+        device whose vfio-user socket is `vvu`."""
+        params: dict[str, object] = {"id": id, "type": type}
+        if socket is not None:
+            params["socket"] = socket
+        if vvu is not None:
+            params["vvu"] = vvu
+        if vvu_kick_mode is not None:
+            params["vvu-kick-mode"] = vvu_kick_mode
         if options:
             params["options"] = dict(options)
         if socket_mode is not None:

@@ -28,6 +28,8 @@ from vvu.engine import BackendEngine
 from vvu.errors import VvuError
 from vvu.transport.base import Channel
 from vvu.transport.unix import UnixListener
+from vvu.transport.vvu import KickMode, VvuListener
+from vvu.vfio_user import VfioUserPciAccess
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,8 @@ __all__ = ["Daemon", "DaemonError", "Device", "Event"]
 
 #: How often rings are looked at for faults while someone listens for events.
 FAULT_POLL_INTERVAL = 0.25
+#: How long a device added with `vvu` waits for the VVU device's vfio-user socket.
+VVU_CONNECT_TIMEOUT = 5.0
 #: After a failed accept (EMFILE, ...), how long a device waits before it tries again.
 ACCEPT_RETRY = 0.5
 
@@ -73,12 +77,13 @@ class Device:
         self,
         spec: DeviceSpec,
         backend: Backend,
+        listener: UnixListener | VvuListener,
         emit: Callable[[str, str, dict[str, object]], None],
     ) -> None:
         self.spec = spec
         self.backend = backend
         self.engine = BackendEngine(backend)
-        self.listener = UnixListener(spec.socket, mode=spec.socket_mode)
+        self.listener = listener
         self.peer: str | None = None
         self._emit = emit
         self._session: asyncio.Task[None] | None = None
@@ -140,7 +145,10 @@ class Device:
         if session is not None:  # cancelled with the task; wait for its teardown
             with contextlib.suppress(asyncio.CancelledError):
                 await session
-        self.listener.close()
+        if isinstance(self.listener, VvuListener):
+            await self.listener.aclose()  # clears BACKEND_UP, closes the vfio-user connection
+        else:
+            self.listener.close()
         self.backend.close()
 
     def info(self) -> dict[str, object]:
@@ -176,6 +184,15 @@ class Device:
             "totals": totals,
             "queues": queues,
         }
+
+
+async def _listen(spec: DeviceSpec) -> UnixListener | VvuListener:
+    if spec.vvu is None:
+        assert spec.socket is not None
+        return UnixListener(spec.socket, mode=spec.socket_mode)
+    pci = await VfioUserPciAccess.open(spec.vvu, timeout=VVU_CONNECT_TIMEOUT)
+    kick_mode: KickMode = "msix" if spec.vvu_kick_mode == "msix" else "direct"
+    return VvuListener(pci, kick_mode=kick_mode)
 
 
 class Daemon:
@@ -237,27 +254,27 @@ class Daemon:
         async with self._lock:
             if spec.id in self.devices:
                 raise DaemonError(DaemonError.EXISTS, f"device {spec.id!r} exists")
+            path = os.path.abspath(spec.socket or spec.vvu or "")
             for other in self.devices.values():
-                if os.path.abspath(other.spec.socket) == os.path.abspath(spec.socket):
-                    raise DaemonError(
-                        DaemonError.EXISTS, f"socket {spec.socket} is device {other.id}'s"
-                    )
+                if os.path.abspath(other.spec.socket or other.spec.vvu or "") == path:
+                    raise DaemonError(DaemonError.EXISTS, f"{spec.where} is device {other.id}'s")
             try:
                 backend = spec.make_backend()
             except (OSError, ValueError) as err:
                 raise DaemonError(DaemonError.FAILED, f"{spec.type}: {err}") from err
             try:
-                device = Device(spec, backend, self.emit)
-            except (OSError, ValueError) as err:
+                listener = await _listen(spec)
+            except (OSError, ValueError, VvuError) as err:
                 backend.close()
                 raise DaemonError(
-                    DaemonError.FAILED, f"cannot listen on {spec.socket}: {err}"
+                    DaemonError.FAILED, f"cannot serve on {spec.where}: {err}"
                 ) from err
+            device = Device(spec, backend, listener, self.emit)
             self.devices[spec.id] = device
         self.emit(
             "device-added",
             spec.id,
-            {"type": spec.type, "socket": spec.socket, "description": backend.describe()},
+            {"type": spec.type, "socket": spec.where, "description": backend.describe()},
         )
         return device
 

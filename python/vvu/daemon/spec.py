@@ -23,7 +23,9 @@ __all__ = ["ConfigFile", "DeviceSpec", "SpecError", "load_config"]
 #: A device id: what the API, the metrics and the logs call the device.
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Keys of a device that are not back-end options.
-_DEVICE_KEYS = frozenset({"id", "type", "socket", "socket-mode"})
+_DEVICE_KEYS = frozenset({"id", "type", "socket", "socket-mode", "vvu", "vvu-kick-mode"})
+#: How a VVU device's kicks reach the back-end (`vvu serve --vvu-kick-mode`).
+_KICK_MODES = ("direct", "msix")
 _API_KEYS = frozenset({"socket", "socket-mode", "metrics-http"})
 
 
@@ -44,23 +46,37 @@ def _mode(value: object, what: str) -> int:
 
 @dataclass(frozen=True)
 class DeviceSpec:
-    """One device: back-end `type` (a registered back-end name), served on `socket`."""
+    """One device: back-end `type` (a registered back-end name), served on `socket` (a
+    listening AF_UNIX socket), or through the virtio-vhost-user device whose vfio-user socket is
+    `vvu` (as `vvu serve TYPE --vvu`; front-ends connect to that device's own socket)."""
 
     id: str
     type: str
-    socket: str
+    socket: str | None
     socket_mode: int = 0o600
     options: dict[str, str | int | bool] = field(default_factory=dict)
+    vvu: str | None = None
+    vvu_kick_mode: str = "direct"
+
+    @property
+    def where(self) -> str:
+        """The socket, or "VVU device PATH"."""
+        return self.socket if self.socket is not None else f"VVU device {self.vvu}"
 
     @classmethod
     def from_mapping(cls, raw: object) -> DeviceSpec:
         """Validate a device table / `device-add` params; SpecError says what is wrong."""
         if not isinstance(raw, dict):
             raise SpecError("a device is a table (object) of id, type, socket and options")
-        for key in ("id", "type", "socket"):
+        for key in ("id", "type"):
             if not isinstance(raw.get(key), str):
                 raise SpecError(f"device needs {key!r} (a string)")
-        device_id, kind, socket = raw["id"], raw["type"], raw["socket"]
+        if ("socket" in raw) == ("vvu" in raw):
+            raise SpecError("device needs exactly one of 'socket' and 'vvu' (a string)")
+        path = raw.get("socket", raw.get("vvu"))
+        if not isinstance(path, str):
+            raise SpecError(f"device needs 'socket' or 'vvu' as a string, not {path!r}")
+        device_id, kind = raw["id"], raw["type"]
         if not ID_PATTERN.match(device_id):
             raise SpecError(
                 f"device id {device_id!r}: 1-64 of letters, digits, '_', '.', '-' (not first)"
@@ -68,9 +84,12 @@ class DeviceSpec:
         if kind not in available_backends():
             known = ", ".join(sorted(available_backends()))
             raise SpecError(f"unknown device type {kind!r} (known: {known})")
-        if not socket or "\0" in socket or len(socket.encode()) > 107:
-            raise SpecError(f"socket {socket!r} is not a usable AF_UNIX path (1-107 bytes)")
+        if not path or "\0" in path or len(path.encode()) > 107:
+            raise SpecError(f"socket {path!r} is not a usable AF_UNIX path (1-107 bytes)")
         mode = _mode(raw.get("socket-mode", "600"), "socket-mode")
+        kick_mode = raw.get("vvu-kick-mode", "direct")
+        if kick_mode not in _KICK_MODES or ("vvu-kick-mode" in raw and "vvu" not in raw):
+            raise SpecError(f"vvu-kick-mode is one of {', '.join(_KICK_MODES)}, with 'vvu'")
         options = raw.get("options", {})
         if not isinstance(options, dict):
             raise SpecError("options must be a table (object)")
@@ -80,7 +99,8 @@ class DeviceSpec:
             if not isinstance(value, str | int | bool) or isinstance(value, float):
                 raise SpecError(f"option {key!r}: a string, integer or boolean, not {value!r}")
             merged[str(key)] = value
-        spec = cls(device_id, kind, socket, mode, merged)
+        socket, vvu = (path, None) if "socket" in raw else (None, path)
+        spec = cls(device_id, kind, socket, mode, merged, vvu, kick_mode)
         spec.backend_arguments()  # refuse unknown or mistyped options now
         return spec
 
@@ -117,13 +137,12 @@ class DeviceSpec:
         return cls.from_arguments(self.backend_arguments())
 
     def to_json(self) -> dict[str, object]:
-        return {
-            "id": self.id,
-            "type": self.type,
-            "socket": self.socket,
-            "socket-mode": f"{self.socket_mode:o}",
-            "options": dict(self.options),
-        }
+        out: dict[str, object] = {"id": self.id, "type": self.type}
+        if self.vvu is not None:
+            out |= {"vvu": self.vvu, "vvu-kick-mode": self.vvu_kick_mode}
+        else:
+            out |= {"socket": self.socket, "socket-mode": f"{self.socket_mode:o}"}
+        return out | {"options": dict(self.options)}
 
 
 @dataclass(frozen=True)
@@ -159,7 +178,7 @@ def load_config(path: str | Path) -> ConfigFile:
         except SpecError as err:
             raise SpecError(f"{path}: device #{n}: {err}") from err
     ids = [d.id for d in devices]
-    sockets = [d.socket for d in devices]
+    sockets = [d.socket or d.vvu or "" for d in devices]
     for what, values in (("id", ids), ("socket", sockets)):
         dup = {v for v in values if values.count(v) > 1}
         if dup:
