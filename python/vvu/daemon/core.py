@@ -39,8 +39,10 @@ __all__ = ["Daemon", "DaemonError", "Device", "Event"]
 FAULT_POLL_INTERVAL = 0.25
 #: How long a device added with `vvu` waits for the VVU device's vfio-user socket.
 VVU_CONNECT_TIMEOUT = 5.0
-#: After a failed accept (EMFILE, ...), how long a device waits before it tries again.
+#: After a failed accept (EMFILE, ...), how long a device waits before it tries again
+#: (doubling up to ACCEPT_RETRY_MAX while it keeps failing).
 ACCEPT_RETRY = 0.5
+ACCEPT_RETRY_MAX = 10.0
 
 
 class DaemonError(Exception):
@@ -97,13 +99,16 @@ class Device:
         return self.spec.id
 
     async def _serve(self) -> None:
+        retry = ACCEPT_RETRY
         while True:
             try:
                 channel = await self.listener.accept()
-            except OSError as err:  # EMFILE and the like: this device waits, the rest go on
-                log.error("device %s: accept failed: %s", self.id, err)
-                await asyncio.sleep(ACCEPT_RETRY)
+            except Exception as err:  # EMFILE, a VVU device gone: this device waits, not others
+                log.error("device %s: accept failed (again in %.1f s): %s", self.id, retry, err)
+                await asyncio.sleep(retry)
+                retry = min(retry * 2, ACCEPT_RETRY_MAX)
                 continue
+            retry = ACCEPT_RETRY
             await self._serve_session(channel)
 
     async def _serve_session(self, channel: Channel) -> None:
