@@ -6,7 +6,8 @@
 //! them). `stats_per_request` runs exactly that sequence (a batch of 32 per iteration, plus the
 //! clock read that starts each batch, divided out by criterion's throughput per element);
 //! `pread_4k` is the cheapest real request for comparison: one 4 KiB `pread` from a memfd in the
-//! page cache (what a 4 KiB read of an in-memory disk costs the worker in a syscall).
+//! page cache (what a 4 KiB read of an in-memory disk costs the worker in a syscall), and
+//! `clock_read` the clock read alone (32 per iteration).
 
 use std::hint::black_box;
 use std::os::fd::AsRawFd;
@@ -54,6 +55,13 @@ fn bench(c: &mut Criterion) {
                 c.latency_sum.fetch_add(nanos, Ordering::Relaxed);
                 c.in_flight.fetch_sub(1, Ordering::Relaxed);
                 c.requests.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    });
+    group.bench_function("clock_read", |b| {
+        b.iter(|| {
+            for _ in 0..BATCH {
+                black_box(Instant::now());
             }
         })
     });

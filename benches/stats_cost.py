@@ -5,7 +5,7 @@ main) against this tree's, driven by the same front-end in the same run, alterna
 
 Each round: 8192 random 4 KiB reads at queue depth 32 (vvu's `BlkDriver`, as benches/e2e) from
 each back-end on its own 256 MiB in-memory disk; the best round of each is printed. The
-statistics are counted per request in the native worker (two clock reads and a few relaxed
+statistics are counted per request in the native worker (one clock read and a few relaxed
 atomic additions); everything else is read only when asked for.
 """
 

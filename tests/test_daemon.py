@@ -519,7 +519,20 @@ def test_cli_daemon_and_ctl(tmp_path: Path) -> None:
         assert "a " in human and "idle" in human
         refused = ctl(api, "device-add", "c", "blk", "--socket-path", "/x", "-o", "nope=1")
         assert refused.returncode == 1 and "no option 'nope'" in refused.stderr
-        assert ctl(api, "device-remove", "b").returncode == 0
+        events = subprocess.Popen(
+            [sys.executable, "-m", "vvu", "ctl", "--api-socket", str(api), "--json", "events"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert events.stdout is not None
+            assert json.loads(events.stdout.readline()) == {"subscribed": True}
+            assert ctl(api, "device-remove", "b").returncode == 0
+            event = json.loads(events.stdout.readline())
+            assert (event["event"], event["device"]) == ("device-removed", "b")
+        finally:
+            events.terminate()
+            events.wait(TIMEOUT)
         assert not (tmp_path / "b.sock").exists()
         stats = json.loads(ctl(api, "--json", "stats", "a").stdout)
         assert stats[0]["queues"][0]["requests"] == 0
