@@ -95,7 +95,8 @@ def pattern(n: int, seed: int) -> bytes:
 
 @pytest.mark.asyncio
 async def test_add_serve_stats_remove(running: Running, client: DaemonClient) -> None:
-    info = await client.device_add("d0", "blk", running.sock("d0"), {"size": 4})
+    options = {"size": 4, "latency-histogram": True}
+    info = await client.device_add("d0", "blk", running.sock("d0"), options)
     assert info["id"] == "d0" and not info["connected"]
     assert stat.S_IMODE(os.stat(running.sock("d0")).st_mode) == 0o600
     async with await BlkDriver.open(running.sock("d0")) as blk:
@@ -291,7 +292,8 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 @pytest.mark.asyncio
 async def test_metrics(running: Running, client: DaemonClient) -> None:
-    await client.device_add("d0", "blk", running.sock("d0"))
+    await client.device_add("d0", "blk", running.sock("d0"), {"latency-histogram": True})
+    await client.device_add("untimed", "blk", running.sock("untimed"))
     async with await BlkDriver.open(running.sock("d0")) as blk:
         await blk.write(0, pattern(8192, 2))
         await blk.read(0, 8192)
@@ -306,6 +308,12 @@ async def test_metrics(running: Running, client: DaemonClient) -> None:
     assert got[("vvu_request_latency_seconds_count", q)] == 3
     assert got[("vvu_request_latency_seconds_bucket", (*q[:1], ("le", "+Inf"), q[1]))] == 3
     assert got[("vvu_device_sessions_total", (("device", "d0"), ("type", "blk")))] == 1
+    # Without --latency-histogram no request is timed and there is no histogram.
+    assert ("vvu_requests_total", (("device", "untimed"), ("queue", "0"))) in got
+    assert not any(n.startswith("vvu_request_latency") and ("device", "untimed") in labels
+                   for n, labels in got)  # fmt: skip
+    [untimed] = await client.stats("untimed")
+    assert "latency_us_buckets" not in untimed["queues"][0]
     om = await client.metrics("openmetrics")
     assert om.endswith("# EOF\n")
 

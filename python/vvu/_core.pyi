@@ -315,6 +315,7 @@ class NativeHandler:
         writethrough: bool = False,
         discard: bool = True,
         write_zeroes: bool = True,
+        latency_histogram: bool = False,
     ) -> NativeHandler: ...
     @property
     def stats(self) -> dict[str, int] | None: ...

@@ -102,8 +102,11 @@ class BlkBackend(Backend):
         read_only: bool = False,
         num_queues: int = 1,
         serial: str = "vvu",
+        latency_histogram: bool = False,
     ) -> None:
         super().__init__(num_queues=num_queues)
+        #: Time every request into a latency histogram (one clock read per request).
+        self.timed = latency_histogram
         self.read_only = read_only
         self.serial = self._serial = serial.encode()[:20]
         self.image = image
@@ -177,6 +180,14 @@ class BlkBackend(Backend):
         )
         parser.add_argument("--num-queues", type=int, default=1, metavar="N", help="default 1")
         parser.add_argument("--serial", default="vvu", help="the id GET_ID returns (20 bytes)")
+        parser.add_argument(
+            "--latency-histogram",
+            action="store_true",
+            help=(
+                "time every request into a latency histogram (`vvu daemon` stats and metrics; "
+                "one clock read per request, benches/RESULTS.md)"
+            ),
+        )
 
     @classmethod
     def from_arguments(cls, args: argparse.Namespace) -> BlkBackend:
@@ -186,6 +197,7 @@ class BlkBackend(Backend):
             read_only=args.read_only,
             num_queues=args.num_queues,
             serial=args.serial,
+            latency_histogram=args.latency_histogram,
         )
 
     def device_features(self) -> int:
@@ -257,6 +269,7 @@ class BlkBackend(Backend):
             read_only=self.read_only,
             serial=self.serial,
             writethrough=not self.writeback,
+            latency_histogram=self.timed,
         )
         previous = self._handlers.get(queue_index)
         if previous is not None:  # stopped before a ring restarts: its counters are final
@@ -274,6 +287,8 @@ class BlkBackend(Backend):
         return _add_counts(counts, live.stats or {} if live is not None else {})
 
     def latency_histogram(self, queue_index: int) -> list[int] | None:
+        if not self.timed:
+            return None
         _, histogram = self._retired.get(queue_index, ({}, []))
         live = self._handlers.get(queue_index)
         return _add_buckets(histogram, live.latency_histogram or [] if live is not None else [])

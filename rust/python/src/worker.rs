@@ -59,7 +59,8 @@ impl NativeHandler {
     /// virtio-blk over `capacity` 512-byte sectors of the file `fd` (duplicated; the caller
     /// keeps its own). Reads and writes go straight between the file and guest memory.
     #[staticmethod]
-    #[pyo3(signature = (fd, capacity, *, read_only = false, serial = None, writethrough = false, discard = true, write_zeroes = true))]
+    #[pyo3(signature = (fd, capacity, *, read_only = false, serial = None, writethrough = false, discard = true, write_zeroes = true, latency_histogram = false))]
+    #[allow(clippy::too_many_arguments)]
     fn blk(
         fd: c_int,
         capacity: u64,
@@ -68,6 +69,7 @@ impl NativeHandler {
         writethrough: bool,
         discard: bool,
         write_zeroes: bool,
+        latency_histogram: bool,
     ) -> PyResult<Self> {
         let serial = serial.unwrap_or_default();
         if serial.len() > VIRTIO_BLK_ID_BYTES {
@@ -84,6 +86,7 @@ impl NativeHandler {
             writethrough,
             discard,
             write_zeroes,
+            latency_histogram,
             ..BlkOptions::default()
         };
         let file = File::from(dup_fd(fd)?);
