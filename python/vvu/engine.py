@@ -504,6 +504,9 @@ class BackendEngine:
         self.last_session_end: str | None = None
         # Counters of runners that stopped, by queue: `queue_stats` adds the running ones.
         self._retired_stats: dict[int, dict[str, int]] = {}
+        # What `queue_stats` last returned: a ring being stopped is in neither place until its
+        # worker has joined, and counters must not step back meanwhile.
+        self._reported_stats: dict[int, dict[str, int]] = {}
         self._handlers: dict[FrontendRequest, Handler] = {
             _F.GET_FEATURES: self._get_features,
             _F.SET_FEATURES: self._set_features,
@@ -702,7 +705,11 @@ class BackendEngine:
             if runner is not None:
                 for name, value in runner.stats.items():
                     totals[name] = totals.get(name, 0) + value
-            out.append(totals)
+            before = self._reported_stats.get(index, {})
+            for name, value in before.items():
+                totals[name] = max(totals.get(name, 0), value)
+            self._reported_stats[index] = totals
+            out.append(dict(totals))
         return out
 
     def queue_faults(self) -> dict[int, str]:
