@@ -417,10 +417,15 @@ def open_fds() -> list[str]:
 @pytest.mark.asyncio
 async def test_add_remove_leaks_nothing(running: Running, client: DaemonClient) -> None:
     async def cycle(n: int) -> None:
+        """Odd cycles remove the device while its front-end is still connected."""
         await client.device_add(f"d{n}", "blk", running.sock(f"d{n}"))
         async with await BlkDriver.open(running.sock(f"d{n}")) as blk:
             await blk.write(0, pattern(512, n))
-        await client.device_remove(f"d{n}")
+            if n % 2:
+                await client.device_remove(f"d{n}")
+                assert not os.path.exists(running.sock(f"d{n}"))
+        if not n % 2:
+            await client.device_remove(f"d{n}")
 
     await cycle(0)  # warm-up: the executor's threads, lazily imported modules
     gc.collect()
