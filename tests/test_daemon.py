@@ -327,6 +327,7 @@ BAD_FRAMES = [
     (b'"hello"', -32600),
     (b'{"jsonrpc":"1.0","id":1,"method":"device-list"}', -32600),
     (b'{"jsonrpc":"2.0","id":1,"method":7}', -32600),
+    (b'{"jsonrpc":"2.0","method":7}', -32600),  # no id, but not a valid notification either
     (b'{"jsonrpc":"2.0","id":{},"method":"device-list"}', -32600),
     (b'{"jsonrpc":"2.0","id":1,"method":"device-list","extra":1}', -32600),
     (b'{"jsonrpc":"2.0","id":1,"method":"reboot"}', -32601),

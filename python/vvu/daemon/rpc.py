@@ -245,7 +245,11 @@ class RpcServer:
             result = await method.handler(conn, params)
         except RpcFault as fault:
             log.info("management request refused: %s", fault.message)
-            return None if is_notification else _error(rid, fault)
+            # Not even a valid request: answered (id null when it has none), as the spec's
+            # examples do; a valid notification is never answered.
+            if fault.code == INVALID_REQUEST or not is_notification:
+                return _error(rid, fault)
+            return None
         except Exception as err:  # a bug: answered, logged, the daemon goes on
             log.exception("management request %r failed", request.get("method"))
             return None if is_notification else _error(rid, RpcFault(INTERNAL_ERROR, str(err)))
