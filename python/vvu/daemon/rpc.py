@@ -247,15 +247,12 @@ class RpcServer:
             log.info("management request refused: %s", fault.message)
             # Not even a valid request: answered (id null when it has none), as the spec's
             # examples do; a valid notification is never answered.
-            if fault.code == INVALID_REQUEST or not is_notification:
-                return _error(rid, fault)
-            return None
+            answer = fault.code == INVALID_REQUEST or not is_notification
+            return _error(rid, fault) if answer else None
         except Exception as err:  # a bug: answered, logged, the daemon goes on
             log.exception("management request %r failed", request.get("method"))
             return None if is_notification else _error(rid, RpcFault(INTERNAL_ERROR, str(err)))
-        if is_notification:
-            return None
-        return {"jsonrpc": "2.0", "id": rid, "result": result}
+        return None if is_notification else {"jsonrpc": "2.0", "id": rid, "result": result}
 
     def close(self) -> None:
         for conn in list(self.connections):
