@@ -334,7 +334,12 @@ class NativeHandler:
         writethrough: bool = False,
         discard: bool = True,
         write_zeroes: bool = True,
+        latency_histogram: bool = False,
     ) -> NativeHandler: ...
+    @property
+    def stats(self) -> dict[str, int] | None: ...
+    @property
+    def latency_histogram(self) -> list[int] | None: ...
 
 @final
 class QueueWorker:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from vvu import bench, systemd
 from vvu.backends import Backend, available_backends
+from vvu.daemon.cli import add_parsers as add_daemon_parsers
 from vvu.demo import run_demo
 from vvu.device.vvu import BACKEND_UP, FRONTEND_UP, VVU_VIRTIO_ID, VvuDevice
 from vvu.engine import BackendEngine
@@ -635,6 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
         cls.add_arguments(sub)
         sub.set_defaults(func=cmd_serve, backend_cls=cls)
+
+    add_daemon_parsers(commands)
 
     device = commands.add_parser(
         "device",

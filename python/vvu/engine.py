@@ -239,6 +239,10 @@ class PythonQueueRunner:
         self._broken: str | None = None
         self._stopped = False
         self._poll_handle: asyncio.TimerHandle | None = None
+        # Counters (`stats`): one addition per batch, on a path that is Python anyway.
+        self._chains = 0
+        self._batches = 0
+        self._kicks = 0
         loop = asyncio.get_running_loop()
         if kick is not None:
             loop.add_reader(kick.fileno(), self._on_kick)
@@ -247,6 +251,7 @@ class PythonQueueRunner:
     def _on_kick(self) -> None:
         if self._kick is not None:
             self._kick.consume()
+            self._kicks += 1
         self._process()
 
     def _process(self) -> None:
@@ -267,6 +272,8 @@ class PythonQueueRunner:
                     )
                 for chain, length in zip(chains, used, strict=True):
                     queue.push_used(chain.head, length)
+                self._chains += len(chains)
+                self._batches += 1
                 if queue.publish_used() and self.call is not None:
                     self.call.signal()
         except Exception as err:  # a broken ring or handler: stop this queue, keep the session
@@ -282,6 +289,16 @@ class PythonQueueRunner:
         self.call = call
         if call is not None:
             call.signal()  # a completion may have raced with the swap; a spurious call is harmless
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Chains handled, batches published and kicks taken since the runner started."""
+        return {"chains": self._chains, "batches": self._batches, "kicks": self._kicks}
+
+    @property
+    def fault(self) -> str | None:
+        """Why the queue stopped processing (a broken ring or handler), or None."""
+        return self._broken
 
     def set_err(self, err: EventFd | None) -> None:
         self.err = err
@@ -328,6 +345,12 @@ class NativeQueueRunner:
 
     def set_call(self, call: EventFd | None) -> None:
         self._worker.set_call(call)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """The worker's counters (chains, batches, kicks, notifications, ...); after `stop`,
+        the final ones."""
+        return self._worker.stats
 
     def set_err(self, err: EventFd | None) -> None:
         self._worker.set_err(err)
@@ -482,6 +505,13 @@ class BackendEngine:
         self.backend = backend
         self.session: Session | None = None
         self.sessions_served = 0
+        #: Why the last session ended ("disconnected", "dropped: ..."), for a daemon's events.
+        self.last_session_end: str | None = None
+        # Counters of runners that stopped, by queue: `queue_stats` adds the running ones.
+        self._retired_stats: dict[int, dict[str, int]] = {}
+        # What `queue_stats` last returned: a ring being stopped is in neither place until its
+        # worker has joined, and counters must not step back meanwhile.
+        self._reported_stats: dict[int, dict[str, int]] = {}
         self._handlers: dict[FrontendRequest, Handler] = {
             _F.GET_FEATURES: self._get_features,
             _F.SET_FEATURES: self._set_features,
@@ -665,6 +695,48 @@ class BackendEngine:
             await self._restart_rings(lambda: None)
         return await self.notify_config_change()
 
+    def queue_stats(self) -> list[dict[str, int]]:
+        """Per queue, the runner counters since the engine was made (every session, every
+        start of the ring): chains, batches, kicks, and for native workers notifications,
+        wakeups, call_errors, iotlb_misses. Read from the runners' own counters, nothing is
+        counted per request here."""
+        running: dict[int, QueueRunner] = {}
+        if self.session is not None:
+            running = {v.index: v.runner for v in self.session.vrings if v.runner is not None}
+        out = []
+        for index in range(self.backend.num_queues):
+            totals = dict(self._retired_stats.get(index, {}))
+            runner = running.get(index)
+            if runner is not None:
+                for name, value in runner.stats.items():
+                    totals[name] = totals.get(name, 0) + value
+            before = self._reported_stats.get(index, {})
+            for name, value in before.items():
+                totals[name] = max(totals.get(name, 0), value)
+            self._reported_stats[index] = totals
+            out.append(dict(totals))
+        return out
+
+    def queue_faults(self) -> dict[int, str]:
+        """Queues of the current session that stopped processing on their own, and why."""
+        if self.session is None:
+            return {}
+        return {
+            v.index: v.runner.fault
+            for v in self.session.vrings
+            if v.runner is not None and v.runner.fault is not None
+        }
+
+    async def restart_rings(self) -> None:
+        """Restart the running rings, so native workers take the back-end's current
+        configuration (a daemon's set-read-only); from outside request handling."""
+        session = self.session
+        if session is None:
+            return
+        async with session.lock:
+            if self.session is session:
+                await self._restart_rings(lambda: None)
+
     async def reload(self) -> bool:
         """`Backend.reload()` (re-read outside state: blk takes its image's size) and, if the
         config space changed, `config_changed()`. What `vvu serve` does on SIGHUP; returns
@@ -728,6 +800,7 @@ class BackendEngine:
             await asyncio.shield(self._teardown(session))
             self.session = None
             self.sessions_served += 1
+            self.last_session_end = reason
             # A front-end that broke the protocol or the channel is worth a warning.
             level = logging.INFO if reason == "disconnected" else logging.WARNING
             log.log(level, "%s %s; session released", channel.peer, reason)
@@ -854,6 +927,9 @@ class BackendEngine:
         if isinstance(runner, NativeQueueRunner) and runner.fault is not None:
             log.error("queue %d broken: %s", vring.index, runner.fault)
         queue = await runner.stop()
+        totals = self._retired_stats.setdefault(vring.index, {})
+        for name, value in runner.stats.items():
+            totals[name] = totals.get(name, 0) + value
         vring.base = queue.vring_base
         # Let go of the guest memory now: the thread pool may keep the queue object alive in a
         # reference cycle until the next garbage collection.

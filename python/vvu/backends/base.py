@@ -140,6 +140,19 @@ class Backend:
         """
         raise NotImplementedError(f"{type(self).__name__} has no Python request handler")
 
+    # --- statistics (read by `vvu daemon` at query or scrape time) ----------------------------
+
+    def queue_stats(self, queue_index: int) -> dict[str, int]:
+        """Device counters of queue `queue_index` since the back-end was made (blk: requests,
+        bytes, errors, malformed, in_flight); counted where the requests are served, only read
+        here. Names ending in nothing special are counters, `in_flight` is a gauge."""
+        return {}
+
+    def latency_histogram(self, queue_index: int) -> list[int] | None:
+        """Requests of queue `queue_index` by service time: element `i` counts those served in
+        less than `2**i` microseconds, the last one every slower request; None: not measured."""
+        return None
+
     # --- life cycle --------------------------------------------------------------------------
 
     def queue_started(self, queue_index: int) -> None:

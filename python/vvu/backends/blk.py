@@ -55,6 +55,37 @@ _STATE_MAGIC = b"vvu-blk\0"
 _STATE_VERSION = 1
 
 
+#: The counters of a blk queue (`NativeHandler.stats`), zero before its first worker.
+_STAT_NAMES = (
+    "requests",
+    "reads",
+    "writes",
+    "flushes",
+    "get_ids",
+    "discards",
+    "write_zeroes",
+    "bytes_read",
+    "bytes_written",
+    "io_errors",
+    "unsupported",
+    "malformed",
+    "in_flight",
+    "latency_ns_sum",
+)
+
+
+def _add_counts(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    out = dict(a)
+    for name, value in b.items():
+        out[name] = out.get(name, 0) + value
+    return out
+
+
+def _add_buckets(a: list[int], b: list[int]) -> list[int]:
+    longer, shorter = (a, b) if len(a) >= len(b) else (b, a)
+    return [x + (shorter[i] if i < len(shorter) else 0) for i, x in enumerate(longer)]
+
+
 class BlkBackend(Backend):
     """The block device (virtio id 2)."""
 
@@ -71,10 +102,18 @@ class BlkBackend(Backend):
         read_only: bool = False,
         num_queues: int = 1,
         serial: str = "vvu",
+        latency_histogram: bool = False,
     ) -> None:
         super().__init__(num_queues=num_queues)
+        #: Time every request into a latency histogram (one clock read per request).
+        self.timed = latency_histogram
         self.read_only = read_only
         self.serial = self._serial = serial.encode()[:20]
+        self.image = image
+        # Per queue: the handler of the running (or last) worker, and the final counters of
+        # the ones before it (handlers count; `queue_stats` only reads).
+        self._handlers: dict[int, NativeHandler] = {}
+        self._retired: dict[int, tuple[dict[str, int], list[int]]] = {}
         if image is not None:
             flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
             self._fd = os.open(image, flags)
@@ -141,6 +180,14 @@ class BlkBackend(Backend):
         )
         parser.add_argument("--num-queues", type=int, default=1, metavar="N", help="default 1")
         parser.add_argument("--serial", default="vvu", help="the id GET_ID returns (20 bytes)")
+        parser.add_argument(
+            "--latency-histogram",
+            action="store_true",
+            help=(
+                "time every request into a latency histogram (`vvu daemon` stats and metrics; "
+                "one clock read per request, benches/RESULTS.md)"
+            ),
+        )
 
     @classmethod
     def from_arguments(cls, args: argparse.Namespace) -> BlkBackend:
@@ -150,6 +197,7 @@ class BlkBackend(Backend):
             read_only=args.read_only,
             num_queues=args.num_queues,
             serial=args.serial,
+            latency_histogram=args.latency_histogram,
         )
 
     def device_features(self) -> int:
@@ -215,13 +263,50 @@ class BlkBackend(Backend):
         return super().protocol_features() | ProtocolFeature.INFLIGHT_SHMFD.mask
 
     def native_worker(self, queue_index: int) -> NativeHandler:
-        return NativeHandler.blk(
+        handler = NativeHandler.blk(
             self._fd,
             self.capacity,
             read_only=self.read_only,
             serial=self.serial,
             writethrough=not self.writeback,
+            latency_histogram=self.timed,
         )
+        previous = self._handlers.get(queue_index)
+        if previous is not None:  # stopped before a ring restarts: its counters are final
+            counts, histogram = self._retired.get(queue_index, ({}, []))
+            self._retired[queue_index] = (
+                _add_counts(counts, previous.stats or {}),
+                _add_buckets(histogram, previous.latency_histogram or []),
+            )
+        self._handlers[queue_index] = handler
+        return handler
+
+    def queue_stats(self, queue_index: int) -> dict[str, int]:
+        counts, _ = self._retired.get(queue_index, (dict.fromkeys(_STAT_NAMES, 0), []))
+        live = self._handlers.get(queue_index)
+        return _add_counts(counts, live.stats or {} if live is not None else {})
+
+    def latency_histogram(self, queue_index: int) -> list[int] | None:
+        if not self.timed:
+            return None
+        _, histogram = self._retired.get(queue_index, ({}, []))
+        live = self._handlers.get(queue_index)
+        return _add_buckets(histogram, live.latency_histogram or [] if live is not None else [])
+
+    def set_read_only(self, read_only: bool) -> None:
+        """Switch between read-only and read-write while served: an image file is reopened
+        with the matching mode. Workers started from now on refuse writes (VIRTIO_BLK_S_IOERR)
+        or accept them (restart the rings: `BackendEngine.restart_rings`); the RO feature bit
+        changes for the next front-end session (features are negotiated once per session)."""
+        if read_only == self.read_only:
+            return
+        if self.image is not None:
+            flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+            fd = os.open(self.image, flags)
+            os.close(self._fd)
+            self._fd = fd
+        self.read_only = read_only
+        log.info("blk: now %s", "read-only" if read_only else "read-write")
 
     def save_state(self) -> bytes:
         return _STATE.pack(

@@ -11,8 +11,8 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use vvu_core::iotlb::perm_from_access;
-use vvu_core::worker::blk::{BlkHandler, BlkOptions, VIRTIO_BLK_ID_BYTES};
-use vvu_core::worker::{ChainHandler, QueueWorker, WorkerOptions};
+use vvu_core::worker::blk::{BlkHandler, BlkOptions, BlkStatsHandle, VIRTIO_BLK_ID_BYTES};
+use vvu_core::worker::{ChainHandler, QueueWorker, WorkerOptions, WorkerStats};
 use vvu_core::QueueError;
 
 use crate::errors::to_pyerr;
@@ -31,6 +31,8 @@ fn used_up() -> PyErr {
 pub struct NativeHandler {
     handler: Mutex<Option<Box<dyn ChainHandler>>>,
     kind: &'static str,
+    /// The blk handler's counters, readable after the handler moved into a worker.
+    blk_stats: Option<BlkStatsHandle>,
 }
 
 impl NativeHandler {
@@ -39,6 +41,7 @@ impl NativeHandler {
         Self {
             handler: Mutex::new(Some(handler)),
             kind,
+            blk_stats: None,
         }
     }
 
@@ -56,7 +59,8 @@ impl NativeHandler {
     /// virtio-blk over `capacity` 512-byte sectors of the file `fd` (duplicated; the caller
     /// keeps its own). Reads and writes go straight between the file and guest memory.
     #[staticmethod]
-    #[pyo3(signature = (fd, capacity, *, read_only = false, serial = None, writethrough = false, discard = true, write_zeroes = true))]
+    #[pyo3(signature = (fd, capacity, *, read_only = false, serial = None, writethrough = false, discard = true, write_zeroes = true, latency_histogram = false))]
+    #[allow(clippy::too_many_arguments)]
     fn blk(
         fd: c_int,
         capacity: u64,
@@ -65,6 +69,7 @@ impl NativeHandler {
         writethrough: bool,
         discard: bool,
         write_zeroes: bool,
+        latency_histogram: bool,
     ) -> PyResult<Self> {
         let serial = serial.unwrap_or_default();
         if serial.len() > VIRTIO_BLK_ID_BYTES {
@@ -81,14 +86,56 @@ impl NativeHandler {
             writethrough,
             discard,
             write_zeroes,
+            latency_histogram,
             ..BlkOptions::default()
         };
         let file = File::from(dup_fd(fd)?);
         let handler = BlkHandler::new(file, capacity, options).map_err(to_pyerr)?;
+        let blk_stats = Some(handler.stats_handle());
         Ok(Self {
             handler: Mutex::new(Some(Box::new(handler))),
             kind: "blk",
+            blk_stats,
         })
+    }
+
+    /// The blk handler's counters (requests by type, bytes, errors, malformed, in flight,
+    /// latency_ns_sum), read without stopping it; None for other handlers.
+    #[getter]
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let Some(handle) = &self.blk_stats else {
+            return Ok(None);
+        };
+        let s = handle.snapshot();
+        let dict = PyDict::new(py);
+        for (name, value) in [
+            ("requests", s.requests),
+            ("reads", s.reads),
+            ("writes", s.writes),
+            ("flushes", s.flushes),
+            ("get_ids", s.get_ids),
+            ("discards", s.discards),
+            ("write_zeroes", s.write_zeroes),
+            ("bytes_read", s.bytes_read),
+            ("bytes_written", s.bytes_written),
+            ("io_errors", s.io_errors),
+            ("unsupported", s.unsupported),
+            ("malformed", s.malformed),
+            ("in_flight", s.in_flight),
+            ("latency_ns_sum", s.latency_ns_sum),
+        ] {
+            dict.set_item(name, value)?;
+        }
+        Ok(Some(dict))
+    }
+
+    /// The blk handler's latency histogram: element `i` counts requests served in less than
+    /// `2**i` microseconds, the last one every slower request; None for other handlers.
+    #[getter]
+    fn latency_histogram(&self) -> Option<Vec<u64>> {
+        self.blk_stats
+            .as_ref()
+            .map(|handle| handle.snapshot().latency_us.to_vec())
     }
 
     fn __repr__(&self) -> String {
@@ -111,6 +158,8 @@ impl NativeHandler {
 #[pyclass(name = "QueueWorker", module = "vvu._core", frozen)]
 pub struct PyQueueWorker {
     worker: Mutex<Option<QueueWorker>>,
+    /// The counters at `stop()`, so that they stay readable afterwards.
+    final_stats: Mutex<Option<WorkerStats>>,
 }
 
 impl PyQueueWorker {
@@ -164,6 +213,7 @@ impl PyQueueWorker {
             QueueWorker::spawn(name, queue, kick, call, handler, options).map_err(to_pyerr)?;
         Ok(Self {
             worker: Mutex::new(Some(worker)),
+            final_stats: Mutex::new(None),
         })
     }
 
@@ -179,10 +229,15 @@ impl PyQueueWorker {
         self.with(|worker| worker.set_err(err).map_err(to_pyerr))
     }
 
-    /// Counters: chains, batches, notifications, kicks, wakeups, call_errors.
+    /// Counters: chains, batches, notifications, kicks, wakeups, call_errors, iotlb_misses;
+    /// after `stop()`, the final ones.
     #[getter]
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let stats = self.with(|worker| Ok(worker.stats()))?;
+        let stopped = *self.final_stats.lock().unwrap_or_else(|e| e.into_inner());
+        let stats = match stopped {
+            Some(stats) => stats,
+            None => self.with(|worker| Ok(worker.stats()))?,
+        };
         let dict = PyDict::new(py);
         dict.set_item("chains", stats.chains)?;
         dict.set_item("batches", stats.batches)?;
@@ -243,6 +298,7 @@ impl PyQueueWorker {
             .take()
             .ok_or_else(|| to_pyerr(QueueError::InvalidConfig("the worker was stopped".into())))?;
         let stopped = py.detach(|| worker.stop()).map_err(to_pyerr)?;
+        *self.final_stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(stopped.stats);
         wrap_queue(py, stopped.queue)
     }
 

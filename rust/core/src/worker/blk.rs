@@ -23,6 +23,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::raw::c_int;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::ChainHandler;
 use crate::memory::GuestMemory;
@@ -80,6 +81,9 @@ pub struct BlkOptions {
     pub max_write_zeroes_sectors: u32,
     /// Config space `max_write_zeroes_seg` (1..=[`MAX_DWZ_SEGMENTS`]).
     pub max_write_zeroes_seg: u32,
+    /// Time every request into [`BlkStats::latency_us`]: one clock read per request (off by
+    /// default; benches/RESULTS.md, "Daemon", has its cost).
+    pub latency_histogram: bool,
 }
 
 impl Default for BlkOptions {
@@ -94,6 +98,7 @@ impl Default for BlkOptions {
             max_discard_seg: 32,
             max_write_zeroes_sectors: u32::MAX,
             max_write_zeroes_seg: 32,
+            latency_histogram: false,
         }
     }
 }
@@ -129,7 +134,17 @@ pub struct BlkStats {
     pub unsupported: u64,
     /// Requests that could not be answered (no status byte or a short header): used len 0.
     pub malformed: u64,
+    /// Requests being handled right now (0 or 1 per handler: a handler serves one at a time).
+    pub in_flight: u64,
+    /// Service time of completed requests: bucket `i` counts those that took less than
+    /// `2^i` microseconds (the last one: everything slower), see [`LATENCY_BUCKETS`].
+    pub latency_us: [u64; LATENCY_BUCKETS],
+    /// Sum of the service times counted in `latency_us`, in nanoseconds.
+    pub latency_ns_sum: u64,
 }
+
+/// Buckets of [`BlkStats::latency_us`]: below 1 µs, 2 µs, 4 µs, ... 2^22 µs (4.2 s), and above.
+pub const LATENCY_BUCKETS: usize = 24;
 
 #[derive(Debug, Default)]
 struct BlkCounters {
@@ -145,6 +160,15 @@ struct BlkCounters {
     io_errors: AtomicU64,
     unsupported: AtomicU64,
     malformed: AtomicU64,
+    in_flight: AtomicU64,
+    latency_us: [AtomicU64; LATENCY_BUCKETS],
+    latency_ns_sum: AtomicU64,
+}
+
+/// The latency bucket of a request that took `nanos`: the bit length of its microseconds.
+fn latency_bucket(nanos: u64) -> usize {
+    let micros = nanos / 1000;
+    ((u64::BITS - micros.leading_zeros()) as usize).min(LATENCY_BUCKETS - 1)
 }
 
 fn bump(counter: &AtomicU64, n: u64) {
@@ -173,6 +197,9 @@ impl BlkStatsHandle {
             io_errors: get(&c.io_errors),
             unsupported: get(&c.unsupported),
             malformed: get(&c.malformed),
+            in_flight: get(&c.in_flight),
+            latency_us: std::array::from_fn(|i| get(&c.latency_us[i])),
+            latency_ns_sum: get(&c.latency_ns_sum),
         }
     }
 }
@@ -230,6 +257,9 @@ pub struct BlkHandler {
     /// Lazily allocated zeros for the write-zeros fallback.
     zeros: Vec<u8>,
     zero_mode: ZeroMode,
+    /// When the previous request of the current batch completed: the next one starts then
+    /// (one clock read per request, plus one per batch).
+    clock: Option<Instant>,
 }
 
 impl std::fmt::Debug for BlkHandler {
@@ -283,6 +313,7 @@ impl BlkHandler {
             ranges: Vec::new(),
             zeros: Vec::new(),
             zero_mode: ZeroMode::Fallocate,
+            clock: None,
         })
     }
 
@@ -564,6 +595,10 @@ impl BlkHandler {
 }
 
 impl ChainHandler for BlkHandler {
+    fn flush_batch(&mut self) {
+        self.clock = None; // the next batch's first request starts when it is handled
+    }
+
     fn handle(&mut self, _memory: &GuestMemory, chain: ChainView<'_>) -> u32 {
         // The status byte is the last byte of the last writable segment; without it, or without
         // a whole header, there is no way to answer: complete with nothing written.
@@ -571,8 +606,18 @@ impl ChainHandler for BlkHandler {
             (chain.writable().last(), chain.readable_len() >= HEADER_SIZE)
         else {
             bump(&self.counters.malformed, 1);
+            self.clock = None;
             return 0;
         };
+        // The in-flight gauge: two relaxed atomics per request. The latency histogram (when
+        // asked for): one clock read and two more; requests of a batch are served one after
+        // another, so each starts when the one before it completed (benches/RESULTS.md).
+        let started = if self.options.latency_histogram {
+            Some(self.clock.take().unwrap_or_else(Instant::now))
+        } else {
+            None
+        };
+        bump(&self.counters.in_flight, 1);
         let mut header = [0u8; HEADER_SIZE as usize];
         gather(chain.readable(), 0, &mut header);
         let [t0, t1, t2, t3, _, _, _, _, s0, s1, s2, s3, s4, s5, s6, s7] = header;
@@ -592,6 +637,14 @@ impl ChainHandler for BlkHandler {
         // mapped for the whole call (see `read`). A raw write: guest memory is shared.
         unsafe { status_seg.host.add(status_at).write_volatile(done.status) };
         let c = &self.counters;
+        if let Some(started) = started {
+            let now = Instant::now();
+            self.clock = Some(now);
+            let nanos = u64::try_from(now.duration_since(started).as_nanos()).unwrap_or(u64::MAX);
+            bump(&c.latency_us[latency_bucket(nanos)], 1);
+            bump(&c.latency_ns_sum, nanos);
+        }
+        c.in_flight.fetch_sub(1, Ordering::Relaxed);
         bump(&c.requests, 1);
         match done.status {
             VIRTIO_BLK_S_IOERR => bump(&c.io_errors, 1),
@@ -761,6 +814,16 @@ fn fallocate_unsupported(e: &io::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn latency_buckets_are_bit_lengths_of_microseconds() {
+        use super::{latency_bucket, LATENCY_BUCKETS};
+        assert_eq!(latency_bucket(999), 0); // below 1 us
+        assert_eq!(latency_bucket(1_000), 1); // [1, 2) us
+        assert_eq!(latency_bucket(3_999), 2); // [2, 4) us
+        assert_eq!(latency_bucket(4_000), 3);
+        assert_eq!(latency_bucket(u64::MAX), LATENCY_BUCKETS - 1);
+    }
+
     use std::os::unix::fs::FileExt;
 
     use super::*;
@@ -953,6 +1016,23 @@ mod tests {
     }
 
     #[test]
+    fn latency_histogram_times_each_request_when_asked() {
+        let options = BlkOptions {
+            latency_histogram: true,
+            ..BlkOptions::default()
+        };
+        let mut rig = rig_with(memfd_file(CAPACITY * 512), CAPACITY, options);
+        for sector in 0..3 {
+            assert_eq!(rig.read_sectors(sector, 512).0, VIRTIO_BLK_S_OK);
+        }
+        let stats = rig.stats.snapshot();
+        // Every completed request is in exactly one bucket, and took some time.
+        assert_eq!(stats.latency_us.iter().sum::<u64>(), 3);
+        assert!(stats.latency_ns_sum > 0);
+        assert_eq!(stats.in_flight, 0);
+    }
+
+    #[test]
     fn read_write_round_trip_with_split_header_and_segments_crossing_regions() {
         let mut rig = rig();
         let data = pattern(3 * 512, 7);
@@ -996,6 +1076,12 @@ mod tests {
         let stats = rig.stats.snapshot();
         assert_eq!((stats.reads, stats.writes, stats.requests), (1, 1, 2));
         assert_eq!((stats.bytes_read, stats.bytes_written), (1536, 1536));
+        // None is left in flight; no request was timed (the histogram was not asked for).
+        assert_eq!(stats.in_flight, 0);
+        assert_eq!(
+            (stats.latency_us.iter().sum::<u64>(), stats.latency_ns_sum),
+            (0, 0)
+        );
     }
 
     #[test]
