@@ -13,6 +13,7 @@ from importlib.metadata import entry_points
 from vvu.backends.base import Backend, ConfigError
 from vvu.backends.blk import BlkBackend
 from vvu.backends.net import NetBackend
+from vvu.backends.request import Request, RequestDone, RequestQueue
 from vvu.backends.rng import RngBackend
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,9 @@ __all__ = [
     "BlkBackend",
     "ConfigError",
     "NetBackend",
+    "Request",
+    "RequestDone",
+    "RequestQueue",
     "RngBackend",
     "available_backends",
 ]
