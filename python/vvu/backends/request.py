@@ -432,7 +432,7 @@ class RequestRunner:
         self._stopping = True
         self._flush()
         remaining = deadline - self._loop.time()
-        if self.held and remaining > 0:
+        if self.held and remaining > 0 and hand_back:  # (nobody waits for a gone front-end)
             self._drained.clear()
             if not self.held:  # completed between the check and the clear
                 self._drained.set()
