@@ -35,7 +35,7 @@ from vvu.vfio_user.server import VfioUserServer
 log = logging.getLogger("vvu")
 
 #: vhost-user.json "type" for each virtio device id (QEMU docs/interop/vhost-user.json).
-_CAPABILITY_TYPES = {1: "net", 2: "block", 4: "rng", 5: "scsi", 16: "gpu", 18: "input", 26: "fs"}
+_CAPABILITY_TYPES = {1: "net", 2: "block", 3: "console", 4: "rng", 5: "scsi", 16: "gpu", 18: "input", 26: "fs"}
 
 
 def _setup_logging(verbose: int) -> None:
@@ -809,6 +809,11 @@ def main_net(argv: Sequence[str] | None = None) -> int:
 def main_rng(argv: Sequence[str] | None = None) -> int:
     """The `vvu-rng` program: `vvu serve rng`."""
     return _serve_main("rng", argv)
+
+
+def main_console(argv: Sequence[str] | None = None) -> int:
+    """The `vvu-console` program: `vvu serve console`."""
+    return _serve_main("console", argv)
 
 
 if __name__ == "__main__":

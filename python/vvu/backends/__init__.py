@@ -12,6 +12,7 @@ from importlib.metadata import entry_points
 
 from vvu.backends.base import Backend, ConfigError
 from vvu.backends.blk import BlkBackend
+from vvu.backends.console import ConsoleBackend
 from vvu.backends.net import NetBackend
 from vvu.backends.request import Request, RequestDone, RequestQueue
 from vvu.backends.rng import RngBackend
@@ -22,6 +23,7 @@ __all__ = [
     "Backend",
     "BlkBackend",
     "ConfigError",
+    "ConsoleBackend",
     "NetBackend",
     "Request",
     "RequestDone",
@@ -34,7 +36,7 @@ ENTRY_POINT_GROUP = "vvu.backends"
 
 
 def _builtin() -> dict[str, type[Backend]]:
-    return {cls.name: cls for cls in (BlkBackend, NetBackend, RngBackend)}
+    return {cls.name: cls for cls in (BlkBackend, ConsoleBackend, NetBackend, RngBackend)}
 
 
 def available_backends() -> dict[str, type[Backend]]:
