@@ -183,7 +183,7 @@ async def test_malformed_chains_are_counted_and_the_console_goes_on(
         assert await asyncio.wait_for(bad_rx, TIMEOUT) == 0
         assert await asyncio.wait_for(console.send(b""), TIMEOUT) == 0
         assert backend.stats["malformed_chains"] == 2
-        (buf, got), *_ = console.give_rx(1)
+        (_, got), *_ = console.give_rx(1)
         writer.write(b"ok")
         assert await asyncio.wait_for(got, TIMEOUT) == 2
     writer.close()

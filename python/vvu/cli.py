@@ -35,7 +35,9 @@ from vvu.vfio_user.server import VfioUserServer
 log = logging.getLogger("vvu")
 
 #: vhost-user.json "type" for each virtio device id (QEMU docs/interop/vhost-user.json).
-_CAPABILITY_TYPES = {1: "net", 2: "block", 3: "console", 4: "rng", 5: "scsi", 16: "gpu", 18: "input", 26: "fs"}
+_CAPABILITY_TYPES = {
+    1: "net", 2: "block", 3: "console", 4: "rng", 5: "scsi", 16: "gpu", 18: "input", 26: "fs"
+}  # fmt: skip
 
 
 def _setup_logging(verbose: int) -> None:
