@@ -336,3 +336,28 @@ async def test_a_failing_run_queue_breaks_only_its_queue_and_signals_err() -> No
         err.close()
         # The session goes on: the front-end still gets answers.
         assert await s.get_vring_base() == 1
+
+
+async def test_a_driver_that_offers_more_than_its_ring_cannot_make_the_backend_hold_more(
+    session: Session,
+) -> None:
+    """Hostile: the driver makes its 16 chains available again while the device holds them
+    all (avail entries repeating held heads). The device holds at most the ring's worth."""
+    size = session.queue.size
+    session.submit(size)
+    reqs = await session.backend.take(size)
+    avail = session.queue.avail
+    for i, request in enumerate(reqs):
+        session.frontend.memory.write(
+            avail + 4 + 2 * ((size + i) % size), request.head.to_bytes(2, "little")
+        )
+    session.frontend.memory.write(avail + 2, (2 * size).to_bytes(2, "little"))
+    session.queue.kick.signal()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(session.backend.taken.get(), 0.3)
+    runner = session.engine.session.vrings[0].runner if session.engine.session else None
+    assert isinstance(runner, request_module.RequestRunner)
+    assert len(runner.held) == size and runner.stats["full"] >= 1
+    reqs[0].complete(0)  # room for one: exactly one more is handed out
+    (extra,) = await session.backend.take(1)
+    assert extra.head == reqs[0].head and len(runner.held) == size
