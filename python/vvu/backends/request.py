@@ -264,7 +264,7 @@ class RequestRunner:
         self._next_seq = 0
         self._stopping = False
         self._broken: str | None = None
-        self._wakeup: asyncio.Future[None] | None = None
+        self._waiters: list[asyncio.Future[None]] = []  # get() calls waiting for work
         self._drained = asyncio.Event()
         self.stats: collections.Counter[str] = collections.Counter()
         if kick is not None:
@@ -291,9 +291,10 @@ class RequestRunner:
     # --- handing out -------------------------------------------------------------------------
 
     def _wake(self) -> None:
-        waiter, self._wakeup = self._wakeup, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _on_kick(self) -> None:
         if self._kick is not None:
@@ -337,7 +338,8 @@ class RequestRunner:
             request = self.take()
             if request is not None:
                 return request
-            self._wakeup = waiter = self._loop.create_future()
+            waiter = self._loop.create_future()
+            self._waiters.append(waiter)
             if self._kick is None:  # NOFD: nobody kicks, so poll
                 poll = self._loop.call_later(POLL_INTERVAL, self._wake)
                 try:
