@@ -818,5 +818,10 @@ def main_console(argv: Sequence[str] | None = None) -> int:
     return _serve_main("console", argv)
 
 
+def main_input(argv: Sequence[str] | None = None) -> int:
+    """The `vvu-input` program: `vvu serve input`."""
+    return _serve_main("input", argv)
+
+
 if __name__ == "__main__":
     sys.exit(main())

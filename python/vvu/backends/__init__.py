@@ -13,6 +13,7 @@ from importlib.metadata import entry_points
 from vvu.backends.base import Backend, ConfigError
 from vvu.backends.blk import BlkBackend
 from vvu.backends.console import ConsoleBackend
+from vvu.backends.input import InputBackend
 from vvu.backends.net import NetBackend
 from vvu.backends.request import Request, RequestDone, RequestQueue
 from vvu.backends.rng import RngBackend
@@ -24,6 +25,7 @@ __all__ = [
     "BlkBackend",
     "ConfigError",
     "ConsoleBackend",
+    "InputBackend",
     "NetBackend",
     "Request",
     "RequestDone",
@@ -36,7 +38,9 @@ ENTRY_POINT_GROUP = "vvu.backends"
 
 
 def _builtin() -> dict[str, type[Backend]]:
-    return {cls.name: cls for cls in (BlkBackend, ConsoleBackend, NetBackend, RngBackend)}
+    return {
+        cls.name: cls for cls in (BlkBackend, ConsoleBackend, InputBackend, NetBackend, RngBackend)
+    }
 
 
 def available_backends() -> dict[str, type[Backend]]:
