@@ -100,11 +100,11 @@ class Session:
         await self.frontend._hand_over(self.queue, base)
 
 
-async def _open(backend: HoldingBackend) -> AsyncIterator[Session]:
+async def _open(backend: HoldingBackend, *, packed: bool = False) -> AsyncIterator[Session]:
     ours, theirs = socketpair_channels()
     engine = BackendEngine(backend)
     task = asyncio.ensure_future(engine.serve(theirs))
-    frontend = Frontend(ours, memory_size=4 * MiB)
+    frontend = Frontend(ours, memory_size=4 * MiB, packed=packed)
     try:
         await frontend.negotiate(
             protocol_features=WANTED_PROTOCOL_FEATURES | ProtocolFeature.RESET_DEVICE.mask
@@ -361,3 +361,27 @@ async def test_a_driver_that_offers_more_than_its_ring_cannot_make_the_backend_h
     reqs[0].complete(0)  # room for one: exactly one more is handed out
     (extra,) = await session.backend.take(1)
     assert extra.head == reqs[0].head and len(runner.held) == size
+
+
+@pytest.mark.usefixtures("short_stop")
+async def test_on_a_packed_ring_held_requests_come_back_with_length_0() -> None:
+    """A packed ring cannot be rewound from Python: what is held at GET_VRING_BASE is returned
+    used with length 0, and the base reports every chain as taken."""
+    async for s in _open(HoldingBackend(), packed=True):
+        futures = s.submit(3)
+        reqs = await s.backend.take(3)
+        reqs[0].complete(5)
+        base = await s.get_vring_base()
+        assert base & 0x7FFF == 3 and (base >> 16) & 0x7FFF == 3  # avail and used positions
+        assert await asyncio.wait_for(asyncio.gather(*futures), TIMEOUT) == [5, 0, 0]
+
+
+async def test_a_ring_without_a_kick_fd_is_polled_while_the_backend_waits(
+    session: Session,
+) -> None:
+    await session.frontend.request(_F.SET_VRING_KICK, U64.vring(0, nofd=True))
+    futures = session.submit(2)  # the kick eventfd is ours alone now: nobody reads it
+    reqs = await session.backend.take(2)
+    for r in reqs:
+        r.complete(1)
+    assert await asyncio.wait_for(asyncio.gather(*futures), TIMEOUT) == [1, 1]
