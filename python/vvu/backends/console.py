@@ -29,6 +29,7 @@ from typing import ClassVar
 
 from vvu.backends.base import Backend
 from vvu.backends.request import Request, RequestQueue
+from vvu.transport.unix import listening_socket
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +55,8 @@ class ConsoleBackend(Backend):
         self._client_changed: asyncio.Event | None = None
         self._accepting: asyncio.Task[None] | None = None
         if socket_path is not None:
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(socket_path)
-                listener.bind(socket_path)
-                os.chmod(socket_path, socket_mode)
-                listener.listen(1)
-                listener.setblocking(False)
-            except BaseException:
-                listener.close()
-                raise
-            self._listener = listener
+            self._listener = listening_socket(socket_path, socket_mode, backlog=1)
+            self._listener.setblocking(False)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

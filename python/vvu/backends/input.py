@@ -27,6 +27,7 @@ from typing import ClassVar
 
 from vvu.backends.base import Backend
 from vvu.backends.request import RequestQueue
+from vvu.transport.unix import listening_socket
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +66,7 @@ class InputBackend(Backend):
         self._server: asyncio.Server | None = None
         self._listener: socket.socket | None = None
         if socket_path is not None:  # listening from the start; served once a queue runs
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(socket_path)
-                listener.bind(socket_path)
-                os.chmod(socket_path, 0o600)
-                listener.listen()
-            except BaseException:
-                listener.close()
-                raise
-            self._listener = listener
+            self._listener = listening_socket(socket_path)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

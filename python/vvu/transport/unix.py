@@ -102,17 +102,7 @@ class UnixListener(Listener):
                 raise ValueError(f"fd {fd} is not an AF_UNIX socket")
         else:
             assert path is not None
-            _remove_stale_socket(path)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            # Create the socket file with the requested mode from the start (no window where it
-            # is more open than asked).
-            old_umask = os.umask(0o777 & ~mode)
-            try:
-                sock.bind(path)
-            finally:
-                os.umask(old_umask)
-            os.chmod(path, mode)
-            sock.listen(16)
+            sock = listening_socket(path, mode)
         sock.setblocking(False)
         self._sock = sock
         self._count = 0
@@ -209,6 +199,26 @@ def inherited_socket(fd: int) -> UnixListener | UnixChannel:
         return UnixListener(fd=fd)
     sock.setblocking(False)
     return UnixChannel(sock, peer=f"front-end on fd {fd}")
+
+
+def listening_socket(path: str, mode: int = 0o600, backlog: int = 16) -> socket.socket:
+    """A listening AF_UNIX socket bound to `path`, its file created with `mode` from the start
+    (no window where it is more open than asked). A stale socket file left by a dead server is
+    replaced; anything else at `path` is refused (FileExistsError)."""
+    _remove_stale_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        old_umask = os.umask(0o777 & ~mode)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, mode)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _remove_stale_socket(path: str) -> None:
