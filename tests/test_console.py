@@ -211,6 +211,7 @@ md5sum /tmp/in
 """
 
 
+@pytest.mark.guest
 @pytest.mark.timeout(300)
 def test_a_linux_guest_writes_and_reads_hvc0(tmp_path: Path) -> None:
     qemu = qemu11()

@@ -122,6 +122,7 @@ dd bs=24 count=4 <&3 2>/dev/null | od -An -tu2 -w24 -v
 """
 
 
+@pytest.mark.guest
 @pytest.mark.timeout(300)
 def test_a_linux_guest_reads_the_events_a_host_script_sends(tmp_path: Path) -> None:
     image = guest_image()

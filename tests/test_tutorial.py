@@ -87,6 +87,7 @@ def test_a_package_listing_it_as_an_entry_point_makes_it_a_vvu_serve_device(
     assert found is shout.ShoutBackend
 
 
+@pytest.mark.guest
 @pytest.mark.timeout(300)
 def test_the_tutorial_device_in_a_linux_guest(shout: ModuleType, tmp_path: Path) -> None:
     qemu = qemu11()
