@@ -308,6 +308,8 @@ async def test_disconnect_releases_held_requests_and_late_completions_do_nothing
     thread.start()
     thread.join()
     assert results == [False] and reqs[1].complete(2) is False
+    with pytest.raises(RequestDone):  # nor does a late write reach the driver's memory
+        reqs[1].write(b"late")
     # The same back-end serves the next front-end as if nothing happened.
     async for s in _open(backend):
         futures = s.submit(1)

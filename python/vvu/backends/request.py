@@ -82,7 +82,17 @@ class RequestState(enum.Enum):
 class Request:
     """One descriptor chain a back-end holds until it calls `complete` (any thread)."""
 
-    __slots__ = ("_chain", "_runner", "_seq", "_state", "_views", "head", "queue_index")
+    __slots__ = (
+        "_chain",
+        "_readable",
+        "_runner",
+        "_seq",
+        "_state",
+        "_views",
+        "_writable",
+        "head",
+        "queue_index",
+    )
 
     def __init__(self, runner: RequestRunner, chain: DescriptorChain, seq: int) -> None:
         self._runner = runner
@@ -90,6 +100,8 @@ class Request:
         self._seq = seq
         self._state = RequestState.HELD
         self._views: list[memoryview] = []
+        self._readable: list[memoryview] | None = None
+        self._writable: list[memoryview] | None = None
         #: The chain's head descriptor (split) or buffer id (packed).
         self.head: int = chain.head
         #: The queue it came from.
@@ -126,27 +138,39 @@ class Request:
     @property
     def readable(self) -> list[memoryview]:
         """The device-readable buffers: read-only memoryviews into guest memory, valid while
-        the request is held."""
-        views = self._held_chain().readable
-        self._views.extend(views)
-        return views
+        the request is held (the same list on every call)."""
+        if self._readable is None:
+            self._readable = self._held_chain().readable
+            self._views.extend(self._readable)
+        else:
+            self._held_chain()
+        return self._readable
 
     @property
     def writable(self) -> list[memoryview]:
         """The device-writable buffers: writable memoryviews into guest memory, valid while
-        the request is held."""
-        views = self._held_chain().writable
-        self._views.extend(views)
-        return views
+        the request is held (the same list on every call). A view another thread still uses
+        when the request completes or is released cannot be released (it is logged): finish
+        with the views before completing."""
+        if self._writable is None:
+            self._writable = self._held_chain().writable
+            self._views.extend(self._writable)
+        else:
+            self._held_chain()
+        return self._writable
 
     def read(self) -> bytes:
-        """All device-readable bytes, concatenated (a copy)."""
-        return self._held_chain().read()
+        """All device-readable bytes, concatenated (a copy). Atomic with respect to the
+        request's release: it never reads a buffer the driver has back."""
+        with self._runner.lock:
+            return self._held_chain().read()
 
     def write(self, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
         """Copy `data` into the device-writable buffers from byte `offset` on; returns how many
-        bytes fitted."""
-        return self._held_chain().write(data, offset)
+        bytes fitted. Atomic with respect to the request's release (any thread may call it): it
+        never writes a buffer the driver has back, and raises RequestDone instead."""
+        with self._runner.lock:
+            return self._held_chain().write(data, offset)
 
     def complete(self, length: int = 0) -> bool:
         """Return the chain to the driver with `length` bytes written into its writable part.
@@ -176,6 +200,7 @@ class Request:
             except BufferError:  # exported right now (e.g. a recv_into in another thread)
                 log.debug("%r: a buffer was still in use at completion", self)
         self._views.clear()
+        self._readable = self._writable = None
         return chain
 
 
@@ -254,7 +279,7 @@ class RequestRunner:
         self._stop_timeout = STOP_TIMEOUT
         self._loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
         # Popped and not handed out (given-back ones first), by pop sequence number.
         self._ready: collections.deque[tuple[int, DescriptorChain]] = collections.deque()
         self.held: dict[int, Request] = {}
@@ -313,7 +338,7 @@ class RequestRunner:
             return None
         seq, chain = self._ready.popleft()
         request = Request(self, chain, seq)
-        with self._lock:
+        with self.lock:
             self.held[seq] = request
         return request
 
@@ -353,7 +378,7 @@ class RequestRunner:
 
     def finish(self, request: Request, length: int | None) -> bool:
         """Complete `request` with `length`, or (None) give it back unused."""
-        with self._lock:
+        with self.lock:
             if request.state is RequestState.RELEASED:
                 return False
             if request.state is RequestState.COMPLETED:
@@ -385,7 +410,7 @@ class RequestRunner:
     def _flush(self) -> None:
         """Push the completions recorded so far and tell the driver; take given-back chains
         into the hand-out order again (on the loop)."""
-        with self._lock:
+        with self.lock:
             completed, self._completed = self._completed, []
             given_back, self._given_back = self._given_back, []
             self._flush_scheduled = False
@@ -440,7 +465,7 @@ class RequestRunner:
                 self._drained.set()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), remaining)
-        with self._lock:
+        with self.lock:
             released = [
                 (seq, request._end(RequestState.RELEASED)) for seq, request in self.held.items()
             ]
