@@ -17,6 +17,7 @@ from vvu.backends.input import InputBackend
 from vvu.backends.net import NetBackend
 from vvu.backends.request import Request, RequestDone, RequestQueue
 from vvu.backends.rng import RngBackend
+from vvu.backends.vsock import VsockBackend
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ __all__ = [
     "RequestDone",
     "RequestQueue",
     "RngBackend",
+    "VsockBackend",
     "available_backends",
 ]
 
@@ -39,7 +41,8 @@ ENTRY_POINT_GROUP = "vvu.backends"
 
 def _builtin() -> dict[str, type[Backend]]:
     return {
-        cls.name: cls for cls in (BlkBackend, ConsoleBackend, InputBackend, NetBackend, RngBackend)
+        cls.name: cls
+        for cls in (BlkBackend, ConsoleBackend, InputBackend, NetBackend, RngBackend, VsockBackend)
     }
 
 
