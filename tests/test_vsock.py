@@ -247,7 +247,7 @@ async def test_malformed_packets_are_counted_and_reset_and_the_device_goes_on(
     assert (await guest.packet()).op == Op.RST
     assert device.stats["malformed_packets"] == 3
     # Still a working device.
-    reader, writer, host_port = await _host_connect(device, guest, 99)
+    reader, writer, _ = await _host_connect(device, guest, 99)
     writer.write(b"ping")
     assert await guest.stream(4) == b"ping"
     writer.close()
