@@ -5,8 +5,11 @@ flow control, and malformed packets."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
+import socket
 import struct
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,13 +17,14 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from daemons import Daemon
+from guest import HOST_ROOT_ARGS, HOST_ROOT_SETUP, guest_image, qemu_escape, start_guest
 from vvu.backends import VsockBackend
 from vvu.backends.vsock import HEADER, HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND, Op
 from vvu.engine import BackendEngine
 from vvu.frontend.core import Frontend, FrontendQueue
 from vvu.transport.unix import socketpair_channels
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]
 CID = 3
 TIMEOUT = 5.0
 RX_BUF = HEADER.size + 4096  # what Linux gives: a header and a page
@@ -173,6 +177,8 @@ async def _host_connect(
     return reader, writer, request.src_port
 
 
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
 async def test_host_initiated_stream_both_ways(device: VsockBackend, guest: GuestDriver) -> None:
     reader, writer, host_port = await _host_connect(device, guest, 1234)
     to_guest = os.urandom(300 * 1024)  # more than a receive buffer, more than one read
@@ -189,6 +195,8 @@ async def test_host_initiated_stream_both_ways(device: VsockBackend, guest: Gues
     writer.close()
 
 
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
 async def test_guest_initiated_stream_and_a_port_nobody_listens_on(
     device: VsockBackend, guest: GuestDriver
 ) -> None:
@@ -218,6 +226,8 @@ async def test_guest_initiated_stream_and_a_port_nobody_listens_on(
     assert (refused.op, refused.dst_port) == (Op.RST, 40001)
 
 
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
 async def test_the_device_sends_only_what_the_guest_has_room_for(
     device: VsockBackend, guest: GuestDriver
 ) -> None:
@@ -234,6 +244,8 @@ async def test_the_device_sends_only_what_the_guest_has_room_for(
     del reader
 
 
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
 async def test_malformed_packets_are_counted_and_reset_and_the_device_goes_on(
     device: VsockBackend, guest: GuestDriver
 ) -> None:
@@ -252,3 +264,98 @@ async def test_malformed_packets_are_counted_and_reset_and_the_device_goes_on(
     assert await guest.stream(4) == b"ping"
     writer.close()
     del reader
+
+
+# --- a Linux guest on QEMU's vhost-user-vsock-pci ---------------------------------------------
+
+GUEST_MIB = 2
+GUEST_PROGRAM = f"""
+import hashlib, os, socket, threading
+
+def both_ways(sock, data):
+    sender = threading.Thread(target=lambda: (sock.sendall(data), sock.shutdown(socket.SHUT_WR)))
+    sender.start()
+    got = bytearray()
+    while chunk := sock.recv(65536):
+        got += chunk
+    sender.join()
+    print(hashlib.md5(data).hexdigest(), hashlib.md5(got).hexdigest(), len(got), flush=True)
+
+# guest -> host: CID 2, port 5000 (the host program listens on <uds path>_5000)
+out = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+out.connect((2, 5000))
+both_ways(out, os.urandom({GUEST_MIB} << 20))
+# host -> guest: the host program sends CONNECT 1234
+listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+listener.bind((socket.VMADDR_CID_ANY, 1234))
+listener.listen()
+with open("/dev/console", "w") as console:
+    console.write("vvu-vsock-listening\\n")
+conn, _ = listener.accept()
+both_ways(conn, os.urandom({GUEST_MIB} << 20))
+"""
+
+
+def _host_both_ways(sock: socket.socket, data: bytes) -> bytes:
+    def send() -> None:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    got = bytearray()
+    while chunk := sock.recv(65536):
+        got += chunk
+    sender.join()
+    return bytes(got)
+
+
+@pytest.mark.guest
+@pytest.mark.timeout(300)
+def test_a_linux_guest_streams_both_ways_through_unix_sockets(tmp_path: Path) -> None:
+    image = guest_image("vm")
+    vhost, uds = tmp_path / "vsock.vhost", tmp_path / "v.sock"
+    daemon = Daemon(
+        ["vsock", "--socket-path", str(vhost), "--guest-cid", "3", "--uds-path", str(uds)],
+        vhost,
+        tmp_path / "vsock.log",
+    )
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(f"{uds}_5000")
+    listener.listen()
+    listener.settimeout(120)
+    program = tmp_path / "guest.py"
+    program.write_text(GUEST_PROGRAM)
+    to_guest = [os.urandom(GUEST_MIB << 20), os.urandom(GUEST_MIB << 20)]
+    from_guest: list[bytes] = []
+    try:
+        devices = [
+            *HOST_ROOT_ARGS,
+            "-chardev", f"socket,id=vs,path={qemu_escape(str(vhost))}",
+            "-device", "vhost-user-vsock-pci,chardev=vs",
+        ]  # fmt: skip
+        script = f"{HOST_ROOT_SETUP}\nhost python3 {program}\n"
+        with start_guest(script, image=image, qemu_args=devices, timeout=240) as guest:
+            conn, _ = listener.accept()  # guest-initiated
+            with conn:
+                from_guest.append(_host_both_ways(conn, to_guest[0]))
+            guest.wait_for("vvu-vsock-listening", timeout=120)
+            with socket.socket(socket.AF_UNIX) as host:  # host-initiated
+                host.settimeout(60)
+                host.connect(str(uds))
+                host.sendall(b"CONNECT 1234\n")
+                ok = b""
+                while not ok.endswith(b"\n"):
+                    ok += host.recv(1)
+                assert ok.startswith(b"OK "), ok
+                from_guest.append(_host_both_ways(host, to_guest[1]))
+            result = guest.wait()
+        assert result.exit_status == 0, f"{result.serial}\n{daemon.log()}"
+        rows = [line.split() for line in result.output.split("\n") if len(line.split()) == 3]
+        assert rows == [
+            [hashlib.md5(sent).hexdigest(), hashlib.md5(got).hexdigest(), str(len(got))]
+            for sent, got in zip(from_guest, to_guest, strict=True)
+        ], result.output
+    finally:
+        listener.close()
+        daemon.stop()
