@@ -268,7 +268,7 @@ async def test_malformed_packets_are_counted_and_reset_and_the_device_goes_on(
 
 # --- a Linux guest on QEMU's vhost-user-vsock-pci ---------------------------------------------
 
-GUEST_MIB = 2
+GUEST_KIB = 2048
 GUEST_PROGRAM = f"""
 import hashlib, os, socket, threading
 
@@ -284,7 +284,7 @@ def both_ways(sock, data):
 # guest -> host: CID 2, port 5000 (the host program listens on <uds path>_5000)
 out = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
 out.connect((2, 5000))
-both_ways(out, os.urandom({GUEST_MIB} << 20))
+both_ways(out, os.urandom({GUEST_KIB} << 10))
 # host -> guest: the host program sends CONNECT 1234
 listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
 listener.bind((socket.VMADDR_CID_ANY, 1234))
@@ -292,7 +292,7 @@ listener.listen()
 with open("/dev/console", "w") as console:
     console.write("vvu-vsock-listening\\n")
 conn, _ = listener.accept()
-both_ways(conn, os.urandom({GUEST_MIB} << 20))
+both_ways(conn, os.urandom({GUEST_KIB} << 10))
 """
 
 
@@ -323,10 +323,8 @@ def test_a_linux_guest_streams_both_ways_through_unix_sockets(tmp_path: Path) ->
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(f"{uds}_5000")
     listener.listen()
-    listener.settimeout(120)
-    program = tmp_path / "guest.py"
-    program.write_text(GUEST_PROGRAM)
-    to_guest = [os.urandom(GUEST_MIB << 20), os.urandom(GUEST_MIB << 20)]
+    listener.settimeout(90)
+    to_guest = [os.urandom(GUEST_KIB << 10), os.urandom(GUEST_KIB << 10)]
     from_guest: list[bytes] = []
     try:
         devices = [
@@ -334,19 +332,24 @@ def test_a_linux_guest_streams_both_ways_through_unix_sockets(tmp_path: Path) ->
             "-chardev", f"socket,id=vs,path={qemu_escape(str(vhost))}",
             "-device", "vhost-user-vsock-pci,chardev=vs",
         ]  # fmt: skip
-        script = f"{HOST_ROOT_SETUP}\nhost python3 {program}\n"
+        script = f"{HOST_ROOT_SETUP}\nhost python3 - <<'PY'\n{GUEST_PROGRAM}\nPY\n"
         with start_guest(script, image=image, qemu_args=devices, timeout=240) as guest:
-            conn, _ = listener.accept()  # guest-initiated
-            with conn:
-                from_guest.append(_host_both_ways(conn, to_guest[0]))
+            try:
+                conn, _ = listener.accept()  # guest-initiated
+                conn.settimeout(60)
+                with conn:
+                    from_guest.append(_host_both_ways(conn, to_guest[0]))
+            except TimeoutError:
+                guest.stop()
+                raise AssertionError(f"{guest.serial}\n{daemon.log()}") from None
             guest.wait_for("vvu-vsock-listening", timeout=120)
             with socket.socket(socket.AF_UNIX) as host:  # host-initiated
                 host.settimeout(60)
                 host.connect(str(uds))
                 host.sendall(b"CONNECT 1234\n")
                 ok = b""
-                while not ok.endswith(b"\n"):
-                    ok += host.recv(1)
+                while not ok.endswith(b"\n") and (byte := host.recv(1)):
+                    ok += byte
                 assert ok.startswith(b"OK "), ok
                 from_guest.append(_host_both_ways(host, to_guest[1]))
             result = guest.wait()

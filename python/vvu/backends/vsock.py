@@ -203,12 +203,14 @@ class VsockBackend(Backend):
             writer.close()
             return
         conn = self._open(port, next(self._ports), reader, writer)
+        log.info("vsock: host connects to guest port %d (host port %d)", port, conn.host_port)
         self._control(conn.key, Op.REQUEST)
         try:
             accepted = await asyncio.wait_for(conn.established, 10)
         except TimeoutError:
             accepted = False
         if not accepted:
+            log.info("vsock: guest port %d refused the host", port)
             self._close(conn, reset=True)
             return
         writer.write(f"OK {conn.host_port}\n".encode())
@@ -221,6 +223,7 @@ class VsockBackend(Backend):
         if self.uds_path is None:
             self._control(key, Op.RST)
             return
+        log.info("vsock: guest port %d connects to host port %d", guest_port, host_port)
         try:
             reader, writer = await asyncio.open_unix_connection(f"{self.uds_path}_{host_port}")
         except OSError:
@@ -286,12 +289,16 @@ class VsockBackend(Backend):
                 self._close(conn, reset=True)
             finally:
                 request.complete(0)
+        if conn.guest_done and not conn.closed and conn.writer.can_write_eof():
+            with contextlib.suppress(OSError):  # the guest sends no more: the program sees EOF
+                conn.writer.write_eof()
 
     def _close(self, conn: _Connection, *, reset: bool) -> None:
         if conn.closed:
             return
         conn.closed = True
         self._connections.pop(conn.key, None)
+        log.info("vsock: connection %s closed%s", conn.key, " (reset)" if reset else "")
         if reset:
             self.stats["resets"] += 1
             self._control(conn.key, Op.RST)
