@@ -5,6 +5,7 @@ flow control, and malformed packets."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
@@ -264,6 +265,56 @@ async def test_malformed_packets_are_counted_and_reset_and_the_device_goes_on(
     assert await guest.stream(4) == b"ping"
     writer.close()
     del reader
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+async def test_many_connections_at_once_each_stream_intact(
+    device: VsockBackend, guest: GuestDriver
+) -> None:
+    conns = [await _host_connect(device, guest, 2000 + i) for i in range(16)]
+    sent = {}
+    for i, (_, writer, host_port) in enumerate(conns):
+        sent[host_port] = os.urandom(20_000 + 997 * i)
+        writer.write(sent[host_port])
+    got: dict[int, bytearray] = {port: bytearray() for port in sent}
+    while any(len(got[p]) < len(sent[p]) for p in sent):
+        packet = await guest.packet()
+        assert packet.op == Op.RW, packet
+        got[packet.src_port] += packet.payload  # interleaved, each in order
+        guest.fwd_cnt += len(packet.payload)
+    assert {p: bytes(d) for p, d in got.items()} == sent
+    assert device.stats["connections"] == 16
+    for _, writer, _ in conns:
+        writer.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+async def test_a_host_program_that_closes_mid_stream_gets_the_guest_a_reset(
+    device: VsockBackend, guest: GuestDriver
+) -> None:
+    accepted: asyncio.Queue[asyncio.StreamWriter] = asyncio.Queue()
+
+    async def on_connect(_: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        accepted.put_nowait(w)
+
+    server = await asyncio.start_unix_server(on_connect, f"{device.uds_path}_6000")
+    try:
+        guest.send(41000, 6000, Op.REQUEST)
+        assert (await guest.packet()).op == Op.RESPONSE
+        writer = await asyncio.wait_for(accepted.get(), TIMEOUT)
+        writer.transport.abort()  # the host program goes away
+        assert (await guest.packet()).op == Op.SHUTDOWN  # no more data from the host
+        op = None
+        while op != Op.RST:  # the guest keeps sending: the connection is reset
+            done = guest.send(41000, 6000, Op.RW, b"x" * 4096)
+            assert await asyncio.wait_for(done, TIMEOUT) == 0
+            with contextlib.suppress(TimeoutError):
+                op = (await asyncio.wait_for(guest.received.get(), 0.05)).op
+        assert device.stats["resets"] >= 1
+    finally:
+        server.close()
 
 
 # --- a Linux guest on QEMU's vhost-user-vsock-pci ---------------------------------------------
