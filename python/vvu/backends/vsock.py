@@ -128,7 +128,6 @@ class VsockBackend(Backend):
         self._listener: socket.socket | None = None
         self._server: asyncio.Server | None = None
         self._ports = itertools.count(1024)
-        self._events: list[Request] = []
         if uds_path is not None:
             self._listener = listening_socket(uds_path)
 
@@ -323,8 +322,8 @@ class VsockBackend(Backend):
         elif queue.index == TXQ:
             await self._transmit(queue)
         else:
-            async for request in queue:  # held: no transport reset events are sent
-                self._events.append(request)
+            async for _ in queue:  # held (the runner keeps them): no reset events are sent
+                pass
 
     async def _receive(self, queue: RequestQueue) -> None:
         outgoing = self._queue()
@@ -427,7 +426,6 @@ class VsockBackend(Backend):
         super().reset()
         for conn in list(self._connections.values()):
             self._close(conn, reset=False)
-        self._events.clear()
         if self._outgoing is not None:
             while not self._outgoing.empty():
                 self._outgoing.get_nowait()
