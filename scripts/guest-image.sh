@@ -45,9 +45,12 @@ while (($#)); do
 done
 
 # Modules the guest needs, by module name; their dependencies are added from modules.dep.
-# virtio_pci: the transport; virtio_blk, virtio_net, virtio_rng: the devices under test;
-# qemu_fw_cfg: how the script reaches the guest. rng_core (HW_RANDOM) is built into this kernel.
-WANTED_MODULES=(virtio_pci virtio_blk virtio_net virtio_rng qemu_fw_cfg)
+# virtio_pci: the transport; virtio_blk, virtio_net, virtio_rng, virtio_console (hvc0),
+# virtio_input and evdev (/dev/input/event*), vmw_vsock_virtio_transport (AF_VSOCK): the
+# devices under test; qemu_fw_cfg: how the script reaches the guest. rng_core (HW_RANDOM) is
+# built into this kernel.
+WANTED_MODULES=(virtio_pci virtio_blk virtio_net virtio_rng virtio_console virtio_input evdev
+    vmw_vsock_virtio_transport qemu_fw_cfg)
 case "$FLAVOUR" in
     small)
         KERNEL_META=linux-image-cloud-amd64

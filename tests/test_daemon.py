@@ -36,7 +36,7 @@ from vvu.daemon.rpc import MAX_LINE
 from vvu.daemon.spec import load_config
 from vvu.frontend import BlkDriver
 from vvu.frontend.blk import BlkIOError
-from vvu.transport.unix import bind_unix_socket
+from vvu.transport.unix import listening_socket
 
 TIMEOUT = 20.0
 MiB = 1 << 20
@@ -59,7 +59,7 @@ async def running(tmp_path: Path) -> AsyncIterator[Running]:
     api = ManagementApi(daemon, registry_for(daemon, asyncio.get_running_loop()))
     path = tmp_path / "api.sock"
     server = await asyncio.start_unix_server(
-        api.rpc.serve_client, sock=bind_unix_socket(str(path)), limit=MAX_LINE
+        api.rpc.serve_client, sock=listening_socket(str(path)), limit=MAX_LINE
     )
     try:
         yield Running(daemon, api, path, tmp_path)

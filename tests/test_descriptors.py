@@ -62,7 +62,7 @@ def test_one_descriptor_per_device_type_naming_its_own_program() -> None:
             assert found.get(program) == capabilities(cls)["type"], path
 
 
-@pytest.mark.parametrize("name", ["blk", "net", "rng"])
+@pytest.mark.parametrize("name", ["blk", "console", "input", "net", "rng", "vsock"])
 def test_per_type_programs_are_vvu_serve(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     main = _entry_point(_scripts()[f"vvu-{name}"])
     assert main(["--print-capabilities", "--socket-path", "/nonexistent/x"]) == 0

@@ -36,7 +36,10 @@ from vvu.vfio_user.server import VfioUserServer
 log = logging.getLogger("vvu")
 
 #: vhost-user.json "type" for each virtio device id (QEMU docs/interop/vhost-user.json).
-_CAPABILITY_TYPES = {1: "net", 2: "block", 4: "rng", 5: "scsi", 16: "gpu", 18: "input", 26: "fs"}
+_CAPABILITY_TYPES = {
+    1: "net", 2: "block", 3: "console", 4: "rng", 5: "scsi", 16: "gpu", 18: "input",
+    19: "vsock", 26: "fs",
+}  # fmt: skip
 
 
 def _setup_logging(verbose: int) -> None:
@@ -814,6 +817,21 @@ def main_net(argv: Sequence[str] | None = None) -> int:
 def main_rng(argv: Sequence[str] | None = None) -> int:
     """The `vvu-rng` program: `vvu serve rng`."""
     return _serve_main("rng", argv)
+
+
+def main_console(argv: Sequence[str] | None = None) -> int:
+    """The `vvu-console` program: `vvu serve console`."""
+    return _serve_main("console", argv)
+
+
+def main_input(argv: Sequence[str] | None = None) -> int:
+    """The `vvu-input` program: `vvu serve input`."""
+    return _serve_main("input", argv)
+
+
+def main_vsock(argv: Sequence[str] | None = None) -> int:
+    """The `vvu-vsock` program: `vvu serve vsock`."""
+    return _serve_main("vsock", argv)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from vvu._core import (
 )
 from vvu.aio import read_to_eof, write_all
 from vvu.backends.base import Backend, ConfigError
+from vvu.backends.request import DeviceQueue, RequestRunner
 from vvu.errors import GuestMemoryError, IotlbMiss, ProtocolError, QueueError, VvuError
 from vvu.protocol import (
     DEVICE_STATE_NOFD,
@@ -175,9 +176,6 @@ def _note_transfer_failure(transfer: asyncio.Task[bytes | None]) -> None:
     if not transfer.cancelled() and transfer.exception() is not None:
         log.info("device state transfer failed: %s", transfer.exception())
 
-
-#: The device side of either ring format; which one a vring gets follows VIRTIO_F_RING_PACKED.
-DeviceQueue = SplitQueue | PackedQueue
 
 #: A fresh packed ring (SET_VRING_BASE never sent): both positions at slot 0, wrap counter 1.
 PACKED_START_BASE = 0x8000_8000
@@ -368,7 +366,7 @@ class NativeQueueRunner:
         return await asyncio.to_thread(self._worker.stop)
 
 
-QueueRunner = PythonQueueRunner | NativeQueueRunner
+QueueRunner = PythonQueueRunner | NativeQueueRunner | RequestRunner
 
 
 class InbandSignal:
@@ -811,7 +809,7 @@ class BackendEngine:
                 try:
                     if vring.runner is not None:
                         with contextlib.suppress(Exception):
-                            await self._stop_runner(vring)
+                            await self._stop_runner(vring, hand_back=False)
                 finally:
                     vring.release()
         finally:
@@ -920,13 +918,19 @@ class BackendEngine:
     def _one_fd(msg: Message) -> int | None:
         return msg.fds[0] if msg.fds else None
 
-    async def _stop_runner(self, vring: Vring) -> None:
+    async def _stop_runner(self, vring: Vring, *, hand_back: bool = True) -> None:
+        """Stop the ring's runner and keep where it stopped. Requests a back-end still holds
+        go back to the driver (`hand_back`: the ring goes on later) or are only released (the
+        front-end left, or the device resets)."""
         runner, vring.runner = vring.runner, None
         if runner is None:
             return
         if isinstance(runner, NativeQueueRunner) and runner.fault is not None:
             log.error("queue %d broken: %s", vring.index, runner.fault)
-        queue = await runner.stop()
+        if isinstance(runner, RequestRunner):
+            queue = await runner.stop(hand_back=hand_back)
+        else:
+            queue = await runner.stop()
         totals = self._retired_stats.setdefault(vring.index, {})
         for name, value in runner.stats.items():
             totals[name] = totals.get(name, 0) + value
@@ -1032,6 +1036,16 @@ class BackendEngine:
                     poll_interval=None if vring.kick is not None else POLL_INTERVAL,
                 ),
                 on_miss=self._request_translation if iotlb is not None else None,
+            )
+        elif self.backend.asynchronous():
+            vring.runner = RequestRunner(
+                queue,
+                vring.kick,
+                vring.call,
+                vring.err,
+                self.backend.run_queue,
+                index=vring.index,
+                inflight=self._session().inflight is not None,
             )
         else:
             vring.runner = PythonQueueRunner(
@@ -1435,7 +1449,7 @@ class BackendEngine:
     async def _reset_device(self, msg: Message) -> None:
         session = self._session()
         for vring in session.vrings:
-            await self._stop_runner(vring)
+            await self._stop_runner(vring, hand_back=False)
             vring.release()
         session.vrings = [Vring(i) for i in range(self.backend.num_queues)]
         session.inflight = None  # the rings start over; the front-end fetches a new region

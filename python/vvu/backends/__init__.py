@@ -12,8 +12,12 @@ from importlib.metadata import entry_points
 
 from vvu.backends.base import Backend, ConfigError
 from vvu.backends.blk import BlkBackend
+from vvu.backends.console import ConsoleBackend
+from vvu.backends.input import InputBackend
 from vvu.backends.net import NetBackend
+from vvu.backends.request import Request, RequestDone, RequestQueue
 from vvu.backends.rng import RngBackend
+from vvu.backends.vsock import VsockBackend
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +25,14 @@ __all__ = [
     "Backend",
     "BlkBackend",
     "ConfigError",
+    "ConsoleBackend",
+    "InputBackend",
     "NetBackend",
+    "Request",
+    "RequestDone",
+    "RequestQueue",
     "RngBackend",
+    "VsockBackend",
     "available_backends",
 ]
 
@@ -30,7 +40,10 @@ ENTRY_POINT_GROUP = "vvu.backends"
 
 
 def _builtin() -> dict[str, type[Backend]]:
-    return {cls.name: cls for cls in (BlkBackend, NetBackend, RngBackend)}
+    return {
+        cls.name: cls
+        for cls in (BlkBackend, ConsoleBackend, InputBackend, NetBackend, RngBackend, VsockBackend)
+    }
 
 
 def available_backends() -> dict[str, type[Backend]]:

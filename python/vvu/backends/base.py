@@ -1,9 +1,17 @@
 """The back-end plugin API: one class with sensible defaults.
 
-A minimal device overrides `device_id`, `num_queues` and `handle` (the Python request path, fed
-batches of descriptor chains with zero-copy buffers). Hot devices override `native_worker`
-instead, and their queues then run entirely in Rust threads without the GIL. Everything the
-vhost-user protocol needs beyond that (features, memory, rings, replies) is the engine's job.
+A minimal device overrides `device_id`, `num_queues` and one request path:
+
+- `handle` (synchronous, batched): fed batches of descriptor chains with zero-copy buffers, it
+  returns a used length for each before it returns. The fastest Python path, for devices that
+  answer at once (rng).
+- `run_queue` (asynchronous): a coroutine per running queue that takes `Request`s when it wants
+  them and completes each when it is done, from any task, callback or thread, in any order
+  (console, vsock, input: anything that waits for the outside). See `vvu.backends.request`.
+
+Hot devices override `native_worker` instead, and their queues then run entirely in Rust threads
+without the GIL. Everything the vhost-user protocol needs beyond that (features, memory, rings,
+replies, what happens to held requests when a ring stops) is the engine's job.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from vvu._core import DescriptorChain, NativeHandler
+from vvu.backends.request import RequestQueue
 from vvu.protocol import ProtocolFeature, VirtioFeature
 
 log = logging.getLogger(__name__)
@@ -152,6 +161,21 @@ class Backend:
         """Requests of queue `queue_index` by service time: element `i` counts those served in
         less than `2**i` microseconds, the last one every slower request; None: not measured."""
         return None
+    async def run_queue(self, queue: RequestQueue) -> None:
+        """Serve one running queue asynchronously (the path taken when a subclass overrides
+        this method; `handle` is then not used).
+
+        Called in its own task when the ring starts; the task is cancelled when the ring stops
+        (and the engine waits a little for it and for the requests it holds). Take requests
+        with `await queue.get()` or `async for request in queue`, and finish each with
+        `request.complete(length)` whenever the answer is there. Raising marks the queue broken.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no asynchronous request path")
+
+    @classmethod
+    def asynchronous(cls) -> bool:
+        """Whether the device serves its Python queues with `run_queue`."""
+        return cls.run_queue is not Backend.run_queue
 
     # --- life cycle --------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from vvu.daemon.rpc import (
     RpcServer,
 )
 from vvu.daemon.spec import DeviceSpec, SpecError
-from vvu.transport.unix import bind_unix_socket
+from vvu.transport.unix import listening_socket
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ async def run_daemon(
                 await daemon.add(spec)
             except DaemonError as err:
                 raise SpecError(f"device {spec.id}: {err}") from err
-        sock = bind_unix_socket(api_socket, api_mode)
+        sock = listening_socket(api_socket, api_mode)
         server = await asyncio.start_unix_server(api.rpc.serve_client, sock=sock, limit=MAX_LINE)
         if metrics_http is not None:
             host, port = _http_address(metrics_http)

@@ -102,7 +102,7 @@ class UnixListener(Listener):
                 raise ValueError(f"fd {fd} is not an AF_UNIX socket")
         else:
             assert path is not None
-            sock = bind_unix_socket(path, mode)
+            sock = listening_socket(path, mode)
         sock.setblocking(False)
         self._sock = sock
         self._count = 0
@@ -201,9 +201,10 @@ def inherited_socket(fd: int) -> UnixListener | UnixChannel:
     return UnixChannel(sock, peer=f"front-end on fd {fd}")
 
 
-def bind_unix_socket(path: str, mode: int = 0o600, backlog: int = 16) -> socket.socket:
-    """A listening AF_UNIX socket at `path`, created with `mode` from the start (no window where
-    it is more open than asked); a stale socket file of a dead server is replaced."""
+def listening_socket(path: str, mode: int = 0o600, backlog: int = 16) -> socket.socket:
+    """A listening AF_UNIX socket bound to `path`, its file created with `mode` from the start
+    (no window where it is more open than asked). A stale socket file left by a dead server is
+    replaced; anything else at `path` is refused (FileExistsError)."""
     _remove_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
