@@ -528,18 +528,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --- parser ----------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vvu",
-        description=(
-            "vhost-user back-ends, a scriptable front-end and virtio-vhost-user. "
-            "Run `vvu demo` for an end-to-end demonstration."
-        ),
-    )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = commands.add_parser(
         "serve",
         help="serve a device back-end to vhost-user front-ends (QEMU, DPDK, vvu's own)",
@@ -640,8 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
         cls.add_arguments(sub)
         sub.set_defaults(func=cmd_serve, backend_cls=cls)
 
-    add_daemon_parsers(commands)
 
+def _add_device_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     device = commands.add_parser(
         "device",
         help="run a virtio-vhost-user device: front-ends on one socket, its driver over vfio-user",
@@ -685,6 +674,24 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     device.set_defaults(func=cmd_device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vvu",
+        description=(
+            "vhost-user back-ends, a scriptable front-end and virtio-vhost-user. "
+            "Run `vvu demo` for an end-to-end demonstration."
+        ),
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_serve_parser(commands)
+    add_daemon_parsers(commands)
+
+    _add_device_parser(commands)
 
     probe = commands.add_parser(
         "probe",

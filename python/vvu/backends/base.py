@@ -161,6 +161,7 @@ class Backend:
         """Requests of queue `queue_index` by service time: element `i` counts those served in
         less than `2**i` microseconds, the last one every slower request; None: not measured."""
         return None
+
     async def run_queue(self, queue: RequestQueue) -> None:
         """Serve one running queue asynchronously (the path taken when a subclass overrides
         this method; `handle` is then not used).

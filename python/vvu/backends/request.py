@@ -307,6 +307,11 @@ class RequestRunner:
         if error is not None:
             self._break(f"the back-end's queue task failed: {error!r}")
 
+    @property
+    def fault(self) -> str | None:
+        """Why the queue stopped processing on its own (its task failed, the ring broke)."""
+        return self._broken
+
     def _break(self, why: str) -> None:
         self._broken = why
         log.error("queue %d broken: %s", self.index, why)
