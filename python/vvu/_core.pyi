@@ -316,6 +316,8 @@ class NativeHandler:
         discard: bool = True,
         write_zeroes: bool = True,
     ) -> NativeHandler: ...
+    @staticmethod
+    def discard() -> NativeHandler: ...
 
 @final
 class QueueWorker:

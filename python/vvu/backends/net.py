@@ -13,7 +13,8 @@ Every queue runs in a native Rust worker; frames never touch Python. Queue `2k` 
 - **loopback** (`--loopback`): every transmitted frame comes back on the receive queue.
 
 The two queues of a pair are independent workers that share the port, so the engine's per-queue
-`native_worker(index)` life cycle applies as it is: a ring runs while it is started and enabled.
+`native_worker(index)` life cycle applies as it is: a ring runs while it is started and enabled;
+a started but disabled transmit queue discards what it is given (`disabled_worker`).
 No checksum or segmentation offload is offered; the control queue is not implemented (a front-end
 that uses more than one queue pair must steer them itself, as QEMU and DPDK do).
 """
@@ -283,6 +284,11 @@ class NetBackend(Backend):
         if is_tx:
             return port.tx_handler(mrg_rxbuf=mrg_rxbuf, version_1=version_1)
         return port.rx_handler(mrg_rxbuf=mrg_rxbuf, version_1=version_1)
+
+    def disabled_worker(self, queue_index: int) -> NativeHandler | None:
+        # A disabled transmit queue's frames are taken and dropped; a disabled receive queue
+        # gets none (they wait in the port).
+        return NativeHandler.discard() if queue_index % 2 else None
 
     def stats(self) -> dict[str, int]:
         """Counters summed over the queue pairs."""
