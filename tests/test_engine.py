@@ -2550,6 +2550,8 @@ async def test_our_frontend_answers_back_end_requests_it_does_not_support_with_a
             assert raw is not None and (raw.request, raw.flags) == (request, REPLY_FLAGS)
             assert int.from_bytes(raw.payload, "little") != 0, request
         assert frontend.backend_requests == {}  # nothing was carried out
+        # A started ring (no memory, so nothing runs): the device is not suspended.
+        await frontend.request(F.SET_VRING_KICK, U64.vring(0, nofd=True))
         assert await engine.notify_config_change() is True  # and the channel still works
     finally:
         await frontend.close()
