@@ -1,47 +1,50 @@
 #!/usr/bin/env bash
-# Build what vvu publishes and check it as a user would get it (`make dist`; `make test` runs it):
+# Build what vvu publishes and check it as a user gets it (`make dist`; `make test` runs it):
 #
-# 1. The wheel: manylinux2014 (glibc 2.17) abi3, built without a container. `maturin build --zig`
-#    links through zig (`ziglang` from PyPI), whose glibc stubs carry 2.17's symbol versions, so
-#    nothing newer can be referenced whatever glibc this machine has. A plain `pip wheel .` here
-#    gives linux_x86_64 (manylinux_2_34 at best): no index takes it, older systems cannot load it.
+# 1. The sdist, and the wheel built from it (as `python -m build` does): manylinux2014 (glibc
+#    2.17) abi3, without a container. `maturin build --zig` links through zig (`ziglang` from
+#    PyPI), whose glibc stubs carry 2.17's symbol versions, so nothing newer can be referenced
+#    whatever glibc this machine has. (A plain `pip wheel .` here gives linux_x86_64, needing
+#    glibc 2.34: no index takes it, older systems cannot load it.) Building it from the unpacked
+#    sdist also proves the sdist has everything a build needs.
 # 2. `auditwheel show` must say the wheel is manylinux_2_17_x86_64 (it reads the symbol versions).
 # 3. A fresh venv with only the wheel (and its `test` extra): the smoke tests run against the
 #    installed package, not the tree (tests/test_descriptors.py checks which one it imported).
-# 4. The sdist, and a wheel built from it by pip (what `pip install vvu-*.tar.gz` does, with the
-#    host's own linker), installed into a second fresh venv: the same descriptor and program
-#    checks pass there.
+# 4. pip's own build of the sdist (PEP 517, the host's linker: what `pip install vvu-*.tar.gz`
+#    does), installed into a second fresh venv, passes tests/test_descriptors.py there. It reuses
+#    the compiled crates of step 1 (same sources, same target directory), so it only relinks.
 #
-# Everything lands in dist/ (DIST_DIR). Cargo's build directory is target/dist (CARGO_TARGET_DIR
-# unless set), shared by both builds so that the sdist build recompiles only vvu itself.
+# dist/ (DIST_DIR) gets the sdist and the manylinux wheel. Cargo builds in target/ (CARGO_TARGET_DIR
+# if set), shared with the editable install. Each step says how long it took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 VENV=${VENV:-$ROOT/.venv}
 OUT=${DIST_DIR:-$ROOT/dist}
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target/dist}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 # The smoke tests: the descriptors and programs, the engine against the native module, the CLI.
 SMOKE=${SMOKE:-tests/test_descriptors.py tests/test_engine.py tests/test_cli.py}
 PLATFORM_TAG=manylinux_2_17_x86_64
+TIMEFORMAT='    (%R s wall, %U s user, %S s sys)'
 
 step() { printf '\n==> %s\n' "$*"; }
-seconds() { date +%s; }
 
 rm -rf "$OUT"
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
-t0=$(seconds)
-step "wheel: maturin build --release --zig --compatibility manylinux2014"
-# maturin finds zig as `python -m ziglang` with the python it runs under: the venv's.
-PATH="$VENV/bin:$PATH" "$VENV/bin/maturin" build --release --zig --compatibility manylinux2014 \
-    --interpreter python3.11 --out "$OUT" --quiet
 step "sdist: maturin sdist"
-"$VENV/bin/maturin" sdist --out "$OUT"
-WHEEL=$(echo "$OUT"/vvu-*-abi3-*manylinux*.whl)
+time "$VENV/bin/maturin" sdist --out "$OUT" >"$WORK/sdist.log" 2>&1 || { cat "$WORK/sdist.log"; exit 1; }
 SDIST=$(echo "$OUT"/vvu-*.tar.gz)
-t1=$(seconds)
+tar -xzf "$SDIST" -C "$WORK"
+SRC=$(echo "$WORK"/vvu-*/)
+
+step "wheel from the sdist: maturin build --release --zig --compatibility manylinux2014"
+# maturin finds zig as `python -m ziglang` with the python first on PATH: the venv's.
+time (cd "$SRC" && PATH="$VENV/bin:$PATH" "$VENV/bin/maturin" build --release --zig \
+    --compatibility manylinux2014 --interpreter python3.11 --out "$OUT" --quiet)
+WHEEL=$(echo "$OUT"/vvu-*-abi3-*manylinux*.whl)
 
 step "auditwheel show $(basename "$WHEEL")"
 "$VENV/bin/auditwheel" show "$WHEEL" | tee "$WORK/auditwheel.txt"
@@ -56,22 +59,22 @@ tr -s ' \n' ' ' <"$WORK/auditwheel.txt" | grep -q "consistent with the following
 smoke() { # smoke VENV WHEEL TESTS...
     local venv=$1 wheel=$2
     shift 2
-    unset PYTHONPATH
     python3 -m venv "$venv"
     "$venv/bin/python" -m pip install -q --disable-pip-version-check "$wheel[test]"
-    VVU_WHEEL=$wheel VVU_SDIST=$SDIST "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@"
+    env -u PYTHONPATH VVU_WHEEL="$wheel" VVU_SDIST="$SDIST" "$venv/bin/python" -m pytest -q \
+        -p no:cacheprovider "$@"
 }
 
 step "smoke tests against the installed wheel ($SMOKE)"
 # shellcheck disable=SC2086 # SMOKE is a list of test files
-smoke "$WORK/venv-wheel" "$WHEEL" $SMOKE
-t2=$(seconds)
+time smoke "$WORK/venv-wheel" "$WHEEL" $SMOKE
 
-step "a wheel built from the sdist by pip, installed and checked"
-"$VENV/bin/python" -m pip wheel -q --disable-pip-version-check --no-deps -w "$WORK/from-sdist" "$SDIST"
-SDIST_WHEEL=$(echo "$WORK"/from-sdist/vvu-*.whl)
-smoke "$WORK/venv-sdist" "$SDIST_WHEEL" tests/test_descriptors.py
-t3=$(seconds)
+step "pip's wheel of the sdist (PEP 517), installed and checked"
+time {
+    "$VENV/bin/python" -m pip wheel -q --disable-pip-version-check --no-deps \
+        --no-build-isolation -w "$WORK/from-sdist" "$SRC"
+    smoke "$WORK/venv-sdist" "$(echo "$WORK"/from-sdist/vvu-*.whl)" tests/test_descriptors.py
+}
 
-step "dist done: build $((t1 - t0)) s, auditwheel and smoke $((t2 - t1)) s, sdist wheel $((t3 - t2)) s"
+step "dist done"
 ls -l "$OUT"
