@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
 # Build what vvu publishes and check it as a user gets it (`make dist`; `make test` runs it):
 #
-# 1. The sdist, and the wheel built from it (as `python -m build` does): manylinux2014 (glibc
-#    2.17) abi3, without a container. `maturin build --zig` links through zig (`ziglang` from
-#    PyPI), whose glibc stubs carry 2.17's symbol versions, so nothing newer can be referenced
-#    whatever glibc this machine has. (A plain `pip wheel .` here gives linux_x86_64, needing
-#    glibc 2.34: no index takes it, older systems cannot load it.) Building it from the unpacked
-#    sdist also proves the sdist has everything a build needs.
-# 2. `auditwheel show` must say the wheel is manylinux_2_17_x86_64 (it reads the symbol versions).
-# 3. A fresh venv with only the wheel (and its `test` extra): the smoke tests run against the
-#    installed package, not the tree (tests/test_descriptors.py checks which one it imported).
-# 4. pip's own build of the sdist (PEP 517, the host's linker: what `pip install vvu-*.tar.gz`
-#    does), installed into a second fresh venv, passes tests/test_descriptors.py there. It reuses
-#    the compiled crates of step 1 (same sources, same target directory), so it only relinks.
+# 1. The sdist (`maturin sdist`).
+# 2. The wheel, built from the unpacked sdist by pip through the PEP 517 backend, as `python -m
+#    build` and `pip install vvu-*.tar.gz` do: so the sdist is proven to build. It is
+#    manylinux2014 (glibc 2.17) abi3, made without a container: MATURIN_PEP517_ARGS asks maturin
+#    for `--zig --compatibility manylinux2014`, which links through zig (`ziglang` from PyPI)
+#    whose glibc stubs carry 2.17's symbol versions, so nothing newer can be referenced whatever
+#    glibc this machine has. (A plain `pip wheel .` here gives linux_x86_64 needing glibc 2.34:
+#    no index takes it, older systems cannot load it. That host-linked PEP 517 build is what
+#    `pip install -e .` in scripts/setup.sh makes, and the whole test suite runs on it.)
+# 3. `auditwheel show` must say the wheel is manylinux_2_17_x86_64 (it reads the symbol versions).
+# 4. A fresh venv with only the wheel (and its `test` extra): the smoke tests run against the
+#    installed package, not the tree; tests/test_descriptors.py checks which one it imported,
+#    what the wheel and the sdist carry, and the installed programs and descriptors.
 #
-# dist/ (DIST_DIR) gets the sdist and the manylinux wheel. Cargo builds in target/ (CARGO_TARGET_DIR
-# if set), shared with the editable install. Each step says how long it took.
+# dist/ (DIST_DIR) gets the sdist and the wheel. Cargo builds in target/ (CARGO_TARGET_DIR if
+# set). Each step says how long it took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -38,13 +39,13 @@ step "sdist: maturin sdist"
 time "$VENV/bin/maturin" sdist --out "$OUT" >"$WORK/sdist.log" 2>&1 || { cat "$WORK/sdist.log"; exit 1; }
 SDIST=$(echo "$OUT"/vvu-*.tar.gz)
 tar -xzf "$SDIST" -C "$WORK"
-SRC=$(echo "$WORK"/vvu-*/)
 
-step "wheel from the sdist: maturin build --release --zig --compatibility manylinux2014"
+step "wheel: pip wheel of the sdist, maturin --zig --compatibility manylinux2014"
 # maturin finds zig as `python -m ziglang` with the python first on PATH: the venv's.
-time (cd "$SRC" && PATH="$VENV/bin:$PATH" "$VENV/bin/maturin" build --release --zig \
-    --compatibility manylinux2014 --interpreter python3.11 --out "$OUT" --quiet)
-WHEEL=$(echo "$OUT"/vvu-*-abi3-*manylinux*.whl)
+time (cd "$WORK"/vvu-*/ && PATH="$VENV/bin:$PATH" \
+    MATURIN_PEP517_ARGS="--zig --compatibility manylinux2014" "$VENV/bin/python" -m pip wheel \
+    -q --disable-pip-version-check --no-deps --no-build-isolation --no-cache-dir -w "$OUT" .)
+WHEEL=$(echo "$OUT"/vvu-*-abi3-*.whl)
 
 step "auditwheel show $(basename "$WHEEL")"
 "$VENV/bin/auditwheel" show "$WHEEL" | tee "$WORK/auditwheel.txt"
@@ -56,24 +57,13 @@ tr -s ' \n' ' ' <"$WORK/auditwheel.txt" | grep -q "consistent with the following
 # A venv with nothing but the wheel and what the tests need (its `test` extra). The package is
 # under python/, so the tree is not importable from here: tests/test_descriptors.py checks that
 # `vvu` and `vvu._core` come from this venv's site-packages and from VVU_WHEEL.
-smoke() { # smoke VENV WHEEL TESTS...
-    local venv=$1 wheel=$2
-    shift 2
-    python3 -m venv "$venv"
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check "$wheel[test]"
-    env -u PYTHONPATH VVU_WHEEL="$wheel" VVU_SDIST="$SDIST" "$venv/bin/python" -m pytest -q \
-        -p no:cacheprovider "$@"
-}
-
 step "smoke tests against the installed wheel ($SMOKE)"
-# shellcheck disable=SC2086 # SMOKE is a list of test files
-time smoke "$WORK/venv-wheel" "$WHEEL" $SMOKE
-
-step "pip's wheel of the sdist (PEP 517), installed and checked"
 time {
-    "$VENV/bin/python" -m pip wheel -q --disable-pip-version-check --no-deps \
-        --no-build-isolation -w "$WORK/from-sdist" "$SRC"
-    smoke "$WORK/venv-sdist" "$(echo "$WORK"/from-sdist/vvu-*.whl)" tests/test_descriptors.py
+    python3 -m venv "$WORK/venv"
+    "$WORK/venv/bin/python" -m pip install -q --disable-pip-version-check "$WHEEL[test]"
+    # shellcheck disable=SC2086 # SMOKE is a list of test files
+    env -u PYTHONPATH VVU_WHEEL="$WHEEL" VVU_SDIST="$SDIST" "$WORK/venv/bin/python" -m pytest \
+        -q -p no:cacheprovider $SMOKE
 }
 
 step "dist done"
