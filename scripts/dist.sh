@@ -59,7 +59,7 @@ tr -s ' \n' ' ' <"$WORK/auditwheel.txt" | grep -q "consistent with the following
 # `vvu` and `vvu._core` come from this venv's site-packages and from VVU_WHEEL.
 step "smoke tests against the installed wheel ($SMOKE)"
 time {
-    python3 -m venv "$WORK/venv"
+    "${PYTHON:-python3}" -m venv "$WORK/venv"
     "$WORK/venv/bin/python" -m pip install -q --disable-pip-version-check "$WHEEL[test]"
     # shellcheck disable=SC2086 # SMOKE is a list of test files
     env -u PYTHONPATH VVU_WHEEL="$WHEEL" VVU_SDIST="$SDIST" "$WORK/venv/bin/python" -m pytest \
