@@ -1,6 +1,6 @@
 # The README's two commands: `make demo` and `make test`. Both set everything up first.
 VENV := .venv/bin
-.PHONY: setup setup-tests demo test bench
+.PHONY: setup setup-tests demo test bench dist
 
 setup:
 	./scripts/setup.sh
@@ -16,3 +16,9 @@ test: setup-tests
 
 bench: setup-tests
 	./scripts/bench.sh
+
+# The manylinux2014 abi3 wheel and the sdist in dist/, checked (auditwheel, installed-wheel smoke
+# tests, a wheel built from the sdist): scripts/dist.sh.
+dist:
+	./scripts/setup.sh --dist
+	./scripts/dist.sh

@@ -3,8 +3,12 @@
 # Debian packages, a virtualenv in .venv with the dev tools, and vvu itself built in release mode.
 # With --tests, also the real peers the test suite runs against (QEMU and its Linux guest, ...).
 set -euo pipefail
+# --tests: also the real peers of the test suite (and the dist tools: `make test` checks the wheel).
+# --dist: the tools scripts/dist.sh builds and checks the wheel with (maturin, ziglang, auditwheel).
 FOR_TESTS=0
-if [ "${1:-}" = "--tests" ]; then FOR_TESTS=1; fi
+FOR_DIST=0
+if [ "${1:-}" = "--tests" ]; then FOR_TESTS=1 FOR_DIST=1; fi
+if [ "${1:-}" = "--dist" ]; then FOR_DIST=1; fi
 cd "$(dirname "$0")/.."
 
 log() { printf '==> %s\n' "$*"; }
@@ -43,7 +47,9 @@ fi
 log "installing vvu (release build) and dev tools into .venv"
 .venv/bin/python -m pip install -q --upgrade pip
 # Editable install through the maturin build backend: the same path `pip install .` takes.
-.venv/bin/python -m pip install -q -e '.[dev]'
+EXTRAS=dev
+if ((FOR_DIST)); then EXTRAS=dev,dist; fi
+.venv/bin/python -m pip install -q -e ".[$EXTRAS]"
 # The QEMU guest for the integration tests (cached in .cache/guest: instant when already built).
 # The "vm" flavour (generic kernel, 9p, VFIO) and QEMU 11 are for the back-end VM tests.
 if ((FOR_TESTS)); then

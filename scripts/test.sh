@@ -28,3 +28,5 @@ step "pytest"
 pytest
 step "end-to-end benchmarks, run once each as smoke tests (timings: make bench)"
 pytest benches/e2e -q -p no:cacheprovider
+step "dist: the manylinux wheel (zig), auditwheel, smoke tests on the installed wheel, the sdist"
+./scripts/dist.sh

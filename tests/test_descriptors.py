@@ -1,18 +1,20 @@
 """The vhost-user.json descriptors (QEMU docs/interop/vhost-user.json) and the per-type programs
 they name: what libvirt finds in PREFIX/share/qemu/vhost-user/ must start a conforming back-end.
 
-The wheel and sdist checks run on built ones: `VVU_WHEEL=/tmp/wheels/vvu-*.whl
-VVU_SDIST=/tmp/wheels/vvu-*.tar.gz pytest tests/test_descriptors.py` (a build takes minutes, so
-it is not done here).
+The wheel and sdist checks run on built ones, installed into a venv of their own: that is what
+scripts/dist.sh (`make dist`, and `make test`) does, with VVU_WHEEL and VVU_SDIST naming them.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import json
 import os
 import shutil
 import subprocess
+import sys
+import sysconfig
 import tarfile
 import tomllib
 import zipfile
@@ -21,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+import vvu
+from vvu import _core
 from vvu.backends import available_backends
 from vvu.cli import capabilities
 
@@ -83,6 +87,38 @@ def test_the_wheel_installs_descriptors_and_programs() -> None:
         text = wheel.read(entry_points).decode()
     for program, target in _scripts().items():
         assert f"{program} = {target}".replace(" ", "") in text.replace(" ", ""), text
+
+
+@pytest.mark.skipif("VVU_WHEEL" not in os.environ, reason="VVU_WHEEL names no built wheel")
+def test_what_runs_is_the_installed_wheel() -> None:
+    """The package under test is VVU_WHEEL as installed into this interpreter's environment, not
+    the tree: its files in site-packages, its native module byte for byte the wheel's, its tags
+    the wheel's, its programs and descriptors under the environment's prefix."""
+    wheel_path = Path(os.environ["VVU_WHEEL"])
+    site = Path(sysconfig.get_paths()["platlib"]).resolve()
+    for module in (vvu, _core):
+        origin = Path(str(module.__file__)).resolve()
+        assert origin.is_relative_to(site), origin
+        assert not origin.is_relative_to(ROOT), origin
+    installed = Path(str(_core.__file__)).read_bytes()
+    with zipfile.ZipFile(wheel_path) as wheel:
+        assert wheel.read("vvu/_core.abi3.so") == installed
+    metadata = importlib.metadata.distribution("vvu")
+    lines = (metadata.read_text("WHEEL") or "").splitlines()
+    tags = {line.split(":", 1)[1].strip() for line in lines if line.startswith("Tag:")}
+    python, abi, platforms = wheel_path.name.removesuffix(".whl").split("-")[2:5]
+    assert tags == {f"{python}-{abi}-{platform}" for platform in platforms.split(".")}
+    assert abi == "abi3"
+    prefix = Path(sys.prefix)
+    for name in available_backends():
+        out = subprocess.run(
+            [prefix / "bin" / f"vvu-{name}", "--print-capabilities"],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        assert json.loads(out.stdout) == capabilities(available_backends()[name])
+    for path in DESCRIPTORS.glob("*.json"):
+        shipped = prefix / "share" / "qemu" / "vhost-user" / path.name
+        assert shipped.read_bytes() == path.read_bytes(), shipped
 
 
 @pytest.mark.skipif("VVU_SDIST" not in os.environ, reason="VVU_SDIST names no built sdist")

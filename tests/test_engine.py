@@ -1232,6 +1232,156 @@ async def test_status_config_and_queue_num(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("order", ["qemu-7.2", "qemu-8.1"])
+async def test_set_status_0_resets_the_device_and_get_vring_base_still_answers(
+    engine: BackendEngine, order: str, connect: Connector
+) -> None:
+    """SET_STATUS(0) resets the device (virtio 1.2, 2.1): the ring stops once the requests it
+    took are completed, a request kicked after it is not taken, the device's own state (blk's
+    cache mode) is back to its default. QEMU 7.2 stops vhost with SET_STATUS(0), then
+    SET_VRING_ENABLE(0) and GET_VRING_BASE; 8.1 and later send SET_STATUS(0) last. Either way
+    GET_VRING_BASE answers where the ring stopped, and BASE + KICK + ENABLE resume from there."""
+    guest, peer = Guest(), await connect.peer(engine)
+    ring = Ring(guest)
+    await blk_session(peer, guest, ring)  # a write and a read: used index 2
+    await peer.do(F.SET_STATUS, U64(RUNNING | DeviceStatus.DRIVER_OK), need_reply=True)
+    await peer.do(F.SET_CONFIG, Config(32, 0, b"\0"), need_reply=True)  # write through
+    assert await peer.get(F.GET_CONFIG, Config(32, 0, b"\0")) == Config(32, 0, b"\0")
+    blocks = [os.urandom(4096) for _ in range(16)]
+    requests = [blk_submit(ring, T_OUT, 8 * i, out=block) for i, block in enumerate(blocks)]
+    ring.queue.notify()
+    late: BlkRequest | None = None
+    if order == "qemu-7.2":
+        await peer.do(F.SET_STATUS, U64(0), need_reply=True)
+        assert engine.session is not None and engine.session.vrings[0].runner is None
+        late = blk_submit(ring, T_OUT, 200, out=os.urandom(512))
+        ring.queue.notify()
+        await peer.do(F.SET_VRING_ENABLE, VringState(0, 0), need_reply=True)
+        stopped = await peer.get(F.GET_VRING_BASE, VringState(0, 0))
+    else:
+        await peer.do(F.SET_VRING_ENABLE, VringState(0, 0), need_reply=True)
+        stopped = await peer.get(F.GET_VRING_BASE, VringState(0, 0))
+        await peer.do(F.SET_STATUS, U64(0), need_reply=True)
+    assert isinstance(stopped, VringState) and stopped.index == 0
+    taken = stopped.num - 2
+    assert 0 <= taken <= len(requests)
+    assert stopped.num == ring.used_idx  # everything taken is completed and published
+    assert all(blk_status(ring, r) == 0 for r in requests[:taken])
+    assert all(blk_status(ring, r) == 0xFF for r in requests[taken:])
+    if late is not None:
+        assert blk_status(ring, late) == 0xFF  # kicked after the reset: not taken
+    assert await peer.get_u64(F.GET_STATUS) == 0
+    assert await peer.get(F.GET_CONFIG, Config(32, 0, b"\0")) == Config(32, 0, b"\1")
+
+    # The driver starts the device again; the rest of the requests run from where it stopped.
+    done = [ring.queue.completion(r.head) for r in requests[taken:]]
+    if late is not None:
+        done.append(ring.queue.completion(late.head))
+    await peer.do(F.SET_STATUS, U64(RUNNING), need_reply=True)
+    await peer.do(F.SET_VRING_BASE, VringState(0, stopped.num), need_reply=True)
+    await peer.do(F.SET_VRING_KICK, U64.vring(0), [ring.kick.fileno()], need_reply=True)
+    await peer.do(F.SET_VRING_ENABLE, VringState(0, 1), need_reply=True)
+    await asyncio.wait_for(asyncio.gather(*done), TIMEOUT)
+    for i, block in enumerate(blocks):
+        assert await blk_io(ring, T_IN, 8 * i, in_len=4096) == block
+    await peer.close()
+    ring.close()
+    guest.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("device", ["blk", "rng"])
+async def test_a_broken_ring_sets_needs_reset_until_the_driver_resets(
+    device: str, connect: Connector
+) -> None:
+    """A ring that breaks (a buffer outside guest memory) sets DEVICE_NEEDS_RESET in GET_STATUS,
+    on the native (blk) and the Python (rng) path; writing the status does not clear it,
+    stopping the ring does not either, SET_STATUS(0) does."""
+    backend = BlkBackend(size=DISK) if device == "blk" else RngBackend()
+    engine = BackendEngine(backend)
+    guest, peer = Guest(), await connect.peer(engine)
+    ring = Ring(guest)
+    await negotiate(peer, features=engine.offered_features() & ~VirtioFeature.EVENT_IDX.mask)
+    await peer.do(F.SET_MEM_TABLE, guest.table, guest.fds, need_reply=True)
+    await start_ring(peer, ring, need_reply=True)
+    ok = RUNNING | DeviceStatus.DRIVER_OK
+    await peer.do(F.SET_STATUS, U64(ok), need_reply=True)
+    assert await peer.get_u64(F.GET_STATUS) == ok
+    ring.queue.submit([], [(GPA + 64 * MiB, 16)])
+    ring.queue.notify()
+    await wait_eventfd(ring.err, TIMEOUT)
+    assert await peer.get_u64(F.GET_STATUS) == ok | DeviceStatus.NEEDS_RESET
+    await peer.do(F.SET_STATUS, U64(ok), need_reply=True)
+    await peer.get(F.GET_VRING_BASE, VringState(0, 0))
+    assert await peer.get_u64(F.GET_STATUS) == ok | DeviceStatus.NEEDS_RESET
+    await peer.do(F.SET_STATUS, U64(0), need_reply=True)
+    assert await peer.get_u64(F.GET_STATUS) == 0
+    await peer.close()
+    ring.close()
+    guest.close()
+    if isinstance(backend, BlkBackend):
+        backend.close()
+
+
+@pytest.mark.asyncio
+async def test_a_suspended_device_sends_nothing_until_a_ring_starts(connect: Connector) -> None:
+    """vhost-user.rst, "Suspended device state": while every ring is stopped (before the first
+    one starts, and once the last one stopped) the device sends no back-end message. A resize
+    meanwhile is announced once, acked, when a ring starts."""
+    backend = BlkBackend(size=DISK)
+    engine = BackendEngine(backend)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    loop = asyncio.get_running_loop()
+
+    async def announced() -> None:
+        header = await asyncio.wait_for(loop.sock_recv(ours, 12), TIMEOUT)
+        assert struct.unpack("<III", header) == (2, 1 | NEED_REPLY, 0)  # CONFIG_CHANGE_MSG
+        await loop.sock_sendall(ours, struct.pack("<IIIQ", 2, REPLY_FLAGS, 8, 0))
+
+    def nothing_sent() -> None:
+        with pytest.raises(BlockingIOError):
+            ours.recv(12)
+
+    guest, peer = Guest(), await connect.peer(engine)
+    ring = Ring(guest)
+    try:
+        await negotiate(peer, features=engine.offered_features() & ~VirtioFeature.EVENT_IDX.mask)
+        await peer.do(F.SET_BACKEND_REQ_FD, EMPTY, [theirs.fileno()], need_reply=True)
+        theirs.close()
+        await peer.do(F.SET_MEM_TABLE, guest.table, guest.fds, need_reply=True)
+        for size in (2 * DISK, 3 * DISK):
+            assert backend.resize(size) is True
+            assert await asyncio.wait_for(engine.config_changed(), TIMEOUT) is False
+        await peer.barrier()
+        nothing_sent()
+        await start_ring(peer, ring, need_reply=True)
+        await announced()
+        await check_io(ring)
+        await peer.barrier()
+        nothing_sent()  # once for both resizes
+        # Stopped again: suspended; the next start announces the next change.
+        stopped = await peer.get(F.GET_VRING_BASE, VringState(0, 0))
+        assert isinstance(stopped, VringState)
+        assert backend.resize(4 * DISK) is True
+        assert await asyncio.wait_for(engine.config_changed(), TIMEOUT) is False
+        await peer.barrier()
+        nothing_sent()
+        await peer.do(F.SET_VRING_BASE, VringState(0, stopped.num), need_reply=True)
+        await peer.do(F.SET_VRING_KICK, U64.vring(0), [ring.kick.fileno()], need_reply=True)
+        await announced()
+        assert await peer.get(F.GET_CONFIG, Config(0, 0, bytes(8))) == Config(
+            0, 0, struct.pack("<Q", 4 * DISK // 512)
+        )
+        await peer.close()
+    finally:
+        ours.close()
+        ring.close()
+        guest.close()
+        backend.close()
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize("need_reply", [False, True], ids=["plain", "need-reply"])
 async def test_failed_get_config_replies_with_size_0_and_the_session_goes_on(
     engine: BackendEngine, need_reply: bool, connect: Connector
@@ -1894,7 +2044,9 @@ async def test_config_change_is_announced_on_the_backend_channel(
         await frontend.negotiate(protocol_features=wanted)
         await frontend.request(F.SET_BACKEND_REQ_FD, EMPTY, [theirs.fileno()])
         theirs.close()
-        await frontend.request_u64(F.GET_FEATURES)  # a barrier: SET_BACKEND_REQ_FD was handled
+        # A started ring (no memory, so nothing runs): the device is not suspended.
+        await frontend.request(F.SET_VRING_KICK, U64.vring(0, nofd=True))
+        await frontend.request_u64(F.GET_FEATURES)  # a barrier: both were handled
         if not reply_ack:
             assert await engine.notify_config_change() is True
             header = await asyncio.wait_for(loop.sock_recv(ours, 12), TIMEOUT)
@@ -1932,6 +2084,8 @@ async def test_backend_request_without_an_answer_drops_the_backend_channel(
     await frontend.negotiate(
         protocol_features=WANTED_PROTOCOL_FEATURES | ProtocolFeature.BACKEND_REQ.mask
     )
+    # A started ring (no memory, so nothing runs): the device is not suspended.
+    await frontend.request(F.SET_VRING_KICK, U64.vring(0, nofd=True))
     for give_up in ("timeout", "cancel"):
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
@@ -2396,6 +2550,8 @@ async def test_our_frontend_answers_back_end_requests_it_does_not_support_with_a
             assert raw is not None and (raw.request, raw.flags) == (request, REPLY_FLAGS)
             assert int.from_bytes(raw.payload, "little") != 0, request
         assert frontend.backend_requests == {}  # nothing was carried out
+        # A started ring (no memory, so nothing runs): the device is not suspended.
+        await frontend.request(F.SET_VRING_KICK, U64.vring(0, nofd=True))
         assert await engine.notify_config_change() is True  # and the channel still works
     finally:
         await frontend.close()

@@ -35,7 +35,14 @@ from vvu.engine import BackendEngine
 from vvu.frontend import Frontend, FrontendError
 from vvu.frontend.core import WANTED_PROTOCOL_FEATURES
 from vvu.frontend.net import NetDriver
-from vvu.protocol import U64, BackendRequest, FrontendRequest, ProtocolFeature, VirtioFeature
+from vvu.protocol import (
+    U64,
+    BackendRequest,
+    FrontendRequest,
+    ProtocolFeature,
+    VirtioFeature,
+    VringState,
+)
 from vvu.transport.unix import UnixListener
 
 pytestmark = pytest.mark.timeout(60)
@@ -264,6 +271,30 @@ async def test_two_front_ends_exchange_frames_with_inband_notifications(tmp_path
         finally:
             await da.close()
             await db.close()
+
+
+@pytest.mark.asyncio
+async def test_a_disabled_transmit_queue_discards_what_it_is_given(tmp_path: Path) -> None:
+    """vhost-user.rst, "Ring states": a started but disabled ring is processed without side
+    effects; for net the back-end "must process and discard any TX packets". A's transmit queue
+    disabled: its frame is taken (the driver gets the buffer back) and never reaches B; enabled
+    again, the next frames do, in order."""
+    a, b = NetBackend.peers()
+    async with serving((a, b), tmp_path) as (path_a, path_b):
+        da = await NetDriver.open(path_a)
+        db = await NetDriver.open(path_b)
+        try:
+            tx = 1  # transmitq1
+            await da.frontend.request(FrontendRequest.SET_VRING_ENABLE, VringState(tx, 0))
+            await asyncio.wait_for(da.send_all([frame(i, 600) for i in range(3)]), TIMEOUT)
+            await da.frontend.request(FrontendRequest.SET_VRING_ENABLE, VringState(tx, 1))
+            kept = [frame(10, 700), frame(11, 64)]
+            await da.send_all(kept)
+            assert [await db.recv(TIMEOUT) for _ in kept] == kept
+        finally:
+            await da.close()
+            await db.close()
+    assert a.stats()["tx_packets"] == b.stats()["rx_packets"] == len(kept)
 
 
 @pytest.mark.asyncio

@@ -447,6 +447,8 @@ async def test_backend_channel_relay(vvu: Rig) -> None:
         protocol = await vvu.u64(F.GET_PROTOCOL_FEATURES) & QEMU_PROTOCOL
         vvu.send(F.SET_PROTOCOL_FEATURES, U64(protocol))
         await vvu.do(F.SET_BACKEND_REQ_FD)
+        # A started ring (no memory, so nothing runs): the device is not suspended.
+        await vvu.do(F.SET_VRING_KICK, U64.vring(0, nofd=True))
         notified = asyncio.ensure_future(engine.notify_config_change())
         data = await vvu.device.next_sent()
         hdr = Header.unpack(data[:12])

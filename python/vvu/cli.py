@@ -145,7 +145,10 @@ async def _reload(backend: Backend, engine: BackendEngine) -> None:
     log.info(
         "SIGHUP: %s; front-end %s",
         backend.describe(),
-        "told" if told else "not told (nothing changed, or no session, back-end channel or CONFIG)",
+        "told"
+        if told
+        else "not told (nothing changed, or no session, back-end channel or CONFIG, or no ring "
+        "started yet: then when one starts)",
     )
 
 

@@ -47,6 +47,7 @@ from vvu.protocol import (
     BackendRequest,
     Config,
     DeviceStateTransfer,
+    DeviceStatus,
     FrontendRequest,
     Inflight,
     IotlbType,
@@ -177,6 +178,9 @@ def _note_transfer_failure(transfer: asyncio.Task[bytes | None]) -> None:
         log.info("device state transfer failed: %s", transfer.exception())
 
 
+#: The feature bits the engine handles itself (not the back-end's to see).
+_ENGINE_FEATURES = VhostFeature.PROTOCOL_FEATURES.mask | VhostFeature.LOG_ALL.mask
+
 #: A fresh packed ring (SET_VRING_BASE never sent): both positions at slot 0, wrap counter 1.
 PACKED_START_BASE = 0x8000_8000
 
@@ -303,6 +307,11 @@ class PythonQueueRunner:
         if err is not None and self._broken is not None:
             err.signal()  # broken before the swap: tell the new listener too
 
+    @property
+    def fault(self) -> str | None:
+        """Why the queue stopped processing on its own (logged when it did)."""
+        return self._broken
+
     async def stop(self) -> DeviceQueue:
         self._stopped = True
         if self._kick is not None:
@@ -426,6 +435,9 @@ class Vring:
     started: bool = False
     enabled: bool = False
     runner: QueueRunner | None = None
+    # The runner is the back-end's `disabled_worker` (a started but disabled ring), not its
+    # device worker.
+    runner_disabled: bool = False
     # INBAND_NOTIFICATIONS: `call`/`err` are then these signals' eventfds.
     inband_call: InbandSignal | None = None
     inband_err: InbandSignal | None = None
@@ -484,6 +496,19 @@ class Session:
     iotlb: Iotlb | None = None
     # Back-end channel sends in flight (kept referenced until done).
     backend_sends: set[asyncio.Task[None]] = field(default_factory=set)
+    # Set while a ring is started: the device is not suspended (vhost-user.rst, "Suspended
+    # device state": every ring stopped, from the start of a session until a ring starts and
+    # again once the last one stops), so back-end requests may go out.
+    resumed: asyncio.Event = field(default_factory=asyncio.Event)
+    # A config change noted while suspended: announced when a ring starts.
+    config_change_pending: bool = False
+    # A ring broke (its runner stopped on a bad chain or handler): DEVICE_NEEDS_RESET in
+    # GET_STATUS until the driver resets the device (SET_STATUS 0 or RESET_DEVICE).
+    needs_reset: bool = False
+
+    @property
+    def suspended(self) -> bool:
+        return not any(vring.started for vring in self.vrings)
 
     @property
     def reply_ack(self) -> bool:
@@ -595,6 +620,11 @@ class BackendEngine:
         if spec.feature is not None and not session.protocol_features & spec.feature.mask:
             raise RequestFailed(f"{request.name} needs protocol feature {spec.feature.name}")
         answer = spec.answer(need_reply=need_reply, protocol_features=session.protocol_features)
+        if not session.resumed.is_set():
+            # A suspended device "must not send any messages to the front-end": this one goes
+            # out once a ring starts (or fails below if the session ends first).
+            log.debug("%s waits: the device is suspended (no ring started)", request.name)
+            await session.resumed.wait()
         async with session.backend_lock:
             channel = session.backend_channel  # (dropped or replaced while we waited?)
             if channel is None:
@@ -669,15 +699,43 @@ class BackendEngine:
     async def notify_config_change(self) -> bool:
         """Tell the front-end the config space changed (BACKEND_CONFIG_CHANGE_MSG), so it
         re-reads it with GET_CONFIG (e.g. a resized disk); with REPLY_ACK, wait for its ack.
-        Returns False when the session has no back-end channel or did not negotiate CONFIG;
-        raises RequestFailed when the front-end refused it or did not answer."""
+        Returns False when the session has no back-end channel or did not negotiate CONFIG,
+        and when the device is suspended (no ring started): the message is then sent (once,
+        however many changes came meanwhile) when a ring starts. Raises RequestFailed when the
+        front-end refused it or did not answer."""
         session = self.session
         if session is None or session.backend_channel is None:
             return False
         if not session.protocol_features & _PF.CONFIG.mask:
             return False
+        if session.suspended:
+            if not session.config_change_pending:
+                log.info("config change noted; the front-end is told when a ring starts")
+            session.config_change_pending = True
+            return False
         await self.backend_request(BackendRequest.BACKEND_CONFIG_CHANGE_MSG)
         return True
+
+    def _note_ring_states(self, session: Session) -> None:
+        """Track whether the device is suspended (after any ring started or stopped); on
+        resuming, announce a config change noted meanwhile."""
+        if session.suspended:
+            session.resumed.clear()
+            return
+        if session.resumed.is_set():
+            return
+        session.resumed.set()
+        if session.config_change_pending:
+            session.config_change_pending = False
+            task = asyncio.get_running_loop().create_task(self._announce_config_change())
+            session.backend_sends.add(task)
+            task.add_done_callback(session.backend_sends.discard)
+
+    async def _announce_config_change(self) -> None:
+        try:
+            await self.notify_config_change()
+        except RequestFailed as err:
+            log.warning("config change not announced: %s", err)
 
     async def config_changed(self) -> bool:
         """The back-end's config space changed on its own (a resized disk): restart the running
@@ -819,6 +877,8 @@ class BackendEngine:
                 task.cancel()
             if session.backend_channel is not None:
                 session.backend_channel.close()
+                session.backend_channel = None
+            session.resumed.set()  # back-end requests waiting for a ring fail: no channel
             session.release_log()
             session.memory = None
             # The region belongs to the front-end, which hands it back after a reconnect.
@@ -925,8 +985,10 @@ class BackendEngine:
         runner, vring.runner = vring.runner, None
         if runner is None:
             return
-        if isinstance(runner, NativeQueueRunner) and runner.fault is not None:
-            log.error("queue %d broken: %s", vring.index, runner.fault)
+        if runner.fault is not None:
+            self._session().needs_reset = True
+            if isinstance(runner, NativeQueueRunner):  # (the Python runners logged it already)
+                log.error("queue %d broken: %s", vring.index, runner.fault)
         if isinstance(runner, RequestRunner):
             queue = await runner.stop(hand_back=hand_back)
         else:
@@ -938,16 +1000,19 @@ class BackendEngine:
         # Let go of the guest memory now: the thread pool may keep the queue object alive in a
         # reference cycle until the next garbage collection.
         queue.detach()
-        self.backend.queue_stopped(vring.index)
+        if not vring.runner_disabled:
+            self.backend.queue_stopped(vring.index)
 
     async def _update_ring(self, vring: Vring) -> None:
-        """Start or stop the ring's runner to match started and enabled and has memory."""
+        """Start or stop the ring's runner to match started, enabled and has memory. A started
+        but disabled ring runs the back-end's `disabled_worker`, if it has one."""
         session = self._session()
-        should_run = vring.started and vring.enabled and session.memory is not None
+        self._note_ring_states(session)
+        should_run = vring.started and session.memory is not None
+        if vring.runner is not None and (not should_run or vring.runner_disabled == vring.enabled):
+            await self._stop_runner(vring)  # stopped, or enabled or disabled since it started
         if should_run and vring.runner is None:
             self._start_runner(vring)
-        elif not should_run and vring.runner is not None:
-            await self._stop_runner(vring)
 
     async def _restart_rings(self, change: Callable[[], None]) -> None:
         """Stop the running rings, apply `change` (new memory), start them again."""
@@ -1014,13 +1079,17 @@ class BackendEngine:
         return queue
 
     def _start_runner(self, vring: Vring) -> None:
+        disabled = self.backend.disabled_worker(vring.index) if not vring.enabled else None
+        if not vring.enabled and disabled is None:
+            return  # left alone until enabled
         queue = self._attached_queue(vring)
         if queue is None:
             return
         iotlb = self._session().iotlb
         # Read before a worker takes the queue over.
         packed, base = isinstance(queue, PackedQueue), queue.vring_base
-        native = self.backend.native_worker(vring.index)
+        vring.runner_disabled = not vring.enabled
+        native = disabled if not vring.enabled else self.backend.native_worker(vring.index)
         if iotlb is not None and native is None:
             raise RequestFailed(f"vring {vring.index}: IOTLB translation needs a native worker")
         if native is not None:
@@ -1057,6 +1126,9 @@ class BackendEngine:
                 index=vring.index,
                 backend=self.backend,
             )
+        if vring.runner_disabled:
+            log.debug("vring %d started but disabled: discarding what it is given", vring.index)
+            return
         self.backend.queue_started(vring.index)
         log.debug(
             "vring %d running (%s, size %d, base %#x)",
@@ -1112,8 +1184,7 @@ class BackendEngine:
             session.iotlb = None
         elif session.iotlb is None:
             session.iotlb = Iotlb()
-        engine_bits = VhostFeature.PROTOCOL_FEATURES.mask | VhostFeature.LOG_ALL.mask
-        self.backend.set_features(features & ~engine_bits)
+        self.backend.set_features(features & ~_ENGINE_FEATURES)
         if session.logging != was_logging:
             # Migration starts or ends: the running rings pick the log up (or drop it) at a
             # restart, which finishes in-flight requests first and resumes at the same index.
@@ -1261,15 +1332,21 @@ class BackendEngine:
             raise RequestFailed(f"split-ring base {msg.payload.num:#x} does not fit 16 bits")
         vring.base = msg.payload.num
 
-    async def _get_vring_base(self, msg: Message) -> Payload:
-        assert isinstance(msg.payload, VringState)
-        vring = self._vring(msg.payload.index)
+    async def _stop_ring(self, vring: Vring) -> None:
+        """Stopped: the runner finishes its in-flight requests and records where the ring
+        stopped (`vring.base`); the kick fd goes (SET_VRING_KICK starts the ring again)."""
         vring.started = False
         await self._stop_runner(vring)  # drains in-flight requests first
         if vring.kick is not None:
             vring.kick.close()
             vring.kick = None
         vring.kick_set = False
+        self._note_ring_states(self._session())
+
+    async def _get_vring_base(self, msg: Message) -> Payload:
+        assert isinstance(msg.payload, VringState)
+        vring = self._vring(msg.payload.index)
+        await self._stop_ring(vring)
         if vring.base is None:  # never ran and never set: report the fresh position
             packed = bool(self._session().features & VirtioFeature.RING_PACKED.mask)
             return VringState(vring.index, PACKED_START_BASE if packed else 0)
@@ -1457,17 +1534,45 @@ class BackendEngine:
         session.features_set = False
         session.iotlb = None  # the IOMMU is re-negotiated with the features
         session.status = 0
+        session.needs_reset = False
         session.release_log()
+        self._note_ring_states(session)
         self.backend.reset()
 
     async def _set_status(self, msg: Message) -> None:
         assert isinstance(msg.payload, U64)
-        if msg.payload.value > 0xFF:
-            raise RequestFailed(f"device status {msg.payload.value:#x} is not a byte")
-        self._session().status = msg.payload.value
+        status = msg.payload.value
+        if status > 0xFF:
+            raise RequestFailed(f"device status {status:#x} is not a byte")
+        session = self._session()
+        if status == 0:
+            await self._virtio_reset(session)
+        # DEVICE_NEEDS_RESET is the device's to set; the driver clears it only by a reset.
+        session.status = status & ~DeviceStatus.NEEDS_RESET
+
+    async def _virtio_reset(self, session: Session) -> None:
+        """SET_STATUS(0): "writing 0 into this field resets the device" (virtio 1.2, 2.1).
+        The device's state goes: every ring stops (its in-flight requests complete first, as
+        for GET_VRING_BASE), the device's own state is reset (`Backend.reset`: blk's cache
+        mode, net's queued frames), DEVICE_NEEDS_RESET clears. What belongs to the connection
+        stays: memory table, features, ring sizes, addresses and call/err fds, the inflight
+        region, the back-end channel, and where each ring stopped. QEMU 7.2 sends SET_STATUS(0)
+        *before* its GET_VRING_BASEs (8.1 and later after them), and those must still answer
+        where the rings stopped (docs/protocol-support.md, "SET_STATUS(0)")."""
+        for vring in session.vrings:
+            await self._stop_ring(vring)
+        session.needs_reset = False
+        self.backend.reset()
+        if session.features_set:  # still negotiated: the next start uses them
+            self.backend.set_features(session.features & ~_ENGINE_FEATURES)
+        log.info("device reset (SET_STATUS 0): every ring stopped")
 
     async def _get_status(self, msg: Message) -> Payload:
-        return U64(self._session().status)
+        session = self._session()
+        broken = any(v.runner is not None and v.runner.fault is not None for v in session.vrings)
+        if broken or session.needs_reset:
+            return U64(session.status | DeviceStatus.NEEDS_RESET)
+        return U64(session.status)
 
     # --- device state transfer (DEVICE_STATE) --------------------------------------------------
     # SET_DEVICE_STATE_FD starts moving Backend.save_state()'s bytes out through the front-end's

@@ -140,6 +140,15 @@ class Backend:
         the Python path (`handle`)."""
         return None
 
+    def disabled_worker(self, queue_index: int) -> NativeHandler | None:
+        """What a started but disabled queue does: vhost-user.rst, "Ring states", has the
+        back-end process it "without causing any side effects". None (the default) leaves its
+        chains where they are until it is enabled, which is the only side-effect-free
+        processing of a request a device must carry out (blk) or of buffers it would fill (rng,
+        net receive); net's transmit queues return `NativeHandler.discard()` ("process and
+        discard any TX packets")."""
+        return None
+
     def handle(self, queue_index: int, chains: Sequence[DescriptorChain]) -> Sequence[int]:
         """Process a batch of chains from queue `queue_index` (Python path).
 
@@ -187,7 +196,8 @@ class Backend:
         """Queue `queue_index` stopped (GET_VRING_BASE, disable, or disconnect)."""
 
     def reset(self) -> None:
-        """Forget the session: the front-end went away or sent RESET_DEVICE."""
+        """Forget the session: the front-end went away or sent RESET_DEVICE, or the driver
+        reset the device (SET_STATUS 0; the engine then hands the features back at once)."""
         self.acked_features = 0
 
     def reload(self) -> bool:

@@ -25,7 +25,8 @@ its receive ring only loses its own frames. `--poll-us N` makes the workers busy
 after running out of work before they sleep on eventfds (one core each while traffic flows).
 
 The two queues of a pair are independent workers that share the port, so the engine's per-queue
-`native_worker(index)` life cycle applies as it is: a ring runs while it is started and enabled.
+`native_worker(index)` life cycle applies as it is: a ring runs while it is started and enabled;
+a started but disabled transmit queue discards what it is given (`disabled_worker`).
 No checksum or segmentation offload is offered; the control queue is not implemented (a front-end
 that uses more than one queue pair must steer them itself, as QEMU and DPDK do).
 """
@@ -381,6 +382,11 @@ class NetBackend(Backend):
         """Busy-poll this long on the queue workers started from now on (0: never)."""
         for port in self.ports:
             port.busy_poll = microseconds / 1e6
+
+    def disabled_worker(self, queue_index: int) -> NativeHandler | None:
+        # A disabled transmit queue's frames are taken and dropped; a disabled receive queue
+        # gets none (they wait in the port).
+        return NativeHandler.discard() if queue_index % 2 else None
 
     def stats(self) -> dict[str, int]:
         """Counters summed over the queue pairs."""

@@ -84,6 +84,10 @@ _MEM_SLOTS = _E + "test_add_and_remove_memory_regions"
 _STATUS = _E + "test_status_config_and_queue_num"
 _NET = "tests/test_net.py::test_engine_routes_net_set_mtu_and_send_rarp"
 _CONFIG_CHANGE = _E + "test_config_change_is_announced_on_the_backend_channel"
+_RESET_STATUS = _E + "test_set_status_0_resets_the_device_and_get_vring_base_still_answers"
+_NEEDS_RESET = _E + "test_a_broken_ring_sets_needs_reset_until_the_driver_resets"
+_SUSPENDED = _E + "test_a_suspended_device_sends_nothing_until_a_ring_starts"
+_DISABLED_TX = "tests/test_net.py::test_a_disabled_transmit_queue_discards_what_it_is_given"
 _INFLIGHT = "tests/test_inflight.py::"
 _INFLIGHT_KILLS = _INFLIGHT + "test_serve_blk_killed_20_times_loses_and_repeats_nothing"
 _INFLIGHT_QEMU = _INFLIGHT + "test_qemu_guest_write_stream_survives_serve_blk_sigkilled"
@@ -160,7 +164,13 @@ FRONTEND_ROWS: Final[dict[FrontendRequest, Row]] = {
         _Y, _Y, (_E + "test_protocol_features_apply_before_set_features",)
     ),
     _F.GET_QUEUE_NUM: Row(_Y, _Y, (_STATUS,)),
-    _F.SET_VRING_ENABLE: Row(_Y, _Y, (_E + "test_with_protocol_features_rings_wait_for_enable",)),
+    _F.SET_VRING_ENABLE: Row(
+        _Y,
+        _Y,
+        (_E + "test_with_protocol_features_rings_wait_for_enable", _DISABLED_TX),
+        "started but disabled: net transmit queues discard what they are given; blk, rng and "
+        'net receive queues are left alone until enabled (see "Ring states" below)',
+    ),
     _F.SEND_RARP: Row(_Y, _Y, (_NET,), "net only"),
     _F.NET_SET_MTU: Row(_Y, _Y, (_NET,), "net only"),
     _F.SET_BACKEND_REQ_FD: Row(
@@ -233,8 +243,19 @@ FRONTEND_ROWS: Final[dict[FrontendRequest, Row]] = {
     _F.GET_MAX_MEM_SLOTS: Row(_Y, _Y, (_MEM_SLOTS,)),
     _F.ADD_MEM_REG: Row(_Y, _Y, (_MEM_SLOTS,)),
     _F.REM_MEM_REG: Row(_Y, _Y, (_MEM_SLOTS,)),
-    _F.SET_STATUS: Row(_Y, _Y, (_STATUS,)),
-    _F.GET_STATUS: Row(_Y, _Y, (_STATUS,)),
+    _F.SET_STATUS: Row(
+        _Y,
+        _Y,
+        (_STATUS, _RESET_STATUS, _NEEDS_RESET),
+        "0 resets the device; a GET_VRING_BASE after it still answers where the ring stopped "
+        '(see "SET_STATUS(0)" below)',
+    ),
+    _F.GET_STATUS: Row(
+        _Y,
+        _Y,
+        (_STATUS, _NEEDS_RESET),
+        "DEVICE_NEEDS_RESET (0x40) from a ring breaking until the driver resets the device",
+    ),
     _F.GET_SHARED_OBJECT: Row(_R, _R, (_REFUSED,), "empty reply without fd: not found"),
     _F.SET_DEVICE_STATE_FD: Row(
         _Y,
@@ -257,8 +278,15 @@ BACKEND_ROWS: Final[dict[BackendRequest, Row]] = {
     _B.BACKEND_CONFIG_CHANGE_MSG: Row(
         _Y,
         _Y,
-        (_CONFIG_CHANGE, _E + "test_blk_resize_while_running_reaches_our_frontend", _GROW),
-        "blk resize: SIGHUP or `BlkBackend.resize`; acked with REPLY_ACK",
+        (
+            _CONFIG_CHANGE,
+            _E + "test_blk_resize_while_running_reaches_our_frontend",
+            _GROW,
+            _SUSPENDED,
+        ),
+        "blk resize: SIGHUP or `BlkBackend.resize`; acked with REPLY_ACK. A suspended device "
+        "(no ring started) sends no back-end request: a change then is announced once, when a "
+        "ring starts",
     ),
     _B.BACKEND_VRING_HOST_NOTIFIER_MSG: Row(_N, _X, (_FRONTEND_REFUSES,)),
     _B.BACKEND_VRING_CALL: Row(
@@ -313,7 +341,7 @@ FEATURE_ROWS: Final[dict[ProtocolFeature, Row]] = {
         "rings given no fd (NOFD)",
     ),
     _P.CONFIGURE_MEM_SLOTS: Row(_Y, _Y, (_MEM_SLOTS,)),
-    _P.STATUS: Row(_Y, _Y, (_STATUS,)),
+    _P.STATUS: Row(_Y, _Y, (_STATUS, _RESET_STATUS, _NEEDS_RESET)),
     _P.XEN_MMAP: Row(_N, _N),
     _P.SHARED_OBJECT: Row(_N, _X, (_REFUSED,)),
     _P.DEVICE_STATE: Row(_Y, _X, (_STATE, _STATE_VVU), "blk (devices with `has_state`)"),
@@ -338,6 +366,42 @@ the tests that prove it. Back-end requests: "yes" means the engine sends it and 
 """
 
 _FOOTER = """\
+## Ring states
+
+A ring is stopped until SET_VRING_KICK (or an in-band VRING_KICK) and again after GET_VRING_BASE;
+it is enabled by SET_VRING_ENABLE(1), or from SET_FEATURES on without PROTOCOL_FEATURES. A
+started and enabled ring runs its device worker. A started but disabled ring must be processed
+"without causing any side effects" (vhost-user.rst, "Ring states"): net's transmit queues then
+take every frame and complete it unsent ("process and discard any TX packets"); every other
+queue (blk, rng, net receive) is left alone until it is enabled, because completing a disk
+request or filling a buffer is the side effect. `Backend.disabled_worker` says which.
+
+While every ring is stopped the device is suspended (vhost-user.rst, "Suspended device state"):
+from the start of a session until a ring starts, and again once the last one stopped. No
+back-end request goes out then: `BackendEngine.backend_request` waits for a ring to start (the
+session ending fails it), and `notify_config_change` (a SIGHUP resize) returns False and notes
+the change, announced once when a ring starts.
+
+## SET_STATUS(0)
+
+Writing 0 to the status resets the device (virtio 1.2, 2.1). QEMU sends it when it stops the
+vhost device, and the two QEMU generations we meet disagree on when: QEMU 7.2's
+`vhost_user_dev_start(dev, false)` sends it first, before SET_VRING_ENABLE(0) and the
+GET_VRING_BASEs; QEMU 8.1 moved it after them ("vhost-user: send SET_STATUS 0 after
+GET_VRING_BASE", `vhost_user_reset_status`). So the reset may not lose what a GET_VRING_BASE
+after it must answer. vvu's reset:
+
+- stops every ring, each after its in-flight requests completed (as GET_VRING_BASE does), so
+  the inflight region holds nothing in flight and each ring's stop position is kept: a
+  GET_VRING_BASE after the reset answers it, and SET_VRING_BASE + SET_VRING_KICK start again;
+- resets the device's own state (`Backend.reset`: blk's cache mode and serial, net's queued
+  frames) and clears DEVICE_NEEDS_RESET;
+- keeps what belongs to the connection, which QEMU sends again at the next start anyway: the
+  memory table, the negotiated features, ring sizes, addresses and call/err eventfds, the
+  inflight region, the back-end channel.
+
+A device state saved (SET_DEVICE_STATE_FD) after SET_STATUS(0) is the reset device's.
+
 ## Postcopy
 
 POSTCOPY_ADVISE, POSTCOPY_LISTEN and POSTCOPY_END are refused and PAGEFAULT is never offered.

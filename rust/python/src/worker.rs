@@ -12,7 +12,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use vvu_core::iotlb::perm_from_access;
 use vvu_core::worker::blk::{BlkHandler, BlkOptions, BlkStatsHandle, VIRTIO_BLK_ID_BYTES};
-use vvu_core::worker::{ChainHandler, QueueWorker, WorkerOptions, WorkerStats};
+use vvu_core::worker::{ChainHandler, DiscardHandler, QueueWorker, WorkerOptions, WorkerStats};
 use vvu_core::QueueError;
 
 use crate::errors::to_pyerr;
@@ -136,6 +136,13 @@ impl NativeHandler {
         self.blk_stats
             .as_ref()
             .map(|handle| handle.snapshot().latency_us.to_vec())
+    }
+
+    /// Completes every chain with used length 0 and does nothing else: a started but disabled
+    /// transmit queue ("process and discard any TX packets", vhost-user.rst).
+    #[staticmethod]
+    fn discard() -> Self {
+        Self::from_handler(Box::new(DiscardHandler), "discard")
     }
 
     fn __repr__(&self) -> String {

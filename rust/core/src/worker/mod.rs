@@ -96,6 +96,18 @@ pub trait ChainHandler: Send + 'static {
     }
 }
 
+/// Takes every chain and completes it with used length 0, touching nothing else: a started but
+/// disabled transmit queue, whose packets the back-end "must process and discard"
+/// (vhost-user.rst, "Ring states").
+#[derive(Debug, Default)]
+pub struct DiscardHandler;
+
+impl ChainHandler for DiscardHandler {
+    fn handle(&mut self, _memory: &GuestMemory, _chain: ChainView<'_>) -> u32 {
+        0
+    }
+}
+
 /// The main loop of a device-driven queue, run on the worker thread in place of the batch loop
 /// (see [`ChainHandler::device_loop`]).
 pub trait DeviceLoop {
