@@ -307,11 +307,6 @@ class PythonQueueRunner:
         if err is not None and self._broken is not None:
             err.signal()  # broken before the swap: tell the new listener too
 
-    @property
-    def fault(self) -> str | None:
-        """Why the queue stopped processing on its own (logged when it did)."""
-        return self._broken
-
     async def stop(self) -> DeviceQueue:
         self._stopped = True
         if self._kick is not None:
