@@ -23,9 +23,13 @@ __all__ = [
     "SplitQueue",
     "SplitQueueDriver",
     "memfd",
+    "blk_probe",
+    "io_uring_unavailable",
 ]
 
 def memfd(size: int, name: str = "vvu-guest") -> int: ...
+def blk_probe(fd: int) -> dict[str, int | bool]: ...
+def io_uring_unavailable() -> str | None: ...
 
 @final
 class RegionInfo:
@@ -315,7 +319,11 @@ class NativeHandler:
         writethrough: bool = False,
         discard: bool = True,
         write_zeroes: bool = True,
+        aio: str = "sync",
+        queue_depth: int = 128,
     ) -> NativeHandler: ...
+    @property
+    def stats(self) -> dict[str, int] | None: ...
 
 @final
 class QueueWorker:

@@ -11,7 +11,10 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use vvu_core::iotlb::perm_from_access;
-use vvu_core::worker::blk::{BlkHandler, BlkOptions, VIRTIO_BLK_ID_BYTES};
+use vvu_core::worker::aio::{io_uring_available, AioMode};
+use vvu_core::worker::blk::{
+    probe, BlkHandler, BlkOptions, BlkStatsHandle, VIRTIO_BLK_ID_BYTES,
+};
 use vvu_core::worker::{ChainHandler, QueueWorker, WorkerOptions};
 use vvu_core::QueueError;
 
@@ -31,6 +34,7 @@ fn used_up() -> PyErr {
 pub struct NativeHandler {
     handler: Mutex<Option<Box<dyn ChainHandler>>>,
     kind: &'static str,
+    blk_stats: Option<BlkStatsHandle>,
 }
 
 impl NativeHandler {
@@ -39,6 +43,7 @@ impl NativeHandler {
         Self {
             handler: Mutex::new(Some(handler)),
             kind,
+            blk_stats: None,
         }
     }
 
@@ -55,8 +60,13 @@ impl NativeHandler {
 impl NativeHandler {
     /// virtio-blk over `capacity` 512-byte sectors of the file `fd` (duplicated; the caller
     /// keeps its own). Reads and writes go straight between the file and guest memory.
+    ///
+    /// `aio` is `sync` (blocking calls on the worker thread), `io_uring` or `threads` (up to
+    /// `queue_depth` requests in flight per queue). Direct I/O is used when `fd` was opened with
+    /// O_DIRECT.
     #[staticmethod]
-    #[pyo3(signature = (fd, capacity, *, read_only = false, serial = None, writethrough = false, discard = true, write_zeroes = true))]
+    #[pyo3(signature = (fd, capacity, *, read_only = false, serial = None, writethrough = false, discard = true, write_zeroes = true, aio = "sync", queue_depth = 128))]
+    #[allow(clippy::too_many_arguments)]
     fn blk(
         fd: c_int,
         capacity: u64,
@@ -65,7 +75,12 @@ impl NativeHandler {
         writethrough: bool,
         discard: bool,
         write_zeroes: bool,
+        aio: &str,
+        queue_depth: usize,
     ) -> PyResult<Self> {
+        let aio = AioMode::parse(aio).ok_or_else(|| {
+            PyValueError::new_err(format!("aio must be io_uring, threads or sync, not {aio:?}"))
+        })?;
         let serial = serial.unwrap_or_default();
         if serial.len() > VIRTIO_BLK_ID_BYTES {
             return Err(PyValueError::new_err(format!(
@@ -81,14 +96,48 @@ impl NativeHandler {
             writethrough,
             discard,
             write_zeroes,
+            aio,
+            queue_depth,
             ..BlkOptions::default()
         };
         let file = File::from(dup_fd(fd)?);
         let handler = BlkHandler::new(file, capacity, options).map_err(to_pyerr)?;
+        let stats = handler.stats_handle();
         Ok(Self {
             handler: Mutex::new(Some(Box::new(handler))),
             kind: "blk",
+            blk_stats: Some(stats),
         })
+    }
+
+    /// A blk handler's counters (readable while it runs in a worker), or None for other kinds.
+    #[getter]
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let Some(handle) = self.blk_stats.as_ref() else {
+            return Ok(None);
+        };
+        let s = handle.snapshot();
+        let dict = PyDict::new(py);
+        for (name, value) in [
+            ("requests", s.requests),
+            ("reads", s.reads),
+            ("writes", s.writes),
+            ("flushes", s.flushes),
+            ("get_ids", s.get_ids),
+            ("discards", s.discards),
+            ("write_zeroes", s.write_zeroes),
+            ("bytes_read", s.bytes_read),
+            ("bytes_written", s.bytes_written),
+            ("io_errors", s.io_errors),
+            ("unsupported", s.unsupported),
+            ("malformed", s.malformed),
+            ("bounced", s.bounced),
+            ("unaligned", s.unaligned),
+            ("async_requests", s.async_requests),
+        ] {
+            dict.set_item(name, value)?;
+        }
+        Ok(Some(dict))
     }
 
     fn __repr__(&self) -> String {
@@ -191,6 +240,8 @@ impl PyQueueWorker {
         dict.set_item("wakeups", stats.wakeups)?;
         dict.set_item("call_errors", stats.call_errors)?;
         dict.set_item("iotlb_misses", stats.iotlb_misses)?;
+        dict.set_item("in_flight", stats.in_flight)?;
+        dict.set_item("full", stats.full)?;
         Ok(dict)
     }
 
@@ -253,4 +304,32 @@ impl PyQueueWorker {
             .unwrap_or_else(|e| e.into_inner())
             .is_some()
     }
+}
+
+/// What a blk back-end needs to know about the file or block device `fd`: size (bytes;
+/// BLKGETSIZE64 for a device), block_device, logical_block_size, physical_block_size, min_io,
+/// opt_io (bytes, 0 unknown), direct (opened with O_DIRECT), dio_memory_align,
+/// dio_offset_align.
+#[pyfunction]
+pub fn blk_probe(py: Python<'_>, fd: c_int) -> PyResult<Bound<'_, PyDict>> {
+    // A duplicate: the caller keeps its fd.
+    let file = File::from(dup_fd(fd)?);
+    let g = probe(&file).map_err(to_pyerr)?;
+    let dict = PyDict::new(py);
+    dict.set_item("size", g.size)?;
+    dict.set_item("block_device", g.block_device)?;
+    dict.set_item("logical_block_size", g.logical_block_size)?;
+    dict.set_item("physical_block_size", g.physical_block_size)?;
+    dict.set_item("min_io", g.min_io)?;
+    dict.set_item("opt_io", g.opt_io)?;
+    dict.set_item("direct", g.direct)?;
+    dict.set_item("dio_memory_align", g.dio_memory_align)?;
+    dict.set_item("dio_offset_align", g.dio_offset_align)?;
+    Ok(dict)
+}
+
+/// None if this process can set up an io_uring, else why not (the kernel's error).
+#[pyfunction]
+pub fn io_uring_unavailable() -> Option<String> {
+    io_uring_available().err().map(|e| e.to_string())
 }
