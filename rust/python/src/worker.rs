@@ -12,9 +12,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use vvu_core::iotlb::perm_from_access;
 use vvu_core::worker::aio::{io_uring_available, AioMode};
-use vvu_core::worker::blk::{
-    probe, BlkHandler, BlkOptions, BlkStatsHandle, VIRTIO_BLK_ID_BYTES,
-};
+use vvu_core::worker::blk::{probe, BlkHandler, BlkOptions, BlkStatsHandle, VIRTIO_BLK_ID_BYTES};
 use vvu_core::worker::{ChainHandler, QueueWorker, WorkerOptions};
 use vvu_core::QueueError;
 
@@ -79,7 +77,9 @@ impl NativeHandler {
         queue_depth: usize,
     ) -> PyResult<Self> {
         let aio = AioMode::parse(aio).ok_or_else(|| {
-            PyValueError::new_err(format!("aio must be io_uring, threads or sync, not {aio:?}"))
+            PyValueError::new_err(format!(
+                "aio must be io_uring, threads or sync, not {aio:?}"
+            ))
         })?;
         let serial = serial.unwrap_or_default();
         if serial.len() > VIRTIO_BLK_ID_BYTES {

@@ -1437,7 +1437,8 @@ mod tests {
         let drv = SplitQueueDriver::new(drv_mem, config).unwrap();
         let mut dev = SplitQueue::new(config).unwrap();
         dev.attach(dev_mem).unwrap();
-        let image = file.try_clone().unwrap();
+        // Reopened: its own open file, without O_DIRECT even if `file` has it.
+        let image = File::open(format!("/proc/self/fd/{}", file.as_raw_fd())).unwrap();
         let handler = BlkHandler::new(file, capacity, options).unwrap();
         let stats = handler.stats_handle();
         Rig {
@@ -1479,7 +1480,23 @@ mod tests {
             assert_eq!(self.dev.pop_batch(&mut self.batch, 8).unwrap(), 1);
             let chain = self.batch.get(0).unwrap();
             assert_eq!(chain.head(), head);
-            let len = self.handler.handle(self.dev.memory().unwrap(), chain);
+            let memory = self.dev.memory().unwrap();
+            let len = if self.handler.max_in_flight() > 0 {
+                // The asynchronous path, as the worker drives it.
+                match self.handler.submit(memory, chain) {
+                    Submitted::Done(len) => len,
+                    Submitted::Pending => {
+                        self.handler.flush_batch();
+                        let mut done = Vec::new();
+                        self.handler.reap(&mut done, true);
+                        assert_eq!(done.len(), 1);
+                        assert_eq!(done[0].0, head);
+                        done[0].1
+                    }
+                }
+            } else {
+                self.handler.handle(memory, chain)
+            };
             self.dev.push_used(head, len).unwrap();
             self.dev.publish_used().unwrap();
             // The driver side checks that len does not exceed the writable bytes.
@@ -1961,5 +1978,188 @@ mod tests {
         assert_eq!(capacity_of(&memfd_file(4096 + 100)).unwrap(), 8);
         fn is_send<T: Send>() {}
         is_send::<BlkHandler>();
+    }
+
+    // --- asynchronous engines, direct I/O -------------------------------------------------
+
+    fn aio_modes() -> Vec<AioMode> {
+        let mut modes = vec![AioMode::Threads];
+        if crate::worker::aio::io_uring_available().is_ok() {
+            modes.push(AioMode::IoUring);
+        }
+        modes
+    }
+
+    fn aio_options(aio: AioMode) -> BlkOptions {
+        BlkOptions {
+            aio,
+            queue_depth: 8,
+            ..BlkOptions::default()
+        }
+    }
+
+    #[test]
+    fn async_engines_read_write_flush_and_zero_fill_a_short_file() {
+        for aio in aio_modes() {
+            for writethrough in [false, true] {
+                let options = BlkOptions {
+                    writethrough,
+                    ..aio_options(aio)
+                };
+                // 1000 bytes of a file that claims 8 sectors: reads past its end are zeros.
+                let file = tmp_file(1000);
+                file.write_all_at(&pattern(1000, 9), 0).unwrap();
+                let mut rig = rig_with(file, 8, options);
+                assert_eq!(rig.handler.max_in_flight(), 8);
+                let (status, back) = rig.read_sectors(0, 4096);
+                assert_eq!(status, VIRTIO_BLK_S_OK, "{aio:?}");
+                assert_eq!(&back[..1000], &pattern(1000, 9)[..]);
+                assert!(back[1000..].iter().all(|&b| b == 0));
+                let data = pattern(2048, 4);
+                assert_eq!(rig.write_sectors(2, &data), VIRTIO_BLK_S_OK);
+                assert_eq!(rig.image_bytes(1024, 2048), data);
+                assert_eq!(rig.read_sectors(2, 2048), (VIRTIO_BLK_S_OK, data));
+                assert_eq!(
+                    rig.request(VIRTIO_BLK_T_FLUSH, 0, &[], &[]),
+                    (VIRTIO_BLK_S_OK, 1)
+                );
+                // Past the end: IOERR without I/O.
+                assert_eq!(rig.write_sectors(8, &pattern(512, 1)), VIRTIO_BLK_S_IOERR);
+                let s = rig.stats.snapshot();
+                assert_eq!(s.async_requests, 4, "{aio:?}");
+                assert_eq!((s.flushes, s.io_errors), (1, 1));
+            }
+        }
+    }
+
+    #[test]
+    fn async_engine_completes_many_requests_out_of_order() {
+        for aio in aio_modes() {
+            let mut rig = rig_with(tmp_file(CAPACITY * 512), CAPACITY, aio_options(aio));
+            // 8 writes of one sector each, all submitted before any is reaped.
+            let memory = rig.dev.memory().unwrap().clone();
+            let mut heads = Vec::new();
+            for i in 0..8u64 {
+                let hdr = 0x20000 + 0x100 * i;
+                let data = 0x30000 + 0x200 * i;
+                let status = 0x28000 + i;
+                rig.put(hdr, &header(VIRTIO_BLK_T_OUT, i));
+                rig.put(data, &pattern(512, i as u8));
+                heads.push(
+                    rig.drv
+                        .add_chain(&[(hdr, 16), (data, 512)], &[(status, 1)])
+                        .unwrap(),
+                );
+            }
+            rig.drv.publish().unwrap();
+            rig.batch.clear();
+            assert_eq!(rig.dev.pop_batch(&mut rig.batch, 16).unwrap(), 8);
+            for chain in rig.batch.iter() {
+                assert_eq!(rig.handler.submit(&memory, chain), Submitted::Pending);
+            }
+            // The engine is full: a ninth request would be done on the worker thread.
+            assert!(rig.handler.free.is_empty());
+            rig.handler.flush_batch();
+            let mut done = Vec::new();
+            while done.len() < 8 {
+                rig.handler.reap(&mut done, true);
+            }
+            let mut got: Vec<u16> = done.iter().map(|&(h, _)| h).collect();
+            got.sort_unstable();
+            assert_eq!(got, heads);
+            assert!(done.iter().all(|&(_, len)| len == 1));
+            for i in 0..8u64 {
+                assert_eq!(rig.get(0x28000 + i, 1)[0], VIRTIO_BLK_S_OK);
+                assert_eq!(rig.image_bytes(512 * i, 512), pattern(512, i as u8));
+            }
+            assert_eq!(rig.handler.free.len(), 8);
+        }
+    }
+
+    /// An unlinked file on the temp dir opened with O_DIRECT, or None where the file system
+    /// refuses it.
+    fn direct_file(size: u64) -> Option<File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = std::env::temp_dir().join(format!(
+            "vvu-blk-direct-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path);
+        let _ = std::fs::remove_file(&path);
+        let file = file.ok()?;
+        file.set_len(size).unwrap();
+        Some(file)
+    }
+
+    #[test]
+    fn direct_io_bounces_unaligned_buffers_and_refuses_unaligned_offsets() {
+        let Some(probe_file) = direct_file(4096) else {
+            eprintln!("no O_DIRECT on the temp dir; skipped");
+            return;
+        };
+        let g = probe(&probe_file).unwrap();
+        assert!(g.direct && !g.block_device);
+        assert!(g.dio_offset_align >= 1 && g.dio_memory_align >= 1);
+        let align = u64::from(g.dio_offset_align);
+        for aio in [AioMode::Sync].into_iter().chain(aio_modes()) {
+            let mut rig = rig_with(direct_file(64 * 4096).unwrap(), 64 * 8, aio_options(aio));
+            let data = pattern(4096, 7);
+            // Guest buffer at an odd address: bounced, written, read back (bounced again).
+            let odd = 0x30001;
+            rig.put(HDR, &header(VIRTIO_BLK_T_OUT, 8));
+            rig.put(odd, &data);
+            assert_eq!(rig.chain(&[(HDR, 16), (odd, 4096)], &[(STATUS, 1)]), 1);
+            assert_eq!(rig.get(STATUS, 1)[0], VIRTIO_BLK_S_OK, "{aio:?}");
+            assert_eq!(rig.image_bytes(8 * 512, 4096), data);
+            rig.put(HDR, &header(VIRTIO_BLK_T_IN, 8));
+            rig.put(0x38003, &[0xaa; 4096]);
+            assert_eq!(
+                rig.chain(&[(HDR, 16)], &[(0x38003, 4096), (STATUS, 1)]),
+                4097
+            );
+            assert_eq!(rig.get(0x38003, 4096), data);
+            assert_eq!(rig.stats.snapshot().bounced, 2);
+            // Aligned buffers go straight through.
+            let (status, back) = rig.read_sectors(8, 4096);
+            assert_eq!((status, back), (VIRTIO_BLK_S_OK, data.clone()));
+            assert_eq!(
+                rig.stats.snapshot().bounced,
+                2,
+                "{aio:?}: aligned buffers bounced"
+            );
+            if align > 512 {
+                // An offset the file system cannot do directly: IOERR, counted, nothing moved.
+                assert_eq!(rig.write_sectors(1, &pattern(512, 1)), VIRTIO_BLK_S_IOERR);
+                assert_eq!(rig.stats.snapshot().unaligned, 1);
+            }
+            // Write-zeroes works on an O_DIRECT fd too (fallocate or aligned zeros).
+            assert_eq!(
+                rig.dwz(VIRTIO_BLK_T_WRITE_ZEROES, &[dwz(8, 8, 0)]),
+                (VIRTIO_BLK_S_OK, 1)
+            );
+            assert_eq!(rig.read_sectors(8, 4096).1, vec![0; 4096]);
+        }
+    }
+
+    #[test]
+    fn engine_errors_become_ioerr() {
+        for aio in aio_modes() {
+            // A read-only fd: every write fails in the engine (EBADF), reads still work.
+            let file = tmp_file(CAPACITY * 512);
+            let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+            let ro = File::open(path).unwrap();
+            let mut rig = rig_with(ro, CAPACITY, aio_options(aio));
+            assert_eq!(rig.write_sectors(0, &pattern(512, 1)), VIRTIO_BLK_S_IOERR);
+            assert_eq!(rig.read_sectors(0, 512).0, VIRTIO_BLK_S_OK);
+            let s = rig.stats.snapshot();
+            assert_eq!((s.io_errors, s.bytes_written), (1, 0), "{aio:?}");
+        }
     }
 }
