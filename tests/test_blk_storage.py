@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemons import Daemon
 
+from daemons import Daemon
 from vvu.backends.blk import SIZE_MAX, BlkFeature
 from vvu.frontend import BlkDriver, BlkIOError
 
@@ -108,9 +108,7 @@ def test_loop_device_with_direct_io_through_io_uring(tmp_path: Path) -> None:
                     assert features & (1 << bit), bit
                 config = await blk.frontend.get_config(0, 36)
                 capacity, size_max, _seg_max = struct.unpack_from("<QII", config)
-                blk_size, exp, alignment, min_io, opt_io = struct.unpack_from(
-                    "<IBBHI", config, 20
-                )
+                blk_size, exp, alignment, min_io, opt_io = struct.unpack_from("<IBBHI", config, 20)
                 assert capacity == 32 * MiB // 512
                 assert size_max == SIZE_MAX
                 assert (blk_size, exp, alignment) == (4096, 0, 0)

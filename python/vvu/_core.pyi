@@ -22,9 +22,9 @@ __all__ = [
     "RegionInfo",
     "SplitQueue",
     "SplitQueueDriver",
-    "memfd",
     "blk_probe",
     "io_uring_unavailable",
+    "memfd",
 ]
 
 def memfd(size: int, name: str = "vvu-guest") -> int: ...

@@ -253,6 +253,42 @@ unsafe impl Send for Slot {}
 // SAFETY: the bounce buffer is owned memory, used by one thread at a time.
 unsafe impl Send for Bounce {}
 
+/// When an asynchronous engine does a read or write on the worker thread instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Inline {
+    /// Memory-backed files (tmpfs, memfd, hugetlbfs): there is no device to wait for, and shmem
+    /// has no non-blocking reads (`RWF_NOWAIT`), so io_uring would hand every request to a
+    /// kernel worker thread — twice the latency and CPU of doing it here.
+    Always,
+    /// Buffered I/O on other files: a read is tried with `RWF_NOWAIT` first (served from the
+    /// page cache without sleeping) and goes to the engine only when it would block.
+    TryNowait,
+    /// Direct I/O (every request waits for the device), or `RWF_NOWAIT` turned out unsupported.
+    Never,
+}
+
+/// The [`Inline`] policy for `file`.
+fn inline_policy(file: &File, direct: bool) -> Inline {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+    // SAFETY: an all-zero statfs is a valid value to be overwritten.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes into `st`.
+    let memory_backed = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } == 0
+        && matches!(
+            st.f_type as i64,
+            TMPFS_MAGIC | RAMFS_MAGIC | HUGETLBFS_MAGIC
+        );
+    if memory_backed {
+        Inline::Always
+    } else if direct {
+        Inline::Never
+    } else {
+        Inline::TryNowait
+    }
+}
+
 /// Direct I/O alignment (bytes, powers of two).
 #[derive(Debug, Clone, Copy)]
 struct DioAlign {
@@ -312,6 +348,8 @@ pub struct BlkHandler {
     aio_done: Vec<(u64, i64)>,
     /// Pushed to the engine since the last submit.
     unsubmitted: usize,
+    /// Which requests an asynchronous engine leaves to the worker thread.
+    inline: Inline,
     /// Lazily allocated zeros for the write-zeros fallback.
     zeros: Option<Bounce>,
     zero_mode: ZeroMode,
@@ -359,6 +397,7 @@ impl BlkHandler {
             }
         }
         let geometry = probe(&file)?;
+        let file_for_policy = file.try_clone()?;
         let direct = geometry.direct.then(|| DioAlign {
             memory: geometry.dio_memory_align.max(1),
             offset: geometry.dio_offset_align.max(1),
@@ -391,6 +430,7 @@ impl BlkHandler {
             free,
             aio_done: Vec::new(),
             unsubmitted: 0,
+            inline: inline_policy(&file_for_policy, geometry.direct),
             zeros: None,
             zero_mode: ZeroMode::Fallocate,
         })
@@ -413,6 +453,12 @@ impl BlkHandler {
     /// The backing file.
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// Send every read and write to the engine (tests: whatever file system the temp dir is).
+    #[cfg(test)]
+    fn force_async(&mut self) {
+        self.inline = Inline::Never;
     }
 
     #[cfg(test)]
@@ -881,6 +927,9 @@ impl BlkHandler {
             VIRTIO_BLK_T_FLUSH => None,
             _ => return Ok(false),
         };
+        if self.inline == Inline::Always && direction.is_some() {
+            return Ok(false);
+        }
         let Some(index) = self.free.pop() else {
             // The worker never has more in flight than max_in_flight; be safe anyway.
             return Ok(false);
@@ -908,6 +957,35 @@ impl BlkHandler {
                     let iovecs = Self::io_iovecs(&mut slot);
                     (iovecs.as_ptr(), iovecs.len())
                 };
+                if direction == Direction::Read
+                    && self.inline == Inline::TryNowait
+                    && count <= IOV_MAX
+                {
+                    // SAFETY: the iovecs describe the chain's buffers (alive for this call) or
+                    // the slot's bounce buffer.
+                    let n = unsafe {
+                        libc::preadv2(
+                            fd,
+                            iov,
+                            count as c_int,
+                            slot.offset as libc::off_t,
+                            libc::RWF_NOWAIT,
+                        )
+                    };
+                    if n >= 0 && n as u64 == slot.len {
+                        let len = slot.len;
+                        let done = self.conclude(&mut slot, Ok(len), true);
+                        slot.iovecs.clear();
+                        self.slots[index] = slot;
+                        self.free.push(index);
+                        return Err(done);
+                    }
+                    if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP)
+                    {
+                        self.inline = Inline::Never;
+                    }
+                    // Would block, or short (the engine reads it all again): asynchronously.
+                }
                 if count > IOV_MAX || slot.len == 0 {
                     // Too many iovecs for one call (or nothing to move): blocking, in pieces.
                     let offset = slot.offset;
@@ -939,6 +1017,33 @@ impl BlkHandler {
             }
         };
         self.slots[index] = slot;
+        // The iovec array's address where the slot now lives: a bounce iovec is inside the
+        // slot itself, which just moved.
+        let iov = Self::io_iovecs(&mut self.slots[index]).as_ptr();
+        let op = match op {
+            Op::Readv {
+                fd, count, offset, ..
+            } => Op::Readv {
+                fd,
+                iov,
+                count,
+                offset,
+            },
+            Op::Writev {
+                fd,
+                count,
+                offset,
+                dsync,
+                ..
+            } => Op::Writev {
+                fd,
+                iov,
+                count,
+                offset,
+                dsync,
+            },
+            flush => flush,
+        };
         let aio = self.aio.as_mut().expect("start_async needs an engine");
         // SAFETY: the iovecs live in `self.slots[index]` (a heap vector, or the slot's own
         // bounce iovec; `slots` is never resized) until the completion is reaped, and describe
@@ -1439,7 +1544,8 @@ mod tests {
         dev.attach(dev_mem).unwrap();
         // Reopened: its own open file, without O_DIRECT even if `file` has it.
         let image = File::open(format!("/proc/self/fd/{}", file.as_raw_fd())).unwrap();
-        let handler = BlkHandler::new(file, capacity, options).unwrap();
+        let mut handler = BlkHandler::new(file, capacity, options).unwrap();
+        handler.force_async();
         let stats = handler.stats_handle();
         Rig {
             drv,
@@ -2161,5 +2267,26 @@ mod tests {
             let s = rig.stats.snapshot();
             assert_eq!((s.io_errors, s.bytes_written), (1, 0), "{aio:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod inline_tests {
+    use super::*;
+
+    #[test]
+    fn memory_backed_files_run_inline_others_try_nowait_direct_never() {
+        let memfd = File::from(crate::memory::create_memfd("inline", 4096).unwrap());
+        assert_eq!(inline_policy(&memfd, false), Inline::Always);
+        let regular = File::open("/proc/self/exe").unwrap();
+        // /proc/self/exe lives on the root file system, which is not memory-backed here
+        // (overlay or ext4); a tmpfs root would make this Always, which is right too.
+        assert_ne!(inline_policy(&regular, true), Inline::TryNowait);
+        let options = BlkOptions {
+            aio: AioMode::Threads,
+            ..BlkOptions::default()
+        };
+        let handler = BlkHandler::new(memfd, 8, options).unwrap();
+        assert_eq!(handler.inline, Inline::Always);
     }
 }
