@@ -397,23 +397,17 @@ impl BlkHandler {
             }
         }
         let geometry = probe(&file)?;
-        let file_for_policy = file.try_clone()?;
         let direct = geometry.direct.then(|| DioAlign {
             memory: geometry.dio_memory_align.max(1),
             offset: geometry.dio_offset_align.max(1),
         });
-        let depth = options.queue_depth.clamp(1, 4096);
-        let aio = match options.aio {
-            AioMode::Sync => None,
-            mode => Some(Aio::new(mode, depth)?),
-        };
-        let (slots, free) = if aio.is_some() {
-            (
-                (0..depth).map(|_| Slot::default()).collect(),
-                (0..depth).rev().collect(),
-            )
+        let inline = inline_policy(&file, geometry.direct);
+        // A memory-backed file never waits for a device: no engine at all, the worker thread
+        // does every request (an idle engine would only cost its fds).
+        let (aio, slots, free) = if inline == Inline::Always {
+            (None, Vec::new(), Vec::new())
         } else {
-            (Vec::new(), Vec::new())
+            Self::engine(&options)?
         };
         Ok(Self {
             file,
@@ -430,7 +424,7 @@ impl BlkHandler {
             free,
             aio_done: Vec::new(),
             unsubmitted: 0,
-            inline: inline_policy(&file_for_policy, geometry.direct),
+            inline,
             zeros: None,
             zero_mode: ZeroMode::Fallocate,
         })
@@ -455,9 +449,26 @@ impl BlkHandler {
         &self.file
     }
 
+    /// The engine `options` ask for, with its slots (none for `sync`).
+    #[allow(clippy::type_complexity)]
+    fn engine(options: &BlkOptions) -> io::Result<(Option<Aio>, Vec<Slot>, Vec<usize>)> {
+        let depth = options.queue_depth.clamp(1, 4096);
+        Ok(match options.aio {
+            AioMode::Sync => (None, Vec::new(), Vec::new()),
+            mode => (
+                Some(Aio::new(mode, depth)?),
+                (0..depth).map(|_| Slot::default()).collect(),
+                (0..depth).rev().collect(),
+            ),
+        })
+    }
+
     /// Send every read and write to the engine (tests: whatever file system the temp dir is).
     #[cfg(test)]
     fn force_async(&mut self) {
+        if self.inline == Inline::Always {
+            (self.aio, self.slots, self.free) = Self::engine(&self.options).unwrap();
+        }
         self.inline = Inline::Never;
     }
 
@@ -2288,5 +2299,10 @@ mod inline_tests {
         };
         let handler = BlkHandler::new(memfd, 8, options).unwrap();
         assert_eq!(handler.inline, Inline::Always);
+        assert_eq!(
+            handler.max_in_flight(),
+            0,
+            "no engine for a memory-backed file"
+        );
     }
 }
