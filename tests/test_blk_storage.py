@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from daemons import Daemon
-from vvu.backends.blk import SIZE_MAX, BlkFeature
+from vvu._core import io_uring_unavailable
+from vvu.backends.blk import SIZE_MAX, BlkBackend, BlkFeature
 from vvu.frontend import BlkDriver, BlkIOError
 
 MiB = 1 << 20
@@ -218,3 +219,33 @@ def test_enospc_on_a_full_file_system_is_ioerr(tmp_path: Path) -> None:
             asyncio.run(main())
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_blk_options_pick_the_engine_and_set_the_cache_mode(tmp_path: Path) -> None:
+    """`--aio` defaults to io_uring where the kernel allows it (threads otherwise); `--cache`
+    decides WCE in the config space (writethrough: 0) and survives a device reset; `--cache
+    none` opens the image O_DIRECT and offers a block size direct I/O can do; bad values and
+    `--cache none` without a file are refused."""
+    image = _image(tmp_path / "disk.img", 4 * MiB)
+    default = BlkBackend(str(image))
+    assert default.aio == ("io_uring" if io_uring_unavailable() is None else "threads")
+    assert default.config_space()[32] == 1
+    default.close()
+    through = BlkBackend(str(image), cache="writethrough", aio="sync")
+    assert (through.aio, through.config_space()[32]) == ("sync", 0)
+    through.reset()
+    assert through.config_space()[32] == 0, "a reset keeps the configured cache mode"
+    through.close()
+    try:
+        direct = BlkBackend(str(image), cache="none", aio="threads")
+    except ValueError as err:  # a temp dir on a file system without O_DIRECT
+        pytest.skip(str(err))
+    assert direct.geometry["direct"]
+    (blk_size,) = struct.unpack_from("<I", direct.config_space(), 20)
+    assert blk_size == direct.block_size >= max(512, int(direct.geometry["dio_offset_align"]))
+    direct.close()
+    for bad in ({"cache": "unsafe"}, {"aio": "posix"}, {"queue_depth": 0}, {"poll_us": -1}):
+        with pytest.raises(ValueError):
+            BlkBackend(str(image), **bad)
+    with pytest.raises(ValueError, match="needs --blk-file"):
+        BlkBackend(cache="none")
