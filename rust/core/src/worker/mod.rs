@@ -44,8 +44,9 @@
 //!   it when its used entry is published, whatever the completion order, so a back-end killed
 //!   with requests pending has exactly those resubmitted after a reconnect.
 //!
-//! A handler that panics in `submit` or `reap` faults the worker as `handle` does; requests it
-//! had pending are abandoned (never published).
+//! A handler that panics in `submit` or `reap` faults the worker as `handle` does. On any fault
+//! the worker still waits for the handler to give back what it holds (without publishing it:
+//! the queue may be broken), so no I/O outlives the worker's hold on guest memory.
 //!
 //! # Faults
 //!
@@ -442,6 +443,7 @@ impl Context {
             ))),
         };
         if let Some(fault) = fault {
+            self.abandon_in_flight();
             self.shared.set_fault(fault);
             // Nobody waits for a memory switch of a worker that no longer touches memory.
             self.shared.set_applied(u64::MAX);
@@ -749,6 +751,30 @@ impl Context {
             .in_flight
             .store(self.in_flight as u64, Ordering::Relaxed);
         self.publish(count)
+    }
+
+    /// After a fault: wait until the handler gave back every chain it holds, without
+    /// completing them (the queue may be broken), so that no I/O still targets guest memory
+    /// when the worker lets go of its snapshot. Best effort: a handler that panics again is
+    /// left alone.
+    fn abandon_in_flight(&mut self) {
+        let handler = &mut self.handler;
+        let reaped = &mut self.reaped;
+        let pending = &mut self.pending;
+        let in_flight = &mut self.in_flight;
+        let _ = catch_unwind(AssertUnwindSafe(|| {
+            while *in_flight > 0 {
+                reaped.clear();
+                handler.reap(reaped, true);
+                for &(head, _) in reaped.iter() {
+                    if let Some(slot) = pending.get_mut(usize::from(head)) {
+                        if slot.take().is_some() {
+                            *in_flight -= 1;
+                        }
+                    }
+                }
+            }
+        }));
     }
 
     /// Wait for every in-flight chain and publish it (before a stop or a memory switch).
