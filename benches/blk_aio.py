@@ -58,7 +58,9 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 async def drive(socket: str, depth: int, seconds: float, sectors: int) -> int:
-    blk = await BlkDriver.open(socket, depth=depth, max_request=4096)
+    # 3 descriptors per request: a ring large enough for `depth` of them.
+    queue_size = max(256, 1 << (3 * depth - 1).bit_length())
+    blk = await BlkDriver.open(socket, depth=depth, max_request=4096, queue_size=queue_size)
     rng = random.Random(depth)
     done = 0
     deadline = time.monotonic() + seconds
