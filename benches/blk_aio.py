@@ -28,6 +28,7 @@ from vvu.frontend import BlkDriver
 
 CASES = {
     "vvu io_uring": ["--aio", "io_uring"],
+    "vvu io_uring poll50": ["--aio", "io_uring", "--poll-us", "50"],
     "vvu threads": ["--aio", "threads"],
     "vvu sync": ["--aio", "sync"],
 }
