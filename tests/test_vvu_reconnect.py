@@ -226,19 +226,32 @@ def test_front_end_leaving_mid_handshake_leaves_nothing_stale(rig: Rig) -> None:
         finally:
             await blk.close()
 
-    async def settle() -> tuple[int, int]:
-        # The device and the driver notice the disconnect asynchronously.
-        await asyncio.sleep(0.5)
+    def fds() -> tuple[int, int]:
         return _fds(rig.device.pid), _fds(driver.pid)
+
+    async def settle(sessions: int) -> None:
+        """The device and the driver notice a disconnect asynchronously: wait until both logged
+        the end of `sessions` sessions."""
+        await _until(
+            lambda: (
+                rig.log("device").count("vvu: session ended") >= sessions
+                and rig.log("driver1").count("session released") >= sessions
+            )
+        )
 
     async def scenario() -> tuple[tuple[int, int], tuple[int, int]]:
         await session(1)  # warm up: lazily made fds (vfio-user, MSI-X, DMA) exist from here on
-        before = await settle()
+        await settle(1)
+        before = fds()
         for round_ in range(2):
             for stage in (0, 1, 2):
                 await _abandoned_handshake(path, stage)
             await session(2 + round_)
-        return before, await settle()
+        await settle(9)
+        # Cancelled tasks may close their last fds just after the log line: give them TIMEOUT.
+        with contextlib.suppress(AssertionError):
+            await _until(lambda: fds() == before, TIMEOUT)
+        return before, fds()
 
     before, after = asyncio.run(scenario())
     assert after == before, (before, after, rig.log("device"), rig.log("driver1"))
@@ -286,15 +299,14 @@ def test_qemu_sigkilled_mid_io_then_a_new_qemu_on_the_same_device(rig: Rig) -> N
     rig.start_driver()
     devices = _qemu_blk(rig.frontend_socket)
     busy = """
-echo io-running
 while true; do
     dd if=/dev/urandom of=/dev/vda bs=64k count=64 oflag=direct 2>/dev/null
+    echo io-running
     dd if=/dev/vda of=/dev/null bs=64k count=64 iflag=direct 2>/dev/null
 done
 """
     with start_guest(busy, qemu_args=devices, timeout=GUEST_TIMEOUT) as guest:
-        guest.wait_for("io-running")
-        time.sleep(1.0)  # in the middle of the loop's I/O
+        guest.wait_for("io-running")  # a round of writes is done, reads follow at once
         guest.proc.send_signal(signal.SIGKILL)
         guest.proc.wait(10)
     with start_guest(WRITE_AND_CHECK, qemu_args=devices, timeout=GUEST_TIMEOUT) as guest:
