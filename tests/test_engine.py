@@ -1421,6 +1421,28 @@ async def _two_regions_one_fd(peer: Peer, guest: Guest) -> None:
     await peer.send(F.SET_MEM_TABLE, table, guest.fds, need_reply=True)
 
 
+async def _one_slot_too_many(peer: Peer, guest: Guest) -> None:
+    """ADD_MEM_REG until every slot is used (SET_MEM_TABLE filled one), then one more."""
+    page = 4096
+    for i in range(MAX_MEM_SLOTS):
+        fd = memfd(page, "vvu-slot")
+        try:
+            region = _region(GPA + 512 * MiB + i * page, page)
+            await peer.send(F.ADD_MEM_REG, SingleRegion(region), [fd], need_reply=True)
+        finally:
+            os.close(fd)
+        if i < MAX_MEM_SLOTS - 1:
+            assert await peer.ack(F.ADD_MEM_REG) == 0, f"slot {i + 2} refused"
+
+
+async def _remove_by_gpa_alone(peer: Peer, guest: Guest) -> None:
+    """REM_MEM_REG names the region by gpa, uva and size: the same gpa with another size (or
+    another uva) is not that region, and the ring in it keeps running."""
+    [region] = guest.table.regions
+    other = MemoryRegion(region.guest_phys_addr, region.memory_size // 2, region.userspace_addr, 0)
+    await peer.send(F.REM_MEM_REG, SingleRegion(other), need_reply=True)
+
+
 async def _overlapping_regions(peer: Peer, guest: Guest) -> None:
     table = MemoryTable((*guest.table.regions, _region(GPA + MiB, MiB)))
     await peer.send(F.SET_MEM_TABLE, table, guest.fds * 2, need_reply=True)
@@ -1578,6 +1600,43 @@ BAD_INPUT = [
         "nack",
         "size 100 is not a power of two",
         F.SET_VRING_NUM,
+    ),
+    BadInput(
+        "ring-size-above-the-maximum",
+        lambda p, g: p.send(F.SET_VRING_NUM, VringState(1, 65536), need_reply=True),
+        "nack",
+        "size 65536 is not in 1..",
+        F.SET_VRING_NUM,
+    ),
+    BadInput(
+        "split-ring-base-above-16-bits",
+        lambda p, g: p.send(F.SET_VRING_BASE, VringState(1, 0x10000), need_reply=True),
+        "nack",
+        "does not fit 16 bits",
+        F.SET_VRING_BASE,
+    ),
+    BadInput(
+        "ring-base-while-running",
+        lambda p, g: p.send(F.SET_VRING_BASE, VringState(0, 5), need_reply=True),
+        "nack",
+        "SET_VRING_BASE needs it stopped",
+        F.SET_VRING_BASE,
+    ),
+    BadInput(
+        "one-memory-slot-too-many",
+        _one_slot_too_many,
+        "nack",
+        f"all {MAX_MEM_SLOTS} memory slots are in use",
+        F.ADD_MEM_REG,
+        unix_only="over VVU the device has fewer areas than the engine has slots (its own "
+        "limit, GET_MAX_MEM_SLOTS): test_add_and_remove_memory_regions",
+    ),
+    BadInput(
+        "remove-region-by-gpa-alone",
+        _remove_by_gpa_alone,
+        "nack",
+        "no region at gpa",
+        F.REM_MEM_REG,
     ),
     BadInput(
         "unknown-request-acked",
