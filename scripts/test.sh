@@ -37,3 +37,5 @@ step "pytest"
 pytest
 step "end-to-end benchmarks, run once each as smoke tests (timings: make bench)"
 pytest benches/e2e -q -p no:cacheprovider
+step "soak, short variant (the long one: scripts/soak.sh; docs/reliability.md)"
+scripts/soak.sh --short
