@@ -12,7 +12,7 @@ the mutations, each subset runs once unmutated and must pass (else the check pro
     scripts/mutation-check.py --list       # what it would run
 
 Exit status 0 when every mutation was caught. Rust mutations rebuild vvu-core's tests once per
-mutation ($CARGO_TARGET_DIR, or target/: the dependencies are built once and reused).
+mutation, in a target directory of their own ($CARGO_TARGET_DIR/mutation, or target/mutation).
 """
 
 from __future__ import annotations
@@ -142,9 +142,11 @@ def copy_tree(dest: Path) -> None:
 
 def run(check: tuple[str, ...], where: Path, log: Path) -> int:
     env = dict(os.environ, PYTHONPATH=str(where / "python"))
-    # The crates.io dependencies are reused from the usual target directory; vvu-core, built
-    # from the copy's path, gets artifacts of its own there.
-    env.setdefault("CARGO_TARGET_DIR", str(ROOT / "target"))
+    # A target directory of its own: cargo names a workspace member's artifacts by a hash of
+    # its path relative to the workspace, so the copy's mutant vvu-core would overwrite the
+    # real tree's artifacts in a shared one (and the next ordinary build would test a mutant).
+    target = Path(os.environ.get("CARGO_TARGET_DIR", str(ROOT / "target"))) / "mutation"
+    env["CARGO_TARGET_DIR"] = str(target)
     with log.open("w") as out:
         return subprocess.run(check, cwd=where, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
 
