@@ -7,7 +7,7 @@ subset must FAIL. A mutation that survives (its subset passes) is a hole in the 
 mutation whose text is no longer found means the code moved: update the list below. Before
 the mutations, each subset runs once unmutated and must pass (else the check proves nothing).
 
-    scripts/mutation-check.py              # every mutation (Python and Rust; see docs/reliability.md)
+    scripts/mutation-check.py              # all of them (docs/reliability.md lists them)
     scripts/mutation-check.py --python     # the Python ones only (about a minute)
     scripts/mutation-check.py --list       # what it would run
 
@@ -148,7 +148,9 @@ def run(check: tuple[str, ...], where: Path, log: Path) -> int:
     target = Path(os.environ.get("CARGO_TARGET_DIR", str(ROOT / "target"))) / "mutation"
     env["CARGO_TARGET_DIR"] = str(target)
     with log.open("w") as out:
-        return subprocess.run(check, cwd=where, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+        return subprocess.run(
+            check, cwd=where, env=env, stdout=out, stderr=subprocess.STDOUT
+        ).returncode
 
 
 def main() -> int:
@@ -159,7 +161,8 @@ def main() -> int:
     mutations = [m for m in MUTATIONS if not (args.python and m.rust)]
     if args.list:
         for m in mutations:
-            print(f"{m.path}: {m.name}\n    must fail: {' '.join(m.check[1:] if not m.rust else m.check)}")
+            command = " ".join(m.check[1:] if not m.rust else m.check)
+            print(f"{m.path}: {m.name}\n    must fail: {command}")
         return 0
     start = time.monotonic()
     problems = []
