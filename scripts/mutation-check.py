@@ -9,6 +9,7 @@ the mutations, each subset runs once unmutated and must pass (else the check pro
 
     scripts/mutation-check.py              # all of them (docs/reliability.md lists them)
     scripts/mutation-check.py --python     # the Python ones only (about a minute)
+    scripts/mutation-check.py --rust       # the Rust ones only
     scripts/mutation-check.py --list       # what it would run
 
 Exit status 0 when every mutation was caught. Rust mutations rebuild vvu-core's tests once per
@@ -156,9 +157,12 @@ def run(check: tuple[str, ...], where: Path, log: Path) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--python", action="store_true", help="the Python mutations only")
+    parser.add_argument("--rust", action="store_true", help="the Rust mutations only")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
     args = parser.parse_args()
-    mutations = [m for m in MUTATIONS if not (args.python and m.rust)]
+    mutations = [
+        m for m in MUTATIONS if not (args.python and m.rust) and not (args.rust and not m.rust)
+    ]
     if args.list:
         for m in mutations:
             command = " ".join(m.check[1:] if not m.rust else m.check)
