@@ -13,6 +13,8 @@ import contextlib
 import hashlib
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -258,6 +260,43 @@ def test_front_end_leaving_mid_handshake_leaves_nothing_stale(rig: Rig) -> None:
     assert stop_process(driver) == 0, rig.log("driver1")
     assert stop_process(rig.device) == 0
     assert "device stopped after 9 front-end session(s)" in rig.log("device"), rig.log("device")
+
+
+def test_front_ends_that_hang_up_at_once_do_not_wedge_the_device(rig: Rig) -> None:
+    """Front-ends that connect and hang up before sending anything (a port scanner, a crashed
+    VMM) or after a message the device itself refuses: the device ends each such session
+    without the driver ever seeing it, and clears BACKEND_UP with it. The driver must set it
+    again, or no later front-end is served. (Found by scripts/soak.py --vvu.)"""
+    rig.start_driver()
+    path = str(rig.frontend_socket)
+
+    async def scenario() -> None:
+        blk = await asyncio.wait_for(BlkDriver.open(path, timeout=10), TIMEOUT)
+        await blk.close()
+        for i in range(20):
+            deadline = time.monotonic() + TIMEOUT
+            while True:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                try:
+                    sock.connect(path)
+                    break
+                except BlockingIOError:  # the listen backlog is full: the device is not accepting
+                    sock.close()
+                    assert time.monotonic() < deadline, f"front-end {i}: the device is wedged"
+                    await asyncio.sleep(0.01)
+            with sock:
+                if i % 2:  # a header announcing far more than the device's payload cap
+                    sock.send(struct.pack("<III", 1, 1, 1 << 30))
+        blk = await asyncio.wait_for(BlkDriver.open(path, timeout=10), TIMEOUT)
+        try:
+            block = os.urandom(4096)
+            await blk.write(8, block)
+            assert await blk.read(8, 4096) == block
+        finally:
+            await blk.close()
+
+    asyncio.run(scenario())
 
 
 def _md5(line: str) -> str:
