@@ -93,6 +93,29 @@ class Stats:
     rss_kib: list[tuple[int, int]] = field(default_factory=list)  # (baseline, later) per check
 
 
+def wait_for_path(path: Path, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{proc.args!r} did not create {path}")
+        time.sleep(0.02)
+
+
+def stop(proc: subprocess.Popen[bytes] | None) -> int:
+    """SIGTERM and wait (SIGKILL after TIMEOUT); the exit status."""
+    if proc is None:
+        return 0
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return -9
+    return proc.returncode
+
+
 def proc_counts(pid: int) -> tuple[int, int, int]:
     """(open fds, mappings, VmRSS KiB) of `pid`."""
     fds = len(os.listdir(f"/proc/{pid}/fd"))
@@ -107,38 +130,63 @@ def proc_counts(pid: int) -> tuple[int, int, int]:
 
 
 class Backend:
-    """`vvu serve blk` as a child process, restartable."""
+    """`vvu serve blk` as a child process, restartable. With `vvu`, it is the driver of a
+    `vvu device` (started once, never killed) and front-ends connect to the device."""
 
-    def __init__(self, workdir: Path, image: Path) -> None:
-        self.socket = workdir / "blk.sock"
+    def __init__(self, workdir: Path, image: Path, *, vvu: bool = False) -> None:
+        self.socket = workdir / ("frontend.sock" if vvu else "blk.sock")
         self.image = image
         self.workdir = workdir
         self.instances = 0
         self.log = workdir / "backend-0.log"
         self.sessions = 0  # front-ends that connected to this instance
         self.proc: subprocess.Popen[bytes] | None = None
-        self.baseline: tuple[int, int, int] | None = None
+        self.device: subprocess.Popen[bytes] | None = None
+        self.vfio_user = workdir / "vvu.sock"
+        self.vvu = vvu
+        #: (fds, mappings, VmRSS KiB) per process after the instance's first session.
+        self.baseline: dict[int, tuple[int, int, int]] | None = None
+
+    def pids(self) -> list[int]:
+        procs = [self.proc, self.device]
+        return [p.pid for p in procs if p is not None]
+
+    def start_device(self) -> None:
+        with (self.workdir / "device.log").open("ab") as log:
+            self.device = subprocess.Popen(
+                [sys.executable, "-m", "vvu", "device", "--socket-path", str(self.socket),
+                 "--vfio-user", str(self.vfio_user), "--max-queues", "2"],
+                stdout=log, stderr=log,
+            )  # fmt: skip
+        wait_for_path(self.vfio_user, self.device)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
     def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.socket.unlink()
+        if self.vvu and self.device is None:
+            self.start_device()
+        if not self.vvu:
+            with contextlib.suppress(FileNotFoundError):
+                self.socket.unlink()
         self.instances += 1
         self.log = self.workdir / f"backend-{self.instances}.log"
         self.sessions = 0
         with self.log.open("ab") as log:
+            where = (
+                ["--vvu", str(self.vfio_user)] if self.vvu else ["--socket-path", str(self.socket)]
+            )
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "vvu", "serve", "blk", "--socket-path", str(self.socket),
-                 "--blk-file", str(self.image)],
+                [sys.executable, "-m", "vvu", "serve", "blk", *where, "--blk-file", str(self.image)],
                 stdout=log, stderr=log,
             )  # fmt: skip
-        deadline = time.monotonic() + TIMEOUT
-        while not self.socket.exists():
+        wait_for_path(self.socket, self.proc)
+        # Over VVU the socket is the device's: wait for the driver to say it serves.
+        deadline = time.monotonic() + 60
+        while self.vvu and "serving" not in self.log_text():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the back-end did not start listening")
-            time.sleep(0.02)
+                raise RuntimeError(f"the VVU driver did not come up:\n{self.log_text()}")
+            time.sleep(0.05)
         self.baseline = None
 
     @property
@@ -155,32 +203,28 @@ class Backend:
         self.proc.wait(TIMEOUT)
 
     def stop(self) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            return -9
+        code = stop(self.proc)
+        device, self.device = self.device, None
+        device_code = stop(device)
+        return code or device_code
 
     async def check_leaks(self, stats: Stats, when: str) -> None:
         """Compare with the baseline once the back-end has released its sessions: the fd and
         mapping counts come back down when it has (polled; it announces nothing)."""
         if self.baseline is None:
             return
-        fds0, maps0, rss0 = self.baseline
-        deadline = time.monotonic() + 10
-        while True:
-            fds, maps, rss = proc_counts(self.pid)
-            # Fewer mappings than at the baseline is the allocator giving memory back.
-            if (fds <= fds0 and maps <= maps0) or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.05)
-        if fds > fds0 or maps > maps0:
-            stats.leaks.append(f"{when}: fds {fds0}->{fds}, mappings {maps0}->{maps}")
-        stats.rss_kib.append((rss0, rss))
+        for pid, (fds0, maps0, rss0) in self.baseline.items():
+            deadline = time.monotonic() + 10
+            while True:
+                fds, maps, rss = proc_counts(pid)
+                # Fewer mappings than at the baseline is the allocator giving memory back.
+                if (fds <= fds0 and maps <= maps0) or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+            name = "device" if self.device is not None and pid == self.device.pid else "back-end"
+            if fds > fds0 or maps > maps0:
+                stats.leaks.append(f"{when}, {name}: fds {fds0}->{fds}, maps {maps0}->{maps}")
+            stats.rss_kib.append((rss0, rss))
 
 
 class Soak:
@@ -193,7 +237,7 @@ class Soak:
         image = workdir / "disk.img"
         with image.open("wb") as f:
             f.truncate(args.blocks * BLOCK)
-        self.backend = Backend(workdir, image)
+        self.backend = Backend(workdir, image, vvu=args.vvu)
 
     def count(self, kind: str) -> None:
         self.stats.sessions[kind] = self.stats.sessions.get(kind, 0) + 1
@@ -372,7 +416,7 @@ class Soak:
         if code != 0:
             self.stats.failures.append(f"the back-end exited {code} on SIGTERM")
 
-    async def settled_counts(self) -> tuple[int, int, int]:
+    async def settled_counts(self) -> dict[int, tuple[int, int, int]]:
         """The back-end's counts once its last session is released: its log says so (one
         "session released" line per session), then the counts hold still for 0.2 s."""
         deadline = time.monotonic() + 10
@@ -380,11 +424,12 @@ class Soak:
             if time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.05)
-        last = proc_counts(self.backend.pid)
+        pids = self.backend.pids()
+        last = {pid: proc_counts(pid) for pid in pids}
         for _ in range(50):
             await asyncio.sleep(0.2)
-            now = proc_counts(self.backend.pid)
-            if now[:2] == last[:2]:
+            now = {pid: proc_counts(pid) for pid in pids}
+            if all(now[pid][:2] == last[pid][:2] for pid in pids):
                 return now
             last = now
         return last
@@ -398,11 +443,16 @@ def main() -> int:
     parser.add_argument("--verify-every", type=int, default=50)
     parser.add_argument("--shrink", action="store_true", help="also shrink front-end memory")
     parser.add_argument("--short", action="store_true", help="the CI variant: fewer blocks")
+    parser.add_argument("--vvu", action="store_true", help="through `vvu device` (the driver)")
+    parser.add_argument("--keep", action="store_true", help="keep the logs (a directory)")
     args = parser.parse_args()
     if args.short:
         args.blocks, args.verify_every = 256, 25
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="vvu-soak-") as tmp:
+        if args.keep:
+            tmp = tempfile.mkdtemp(prefix="vvu-soak-")
+            print(f"logs in {tmp}", file=sys.stderr)
         soak = Soak(args, Path(tmp))
         try:
             asyncio.run(soak.run())
@@ -412,6 +462,7 @@ def main() -> int:
     s = soak.stats
     summary = {
         "seed": args.seed,
+        "transport": "vvu" if args.vvu else "unix",
         "seconds": round(time.monotonic() - start, 1),
         "sessions": sum(v for k, v in s.sessions.items() if k != "verify"),
         "by_kind": s.sessions,
