@@ -120,8 +120,13 @@ MUTATIONS = [
     Mutation(
         "descriptors reused across the chains of one pop go uncharged",
         "rust/core/src/queue/split.rs",
-        "ring_budget = ring_budget\n                    .checked_sub(cost.ring)",
-        "ring_budget = ring_budget\n                    .checked_sub(0)",
+        # The second of two identical runs (the one for new heads): anchored on what follows.
+        ".checked_sub(cost.ring)\n                    .ok_or(ChainFault::DescriptorsReused)?;\n"
+        "                Ok((chain, cost))\n            }) {\n                Ok((chain, cost)) => {\n"
+        "                    // Spec order",
+        ".checked_sub(0)\n                    .ok_or(ChainFault::DescriptorsReused)?;\n"
+        "                Ok((chain, cost))\n            }) {\n                Ok((chain, cost)) => {\n"
+        "                    // Spec order",
         nextest("--test", "queue_hostile", "--test", "queue_props"),
     ),
 ]
@@ -159,9 +164,14 @@ def main() -> int:
     parser.add_argument("--python", action="store_true", help="the Python mutations only")
     parser.add_argument("--rust", action="store_true", help="the Rust mutations only")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--only", metavar="TEXT", help="the mutations whose name contains TEXT")
     args = parser.parse_args()
     mutations = [
-        m for m in MUTATIONS if not (args.python and m.rust) and not (args.rust and not m.rust)
+        m
+        for m in MUTATIONS
+        if not (args.python and m.rust)
+        and not (args.rust and not m.rust)
+        and (args.only is None or args.only in m.name)
     ]
     if args.list:
         for m in mutations:
