@@ -141,7 +141,9 @@ def copy_tree(dest: Path) -> None:
         src, dst = ROOT / name.decode(), dest / name.decode()
         if src.is_file():
             dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst)
+            # shutil.copy, not copy2: fresh mtimes, so that cargo rebuilds what an earlier run
+            # left mutated in the mutation target directory (it compares mtimes, not content).
+            shutil.copy(src, dst)
     native = ROOT / "python/vvu/_core.abi3.so"
     shutil.copy2(native, dest / "python/vvu/_core.abi3.so")
 
