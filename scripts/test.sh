@@ -12,10 +12,19 @@ cargo fmt --all -- --check
 step "clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 step "cargo tests (vvu-core: unit, property, differential, hostile)"
+# Tests that need root (a TAP device in a network namespace) are #[ignore]d; run them as root,
+# as CI does. CI must run them: there, not being root is a failure.
+ignored=()
+if [ "$(id -u)" -eq 0 ]; then
+    ignored=(--run-ignored all)
+elif [ "${CI:-}" = true ]; then
+    echo "CI must run as root (the TAP test needs CAP_NET_ADMIN)" >&2
+    exit 1
+fi
 if command -v cargo-nextest >/dev/null; then
-    cargo nextest run -p vvu-core --no-fail-fast
+    cargo nextest run -p vvu-core --no-fail-fast "${ignored[@]}"
 else
-    cargo test -p vvu-core
+    cargo test -p vvu-core -- ${ignored:+--include-ignored}
 fi
 step "ruff"
 ruff check python tests benches
@@ -28,5 +37,7 @@ step "pytest"
 pytest
 step "end-to-end benchmarks, run once each as smoke tests (timings: make bench)"
 pytest benches/e2e -q -p no:cacheprovider
+step "soak, short variant (the long one: scripts/soak.sh; docs/reliability.md)"
+scripts/soak.sh --short
 step "dist: the manylinux wheel (zig), auditwheel, smoke tests on the installed wheel, the sdist"
 ./scripts/dist.sh

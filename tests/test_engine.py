@@ -34,7 +34,13 @@ from vvu.aio import wait_eventfd
 from vvu.backends import BlkBackend, RngBackend
 from vvu.backends.base import ConfigError
 from vvu.backends.blk import BlkFeature
-from vvu.device.vvu import FEATURES_FILTERED, MAX_AREAS, PROTOCOL_FEATURES_ALLOWED
+from vvu.device.vvu import (
+    BACKEND_UP,
+    FEATURES_FILTERED,
+    MAX_AREAS,
+    PROTOCOL_FEATURES_ALLOWED,
+    VvuDevice,
+)
 from vvu.engine import MAX_MEM_SLOTS, REFUSED, BackendEngine, RequestFailed
 from vvu.frontend import BlkDriver, Frontend, FrontendError, FrontendQueue, RngDriver
 from vvu.frontend.blk import T_IN, T_OUT, BlkIOError
@@ -118,9 +124,7 @@ def open_fds() -> dict[int, str]:
     return fds
 
 
-def assert_no_fd_leak(before: dict[int, str] | None) -> None:
-    if before is None:  # not checked (over VVU, see Connector.open_fds)
-        return
+def assert_no_fd_leak(before: dict[int, str]) -> None:
     after = open_fds()
     assert len(after) == len(before), {fd: t for fd, t in after.items() if before.get(fd) != t}
 
@@ -490,6 +494,7 @@ class Connector:
         self._tmp_path = tmp_path
         self._stack = stack
         self._served: dict[int, tuple[str, asyncio.Queue[asyncio.Task[None]]]] = {}
+        self._devices: list[VvuDevice] = []
 
     @property
     def vvu(self) -> bool:
@@ -502,7 +507,7 @@ class Connector:
             where = self._tmp_path / f"engine-{len(self._served)}"
             where.mkdir()
             path = await self._stack.enter_async_context(
-                served(engine, self.transport, where, sessions=sessions)
+                served(engine, self.transport, where, self._devices, sessions=sessions)
             )
             self._served[id(engine)] = (path, sessions)
         return self._served[id(engine)]
@@ -520,11 +525,33 @@ class Connector:
         channel, task = await self.channel(engine)
         return Peer(engine, channel, task, offered=self.offered(engine))
 
-    def open_fds(self) -> dict[int, str] | None:
-        """An fd snapshot to compare with after the session, or None (no check) over VVU: there
-        the in-process device and driver hold per-session fds of their own (BAR areas,
-        ioeventfds, relays) that are released on the device's schedule, not the session's."""
-        return None if self.vvu else open_fds()
+    async def open_fds(self, engine: BackendEngine) -> dict[int, str]:
+        """An fd snapshot to compare with after the session (`assert_no_fd_leak`). Over VVU the
+        in-process device and driver are started first: their own fds (sockets, the vfio-user
+        connection) live as long as the test, not the session."""
+        if self.vvu:
+            await self.path(engine)
+            device = self._devices[-1]
+            # The driver's set-up (DMA window, interrupt eventfds, rx buffers) ends with it
+            # setting BACKEND_UP; the device signals no event for it.
+            deadline = asyncio.get_running_loop().time() + TIMEOUT
+            while not device.vvu_status & BACKEND_UP:
+                assert asyncio.get_running_loop().time() < deadline, "the VVU driver never came up"
+                await asyncio.sleep(0.01)
+        return open_fds()
+
+    async def assert_no_fd_leak(self, before: dict[int, str]) -> None:
+        """Every fd the session had is closed. Over AF_UNIX at once; over VVU the in-process
+        device and driver release their per-session fds (BAR areas, ioeventfds, relays) when
+        they have handled the disconnect, not when the session task ends: wait until they have
+        (TIMEOUT), then check."""
+        if self.vvu:
+            deadline = asyncio.get_running_loop().time() + TIMEOUT
+            while len(open_fds()) != len(before):
+                if asyncio.get_running_loop().time() > deadline:
+                    break
+                await asyncio.sleep(0.01)  # polled: the device signals no "released" event
+        assert_no_fd_leak(before)
 
     @property
     def per_region(self) -> int:
@@ -569,7 +596,7 @@ async def connect(transport: str, tmp_path: Path) -> AsyncIterator[Connector]:
 async def test_qemu_order(engine: BackendEngine, reply_ack: bool, connect: Connector) -> None:
     """CALL and ERR before SET_FEATURES, GET_FEATURES barriers anywhere, MEM_TABLE, NUM BASE ADDR
     KICK, the real CALL, ENABLE (acked, or synced with GET_FEATURES), STATUS, stop."""
-    before = connect.open_fds()
+    before = await connect.open_fds(engine)
     guest = Guest()
     ring = Ring(guest, event_idx=True)
     masked = EventFd()
@@ -617,14 +644,14 @@ async def test_qemu_order(engine: BackendEngine, reply_ack: bool, connect: Conne
     masked.close()
     ours.close()
     guest.close()
-    assert_no_fd_leak(before)
+    await connect.assert_no_fd_leak(before)
 
 
 @pytest.mark.asyncio
 async def test_cloud_hypervisor_order(engine2: BackendEngine, connect: Connector) -> None:
     """NEED_REPLY on every message once REPLY_ACK is negotiated; NUM for all rings first;
     SET_BACKEND_REQ_FD last, after the rings are enabled."""
-    before = connect.open_fds()
+    before = await connect.open_fds(engine2)
     guest = Guest()
     rings = [Ring(guest, 0), Ring(guest, 1)]
     ours, theirs = socket.socketpair()
@@ -666,14 +693,14 @@ async def test_cloud_hypervisor_order(engine2: BackendEngine, connect: Connector
         ring.close()
     ours.close()
     guest.close()
-    assert_no_fd_leak(before)
+    await connect.assert_no_fd_leak(before)
 
 
 @pytest.mark.asyncio
 async def test_crosvm_order(engine: BackendEngine, connect: Connector) -> None:
     """REPLY_ACK negotiated but NEED_REPLY never set (so no ack ever comes); stop with
     ENABLE(0), then GET_VRING_BASE."""
-    before = connect.open_fds()
+    before = await connect.open_fds(engine)
     guest = Guest()
     ring = Ring(guest)
     ours, theirs = socket.socketpair()
@@ -706,7 +733,7 @@ async def test_crosvm_order(engine: BackendEngine, connect: Connector) -> None:
     ring.close()
     ours.close()
     guest.close()
-    assert_no_fd_leak(before)
+    await connect.assert_no_fd_leak(before)
 
 
 @pytest.mark.asyncio
@@ -714,7 +741,7 @@ async def test_dpdk_order(engine: BackendEngine, connect: Connector) -> None:
     """Only MQ, REPLY_ACK and STATUS; every CALL before SET_FEATURES; SET_MEM_TABLE with
     NEED_REPLY; NUM BASE ADDR KICK; ENABLE; status through SET/GET_STATUS; stop ENABLE(0),
     GET_VRING_BASE."""
-    before = connect.open_fds()
+    before = await connect.open_fds(engine)
     guest = Guest()
     ring = Ring(guest, event_idx=True)
     peer = await connect.peer(engine)
@@ -742,7 +769,7 @@ async def test_dpdk_order(engine: BackendEngine, connect: Connector) -> None:
     await peer.close()
     ring.close()
     guest.close()
-    assert_no_fd_leak(before)
+    await connect.assert_no_fd_leak(before)
 
 
 # --- REPLY_ACK (§10) ----------------------------------------------------------------------------
@@ -1138,7 +1165,7 @@ async def test_set_mem_table_while_running_reattaches_the_rings(
 async def test_add_and_remove_memory_regions(
     engine: BackendEngine, caplog: pytest.LogCaptureFixture, connect: Connector
 ) -> None:
-    before = connect.open_fds()
+    before = await connect.open_fds(engine)
     guest, peer = Guest(), await connect.peer(engine)
     ring = Ring(guest)
     await negotiate(peer, features=engine.offered_features() & ~VirtioFeature.EVENT_IDX.mask)
@@ -1168,7 +1195,7 @@ async def test_add_and_remove_memory_regions(
     await peer.close()
     ring.close()
     guest.close()
-    assert_no_fd_leak(before)
+    await connect.assert_no_fd_leak(before)
 
 
 @pytest.mark.asyncio
@@ -1460,7 +1487,7 @@ async def test_broken_ring_signals_the_current_err_fd_and_the_session_goes_on(
     set while it ran is signalled, one line is logged, and the other ring keeps working."""
     backend = BlkBackend(size=DISK, num_queues=2) if device == "blk" else RngBackend(num_queues=2)
     engine = BackendEngine(backend)
-    before = connect.open_fds()
+    before = await connect.open_fds(engine)
     guest, peer = Guest(), await connect.peer(engine)
     good, bad = Ring(guest, 0), Ring(guest, 1)
     await negotiate(peer, features=engine.offered_features() & ~VirtioFeature.EVENT_IDX.mask)
@@ -1492,7 +1519,7 @@ async def test_broken_ring_signals_the_current_err_fd_and_the_session_goes_on(
     good.close()
     bad.close()
     guest.close()
-    assert_no_fd_leak(before)
+    await connect.assert_no_fd_leak(before)
     if isinstance(backend, BlkBackend):
         backend.close()
 
@@ -1542,6 +1569,28 @@ def _region(gpa: int, size: int) -> MemoryRegion:
 async def _two_regions_one_fd(peer: Peer, guest: Guest) -> None:
     table = MemoryTable((*guest.table.regions, _region(GPA + 256 * MiB, MiB)))
     await peer.send(F.SET_MEM_TABLE, table, guest.fds, need_reply=True)
+
+
+async def _one_slot_too_many(peer: Peer, guest: Guest) -> None:
+    """ADD_MEM_REG until every slot is used (SET_MEM_TABLE filled one), then one more."""
+    page = 4096
+    for i in range(MAX_MEM_SLOTS):
+        fd = memfd(page, "vvu-slot")
+        try:
+            region = _region(GPA + 512 * MiB + i * page, page)
+            await peer.send(F.ADD_MEM_REG, SingleRegion(region), [fd], need_reply=True)
+        finally:
+            os.close(fd)
+        if i < MAX_MEM_SLOTS - 1:
+            assert await peer.ack(F.ADD_MEM_REG) == 0, f"slot {i + 2} refused"
+
+
+async def _remove_by_gpa_alone(peer: Peer, guest: Guest) -> None:
+    """REM_MEM_REG names the region by gpa, uva and size: the same gpa with another size (or
+    another uva) is not that region, and the ring in it keeps running."""
+    [region] = guest.table.regions
+    other = MemoryRegion(region.guest_phys_addr, region.memory_size // 2, region.userspace_addr, 0)
+    await peer.send(F.REM_MEM_REG, SingleRegion(other), need_reply=True)
 
 
 async def _overlapping_regions(peer: Peer, guest: Guest) -> None:
@@ -1703,6 +1752,43 @@ BAD_INPUT = [
         F.SET_VRING_NUM,
     ),
     BadInput(
+        "ring-size-above-the-maximum",
+        lambda p, g: p.send(F.SET_VRING_NUM, VringState(1, 65536), need_reply=True),
+        "nack",
+        "size 65536 is not in 1..",
+        F.SET_VRING_NUM,
+    ),
+    BadInput(
+        "split-ring-base-above-16-bits",
+        lambda p, g: p.send(F.SET_VRING_BASE, VringState(1, 0x10000), need_reply=True),
+        "nack",
+        "does not fit 16 bits",
+        F.SET_VRING_BASE,
+    ),
+    BadInput(
+        "ring-base-while-running",
+        lambda p, g: p.send(F.SET_VRING_BASE, VringState(0, 5), need_reply=True),
+        "nack",
+        "SET_VRING_BASE needs it stopped",
+        F.SET_VRING_BASE,
+    ),
+    BadInput(
+        "one-memory-slot-too-many",
+        _one_slot_too_many,
+        "nack",
+        f"all {MAX_MEM_SLOTS} memory slots are in use",
+        F.ADD_MEM_REG,
+        unix_only="over VVU the device has fewer areas than the engine has slots (its own "
+        "limit, GET_MAX_MEM_SLOTS): test_add_and_remove_memory_regions",
+    ),
+    BadInput(
+        "remove-region-by-gpa-alone",
+        _remove_by_gpa_alone,
+        "nack",
+        "no region at gpa",
+        F.REM_MEM_REG,
+    ),
+    BadInput(
         "unknown-request-acked",
         lambda p, g: p.send(99, b"abc", need_reply=True),
         "nack",
@@ -1755,7 +1841,7 @@ async def test_bad_input(
     logs: tuple[str, ...] = (case.log,) if case.log else ()
     if connect.vvu and case.vvu is not None:
         outcome, logs = case.vvu
-    before = connect.open_fds()
+    before = await connect.open_fds(engine2)
     guest, peer = Guest(), await connect.peer(engine2)
     ring = Ring(guest)
     await blk_session(peer, guest, ring)
@@ -1786,11 +1872,11 @@ async def test_bad_input(
     assert guest.engine_mappings() == 0
     ring.close()
     guest.close()
-    assert_no_fd_leak(before)
+    await connect.assert_no_fd_leak(before)
 
     await fresh_blk_frontend(connect, engine2)
     assert engine2.sessions_served == 2
-    assert_no_fd_leak(before)
+    await connect.assert_no_fd_leak(before)
 
 
 # --- serving front-ends one after another -------------------------------------------------------
@@ -1872,7 +1958,7 @@ async def test_rng_returns_random_bytes_of_the_requested_size(
 ) -> None:
     backend = RngBackend()
     engine = BackendEngine(backend)
-    before = connect.open_fds()
+    before = await connect.open_fds(engine)
     client, task = await connect.channel(engine)
     frontend = Frontend(client, memory_size=MiB, packed=packed)
     try:
@@ -1893,7 +1979,7 @@ async def test_rng_returns_random_bytes_of_the_requested_size(
         await frontend.close()
     await asyncio.wait_for(task, TIMEOUT)
     del rng, frontend  # our guest memory
-    assert_no_fd_leak(before)
+    await connect.assert_no_fd_leak(before)
 
 
 @pytest.mark.asyncio

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -98,21 +100,39 @@ def test_ctrl_c_interrupts_a_native_wait() -> None:
     assert time.monotonic() - started < 10, "the wait must end on Ctrl-C, not at its timeout"
 
 
-def test_wait_releases_the_gil() -> None:
-    efd = EventFd()
+def python_runs_during(wait: Callable[[float], object]) -> int:
+    """How many times a Python thread got to run in the middle of `wait(1.0)`: between 0.2 s and
+    0.8 s after the wait began. A wait that holds the GIL leaves no room there at all (the
+    thread can run only before the wait starts, or after it ends), whatever the machine's load."""
     ticks = 0
+    start = time.monotonic()
 
     def spin() -> None:
         nonlocal ticks
-        deadline = time.monotonic() + 0.2
-        while time.monotonic() < deadline:
-            ticks += 1
+        while (now := time.monotonic()) < start + 0.8:
+            if now > start + 0.2:
+                ticks += 1
 
     thread = threading.Thread(target=spin)
     thread.start()
-    efd.wait(0.3)
+    wait(1.0)
     thread.join()
-    assert ticks > 1000, "a Python thread must run while the native wait blocks"
+    return ticks
+
+
+def test_wait_releases_the_gil() -> None:
+    assert python_runs_during(EventFd().wait) > 0, "a Python thread must run during a native wait"
+
+
+def test_gil_check_catches_a_wait_that_holds_the_gil() -> None:
+    """The check above fails for a native wait that keeps the GIL: libc's usleep called through
+    ctypes.PyDLL (which, unlike CDLL, does not release the GIL around the call)."""
+    usleep = ctypes.PyDLL(None).usleep
+
+    def holding(timeout: float) -> None:
+        usleep(int(timeout * 1e6))
+
+    assert python_runs_during(holding) == 0
 
 
 @pytest.mark.asyncio

@@ -22,8 +22,10 @@ import pytest
 import pytest_asyncio
 
 from vvu._core import EventFd, GuestMemory, memfd
+from vvu.device.vvu import BACKEND_UP, VVU_VIRTIO_ID, VvuDevice
 from vvu.errors import GuestMemoryError, ProtocolError
 from vvu.transport.base import TransportError
+from vvu.transport.unix import UnixListener
 from vvu.vfio_user import (
     ClientOptions,
     ConfigSpace,
@@ -1052,9 +1054,9 @@ def vfio_user_peer() -> Iterator[str]:
     yield executable
 
 
-async def run_peer(executable: str, path: str) -> tuple[int, str, str]:
+async def run_peer(executable: str, *args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        executable, path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        executable, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), 60)
@@ -1089,3 +1091,30 @@ async def test_rust_vfio_user_crate_client_conformance(served: Served, vfio_user
     assert code == 0, err
     await served.idle()
     assert_no_fd_leak(baseline)
+
+
+@pytest.mark.asyncio
+async def test_rust_vfio_user_crate_client_drives_the_vvu_device(
+    tmp_path: Path, vfio_user_peer: str
+) -> None:
+    """The virtio-vhost-user device itself, not only the echo device, through the crate's
+    client: found by its capabilities, VERSION_1 negotiated, its config space read and
+    BACKEND_UP set and cleared, DEVICE_RESET honoured (rust/vfio-user-peer `--vvu`)."""
+    device = VvuDevice(UnixListener(str(tmp_path / "frontend.sock")), max_queues=5)
+    path = str(tmp_path / "vvu.sock")
+    async with running_server(device, path) as server:
+        code, out, err = await run_peer(vfio_user_peer, "--vvu", path)
+        assert code == 0, f"vfio-user-peer --vvu failed:\n{err}"
+        summary = json.loads(out)
+        assert (summary["vendor_id"], summary["device_id"]) == (0x1AF4, 0x1040 + VVU_VIRTIO_ID)
+        assert summary["max_vhost_queues"] == 5
+        assert bytes.fromhex(summary["uuid"]) == device.uuid
+        assert summary["num_queues"] == 2 and all(summary["queue_sizes"])
+        assert summary["msix_vectors"] >= 3 + 5  # config, rxq, txq, one per vhost queue
+        assert summary["backend_up_read_back"] & BACKEND_UP
+        assert device.vvu_status == 0 and device.status == 0  # cleared, then reset
+        for _ in range(500):
+            if not server.connected:
+                break
+            await asyncio.sleep(0.01)
+        assert server.clients_served == 1

@@ -245,7 +245,8 @@ async def test_handshake_and_get_features_round_trip(rigged: Rig) -> None:
     async with driver(rigged) as td:
         # No BACKEND_UP: the front-end waits in the backlog.
         fe = await Frontend.connect(rigged.frontend_path, memory_size=4 << 20)
-        await asyncio.sleep(0.1)
+        # The device's accept loop is parked until BACKEND_UP: nothing can accept it.
+        assert rigged.device._can_accept is not None and not rigged.device._can_accept.is_set()
         assert not rigged.device.frontend_connected
         await td.set_status(BACKEND_UP)
         await until(lambda: rigged.device.frontend_connected, "front-end accepted")
@@ -378,9 +379,9 @@ async def test_direct_kick_is_the_front_ends_eventfd_and_never_relayed(rigged: R
         dev._isr = 0
         kick.signal()
         assert iofds[0].eventfd.wait(5.0)  # the driver reads the front-end's kick itself
+        assert dev.forwarder.tokens() == []  # nobody else watches it ...
         kick.signal()
-        await asyncio.sleep(0.1)
-        assert iofds[0].eventfd.consume()  # nobody else consumed it
+        assert iofds[0].eventfd.consume()  # ... so nobody else consumed it
         assert not dev._isr & 0x4 and dev.forwarder.tokens() == []
         # A REGION_WRITE there does what the ioeventfd does.
         await td.pci.client.region_write(2, KICK_FDS_OFFSET + 4 * 2, struct.pack("<I", 1))
@@ -476,8 +477,8 @@ async def test_no_rx_buffers_front_end_waits_and_disconnect_is_clean(rigged: Rig
         await td.set_status(BACKEND_UP)
         fe = await connect(td, rigged)
         task = asyncio.ensure_future(fe.request_u64(_F.GET_FEATURES))
-        await asyncio.sleep(0.2)
-        assert not task.done() and len(dev._rx_pending) == 1
+        await until(lambda: len(dev._rx_pending) == 1, "the message waits for an rx buffer")
+        assert not task.done()
         # Posting a buffer later delivers it; nothing was dropped.
         await td.post_rx(1)
         assert HDR.unpack_from(await td.recv())[0] == _F.GET_FEATURES
@@ -859,11 +860,19 @@ async def test_no_config_interrupt_for_the_drivers_own_change(rigged: Rig) -> No
     async with driver(rigged) as td:
         await td.set_status(BACKEND_UP)
         fe = await connect(td, rigged)
-        generation, interrupts = dev.config_generation, td.drv.config_interrupts
-        await td.set_status(0)
+        generation = dev.config_generation
+        raised: list[bool] = []
+        raise_config_irq = dev._raise_config_irq
+
+        def spy() -> bool:
+            raised.append(True)
+            return raise_config_irq()
+
+        dev._raise_config_irq = spy  # type: ignore[method-assign]
+        await td.set_status(0)  # handled before the vfio-user reply comes back
         assert await td.status() == 0 and not dev.frontend_connected
-        await asyncio.sleep(0.1)
-        assert td.drv.config_interrupts == interrupts  # (a new generation, no interrupt)
+        dev._raise_config_irq = raise_config_irq  # type: ignore[method-assign]
+        assert raised == []  # (a new generation, no interrupt)
         assert dev.config_generation == (generation + 1) & 0xFF
         assert await fe.channel.recv() is None
         await fe.close()

@@ -474,10 +474,10 @@ async def test_send_waits_when_txq_is_full_and_rejects_fds(tmp_path: Path) -> No
         dev.hold_tx = True
         messages = [Header(1, REPLY_FLAGS, 8).pack() + struct.pack("<Q", i) for i in range(12)]
         sender = asyncio.ensure_future(_send_all(channel, messages))
-        await asyncio.sleep(0.2)
-        assert not sender.done()
         drv = vvu.listener.driver
-        assert drv is not None and drv.tx_in_flight == 8
+        assert drv is not None
+        await until(lambda: drv.tx_in_flight == 8, "the txq fills up")
+        assert not sender.done()
         dev.hold_tx = False
         dev.drain_tx()
         await asyncio.wait_for(sender, TIMEOUT)
@@ -504,7 +504,10 @@ async def test_disconnect_ends_the_session_and_no_stale_message_crosses(vvu: Rig
     assert msg is not None and msg.request == F.GET_FEATURES
     vvu.send(F.GET_QUEUE_NUM)  # never read by the first session
     dev.disconnect()
-    await asyncio.sleep(0.05)
+    drv = vvu.listener.driver
+    assert drv is not None
+    await asyncio.wait_for(drv.config_event.wait(), TIMEOUT)  # the device said FRONTEND_UP went
+    # The message the session never read is dropped with it, not delivered late.
     assert await asyncio.wait_for(channel.recv(), TIMEOUT) is None
     channel.close()
     assert dev.vvu_status == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,26 @@ from pytest_benchmark.fixture import BenchmarkFixture
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
 DISK_MIB = 256
+#: Every 4 KiB block of a bench image starts with its first sector number (8 bytes, LE), so a
+#: read can be checked (`check_read`): a back-end that returns zeros or the wrong block fails.
+STAMP_EVERY = 4096
+
+
+def stamped_image(path: Path, mib: int = DISK_MIB) -> Path:
+    """A sparse image of `mib` MiB whose 4 KiB blocks carry their sector numbers."""
+    with open(path, "wb") as f:
+        f.truncate(mib << 20)
+        for offset in range(0, mib << 20, STAMP_EVERY):
+            os.pwrite(f.fileno(), (offset // 512).to_bytes(8, "little"), offset)
+    return path
+
+
+def check_read(data: bytes, sector: int, length: int) -> None:
+    """`data`, read at `sector`, is `length` bytes of the stamped image at that place."""
+    assert len(data) == length, f"read at sector {sector}: {len(data)} bytes, not {length}"
+    for offset in range(0, length, STAMP_EVERY):
+        stamp = int.from_bytes(data[offset : offset + 8], "little")
+        assert stamp == sector + offset // 512, f"read at sector {sector}: wrong data at +{offset}"
 
 
 def _wait_for_socket(path: Path, proc: subprocess.Popen[bytes]) -> None:
@@ -41,9 +62,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 def vvu_blk_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`vvu serve blk` on an image file in tmp."""
     workdir = tmp_path_factory.mktemp("vvu-blk")
-    image = workdir / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(DISK_MIB << 20)
+    image = stamped_image(workdir / "disk.img")
     path = workdir / "blk.sock"
     proc = subprocess.Popen(
         [sys.executable, "-m", "vvu", "-q", "serve", "blk", "--socket-path", str(path),
@@ -63,9 +82,7 @@ def qsd_blk_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if qsd is None:
         pytest.skip("qemu-storage-daemon is not installed (package qemu-system-common)")
     workdir = tmp_path_factory.mktemp("qsd-blk")
-    image = workdir / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(DISK_MIB << 20)
+    image = stamped_image(workdir / "disk.img")
     path = workdir / "qsd.sock"
     proc = subprocess.Popen(
         [qsd,

@@ -11,7 +11,7 @@ import random
 from collections.abc import Callable
 
 import pytest
-from conftest import DISK_MIB, measure
+from conftest import DISK_MIB, check_read, measure
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from vvu.frontend import BlkDriver
@@ -25,13 +25,19 @@ def _driver(loop: asyncio.AbstractEventLoop, path: str, max_request: int) -> Blk
     return loop.run_until_complete(BlkDriver.open(path, depth=DEPTH, max_request=max_request))
 
 
-async def _run(blk: BlkDriver, offsets: list[int], length: int, depth: int = DEPTH) -> None:
-    """Read `length` bytes at each sector of `offsets`, `depth` requests in flight."""
+async def _run(
+    blk: BlkDriver, offsets: list[int], length: int, depth: int = DEPTH, *, check: bool = True
+) -> None:
+    """Read `length` bytes at each sector of `offsets`, `depth` requests in flight; with `check`,
+    each read must return the stamped image's data there (conftest.stamped_image)."""
     queue = list(offsets)
 
     async def lane() -> None:
         while queue:
-            await blk.read(queue.pop(), length)
+            sector = queue.pop()
+            data = await blk.read(sector, length)
+            if check:
+                check_read(data, sector, length)
 
     await asyncio.gather(*(lane() for _ in range(depth)))
 

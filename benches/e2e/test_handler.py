@@ -41,6 +41,7 @@ def test_rng_python_handler_requests(benchmark: BenchmarkFixture) -> None:
             while done < ROUNDS_OF_REQUESTS:
                 chains = device.pop(BATCH)
                 used = backend.handle(0, chains)
+                assert list(used) == [16] * len(chains), "every request is answered in full"
                 for chain, length in zip(chains, used, strict=True):
                     device.push_used(chain.head, length)
                 device.publish_used()
@@ -51,6 +52,10 @@ def test_rng_python_handler_requests(benchmark: BenchmarkFixture) -> None:
 
         benchmark.extra_info["requests_per_round"] = ROUNDS_OF_REQUESTS
         measure(benchmark, run, rounds=3)
+        # The buffers started as zeros (a new memfd): the handler must have filled each one.
+        data = driver_mem.read(0x10000, 16 * 4 * SIZE)
+        empty = [i for i in range(SIZE) if data[64 * i : 64 * i + 16] == bytes(16)]
+        assert empty == [], f"buffers the rng handler never wrote: {empty[:8]}"
     finally:
         os.close(fd)
 

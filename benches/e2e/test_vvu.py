@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import DISK_MIB, _stop, _wait_for_socket, measure
+from conftest import _stop, _wait_for_socket, measure, stamped_image
 from pytest_benchmark.fixture import BenchmarkFixture
 from test_blk import DEPTH, RANDOM_READS, SEQ_READS, _random_4k, _run, _sequential_64k
 
@@ -68,10 +68,7 @@ def run_seconds(pid: int) -> float:
 
 
 def _image(workdir: Path) -> Path:
-    image = workdir / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(DISK_MIB << 20)
-    return image
+    return stamped_image(workdir / "disk.img")
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import errno
 import os
 import socket
 import time
@@ -146,6 +147,14 @@ async def connect_socket(
         sock.setblocking(False)
         try:
             await loop.sock_connect(sock, path)
+            # A full listen backlog fails an AF_UNIX connect with EAGAIN, which asyncio takes
+            # for a connect in progress and reports as done: not connected (ENOTCONN) then.
+            try:
+                sock.getpeername()
+            except OSError as err:
+                if err.errno != errno.ENOTCONN:
+                    raise
+                raise ConnectionRefusedError(errno.ENOTCONN, "listen backlog full") from err
             return sock
         except (FileNotFoundError, ConnectionRefusedError) as err:
             sock.close()

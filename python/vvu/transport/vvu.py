@@ -725,8 +725,16 @@ class VvuListener(Listener):
                 await drv.resync()
         while True:
             drv.config_event.clear()
-            if await drv.status() & FRONTEND_UP:
+            status = await drv.status()
+            if status & FRONTEND_UP:
                 break
+            if not status & BACKEND_UP:
+                # A front-end came and went before we took it (it hung up at once, or sent
+                # something the device refused): the device ended that session and cleared
+                # BACKEND_UP with it. Drop whatever it left on rxq and set BACKEND_UP again,
+                # or no front-end is ever accepted.
+                await drv.resync()
+                continue
             await drv.config_event.wait()
         self._count += 1
         channel = VvuChannel(drv, peer=f"vvu front-end #{self._count}")

@@ -740,7 +740,7 @@ fn run_random(r: &RandomRing, structured: bool) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: common::cases(2048), ..ProptestConfig::default() })]
 
     #[test]
     fn random_bytes_never_panic_and_segments_stay_mapped(r in random_ring()) {

@@ -1,9 +1,11 @@
-//! Conformance peer: drives a vfio-user server serving `vvu.vfio_user.echo.EchoDevice` with the
-//! client of rust-vmm's `vfio_user` crate (an implementation we did not write), checks what it
-//! sees, prints a JSON summary on stdout and exits 0 when every check passed (1 otherwise, with
-//! the failed check on stderr).
+//! Conformance peer: drives a vfio-user server with the client of rust-vmm's `vfio_user` crate
+//! (an implementation we did not write), checks what it sees, prints a JSON summary on stdout
+//! and exits 0 when every check passed (1 otherwise, with the failed check on stderr).
 //!
-//! Usage: `vfio-user-peer SOCKET_PATH`
+//! Usage: `vfio-user-peer SOCKET_PATH` against `vvu.vfio_user.echo.EchoDevice` (every vfio-user
+//! command the crate has), `vfio-user-peer --vvu SOCKET_PATH` against the virtio-vhost-user
+//! device itself (`vvu.device.vvu.VvuDevice`): its virtio-pci layout found the way a driver
+//! finds it (capability walk), feature negotiation, its config space and BACKEND_UP.
 //!
 //! Work-arounds for `vfio_user` 0.1.7 client bugs (none needs a change in the server):
 //! - `Client::resettable()` is inverted (`flags & RESET != RESET` binds as `flags & (RESET !=
@@ -428,12 +430,163 @@ fn run(path: &Path) -> Result<Value> {
     Ok(summary)
 }
 
+// virtio-pci (virtio 1.x §4.1): vendor capability types, common config registers, status bits.
+const VIRTIO_VENDOR_ID: u16 = 0x1AF4;
+const VVU_DEVICE_ID: u16 = 0x1040 + 63; // modern virtio-pci id of virtio-vhost-user
+const CAP_VENDOR: u8 = 0x09;
+const CFG_COMMON: u8 = 1;
+const CFG_DEVICE: u8 = 4;
+const COMMON_DFSELECT: u64 = 0x00;
+const COMMON_DF: u64 = 0x04;
+const COMMON_GFSELECT: u64 = 0x08;
+const COMMON_GF: u64 = 0x0C;
+const COMMON_NUMQ: u64 = 0x12;
+const COMMON_STATUS: u64 = 0x14;
+const COMMON_Q_SELECT: u64 = 0x16;
+const COMMON_Q_SIZE: u64 = 0x18;
+const STATUS_ACKNOWLEDGE: u8 = 1;
+const STATUS_DRIVER: u8 = 2;
+const STATUS_FEATURES_OK: u8 = 8;
+const VERSION_1: u64 = 1 << 32;
+// The VVU device's config space (docs/vvu-device.md): status, max_vhost_queues, uuid.
+const VVU_BACKEND_UP: u32 = 1;
+
+/// Where a virtio structure lives: (BAR, offset) from its vendor capability.
+fn virtio_cap(cfg: &[u8], cfg_type: u8) -> Option<(u32, u64)> {
+    let mut pos = usize::from(cfg[0x34]);
+    let mut seen = 0;
+    while pos >= 0x40 && pos + 16 <= cfg.len() && seen < 48 {
+        if cfg[pos] == CAP_VENDOR && cfg[pos + 3] == cfg_type {
+            let offset = u32::from_le_bytes(cfg[pos + 8..pos + 12].try_into().expect("4 bytes"));
+            return Some((u32::from(cfg[pos + 4]), u64::from(offset)));
+        }
+        pos = usize::from(cfg[pos + 1]);
+        seen += 1;
+    }
+    None
+}
+
+fn read_u8(peer: &mut Peer, region: u32, offset: u64) -> Result<u8> {
+    Ok(peer.read(region, offset, 1)?[0])
+}
+
+fn read_u16(peer: &mut Peer, region: u32, offset: u64) -> Result<u16> {
+    let data = peer.read(region, offset, 2)?;
+    Ok(u16::from_le_bytes([data[0], data[1]]))
+}
+
+/// The virtio-vhost-user device as a driver meets it, through the crate's client.
+fn run_vvu(path: &Path) -> Result<Value> {
+    let client = Client::new(path).map_err(|e| format!("connect/VERSION/regions: {e}"))?;
+    let mut peer = Peer { client };
+    let cfg = peer.read(CONFIG, 0, 256)?;
+    let u16_at = |o: usize| u16::from_le_bytes([cfg[o], cfg[o + 1]]);
+    let (vendor, device) = (u16_at(0), u16_at(2));
+    check(
+        vendor == VIRTIO_VENDOR_ID && device == VVU_DEVICE_ID,
+        || format!("ids {vendor:#06x}:{device:#06x}"),
+    )?;
+    let (common_bar, common) = virtio_cap(&cfg, CFG_COMMON).ok_or("no COMMON capability")?;
+    let (device_bar, devcfg) = virtio_cap(&cfg, CFG_DEVICE).ok_or("no DEVICE capability")?;
+    let msix = peer
+        .client
+        .get_irq_info(IRQ_MSIX)
+        .map_err(|e| format!("IRQ_INFO MSI-X: {e}"))?;
+
+    // Reset, then negotiate VERSION_1 the way virtio 1.x §3.1.1 says.
+    peer.write(common_bar, common + COMMON_STATUS, &[0])?;
+    check(
+        read_u8(&mut peer, common_bar, common + COMMON_STATUS)? == 0,
+        || "status after reset".into(),
+    )?;
+    let mut offered = 0u64;
+    for select in 0..2u32 {
+        peer.write_u32(common_bar, common + COMMON_DFSELECT, select)?;
+        offered |= u64::from(peer.read_u32(common_bar, common + COMMON_DF)?) << (32 * select);
+    }
+    check(offered & VERSION_1 != 0, || {
+        format!("features {offered:#x}: no VERSION_1")
+    })?;
+    let ack = STATUS_ACKNOWLEDGE | STATUS_DRIVER;
+    peer.write(common_bar, common + COMMON_STATUS, &[ack])?;
+    for select in 0..2u32 {
+        peer.write_u32(common_bar, common + COMMON_GFSELECT, select)?;
+        let half = (VERSION_1 >> (32 * select)) as u32;
+        peer.write_u32(common_bar, common + COMMON_GF, half)?;
+    }
+    peer.write(
+        common_bar,
+        common + COMMON_STATUS,
+        &[ack | STATUS_FEATURES_OK],
+    )?;
+    let status = read_u8(&mut peer, common_bar, common + COMMON_STATUS)?;
+    check(status & STATUS_FEATURES_OK != 0, || {
+        format!("FEATURES_OK not kept: status {status:#x}")
+    })?;
+    let num_queues = read_u16(&mut peer, common_bar, common + COMMON_NUMQ)?;
+    check(num_queues >= 2, || {
+        format!("{num_queues} queues (rxq, txq)")
+    })?;
+    let mut queue_sizes = Vec::new();
+    for q in 0..num_queues {
+        peer.write(common_bar, common + COMMON_Q_SELECT, &q.to_le_bytes())?;
+        queue_sizes.push(read_u16(&mut peer, common_bar, common + COMMON_Q_SIZE)?);
+    }
+
+    // Device config: status, max_vhost_queues, uuid; BACKEND_UP is the driver's to set.
+    let dc = peer.read(device_bar, devcfg, 24)?;
+    let vvu_status = u32::from_le_bytes(dc[0..4].try_into().expect("4 bytes"));
+    let max_queues = u32::from_le_bytes(dc[4..8].try_into().expect("4 bytes"));
+    check(vvu_status == 0, || {
+        format!("VVU status {vvu_status:#x} before BACKEND_UP")
+    })?;
+    peer.write_u32(device_bar, devcfg, VVU_BACKEND_UP)?;
+    let up = peer.read_u32(device_bar, devcfg)?;
+    check(up & VVU_BACKEND_UP != 0, || {
+        format!("VVU status {up:#x} after BACKEND_UP")
+    })?;
+    peer.write_u32(device_bar, devcfg, 0)?;
+    let down = peer.read_u32(device_bar, devcfg)?;
+    check(down == 0, || {
+        format!("VVU status {down:#x} after clearing BACKEND_UP")
+    })?;
+
+    // DEVICE_RESET puts the virtio status back to 0.
+    peer.client.reset().map_err(|e| format!("RESET: {e}"))?;
+    let after_reset = read_u8(&mut peer, common_bar, common + COMMON_STATUS)?;
+    check(after_reset == 0, || {
+        format!("status {after_reset:#x} after reset")
+    })?;
+    peer.client
+        .shutdown()
+        .map_err(|e| format!("shutdown: {e}"))?;
+    Ok(json!({
+        "crate": "vfio_user",
+        "vendor_id": vendor,
+        "device_id": device,
+        "common": [common_bar, common],
+        "device_cfg": [device_bar, devcfg],
+        "msix_vectors": msix.count,
+        "features": offered,
+        "num_queues": num_queues,
+        "queue_sizes": queue_sizes,
+        "max_vhost_queues": max_queues,
+        "uuid": dc[8..24].iter().map(|b| format!("{b:02x}")).collect::<String>(),
+        "backend_up_read_back": up,
+    }))
+}
+
 fn main() -> ExitCode {
-    let Some(path) = std::env::args().nth(1) else {
-        eprintln!("usage: vfio-user-peer SOCKET_PATH");
-        return ExitCode::from(2);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.as_slice() {
+        [path] => run(Path::new(path)),
+        [flag, path] if flag == "--vvu" => run_vvu(Path::new(path)),
+        _ => {
+            eprintln!("usage: vfio-user-peer [--vvu] SOCKET_PATH");
+            return ExitCode::from(2);
+        }
     };
-    match run(Path::new(&path)) {
+    match result {
         Ok(summary) => {
             println!("{summary}");
             ExitCode::SUCCESS

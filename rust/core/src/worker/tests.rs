@@ -359,7 +359,11 @@ fn stop_drains_popped_chains_and_a_new_worker_continues() {
         options,
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(15));
+    // Stop once the worker is busy with the backlog: a batch or more completed.
+    eventually("a first batch completed", || {
+        let memory = driver.drv.memory();
+        memory.load_u16(USED + 2, Ordering::Acquire).unwrap() >= 4
+    });
     let stopped = worker.stop().unwrap();
     let q = stopped.queue;
     let n = q.next_avail();
@@ -746,8 +750,11 @@ fn stop_is_prompt_while_sleeping_and_while_busy_polling() {
             busy_poll,
             ..WorkerOptions::default()
         };
-        let rig = spawn_rig(8, false, doubler(), options);
-        std::thread::sleep(Duration::from_millis(20));
+        let mut rig = spawn_rig(8, false, doubler(), options);
+        // One request served: the worker is in its loop, back to sleeping or polling.
+        let x = rig.driver.submit();
+        rig.driver.wait_completion(&rig.call);
+        assert_eq!(rig.driver.result(x), 2 * x + 1);
         let start = Instant::now();
         rig.worker.stop().unwrap();
         assert!(start.elapsed() < PATIENCE);

@@ -31,3 +31,13 @@ pub fn bound_resources() {
         }
     });
 }
+
+/// Cases per property/fuzz test: `default` (what CI runs), or `VVU_FUZZ_CASES` when set, for
+/// longer runs on demand (docs/reliability.md, "Fuzzing").
+#[allow(dead_code)] // not every test file that shares this module has property tests
+pub fn cases(default: u32) -> u32 {
+    std::env::var("VVU_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
