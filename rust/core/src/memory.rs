@@ -659,7 +659,7 @@ impl GuestMemory {
             // Cannot fail: the piece was sized from the same range.
             let _ = piece.read_at(0, &mut dst[offset..offset + piece.len()]);
         })?;
-        self.check_poison()
+        self.check_poison_in(gpa, len as u64)
     }
 
     /// Copy `src` into guest memory at `gpa`, across region boundaries. Nothing is written unless
@@ -668,7 +668,30 @@ impl GuestMemory {
         self.for_each_piece(gpa, src.len() as u64, |offset, piece| {
             let _ = piece.write_at(0, &src[offset..offset + piece.len()]);
         })?;
-        self.check_poison()
+        self.check_poison_in(gpa, src.len() as u64)
+    }
+
+    /// Like [`GuestMemory::check_poison`], for the regions that `[gpa, gpa + len)` touches only:
+    /// a poisoned region does not fail accesses to the others (vfio-user DMA windows).
+    #[inline]
+    pub fn check_poison_in(&self, gpa: u64, len: u64) -> Result<()> {
+        if sigbus::faults() == 0 {
+            return Ok(());
+        }
+        self.poison_slow_in(gpa, len)
+    }
+
+    #[cold]
+    fn poison_slow_in(&self, gpa: u64, len: u64) -> Result<()> {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let end = gpa.saturating_add(len.max(1));
+        let hit = self.regions.iter().find(|r| {
+            overlaps(gpa, end, r.guest_phys_addr(), r.spec.gpa_end()) && r.is_poisoned()
+        });
+        match hit {
+            Some(region) => Err(MemoryError::Poisoned(region.spec.to_string())),
+            None => Ok(()),
+        }
     }
 
     /// `Err(Poisoned)` if a SIGBUS hit any region of this snapshot (see [`crate::sigbus`]). One
@@ -716,40 +739,40 @@ impl GuestMemory {
         let ptr = self.atomic_ptr(gpa, 2)?;
         // SAFETY: in bounds of a live mapping and 2-byte aligned (checked above).
         let value = u16::from_le(unsafe { AtomicU16::from_ptr(ptr.cast()) }.load(order));
-        self.check_poison()?;
+        self.check_poison_in(gpa, 2)?;
         Ok(value)
     }
     pub fn load_u32(&self, gpa: u64, order: Ordering) -> Result<u32> {
         let ptr = self.atomic_ptr(gpa, 4)?;
         // SAFETY: in bounds and 4-byte aligned.
         let value = u32::from_le(unsafe { AtomicU32::from_ptr(ptr.cast()) }.load(order));
-        self.check_poison()?;
+        self.check_poison_in(gpa, 4)?;
         Ok(value)
     }
     pub fn load_u64(&self, gpa: u64, order: Ordering) -> Result<u64> {
         let ptr = self.atomic_ptr(gpa, 8)?;
         // SAFETY: in bounds and 8-byte aligned.
         let value = u64::from_le(unsafe { AtomicU64::from_ptr(ptr.cast()) }.load(order));
-        self.check_poison()?;
+        self.check_poison_in(gpa, 8)?;
         Ok(value)
     }
     pub fn store_u16(&self, gpa: u64, value: u16, order: Ordering) -> Result<()> {
         let ptr = self.atomic_ptr(gpa, 2)?;
         // SAFETY: in bounds and 2-byte aligned.
         unsafe { AtomicU16::from_ptr(ptr.cast()) }.store(value.to_le(), order);
-        self.check_poison()
+        self.check_poison_in(gpa, 2)
     }
     pub fn store_u32(&self, gpa: u64, value: u32, order: Ordering) -> Result<()> {
         let ptr = self.atomic_ptr(gpa, 4)?;
         // SAFETY: in bounds and 4-byte aligned.
         unsafe { AtomicU32::from_ptr(ptr.cast()) }.store(value.to_le(), order);
-        self.check_poison()
+        self.check_poison_in(gpa, 4)
     }
     pub fn store_u64(&self, gpa: u64, value: u64, order: Ordering) -> Result<()> {
         let ptr = self.atomic_ptr(gpa, 8)?;
         // SAFETY: in bounds and 8-byte aligned.
         unsafe { AtomicU64::from_ptr(ptr.cast()) }.store(value.to_le(), order);
-        self.check_poison()
+        self.check_poison_in(gpa, 8)
     }
 }
 

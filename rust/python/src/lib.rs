@@ -32,5 +32,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<worker::PyQueueWorker>()?;
     m.add_class::<net::PyNetPort>()?;
     m.add_function(wrap_pyfunction!(memory::memfd, m)?)?;
+    m.add_function(wrap_pyfunction!(memory::memory_fault_fd, m)?)?;
+    m.add_function(wrap_pyfunction!(memory::memory_faults, m)?)?;
     Ok(())
 }
