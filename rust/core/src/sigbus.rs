@@ -90,7 +90,8 @@ impl Slot {
 }
 
 /// Lazily allocated chunks of slots; a chunk, once published, lives until the process exits.
-static TABLE: [AtomicPtr<[Slot; CHUNK]>; CHUNKS] = [const { AtomicPtr::new(std::ptr::null_mut()) }; CHUNKS];
+static TABLE: [AtomicPtr<[Slot; CHUNK]>; CHUNKS] =
+    [const { AtomicPtr::new(std::ptr::null_mut()) }; CHUNKS];
 /// Faults handled inside registered mappings, since the process started.
 static FAULTS: AtomicU64 = AtomicU64::new(0);
 /// The eventfd the handler signals (-1 until [`fault_fd`] is first called).

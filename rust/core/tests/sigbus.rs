@@ -81,9 +81,11 @@ fn guest_memory_read_and_write_of_a_shrunk_file_fail_and_the_rest_works() {
         || {
             let hostile = shrinkable_memfd(4 * PAGE);
             let good = create_memfd("good", PAGE).unwrap();
-            let mem =
-                GuestMemory::new(vec![region(&hostile, 0, 4 * PAGE), region(&good, 0x10_000, PAGE)])
-                    .unwrap();
+            let mem = GuestMemory::new(vec![
+                region(&hostile, 0, 4 * PAGE),
+                region(&good, 0x10_000, PAGE),
+            ])
+            .unwrap();
             mem.write(0x10, b"before").unwrap();
             shrink(&hostile, 0);
             let mut out = [0xaau8; 6];
@@ -175,27 +177,30 @@ fn dirty_log_mark_on_a_shrunk_log_fails() {
 fn a_fault_outside_guest_memory_still_kills_the_process() {
     // The handler must not swallow faults it does not own: an unregistered mapping of a shrunk
     // file still ends the process with SIGBUS (the default action it chains to).
-    let status = in_child("a_fault_outside_guest_memory_still_kills_the_process", || {
-        let guest = shrinkable_memfd(PAGE);
-        let _mem = GuestMemory::new(vec![region(&guest, 0, PAGE)]).unwrap(); // installs it
-        let fd = shrinkable_memfd(PAGE);
-        // SAFETY: a fresh shared mapping of our own fd.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                PAGE as usize,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED);
-        shrink(&fd, 0);
-        // SAFETY: deliberately touching the truncated page: this must raise SIGBUS.
-        let byte = unsafe { std::ptr::read_volatile(ptr.cast::<u8>()) };
-        println!("read {byte} from a truncated page without a signal");
-    });
+    let status = in_child(
+        "a_fault_outside_guest_memory_still_kills_the_process",
+        || {
+            let guest = shrinkable_memfd(PAGE);
+            let _mem = GuestMemory::new(vec![region(&guest, 0, PAGE)]).unwrap(); // installs it
+            let fd = shrinkable_memfd(PAGE);
+            // SAFETY: a fresh shared mapping of our own fd.
+            let ptr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    PAGE as usize,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED,
+                    fd.as_raw_fd(),
+                    0,
+                )
+            };
+            assert_ne!(ptr, libc::MAP_FAILED);
+            shrink(&fd, 0);
+            // SAFETY: deliberately touching the truncated page: this must raise SIGBUS.
+            let byte = unsafe { std::ptr::read_volatile(ptr.cast::<u8>()) };
+            println!("read {byte} from a truncated page without a signal");
+        },
+    );
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(libc::SIGBUS), "{status}");
 }
@@ -212,7 +217,10 @@ fn memfds_we_create_are_sealed_and_peer_memfds_get_a_shrink_seal() {
         );
         assert_ne!(libc::ftruncate(ours.as_raw_fd(), 0), 0);
 
-        let raw = libc::memfd_create(c"peer".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING);
+        let raw = libc::memfd_create(
+            c"peer".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        );
         let peer = OwnedFd::from_raw_fd(raw);
         shrink(&peer, 2 * PAGE);
         let _region = region(&peer, 0, PAGE);
@@ -223,6 +231,9 @@ fn memfds_we_create_are_sealed_and_peer_memfds_get_a_shrink_seal() {
         );
         assert_ne!(libc::ftruncate(peer.as_raw_fd(), PAGE as libc::off_t), 0);
         // Growing stays allowed: it cannot make a mapping fault.
-        assert_eq!(libc::ftruncate(peer.as_raw_fd(), 4 * PAGE as libc::off_t), 0);
+        assert_eq!(
+            libc::ftruncate(peer.as_raw_fd(), 4 * PAGE as libc::off_t),
+            0
+        );
     }
 }

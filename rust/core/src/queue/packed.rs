@@ -652,10 +652,7 @@ impl PackedQueue {
     /// and the next available position is the used one plus the ring slots they occupy. A
     /// fresh region, or one whose content made no sense (reported in
     /// [`PackedRecovery::discarded`]), starts empty at the queue's current positions.
-    pub fn set_inflight(
-        &mut self,
-        inflight: PackedInflight,
-    ) -> Result<PackedRecovery, QueueError> {
+    pub fn set_inflight(&mut self, inflight: PackedInflight) -> Result<PackedRecovery, QueueError> {
         let result = self.set_inflight_unchecked(inflight);
         self.checked(result)
     }
@@ -863,7 +860,11 @@ impl PackedQueue {
         rings
             .and_then(|r| r.memory().check_poison().err())
             .or_else(|| self.inflight.as_ref().and_then(|i| i.check_poison().err()))
-            .or_else(|| self.log.as_ref().and_then(|l| l.queue_log.log.check_poison().err()))
+            .or_else(|| {
+                self.log
+                    .as_ref()
+                    .and_then(|l| l.queue_log.log.check_poison().err())
+            })
     }
 
     /// Number of complete chains the driver has made available that we have not popped yet,
@@ -916,7 +917,11 @@ impl PackedQueue {
     }
 
     #[inline]
-    fn pop_batch_unchecked(&mut self, batch: &mut ChainBatch, max: usize) -> Result<usize, QueueError> {
+    fn pop_batch_unchecked(
+        &mut self,
+        batch: &mut ChainBatch,
+        max: usize,
+    ) -> Result<usize, QueueError> {
         self.miss = None;
         let rings = ready(&self.broken, &self.rings)?;
         let size = self.config.size;

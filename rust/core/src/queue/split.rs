@@ -704,7 +704,11 @@ impl SplitQueue {
     }
 
     #[inline]
-    fn pop_batch_unchecked(&mut self, batch: &mut ChainBatch, max: usize) -> Result<usize, QueueError> {
+    fn pop_batch_unchecked(
+        &mut self,
+        batch: &mut ChainBatch,
+        max: usize,
+    ) -> Result<usize, QueueError> {
         self.miss = None;
         let rings = ready(&self.broken, &self.rings)?;
         if max == 0 {
