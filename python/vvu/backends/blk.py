@@ -12,7 +12,7 @@ import os
 import struct
 from typing import ClassVar
 
-from vvu._core import NativeHandler, memfd
+from vvu._core import NativeHandler
 from vvu.backends.base import Backend, ConfigError
 from vvu.protocol import ProtocolFeature
 
@@ -81,7 +81,14 @@ class BlkBackend(Backend):
             size = os.fstat(self._fd).st_size
             self.description = image
         else:
-            self._fd = memfd(size, "vvu-disk")
+            # Not `memfd()`: that one is sealed against resizing (guest memory must not shrink
+            # under a mapping), and `resize` changes this disk's size. Nobody maps it.
+            self._fd = os.memfd_create("vvu-disk", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(self._fd, size)
+            except BaseException:
+                os.close(self._fd)
+                raise
             self.description = f"in-memory disk of {size // MiB} MiB"
         if size < SECTOR_SIZE:
             os.close(self._fd)

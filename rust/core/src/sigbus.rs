@@ -24,7 +24,8 @@
 //! using it (a per-slot count of handlers inside), so the handler can never map zero pages over an
 //! address range that has meanwhile been unmapped and reused.
 //!
-//! Installation: [`ensure_installed`] runs on every mapping (it is one `sigaction` query when the
+//! Installation: the Python module calls [`init`] at import (handler and eventfd); then
+//! [`ensure_installed`] runs on every mapping (it is one `sigaction` query when the
 //! handler is already in place). If another handler replaced ours since (for instance
 //! `faulthandler.enable()` after the first mapping), ours is put back in front of it and chains
 //! to it. Until that next mapping, a fault in guest memory reaches the other handler first.
@@ -206,10 +207,30 @@ pub fn faults() -> u64 {
     FAULTS.load(Ordering::Acquire)
 }
 
+/// Install the handler and create the fault eventfd now (the Python module does it at import,
+/// so the process-wide eventfd exists before anyone counts its fds).
+pub fn init() -> std::io::Result<()> {
+    ensure_installed().map_err(std::io::Error::other)?;
+    let _guard = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    fault_eventfd().map(|_| ())
+}
+
 /// An eventfd (non-blocking, close-on-exec) whose counter the handler increments on every fault
 /// it handles; the same fd for the whole process (this returns a duplicate each time).
 pub fn fault_fd() -> std::io::Result<OwnedFd> {
     let _guard = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    let fd = fault_eventfd()?;
+    // SAFETY: `fd` is our open eventfd, never closed.
+    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if dup < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fcntl returned a fresh fd that nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(dup) })
+}
+
+/// The process-wide fault eventfd, created on first use (call under `INSTALL`).
+fn fault_eventfd() -> std::io::Result<libc::c_int> {
     let mut fd = FAULT_EVENTFD.load(Ordering::Acquire);
     if fd < 0 {
         // SAFETY: plain syscall, no pointers.
@@ -219,13 +240,7 @@ pub fn fault_fd() -> std::io::Result<OwnedFd> {
         }
         FAULT_EVENTFD.store(fd, Ordering::Release);
     }
-    // SAFETY: `fd` is our open eventfd, never closed.
-    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-    if dup < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fcntl returned a fresh fd that nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(dup) })
+    Ok(fd)
 }
 
 fn our_handler() -> usize {

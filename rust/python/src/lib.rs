@@ -14,6 +14,10 @@ mod worker;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // The SIGBUS handler for guest memory (docs/architecture.md, "Memory a peer cannot pull
+    // away"): installed now, after any faulthandler set up at start-up, and re-checked at
+    // every mapping.
+    vvu_core::sigbus::init().map_err(|e| pyo3::exceptions::PyOSError::new_err(e.to_string()))?;
     m.add_class::<dirty_log::PyDirtyLog>()?;
     m.add_class::<memory::PyGuestMemory>()?;
     m.add_class::<inflight::PyInflightRegion>()?;
