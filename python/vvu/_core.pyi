@@ -23,6 +23,8 @@ __all__ = [
     "SplitQueue",
     "SplitQueueDriver",
     "memfd",
+    "memory_fault_fd",
+    "memory_faults",
 ]
 
 def memfd(size: int, name: str = "vvu-guest") -> int: ...

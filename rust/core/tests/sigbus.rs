@@ -13,7 +13,7 @@ use std::sync::Arc;
 use vvu_core::dirty_log::DirtyLog;
 use vvu_core::inflight::{InflightRegion, RingLayout};
 use vvu_core::memory::{create_memfd, GuestMemory, MemoryRegion, RegionSpec};
-use vvu_core::queue::{ChainBatch, QueueConfig, SplitQueue};
+use vvu_core::queue::{ChainBatch, PackedConfig, PackedQueue, QueueConfig, SplitQueue};
 use vvu_core::{MemoryError, QueueError};
 
 const CHILD: &str = "VVU_SIGBUS_TEST_CHILD";
@@ -129,6 +129,31 @@ fn split_queue_pop_on_a_shrunk_file_breaks_the_queue() {
         mem.store_u16(0x1004, 0, Ordering::Relaxed).unwrap();
         mem.store_u16(0x1002, 1, Ordering::Release).unwrap();
         let mut queue = split_queue(mem);
+        shrink(&fd, 0);
+        let err = queue.pop_batch(&mut ChainBatch::new(), 8).unwrap_err();
+        assert!(
+            matches!(err, QueueError::Memory(MemoryError::Poisoned(_))),
+            "{err}"
+        );
+        assert!(queue.is_broken());
+    });
+}
+
+#[test]
+fn packed_queue_pop_on_a_shrunk_file_breaks_the_queue() {
+    assert_child_ok("packed_queue_pop_on_a_shrunk_file_breaks_the_queue", || {
+        let fd = shrinkable_memfd(16 * PAGE);
+        let mem = GuestMemory::new(vec![region(&fd, 0, 16 * PAGE)]).unwrap();
+        let mut queue = PackedQueue::new(PackedConfig {
+            size: 16,
+            desc_ring: 0,
+            driver_event: 0x1000,
+            device_event: 0x2000,
+            event_idx: true,
+            indirect: true,
+        })
+        .unwrap();
+        queue.attach(mem).unwrap();
         shrink(&fd, 0);
         let err = queue.pop_batch(&mut ChainBatch::new(), 8).unwrap_err();
         assert!(
