@@ -631,18 +631,23 @@ impl SplitQueue {
     /// After touching guest memory: a SIGBUS caught meanwhile in this queue's memory, inflight
     /// region or dirty log ([`crate::sigbus`]) breaks the queue with `Memory(Poisoned)`. While
     /// no fault ever happened in the process this is one relaxed load.
-    #[inline]
+    #[inline(always)]
     fn checked<T>(&mut self, result: Result<T, QueueError>) -> Result<T, QueueError> {
-        if crate::sigbus::faults() == 0 {
-            return result;
+        if crate::sigbus::faults() != 0 {
+            if let Some(err) = self.poison_error() {
+                return Err(err);
+            }
         }
-        match self.poisoned() {
-            Some(err) => Err(self.fail(err.into())),
-            None => result,
-        }
+        result
     }
 
     #[cold]
+    #[inline(never)]
+    fn poison_error(&mut self) -> Option<QueueError> {
+        let err = self.poisoned()?;
+        Some(self.fail(err.into()))
+    }
+
     fn poisoned(&self) -> Option<crate::error::MemoryError> {
         let rings = self.rings.as_ref();
         rings
