@@ -690,6 +690,40 @@ async def test_dma_map_makes_client_memory_readable_by_the_device(
 
 
 @pytest.mark.asyncio
+async def test_a_dma_region_shrunk_by_the_client_fails_that_window_and_the_server_lives(
+    served: Served, client: VfioUserClient
+) -> None:
+    """Issue 11: a client that shrinks a DMA region's file after DMA_MAP used to kill the
+    server (SIGBUS, status 135: here, the test process). Now the device's access to that window
+    fails with GuestMemoryError (the echo device reports DMA_ERROR), other windows still work."""
+    hostile = os.memfd_create("vvu-test-shrunk")  # sealing not allowed: the handler's case
+    fine = memfd(0x4000, "vvu-test-dma-ok")
+    try:
+        os.ftruncate(hostile, 0x4000)
+        await client.dma_map(hostile, 0x10000, 0x4000)
+        await client.dma_map(fine, 0x20000, 0x4000)
+        os.ftruncate(hostile, 0)
+
+        async def dma_to_buffer(addr: int) -> bytes:
+            await client.region_write(0, echo.REG_DMA_ADDR, u64(addr))
+            await client.region_write(0, echo.REG_DMA_LEN, u32(12))
+            await client.region_write(0, echo.REG_DMA_CMD, u32(echo.DMA_TO_BUFFER))
+            return await client.region_read(0, echo.REG_DMA_STATUS, 4)
+
+        assert await dma_to_buffer(0x11000) == u32(echo.DMA_ERROR)
+        assert served.server.dma is not None and served.server.dma.memory.poisoned
+        os.pwrite(fine, b"still served", 0x1000)
+        assert await dma_to_buffer(0x21000) == u32(echo.DMA_DONE)
+        assert await client.region_read(0, echo.BUFFER, 12) == b"still served"
+        await client.dma_unmap(0x10000, 0x4000)
+        await client.dma_unmap(0x20000, 0x4000)
+        assert memfd_mappings("vvu-test-shrunk") == 0
+    finally:
+        os.close(hostile)
+        os.close(fine)
+
+
+@pytest.mark.asyncio
 async def test_dma_unmap_of_a_range_removes_the_windows_inside_it(
     served: Served, client: VfioUserClient
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import os
 import socket
@@ -43,7 +44,7 @@ from vvu.protocol import (
 from vvu.protocol.constants import NEED_REPLY, REPLY, VERSION
 from vvu.transport.unix import UnixListener
 from vvu.vfio_user import ClientOptions, VfioUserListener, VfioUserPciAccess, VfioUserServer
-from vvu.vfio_user.protocol import RegionFlag, SparseMmapCap
+from vvu.vfio_user.protocol import RegionFlag, SparseMmapCap, VfioUserError
 
 N = 4
 TIMEOUT = 10.0
@@ -1020,3 +1021,29 @@ async def test_a_vmm_gone_mid_message_ends_the_session_and_the_next_driver_is_se
         await td2.reply(_F.GET_FEATURES, U64(5).pack())
         assert await asyncio.wait_for(task, TIMEOUT) == 5
     assert rigged.device.sessions == 2
+
+
+@pytest.mark.asyncio
+async def test_frontend_memory_shrunk_under_the_device_fails_the_access_not_the_device(
+    rigged: Rig, tmp_path: Path
+) -> None:
+    """Issue 11: a front-end that shrinks its memory file after SET_MEM_TABLE used to kill the
+    device process (SIGBUS: here, the test process) at the next BAR4 message access. Now that
+    access fails (an error reply) and the device keeps serving."""
+    memory = tmp_path / "guest-ram"
+    async with driver(rigged) as td:
+        await td.set_status(BACKEND_UP)
+        fe = await connect(td, rigged, memory_path=str(memory))
+        try:
+            await fe.set_mem_table()
+            assert HDR.unpack_from(await td.recv())[0] == _F.SET_MEM_TABLE
+            fe.memory.write(0x2000, b"shared")
+            assert await td.pci.bar_read(4, 0x2000, 6) == b"shared"
+            os.truncate(memory, 0)
+            with pytest.raises(VfioUserError) as err:
+                await td.pci.bar_read(4, 0x2000, 6)
+            assert err.value.errno == errno.EIO
+            assert rigged.device.frontend_connected
+            assert await td.status() == BACKEND_UP | FRONTEND_UP
+        finally:
+            await fe.close()

@@ -37,6 +37,7 @@ from vvu.aio import read_to_eof, write_all
 from vvu.backends.base import Backend, ConfigError
 from vvu.backends.request import DeviceQueue, RequestRunner
 from vvu.errors import GuestMemoryError, IotlbMiss, ProtocolError, QueueError, VvuError
+from vvu.memfault import on_memory_fault
 from vvu.protocol import (
     DEVICE_STATE_NOFD,
     EMPTY,
@@ -487,6 +488,7 @@ class Session:
     state_transfer: asyncio.Task[bytes | None] | None = None
     # INFLIGHT_SHMFD: the region the rings track their requests in (GET or SET_INFLIGHT_FD).
     inflight: InflightRegion | None = None
+    fault: str | None = None  # why the session's memory went away (a SIGBUS caught in it)
     # VIRTIO_F_ACCESS_PLATFORM negotiated: ring and buffer addresses are IOVAs translated here.
     iotlb: Iotlb | None = None
     # Back-end channel sends in flight (kept referenced until done).
@@ -833,6 +835,8 @@ class BackendEngine:
         self.session = session
         log.info("%s connected", channel.peer)
         reason = "disconnected"
+        serving = asyncio.current_task()
+        unsubscribe = on_memory_fault(lambda: self._on_memory_fault(session, serving))
         try:
             while True:
                 raw = await channel.recv()
@@ -843,10 +847,16 @@ class BackendEngine:
             reason = f"dropped: {err}"
         except TransportError as err:
             reason = f"transport error: {err}"
+        except asyncio.CancelledError:
+            if session.fault is None or serving is None:
+                raise
+            serving.uncancel()  # our own cancellation (below): drop the session, keep serving
+            reason = f"dropped: {session.fault}"
         except Exception as err:  # a bug or resource exhaustion: drop this session, keep serving
             log.exception("%s: unexpected error", channel.peer)
             reason = f"dropped after an unexpected error: {err}"
         finally:
+            unsubscribe()
             # Shielded: a cancellation (SIGTERM) arriving mid-teardown must not leak the session.
             await asyncio.shield(self._teardown(session))
             self.session = None
@@ -855,6 +865,23 @@ class BackendEngine:
             # A front-end that broke the protocol or the channel is worth a warning.
             level = logging.INFO if reason == "disconnected" else logging.WARNING
             log.log(level, "%s %s; session released", channel.peer, reason)
+
+    @staticmethod
+    def _on_memory_fault(session: Session, serving: asyncio.Task[object] | None) -> None:
+        """A SIGBUS was caught in some guest memory of this process: if it is this session's,
+        drop the session (cancelling the task in `serve`, which logs the reason and tears down)."""
+        if session.fault is not None or serving is None:
+            return
+        mappings = (
+            ("guest memory", session.memory),
+            ("inflight region", session.inflight),
+            ("dirty log", session.dirty_log),
+        )
+        for name, mapping in mappings:
+            if mapping is not None and mapping.poisoned:
+                session.fault = f"the front-end shrank the file of its {name} under our mapping"
+                serving.cancel()
+                return
 
     async def _teardown(self, session: Session) -> None:
         try:

@@ -17,7 +17,7 @@ import os
 import struct
 from typing import ClassVar
 
-from vvu._core import NativeHandler, blk_probe, io_uring_unavailable, memfd
+from vvu._core import NativeHandler, blk_probe, io_uring_unavailable
 from vvu.backends.base import Backend, ConfigError
 from vvu.protocol import ProtocolFeature
 
@@ -160,7 +160,14 @@ class BlkBackend(Backend):
         else:
             if cache == "none":
                 raise ValueError("--cache none needs --blk-file (an in-memory disk has no cache)")
-            self._fd = memfd(size, "vvu-disk")
+            # Not `memfd()`: that one is sealed against resizing (guest memory must not shrink
+            # under a mapping), and `resize` changes this disk's size. Nobody maps it.
+            self._fd = os.memfd_create("vvu-disk", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(self._fd, size)
+            except BaseException:
+                os.close(self._fd)
+                raise
             self.description = f"in-memory disk of {size // MiB} MiB"
         self.geometry = blk_probe(self._fd)
         size = int(self.geometry["size"])

@@ -46,6 +46,11 @@ impl DirtyLog {
         })
     }
 
+    /// `Err(Poisoned)` if a SIGBUS hit the bitmap (the front-end shrank its file).
+    pub fn check_poison(&self) -> Result<(), MemoryError> {
+        self.bitmap.check_poison()
+    }
+
     /// Size of the bitmap in bytes.
     pub fn size(&self) -> u64 {
         self.bitmap.size()
@@ -98,6 +103,8 @@ impl DirtyLog {
             self.byte(page / 8).fetch_or(mask, Ordering::Release);
             page += count;
         }
+        // A front-end that shrank the log's file: the bits went to zero pages (crate::sigbus).
+        self.check_poison()?;
         if last >= pages || gpa.checked_add(len).is_none() {
             self.record_fault();
             return Err(MemoryError::LogOutOfRange {

@@ -29,6 +29,8 @@ pub enum MemoryError {
     },
     #[error("IOTLB: {0}")]
     Iotlb(String),
+    #[error("guest memory {0} faulted (SIGBUS: the front-end shrank or truncated its file); its content is gone")]
+    Poisoned(String),
     #[error("write {addr:#x}+{len:#x} is not fully covered by the dirty log (it covers guest addresses below {covers:#x})")]
     LogOutOfRange { addr: u64, len: u64, covers: u64 },
 }

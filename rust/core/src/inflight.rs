@@ -162,6 +162,11 @@ impl InflightRegion {
         self.mapping.fd()
     }
 
+    /// `Err(Poisoned)` if a SIGBUS hit the region (the front-end shrank its file).
+    pub fn check_poison(&self) -> Result<(), MemoryError> {
+        self.mapping.check_poison()
+    }
+
     fn queue_base(&self, index: u16, ring_size: u16) -> Result<usize, MemoryError> {
         if index >= self.num_queues {
             return Err(invalid(format!(
@@ -265,8 +270,9 @@ impl Fields {
     /// Zero `len` bytes from the queue region's start.
     fn zero(&self, len: usize) {
         let ptr = self.ptr(0, len);
-        // SAFETY: in bounds per `ptr`; plain bytes in a mapping we hold.
-        unsafe { std::ptr::write_bytes(ptr, 0, len) };
+        // SAFETY: in bounds per `ptr`; plain bytes in a mapping we hold, which the front-end
+        // shares (volatile stores).
+        unsafe { crate::memory::zero_guest(ptr, len) };
     }
 }
 
@@ -301,6 +307,11 @@ pub struct SplitInflight {
 }
 
 impl SplitInflight {
+    /// `Err(Poisoned)` if a SIGBUS hit the region behind this view.
+    pub fn check_poison(&self) -> Result<(), MemoryError> {
+        self.fields.region.check_poison()
+    }
+
     #[inline]
     fn desc(head: u16) -> usize {
         SPLIT_HEADER + SPLIT_DESC * usize::from(head)
@@ -534,6 +545,11 @@ pub struct PackedInflight {
 }
 
 impl PackedInflight {
+    /// `Err(Poisoned)` if a SIGBUS hit the region behind this view.
+    pub fn check_poison(&self) -> Result<(), MemoryError> {
+        self.fields.region.check_poison()
+    }
+
     #[inline]
     fn desc(slot: u16) -> usize {
         PACKED_HEADER + PACKED_DESC * usize::from(slot)

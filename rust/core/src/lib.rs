@@ -8,6 +8,7 @@
 //! - [`queue`]: split and packed virtqueues, device side (pop chains, push used) and driver side.
 //! - [`inflight`]: the INFLIGHT_SHMFD region (crash-safe restart).
 //! - [`notify`]: eventfds, an epoll poller and busy-polling.
+//! - [`sigbus`]: the SIGBUS handler that turns a front-end shrinking its memory into an error.
 //! - [`iotlb`]: the device IOTLB (VIRTIO_F_ACCESS_PLATFORM) and its IOVA-keyed memory view.
 //! - [`bench`]: the driver-side load generator of `vvu bench blk`.
 
@@ -19,6 +20,7 @@ pub mod iotlb;
 pub mod memory;
 pub mod notify;
 pub mod queue;
+pub mod sigbus;
 pub mod worker;
 
 pub use error::{Error, MemoryError, QueueError, Result};

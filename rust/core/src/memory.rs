@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::MemoryError;
+use crate::sigbus;
 
 type Result<T> = std::result::Result<T, MemoryError>;
 
@@ -105,6 +106,8 @@ enum Backing {
         map_base: NonNull<u8>,
         map_len: usize,
         fd: OwnedFd,
+        /// The mapping's entry in the SIGBUS registry (dropped before the munmap).
+        registration: Option<crate::sigbus::Registration>,
     },
     /// A window into another region's mapping (an IOTLB entry), which it keeps alive.
     View(Arc<MemoryRegion>),
@@ -161,6 +164,10 @@ impl MemoryRegion {
             return Err(bad("mapping length"));
         }
 
+        // A memfd that allows sealing gets F_SEAL_SHRINK before its size is checked, so the
+        // check holds for as long as we map it (docs/architecture.md, "Memory a peer cannot pull
+        // away"). Other fds rely on the SIGBUS handler (crate::sigbus).
+        seal_shrink(&fd);
         // SAFETY: `stat` is plain data and fstat only writes into it.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: the fd is owned and open; `st` is a valid out-pointer.
@@ -194,6 +201,19 @@ impl MemoryRegion {
             }
             Err(err) => return Err(MemoryError::Map(format!("{spec}: mmap: {err}"))),
         };
+        // The handler replaces the whole mapping, in units of the file's page size.
+        let registration = crate::sigbus::register(
+            map_base.as_ptr() as usize,
+            sigbus::mapping_len(&fd, map_len),
+        );
+        let registration = match registration {
+            Ok(registration) => registration,
+            Err(err) => {
+                // SAFETY: exactly what mmap returned; nothing refers to it yet.
+                unsafe { libc::munmap(map_base.as_ptr().cast(), map_len) };
+                return Err(err);
+            }
+        };
         // SAFETY: `delta + size == map_len`, so the offset stays inside the mapping.
         let host_base = unsafe { NonNull::new_unchecked(map_base.as_ptr().add(delta as usize)) };
         Ok(Self {
@@ -204,6 +224,7 @@ impl MemoryRegion {
                 map_base,
                 map_len,
                 fd,
+                registration: Some(registration),
             },
         })
     }
@@ -289,6 +310,27 @@ impl MemoryRegion {
     pub fn access(&self) -> Access {
         self.access
     }
+    /// Whether a SIGBUS hit the mapping behind this region (the front-end shrank its file): its
+    /// bytes are zero pages now, not the front-end's memory, and every access must fail.
+    #[inline]
+    pub fn is_poisoned(&self) -> bool {
+        match &self.backing {
+            Backing::Mapped { registration, .. } => {
+                registration.as_ref().is_some_and(|r| r.poisoned())
+            }
+            Backing::View(parent) => parent.is_poisoned(),
+        }
+    }
+
+    /// `Err(Poisoned)` if [`MemoryRegion::is_poisoned`]: call after an access.
+    #[inline]
+    pub fn check_poison(&self) -> Result<()> {
+        if sigbus::faults() != 0 && self.is_poisoned() {
+            return Err(MemoryError::Poisoned(self.spec.to_string()));
+        }
+        Ok(())
+    }
+
     /// The mapped region a window belongs to (itself for a mapped region).
     pub fn backing_region(self: &Arc<Self>) -> Arc<MemoryRegion> {
         match &self.backing {
@@ -315,9 +357,14 @@ impl MemoryRegion {
 impl Drop for MemoryRegion {
     fn drop(&mut self) {
         if let Backing::Mapped {
-            map_base, map_len, ..
+            map_base,
+            map_len,
+            ref mut registration,
+            ..
         } = self.backing
         {
+            // Unregister first: the SIGBUS handler must never remap a range after it is unmapped.
+            drop(registration.take());
             // SAFETY: `map_base`/`map_len` are exactly what mmap returned; no reference into the
             // mapping can outlive `self` because every user (windows included) holds an
             // `Arc<MemoryRegion>`.
@@ -358,26 +405,16 @@ impl<'a> GuestSlice<'a> {
     /// Copy `dst.len()` bytes out, starting at `offset`.
     pub fn read_at(&self, offset: usize, dst: &mut [u8]) -> Result<()> {
         self.check(offset, dst.len())?;
-        // SAFETY: range checked against the slice; `dst` is our own buffer and cannot overlap
-        // guest memory. Guest memory may change concurrently (shared with another process); the
-        // copy then reads a mixture, which is what any device sees and never unsound for `u8`.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.ptr.as_ptr().add(offset),
-                dst.as_mut_ptr(),
-                dst.len(),
-            )
-        };
+        // SAFETY: range checked against the slice, which lies in a live mapping.
+        unsafe { copy_from_guest(self.ptr.as_ptr().add(offset), dst) };
         Ok(())
     }
 
     /// Copy `src` in, starting at `offset`.
     pub fn write_at(&self, offset: usize, src: &[u8]) -> Result<()> {
         self.check(offset, src.len())?;
-        // SAFETY: as in `read_at`; `src` cannot overlap guest memory.
-        unsafe {
-            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(offset), src.len())
-        };
+        // SAFETY: as in `read_at`.
+        unsafe { copy_to_guest(src, self.ptr.as_ptr().add(offset)) };
         Ok(())
     }
 
@@ -615,12 +652,16 @@ impl GuestMemory {
     }
 
     /// Copy guest memory at `gpa` into `dst`, across region boundaries.
+    ///
+    /// Fails with `Poisoned` if the front-end pulled the memory away during the copy (a SIGBUS
+    /// caught by [`crate::sigbus`]); `dst` then holds zeros where the memory was.
     pub fn read(&self, gpa: u64, dst: &mut [u8]) -> Result<()> {
         let len = dst.len();
         self.for_each_piece(gpa, len as u64, |offset, piece| {
             // Cannot fail: the piece was sized from the same range.
             let _ = piece.read_at(0, &mut dst[offset..offset + piece.len()]);
-        })
+        })?;
+        self.check_poison_in(gpa, len as u64)
     }
 
     /// Copy `src` into guest memory at `gpa`, across region boundaries. Nothing is written unless
@@ -628,7 +669,59 @@ impl GuestMemory {
     pub fn write(&self, gpa: u64, src: &[u8]) -> Result<()> {
         self.for_each_piece(gpa, src.len() as u64, |offset, piece| {
             let _ = piece.write_at(0, &src[offset..offset + piece.len()]);
-        })
+        })?;
+        self.check_poison_in(gpa, src.len() as u64)
+    }
+
+    /// Like [`GuestMemory::check_poison`], for the regions that `[gpa, gpa + len)` touches only:
+    /// a poisoned region does not fail accesses to the others (vfio-user DMA windows).
+    #[inline]
+    pub fn check_poison_in(&self, gpa: u64, len: u64) -> Result<()> {
+        if sigbus::faults() == 0 {
+            return Ok(());
+        }
+        self.poison_slow_in(gpa, len)
+    }
+
+    #[cold]
+    fn poison_slow_in(&self, gpa: u64, len: u64) -> Result<()> {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let end = gpa.saturating_add(len.max(1));
+        let hit = self
+            .regions
+            .iter()
+            .find(|r| overlaps(gpa, end, r.guest_phys_addr(), r.spec.gpa_end()) && r.is_poisoned());
+        match hit {
+            Some(region) => Err(MemoryError::Poisoned(region.spec.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    /// `Err(Poisoned)` if a SIGBUS hit any region of this snapshot (see [`crate::sigbus`]). One
+    /// relaxed load of a process-wide counter while no fault ever happened; call it after
+    /// accessing guest memory, before trusting what was read.
+    #[inline]
+    pub fn check_poison(&self) -> Result<()> {
+        if sigbus::faults() == 0 {
+            return Ok(());
+        }
+        self.poison_slow()
+    }
+
+    #[cold]
+    fn poison_slow(&self) -> Result<()> {
+        // Order the flag loads after the accesses that came before (the handler ran on this
+        // thread, or on another one that mapped the zero pages we may have read).
+        std::sync::atomic::fence(Ordering::SeqCst);
+        match self.regions.iter().find(|r| r.is_poisoned()) {
+            Some(region) => Err(MemoryError::Poisoned(region.spec.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether a SIGBUS hit any region of this snapshot.
+    pub fn is_poisoned(&self) -> bool {
+        self.check_poison().is_err()
     }
 
     fn atomic_ptr(&self, gpa: u64, size: u64) -> Result<*mut u8> {
@@ -648,41 +741,41 @@ impl GuestMemory {
     pub fn load_u16(&self, gpa: u64, order: Ordering) -> Result<u16> {
         let ptr = self.atomic_ptr(gpa, 2)?;
         // SAFETY: in bounds of a live mapping and 2-byte aligned (checked above).
-        Ok(u16::from_le(
-            unsafe { AtomicU16::from_ptr(ptr.cast()) }.load(order),
-        ))
+        let value = u16::from_le(unsafe { AtomicU16::from_ptr(ptr.cast()) }.load(order));
+        self.check_poison_in(gpa, 2)?;
+        Ok(value)
     }
     pub fn load_u32(&self, gpa: u64, order: Ordering) -> Result<u32> {
         let ptr = self.atomic_ptr(gpa, 4)?;
         // SAFETY: in bounds and 4-byte aligned.
-        Ok(u32::from_le(
-            unsafe { AtomicU32::from_ptr(ptr.cast()) }.load(order),
-        ))
+        let value = u32::from_le(unsafe { AtomicU32::from_ptr(ptr.cast()) }.load(order));
+        self.check_poison_in(gpa, 4)?;
+        Ok(value)
     }
     pub fn load_u64(&self, gpa: u64, order: Ordering) -> Result<u64> {
         let ptr = self.atomic_ptr(gpa, 8)?;
         // SAFETY: in bounds and 8-byte aligned.
-        Ok(u64::from_le(
-            unsafe { AtomicU64::from_ptr(ptr.cast()) }.load(order),
-        ))
+        let value = u64::from_le(unsafe { AtomicU64::from_ptr(ptr.cast()) }.load(order));
+        self.check_poison_in(gpa, 8)?;
+        Ok(value)
     }
     pub fn store_u16(&self, gpa: u64, value: u16, order: Ordering) -> Result<()> {
         let ptr = self.atomic_ptr(gpa, 2)?;
         // SAFETY: in bounds and 2-byte aligned.
         unsafe { AtomicU16::from_ptr(ptr.cast()) }.store(value.to_le(), order);
-        Ok(())
+        self.check_poison_in(gpa, 2)
     }
     pub fn store_u32(&self, gpa: u64, value: u32, order: Ordering) -> Result<()> {
         let ptr = self.atomic_ptr(gpa, 4)?;
         // SAFETY: in bounds and 4-byte aligned.
         unsafe { AtomicU32::from_ptr(ptr.cast()) }.store(value.to_le(), order);
-        Ok(())
+        self.check_poison_in(gpa, 4)
     }
     pub fn store_u64(&self, gpa: u64, value: u64, order: Ordering) -> Result<()> {
         let ptr = self.atomic_ptr(gpa, 8)?;
         // SAFETY: in bounds and 8-byte aligned.
         unsafe { AtomicU64::from_ptr(ptr.cast()) }.store(value.to_le(), order);
-        Ok(())
+        self.check_poison_in(gpa, 8)
     }
 }
 
@@ -759,22 +852,122 @@ impl GuestMemoryMap {
     }
 }
 
-/// Create an anonymous memfd of `size` bytes (for front-ends and tests that own guest memory).
+/// Create an anonymous memfd of `size` bytes (for front-ends and tests that own guest memory, and
+/// the inflight region), sealed with `F_SEAL_SHRINK | F_SEAL_GROW`: whoever we hand it to can
+/// write it but never change its size, so no mapping of it (ours or theirs) can fault.
 pub fn create_memfd(name: &str, size: u64) -> std::io::Result<OwnedFd> {
     use std::os::fd::FromRawFd;
     let cname = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
     // SAFETY: `cname` is a valid NUL-terminated string.
-    let raw = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    let raw =
+        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if raw < 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: memfd_create returned a fresh fd that nobody else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: plain syscall on the fd we own.
-    if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0 {
-        return Err(std::io::Error::last_os_error());
+    // SAFETY: plain syscalls on the fd we own.
+    unsafe {
+        if libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) != 0
+            || libc::fcntl(
+                fd.as_raw_fd(),
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+            ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
     }
     Ok(fd)
+}
+
+/// Add `F_SEAL_SHRINK` to a peer's fd when it allows sealing (a memfd created with
+/// `MFD_ALLOW_SEALING` and without `F_SEAL_SEAL`); returns whether the fd is now shrink-sealed.
+/// The seal only forbids making the file smaller: writes, growing and hole punching (virtio-mem,
+/// balloon) still work, so it cannot break a front-end that keeps its memory while we map it.
+pub fn seal_shrink(fd: &OwnedFd) -> bool {
+    // SAFETY: plain fcntl on an fd we own; failures (EINVAL: not a memfd, EPERM: sealing not
+    // allowed) leave the fd untouched.
+    unsafe {
+        libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK);
+        let seals = libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS);
+        seals >= 0 && seals & libc::F_SEAL_SHRINK != 0
+    }
+}
+
+/// Copy guest memory at `src` into `dst` with volatile accesses on the guest side: the guest (or
+/// the front-end) may write the bytes while we copy, which would be a data race for a plain
+/// `memcpy` by Rust's rules. 8-byte aligned volatile loads for the bulk, bytes at the ends.
+///
+/// # Safety
+/// `src..src + dst.len()` must lie inside a live mapping; `dst` cannot overlap it (it is ours).
+#[inline]
+pub unsafe fn copy_from_guest(src: *const u8, dst: &mut [u8]) {
+    let len = dst.len();
+    let out = dst.as_mut_ptr();
+    let head = src.align_offset(8).min(len);
+    let mut i = 0;
+    // SAFETY: every access stays in `[0, len)` of both ranges (contract); words are 8-aligned on
+    // the guest side; our side is written unaligned.
+    unsafe {
+        while i < head {
+            *out.add(i) = src.add(i).read_volatile();
+            i += 1;
+        }
+        while i + 8 <= len {
+            let word = src.add(i).cast::<u64>().read_volatile();
+            out.add(i).cast::<u64>().write_unaligned(word);
+            i += 8;
+        }
+        while i < len {
+            *out.add(i) = src.add(i).read_volatile();
+            i += 1;
+        }
+    }
+}
+
+/// Copy `src` into guest memory at `dst` with volatile stores on the guest side (see
+/// [`copy_from_guest`]).
+///
+/// # Safety
+/// `dst..dst + src.len()` must lie inside a live, writable mapping; `src` cannot overlap it.
+#[inline]
+pub unsafe fn copy_to_guest(src: &[u8], dst: *mut u8) {
+    let len = src.len();
+    let from = src.as_ptr();
+    let head = dst.align_offset(8).min(len);
+    let mut i = 0;
+    // SAFETY: as in `copy_from_guest`, with the roles swapped.
+    unsafe {
+        while i < head {
+            dst.add(i).write_volatile(*from.add(i));
+            i += 1;
+        }
+        while i + 8 <= len {
+            let word = from.add(i).cast::<u64>().read_unaligned();
+            dst.add(i).cast::<u64>().write_volatile(word);
+            i += 8;
+        }
+        while i < len {
+            dst.add(i).write_volatile(*from.add(i));
+            i += 1;
+        }
+    }
+}
+
+/// Zero `len` bytes of guest memory at `dst` with volatile stores (see [`copy_from_guest`]).
+///
+/// # Safety
+/// `dst..dst + len` must lie inside a live, writable mapping.
+pub unsafe fn zero_guest(dst: *mut u8, len: usize) {
+    let zeros = [0u8; 256];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len());
+        // SAFETY: `done + n <= len`, inside the range of the contract.
+        unsafe { copy_to_guest(&zeros[..n], dst.add(done)) };
+        done += n;
+    }
 }
 
 #[cfg(test)]
@@ -835,6 +1028,35 @@ mod tests {
             mem.load_u32(2, Ordering::Acquire),
             Err(MemoryError::Misaligned { .. })
         ));
+    }
+
+    #[test]
+    fn volatile_copies_are_exact_at_every_alignment_and_length() {
+        let mem = GuestMemory::new(vec![region(0, 0x1000, 0)]).unwrap();
+        let pattern: Vec<u8> = (0..64u8)
+            .map(|b| b.wrapping_mul(37).wrapping_add(1))
+            .collect();
+        for start in 0..9u64 {
+            for len in 0..40usize {
+                mem.write(0, &[0u8; 128]).unwrap();
+                mem.write(0x10 + start, &pattern[..len]).unwrap();
+                let mut around = [0u8; 128];
+                mem.read(0, &mut around).unwrap();
+                let at = 0x10 + start as usize;
+                assert_eq!(&around[at..at + len], &pattern[..len], "{start} {len}");
+                assert!(around[..at].iter().all(|&b| b == 0), "no write before");
+                assert!(around[at + len..].iter().all(|&b| b == 0), "no write after");
+                let mut back = vec![0xeeu8; len];
+                mem.read(0x10 + start, &mut back).unwrap();
+                assert_eq!(back, &pattern[..len]);
+            }
+        }
+        let slice = mem.slice(0x100, 0x300).unwrap();
+        // SAFETY: 0x300 bytes inside the region, which `mem` keeps mapped.
+        unsafe { zero_guest(slice.as_ptr().add(1), 0x2fe) };
+        let mut back = [1u8; 0x300];
+        mem.read(0x100, &mut back).unwrap();
+        assert!(back.iter().all(|&b| b == 0));
     }
 
     #[test]

@@ -38,6 +38,12 @@ impl PyDirtyLog {
         self.log.covers()
     }
 
+    /// A SIGBUS hit the bitmap (the front-end shrank its file): `mark` fails now.
+    #[getter]
+    fn poisoned(&self) -> bool {
+        self.log.check_poison().is_err()
+    }
+
     /// Writes that could not be (fully) logged so far.
     #[getter]
     fn faults(&self) -> u64 {

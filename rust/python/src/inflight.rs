@@ -84,6 +84,12 @@ impl PyInflightRegion {
         self.region.mmap_size()
     }
 
+    /// A SIGBUS hit the region (the front-end shrank its file): its queues break.
+    #[getter]
+    fn poisoned(&self) -> bool {
+        self.region.check_poison().is_err()
+    }
+
     #[getter]
     fn num_queues(&self) -> u16 {
         self.region.num_queues()

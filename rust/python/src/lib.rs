@@ -15,6 +15,10 @@ mod worker;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // The SIGBUS handler for guest memory (docs/architecture.md, "Memory a peer cannot pull
+    // away"): installed now, after any faulthandler set up at start-up, and re-checked at
+    // every mapping.
+    vvu_core::sigbus::init().map_err(|e| pyo3::exceptions::PyOSError::new_err(e.to_string()))?;
     m.add_class::<dirty_log::PyDirtyLog>()?;
     m.add_class::<memory::PyGuestMemory>()?;
     m.add_class::<inflight::PyInflightRegion>()?;
@@ -37,5 +41,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(bench::blk_bench, m)?)?;
     m.add_function(wrap_pyfunction!(worker::blk_probe, m)?)?;
     m.add_function(wrap_pyfunction!(worker::io_uring_unavailable, m)?)?;
+    m.add_function(wrap_pyfunction!(memory::memory_fault_fd, m)?)?;
+    m.add_function(wrap_pyfunction!(memory::memory_faults, m)?)?;
     Ok(())
 }

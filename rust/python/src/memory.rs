@@ -38,6 +38,23 @@ pub fn memfd(size: u64, name: &str) -> PyResult<c_int> {
     Ok(create_memfd(name, size).map_err(to_pyerr)?.into_raw_fd())
 }
 
+/// A new fd (the caller owns it) for the process-wide eventfd that the SIGBUS handler signals
+/// each time it catches a fault in guest memory (a front-end shrank a file under our mappings);
+/// readable until its counter is read. See `vvu_core::sigbus`.
+#[pyfunction]
+pub fn memory_fault_fd() -> PyResult<c_int> {
+    use std::os::fd::IntoRawFd;
+    Ok(vvu_core::sigbus::fault_fd()
+        .map_err(to_pyerr)?
+        .into_raw_fd())
+}
+
+/// How many SIGBUS faults in guest memory were caught since the process started.
+#[pyfunction]
+pub fn memory_faults() -> u64 {
+    vvu_core::sigbus::faults()
+}
+
 /// Where one region sits.
 #[pyclass(module = "vvu._core", frozen, get_all)]
 #[derive(Clone)]
@@ -268,6 +285,12 @@ impl PyGuestMemory {
         self.snapshot()
             .store_u64(gpa, value, Ordering::Release)
             .map_err(to_pyerr)
+    }
+
+    /// A SIGBUS hit one of the regions (the front-end shrank its file): every access fails now.
+    #[getter]
+    fn poisoned(&self) -> bool {
+        self.snapshot().is_poisoned()
     }
 
     /// Addresses are IOVAs: a view made by `Iotlb.view`.

@@ -652,7 +652,12 @@ impl PackedQueue {
     /// and the next available position is the used one plus the ring slots they occupy. A
     /// fresh region, or one whose content made no sense (reported in
     /// [`PackedRecovery::discarded`]), starts empty at the queue's current positions.
-    pub fn set_inflight(
+    pub fn set_inflight(&mut self, inflight: PackedInflight) -> Result<PackedRecovery, QueueError> {
+        let result = self.set_inflight_unchecked(inflight);
+        self.checked(result)
+    }
+
+    fn set_inflight_unchecked(
         &mut self,
         mut inflight: PackedInflight,
     ) -> Result<PackedRecovery, QueueError> {
@@ -835,10 +840,48 @@ impl PackedQueue {
         err
     }
 
+    /// After touching guest memory: a SIGBUS caught meanwhile in this queue's memory, inflight
+    /// region or dirty log ([`crate::sigbus`]) breaks the queue with `Memory(Poisoned)`. While
+    /// no fault ever happened in the process this is one relaxed load.
+    #[inline(always)]
+    fn checked<T>(&mut self, result: Result<T, QueueError>) -> Result<T, QueueError> {
+        if crate::sigbus::faults() != 0 {
+            if let Some(err) = self.poison_error() {
+                return Err(err);
+            }
+        }
+        result
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn poison_error(&mut self) -> Option<QueueError> {
+        let err = self.poisoned()?;
+        Some(self.fail(err.into()))
+    }
+
+    fn poisoned(&self) -> Option<crate::error::MemoryError> {
+        let rings = self.rings.as_ref();
+        rings
+            .and_then(|r| r.memory().check_poison().err())
+            .or_else(|| self.inflight.as_ref().and_then(|i| i.check_poison().err()))
+            .or_else(|| {
+                self.log
+                    .as_ref()
+                    .and_then(|l| l.queue_log.log.check_poison().err())
+            })
+    }
+
     /// Number of complete chains the driver has made available that we have not popped yet,
     /// chains waiting to be resubmitted included (walks at most Q descriptor flags; chains are
     /// validated only when popped).
     pub fn pending(&mut self) -> Result<u16, QueueError> {
+        let result = self.pending_unchecked();
+        self.checked(result)
+    }
+
+    #[inline]
+    fn pending_unchecked(&mut self) -> Result<u16, QueueError> {
         let rings = ready(&self.broken, &self.rings)?;
         let size = self.config.size;
         let mut pos = self.next_avail;
@@ -874,6 +917,16 @@ impl PackedQueue {
     /// made available again while popped or pushed but not yet published are such a fault
     /// (`DescriptorsReused`).
     pub fn pop_batch(&mut self, batch: &mut ChainBatch, max: usize) -> Result<usize, QueueError> {
+        let result = self.pop_batch_unchecked(batch, max);
+        self.checked(result)
+    }
+
+    #[inline]
+    fn pop_batch_unchecked(
+        &mut self,
+        batch: &mut ChainBatch,
+        max: usize,
+    ) -> Result<usize, QueueError> {
         self.miss = None;
         let rings = ready(&self.broken, &self.rings)?;
         let size = self.config.size;
@@ -1100,6 +1153,12 @@ impl PackedQueue {
     /// Publish every used descriptor pushed since the last call and decide whether the driver
     /// must be notified ("call"). Returns `false` without touching memory if nothing was pushed.
     pub fn publish_used(&mut self) -> Result<bool, QueueError> {
+        let result = self.publish_used_unchecked();
+        self.checked(result)
+    }
+
+    #[inline]
+    fn publish_used_unchecked(&mut self) -> Result<bool, QueueError> {
         let rings = ready(&self.broken, &self.rings)?;
         let Some((index, flags)) = self.batch_head.take() else {
             return Ok(false);
@@ -1150,6 +1209,12 @@ impl PackedQueue {
     /// Ask the driver for kicks again before going to sleep. Returns `true` if a chain became
     /// available meanwhile: the caller must then process it instead of sleeping.
     pub fn enable_notifications(&mut self) -> Result<bool, QueueError> {
+        let result = self.enable_notifications_unchecked();
+        self.checked(result)
+    }
+
+    #[inline]
+    fn enable_notifications_unchecked(&mut self) -> Result<bool, QueueError> {
         let rings = ready(&self.broken, &self.rings)?;
         if self.config.event_idx {
             // Kick when the next descriptor is made available.

@@ -18,7 +18,7 @@ use super::{
 use crate::dirty_log::QueueLog;
 use crate::error::{ChainFault, QueueError};
 use crate::inflight::{Recovery, SplitInflight};
-use crate::memory::{Access, GuestMemory, MemoryRegion};
+use crate::memory::{copy_from_guest, copy_to_guest, Access, GuestMemory, MemoryRegion};
 
 /// One contiguous piece of a descriptor's buffer, translated to a host address.
 ///
@@ -63,7 +63,7 @@ impl Segment {
         if n > 0 {
             // SAFETY: `offset + n <= len`, inside the live mapping per the contract; `dst` is our
             // own memory and cannot overlap guest memory.
-            unsafe { std::ptr::copy_nonoverlapping(self.host.add(offset), dst.as_mut_ptr(), n) };
+            unsafe { copy_from_guest(self.host.add(offset), &mut dst[..n]) };
         }
         n
     }
@@ -76,7 +76,7 @@ impl Segment {
         let n = (self.len as usize).saturating_sub(offset).min(src.len());
         if n > 0 {
             // SAFETY: as in `read_to`.
-            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.host.add(offset), n) };
+            unsafe { copy_to_guest(&src[..n], self.host.add(offset)) };
         }
         n
     }
@@ -545,7 +545,15 @@ impl SplitQueue {
     /// (each avail entry taken is either in the used ring or still in flight). A fresh region, or
     /// one whose content made no sense (reported in [`Recovery::discarded`]), starts empty and
     /// leaves the next avail index alone.
-    pub fn set_inflight(&mut self, mut inflight: SplitInflight) -> Result<Recovery, QueueError> {
+    pub fn set_inflight(&mut self, inflight: SplitInflight) -> Result<Recovery, QueueError> {
+        let result = self.set_inflight_unchecked(inflight);
+        self.checked(result)
+    }
+
+    fn set_inflight_unchecked(
+        &mut self,
+        mut inflight: SplitInflight,
+    ) -> Result<Recovery, QueueError> {
         let rings = ready(&self.broken, &self.rings)?;
         if inflight.size() != self.config.size {
             return Err(QueueError::InvalidConfig(format!(
@@ -620,9 +628,43 @@ impl SplitQueue {
         err
     }
 
+    /// After touching guest memory: a SIGBUS caught meanwhile in this queue's memory, inflight
+    /// region or dirty log ([`crate::sigbus`]) breaks the queue with `Memory(Poisoned)`. While
+    /// no fault ever happened in the process this is one relaxed load.
+    #[inline(always)]
+    fn checked<T>(&mut self, result: Result<T, QueueError>) -> Result<T, QueueError> {
+        if crate::sigbus::faults() != 0 {
+            if let Some(err) = self.poison_error() {
+                return Err(err);
+            }
+        }
+        result
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn poison_error(&mut self) -> Option<QueueError> {
+        let err = self.poisoned()?;
+        Some(self.fail(err.into()))
+    }
+
+    fn poisoned(&self) -> Option<crate::error::MemoryError> {
+        let rings = self.rings.as_ref();
+        rings
+            .and_then(|r| r.memory().check_poison().err())
+            .or_else(|| self.inflight.as_ref().and_then(|i| i.check_poison().err()))
+            .or_else(|| self.log.as_ref().and_then(|l| l.log.check_poison().err()))
+    }
+
     /// Number of chains the driver has made available and we have not popped yet.
     /// More than Q means a corrupt ring: the queue breaks with `AvailIndexJump`.
     pub fn pending(&mut self) -> Result<u16, QueueError> {
+        let result = self.pending_unchecked();
+        self.checked(result)
+    }
+
+    #[inline]
+    fn pending_unchecked(&mut self) -> Result<u16, QueueError> {
         let rings = ready(&self.broken, &self.rings)?;
         let avail_idx = rings.avail_idx(Ordering::Acquire);
         let pending = avail_idx.wrapping_sub(self.next_avail);
@@ -662,6 +704,16 @@ impl SplitQueue {
     /// an IOTLB, a chain with an untranslated address ends the batch without being consumed and
     /// without breaking the queue; [`SplitQueue::take_miss`] reports it.
     pub fn pop_batch(&mut self, batch: &mut ChainBatch, max: usize) -> Result<usize, QueueError> {
+        let result = self.pop_batch_unchecked(batch, max);
+        self.checked(result)
+    }
+
+    #[inline]
+    fn pop_batch_unchecked(
+        &mut self,
+        batch: &mut ChainBatch,
+        max: usize,
+    ) -> Result<usize, QueueError> {
         self.miss = None;
         let rings = ready(&self.broken, &self.rings)?;
         if max == 0 {
@@ -810,6 +862,12 @@ impl SplitQueue {
     /// Publish every entry pushed since the last call and decide whether the driver must be
     /// notified ("call"). Returns `false` without touching memory if nothing was pushed.
     pub fn publish_used(&mut self) -> Result<bool, QueueError> {
+        let result = self.publish_used_unchecked();
+        self.checked(result)
+    }
+
+    #[inline]
+    fn publish_used_unchecked(&mut self) -> Result<bool, QueueError> {
         let rings = ready(&self.broken, &self.rings)?;
         if self.num_added == 0 {
             return Ok(false);
@@ -855,6 +913,12 @@ impl SplitQueue {
     /// Ask the driver for kicks again before going to sleep. Returns `true` if chains became
     /// available meanwhile: the caller must then process them instead of sleeping.
     pub fn enable_notifications(&mut self) -> Result<bool, QueueError> {
+        let result = self.enable_notifications_unchecked();
+        self.checked(result)
+    }
+
+    #[inline]
+    fn enable_notifications_unchecked(&mut self) -> Result<bool, QueueError> {
         let rings = ready(&self.broken, &self.rings)?;
         if self.config.event_idx {
             rings.set_avail_event(self.next_avail, Ordering::Relaxed);
