@@ -112,6 +112,7 @@ impl OneChain {
         let view = batch.get(0).unwrap();
         let head = view.head();
         let used = handler.handle(&self.device_memory, view);
+        handler.flush_batch(); // as the worker does after each batch (net TX forwards then)
         self.device.push_used(head, used).unwrap();
         self.device.publish_used().unwrap();
         let (reaped, len) = self.driver.reap_used().unwrap().unwrap();
