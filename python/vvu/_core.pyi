@@ -25,11 +25,13 @@ __all__ = [
     "blk_probe",
     "io_uring_unavailable",
     "memfd",
+    "nbd_probe",
 ]
 
 def memfd(size: int, name: str = "vvu-guest") -> int: ...
 def blk_probe(fd: int) -> dict[str, int | bool]: ...
 def io_uring_unavailable() -> str | None: ...
+def nbd_probe(uri: str, timeout: float = 5.0) -> dict[str, int | bool]: ...
 
 @final
 class RegionInfo:
@@ -321,6 +323,17 @@ class NativeHandler:
         write_zeroes: bool = True,
         aio: str = "sync",
         queue_depth: int = 128,
+    ) -> NativeHandler: ...
+    @staticmethod
+    def nbd(
+        uri: str,
+        capacity: int,
+        *,
+        read_only: bool = False,
+        serial: bytes | None = None,
+        writethrough: bool = False,
+        queue_depth: int = 128,
+        timeout: float = 30.0,
     ) -> NativeHandler: ...
     @property
     def stats(self) -> dict[str, int] | None: ...

@@ -34,5 +34,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(memory::memfd, m)?)?;
     m.add_function(wrap_pyfunction!(worker::blk_probe, m)?)?;
     m.add_function(wrap_pyfunction!(worker::io_uring_unavailable, m)?)?;
+    m.add_function(wrap_pyfunction!(worker::nbd_probe, m)?)?;
     Ok(())
 }
