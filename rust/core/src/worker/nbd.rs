@@ -332,7 +332,8 @@ fn handshake<S: Read + Write>(s: &mut S, export: &str) -> io::Result<NbdExport> 
 /// Connect to `uri` and negotiate its export (blocking, each step bounded by `timeout`).
 /// Returns the socket, switched to non-blocking, and the export.
 pub fn connect(uri: &NbdUri, timeout: Duration) -> io::Result<(OwnedFd, NbdExport)> {
-    let timeout = Some(timeout.max(Duration::from_millis(1)));
+    let limit = timeout.max(Duration::from_millis(1));
+    let timeout = Some(limit);
     let (fd, info) = match &uri.address {
         NbdAddress::Unix(path) => {
             let mut s = UnixStream::connect(path)
@@ -350,7 +351,7 @@ pub fn connect(uri: &NbdUri, timeout: Duration) -> io::Result<(OwnedFd, NbdExpor
             let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{host}: no address"));
             let mut stream = None;
             for addr in addrs {
-                match TcpStream::connect_timeout(&addr, timeout.unwrap_or_default()) {
+                match TcpStream::connect_timeout(&addr, limit) {
                     Ok(s) => {
                         stream = Some(s);
                         break;
