@@ -47,7 +47,8 @@ def fio_direct(uri: str, depth: int, seconds: float) -> int:
          f"--iodepth={depth}", f"--runtime={seconds}", "--time_based", "--output-format=json"],
         check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
-    return round(json.loads(out)["jobs"][0]["read"]["iops"])
+    # The nbd engine prints "fio: connected to NBD server" before the JSON.
+    return round(json.loads(out[out.index("{") :])["jobs"][0]["read"]["iops"])
 
 
 def main() -> None:

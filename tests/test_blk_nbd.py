@@ -159,6 +159,34 @@ def test_read_only_nbdkit_export_and_what_the_server_offers(tmp_path: Path) -> N
         assert "read-only" in daemon.log()
 
 
+def test_block_size_constraints_are_respected(tmp_path: Path) -> None:
+    """nbdkit's blocksize-policy filter advertises a 4 KiB minimum and a 64 KiB maximum payload
+    (and errors on anything else): the guest is told BLK_SIZE 4096, a 256 KiB request is split
+    into NBD requests the server accepts and round-trips, and a 512-byte write is IOERR."""
+    sock = tmp_path / "nbd.sock"
+    argv = nbdkit(sock, "--filter=blocksize-policy", "memory", "4M")
+    policy = ["blocksize-minimum=4096", "blocksize-preferred=65536", "blocksize-maximum=65536"]
+    with (
+        nbd_server([*argv, *policy, "blocksize-error-policy=error"], sock),
+        serving(tmp_path, "--nbd", _uri(sock)) as daemon,
+    ):
+
+        async def main() -> None:
+            async with await BlkDriver.open(
+                str(daemon.socket_path), depth=4, max_request=256 << 10
+            ) as blk:
+                config = await blk.frontend.get_config(0, 24)
+                (blk_size,) = struct.unpack_from("<I", config, 20)
+                assert blk_size == 4096
+                data = _pattern(3, 256 << 10)
+                await blk.write(64, data)
+                assert await blk.read(64, len(data)) == data
+                with pytest.raises(BlkIOError):
+                    await blk.write(1, bytes(512))
+
+        asyncio.run(main())
+
+
 def test_nbd_server_killed_mid_io_then_restarted(tmp_path: Path) -> None:
     """nbdkit (memory plugin, reads delayed so they are in flight) is SIGKILLed while 16 reads
     wait on it: every one of them completes with IOERR (nothing hangs), new requests fail

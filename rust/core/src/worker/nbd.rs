@@ -436,6 +436,8 @@ pub struct NbdHandler {
     /// Chains failed outside `reap` (a dead connection found while sending).
     failed: Vec<(u16, u32)>,
     socket_registered: bool,
+    /// The epoll events the socket is registered with.
+    registered_events: u32,
     want_write: bool,
     slots: Vec<Slot>,
     free: Vec<usize>,
@@ -517,6 +519,7 @@ impl NbdHandler {
             failed_fd,
             failed: Vec::new(),
             socket_registered: false,
+            registered_events: 0,
             want_write: false,
             slots: (0..depth).map(|_| Slot::default()).collect(),
             free: (0..depth).rev().collect(),
@@ -602,6 +605,7 @@ impl NbdHandler {
                 self.socket_registered = true;
                 epoll_ctl(&self.epoll, libc::EPOLL_CTL_ADD, fd, events, TOKEN_SOCKET)
             }
+            (true, true) if events == self.registered_events => Ok(()),
             (true, true) => epoll_ctl(&self.epoll, libc::EPOLL_CTL_MOD, fd, events, TOKEN_SOCKET),
             (false, true) => {
                 self.socket_registered = false;
@@ -609,6 +613,7 @@ impl NbdHandler {
             }
             (false, false) => Ok(()),
         };
+        self.registered_events = events;
         if result.is_err() {
             self.connection_lost();
         }
