@@ -190,7 +190,8 @@ def test_block_size_constraints_are_respected(tmp_path: Path) -> None:
 def test_nbd_server_killed_mid_io_then_restarted(tmp_path: Path) -> None:
     """nbdkit (memory plugin, reads delayed so they are in flight) is SIGKILLed while 16 reads
     wait on it: every one of them completes with IOERR (nothing hangs), new requests fail
-    too while it is away; once it is back, vvu reconnects and writes and reads succeed."""
+    too while it is away, also after the front-end reconnects (queues start without the
+    server); once it is back, vvu reconnects and writes and reads succeed."""
     sock = tmp_path / "nbd.sock"
     log = tmp_path / "nbdkit.log"
     argv = nbdkit(sock, "--filter=log", "--filter=delay", "memory", "8M", "rdelay=20")
@@ -214,6 +215,10 @@ def test_nbd_server_killed_mid_io_then_restarted(tmp_path: Path) -> None:
                 assert all(isinstance(r, BlkIOError) for r in results), results
                 with pytest.raises(BlkIOError):
                     await asyncio.wait_for(blk.write(0, bytes(4096)), 10)
+                # A new vhost-user session (new queue workers) while the server is still away.
+                await blk.reconnect()
+                with pytest.raises(BlkIOError):
+                    await asyncio.wait_for(blk.read(0, 4096), 10)
                 sock.unlink(missing_ok=True)
                 new = subprocess.Popen(
                     nbdkit(sock, "memory", "8M"), stdin=subprocess.DEVNULL, start_new_session=True

@@ -432,9 +432,13 @@ class BlkBackend(Backend):
 
     def native_worker(self, queue_index: int) -> NativeHandler:
         if self.nbd is not None:
+            export = self.nbd_export
             handler = NativeHandler.nbd(
                 self.nbd,
                 self.capacity,
+                flags=int(export["flags"]),
+                min_block=int(export["min_block"]),
+                max_payload=int(export["max_payload"]),
                 read_only=self.read_only,
                 serial=self.serial,
                 writethrough=not self.writeback,

@@ -14,7 +14,7 @@ use vvu_core::iotlb::perm_from_access;
 use vvu_core::worker::aio::{io_uring_available, AioMode};
 use vvu_core::worker::blk::{probe, BlkHandler, BlkOptions, BlkStatsHandle, VIRTIO_BLK_ID_BYTES};
 use vvu_core::worker::nbd::{
-    self, NbdHandler, NbdOptions, NbdUri, NBD_FLAG_CAN_MULTI_CONN, NBD_FLAG_READ_ONLY,
+    self, NbdExport, NbdHandler, NbdOptions, NbdUri, NBD_FLAG_CAN_MULTI_CONN, NBD_FLAG_READ_ONLY,
     NBD_FLAG_SEND_FLUSH, NBD_FLAG_SEND_FUA, NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES,
 };
 use vvu_core::worker::{ChainHandler, QueueWorker, WorkerOptions};
@@ -115,16 +115,19 @@ impl NativeHandler {
     }
 
     /// virtio-blk over the NBD export at `uri` (see `nbd_probe`), `capacity` 512-byte sectors
-    /// of it. Each handler has its own connection; up to `queue_depth` requests in flight. A
+    /// of it, with the transmission `flags` and block size limits `nbd_probe` reported. Each handler has its own connection; up to `queue_depth` requests in flight. A
     /// connection with requests and no reply for `timeout` seconds is dropped; requests fail
     /// with IOERR while the server is away and the handler reconnects with a bounded backoff.
     #[staticmethod]
-    #[pyo3(signature = (uri, capacity, *, read_only = false, serial = None, writethrough = false, queue_depth = 128, timeout = 30.0))]
+    #[pyo3(signature = (uri, capacity, *, flags, min_block = 1, max_payload = 33554432, read_only = false, serial = None, writethrough = false, queue_depth = 128, timeout = 30.0))]
     #[allow(clippy::too_many_arguments)]
     fn nbd(
         py: Python<'_>,
         uri: &str,
         capacity: u64,
+        flags: u16,
+        min_block: u32,
+        max_payload: u32,
         read_only: bool,
         serial: Option<Vec<u8>>,
         writethrough: bool,
@@ -152,13 +155,22 @@ impl NativeHandler {
             queue_depth,
             timeout,
         };
+        if min_block == 0 || max_payload < min_block {
+            return Err(PyValueError::new_err(
+                "min_block must be positive and at most max_payload",
+            ));
+        }
+        // What nbd_probe found: the handler does not need the server to be up now (a queue
+        // may start while it is away; requests then fail with IOERR until it is back).
+        let export = NbdExport {
+            size: capacity.saturating_mul(512),
+            flags,
+            min_block,
+            preferred_block: min_block,
+            max_payload,
+        };
         let handler = py
-            .detach(|| -> std::io::Result<NbdHandler> {
-                let (_, export) = nbd::connect(&parsed, timeout.min(Duration::from_secs(5)))?;
-                let mut export = export;
-                export.size = capacity.saturating_mul(512);
-                NbdHandler::new(parsed, export, options)
-            })
+            .detach(|| NbdHandler::new(parsed, export, options))
             .map_err(to_pyerr)?;
         Ok(Self {
             handler: Mutex::new(Some(Box::new(handler))),
@@ -409,6 +421,7 @@ pub fn nbd_probe<'py>(py: Python<'py>, uri: &str, timeout: f64) -> PyResult<Boun
     dict.set_item("trim", e.has(NBD_FLAG_SEND_TRIM))?;
     dict.set_item("write_zeroes", e.has(NBD_FLAG_SEND_WRITE_ZEROES))?;
     dict.set_item("multi_conn", e.has(NBD_FLAG_CAN_MULTI_CONN))?;
+    dict.set_item("flags", e.flags)?;
     dict.set_item("min_block", e.min_block)?;
     dict.set_item("preferred_block", e.preferred_block)?;
     dict.set_item("max_payload", e.max_payload)?;

@@ -469,7 +469,7 @@ use std::os::raw::c_int;
 
 impl NbdHandler {
     /// A handler for `uri` whose export was probed as `export` (the capacity the guest sees).
-    /// Connects now; if that fails, requests fail with IOERR until a reconnect succeeds.
+    /// Connects at the first request; while that fails, requests fail with IOERR.
     pub fn new(uri: NbdUri, export: NbdExport, options: NbdOptions) -> io::Result<Self> {
         // SAFETY: plain syscalls without pointers.
         let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
@@ -506,7 +506,7 @@ impl NbdHandler {
             TOKEN_FAILED,
         )?;
         let depth = options.queue_depth.clamp(1, 4096);
-        let mut handler = Self {
+        let handler = Self {
             uri,
             export,
             options,
@@ -533,7 +533,7 @@ impl NbdHandler {
             timer_armed: false,
             counters: Default::default(),
         };
-        handler.try_connect();
+        // The first submit connects, on the worker thread (never on the caller's).
         Ok(handler)
     }
 
