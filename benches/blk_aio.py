@@ -28,6 +28,7 @@ from vvu.frontend import BlkDriver
 
 CASES = {
     "vvu io_uring": ["--aio", "io_uring"],
+    "vvu io_uring poll50": ["--aio", "io_uring", "--poll-us", "50"],
     "vvu threads": ["--aio", "threads"],
     "vvu sync": ["--aio", "sync"],
 }
@@ -58,7 +59,9 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 async def drive(socket: str, depth: int, seconds: float, sectors: int) -> int:
-    blk = await BlkDriver.open(socket, depth=depth, max_request=4096)
+    # 3 descriptors per request: a ring large enough for `depth` of them.
+    queue_size = max(256, 1 << (3 * depth - 1).bit_length())
+    blk = await BlkDriver.open(socket, depth=depth, max_request=4096, queue_size=queue_size)
     rng = random.Random(depth)
     done = 0
     deadline = time.monotonic() + seconds

@@ -234,6 +234,15 @@ impl Aio {
         }
     }
 
+    /// Whether completions wait to be reaped (no syscall for io_uring: its completion queue
+    /// is shared memory).
+    pub fn ready(&mut self) -> bool {
+        match &mut self.engine {
+            Engine::Uring(ring) => !ring.completion().is_empty(),
+            Engine::Threads(pool) => !lock(&pool.shared.done).is_empty(),
+        }
+    }
+
     /// Readable while completions wait to be reaped (level-triggered).
     pub fn fd(&self) -> BorrowedFd<'_> {
         match &self.engine {

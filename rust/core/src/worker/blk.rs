@@ -1139,6 +1139,10 @@ impl ChainHandler for BlkHandler {
         self.aio.as_ref().map(Aio::fd)
     }
 
+    fn completions_ready(&mut self) -> bool {
+        self.aio.as_mut().is_some_and(Aio::ready)
+    }
+
     fn reap(&mut self, done: &mut Vec<(u16, u32)>, wait: bool) {
         let Some(aio) = self.aio.as_mut() else {
             return;

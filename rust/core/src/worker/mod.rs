@@ -133,6 +133,24 @@ pub trait ChainHandler: Send + 'static {
         None
     }
 
+    /// Whether completions wait to be reaped, without blocking; the default polls
+    /// [`ChainHandler::completion_fd`]. An engine that can tell from memory (an io_uring's
+    /// completion queue) overrides it and saves the worker a syscall per loop.
+    fn completions_ready(&mut self) -> bool {
+        match self.completion_fd() {
+            Some(fd) => {
+                let mut pfd = libc::pollfd {
+                    fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd, zero timeout.
+                unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
+            }
+            None => true,
+        }
+    }
+
     /// Move finished pending chains into `done` as `(head, used len)`, each pending head
     /// exactly once. With `wait`, block until at least one finished (the worker only asks
     /// while chains are pending). Used lens are clamped as for [`ChainHandler::handle`].
@@ -698,23 +716,9 @@ impl Context {
         self.max_in_flight > 0 && self.in_flight >= self.max_in_flight
     }
 
-    /// The completion fd is readable (without blocking).
-    fn completions_ready(&self) -> bool {
-        if self.in_flight == 0 {
-            return false;
-        }
-        match self.handler.completion_fd() {
-            Some(fd) => {
-                let mut pfd = libc::pollfd {
-                    fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd, zero timeout.
-                unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
-            }
-            None => true,
-        }
+    /// Completions wait to be reaped (without blocking).
+    fn completions_ready(&mut self) -> bool {
+        self.in_flight > 0 && self.handler.completions_ready()
     }
 
     /// Reap finished chains of an asynchronous handler (with `wait`, at least one), push and
