@@ -25,7 +25,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use super::blk::{
-    HEADER_SIZE, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+    gather, HEADER_SIZE, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
     VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
     VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
@@ -1056,23 +1056,6 @@ fn scatter(segments: &[(usize, usize)], mut offset: u64, mut src: &[u8]) {
         };
         src = &src[n..];
         offset = 0;
-    }
-}
-
-fn gather(segments: &[Segment], mut offset: u64, dst: &mut [u8]) {
-    let mut done = 0;
-    for seg in segments {
-        let len = u64::from(seg.len);
-        if offset >= len {
-            offset -= len;
-            continue;
-        }
-        // SAFETY: the segments belong to the chain being handled; its snapshot is alive.
-        done += unsafe { seg.read_to(offset as usize, &mut dst[done..]) };
-        offset = 0;
-        if done == dst.len() {
-            break;
-        }
     }
 }
 
