@@ -23,8 +23,9 @@ log() { printf '==> %s\n' "$*"; }
 APT_PACKAGES=(build-essential pkg-config python3-venv)
 # debootstrap builds the Debian trixie root that QEMU 11 (vfio-user-pci, the back-end VM's VMM)
 # comes from (scripts/qemu11.sh); fio runs in the front-end VM, from the host over virtio-9p.
+# qemu-utils (qemu-nbd, qemu-img) and nbdkit are the NBD servers of tests/test_blk_nbd.py.
 TEST_PACKAGES=(qemu-system-x86 qemu-system-common busybox-static cpio xz-utils zstd dpdk-dev
-    debootstrap fio)
+    debootstrap fio qemu-utils nbdkit)
 if ((FOR_TESTS)); then APT_PACKAGES+=("${TEST_PACKAGES[@]}"); fi
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

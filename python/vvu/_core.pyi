@@ -30,6 +30,7 @@ __all__ = [
     "memfd",
     "memory_fault_fd",
     "memory_faults",
+    "nbd_probe",
 ]
 
 def memfd(size: int, name: str = "vvu-guest") -> int: ...
@@ -53,6 +54,7 @@ def blk_probe(fd: int) -> dict[str, int | bool]: ...
 def io_uring_unavailable() -> str | None: ...
 def memory_fault_fd() -> int: ...
 def memory_faults() -> int: ...
+def nbd_probe(uri: str, timeout: float = 5.0) -> dict[str, int | bool]: ...
 
 @final
 class RegionInfo:
@@ -351,6 +353,20 @@ class NativeHandler:
         aio: str = "sync",
         queue_depth: int = 128,
         latency_histogram: bool = False,
+    ) -> NativeHandler: ...
+    @staticmethod
+    def nbd(
+        uri: str,
+        capacity: int,
+        *,
+        flags: int,
+        min_block: int = 1,
+        max_payload: int = 33554432,
+        read_only: bool = False,
+        serial: bytes | None = None,
+        writethrough: bool = False,
+        queue_depth: int = 128,
+        timeout: float = 30.0,
     ) -> NativeHandler: ...
     @property
     def stats(self) -> dict[str, int] | None: ...

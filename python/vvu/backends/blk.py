@@ -5,7 +5,8 @@ Requests (read, write, flush, get-id, discard, write-zeroes) are processed entir
 without the GIL: reads and writes go straight between the image and guest memory, through
 io_uring (`--aio io_uring`, many requests in flight per queue), a thread pool (`threads`) or
 blocking preadv/pwritev on the worker thread (`sync`). `--cache none` opens the image with
-O_DIRECT. See docs/architecture.md, "Block I/O".
+O_DIRECT. `--nbd URI` serves an NBD export instead (qemu-nbd, nbdkit, rbd-nbd ...) through
+vvu's own asynchronous NBD client. See docs/architecture.md, "Block I/O" and "NBD".
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import struct
 from typing import ClassVar
 
-from vvu._core import NativeHandler, blk_probe, io_uring_unavailable
+from vvu._core import NativeHandler, blk_probe, io_uring_unavailable, nbd_probe
 from vvu.backends.base import Backend, ConfigError
 from vvu.protocol import ProtocolFeature
 
@@ -121,6 +122,8 @@ class BlkBackend(Backend):
         queue_depth: int = DEFAULT_QUEUE_DEPTH,
         poll_us: int = 0,
         latency_histogram: bool = False,
+        nbd: str | None = None,
+        nbd_timeout: float = 30.0,
     ) -> None:
         super().__init__(num_queues=num_queues)
         if cache not in CACHE_MODES:
@@ -144,6 +147,14 @@ class BlkBackend(Backend):
         # the ones before it (handlers count; `queue_stats` only reads).
         self._handlers: dict[int, NativeHandler] = {}
         self._retired: dict[int, tuple[dict[str, int], list[int]]] = {}
+        self.nbd = nbd
+        self.nbd_timeout = nbd_timeout
+        #: What the NBD server offers (`nbd_probe`); empty without --nbd.
+        self.nbd_export: dict[str, int | bool] = {}
+        self._fd = -1
+        if nbd is not None:
+            self._init_nbd(image, nbd, cache, aio)
+            return
         if image is not None:
             flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
             if cache == "none":
@@ -184,6 +195,50 @@ class BlkBackend(Backend):
         # is synced before it completes.
         self.writeback = cache != "writethrough"
 
+    def _init_nbd(self, image: str | None, uri: str, cache: str, aio: str | None) -> None:
+        """Serve the NBD export at `uri`: size, read-only, flush/trim/write-zeroes and block
+        size constraints come from the server (NBD_OPT_GO)."""
+        if image is not None:
+            raise ValueError("--nbd and --blk-file are exclusive: serve one disk")
+        if cache == "none":
+            raise ValueError("--cache none is O_DIRECT on a local file; it does not apply to --nbd")
+        if aio is not None:
+            raise ValueError("--aio picks a local file's engine; --nbd has its own (asynchronous)")
+        if self.nbd_timeout <= 0:
+            raise ValueError("--nbd-timeout must be positive")
+        try:
+            export = nbd_probe(uri, timeout=min(self.nbd_timeout, 5.0))
+        except OSError as err:
+            raise ValueError(f"NBD export {uri}: {err}") from err
+        self.nbd_export = export
+        self.aio = "nbd"
+        if self.num_queues > 1 and not export["multi_conn"]:
+            raise ValueError(
+                f"--num-queues {self.num_queues}: each queue has its own NBD connection, and this "
+                "server does not promise consistency across connections (NBD_FLAG_CAN_MULTI_CONN)"
+            )
+        if export["read_only"] and not self.read_only:
+            log.info("blk: the NBD export is read-only; serving it read-only")
+            self.read_only = True
+        size = int(export["size"])
+        if size < SECTOR_SIZE:
+            raise ValueError(f"NBD export {uri} holds {size} bytes, less than one sector")
+        self.capacity = size // SECTOR_SIZE
+        self.block_size = max(SECTOR_SIZE, int(export["min_block"]))
+        preferred = max(self.block_size, int(export["preferred_block"]))
+        self.geometry = {
+            "size": size,
+            "block_device": False,
+            "logical_block_size": self.block_size,
+            "physical_block_size": preferred if preferred & (preferred - 1) == 0 else 0,
+            "min_io": self.block_size,
+            "opt_io": preferred,
+            "dio_offset_align": 0,
+        }
+        # Without NBD_FLAG_SEND_FLUSH the server has no volatile cache to flush.
+        self.writeback = cache != "writethrough" and bool(export["flush"])
+        self.description = f"NBD export {uri}"
+
     @staticmethod
     def _pick_aio(aio: str | None) -> str:
         """`aio`, or the best engine this kernel allows: io_uring, else threads."""
@@ -203,6 +258,10 @@ class BlkBackend(Backend):
         (it was grown or shrunk by someone else). Returns whether the capacity changed; the
         front-end learns of it through `BackendEngine.config_changed()` (`vvu serve` does both
         on SIGHUP). Sectors beyond a shrunk end are gone."""
+        if self.nbd is not None:
+            if size is not None:
+                raise ValueError("an NBD export cannot be resized by the back-end")
+            return False
         if size is not None:
             if self.read_only:
                 raise ValueError("a read-only disk cannot be resized by the back-end")
@@ -296,6 +355,24 @@ class BlkBackend(Backend):
             ),
         )
 
+        parser.add_argument(
+            "--nbd",
+            metavar="URI",
+            help=(
+                "serve an NBD export instead of a file: nbd+unix:///EXPORT?socket=PATH or "
+                "nbd://HOST[:PORT]/EXPORT (qemu-nbd, nbdkit, rbd-nbd ...); size, read-only, "
+                "flush/trim/write-zeroes and block size come from the server. Requests fail "
+                "with an I/O error while the server is unreachable; vvu reconnects"
+            ),
+        )
+        parser.add_argument(
+            "--nbd-timeout",
+            type=float,
+            default=30.0,
+            metavar="S",
+            help="drop an NBD connection whose requests got no reply for S seconds (default 30)",
+        )
+
     @classmethod
     def from_arguments(cls, args: argparse.Namespace) -> BlkBackend:
         return cls(
@@ -309,9 +386,13 @@ class BlkBackend(Backend):
             queue_depth=args.queue_depth,
             poll_us=args.poll_us,
             latency_histogram=args.latency_histogram,
+            nbd=args.nbd,
+            nbd_timeout=args.nbd_timeout,
         )
 
     def device_features(self) -> int:
+        if self.nbd is not None:
+            return self._nbd_features()
         bits = [
             BlkFeature.SIZE_MAX,
             BlkFeature.SEG_MAX,
@@ -323,6 +404,25 @@ class BlkBackend(Backend):
             BlkFeature.DISCARD,
             BlkFeature.WRITE_ZEROES,
         ]
+        if self.read_only:
+            bits.append(BlkFeature.RO)
+        return sum(1 << b for b in bits)
+
+    def _nbd_features(self) -> int:
+        export = self.nbd_export
+        bits = [
+            BlkFeature.SIZE_MAX,
+            BlkFeature.SEG_MAX,
+            BlkFeature.BLK_SIZE,
+            BlkFeature.TOPOLOGY,
+            BlkFeature.MQ,
+        ]
+        if export["flush"]:
+            bits += [BlkFeature.FLUSH, BlkFeature.CONFIG_WCE]
+        if export["trim"] and not self.read_only:
+            bits.append(BlkFeature.DISCARD)
+        if export["write_zeroes"] and not self.read_only:
+            bits.append(BlkFeature.WRITE_ZEROES)
         if self.read_only:
             bits.append(BlkFeature.RO)
         return sum(1 << b for b in bits)
@@ -386,16 +486,31 @@ class BlkBackend(Backend):
         return super().protocol_features() | ProtocolFeature.INFLIGHT_SHMFD.mask
 
     def native_worker(self, queue_index: int) -> NativeHandler:
-        handler = NativeHandler.blk(
-            self._fd,
-            self.capacity,
-            read_only=self.read_only,
-            serial=self.serial,
-            writethrough=not self.writeback,
-            aio=self.aio,
-            queue_depth=self.queue_depth,
-            latency_histogram=self.timed,
-        )
+        if self.nbd is not None:
+            export = self.nbd_export
+            handler = NativeHandler.nbd(
+                self.nbd,
+                self.capacity,
+                flags=int(export["flags"]),
+                min_block=int(export["min_block"]),
+                max_payload=int(export["max_payload"]),
+                read_only=self.read_only,
+                serial=self.serial,
+                writethrough=not self.writeback,
+                queue_depth=self.queue_depth,
+                timeout=self.nbd_timeout,
+            )
+        else:
+            handler = NativeHandler.blk(
+                self._fd,
+                self.capacity,
+                read_only=self.read_only,
+                serial=self.serial,
+                writethrough=not self.writeback,
+                aio=self.aio,
+                queue_depth=self.queue_depth,
+                latency_histogram=self.timed,
+            )
         previous = self._handlers.get(queue_index)
         if previous is not None:  # stopped before a ring restarts: its counters are final
             counts, histogram = self._retired.get(queue_index, ({}, []))
@@ -462,11 +577,18 @@ class BlkBackend(Backend):
     def reset(self) -> None:
         super().reset()
         # A new driver starts from the configured device, whatever a migration brought in.
-        self.writeback = self.cache != "writethrough"
+        self.writeback = self.cache != "writethrough" and (
+            self.nbd is None or bool(self.nbd_export["flush"])
+        )
         self.serial = self._serial
 
     def describe(self) -> str:
         mode = "read-only" if self.read_only else "read-write"
+        if self.nbd is not None:
+            return (
+                f"blk: {self.description}, {self.capacity} sectors of 512 B, block size "
+                f"{self.block_size}, {mode}, {self.num_queues} queue(s), asynchronous NBD client"
+            )
         kind = "block device" if self.geometry["block_device"] else "file"
         return (
             f"blk: {self.description} ({kind}), {self.capacity} sectors of 512 B, block size "

@@ -43,5 +43,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(worker::io_uring_unavailable, m)?)?;
     m.add_function(wrap_pyfunction!(memory::memory_fault_fd, m)?)?;
     m.add_function(wrap_pyfunction!(memory::memory_faults, m)?)?;
+    m.add_function(wrap_pyfunction!(worker::nbd_probe, m)?)?;
     Ok(())
 }

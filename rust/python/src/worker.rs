@@ -13,6 +13,10 @@ use pyo3::types::PyDict;
 use vvu_core::iotlb::perm_from_access;
 use vvu_core::worker::aio::{io_uring_available, AioMode};
 use vvu_core::worker::blk::{probe, BlkHandler, BlkOptions, BlkStatsHandle, VIRTIO_BLK_ID_BYTES};
+use vvu_core::worker::nbd::{
+    self, NbdExport, NbdHandler, NbdOptions, NbdUri, NBD_FLAG_CAN_MULTI_CONN, NBD_FLAG_READ_ONLY,
+    NBD_FLAG_SEND_FLUSH, NBD_FLAG_SEND_FUA, NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES,
+};
 use vvu_core::worker::{ChainHandler, DiscardHandler, QueueWorker, WorkerOptions, WorkerStats};
 use vvu_core::QueueError;
 
@@ -110,6 +114,71 @@ impl NativeHandler {
             handler: Mutex::new(Some(Box::new(handler))),
             kind: "blk",
             blk_stats,
+        })
+    }
+
+    /// virtio-blk over the NBD export at `uri` (see `nbd_probe`), `capacity` 512-byte sectors
+    /// of it, with the transmission `flags` and block size limits `nbd_probe` reported. Each handler has its own connection; up to `queue_depth` requests in flight. A
+    /// connection with requests and no reply for `timeout` seconds is dropped; requests fail
+    /// with IOERR while the server is away and the handler reconnects with a bounded backoff.
+    #[staticmethod]
+    #[pyo3(signature = (uri, capacity, *, flags, min_block = 1, max_payload = 33554432, read_only = false, serial = None, writethrough = false, queue_depth = 128, timeout = 30.0))]
+    #[allow(clippy::too_many_arguments)]
+    fn nbd(
+        py: Python<'_>,
+        uri: &str,
+        capacity: u64,
+        flags: u16,
+        min_block: u32,
+        max_payload: u32,
+        read_only: bool,
+        serial: Option<Vec<u8>>,
+        writethrough: bool,
+        queue_depth: usize,
+        timeout: f64,
+    ) -> PyResult<Self> {
+        let parsed = NbdUri::parse(uri).map_err(PyValueError::new_err)?;
+        let timeout = Duration::try_from_secs_f64(timeout)
+            .ok()
+            .filter(|t| !t.is_zero())
+            .ok_or_else(|| PyValueError::new_err("timeout must be a positive number"))?;
+        let serial = serial.unwrap_or_default();
+        if serial.len() > VIRTIO_BLK_ID_BYTES {
+            return Err(PyValueError::new_err(format!(
+                "serial is {} bytes; virtio-blk ids hold at most {VIRTIO_BLK_ID_BYTES}",
+                serial.len()
+            )));
+        }
+        let mut id = [0u8; VIRTIO_BLK_ID_BYTES];
+        id[..serial.len()].copy_from_slice(&serial);
+        let options = NbdOptions {
+            read_only,
+            serial: id,
+            writethrough,
+            queue_depth,
+            timeout,
+        };
+        if min_block == 0 || max_payload < min_block {
+            return Err(PyValueError::new_err(
+                "min_block must be positive and at most max_payload",
+            ));
+        }
+        // What nbd_probe found: the handler does not need the server to be up now (a queue
+        // may start while it is away; requests then fail with IOERR until it is back).
+        let export = NbdExport {
+            size: capacity.saturating_mul(512),
+            flags,
+            min_block,
+            preferred_block: min_block,
+            max_payload,
+        };
+        let handler = py
+            .detach(|| NbdHandler::new(parsed, export, options))
+            .map_err(to_pyerr)?;
+        Ok(Self {
+            handler: Mutex::new(Some(Box::new(handler))),
+            kind: "nbd",
+            blk_stats: None,
         })
     }
 
@@ -356,6 +425,37 @@ pub fn blk_probe(py: Python<'_>, fd: c_int) -> PyResult<Bound<'_, PyDict>> {
     dict.set_item("direct", g.direct)?;
     dict.set_item("dio_memory_align", g.dio_memory_align)?;
     dict.set_item("dio_offset_align", g.dio_offset_align)?;
+    Ok(dict)
+}
+
+/// Connect to the NBD export at `uri` (`nbd+unix:///EXPORT?socket=PATH`,
+/// `nbd://HOST[:PORT]/EXPORT`), negotiate it (NBD_OPT_GO) and disconnect: its size, block size
+/// constraints and what the server offers. ValueError for a bad URI, OSError if the server
+/// cannot be reached or refuses the export.
+#[pyfunction]
+#[pyo3(signature = (uri, timeout = 5.0))]
+pub fn nbd_probe<'py>(py: Python<'py>, uri: &str, timeout: f64) -> PyResult<Bound<'py, PyDict>> {
+    let parsed = NbdUri::parse(uri).map_err(PyValueError::new_err)?;
+    let timeout = Duration::try_from_secs_f64(timeout)
+        .ok()
+        .filter(|t| !t.is_zero())
+        .ok_or_else(|| PyValueError::new_err("timeout must be a positive number"))?;
+    let (fd, e) = py
+        .detach(|| nbd::connect(&parsed, timeout))
+        .map_err(to_pyerr)?;
+    drop(fd);
+    let dict = PyDict::new(py);
+    dict.set_item("size", e.size)?;
+    dict.set_item("read_only", e.has(NBD_FLAG_READ_ONLY))?;
+    dict.set_item("flush", e.has(NBD_FLAG_SEND_FLUSH))?;
+    dict.set_item("fua", e.has(NBD_FLAG_SEND_FUA))?;
+    dict.set_item("trim", e.has(NBD_FLAG_SEND_TRIM))?;
+    dict.set_item("write_zeroes", e.has(NBD_FLAG_SEND_WRITE_ZEROES))?;
+    dict.set_item("multi_conn", e.has(NBD_FLAG_CAN_MULTI_CONN))?;
+    dict.set_item("flags", e.flags)?;
+    dict.set_item("min_block", e.min_block)?;
+    dict.set_item("preferred_block", e.preferred_block)?;
+    dict.set_item("max_payload", e.max_payload)?;
     Ok(dict)
 }
 

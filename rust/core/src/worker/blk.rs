@@ -1235,7 +1235,7 @@ impl ChainHandler for BlkHandler {
 
 /// Copy `dst.len()` bytes of the segment stream starting at byte `offset` (fewer if the stream
 /// is shorter; callers check the length first).
-fn gather(segments: &[Segment], mut offset: u64, dst: &mut [u8]) {
+pub(crate) fn gather(segments: &[Segment], mut offset: u64, dst: &mut [u8]) {
     let mut done = 0;
     for seg in segments {
         let len = u64::from(seg.len);

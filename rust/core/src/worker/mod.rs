@@ -90,6 +90,7 @@ use crate::queue::{ChainBatch, ChainView, Virtqueue};
 
 pub mod aio;
 pub mod blk;
+pub mod nbd;
 pub mod net;
 
 #[cfg(test)]
