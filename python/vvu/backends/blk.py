@@ -126,14 +126,7 @@ class BlkBackend(Backend):
         nbd_timeout: float = 30.0,
     ) -> None:
         super().__init__(num_queues=num_queues)
-        if cache not in CACHE_MODES:
-            raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
-        if aio is not None and aio not in AIO_MODES:
-            raise ValueError(f"aio must be one of {', '.join(AIO_MODES)}, not {aio!r}")
-        if not 1 <= queue_depth <= 4096:
-            raise ValueError(f"queue depth {queue_depth} is outside 1..4096")
-        if poll_us < 0:
-            raise ValueError("poll_us must not be negative")
+        self._check_options(cache, aio, queue_depth, poll_us)
         #: Time every request into a latency histogram (two clock reads per request).
         self.timed = latency_histogram
         self.read_only = read_only
@@ -155,31 +148,7 @@ class BlkBackend(Backend):
         if nbd is not None:
             self._init_nbd(image, nbd, cache, aio)
             return
-        if image is not None:
-            flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
-            if cache == "none":
-                flags |= os.O_DIRECT
-            try:
-                self._fd = os.open(image, flags)
-            except OSError as e:
-                if cache == "none" and e.errno == errno.EINVAL:
-                    raise ValueError(
-                        f"{image}: its file system does not support O_DIRECT (--cache none)"
-                    ) from e
-                raise
-            self.description = image
-        else:
-            if cache == "none":
-                raise ValueError("--cache none needs --blk-file (an in-memory disk has no cache)")
-            # Not `memfd()`: that one is sealed against resizing (guest memory must not shrink
-            # under a mapping), and `resize` changes this disk's size. Nobody maps it.
-            self._fd = os.memfd_create("vvu-disk", os.MFD_CLOEXEC)
-            try:
-                os.ftruncate(self._fd, size)
-            except BaseException:
-                os.close(self._fd)
-                raise
-            self.description = f"in-memory disk of {size // MiB} MiB"
+        self._fd, self.description = self._open_disk(image, size, read_only, cache)
         self.geometry = blk_probe(self._fd)
         size = int(self.geometry["size"])
         if size < SECTOR_SIZE:
@@ -194,6 +163,47 @@ class BlkBackend(Backend):
         # The volatile write cache mode the driver chose (CONFIG_WCE); off means every write
         # is synced before it completes.
         self.writeback = cache != "writethrough"
+
+    @staticmethod
+    def _check_options(cache: str, aio: str | None, queue_depth: int, poll_us: int) -> None:
+        if cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
+        if aio is not None and aio not in AIO_MODES:
+            raise ValueError(f"aio must be one of {', '.join(AIO_MODES)}, not {aio!r}")
+        if not 1 <= queue_depth <= 4096:
+            raise ValueError(f"queue depth {queue_depth} is outside 1..4096")
+        if poll_us < 0:
+            raise ValueError("poll_us must not be negative")
+
+    @staticmethod
+    def _open_disk(image: str | None, size: int, read_only: bool, cache: str) -> tuple[int, str]:
+        """The disk's fd and description: the image file, or an in-memory disk of `size`."""
+        if image is not None:
+            flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+            if cache == "none":
+                flags |= os.O_DIRECT
+            try:
+                fd = os.open(image, flags)
+            except OSError as e:
+                if cache == "none" and e.errno == errno.EINVAL:
+                    raise ValueError(
+                        f"{image}: its file system does not support O_DIRECT (--cache none)"
+                    ) from e
+                raise
+            description = image
+        else:
+            if cache == "none":
+                raise ValueError("--cache none needs --blk-file (an in-memory disk has no cache)")
+            # Not `memfd()`: that one is sealed against resizing (guest memory must not shrink
+            # under a mapping), and `resize` changes this disk's size. Nobody maps it.
+            fd = os.memfd_create("vvu-disk", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(fd, size)
+            except BaseException:
+                os.close(fd)
+                raise
+            description = f"in-memory disk of {size // MiB} MiB"
+        return fd, description
 
     def _init_nbd(self, image: str | None, uri: str, cache: str, aio: str | None) -> None:
         """Serve the NBD export at `uri`: size, read-only, flush/trim/write-zeroes and block
