@@ -32,8 +32,9 @@ the virtio-net header travels with the frame (vvu_core `worker::net::offload`). 
 a guest is checked against what it negotiated and against its frame (flags, gso_type, gso_size
 against the MTU, csum_start/csum_offset, hdr_len); a bad one drops the frame (`tx_errors`). A
 receiving port whose guest lacks an offload gets the checksum completed or the TCP packet cut
-into segments in software; a TAP is told the guest's offloads with TUNSETOFFLOAD. The control queue is not implemented (a front-end
-that uses more than one queue pair must steer them itself, as QEMU and DPDK do).
+into segments in software; a TAP is told the guest's offloads with TUNSETOFFLOAD. The control
+queue is not implemented (a front-end that uses more than one queue pair must steer them itself,
+as QEMU and DPDK do).
 """
 
 from __future__ import annotations
