@@ -27,7 +27,13 @@ from pathlib import Path
 import pytest
 
 from daemons import stop_process, wait_for_socket
-from guest import guest_image, qemu_escape, run_guest_async
+from guest import (
+    NET_PAIR_SETUP,
+    guest_image,
+    qemu_escape,
+    run_guest_async,
+    vhost_user_net_args,
+)
 from vvu._core import NetPort, Switch
 from vvu.backends import NetBackend, available_backends
 from vvu.backends.net import OFFLOAD_FEATURES, NetFeature, parse_mac, rarp_frame
@@ -953,22 +959,16 @@ def test_linux_guest_tcp_between_two_switch_ports_with_offloads(tmp_path: Path) 
     MSS-sized segments arrive); eth0 → eth1 is cut and checksummed by the switch."""
     guest_image()
     socks = [tmp_path / "p0.sock", tmp_path / "p1.sock"]
-    script = """
+    script = (
+        """
 set -e
 for d in /sys/class/net/eth0 /sys/class/net/eth1; do cat $d/device/features; done
 dd if=/dev/urandom of=/tmp/data bs=64k count=32 2>/dev/null
 md5sum </tmp/data
-mkdir /tmp/www && ln -s /tmp/data /tmp/www/data
-unshare -n sleep 600 &
-NS=$!
-# Until unshare has made the new namespace (a check, not a delay).
-while [ "$(readlink /proc/$NS/ns/net)" = "$(readlink /proc/self/ns/net)" ]; do :; done
-ip link set eth1 netns $NS
-nsenter -t $NS -n sh -c 'ip link set lo up; ip link set eth1 up; ip addr add 10.0.0.3/24 dev eth1'
-ip link set eth0 up
-ip addr add 10.0.0.2/24 dev eth0
-httpd -p 10.0.0.2:8080 -h /tmp/www
-nsenter -t $NS -n httpd -p 10.0.0.3:8080 -h /tmp/www
+"""
+        + NET_PAIR_SETUP
+        + """
+ln -s /tmp/data /tmp/www/data
 before=$(cat /sys/class/net/eth0/statistics/rx_packets)
 wget -q -O - http://10.0.0.3:8080/data | md5sum
 after=$(cat /sys/class/net/eth0/statistics/rx_packets)
@@ -976,16 +976,10 @@ echo $((after - before))
 nsenter -t $NS -n sh -c 'wget -q -O - http://10.0.0.2:8080/data | md5sum'
 kill $NS
 """
-    qemu_args: list[str] = []
-    for i, sock in enumerate(socks):
-        device = f"virtio-net-pci,netdev=n{i},mac=52:54:00:12:34:5{i},vectors=0"
-        if i == 1:
-            device += ",guest_csum=off,guest_tso4=off,guest_tso6=off"
-        qemu_args += [
-            "-chardev", f"socket,id=c{i},path={qemu_escape(str(sock))}",
-            "-netdev", f"vhost-user,id=n{i},chardev=c{i}",
-            "-device", device,
-        ]  # fmt: skip
+    )
+    no_guest_offloads = "guest_csum=off,guest_tso4=off,guest_tso6=off"
+    qemu_args = vhost_user_net_args(0, str(socks[0]), "52:54:00:12:34:50")
+    qemu_args += vhost_user_net_args(1, str(socks[1]), "52:54:00:12:34:51", no_guest_offloads)
 
     async def main() -> str:
         result = await run_guest_async(script, qemu_args=qemu_args, timeout=120)
