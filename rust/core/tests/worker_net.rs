@@ -1230,3 +1230,107 @@ fn offloads_pass_to_ports_that_take_them_and_are_done_in_software_for_the_others
     b.expect_nothing();
     assert_eq!(a.stats().tx_packets, 2);
 }
+
+/// `SOL_PACKET` option: a `virtio_net_hdr` in front of every frame sent and received.
+const PACKET_VNET_HDR: libc::c_int = 15;
+
+/// The next IPv4 frame longer than 1000 bytes the packet socket sees, with its 10-byte header.
+fn capture_tcp(sock: &OwnedFd) -> (Vec<u8>, Vec<u8>) {
+    let deadline = Instant::now() + PATIENCE;
+    let mut buf = vec![0u8; 70000];
+    loop {
+        // SAFETY: `buf` is writable for its length.
+        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n > 1000 && buf[22..24] == [0x08, 0x00] {
+            return (buf[..10].to_vec(), buf[10..n as usize].to_vec());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no TCP frame on the TAP interface"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The next frame for the guest that is IPv4 (skipping the kernel's IPv6 chatter).
+fn recv_ipv4(side: &mut Side) -> ([u8; 10], Vec<u8>) {
+    loop {
+        let (h, f, _) = side
+            .recv_with_header(PATIENCE)
+            .expect("nothing from the TAP");
+        if f.len() > 14 && f[12..14] == [0x08, 0x00] {
+            return (h, f);
+        }
+        side.post_rx(2048, 1);
+    }
+}
+
+#[test]
+fn tap_carries_offloads_both_ways_and_segments_for_a_guest_without_them() {
+    // SAFETY: unshare affects only the calling thread's namespaces.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        eprintln!("skipped: no network namespace");
+        return;
+    }
+    let port = match NetPort::tap("vvuoff%d", false) {
+        Ok(port) => port,
+        Err(e) => {
+            eprintln!("skipped: cannot create a TAP device ({e})");
+            return;
+        }
+    };
+    let name = port.name().unwrap().to_owned();
+    set_up(&name).unwrap();
+    let sock = packet_socket(&name);
+    let on: libc::c_int = 1;
+    // SAFETY: `on` is a valid int for the call.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_PACKET,
+            PACKET_VNET_HDR,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+    };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    let payload: Vec<u8> = (0..5000u32).map(|i| (i * 31 + 7) as u8).collect();
+    let big = tcp4(&payload, 42);
+    let gso = vnet_hdr(1, 1, 54, 1448, 34, 16);
+
+    let mut side = Side::new(port.clone(), MRG_OFFLOADS, true);
+    side.post_rx(2048, 64);
+    // Guest → TAP: the kernel gets one TSO packet (the packet socket reports its GSO header).
+    side.send_chain(&gso, &big);
+    let (h, f) = capture_tcp(&sock);
+    assert_eq!((h[1], u16::from_le_bytes([h[4], h[5]])), (1, 1448), "{h:?}");
+    assert!(f == big, "the TSO frame reached the kernel whole");
+    // Kernel → guest that takes TSO (TUNSETOFFLOAD): one packet with its GSO header.
+    let mut out = gso[..10].to_vec();
+    out.extend_from_slice(&big);
+    // SAFETY: `out` is readable for its length.
+    let n = unsafe { libc::send(sock.as_raw_fd(), out.as_ptr().cast(), out.len(), 0) };
+    assert_eq!(n, out.len() as isize, "{}", std::io::Error::last_os_error());
+    let (h, f) = recv_ipv4(&mut side);
+    assert_eq!(
+        (h[0] & 1, h[1], u16::from_le_bytes([h[4], h[5]])),
+        (1, 1, 1448)
+    );
+    assert!(f == big);
+    drop(side);
+
+    // The same TAP for a guest without offloads: the kernel segments and checksums.
+    let mut side = Side::new(port, MRG, true);
+    side.post_rx(2048, 64);
+    // SAFETY: as above.
+    let n = unsafe { libc::send(sock.as_raw_fd(), out.as_ptr().cast(), out.len(), 0) };
+    assert_eq!(n, out.len() as isize, "{}", std::io::Error::last_os_error());
+    let mut joined = Vec::new();
+    while joined.len() < payload.len() {
+        let (h, seg) = recv_ipv4(&mut side);
+        assert_eq!(h, [0; 10]);
+        assert!(seg.len() <= 1514 && tcp4_checksums_ok(&seg));
+        joined.extend_from_slice(&seg[54..]);
+    }
+    assert!(joined == payload);
+}
