@@ -25,6 +25,8 @@ __all__ = [
     "SplitQueueDriver",
     "Switch",
     "blk_bench",
+    "blk_probe",
+    "io_uring_unavailable",
     "memfd",
 ]
 
@@ -45,6 +47,8 @@ def blk_bench(
     timeout: float = 10.0,
     on_start: Callable[[], object] | None = None,
 ) -> dict[str, object]: ...
+def blk_probe(fd: int) -> dict[str, int | bool]: ...
+def io_uring_unavailable() -> str | None: ...
 
 @final
 class RegionInfo:
@@ -334,6 +338,8 @@ class NativeHandler:
         writethrough: bool = False,
         discard: bool = True,
         write_zeroes: bool = True,
+        aio: str = "sync",
+        queue_depth: int = 128,
         latency_histogram: bool = False,
     ) -> NativeHandler: ...
     @property

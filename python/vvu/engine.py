@@ -1098,6 +1098,7 @@ class BackendEngine:
                     call=vring.call,
                     err=vring.err,
                     poll_interval=None if vring.kick is not None else POLL_INTERVAL,
+                    busy_poll=self.backend.busy_poll,
                 ),
                 on_miss=self._request_translation if iotlb is not None else None,
             )

@@ -59,6 +59,9 @@ class Backend:
             raise ValueError("a device needs at least one queue")
         self.num_queues = num_queues
         self.acked_features = 0
+        #: Seconds a native worker keeps polling its ring (and its I/O completions) after it ran
+        #: empty before it sleeps; 0 sleeps at once.
+        self.busy_poll = 0.0
 
     # --- command line ------------------------------------------------------------------------
 

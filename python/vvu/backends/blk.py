@@ -1,18 +1,23 @@
-"""virtio-blk over a raw image file or an in-memory disk, served by a native Rust worker.
+"""virtio-blk over a raw image file, a block device or an in-memory disk, served by a native
+Rust worker.
 
-Requests (read, write, flush, get-id, discard, write-zeroes) are processed entirely in Rust:
-preadv/pwritev go straight between the image and guest memory, without the GIL.
+Requests (read, write, flush, get-id, discard, write-zeroes) are processed entirely in Rust,
+without the GIL: reads and writes go straight between the image and guest memory, through
+io_uring (`--aio io_uring`, many requests in flight per queue), a thread pool (`threads`) or
+blocking preadv/pwritev on the worker thread (`sync`). `--cache none` opens the image with
+O_DIRECT. See docs/architecture.md, "Block I/O".
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import struct
 from typing import ClassVar
 
-from vvu._core import NativeHandler, memfd
+from vvu._core import NativeHandler, blk_probe, io_uring_unavailable, memfd
 from vvu.backends.base import Backend, ConfigError
 from vvu.protocol import ProtocolFeature
 
@@ -40,7 +45,13 @@ class BlkFeature:
 
 
 # Limits advertised in the config space; the worker itself accepts any chain the ring allows.
+# SEG_MAX fits a 128-entry ring without indirect descriptors; SIZE_MAX is the largest
+# page-aligned descriptor length (the worker has no segment size limit of its own).
 SEG_MAX = 126
+SIZE_MAX = 0xFFFF_F000
+AIO_MODES = ("io_uring", "threads", "sync")
+CACHE_MODES = ("none", "writeback", "writethrough")
+DEFAULT_QUEUE_DEPTH = 128
 MAX_DISCARD_SECTORS = 1 << 22
 MAX_DISCARD_SEG = 1
 MAX_WRITE_ZEROES_SECTORS = 1 << 22
@@ -71,6 +82,9 @@ _STAT_NAMES = (
     "malformed",
     "in_flight",
     "latency_ns_sum",
+    "bounced",
+    "unaligned",
+    "async_requests",
 )
 
 
@@ -102,33 +116,79 @@ class BlkBackend(Backend):
         read_only: bool = False,
         num_queues: int = 1,
         serial: str = "vvu",
+        aio: str | None = None,
+        cache: str = "writeback",
+        queue_depth: int = DEFAULT_QUEUE_DEPTH,
+        poll_us: int = 0,
         latency_histogram: bool = False,
     ) -> None:
         super().__init__(num_queues=num_queues)
-        #: Time every request into a latency histogram (one clock read per request).
+        if cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
+        if aio is not None and aio not in AIO_MODES:
+            raise ValueError(f"aio must be one of {', '.join(AIO_MODES)}, not {aio!r}")
+        if not 1 <= queue_depth <= 4096:
+            raise ValueError(f"queue depth {queue_depth} is outside 1..4096")
+        if poll_us < 0:
+            raise ValueError("poll_us must not be negative")
+        #: Time every request into a latency histogram (two clock reads per request).
         self.timed = latency_histogram
         self.read_only = read_only
         self.serial = self._serial = serial.encode()[:20]
         self.image = image
+        self.cache = cache
+        self.aio = self._pick_aio(aio)
+        self.queue_depth = queue_depth
+        self.busy_poll = poll_us / 1e6
         # Per queue: the handler of the running (or last) worker, and the final counters of
         # the ones before it (handlers count; `queue_stats` only reads).
         self._handlers: dict[int, NativeHandler] = {}
         self._retired: dict[int, tuple[dict[str, int], list[int]]] = {}
         if image is not None:
             flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
-            self._fd = os.open(image, flags)
-            size = os.fstat(self._fd).st_size
+            if cache == "none":
+                flags |= os.O_DIRECT
+            try:
+                self._fd = os.open(image, flags)
+            except OSError as e:
+                if cache == "none" and e.errno == errno.EINVAL:
+                    raise ValueError(
+                        f"{image}: its file system does not support O_DIRECT (--cache none)"
+                    ) from e
+                raise
             self.description = image
         else:
+            if cache == "none":
+                raise ValueError("--cache none needs --blk-file (an in-memory disk has no cache)")
             self._fd = memfd(size, "vvu-disk")
             self.description = f"in-memory disk of {size // MiB} MiB"
+        self.geometry = blk_probe(self._fd)
+        size = int(self.geometry["size"])
         if size < SECTOR_SIZE:
             os.close(self._fd)
             raise ValueError(f"the disk must hold at least one {SECTOR_SIZE}-byte sector")
         self.capacity = size // SECTOR_SIZE
+        # The guest's block size: the device's logical block size, and at least what direct
+        # I/O needs, so that a driver that follows it never sends an unaligned request.
+        self.block_size = max(
+            int(self.geometry["logical_block_size"]), int(self.geometry["dio_offset_align"])
+        )
         # The volatile write cache mode the driver chose (CONFIG_WCE); off means every write
         # is synced before it completes.
-        self.writeback = True
+        self.writeback = cache != "writethrough"
+
+    @staticmethod
+    def _pick_aio(aio: str | None) -> str:
+        """`aio`, or the best engine this kernel allows: io_uring, else threads."""
+        reason = io_uring_unavailable()
+        if aio == "io_uring" and reason is not None:
+            raise ValueError(f"--aio io_uring: io_uring is not available here ({reason})")
+        if aio is not None:
+            return aio
+        if reason is not None:
+            log.warning("blk: io_uring is not available (%s); using --aio threads", reason)
+            return "threads"
+        return "io_uring"
 
     def resize(self, size: int | None = None) -> bool:
         """Resize the disk while it is served: to `size` bytes (the image file or in-memory
@@ -141,9 +201,11 @@ class BlkBackend(Backend):
                 raise ValueError("a read-only disk cannot be resized by the back-end")
             if size < SECTOR_SIZE:
                 raise ValueError(f"the disk must hold at least one {SECTOR_SIZE}-byte sector")
+            if self.geometry["block_device"]:
+                raise ValueError("a block device cannot be resized by the back-end")
             os.ftruncate(self._fd, size)
         else:
-            size = os.fstat(self._fd).st_size
+            size = int(blk_probe(self._fd)["size"])
             if size < SECTOR_SIZE:
                 raise ValueError(f"the image holds {size} bytes, less than one sector")
         capacity = size // SECTOR_SIZE
@@ -181,11 +243,49 @@ class BlkBackend(Backend):
         parser.add_argument("--num-queues", type=int, default=1, metavar="N", help="default 1")
         parser.add_argument("--serial", default="vvu", help="the id GET_ID returns (20 bytes)")
         parser.add_argument(
+            "--aio",
+            choices=AIO_MODES,
+            default=None,
+            help=(
+                "how reads, writes and flushes are done: io_uring (many in flight per queue), "
+                "threads (a thread pool, same), sync (one at a time per queue, on the worker "
+                "thread). Default: io_uring if the kernel allows it, else threads"
+            ),
+        )
+        parser.add_argument(
+            "--cache",
+            choices=CACHE_MODES,
+            default="writeback",
+            help=(
+                "none: O_DIRECT (no host page cache; the guest is told to flush); writeback "
+                "(default): the host page cache, flushes are fdatasync; writethrough: every "
+                "write is durable before it completes (RWF_DSYNC), the guest sees no write cache"
+            ),
+        )
+        parser.add_argument(
+            "--queue-depth",
+            type=int,
+            default=DEFAULT_QUEUE_DEPTH,
+            metavar="N",
+            help=f"most requests in flight per queue with io_uring/threads (default "
+            f"{DEFAULT_QUEUE_DEPTH}); the rest wait in the ring",
+        )
+        parser.add_argument(
+            "--poll-us",
+            type=int,
+            default=0,
+            metavar="US",
+            help=(
+                "busy-poll the ring and the I/O completions this long before sleeping (costs a "
+                "core per queue while it spins; default 0: off)"
+            ),
+        )
+        parser.add_argument(
             "--latency-histogram",
             action="store_true",
             help=(
                 "time every request into a latency histogram (`vvu daemon` stats and metrics; "
-                "one clock read per request, benches/RESULTS.md)"
+                "two clock reads per request, benches/RESULTS.md)"
             ),
         )
 
@@ -197,13 +297,19 @@ class BlkBackend(Backend):
             read_only=args.read_only,
             num_queues=args.num_queues,
             serial=args.serial,
+            aio=args.aio,
+            cache=args.cache,
+            queue_depth=args.queue_depth,
+            poll_us=args.poll_us,
             latency_histogram=args.latency_histogram,
         )
 
     def device_features(self) -> int:
         bits = [
+            BlkFeature.SIZE_MAX,
             BlkFeature.SEG_MAX,
             BlkFeature.BLK_SIZE,
+            BlkFeature.TOPOLOGY,
             BlkFeature.FLUSH,
             BlkFeature.CONFIG_WCE,
             BlkFeature.MQ,
@@ -214,21 +320,31 @@ class BlkBackend(Backend):
             bits.append(BlkFeature.RO)
         return sum(1 << b for b in bits)
 
+    def topology(self) -> tuple[int, int, int, int]:
+        """TOPOLOGY: physical_block_exp, alignment_offset, min_io_size, opt_io_size (the last
+        two in blocks of `block_size`)."""
+        physical = max(int(self.geometry["physical_block_size"]), self.block_size)
+        exp = (physical // self.block_size).bit_length() - 1
+        min_io = max(1, int(self.geometry["min_io"]) // self.block_size)
+        opt_io = int(self.geometry["opt_io"]) // self.block_size
+        return exp, 0, min(min_io, 0xFFFF), opt_io
+
     def config_space(self) -> bytes:
         # struct virtio_blk_config up to write_zeroes_may_unmap (60 bytes), little-endian.
+        exp, alignment, min_io, opt_io = self.topology()
         return struct.pack(
             "<QIIHBBIBBHIBBHIIIIIB3x",
             self.capacity,
-            0,  # size_max: unused without SIZE_MAX
+            SIZE_MAX,
             SEG_MAX,
             0,
             0,
             0,  # geometry
-            SECTOR_SIZE,
-            0,
-            0,
-            0,
-            0,  # topology
+            self.block_size,
+            exp,
+            alignment,
+            min_io,
+            opt_io,
             int(self.writeback),  # writeback: a flush is needed for durability
             0,
             self.num_queues,
@@ -269,6 +385,8 @@ class BlkBackend(Backend):
             read_only=self.read_only,
             serial=self.serial,
             writethrough=not self.writeback,
+            aio=self.aio,
+            queue_depth=self.queue_depth,
             latency_histogram=self.timed,
         )
         previous = self._handlers.get(queue_index)
@@ -337,13 +455,16 @@ class BlkBackend(Backend):
     def reset(self) -> None:
         super().reset()
         # A new driver starts from the configured device, whatever a migration brought in.
-        self.writeback = True
+        self.writeback = self.cache != "writethrough"
         self.serial = self._serial
 
     def describe(self) -> str:
         mode = "read-only" if self.read_only else "read-write"
+        kind = "block device" if self.geometry["block_device"] else "file"
         return (
-            f"blk: {self.description}, {self.capacity} sectors, {mode}, {self.num_queues} queue(s)"
+            f"blk: {self.description} ({kind}), {self.capacity} sectors of 512 B, block size "
+            f"{self.block_size}, {mode}, {self.num_queues} queue(s), aio {self.aio}, cache "
+            f"{self.cache}"
         )
 
     def close(self) -> None:

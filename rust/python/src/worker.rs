@@ -11,7 +11,8 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use vvu_core::iotlb::perm_from_access;
-use vvu_core::worker::blk::{BlkHandler, BlkOptions, BlkStatsHandle, VIRTIO_BLK_ID_BYTES};
+use vvu_core::worker::aio::{io_uring_available, AioMode};
+use vvu_core::worker::blk::{probe, BlkHandler, BlkOptions, BlkStatsHandle, VIRTIO_BLK_ID_BYTES};
 use vvu_core::worker::{ChainHandler, DiscardHandler, QueueWorker, WorkerOptions, WorkerStats};
 use vvu_core::QueueError;
 
@@ -58,8 +59,12 @@ impl NativeHandler {
 impl NativeHandler {
     /// virtio-blk over `capacity` 512-byte sectors of the file `fd` (duplicated; the caller
     /// keeps its own). Reads and writes go straight between the file and guest memory.
+    ///
+    /// `aio` is `sync` (blocking calls on the worker thread), `io_uring` or `threads` (up to
+    /// `queue_depth` requests in flight per queue). Direct I/O is used when `fd` was opened with
+    /// O_DIRECT.
     #[staticmethod]
-    #[pyo3(signature = (fd, capacity, *, read_only = false, serial = None, writethrough = false, discard = true, write_zeroes = true, latency_histogram = false))]
+    #[pyo3(signature = (fd, capacity, *, read_only = false, serial = None, writethrough = false, discard = true, write_zeroes = true, aio = "sync", queue_depth = 128, latency_histogram = false))]
     #[allow(clippy::too_many_arguments)]
     fn blk(
         fd: c_int,
@@ -69,8 +74,15 @@ impl NativeHandler {
         writethrough: bool,
         discard: bool,
         write_zeroes: bool,
+        aio: &str,
+        queue_depth: usize,
         latency_histogram: bool,
     ) -> PyResult<Self> {
+        let aio = AioMode::parse(aio).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "aio must be io_uring, threads or sync, not {aio:?}"
+            ))
+        })?;
         let serial = serial.unwrap_or_default();
         if serial.len() > VIRTIO_BLK_ID_BYTES {
             return Err(PyValueError::new_err(format!(
@@ -86,6 +98,8 @@ impl NativeHandler {
             writethrough,
             discard,
             write_zeroes,
+            aio,
+            queue_depth,
             latency_histogram,
             ..BlkOptions::default()
         };
@@ -123,6 +137,9 @@ impl NativeHandler {
             ("malformed", s.malformed),
             ("in_flight", s.in_flight),
             ("latency_ns_sum", s.latency_ns_sum),
+            ("bounced", s.bounced),
+            ("unaligned", s.unaligned),
+            ("async_requests", s.async_requests),
         ] {
             dict.set_item(name, value)?;
         }
@@ -253,6 +270,8 @@ impl PyQueueWorker {
         dict.set_item("wakeups", stats.wakeups)?;
         dict.set_item("call_errors", stats.call_errors)?;
         dict.set_item("iotlb_misses", stats.iotlb_misses)?;
+        dict.set_item("in_flight", stats.in_flight)?;
+        dict.set_item("full", stats.full)?;
         Ok(dict)
     }
 
@@ -316,4 +335,32 @@ impl PyQueueWorker {
             .unwrap_or_else(|e| e.into_inner())
             .is_some()
     }
+}
+
+/// What a blk back-end needs to know about the file or block device `fd`: size (bytes;
+/// BLKGETSIZE64 for a device), block_device, logical_block_size, physical_block_size, min_io,
+/// opt_io (bytes, 0 unknown), direct (opened with O_DIRECT), dio_memory_align,
+/// dio_offset_align.
+#[pyfunction]
+pub fn blk_probe(py: Python<'_>, fd: c_int) -> PyResult<Bound<'_, PyDict>> {
+    // A duplicate: the caller keeps its fd.
+    let file = File::from(dup_fd(fd)?);
+    let g = probe(&file).map_err(to_pyerr)?;
+    let dict = PyDict::new(py);
+    dict.set_item("size", g.size)?;
+    dict.set_item("block_device", g.block_device)?;
+    dict.set_item("logical_block_size", g.logical_block_size)?;
+    dict.set_item("physical_block_size", g.physical_block_size)?;
+    dict.set_item("min_io", g.min_io)?;
+    dict.set_item("opt_io", g.opt_io)?;
+    dict.set_item("direct", g.direct)?;
+    dict.set_item("dio_memory_align", g.dio_memory_align)?;
+    dict.set_item("dio_offset_align", g.dio_offset_align)?;
+    Ok(dict)
+}
+
+/// None if this process can set up an io_uring, else why not (the kernel's error).
+#[pyfunction]
+pub fn io_uring_unavailable() -> Option<String> {
+    io_uring_available().err().map(|e| e.to_string())
 }

@@ -19,13 +19,14 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::raw::c_int;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::ChainHandler;
+use super::aio::{Aio, AioMode, Op};
+use super::{ChainHandler, Submitted};
 use crate::memory::GuestMemory;
 use crate::queue::{ChainView, Segment};
 
@@ -42,6 +43,8 @@ pub const DWZ_SEGMENT_SIZE: u32 = 16;
 pub const MAX_DWZ_SEGMENTS: u32 = 4096;
 /// Most iovecs one `preadv`/`pwritev` takes on Linux (`UIO_MAXIOV`).
 pub const IOV_MAX: usize = 1024;
+/// Default [`BlkOptions::queue_depth`].
+pub const DEFAULT_QUEUE_DEPTH: usize = 128;
 
 pub const VIRTIO_BLK_T_IN: u32 = 0;
 pub const VIRTIO_BLK_T_OUT: u32 = 1;
@@ -81,7 +84,11 @@ pub struct BlkOptions {
     pub max_write_zeroes_sectors: u32,
     /// Config space `max_write_zeroes_seg` (1..=[`MAX_DWZ_SEGMENTS`]).
     pub max_write_zeroes_seg: u32,
-    /// Time every request into [`BlkStats::latency_us`]: one clock read per request (off by
+    /// How reads, writes and flushes are done (`--aio`); see [`super::aio`].
+    pub aio: AioMode,
+    /// Most requests in flight per queue with an asynchronous engine (clamped to 1..=4096).
+    pub queue_depth: usize,
+    /// Time every request into [`BlkStats::latency_us`]: two clock reads per request (off by
     /// default; benches/RESULTS.md, "Daemon", has its cost).
     pub latency_histogram: bool,
 }
@@ -98,6 +105,8 @@ impl Default for BlkOptions {
             max_discard_seg: 32,
             max_write_zeroes_sectors: u32::MAX,
             max_write_zeroes_seg: 32,
+            aio: AioMode::Sync,
+            queue_depth: DEFAULT_QUEUE_DEPTH,
             latency_histogram: false,
         }
     }
@@ -134,7 +143,13 @@ pub struct BlkStats {
     pub unsupported: u64,
     /// Requests that could not be answered (no status byte or a short header): used len 0.
     pub malformed: u64,
-    /// Requests being handled right now (0 or 1 per handler: a handler serves one at a time).
+    /// Direct-I/O requests whose guest buffers were not aligned: done through a bounce buffer.
+    pub bounced: u64,
+    /// Direct-I/O requests whose offset or length was not aligned: IOERR.
+    pub unaligned: u64,
+    /// Requests handed to the asynchronous engine.
+    pub async_requests: u64,
+    /// Requests parsed and not answered yet (on the worker thread or in the engine).
     pub in_flight: u64,
     /// Service time of completed requests: bucket `i` counts those that took less than
     /// `2^i` microseconds (the last one: everything slower), see [`LATENCY_BUCKETS`].
@@ -160,6 +175,9 @@ struct BlkCounters {
     io_errors: AtomicU64,
     unsupported: AtomicU64,
     malformed: AtomicU64,
+    bounced: AtomicU64,
+    unaligned: AtomicU64,
+    async_requests: AtomicU64,
     in_flight: AtomicU64,
     latency_us: [AtomicU64; LATENCY_BUCKETS],
     latency_ns_sum: AtomicU64,
@@ -197,6 +215,9 @@ impl BlkStatsHandle {
             io_errors: get(&c.io_errors),
             unsupported: get(&c.unsupported),
             malformed: get(&c.malformed),
+            bounced: get(&c.bounced),
+            unaligned: get(&c.unaligned),
+            async_requests: get(&c.async_requests),
             in_flight: get(&c.in_flight),
             latency_us: std::array::from_fn(|i| get(&c.latency_us[i])),
             latency_ns_sum: get(&c.latency_ns_sum),
@@ -204,15 +225,106 @@ impl BlkStatsHandle {
     }
 }
 
-/// Reusable iovec storage.
+/// One read, write or flush: on the worker thread for one call, or in flight in the
+/// asynchronous engine until reaped.
 ///
-/// Holds host pointers into guest memory only for the duration of one [`BlkHandler::handle`]
-/// call (it is refilled from scratch by every request), so moving it between threads while it
-/// holds stale pointers is harmless: they are never dereferenced after that call.
-struct Iovecs(Vec<libc::iovec>);
+/// Holds host pointers into guest memory: for a synchronous request only during one
+/// [`BlkHandler::handle`] call, for an asynchronous one until its completion was reaped (the
+/// worker keeps the snapshot mapped until then; see the worker's "Asynchronous handlers"). Moving
+/// it between threads while it holds stale pointers is harmless: they are never dereferenced
+/// outside those windows.
+struct Slot {
+    head: u16,
+    kind: SlotKind,
+    direction: Direction,
+    /// The status byte and the room for data before it (for the used len).
+    status: *mut u8,
+    data_room: u64,
+    /// When the request was parsed (only with the latency histogram).
+    started: Option<Instant>,
+    offset: u64,
+    len: u64,
+    /// The guest's buffers.
+    iovecs: Vec<libc::iovec>,
+    /// Direct I/O on unaligned guest buffers goes through this instead.
+    bounce: Option<Bounce>,
+    bounce_iov: libc::iovec,
+}
 
-// SAFETY: see the type docs; the pointers are plain data outside the call that filled them.
-unsafe impl Send for Iovecs {}
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotKind {
+    Rw,
+    Flush,
+}
+
+impl Default for Slot {
+    fn default() -> Self {
+        Self {
+            head: 0,
+            kind: SlotKind::Rw,
+            direction: Direction::Read,
+            status: std::ptr::null_mut(),
+            data_room: 0,
+            started: None,
+            offset: 0,
+            len: 0,
+            iovecs: Vec::new(),
+            bounce: None,
+            bounce_iov: libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            },
+        }
+    }
+}
+
+// SAFETY: see the type docs; the pointers are plain data outside the windows they are used in.
+unsafe impl Send for Slot {}
+// SAFETY: the bounce buffer is owned memory, used by one thread at a time.
+unsafe impl Send for Bounce {}
+
+/// When an asynchronous engine does a read or write on the worker thread instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Inline {
+    /// Memory-backed files (tmpfs, memfd, hugetlbfs): there is no device to wait for, and shmem
+    /// has no non-blocking reads (`RWF_NOWAIT`), so io_uring would hand every request to a
+    /// kernel worker thread — twice the latency and CPU of doing it here.
+    Always,
+    /// Buffered I/O on other files: a read is tried with `RWF_NOWAIT` first (served from the
+    /// page cache without sleeping) and goes to the engine only when it would block.
+    TryNowait,
+    /// Direct I/O (every request waits for the device), or `RWF_NOWAIT` turned out unsupported.
+    Never,
+}
+
+/// The [`Inline`] policy for `file`.
+fn inline_policy(file: &File, direct: bool) -> Inline {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+    // SAFETY: an all-zero statfs is a valid value to be overwritten.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes into `st`.
+    let memory_backed = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } == 0
+        && matches!(
+            st.f_type as i64,
+            TMPFS_MAGIC | RAMFS_MAGIC | HUGETLBFS_MAGIC
+        );
+    if memory_backed {
+        Inline::Always
+    } else if direct {
+        Inline::Never
+    } else {
+        Inline::TryNowait
+    }
+}
+
+/// Direct I/O alignment (bytes, powers of two).
+#[derive(Debug, Clone, Copy)]
+struct DioAlign {
+    memory: u32,
+    offset: u32,
+}
 
 /// One validated discard / write-zeroes range, in bytes.
 #[derive(Debug, Clone, Copy)]
@@ -252,14 +364,25 @@ pub struct BlkHandler {
     capacity_bytes: u64,
     options: BlkOptions,
     counters: Arc<BlkCounters>,
-    iovecs: Iovecs,
+    /// The slot of a request done on the worker thread.
+    sync_slot: Slot,
     ranges: Vec<Range>,
+    is_block_device: bool,
+    /// Set when the fd was opened with O_DIRECT.
+    direct: Option<DioAlign>,
+    /// The asynchronous engine (`None`: `--aio sync`).
+    aio: Option<Aio>,
+    /// In-flight slots of the engine (indexed by the engine tag), and the free ones.
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+    aio_done: Vec<(u64, i64)>,
+    /// Pushed to the engine since the last submit.
+    unsubmitted: usize,
+    /// Which requests an asynchronous engine leaves to the worker thread.
+    inline: Inline,
     /// Lazily allocated zeros for the write-zeros fallback.
-    zeros: Vec<u8>,
+    zeros: Option<Bounce>,
     zero_mode: ZeroMode,
-    /// When the previous request of the current batch completed: the next one starts then
-    /// (one clock read per request, plus one per batch).
-    clock: Option<Instant>,
 }
 
 impl std::fmt::Debug for BlkHandler {
@@ -303,17 +426,37 @@ impl BlkHandler {
                 )));
             }
         }
+        let geometry = probe(&file)?;
+        let direct = geometry.direct.then(|| DioAlign {
+            memory: geometry.dio_memory_align.max(1),
+            offset: geometry.dio_offset_align.max(1),
+        });
+        let inline = inline_policy(&file, geometry.direct);
+        // A memory-backed file never waits for a device: no engine at all, the worker thread
+        // does every request (an idle engine would only cost its fds).
+        let (aio, slots, free) = if inline == Inline::Always {
+            (None, Vec::new(), Vec::new())
+        } else {
+            Self::engine(&options)?
+        };
         Ok(Self {
             file,
             capacity,
             capacity_bytes,
             options,
             counters: Arc::default(),
-            iovecs: Iovecs(Vec::new()),
+            sync_slot: Slot::default(),
             ranges: Vec::new(),
-            zeros: Vec::new(),
+            is_block_device: geometry.block_device,
+            direct,
+            aio,
+            slots,
+            free,
+            aio_done: Vec::new(),
+            unsubmitted: 0,
+            inline,
+            zeros: None,
             zero_mode: ZeroMode::Fallocate,
-            clock: None,
         })
     }
 
@@ -336,6 +479,29 @@ impl BlkHandler {
         &self.file
     }
 
+    /// The engine `options` ask for, with its slots (none for `sync`).
+    #[allow(clippy::type_complexity)]
+    fn engine(options: &BlkOptions) -> io::Result<(Option<Aio>, Vec<Slot>, Vec<usize>)> {
+        let depth = options.queue_depth.clamp(1, 4096);
+        Ok(match options.aio {
+            AioMode::Sync => (None, Vec::new(), Vec::new()),
+            mode => (
+                Some(Aio::new(mode, depth)?),
+                (0..depth).map(|_| Slot::default()).collect(),
+                (0..depth).rev().collect(),
+            ),
+        })
+    }
+
+    /// Send every read and write to the engine (tests: whatever file system the temp dir is).
+    #[cfg(test)]
+    fn force_async(&mut self) {
+        if self.inline == Inline::Always {
+            (self.aio, self.slots, self.free) = Self::engine(&self.options).unwrap();
+        }
+        self.inline = Inline::Never;
+    }
+
     #[cfg(test)]
     fn force_write_zeros(&mut self) {
         self.zero_mode = ZeroMode::WriteOnly;
@@ -356,74 +522,181 @@ impl BlkHandler {
         self.file.sync_data()
     }
 
-    /// VIRTIO_BLK_T_IN: read into the writable part minus the status byte.
-    fn read(&mut self, chain: &ChainView<'_>, sector: u64) -> Done {
-        bump(&self.counters.reads, 1);
-        // The writable part holds at least the status byte (checked by the caller).
-        let len = u64::from(chain.writable_len() - 1);
-        // Lenient: the spec wants multiples of 512, a partial last sector is read as asked.
-        let Some(offset) = self.byte_range(sector, len) else {
-            return Done::status(VIRTIO_BLK_S_IOERR);
+    /// VIRTIO_BLK_T_IN / VIRTIO_BLK_T_OUT: check the request and describe it in `slot` (the
+    /// guest iovecs, and a bounce buffer where direct I/O cannot use them in place). `Err` is the
+    /// answer for a request that fails before any I/O.
+    fn prepare_rw(
+        &self,
+        chain: &ChainView<'_>,
+        sector: u64,
+        direction: Direction,
+        slot: &mut Slot,
+    ) -> Result<(), Done> {
+        let ioerr = || Done::status(VIRTIO_BLK_S_IOERR);
+        let (segments, skip, len) = match direction {
+            Direction::Read => {
+                bump(&self.counters.reads, 1);
+                // The writable part holds at least the status byte (checked by the caller).
+                // Lenient: the spec wants multiples of 512, a partial last sector is read.
+                (chain.writable(), 0, u64::from(chain.writable_len() - 1))
+            }
+            Direction::Write => {
+                bump(&self.counters.writes, 1);
+                if self.options.read_only {
+                    return Err(ioerr());
+                }
+                let len = u64::from(chain.readable_len() - HEADER_SIZE);
+                // A partial sector write is a driver error (§5.2.6: data in multiples of 512).
+                if len % SECTOR_SIZE != 0 {
+                    return Err(ioerr());
+                }
+                (chain.readable(), u64::from(HEADER_SIZE), len)
+            }
         };
-        fill_iovecs(&mut self.iovecs.0, chain.writable(), 0, len);
-        let fd = self.fd();
-        // SAFETY: the iovecs were built from the chain's segments, which stay valid while the
-        // memory snapshot passed to `handle` is alive — for the whole call.
-        let result = unsafe { transfer(fd, &mut self.iovecs.0, offset, Direction::Read) };
-        self.iovecs.0.clear();
-        match result {
-            Ok(n) => {
-                bump(&self.counters.bytes_read, n);
-                Done {
-                    status: VIRTIO_BLK_S_OK,
-                    written: n,
-                }
+        let offset = self.byte_range(sector, len).ok_or_else(ioerr)?;
+        slot.direction = direction;
+        slot.offset = offset;
+        slot.len = len;
+        slot.bounce = None;
+        fill_iovecs(&mut slot.iovecs, segments, skip, len);
+        if let Some(dio) = self.direct {
+            // O_DIRECT wants the file offset and length aligned; the guest was told the block
+            // size (`dio.offset` at least), so only a driver that ignores it gets here.
+            let off_align = u64::from(dio.offset);
+            if offset % off_align != 0 || len % off_align != 0 {
+                bump(&self.counters.unaligned, 1);
+                return Err(ioerr());
             }
-            Err(e) => {
-                bump(&self.counters.bytes_read, e.done);
-                Done {
-                    status: VIRTIO_BLK_S_IOERR,
-                    written: e.done,
+            let mem_align = dio.memory as usize;
+            let aligned = slot
+                .iovecs
+                .iter()
+                .all(|v| (v.iov_base as usize) % mem_align == 0 && v.iov_len % mem_align == 0);
+            if !aligned && len > 0 {
+                bump(&self.counters.bounced, 1);
+                let bounce = Bounce::new(len as usize, mem_align.max(4096)).ok_or_else(ioerr)?;
+                if direction == Direction::Write {
+                    let mut at = 0usize;
+                    for v in &slot.iovecs {
+                        // SAFETY: the guest iovecs are alive for the call; the bounce buffer
+                        // holds `len`, the sum of their lengths.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                v.iov_base.cast::<u8>(),
+                                bounce.ptr.add(at),
+                                v.iov_len,
+                            )
+                        };
+                        at += v.iov_len;
+                    }
                 }
+                slot.bounce_iov = libc::iovec {
+                    iov_base: bounce.ptr.cast(),
+                    iov_len: len as usize,
+                };
+                slot.bounce = Some(bounce);
             }
+        }
+        Ok(())
+    }
+
+    /// The iovecs the I/O of `slot` uses: its bounce buffer or the guest's.
+    fn io_iovecs(slot: &mut Slot) -> &mut [libc::iovec] {
+        if slot.bounce.is_some() {
+            std::slice::from_mut(&mut slot.bounce_iov)
+        } else {
+            &mut slot.iovecs
         }
     }
 
-    /// VIRTIO_BLK_T_OUT: write the readable part after the header.
-    fn write(&mut self, chain: &ChainView<'_>, sector: u64) -> Done {
-        bump(&self.counters.writes, 1);
-        if self.options.read_only {
-            return Done::status(VIRTIO_BLK_S_IOERR);
-        }
-        let len = u64::from(chain.readable_len() - HEADER_SIZE);
-        // A partial sector write is a driver error (§5.2.6: data in multiples of 512).
-        if len % SECTOR_SIZE != 0 {
-            return Done::status(VIRTIO_BLK_S_IOERR);
-        }
-        let Some(offset) = self.byte_range(sector, len) else {
-            return Done::status(VIRTIO_BLK_S_IOERR);
-        };
-        fill_iovecs(
-            &mut self.iovecs.0,
-            chain.readable(),
-            u64::from(HEADER_SIZE),
-            len,
-        );
+    /// Finish a read or write of which the asynchronous engine moved `result` bytes (or failed
+    /// with `-errno`): a short transfer is completed synchronously, a bounce buffer copied back.
+    fn finish_rw(&self, slot: &mut Slot, result: i64) -> Done {
         let fd = self.fd();
-        // SAFETY: as in `read`; pwritev only reads the guest buffers.
-        let result = unsafe { transfer(fd, &mut self.iovecs.0, offset, Direction::Write) };
-        self.iovecs.0.clear();
-        let status = match result {
+        let eof_zero = !self.is_block_device;
+        let outcome = match u64::try_from(result) {
+            Err(_) => Err(Partial { done: 0 }),
+            Ok(n) if n >= slot.len => Ok(slot.len),
             Ok(n) => {
-                bump(&self.counters.bytes_written, n);
-                self.synced_status()
+                // Short (end of file, a signal, a partial direct transfer): the rest blocking.
+                let (offset, direction) = (slot.offset + n, slot.direction);
+                let iovecs = Self::io_iovecs(slot);
+                let first = advance(iovecs, n);
+                // SAFETY: the iovecs describe the guest's buffers (alive until the chain is
+                // completed) or our bounce buffer.
+                match unsafe { transfer(fd, &mut iovecs[first..], offset, direction, eof_zero) } {
+                    Ok(m) => Ok(n + m),
+                    Err(e) => Err(Partial { done: n + e.done }),
+                }
             }
-            Err(e) => {
-                bump(&self.counters.bytes_written, e.done);
-                VIRTIO_BLK_S_IOERR
+        };
+        self.conclude(slot, outcome, result >= 0 && (result as u64) < slot.len)
+    }
+
+    /// The answer to a read or write that moved what `outcome` says; `resumed` if part of it
+    /// went through blocking calls (which do not carry `RWF_DSYNC`).
+    fn conclude(&self, slot: &mut Slot, outcome: Result<u64, Partial>, resumed: bool) -> Done {
+        let moved = match &outcome {
+            Ok(n) => *n,
+            Err(e) => e.done,
+        };
+        if slot.direction == Direction::Read {
+            if let Some(bounce) = slot.bounce.take() {
+                let mut left = moved as usize;
+                let mut at = 0usize;
+                for v in &slot.iovecs {
+                    let n = left.min(v.iov_len);
+                    // SAFETY: the guest iovecs are alive until the chain is completed; the
+                    // bounce buffer holds `len >= moved` bytes.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(bounce.ptr.add(at), v.iov_base.cast(), n)
+                    };
+                    at += n;
+                    left -= n;
+                }
             }
+            bump(&self.counters.bytes_read, moved);
+            return Done {
+                status: if outcome.is_ok() {
+                    VIRTIO_BLK_S_OK
+                } else {
+                    VIRTIO_BLK_S_IOERR
+                },
+                written: moved,
+            };
+        }
+        slot.bounce = None;
+        bump(&self.counters.bytes_written, moved);
+        let status = match outcome {
+            // Asynchronous writes in writethrough mode carry RWF_DSYNC; blocking ones sync.
+            Ok(_) if self.aio.is_some() && !resumed => VIRTIO_BLK_S_OK,
+            Ok(_) => self.synced_status(),
+            Err(_) => VIRTIO_BLK_S_IOERR,
         };
         Done::status(status)
+    }
+
+    /// A read or write on the worker thread (`--aio sync`, or what the engine cannot take).
+    fn rw_sync(&mut self, chain: &ChainView<'_>, sector: u64, direction: Direction) -> Done {
+        let mut slot = std::mem::take(&mut self.sync_slot);
+        let done = match self.prepare_rw(chain, sector, direction, &mut slot) {
+            Err(done) => done,
+            Ok(()) => {
+                let fd = self.fd();
+                let eof_zero = !self.is_block_device;
+                let offset = slot.offset;
+                let iovecs = Self::io_iovecs(&mut slot);
+                // SAFETY: the iovecs were built from the chain's segments, which stay valid while
+                // the memory snapshot passed to `handle` is alive — for the whole call (or they
+                // describe the bounce buffer). pwritev only reads them.
+                let result = unsafe { transfer(fd, iovecs, offset, direction, eof_zero) };
+                self.conclude(&mut slot, result, true)
+            }
+        };
+        slot.iovecs.clear();
+        slot.bounce = None;
+        self.sync_slot = slot;
+        done
     }
 
     /// OK, after an `fdatasync` in writethrough mode.
@@ -542,6 +815,13 @@ impl BlkHandler {
 
     /// Discard: deallocate if the file system can; a discard is only a hint otherwise.
     fn punch_hole(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        if self.is_block_device {
+            return match block_range_ioctl(self.fd(), BLKDISCARD, offset, len) {
+                // A device without discard: the hint is dropped.
+                Err(e) if fallocate_unsupported(&e) => Ok(()),
+                other => other,
+            };
+        }
         match fallocate(self.fd(), PUNCH_HOLE, offset, len) {
             Err(e) if fallocate_unsupported(&e) => Ok(()),
             other => other,
@@ -551,6 +831,14 @@ impl BlkHandler {
     /// Write zeroes: ZERO_RANGE, else PUNCH_HOLE (both read back as zeros), else writing zeros.
     /// With `unmap` the order of the first two is swapped, deallocating when possible.
     fn zero_range(&mut self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        if self.is_block_device && self.zero_mode == ZeroMode::Fallocate {
+            // The kernel picks the device's write-zeroes (which may unmap), else writes zeros.
+            match block_range_ioctl(self.fd(), BLKZEROOUT, offset, len) {
+                Err(e) if fallocate_unsupported(&e) => {}
+                other => return other,
+            }
+            return self.write_zeros(offset, len);
+        }
         if self.zero_mode == ZeroMode::Fallocate {
             let modes = if unmap {
                 [PUNCH_HOLE, ZERO_RANGE]
@@ -569,14 +857,19 @@ impl BlkHandler {
 
     fn write_zeros(&mut self, mut offset: u64, mut len: u64) -> io::Result<()> {
         const CHUNK: usize = 256 * 1024;
-        if self.zeros.is_empty() {
-            self.zeros = vec![0; CHUNK];
+        if self.zeros.is_none() {
+            // Page-aligned, so O_DIRECT takes it too.
+            self.zeros = Some(Bounce::new(CHUNK, 4096).ok_or(io::ErrorKind::OutOfMemory)?);
         }
+        let zeros = self
+            .zeros
+            .as_ref()
+            .map_or(std::ptr::null(), |z| z.ptr.cast_const());
         while len > 0 {
             let n = len.min(CHUNK as u64) as usize;
             let off = libc::off_t::try_from(offset).map_err(io::Error::other)?;
-            // SAFETY: writes `n <= zeros.len()` bytes from our own buffer.
-            let r = unsafe { libc::pwrite(self.fd(), self.zeros.as_ptr().cast(), n, off) };
+            // SAFETY: writes `n <= CHUNK` bytes from our own zeroed buffer of CHUNK bytes.
+            let r = unsafe { libc::pwrite(self.fd(), zeros.cast(), n, off) };
             if r < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -594,53 +887,90 @@ impl BlkHandler {
     }
 }
 
-impl ChainHandler for BlkHandler {
-    fn flush_batch(&mut self) {
-        self.clock = None; // the next batch's first request starts when it is handled
-    }
+/// A well-formed request's header, status byte and room for data.
+struct Request {
+    kind: u32,
+    sector: u64,
+    status: *mut u8,
+    data_room: u64,
+    /// When it was parsed (only with the latency histogram).
+    started: Option<Instant>,
+}
 
-    fn handle(&mut self, _memory: &GuestMemory, chain: ChainView<'_>) -> u32 {
+/// Where and how a request is answered.
+struct Answer {
+    status: *mut u8,
+    data_room: u64,
+    started: Option<Instant>,
+}
+
+impl Request {
+    fn answer(&self) -> Answer {
+        Answer {
+            status: self.status,
+            data_room: self.data_room,
+            started: self.started,
+        }
+    }
+}
+
+impl BlkHandler {
+    /// Read the header of `chain`; `None` (counted as malformed) without a status byte or a
+    /// whole header.
+    fn parse(&self, chain: &ChainView<'_>) -> Option<Request> {
         // The status byte is the last byte of the last writable segment; without it, or without
         // a whole header, there is no way to answer: complete with nothing written.
         let (Some(status_seg), true) =
             (chain.writable().last(), chain.readable_len() >= HEADER_SIZE)
         else {
             bump(&self.counters.malformed, 1);
-            self.clock = None;
-            return 0;
+            return None;
         };
-        // The in-flight gauge: two relaxed atomics per request. The latency histogram (when
-        // asked for): one clock read and two more; requests of a batch are served one after
-        // another, so each starts when the one before it completed (benches/RESULTS.md).
-        let started = if self.options.latency_histogram {
-            Some(self.clock.take().unwrap_or_else(Instant::now))
-        } else {
-            None
-        };
+        // The in-flight gauge: two relaxed atomics per request; the latency histogram (when
+        // asked for) two clock reads more.
         bump(&self.counters.in_flight, 1);
+        let started = self.options.latency_histogram.then(Instant::now);
         let mut header = [0u8; HEADER_SIZE as usize];
         gather(chain.readable(), 0, &mut header);
         let [t0, t1, t2, t3, _, _, _, _, s0, s1, s2, s3, s4, s5, s6, s7] = header;
-        let kind = u32::from_le_bytes([t0, t1, t2, t3]);
-        let sector = u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]);
-        let done = match kind {
-            VIRTIO_BLK_T_IN => self.read(&chain, sector),
-            VIRTIO_BLK_T_OUT => self.write(&chain, sector),
+        Some(Request {
+            started,
+            kind: u32::from_le_bytes([t0, t1, t2, t3]),
+            sector: u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]),
+            // SAFETY: segments are never empty, so the last byte is inside the segment.
+            status: unsafe { status_seg.host.add(status_seg.len as usize - 1) },
+            data_room: u64::from(chain.writable_len() - 1),
+        })
+    }
+
+    /// Do a request on the worker thread.
+    fn dispatch(&mut self, chain: &ChainView<'_>, request: &Request) -> Done {
+        let sector = request.sector;
+        match request.kind {
+            VIRTIO_BLK_T_IN => self.rw_sync(chain, sector, Direction::Read),
+            VIRTIO_BLK_T_OUT => self.rw_sync(chain, sector, Direction::Write),
             VIRTIO_BLK_T_FLUSH => self.flush(),
-            VIRTIO_BLK_T_GET_ID => self.get_id(&chain),
-            VIRTIO_BLK_T_DISCARD => self.discard_or_write_zeroes(&chain, true),
-            VIRTIO_BLK_T_WRITE_ZEROES => self.discard_or_write_zeroes(&chain, false),
+            VIRTIO_BLK_T_GET_ID => self.get_id(chain),
+            VIRTIO_BLK_T_DISCARD => self.discard_or_write_zeroes(chain, true),
+            VIRTIO_BLK_T_WRITE_ZEROES => self.discard_or_write_zeroes(chain, false),
             _ => Done::status(VIRTIO_BLK_S_UNSUPP),
-        };
-        let status_at = status_seg.len as usize - 1;
-        // SAFETY: segments are never empty, so `status_at` is inside the segment, which stays
-        // mapped for the whole call (see `read`). A raw write: guest memory is shared.
-        unsafe { status_seg.host.add(status_at).write_volatile(done.status) };
+        }
+    }
+
+    /// Write the status byte, count the request and return the used len.
+    fn answer(&self, request: Answer, done: Done) -> u32 {
+        let Answer {
+            status,
+            data_room,
+            started,
+        } = request;
+        // SAFETY: the status byte lies in a segment of a chain that is being handled or is in
+        // flight (its snapshot stays mapped until it is completed). A raw write: guest memory is
+        // shared.
+        unsafe { status.write_volatile(done.status) };
         let c = &self.counters;
         if let Some(started) = started {
-            let now = Instant::now();
-            self.clock = Some(now);
-            let nanos = u64::try_from(now.duration_since(started).as_nanos()).unwrap_or(u64::MAX);
+            let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
             bump(&c.latency_us[latency_bucket(nanos)], 1);
             bump(&c.latency_ns_sum, nanos);
         }
@@ -654,7 +984,6 @@ impl ChainHandler for BlkHandler {
         // Used len counts bytes written from the start of the writable part (§1.4): the data,
         // plus the status byte when it directly follows the data (always, for a well-formed
         // request); otherwise the status is left out (an underestimate is allowed).
-        let data_room = u64::from(chain.writable_len() - 1);
         let written = done.written.min(data_room);
         let used = if written == data_room {
             written + 1
@@ -663,6 +992,244 @@ impl ChainHandler for BlkHandler {
         };
         // used <= writable_len, a u32.
         used as u32
+    }
+
+    /// Hand a read, write or flush to the engine. `Err` with the answer if it failed before
+    /// any I/O, `Ok(false)` if it must be done on the worker thread instead.
+    fn start_async(&mut self, chain: &ChainView<'_>, request: &Request) -> Result<bool, Done> {
+        let direction = match request.kind {
+            VIRTIO_BLK_T_IN => Some(Direction::Read),
+            VIRTIO_BLK_T_OUT => Some(Direction::Write),
+            VIRTIO_BLK_T_FLUSH => None,
+            _ => return Ok(false),
+        };
+        if self.inline == Inline::Always && direction.is_some() {
+            return Ok(false);
+        }
+        let Some(index) = self.free.pop() else {
+            // The worker never has more in flight than max_in_flight; be safe anyway.
+            return Ok(false);
+        };
+        let mut slot = std::mem::take(&mut self.slots[index]);
+        slot.head = chain.head();
+        slot.status = request.status;
+        slot.data_room = request.data_room;
+        slot.started = request.started;
+        let fd = self.fd();
+        let op = match direction {
+            None => {
+                bump(&self.counters.flushes, 1);
+                slot.kind = SlotKind::Flush;
+                Op::Fdatasync { fd }
+            }
+            Some(direction) => {
+                slot.kind = SlotKind::Rw;
+                if let Err(done) = self.prepare_rw(chain, request.sector, direction, &mut slot) {
+                    slot.iovecs.clear();
+                    self.slots[index] = slot;
+                    self.free.push(index);
+                    return Err(done);
+                }
+                let (iov, count) = {
+                    let iovecs = Self::io_iovecs(&mut slot);
+                    (iovecs.as_ptr(), iovecs.len())
+                };
+                if direction == Direction::Read
+                    && self.inline == Inline::TryNowait
+                    && count <= IOV_MAX
+                {
+                    // SAFETY: the iovecs describe the chain's buffers (alive for this call) or
+                    // the slot's bounce buffer.
+                    let n = unsafe {
+                        libc::preadv2(
+                            fd,
+                            iov,
+                            count as c_int,
+                            slot.offset as libc::off_t,
+                            libc::RWF_NOWAIT,
+                        )
+                    };
+                    if n >= 0 && n as u64 == slot.len {
+                        let len = slot.len;
+                        let done = self.conclude(&mut slot, Ok(len), true);
+                        slot.iovecs.clear();
+                        self.slots[index] = slot;
+                        self.free.push(index);
+                        return Err(done);
+                    }
+                    if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP)
+                    {
+                        self.inline = Inline::Never;
+                    }
+                    // Would block, or short (the engine reads it all again): asynchronously.
+                }
+                if count > IOV_MAX || slot.len == 0 {
+                    // Too many iovecs for one call (or nothing to move): blocking, in pieces.
+                    let offset = slot.offset;
+                    let eof_zero = !self.is_block_device;
+                    let iovecs = Self::io_iovecs(&mut slot);
+                    // SAFETY: as in `rw_sync`.
+                    let result = unsafe { transfer(fd, iovecs, offset, direction, eof_zero) };
+                    let done = self.conclude(&mut slot, result, true);
+                    slot.iovecs.clear();
+                    self.slots[index] = slot;
+                    self.free.push(index);
+                    return Err(done);
+                }
+                match direction {
+                    Direction::Read => Op::Readv {
+                        fd,
+                        iov,
+                        count: count as u32,
+                        offset: slot.offset,
+                    },
+                    Direction::Write => Op::Writev {
+                        fd,
+                        iov,
+                        count: count as u32,
+                        offset: slot.offset,
+                        dsync: self.options.writethrough,
+                    },
+                }
+            }
+        };
+        self.slots[index] = slot;
+        // The iovec array's address where the slot now lives: a bounce iovec is inside the
+        // slot itself, which just moved.
+        let iov = Self::io_iovecs(&mut self.slots[index]).as_ptr();
+        let op = match op {
+            Op::Readv {
+                fd, count, offset, ..
+            } => Op::Readv {
+                fd,
+                iov,
+                count,
+                offset,
+            },
+            Op::Writev {
+                fd,
+                count,
+                offset,
+                dsync,
+                ..
+            } => Op::Writev {
+                fd,
+                iov,
+                count,
+                offset,
+                dsync,
+            },
+            flush => flush,
+        };
+        let aio = self.aio.as_mut().expect("start_async needs an engine");
+        // SAFETY: the iovecs live in `self.slots[index]` (a heap vector, or the slot's own
+        // bounce iovec; `slots` is never resized) until the completion is reaped, and describe
+        // guest buffers of a chain in flight (kept mapped by the worker until it is completed)
+        // or the slot's bounce buffer. At most `slots.len()` operations are in flight.
+        if unsafe { aio.push(op, index as u64) }.is_err() {
+            let mut slot = std::mem::take(&mut self.slots[index]);
+            slot.iovecs.clear();
+            slot.bounce = None;
+            self.slots[index] = slot;
+            self.free.push(index);
+            return Err(Done::status(VIRTIO_BLK_S_IOERR));
+        }
+        self.unsubmitted += 1;
+        bump(&self.counters.async_requests, 1);
+        Ok(true)
+    }
+
+    /// The answer to the engine's completion of slot `index`: `(head, used len)`.
+    fn complete_slot(&mut self, index: usize, result: i64) -> (u16, u32) {
+        let mut slot = std::mem::take(&mut self.slots[index]);
+        let done = match slot.kind {
+            SlotKind::Flush => Done::status(if result < 0 {
+                VIRTIO_BLK_S_IOERR
+            } else {
+                VIRTIO_BLK_S_OK
+            }),
+            SlotKind::Rw => self.finish_rw(&mut slot, result),
+        };
+        let used = self.answer(
+            Answer {
+                status: slot.status,
+                data_room: slot.data_room,
+                started: slot.started.take(),
+            },
+            done,
+        );
+        let head = slot.head;
+        slot.iovecs.clear();
+        slot.bounce = None;
+        self.slots[index] = slot;
+        self.free.push(index);
+        (head, used)
+    }
+}
+
+impl ChainHandler for BlkHandler {
+    fn handle(&mut self, _memory: &GuestMemory, chain: ChainView<'_>) -> u32 {
+        let Some(request) = self.parse(&chain) else {
+            return 0;
+        };
+        let done = self.dispatch(&chain, &request);
+        self.answer(request.answer(), done)
+    }
+
+    fn submit(&mut self, memory: &GuestMemory, chain: ChainView<'_>) -> Submitted {
+        if self.aio.is_none() {
+            return Submitted::Done(self.handle(memory, chain));
+        }
+        let Some(request) = self.parse(&chain) else {
+            return Submitted::Done(0);
+        };
+        let done = match self.start_async(&chain, &request) {
+            Ok(true) => return Submitted::Pending,
+            Ok(false) => self.dispatch(&chain, &request),
+            Err(done) => done,
+        };
+        Submitted::Done(self.answer(request.answer(), done))
+    }
+
+    fn flush_batch(&mut self) {
+        if self.unsubmitted == 0 {
+            return;
+        }
+        self.unsubmitted = 0;
+        if let Some(aio) = self.aio.as_mut() {
+            if let Err(e) = aio.submit() {
+                // Requests pushed but never issued would hang the queue: fault it instead.
+                panic!("submitting to the {} engine: {e}", aio.mode().name());
+            }
+        }
+    }
+
+    fn max_in_flight(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn completion_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.aio.as_ref().map(Aio::fd)
+    }
+
+    fn completions_ready(&mut self) -> bool {
+        self.aio.as_mut().is_some_and(Aio::ready)
+    }
+
+    fn reap(&mut self, done: &mut Vec<(u16, u32)>, wait: bool) {
+        let Some(aio) = self.aio.as_mut() else {
+            return;
+        };
+        let mut finished = std::mem::take(&mut self.aio_done);
+        finished.clear();
+        if let Err(e) = aio.reap(&mut finished, wait) {
+            // The engine cannot report completions any more: fault the queue, never hang it.
+            panic!("reaping the {} engine: {e}", aio.mode().name());
+        }
+        for &(tag, result) in &finished {
+            done.push(self.complete_slot(tag as usize, result));
+        }
+        self.aio_done = finished;
     }
 }
 
@@ -723,7 +1290,7 @@ struct Partial {
 /// Move all bytes described by `iovecs` between them and the file at `offset`, at most
 /// [`IOV_MAX`] iovecs per syscall, retrying short transfers and `EINTR`. A read that reaches the
 /// end of the file fills the rest with zeros (a file shorter than the capacity reads like a
-/// sparse one). Returns the bytes moved. `iovecs` is consumed (advanced) in the process.
+/// sparse one) if `eof_zero`, and fails otherwise. Returns the bytes moved. `iovecs` is consumed (advanced) in the process.
 ///
 /// # Safety
 /// Every iovec must describe memory that is valid for reads (and, for `Read`, writes) for the
@@ -733,6 +1300,7 @@ unsafe fn transfer(
     iovecs: &mut [libc::iovec],
     mut offset: u64,
     direction: Direction,
+    eof_zero: bool,
 ) -> Result<u64, Partial> {
     let mut done = 0u64;
     let mut first = 0usize;
@@ -756,10 +1324,12 @@ unsafe fn transfer(
             return Err(Partial { done });
         }
         if n == 0 {
-            if direction == Direction::Write {
+            if direction == Direction::Write || !eof_zero {
+                // A write that moves nothing, or a block device that ends before the capacity
+                // (it shrank under us): an error, never silent zeros.
                 return Err(Partial { done });
             }
-            // End of file: the rest reads as zeros.
+            // End of a regular file: the rest reads as zeros (a short image reads sparse).
             for iov in &iovecs[first..] {
                 // SAFETY: valid for writes per the contract.
                 unsafe { std::ptr::write_bytes(iov.iov_base.cast::<u8>(), 0, iov.iov_len) };
@@ -784,6 +1354,169 @@ unsafe fn transfer(
         }
     }
     Ok(done)
+}
+
+/// Drop the first `n` bytes of `iovecs` (trimming the one `n` ends in); returns the index of
+/// the first iovec left.
+fn advance(iovecs: &mut [libc::iovec], mut n: u64) -> usize {
+    let mut first = 0;
+    while n > 0 && first < iovecs.len() {
+        let iov = &mut iovecs[first];
+        if n >= iov.iov_len as u64 {
+            n -= iov.iov_len as u64;
+            first += 1;
+        } else {
+            // SAFETY: n < iov_len, so the pointer stays inside the buffer.
+            iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(n as usize) }.cast();
+            iov.iov_len -= n as usize;
+            n = 0;
+        }
+    }
+    first
+}
+
+/// A zeroed, aligned buffer for direct I/O on guest buffers that are not aligned.
+struct Bounce {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+impl Bounce {
+    fn new(len: usize, align: usize) -> Option<Self> {
+        let layout = std::alloc::Layout::from_size_align(len.max(1), align).ok()?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        (!ptr.is_null()).then_some(Self { ptr, layout })
+    }
+}
+
+impl Drop for Bounce {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
+    }
+}
+
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+const BLKSSZGET: libc::c_ulong = 0x1268;
+const BLKPBSZGET: libc::c_ulong = 0x127b;
+const BLKIOMIN: libc::c_ulong = 0x1278;
+const BLKIOOPT: libc::c_ulong = 0x1279;
+const BLKDISCARD: libc::c_ulong = 0x1277;
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+
+/// What the back-end needs to know about its file or block device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlkGeometry {
+    /// Bytes (BLKGETSIZE64 for a block device, the file size otherwise).
+    pub size: u64,
+    /// A block device (discard is BLKDISCARD, write-zeroes BLKZEROOUT, reads past its end fail).
+    pub block_device: bool,
+    /// Logical block size: the smallest unit the device addresses (512 for a file).
+    pub logical_block_size: u32,
+    /// Physical block size: the unit the device writes without read-modify-write.
+    pub physical_block_size: u32,
+    /// Minimum and optimal I/O sizes in bytes (BLKIOMIN/BLKIOOPT; 0 unknown).
+    pub min_io: u32,
+    pub opt_io: u32,
+    /// The fd was opened with O_DIRECT.
+    pub direct: bool,
+    /// Direct I/O alignment of buffers in memory and of file offsets and lengths (statx
+    /// DIOALIGN for a file, the logical block size for a device; 0 without O_DIRECT).
+    pub dio_memory_align: u32,
+    pub dio_offset_align: u32,
+}
+
+fn ioctl_value<T: Default>(fd: RawFd, request: libc::c_ulong) -> io::Result<T> {
+    let mut value = T::default();
+    // SAFETY: the block ioctls used here write one value of type T through the pointer.
+    let r = unsafe { libc::ioctl(fd, request as _, &mut value as *mut T) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+/// Look at `file`: size, block device or not, block sizes, direct I/O alignment.
+pub fn probe(file: &File) -> io::Result<BlkGeometry> {
+    use std::os::unix::fs::FileTypeExt;
+    let fd = file.as_raw_fd();
+    let meta = file.metadata()?;
+    // SAFETY: F_GETFL has no memory-safety preconditions.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let direct = flags & libc::O_DIRECT != 0;
+    if meta.file_type().is_block_device() {
+        let size: u64 = ioctl_value(fd, BLKGETSIZE64)?;
+        let logical: c_int = ioctl_value(fd, BLKSSZGET)?;
+        let physical: libc::c_uint = ioctl_value(fd, BLKPBSZGET)?;
+        let min_io: libc::c_uint = ioctl_value(fd, BLKIOMIN).unwrap_or(0);
+        let opt_io: libc::c_uint = ioctl_value(fd, BLKIOOPT).unwrap_or(0);
+        let logical = u32::try_from(logical).unwrap_or(512).max(512);
+        return Ok(BlkGeometry {
+            size,
+            block_device: true,
+            logical_block_size: logical,
+            physical_block_size: physical.max(logical),
+            min_io,
+            opt_io,
+            direct,
+            dio_memory_align: if direct { logical } else { 0 },
+            dio_offset_align: if direct { logical } else { 0 },
+        });
+    }
+    let (mut memory, mut offset) = (0, 0);
+    if direct {
+        // SAFETY: an all-zero statx is a valid value to be overwritten.
+        let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+        // SAFETY: statx writes into `stx`; the path is an empty C string with AT_EMPTY_PATH.
+        let r = unsafe {
+            libc::statx(
+                fd,
+                c"".as_ptr(),
+                libc::AT_EMPTY_PATH,
+                libc::STATX_DIOALIGN,
+                &mut stx,
+            )
+        };
+        if r == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 && stx.stx_dio_offset_align != 0 {
+            (memory, offset) = (stx.stx_dio_mem_align, stx.stx_dio_offset_align);
+        } else {
+            // An old kernel or a file system that does not say: the page size is always safe.
+            (memory, offset) = (4096, 4096);
+        }
+    }
+    let blksize = u32::try_from(std::os::unix::fs::MetadataExt::blksize(&meta)).unwrap_or(4096);
+    Ok(BlkGeometry {
+        size: meta.len(),
+        block_device: false,
+        logical_block_size: 512u32.max(offset),
+        physical_block_size: blksize
+            .clamp(512u32.max(offset), 1 << 20)
+            .next_power_of_two(),
+        min_io: 0,
+        opt_io: 0,
+        direct,
+        dio_memory_align: memory,
+        dio_offset_align: offset,
+    })
+}
+
+/// BLKDISCARD / BLKZEROOUT on `[offset, offset + len)` of a block device.
+fn block_range_ioctl(fd: RawFd, request: libc::c_ulong, offset: u64, len: u64) -> io::Result<()> {
+    let range = [offset, len];
+    loop {
+        // SAFETY: both ioctls read two u64 through the pointer.
+        if unsafe { libc::ioctl(fd, request as _, range.as_ptr()) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
 }
 
 const PUNCH_HOLE: c_int = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
@@ -907,8 +1640,10 @@ mod tests {
         let drv = SplitQueueDriver::new(drv_mem, config).unwrap();
         let mut dev = SplitQueue::new(config).unwrap();
         dev.attach(dev_mem).unwrap();
-        let image = file.try_clone().unwrap();
-        let handler = BlkHandler::new(file, capacity, options).unwrap();
+        // Reopened: its own open file, without O_DIRECT even if `file` has it.
+        let image = File::open(format!("/proc/self/fd/{}", file.as_raw_fd())).unwrap();
+        let mut handler = BlkHandler::new(file, capacity, options).unwrap();
+        handler.force_async();
         let stats = handler.stats_handle();
         Rig {
             drv,
@@ -949,7 +1684,23 @@ mod tests {
             assert_eq!(self.dev.pop_batch(&mut self.batch, 8).unwrap(), 1);
             let chain = self.batch.get(0).unwrap();
             assert_eq!(chain.head(), head);
-            let len = self.handler.handle(self.dev.memory().unwrap(), chain);
+            let memory = self.dev.memory().unwrap();
+            let len = if self.handler.max_in_flight() > 0 {
+                // The asynchronous path, as the worker drives it.
+                match self.handler.submit(memory, chain) {
+                    Submitted::Done(len) => len,
+                    Submitted::Pending => {
+                        self.handler.flush_batch();
+                        let mut done = Vec::new();
+                        self.handler.reap(&mut done, true);
+                        assert_eq!(done.len(), 1);
+                        assert_eq!(done[0].0, head);
+                        done[0].1
+                    }
+                }
+            } else {
+                self.handler.handle(memory, chain)
+            };
             self.dev.push_used(head, len).unwrap();
             self.dev.publish_used().unwrap();
             // The driver side checks that len does not exceed the writable bytes.
@@ -1454,5 +2205,214 @@ mod tests {
         assert_eq!(capacity_of(&memfd_file(4096 + 100)).unwrap(), 8);
         fn is_send<T: Send>() {}
         is_send::<BlkHandler>();
+    }
+
+    // --- asynchronous engines, direct I/O -------------------------------------------------
+
+    fn aio_modes() -> Vec<AioMode> {
+        let mut modes = vec![AioMode::Threads];
+        if crate::worker::aio::io_uring_available().is_ok() {
+            modes.push(AioMode::IoUring);
+        }
+        modes
+    }
+
+    fn aio_options(aio: AioMode) -> BlkOptions {
+        BlkOptions {
+            aio,
+            queue_depth: 8,
+            ..BlkOptions::default()
+        }
+    }
+
+    #[test]
+    fn async_engines_read_write_flush_and_zero_fill_a_short_file() {
+        for aio in aio_modes() {
+            for writethrough in [false, true] {
+                let options = BlkOptions {
+                    writethrough,
+                    ..aio_options(aio)
+                };
+                // 1000 bytes of a file that claims 8 sectors: reads past its end are zeros.
+                let file = tmp_file(1000);
+                file.write_all_at(&pattern(1000, 9), 0).unwrap();
+                let mut rig = rig_with(file, 8, options);
+                assert_eq!(rig.handler.max_in_flight(), 8);
+                let (status, back) = rig.read_sectors(0, 4096);
+                assert_eq!(status, VIRTIO_BLK_S_OK, "{aio:?}");
+                assert_eq!(&back[..1000], &pattern(1000, 9)[..]);
+                assert!(back[1000..].iter().all(|&b| b == 0));
+                let data = pattern(2048, 4);
+                assert_eq!(rig.write_sectors(2, &data), VIRTIO_BLK_S_OK);
+                assert_eq!(rig.image_bytes(1024, 2048), data);
+                assert_eq!(rig.read_sectors(2, 2048), (VIRTIO_BLK_S_OK, data));
+                assert_eq!(
+                    rig.request(VIRTIO_BLK_T_FLUSH, 0, &[], &[]),
+                    (VIRTIO_BLK_S_OK, 1)
+                );
+                // Past the end: IOERR without I/O.
+                assert_eq!(rig.write_sectors(8, &pattern(512, 1)), VIRTIO_BLK_S_IOERR);
+                let s = rig.stats.snapshot();
+                assert_eq!(s.async_requests, 4, "{aio:?}");
+                assert_eq!((s.flushes, s.io_errors), (1, 1));
+            }
+        }
+    }
+
+    #[test]
+    fn async_engine_completes_many_requests_out_of_order() {
+        for aio in aio_modes() {
+            let mut rig = rig_with(tmp_file(CAPACITY * 512), CAPACITY, aio_options(aio));
+            // 8 writes of one sector each, all submitted before any is reaped.
+            let memory = rig.dev.memory().unwrap().clone();
+            let mut heads = Vec::new();
+            for i in 0..8u64 {
+                let hdr = 0x20000 + 0x100 * i;
+                let data = 0x30000 + 0x200 * i;
+                let status = 0x28000 + i;
+                rig.put(hdr, &header(VIRTIO_BLK_T_OUT, i));
+                rig.put(data, &pattern(512, i as u8));
+                heads.push(
+                    rig.drv
+                        .add_chain(&[(hdr, 16), (data, 512)], &[(status, 1)])
+                        .unwrap(),
+                );
+            }
+            rig.drv.publish().unwrap();
+            rig.batch.clear();
+            assert_eq!(rig.dev.pop_batch(&mut rig.batch, 16).unwrap(), 8);
+            for chain in rig.batch.iter() {
+                assert_eq!(rig.handler.submit(&memory, chain), Submitted::Pending);
+            }
+            // The engine is full: a ninth request would be done on the worker thread.
+            assert!(rig.handler.free.is_empty());
+            rig.handler.flush_batch();
+            let mut done = Vec::new();
+            while done.len() < 8 {
+                rig.handler.reap(&mut done, true);
+            }
+            let mut got: Vec<u16> = done.iter().map(|&(h, _)| h).collect();
+            got.sort_unstable();
+            assert_eq!(got, heads);
+            assert!(done.iter().all(|&(_, len)| len == 1));
+            for i in 0..8u64 {
+                assert_eq!(rig.get(0x28000 + i, 1)[0], VIRTIO_BLK_S_OK);
+                assert_eq!(rig.image_bytes(512 * i, 512), pattern(512, i as u8));
+            }
+            assert_eq!(rig.handler.free.len(), 8);
+        }
+    }
+
+    /// An unlinked file on the temp dir opened with O_DIRECT, or None where the file system
+    /// refuses it.
+    fn direct_file(size: u64) -> Option<File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = std::env::temp_dir().join(format!(
+            "vvu-blk-direct-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path);
+        let _ = std::fs::remove_file(&path);
+        let file = file.ok()?;
+        file.set_len(size).unwrap();
+        Some(file)
+    }
+
+    #[test]
+    fn direct_io_bounces_unaligned_buffers_and_refuses_unaligned_offsets() {
+        let Some(probe_file) = direct_file(4096) else {
+            eprintln!("no O_DIRECT on the temp dir; skipped");
+            return;
+        };
+        let g = probe(&probe_file).unwrap();
+        assert!(g.direct && !g.block_device);
+        assert!(g.dio_offset_align >= 1 && g.dio_memory_align >= 1);
+        let align = u64::from(g.dio_offset_align);
+        for aio in [AioMode::Sync].into_iter().chain(aio_modes()) {
+            let mut rig = rig_with(direct_file(64 * 4096).unwrap(), 64 * 8, aio_options(aio));
+            let data = pattern(4096, 7);
+            // Guest buffer at an odd address: bounced, written, read back (bounced again).
+            let odd = 0x30001;
+            rig.put(HDR, &header(VIRTIO_BLK_T_OUT, 8));
+            rig.put(odd, &data);
+            assert_eq!(rig.chain(&[(HDR, 16), (odd, 4096)], &[(STATUS, 1)]), 1);
+            assert_eq!(rig.get(STATUS, 1)[0], VIRTIO_BLK_S_OK, "{aio:?}");
+            assert_eq!(rig.image_bytes(8 * 512, 4096), data);
+            rig.put(HDR, &header(VIRTIO_BLK_T_IN, 8));
+            rig.put(0x38003, &[0xaa; 4096]);
+            assert_eq!(
+                rig.chain(&[(HDR, 16)], &[(0x38003, 4096), (STATUS, 1)]),
+                4097
+            );
+            assert_eq!(rig.get(0x38003, 4096), data);
+            assert_eq!(rig.stats.snapshot().bounced, 2);
+            // Aligned buffers go straight through.
+            let (status, back) = rig.read_sectors(8, 4096);
+            assert_eq!((status, back), (VIRTIO_BLK_S_OK, data.clone()));
+            assert_eq!(
+                rig.stats.snapshot().bounced,
+                2,
+                "{aio:?}: aligned buffers bounced"
+            );
+            if align > 512 {
+                // An offset the file system cannot do directly: IOERR, counted, nothing moved.
+                assert_eq!(rig.write_sectors(1, &pattern(512, 1)), VIRTIO_BLK_S_IOERR);
+                assert_eq!(rig.stats.snapshot().unaligned, 1);
+            }
+            // Write-zeroes works on an O_DIRECT fd too (fallocate or aligned zeros).
+            assert_eq!(
+                rig.dwz(VIRTIO_BLK_T_WRITE_ZEROES, &[dwz(8, 8, 0)]),
+                (VIRTIO_BLK_S_OK, 1)
+            );
+            assert_eq!(rig.read_sectors(8, 4096).1, vec![0; 4096]);
+        }
+    }
+
+    #[test]
+    fn engine_errors_become_ioerr() {
+        for aio in aio_modes() {
+            // A read-only fd: every write fails in the engine (EBADF), reads still work.
+            let file = tmp_file(CAPACITY * 512);
+            let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+            let ro = File::open(path).unwrap();
+            let mut rig = rig_with(ro, CAPACITY, aio_options(aio));
+            assert_eq!(rig.write_sectors(0, &pattern(512, 1)), VIRTIO_BLK_S_IOERR);
+            assert_eq!(rig.read_sectors(0, 512).0, VIRTIO_BLK_S_OK);
+            let s = rig.stats.snapshot();
+            assert_eq!((s.io_errors, s.bytes_written), (1, 0), "{aio:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod inline_tests {
+    use super::*;
+
+    #[test]
+    fn memory_backed_files_run_inline_others_try_nowait_direct_never() {
+        let memfd = File::from(crate::memory::create_memfd("inline", 4096).unwrap());
+        assert_eq!(inline_policy(&memfd, false), Inline::Always);
+        let regular = File::open("/proc/self/exe").unwrap();
+        // /proc/self/exe lives on the root file system, which is not memory-backed here
+        // (overlay or ext4); a tmpfs root would make this Always, which is right too.
+        assert_ne!(inline_policy(&regular, true), Inline::TryNowait);
+        let options = BlkOptions {
+            aio: AioMode::Threads,
+            ..BlkOptions::default()
+        };
+        let handler = BlkHandler::new(memfd, 8, options).unwrap();
+        assert_eq!(handler.inline, Inline::Always);
+        assert_eq!(
+            handler.max_in_flight(),
+            0,
+            "no engine for a memory-backed file"
+        );
     }
 }

@@ -16,9 +16,37 @@
 //!
 //! # Stopping
 //!
-//! [`QueueWorker::stop`] only takes effect between batches: every chain the worker popped has been
-//! handled, pushed and published before the thread exits, so [`Virtqueue::vring_base`] of the
+//! [`QueueWorker::stop`] only takes effect between batches, after the in-flight chains of an
+//! asynchronous handler were reaped: every chain the worker popped has been handled, pushed and
+//! published before the thread exits, so [`Virtqueue::vring_base`] of the
 //! returned queue is exactly what vhost-user GET_VRING_BASE must report.
+//!
+//! # Asynchronous handlers
+//!
+//! A handler may keep chains in flight across batches and complete them later, in any order
+//! (an io_uring or thread-pool block engine, a network block client): [`ChainHandler::submit`]
+//! returns [`Submitted::Pending`], [`ChainHandler::flush_batch`] is where queued work is issued
+//! (one `io_uring_enter` per batch), and [`ChainHandler::reap`] hands back finished chains by
+//! head (split) or buffer id (packed), which the worker pushes to the used ring and publishes.
+//! The contract:
+//!
+//! - at most [`ChainHandler::max_in_flight`] chains are pending: when that many are, the worker
+//!   pops nothing more and sleeps on [`ChainHandler::completion_fd`] (back-pressure: requests
+//!   wait in the ring, where the driver put them);
+//! - a pending chain's segments stay valid until it is reaped: the worker switches memory
+//!   snapshots ([`QueueWorker::set_memory`]) and stops only after reaping every pending chain
+//!   (a drain), so the I/O never targets memory the front-end has unmapped or an IOTLB entry
+//!   it has invalidated;
+//! - [`QueueWorker::stop`] therefore waits for the in-flight requests: a handler must complete
+//!   every request it accepted in bounded time (a network engine fails them after a timeout
+//!   instead of waiting forever);
+//! - the queue marks a chain in flight in the INFLIGHT_SHMFD region when it is popped and clears
+//!   it when its used entry is published, whatever the completion order, so a back-end killed
+//!   with requests pending has exactly those resubmitted after a reconnect.
+//!
+//! A handler that panics in `submit` or `reap` faults the worker as `handle` does. On any fault
+//! the worker still waits for the handler to give back what it holds (without publishing it:
+//! the queue may be broken), so no I/O outlives the worker's hold on guest memory.
 //!
 //! # Faults
 //!
@@ -60,6 +88,7 @@ use crate::memory::{Access, GuestMemory};
 use crate::notify::{EventFd, Poller};
 use crate::queue::{ChainBatch, ChainView, Virtqueue};
 
+pub mod aio;
 pub mod blk;
 pub mod net;
 
@@ -82,6 +111,51 @@ pub trait ChainHandler: Send + 'static {
     /// Called once after every chain of a batch was handled, before the batch is published to
     /// the driver: the place to finish work that was batched up in [`ChainHandler::handle`].
     fn flush_batch(&mut self) {}
+
+    /// Start the device work for one chain: complete it now ([`Submitted::Done`], the default,
+    /// which calls [`ChainHandler::handle`]) or accept it for later ([`Submitted::Pending`]) —
+    /// the asynchronous path; see "Asynchronous handlers" in the module docs for the contract.
+    fn submit(&mut self, memory: &GuestMemory, chain: ChainView<'_>) -> Submitted {
+        Submitted::Done(self.handle(memory, chain))
+    }
+
+    /// Most chains this handler keeps pending at once; the worker stops popping at this bound
+    /// (back-pressure: the rest waits in the ring). 0, the default, for a synchronous handler
+    /// that never returns [`Submitted::Pending`].
+    fn max_in_flight(&self) -> usize {
+        0
+    }
+
+    /// A level-triggered fd that is readable while completions wait to be reaped (an io_uring
+    /// fd, an eventfd the handler consumes in [`ChainHandler::reap`]). Asked once, at spawn.
+    fn completion_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+
+    /// Whether completions wait to be reaped, without blocking; the default polls
+    /// [`ChainHandler::completion_fd`]. An engine that can tell from memory (an io_uring's
+    /// completion queue) overrides it and saves the worker a syscall per loop.
+    fn completions_ready(&mut self) -> bool {
+        match self.completion_fd() {
+            Some(fd) => {
+                let mut pfd = libc::pollfd {
+                    fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd, zero timeout.
+                unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
+            }
+            None => true,
+        }
+    }
+
+    /// Move finished pending chains into `done` as `(head, used len)`, each pending head
+    /// exactly once. With `wait`, block until at least one finished (the worker only asks
+    /// while chains are pending). Used lens are clamped as for [`ChainHandler::handle`].
+    fn reap(&mut self, done: &mut Vec<(u16, u32)>, wait: bool) {
+        let _ = (done, wait);
+    }
 
     /// A handler whose device decides when chains are taken (virtio-net RX fills buffers when a
     /// frame arrives, not when the driver adds them) returns its own loop here; the worker then
@@ -106,6 +180,15 @@ impl ChainHandler for DiscardHandler {
     fn handle(&mut self, _memory: &GuestMemory, _chain: ChainView<'_>) -> u32 {
         0
     }
+}
+
+/// What [`ChainHandler::submit`] did with a chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Submitted {
+    /// Completed: the used len, as [`ChainHandler::handle`] returns it.
+    Done(u32),
+    /// Accepted: it completes later through [`ChainHandler::reap`].
+    Pending,
 }
 
 /// The main loop of a device-driven queue, run on the worker thread in place of the batch loop
@@ -229,6 +312,11 @@ pub struct WorkerStats {
     pub call_errors: u64,
     /// IOTLB misses reported (a chain or ring without a translation).
     pub iotlb_misses: u64,
+    /// Chains an asynchronous handler holds right now (accepted, not yet reaped).
+    pub in_flight: u64,
+    /// Times the worker stopped popping because [`ChainHandler::max_in_flight`] chains were
+    /// pending (back-pressure).
+    pub full: u64,
 }
 
 #[derive(Debug, Default)]
@@ -240,6 +328,8 @@ struct Counters {
     wakeups: AtomicU64,
     call_errors: AtomicU64,
     iotlb_misses: AtomicU64,
+    in_flight: AtomicU64,
+    full: AtomicU64,
 }
 
 impl Counters {
@@ -257,6 +347,8 @@ impl Counters {
             wakeups: get(&self.wakeups),
             call_errors: get(&self.call_errors),
             iotlb_misses: get(&self.iotlb_misses),
+            in_flight: get(&self.in_flight),
+            full: get(&self.full),
         }
     }
 }
@@ -340,6 +432,7 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
 const TOKEN_KICK: u64 = 0;
 const TOKEN_STOP: u64 = 1;
 const TOKEN_UPDATE: u64 = 2;
+const TOKEN_COMPLETION: u64 = 3;
 
 /// Everything the worker thread owns.
 struct Context {
@@ -358,6 +451,13 @@ struct Context {
     shared: Arc<Shared>,
     /// An IOTLB miss was reported: nothing to do until the next snapshot.
     awaiting_translation: bool,
+    /// [`ChainHandler::max_in_flight`] (0: synchronous handler).
+    max_in_flight: usize,
+    /// Writable length of each pending chain by head / buffer id (`None`: not pending).
+    pending: Vec<Option<u32>>,
+    in_flight: usize,
+    /// Completions reaped from the handler, before clamping.
+    reaped: Vec<(u16, u32)>,
 }
 
 /// What the thread hands back when it ends.
@@ -378,6 +478,7 @@ impl Context {
             ))),
         };
         if let Some(fault) = fault {
+            self.abandon_in_flight();
             self.shared.set_fault(fault);
             // Nobody waits for a memory switch of a worker that no longer touches memory.
             self.shared.set_applied(u64::MAX);
@@ -407,10 +508,18 @@ impl Context {
             // Drain the ring, one batch at a time; stop and switch memory only between batches.
             loop {
                 if self.shared.stop_requested() {
-                    return Ok(());
+                    return self.drain();
+                }
+                if self.shared.update_pending.load(Ordering::Acquire) {
+                    // In-flight I/O targets the current snapshot: finish it before switching.
+                    self.drain()?;
                 }
                 self.apply_memory_update()?;
                 if self.awaiting_translation {
+                    break;
+                }
+                self.complete(false)?;
+                if self.is_full() {
                     break;
                 }
                 let popped = self.process_batch()?;
@@ -429,6 +538,15 @@ impl Context {
                 self.sleep()?;
                 continue;
             }
+            if self.is_full() {
+                // Back-pressure: nothing is popped until a completion frees a slot; the
+                // completion fd wakes the worker (kicks stay disabled meanwhile).
+                Counters::add(&self.shared.counters.full, 1);
+                if !self.completions_ready() {
+                    self.sleep()?;
+                }
+                continue;
+            }
             if self.busy_poll()? {
                 continue;
             }
@@ -438,7 +556,10 @@ impl Context {
                 self.queue.disable_notifications()?;
                 continue;
             }
-            if self.shared.stop_requested() || self.shared.update_pending.load(Ordering::Acquire) {
+            if self.shared.stop_requested()
+                || self.shared.update_pending.load(Ordering::Acquire)
+                || self.completions_ready()
+            {
                 continue;
             }
             self.sleep()?;
@@ -489,7 +610,10 @@ impl Context {
             return Ok(false);
         };
         loop {
-            if self.shared.stop_requested() || self.queue.pending()? > 0 {
+            if self.shared.stop_requested()
+                || self.queue.pending()? > 0
+                || (self.in_flight > 0 && self.completions_ready())
+            {
                 return Ok(true);
             }
             if Instant::now() >= deadline {
@@ -532,9 +656,14 @@ impl Context {
     fn process_batch(&mut self) -> Result<usize, WorkerFault> {
         self.batch.clear();
         self.completions.clear();
+        let max = if self.max_in_flight > 0 {
+            self.batch_size.min(self.max_in_flight - self.in_flight)
+        } else {
+            self.batch_size
+        };
         // A failing pop breaks the queue; chains it popped before the bad one cannot be completed
         // any more (push_used refuses on a broken queue), so they are abandoned with it.
-        let popped = self.queue.pop_batch(&mut self.batch, self.batch_size)?;
+        let popped = self.queue.pop_batch(&mut self.batch, max)?;
         if popped == 0 {
             return Ok(0);
         }
@@ -542,11 +671,28 @@ impl Context {
         let memory = &self.memory;
         let batch = &self.batch;
         let completions = &mut self.completions;
+        let pending = &mut self.pending;
+        let in_flight = &mut self.in_flight;
+        let asynchronous = self.max_in_flight > 0;
         let handled = catch_unwind(AssertUnwindSafe(|| {
             for chain in batch.iter() {
-                let len = handler.handle(memory, chain);
-                // Never claim more than the chain holds (§1.4: len must not overestimate).
-                completions.push((chain.head(), len.min(chain.writable_len())));
+                let submitted = if asynchronous {
+                    handler.submit(memory, chain)
+                } else {
+                    Submitted::Done(handler.handle(memory, chain))
+                };
+                match submitted {
+                    // Never claim more than the chain holds (§1.4: len must not overestimate).
+                    Submitted::Done(len) => {
+                        completions.push((chain.head(), len.min(chain.writable_len())))
+                    }
+                    Submitted::Pending => {
+                        if let Some(slot) = pending.get_mut(usize::from(chain.head())) {
+                            *slot = Some(chain.writable_len());
+                            *in_flight += 1;
+                        }
+                    }
+                }
             }
             handler.flush_batch();
         }));
@@ -558,14 +704,106 @@ impl Context {
         for &(head, len) in &self.completions {
             self.queue.push_used(head, len)?;
         }
+        self.shared
+            .counters
+            .in_flight
+            .store(self.in_flight as u64, Ordering::Relaxed);
+        let done = self.completions.len() as u64;
+        self.publish(done)?;
+        Ok(popped)
+    }
+
+    /// Publish what was pushed, count `chains` completed chains, signal the call if due.
+    fn publish(&mut self, chains: u64) -> Result<(), WorkerFault> {
         let notify = self.queue.publish_used()?;
-        let counters = &self.shared.counters;
-        Counters::add(&counters.chains, popped as u64);
-        Counters::add(&counters.batches, 1);
+        if chains > 0 {
+            let counters = &self.shared.counters;
+            Counters::add(&counters.chains, chains);
+            Counters::add(&counters.batches, 1);
+        }
         if notify {
             self.shared.signal_call();
         }
-        Ok(popped)
+        Ok(())
+    }
+
+    /// An asynchronous handler holds as many chains as it may.
+    fn is_full(&self) -> bool {
+        self.max_in_flight > 0 && self.in_flight >= self.max_in_flight
+    }
+
+    /// Completions wait to be reaped (without blocking).
+    fn completions_ready(&mut self) -> bool {
+        self.in_flight > 0 && self.handler.completions_ready()
+    }
+
+    /// Reap finished chains of an asynchronous handler (with `wait`, at least one), push and
+    /// publish them.
+    fn complete(&mut self, wait: bool) -> Result<(), WorkerFault> {
+        if self.in_flight == 0 {
+            return Ok(());
+        }
+        self.reaped.clear();
+        let handler = &mut self.handler;
+        let reaped = &mut self.reaped;
+        if let Err(payload) = catch_unwind(AssertUnwindSafe(|| handler.reap(reaped, wait))) {
+            return Err(WorkerFault::HandlerPanicked(panic_message(
+                payload.as_ref(),
+            )));
+        }
+        let mut count = 0u64;
+        for i in 0..self.reaped.len() {
+            let (head, len) = self.reaped[i];
+            let Some(writable) = self
+                .pending
+                .get_mut(usize::from(head))
+                .and_then(Option::take)
+            else {
+                return Err(WorkerFault::HandlerPanicked(format!(
+                    "the handler completed chain {head}, which it does not hold"
+                )));
+            };
+            self.in_flight -= 1;
+            self.queue.push_used(head, len.min(writable))?;
+            count += 1;
+        }
+        self.shared
+            .counters
+            .in_flight
+            .store(self.in_flight as u64, Ordering::Relaxed);
+        self.publish(count)
+    }
+
+    /// After a fault: wait until the handler gave back every chain it holds, without
+    /// completing them (the queue may be broken), so that no I/O still targets guest memory
+    /// when the worker lets go of its snapshot. Best effort: a handler that panics again is
+    /// left alone.
+    fn abandon_in_flight(&mut self) {
+        let handler = &mut self.handler;
+        let reaped = &mut self.reaped;
+        let pending = &mut self.pending;
+        let in_flight = &mut self.in_flight;
+        let _ = catch_unwind(AssertUnwindSafe(|| {
+            while *in_flight > 0 {
+                reaped.clear();
+                handler.reap(reaped, true);
+                for &(head, _) in reaped.iter() {
+                    if let Some(slot) = pending.get_mut(usize::from(head)) {
+                        if slot.take().is_some() {
+                            *in_flight -= 1;
+                        }
+                    }
+                }
+            }
+        }));
+    }
+
+    /// Wait for every in-flight chain and publish it (before a stop or a memory switch).
+    fn drain(&mut self) -> Result<(), WorkerFault> {
+        while self.in_flight > 0 {
+            self.complete(true)?;
+        }
+        Ok(())
     }
 
     /// After a fault: do nothing until asked to stop.
@@ -678,8 +916,20 @@ impl QueueWorker {
         poller.register(kick.as_fd(), TOKEN_KICK)?;
         poller.register(shared.stop.as_fd(), TOKEN_STOP)?;
         poller.register(shared.update.as_fd(), TOKEN_UPDATE)?;
+        let max_in_flight = if device_loop {
+            0
+        } else {
+            handler.max_in_flight()
+        };
+        if max_in_flight > 0 {
+            let fd = handler.completion_fd().ok_or_else(|| {
+                invalid("an asynchronous handler (max_in_flight > 0) needs a completion fd")
+            })?;
+            poller.register(fd, TOKEN_COMPLETION)?;
+        }
         // One pop never returns more than Q chains; the clamp also keeps allocations sane.
         let batch_size = options.batch_size.clamp(1, usize::from(queue.size()));
+        let queue_size = queue.size();
         let context = Context {
             queue,
             handler,
@@ -695,6 +945,10 @@ impl QueueWorker {
             poll_interval: options.poll_interval,
             shared: Arc::clone(&shared),
             awaiting_translation: false,
+            max_in_flight,
+            pending: vec![None; usize::from(queue_size)],
+            in_flight: 0,
+            reaped: Vec::with_capacity(max_in_flight),
         };
         let thread = std::thread::Builder::new()
             .name(name.to_owned())

@@ -1052,3 +1052,338 @@ fn iotlb_indirect_tables_miss_and_need_read_access() {
     assert!(err.to_string().contains("needs read access"), "{err}");
     assert!(dev.is_broken());
 }
+
+// --- asynchronous handlers ---------------------------------------------------------------------
+
+/// A chain an asynchronous [`Gate`] holds: its head and its two buffers.
+#[derive(Clone, Copy)]
+struct Held {
+    head: u16,
+    input: crate::queue::Segment,
+    output: crate::queue::Segment,
+}
+
+#[derive(Default)]
+struct GateState {
+    /// Accepted, not released, in submit order.
+    held: Vec<Held>,
+    /// Released by the test, in release order, not reaped yet.
+    released: Vec<Held>,
+    submitted: usize,
+}
+
+/// An asynchronous [`Doubler`]: holds every chain until the test releases it (in any order),
+/// and only then reads the input and writes the result — through segments popped batches ago,
+/// which the worker must keep valid.
+struct Gate {
+    state: Arc<Mutex<GateState>>,
+    fd: EventFd,
+    max: usize,
+}
+
+/// The test's side of a [`Gate`].
+struct GateCtl {
+    state: Arc<Mutex<GateState>>,
+    fd: EventFd,
+}
+
+fn gate(max: usize) -> (Box<dyn ChainHandler>, GateCtl) {
+    let state = Arc::new(Mutex::new(GateState::default()));
+    let fd = EventFd::new().unwrap();
+    let ctl = GateCtl {
+        state: Arc::clone(&state),
+        fd: fd.try_clone().unwrap(),
+    };
+    (Box::new(Gate { state, fd, max }), ctl)
+}
+
+impl GateCtl {
+    fn held(&self) -> Vec<u16> {
+        lock(&self.state).held.iter().map(|h| h.head).collect()
+    }
+
+    fn submitted(&self) -> usize {
+        lock(&self.state).submitted
+    }
+
+    /// Release `heads` (in this order) for completion.
+    fn release(&self, heads: &[u16]) {
+        let mut state = lock(&self.state);
+        for &head in heads {
+            let at = state.held.iter().position(|h| h.head == head).unwrap();
+            let held = state.held.remove(at);
+            state.released.push(held);
+        }
+        drop(state);
+        self.fd.signal().unwrap();
+    }
+
+    fn release_all(&self) {
+        let heads = self.held();
+        self.release(&heads);
+    }
+}
+
+impl ChainHandler for Gate {
+    fn handle(&mut self, _memory: &GuestMemory, _chain: ChainView<'_>) -> u32 {
+        panic!("an asynchronous handler gets submit, not handle");
+    }
+
+    fn submit(&mut self, _memory: &GuestMemory, chain: ChainView<'_>) -> Submitted {
+        let mut state = lock(&self.state);
+        state.submitted += 1;
+        state.held.push(Held {
+            head: chain.head(),
+            input: chain.readable()[0],
+            output: chain.writable()[0],
+        });
+        Submitted::Pending
+    }
+
+    fn max_in_flight(&self) -> usize {
+        self.max
+    }
+
+    fn completion_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.fd.as_fd())
+    }
+
+    fn reap(&mut self, done: &mut Vec<(u16, u32)>, wait: bool) {
+        loop {
+            // Doorbell first, then the list: a release in between leaves the doorbell set.
+            let _ = self.fd.consume();
+            let released = std::mem::take(&mut lock(&self.state).released);
+            for held in released {
+                let mut raw = [0u8; 4];
+                // SAFETY: the worker keeps the snapshot alive while the chain is pending.
+                unsafe { held.input.read_to(0, &mut raw) };
+                let y = u32::from_le_bytes(raw).wrapping_mul(2).wrapping_add(1);
+                // SAFETY: as above.
+                let n = unsafe { held.output.write_from(0, &y.to_le_bytes()) };
+                done.push((held.head, n as u32));
+            }
+            if !wait || !done.is_empty() {
+                return;
+            }
+            // Bounded: a test that failed with chains held must not hang the worker's drain.
+            assert!(
+                self.fd.wait(Some(PATIENCE)).unwrap(),
+                "nothing released within {PATIENCE:?}"
+            );
+        }
+    }
+}
+
+/// Reap `n` completions (waiting on the call fd); returns their heads in used-ring order.
+fn reap_n(driver: &mut Driver, call: &EventFd, n: usize) -> Vec<u16> {
+    let mut heads = Vec::new();
+    while heads.len() < n {
+        if let Some((head, len)) = driver.drv.reap_used().unwrap() {
+            assert_eq!(len, 4);
+            heads.push(head);
+            continue;
+        }
+        if driver.drv.enable_call_notifications().unwrap() {
+            continue;
+        }
+        assert!(call.wait(Some(PATIENCE)).unwrap(), "completion lost");
+    }
+    heads
+}
+
+#[test]
+fn async_handler_completes_out_of_order_across_batches() {
+    let (handler, ctl) = gate(64);
+    // Two descriptors per request: 12 in flight need 24.
+    let mut rig = spawn_rig(32, true, handler, WorkerOptions::default());
+    let xs: Vec<u32> = (0..8).map(|_| rig.driver.add()).collect();
+    rig.driver.publish();
+    eventually("8 chains in flight", || rig.worker.stats().in_flight == 8);
+    assert_eq!(
+        rig.driver.drv.reap_used().unwrap(),
+        None,
+        "nothing done yet"
+    );
+    let heads = ctl.held();
+    assert_eq!(heads.len(), 8);
+    // More work arrives (another batch) while the first is in flight.
+    let more: Vec<u32> = (0..4).map(|_| rig.driver.add()).collect();
+    rig.driver.publish();
+    eventually("12 chains in flight", || ctl.held().len() == 12);
+    // Completed in reverse, in three goes: the used ring follows the completion order.
+    let order: Vec<u16> = heads.iter().rev().copied().collect();
+    ctl.release(&order[..3]);
+    let mut got = reap_n(&mut rig.driver, &rig.call, 3);
+    ctl.release(&order[3..]);
+    got.extend(reap_n(&mut rig.driver, &rig.call, 5));
+    assert_eq!(got, order);
+    ctl.release_all();
+    reap_n(&mut rig.driver, &rig.call, 4);
+    for x in xs.into_iter().chain(more) {
+        assert_eq!(rig.driver.result(x), 2 * x + 1);
+    }
+    let stopped = rig.worker.stop().unwrap();
+    assert_eq!(stopped.fault, None);
+    assert_eq!((stopped.stats.chains, stopped.stats.in_flight), (12, 0));
+}
+
+#[test]
+fn async_handler_gets_back_pressure_at_max_in_flight() {
+    let (handler, ctl) = gate(3);
+    let mut rig = spawn_rig(32, true, handler, WorkerOptions::default());
+    let xs: Vec<u32> = (0..10).map(|_| rig.driver.add()).collect();
+    rig.driver.publish();
+    eventually("the worker to stop popping", || rig.worker.stats().full > 0);
+    assert_eq!(ctl.submitted(), 3, "no more than max_in_flight taken");
+    let mut done = 0;
+    while done < 10 {
+        eventually("a chain in flight", || !ctl.held().is_empty());
+        assert!(ctl.held().len() <= 3);
+        let first = ctl.held()[0];
+        ctl.release(&[first]);
+        reap_n(&mut rig.driver, &rig.call, 1);
+        done += 1;
+    }
+    for x in xs {
+        assert_eq!(rig.driver.result(x), 2 * x + 1);
+    }
+    let stopped = rig.worker.stop().unwrap();
+    assert_eq!(stopped.stats.chains, 10);
+}
+
+#[test]
+fn stop_waits_for_in_flight_chains_and_publishes_them() {
+    let (handler, ctl) = gate(64);
+    let mut rig = spawn_rig(16, false, handler, WorkerOptions::default());
+    let xs: Vec<u32> = (0..5).map(|_| rig.driver.add()).collect();
+    rig.driver.publish();
+    eventually("5 chains in flight", || ctl.held().len() == 5);
+    let shared = Arc::clone(&rig.worker.shared);
+    let worker = rig.worker;
+    let stopper = std::thread::spawn(move || worker.stop().unwrap());
+    eventually("the stop request", || shared.stop_requested());
+    assert!(
+        !stopper.is_finished(),
+        "stop returned with chains in flight"
+    );
+    ctl.release_all();
+    let stopped = stopper.join().unwrap();
+    assert_eq!(stopped.fault, None);
+    assert_eq!(stopped.stats.chains, 5);
+    assert_eq!(stopped.queue.vring_base(), 5);
+    reap_n(&mut rig.driver, &rig.call, 5);
+    for x in xs {
+        assert_eq!(rig.driver.result(x), 2 * x + 1);
+    }
+}
+
+#[test]
+fn memory_switch_waits_for_in_flight_chains() {
+    let (handler, ctl) = gate(64);
+    let mut rig = spawn_rig(16, false, handler, WorkerOptions::default());
+    let x = rig.driver.submit();
+    eventually("a chain in flight", || ctl.held().len() == 1);
+    let memory = rig.driver.drv.memory().clone();
+    let generation = rig.worker.set_memory(memory).unwrap();
+    // The held chain points into the current snapshot: no switch before it completes.
+    assert!(!rig
+        .worker
+        .wait_memory(generation, Duration::from_millis(50)));
+    ctl.release_all();
+    assert!(rig.worker.wait_memory(generation, PATIENCE));
+    reap_n(&mut rig.driver, &rig.call, 1);
+    assert_eq!(rig.driver.result(x), 2 * x + 1);
+}
+
+#[test]
+fn inflight_region_lists_exactly_the_uncompleted_chains_after_a_crash() {
+    use crate::inflight::{InflightRegion, RingLayout};
+    let region = Arc::new(InflightRegion::allocate(RingLayout::Split, 1, 16).unwrap());
+    let (drv, mut dev) = pair(16, false);
+    let memory = dev.memory().unwrap().clone();
+    dev.set_inflight(region.split_queue(0, 16).unwrap())
+        .unwrap();
+    let (handler, ctl) = gate(64);
+    let mut rig = spawn_with(drv, dev, handler, WorkerOptions::default());
+    (0..6).for_each(|_| {
+        rig.driver.add();
+    });
+    rig.driver.publish();
+    eventually("6 chains in flight", || ctl.held().len() == 6);
+    let heads = ctl.held();
+    ctl.release(&[heads[4], heads[1]]);
+    reap_n(&mut rig.driver, &rig.call, 2);
+    // "Crash": a new incarnation recovers from the region while the old one is frozen with
+    // four chains in flight (completed out of order around them).
+    let mut reborn = SplitQueue::new(config(16, false)).unwrap();
+    reborn.attach(memory).unwrap();
+    reborn.set_next_avail(2);
+    let recovery = reborn
+        .set_inflight(region.split_queue(0, 16).unwrap())
+        .unwrap();
+    assert_eq!(
+        recovery.resubmit,
+        vec![heads[0], heads[2], heads[3], heads[5]]
+    );
+    assert_eq!(reborn.next_avail(), 6);
+    ctl.release_all();
+}
+
+#[test]
+fn packed_ring_completes_out_of_order_through_an_async_handler() {
+    use crate::queue::{PackedConfig, PackedQueue, PackedQueueDriver};
+    let (drv_mem, dev_mem) = shared_memory(&[(0, 0x20000), (0x20000, 0x20000)]);
+    let config = PackedConfig::from_split_names(&config(16, true));
+    let mut drv = PackedQueueDriver::new(drv_mem.clone(), config).unwrap();
+    let mut dev = PackedQueue::new(config).unwrap();
+    dev.attach(dev_mem).unwrap();
+    let kick = EventFd::new().unwrap();
+    let call = EventFd::new().unwrap();
+    let (handler, ctl) = gate(64);
+    let worker = QueueWorker::spawn(
+        "vvu-packed-async",
+        dev,
+        kick.try_clone().unwrap(),
+        Some(call.try_clone().unwrap()),
+        handler,
+        WorkerOptions::default(),
+    )
+    .unwrap();
+    for x in 0..6u32 {
+        drv_mem
+            .store_u32(IN + 8 * u64::from(x), x, Ordering::Relaxed)
+            .unwrap();
+        drv.add_chain(
+            &[(IN + 8 * u64::from(x), 4)],
+            &[(OUT + 8 * u64::from(x), 4)],
+        )
+        .unwrap();
+    }
+    if drv.publish().unwrap() {
+        kick.signal().unwrap();
+    }
+    eventually("6 chains in flight", || ctl.held().len() == 6);
+    let ids = ctl.held();
+    let order = [ids[3], ids[0], ids[5], ids[1], ids[4], ids[2]];
+    ctl.release(&order);
+    let mut got = Vec::new();
+    while got.len() < 6 {
+        if let Some((id, len)) = drv.reap_used().unwrap() {
+            assert_eq!(len, 4);
+            got.push(id);
+            continue;
+        }
+        if drv.enable_call_notifications().unwrap() {
+            continue;
+        }
+        assert!(call.wait(Some(PATIENCE)).unwrap(), "completion lost");
+    }
+    assert_eq!(got, order);
+    for x in 0..6u32 {
+        let y = drv_mem
+            .load_u32(OUT + 8 * u64::from(x), Ordering::Acquire)
+            .unwrap();
+        assert_eq!(y, 2 * x + 1);
+    }
+    assert_eq!(worker.stop().unwrap().fault, None);
+}
