@@ -27,10 +27,16 @@ from pathlib import Path
 import pytest
 
 from daemons import stop_process, wait_for_socket
-from guest import guest_image, qemu_escape, run_guest_async
+from guest import (
+    NET_PAIR_SETUP,
+    guest_image,
+    qemu_escape,
+    run_guest_async,
+    vhost_user_net_args,
+)
 from vvu._core import NetPort, Switch
 from vvu.backends import NetBackend, available_backends
-from vvu.backends.net import NetFeature, parse_mac, rarp_frame
+from vvu.backends.net import OFFLOAD_FEATURES, NetFeature, parse_mac, rarp_frame
 from vvu.engine import BackendEngine
 from vvu.frontend import Frontend, FrontendError
 from vvu.frontend.core import WANTED_PROTOCOL_FEATURES
@@ -73,9 +79,14 @@ def test_features_config_space_and_registration() -> None:
         assert features & (1 << bit)
     assert features & (1 << NetFeature.MQ)
     assert features & VirtioFeature.VERSION_1.mask and features & VirtioFeature.EVENT_IDX.mask
-    # No offload, no control queue.
-    for bit in (NetFeature.CSUM, NetFeature.GUEST_CSUM, NetFeature.CTRL_VQ):
+    # Checksum and TSO offloads both ways (none with offloads off), no UFO/ECN, no control queue.
+    offloads = OFFLOAD_FEATURES
+    assert all(features & (1 << bit) for bit in offloads)
+    for bit in (9, 10, 13, 14, NetFeature.CTRL_VQ):  # GUEST_ECN/UFO, HOST_ECN/UFO
         assert not features & (1 << bit)
+    a.offloads = False
+    assert not any(a.features() & (1 << bit) for bit in offloads)
+    a.offloads = True
     assert a.protocol_features() & ProtocolFeature.CONFIG.mask
     rarp_mtu = ProtocolFeature.RARP.mask | ProtocolFeature.MTU.mask
     assert a.protocol_features() & rarp_mtu == rarp_mtu  # routed by the engine
@@ -1019,3 +1030,63 @@ def test_dpdk_testpmd_multi_queue_pair_two(tmp_path: Path) -> None:
     ):
         asyncio.run(round_trip(pmd))
     assert re.search(r"RX P=0/Q=1 \(socket 0\) -> TX P=0/Q=1", pmd.output())
+
+
+# Guest feature bits read from /sys/.../device/features (character i + 1 is bit i).
+GUEST_OFFLOAD_BITS = {
+    "CSUM": NetFeature.CSUM,
+    "GUEST_CSUM": NetFeature.GUEST_CSUM,
+    "HOST_TSO4": NetFeature.HOST_TSO4,
+    "GUEST_TSO4": NetFeature.GUEST_TSO4,
+}
+
+
+@pytest.mark.guest
+@pytest.mark.timeout(150)
+def test_linux_guest_tcp_between_two_switch_ports_with_offloads(tmp_path: Path) -> None:
+    """One guest, two virtio-net devices on two ports of `vvu serve net --switch`, the second
+    in its own network namespace so that TCP between 10.0.0.2 and 10.0.0.3 crosses the switch.
+    eth0 negotiates every offload; eth1 sends with CSUM/HOST_TSO4 but takes neither checksum
+    nor TSO offload (QEMU's guest_csum=off, guest_tso4/6=off). 2 MiB over HTTP each way, md5
+    compared: eth1 → eth0 goes as TSO packets, passed through whole (far fewer packets than
+    MSS-sized segments arrive); eth0 → eth1 is cut and checksummed by the switch."""
+    guest_image()
+    socks = [tmp_path / "p0.sock", tmp_path / "p1.sock"]
+    script = (
+        """
+set -e
+for d in /sys/class/net/eth0 /sys/class/net/eth1; do cat $d/device/features; done
+dd if=/dev/urandom of=/tmp/data bs=64k count=32 2>/dev/null
+md5sum </tmp/data
+"""
+        + NET_PAIR_SETUP
+        + """
+ln -s /tmp/data /tmp/www/data
+before=$(cat /sys/class/net/eth0/statistics/rx_packets)
+wget -q -O - http://10.0.0.3:8080/data | md5sum
+after=$(cat /sys/class/net/eth0/statistics/rx_packets)
+echo $((after - before))
+nsenter -t $NS -n sh -c 'wget -q -O - http://10.0.0.2:8080/data | md5sum'
+kill $NS
+"""
+    )
+    no_guest_offloads = "guest_csum=off,guest_tso4=off,guest_tso6=off"
+    qemu_args = vhost_user_net_args(0, str(socks[0]), "52:54:00:12:34:50")
+    qemu_args += vhost_user_net_args(1, str(socks[1]), "52:54:00:12:34:51", no_guest_offloads)
+
+    async def main() -> str:
+        result = await run_guest_async(script, qemu_args=qemu_args, timeout=120)
+        assert result.exit_status == 0, result.serial
+        return result.output
+
+    with vvu_serve_net(socks[0], "--switch", "sw", "--switch-port", str(socks[1])):
+        lines = asyncio.run(main()).split("\n")
+    eth0, eth1 = lines[0], lines[1]
+    for name, bit in GUEST_OFFLOAD_BITS.items():
+        assert eth0[bit] == "1", f"eth0 negotiated {name}"
+    assert (eth1[NetFeature.CSUM], eth1[NetFeature.HOST_TSO4]) == ("1", "1")
+    assert (eth1[NetFeature.GUEST_CSUM], eth1[NetFeature.GUEST_TSO4]) == ("0", "0")
+    sent, to_eth0, eth0_packets, to_eth1 = lines[2], lines[3], int(lines[4]), lines[5]
+    assert to_eth0 == sent and to_eth1 == sent, "2 MiB arrive intact both ways"
+    # 2 MiB in 1448-byte segments would be over 1448 packets (plus ACKs): TSO packets arrived.
+    assert eth0_packets < 2 * 1024 * 1024 // 1448 // 2, eth0_packets

@@ -27,8 +27,14 @@ after running out of work before they sleep on eventfds (one core each while tra
 The two queues of a pair are independent workers that share the port, so the engine's per-queue
 `native_worker(index)` life cycle applies as it is: a ring runs while it is started and enabled;
 a started but disabled transmit queue discards what it is given (`disabled_worker`).
-No checksum or segmentation offload is offered; the control queue is not implemented (a front-end
-that uses more than one queue pair must steer them itself, as QEMU and DPDK do).
+Offloads (unless `--no-offloads`): CSUM, GUEST_CSUM, HOST_TSO4/6 and GUEST_TSO4/6 are offered and
+the virtio-net header travels with the frame (vvu_core `worker::net::offload`). Every header from
+a guest is checked against what it negotiated and against its frame (flags, gso_type, gso_size
+against the MTU, csum_start/csum_offset, hdr_len); a bad one drops the frame (`tx_errors`). A
+receiving port whose guest lacks an offload gets the checksum completed or the TCP packet cut
+into segments in software; a TAP is told the guest's offloads with TUNSETOFFLOAD. The control
+queue is not implemented (a front-end that uses more than one queue pair must steer them itself,
+as QEMU and DPDK do).
 """
 
 from __future__ import annotations
@@ -61,13 +67,25 @@ class NetFeature:
     MTU = 3
     MAC = 5
     GUEST_TSO4 = 7
+    GUEST_TSO6 = 8
     HOST_TSO4 = 11
+    HOST_TSO6 = 12
     MRG_RXBUF = 15
     STATUS = 16
     CTRL_VQ = 17
     GUEST_ANNOUNCE = 21
     MQ = 22
 
+
+#: Checksum and TCP segmentation offloads, both directions.
+OFFLOAD_FEATURES = [
+    NetFeature.CSUM,
+    NetFeature.GUEST_CSUM,
+    NetFeature.HOST_TSO4,
+    NetFeature.HOST_TSO6,
+    NetFeature.GUEST_TSO4,
+    NetFeature.GUEST_TSO6,
+]
 
 #: Config space `status`: the link is up.
 LINK_UP = 1
@@ -151,6 +169,8 @@ class NetBackend(Backend):
         self.companion: CompanionServer | None = None
         #: Servers of further switch ports (`vvu serve net --switch-port`).
         self.extra_servers: list[CompanionServer] = []
+        #: Offer checksum and TSO offloads (read at feature negotiation).
+        self.offloads = True
 
     # --- construction ------------------------------------------------------------------------
 
@@ -253,6 +273,11 @@ class NetBackend(Backend):
             help="busy-poll N microseconds before sleeping on eventfds (0: never; costs a core "
             "per busy queue while traffic flows)",
         )
+        parser.add_argument(
+            "--no-offloads",
+            action="store_true",
+            help="offer no checksum or TSO offload (guests checksum and segment themselves)",
+        )
         parser.add_argument("--mac", default=DEFAULT_MAC, help=f"MAC address ({DEFAULT_MAC})")
         parser.add_argument(
             "--peer-mac", default=DEFAULT_PEER_MAC, help=f"the peer's MAC ({DEFAULT_PEER_MAC})"
@@ -282,10 +307,13 @@ class NetBackend(Backend):
         if extra and not args.switch:
             raise ValueError("--switch-port needs --switch")
         backend = cls._from_mode(args, pairs, buffer_size)
+        offloads = not args.no_offloads
         backend.set_busy_poll(poll_us)
+        backend.offloads = offloads
         if backend.companion is not None and isinstance(backend.companion.backend, NetBackend):
             # Before a front-end connects: workers start with the budget.
             backend.companion.backend.set_busy_poll(poll_us)
+            backend.companion.backend.offloads = offloads
         mode = int(getattr(args, "socket_mode", "600"), 8)
         mac = parse_mac(args.mac)
         for i, path in enumerate(extra, start=1):
@@ -294,6 +322,7 @@ class NetBackend(Backend):
                 args.switch, queue_pairs=pairs, mac=port_mac, mtu=args.mtu, buffer_size=buffer_size
             )
             other.set_busy_poll(poll_us)
+            other.offloads = offloads
             backend.extra_servers.append(CompanionServer(other, path, mode=mode))
         return backend
 
@@ -337,6 +366,8 @@ class NetBackend(Backend):
 
     def device_features(self) -> int:
         bits = [NetFeature.MAC, NetFeature.STATUS, NetFeature.MRG_RXBUF]
+        if self.offloads:
+            bits += OFFLOAD_FEATURES
         if self.mtu is not None:
             bits.append(NetFeature.MTU)
         if self.queue_pairs > 1:
@@ -374,9 +405,10 @@ class NetBackend(Backend):
         # The guest must not send more than the MTU it was told (plus Ethernet and VLAN header).
         port.max_frame = MAX_FRAME_LEN if self.mtu is None else self.mtu + ETH_VLAN_HLEN
         mrg_rxbuf, version_1 = self._header_features()
+        acked = self.acked_features
         if is_tx:
-            return port.tx_handler(mrg_rxbuf=mrg_rxbuf, version_1=version_1)
-        return port.rx_handler(mrg_rxbuf=mrg_rxbuf, version_1=version_1)
+            return port.tx_handler(mrg_rxbuf=mrg_rxbuf, version_1=version_1, features=acked)
+        return port.rx_handler(mrg_rxbuf=mrg_rxbuf, version_1=version_1, features=acked)
 
     def set_busy_poll(self, microseconds: int) -> None:
         """Busy-poll this long on the queue workers started from now on (0: never)."""

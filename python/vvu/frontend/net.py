@@ -20,6 +20,9 @@ from vvu.protocol import ProtocolFeature, VirtioFeature
 __all__ = ["NetDriver", "NetDriverError"]
 
 MRG_RXBUF = 1 << 15
+#: Checksum, segmentation and receive-coalescing offloads (bits 0-2, 7-14): this driver does
+#: none of them, so it never acks them (frames come whole and checksummed, and go out so).
+OFFLOADS = 0b111 | sum(1 << bit for bit in range(7, 15))
 MQ = 1 << 22
 FEATURE_MAC = 1 << 5
 MAX_FRAME = 65535
@@ -94,7 +97,7 @@ class NetDriver:
 
         `buffer_size` defaults to 2048 with MRG_RXBUF and to a whole maximum frame without it.
         """
-        features_off = 0 if mrg_rxbuf else MRG_RXBUF
+        features_off = OFFLOADS | (0 if mrg_rxbuf else MRG_RXBUF)
         if not version_1:
             features_off |= VirtioFeature.VERSION_1.mask
         if not event_idx:

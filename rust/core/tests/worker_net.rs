@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use vvu_core::memory::{create_memfd, GuestMemory, MemoryRegion, RegionSpec};
 use vvu_core::notify::EventFd;
 use vvu_core::queue::{QueueConfig, SplitQueue, SplitQueueDriver};
+use vvu_core::worker::net::offload::Offloads;
 use vvu_core::worker::net::switch::{Switch, SwitchMode};
 use vvu_core::worker::net::{NetFeatures, NetPort, NetStats, DEFAULT_PORT_BUFFER};
 use vvu_core::worker::{QueueWorker, WorkerOptions};
@@ -34,14 +35,20 @@ const QUIET: Duration = Duration::from_millis(150);
 const MRG: NetFeatures = NetFeatures {
     mrg_rxbuf: true,
     version_1: true,
+    host: Offloads::NONE,
+    guest: Offloads::NONE,
 };
 const V1: NetFeatures = NetFeatures {
     mrg_rxbuf: false,
     version_1: true,
+    host: Offloads::NONE,
+    guest: Offloads::NONE,
 };
 const LEGACY: NetFeatures = NetFeatures {
     mrg_rxbuf: false,
     version_1: false,
+    host: Offloads::NONE,
+    guest: Offloads::NONE,
 };
 
 fn memory() -> (GuestMemory, GuestMemory) {
@@ -339,6 +346,14 @@ impl Side {
 
     /// Receive one frame: its bytes and the number of buffers it spanned.
     fn recv(&mut self, timeout: Duration) -> Option<(Vec<u8>, u16)> {
+        let (header, frame, n) = self.recv_with_header(timeout)?;
+        assert!(header.iter().all(|&b| b == 0), "flags/gso must be 0");
+        Some((frame, n))
+    }
+
+    /// Receive one frame: the first 10 bytes of its header, its bytes and the number of
+    /// buffers it spanned.
+    fn recv_with_header(&mut self, timeout: Duration) -> Option<([u8; 10], Vec<u8>, u16)> {
         let (head, len) = self.next_used(timeout)?;
         let hdr_len = self.hdr_len();
         let mut data = self.take_buffer(head, len);
@@ -346,7 +361,7 @@ impl Side {
             data.len() >= hdr_len,
             "used len {len} shorter than the header"
         );
-        assert!(data[..10].iter().all(|&b| b == 0), "flags/gso must be 0");
+        let header: [u8; 10] = data[..10].try_into().unwrap();
         let num_buffers = if hdr_len == 12 {
             u16::from_le_bytes([data[10], data[11]])
         } else {
@@ -360,7 +375,7 @@ impl Side {
             let (head, len) = self.next_used(PATIENCE).expect("missing merged buffer");
             data.extend(self.take_buffer(head, len));
         }
-        Some((data.split_off(hdr_len), num_buffers))
+        Some((header, data.split_off(hdr_len), num_buffers))
     }
 
     fn expect(&mut self, expected: &[u8]) -> u16 {
@@ -1059,4 +1074,261 @@ fn busy_polling_workers_move_frames_without_sleeping_and_stop_promptly() {
         started.elapsed() < Duration::from_secs(5),
         "stop while spinning"
     );
+}
+
+// --- offloads --------------------------------------------------------------------------------
+
+const ALL_OFFLOADS: Offloads = Offloads {
+    csum: true,
+    tso4: true,
+    tso6: true,
+};
+const MRG_OFFLOADS: NetFeatures = NetFeatures {
+    host: ALL_OFFLOADS,
+    guest: ALL_OFFLOADS,
+    ..MRG
+};
+
+/// RFC 1071 over `data`, the plain way: sum of big-endian words, carries folded at the end.
+fn internet_sum(data: &[u8]) -> u16 {
+    let mut sum: u64 = data
+        .chunks(2)
+        .map(|w| u64::from(w[0]) << 8 | u64::from(*w.get(1).unwrap_or(&0)))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum >> 16) + (sum & 0xffff);
+    }
+    sum as u16
+}
+
+/// An Ethernet/IPv4/TCP frame from mac(1) to mac(2) with `payload`, as a Linux guest hands it
+/// over with NEEDS_CSUM: the TCP checksum field holds the pseudo-header sum.
+fn tcp4(payload: &[u8], seq: u32) -> Vec<u8> {
+    let mut f = mac(2).to_vec();
+    f.extend_from_slice(&mac(1));
+    f.extend_from_slice(&[0x08, 0x00]);
+    let tot = (40 + payload.len()) as u16;
+    let mut ip = vec![
+        0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+    ];
+    ip[2..4].copy_from_slice(&tot.to_be_bytes());
+    let c = !internet_sum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ip);
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&33000u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&5201u16.to_be_bytes());
+    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+    tcp[12] = 0x50;
+    tcp[13] = 0x18; // PSH ACK
+    f.extend_from_slice(&tcp);
+    f.extend_from_slice(payload);
+    let mut pseudo = f[26..34].to_vec();
+    pseudo.extend_from_slice(&[0, 6]);
+    pseudo.extend_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+    let p = internet_sum(&pseudo);
+    f[50..52].copy_from_slice(&p.to_be_bytes());
+    f
+}
+
+/// Whether the IPv4 header and TCP checksums of `f` (as [`tcp4`] builds it) are right.
+fn tcp4_checksums_ok(f: &[u8]) -> bool {
+    let mut pseudo = f[26..34].to_vec();
+    pseudo.extend_from_slice(&[0, 6]);
+    pseudo.extend_from_slice(&((f.len() - 34) as u16).to_be_bytes());
+    pseudo.extend_from_slice(&f[34..]);
+    internet_sum(&f[14..34]) == 0xffff && internet_sum(&pseudo) == 0xffff
+}
+
+fn vnet_hdr(flags: u8, gso_type: u8, hdr_len: u16, gso_size: u16, start: u16, off: u16) -> Vec<u8> {
+    let mut h = vec![flags, gso_type];
+    for v in [hdr_len, gso_size, start, off, 0] {
+        h.extend_from_slice(&v.to_le_bytes());
+    }
+    h
+}
+
+#[test]
+fn offloads_pass_to_ports_that_take_them_and_are_done_in_software_for_the_others() {
+    // A hub: what A sends, B (all offloads) and C (none) both get.
+    let hub = Switch::new("offloads", SwitchMode::Hub);
+    let port = |features| {
+        Side::new(
+            hub.attach(1, 8 << 20).unwrap().pop().unwrap(),
+            features,
+            true,
+        )
+    };
+    let mut a = port(MRG_OFFLOADS);
+    let mut b = port(MRG_OFFLOADS);
+    let mut c = port(MRG);
+    a.port.set_max_frame(1518);
+    b.post_rx(2048, 100);
+    c.post_rx(2048, 100);
+    let payload: Vec<u8> = (0..5000u32).map(|i| (i * 13 + i / 256) as u8).collect();
+
+    // A TSO packet: B gets it whole with the header (hdr_len corrected to the real 54), C gets
+    // four checksummed segments.
+    let big = tcp4(&payload, 1000);
+    a.send_chain(&vnet_hdr(1, 1, 60, 1448, 34, 16), &big);
+    let (h, f, _) = b.recv_with_header(PATIENCE).unwrap();
+    assert_eq!(h.to_vec(), vnet_hdr(1, 1, 54, 1448, 34, 16)[..10]);
+    assert!(f == big, "GSO frame passed through unchanged");
+    let mut joined = Vec::new();
+    for i in 0..4u32 {
+        let (seg, _) = c.recv(PATIENCE).unwrap();
+        assert!(seg.len() <= 1514);
+        assert!(tcp4_checksums_ok(&seg), "segment {i}");
+        let seq = u32::from_be_bytes(seg[38..42].try_into().unwrap());
+        assert_eq!(seq, 1000 + i * 1448);
+        joined.extend_from_slice(&seg[54..]);
+    }
+    assert!(joined == payload);
+    c.expect_nothing();
+
+    // A partial checksum: B gets NEEDS_CSUM as sent, C a completed checksum.
+    let small = tcp4(&payload[..700], 7);
+    a.send_chain(&vnet_hdr(1, 0, 54, 0, 34, 16), &small);
+    let (h, f, _) = b.recv_with_header(PATIENCE).unwrap();
+    assert_eq!(h.to_vec(), vnet_hdr(1, 0, 0, 0, 34, 16)[..10]);
+    assert!(f == small);
+    let (f, _) = c.recv(PATIENCE).unwrap();
+    assert!(tcp4_checksums_ok(&f));
+    assert_eq!(
+        (f[..50].to_vec(), f[52..].to_vec()),
+        (small[..50].to_vec(), small[52..].to_vec())
+    );
+
+    // Headers that lie: each is dropped and counted, nobody receives anything.
+    let lies = [
+        vnet_hdr(1, 1, 54, 0, 34, 16),      // gso_size 0
+        vnet_hdr(1, 1, 54, 1500, 34, 16),   // segments over the MTU
+        vnet_hdr(1, 1, 54, 1448, 30, 16),   // csum_start is not the TCP header
+        vnet_hdr(1, 4, 54, 1448, 34, 16),   // TCPV6 on an IPv4 frame
+        vnet_hdr(1, 3, 54, 1448, 34, 16),   // UDP (UFO) was not offered
+        vnet_hdr(0, 1, 54, 1448, 34, 16),   // GSO without NEEDS_CSUM
+        vnet_hdr(0, 0, 0, 0, 0, 0),         // over the MTU without GSO
+        vnet_hdr(1, 0, 0, 0, 5040, 16),     // checksum field past the end
+        vnet_hdr(1, 1, 6000, 1448, 34, 16), // hdr_len past the end
+        vnet_hdr(4, 1, 54, 1448, 34, 16),   // an unknown flag
+    ];
+    for lie in &lies {
+        a.send_chain(lie, &big);
+    }
+    a.flush_tx();
+    assert_eq!(a.stats().tx_errors, lies.len() as u64);
+    b.expect_nothing();
+    c.expect_nothing();
+
+    // A guest that negotiated nothing may not ask for anything.
+    let mut plain = port(MRG);
+    plain.send_chain(&vnet_hdr(1, 0, 0, 0, 34, 16), &small);
+    plain.flush_tx();
+    assert_eq!(plain.stats().tx_errors, 1);
+    b.expect_nothing();
+    assert_eq!(a.stats().tx_packets, 2);
+}
+
+/// `SOL_PACKET` option: a `virtio_net_hdr` in front of every frame sent and received.
+const PACKET_VNET_HDR: libc::c_int = 15;
+
+/// The next IPv4 frame longer than 1000 bytes the packet socket sees, with its 10-byte header.
+fn capture_tcp(sock: &OwnedFd) -> (Vec<u8>, Vec<u8>) {
+    let deadline = Instant::now() + PATIENCE;
+    let mut buf = vec![0u8; 70000];
+    loop {
+        // SAFETY: `buf` is writable for its length.
+        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n > 1000 && buf[22..24] == [0x08, 0x00] {
+            return (buf[..10].to_vec(), buf[10..n as usize].to_vec());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no TCP frame on the TAP interface"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The next frame for the guest that is IPv4 (skipping the kernel's IPv6 chatter).
+fn recv_ipv4(side: &mut Side) -> ([u8; 10], Vec<u8>) {
+    loop {
+        let (h, f, _) = side
+            .recv_with_header(PATIENCE)
+            .expect("nothing from the TAP");
+        if f.len() > 14 && f[12..14] == [0x08, 0x00] {
+            return (h, f);
+        }
+        side.post_rx(2048, 1);
+    }
+}
+
+#[test]
+fn tap_carries_offloads_both_ways_and_segments_for_a_guest_without_them() {
+    // SAFETY: unshare affects only the calling thread's namespaces.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        eprintln!("skipped: no network namespace");
+        return;
+    }
+    let port = match NetPort::tap("vvuoff%d", false) {
+        Ok(port) => port,
+        Err(e) => {
+            eprintln!("skipped: cannot create a TAP device ({e})");
+            return;
+        }
+    };
+    let name = port.name().unwrap().to_owned();
+    set_up(&name).unwrap();
+    let sock = packet_socket(&name);
+    let on: libc::c_int = 1;
+    // SAFETY: `on` is a valid int for the call.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_PACKET,
+            PACKET_VNET_HDR,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+    };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    let payload: Vec<u8> = (0..5000u32).map(|i| (i * 31 + 7) as u8).collect();
+    let big = tcp4(&payload, 42);
+    let gso = vnet_hdr(1, 1, 54, 1448, 34, 16);
+
+    let mut side = Side::new(port.clone(), MRG_OFFLOADS, true);
+    side.post_rx(2048, 64);
+    // Guest → TAP: the kernel gets one TSO packet (the packet socket reports its GSO header).
+    side.send_chain(&gso, &big);
+    let (h, f) = capture_tcp(&sock);
+    assert_eq!((h[1], u16::from_le_bytes([h[4], h[5]])), (1, 1448), "{h:?}");
+    assert!(f == big, "the TSO frame reached the kernel whole");
+    // Kernel → guest that takes TSO (TUNSETOFFLOAD): one packet with its GSO header.
+    let mut out = gso[..10].to_vec();
+    out.extend_from_slice(&big);
+    // SAFETY: `out` is readable for its length.
+    let n = unsafe { libc::send(sock.as_raw_fd(), out.as_ptr().cast(), out.len(), 0) };
+    assert_eq!(n, out.len() as isize, "{}", std::io::Error::last_os_error());
+    let (h, f) = recv_ipv4(&mut side);
+    assert_eq!(
+        (h[0] & 1, h[1], u16::from_le_bytes([h[4], h[5]])),
+        (1, 1, 1448)
+    );
+    assert!(f == big);
+    drop(side);
+
+    // The same TAP for a guest without offloads: the kernel segments and checksums.
+    let mut side = Side::new(port, MRG, true);
+    side.post_rx(2048, 64);
+    // SAFETY: as above.
+    let n = unsafe { libc::send(sock.as_raw_fd(), out.as_ptr().cast(), out.len(), 0) };
+    assert_eq!(n, out.len() as isize, "{}", std::io::Error::last_os_error());
+    let mut joined = Vec::new();
+    while joined.len() < payload.len() {
+        let (h, seg) = recv_ipv4(&mut side);
+        assert_eq!(h, [0; 10]);
+        assert!(seg.len() <= 1514 && tcp4_checksums_ok(&seg));
+        joined.extend_from_slice(&seg[54..]);
+    }
+    assert!(joined == payload);
 }

@@ -18,10 +18,13 @@ pub struct PyNetPort {
     port: NetPort,
 }
 
-fn features(mrg_rxbuf: bool, version_1: bool) -> NetFeatures {
+/// The data-path features: the offloads from the acked `features` bits, the header layout
+/// from the two flags.
+fn features(mrg_rxbuf: bool, version_1: bool, acked: u64) -> NetFeatures {
     NetFeatures {
         mrg_rxbuf,
         version_1,
+        ..NetFeatures::from_bits(acked)
     }
 }
 
@@ -116,16 +119,24 @@ impl PyNetPort {
     }
 
     /// The handler for the receive queue of the pair (device → driver), for a QueueWorker.
-    #[pyo3(signature = (*, mrg_rxbuf, version_1))]
-    fn rx_handler(&self, mrg_rxbuf: bool, version_1: bool) -> NativeHandler {
-        let handler = self.port.rx_handler(features(mrg_rxbuf, version_1));
+    /// `features`: the acked feature bits, for the offloads (CSUM, GUEST_CSUM, HOST_TSO4/6,
+    /// GUEST_TSO4/6); 0: none.
+    #[pyo3(signature = (*, mrg_rxbuf, version_1, features = 0))]
+    fn rx_handler(&self, mrg_rxbuf: bool, version_1: bool, features: u64) -> NativeHandler {
+        let handler = self
+            .port
+            .rx_handler(self::features(mrg_rxbuf, version_1, features));
         NativeHandler::from_handler(Box::new(handler), "net-rx")
     }
 
     /// The handler for the transmit queue of the pair (driver → device), for a QueueWorker.
-    #[pyo3(signature = (*, mrg_rxbuf, version_1))]
-    fn tx_handler(&self, mrg_rxbuf: bool, version_1: bool) -> NativeHandler {
-        let handler = self.port.tx_handler(features(mrg_rxbuf, version_1));
+    /// `features`: the acked feature bits, for the offloads (CSUM, GUEST_CSUM, HOST_TSO4/6,
+    /// GUEST_TSO4/6); 0: none.
+    #[pyo3(signature = (*, mrg_rxbuf, version_1, features = 0))]
+    fn tx_handler(&self, mrg_rxbuf: bool, version_1: bool, features: u64) -> NativeHandler {
+        let handler = self
+            .port
+            .tx_handler(self::features(mrg_rxbuf, version_1, features));
         NativeHandler::from_handler(Box::new(handler), "net-tx")
     }
 

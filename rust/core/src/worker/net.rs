@@ -47,13 +47,19 @@
 //!
 //! The guest is untrusted. TX: the chain must be device-readable only, hold the whole header
 //! (10 bytes, 12 with VIRTIO_NET_F_MRG_RXBUF or VIRTIO_F_VERSION_1) and a frame of
-//! [`ETH_HLEN`]..=[`NetPort::max_frame`] bytes (the advertised MTU plus 18, else
-//! [`MAX_FRAME_LEN`]); the header is copied out once and must ask for no offload (no checksum
-//! or GSO feature is offered); a violating chain is completed unsent and counted in
-//! `tx_errors`. RX: a chain with a device-readable part or too short for the header is
-//! completed with length 0 (`rx_bad_chains`); without MRG_RXBUF a packet larger than the one
-//! chain is dropped (`rx_dropped`) and the chain kept for the next one. The header written to the
-//! guest is built from scratch (flags 0, GSO none, `num_buffers`), never copied from the port.
+//! [`ETH_HLEN`]..=[`MAX_FRAME_LEN`] bytes; the header is copied out once and checked with
+//! [`offload::validate`] (on a switch port against the copied frame, which the guest can no
+//! longer change): only the offloads it negotiated (CSUM, HOST_TSO4/6), `csum_start` and
+//! `csum_offset` inside the frame, a GSO frame really TCP over IPv4/IPv6 with segments of at most
+//! [`NetPort::max_frame`] bytes (the advertised MTU plus 18, else [`MAX_FRAME_LEN`]), a frame
+//! without GSO not longer than that; a violating chain is completed unsent and counted in
+//! `tx_errors`. The checked header goes with the frame to the port (`num_buffers` 0). RX: a chain
+//! with a device-readable part or too short for the header is completed with length 0
+//! (`rx_bad_chains`); without MRG_RXBUF a packet larger than the one chain is dropped
+//! (`rx_dropped`) and the chain kept for the next one. The header written to the guest carries
+//! only what it negotiated (GUEST_CSUM, GUEST_TSO4/6): otherwise the checksum is completed or
+//! the TCP packet cut into segments here ([`offload::complete_csum`], [`offload::segment`]; a
+//! header that does not fit its frame drops the packet, `rx_errors`), and `num_buffers` is set.
 
 use std::collections::VecDeque;
 use std::io;
@@ -63,8 +69,10 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+pub mod offload;
 pub mod switch;
 
+use offload::{Offloads, RxAction, VnetHdr};
 use switch::{Attachment, Forwarder, FrameQueue, Switch};
 
 use super::{ChainHandler, DeviceLoop, LoopContext, WorkerFault};
@@ -96,6 +104,12 @@ const RX_BATCH: usize = 64;
 /// Most frames an RX worker takes out of its switch queue at once.
 const RX_TAKE: usize = 256;
 
+/// `_IOW('T', 208, unsigned int)`: which offloads a TAP may hand to its reader.
+const TUNSETOFFLOAD: libc::Ioctl = 0x4004_54d0;
+const TUN_F_CSUM: libc::c_uint = 0x01;
+const TUN_F_TSO4: libc::c_uint = 0x02;
+const TUN_F_TSO6: libc::c_uint = 0x04;
+
 const TOKEN_KICK: u64 = 0;
 const TOKEN_STOP: u64 = 1;
 const TOKEN_PORT: u64 = 2;
@@ -107,9 +121,49 @@ pub struct NetFeatures {
     pub mrg_rxbuf: bool,
     /// VIRTIO_F_VERSION_1: the header always has `num_buffers`.
     pub version_1: bool,
+    /// What the guest may ask for on transmit: CSUM, HOST_TSO4, HOST_TSO6.
+    pub host: Offloads,
+    /// What the guest takes on receive: GUEST_CSUM, GUEST_TSO4, GUEST_TSO6.
+    pub guest: Offloads,
 }
 
+/// Feature bit VIRTIO_NET_F_CSUM.
+pub const VIRTIO_NET_F_CSUM: u32 = 0;
+/// Feature bit VIRTIO_NET_F_GUEST_CSUM.
+pub const VIRTIO_NET_F_GUEST_CSUM: u32 = 1;
+/// Feature bit VIRTIO_NET_F_GUEST_TSO4.
+pub const VIRTIO_NET_F_GUEST_TSO4: u32 = 7;
+/// Feature bit VIRTIO_NET_F_GUEST_TSO6.
+pub const VIRTIO_NET_F_GUEST_TSO6: u32 = 8;
+/// Feature bit VIRTIO_NET_F_HOST_TSO4.
+pub const VIRTIO_NET_F_HOST_TSO4: u32 = 11;
+/// Feature bit VIRTIO_NET_F_HOST_TSO6.
+pub const VIRTIO_NET_F_HOST_TSO6: u32 = 12;
+/// Feature bit VIRTIO_NET_F_MRG_RXBUF.
+pub const VIRTIO_NET_F_MRG_RXBUF: u32 = 15;
+/// Feature bit VIRTIO_F_VERSION_1.
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+
 impl NetFeatures {
+    /// From the negotiated feature bits.
+    pub fn from_bits(acked: u64) -> Self {
+        let has = |bit: u32| acked & (1 << bit) != 0;
+        Self {
+            mrg_rxbuf: has(VIRTIO_NET_F_MRG_RXBUF),
+            version_1: has(VIRTIO_F_VERSION_1),
+            host: Offloads::new(
+                has(VIRTIO_NET_F_CSUM),
+                has(VIRTIO_NET_F_HOST_TSO4),
+                has(VIRTIO_NET_F_HOST_TSO6),
+            ),
+            guest: Offloads::new(
+                has(VIRTIO_NET_F_GUEST_CSUM),
+                has(VIRTIO_NET_F_GUEST_TSO4),
+                has(VIRTIO_NET_F_GUEST_TSO6),
+            ),
+        }
+    }
+
     /// Bytes of the virtio-net header the guest uses on both queues.
     pub fn header_len(&self) -> usize {
         if self.mrg_rxbuf || self.version_1 {
@@ -266,6 +320,8 @@ struct PortInner {
     counters: NetCounters,
     /// The packet the last RX worker staged but could not deliver.
     parked: Mutex<Option<Box<Stage>>>,
+    /// fd ports: segments the last RX worker cut and did not deliver.
+    parked_segments: Mutex<VecDeque<Vec<u8>>>,
     /// Busy-poll budget of the port's workers, in nanoseconds (0: off).
     busy_poll_ns: AtomicU64,
     /// Longest frame the guest may transmit (see [`NetPort::set_max_frame`]).
@@ -451,6 +507,7 @@ impl NetPort {
                 name,
                 counters: NetCounters::default(),
                 parked: Mutex::new(None),
+                parked_segments: Mutex::new(VecDeque::new()),
                 busy_poll_ns: AtomicU64::new(0),
                 max_frame: AtomicUsize::new(MAX_FRAME_LEN),
             }),
@@ -626,11 +683,33 @@ impl NetPort {
             bounce: Vec::new(),
             forwarder: Forwarder::default(),
             burst: Vec::new(),
+            port_hdr: [0; PORT_HDR_LEN],
         }
     }
 
-    /// The handler for this port's receive queue.
+    /// The handler for this port's receive queue. On a TAP, this also tells the kernel which
+    /// offloads the guest takes (`TUNSETOFFLOAD`: partial checksums, TSO4, TSO6), so that it
+    /// segments and checksums the rest itself.
     pub fn rx_handler(&self, features: NetFeatures) -> NetRxHandler {
+        if let Link::Fd { rx, .. } = &self.inner.link {
+            if self.inner.kind == PortKind::Tap {
+                let g = features.guest;
+                let mut flags: libc::c_uint = 0;
+                for (on, bit) in [
+                    (g.csum, TUN_F_CSUM),
+                    (g.tso4, TUN_F_TSO4),
+                    (g.tso6, TUN_F_TSO6),
+                ] {
+                    if on {
+                        flags |= bit;
+                    }
+                }
+                // SAFETY: TUNSETOFFLOAD takes its argument by value. A failure leaves the
+                // kernel's defaults (no offload to us), which the RX path copes with anyway.
+                let _ =
+                    unsafe { libc::ioctl(rx.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) };
+            }
+        }
         NetRxHandler {
             port: Arc::clone(&self.inner),
             features,
@@ -714,6 +793,9 @@ impl NetPort {
                 return Ok(Some(frame));
             }
         }
+        if let Some(segment) = lock(&self.inner.parked_segments).pop_front() {
+            return Ok(Some(segment[PORT_HDR_LEN..].to_vec()));
+        }
         if let Some(link) = self.inner.switch() {
             return Ok(link
                 .inbox
@@ -743,6 +825,10 @@ impl NetPort {
                 dropped += 1;
             }
         }
+        let mut segments = lock(&self.inner.parked_segments);
+        dropped += segments.len() as u64;
+        segments.clear();
+        drop(segments);
         if let Some(link) = self.inner.switch() {
             dropped += link.inbox.clear();
         } else {
@@ -816,6 +902,8 @@ pub struct NetTxHandler {
     /// Switch ports: scratch for forwarding, and the packets of the current burst.
     forwarder: Forwarder,
     burst: Vec<Vec<u8>>,
+    /// fd ports: the checked header of the packet being written.
+    port_hdr: [u8; PORT_HDR_LEN],
 }
 
 impl std::fmt::Debug for NetTxHandler {
@@ -827,9 +915,6 @@ impl std::fmt::Debug for NetTxHandler {
     }
 }
 
-/// The header every packet leaves with: no offload asked for, `num_buffers` 0.
-static ZERO_HEADER: [u8; PORT_HDR_LEN] = [0; PORT_HDR_LEN];
-
 impl NetTxHandler {
     fn transmit(&mut self, chain: &ChainView<'_>) {
         let counters = &self.port.counters;
@@ -838,38 +923,72 @@ impl NetTxHandler {
         // §5.1.6.2: transmit buffers are device-readable only and start with the header.
         if chain.writable_len() != 0
             || total < hdr_len + ETH_HLEN
-            || total - hdr_len > self.port.max_frame.load(Ordering::Relaxed)
+            || total - hdr_len > MAX_FRAME_LEN
         {
             bump(&counters.tx_errors, 1);
             return;
         }
+        let max_frame = self.port.max_frame.load(Ordering::Relaxed);
         let mut header = [0u8; HDR_LEN];
         // SAFETY: the chain's segments are alive for the whole `handle` call.
         let copied = unsafe { gather(chain.readable(), 0, &mut header[..hdr_len]) };
-        // No CSUM or GSO feature is offered: flags must be 0 and gso_type NONE (§5.1.6.2.1).
-        if copied != hdr_len || header[0] != 0 || header[1] != VIRTIO_NET_HDR_GSO_NONE {
+        if copied != hdr_len {
             bump(&counters.tx_errors, 1);
             return;
         }
+        let asked = VnetHdr::parse(&header);
         let frame_len = total - hdr_len;
         if self.port.switch().is_some() {
-            // Copied out now (the chain is completed with the batch), forwarded in flush_batch.
+            // Copied out now (the chain is completed with the batch), checked on the copy (the
+            // guest cannot change it afterwards), forwarded in flush_batch.
             let mut packet = self.forwarder.buffer(PORT_HDR_LEN + frame_len);
-            packet[..PORT_HDR_LEN].fill(0);
             // SAFETY: as above.
             let got = unsafe { gather(chain.readable(), hdr_len, &mut packet[PORT_HDR_LEN..]) };
-            if got == frame_len {
-                self.burst.push(packet);
-            } else {
-                bump(&counters.tx_errors, 1);
-                self.forwarder.recycle(packet);
+            let checked = offload::validate(
+                &asked,
+                &packet[PORT_HDR_LEN..],
+                max_frame,
+                self.features.host,
+            );
+            match checked {
+                Ok(carried) if got == frame_len => {
+                    carried.write(&mut packet);
+                    packet[offload::VNET_HDR_FIELDS..PORT_HDR_LEN].fill(0);
+                    self.burst.push(packet);
+                }
+                _ => {
+                    bump(&counters.tx_errors, 1);
+                    self.forwarder.recycle(packet);
+                }
             }
             return;
+        }
+        // An fd port: the kernel (TAP) checks the header again on the bytes it reads; the
+        // headers are looked at here only to refuse what was not negotiated.
+        let mut head = [0u8; offload::MAX_HEADERS];
+        let head_len = frame_len.min(offload::MAX_HEADERS);
+        // SAFETY: as above.
+        unsafe { gather(chain.readable(), hdr_len, &mut head[..head_len]) };
+        match offload::validate_head(
+            &asked,
+            &head[..head_len],
+            frame_len,
+            max_frame,
+            self.features.host,
+        ) {
+            Ok(carried) => {
+                self.port_hdr = [0; PORT_HDR_LEN];
+                carried.write(&mut self.port_hdr);
+            }
+            Err(_) => {
+                bump(&counters.tx_errors, 1);
+                return;
+            }
         }
         let iov = &mut self.iovecs.0;
         iov.clear();
         iov.push(libc::iovec {
-            iov_base: ZERO_HEADER.as_ptr().cast_mut().cast(),
+            iov_base: self.port_hdr.as_mut_ptr().cast(),
             iov_len: PORT_HDR_LEN,
         });
         let mut skip = hdr_len;
@@ -890,6 +1009,7 @@ impl NetTxHandler {
             // More pieces than one call takes, and a packet cannot be split: linearise it.
             self.bounce.clear();
             self.bounce.resize(PORT_HDR_LEN + frame_len, 0);
+            self.bounce[..PORT_HDR_LEN].copy_from_slice(&self.port_hdr);
             // SAFETY: as above.
             unsafe { gather(chain.readable(), hdr_len, &mut self.bounce[PORT_HDR_LEN..]) };
             iov.clear();
@@ -975,7 +1095,8 @@ pub struct NetRxHandler {
     /// Scratch: bytes per chain of the packet being delivered.
     lens: Vec<u32>,
     events: Vec<u64>,
-    /// Switch ports: frames taken out of the port's queue, not staged yet.
+    /// Frames not staged yet: taken out of a switch port's queue, or segments of a GSO packet
+    /// the guest does not take whole.
     inbox: VecDeque<Vec<u8>>,
     /// Switch ports: buffers of delivered frames, to go back to the queue's free list.
     spent: Vec<Vec<u8>>,
@@ -1114,10 +1235,10 @@ impl NetRxHandler {
                 break;
             }
         }
-        // The guest header, built from scratch in front of the frame: flags 0, GSO none, and
-        // num_buffers (§5.1.6.4: the number of chains, 1 without MRG_RXBUF).
+        // The guest header in front of the frame: the fields `prepare` left in the port header,
+        // and num_buffers (§5.1.6.4: the number of chains, 1 without MRG_RXBUF).
         let start = PORT_HDR_LEN - hdr_len;
-        stage.buf[start..PORT_HDR_LEN].fill(0);
+        stage.buf.copy_within(..offload::VNET_HDR_FIELDS, start);
         if hdr_len == HDR_LEN {
             let num_buffers = if self.features.mrg_rxbuf {
                 lens.len() as u16
@@ -1151,8 +1272,20 @@ impl NetRxHandler {
         Ok(())
     }
 
-    /// Stage the next packet from the port, if any.
+    /// Stage the next packet from the port, if any, ready for the guest (see [`Self::prepare`]).
     fn read_stage(&mut self) -> Option<Outcome> {
+        loop {
+            if let Some(outcome) = self.read_raw() {
+                return Some(outcome);
+            }
+            if self.prepare() {
+                return None;
+            }
+        }
+    }
+
+    /// Stage the next packet from the port as it is.
+    fn read_raw(&mut self) -> Option<Outcome> {
         if let Some(link) = self.port.switch() {
             if self.inbox.is_empty() {
                 link.inbox.take(&mut self.inbox, RX_TAKE, &mut self.spent);
@@ -1168,8 +1301,13 @@ impl NetRxHandler {
             }
             return None;
         }
-        let counters = &self.port.counters;
         let stage = self.stage.get_or_insert_with(Stage::new);
+        if let Some(segment) = self.inbox.pop_front() {
+            stage.buf[..segment.len()].copy_from_slice(&segment);
+            stage.len = segment.len();
+            return None;
+        }
+        let counters = &self.port.counters;
         loop {
             match self.port.read_packet(&mut stage.buf) {
                 Ok(None) => return Some(Outcome::PortEmpty),
@@ -1186,6 +1324,61 @@ impl NetRxHandler {
                 Ok(Some(_)) => bump(&counters.rx_errors, 1),
             }
         }
+    }
+
+    /// Give the staged packet the offloads the receiving guest negotiated: pass its header on
+    /// (rewritten in place), or complete its checksum, or cut it into segments (which go to the
+    /// front of the inbox). `true`: ready to deliver; `false`: replaced by segments or dropped
+    /// (a header that does not fit its frame, counted in `rx_errors`).
+    fn prepare(&mut self) -> bool {
+        let Some(stage) = self.stage.as_mut() else {
+            return false;
+        };
+        let hdr = VnetHdr::parse(&stage.buf[..PORT_HDR_LEN]);
+        let frame = &mut stage.buf[PORT_HDR_LEN..stage.len];
+        let ok = match offload::rx_action(&hdr, self.features.guest) {
+            RxAction::Pass(out) => {
+                out.write(&mut stage.buf);
+                return true;
+            }
+            RxAction::Checksum => {
+                let done = offload::complete_csum(
+                    frame,
+                    usize::from(hdr.csum_start),
+                    usize::from(hdr.csum_offset),
+                );
+                if done {
+                    VnetHdr::default().write(&mut stage.buf);
+                    return true;
+                }
+                false
+            }
+            RxAction::Segment => {
+                let mut segments = Vec::new();
+                let spent = &mut self.spent;
+                let cut = offload::segment(
+                    frame,
+                    usize::from(hdr.gso_size),
+                    PORT_HDR_LEN,
+                    |len| {
+                        let mut buf = spent.pop().unwrap_or_default();
+                        buf.clear();
+                        buf.resize(PORT_HDR_LEN + len, 0);
+                        buf
+                    },
+                    |seg| segments.push(seg),
+                );
+                for seg in segments.into_iter().rev() {
+                    self.inbox.push_front(seg);
+                }
+                cut
+            }
+        };
+        stage.len = 0;
+        if !ok {
+            bump(&self.port.counters.rx_errors, 1);
+        }
+        false
     }
 
     /// Deliver up to [`RX_BATCH`] packets, then publish.
@@ -1344,6 +1537,7 @@ impl DeviceLoop for NetRxHandler {
             .register(ctx.stop_fd(), TOKEN_STOP)
             .map_err(|e| internal("watching the stop fd", e))?;
         self.stage = lock(&self.port.parked).take();
+        self.inbox.append(&mut lock(&self.port.parked_segments));
         self.held.clear();
         self.usable.clear();
         self.held_start = 0;
@@ -1368,6 +1562,8 @@ impl DeviceLoop for NetRxHandler {
         *lock(&self.port.parked) = self.stage.take();
         if let Some(link) = self.port.switch() {
             link.inbox.put_back(&mut self.inbox);
+        } else {
+            lock(&self.port.parked_segments).append(&mut self.inbox);
         }
         result
     }
