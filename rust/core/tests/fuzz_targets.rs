@@ -621,6 +621,9 @@ proptest! {
         version_1 in any::<bool>(),
         packets in proptest::collection::vec(net_tx(), 1..12),
     ) {
-        check_net_tx(NetFeatures { mrg_rxbuf, version_1 }, &packets);
+        check_net_tx(
+            NetFeatures { mrg_rxbuf, version_1, ..NetFeatures::default() },
+            &packets,
+        );
     }
 }

@@ -225,9 +225,6 @@ pub fn validate_head(
     if hdr.flags & !F_NEEDS_CSUM != 0 || (hdr.flags & F_NEEDS_CSUM != 0 && !allowed.csum) {
         return Err(HdrError::Flags);
     }
-    if usize::from(hdr.hdr_len) > len {
-        return Err(HdrError::HdrLen);
-    }
     if hdr.flags & F_NEEDS_CSUM != 0 {
         let start = usize::from(hdr.csum_start);
         if start + usize::from(hdr.csum_offset) + 2 > len {
@@ -251,6 +248,11 @@ pub fn validate_head(
     };
     if out.flags & F_NEEDS_CSUM == 0 {
         return Err(HdrError::GsoType);
+    }
+    // hdr_len is a hint the device must not rely on (virtio 1.2, 5.1.6.2); without GSO it is
+    // not used at all, so only a GSO packet's is held to the frame.
+    if usize::from(hdr.hdr_len) > len {
+        return Err(HdrError::HdrLen);
     }
     let tcp = parse_tcp(frame).ok_or(HdrError::Headers)?;
     if tcp.v6 != v6 || usize::from(hdr.csum_start) != tcp.l4 || hdr.csum_offset != 16 {
