@@ -385,8 +385,12 @@ dd if=/dev/vda bs=1M skip=1 count=1 iflag=direct 2>/dev/null | md5sum
         assert daemon.stop() == 0, daemon.log()
     log = daemon.log()
     assert "cannot connect" in log, log  # it was started before any QEMU listened
-    assert log.count("session released") == 2, log
-    assert "stopped after 2 front-end session(s)" in log, log
+    assert log.count("disconnected; session released") == 2, log
+    # A QEMU on its way out may still accept one connection before its socket file is gone;
+    # that session ends at once (a transport error), and the back-end goes on retrying.
+    cut_short = log.count("session released") - 2
+    assert cut_short in (0, 1), log
+    assert f"stopped after {2 + cut_short} front-end session(s)" in log, log
 
 
 # --- vhost-user-blk through the virtio-vhost-user device ------------------------------------
