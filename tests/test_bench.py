@@ -188,7 +188,7 @@ def _start_bench(socket: Path, log: Path, *args: str) -> subprocess.Popen[bytes]
     return proc
 
 
-def _finish(proc: subprocess.Popen[bytes], timeout: float = 15) -> tuple[int, dict[str, Any]]:
+def _finish(proc: subprocess.Popen[bytes], timeout: float = 60) -> tuple[int, dict[str, Any]]:
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
