@@ -153,10 +153,12 @@ def test_two_vms_one_serves_the_others_disk(backend_vm: BackendVm) -> None:
         " --size=8M --offset=16M --verify=crc32c --verify_fatal=1 --randrepeat=1"
         " --verify_state_save=0 --output-format=terse"
     )
+    # --end_fsync: the guest's flush is what makes the back-end VM write its page cache (the
+    # image is on 9p there) through to the host's file, which is checked at the end.
     first = f"""{HOST_ROOT_SETUP}
 set -e
 cat /sys/block/vda/size
-{fio} --rw=randwrite --do_verify=1 >/dev/null
+{fio} --rw=randwrite --do_verify=1 --end_fsync=1 >/dev/null
 dd if=/dev/vda bs=1M skip=16 count=8 iflag=direct 2>/dev/null | md5sum
 """
     second = f"""{HOST_ROOT_SETUP}

@@ -117,7 +117,11 @@ pub fn blk_bench<'py>(
         // The threads run: from here on Ctrl-C stops them and the results still come back.
         if let Err(err) = callback.call0() {
             bench.stop();
-            raised = Some(err);
+            // A Ctrl-C that lands while the callback runs stops the run like one that lands
+            // later: the results still come back, marked interrupted.
+            if !err.is_instance_of::<PyKeyboardInterrupt>(py) {
+                raised = Some(err);
+            }
         }
     }
     while !py.detach(|| bench.wait_timeout(Duration::from_millis(100))) {
