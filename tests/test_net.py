@@ -406,6 +406,16 @@ sock.send(bytes.fromhex(sys.stdin.readline().strip()))
 """
 
 
+def _wait_for_own_netns(holder: subprocess.Popen[bytes]) -> None:
+    """Until unshare(2) ran, /proc/PID/ns/net is still ours: entering it then would put the
+    daemon and the peer in different namespaces."""
+    ours = os.readlink("/proc/self/ns/net")
+    deadline = time.monotonic() + 30
+    while os.readlink(f"/proc/{holder.pid}/ns/net") == ours:
+        assert holder.poll() is None and time.monotonic() < deadline, "unshare --net failed"
+        time.sleep(0.01)
+
+
 @pytest.mark.timeout(180)
 def test_vvu_serve_net_tap_passes_frames_both_ways(tmp_path: Path) -> None:
     """`vvu serve net --tap NAME` in a private network namespace (root: CAP_NET_ADMIN; CI
@@ -420,13 +430,7 @@ def test_vvu_serve_net_tap_passes_frames_both_ways(tmp_path: Path) -> None:
     # The namespace lives as long as this process does; everything else enters it.
     holder = subprocess.Popen([unshare, "--net", "sleep", "600"])
     enter = [nsenter, f"--net=/proc/{holder.pid}/ns/net"]
-    # Until unshare(2) ran, /proc/PID/ns/net is still ours: entering it then would put the
-    # daemon and the peer in different namespaces.
-    ours = os.readlink("/proc/self/ns/net")
-    deadline = time.monotonic() + 30
-    while os.readlink(f"/proc/{holder.pid}/ns/net") == ours:
-        assert holder.poll() is None and time.monotonic() < deadline, "unshare --net failed"
-        time.sleep(0.01)
+    _wait_for_own_netns(holder)
     daemon = peer = None
     daemon_status = 0
     try:
