@@ -175,11 +175,15 @@ def test_verify_catches_lost_writes(tmp_path: Path) -> None:
 def _start_bench(socket: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:
     """A long `vvu bench blk --json` in the background; returns once its load is running."""
     with log.open("wb") as err:
+        # A shell without job control starts background jobs with SIGINT ignored, and Python
+        # then installs no Ctrl-C handler: `env --default-signal` (it execs, same pid) gives the
+        # bench the default disposition, as a terminal's foreground job has.
         proc = subprocess.Popen(
-            [*BENCH, "--socket-path", str(socket), "--json", "--runtime", "60", *args],
+            ["env", "--default-signal=INT", *BENCH, "--socket-path", str(socket), "--json",
+             "--runtime", "60", *args],
             stdout=subprocess.PIPE,
             stderr=err,
-        )
+        )  # fmt: skip
     deadline = time.monotonic() + 20
     while "running" not in log.read_text():
         assert proc.poll() is None, log.read_text()
