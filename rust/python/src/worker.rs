@@ -31,6 +31,20 @@ fn used_up() -> PyErr {
     ))
 }
 
+/// The virtio-blk GET_ID answer for `serial` (zero-padded; at most 20 bytes).
+fn blk_id(serial: Option<Vec<u8>>) -> PyResult<[u8; VIRTIO_BLK_ID_BYTES]> {
+    let serial = serial.unwrap_or_default();
+    if serial.len() > VIRTIO_BLK_ID_BYTES {
+        return Err(PyValueError::new_err(format!(
+            "serial is {} bytes; virtio-blk ids hold at most {VIRTIO_BLK_ID_BYTES}",
+            serial.len()
+        )));
+    }
+    let mut id = [0u8; VIRTIO_BLK_ID_BYTES];
+    id[..serial.len()].copy_from_slice(&serial);
+    Ok(id)
+}
+
 /// What a native worker does with each descriptor chain; built by a back-end, used once.
 #[pyclass(module = "vvu._core", frozen)]
 pub struct NativeHandler {
@@ -87,15 +101,7 @@ impl NativeHandler {
                 "aio must be io_uring, threads or sync, not {aio:?}"
             ))
         })?;
-        let serial = serial.unwrap_or_default();
-        if serial.len() > VIRTIO_BLK_ID_BYTES {
-            return Err(PyValueError::new_err(format!(
-                "serial is {} bytes; virtio-blk ids hold at most {VIRTIO_BLK_ID_BYTES}",
-                serial.len()
-            )));
-        }
-        let mut id = [0u8; VIRTIO_BLK_ID_BYTES];
-        id[..serial.len()].copy_from_slice(&serial);
+        let id = blk_id(serial)?;
         let options = BlkOptions {
             read_only,
             serial: id,
@@ -142,15 +148,7 @@ impl NativeHandler {
             .ok()
             .filter(|t| !t.is_zero())
             .ok_or_else(|| PyValueError::new_err("timeout must be a positive number"))?;
-        let serial = serial.unwrap_or_default();
-        if serial.len() > VIRTIO_BLK_ID_BYTES {
-            return Err(PyValueError::new_err(format!(
-                "serial is {} bytes; virtio-blk ids hold at most {VIRTIO_BLK_ID_BYTES}",
-                serial.len()
-            )));
-        }
-        let mut id = [0u8; VIRTIO_BLK_ID_BYTES];
-        id[..serial.len()].copy_from_slice(&serial);
+        let id = blk_id(serial)?;
         let options = NbdOptions {
             read_only,
             serial: id,
