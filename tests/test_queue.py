@@ -23,6 +23,7 @@ from vvu._core import (
     SplitQueue,
     SplitQueueDriver,
     memfd,
+    writable_views,
 )
 
 MiB = 1 << 20
@@ -124,6 +125,27 @@ def test_segments_are_zero_copy_views(pair: Pair) -> None:
     pair.device.push_used(head, 16)
     pair.device.publish_used()
     assert pair.driver.reap_used() == (head, 16)
+
+
+def test_a_batch_is_filled_and_returned_in_one_call_each(pair: Pair) -> None:
+    """writable_views flattens the batch's writable buffers in chain order (readable ones are
+    not in it); push_used_many returns each chain with its own length."""
+    shapes = [[(DATA + 0x100, 8)], [(DATA + 0x200, 4), (DATA + 0x300, 4)], []]
+    heads = [pair.driver.add_chain([(DATA, 2)], writable) for writable in shapes]
+    pair.driver.publish()
+    chains = pair.device.pop()
+    assert [c.head for c in chains] == heads
+    views = writable_views(chains)
+    assert [len(v) for v in views] == [8, 4, 4]
+    for i, view in enumerate(views):
+        view[:] = bytes([0x41 + i]) * len(view)
+    assert pair.driver_memory.read(DATA + 0x100, 8) == b"A" * 8
+    assert pair.driver_memory.read(DATA + 0x300, 4) == b"C" * 4
+    with pytest.raises(ValueError, match="2 used lengths for 3 chains"):
+        pair.device.push_used_many(chains, [8, 8])
+    pair.device.push_used_many(chains, [8, 7, 0])
+    pair.device.publish_used()
+    assert sorted(pair.driver.reap_all()) == sorted(zip(heads, [8, 7, 0], strict=True))
 
 
 def test_indirect_chain(pair: Pair) -> None:

@@ -273,8 +273,7 @@ class PythonQueueRunner:
                     raise QueueError(
                         f"handler returned {len(used)} used lengths for {len(chains)} chains"
                     )
-                for chain, length in zip(chains, used, strict=True):
-                    queue.push_used(chain.head, length)
+                queue.push_used_many(chains, used)
                 self._chains += len(chains)
                 self._batches += 1
                 if queue.publish_used() and self.call is not None:

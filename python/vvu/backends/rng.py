@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from typing import ClassVar
 
-from vvu._core import DescriptorChain
+from vvu._core import DescriptorChain, writable_views
 from vvu.backends.base import Backend
 
 __all__ = ["RngBackend"]
@@ -27,7 +27,7 @@ class RngBackend(Backend):
     def handle(self, queue_index: int, chains: Sequence[DescriptorChain]) -> Sequence[int]:
         # One readv for the whole batch, straight into guest memory: the syscall, not Python,
         # is the cost per request, so it is paid once per batch (IOV_MAX views at a time).
-        views = [view for chain in chains for view in chain.writable]
+        views = writable_views(chains)
         wanted = sum(chain.writable_len for chain in chains)
         got = 0
         for start in range(0, len(views), _IOV_MAX):

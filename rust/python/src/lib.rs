@@ -38,6 +38,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<net::PyNetPort>()?;
     m.add_class::<net::PySwitch>()?;
     m.add_function(wrap_pyfunction!(memory::memfd, m)?)?;
+    m.add_function(wrap_pyfunction!(queue::writable_views, m)?)?;
     m.add_function(wrap_pyfunction!(bench::blk_bench, m)?)?;
     m.add_function(wrap_pyfunction!(worker::blk_probe, m)?)?;
     m.add_function(wrap_pyfunction!(worker::io_uring_unavailable, m)?)?;

@@ -135,6 +135,23 @@ impl DescriptorChain {
     }
 }
 
+/// The writable buffers of every chain of a batch, flattened in order: what a handler that fills
+/// a whole batch with one `readv` needs, in one call instead of one `writable` list per chain
+/// (measured: about half the cost per buffer).
+#[pyfunction]
+pub fn writable_views<'py>(
+    py: Python<'py>,
+    chains: Vec<PyRef<'py, DescriptorChain>>,
+) -> PyResult<Bound<'py, PyList>> {
+    let mut views = Vec::with_capacity(chains.len());
+    for chain in &chains {
+        for &(gpa, len) in &chain.writable {
+            views.push(guest_view(py, &chain.memory, gpa, u64::from(len), false)?);
+        }
+    }
+    PyList::new(py, views)
+}
+
 /// What both device-side queue classes hold: the queue (absent while a worker runs it) and a
 /// reused batch.
 struct QueueCore {
@@ -250,6 +267,27 @@ macro_rules! device_queue_methods {
             /// visible).
             fn push_used(&mut self, head: u16, length: u32) -> PyResult<()> {
                 self.core.queue()?.push_used(head, length).map_err(to_pyerr)
+            }
+
+            /// `push_used` for a whole batch: chain `chains[i]` with `lengths[i]` bytes written.
+            /// Stops at the first failure (the chains before it stay pushed).
+            fn push_used_many(
+                &mut self,
+                chains: Vec<PyRef<'_, DescriptorChain>>,
+                lengths: Vec<u32>,
+            ) -> PyResult<()> {
+                if chains.len() != lengths.len() {
+                    return Err(PyValueError::new_err(format!(
+                        "{} used lengths for {} chains",
+                        lengths.len(),
+                        chains.len()
+                    )));
+                }
+                let queue = self.core.queue()?;
+                for (chain, length) in chains.iter().zip(lengths) {
+                    queue.push_used(chain.head, length).map_err(to_pyerr)?;
+                }
+                Ok(())
             }
 
             /// Publish the used entries pushed so far; True when the driver wants a
