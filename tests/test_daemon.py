@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import gzip
 import http.client
 import json
 import os
@@ -628,14 +629,21 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock.connect(str(self.path))
 
 
-def scrape_unix(path: Path, accept: str | None = None) -> tuple[str, str]:
-    """GET /metrics on the unix socket `path`: (Content-Type, body)."""
+def scrape_unix(path: Path, accept: str | None = None, *, gzipped: bool = False) -> tuple[str, str]:
+    """GET /metrics on the unix socket `path`: (Content-Type, body). `gzipped`: ask for gzip
+    (Accept-Encoding) and check it came so."""
+    headers = {"Accept": accept} if accept else {}
+    if gzipped:
+        headers["Accept-Encoding"] = "gzip"
     conn = UnixHTTPConnection(path)
     try:
-        conn.request("GET", "/metrics", headers={"Accept": accept} if accept else {})
+        conn.request("GET", "/metrics", headers=headers)
         response = conn.getresponse()
         assert response.status == 200, response.status
-        return response.getheader("Content-Type", ""), response.read().decode()
+        body = response.read()
+        assert (response.getheader("Content-Encoding") == "gzip") is gzipped
+        text = (gzip.decompress(body) if gzipped else body).decode()
+        return response.getheader("Content-Type", ""), text
     finally:
         conn.close()
 
@@ -654,7 +662,8 @@ def blk_io(path: Path) -> None:
 def test_metrics_over_a_unix_socket(tmp_path: Path) -> None:
     """`--metrics-http unix:PATH`: prometheus_client's exposition over HTTP on an AF_UNIX
     socket of mode 0600, Prometheus text by default and OpenMetrics when the scraper asks
-    (Accept), both parsed by prometheus_client's parsers; the socket goes with the daemon."""
+    (Accept; here gzipped, as asked), both parsed by prometheus_client's parsers; the socket
+    goes with the daemon."""
     api, metrics = tmp_path / "api.sock", tmp_path / "metrics.sock"
     config = tmp_path / "vvu.toml"
     config.write_text(
@@ -671,7 +680,9 @@ def test_metrics_over_a_unix_socket(tmp_path: Path) -> None:
         q = (("device", "a"), ("queue", "0"))
         assert got[("vvu_requests_total", q)] == 2
         assert got[("vvu_written_bytes_total", q)] == got[("vvu_read_bytes_total", q)] == 4096
-        kind, text = scrape_unix(metrics, "application/openmetrics-text; version=1.0.0")
+        kind, text = scrape_unix(
+            metrics, "application/openmetrics-text; version=1.0.0", gzipped=True
+        )
         assert kind.startswith("application/openmetrics-text"), kind
         families = openmetrics_families(text)  # type: ignore[no-untyped-call]
         [requests] = [f for f in families if f.name == "vvu_requests"]
@@ -735,12 +746,23 @@ def test_daemon_under_systemd(tmp_path: Path) -> None:
     assert not (tmp_path / "rng.sock").exists()
 
 
-def test_daemon_refuses_a_passed_socket_it_cannot_place(tmp_path: Path) -> None:
-    """A socket passed under a name that is neither api, metrics nor a configured device's id
-    stops the start with a message saying what FileDescriptorName= may be."""
+@pytest.mark.parametrize("case", ["stray-name", "device-socket-elsewhere"])
+def test_daemon_refuses_a_passed_socket_it_cannot_place(tmp_path: Path, case: str) -> None:
+    """A socket passed under a name that is neither api, metrics nor a configured device's id,
+    or a device's socket bound elsewhere than the device's `socket`, stops the start (exit 1)
+    with a message saying what is wrong."""
+    config = tmp_path / "vvu.toml"
+    config.write_text(f'[[device]]\nid = "d"\ntype = "rng"\nsocket = "{tmp_path}/d.sock"\n')
+    name, error = {
+        "stray-name": ("nodevice", b"named nodevice: FileDescriptorName= must be 'api', 'metrics'"),
+        "device-socket-elsewhere": (
+            "d",
+            f"bound to '{tmp_path}/x', not {tmp_path}/d.sock".encode(),
+        ),
+    }[case]
     sockets = [listening_socket(str(tmp_path / "api.sock")), listening_socket(str(tmp_path / "x"))]
     proc = socket_activated(
-        [sys.executable, "-m", "vvu", "daemon"], sockets, ["api", "nodevice"],
+        [sys.executable, "-m", "vvu", "daemon", "--config", str(config)], sockets, ["api", name],
         stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     for sock in sockets:
@@ -750,7 +772,28 @@ def test_daemon_refuses_a_passed_socket_it_cannot_place(tmp_path: Path) -> None:
     finally:
         stop_process(proc)
     assert proc.returncode == 1, err
-    assert b"named nodevice: FileDescriptorName= must be 'api', 'metrics' or the id" in err, err
+    assert error in err, err
+    assert not (tmp_path / "d.sock").exists()
+
+
+def test_daemon_takes_one_unnamed_socket_as_its_api(tmp_path: Path) -> None:
+    """One socket passed without LISTEN_FDNAMES (sd_listen_fds without names) is the
+    management socket: no --api-socket needed."""
+    api = tmp_path / "api.sock"
+    notify = notify_socket(tmp_path / "notify")
+    sockets = [listening_socket(str(api))]
+    proc = socket_activated(
+        [sys.executable, "-m", "vvu", "daemon"], sockets, None,
+        {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")},
+        stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    sockets[0].close()
+    try:
+        with notify:
+            assert notify.recv(4096).startswith(b"READY=1\n")
+        assert json.loads(ctl(api, "--json", "device-list").stdout) == []
+    finally:
+        assert stop_process(proc) == 0
 
 
 # --- a device behind a virtio-vhost-user device -------------------------------------------------
