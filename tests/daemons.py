@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 #: How long a daemon gets to exit after SIGTERM before SIGKILL.
 STOP_GRACE = 10.0
@@ -23,6 +26,54 @@ def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 
             raise AssertionError(f"server exited early: {err!r}")
         assert time.monotonic() < deadline, f"{path} did not appear"
         time.sleep(0.02)
+
+
+# As systemd does after fork(): the sockets moved to fds 3, 4, ..., LISTEN_PID set to the PID
+# that then execs the service (argv[1:]).
+_ACTIVATION_LAUNCHER = """\
+import fcntl, os, sys
+fds = [int(fd) for fd in os.environ.pop("VVU_TEST_PASS_FDS").split(",")]
+moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in fds]
+for i, fd in enumerate(moved):
+    os.dup2(fd, 3 + i)
+    os.close(fd)
+for fd in fds:
+    if not 3 <= fd < 3 + len(fds):
+        os.close(fd)
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execv(sys.executable, sys.argv[1:])
+"""
+
+
+def socket_activated(
+    argv: Sequence[str],
+    sockets: Sequence[socket.socket],
+    names: Sequence[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    **popen: Any,
+) -> subprocess.Popen[bytes]:
+    """Start `argv` (a Python program: argv[0] is sys.executable) as systemd starts a service
+    from .socket units: `sockets` are its fds 3, 4, ... with LISTEN_FDS, LISTEN_PID (the very
+    process that runs argv) and, when `names` are given, LISTEN_FDNAMES. The caller closes its
+    copies of the sockets."""
+    fds = [s.fileno() for s in sockets]
+    environment = {
+        **(os.environ if env is None else env),
+        "LISTEN_FDS": str(len(fds)),
+        "VVU_TEST_PASS_FDS": ",".join(map(str, fds)),
+        **({"LISTEN_FDNAMES": ":".join(names)} if names is not None else {}),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-c", _ACTIVATION_LAUNCHER, *argv], pass_fds=fds, env=environment, **popen
+    )
+
+
+def notify_socket(path: Path, timeout: float = 10) -> socket.socket:
+    """A service manager's NOTIFY_SOCKET at `path`: recv() gets one sd_notify datagram."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(timeout)
+    return sock
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from daemons import stop_process, wait_for_socket
+from daemons import notify_socket, socket_activated, stop_process, wait_for_socket
 from vvu.frontend import BlkDriver, Frontend, RngDriver
 from vvu.protocol import FrontendRequest
 from vvu.transport.unix import UnixChannel
@@ -346,32 +346,17 @@ def test_socket_activation_and_readiness(tmp_path: Path, named: bool) -> None:
     """As systemd starts a Type=notify service from a .socket unit: the listening sockets are
     fds 3, 4, ... with LISTEN_FDS, LISTEN_PID (this very process) and LISTEN_FDNAMES; the
     service says READY=1 once it serves and STOPPING=1 on SIGTERM to NOTIFY_SOCKET."""
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(tmp_path / "notify"))
-    notify.settimeout(10)
+    notify = notify_socket(tmp_path / "notify")
     served = _listening(tmp_path / "vhost.sock")
     sockets = [_listening(tmp_path / "other.sock"), served] if named else [served]
-    fds = [s.fileno() for s in sockets]
-    # As systemd does after fork(): the sockets moved to fds 3, 4, ..., LISTEN_PID set to the
-    # PID that then execs the service.
-    launcher = (
-        "import fcntl, os, sys\n"
-        f"moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in {fds}]\n"
-        "for i, fd in enumerate(moved): os.dup2(fd, 3 + i)\n"
-        "os.environ['LISTEN_PID'] = str(os.getpid())\n"
-        "os.execv(sys.executable, sys.argv[1:])\n"
-    )
-    env = {
-        **os.environ,
-        "LISTEN_FDS": str(len(fds)),
-        "NOTIFY_SOCKET": str(tmp_path / "notify"),
-        **({"LISTEN_FDNAMES": "other:vhost"} if named else {}),
-    }
     extra = ["--fd-name", "vhost"] if named else []
-    proc = subprocess.Popen(
-        [sys.executable, "-c", launcher, *VVU, "serve", "rng", *extra],
-        pass_fds=fds, env=env, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    proc = socket_activated(
+        [*VVU, "serve", "rng", *extra],
+        sockets,
+        ["other", "vhost"] if named else None,
+        {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")},
+        stderr=subprocess.PIPE,
+    )
     for sock in sockets:
         sock.close()
     try:

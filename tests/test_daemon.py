@@ -9,11 +9,15 @@ a reply or a file.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import gc
+import gzip
+import http.client
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -25,9 +29,15 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemons import Daemon as DaemonProcess
+from daemons import notify_socket, socket_activated, stop_process
+from vvu.backends import available_backends
+from vvu.backends.blk import BlkFeature
 from vvu.daemon import DaemonClient, DeviceSpec, RpcError, SpecError
 from vvu.daemon.api import ManagementApi
 from vvu.daemon.core import Daemon
@@ -250,6 +260,16 @@ async def test_set_read_only(running: Running, client: DaemonClient) -> None:
         await client.set_read_only("d0", False)
         await blk.write(1, b"\3" * 512)
     assert image.read_bytes()[:1024] == b"\1" * 512 + b"\3" * 512
+    # VIRTIO_BLK_F_RO is negotiated once per session: the next front-end sees the disk's mode.
+    # (Each change waits for the session before to be over: a change racing with a session's
+    # end is not what this shows.)
+    read_only_bit = 1 << BlkFeature.RO
+    engine = running.daemon.get("d0").engine
+    for read_only, sessions in ((True, 1), (False, 2)):
+        await wait_for(lambda n=sessions: engine.sessions_served == n)
+        await client.set_read_only("d0", read_only)
+        async with await BlkDriver.open(running.sock("d0")) as blk:
+            assert bool(blk.frontend.features & read_only_bit) is read_only
     with pytest.raises(RpcError) as err:
         await client.device_add("r", "rng", running.sock("r"))
         await client.set_read_only("r", True)
@@ -399,8 +419,21 @@ async def test_batch_and_notification(running: Running) -> None:
 
 @pytest.mark.asyncio
 async def test_oversized_request_is_refused(running: Running, client: DaemonClient) -> None:
-    answer = await raw_call(running.path, b"[" + b" " * (MAX_LINE + 10) + b"]")
-    assert isinstance(answer, dict) and answer["error"]["code"] == -32700
+    """A request line over 1 MiB: a parse error, then that connection is ended; the daemon
+    (and every other connection) goes on."""
+    reader, writer = await asyncio.open_unix_connection(str(running.path))
+    try:
+        writer.write(b"[" + b" " * (MAX_LINE + 10) + b"]\n")
+        await writer.drain()
+        answer = json.loads(await asyncio.wait_for(reader.readline(), TIMEOUT))
+        assert isinstance(answer, dict) and answer["error"]["code"] == -32700
+        try:
+            rest = await asyncio.wait_for(reader.read(), TIMEOUT)
+        except ConnectionResetError:  # closed with the rest of the line unread
+            rest = b""
+        assert rest == b"", "the connection was not ended"
+    finally:
+        writer.close()
     assert await client.device_list() == []  # the daemon goes on
 
 
@@ -468,6 +501,9 @@ def test_config_file(tmp_path: Path) -> None:
     assert b.socket_mode == 0o660
 
 
+_BLK = "[[device]]\nid = 'a'\ntype = 'blk'\nsocket = '/s'\n"
+
+
 @pytest.mark.parametrize(
     ("text", "error"),
     [
@@ -481,6 +517,12 @@ def test_config_file(tmp_path: Path) -> None:
         ("[apis]\n", "unknown section"),
         ("[api]\nport = 1\n", "[api] takes"),
         ("not toml", "device"),
+        # Back-end options: each refusal names the device and the option.
+        (f"{_BLK}nope = 1\n", "device #1: blk has no option 'nope'"),
+        (f"{_BLK}read-only = 'yes'\n", "device #1: option 'read-only' of blk takes true or false"),
+        (f"{_BLK}size = true\n", "device #1: option 'size' of blk takes a value, not True"),
+        (f"{_BLK}size = 1.5\n", "device #1: option 'size': a string, integer or boolean"),
+        (f"{_BLK}{_BLK.replace('a', 'b', 1)}", "device socket used twice: /s"),
     ],
 )
 def test_config_errors(tmp_path: Path, text: str, error: str) -> None:
@@ -492,10 +534,25 @@ def test_config_errors(tmp_path: Path, text: str, error: str) -> None:
         assert error in str(err.value)
 
 
-def test_spec_of_every_backend_type() -> None:
-    """Any registered back-end type is configured by its `vvu serve` options."""
-    spec = DeviceSpec.from_mapping({"id": "n", "type": "net", "socket": "/s"})
-    assert spec.backend_arguments() is not None
+#: Options a back-end type cannot do without (`required=True` in its add_arguments).
+_REQUIRED_OPTIONS: dict[str, dict[str, str | int | bool]] = {"vsock": {"guest-cid": 3}}
+
+
+@pytest.mark.parametrize("kind", sorted(available_backends()))
+def test_spec_of_every_backend_type(kind: str) -> None:
+    """Any registered back-end type is configured by its `vvu serve TYPE` options: the same
+    parser (the type's add_arguments), the same names without dashes; an option it does not
+    have is refused, naming the ones it has."""
+    options = _REQUIRED_OPTIONS.get(kind, {})
+    spec = DeviceSpec.from_mapping({"id": "d", "type": kind, "socket": "/s", **options})
+    parser = argparse.ArgumentParser()
+    available_backends()[kind].add_arguments(parser)
+    argv = [arg for key, value in options.items() for arg in (f"--{key}", str(value))]
+    assert spec.backend_arguments() == parser.parse_args(argv)
+    with pytest.raises(SpecError, match=f"{kind} has no option 'no-such-option' \\(options: "):
+        DeviceSpec.from_mapping(
+            {"id": "d", "type": kind, "socket": "/s", **options, "no-such-option": 1}
+        )
 
 
 # --- the command lines ----------------------------------------------------------------------
@@ -557,6 +614,186 @@ def test_cli_daemon_and_ctl(tmp_path: Path) -> None:
     finally:
         assert daemon.stop() == 0
     assert not api.exists() and not (tmp_path / "a.sock").exists()
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over an AF_UNIX socket, as `curl --unix-socket PATH` speaks it."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__("localhost", timeout=TIMEOUT)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(TIMEOUT)
+        self.sock.connect(str(self.path))
+
+
+def scrape_unix(path: Path, accept: str | None = None, *, gzipped: bool = False) -> tuple[str, str]:
+    """GET /metrics on the unix socket `path`: (Content-Type, body). `gzipped`: ask for gzip
+    (Accept-Encoding) and check it came so."""
+    headers = {"Accept": accept} if accept else {}
+    if gzipped:
+        headers["Accept-Encoding"] = "gzip"
+    conn = UnixHTTPConnection(path)
+    try:
+        conn.request("GET", "/metrics", headers=headers)
+        response = conn.getresponse()
+        assert response.status == 200, response.status
+        body = response.read()
+        assert (response.getheader("Content-Encoding") == "gzip") is gzipped
+        text = (gzip.decompress(body) if gzipped else body).decode()
+        return response.getheader("Content-Type", ""), text
+    finally:
+        conn.close()
+
+
+def blk_io(path: Path) -> None:
+    """One 4 KiB write and its read-back through vvu's front-end: two requests."""
+
+    async def use() -> None:
+        async with await BlkDriver.open(str(path)) as blk:
+            await blk.write(8, pattern(4096, 7))
+            assert await blk.read(8, 4096) == pattern(4096, 7)
+
+    asyncio.run(use())
+
+
+def test_metrics_over_a_unix_socket(tmp_path: Path) -> None:
+    """`--metrics-http unix:PATH`: prometheus_client's exposition over HTTP on an AF_UNIX
+    socket of mode 0600, Prometheus text by default and OpenMetrics when the scraper asks
+    (Accept; here gzipped, as asked), both parsed by prometheus_client's parsers; the socket
+    goes with the daemon."""
+    api, metrics = tmp_path / "api.sock", tmp_path / "metrics.sock"
+    config = tmp_path / "vvu.toml"
+    config.write_text(
+        f'[[device]]\nid = "a"\ntype = "blk"\nsocket = "{tmp_path}/a.sock"\nsize = 1\n'
+    )
+    args = ["--config", str(config), "--api-socket", str(api), "--metrics-http", f"unix:{metrics}"]
+    daemon = DaemonProcess(args, api, tmp_path / "log", command="daemon")
+    try:
+        assert stat.S_IMODE(metrics.stat().st_mode) == 0o600
+        blk_io(tmp_path / "a.sock")
+        kind, text = scrape_unix(metrics)
+        assert kind.startswith("text/plain; version=0.0.4"), kind
+        got = samples(text)
+        q = (("device", "a"), ("queue", "0"))
+        assert got[("vvu_requests_total", q)] == 2
+        assert got[("vvu_written_bytes_total", q)] == got[("vvu_read_bytes_total", q)] == 4096
+        kind, text = scrape_unix(
+            metrics, "application/openmetrics-text; version=1.0.0", gzipped=True
+        )
+        assert kind.startswith("application/openmetrics-text"), kind
+        families = openmetrics_families(text)  # type: ignore[no-untyped-call]
+        [requests] = [f for f in families if f.name == "vvu_requests"]
+        assert requests.type == "counter"
+        assert [(s.labels, s.value) for s in requests.samples] == [
+            ({"device": "a", "queue": "0"}, 2)
+        ]
+    finally:
+        assert daemon.stop() == 0
+    assert f"metrics on http+unix:{metrics}" in daemon.log()
+    assert not metrics.exists() and not api.exists()
+
+
+def test_daemon_under_systemd(tmp_path: Path) -> None:
+    """As systemd starts contrib/systemd's vvu-daemon.service (Type=notify) with its sockets:
+    the management socket (FileDescriptorName=api), a device's (its id) and the metrics'
+    ("metrics") are fds 3, 4, 5 with LISTEN_FDS/LISTEN_PID/LISTEN_FDNAMES. The daemon serves
+    each for what its name says, binds the sockets nobody passed (device "rng") before it says
+    READY=1 (with STATUS=), says STOPPING=1 on SIGTERM, and leaves systemd's socket files."""
+    notify = notify_socket(tmp_path / "notify")
+    api, disk, metrics = tmp_path / "api.sock", tmp_path / "disk.sock", tmp_path / "metrics.sock"
+    config = tmp_path / "vvu.toml"
+    config.write_text(
+        f'[[device]]\nid = "disk"\ntype = "blk"\nsocket = "{disk}"\nsize = 1\n'
+        f'[[device]]\nid = "rng"\ntype = "rng"\nsocket = "{tmp_path}/rng.sock"\n'
+    )
+    sockets = [listening_socket(str(path)) for path in (api, disk, metrics)]
+    with (tmp_path / "log").open("wb") as log:
+        proc = socket_activated(
+            [sys.executable, "-m", "vvu", "-v", "daemon", "--config", str(config)],
+            sockets,
+            ["api", "disk", "metrics"],
+            {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")},
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        )  # fmt: skip
+    for sock in sockets:
+        sock.close()
+    try:
+        ready = notify.recv(4096).decode()
+        assert (tmp_path / "rng.sock").exists(), "READY=1 before every device was served"
+        assert ready.split("\n") == ["READY=1", "STATUS=serving 2 device(s)"]
+        listed = json.loads(ctl(api, "--json", "device-list").stdout)
+        assert [d["id"] for d in listed] == ["disk", "rng"]
+        blk_io(disk)
+        assert (
+            samples(scrape_unix(metrics)[1])[
+                ("vvu_requests_total", (("device", "disk"), ("queue", "0")))
+            ]
+            == 2
+        )
+        assert ctl(api, "device-remove", "disk").returncode == 0
+        assert disk.exists(), "a passed socket is systemd's to remove"
+    finally:
+        assert stop_process(proc) == 0
+    with notify:
+        assert notify.recv(4096) == b"STOPPING=1"
+    log_text = (tmp_path / "log").read_text()
+    assert "management API on the socket systemd passed" in log_text, log_text
+    assert "Traceback" not in log_text, log_text
+    assert api.exists() and disk.exists() and metrics.exists()
+    assert not (tmp_path / "rng.sock").exists()
+
+
+@pytest.mark.parametrize("case", ["stray-name", "device-socket-elsewhere"])
+def test_daemon_refuses_a_passed_socket_it_cannot_place(tmp_path: Path, case: str) -> None:
+    """A socket passed under a name that is neither api, metrics nor a configured device's id,
+    or a device's socket bound elsewhere than the device's `socket`, stops the start (exit 1)
+    with a message saying what is wrong."""
+    config = tmp_path / "vvu.toml"
+    config.write_text(f'[[device]]\nid = "d"\ntype = "rng"\nsocket = "{tmp_path}/d.sock"\n')
+    name, error = {
+        "stray-name": ("nodevice", b"named nodevice: FileDescriptorName= must be 'api', 'metrics'"),
+        "device-socket-elsewhere": (
+            "d",
+            f"bound to '{tmp_path}/x', not {tmp_path}/d.sock".encode(),
+        ),
+    }[case]
+    sockets = [listening_socket(str(tmp_path / "api.sock")), listening_socket(str(tmp_path / "x"))]
+    proc = socket_activated(
+        [sys.executable, "-m", "vvu", "daemon", "--config", str(config)], sockets, ["api", name],
+        stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    for sock in sockets:
+        sock.close()
+    try:
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 1, err
+    assert error in err, err
+    assert not (tmp_path / "d.sock").exists()
+
+
+def test_daemon_takes_one_unnamed_socket_as_its_api(tmp_path: Path) -> None:
+    """One socket passed without LISTEN_FDNAMES (sd_listen_fds without names) is the
+    management socket: no --api-socket needed."""
+    api = tmp_path / "api.sock"
+    notify = notify_socket(tmp_path / "notify")
+    sockets = [listening_socket(str(api))]
+    proc = socket_activated(
+        [sys.executable, "-m", "vvu", "daemon"], sockets, None,
+        {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")},
+        stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    sockets[0].close()
+    try:
+        with notify:
+            assert notify.recv(4096).startswith(b"READY=1\n")
+        assert json.loads(ctl(api, "--json", "device-list").stdout) == []
+    finally:
+        assert stop_process(proc) == 0
 
 
 # --- a device behind a virtio-vhost-user device -------------------------------------------------

@@ -1,6 +1,7 @@
 """Done-when of `vvu daemon` (issue 12): a QEMU guest reads and writes a disk that was added at
 runtime through `vvu ctl` to a running daemon, while that daemon already serves another
-front-end, which keeps working. One small boot (tests/guest.py, TCG)."""
+front-end, which keeps writing and reading back (verified) all the while the guest runs. One
+small boot (tests/guest.py, TCG)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import random
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,36 @@ def ctl(api: Path, *args: str) -> str:
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+class KeepBusy:
+    """Writes a block and reads it back, again and again, from a thread, until `stop()`; any
+    failure is raised by `stop()`."""
+
+    def __init__(self, blk: BlockingBlk) -> None:
+        self.blk = blk
+        self.rounds = 0
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="keep-busy")
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                data = self.rounds.to_bytes(8, "little").ljust(4096, b"\x5a")
+                self.blk.write(16, data)
+                assert self.blk.read(16, 4096) == data, f"round {self.rounds}"
+                self.rounds += 1
+        except BaseException as err:
+            self._error = err
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(TIMEOUT)
+        assert not self._thread.is_alive(), "the first front-end's I/O hangs"
+        if self._error is not None:
+            raise AssertionError(f"the first front-end failed: {self._error!r}")
 
 
 def test_guest_reads_a_disk_added_at_runtime_beside_a_served_frontend(tmp_path: Path) -> None:
@@ -68,11 +100,19 @@ cat /sys/block/vda/size
 dd if=/dev/vda bs=1M count=1 iflag=direct 2>/dev/null | md5sum
 printf guest-wrote-this | dd of=/dev/vda bs=512 seek=8192 conv=fsync 2>/dev/null
 """
-            with start_guest(script, qemu_args=devices, timeout=TIMEOUT) as guest:
-                try:
-                    result = guest.wait()
-                except GuestError as err:
-                    raise AssertionError(f"{err}\n--- daemon log ---\n{daemon.log()}") from err
+            # The first front-end goes on writing and reading back while the guest runs.
+            busy = KeepBusy(other)
+            try:
+                with start_guest(script, qemu_args=devices, timeout=TIMEOUT) as guest:
+                    try:
+                        result = guest.wait()
+                    except GuestError as err:
+                        log = daemon.log()
+                        raise AssertionError(f"{err}\n--- daemon log ---\n{log}") from err
+                    rounds_during_guest = busy.rounds
+            finally:
+                busy.stop()
+            assert rounds_during_guest > 0, "the first front-end was not served meanwhile"
             assert result.exit_status == 0, f"{result.serial}\n{daemon.log()}"
             lines = result.output.split("\n")
             assert lines[0] == str(DISK_SIZE // 512)

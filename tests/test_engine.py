@@ -51,6 +51,7 @@ from vvu.protocol import (
     REPLY_FLAGS,
     U64,
     VERSION,
+    VRING_NOFD,
     BackendRequest,
     Config,
     DeviceStateTransfer,
@@ -65,10 +66,12 @@ from vvu.protocol import (
     RawPayload,
     SharedObject,
     ShmemConfig,
+    ShmemMap,
     SingleRegion,
     VhostFeature,
     VirtioFeature,
     VringAddr,
+    VringArea,
     VringState,
     decode_message,
     encode_ack,
@@ -796,6 +799,9 @@ async def _acked_requests(
         (F.SET_VRING_ENABLE, VringState(0, 1), []),
         (F.SET_STATUS, U64(RUNNING), []),
         (F.RESET_OWNER, EMPTY, []),  # deprecated: stops the ring, keeps everything else
+        # Taken only by a stopped ring (test_bad_input, "ring-base-while-running"): acked, it
+        # proves RESET_OWNER stopped the ring. Nothing was used yet: 0 is where it stopped.
+        (F.SET_VRING_BASE, VringState(0, 0), []),
         (F.SET_VRING_KICK, U64.vring(0), [ring.kick.fileno()]),  # running again
     ]
     for request, payload, fds in requests:
@@ -1462,6 +1468,10 @@ async def test_set_config_honours_its_flags(engine: BackendEngine, connect: Conn
     through = config.data[:32] + b"\0" + config.data[33:]
     await peer.send(F.SET_CONFIG, Config(0, 0, through), need_reply=True)
     assert await peer.ack(F.SET_CONFIG) == 1, "a driver write of read-only fields"
+    for mode in (b"\0", b"\1"):  # a driver write of the cache mode alone: taken
+        await peer.send(F.SET_CONFIG, Config(32, 0, mode), need_reply=True)
+        assert await peer.ack(F.SET_CONFIG) == 0, "a driver write of the cache mode"
+        assert (await peer.get(F.GET_CONFIG, Config(32, 0, b"\0"))) == Config(32, 0, mode)
     await peer.send(F.SET_CONFIG, Config(32, 2, b"\0"), need_reply=True)
     assert await peer.ack(F.SET_CONFIG) == 1, "flags 2 mean nothing"
     assert (await peer.get(F.GET_CONFIG, Config(32, 0, b"\0"))) == Config(32, 0, b"\1")
@@ -2612,11 +2622,14 @@ async def test_refused_requests_get_their_failure_answer_and_a_reason(
 async def test_our_frontend_answers_back_end_requests_it_does_not_support_with_a_failure_ack(
     engine: BackendEngine,
 ) -> None:
-    """Shared objects, shared memory maps, host notifiers, unknown ids, in-band calls that were
-    not negotiated: refused with a failure ack (NEED_REPLY), and the channel goes on."""
+    """Every back-end request docs/protocol-support.md lists as "not offered" (host notifiers,
+    shared objects, shared memory maps), an unknown id, in-band calls that were not
+    negotiated: each well-formed (with its fd where it needs one), each refused with a failure
+    ack (NEED_REPLY), nothing carried out, and the channel goes on."""
     client, server = socketpair_channels()
     task = asyncio.ensure_future(engine.serve(server))
     frontend = Frontend(client, memory_size=MiB)
+    shm = os.memfd_create("shmem-map")
     try:
         await frontend.negotiate(protocol_features=WANTED_PROTOCOL_FEATURES | PF.BACKEND_REQ.mask)
         await frontend.open_backend_channel()
@@ -2624,21 +2637,30 @@ async def test_our_frontend_answers_back_end_requests_it_does_not_support_with_a
         assert engine.session is not None and engine.session.backend_channel is not None
         channel = engine.session.backend_channel
         uuid = SharedObject(UUID(int=1)).pack()
-        refused = [
-            (BackendRequest.BACKEND_SHARED_OBJECT_ADD, uuid),
-            (BackendRequest.BACKEND_SHMEM_UNMAP, bytes(40)),
-            (BackendRequest.BACKEND_VRING_CALL, VringState(0, 0).pack()),
-            (99, b""),
+        mapping = ShmemMap(0, 0, 0, 4096, 1).pack()
+        notifier = VringArea(VRING_NOFD, 0, 0).pack()  # NOFD: unmap, no fd
+        refused: list[tuple[int, bytes, list[int]]] = [
+            (BackendRequest.BACKEND_VRING_HOST_NOTIFIER_MSG, notifier, []),
+            (BackendRequest.BACKEND_SHARED_OBJECT_ADD, uuid, []),
+            (BackendRequest.BACKEND_SHARED_OBJECT_REMOVE, uuid, []),
+            (BackendRequest.BACKEND_SHARED_OBJECT_LOOKUP, uuid, []),
+            (BackendRequest.BACKEND_SHMEM_MAP, mapping, [shm]),
+            (BackendRequest.BACKEND_SHMEM_UNMAP, mapping, []),
+            (BackendRequest.BACKEND_VRING_CALL, VringState(0, 0).pack(), []),
+            (99, b"", []),
         ]
-        for request, body in refused:
-            await channel.send(Header(request, VERSION | NEED_REPLY, len(body)).pack() + body)
+        for request, body, fds in refused:
+            header = Header(request, VERSION | NEED_REPLY, len(body)).pack()
+            await channel.send(header + body, fds)
             raw = await asyncio.wait_for(channel.recv(), TIMEOUT)
             assert raw is not None and (raw.request, raw.flags) == (request, REPLY_FLAGS)
             assert int.from_bytes(raw.payload, "little") != 0, request
+            assert raw.fds == [], request
         assert frontend.backend_requests == {}  # nothing was carried out
         # A started ring (no memory, so nothing runs): the device is not suspended.
         await frontend.request(F.SET_VRING_KICK, U64.vring(0, nofd=True))
         assert await engine.notify_config_change() is True  # and the channel still works
     finally:
+        os.close(shm)
         await frontend.close()
     await asyncio.wait_for(task, TIMEOUT)

@@ -20,7 +20,6 @@ import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +37,7 @@ from vvu.frontend import BlkDriver, RngDriver
 from vvu.frontend.core import Frontend, FrontendError
 from vvu.protocol import FrontendRequest, Inflight, ProtocolFeature
 from vvu.transport.unix import socketpair_channels
+from vvu_harness import tmpfs_file
 
 VVU = [sys.executable, "-m", "vvu"]
 KiB, MiB = 1 << 10, 1 << 20
@@ -238,17 +238,22 @@ def _device_for(
 
 
 @pytest.fixture
-def memory_file(tmp_path: Path) -> Iterator[Path]:
-    """A 16 MiB file on tmpfs (removed after), for a front-end's RAM that is the device's
-    `--frontend-memory` (transport "vvu-file")."""
+def memory_file() -> Iterator[Path]:
+    """A 16 MiB tmpfs file without a name (`tmpfs_file`), for a front-end's RAM that is the
+    device's `--frontend-memory` (transport "vvu-file"): nothing stays in /dev/shm, even when
+    the run is killed."""
+    with tmpfs_file(16 * MiB) as path:
+        yield path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_shm_left_behind() -> Iterator[None]:
+    """Regression check: this module once left a 16 MiB /dev/shm/vvu-test-inflight-* file per
+    run that did not end cleanly. No new such file may be there after the module."""
     shm = Path("/dev/shm")
-    fd, name = tempfile.mkstemp(prefix="vvu-test-inflight-", dir=shm if shm.is_dir() else tmp_path)
-    try:
-        os.ftruncate(fd, 16 * MiB)
-        os.close(fd)
-        yield Path(name)
-    finally:
-        os.unlink(name)
+    before = set(shm.glob("vvu-test-inflight-*"))
+    yield
+    assert set(shm.glob("vvu-test-inflight-*")) - before == set()
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ from vvu.protocol.support import (
     Status,
     render,
 )
+from vvu.protocol.table import spec_for
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "protocol-support.md"
@@ -67,6 +68,63 @@ def test_every_named_test_exists() -> None:
             if not path.is_file() or function not in _test_functions(path):
                 missing.append(f"{name}: {node_id}")
     assert missing == []
+
+
+#: Table-driven tests: a row that cites one must be one of its cases. Value: the function of
+#: the test's module that lists the cases (by attribute, e.g. `F.SET_VRING_ENDIAN`).
+_REFUSED_TEST = "tests/test_engine.py::test_refused_requests_get_their_failure_answer_and_a_reason"
+_UNSUPPORTED_BACKEND_TEST = (
+    "tests/test_engine.py::"
+    "test_our_frontend_answers_back_end_requests_it_does_not_support_with_a_failure_ack"
+)
+_CASE_TABLES = {
+    _REFUSED_TEST: "_refused_cases",
+    _UNSUPPORTED_BACKEND_TEST: _UNSUPPORTED_BACKEND_TEST.partition("::")[2],
+}
+
+
+@functools.cache
+def _attributes_in(path: Path, function: str) -> frozenset[str]:
+    """Every attribute name used in `function` of the module at `path` (empty: no function)."""
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == function:
+            return frozenset(n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute))
+    return frozenset()
+
+
+def _requests_needing(feature: ProtocolFeature) -> set[str]:
+    members: list[FrontendRequest | BackendRequest] = [*FrontendRequest, *BackendRequest]
+    return {
+        m.name for m in members if (spec := spec_for(m)) is not None and spec.feature is feature
+    }
+
+
+def test_rows_are_cases_of_the_table_driven_tests_they_cite() -> None:
+    """A row that cites a table-driven test is one of its cases: a request by name, a feature
+    through a request that needs it. Every refused request cites the refused-requests test, and
+    every back-end request the engine does not offer the test of our front-end's refusals."""
+    rows: list[tuple[str, set[str], Row]] = [
+        *((m.name, {m.name}, row) for m, row in FRONTEND_ROWS.items()),
+        *((m.name, {m.name}, row) for m, row in BACKEND_ROWS.items()),
+        *((m.name, _requests_needing(m), row) for m, row in FEATURE_ROWS.items()),
+    ]
+    wrong = []
+    for name, wanted, row in rows:
+        for node_id in row.tests:
+            function = _CASE_TABLES.get(node_id)
+            if function is None:
+                continue
+            cases = _attributes_in(REPO / node_id.partition("::")[0], function)
+            assert cases, f"{function} lists no cases"
+            if not wanted & cases:
+                wrong.append(f"{name}: not a case of {node_id}")
+    for request, row in FRONTEND_ROWS.items():
+        if Status.REFUSED in (row.unix, row.vvu) and _REFUSED_TEST not in row.tests:
+            wrong.append(f"{request.name} is refused without {_REFUSED_TEST}")
+    for backend_request, row in BACKEND_ROWS.items():
+        if row.unix is Status.NOT_OFFERED and _UNSUPPORTED_BACKEND_TEST not in row.tests:
+            wrong.append(f"{backend_request.name} is not offered without its refusal test")
+    assert wrong == []
 
 
 def test_supported_and_refused_rows_name_a_test() -> None:

@@ -7,14 +7,11 @@ Every test here runs over both transports: the back-ends and the engine do not c
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
 import struct
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +23,7 @@ from vvu.frontend import BlkDriver, BlkIOError, RngDriver
 from vvu.frontend.net import NetDriver
 from vvu.vfio_user import ClientOptions, VfioUserServer
 from vvu.vfio_user.protocol import Command
-from vvu_harness import served
+from vvu_harness import served, tmpfs_file
 
 TIMEOUT = 20.0
 VVU = [sys.executable, "-m", "vvu"]
@@ -36,19 +33,6 @@ TRANSPORTS = pytest.mark.parametrize("transport", ["unix", "vvu", "vvu-msix"])
 #: A vfio-user client that knows no vvu extension and never asks for ioeventfds: what QEMU 11's
 #: vfio-user-pci is.
 STANDARD_CLIENT = ClientOptions(sparse_mmap_fds=False, io_fds=False)
-
-
-@contextlib.contextmanager
-def memory_file(tmp_path: Path, size: int) -> Iterator[Path]:
-    """A `size`-byte file on tmpfs (as a VM's memory-backend-file would use), removed after."""
-    shm = Path("/dev/shm")
-    path = (shm if shm.is_dir() else tmp_path) / f"vvu-test-{uuid.uuid4().hex}"
-    with open(path, "wb") as f:
-        f.truncate(size)
-    try:
-        yield path
-    finally:
-        path.unlink()
 
 
 @pytest.mark.asyncio
@@ -63,7 +47,7 @@ async def test_blk_with_frontend_memory_from_a_file(client: str, tmp_path: Path)
     devices: list[VvuDevice] = []
     servers: list[VfioUserServer] = []
     options = STANDARD_CLIENT if client == "standard" else None
-    with memory_file(tmp_path, 48 << 20) as mem:
+    with tmpfs_file(48 << 20) as mem:
         async with served(
             BlkBackend(size=16 << 20),
             "vvu",

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 from vvu.backends import Backend
@@ -21,6 +22,19 @@ from vvu.transport.vvu import VvuListener
 from vvu.vfio_user import ClientOptions, VfioUserPciAccess
 from vvu.vfio_user.echo import EchoDevice
 from vvu.vfio_user.server import VfioUserServer
+
+
+@contextlib.contextmanager
+def tmpfs_file(size: int) -> Iterator[Path]:
+    """A `size`-byte tmpfs file (a VM's memory-backend-file, a `--frontend-memory` file) that has
+    no name: a memfd, as a path any process of ours can open while this one runs
+    (/proc/PID/fd/N). Nothing is left in /dev/shm however the test ends, even by SIGKILL."""
+    fd = os.memfd_create("vvu-test-memory")  # close-on-exec: children open the path instead
+    try:
+        os.ftruncate(fd, size)
+        yield Path(f"/proc/{os.getpid()}/fd/{fd}")
+    finally:
+        os.close(fd)
 
 
 async def _serve_sessions(

@@ -14,15 +14,17 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
 
 from vvu import systemd
 from vvu.daemon.core import Daemon, DaemonError, Event
-from vvu.daemon.metrics import registry_for, render
+from vvu.daemon.metrics import MetricsServer, registry_for, render
 from vvu.daemon.rpc import (
     INVALID_PARAMS,
     MAX_LINE,
@@ -174,45 +176,126 @@ async def _daemon_call(call: Any) -> Any:
         raise RpcFault(err.code, str(err)) from err
 
 
+#: `--metrics-http unix:PATH`: the metrics on an AF_UNIX socket (as nginx-prometheus-exporter's
+#: `-web.listen-address=unix:PATH` and gunicorn's `--bind unix:PATH` spell it).
+UNIX_PREFIX = "unix:"
+#: The names (FileDescriptorName=) of the sockets systemd may pass besides device ids.
+API_FD_NAME, METRICS_FD_NAME = "api", "metrics"
+
+
 def _http_address(value: str) -> tuple[str, int]:
     host, _, port = value.rpartition(":")
     if not host or not port.isdigit():
-        raise ValueError(f"--metrics-http wants HOST:PORT, not {value!r}")
+        raise ValueError(f"--metrics-http wants HOST:PORT or unix:PATH, not {value!r}")
     return host.strip("[]"), int(port)
 
 
+def _passed_socket(fd: int, name: str, *, unix: bool = False) -> socket.socket:
+    """The listening stream socket systemd passed as `fd` (FileDescriptorName=`name`); `unix`:
+    it must be an AF_UNIX one."""
+    sock = socket.socket(fileno=fd)
+    listening = sock.type == socket.SOCK_STREAM and sock.getsockopt(
+        socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+    )
+    if not listening or (unix and sock.family != socket.AF_UNIX):
+        sock.detach()
+        kind = "a listening unix stream socket" if unix else "a listening stream socket"
+        raise ValueError(f"the socket systemd passed as {name!r} (fd {fd}) is not {kind}")
+    return sock
+
+
+def _check_activated(activated: Mapping[str, int], devices: Sequence[DeviceSpec]) -> None:
+    """Every socket systemd passed must be the API's, the metrics' or a configured device's."""
+    ids = {spec.id for spec in devices}
+    stray = sorted(set(activated) - ids - {API_FD_NAME, METRICS_FD_NAME})
+    if stray:
+        raise SpecError(
+            f"systemd passed socket(s) named {', '.join(stray)}: FileDescriptorName= must be "
+            f"{API_FD_NAME!r}, {METRICS_FD_NAME!r} or the id of a [[device]] of the config"
+        )
+
+
+def _metrics_socket(
+    metrics_http: str | None, activated: Mapping[str, int], made: list[str]
+) -> tuple[socket.socket | None, str | None]:
+    """The listening socket of the metrics' HTTP server when vvu's own server serves it (passed
+    by systemd, or unix:PATH, whose path is added to `made`), and where the metrics are (None:
+    nowhere). HOST:PORT is prometheus_client's `start_http_server`'s: (None, where)."""
+    if METRICS_FD_NAME in activated:
+        sock = _passed_socket(activated[METRICS_FD_NAME], METRICS_FD_NAME)
+        return sock, f"the socket systemd passed ({_sockname(sock)})"
+    if metrics_http is None:
+        return None, None
+    if metrics_http.startswith(UNIX_PREFIX):
+        path = metrics_http.removeprefix(UNIX_PREFIX)
+        if not path:
+            raise ValueError("--metrics-http unix:PATH needs a PATH")
+        sock = listening_socket(path, 0o600)
+        made.append(path)
+        return sock, f"http+unix:{path} (GET /metrics)"
+    _http_address(metrics_http)  # refused here when malformed
+    return None, f"http://{metrics_http}/metrics"
+
+
+def _api_socket(
+    path: str | None, mode: int, activated: Mapping[str, int], made: list[str]
+) -> tuple[socket.socket, str]:
+    """The management socket (passed by systemd as "api", or bound at `path`, which is then
+    added to `made`) and where it is."""
+    if API_FD_NAME in activated:
+        sock = _passed_socket(activated[API_FD_NAME], API_FD_NAME, unix=True)
+        return sock, f"the socket systemd passed ({_sockname(sock)})"
+    assert path is not None, "no API socket"
+    sock = listening_socket(path, mode)
+    made.append(path)
+    return sock, path
+
+
 async def run_daemon(
-    api_socket: str,
+    api_socket: str | None,
     devices: Sequence[DeviceSpec],
     *,
     api_mode: int = 0o600,
     metrics_http: str | None = None,
+    activated: Mapping[str, int] | None = None,
 ) -> None:
-    """`vvu daemon`: serve `devices` and the management API until SIGINT or SIGTERM."""
+    """`vvu daemon`: serve `devices` and the management API until SIGINT or SIGTERM.
+
+    `metrics_http`: HOST:PORT or unix:PATH (mode 0600). `activated`: the sockets systemd passed,
+    by name (`vvu.systemd.listen_fds`): "api" is the management socket (then `api_socket` may
+    be None), "metrics" the metrics' HTTP socket, any other name the listening socket of the
+    configured device with that id. Passed sockets are systemd's: they are not removed on exit.
+    """
+    activated = dict(activated or {})
+    _check_activated(activated, devices)
     loop = asyncio.get_running_loop()
     daemon = Daemon()
     registry = registry_for(daemon, loop)
     api = ManagementApi(daemon, registry)
     server: asyncio.Server | None = None
-    http = None
+    http: list[WSGIServer] = []  # the metrics' HTTP server, serving from its thread
+    made: list[str] = []  # socket files this process created, removed on exit
     try:
         for spec in devices:
             try:
-                await daemon.add(spec)
+                await daemon.add(spec, fd=activated.get(spec.id))
             except DaemonError as err:
                 raise SpecError(f"device {spec.id}: {err}") from err
-        sock = listening_socket(api_socket, api_mode)
-        server = await asyncio.start_unix_server(api.rpc.serve_client, sock=sock, limit=MAX_LINE)
-        if metrics_http is not None:
+        metrics_sock, metrics_where = _metrics_socket(metrics_http, activated, made)
+        if metrics_sock is not None:
+            http.append(MetricsServer(metrics_sock, registry).start())
+        elif metrics_http is not None:
             host, port = _http_address(metrics_http)
-            http, _ = start_http_server(port, host, registry)
+            http.append(start_http_server(port, host, registry)[0])
+        sock, api_where = _api_socket(api_socket, api_mode, activated, made)
+        server = await asyncio.start_unix_server(api.rpc.serve_client, sock=sock, limit=MAX_LINE)
         stop = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
-        where = f"; metrics on http://{metrics_http}/metrics" if metrics_http else ""
+        where = f"; metrics on {metrics_where}" if metrics_where else ""
         print(
             f"vvu: daemon serving {len(daemon.devices)} device(s); management API on "
-            f"{api_socket}{where}",
+            f"{api_where}{where}",
             file=sys.stderr,
             flush=True,
         )
@@ -220,14 +303,20 @@ async def run_daemon(
         await stop.wait()
         systemd.notify("STOPPING=1")
     finally:
-        if http is not None:
-            http.shutdown()
-            http.server_close()
+        for httpd in http:
+            httpd.shutdown()
+            httpd.server_close()
         if server is not None:
             server.close()
             api.rpc.close()
+        for path in made:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(api_socket)
+                os.unlink(path)
         served = sum(d.engine.sessions_served for d in daemon.devices.values())
         await daemon.close()
         print(f"vvu: daemon stopped ({served} front-end session(s))", file=sys.stderr)
+
+
+def _sockname(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    return name if isinstance(name, str) else ":".join(str(part) for part in name[:2])

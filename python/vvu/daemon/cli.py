@@ -9,6 +9,7 @@ import os
 import sys
 from typing import Any
 
+from vvu import systemd
 from vvu.daemon.client import DaemonClient, DeviceInfo, DeviceStats, RpcError
 from vvu.daemon.spec import ConfigFile, SpecError, load_config
 
@@ -26,7 +27,7 @@ def _default_api_socket() -> str | None:
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
-    from vvu.daemon.api import run_daemon  # noqa: PLC0415 (prometheus_client only when needed)
+    from vvu.daemon.api import API_FD_NAME, run_daemon  # noqa: PLC0415 (prometheus_client lazily)
 
     try:
         config = (
@@ -37,10 +38,14 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     except SpecError as err:
         print(f"vvu daemon: {err}", file=sys.stderr)
         return 2
+    activated = dict(systemd.listen_fds())
+    if list(activated) == ["unknown"]:  # one socket, unnamed (no LISTEN_FDNAMES): the API's
+        activated = {API_FD_NAME: activated["unknown"]}
     api_socket = args.api_socket or config.api_socket or _default_api_socket()
-    if api_socket is None:
+    if api_socket is None and API_FD_NAME not in activated:
         print(
-            f"vvu daemon: give --api-socket (or [api] socket in the config, or {API_SOCKET_ENV})",
+            f"vvu daemon: give --api-socket (or [api] socket in the config, or {API_SOCKET_ENV},"
+            f" or a socket systemd passes named {API_FD_NAME!r})",
             file=sys.stderr,
         )
         return 2
@@ -52,6 +57,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
                 config.devices,
                 api_mode=mode,
                 metrics_http=args.metrics_http or config.metrics_http,
+                activated=activated,
             )
         )
     except (SpecError, OSError, ValueError) as err:
@@ -186,7 +192,9 @@ def add_parsers(commands: Any) -> None:
             "socket, from a TOML config file (--config) and added or removed at runtime through "
             "the management API (JSON-RPC 2.0 on --api-socket, mode 0600; `vvu ctl`). A "
             "front-end's fault ends only its own session. Until SIGINT or SIGTERM; the sockets "
-            "are removed on exit. docs/daemon.md."
+            "it made are removed on exit. Under systemd it tells NOTIFY_SOCKET READY=1 and "
+            "STOPPING=1, and serves the sockets passed (LISTEN_FDS) by their names "
+            "(LISTEN_FDNAMES): api, metrics, or a configured device's id. docs/daemon.md."
         ),
     )
     daemon.add_argument("--config", metavar="FILE", help="TOML file: [api] and [[device]] tables")
@@ -200,8 +208,11 @@ def add_parsers(commands: Any) -> None:
     )
     daemon.add_argument(
         "--metrics-http",
-        metavar="HOST:PORT",
-        help="also serve the metrics over HTTP at http://HOST:PORT/metrics (e.g. 127.0.0.1:9101)",
+        metavar="HOST:PORT|unix:PATH",
+        help=(
+            "also serve the metrics over HTTP: at http://HOST:PORT/metrics (e.g. "
+            "127.0.0.1:9101), or on the unix socket PATH (mode 0600; GET /metrics)"
+        ),
     )
     daemon.set_defaults(func=cmd_daemon)
 

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -191,13 +192,34 @@ class Device:
         }
 
 
-async def _listen(spec: DeviceSpec) -> UnixListener | VvuListener:
+async def _listen(spec: DeviceSpec, fd: int | None = None) -> UnixListener | VvuListener:
+    if fd is not None:
+        return _passed_listener(spec, fd)
     if spec.vvu is None:
         assert spec.socket is not None
         return UnixListener(spec.socket, mode=spec.socket_mode)
     pci = await VfioUserPciAccess.open(spec.vvu, timeout=VVU_CONNECT_TIMEOUT)
     kick_mode: KickMode = "msix" if spec.vvu_kick_mode == "msix" else "direct"
     return VvuListener(pci, kick_mode=kick_mode)
+
+
+def _passed_listener(spec: DeviceSpec, fd: int) -> UnixListener:
+    """The device's listening socket as systemd passed it (socket activation): it must be the
+    one the device's `socket` names; it stays systemd's (not removed when the device goes)."""
+    if spec.socket is None:
+        raise ValueError("a device behind a VVU device has no socket systemd could pass")
+    sock = socket.socket(fileno=fd)
+    try:
+        bound = sock.getsockname()
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        family = sock.family
+    finally:
+        sock.detach()
+    if family != socket.AF_UNIX or not listening:
+        raise ValueError(f"fd {fd} is not a listening AF_UNIX socket")
+    if not isinstance(bound, str) or os.path.abspath(bound) != os.path.abspath(spec.socket):
+        raise ValueError(f"systemd passed fd {fd} bound to {bound!r}, not {spec.socket}")
+    return UnixListener(fd=fd)
 
 
 class Daemon:
@@ -254,8 +276,9 @@ class Daemon:
             raise DaemonError(DaemonError.NOT_FOUND, f"no device {device_id!r}")
         return device
 
-    async def add(self, spec: DeviceSpec) -> Device:
-        """Create and serve a device; nothing is left behind when that fails."""
+    async def add(self, spec: DeviceSpec, *, fd: int | None = None) -> Device:
+        """Create and serve a device; nothing is left behind when that fails. `fd`: its
+        listening socket, passed by systemd (socket activation), instead of binding `socket`."""
         async with self._lock:
             if spec.id in self.devices:
                 raise DaemonError(DaemonError.EXISTS, f"device {spec.id!r} exists")
@@ -268,7 +291,7 @@ class Daemon:
             except (OSError, ValueError) as err:
                 raise DaemonError(DaemonError.FAILED, f"{spec.type}: {err}") from err
             try:
-                listener = await _listen(spec)
+                listener = await _listen(spec, fd)
             except (OSError, ValueError, VvuError) as err:
                 backend.close()
                 raise DaemonError(

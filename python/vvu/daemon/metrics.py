@@ -7,8 +7,11 @@ keep anyway (`Device.stats`) and turns them into metric families, on the event l
 from __future__ import annotations
 
 import asyncio
+import socket
+import socketserver
 import threading
 from collections.abc import Iterator
+from wsgiref.simple_server import WSGIRequestHandler
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -17,13 +20,13 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import generate_latest
+from prometheus_client.exposition import ThreadingWSGIServer, generate_latest, make_wsgi_app
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.registry import Collector
 
 from vvu.daemon.core import Daemon
 
-__all__ = ["DaemonCollector", "registry_for", "render"]
+__all__ = ["DaemonCollector", "MetricsServer", "registry_for", "render"]
 
 #: Per-queue counters: (stats key, metric name without vvu_ and _total, help).
 _COUNTERS = (
@@ -129,3 +132,38 @@ def render(registry: CollectorRegistry, *, openmetrics: bool = False) -> str:
     else:
         data = generate_latest(registry)
     return data.decode()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        """A scrape is not an event worth a log line."""
+
+
+class MetricsServer(ThreadingWSGIServer):
+    """prometheus_client's WSGI app and threaded server (the ones `start_http_server` uses), on
+    a listening socket made elsewhere: the AF_UNIX one of `--metrics-http unix:PATH`, or one
+    systemd passed. Same answers as the HOST:PORT form: Prometheus text, OpenMetrics when the
+    scraper's Accept asks for it, gzip when accepted, `name[]` filters. `start()` serves from
+    a thread; `shutdown()` then `server_close()` stop it and close the socket (the caller
+    removes a file it made)."""
+
+    def __init__(self, sock: socket.socket, registry: CollectorRegistry) -> None:
+        # BaseServer, not TCPServer: the socket exists already (nothing to create or bind).
+        socketserver.BaseServer.__init__(self, sock.getsockname(), _QuietHandler)
+        sock.setblocking(True)
+        self.socket = sock
+        self.server_name, self.server_port = "localhost", 0  # what HTTPServer's bind would set
+        self.setup_environ()
+        self.set_app(make_wsgi_app(registry))
+        self._thread = threading.Thread(
+            target=self.serve_forever, name="vvu-metrics-http", daemon=True
+        )
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        conn, address = self.socket.accept()
+        # An AF_UNIX peer has no address (""); WSGI's REMOTE_ADDR is client_address[0].
+        return conn, address if isinstance(address, tuple) else ("local", 0)
+
+    def start(self) -> MetricsServer:
+        self._thread.start()
+        return self

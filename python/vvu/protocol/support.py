@@ -32,8 +32,9 @@ class Status(enum.Enum):
 _MEANINGS: Final = {
     Status.YES: "implemented, offered and tested",
     Status.REFUSED: (
-        "answered with a failure (failure ack, or the failure form of its reply) and a log "
-        "line saying why: its protocol feature is never offered"
+        "its protocol feature is never offered; answered with a failure (failure ack, or the "
+        "failure form of its reply) and a log line saying why, or, for a request that has no "
+        "failure form or comes without the fd it needs, the connection is closed (see its note)"
     ),
     Status.NOT_OFFERED: (
         "the engine does not offer the feature / never sends the request; our front-end "
@@ -138,7 +139,7 @@ FRONTEND_ROWS: Final[dict[FrontendRequest, Row]] = {
     _F.SET_LOG_FD: Row(
         _Y,
         _Y,
-        (_LOG_DOORBELL,),
+        (_LOG_BASE, _LOG_DOORBELL),
         "the eventfd is kept, never signalled (QEMU does not use it); over VVU the device's "
         "log doorbell (aux notification 2N)",
     ),
@@ -234,7 +235,10 @@ FRONTEND_ROWS: Final[dict[FrontendRequest, Row]] = {
         "be the device's memfd",
     ),
     _F.GPU_SET_SOCKET: Row(
-        _R, _R, (_REFUSED,), "no GPU device; over VVU the device passes no fd: dropped"
+        _R,
+        _R,
+        (_REFUSED,),
+        "no GPU device; over VVU the device passes no fd: a failure ack, then dropped",
     ),
     _F.RESET_DEVICE: Row(
         _Y, _Y, (_E + "test_reset_device_stops_everything_and_a_new_handshake_works",)
