@@ -13,6 +13,13 @@ writes every raw result as JSON (--json).
     python benches/blk_vs_qsd.py                        # the whole matrix, 5 s per measurement
     python benches/blk_vs_qsd.py --vvu-args "--aio io_uring --cache none"   # after issue 10
     python benches/blk_vs_qsd.py --handshake 30         # connect → first 512-byte read, 30 runs
+    python benches/blk_vs_qsd.py --storage disk --qd 1,32 --vvu-args "--cache none" \
+        --rounds 3 --fio                                # medians of 3, fio on the image beside
+
+`--rounds N` repeats the matrix (back-end order flipping every measurement) and the table shows
+medians and every round's IOPS ratio; `--fio` adds fio straight at the disk image (O_DIRECT,
+io_uring, same queue depth, one job per queue): the storage's own reach, so a ratio to qsd can
+be read against what the disk allows at all.
 
 `--vvu-args` is appended to `vvu serve blk` as given, so the same script measures the engine's
 options once they exist.
@@ -26,6 +33,7 @@ import json
 import os
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -120,6 +128,22 @@ def bench(backend: Backend, rw: str, qd: int, queues: int, runtime: float) -> di
     return result
 
 
+def fio_direct(image: Path, rw: str, qd: int, queues: int, runtime: float) -> dict[str, float]:
+    """fio straight at the image (`--direct=1 --ioengine=io_uring`, one job per queue, no
+    vhost-user, no virtqueue): what the storage itself reaches at this queue depth."""
+    out = subprocess.run(
+        ["fio", "--name=ref", f"--filename={image}", "--direct=1", "--ioengine=io_uring",
+         f"--rw={rw}", "--bs=4k", f"--iodepth={qd}", f"--numjobs={queues}", "--group_reporting",
+         f"--runtime={runtime}", "--time_based", "--output-format=json"],
+        capture_output=True, text=True, timeout=runtime + 120, check=True,
+    ).stdout  # fmt: skip
+    job = json.loads(out)["jobs"][0]
+    d = job["read" if rw.endswith("read") else "write"]
+    return {"iops": d["iops"], "p99_us": d["clat_ns"]["percentile"]["99.000000"] / 1000,
+            "p50_us": d["clat_ns"]["percentile"]["50.000000"] / 1000,
+            "cpu_us_per_io": float("nan")}  # fmt: skip
+
+
 def figures(result: dict[str, Any], rw: str) -> dict[str, float]:
     d = result["read" if rw.endswith("read") else "write"]
     return {
@@ -150,25 +174,32 @@ def load_matrix(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
             qsd = running("qsd", qsd_argv(image, work / "qsd.sock", 2, on_disk, args.qsd_aio),
                           work / "qsd.sock", work / f"qsd-{storage}.log")  # fmt: skip
             with vvu as a, qsd as b:
-                for rw in args.rw:
-                    for queues in args.queues:
-                        for qd in args.qd:
-                            measured: dict[str, dict[str, float]] = {}
-                            order = [b, a] if flip else [a, b]
-                            flip = not flip
-                            for backend in order:
-                                if on_disk:
-                                    drop_caches()
-                                result = bench(backend, rw, qd, queues, args.runtime)
-                                measured[backend.name] = figures(result, rw)
-                            row = {"storage": storage, "rw": rw, "qd": qd, "queues": queues,
-                                   "order": [x.name for x in order], **measured}  # fmt: skip
-                            rows.append(row)
-                            v, q = measured["vvu"], measured["qsd"]
-                            print(f"{storage} {rw} qd={qd} queues={queues}: vvu "
-                                  f"{v['iops']:.0f} IOPS, qsd {q['iops']:.0f} IOPS, ratio "
-                                  f"{ratio(v['iops'], q['iops'])}",
-                                  file=sys.stderr, flush=True)  # fmt: skip
+                for rnd, rw, queues, qd in (
+                    (rnd, rw, queues, qd)
+                    for rnd in range(args.rounds)
+                    for rw in args.rw
+                    for queues in args.queues
+                    for qd in args.qd
+                ):
+                    measured: dict[str, dict[str, float]] = {}
+                    order = [b, a] if flip else [a, b]
+                    flip = not flip
+                    for backend in order:
+                        if on_disk:
+                            drop_caches()
+                        result = bench(backend, rw, qd, queues, args.runtime)
+                        measured[backend.name] = figures(result, rw)
+                    if on_disk and args.fio:
+                        drop_caches()
+                        measured["fio"] = fio_direct(image, rw, qd, queues, args.runtime)
+                    row = {"storage": storage, "rw": rw, "qd": qd, "queues": queues,
+                           "round": rnd, "order": [x.name for x in order], **measured}  # fmt: skip
+                    rows.append(row)
+                    v, q = measured["vvu"], measured["qsd"]
+                    fio = f", fio {measured['fio']['iops']:.0f}" if "fio" in measured else ""
+                    print(f"{storage} {rw} qd={qd} queues={queues}: vvu {v['iops']:.0f} IOPS, "
+                          f"qsd {q['iops']:.0f} IOPS{fio}, ratio {ratio(v['iops'], q['iops'])}",
+                          file=sys.stderr, flush=True)  # fmt: skip
         finally:
             if not args.keep_images:
                 image.unlink(missing_ok=True)
@@ -176,18 +207,35 @@ def load_matrix(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
+    """One line per workload: medians over the rounds, the IOPS ratio of every round, and fio
+    straight at the image (the storage's own reach) where it was measured."""
+    fio = any("fio" in r for r in rows)
     print("| storage | rw | QD | queues | vvu IOPS | qsd IOPS | **IOPS vvu/qsd** "
-          "| vvu p99 µs | qsd p99 µs | p99 vvu/qsd | vvu CPU µs/IO | qsd CPU µs/IO "
-          "| CPU/IO vvu/qsd |")  # fmt: skip
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| per round | vvu p99 µs | qsd p99 µs | p99 vvu/qsd | vvu CPU µs/IO | qsd CPU µs/IO "
+          "| CPU/IO vvu/qsd |" + (" fio IOPS | vvu/fio |" if fio else ""))  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"
+          + ("---:|---:|" if fio else ""))  # fmt: skip
+    groups: dict[tuple[str, str, int, int], list[dict[str, Any]]] = {}
     for r in rows:
-        v, q = r["vvu"], r["qsd"]
-        print(f"| {r['storage']} | {r['rw']} | {r['qd']} | {r['queues']} "
-              f"| {v['iops'] / 1000:.1f} k | {q['iops'] / 1000:.1f} k "
-              f"| **{ratio(v['iops'], q['iops'])}** "
-              f"| {v['p99_us']:.0f} | {q['p99_us']:.0f} | {ratio(v['p99_us'], q['p99_us'])} "
-              f"| {v['cpu_us_per_io']:.2f} | {q['cpu_us_per_io']:.2f} "
-              f"| {ratio(v['cpu_us_per_io'], q['cpu_us_per_io'])} |")  # fmt: skip
+        groups.setdefault((r["storage"], r["rw"], r["qd"], r["queues"]), []).append(r)
+    for (storage, rw, qd, queues), runs in groups.items():
+
+        def med(name: str, key: str, runs: list[dict[str, Any]] = runs) -> float:
+            return statistics.median(r[name][key] for r in runs if name in r)
+
+        v = {k: med("vvu", k) for k in ("iops", "p99_us", "cpu_us_per_io")}
+        q = {k: med("qsd", k) for k in ("iops", "p99_us", "cpu_us_per_io")}
+        rounds = " / ".join(ratio(r["vvu"]["iops"], r["qsd"]["iops"]) for r in runs)
+        line = (f"| {storage} | {rw} | {qd} | {queues} "
+                f"| {v['iops'] / 1000:.1f} k | {q['iops'] / 1000:.1f} k "
+                f"| **{ratio(v['iops'], q['iops'])}** | {rounds} "
+                f"| {v['p99_us']:.0f} | {q['p99_us']:.0f} | {ratio(v['p99_us'], q['p99_us'])} "
+                f"| {v['cpu_us_per_io']:.2f} | {q['cpu_us_per_io']:.2f} "
+                f"| {ratio(v['cpu_us_per_io'], q['cpu_us_per_io'])} |")  # fmt: skip
+        if fio:
+            f = med("fio", "iops") if any("fio" in r for r in runs) else float("nan")
+            line += f" {f / 1000:.1f} k | {ratio(v['iops'], f)} |"
+        print(line)
 
 
 def handshake(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -254,6 +302,11 @@ def main() -> None:
     parser.add_argument("--disk-size", type=lambda s: int(s) * MiB, default=4096 * MiB,
                         help="MiB (4096)")  # fmt: skip
     parser.add_argument("--keep-images", action="store_true", help="reuse them next time")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the whole matrix; the table shows medians (1)")  # fmt: skip
+    parser.add_argument("--fio", action="store_true",
+                        help="on disk, also fio --direct=1 --ioengine=io_uring on the image: "
+                        "what the storage itself reaches, no vhost-user")  # fmt: skip
     parser.add_argument("--vvu-args", default="", help="extra `vvu serve blk` options, quoted")
     parser.add_argument("--qsd-aio", default="io_uring", help="qsd's aio= (io_uring)")
     parser.add_argument("--handshake", type=int, metavar="RUNS",

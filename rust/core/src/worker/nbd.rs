@@ -448,7 +448,9 @@ pub struct NbdHandler {
     rbuf: Vec<u8>,
     rlen: usize,
     last_progress: Instant,
-    timer_armed: bool,
+    /// When the armed timer expires (`None`: disarmed). The hot path compares the clock with
+    /// it instead of reading the timerfd: the fd is read (and re-armed) only once it is due.
+    timer_deadline: Option<Instant>,
     counters: std::sync::Arc<NbdCounters>,
 }
 
@@ -530,7 +532,7 @@ impl NbdHandler {
             rbuf: vec![0; 256 << 10],
             rlen: 0,
             last_progress: Instant::now(),
-            timer_armed: false,
+            timer_deadline: None,
             counters: Default::default(),
         };
         // The first submit connects, on the worker thread (never on the caller's).
@@ -617,7 +619,7 @@ impl NbdHandler {
         if result.is_err() {
             self.connection_lost();
         }
-        if busy && !self.timer_armed {
+        if busy && self.timer_deadline.is_none() {
             self.last_progress = Instant::now();
             self.arm_timer(self.options.timeout);
         }
@@ -625,6 +627,8 @@ impl NbdHandler {
 
     fn arm_timer(&mut self, after: Duration) {
         let after = after.max(Duration::from_millis(1));
+        // Taken before the timer is set, so the timer never fires before this instant.
+        self.timer_deadline = Some(Instant::now() + after);
         let spec = libc::itimerspec {
             it_interval: libc::timespec {
                 tv_sec: 0,
@@ -637,11 +641,10 @@ impl NbdHandler {
         };
         // SAFETY: a valid timerfd and itimerspec.
         unsafe { libc::timerfd_settime(self.timer.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
-        self.timer_armed = true;
     }
 
     fn disarm_timer(&mut self) {
-        if self.timer_armed {
+        if self.timer_deadline.is_some() {
             self.arm_timer_zero();
         }
     }
@@ -654,7 +657,7 @@ impl NbdHandler {
         let mut buf = [0u8; 8];
         // SAFETY: reading 8 bytes into a local buffer (clears a pending expiry).
         unsafe { libc::read(self.timer.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
-        self.timer_armed = false;
+        self.timer_deadline = None;
     }
 
     /// The connection failed: every request in flight fails with IOERR, reconnect later.
@@ -778,6 +781,7 @@ impl NbdHandler {
     /// Complete every whole reply in the receive buffer; `false` on a protocol violation.
     fn parse_replies(&mut self, done: &mut Vec<(u16, u32)>) -> bool {
         let mut pos = 0;
+        let mut progress = false;
         while self.rlen - pos >= 16 {
             let h = &self.rbuf[pos..pos + 16];
             let magic = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
@@ -814,6 +818,9 @@ impl NbdHandler {
                 done.push(self.finish(part.slot));
             }
             pos += 16 + payload;
+            progress = true;
+        }
+        if progress {
             self.last_progress = Instant::now();
         }
         self.rbuf.copy_within(pos..self.rlen, 0);
@@ -1112,7 +1119,8 @@ impl ChainHandler for NbdHandler {
             if !self.failed.is_empty() {
                 continue;
             }
-            if self.timer_armed && !self.parts.is_empty() {
+            let due = self.timer_deadline.is_some_and(|t| Instant::now() >= t);
+            if due && !self.parts.is_empty() {
                 let idle = self.last_progress.elapsed();
                 if idle >= self.options.timeout {
                     // The server took too long: treat the connection as dead.
@@ -1120,11 +1128,10 @@ impl ChainHandler for NbdHandler {
                     continue;
                 }
                 let mut buf = [0u8; 8];
-                // SAFETY: reading into a local 8-byte buffer; consumes an expiry if any.
-                let n = unsafe { libc::read(self.timer.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
-                if n == 8 {
-                    self.arm_timer(self.options.timeout - idle);
-                }
+                // SAFETY: reading into a local 8-byte buffer; consumes the expiry (the timer
+                // fired: its deadline passed on the same clock).
+                unsafe { libc::read(self.timer.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+                self.arm_timer(self.options.timeout - idle);
             }
             if self.parts.is_empty() {
                 self.disarm_timer();
