@@ -520,6 +520,47 @@ def test_serve_net_loopback(tmp_path: Path, extra: list[str]) -> None:
         asyncio.run(echo())
 
 
+def thread_names(pid: int) -> list[str]:
+    """The names (comm) of process `pid`'s threads."""
+    names = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            names.append((task / "comm").read_text().strip())
+    return names
+
+
+@pytest.mark.parametrize("poll", [False, True], ids=["thread-per-queue", "one-poll-thread"])
+def test_serve_net_busy_poll_runs_every_queue_in_one_thread(tmp_path: Path, poll: bool) -> None:
+    """Peer mode, two queue pairs, a front-end on pair 1 of each socket: without `--poll-us`
+    each started queue has its own worker thread (`vqN`); with it, none has, and the process's
+    one polling thread (`vvu-poll`) moves the frames both ways."""
+    sock = tmp_path / "net.sock"
+    peer = Path(f"{sock}.peer")
+
+    async def exchange(pid: int) -> list[str]:
+        da = await NetDriver.open(str(sock), pair=1)
+        db = await NetDriver.open(str(peer), pair=1)
+        try:
+            f, g = frame(1, 500), frame(2, 1514)
+            await da.send(f)
+            assert await db.recv(TIMEOUT) == f
+            await db.send(g)
+            assert await da.recv(TIMEOUT) == g
+            return thread_names(pid)
+        finally:
+            await da.close()
+            await db.close()
+
+    extra = ["--poll-us", "50"] if poll else []
+    with vvu_serve_net(sock, "--num-queue-pairs", "2", *extra) as proc:
+        names = asyncio.run(exchange(proc.pid))
+    workers = sorted(n for n in names if re.fullmatch(r"vq\d+", n))
+    if poll:
+        assert workers == [] and names.count("vvu-poll") == 1, names
+    else:
+        assert workers == ["vq2", "vq2", "vq3", "vq3"] and "vvu-poll" not in names, names
+
+
 # --- DPDK testpmd as a real peer ----------------------------------------------------------------
 
 TESTPMD = shutil.which("dpdk-testpmd")
