@@ -1,23 +1,31 @@
 """virtio-net throughput with DPDK testpmd front-ends: `vvu serve net` against DPDK's own vhost
 PMD (`net_vhost`), same run, alternating (issue 14).
 
-Each case runs one back-end and one or two `dpdk-testpmd` front-ends (`net_virtio_user`, split
-rings, 1 queue pair, `--no-huge` memfd memory, `io` forwarding with `--tx-first`: one burst of
-32 frames per front-end circulates for as long as the case runs) and reports the front-end's
-receive rate (the median of testpmd's per-second `Rx-pps` after a warm-up) and the back-end's
-CPU use (utime + stime of its process over the same window).
+Each case runs one back-end and one `dpdk-testpmd` front-end (`net_virtio_user` ports, split
+rings, `--no-huge` memfd memory, bursts of 32) and reports one rate of the front-end (the median
+of testpmd's per-second `Rx-pps` or `Tx-pps` of port 0 after a warm-up) and the back-end's CPU
+use (utime + stime of its process over the same window), also per million frames.
 
-Back-ends:
-- `vvu`: `python -m vvu serve net --loopback` (one front-end) or peer mode (two), from the
-  `vvu` package this interpreter imports; `--label NAME=PYTHONPATH` adds another build of vvu
-  (e.g. main's) to compare against in the same run. `--poll-us N` adds a busy-polling variant.
-- `dpdk`: `dpdk-testpmd` with `net_vhost` ports, `macswap` for the loop (one front-end), `io`
-  between two `net_vhost` ports for peer mode (DPDK's nearest to a two-port switch).
+Cases (`--cases`), each with `--queue-pairs` 1 and/or 2 and `--sizes`:
+- `loop`: `io --tx-first`, one burst per queue circulates through a back-end that returns every
+  frame: `vvu serve net --loopback` vs `net_vhost` with `macswap`. Reported: front-end RX.
+- `peer`: one front-end with two ports, `io --tx-first` between them; the back-end links the
+  two: `vvu serve net` peer mode (a two-port switch) vs two `net_vhost` ports in `io` mode
+  (DPDK's nearest to a two-port switch, no MAC learning). Reported: port 0 RX.
+- `tx`: the front-end only transmits (`txonly`); the back-end takes every frame: vvu's loopback
+  into a receive ring nobody drains (frames are copied and then dropped in the full switch queue,
+  so vvu does more than a sink) vs `net_vhost` `rxonly`. Reported: front-end TX (what the
+  back-end takes).
 
-CPU budget: the back-end is pinned to CPU 0 (`taskset`, all its threads), the front-ends to
-CPU 1 (testpmd lcores 0 and 1 both on that CPU).
+Back-ends: `vvu` (`python -m vvu serve net`, from the `vvu` package this interpreter imports);
+`--label NAME=PYTHONPATH` adds another build of vvu (e.g. main's) to the same run; `--poll-us N`
+adds a busy-polling variant; `dpdk` unless `--no-dpdk`. Back-ends alternate within each round.
 
-    python benches/net_testpmd.py --label main=/work/main/python --rounds 2 --seconds 8
+CPU budget: the back-end is pinned to CPU 0 (`taskset`, all its threads; DPDK: both lcores),
+the front-end to CPU 1 (testpmd lcores 0 and 1 both on that CPU).
+
+    python benches/net_testpmd.py --label main=/work/main/python --rounds 2 --seconds 6 \
+        --poll-us 50 --cases loop,peer,tx --queue-pairs 1,2
 
 Prints one Markdown table row per case and round. Needs root (testpmd), dpdk-testpmd and taskset.
 """
@@ -78,6 +86,7 @@ def testpmd(
     *,
     tx_first: bool = False,
     frame_len: int = 64,
+    queues: int = 1,
 ) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     log = workdir / f"{name}.log"
     runtime = Path(tempfile.mkdtemp(prefix="vvu-bench-dpdk-"))
@@ -93,6 +102,7 @@ def testpmd(
                 *(arg for vdev in vdevs for arg in ("--vdev", vdev)),
                 "--",
                 "--stats-period", "1",
+                f"--rxq={queues}", f"--txq={queues}",
                 f"--forward-mode={mode}",
                 f"--burst={BURST}",
                 f"--txpkts={frame_len}",
@@ -112,11 +122,18 @@ def testpmd(
             shutil.rmtree(runtime, ignore_errors=True)
 
 
+def port_pps(log: Path, port: int, direction: str) -> list[int]:
+    """Port `port`'s per-second `Rx-pps` or `Tx-pps` samples so far."""
+    text = log.read_text(errors="replace")
+    stats = text.split(f"NIC statistics for port {port}")
+    return [
+        int(m) for block in stats[1:] for m in re.findall(rf"{direction}-pps: +(\d+)", block)[:1]
+    ]
+
+
 def rx_pps(log: Path) -> list[int]:
     """Port 0's per-second `Rx-pps` samples so far."""
-    text = log.read_text(errors="replace")
-    stats = text.split("NIC statistics for port 0")
-    return [int(m) for block in stats[1:] for m in re.findall(r"Rx-pps: +(\d+)", block)[:1]]
+    return port_pps(log, 0, "Rx")
 
 
 @dataclass
@@ -138,17 +155,24 @@ def measure(
     backend: subprocess.Popen[bytes],
     fronts: list[tuple[subprocess.Popen[bytes], Path]],
     seconds: float,
+    metric: tuple[int, str] = (0, "Rx"),
 ) -> tuple[float, float]:
+    """Median of the first front-end's per-second rate of `metric` (port, "Rx"/"Tx") and the
+    back-end's CPU share over `seconds`."""
     first_log = fronts[0][1]
-    wait_for(lambda: len(rx_pps(first_log)) >= 2, f"forwarding ({first_log})")
+
+    def samples_so_far() -> list[int]:
+        return port_pps(first_log, *metric)
+
+    wait_for(lambda: len(samples_so_far()) >= 2, f"forwarding ({first_log})")
     time.sleep(2)  # warm-up (a benchmark window, not synchronisation)
-    start_samples = len(rx_pps(first_log))
+    start_samples = len(samples_so_far())
     cpu0 = cpu_seconds(backend.pid)
     t0 = time.monotonic()
     time.sleep(seconds)
     cpu1 = cpu_seconds(backend.pid)
     elapsed = time.monotonic() - t0
-    samples = rx_pps(first_log)[start_samples:]
+    samples = samples_so_far()[start_samples:]
     for proc, log in fronts:
         if proc.poll() is not None:
             raise RuntimeError(f"testpmd exited:\n{log.read_text(errors='replace')[-2000:]}")
@@ -175,6 +199,34 @@ def vvu_backend(
     return proc
 
 
+@dataclass(frozen=True)
+class Case:
+    """How one case wires the front-end and the back-ends."""
+
+    #: Two back-end ports (vvu peer mode; DPDK two `net_vhost` ports forwarding to each other)
+    #: and one front-end with a port on each; else one port (vvu loopback).
+    two_ports: bool
+    #: The front-end's forwarding mode.
+    front: str
+    #: DPDK back-end's forwarding mode.
+    dpdk: str
+    #: What is reported: the front-end's port and direction.
+    metric: tuple[int, str]
+    tx_first: bool
+
+
+CASES = {
+    # Frames circulate: front-end TX → back-end → front-end RX → front-end TX ...
+    "loop": Case(two_ports=False, front="io", dpdk="macswap", metric=(0, "Rx"), tx_first=True),
+    # One front-end with two ports, io forwarding between them; the back-end links the ports.
+    "peer": Case(two_ports=True, front="io", dpdk="io", metric=(0, "Rx"), tx_first=True),
+    # The front-end only transmits; the back-end takes and discards what it cannot deliver
+    # (vvu: loopback into an RX ring nobody drains, frames dropped in the switch queue; DPDK:
+    # `rxonly`). Reported: the front-end's TX rate, i.e. what the back-end takes.
+    "tx": Case(two_ports=False, front="txonly", dpdk="rxonly", metric=(0, "Tx"), tx_first=False),
+}
+
+
 def run_case(
     case: str,
     backend: str,
@@ -183,39 +235,41 @@ def run_case(
     seconds: float,
     workdir: Path,
     vvu: dict[str, tuple[str | None, list[str]]],
+    queues: int = 1,
 ) -> Result:
+    spec = CASES[case]
     sock = workdir / "net.sock"
     peer = Path(f"{sock}.peer")
     for p in (sock, peer):
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
-    two = case.startswith("peer")
-    front_vdev = "net_virtio_user0,path={},queues=1"
+    two = spec.two_ports
+    paths = [sock, peer] if two else [sock]
     with contextlib.ExitStack() as stack:
         if backend in vvu:
             pythonpath, extra = vvu[backend]
             mode = [] if two else ["--loopback"]
-            back = vvu_backend(sock, pythonpath, [*mode, *extra], workdir)
+            qp = ["--num-queue-pairs", str(queues)] if queues > 1 else []
+            back = vvu_backend(sock, pythonpath, [*mode, *qp, *extra], workdir)
             stack.callback(stop, back, signal.SIGTERM)
             if two:
                 wait_for(peer.exists, "peer socket")
         else:
-            vdevs = [f"net_vhost0,iface={sock},queues=1"]
-            if two:
-                vdevs.append(f"net_vhost1,iface={peer},queues=1")
+            vdevs = [f"net_vhost{i},iface={path},queues={queues}" for i, path in enumerate(paths)]
             back, _ = stack.enter_context(
-                testpmd("back", 0, vdevs, "io" if two else "macswap", workdir)
+                testpmd("back", 0, vdevs, spec.dpdk, workdir, queues=queues)
             )
-            wait_for(lambda: sock.exists() and (not two or peer.exists()), "vhost sockets")
-        fronts = [
-            stack.enter_context(
-                testpmd(f"front{i}", 1, [front_vdev.format(path)], "io", workdir,
-                        tx_first=True, frame_len=frame_len)
-            )
-            for i, path in enumerate([sock, peer] if two else [sock])
-        ]  # fmt: skip
-        mpps, cpu = measure(back, fronts, seconds)
-    return Result(f"{case} {frame_len} B", backend, mpps, cpu)
+            wait_for(lambda: all(p.exists() for p in paths), "vhost sockets")
+        front_vdevs = [
+            f"net_virtio_user{i},path={path},queues={queues}" for i, path in enumerate(paths)
+        ]
+        front = stack.enter_context(
+            testpmd("front", 1, front_vdevs, spec.front, workdir,
+                    tx_first=spec.tx_first, frame_len=frame_len, queues=queues)
+        )  # fmt: skip
+        mpps, cpu = measure(back, [front], seconds, spec.metric)
+    qp_label = f", {queues} qp" if queues > 1 else ""
+    return Result(f"{case} {frame_len} B{qp_label}", backend, mpps, cpu)
 
 
 def main() -> None:
@@ -223,7 +277,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--sizes", default="64,1500")
-    parser.add_argument("--cases", default="loop,peer")
+    parser.add_argument("--cases", default="loop,peer,tx", help=f"of {','.join(CASES)}")
+    parser.add_argument("--queue-pairs", default="1", help="comma-separated, e.g. 1,2")
     parser.add_argument("--label", action="append", default=[], metavar="NAME=PYTHONPATH")
     parser.add_argument("--poll-us", type=int, default=0)
     parser.add_argument("--no-dpdk", action="store_true")
@@ -236,27 +291,31 @@ def main() -> None:
     if args.poll_us:
         vvu[f"vvu --poll-us {args.poll_us}"] = (None, ["--poll-us", str(args.poll_us)])
     backends = [*vvu, *([] if args.no_dpdk else ["dpdk"])]
-    print("| case | back-end | Mpps (front-end RX) | back-end CPU | CPU s per M frames |")
+    print("| case | back-end | Mpps (front-end) | back-end CPU | CPU s per M frames |")
     print("|---|---|---:|---:|---:|")
     with tempfile.TemporaryDirectory(prefix="vvu-bench-net-") as tmp:
-        for case in args.cases.split(","):
-            for size in (int(s) for s in args.sizes.split(",")):
-                for _ in range(args.rounds):
-                    for backend in backends:
-                        try:
-                            result = run_case(
-                                case,
-                                backend,
-                                frame_len=size,
-                                seconds=args.seconds,
-                                workdir=Path(tmp),
-                                vvu=vvu,
-                            )
-                            print(result.row(), flush=True)
-                        except (RuntimeError, TimeoutError) as err:
-                            print(
-                                f"| {case} {size} B | {backend} | failed: {err} | | |", flush=True
-                            )
+        combos = [
+            (case, queues, size)
+            for case in args.cases.split(",")
+            for queues in (int(q) for q in args.queue_pairs.split(","))
+            for size in (int(s) for s in args.sizes.split(","))
+        ]
+        for case, queues, size in combos:
+            for _ in range(args.rounds):
+                for backend in backends:
+                    try:
+                        result = run_case(
+                            case,
+                            backend,
+                            frame_len=size,
+                            seconds=args.seconds,
+                            workdir=Path(tmp),
+                            vvu=vvu,
+                            queues=queues,
+                        )
+                        print(result.row(), flush=True)
+                    except (RuntimeError, TimeoutError) as err:
+                        print(f"| {case} {size} B | {backend} | failed: {err} | | |", flush=True)
 
 
 if __name__ == "__main__":

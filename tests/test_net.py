@@ -479,6 +479,106 @@ def test_vvu_serve_net_tap_passes_frames_both_ways(tmp_path: Path) -> None:
     assert daemon_status == 0, "vvu serve net exits 0 on SIGTERM"
 
 
+#: Runs inside the TAP's namespace: brings the interface up, prints "ready", waits for an
+#: IPv4/UDP frame on it, prints it (hex) and sends the mirrored reply (MACs, addresses and ports
+#: swapped) back into the TAP, i.e. the same flow in the other direction.
+TAP_UDP_MIRROR = r"""
+import fcntl, socket, struct, sys
+name = sys.argv[1]
+ctl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+fcntl.ioctl(ctl, 0x8914, struct.pack("16sH", name.encode(), 0x1 | 0x80))  # SIOCSIFFLAGS UP|NOARP
+sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+sock.bind((name, 0))
+sock.settimeout(30)
+print("ready", flush=True)
+while True:
+    f = sock.recv(70000)
+    if f[12:14] == b"\x08\x00" and f[23] == 17 and f[34:36] == (5000).to_bytes(2, "big"):
+        break
+print(f.hex(), flush=True)
+ip = f[14:34]
+reply = f[6:12] + f[0:6] + f[12:14] + ip[:12] + ip[16:20] + ip[12:16] + f[36:38] + f[34:36] + f[38:]
+sock.send(reply)
+"""
+
+
+def udp_frame(payload: bytes) -> bytes:
+    """An IPv4/UDP frame 10.0.0.2:5000 -> 10.0.0.1:6000 (checksums left 0: only steered, never
+    delivered to a socket)."""
+    udp = struct.pack("!HHHH", 5000, 6000, 8 + len(payload), 0) + payload
+    ip = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0, bytes([10, 0, 0, 2]),
+        bytes([10, 0, 0, 1]),
+    )  # fmt: skip
+    return b"\x02\x00\x00\x00\x00\x01" + b"\x02\x00\x00\x00\x00\x02" + b"\x08\x00" + ip + udp
+
+
+@pytest.mark.timeout(180)
+def test_vvu_serve_net_multi_queue_tap_steers_a_flow_back_to_its_queue_pair(
+    tmp_path: Path,
+) -> None:
+    """`--tap NAME --num-queue-pairs 2`: one TAP queue (IFF_MULTI_QUEUE) per queue pair. A UDP
+    frame our driver sends on pair 2 leaves through the interface; the kernel steers the reply
+    of that flow to the TAP queue it came from (tun's flow table), so it reaches the same pair,
+    the only one running."""
+    if os.geteuid() != 0:
+        assert os.environ.get("CI") != "true", "CI runs as root: the TAP test must run"
+        pytest.skip("needs root (a network namespace and a TAP device)")
+    unshare, nsenter = shutil.which("unshare"), shutil.which("nsenter")
+    assert unshare and nsenter, "util-linux's unshare and nsenter"
+    sock = tmp_path / "net.sock"
+    holder = subprocess.Popen([unshare, "--net", "sleep", "600"])
+    enter = [nsenter, f"--net=/proc/{holder.pid}/ns/net"]
+    _wait_for_own_netns(holder)
+    daemon = peer = None
+    daemon_status = 0
+    try:
+        daemon = subprocess.Popen(
+            [*enter, *VVU, "-q", "serve", "net", "--socket-path", str(sock), "--tap", "vvumq0",
+             "--num-queue-pairs", "2"],
+        )  # fmt: skip
+        wait_for_socket(sock, daemon)
+        peer = subprocess.Popen(
+            [*enter, sys.executable, "-c", TAP_UDP_MIRROR, "vvumq0"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert peer.stdout is not None
+        stdout = peer.stdout
+        queues = list(Path("/proc").glob(f"{daemon.pid}/fdinfo/*"))
+        tap_queues = [q for q in queues if "iff:\tvvumq0" in q.read_text(errors="replace")]
+
+        async def exchange() -> None:
+            driver = await NetDriver.open(str(sock), pair=1)
+            try:
+                ready = await asyncio.to_thread(stdout.readline)
+                assert ready.strip() == "ready", ready
+                out = udp_frame(b"queue pair 2")
+                await driver.send(out)
+                seen = await asyncio.to_thread(stdout.readline)
+                assert bytes.fromhex(seen.strip()) == out, "the frame left through the TAP"
+                while True:  # the kernel's own IPv6 chatter may come through too
+                    got = await driver.recv(TIMEOUT)
+                    if got[12:14] == b"\x08\x00":
+                        assert got[:6] == out[6:12] and got[34:36] == out[36:38], got.hex()
+                        assert got[42:] == b"queue pair 2"
+                        break
+            finally:
+                await driver.close()
+
+        asyncio.run(exchange())
+        assert peer.wait(TIMEOUT) == 0
+        assert len(tap_queues) == 2, "one TAP queue (fd) per queue pair"
+    finally:
+        if peer is not None and peer.poll() is None:
+            peer.kill()
+            peer.wait()
+        if daemon is not None:
+            daemon_status = stop_process(daemon)
+        stop_process(holder)
+    assert daemon_status == 0, "vvu serve net exits 0 on SIGTERM"
+
+
 def test_serve_net_peer_mode_links_two_sockets(tmp_path: Path) -> None:
     sock = tmp_path / "net.sock"
     peer = Path(f"{sock}.peer")
@@ -518,6 +618,47 @@ def test_serve_net_loopback(tmp_path: Path, extra: list[str]) -> None:
 
     with vvu_serve_net(sock, "--loopback", *extra):
         asyncio.run(echo())
+
+
+def thread_names(pid: int) -> list[str]:
+    """The names (comm) of process `pid`'s threads."""
+    names = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            names.append((task / "comm").read_text().strip())
+    return names
+
+
+@pytest.mark.parametrize("poll", [False, True], ids=["thread-per-queue", "one-poll-thread"])
+def test_serve_net_busy_poll_runs_every_queue_in_one_thread(tmp_path: Path, poll: bool) -> None:
+    """Peer mode, two queue pairs, a front-end on pair 1 of each socket: without `--poll-us`
+    each started queue has its own worker thread (`vqN`); with it, none has, and the process's
+    one polling thread (`vvu-poll`) moves the frames both ways."""
+    sock = tmp_path / "net.sock"
+    peer = Path(f"{sock}.peer")
+
+    async def exchange(pid: int) -> list[str]:
+        da = await NetDriver.open(str(sock), pair=1)
+        db = await NetDriver.open(str(peer), pair=1)
+        try:
+            f, g = frame(1, 500), frame(2, 1514)
+            await da.send(f)
+            assert await db.recv(TIMEOUT) == f
+            await db.send(g)
+            assert await da.recv(TIMEOUT) == g
+            return thread_names(pid)
+        finally:
+            await da.close()
+            await db.close()
+
+    extra = ["--poll-us", "50"] if poll else []
+    with vvu_serve_net(sock, "--num-queue-pairs", "2", *extra) as proc:
+        names = asyncio.run(exchange(proc.pid))
+    workers = sorted(n for n in names if re.fullmatch(r"vq\d+", n))
+    if poll:
+        assert workers == [] and names.count("vvu-poll") == 1, names
+    else:
+        assert workers == ["vq2", "vq2", "vq3", "vq3"] and "vvu-poll" not in names, names
 
 
 # --- DPDK testpmd as a real peer ----------------------------------------------------------------

@@ -21,8 +21,10 @@ Every queue runs in a native Rust worker; frames never touch Python. Queue `2k` 
 
 Each receive queue of a switch port holds a bounded number of bytes (`--port-buffer`); frames for
 a full one are dropped and counted (`rx_overflow` of that port), so a guest that never refills
-its receive ring only loses its own frames. `--poll-us N` makes the workers busy-poll for N µs
-after running out of work before they sleep on eventfds (one core each while traffic flows).
+its receive ring only loses its own frames. `--poll-us N` moves every queue of the process into
+one polling thread (vvu_core `worker::PollGroup`, as a DPDK lcore polls all its ports), which
+steps the queues in turn and, once all were idle for N µs, sleeps on their eventfds (one core
+while traffic flows).
 
 The two queues of a pair are independent workers that share the port, so the engine's per-queue
 `native_worker(index)` life cycle applies as it is: a ring runs while it is started and enabled;
@@ -270,8 +272,9 @@ class NetBackend(Backend):
             type=int,
             default=0,
             metavar="N",
-            help="busy-poll N microseconds before sleeping on eventfds (0: never; costs a core "
-            "per busy queue while traffic flows)",
+            help="run every queue in one busy-polling thread that sleeps on eventfds after N "
+            "idle microseconds (0: a thread per queue, woken by eventfds; polling costs one core "
+            "while traffic flows)",
         )
         parser.add_argument(
             "--no-offloads",

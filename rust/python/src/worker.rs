@@ -299,6 +299,7 @@ impl PyQueueWorker {
             busy_poll: (!busy_poll.is_zero()).then_some(busy_poll),
             err,
             poll_interval,
+            group: None,
         };
         let worker =
             QueueWorker::spawn(name, queue, kick, call, handler, options).map_err(to_pyerr)?;

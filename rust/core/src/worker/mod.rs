@@ -11,6 +11,12 @@
 //!    a [`Poller`] over the kick and stop eventfds. After a kick, kicks are disabled again while
 //!    the ring is being drained (a hint to the driver that saves it the notifications).
 //!
+//! With a busy-poll budget and a [`PollGroup`] ([`WorkerOptions::group`] or
+//! [`ChainHandler::poll_group`]), the worker gets no thread of its own: the group's one thread
+//! steps it (one batch, [`Progress`]) in turn with its other queues, spins while any has work
+//! and sleeps on all their eventfds at once when they were idle for the budget. Everything below
+//! holds for a queue in a group as for one on its own thread.
+//!
 //! The ring is processed once at start without waiting for a kick: after a reconnect the driver
 //! may already have made buffers available.
 //!
@@ -90,8 +96,11 @@ use crate::queue::{ChainBatch, ChainView, Virtqueue};
 
 pub mod aio;
 pub mod blk;
+mod group;
 pub mod nbd;
 pub mod net;
+
+pub use group::PollGroup;
 
 #[cfg(test)]
 mod tests;
@@ -169,6 +178,12 @@ pub trait ChainHandler: Send + 'static {
     fn busy_poll(&self) -> Option<Duration> {
         None
     }
+
+    /// The [`PollGroup`] the handler asks to run in when [`WorkerOptions::group`] names none
+    /// (only while a busy-poll budget is set).
+    fn poll_group(&self) -> Option<PollGroup> {
+        None
+    }
 }
 
 /// Takes every chain and completes it with used length 0, touching nothing else: a started but
@@ -201,6 +216,91 @@ pub trait DeviceLoop {
     /// Sleep on [`LoopContext::stop_fd`] together with the kick and the device's own fds; the
     /// stop fd stays readable once a stop was requested. An `Err` faults the worker.
     fn run(&mut self, ctx: &mut LoopContext<'_>) -> Result<(), WorkerFault>;
+
+    /// The same loop cut into non-blocking steps, so that a [`PollGroup`] can run it beside
+    /// other queues on one thread. `None` (the default): the queue always gets its own thread.
+    fn steps(&mut self) -> Option<&mut dyn LoopSteps> {
+        None
+    }
+}
+
+/// What one non-blocking step of a queue did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// Work was done and more is waiting (a batch budget ran out).
+    More,
+    /// Work was done; the queue looks idle now.
+    Worked,
+    /// Nothing to do.
+    Idle,
+}
+
+/// A [`DeviceLoop`] in steps (see [`DeviceLoop::steps`]). The caller (the queue's own thread,
+/// [`run_steps`], or a [`PollGroup`]) checks [`LoopContext::stop_requested`] before each step
+/// and then calls [`LoopSteps::end`] instead.
+pub trait LoopSteps {
+    /// Set up (before the first step): the loop's poller, state parked by an earlier worker.
+    fn begin(&mut self, ctx: &mut LoopContext<'_>) -> Result<(), WorkerFault>;
+    /// One pass that never blocks.
+    fn step(&mut self, ctx: &mut LoopContext<'_>) -> Result<Progress, WorkerFault>;
+    /// About to sleep after an idle step: ask for the notifications the loop needs (§3 "go to
+    /// sleep"). `true`: work slipped in meanwhile, step again instead of sleeping.
+    fn prepare_sleep(&mut self, ctx: &mut LoopContext<'_>) -> Result<bool, WorkerFault>;
+    /// Readable while the loop has events to consume (its poller's fd), after `begin`.
+    fn wait_fd(&self) -> BorrowedFd<'_>;
+    /// Wait for events up to `timeout` (`Some(0)`: just consume what is there), consume them
+    /// and withdraw what `prepare_sleep` asked for.
+    fn sleep(
+        &mut self,
+        ctx: &mut LoopContext<'_>,
+        timeout: Option<Duration>,
+    ) -> Result<(), WorkerFault>;
+    /// Withdraw what `prepare_sleep` asked for without waiting or consuming (a [`PollGroup`]
+    /// woke up for another queue).
+    fn disarm(&mut self, ctx: &mut LoopContext<'_>) -> Result<(), WorkerFault>;
+    /// Stop (after a stop request, `clean`, or a fault): what [`DeviceLoop::run`] must leave.
+    fn end(&mut self, ctx: &mut LoopContext<'_>, clean: bool) -> Result<(), WorkerFault>;
+}
+
+/// [`DeviceLoop::run`] for a loop in steps, on its own thread: step while there is work, spin
+/// for [`LoopContext::busy_poll`] when idle, then sleep.
+pub fn run_steps(steps: &mut dyn LoopSteps, ctx: &mut LoopContext<'_>) -> Result<(), WorkerFault> {
+    steps.begin(ctx)?;
+    let result = step_until_stopped(steps, ctx);
+    let ended = steps.end(ctx, result.is_ok());
+    result.and(ended)
+}
+
+fn step_until_stopped(
+    steps: &mut dyn LoopSteps,
+    ctx: &mut LoopContext<'_>,
+) -> Result<(), WorkerFault> {
+    loop {
+        if ctx.stop_requested() {
+            return Ok(());
+        }
+        if steps.step(ctx)? == Progress::More {
+            continue;
+        }
+        if let Some(deadline) = ctx.busy_poll.and_then(|b| Instant::now().checked_add(b)) {
+            let mut found = false;
+            while !ctx.stop_requested() && Instant::now() < deadline {
+                if steps.step(ctx)? != Progress::Idle {
+                    found = true;
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+            if found || ctx.stop_requested() {
+                continue;
+            }
+        }
+        if steps.prepare_sleep(ctx)? {
+            continue;
+        }
+        let timeout = ctx.poll_interval;
+        steps.sleep(ctx, timeout)?;
+    }
 }
 
 /// What a [`DeviceLoop`] gets from its worker: the queue, its memory and doorbells, the counters.
@@ -215,6 +315,9 @@ pub struct LoopContext<'a> {
     /// Polling mode (a front-end that sends no kicks): wake at least this often to look at the
     /// ring. `None`: kicks arrive, sleep until one does.
     pub poll_interval: Option<Duration>,
+    /// Spin this long on an idle queue before sleeping ([`run_steps`]; in a [`PollGroup`] the
+    /// group spins).
+    pub busy_poll: Option<Duration>,
     shared: &'a Shared,
 }
 
@@ -268,6 +371,9 @@ pub struct WorkerOptions {
     /// Look at the ring at least this often even without kicks: polling mode, for a front-end
     /// that sends no kick fd (vhost-user SET_VRING_KICK with NOFD). `None` sleeps until a kick.
     pub poll_interval: Option<Duration>,
+    /// With a busy-poll budget: run in this [`PollGroup`] (one thread for all its queues)
+    /// instead of a thread of its own. `None`: [`ChainHandler::poll_group`] decides.
+    pub group: Option<PollGroup>,
 }
 
 impl Default for WorkerOptions {
@@ -277,6 +383,7 @@ impl Default for WorkerOptions {
             busy_poll: None,
             err: None,
             poll_interval: None,
+            group: None,
         }
     }
 }
@@ -459,6 +566,14 @@ struct Context {
     in_flight: usize,
     /// Completions reaped from the handler, before clamping.
     reaped: Vec<(u16, u32)>,
+    /// Kicks were re-enabled before a sleep ([`Context::prepare_sleep`]).
+    armed: bool,
+}
+
+/// What [`Context::pass`] did.
+enum Pass {
+    Stopped,
+    Progress(Progress),
 }
 
 /// What the thread hands back when it ends.
@@ -493,12 +608,14 @@ impl Context {
 
     /// The main loop; returns `Ok` when asked to stop, `Err` on a fault.
     fn run(&mut self) -> Result<(), WorkerFault> {
+        let busy_poll = self.busy_poll;
         if let Some(device_loop) = self.handler.device_loop() {
             let mut ctx = LoopContext {
                 queue: &mut self.queue,
                 memory: &self.memory,
                 kick: &self.kick,
                 poll_interval: self.poll_interval,
+                busy_poll,
                 shared: &self.shared,
             };
             return device_loop.run(&mut ctx);
@@ -508,64 +625,83 @@ impl Context {
         loop {
             // Drain the ring, one batch at a time; stop and switch memory only between batches.
             loop {
-                if self.shared.stop_requested() {
-                    return self.drain();
-                }
-                if self.shared.update_pending.load(Ordering::Acquire) {
-                    // In-flight I/O targets the current snapshot: finish it before switching.
-                    self.drain()?;
-                }
-                self.apply_memory_update()?;
-                if self.awaiting_translation {
-                    break;
-                }
-                self.complete(false)?;
-                if self.is_full() {
-                    break;
-                }
-                let popped = self.process_batch()?;
-                if let Some((iova, access)) = self.queue.take_miss() {
-                    self.report_miss(iova, access);
-                    break;
-                }
-                if popped < self.batch_size {
-                    // The ring was empty when popped, or the pop spent its budget (queue docs,
-                    // "Limits"); the re-check below catches what is left and late arrivals.
-                    break;
+                match self.pass()? {
+                    Pass::Stopped => return Ok(()),
+                    Pass::Progress(Progress::More) => continue,
+                    Pass::Progress(_) => break,
                 }
             }
-            if self.awaiting_translation {
-                // The queue may be detached (a ring missed): only a new snapshot or a stop helps.
-                self.sleep()?;
+            if !self.awaiting_translation && !self.is_full() && self.busy_poll()? {
                 continue;
             }
-            if self.is_full() {
-                // Back-pressure: nothing is popped until a completion frees a slot; the
-                // completion fd wakes the worker (kicks stay disabled meanwhile).
-                Counters::add(&self.shared.counters.full, 1);
-                if !self.completions_ready() {
-                    self.sleep()?;
-                }
+            if self.prepare_sleep()? {
                 continue;
             }
-            if self.busy_poll()? {
-                continue;
-            }
-            // §3 "go to sleep": re-enable kicks, then re-check the ring (the queue places the
-            // full fence in between). New work means the driver may not kick: process it now.
-            if self.queue.enable_notifications()? {
-                self.queue.disable_notifications()?;
-                continue;
-            }
-            if self.shared.stop_requested()
-                || self.shared.update_pending.load(Ordering::Acquire)
-                || self.completions_ready()
-            {
-                continue;
-            }
-            self.sleep()?;
-            self.queue.disable_notifications()?;
+            self.sleep(self.poll_interval)?;
         }
+    }
+
+    /// One batch: stop and switch memory first if asked, reap completions, pop, handle, publish.
+    fn pass(&mut self) -> Result<Pass, WorkerFault> {
+        if self.shared.stop_requested() {
+            self.drain()?;
+            return Ok(Pass::Stopped);
+        }
+        if self.shared.update_pending.load(Ordering::Acquire) {
+            // In-flight I/O targets the current snapshot: finish it before switching.
+            self.drain()?;
+            self.apply_memory_update()?;
+        }
+        if self.awaiting_translation {
+            return Ok(Pass::Progress(Progress::Idle));
+        }
+        self.complete(false)?;
+        if self.is_full() {
+            return Ok(Pass::Progress(Progress::Idle));
+        }
+        let popped = self.process_batch()?;
+        if let Some((iova, access)) = self.queue.take_miss() {
+            self.report_miss(iova, access);
+            return Ok(Pass::Progress(Progress::Idle));
+        }
+        // Fewer than a batch: the ring was empty when popped, or the pop spent its budget (queue
+        // docs, "Limits"); the re-check before sleeping catches what is left and late arrivals.
+        Ok(Pass::Progress(match popped {
+            0 => Progress::Idle,
+            n if n < self.batch_size => Progress::Worked,
+            _ => Progress::More,
+        }))
+    }
+
+    /// After an idle pass, before sleeping. `true`: do not sleep, there is work.
+    fn prepare_sleep(&mut self) -> Result<bool, WorkerFault> {
+        if self.awaiting_translation {
+            // The queue may be detached (a ring missed): only a new snapshot or a stop helps.
+            return Ok(false);
+        }
+        if self.is_full() {
+            // Back-pressure: nothing is popped until a completion frees a slot; the completion
+            // fd wakes the worker (kicks stay disabled meanwhile).
+            Counters::add(&self.shared.counters.full, 1);
+            return Ok(self.completions_ready());
+        }
+        // §3 "go to sleep": re-enable kicks, then re-check the ring (the queue places the full
+        // fence in between). New work means the driver may not kick: process it now.
+        if self.queue.enable_notifications()? {
+            self.queue.disable_notifications()?;
+            return Ok(true);
+        }
+        if self.shared.stop_requested()
+            || self.shared.update_pending.load(Ordering::Acquire)
+            || self.completions_ready()
+        {
+            // Not sleeping after all: kicks off again now, while the queue is surely attached
+            // (a memory update may detach it).
+            self.queue.disable_notifications()?;
+            return Ok(true);
+        }
+        self.armed = true;
+        Ok(false)
     }
 
     /// Switch to the snapshot from [`QueueWorker::set_memory`], if one is pending. Called between
@@ -624,12 +760,13 @@ impl Context {
         }
     }
 
-    /// Block until a kick or a stop request; consume the kick.
-    fn sleep(&mut self) -> Result<(), WorkerFault> {
+    /// Block until a kick or a stop request (at most `timeout`), consume the kick and withdraw
+    /// the kick request of [`Context::prepare_sleep`].
+    fn sleep(&mut self, timeout: Option<Duration>) -> Result<(), WorkerFault> {
         let io = |what: &str, e: io::Error| WorkerFault::Internal(format!("{what}: {e}"));
         let ready = self
             .poller
-            .wait(self.poll_interval, &mut self.events)
+            .wait(timeout, &mut self.events)
             .map_err(|e| io("waiting for a kick", e))?;
         if ready > 0 {
             Counters::add(&self.shared.counters.wakeups, 1);
@@ -646,6 +783,14 @@ impl Context {
                 .map_err(|e| io("reading the update doorbell", e))?;
         }
         // TOKEN_STOP is not consumed: the stop flag, checked by the caller, is the real signal.
+        self.disarm()
+    }
+
+    /// Withdraw the kick request of [`Context::prepare_sleep`], if any.
+    fn disarm(&mut self) -> Result<(), WorkerFault> {
+        if std::mem::take(&mut self.armed) {
+            self.queue.disable_notifications()?;
+        }
         Ok(())
     }
 
@@ -818,12 +963,22 @@ impl Context {
     }
 }
 
+/// Where a worker runs.
+#[derive(Debug)]
+enum Runner {
+    /// Its own thread, which returns the parts.
+    Thread(JoinHandle<Parts>),
+    /// A [`PollGroup`]'s thread, which sends the parts when the worker stops (the mutex only
+    /// makes the handle `Sync`).
+    Group(Mutex<std::sync::mpsc::Receiver<Parts>>),
+}
+
 /// A running per-queue worker thread. Dropping it stops and joins the thread (discarding the
 /// queue); call [`QueueWorker::stop`] to get the queue back.
 #[derive(Debug)]
 pub struct QueueWorker {
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<Parts>>,
+    thread: Option<Runner>,
     name: String,
     /// The handler runs its own loop, which does not take memory updates.
     device_loop: bool,
@@ -913,6 +1068,15 @@ impl QueueWorker {
         });
         let device_loop = handler.device_loop().is_some();
         let busy_poll = options.busy_poll.or_else(|| handler.busy_poll());
+        let steppable = handler
+            .device_loop()
+            .is_none_or(|device| device.steps().is_some());
+        let group = match busy_poll {
+            Some(budget) if !budget.is_zero() && steppable => {
+                options.group.or_else(|| handler.poll_group())
+            }
+            _ => None,
+        };
         let poller = Poller::new()?;
         poller.register(kick.as_fd(), TOKEN_KICK)?;
         poller.register(shared.stop.as_fd(), TOKEN_STOP)?;
@@ -950,10 +1114,16 @@ impl QueueWorker {
             pending: vec![None; usize::from(queue_size)],
             in_flight: 0,
             reaped: Vec::with_capacity(max_in_flight),
+            armed: false,
         };
-        let thread = std::thread::Builder::new()
-            .name(name.to_owned())
-            .spawn(move || context.thread_main())?;
+        let thread = match group {
+            Some(group) => Runner::Group(Mutex::new(group.join(context)?)),
+            None => Runner::Thread(
+                std::thread::Builder::new()
+                    .name(name.to_owned())
+                    .spawn(move || context.thread_main())?,
+            ),
+        };
         Ok(Self {
             shared,
             thread: Some(thread),
@@ -1080,12 +1250,17 @@ impl QueueWorker {
         self.shared.stop_requested.store(true, Ordering::Release);
         // If this fails the thread may sleep forever; do not join it then.
         self.shared.stop.signal()?;
-        thread.join().map_err(|payload| {
-            io::Error::other(format!(
-                "worker thread panicked: {}",
-                panic_message(payload.as_ref())
-            ))
-        })
+        match thread {
+            Runner::Thread(thread) => thread.join().map_err(|payload| {
+                io::Error::other(format!(
+                    "worker thread panicked: {}",
+                    panic_message(payload.as_ref())
+                ))
+            }),
+            Runner::Group(done) => lock(&done)
+                .recv()
+                .map_err(|_| io::Error::other("the poll group's thread died")),
+        }
     }
 }
 

@@ -23,12 +23,17 @@
 //!   signal at most (EVENT_IDX decides).
 //! - [`NetRxHandler`] (receiveq, device → driver) runs its own [`DeviceLoop`], because its work
 //!   arrives from the port, not from the ring: it sleeps on the port fd (a switch port's queue
-//!   eventfd), the kick and the stop eventfd, stages one packet at a time, pops exactly as many
-//!   chains as the packet needs, and publishes once per burst of up to 64 packets.
+//!   eventfd), the kick and the stop eventfd, stages one packet at a time, pops receive chains
+//!   in batches (about one per packet waiting; what a packet does not use waits, held, for the
+//!   next) and publishes once per burst of up to 64 packets.
 //!
-//! With [`NetPort::set_busy_poll`], both workers spin for that long after running out of work
-//! (the TX worker on its ring, the RX worker on its switch queue, or on its ring while a packet
-//! waits for buffers) before they sleep on eventfds.
+//! With [`NetPort::set_busy_poll`], the queues do not get threads of their own: every
+//! busy-polling queue of the process (both queues of every queue pair of every port) runs in the
+//! process's [`PollGroup`], one thread that steps each queue in turn (the RX loop is cut into
+//! [`LoopSteps`] for it), as a DPDK lcore polls its ports. After its queues were idle for the
+//! budget, the group asks each for notifications and sleeps on all their eventfds at once. One
+//! spinning thread per queue would instead time-share the back-end's core with the others, and a
+//! frame forwarded by one would wait for the next time slice of the one that delivers it.
 //!
 //! # Buffering and drops
 //!
@@ -67,7 +72,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::raw::c_int;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub mod offload;
 pub mod switch;
@@ -75,7 +80,9 @@ pub mod switch;
 use offload::{Offloads, RxAction, VnetHdr};
 use switch::{Attachment, Forwarder, FrameQueue, Switch};
 
-use super::{ChainHandler, DeviceLoop, LoopContext, WorkerFault};
+use super::{
+    run_steps, ChainHandler, DeviceLoop, LoopContext, LoopSteps, PollGroup, Progress, WorkerFault,
+};
 use crate::memory::GuestMemory;
 use crate::notify::Poller;
 use crate::queue::{ChainBatch, ChainView, Segment};
@@ -103,6 +110,8 @@ const IOV_MAX: usize = 1024;
 const RX_BATCH: usize = 64;
 /// Most frames an RX worker takes out of its switch queue at once.
 const RX_TAKE: usize = 256;
+/// Most receive chains the RX loop pops at once.
+const RX_POP: usize = 64;
 
 /// `_IOW('T', 208, unsigned int)`: which offloads a TAP may hand to its reader.
 const TUNSETOFFLOAD: libc::Ioctl = 0x4004_54d0;
@@ -684,6 +693,7 @@ impl NetPort {
             forwarder: Forwarder::default(),
             burst: Vec::new(),
             port_hdr: [0; PORT_HDR_LEN],
+            sent: (0, 0),
         }
     }
 
@@ -720,7 +730,12 @@ impl NetPort {
             unpublished: 0,
             port_open: true,
             lens: Vec::new(),
+            delivered: (0, 0),
             events: Vec::with_capacity(crate::notify::MAX_EVENTS),
+            poller: None,
+            registered: false,
+            armed: false,
+            last: Outcome::More,
             inbox: VecDeque::new(),
             spent: Vec::new(),
         }
@@ -904,6 +919,8 @@ pub struct NetTxHandler {
     burst: Vec<Vec<u8>>,
     /// fd ports: the checked header of the packet being written.
     port_hdr: [u8; PORT_HDR_LEN],
+    /// fd ports: packets and bytes written in this batch (counted in `flush_batch`).
+    sent: (u64, u64),
 }
 
 impl std::fmt::Debug for NetTxHandler {
@@ -1024,8 +1041,9 @@ impl NetTxHandler {
         iov.clear();
         match result {
             Ok(n) if n == PORT_HDR_LEN + frame_len => {
-                bump(&counters.tx_packets, 1);
-                bump(&counters.tx_bytes, frame_len as u64);
+                // Counted once per batch (flush_batch): a locked add per frame costs a barrier.
+                self.sent.0 += 1;
+                self.sent.1 += frame_len as u64;
             }
             Ok(_) => bump(&counters.tx_errors, 1),
             Err(e) if is_full(&e) => bump(&counters.tx_dropped, 1),
@@ -1041,6 +1059,11 @@ impl ChainHandler for NetTxHandler {
     }
 
     fn flush_batch(&mut self) {
+        let (packets, bytes) = std::mem::take(&mut self.sent);
+        if packets > 0 {
+            bump(&self.port.counters.tx_packets, packets);
+            bump(&self.port.counters.tx_bytes, bytes);
+        }
         if let Some(link) = self.port.switch() {
             link.switch.forward(
                 link.attachment_id(),
@@ -1055,9 +1078,14 @@ impl ChainHandler for NetTxHandler {
     fn busy_poll(&self) -> Option<Duration> {
         self.port.busy_poll()
     }
+
+    fn poll_group(&self) -> Option<PollGroup> {
+        PollGroup::process()
+    }
 }
 
 /// What one pass of the RX loop ended with.
+#[derive(Clone, Copy)]
 enum Outcome {
     /// The batch budget ran out; more may be waiting.
     More,
@@ -1094,7 +1122,17 @@ pub struct NetRxHandler {
     port_open: bool,
     /// Scratch: bytes per chain of the packet being delivered.
     lens: Vec<u32>,
+    /// Frames and bytes delivered since the counters were last bumped (once per burst).
+    delivered: (u64, u64),
     events: Vec<u64>,
+    /// The loop's poller (kick, stop, and the port while it waits for packets), from `begin`.
+    poller: Option<Poller>,
+    /// The port fd is in the poller.
+    registered: bool,
+    /// Kicks were asked for before a sleep.
+    armed: bool,
+    /// How the last step ended.
+    last: Outcome,
     /// Frames not staged yet: taken out of a switch port's queue, or segments of a GSO packet
     /// the guest does not take whole.
     inbox: VecDeque<Vec<u8>>,
@@ -1121,14 +1159,28 @@ impl NetRxHandler {
         self.held.len() - self.held_start
     }
 
-    /// Usable held chains and their writable bytes.
-    fn usable_room(&self) -> (usize, u64) {
+    /// Add the frames delivered since the last call to the port's counters (before publishing:
+    /// the counters never lag behind what the driver sees).
+    fn count_delivered(&mut self) {
+        let (frames, bytes) = std::mem::take(&mut self.delivered);
+        if frames > 0 {
+            bump(&self.port.counters.rx_packets, frames);
+            bump(&self.port.counters.rx_bytes, bytes);
+        }
+    }
+
+    /// The usable held chains a packet of `need` bytes would go into, from the first: as many as
+    /// it takes to hold `need` bytes (only the first without MRG_RXBUF). Their count and room.
+    fn usable_room(&self, need: u64) -> (usize, u64) {
         let mut count = 0;
         let mut bytes = 0u64;
         for (i, chain) in self.held.chains().iter().enumerate().skip(self.held_start) {
             if self.usable[i] {
                 count += 1;
                 bytes += u64::from(chain.writable_len());
+                if bytes >= need || !self.features.mrg_rxbuf {
+                    break;
+                }
             }
         }
         (count, bytes)
@@ -1144,6 +1196,7 @@ impl NetRxHandler {
     ) -> Result<(), WorkerFault> {
         if self.unpublished + n > usize::from(ctx.queue.size()) {
             // More unpublished entries than the ring holds would overwrite each other.
+            self.count_delivered();
             ctx.publish(self.unpublished as u64)?;
             self.unpublished = 0;
         }
@@ -1159,7 +1212,10 @@ impl NetRxHandler {
         for ((chain, _), &len) in good.zip(lens) {
             ctx.queue.push_used(chain.head(), len)?;
         }
-        bump(&self.port.counters.rx_bad_chains, bad);
+        if bad > 0 {
+            // A locked add is a full barrier that waits for the frame's stores: only when due.
+            bump(&self.port.counters.rx_bad_chains, bad);
+        }
         self.unpublished += n;
         self.held_start += n;
         if self.held_start == self.held.len() {
@@ -1170,19 +1226,29 @@ impl NetRxHandler {
         Ok(())
     }
 
-    /// Pop one more chain for the staged packet. `false` if the ring had none.
-    fn pop_one(&mut self, ctx: &mut LoopContext<'_>) -> Result<bool, WorkerFault> {
-        if ctx.queue.pop_batch(&mut self.held, 1)? == 0 {
+    /// Pop more chains: about one per packet waiting (the staged one and those taken from the
+    /// port), at most [`RX_POP`]; a chain left over waits, held, for the next packet. `false` if
+    /// the ring had none.
+    fn pop_more(&mut self, ctx: &mut LoopContext<'_>) -> Result<bool, WorkerFault> {
+        let want = (self.inbox.len() + 1).min(RX_POP);
+        let before = self.held.len();
+        if ctx.queue.pop_batch(&mut self.held, want)? == 0 {
             return Ok(false);
         }
         let hdr_len = self.features.header_len() as u32;
-        let chain = &self.held.chains()[self.held.len() - 1];
-        // §5.1.6.3: receive buffers are device-writable and hold at least the header.
-        let ok = chain.readable_len() == 0 && chain.writable_len() >= hdr_len;
-        self.usable.push(ok);
-        if !ok && self.held_count() == 1 {
-            // Nothing held before it: complete it at once (a rewind never needs it back).
-            self.push_held(ctx, 1, &[])?;
+        for chain in &self.held.chains()[before..] {
+            // §5.1.6.3: receive buffers are device-writable and hold at least the header.
+            self.usable
+                .push(chain.readable_len() == 0 && chain.writable_len() >= hdr_len);
+        }
+        // Unusable chains with nothing usable before them are completed at once (a rewind
+        // never needs them back).
+        let lead = self.usable[self.held_start..]
+            .iter()
+            .take_while(|ok| !**ok)
+            .count();
+        if lead > 0 {
+            self.push_held(ctx, lead, &[])?;
         }
         Ok(true)
     }
@@ -1195,7 +1261,7 @@ impl NetRxHandler {
         let need = (hdr_len + frame_len) as u64;
         let ring = usize::from(ctx.queue.size());
         loop {
-            let (count, room) = self.usable_room();
+            let (count, room) = self.usable_room(need);
             if count > 0 && room >= need {
                 self.deliver_staged(ctx, need)?;
                 return Ok(Placed::Delivered);
@@ -1205,7 +1271,7 @@ impl NetRxHandler {
             if (count > 0 && !self.features.mrg_rxbuf) || self.held_count() >= ring {
                 return Ok(Placed::Dropped);
             }
-            if !self.pop_one(ctx)? {
+            if !self.pop_more(ctx)? {
                 return Ok(Placed::NeedBuffers);
             }
         }
@@ -1266,10 +1332,23 @@ impl NetRxHandler {
         let pushed = self.push_held(ctx, span, &lens);
         self.lens = lens;
         pushed?;
-        let counters = &self.port.counters;
-        bump(&counters.rx_packets, 1);
-        bump(&counters.rx_bytes, frame_len as u64);
+        self.delivered.0 += 1;
+        self.delivered.1 += frame_len as u64;
         Ok(())
+    }
+
+    /// At a stop: publish what was pushed, hand back what was popped and not pushed (the driver
+    /// still owns those buffers and GET_VRING_BASE must not count them).
+    fn hand_back(&mut self, ctx: &mut LoopContext<'_>) -> Result<(), WorkerFault> {
+        if self.unpublished > 0 {
+            ctx.publish(self.unpublished as u64)?;
+            self.unpublished = 0;
+        }
+        let given = ctx.queue.give_back(&self.held.chains()[self.held_start..]);
+        self.held.clear();
+        self.usable.clear();
+        self.held_start = 0;
+        Ok(given?)
     }
 
     /// Stage the next packet from the port, if any, ready for the guest (see [`Self::prepare`]).
@@ -1288,6 +1367,10 @@ impl NetRxHandler {
     fn read_raw(&mut self) -> Option<Outcome> {
         if let Some(link) = self.port.switch() {
             if self.inbox.is_empty() {
+                if !link.inbox.has_frames() {
+                    // Nothing (a hint; `prepare_sleep` looks under the lock before sleeping).
+                    return Some(Outcome::PortEmpty);
+                }
                 link.inbox.take(&mut self.inbox, RX_TAKE, &mut self.spent);
             }
             let Some(packet) = self.inbox.pop_front() else {
@@ -1381,8 +1464,9 @@ impl NetRxHandler {
         false
     }
 
-    /// Deliver up to [`RX_BATCH`] packets, then publish.
-    fn deliver(&mut self, ctx: &mut LoopContext<'_>) -> Result<Outcome, WorkerFault> {
+    /// Deliver up to [`RX_BATCH`] packets, then publish; returns how many were delivered or
+    /// dropped.
+    fn deliver(&mut self, ctx: &mut LoopContext<'_>) -> Result<(Outcome, usize), WorkerFault> {
         let mut packets = 0;
         let outcome = loop {
             if packets == RX_BATCH {
@@ -1408,16 +1492,120 @@ impl NetRxHandler {
                 Placed::NeedBuffers => break Outcome::NeedBuffers,
             }
         };
+        self.count_delivered();
         if self.unpublished > 0 {
             ctx.publish(self.unpublished as u64)?;
             self.unpublished = 0;
         }
-        Ok(outcome)
+        Ok((outcome, packets))
+    }
+}
+
+impl LoopSteps for NetRxHandler {
+    fn begin(&mut self, ctx: &mut LoopContext<'_>) -> Result<(), WorkerFault> {
+        let poller = Poller::new().map_err(|e| internal("creating the poller", e))?;
+        poller
+            .register(ctx.kick.as_fd(), TOKEN_KICK)
+            .map_err(|e| internal("watching the kick", e))?;
+        poller
+            .register(ctx.stop_fd(), TOKEN_STOP)
+            .map_err(|e| internal("watching the stop fd", e))?;
+        self.poller = Some(poller);
+        self.registered = false;
+        self.armed = false;
+        self.last = Outcome::More;
+        self.stage = lock(&self.port.parked).take();
+        self.inbox.append(&mut lock(&self.port.parked_segments));
+        self.held.clear();
+        self.usable.clear();
+        self.held_start = 0;
+        self.unpublished = 0;
+        self.port_open = true;
+        // Kicks are only wanted while a packet waits for buffers.
+        ctx.queue.disable_notifications()?;
+        Ok(())
     }
 
-    fn sleep(&mut self, ctx: &mut LoopContext<'_>, poller: &Poller) -> Result<(), WorkerFault> {
+    fn step(&mut self, ctx: &mut LoopContext<'_>) -> Result<Progress, WorkerFault> {
+        let (outcome, packets) = self.deliver(ctx)?;
+        self.last = outcome;
+        Ok(match outcome {
+            Outcome::More => Progress::More,
+            _ if packets > 0 => Progress::Worked,
+            _ => Progress::Idle,
+        })
+    }
+
+    fn prepare_sleep(&mut self, ctx: &mut LoopContext<'_>) -> Result<bool, WorkerFault> {
+        let port = Arc::clone(&self.port);
+        let Some(poller) = self.poller.as_ref() else {
+            return Err(WorkerFault::Internal("RX loop not begun".into()));
+        };
+        let port_fd = port.rx_wait_fd();
+        match self.last {
+            Outcome::More => return Ok(true),
+            Outcome::PortEmpty => {
+                if let Some(link) = port.switch() {
+                    // Marks the queue sleeping (the next push rings the doorbell), unless
+                    // frames arrived since the step looked.
+                    link.inbox.take(&mut self.inbox, RX_TAKE, &mut self.spent);
+                    if !self.inbox.is_empty() {
+                        return Ok(true);
+                    }
+                }
+                if !self.registered {
+                    poller
+                        .register(port_fd, TOKEN_PORT)
+                        .map_err(|e| internal("watching the port", e))?;
+                    self.registered = true;
+                }
+            }
+            Outcome::PortClosed => {
+                if self.registered {
+                    poller
+                        .unregister(port_fd)
+                        .map_err(|e| internal("unwatching the port", e))?;
+                    self.registered = false;
+                }
+            }
+            Outcome::NeedBuffers => {
+                // §3 "go to sleep": ask for kicks, then look once more.
+                if ctx.queue.enable_notifications()? {
+                    ctx.queue.disable_notifications()?;
+                    return Ok(true);
+                }
+                self.armed = true;
+                if self.registered {
+                    // The port stays readable while the packet waits: stop watching it.
+                    poller
+                        .unregister(port_fd)
+                        .map_err(|e| internal("unwatching the port", e))?;
+                    self.registered = false;
+                }
+                bump(&port.counters.rx_starved, 1);
+            }
+        }
+        Ok(false)
+    }
+
+    fn wait_fd(&self) -> BorrowedFd<'_> {
+        match &self.poller {
+            Some(poller) => poller.as_fd(),
+            // Not begun: the port's fd is as good as any (never waited on).
+            None => self.port.rx_wait_fd(),
+        }
+    }
+
+    fn sleep(
+        &mut self,
+        ctx: &mut LoopContext<'_>,
+        timeout: Option<Duration>,
+    ) -> Result<(), WorkerFault> {
+        let Some(poller) = self.poller.as_ref() else {
+            return Err(WorkerFault::Internal("RX loop not begun".into()));
+        };
         let ready = poller
-            .wait(ctx.poll_interval, &mut self.events)
+            .wait(timeout, &mut self.events)
             .map_err(|e| internal("waiting for the port or a kick", e))?;
         if ready > 0 {
             ctx.count_wakeup();
@@ -1438,134 +1626,39 @@ impl NetRxHandler {
                     .map_err(|e| internal("reading the switch doorbell", e))?;
             }
         }
+        self.disarm(ctx)
+    }
+
+    fn disarm(&mut self, ctx: &mut LoopContext<'_>) -> Result<(), WorkerFault> {
+        if std::mem::take(&mut self.armed) {
+            ctx.queue.disable_notifications()?;
+        }
         Ok(())
     }
 
-    /// Spin for the busy-poll budget until `ready` says there is work (or a stop request).
-    /// `true`: there is; `false`: the budget ran out (sleep now).
-    fn busy_poll(
-        &self,
-        ctx: &mut LoopContext<'_>,
-        mut ready: impl FnMut(&mut LoopContext<'_>) -> Result<bool, WorkerFault>,
-    ) -> Result<bool, WorkerFault> {
-        let Some(deadline) = self
-            .port
-            .busy_poll()
-            .and_then(|budget| Instant::now().checked_add(budget))
-        else {
-            return Ok(false);
-        };
-        loop {
-            if ctx.stop_requested() || ready(ctx)? {
-                return Ok(true);
-            }
-            if Instant::now() >= deadline {
-                return Ok(false);
-            }
-            std::hint::spin_loop();
-        }
-    }
-
-    fn serve(&mut self, ctx: &mut LoopContext<'_>, poller: &Poller) -> Result<(), WorkerFault> {
-        let port = Arc::clone(&self.port);
-        let port_fd = port.rx_wait_fd();
-        let inbox = port.switch().map(|link| Arc::clone(&link.inbox));
-        let mut registered = false;
-        // Kicks are only wanted while a packet waits for buffers.
-        ctx.queue.disable_notifications()?;
-        loop {
-            if ctx.stop_requested() {
-                return Ok(());
-            }
-            match self.deliver(ctx)? {
-                Outcome::More => continue,
-                Outcome::PortEmpty => {
-                    if let Some(inbox) = &inbox {
-                        if self.busy_poll(ctx, |_| Ok(inbox.has_frames()))? {
-                            continue;
-                        }
-                    }
-                    if !registered {
-                        poller
-                            .register(port_fd, TOKEN_PORT)
-                            .map_err(|e| internal("watching the port", e))?;
-                        registered = true;
-                    }
-                    self.sleep(ctx, poller)?;
-                }
-                Outcome::PortClosed => {
-                    if registered {
-                        poller
-                            .unregister(port_fd)
-                            .map_err(|e| internal("unwatching the port", e))?;
-                        registered = false;
-                    }
-                    self.sleep(ctx, poller)?;
-                }
-                Outcome::NeedBuffers => {
-                    if self.busy_poll(ctx, |ctx| Ok(ctx.queue.pending()? > 0))? {
-                        continue;
-                    }
-                    // §3 "go to sleep": ask for kicks, then look once more.
-                    if ctx.queue.enable_notifications()? {
-                        ctx.queue.disable_notifications()?;
-                        continue;
-                    }
-                    if registered {
-                        // The port stays readable while the packet waits: stop watching it.
-                        poller
-                            .unregister(port_fd)
-                            .map_err(|e| internal("unwatching the port", e))?;
-                        registered = false;
-                    }
-                    bump(&port.counters.rx_starved, 1);
-                    self.sleep(ctx, poller)?;
-                    ctx.queue.disable_notifications()?;
-                }
-            }
-        }
-    }
-}
-
-impl DeviceLoop for NetRxHandler {
-    fn run(&mut self, ctx: &mut LoopContext<'_>) -> Result<(), WorkerFault> {
-        let poller = Poller::new().map_err(|e| internal("creating the poller", e))?;
-        poller
-            .register(ctx.kick.as_fd(), TOKEN_KICK)
-            .map_err(|e| internal("watching the kick", e))?;
-        poller
-            .register(ctx.stop_fd(), TOKEN_STOP)
-            .map_err(|e| internal("watching the stop fd", e))?;
-        self.stage = lock(&self.port.parked).take();
-        self.inbox.append(&mut lock(&self.port.parked_segments));
-        self.held.clear();
-        self.usable.clear();
-        self.held_start = 0;
-        self.unpublished = 0;
-        self.port_open = true;
-        let result = self.serve(ctx, &poller);
-        if result.is_ok() {
-            // Publish what was pushed, hand back what was popped and not pushed: the driver
-            // still owns those buffers and GET_VRING_BASE must not count them.
-            if self.unpublished > 0 {
-                ctx.publish(self.unpublished as u64)?;
-                self.unpublished = 0;
-            }
-            ctx.queue
-                .give_back(&self.held.chains()[self.held_start..])?;
-            self.held.clear();
-            self.usable.clear();
-            self.held_start = 0;
-        }
+    fn end(&mut self, ctx: &mut LoopContext<'_>, clean: bool) -> Result<(), WorkerFault> {
+        let result = if clean { self.hand_back(ctx) } else { Ok(()) };
         // The staged packet waits in the port for the next worker, the frames behind it in the
         // switch queue.
-        *lock(&self.port.parked) = self.stage.take();
+        if let Some(stage) = self.stage.take() {
+            *lock(&self.port.parked) = Some(stage);
+        }
         if let Some(link) = self.port.switch() {
             link.inbox.put_back(&mut self.inbox);
         } else {
             lock(&self.port.parked_segments).append(&mut self.inbox);
         }
         result
+    }
+}
+
+impl DeviceLoop for NetRxHandler {
+    fn run(&mut self, ctx: &mut LoopContext<'_>) -> Result<(), WorkerFault> {
+        run_steps(self, ctx)
+    }
+
+    fn steps(&mut self) -> Option<&mut dyn LoopSteps> {
+        Some(self)
     }
 }
 
@@ -1576,5 +1669,13 @@ impl ChainHandler for NetRxHandler {
 
     fn device_loop(&mut self) -> Option<&mut dyn DeviceLoop> {
         Some(self)
+    }
+
+    fn busy_poll(&self) -> Option<Duration> {
+        self.port.busy_poll()
+    }
+
+    fn poll_group(&self) -> Option<PollGroup> {
+        PollGroup::process()
     }
 }

@@ -1394,3 +1394,178 @@ fn packed_ring_completes_out_of_order_through_an_async_handler() {
     }
     assert_eq!(worker.stop().unwrap().fault, None);
 }
+
+// --- poll groups -----------------------------------------------------------------------------
+
+/// A doubler that records which thread handled its chains.
+struct ThreadRecorder {
+    threads: Arc<Mutex<Vec<std::thread::ThreadId>>>,
+    inner: Doubler,
+}
+
+impl ChainHandler for ThreadRecorder {
+    fn handle(&mut self, memory: &GuestMemory, chain: ChainView<'_>) -> u32 {
+        let me = std::thread::current().id();
+        let mut threads = lock(&self.threads);
+        if !threads.contains(&me) {
+            threads.push(me);
+        }
+        drop(threads);
+        self.inner.handle(memory, chain)
+    }
+}
+
+fn grouped(group: &PollGroup, busy_poll: Duration) -> WorkerOptions {
+    WorkerOptions {
+        busy_poll: Some(busy_poll),
+        group: Some(group.clone()),
+        ..WorkerOptions::default()
+    }
+}
+
+fn serve_a_few(rig: &mut Rig, n: usize) {
+    for _ in 0..n {
+        let x = rig.driver.submit();
+        rig.driver.wait_completion(&rig.call);
+        assert_eq!(rig.driver.result(x), 2 * x + 1);
+    }
+}
+
+#[test]
+fn a_poll_group_runs_all_its_queues_on_one_thread() {
+    let group = PollGroup::new("vvu-test-group").unwrap();
+    let threads = Arc::new(Mutex::new(Vec::new()));
+    let recorder = || -> Box<dyn ChainHandler> {
+        Box::new(ThreadRecorder {
+            threads: Arc::clone(&threads),
+            inner: Doubler {
+                delay: Duration::ZERO,
+            },
+        })
+    };
+    let mut rigs: Vec<Rig> = (0..3)
+        .map(|_| {
+            spawn_rig(
+                16,
+                false,
+                recorder(),
+                grouped(&group, Duration::from_secs(3600)),
+            )
+        })
+        .collect();
+    for rig in &mut rigs {
+        serve_a_few(rig, 20);
+    }
+    // Interleaved as well: every queue is stepped while the others have work.
+    for _ in 0..10 {
+        for rig in &mut rigs {
+            serve_a_few(rig, 1);
+        }
+    }
+    let seen = lock(&threads).clone();
+    assert_eq!(seen.len(), 1, "handled on {} threads", seen.len());
+    assert_ne!(seen[0], std::thread::current().id());
+    let started = Instant::now();
+    for rig in rigs {
+        let stopped = rig.worker.stop().unwrap();
+        assert_eq!(stopped.fault, None);
+        assert_eq!(stopped.stats.chains, 30);
+        assert_eq!(stopped.queue.next_used(), 30);
+    }
+    assert!(started.elapsed() < PATIENCE, "stop while spinning");
+}
+
+#[test]
+fn an_idle_poll_group_sleeps_and_wakes_on_kicks() {
+    // A short budget: the group sleeps between requests, and kicks (or a new queue) wake it.
+    let group = PollGroup::new("vvu-test-group").unwrap();
+    let mut a = spawn_rig(
+        16,
+        true,
+        doubler(),
+        grouped(&group, Duration::from_micros(50)),
+    );
+    for _ in 0..20 {
+        serve_a_few(&mut a, 1);
+        std::thread::sleep(Duration::from_millis(2)); // idle for longer than the budget
+    }
+    assert!(a.worker.stats().wakeups > 0, "the group never slept");
+    let mut b = spawn_rig(
+        16,
+        false,
+        doubler(),
+        grouped(&group, Duration::from_micros(50)),
+    );
+    serve_a_few(&mut b, 5);
+    serve_a_few(&mut a, 5);
+    assert_eq!(a.worker.stop().unwrap().stats.chains, 25);
+    assert_eq!(b.worker.stop().unwrap().stats.chains, 5);
+}
+
+#[test]
+fn a_fault_in_a_poll_group_stops_only_that_queue() {
+    let group = PollGroup::new("vvu-test-group").unwrap();
+    let err = EventFd::new().unwrap();
+    let panicky = Box::new(Panicky {
+        seen: 0,
+        panic_at: 3,
+        inner: Doubler {
+            delay: Duration::ZERO,
+        },
+    });
+    let options = WorkerOptions {
+        err: Some(err.try_clone().unwrap()),
+        batch_size: 1,
+        ..grouped(&group, Duration::from_micros(100))
+    };
+    let mut bad = spawn_rig(8, false, panicky, options);
+    let mut good = spawn_rig(
+        8,
+        false,
+        doubler(),
+        grouped(&group, Duration::from_micros(100)),
+    );
+    serve_a_few(&mut bad, 2);
+    bad.driver.submit();
+    assert!(err.wait(Some(PATIENCE)).unwrap());
+    serve_a_few(&mut good, 10);
+    let stopped = bad.worker.stop().unwrap();
+    assert_eq!(
+        stopped.fault,
+        Some(WorkerFault::HandlerPanicked(
+            "handler exploded on chain 3".into()
+        ))
+    );
+    assert_eq!(stopped.queue.next_used(), 2);
+    serve_a_few(&mut good, 10);
+    let stopped = good.worker.stop().unwrap();
+    assert_eq!((stopped.fault, stopped.stats.chains), (None, 20));
+}
+
+#[test]
+fn a_worker_in_a_poll_group_resumes_where_the_last_one_stopped() {
+    let group = PollGroup::new("vvu-test-group").unwrap();
+    let mut rig = spawn_rig(
+        16,
+        true,
+        doubler(),
+        grouped(&group, Duration::from_micros(20)),
+    );
+    serve_a_few(&mut rig, 7);
+    let stopped = rig.worker.stop().unwrap();
+    assert_eq!(stopped.queue.next_used(), 7);
+    // Work published while nobody runs the queue is found by the next worker.
+    let x = rig.driver.submit();
+    rig.worker = QueueWorker::spawn(
+        "vvu-test-worker",
+        stopped.queue,
+        rig.driver.kick.try_clone().unwrap(),
+        Some(rig.call.try_clone().unwrap()),
+        doubler(),
+        grouped(&group, Duration::from_micros(20)),
+    )
+    .unwrap();
+    rig.driver.wait_completion(&rig.call);
+    assert_eq!(rig.driver.result(x), 2 * x + 1);
+    assert_eq!(rig.worker.stop().unwrap().queue.next_used(), 8);
+}

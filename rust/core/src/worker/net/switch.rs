@@ -580,8 +580,12 @@ impl Switch {
             }
             recycle(&mut fwd.pool, packet);
         }
-        bump(&counters.tx_packets, packets);
-        bump(&counters.tx_bytes, bytes);
-        bump(&counters.tx_dropped, dropped);
+        if packets > 0 {
+            bump(&counters.tx_packets, packets);
+            bump(&counters.tx_bytes, bytes);
+        }
+        if dropped > 0 {
+            bump(&counters.tx_dropped, dropped);
+        }
     }
 }
