@@ -82,6 +82,56 @@ async def test_short_reads_are_reassembled_and_fds_kept() -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_waiting_session_keeps_its_reader_and_drops_it_when_nobody_reads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A front-end waiting for each reply: every message after the first wait is read through
+    the reader registered then (no epoll registration per message). Data that arrives while
+    nobody reads unregisters it (a level-triggered reader would otherwise run on every loop
+    iteration), and is read whole by the next recv."""
+    loop = asyncio.get_running_loop()
+    registered: list[int] = []
+    add_reader = loop.add_reader
+
+    def counting_add_reader(fd: int, *args: object) -> None:
+        registered.append(fd)
+        add_reader(fd, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loop, "add_reader", counting_add_reader)
+    raw_a, raw_b = socket.socketpair()
+    chan = UnixChannel(raw_b)
+    try:
+        for i in range(5):
+            recv_task = asyncio.ensure_future(chan.recv())
+            for _ in range(3):
+                await asyncio.sleep(0)  # recv is waiting now
+            raw_a.send(encode_header(i, 1, 4) + b"abcd")
+            msg = await asyncio.wait_for(recv_task, 5)
+            assert msg is not None and (msg.request, msg.payload) == (i, b"abcd")
+        assert registered == [raw_b.fileno()]
+        raw_a.send(encode_header(9, 1, 0))  # nobody reads now
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not loop.remove_reader(raw_b.fileno()), "still watched while nobody reads"
+        msg = await asyncio.wait_for(chan.recv(), 5)
+        assert msg is not None and msg.request == 9
+    finally:
+        raw_a.close()
+        chan.close()
+
+
+@pytest.mark.asyncio
+async def test_close_fails_a_waiting_recv() -> None:
+    a, b = socketpair_channels()
+    recv_task = asyncio.ensure_future(b.recv())
+    await asyncio.sleep(0)
+    b.close()
+    with pytest.raises(TransportError, match="closed"):
+        await asyncio.wait_for(recv_task, 5)
+    a.close()
+
+
+@pytest.mark.asyncio
 async def test_clean_eof_between_messages_is_none() -> None:
     a, b = socketpair_channels()
     a.close()

@@ -42,6 +42,7 @@ __all__ = [
 
 # The status an ack carries on failure; QEMU's backend_read sends !!ret, so 1.
 _ACK_FAILED: Final = 1
+_HEADER: Final = struct.Struct("<III")  # Header._LAYOUT, for the encoder's hot path
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,14 +101,17 @@ class Message:
         # Normalise so that a known id is always its member and the channel always matches it;
         # object.__setattr__ because the dataclass is frozen.
         if isinstance(self.request, BackendRequest):
-            object.__setattr__(self, "channel", "backend")
+            if self.channel != "backend":
+                object.__setattr__(self, "channel", "backend")
         elif isinstance(self.request, FrontendRequest):
-            object.__setattr__(self, "channel", "frontend")
+            if self.channel != "frontend":
+                object.__setattr__(self, "channel", "frontend")
         else:
             member, _ = resolve_request(self.request, self.channel)
             if member is not None:
                 object.__setattr__(self, "request", member)
-        object.__setattr__(self, "fds", tuple(self.fds))
+        if type(self.fds) is not tuple:
+            object.__setattr__(self, "fds", tuple(self.fds))
 
     @property
     def known(self) -> bool:
@@ -210,7 +214,6 @@ def decode_message(
     Never closes `fds`, not even when it raises: the caller owns them and must close the ones
     it does not keep. Raises ProtocolError naming the request and the reason.
     """
-    what = request_name(header.request, channel) + (" reply" if is_reply else "")
     problem = _header_problem(header)
     if problem is None and len(payload) != header.size:
         problem = f"header says {header.size} payload bytes, got {len(payload)}"
@@ -219,22 +222,28 @@ def decode_message(
     if problem is None and not is_reply and header.is_reply:
         problem = f"REPLY flag set on a request (flags {header.flags:#x})"
     if problem is not None:
-        raise ProtocolError(f"{what}: {problem}")
+        raise ProtocolError(f"{_what(header.request, channel, is_reply)}: {problem}")
 
+    member, _ = resolve_request(header.request, channel)
     spec = spec_for(header.request, channel)
-    if spec is None:
+    if member is None or spec is None:
         return Message(
             header.request, header.flags, RawPayload(bytes(payload)), tuple(fds), channel
         )
     try:
         body = _unpack_one_of(spec.reply, payload) if is_reply else spec.payload.unpack(payload)
     except ProtocolError as err:
-        raise ProtocolError(f"{what}: {err}") from err
+        raise ProtocolError(f"{_what(member, channel, is_reply)}: {err}") from err
     # The layout came from the table, so only the content can be wrong.
     problem = _content_problem(spec, body, len(fds), is_reply=is_reply)
     if problem is not None:
-        raise ProtocolError(f"{what}: {problem}")
-    return Message(header.request, header.flags, body, tuple(fds), channel)
+        raise ProtocolError(f"{_what(member, channel, is_reply)}: {problem}")
+    return Message(member, header.flags, body, tuple(fds), channel)
+
+
+def _what(request: int, channel: ChannelName | None, is_reply: bool) -> str:
+    """A message's name in errors (`SET_MEM_TABLE reply`): built only when one is raised."""
+    return request_name(request, channel) + (" reply" if is_reply else "")
 
 
 def _encode(
@@ -242,23 +251,34 @@ def _encode(
 ) -> bytes:
     _, channel = resolve_request(request, channel)
     is_reply = bool(flags & REPLY)
-    what = request_name(request, channel) + (" reply" if is_reply else "")
     if flags & VERSION_MASK != VERSION or flags & ~KNOWN_FLAGS:
-        raise ValueError(f"{what}: flags {flags:#x} are not version 1 with known bits")
+        raise ValueError(
+            f"{_what(request, channel, is_reply)}: flags {flags:#x} are not version 1 with "
+            "known bits"
+        )
     if is_reply and flags != REPLY_FLAGS:
-        raise ValueError(f"{what}: reply flags must be exactly {REPLY_FLAGS:#x}, not {flags:#x}")
+        raise ValueError(
+            f"{_what(request, channel, is_reply)}: reply flags must be exactly "
+            f"{REPLY_FLAGS:#x}, not {flags:#x}"
+        )
     body = payload.pack()
     if len(body) > MAX_PAYLOAD:
-        raise ValueError(f"{what}: payload of {len(body)} bytes exceeds {MAX_PAYLOAD}")
+        raise ValueError(
+            f"{_what(request, channel, is_reply)}: payload of {len(body)} bytes exceeds "
+            f"{MAX_PAYLOAD}"
+        )
     spec = spec_for(request, channel)
     if spec is not None:
         problem = _type_problem(spec, payload, is_reply=is_reply)
         if problem is not None:
-            raise TypeError(f"{what}: {problem}")
+            raise TypeError(f"{_what(request, channel, is_reply)}: {problem}")
         problem = _content_problem(spec, payload, nfds, is_reply=is_reply)
         if problem is not None:
-            raise ValueError(f"{what}: {problem}")
-    return Header(request, flags, len(body)).pack() + body
+            raise ValueError(f"{_what(request, channel, is_reply)}: {problem}")
+    try:
+        return _HEADER.pack(request, flags, len(body)) + body
+    except struct.error as err:
+        raise ValueError(f"Header: a field does not fit in a u32: {err}") from err
 
 
 def encode(message: Message) -> bytes:
@@ -300,10 +320,20 @@ def encode_ack(request: int, ok: bool, *, channel: ChannelName | None = None) ->
     Also the answer to an unknown request id that asked for a reply. A request whose reply is
     never a bare u64 (GET_VRING_BASE, GET_CONFIG, ...) needs its typed reply: ValueError.
     """
-    spec = spec_for(request, channel)
-    if spec is not None and U64 not in spec.reply:
-        raise ValueError(
-            f"{request_name(request, channel)} is answered with {_type_names(spec.reply)}, "
-            "not an ack"
-        )
-    return _encode(request, REPLY_FLAGS, U64(0 if ok else _ACK_FAILED), 0, channel)
+    key = (request, ok, channel)
+    data = _ACKS.get(key)
+    if data is None:
+        spec = spec_for(request, channel)
+        if spec is not None and U64 not in spec.reply:
+            raise ValueError(
+                f"{request_name(request, channel)} is answered with "
+                f"{_type_names(spec.reply)}, not an ack"
+            )
+        data = _encode(request, REPLY_FLAGS, U64(0 if ok else _ACK_FAILED), 0, channel)
+        if spec is not None:  # known ids only: the cache stays as small as the table
+            _ACKS[key] = data
+    return data
+
+
+#: Every ack sent so far, by (request, ok, channel): the same bytes each time.
+_ACKS: Final[dict[tuple[int, bool, ChannelName | None], bytes]] = {}

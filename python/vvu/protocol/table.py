@@ -350,19 +350,21 @@ def resolve_request(
             raise ValueError(f"{request.name} is a {own} request, not a {channel} one")
         return request, own
     channel = channel or "frontend"
-    if channel == "frontend":
-        return (FrontendRequest(request) if request in _FRONTEND_IDS else None), channel
-    return (BackendRequest(request) if request in _BACKEND_IDS else None), channel
+    return _MEMBERS[channel].get(request), channel
 
 
 def spec_for(request: int, channel: ChannelName | None = None) -> RequestSpec[Any] | None:
     """The row of a request, or None for an id its channel does not know (see resolve_request)."""
-    member, _ = resolve_request(request, channel)
-    if isinstance(member, FrontendRequest):
-        return REQUESTS.get(member)
-    if isinstance(member, BackendRequest):
-        return BACKEND_REQUESTS.get(member)
-    return None
+    if isinstance(request, FrontendRequest):
+        if channel is None or channel == "frontend":
+            return REQUESTS.get(request)
+    elif isinstance(request, BackendRequest):
+        if channel is None or channel == "backend":
+            return BACKEND_REQUESTS.get(request)
+    else:
+        return _SPECS[channel or "frontend"].get(request)
+    resolve_request(request, channel)  # a member on the other channel: ValueError
+    raise AssertionError("unreachable")
 
 
 def request_name(request: int, channel: ChannelName | None = None) -> str:
@@ -371,5 +373,13 @@ def request_name(request: int, channel: ChannelName | None = None) -> str:
     return member.name if member is not None else f"unknown {channel} request {request}"
 
 
-_FRONTEND_IDS: Final = frozenset(m.value for m in FrontendRequest)
-_BACKEND_IDS: Final = frozenset(m.value for m in BackendRequest)
+# By plain id, per channel: ids to members and rows by a dict lookup (calling the enum,
+# `FrontendRequest(1)`, costs more than the rest of a trivial request's decoding).
+_MEMBERS: Final[dict[ChannelName, dict[int, FrontendRequest | BackendRequest]]] = {
+    "frontend": {m.value: m for m in FrontendRequest},
+    "backend": {m.value: m for m in BackendRequest},
+}
+_SPECS: Final[dict[ChannelName, dict[int, RequestSpec[Any]]]] = {
+    "frontend": {m.value: spec for m, spec in REQUESTS.items()},
+    "backend": {m.value: spec for m, spec in BACKEND_REQUESTS.items()},
+}

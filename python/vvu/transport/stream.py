@@ -14,7 +14,8 @@ import errno
 import os
 import socket
 import time
-from collections.abc import Sequence
+from asyncio import Future
+from collections.abc import Callable, Sequence
 
 from vvu.transport.base import TransportError
 
@@ -40,9 +41,45 @@ def _take_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
+def _ancillary(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
+    """SCM_RIGHTS control data carrying `fds` (none: nothing)."""
+    if not fds:
+        return []
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+
+
+class _PendingRead:
+    """One read in progress: `size` bytes, and with `payload_size` then the payload the header
+    announces. Filled synchronously as far as the socket allows, then by the loop's reader
+    callback; `frame` is the result once complete (None: a clean EOF at the boundary)."""
+
+    __slots__ = ("at_boundary", "buf", "fds", "frame", "future", "header", "payload_size", "size")
+
+    def __init__(
+        self,
+        size: int,
+        fds: list[int],
+        at_boundary: bool,
+        payload_size: Callable[[bytes], int] | None,
+    ) -> None:
+        self.size = size
+        self.buf = bytearray()
+        self.fds = fds
+        self.at_boundary = at_boundary
+        self.payload_size = payload_size
+        self.header: bytes | None = None
+        self.frame: tuple[bytes, bytes] | None = None
+        self.future: Future[tuple[bytes, bytes] | None] | None = None
+
+
 class FdStream:
     """One connected stream socket. `broken` is the error class for a stream that can no longer
-    be delimited (EOF mid-message, fds lost to truncation); other failures raise TransportError."""
+    be delimited (EOF mid-message, fds lost to truncation); other failures raise TransportError.
+
+    A read that has to wait leaves the socket registered with the event loop, and the loop's
+    reader callback reads what that read asks for, no more: a session's next message (the
+    common case, a front-end waiting for our reply) then costs no epoll registration. The
+    registration goes when data arrives that nobody waits for, and with `close`."""
 
     def __init__(
         self, sock: socket.socket, peer: str, *, broken: type[TransportError] = TransportError
@@ -53,11 +90,13 @@ class FdStream:
         self._broken = broken
         self._send_lock = asyncio.Lock()
         self.closed = False
+        self._reader_loop: asyncio.AbstractEventLoop | None = None  # registered with
+        self._pending: _PendingRead | None = None
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    async def _wait(self, writable: bool) -> None:
+    async def _wait_writable(self) -> None:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         fd = self.sock.fileno()
@@ -66,63 +105,153 @@ class FdStream:
             if not fut.done():
                 fut.set_result(None)
 
-        if writable:
-            loop.add_writer(fd, ready)
-        else:
-            loop.add_reader(fd, ready)
+        loop.add_writer(fd, ready)
         try:
             await fut
         finally:
-            if writable:
-                loop.remove_writer(fd)
-            else:
-                loop.remove_reader(fd)
+            loop.remove_writer(fd)
+
+    def _read_some(self, want: int, fds: list[int]) -> bytes | None:
+        """One recvmsg of at most `want` bytes, its fds appended to `fds`: the bytes (b"" at
+        EOF), or None when none are there yet."""
+        if self.closed:
+            raise TransportError(f"{self.peer}: connection closed")
+        try:
+            data, ancdata, msg_flags, _ = self.sock.recvmsg(want, _FD_SPACE)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as err:
+            raise TransportError(f"{self.peer}: receive failed: {err}") from err
+        if ancdata:
+            fds.extend(_take_fds(ancdata))
+        if msg_flags & socket.MSG_CTRUNC:
+            raise self._broken(
+                f"{self.peer}: more than {MAX_RECV_FDS} fds attached, some were lost"
+            )
+        return data
+
+    def _eof(self, got: int, size: int, at_boundary: bool) -> None:
+        """The peer closed after `got` of `size` bytes: clean only at a message boundary."""
+        if not (at_boundary and got == 0):
+            raise self._broken(f"{self.peer}: peer closed mid-message ({got} of {size} bytes)")
 
     async def recv_exact(self, size: int, fds: list[int], *, at_boundary: bool) -> bytes | None:
         """Exactly `size` bytes, appending the fds that came with them to `fds` (the caller owns
         and closes those, also when this raises). None for a clean EOF before the first byte
         when `at_boundary`."""
-        buf = bytearray()
-        while len(buf) < size:
-            if self.closed:
-                raise TransportError(f"{self.peer}: connection closed")
-            try:
-                data, ancdata, msg_flags, _ = self.sock.recvmsg(size - len(buf), _FD_SPACE)
-            except (BlockingIOError, InterruptedError):
-                await self._wait(writable=False)
-                continue
-            except OSError as err:
-                raise TransportError(f"{self.peer}: receive failed: {err}") from err
-            fds.extend(_take_fds(ancdata))
-            if msg_flags & socket.MSG_CTRUNC:
-                raise self._broken(
-                    f"{self.peer}: more than {MAX_RECV_FDS} fds attached, some were lost"
-                )
-            if not data:
-                if at_boundary and not buf:
-                    return None
-                raise self._broken(
-                    f"{self.peer}: peer closed mid-message ({len(buf)} of {size} bytes)"
-                )
-            buf += data
-        return bytes(buf)
+        frame = await self._recv(_PendingRead(size, fds, at_boundary, None))
+        return None if frame is None else frame[0]
+
+    async def recv_frame(
+        self, header_size: int, payload_size: Callable[[bytes], int], fds: list[int]
+    ) -> tuple[bytes, bytes] | None:
+        """One message at a boundary: `header_size` bytes, then the `payload_size(header)`
+        bytes after them (it may raise, e.g. for a payload over a cap), with the fds of both
+        appended to `fds` as in `recv_exact`. None for a clean EOF before the header. Read
+        whole by the reader callback when it has to wait, so the event loop is not woken
+        again for a payload still in the socket."""
+        return await self._recv(_PendingRead(header_size, fds, True, payload_size))
+
+    async def _recv(self, pending: _PendingRead) -> tuple[bytes, bytes] | None:
+        if self._advance(pending):
+            return pending.frame
+        loop = asyncio.get_running_loop()  # the rest comes through the loop's reader callback
+        if self._pending is not None:
+            raise RuntimeError(f"{self.peer}: two reads at once on one stream")
+        future: Future[tuple[bytes, bytes] | None] = loop.create_future()
+        pending.future = future
+        self._pending = pending
+        if self._reader_loop is not loop:
+            self._stop_reading()
+            loop.add_reader(self.sock.fileno(), self._on_readable)
+            self._reader_loop = loop
+        try:
+            return await future
+        finally:
+            if self._pending is pending:
+                self._pending = None
+
+    def _advance(self, pending: _PendingRead) -> bool:
+        """Read for `pending` what the socket holds; True once it is complete."""
+        while True:
+            want = pending.size - len(pending.buf)
+            if want:
+                data = self._read_some(want, pending.fds)
+                if data is None:
+                    return False
+                if not data:
+                    self._eof(len(pending.buf), pending.size, pending.at_boundary)
+                    pending.frame = None
+                    return True
+                if len(data) == want and not pending.buf:
+                    got = data  # the usual case: all of it in one recvmsg, no copy
+                else:
+                    pending.buf += data
+                    if len(pending.buf) < pending.size:
+                        continue
+                    got = bytes(pending.buf)
+            else:
+                got = b""
+            if pending.header is not None:
+                pending.frame = (pending.header, got)
+                return True
+            if pending.payload_size is None:
+                pending.frame = (got, b"")
+                return True
+            size = pending.payload_size(got)
+            if size == 0:
+                pending.frame = (got, b"")
+                return True
+            pending.header, pending.size, pending.buf = got, size, bytearray()
+            pending.at_boundary = False
+
+    def _on_readable(self) -> None:
+        pending = self._pending
+        if pending is None or pending.future is None or pending.future.done():
+            # Nobody waits (a request is being handled, a read was cancelled): stop watching,
+            # or this level-triggered reader would run on every loop iteration until someone
+            # reads. The next read that has to wait registers again.
+            self._stop_reading()
+            return
+        try:
+            if not self._advance(pending):
+                return  # part of it so far
+        except Exception as err:  # the waiting read raises it
+            self._pending = None
+            pending.future.set_exception(err)
+            return
+        self._pending = None
+        pending.future.set_result(pending.frame)
+
+    def _stop_reading(self) -> None:
+        loop, self._reader_loop = self._reader_loop, None
+        if loop is not None and not loop.is_closed():
+            loop.remove_reader(self.sock.fileno())
 
     async def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Send `data` whole with `fds` attached to its first byte (the caller keeps them)."""
+        if not self._send_lock.locked() and not self.closed:
+            # Nobody else is sending: one sendmsg usually takes it all, with no lock to take.
+            try:
+                sent = self.sock.sendmsg([data], _ancillary(fds))
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as err:
+                raise TransportError(f"{self.peer}: send failed: {err}") from err
+            if sent == len(data):
+                return
+            if sent:
+                data, fds = data[sent:], ()  # fds went with the first byte
         async with self._send_lock:
             view = memoryview(data)
-            ancillary = (
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-                if fds
-                else []
-            )
+            ancillary = _ancillary(fds)
             while view:
                 if self.closed:
                     raise TransportError(f"{self.peer}: connection closed")
                 try:
                     sent = self.sock.sendmsg([view], ancillary)
                 except (BlockingIOError, InterruptedError):
-                    await self._wait(writable=True)
+                    await self._wait_writable()
                     continue
                 except OSError as err:
                     raise TransportError(f"{self.peer}: send failed: {err}") from err
@@ -130,8 +259,14 @@ class FdStream:
                 view = view[sent:]
 
     def close(self) -> None:
+        """Close the socket; a read waiting for bytes fails with TransportError."""
         if not self.closed:
             self.closed = True
+            self._stop_reading()
+            pending, self._pending = self._pending, None
+            future = pending.future if pending is not None else None
+            if future is not None and not future.done():
+                future.set_exception(TransportError(f"{self.peer}: connection closed"))
             self.sock.close()
 
 

@@ -15,10 +15,10 @@ import logging
 import os
 import socket
 import stat
+import struct
 import time
 from collections.abc import Sequence
 
-from vvu.protocol.codec import Header
 from vvu.transport.base import (
     HEADER_SIZE,
     MAX_PAYLOAD,
@@ -31,6 +31,8 @@ from vvu.transport.base import (
 from vvu.transport.stream import FdStream, connect_socket
 
 log = logging.getLogger(__name__)
+
+_HEADER = struct.Struct("<III")  # request, flags, size (vvu.protocol.codec.Header)
 
 
 class UnixChannel(Channel):
@@ -49,22 +51,24 @@ class UnixChannel(Channel):
     async def recv(self) -> RawMessage | None:
         fds: list[int] = []
         try:
-            header = await self._stream.recv_exact(HEADER_SIZE, fds, at_boundary=True)
-            if header is None:
-                return None
-            hdr = Header.unpack(header)
-            request, flags, size = hdr.request, hdr.flags, hdr.size
-            if size > MAX_PAYLOAD:
-                raise TransportError(
-                    f"{self.peer}: request {request} announces {size} payload bytes, "
-                    f"more than the {MAX_PAYLOAD}-byte cap"
-                )
-            payload = await self._stream.recv_exact(size, fds, at_boundary=False) if size else b""
+            frame = await self._stream.recv_frame(HEADER_SIZE, self._payload_size, fds)
         except BaseException:
             close_fds(fds)
             raise
-        assert payload is not None  # only the header read may report a clean EOF
+        if frame is None:
+            return None
+        header, payload = frame
+        request, flags, _ = _HEADER.unpack(header)
         return RawMessage(request, flags, payload, fds)
+
+    def _payload_size(self, header: bytes) -> int:
+        request, _, size = _HEADER.unpack(header)
+        if size > MAX_PAYLOAD:
+            raise TransportError(
+                f"{self.peer}: request {request} announces {size} payload bytes, "
+                f"more than the {MAX_PAYLOAD}-byte cap"
+            )
+        return int(size)
 
     async def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
         await self._stream.send(data, fds)
