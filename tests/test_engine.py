@@ -2245,6 +2245,45 @@ async def test_blk_resize_while_running_reaches_our_frontend(connect: Connector)
         backend.close()
 
 
+@pytest.mark.asyncio
+async def test_a_ring_restart_racing_with_the_frontend_leaving_ends_cleanly(
+    connect: Connector,
+) -> None:
+    """restart_rings (a daemon's set-read-only) while the front-end hangs up: whatever the
+    interleaving, the restart neither fails nor starts a runner on the torn-down session, and
+    the next front-end is served."""
+    backend = BlkBackend(size=DISK)
+    engine = BackendEngine(backend)
+    try:
+        for yields in range(6):  # let the restart get that far before the front-end leaves
+            client, task = await connect.channel(engine)
+            blk = await BlkDriver.start(
+                Frontend(client, memory_size=2 * MiB), depth=4, max_request=4096, queue_size=16
+            )
+            await asyncio.wait_for(blk.write(0, bytes(4096)), TIMEOUT)
+            session = engine.session
+            assert session is not None
+            restart = asyncio.create_task(engine.restart_rings())
+            for _ in range(yields):
+                await asyncio.sleep(0)
+            await blk.close()
+            await asyncio.wait_for(task, TIMEOUT)
+            await asyncio.wait_for(restart, TIMEOUT)  # no AssertionError on a gone session
+            assert engine.session is None
+            assert [v.index for v in session.vrings if v.runner is not None] == [], yields
+        client, task = await connect.channel(engine)
+        blk = await BlkDriver.start(
+            Frontend(client, memory_size=2 * MiB), depth=4, max_request=4096, queue_size=16
+        )
+        data = os.urandom(4096)
+        await asyncio.wait_for(blk.write(8, data), TIMEOUT)
+        assert await asyncio.wait_for(blk.read(8, 4096), TIMEOUT) == data
+        await blk.close()
+        await asyncio.wait_for(task, TIMEOUT)
+    finally:
+        backend.close()
+
+
 def test_blk_resize_refuses_what_it_cannot_do(tmp_path: Path) -> None:
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(DISK))

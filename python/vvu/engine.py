@@ -883,6 +883,12 @@ class BackendEngine:
                 return
 
     async def _teardown(self, session: Session) -> None:
+        # Under the session's lock: a ring restart from outside request handling (a daemon's
+        # set-read-only, a resize) finishes first, instead of racing the teardown for the rings.
+        async with session.lock:
+            await self._release(session)
+
+    async def _release(self, session: Session) -> None:
         try:
             for vring in session.vrings:
                 try:
