@@ -202,6 +202,12 @@ async def test_a_stopping_ring_lists_every_page_it_marked_at_debug_level(
     ]
 
 
+def test_page_ranges_join_consecutive_pages_and_stop_at_the_limit() -> None:
+    assert page_ranges([]) == "none"
+    assert page_ranges([0, PAGE, 2 * PAGE, 5 * PAGE]) == "0x0-0x2000,0x5000"
+    assert page_ranges([0, 2 * PAGE, 4 * PAGE], limit=2) == "0x0,0x2000 and 1 more ranges"
+
+
 @pytest.mark.asyncio
 async def test_python_handler_writes_are_logged_at_push(packed: bool) -> None:
     async with session(RngBackend(), packed) as (frontend, queue, _):

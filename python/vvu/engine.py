@@ -186,16 +186,18 @@ _ENGINE_FEATURES = VhostFeature.PROTOCOL_FEATURES.mask | VhostFeature.LOG_ALL.ma
 PACKED_START_BASE = 0x8000_8000
 
 
-def page_ranges(pages: Sequence[int], page: int = 4096) -> str:
+def page_ranges(pages: Sequence[int], page: int = 4096, limit: int = 4096) -> str:
     """Sorted page addresses as `first-last` ranges of consecutive pages ("0x1000-0x3000,
-    0x8000"); "none" for none."""
+    0x8000"), at most `limit` of them and then how many more; "none" for none."""
     ranges: list[list[int]] = []
     for gpa in pages:
         if ranges and gpa == ranges[-1][1] + page:
             ranges[-1][1] = gpa
         else:
             ranges.append([gpa, gpa])
-    text = ",".join(f"{a:#x}" if a == b else f"{a:#x}-{b:#x}" for a, b in ranges)
+    text = ",".join(f"{a:#x}" if a == b else f"{a:#x}-{b:#x}" for a, b in ranges[:limit])
+    if len(ranges) > limit:
+        text += f" and {len(ranges) - limit} more ranges"
     return text or "none"
 
 
