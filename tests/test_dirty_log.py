@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import random
 import struct
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,11 +30,11 @@ from vvu._core import DirtyLog, EventFd
 from vvu.backends import BlkBackend, RngBackend
 from vvu.backends.base import Backend
 from vvu.device.vvu import FEATURES_FILTERED, PROTOCOL_FEATURES_ALLOWED
-from vvu.engine import BackendEngine
+from vvu.engine import BackendEngine, page_ranges
 from vvu.frontend import BlkDriver, Frontend, FrontendQueue
-from vvu.frontend.blk import T_IN, T_OUT
-from vvu.frontend.core import FrontendError
-from vvu.protocol import U64, FrontendRequest, Log, ProtocolFeature, VhostFeature
+from vvu.frontend.blk import T_FLUSH, T_IN, T_OUT
+from vvu.frontend.core import Allocator, FrontendError
+from vvu.protocol import U64, FrontendRequest, Log, ProtocolFeature, VhostFeature, VringState
 from vvu.transport.unix import socketpair_channels
 from vvu_harness import served
 
@@ -49,6 +52,11 @@ DATA_LEN = 0x2000
 OUT_DATA = 0x14_0000  # device-readable write payload
 STATUS = 0x13_07FF  # one status byte
 USED_LOG = 0x1F_F000  # where the used ring's writes are logged (not where the ring is)
+# The emulated migrations: guest memory, disk, requests in flight, and migrations per test.
+MIGRATION_MEMORY = 2 * MiB
+MIGRATION_DISK = 4 * MiB
+MIGRATION_DEPTH = 16
+MIGRATIONS = int(os.environ.get("VVU_MIGRATIONS", "20"))  # more for a soak
 
 
 def pages(gpa: int, length: int) -> list[int]:
@@ -175,6 +183,32 @@ async def test_blk_worker_logs_exactly_the_pages_it_writes(
 
 
 @pytest.mark.asyncio
+async def test_a_stopping_ring_lists_every_page_it_marked_at_debug_level(
+    blk: BlkBackend, packed: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """For telling who wrote a page a migration left stale: at debug level the log remembers
+    each page marked, also once the front-end's sync cleared it, and a ring that stops while
+    logging lists them all."""
+    caplog.set_level(logging.DEBUG, logger="vvu.engine")
+    async with session(blk, packed) as (frontend, queue, _):
+        dirty = await frontend.start_dirty_log(used_ring_log={0: USED_LOG})
+        await blk_request(frontend, queue, T_IN, 8)
+        assert dirty.take_dirty_pages()  # cleared by the front-end, still remembered
+        await frontend.stop_queue(0)
+        marked = {*pages(DATA, DATA_LEN), *pages(STATUS, 1), USED_LOG, *ring_pages(queue, packed)}
+    lines = [r.getMessage() for r in caplog.records if "pages marked" in r.getMessage()]
+    assert lines == [
+        f"vring 0 stopped; pages marked in the dirty log: {page_ranges(sorted(marked))}"
+    ]
+
+
+def test_page_ranges_join_consecutive_pages_and_stop_at_the_limit() -> None:
+    assert page_ranges([]) == "none"
+    assert page_ranges([0, PAGE, 2 * PAGE, 5 * PAGE]) == "0x0-0x2000,0x5000"
+    assert page_ranges([0, 2 * PAGE, 4 * PAGE], limit=2) == "0x0,0x2000 and 1 more ranges"
+
+
+@pytest.mark.asyncio
 async def test_python_handler_writes_are_logged_at_push(packed: bool) -> None:
     async with session(RngBackend(), packed) as (frontend, queue, _):
         dirty = await frontend.start_dirty_log(used_ring_log={0: USED_LOG})
@@ -275,7 +309,11 @@ async def test_writes_outside_the_log_are_counted_and_reported_not_done(
         assert engine.session.dirty_log.faults > 0
         # The buffers are still logged; nothing was written beyond the bitmap (it is memfd-sized).
         assert set(pages(DATA, DATA_LEN)) <= set(dirty.take_dirty_pages())
-    assert any("could not be logged" in r.getMessage() for r in caplog.records)
+        # Reported when the ring stops (GET_VRING_BASE, before a migration's last sync), not
+        # only when the session ends.
+        assert not any("could not be logged" in r.getMessage() for r in caplog.records)
+        await frontend.stop_queue(0)
+        assert any("could not be logged" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.asyncio
@@ -386,3 +424,162 @@ async def test_unix_engine_offers_dirty_logging(blk: BlkBackend) -> None:
     engine = BackendEngine(blk)
     assert engine.offered_features() & VhostFeature.LOG_ALL.mask
     assert engine.offered_protocol_features() & ProtocolFeature.LOG_SHMFD.mask
+
+
+class _PagePerAllocation(Allocator):
+    """Each allocation on pages of its own, as a guest's DMA allocations are: every page then
+    has one writer (the driver or the device), except the ring the packed format shares."""
+
+    def alloc(self, size: int, align: int = 64) -> int:
+        return super().alloc(-(-size // PAGE) * PAGE, PAGE)
+
+
+@dataclass
+class _MigrationSlot:
+    """One request's guest memory: header and indirect table (the driver writes them), data
+    pages and status byte (only the device writes them)."""
+
+    header: int
+    table: int
+    out: int
+    data: int
+    status: int
+
+
+class _ReadingGuest:
+    """A driver that keeps `MIGRATION_DEPTH` requests in flight, as direct or indirect
+    chains: mostly reads, each into 1 to 4 of its slot's data pages in random order, some
+    writes (from a page of the driver's) and flushes (the engine does those even for a
+    page-cache read it serves at once)."""
+
+    def __init__(self, frontend: Frontend, queue: FrontendQueue, rng: random.Random) -> None:
+        self.frontend, self.queue, self.rng = frontend, queue, rng
+        alloc = frontend.allocator.alloc
+        self.slots = [
+            _MigrationSlot(alloc(16), alloc(16 * 5), alloc(PAGE), alloc(4 * PAGE), alloc(1))
+            for _ in range(MIGRATION_DEPTH)
+        ]
+        self.freed: asyncio.Queue[_MigrationSlot] = asyncio.Queue()
+        for slot in self.slots:
+            self.freed.put_nowait(slot)
+        self.completed = 0
+
+    def driver_pages(self) -> set[int]:
+        """The pages the driver writes when it adds a request."""
+        queue = self.queue
+        ring = set(pages(queue.desc, 16 * queue.size))
+        return ring | {gpa for s in self.slots for gpa in (s.header, s.table, s.out)}
+
+    def holds(self, gpa: int) -> str:
+        if any(s.data <= gpa < s.data + 4 * PAGE for s in self.slots):
+            return "data"
+        if any(s.status // PAGE * PAGE == gpa for s in self.slots):
+            return "status byte"
+        return "ring"
+
+    def _add(self, slot: _MigrationSlot) -> None:
+        rng = self.rng
+        kind = rng.choices([T_IN, T_OUT, T_FLUSH], [6, 3, 1])[0]
+        sector = rng.randrange(0, MIGRATION_DISK // 512 - 4 * 8, 8) if kind != T_FLUSH else 0
+        self.frontend.memory.write(slot.header, struct.pack("<IIQ", kind, 0, sector))
+        readable = [(slot.header, 16)] + ([(slot.out, PAGE)] if kind == T_OUT else [])
+        data = [slot.data + i * PAGE for i in rng.sample(range(4), rng.randrange(1, 5))]
+        writable = [(gpa, PAGE) for gpa in data if kind == T_IN] + [(slot.status, 1)]
+        if rng.random() < 0.5:
+            head = self.queue.driver.add_indirect(slot.table, readable, writable)
+        else:
+            head = self.queue.submit(readable, writable)
+        self.queue.completion(head).add_done_callback(lambda fut: self._done(fut, slot))
+
+    def _done(self, fut: asyncio.Future[int], slot: _MigrationSlot) -> None:
+        if fut.exception() is None:  # (else the ring stopped with it in flight, never reaped)
+            self.freed.put_nowait(slot)
+
+    async def run(self, completions: int) -> None:
+        """Go on reading until `completions` more reads completed."""
+        until = self.completed + completions
+        while self.completed < until:
+            batch = [await asyncio.wait_for(self.freed.get(), TIMEOUT)]
+            while not self.freed.empty():
+                batch.append(self.freed.get_nowait())
+            self.completed += len(batch)
+            for slot in batch:
+                self._add(slot)
+            self.queue.notify()
+
+
+async def _emulated_migration(backend: BlkBackend, packed: bool, seed: int) -> list[str]:
+    """QEMU's live migration of a guest reading through `backend`, emulated with a copy of
+    guest memory as the destination: reads stay in flight throughout (`_ReadingGuest`);
+    logging starts as QEMU starts it (SET_LOG_BASE, LOG_ALL, SET_VRING_ADDR with the log
+    flag: two ring restarts with reads in flight); the copy is taken, then the log is synced
+    into it again and again while reads go on; the driver stops adding requests and its own
+    pages are copied (QEMU tracks the vCPUs' writes itself); SET_STATUS 0, SET_VRING_ENABLE 0
+    and GET_VRING_BASE stop the ring with reads in flight; the last sync. Returns the pages
+    that differ between the copy and guest memory (a write the back-end did not log)."""
+    rng = random.Random(seed)
+    engine = BackendEngine(backend)
+    client, server = socketpair_channels()
+    task = asyncio.ensure_future(engine.serve(server))
+    frontend = Frontend(client, memory_size=MIGRATION_MEMORY, packed=packed)
+    frontend.allocator = _PagePerAllocation(0x1000, MIGRATION_MEMORY)
+    try:
+        await frontend.negotiate()
+        await frontend.set_mem_table()
+        await frontend.setup_inflight(1, 128)
+        queue = await frontend.start_queue(0, 128)  # room for every slot's longest chain
+        guest, memory = _ReadingGuest(frontend, queue, rng), frontend.memory
+        await guest.run(rng.randrange(1, 64))
+        dirty = await frontend.start_dirty_log()
+        destination = bytearray(memory.read(0, MIGRATION_MEMORY))
+
+        def copy(pages: Iterable[int]) -> None:
+            for gpa in pages:
+                destination[gpa : gpa + PAGE] = memory.read(gpa, PAGE)
+
+        for _ in range(rng.randrange(1, 8)):
+            await guest.run(rng.randrange(1, 64))
+            copy(dirty.take_dirty_pages())
+        copy(guest.driver_pages())  # the vCPUs stop; QEMU copies what they wrote itself
+        # QEMU 7.2's order, none of them waiting: GET_VRING_BASE's reply covers them all.
+        await frontend.request(FrontendRequest.SET_STATUS, U64(0), need_reply=False)
+        disable = VringState(0, 0)
+        await frontend.request(FrontendRequest.SET_VRING_ENABLE, disable, need_reply=False)
+        await frontend.stop_queue(0)
+        copy(dirty.take_dirty_pages())
+        now = memory.read(0, MIGRATION_MEMORY)
+        # The driver writes its event area (split: the available ring) whenever it reaps.
+        reaping = set(pages(queue.avail, 4 if packed else 6 + 2 * queue.size))
+        return [
+            f"{gpa:#x} ({guest.holds(gpa)})"
+            for gpa in range(0, MIGRATION_MEMORY, PAGE)
+            if gpa not in reaping and destination[gpa : gpa + PAGE] != now[gpa : gpa + PAGE]
+        ]
+    finally:
+        await frontend.close()
+        await asyncio.wait_for(task, TIMEOUT)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("aio", "cache"), [("io_uring", "none"), ("threads", "none"), ("io_uring", "writeback")]
+)
+async def test_emulated_migrations_leave_no_page_the_back_end_wrote_behind(
+    packed: bool, aio: str, cache: str, tmp_path: Path
+) -> None:
+    """Reads through an asynchronous engine, completed out of order (`--cache none`: every
+    read goes to the engine; writeback: most are served from the page cache at once), while
+    QEMU's migration is emulated (`_emulated_migration`): every page the back-end wrote
+    after the copy began must have been logged and copied again."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(MIGRATION_DISK))
+    try:
+        backend = BlkBackend(str(image), cache=cache, aio=aio)
+    except ValueError as err:  # no io_uring, or no O_DIRECT on this file system
+        pytest.skip(str(err))
+    try:
+        for seed in range(MIGRATIONS):
+            stale = await _emulated_migration(backend, packed, seed)
+            assert stale == [], f"migration {seed}: stale pages {stale}"
+    finally:
+        backend.close()

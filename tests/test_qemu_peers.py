@@ -567,7 +567,47 @@ def _differing_pages(source: Path, dest: Path, size: int) -> list[int]:
     return pages
 
 
-def _assert_same_ram(src: Guest, dst: Guest, dst_qmp: Qmp) -> None:
+def _describe_pages(source: Path, dest: Path, pages: list[int], limit: int = 8) -> str:
+    """What differs in each of (the first `limit` of) `pages`: the differing byte runs and the
+    first bytes of each on both sides. The shape tells the writer: 4 bytes at a packed ring's
+    device event area, 16 at a used descriptor, a status byte, 512-byte multiples of data."""
+    lines = []
+    with source.open("rb") as a, dest.open("rb") as b:
+        for gpa in pages[:limit]:
+            a.seek(gpa)
+            b.seek(gpa)
+            x, y = a.read(4096), b.read(4096)
+            runs: list[tuple[int, int]] = []
+            for i in range(4096):
+                if x[i] != y[i]:
+                    if runs and runs[-1][1] == i:
+                        runs[-1] = (runs[-1][0], i + 1)
+                    else:
+                        runs.append((i, i + 1))
+            shown = ", ".join(
+                f"[{lo:#x}, {hi:#x}) src {x[lo : min(hi, lo + 16)].hex()} dst "
+                f"{y[lo : min(hi, lo + 16)].hex()}"
+                for lo, hi in runs[:4]
+            )
+            lines.append(f"{gpa:#x}: {len(runs)} run(s): {shown}")
+    return "\n".join(lines)
+
+
+def _marked_by(daemon_log: str, gpa: int) -> str:
+    """Whether the daemon marked page `gpa` in the dirty log, from the last "pages marked"
+    line it wrote (at debug level, when a logging ring stopped)."""
+    found = re.findall(r"pages marked in the dirty log: (\S+)( and \d+ more)?", daemon_log)
+    if not found:
+        return "unknown (no 'pages marked' line)"
+    listed, cut = found[-1]
+    for part in listed.split(","):
+        first, _, last = part.partition("-")
+        if part != "none" and int(first, 16) <= gpa <= int(last or first, 16):
+            return "marked by the back-end"
+    return "unknown (the list was cut)" if cut else "never marked by the back-end"
+
+
+def _assert_same_ram(src: Guest, dst: Guest, dst_qmp: Qmp, source: Daemon) -> None:
     """Once the destination loaded, with the source stopped and the destination not started:
     every page the source's back-end wrote after QEMU copied it must have been copied again
     (the back-end logged it), so the two RAM images are identical, page for page."""
@@ -577,8 +617,14 @@ def _assert_same_ram(src: Guest, dst: Guest, dst_qmp: Qmp) -> None:
         time.sleep(0.1)
     assert dst_qmp.execute("query-status")["status"] in ("paused", "prelaunch")
     size = GUEST_RAM_MIB << 20
-    stale = _differing_pages(_guest_ram(src.pid, size), _guest_ram(dst.pid, size), size)
-    assert stale == [], f"{len(stale)} stale pages: {[hex(p) for p in stale[:16]]}"
+    src_ram, dst_ram = _guest_ram(src.pid, size), _guest_ram(dst.pid, size)
+    stale = _differing_pages(src_ram, dst_ram, size)
+    marked = {gpa: _marked_by(source.log(), gpa) for gpa in stale[:8]}
+    assert stale == [], (
+        f"{len(stale)} stale pages: {[hex(p) for p in stale[:16]]}\n"
+        f"{_describe_pages(src_ram, dst_ram, stale)}\n"
+        f"{', '.join(f'{gpa:#x}: {how}' for gpa, how in marked.items())}"
+    )
 
 
 def _migration_qemu_args(daemon_socket: Path, qmp: Path, ring: str, *extra: str) -> list[str]:
@@ -647,7 +693,7 @@ def test_blk_guest_live_migrates_while_writing_and_its_data_verifies_on_the_dest
                     src.wait_for("filled", timeout=60)
 
                 _migrate_while(src_qmp, incoming, fill_page_cache)
-                _assert_same_ram(src, dst, dst_qmp)
+                _assert_same_ram(src, dst, dst_qmp, source)
                 dst_qmp.execute("cont")
                 # The guest goes on on the destination, I/O included.
                 deadline = time.monotonic() + 60

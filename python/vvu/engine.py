@@ -186,6 +186,21 @@ _ENGINE_FEATURES = VhostFeature.PROTOCOL_FEATURES.mask | VhostFeature.LOG_ALL.ma
 PACKED_START_BASE = 0x8000_8000
 
 
+def page_ranges(pages: Sequence[int], page: int = 4096, limit: int = 4096) -> str:
+    """Sorted page addresses as `first-last` ranges of consecutive pages ("0x1000-0x3000,
+    0x8000"), at most `limit` of them and then how many more; "none" for none."""
+    ranges: list[list[int]] = []
+    for gpa in pages:
+        if ranges and gpa == ranges[-1][1] + page:
+            ranges[-1][1] = gpa
+        else:
+            ranges.append([gpa, gpa])
+    text = ",".join(f"{a:#x}" if a == b else f"{a:#x}-{b:#x}" for a, b in ranges[:limit])
+    if len(ranges) > limit:
+        text += f" and {len(ranges) - limit} more ranges"
+    return text or "none"
+
+
 def packed_vring_base(num: int) -> int:
     """The packed-ring SET_VRING_BASE value to apply: bits 0-15 the next available position,
     bits 16-31 the next used one (QEMU). Front-ends that send only the low half (DPDK
@@ -463,6 +478,8 @@ class Session:
     regions: list[MemoryRegion] = field(default_factory=list)
     backend_channel: Channel | None = None
     dirty_log: DirtyLog | None = None  # SET_LOG_BASE
+    #: Faults of `dirty_log` already reported (`report_log_faults`).
+    log_faults_reported: int = 0
     log_fd: EventFd | None = None  # SET_LOG_FD: kept, never signalled (QEMU does not use it)
 
     @property
@@ -470,10 +487,26 @@ class Session:
         """Dirty logging is on: VHOST_F_LOG_ALL acked and a log mapped."""
         return bool(self.features & VhostFeature.LOG_ALL.mask) and self.dirty_log is not None
 
+    def report_log_faults(self) -> None:
+        """Warn about writes the log lost since the last report (a migration that will copy a
+        stale page), once a ring stopped or the log goes: while the front-end is still there
+        to be told, not only at the end of the session."""
+        dirty_log = self.dirty_log
+        if dirty_log is not None and dirty_log.faults > self.log_faults_reported:
+            log.warning(
+                "%d writes could not be logged: %r",
+                dirty_log.faults - self.log_faults_reported,
+                dirty_log,
+            )
+            self.log_faults_reported = dirty_log.faults
+
+    def replace_log(self, dirty_log: DirtyLog | None) -> None:
+        """Report what the current log lost, then switch to `dirty_log`."""
+        self.report_log_faults()
+        self.dirty_log, self.log_faults_reported = dirty_log, 0
+
     def release_log(self) -> None:
-        if self.dirty_log is not None and self.dirty_log.faults:
-            log.warning("%d writes could not be logged: %r", self.dirty_log.faults, self.dirty_log)
-        self.dirty_log = None
+        self.replace_log(None)
         if self.log_fd is not None:
             self.log_fd.close()
             self.log_fd = None
@@ -1024,6 +1057,9 @@ class BackendEngine:
         for name, value in runner.stats.items():
             totals[name] = totals.get(name, 0) + value
         vring.base = queue.vring_base
+        # Everything the ring wrote is done: a write it could not log is reported now, while
+        # a migration is still under way (GET_VRING_BASE stops the rings before the last sync).
+        self._session().report_log_faults()
         # Let go of the guest memory now: the thread pool may keep the queue object alive in a
         # reference cycle until the next garbage collection.
         queue.detach()
@@ -1101,6 +1137,15 @@ class BackendEngine:
             # logged at the address the front-end gave, only with the flag.
             used_log = addr.log if addr.flags & VRING_F_LOG else None
             queue.set_log(session.dirty_log, used_log)
+            # Where the ring writes, for telling a stale page after a migration (tests).
+            log.info(
+                "vring %d logging: descriptors at %#x, %s at %#x, used-ring log %s",
+                vring.index,
+                rings[0],
+                "device event area" if packed else "used ring",
+                rings[2],
+                "off" if used_log is None else f"at {used_log:#x}",
+            )
         if session.inflight is not None:
             self._track_inflight(queue, vring, session.inflight)
         return queue
@@ -1263,13 +1308,17 @@ class BackendEngine:
         fd = self._one_fd(msg)
         if fd is None:
             raise RequestFailed("SET_LOG_BASE without a log fd (only LOG_SHMFD is supported)")
-        dirty_log = DirtyLog(fd, msg.payload.mmap_size, msg.payload.mmap_offset)
+        # At debug level the log remembers every page marked (a line when a ring stops).
+        dirty_log = DirtyLog(
+            fd,
+            msg.payload.mmap_size,
+            msg.payload.mmap_offset,
+            trace=log.isEnabledFor(logging.DEBUG),
+        )
         log.info("dirty log mapped: %r", dirty_log)
 
         def swap() -> None:
-            old, session.dirty_log = session.dirty_log, dirty_log
-            if old is not None and old.faults:
-                log.warning("%d writes could not be logged: %r", old.faults, old)
+            session.replace_log(dirty_log)
 
         if session.features & VhostFeature.LOG_ALL.mask:
             # Logging on (a resize while migrating, or LOG_ALL acked before the first log):
@@ -1364,12 +1413,23 @@ class BackendEngine:
         """Stopped: the runner finishes its in-flight requests and records where the ring
         stopped (`vring.base`); the kick fd goes (SET_VRING_KICK starts the ring again)."""
         vring.started = False
+        ran = vring.runner is not None
         await self._stop_runner(vring)  # drains in-flight requests first
         if vring.kick is not None:
             vring.kick.close()
             vring.kick = None
         vring.kick_set = False
-        self._note_ring_states(self._session())
+        session = self._session()
+        self._note_ring_states(session)
+        if ran and session.logging and log.isEnabledFor(logging.DEBUG):
+            # Everything the ring wrote is logged by now (a migration's last sync comes next):
+            # which pages, for telling who wrote a page a migration left stale.
+            assert session.dirty_log is not None
+            log.debug(
+                "vring %d stopped; pages marked in the dirty log: %s",
+                vring.index,
+                page_ranges(session.dirty_log.marked_pages()),
+            )
 
     async def _get_vring_base(self, msg: Message) -> Payload:
         assert isinstance(msg.payload, VringState)

@@ -28,6 +28,9 @@ pub struct DirtyLog {
     bitmap: MemoryRegion,
     /// Writes (or parts of writes) that could not be logged.
     faults: AtomicU64,
+    /// With [`DirtyLog::traced`]: every bit ever set, in a private copy the front-end never
+    /// clears (diagnostics: which pages the back-end logged during a migration).
+    trace: Option<Box<[AtomicU8]>>,
 }
 
 impl DirtyLog {
@@ -43,7 +46,39 @@ impl DirtyLog {
         Ok(Self {
             bitmap: MemoryRegion::map(fd, spec)?,
             faults: AtomicU64::new(0),
+            trace: None,
         })
+    }
+
+    /// Also keep a private record of every page marked ([`DirtyLog::marked_pages`]): one more
+    /// byte per byte of bitmap and one more atomic OR per marked byte. Without memory for it,
+    /// the log is returned untraced.
+    pub fn traced(mut self) -> Self {
+        let size = usize::try_from(self.size()).unwrap_or(usize::MAX);
+        let mut trace = Vec::new();
+        if trace.try_reserve_exact(size).is_ok() {
+            trace.resize_with(size, || AtomicU8::new(0));
+            self.trace = Some(trace.into_boxed_slice());
+        }
+        self
+    }
+
+    /// Every page marked since the log was mapped, whatever the front-end cleared since, in
+    /// order; empty unless [`DirtyLog::traced`].
+    pub fn marked_pages(&self) -> Vec<u64> {
+        let Some(trace) = self.trace.as_deref() else {
+            return Vec::new();
+        };
+        let mut pages = Vec::new();
+        for (index, byte) in trace.iter().enumerate() {
+            let bits = byte.load(Ordering::Relaxed);
+            for bit in 0..8u64 {
+                if bits & (1 << bit) != 0 {
+                    pages.push((index as u64 * 8 + bit) * LOG_PAGE_SIZE);
+                }
+            }
+        }
+        pages
     }
 
     /// `Err(Poisoned)` if a SIGBUS hit the bitmap (the front-end shrank its file).
@@ -101,6 +136,12 @@ impl DirtyLog {
             let mask = (((1u16 << count) - 1) << bit) as u8;
             // Release: the data write this records is visible before its bit (module docs).
             self.byte(page / 8).fetch_or(mask, Ordering::Release);
+            if let Some(trace) = self.trace.as_deref() {
+                // `page / 8 < size()`, the trace's length.
+                if let Some(byte) = trace.get((page / 8) as usize) {
+                    byte.fetch_or(mask, Ordering::Relaxed);
+                }
+            }
             page += count;
         }
         // A front-end that shrank the log's file: the bits went to zero pages (crate::sigbus).
@@ -254,6 +295,29 @@ mod tests {
         assert_eq!(log.faults(), 3);
         assert_eq!(bytes(&view), vec![0, 0b1100_0000]);
         assert!(!log.is_dirty(u64::MAX));
+    }
+
+    #[test]
+    fn a_traced_log_remembers_every_page_marked_after_the_front_end_cleared_it() {
+        let (log, _view) = log_of(2);
+        assert!(log.marked_pages().is_empty());
+        log.mark(LOG_PAGE_SIZE, 1).unwrap();
+        assert!(log.marked_pages().is_empty(), "untraced: nothing kept");
+        let fd = create_memfd("log-test", 2).unwrap();
+        let log = DirtyLog::map(fd, 2, 0).unwrap().traced();
+        log.mark(3 * LOG_PAGE_SIZE - 1, 2).unwrap(); // pages 2 and 3
+        assert_eq!(log.take_dirty_pages().len(), 2);
+        log.mark(9 * LOG_PAGE_SIZE, 1).unwrap();
+        assert!(log.mark(15 * LOG_PAGE_SIZE, 2 * LOG_PAGE_SIZE).is_err()); // page 16 has no bit
+        assert_eq!(
+            log.dirty_pages(),
+            vec![9 * LOG_PAGE_SIZE, 15 * LOG_PAGE_SIZE]
+        );
+        assert_eq!(
+            log.marked_pages(),
+            [2, 3, 9, 15].map(|p| p * LOG_PAGE_SIZE).to_vec(),
+            "cleared by the front-end, still remembered"
+        );
     }
 
     #[test]

@@ -18,12 +18,19 @@ pub struct PyDirtyLog {
 #[pymethods]
 impl PyDirtyLog {
     /// Map `mmap_size` bytes of `fd` from `mmap_offset` on (the fd is duplicated, the caller
-    /// keeps its own).
+    /// keeps its own). With `trace`, every page marked is also remembered (`marked_pages`).
     #[new]
-    #[pyo3(signature = (fd, mmap_size, mmap_offset = 0))]
-    fn new(fd: c_int, mmap_size: u64, mmap_offset: u64) -> PyResult<Self> {
+    #[pyo3(signature = (fd, mmap_size, mmap_offset = 0, *, trace = false))]
+    fn new(fd: c_int, mmap_size: u64, mmap_offset: u64, trace: bool) -> PyResult<Self> {
         let log = DirtyLog::map(dup_fd(fd)?, mmap_size, mmap_offset).map_err(to_pyerr)?;
+        let log = if trace { log.traced() } else { log };
         Ok(Self { log: Arc::new(log) })
+    }
+
+    /// With `trace`: every page marked since the log was mapped, whether or not the front-end
+    /// cleared it since (empty without `trace`).
+    fn marked_pages(&self) -> Vec<u64> {
+        self.log.marked_pages()
     }
 
     /// Bytes of bitmap.
