@@ -87,6 +87,7 @@ class _Connection:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     closed: bool = False
     guest_done: bool = False  # the guest sends no more (SHUTDOWN with SEND)
+    closing: bool = False  # the guest shut down both ways: reset once its data is written
 
     @property
     def key(self) -> tuple[int, int]:
@@ -288,7 +289,9 @@ class VsockBackend(Backend):
                 self._close(conn, reset=True)
             finally:
                 request.complete(0)
-        if conn.guest_done and not conn.closed and conn.writer.can_write_eof():
+        if conn.closing:  # what the guest sent before it closed is written: the reset now
+            self._close(conn, reset=True)
+        elif conn.guest_done and not conn.closed and conn.writer.can_write_eof():
             with contextlib.suppress(OSError):  # the guest sends no more: the program sees EOF
                 conn.writer.write_eof()
 
@@ -416,7 +419,11 @@ class VsockBackend(Backend):
                 conn.guest_done = True
                 conn.to_host.put_nowait(None)
             if flags & (SHUTDOWN_RCV | SHUTDOWN_SEND) == SHUTDOWN_RCV | SHUTDOWN_SEND:
-                self._close(conn, reset=True)  # both directions: the guest waits for an RST
+                # Both directions: the guest waits for an RST, sent once the data it sent
+                # before is written (by the connection's writer, which may still have some).
+                conn.closing = True
+                if len(conn.tasks) < 2 or conn.tasks[1].done():
+                    self._close(conn, reset=True)
         elif op == Op.CREDIT_REQUEST:
             self._control(conn.key, Op.CREDIT_UPDATE)
 
