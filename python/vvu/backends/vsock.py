@@ -34,7 +34,7 @@ import logging
 import os
 import socket
 import struct
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from vvu.backends.base import Backend
@@ -66,6 +66,9 @@ class Op(enum.IntEnum):
     RW = 5
     CREDIT_UPDATE = 6
     CREDIT_REQUEST = 7
+
+
+_OPS = frozenset(Op)
 
 
 @dataclass
@@ -278,7 +281,7 @@ class VsockBackend(Backend):
         """Guest → host program: each transmit buffer completes once its bytes were taken."""
         while (request := await conn.to_host.get()) is not None:
             try:
-                payload = request.read()[HEADER.size :]
+                payload = memoryview(request.read())[HEADER.size :]  # (one copy)
                 conn.writer.write(payload)
                 await conn.writer.drain()
                 conn.fwd_cnt += len(payload)
@@ -331,21 +334,22 @@ class VsockBackend(Backend):
     async def _receive(self, queue: RequestQueue) -> None:
         outgoing = self._queue()
         pending: _Packet | None = None
+        sent = 0  # bytes of pending's payload in earlier buffers
         async for request in queue:  # an empty receive buffer: held until a packet is due
             if pending is None:
-                pending = await outgoing.get()
+                pending, sent = await outgoing.get(), 0
             room = request.writable_len - HEADER.size
-            if room < 0 or (room == 0 and pending.payload):
+            left = len(pending.payload) - sent
+            if room < 0 or (room == 0 and left):
                 self.stats["short_buffers"] += 1
                 request.complete(0)
                 continue
-            chunk = pending.payload[:room]
+            chunk = memoryview(pending.payload)[sent : sent + room]
             header = self._header(pending.key, pending.op, len(chunk), pending.flags, pending.conn)
-            request.write(header)
-            request.write(chunk, HEADER.size)
-            request.complete(HEADER.size + len(chunk))
-            rest = pending.payload[room:]
-            pending = replace(pending, payload=rest) if rest else None
+            request.complete(request.write(header + chunk))
+            sent += len(chunk)
+            if sent == len(pending.payload):
+                pending = None
 
     async def _transmit(self, queue: RequestQueue) -> None:
         async for request in queue:
@@ -399,7 +403,7 @@ class VsockBackend(Backend):
             or dst_cid != HOST_CID
             or kind != TYPE_STREAM
             or length != request.readable_len - HEADER.size
-            or op not in set(Op)
+            or op not in _OPS
         ):
             self.stats["malformed_packets"] += 1
             if op != Op.RST and src_cid == self.guest_cid:
