@@ -35,6 +35,7 @@ back-end; only the same-run ratios compare them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import inspect
 import json
@@ -60,6 +61,8 @@ from daemons import wait_for_socket  # noqa: E402
 from guest import (  # noqa: E402
     HOST_ROOT_ARGS,
     HOST_ROOT_SETUP,
+    Guest,
+    GuestError,
     GuestImage,
     build_image,
     qemu_escape,
@@ -357,6 +360,26 @@ def running(argv: list[str], vhost: Path, log: Path) -> Iterator[subprocess.Pope
             proc.wait()
 
 
+def measure(
+    result: BootResult,
+    uds: Path,
+    listener: socket.socket,
+    to_guest: bytes,
+    args: argparse.Namespace,
+) -> None:
+    """`args.reps` times: host → guest and ping-pong on a host-initiated connection, guest → host
+    and ping-pong on a guest-initiated one."""
+    for _ in range(args.reps):
+        with host_connect(uds, GUEST_PORT) as conn:
+            result.to_guest_s.append(host_send(conn, to_guest))
+            result.rtt_host_conn_us += ping_pong(conn, args.pings)
+        accepted, _ = listener.accept()
+        with accepted:
+            accepted.settimeout(SOCKET_TIMEOUT)
+            result.to_host_s.append(host_receive(accepted, len(to_guest)))
+            result.rtt_guest_conn_us += ping_pong(accepted, args.pings)
+
+
 def boot(
     name: str, round_: int, args: argparse.Namespace, image: GuestImage, to_guest: bytes
 ) -> BootResult:
@@ -375,6 +398,7 @@ def boot(
             "-chardev", f"socket,id=vs,path={qemu_escape(str(vhost))}",
             "-device", "vhost-user-vsock-pci,chardev=vs",
         ]  # fmt: skip
+        started: list[Guest] = []
         try:
             with (
                 running(backend_argv(name, vhost, uds, args), vhost, log),
@@ -382,19 +406,20 @@ def boot(
                     script, image=image, qemu_args=qemu_args, memory="1G", timeout=args.timeout
                 ) as guest,
             ):
-                guest.wait_for(READY, timeout=args.timeout)
-                for _ in range(args.reps):
-                    with host_connect(uds, GUEST_PORT) as conn:
-                        result.to_guest_s.append(host_send(conn, to_guest))
-                        result.rtt_host_conn_us += ping_pong(conn, args.pings)
-                    accepted, _ = listener.accept()
-                    with accepted:
-                        accepted.settimeout(SOCKET_TIMEOUT)
-                        result.to_host_s.append(host_receive(accepted, len(to_guest)))
-                        result.rtt_guest_conn_us += ping_pong(accepted, args.pings)
+                started.append(guest)
+                try:
+                    guest.wait_for(READY, timeout=args.timeout)
+                    measure(result, uds, listener, to_guest, args)
+                except (OSError, EOFError, BenchError):
+                    listener.close()  # the guest's program fails too, and says why
+                    with contextlib.suppress(GuestError):
+                        guest.wait(timeout=60)
+                    raise
                 guest.wait_for(DONE, timeout=60)
         except BaseException:
             print(f"--- {name} log ---\n{log.read_text(errors='replace')[-4000:]}", file=sys.stderr)
+            for guest in started:
+                print(f"--- guest serial ---\n{guest.serial[-4000:]}", file=sys.stderr)
             raise
         finally:
             listener.close()
