@@ -18,7 +18,8 @@ vvu, ...). In every boot, `--reps` times:
 - the same ping-pong on that (guest-initiated) connection.
 
 Printed: a Markdown table, one row per boot (throughput: median of the reps; latency: median and
-p99 of all round trips of the boot), and the ratios vvu / rust-vmm of each round.
+p99 of all round trips of the boot; the back-end's CPU time (user + system, /proc/PID/stat) per
+MiB moved and per round trip), and the ratios vvu / rust-vmm of each round.
 
     nice -n 10 python benches/vsock_vs_rustvmm.py --rounds 2 --mib 32 --pings 1000
 
@@ -261,12 +262,26 @@ class BootResult:
     to_host_s: list[float] = field(default_factory=list)
     rtt_host_conn_us: list[float] = field(default_factory=list)
     rtt_guest_conn_us: list[float] = field(default_factory=list)
+    # The back-end's CPU time (user + system) in each transfer, in each ping-pong (with its
+    # warm-up round trips).
+    cpu_to_guest_s: list[float] = field(default_factory=list)
+    cpu_to_host_s: list[float] = field(default_factory=list)
+    cpu_rtt_s: list[float] = field(default_factory=list)
 
     def mib_s(self, seconds: list[float]) -> float:
         return self.size / MiB / statistics.median(seconds)
 
+    def cpu_ms_per_mib(self, seconds: list[float]) -> float:
+        return sum(seconds) * 1000 / (len(seconds) * self.size / MiB)
+
+    def cpu_us_per_rtt(self) -> float:
+        pings = len(self.rtt_host_conn_us) + len(self.rtt_guest_conn_us)
+        warmups = len(self.cpu_rtt_s) * WARMUP
+        return sum(self.cpu_rtt_s) * 1e6 / (pings + warmups)
+
     def figures(self) -> dict[str, float]:
-        """Throughput (MiB/s, median of the reps) and round trips (µs, median and p99)."""
+        """Throughput (MiB/s, median of the reps), round trips (µs, median and p99), and the
+        back-end's CPU time per MiB and per round trip."""
         return {
             "to_guest_mib_s": self.mib_s(self.to_guest_s),
             "to_host_mib_s": self.mib_s(self.to_host_s),
@@ -274,6 +289,9 @@ class BootResult:
             "rtt_host_conn_p99_us": percentile(self.rtt_host_conn_us, 99),
             "rtt_guest_conn_p50_us": statistics.median(self.rtt_guest_conn_us),
             "rtt_guest_conn_p99_us": percentile(self.rtt_guest_conn_us, 99),
+            "cpu_ms_per_mib_to_guest": self.cpu_ms_per_mib(self.cpu_to_guest_s),
+            "cpu_ms_per_mib_to_host": self.cpu_ms_per_mib(self.cpu_to_host_s),
+            "cpu_us_per_rtt": self.cpu_us_per_rtt(),
         }
 
 
@@ -284,7 +302,15 @@ COLUMNS = (
     ("rtt_host_conn_p99_us", "RTT host-init. p99 µs"),
     ("rtt_guest_conn_p50_us", "RTT guest-init. p50 µs"),
     ("rtt_guest_conn_p99_us", "RTT guest-init. p99 µs"),
+    ("cpu_ms_per_mib_to_guest", "CPU ms/MiB → guest"),
+    ("cpu_ms_per_mib_to_host", "CPU ms/MiB → host"),
+    ("cpu_us_per_rtt", "CPU µs/RTT"),
 )
+
+
+def number(value: float) -> str:
+    """Three significant digits, without an exponent."""
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
 def table(results: Sequence[BootResult], baseline: str = "rust-vmm") -> str:
@@ -296,7 +322,7 @@ def table(results: Sequence[BootResult], baseline: str = "rust-vmm") -> str:
     ]
     for result in results:
         figures = result.figures()
-        cells = " | ".join(f"{figures[key]:.1f}" for key, _ in COLUMNS)
+        cells = " | ".join(number(figures[key]) for key, _ in COLUMNS)
         lines.append(f"| {result.round} | {result.backend} | {cells} |")
     for round_ in sorted({r.round for r in results}):
         base = [r for r in results if r.round == round_ and r.backend == baseline]
@@ -360,24 +386,45 @@ def running(argv: list[str], vhost: Path, log: Path) -> Iterator[subprocess.Pope
             proc.wait()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(
     result: BootResult,
     uds: Path,
     listener: socket.socket,
     to_guest: bytes,
     args: argparse.Namespace,
+    *,
+    backend_pid: int,
 ) -> None:
     """`args.reps` times: host → guest and ping-pong on a host-initiated connection, guest → host
-    and ping-pong on a guest-initiated one."""
+    and ping-pong on a guest-initiated one; the back-end's CPU time of each phase."""
+    cpu = cpu_seconds(backend_pid)
+
+    def used() -> float:
+        nonlocal cpu
+        before, cpu = cpu, cpu_seconds(backend_pid)
+        return cpu - before
+
     for _ in range(args.reps):
         with host_connect(uds, GUEST_PORT) as conn:
+            used()
             result.to_guest_s.append(host_send(conn, to_guest))
+            result.cpu_to_guest_s.append(used())
             result.rtt_host_conn_us += ping_pong(conn, args.pings)
+            result.cpu_rtt_s.append(used())
         accepted, _ = listener.accept()
         with accepted:
             accepted.settimeout(SOCKET_TIMEOUT)
+            used()
             result.to_host_s.append(host_receive(accepted, len(to_guest)))
+            result.cpu_to_host_s.append(used())
             result.rtt_guest_conn_us += ping_pong(accepted, args.pings)
+            result.cpu_rtt_s.append(used())
 
 
 def boot(
@@ -401,7 +448,7 @@ def boot(
         started: list[Guest] = []
         try:
             with (
-                running(backend_argv(name, vhost, uds, args), vhost, log),
+                running(backend_argv(name, vhost, uds, args), vhost, log) as backend,
                 start_guest(
                     script, image=image, qemu_args=qemu_args, memory="1G", timeout=args.timeout
                 ) as guest,
@@ -409,7 +456,7 @@ def boot(
                 started.append(guest)
                 try:
                     guest.wait_for(READY, timeout=args.timeout)
-                    measure(result, uds, listener, to_guest, args)
+                    measure(result, uds, listener, to_guest, args, backend_pid=backend.pid)
                 except (OSError, EOFError, BenchError):
                     listener.close()  # the guest's program fails too, and says why
                     with contextlib.suppress(GuestError):

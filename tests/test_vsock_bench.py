@@ -165,6 +165,8 @@ def test_the_table_gives_each_rounds_ratios(bench: Any) -> None:
         r = bench.BootResult(backend, round_, 32 * bench.MiB)
         r.to_guest_s = r.to_host_s = [seconds, seconds * 3]  # median: 2 * seconds
         r.rtt_host_conn_us = r.rtt_guest_conn_us = [rtt] * 99 + [rtt * 10]
+        r.cpu_to_guest_s = r.cpu_to_host_s = [seconds / 10] * 2  # 1/320 of 32 MiB each
+        r.cpu_rtt_s = [rtt * 150e-6] * 2  # 2 * 150 round trips, warm-ups included
         return r
 
     results = [result("vvu", 1, 0.5, 100.0), result("rust-vmm", 1, 1.0, 200.0)]
@@ -175,9 +177,12 @@ def test_the_table_gives_each_rounds_ratios(bench: Any) -> None:
         "rtt_host_conn_p99_us": 100.0,  # the 99th of 100 samples
         "rtt_guest_conn_p50_us": 100.0,
         "rtt_guest_conn_p99_us": 100.0,
+        "cpu_ms_per_mib_to_guest": pytest.approx(0.5 / 10 * 1000 / 32),
+        "cpu_ms_per_mib_to_host": pytest.approx(0.5 / 10 * 1000 / 32),
+        "cpu_us_per_rtt": pytest.approx(100.0),
     }
     assert bench.percentile([*range(1, 101)], 99.5) == 100
     rows = bench.table(results).splitlines()
-    assert rows[2].startswith("| 1 | vvu | 32.0 | 32.0 | 100.0 |")
+    assert rows[2].startswith("| 1 | vvu | 32 | 32 | 100 | 100 | 100 | 100 | 1.56 | 1.56 | 100 |")
     faster, quicker = f"**2.00{bench.TIMES}**", f"**0.50{bench.TIMES}**"
-    assert rows[-1] == f"| 1 | vvu / rust-vmm | {' | '.join([faster] * 2 + [quicker] * 4)} |"
+    assert rows[-1] == f"| 1 | vvu / rust-vmm | {' | '.join([faster] * 2 + [quicker] * 7)} |"
