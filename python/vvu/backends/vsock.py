@@ -16,10 +16,11 @@ the host program takes them. A malformed packet is counted and dropped; one for 
 cannot belong to is answered with a reset (RST).
 
 On the asynchronous request path (`Backend.run_queue`): receive buffers (queue 0) are held until
-there is a packet for the guest; transmit buffers (queue 1) are handed to their connection and
-completed when the host program took the bytes, so a slow host program holds back only its own
-connection (completions come out of order); event buffers (queue 2) are held (transport reset
-events are not sent).
+there is a packet for the guest; transmit buffers (queue 1) are written to the host socket and
+completed at once when it takes them, else handed to their connection and completed when the
+host program took the bytes, so a slow host program holds back only its own connection
+(completions come out of order); event buffers (queue 2) are held (transport reset events are
+not sent).
 """
 
 from __future__ import annotations
@@ -368,7 +369,8 @@ class VsockBackend(Backend):
             if conn.room():
                 conn.credit.set()
         if op == Op.RW and conn is not None and not conn.guest_done:
-            conn.to_host.put_nowait(request)  # completed by the connection's writer
+            if not self._write_now(conn, request):
+                conn.to_host.put_nowait(request)  # completed by the connection's writer
             return
         request.complete(0)
         if op == Op.REQUEST:
@@ -383,6 +385,26 @@ class VsockBackend(Backend):
                 self._control(key, Op.RST)
         else:
             self._on_control(conn, op, flags)
+
+    def _write_now(self, conn: _Connection, request: Request) -> bool:
+        """Write a transmit packet to the host program and complete it at once, when nothing
+        is queued before it, the socket has no backlog (a slow program is held back by the
+        buffers its connection's writer keeps) and no credit update is due; False: the
+        connection's writer must do it."""
+        transport = conn.writer.transport
+        length = request.readable_len - HEADER.size
+        if (
+            not conn.to_host.empty()
+            or transport.is_closing()
+            or transport.get_write_buffer_size()
+            or conn.fwd_cnt + length - conn.announced_fwd_cnt >= BUF_ALLOC // 2
+        ):
+            return False
+        conn.writer.write(memoryview(request.read())[HEADER.size :])  # (one copy)
+        conn.fwd_cnt += length
+        self.stats["tx_bytes"] += length
+        request.complete(0)
+        return True
 
     def _parse(self, request: Request) -> tuple[int, int, Op, int, int, int] | None:
         """(src port, dst port, op, flags, buf_alloc, fwd_cnt) of a well-formed packet from the
