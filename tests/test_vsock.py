@@ -198,6 +198,21 @@ async def test_host_initiated_stream_both_ways(device: VsockBackend, guest: Gues
 
 @pytest.mark.asyncio
 @pytest.mark.timeout(30)
+async def test_what_the_guest_sent_just_before_closing_reaches_the_host(
+    device: VsockBackend, guest: GuestDriver
+) -> None:
+    reader, writer, host_port = await _host_connect(device, guest, 1235)
+    # Both in the ring at once, as a guest's last echo and its close() come: the data is
+    # written before the connection goes.
+    guest.send(1235, host_port, Op.RW, b"last words")
+    guest.send(1235, host_port, Op.SHUTDOWN, flags=SHUTDOWN_RCV | SHUTDOWN_SEND)
+    assert await asyncio.wait_for(reader.read(), TIMEOUT) == b"last words"  # then EOF
+    assert (await guest.packet()).op == Op.RST
+    writer.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
 async def test_guest_initiated_stream_and_a_port_nobody_listens_on(
     device: VsockBackend, guest: GuestDriver
 ) -> None:

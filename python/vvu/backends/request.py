@@ -41,8 +41,8 @@ import contextlib
 import enum
 import logging
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Final
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Final
 
 from vvu._core import DescriptorChain, EventFd, PackedQueue, SplitQueue
 from vvu.errors import QueueError, VvuError
@@ -194,13 +194,14 @@ class Request:
         assert chain is not None
         self._state = state
         self._chain = None  # the memory snapshot goes with it (REM_MEM_REG waits for it)
-        for view in self._views:
-            try:
-                view.release()
-            except BufferError:  # exported right now (e.g. a recv_into in another thread)
-                log.debug("%r: a buffer was still in use at completion", self)
-        self._views.clear()
-        self._readable = self._writable = None
+        if self._views:
+            for view in self._views:
+                try:
+                    view.release()
+                except BufferError:  # exported right now (e.g. a recv_into in another thread)
+                    log.debug("%r: a buffer was still in use at completion", self)
+            self._views.clear()
+            self._readable = self._writable = None
         return chain
 
 
@@ -242,12 +243,12 @@ class RequestQueue:
             raise asyncio.QueueEmpty
         return request
 
-    def __aiter__(self) -> AsyncIterator[Request]:
-        return self._iterate()
+    def __aiter__(self) -> RequestQueue:
+        return self
 
-    async def _iterate(self) -> AsyncIterator[Request]:
-        while True:
-            yield await self.get()
+    def __anext__(self) -> Coroutine[Any, Any, Request]:
+        # The runner's coroutine itself: no async generator or extra frame per request.
+        return self._runner.get()
 
 
 class RequestRunner:
@@ -384,22 +385,25 @@ class RequestRunner:
     def finish(self, request: Request, length: int | None) -> bool:
         """Complete `request` with `length`, or (None) give it back unused."""
         with self.lock:
-            if request.state is RequestState.RELEASED:
-                return False
-            if request.state is RequestState.COMPLETED:
+            state = request._state
+            if state is not RequestState.HELD:
+                if state is RequestState.RELEASED:
+                    return False
                 raise RequestDone(f"{request!r} was completed already")
-            chain = request._held_chain()
-            if length is not None and not 0 <= length <= chain.writable_len:
-                raise ValueError(
-                    f"used length {length} is not within the writable part "
-                    f"({chain.writable_len} bytes)"
-                )
-            del self.held[request._seq]
             if length is None:
+                del self.held[request._seq]
                 self._given_back.append((request._seq, request._end(RequestState.RELEASED)))
             else:
+                chain = request._chain
+                assert chain is not None  # (held)
+                if not 0 <= length <= chain.writable_len:
+                    raise ValueError(
+                        f"used length {length} is not within the writable part "
+                        f"({chain.writable_len} bytes)"
+                    )
+                del self.held[request._seq]
                 request._end(RequestState.COMPLETED)
-                self._completed.append((chain.head, length))
+                self._completed.append((request.head, length))
             schedule = not self._flush_scheduled
             self._flush_scheduled = True
         if schedule:

@@ -16,10 +16,11 @@ the host program takes them. A malformed packet is counted and dropped; one for 
 cannot belong to is answered with a reset (RST).
 
 On the asynchronous request path (`Backend.run_queue`): receive buffers (queue 0) are held until
-there is a packet for the guest; transmit buffers (queue 1) are handed to their connection and
-completed when the host program took the bytes, so a slow host program holds back only its own
-connection (completions come out of order); event buffers (queue 2) are held (transport reset
-events are not sent).
+there is a packet for the guest; transmit buffers (queue 1) are written to the host socket and
+completed at once when it takes them, else handed to their connection and completed when the
+host program took the bytes, so a slow host program holds back only its own connection
+(completions come out of order); event buffers (queue 2) are held (transport reset events are
+not sent).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import logging
 import os
 import socket
 import struct
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from vvu.backends.base import Backend
@@ -68,6 +69,9 @@ class Op(enum.IntEnum):
     CREDIT_REQUEST = 7
 
 
+_OPS = frozenset(Op)
+
+
 @dataclass
 class _Connection:
     """One stream between a guest port and a host program."""
@@ -87,6 +91,7 @@ class _Connection:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     closed: bool = False
     guest_done: bool = False  # the guest sends no more (SHUTDOWN with SEND)
+    closing: bool = False  # the guest shut down both ways: reset once its data is written
 
     @property
     def key(self) -> tuple[int, int]:
@@ -277,7 +282,7 @@ class VsockBackend(Backend):
         """Guest → host program: each transmit buffer completes once its bytes were taken."""
         while (request := await conn.to_host.get()) is not None:
             try:
-                payload = request.read()[HEADER.size :]
+                payload = memoryview(request.read())[HEADER.size :]  # (one copy)
                 conn.writer.write(payload)
                 await conn.writer.drain()
                 conn.fwd_cnt += len(payload)
@@ -288,7 +293,9 @@ class VsockBackend(Backend):
                 self._close(conn, reset=True)
             finally:
                 request.complete(0)
-        if conn.guest_done and not conn.closed and conn.writer.can_write_eof():
+        if conn.closing:  # what the guest sent before it closed is written: the reset now
+            self._close(conn, reset=True)
+        elif conn.guest_done and not conn.closed and conn.writer.can_write_eof():
             with contextlib.suppress(OSError):  # the guest sends no more: the program sees EOF
                 conn.writer.write_eof()
 
@@ -328,21 +335,22 @@ class VsockBackend(Backend):
     async def _receive(self, queue: RequestQueue) -> None:
         outgoing = self._queue()
         pending: _Packet | None = None
+        sent = 0  # bytes of pending's payload in earlier buffers
         async for request in queue:  # an empty receive buffer: held until a packet is due
             if pending is None:
-                pending = await outgoing.get()
+                pending, sent = await outgoing.get(), 0
             room = request.writable_len - HEADER.size
-            if room < 0 or (room == 0 and pending.payload):
+            left = len(pending.payload) - sent
+            if room < 0 or (room == 0 and left):
                 self.stats["short_buffers"] += 1
                 request.complete(0)
                 continue
-            chunk = pending.payload[:room]
+            chunk = memoryview(pending.payload)[sent : sent + room]
             header = self._header(pending.key, pending.op, len(chunk), pending.flags, pending.conn)
-            request.write(header)
-            request.write(chunk, HEADER.size)
-            request.complete(HEADER.size + len(chunk))
-            rest = pending.payload[room:]
-            pending = replace(pending, payload=rest) if rest else None
+            request.complete(request.write(header + chunk))
+            sent += len(chunk)
+            if sent == len(pending.payload):
+                pending = None
 
     async def _transmit(self, queue: RequestQueue) -> None:
         async for request in queue:
@@ -361,7 +369,8 @@ class VsockBackend(Backend):
             if conn.room():
                 conn.credit.set()
         if op == Op.RW and conn is not None and not conn.guest_done:
-            conn.to_host.put_nowait(request)  # completed by the connection's writer
+            if not self._write_now(conn, request):
+                conn.to_host.put_nowait(request)  # completed by the connection's writer
             return
         request.complete(0)
         if op == Op.REQUEST:
@@ -376,6 +385,26 @@ class VsockBackend(Backend):
                 self._control(key, Op.RST)
         else:
             self._on_control(conn, op, flags)
+
+    def _write_now(self, conn: _Connection, request: Request) -> bool:
+        """Write a transmit packet to the host program and complete it at once, when nothing
+        is queued before it, the socket has no backlog (a slow program is held back by the
+        buffers its connection's writer keeps) and no credit update is due; False: the
+        connection's writer must do it."""
+        transport = conn.writer.transport
+        length = request.readable_len - HEADER.size
+        if (
+            not conn.to_host.empty()
+            or transport.is_closing()
+            or transport.get_write_buffer_size()
+            or conn.fwd_cnt + length - conn.announced_fwd_cnt >= BUF_ALLOC // 2
+        ):
+            return False
+        conn.writer.write(memoryview(request.read())[HEADER.size :])  # (one copy)
+        conn.fwd_cnt += length
+        self.stats["tx_bytes"] += length
+        request.complete(0)
+        return True
 
     def _parse(self, request: Request) -> tuple[int, int, Op, int, int, int] | None:
         """(src port, dst port, op, flags, buf_alloc, fwd_cnt) of a well-formed packet from the
@@ -396,7 +425,7 @@ class VsockBackend(Backend):
             or dst_cid != HOST_CID
             or kind != TYPE_STREAM
             or length != request.readable_len - HEADER.size
-            or op not in set(Op)
+            or op not in _OPS
         ):
             self.stats["malformed_packets"] += 1
             if op != Op.RST and src_cid == self.guest_cid:
@@ -416,7 +445,11 @@ class VsockBackend(Backend):
                 conn.guest_done = True
                 conn.to_host.put_nowait(None)
             if flags & (SHUTDOWN_RCV | SHUTDOWN_SEND) == SHUTDOWN_RCV | SHUTDOWN_SEND:
-                self._close(conn, reset=True)  # both directions: the guest waits for an RST
+                # Both directions: the guest waits for an RST, sent once the data it sent
+                # before is written (by the connection's writer, which may still have some).
+                conn.closing = True
+                if len(conn.tasks) < 2 or conn.tasks[1].done():
+                    self._close(conn, reset=True)
         elif op == Op.CREDIT_REQUEST:
             self._control(conn.key, Op.CREDIT_UPDATE)
 
