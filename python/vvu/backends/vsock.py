@@ -394,7 +394,8 @@ class VsockBackend(Backend):
         transport = conn.writer.transport
         length = request.readable_len - HEADER.size
         if (
-            not conn.to_host.empty()
+            not conn.tasks  # not running yet: a host-initiated one has not been sent `OK` yet
+            or not conn.to_host.empty()
             or transport.is_closing()
             or transport.get_write_buffer_size()
             or conn.fwd_cnt + length - conn.announced_fwd_cnt >= BUF_ALLOC // 2
