@@ -53,7 +53,7 @@ def nextest(*args: str) -> tuple[str, ...]:
     return ("cargo", "nextest", "run", "-p", "vvu-core", "--no-fail-fast", *args)
 
 
-ENGINE = "python/vvu/engine.py"
+ENGINE = "python/vvu/engine/__init__.py"
 BAD_INPUT = pytest("tests/test_engine.py", "-k", "test_bad_input and unix")
 
 MUTATIONS = [

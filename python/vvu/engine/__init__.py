@@ -36,7 +36,10 @@ from vvu._core import (
 from vvu.aio import read_to_eof, write_all
 from vvu.backends.base import Backend, ConfigError
 from vvu.backends.request import DeviceQueue, RequestRunner
-from vvu.errors import GuestMemoryError, IotlbMiss, ProtocolError, QueueError, VvuError
+from vvu.engine.backend_channel import BACKEND_REPLY_TIMEOUT, BackendChannel, InbandSignal
+from vvu.engine.common import Disconnect as _Disconnect
+from vvu.engine.common import ReplyWithFd, RequestFailed
+from vvu.errors import GuestMemoryError, IotlbMiss, ProtocolError, QueueError
 from vvu.memfault import on_memory_fault
 from vvu.protocol import (
     DEVICE_STATE_NOFD,
@@ -70,14 +73,13 @@ from vvu.protocol import (
     decode_message,
     describe,
     encode_ack,
-    encode_message,
     encode_reply,
 )
 from vvu.protocol import (
     Iotlb as IotlbMessage,
 )
 from vvu.protocol.codec import Header
-from vvu.protocol.table import BACKEND_REQUESTS, Answer, spec_for
+from vvu.protocol.table import Answer, spec_for
 from vvu.transport.base import Channel, Listener, RawMessage, TransportError, close_fds
 
 log = logging.getLogger(__name__)
@@ -109,8 +111,6 @@ MAX_DEVICE_STATE = 1 << 20
 STATE_TRANSFER_TIMEOUT = 5.0
 # The error code of a failed state transfer (bits 0-7 of the reply: any non-zero value).
 DEVICE_STATE_FAILED = 1
-# How long a back-end request waits for the front-end's answer.
-BACKEND_REPLY_TIMEOUT = 5.0
 # How long REM_MEM_REG waits for buffers still held by Python code before failing.
 REGION_RELEASE_TIMEOUT = 1.0
 # How long an IOTLB invalidation waits for a worker to finish its batch and switch to the new
@@ -214,22 +214,6 @@ def packed_vring_base(num: int) -> int:
 #: writable fields, or the source's config space restored on a migration's destination.
 SET_CONFIG_TYPE_FRONTEND = 0
 SET_CONFIG_TYPE_MIGRATION = 1
-
-
-class RequestFailed(VvuError):
-    """A request could not be carried out; answered with a failure ack or a disconnect."""
-
-
-@dataclass(frozen=True)
-class ReplyWithFd:
-    """A handler's reply that carries one fd (still owned by whoever keeps it)."""
-
-    payload: Payload
-    fd: int
-
-
-class _Disconnect(Exception):
-    """Drop this front-end (the reason is logged)."""
 
 
 class PythonQueueRunner:
@@ -388,48 +372,6 @@ class NativeQueueRunner:
 QueueRunner = PythonQueueRunner | NativeQueueRunner | RequestRunner
 
 
-class InbandSignal:
-    """An eventfd a queue runner signals as it would a front-end's call or err eventfd; each
-    signal becomes one back-end request (BACKEND_VRING_CALL/ERR) on the back-end channel
-    (INBAND_NOTIFICATIONS, for a ring whose front-end gave no fd). Signals that arrive while one
-    is being sent coalesce, as they do on an eventfd."""
-
-    def __init__(
-        self, engine: BackendEngine, request: BackendRequest, index: int, efd: EventFd
-    ) -> None:
-        self.efd = efd
-        self._engine = engine
-        self._request = request
-        self._index = index
-        self._sending: asyncio.Task[None] | None = None
-        asyncio.get_running_loop().add_reader(efd.fileno(), self._on_signal)
-
-    def _on_signal(self) -> None:
-        if self.efd.closed or self._sending is not None or not self.efd.consume():
-            return
-        self._sending = asyncio.ensure_future(self._send())
-
-    async def _send(self) -> None:
-        try:
-            # With NEED_REPLY: INBAND comes with REPLY_ACK, which "needs to be used with the
-            # in-band notification messages to block until they are processed" (vhost-user.rst).
-            # The runner does not wait: signals during the round trip coalesce into one more.
-            await self._engine.backend_request(
-                self._request, VringState(self._index, 0), need_reply=True
-            )
-        except RequestFailed as err:
-            log.warning("vring %d: in-band %s lost: %s", self._index, self._request.name, err)
-        finally:
-            self._sending = None
-            self._on_signal()  # signalled again while sending: send once more
-
-    def close(self) -> None:
-        """Stop watching and close the eventfd (a send in progress still completes)."""
-        if not self.efd.closed:
-            asyncio.get_running_loop().remove_reader(self.efd.fileno())
-            self.efd.close()
-
-
 @dataclass
 class Vring:
     """What the front-end told us about one ring, and its runner while it runs."""
@@ -476,7 +418,6 @@ class Session:
     status: int = 0
     memory: GuestMemory | None = None
     regions: list[MemoryRegion] = field(default_factory=list)
-    backend_channel: Channel | None = None
     dirty_log: DirtyLog | None = None  # SET_LOG_BASE
     #: Faults of `dirty_log` already reported (`report_log_faults`).
     log_faults_reported: int = 0
@@ -513,8 +454,6 @@ class Session:
 
     # Serialises front-end requests with back-end initiated changes of the session.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    # One back-end request (and its answer) at a time on the back-end channel.
-    backend_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # DEVICE_STATE: the transfer SET_DEVICE_STATE_FD started (its result: the loaded bytes, or
     # None for a save), until CHECK_DEVICE_STATE collects it.
     state_transfer: asyncio.Task[bytes | None] | None = None
@@ -523,17 +462,16 @@ class Session:
     fault: str | None = None  # why the session's memory went away (a SIGBUS caught in it)
     # VIRTIO_F_ACCESS_PLATFORM negotiated: ring and buffer addresses are IOVAs translated here.
     iotlb: Iotlb | None = None
-    # Back-end channel sends in flight (kept referenced until done).
-    backend_sends: set[asyncio.Task[None]] = field(default_factory=set)
-    # Set while a ring is started: the device is not suspended (vhost-user.rst, "Suspended
-    # device state": every ring stopped, from the start of a session until a ring starts and
-    # again once the last one stops), so back-end requests may go out.
-    resumed: asyncio.Event = field(default_factory=asyncio.Event)
-    # A config change noted while suspended: announced when a ring starts.
-    config_change_pending: bool = False
+    # BACKEND_REQ: the back-end channel, and whether the device is suspended.
+    backchannel: BackendChannel = field(default_factory=BackendChannel)
     # A ring broke (its runner stopped on a bad chain or handler): DEVICE_NEEDS_RESET in
     # GET_STATUS until the driver resets the device (SET_STATUS 0 or RESET_DEVICE).
     needs_reset: bool = False
+
+    @property
+    def backend_channel(self) -> Channel | None:
+        """The back-end channel the front-end gave (SET_BACKEND_REQ_FD), if any."""
+        return self.backchannel.channel
 
     @property
     def suspended(self) -> bool:
@@ -643,87 +581,16 @@ class BackendEngine:
         answer to a later request).
         """
         session = self.session
-        if session is None or session.backend_channel is None:
+        if session is None:
             raise RequestFailed(f"{request.name}: the front-end gave no back-end channel")
-        spec = BACKEND_REQUESTS[request]
-        if spec.feature is not None and not session.protocol_features & spec.feature.mask:
-            raise RequestFailed(f"{request.name} needs protocol feature {spec.feature.name}")
-        answer = spec.answer(need_reply=need_reply, protocol_features=session.protocol_features)
-        if not session.resumed.is_set():
-            # A suspended device "must not send any messages to the front-end": this one goes
-            # out once a ring starts (or fails below if the session ends first).
-            log.debug("%s waits: the device is suspended (no ring started)", request.name)
-            await session.resumed.wait()
-        async with session.backend_lock:
-            channel = session.backend_channel  # (dropped or replaced while we waited?)
-            if channel is None:
-                raise RequestFailed(f"{request.name}: the back-end channel is gone")
-            data = encode_message(request, payload, need_reply=answer is Answer.ACK, nfds=len(fds))
-            log.debug("=> %s", request.name)
-            try:
-                reply = await self._exchange(
-                    channel, request, data, fds, answer=answer, timeout=timeout
-                )
-            except RequestFailed as err:
-                self._drop_backend_channel(session, channel, str(err))
-                raise
-            except asyncio.CancelledError:
-                # Half a message sent, or an answer still to come: the channel is out of step.
-                self._drop_backend_channel(session, channel, f"{request.name} cancelled")
-                raise
-        if reply is None:
-            return None
-        if answer is Answer.ACK:
-            assert isinstance(reply, U64)
-            if reply.value != 0:
-                raise RequestFailed(f"the front-end refused {request.name}")
-        return reply
-
-    @staticmethod
-    async def _exchange(
-        channel: Channel,
-        request: BackendRequest,
-        data: bytes,
-        fds: Sequence[int],
-        *,
-        answer: Answer,
-        timeout: float,
-    ) -> Payload | None:
-        """Send one back-end request and read its answer when one is due. RequestFailed means
-        the channel is out of step (no answer, a broken one, or the channel failed)."""
-        try:
-            await channel.send(data, fds)
-            if answer is Answer.NOTHING:
-                return None
-            raw = await asyncio.wait_for(channel.recv(), timeout)
-        except TimeoutError:
-            raise RequestFailed(f"{request.name}: no answer within {timeout} s") from None
-        except TransportError as err:
-            raise RequestFailed(f"{request.name}: {err}") from err
-        if raw is None:
-            raise RequestFailed(f"{request.name}: the front-end closed the back-end channel")
-        try:
-            reply = decode_message(
-                Header(raw.request, raw.flags, len(raw.payload)),
-                raw.payload,
-                raw.fds,
-                channel="backend",
-                is_reply=True,
-            )
-        except ProtocolError as err:
-            raise RequestFailed(f"{request.name}: bad answer: {err}") from err
-        finally:
-            raw.close_fds()
-        if reply.request != request:
-            raise RequestFailed(f"{request.name}: answered as {reply.name}")
-        return reply.payload
-
-    @staticmethod
-    def _drop_backend_channel(session: Session, channel: Channel, why: str) -> None:
-        log.warning("back-end channel dropped: %s", why)
-        channel.close()
-        if session.backend_channel is channel:  # unless SET_BACKEND_REQ_FD replaced it already
-            session.backend_channel = None
+        return await session.backchannel.request(
+            request,
+            payload,
+            fds,
+            protocol_features=session.protocol_features,
+            need_reply=need_reply,
+            timeout=timeout,
+        )
 
     async def notify_config_change(self) -> bool:
         """Tell the front-end the config space changed (BACKEND_CONFIG_CHANGE_MSG), so it
@@ -738,9 +605,7 @@ class BackendEngine:
         if not session.protocol_features & _PF.CONFIG.mask:
             return False
         if session.suspended:
-            if not session.config_change_pending:
-                log.info("config change noted; the front-end is told when a ring starts")
-            session.config_change_pending = True
+            session.backchannel.note_config_change()
             return False
         await self.backend_request(BackendRequest.BACKEND_CONFIG_CHANGE_MSG)
         return True
@@ -749,16 +614,9 @@ class BackendEngine:
         """Track whether the device is suspended (after any ring started or stopped); on
         resuming, announce a config change noted meanwhile."""
         if session.suspended:
-            session.resumed.clear()
-            return
-        if session.resumed.is_set():
-            return
-        session.resumed.set()
-        if session.config_change_pending:
-            session.config_change_pending = False
-            task = asyncio.get_running_loop().create_task(self._announce_config_change())
-            session.backend_sends.add(task)
-            task.add_done_callback(session.backend_sends.discard)
+            session.backchannel.suspend()
+        elif session.backchannel.resume():
+            session.backchannel.spawn(self._announce_config_change())
 
     async def _announce_config_change(self) -> None:
         try:
@@ -840,11 +698,7 @@ class BackendEngine:
             return
         log.debug("IOTLB miss at iova %#x (perm %d)", iova, perm)
         miss = IotlbMessage(iova, 0, 0, perm, IotlbType.MISS)
-        task = asyncio.get_running_loop().create_task(
-            self._send_quietly(BackendRequest.BACKEND_IOTLB_MSG, miss)
-        )
-        session.backend_sends.add(task)
-        task.add_done_callback(session.backend_sends.discard)
+        session.backchannel.spawn(self._send_quietly(BackendRequest.BACKEND_IOTLB_MSG, miss))
 
     async def _send_quietly(self, request: BackendRequest, payload: Payload) -> None:
         """`backend_request` without waiting for an ack, failures logged (for tasks)."""
@@ -933,12 +787,7 @@ class BackendEngine:
         finally:
             if session.state_transfer is not None:
                 session.state_transfer.cancel()  # closes its fd
-            for task in list(session.backend_sends):
-                task.cancel()
-            if session.backend_channel is not None:
-                session.backend_channel.close()
-                session.backend_channel = None
-            session.resumed.set()  # back-end requests waiting for a ring fail: no channel
+            session.backchannel.close()  # back-end requests waiting for a ring fail
             session.release_log()
             session.memory = None
             # The region belongs to the front-end, which hands it back after a reconnect.
@@ -1503,7 +1352,7 @@ class BackendEngine:
         efd = self._adopt_eventfd(msg)
         if efd is not None or not self._inband():
             return efd, None
-        signal = InbandSignal(self, request, index, EventFd())
+        signal = InbandSignal(self.backend_request, request, index, EventFd())
         return signal.efd, signal
 
     async def _vring_kick(self, msg: Message) -> None:
@@ -1551,12 +1400,10 @@ class BackendEngine:
 
     async def _set_backend_req_fd(self, msg: Message) -> None:
         session = self._session()
-        if session.backend_channel is not None:
-            session.backend_channel.close()
-            session.backend_channel = None
+        session.backchannel.replace(None)
         fd = self._one_fd(msg)
         try:
-            session.backend_channel = session.channel.open_backend_channel(
+            session.backchannel.channel = session.channel.open_backend_channel(
                 None if fd is None else os.dup(fd)
             )
         except TransportError as err:  # not a socket: refuse the request, keep the session
