@@ -39,6 +39,8 @@ from vvu.backends.request import DeviceQueue, RequestRunner
 from vvu.engine.backend_channel import BACKEND_REPLY_TIMEOUT, BackendChannel, InbandSignal
 from vvu.engine.common import Disconnect as _Disconnect
 from vvu.engine.common import ReplyWithFd, RequestFailed
+from vvu.engine.dirty_log import DirtyLogging
+from vvu.engine.dirty_log import page_ranges as page_ranges
 from vvu.errors import GuestMemoryError, IotlbMiss, ProtocolError, QueueError
 from vvu.memfault import on_memory_fault
 from vvu.protocol import (
@@ -184,21 +186,6 @@ _ENGINE_FEATURES = VhostFeature.PROTOCOL_FEATURES.mask | VhostFeature.LOG_ALL.ma
 
 #: A fresh packed ring (SET_VRING_BASE never sent): both positions at slot 0, wrap counter 1.
 PACKED_START_BASE = 0x8000_8000
-
-
-def page_ranges(pages: Sequence[int], page: int = 4096, limit: int = 4096) -> str:
-    """Sorted page addresses as `first-last` ranges of consecutive pages ("0x1000-0x3000,
-    0x8000"), at most `limit` of them and then how many more; "none" for none."""
-    ranges: list[list[int]] = []
-    for gpa in pages:
-        if ranges and gpa == ranges[-1][1] + page:
-            ranges[-1][1] = gpa
-        else:
-            ranges.append([gpa, gpa])
-    text = ",".join(f"{a:#x}" if a == b else f"{a:#x}-{b:#x}" for a, b in ranges[:limit])
-    if len(ranges) > limit:
-        text += f" and {len(ranges) - limit} more ranges"
-    return text or "none"
 
 
 def packed_vring_base(num: int) -> int:
@@ -418,39 +405,21 @@ class Session:
     status: int = 0
     memory: GuestMemory | None = None
     regions: list[MemoryRegion] = field(default_factory=list)
-    dirty_log: DirtyLog | None = None  # SET_LOG_BASE
-    #: Faults of `dirty_log` already reported (`report_log_faults`).
-    log_faults_reported: int = 0
-    log_fd: EventFd | None = None  # SET_LOG_FD: kept, never signalled (QEMU does not use it)
+    # LOG_ALL: the dirty log and SET_LOG_FD's eventfd.
+    dirty_logging: DirtyLogging = field(default_factory=DirtyLogging)
 
     @property
     def logging(self) -> bool:
         """Dirty logging is on: VHOST_F_LOG_ALL acked and a log mapped."""
-        return bool(self.features & VhostFeature.LOG_ALL.mask) and self.dirty_log is not None
+        return self.dirty_logging.on(self.features)
 
-    def report_log_faults(self) -> None:
-        """Warn about writes the log lost since the last report (a migration that will copy a
-        stale page), once a ring stopped or the log goes: while the front-end is still there
-        to be told, not only at the end of the session."""
-        dirty_log = self.dirty_log
-        if dirty_log is not None and dirty_log.faults > self.log_faults_reported:
-            log.warning(
-                "%d writes could not be logged: %r",
-                dirty_log.faults - self.log_faults_reported,
-                dirty_log,
-            )
-            self.log_faults_reported = dirty_log.faults
+    @property
+    def dirty_log(self) -> DirtyLog | None:
+        return self.dirty_logging.log
 
-    def replace_log(self, dirty_log: DirtyLog | None) -> None:
-        """Report what the current log lost, then switch to `dirty_log`."""
-        self.report_log_faults()
-        self.dirty_log, self.log_faults_reported = dirty_log, 0
-
-    def release_log(self) -> None:
-        self.replace_log(None)
-        if self.log_fd is not None:
-            self.log_fd.close()
-            self.log_fd = None
+    @property
+    def log_fd(self) -> EventFd | None:
+        return self.dirty_logging.fd
 
     # Serialises front-end requests with back-end initiated changes of the session.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -761,7 +730,7 @@ class BackendEngine:
         mappings = (
             ("guest memory", session.memory),
             ("inflight region", session.inflight),
-            ("dirty log", session.dirty_log),
+            ("dirty log", session.dirty_logging.log),
         )
         for name, mapping in mappings:
             if mapping is not None and mapping.poisoned:
@@ -788,7 +757,7 @@ class BackendEngine:
             if session.state_transfer is not None:
                 session.state_transfer.cancel()  # closes its fd
             session.backchannel.close()  # back-end requests waiting for a ring fail
-            session.release_log()
+            session.dirty_logging.release()
             session.memory = None
             # The region belongs to the front-end, which hands it back after a reconnect.
             session.inflight = None
@@ -908,7 +877,7 @@ class BackendEngine:
         vring.base = queue.vring_base
         # Everything the ring wrote is done: a write it could not log is reported now, while
         # a migration is still under way (GET_VRING_BASE stops the rings before the last sync).
-        self._session().report_log_faults()
+        self._session().dirty_logging.report_faults()
         # Let go of the guest memory now: the thread pool may keep the queue object alive in a
         # reference cycle until the next garbage collection.
         queue.detach()
@@ -985,7 +954,7 @@ class BackendEngine:
             # The used ring (split) or device event area (packed: QEMU gives its address) is
             # logged at the address the front-end gave, only with the flag.
             used_log = addr.log if addr.flags & VRING_F_LOG else None
-            queue.set_log(session.dirty_log, used_log)
+            queue.set_log(session.dirty_logging.log, used_log)
             # Where the ring writes, for telling a stale page after a migration (tests).
             log.info(
                 "vring %d logging: descriptors at %#x, %s at %#x, used-ring log %s",
@@ -1157,17 +1126,10 @@ class BackendEngine:
         fd = self._one_fd(msg)
         if fd is None:
             raise RequestFailed("SET_LOG_BASE without a log fd (only LOG_SHMFD is supported)")
-        # At debug level the log remembers every page marked (a line when a ring stops).
-        dirty_log = DirtyLog(
-            fd,
-            msg.payload.mmap_size,
-            msg.payload.mmap_offset,
-            trace=log.isEnabledFor(logging.DEBUG),
-        )
-        log.info("dirty log mapped: %r", dirty_log)
+        dirty_log = DirtyLogging.map(fd, msg.payload.mmap_size, msg.payload.mmap_offset)
 
         def swap() -> None:
-            session.replace_log(dirty_log)
+            session.dirty_logging.replace(dirty_log)
 
         if session.features & VhostFeature.LOG_ALL.mask:
             # Logging on (a resize while migrating, or LOG_ALL acked before the first log):
@@ -1178,11 +1140,7 @@ class BackendEngine:
         return msg.payload  # the reply LOG_SHMFD requires (rust-vmm's form: the log echoed)
 
     async def _set_log_fd(self, msg: Message) -> None:
-        session = self._session()
-        fd = self._one_fd(msg)
-        old, session.log_fd = session.log_fd, None if fd is None else EventFd.from_fd(fd)
-        if old is not None:
-            old.close()
+        self._session().dirty_logging.set_fd(self._one_fd(msg))
 
     async def _get_max_mem_slots(self, msg: Message) -> Payload:
         return U64(MAX_MEM_SLOTS)
@@ -1270,15 +1228,8 @@ class BackendEngine:
         vring.kick_set = False
         session = self._session()
         self._note_ring_states(session)
-        if ran and session.logging and log.isEnabledFor(logging.DEBUG):
-            # Everything the ring wrote is logged by now (a migration's last sync comes next):
-            # which pages, for telling who wrote a page a migration left stale.
-            assert session.dirty_log is not None
-            log.debug(
-                "vring %d stopped; pages marked in the dirty log: %s",
-                vring.index,
-                page_ranges(session.dirty_log.marked_pages()),
-            )
+        if ran and session.logging:
+            session.dirty_logging.note_ring_stopped(vring.index)
 
     async def _get_vring_base(self, msg: Message) -> Payload:
         assert isinstance(msg.payload, VringState)
@@ -1470,7 +1421,7 @@ class BackendEngine:
         session.iotlb = None  # the IOMMU is re-negotiated with the features
         session.status = 0
         session.needs_reset = False
-        session.release_log()
+        session.dirty_logging.release()
         self._note_ring_states(session)
         self.backend.reset()
 
