@@ -41,6 +41,8 @@ from vvu.engine.common import Disconnect as _Disconnect
 from vvu.engine.common import ReplyWithFd, RequestFailed
 from vvu.engine.dirty_log import DirtyLogging
 from vvu.engine.dirty_log import page_ranges as page_ranges
+from vvu.engine.iotlb import IOTLB_SWITCH_TIMEOUT as IOTLB_SWITCH_TIMEOUT
+from vvu.engine.iotlb import IotlbRoom
 from vvu.errors import GuestMemoryError, IotlbMiss, ProtocolError, QueueError
 from vvu.memfault import on_memory_fault
 from vvu.protocol import (
@@ -115,9 +117,6 @@ STATE_TRANSFER_TIMEOUT = 5.0
 DEVICE_STATE_FAILED = 1
 # How long REM_MEM_REG waits for buffers still held by Python code before failing.
 REGION_RELEASE_TIMEOUT = 1.0
-# How long an IOTLB invalidation waits for a worker to finish its batch and switch to the new
-# translations before the ring is stopped and restarted instead.
-IOTLB_SWITCH_TIMEOUT = 5.0
 
 
 #: Why the engine refuses the requests it has no handler for (docs/protocol-support.md). Each
@@ -430,7 +429,7 @@ class Session:
     inflight: InflightRegion | None = None
     fault: str | None = None  # why the session's memory went away (a SIGBUS caught in it)
     # VIRTIO_F_ACCESS_PLATFORM negotiated: ring and buffer addresses are IOVAs translated here.
-    iotlb: Iotlb | None = None
+    iommu: IotlbRoom = field(default_factory=IotlbRoom)
     # BACKEND_REQ: the back-end channel, and whether the device is suspended.
     backchannel: BackendChannel = field(default_factory=BackendChannel)
     # A ring broke (its runner stopped on a bad chain or handler): DEVICE_NEEDS_RESET in
@@ -441,6 +440,11 @@ class Session:
     def backend_channel(self) -> Channel | None:
         """The back-end channel the front-end gave (SET_BACKEND_REQ_FD), if any."""
         return self.backchannel.channel
+
+    @property
+    def iotlb(self) -> Iotlb | None:
+        """The IOTLB while VIRTIO_F_ACCESS_PLATFORM is negotiated."""
+        return self.iommu.table
 
     @property
     def suspended(self) -> bool:
@@ -658,16 +662,10 @@ class BackendEngine:
         return await self.config_changed()
 
     def _request_translation(self, iova: int, perm: int) -> None:
-        """Ask the front-end for the translation of `iova` (BACKEND_IOTLB_MSG MISS); it answers
-        with IOTLB_MSG UPDATE on the front-end channel. Sent without NEED_REPLY and from a
-        task: the front-end may be waiting for one of our replies meanwhile."""
+        """A worker missed the translation of `iova`: ask the front-end for it."""
         session = self.session
-        if session is None or session.backend_channel is None:
-            log.warning("IOTLB miss at iova %#x but no back-end channel to ask for it", iova)
-            return
-        log.debug("IOTLB miss at iova %#x (perm %d)", iova, perm)
-        miss = IotlbMessage(iova, 0, 0, perm, IotlbType.MISS)
-        session.backchannel.spawn(self._send_quietly(BackendRequest.BACKEND_IOTLB_MSG, miss))
+        backchannel = None if session is None else session.backchannel
+        IotlbRoom.ask(iova, perm, backchannel, self._send_quietly)
 
     async def _send_quietly(self, request: BackendRequest, payload: Payload) -> None:
         """`backend_request` without waiting for an ack, failures logged (for tasks)."""
@@ -761,7 +759,7 @@ class BackendEngine:
             session.memory = None
             # The region belongs to the front-end, which hands it back after a reconnect.
             session.inflight = None
-            session.iotlb = None
+            session.iommu.reset()
             session.channel.close()
             self.backend.reset()
 
@@ -1071,10 +1069,7 @@ class BackendEngine:
         was_logging = session.logging
         session.features = features
         session.features_set = True
-        if not iommu:
-            session.iotlb = None
-        elif session.iotlb is None:
-            session.iotlb = Iotlb()
+        session.iommu.negotiate(iommu)
         self.backend.set_features(features & ~_ENGINE_FEATURES)
         if session.logging != was_logging:
             # Migration starts or ends: the running rings pick the log up (or drop it) at a
@@ -1418,7 +1413,7 @@ class BackendEngine:
         session.inflight = None  # the rings start over; the front-end fetches a new region
         session.features = 0
         session.features_set = False
-        session.iotlb = None  # the IOMMU is re-negotiated with the features
+        session.iommu.reset()  # the IOMMU is re-negotiated with the features
         session.status = 0
         session.needs_reset = False
         session.dirty_logging.release()
@@ -1581,20 +1576,8 @@ class BackendEngine:
         entry = msg.payload
         session = self._session()
         try:
-            if session.iotlb is None:
-                raise RequestFailed("IOTLB_MSG without VIRTIO_F_ACCESS_PLATFORM")
-            if entry.type == IotlbType.UPDATE:
-                if session.memory is None:
-                    raise RequestFailed("IOTLB update before any memory table")
-                session.iotlb.update(
-                    entry.iova, entry.size, entry.uaddr, entry.perm, session.memory
-                )
-                await self._iotlb_changed(invalidated=False)
-            elif entry.type == IotlbType.INVALIDATE:
-                if session.iotlb.invalidate(entry.iova, entry.size):
-                    await self._iotlb_changed(invalidated=True)
-            else:
-                raise RequestFailed(f"IOTLB_MSG type {entry.type} is not one a back-end handles")
+            if session.iommu.apply(entry, session.memory):
+                await self._iotlb_changed(invalidated=entry.type == IotlbType.INVALIDATE)
         except (RequestFailed, GuestMemoryError) as err:
             log.warning("IOTLB_MSG %s failed: %s", entry.describe(), str(err))
             return U64(1)
@@ -1605,21 +1588,19 @@ class BackendEngine:
         each stopped using the old ones (or restart its ring). Then start rings that were
         waiting for a translation."""
         session = self._session()
-        assert session.iotlb is not None
         memory = session.memory
         if memory is None:
             return
-        view = session.iotlb.view(memory)
-        switched: list[tuple[Vring, NativeQueueRunner, int]] = []
-        for vring in session.vrings:
-            if isinstance(vring.runner, NativeQueueRunner):
-                switched.append((vring, vring.runner, vring.runner.set_memory(view)))
-        del view  # the workers hold what they use; REM_MEM_REG must not wait for us
-        if invalidated:
-            for vring, runner, generation in switched:
-                if not await runner.wait_memory(generation, IOTLB_SWITCH_TIMEOUT):
-                    log.warning("vring %d is slow to drop invalidated IOTLB entries", vring.index)
-                    await self._stop_runner(vring)  # waits for its batch; restarted below
+        workers = [
+            (vring.index, vring.runner)
+            for vring in session.vrings
+            if isinstance(vring.runner, NativeQueueRunner)
+        ]
+
+        async def restart(index: int) -> None:
+            await self._stop_runner(session.vrings[index])  # waits for its batch; restarted below
+
+        await session.iommu.hand_over(memory, workers, invalidated=invalidated, on_slow=restart)
         for vring in session.vrings:
             if vring.runner is None:
                 try:
