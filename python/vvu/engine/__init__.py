@@ -41,6 +41,7 @@ from vvu.engine.common import Disconnect as _Disconnect
 from vvu.engine.common import ReplyWithFd, RequestFailed
 from vvu.engine.dirty_log import DirtyLogging
 from vvu.engine.dirty_log import page_ranges as page_ranges
+from vvu.engine.inflight import InflightTracking
 from vvu.engine.iotlb import IOTLB_SWITCH_TIMEOUT as IOTLB_SWITCH_TIMEOUT
 from vvu.engine.iotlb import IotlbRoom
 from vvu.errors import GuestMemoryError, IotlbMiss, ProtocolError, QueueError
@@ -397,6 +398,8 @@ class Session:
 
     channel: Channel
     vrings: list[Vring]
+    # INFLIGHT_SHMFD: the region the rings track their requests in (GET or SET_INFLIGHT_FD).
+    inflight_tracking: InflightTracking
     features: int = 0
     features_set: bool = False
     protocol_features: int = 0
@@ -426,7 +429,6 @@ class Session:
     # None for a save), until CHECK_DEVICE_STATE collects it.
     state_transfer: asyncio.Task[bytes | None] | None = None
     # INFLIGHT_SHMFD: the region the rings track their requests in (GET or SET_INFLIGHT_FD).
-    inflight: InflightRegion | None = None
     fault: str | None = None  # why the session's memory went away (a SIGBUS caught in it)
     # VIRTIO_F_ACCESS_PLATFORM negotiated: ring and buffer addresses are IOVAs translated here.
     iommu: IotlbRoom = field(default_factory=IotlbRoom)
@@ -445,6 +447,11 @@ class Session:
     def iotlb(self) -> Iotlb | None:
         """The IOTLB while VIRTIO_F_ACCESS_PLATFORM is negotiated."""
         return self.iommu.table
+
+    @property
+    def inflight(self) -> InflightRegion | None:
+        """The inflight region, once the front-end gave or asked for one."""
+        return self.inflight_tracking.region
 
     @property
     def suspended(self) -> bool:
@@ -684,7 +691,11 @@ class BackendEngine:
 
     async def serve(self, channel: Channel) -> None:
         """Serve one front-end until it disconnects or breaks the protocol; then release all."""
-        session = Session(channel, [Vring(i) for i in range(self.backend.num_queues)])
+        session = Session(
+            channel,
+            [Vring(i) for i in range(self.backend.num_queues)],
+            InflightTracking(self.backend),
+        )
         self.session = session
         log.info("%s connected", channel.peer)
         reason = "disconnected"
@@ -758,7 +769,7 @@ class BackendEngine:
             session.dirty_logging.release()
             session.memory = None
             # The region belongs to the front-end, which hands it back after a reconnect.
-            session.inflight = None
+            session.inflight_tracking.forget()
             session.iommu.reset()
             session.channel.close()
             self.backend.reset()
@@ -962,8 +973,7 @@ class BackendEngine:
                 rings[2],
                 "off" if used_log is None else f"at {used_log:#x}",
             )
-        if session.inflight is not None:
-            self._track_inflight(queue, vring, session.inflight)
+        session.inflight_tracking.track(queue, vring.index)
         return queue
 
     def _start_runner(self, vring: Vring) -> None:
@@ -1026,24 +1036,6 @@ class BackendEngine:
             vring.size,
             base,
         )
-
-    @staticmethod
-    def _track_inflight(queue: DeviceQueue, vring: Vring, region: InflightRegion) -> None:
-        """Hook the ring to its part of the inflight region; chains a previous back-end left in
-        flight are handed out first (the ring positions are recomputed from the region)."""
-        try:
-            resubmit, discarded = queue.set_inflight(region, vring.index)
-        except (GuestMemoryError, QueueError) as err:
-            raise RequestFailed(f"vring {vring.index} inflight tracking: {err}") from err
-        if discarded is not None:
-            log.warning("vring %d: inflight region discarded: %s", vring.index, discarded)
-        if resubmit:
-            log.info(
-                "vring %d: resubmitting %d request(s) left in flight, vring base %#x",
-                vring.index,
-                resubmit,
-                queue.vring_base,
-            )
 
     # --- request handlers --------------------------------------------------------------------
     # Each returns the reply payload for requests that always reply, None otherwise, and raises
@@ -1410,7 +1402,7 @@ class BackendEngine:
             await self._stop_runner(vring, hand_back=False)
             vring.release()
         session.vrings = [Vring(i) for i in range(self.backend.num_queues)]
-        session.inflight = None  # the rings start over; the front-end fetches a new region
+        session.inflight_tracking.forget()  # the rings start over: the front-end fetches a new one
         session.features = 0
         session.features_set = False
         session.iommu.reset()  # the IOMMU is re-negotiated with the features
@@ -1528,45 +1520,16 @@ class BackendEngine:
         """The region's layout follows the ring layout negotiated (SET_FEATURES comes first)."""
         return bool(self._session().features & VirtioFeature.RING_PACKED.mask)
 
-    def _inflight_geometry(self, payload: Inflight) -> None:
-        if not 0 < payload.num_queues <= self.backend.num_queues:
-            raise RequestFailed(
-                f"inflight region for {payload.num_queues} queues; "
-                f"the device has {self.backend.num_queues}"
-            )
-        if not 0 < payload.queue_size <= self.backend.max_queue_size:
-            raise RequestFailed(
-                f"inflight queue size {payload.queue_size} is not in "
-                f"1..{self.backend.max_queue_size}"
-            )
-
     async def _get_inflight_fd(self, msg: Message) -> ReplyWithFd:
         assert isinstance(msg.payload, Inflight)
-        self._inflight_geometry(msg.payload)
-        num_queues, queue_size = msg.payload.num_queues, msg.payload.queue_size
-        try:
-            region = InflightRegion.allocate(num_queues, queue_size, packed=self._packed_rings())
-        except GuestMemoryError as err:
-            raise RequestFailed(str(err)) from err
-        # Used from now on, as after SET_INFLIGHT_FD (QEMU sends that next anyway).
-        self._session().inflight = region
-        reply = Inflight(region.mmap_size, 0, num_queues, queue_size)
-        return ReplyWithFd(reply, region.fileno())
+        return self._session().inflight_tracking.allocate(msg.payload, packed=self._packed_rings())
 
     async def _set_inflight_fd(self, msg: Message) -> None:
         assert isinstance(msg.payload, Inflight)
-        payload = msg.payload
-        self._inflight_geometry(payload)
         fd = self._one_fd(msg)
         assert fd is not None  # the table demands one fd
-        self._session().inflight = InflightRegion.map(
-            fd,
-            payload.mmap_size,
-            payload.mmap_offset,
-            payload.num_queues,
-            payload.queue_size,
-            packed=self._packed_rings(),
-        )
+        tracking = self._session().inflight_tracking
+        tracking.map(msg.payload, fd, packed=self._packed_rings())
 
     async def _iotlb_msg(self, msg: Message) -> Payload:
         """IOTLB_MSG: the front-end's IOMMU adds (UPDATE) or removes (INVALIDATE) translations.
