@@ -44,6 +44,8 @@ from vvu.engine.dirty_log import page_ranges as page_ranges
 from vvu.engine.inflight import InflightTracking
 from vvu.engine.iotlb import IOTLB_SWITCH_TIMEOUT as IOTLB_SWITCH_TIMEOUT
 from vvu.engine.iotlb import IotlbRoom
+from vvu.engine.memory import MAX_MEM_SLOTS as MAX_MEM_SLOTS
+from vvu.engine.memory import MemoryTable as MemoryTableRoom
 from vvu.errors import GuestMemoryError, IotlbMiss, ProtocolError, QueueError
 from vvu.memfault import on_memory_fault
 from vvu.protocol import (
@@ -105,7 +107,6 @@ ENGINE_PROTOCOL_FEATURES = (
     | _PF.LOG_SHMFD.mask
     | _PF.INBAND_NOTIFICATIONS.mask
 )
-MAX_MEM_SLOTS = 256
 # QEMU asks for the size of its own config struct, which may exceed what a device defines.
 MAX_CONFIG_SPACE = 256
 # How often a ring whose front-end sends no kicks (SET_VRING_KICK with NOFD) is looked at.
@@ -116,8 +117,6 @@ MAX_DEVICE_STATE = 1 << 20
 STATE_TRANSFER_TIMEOUT = 5.0
 # The error code of a failed state transfer (bits 0-7 of the reply: any non-zero value).
 DEVICE_STATE_FAILED = 1
-# How long REM_MEM_REG waits for buffers still held by Python code before failing.
-REGION_RELEASE_TIMEOUT = 1.0
 
 
 #: Why the engine refuses the requests it has no handler for (docs/protocol-support.md). Each
@@ -405,8 +404,8 @@ class Session:
     protocol_features: int = 0
     owner: bool = False
     status: int = 0
-    memory: GuestMemory | None = None
-    regions: list[MemoryRegion] = field(default_factory=list)
+    # SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG: the guest memory and its regions.
+    memory_table: MemoryTableRoom = field(default_factory=MemoryTableRoom)
     # LOG_ALL: the dirty log and SET_LOG_FD's eventfd.
     dirty_logging: DirtyLogging = field(default_factory=DirtyLogging)
 
@@ -452,6 +451,15 @@ class Session:
     def inflight(self) -> InflightRegion | None:
         """The inflight region, once the front-end gave or asked for one."""
         return self.inflight_tracking.region
+
+    @property
+    def memory(self) -> GuestMemory | None:
+        """The guest memory the rings attach to, once the front-end shared some."""
+        return self.memory_table.memory
+
+    @property
+    def regions(self) -> list[MemoryRegion]:
+        return self.memory_table.regions
 
     @property
     def suspended(self) -> bool:
@@ -767,7 +775,7 @@ class BackendEngine:
                 session.state_transfer.cancel()  # closes its fd
             session.backchannel.close()  # back-end requests waiting for a ring fail
             session.dirty_logging.release()
-            session.memory = None
+            session.memory_table.release()
             # The region belongs to the front-end, which hands it back after a reconnect.
             session.inflight_tracking.forget()
             session.iommu.reset()
@@ -1082,30 +1090,10 @@ class BackendEngine:
             vring.started = False
             await self._update_ring(vring)
 
-    def _map_regions(
-        self, memory: GuestMemory, regions: tuple[MemoryRegion, ...], fds: tuple[int, ...]
-    ) -> None:
-        for region, fd in zip(regions, fds, strict=True):
-            memory.add_region(
-                fd,
-                region.guest_phys_addr,
-                region.memory_size,
-                userspace_addr=region.userspace_addr,
-                mmap_offset=region.mmap_offset,
-            )
-
     async def _set_mem_table(self, msg: Message) -> None:
         assert isinstance(msg.payload, MemoryTable)
-        session = self._session()
-        memory = GuestMemory()
-        regions = list(msg.payload.regions)
-        self._map_regions(memory, msg.payload.regions, msg.fds)  # refuses overlaps
-
-        def swap() -> None:
-            session.memory = memory
-            session.regions = regions
-
-        await self._restart_rings(swap)
+        table = self._session().memory_table
+        await self._restart_rings(table.replacing(msg.payload.regions, msg.fds))
 
     async def _set_log_base(self, msg: Message) -> Payload:
         assert isinstance(msg.payload, Log)
@@ -1134,41 +1122,15 @@ class BackendEngine:
 
     async def _add_mem_reg(self, msg: Message) -> None:
         assert isinstance(msg.payload, SingleRegion)
-        session = self._session()
-        if len(session.regions) >= MAX_MEM_SLOTS:
-            raise RequestFailed(f"all {MAX_MEM_SLOTS} memory slots are in use")
-        region = msg.payload.region
-        memory = session.memory if session.memory is not None else GuestMemory()
-
-        def add() -> None:
-            self._map_regions(memory, (region,), msg.fds)
-            session.memory = memory
-            session.regions.append(region)
-
-        await self._restart_rings(add)  # rings re-attach to a snapshot that has the region
+        table = self._session().memory_table
+        # The rings re-attach to a snapshot that has the region.
+        await self._restart_rings(table.adding(msg.payload.region, msg.fds))
 
     async def _rem_mem_reg(self, msg: Message) -> None:
         assert isinstance(msg.payload, SingleRegion)
-        session = self._session()  # an fd sent along is tolerated and closed unused
-        target = msg.payload.region
-        match = next(
-            (
-                r
-                for r in session.regions
-                if (r.guest_phys_addr, r.userspace_addr, r.memory_size)
-                == (target.guest_phys_addr, target.userspace_addr, target.memory_size)
-            ),
-            None,
-        )
-        if match is None or session.memory is None:
-            raise RequestFailed(f"no region at gpa {target.guest_phys_addr:#x} to remove")
-        memory = session.memory
-
-        def remove() -> None:
-            memory.remove_region(match.guest_phys_addr, REGION_RELEASE_TIMEOUT)
-            session.regions.remove(match)
-
-        await self._restart_rings(remove)
+        # An fd sent along is tolerated and closed unused.
+        table = self._session().memory_table
+        await self._restart_rings(table.removing(msg.payload.region))
 
     async def _set_vring_num(self, msg: Message) -> None:
         assert isinstance(msg.payload, VringState)
