@@ -48,6 +48,9 @@ from vvu.engine.memory import MAX_MEM_SLOTS as MAX_MEM_SLOTS
 from vvu.engine.memory import MemoryTable as MemoryTableRoom
 from vvu.engine.runners import POLL_INTERVAL as POLL_INTERVAL
 from vvu.engine.runners import NativeQueueRunner, PythonQueueRunner, QueueRunner
+from vvu.engine.vrings import PACKED_START_BASE as PACKED_START_BASE
+from vvu.engine.vrings import QueueCounters, Vring
+from vvu.engine.vrings import packed_vring_base as packed_vring_base
 from vvu.errors import GuestMemoryError, IotlbMiss, ProtocolError, QueueError
 from vvu.memfault import on_memory_fault
 from vvu.protocol import (
@@ -183,56 +186,10 @@ def _note_transfer_failure(transfer: asyncio.Task[bytes | None]) -> None:
 #: The feature bits the engine handles itself (not the back-end's to see).
 _ENGINE_FEATURES = VhostFeature.PROTOCOL_FEATURES.mask | VhostFeature.LOG_ALL.mask
 
-#: A fresh packed ring (SET_VRING_BASE never sent): both positions at slot 0, wrap counter 1.
-PACKED_START_BASE = 0x8000_8000
-
-
-def packed_vring_base(num: int) -> int:
-    """The packed-ring SET_VRING_BASE value to apply: bits 0-15 the next available position,
-    bits 16-31 the next used one (QEMU). Front-ends that send only the low half (DPDK
-    virtio-user, whose own vhost library reads it as both) mean used = avail."""
-    if num >> 16 == 0:
-        return num | num << 16
-    return num
-
-
 #: SET_CONFIG's flags (vhost-user.rst, "Virtio device config space"): a driver's write of
 #: writable fields, or the source's config space restored on a migration's destination.
 SET_CONFIG_TYPE_FRONTEND = 0
 SET_CONFIG_TYPE_MIGRATION = 1
-
-
-@dataclass
-class Vring:
-    """What the front-end told us about one ring, and its runner while it runs."""
-
-    index: int
-    size: int = 0
-    addr: VringAddr | None = None
-    base: int | None = None  # SET_VRING_BASE's num, or where the ring stopped; None: fresh
-    kick: EventFd | None = None
-    kick_set: bool = False  # SET_VRING_KICK seen (possibly NOFD)
-    call: EventFd | None = None
-    err: EventFd | None = None
-    started: bool = False
-    enabled: bool = False
-    runner: QueueRunner | None = None
-    # The runner is the back-end's `disabled_worker` (a started but disabled ring), not its
-    # device worker.
-    runner_disabled: bool = False
-    # INBAND_NOTIFICATIONS: `call`/`err` are then these signals' eventfds.
-    inband_call: InbandSignal | None = None
-    inband_err: InbandSignal | None = None
-
-    def release(self) -> None:
-        for signal in (self.inband_call, self.inband_err):
-            if signal is not None:
-                signal.close()
-        self.inband_call = self.inband_err = None
-        for efd in (self.kick, self.call, self.err):
-            if efd is not None:
-                efd.close()
-        self.kick = self.call = self.err = None
 
 
 @dataclass
@@ -329,11 +286,8 @@ class BackendEngine:
         self.sessions_served = 0
         #: Why the last session ended ("disconnected", "dropped: ..."), for a daemon's events.
         self.last_session_end: str | None = None
-        # Counters of runners that stopped, by queue: `queue_stats` adds the running ones.
-        self._retired_stats: dict[int, dict[str, int]] = {}
-        # What `queue_stats` last returned: a ring being stopped is in neither place until its
-        # worker has joined, and counters must not step back meanwhile.
-        self._reported_stats: dict[int, dict[str, int]] = {}
+        # The runners' counters over every session (`queue_stats`).
+        self._counters = QueueCounters()
         self._handlers: dict[FrontendRequest, Handler] = {
             _F.GET_FEATURES: self._get_features,
             _F.SET_FEATURES: self._set_features,
@@ -478,19 +432,7 @@ class BackendEngine:
         running: dict[int, QueueRunner] = {}
         if self.session is not None:
             running = {v.index: v.runner for v in self.session.vrings if v.runner is not None}
-        out = []
-        for index in range(self.backend.num_queues):
-            totals = dict(self._retired_stats.get(index, {}))
-            runner = running.get(index)
-            if runner is not None:
-                for name, value in runner.stats.items():
-                    totals[name] = totals.get(name, 0) + value
-            before = self._reported_stats.get(index, {})
-            for name, value in before.items():
-                totals[name] = max(totals.get(name, 0), value)
-            self._reported_stats[index] = totals
-            out.append(dict(totals))
-        return out
+        return self._counters.snapshot(self.backend.num_queues, running)
 
     def queue_faults(self) -> dict[int, str]:
         """Queues of the current session that stopped processing on their own, and why."""
@@ -732,9 +674,7 @@ class BackendEngine:
             queue = await runner.stop(hand_back=hand_back)
         else:
             queue = await runner.stop()
-        totals = self._retired_stats.setdefault(vring.index, {})
-        for name, value in runner.stats.items():
-            totals[name] = totals.get(name, 0) + value
+        self._counters.retire(vring.index, runner)
         vring.base = queue.vring_base
         # Everything the ring wrote is done: a write it could not log is reported now, while
         # a migration is still under way (GET_VRING_BASE stops the rings before the last sync).
