@@ -53,7 +53,8 @@ def nextest(*args: str) -> tuple[str, ...]:
     return ("cargo", "nextest", "run", "-p", "vvu-core", "--no-fail-fast", *args)
 
 
-ENGINE = "python/vvu/engine.py"
+ENGINE = "python/vvu/engine/__init__.py"
+ENGINE_MEMORY = "python/vvu/engine/memory.py"
 BAD_INPUT = pytest("tests/test_engine.py", "-k", "test_bad_input and unix")
 
 MUTATIONS = [
@@ -74,14 +75,14 @@ MUTATIONS = [
     ),
     Mutation(
         "ADD_MEM_REG accepts one slot too many",
-        ENGINE,
-        "if len(session.regions) >= MAX_MEM_SLOTS:",
-        "if len(session.regions) > MAX_MEM_SLOTS:",
+        ENGINE_MEMORY,
+        "if len(self.regions) >= MAX_MEM_SLOTS:",
+        "if len(self.regions) > MAX_MEM_SLOTS:",
         BAD_INPUT,
     ),
     Mutation(
         "REM_MEM_REG matches on the guest address alone",
-        ENGINE,
+        ENGINE_MEMORY,
         "if (r.guest_phys_addr, r.userspace_addr, r.memory_size)\n"
         "                == (target.guest_phys_addr, target.userspace_addr, target.memory_size)",
         "if r.guest_phys_addr == target.guest_phys_addr",

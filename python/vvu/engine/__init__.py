@@ -36,7 +36,22 @@ from vvu._core import (
 from vvu.aio import read_to_eof, write_all
 from vvu.backends.base import Backend, ConfigError
 from vvu.backends.request import DeviceQueue, RequestRunner
-from vvu.errors import GuestMemoryError, IotlbMiss, ProtocolError, QueueError, VvuError
+from vvu.engine.backend_channel import BACKEND_REPLY_TIMEOUT, BackendChannel, InbandSignal
+from vvu.engine.common import Disconnect as _Disconnect
+from vvu.engine.common import ReplyWithFd, RequestFailed
+from vvu.engine.dirty_log import DirtyLogging
+from vvu.engine.dirty_log import page_ranges as page_ranges
+from vvu.engine.inflight import InflightTracking
+from vvu.engine.iotlb import IOTLB_SWITCH_TIMEOUT as IOTLB_SWITCH_TIMEOUT
+from vvu.engine.iotlb import IotlbRoom
+from vvu.engine.memory import MAX_MEM_SLOTS as MAX_MEM_SLOTS
+from vvu.engine.memory import MemoryTable as MemoryTableRoom
+from vvu.engine.runners import POLL_INTERVAL as POLL_INTERVAL
+from vvu.engine.runners import NativeQueueRunner, PythonQueueRunner, QueueRunner
+from vvu.engine.vrings import PACKED_START_BASE as PACKED_START_BASE
+from vvu.engine.vrings import QueueCounters, Vring
+from vvu.engine.vrings import packed_vring_base as packed_vring_base
+from vvu.errors import GuestMemoryError, IotlbMiss, ProtocolError, QueueError
 from vvu.memfault import on_memory_fault
 from vvu.protocol import (
     DEVICE_STATE_NOFD,
@@ -70,14 +85,13 @@ from vvu.protocol import (
     decode_message,
     describe,
     encode_ack,
-    encode_message,
     encode_reply,
 )
 from vvu.protocol import (
     Iotlb as IotlbMessage,
 )
 from vvu.protocol.codec import Header
-from vvu.protocol.table import BACKEND_REQUESTS, Answer, spec_for
+from vvu.protocol.table import Answer, spec_for
 from vvu.transport.base import Channel, Listener, RawMessage, TransportError, close_fds
 
 log = logging.getLogger(__name__)
@@ -98,24 +112,14 @@ ENGINE_PROTOCOL_FEATURES = (
     | _PF.LOG_SHMFD.mask
     | _PF.INBAND_NOTIFICATIONS.mask
 )
-MAX_MEM_SLOTS = 256
 # QEMU asks for the size of its own config struct, which may exceed what a device defines.
 MAX_CONFIG_SPACE = 256
-# How often a ring whose front-end sends no kicks (SET_VRING_KICK with NOFD) is looked at.
-POLL_INTERVAL = 0.001
 # Largest device state accepted from a front-end, and how long CHECK_DEVICE_STATE waits for
 # the end of a transfer (the front-end closes its end of the pipe before it asks).
 MAX_DEVICE_STATE = 1 << 20
 STATE_TRANSFER_TIMEOUT = 5.0
 # The error code of a failed state transfer (bits 0-7 of the reply: any non-zero value).
 DEVICE_STATE_FAILED = 1
-# How long a back-end request waits for the front-end's answer.
-BACKEND_REPLY_TIMEOUT = 5.0
-# How long REM_MEM_REG waits for buffers still held by Python code before failing.
-REGION_RELEASE_TIMEOUT = 1.0
-# How long an IOTLB invalidation waits for a worker to finish its batch and switch to the new
-# translations before the ring is stopped and restarted instead.
-IOTLB_SWITCH_TIMEOUT = 5.0
 
 
 #: Why the engine refuses the requests it has no handler for (docs/protocol-support.md). Each
@@ -182,285 +186,10 @@ def _note_transfer_failure(transfer: asyncio.Task[bytes | None]) -> None:
 #: The feature bits the engine handles itself (not the back-end's to see).
 _ENGINE_FEATURES = VhostFeature.PROTOCOL_FEATURES.mask | VhostFeature.LOG_ALL.mask
 
-#: A fresh packed ring (SET_VRING_BASE never sent): both positions at slot 0, wrap counter 1.
-PACKED_START_BASE = 0x8000_8000
-
-
-def page_ranges(pages: Sequence[int], page: int = 4096, limit: int = 4096) -> str:
-    """Sorted page addresses as `first-last` ranges of consecutive pages ("0x1000-0x3000,
-    0x8000"), at most `limit` of them and then how many more; "none" for none."""
-    ranges: list[list[int]] = []
-    for gpa in pages:
-        if ranges and gpa == ranges[-1][1] + page:
-            ranges[-1][1] = gpa
-        else:
-            ranges.append([gpa, gpa])
-    text = ",".join(f"{a:#x}" if a == b else f"{a:#x}-{b:#x}" for a, b in ranges[:limit])
-    if len(ranges) > limit:
-        text += f" and {len(ranges) - limit} more ranges"
-    return text or "none"
-
-
-def packed_vring_base(num: int) -> int:
-    """The packed-ring SET_VRING_BASE value to apply: bits 0-15 the next available position,
-    bits 16-31 the next used one (QEMU). Front-ends that send only the low half (DPDK
-    virtio-user, whose own vhost library reads it as both) mean used = avail."""
-    if num >> 16 == 0:
-        return num | num << 16
-    return num
-
-
 #: SET_CONFIG's flags (vhost-user.rst, "Virtio device config space"): a driver's write of
 #: writable fields, or the source's config space restored on a migration's destination.
 SET_CONFIG_TYPE_FRONTEND = 0
 SET_CONFIG_TYPE_MIGRATION = 1
-
-
-class RequestFailed(VvuError):
-    """A request could not be carried out; answered with a failure ack or a disconnect."""
-
-
-@dataclass(frozen=True)
-class ReplyWithFd:
-    """A handler's reply that carries one fd (still owned by whoever keeps it)."""
-
-    payload: Payload
-    fd: int
-
-
-class _Disconnect(Exception):
-    """Drop this front-end (the reason is logged)."""
-
-
-class PythonQueueRunner:
-    """Runs one queue on the event loop, feeding batches of chains to `Backend.handle`."""
-
-    def __init__(
-        self,
-        queue: DeviceQueue,
-        kick: EventFd | None,
-        call: EventFd | None,
-        err: EventFd | None,
-        handler: Callable[[list[object]], object],
-        *,
-        index: int,
-        backend: Backend,
-        batch: int = 64,
-    ) -> None:
-        self.queue = queue
-        self._kick = kick
-        self.call = call
-        self.err = err
-        self._backend = backend
-        self._index = index
-        self._batch = batch
-        self._broken: str | None = None
-        self._stopped = False
-        self._poll_handle: asyncio.TimerHandle | None = None
-        # Counters (`stats`): one addition per batch, on a path that is Python anyway.
-        self._chains = 0
-        self._batches = 0
-        self._kicks = 0
-        loop = asyncio.get_running_loop()
-        if kick is not None:
-            loop.add_reader(kick.fileno(), self._on_kick)
-        loop.call_soon(self._process)  # buffers may be waiting already (reconnect, migration)
-
-    def _on_kick(self) -> None:
-        if self._kick is not None:
-            self._kick.consume()
-            self._kicks += 1
-        self._process()
-
-    def _process(self) -> None:
-        if self._broken is not None or self._stopped:  # stop() may beat the first call_soon
-            return
-        queue = self.queue
-        try:
-            while True:
-                chains = queue.pop(self._batch)
-                if not chains:
-                    if queue.enable_notifications():
-                        continue
-                    break
-                used = self._backend.handle(self._index, chains)
-                if len(used) != len(chains):
-                    raise QueueError(
-                        f"handler returned {len(used)} used lengths for {len(chains)} chains"
-                    )
-                queue.push_used_many(chains, used)
-                self._chains += len(chains)
-                self._batches += 1
-                if queue.publish_used() and self.call is not None:
-                    self.call.signal()
-        except Exception as err:  # a broken ring or handler: stop this queue, keep the session
-            self._broken = str(err)
-            log.error("queue %d broken: %s", self._index, self._broken)
-            if self.err is not None:
-                self.err.signal()
-            return
-        if self._kick is None:  # NOFD: nobody kicks, so poll
-            self._poll_handle = asyncio.get_running_loop().call_later(POLL_INTERVAL, self._process)
-
-    def set_call(self, call: EventFd | None) -> None:
-        self.call = call
-        if call is not None:
-            call.signal()  # a completion may have raced with the swap; a spurious call is harmless
-
-    @property
-    def stats(self) -> dict[str, int]:
-        """Chains handled, batches published and kicks taken since the runner started."""
-        return {"chains": self._chains, "batches": self._batches, "kicks": self._kicks}
-
-    @property
-    def fault(self) -> str | None:
-        """Why the queue stopped processing (a broken ring or handler), or None."""
-        return self._broken
-
-    def set_err(self, err: EventFd | None) -> None:
-        self.err = err
-        if err is not None and self._broken is not None:
-            err.signal()  # broken before the swap: tell the new listener too
-
-    async def stop(self) -> DeviceQueue:
-        self._stopped = True
-        if self._kick is not None:
-            asyncio.get_running_loop().remove_reader(self._kick.fileno())
-        if self._poll_handle is not None:
-            self._poll_handle.cancel()
-        return self.queue
-
-
-class NativeQueueRunner:
-    """Runs one queue in a Rust worker thread (no GIL).
-
-    Under an IOTLB, `on_miss(iova, perm)` is called on the event loop for each translation the
-    worker waits for, and `set_memory` hands it the updated translations without a restart.
-    """
-
-    def __init__(
-        self, worker: QueueWorker, on_miss: Callable[[int, int], None] | None = None
-    ) -> None:
-        self._worker = worker
-        self._miss_fd: int | None = None
-        if on_miss is not None:
-            self._miss_fd = worker.miss_fd
-            asyncio.get_running_loop().add_reader(self._miss_fd, self._on_miss_fd, on_miss)
-
-    def _on_miss_fd(self, on_miss: Callable[[int, int], None]) -> None:
-        miss = self._worker.take_miss()
-        if miss is not None:
-            on_miss(*miss)
-
-    def set_memory(self, memory: GuestMemory) -> int:
-        """Switch the worker to `memory` between batches; returns the generation to wait for."""
-        return self._worker.set_memory(memory)
-
-    async def wait_memory(self, generation: int, timeout: float) -> bool:
-        """Whether the worker stopped using older memory within `timeout` seconds."""
-        return await asyncio.to_thread(self._worker.wait_memory, generation, timeout)
-
-    def set_call(self, call: EventFd | None) -> None:
-        self._worker.set_call(call)
-
-    @property
-    def stats(self) -> dict[str, int]:
-        """The worker's counters (chains, batches, kicks, notifications, ...); after `stop`,
-        the final ones."""
-        return self._worker.stats
-
-    def set_err(self, err: EventFd | None) -> None:
-        self._worker.set_err(err)
-
-    @property
-    def fault(self) -> str | None:
-        """Why the worker stopped processing on its own (it cannot log it itself)."""
-        return self._worker.fault
-
-    async def stop(self) -> DeviceQueue:
-        if self._miss_fd is not None:
-            asyncio.get_running_loop().remove_reader(self._miss_fd)
-            self._miss_fd = None
-        # Joining waits for in-flight requests to complete: off the event loop.
-        return await asyncio.to_thread(self._worker.stop)
-
-
-QueueRunner = PythonQueueRunner | NativeQueueRunner | RequestRunner
-
-
-class InbandSignal:
-    """An eventfd a queue runner signals as it would a front-end's call or err eventfd; each
-    signal becomes one back-end request (BACKEND_VRING_CALL/ERR) on the back-end channel
-    (INBAND_NOTIFICATIONS, for a ring whose front-end gave no fd). Signals that arrive while one
-    is being sent coalesce, as they do on an eventfd."""
-
-    def __init__(
-        self, engine: BackendEngine, request: BackendRequest, index: int, efd: EventFd
-    ) -> None:
-        self.efd = efd
-        self._engine = engine
-        self._request = request
-        self._index = index
-        self._sending: asyncio.Task[None] | None = None
-        asyncio.get_running_loop().add_reader(efd.fileno(), self._on_signal)
-
-    def _on_signal(self) -> None:
-        if self.efd.closed or self._sending is not None or not self.efd.consume():
-            return
-        self._sending = asyncio.ensure_future(self._send())
-
-    async def _send(self) -> None:
-        try:
-            # With NEED_REPLY: INBAND comes with REPLY_ACK, which "needs to be used with the
-            # in-band notification messages to block until they are processed" (vhost-user.rst).
-            # The runner does not wait: signals during the round trip coalesce into one more.
-            await self._engine.backend_request(
-                self._request, VringState(self._index, 0), need_reply=True
-            )
-        except RequestFailed as err:
-            log.warning("vring %d: in-band %s lost: %s", self._index, self._request.name, err)
-        finally:
-            self._sending = None
-            self._on_signal()  # signalled again while sending: send once more
-
-    def close(self) -> None:
-        """Stop watching and close the eventfd (a send in progress still completes)."""
-        if not self.efd.closed:
-            asyncio.get_running_loop().remove_reader(self.efd.fileno())
-            self.efd.close()
-
-
-@dataclass
-class Vring:
-    """What the front-end told us about one ring, and its runner while it runs."""
-
-    index: int
-    size: int = 0
-    addr: VringAddr | None = None
-    base: int | None = None  # SET_VRING_BASE's num, or where the ring stopped; None: fresh
-    kick: EventFd | None = None
-    kick_set: bool = False  # SET_VRING_KICK seen (possibly NOFD)
-    call: EventFd | None = None
-    err: EventFd | None = None
-    started: bool = False
-    enabled: bool = False
-    runner: QueueRunner | None = None
-    # The runner is the back-end's `disabled_worker` (a started but disabled ring), not its
-    # device worker.
-    runner_disabled: bool = False
-    # INBAND_NOTIFICATIONS: `call`/`err` are then these signals' eventfds.
-    inband_call: InbandSignal | None = None
-    inband_err: InbandSignal | None = None
-
-    def release(self) -> None:
-        for signal in (self.inband_call, self.inband_err):
-            if signal is not None:
-                signal.close()
-        self.inband_call = self.inband_err = None
-        for efd in (self.kick, self.call, self.err):
-            if efd is not None:
-                efd.close()
-        self.kick = self.call = self.err = None
 
 
 @dataclass
@@ -469,71 +198,69 @@ class Session:
 
     channel: Channel
     vrings: list[Vring]
+    # INFLIGHT_SHMFD: the region the rings track their requests in (GET or SET_INFLIGHT_FD).
+    inflight_tracking: InflightTracking
     features: int = 0
     features_set: bool = False
     protocol_features: int = 0
     owner: bool = False
     status: int = 0
-    memory: GuestMemory | None = None
-    regions: list[MemoryRegion] = field(default_factory=list)
-    backend_channel: Channel | None = None
-    dirty_log: DirtyLog | None = None  # SET_LOG_BASE
-    #: Faults of `dirty_log` already reported (`report_log_faults`).
-    log_faults_reported: int = 0
-    log_fd: EventFd | None = None  # SET_LOG_FD: kept, never signalled (QEMU does not use it)
+    # SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG: the guest memory and its regions.
+    memory_table: MemoryTableRoom = field(default_factory=MemoryTableRoom)
+    # LOG_ALL: the dirty log and SET_LOG_FD's eventfd.
+    dirty_logging: DirtyLogging = field(default_factory=DirtyLogging)
 
     @property
     def logging(self) -> bool:
         """Dirty logging is on: VHOST_F_LOG_ALL acked and a log mapped."""
-        return bool(self.features & VhostFeature.LOG_ALL.mask) and self.dirty_log is not None
+        return self.dirty_logging.on(self.features)
 
-    def report_log_faults(self) -> None:
-        """Warn about writes the log lost since the last report (a migration that will copy a
-        stale page), once a ring stopped or the log goes: while the front-end is still there
-        to be told, not only at the end of the session."""
-        dirty_log = self.dirty_log
-        if dirty_log is not None and dirty_log.faults > self.log_faults_reported:
-            log.warning(
-                "%d writes could not be logged: %r",
-                dirty_log.faults - self.log_faults_reported,
-                dirty_log,
-            )
-            self.log_faults_reported = dirty_log.faults
+    @property
+    def dirty_log(self) -> DirtyLog | None:
+        return self.dirty_logging.log
 
-    def replace_log(self, dirty_log: DirtyLog | None) -> None:
-        """Report what the current log lost, then switch to `dirty_log`."""
-        self.report_log_faults()
-        self.dirty_log, self.log_faults_reported = dirty_log, 0
-
-    def release_log(self) -> None:
-        self.replace_log(None)
-        if self.log_fd is not None:
-            self.log_fd.close()
-            self.log_fd = None
+    @property
+    def log_fd(self) -> EventFd | None:
+        return self.dirty_logging.fd
 
     # Serialises front-end requests with back-end initiated changes of the session.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    # One back-end request (and its answer) at a time on the back-end channel.
-    backend_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # DEVICE_STATE: the transfer SET_DEVICE_STATE_FD started (its result: the loaded bytes, or
     # None for a save), until CHECK_DEVICE_STATE collects it.
     state_transfer: asyncio.Task[bytes | None] | None = None
     # INFLIGHT_SHMFD: the region the rings track their requests in (GET or SET_INFLIGHT_FD).
-    inflight: InflightRegion | None = None
     fault: str | None = None  # why the session's memory went away (a SIGBUS caught in it)
     # VIRTIO_F_ACCESS_PLATFORM negotiated: ring and buffer addresses are IOVAs translated here.
-    iotlb: Iotlb | None = None
-    # Back-end channel sends in flight (kept referenced until done).
-    backend_sends: set[asyncio.Task[None]] = field(default_factory=set)
-    # Set while a ring is started: the device is not suspended (vhost-user.rst, "Suspended
-    # device state": every ring stopped, from the start of a session until a ring starts and
-    # again once the last one stops), so back-end requests may go out.
-    resumed: asyncio.Event = field(default_factory=asyncio.Event)
-    # A config change noted while suspended: announced when a ring starts.
-    config_change_pending: bool = False
+    iommu: IotlbRoom = field(default_factory=IotlbRoom)
+    # BACKEND_REQ: the back-end channel, and whether the device is suspended.
+    backchannel: BackendChannel = field(default_factory=BackendChannel)
     # A ring broke (its runner stopped on a bad chain or handler): DEVICE_NEEDS_RESET in
     # GET_STATUS until the driver resets the device (SET_STATUS 0 or RESET_DEVICE).
     needs_reset: bool = False
+
+    @property
+    def backend_channel(self) -> Channel | None:
+        """The back-end channel the front-end gave (SET_BACKEND_REQ_FD), if any."""
+        return self.backchannel.channel
+
+    @property
+    def iotlb(self) -> Iotlb | None:
+        """The IOTLB while VIRTIO_F_ACCESS_PLATFORM is negotiated."""
+        return self.iommu.table
+
+    @property
+    def inflight(self) -> InflightRegion | None:
+        """The inflight region, once the front-end gave or asked for one."""
+        return self.inflight_tracking.region
+
+    @property
+    def memory(self) -> GuestMemory | None:
+        """The guest memory the rings attach to, once the front-end shared some."""
+        return self.memory_table.memory
+
+    @property
+    def regions(self) -> list[MemoryRegion]:
+        return self.memory_table.regions
 
     @property
     def suspended(self) -> bool:
@@ -559,11 +286,8 @@ class BackendEngine:
         self.sessions_served = 0
         #: Why the last session ended ("disconnected", "dropped: ..."), for a daemon's events.
         self.last_session_end: str | None = None
-        # Counters of runners that stopped, by queue: `queue_stats` adds the running ones.
-        self._retired_stats: dict[int, dict[str, int]] = {}
-        # What `queue_stats` last returned: a ring being stopped is in neither place until its
-        # worker has joined, and counters must not step back meanwhile.
-        self._reported_stats: dict[int, dict[str, int]] = {}
+        # The runners' counters over every session (`queue_stats`).
+        self._counters = QueueCounters()
         self._handlers: dict[FrontendRequest, Handler] = {
             _F.GET_FEATURES: self._get_features,
             _F.SET_FEATURES: self._set_features,
@@ -643,87 +367,16 @@ class BackendEngine:
         answer to a later request).
         """
         session = self.session
-        if session is None or session.backend_channel is None:
+        if session is None:
             raise RequestFailed(f"{request.name}: the front-end gave no back-end channel")
-        spec = BACKEND_REQUESTS[request]
-        if spec.feature is not None and not session.protocol_features & spec.feature.mask:
-            raise RequestFailed(f"{request.name} needs protocol feature {spec.feature.name}")
-        answer = spec.answer(need_reply=need_reply, protocol_features=session.protocol_features)
-        if not session.resumed.is_set():
-            # A suspended device "must not send any messages to the front-end": this one goes
-            # out once a ring starts (or fails below if the session ends first).
-            log.debug("%s waits: the device is suspended (no ring started)", request.name)
-            await session.resumed.wait()
-        async with session.backend_lock:
-            channel = session.backend_channel  # (dropped or replaced while we waited?)
-            if channel is None:
-                raise RequestFailed(f"{request.name}: the back-end channel is gone")
-            data = encode_message(request, payload, need_reply=answer is Answer.ACK, nfds=len(fds))
-            log.debug("=> %s", request.name)
-            try:
-                reply = await self._exchange(
-                    channel, request, data, fds, answer=answer, timeout=timeout
-                )
-            except RequestFailed as err:
-                self._drop_backend_channel(session, channel, str(err))
-                raise
-            except asyncio.CancelledError:
-                # Half a message sent, or an answer still to come: the channel is out of step.
-                self._drop_backend_channel(session, channel, f"{request.name} cancelled")
-                raise
-        if reply is None:
-            return None
-        if answer is Answer.ACK:
-            assert isinstance(reply, U64)
-            if reply.value != 0:
-                raise RequestFailed(f"the front-end refused {request.name}")
-        return reply
-
-    @staticmethod
-    async def _exchange(
-        channel: Channel,
-        request: BackendRequest,
-        data: bytes,
-        fds: Sequence[int],
-        *,
-        answer: Answer,
-        timeout: float,
-    ) -> Payload | None:
-        """Send one back-end request and read its answer when one is due. RequestFailed means
-        the channel is out of step (no answer, a broken one, or the channel failed)."""
-        try:
-            await channel.send(data, fds)
-            if answer is Answer.NOTHING:
-                return None
-            raw = await asyncio.wait_for(channel.recv(), timeout)
-        except TimeoutError:
-            raise RequestFailed(f"{request.name}: no answer within {timeout} s") from None
-        except TransportError as err:
-            raise RequestFailed(f"{request.name}: {err}") from err
-        if raw is None:
-            raise RequestFailed(f"{request.name}: the front-end closed the back-end channel")
-        try:
-            reply = decode_message(
-                Header(raw.request, raw.flags, len(raw.payload)),
-                raw.payload,
-                raw.fds,
-                channel="backend",
-                is_reply=True,
-            )
-        except ProtocolError as err:
-            raise RequestFailed(f"{request.name}: bad answer: {err}") from err
-        finally:
-            raw.close_fds()
-        if reply.request != request:
-            raise RequestFailed(f"{request.name}: answered as {reply.name}")
-        return reply.payload
-
-    @staticmethod
-    def _drop_backend_channel(session: Session, channel: Channel, why: str) -> None:
-        log.warning("back-end channel dropped: %s", why)
-        channel.close()
-        if session.backend_channel is channel:  # unless SET_BACKEND_REQ_FD replaced it already
-            session.backend_channel = None
+        return await session.backchannel.request(
+            request,
+            payload,
+            fds,
+            protocol_features=session.protocol_features,
+            need_reply=need_reply,
+            timeout=timeout,
+        )
 
     async def notify_config_change(self) -> bool:
         """Tell the front-end the config space changed (BACKEND_CONFIG_CHANGE_MSG), so it
@@ -738,9 +391,7 @@ class BackendEngine:
         if not session.protocol_features & _PF.CONFIG.mask:
             return False
         if session.suspended:
-            if not session.config_change_pending:
-                log.info("config change noted; the front-end is told when a ring starts")
-            session.config_change_pending = True
+            session.backchannel.note_config_change()
             return False
         await self.backend_request(BackendRequest.BACKEND_CONFIG_CHANGE_MSG)
         return True
@@ -749,16 +400,9 @@ class BackendEngine:
         """Track whether the device is suspended (after any ring started or stopped); on
         resuming, announce a config change noted meanwhile."""
         if session.suspended:
-            session.resumed.clear()
-            return
-        if session.resumed.is_set():
-            return
-        session.resumed.set()
-        if session.config_change_pending:
-            session.config_change_pending = False
-            task = asyncio.get_running_loop().create_task(self._announce_config_change())
-            session.backend_sends.add(task)
-            task.add_done_callback(session.backend_sends.discard)
+            session.backchannel.suspend()
+        elif session.backchannel.resume():
+            session.backchannel.spawn(self._announce_config_change())
 
     async def _announce_config_change(self) -> None:
         try:
@@ -788,19 +432,7 @@ class BackendEngine:
         running: dict[int, QueueRunner] = {}
         if self.session is not None:
             running = {v.index: v.runner for v in self.session.vrings if v.runner is not None}
-        out = []
-        for index in range(self.backend.num_queues):
-            totals = dict(self._retired_stats.get(index, {}))
-            runner = running.get(index)
-            if runner is not None:
-                for name, value in runner.stats.items():
-                    totals[name] = totals.get(name, 0) + value
-            before = self._reported_stats.get(index, {})
-            for name, value in before.items():
-                totals[name] = max(totals.get(name, 0), value)
-            self._reported_stats[index] = totals
-            out.append(dict(totals))
-        return out
+        return self._counters.snapshot(self.backend.num_queues, running)
 
     def queue_faults(self) -> dict[int, str]:
         """Queues of the current session that stopped processing on their own, and why."""
@@ -831,20 +463,10 @@ class BackendEngine:
         return await self.config_changed()
 
     def _request_translation(self, iova: int, perm: int) -> None:
-        """Ask the front-end for the translation of `iova` (BACKEND_IOTLB_MSG MISS); it answers
-        with IOTLB_MSG UPDATE on the front-end channel. Sent without NEED_REPLY and from a
-        task: the front-end may be waiting for one of our replies meanwhile."""
+        """A worker missed the translation of `iova`: ask the front-end for it."""
         session = self.session
-        if session is None or session.backend_channel is None:
-            log.warning("IOTLB miss at iova %#x but no back-end channel to ask for it", iova)
-            return
-        log.debug("IOTLB miss at iova %#x (perm %d)", iova, perm)
-        miss = IotlbMessage(iova, 0, 0, perm, IotlbType.MISS)
-        task = asyncio.get_running_loop().create_task(
-            self._send_quietly(BackendRequest.BACKEND_IOTLB_MSG, miss)
-        )
-        session.backend_sends.add(task)
-        task.add_done_callback(session.backend_sends.discard)
+        backchannel = None if session is None else session.backchannel
+        IotlbRoom.ask(iova, perm, backchannel, self._send_quietly)
 
     async def _send_quietly(self, request: BackendRequest, payload: Payload) -> None:
         """`backend_request` without waiting for an ack, failures logged (for tasks)."""
@@ -863,7 +485,11 @@ class BackendEngine:
 
     async def serve(self, channel: Channel) -> None:
         """Serve one front-end until it disconnects or breaks the protocol; then release all."""
-        session = Session(channel, [Vring(i) for i in range(self.backend.num_queues)])
+        session = Session(
+            channel,
+            [Vring(i) for i in range(self.backend.num_queues)],
+            InflightTracking(self.backend),
+        )
         self.session = session
         log.info("%s connected", channel.peer)
         reason = "disconnected"
@@ -907,7 +533,7 @@ class BackendEngine:
         mappings = (
             ("guest memory", session.memory),
             ("inflight region", session.inflight),
-            ("dirty log", session.dirty_log),
+            ("dirty log", session.dirty_logging.log),
         )
         for name, mapping in mappings:
             if mapping is not None and mapping.poisoned:
@@ -933,17 +559,12 @@ class BackendEngine:
         finally:
             if session.state_transfer is not None:
                 session.state_transfer.cancel()  # closes its fd
-            for task in list(session.backend_sends):
-                task.cancel()
-            if session.backend_channel is not None:
-                session.backend_channel.close()
-                session.backend_channel = None
-            session.resumed.set()  # back-end requests waiting for a ring fail: no channel
-            session.release_log()
-            session.memory = None
+            session.backchannel.close()  # back-end requests waiting for a ring fail
+            session.dirty_logging.release()
+            session.memory_table.release()
             # The region belongs to the front-end, which hands it back after a reconnect.
-            session.inflight = None
-            session.iotlb = None
+            session.inflight_tracking.forget()
+            session.iommu.reset()
             session.channel.close()
             self.backend.reset()
 
@@ -1053,13 +674,11 @@ class BackendEngine:
             queue = await runner.stop(hand_back=hand_back)
         else:
             queue = await runner.stop()
-        totals = self._retired_stats.setdefault(vring.index, {})
-        for name, value in runner.stats.items():
-            totals[name] = totals.get(name, 0) + value
+        self._counters.retire(vring.index, runner)
         vring.base = queue.vring_base
         # Everything the ring wrote is done: a write it could not log is reported now, while
         # a migration is still under way (GET_VRING_BASE stops the rings before the last sync).
-        self._session().report_log_faults()
+        self._session().dirty_logging.report_faults()
         # Let go of the guest memory now: the thread pool may keep the queue object alive in a
         # reference cycle until the next garbage collection.
         queue.detach()
@@ -1136,7 +755,7 @@ class BackendEngine:
             # The used ring (split) or device event area (packed: QEMU gives its address) is
             # logged at the address the front-end gave, only with the flag.
             used_log = addr.log if addr.flags & VRING_F_LOG else None
-            queue.set_log(session.dirty_log, used_log)
+            queue.set_log(session.dirty_logging.log, used_log)
             # Where the ring writes, for telling a stale page after a migration (tests).
             log.info(
                 "vring %d logging: descriptors at %#x, %s at %#x, used-ring log %s",
@@ -1146,8 +765,7 @@ class BackendEngine:
                 rings[2],
                 "off" if used_log is None else f"at {used_log:#x}",
             )
-        if session.inflight is not None:
-            self._track_inflight(queue, vring, session.inflight)
+        session.inflight_tracking.track(queue, vring.index)
         return queue
 
     def _start_runner(self, vring: Vring) -> None:
@@ -1211,24 +829,6 @@ class BackendEngine:
             base,
         )
 
-    @staticmethod
-    def _track_inflight(queue: DeviceQueue, vring: Vring, region: InflightRegion) -> None:
-        """Hook the ring to its part of the inflight region; chains a previous back-end left in
-        flight are handed out first (the ring positions are recomputed from the region)."""
-        try:
-            resubmit, discarded = queue.set_inflight(region, vring.index)
-        except (GuestMemoryError, QueueError) as err:
-            raise RequestFailed(f"vring {vring.index} inflight tracking: {err}") from err
-        if discarded is not None:
-            log.warning("vring %d: inflight region discarded: %s", vring.index, discarded)
-        if resubmit:
-            log.info(
-                "vring %d: resubmitting %d request(s) left in flight, vring base %#x",
-                vring.index,
-                resubmit,
-                queue.vring_base,
-            )
-
     # --- request handlers --------------------------------------------------------------------
     # Each returns the reply payload for requests that always reply, None otherwise, and raises
     # RequestFailed (or a vvu error) to fail. Handlers duplicate the fds they keep.
@@ -1253,10 +853,7 @@ class BackendEngine:
         was_logging = session.logging
         session.features = features
         session.features_set = True
-        if not iommu:
-            session.iotlb = None
-        elif session.iotlb is None:
-            session.iotlb = Iotlb()
+        session.iommu.negotiate(iommu)
         self.backend.set_features(features & ~_ENGINE_FEATURES)
         if session.logging != was_logging:
             # Migration starts or ends: the running rings pick the log up (or drop it) at a
@@ -1277,30 +874,10 @@ class BackendEngine:
             vring.started = False
             await self._update_ring(vring)
 
-    def _map_regions(
-        self, memory: GuestMemory, regions: tuple[MemoryRegion, ...], fds: tuple[int, ...]
-    ) -> None:
-        for region, fd in zip(regions, fds, strict=True):
-            memory.add_region(
-                fd,
-                region.guest_phys_addr,
-                region.memory_size,
-                userspace_addr=region.userspace_addr,
-                mmap_offset=region.mmap_offset,
-            )
-
     async def _set_mem_table(self, msg: Message) -> None:
         assert isinstance(msg.payload, MemoryTable)
-        session = self._session()
-        memory = GuestMemory()
-        regions = list(msg.payload.regions)
-        self._map_regions(memory, msg.payload.regions, msg.fds)  # refuses overlaps
-
-        def swap() -> None:
-            session.memory = memory
-            session.regions = regions
-
-        await self._restart_rings(swap)
+        table = self._session().memory_table
+        await self._restart_rings(table.replacing(msg.payload.regions, msg.fds))
 
     async def _set_log_base(self, msg: Message) -> Payload:
         assert isinstance(msg.payload, Log)
@@ -1308,17 +885,10 @@ class BackendEngine:
         fd = self._one_fd(msg)
         if fd is None:
             raise RequestFailed("SET_LOG_BASE without a log fd (only LOG_SHMFD is supported)")
-        # At debug level the log remembers every page marked (a line when a ring stops).
-        dirty_log = DirtyLog(
-            fd,
-            msg.payload.mmap_size,
-            msg.payload.mmap_offset,
-            trace=log.isEnabledFor(logging.DEBUG),
-        )
-        log.info("dirty log mapped: %r", dirty_log)
+        dirty_log = DirtyLogging.map(fd, msg.payload.mmap_size, msg.payload.mmap_offset)
 
         def swap() -> None:
-            session.replace_log(dirty_log)
+            session.dirty_logging.replace(dirty_log)
 
         if session.features & VhostFeature.LOG_ALL.mask:
             # Logging on (a resize while migrating, or LOG_ALL acked before the first log):
@@ -1329,52 +899,22 @@ class BackendEngine:
         return msg.payload  # the reply LOG_SHMFD requires (rust-vmm's form: the log echoed)
 
     async def _set_log_fd(self, msg: Message) -> None:
-        session = self._session()
-        fd = self._one_fd(msg)
-        old, session.log_fd = session.log_fd, None if fd is None else EventFd.from_fd(fd)
-        if old is not None:
-            old.close()
+        self._session().dirty_logging.set_fd(self._one_fd(msg))
 
     async def _get_max_mem_slots(self, msg: Message) -> Payload:
         return U64(MAX_MEM_SLOTS)
 
     async def _add_mem_reg(self, msg: Message) -> None:
         assert isinstance(msg.payload, SingleRegion)
-        session = self._session()
-        if len(session.regions) >= MAX_MEM_SLOTS:
-            raise RequestFailed(f"all {MAX_MEM_SLOTS} memory slots are in use")
-        region = msg.payload.region
-        memory = session.memory if session.memory is not None else GuestMemory()
-
-        def add() -> None:
-            self._map_regions(memory, (region,), msg.fds)
-            session.memory = memory
-            session.regions.append(region)
-
-        await self._restart_rings(add)  # rings re-attach to a snapshot that has the region
+        table = self._session().memory_table
+        # The rings re-attach to a snapshot that has the region.
+        await self._restart_rings(table.adding(msg.payload.region, msg.fds))
 
     async def _rem_mem_reg(self, msg: Message) -> None:
         assert isinstance(msg.payload, SingleRegion)
-        session = self._session()  # an fd sent along is tolerated and closed unused
-        target = msg.payload.region
-        match = next(
-            (
-                r
-                for r in session.regions
-                if (r.guest_phys_addr, r.userspace_addr, r.memory_size)
-                == (target.guest_phys_addr, target.userspace_addr, target.memory_size)
-            ),
-            None,
-        )
-        if match is None or session.memory is None:
-            raise RequestFailed(f"no region at gpa {target.guest_phys_addr:#x} to remove")
-        memory = session.memory
-
-        def remove() -> None:
-            memory.remove_region(match.guest_phys_addr, REGION_RELEASE_TIMEOUT)
-            session.regions.remove(match)
-
-        await self._restart_rings(remove)
+        # An fd sent along is tolerated and closed unused.
+        table = self._session().memory_table
+        await self._restart_rings(table.removing(msg.payload.region))
 
     async def _set_vring_num(self, msg: Message) -> None:
         assert isinstance(msg.payload, VringState)
@@ -1421,15 +961,8 @@ class BackendEngine:
         vring.kick_set = False
         session = self._session()
         self._note_ring_states(session)
-        if ran and session.logging and log.isEnabledFor(logging.DEBUG):
-            # Everything the ring wrote is logged by now (a migration's last sync comes next):
-            # which pages, for telling who wrote a page a migration left stale.
-            assert session.dirty_log is not None
-            log.debug(
-                "vring %d stopped; pages marked in the dirty log: %s",
-                vring.index,
-                page_ranges(session.dirty_log.marked_pages()),
-            )
+        if ran and session.logging:
+            session.dirty_logging.note_ring_stopped(vring.index)
 
     async def _get_vring_base(self, msg: Message) -> Payload:
         assert isinstance(msg.payload, VringState)
@@ -1503,7 +1036,7 @@ class BackendEngine:
         efd = self._adopt_eventfd(msg)
         if efd is not None or not self._inband():
             return efd, None
-        signal = InbandSignal(self, request, index, EventFd())
+        signal = InbandSignal(self.backend_request, request, index, EventFd())
         return signal.efd, signal
 
     async def _vring_kick(self, msg: Message) -> None:
@@ -1551,12 +1084,10 @@ class BackendEngine:
 
     async def _set_backend_req_fd(self, msg: Message) -> None:
         session = self._session()
-        if session.backend_channel is not None:
-            session.backend_channel.close()
-            session.backend_channel = None
+        session.backchannel.replace(None)
         fd = self._one_fd(msg)
         try:
-            session.backend_channel = session.channel.open_backend_channel(
+            session.backchannel.channel = session.channel.open_backend_channel(
                 None if fd is None else os.dup(fd)
             )
         except TransportError as err:  # not a socket: refuse the request, keep the session
@@ -1617,13 +1148,13 @@ class BackendEngine:
             await self._stop_runner(vring, hand_back=False)
             vring.release()
         session.vrings = [Vring(i) for i in range(self.backend.num_queues)]
-        session.inflight = None  # the rings start over; the front-end fetches a new region
+        session.inflight_tracking.forget()  # the rings start over: the front-end fetches a new one
         session.features = 0
         session.features_set = False
-        session.iotlb = None  # the IOMMU is re-negotiated with the features
+        session.iommu.reset()  # the IOMMU is re-negotiated with the features
         session.status = 0
         session.needs_reset = False
-        session.release_log()
+        session.dirty_logging.release()
         self._note_ring_states(session)
         self.backend.reset()
 
@@ -1735,45 +1266,16 @@ class BackendEngine:
         """The region's layout follows the ring layout negotiated (SET_FEATURES comes first)."""
         return bool(self._session().features & VirtioFeature.RING_PACKED.mask)
 
-    def _inflight_geometry(self, payload: Inflight) -> None:
-        if not 0 < payload.num_queues <= self.backend.num_queues:
-            raise RequestFailed(
-                f"inflight region for {payload.num_queues} queues; "
-                f"the device has {self.backend.num_queues}"
-            )
-        if not 0 < payload.queue_size <= self.backend.max_queue_size:
-            raise RequestFailed(
-                f"inflight queue size {payload.queue_size} is not in "
-                f"1..{self.backend.max_queue_size}"
-            )
-
     async def _get_inflight_fd(self, msg: Message) -> ReplyWithFd:
         assert isinstance(msg.payload, Inflight)
-        self._inflight_geometry(msg.payload)
-        num_queues, queue_size = msg.payload.num_queues, msg.payload.queue_size
-        try:
-            region = InflightRegion.allocate(num_queues, queue_size, packed=self._packed_rings())
-        except GuestMemoryError as err:
-            raise RequestFailed(str(err)) from err
-        # Used from now on, as after SET_INFLIGHT_FD (QEMU sends that next anyway).
-        self._session().inflight = region
-        reply = Inflight(region.mmap_size, 0, num_queues, queue_size)
-        return ReplyWithFd(reply, region.fileno())
+        return self._session().inflight_tracking.allocate(msg.payload, packed=self._packed_rings())
 
     async def _set_inflight_fd(self, msg: Message) -> None:
         assert isinstance(msg.payload, Inflight)
-        payload = msg.payload
-        self._inflight_geometry(payload)
         fd = self._one_fd(msg)
         assert fd is not None  # the table demands one fd
-        self._session().inflight = InflightRegion.map(
-            fd,
-            payload.mmap_size,
-            payload.mmap_offset,
-            payload.num_queues,
-            payload.queue_size,
-            packed=self._packed_rings(),
-        )
+        tracking = self._session().inflight_tracking
+        tracking.map(msg.payload, fd, packed=self._packed_rings())
 
     async def _iotlb_msg(self, msg: Message) -> Payload:
         """IOTLB_MSG: the front-end's IOMMU adds (UPDATE) or removes (INVALIDATE) translations.
@@ -1783,20 +1285,8 @@ class BackendEngine:
         entry = msg.payload
         session = self._session()
         try:
-            if session.iotlb is None:
-                raise RequestFailed("IOTLB_MSG without VIRTIO_F_ACCESS_PLATFORM")
-            if entry.type == IotlbType.UPDATE:
-                if session.memory is None:
-                    raise RequestFailed("IOTLB update before any memory table")
-                session.iotlb.update(
-                    entry.iova, entry.size, entry.uaddr, entry.perm, session.memory
-                )
-                await self._iotlb_changed(invalidated=False)
-            elif entry.type == IotlbType.INVALIDATE:
-                if session.iotlb.invalidate(entry.iova, entry.size):
-                    await self._iotlb_changed(invalidated=True)
-            else:
-                raise RequestFailed(f"IOTLB_MSG type {entry.type} is not one a back-end handles")
+            if session.iommu.apply(entry, session.memory):
+                await self._iotlb_changed(invalidated=entry.type == IotlbType.INVALIDATE)
         except (RequestFailed, GuestMemoryError) as err:
             log.warning("IOTLB_MSG %s failed: %s", entry.describe(), str(err))
             return U64(1)
@@ -1807,21 +1297,19 @@ class BackendEngine:
         each stopped using the old ones (or restart its ring). Then start rings that were
         waiting for a translation."""
         session = self._session()
-        assert session.iotlb is not None
         memory = session.memory
         if memory is None:
             return
-        view = session.iotlb.view(memory)
-        switched: list[tuple[Vring, NativeQueueRunner, int]] = []
-        for vring in session.vrings:
-            if isinstance(vring.runner, NativeQueueRunner):
-                switched.append((vring, vring.runner, vring.runner.set_memory(view)))
-        del view  # the workers hold what they use; REM_MEM_REG must not wait for us
-        if invalidated:
-            for vring, runner, generation in switched:
-                if not await runner.wait_memory(generation, IOTLB_SWITCH_TIMEOUT):
-                    log.warning("vring %d is slow to drop invalidated IOTLB entries", vring.index)
-                    await self._stop_runner(vring)  # waits for its batch; restarted below
+        workers = [
+            (vring.index, vring.runner)
+            for vring in session.vrings
+            if isinstance(vring.runner, NativeQueueRunner)
+        ]
+
+        async def restart(index: int) -> None:
+            await self._stop_runner(session.vrings[index])  # waits for its batch; restarted below
+
+        await session.iommu.hand_over(memory, workers, invalidated=invalidated, on_slow=restart)
         for vring in session.vrings:
             if vring.runner is None:
                 try:
