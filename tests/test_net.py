@@ -632,8 +632,9 @@ def thread_names(pid: int) -> list[str]:
 @pytest.mark.parametrize("poll", [False, True], ids=["thread-per-queue", "one-poll-thread"])
 def test_serve_net_busy_poll_runs_every_queue_in_one_thread(tmp_path: Path, poll: bool) -> None:
     """Peer mode, two queue pairs, a front-end on pair 1 of each socket: without `--poll-us`
-    each started queue has its own worker thread (`vqN`); with it, none has, and the process's
-    one polling thread (`vvu-poll`) moves the frames both ways."""
+    the two queues of each started pair share one sleeping thread (`vvu-net-pair`, one per
+    queue pair, none per queue `vqN`); with it, the process's one polling thread (`vvu-poll`)
+    moves the frames both ways."""
     sock = tmp_path / "net.sock"
     peer = Path(f"{sock}.peer")
 
@@ -658,7 +659,8 @@ def test_serve_net_busy_poll_runs_every_queue_in_one_thread(tmp_path: Path, poll
     if poll:
         assert workers == [] and names.count("vvu-poll") == 1, names
     else:
-        assert workers == ["vq2", "vq2", "vq3", "vq3"] and "vvu-poll" not in names, names
+        assert workers == [] and "vvu-poll" not in names, names
+        assert names.count("vvu-net-pair") == 2, names
 
 
 # --- DPDK testpmd as a real peer ----------------------------------------------------------------

@@ -5,6 +5,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -112,6 +113,8 @@ fn frame(seq: u32, len: usize) -> Vec<u8> {
 
 /// One front-end: a receive and a transmit queue over its own memory, served by two workers.
 struct Side {
+    /// Unique in the process: the workers are called `net-rx-ID` and `net-tx-ID`.
+    id: usize,
     mem: GuestMemory,
     dev_mem: GuestMemory,
     event_idx: bool,
@@ -139,7 +142,9 @@ impl Side {
         let (mem, dev_mem) = memory();
         let rx = SplitQueueDriver::new(mem.clone(), config(RX_RINGS, event_idx)).unwrap();
         let tx = SplitQueueDriver::new(mem.clone(), config(TX_RINGS, event_idx)).unwrap();
+        static IDS: AtomicUsize = AtomicUsize::new(0);
         let mut side = Side {
+            id: IDS.fetch_add(1, Ordering::Relaxed),
             mem,
             dev_mem,
             event_idx,
@@ -176,7 +181,7 @@ impl Side {
         let handler = Box::new(self.port.rx_handler(self.features));
         self.rx_worker = Some(
             QueueWorker::spawn(
-                "net-rx",
+                &format!("net-rx-{}", self.id),
                 queue,
                 self.rx_kick.try_clone().unwrap(),
                 Some(self.rx_call.try_clone().unwrap()),
@@ -192,7 +197,7 @@ impl Side {
         let handler = Box::new(self.port.tx_handler(self.features));
         self.tx_worker = Some(
             QueueWorker::spawn(
-                "net-tx",
+                &format!("net-tx-{}", self.id),
                 queue,
                 self.tx_kick.try_clone().unwrap(),
                 Some(self.tx_call.try_clone().unwrap()),
@@ -671,6 +676,80 @@ fn loopback_returns_what_was_sent() {
         side.send(&frame(seq, 60 + seq as usize));
         side.expect(&frame(seq, 60 + seq as usize));
     }
+}
+
+/// Names of the threads of this process.
+fn thread_names() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|comm| comm.trim_end().to_owned())
+        .collect()
+}
+
+#[test]
+fn without_busy_polling_a_switch_queue_pair_shares_one_thread_and_fd_ports_keep_two() {
+    // A loopback pair (and each queue pair of a switch port) runs both its queues on one
+    // sleeping poll-group thread, so a frame the TX step forwards is delivered by the next RX
+    // step without a second thread wake-up; an fd port's queues keep a thread each.
+    let before = thread_names();
+    let group_threads = |names: &[String]| names.iter().filter(|n| *n == "vvu-net-pair").count();
+    let mut lo = Side::new(NetPort::loopback(DEFAULT_PORT_BUFFER).unwrap(), MRG, true);
+    let switch = Switch::new("mq-threads", SwitchMode::Learning);
+    let pairs: Vec<Side> = switch
+        .attach(2, DEFAULT_PORT_BUFFER)
+        .unwrap()
+        .into_iter()
+        .map(|port| Side::new(port, MRG, true))
+        .collect();
+    let (a, b) = NetPort::socket_pair(DEFAULT_PORT_BUFFER).unwrap();
+    let mut a = Side::new(a, MRG, true);
+    let mut b = Side::new(b, MRG, true);
+    // A thread names itself once it runs (until then it shows its parent's name): wait until
+    // every thread but this one has.
+    let me = std::thread::current().name().unwrap_or_default().to_owned();
+    let me = &me[..me.len().min(15)];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let names = loop {
+        let names = thread_names();
+        if names.iter().filter(|n| *n == me).count() <= 1 {
+            break names;
+        }
+        assert!(Instant::now() < deadline, "threads never named: {names:?}");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    for side in [&lo, &pairs[0], &pairs[1]] {
+        for queue in ["rx", "tx"] {
+            let own = format!("net-{queue}-{}", side.id);
+            assert!(!names.contains(&own), "{own} has a thread: {names:?}");
+        }
+    }
+    for side in [&a, &b] {
+        for queue in ["rx", "tx"] {
+            let own = format!("net-{queue}-{}", side.id);
+            assert!(names.contains(&own), "{own} has no thread: {names:?}");
+        }
+    }
+    // One per queue pair (other tests of the process may hold some too).
+    assert!(
+        group_threads(&names) >= group_threads(&before) + 3,
+        "{names:?}"
+    );
+    lo.post_rx(2048, 8);
+    b.post_rx(2048, 8);
+    for seq in 0..8 {
+        lo.send(&frame(seq, 60 + seq as usize));
+        lo.expect(&frame(seq, 60 + seq as usize));
+        a.send(&frame(seq, 1500));
+        b.expect(&frame(seq, 1500));
+    }
+    // A restarted RX worker joins its pair's thread again and finds the queued frames.
+    let base = lo.stop_rx();
+    lo.send(&frame(100, 64));
+    lo.flush_tx();
+    lo.start_rx(base);
+    lo.post_rx(2048, 1);
+    lo.expect(&frame(100, 64));
 }
 
 #[test]

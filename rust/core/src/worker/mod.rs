@@ -184,6 +184,15 @@ pub trait ChainHandler: Send + 'static {
     fn poll_group(&self) -> Option<PollGroup> {
         None
     }
+
+    /// The [`PollGroup`] the handler asks to run in *without* a busy-poll budget: queues that
+    /// hand work to each other (a virtio-net queue pair on a loopback or switch port) then share
+    /// one thread that sleeps on all their eventfds, so that work one produces is taken by the
+    /// next step of the same thread instead of a second thread wake-up. `None`: a thread of its
+    /// own.
+    fn sleep_group(&self) -> Option<PollGroup> {
+        None
+    }
 }
 
 /// Takes every chain and completes it with used length 0, touching nothing else: a started but
@@ -1072,10 +1081,9 @@ impl QueueWorker {
             .device_loop()
             .is_none_or(|device| device.steps().is_some());
         let group = match busy_poll {
-            Some(budget) if !budget.is_zero() && steppable => {
-                options.group.or_else(|| handler.poll_group())
-            }
-            _ => None,
+            _ if !steppable => None,
+            Some(budget) if !budget.is_zero() => options.group.or_else(|| handler.poll_group()),
+            _ => handler.sleep_group(),
         };
         let poller = Poller::new()?;
         poller.register(kick.as_fd(), TOKEN_KICK)?;

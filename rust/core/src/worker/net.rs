@@ -71,7 +71,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::raw::c_int;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 pub mod offload;
@@ -335,6 +335,9 @@ struct PortInner {
     busy_poll_ns: AtomicU64,
     /// Longest frame the guest may transmit (see [`NetPort::set_max_frame`]).
     max_frame: AtomicUsize,
+    /// Switch ports without busy polling: the thread both queues of the pair share (created on
+    /// first use; `None` if it could not be).
+    group: OnceLock<Option<PollGroup>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -377,6 +380,18 @@ impl PortInner {
             0 => None,
             ns => Some(Duration::from_nanos(ns)),
         }
+    }
+
+    /// Without busy polling, both queues of a switch port's pair run in one [`PollGroup`] of
+    /// their own (no spin budget: it sleeps on both queues' eventfds as soon as they are idle).
+    /// On a loopback the TX step's frames are then delivered by the next RX step of the same
+    /// thread, without waking a second one; other ports' pairs keep threads of their own. Fd
+    /// ports keep a thread per queue (their RX is fed by the kernel, not by the TX queue).
+    fn sleep_group(&self) -> Option<PollGroup> {
+        self.switch()?;
+        self.group
+            .get_or_init(|| PollGroup::new("vvu-net-pair").ok())
+            .clone()
     }
 
     /// Read one packet into `buf`. `Ok(None)`: nothing queued; `Ok(Some(0))`: the link is
@@ -519,6 +534,7 @@ impl NetPort {
                 parked_segments: Mutex::new(VecDeque::new()),
                 busy_poll_ns: AtomicU64::new(0),
                 max_frame: AtomicUsize::new(MAX_FRAME_LEN),
+                group: OnceLock::new(),
             }),
         }
     }
@@ -1082,6 +1098,10 @@ impl ChainHandler for NetTxHandler {
     fn poll_group(&self) -> Option<PollGroup> {
         PollGroup::process()
     }
+
+    fn sleep_group(&self) -> Option<PollGroup> {
+        self.port.sleep_group()
+    }
 }
 
 /// What one pass of the RX loop ended with.
@@ -1630,6 +1650,12 @@ impl LoopSteps for NetRxHandler {
     }
 
     fn disarm(&mut self, ctx: &mut LoopContext<'_>) -> Result<(), WorkerFault> {
+        if let Some(link) = self.port.switch() {
+            // Awake now: a frame pushed before the next `prepare_sleep` is found by a step, so
+            // it need not ring the doorbell (in a poll group that would only cost a write and a
+            // wasted wake-up cycle of the group).
+            link.inbox.awake();
+        }
         if std::mem::take(&mut self.armed) {
             ctx.queue.disable_notifications()?;
         }
@@ -1677,5 +1703,9 @@ impl ChainHandler for NetRxHandler {
 
     fn poll_group(&self) -> Option<PollGroup> {
         PollGroup::process()
+    }
+
+    fn sleep_group(&self) -> Option<PollGroup> {
+        self.port.sleep_group()
     }
 }

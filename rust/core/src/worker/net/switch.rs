@@ -205,6 +205,13 @@ impl FrameQueue {
         }
     }
 
+    /// The receiver is awake again without having slept on the eventfd (a poll group woke
+    /// for another of its queues): pushes need not signal until it marks the queue sleeping
+    /// again ([`FrameQueue::take`] finding nothing, which it does before every sleep).
+    pub(super) fn awake(&self) {
+        lock(&self.state).sleeping = false;
+    }
+
     /// Put frames taken with [`FrameQueue::take`] and not delivered back in front of the
     /// queue (a stopping receiver), in order.
     pub(super) fn put_back(&self, inbox: &mut VecDeque<Vec<u8>>) {
