@@ -14,7 +14,10 @@
 //!   `SOCK_SEQPACKET` socketpair ([`NetPort::socket_pair`], the former peer link, kept as a
 //!   baseline).
 //!
-//! Per queue pair, two handlers run in ordinary [`super::QueueWorker`]s:
+//! Per queue pair, two handlers run in [`super::QueueWorker`]s (on a switch port without busy
+//! polling, both in one sleeping [`PollGroup`] thread per queue pair, so that a frame forwarded
+//! by the TX step is delivered by the next RX step without waking a second thread; on an fd
+//! port, a thread each, since the kernel feeds RX):
 //!
 //! - [`NetTxHandler`] (transmitq, driver → device) is a plain [`ChainHandler`]: each chain is one
 //!   packet, validated, then written to an fd port with one non-blocking `writev`/`sendmsg`, or
