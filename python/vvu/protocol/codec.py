@@ -30,6 +30,7 @@ from vvu.protocol.payloads import EMPTY, U64, Payload, RawPayload
 from vvu.protocol.table import RequestSpec, request_name, resolve_request, spec_for
 
 __all__ = [
+    "HEADER_LAYOUT",
     "Header",
     "Message",
     "decode_header",
@@ -42,14 +43,15 @@ __all__ = [
 
 # The status an ack carries on failure; QEMU's backend_read sends !!ret, so 1.
 _ACK_FAILED: Final = 1
-_HEADER: Final = struct.Struct("<III")  # Header._LAYOUT, for the encoder's hot path
+#: The header's wire layout (`Header`), for the hot paths that skip building a Header.
+HEADER_LAYOUT: Final = struct.Struct("<III")
 
 
 @dataclass(frozen=True, slots=True)
 class Header:
     """The 12-byte header: `u32 request; u32 flags; u32 size` (payload bytes that follow)."""
 
-    _LAYOUT: ClassVar[struct.Struct] = struct.Struct("<III")
+    _LAYOUT: ClassVar[struct.Struct] = HEADER_LAYOUT
     request: int
     flags: int
     size: int
@@ -276,7 +278,7 @@ def _encode(
         if problem is not None:
             raise ValueError(f"{_what(request, channel, is_reply)}: {problem}")
     try:
-        return _HEADER.pack(request, flags, len(body)) + body
+        return HEADER_LAYOUT.pack(request, flags, len(body)) + body
     except struct.error as err:
         raise ValueError(f"Header: a field does not fit in a u32: {err}") from err
 

@@ -15,10 +15,10 @@ import logging
 import os
 import socket
 import stat
-import struct
 import time
 from collections.abc import Sequence
 
+from vvu.protocol.codec import HEADER_LAYOUT
 from vvu.transport.base import (
     HEADER_SIZE,
     MAX_PAYLOAD,
@@ -31,8 +31,6 @@ from vvu.transport.base import (
 from vvu.transport.stream import FdStream, connect_socket
 
 log = logging.getLogger(__name__)
-
-_HEADER = struct.Struct("<III")  # request, flags, size (vvu.protocol.codec.Header)
 
 
 class UnixChannel(Channel):
@@ -58,11 +56,11 @@ class UnixChannel(Channel):
         if frame is None:
             return None
         header, payload = frame
-        request, flags, _ = _HEADER.unpack(header)
+        request, flags, _ = HEADER_LAYOUT.unpack(header)
         return RawMessage(request, flags, payload, fds)
 
     def _payload_size(self, header: bytes) -> int:
-        request, _, size = _HEADER.unpack(header)
+        request, _, size = HEADER_LAYOUT.unpack(header)
         if size > MAX_PAYLOAD:
             raise TransportError(
                 f"{self.peer}: request {request} announces {size} payload bytes, "
