@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from vvu.bench import backend_cpu
 from vvu.frontend import BlkDriver
 
 CASES = {
@@ -32,11 +33,6 @@ CASES = {
     "vvu threads": ["--aio", "threads"],
     "vvu sync": ["--aio", "sync"],
 }
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start(cmd: list[str], socket: Path) -> subprocess.Popen[bytes]:
@@ -127,11 +123,11 @@ def main() -> None:
                         if args.drop_caches:
                             os.sync()
                             Path("/proc/sys/vm/drop_caches").write_text("3\n")
-                        cpu0 = cpu_seconds(proc.pid)
+                        cpu0 = backend_cpu(proc.pid)
                         t0 = time.monotonic()
                         n = asyncio.run(drive(str(socket), depth, args.seconds, sectors))
                         elapsed = time.monotonic() - t0
-                        cpu = cpu_seconds(proc.pid) - cpu0
+                        cpu = backend_cpu(proc.pid) - cpu0
                     finally:
                         stop(proc)
                     row = {

@@ -55,6 +55,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from vvu.bench import backend_cpu
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
@@ -386,12 +388,6 @@ def running(argv: list[str], vhost: Path, log: Path) -> Iterator[subprocess.Pope
             proc.wait()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process `pid` so far (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def measure(
     result: BootResult,
     uds: Path,
@@ -403,11 +399,11 @@ def measure(
 ) -> None:
     """`args.reps` times: host → guest and ping-pong on a host-initiated connection, guest → host
     and ping-pong on a guest-initiated one; the back-end's CPU time of each phase."""
-    cpu = cpu_seconds(backend_pid)
+    cpu = backend_cpu(backend_pid)
 
     def used() -> float:
         nonlocal cpu
-        before, cpu = cpu, cpu_seconds(backend_pid)
+        before, cpu = cpu, backend_cpu(backend_pid)
         return cpu - before
 
     for _ in range(args.reps):
