@@ -21,6 +21,7 @@ from vvu.transport.unix import (
     UnixConnector,
     UnixListener,
     connect_unix,
+    listening_socket,
     socketpair_channels,
 )
 
@@ -289,3 +290,10 @@ async def test_connector_backs_off_from_a_front_end_that_drops_at_once(tmp_path:
     (await connector.accept()).close()
     assert time.monotonic() - started < 0.1
     server.close()
+
+
+def test_a_socket_path_that_cannot_be_bound_is_named_in_the_error(tmp_path: Path) -> None:
+    path = str(tmp_path / "missing-dir" / "vhost.sock")
+    with pytest.raises(FileNotFoundError) as err:
+        listening_socket(path)
+    assert path in str(err.value)

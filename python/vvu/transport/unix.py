@@ -217,6 +217,12 @@ def listening_socket(path: str, mode: int = 0o600, backlog: int = 16) -> socket.
             os.umask(old_umask)
         os.chmod(path, mode)
         sock.listen(backlog)
+    except OSError as err:
+        sock.close()
+        if err.filename is not None:
+            raise
+        # bind() does not name the path, and "No such file or directory" alone says nothing.
+        raise OSError(err.errno, err.strerror, path) from err
     except BaseException:
         sock.close()
         raise
