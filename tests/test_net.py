@@ -620,6 +620,70 @@ def test_serve_net_loopback(tmp_path: Path, extra: list[str]) -> None:
         asyncio.run(echo())
 
 
+def _ones_sum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return int(total)
+
+
+def check_generated(got: bytes, size: int, seq: int, dst: bytes, src: bytes) -> None:
+    """`got` is the generator's frame `seq` of `size` bytes: Ethernet to `dst` from `src`,
+    IPv4 198.18.0.1 -> 198.18.0.2 with a good header checksum, UDP 9 -> 9 with a good
+    checksum, payload starting with `seq` (see `vvu serve net --help`)."""
+    assert len(got) == size
+    assert (got[:6], got[6:12], got[12:14]) == (dst, src, b"\x08\x00")
+    ip, udp = got[14:34], got[34:]
+    assert ip[0] == 0x45 and ip[9] == 17 and struct.unpack("!H", ip[2:4])[0] == size - 14
+    assert (ip[12:16], ip[16:20]) == (bytes([198, 18, 0, 1]), bytes([198, 18, 0, 2]))
+    assert _ones_sum(ip) == 0xFFFF, "IPv4 header checksum"
+    sport, dport, length, check = struct.unpack("!HHHH", udp[:8])
+    assert (sport, dport, length) == (9, 9, size - 34) and check != 0
+    pseudo = ip[12:20] + struct.pack("!BBH", 0, 17, length)
+    assert _ones_sum(pseudo + udp) == 0xFFFF, "UDP checksum"
+    assert struct.unpack("!Q", udp[8:16])[0] == seq
+
+
+def test_serve_net_generate_fills_our_driver_with_valid_udp_frames(tmp_path: Path) -> None:
+    """`--generate 60,64,1500`: every receive buffer gets the next frame, sizes in turn,
+    sequence numbers without a gap, checksums right; what the driver sends is taken (its
+    transmit buffers come back) and discarded."""
+    sock = tmp_path / "gen.sock"
+    mac, src = parse_mac("52:54:00:00:00:0a"), parse_mac("02:00:00:00:00:99")
+    sizes = [60, 64, 1500]
+
+    async def receive() -> None:
+        d = await NetDriver.open(str(sock), rx_buffers=16)
+        try:
+            for seq in range(600):  # many rounds of the 16 buffers, re-posted as taken
+                got = await d.recv(TIMEOUT)
+                check_generated(got, sizes[seq % 3], seq, mac, src)
+            await d.send_all([frame(i, 100) for i in range(20)])  # slots recycled: all taken
+        finally:
+            await d.close()
+
+    args = ["--generate", "60,64,1500", "--mac", "52:54:00:00:00:0a", "--peer-mac"]
+    with vvu_serve_net(sock, *args, "02:00:00:00:00:99"):
+        asyncio.run(receive())
+
+
+def test_generator_counts_and_bounds() -> None:
+    b = NetBackend.generator([64, 1514], queue_pairs=2, mtu=1500)
+    assert [p.kind for p in b.ports] == ["generator"] * 2
+    assert "generator of 64,1514-byte frames" in b.describe()
+    first = b.ports[0].recv()
+    assert first is not None
+    check_generated(first, 64, 0, b.mac, parse_mac("02:76:76:75:00:02"))
+    assert b.ports[0].drain() == 0 and b.ports[1].send(frame(1, 60))
+    assert b.ports[1].stats["tx_packets"] == 1
+    with pytest.raises(ValueError, match="MTU"):
+        NetBackend.generator([1515], mtu=1500)
+    with pytest.raises(ValueError, match="not 59"):
+        NetBackend.generator([59])
+
+
 def thread_names(pid: int) -> list[str]:
     """The names (comm) of process `pid`'s threads."""
     names = []
@@ -1052,6 +1116,29 @@ def test_dpdk_testpmd_txonly_frames_reach_our_driver(tmp_path: Path) -> None:
 
     with vvu_serve_net(sock), run_testpmd(sock, "txonly", tmp_path) as pmd:
         asyncio.run(receive(pmd))
+
+
+@needs_testpmd
+@pytest.mark.parametrize("queues", [1, 2])
+def test_dpdk_testpmd_rxonly_counts_generated_frames(tmp_path: Path, queues: int) -> None:
+    """`vvu serve net --generate 64,1500` against testpmd `rxonly` (DPDK's RX-only benchmark
+    shape): testpmd receives on every queue, its byte count says the frames alternate 64 and
+    1500 bytes, and nothing is dropped on its side."""
+    sock = tmp_path / "gen.sock"
+    args = ["--generate", "64,1500", "--num-queue-pairs", str(queues)]
+    with vvu_serve_net(sock, *args), run_testpmd(sock, "rxonly", tmp_path, queues=queues) as pmd:
+        pmd.wait_forwarding()
+        pmd.wait_rx_packets(20_000)
+    text = pmd.output()
+    stats = re.findall(r"RX-packets: +(\d+) +RX-missed: +(\d+) +RX-bytes: +(\d+)", text)
+    assert stats, text[-3000:]
+    packets, missed, rx_bytes = (int(n) for n in stats[-1])
+    assert packets >= 20_000 and missed == 0
+    # Frames alternate per queue: the mean is 782 bytes, give or take one frame per queue.
+    assert abs(rx_bytes - 782 * packets) <= 718 * queues, (packets, rx_bytes)
+    if queues > 1:
+        per_queue = re.findall(r"RX Port= 0/Queue= (\d+) .*?RX-packets: (\d+)", text, re.S)
+        assert {q for q, n in per_queue if int(n) > 0} == {"0", "1"}, text[-3000:]
 
 
 # --- a Linux guest's virtio-net driver through QEMU ----------------------------------------------

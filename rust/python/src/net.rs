@@ -68,6 +68,17 @@ impl PyNetPort {
         Ok(Self { port })
     }
 
+    /// A frame source for benchmarks and tests: the receive queue is filled with IPv4/UDP
+    /// frames of `sizes` bytes in turn (to `dst_mac` from `src_mac`, 198.18.0.1:9 to
+    /// 198.18.0.2:9, the first 8 payload bytes a sequence number) as fast as buffers are
+    /// posted; transmitted frames are counted and discarded.
+    #[staticmethod]
+    #[pyo3(signature = (sizes, *, dst_mac, src_mac))]
+    fn generator(sizes: Vec<usize>, dst_mac: [u8; 6], src_mac: [u8; 6]) -> PyResult<Self> {
+        let port = NetPort::generator(&sizes, dst_mac, src_mac).map_err(to_pyerr)?;
+        Ok(Self { port })
+    }
+
     /// The switch port id, for a port attached to a learning switch (None otherwise).
     #[getter]
     fn switch_port(&self) -> Option<usize> {
@@ -106,7 +117,7 @@ impl PyNetPort {
         self.port.set_max_frame(len);
     }
 
-    /// "tap", "peer", "loopback" or "switch".
+    /// "tap", "peer", "loopback", "switch" or "generator".
     #[getter]
     fn kind(&self) -> &'static str {
         self.port.kind().as_str()

@@ -13,6 +13,9 @@
 //!   `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` and `TUNSETVNETHDRSZ` 12, [`NetPort::tap`]) and a kernel
 //!   `SOCK_SEQPACKET` socketpair ([`NetPort::socket_pair`], the former peer link, kept as a
 //!   baseline).
+//! - a **generator** ([`NetPort::generator`], [`generate`]): a frame source for benchmarks and
+//!   tests whose RX worker makes a valid IPv4/UDP frame whenever the guest has a buffer for
+//!   one, and whose TX side checks, counts and discards.
 //!
 //! Per queue pair, two handlers run in [`super::QueueWorker`]s (on a switch port without busy
 //! polling, both in one sleeping [`PollGroup`] thread per queue pair, so that a frame forwarded
@@ -77,9 +80,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
+pub mod generate;
 pub mod offload;
 pub mod switch;
 
+use generate::Generator;
 use offload::{Offloads, RxAction, VnetHdr};
 use switch::{Attachment, Forwarder, FrameQueue, Switch};
 
@@ -263,6 +268,8 @@ pub enum PortKind {
     Loopback,
     /// A port of a learning [`Switch`].
     Switch,
+    /// A frame source ([`NetPort::generator`]).
+    Generator,
 }
 
 impl PortKind {
@@ -277,6 +284,7 @@ impl PortKind {
             PortKind::Peer => "peer",
             PortKind::Loopback => "loopback",
             PortKind::Switch => "switch",
+            PortKind::Generator => "generator",
         }
     }
 }
@@ -323,6 +331,8 @@ enum Link {
         tx: Option<OwnedFd>,
     },
     Switch(SwitchLink),
+    /// A frame source: RX is generated, TX is discarded.
+    Generator(Generator),
 }
 
 struct PortInner {
@@ -359,14 +369,21 @@ impl PortInner {
     fn fds(&self) -> io::Result<(RawFd, RawFd)> {
         match &self.link {
             Link::Fd { rx, tx } => Ok((rx.as_raw_fd(), tx.as_ref().unwrap_or(rx).as_raw_fd())),
-            Link::Switch(_) => Err(not_fd()),
+            Link::Switch(_) | Link::Generator(_) => Err(not_fd()),
         }
     }
 
     fn switch(&self) -> Option<&SwitchLink> {
         match &self.link {
             Link::Switch(link) => Some(link),
-            Link::Fd { .. } => None,
+            Link::Fd { .. } | Link::Generator(_) => None,
+        }
+    }
+
+    fn generator(&self) -> Option<&Generator> {
+        match &self.link {
+            Link::Generator(generator) => Some(generator),
+            Link::Fd { .. } | Link::Switch(_) => None,
         }
     }
 
@@ -375,6 +392,7 @@ impl PortInner {
         match &self.link {
             Link::Fd { rx, .. } => rx.as_fd(),
             Link::Switch(link) => link.inbox.wake().as_fd(),
+            Link::Generator(generator) => generator.idle().as_fd(),
         }
     }
 
@@ -475,6 +493,7 @@ impl std::fmt::Debug for NetPort {
                 .field("switch", &link.switch.name())
                 .field("port", &link.attachment_id())
                 .field("pair", &link.pair),
+            Link::Generator(generator) => d.field("generator", generator),
         };
         d.finish()
     }
@@ -586,6 +605,18 @@ impl NetPort {
         lo.attach(1, buffer)?
             .pop()
             .ok_or_else(|| io::Error::other("attach returned no port"))
+    }
+
+    /// A frame source for benchmarks and tests ([`generate`]): the receive side delivers
+    /// IPv4/UDP frames of `sizes` bytes in turn, to `dst` from `src`, as fast as the guest posts
+    /// buffers; transmitted frames are checked, counted and discarded.
+    pub fn generator(sizes: &[usize], dst: [u8; 6], src: [u8; 6]) -> io::Result<Self> {
+        let generator = Generator::new(sizes, dst, src)?;
+        Ok(Self::with_link(
+            Link::Generator(generator),
+            PortKind::Generator,
+            None,
+        ))
     }
 
     /// Two ports linked through a `SOCK_SEQPACKET` socketpair (one `writev`/`recv` per frame):
@@ -789,6 +820,12 @@ impl NetPort {
             );
             return Ok(counters.tx_dropped.load(Ordering::Relaxed) == dropped);
         }
+        let counters = &self.inner.counters;
+        if self.inner.generator().is_some() {
+            bump(&counters.tx_packets, 1);
+            bump(&counters.tx_bytes, frame.len() as u64);
+            return Ok(true);
+        }
         let header = [0u8; PORT_HDR_LEN];
         let iov = [
             libc::iovec {
@@ -800,7 +837,6 @@ impl NetPort {
                 iov_len: frame.len(),
             },
         ];
-        let counters = &self.inner.counters;
         // SAFETY: both iovecs point at live local memory.
         match unsafe { self.inner.write_packet(&iov) } {
             Ok(_) => {
@@ -837,6 +873,11 @@ impl NetPort {
                 .map(|packet| packet[PORT_HDR_LEN..].to_vec()));
         }
         let mut buf = vec![0u8; MAX_PACKET_LEN + 1];
+        if let Some(generator) = self.inner.generator() {
+            let n = generator.fill(&mut buf);
+            buf.truncate(n);
+            return Ok(Some(buf.split_off(PORT_HDR_LEN)));
+        }
         loop {
             match self.inner.read_packet(&mut buf)? {
                 None | Some(0) => return Ok(None),
@@ -865,6 +906,8 @@ impl NetPort {
         drop(segments);
         if let Some(link) = self.inner.switch() {
             dropped += link.inbox.clear();
+        } else if self.inner.generator().is_some() {
+            // Nothing waits: frames are made when buffers come.
         } else {
             let mut buf = [0u8; 1];
             while let Some(n) = self.inner.read_packet(&mut buf)? {
@@ -1020,6 +1063,12 @@ impl NetTxHandler {
                 bump(&counters.tx_errors, 1);
                 return;
             }
+        }
+        if self.port.generator().is_some() {
+            // A frame source's sink: checked, counted, discarded.
+            self.sent.0 += 1;
+            self.sent.1 += frame_len as u64;
+            return;
         }
         let iov = &mut self.iovecs.0;
         iov.clear();
@@ -1408,6 +1457,10 @@ impl NetRxHandler {
             return None;
         }
         let stage = self.stage.get_or_insert_with(Stage::new);
+        if let Some(generator) = self.port.generator() {
+            stage.len = generator.fill(&mut stage.buf);
+            return None;
+        }
         if let Some(segment) = self.inbox.pop_front() {
             stage.buf[..segment.len()].copy_from_slice(&segment);
             stage.len = segment.len();

@@ -299,7 +299,7 @@ pub fn rx_action(hdr: &VnetHdr, guest: Offloads) -> RxAction {
 }
 
 /// Add `data` as big-endian 16-bit words to `sum` (an odd last byte padded with zero).
-fn add_words(mut sum: u64, data: &[u8]) -> u64 {
+pub(super) fn add_words(mut sum: u64, data: &[u8]) -> u64 {
     let mut chunks = data.chunks_exact(2);
     for w in &mut chunks {
         sum += u64::from(u16::from_be_bytes([w[0], w[1]]));
@@ -310,7 +310,7 @@ fn add_words(mut sum: u64, data: &[u8]) -> u64 {
     sum
 }
 
-fn fold(mut sum: u64) -> u16 {
+pub(super) fn fold(mut sum: u64) -> u16 {
     while sum >> 16 != 0 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
