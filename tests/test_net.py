@@ -79,10 +79,11 @@ def test_features_config_space_and_registration() -> None:
         assert features & (1 << bit)
     assert features & (1 << NetFeature.MQ)
     assert features & VirtioFeature.VERSION_1.mask and features & VirtioFeature.EVENT_IDX.mask
-    # Checksum and TSO offloads both ways (none with offloads off), no UFO/ECN, no control queue.
+    # Checksum, TSO, UFO and USO offloads both ways (none with offloads off), no ECN, no
+    # control queue.
     offloads = OFFLOAD_FEATURES
     assert all(features & (1 << bit) for bit in offloads)
-    for bit in (9, 10, 13, 14, NetFeature.CTRL_VQ):  # GUEST_ECN/UFO, HOST_ECN/UFO
+    for bit in (9, 13, NetFeature.CTRL_VQ):  # GUEST_ECN, HOST_ECN
         assert not features & (1 << bit)
     a.offloads = False
     assert not any(a.features() & (1 << bit) for bit in offloads)

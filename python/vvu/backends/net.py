@@ -35,12 +35,15 @@ while traffic flows).
 The two queues of a pair are independent workers that share the port, so the engine's per-queue
 `native_worker(index)` life cycle applies as it is: a ring runs while it is started and enabled;
 a started but disabled transmit queue discards what it is given (`disabled_worker`).
-Offloads (unless `--no-offloads`): CSUM, GUEST_CSUM, HOST_TSO4/6 and GUEST_TSO4/6 are offered and
-the virtio-net header travels with the frame (vvu_core `worker::net::offload`). Every header from
-a guest is checked against what it negotiated and against its frame (flags, gso_type, gso_size
+Offloads (unless `--no-offloads`): CSUM, GUEST_CSUM, HOST_TSO4/6, GUEST_TSO4/6, HOST_UFO,
+GUEST_UFO, HOST_USO (not on a TAP of a kernel before 6.2) and GUEST_USO4/6 are offered and the
+virtio-net header travels with the frame (vvu_core `worker::net::offload`). Every header from a
+guest is checked against what it negotiated and against its frame (flags, gso_type, gso_size
 against the MTU, csum_start/csum_offset, hdr_len); a bad one drops the frame (`tx_errors`). A
-receiving port whose guest lacks an offload gets the checksum completed or the TCP packet cut
-into segments in software; a TAP is told the guest's offloads with TUNSETOFFLOAD. The control
+receiving port whose guest lacks an offload gets the checksum completed, the TCP packet cut into
+segments, the USO packet into UDP datagrams or the UFO datagram into IP fragments in software; a
+TAP is told the guest's offloads with TUNSETOFFLOAD (USO only on Linux 6.2 and later; the kernel
+ignores UFO since 4.14 and cuts UDP itself). The control
 queue is not implemented (a front-end that uses more than one queue pair must steer them itself,
 as QEMU and DPDK do).
 """
@@ -76,16 +79,22 @@ class NetFeature:
     MAC = 5
     GUEST_TSO4 = 7
     GUEST_TSO6 = 8
+    GUEST_UFO = 10
     HOST_TSO4 = 11
     HOST_TSO6 = 12
+    HOST_UFO = 14
     MRG_RXBUF = 15
     STATUS = 16
     CTRL_VQ = 17
     GUEST_ANNOUNCE = 21
     MQ = 22
+    GUEST_USO4 = 54
+    GUEST_USO6 = 55
+    HOST_USO = 56
 
 
-#: Checksum and TCP segmentation offloads, both directions.
+#: Checksum, TCP segmentation and UDP fragmentation/segmentation offloads, both directions
+#: (HOST_USO only where every port takes it: `NetPort.takes_uso`).
 OFFLOAD_FEATURES = [
     NetFeature.CSUM,
     NetFeature.GUEST_CSUM,
@@ -93,6 +102,11 @@ OFFLOAD_FEATURES = [
     NetFeature.HOST_TSO6,
     NetFeature.GUEST_TSO4,
     NetFeature.GUEST_TSO6,
+    NetFeature.HOST_UFO,
+    NetFeature.GUEST_UFO,
+    NetFeature.HOST_USO,
+    NetFeature.GUEST_USO4,
+    NetFeature.GUEST_USO6,
 ]
 
 #: Config space `status`: the link is up.
@@ -325,7 +339,8 @@ class NetBackend(Backend):
         parser.add_argument(
             "--no-offloads",
             action="store_true",
-            help="offer no checksum or TSO offload (guests checksum and segment themselves)",
+            help="offer no checksum, TSO, UFO or USO offload (guests checksum and segment "
+            "themselves)",
         )
         parser.add_argument("--mac", default=DEFAULT_MAC, help=f"MAC address ({DEFAULT_MAC})")
         parser.add_argument(
@@ -427,6 +442,8 @@ class NetBackend(Backend):
         bits = [NetFeature.MAC, NetFeature.STATUS, NetFeature.MRG_RXBUF]
         if self.offloads:
             bits += OFFLOAD_FEATURES
+            if not all(port.takes_uso for port in self.ports):
+                bits.remove(NetFeature.HOST_USO)  # a TAP of a kernel before 6.2
         if self.mtu is not None:
             bits.append(NetFeature.MTU)
         if self.queue_pairs > 1:

@@ -117,6 +117,13 @@ impl PyNetPort {
         self.port.set_max_frame(len);
     }
 
+    /// Whether the port takes UDP segmentation (USO) packets from the guest, i.e. whether
+    /// VIRTIO_NET_F_HOST_USO may be offered: always, except on a TAP of a kernel older than 6.2.
+    #[getter]
+    fn takes_uso(&self) -> bool {
+        self.port.takes_uso()
+    }
+
     /// "tap", "peer", "loopback", "switch" or "generator".
     #[getter]
     fn kind(&self) -> &'static str {
@@ -131,7 +138,7 @@ impl PyNetPort {
 
     /// The handler for the receive queue of the pair (device → driver), for a QueueWorker.
     /// `features`: the acked feature bits, for the offloads (CSUM, GUEST_CSUM, HOST_TSO4/6,
-    /// GUEST_TSO4/6); 0: none.
+    /// GUEST_TSO4/6, HOST_UFO, GUEST_UFO, HOST_USO, GUEST_USO4/6); 0: none.
     #[pyo3(signature = (*, mrg_rxbuf, version_1, features = 0))]
     fn rx_handler(&self, mrg_rxbuf: bool, version_1: bool, features: u64) -> NativeHandler {
         let handler = self
@@ -142,7 +149,7 @@ impl PyNetPort {
 
     /// The handler for the transmit queue of the pair (driver → device), for a QueueWorker.
     /// `features`: the acked feature bits, for the offloads (CSUM, GUEST_CSUM, HOST_TSO4/6,
-    /// GUEST_TSO4/6); 0: none.
+    /// GUEST_TSO4/6, HOST_UFO, GUEST_UFO, HOST_USO, GUEST_USO4/6); 0: none.
     #[pyo3(signature = (*, mrg_rxbuf, version_1, features = 0))]
     fn tx_handler(&self, mrg_rxbuf: bool, version_1: bool, features: u64) -> NativeHandler {
         let handler = self

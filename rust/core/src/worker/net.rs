@@ -76,7 +76,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::raw::c_int;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -126,6 +126,11 @@ const TUNSETOFFLOAD: libc::Ioctl = 0x4004_54d0;
 const TUN_F_CSUM: libc::c_uint = 0x01;
 const TUN_F_TSO4: libc::c_uint = 0x02;
 const TUN_F_TSO6: libc::c_uint = 0x04;
+/// Accepted and ignored since Linux 4.14 (the kernel no longer makes UFO packets).
+const TUN_F_UFO: libc::c_uint = 0x10;
+/// Linux 6.2: UDP segmentation, only both together.
+const TUN_F_USO4: libc::c_uint = 0x20;
+const TUN_F_USO6: libc::c_uint = 0x40;
 
 const TOKEN_KICK: u64 = 0;
 const TOKEN_STOP: u64 = 1;
@@ -138,9 +143,9 @@ pub struct NetFeatures {
     pub mrg_rxbuf: bool,
     /// VIRTIO_F_VERSION_1: the header always has `num_buffers`.
     pub version_1: bool,
-    /// What the guest may ask for on transmit: CSUM, HOST_TSO4, HOST_TSO6.
+    /// What the guest may ask for on transmit: CSUM, HOST_TSO4/6, HOST_UFO, HOST_USO.
     pub host: Offloads,
-    /// What the guest takes on receive: GUEST_CSUM, GUEST_TSO4, GUEST_TSO6.
+    /// What the guest takes on receive: GUEST_CSUM, GUEST_TSO4/6, GUEST_UFO, GUEST_USO4/6.
     pub guest: Offloads,
 }
 
@@ -156,6 +161,16 @@ pub const VIRTIO_NET_F_GUEST_TSO6: u32 = 8;
 pub const VIRTIO_NET_F_HOST_TSO4: u32 = 11;
 /// Feature bit VIRTIO_NET_F_HOST_TSO6.
 pub const VIRTIO_NET_F_HOST_TSO6: u32 = 12;
+/// Feature bit VIRTIO_NET_F_GUEST_UFO.
+pub const VIRTIO_NET_F_GUEST_UFO: u32 = 10;
+/// Feature bit VIRTIO_NET_F_HOST_UFO.
+pub const VIRTIO_NET_F_HOST_UFO: u32 = 14;
+/// Feature bit VIRTIO_NET_F_GUEST_USO4.
+pub const VIRTIO_NET_F_GUEST_USO4: u32 = 54;
+/// Feature bit VIRTIO_NET_F_GUEST_USO6.
+pub const VIRTIO_NET_F_GUEST_USO6: u32 = 55;
+/// Feature bit VIRTIO_NET_F_HOST_USO.
+pub const VIRTIO_NET_F_HOST_USO: u32 = 56;
 /// Feature bit VIRTIO_NET_F_MRG_RXBUF.
 pub const VIRTIO_NET_F_MRG_RXBUF: u32 = 15;
 /// Feature bit VIRTIO_F_VERSION_1.
@@ -172,11 +187,21 @@ impl NetFeatures {
                 has(VIRTIO_NET_F_CSUM),
                 has(VIRTIO_NET_F_HOST_TSO4),
                 has(VIRTIO_NET_F_HOST_TSO6),
+            )
+            .with_udp(
+                has(VIRTIO_NET_F_HOST_UFO),
+                has(VIRTIO_NET_F_HOST_USO),
+                has(VIRTIO_NET_F_HOST_USO),
             ),
             guest: Offloads::new(
                 has(VIRTIO_NET_F_GUEST_CSUM),
                 has(VIRTIO_NET_F_GUEST_TSO4),
                 has(VIRTIO_NET_F_GUEST_TSO6),
+            )
+            .with_udp(
+                has(VIRTIO_NET_F_GUEST_UFO),
+                has(VIRTIO_NET_F_GUEST_USO4),
+                has(VIRTIO_NET_F_GUEST_USO6),
             ),
         }
     }
@@ -348,6 +373,8 @@ struct PortInner {
     busy_poll_ns: AtomicU64,
     /// Longest frame the guest may transmit (see [`NetPort::set_max_frame`]).
     max_frame: AtomicUsize,
+    /// The port takes USO packets from the guest (see [`NetPort::takes_uso`]).
+    takes_uso: AtomicBool,
     /// Switch ports without busy polling: the thread both queues of the pair share (created on
     /// first use; `None` if it could not be).
     group: OnceLock<Option<PollGroup>>,
@@ -556,6 +583,7 @@ impl NetPort {
                 parked_segments: Mutex::new(VecDeque::new()),
                 busy_poll_ns: AtomicU64::new(0),
                 max_frame: AtomicUsize::new(MAX_FRAME_LEN),
+                takes_uso: AtomicBool::new(true),
                 group: OnceLock::new(),
             }),
         }
@@ -706,7 +734,20 @@ impl NetPort {
             .map(|&c| c as u8)
             .collect();
         let actual = String::from_utf8_lossy(&actual).into_owned();
-        Ok(Self::new(fd, None, PortKind::Tap, Some(actual)))
+        // The kernel takes USO from us if it knows TUN_F_USO4/6 (both came with Linux 6.2);
+        // the offloads it hands to us are set again for each guest (`rx_handler`).
+        let uso = set_tap_offload(&fd, TUN_F_CSUM | TUN_F_USO4 | TUN_F_USO6).is_ok();
+        set_tap_offload(&fd, 0)?;
+        let port = Self::new(fd, None, PortKind::Tap, Some(actual));
+        port.inner.takes_uso.store(uso, Ordering::Relaxed);
+        Ok(port)
+    }
+
+    /// Whether the port takes UDP segmentation (USO) packets from the guest, i.e. whether
+    /// VIRTIO_NET_F_HOST_USO may be offered: always, except on a TAP of a kernel older than
+    /// 6.2 (the other offloads, UFO included, every port takes).
+    pub fn takes_uso(&self) -> bool {
+        self.inner.takes_uso.load(Ordering::Relaxed)
     }
 
     pub fn kind(&self) -> PortKind {
@@ -734,7 +775,11 @@ impl NetPort {
     }
 
     /// The handler for this port's transmit queue.
-    pub fn tx_handler(&self, features: NetFeatures) -> NetTxHandler {
+    pub fn tx_handler(&self, mut features: NetFeatures) -> NetTxHandler {
+        if !self.takes_uso() {
+            features.host.uso4 = false;
+            features.host.uso6 = false;
+        }
         NetTxHandler {
             port: Arc::clone(&self.inner),
             features,
@@ -759,15 +804,19 @@ impl NetPort {
                     (g.csum, TUN_F_CSUM),
                     (g.tso4, TUN_F_TSO4),
                     (g.tso6, TUN_F_TSO6),
+                    (g.ufo, TUN_F_UFO),
+                    (g.uso4 && g.uso6, TUN_F_USO4 | TUN_F_USO6),
                 ] {
                     if on {
                         flags |= bit;
                     }
                 }
-                // SAFETY: TUNSETOFFLOAD takes its argument by value. A failure leaves the
-                // kernel's defaults (no offload to us), which the RX path copes with anyway.
-                let _ =
-                    unsafe { libc::ioctl(rx.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) };
+                // A kernel before 6.2 refuses the USO bits (EINVAL): without them it segments
+                // UDP itself. Any other failure leaves the kernel's defaults (no offload to
+                // us), which the RX path copes with anyway.
+                if set_tap_offload(rx, flags).is_err() {
+                    let _ = set_tap_offload(rx, flags & !(TUN_F_USO4 | TUN_F_USO6));
+                }
             }
         }
         NetRxHandler {
@@ -920,6 +969,12 @@ impl NetPort {
         bump(&self.inner.counters.rx_dropped, dropped);
         Ok(dropped)
     }
+}
+
+/// TUNSETOFFLOAD: which offloads the TAP behind `fd` may hand to its reader.
+fn set_tap_offload(fd: &OwnedFd, flags: libc::c_uint) -> io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes its argument by value.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) }).map(drop)
 }
 
 /// Copy bytes out of `segments`, starting `skip` bytes in, into `dst`; returns how many.
@@ -1495,7 +1550,7 @@ impl NetRxHandler {
         };
         let hdr = VnetHdr::parse(&stage.buf[..PORT_HDR_LEN]);
         let frame = &mut stage.buf[PORT_HDR_LEN..stage.len];
-        let ok = match offload::rx_action(&hdr, self.features.guest) {
+        let ok = match offload::rx_action(&hdr, frame, self.features.guest) {
             RxAction::Pass(out) => {
                 out.write(&mut stage.buf);
                 return true;
@@ -1515,9 +1570,9 @@ impl NetRxHandler {
             RxAction::Segment => {
                 let mut segments = Vec::new();
                 let spent = &mut self.spent;
-                let cut = offload::segment(
+                let cut = offload::segment_gso(
                     frame,
-                    usize::from(hdr.gso_size),
+                    &hdr,
                     PORT_HDR_LEN,
                     |len| {
                         let mut buf = spent.pop().unwrap_or_default();
