@@ -60,16 +60,18 @@
 //! (10 bytes, 12 with VIRTIO_NET_F_MRG_RXBUF or VIRTIO_F_VERSION_1) and a frame of
 //! [`ETH_HLEN`]..=[`MAX_FRAME_LEN`] bytes; the header is copied out once and checked with
 //! [`offload::validate`] (on a switch port against the copied frame, which the guest can no
-//! longer change): only the offloads it negotiated (CSUM, HOST_TSO4/6), `csum_start` and
-//! `csum_offset` inside the frame, a GSO frame really TCP over IPv4/IPv6 with segments of at most
+//! longer change): only the offloads it negotiated (CSUM, HOST_TSO4/6, HOST_UFO, HOST_USO),
+//! `csum_start` and `csum_offset` inside the frame, a GSO frame really TCP (UDP for UFO/USO)
+//! over IPv4/IPv6 with segments of at most
 //! [`NetPort::max_frame`] bytes (the advertised MTU plus 18, else [`MAX_FRAME_LEN`]), a frame
 //! without GSO not longer than that; a violating chain is completed unsent and counted in
 //! `tx_errors`. The checked header goes with the frame to the port (`num_buffers` 0). RX: a chain
 //! with a device-readable part or too short for the header is completed with length 0
 //! (`rx_bad_chains`); without MRG_RXBUF a packet larger than the one chain is dropped
 //! (`rx_dropped`) and the chain kept for the next one. The header written to the guest carries
-//! only what it negotiated (GUEST_CSUM, GUEST_TSO4/6): otherwise the checksum is completed or
-//! the TCP packet cut into segments here ([`offload::complete_csum`], [`offload::segment`]; a
+//! only what it negotiated (GUEST_CSUM, GUEST_TSO4/6, GUEST_UFO, GUEST_USO4/6): otherwise the
+//! checksum is completed or the packet cut into TCP segments, UDP datagrams or IP fragments
+//! here ([`offload::complete_csum`], [`offload::segment_gso`]; a
 //! header that does not fit its frame drops the packet, `rx_errors`), and `num_buffers` is set.
 
 use std::collections::VecDeque;

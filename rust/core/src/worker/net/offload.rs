@@ -2,14 +2,17 @@
 //! for on transmit, and doing the work in software for a receiver that did not negotiate it.
 //!
 //! A transmitted packet may carry a partial checksum (`VIRTIO_NET_HDR_F_NEEDS_CSUM` with
-//! `csum_start`/`csum_offset`, feature CSUM) and be a TCP segmentation job (`gso_type`
-//! TCPV4/TCPV6 with `gso_size`, features HOST_TSO4/6). [`validate`] refuses anything the
-//! guest was not offered or that does not fit the frame; for GSO it parses the Ethernet, IP and
-//! TCP headers itself (`hdr_len` from a guest is only a hint, and Linux sends the linear length
-//! there), and refuses segments longer than the port's frame limit and more than
-//! [`MAX_GSO_SEGS`] segments. The header travels with the frame through the switch; at the
-//! receiving port [`complete_csum`] and [`segment`] do what the receiving guest did not offer
-//! to do (GUEST_CSUM, GUEST_TSO4/6).
+//! `csum_start`/`csum_offset`, feature CSUM) and be a segmentation job with `gso_size`: TCP
+//! (`gso_type` TCPV4/TCPV6, features HOST_TSO4/6), UDP segmentation (USO, `GSO_UDP_L4` over
+//! IPv4 or IPv6, HOST_USO) or UDP fragmentation (UFO, `GSO_UDP`, HOST_UFO). [`validate`]
+//! refuses anything the guest was not offered or that does not fit the frame; for GSO it
+//! parses the Ethernet, IP and TCP/UDP headers itself (`hdr_len` from a guest is only a hint,
+//! and Linux sends the linear length there), requires `csum_start`/`csum_offset` to point at
+//! the TCP/UDP checksum, and refuses segments (fragments) longer than the port's frame limit
+//! and more than [`MAX_GSO_SEGS`] of them. The header travels with the frame through the
+//! switch; at the receiving port [`complete_csum`] and [`segment_gso`] ([`segment`],
+//! [`segment_udp`], [`fragment_udp`]) do what the receiving guest did not offer to do
+//! (GUEST_CSUM, GUEST_TSO4/6, GUEST_USO4/6, GUEST_UFO).
 
 /// `flags`: the checksum from `csum_start` to the end is still to be computed (the field at
 /// `csum_start + csum_offset` holds the pseudo-header sum).
