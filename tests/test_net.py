@@ -1280,6 +1280,8 @@ GUEST_OFFLOAD_BITS = {
     "GUEST_CSUM": NetFeature.GUEST_CSUM,
     "HOST_TSO4": NetFeature.HOST_TSO4,
     "GUEST_TSO4": NetFeature.GUEST_TSO4,
+    "HOST_UFO": NetFeature.HOST_UFO,
+    "GUEST_UFO": NetFeature.GUEST_UFO,
 }
 
 
