@@ -1293,7 +1293,12 @@ def test_linux_guest_tcp_between_two_switch_ports_with_offloads(tmp_path: Path) 
     eth0 negotiates every offload; eth1 sends with CSUM/HOST_TSO4 but takes neither checksum
     nor TSO offload (QEMU's guest_csum=off, guest_tso4/6=off). 2 MiB over HTTP each way, md5
     compared: eth1 → eth0 goes as TSO packets, passed through whole (far fewer packets than
-    MSS-sized segments arrive); eth0 → eth1 is cut and checksummed by the switch."""
+    MSS-sized segments arrive); eth0 → eth1 is cut and checksummed by the switch.
+
+    The same boot has eth2 on `vvu serve net --generate 64,1500,9000` (MTU 9000), up only at
+    the end: the guest's IP and UDP layers find every generated frame valid (no header or
+    checksum error; each datagram, for a port nobody listens on, counted in Udp NoPorts, which
+    Linux counts only after verifying the checksum)."""
     guest_image()
     socks = [tmp_path / "p0.sock", tmp_path / "p1.sock"]
     script = (
@@ -1312,18 +1317,31 @@ after=$(cat /sys/class/net/eth0/statistics/rx_packets)
 echo $((after - before))
 nsenter -t $NS -n sh -c 'wget -q -O - http://10.0.0.2:8080/data | md5sum'
 kill $NS
+ip link set eth2 mtu 9000
+ip addr add 198.18.0.2/24 dev eth2
+ip link set eth2 up
+while [ "$(cat /sys/class/net/eth2/statistics/rx_packets)" -lt 3000 ]; do :; done
+ip link set eth2 down
+cat /sys/class/net/eth2/statistics/rx_packets
+grep -E '^(Ip|Udp):' /proc/net/snmp
 """
     )
     no_guest_offloads = "guest_csum=off,guest_tso4=off,guest_tso6=off"
     qemu_args = vhost_user_net_args(0, str(socks[0]), "52:54:00:12:34:50")
     qemu_args += vhost_user_net_args(1, str(socks[1]), "52:54:00:12:34:51", no_guest_offloads)
+    generator = tmp_path / "gen.sock"
+    qemu_args += vhost_user_net_args(2, str(generator), "52:54:00:12:34:52")
 
     async def main() -> str:
         result = await run_guest_async(script, qemu_args=qemu_args, timeout=120)
         assert result.exit_status == 0, result.serial
         return result.output
 
-    with vvu_serve_net(socks[0], "--switch", "sw", "--switch-port", str(socks[1])):
+    gen_args = ["--generate", "64,1500,9000", "--mtu", "9000", "--mac", "52:54:00:12:34:52"]
+    with (
+        vvu_serve_net(socks[0], "--switch", "sw", "--switch-port", str(socks[1])),
+        vvu_serve_net(generator, *gen_args),
+    ):
         lines = asyncio.run(main()).split("\n")
     eth0, eth1 = lines[0], lines[1]
     for name, bit in GUEST_OFFLOAD_BITS.items():
@@ -1334,3 +1352,14 @@ kill $NS
     assert to_eth0 == sent and to_eth1 == sent, "2 MiB arrive intact both ways"
     # 2 MiB in 1448-byte segments would be over 1448 packets (plus ACKs): TSO packets arrived.
     assert eth0_packets < 2 * 1024 * 1024 // 1448 // 2, eth0_packets
+    generated = int(lines[6])
+    snmp: dict[str, int] = {}
+    for names, values in zip(lines[7::2], lines[8::2], strict=False):
+        proto = names.split(":")[0]
+        for name, value in zip(names.split()[1:], values.split()[1:], strict=True):
+            snmp[f"{proto}.{name}"] = int(value)
+    assert generated >= 3000, lines[6:]
+    for counter in ("Ip.InHdrErrors", "Ip.InAddrErrors", "Udp.InErrors", "Udp.InCsumErrors"):
+        assert snmp[counter] == 0, (counter, snmp)
+    # Every generated datagram passed IP and the UDP checksum (nothing else arrives on eth2).
+    assert snmp["Udp.NoPorts"] == generated, snmp
