@@ -10,7 +10,7 @@
 //! MAC, [`SRC_IP`] port [`UDP_PORT`] → [`DST_IP`] port [`UDP_PORT`] (198.18.0.0/15, the block
 //! RFC 2544 reserves for benchmarks; 9 is the discard port), DF set, TTL 64, IP and UDP
 //! checksums filled in. The sizes asked for (Ethernet frame without FCS, [`MIN_SIZE`]..=
-//! [`MAX_FRAME_LEN`](super::MAX_FRAME_LEN)) are used in turn. The first 8 payload bytes are
+//! [`MAX_FRAME_LEN`]) are used in turn. The first 8 payload bytes are
 //! the frame's sequence number on this port (big-endian, from 0; the UDP checksum is updated
 //! incrementally, RFC 1624), the rest a fixed pattern (byte `i` of the payload is `i as u8`).
 //! The virtio-net header is all zero (no offload, `num_buffers` set by the RX path).
