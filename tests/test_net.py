@@ -647,10 +647,13 @@ def check_generated(got: bytes, size: int, seq: int, dst: bytes, src: bytes) -> 
     assert struct.unpack("!Q", udp[8:16])[0] == seq
 
 
-def test_serve_net_generate_fills_our_driver_with_valid_udp_frames(tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [[], ["--poll-us", "50"]], ids=["sleeping", "busy-poll"])
+def test_serve_net_generate_fills_our_driver_with_valid_udp_frames(
+    tmp_path: Path, extra: list[str]
+) -> None:
     """`--generate 60,64,1500`: every receive buffer gets the next frame, sizes in turn,
     sequence numbers without a gap, checksums right; what the driver sends is taken (its
-    transmit buffers come back) and discarded."""
+    transmit buffers come back) and discarded. Also from the busy-polling thread."""
     sock = tmp_path / "gen.sock"
     mac, src = parse_mac("52:54:00:00:00:0a"), parse_mac("02:00:00:00:00:99")
     sizes = [60, 64, 1500]
@@ -666,7 +669,7 @@ def test_serve_net_generate_fills_our_driver_with_valid_udp_frames(tmp_path: Pat
             await d.close()
 
     args = ["--generate", "60,64,1500", "--mac", "52:54:00:00:00:0a", "--peer-mac"]
-    with vvu_serve_net(sock, *args, "02:00:00:00:00:99"):
+    with vvu_serve_net(sock, *args, "02:00:00:00:00:99", *extra):
         asyncio.run(receive())
 
 
