@@ -688,6 +688,32 @@ def test_generator_counts_and_bounds() -> None:
         NetBackend.generator([59])
 
 
+@pytest.mark.asyncio
+async def test_a_generator_whose_frames_never_fit_waits_for_buffers_instead_of_spinning(
+    tmp_path: Path,
+) -> None:
+    """Without MRG_RXBUF and with 512-byte receive buffers no 1000- or 1500-byte frame fits:
+    each size is dropped (counted) and the generator then waits for the guest to post more
+    buffers, instead of generating and dropping frames at full CPU for as long as it runs."""
+    gen = NetBackend.generator([1000, 1500])
+    async with serving((gen,), tmp_path) as (path,):
+        d = await NetDriver.open(path, mrg_rxbuf=False, buffer_size=512, rx_buffers=16)
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while gen.stats()["rx_dropped"] == 0:
+                assert time.monotonic() < deadline, gen.stats()
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.5)  # what a spinning source would drop in this time: millions
+            dropped = gen.stats()["rx_dropped"]
+            assert dropped <= 2 * 16, gen.stats()
+            # Buffers that fit are filled again.
+            await d.close()
+            d = await NetDriver.open(path, rx_buffers=4)
+            assert len(await d.recv(TIMEOUT)) == 1000
+        finally:
+            await d.close()
+
+
 def thread_names(pid: int) -> list[str]:
     """The names (comm) of process `pid`'s threads."""
     names = []

@@ -837,6 +837,8 @@ impl NetPort {
             registered: false,
             armed: false,
             last: Outcome::More,
+            unfit_drops: 0,
+            unfit_at: None,
             inbox: VecDeque::new(),
             spent: Vec::new(),
         }
@@ -1224,6 +1226,9 @@ enum Outcome {
     PortClosed,
     /// A packet is staged and the ring has too few buffers for it.
     NeedBuffers,
+    /// A generator's every frame size was dropped in a row (the held receive buffer is too
+    /// small for all of them): wait for the guest to post more buffers instead of spinning.
+    Unfit,
 }
 
 /// What became of the staged packet.
@@ -1262,6 +1267,11 @@ pub struct NetRxHandler {
     armed: bool,
     /// How the last step ended.
     last: Outcome,
+    /// A generator's frames dropped in a row (no frame delivered since).
+    unfit_drops: usize,
+    /// A generator found no fitting buffer: the ring's pending count then. Nothing is generated
+    /// again until the guest posts buffers (the count changes).
+    unfit_at: Option<u16>,
     /// Frames not staged yet: taken out of a switch port's queue, or segments of a GSO packet
     /// the guest does not take whole.
     inbox: VecDeque<Vec<u8>>,
@@ -1600,6 +1610,12 @@ impl NetRxHandler {
     /// Deliver up to [`RX_BATCH`] packets, then publish; returns how many were delivered or
     /// dropped.
     fn deliver(&mut self, ctx: &mut LoopContext<'_>) -> Result<(Outcome, usize), WorkerFault> {
+        if let Some(pending) = self.unfit_at {
+            if ctx.queue.pending()? == pending {
+                return Ok((Outcome::Unfit, 0));
+            }
+            self.unfit_at = None;
+        }
         let mut packets = 0;
         let outcome = loop {
             if packets == RX_BATCH {
@@ -1614,13 +1630,24 @@ impl NetRxHandler {
                 }
             }
             match self.place(ctx)? {
-                Placed::Delivered => packets += 1,
+                Placed::Delivered => {
+                    packets += 1;
+                    self.unfit_drops = 0;
+                }
                 Placed::Dropped => {
                     if let Some(stage) = self.stage.as_mut() {
                         stage.len = 0;
                     }
                     bump(&self.port.counters.rx_dropped, 1);
                     packets += 1;
+                    if let Some(generator) = self.port.generator() {
+                        self.unfit_drops += 1;
+                        if self.unfit_drops >= generator.size_count() {
+                            self.unfit_drops = 0;
+                            self.unfit_at = Some(ctx.queue.pending()?);
+                            break Outcome::Unfit;
+                        }
+                    }
                 }
                 Placed::NeedBuffers => break Outcome::NeedBuffers,
             }
@@ -1647,6 +1674,8 @@ impl LoopSteps for NetRxHandler {
         self.registered = false;
         self.armed = false;
         self.last = Outcome::More;
+        self.unfit_drops = 0;
+        self.unfit_at = None;
         self.stage = lock(&self.port.parked).take();
         self.inbox.append(&mut lock(&self.port.parked_segments));
         self.held.clear();
@@ -1716,6 +1745,17 @@ impl LoopSteps for NetRxHandler {
                     self.registered = false;
                 }
                 bump(&port.counters.rx_starved, 1);
+            }
+            Outcome::Unfit => {
+                // Buffers are pending, but none fits: sleep until the guest posts more.
+                ctx.queue.enable_notifications()?;
+                self.armed = true;
+                if self.registered {
+                    poller
+                        .unregister(port_fd)
+                        .map_err(|e| internal("unwatching the port", e))?;
+                    self.registered = false;
+                }
             }
         }
         Ok(false)

@@ -126,6 +126,11 @@ impl Generator {
             .collect()
     }
 
+    /// How many frame sizes it takes in turn.
+    pub(super) fn size_count(&self) -> usize {
+        self.templates.len()
+    }
+
     pub(super) fn idle(&self) -> &EventFd {
         &self.idle
     }
