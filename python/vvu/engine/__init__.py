@@ -496,11 +496,7 @@ class BackendEngine:
         serving = asyncio.current_task()
         unsubscribe = on_memory_fault(lambda: self._on_memory_fault(session, serving))
         try:
-            while True:
-                raw = await channel.recv()
-                if raw is None:
-                    break
-                await self._dispatch(session, raw)
+            await channel.serve_each(lambda raw: self._dispatch(session, raw))
         except _Disconnect as err:
             reason = f"dropped: {err}"
         except TransportError as err:
