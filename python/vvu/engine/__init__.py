@@ -21,7 +21,7 @@ import os
 import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from vvu._core import (
     DirtyLog,
@@ -91,7 +91,7 @@ from vvu.protocol import (
     Iotlb as IotlbMessage,
 )
 from vvu.protocol.codec import Header
-from vvu.protocol.table import Answer, spec_for
+from vvu.protocol.table import REQUESTS, Answer, RequestSpec, spec_for
 from vvu.transport.base import Channel, Listener, RawMessage, TransportError, close_fds
 
 log = logging.getLogger(__name__)
@@ -275,6 +275,8 @@ class Session:
 
 
 Handler = Callable[[Message], Awaitable[Payload | ReplyWithFd | None]]
+#: `BackendEngine._routes` of an id the table does not know.
+_NO_ROUTE: Final[tuple[None, None]] = (None, None)
 
 
 class BackendEngine:
@@ -324,6 +326,10 @@ class BackendEngine:
             _F.GET_INFLIGHT_FD: self._get_inflight_fd,
             _F.SET_INFLIGHT_FD: self._set_inflight_fd,
             _F.IOTLB_MSG: self._iotlb_msg,
+        }
+        # Every request id the table knows: its handler (None: refused) and its row.
+        self._routes: dict[int, tuple[Handler | None, RequestSpec[Any] | None]] = {
+            request: (self._handlers.get(request), spec) for request, spec in REQUESTS.items()
         }
 
     # --- offered features --------------------------------------------------------------------
@@ -575,20 +581,21 @@ class BackendEngine:
                 await session.channel.send(encode_ack(header.request, ok=False))
             raise _Disconnect(f"malformed message: {err}") from err
         _log_received(msg)
-        spec = msg.spec
+        # One lookup: the handler (None: refused) and the request's row (None: unknown id).
+        handler, spec = self._routes.get(msg.request, _NO_ROUTE)
+        need_reply = bool(raw.flags & NEED_REPLY)
         answer = (
-            spec.answer(need_reply=msg.need_reply, protocol_features=session.protocol_features)
+            spec.answer(need_reply=need_reply, protocol_features=session.protocol_features)
             if spec is not None
-            else (Answer.ACK if msg.need_reply and session.reply_ack else Answer.NOTHING)
+            else (Answer.ACK if need_reply and session.reply_ack else Answer.NOTHING)
         )
-        handler = self._handlers.get(msg.request) if isinstance(msg.request, _F) else None
         try:
-            if handler is None:
-                why = REFUSED.get(msg.request, "") if isinstance(msg.request, _F) else ""
-                raise RequestFailed(
-                    f"{msg.name} is not supported by this back-end" + (f": {why}" if why else "")
-                )
-            self._check_feature(session, msg)
+            if handler is None or (
+                spec is not None
+                and spec.feature is not None
+                and not session.protocol_features & spec.feature.mask
+            ):
+                raise RequestFailed(self._refusal(msg, spec, handled=handler is not None))
             async with session.lock:  # against back-end initiated changes (config_changed)
                 reply = await handler(msg)
         except _Disconnect:
@@ -621,15 +628,12 @@ class BackendEngine:
     # --- helpers -----------------------------------------------------------------------------
 
     @staticmethod
-    def _check_feature(session: Session, msg: Message) -> None:
-        """RequestFailed for a request whose protocol feature was not negotiated."""
-        spec = msg.spec
-        if (
-            spec is not None
-            and spec.feature is not None
-            and not (session.protocol_features & spec.feature.mask)
-        ):
-            raise RequestFailed(f"{msg.name} needs protocol feature {spec.feature.name}")
+    def _refusal(msg: Message, spec: RequestSpec[Any] | None, *, handled: bool) -> str:
+        """Why a request is refused: no handler, or its protocol feature not negotiated."""
+        if handled and spec is not None and spec.feature is not None:
+            return f"{msg.name} needs protocol feature {spec.feature.name}"
+        why = REFUSED.get(msg.request, "") if isinstance(msg.request, _F) else ""
+        return f"{msg.name} is not supported by this back-end" + (f": {why}" if why else "")
 
     @staticmethod
     def _acks_requested(session: Session, header: Header) -> bool:
