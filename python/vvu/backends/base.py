@@ -143,6 +143,12 @@ class Backend:
         the Python path (`handle`)."""
         return None
 
+    def prepare_native_worker(self, queue_index: int) -> None:
+        """Queue `queue_index` is about to start (it has its kick, and waits to be enabled):
+        make ahead whatever `native_worker` would make that takes long (an io_uring), for it
+        to use if nothing changed meanwhile. Called between front-end requests, after a reply
+        went out, so it overlaps with the front-end's next request; the default does nothing."""
+
     def disabled_worker(self, queue_index: int) -> NativeHandler | None:
         """What a started but disabled queue does: vhost-user.rst, "Ring states", has the
         back-end process it "without causing any side effects". None (the default) leaves its

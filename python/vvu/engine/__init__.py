@@ -290,6 +290,8 @@ class BackendEngine:
         self.last_session_end: str | None = None
         # The runners' counters over every session (`queue_stats`).
         self._counters = QueueCounters()
+        # The last session's inflight region (num_queues, queue_size, packed), if it had one.
+        self._inflight_geometry: tuple[int, int, bool] | None = None
         self._handlers: dict[FrontendRequest, Handler] = {
             _F.GET_FEATURES: self._get_features,
             _F.SET_FEATURES: self._set_features,
@@ -498,6 +500,8 @@ class BackendEngine:
         )
         self.session = session
         log.info("%s connected", channel.peer)
+        # Before the front-end's first request: it sets up its own side first.
+        asyncio.get_running_loop().call_soon(self._prepare_session, session)
         reason = "disconnected"
         serving = asyncio.current_task()
         unsubscribe = on_memory_fault(lambda: self._on_memory_fault(session, serving))
@@ -525,6 +529,19 @@ class BackendEngine:
             # A front-end that broke the protocol or the channel is worth a warning.
             level = logging.INFO if reason == "disconnected" else logging.WARNING
             log.log(level, "%s %s; session released", channel.peer, reason)
+
+    def _prepare_session(self, session: Session) -> None:
+        """Make ahead what a session takes long to make while a front-end waits: the first
+        queue's native handler (the others' when they get their kick: `_update_ring`), and an
+        inflight region of the geometry the last front-end had (a reconnect asks for it)."""
+        if self.session is not session:
+            return
+        if self.backend.num_queues:
+            self.backend.prepare_native_worker(0)
+        geometry = self._inflight_geometry
+        if geometry is not None and self.offered_protocol_features() & _PF.INFLIGHT_SHMFD.mask:
+            num_queues, queue_size, packed = geometry
+            session.inflight_tracking.prepare(num_queues, queue_size, packed=packed)
 
     @staticmethod
     def _on_memory_fault(session: Session, serving: asyncio.Task[object] | None) -> None:
@@ -565,6 +582,9 @@ class BackendEngine:
             session.dirty_logging.release()
             session.memory_table.release()
             # The region belongs to the front-end, which hands it back after a reconnect.
+            self._inflight_geometry = session.inflight_tracking.geometry() or (
+                self._inflight_geometry
+            )
             session.inflight_tracking.forget()
             session.iommu.reset()
             session.channel.close()
@@ -695,6 +715,13 @@ class BackendEngine:
             await self._stop_runner(vring)  # stopped, or enabled or disabled since it started
         if should_run and vring.runner is None:
             self._start_runner(vring)
+            if vring.runner is None and not vring.enabled:  # will run once enabled
+                # After this request's reply, while the front-end makes its next one.
+                asyncio.get_running_loop().call_soon(self._prepare_runner, session, vring)
+
+    def _prepare_runner(self, session: Session, vring: Vring) -> None:
+        if self.session is session and vring.runner is None and vring.started:
+            self.backend.prepare_native_worker(vring.index)
 
     async def _restart_rings(self, change: Callable[[], None]) -> None:
         """Stop the running rings, apply `change` (new memory), start them again."""
