@@ -519,15 +519,23 @@ class BlkBackend(Backend):
                 handler = spare[1]
             else:
                 handler = self._file_handler()
-        previous = self._handlers.get(queue_index)
-        if previous is not None:  # stopped before a ring restarts: its counters are final
+        self._retire(queue_index)  # (done when it stopped, unless that was not said)
+        self._handlers[queue_index] = handler
+        return handler
+
+    def queue_stopped(self, queue_index: int) -> None:
+        # Here rather than when the ring starts again, which a front-end waits for.
+        self._retire(queue_index)
+
+    def _retire(self, queue_index: int) -> None:
+        """Add the counters of the queue's stopped worker to the retired ones (final now)."""
+        previous = self._handlers.pop(queue_index, None)
+        if previous is not None:
             counts, histogram = self._retired.get(queue_index, ({}, []))
             self._retired[queue_index] = (
                 _add_counts(counts, previous.stats or {}),
                 _add_buckets(histogram, previous.latency_histogram or []),
             )
-        self._handlers[queue_index] = handler
-        return handler
 
     def prepare_native_worker(self, queue_index: int) -> None:
         # The handler of an image file sets up its io_uring (or thread pool) when made: done

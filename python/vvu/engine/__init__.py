@@ -237,6 +237,9 @@ class Session:
     # A ring broke (its runner stopped on a bad chain or handler): DEVICE_NEEDS_RESET in
     # GET_STATUS until the driver resets the device (SET_STATUS 0 or RESET_DEVICE).
     needs_reset: bool = False
+    # The (features, protocol features) offered to this front-end: taken once per session
+    # (`BackendEngine._offered`), as features are negotiated once per session.
+    offered: tuple[int, int] | None = None
 
     @property
     def backend_channel(self) -> Channel | None:
@@ -349,6 +352,12 @@ class BackendEngine:
 
     def offered_protocol_features(self) -> int:
         return ENGINE_PROTOCOL_FEATURES | self.backend.protocol_features()
+
+    def _offered(self, session: Session) -> tuple[int, int]:
+        """The session's offer (features, protocol features), computed on first use."""
+        if session.offered is None:
+            session.offered = (self.offered_features(), self.offered_protocol_features())
+        return session.offered
 
     # --- back-end channel --------------------------------------------------------------------
     # Back-end requests are sent from outside the handling of a front-end request: QEMU does not
@@ -531,15 +540,17 @@ class BackendEngine:
             log.log(level, "%s %s; session released", channel.peer, reason)
 
     def _prepare_session(self, session: Session) -> None:
-        """Make ahead what a session takes long to make while a front-end waits: the first
-        queue's native handler (the others' when they get their kick: `_update_ring`), and an
-        inflight region of the geometry the last front-end had (a reconnect asks for it)."""
+        """Make ahead what a session takes long to make while a front-end waits: the offer
+        (features), the first queue's native handler (the others' when they get their kick:
+        `_update_ring`), and an inflight region of the geometry the last front-end had (a
+        reconnect asks for it)."""
         if self.session is not session:
             return
+        _, protocol_features = self._offered(session)
         if self.backend.num_queues:
             self.backend.prepare_native_worker(0)
         geometry = self._inflight_geometry
-        if geometry is not None and self.offered_protocol_features() & _PF.INFLIGHT_SHMFD.mask:
+        if geometry is not None and protocol_features & _PF.INFLIGHT_SHMFD.mask:
             num_queues, queue_size, packed = geometry
             session.inflight_tracking.prepare(num_queues, queue_size, packed=packed)
 
@@ -861,13 +872,13 @@ class BackendEngine:
     # RequestFailed (or a vvu error) to fail. Handlers duplicate the fds they keep.
 
     async def _get_features(self, msg: Message) -> Payload:
-        return U64(self.offered_features())
+        return U64(self._offered(self._session())[0])
 
     async def _set_features(self, msg: Message) -> None:
         assert isinstance(msg.payload, U64)
         session = self._session()
         features = msg.payload.value
-        unknown = features & ~self.offered_features()
+        unknown = features & ~self._offered(session)[0]
         if unknown:
             raise RequestFailed(f"features {unknown:#x} were never offered")
         iommu = bool(features & VirtioFeature.ACCESS_PLATFORM.mask)
@@ -1076,12 +1087,12 @@ class BackendEngine:
         vring.kick.signal()
 
     async def _get_protocol_features(self, msg: Message) -> Payload:
-        return U64(self.offered_protocol_features())
+        return U64(self._offered(self._session())[1])
 
     async def _set_protocol_features(self, msg: Message) -> None:
         assert isinstance(msg.payload, U64)
         requested = msg.payload.value
-        unknown = requested & ~self.offered_protocol_features()
+        unknown = requested & ~self._offered(self._session())[1]
         if unknown:
             raise RequestFailed(f"protocol features {unknown:#x} were never offered")
         inband_needs = _PF.REPLY_ACK.mask | _PF.BACKEND_REQ.mask
