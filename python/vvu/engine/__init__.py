@@ -293,8 +293,10 @@ class BackendEngine:
         self.last_session_end: str | None = None
         # The runners' counters over every session (`queue_stats`).
         self._counters = QueueCounters()
-        # The last session's inflight region (num_queues, queue_size, packed), if it had one.
+        # The last session's inflight region (num_queues, queue_size, packed), if it had one,
+        # and a fresh region of that geometry made ahead for the next session.
         self._inflight_geometry: tuple[int, int, bool] | None = None
+        self._inflight_spare: InflightRegion | None = None
         self._handlers: dict[FrontendRequest, Handler] = {
             _F.GET_FEATURES: self._get_features,
             _F.SET_FEATURES: self._set_features,
@@ -507,10 +509,11 @@ class BackendEngine:
             [Vring(i) for i in range(self.backend.num_queues)],
             InflightTracking(self.backend),
         )
+        spare, self._inflight_spare = self._inflight_spare, None
+        if spare is not None:
+            session.inflight_tracking.spare = spare
         self.session = session
         log.info("%s connected", channel.peer)
-        # Before the front-end's first request: it sets up its own side first.
-        asyncio.get_running_loop().call_soon(self._prepare_session, session)
         reason = "disconnected"
         serving = asyncio.current_task()
         unsubscribe = on_memory_fault(lambda: self._on_memory_fault(session, serving))
@@ -538,21 +541,25 @@ class BackendEngine:
             # A front-end that broke the protocol or the channel is worth a warning.
             level = logging.INFO if reason == "disconnected" else logging.WARNING
             log.log(level, "%s %s; session released", channel.peer, reason)
+        self._prepare_idle()  # for the next front-end (a reconnect, a restarted VM)
 
-    def _prepare_session(self, session: Session) -> None:
-        """Make ahead what a session takes long to make while a front-end waits: the offer
-        (features), the first queue's native handler (the others' when they get their kick:
-        `_update_ring`), and an inflight region of the geometry the last front-end had (a
-        reconnect asks for it)."""
-        if self.session is not session:
-            return
-        _, protocol_features = self._offered(session)
+    def _prepare_idle(self) -> None:
+        """After a session, make ahead what the next front-end would wait for (a reconnect,
+        a restarted VM): the first queue's native handler (the others' when they get their
+        kick: `_update_ring`), and an inflight region of the geometry the last front-end had.
+        Not before a first session: a device nobody uses holds nothing more."""
         if self.backend.num_queues:
-            self.backend.prepare_native_worker(0)
+            self._prepare_worker(0)
         geometry = self._inflight_geometry
-        if geometry is not None and protocol_features & _PF.INFLIGHT_SHMFD.mask:
+        if (
+            geometry is not None
+            and self._inflight_spare is None
+            and self.offered_protocol_features() & _PF.INFLIGHT_SHMFD.mask
+        ):
             num_queues, queue_size, packed = geometry
-            session.inflight_tracking.prepare(num_queues, queue_size, packed=packed)
+            self._inflight_spare = InflightTracking.allocate_spare(
+                num_queues, queue_size, packed=packed
+            )
 
     @staticmethod
     def _on_memory_fault(session: Session, serving: asyncio.Task[object] | None) -> None:
@@ -732,7 +739,13 @@ class BackendEngine:
 
     def _prepare_runner(self, session: Session, vring: Vring) -> None:
         if self.session is session and vring.runner is None and vring.started:
-            self.backend.prepare_native_worker(vring.index)
+            self._prepare_worker(vring.index)
+
+    def _prepare_worker(self, index: int) -> None:
+        try:
+            self.backend.prepare_native_worker(index)
+        except Exception as err:  # made when the ring starts then, failing there if it must
+            log.debug("queue %d: worker not made ahead: %s", index, err)
 
     async def _restart_rings(self, change: Callable[[], None]) -> None:
         """Stop the running rings, apply `change` (new memory), start them again."""

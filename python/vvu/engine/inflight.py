@@ -28,17 +28,19 @@ class InflightTracking:
     def __init__(self, backend: Backend) -> None:
         self.region: InflightRegion | None = None
         self._backend = backend  # whose queues the region may describe
-        # A fresh region made ahead (`prepare`), for a GET_INFLIGHT_FD of its geometry.
-        self._spare: InflightRegion | None = None
+        # A fresh region made ahead (`allocate_spare`), for a GET_INFLIGHT_FD of its geometry.
+        self.spare: InflightRegion | None = None
 
-    def prepare(self, num_queues: int, queue_size: int, *, packed: bool) -> None:
-        """Allocate ahead a fresh region of this geometry (a front-end reconnecting asks for
-        the one it had), for `allocate` to hand out: what it would allocate itself."""
-        if self._spare is None:
-            try:
-                self._spare = InflightRegion.allocate(num_queues, queue_size, packed=packed)
-            except GuestMemoryError as err:
-                log.debug("inflight region not prepared: %s", err)
+    @staticmethod
+    def allocate_spare(num_queues: int, queue_size: int, *, packed: bool) -> InflightRegion | None:
+        """A fresh region of this geometry made ahead (a front-end reconnecting asks for the
+        one it had), for `allocate` to hand out as it would allocate one itself: never
+        handed out, never touched."""
+        try:
+            return InflightRegion.allocate(num_queues, queue_size, packed=packed)
+        except GuestMemoryError as err:
+            log.debug("inflight region not made ahead: %s", err)
+            return None
 
     def check_geometry(self, payload: Inflight) -> None:
         """RequestFailed for a region of more queues than the device has, or bigger queues."""
@@ -57,7 +59,7 @@ class InflightTracking:
         QEMU sends next anyway); the reply carries its fd."""
         self.check_geometry(payload)
         num_queues, queue_size = payload.num_queues, payload.queue_size
-        spare, self._spare = self._spare, None
+        spare, self.spare = self.spare, None
         if spare is not None and _geometry(spare) == (num_queues, queue_size, packed):
             region = spare  # never handed out, never touched: as fresh as a new one
         else:
