@@ -261,8 +261,10 @@ def handshake(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         # The back-ends' CPU time per session (utime+stime, all threads, over all the runs; an
         # idle back-end uses none): less at the mercy of a busy machine than the latency.
         cpu = {b.name: -backend_cpu(b.proc.pid) for b in backends}
-        for _ in range(args.handshake):
-            for backend in backends:
+        for i in range(args.handshake):
+            # The order turns every round: the first of a round pays for something (its
+            # connect step took 0.3-0.5 ms more, whichever back-end it was).
+            for backend in backends[i % len(backends) :] + backends[: i % len(backends)]:
                 samples[backend.name] += handshake_samples(str(backend.socket), 1)
         for backend in backends:
             cpu[backend.name] += backend_cpu(backend.proc.pid)
