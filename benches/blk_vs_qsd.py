@@ -288,13 +288,22 @@ def handshake(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         print(f"| {step} | " + " | ".join(cells) + " |")
     print("| back-end CPU ms per session | " + " | ".join(
         f"{report[n]['cpu_ms_per_session']:.2f} | " for n in names) + " |")  # fmt: skip
+    # What the back-ends answer: the step medians after `connect` (the front-end's own).
+    steps = {n: sum(s["median_ms"] for k, s in report[n]["steps"].items() if k != "connect")
+             for n in names}  # fmt: skip
+    for name in names:
+        report[name]["steps_after_connect_ms"] = round(steps[name], 3)
+    print("| steps after connect, sum of medians | " + " | ".join(
+        f"{steps[n]:.2f} | " for n in names) + " |")  # fmt: skip
     v, q = report["vvu"]["total"], report["qsd"]["total"]
     print(f"\nmedian vvu/qsd: {ratio(v['median_ms'], q['median_ms'])}, "
-          f"p90 vvu/qsd: {ratio(v['p90_ms'], q['p90_ms'])}")  # fmt: skip
+          f"p90 vvu/qsd: {ratio(v['p90_ms'], q['p90_ms'])}, "
+          f"steps after connect vvu/qsd: {ratio(steps['vvu'], steps['qsd'])}")  # fmt: skip
     if "vvu-baseline" in report:
         b = report["vvu-baseline"]["total"]
         c, cb = report["vvu"]["cpu_ms_per_session"], report["vvu-baseline"]["cpu_ms_per_session"]
         print(f"median vvu/vvu-baseline: {ratio(v['median_ms'], b['median_ms'])}, "
+              f"steps after connect: {ratio(steps['vvu'], steps['vvu-baseline'])}, "
               f"back-end CPU vvu/vvu-baseline: {ratio(c, cb)}")  # fmt: skip
     return report
 
