@@ -166,7 +166,7 @@ async def test_the_region_handed_back_stays_mapped_and_the_next_session_gets_a_f
     try:
         await frontend.negotiate()
         assert engine.session is not None
-        spare = engine.session.inflight_tracking.spare  # made ahead, between the sessions
+        spare = engine.session.inflight_tracking.spare  # made while the front-end started
         assert spare is not None
         assert await frontend.setup_inflight(2, 128)
         assert engine.session.inflight is spare

@@ -543,6 +543,9 @@ class BlkBackend(Backend):
         if self.nbd is None and queue_index not in self._spares and self._fd >= 0:
             self._spares[queue_index] = (self._file_settings(), self._file_handler())
 
+    def discard_prepared(self) -> None:
+        self._spares.clear()
+
     def _file_settings(self) -> tuple[object, ...]:
         return (
             self._fd,

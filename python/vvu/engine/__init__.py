@@ -293,10 +293,8 @@ class BackendEngine:
         self.last_session_end: str | None = None
         # The runners' counters over every session (`queue_stats`).
         self._counters = QueueCounters()
-        # The last session's inflight region (num_queues, queue_size, packed), if it had one,
-        # and a fresh region of that geometry made ahead for the next session.
+        # The last session's inflight region (num_queues, queue_size, packed), if it had one.
         self._inflight_geometry: tuple[int, int, bool] | None = None
-        self._inflight_spare: InflightRegion | None = None
         self._handlers: dict[FrontendRequest, Handler] = {
             _F.GET_FEATURES: self._get_features,
             _F.SET_FEATURES: self._set_features,
@@ -509,11 +507,10 @@ class BackendEngine:
             [Vring(i) for i in range(self.backend.num_queues)],
             InflightTracking(self.backend),
         )
-        spare, self._inflight_spare = self._inflight_spare, None
-        if spare is not None:
-            session.inflight_tracking.spare = spare
         self.session = session
         log.info("%s connected", channel.peer)
+        # While the front-end sets up its side, before its first request needs us.
+        asyncio.get_running_loop().call_soon(self._prepare_session, session)
         reason = "disconnected"
         serving = asyncio.current_task()
         unsubscribe = on_memory_fault(lambda: self._on_memory_fault(session, serving))
@@ -541,23 +538,21 @@ class BackendEngine:
             # A front-end that broke the protocol or the channel is worth a warning.
             level = logging.INFO if reason == "disconnected" else logging.WARNING
             log.log(level, "%s %s; session released", channel.peer, reason)
-        self._prepare_idle()  # for the next front-end (a reconnect, a restarted VM)
 
-    def _prepare_idle(self) -> None:
-        """After a session, make ahead what the next front-end would wait for (a reconnect,
-        a restarted VM): the first queue's native handler (the others' when they get their
-        kick: `_update_ring`), and an inflight region of the geometry the last front-end had.
-        Not before a first session: a device nobody uses holds nothing more."""
+    def _prepare_session(self, session: Session) -> None:
+        """Make ahead, while the front-end sets up its side, what this session would make
+        while the front-end waits: the first queue's native handler (the others' when they
+        get their kick: `_update_ring`), and an inflight region of the geometry the last
+        front-end had (a reconnect asks for the same). What is not used goes with the
+        session (`_release`)."""
+        if self.session is not session:
+            return
         if self.backend.num_queues:
             self._prepare_worker(0)
         geometry = self._inflight_geometry
-        if (
-            geometry is not None
-            and self._inflight_spare is None
-            and self.offered_protocol_features() & _PF.INFLIGHT_SHMFD.mask
-        ):
+        if geometry is not None and self._offered(session)[1] & _PF.INFLIGHT_SHMFD.mask:
             num_queues, queue_size, packed = geometry
-            self._inflight_spare = InflightTracking.allocate_spare(
+            session.inflight_tracking.spare = InflightTracking.allocate_spare(
                 num_queues, queue_size, packed=packed
             )
 
@@ -604,6 +599,7 @@ class BackendEngine:
                 self._inflight_geometry
             )
             session.inflight_tracking.forget()
+            self.backend.discard_prepared()  # made ahead for this session, unused
             session.iommu.reset()
             session.channel.close()
             self.backend.reset()

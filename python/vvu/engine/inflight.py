@@ -102,6 +102,7 @@ class InflightTracking:
         """The rings start over (RESET_DEVICE) or the session ends: the region belongs to the
         front-end, which hands it back after a reconnect or fetches a new one."""
         self.region = None
+        self.spare = None
 
     def track(self, queue: DeviceQueue, index: int) -> None:
         """Hook ring `index` to its part of the region, if there is one; chains a previous
