@@ -168,7 +168,10 @@ def bench(backend: Backend, rw: str, qd: int, queues: int, runtime: float) -> di
             "--runtime", str(runtime), "--backend-pid", str(backend.proc.pid)]  # fmt: skip
     out = subprocess.run(argv, capture_output=True, text=True, timeout=runtime + 120, check=False)
     if out.returncode != 0:
-        raise SystemExit(f"{backend.name}: {' '.join(argv)} failed:\n{out.stderr}{out.stdout}")
+        raise SystemExit(
+            f"{backend.name}: {' '.join(argv)} failed (exit status {out.returncode}):\n"
+            f"{out.stderr}{out.stdout}"
+        )
     result: dict[str, Any] = json.loads(out.stdout)
     return result
 
