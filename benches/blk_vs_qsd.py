@@ -22,18 +22,28 @@ io_uring, same queue depth, one job per queue): the storage's own reach, so a ra
 be read against what the disk allows at all.
 
 `--vvu-args` is appended to `vvu serve blk` as given, so the same script measures the engine's
-options once they exist.
+options once they exist. `--baseline-tree DIR` adds a third back-end, `base`: `vvu serve blk`
+(same options) from another tree's python/ directory, e.g. main's, measured in turn with the
+others, so the table also shows what a change did (vvu/base) in the same run:
+
+    python benches/blk_vs_qsd.py --storage disk --rw randwrite --qd 32 --queues 1,2 \
+        --vvu-args "--cache none" --rounds 2 --keep-images --baseline-tree /work/main/python
+
+A kept disk image (`--keep-images`) is reused only while it is still fully written (no hole, no
+unwritten extent, checked with FIEMAP), so every back-end overwrites allocated blocks.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import os
 import shlex
 import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -60,9 +70,44 @@ class Backend:
     socket: Path
 
 
+FS_IOC_FIEMAP = 0xC020660B
+FIEMAP_EXTENT_UNWRITTEN = 0x800
+FIEMAP_EXTENT_LAST = 0x1
+
+
+def fully_written(path: Path) -> bool:
+    """Whether every byte of `path` lies in a written extent (FIEMAP): no hole, no unwritten
+    (fallocated) extent. Direct writes into either cost the file system an allocation or an
+    extent conversion, so a reused image in that state would make the write figures depend on
+    which back-end ran first. `True` where FIEMAP is not supported (nothing to check)."""
+    size = path.stat().st_size
+    count = 64
+    with path.open("rb") as f:
+        start = covered = 0
+        while True:
+            req = bytearray(struct.pack("=QQIIII", start, size - start, 0, 0, count, 0))
+            req += bytes(56 * count)
+            try:
+                fcntl.ioctl(f.fileno(), FS_IOC_FIEMAP, req)
+            except OSError:
+                return True
+            mapped = struct.unpack_from("=I", req, 20)[0]
+            if mapped == 0:
+                return covered >= size
+            for i in range(mapped):
+                logical, _, length, _, _, flags = struct.unpack_from("=QQQQQI", req, 32 + 56 * i)
+                if flags & FIEMAP_EXTENT_UNWRITTEN or logical != start:
+                    return False
+                start = covered = logical + length
+                if flags & FIEMAP_EXTENT_LAST:
+                    return covered >= size
+
+
 def fill_image(path: Path, size: int) -> None:
-    """A fully written image (no holes or unwritten extents: reads must reach the medium)."""
-    if path.exists() and path.stat().st_size == size:
+    """A fully written image (no holes or unwritten extents: reads must reach the medium, and
+    direct writes must overwrite allocated blocks for every back-end alike). A kept image is
+    reused only if it still is one."""
+    if path.exists() and path.stat().st_size == size and fully_written(path):
         return
     chunk = os.urandom(16 * MiB)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -123,7 +168,10 @@ def bench(backend: Backend, rw: str, qd: int, queues: int, runtime: float) -> di
             "--runtime", str(runtime), "--backend-pid", str(backend.proc.pid)]  # fmt: skip
     out = subprocess.run(argv, capture_output=True, text=True, timeout=runtime + 120, check=False)
     if out.returncode != 0:
-        raise SystemExit(f"{backend.name}: {' '.join(argv)} failed:\n{out.stderr}{out.stdout}")
+        raise SystemExit(
+            f"{backend.name}: {' '.join(argv)} failed (exit status {out.returncode}):\n"
+            f"{out.stderr}{out.stdout}"
+        )
     result: dict[str, Any] = json.loads(out.stdout)
     return result
 
@@ -160,7 +208,7 @@ def ratio(a: float, b: float) -> str:
 
 def load_matrix(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    flip = False
+    turn = 0
     for storage in args.storage:
         on_disk = storage == "disk"
         directory = Path(args.disk_dir if on_disk else args.tmpfs_dir)
@@ -169,11 +217,20 @@ def load_matrix(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
         print(f"# {storage}: {image} ({size // MiB} MiB)", file=sys.stderr, flush=True)
         fill_image(image, size)
         try:
-            vvu = running("vvu", vvu_argv(image, work / "vvu.sock", 2, args.vvu_args),
-                          work / "vvu.sock", work / f"vvu-{storage}.log")  # fmt: skip
-            qsd = running("qsd", qsd_argv(image, work / "qsd.sock", 2, on_disk, args.qsd_aio),
-                          work / "qsd.sock", work / f"qsd-{storage}.log")  # fmt: skip
-            with vvu as a, qsd as b:
+            stack = contextlib.ExitStack()
+            with stack:
+                backends = [
+                    stack.enter_context(running("vvu", vvu_argv(image, work / "vvu.sock", 2,
+                        args.vvu_args), work / "vvu.sock", work / f"vvu-{storage}.log")),
+                    stack.enter_context(running("qsd", qsd_argv(image, work / "qsd.sock", 2,
+                        on_disk, args.qsd_aio), work / "qsd.sock", work / f"qsd-{storage}.log")),
+                ]  # fmt: skip
+                if args.baseline_tree is not None:
+                    env = {**os.environ, "PYTHONPATH": str(args.baseline_tree)}
+                    argv = vvu_argv(image, work / "base.sock", 2, args.vvu_args)
+                    log = work / f"base-{storage}.log"
+                    base_ = running("base", argv, work / "base.sock", log, env)
+                    backends.append(stack.enter_context(base_))
                 for rnd, rw, queues, qd in (
                     (rnd, rw, queues, qd)
                     for rnd in range(args.rounds)
@@ -182,8 +239,10 @@ def load_matrix(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
                     for qd in args.qd
                 ):
                     measured: dict[str, dict[str, float]] = {}
-                    order = [b, a] if flip else [a, b]
-                    flip = not flip
+                    # Every back-end goes first in turn (A B C, B C A, ...) and, with two, the
+                    # order flips every measurement.
+                    order = backends[turn % len(backends) :] + backends[: turn % len(backends)]
+                    turn += 1
                     for backend in order:
                         if on_disk:
                             drop_caches()
@@ -197,8 +256,12 @@ def load_matrix(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
                     rows.append(row)
                     v, q = measured["vvu"], measured["qsd"]
                     fio = f", fio {measured['fio']['iops']:.0f}" if "fio" in measured else ""
+                    base = (f", base {measured['base']['iops']:.0f} (vvu/base "
+                            f"{ratio(v['iops'], measured['base']['iops'])})"
+                            if "base" in measured else "")  # fmt: skip
                     print(f"{storage} {rw} qd={qd} queues={queues}: vvu {v['iops']:.0f} IOPS, "
-                          f"qsd {q['iops']:.0f} IOPS{fio}, ratio {ratio(v['iops'], q['iops'])}",
+                          f"qsd {q['iops']:.0f} IOPS{fio}{base}, "
+                          f"ratio {ratio(v['iops'], q['iops'])}",
                           file=sys.stderr, flush=True)  # fmt: skip
         finally:
             if not args.keep_images:
@@ -210,11 +273,14 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     """One line per workload: medians over the rounds, the IOPS ratio of every round, and fio
     straight at the image (the storage's own reach) where it was measured."""
     fio = any("fio" in r for r in rows)
+    base = any("base" in r for r in rows)
     print("| storage | rw | QD | queues | vvu IOPS | qsd IOPS | **IOPS vvu/qsd** "
           "| per round | vvu p99 µs | qsd p99 µs | p99 vvu/qsd | vvu CPU µs/IO | qsd CPU µs/IO "
-          "| CPU/IO vvu/qsd |" + (" fio IOPS | vvu/fio |" if fio else ""))  # fmt: skip
+          "| CPU/IO vvu/qsd |" + (" fio IOPS | vvu/fio |" if fio else "")
+          + (" base IOPS | **vvu/base** (per round) | CPU/IO vvu/base |"
+             if base else ""))  # fmt: skip
     print("|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"
-          + ("---:|---:|" if fio else ""))  # fmt: skip
+          + ("---:|---:|" if fio else "") + ("---:|---|---:|" if base else ""))  # fmt: skip
     groups: dict[tuple[str, str, int, int], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["storage"], r["rw"], r["qd"], r["queues"]), []).append(r)
@@ -235,6 +301,11 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         if fio:
             f = med("fio", "iops") if any("fio" in r for r in runs) else float("nan")
             line += f" {f / 1000:.1f} k | {ratio(v['iops'], f)} |"
+        if base:
+            b = {k: med("base", k) for k in ("iops", "cpu_us_per_io")}
+            per = " / ".join(ratio(r["vvu"]["iops"], r["base"]["iops"]) for r in runs)
+            line += (f" {b['iops'] / 1000:.1f} k | **{ratio(v['iops'], b['iops'])}** ({per}) "
+                     f"| {ratio(v['cpu_us_per_io'], b['cpu_us_per_io'])} |")  # fmt: skip
         print(line)
 
 
@@ -334,7 +405,8 @@ def main() -> None:
     parser.add_argument("--handshake", type=int, metavar="RUNS",
                         help="measure connect → first read instead, RUNS per back-end")  # fmt: skip
     parser.add_argument("--baseline-tree", type=Path, metavar="PYTHON_DIR",
-                        help="with --handshake: also a vvu from this python/ dir")  # fmt: skip
+                        help="also a vvu from this python/ dir (e.g. main's), measured in turn "
+                        "with the others, as `base`")  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the raw figures here")
     args = parser.parse_args()
     if "disk" in args.storage and args.handshake is None and os.geteuid() != 0:

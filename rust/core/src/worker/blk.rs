@@ -376,8 +376,6 @@ pub struct BlkHandler {
     slots: Vec<Slot>,
     free: Vec<usize>,
     aio_done: Vec<(u64, i64)>,
-    /// Pushed to the engine since the last submit.
-    unsubmitted: usize,
     /// Which requests an asynchronous engine leaves to the worker thread.
     inline: Inline,
     /// Lazily allocated zeros for the write-zeros fallback.
@@ -453,7 +451,6 @@ impl BlkHandler {
             slots,
             free,
             aio_done: Vec::new(),
-            unsubmitted: 0,
             inline,
             zeros: None,
             zero_mode: ZeroMode::Fallocate,
@@ -1134,8 +1131,13 @@ impl BlkHandler {
             self.free.push(index);
             return Err(Done::status(VIRTIO_BLK_S_IOERR));
         }
-        self.unsubmitted += 1;
         bump(&self.counters.async_requests, 1);
+        // The device starts on the first requests of a batch while the rest are prepared (see
+        // `aio`, "When operations are issued").
+        if let Err(e) = aio.submit_if_due() {
+            // A request pushed but never issued would hang the queue: fault it instead.
+            panic!("submitting to the {} engine: {e}", aio.mode().name());
+        }
         Ok(true)
     }
 
@@ -1192,10 +1194,6 @@ impl ChainHandler for BlkHandler {
     }
 
     fn flush_batch(&mut self) {
-        if self.unsubmitted == 0 {
-            return;
-        }
-        self.unsubmitted = 0;
         if let Some(aio) = self.aio.as_mut() {
             if let Err(e) = aio.submit() {
                 // Requests pushed but never issued would hang the queue: fault it instead.

@@ -32,8 +32,10 @@
 //! A handler may keep chains in flight across batches and complete them later, in any order
 //! (an io_uring or thread-pool block engine, a network block client): [`ChainHandler::submit`]
 //! returns [`Submitted::Pending`], [`ChainHandler::flush_batch`] is where queued work is issued
-//! (one `io_uring_enter` per batch), and [`ChainHandler::reap`] hands back finished chains by
-//! head (split) or buffer id (packed), which the worker pushes to the used ring and publishes.
+//! at the latest (a block engine issues the first requests of a batch while it prepares the
+//! others: [`aio`], "When operations are issued"), and [`ChainHandler::reap`] hands back
+//! finished chains by head (split) or buffer id (packed), which the worker pushes to the used
+//! ring and publishes.
 //! The contract:
 //!
 //! - at most [`ChainHandler::max_in_flight`] chains are pending: when that many are, the worker
