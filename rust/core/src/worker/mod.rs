@@ -1035,27 +1035,78 @@ impl std::fmt::Debug for StoppedQueue {
     }
 }
 
-impl QueueWorker {
-    /// Start a thread named `name` that runs `queue` (a split or packed queue, which must be
-    /// attached) with `handler`.
-    ///
-    /// `kick` is consumed by the worker; `call` (if any) is signalled when the driver must be
-    /// notified. Fails with `InvalidInput` for a detached queue or a name containing NUL, and with
-    /// the OS error if the eventfds, the poller or the thread cannot be created (the queue and
-    /// handler are dropped then).
-    pub fn spawn(
-        name: &str,
+/// A queue stepped on the caller's thread, with no thread, group or wake-up of its own: what a
+/// benchmark of a handler's per-chain cost drives (`benches/net_loop.rs`), so that the figure
+/// holds no cross-thread hand-off. Not for devices (nothing ever sleeps or stops it).
+#[doc(hidden)]
+pub struct InlineWorker {
+    context: Context,
+}
+
+impl InlineWorker {
+    /// Set up `handler` on `queue` (attached) as [`QueueWorker::spawn`] would, minus the thread.
+    pub fn new(
         queue: impl Into<Virtqueue>,
+        kick: EventFd,
+        handler: Box<dyn ChainHandler>,
+    ) -> Result<Self, WorkerFault> {
+        let (context, _, _) =
+            Context::new(queue.into(), kick, None, handler, WorkerOptions::default())
+                .map_err(|e| WorkerFault::Internal(format!("setting up: {e}")))?;
+        let mut worker = Self { context };
+        match worker.with_steps(|steps, ctx| steps.begin(ctx)) {
+            Some(result) => result?,
+            None => worker.context.queue.disable_notifications()?,
+        }
+        Ok(worker)
+    }
+
+    fn with_steps<R>(
+        &mut self,
+        f: impl FnOnce(&mut dyn LoopSteps, &mut LoopContext<'_>) -> R,
+    ) -> Option<R> {
+        let context = &mut self.context;
+        let mut ctx = LoopContext {
+            queue: &mut context.queue,
+            memory: &context.memory,
+            kick: &context.kick,
+            poll_interval: context.poll_interval,
+            busy_poll: context.busy_poll,
+            shared: &context.shared,
+        };
+        let steps = context.handler.device_loop()?.steps()?;
+        Some(f(steps, &mut ctx))
+    }
+
+    /// One non-blocking step: a batch, or one step of the handler's device loop.
+    pub fn step(&mut self) -> Result<Progress, WorkerFault> {
+        if let Some(progress) = self.with_steps(|steps, ctx| steps.step(ctx)) {
+            return progress;
+        }
+        match self.context.pass()? {
+            Pass::Stopped => Ok(Progress::Idle),
+            Pass::Progress(progress) => Ok(progress),
+        }
+    }
+}
+
+impl Drop for InlineWorker {
+    fn drop(&mut self) {
+        let _ = self.with_steps(|steps, ctx| steps.end(ctx, true));
+    }
+}
+
+impl Context {
+    /// The context of a worker for `queue` (attached) and `handler`; with the group it joins
+    /// (`None`: a thread of its own) and whether the handler runs a device loop.
+    fn new(
+        queue: Virtqueue,
         kick: EventFd,
         call: Option<EventFd>,
         mut handler: Box<dyn ChainHandler>,
         options: WorkerOptions,
-    ) -> io::Result<Self> {
-        let queue = queue.into();
+    ) -> io::Result<(Self, Option<PollGroup>, bool)> {
         let invalid = |msg: &str| io::Error::new(io::ErrorKind::InvalidInput, msg.to_owned());
-        if name.contains('\0') {
-            return Err(invalid("worker thread name contains a NUL byte"));
-        }
         let memory = queue
             .memory()
             .cloned()
@@ -1124,6 +1175,33 @@ impl QueueWorker {
             reaped: Vec::with_capacity(max_in_flight),
             armed: false,
         };
+        Ok((context, group, device_loop))
+    }
+}
+
+impl QueueWorker {
+    /// Start a thread named `name` that runs `queue` (a split or packed queue, which must be
+    /// attached) with `handler`.
+    ///
+    /// `kick` is consumed by the worker; `call` (if any) is signalled when the driver must be
+    /// notified. Fails with `InvalidInput` for a detached queue or a name containing NUL, and with
+    /// the OS error if the eventfds, the poller or the thread cannot be created (the queue and
+    /// handler are dropped then).
+    pub fn spawn(
+        name: &str,
+        queue: impl Into<Virtqueue>,
+        kick: EventFd,
+        call: Option<EventFd>,
+        handler: Box<dyn ChainHandler>,
+        options: WorkerOptions,
+    ) -> io::Result<Self> {
+        let invalid = |msg: &str| io::Error::new(io::ErrorKind::InvalidInput, msg.to_owned());
+        if name.contains('\0') {
+            return Err(invalid("worker thread name contains a NUL byte"));
+        }
+        let (context, group, device_loop) =
+            Context::new(queue.into(), kick, call, handler, options)?;
+        let shared = Arc::clone(&context.shared);
         let thread = match group {
             Some(group) => Runner::Group(Mutex::new(group.join(context)?)),
             None => Runner::Thread(
