@@ -1284,6 +1284,10 @@ impl NetRxHandler {
         let need = (hdr_len + frame_len) as u64;
         let ring = usize::from(ctx.queue.size());
         loop {
+            if self.first_fits(need) {
+                self.deliver_one(ctx, need)?;
+                return Ok(Placed::Delivered);
+            }
             let (count, room) = self.usable_room(need);
             if count > 0 && room >= need {
                 self.deliver_staged(ctx, need)?;
@@ -1298,6 +1302,58 @@ impl NetRxHandler {
                 return Ok(Placed::NeedBuffers);
             }
         }
+    }
+
+    /// The first held chain is usable and holds `need` bytes: the packet goes there whole (what
+    /// [`Self::usable_room`] and [`Self::deliver_staged`] would decide too, for one chain).
+    fn first_fits(&self, need: u64) -> bool {
+        let i = self.held_start;
+        match (self.held.chains().get(i), self.usable.get(i)) {
+            (Some(chain), Some(true)) => u64::from(chain.writable_len()) >= need,
+            _ => false,
+        }
+    }
+
+    /// [`Self::deliver_staged`] into the first held chain alone (see [`Self::first_fits`]): the
+    /// common case (a 2 KiB or larger receive buffer per frame) without the per-chain lists.
+    fn deliver_one(&mut self, ctx: &mut LoopContext<'_>, need: u64) -> Result<(), WorkerFault> {
+        let hdr_len = self.features.header_len();
+        let Some(stage) = self.stage.as_mut() else {
+            return Ok(());
+        };
+        let i = self.held_start;
+        let Some(chain) = self.held.chains().get(i) else {
+            return Ok(());
+        };
+        let start = PORT_HDR_LEN - hdr_len;
+        stage.buf.copy_within(..offload::VNET_HDR_FIELDS, start);
+        if hdr_len == HDR_LEN {
+            // §5.1.6.4: num_buffers, one chain.
+            stage.buf[start + 10..start + 12].copy_from_slice(&1u16.to_le_bytes());
+        }
+        // SAFETY: the chain was popped from the attached queue, whose snapshot is alive; its
+        // writable length (checked by `first_fits`) holds all `need` bytes.
+        unsafe { scatter(chain.writable(&self.held), &stage.buf[start..stage.len]) };
+        let head = chain.head();
+        let frame_len = stage.len - PORT_HDR_LEN;
+        stage.len = 0;
+        if self.unpublished + 1 > usize::from(ctx.queue.size()) {
+            // As in `push_held`: never more unpublished entries than the ring holds.
+            self.count_delivered();
+            ctx.publish(self.unpublished as u64)?;
+            self.unpublished = 0;
+        }
+        ctx.queue.push_used(head, need as u32)?;
+        self.unpublished += 1;
+        self.held_start += 1;
+        if self.held_start == self.held.len() {
+            self.held.clear();
+            self.usable.clear();
+            self.held_start = 0;
+        }
+        self.delivered.0 += 1;
+        self.delivered.1 += frame_len as u64;
+        Ok(())
     }
 
     /// Write header and frame into the first usable held chains (room is known to suffice) and
