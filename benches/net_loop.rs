@@ -34,13 +34,26 @@
 //!   (`CLOCK_THREAD_CPUTIME_ID` read around them, minus the median cost of two such reads): the
 //!   device's own cost per frame, with no hand-off, no spinning and no driver work in it, and
 //!   robust against a loaded machine (time preempted or stolen is not counted; wall time around
-//!   the same steps varied 3× with the load). This is the figure to compare builds with.
+//!   the same steps varied 3× with the load). On a busy machine even this moves by ±10 %
+//!   between runs (caches shared with other work): compare builds by instructions instead.
+//!
+//! # Instructions per frame
+//!
+//! With `NET_LOOP_BURSTS=N` the binary runs N inline bursts of `NET_LOOP_LEN`-byte frames
+//! (default 64) and exits; under callgrind, counting only inside the two steps, the count is
+//! exact and load-free (the first burst, which sets up, is in it: use N ≥ 1000):
+//!
+//!     NET_LOOP_BURSTS=1000 NET_LOOP_LEN=64 valgrind --tool=callgrind \
+//!         --callgrind-out-file=/dev/null --toggle-collect='*InlineWorker*step*' \
+//!         target/release/deps/net_loop-HASH
+//!
+//! `Collected` / (N × 32) is the instructions per frame.
 
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use vvu_core::memory::{create_memfd, GuestMemory, MemoryRegion, RegionSpec};
 use vvu_core::notify::EventFd;
 use vvu_core::queue::{QueueConfig, SplitQueue, SplitQueueDriver};
@@ -115,7 +128,7 @@ fn clock_cost() -> Duration {
 
 enum Device {
     Threads(Vec<QueueWorker>),
-    Inline { tx: InlineWorker, rx: InlineWorker },
+    Inline(Box<(InlineWorker, InlineWorker)>),
 }
 
 struct Rig {
@@ -182,20 +195,20 @@ impl Rig {
             queue
         };
         let device = if mode == Mode::Inline {
-            Device::Inline {
-                tx: InlineWorker::new(
+            Device::Inline(Box::new((
+                InlineWorker::new(
                     device_queue(TX_RINGS),
                     tx_kick.try_clone().unwrap(),
                     Box::new(port.tx_handler(FEATURES)),
                 )
                 .unwrap(),
-                rx: InlineWorker::new(
+                InlineWorker::new(
                     device_queue(RX_RINGS),
                     rx_kick.try_clone().unwrap(),
                     Box::new(port.rx_handler(FEATURES)),
                 )
                 .unwrap(),
-            }
+            )))
         } else {
             let multi = cpus() >= 2;
             if multi {
@@ -260,7 +273,8 @@ impl Rig {
         let mut spins = 0u32;
         let deadline = Instant::now() + Duration::from_secs(10);
         while got < BURST {
-            if let Device::Inline { tx, rx } = &mut self.device {
+            if let Device::Inline(pair) = &mut self.device {
+                let (tx, rx) = &mut **pair;
                 let t0 = thread_cpu();
                 black_box(tx.step().unwrap());
                 black_box(rx.step().unwrap());
@@ -329,4 +343,25 @@ fn net_loop(c: &mut Criterion) {
 }
 
 criterion_group!(benches, net_loop);
-criterion_main!(benches);
+
+/// With `NET_LOOP_BURSTS=N`: no criterion, just N inline bursts of `NET_LOOP_LEN`-byte frames
+/// (default 64), for an instruction count under callgrind (module docs, "Instructions per
+/// frame").
+fn main() {
+    if let Some(bursts) = std::env::var("NET_LOOP_BURSTS")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        let frame_len = std::env::var("NET_LOOP_LEN")
+            .ok()
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(64);
+        let mut rig = Rig::new(frame_len, Mode::Inline);
+        for _ in 0..bursts {
+            rig.burst();
+        }
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
