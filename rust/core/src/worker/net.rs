@@ -965,21 +965,17 @@ impl NetTxHandler {
             return;
         }
         let max_frame = self.port.max_frame.load(Ordering::Relaxed);
-        let mut header = [0u8; HDR_LEN];
-        // SAFETY: the chain's segments are alive for the whole `handle` call.
-        let copied = unsafe { gather(chain.readable(), 0, &mut header[..hdr_len]) };
-        if copied != hdr_len {
-            bump(&counters.tx_errors, 1);
-            return;
-        }
-        let asked = VnetHdr::parse(&header);
         let frame_len = total - hdr_len;
         if self.port.switch().is_some() {
             // Copied out now (the chain is completed with the batch), checked on the copy (the
-            // guest cannot change it afterwards), forwarded in flush_batch.
+            // guest cannot change it afterwards), forwarded in flush_batch. One copy of header
+            // and frame: the guest's header lands at the end of the packet's header room
+            // (PORT_HDR_LEN >= hdr_len) and is read from there.
+            let start = PORT_HDR_LEN - hdr_len;
             let mut packet = self.forwarder.buffer(PORT_HDR_LEN + frame_len);
-            // SAFETY: as above.
-            let got = unsafe { gather(chain.readable(), hdr_len, &mut packet[PORT_HDR_LEN..]) };
+            // SAFETY: the chain's segments are alive for the whole `handle` call.
+            let got = unsafe { gather(chain.readable(), 0, &mut packet[start..]) };
+            let asked = VnetHdr::parse(&packet[start..PORT_HDR_LEN]);
             let checked = offload::validate(
                 &asked,
                 &packet[PORT_HDR_LEN..],
@@ -987,7 +983,7 @@ impl NetTxHandler {
                 self.features.host,
             );
             match checked {
-                Ok(carried) if got == frame_len => {
+                Ok(carried) if got == total => {
                     carried.write(&mut packet);
                     packet[offload::VNET_HDR_FIELDS..PORT_HDR_LEN].fill(0);
                     self.burst.push(packet);
@@ -999,6 +995,14 @@ impl NetTxHandler {
             }
             return;
         }
+        let mut header = [0u8; HDR_LEN];
+        // SAFETY: the chain's segments are alive for the whole `handle` call.
+        let copied = unsafe { gather(chain.readable(), 0, &mut header[..hdr_len]) };
+        if copied != hdr_len {
+            bump(&counters.tx_errors, 1);
+            return;
+        }
+        let asked = VnetHdr::parse(&header);
         // An fd port: the kernel (TAP) checks the header again on the bytes it reads; the
         // headers are looked at here only to refuse what was not negotiated.
         let mut head = [0u8; offload::MAX_HEADERS];
