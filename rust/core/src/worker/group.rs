@@ -216,7 +216,7 @@ impl Member {
         if ready {
             match self.with_steps(|steps, ctx| steps.sleep(ctx, Some(Duration::ZERO))) {
                 Some(result) => result,
-                None => self.context.sleep(Some(Duration::ZERO)),
+                None => self.context.wake_in_group(),
             }
         } else {
             match self.with_steps(|steps, ctx| steps.disarm(ctx)) {

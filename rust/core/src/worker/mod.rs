@@ -810,6 +810,28 @@ impl Context {
         self.disarm()
     }
 
+    /// A [`PollGroup`] slept and this queue's poller was among what woke it: consume what woke
+    /// it and withdraw the kick request, as [`Context::sleep`] with a zero timeout does, but
+    /// without asking the poller which of its fds is ready (one system call less per wake-up,
+    /// which an event-driven group pays once per burst): the kick is read directly, and only
+    /// when there was none the update doorbell (whose flag, checked by the next pass, is the
+    /// real signal; were it consumed too late, the group wakes once more and consumes it then).
+    /// The stop fd is never consumed, the completion fd is reaped by the pass.
+    fn wake_in_group(&mut self) -> Result<(), WorkerFault> {
+        let io = |what: &str, e: io::Error| WorkerFault::Internal(format!("{what}: {e}"));
+        Counters::add(&self.shared.counters.wakeups, 1);
+        let kicks = self.kick.consume().map_err(|e| io("reading the kick", e))?;
+        if kicks > 0 {
+            Counters::add(&self.shared.counters.kicks, kicks);
+        } else {
+            self.shared
+                .update
+                .consume()
+                .map_err(|e| io("reading the update doorbell", e))?;
+        }
+        self.disarm()
+    }
+
     /// Withdraw the kick request of [`Context::prepare_sleep`], if any.
     fn disarm(&mut self) -> Result<(), WorkerFault> {
         if std::mem::take(&mut self.armed) {
