@@ -47,7 +47,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from daemons import wait_for_socket
-from vvu.bench import handshake_samples, latency_stats
+from vvu.bench import backend_cpu, handshake_samples, latency_stats
 
 MiB = 1 << 20
 VVU = [sys.executable, "-m", "vvu"]
@@ -258,9 +258,16 @@ def handshake(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             base = running("vvu-baseline", argv, work / "base.sock", work / "base-hs.log", env)
             backends.append(stack.enter_context(base))
         samples: dict[str, list[dict[str, float]]] = {b.name: [] for b in backends}
-        for _ in range(args.handshake):
-            for backend in backends:
+        # The back-ends' CPU time per session (utime+stime, all threads, over all the runs; an
+        # idle back-end uses none): less at the mercy of a busy machine than the latency.
+        cpu = {b.name: -backend_cpu(b.proc.pid) for b in backends}
+        for i in range(args.handshake):
+            # The order turns every round: the first of a round pays for something (its
+            # connect step took 0.3-0.5 ms more, whichever back-end it was).
+            for backend in backends[i % len(backends) :] + backends[: i % len(backends)]:
                 samples[backend.name] += handshake_samples(str(backend.socket), 1)
+        for backend in backends:
+            cpu[backend.name] += backend_cpu(backend.proc.pid)
     report: dict[str, dict[str, Any]] = {
         name: {
             "total": latency_stats([s["total"] for s in runs]),
@@ -268,6 +275,8 @@ def handshake(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         }
         for name, runs in samples.items()
     }
+    for name, seconds in cpu.items():
+        report[name]["cpu_ms_per_session"] = round(seconds * 1e3 / args.handshake, 3)
     names = list(report)
     print("| step | " + " | ".join(f"{n} median ms | {n} p90 ms" for n in names) + " |")
     print("|---|" + "---:|---:|" * len(names))
@@ -277,12 +286,25 @@ def handshake(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             s = report[name]["steps"].get(step) or report[name]["total"]
             cells.append(f"{s['median_ms']:.2f} | {s['p90_ms']:.2f}")
         print(f"| {step} | " + " | ".join(cells) + " |")
+    print("| back-end CPU ms per session | " + " | ".join(
+        f"{report[n]['cpu_ms_per_session']:.2f} | " for n in names) + " |")  # fmt: skip
+    # What the back-ends answer: the step medians after `connect` (the front-end's own).
+    steps = {n: sum(s["median_ms"] for k, s in report[n]["steps"].items() if k != "connect")
+             for n in names}  # fmt: skip
+    for name in names:
+        report[name]["steps_after_connect_ms"] = round(steps[name], 3)
+    print("| steps after connect, sum of medians | " + " | ".join(
+        f"{steps[n]:.2f} | " for n in names) + " |")  # fmt: skip
     v, q = report["vvu"]["total"], report["qsd"]["total"]
     print(f"\nmedian vvu/qsd: {ratio(v['median_ms'], q['median_ms'])}, "
-          f"p90 vvu/qsd: {ratio(v['p90_ms'], q['p90_ms'])}")  # fmt: skip
+          f"p90 vvu/qsd: {ratio(v['p90_ms'], q['p90_ms'])}, "
+          f"steps after connect vvu/qsd: {ratio(steps['vvu'], steps['qsd'])}")  # fmt: skip
     if "vvu-baseline" in report:
         b = report["vvu-baseline"]["total"]
-        print(f"median vvu/vvu-baseline: {ratio(v['median_ms'], b['median_ms'])}")
+        c, cb = report["vvu"]["cpu_ms_per_session"], report["vvu-baseline"]["cpu_ms_per_session"]
+        print(f"median vvu/vvu-baseline: {ratio(v['median_ms'], b['median_ms'])}, "
+              f"steps after connect: {ratio(steps['vvu'], steps['vvu-baseline'])}, "
+              f"back-end CPU vvu/vvu-baseline: {ratio(c, cb)}")  # fmt: skip
     return report
 
 

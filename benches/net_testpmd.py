@@ -16,6 +16,8 @@ Cases (`--cases`), each with `--queue-pairs` 1 and/or 2 and `--sizes`:
   into a receive ring nobody drains (frames are copied and then dropped in the full switch queue,
   so vvu does more than a sink) vs `net_vhost` `rxonly`. Reported: front-end TX (what the
   back-end takes).
+- `rx`: the front-end only receives (`rxonly`); the back-end is the frame source: `vvu serve
+  net --generate LEN` vs `net_vhost` with `txonly --txpkts=LEN`. Reported: front-end RX.
 
 Back-ends: `vvu` (`python -m vvu serve net`, from the `vvu` package this interpreter imports);
 `--label NAME=PYTHONPATH` adds another build of vvu (e.g. main's) to the same run; `--poll-us N`
@@ -26,7 +28,7 @@ CPU budget: the back-end is pinned to CPU 0 (`taskset`, all its threads; DPDK: b
 the front-end to CPU 1 (testpmd lcores 0 and 1 both on that CPU).
 
     python benches/net_testpmd.py --label main=/work/main/python --rounds 2 --seconds 6 \
-        --poll-us 50 --cases loop,peer,tx --queue-pairs 1,2
+        --poll-us 50 --cases loop,peer,tx,rx --queue-pairs 1,2
 
 Prints one Markdown table row per case and round. Needs root (testpmd), dpdk-testpmd and taskset.
 """
@@ -214,6 +216,8 @@ class Case:
     #: What is reported: the front-end's port and direction.
     metric: tuple[int, str]
     tx_first: bool
+    #: vvu's mode: `--loopback`, `--generate` (with the frame length) or, with two ports, peer.
+    vvu_mode: str = "--loopback"
 
 
 CASES = {
@@ -225,6 +229,16 @@ CASES = {
     # (vvu: loopback into an RX ring nobody drains, frames dropped in the switch queue; DPDK:
     # `rxonly`). Reported: the front-end's TX rate, i.e. what the back-end takes.
     "tx": Case(two_ports=False, front="txonly", dpdk="rxonly", metric=(0, "Tx"), tx_first=False),
+    # The front-end only receives; the back-end generates (vvu `--generate LEN`; DPDK `txonly`
+    # with the same `--txpkts`). Reported: the front-end's RX rate.
+    "rx": Case(
+        two_ports=False,
+        front="rxonly",
+        dpdk="txonly",
+        metric=(0, "Rx"),
+        tx_first=False,
+        vvu_mode="--generate",
+    ),
 }
 
 
@@ -249,7 +263,12 @@ def run_case(
     with contextlib.ExitStack() as stack:
         if backend in vvu:
             pythonpath, extra = vvu[backend]
-            mode = [] if two else ["--loopback"]
+            if two:
+                mode = []
+            elif spec.vvu_mode == "--generate":
+                mode = ["--generate", str(frame_len)]
+            else:
+                mode = [spec.vvu_mode]
             qp = ["--num-queue-pairs", str(queues)] if queues > 1 else []
             back = vvu_backend(sock, pythonpath, [*mode, *qp, *extra], workdir)
             stack.callback(stop, back, signal.SIGTERM)
@@ -258,7 +277,7 @@ def run_case(
         else:
             vdevs = [f"net_vhost{i},iface={path},queues={queues}" for i, path in enumerate(paths)]
             back, _ = stack.enter_context(
-                testpmd("back", 0, vdevs, spec.dpdk, workdir, queues=queues)
+                testpmd("back", 0, vdevs, spec.dpdk, workdir, frame_len=frame_len, queues=queues)
             )
             wait_for(lambda: all(p.exists() for p in paths), "vhost sockets")
         front_vdevs = [
@@ -278,7 +297,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--sizes", default="64,1500")
-    parser.add_argument("--cases", default="loop,peer,tx", help=f"of {','.join(CASES)}")
+    parser.add_argument("--cases", default="loop,peer,tx,rx", help=f"of {','.join(CASES)}")
     parser.add_argument("--queue-pairs", default="1", help="comma-separated, e.g. 1,2")
     parser.add_argument("--label", action="append", default=[], metavar="NAME=PYTHONPATH")
     parser.add_argument("--poll-us", type=int, default=0)

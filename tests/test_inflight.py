@@ -135,6 +135,50 @@ async def test_get_inflight_fd_refuses_bad_geometry(
 
 
 @pytest.mark.asyncio
+async def test_the_region_handed_back_stays_mapped_and_the_next_session_gets_a_fresh_one() -> None:
+    """SET_INFLIGHT_FD with the region GET_INFLIGHT_FD just gave keeps that mapping (the same
+    file); another region is mapped. The next session's GET_INFLIGHT_FD of the same geometry
+    gets a region allocated ahead, as fresh (zeroed) as one allocated on request."""
+    frontend, engine, task = await _session()
+    other = InflightRegion.allocate(2, 128)
+    try:
+        fds: list[int] = []
+        reply = await frontend.request(_F.GET_INFLIGHT_FD, Inflight(0, 0, 2, 128), reply_fds=fds)
+        assert isinstance(reply, Inflight) and len(fds) == 1
+        assert engine.session is not None
+        given = engine.session.inflight
+        assert given is not None
+        await frontend.request(_F.SET_INFLIGHT_FD, reply, fds)
+        assert engine.session.inflight is given  # its own region back: not mapped again
+        os.pwrite(fds[0], b"\x01", 0)  # the front-end's writes land in what the engine maps
+        await frontend.request(_F.SET_INFLIGHT_FD, Inflight(other.mmap_size, 0, 2, 128), [
+            other.fileno()
+        ])  # fmt: skip
+        assert engine.session.inflight not in (None, given)
+        os.close(fds[0])
+    finally:
+        await frontend.close()
+        await task
+
+    ours, theirs = socketpair_channels()
+    task = asyncio.ensure_future(engine.serve(theirs))
+    frontend = Frontend(ours, memory_size=4 * MiB)
+    try:
+        await frontend.negotiate()
+        assert engine.session is not None
+        spare = engine.session.inflight_tracking.spare  # made while the front-end started
+        assert spare is not None
+        assert await frontend.setup_inflight(2, 128)
+        assert engine.session.inflight is spare
+        assert frontend.inflight is not None and frontend.inflight.mmap_size == spare.mmap_size
+        size = frontend.inflight.mmap_size
+        assert os.pread(frontend._inflight_fd, size, 0) == bytes(size)
+    finally:
+        await frontend.close()
+        await task
+
+
+@pytest.mark.asyncio
 async def test_set_inflight_fd_refuses_a_region_too_small_or_misplaced() -> None:
     frontend, engine, task = await _session()
     region = InflightRegion.allocate(1, 128)

@@ -79,10 +79,11 @@ def test_features_config_space_and_registration() -> None:
         assert features & (1 << bit)
     assert features & (1 << NetFeature.MQ)
     assert features & VirtioFeature.VERSION_1.mask and features & VirtioFeature.EVENT_IDX.mask
-    # Checksum and TSO offloads both ways (none with offloads off), no UFO/ECN, no control queue.
+    # Checksum, TSO, UFO and USO offloads both ways (none with offloads off), no ECN, no
+    # control queue.
     offloads = OFFLOAD_FEATURES
     assert all(features & (1 << bit) for bit in offloads)
-    for bit in (9, 10, 13, 14, NetFeature.CTRL_VQ):  # GUEST_ECN/UFO, HOST_ECN/UFO
+    for bit in (9, 13, NetFeature.CTRL_VQ):  # GUEST_ECN, HOST_ECN
         assert not features & (1 << bit)
     a.offloads = False
     assert not any(a.features() & (1 << bit) for bit in offloads)
@@ -620,6 +621,99 @@ def test_serve_net_loopback(tmp_path: Path, extra: list[str]) -> None:
         asyncio.run(echo())
 
 
+def _ones_sum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return int(total)
+
+
+def check_generated(got: bytes, size: int, seq: int, dst: bytes, src: bytes) -> None:
+    """`got` is the generator's frame `seq` of `size` bytes: Ethernet to `dst` from `src`,
+    IPv4 198.18.0.1 -> 198.18.0.2 with a good header checksum, UDP 9 -> 9 with a good
+    checksum, payload starting with `seq` (see `vvu serve net --help`)."""
+    assert len(got) == size
+    assert (got[:6], got[6:12], got[12:14]) == (dst, src, b"\x08\x00")
+    ip, udp = got[14:34], got[34:]
+    assert ip[0] == 0x45 and ip[9] == 17 and struct.unpack("!H", ip[2:4])[0] == size - 14
+    assert (ip[12:16], ip[16:20]) == (bytes([198, 18, 0, 1]), bytes([198, 18, 0, 2]))
+    assert _ones_sum(ip) == 0xFFFF, "IPv4 header checksum"
+    sport, dport, length, check = struct.unpack("!HHHH", udp[:8])
+    assert (sport, dport, length) == (9, 9, size - 34) and check != 0
+    pseudo = ip[12:20] + struct.pack("!BBH", 0, 17, length)
+    assert _ones_sum(pseudo + udp) == 0xFFFF, "UDP checksum"
+    assert struct.unpack("!Q", udp[8:16])[0] == seq
+
+
+@pytest.mark.parametrize("extra", [[], ["--poll-us", "50"]], ids=["sleeping", "busy-poll"])
+def test_serve_net_generate_fills_our_driver_with_valid_udp_frames(
+    tmp_path: Path, extra: list[str]
+) -> None:
+    """`--generate 60,64,1500`: every receive buffer gets the next frame, sizes in turn,
+    sequence numbers without a gap, checksums right; what the driver sends is taken (its
+    transmit buffers come back) and discarded. Also from the busy-polling thread."""
+    sock = tmp_path / "gen.sock"
+    mac, src = parse_mac("52:54:00:00:00:0a"), parse_mac("02:00:00:00:00:99")
+    sizes = [60, 64, 1500]
+
+    async def receive() -> None:
+        d = await NetDriver.open(str(sock), rx_buffers=16)
+        try:
+            for seq in range(600):  # many rounds of the 16 buffers, re-posted as taken
+                got = await d.recv(TIMEOUT)
+                check_generated(got, sizes[seq % 3], seq, mac, src)
+            await d.send_all([frame(i, 100) for i in range(20)])  # slots recycled: all taken
+        finally:
+            await d.close()
+
+    args = ["--generate", "60,64,1500", "--mac", "52:54:00:00:00:0a", "--peer-mac"]
+    with vvu_serve_net(sock, *args, "02:00:00:00:00:99", *extra):
+        asyncio.run(receive())
+
+
+def test_generator_counts_and_bounds() -> None:
+    b = NetBackend.generator([64, 1514], queue_pairs=2, mtu=1500)
+    assert [p.kind for p in b.ports] == ["generator"] * 2
+    assert "generator of 64,1514-byte frames" in b.describe()
+    first = b.ports[0].recv()
+    assert first is not None
+    check_generated(first, 64, 0, b.mac, parse_mac("02:76:76:75:00:02"))
+    assert b.ports[0].drain() == 0 and b.ports[1].send(frame(1, 60))
+    assert b.ports[1].stats["tx_packets"] == 1
+    with pytest.raises(ValueError, match="MTU"):
+        NetBackend.generator([1515], mtu=1500)
+    with pytest.raises(ValueError, match="not 59"):
+        NetBackend.generator([59])
+
+
+@pytest.mark.asyncio
+async def test_a_generator_whose_frames_never_fit_waits_for_buffers_instead_of_spinning(
+    tmp_path: Path,
+) -> None:
+    """Without MRG_RXBUF and with 512-byte receive buffers no 1000- or 1500-byte frame fits:
+    each size is dropped (counted) and the generator then waits for the guest to post more
+    buffers, instead of generating and dropping frames at full CPU for as long as it runs."""
+    gen = NetBackend.generator([1000, 1500])
+    async with serving((gen,), tmp_path) as (path,):
+        d = await NetDriver.open(path, mrg_rxbuf=False, buffer_size=512, rx_buffers=16)
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while gen.stats()["rx_dropped"] == 0:
+                assert time.monotonic() < deadline, gen.stats()
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.5)  # what a spinning source would drop in this time: millions
+            dropped = gen.stats()["rx_dropped"]
+            assert dropped <= 2 * 16, gen.stats()
+            # Buffers that fit are filled again.
+            await d.close()
+            d = await NetDriver.open(path, rx_buffers=4)
+            assert len(await d.recv(TIMEOUT)) == 1000
+        finally:
+            await d.close()
+
+
 def thread_names(pid: int) -> list[str]:
     """The names (comm) of process `pid`'s threads."""
     names = []
@@ -1054,6 +1148,29 @@ def test_dpdk_testpmd_txonly_frames_reach_our_driver(tmp_path: Path) -> None:
         asyncio.run(receive(pmd))
 
 
+@needs_testpmd
+@pytest.mark.parametrize("queues", [1, 2])
+def test_dpdk_testpmd_rxonly_counts_generated_frames(tmp_path: Path, queues: int) -> None:
+    """`vvu serve net --generate 64,1500` against testpmd `rxonly` (DPDK's RX-only benchmark
+    shape): testpmd receives on every queue, its byte count says the frames alternate 64 and
+    1500 bytes, and nothing is dropped on its side."""
+    sock = tmp_path / "gen.sock"
+    args = ["--generate", "64,1500", "--num-queue-pairs", str(queues)]
+    with vvu_serve_net(sock, *args), run_testpmd(sock, "rxonly", tmp_path, queues=queues) as pmd:
+        pmd.wait_forwarding()
+        pmd.wait_rx_packets(20_000)
+    text = pmd.output()
+    stats = re.findall(r"RX-packets: +(\d+) +RX-missed: +(\d+) +RX-bytes: +(\d+)", text)
+    assert stats, text[-3000:]
+    packets, missed, rx_bytes = (int(n) for n in stats[-1])
+    assert packets >= 20_000 and missed == 0
+    # Frames alternate per queue: the mean is 782 bytes, give or take one frame per queue.
+    assert abs(rx_bytes - 782 * packets) <= 718 * queues, (packets, rx_bytes)
+    if queues > 1:
+        per_queue = re.findall(r"RX Port= 0/Queue= (\d+) .*?RX-packets: (\d+)", text, re.S)
+        assert {q for q, n in per_queue if int(n) > 0} == {"0", "1"}, text[-3000:]
+
+
 # --- a Linux guest's virtio-net driver through QEMU ----------------------------------------------
 
 HOST_MAC = parse_mac("02:00:00:00:00:01")
@@ -1192,6 +1309,8 @@ GUEST_OFFLOAD_BITS = {
     "GUEST_CSUM": NetFeature.GUEST_CSUM,
     "HOST_TSO4": NetFeature.HOST_TSO4,
     "GUEST_TSO4": NetFeature.GUEST_TSO4,
+    "HOST_UFO": NetFeature.HOST_UFO,
+    "GUEST_UFO": NetFeature.GUEST_UFO,
 }
 
 
@@ -1203,7 +1322,12 @@ def test_linux_guest_tcp_between_two_switch_ports_with_offloads(tmp_path: Path) 
     eth0 negotiates every offload; eth1 sends with CSUM/HOST_TSO4 but takes neither checksum
     nor TSO offload (QEMU's guest_csum=off, guest_tso4/6=off). 2 MiB over HTTP each way, md5
     compared: eth1 → eth0 goes as TSO packets, passed through whole (far fewer packets than
-    MSS-sized segments arrive); eth0 → eth1 is cut and checksummed by the switch."""
+    MSS-sized segments arrive); eth0 → eth1 is cut and checksummed by the switch.
+
+    The same boot has eth2 on `vvu serve net --generate 64,1500,9000` (MTU 9000), up only at
+    the end: the guest's IP and UDP layers find every generated frame valid (no header or
+    checksum error; each datagram, for a port nobody listens on, counted in Udp NoPorts, which
+    Linux counts only after verifying the checksum)."""
     guest_image()
     socks = [tmp_path / "p0.sock", tmp_path / "p1.sock"]
     script = (
@@ -1222,18 +1346,31 @@ after=$(cat /sys/class/net/eth0/statistics/rx_packets)
 echo $((after - before))
 nsenter -t $NS -n sh -c 'wget -q -O - http://10.0.0.2:8080/data | md5sum'
 kill $NS
+ip link set eth2 mtu 9000
+ip addr add 198.18.0.2/24 dev eth2
+ip link set eth2 up
+while [ "$(cat /sys/class/net/eth2/statistics/rx_packets)" -lt 3000 ]; do :; done
+ip link set eth2 down
+cat /sys/class/net/eth2/statistics/rx_packets
+grep -E '^(Ip|Udp):' /proc/net/snmp
 """
     )
     no_guest_offloads = "guest_csum=off,guest_tso4=off,guest_tso6=off"
     qemu_args = vhost_user_net_args(0, str(socks[0]), "52:54:00:12:34:50")
     qemu_args += vhost_user_net_args(1, str(socks[1]), "52:54:00:12:34:51", no_guest_offloads)
+    generator = tmp_path / "gen.sock"
+    qemu_args += vhost_user_net_args(2, str(generator), "52:54:00:12:34:52")
 
     async def main() -> str:
         result = await run_guest_async(script, qemu_args=qemu_args, timeout=120)
         assert result.exit_status == 0, result.serial
         return result.output
 
-    with vvu_serve_net(socks[0], "--switch", "sw", "--switch-port", str(socks[1])):
+    gen_args = ["--generate", "64,1500,9000", "--mtu", "9000", "--mac", "52:54:00:12:34:52"]
+    with (
+        vvu_serve_net(socks[0], "--switch", "sw", "--switch-port", str(socks[1])),
+        vvu_serve_net(generator, *gen_args),
+    ):
         lines = asyncio.run(main()).split("\n")
     eth0, eth1 = lines[0], lines[1]
     for name, bit in GUEST_OFFLOAD_BITS.items():
@@ -1244,3 +1381,14 @@ kill $NS
     assert to_eth0 == sent and to_eth1 == sent, "2 MiB arrive intact both ways"
     # 2 MiB in 1448-byte segments would be over 1448 packets (plus ACKs): TSO packets arrived.
     assert eth0_packets < 2 * 1024 * 1024 // 1448 // 2, eth0_packets
+    generated = int(lines[6])
+    snmp: dict[str, int] = {}
+    for names, values in zip(lines[7::2], lines[8::2], strict=False):
+        proto = names.split(":")[0]
+        for name, value in zip(names.split()[1:], values.split()[1:], strict=True):
+            snmp[f"{proto}.{name}"] = int(value)
+    assert generated >= 3000, lines[6:]
+    for counter in ("Ip.InHdrErrors", "Ip.InAddrErrors", "Udp.InErrors", "Udp.InCsumErrors"):
+        assert snmp[counter] == 0, (counter, snmp)
+    # Every generated datagram passed IP and the UDP checksum (nothing else arrives on eth2).
+    assert snmp["Udp.NoPorts"] == generated, snmp

@@ -297,3 +297,78 @@ def test_a_socket_path_that_cannot_be_bound_is_named_in_the_error(tmp_path: Path
     with pytest.raises(FileNotFoundError) as err:
         listening_socket(path)
     assert path in str(err.value)
+
+
+# --- serve_each: messages handled from the reader callback ---------------------------------
+
+
+@pytest.mark.asyncio
+async def test_serve_each_handles_in_order_as_the_serving_task_and_waits_for_a_waiting_one() -> (
+    None
+):
+    """Each handling runs as part of the task that called serve_each (also when it runs from
+    the socket's reader callback, which is the point: no task wake-up per message); one that
+    waits holds the next message back until it is done; a clean EOF ends serve_each."""
+    a, b = socketpair_channels()
+    release = asyncio.Event()
+    seen: list[tuple[int, bool, str]] = []
+
+    async def handle(raw: RawMessage) -> None:
+        seen.append((raw.request, asyncio.current_task() is serving, "start"))
+        if raw.request == 2:
+            await release.wait()
+        seen.append((raw.request, asyncio.current_task() is serving, "end"))
+
+    serving = asyncio.ensure_future(b.serve_each(handle))
+    try:
+        await asyncio.sleep(0)  # serving waits for a first message: the callback handles it
+        await a.send(encode_header(1, 1, 0))
+        for request in (2, 3):
+            await a.send(encode_header(request, 1, 0))
+        while len(seen) < 3:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.01)  # 3 is in the socket, held back while 2 waits
+        assert seen == [(1, True, "start"), (1, True, "end"), (2, True, "start")]
+        release.set()
+        a.close()  # EOF after 3
+        await asyncio.wait_for(serving, 5)
+        assert seen[3:] == [(2, True, "end"), (3, True, "start"), (3, True, "end")]
+    finally:
+        serving.cancel()
+        a.close()
+        b.close()
+
+
+@pytest.mark.asyncio
+async def test_serve_each_raises_what_a_handling_raised_and_a_cancel_reaches_a_waiting_one() -> (
+    None
+):
+    a, b = socketpair_channels()
+
+    async def fail(raw: RawMessage) -> None:
+        raise ValueError(f"request {raw.request}")
+
+    serving = asyncio.ensure_future(b.serve_each(fail))
+    await asyncio.sleep(0)
+    await a.send(encode_header(7, 1, 0))
+    with pytest.raises(ValueError, match="request 7"):
+        await asyncio.wait_for(serving, 5)
+
+    cancelled = asyncio.Event()
+
+    async def wait_forever(raw: RawMessage) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    serving = asyncio.ensure_future(b.serve_each(wait_forever))
+    await a.send(encode_header(8, 1, 0))
+    await asyncio.sleep(0.01)
+    serving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await serving
+    assert cancelled.is_set()
+    a.close()
+    b.close()

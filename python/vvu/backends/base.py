@@ -143,6 +143,17 @@ class Backend:
         the Python path (`handle`)."""
         return None
 
+    def prepare_native_worker(self, queue_index: int) -> None:
+        """Queue `queue_index` may start soon (a front-end connected, or the queue has its
+        kick and waits to be enabled): make ahead whatever `native_worker` would make that
+        takes long (an io_uring), for it to use if nothing changed meanwhile. Called between
+        front-end requests, after a reply went out, so it overlaps with the front-end's own
+        work; the default does nothing."""
+
+    def discard_prepared(self) -> None:
+        """Let go of what `prepare_native_worker` made that no queue took (the session
+        ended)."""
+
     def disabled_worker(self, queue_index: int) -> NativeHandler | None:
         """What a started but disabled queue does: vhost-user.rst, "Ring states", has the
         back-end process it "without causing any side effects". None (the default) leaves its

@@ -140,6 +140,9 @@ class BlkBackend(Backend):
         # the ones before it (handlers count; `queue_stats` only reads).
         self._handlers: dict[int, NativeHandler] = {}
         self._retired: dict[int, tuple[dict[str, int], list[int]]] = {}
+        # Per queue: a handler made ahead of its worker (`prepare_native_worker`), with the
+        # settings it was made with.
+        self._spares: dict[int, tuple[tuple[object, ...], NativeHandler]] = {}
         self.nbd = nbd
         self.nbd_timeout = nbd_timeout
         #: What the NBD server offers (`nbd_probe`); empty without --nbd.
@@ -511,25 +514,61 @@ class BlkBackend(Backend):
                 timeout=self.nbd_timeout,
             )
         else:
-            handler = NativeHandler.blk(
-                self._fd,
-                self.capacity,
-                read_only=self.read_only,
-                serial=self.serial,
-                writethrough=not self.writeback,
-                aio=self.aio,
-                queue_depth=self.queue_depth,
-                latency_histogram=self.timed,
-            )
-        previous = self._handlers.get(queue_index)
-        if previous is not None:  # stopped before a ring restarts: its counters are final
+            spare = self._spares.pop(queue_index, None)
+            if spare is not None and spare[0] == self._file_settings():
+                handler = spare[1]
+            else:
+                handler = self._file_handler()
+        self._retire(queue_index)  # (done when it stopped, unless that was not said)
+        self._handlers[queue_index] = handler
+        return handler
+
+    def queue_stopped(self, queue_index: int) -> None:
+        # Here rather than when the ring starts again, which a front-end waits for.
+        self._retire(queue_index)
+
+    def _retire(self, queue_index: int) -> None:
+        """Add the counters of the queue's stopped worker to the retired ones (final now)."""
+        previous = self._handlers.pop(queue_index, None)
+        if previous is not None:
             counts, histogram = self._retired.get(queue_index, ({}, []))
             self._retired[queue_index] = (
                 _add_counts(counts, previous.stats or {}),
                 _add_buckets(histogram, previous.latency_histogram or []),
             )
-        self._handlers[queue_index] = handler
-        return handler
+
+    def prepare_native_worker(self, queue_index: int) -> None:
+        # The handler of an image file sets up its io_uring (or thread pool) when made: done
+        # here, ahead, `native_worker` takes it if the settings are still the same.
+        if self.nbd is None and queue_index not in self._spares and self._fd >= 0:
+            self._spares[queue_index] = (self._file_settings(), self._file_handler())
+
+    def discard_prepared(self) -> None:
+        self._spares.clear()
+
+    def _file_settings(self) -> tuple[object, ...]:
+        return (
+            self._fd,
+            self.capacity,
+            self.read_only,
+            self.serial,
+            self.writeback,
+            self.aio,
+            self.queue_depth,
+            self.timed,
+        )
+
+    def _file_handler(self) -> NativeHandler:
+        return NativeHandler.blk(
+            self._fd,
+            self.capacity,
+            read_only=self.read_only,
+            serial=self.serial,
+            writethrough=not self.writeback,
+            aio=self.aio,
+            queue_depth=self.queue_depth,
+            latency_histogram=self.timed,
+        )
 
     def queue_stats(self, queue_index: int) -> dict[str, int]:
         counts, _ = self._retired.get(queue_index, (dict.fromkeys(_STAT_NAMES, 0), []))
@@ -555,6 +594,7 @@ class BlkBackend(Backend):
             fd = os.open(self.image, flags)
             os.close(self._fd)
             self._fd = fd
+            self._spares.clear()  # made with the old fd
         self.read_only = read_only
         log.info("blk: now %s", "read-only" if read_only else "read-write")
 
@@ -607,6 +647,7 @@ class BlkBackend(Backend):
         )
 
     def close(self) -> None:
+        self._spares.clear()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

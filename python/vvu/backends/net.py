@@ -18,6 +18,12 @@ Every queue runs in a native Rust worker; frames never touch Python. Queue `2k` 
   several queue pairs a multi-queue TAP.
 - **loopback** (`--loopback`): every transmitted frame comes back on the receive queue, ring to
   ring in native code.
+- **generator** (`--generate SIZE[,SIZE...]`): a frame source for benchmarks and tests, as DPDK
+  testpmd's `txonly` on a `net_vhost` port: every receive queue is filled with valid IPv4/UDP
+  frames of those sizes in turn (to `--mac`, from `--peer-mac`, 198.18.0.1:9 → 198.18.0.2:9,
+  IP and UDP checksums set, the first 8 payload bytes a per-queue-pair sequence number) as fast
+  as the guest posts buffers, counted in `rx_packets`; transmitted frames are checked, counted
+  and discarded (vvu_core `worker::net::generate`).
 
 Each receive queue of a switch port holds a bounded number of bytes (`--port-buffer`); frames for
 a full one are dropped and counted (`rx_overflow` of that port), so a guest that never refills
@@ -29,12 +35,15 @@ while traffic flows).
 The two queues of a pair are independent workers that share the port, so the engine's per-queue
 `native_worker(index)` life cycle applies as it is: a ring runs while it is started and enabled;
 a started but disabled transmit queue discards what it is given (`disabled_worker`).
-Offloads (unless `--no-offloads`): CSUM, GUEST_CSUM, HOST_TSO4/6 and GUEST_TSO4/6 are offered and
-the virtio-net header travels with the frame (vvu_core `worker::net::offload`). Every header from
-a guest is checked against what it negotiated and against its frame (flags, gso_type, gso_size
+Offloads (unless `--no-offloads`): CSUM, GUEST_CSUM, HOST_TSO4/6, GUEST_TSO4/6, HOST_UFO,
+GUEST_UFO, HOST_USO (not on a TAP of a kernel before 6.2) and GUEST_USO4/6 are offered and the
+virtio-net header travels with the frame (vvu_core `worker::net::offload`). Every header from a
+guest is checked against what it negotiated and against its frame (flags, gso_type, gso_size
 against the MTU, csum_start/csum_offset, hdr_len); a bad one drops the frame (`tx_errors`). A
-receiving port whose guest lacks an offload gets the checksum completed or the TCP packet cut
-into segments in software; a TAP is told the guest's offloads with TUNSETOFFLOAD. The control
+receiving port whose guest lacks an offload gets the checksum completed, the TCP packet cut into
+segments, the USO packet into UDP datagrams or the UFO datagram into IP fragments in software; a
+TAP is told the guest's offloads with TUNSETOFFLOAD (USO only on Linux 6.2 and later; the kernel
+ignores UFO since 4.14 and cuts UDP itself). The control
 queue is not implemented (a front-end that uses more than one queue pair must steer them itself,
 as QEMU and DPDK do).
 """
@@ -70,16 +79,22 @@ class NetFeature:
     MAC = 5
     GUEST_TSO4 = 7
     GUEST_TSO6 = 8
+    GUEST_UFO = 10
     HOST_TSO4 = 11
     HOST_TSO6 = 12
+    HOST_UFO = 14
     MRG_RXBUF = 15
     STATUS = 16
     CTRL_VQ = 17
     GUEST_ANNOUNCE = 21
     MQ = 22
+    GUEST_USO4 = 54
+    GUEST_USO6 = 55
+    HOST_USO = 56
 
 
-#: Checksum and TCP segmentation offloads, both directions.
+#: Checksum, TCP segmentation and UDP fragmentation/segmentation offloads, both directions
+#: (HOST_USO only where every port takes it: `NetPort.takes_uso`).
 OFFLOAD_FEATURES = [
     NetFeature.CSUM,
     NetFeature.GUEST_CSUM,
@@ -87,6 +102,11 @@ OFFLOAD_FEATURES = [
     NetFeature.HOST_TSO6,
     NetFeature.GUEST_TSO4,
     NetFeature.GUEST_TSO6,
+    NetFeature.HOST_UFO,
+    NetFeature.GUEST_UFO,
+    NetFeature.HOST_USO,
+    NetFeature.GUEST_USO4,
+    NetFeature.GUEST_USO6,
 ]
 
 #: Config space `status`: the link is up.
@@ -98,6 +118,8 @@ ETH_VLAN_HLEN = 14 + 4
 #: MTU bounds: the IPv4 minimum; the largest that leaves room for an Ethernet and a VLAN header.
 MIN_MTU = 68
 MAX_MTU = MAX_FRAME_LEN - ETH_VLAN_HLEN
+#: Shortest generated frame (`--generate`): the Ethernet minimum without FCS.
+MIN_GENERATED = 60
 DEFAULT_MAC = "02:76:76:75:00:01"
 DEFAULT_PEER_MAC = "02:76:76:75:00:02"
 #: Bytes each receive queue of a peer, switch or loopback port holds before frames for it drop.
@@ -145,7 +167,7 @@ def rarp_frame(mac: bytes) -> bytes:
 
 
 class NetBackend(Backend):
-    """The network device (virtio id 1): TAP, switch port, peer link or loopback."""
+    """The network device (virtio id 1): TAP, switch port, peer link, loopback or generator."""
 
     name: ClassVar[str] = "net"
     device_id: ClassVar[int] = 1
@@ -237,6 +259,33 @@ class NetBackend(Backend):
         ports = [NetPort.loopback(buffer_size=buffer_size) for _ in range(queue_pairs)]
         return cls(ports, mac=mac, mtu=mtu, description="loopback")
 
+    @classmethod
+    def generator(
+        cls,
+        sizes: Sequence[int],
+        *,
+        queue_pairs: int = 1,
+        mac: str | bytes = DEFAULT_MAC,
+        src_mac: str | bytes = DEFAULT_PEER_MAC,
+        mtu: int | None = None,
+    ) -> NetBackend:
+        """A device whose receive queues get generated IPv4/UDP frames of `sizes` bytes in turn
+        (Ethernet without FCS, 60..65535; at most the MTU plus 14), to `mac` from `src_mac`."""
+        if not sizes:
+            raise ValueError("a generator needs at least one frame size")
+        limit = MAX_FRAME_LEN if mtu is None else mtu + 14
+        for size in sizes:
+            if not MIN_GENERATED <= size <= MAX_FRAME_LEN:
+                raise ValueError(f"a generated frame is 60..=65535 bytes, not {size}")
+            if size > limit:
+                raise ValueError(f"a {size}-byte frame exceeds the MTU {mtu} (+ 14)")
+        dst, src = parse_mac(mac), parse_mac(src_mac)
+        ports = [
+            NetPort.generator(list(sizes), dst_mac=dst, src_mac=src) for _ in range(queue_pairs)
+        ]
+        label = ",".join(str(s) for s in sizes)
+        return cls(ports, mac=mac, mtu=mtu, description=f"generator of {label}-byte frames")
+
     # --- command line ------------------------------------------------------------------------
 
     @classmethod
@@ -250,6 +299,17 @@ class NetBackend(Backend):
             "--switch",
             metavar="NAME",
             help="a port of learning switch NAME; --switch-port adds more (front-ends) to it",
+        )
+        mode.add_argument(
+            "--generate",
+            metavar="SIZE[,SIZE...]",
+            help=(
+                "test/benchmark source (as DPDK testpmd txonly on net_vhost): fill the receive "
+                "queues with IPv4/UDP frames of these sizes in turn (bytes without FCS, 60..65535; "
+                "to --mac from --peer-mac, 198.18.0.1:9 -> 198.18.0.2:9, checksums set, payload "
+                "starts with a 64-bit sequence number) as fast as the guest posts buffers; "
+                "transmitted frames are counted and discarded"
+            ),
         )
         mode.add_argument(
             "--peer-socket-path",
@@ -279,7 +339,8 @@ class NetBackend(Backend):
         parser.add_argument(
             "--no-offloads",
             action="store_true",
-            help="offer no checksum or TSO offload (guests checksum and segment themselves)",
+            help="offer no checksum, TSO, UFO or USO offload (guests checksum and segment "
+            "themselves)",
         )
         parser.add_argument("--mac", default=DEFAULT_MAC, help=f"MAC address ({DEFAULT_MAC})")
         parser.add_argument(
@@ -337,6 +398,16 @@ class NetBackend(Backend):
             return cls.loopback(
                 queue_pairs=pairs, mac=args.mac, mtu=args.mtu, buffer_size=buffer_size
             )
+        if args.generate:
+            try:
+                sizes = [int(s) for s in args.generate.split(",")]
+            except ValueError:
+                raise ValueError(
+                    f"--generate takes sizes like 64,1500, not {args.generate!r}"
+                ) from None
+            return cls.generator(
+                sizes, queue_pairs=pairs, mac=args.mac, src_mac=args.peer_mac, mtu=args.mtu
+            )
         if args.switch:
             return cls.switch(
                 args.switch, queue_pairs=pairs, mac=args.mac, mtu=args.mtu, buffer_size=buffer_size
@@ -371,6 +442,8 @@ class NetBackend(Backend):
         bits = [NetFeature.MAC, NetFeature.STATUS, NetFeature.MRG_RXBUF]
         if self.offloads:
             bits += OFFLOAD_FEATURES
+            if not all(port.takes_uso for port in self.ports):
+                bits.remove(NetFeature.HOST_USO)  # a TAP of a kernel before 6.2
         if self.mtu is not None:
             bits.append(NetFeature.MTU)
         if self.queue_pairs > 1:

@@ -21,7 +21,7 @@ import os
 import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from vvu._core import (
     DirtyLog,
@@ -91,7 +91,7 @@ from vvu.protocol import (
     Iotlb as IotlbMessage,
 )
 from vvu.protocol.codec import Header
-from vvu.protocol.table import Answer, spec_for
+from vvu.protocol.table import REQUESTS, Answer, RequestSpec, spec_for
 from vvu.transport.base import Channel, Listener, RawMessage, TransportError, close_fds
 
 log = logging.getLogger(__name__)
@@ -237,6 +237,9 @@ class Session:
     # A ring broke (its runner stopped on a bad chain or handler): DEVICE_NEEDS_RESET in
     # GET_STATUS until the driver resets the device (SET_STATUS 0 or RESET_DEVICE).
     needs_reset: bool = False
+    # The (features, protocol features) offered to this front-end: taken once per session
+    # (`BackendEngine._offered`), as features are negotiated once per session.
+    offered: tuple[int, int] | None = None
 
     @property
     def backend_channel(self) -> Channel | None:
@@ -275,6 +278,8 @@ class Session:
 
 
 Handler = Callable[[Message], Awaitable[Payload | ReplyWithFd | None]]
+#: `BackendEngine._routes` of an id the table does not know.
+_NO_ROUTE: Final[tuple[None, None]] = (None, None)
 
 
 class BackendEngine:
@@ -288,6 +293,8 @@ class BackendEngine:
         self.last_session_end: str | None = None
         # The runners' counters over every session (`queue_stats`).
         self._counters = QueueCounters()
+        # The last session's inflight region (num_queues, queue_size, packed), if it had one.
+        self._inflight_geometry: tuple[int, int, bool] | None = None
         self._handlers: dict[FrontendRequest, Handler] = {
             _F.GET_FEATURES: self._get_features,
             _F.SET_FEATURES: self._set_features,
@@ -325,6 +332,10 @@ class BackendEngine:
             _F.SET_INFLIGHT_FD: self._set_inflight_fd,
             _F.IOTLB_MSG: self._iotlb_msg,
         }
+        # Every request id the table knows: its handler (None: refused) and its row.
+        self._routes: dict[int, tuple[Handler | None, RequestSpec[Any] | None]] = {
+            request: (self._handlers.get(request), spec) for request, spec in REQUESTS.items()
+        }
 
     # --- offered features --------------------------------------------------------------------
 
@@ -341,6 +352,12 @@ class BackendEngine:
 
     def offered_protocol_features(self) -> int:
         return ENGINE_PROTOCOL_FEATURES | self.backend.protocol_features()
+
+    def _offered(self, session: Session) -> tuple[int, int]:
+        """The session's offer (features, protocol features), computed on first use."""
+        if session.offered is None:
+            session.offered = (self.offered_features(), self.offered_protocol_features())
+        return session.offered
 
     # --- back-end channel --------------------------------------------------------------------
     # Back-end requests are sent from outside the handling of a front-end request: QEMU does not
@@ -492,15 +509,13 @@ class BackendEngine:
         )
         self.session = session
         log.info("%s connected", channel.peer)
+        # While the front-end sets up its side, before its first request needs us.
+        asyncio.get_running_loop().call_soon(self._prepare_session, session)
         reason = "disconnected"
         serving = asyncio.current_task()
         unsubscribe = on_memory_fault(lambda: self._on_memory_fault(session, serving))
         try:
-            while True:
-                raw = await channel.recv()
-                if raw is None:
-                    break
-                await self._dispatch(session, raw)
+            await channel.serve_each(lambda raw: self._dispatch(session, raw))
         except _Disconnect as err:
             reason = f"dropped: {err}"
         except TransportError as err:
@@ -523,6 +538,23 @@ class BackendEngine:
             # A front-end that broke the protocol or the channel is worth a warning.
             level = logging.INFO if reason == "disconnected" else logging.WARNING
             log.log(level, "%s %s; session released", channel.peer, reason)
+
+    def _prepare_session(self, session: Session) -> None:
+        """Make ahead, while the front-end sets up its side, what this session would make
+        while the front-end waits: the first queue's native handler (the others' when they
+        get their kick: `_update_ring`), and an inflight region of the geometry the last
+        front-end had (a reconnect asks for the same). What is not used goes with the
+        session (`_release`)."""
+        if self.session is not session:
+            return
+        if self.backend.num_queues:
+            self._prepare_worker(0)
+        geometry = self._inflight_geometry
+        if geometry is not None and self._offered(session)[1] & _PF.INFLIGHT_SHMFD.mask:
+            num_queues, queue_size, packed = geometry
+            session.inflight_tracking.spare = InflightTracking.allocate_spare(
+                num_queues, queue_size, packed=packed
+            )
 
     @staticmethod
     def _on_memory_fault(session: Session, serving: asyncio.Task[object] | None) -> None:
@@ -563,7 +595,11 @@ class BackendEngine:
             session.dirty_logging.release()
             session.memory_table.release()
             # The region belongs to the front-end, which hands it back after a reconnect.
+            self._inflight_geometry = session.inflight_tracking.geometry() or (
+                self._inflight_geometry
+            )
             session.inflight_tracking.forget()
+            self.backend.discard_prepared()  # made ahead for this session, unused
             session.iommu.reset()
             session.channel.close()
             self.backend.reset()
@@ -579,20 +615,21 @@ class BackendEngine:
                 await session.channel.send(encode_ack(header.request, ok=False))
             raise _Disconnect(f"malformed message: {err}") from err
         _log_received(msg)
-        spec = msg.spec
+        # One lookup: the handler (None: refused) and the request's row (None: unknown id).
+        handler, spec = self._routes.get(msg.request, _NO_ROUTE)
+        need_reply = bool(raw.flags & NEED_REPLY)
         answer = (
-            spec.answer(need_reply=msg.need_reply, protocol_features=session.protocol_features)
+            spec.answer(need_reply=need_reply, protocol_features=session.protocol_features)
             if spec is not None
-            else (Answer.ACK if msg.need_reply and session.reply_ack else Answer.NOTHING)
+            else (Answer.ACK if need_reply and session.reply_ack else Answer.NOTHING)
         )
-        handler = self._handlers.get(msg.request) if isinstance(msg.request, _F) else None
         try:
-            if handler is None:
-                why = REFUSED.get(msg.request, "") if isinstance(msg.request, _F) else ""
-                raise RequestFailed(
-                    f"{msg.name} is not supported by this back-end" + (f": {why}" if why else "")
-                )
-            self._check_feature(session, msg)
+            if handler is None or (
+                spec is not None
+                and spec.feature is not None
+                and not session.protocol_features & spec.feature.mask
+            ):
+                raise RequestFailed(self._refusal(msg, spec, handled=handler is not None))
             async with session.lock:  # against back-end initiated changes (config_changed)
                 reply = await handler(msg)
         except _Disconnect:
@@ -625,15 +662,12 @@ class BackendEngine:
     # --- helpers -----------------------------------------------------------------------------
 
     @staticmethod
-    def _check_feature(session: Session, msg: Message) -> None:
-        """RequestFailed for a request whose protocol feature was not negotiated."""
-        spec = msg.spec
-        if (
-            spec is not None
-            and spec.feature is not None
-            and not (session.protocol_features & spec.feature.mask)
-        ):
-            raise RequestFailed(f"{msg.name} needs protocol feature {spec.feature.name}")
+    def _refusal(msg: Message, spec: RequestSpec[Any] | None, *, handled: bool) -> str:
+        """Why a request is refused: no handler, or its protocol feature not negotiated."""
+        if handled and spec is not None and spec.feature is not None:
+            return f"{msg.name} needs protocol feature {spec.feature.name}"
+        why = REFUSED.get(msg.request, "") if isinstance(msg.request, _F) else ""
+        return f"{msg.name} is not supported by this back-end" + (f": {why}" if why else "")
 
     @staticmethod
     def _acks_requested(session: Session, header: Header) -> bool:
@@ -695,6 +729,19 @@ class BackendEngine:
             await self._stop_runner(vring)  # stopped, or enabled or disabled since it started
         if should_run and vring.runner is None:
             self._start_runner(vring)
+            if vring.runner is None and not vring.enabled:  # will run once enabled
+                # After this request's reply, while the front-end makes its next one.
+                asyncio.get_running_loop().call_soon(self._prepare_runner, session, vring)
+
+    def _prepare_runner(self, session: Session, vring: Vring) -> None:
+        if self.session is session and vring.runner is None and vring.started:
+            self._prepare_worker(vring.index)
+
+    def _prepare_worker(self, index: int) -> None:
+        try:
+            self.backend.prepare_native_worker(index)
+        except Exception as err:  # made when the ring starts then, failing there if it must
+            log.debug("queue %d: worker not made ahead: %s", index, err)
 
     async def _restart_rings(self, change: Callable[[], None]) -> None:
         """Stop the running rings, apply `change` (new memory), start them again."""
@@ -834,13 +881,13 @@ class BackendEngine:
     # RequestFailed (or a vvu error) to fail. Handlers duplicate the fds they keep.
 
     async def _get_features(self, msg: Message) -> Payload:
-        return U64(self.offered_features())
+        return U64(self._offered(self._session())[0])
 
     async def _set_features(self, msg: Message) -> None:
         assert isinstance(msg.payload, U64)
         session = self._session()
         features = msg.payload.value
-        unknown = features & ~self.offered_features()
+        unknown = features & ~self._offered(session)[0]
         if unknown:
             raise RequestFailed(f"features {unknown:#x} were never offered")
         iommu = bool(features & VirtioFeature.ACCESS_PLATFORM.mask)
@@ -1049,12 +1096,12 @@ class BackendEngine:
         vring.kick.signal()
 
     async def _get_protocol_features(self, msg: Message) -> Payload:
-        return U64(self.offered_protocol_features())
+        return U64(self._offered(self._session())[1])
 
     async def _set_protocol_features(self, msg: Message) -> None:
         assert isinstance(msg.payload, U64)
         requested = msg.payload.value
-        unknown = requested & ~self.offered_protocol_features()
+        unknown = requested & ~self._offered(self._session())[1]
         if unknown:
             raise RequestFailed(f"protocol features {unknown:#x} were never offered")
         inband_needs = _PF.REPLY_ACK.mask | _PF.BACKEND_REQ.mask

@@ -9,6 +9,7 @@ negotiated, so SET_FEATURES comes first.
 from __future__ import annotations
 
 import logging
+import os
 
 from vvu._core import InflightRegion
 from vvu.backends.base import Backend
@@ -27,6 +28,19 @@ class InflightTracking:
     def __init__(self, backend: Backend) -> None:
         self.region: InflightRegion | None = None
         self._backend = backend  # whose queues the region may describe
+        # A fresh region made ahead (`allocate_spare`), for a GET_INFLIGHT_FD of its geometry.
+        self.spare: InflightRegion | None = None
+
+    @staticmethod
+    def allocate_spare(num_queues: int, queue_size: int, *, packed: bool) -> InflightRegion | None:
+        """A fresh region of this geometry made ahead (a front-end reconnecting asks for the
+        one it had), for `allocate` to hand out as it would allocate one itself: never
+        handed out, never touched."""
+        try:
+            return InflightRegion.allocate(num_queues, queue_size, packed=packed)
+        except GuestMemoryError as err:
+            log.debug("inflight region not made ahead: %s", err)
+            return None
 
     def check_geometry(self, payload: Inflight) -> None:
         """RequestFailed for a region of more queues than the device has, or bigger queues."""
@@ -45,17 +59,32 @@ class InflightTracking:
         QEMU sends next anyway); the reply carries its fd."""
         self.check_geometry(payload)
         num_queues, queue_size = payload.num_queues, payload.queue_size
-        try:
-            region = InflightRegion.allocate(num_queues, queue_size, packed=packed)
-        except GuestMemoryError as err:
-            raise RequestFailed(str(err)) from err
+        spare, self.spare = self.spare, None
+        if spare is not None and _geometry(spare) == (num_queues, queue_size, packed):
+            region = spare  # never handed out, never touched: as fresh as a new one
+        else:
+            try:
+                region = InflightRegion.allocate(num_queues, queue_size, packed=packed)
+            except GuestMemoryError as err:
+                raise RequestFailed(str(err)) from err
         self.region = region
         reply = Inflight(region.mmap_size, 0, num_queues, queue_size)
         return ReplyWithFd(reply, region.fileno())
 
     def map(self, payload: Inflight, fd: int, *, packed: bool) -> None:
-        """SET_INFLIGHT_FD: map the front-end's region (`fd` is duplicated, not kept)."""
+        """SET_INFLIGHT_FD: map the front-end's region (`fd` is duplicated, not kept). The
+        region GET_INFLIGHT_FD just gave, handed back whole (QEMU's order), is mapped already:
+        the same file at the same offset, kept as it is."""
         self.check_geometry(payload)
+        current = self.region
+        if (
+            current is not None
+            and payload.mmap_offset == 0
+            and payload.mmap_size == current.mmap_size
+            and _geometry(current) == (payload.num_queues, payload.queue_size, packed)
+            and _same_file(fd, current.fileno())
+        ):
+            return
         self.region = InflightRegion.map(
             fd,
             payload.mmap_size,
@@ -65,10 +94,15 @@ class InflightTracking:
             packed=packed,
         )
 
+    def geometry(self) -> tuple[int, int, bool] | None:
+        """The region's (num_queues, queue_size, packed), if there is one."""
+        return None if self.region is None else _geometry(self.region)
+
     def forget(self) -> None:
         """The rings start over (RESET_DEVICE) or the session ends: the region belongs to the
         front-end, which hands it back after a reconnect or fetches a new one."""
         self.region = None
+        self.spare = None
 
     def track(self, queue: DeviceQueue, index: int) -> None:
         """Hook ring `index` to its part of the region, if there is one; chains a previous
@@ -89,3 +123,16 @@ class InflightTracking:
                 resubmit,
                 queue.vring_base,
             )
+
+
+def _geometry(region: InflightRegion) -> tuple[int, int, bool]:
+    return region.num_queues, region.queue_size, region.packed
+
+
+def _same_file(fd: int, other: int) -> bool:
+    """Whether two fds open the same file (a memfd dup'd through a front-end)."""
+    try:
+        a, b = os.fstat(fd), os.fstat(other)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)

@@ -20,9 +20,10 @@ from vvu.protocol import ProtocolFeature, VirtioFeature
 __all__ = ["NetDriver", "NetDriverError"]
 
 MRG_RXBUF = 1 << 15
-#: Checksum, segmentation and receive-coalescing offloads (bits 0-2, 7-14): this driver does
-#: none of them, so it never acks them (frames come whole and checksummed, and go out so).
-OFFLOADS = 0b111 | sum(1 << bit for bit in range(7, 15))
+#: Checksum, segmentation and receive-coalescing offloads (bits 0-2, 7-14, and the USO bits
+#: 54-56): this driver does none of them, so it never acks them (frames come whole and
+#: checksummed, and go out so).
+OFFLOADS = 0b111 | sum(1 << bit for bit in (*range(7, 15), 54, 55, 56))
 MQ = 1 << 22
 FEATURE_MAC = 1 << 5
 MAX_FRAME = 65535

@@ -27,7 +27,14 @@ from vvu.protocol.constants import (
     FrontendRequest,
 )
 from vvu.protocol.payloads import EMPTY, U64, Payload, RawPayload
-from vvu.protocol.table import RequestSpec, request_name, resolve_request, spec_for
+from vvu.protocol.table import (
+    BACKEND_REQUESTS,
+    REQUESTS,
+    RequestSpec,
+    request_name,
+    resolve_request,
+    spec_for,
+)
 
 __all__ = [
     "HEADER_LAYOUT",
@@ -137,6 +144,16 @@ class Message:
         return bool(self.flags & NEED_REPLY)
 
 
+#: Per channel, by plain request id: the member and its row (`decode_message`'s one lookup).
+_ROWS: Final[
+    dict[ChannelName, dict[int, tuple[FrontendRequest | BackendRequest, RequestSpec[Any]]]]
+] = {
+    "frontend": {int(m): (m, spec) for m, spec in REQUESTS.items()},
+    "backend": {int(m): (m, spec) for m, spec in BACKEND_REQUESTS.items()},
+}
+_UNKNOWN: Final[tuple[None, None]] = (None, None)
+
+
 def _header_problem(header: Header) -> str | None:
     if header.version != VERSION:
         return f"unsupported version {header.version} in flags {header.flags:#x} (only 1 exists)"
@@ -226,8 +243,11 @@ def decode_message(
     if problem is not None:
         raise ProtocolError(f"{_what(header.request, channel, is_reply)}: {problem}")
 
-    member, _ = resolve_request(header.request, channel)
-    spec = spec_for(header.request, channel)
+    if type(header.request) is int:  # from the wire: one lookup for the member and its row
+        member, spec = _ROWS[channel].get(header.request, _UNKNOWN)
+    else:
+        member, _ = resolve_request(header.request, channel)
+        spec = spec_for(header.request, channel)
     if member is None or spec is None:
         return Message(
             header.request, header.flags, RawPayload(bytes(payload)), tuple(fds), channel

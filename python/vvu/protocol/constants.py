@@ -140,7 +140,7 @@ class FeatureBit(enum.IntEnum):
     @property
     def mask(self) -> int:
         """This feature as a mask (`1 << bit`)."""
-        return 1 << self.value
+        return 1 << self._value_  # not `.value`: enum's descriptor costs more than the shift
 
     @classmethod
     def from_mask(cls, mask: int) -> list[Self]:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from vvu.errors import VvuError
 from vvu.protocol.constants import HEADER_SIZE, MAX_PAYLOAD
@@ -66,6 +67,15 @@ class Channel(ABC):
 
         Raises TransportError when the stream breaks mid-message or violates framing.
         """
+
+    async def serve_each(self, handle: Callable[[RawMessage], Coroutine[Any, Any, None]]) -> None:
+        """`handle` each message to the end, one after another in order (the next is read only
+        once the previous one's handling returned), until the peer closes cleanly between
+        messages; raises what `recv` or a handling raised. A transport may run a handling from
+        its event-loop callback as part of the calling task (`UnixChannel`), so a message whose
+        handling does not wait costs no task wake-up."""
+        while (raw := await self.recv()) is not None:
+            await handle(raw)
 
     @abstractmethod
     async def send(self, data: bytes, fds: Sequence[int] = ()) -> None:

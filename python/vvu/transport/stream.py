@@ -15,9 +15,11 @@ import os
 import socket
 import time
 from asyncio import Future
-from collections.abc import Callable, Sequence
+from asyncio.tasks import _enter_task, _leave_task
+from collections.abc import Callable, Coroutine, Generator, Sequence
+from typing import Any
 
-from vvu.transport.base import TransportError
+from vvu.transport.base import TransportError, close_fds
 
 __all__ = ["FdStream", "connect_socket"]
 
@@ -72,6 +74,81 @@ class _PendingRead:
         self.future: Future[tuple[bytes, bytes] | None] | None = None
 
 
+#: Handles one message (header bytes, payload bytes, its fds) to the end: `FdStream.serve_frames`.
+FrameHandler = Callable[[bytes, bytes, list[int]], Coroutine[Any, Any, None]]
+
+#: At most this many messages handled per reader callback before the event loop gets a turn (a
+#: front-end sending without pause must not starve the loop's other work).
+EAGER_BURST = 16
+
+
+class _Resumed:
+    """A coroutine started outside any task step (eagerly, from a reader callback) and suspended
+    there, finished by the task that awaits this: the task gets the future the coroutine waits
+    on, then drives the coroutine as if it had started it (sends, throws, cancellation)."""
+
+    __slots__ = ("coro", "first")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], first: object) -> None:
+        self.coro = coro
+        self.first = first
+
+    def __await__(self) -> Generator[Any, None, None]:
+        coro, value = self.coro, self.first
+        while True:
+            try:
+                sent = yield value
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # the task throws (a cancellation, a future's error)
+                try:
+                    value = coro.throw(exc)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    value = coro.send(sent)
+                except StopIteration:
+                    return
+
+
+class _Serving:
+    """`FdStream.serve_frames` in progress: what the reader callback needs to handle messages
+    itself, and the future that wakes the serving task (a message's handling waits, the peer
+    closed, an error)."""
+
+    __slots__ = ("future", "handle", "header_size", "loop", "orphan", "payload_size", "task")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        task: asyncio.Task[Any],
+        header_size: int,
+        payload_size: Callable[[bytes], int],
+        handle: FrameHandler,
+    ) -> None:
+        self.loop = loop
+        self.task = task
+        self.header_size = header_size
+        self.payload_size = payload_size
+        self.handle = handle
+        # Result: None for a clean EOF, or a handling that waits.
+        self.future: Future[_Resumed | None] | None = None
+        # A handling that started waiting after the task was cancelled: closed by the task.
+        self.orphan: _Resumed | None = None
+
+    def next_read(self) -> _PendingRead:
+        return _PendingRead(self.header_size, [], True, self.payload_size)
+
+
+class _Wait:
+    """`FdStream._pump`'s answer when the socket has no whole message yet."""
+
+
+_WAIT = _Wait()
+
+
 class FdStream:
     """One connected stream socket. `broken` is the error class for a stream that can no longer
     be delimited (EOF mid-message, fds lost to truncation); other failures raise TransportError.
@@ -92,6 +169,7 @@ class FdStream:
         self.closed = False
         self._reader_loop: asyncio.AbstractEventLoop | None = None  # registered with
         self._pending: _PendingRead | None = None
+        self._serving: _Serving | None = None
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -206,6 +284,9 @@ class FdStream:
             pending.at_boundary = False
 
     def _on_readable(self) -> None:
+        if self._serving is not None:
+            self._serve_ready(self._serving)
+            return
         pending = self._pending
         if pending is None or pending.future is None or pending.future.done():
             # Nobody waits (a request is being handled, a read was cancelled): stop watching,
@@ -222,6 +303,107 @@ class FdStream:
             return
         self._pending = None
         pending.future.set_result(pending.frame)
+
+    # --- eager serving ---------------------------------------------------------------------
+
+    async def serve_frames(
+        self, header_size: int, payload_size: Callable[[bytes], int], handle: FrameHandler
+    ) -> None:
+        """Read messages as `recv_frame` does and run `handle(header, payload, fds)` for each,
+        one after another in order, until a clean EOF (returns) or an error (raised: a broken
+        stream, or whatever a handling raised; the fds of a message not handed over are closed).
+
+        Eager: a message that arrives while this waits is handled from the event loop's reader
+        callback, as part of the calling task (`asyncio.current_task()` is that task), and as
+        far as its handling goes without waiting. A handling that never waits (the common case:
+        answer and send) then costs no wake-up of the task; one that waits is finished by the
+        task itself, and the next message is read only after it. At most `EAGER_BURST` messages
+        are handled per callback before the loop gets a turn."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        if task is None or self._serving is not None or self._pending is not None:
+            raise RuntimeError(f"{self.peer}: serve_frames needs a task and an idle stream")
+        serving = _Serving(loop, task, header_size, payload_size, handle)
+        self._pending = serving.next_read()
+        self._serving = serving
+        try:
+            while True:
+                outcome = self._pump(serving, burst=0)
+                if outcome is _WAIT:  # the rest comes through the reader callback
+                    serving.future = loop.create_future()
+                    if self._reader_loop is not loop:
+                        self._stop_reading()
+                        loop.add_reader(self.sock.fileno(), self._on_readable)
+                        self._reader_loop = loop
+                    outcome = await serving.future
+                    serving.future = None
+                if outcome is None:
+                    return
+                assert isinstance(outcome, _Resumed)
+                await outcome  # a handling that waits: finished here, in order
+        finally:
+            self._serving = None
+            if serving.orphan is not None:
+                serving.orphan.coro.close()
+            pending, self._pending = self._pending, None
+            if pending is not None:
+                close_fds(pending.fds)
+
+    def _pump(self, serving: _Serving, *, burst: int) -> _Resumed | _Wait | None:
+        """Read and handle whole messages while the socket has them: _WAIT when it has no
+        whole one (or after `burst` messages, if not 0), None at a clean EOF, or a handling
+        that waits. Raises what reading or a handling raised."""
+        handled = 0
+        while True:
+            pending = self._pending
+            assert pending is not None
+            try:
+                if not self._advance(pending):
+                    return _WAIT
+            except BaseException:
+                self._pending = None
+                close_fds(pending.fds)
+                raise
+            frame = pending.frame
+            if frame is None:
+                self._pending = None
+                return None
+            self._pending = serving.next_read()
+            coro = serving.handle(frame[0], frame[1], pending.fds)  # it owns the fds now
+            try:
+                awaited = coro.send(None)
+            except StopIteration:
+                handled += 1
+                if burst and handled >= burst:
+                    return _WAIT
+                continue
+            return _Resumed(coro, awaited)
+
+    def _serve_ready(self, serving: _Serving) -> None:
+        """The reader callback while `serve_frames` waits: handle what arrived, as the task."""
+        future = serving.future
+        if future is None or future.done():
+            # The task is busy (a handling that waits) or was cancelled: stop watching, as in
+            # `_on_readable`; `serve_frames` registers again when it waits.
+            self._stop_reading()
+            return
+        _enter_task(serving.loop, serving.task)
+        try:
+            outcome = self._pump(serving, burst=EAGER_BURST)
+        except asyncio.CancelledError:
+            future.cancel()
+            return
+        except Exception as err:
+            future.set_exception(err)
+            return
+        finally:
+            _leave_task(serving.loop, serving.task)
+        if isinstance(outcome, _Wait):
+            return
+        if not future.done():
+            future.set_result(outcome)
+        elif outcome is not None:  # cancelled meanwhile: the task closes it
+            serving.orphan = outcome
 
     def _stop_reading(self) -> None:
         loop, self._reader_loop = self._reader_loop, None
@@ -264,9 +446,13 @@ class FdStream:
             self.closed = True
             self._stop_reading()
             pending, self._pending = self._pending, None
+            closed = TransportError(f"{self.peer}: connection closed")
             future = pending.future if pending is not None else None
             if future is not None and not future.done():
-                future.set_exception(TransportError(f"{self.peer}: connection closed"))
+                future.set_exception(closed)
+            serving = self._serving.future if self._serving is not None else None
+            if serving is not None and not serving.done():
+                serving.set_exception(closed)
             self.sock.close()
 
 

@@ -16,7 +16,8 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from vvu.protocol.codec import HEADER_LAYOUT
 from vvu.transport.base import (
@@ -58,6 +59,15 @@ class UnixChannel(Channel):
         header, payload = frame
         request, flags, _ = HEADER_LAYOUT.unpack(header)
         return RawMessage(request, flags, payload, fds)
+
+    async def serve_each(self, handle: Callable[[RawMessage], Coroutine[Any, Any, None]]) -> None:
+        def handle_frame(
+            header: bytes, payload: bytes, fds: list[int]
+        ) -> Coroutine[Any, Any, None]:
+            request, flags, _ = HEADER_LAYOUT.unpack(header)
+            return handle(RawMessage(request, flags, payload, fds))
+
+        await self._stream.serve_frames(HEADER_SIZE, self._payload_size, handle_frame)
 
     def _payload_size(self, header: bytes) -> int:
         request, _, size = HEADER_LAYOUT.unpack(header)

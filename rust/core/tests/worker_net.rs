@@ -1157,11 +1157,7 @@ fn busy_polling_workers_move_frames_without_sleeping_and_stop_promptly() {
 
 // --- offloads --------------------------------------------------------------------------------
 
-const ALL_OFFLOADS: Offloads = Offloads {
-    csum: true,
-    tso4: true,
-    tso6: true,
-};
+const ALL_OFFLOADS: Offloads = Offloads::ALL;
 const MRG_OFFLOADS: NetFeatures = NetFeatures {
     host: ALL_OFFLOADS,
     guest: ALL_OFFLOADS,
@@ -1408,6 +1404,295 @@ fn tap_carries_offloads_both_ways_and_segments_for_a_guest_without_them() {
         assert_eq!(h, [0; 10]);
         assert!(seg.len() <= 1514 && tcp4_checksums_ok(&seg));
         joined.extend_from_slice(&seg[54..]);
+    }
+    assert!(joined == payload);
+}
+
+// --- the frame generator -----------------------------------------------------------------------
+
+#[test]
+fn a_generator_fills_every_posted_buffer_in_order_through_restarts() {
+    let port = NetPort::generator(&[64, 3000], mac(1), mac(2)).unwrap();
+    let mut side = Side::new(port, MRG, true);
+    let seq_of = |f: &[u8]| u64::from_be_bytes(f[42..50].try_into().unwrap());
+    let mut next = 0u64;
+    for round in 0..3 {
+        side.post_rx(2048, 12); // 3000-byte frames take two buffers each
+        for _ in 0..8 {
+            let (f, n) = side.recv(PATIENCE).expect("a generated frame");
+            let size = if next % 2 == 0 { 64 } else { 3000 };
+            assert_eq!((f.len(), n), (size, if size == 64 { 1 } else { 2 }));
+            assert_eq!((&f[..6], &f[6..12]), (&mac(1)[..], &mac(2)[..]));
+            assert_eq!(seq_of(&f), next, "round {round}");
+            next += 1;
+        }
+        side.expect_nothing();
+        // The frame staged for lack of buffers survives a restart.
+        let avail = side.stop_rx();
+        side.start_rx(avail);
+    }
+    let s = side.stats();
+    assert_eq!((s.rx_packets, s.rx_dropped, s.rx_errors), (24, 0, 0));
+    assert_eq!(s.rx_bytes, 12 * (64 + 3000));
+    assert!(s.rx_starved > 0, "{s:?}");
+    side.send(&frame(1, 100));
+    side.flush_tx();
+    let s = side.stats();
+    assert_eq!((s.tx_packets, s.tx_bytes, s.tx_errors), (1, 100, 0));
+}
+
+/// An Ethernet/IPv4 (or IPv6) UDP frame from mac(1) to mac(2) with `payload`, as a Linux guest
+/// hands a UDP GSO packet over with NEEDS_CSUM: the checksum field holds the pseudo-header sum.
+fn udp_frame(v6: bool, payload: &[u8]) -> Vec<u8> {
+    let mut f = mac(2).to_vec();
+    f.extend_from_slice(&mac(1));
+    let udp_len = (8 + payload.len()) as u16;
+    if v6 {
+        f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+        f.extend_from_slice(&udp_len.to_be_bytes());
+        f.extend_from_slice(&[17, 64]);
+        f.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        f.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+    } else {
+        f.extend_from_slice(&[0x08, 0x00]);
+        let mut ip = vec![
+            0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+        ];
+        ip[2..4].copy_from_slice(&(20 + udp_len).to_be_bytes());
+        let c = !internet_sum(&ip);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        f.extend_from_slice(&ip);
+    }
+    let l4 = f.len();
+    f.extend_from_slice(&[0x9c, 0x40, 0x14, 0x51]); // 40000 → 5201
+    f.extend_from_slice(&udp_len.to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(payload);
+    let p = internet_sum(&udp_pseudo(&f, v6, udp_len));
+    f[l4 + 6..l4 + 8].copy_from_slice(&p.to_be_bytes());
+    f
+}
+
+fn udp_pseudo(f: &[u8], v6: bool, len: u16) -> Vec<u8> {
+    let mut pseudo = if v6 {
+        f[22..54].to_vec()
+    } else {
+        f[26..34].to_vec()
+    };
+    if v6 {
+        pseudo.extend_from_slice(&u32::from(len).to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, 17]);
+    } else {
+        pseudo.extend_from_slice(&[0, 17]);
+        pseudo.extend_from_slice(&len.to_be_bytes());
+    }
+    pseudo
+}
+
+/// Whether the UDP datagram `udp` (header and payload) has a right checksum for `f`'s
+/// addresses (and, for IPv4, `f`'s IP header checksum is right).
+fn udp_checksums_ok(f: &[u8], v6: bool, udp: &[u8]) -> bool {
+    let mut all = udp_pseudo(f, v6, udp.len() as u16);
+    all.extend_from_slice(udp);
+    (v6 || internet_sum(&f[14..34]) == 0xffff) && internet_sum(&all) == 0xffff
+}
+
+#[test]
+fn udp_offloads_pass_to_ports_that_take_them_and_are_done_in_software_for_the_others() {
+    let hub = Switch::new("udp offloads", SwitchMode::Hub);
+    let port = |features| {
+        Side::new(
+            hub.attach(1, 8 << 20).unwrap().pop().unwrap(),
+            features,
+            true,
+        )
+    };
+    let mut a = port(MRG_OFFLOADS);
+    let mut b = port(MRG_OFFLOADS);
+    let mut c = port(MRG);
+    a.port.set_max_frame(1518);
+    b.post_rx(2048, 100);
+    c.post_rx(2048, 100);
+    let payload: Vec<u8> = (0..4000u32).map(|i| (i * 17 + i / 256) as u8).collect();
+    for v6 in [false, true] {
+        let l4 = if v6 { 54 } else { 34 };
+        let big = udp_frame(v6, &payload);
+        // USO: B gets it whole (hdr_len corrected to the real header length), C datagrams of
+        // at most 1400 bytes of payload, each checksummed.
+        a.send_chain(&vnet_hdr(1, 5, 0, 1400, l4 as u16, 6), &big);
+        let (h, f, _) = b.recv_with_header(PATIENCE).unwrap();
+        assert_eq!(
+            h.to_vec(),
+            vnet_hdr(1, 5, l4 as u16 + 8, 1400, l4 as u16, 6)[..10]
+        );
+        assert!(f == big, "USO frame passed through unchanged");
+        let mut joined = Vec::new();
+        for i in 0..3 {
+            let (seg, _) = c.recv(PATIENCE).unwrap();
+            let udp = &seg[l4..];
+            assert_eq!(usize::from(u16::from_be_bytes([udp[4], udp[5]])), udp.len());
+            assert!(udp_checksums_ok(&seg, v6, udp), "datagram {i}, v6 {v6}");
+            joined.extend_from_slice(&udp[8..]);
+        }
+        assert!(joined == payload);
+        c.expect_nothing();
+        // UFO: B gets it whole, C IP fragments of 1480 (IPv6: 1448) bytes that reassemble into
+        // the datagram with its checksum completed.
+        let unit = if v6 { 1448 } else { 1480 };
+        a.send_chain(&vnet_hdr(1, 3, 0, unit, l4 as u16, 6), &big);
+        let (h, f, _) = b.recv_with_header(PATIENCE).unwrap();
+        assert_eq!((h[1], f == big), (3, true));
+        let mut datagram = Vec::new();
+        let hlen = if v6 { l4 + 8 } else { l4 };
+        while datagram.len() < 8 + payload.len() {
+            let (frag, _) = c.recv(PATIENCE).unwrap();
+            assert!(frag.len() <= 1514);
+            datagram.extend_from_slice(&frag[hlen..]);
+        }
+        assert!(
+            udp_checksums_ok(&big, v6, &datagram),
+            "reassembled, v6 {v6}"
+        );
+        assert!(datagram[8..] == payload[..]);
+        c.expect_nothing();
+    }
+    // Headers that lie: dropped and counted, nobody receives anything.
+    let big = udp_frame(false, &payload);
+    let lies = [
+        vnet_hdr(1, 5, 42, 0, 34, 6),       // gso_size 0
+        vnet_hdr(1, 5, 42, 1500, 34, 6),    // datagrams over the MTU
+        vnet_hdr(1, 3, 42, 7, 34, 6),       // UFO fragments under 8 bytes
+        vnet_hdr(1, 3, 42, 1500, 34, 6),    // fragments over the MTU
+        vnet_hdr(1, 5, 42, 1400, 34, 16),   // csum_offset is TCP's
+        vnet_hdr(1, 5, 42, 1400, 30, 6),    // csum_start is not the UDP header
+        vnet_hdr(1, 1, 42, 1400, 34, 16),   // TSO on a UDP frame
+        vnet_hdr(0, 5, 42, 1400, 34, 6),    // GSO without NEEDS_CSUM
+        vnet_hdr(1, 5, 9000, 1400, 34, 6),  // hdr_len past the end
+        vnet_hdr(1, 0x85, 42, 1400, 34, 6), // ECN
+    ];
+    for lie in &lies {
+        a.send_chain(lie, &big);
+    }
+    a.flush_tx();
+    assert_eq!(a.stats().tx_errors, lies.len() as u64);
+    b.expect_nothing();
+    c.expect_nothing();
+    // A guest that negotiated TSO but no UDP offload may not ask for one.
+    let tso_only = NetFeatures {
+        host: Offloads::new(true, true, true),
+        ..MRG
+    };
+    let mut d = port(tso_only);
+    d.send_chain(&vnet_hdr(1, 5, 42, 1400, 34, 6), &big);
+    d.flush_tx();
+    assert_eq!(d.stats().tx_errors, 1);
+    b.expect_nothing();
+}
+
+#[test]
+fn tap_carries_uso_both_ways_takes_ufo_and_segments_for_a_guest_without_uso() {
+    // SAFETY: unshare affects only the calling thread's namespaces.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        eprintln!("skipped: no network namespace");
+        return;
+    }
+    let port = match NetPort::tap("vvuuso%d", false) {
+        Ok(port) => port,
+        Err(e) => {
+            eprintln!("skipped: cannot create a TAP device ({e})");
+            return;
+        }
+    };
+    if !port.takes_uso() {
+        eprintln!("skipped: this kernel's TAP has no USO (Linux < 6.2)");
+        return;
+    }
+    let name = port.name().unwrap().to_owned();
+    set_up(&name).unwrap();
+    let sock = packet_socket(&name);
+    let on: libc::c_int = 1;
+    // SAFETY: `on` is a valid int for the call.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_PACKET,
+            PACKET_VNET_HDR,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+    };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    let payload: Vec<u8> = (0..4000u32).map(|i| (i * 29 + 3) as u8).collect();
+    let big = udp_frame(false, &payload);
+    let uso = vnet_hdr(1, 5, 42, 1400, 34, 6);
+
+    let mut side = Side::new(port.clone(), MRG_OFFLOADS, true);
+    side.post_rx(2048, 64);
+    // Guest → TAP: the kernel gets one USO packet.
+    side.send_chain(&uso, &big);
+    let (h, f) = capture_tcp(&sock);
+    assert_eq!((h[1], u16::from_le_bytes([h[4], h[5]])), (5, 1400), "{h:?}");
+    assert!(f == big, "the USO frame reached the kernel whole");
+    // UFO too (Linux takes UFO from a TAP's reader and fragments itself; a packet socket
+    // with vnet headers cannot report SKB_GSO_UDP, so a plain one looks).
+    let plain = packet_socket(&name);
+    side.send_chain(&vnet_hdr(1, 3, 42, 1480, 34, 6), &big);
+    side.flush_tx();
+    let deadline = Instant::now() + PATIENCE;
+    let mut buf = vec![0u8; 70000];
+    loop {
+        // SAFETY: `buf` is writable for its length.
+        let n = unsafe { libc::recv(plain.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n > 1000 && buf[12..14] == [0x08, 0x00] {
+            assert!(
+                buf[..n as usize] == big[..],
+                "the UFO datagram reached the kernel whole"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no UFO datagram on the TAP interface"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(side.stats().tx_errors, 0);
+    // Kernel → a guest that takes USO (TUN_F_USO4 | TUN_F_USO6): one packet with its header.
+    let mut out = uso[..10].to_vec();
+    out.extend_from_slice(&big);
+    // SAFETY: `out` is readable for its length.
+    let n = unsafe { libc::send(sock.as_raw_fd(), out.as_ptr().cast(), out.len(), 0) };
+    assert_eq!(n, out.len() as isize, "{}", std::io::Error::last_os_error());
+    let (h, f) = recv_ipv4(&mut side);
+    assert_eq!(
+        (h[0] & 1, h[1], u16::from_le_bytes([h[4], h[5]])),
+        (1, 5, 1400)
+    );
+    assert!(f == big);
+    drop(side);
+
+    // A guest with TSO but no USO: the kernel cuts the datagrams itself.
+    let tso_only = NetFeatures {
+        guest: Offloads::new(true, true, true),
+        ..MRG_OFFLOADS
+    };
+    let mut side = Side::new(port, tso_only, true);
+    side.post_rx(2048, 64);
+    // SAFETY: as above.
+    let n = unsafe { libc::send(sock.as_raw_fd(), out.as_ptr().cast(), out.len(), 0) };
+    assert_eq!(n, out.len() as isize, "{}", std::io::Error::last_os_error());
+    let mut joined = Vec::new();
+    while joined.len() < payload.len() {
+        let (h, seg) = recv_ipv4(&mut side);
+        assert_eq!(h[1], 0, "no GSO for this guest");
+        let udp = &seg[34..];
+        assert!(
+            seg.len() <= 1514 && usize::from(u16::from_be_bytes([udp[4], udp[5]])) == udp.len()
+        );
+        if h[0] & 1 == 0 {
+            assert!(udp_checksums_ok(&seg, false, udp));
+        }
+        joined.extend_from_slice(&udp[8..]);
     }
     assert!(joined == payload);
 }

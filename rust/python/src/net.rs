@@ -68,6 +68,17 @@ impl PyNetPort {
         Ok(Self { port })
     }
 
+    /// A frame source for benchmarks and tests: the receive queue is filled with IPv4/UDP
+    /// frames of `sizes` bytes in turn (to `dst_mac` from `src_mac`, 198.18.0.1:9 to
+    /// 198.18.0.2:9, the first 8 payload bytes a sequence number) as fast as buffers are
+    /// posted; transmitted frames are counted and discarded.
+    #[staticmethod]
+    #[pyo3(signature = (sizes, *, dst_mac, src_mac))]
+    fn generator(sizes: Vec<usize>, dst_mac: [u8; 6], src_mac: [u8; 6]) -> PyResult<Self> {
+        let port = NetPort::generator(&sizes, dst_mac, src_mac).map_err(to_pyerr)?;
+        Ok(Self { port })
+    }
+
     /// The switch port id, for a port attached to a learning switch (None otherwise).
     #[getter]
     fn switch_port(&self) -> Option<usize> {
@@ -106,7 +117,14 @@ impl PyNetPort {
         self.port.set_max_frame(len);
     }
 
-    /// "tap", "peer", "loopback" or "switch".
+    /// Whether the port takes UDP segmentation (USO) packets from the guest, i.e. whether
+    /// VIRTIO_NET_F_HOST_USO may be offered: always, except on a TAP of a kernel older than 6.2.
+    #[getter]
+    fn takes_uso(&self) -> bool {
+        self.port.takes_uso()
+    }
+
+    /// "tap", "peer", "loopback", "switch" or "generator".
     #[getter]
     fn kind(&self) -> &'static str {
         self.port.kind().as_str()
@@ -120,7 +138,7 @@ impl PyNetPort {
 
     /// The handler for the receive queue of the pair (device → driver), for a QueueWorker.
     /// `features`: the acked feature bits, for the offloads (CSUM, GUEST_CSUM, HOST_TSO4/6,
-    /// GUEST_TSO4/6); 0: none.
+    /// GUEST_TSO4/6, HOST_UFO, GUEST_UFO, HOST_USO, GUEST_USO4/6); 0: none.
     #[pyo3(signature = (*, mrg_rxbuf, version_1, features = 0))]
     fn rx_handler(&self, mrg_rxbuf: bool, version_1: bool, features: u64) -> NativeHandler {
         let handler = self
@@ -131,7 +149,7 @@ impl PyNetPort {
 
     /// The handler for the transmit queue of the pair (driver → device), for a QueueWorker.
     /// `features`: the acked feature bits, for the offloads (CSUM, GUEST_CSUM, HOST_TSO4/6,
-    /// GUEST_TSO4/6); 0: none.
+    /// GUEST_TSO4/6, HOST_UFO, GUEST_UFO, HOST_USO, GUEST_USO4/6); 0: none.
     #[pyo3(signature = (*, mrg_rxbuf, version_1, features = 0))]
     fn tx_handler(&self, mrg_rxbuf: bool, version_1: bool, features: u64) -> NativeHandler {
         let handler = self

@@ -86,7 +86,6 @@ use std::os::fd::BorrowedFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::error::QueueError;
@@ -99,6 +98,7 @@ pub mod blk;
 mod group;
 pub mod nbd;
 pub mod net;
+mod parked;
 
 pub use group::PollGroup;
 
@@ -1012,8 +1012,9 @@ impl Context {
 /// Where a worker runs.
 #[derive(Debug)]
 enum Runner {
-    /// Its own thread, which returns the parts.
-    Thread(JoinHandle<Parts>),
+    /// A thread of its own while it runs ([`parked`]), which sends the parts when the worker
+    /// stops (the mutex only makes the handle `Sync`).
+    Parked(Mutex<std::sync::mpsc::Receiver<Parts>>),
     /// A [`PollGroup`]'s thread, which sends the parts when the worker stops (the mutex only
     /// makes the handle `Sync`).
     Group(Mutex<std::sync::mpsc::Receiver<Parts>>),
@@ -1243,11 +1244,9 @@ impl QueueWorker {
         let shared = Arc::clone(&context.shared);
         let thread = match group {
             Some(group) => Runner::Group(Mutex::new(group.join(context)?)),
-            None => Runner::Thread(
-                std::thread::Builder::new()
-                    .name(name.to_owned())
-                    .spawn(move || context.thread_main())?,
-            ),
+            None => Runner::Parked(Mutex::new(
+                parked::WORKERS.run(name, move || context.thread_main())?,
+            )),
         };
         Ok(Self {
             shared,
@@ -1376,12 +1375,9 @@ impl QueueWorker {
         // If this fails the thread may sleep forever; do not join it then.
         self.shared.stop.signal()?;
         match thread {
-            Runner::Thread(thread) => thread.join().map_err(|payload| {
-                io::Error::other(format!(
-                    "worker thread panicked: {}",
-                    panic_message(payload.as_ref())
-                ))
-            }),
+            Runner::Parked(done) => lock(&done)
+                .recv()
+                .map_err(|_| io::Error::other("the worker thread died")),
             Runner::Group(done) => lock(&done)
                 .recv()
                 .map_err(|_| io::Error::other("the poll group's thread died")),

@@ -13,6 +13,9 @@
 //!   `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` and `TUNSETVNETHDRSZ` 12, [`NetPort::tap`]) and a kernel
 //!   `SOCK_SEQPACKET` socketpair ([`NetPort::socket_pair`], the former peer link, kept as a
 //!   baseline).
+//! - a **generator** ([`NetPort::generator`], [`generate`]): a frame source for benchmarks and
+//!   tests whose RX worker makes a valid IPv4/UDP frame whenever the guest has a buffer for
+//!   one, and whose TX side checks, counts and discards.
 //!
 //! Per queue pair, two handlers run in [`super::QueueWorker`]s (on a switch port without busy
 //! polling, both in one sleeping [`PollGroup`] thread per queue pair, so that a frame forwarded
@@ -57,29 +60,33 @@
 //! (10 bytes, 12 with VIRTIO_NET_F_MRG_RXBUF or VIRTIO_F_VERSION_1) and a frame of
 //! [`ETH_HLEN`]..=[`MAX_FRAME_LEN`] bytes; the header is copied out once and checked with
 //! [`offload::validate`] (on a switch port against the copied frame, which the guest can no
-//! longer change): only the offloads it negotiated (CSUM, HOST_TSO4/6), `csum_start` and
-//! `csum_offset` inside the frame, a GSO frame really TCP over IPv4/IPv6 with segments of at most
+//! longer change): only the offloads it negotiated (CSUM, HOST_TSO4/6, HOST_UFO, HOST_USO),
+//! `csum_start` and `csum_offset` inside the frame, a GSO frame really TCP (UDP for UFO/USO)
+//! over IPv4/IPv6 with segments of at most
 //! [`NetPort::max_frame`] bytes (the advertised MTU plus 18, else [`MAX_FRAME_LEN`]), a frame
 //! without GSO not longer than that; a violating chain is completed unsent and counted in
 //! `tx_errors`. The checked header goes with the frame to the port (`num_buffers` 0). RX: a chain
 //! with a device-readable part or too short for the header is completed with length 0
 //! (`rx_bad_chains`); without MRG_RXBUF a packet larger than the one chain is dropped
 //! (`rx_dropped`) and the chain kept for the next one. The header written to the guest carries
-//! only what it negotiated (GUEST_CSUM, GUEST_TSO4/6): otherwise the checksum is completed or
-//! the TCP packet cut into segments here ([`offload::complete_csum`], [`offload::segment`]; a
+//! only what it negotiated (GUEST_CSUM, GUEST_TSO4/6, GUEST_UFO, GUEST_USO4/6): otherwise the
+//! checksum is completed or the packet cut into TCP segments, UDP datagrams or IP fragments
+//! here ([`offload::complete_csum`], [`offload::segment_gso`]; a
 //! header that does not fit its frame drops the packet, `rx_errors`), and `num_buffers` is set.
 
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::raw::c_int;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
+pub mod generate;
 pub mod offload;
 pub mod switch;
 
+use generate::Generator;
 use offload::{Offloads, RxAction, VnetHdr};
 use switch::{Attachment, Forwarder, FrameQueue, Switch};
 
@@ -121,6 +128,11 @@ const TUNSETOFFLOAD: libc::Ioctl = 0x4004_54d0;
 const TUN_F_CSUM: libc::c_uint = 0x01;
 const TUN_F_TSO4: libc::c_uint = 0x02;
 const TUN_F_TSO6: libc::c_uint = 0x04;
+/// Accepted and ignored since Linux 4.14 (the kernel no longer makes UFO packets).
+const TUN_F_UFO: libc::c_uint = 0x10;
+/// Linux 6.2: UDP segmentation, only both together.
+const TUN_F_USO4: libc::c_uint = 0x20;
+const TUN_F_USO6: libc::c_uint = 0x40;
 
 const TOKEN_KICK: u64 = 0;
 const TOKEN_STOP: u64 = 1;
@@ -133,9 +145,9 @@ pub struct NetFeatures {
     pub mrg_rxbuf: bool,
     /// VIRTIO_F_VERSION_1: the header always has `num_buffers`.
     pub version_1: bool,
-    /// What the guest may ask for on transmit: CSUM, HOST_TSO4, HOST_TSO6.
+    /// What the guest may ask for on transmit: CSUM, HOST_TSO4/6, HOST_UFO, HOST_USO.
     pub host: Offloads,
-    /// What the guest takes on receive: GUEST_CSUM, GUEST_TSO4, GUEST_TSO6.
+    /// What the guest takes on receive: GUEST_CSUM, GUEST_TSO4/6, GUEST_UFO, GUEST_USO4/6.
     pub guest: Offloads,
 }
 
@@ -151,6 +163,16 @@ pub const VIRTIO_NET_F_GUEST_TSO6: u32 = 8;
 pub const VIRTIO_NET_F_HOST_TSO4: u32 = 11;
 /// Feature bit VIRTIO_NET_F_HOST_TSO6.
 pub const VIRTIO_NET_F_HOST_TSO6: u32 = 12;
+/// Feature bit VIRTIO_NET_F_GUEST_UFO.
+pub const VIRTIO_NET_F_GUEST_UFO: u32 = 10;
+/// Feature bit VIRTIO_NET_F_HOST_UFO.
+pub const VIRTIO_NET_F_HOST_UFO: u32 = 14;
+/// Feature bit VIRTIO_NET_F_GUEST_USO4.
+pub const VIRTIO_NET_F_GUEST_USO4: u32 = 54;
+/// Feature bit VIRTIO_NET_F_GUEST_USO6.
+pub const VIRTIO_NET_F_GUEST_USO6: u32 = 55;
+/// Feature bit VIRTIO_NET_F_HOST_USO.
+pub const VIRTIO_NET_F_HOST_USO: u32 = 56;
 /// Feature bit VIRTIO_NET_F_MRG_RXBUF.
 pub const VIRTIO_NET_F_MRG_RXBUF: u32 = 15;
 /// Feature bit VIRTIO_F_VERSION_1.
@@ -167,11 +189,21 @@ impl NetFeatures {
                 has(VIRTIO_NET_F_CSUM),
                 has(VIRTIO_NET_F_HOST_TSO4),
                 has(VIRTIO_NET_F_HOST_TSO6),
+            )
+            .with_udp(
+                has(VIRTIO_NET_F_HOST_UFO),
+                has(VIRTIO_NET_F_HOST_USO),
+                has(VIRTIO_NET_F_HOST_USO),
             ),
             guest: Offloads::new(
                 has(VIRTIO_NET_F_GUEST_CSUM),
                 has(VIRTIO_NET_F_GUEST_TSO4),
                 has(VIRTIO_NET_F_GUEST_TSO6),
+            )
+            .with_udp(
+                has(VIRTIO_NET_F_GUEST_UFO),
+                has(VIRTIO_NET_F_GUEST_USO4),
+                has(VIRTIO_NET_F_GUEST_USO6),
             ),
         }
     }
@@ -263,6 +295,8 @@ pub enum PortKind {
     Loopback,
     /// A port of a learning [`Switch`].
     Switch,
+    /// A frame source ([`NetPort::generator`]).
+    Generator,
 }
 
 impl PortKind {
@@ -277,6 +311,7 @@ impl PortKind {
             PortKind::Peer => "peer",
             PortKind::Loopback => "loopback",
             PortKind::Switch => "switch",
+            PortKind::Generator => "generator",
         }
     }
 }
@@ -323,6 +358,8 @@ enum Link {
         tx: Option<OwnedFd>,
     },
     Switch(SwitchLink),
+    /// A frame source: RX is generated, TX is discarded.
+    Generator(Generator),
 }
 
 struct PortInner {
@@ -338,6 +375,8 @@ struct PortInner {
     busy_poll_ns: AtomicU64,
     /// Longest frame the guest may transmit (see [`NetPort::set_max_frame`]).
     max_frame: AtomicUsize,
+    /// The port takes USO packets from the guest (see [`NetPort::takes_uso`]).
+    takes_uso: AtomicBool,
     /// Switch ports without busy polling: the thread both queues of the pair share (created on
     /// first use; `None` if it could not be).
     group: OnceLock<Option<PollGroup>>,
@@ -359,14 +398,21 @@ impl PortInner {
     fn fds(&self) -> io::Result<(RawFd, RawFd)> {
         match &self.link {
             Link::Fd { rx, tx } => Ok((rx.as_raw_fd(), tx.as_ref().unwrap_or(rx).as_raw_fd())),
-            Link::Switch(_) => Err(not_fd()),
+            Link::Switch(_) | Link::Generator(_) => Err(not_fd()),
         }
     }
 
     fn switch(&self) -> Option<&SwitchLink> {
         match &self.link {
             Link::Switch(link) => Some(link),
-            Link::Fd { .. } => None,
+            Link::Fd { .. } | Link::Generator(_) => None,
+        }
+    }
+
+    fn generator(&self) -> Option<&Generator> {
+        match &self.link {
+            Link::Generator(generator) => Some(generator),
+            Link::Fd { .. } | Link::Switch(_) => None,
         }
     }
 
@@ -375,6 +421,7 @@ impl PortInner {
         match &self.link {
             Link::Fd { rx, .. } => rx.as_fd(),
             Link::Switch(link) => link.inbox.wake().as_fd(),
+            Link::Generator(generator) => generator.idle().as_fd(),
         }
     }
 
@@ -475,6 +522,7 @@ impl std::fmt::Debug for NetPort {
                 .field("switch", &link.switch.name())
                 .field("port", &link.attachment_id())
                 .field("pair", &link.pair),
+            Link::Generator(generator) => d.field("generator", generator),
         };
         d.finish()
     }
@@ -537,6 +585,7 @@ impl NetPort {
                 parked_segments: Mutex::new(VecDeque::new()),
                 busy_poll_ns: AtomicU64::new(0),
                 max_frame: AtomicUsize::new(MAX_FRAME_LEN),
+                takes_uso: AtomicBool::new(true),
                 group: OnceLock::new(),
             }),
         }
@@ -586,6 +635,18 @@ impl NetPort {
         lo.attach(1, buffer)?
             .pop()
             .ok_or_else(|| io::Error::other("attach returned no port"))
+    }
+
+    /// A frame source for benchmarks and tests ([`generate`]): the receive side delivers
+    /// IPv4/UDP frames of `sizes` bytes in turn, to `dst` from `src`, as fast as the guest posts
+    /// buffers; transmitted frames are checked, counted and discarded.
+    pub fn generator(sizes: &[usize], dst: [u8; 6], src: [u8; 6]) -> io::Result<Self> {
+        let generator = Generator::new(sizes, dst, src)?;
+        Ok(Self::with_link(
+            Link::Generator(generator),
+            PortKind::Generator,
+            None,
+        ))
     }
 
     /// Two ports linked through a `SOCK_SEQPACKET` socketpair (one `writev`/`recv` per frame):
@@ -675,7 +736,20 @@ impl NetPort {
             .map(|&c| c as u8)
             .collect();
         let actual = String::from_utf8_lossy(&actual).into_owned();
-        Ok(Self::new(fd, None, PortKind::Tap, Some(actual)))
+        // The kernel takes USO from us if it knows TUN_F_USO4/6 (both came with Linux 6.2);
+        // the offloads it hands to us are set again for each guest (`rx_handler`).
+        let uso = set_tap_offload(&fd, TUN_F_CSUM | TUN_F_USO4 | TUN_F_USO6).is_ok();
+        set_tap_offload(&fd, 0)?;
+        let port = Self::new(fd, None, PortKind::Tap, Some(actual));
+        port.inner.takes_uso.store(uso, Ordering::Relaxed);
+        Ok(port)
+    }
+
+    /// Whether the port takes UDP segmentation (USO) packets from the guest, i.e. whether
+    /// VIRTIO_NET_F_HOST_USO may be offered: always, except on a TAP of a kernel older than
+    /// 6.2 (the other offloads, UFO included, every port takes).
+    pub fn takes_uso(&self) -> bool {
+        self.inner.takes_uso.load(Ordering::Relaxed)
     }
 
     pub fn kind(&self) -> PortKind {
@@ -703,7 +777,11 @@ impl NetPort {
     }
 
     /// The handler for this port's transmit queue.
-    pub fn tx_handler(&self, features: NetFeatures) -> NetTxHandler {
+    pub fn tx_handler(&self, mut features: NetFeatures) -> NetTxHandler {
+        if !self.takes_uso() {
+            features.host.uso4 = false;
+            features.host.uso6 = false;
+        }
         NetTxHandler {
             port: Arc::clone(&self.inner),
             features,
@@ -728,15 +806,19 @@ impl NetPort {
                     (g.csum, TUN_F_CSUM),
                     (g.tso4, TUN_F_TSO4),
                     (g.tso6, TUN_F_TSO6),
+                    (g.ufo, TUN_F_UFO),
+                    (g.uso4 && g.uso6, TUN_F_USO4 | TUN_F_USO6),
                 ] {
                     if on {
                         flags |= bit;
                     }
                 }
-                // SAFETY: TUNSETOFFLOAD takes its argument by value. A failure leaves the
-                // kernel's defaults (no offload to us), which the RX path copes with anyway.
-                let _ =
-                    unsafe { libc::ioctl(rx.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) };
+                // A kernel before 6.2 refuses the USO bits (EINVAL): without them it segments
+                // UDP itself. Any other failure leaves the kernel's defaults (no offload to
+                // us), which the RX path copes with anyway.
+                if set_tap_offload(rx, flags).is_err() {
+                    let _ = set_tap_offload(rx, flags & !(TUN_F_USO4 | TUN_F_USO6));
+                }
             }
         }
         NetRxHandler {
@@ -755,6 +837,8 @@ impl NetPort {
             registered: false,
             armed: false,
             last: Outcome::More,
+            unfit_drops: 0,
+            unfit_at: None,
             inbox: VecDeque::new(),
             spent: Vec::new(),
         }
@@ -789,6 +873,12 @@ impl NetPort {
             );
             return Ok(counters.tx_dropped.load(Ordering::Relaxed) == dropped);
         }
+        let counters = &self.inner.counters;
+        if self.inner.generator().is_some() {
+            bump(&counters.tx_packets, 1);
+            bump(&counters.tx_bytes, frame.len() as u64);
+            return Ok(true);
+        }
         let header = [0u8; PORT_HDR_LEN];
         let iov = [
             libc::iovec {
@@ -800,7 +890,6 @@ impl NetPort {
                 iov_len: frame.len(),
             },
         ];
-        let counters = &self.inner.counters;
         // SAFETY: both iovecs point at live local memory.
         match unsafe { self.inner.write_packet(&iov) } {
             Ok(_) => {
@@ -837,6 +926,11 @@ impl NetPort {
                 .map(|packet| packet[PORT_HDR_LEN..].to_vec()));
         }
         let mut buf = vec![0u8; MAX_PACKET_LEN + 1];
+        if let Some(generator) = self.inner.generator() {
+            let n = generator.fill(&mut buf);
+            buf.truncate(n);
+            return Ok(Some(buf.split_off(PORT_HDR_LEN)));
+        }
         loop {
             match self.inner.read_packet(&mut buf)? {
                 None | Some(0) => return Ok(None),
@@ -865,6 +959,8 @@ impl NetPort {
         drop(segments);
         if let Some(link) = self.inner.switch() {
             dropped += link.inbox.clear();
+        } else if self.inner.generator().is_some() {
+            // Nothing waits: frames are made when buffers come.
         } else {
             let mut buf = [0u8; 1];
             while let Some(n) = self.inner.read_packet(&mut buf)? {
@@ -877,6 +973,12 @@ impl NetPort {
         bump(&self.inner.counters.rx_dropped, dropped);
         Ok(dropped)
     }
+}
+
+/// TUNSETOFFLOAD: which offloads the TAP behind `fd` may hand to its reader.
+fn set_tap_offload(fd: &OwnedFd, flags: libc::c_uint) -> io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes its argument by value.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) }).map(drop)
 }
 
 /// Copy bytes out of `segments`, starting `skip` bytes in, into `dst`; returns how many.
@@ -1025,6 +1127,12 @@ impl NetTxHandler {
                 return;
             }
         }
+        if self.port.generator().is_some() {
+            // A frame source's sink: checked, counted, discarded.
+            self.sent.0 += 1;
+            self.sent.1 += frame_len as u64;
+            return;
+        }
         let iov = &mut self.iovecs.0;
         iov.clear();
         iov.push(libc::iovec {
@@ -1122,6 +1230,9 @@ enum Outcome {
     PortClosed,
     /// A packet is staged and the ring has too few buffers for it.
     NeedBuffers,
+    /// A generator's every frame size was dropped in a row (the held receive buffer is too
+    /// small for all of them): wait for the guest to post more buffers instead of spinning.
+    Unfit,
 }
 
 /// What became of the staged packet.
@@ -1160,6 +1271,11 @@ pub struct NetRxHandler {
     armed: bool,
     /// How the last step ended.
     last: Outcome,
+    /// A generator's frames dropped in a row (no frame delivered since).
+    unfit_drops: usize,
+    /// A generator found no fitting buffer: the ring's pending count then. Nothing is generated
+    /// again until the guest posts buffers (the count changes).
+    unfit_at: Option<u16>,
     /// Frames not staged yet: taken out of a switch port's queue, or segments of a GSO packet
     /// the guest does not take whole.
     inbox: VecDeque<Vec<u8>>,
@@ -1468,6 +1584,10 @@ impl NetRxHandler {
             return None;
         }
         let stage = self.stage.get_or_insert_with(Stage::new);
+        if let Some(generator) = self.port.generator() {
+            stage.len = generator.fill(&mut stage.buf);
+            return None;
+        }
         if let Some(segment) = self.inbox.pop_front() {
             stage.buf[..segment.len()].copy_from_slice(&segment);
             stage.len = segment.len();
@@ -1502,7 +1622,7 @@ impl NetRxHandler {
         };
         let hdr = VnetHdr::parse(&stage.buf[..PORT_HDR_LEN]);
         let frame = &mut stage.buf[PORT_HDR_LEN..stage.len];
-        let ok = match offload::rx_action(&hdr, self.features.guest) {
+        let ok = match offload::rx_action(&hdr, frame, self.features.guest) {
             RxAction::Pass(out) => {
                 out.write(&mut stage.buf);
                 return true;
@@ -1522,9 +1642,9 @@ impl NetRxHandler {
             RxAction::Segment => {
                 let mut segments = Vec::new();
                 let spent = &mut self.spent;
-                let cut = offload::segment(
+                let cut = offload::segment_gso(
                     frame,
-                    usize::from(hdr.gso_size),
+                    &hdr,
                     PORT_HDR_LEN,
                     |len| {
                         let mut buf = spent.pop().unwrap_or_default();
@@ -1550,6 +1670,12 @@ impl NetRxHandler {
     /// Deliver up to [`RX_BATCH`] packets, then publish; returns how many were delivered or
     /// dropped.
     fn deliver(&mut self, ctx: &mut LoopContext<'_>) -> Result<(Outcome, usize), WorkerFault> {
+        if let Some(pending) = self.unfit_at {
+            if ctx.queue.pending()? == pending {
+                return Ok((Outcome::Unfit, 0));
+            }
+            self.unfit_at = None;
+        }
         let mut packets = 0;
         let outcome = loop {
             if packets == RX_BATCH {
@@ -1564,13 +1690,24 @@ impl NetRxHandler {
                 }
             }
             match self.place(ctx)? {
-                Placed::Delivered => packets += 1,
+                Placed::Delivered => {
+                    packets += 1;
+                    self.unfit_drops = 0;
+                }
                 Placed::Dropped => {
                     if let Some(stage) = self.stage.as_mut() {
                         stage.len = 0;
                     }
                     bump(&self.port.counters.rx_dropped, 1);
                     packets += 1;
+                    if let Some(generator) = self.port.generator() {
+                        self.unfit_drops += 1;
+                        if self.unfit_drops >= generator.size_count() {
+                            self.unfit_drops = 0;
+                            self.unfit_at = Some(ctx.queue.pending()?);
+                            break Outcome::Unfit;
+                        }
+                    }
                 }
                 Placed::NeedBuffers => break Outcome::NeedBuffers,
             }
@@ -1597,6 +1734,8 @@ impl LoopSteps for NetRxHandler {
         self.registered = false;
         self.armed = false;
         self.last = Outcome::More;
+        self.unfit_drops = 0;
+        self.unfit_at = None;
         self.stage = lock(&self.port.parked).take();
         self.inbox.append(&mut lock(&self.port.parked_segments));
         self.held.clear();
@@ -1666,6 +1805,17 @@ impl LoopSteps for NetRxHandler {
                     self.registered = false;
                 }
                 bump(&port.counters.rx_starved, 1);
+            }
+            Outcome::Unfit => {
+                // Buffers are pending, but none fits: sleep until the guest posts more.
+                ctx.queue.enable_notifications()?;
+                self.armed = true;
+                if self.registered {
+                    poller
+                        .unregister(port_fd)
+                        .map_err(|e| internal("unwatching the port", e))?;
+                    self.registered = false;
+                }
             }
         }
         Ok(false)
