@@ -21,7 +21,8 @@ Cases (`--cases`), each with `--queue-pairs` 1 and/or 2 and `--sizes`:
 
 Back-ends: `vvu` (`python -m vvu serve net`, from the `vvu` package this interpreter imports);
 `--label NAME=PYTHONPATH` adds another build of vvu (e.g. main's) to the same run; `--poll-us N`
-adds a busy-polling variant; `dpdk` unless `--no-dpdk`. Back-ends alternate within each round.
+adds a busy-polling variant (of every build); `dpdk` unless `--no-dpdk`. Back-ends alternate
+within each round.
 
 CPU budget: the back-end is pinned to CPU 0 (`taskset`, all its threads; DPDK: both lcores),
 the front-end to CPU 1 (testpmd lcores 0 and 1 both on that CPU).
@@ -303,12 +304,15 @@ def main() -> None:
     parser.add_argument("--no-dpdk", action="store_true")
     args = parser.parse_args()
     vvu: dict[str, tuple[str | None, list[str]]] = {}
+    poll = ["--poll-us", str(args.poll_us)] if args.poll_us else []
     for label in args.label:
         name, _, path = label.partition("=")
         vvu[name] = (path, [])
+        if poll:
+            vvu[f"{name} --poll-us {args.poll_us}"] = (path, poll)
     vvu["vvu"] = (None, [])
-    if args.poll_us:
-        vvu[f"vvu --poll-us {args.poll_us}"] = (None, ["--poll-us", str(args.poll_us)])
+    if poll:
+        vvu[f"vvu --poll-us {args.poll_us}"] = (None, poll)
     backends = [*vvu, *([] if args.no_dpdk else ["dpdk"])]
     print("| case | back-end | Mpps (front-end) | back-end CPU | CPU s per M frames |")
     print("|---|---|---:|---:|---:|")

@@ -897,7 +897,8 @@ pub fn seal_shrink(fd: &OwnedFd) -> bool {
 
 /// Copy guest memory at `src` into `dst` with volatile accesses on the guest side: the guest (or
 /// the front-end) may write the bytes while we copy, which would be a data race for a plain
-/// `memcpy` by Rust's rules. 8-byte aligned volatile loads for the bulk, bytes at the ends.
+/// `memcpy` by Rust's rules. Aligned volatile accesses on the guest side, as wide as alignment
+/// and length allow: 16 bytes (SSE2, x86-64) for the bulk, 8, 4, 2 and 1 at the ends.
 ///
 /// # Safety
 /// `src..src + dst.len()` must lie inside a live mapping; `dst` cannot overlap it (it is ours).
@@ -905,26 +906,66 @@ pub fn seal_shrink(fd: &OwnedFd) -> bool {
 pub unsafe fn copy_from_guest(src: *const u8, dst: &mut [u8]) {
     let len = dst.len();
     let out = dst.as_mut_ptr();
-    let head = src.align_offset(8).min(len);
-    let mut i = 0;
-    // SAFETY: every access stays in `[0, len)` of both ranges (contract); words are 8-aligned on
-    // the guest side; our side is written unaligned.
+    // SAFETY: `step` only touches `[i, i + size_of::<T>())` with `i + size <= len`, inside both
+    // ranges (contract), aligned on the guest side (its callers check), unaligned on ours.
+    unsafe fn step<T: Copy>(src: *const u8, out: *mut u8, i: usize) {
+        // SAFETY: see above.
+        unsafe {
+            let v = src.add(i).cast::<T>().read_volatile();
+            out.add(i).cast::<T>().write_unaligned(v);
+        }
+    }
+    // SAFETY: per the contract; `guest_walk` keeps every access aligned and inside `len`.
     unsafe {
-        while i < head {
-            *out.add(i) = src.add(i).read_volatile();
-            i += 1;
+        guest_walk(src as usize, len, |i, width| match width {
+            16 => step::<Wide>(src, out, i),
+            8 => step::<u64>(src, out, i),
+            4 => step::<u32>(src, out, i),
+            2 => step::<u16>(src, out, i),
+            _ => step::<u8>(src, out, i),
+        });
+    }
+}
+
+/// Walk `len` bytes from guest address `addr` in naturally aligned accesses, as wide as
+/// alignment and what is left allow (16 bytes at most): `f(offset, width)` for each. A 76-byte
+/// packet at an 8-aligned buffer is 8 + 4·16 + 4 bytes: 6 accesses, not 13 (8-byte words) or 76.
+#[inline(always)]
+fn guest_walk(addr: usize, len: usize, mut f: impl FnMut(usize, usize)) {
+    let mut i = 0;
+    // Up to alignment: each access at most doubles it.
+    while i < len {
+        let at = addr.wrapping_add(i);
+        let width = [1usize, 2, 4, 8]
+            .into_iter()
+            .find(|w| at & (2 * w - 1) != 0)
+            .unwrap_or(WIDE);
+        if width >= WIDE || i + width > len {
+            break;
         }
-        while i + 8 <= len {
-            let word = src.add(i).cast::<u64>().read_volatile();
-            out.add(i).cast::<u64>().write_unaligned(word);
-            i += 8;
-        }
-        while i < len {
-            *out.add(i) = src.add(i).read_volatile();
-            i += 1;
+        f(i, width);
+        i += width;
+    }
+    while i + WIDE <= len {
+        f(i, WIDE);
+        i += WIDE;
+    }
+    // The tail: aligned, shrinking.
+    for width in [8usize, 4, 2, 1] {
+        if width < WIDE && i + width <= len {
+            f(i, width);
+            i += width;
         }
     }
 }
+/// The unit of the bulk of a guest copy: one SSE2 register on x86-64 (a 64-byte frame is 4
+/// loads, a 1500-byte one 94, half of what 8-byte words took), else a word.
+#[cfg(target_arch = "x86_64")]
+type Wide = core::arch::x86_64::__m128i;
+#[cfg(not(target_arch = "x86_64"))]
+type Wide = u64;
+/// Bytes of [`Wide`].
+const WIDE: usize = std::mem::size_of::<Wide>();
 
 /// Copy `src` into guest memory at `dst` with volatile stores on the guest side (see
 /// [`copy_from_guest`]).
@@ -933,25 +974,24 @@ pub unsafe fn copy_from_guest(src: *const u8, dst: &mut [u8]) {
 /// `dst..dst + src.len()` must lie inside a live, writable mapping; `src` cannot overlap it.
 #[inline]
 pub unsafe fn copy_to_guest(src: &[u8], dst: *mut u8) {
-    let len = src.len();
     let from = src.as_ptr();
-    let head = dst.align_offset(8).min(len);
-    let mut i = 0;
-    // SAFETY: as in `copy_from_guest`, with the roles swapped.
+    // SAFETY: as `step` in `copy_from_guest`, with the roles swapped.
+    unsafe fn step<T: Copy>(from: *const u8, dst: *mut u8, i: usize) {
+        // SAFETY: see above.
+        unsafe {
+            let v = from.add(i).cast::<T>().read_unaligned();
+            dst.add(i).cast::<T>().write_volatile(v);
+        }
+    }
+    // SAFETY: per the contract; `guest_walk` keeps every access aligned and inside the length.
     unsafe {
-        while i < head {
-            dst.add(i).write_volatile(*from.add(i));
-            i += 1;
-        }
-        while i + 8 <= len {
-            let word = from.add(i).cast::<u64>().read_unaligned();
-            dst.add(i).cast::<u64>().write_volatile(word);
-            i += 8;
-        }
-        while i < len {
-            dst.add(i).write_volatile(*from.add(i));
-            i += 1;
-        }
+        guest_walk(dst as usize, src.len(), |i, width| match width {
+            16 => step::<Wide>(from, dst, i),
+            8 => step::<u64>(from, dst, i),
+            4 => step::<u32>(from, dst, i),
+            2 => step::<u16>(from, dst, i),
+            _ => step::<u8>(from, dst, i),
+        });
     }
 }
 
@@ -973,6 +1013,38 @@ pub unsafe fn zero_guest(dst: *mut u8, len: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_copies_are_exact_at_every_alignment_and_length() {
+        // The wide-access walk: bulk in 16-byte units, aligned 8/4/2/1 pieces at both ends.
+        let guest: Vec<u8> = (0..200u32).map(|i| (i * 7 + 3) as u8).collect();
+        for offset in 0..33 {
+            for len in 0..100 {
+                let mut out = vec![0u8; len];
+                // SAFETY: offset + len <= 133 < 200, inside `guest`; `out` is separate.
+                unsafe { copy_from_guest(guest.as_ptr().add(offset), &mut out) };
+                assert_eq!(
+                    out,
+                    guest[offset..offset + len],
+                    "from, at {offset}, {len} bytes"
+                );
+                let mut target = vec![0xeeu8; 200];
+                let src: Vec<u8> = (0..len).map(|i| i as u8 ^ 0x5a).collect();
+                // SAFETY: as above, into `target`.
+                unsafe { copy_to_guest(&src, target.as_mut_ptr().add(offset)) };
+                assert_eq!(
+                    target[offset..offset + len],
+                    src[..],
+                    "to, at {offset}, {len}"
+                );
+                assert!(target[..offset].iter().all(|&b| b == 0xee), "wrote before");
+                assert!(
+                    target[offset + len..].iter().all(|&b| b == 0xee),
+                    "wrote after"
+                );
+            }
+        }
+    }
 
     fn region(gpa: u64, size: u64, uva: u64) -> Arc<MemoryRegion> {
         let fd = create_memfd("test", size).unwrap();

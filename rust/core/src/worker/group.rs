@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use super::{
     lock, panic_message, ChainHandler, Context, LoopContext, LoopSteps, Parts, Pass, Progress,
-    WorkerFault,
+    WorkerFault, CLOCK_EVERY,
 };
 use crate::notify::{EventFd, Poller};
 
@@ -216,7 +216,7 @@ impl Member {
         if ready {
             match self.with_steps(|steps, ctx| steps.sleep(ctx, Some(Duration::ZERO))) {
                 Some(result) => result,
-                None => self.context.sleep(Some(Duration::ZERO)),
+                None => self.context.wake_in_group(),
             }
         } else {
             match self.with_steps(|steps, ctx| steps.disarm(ctx)) {
@@ -403,6 +403,8 @@ impl GroupThread {
 
     fn run(mut self) {
         let mut idle_since: Option<Instant> = None;
+        // Idle rounds since the last clock read (see `CLOCK_EVERY`).
+        let mut rounds = 0u32;
         loop {
             if self.shared.has_joining.load(Ordering::Acquire) {
                 self.admit();
@@ -412,6 +414,7 @@ impl GroupThread {
             }
             if self.step_all() {
                 idle_since = None;
+                rounds = 0;
                 continue;
             }
             let budget = self
@@ -420,11 +423,19 @@ impl GroupThread {
                 .filter_map(|m| m.context.busy_poll)
                 .max()
                 .unwrap_or_default();
-            let now = Instant::now();
-            let since = *idle_since.get_or_insert(now);
-            if now.duration_since(since) < budget {
-                std::hint::spin_loop();
-                continue;
+            if !budget.is_zero() {
+                rounds += 1;
+                if rounds < CLOCK_EVERY {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                rounds = 0;
+                let now = Instant::now();
+                let since = *idle_since.get_or_insert(now);
+                if now.duration_since(since) < budget {
+                    std::hint::spin_loop();
+                    continue;
+                }
             }
             self.sleep();
             idle_since = None;

@@ -282,6 +282,19 @@ pub fn run_steps(steps: &mut dyn LoopSteps, ctx: &mut LoopContext<'_>) -> Result
     result.and(ended)
 }
 
+/// Idle busy-poll rounds between two clock reads: a clock read (about 25–50 ns through the
+/// vDSO here) costs more than a look at an idle ring, and was a tenth of a polling back-end's
+/// profile when read every round. The budget may thus run over by this many idle rounds.
+pub(crate) const CLOCK_EVERY: u32 = 16;
+
+/// Busy-poll helper: whether `deadline` passed, reading the clock only every [`CLOCK_EVERY`]
+/// calls (`rounds` counts them).
+#[inline]
+pub(crate) fn past(deadline: Instant, rounds: &mut u32) -> bool {
+    *rounds = rounds.wrapping_add(1);
+    *rounds % CLOCK_EVERY == 0 && Instant::now() >= deadline
+}
+
 fn step_until_stopped(
     steps: &mut dyn LoopSteps,
     ctx: &mut LoopContext<'_>,
@@ -295,7 +308,8 @@ fn step_until_stopped(
         }
         if let Some(deadline) = ctx.busy_poll.and_then(|b| Instant::now().checked_add(b)) {
             let mut found = false;
-            while !ctx.stop_requested() && Instant::now() < deadline {
+            let mut rounds = 0u32;
+            while !ctx.stop_requested() && !past(deadline, &mut rounds) {
                 if steps.step(ctx)? != Progress::Idle {
                     found = true;
                     break;
@@ -757,6 +771,7 @@ impl Context {
         let Some(deadline) = Instant::now().checked_add(budget) else {
             return Ok(false);
         };
+        let mut rounds = 0u32;
         loop {
             if self.shared.stop_requested()
                 || self.queue.pending()? > 0
@@ -764,7 +779,7 @@ impl Context {
             {
                 return Ok(true);
             }
-            if Instant::now() >= deadline {
+            if past(deadline, &mut rounds) {
                 return Ok(false);
             }
             std::hint::spin_loop();
@@ -794,6 +809,28 @@ impl Context {
                 .map_err(|e| io("reading the update doorbell", e))?;
         }
         // TOKEN_STOP is not consumed: the stop flag, checked by the caller, is the real signal.
+        self.disarm()
+    }
+
+    /// A [`PollGroup`] slept and this queue's poller was among what woke it: consume what woke
+    /// it and withdraw the kick request, as [`Context::sleep`] with a zero timeout does, but
+    /// without asking the poller which of its fds is ready (one system call less per wake-up,
+    /// which an event-driven group pays once per burst): the kick is read directly, and only
+    /// when there was none the update doorbell (whose flag, checked by the next pass, is the
+    /// real signal; were it consumed too late, the group wakes once more and consumes it then).
+    /// The stop fd is never consumed, the completion fd is reaped by the pass.
+    fn wake_in_group(&mut self) -> Result<(), WorkerFault> {
+        let io = |what: &str, e: io::Error| WorkerFault::Internal(format!("{what}: {e}"));
+        Counters::add(&self.shared.counters.wakeups, 1);
+        let kicks = self.kick.consume().map_err(|e| io("reading the kick", e))?;
+        if kicks > 0 {
+            Counters::add(&self.shared.counters.kicks, kicks);
+        } else {
+            self.shared
+                .update
+                .consume()
+                .map_err(|e| io("reading the update doorbell", e))?;
+        }
         self.disarm()
     }
 
@@ -1038,27 +1075,80 @@ impl std::fmt::Debug for StoppedQueue {
     }
 }
 
-impl QueueWorker {
-    /// Start a thread named `name` that runs `queue` (a split or packed queue, which must be
-    /// attached) with `handler`.
-    ///
-    /// `kick` is consumed by the worker; `call` (if any) is signalled when the driver must be
-    /// notified. Fails with `InvalidInput` for a detached queue or a name containing NUL, and with
-    /// the OS error if the eventfds, the poller or the thread cannot be created (the queue and
-    /// handler are dropped then).
-    pub fn spawn(
-        name: &str,
+/// A queue stepped on the caller's thread, with no thread, group or wake-up of its own: what a
+/// benchmark of a handler's per-chain cost drives (`benches/net_loop.rs`), so that the figure
+/// holds no cross-thread hand-off. Not for devices (nothing ever sleeps or stops it).
+#[doc(hidden)]
+pub struct InlineWorker {
+    context: Context,
+}
+
+impl InlineWorker {
+    /// Set up `handler` on `queue` (attached) as [`QueueWorker::spawn`] would, minus the thread.
+    pub fn new(
         queue: impl Into<Virtqueue>,
+        kick: EventFd,
+        handler: Box<dyn ChainHandler>,
+    ) -> Result<Self, WorkerFault> {
+        let (context, _, _) =
+            Context::new(queue.into(), kick, None, handler, WorkerOptions::default())
+                .map_err(|e| WorkerFault::Internal(format!("setting up: {e}")))?;
+        let mut worker = Self { context };
+        match worker.with_steps(|steps, ctx| steps.begin(ctx)) {
+            Some(result) => result?,
+            None => worker.context.queue.disable_notifications()?,
+        }
+        Ok(worker)
+    }
+
+    fn with_steps<R>(
+        &mut self,
+        f: impl FnOnce(&mut dyn LoopSteps, &mut LoopContext<'_>) -> R,
+    ) -> Option<R> {
+        let context = &mut self.context;
+        let mut ctx = LoopContext {
+            queue: &mut context.queue,
+            memory: &context.memory,
+            kick: &context.kick,
+            poll_interval: context.poll_interval,
+            busy_poll: context.busy_poll,
+            shared: &context.shared,
+        };
+        let steps = context.handler.device_loop()?.steps()?;
+        Some(f(steps, &mut ctx))
+    }
+
+    /// One non-blocking step: a batch, or one step of the handler's device loop. Never inlined:
+    /// a profiler (callgrind's `--toggle-collect`) can count exactly what is inside.
+    #[inline(never)]
+    pub fn step(&mut self) -> Result<Progress, WorkerFault> {
+        if let Some(progress) = self.with_steps(|steps, ctx| steps.step(ctx)) {
+            return progress;
+        }
+        match self.context.pass()? {
+            Pass::Stopped => Ok(Progress::Idle),
+            Pass::Progress(progress) => Ok(progress),
+        }
+    }
+}
+
+impl Drop for InlineWorker {
+    fn drop(&mut self) {
+        let _ = self.with_steps(|steps, ctx| steps.end(ctx, true));
+    }
+}
+
+impl Context {
+    /// The context of a worker for `queue` (attached) and `handler`; with the group it joins
+    /// (`None`: a thread of its own) and whether the handler runs a device loop.
+    fn new(
+        queue: Virtqueue,
         kick: EventFd,
         call: Option<EventFd>,
         mut handler: Box<dyn ChainHandler>,
         options: WorkerOptions,
-    ) -> io::Result<Self> {
-        let queue = queue.into();
+    ) -> io::Result<(Self, Option<PollGroup>, bool)> {
         let invalid = |msg: &str| io::Error::new(io::ErrorKind::InvalidInput, msg.to_owned());
-        if name.contains('\0') {
-            return Err(invalid("worker thread name contains a NUL byte"));
-        }
         let memory = queue
             .memory()
             .cloned()
@@ -1127,6 +1217,33 @@ impl QueueWorker {
             reaped: Vec::with_capacity(max_in_flight),
             armed: false,
         };
+        Ok((context, group, device_loop))
+    }
+}
+
+impl QueueWorker {
+    /// Start a thread named `name` that runs `queue` (a split or packed queue, which must be
+    /// attached) with `handler`.
+    ///
+    /// `kick` is consumed by the worker; `call` (if any) is signalled when the driver must be
+    /// notified. Fails with `InvalidInput` for a detached queue or a name containing NUL, and with
+    /// the OS error if the eventfds, the poller or the thread cannot be created (the queue and
+    /// handler are dropped then).
+    pub fn spawn(
+        name: &str,
+        queue: impl Into<Virtqueue>,
+        kick: EventFd,
+        call: Option<EventFd>,
+        handler: Box<dyn ChainHandler>,
+        options: WorkerOptions,
+    ) -> io::Result<Self> {
+        let invalid = |msg: &str| io::Error::new(io::ErrorKind::InvalidInput, msg.to_owned());
+        if name.contains('\0') {
+            return Err(invalid("worker thread name contains a NUL byte"));
+        }
+        let (context, group, device_loop) =
+            Context::new(queue.into(), kick, call, handler, options)?;
+        let shared = Arc::clone(&context.shared);
         let thread = match group {
             Some(group) => Runner::Group(Mutex::new(group.join(context)?)),
             None => Runner::Parked(Mutex::new(

@@ -1067,21 +1067,17 @@ impl NetTxHandler {
             return;
         }
         let max_frame = self.port.max_frame.load(Ordering::Relaxed);
-        let mut header = [0u8; HDR_LEN];
-        // SAFETY: the chain's segments are alive for the whole `handle` call.
-        let copied = unsafe { gather(chain.readable(), 0, &mut header[..hdr_len]) };
-        if copied != hdr_len {
-            bump(&counters.tx_errors, 1);
-            return;
-        }
-        let asked = VnetHdr::parse(&header);
         let frame_len = total - hdr_len;
         if self.port.switch().is_some() {
             // Copied out now (the chain is completed with the batch), checked on the copy (the
-            // guest cannot change it afterwards), forwarded in flush_batch.
+            // guest cannot change it afterwards), forwarded in flush_batch. One copy of header
+            // and frame: the guest's header lands at the end of the packet's header room
+            // (PORT_HDR_LEN >= hdr_len) and is read from there.
+            let start = PORT_HDR_LEN - hdr_len;
             let mut packet = self.forwarder.buffer(PORT_HDR_LEN + frame_len);
-            // SAFETY: as above.
-            let got = unsafe { gather(chain.readable(), hdr_len, &mut packet[PORT_HDR_LEN..]) };
+            // SAFETY: the chain's segments are alive for the whole `handle` call.
+            let got = unsafe { gather(chain.readable(), 0, &mut packet[start..]) };
+            let asked = VnetHdr::parse(&packet[start..PORT_HDR_LEN]);
             let checked = offload::validate(
                 &asked,
                 &packet[PORT_HDR_LEN..],
@@ -1089,7 +1085,7 @@ impl NetTxHandler {
                 self.features.host,
             );
             match checked {
-                Ok(carried) if got == frame_len => {
+                Ok(carried) if got == total => {
                     carried.write(&mut packet);
                     packet[offload::VNET_HDR_FIELDS..PORT_HDR_LEN].fill(0);
                     self.burst.push(packet);
@@ -1101,6 +1097,14 @@ impl NetTxHandler {
             }
             return;
         }
+        let mut header = [0u8; HDR_LEN];
+        // SAFETY: the chain's segments are alive for the whole `handle` call.
+        let copied = unsafe { gather(chain.readable(), 0, &mut header[..hdr_len]) };
+        if copied != hdr_len {
+            bump(&counters.tx_errors, 1);
+            return;
+        }
+        let asked = VnetHdr::parse(&header);
         // An fd port: the kernel (TAP) checks the header again on the bytes it reads; the
         // headers are looked at here only to refuse what was not negotiated.
         let mut head = [0u8; offload::MAX_HEADERS];
@@ -1400,6 +1404,10 @@ impl NetRxHandler {
         let need = (hdr_len + frame_len) as u64;
         let ring = usize::from(ctx.queue.size());
         loop {
+            if self.first_fits(need) {
+                self.deliver_one(ctx, need)?;
+                return Ok(Placed::Delivered);
+            }
             let (count, room) = self.usable_room(need);
             if count > 0 && room >= need {
                 self.deliver_staged(ctx, need)?;
@@ -1414,6 +1422,58 @@ impl NetRxHandler {
                 return Ok(Placed::NeedBuffers);
             }
         }
+    }
+
+    /// The first held chain is usable and holds `need` bytes: the packet goes there whole (what
+    /// [`Self::usable_room`] and [`Self::deliver_staged`] would decide too, for one chain).
+    fn first_fits(&self, need: u64) -> bool {
+        let i = self.held_start;
+        match (self.held.chains().get(i), self.usable.get(i)) {
+            (Some(chain), Some(true)) => u64::from(chain.writable_len()) >= need,
+            _ => false,
+        }
+    }
+
+    /// [`Self::deliver_staged`] into the first held chain alone (see [`Self::first_fits`]): the
+    /// common case (a 2 KiB or larger receive buffer per frame) without the per-chain lists.
+    fn deliver_one(&mut self, ctx: &mut LoopContext<'_>, need: u64) -> Result<(), WorkerFault> {
+        let hdr_len = self.features.header_len();
+        let Some(stage) = self.stage.as_mut() else {
+            return Ok(());
+        };
+        let i = self.held_start;
+        let Some(chain) = self.held.chains().get(i) else {
+            return Ok(());
+        };
+        let start = PORT_HDR_LEN - hdr_len;
+        stage.buf.copy_within(..offload::VNET_HDR_FIELDS, start);
+        if hdr_len == HDR_LEN {
+            // §5.1.6.4: num_buffers, one chain.
+            stage.buf[start + 10..start + 12].copy_from_slice(&1u16.to_le_bytes());
+        }
+        // SAFETY: the chain was popped from the attached queue, whose snapshot is alive; its
+        // writable length (checked by `first_fits`) holds all `need` bytes.
+        unsafe { scatter(chain.writable(&self.held), &stage.buf[start..stage.len]) };
+        let head = chain.head();
+        let frame_len = stage.len - PORT_HDR_LEN;
+        stage.len = 0;
+        if self.unpublished + 1 > usize::from(ctx.queue.size()) {
+            // As in `push_held`: never more unpublished entries than the ring holds.
+            self.count_delivered();
+            ctx.publish(self.unpublished as u64)?;
+            self.unpublished = 0;
+        }
+        ctx.queue.push_used(head, need as u32)?;
+        self.unpublished += 1;
+        self.held_start += 1;
+        if self.held_start == self.held.len() {
+            self.held.clear();
+            self.usable.clear();
+            self.held_start = 0;
+        }
+        self.delivered.0 += 1;
+        self.delivered.1 += frame_len as u64;
+        Ok(())
     }
 
     /// Write header and frame into the first usable held chains (room is known to suffice) and

@@ -348,14 +348,20 @@ pub(super) struct Forwarder {
 }
 
 impl Forwarder {
-    /// A buffer of `len` bytes (contents unspecified) for a frame.
+    /// A buffer of `len` bytes (contents unspecified: a recycled buffer keeps the bytes of an
+    /// earlier frame, which the caller overwrites or drops the buffer) for a frame.
     pub(super) fn buffer(&mut self, len: usize) -> Vec<u8> {
         let mut buf = self
             .pool
             .pop()
             .unwrap_or_else(|| Vec::with_capacity(FRESH_CAPACITY.max(len)));
-        buf.clear();
-        buf.resize(len, 0);
+        // Zero only the bytes never written before: a memset per frame of what the copy
+        // overwrites next was 2 % of the per-frame path.
+        if buf.len() >= len {
+            buf.truncate(len);
+        } else {
+            buf.resize(len, 0);
+        }
         buf
     }
 
@@ -484,6 +490,46 @@ impl Switch {
         }
     }
 
+    /// Forward a whole burst to port `to` (a loopback's own port), as [`Switch::forward`] does
+    /// for one destination: a prefix as long as the queue takes, the rest dropped and counted.
+    fn forward_to(
+        &self,
+        to: usize,
+        pair: usize,
+        frames: &mut Vec<Vec<u8>>,
+        fwd: &mut Forwarder,
+        counters: &NetCounters,
+    ) {
+        fwd.lens.clear();
+        fwd.lens
+            .extend(frames.iter().map(|p| p.len().saturating_sub(PORT_HDR_LEN)));
+        let total = frames.len();
+        let taken = {
+            let ports = read(&self.core.ports);
+            match ports.get(to) {
+                Some(Some(entry)) => {
+                    let inbox = &entry.inboxes[pair % entry.inboxes.len()];
+                    Some(inbox.push_burst(frames, &mut fwd.pool))
+                }
+                // Detached meanwhile: delivered to nobody, which is no drop (as a flood that
+                // reaches no port).
+                _ => None,
+            }
+        };
+        for packet in frames.drain(..) {
+            recycle(&mut fwd.pool, packet);
+        }
+        let sent = taken.unwrap_or(total);
+        let bytes: usize = fwd.lens[..sent].iter().sum();
+        if sent > 0 {
+            bump(&counters.tx_packets, sent as u64);
+            bump(&counters.tx_bytes, bytes as u64);
+        }
+        if sent < total {
+            bump(&counters.tx_dropped, (total - sent) as u64);
+        }
+    }
+
     /// Forward a burst of packets (each [`PORT_HDR_LEN`] bytes of header room and a frame of at
     /// least 14 bytes) that port `from`'s queue pair `pair` transmitted. The buffers end up in
     /// destination queues or back in `fwd`'s pool; `frames` is left empty. Counts the sender's
@@ -500,6 +546,11 @@ impl Switch {
             return;
         }
         let mode = self.core.mode;
+        if mode == SwitchMode::Loopback {
+            // One destination for the whole burst: no per-frame routing, no bookkeeping.
+            self.forward_to(from, pair, frames, fwd, counters);
+            return;
+        }
         if mode == SwitchMode::Learning {
             self.learn(from, frames, fwd);
         }
