@@ -409,6 +409,10 @@ def main() -> None:
                         "with the others, as `base`")  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the raw figures here")
     args = parser.parse_args()
+    base = args.baseline_tree
+    if base is not None and not (base / "vvu" / "__init__.py").is_file():
+        # Else PYTHONPATH would name nothing and `base` would quietly be the installed vvu.
+        sys.exit(f"--baseline-tree {args.baseline_tree}: no vvu package in it")
     if "disk" in args.storage and args.handshake is None and os.geteuid() != 0:
         sys.exit("dropping the page cache needs root (or --storage tmpfs)")
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
