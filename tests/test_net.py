@@ -417,11 +417,13 @@ def _wait_for_own_netns(holder: subprocess.Popen[bytes]) -> None:
         time.sleep(0.01)
 
 
-@pytest.mark.timeout(180)
-def test_vvu_serve_net_tap_passes_frames_both_ways(tmp_path: Path) -> None:
-    """`vvu serve net --tap NAME` in a private network namespace (root: CAP_NET_ADMIN; CI
-    runs as root): a frame our driver sends comes out of the TAP interface, a frame sent on the
-    interface reaches our driver."""
+@contextlib.contextmanager
+def serve_net_tap_in_own_netns(
+    tmp_path: Path, tap: str, *extra: str
+) -> Iterator[tuple[Path, subprocess.Popen[bytes], list[str]]]:
+    """`vvu serve net --tap TAP` in a private network namespace (root: CAP_NET_ADMIN; CI runs
+    as root). Yields its socket, the daemon, and the command prefix that enters the namespace;
+    at exit the daemon gets SIGTERM (it must exit 0) and the namespace goes."""
     if os.geteuid() != 0:
         assert os.environ.get("CI") != "true", "CI runs as root: the TAP test must run"
         pytest.skip("needs root (a network namespace and a TAP device)")
@@ -431,53 +433,63 @@ def test_vvu_serve_net_tap_passes_frames_both_ways(tmp_path: Path) -> None:
     # The namespace lives as long as this process does; everything else enters it.
     holder = subprocess.Popen([unshare, "--net", "sleep", "600"])
     enter = [nsenter, f"--net=/proc/{holder.pid}/ns/net"]
-    _wait_for_own_netns(holder)
-    daemon = peer = None
+    daemon = None
     daemon_status = 0
     try:
+        _wait_for_own_netns(holder)
         daemon = subprocess.Popen(
-            [*enter, *VVU, "-q", "serve", "net", "--socket-path", str(sock), "--tap", "vvutap0"],
+            [*enter, *VVU, "-q", "serve", "net", "--socket-path", str(sock), "--tap", tap, *extra]
         )
         wait_for_socket(sock, daemon)
+        yield sock, daemon, enter
+    finally:
+        if daemon is not None:
+            daemon_status = stop_process(daemon)
+        stop_process(holder)
+    assert daemon_status == 0, "vvu serve net exits 0 on SIGTERM"
+
+
+@pytest.mark.timeout(180)
+def test_vvu_serve_net_tap_passes_frames_both_ways(tmp_path: Path) -> None:
+    """`vvu serve net --tap NAME` in a private network namespace: a frame our driver sends comes
+    out of the TAP interface, a frame sent on the interface reaches our driver."""
+    with serve_net_tap_in_own_netns(tmp_path, "vvutap0") as (sock, _, enter):
         peer = subprocess.Popen(
             [*enter, sys.executable, "-c", TAP_PEER, "vvutap0"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
-        assert peer.stdin is not None and peer.stdout is not None
-        stdin, stdout = peer.stdin, peer.stdout
+        try:
+            assert peer.stdin is not None and peer.stdout is not None
+            stdin, stdout = peer.stdin, peer.stdout
 
-        async def exchange() -> None:
-            driver = await NetDriver.open(str(sock))
-            try:
-                ready = await asyncio.to_thread(stdout.readline)
-                assert ready.strip() == "ready", ready
-                out = frame(1, 300)
-                await driver.send(out)
-                seen = await asyncio.to_thread(stdout.readline)
-                assert bytes.fromhex(seen.strip()) == out, "the frame left through the TAP"
-                back = frame(2, 200)
-                stdin.write(back.hex() + "\n")
-                stdin.flush()
-                while True:  # the kernel's own IPv6 chatter comes through too
-                    got = await driver.recv(TIMEOUT)
-                    if got[12:14] == ETHERTYPE:
-                        assert got == back, "the frame came in through the TAP"
-                        break
-            finally:
-                await driver.close()
+            async def exchange() -> None:
+                driver = await NetDriver.open(str(sock))
+                try:
+                    ready = await asyncio.to_thread(stdout.readline)
+                    assert ready.strip() == "ready", ready
+                    out = frame(1, 300)
+                    await driver.send(out)
+                    seen = await asyncio.to_thread(stdout.readline)
+                    assert bytes.fromhex(seen.strip()) == out, "the frame left through the TAP"
+                    back = frame(2, 200)
+                    stdin.write(back.hex() + "\n")
+                    stdin.flush()
+                    while True:  # the kernel's own IPv6 chatter comes through too
+                        got = await driver.recv(TIMEOUT)
+                        if got[12:14] == ETHERTYPE:
+                            assert got == back, "the frame came in through the TAP"
+                            break
+                finally:
+                    await driver.close()
 
-        asyncio.run(exchange())
-        assert peer.wait(TIMEOUT) == 0
-    finally:
-        if peer is not None and peer.poll() is None:
-            peer.kill()
-            peer.wait()
-        if daemon is not None:
-            daemon_status = stop_process(daemon)
-        stop_process(holder)
-    assert daemon_status == 0, "vvu serve net exits 0 on SIGTERM"
+            asyncio.run(exchange())
+            assert peer.wait(TIMEOUT) == 0
+        finally:
+            if peer.poll() is None:
+                peer.kill()
+                peer.wait()
 
 
 #: Runs inside the TAP's namespace: brings the interface up, prints "ready", waits for an
@@ -522,62 +534,44 @@ def test_vvu_serve_net_multi_queue_tap_steers_a_flow_back_to_its_queue_pair(
     frame our driver sends on pair 2 leaves through the interface; the kernel steers the reply
     of that flow to the TAP queue it came from (tun's flow table), so it reaches the same pair,
     the only one running."""
-    if os.geteuid() != 0:
-        assert os.environ.get("CI") != "true", "CI runs as root: the TAP test must run"
-        pytest.skip("needs root (a network namespace and a TAP device)")
-    unshare, nsenter = shutil.which("unshare"), shutil.which("nsenter")
-    assert unshare and nsenter, "util-linux's unshare and nsenter"
-    sock = tmp_path / "net.sock"
-    holder = subprocess.Popen([unshare, "--net", "sleep", "600"])
-    enter = [nsenter, f"--net=/proc/{holder.pid}/ns/net"]
-    _wait_for_own_netns(holder)
-    daemon = peer = None
-    daemon_status = 0
-    try:
-        daemon = subprocess.Popen(
-            [*enter, *VVU, "-q", "serve", "net", "--socket-path", str(sock), "--tap", "vvumq0",
-             "--num-queue-pairs", "2"],
-        )  # fmt: skip
-        wait_for_socket(sock, daemon)
+    tap = serve_net_tap_in_own_netns(tmp_path, "vvumq0", "--num-queue-pairs", "2")
+    with tap as (sock, daemon, enter):
         peer = subprocess.Popen(
             [*enter, sys.executable, "-c", TAP_UDP_MIRROR, "vvumq0"],
             stdout=subprocess.PIPE,
             text=True,
         )
-        assert peer.stdout is not None
-        stdout = peer.stdout
-        queues = list(Path("/proc").glob(f"{daemon.pid}/fdinfo/*"))
-        tap_queues = [q for q in queues if "iff:\tvvumq0" in q.read_text(errors="replace")]
+        try:
+            assert peer.stdout is not None
+            stdout = peer.stdout
+            queues = list(Path("/proc").glob(f"{daemon.pid}/fdinfo/*"))
+            tap_queues = [q for q in queues if "iff:\tvvumq0" in q.read_text(errors="replace")]
 
-        async def exchange() -> None:
-            driver = await NetDriver.open(str(sock), pair=1)
-            try:
-                ready = await asyncio.to_thread(stdout.readline)
-                assert ready.strip() == "ready", ready
-                out = udp_frame(b"queue pair 2")
-                await driver.send(out)
-                seen = await asyncio.to_thread(stdout.readline)
-                assert bytes.fromhex(seen.strip()) == out, "the frame left through the TAP"
-                while True:  # the kernel's own IPv6 chatter may come through too
-                    got = await driver.recv(TIMEOUT)
-                    if got[12:14] == b"\x08\x00":
-                        assert got[:6] == out[6:12] and got[34:36] == out[36:38], got.hex()
-                        assert got[42:] == b"queue pair 2"
-                        break
-            finally:
-                await driver.close()
+            async def exchange() -> None:
+                driver = await NetDriver.open(str(sock), pair=1)
+                try:
+                    ready = await asyncio.to_thread(stdout.readline)
+                    assert ready.strip() == "ready", ready
+                    out = udp_frame(b"queue pair 2")
+                    await driver.send(out)
+                    seen = await asyncio.to_thread(stdout.readline)
+                    assert bytes.fromhex(seen.strip()) == out, "the frame left through the TAP"
+                    while True:  # the kernel's own IPv6 chatter may come through too
+                        got = await driver.recv(TIMEOUT)
+                        if got[12:14] == b"\x08\x00":
+                            assert got[:6] == out[6:12] and got[34:36] == out[36:38], got.hex()
+                            assert got[42:] == b"queue pair 2"
+                            break
+                finally:
+                    await driver.close()
 
-        asyncio.run(exchange())
-        assert peer.wait(TIMEOUT) == 0
-        assert len(tap_queues) == 2, "one TAP queue (fd) per queue pair"
-    finally:
-        if peer is not None and peer.poll() is None:
-            peer.kill()
-            peer.wait()
-        if daemon is not None:
-            daemon_status = stop_process(daemon)
-        stop_process(holder)
-    assert daemon_status == 0, "vvu serve net exits 0 on SIGTERM"
+            asyncio.run(exchange())
+            assert peer.wait(TIMEOUT) == 0
+            assert len(tap_queues) == 2, "one TAP queue (fd) per queue pair"
+        finally:
+            if peer.poll() is None:
+                peer.kill()
+                peer.wait()
 
 
 def test_serve_net_peer_mode_links_two_sockets(tmp_path: Path) -> None:
