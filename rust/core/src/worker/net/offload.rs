@@ -499,32 +499,20 @@ pub fn segment(
     frame: &[u8],
     gso_size: usize,
     reserve: usize,
-    mut alloc: impl FnMut(usize) -> Vec<u8>,
-    mut out: impl FnMut(Vec<u8>),
+    alloc: impl FnMut(usize) -> Vec<u8>,
+    out: impl FnMut(Vec<u8>),
 ) -> bool {
     let Some(tcp) = parse_tcp(frame) else {
         return false;
     };
-    let payload = &frame[tcp.payload..];
-    if gso_size == 0 || payload.len().div_ceil(gso_size) > MAX_GSO_SEGS {
-        return false;
-    }
-    let headers = &frame[..tcp.payload];
     let seq = u32::from_be_bytes([
         frame[tcp.l4 + 4],
         frame[tcp.l4 + 5],
         frame[tcp.l4 + 6],
         frame[tcp.l4 + 7],
     ]);
-    let id = be16(frame, tcp.l3 + 4);
-    let count = payload.len().div_ceil(gso_size).max(1);
-    for (i, chunk) in pieces(payload, gso_size).enumerate() {
-        let len = headers.len() + chunk.len();
-        let mut buf = alloc(len);
-        let seg = &mut buf[reserve..reserve + len];
-        seg[..headers.len()].copy_from_slice(headers);
-        seg[headers.len()..].copy_from_slice(chunk);
-        set_ip_lengths(seg, &tcp, id.wrapping_add(i as u16));
+    let count = (frame.len() - tcp.payload).div_ceil(gso_size.max(1)).max(1);
+    cut_payload(frame, &tcp, gso_size, reserve, alloc, out, |seg, i, _| {
         let seg_seq = seq.wrapping_add((i * gso_size) as u32);
         seg[tcp.l4 + 4..tcp.l4 + 8].copy_from_slice(&seg_seq.to_be_bytes());
         let flags = &mut seg[tcp.l4 + 13];
@@ -536,6 +524,37 @@ pub fn segment(
         }
         let check = l4_csum(seg, &tcp, IPPROTO_TCP, 16);
         seg[tcp.l4 + 16..tcp.l4 + 18].copy_from_slice(&check.to_be_bytes());
+    })
+}
+
+/// What [`segment`] and [`segment_udp`] share: the L4 payload of `frame` (parsed as `l4`) cut
+/// into pieces of at most `gso_size` bytes, each after a copy of all the headers with its IP
+/// lengths and (IPv4) consecutive id set; `finish(segment, index, piece length)` completes the
+/// L4 header. `false` (nothing made) for a `gso_size` of 0 or more than [`MAX_GSO_SEGS`]
+/// pieces.
+fn cut_payload(
+    frame: &[u8],
+    l4: &L4Frame,
+    gso_size: usize,
+    reserve: usize,
+    mut alloc: impl FnMut(usize) -> Vec<u8>,
+    mut out: impl FnMut(Vec<u8>),
+    mut finish: impl FnMut(&mut [u8], usize, usize),
+) -> bool {
+    let payload = &frame[l4.payload..];
+    if gso_size == 0 || payload.len().div_ceil(gso_size) > MAX_GSO_SEGS {
+        return false;
+    }
+    let headers = &frame[..l4.payload];
+    let id = be16(frame, l4.l3 + 4);
+    for (i, chunk) in pieces(payload, gso_size).enumerate() {
+        let len = headers.len() + chunk.len();
+        let mut buf = alloc(len);
+        let seg = &mut buf[reserve..reserve + len];
+        seg[..headers.len()].copy_from_slice(headers);
+        seg[headers.len()..].copy_from_slice(chunk);
+        set_ip_lengths(seg, l4, id.wrapping_add(i as u16));
+        finish(seg, i, chunk.len());
         out(buf);
     }
     true
@@ -549,32 +568,26 @@ pub fn segment_udp(
     frame: &[u8],
     gso_size: usize,
     reserve: usize,
-    mut alloc: impl FnMut(usize) -> Vec<u8>,
-    mut out: impl FnMut(Vec<u8>),
+    alloc: impl FnMut(usize) -> Vec<u8>,
+    out: impl FnMut(Vec<u8>),
 ) -> bool {
     let Some(udp) = parse_udp(frame) else {
         return false;
     };
-    let payload = &frame[udp.payload..];
-    if gso_size == 0 || payload.len().div_ceil(gso_size) > MAX_GSO_SEGS {
-        return false;
-    }
-    let headers = &frame[..udp.payload];
-    let id = be16(frame, udp.l3 + 4);
-    for (i, chunk) in pieces(payload, gso_size).enumerate() {
-        let len = headers.len() + chunk.len();
-        let mut buf = alloc(len);
-        let seg = &mut buf[reserve..reserve + len];
-        seg[..headers.len()].copy_from_slice(headers);
-        seg[headers.len()..].copy_from_slice(chunk);
-        set_ip_lengths(seg, &udp, id.wrapping_add(i as u16));
-        let udp_len = (UDP_HLEN + chunk.len()) as u16;
-        seg[udp.l4 + 4..udp.l4 + 6].copy_from_slice(&udp_len.to_be_bytes());
-        let check = l4_csum(seg, &udp, IPPROTO_UDP, 6);
-        seg[udp.l4 + 6..udp.l4 + 8].copy_from_slice(&check.to_be_bytes());
-        out(buf);
-    }
-    true
+    cut_payload(
+        frame,
+        &udp,
+        gso_size,
+        reserve,
+        alloc,
+        out,
+        |seg, _, piece| {
+            let udp_len = (UDP_HLEN + piece) as u16;
+            seg[udp.l4 + 4..udp.l4 + 6].copy_from_slice(&udp_len.to_be_bytes());
+            let check = l4_csum(seg, &udp, IPPROTO_UDP, 6);
+            seg[udp.l4 + 6..udp.l4 + 8].copy_from_slice(&check.to_be_bytes());
+        },
+    )
 }
 
 /// An identification for the fragments of one IPv6 datagram: a counter from a random start
