@@ -42,12 +42,14 @@ def _fd_is_open(fd: int) -> bool:
 async def test_message_with_fds_round_trips() -> None:
     a, b = socketpair_channels()
     r, w = os.pipe()
+    os.set_inheritable(w, True)
     try:
         await a.send(encode_header(13, 1, 8) + struct.pack("<Q", 3), [w])
         msg = await b.recv()
         assert msg is not None
         assert (msg.request, msg.flags, msg.payload) == (13, 1, struct.pack("<Q", 3))
         assert len(msg.fds) == 1
+        assert not os.get_inheritable(msg.fds[0])  # close-on-exec as it arrives
         os.write(msg.fds[0], b"x")  # the received fd is the same pipe
         assert os.read(r, 1) == b"x"
         msg.close_fds()
