@@ -28,7 +28,9 @@ __all__ = ["FdStream", "connect_socket"]
 MAX_RECV_FDS = 64
 _FD_SPACE = socket.CMSG_SPACE(MAX_RECV_FDS * array.array("i").itemsize)
 #: Received fds are close-on-exec from the start (a child started meanwhile inherits none).
-_RECV_FLAGS = socket.MSG_CMSG_CLOEXEC
+_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
+#: A plain int: `int & socket.MSG_CTRUNC` makes an enum member each time (≈ 1.5 µs per read).
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
 
 
 def _take_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
@@ -203,7 +205,7 @@ class FdStream:
             raise TransportError(f"{self.peer}: receive failed: {err}") from err
         if ancdata:
             fds.extend(_take_fds(ancdata))
-        if msg_flags & socket.MSG_CTRUNC:
+        if msg_flags & _MSG_CTRUNC:
             raise self._broken(
                 f"{self.peer}: more than {MAX_RECV_FDS} fds attached, some were lost"
             )
