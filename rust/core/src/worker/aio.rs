@@ -112,7 +112,7 @@ pub enum Op {
 // the contract of `Aio::push`, independent of the thread.
 unsafe impl Send for Op {}
 
-/// How an io_uring was set up; the first of [`RING_SETUPS`] the kernel accepts.
+/// How an io_uring was set up: the first setup the kernel accepts, in the order listed here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RingSetup {
     /// `IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG` (Linux 5.19).
