@@ -84,7 +84,7 @@ def dpdk_run(
              "--single-file-segments", "--no-pci", "--no-shconf", "--file-prefix", "vvu-cg-back",
              "--log-level", "lib.eal:warning", "--vdev", f"net_vhost0,iface={sock},queues=1",
              "--", "--forward-mode=macswap", f"--burst={BURST}", f"--txpkts={frame_len}",
-             "--no-flush-rx", "--total-num-mbufs=4096"],
+             "--no-flush-rx", "--total-num-mbufs=4096", "--stats-period", "1"],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             env={**os.environ, "RUNTIME_DIRECTORY": str(runtime)},
         )  # fmt: skip
@@ -95,7 +95,12 @@ def dpdk_run(
             "front", 1, [vdev], "io", workdir, tx_first=circulate, frame_len=frame_len
         ) as (_, front_log):
             # Forwarding (or, idle, the port up and polled) before the window starts.
-            nt.wait_for(lambda: len(nt.rx_pps(front_log)) >= 2, "front-end running", timeout=120)
+            try:
+                nt.wait_for(lambda: len(nt.rx_pps(front_log)) >= 2, "front-end", timeout=300)
+            except TimeoutError:
+                tail = front_log.read_text(errors="replace")[-1500:]
+                tail += log.read_text(errors="replace")[-1500:]
+                raise TimeoutError(f"front-end not running:\n{tail}") from None
             time.sleep(seconds)  # the measured window (a benchmark window, not synchronisation)
     finally:
         nt.stop(back)
