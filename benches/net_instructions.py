@@ -15,15 +15,17 @@ counters, `perf stat -e cycles` says "not supported").
   an empty call, and every call beyond `frames / 32` is charged at that cost and subtracted
   (so the figure is, if anything, a little low for DPDK: partial bursts count as empty calls).
 
-    cargo bench -p vvu-core --bench net_loop --no-run    # prints the bench binary's path
-    python benches/net_instructions.py --net-loop <that path> --seconds 10
+    python benches/net_instructions.py
 
-Needs valgrind, root and dpdk-testpmd (as `benches/net_testpmd.py`). About 2 minutes.
+builds the bench first (`cargo bench -p vvu-core --bench net_loop --no-run`) unless given
+`--net-loop BINARY`. Needs valgrind, root and dpdk-testpmd (as `benches/net_testpmd.py`). About
+70 s plus the build.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -111,15 +113,30 @@ def dpdk_run(
     return collected(text), frames, dequeue_calls(out_file)
 
 
+def build_net_loop() -> str:
+    """Build the bench binary; its path."""
+    out = subprocess.run(
+        ["cargo", "bench", "-p", "vvu-core", "--bench", "net_loop", "--no-run",
+         "--message-format=json"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    for line in out.splitlines():
+        message = json.loads(line)
+        if message.get("target", {}).get("name") == "net_loop" and message.get("executable"):
+            return str(message["executable"])
+    raise RuntimeError("cargo built no net_loop bench")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--net-loop", required=True, help="the net_loop bench binary")
+    parser.add_argument("--net-loop", help="the net_loop bench binary (default: build it)")
     parser.add_argument("--sizes", default="64,1500")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--bursts", type=int, default=1000)
     parser.add_argument("--no-dpdk", action="store_true")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
+    net_loop = args.net_loop or build_net_loop()
     with tempfile.TemporaryDirectory(prefix="vvu-bench-cg-") as tmp:
         workdir = Path(tmp)
         empty_call = 0.0
@@ -130,7 +147,7 @@ def main() -> None:
         print("| frame | vvu instructions / frame | DPDK instructions / frame | vvu / DPDK |")
         print("|---|---:|---:|---:|")
         for size in sizes:
-            vvu = vvu_per_frame(args.net_loop, size, args.bursts)
+            vvu = vvu_per_frame(net_loop, size, args.bursts)
             if args.no_dpdk:
                 print(f"| {size} B | {vvu:.0f} | | |", flush=True)
                 continue
