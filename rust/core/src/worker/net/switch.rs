@@ -541,7 +541,7 @@ impl Switch {
             recycle(&mut fwd.pool, packet);
         }
         // Every packet is PORT_HDR_LEN bytes of header room and a frame (`transmit`).
-        let bytes = packet_bytes - sent * PORT_HDR_LEN;
+        let bytes = packet_bytes.saturating_sub(sent * PORT_HDR_LEN);
         if sent > 0 {
             bump(&counters.tx_packets, sent as u64);
             bump(&counters.tx_bytes, bytes as u64);
