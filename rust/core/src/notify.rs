@@ -476,32 +476,6 @@ impl Poller {
     ) -> Result<usize, E> {
         self.wait_impl(timeout, events, Some(check))
     }
-
-    /// Like [`wait`](Self::wait), but a signal or task work interrupting the sleep (`EINTR`)
-    /// ends it too: 0, no events, as for a timeout, where `wait` sleeps again. For a caller
-    /// that looks at its sources after every wake-up anyway: an io_uring completion wakes a
-    /// thread sleeping here that way (its task work has posted the completion by the time the
-    /// call returns), and `wait` would spend a second `epoll_wait` to learn what is already
-    /// known. With busy polling, exactly `wait`.
-    pub fn wait_or_interrupted(
-        &self,
-        timeout: Option<Duration>,
-        events: &mut Vec<u64>,
-    ) -> io::Result<usize> {
-        if self.busy_poll().is_some() {
-            return self.wait(timeout, events);
-        }
-        events.clear();
-        let mut buf = [libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS];
-        match self.epoll_wait(&mut buf, timeout_ms(timeout)) {
-            Ok(n) => {
-                events.extend(buf[..n].iter().map(|e| e.u64));
-                Ok(n)
-            }
-            Err(err) if is_eintr(&err) => Ok(0),
-            Err(err) => Err(err),
-        }
-    }
 }
 
 impl AsFd for Poller {
@@ -1006,51 +980,6 @@ mod tests {
     fn sorted(mut v: Vec<u64>) -> Vec<u64> {
         v.sort_unstable();
         v
-    }
-
-    /// A signal ends `wait_or_interrupted` (0, no events) instead of a second sleep; readiness
-    /// is reported as by `wait`.
-    #[test]
-    fn wait_or_interrupted_returns_on_a_signal() {
-        extern "C" fn nothing(_: c_int) {}
-        // SAFETY: a handler that does nothing, installed without SA_RESTART.
-        unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = nothing as extern "C" fn(c_int) as usize;
-            assert_eq!(
-                libc::sigaction(libc::SIGUSR2, &action, std::ptr::null_mut()),
-                0
-            );
-        }
-        let poller = std::sync::Arc::new(Poller::new().unwrap());
-        let efd = EventFd::new().unwrap();
-        poller.register(efd.as_fd(), 7).unwrap();
-        efd.signal().unwrap();
-        let mut events = Vec::new();
-        assert_eq!(poller.wait_or_interrupted(None, &mut events).unwrap(), 1);
-        assert_eq!(events, vec![7]);
-        efd.consume().unwrap();
-        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let sleeper = {
-            let (poller, done) = (std::sync::Arc::clone(&poller), std::sync::Arc::clone(&done));
-            std::thread::spawn(move || {
-                let mut events = vec![99];
-                let start = Instant::now();
-                let n = poller.wait_or_interrupted(Some(Duration::from_secs(60)), &mut events);
-                done.store(true, std::sync::atomic::Ordering::SeqCst);
-                (n.unwrap(), events, start.elapsed())
-            })
-        };
-        // Signal until it is out: a signal that lands before the sleep only runs the handler.
-        let thread = std::os::unix::thread::JoinHandleExt::as_pthread_t(&sleeper);
-        while !done.load(std::sync::atomic::Ordering::SeqCst) {
-            // SAFETY: the thread is joined only below, so its pthread_t is live.
-            unsafe { libc::pthread_kill(thread, libc::SIGUSR2) };
-            std::thread::yield_now();
-        }
-        let (n, events, took) = sleeper.join().unwrap();
-        assert_eq!((n, events), (0, vec![]));
-        assert!(took < Duration::from_secs(60), "slept the whole timeout");
     }
 
     #[test]

@@ -22,14 +22,7 @@
 //!
 //! - [`AioMode::IoUring`]: one io_uring per queue (the `io-uring` crate). Reads and writes are
 //!   `IORING_OP_READV`/`WRITEV` straight on the guest's iovecs, a flush is `IORING_OP_FSYNC` with
-//!   `IORING_FSYNC_DATASYNC`. The ring fd itself is the completion fd. The ring is set up with
-//!   `IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG` where the kernel has them (5.19;
-//!   plain otherwise, see [`RingSetup`]): a completion then no longer interrupts the worker
-//!   thread (an IPI and task work run at its next return to user space) while it prepares
-//!   requests; its task work waits for the worker's next system call, and the `TASKRUN` flag in
-//!   the shared SQ flags says when some waits ([`Aio::ready`], [`Aio::reap`]). The file the
-//!   handler serves can be registered ([`Aio::register_file`]): its operations then name it by
-//!   index, and the kernel skips looking up (and reference-counting) the fd per request.
+//!   `IORING_FSYNC_DATASYNC`. The ring fd itself is the completion fd.
 //! - [`AioMode::Threads`]: a small pool of threads doing `preadv`/`pwritev2`/`fdatasync`,
 //!   completing through a shared list and an eventfd; for kernels where io_uring is missing or
 //!   forbidden (seccomp, `kernel.io_uring_disabled`).
@@ -112,57 +105,9 @@ pub enum Op {
 // the contract of `Aio::push`, independent of the thread.
 unsafe impl Send for Op {}
 
-/// How an io_uring was set up: the first setup the kernel accepts, in the order listed here.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RingSetup {
-    /// `IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG` (Linux 5.19).
-    CoopTaskrun,
-    /// No flags.
-    Plain,
-    /// `IORING_SETUP_DEFER_TASKRUN` without `SINGLE_ISSUER`, which every kernel refuses with
-    /// `EINVAL`: the fallback's test.
-    #[cfg(test)]
-    Refused,
-}
-
-/// Tried in this order; a kernel that refuses one with `EINVAL` (unknown flags) gets the next.
-const RING_SETUPS: [RingSetup; 2] = [RingSetup::CoopTaskrun, RingSetup::Plain];
-
-impl RingSetup {
-    fn build(self, entries: u32) -> io::Result<IoUring> {
-        let mut builder = IoUring::builder();
-        match self {
-            Self::CoopTaskrun => {
-                builder.setup_coop_taskrun().setup_taskrun_flag();
-            }
-            Self::Plain => {}
-            #[cfg(test)]
-            Self::Refused => {
-                builder.setup_defer_taskrun();
-            }
-        }
-        builder.build(entries)
-    }
-}
-
-/// The first of `setups` the kernel accepts, and which it was.
-fn build_ring(entries: u32, setups: &[RingSetup]) -> io::Result<(IoUring, RingSetup)> {
-    let mut refused = io::Error::from_raw_os_error(libc::EINVAL);
-    for &setup in setups {
-        match setup.build(entries) {
-            Ok(ring) => return Ok((ring, setup)),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => refused = e,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(refused)
-}
-
 /// An asynchronous engine; see the module docs.
 pub struct Aio {
     engine: Engine,
-    /// The fd registered as fixed file 0 ([`Aio::register_file`]).
-    fixed: Option<RawFd>,
     /// Pushed and not issued yet.
     queued: usize,
     /// Issued and not reaped yet.
@@ -183,7 +128,7 @@ const ISSUE_GROUP_MAX: usize = 8;
 const ISSUE_EARLY_BELOW: usize = 16;
 
 enum Engine {
-    Uring(Box<IoUring>, RingSetup),
+    Uring(Box<IoUring>),
     Threads(Pool),
 }
 
@@ -203,8 +148,8 @@ impl Aio {
                 // The SQ is never overfilled: at most `depth` operations are pushed between
                 // submits and at most `depth` are in flight, so the CQ (twice the SQ) never
                 // overflows either.
-                let (ring, setup) = build_ring(depth.next_power_of_two() as u32, &RING_SETUPS)?;
-                Engine::Uring(Box::new(ring), setup)
+                let ring = IoUring::new(depth.next_power_of_two() as u32)?;
+                Engine::Uring(Box::new(ring))
             }
             AioMode::Threads => Engine::Threads(Pool::new(depth.min(8))?),
             AioMode::Sync => {
@@ -216,7 +161,6 @@ impl Aio {
         };
         Ok(Self {
             engine,
-            fixed: None,
             queued: 0,
             issued: 0,
         })
@@ -224,40 +168,9 @@ impl Aio {
 
     pub fn mode(&self) -> AioMode {
         match self.engine {
-            Engine::Uring(..) => AioMode::IoUring,
+            Engine::Uring(_) => AioMode::IoUring,
             Engine::Threads(_) => AioMode::Threads,
         }
-    }
-
-    /// How the io_uring was set up (`None` for the thread pool).
-    pub fn ring_setup(&self) -> Option<RingSetup> {
-        match self.engine {
-            Engine::Uring(_, setup) => Some(setup),
-            Engine::Threads(_) => None,
-        }
-    }
-
-    /// The fd registered with [`Aio::register_file`], if any.
-    pub fn registered_file(&self) -> Option<RawFd> {
-        self.fixed
-    }
-
-    /// Register `fd` with the engine: operations on it then use the registered file (io_uring
-    /// `IOSQE_FIXED_FILE`), which spares the kernel an fd lookup per request. A no-op for the
-    /// thread pool; at most one fd, registered before anything is pushed. `fd` must stay open
-    /// as long as the engine is used with it (the ring holds its own reference meanwhile).
-    pub fn register_file(&mut self, fd: RawFd) -> io::Result<()> {
-        if let Engine::Uring(ring, _) = &mut self.engine {
-            if self.fixed.is_some() || self.queued + self.issued > 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "a file is registered once, before any operation",
-                ));
-            }
-            ring.submitter().register_files(&[fd])?;
-            self.fixed = Some(fd);
-        }
-        Ok(())
     }
 
     /// Queue `op` tagged `tag`; it is issued by [`Aio::submit_if_due`] or [`Aio::submit`]. An
@@ -291,44 +204,29 @@ impl Aio {
     /// As for [`Aio::push`].
     unsafe fn queue(&mut self, op: Op, tag: u64) -> io::Result<()> {
         match &mut self.engine {
-            Engine::Uring(ring, _) => {
-                let fixed = self.fixed;
-                // The registered file by index, any other fd as it is.
-                let target = |fd: RawFd| match fixed {
-                    Some(f) if f == fd => Target::Fixed(types::Fixed(0)),
-                    _ => Target::Fd(types::Fd(fd)),
-                };
+            Engine::Uring(ring) => {
                 let entry = match op {
                     Op::Readv {
                         fd,
                         iov,
                         count,
                         offset,
-                    } => match target(fd) {
-                        Target::Fixed(f) => opcode::Readv::new(f, iov, count),
-                        Target::Fd(f) => opcode::Readv::new(f, iov, count),
-                    }
-                    .offset(offset)
-                    .build(),
+                    } => opcode::Readv::new(types::Fd(fd), iov, count)
+                        .offset(offset)
+                        .build(),
                     Op::Writev {
                         fd,
                         iov,
                         count,
                         offset,
                         dsync,
-                    } => match target(fd) {
-                        Target::Fixed(f) => opcode::Writev::new(f, iov, count),
-                        Target::Fd(f) => opcode::Writev::new(f, iov, count),
-                    }
-                    .offset(offset)
-                    .rw_flags(if dsync { libc::RWF_DSYNC } else { 0 })
-                    .build(),
-                    Op::Fdatasync { fd } => match target(fd) {
-                        Target::Fixed(f) => opcode::Fsync::new(f),
-                        Target::Fd(f) => opcode::Fsync::new(f),
-                    }
-                    .flags(types::FsyncFlags::DATASYNC)
-                    .build(),
+                    } => opcode::Writev::new(types::Fd(fd), iov, count)
+                        .offset(offset)
+                        .rw_flags(if dsync { libc::RWF_DSYNC } else { 0 })
+                        .build(),
+                    Op::Fdatasync { fd } => opcode::Fsync::new(types::Fd(fd))
+                        .flags(types::FsyncFlags::DATASYNC)
+                        .build(),
                 };
                 let entry = entry.user_data(tag);
                 // SAFETY: the entry's buffers are valid until reaped (the caller's contract).
@@ -357,8 +255,7 @@ impl Aio {
         // entries go with the next submission or wait, and the count only steers when to issue.
         self.issued += std::mem::take(&mut self.queued);
         match &mut self.engine {
-            // With TASKRUN set this enter also runs the completions' task work (GETEVENTS).
-            Engine::Uring(ring, _) => loop {
+            Engine::Uring(ring) => loop {
                 match ring.submit() {
                     Ok(_) => return Ok(()),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -386,26 +283,17 @@ impl Aio {
 
     fn reap_engine(&mut self, out: &mut Vec<(u64, i64)>, wait: bool) -> io::Result<()> {
         match &mut self.engine {
-            Engine::Uring(ring, _) => {
+            Engine::Uring(ring) => {
                 let before = out.len();
                 loop {
                     out.extend(
                         ring.completion()
                             .map(|cqe| (cqe.user_data(), i64::from(cqe.result()))),
                     );
-                    if out.len() > before {
+                    if !wait || out.len() > before {
                         return Ok(());
                     }
-                    // Completions whose task work waits for us (cooperative task running) are
-                    // posted by an enter with GETEVENTS, which `submit_and_wait` adds when the
-                    // TASKRUN flag is set. (Anything queued and not issued goes with it; the count
-                    // catches up at the next `submit`.)
-                    let want = match (wait, ring.submission().taskrun()) {
-                        (true, _) => 1,
-                        (false, true) => 0,
-                        (false, false) => return Ok(()),
-                    };
-                    match ring.submit_and_wait(want) {
+                    match ring.submit_and_wait(1) {
                         Ok(_) => {}
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
@@ -421,7 +309,7 @@ impl Aio {
     /// is shared memory).
     pub fn ready(&mut self) -> bool {
         match &mut self.engine {
-            Engine::Uring(ring, _) => !ring.completion().is_empty() || ring.submission().taskrun(),
+            Engine::Uring(ring) => !ring.completion().is_empty(),
             Engine::Threads(pool) => !lock(&pool.shared.done).is_empty(),
         }
     }
@@ -429,19 +317,13 @@ impl Aio {
     /// Readable while completions wait to be reaped (level-triggered).
     pub fn fd(&self) -> BorrowedFd<'_> {
         match &self.engine {
-            Engine::Uring(ring, _) => {
+            Engine::Uring(ring) => {
                 // SAFETY: the ring's fd lives as long as the ring, which outlives the borrow.
                 unsafe { BorrowedFd::borrow_raw(ring.as_raw_fd()) }
             }
             Engine::Threads(pool) => pool.shared.ready.as_fd(),
         }
     }
-}
-
-/// An io_uring operation's file: registered or not.
-enum Target {
-    Fixed(types::Fixed),
-    Fd(types::Fd),
 }
 
 struct PoolShared {
@@ -619,20 +501,10 @@ mod tests {
         f
     }
 
-    fn round_trip(mode: AioMode, register: bool) {
+    fn round_trip(mode: AioMode) {
         let f = file(1 << 20);
         let mut aio = Aio::new(mode, 16).unwrap();
         assert_eq!(aio.mode(), mode);
-        if register {
-            aio.register_file(f.as_raw_fd()).unwrap();
-            if mode == AioMode::IoUring {
-                assert_eq!(aio.fixed, Some(f.as_raw_fd()));
-                assert!(
-                    aio.register_file(f.as_raw_fd()).is_err(),
-                    "registered twice"
-                );
-            }
-        }
         let bufs: Vec<Vec<u8>> = (0..16u8).map(|i| vec![i; 4096]).collect();
         let iovs: Vec<libc::iovec> = bufs
             .iter()
@@ -696,99 +568,12 @@ mod tests {
             eprintln!("io_uring not available here; skipped");
             return;
         }
-        round_trip(AioMode::IoUring, false);
-        // Through the registered file, the bad fd still as it is.
-        round_trip(AioMode::IoUring, true);
+        round_trip(AioMode::IoUring);
     }
 
     #[test]
     fn threads_round_trip() {
-        round_trip(AioMode::Threads, false);
-        round_trip(AioMode::Threads, true);
-    }
-
-    /// A kernel that refuses a setup (`EINVAL`) gets the next one; refusing them all is the
-    /// kernel's error.
-    #[test]
-    fn ring_setup_falls_back_when_refused() {
-        if io_uring_available().is_err() {
-            eprintln!("io_uring not available here; skipped");
-            return;
-        }
-        assert_eq!(
-            RingSetup::Refused
-                .build(4)
-                .err()
-                .and_then(|e| e.raw_os_error()),
-            Some(libc::EINVAL)
-        );
-        let (_, setup) = build_ring(4, &[RingSetup::Refused, RingSetup::Plain]).unwrap();
-        assert_eq!(setup, RingSetup::Plain);
-        let err = build_ring(4, &[RingSetup::Refused]).err().unwrap();
-        assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
-        // This kernel (5.19 or later, as CI's) takes the preferred setup.
-        let aio = Aio::new(AioMode::IoUring, 4).unwrap();
-        assert_eq!(aio.ring_setup(), Some(RING_SETUPS[0]));
-    }
-
-    /// With cooperative task running, a completion arriving while the worker sleeps on the
-    /// ring fd (as it does in its poller) still wakes it, and `ready`/`reap` see it: a read from
-    /// a pipe that another thread fills only once this one sleeps.
-    #[test]
-    fn io_uring_completion_wakes_a_sleeper() {
-        if io_uring_available().is_err() {
-            eprintln!("io_uring not available here; skipped");
-            return;
-        }
-        let mut fds = [0; 2];
-        // SAFETY: `fds` has room for the two fds.
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        let (rx, tx) = (fds[0], fds[1]);
-        let mut aio = Aio::new(AioMode::IoUring, 4).unwrap();
-        let mut buf = [0u8; 8];
-        let iov = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        };
-        let op = Op::Readv {
-            fd: rx,
-            iov: &iov,
-            count: 1,
-            offset: u64::MAX, // a pipe: the current position
-        };
-        // SAFETY: `buf` and `iov` outlive the reap below.
-        unsafe { aio.push(op, 9) }.unwrap();
-        aio.submit().unwrap();
-        assert!(!aio.ready(), "nothing written yet");
-        let sleeping = Arc::new(std::sync::Barrier::new(2));
-        let writer = {
-            let sleeping = Arc::clone(&sleeping);
-            std::thread::spawn(move || {
-                sleeping.wait();
-                // SAFETY: writing 8 bytes from a live buffer.
-                unsafe { libc::write(tx, b"complete".as_ptr().cast(), 8) }
-            })
-        };
-        sleeping.wait();
-        let mut pfd = libc::pollfd {
-            fd: aio.fd().as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let woke = unsafe { libc::poll(&mut pfd, 1, 10_000) };
-        assert_eq!(woke, 1, "the completion did not wake the poller");
-        assert!(aio.ready());
-        let mut out = Vec::new();
-        aio.reap(&mut out, false).unwrap();
-        assert_eq!(out, vec![(9, 8)]);
-        assert_eq!(&buf, b"complete");
-        assert_eq!(writer.join().unwrap(), 8);
-        // SAFETY: closing the pipe's own fds once.
-        unsafe {
-            libc::close(rx);
-            libc::close(tx);
-        }
+        round_trip(AioMode::Threads);
     }
 
     /// An idle engine issues the first operation at once; later ones wait until as many are

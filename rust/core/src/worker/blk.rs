@@ -435,7 +435,7 @@ impl BlkHandler {
         let (aio, slots, free) = if inline == Inline::Always {
             (None, Vec::new(), Vec::new())
         } else {
-            Self::engine(&options, file.as_raw_fd())?
+            Self::engine(&options)?
         };
         Ok(Self {
             file,
@@ -476,21 +476,14 @@ impl BlkHandler {
         &self.file
     }
 
-    /// The engine `options` ask for, with its slots (none for `sync`), `fd` (the served file)
-    /// registered with it.
+    /// The engine `options` ask for, with its slots (none for `sync`).
     #[allow(clippy::type_complexity)]
-    fn engine(options: &BlkOptions, fd: RawFd) -> io::Result<(Option<Aio>, Vec<Slot>, Vec<usize>)> {
+    fn engine(options: &BlkOptions) -> io::Result<(Option<Aio>, Vec<Slot>, Vec<usize>)> {
         let depth = options.queue_depth.clamp(1, 4096);
         Ok(match options.aio {
             AioMode::Sync => (None, Vec::new(), Vec::new()),
             mode => (
-                Some({
-                    let mut aio = Aio::new(mode, depth)?;
-                    // Only a saving (no fd lookup per request): without it, requests name the
-                    // fd as they did before.
-                    let _ = aio.register_file(fd);
-                    aio
-                }),
+                Some(Aio::new(mode, depth)?),
                 (0..depth).map(|_| Slot::default()).collect(),
                 (0..depth).rev().collect(),
             ),
@@ -501,8 +494,7 @@ impl BlkHandler {
     #[cfg(test)]
     fn force_async(&mut self) {
         if self.inline == Inline::Always {
-            (self.aio, self.slots, self.free) =
-                Self::engine(&self.options, self.file.as_raw_fd()).unwrap();
+            (self.aio, self.slots, self.free) = Self::engine(&self.options).unwrap();
         }
         self.inline = Inline::Never;
     }
@@ -2242,13 +2234,8 @@ mod tests {
                 // 1000 bytes of a file that claims 8 sectors: reads past its end are zeros.
                 let file = tmp_file(1000);
                 file.write_all_at(&pattern(1000, 9), 0).unwrap();
-                let fd = file.as_raw_fd();
                 let mut rig = rig_with(file, 8, options);
                 assert_eq!(rig.handler.max_in_flight(), 8);
-                // io_uring operations name the served file by its registered index.
-                let registered = (aio == AioMode::IoUring).then_some(fd);
-                let engine = rig.handler.aio.as_ref().expect("an engine");
-                assert_eq!(engine.registered_file(), registered, "{aio:?}");
                 let (status, back) = rig.read_sectors(0, 4096);
                 assert_eq!(status, VIRTIO_BLK_S_OK, "{aio:?}");
                 assert_eq!(&back[..1000], &pattern(1000, 9)[..]);

@@ -790,11 +790,9 @@ impl Context {
     /// the kick request of [`Context::prepare_sleep`].
     fn sleep(&mut self, timeout: Option<Duration>) -> Result<(), WorkerFault> {
         let io = |what: &str, e: io::Error| WorkerFault::Internal(format!("{what}: {e}"));
-        // Interrupted counts as woken: the completions' task work that interrupts it has
-        // posted them by now, and the next pass reaps them.
         let ready = self
             .poller
-            .wait_or_interrupted(timeout, &mut self.events)
+            .wait(timeout, &mut self.events)
             .map_err(|e| io("waiting for a kick", e))?;
         if ready > 0 {
             Counters::add(&self.shared.counters.wakeups, 1);
