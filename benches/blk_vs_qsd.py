@@ -13,7 +13,6 @@ writes every raw result as JSON (--json).
     python benches/blk_vs_qsd.py                        # the whole matrix, 5 s per measurement
     python benches/blk_vs_qsd.py --vvu-args "--aio io_uring --cache none"   # after issue 10
     python benches/blk_vs_qsd.py --handshake 30         # connect → first 512-byte read, 30 runs
-    python benches/blk_vs_qsd.py --handshake 300 --handshake-burst 5   # reconnects: 5 in a row
     python benches/blk_vs_qsd.py --storage disk --qd 1,32 --vvu-args "--cache none" \
         --rounds 3 --fio                                # medians of 3, fio on the image beside
 
@@ -333,16 +332,11 @@ def handshake(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         # The back-ends' CPU time per session (utime+stime, all threads, over all the runs; an
         # idle back-end uses none): less at the mercy of a busy machine than the latency.
         cpu = {b.name: -backend_cpu(b.proc.pid) for b in backends}
-        burst = args.handshake_burst
-        for i in range(-(-args.handshake // burst)):
+        for i in range(args.handshake):
             # The order turns every round: the first of a round pays for something (its
             # connect step took 0.3-0.5 ms more, whichever back-end it was).
             for backend in backends[i % len(backends) :] + backends[: i % len(backends)]:
-                # With a burst, all but the first follow a session of the same back-end: a
-                # reconnect, its predecessor's teardown on its way. Otherwise another
-                # back-end's session ran in between.
-                runs = min(burst, args.handshake - i * burst)
-                samples[backend.name] += handshake_samples(str(backend.socket), runs)
+                samples[backend.name] += handshake_samples(str(backend.socket), 1)
         for backend in backends:
             cpu[backend.name] += backend_cpu(backend.proc.pid)
     report: dict[str, dict[str, Any]] = {
@@ -410,9 +404,6 @@ def main() -> None:
     parser.add_argument("--qsd-aio", default="io_uring", help="qsd's aio= (io_uring)")
     parser.add_argument("--handshake", type=int, metavar="RUNS",
                         help="measure connect → first read instead, RUNS per back-end")  # fmt: skip
-    parser.add_argument("--handshake-burst", type=int, default=1, metavar="K",
-                        help="with --handshake, K sessions in a row per back-end and turn: "
-                        "K-1 of them reconnect right after a session of their own (1)")  # fmt: skip
     parser.add_argument("--baseline-tree", type=Path, metavar="PYTHON_DIR",
                         help="also a vvu from this python/ dir (e.g. main's), measured in turn "
                         "with the others, as `base`")  # fmt: skip
@@ -422,8 +413,6 @@ def main() -> None:
     if base is not None and not (base / "vvu" / "__init__.py").is_file():
         # Else PYTHONPATH would name nothing and `base` would quietly be the installed vvu.
         sys.exit(f"--baseline-tree {args.baseline_tree}: no vvu package in it")
-    if args.handshake_burst < 1:
-        sys.exit(f"--handshake-burst {args.handshake_burst}: must be at least 1")
     if "disk" in args.storage and args.handshake is None and os.geteuid() != 0:
         sys.exit("dropping the page cache needs root (or --storage tmpfs)")
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

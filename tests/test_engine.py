@@ -42,7 +42,7 @@ from vvu.device.vvu import (
     PROTOCOL_FEATURES_ALLOWED,
     VvuDevice,
 )
-from vvu.engine import MAX_MEM_SLOTS, REFUSED, BackendEngine, RequestFailed, runners
+from vvu.engine import MAX_MEM_SLOTS, REFUSED, BackendEngine, RequestFailed
 from vvu.frontend import BlkDriver, Frontend, FrontendError, FrontendQueue, RngDriver
 from vvu.frontend.blk import T_IN, T_OUT, BlkIOError
 from vvu.frontend.core import UVA_BASE, WANTED_PROTOCOL_FEATURES
@@ -1082,44 +1082,6 @@ async def test_get_vring_base_stops_after_in_flight_requests_and_the_ring_resume
         assert await blk_io(ring, T_IN, 8 * i, in_len=4096) == block
     final = await peer.get(F.GET_VRING_BASE, VringState(0, 0))
     assert final == VringState(0, (start + 2 * len(blocks)) & 0xFFFF)
-    await peer.close()
-    ring.close()
-    guest.close()
-
-
-@pytest.mark.asyncio
-@pytest.mark.parametrize("stop_wait", [0.0, 10.0], ids=["off-the-loop", "in-place"])
-async def test_native_ring_stops_in_place_or_off_the_loop_alike(
-    engine: BackendEngine, connect: Connector, monkeypatch: pytest.MonkeyPatch, stop_wait: float
-) -> None:
-    """The event loop waits up to `runners.INLINE_STOP_WAIT` for a native worker to stop
-    (an idle one does at once: no thread hop), and a worker not stopped by then is waited for
-    off the loop (a zero wait: practically always). GET_VRING_BASE answers the same either
-    way, and the ring resumes from it."""
-    hops: list[object] = []
-    to_thread = asyncio.to_thread
-
-    async def counted(func: Callable[..., object], /, *args: object) -> object:
-        if getattr(func, "__name__", "") == "stop":
-            hops.append(func)
-        return await to_thread(func, *args)
-
-    monkeypatch.setattr(runners, "INLINE_STOP_WAIT", stop_wait)
-    monkeypatch.setattr(asyncio, "to_thread", counted)
-    guest, peer = Guest(4 * MiB), await connect.peer(engine)
-    ring = Ring(guest, size=64)
-    await negotiate(peer)
-    await peer.do(F.SET_MEM_TABLE, guest.table, guest.fds, need_reply=True)
-    await start_ring(peer, ring, need_reply=True)
-    block = os.urandom(4096)
-    await blk_io(ring, T_OUT, 8, out=block)
-    stopped = await peer.get(F.GET_VRING_BASE, VringState(0, 0))
-    assert stopped == VringState(0, 1)
-    if stop_wait:
-        assert hops == []  # stopped by the loop itself
-    await peer.do(F.SET_VRING_BASE, VringState(0, 1), need_reply=True)
-    await peer.do(F.SET_VRING_KICK, U64.vring(0), [ring.kick.fileno()], need_reply=True)
-    assert await blk_io(ring, T_IN, 8, in_len=4096) == block
     await peer.close()
     ring.close()
     guest.close()

@@ -16,7 +16,6 @@ import pytest
 
 from vvu.protocol.codec import Header
 from vvu.transport.base import RawMessage, TransportError
-from vvu.transport.stream import MAX_RECV_FDS
 from vvu.transport.unix import (
     UnixChannel,
     UnixConnector,
@@ -43,14 +42,12 @@ def _fd_is_open(fd: int) -> bool:
 async def test_message_with_fds_round_trips() -> None:
     a, b = socketpair_channels()
     r, w = os.pipe()
-    os.set_inheritable(w, True)
     try:
         await a.send(encode_header(13, 1, 8) + struct.pack("<Q", 3), [w])
         msg = await b.recv()
         assert msg is not None
         assert (msg.request, msg.flags, msg.payload) == (13, 1, struct.pack("<Q", 3))
         assert len(msg.fds) == 1
-        assert not os.get_inheritable(msg.fds[0])  # close-on-exec as it arrives
         os.write(msg.fds[0], b"x")  # the received fd is the same pipe
         assert os.read(r, 1) == b"x"
         msg.close_fds()
@@ -161,29 +158,6 @@ async def test_eof_mid_message_is_an_error_and_closes_fds() -> None:
     after = set(os.listdir("/proc/self/fd"))
     assert after <= before, "the fds of a broken message must be closed"
     chan.close()
-
-
-@pytest.mark.asyncio
-async def test_more_fds_than_the_stream_takes_break_it_and_none_is_left_open() -> None:
-    """Past MAX_RECV_FDS the kernel drops fds (MSG_CTRUNC): the stream cannot be trusted any
-    more, and the fds that did arrive are closed."""
-    raw_a, raw_b = socket.socketpair()
-    chan = UnixChannel(raw_b)
-    r, w = os.pipe()
-    os.close(r)
-    fds = [w] * (MAX_RECV_FDS + 1)
-    raw_a.sendmsg(
-        [encode_header(5, 1, 0)],
-        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())],
-    )
-    os.close(w)
-    before = set(os.listdir("/proc/self/fd"))
-    with pytest.raises(TransportError, match="fds attached, some were lost"):
-        await chan.recv()
-    after = set(os.listdir("/proc/self/fd"))
-    assert after <= before, "the fds that arrived must be closed"
-    chan.close()
-    raw_a.close()
 
 
 @pytest.mark.asyncio

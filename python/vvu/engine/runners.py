@@ -18,12 +18,6 @@ log = logging.getLogger(__name__)
 # How often a ring whose front-end sends no kicks (SET_VRING_KICK with NOFD) is looked at.
 POLL_INTERVAL = 0.001
 
-# How long the event loop itself waits for a native worker to stop (seconds). An idle worker
-# stops in tens of µs: waiting for it in place saves the thread hop (`asyncio.to_thread`, about
-# 0.6 ms of a session's teardown here). One still finishing requests (a disk that takes its
-# time) is waited for off the loop after this: the loop stalls at most this long.
-INLINE_STOP_WAIT = 0.0005
-
 
 class PythonQueueRunner:
     """Runs one queue on the event loop, feeding batches of chains to `Backend.handle`."""
@@ -174,10 +168,7 @@ class NativeQueueRunner:
         if self._miss_fd is not None:
             asyncio.get_running_loop().remove_reader(self._miss_fd)
             self._miss_fd = None
-        queue = self._worker.stop_within(INLINE_STOP_WAIT)
-        if queue is not None:
-            return queue
-        # Still completing requests: wait for the rest off the event loop.
+        # Joining waits for in-flight requests to complete: off the event loop.
         return await asyncio.to_thread(self._worker.stop)
 
 

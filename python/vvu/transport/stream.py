@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import asyncio
 import errno
+import os
 import socket
 import time
 from asyncio import Future
@@ -27,15 +28,9 @@ __all__ = ["FdStream", "connect_socket"]
 #: this the kernel sets MSG_CTRUNC and drops the rest: the stream is broken.
 MAX_RECV_FDS = 64
 _FD_SPACE = socket.CMSG_SPACE(MAX_RECV_FDS * array.array("i").itemsize)
-#: Received fds are close-on-exec from the start (a child started meanwhile inherits none).
-_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
-#: A plain int: `int & socket.MSG_CTRUNC` makes an enum member each time (≈ 1.5 µs per read).
-_MSG_CTRUNC = int(socket.MSG_CTRUNC)
 
 
 def _take_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    """The fds of SCM_RIGHTS control data (received with MSG_CMSG_CLOEXEC: close-on-exec
-    already, no fcntl each)."""
     fds: list[int] = []
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -43,6 +38,8 @@ def _take_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
             usable = len(data) - len(data) % arr.itemsize
             arr.frombytes(data[:usable])
             fds.extend(arr)
+    for fd in fds:
+        os.set_inheritable(fd, False)
     return fds
 
 
@@ -198,14 +195,14 @@ class FdStream:
         if self.closed:
             raise TransportError(f"{self.peer}: connection closed")
         try:
-            data, ancdata, msg_flags, _ = self.sock.recvmsg(want, _FD_SPACE, _RECV_FLAGS)
+            data, ancdata, msg_flags, _ = self.sock.recvmsg(want, _FD_SPACE)
         except (BlockingIOError, InterruptedError):
             return None
         except OSError as err:
             raise TransportError(f"{self.peer}: receive failed: {err}") from err
         if ancdata:
             fds.extend(_take_fds(ancdata))
-        if msg_flags & _MSG_CTRUNC:
+        if msg_flags & socket.MSG_CTRUNC:
             raise self._broken(
                 f"{self.peer}: more than {MAX_RECV_FDS} fds attached, some were lost"
             )

@@ -396,30 +396,6 @@ impl PyQueueWorker {
         wrap_queue(py, stopped.queue)
     }
 
-    /// `stop()`, waiting at most `timeout` seconds for the thread (GIL released): the queue,
-    /// or None if the worker is still finishing its batch then. The stop stays requested; call
-    /// `stop()` (e.g. from another thread) for the rest.
-    fn stop_within(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<Py<PyAny>>> {
-        let timeout = Duration::try_from_secs_f64(timeout)
-            .map_err(|_| PyValueError::new_err(format!("timeout {timeout}: not a duration")))?;
-        let mut worker = self
-            .worker
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .ok_or_else(|| to_pyerr(QueueError::InvalidConfig("the worker was stopped".into())))?;
-        let (worker, stopped) = py.detach(move || {
-            let stopped = worker.stop_within(timeout);
-            (worker, stopped)
-        });
-        let Some(stopped) = stopped.map_err(to_pyerr)? else {
-            *self.worker.lock().unwrap_or_else(|e| e.into_inner()) = Some(worker);
-            return Ok(None);
-        };
-        *self.final_stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(stopped.stats);
-        wrap_queue(py, stopped.queue).map(Some)
-    }
-
     #[getter]
     fn running(&self) -> bool {
         self.worker

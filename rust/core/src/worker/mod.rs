@@ -1360,65 +1360,30 @@ impl QueueWorker {
     /// queue is lost then.
     pub fn stop(mut self) -> io::Result<StoppedQueue> {
         let parts = self.stop_and_join()?;
-        Ok(self.stopped(parts))
-    }
-
-    /// [`stop`](Self::stop), waiting at most `timeout` for the thread: `Ok(None)` if it has not
-    /// stopped by then. The stop stays requested (the worker finishes its current batch and
-    /// takes no new one); a later `stop` or `stop_within` waits for the rest. What an event
-    /// loop calls to stop a worker that is usually idle without a thread hop, falling back to
-    /// a blocking `stop` elsewhere when the worker is still busy.
-    pub fn stop_within(&mut self, timeout: Duration) -> io::Result<Option<StoppedQueue>> {
-        self.request_stop()?;
-        Ok(self.join(Some(timeout))?.map(|parts| self.stopped(parts)))
-    }
-
-    fn stopped(&self, parts: Parts) -> StoppedQueue {
-        StoppedQueue {
+        Ok(StoppedQueue {
             queue: parts.queue,
             handler: parts.handler,
             stats: self.shared.counters.snapshot(),
             fault: lock(&self.shared.fault).clone(),
-        }
+        })
     }
 
     fn stop_and_join(&mut self) -> io::Result<Parts> {
-        self.request_stop()?;
-        self.join(None)?
-            .ok_or_else(|| io::Error::other("the worker thread did not stop"))
-    }
-
-    /// Ask the thread to stop (again: harmless). If it cannot be woken it may sleep forever:
-    /// it is let go then, never joined.
-    fn request_stop(&mut self) -> io::Result<()> {
-        if self.thread.is_none() {
-            return Err(io::Error::other("worker already stopped"));
-        }
+        let thread = self
+            .thread
+            .take()
+            .ok_or_else(|| io::Error::other("worker already stopped"))?;
         self.shared.stop_requested.store(true, Ordering::Release);
-        if let Err(err) = self.shared.stop.signal() {
-            self.thread = None;
-            return Err(err);
+        // If this fails the thread may sleep forever; do not join it then.
+        self.shared.stop.signal()?;
+        match thread {
+            Runner::Parked(done) => lock(&done)
+                .recv()
+                .map_err(|_| io::Error::other("the worker thread died")),
+            Runner::Group(done) => lock(&done)
+                .recv()
+                .map_err(|_| io::Error::other("the poll group's thread died")),
         }
-        Ok(())
-    }
-
-    /// Wait for the stopped thread's parts, at most `timeout` if given (`Ok(None)`: not yet).
-    fn join(&mut self, timeout: Option<Duration>) -> io::Result<Option<Parts>> {
-        let (done, died) = match &self.thread {
-            Some(Runner::Parked(done)) => (done, "the worker thread died"),
-            Some(Runner::Group(done)) => (done, "the poll group's thread died"),
-            None => return Err(io::Error::other("worker already stopped")),
-        };
-        let received = match timeout {
-            None => lock(done).recv().map_err(|_| ()),
-            Some(timeout) => match lock(done).recv_timeout(timeout) {
-                Ok(parts) => Ok(parts),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => return Ok(None),
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(()),
-            },
-        };
-        self.thread = None;
-        received.map(Some).map_err(|()| io::Error::other(died))
     }
 }
 

@@ -1285,54 +1285,6 @@ fn stop_waits_for_in_flight_chains_and_publishes_them() {
 }
 
 #[test]
-fn stop_within_gives_up_while_chains_are_in_flight_and_a_later_stop_finishes() {
-    let (handler, ctl) = gate(64);
-    let mut rig = spawn_rig(16, false, handler, WorkerOptions::default());
-    let xs: Vec<u32> = (0..3).map(|_| rig.driver.add()).collect();
-    rig.driver.publish();
-    eventually("3 chains in flight", || ctl.held().len() == 3);
-    let mut worker = rig.worker;
-    assert!(
-        worker
-            .stop_within(Duration::from_millis(20))
-            .unwrap()
-            .is_none(),
-        "stopped with chains in flight"
-    );
-    assert!(
-        worker.shared.stop_requested(),
-        "the stop is still requested"
-    );
-    ctl.release_all();
-    let stopped = worker.stop().unwrap();
-    assert_eq!(stopped.stats.chains, 3);
-    assert_eq!(stopped.queue.vring_base(), 3);
-    reap_n(&mut rig.driver, &rig.call, 3);
-    for x in xs {
-        assert_eq!(rig.driver.result(x), 2 * x + 1);
-    }
-}
-
-#[test]
-fn stop_within_stops_an_idle_worker_and_then_it_is_stopped() {
-    let (handler, ctl) = gate(64);
-    let mut rig = spawn_rig(16, false, handler, WorkerOptions::default());
-    let x = rig.driver.submit();
-    eventually("a chain in flight", || ctl.held().len() == 1);
-    ctl.release_all();
-    reap_n(&mut rig.driver, &rig.call, 1);
-    assert_eq!(rig.driver.result(x), 2 * x + 1);
-    let mut worker = rig.worker;
-    let stopped = worker
-        .stop_within(PATIENCE)
-        .unwrap()
-        .expect("an idle worker stops at once");
-    assert_eq!(stopped.stats.chains, 1);
-    assert_eq!(stopped.queue.vring_base(), 1);
-    assert!(worker.stop_within(PATIENCE).is_err(), "stopped twice");
-}
-
-#[test]
 fn memory_switch_waits_for_in_flight_chains() {
     let (handler, ctl) = gate(64);
     let mut rig = spawn_rig(16, false, handler, WorkerOptions::default());
