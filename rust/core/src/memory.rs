@@ -966,6 +966,32 @@ mod avx {
         (addr.wrapping_neg() & (W - 1)).min(len)
     }
 
+    /// The bulk of both directions: from `$i`, rounds of four `W`-byte accesses, then single
+    /// ones while a whole one fits in `$len`; `$load!(offset)` and `$store!(offset, value)` are
+    /// the caller's (volatile on the guest side). A macro, not a function or closure: those
+    /// would be functions of their own, compiled without AVX.
+    macro_rules! wide_rounds {
+        ($i:ident, $len:expr, $load:ident, $store:ident) => {
+            while $i + 4 * W <= $len {
+                let (a, b, c, d) = (
+                    $load!($i),
+                    $load!($i + W),
+                    $load!($i + 2 * W),
+                    $load!($i + 3 * W),
+                );
+                $store!($i, a);
+                $store!($i + W, b);
+                $store!($i + 2 * W, c);
+                $store!($i + 3 * W, d);
+                $i += 4 * W;
+            }
+            while $i + W <= $len {
+                $store!($i, $load!($i));
+                $i += W;
+            }
+        };
+    }
+
     /// # Safety
     /// As [`super::copy_from_guest`] with `out..out + len` for `dst`; the CPU must have AVX.
     #[target_feature(enable = "avx")]
@@ -976,7 +1002,6 @@ mod avx {
         unsafe {
             let mut i = head(src as usize, len);
             super::copy_from_guest_narrow(src, out, i);
-            // Macros, not closures: a closure would be a function of its own, without AVX.
             macro_rules! load {
                 ($i:expr) => {
                     src.add($i).cast::<__m256i>().read_volatile()
@@ -987,18 +1012,7 @@ mod avx {
                     out.add($i).cast::<__m256i>().write_unaligned($v)
                 };
             }
-            while i + 4 * W <= len {
-                let (a, b, c, d) = (load!(i), load!(i + W), load!(i + 2 * W), load!(i + 3 * W));
-                store!(i, a);
-                store!(i + W, b);
-                store!(i + 2 * W, c);
-                store!(i + 3 * W, d);
-                i += 4 * W;
-            }
-            while i + W <= len {
-                store!(i, load!(i));
-                i += W;
-            }
+            wide_rounds!(i, len, load, store);
             super::copy_from_guest_narrow(src.add(i), out.add(i), len - i);
         }
     }
@@ -1021,18 +1035,7 @@ mod avx {
                     dst.add($i).cast::<__m256i>().write_volatile($v)
                 };
             }
-            while i + 4 * W <= len {
-                let (a, b, c, d) = (load!(i), load!(i + W), load!(i + 2 * W), load!(i + 3 * W));
-                store!(i, a);
-                store!(i + W, b);
-                store!(i + 2 * W, c);
-                store!(i + 3 * W, d);
-                i += 4 * W;
-            }
-            while i + W <= len {
-                store!(i, load!(i));
-                i += W;
-            }
+            wide_rounds!(i, len, load, store);
             super::copy_to_guest_narrow(from.add(i), dst.add(i), len - i);
         }
     }
