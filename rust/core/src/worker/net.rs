@@ -1373,17 +1373,23 @@ impl NetRxHandler {
     /// port), at most [`RX_POP`]; a chain left over waits, held, for the next packet. `false` if
     /// the ring had none.
     fn pop_more(&mut self, ctx: &mut LoopContext<'_>) -> Result<bool, WorkerFault> {
-        let want = (self.inbox.len() + 1).min(RX_POP);
+        self.pop_for(ctx, self.inbox.len() + 1)
+    }
+
+    /// [`Self::pop_more`] for `waiting` packets.
+    fn pop_for(&mut self, ctx: &mut LoopContext<'_>, waiting: usize) -> Result<bool, WorkerFault> {
+        let want = waiting.min(RX_POP);
         let before = self.held.len();
         if ctx.queue.pop_batch(&mut self.held, want)? == 0 {
             return Ok(false);
         }
         let hdr_len = self.features.header_len() as u32;
-        for chain in &self.held.chains()[before..] {
-            // §5.1.6.3: receive buffers are device-writable and hold at least the header.
-            self.usable
-                .push(chain.readable_len() == 0 && chain.writable_len() >= hdr_len);
-        }
+        // §5.1.6.3: receive buffers are device-writable and hold at least the header.
+        self.usable.extend(
+            self.held.chains()[before..]
+                .iter()
+                .map(|chain| chain.readable_len() == 0 && chain.writable_len() >= hdr_len),
+        );
         // Unusable chains with nothing usable before them are completed at once (a rewind
         // never needs them back).
         let lead = self.usable[self.held_start..]
@@ -1474,6 +1480,83 @@ impl NetRxHandler {
         self.delivered.0 += 1;
         self.delivered.1 += frame_len as u64;
         Ok(())
+    }
+
+    /// Switch ports, nothing staged: deliver up to `budget` frames straight from the inbox, each
+    /// into one held chain (popping more as they run out), while the front frame's header goes
+    /// to the guest as it is (no flags, no GSO: what [`Self::prepare`] leaves unchanged) and the
+    /// first held chain is usable and holds it whole: what staging it and [`Self::place`] would
+    /// do, without the staging. Stops at the first frame that needs more (it is then staged and
+    /// placed as usual). Returns how many were delivered.
+    fn deliver_direct(
+        &mut self,
+        ctx: &mut LoopContext<'_>,
+        budget: usize,
+    ) -> Result<usize, WorkerFault> {
+        let hdr_len = self.features.header_len();
+        let start = PORT_HDR_LEN - hdr_len;
+        let ring = usize::from(ctx.queue.size());
+        let mut done = 0;
+        while done < budget {
+            let Some(packet) = self.inbox.front_mut() else {
+                break;
+            };
+            let len = packet.len();
+            if len < PORT_HDR_LEN + ETH_HLEN || packet[0] != 0 || packet[1] != offload::GSO_NONE {
+                break;
+            }
+            let i = self.held_start;
+            if i == self.held.len() {
+                // Nothing held: pop about one chain per frame waiting (the slow path would
+                // count this one staged and the rest in the inbox: the same number).
+                if !self.pop_for(ctx, self.inbox.len())? {
+                    break;
+                }
+                continue;
+            }
+            let need = len - start;
+            let (Some(chain), Some(true)) = (self.held.chains().get(i), self.usable.get(i)) else {
+                break;
+            };
+            if (chain.writable_len() as usize) < need {
+                break;
+            }
+            // The guest header in place in front of the frame: the fields as the port header
+            // has them, and num_buffers 1 (§5.1.6.4).
+            if hdr_len == HDR_LEN {
+                packet[offload::VNET_HDR_FIELDS..PORT_HDR_LEN].copy_from_slice(&1u16.to_le_bytes());
+            } else {
+                packet.copy_within(..offload::VNET_HDR_FIELDS, start);
+            }
+            // SAFETY: the chain was popped from the attached queue, whose snapshot is alive; its
+            // writable length (checked above) holds all `need` bytes.
+            unsafe { scatter(chain.writable(&self.held), &packet[start..]) };
+            let head = chain.head();
+            if let Some(packet) = self.inbox.pop_front() {
+                self.spent.push(packet);
+            }
+            if self.unpublished + 1 > ring {
+                // As in `push_held`: never more unpublished entries than the ring holds.
+                self.count_delivered();
+                ctx.publish(self.unpublished as u64)?;
+                self.unpublished = 0;
+            }
+            ctx.queue.push_used(head, need as u32)?;
+            self.unpublished += 1;
+            self.held_start += 1;
+            if self.held_start == self.held.len() {
+                self.held.clear();
+                self.usable.clear();
+                self.held_start = 0;
+            }
+            self.delivered.0 += 1;
+            self.delivered.1 += (len - PORT_HDR_LEN) as u64;
+            done += 1;
+        }
+        if done > 0 {
+            self.unfit_drops = 0;
+        }
+        Ok(done)
     }
 
     /// Write header and frame into the first usable held chains (room is known to suffice) and
@@ -1684,6 +1767,23 @@ impl NetRxHandler {
             if self.stage.as_ref().is_none_or(|s| s.len == 0) {
                 if !self.port_open {
                     break Outcome::PortClosed;
+                }
+                if let Some(link) = self.port.switch() {
+                    if self.inbox.is_empty() {
+                        if !link.inbox.has_frames() {
+                            // Nothing (a hint; `prepare_sleep` looks under the lock before
+                            // sleeping).
+                            break Outcome::PortEmpty;
+                        }
+                        link.inbox.take(&mut self.inbox, RX_TAKE, &mut self.spent);
+                    }
+                    packets += self.deliver_direct(ctx, RX_BATCH - packets)?;
+                    if packets == RX_BATCH {
+                        break Outcome::More;
+                    }
+                    if self.inbox.is_empty() {
+                        continue;
+                    }
                 }
                 if let Some(outcome) = self.read_stage() {
                     break outcome;
