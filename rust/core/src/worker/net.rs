@@ -31,7 +31,9 @@
 //!   arrives from the port, not from the ring: it sleeps on the port fd (a switch port's queue
 //!   eventfd), the kick and the stop eventfd, stages one packet at a time, pops receive chains
 //!   in batches (about one per packet waiting; what a packet does not use waits, held, for the
-//!   next) and publishes once per burst of up to 64 packets.
+//!   next) and publishes once per burst of up to 64 packets. On a switch port, a frame whose
+//!   header goes to the guest as it is (no checksum or GSO request) and that fits the next
+//!   receive buffer is not staged: it is copied straight from the burst taken out of the queue.
 //!
 //! With [`NetPort::set_busy_poll`], the queues do not get threads of their own: every
 //! busy-polling queue of the process (both queues of every queue pair of every port) runs in the
@@ -95,7 +97,7 @@ use super::{
 };
 use crate::memory::GuestMemory;
 use crate::notify::Poller;
-use crate::queue::{ChainBatch, ChainView, Segment};
+use crate::queue::{Chain, ChainBatch, ChainView, Segment};
 
 /// Bytes of the header on the port: `virtio_net_hdr_mrg_rxbuf`.
 pub const PORT_HDR_LEN: usize = 12;
@@ -827,7 +829,6 @@ impl NetPort {
             stage: None,
             held: ChainBatch::new(),
             held_start: 0,
-            usable: Vec::new(),
             unpublished: 0,
             port_open: true,
             lens: Vec::new(),
@@ -1253,8 +1254,6 @@ pub struct NetRxHandler {
     stage: Option<Box<Stage>>,
     held: ChainBatch,
     held_start: usize,
-    /// Per chain of `held`: usable for a packet (writable only, holds the header).
-    usable: Vec<bool>,
     /// Used entries pushed and not yet published.
     unpublished: usize,
     port_open: bool,
@@ -1293,6 +1292,12 @@ impl std::fmt::Debug for NetRxHandler {
     }
 }
 
+/// §5.1.6.3: a receive buffer is device-writable only and holds at least the `hdr_len`-byte
+/// header; another chain is completed with length 0 (`rx_bad_chains`).
+fn usable(chain: &Chain, hdr_len: usize) -> bool {
+    chain.readable_len() == 0 && chain.writable_len() as usize >= hdr_len
+}
+
 fn internal(what: &str, err: io::Error) -> WorkerFault {
     WorkerFault::Internal(format!("{what}: {err}"))
 }
@@ -1315,10 +1320,11 @@ impl NetRxHandler {
     /// The usable held chains a packet of `need` bytes would go into, from the first: as many as
     /// it takes to hold `need` bytes (only the first without MRG_RXBUF). Their count and room.
     fn usable_room(&self, need: u64) -> (usize, u64) {
+        let hdr_len = self.features.header_len();
         let mut count = 0;
         let mut bytes = 0u64;
-        for (i, chain) in self.held.chains().iter().enumerate().skip(self.held_start) {
-            if self.usable[i] {
+        for chain in &self.held.chains()[self.held_start..] {
+            if usable(chain, hdr_len) {
                 count += 1;
                 bytes += u64::from(chain.writable_len());
                 if bytes >= need || !self.features.mrg_rxbuf {
@@ -1343,16 +1349,15 @@ impl NetRxHandler {
             ctx.publish(self.unpublished as u64)?;
             self.unpublished = 0;
         }
-        let range = self.held_start..self.held_start + n;
-        let chains = &self.held.chains()[range.clone()];
-        let usable = &self.usable[range];
+        let hdr_len = self.features.header_len();
+        let chains = &self.held.chains()[self.held_start..self.held_start + n];
         let mut bad = 0;
-        for (chain, _) in chains.iter().zip(usable).filter(|(_, &ok)| !ok) {
+        for chain in chains.iter().filter(|c| !usable(c, hdr_len)) {
             ctx.queue.push_used(chain.head(), 0)?;
             bad += 1;
         }
-        let good = chains.iter().zip(usable).filter(|(_, &ok)| ok);
-        for ((chain, _), &len) in good.zip(lens) {
+        let good = chains.iter().filter(|c| usable(c, hdr_len));
+        for (chain, &len) in good.zip(lens) {
             ctx.queue.push_used(chain.head(), len)?;
         }
         if bad > 0 {
@@ -1363,7 +1368,6 @@ impl NetRxHandler {
         self.held_start += n;
         if self.held_start == self.held.len() {
             self.held.clear();
-            self.usable.clear();
             self.held_start = 0;
         }
         Ok(())
@@ -1379,22 +1383,15 @@ impl NetRxHandler {
     /// [`Self::pop_more`] for `waiting` packets.
     fn pop_for(&mut self, ctx: &mut LoopContext<'_>, waiting: usize) -> Result<bool, WorkerFault> {
         let want = waiting.min(RX_POP);
-        let before = self.held.len();
         if ctx.queue.pop_batch(&mut self.held, want)? == 0 {
             return Ok(false);
         }
-        let hdr_len = self.features.header_len() as u32;
-        // §5.1.6.3: receive buffers are device-writable and hold at least the header.
-        self.usable.extend(
-            self.held.chains()[before..]
-                .iter()
-                .map(|chain| chain.readable_len() == 0 && chain.writable_len() >= hdr_len),
-        );
         // Unusable chains with nothing usable before them are completed at once (a rewind
         // never needs them back).
-        let lead = self.usable[self.held_start..]
+        let hdr_len = self.features.header_len();
+        let lead = self.held.chains()[self.held_start..]
             .iter()
-            .take_while(|ok| !**ok)
+            .take_while(|chain| !usable(chain, hdr_len))
             .count();
         if lead > 0 {
             self.push_held(ctx, lead, &[])?;
@@ -1433,10 +1430,11 @@ impl NetRxHandler {
     /// The first held chain is usable and holds `need` bytes: the packet goes there whole (what
     /// [`Self::usable_room`] and [`Self::deliver_staged`] would decide too, for one chain).
     fn first_fits(&self, need: u64) -> bool {
-        let i = self.held_start;
-        match (self.held.chains().get(i), self.usable.get(i)) {
-            (Some(chain), Some(true)) => u64::from(chain.writable_len()) >= need,
-            _ => false,
+        match self.held.chains().get(self.held_start) {
+            Some(chain) => {
+                usable(chain, self.features.header_len()) && u64::from(chain.writable_len()) >= need
+            }
+            None => false,
         }
     }
 
@@ -1474,7 +1472,6 @@ impl NetRxHandler {
         self.held_start += 1;
         if self.held_start == self.held.len() {
             self.held.clear();
-            self.usable.clear();
             self.held_start = 0;
         }
         self.delivered.0 += 1;
@@ -1488,6 +1485,10 @@ impl NetRxHandler {
     /// first held chain is usable and holds it whole: what staging it and [`Self::place`] would
     /// do, without the staging. Stops at the first frame that needs more (it is then staged and
     /// placed as usual). Returns how many were delivered.
+    ///
+    /// The bookkeeping (held chains, unpublished entries, counters, spent buffers) is done once
+    /// per run of frames, not per frame: a run ends where the held chains, the budget or the
+    /// ring's room for unpublished entries does.
     fn deliver_direct(
         &mut self,
         ctx: &mut LoopContext<'_>,
@@ -1497,66 +1498,98 @@ impl NetRxHandler {
         let start = PORT_HDR_LEN - hdr_len;
         let ring = usize::from(ctx.queue.size());
         let mut done = 0;
-        while done < budget {
-            let Some(packet) = self.inbox.front_mut() else {
-                break;
-            };
-            let len = packet.len();
-            if len < PORT_HDR_LEN + ETH_HLEN || packet[0] != 0 || packet[1] != offload::GSO_NONE {
-                break;
-            }
-            let i = self.held_start;
-            if i == self.held.len() {
+        while done < budget && !self.inbox.is_empty() {
+            if self.held_start == self.held.len() {
                 // Nothing held: pop about one chain per frame waiting (the slow path would
-                // count this one staged and the rest in the inbox: the same number).
+                // count the first staged and the rest in the inbox: the same number).
                 if !self.pop_for(ctx, self.inbox.len())? {
                     break;
                 }
                 continue;
             }
-            let need = len - start;
-            let (Some(chain), Some(true)) = (self.held.chains().get(i), self.usable.get(i)) else {
-                break;
-            };
-            if (chain.writable_len() as usize) < need {
-                break;
-            }
-            // The guest header in place in front of the frame: the fields as the port header
-            // has them, and num_buffers 1 (§5.1.6.4).
-            if hdr_len == HDR_LEN {
-                packet[offload::VNET_HDR_FIELDS..PORT_HDR_LEN].copy_from_slice(&1u16.to_le_bytes());
-            } else {
-                packet.copy_within(..offload::VNET_HDR_FIELDS, start);
-            }
-            // SAFETY: the chain was popped from the attached queue, whose snapshot is alive; its
-            // writable length (checked above) holds all `need` bytes.
-            unsafe { scatter(chain.writable(&self.held), &packet[start..]) };
-            let head = chain.head();
-            if let Some(packet) = self.inbox.pop_front() {
-                self.spent.push(packet);
-            }
-            if self.unpublished + 1 > ring {
+            if self.unpublished == ring {
                 // As in `push_held`: never more unpublished entries than the ring holds.
                 self.count_delivered();
                 ctx.publish(self.unpublished as u64)?;
                 self.unpublished = 0;
             }
-            ctx.queue.push_used(head, need as u32)?;
-            self.unpublished += 1;
-            self.held_start += 1;
+            let chains = &self.held.chains()[self.held_start..];
+            // The inbox's first contiguous part (all of it unless its storage wrapped).
+            let (frames, _) = self.inbox.as_mut_slices();
+            let max = (chains.len().min(frames.len()))
+                .min(budget - done)
+                .min(ring - self.unpublished);
+            let (mut n, mut bytes, mut fault) = (0, 0, None);
+            for (packet, chain) in frames[..max].iter_mut().zip(&chains[..max]) {
+                let len = packet.len();
+                if len < PORT_HDR_LEN + ETH_HLEN || packet[..2] != [0, offload::GSO_NONE] {
+                    break;
+                }
+                let need = len - start;
+                // Usable (§5.1.6.3: writable only, and `need` is more than the header) and
+                // large enough.
+                if chain.readable_len() != 0 || (chain.writable_len() as usize) < need {
+                    break;
+                }
+                // The guest header in place in front of the frame: the fields as the port
+                // header has them, and num_buffers 1 (§5.1.6.4).
+                if hdr_len == HDR_LEN {
+                    packet[offload::VNET_HDR_FIELDS..PORT_HDR_LEN]
+                        .copy_from_slice(&1u16.to_le_bytes());
+                } else {
+                    packet.copy_within(..offload::VNET_HDR_FIELDS, start);
+                }
+                // SAFETY: the chain was popped from the attached queue, whose snapshot is
+                // alive; its writable length (checked above) holds all `need` bytes.
+                unsafe {
+                    match chain.writable(&self.held) {
+                        [seg] => seg.write_from(0, &packet[start..]),
+                        segments => scatter(segments, &packet[start..]),
+                    }
+                };
+                if let Err(err) = ctx.queue.push_used(chain.head(), need as u32) {
+                    // Neither the frame nor the chain is consumed.
+                    fault = Some(err);
+                    break;
+                }
+                n += 1;
+                bytes += (len - PORT_HDR_LEN) as u64;
+            }
+            self.spend(n);
+            self.unpublished += n;
+            self.held_start += n;
             if self.held_start == self.held.len() {
                 self.held.clear();
-                self.usable.clear();
                 self.held_start = 0;
             }
-            self.delivered.0 += 1;
-            self.delivered.1 += (len - PORT_HDR_LEN) as u64;
-            done += 1;
+            self.delivered.0 += n as u64;
+            self.delivered.1 += bytes;
+            done += n;
+            if let Some(err) = fault {
+                return Err(err.into());
+            }
+            if n < max {
+                break;
+            }
+            // A run that took all of the inbox's first part goes on with the rest.
         }
         if done > 0 {
             self.unfit_drops = 0;
         }
         Ok(done)
+    }
+
+    /// The first `n` frames of the inbox were delivered: their buffers go to `spent`.
+    fn spend(&mut self, n: usize) {
+        if n == self.inbox.len() && self.spent.is_empty() {
+            // The whole inbox (the usual case): the deque becomes the list, and the list's
+            // storage the next inbox, instead of moving buffer by buffer.
+            let mut inbox = VecDeque::from(std::mem::take(&mut self.spent));
+            std::mem::swap(&mut inbox, &mut self.inbox);
+            self.spent = Vec::from(inbox);
+        } else {
+            self.spent.extend(self.inbox.drain(..n));
+        }
     }
 
     /// Write header and frame into the first usable held chains (room is known to suffice) and
@@ -1571,9 +1604,9 @@ impl NetRxHandler {
         lens.clear();
         let mut remaining = need;
         let mut span = 0;
-        for (i, chain) in self.held.chains().iter().enumerate().skip(self.held_start) {
+        for chain in &self.held.chains()[self.held_start..] {
             span += 1;
-            if !self.usable[i] {
+            if !usable(chain, hdr_len) {
                 continue;
             }
             let take = remaining.min(u64::from(chain.writable_len()));
@@ -1596,14 +1629,10 @@ impl NetRxHandler {
             stage.buf[start + 10..start + 12].copy_from_slice(&num_buffers.to_le_bytes());
         }
         let mut data = &stage.buf[start..stage.len];
-        let usable = self
-            .held
-            .chains()
+        let good = self.held.chains()[self.held_start..]
             .iter()
-            .enumerate()
-            .skip(self.held_start)
-            .filter(|(i, _)| self.usable[*i]);
-        for ((_, chain), &len) in usable.zip(&lens) {
+            .filter(|chain| usable(chain, hdr_len));
+        for (chain, &len) in good.zip(&lens) {
             let (head, rest) = data.split_at(len as usize);
             // SAFETY: the chain was popped from the attached queue, whose snapshot is alive.
             unsafe { scatter(chain.writable(&self.held), head) };
@@ -1628,7 +1657,6 @@ impl NetRxHandler {
         }
         let given = ctx.queue.give_back(&self.held.chains()[self.held_start..]);
         self.held.clear();
-        self.usable.clear();
         self.held_start = 0;
         Ok(given?)
     }
@@ -1839,7 +1867,6 @@ impl LoopSteps for NetRxHandler {
         self.stage = lock(&self.port.parked).take();
         self.inbox.append(&mut lock(&self.port.parked_segments));
         self.held.clear();
-        self.usable.clear();
         self.held_start = 0;
         self.unpublished = 0;
         self.port_open = true;
