@@ -220,7 +220,13 @@ impl FrameQueue {
         if spent.len() <= MAX_SPARE_BUFFERS.saturating_sub(st.free.len())
             && spent.iter().all(keepable)
         {
-            st.free.append(spent);
+            if st.free.is_empty() {
+                // The usual case (producers took the whole free list with their last burst):
+                // the list changes hands instead of being copied.
+                std::mem::swap(&mut st.free, spent);
+            } else {
+                st.free.append(spent);
+            }
         } else {
             for buf in spent.drain(..) {
                 recycle(&mut st.free, buf);
