@@ -1507,8 +1507,9 @@ impl NetRxHandler {
                 }
                 continue;
             }
-            if self.unpublished == ring {
-                // As in `push_held`: never more unpublished entries than the ring holds.
+            if self.unpublished >= ring {
+                // As in `push_held`: never more unpublished entries than the ring holds (and
+                // room for at least one frame in the run below).
                 self.count_delivered();
                 ctx.publish(self.unpublished as u64)?;
                 self.unpublished = 0;
