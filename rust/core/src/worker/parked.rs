@@ -143,6 +143,9 @@ mod tests {
         assert_eq!(name_of(thread), "vvu-parked");
         let second = POOL.run("vvu-job-2", || (tid(), name_of(tid()))).unwrap();
         assert_eq!(second.recv().unwrap(), (thread, "vvu-job-2".to_owned()));
+        // The result is sent before the thread parks again: were the next job given out before
+        // that, it would get a new thread and the one below the parked one.
+        eventually("the thread parked again", || POOL.parked() == 1);
         // Two at once: the second needs a thread of its own; one of them parks, the other ends.
         let (hold, release) = sync_channel::<()>(0);
         let busy = POOL

@@ -1503,6 +1503,43 @@ fn an_idle_poll_group_sleeps_and_wakes_on_kicks() {
 }
 
 #[test]
+fn a_poll_group_reads_the_kick_that_woke_it_before_it_sleeps_again() {
+    // The kick is read after the batch, not on wake-up: were it never read, the group's epoll
+    // would find it ready again and again, and the group would spin through wake-ups.
+    let group = PollGroup::new("vvu-test-group").unwrap();
+    // A budget of 1 µs: in the group (a zero budget would give the queue a thread), asleep at once.
+    let mut rig = spawn_rig(
+        16,
+        false,
+        doubler(),
+        grouped(&group, Duration::from_micros(1)),
+    );
+    let mut served = 0;
+    eventually("a request that woke the sleeping group", || {
+        serve_a_few(&mut rig, 1);
+        served += 1;
+        let stats = rig.worker.stats();
+        stats.kicks >= 1 && stats.wakeups >= 1
+    });
+    let settled = || {
+        let before = rig.worker.stats();
+        std::thread::sleep(Duration::from_millis(20));
+        let after = rig.worker.stats();
+        (before.wakeups == after.wakeups).then_some(after)
+    };
+    let mut idle = None;
+    eventually("the group asleep, no wake-up in 20 ms", || {
+        idle = settled();
+        idle.is_some()
+    });
+    let idle = idle.unwrap();
+    assert!(idle.wakeups <= idle.kicks + 2, "{idle:?}");
+    let stopped = rig.worker.stop().unwrap();
+    assert_eq!(stopped.fault, None);
+    assert_eq!(stopped.stats.chains, served);
+}
+
+#[test]
 fn a_fault_in_a_poll_group_stops_only_that_queue() {
     let group = PollGroup::new("vvu-test-group").unwrap();
     let err = EventFd::new().unwrap();
