@@ -7,6 +7,13 @@
 //! - `eventfd_poller`: the same through a [`Poller`] per side (epoll_wait + consume), busy-poll off.
 //! - `eventfd_poller_busy`: as `eventfd_poller` with a busy-poll budget on both sides. Both
 //!   threads spin, so on a 2-core machine this occupies every core.
+//! - `eventfd_kick_sleeper`: one side sleeps, one spins, as a polling front-end (testpmd) and an
+//!   event-driven back-end do: the bench thread works [`FRONT_END_WORK`] (a spin standing for
+//!   the front-end's own work on a burst, during which the echo thread goes back to sleep), kicks
+//!   the echo thread's eventfd and spins on a shared counter; the echo thread sleeps in a
+//!   [`Poller`] (epoll_wait), consumes the kick and bumps the counter (no system call). One
+//!   iteration minus [`FRONT_END_WORK`] is what one wake-up of a sleeping back-end costs a
+//!   burst's round trip: the floor under any event-driven back-end's loop on this machine.
 //! - `pipe_baseline`: two blocking pipes, 1-byte write / blocking read, measured in the same run
 //!   so the eventfd numbers can be read as a ratio to it.
 //!
@@ -21,15 +28,17 @@ use std::fs::File;
 use std::hint::black_box;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use vvu_core::notify::{EventFd, Poller};
 
 const BUSY_POLL_BUDGET: Duration = Duration::from_micros(200);
+/// `eventfd_kick_sleeper`: the near side's work between a reply and its next kick.
+const FRONT_END_WORK: Duration = Duration::from_micros(5);
 
 /// One side's doorbell: how to ring the peer and how to wait for it.
 trait Doorbell: Send + 'static {
@@ -83,6 +92,67 @@ impl Doorbell for EfdPoller {
             self.poller.wait(None, &mut self.events).unwrap();
             if self.rx.consume().unwrap() > 0 {
                 return;
+            }
+        }
+    }
+}
+
+/// `eventfd_kick_sleeper`'s two sides: the near one (`sleeper: None`) works, kicks and spins on
+/// `replies`; the far one sleeps on its poller, consumes the kick and bumps `replies`.
+struct KickSpin {
+    kick: Arc<EventFd>,
+    replies: Arc<AtomicU64>,
+    seen: u64,
+    sleeper: Option<(Poller, Vec<u64>)>,
+}
+
+impl KickSpin {
+    fn pair() -> (Self, Self) {
+        let kick = Arc::new(EventFd::new().unwrap());
+        let replies = Arc::new(AtomicU64::new(0));
+        let poller = Poller::new().unwrap();
+        poller.register(kick.as_fd(), 0).unwrap();
+        let near = Self {
+            kick: Arc::clone(&kick),
+            replies: Arc::clone(&replies),
+            seen: 0,
+            sleeper: None,
+        };
+        let far = Self {
+            kick,
+            replies,
+            seen: 0,
+            sleeper: Some((poller, Vec::with_capacity(1))),
+        };
+        (near, far)
+    }
+}
+
+impl Doorbell for KickSpin {
+    fn ring(&mut self) {
+        if self.sleeper.is_some() {
+            self.replies.fetch_add(1, Ordering::Release);
+            return;
+        }
+        let start = Instant::now();
+        while start.elapsed() < FRONT_END_WORK {
+            std::hint::spin_loop();
+        }
+        self.kick.signal().unwrap();
+    }
+    fn wait(&mut self) {
+        match &mut self.sleeper {
+            Some((poller, events)) => loop {
+                poller.wait(None, events).unwrap();
+                if self.kick.consume().unwrap() > 0 {
+                    return;
+                }
+            },
+            None => {
+                while self.replies.load(Ordering::Acquire) == self.seen {
+                    std::hint::spin_loop();
+                }
+                self.seen += 1;
             }
         }
     }
@@ -225,6 +295,11 @@ fn bench_eventfd_poller_busy(c: &mut Criterion) {
     ping_pong(c, "eventfd_poller_busy", near, far);
 }
 
+fn bench_eventfd_kick_sleeper(c: &mut Criterion) {
+    let (near, far) = KickSpin::pair();
+    ping_pong(c, "eventfd_kick_sleeper", near, far);
+}
+
 fn bench_pipe(c: &mut Criterion) {
     let (a_rx, a_tx) = pipe();
     let (b_rx, b_tx) = pipe();
@@ -238,6 +313,7 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = bench_pipe, bench_eventfd_wait, bench_eventfd_poller, bench_eventfd_poller_busy
+    targets = bench_pipe, bench_eventfd_wait, bench_eventfd_poller, bench_eventfd_poller_busy,
+        bench_eventfd_kick_sleeper
 }
 criterion_main!(benches);
