@@ -784,6 +784,8 @@ impl NetPort {
         }
         NetTxHandler {
             port: Arc::clone(&self.inner),
+            hdr_len: features.header_len(),
+            switched: self.inner.switch().is_some(),
             features,
             iovecs: Iovecs(Vec::new()),
             bounce: Vec::new(),
@@ -1032,6 +1034,10 @@ unsafe impl Send for Iovecs {}
 pub struct NetTxHandler {
     port: Arc<PortInner>,
     features: NetFeatures,
+    /// Fixed for the handler's life, read once here rather than per chain:
+    /// `features.header_len()`, and whether the port is a switch port.
+    hdr_len: usize,
+    switched: bool,
     iovecs: Iovecs,
     /// Linearised packet for chains with more segments than one `writev` takes.
     bounce: Vec<u8>,
@@ -1056,7 +1062,7 @@ impl std::fmt::Debug for NetTxHandler {
 impl NetTxHandler {
     fn transmit(&mut self, chain: &ChainView<'_>) {
         let counters = &self.port.counters;
-        let hdr_len = self.features.header_len();
+        let hdr_len = self.hdr_len;
         let total = chain.readable_len() as usize;
         // §5.1.6.2: transmit buffers are device-readable only and start with the header.
         if chain.writable_len() != 0
@@ -1068,7 +1074,7 @@ impl NetTxHandler {
         }
         let max_frame = self.port.max_frame.load(Ordering::Relaxed);
         let frame_len = total - hdr_len;
-        if self.port.switch().is_some() {
+        if self.switched {
             // Copied out now (the chain is completed with the batch), checked on the copy (the
             // guest cannot change it afterwards), forwarded in flush_batch. One copy of header
             // and frame: the guest's header lands at the end of the packet's header room
@@ -1077,17 +1083,21 @@ impl NetTxHandler {
             let mut packet = self.forwarder.buffer(PORT_HDR_LEN + frame_len);
             // SAFETY: the chain's segments are alive for the whole `handle` call.
             let got = unsafe { gather(chain.readable(), 0, &mut packet[start..]) };
-            let asked = VnetHdr::parse(&packet[start..PORT_HDR_LEN]);
-            let checked = offload::validate(
-                &asked,
-                &packet[PORT_HDR_LEN..],
-                max_frame,
-                self.features.host,
-            );
-            match checked {
-                Ok(carried) if got == total => {
-                    carried.write(&mut packet);
-                    packet[offload::VNET_HDR_FIELDS..PORT_HDR_LEN].fill(0);
+            let parts = packet.split_first_chunk_mut::<PORT_HDR_LEN>();
+            match parts {
+                Some((head, frame)) if got == total => {
+                    let checked =
+                        offload::validate_raw(&head[start..], frame, max_frame, self.features.host);
+                    let Ok(carried) = checked else {
+                        bump(&counters.tx_errors, 1);
+                        self.forwarder.recycle(packet);
+                        return;
+                    };
+                    // The carried header (none: zeros), then zeros to the end of the room.
+                    *head = [0; PORT_HDR_LEN];
+                    if let Some(carried) = carried {
+                        carried.write(head);
+                    }
                     self.burst.push(packet);
                 }
                 _ => {

@@ -373,6 +373,7 @@ pub(super) struct Forwarder {
 impl Forwarder {
     /// A buffer of `len` bytes (contents unspecified: a recycled buffer keeps the bytes of an
     /// earlier frame, which the caller overwrites or drops the buffer) for a frame.
+    #[inline]
     pub(super) fn buffer(&mut self, len: usize) -> Vec<u8> {
         let mut buf = self
             .pool
