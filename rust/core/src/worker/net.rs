@@ -1116,23 +1116,33 @@ impl NetTxHandler {
             bump(&counters.tx_errors, 1);
             return;
         }
-        let asked = VnetHdr::parse(&header);
         // An fd port: the kernel (TAP) checks the header again on the bytes it reads; the
-        // headers are looked at here only to refuse what was not negotiated.
-        let mut head = [0u8; offload::MAX_HEADERS];
-        let head_len = frame_len.min(offload::MAX_HEADERS);
-        // SAFETY: as above.
-        unsafe { gather(chain.readable(), hdr_len, &mut head[..head_len]) };
-        match offload::validate_head(
-            &asked,
-            &head[..head_len],
-            frame_len,
-            max_frame,
-            self.features.host,
-        ) {
+        // headers are looked at here only to refuse what was not negotiated. A plain header
+        // needs none of them (offload::check_plain), so they are copied out only for the rest.
+        let checked = match offload::check_plain(&header[..hdr_len], frame_len, max_frame) {
+            Some(verdict) => verdict.map(|()| None),
+            None => {
+                let asked = VnetHdr::parse(&header[..hdr_len]);
+                let mut head = [0u8; offload::MAX_HEADERS];
+                let head_len = frame_len.min(offload::MAX_HEADERS);
+                // SAFETY: as above.
+                unsafe { gather(chain.readable(), hdr_len, &mut head[..head_len]) };
+                offload::validate_head(
+                    &asked,
+                    &head[..head_len],
+                    frame_len,
+                    max_frame,
+                    self.features.host,
+                )
+                .map(Some)
+            }
+        };
+        match checked {
             Ok(carried) => {
                 self.port_hdr = [0; PORT_HDR_LEN];
-                carried.write(&mut self.port_hdr);
+                if let Some(carried) = carried {
+                    carried.write(&mut self.port_hdr);
+                }
             }
             Err(_) => {
                 bump(&counters.tx_errors, 1);

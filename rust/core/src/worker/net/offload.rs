@@ -313,14 +313,22 @@ pub fn validate_raw(
     max_frame: usize,
     allowed: Offloads,
 ) -> Result<Option<VnetHdr>, HdrError> {
-    if let [0, GSO_NONE, ..] = raw {
-        return if frame.len() > max_frame {
-            Err(HdrError::TooLong)
-        } else {
-            Ok(None)
-        };
+    match check_plain(raw, frame.len(), max_frame) {
+        Some(verdict) => verdict.map(|()| None),
+        None => validate(&VnetHdr::parse(raw), frame, max_frame, allowed).map(Some),
     }
-    validate(&VnetHdr::parse(raw), frame, max_frame, allowed).map(Some)
+}
+
+/// The fast path of [`validate_raw`] for a frame of `len` bytes: `None` if `raw` is not a
+/// plain header (validate it in full), else the verdict ([`HdrError::TooLong`] over
+/// `max_frame`), which needs none of the frame's bytes.
+#[inline]
+pub fn check_plain(raw: &[u8], len: usize, max_frame: usize) -> Option<Result<(), HdrError>> {
+    match raw {
+        [0, GSO_NONE, ..] if len > max_frame => Some(Err(HdrError::TooLong)),
+        [0, GSO_NONE, ..] => Some(Ok(())),
+        _ => None,
+    }
 }
 
 /// Longest Ethernet (with VLAN), IP and TCP headers: what [`validate_head`] needs to see.
