@@ -47,7 +47,9 @@
 //!         --callgrind-out-file=/dev/null --toggle-collect='*InlineWorker*step*' \
 //!         target/release/deps/net_loop-HASH
 //!
-//! `Collected` / (N × 32) is the instructions per frame.
+//! `Collected` / (N × 32) is the instructions per frame. With `NET_LOOP_GEN=1` the port is a
+//! frame generator ([`NetPort::generator`]) instead of a loopback: the TX handler takes the
+//! fd-port path (header checked, frame discarded) and RX delivers generated frames.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -166,7 +168,11 @@ impl Rig {
             GuestMemory::new(vec![region]).unwrap()
         };
         let (mem, dev_mem) = (map(), map());
-        let port = NetPort::loopback(DEFAULT_PORT_BUFFER).unwrap();
+        let port = if std::env::var("NET_LOOP_GEN").is_ok() {
+            NetPort::generator(&[frame_len], [0xff; 6], [2, 0, 0, 0, 0, 1]).unwrap()
+        } else {
+            NetPort::loopback(DEFAULT_PORT_BUFFER).unwrap()
+        };
         if mode == Mode::Poll {
             port.set_busy_poll(Some(Duration::from_micros(50)));
         }

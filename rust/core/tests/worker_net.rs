@@ -1758,3 +1758,34 @@ fn tap_carries_uso_both_ways_takes_ufo_and_segments_for_a_guest_without_uso() {
     }
     assert!(joined == payload);
 }
+
+#[test]
+fn an_fd_port_checks_plain_headers_by_length_and_the_rest_in_full() {
+    // The fd-port TX path: a plain header (flags 0, no GSO) is held to the frame limit only and
+    // goes out all zeros whatever its other fields say; any other header is validated in full.
+    let (a, b) = NetPort::socket_pair(DEFAULT_PORT_BUFFER).unwrap();
+    let mut a = Side::new(a, MRG, true);
+    let mut b = Side::new(b, MRG, true);
+    b.post_rx(2048, 8);
+    a.port.set_max_frame(100);
+    let with = |hdr: [u8; 12], frame: &[u8]| {
+        let mut data = hdr.to_vec();
+        data.extend_from_slice(frame);
+        data
+    };
+    // Over the limit with a plain header.
+    let over = with([0; 12], &frame(1, 101));
+    a.send_raw(&over, &[over.len() as u32], &[]);
+    // NEEDS_CSUM, not offered.
+    let csum = with([1, 0, 0, 0, 0, 0, 34, 0, 16, 0, 0, 0], &frame(2, 100));
+    a.send_raw(&csum, &[csum.len() as u32], &[]);
+    // Plain, garbage in the fields a plain header does not use: sent, with a zero header.
+    let garbage = with(
+        [0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 7, 7],
+        &frame(3, 100),
+    );
+    a.send_raw(&garbage, &[garbage.len() as u32], &[]);
+    b.expect(&frame(3, 100));
+    a.flush_tx();
+    assert_eq!((a.stats().tx_errors, a.stats().tx_packets), (2, 1));
+}

@@ -120,6 +120,17 @@ pub trait ChainHandler: Send + 'static {
     /// memory is shared with an untrusted peer: copy values out once before validating them.
     fn handle(&mut self, memory: &GuestMemory, chain: ChainView<'_>) -> u32;
 
+    /// Handle every chain of `batch`, in order, setting `lens[i]` (0 on entry, one per chain)
+    /// to chain `i`'s used `len`, clamped by the worker as for [`ChainHandler::handle`]. Called
+    /// instead of `handle` for a synchronous handler ([`ChainHandler::max_in_flight`] 0); the
+    /// default calls [`ChainHandler::handle`] per chain. A handler with a hot per-chain path
+    /// overrides it to run that path in one loop rather than one call per chain.
+    fn handle_batch(&mut self, memory: &GuestMemory, batch: &ChainBatch, lens: &mut [u32]) {
+        for (chain, len) in batch.iter().zip(lens) {
+            *len = self.handle(memory, chain);
+        }
+    }
+
     /// Called once after every chain of a batch was handled, before the batch is published to
     /// the driver: the place to finish work that was batched up in [`ChainHandler::handle`].
     fn flush_batch(&mut self) {}
@@ -575,8 +586,10 @@ struct Context {
     kick: EventFd,
     poller: Poller,
     batch: ChainBatch,
-    /// `(head, used len)` of the chains handled in the current batch.
+    /// Asynchronous handlers: `(head, used len)` of the chains completed in the current batch.
     completions: Vec<(u16, u32)>,
+    /// Synchronous handlers: the used len of each chain of the current batch, in batch order.
+    lens: Vec<u32>,
     events: Vec<u64>,
     batch_size: usize,
     busy_poll: Option<Duration>,
@@ -880,28 +893,30 @@ impl Context {
         let memory = &self.memory;
         let batch = &self.batch;
         let completions = &mut self.completions;
+        let lens = &mut self.lens;
         let pending = &mut self.pending;
         let in_flight = &mut self.in_flight;
         let asynchronous = self.max_in_flight > 0;
         let handled = catch_unwind(AssertUnwindSafe(|| {
-            for chain in batch.iter() {
-                let submitted = if asynchronous {
-                    handler.submit(memory, chain)
-                } else {
-                    Submitted::Done(handler.handle(memory, chain))
-                };
-                match submitted {
-                    // Never claim more than the chain holds (§1.4: len must not overestimate).
-                    Submitted::Done(len) => {
-                        completions.push((chain.head(), len.min(chain.writable_len())))
-                    }
-                    Submitted::Pending => {
-                        if let Some(slot) = pending.get_mut(usize::from(chain.head())) {
-                            *slot = Some(chain.writable_len());
-                            *in_flight += 1;
+            if asynchronous {
+                for chain in batch.iter() {
+                    match handler.submit(memory, chain) {
+                        // Never claim more than the chain holds (§1.4: len must not overestimate).
+                        Submitted::Done(len) => {
+                            completions.push((chain.head(), len.min(chain.writable_len())))
+                        }
+                        Submitted::Pending => {
+                            if let Some(slot) = pending.get_mut(usize::from(chain.head())) {
+                                *slot = Some(chain.writable_len());
+                                *in_flight += 1;
+                            }
                         }
                     }
                 }
+            } else {
+                lens.clear();
+                lens.resize(batch.len(), 0);
+                handler.handle_batch(memory, batch, lens);
             }
             handler.flush_batch();
         }));
@@ -910,14 +925,23 @@ impl Context {
                 payload.as_ref(),
             )));
         }
-        for &(head, len) in &self.completions {
-            self.queue.push_used(head, len)?;
-        }
+        let done = if asynchronous {
+            for &(head, len) in &self.completions {
+                self.queue.push_used(head, len)?;
+            }
+            self.completions.len()
+        } else {
+            for (chain, &len) in self.batch.iter().zip(&self.lens) {
+                // Never claim more than the chain holds (§1.4: len must not overestimate).
+                self.queue
+                    .push_used(chain.head(), len.min(chain.writable_len()))?;
+            }
+            self.batch.len()
+        } as u64;
         self.shared
             .counters
             .in_flight
             .store(self.in_flight as u64, Ordering::Relaxed);
-        let done = self.completions.len() as u64;
         self.publish(done)?;
         Ok(popped)
     }
@@ -1220,6 +1244,7 @@ impl Context {
             // Segments: a typical request has a few; the vector grows on demand and is reused.
             batch: ChainBatch::with_capacity(batch_size, batch_size * 4),
             completions: Vec::with_capacity(batch_size),
+            lens: Vec::with_capacity(batch_size),
             events: Vec::with_capacity(crate::notify::MAX_EVENTS),
             batch_size,
             busy_poll: busy_poll.filter(|d| !d.is_zero()),

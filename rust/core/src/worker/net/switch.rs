@@ -167,12 +167,26 @@ impl FrameQueue {
             }
             let taken_bytes = bytes - st.bytes;
             st.bytes = bytes;
-            st.frames.extend(out.drain(..taken));
+            if taken == out.len() && st.frames.is_empty() {
+                // The whole burst into an empty queue (a receiver that keeps up): the burst's
+                // vector becomes the queue and the queue's empty one the next burst's, instead
+                // of moving frame by frame. Both conversions keep the allocation; the vectors
+                // circulate between producer, queue and receiver, each bounded as before.
+                let spare = std::mem::replace(&mut st.frames, VecDeque::from(std::mem::take(out)));
+                *out = Vec::from(spare);
+            } else {
+                st.frames.extend(out.drain(..taken));
+            }
             let want = (MAX_SPARE_BUFFERS / 2)
                 .saturating_sub(pool.len())
                 .min(st.free.len());
-            let from = st.free.len() - want;
-            pool.extend(st.free.drain(from..));
+            if want == st.free.len() {
+                // All of it (the steady state): one bulk copy.
+                pool.append(&mut st.free);
+            } else {
+                let from = st.free.len() - want;
+                pool.extend(st.free.drain(from..));
+            }
             if taken > 0 {
                 self.nonempty.store(true, Ordering::Release);
             }
@@ -379,6 +393,7 @@ pub(super) struct Forwarder {
 impl Forwarder {
     /// A buffer of `len` bytes (contents unspecified: a recycled buffer keeps the bytes of an
     /// earlier frame, which the caller overwrites or drops the buffer) for a frame.
+    #[inline]
     pub(super) fn buffer(&mut self, len: usize) -> Vec<u8> {
         let mut buf = self
             .pool
@@ -746,5 +761,36 @@ mod tests {
         q.push_burst(&mut out, &mut pool);
         assert!(!lock(&q.state).sleeping);
         assert_eq!(q.wake().consume().unwrap(), 1);
+    }
+
+    /// A whole burst into an empty queue is handed over as the queue, a burst into a queue that
+    /// holds frames is appended behind them; the free list goes to a producer's pool whole
+    /// when it fits and in part when it does not.
+    #[test]
+    fn frame_queue_hands_whole_bursts_over_and_appends_to_a_busy_queue() {
+        let q = FrameQueue::new(1 << 20).unwrap();
+        let mut pool = Vec::new();
+        let mut out: Vec<_> = (0..3).map(|i| packet(i, 100)).collect();
+        assert_eq!(q.push_burst(&mut out, &mut pool), (3, 300));
+        assert!(out.is_empty());
+        let mut out: Vec<_> = (3..5).map(|i| packet(i, 50)).collect();
+        assert_eq!(q.push_burst(&mut out, &mut pool), (2, 100));
+        assert!(out.is_empty());
+        assert_eq!(lock(&q.state).bytes, 400);
+        let mut inbox = VecDeque::new();
+        let mut spent: Vec<_> = (0..300).map(|_| Vec::with_capacity(64)).collect();
+        q.take(&mut inbox, 256, &mut spent);
+        assert_eq!(seqs(&inbox), [0, 1, 2, 3, 4]);
+        assert_eq!(lock(&q.state).free.len(), 300);
+        // Half of MAX_SPARE_BUFFERS at most into the pool: part of the free list.
+        q.push_burst(&mut vec![packet(5, 10)], &mut pool);
+        assert_eq!((pool.len(), lock(&q.state).free.len()), (256, 44));
+        // Room for all that is left: the whole free list.
+        pool.truncate(200);
+        q.push_burst(&mut vec![packet(6, 10)], &mut pool);
+        assert_eq!((pool.len(), lock(&q.state).free.len()), (244, 0));
+        let mut inbox = VecDeque::new();
+        q.take(&mut inbox, 256, &mut Vec::new());
+        assert_eq!(seqs(&inbox), [5, 6]);
     }
 }
