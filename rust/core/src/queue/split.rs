@@ -432,7 +432,7 @@ impl Window {
     }
 }
 
-/// Walk the chain at `head` (below Q), whose head descriptor `desc` has NEXT set, if it is plain:
+/// Walk the chain at `head` (below Q) if it is plain:
 /// direct descriptors only, each non-empty buffer entirely inside `window`. Returns the chain
 /// and the ring descriptors it occupies; for anything else (an indirect descriptor, a buffer
 /// elsewhere, a full segment list, and every fault) `None`, after which the caller truncates
@@ -450,10 +450,11 @@ fn pop_plain(
     rings: &Rings,
     window: &Window,
     head: u16,
-    mut desc: Descriptor,
     segments: &mut Vec<Segment>,
 ) -> Option<(Chain, u32)> {
     let size = rings.size;
+    // Read again (and checked again, whatever it says now).
+    let mut desc = rings.descriptor(head);
     let start = segments.len();
     // `usize::MAX` until a writable descriptor was seen.
     let mut mid = usize::MAX;
@@ -505,37 +506,40 @@ fn pop_plain(
 struct PlainRun<'a> {
     rings: &'a Rings,
     window: Window,
-    next_avail: u16,
-    /// Avail entries `next_avail + i` for `i` below this are the batch's.
-    count: usize,
+    /// The first avail entry to take.
+    from: u16,
+    /// How many avail entries, from `from` on, the run may take (at most Q).
+    count: u16,
 }
 
-/// Pop the batch's avail entries from `i` on while their chains are plain and fit
-/// `ring_budget`, adding each to `batch`, `walked` and the inflight region; returns the index of
-/// the first entry not taken (`run.count` when all were). A plain chain is one of direct
-/// descriptors whose non-empty buffers each lie inside `run.window` (see [`pop_plain`]); a
-/// single descriptor (no NEXT, no INDIRECT) is handled right here. The caller has made sure
-/// that no plain chain can exhaust the pop's budgets (`pop_batch_unchecked`); the first chain
-/// that is not plain is left for it, to walk in full.
+/// Pop the run's avail entries while their chains are plain and fit `ring_budget`, adding each
+/// to `batch` and `walked` and calling `fetched` with its head (before anything else is done
+/// with it: inflight tracking); returns how many were taken (`run.count` when all were). A
+/// plain chain is one of direct descriptors whose non-empty buffers each lie inside
+/// `run.window` (see [`pop_plain`]); a single descriptor (no NEXT, no INDIRECT) is handled right
+/// here. The caller has made sure that no plain chain can exhaust the pop's budgets
+/// (`pop_batch_unchecked`); the first chain that is not plain is left for it, to walk in full.
 ///
-/// Out of line, and small: its loop keeps the ring, window and batch state in registers.
+/// Out of line, small, and generic over `fetched` (nothing to test per chain without an
+/// inflight region): its loop keeps the ring, window and batch state in registers.
 #[inline(never)]
 fn pop_plain_run(
     run: PlainRun<'_>,
-    mut i: usize,
     batch: &mut ChainBatch,
     ring_budget: &mut u32,
     walked: &mut u32,
-    inflight: &mut Option<SplitInflight>,
+    mut fetched: impl FnMut(u16),
 ) -> usize {
     let rings = run.rings;
     let size = rings.size;
     let at_start = *ring_budget;
     let mut budget = at_start;
-    while i < run.count {
+    let mut idx = run.from;
+    let end = run.from.wrapping_add(run.count);
+    while idx != end {
         // Ordered after pop_batch's Acquire load of avail.idx; the driver does not change
         // published entries.
-        let head = rings.avail_entry(run.next_avail.wrapping_add(i as u16), Ordering::Relaxed);
+        let head = rings.avail_entry(idx, Ordering::Relaxed);
         if head >= size || budget == 0 {
             break;
         }
@@ -559,7 +563,7 @@ fn pop_plain_run(
             };
             (chain, 1)
         } else {
-            match pop_plain(rings, &run.window, head, desc, segments) {
+            match pop_plain(rings, &run.window, head, segments) {
                 Some((chain, seen)) if seen <= budget => (chain, seen),
                 _ => {
                     segments.truncate(start);
@@ -569,16 +573,14 @@ fn pop_plain_run(
         };
         budget -= seen;
         // Spec order: the head is in flight before anything is done with it.
-        if let Some(inflight) = inflight.as_mut() {
-            inflight.mark_fetched(head);
-        }
+        fetched(head);
         batch.chains.push(chain);
-        i += 1;
+        idx = idx.wrapping_add(1);
     }
     // A plain chain walks exactly the ring descriptors it occupies.
     *walked += at_start - budget;
     *ring_budget = budget;
-    i
+    usize::from(idx.wrapping_sub(run.from))
 }
 
 /// Where an indirect table can be read.
@@ -1007,19 +1009,20 @@ impl SplitQueue {
         let mut i = 0;
         while i < count {
             if plain {
-                i = pop_plain_run(
-                    PlainRun {
-                        rings,
-                        window,
-                        next_avail,
-                        count,
-                    },
-                    i,
-                    batch,
-                    &mut ring_budget,
-                    &mut spent.walked,
-                    &mut self.inflight,
-                );
+                let run = PlainRun {
+                    rings,
+                    window,
+                    from: next_avail.wrapping_add(i as u16),
+                    // count <= pending <= Q.
+                    count: (count - i) as u16,
+                };
+                let walked = &mut spent.walked;
+                i += match self.inflight.as_mut() {
+                    Some(inflight) => pop_plain_run(run, batch, &mut ring_budget, walked, |head| {
+                        inflight.mark_fetched(head)
+                    }),
+                    None => pop_plain_run(run, batch, &mut ring_budget, walked, |_| {}),
+                };
                 if i == count {
                     break;
                 }
