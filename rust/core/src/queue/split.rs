@@ -5,6 +5,9 @@
 //! [`SplitQueue::publish_used`]) does not allocate once a reused [`ChainBatch`] has grown to its
 //! working size: ring pointers are translated once at [`SplitQueue::attach`], descriptors are
 //! read straight from the cached table pointer, and buffer translation keeps a last-region cache.
+//! Runs of plain chains (direct descriptors whose buffers lie in the cached region: what a
+//! virtio-net driver posts) take a short walk with the same checks (`pop_plain_run`); every
+//! other chain, and every fault, goes through the general walk (`pop_chain`), which decides.
 
 use std::collections::VecDeque;
 use std::ops::Range;
