@@ -224,20 +224,39 @@ impl Descriptor {
     #[inline]
     unsafe fn read_at(ptr: *const u8) -> Self {
         if (ptr as usize) % 8 == 0 {
-            // SAFETY: in bounds per the contract and 8-byte aligned (checked); atomics make
-            // concurrent writes by the other side well defined.
-            let (lo, hi) = unsafe {
-                (
-                    AtomicU64::from_ptr(ptr as *mut u64).load(Ordering::Relaxed),
-                    AtomicU64::from_ptr(ptr.add(8) as *mut u64).load(Ordering::Relaxed),
-                )
-            };
-            Self::from_le_words(lo, hi)
+            // SAFETY: in bounds per the contract and 8-byte aligned (checked).
+            unsafe { Self::read_aligned(ptr) }
         } else {
             // SAFETY: in bounds per the contract; `[u8; 16]` has alignment 1.
             Self::from_le_bytes(unsafe { std::ptr::read_volatile(ptr.cast::<[u8; 16]>()) })
         }
     }
+
+    /// Read a descriptor at an 8-byte aligned `ptr` (a ring's table): two relaxed atomic u64
+    /// loads, without `read_at`'s alignment test.
+    ///
+    /// # Safety
+    /// `ptr..ptr + 16` must lie inside a live mapping, and `ptr` must be 8-byte aligned.
+    #[inline(always)]
+    unsafe fn read_aligned(ptr: *const u8) -> Self {
+        // SAFETY: in bounds and aligned per the contract; atomics make concurrent writes by the
+        // other side well defined.
+        let (lo, hi) = unsafe {
+            (
+                AtomicU64::from_ptr(ptr as *mut u64).load(Ordering::Relaxed),
+                AtomicU64::from_ptr(ptr.add(8) as *mut u64).load(Ordering::Relaxed),
+            )
+        };
+        Self::from_le_words(lo, hi)
+    }
+}
+
+/// `Broken(reason)`, out of line: the string clone kept every caller's hot path saving
+/// registers it only needed on this path.
+#[cold]
+#[inline(never)]
+fn broken_error(reason: &str) -> QueueError {
+    QueueError::Broken(reason.to_owned())
 }
 
 /// The attached rings of a queue (either format), or why there are none.
@@ -247,7 +266,7 @@ pub(crate) fn ready<'a, R>(
     rings: &'a Option<R>,
 ) -> Result<&'a R, QueueError> {
     if let Some(reason) = broken {
-        return Err(QueueError::Broken(reason.clone()));
+        return Err(broken_error(reason));
     }
     // A match, not `ok_or(QueueError::NotReady)`: the eagerly built error was dropped on every
     // success (a call to its drop glue per pushed used entry, 1 % of the net per-frame path).
@@ -461,8 +480,9 @@ impl Rings {
     #[inline]
     pub(crate) fn descriptor(&self, index: u16) -> Descriptor {
         let offset = 16 * usize::from(index & self.mask);
-        // SAFETY: offset + 16 <= 16·Q, inside the table, which is 8-byte aligned.
-        unsafe { Descriptor::read_at(self.desc.as_ptr().add(offset)) }
+        // SAFETY: offset + 16 <= 16·Q, inside the table, which is 8-byte aligned (struct
+        // invariant), as is every 16-byte entry of it.
+        unsafe { Descriptor::read_aligned(self.desc.as_ptr().add(offset)) }
     }
 
     /// Write descriptor `index` (driver side only), as two relaxed atomic u64 stores.

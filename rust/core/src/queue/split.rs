@@ -5,6 +5,9 @@
 //! [`SplitQueue::publish_used`]) does not allocate once a reused [`ChainBatch`] has grown to its
 //! working size: ring pointers are translated once at [`SplitQueue::attach`], descriptors are
 //! read straight from the cached table pointer, and buffer translation keeps a last-region cache.
+//! Runs of plain chains (direct descriptors whose buffers lie in the cached region: what a
+//! virtio-net driver posts) take a short walk with the same checks (`pop_plain_run`); every
+//! other chain, and every fault, goes through the general walk (`pop_chain`), which decides.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -266,7 +269,7 @@ pub(super) struct Spent {
     /// Descriptors walked (ring descriptors and indirect table entries).
     pub(super) walked: u32,
     /// Length of the segment list when the pop started.
-    segments_at_start: usize,
+    pub(super) segments_at_start: usize,
 }
 
 impl Spent {
@@ -371,6 +374,216 @@ impl Translator<'_> {
         }
         Ok(())
     }
+}
+
+/// The region that translated the last buffer, as the plain walk sees it: a chain whose
+/// buffers all lie inside it is walked without the general translation. Taken per batch, and
+/// again after each chain the general walk took (which may have moved the cache).
+#[derive(Clone, Copy)]
+struct Window {
+    start: u64,
+    /// Region size; 0 for no window (nothing lies inside then).
+    len: u64,
+    host: *mut u8,
+}
+
+impl Window {
+    #[inline(always)]
+    fn of(translator: &Translator<'_>) -> Self {
+        match translator.regions.get(*translator.cache) {
+            // An IOTLB window that refuses either access is left to the general walk (which
+            // reports `AccessDenied`). A region's end never overflows (`MemoryRegion` refuses
+            // that when made); the `checked_add` keeps the window's arithmetic sound anyway.
+            Some(r)
+                if (!translator.iova || r.access().allows(Access::READ_WRITE))
+                    && r.guest_phys_addr().checked_add(r.size()).is_some() =>
+            {
+                Window {
+                    start: r.guest_phys_addr(),
+                    len: r.size(),
+                    host: r.host_addr(),
+                }
+            }
+            _ => Window {
+                start: 0,
+                len: 0,
+                host: std::ptr::null_mut(),
+            },
+        }
+    }
+
+    /// Append the segment of `[addr, addr + len)`, `len > 0`, if it lies inside the window and
+    /// the list has room for it without growing; `false` otherwise.
+    #[inline(always)]
+    fn push(&self, addr: u64, len: u32, segments: &mut Vec<Segment>) -> bool {
+        let offset = addr.wrapping_sub(self.start);
+        if offset >= self.len
+            || self.len - offset < u64::from(len)
+            || segments.len() == segments.capacity()
+        {
+            return false;
+        }
+        // SAFETY: offset < len, inside the region's mapping (and so are the `len` bytes from
+        // there, checked above).
+        let host = unsafe { self.host.add(offset as usize) };
+        segments.push(Segment {
+            host,
+            len,
+            gpa: addr,
+        });
+        true
+    }
+}
+
+/// Walk the chain at `head` (below Q) if it is plain:
+/// direct descriptors only, each non-empty buffer entirely inside `window`. Returns the chain
+/// and the ring descriptors it occupies; for anything else (an indirect descriptor, a buffer
+/// elsewhere, a full segment list, and every fault) `None`, after which the caller truncates
+/// `segments` and walks the chain again with [`pop_chain`], which decides (and reports the
+/// fault).
+///
+/// Every chain accepted here is one `pop_chain` accepts with the same result, checked the same
+/// way: next below Q, at most Q descriptors (a loop ends there), readable before writable, the
+/// total length within `u32`, every buffer mapped (one segment each: it lies in one region)
+/// with the access it needs. It skips only what cannot happen to such a chain: more than
+/// [`MAX_CHAIN_SEGMENTS`] segments (it has fewer than Q), an `addr + len` overflow (the buffer
+/// ends inside the window), and growing the segment list (it bails out instead).
+#[inline(never)]
+fn pop_plain(
+    rings: &Rings,
+    window: &Window,
+    head: u16,
+    segments: &mut Vec<Segment>,
+) -> Option<(Chain, u32)> {
+    let size = rings.size;
+    // Read again (and checked again, whatever it says now).
+    let mut desc = rings.descriptor(head);
+    let start = segments.len();
+    // `usize::MAX` until a writable descriptor was seen.
+    let mut mid = usize::MAX;
+    let mut total: u32 = 0;
+    let mut writable_len: u32 = 0;
+    let mut seen: u32 = 1;
+    loop {
+        if desc.flags & VIRTQ_DESC_F_INDIRECT != 0 {
+            return None;
+        }
+        let writable = desc.flags & VIRTQ_DESC_F_WRITE != 0;
+        if writable {
+            if mid == usize::MAX {
+                mid = segments.len();
+            }
+            // Cannot overflow: at most the total, checked below.
+            writable_len = writable_len.wrapping_add(desc.len);
+        } else if mid != usize::MAX {
+            return None;
+        }
+        total = total.checked_add(desc.len)?;
+        if desc.len > 0 && !window.push(desc.addr, desc.len, segments) {
+            return None;
+        }
+        if desc.flags & VIRTQ_DESC_F_NEXT == 0 {
+            break;
+        }
+        if desc.next >= size || seen >= u32::from(size) {
+            return None;
+        }
+        desc = rings.descriptor(desc.next);
+        seen += 1;
+    }
+    let end = segments.len();
+    let chain = Chain {
+        head,
+        // At most Q <= 32768 descriptors.
+        descriptors: seen as u16,
+        segments: start..end,
+        mid: if mid == usize::MAX { end } else { mid },
+        readable_len: total - writable_len,
+        writable_len,
+    };
+    Some((chain, seen))
+}
+
+/// What a run of plain chains reads: the rings, the window, and which avail entries to take.
+#[derive(Clone, Copy)]
+struct PlainRun<'a> {
+    rings: &'a Rings,
+    window: Window,
+    /// The first avail entry to take.
+    from: u16,
+    /// How many avail entries, from `from` on, the run may take (at most Q).
+    count: u16,
+}
+
+/// Pop the run's avail entries while their chains are plain and fit `ring_budget`, adding each
+/// to `batch` and `walked` and calling `fetched` with its head (before anything else is done
+/// with it: inflight tracking); returns how many were taken (`run.count` when all were). A
+/// plain chain is one of direct descriptors whose non-empty buffers each lie inside
+/// `run.window` (see [`pop_plain`]); a single descriptor (no NEXT, no INDIRECT) is handled right
+/// here. The caller has made sure that no plain chain can exhaust the pop's budgets
+/// (`pop_batch_unchecked`); the first chain that is not plain is left for it, to walk in full.
+///
+/// Out of line, small, and generic over `fetched` (nothing to test per chain without an
+/// inflight region): its loop keeps the ring, window and batch state in registers.
+#[inline(never)]
+fn pop_plain_run(
+    run: PlainRun<'_>,
+    batch: &mut ChainBatch,
+    ring_budget: &mut u32,
+    walked: &mut u32,
+    mut fetched: impl FnMut(u16),
+) -> usize {
+    let rings = run.rings;
+    let size = rings.size;
+    let at_start = *ring_budget;
+    let mut budget = at_start;
+    let mut idx = run.from;
+    let end = run.from.wrapping_add(run.count);
+    while idx != end {
+        // Ordered after pop_batch's Acquire load of avail.idx; the driver does not change
+        // published entries.
+        let head = rings.avail_entry(idx, Ordering::Relaxed);
+        if head >= size || budget == 0 {
+            break;
+        }
+        let desc = rings.descriptor(head);
+        let segments = &mut batch.segments;
+        let start = segments.len();
+        let (chain, seen) = if desc.flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT) == 0 {
+            // One buffer: what `pop_plain` (and `pop_chain`) make of it, without the loop.
+            if desc.len > 0 && !run.window.push(desc.addr, desc.len, segments) {
+                break;
+            }
+            let end = segments.len();
+            let writable = desc.flags & VIRTQ_DESC_F_WRITE != 0;
+            let chain = Chain {
+                head,
+                descriptors: 1,
+                segments: start..end,
+                mid: if writable { start } else { end },
+                readable_len: if writable { 0 } else { desc.len },
+                writable_len: if writable { desc.len } else { 0 },
+            };
+            (chain, 1)
+        } else {
+            match pop_plain(rings, &run.window, head, segments) {
+                Some((chain, seen)) if seen <= budget => (chain, seen),
+                _ => {
+                    segments.truncate(start);
+                    break;
+                }
+            }
+        };
+        budget -= seen;
+        // Spec order: the head is in flight before anything is done with it.
+        fetched(head);
+        batch.chains.push(chain);
+        idx = idx.wrapping_add(1);
+    }
+    // A plain chain walks exactly the ring descriptors it occupies.
+    *walked += at_start - budget;
+    *ring_budget = budget;
+    usize::from(idx.wrapping_sub(run.from))
 }
 
 /// Where an indirect table can be read.
@@ -753,19 +966,14 @@ impl SplitQueue {
                 break;
             };
             let mark = batch.segments.len();
-            match pop_chain(
+            match pop_chain_general(
                 rings,
                 &self.config,
                 &mut translator,
                 head,
                 &mut batch.segments,
-            )
-            .and_then(|(chain, cost)| {
-                ring_budget = ring_budget
-                    .checked_sub(cost.ring)
-                    .ok_or(ChainFault::DescriptorsReused)?;
-                Ok((chain, cost))
-            }) {
+                &mut ring_budget,
+            ) {
                 Ok((chain, cost)) => {
                     batch.chains.push(chain);
                     spent.walked += cost.walked;
@@ -789,23 +997,65 @@ impl SplitQueue {
             }
         }
         let mut count = usize::from(pending).min(max - resubmitted);
-        for i in 0..count {
+        // Plain chains (see `pop_plain_run`) take the short walk. Each occupies as many ring
+        // descriptors as it walks and yields at most that many segments, so while `walked` and
+        // the segment count plus what is left of the ring budget stay below the pop's limits,
+        // no plain chain can exhaust it and the check after each is skipped. Once that no
+        // longer holds (large indirect chains) it never holds again in this call (a general
+        // chain adds at least as much to `walked` as it takes from the budget): every chain
+        // takes the general walk then.
+        let fits = |spent: &Spent, segments: usize, ring_budget: u32| {
+            spent.walked + ring_budget < MAX_POP_DESCRIPTORS
+                && segments - spent.segments_at_start + (ring_budget as usize) < MAX_POP_SEGMENTS
+        };
+        let mut plain = true;
+        // The cached region, taken when a run starts after the general walk (which may have
+        // moved the cache) or at the first run.
+        let mut window = None;
+        let next_avail = self.next_avail;
+        let mut i = 0;
+        while i < count {
+            // (A chain through an indirect table is never plain: not even entering the run for
+            // it saves a call per chain in batches of them.)
+            if plain && !heads_indirect(rings, next_avail.wrapping_add(i as u16)) {
+                if window.is_none() {
+                    plain = fits(&spent, batch.segments.len(), ring_budget);
+                    window = Some(Window::of(&translator));
+                }
+                if let (true, Some(window)) = (plain, window) {
+                    let run = PlainRun {
+                        rings,
+                        window,
+                        from: next_avail.wrapping_add(i as u16),
+                        // count <= pending <= Q.
+                        count: (count - i) as u16,
+                    };
+                    let walked = &mut spent.walked;
+                    i += match self.inflight.as_mut() {
+                        Some(inflight) => {
+                            pop_plain_run(run, batch, &mut ring_budget, walked, |head| {
+                                inflight.mark_fetched(head)
+                            })
+                        }
+                        None => pop_plain_run(run, batch, &mut ring_budget, walked, |_| {}),
+                    };
+                    if i == count {
+                        break;
+                    }
+                }
+            }
             // Ordered after the Acquire above; the driver does not change published entries.
-            let head = rings.avail_entry(self.next_avail.wrapping_add(i as u16), Ordering::Relaxed);
+            let head = rings.avail_entry(next_avail.wrapping_add(i as u16), Ordering::Relaxed);
             let mark = batch.segments.len();
-            match pop_chain(
+            // The general walk decides (and reports any fault).
+            match pop_chain_general(
                 rings,
                 &self.config,
                 &mut translator,
                 head,
                 &mut batch.segments,
-            )
-            .and_then(|(chain, cost)| {
-                ring_budget = ring_budget
-                    .checked_sub(cost.ring)
-                    .ok_or(ChainFault::DescriptorsReused)?;
-                Ok((chain, cost))
-            }) {
+                &mut ring_budget,
+            ) {
                 Ok((chain, cost)) => {
                     // Spec order: the head is in flight before anything is done with it.
                     if let Some(inflight) = self.inflight.as_mut() {
@@ -818,22 +1068,24 @@ impl SplitQueue {
                         count = i + 1;
                         break;
                     }
+                    window = None;
                 }
                 Err(ChainFault::IotlbMiss { iova, access }) => {
                     // Not consumed: the chain stays in the ring until the translation arrives.
                     batch.segments.truncate(mark);
-                    self.next_avail = self.next_avail.wrapping_add(i as u16);
+                    self.next_avail = next_avail.wrapping_add(i as u16);
                     self.miss = Some((iova, access));
                     return Ok(resubmitted + i);
                 }
                 Err(reason) => {
                     batch.segments.truncate(mark);
-                    self.next_avail = self.next_avail.wrapping_add(i as u16);
+                    self.next_avail = next_avail.wrapping_add(i as u16);
                     return Err(self.fail(QueueError::BadChain { head, reason }));
                 }
             }
+            i += 1;
         }
-        self.next_avail = self.next_avail.wrapping_add(count as u16);
+        self.next_avail = next_avail.wrapping_add(count as u16);
         Ok(resubmitted + count)
     }
 
@@ -842,6 +1094,66 @@ impl SplitQueue {
     /// after one or many pushes.
     #[inline]
     pub fn push_used(&mut self, head: u16, len: u32) -> Result<(), QueueError> {
+        let size = self.config.size;
+        match &self.rings {
+            // The common case, inline; everything else (not ready, a bad head, a full ring,
+            // inflight tracking) out of line, so that this path saves no registers.
+            Some(rings)
+                if self.broken.is_none()
+                    && head < size
+                    && self.num_added < size
+                    && self.inflight.is_none() =>
+            {
+                // Plain stores: the Release store of used.idx in publish_used orders them (§1.4:
+                // len is set before used.idx).
+                rings.set_used_entry(self.next_used, u32::from(head), len, Ordering::Relaxed);
+                self.next_used = self.next_used.wrapping_add(1);
+                self.num_added += 1;
+                Ok(())
+            }
+            _ => self.push_used_general(head, len),
+        }
+    }
+
+    /// [`SplitQueue::push_used`] for each `(head, len)` in order, checking the queue once: the
+    /// same entries, checks and errors as that loop (entries before a refused one are pushed).
+    pub fn push_used_batch(&mut self, entries: &[(u16, u32)]) -> Result<(), QueueError> {
+        let size = self.config.size;
+        let room = usize::from(size - self.num_added.min(size));
+        match &self.rings {
+            Some(rings) if self.broken.is_none() && self.inflight.is_none() => {
+                let mut next = self.next_used;
+                let mut result = Ok(());
+                let mut pushed = 0;
+                for &(head, len) in entries {
+                    if head >= size {
+                        result = Err(QueueError::UnknownHead(head));
+                        break;
+                    }
+                    if pushed == room {
+                        // More unpublished entries than the ring holds would overwrite each
+                        // other.
+                        result = Err(QueueError::Full);
+                        break;
+                    }
+                    rings.set_used_entry(next, u32::from(head), len, Ordering::Relaxed);
+                    next = next.wrapping_add(1);
+                    pushed += 1;
+                }
+                self.next_used = next;
+                // pushed <= room <= Q - num_added.
+                self.num_added += pushed as u16;
+                result
+            }
+            _ => entries
+                .iter()
+                .try_for_each(|&(head, len)| self.push_used_general(head, len)),
+        }
+    }
+
+    /// `push_used` with every check and inflight tracking.
+    #[inline(never)]
+    fn push_used_general(&mut self, head: u16, len: u32) -> Result<(), QueueError> {
         let rings = ready(&self.broken, &self.rings)?;
         if head >= self.config.size {
             return Err(QueueError::UnknownHead(head));
@@ -1092,6 +1404,34 @@ fn pop_chain(
         ring: seen,
         walked: u32::from(walk.descriptors) + table_pointer,
     };
+    Ok((chain, cost))
+}
+
+/// Whether the chain at avail entry `idx` starts with an indirect descriptor (a peek: whatever
+/// it says, the walk that follows reads and checks everything again).
+#[inline(always)]
+fn heads_indirect(rings: &Rings, idx: u16) -> bool {
+    let head = rings.avail_entry(idx, Ordering::Relaxed);
+    head < rings.size && rings.descriptor(head).flags & VIRTQ_DESC_F_INDIRECT != 0
+}
+
+/// [`pop_chain`] plus the batch's ring budget (more ring descriptors than Q in one batch means
+/// the driver reused some): the general walk of the chains the plain run leaves. Inlined (the
+/// plain run is out of line already): out of line, the call and the result through memory cost
+/// a batch of indirect chains 2 % of its instructions.
+#[inline(always)]
+fn pop_chain_general(
+    rings: &Rings,
+    config: &QueueConfig,
+    translator: &mut Translator<'_>,
+    head: u16,
+    segments: &mut Vec<Segment>,
+    ring_budget: &mut u32,
+) -> Result<(Chain, Cost), ChainFault> {
+    let (chain, cost) = pop_chain(rings, config, translator, head, segments)?;
+    *ring_budget = ring_budget
+        .checked_sub(cost.ring)
+        .ok_or(ChainFault::DescriptorsReused)?;
     Ok((chain, cost))
 }
 
@@ -1994,6 +2334,273 @@ mod tests {
             detached.set_inflight(region.split_queue(0, 8).unwrap()),
             Err(QueueError::NotReady)
         );
+    }
+
+    /// Overwrite ring descriptor `index` through the driver's view of memory.
+    fn set_desc(drv: &SplitQueueDriver, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let desc = Descriptor::new(addr, len, flags, next);
+        drv.memory()
+            .write(DESC + 16 * u64::from(index), &desc.to_le_bytes())
+            .unwrap();
+    }
+
+    /// A small deterministic generator for the shape tests (no external crate needed).
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn next(&mut self) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            self.0 >> 33
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// Random buffers in both regions of `pair`: empty ones, ones crossing the region boundary,
+    /// ones in either region (so the region cache moves between chains and inside chains).
+    fn random_buffers(rng: &mut Lcg, n: u64) -> Vec<(u64, u32)> {
+        (0..n)
+            .map(|_| {
+                let len = [0, 1, 64, 1500, 0x800][rng.below(5) as usize];
+                let addr = match rng.below(4) {
+                    0 => 0x10000 - rng.below(0x400),
+                    1 => 0x4000 + rng.below(0xb000),
+                    _ => 0x10000 + rng.below(0xf000),
+                };
+                (addr, len)
+            })
+            .collect()
+    }
+
+    /// Whatever path a chain takes in `pop_batch` (the plain walk or the general one), the result
+    /// is exactly what the general walk `pop_chain` makes of it: same chain fields, same
+    /// segments. Random mixes of one-buffer and multi-buffer direct chains, empty buffers,
+    /// buffers crossing regions and indirect chains, several per batch.
+    #[test]
+    fn plain_walk_matches_the_general_walk_for_random_chains() {
+        let (mut drv, mut dev) = pair(64, false);
+        let mut rng = Lcg(0x5eed);
+        let mut batch = ChainBatch::new();
+        let mut plain_seen = 0;
+        for round in 0..300 {
+            let chains = 1 + rng.below(8);
+            for k in 0..chains {
+                let (r, w) = match rng.below(4) {
+                    0 => (1, 0),
+                    1 => (0, 1),
+                    2 => (rng.below(3), 1 + rng.below(3)),
+                    _ => (1 + rng.below(3), rng.below(3)),
+                };
+                let (readable, writable) =
+                    (random_buffers(&mut rng, r), random_buffers(&mut rng, w));
+                if rng.below(6) == 0 {
+                    let table = 0x3800 + 0x80 * k;
+                    drv.add_indirect(table, &readable, &writable).unwrap();
+                } else {
+                    drv.add_chain(&readable, &writable).unwrap();
+                }
+            }
+            drv.publish().unwrap();
+            batch.clear();
+            assert_eq!(
+                dev.pop_batch(&mut batch, 64).unwrap() as u64,
+                chains,
+                "round {round}"
+            );
+            let rings = dev.rings.as_ref().unwrap();
+            let mut cache = 0;
+            let mut translator = Translator {
+                regions: rings.memory().regions(),
+                cache: &mut cache,
+                iova: false,
+            };
+            for view in batch.iter() {
+                let mut segments = Vec::new();
+                let (want, _) = pop_chain(
+                    rings,
+                    &dev.config,
+                    &mut translator,
+                    view.head(),
+                    &mut segments,
+                )
+                .unwrap();
+                let got = view.chain();
+                assert_eq!(
+                    (
+                        got.head,
+                        got.descriptors,
+                        got.readable_len,
+                        got.writable_len
+                    ),
+                    (
+                        want.head,
+                        want.descriptors,
+                        want.readable_len,
+                        want.writable_len
+                    ),
+                    "round {round}"
+                );
+                assert_eq!(view.readable(), &segments[want.segments.start..want.mid]);
+                assert_eq!(view.writable(), &segments[want.mid..want.segments.end]);
+                if want.descriptors == 1 && segments.len() <= 1 {
+                    plain_seen += 1;
+                }
+            }
+            for view in batch.iter() {
+                dev.push_used(view.head(), 0).unwrap();
+            }
+            dev.publish_used().unwrap();
+            while drv.reap_used().unwrap().is_some() {}
+        }
+        assert!(
+            plain_seen > 100,
+            "the mix has one-buffer chains: {plain_seen}"
+        );
+    }
+
+    /// A bad chain after plain ones: the plain ones are popped, the bad one is refused with the
+    /// general walk's reason whatever made the plain walk give up on it.
+    #[test]
+    fn plain_chains_then_a_bad_one() {
+        type Corrupt = fn(&SplitQueueDriver, u16);
+        let cases: [(&str, Corrupt, ChainFault); 5] = [
+            (
+                "readable after writable",
+                |drv, head| {
+                    set_desc(
+                        drv,
+                        head,
+                        0x9000,
+                        8,
+                        VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT,
+                        7,
+                    );
+                    set_desc(drv, 7, 0x9100, 8, 0, 0);
+                },
+                ChainFault::ReadableAfterWritable,
+            ),
+            (
+                "total length past u32",
+                |drv, head| {
+                    set_desc(drv, head, 0x9000, 16, VIRTQ_DESC_F_NEXT, 7);
+                    set_desc(drv, 7, 0x9100, u32::MAX - 8, VIRTQ_DESC_F_WRITE, 0);
+                },
+                ChainFault::LengthOverflow,
+            ),
+            (
+                "a loop",
+                |drv, head| set_desc(drv, head, 0x9000, 8, VIRTQ_DESC_F_NEXT, head),
+                ChainFault::TooLong { limit: 8 },
+            ),
+            (
+                "next past the table",
+                |drv, head| set_desc(drv, head, 0x9000, 8, VIRTQ_DESC_F_NEXT, 8),
+                ChainFault::NextOutOfRange {
+                    index: 0,
+                    next: 8,
+                    limit: 8,
+                },
+            ),
+            (
+                "a buffer past the end of memory",
+                |drv, head| set_desc(drv, head, 0x1ff00, 0x200, VIRTQ_DESC_F_WRITE, 0),
+                ChainFault::BufferOutOfRange {
+                    addr: 0x1ff00,
+                    len: 0x200,
+                },
+            ),
+        ];
+        for (what, corrupt, reason) in cases {
+            let (mut drv, mut dev) = pair(8, false);
+            drv.add_chain(&[], &[(0x8000, 64)]).unwrap();
+            drv.add_chain(&[(0x8100, 64)], &[]).unwrap();
+            let bad = drv.add_chain(&[(0x8200, 64)], &[]).unwrap();
+            corrupt(&drv, bad);
+            drv.publish().unwrap();
+            let mut batch = ChainBatch::new();
+            let err = dev.pop_batch(&mut batch, 8).unwrap_err();
+            let reason = match reason {
+                ChainFault::NextOutOfRange { next, limit, .. } => ChainFault::NextOutOfRange {
+                    index: bad,
+                    next,
+                    limit,
+                },
+                other => other,
+            };
+            assert_eq!(err, QueueError::BadChain { head: bad, reason }, "{what}");
+            assert_eq!(batch.len(), 2, "{what}: the plain chains before it stay");
+            assert_eq!(
+                batch.segments().len(),
+                2,
+                "{what}: nothing of the bad chain stays"
+            );
+            assert!(dev.is_broken(), "{what}");
+        }
+    }
+
+    /// Descriptors shared by two plain chains of one batch: the second is refused.
+    #[test]
+    fn plain_chains_sharing_descriptors_are_refused() {
+        let (mut drv, mut dev) = pair(4, false);
+        let a = drv.add_chain(&[(0x8000, 8), (0x8100, 8)], &[]).unwrap();
+        let b = drv.add_chain(&[(0x8200, 8), (0x8300, 8)], &[]).unwrap();
+        // Chain b is a's two descriptors again, then the ring holds 2 + 2 + 2 > 4.
+        set_desc(&drv, b, 0x8200, 8, VIRTQ_DESC_F_NEXT, a);
+        drv.publish().unwrap();
+        let mut batch = ChainBatch::new();
+        assert_eq!(
+            dev.pop_batch(&mut batch, 4).unwrap_err(),
+            QueueError::BadChain {
+                head: b,
+                reason: ChainFault::DescriptorsReused
+            }
+        );
+        assert_eq!(batch.len(), 1);
+    }
+
+    /// `push_used_batch` does what a loop of `push_used` does: same entries, same errors, the
+    /// entries before a refused one pushed; with inflight tracking too.
+    #[test]
+    fn push_used_batch_is_a_loop_of_push_used() {
+        let (mut drv, mut dev) = pair(4, false);
+        for k in 0..4u64 {
+            drv.add_chain(&[], &[(0x8000 + 0x100 * k, 64)]).unwrap();
+        }
+        drv.publish().unwrap();
+        let mut batch = ChainBatch::new();
+        assert_eq!(dev.pop_batch(&mut batch, 4).unwrap(), 4);
+        let heads: Vec<u16> = batch.iter().map(|c| c.head()).collect();
+        assert_eq!(
+            dev.push_used_batch(&[(heads[0], 1), (4, 2), (heads[1], 3)]),
+            Err(QueueError::UnknownHead(4))
+        );
+        dev.push_used_batch(&[]).unwrap();
+        dev.push_used_batch(&[(heads[1], 2), (heads[2], 3)])
+            .unwrap();
+        assert_eq!(
+            dev.push_used_batch(&[(heads[3], 4), (heads[0], 5)]),
+            Err(QueueError::Full),
+            "four unpublished entries fill a ring of 4"
+        );
+        assert!(!dev.is_broken(), "caller mistakes do not break the queue");
+        assert!(dev.publish_used().unwrap());
+        let used: Vec<_> = std::iter::from_fn(|| drv.reap_used().unwrap()).collect();
+        assert_eq!(
+            used,
+            [(heads[0], 1), (heads[1], 2), (heads[2], 3), (heads[3], 4)]
+        );
+        dev.fail(QueueError::NotReady);
+        assert!(matches!(
+            dev.push_used_batch(&[(heads[0], 1)]),
+            Err(QueueError::Broken(_))
+        ));
+        dev.detach();
+        dev.broken = None;
+        assert_eq!(dev.push_used_batch(&[(0, 1)]), Err(QueueError::NotReady));
     }
 
     #[test]
