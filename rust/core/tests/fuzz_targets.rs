@@ -286,7 +286,8 @@ impl TlbModel {
 
     fn lookup(&self, iova: u64) -> Option<(u64, u8)> {
         let (&start, &(end, uaddr, perm)) = self.entries.range(..=iova).next_back()?;
-        (iova < end).then_some((uaddr + (iova - start), perm))
+        // Lazily: past the entry's end, `iova - start` may be anything and the sum overflow.
+        (iova < end).then(|| (uaddr + (iova - start), perm))
     }
 }
 
