@@ -1121,42 +1121,6 @@ impl SplitQueue {
         }
     }
 
-    /// [`SplitQueue::push_used`] for each `(head, len)` in order, checking the queue once: the
-    /// same entries, checks and errors as that loop (entries before a refused one are pushed).
-    pub fn push_used_batch(&mut self, entries: &[(u16, u32)]) -> Result<(), QueueError> {
-        let size = self.config.size;
-        let room = usize::from(size - self.num_added.min(size));
-        match &self.rings {
-            Some(rings) if self.broken.is_none() && self.inflight.is_none() => {
-                let mut next = self.next_used;
-                let mut result = Ok(());
-                let mut pushed = 0;
-                for &(head, len) in entries {
-                    if head >= size {
-                        result = Err(QueueError::UnknownHead(head));
-                        break;
-                    }
-                    if pushed == room {
-                        // More unpublished entries than the ring holds would overwrite each
-                        // other.
-                        result = Err(QueueError::Full);
-                        break;
-                    }
-                    rings.set_used_entry(next, u32::from(head), len, Ordering::Relaxed);
-                    next = next.wrapping_add(1);
-                    pushed += 1;
-                }
-                self.next_used = next;
-                // pushed <= room <= Q - num_added.
-                self.num_added += pushed as u16;
-                result
-            }
-            _ => entries
-                .iter()
-                .try_for_each(|&(head, len)| self.push_used_general(head, len)),
-        }
-    }
-
     /// `push_used` with every check and inflight tracking.
     #[inline(never)]
     fn push_used_general(&mut self, head: u16, len: u32) -> Result<(), QueueError> {
@@ -2591,47 +2555,6 @@ mod tests {
             }
         );
         assert_eq!(batch.len(), 1);
-    }
-
-    /// `push_used_batch` does what a loop of `push_used` does: same entries, same errors, the
-    /// entries before a refused one pushed; with inflight tracking too.
-    #[test]
-    fn push_used_batch_is_a_loop_of_push_used() {
-        let (mut drv, mut dev) = pair(4, false);
-        for k in 0..4u64 {
-            drv.add_chain(&[], &[(0x8000 + 0x100 * k, 64)]).unwrap();
-        }
-        drv.publish().unwrap();
-        let mut batch = ChainBatch::new();
-        assert_eq!(dev.pop_batch(&mut batch, 4).unwrap(), 4);
-        let heads: Vec<u16> = batch.iter().map(|c| c.head()).collect();
-        assert_eq!(
-            dev.push_used_batch(&[(heads[0], 1), (4, 2), (heads[1], 3)]),
-            Err(QueueError::UnknownHead(4))
-        );
-        dev.push_used_batch(&[]).unwrap();
-        dev.push_used_batch(&[(heads[1], 2), (heads[2], 3)])
-            .unwrap();
-        assert_eq!(
-            dev.push_used_batch(&[(heads[3], 4), (heads[0], 5)]),
-            Err(QueueError::Full),
-            "four unpublished entries fill a ring of 4"
-        );
-        assert!(!dev.is_broken(), "caller mistakes do not break the queue");
-        assert!(dev.publish_used().unwrap());
-        let used: Vec<_> = std::iter::from_fn(|| drv.reap_used().unwrap()).collect();
-        assert_eq!(
-            used,
-            [(heads[0], 1), (heads[1], 2), (heads[2], 3), (heads[3], 4)]
-        );
-        dev.fail(QueueError::NotReady);
-        assert!(matches!(
-            dev.push_used_batch(&[(heads[0], 1)]),
-            Err(QueueError::Broken(_))
-        ));
-        dev.detach();
-        dev.broken = None;
-        assert_eq!(dev.push_used_batch(&[(0, 1)]), Err(QueueError::NotReady));
     }
 
     #[test]

@@ -74,18 +74,6 @@ impl Virtqueue {
         forward!(self, q => q.push_used(head, len))
     }
 
-    /// `push_used` for each `(head, len)` in order, the queue checked once per call on a split
-    /// ring (see [`SplitQueue::push_used_batch`]); stops at the first refused entry.
-    #[inline]
-    pub fn push_used_batch(&mut self, entries: &[(u16, u32)]) -> Result<(), QueueError> {
-        match self {
-            Virtqueue::Split(q) => q.push_used_batch(entries),
-            Virtqueue::Packed(q) => entries
-                .iter()
-                .try_for_each(|&(head, len)| q.push_used(head, len)),
-        }
-    }
-
     #[inline]
     pub fn publish_used(&mut self) -> Result<bool, QueueError> {
         forward!(self, q => q.publish_used())
