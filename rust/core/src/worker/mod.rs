@@ -834,8 +834,8 @@ impl Context {
     /// A [`PollGroup`] slept and this queue's poller was among what woke it: withdraw the kick
     /// request. What woke it is read later, by [`Context::prepare_sleep`] before the group
     /// sleeps again ([`Context::consume_wake`]): an event-driven group wakes once per burst,
-    /// and a system call here would delay every burst's batch by its cost (≈ 1.3 µs in this
-    /// VM), while before the next sleep it overlaps the driver's work on what was published.
+    /// and a system call here would delay every burst's batch by its cost, while before the
+    /// next sleep it overlaps the driver's work on what was published.
     /// Until then the fds stay readable, which only matters to an epoll the group is not in.
     fn wake_in_group(&mut self) -> Result<(), WorkerFault> {
         Counters::add(&self.shared.counters.wakeups, 1);

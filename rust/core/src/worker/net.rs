@@ -1553,7 +1553,7 @@ impl NetRxHandler {
             let (mut n, mut bytes, mut fault) = (0, 0, None);
             for (packet, chain) in frames[..max].iter_mut().zip(&chains[..max]) {
                 let len = packet.len();
-                if len < PORT_HDR_LEN + ETH_HLEN || packet[..2] != [0, offload::GSO_NONE] {
+                if len < PORT_HDR_LEN + ETH_HLEN || !offload::is_plain(packet) {
                     break;
                 }
                 let need = len - start;

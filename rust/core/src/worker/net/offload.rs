@@ -324,11 +324,19 @@ pub fn validate_raw(
 /// `max_frame`), which needs none of the frame's bytes.
 #[inline]
 pub fn check_plain(raw: &[u8], len: usize, max_frame: usize) -> Option<Result<(), HdrError>> {
-    match raw {
-        [0, GSO_NONE, ..] if len > max_frame => Some(Err(HdrError::TooLong)),
-        [0, GSO_NONE, ..] => Some(Ok(())),
-        _ => None,
+    match is_plain(raw) {
+        true if len > max_frame => Some(Err(HdrError::TooLong)),
+        true => Some(Ok(())),
+        false => None,
     }
+}
+
+/// `raw` (a header's bytes, as [`VnetHdr::parse`] reads them) is a plain header: no flag, no
+/// GSO, what a guest sends without offloads and what goes to a guest unchanged. Its other
+/// fields mean nothing then.
+#[inline]
+pub fn is_plain(raw: &[u8]) -> bool {
+    raw.first_chunk() == Some(&[0, GSO_NONE])
 }
 
 /// Longest Ethernet (with VLAN), IP and TCP headers: what [`validate_head`] needs to see.
