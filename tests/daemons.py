@@ -128,6 +128,16 @@ class Daemon:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_for_log(self, text: str, timeout: float = 10) -> str:
+        """The log once it holds `text`: a line written after something the test can see (a
+        session's last line comes after its socket closed) may not be there yet."""
+        deadline = time.monotonic() + timeout
+        while text not in (log := self.log()):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} in the log:\n{log}")
+            time.sleep(0.02)
+        return log
+
     def running(self) -> bool:
         return self.proc.poll() is None
 
