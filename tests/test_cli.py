@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -136,6 +137,38 @@ def test_bad_arguments_fail_clearly(tmp_path: Path) -> None:
 
 def test_socket_is_private(blk_server: Path) -> None:
     assert oct(blk_server.stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.parametrize("command", ["serve", "device", "daemon"])
+def test_sigterm_the_moment_the_socket_appears_still_stops_cleanly(
+    tmp_path: Path, command: str
+) -> None:
+    """Whoever waits for a command's socket (libvirt, a script, these tests' fixtures) may
+    signal it at once. The socket is bound before the event loop's handlers exist, so SIGTERM
+    must be held until then: exit 0 and the socket removed, never death by the signal."""
+    sock = tmp_path / "vhost.sock"
+    argv = {
+        "serve": ["serve", "rng", "--socket-path", str(sock)],
+        "device": ["device", "--socket-path", str(sock), "--vfio-user", str(tmp_path / "d")],
+        "daemon": ["daemon", "--config", str(tmp_path / "vvu.toml")],
+    }[command]
+    (tmp_path / "vvu.toml").write_text(
+        f'[api]\nsocket = "{tmp_path}/api.sock"\n'
+        f'[[device]]\nid = "a"\ntype = "rng"\nsocket = "{sock}"\n'
+    )
+    for _ in range(3):  # the window is short: try a few times
+        proc = subprocess.Popen([*VVU, "-q", *argv], stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 30
+            while not sock.exists():  # no sleep: signal the moment it appears
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0, proc.stderr.read() if proc.stderr else None
+        finally:
+            stop_process(proc)
+            if proc.stderr is not None:
+                proc.stderr.close()
+        assert not sock.exists()
 
 
 def test_probe_decodes_a_blk_backend(blk_server: Path) -> None:

@@ -14,7 +14,7 @@ import sys
 import uuid
 from collections.abc import Sequence
 
-from vvu import bench, systemd
+from vvu import bench, stop_signals, systemd
 from vvu.backends import Backend, available_backends
 from vvu.daemon.cli import add_parsers as add_daemon_parsers
 from vvu.demo import run_demo
@@ -85,6 +85,20 @@ async def _serve(
     a listener in the "serving" line. A service manager (systemd's NOTIFY_SOCKET) is told
     READY=1 once it serves and STOPPING=1 when it stops."""
     engine = BackendEngine(backend)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_sighup() -> None:
+        task = asyncio.ensure_future(_reload(backend, engine))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    # Before anything that may wait (the VVU device's open): a stop asked for meanwhile is
+    # honoured as soon as serving would start.
+    stop_signals.handle(
+        loop, {signal.SIGINT: stop.set, signal.SIGTERM: stop.set, signal.SIGHUP: on_sighup}
+    )
     if endpoint is None:  # --vvu / --vvu-pci: a VVU device
         pci = await _open_vvu(vvu, vvu_pci, bind)
         endpoint = VvuListener(pci, kick_mode=kick_mode)
@@ -95,22 +109,10 @@ async def _serve(
         where = f"{endpoint.peer} (a connected socket: one session)"
     elif where is None:
         where = getattr(endpoint, "path", None) or "inherited fd"
-    loop = asyncio.get_running_loop()
     session = (
         engine.serve(endpoint) if isinstance(endpoint, Channel) else engine.serve_forever(endpoint)
     )
     server = asyncio.ensure_future(session)
-    stop = asyncio.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    reloads: set[asyncio.Task[None]] = set()
-
-    def on_sighup() -> None:
-        task = asyncio.ensure_future(_reload(backend, engine))
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     # The summary lines ("vvu: serving", "vvu: stopped after") are printed, not logged: scripts
     # read them at every verbosity, and logging them too would say each event twice.
     print(f"vvu: serving {backend.describe()} on {where}", file=sys.stderr, flush=True)
@@ -218,6 +220,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:
         print(f"vvu serve {backend_cls.name}: {err}", file=sys.stderr)
         return 1
+    with stop_signals.held():  # from the listening socket until _serve handles them
+        return _listen_and_serve(args, backend, kick_mode, activated)
+
+
+def _listen_and_serve(
+    args: argparse.Namespace,
+    backend: Backend,
+    kick_mode: KickMode,
+    activated: list[tuple[str, int]],
+) -> int:
+    """`vvu serve` from its endpoint on: open it, serve until stopped, close `backend`."""
     endpoint: Listener | Channel | None = None
     where = None
     try:
@@ -267,9 +280,8 @@ async def _device(args: argparse.Namespace) -> None:
     server = VfioUserServer(device, args.vfio_user)
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(server.serve_forever())
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, task.cancel)
     loop.add_signal_handler(signal.SIGUSR1, lambda: _print_device_stats(server, device))
+    stop_signals.handle(loop, {signal.SIGINT: task.cancel, signal.SIGTERM: task.cancel})
     print(
         f"vvu: virtio-vhost-user device {device.uuid.hex()} (virtio id {args.device_id}, "
         f"{args.max_queues} vhost queues): front-ends connect to {args.socket_path}, "
@@ -313,7 +325,8 @@ def _print_device_stats(server: VfioUserServer, device: VvuDevice) -> None:
 
 def cmd_device(args: argparse.Namespace) -> int:
     try:
-        asyncio.run(_device(args))
+        with stop_signals.held():  # from the sockets until _device handles them
+            asyncio.run(_device(args))
     except (OSError, ValueError) as err:
         print(f"vvu device: {err}", file=sys.stderr)
         return 1

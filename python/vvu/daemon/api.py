@@ -22,7 +22,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from vvu import systemd
+from vvu import stop_signals, systemd
 from vvu.daemon.core import Daemon, DaemonError, Event
 from vvu.daemon.metrics import MetricsServer, registry_for, render
 from vvu.daemon.rpc import (
@@ -290,8 +290,7 @@ async def run_daemon(
         sock, api_where = _api_socket(api_socket, api_mode, activated, made)
         server = await asyncio.start_unix_server(api.rpc.serve_client, sock=sock, limit=MAX_LINE)
         stop = asyncio.Event()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
+        stop_signals.handle(loop, {signal.SIGINT: stop.set, signal.SIGTERM: stop.set})
         where = f"; metrics on {metrics_where}" if metrics_where else ""
         print(
             f"vvu: daemon serving {len(daemon.devices)} device(s); management API on "

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any
 
-from vvu import systemd
+from vvu import stop_signals, systemd
 from vvu.daemon.client import DaemonClient, DeviceInfo, DeviceStats, RpcError
 from vvu.daemon.spec import ConfigFile, SpecError, load_config
 
@@ -51,15 +51,16 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         return 2
     mode = int(args.api_socket_mode, 8) if args.api_socket_mode else config.api_mode
     try:
-        asyncio.run(
-            run_daemon(
-                api_socket,
-                config.devices,
-                api_mode=mode,
-                metrics_http=args.metrics_http or config.metrics_http,
-                activated=activated,
+        with stop_signals.held():  # from the first socket until run_daemon handles them
+            asyncio.run(
+                run_daemon(
+                    api_socket,
+                    config.devices,
+                    api_mode=mode,
+                    metrics_http=args.metrics_http or config.metrics_http,
+                    activated=activated,
+                )
             )
-        )
     except (SpecError, OSError, ValueError) as err:
         print(f"vvu daemon: {err}", file=sys.stderr)
         return 1
