@@ -161,7 +161,9 @@ def test_sigterm_the_moment_the_socket_appears_still_stops_cleanly(
         try:
             deadline = time.monotonic() + 30
             while not sock.exists():  # no sleep: signal the moment it appears
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+                assert proc.poll() is None and time.monotonic() < deadline, (
+                    f"{command}: exited ({proc.poll()}) or no socket in 30 s"
+                )
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(10) == 0, proc.stderr.read() if proc.stderr else None
         finally:

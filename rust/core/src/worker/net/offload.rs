@@ -324,10 +324,12 @@ pub fn validate_raw(
 /// `max_frame`), which needs none of the frame's bytes.
 #[inline]
 pub fn check_plain(raw: &[u8], len: usize, max_frame: usize) -> Option<Result<(), HdrError>> {
-    match is_plain(raw) {
-        true if len > max_frame => Some(Err(HdrError::TooLong)),
-        true => Some(Ok(())),
-        false => None,
+    if !is_plain(raw) {
+        None
+    } else if len > max_frame {
+        Some(Err(HdrError::TooLong))
+    } else {
+        Some(Ok(()))
     }
 }
 
