@@ -30,7 +30,7 @@ import pytest
 import pytest_asyncio
 from _pytest.mark import ParameterSet
 
-from vvu._core import EventFd, GuestMemory, SplitQueueDriver, memfd
+from vvu._core import EventFd, GuestMemory, SplitQueue, SplitQueueDriver, memfd
 from vvu.aio import wait_eventfd
 from vvu.backends import BlkBackend, RngBackend
 from vvu.backends.base import ConfigError
@@ -1046,6 +1046,42 @@ async def test_requests_already_in_the_ring_run_at_set_vring_kick_without_a_kick
     guest.close()
     if isinstance(backend, BlkBackend):
         backend.close()
+
+
+@pytest.mark.asyncio
+async def test_a_completion_whose_call_died_with_the_last_back_end_reaches_the_driver(
+    connect: Connector,
+) -> None:
+    """A back-end killed between publishing a used entry and signalling the call fd leaves the
+    driver waiting for an interrupt nobody will send (a QEMU guest under `reconnect=1` forever).
+    The next back-end signals each ring's call once when the ring starts, as libvhost-user does."""
+    backend = BlkBackend(size=DISK)
+    engine = BackendEngine(backend)
+    guest, peer = Guest(), await connect.peer(engine)
+    ring = Ring(guest)
+    request = blk_submit(ring, T_OUT, 0, out=b"\x5a" * 512)
+    ring.driver.publish()
+    done = ring.queue.completion(request.head)
+    # The dead back-end: it completed the request and published it, then died before the call.
+    dead = SplitQueue(ring.size, ring.desc, ring.avail, ring.used)
+    dead.attach(guest.memory)
+    (chain,) = dead.pop()
+    chain.write(b"\x00", chain.writable_len - 1)
+    dead.push_used(chain.head, 1)
+    dead.publish_used()
+    del chain, dead
+    assert ring.call.consume() == 0
+    # The restarted back-end, at the base QEMU gives when GET_VRING_BASE failed: the used index.
+    await negotiate(peer, features=engine.offered_features() & ~VirtioFeature.EVENT_IDX.mask)
+    await peer.do(F.SET_MEM_TABLE, guest.table, guest.fds, need_reply=True)
+    await start_ring(peer, ring, need_reply=True, base=1)
+    assert await asyncio.wait_for(done, TIMEOUT) == 1
+    assert blk_status(ring, request) == 0
+    assert await peer.get(F.GET_VRING_BASE, VringState(0, 0)) == VringState(0, 1)  # not redone
+    await peer.close()
+    ring.close()
+    guest.close()
+    backend.close()
 
 
 @pytest.mark.asyncio

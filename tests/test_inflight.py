@@ -619,7 +619,6 @@ def test_qemu_guest_write_stream_survives_serve_blk_sigkilled(
         for slot, md5 in sums:
             f.seek(int(slot) * GUEST_SLOT_KIB * KiB)
             assert hashlib.md5(f.read(GUEST_SLOT_KIB * KiB)).hexdigest() == md5, f"slot {slot}"
-    # QEMU fetched the region once and handed it back to every restarted back-end.
     # QEMU fetched a region (again after a guest reset) and handed it to every incarnation.
     assert "<- GET_INFLIGHT_FD" in text
     assert f"{RING_RUNNING} ({'packed' if packed else 'split'}," in text, "QEMU's ring format"

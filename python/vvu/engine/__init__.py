@@ -868,6 +868,10 @@ class BackendEngine:
             log.debug("vring %d started but disabled: discarding what it is given", vring.index)
             return
         self.backend.queue_started(vring.index)
+        if vring.call is not None:
+            # A back-end killed between publishing a used entry and signalling left the driver
+            # waiting for an interrupt; a spurious one costs nothing (libvhost-user does this).
+            vring.call.signal()
         log.debug(
             "vring %d running (%s, size %d, base %#x)",
             vring.index,
