@@ -13,8 +13,8 @@ Front-ends connect one after another, each doing one kind of session, chosen at 
   complete, exactly once;
 - garbage: a raw connection that sends random bytes or a well-framed request with a random
   payload and random fds, then hangs up;
-- shrink (only with --shrink, off until issue 11 part 1 lands): the front-end shrinks its
-  memory memfd under the back-end and writes; the daemon must survive it.
+- shrink (only with --shrink; scripts/soak.sh turns it on): the front-end's memory is a plain
+  file, which it truncates under the back-end and then writes; the daemon must survive it.
 
 Every `--verify-every` sessions, and at the end, every block is read and compared with what
 was acknowledged: a block that does not hold its last acknowledged version is a lost write; a
@@ -53,6 +53,9 @@ from vvu.frontend import BlkDriver
 BLOCK = 4096
 SECTORS_PER_BLOCK = BLOCK // 512
 TIMEOUT = 15.0
+# In both lines the back-end may log when its mapping of a front-end's memory faulted: the
+# queue that faulted, and the session dropped for it (unless the front-end hung up first).
+SHRANK = "the front-end shrank"
 
 
 def block_data(index: int, version: int) -> bytes:
@@ -177,7 +180,8 @@ class Backend:
                 ["--vvu", str(self.vfio_user)] if self.vvu else ["--socket-path", str(self.socket)]
             )
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "vvu", "serve", "blk", *where, "--blk-file", str(self.image)],
+                [sys.executable, "-m", "vvu", "serve", "blk", *where,
+                 "--blk-file", str(self.image)],
                 stdout=log, stderr=log,
             )  # fmt: skip
         wait_for_path(self.socket, self.proc)
@@ -230,6 +234,7 @@ class Backend:
 class Soak:
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args = args
+        self.workdir = workdir
         self.rng = random.Random(args.seed)
         self.blocks = [Block() for _ in range(args.blocks)]
         self.version = 0
@@ -245,10 +250,16 @@ class Soak:
     def pick_blocks(self, n: int) -> list[int]:
         return self.rng.sample(range(len(self.blocks)), n)
 
-    async def open(self) -> BlkDriver:
+    async def open(self, memory_path: Path | None = None) -> BlkDriver:
         self.backend.sessions += 1
         return await asyncio.wait_for(
-            BlkDriver.open(str(self.backend.socket), depth=8, max_request=BLOCK, timeout=TIMEOUT),
+            BlkDriver.open(
+                str(self.backend.socket),
+                depth=8,
+                max_request=BLOCK,
+                timeout=TIMEOUT,
+                memory_path=None if memory_path is None else str(memory_path),
+            ),
             TIMEOUT,
         )
 
@@ -370,10 +381,25 @@ class Soak:
             efd.close()
 
     async def session_shrink(self) -> None:
-        blk = await self.open()
+        # A plain file, as a VMM's memory-backend-file gives: unlike our memfds, it cannot be
+        # sealed against shrinking, so only the back-end's SIGBUS handling stands in the way.
+        memory = self.workdir / "shrinking-memory"
+        memory.unlink(missing_ok=True)
+        faults = self.backend.log_text().count(SHRANK)
+        blk = await self.open(memory)
         try:
-            os.ftruncate(blk.frontend._memfd, 0)  # the back-end's mapping now faults
-            with contextlib.suppress(Exception):
+            os.truncate(memory, 0)
+            blk.queue.kick.signal()  # the back-end reads the ring: its mapping faults
+            # Before we hang up, or the session may end before the worker reads the ring.
+            deadline = time.monotonic() + TIMEOUT
+            while self.backend.alive() and self.backend.log_text().count(SHRANK) <= faults:
+                if time.monotonic() > deadline:
+                    self.stats.failures.append(
+                        f"shrink session {self.backend.sessions}: no fault logged by the back-end"
+                    )
+                    break
+                await asyncio.sleep(0.02)
+            with contextlib.suppress(Exception):  # our own memory is gone too
                 await asyncio.wait_for(blk.write(0, block_data(0, 0)), 2.0)
         finally:
             with contextlib.suppress(Exception):
@@ -449,11 +475,11 @@ def main() -> int:
     if args.short:
         args.blocks, args.verify_every = 256, 25
     start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="vvu-soak-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="vvu-soak-") as scratch:
+        workdir = tempfile.mkdtemp(prefix="vvu-soak-") if args.keep else scratch
         if args.keep:
-            tmp = tempfile.mkdtemp(prefix="vvu-soak-")
-            print(f"logs in {tmp}", file=sys.stderr)
-        soak = Soak(args, Path(tmp))
+            print(f"logs in {workdir}", file=sys.stderr)
+        soak = Soak(args, Path(workdir))
         try:
             asyncio.run(soak.run())
         finally:
