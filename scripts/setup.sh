@@ -24,8 +24,9 @@ APT_PACKAGES=(build-essential pkg-config python3-venv)
 # debootstrap builds the Debian trixie root that QEMU 11 (vfio-user-pci, the back-end VM's VMM)
 # comes from (scripts/qemu11.sh); fio runs in the front-end VM, from the host over virtio-9p.
 # qemu-utils (qemu-nbd, qemu-img) and nbdkit are the NBD servers of tests/test_blk_nbd.py.
+# strace kills a back-end at an exact system call (tests/test_inflight.py).
 TEST_PACKAGES=(qemu-system-x86 qemu-system-common busybox-static cpio xz-utils zstd dpdk-dev
-    debootstrap fio qemu-utils nbdkit)
+    debootstrap fio qemu-utils nbdkit strace)
 if ((FOR_TESTS)); then APT_PACKAGES+=("${TEST_PACKAGES[@]}"); fi
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -13,8 +13,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 #: How long a daemon gets to exit after SIGTERM before SIGKILL.
 STOP_GRACE = 10.0
+
+
+def need_tool(tool: str) -> str:
+    """The path of a program the test runs, or skip the test (scripts/setup.sh --tests installs
+    every one the suite uses)."""
+    path = shutil.which(tool)
+    if path is None:
+        pytest.skip(f"{tool} is not installed (scripts/setup.sh --tests installs it)")
+    return path
 
 
 def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 10) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import shutil
 import struct
 import subprocess
 import sys
@@ -20,18 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from daemons import Daemon, stop_process
+from daemons import Daemon, need_tool, stop_process
 from vvu.backends.blk import BlkFeature
 from vvu.frontend import BlkDriver, BlkIOError
 
 MiB = 1 << 20
-
-
-def _need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        pytest.skip(f"{tool} is not installed (scripts/setup.sh --tests installs it)")
-    return path
 
 
 def _wait_for(
@@ -59,7 +51,7 @@ def nbd_server(argv: Sequence[str], socket: Path) -> Iterator[subprocess.Popen[b
 
 
 def nbdkit(socket: Path, *args: str) -> list[str]:
-    return [_need("nbdkit"), "--foreground", "--exit-with-parent", "-U", str(socket), *args]
+    return [need_tool("nbdkit"), "--foreground", "--exit-with-parent", "-U", str(socket), *args]
 
 
 def _uri(socket: Path, export: str = "") -> str:
@@ -85,7 +77,7 @@ def test_qcow2_through_qemu_nbd(tmp_path: Path) -> None:
     reads verified, flush, discard and write-zeroes mapped to NBD commands (the zeroed range
     reads back as zeros), a request past the end is IOERR; the data is in the qcow2 file
     afterwards."""
-    qemu_img, qemu_nbd = _need("qemu-img"), _need("qemu-nbd")
+    qemu_img, qemu_nbd = need_tool("qemu-img"), need_tool("qemu-nbd")
     image = tmp_path / "disk.qcow2"
     subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(image), "48M"], check=True)
     sock = tmp_path / "nbd.sock"
@@ -295,7 +287,7 @@ def test_bad_nbd_uris_are_clear_errors(tmp_path: Path, uri: str, message: str) -
 
 def test_unknown_export_is_a_clear_error(tmp_path: Path) -> None:
     sock = tmp_path / "nbd.sock"
-    qemu_nbd = _need("qemu-nbd")
+    qemu_nbd = need_tool("qemu-nbd")
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(MiB))
     with nbd_server([qemu_nbd, "-f", "raw", "-x", "disk", "-k", str(sock), "-t", str(image)], sock):

@@ -1053,7 +1053,7 @@ async def test_a_completion_whose_call_died_with_the_last_back_end_reaches_the_d
     connect: Connector,
 ) -> None:
     """A back-end killed between publishing a used entry and signalling the call fd leaves the
-    driver waiting for an interrupt nobody will send (a QEMU guest under `reconnect=1` forever).
+    driver waiting for an interrupt nobody will send (a QEMU guest, for ever: test_inflight.py).
     The next back-end signals each ring's call once when the ring starts, as libvhost-user does."""
     backend = BlkBackend(size=DISK)
     engine = BackendEngine(backend)
