@@ -656,7 +656,7 @@ def test_qemu_guest_write_stream_survives_serve_blk_sigkilled(
 CALL_TO_DIE_AT = 200
 # A write(2) to an eventfd that the SIGKILL cut short, as strace -y shows it.
 _CUT_SHORT_WRITE = re.compile(
-    r"^(?P<tid>\d+) write\(\d+<anon_inode:\[eventfd\]>, \"(?P<data>[^\"]*)\", (?P<size>\d+)"
+    r"^(?P<tid>\d+) +write\(\d+<anon_inode:\[eventfd\]>, \"(?P<data>[^\"]*)\", (?P<size>\d+)"
     r"(?: <unfinished \.\.\.>|\) = \?)$",
     re.MULTILINE,
 )
