@@ -5,7 +5,8 @@ The region's layout and recovery logic (incl. hostile regions) are unit-tested i
 (`rust/core/src/inflight/tests.rs`, `queue::split::tests`, `queue::packed::tests`); here the
 engine's GET/SET_INFLIGHT_FD, then `vvu serve blk` as a real process under a verified write
 stream from vvu's front-end, and from a Linux guest in QEMU (`reconnect=1`), over split and
-packed rings.
+packed rings; last, one kill at an exact point (strace): after a completion is published and
+before its call is signalled.
 """
 
 from __future__ import annotations
