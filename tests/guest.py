@@ -759,9 +759,10 @@ class Qmp:
         self.close()
 
 
-def child_pids() -> set[int]:
-    """PIDs of this process's live children (for tests that must leave none behind)."""
-    me = str(os.getpid())
+def child_pids(parent: int | None = None) -> set[int]:
+    """PIDs of the live children of `parent` (this process by default; for tests that must
+    leave none behind)."""
+    me = str(os.getpid() if parent is None else parent)
     children: set[int] = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():

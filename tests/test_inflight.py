@@ -28,7 +28,15 @@ from pathlib import Path
 import pytest
 
 from daemons import need_tool, stop_process, wait_for_socket
-from guest import Guest, GuestResult, guest_image, live_guests, qemu_escape, start_guest
+from guest import (
+    Guest,
+    GuestResult,
+    child_pids,
+    guest_image,
+    live_guests,
+    qemu_escape,
+    start_guest,
+)
 from vvu._core import GuestMemory, InflightRegion, PackedQueue, SplitQueue, memfd
 from vvu.backends import BlkBackend, RngBackend
 from vvu.device.vvu import inflight_memory_size
@@ -310,6 +318,10 @@ def _reaped(procs: list[subprocess.Popen[bytes]]) -> Iterator[None]:
     finally:
         for proc in procs:
             if proc.poll() is None:
+                # A wrapper's (strace's) child first: killing the tracer alone leaves it running.
+                for child in child_pids(proc.pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child, signal.SIGKILL)
                 proc.kill()
                 proc.wait()
 
