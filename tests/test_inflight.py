@@ -665,7 +665,7 @@ def test_qemu_guest_write_stream_survives_serve_blk_sigkilled(
 
 # The write(2) of a thread at which strace kills `vvu serve blk`. The worker's writes are its
 # call signals (over 50 a second in the guest's stream); the main thread's, log lines and the
-# VVU transport's doorbells, stay far below (53 in a whole VVU run, 8 over AF_UNIX).
+# VVU transport's doorbells, stay far below (53 in a 40-second VVU run, 8 over AF_UNIX).
 CALL_TO_DIE_AT = 200
 # A write(2) to an eventfd that the SIGKILL cut short, as strace -y shows it.
 _CUT_SHORT_WRITE = re.compile(
